@@ -1,0 +1,455 @@
+"""RL and SFT math of reftjax: pure JAX functions over arrays.
+
+Every function here is jit-friendly (static shapes, no host sync, no Python loop
+over tokens) and computes in float32 whatever the input dtype (bf16 logits are
+upcast inside the reductions).
+
+Conventions (shape letters: B batch rows, T completion tokens, V vocabulary,
+G group size):
+
+* Arrays are *completion-aligned*: position ``t`` holds the quantity for the
+  t-th generated token (its log-probability, the value of the state that emitted
+  it, its reward). Completions are right-padded; ``mask_BxT`` is 1 up to and
+  including the EOS token (or up to the last token when the sample hit the
+  length limit without EOS), 0 on padding::
+
+      tokens  a  b  c  EOS pad pad        a  b  c  d  e  f   (no EOS)
+      mask    1  1  1  1   0   0          1  1  1  1  1  1
+      score             ^ here                           ^ here
+
+* Masks may be bool or 0/1 numbers; any nonzero entry counts. Entries outside
+  the mask may hold anything (even inf/NaN): they are selected away with
+  ``jnp.where`` rather than multiplied by 0.
+* Reductions without an axis are over the whole array. Inside ``jax.jit`` with
+  arrays sharded over devices (``NamedSharding`` on the batch axis) such a
+  reduction is global: XLA inserts the cross-device all-reduce. So whitening
+  "over the whole rollout batch across devices" (the ReFT authors'
+  ``allgather_masked_whiten``) needs no ``axis_name``; only code inside
+  ``shard_map`` would have to ``psum`` itself.
+
+Sources: lqtrung1998/mwp_ReFT ``train_rl_reft.py`` (``rollout``,
+``train_one_epoch``) and ``src/utils.py`` (``allgather_masked_whiten``,
+``discount_cumsum``) for PPO; TRL ``trl.core`` (``masked_mean``, ``masked_var``,
+``masked_whiten``, ``logprobs_from_logits``), and TRL ``GRPOTrainer``
+(``_compute_advantages``/``_compute_loss``) with DeepSeekMath (arXiv 2402.03300)
+for GRPO.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean")
+"""``token-mean``: sum over all valid tokens / their count (TRL "bnpo"/"dapo").
+``seq-mean-token-mean``: per-row mean over its valid tokens, then mean over rows
+(ReFT's PPO losses and DeepSeekMath's GRPO objective; TRL "grpo")."""
+
+
+def _f32(x) -> Array:
+    return jnp.asarray(x).astype(jnp.float32)
+
+
+def _keep(mask) -> Array:
+    return jnp.asarray(mask).astype(bool)
+
+
+def masked_sum(x, mask, axis=None) -> Array:
+    """Sum of ``x`` over entries where ``mask`` is nonzero (float32)."""
+    return jnp.sum(jnp.where(_keep(mask), _f32(x), 0.0), axis=axis)
+
+
+def masked_mean(x, mask, axis=None) -> Array:
+    """Mean of ``x`` over entries where ``mask`` is nonzero.
+
+    ``sum(x * m, axis) / sum(m, axis)`` as TRL's ``masked_mean``, except that a
+    slice with no valid entry gives 0 instead of NaN.
+
+    Args:
+      x: any shape.
+      mask: same shape as ``x``.
+      axis: axis or axes to reduce; None reduces everything.
+
+    Returns:
+      float32 array with ``axis`` removed.
+    """
+    count = jnp.sum(_keep(mask), axis=axis).astype(jnp.float32)
+    total = masked_sum(x, mask, axis=axis)
+    return jnp.where(count > 0, total / jnp.maximum(count, 1.0), 0.0)
+
+
+def masked_var(x, mask, axis=None, unbiased: bool = True) -> Array:
+    """Masked variance, Bessel-corrected by default (TRL ``masked_var``).
+
+    ``var = mean_m((x - mean_m(x))^2) * n / (n - 1)`` with ``n = sum(mask)``.
+    TRL raises when ``n <= 1``; under jit we cannot, so the correction is
+    skipped there (the biased variance of <= 1 element is 0).
+
+    Args:
+      x: any shape.
+      mask: same shape as ``x``.
+      axis: axis or axes to reduce; None reduces everything.
+      unbiased: apply the ``n / (n - 1)`` correction.
+
+    Returns:
+      float32 array with ``axis`` removed.
+    """
+    mean = masked_mean(x, mask, axis=axis)
+    if axis is not None:
+        mean = jnp.expand_dims(mean, axis)
+    var = masked_mean(jnp.square(_f32(x) - mean), mask, axis=axis)
+    if unbiased:
+        n = jnp.sum(_keep(mask), axis=axis).astype(jnp.float32)
+        var = var * jnp.where(n > 1, n / jnp.maximum(n - 1.0, 1.0), 1.0)
+    return var
+
+
+def masked_whiten(x, mask, shift_mean: bool = True, eps: float = 1e-8) -> Array:
+    """Whitens ``x`` with the mean and variance of its masked entries.
+
+    ``w = (x - mean_m(x)) * rsqrt(var_m(x) + eps)``; when ``shift_mean`` is
+    False the mean is added back (``w += mean_m(x)``). This is TRL's
+    ``masked_whiten`` convention (``shift_mean=True`` removes the mean); the
+    ReFT authors' ``allgather_masked_whiten(adv, mask)`` uses the opposite
+    flag name with default False, i.e. also removes the mean, as
+    ``masked_whiten(adv, mask)`` does here. Statistics are over the whole
+    array: under ``jax.jit`` with ``x`` sharded over devices that is the
+    global rollout batch (see the module docstring). Entries outside the mask
+    are set to 0.
+
+    Args:
+      x: e.g. ``advantages_BxT``.
+      mask: same shape as ``x``.
+      shift_mean: remove the mean (True) or keep it (False).
+      eps: added to the variance before the rsqrt, as in TRL and ReFT.
+
+    Returns:
+      float32 array shaped like ``x``.
+    """
+    mean = masked_mean(x, mask)
+    whitened = (_f32(x) - mean) * jax.lax.rsqrt(masked_var(x, mask) + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return jnp.where(_keep(mask), whitened, 0.0)
+
+
+def last_valid_onehot(mask_BxT) -> Array:
+    """Bool ``BxT``: True on the last valid position of each row.
+
+    The EOS token, or the last token when the completion has no EOS. A row
+    without any valid token is all False.
+    """
+    keep = _keep(mask_BxT)
+    pos_T = jnp.arange(keep.shape[1])
+    last_B = jnp.max(jnp.where(keep, pos_T[None, :], -1), axis=1)
+    return pos_T[None, :] == last_B[:, None]
+
+
+def kl_shaped_rewards(scores_B, logp_old_BxT, logp_ref_BxT, mask_BxT, kl_coef):
+    """Per-token PPO rewards: grader score at the end minus a per-token KL.
+
+    ``kl_t = logp_old_t - logp_ref_t`` (the k1 estimator, on every valid token
+    including EOS) and ``r_t = -kl_coef * kl_t + [t == last_b] * score_b``.
+    This is ``rollout`` in mwp_ReFT ``train_rl_reft.py``: ``kl = (old_logprob -
+    ref_logprob) * mask``, ``rew = score_rew + kl_coef * -kl``, with the score
+    at ``tidx - 1`` (the action emitting EOS) or at ``-2`` (the last generated
+    token) when there is no EOS. A fully masked row gets no reward at all.
+
+    Args:
+      scores_B: grader scores (ReFT: 1 / 0.1 / 0).
+      logp_old_BxT: log-probs of the sampled tokens under the sampling policy.
+      logp_ref_BxT: the same under the frozen reference (SFT) model.
+      mask_BxT: valid-token mask (1 up to and including EOS).
+      kl_coef: beta (ReFT: 0.05 N-CoT, 0.01 P-CoT); float or scalar array.
+
+    Returns:
+      ``(rewards_BxT, kl_BxT)`` in float32, both 0 outside the mask.
+    """
+    keep = _keep(mask_BxT)
+    kl_BxT = jnp.where(keep, _f32(logp_old_BxT) - _f32(logp_ref_BxT), 0.0)
+    score_BxT = jnp.where(last_valid_onehot(mask_BxT), _f32(scores_B)[:, None], 0.0)
+    return score_BxT - kl_coef * kl_BxT, kl_BxT
+
+
+def gae(rewards_BxT, values_BxT, mask_BxT, gamma: float = 1.0, lam: float = 0.95):
+    """Generalised advantage estimation as a reverse ``lax.scan`` over time.
+
+    With rewards and values zeroed outside the mask and ``V_T = 0``:
+    ``delta_t = r_t + gamma * V_{t+1} - V_t``,
+    ``A_t = delta_t + gamma * lam * A_{t+1}`` (``A_T = 0``), ``R_t = A_t + V_t``.
+    Because ``V`` is 0 past the last valid token, the last token bootstraps from
+    a terminal value of 0 (also for truncated completions without EOS), exactly
+    as mwp_ReFT ``rollout`` (``val * mask``, ``discount_cumsum(delta,
+    gamma * lam)``, ``ret = adv + val``). Defaults are ReFT's gamma 1, lambda 0.95.
+
+    Args:
+      rewards_BxT: per-token rewards (see ``kl_shaped_rewards``).
+      values_BxT: value-head outputs at the rollout.
+      mask_BxT: valid-token mask.
+      gamma: discount.
+      lam: GAE lambda.
+
+    Returns:
+      ``(advantages_BxT, returns_BxT)`` in float32, 0 outside the mask.
+    """
+    keep = _keep(mask_BxT)
+    r = jnp.where(keep, _f32(rewards_BxT), 0.0)
+    v = jnp.where(keep, _f32(values_BxT), 0.0)
+    v_next = jnp.concatenate([v[:, 1:], jnp.zeros_like(v[:, :1])], axis=1)
+    delta_TxB = (r + gamma * v_next - v).T
+
+    def step(adv_next_B, delta_B):
+        adv_B = delta_B + gamma * lam * adv_next_B
+        return adv_B, adv_B
+
+    _, adv_TxB = jax.lax.scan(step, jnp.zeros_like(delta_TxB[0]), delta_TxB, reverse=True)
+    adv = jnp.where(keep, adv_TxB.T, 0.0)
+    return adv, jnp.where(keep, adv + v, 0.0)
+
+
+def aggregate_loss(loss_BxT, mask_BxT, loss_agg: str = "seq-mean-token-mean") -> Array:
+    """Reduces a per-token loss to a scalar (see ``LOSS_AGGREGATIONS``).
+
+    ``seq-mean-token-mean`` is ``mean_b(sum_t m*l / max(sum_t m, 1))``: rows with
+    no valid token count as 0 in the batch mean, as in ReFT (``resp_len_per_sample
+    = clamp(sum(mask), min=1)``). ``token-mean`` is ``sum(m*l) / sum(m)``.
+
+    Raises:
+      ValueError: unknown ``loss_agg`` (a static Python string).
+    """
+    if loss_agg == "token-mean":
+        return masked_mean(loss_BxT, mask_BxT)
+    if loss_agg == "seq-mean-token-mean":
+        return jnp.mean(masked_mean(loss_BxT, mask_BxT, axis=1))
+    raise ValueError(f"loss_agg must be one of {LOSS_AGGREGATIONS}, got {loss_agg!r}")
+
+
+def ppo_policy_loss(
+    logp_BxT, logp_old_BxT, adv_BxT, mask_BxT, clip_eps: float = 0.2,
+    loss_agg: str = "seq-mean-token-mean",
+):
+    """PPO clipped surrogate loss (minimised).
+
+    ``rho_t = exp(logp_t - logp_old_t)``,
+    ``l_t = max(-A_t * rho_t, -A_t * clip(rho_t, 1 - eps, 1 + eps))``,
+    reduced with ``aggregate_loss`` (ReFT: seq-mean-token-mean, eps 0.2; see
+    ``pg_loss`` in mwp_ReFT ``train_one_epoch``).
+
+    Args:
+      logp_BxT: log-probs of the sampled tokens under the current policy.
+      logp_old_BxT: the same at rollout time (no gradient flows into them).
+      adv_BxT: (whitened) advantages.
+      mask_BxT: valid-token mask.
+      clip_eps: ratio clip range.
+      loss_agg: see ``LOSS_AGGREGATIONS`` (static).
+
+    Returns:
+      ``(loss, metrics)``; metrics (masked means, no gradient): ``clipfrac``
+      (tokens where the clipped branch is active, TRL's definition),
+      ``approx_kl`` (k3 estimate of KL(old || new): ``rho - 1 - log rho``),
+      ``ratio_mean``.
+    """
+    log_ratio = _f32(logp_BxT) - jax.lax.stop_gradient(_f32(logp_old_BxT))
+    ratio = jnp.exp(log_ratio)
+    adv = jax.lax.stop_gradient(_f32(adv_BxT))
+    pg1 = -adv * ratio
+    pg2 = -adv * jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
+    loss = aggregate_loss(jnp.maximum(pg1, pg2), mask_BxT, loss_agg)
+    ratio, log_ratio = jax.lax.stop_gradient(ratio), jax.lax.stop_gradient(log_ratio)
+    metrics = {
+        "clipfrac": masked_mean(pg2 > pg1, mask_BxT),
+        "approx_kl": masked_mean(ratio - 1.0 - log_ratio, mask_BxT),
+        "ratio_mean": masked_mean(ratio, mask_BxT),
+    }
+    return loss, metrics
+
+
+def ppo_value_loss(
+    values_BxT, old_values_BxT, returns_BxT, mask_BxT, clip_range_value: float = 0.2,
+    loss_agg: str = "seq-mean-token-mean",
+):
+    """Clipped value loss, including the 0.5 factor.
+
+    ``v_clip = clip(v, v_old - c, v_old + c)``,
+    ``loss = 0.5 * agg(max((v - R)^2, (v_clip - R)^2))``, as ``vf_loss`` in
+    mwp_ReFT ``train_one_epoch``; the total is ``pg + vf_coef * loss`` (ReFT
+    vf_coef 5, so ``pg + 5 * 0.5 * agg(...)``).
+
+    Args:
+      values_BxT: current value predictions.
+      old_values_BxT: value predictions at rollout time.
+      returns_BxT: GAE returns (targets; no gradient flows into them).
+      mask_BxT: valid-token mask.
+      clip_range_value: the clip half-width ``c`` (ReFT: 0.2).
+      loss_agg: see ``LOSS_AGGREGATIONS`` (static).
+
+    Returns:
+      ``(loss, metrics)`` with ``vf_clipfrac``: share of valid tokens where the
+      clipped error is the larger one.
+    """
+    v = _f32(values_BxT)
+    v_old = jax.lax.stop_gradient(_f32(old_values_BxT))
+    ret = jax.lax.stop_gradient(_f32(returns_BxT))
+    v_clip = jnp.clip(v, v_old - clip_range_value, v_old + clip_range_value)
+    err1, err2 = jnp.square(v - ret), jnp.square(v_clip - ret)
+    loss = 0.5 * aggregate_loss(jnp.maximum(err1, err2), mask_BxT, loss_agg)
+    return loss, {"vf_clipfrac": masked_mean(err2 > err1, mask_BxT)}
+
+
+def explained_variance(values_BxT, returns_BxT, mask_BxT) -> Array:
+    """``max(-1, 1 - var_m(R - V) / (var_m(R) + 1e-8))`` (ReFT ``vf_expl_var``).
+
+    Uses the unbiased masked variance; 1 is a perfect critic, 0 no better than a
+    constant, and the ReFT authors truncate at -1.
+    """
+    v = jax.lax.stop_gradient(_f32(values_BxT))
+    ret = _f32(returns_BxT)
+    ev = 1.0 - masked_var(ret - v, mask_BxT) / (masked_var(ret, mask_BxT) + 1e-8)
+    return jnp.maximum(ev, -1.0)
+
+
+def token_entropy(logits_BxTxV) -> Array:
+    """Entropy of each next-token distribution, float32 ``BxT``.
+
+    ``H = logsumexp(z) - sum_v softmax(z)_v * z_v``. The float32 upcast,
+    ``exp`` and product feed straight into reductions, so XLA fuses them and
+    allocates no V-sized temporaries beyond what the reductions stream through.
+    """
+    z = _f32(logits_BxTxV)
+    lse = jax.nn.logsumexp(z, axis=-1)
+    p = jnp.exp(z - lse[..., None])
+    return lse - jnp.sum(p * z, axis=-1)
+
+
+def entropy_from_logits(logits_BxTxV, mask_BxT) -> Array:
+    """Masked mean of ``token_entropy`` over valid tokens (scalar float32)."""
+    return masked_mean(token_entropy(logits_BxTxV), mask_BxT)
+
+
+def _groups(scores_B, group_size: int) -> Array:
+    scores_B = _f32(scores_B)
+    if group_size < 2:
+        raise ValueError(f"group_size must be >= 2, got {group_size}")
+    if scores_B.shape[0] % group_size:
+        raise ValueError(
+            f"batch {scores_B.shape[0]} is not a multiple of group_size {group_size}")
+    return scores_B.reshape(-1, group_size)
+
+
+def grpo_advantages(scores_B, group_size: int, scale_by_std: bool = True, eps: float = 1e-4):
+    """Group-relative advantages (DeepSeekMath GRPO outcome supervision).
+
+    Rows are grouped contiguously, ``group_size`` samples per prompt:
+    ``A_i = (r_i - mean_g(r)) / (std_g(r) + eps)`` with the unbiased (n - 1)
+    standard deviation, as TRL's ``GRPOTrainer`` (``rewards.view(-1, G).std(1)``,
+    eps 1e-4); ``scale_by_std=False`` gives Dr. GRPO's ``r_i - mean_g(r)``.
+
+    Args:
+      scores_B: one score per completion, ``B = n_prompts * group_size``.
+      group_size: G (static).
+      scale_by_std: divide by the group standard deviation.
+      eps: added to the standard deviation.
+
+    Returns:
+      float32 ``adv_B``, one advantage per completion (broadcast over its tokens).
+    """
+    r_NxG = _groups(scores_B, group_size)
+    adv_NxG = r_NxG - jnp.mean(r_NxG, axis=1, keepdims=True)
+    if scale_by_std:
+        adv_NxG = adv_NxG / (jnp.std(r_NxG, axis=1, keepdims=True, ddof=1) + eps)
+    return adv_NxG.reshape(-1)
+
+
+def rloo_advantages(scores_B, group_size: int) -> Array:
+    """REINFORCE leave-one-out advantages: ``A_i = r_i - mean_{j != i} r_j``.
+
+    Equal to ``G / (G - 1) * (r_i - mean_g(r))``; rows grouped as in
+    ``grpo_advantages``.
+    """
+    r_NxG = _groups(scores_B, group_size)
+    baseline_NxG = (jnp.sum(r_NxG, axis=1, keepdims=True) - r_NxG) / (group_size - 1)
+    return (r_NxG - baseline_NxG).reshape(-1)
+
+
+def grpo_loss(
+    logp_BxT, logp_old_BxT, logp_ref_BxT, adv_B, mask_BxT, clip_eps: float = 0.2,
+    kl_coef: float = 0.04, loss_agg: str = "seq-mean-token-mean",
+):
+    """GRPO loss: clipped surrogate with a sequence advantage plus a k3 KL term.
+
+    ``rho_t = exp(logp_t - logp_old_t)``,
+    ``k3_t = exp(ref_t - logp_t) - (ref_t - logp_t) - 1`` (>= 0, unbiased for
+    KL(pi || pi_ref)), and per token
+    ``l_t = -min(rho_t A, clip(rho_t, 1 - eps, 1 + eps) A) + kl_coef * k3_t``,
+    reduced with ``aggregate_loss`` (DeepSeekMath eq. 3 is seq-mean-token-mean;
+    TRL ``_compute_loss`` calls it "grpo", and token-mean "bnpo"/"dapo").
+    Defaults follow DeepSeekMath: eps 0.2, beta 0.04.
+
+    Args:
+      logp_BxT: log-probs of the sampled tokens under the current policy.
+      logp_old_BxT: the same at sampling time (equal to ``logp`` on the first
+        update; no gradient flows into them).
+      logp_ref_BxT: the same under the frozen reference model.
+      adv_B: one advantage per completion (``grpo_advantages``).
+      mask_BxT: valid-token mask.
+      clip_eps: ratio clip range.
+      kl_coef: beta.
+      loss_agg: see ``LOSS_AGGREGATIONS`` (static).
+
+    Returns:
+      ``(loss, metrics)`` with masked means ``kl`` (k3), ``clipfrac`` and
+      ``ratio_mean``.
+    """
+    logp = _f32(logp_BxT)
+    ratio = jnp.exp(logp - jax.lax.stop_gradient(_f32(logp_old_BxT)))
+    adv = jax.lax.stop_gradient(_f32(adv_B))[:, None]
+    surr1 = ratio * adv
+    surr2 = jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * adv
+    ref_minus_logp = jax.lax.stop_gradient(_f32(logp_ref_BxT)) - logp
+    k3 = jnp.exp(ref_minus_logp) - ref_minus_logp - 1.0
+    loss = aggregate_loss(-jnp.minimum(surr1, surr2) + kl_coef * k3, mask_BxT, loss_agg)
+    metrics = {
+        "kl": masked_mean(jax.lax.stop_gradient(k3), mask_BxT),
+        "clipfrac": masked_mean(surr2 < surr1, mask_BxT),
+        "ratio_mean": masked_mean(jax.lax.stop_gradient(ratio), mask_BxT),
+    }
+    return loss, metrics
+
+
+def token_logprobs(logits_BxTxV, targets_BxT) -> Array:
+    """``log softmax(z)[target]`` per position, float32 ``BxT``.
+
+    Computed as ``z[target] - logsumexp(z)`` (stable, and without materialising
+    the full ``BxTxV`` log-softmax as TRL's ``logprobs_from_logits`` does).
+    ``targets_BxT[:, t]`` is the token that ``logits_BxTxV[:, t]`` predicts:
+    the caller shifts (logits of positions ``:-1`` against tokens ``1:``).
+    """
+    z = _f32(logits_BxTxV)
+    picked = jnp.take_along_axis(z, targets_BxT[..., None].astype(jnp.int32), axis=-1)
+    return picked[..., 0] - jax.nn.logsumexp(z, axis=-1)
+
+
+def sft_loss(logits_BxTxV, targets_BxT, loss_mask_BxT):
+    """Masked next-token cross-entropy, averaged over all answer tokens.
+
+    ``loss = sum(m * -log p(target)) / sum(m)``: the token mean over the batch
+    that Hugging Face's ``labels=-100`` loss computes (as in the ReFT authors'
+    SFT warm-up).
+
+    Args:
+      logits_BxTxV: next-token logits (any float dtype).
+      targets_BxT: int token ids, already shifted (see ``token_logprobs``).
+      loss_mask_BxT: 1 on answer tokens (including EOS), 0 on prompt/padding.
+
+    Returns:
+      ``(loss, metrics)``: ``token_accuracy`` (argmax == target over answer
+      tokens) and ``n_tokens`` (float32 count of answer tokens).
+    """
+    nll = -token_logprobs(logits_BxTxV, targets_BxT)
+    correct = jnp.argmax(logits_BxTxV, axis=-1) == targets_BxT
+    metrics = {
+        "token_accuracy": masked_mean(correct, loss_mask_BxT),
+        "n_tokens": jnp.sum(_keep(loss_mask_BxT)).astype(jnp.float32),
+    }
+    return masked_mean(nll, loss_mask_BxT), metrics
