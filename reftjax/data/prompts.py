@@ -1,0 +1,113 @@
+"""Prompt and target text in the ReFT authors' layout or a chat template.
+
+Styles (``PromptConfig.style``):
+
+* ``"reft"`` (N-CoT): prompt ``Question:\\n{question}\\nAnswer reasoning:\\n``,
+  target ``{cot}\\nTherefore, the answer is: {answer}`` (authors'
+  ``train_sft_model.py``; question, cot and answer are stripped).
+* ``"reft-python"`` (P-CoT): same prompt; the SFT target is the program
+  (``answer_cot``) alone, which already starts with
+  ``def solution():\\n    \"\"\"{question}\"\"\"``. RL and evaluation force that
+  start: ``response_prefix`` is ``def solution():\\n    \"\"\"{question}\"\"\"``
+  with no trailing newline, exactly as ``train_rl_reft.py`` builds
+  ``prefix_text`` (with SmolLM2's tokenizer a trailing ``\\n`` would split the
+  ``"\\n   "`` token that the SFT targets contain, see BUILD_NOTES). The
+  program to run is ``response_prefix + completion``.
+* ``"chat"``: ``tokenizer.apply_chat_template(messages,
+  add_generation_prompt=True)``; messages are the example's own (``openai``
+  format) or one user turn holding the question; the target is the N-CoT text.
+
+The EOS token is appended at tokenization time, never here.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from reftjax.data.records import Example, strip_annotations
+
+STYLES = ("reft", "reft-python", "chat")
+INSTRUCTION = "Question:\n"
+COT_TRIGGER = "\nAnswer reasoning:\n"
+ANSWER_TRIGGER = "\nTherefore, the answer is: "
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptConfig:
+    """How examples become text.
+
+    Attributes:
+      style: one of `STYLES`.
+      strip_annotations: drop GSM8K calculator annotations (``<<48/2=24>>``) from
+        CoTs; they are calls to a calculator we do not run and add ~32% target tokens
+        on GSM8K train with SmolLM2's tokenizer (mean 130 vs 99; BUILD_NOTES).
+      system_prompt: chat style only; None keeps the template's default system turn.
+    """
+
+    style: str = "reft"
+    strip_annotations: bool = True
+    system_prompt: str | None = None
+
+    def __post_init__(self):
+        if self.style not in STYLES:
+            raise ValueError(f"style must be one of {STYLES}, got {self.style!r}")
+        if self.system_prompt is not None and self.style != "chat":
+            raise ValueError("system_prompt only applies to style='chat'")
+
+
+@dataclasses.dataclass(frozen=True)
+class Formatted:
+    """Text of one example.
+
+    Attributes:
+      prompt: the context the model is conditioned on (SFT and RL alike).
+      response_prefix: text forced at the start of the response in RL/eval
+        (P-CoT program header), '' otherwise; ``target`` starts with it when the
+        data agrees (37 of 3,043 SVAMP programs have a reworded docstring).
+      target: SFT target without EOS, or None when the example has no reference CoT.
+    """
+
+    prompt: str
+    response_prefix: str
+    target: str | None
+
+
+def reft_prompt(question: str) -> str:
+    """The authors' plain prompt."""
+    return f"{INSTRUCTION}{question.strip()}{COT_TRIGGER}"
+
+
+def program_prefix(question: str) -> str:
+    """The P-CoT response start used by the authors' RL/eval prompt."""
+    return f'def solution():\n    """{question.strip()}"""'
+
+
+def nl_target(ex: Example, strip: bool) -> str | None:
+    """``cot + ANSWER_TRIGGER + answer``, or None without a CoT or an answer."""
+    if not ex.cot.strip() or not ex.answer.strip():
+        return None
+    cot = strip_annotations(ex.cot) if strip else ex.cot
+    return f"{cot.strip()}{ANSWER_TRIGGER}{ex.answer.strip()}"
+
+
+def chat_messages(ex: Example, cfg: PromptConfig) -> list[dict[str, str]]:
+    """The messages the chat template is applied to."""
+    if ex.messages is not None:
+        return [dict(m) for m in ex.messages]
+    system = [] if cfg.system_prompt is None else [{"role": "system", "content": cfg.system_prompt}]
+    return system + [{"role": "user", "content": ex.question}]
+
+
+def format_example(ex: Example, cfg: PromptConfig, tokenizer=None) -> Formatted:
+    """Prompt, response prefix and target for one example (``tokenizer`` for chat)."""
+    if cfg.style == "chat":
+        if tokenizer is None or getattr(tokenizer, "chat_template", None) is None:
+            raise ValueError("style='chat' needs a tokenizer with a chat template")
+        prompt = tokenizer.apply_chat_template(
+            chat_messages(ex, cfg), add_generation_prompt=True, tokenize=False)
+        return Formatted(prompt, "", nl_target(ex, cfg.strip_annotations))
+    if ex.messages is not None:
+        raise ValueError(f"{ex.item_id}: chat-format (openai) examples need style='chat'")
+    prompt = reft_prompt(ex.question)
+    if cfg.style == "reft-python":
+        return Formatted(prompt, program_prefix(ex.question), ex.cot.strip() or None)
+    return Formatted(prompt, "", nl_target(ex, cfg.strip_annotations))

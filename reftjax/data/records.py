@@ -1,0 +1,228 @@
+"""Raw examples and the readers of the three on-disk formats.
+
+Every reader returns a list of `Example` and raises `DataError` with a message
+``path:LINE: problem`` on the first bad record, so nothing half-read is ever
+used. Formats:
+
+* ``gsm8k-jsonl``: OpenAI's GSM8K files, one ``{"question", "answer"}`` object
+  per line; the answer is a chain of thought with calculator annotations
+  (``<<48/2=24>>``) ending in ``#### N``.
+* ``reft``: the ReFT authors' JSON list of ``{"item_id", "question",
+  "answer_cot"?, "answer_value"}`` (test sets have no ``answer_cot``). Line
+  numbers are those of each object's opening brace in the file.
+* ``openai``: OpenAI RFT-style JSONL, each line ``{"messages": [...], ...}``
+  whose last message is from the user; every other field is kept verbatim in
+  `Example.fields` for graders (``{{item.field}}``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+from typing import Any
+
+FORMATS = ("gsm8k-jsonl", "reft", "openai")
+_ANNOTATION = re.compile(r"<<[^<>]*>>")
+
+
+class DataError(ValueError):
+    """Bad input data; the message starts with ``path:LINE:``."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    """One problem, whatever file it came from.
+
+    Attributes:
+      idx: position in its split (0-based); batches carry it as ``example_idx``.
+      item_id: stable identifier (``gsm8k_train_12``, the authors' ``svamp_3``...).
+      question: the problem statement, stripped.
+      cot: reference reasoning without the final-answer line ('' when absent):
+        natural language (N-CoT) or a Python program (P-CoT).
+      answer: the gold answer as text (commas removed for numbers), '' if none.
+      answer_value: ``float(answer)`` when numeric, else None.
+      messages: chat messages (``openai`` format) or None.
+      fields: extra reference fields for graders (``openai`` format).
+    """
+
+    idx: int
+    item_id: str
+    question: str
+    cot: str = ""
+    answer: str = ""
+    answer_value: float | None = None
+    messages: tuple[dict[str, str], ...] | None = None
+    fields: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def parse_number(text: str, where: str) -> float:
+    """``float`` of a gold answer such as ``'1,080'`` or ``'-3.5'``; DataError otherwise."""
+    cleaned = text.replace(",", "").strip()
+    try:
+        value = float(cleaned)
+    except ValueError:
+        raise DataError(f"{where}: gold answer {text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise DataError(f"{where}: gold answer {text!r} is not finite")
+    return value
+
+
+def strip_annotations(cot: str) -> str:
+    """Remove GSM8K calculator annotations: ``48/2 = <<48/2=24>>24`` -> ``48/2 = 24``."""
+    return _ANNOTATION.sub("", cot)
+
+
+def split_gsm8k_answer(answer: str, where: str) -> tuple[str, str]:
+    """Split a GSM8K answer field into (cot, final answer without commas)."""
+    cot, sep, final = answer.rpartition("####")
+    if not sep:
+        raise DataError(f"{where}: answer has no '#### N' line")
+    final = final.strip()
+    if not final:
+        raise DataError(f"{where}: empty answer after '####'")
+    parse_number(final, where)
+    return cot.strip(), final.replace(",", "")
+
+
+def _require_str(obj: dict, key: str, where: str, *, allow_empty: bool = False) -> str:
+    if key not in obj:
+        raise DataError(f"{where}: missing field {key!r}")
+    value = obj[key]
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field {key!r} must be a string, got {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise DataError(f"{where}: empty field {key!r}")
+    return value
+
+
+def _jsonl_objects(path: str):
+    """Yield (line_number, dict) for each non-blank line of a JSONL file."""
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            yield lineno, obj
+
+
+def gsm8k_record(obj: dict, where: str) -> dict[str, str]:
+    """Validate one GSM8K object; returns question, cot, answer (strings)."""
+    question = _require_str(obj, "question", where).strip()
+    cot, final = split_gsm8k_answer(_require_str(obj, "answer", where), where)
+    return {"question": question, "cot": cot, "answer": final}
+
+
+def read_gsm8k_jsonl(path: str | os.PathLike, split: str = "file") -> list[Example]:
+    """Read an OpenAI GSM8K JSONL file (``train.jsonl``/``test.jsonl``)."""
+    path = os.fspath(path)
+    out = []
+    for lineno, obj in _jsonl_objects(path):
+        rec = gsm8k_record(obj, f"{path}:{lineno}")
+        out.append(Example(len(out), f"gsm8k_{split}_{len(out)}", rec["question"], rec["cot"],
+                           rec["answer"], float(rec["answer"])))
+    _require_nonempty(out, path)
+    return out
+
+
+def _json_list_with_lines(text: str, path: str) -> list[tuple[int, Any]]:
+    """Parse a JSON list, returning (1-based line of each element's start, element)."""
+    decoder = json.JSONDecoder()
+    ws = re.compile(r"\s*")
+    pos = ws.match(text).end()
+    if not text.startswith("[", pos):
+        raise DataError(f"{path}:{text.count(chr(10), 0, pos) + 1}: expected a JSON list of "
+                        "objects (ReFT format)")
+    out, line, counted = [], 1, 0
+    pos = ws.match(text, pos + 1).end()
+    while not text.startswith("]", pos):
+        line += text.count("\n", counted, pos)
+        counted = pos
+        try:
+            obj, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+        out.append((line, obj))
+        pos = ws.match(text, pos).end()
+        if text.startswith(",", pos):
+            pos = ws.match(text, pos + 1).end()
+        elif not text.startswith("]", pos):
+            raise DataError(f"{path}:{text.count(chr(10), 0, pos) + 1}: malformed JSON "
+                            "(expected ',' or ']')")
+    return out
+
+
+def read_reft_json(path: str | os.PathLike, *, require_cot: bool = False) -> list[Example]:
+    """Read a ReFT-authors JSON file (N-CoT, P-CoT or a test set without CoT)."""
+    path = os.fspath(path)
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    items = _json_list_with_lines(text, path)
+    out = []
+    for i, (line, obj) in enumerate(items):
+        where = f"{path}:{line}"
+        if not isinstance(obj, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        question = _require_str(obj, "question", where).strip()
+        item_id = _require_str(obj, "item_id", where).strip()
+        answer = _require_str(obj, "answer_value", where).strip()
+        cot = ""
+        if require_cot or "answer_cot" in obj:
+            cot = _require_str(obj, "answer_cot", where).strip()
+        value = parse_number(answer, where)
+        out.append(Example(i, item_id, question, cot, answer.replace(",", ""), value))
+    _require_nonempty(out, path)
+    return out
+
+
+def read_openai_jsonl(path: str | os.PathLike, *, answer_field: str | None = None) -> list[Example]:
+    """Read an RFT-style JSONL file; ``answer_field`` (if set) must hold a number."""
+    path = os.fspath(path)
+    out = []
+    for lineno, obj in _jsonl_objects(path):
+        where = f"{path}:{lineno}"
+        messages = obj.get("messages")
+        if messages is None:
+            raise DataError(f"{where}: missing field 'messages'")
+        if not isinstance(messages, list) or not messages:
+            raise DataError(f"{where}: 'messages' must be a non-empty list")
+        for m in messages:
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) \
+                    or not isinstance(m.get("content"), str):
+                raise DataError(f"{where}: each message needs string 'role' and 'content'")
+        if messages[-1]["role"] != "user":
+            raise DataError(f"{where}: the last message must be from the user")
+        fields = {k: v for k, v in obj.items() if k != "messages"}
+        answer, value = "", None
+        if answer_field is not None:
+            raw = fields.get(answer_field)
+            if raw is None or not str(raw).strip():
+                raise DataError(f"{where}: missing or empty field {answer_field!r}")
+            value = parse_number(str(raw), where)
+            answer = str(raw).strip().replace(",", "")
+        out.append(Example(len(out), str(fields.get("item_id", f"item_{len(out)}")),
+                           messages[-1]["content"].strip(), "", answer, value,
+                           tuple(dict(m) for m in messages), fields))
+    _require_nonempty(out, path)
+    return out
+
+
+def _require_nonempty(examples: list, path: str) -> None:
+    if not examples:
+        raise DataError(f"{path}:1: no examples in file")
+
+
+def read_file(path: str | os.PathLike, fmt: str, **kwargs) -> list[Example]:
+    """Dispatch on ``fmt`` (one of `FORMATS`)."""
+    readers = {"gsm8k-jsonl": read_gsm8k_jsonl, "reft": read_reft_json, "openai": read_openai_jsonl}
+    if fmt not in readers:
+        raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
+    if not os.path.isfile(path):
+        raise DataError(f"{path}:0: file not found")
+    return readers[fmt](path, **kwargs)

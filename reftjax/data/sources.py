@@ -1,0 +1,152 @@
+"""Where examples come from: GSM8K through tfds, local files, and splits.
+
+Locations (each can be overridden by an argument):
+
+* ``REFTJAX_CACHE``: tfds ``data_dir`` (default ``~/.cache/reftjax/tfds``); the
+  GSM8K build happens once per cache dir.
+* ``REFTJAX_GSM8K_DIR``: a folder with GSM8K's ``train.jsonl`` and ``test.jsonl``
+  to build from offline. Unset: ``../shared/data/gsm8k`` relative to the current
+  directory or to the repository if present, else download from OpenAI's GitHub.
+* ``REFTJAX_REFT_DIR``: the ReFT authors' JSON files (default
+  ``../shared/data/reft`` found the same way).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+
+import numpy as np
+
+from reftjax.data.records import DataError, Example, parse_number, read_file, read_reft_json
+
+_REPO = pathlib.Path(__file__).resolve().parents[2]
+
+# ReFT-authors datasets shipped as JSON: name -> (file, needs a CoT).
+REFT_FILES = {
+    "svamp-nl": ("svamp_nl.json", True),
+    "svamp-python": ("svamp_python_sdp.json", True),
+    "svamp-test": ("svamp_test_set.json", False),
+    "gsm8k-reft-test": ("gsm8k_test_set.json", False),
+}
+DATASETS = ("gsm8k", *REFT_FILES)
+
+
+def cache_dir(override: str | os.PathLike | None = None) -> pathlib.Path:
+    """The tfds data_dir: argument, else ``$REFTJAX_CACHE``, else ``~/.cache/reftjax/tfds``."""
+    if override is not None:
+        return pathlib.Path(override).expanduser()
+    env = os.environ.get("REFTJAX_CACHE")
+    return pathlib.Path(env).expanduser() if env else pathlib.Path.home() / ".cache/reftjax/tfds"
+
+
+def _shared_dir(env: str, sub: str, override) -> pathlib.Path | None:
+    if override is not None:
+        return pathlib.Path(override).expanduser()
+    if os.environ.get(env):
+        return pathlib.Path(os.environ[env]).expanduser()
+    for base in (pathlib.Path.cwd(), _REPO):
+        candidate = base.parent / "shared" / "data" / sub
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+def gsm8k_local_dir(override: str | os.PathLike | None = None) -> pathlib.Path | None:
+    """Local GSM8K copy to build from, or None (then tfds downloads)."""
+    return _shared_dir("REFTJAX_GSM8K_DIR", "gsm8k", override)
+
+
+def reft_dir(override: str | os.PathLike | None = None) -> pathlib.Path:
+    """Folder of the ReFT authors' JSON files; DataError if none is found."""
+    found = _shared_dir("REFTJAX_REFT_DIR", "reft", override)
+    if found is None:
+        raise DataError("ReFT data folder not found: set REFTJAX_REFT_DIR or pass --file")
+    return found
+
+
+def load_gsm8k(split: str, *, data_dir=None, local_dir=None) -> list[Example]:
+    """GSM8K ``train`` (7,473) or ``test`` (1,319) through tfds, building it if needed.
+
+    Args:
+      split: "train" or "test".
+      data_dir: tfds cache (see `cache_dir`).
+      local_dir: folder with ``{train,test}.jsonl`` (see `gsm8k_local_dir`).
+    """
+    import tensorflow_datasets as tfds  # noqa: F401  (heavy: only when GSM8K is used)
+
+    from reftjax.data.gsm8k_builder import Gsm8kReft
+
+    if split not in ("train", "test"):
+        raise ValueError(f"GSM8K split must be 'train' or 'test', got {split!r}")
+    local = gsm8k_local_dir(local_dir)
+    builder = Gsm8kReft(data_dir=os.fspath(cache_dir(data_dir)), local_dir=local,
+                        file_format="array_record")
+    builder.download_and_prepare()
+    source = builder.as_data_source(split=split)
+    out = []
+    for i in range(len(source)):
+        rec = source[i]
+        answer = rec["answer"].decode()
+        out.append(Example(i, f"gsm8k_{split}_{i}", rec["question"].decode(), rec["cot"].decode(),
+                           answer, parse_number(answer, f"gsm8k/{split}:{int(rec['line'])}")))
+    return out
+
+
+def load_examples(dataset: str | None = None, *, split: str = "train", file=None,
+                  fmt: str | None = None, data_dir=None, local_dir=None,
+                  answer_field: str | None = None) -> list[Example]:
+    """One entry point for the CLI and the trainers.
+
+    Args:
+      dataset: one of `DATASETS` (ignored when ``file`` is given).
+      split: GSM8K split ("train"/"test").
+      file: a file to read instead; ``fmt`` is then required.
+      fmt: "reft", "openai" or "gsm8k-jsonl".
+      data_dir: tfds cache override.
+      local_dir: GSM8K local copy, or the ReFT folder for ReFT datasets.
+      answer_field: for ``openai`` files, the numeric reference field to parse.
+    """
+    if file is not None:
+        if fmt is None:
+            raise ValueError("fmt is required with file")
+        kwargs = {"answer_field": answer_field} if fmt == "openai" else {}
+        return read_file(file, fmt, **kwargs)
+    if dataset == "gsm8k":
+        return load_gsm8k(split, data_dir=data_dir, local_dir=local_dir)
+    if dataset in REFT_FILES:
+        name, needs_cot = REFT_FILES[dataset]
+        return read_reft_json(reft_dir(local_dir) / name, require_cot=needs_cot)
+    raise ValueError(f"unknown dataset {dataset!r}; expected one of {DATASETS} or a file")
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitConfig:
+    """Deterministic train/validation split.
+
+    Attributes:
+      val_fraction: share of examples for validation, in [0, 1).
+      seed: permutation seed; the same seed and size always give the same split.
+    """
+
+    val_fraction: float = 0.05
+    seed: int = 0
+
+    def __post_init__(self):
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+
+
+def train_val_split(examples: list[Example], cfg: SplitConfig) -> tuple[list[Example], list[Example]]:
+    """Split by a seeded permutation; each part keeps file order and is re-indexed from 0.
+
+    The original position is kept in ``item_id`` (unchanged), while ``idx`` becomes
+    the index inside the part, which is what batches carry as ``example_idx``.
+    """
+    n_val = int(round(len(examples) * cfg.val_fraction))
+    perm = np.random.default_rng(cfg.seed).permutation(len(examples))
+    val_set = set(perm[:n_val].tolist())
+    train = [e for i, e in enumerate(examples) if i not in val_set]
+    val = [e for i, e in enumerate(examples) if i in val_set]
+    reindex = lambda part: [dataclasses.replace(e, idx=i) for i, e in enumerate(part)]  # noqa: E731
+    return reindex(train), reindex(val)

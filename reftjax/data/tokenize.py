@@ -1,0 +1,237 @@
+"""Tokenization into ragged id arrays, then fixed-shape bucketed NumPy batches.
+
+Prompt and target are encoded separately and concatenated (as the ReFT authors
+do), so the boundary between them is exact and the loss mask needs no
+offset mapping. Padded lengths are always one of `TokenizeConfig` buckets, so a
+jitted step compiles once per bucket.
+
+Batch layouts (all int32 except the bool masks; B rows):
+
+* prompts (RL/eval): ``prompt_tokens [B, P]`` left-padded with ``pad_id``,
+  ``prompt_mask [B, P]`` True on real tokens;
+* SFT: ``tokens [B, T]`` = prompt + target + EOS, right-padded;
+  ``attn_mask [B, T]`` True on real tokens; ``loss_mask [B, T]`` True on the
+  target tokens and the EOS (position t is scored by the logits at t - 1).
+
+Both carry ``example_idx [B]`` (index in the example list, -1 for padding rows)
+and ``valid [B]``.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from reftjax.data.prompts import PromptConfig, format_example
+from reftjax.data.records import DataError, Example
+
+TRUNCATION = ("drop", "truncate", "error")
+
+
+def power_of_two_buckets(limit: int, smallest: int) -> tuple[int, ...]:
+    """Powers of two from ``smallest`` below ``limit``, then ``limit`` itself."""
+    sizes, size = [], smallest
+    while size < limit:
+        sizes.append(size)
+        size *= 2
+    return (*sizes, limit)
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizeConfig:
+    """Length limits, buckets and the truncation policy.
+
+    Attributes:
+      max_prompt_len: longest prompt (incl. any response prefix) in tokens;
+        300 as in the authors' RL runs.
+      max_target_len: longest SFT target incl. EOS; prompt + target <= 700 by default.
+      prompt_buckets: padded prompt lengths; None = powers of two from
+        ``min_bucket`` up to ``max_prompt_len``.
+      seq_buckets: padded SFT lengths; None = powers of two up to
+        ``max_prompt_len + max_target_len``.
+      min_bucket: smallest automatic bucket.
+      truncation: "drop" (skip over-long examples, counted), "truncate" (prompt
+        keeps its last tokens, target its first, losing the EOS; counted) or "error".
+    """
+
+    max_prompt_len: int = 300
+    max_target_len: int = 400
+    prompt_buckets: tuple[int, ...] | None = None
+    seq_buckets: tuple[int, ...] | None = None
+    min_bucket: int = 64
+    truncation: str = "drop"
+
+    def __post_init__(self):
+        if self.max_prompt_len <= 0 or self.max_target_len <= 0 or self.min_bucket <= 0:
+            raise ValueError("lengths and min_bucket must be positive")
+        if self.truncation not in TRUNCATION:
+            raise ValueError(f"truncation must be one of {TRUNCATION}, got {self.truncation!r}")
+        for name, top in (("prompt_buckets", self.max_prompt_len),
+                          ("seq_buckets", self.max_prompt_len + self.max_target_len)):
+            b = getattr(self, name)
+            if b is not None and (list(b) != sorted(set(b)) or b[-1] < top):
+                raise ValueError(f"{name} must be strictly increasing and reach {top}, got {b}")
+
+    @property
+    def prompt_sizes(self) -> tuple[int, ...]:
+        return self.prompt_buckets or power_of_two_buckets(self.max_prompt_len, self.min_bucket)
+
+    @property
+    def seq_sizes(self) -> tuple[int, ...]:
+        return self.seq_buckets or power_of_two_buckets(
+            self.max_prompt_len + self.max_target_len, self.min_bucket)
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizedDataset:
+    """Ragged token ids of kept examples (entry i is example ``example_idx[i]``).
+
+    Attributes:
+      prompt: context ids per example.
+      prefix: forced response-prefix ids (empty unless P-CoT).
+      target: target ids + EOS per example, or None for prompt-only data.
+      example_idx: index of each kept example in the source list.
+      pad_id: padding token id.
+      config: the `TokenizeConfig` used.
+      stats: counts: ``examples``, ``kept``, ``dropped``, ``prompt_truncated``,
+        ``target_truncated``.
+    """
+
+    prompt: list[np.ndarray]
+    prefix: list[np.ndarray]
+    target: list[np.ndarray] | None
+    example_idx: np.ndarray
+    pad_id: int
+    config: TokenizeConfig
+    stats: dict[str, int]
+
+    def __len__(self) -> int:
+        return len(self.prompt)
+
+    @property
+    def prompt_lengths(self) -> np.ndarray:
+        return np.array([len(p) + len(q) for p, q in zip(self.prompt, self.prefix)], np.int64)
+
+    @property
+    def seq_lengths(self) -> np.ndarray:
+        if self.target is None:
+            raise ValueError("dataset was tokenized without targets")
+        return np.array([len(p) + len(t) for p, t in zip(self.prompt, self.target)], np.int64)
+
+
+def encode_texts(tokenizer, texts: list[str]) -> list[np.ndarray]:
+    """Batch-encode without special tokens (chat templates already hold theirs)."""
+    if not texts:
+        return []
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return [np.asarray(x, np.int32) for x in ids]
+
+
+def tokenize_examples(examples: list[Example], tokenizer, prompt_cfg: PromptConfig,
+                      cfg: TokenizeConfig, *, with_targets: bool = True) -> TokenizedDataset:
+    """Format, batch-encode and length-filter examples.
+
+    Args:
+      with_targets: True for SFT (every example must have a reference target).
+    """
+    formatted = [format_example(e, prompt_cfg, tokenizer) for e in examples]
+    if with_targets:
+        for e, f in zip(examples, formatted):
+            if f.target is None:
+                raise DataError(f"{e.item_id}: no reference CoT/answer to train on (SFT)")
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    prompts = encode_texts(tokenizer, [f.prompt for f in formatted])
+    prefixes = encode_texts(tokenizer, [f.response_prefix for f in formatted])
+    targets = None
+    if with_targets:
+        eos_arr = np.asarray([eos], np.int32)
+        targets = [np.concatenate([t, eos_arr])
+                   for t in encode_texts(tokenizer, [f.target for f in formatted])]
+    return _apply_limits(examples, prompts, prefixes, targets, int(pad), cfg)
+
+
+def _apply_limits(examples, prompts, prefixes, targets, pad_id, cfg) -> TokenizedDataset:
+    stats = dict(examples=len(examples), kept=0, dropped=0, prompt_truncated=0, target_truncated=0)
+    keep_p, keep_q, keep_t, keep_idx = [], [], [] if targets is not None else None, []
+    for i, ex in enumerate(examples):
+        p, q = prompts[i], prefixes[i]
+        t = None if targets is None else targets[i]
+        long_p = len(p) + len(q) > cfg.max_prompt_len
+        long_t = t is not None and len(t) > cfg.max_target_len
+        if (long_p or long_t) and cfg.truncation == "error":
+            raise DataError(f"{ex.item_id}: prompt {len(p) + len(q)} / target "
+                            f"{0 if t is None else len(t)} tokens exceed the limits "
+                            f"{cfg.max_prompt_len} / {cfg.max_target_len}")
+        if (long_p or long_t) and cfg.truncation == "drop":
+            stats["dropped"] += 1
+            continue
+        if long_p:
+            keep = cfg.max_prompt_len - len(q)
+            if keep <= 0:
+                raise DataError(f"{ex.item_id}: response prefix alone exceeds max_prompt_len")
+            p, stats["prompt_truncated"] = p[-keep:], stats["prompt_truncated"] + 1
+        if long_t:
+            t, stats["target_truncated"] = t[:cfg.max_target_len], stats["target_truncated"] + 1
+        keep_p.append(p)
+        keep_q.append(q)
+        keep_idx.append(ex.idx)
+        if keep_t is not None:
+            keep_t.append(t)
+    stats["kept"] = len(keep_p)
+    return TokenizedDataset(keep_p, keep_q, keep_t, np.asarray(keep_idx, np.int32), pad_id, cfg,
+                            stats)
+
+
+def bucket_for(length: int, sizes: tuple[int, ...]) -> int:
+    """Smallest bucket that holds ``length`` tokens."""
+    for size in sizes:
+        if length <= size:
+            return size
+    raise ValueError(f"length {length} exceeds the largest bucket {sizes[-1]}")
+
+
+def _pad_rows(rows: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row ids padded to ``batch_size`` by repeating the first row; and the validity mask."""
+    valid = np.zeros(batch_size, bool)
+    valid[:len(rows)] = True
+    padded = np.concatenate([rows, np.full(batch_size - len(rows), rows[0], rows.dtype)])
+    return padded, valid
+
+
+def collate_prompts(ds: TokenizedDataset, rows: np.ndarray, batch_size: int,
+                    length: int | None = None) -> dict[str, np.ndarray]:
+    """Left-padded prompt batch (prompt + response prefix) for rows of ``ds``."""
+    rows, valid = _pad_rows(np.asarray(rows), batch_size)
+    seqs = [np.concatenate([ds.prompt[r], ds.prefix[r]]) for r in rows]
+    size = length or bucket_for(max(len(s) for s in seqs), ds.config.prompt_sizes)
+    tokens = np.full((batch_size, size), ds.pad_id, np.int32)
+    mask = np.zeros((batch_size, size), bool)
+    for b, s in enumerate(seqs):
+        tokens[b, size - len(s):] = s
+        mask[b, size - len(s):] = True
+    return {"prompt_tokens": tokens, "prompt_mask": mask,
+            "example_idx": np.where(valid, ds.example_idx[rows], -1).astype(np.int32),
+            "valid": valid}
+
+
+def collate_sft(ds: TokenizedDataset, rows: np.ndarray, batch_size: int,
+                length: int | None = None) -> dict[str, np.ndarray]:
+    """Right-padded prompt + target + EOS batch with the loss mask on target tokens."""
+    if ds.target is None:
+        raise ValueError("dataset was tokenized without targets")
+    rows, valid = _pad_rows(np.asarray(rows), batch_size)
+    size = length or bucket_for(int(max(len(ds.prompt[r]) + len(ds.target[r]) for r in rows)),
+                                ds.config.seq_sizes)
+    tokens = np.full((batch_size, size), ds.pad_id, np.int32)
+    attn = np.zeros((batch_size, size), bool)
+    loss = np.zeros((batch_size, size), bool)
+    for b, r in enumerate(rows):
+        n_p, n_t = len(ds.prompt[r]), len(ds.target[r])
+        tokens[b, :n_p] = ds.prompt[r]
+        tokens[b, n_p:n_p + n_t] = ds.target[r]
+        attn[b, :n_p + n_t] = True
+        loss[b, n_p:n_p + n_t] = valid[b]
+    return {"tokens": tokens, "attn_mask": attn, "loss_mask": loss,
+            "example_idx": np.where(valid, ds.example_idx[rows], -1).astype(np.int32),
+            "valid": valid}
