@@ -1,0 +1,104 @@
+"""``python -m reftjax.data stats ...``: one JSON line of dataset statistics.
+
+Examples::
+
+    python -m reftjax.data stats --dataset gsm8k --split train
+    python -m reftjax.data stats --file data.jsonl --format openai --style chat
+
+Prints example count, prompt/target token-length percentiles for the tokenizer,
+and how many examples exceed ``--max-prompt-len`` / ``--max-target-len``. Bad
+input exits with status 2 and ``path:LINE: problem`` on stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import numpy as np
+
+from reftjax.data.prompts import STYLES, PromptConfig
+from reftjax.data.records import FORMATS, DataError
+from reftjax.data.sources import DATASETS, load_examples
+from reftjax.data.tokenize import TokenizeConfig, tokenize_examples
+
+PERCENTILES = (50, 90, 95, 99, 100)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m reftjax.data")
+    sub = parser.add_subparsers(dest="command", required=True)
+    stats = sub.add_parser("stats", help="token-length statistics as one JSON line")
+    src = stats.add_mutually_exclusive_group(required=True)
+    src.add_argument("--dataset", choices=DATASETS)
+    src.add_argument("--file", help="read this file instead (needs --format)")
+    stats.add_argument("--format", choices=FORMATS)
+    stats.add_argument("--split", default="train", help="GSM8K split: train or test")
+    stats.add_argument("--tokenizer", default="default",
+                       help="model source for reftjax.hf.load_tokenizer (default: SmolLM2)")
+    stats.add_argument("--style", choices=STYLES, default=None,
+                       help="prompt style (default: reft-python for svamp-python, chat for "
+                            "openai files, else reft)")
+    stats.add_argument("--keep-annotations", action="store_true",
+                       help="keep GSM8K calculator annotations in the CoT")
+    stats.add_argument("--max-prompt-len", type=int, default=300)
+    stats.add_argument("--max-target-len", type=int, default=400)
+    stats.add_argument("--answer-field", default=None, help="openai format: numeric reference field")
+    stats.add_argument("--data-dir", default=None, help="tfds cache (default $REFTJAX_CACHE)")
+    stats.add_argument("--local-dir", default=None,
+                       help="GSM8K {train,test}.jsonl folder (default $REFTJAX_GSM8K_DIR) "
+                            "or ReFT folder")
+    return parser
+
+
+def _percentiles(lengths: np.ndarray) -> dict[str, int]:
+    return {f"p{q}": int(np.percentile(lengths, q)) for q in PERCENTILES} | {
+        "mean": round(float(lengths.mean()), 1)}
+
+
+def stats(args: argparse.Namespace) -> dict:
+    """Compute the statistics for parsed CLI arguments."""
+    from reftjax.hf import load_tokenizer
+
+    if args.file is not None and args.format is None:
+        raise SystemExit("--file needs --format")
+    examples = load_examples(args.dataset, split=args.split, file=args.file, fmt=args.format,
+                             data_dir=args.data_dir, local_dir=args.local_dir,
+                             answer_field=args.answer_field)
+    style = args.style or ("reft-python" if args.dataset == "svamp-python"
+                           else "chat" if args.format == "openai" else "reft")
+    tokenizer = load_tokenizer(args.tokenizer)
+    # No limits while measuring: every example is kept, then counted against the limits.
+    unlimited = TokenizeConfig(max_prompt_len=1 << 20, max_target_len=1 << 20, truncation="drop")
+    prompt_cfg = PromptConfig(style, strip_annotations=not args.keep_annotations)
+    # Test sets and RFT files have no reference CoT: report prompt lengths only.
+    with_targets = all(e.cot.strip() for e in examples)
+    ds = tokenize_examples(examples, tokenizer, prompt_cfg, unlimited, with_targets=with_targets)
+    prompt_len = ds.prompt_lengths
+    out = {"source": args.file or f"{args.dataset}:{args.split}", "style": style,
+           "examples": len(examples), "prompt_tokens": _percentiles(prompt_len),
+           "over_max_prompt_len": int((prompt_len > args.max_prompt_len).sum()),
+           "max_prompt_len": args.max_prompt_len}
+    if ds.target is not None:
+        target_len = np.array([len(t) for t in ds.target])
+        out |= {"target_tokens_incl_eos": _percentiles(target_len),
+                "over_max_target_len": int((target_len > args.max_target_len).sum()),
+                "max_target_len": args.max_target_len,
+                "over_either": int(((prompt_len > args.max_prompt_len)
+                                    | (target_len > args.max_target_len)).sum())}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        result = stats(args)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

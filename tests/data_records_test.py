@@ -1,0 +1,119 @@
+"""Readers of GSM8K JSONL, ReFT-authors JSON and OpenAI RFT JSONL; splits."""
+import json
+
+import pytest
+
+from reftjax.data.records import (DataError, read_file, read_gsm8k_jsonl, read_openai_jsonl,
+                                  read_reft_json, strip_annotations)
+from reftjax.data.sources import SplitConfig, train_val_split
+
+GOOD = {"question": "Q?", "answer": "a = <<1+1=2>>2\n#### 2"}
+
+
+def _jsonl(tmp_path, lines, name="f.jsonl"):
+    path = tmp_path / name
+    path.write_text("\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("name,count,needs_cot", [
+    ("svamp_nl.json", 3076, True), ("svamp_python_sdp.json", 3043, True),
+    ("svamp_test_set.json", 1000, False), ("gsm8k_test_set.json", 1319, False)])
+def test_reft_files_load_with_answers(shared_data, name, count, needs_cot):
+    path = shared_data / "reft" / name
+    examples = read_reft_json(path, require_cot=needs_cot)
+    raw = json.loads(path.read_text())
+    assert len(examples) == len(raw) == count
+    for ex, r in zip(examples, raw):
+        assert ex.item_id == r["item_id"] and ex.question == r["question"].strip()
+        assert ex.answer_value == float(r["answer_value"].replace(",", ""))
+        assert ex.cot == r.get("answer_cot", "").strip()
+    assert bool(examples[0].cot) == needs_cot
+
+
+def test_reft_line_numbers_point_at_the_object(tmp_path):
+    items = [{"item_id": f"x_{i}", "question": "q", "answer_value": "1"} for i in range(3)]
+    items[2]["answer_value"] = "abc"
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(items, indent=2))
+    lines = path.read_text().splitlines()
+    brace_line = [i for i, l in enumerate(lines, 1) if l.strip() == "{"][2]
+    with pytest.raises(DataError, match=rf"r\.json:{brace_line}: gold answer 'abc' is not a number"):
+        read_reft_json(path)
+
+
+def test_gsm8k_jsonl_splits_cot_and_answer(tmp_path):
+    path = _jsonl(tmp_path, [GOOD, {"question": " Q2 ", "answer": "x\n#### 1,080"}])
+    a, b = read_gsm8k_jsonl(path, "train")
+    assert (a.cot, a.answer, a.answer_value) == ("a = <<1+1=2>>2", "2", 2.0)
+    assert (b.question, b.answer, b.answer_value, b.item_id) == ("Q2", "1080", 1080.0, "gsm8k_train_1")
+
+
+@pytest.mark.parametrize("bad,message", [
+    ('{"question": "Q", "answer": ', r"f\.jsonl:2: malformed JSON"),
+    ({"answer": "#### 1"}, r"f\.jsonl:2: missing field 'question'"),
+    ({"question": "Q", "answer": "x\n#### "}, r"f\.jsonl:2: empty answer"),
+    ({"question": "Q", "answer": "x\n#### seven"}, r"f\.jsonl:2: gold answer 'seven' is not a number"),
+    ({"question": "Q", "answer": "no final line"}, r"f\.jsonl:2: answer has no '#### N' line"),
+    ({"question": "", "answer": "#### 1"}, r"f\.jsonl:2: empty field 'question'"),
+    ('[1, 2]', r"f\.jsonl:2: expected a JSON object"),
+])
+def test_gsm8k_bad_lines_name_file_and_line(tmp_path, bad, message):
+    with pytest.raises(DataError, match=message):
+        read_gsm8k_jsonl(_jsonl(tmp_path, [GOOD, bad]))
+
+
+def test_reft_bad_records(tmp_path):
+    path = tmp_path / "r.json"
+    path.write_text('[{"item_id": "a_0", "question": "q", "answer_value": ""}]')
+    with pytest.raises(DataError, match=r"r\.json:1: empty field 'answer_value'"):
+        read_reft_json(path)
+    path.write_text('[{"item_id": "a_0", "question": "q", "answer_value": "1"}]')
+    with pytest.raises(DataError, match=r"r\.json:1: missing field 'answer_cot'"):
+        read_reft_json(path, require_cot=True)
+    path.write_text('[{"item_id": "a_0",\n "question": "q" "answer_value": "1"}]')
+    with pytest.raises(DataError, match=r"r\.json:2: malformed JSON"):
+        read_reft_json(path)
+
+
+def test_wrong_format_is_named(shared_data, tmp_path):
+    with pytest.raises(DataError, match=r"svamp_nl\.json:1: (malformed JSON|expected a JSON object)"):
+        read_file(shared_data / "reft" / "svamp_nl.json", "gsm8k-jsonl")
+    with pytest.raises(DataError, match=r"f\.jsonl:\d+: (malformed JSON|expected a JSON list)"):
+        read_file(_jsonl(tmp_path, [GOOD, GOOD]), "reft")
+    with pytest.raises(DataError, match=r"f\.jsonl:1: missing field 'messages'"):
+        read_file(_jsonl(tmp_path, [GOOD]), "openai")
+    with pytest.raises(DataError, match=r"nope\.json:0: file not found"):
+        read_file(tmp_path / "nope.json", "reft")
+
+
+def test_openai_jsonl(tmp_path):
+    line = {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "2+2?"}],
+            "reference_answer": "4", "item_id": "k"}
+    [ex] = read_openai_jsonl(_jsonl(tmp_path, [line]), answer_field="reference_answer")
+    assert ex.messages[-1]["content"] == "2+2?" and ex.fields["reference_answer"] == "4"
+    assert ex.answer_value == 4.0 and ex.item_id == "k"
+    last_assistant = dict(line, messages=line["messages"] + [{"role": "assistant", "content": "x"}])
+    with pytest.raises(DataError, match=r"f\.jsonl:2: the last message must be from the user"):
+        read_openai_jsonl(_jsonl(tmp_path, [line, last_assistant]))
+    with pytest.raises(DataError, match=r"f\.jsonl:1: gold answer 'four' is not a number"):
+        read_openai_jsonl(_jsonl(tmp_path, [dict(line, reference_answer="four")]),
+                          answer_field="reference_answer")
+
+
+def test_strip_annotations():
+    assert strip_annotations("48/2 = <<48/2=24>>24 and $<<0.2*50=10>>10.") == "48/2 = 24 and $10."
+
+
+def test_split_is_deterministic_and_disjoint(tmp_path):
+    examples = read_gsm8k_jsonl(_jsonl(tmp_path, [dict(GOOD, question=f"q{i}") for i in range(200)]))
+    train, val = train_val_split(examples, SplitConfig(0.1, seed=3))
+    again = train_val_split(examples, SplitConfig(0.1, seed=3))
+    other = train_val_split(examples, SplitConfig(0.1, seed=4))
+    assert len(val) == 20 and len(train) == 180
+    assert [e.question for e in val] == [e.question for e in again[1]]
+    assert [e.question for e in val] != [e.question for e in other[1]]
+    assert sorted(e.question for e in train + val) == sorted(e.question for e in examples)
+    assert [e.idx for e in val] == list(range(20))
+    with pytest.raises(ValueError):
+        SplitConfig(1.0)

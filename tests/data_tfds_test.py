@@ -1,0 +1,76 @@
+"""GSM8K through tensorflow-datasets (array_record, no TensorFlow), built offline."""
+import json
+import pathlib
+import sys
+
+import pytest
+
+from reftjax.data.records import DataError
+from reftjax.data.sources import cache_dir, gsm8k_local_dir, load_examples, load_gsm8k
+
+
+@pytest.fixture(scope="module")
+def built(shared_data, tmp_path_factory):
+    """The full GSM8K built once into a temporary cache dir (~3 s)."""
+    data_dir = tmp_path_factory.mktemp("tfds")
+    splits = {s: load_gsm8k(s, data_dir=data_dir, local_dir=shared_data / "gsm8k")
+              for s in ("train", "test")}
+    return data_dir, splits
+
+
+def test_tensorflow_is_not_needed(built):
+    assert "tensorflow" not in sys.modules
+
+
+@pytest.mark.parametrize("split,count", [("train", 7473), ("test", 1319)])
+def test_gsm8k_all_examples_with_answers_from_the_hash_line(built, shared_data, split, count):
+    examples = built[1][split]
+    raw = [json.loads(l) for l in (shared_data / "gsm8k" / f"{split}.jsonl").read_text().splitlines()]
+    assert len(examples) == len(raw) == count
+    for i, (ex, r) in enumerate(zip(examples, raw)):
+        final = r["answer"].splitlines()[-1]
+        assert final.startswith("#### ")
+        assert ex.answer_value == float(final[5:].replace(",", "")), i
+        assert ex.question == r["question"].strip() and ex.idx == i
+        assert "####" not in ex.cot and r["answer"].startswith(ex.cot)
+
+
+def test_second_load_reuses_the_cache(built, shared_data, tmp_path):
+    data_dir, splits = built
+    # A local dir that does not exist would fail a rebuild: the cached build must be used.
+    again = load_gsm8k("test", data_dir=data_dir, local_dir=tmp_path / "absent")
+    assert [e.question for e in again] == [e.question for e in splits["test"]]
+
+
+def test_failed_build_leaves_nothing(shared_data, tmp_path):
+    local = tmp_path / "gsm8k"
+    local.mkdir()
+    (local / "test.jsonl").write_text((shared_data / "gsm8k" / "test.jsonl").read_text())
+    lines = (shared_data / "gsm8k" / "train.jsonl").read_text().splitlines()[:50]
+    lines[41] = '{"question": "Q", "answer": "x\\n#### many"}'
+    (local / "train.jsonl").write_text("\n".join(lines) + "\n")
+    cache = tmp_path / "cache"
+    with pytest.raises(DataError, match=r"train\.jsonl:42: gold answer 'many' is not a number"):
+        load_gsm8k("train", data_dir=cache, local_dir=local)
+    leftovers = [p.name for p in (cache / "gsm8k_reft").iterdir()] if (cache / "gsm8k_reft").exists() else []
+    assert leftovers == []
+    lines[41] = lines[40]
+    (local / "train.jsonl").write_text("\n".join(lines) + "\n")
+    assert len(load_gsm8k("train", data_dir=cache, local_dir=local)) == 50
+
+
+def test_locations_from_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("REFTJAX_CACHE", str(tmp_path / "c"))
+    monkeypatch.setenv("REFTJAX_GSM8K_DIR", str(tmp_path / "g"))
+    assert cache_dir() == tmp_path / "c" and gsm8k_local_dir() == tmp_path / "g"
+    assert cache_dir(tmp_path / "x") == tmp_path / "x"
+    monkeypatch.delenv("REFTJAX_CACHE")
+    monkeypatch.delenv("REFTJAX_GSM8K_DIR")
+    assert cache_dir() == pathlib.Path.home() / ".cache/reftjax/tfds"
+    assert gsm8k_local_dir() is None or gsm8k_local_dir().name == "gsm8k"
+
+
+def test_reft_datasets_by_name(shared_data):
+    assert len(load_examples("svamp-python", local_dir=shared_data / "reft")) == 3043
+    with pytest.raises(ValueError, match="unknown dataset"):
+        load_examples("mnist")
