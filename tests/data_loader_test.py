@@ -1,0 +1,132 @@
+"""Loader: determinism, epochs, padding, save/restore, mesh placement, host slicing."""
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from reftjax.data.loader import Loader, LoaderConfig, batch_spec
+from reftjax.data.tokenize import TokenizeConfig, TokenizedDataset
+
+PAD = 0
+
+
+def _dataset(n=37, seed=0, with_targets=True):
+    """Random ragged ids; token value encodes (example, position) for easy checking."""
+    rng = np.random.default_rng(seed)
+    prompt = [np.full(rng.integers(3, 40), 1000 + i, np.int32) for i in range(n)]
+    target = [np.full(rng.integers(1, 60), 5000 + i, np.int32) for i in range(n)]
+    cfg = TokenizeConfig(max_prompt_len=40, max_target_len=60, min_bucket=16)
+    return TokenizedDataset(prompt, [np.zeros(0, np.int32)] * n, target if with_targets else None,
+                            np.arange(100, 100 + n, dtype=np.int32), PAD, cfg, {})
+
+
+def _take(loader, k):
+    return [next(loader) for _ in range(k)]
+
+
+def _same(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for key in x:
+            np.testing.assert_array_equal(np.asarray(x[key]), np.asarray(y[key]))
+
+
+@pytest.mark.parametrize("kind", ["sft", "prompt"])
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_save_restore_gives_the_same_batches(kind, drop_last):
+    ds = _dataset()
+    cfg = LoaderConfig(batch_size=8, kind=kind, seed=7, drop_last=drop_last)
+    reference = _take(Loader(ds, cfg), 12)  # crosses two epoch boundaries
+    for cut in (0, 3, 4, 5, 9):
+        first = Loader(ds, cfg)
+        _take(first, cut)
+        state = first.state()
+        assert all(type(v) is int for v in state.values())
+        resumed = Loader(ds, cfg)
+        resumed.restore(dict(state))
+        _same(_take(resumed, 12 - cut), reference[cut:])
+
+
+def test_epochs_visit_every_example_once_and_reshuffle():
+    ds = _dataset()
+    loader = Loader(ds, LoaderConfig(batch_size=8, seed=1, drop_last=False, num_epochs=2))
+    batches = list(loader)
+    assert len(batches) == 2 * 5
+    for epoch in range(2):
+        part = batches[5 * epoch:5 * epoch + 5]
+        seen = np.concatenate([b["example_idx"][b["valid"]] for b in part])
+        assert sorted(seen.tolist()) == list(range(100, 137))
+    order = [np.concatenate([b["example_idx"] for b in batches[5 * e:5 * e + 5]]) for e in range(2)]
+    assert not np.array_equal(order[0], order[1])
+    last = batches[4]
+    assert last["valid"].sum() == 37 - 32 and (last["example_idx"][~last["valid"]] == -1).all()
+    assert not last["loss_mask"][~last["valid"]].any()
+
+
+def test_drop_last_and_seed():
+    ds = _dataset()
+    a = list(Loader(ds, LoaderConfig(batch_size=8, seed=1, num_epochs=1)))
+    b = list(Loader(ds, LoaderConfig(batch_size=8, seed=2, num_epochs=1)))
+    assert len(a) == 4 and all(x["valid"].all() for x in a)
+    assert not np.array_equal(a[0]["example_idx"], b[0]["example_idx"])
+    ordered = list(Loader(ds, LoaderConfig(batch_size=8, shuffle=False, num_epochs=1)))
+    assert list(ordered[0]["example_idx"]) == list(range(100, 108))
+
+
+def test_batches_are_bucketed_and_correct():
+    ds = _dataset()
+    for batch in Loader(ds, LoaderConfig(batch_size=8, seed=3, num_epochs=3)):
+        tokens, loss, attn = batch["tokens"], batch["loss_mask"], batch["attn_mask"]
+        assert tokens.shape[1] in ds.config.seq_sizes
+        rows = batch["example_idx"] - 100
+        lengths = [len(ds.prompt[r]) + len(ds.target[r]) for r in rows]
+        assert tokens.shape[1] == min(s for s in ds.config.seq_sizes if s >= max(lengths))
+        for b, r in enumerate(rows):
+            np.testing.assert_array_equal(tokens[b][loss[b]], ds.target[r])
+            np.testing.assert_array_equal(tokens[b][attn[b] & ~loss[b]], ds.prompt[r])
+    for batch in Loader(ds, LoaderConfig(batch_size=8, kind="prompt", num_epochs=1)):
+        assert batch["prompt_tokens"].shape[1] in ds.config.prompt_sizes
+
+
+def test_restore_rejects_other_data():
+    loader = Loader(_dataset(), LoaderConfig(batch_size=8))
+    with pytest.raises(ValueError, match="num_examples"):
+        loader.restore(dict(loader.state(), num_examples=99))
+
+
+def test_mesh_placement_matches_numpy():
+    mesh = jax.make_mesh((4, 2, 1), ("data", "fsdp", "tensor"))
+    assert batch_spec(mesh) == P(("data", "fsdp"))
+    ds = _dataset()
+    cfg = LoaderConfig(batch_size=16, seed=5)
+    host = _take(Loader(ds, cfg), 3)
+    placed = _take(Loader(ds, cfg, mesh=mesh), 3)
+    _same(host, placed)
+    tokens = placed[0]["tokens"]
+    assert tokens.sharding.spec == P(("data", "fsdp"), None)
+    assert {s.data.shape for s in tokens.addressable_shards} == {(2, tokens.shape[1])}
+    assert placed[0]["example_idx"].sharding.spec == P(("data", "fsdp"))
+
+
+def test_each_host_takes_its_slice(monkeypatch):
+    ds = _dataset()
+    cfg = LoaderConfig(batch_size=8, seed=9, drop_last=False)
+    whole = _take(Loader(ds, cfg), 6)
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    parts = []
+    for pid in (0, 1):
+        monkeypatch.setattr(jax, "process_index", lambda pid=pid: pid)
+        parts.append(_take(Loader(ds, cfg), 6))
+    for w, a, b in zip(whole, *parts):
+        for key in w:
+            np.testing.assert_array_equal(np.concatenate([a[key], b[key]]), w[key])
+
+
+def test_config_checks():
+    with pytest.raises(ValueError):
+        LoaderConfig(batch_size=0)
+    with pytest.raises(ValueError):
+        LoaderConfig(batch_size=4, kind="rl")
+    with pytest.raises(ValueError, match="cannot fill"):
+        Loader(_dataset(n=3), LoaderConfig(batch_size=8))

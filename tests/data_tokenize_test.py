@@ -1,0 +1,150 @@
+"""Prompt layouts, tokenization, masks, buckets and truncation (SmolLM2 tokenizer)."""
+import json
+
+import numpy as np
+import pytest
+
+from reftjax.data.prompts import ANSWER_TRIGGER, PromptConfig, format_example
+from reftjax.data.records import DataError, Example, read_gsm8k_jsonl, read_reft_json
+from reftjax.data.tokenize import (TokenizeConfig, collate_prompts, collate_sft,
+                                   power_of_two_buckets, tokenize_examples)
+
+
+@pytest.fixture(scope="module")
+def gsm8k_train(shared_data):
+    return read_gsm8k_jsonl(shared_data / "gsm8k" / "train.jsonl", "train")
+
+
+def _check_sft_rows(tok, batch, expected):
+    """Each row decodes to prompt | target + EOS, split exactly at the loss mask."""
+    for b, (prompt, target) in enumerate(expected):
+        tokens, attn, loss = batch["tokens"][b], batch["attn_mask"][b], batch["loss_mask"][b]
+        n = attn.sum()
+        assert attn[:n].all() and not attn[n:].any()
+        first = np.argmax(loss)
+        assert loss[first:n].all() and not loss[:first].any() and not loss[n:].any()
+        assert tokens[n - 1] == tok.eos_token_id
+        assert tok.decode(tokens[:first]) == prompt
+        assert tok.decode(tokens[first:n]) == target + tok.eos_token
+        # Independent count: the target's own encoding plus one EOS.
+        assert n - first == len(tok(target, add_special_tokens=False)["input_ids"]) + 1
+
+
+def test_round_trip_100_random_gsm8k(smollm_tokenizer, gsm8k_train, shared_data):
+    tok = smollm_tokenizer
+    rng = np.random.default_rng(0)
+    picks = sorted(rng.choice(len(gsm8k_train), 100, replace=False).tolist())
+    examples = [gsm8k_train[i] for i in picks]
+    ds = tokenize_examples(examples, tok, PromptConfig("reft"), TokenizeConfig())
+    assert ds.stats["kept"] == 100 and list(ds.example_idx) == picks
+    raw = (shared_data / "gsm8k" / "train.jsonl").read_text().splitlines()
+    expected = []
+    for i in picks:  # rebuilt from the raw file, independently of the readers
+        r = json.loads(raw[i])
+        cot, final = r["answer"].split("\n#### ")
+        cot = "".join(part.split(">>")[-1] for part in cot.split("<<"))
+        expected.append((f"Question:\n{r['question'].strip()}\nAnswer reasoning:\n",
+                         f"{cot.strip()}\nTherefore, the answer is: {final.replace(',', '')}"))
+    for start in range(0, 100, 25):
+        batch = collate_sft(ds, np.arange(start, start + 25), 25)
+        assert batch["tokens"].shape[1] in ds.config.seq_sizes
+        assert list(batch["example_idx"]) == picks[start:start + 25]
+        _check_sft_rows(tok, batch, expected[start:start + 25])
+
+
+def test_prompt_batches_are_left_padded(smollm_tokenizer, gsm8k_train):
+    tok = smollm_tokenizer
+    ds = tokenize_examples(gsm8k_train[:6], tok, PromptConfig("reft"), TokenizeConfig(),
+                           with_targets=False)
+    assert ds.target is None
+    batch = collate_prompts(ds, np.arange(6), 8)
+    assert batch["prompt_tokens"].shape == (8, 128)
+    assert list(batch["valid"]) == [True] * 6 + [False] * 2
+    assert list(batch["example_idx"]) == [0, 1, 2, 3, 4, 5, -1, -1]
+    for b in range(6):
+        mask = batch["prompt_mask"][b]
+        n = mask.sum()
+        assert mask[-n:].all() and not mask[:-n].any()
+        assert (batch["prompt_tokens"][b, :-n] == tok.pad_token_id).all()
+        text = f"Question:\n{gsm8k_train[b].question}\nAnswer reasoning:\n"
+        assert tok.decode(batch["prompt_tokens"][b, -n:]) == text
+
+
+def test_pcot_layout(smollm_tokenizer, shared_data):
+    tok = smollm_tokenizer
+    examples = read_reft_json(shared_data / "reft" / "svamp_python_sdp.json", require_cot=True)[:40]
+    cfg = PromptConfig("reft-python")
+    f = format_example(examples[0], cfg)
+    assert f.response_prefix == f'def solution():\n    """{examples[0].question}"""'
+    assert f.target == examples[0].cot and f.target.startswith(f.response_prefix)
+    ds = tokenize_examples(examples, tok, cfg, TokenizeConfig())
+    # RL prompt = SFT prompt tokens + prefix tokens, and the prefix tokens begin the SFT target.
+    agree = sum(np.array_equal(ds.target[i][:len(ds.prefix[i])], ds.prefix[i])
+                for i in range(len(ds)))
+    assert agree >= 38
+    batch = collate_prompts(ds, np.arange(4), 4)
+    n = batch["prompt_mask"][0].sum()
+    assert tok.decode(batch["prompt_tokens"][0, -n:]) == f"Question:\n{examples[0].question}\n" \
+        f"Answer reasoning:\n{f.response_prefix}"
+    _check_sft_rows(tok, collate_sft(ds, np.arange(3), 3),
+                    [(f"Question:\n{e.question}\nAnswer reasoning:\n", e.cot) for e in examples[:3]])
+
+
+def test_chat_layout(smollm_tokenizer, gsm8k_train):
+    tok = smollm_tokenizer
+    cfg = PromptConfig("chat")
+    ex = gsm8k_train[0]
+    f = format_example(ex, cfg, tok)
+    assert f.prompt == tok.apply_chat_template([{"role": "user", "content": ex.question}],
+                                               add_generation_prompt=True, tokenize=False)
+    assert f.prompt.endswith("<|im_start|>assistant\n")
+    assert f.target.endswith(f"{ANSWER_TRIGGER}72") and "<<" not in f.target
+    ds = tokenize_examples([ex], tok, cfg, TokenizeConfig())
+    _check_sft_rows(tok, collate_sft(ds, np.arange(1), 1), [(f.prompt, f.target)])
+    with pytest.raises(ValueError, match="chat"):
+        format_example(Example(0, "x", "q", messages=({"role": "user", "content": "q"},)),
+                       PromptConfig("reft"))
+
+
+def test_keep_annotations(gsm8k_train):
+    f = format_example(gsm8k_train[0], PromptConfig("reft", strip_annotations=False))
+    assert "<<48/2=24>>" in f.target
+
+
+def test_truncation_policies(smollm_tokenizer, gsm8k_train):
+    tok, examples = smollm_tokenizer, gsm8k_train[:50]
+    full = tokenize_examples(examples, tok, PromptConfig(), TokenizeConfig())
+    p_len = full.prompt_lengths
+    t_len = np.array([len(t) for t in full.target])
+    limits = dict(max_prompt_len=int(np.median(p_len)), max_target_len=int(np.median(t_len)),
+                  min_bucket=16)
+    over = (p_len > limits["max_prompt_len"]) | (t_len > limits["max_target_len"])
+    dropped = tokenize_examples(examples, tok, PromptConfig(), TokenizeConfig(**limits))
+    assert dropped.stats["dropped"] == over.sum() and len(dropped) == (~over).sum()
+    assert list(dropped.example_idx) == np.flatnonzero(~over).tolist()
+    cut = tokenize_examples(examples, tok, PromptConfig(),
+                            TokenizeConfig(**limits, truncation="truncate"))
+    assert len(cut) == 50 and cut.stats["prompt_truncated"] == (p_len > limits["max_prompt_len"]).sum()
+    assert cut.stats["target_truncated"] == (t_len > limits["max_target_len"]).sum()
+    i = int(np.argmax(p_len))
+    assert np.array_equal(cut.prompt[i], full.prompt[i][-limits["max_prompt_len"]:])
+    batch = collate_sft(cut, np.arange(50), 50)
+    assert batch["tokens"].shape[1] == limits["max_prompt_len"] + limits["max_target_len"]
+    with pytest.raises(DataError, match=r"gsm8k_train_\d+: prompt \d+ / target \d+ tokens exceed"):
+        tokenize_examples(examples, tok, PromptConfig(), TokenizeConfig(**limits, truncation="error"))
+
+
+def test_sft_needs_targets(smollm_tokenizer):
+    with pytest.raises(DataError, match="no reference CoT"):
+        tokenize_examples([Example(0, "t_0", "q", answer="1", answer_value=1.0)],
+                          smollm_tokenizer, PromptConfig(), TokenizeConfig())
+
+
+def test_bucket_config():
+    assert power_of_two_buckets(300, 64) == (64, 128, 256, 300)
+    assert TokenizeConfig().seq_sizes == (64, 128, 256, 512, 700)
+    assert TokenizeConfig(prompt_buckets=(100, 300)).prompt_sizes == (100, 300)
+    with pytest.raises(ValueError, match="reach 300"):
+        TokenizeConfig(prompt_buckets=(64, 128))
+    with pytest.raises(ValueError, match="truncation"):
+        TokenizeConfig(truncation="maybe")
