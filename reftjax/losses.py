@@ -1,8 +1,9 @@
 """RL and SFT math of reftjax: pure JAX functions over arrays.
 
 Every function here is jit-friendly (static shapes, no host sync, no Python loop
-over tokens) and computes in float32 whatever the input dtype (bf16 logits are
-upcast inside the reductions).
+over tokens) and computes in at least float32 whatever the input dtype (bf16
+logits are upcast inside the reductions; float64 stays float64 when x64 is on,
+which the gradient checks use).
 
 Conventions (shape letters: B batch rows, T completion tokens, V vocabulary,
 G group size):
@@ -17,9 +18,12 @@ G group size):
       mask    1  1  1  1   0   0          1  1  1  1  1  1
       score             ^ here                           ^ here
 
-* Masks may be bool or 0/1 numbers; any nonzero entry counts. Entries outside
-  the mask may hold anything (even inf/NaN): they are selected away with
-  ``jnp.where`` rather than multiplied by 0.
+* Masks may be bool or 0/1 numbers; any nonzero entry counts. Per-token inputs
+  outside the mask may hold anything (even inf/NaN, e.g. ``-inf`` log-probs of
+  padding): they are replaced with ``jnp.where`` before any arithmetic rather
+  than multiplied by 0, so losses *and gradients* stay finite. Logits passed to
+  ``token_logprobs``/``sft_loss``/``token_entropy`` must be finite everywhere
+  (a model's output is; sanitising them would cost a V-sized pass).
 * Reductions without an axis are over the whole array. Inside ``jax.jit`` with
   arrays sharded over devices (``NamedSharding`` on the batch axis) such a
   reduction is global: XLA inserts the cross-device all-reduce. So whitening
@@ -48,11 +52,19 @@ LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean")
 
 
 def _f32(x) -> Array:
-    return jnp.asarray(x).astype(jnp.float32)
+    """Upcasts to at least float32 (bf16/f16/int/bool -> f32; f64 stays f64 under x64)."""
+    x = jnp.asarray(x)
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
 def _keep(mask) -> Array:
     return jnp.asarray(mask).astype(bool)
+
+
+def _select(mask, *xs):
+    """Each ``x`` upcast, with entries outside ``mask`` replaced by 0."""
+    keep = _keep(mask)
+    return tuple(jnp.where(keep, _f32(x), 0.0) for x in xs)
 
 
 def masked_sum(x, mask, axis=None) -> Array:
@@ -250,9 +262,10 @@ def ppo_policy_loss(
       ``approx_kl`` (k3 estimate of KL(old || new): ``rho - 1 - log rho``),
       ``ratio_mean``.
     """
-    log_ratio = _f32(logp_BxT) - jax.lax.stop_gradient(_f32(logp_old_BxT))
+    logp, logp_old, adv = _select(mask_BxT, logp_BxT, logp_old_BxT, adv_BxT)
+    log_ratio = logp - jax.lax.stop_gradient(logp_old)
     ratio = jnp.exp(log_ratio)
-    adv = jax.lax.stop_gradient(_f32(adv_BxT))
+    adv = jax.lax.stop_gradient(adv)
     pg1 = -adv * ratio
     pg2 = -adv * jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
     loss = aggregate_loss(jnp.maximum(pg1, pg2), mask_BxT, loss_agg)
@@ -288,9 +301,8 @@ def ppo_value_loss(
       ``(loss, metrics)`` with ``vf_clipfrac``: share of valid tokens where the
       clipped error is the larger one.
     """
-    v = _f32(values_BxT)
-    v_old = jax.lax.stop_gradient(_f32(old_values_BxT))
-    ret = jax.lax.stop_gradient(_f32(returns_BxT))
+    v, v_old, ret = _select(mask_BxT, values_BxT, old_values_BxT, returns_BxT)
+    v_old, ret = jax.lax.stop_gradient(v_old), jax.lax.stop_gradient(ret)
     v_clip = jnp.clip(v, v_old - clip_range_value, v_old + clip_range_value)
     err1, err2 = jnp.square(v - ret), jnp.square(v_clip - ret)
     loss = 0.5 * aggregate_loss(jnp.maximum(err1, err2), mask_BxT, loss_agg)
@@ -401,12 +413,14 @@ def grpo_loss(
       ``(loss, metrics)`` with masked means ``kl`` (k3), ``clipfrac`` and
       ``ratio_mean``.
     """
-    logp = _f32(logp_BxT)
-    ratio = jnp.exp(logp - jax.lax.stop_gradient(_f32(logp_old_BxT)))
-    adv = jax.lax.stop_gradient(_f32(adv_B))[:, None]
+    adv_BxT = jnp.broadcast_to(_f32(adv_B)[:, None], jnp.shape(mask_BxT))
+    logp, logp_old, logp_ref, adv = _select(
+        mask_BxT, logp_BxT, logp_old_BxT, logp_ref_BxT, adv_BxT)
+    ratio = jnp.exp(logp - jax.lax.stop_gradient(logp_old))
+    adv = jax.lax.stop_gradient(adv)
     surr1 = ratio * adv
     surr2 = jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * adv
-    ref_minus_logp = jax.lax.stop_gradient(_f32(logp_ref_BxT)) - logp
+    ref_minus_logp = jax.lax.stop_gradient(logp_ref) - logp
     k3 = jnp.exp(ref_minus_logp) - ref_minus_logp - 1.0
     loss = aggregate_loss(-jnp.minimum(surr1, surr2) + kl_coef * k3, mask_BxT, loss_agg)
     metrics = {

@@ -1,0 +1,516 @@
+"""Tests for reftjax.losses against independent NumPy references.
+
+References are written here from the formulas (explicit Python loops over rows
+and time steps, float64), not by calling the module. Tolerances: float32 JAX vs
+float64 NumPy at rtol 1e-5 / atol 1e-5 unless stated; gradient checks run in
+float64 under ``jax.enable_x64(True)`` (the context manager that replaced
+``jax.experimental.enable_x64``).
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.test_util import check_grads
+
+from reftjax import losses as L
+
+RTOL = ATOL = 1e-5
+
+
+@functools.cache
+def _jitted(fn, static_items):
+    return jax.jit(functools.partial(fn, **dict(static_items)))
+
+
+class _Jit:
+    """``J.fn(*arrays, **static)`` calls ``losses.fn`` under ``jax.jit``.
+
+    Keyword arguments are static (strings, ints, flags); positional ones are
+    traced. Every value test thus also checks jit-compatibility, and one jit
+    compile per function is much cheaper on CPU than eager op-by-op dispatch.
+    """
+
+    def __getattr__(self, name):
+        fn = getattr(L, name)
+        return lambda *args, **static: _jitted(fn, tuple(sorted(static.items())))(*args)
+
+
+J = _Jit()
+
+
+def close(actual, expected, rtol=RTOL, atol=ATOL):
+    np.testing.assert_allclose(np.asarray(actual, np.float64), expected, rtol=rtol, atol=atol)
+
+
+def ragged_mask(rng, B, T, empty_row=True):
+    """Right-padded 0/1 masks of random lengths; one full row, one empty row."""
+    lengths = rng.integers(1, T + 1, size=B)
+    lengths[0] = T  # a completion that hit the length limit (no EOS)
+    if empty_row:
+        lengths[-1] = 0
+    return (np.arange(T)[None, :] < lengths[:, None]).astype(np.float32)
+
+
+def rand(rng, *shape, scale=1.0):
+    return (scale * rng.standard_normal(shape)).astype(np.float32)
+
+
+# ---------------------------------------------------------------- references
+
+
+def np_masked_mean(x, m):
+    return x[m > 0].astype(np.float64).mean()
+
+
+def np_masked_var(x, m):
+    return x[m > 0].astype(np.float64).var(ddof=1)
+
+
+def np_kl_rewards(scores, old, ref, m, beta):
+    B, T = m.shape
+    kl = np.zeros((B, T))
+    rew = np.zeros((B, T))
+    for b in range(B):
+        valid = [t for t in range(T) if m[b, t] > 0]
+        for t in valid:
+            kl[b, t] = float(old[b, t]) - float(ref[b, t])
+            rew[b, t] = -beta * kl[b, t]
+        if valid:
+            rew[b, valid[-1]] += scores[b]
+    return rew, kl
+
+
+def np_gae(rew, val, m, gamma, lam):
+    B, T = m.shape
+    adv = np.zeros((B, T))
+    for b in range(B):
+        v = [float(val[b, t]) if m[b, t] else 0.0 for t in range(T)] + [0.0]
+        r = [float(rew[b, t]) if m[b, t] else 0.0 for t in range(T)]
+        running = 0.0
+        for t in reversed(range(T)):
+            running = r[t] + gamma * v[t + 1] - v[t] + gamma * lam * running
+            adv[b, t] = running if m[b, t] else 0.0
+    ret = np.where(m > 0, adv + np.where(m > 0, val, 0.0), 0.0)
+    return adv, ret
+
+
+def reft_authors_layout(scores, old_lp, ref_lp, val, P_len, eos_at, L_len, beta, gamma, lam):
+    """The ReFT authors' ``rollout`` indexing on full prompt+completion rows.
+
+    Arrays are over full sequences of length ``L_len``; ``*_lp`` have
+    ``L_len - 1`` entries (logits at p predict token p+1). ``eos_at[b]`` is the
+    EOS position in the full row or None. Returns (rew, adv, ret) in the
+    full-row layout, transcribed from mwp_ReFT ``train_rl_reft.py``.
+    """
+    B = len(scores)
+    mask = np.zeros((B, L_len))
+    mask[:, P_len - 1:-1] = 1
+    score_rew = np.zeros((B, L_len))
+    score_rew[:, -2] = scores
+    for b, tidx in enumerate(eos_at):
+        if tidx is not None:
+            mask[b, tidx:] = 0
+            score_rew[b, tidx:] = 0
+            score_rew[b, tidx - 1] = scores[b]
+    kl_rew = np.zeros((B, L_len))
+    kl_rew[:, :-1] = -(old_lp - ref_lp) * mask[:, :-1]
+    rew = score_rew + beta * kl_rew
+    val = val * mask
+    adv = np.zeros_like(rew)
+    for i in range(B):
+        delta = -val[i, :-1] + rew[i, :-1] + gamma * val[i, 1:]
+        cur = np.zeros_like(delta)
+        running = 0.0
+        for t in reversed(range(len(delta))):
+            running = delta[t] + gamma * lam * running
+            cur[t] = running
+        cur[:P_len - 1] = 0
+        adv[i, :-1] = cur
+    ret = adv + val
+    return rew * mask, adv * mask, ret * mask, mask
+
+
+def np_aggregate(per_tok, m, loss_agg):
+    if loss_agg == "token-mean":
+        return per_tok[m > 0].sum() / (m > 0).sum()
+    rows = [per_tok[b][m[b] > 0].sum() / max((m[b] > 0).sum(), 1) for b in range(len(m))]
+    return float(np.mean(rows))
+
+
+def np_log_softmax(z):
+    z = z.astype(np.float64)
+    z = z - z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+# ---------------------------------------------------------------- masked stats
+
+
+def test_masked_mean_var_whiten_match_numpy():
+    rng = np.random.default_rng(0)
+    x, m = rand(rng, 6, 9, scale=3.0) + 2.0, ragged_mask(rng, 6, 9)
+    close(J.masked_mean(x, m), np_masked_mean(x, m))
+    close(J.masked_var(x, m), np_masked_var(x, m))
+    vals = x[m > 0].astype(np.float64)
+    close(J.masked_var(x, m, unbiased=False), vals.var())
+    row_means = [x[b][m[b] > 0].mean() if m[b].any() else 0.0 for b in range(6)]
+    close(J.masked_mean(x, m, axis=1), row_means)
+    expected = np.where(m > 0, (x - vals.mean()) / np.sqrt(vals.var(ddof=1) + 1e-8), 0.0)
+    w = J.masked_whiten(x, m)
+    close(w, expected, rtol=1e-4, atol=1e-5)
+    close(J.masked_whiten(x, m, shift_mean=False), np.where(m > 0, expected + vals.mean(), 0.0),
+          rtol=1e-4, atol=1e-5)
+    assert abs(float(J.masked_mean(w, m))) < 1e-5
+    close(J.masked_var(w, m), 1.0, rtol=1e-4)
+
+
+def test_masked_stats_ignore_garbage_and_empty_mask():
+    x = jnp.array([[1.0, 3.0, jnp.inf], [jnp.nan, 0.0, 0.0]])
+    m = jnp.array([[1, 1, 0], [0, 0, 0]])
+    assert float(J.masked_mean(x, m)) == 2.0
+    close(J.masked_mean(x, m, axis=1), [2.0, 0.0])  # empty row -> 0, not NaN
+    assert float(J.masked_mean(x, jnp.zeros_like(m))) == 0.0
+    assert float(J.masked_var(jnp.ones(3), jnp.array([0, 1, 0]))) == 0.0
+
+
+def test_whitening_is_global_over_sharded_batch():
+    """Inside jit with the batch sharded over 8 devices the stats are global."""
+    devices = np.array(jax.devices()[:8])
+    if devices.size < 8:
+        pytest.skip("needs 8 (fake CPU) devices")
+    mesh = jax.sharding.Mesh(devices, ("data",))
+    rng = np.random.default_rng(1)
+    # Each shard gets its own offset so per-shard whitening would differ.
+    x = rand(rng, 16, 5) + np.repeat(np.arange(8.0), 2)[:, None].astype(np.float32)
+    m = ragged_mask(rng, 16, 5, empty_row=False)
+    spec = NamedSharding(mesh, P("data", None))
+    xs, ms = jax.device_put(x, spec), jax.device_put(m, spec)
+    w = jax.jit(L.masked_whiten)(xs, ms)
+    vals = x[m > 0].astype(np.float64)
+    expected = np.where(m > 0, (x - vals.mean()) / np.sqrt(vals.var(ddof=1) + 1e-8), 0.0)
+    close(w, expected, rtol=1e-4, atol=1e-5)
+    local = np.asarray(J.masked_whiten(x[:2], m[:2]))
+    assert not np.allclose(local, expected[:2], atol=1e-2)
+
+
+# ---------------------------------------------------------------- rewards, GAE
+
+
+def test_kl_shaped_rewards_match_reference():
+    rng = np.random.default_rng(2)
+    B, T = 7, 11
+    m = ragged_mask(rng, B, T)
+    scores = rng.choice([0.0, 0.1, 1.0], size=B).astype(np.float32)
+    old, ref = rand(rng, B, T), rand(rng, B, T)
+    rew, kl = J.kl_shaped_rewards(scores, old, ref, m, 0.05)
+    exp_rew, exp_kl = np_kl_rewards(scores, old, ref, m, 0.05)
+    close(rew, exp_rew)
+    close(kl, exp_kl)
+    assert not np.any(np.asarray(rew)[-1])  # empty row: no score, no KL
+    assert np.asarray(rew)[0, -1] == pytest.approx(scores[0] - 0.05 * (old[0, -1] - ref[0, -1]),
+                                                     rel=1e-5)  # no EOS: last token
+
+
+def test_gae_matches_loop_reference():
+    rng = np.random.default_rng(3)
+    B, T = 6, 13
+    m = ragged_mask(rng, B, T)
+    rew, val = rand(rng, B, T), rand(rng, B, T)
+    for gamma, lam in [(1.0, 0.95), (0.9, 0.8), (1.0, 1.0)]:
+        adv, ret = J.gae(rew, val, m, gamma=gamma, lam=lam)
+        exp_adv, exp_ret = np_gae(rew, val, m, gamma, lam)
+        close(adv, exp_adv)
+        close(ret, exp_ret)
+    assert not np.any(np.asarray(adv)[-1]) and not np.any(np.asarray(ret)[-1])
+    # lambda = 1, gamma = 1: advantage = reward-to-go minus value.
+    rtg = np.cumsum((rew * m)[:, ::-1], axis=1)[:, ::-1]
+    close(adv, np.where(m > 0, rtg - val, 0.0))
+
+
+def test_rewards_and_gae_match_reft_authors_full_row_layout():
+    """Completion-aligned arrays reproduce the authors' full-row indexing."""
+    rng = np.random.default_rng(4)
+    B, P_len, L_len = 5, 4, 14
+    eos_at = [None, 6, 9, P_len, 13]  # no EOS; mid; EOS first token; EOS last token
+    scores = np.array([1.0, 0.1, 0.0, 1.0, 0.1])
+    old_lp, ref_lp = rng.standard_normal((B, L_len - 1)), rng.standard_normal((B, L_len - 1))
+    val = rng.standard_normal((B, L_len))
+    beta, gamma, lam = 0.05, 1.0, 0.95
+    rew_full, adv_full, ret_full, mask_full = reft_authors_layout(
+        scores, old_lp, ref_lp, val, P_len, eos_at, L_len, beta, gamma, lam)
+    # Completion token t sits at full position P_len + t, predicted at P_len - 1 + t.
+    sl = slice(P_len - 1, L_len - 1)
+    m = mask_full[:, sl]
+    tokens_are_eos = np.zeros_like(m)
+    for b, tidx in enumerate(eos_at):
+        if tidx is not None:
+            tokens_are_eos[b, tidx - P_len] = 1
+    # Mask convention: 1 up to and including EOS.
+    for b in range(B):
+        ones = np.nonzero(m[b])[0]
+        assert ones[0] == 0 and (eos_at[b] is None or tokens_are_eos[b, ones[-1]])
+    f32 = lambda a: a.astype(np.float32)  # noqa: E731
+    rew, _ = J.kl_shaped_rewards(f32(scores), f32(old_lp[:, sl]), f32(ref_lp[:, sl]), m, beta)
+    adv, ret = J.gae(rew, f32(val[:, sl]), m, gamma=gamma, lam=lam)
+    close(rew, rew_full[:, sl])
+    close(adv, adv_full[:, sl], atol=1e-5)
+    close(ret, ret_full[:, sl], atol=1e-5)
+
+
+# ---------------------------------------------------------------- PPO losses
+
+
+def np_ppo_policy(logp, old, adv, m, eps, loss_agg):
+    B, T = m.shape
+    per = np.zeros((B, T))
+    clipped = []
+    for b in range(B):
+        for t in range(T):
+            rho = np.exp(float(logp[b, t]) - float(old[b, t]))
+            a = float(adv[b, t])
+            u, c = -a * rho, -a * min(max(rho, 1 - eps), 1 + eps)
+            per[b, t] = max(u, c)
+            if m[b, t]:
+                clipped.append(c > u)
+    return np_aggregate(per, m, loss_agg), np.mean(clipped)
+
+
+@pytest.mark.parametrize("loss_agg", ["seq-mean-token-mean", "token-mean"])
+def test_ppo_policy_loss_matches_reference(loss_agg):
+    rng = np.random.default_rng(5)
+    B, T = 6, 10
+    m = ragged_mask(rng, B, T)
+    logp, old = rand(rng, B, T, scale=0.3) - 1.0, rand(rng, B, T, scale=0.3) - 1.0
+    adv = rand(rng, B, T)
+    loss, met = J.ppo_policy_loss(logp, old, adv, m, clip_eps=0.2, loss_agg=loss_agg)
+    exp_loss, exp_clip = np_ppo_policy(logp, old, adv, m, 0.2, loss_agg)
+    close(loss, exp_loss)
+    close(met["clipfrac"], exp_clip)
+    assert 0.0 < exp_clip < 1.0
+    lr = (logp - old).astype(np.float64)
+    close(met["approx_kl"], np_masked_mean(np.exp(lr) - 1 - lr, m))
+    close(met["ratio_mean"], np_masked_mean(np.exp(lr), m))
+
+
+def test_ppo_policy_loss_clip_boundaries_and_gradient():
+    """Ratio 1.3 with clip 0.2: clipped for A > 0 (no grad), not for A < 0."""
+    logp = jnp.log(jnp.array([[1.3, 1.3, 1.1, 0.7, 1.0]]))
+    old = jnp.zeros((1, 5))
+    adv = jnp.array([[1.0, -1.0, 1.0, -1.0, 2.0]])
+    m = jnp.array([[1, 1, 1, 1, 0]])
+    f = lambda lp: J.ppo_policy_loss(lp, old, adv, m, 0.2, loss_agg="token-mean")  # noqa: E731
+    (loss, met), grad = jax.value_and_grad(f, has_aux=True)(logp)
+    # Per token: -1.2 (clipped), +1.3, -1.1, +0.8 (clipped: max(0.7, 0.8)), padding ignored.
+    close(loss, (-1.2 + 1.3 - 1.1 + 0.8) / 4)
+    close(met["clipfrac"], 0.5)
+    g = np.asarray(grad)[0]
+    assert g[0] == 0 and g[3] == 0 and g[4] == 0
+    close(g[1:3], [1.3 / 4, -1.1 / 4])  # d(-A rho)/dlogp = -A rho, over 4 tokens
+
+
+def np_value_loss(v, v_old, ret, m, c, loss_agg):
+    B, T = m.shape
+    per = np.zeros((B, T))
+    clipped = []
+    for b in range(B):
+        for t in range(T):
+            vc = min(max(float(v[b, t]), float(v_old[b, t]) - c), float(v_old[b, t]) + c)
+            e1, e2 = (float(v[b, t]) - float(ret[b, t])) ** 2, (vc - float(ret[b, t])) ** 2
+            per[b, t] = max(e1, e2)
+            if m[b, t]:
+                clipped.append(e2 > e1)
+    return 0.5 * np_aggregate(per, m, loss_agg), np.mean(clipped)
+
+
+@pytest.mark.parametrize("loss_agg", ["seq-mean-token-mean", "token-mean"])
+def test_ppo_value_loss_matches_reference(loss_agg):
+    rng = np.random.default_rng(6)
+    B, T = 5, 9
+    m = ragged_mask(rng, B, T)
+    v_old, ret = rand(rng, B, T), rand(rng, B, T)
+    v = v_old + rand(rng, B, T, scale=0.4)
+    loss, met = J.ppo_value_loss(v, v_old, ret, m, 0.2, loss_agg=loss_agg)
+    exp_loss, exp_clip = np_value_loss(v, v_old, ret, m, 0.2, loss_agg)
+    close(loss, exp_loss)
+    close(met["vf_clipfrac"], exp_clip)
+    assert 0.0 < exp_clip < 1.0
+
+
+def test_explained_variance():
+    rng = np.random.default_rng(7)
+    m = ragged_mask(rng, 4, 8)
+    ret, v = rand(rng, 4, 8), rand(rng, 4, 8, scale=0.5)
+    exp = 1 - np_masked_var(ret - v, m) / (np_masked_var(ret, m) + 1e-8)
+    close(J.explained_variance(v, ret, m), exp)
+    close(J.explained_variance(ret, ret, m), 1.0)
+    close(J.explained_variance(ret + 5.0 * rand(rng, 4, 8), ret, m), -1.0)  # truncated
+
+
+# ---------------------------------------------------------------- logits
+
+
+def test_token_logprobs_entropy_and_sft_loss():
+    rng = np.random.default_rng(8)
+    B, T, V = 3, 7, 50
+    logits = rand(rng, B, T, V, scale=3.0)
+    targets = rng.integers(0, V, size=(B, T))
+    targets[0, :3] = logits[0, :3].argmax(-1)  # guarantee some correct predictions
+    m = ragged_mask(rng, B, T)
+    ls = np_log_softmax(logits)
+    exp_lp = np.take_along_axis(ls, targets[..., None], -1)[..., 0]
+    close(J.token_logprobs(logits, targets), exp_lp)
+    ent = -(np.exp(ls) * ls).sum(-1)
+    close(J.token_entropy(logits), ent, rtol=1e-5, atol=1e-5)
+    close(J.entropy_from_logits(logits, m), np_masked_mean(ent, m))
+    loss, met = J.sft_loss(logits, targets, m)
+    close(loss, np_masked_mean(-exp_lp, m))
+    acc = np_masked_mean((logits.argmax(-1) == targets).astype(np.float64), m)
+    assert 0 < acc < 1
+    close(met["token_accuracy"], acc)
+    assert float(met["n_tokens"]) == m.sum()
+
+
+def test_logprobs_stable_and_float32_for_bf16_and_huge_logits():
+    rng = np.random.default_rng(9)
+    logits = jnp.asarray(rand(rng, 2, 4, 16, scale=5.0), jnp.bfloat16)
+    targets = jnp.asarray(rng.integers(0, 16, size=(2, 4)))
+    lp = J.token_logprobs(logits, targets)
+    assert lp.dtype == jnp.float32
+    exp_lp = np.take_along_axis(np_log_softmax(np.asarray(logits, np.float32)),
+                                np.asarray(targets)[..., None], -1)[..., 0]
+    close(lp, exp_lp)
+    assert J.token_entropy(logits).dtype == jnp.float32
+    huge = jnp.array([[[1e4, 0.0, -1e4]]], jnp.float32)
+    close(J.token_logprobs(huge, jnp.array([[1]])), [[-1e4]], rtol=1e-6)
+    close(J.token_entropy(huge), [[0.0]])
+
+
+# ---------------------------------------------------------------- GRPO
+
+
+def test_grpo_and_rloo_advantages():
+    rng = np.random.default_rng(10)
+    G = 4
+    scores = rng.choice([0.0, 0.1, 1.0], size=12).astype(np.float32)
+    scores[8:] = 1.0  # a group with identical scores: zero advantage, no NaN
+    exp, exp_unscaled, exp_rloo = [], [], []
+    for g in range(3):
+        r = scores[g * G:(g + 1) * G].astype(np.float64)
+        for i in range(G):
+            exp.append((r[i] - r.mean()) / (r.std(ddof=1) + 1e-4))
+            exp_unscaled.append(r[i] - r.mean())
+            exp_rloo.append(r[i] - np.mean([r[j] for j in range(G) if j != i]))
+    close(J.grpo_advantages(scores, group_size=G), exp, rtol=1e-5, atol=1e-4)
+    close(J.grpo_advantages(scores, group_size=G, scale_by_std=False), exp_unscaled)
+    close(J.rloo_advantages(scores, group_size=G), exp_rloo)
+    assert not np.any(np.asarray(J.grpo_advantages(scores, group_size=G))[8:])
+    with pytest.raises(ValueError, match="multiple of group_size"):
+        J.grpo_advantages(scores, group_size=5)
+    with pytest.raises(ValueError, match=">= 2"):
+        J.rloo_advantages(scores, group_size=1)
+
+
+def np_grpo(logp, old, ref, adv, m, eps, beta, loss_agg):
+    B, T = m.shape
+    per = np.zeros((B, T))
+    kls = []
+    for b in range(B):
+        for t in range(T):
+            lp = float(logp[b, t])
+            rho = np.exp(lp - float(old[b, t]))
+            a = float(adv[b])
+            d = float(ref[b, t]) - lp
+            k3 = np.exp(d) - d - 1
+            per[b, t] = -min(rho * a, min(max(rho, 1 - eps), 1 + eps) * a) + beta * k3
+            if m[b, t]:
+                kls.append(k3)
+    return np_aggregate(per, m, loss_agg), np.mean(kls)
+
+
+@pytest.mark.parametrize("loss_agg", ["seq-mean-token-mean", "token-mean"])
+def test_grpo_loss_matches_reference(loss_agg):
+    rng = np.random.default_rng(11)
+    B, T = 8, 9
+    m = ragged_mask(rng, B, T)
+    logp = rand(rng, B, T, scale=0.3) - 1.0
+    old = logp + rand(rng, B, T, scale=0.3)
+    ref = logp + rand(rng, B, T, scale=0.5)
+    adv = J.grpo_advantages(rng.random(B).astype(np.float32), group_size=4)
+    loss, met = J.grpo_loss(logp, old, ref, adv, m, 0.2, 0.04, loss_agg=loss_agg)
+    exp_loss, exp_kl = np_grpo(logp, old, ref, np.asarray(adv), m, 0.2, 0.04, loss_agg)
+    close(loss, exp_loss)
+    close(met["kl"], exp_kl)
+    assert exp_kl > 0
+    with pytest.raises(ValueError, match="loss_agg"):
+        J.grpo_loss(logp, old, ref, adv, m, loss_agg="sum")
+
+
+# ---------------------------------------------------------------- gradients, jit, edges
+
+
+def test_gradients_match_finite_differences_in_float64():
+    rng = np.random.default_rng(12)
+    B, T, V = 3, 5, 7
+    m = ragged_mask(rng, B, T)
+    with jax.enable_x64(True):
+        f64 = lambda *s, scale=1.0: jnp.asarray(rng.standard_normal(s) * scale)  # noqa: E731
+        old, adv, ref = f64(B, T, scale=0.3) - 1.0, f64(B, T), f64(B, T, scale=0.3) - 1.0
+        v_old, ret = f64(B, T), f64(B, T)
+        adv_B = f64(B)
+        targets = jnp.asarray(rng.integers(0, V, size=(B, T)))
+        kw = dict(order=1, modes=["rev"], eps=1e-6, atol=1e-6, rtol=1e-6)
+        check_grads(lambda lp: J.ppo_policy_loss(lp, old, adv, m)[0],
+                    (old + f64(B, T, scale=0.1),), **kw)
+        check_grads(lambda v: J.ppo_value_loss(v, v_old, ret, m)[0],
+                    (v_old + f64(B, T, scale=0.3),), **kw)
+        check_grads(lambda lp: J.grpo_loss(lp, old, ref, adv_B, m, kl_coef=0.1)[0],
+                    (old + f64(B, T, scale=0.1),), **kw)
+        check_grads(lambda z: J.sft_loss(z, targets, m)[0], (f64(B, T, V),), **kw)
+        assert J.sft_loss(f64(B, T, V), targets, m)[0].dtype == jnp.float64
+
+
+def test_jitted_functions_do_not_recompile_on_new_data():
+    """Same shapes, new values, new traced kl_coef: no new compile."""
+    B, T, V = 4, 6, 11
+    m = ragged_mask(np.random.default_rng(13), B, T)
+    fns = (L.kl_shaped_rewards, L.gae, L.ppo_policy_loss, L.grpo_loss, L.sft_loss)
+    sizes = []
+    for seed in (0, 1):
+        rng = np.random.default_rng(seed)
+        a, b, c = rand(rng, B, T), rand(rng, B, T), rand(rng, B, T)
+        scores, logits = rand(rng, B), rand(rng, B, T, V)
+        targets = rng.integers(0, V, size=(B, T))
+        J.kl_shaped_rewards(scores, a, b, m, np.float32(0.05 + seed))
+        J.gae(a, b, m)
+        J.ppo_policy_loss(a, b, c, m)
+        J.grpo_loss(a, b, c, scores, m)
+        J.sft_loss(logits, targets, m)
+        sizes.append([_jitted(fn, ())._cache_size() for fn in fns])
+    assert sizes[0] == sizes[1]
+
+
+def test_empty_rows_and_garbage_padding_give_finite_losses_and_grads():
+    rng = np.random.default_rng(14)
+    B, T = 3, 5
+    m = ragged_mask(rng, B, T)  # last row empty
+    pad = m == 0
+    logp = rand(rng, B, T, scale=0.2) - 1.0
+    old = np.where(pad, -np.inf, logp + rand(rng, B, T, scale=0.2)).astype(np.float32)
+    ref = np.where(pad, np.nan, logp).astype(np.float32)
+    adv = np.where(pad, np.nan, rand(rng, B, T)).astype(np.float32)
+    for agg in L.LOSS_AGGREGATIONS:
+        grads = jax.jit(jax.grad(
+            lambda lp: L.ppo_policy_loss(lp, old, adv, m, loss_agg=agg)[0]  # noqa: B023
+            + L.grpo_loss(lp, old, ref, adv[:, 0], m, loss_agg=agg)[0]))(logp)  # noqa: B023
+        assert np.all(np.isfinite(grads)) and not np.any(np.asarray(grads)[pad])
+    loss, met = J.ppo_policy_loss(logp, old, adv, np.zeros_like(m))
+    assert float(loss) == 0.0 and all(np.isfinite(float(v)) for v in met.values())
+    # seq-mean-token-mean counts the empty row as 0 in the batch mean (ReFT's clamp(min=1)).
+    per_row = np.array([1.0, 2.0, 0.0])
+    ones = np.ones((B, T), np.float32)
+    close(J.ppo_value_loss(ones * per_row[:, None] ** 0.5, ones * per_row[:, None] ** 0.5,
+                           np.zeros((B, T), np.float32), m)[0],
+          0.5 * np.mean(np.where(m.any(1), per_row, 0.0)))
