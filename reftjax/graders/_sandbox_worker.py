@@ -1,0 +1,232 @@
+"""Sandbox fork-server: runs untrusted Python programs one job at a time.
+
+Started by `reftjax.graders.sandbox.SandboxPool` as `python -I _sandbox_worker.py` (inside
+`unshare --pid --fork --kill-child --net` when the host allows it). It is deliberately
+self-contained (stdlib + the pre-imported `math`/`sympy` only) so that nothing of reftjax
+is importable from a job.
+
+Protocol: one JSON job per line on stdin, one JSON result per line on stdout.
+  job    = {"source", "entry", "args", "split_locals", "timeout_s", "memory_bytes",
+            "output_bytes", "nproc", "drop_uid"}
+  result = {"status": "ok" | "error" | "timeout" | "crashed", "value_float", "value_str",
+            "value_json", "error"}
+
+Each job runs in a child forked from this (single-threaded) server, so the expensive imports
+are paid once and every job starts from the same clean state. The child: starts a new session,
+moves into a fresh temp dir, sends stdout/stderr to a size-capped file, sets resource limits,
+drops to uid/gid 65534 when the server runs as root, and only then runs the job. After the job
+(or its wall-clock deadline) the server SIGKILLs the child's process group and, when it is the
+init of its own PID namespace, every other process of that namespace, then removes the temp dir.
+"""
+import builtins
+import json
+import math
+import os
+import resource
+import select
+import shutil
+import signal
+import sys
+import tempfile
+import time
+
+import sympy
+
+_NOBODY = 65534
+_RESULT_FD = 3
+_RESULT_CAP = 1 << 16
+_STR_CAP = 1000
+_BLOCKED_EVENTS = frozenset({
+    "os.fork", "os.forkpty", "os.posix_spawn", "os.spawn", "os.exec", "os.system",
+    "os.kill", "os.killpg", "signal.pthread_kill", "subprocess.Popen", "pty.spawn",
+    "gc.get_objects", "gc.get_referrers", "gc.get_referents", "sys._current_frames",
+    "sys.setprofile", "sys.settrace", "os.chroot", "os.setxattr", "os.removexattr",
+    "os.putenv", "os.unsetenv", "mmap.__new__", "winreg", "webbrowser.open",
+})
+_BLOCKED_PREFIXES = ("socket.", "ctypes.", "urllib.", "http.", "ftplib.", "smtplib.",
+                     "imaplib.", "poplib.", "nntplib.", "telnetlib.", "sqlite3.")
+_BLOCKED_IMPORTS = frozenset({"ctypes", "_ctypes", "socket", "_socket", "_posixsubprocess",
+                              "subprocess", "multiprocessing", "_multiprocessing", "pty",
+                              "mmap", "_ssl", "ssl", "asyncio", "concurrent"})
+_PATH_EVENTS = {"os.remove": (0,), "os.rmdir": (0,), "os.mkdir": (0,), "os.rename": (0, 1),
+                "os.chmod": (0,), "os.chown": (0,), "os.truncate": (0,), "os.link": (0, 1),
+                "os.symlink": (0, 1), "os.utime": (0,), "shutil.rmtree": (0,),
+                "shutil.copyfile": (1,), "shutil.move": (0, 1), "shutil.chown": (0,)}
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+
+
+def _install_audit_hook(server_pid, sandbox_root):
+    """Installs a hook that is inert in the server and enforcing in every forked job.
+
+    The on/off state is the process id (one-way: a job cannot become the server again) and the
+    constants live only in the hook's default arguments, which untrusted code cannot reach
+    because `gc.get_objects`/`gc.get_referrers` are themselves blocked.
+    """
+    def hook(event, args, _server=server_pid, _root=sandbox_root, _realpath=os.path.realpath,
+             _getpid=os.getpid, _fspath=os.fspath):
+        if _getpid() == _server:
+            return
+        if event in _BLOCKED_EVENTS or event.startswith(_BLOCKED_PREFIXES):
+            raise PermissionError(f"sandbox: {event} is not allowed")
+        if event == "import" and args[0].split(".")[0] in _BLOCKED_IMPORTS:
+            raise PermissionError(f"sandbox: import of {args[0]} is not allowed")
+        paths = ()
+        if event == "open":
+            path, mode, flags = args
+            writing = (mode is not None and any(c in str(mode) for c in "wax+")) or (
+                isinstance(flags, int) and flags & _WRITE_FLAGS)
+            if writing and not isinstance(path, int):
+                paths = (path,)
+        elif event in _PATH_EVENTS:
+            paths = tuple(args[i] for i in _PATH_EVENTS[event] if i < len(args))
+        for p in paths:
+            if isinstance(p, int):
+                continue
+            real = _realpath(_fspath(p) if not isinstance(p, bytes) else p.decode(errors="replace"))
+            if not (real == _root or real.startswith(_root + "/")):
+                raise PermissionError(f"sandbox: {event} outside the sandbox dir is not allowed")
+
+    sys.addaudithook(hook)
+
+
+def _floatify(value):
+    """float(value) or None, as in the ReFT authors' `src/utils.py:floatify`."""
+    try:
+        return float(value)
+    except Exception:  # noqa: BLE001 - any failure means "not a number"
+        return None
+
+
+def _limit(kind, value):
+    try:
+        resource.setrlimit(kind, (value, value))
+    except (ValueError, OSError):
+        pass
+
+
+def _child(job, tmp):
+    """Runs one job in the forked child; never returns."""
+    try:
+        os.setsid()
+        os.chdir(tmp)
+        out = os.open(os.path.join(tmp, "output.txt"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+        os.dup2(out, 1)
+        os.dup2(out, 2)
+        os.closerange(_RESULT_FD + 1, 1 << 16)
+        timeout = job["timeout_s"]
+        _limit(resource.RLIMIT_CPU, int(math.ceil(timeout)) + 1)
+        _limit(resource.RLIMIT_AS, job["memory_bytes"])
+        _limit(resource.RLIMIT_FSIZE, job["output_bytes"])
+        _limit(resource.RLIMIT_CORE, 0)
+        _limit(resource.RLIMIT_NOFILE, 64)
+        if job["drop_uid"] and os.getuid() == 0:
+            os.chown(tmp, _NOBODY, _NOBODY)
+            os.chown(os.path.join(tmp, "output.txt"), _NOBODY, _NOBODY)
+            os.setgroups([])
+            os.setgid(_NOBODY)
+            os.setuid(_NOBODY)
+        if os.getuid() != 0:
+            _limit(resource.RLIMIT_NPROC, job["nproc"])
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        sys.stdout = open(1, "w", closefd=False)
+        sys.stderr = open(2, "w", closefd=False)
+        result = _run_job(job)
+    except BaseException as exc:  # noqa: BLE001 - every failure is a result, never a crash
+        result = {"status": "error", "error": f"{type(exc).__name__}: {str(exc)[:_STR_CAP]}"}
+    try:
+        os.write(_RESULT_FD, json.dumps(result).encode()[:_RESULT_CAP])
+    finally:
+        os._exit(0)
+
+
+def _run_job(job):
+    """Executes the source and calls its entry point like the ReFT authors' `python_engine.run`."""
+    global_vars = {"__builtins__": builtins, "__name__": "__sandbox__", "math": math, "sympy": sympy}
+    local_vars = {} if job["split_locals"] else global_vars
+    exec(compile(job["source"], "<program>", "exec"), global_vars, local_vars)  # noqa: S102
+    entry = local_vars.get(job["entry"], global_vars.get(job["entry"]))
+    if entry is None:
+        return {"status": "error", "error": f"NameError: {job['entry']!r} is not defined"}
+    value = entry(*job["args"])
+    try:
+        value_json = json.loads(json.dumps(value))
+    except Exception:  # noqa: BLE001 - non-JSON results are reported as strings only
+        value_json = None
+    return {"status": "ok", "value_float": _floatify(value), "value_str": str(value)[:_STR_CAP],
+            "value_json": value_json}
+
+
+def _reap(pid):
+    """Kills the job's session (and, as namespace init, everything else) and reaps it all."""
+    for target in (lambda: os.killpg(pid, signal.SIGKILL), lambda: os.kill(pid, signal.SIGKILL)):
+        try:
+            target()
+        except OSError:
+            pass
+    if os.getpid() == 1:
+        try:
+            os.kill(-1, signal.SIGKILL)
+        except OSError:
+            pass
+    _, status = os.waitpid(pid, 0)
+    while True:
+        try:
+            if os.waitpid(-1, os.WNOHANG)[0] == 0:
+                break
+        except ChildProcessError:
+            break
+    return status
+
+
+def _serve_one(job, root):
+    tmp = tempfile.mkdtemp(dir=root)
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_fd)
+        os.dup2(write_fd, _RESULT_FD)
+        _child(job, tmp)
+    os.close(write_fd)
+    data, deadline, timed_out = b"", time.monotonic() + job["timeout_s"], False
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            timed_out = True
+            break
+        if select.select([read_fd], [], [], left)[0]:
+            chunk = os.read(read_fd, _RESULT_CAP)
+            if not chunk:
+                break
+            data += chunk[: _RESULT_CAP - len(data)]
+    os.close(read_fd)
+    status = _reap(pid)
+    shutil.rmtree(tmp, ignore_errors=True)
+    if timed_out:
+        return {"status": "timeout", "error": f"wall-clock limit of {job['timeout_s']} s exceeded"}
+    try:
+        return json.loads(data.decode())
+    except ValueError:
+        how = (f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status)
+               else f"exit status {os.waitstatus_to_exitcode(status)}")
+        return {"status": "crashed", "error": f"program ended without a result ({how})"}
+
+
+def main():
+    # /dev/shm (tmpfs) when present: creating and removing a dir per job is ~10x cheaper there.
+    base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+    root = tempfile.mkdtemp(prefix="reftjax-sandbox-", dir=base)
+    os.chmod(root, 0o711)
+    _install_audit_hook(os.getpid(), os.path.realpath(root))
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    try:
+        for line in sys.stdin:
+            result = _serve_one(json.loads(line), root)
+            sys.stdout.write(json.dumps(result) + "\n")
+            sys.stdout.flush()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

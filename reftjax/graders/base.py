@@ -1,0 +1,112 @@
+"""The grader interface: (reference item, completion text) -> `Grade`.
+
+A grader is a small frozen object with a `grade_batch(items, texts) -> list[Grade]` method (one
+`Grade` per completion, same order, never raising). Graders that run programs implement
+`grade_batch` by sending the whole batch to a `SandboxPool` (parallel over processes); pure-Python
+graders are fast enough (microseconds per completion) that a process pool would cost more than it
+saves, so `grade_batch` runs them inline unless `parallel_grade` is asked for more workers.
+Grading is deterministic: same inputs, same grades.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import multiprocessing
+from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
+
+Item = Mapping[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Grade:
+    """The score of one completion and why.
+
+    Attributes:
+      score: reward in [0, 1].
+      extracted: the answer the grader extracted (string form), or None.
+      error: why nothing could be extracted / the program failed, or None.
+      details: grader-specific extras (sub-scores of a `multi` grader, guard flags).
+    """
+
+    score: float
+    extracted: str | None = None
+    error: str | None = None
+    details: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        if not 0.0 <= self.score <= 1.0:
+            raise ValueError(f"score must be in [0, 1], got {self.score}")
+
+    def to_json(self) -> dict:
+        out = {"score": self.score, "extracted": self.extracted, "error": self.error}
+        if self.details:
+            out["details"] = dict(self.details)
+        return out
+
+
+@runtime_checkable
+class Grader(Protocol):
+    """What every grader provides."""
+
+    def grade_batch(self, items: Sequence[Item], texts: Sequence[str]) -> list[Grade]:
+        """Grades `texts[i]` against `items[i]`; same length and order; never raises."""
+
+    def validate(self, item: Item) -> None:
+        """Raises ValueError (naming the missing field) if `item` cannot be graded."""
+
+
+class PerItemGrader:
+    """Mixin for graders defined by a pure per-completion `grade(item, text)`."""
+
+    def grade(self, item: Item, text: str) -> Grade:
+        raise NotImplementedError
+
+    def grade_batch(self, items: Sequence[Item], texts: Sequence[str]) -> list[Grade]:
+        _check_lengths(items, texts)
+        return [_safe_grade(self, item, text) for item, text in zip(items, texts)]
+
+
+def _check_lengths(items: Sequence[Item], texts: Sequence[str]) -> None:
+    if len(items) != len(texts):
+        raise ValueError(f"{len(items)} items but {len(texts)} completions")
+
+
+def _safe_grade(grader: PerItemGrader, item: Item, text: str) -> Grade:
+    """A bug or odd input in one completion scores 0 with the reason, never crashes a batch."""
+    try:
+        return grader.grade(item, text)
+    except Exception as exc:  # noqa: BLE001 - graders must never raise into the trainer
+        return Grade(0.0, error=f"grader error: {type(exc).__name__}: {exc}")
+
+
+def _grade_chunk(args) -> list[Grade]:
+    grader, items, texts = args
+    return grader.grade_batch(items, texts)
+
+
+def parallel_grade(grader: Grader, items: Sequence[Item], texts: Sequence[str],
+                   workers: int = 0, chunk: int = 64) -> list[Grade]:
+    """Grades a batch over `workers` processes (0 or 1: inline), keeping order.
+
+    Uses the "forkserver" start method: forking a process that runs JAX's thread pools is unsafe.
+    The grader must be picklable (all graders in this package are, except those holding a
+    `SandboxPool`, which are already parallel and are graded inline).
+    """
+    _check_lengths(items, texts)
+    if workers <= 1 or len(texts) <= chunk or getattr(grader, "uses_sandbox", False):
+        return grader.grade_batch(items, texts)
+    ctx = multiprocessing.get_context("forkserver")
+    parts = [(grader, list(items[i:i + chunk]), list(texts[i:i + chunk]))
+             for i in range(0, len(texts), chunk)]
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        return [g for part in pool.map(_grade_chunk, parts) for g in part]
+
+
+def field(item: Item, name: str) -> Any:
+    """`item[name]` with a clear error; dotted names walk nested dicts."""
+    value: Any = item
+    for part in name.split("."):
+        if not isinstance(value, Mapping) or part not in value:
+            raise KeyError(f"item has no field {name!r} (fields: {sorted(item)})")
+        value = value[part]
+    return value

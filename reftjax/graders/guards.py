@@ -1,0 +1,105 @@
+"""Optional reward-hacking guards: format and length checks applied after grading.
+
+Each check flags a completion; a flagged completion's reward is set to 0 (`action="zero"`) or
+multiplied by `discount` (`action="discount"`). Counters (`{"too_long": n, ...}`) come back per
+batch so the training loop can report them (`HostRewardFn.last.counters`, `.totals`).
+
+Checks:
+  * `too_long`: the completion used at least `max_tokens` tokens (it hit the length limit, so
+    it was probably truncated, or it is padding its reasoning).
+  * `no_reasoning`: fewer than `min_reasoning_chars` non-space characters before the answer
+    marker (a bare answer with no working).
+  * `repeated_answer`: an answer marker occurs more than `max_answer_markers` times (stating
+    several answers hoping one matches, or looping).
+  * `repeated_lines`: more than `max_repeated_line_fraction` of the non-empty lines are
+    duplicates of an earlier line (degenerate repetition).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+from reftjax.graders.base import Grade
+
+GUARD_NAMES = ("too_long", "no_reasoning", "repeated_answer", "repeated_lines")
+
+
+@dataclasses.dataclass(frozen=True)
+class GuardConfig:
+    """Which guards run and what they do (None disables a check).
+
+    Attributes:
+      max_tokens: flag completions with at least this many tokens.
+      min_reasoning_chars: flag completions with fewer non-space characters before the marker.
+      max_answer_markers: flag completions with more answer markers than this.
+      max_repeated_line_fraction: flag completions with a larger share of duplicate lines.
+      markers: strings that introduce the final answer.
+      action: "zero" or "discount".
+      discount: multiplier for flagged rewards when `action="discount"`.
+    """
+
+    max_tokens: int | None = None
+    min_reasoning_chars: int | None = 20
+    max_answer_markers: int | None = 1
+    max_repeated_line_fraction: float | None = 0.5
+    markers: tuple[str, ...] = ("Therefore, the answer is:", "####")
+    action: str = "zero"
+    discount: float = 0.5
+
+    def __post_init__(self):
+        if self.action not in ("zero", "discount"):
+            raise ValueError(f"action must be 'zero' or 'discount', got {self.action!r}")
+        if not 0.0 <= self.discount <= 1.0:
+            raise ValueError(f"discount must be in [0, 1], got {self.discount}")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if not self.markers:
+            raise ValueError("markers must not be empty")
+
+    @classmethod
+    def from_dict(cls, cfg: dict) -> "GuardConfig":
+        unknown = set(cfg) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown guard options {sorted(unknown)}")
+        cfg = dict(cfg)
+        if "markers" in cfg:
+            cfg["markers"] = tuple(cfg["markers"])
+        return cls(**cfg)
+
+
+def check(cfg: GuardConfig, text: str, n_tokens: int) -> list[str]:
+    """Names of the guards that flag this completion."""
+    flags = []
+    if cfg.max_tokens is not None and n_tokens >= cfg.max_tokens:
+        flags.append("too_long")
+    positions = [text.find(m) for m in cfg.markers if m in text]
+    if cfg.min_reasoning_chars is not None and positions:
+        before = text[: min(positions)]
+        if len("".join(before.split())) < cfg.min_reasoning_chars:
+            flags.append("no_reasoning")
+    if cfg.max_answer_markers is not None:
+        if sum(text.count(m) for m in cfg.markers) > cfg.max_answer_markers:
+            flags.append("repeated_answer")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if cfg.max_repeated_line_fraction is not None and len(lines) >= 4:
+        duplicates = len(lines) - len(set(lines))
+        if duplicates / len(lines) > cfg.max_repeated_line_fraction:
+            flags.append("repeated_lines")
+    return flags
+
+
+def apply_guards(cfg: GuardConfig, texts: Sequence[str], n_tokens: Sequence[int],
+                 grades: Sequence[Grade]) -> tuple[list[Grade], dict[str, int]]:
+    """Applies the guards; returns the adjusted grades and per-guard counts for this batch."""
+    counts = dict.fromkeys(GUARD_NAMES, 0)
+    out = []
+    for text, n, grade in zip(texts, n_tokens, grades):
+        flags = check(cfg, text, int(n))
+        for name in flags:
+            counts[name] += 1
+        if flags:
+            factor = 0.0 if cfg.action == "zero" else cfg.discount
+            details = {**grade.details, "guards": flags, "score_before_guards": grade.score}
+            grade = dataclasses.replace(grade, score=grade.score * factor, details=details)
+        out.append(grade)
+    return out, counts

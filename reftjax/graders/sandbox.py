@@ -1,0 +1,254 @@
+"""A pool of sandboxed Python fork-servers for P-CoT programs and user `python` graders.
+
+What is enforced, and by whom (honestly):
+
+=====================  ==========================================================  ============
+threat                 mechanism                                                   enforced by
+=====================  ==========================================================  ============
+infinite loop          wall-clock deadline -> SIGKILL of the job's process group;   OS
+                       RLIMIT_CPU
+memory bomb            RLIMIT_AS (`memory_bytes`)                                   OS
+output flood           stdout/stderr go to a file capped by RLIMIT_FSIZE; only a    OS
+                       bounded JSON result comes back
+fork bomb              as root: the job drops to uid 65534 where RLIMIT_NPROC is    OS (root)
+                       honoured (root ignores it), and lives in its own PID
+                       namespace whose members are all SIGKILLed after each job;
+                       plus audit-hook block of os.fork/posix_spawn/subprocess/exec audit hook
+network                `unshare --net`: a namespace with no usable interface;       OS if
+                       plus audit-hook block of socket.* and `import socket`        unshare works
+file writes/deletes    as root: uid 65534 cannot write or delete root's files;      OS (root)
+                       audit hook refuses writes/renames/deletes outside the job's  audit hook
+                       throwaway temp dir
+signals / killing      new session; the job cannot see processes outside its PID    OS
+the trainer            namespace; uid 65534 cannot signal root's processes;
+                       audit hook blocks os.kill/killpg                             audit hook
+=====================  ==========================================================  ============
+
+Audit hooks (`sys.addaudithook`, PEP 578) are not a security boundary against a determined
+attacker (e.g. code that finds an unaudited C path); they are a second layer. The OS layer
+needs root (uid drop) and `unshare` with CAP_SYS_ADMIN; `SandboxPool.isolation` reports which
+layers are active, and without them the pool still works with the audit-hook layer only.
+Whatever a program does, the trainer only sees a `SandboxResult` (status "ok", "error",
+"timeout" or "crashed"), never an exception.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Any, Sequence
+
+_WORKER = pathlib.Path(__file__).with_name("_sandbox_worker.py")
+_UNSHARE = ("--pid", "--fork", "--kill-child", "--net")
+# Extra wall time the parent grants a fork-server beyond the job's own deadline before it
+# declares the server hung and restarts it.
+_SERVER_GRACE_S = 5.0
+
+
+@dataclasses.dataclass(frozen=True)
+class SandboxConfig:
+    """Limits for each sandboxed job.
+
+    Attributes:
+      workers: fork-servers running jobs in parallel (default: number of CPUs).
+      timeout_s: wall-clock limit per job (the ReFT authors use 2 s in `train_rl_reft.py`);
+        the CPU-time limit is this rounded up plus one second.
+      memory_bytes: RLIMIT_AS of a job (address space, includes the ~100 MB interpreter).
+      output_bytes: RLIMIT_FSIZE: cap on what a job may print or write to files.
+      nproc: RLIMIT_NPROC of the unprivileged uid (only honoured when not root).
+      namespaces: run servers under `unshare --pid --fork --kill-child --net` when possible.
+      drop_uid: when running as root, run jobs as uid/gid 65534 (nobody).
+    """
+
+    workers: int = 0
+    timeout_s: float = 2.0
+    memory_bytes: int = 1 << 30
+    output_bytes: int = 1 << 20
+    nproc: int = 64
+    namespaces: bool = True
+    drop_uid: bool = True
+
+    def __post_init__(self):
+        if self.workers < 0:
+            raise ValueError(f"workers must be >= 0 (0 = number of CPUs), got {self.workers}")
+        if not 0 < self.timeout_s <= 600:
+            raise ValueError(f"timeout_s must be in (0, 600], got {self.timeout_s}")
+        if self.memory_bytes < (256 << 20):
+            raise ValueError(f"memory_bytes must be >= 256 MiB (the interpreter), got {self.memory_bytes}")
+        if self.output_bytes < 1024 or self.nproc < 1:
+            raise ValueError("output_bytes must be >= 1024 and nproc >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class SandboxJob:
+    """One program: `source` is executed, then `entry(*args)` is called.
+
+    `split_locals=True` reproduces the ReFT authors' `exec(code, globals, locals)` with separate
+    dicts (`src/python_engine.py:run`), so top-level helpers are not visible from `solution()`.
+    `args` must be JSON-serialisable.
+    """
+
+    source: str
+    entry: str = "solution"
+    args: tuple = ()
+    split_locals: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class SandboxResult:
+    """Outcome of a job. `value_float` is float(result) or None (the authors' `floatify`)."""
+
+    status: str
+    value_float: float | None = None
+    value_str: str | None = None
+    value_json: Any = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+def _unshare_works() -> bool:
+    exe = shutil.which("unshare")
+    if exe is None:
+        return False
+    try:
+        return subprocess.run([exe, *_UNSHARE, "true"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+class _Server:
+    """One fork-server process and its line-buffered stdout."""
+
+    def __init__(self, command: list[str]):
+        self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL, start_new_session=True)
+        self.buffer = b""
+        self.deadline = 0.0
+        self.index = -1
+
+    def send(self, index: int, payload: dict, deadline: float) -> None:
+        self.index, self.deadline = index, deadline
+        self.proc.stdin.write((json.dumps(payload) + "\n").encode())
+        self.proc.stdin.flush()
+
+    def read_line(self) -> str | None:
+        """Reads what is available; returns a complete line or None (EOF raises EOFError)."""
+        chunk = os.read(self.proc.stdout.fileno(), 1 << 16)
+        if not chunk:
+            raise EOFError("sandbox server exited")
+        self.buffer += chunk
+        if b"\n" not in self.buffer:
+            return None
+        line, self.buffer = self.buffer.split(b"\n", 1)
+        return line.decode()
+
+    def kill(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        self.proc.wait()
+
+
+class SandboxPool:
+    """Runs `SandboxJob`s on pre-started fork-servers; thread-safe; results keep input order.
+
+    Example:
+      with SandboxPool(SandboxConfig(timeout_s=2)) as pool:
+          results = pool.run([SandboxJob("def solution():\\n    return 1")])
+    """
+
+    def __init__(self, config: SandboxConfig = SandboxConfig()):
+        self.config = config
+        use_ns = config.namespaces and _unshare_works()
+        prefix = [shutil.which("unshare"), *_UNSHARE, "--"] if use_ns else []
+        self._command = [*prefix, sys.executable, "-I", str(_WORKER)]
+        root = os.geteuid() == 0
+        self.isolation = {"pid_and_net_namespaces": use_ns, "uid_drop": root and config.drop_uid,
+                          "rlimit_nproc_effective": (not root) or config.drop_uid,
+                          "audit_hook": True}
+        self._lock = threading.Lock()
+        self._servers: list[_Server] = []
+        self._closed = False
+
+    def __enter__(self) -> "SandboxPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            for server in self._servers:
+                server.kill()
+            self._servers = []
+
+    def _ensure_servers(self, n: int) -> None:
+        want = self.config.workers or os.cpu_count() or 1
+        while len(self._servers) < min(want, max(n, 1)):
+            self._servers.append(_Server(self._command))
+
+    def run(self, jobs: Sequence[SandboxJob]) -> list[SandboxResult]:
+        """Runs every job (in parallel over the servers) and returns results in job order."""
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("SandboxPool is closed")
+            self._ensure_servers(len(jobs))
+            return self._run_locked(list(jobs))
+
+    def _payload(self, job: SandboxJob) -> dict:
+        c = self.config
+        return {"source": job.source, "entry": job.entry, "args": list(job.args),
+                "split_locals": job.split_locals, "timeout_s": c.timeout_s,
+                "memory_bytes": c.memory_bytes, "output_bytes": c.output_bytes,
+                "nproc": c.nproc, "drop_uid": c.drop_uid}
+
+    def _run_locked(self, jobs: list[SandboxJob]) -> list[SandboxResult]:
+        results: list[SandboxResult | None] = [None] * len(jobs)
+        pending = list(range(len(jobs)))[::-1]
+        idle, busy = list(self._servers), []
+        while pending or busy:
+            while idle and pending:
+                server, i = idle.pop(), pending.pop()
+                deadline = time.monotonic() + self.config.timeout_s + _SERVER_GRACE_S
+                server.send(i, self._payload(jobs[i]), deadline)
+                busy.append(server)
+            timeout = max(0.0, min(s.deadline for s in busy) - time.monotonic())
+            ready = select.select([s.proc.stdout.fileno() for s in busy], [], [], timeout)[0]
+            for server in list(busy):
+                result = self._poll(server, server.proc.stdout.fileno() in ready)
+                if result is None:
+                    continue
+                results[server.index] = result
+                busy.remove(server)
+                idle.append(self._replace(server) if result.status == "sandbox_failure" else server)
+        return results  # type: ignore[return-value]
+
+    def _poll(self, server: _Server, readable: bool) -> SandboxResult | None:
+        try:
+            line = server.read_line() if readable else None
+        except (EOFError, OSError) as exc:
+            return SandboxResult("sandbox_failure", error=f"sandbox server failed: {exc}")
+        if line is not None:
+            return SandboxResult(**json.loads(line))
+        if time.monotonic() > server.deadline:
+            return SandboxResult("sandbox_failure", error="sandbox server hung; restarted")
+        return None
+
+    def _replace(self, server: _Server) -> _Server:
+        server.kill()
+        fresh = _Server(self._command)
+        self._servers[self._servers.index(server)] = fresh
+        return fresh

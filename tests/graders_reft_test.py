@@ -1,0 +1,103 @@
+"""ReFT answer graders against every gold answer in the shared data (and rules in isolation)."""
+import json
+import re
+
+import pytest
+
+from reftjax.graders.reft import (ReftGrader, build_program, extract_gsm8k, extract_last_number,
+                                  process_code, reft_target)
+
+
+def _gsm8k_items(shared_data, strip_calc):
+    out = []
+    for name in ("train.jsonl", "test.jsonl"):
+        for line in (shared_data / "gsm8k" / name).read_text().splitlines():
+            row = json.loads(line)
+            cot, value = row["answer"].rsplit("####", 1)
+            if strip_calc:
+                cot = re.sub(r"<<[^>]*>>", "", cot)
+            out.append((dict(row, answer_value=value.strip().replace(",", "")), cot))
+    return out
+
+
+def test_svamp_gold_cot_grades_one_and_wrong_answer_does_not(shared_data):
+    data = json.loads((shared_data / "reft" / "svamp_nl.json").read_text())
+    grader = ReftGrader()
+    texts = [reft_target(x["answer_cot"], x["answer_value"]) for x in data]
+    assert [g.score for g in grader.grade_batch(data, texts)] == [1.0] * len(data)
+    wrong = [dict(x, answer_value=str(float(x["answer_value"]) + 1)) for x in data]
+    assert {g.score for g in grader.grade_batch(wrong, texts)} == {0.1}
+
+
+@pytest.mark.parametrize("strip_calc", [False, True])
+def test_gsm8k_gold_cot_grades_one_with_or_without_calculator_annotations(shared_data, strip_calc):
+    pairs = _gsm8k_items(shared_data, strip_calc)
+    assert len(pairs) == 8792
+    items = [p[0] for p in pairs]
+    texts = [reft_target(cot, item["answer_value"]) for item, cot in pairs]
+    for grader in (ReftGrader(), ReftGrader(answer_field="answer")):  # raw `#### N` gold too
+        assert [g.score for g in grader.grade_batch(items, texts)] == [1.0] * len(items)
+    shifted = items[1:] + items[:1]
+    different = [i for i, (a, b) in enumerate(zip(items, shifted))
+                 if abs(float(a["answer_value"]) - float(b["answer_value"])) > 1e-2]
+    grades = ReftGrader().grade_batch([shifted[i] for i in different], [texts[i] for i in different])
+    assert {g.score for g in grades} == {0.1}
+    native = ReftGrader(extract="gsm8k", answer_field="answer")
+    assert {g.score for g in native.grade_batch(items, [it["answer"] for it in items])} == {1.0}
+
+
+def test_pcot_gold_programs_execute_to_their_answer(shared_data):
+    data = json.loads((shared_data / "reft" / "svamp_python_sdp.json").read_text())
+    grades = ReftGrader(cot="python").grade_batch(data, [x["answer_cot"] for x in data])
+    failures = [(x["item_id"], g) for x, g in zip(data, grades) if g.score != 1.0]
+    assert len(data) == 3043 and failures == []
+
+
+def test_reft_extraction_matches_the_authors_rules():
+    g = ReftGrader()
+    item = {"answer_value": "1,000"}
+    assert g.grade(item, "x\nTherefore, the answer is: 1000").score == 1.0
+    assert g.grade(item, "x\nTherefore, the answer is: 1000.009").score == 1.0
+    assert g.grade(item, "x\nTherefore, the answer is: 1000.02").score == 0.1
+    # The authors strip commas from the gold only: a comma in the prediction is unparseable.
+    assert g.grade(item, "x\nTherefore, the answer is: 1,000").score == 0.0
+    # Only the last trigger counts; a missing trigger means the whole text must be a number.
+    assert g.grade(item, "\nTherefore, the answer is: 1000\nTherefore, the answer is: 7").score == 0.1
+    assert g.grade(item, "the answer is 1000").score == 0.0
+    assert g.grade(item, " 1000 ").score == 1.0
+    fallback = ReftGrader(fallback="last_number")
+    assert fallback.grade(item, "so we get $1,000.").score == 1.0
+    mathqa = ReftGrader(answer_type="mathqa")
+    assert mathqa.grade({"answer_value": "C"}, "y\nTherefore, the answer is: 'c'").score == 1.0
+    assert mathqa.grade({"answer_value": "C"}, "y\nTherefore, the answer is: d").score == 0.1
+
+
+def test_gsm8k_native_and_last_number_rules():
+    assert extract_gsm8k("blah\n#### $1,234.00") == "1234"
+    assert extract_gsm8k("#### 50%") == "50"
+    assert extract_gsm8k("#### -3.50.") == "-3.50"
+    assert extract_gsm8k("no marker 5") is None
+    assert extract_last_number("a 3 b 4,500.0 c.") == "4500"
+    assert extract_last_number("none") is None
+
+
+def test_program_processing_matches_the_authors():
+    code = "def solution():\n    x = 1\n    sys.exit(1)\n\n    return 2\nprint(3)"
+    assert process_code(code) == "import math\nimport sympy\ndef solution():\n    x = 1\n    print(1)"
+    item = {"question": " q? "}
+    assert build_program(item, "\n    return 1") == 'def solution():\n    """q?"""\n    return 1'
+    assert build_program(item, "    return 1") == 'def solution():\n    """q?"""\n    return 1'
+    grades = ReftGrader(cot="python").grade_batch(
+        [{"question": "q", "answer_value": "2"}] * 4,
+        ["\n    return 2", "\n    return 3", "\n    return 'two'", "\n    return helper()"])
+    assert [g.score for g in grades] == [1.0, 0.1, 0.0, 0.0]
+    assert "NameError" in grades[3].error
+
+
+def test_bad_config_and_bad_item_are_reported():
+    with pytest.raises(ValueError, match="cot"):
+        ReftGrader(cot="java")
+    with pytest.raises(KeyError, match="answer_value"):
+        ReftGrader().validate({"answer": "3"})
+    with pytest.raises(ValueError, match="not a number"):
+        ReftGrader().validate({"answer_value": "three"})
