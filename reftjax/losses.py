@@ -324,9 +324,11 @@ def explained_variance(values_BxT, returns_BxT, mask_BxT) -> Array:
 def token_entropy(logits_BxTxV) -> Array:
     """Entropy of each next-token distribution, float32 ``BxT``.
 
-    ``H = logsumexp(z) - sum_v softmax(z)_v * z_v``. The float32 upcast,
-    ``exp`` and product feed straight into reductions, so XLA fuses them and
-    allocates no V-sized temporaries beyond what the reductions stream through.
+    ``H = logsumexp(z) - sum_v softmax(z)_v * z_v``. No log-softmax or
+    probability array is materialised: ``exp`` and the product fuse into the
+    reductions. Measured on XLA:CPU with bf16 logits (B4 x T128 x V49152): the
+    only temporary is one float32 copy of the logits (96 MiB, shared by the
+    reductions), same as ``token_logprobs``.
     """
     z = _f32(logits_BxTxV)
     lse = jax.nn.logsumexp(z, axis=-1)
@@ -435,7 +437,8 @@ def token_logprobs(logits_BxTxV, targets_BxT) -> Array:
     """``log softmax(z)[target]`` per position, float32 ``BxT``.
 
     Computed as ``z[target] - logsumexp(z)`` (stable, and without materialising
-    the full ``BxTxV`` log-softmax as TRL's ``logprobs_from_logits`` does).
+    the full ``BxTxV`` log-softmax as TRL's ``logprobs_from_logits`` does; for
+    bf16 logits XLA:CPU keeps one float32 copy of them as its only temporary).
     ``targets_BxT[:, t]`` is the token that ``logits_BxTxV[:, t]`` predicts:
     the caller shifts (logits of positions ``:-1`` against tokens ``1:``).
     """

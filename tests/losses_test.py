@@ -158,6 +158,9 @@ def test_masked_mean_var_whiten_match_numpy():
     close(J.masked_var(x, m, unbiased=False), vals.var())
     row_means = [x[b][m[b] > 0].mean() if m[b].any() else 0.0 for b in range(6)]
     close(J.masked_mean(x, m, axis=1), row_means)
+    row_vars = [x[b][m[b] > 0].astype(np.float64).var(ddof=1) if m[b].sum() > 1 else 0.0
+                for b in range(6)]
+    close(J.masked_var(x, m, axis=1), row_vars, rtol=1e-4)
     expected = np.where(m > 0, (x - vals.mean()) / np.sqrt(vals.var(ddof=1) + 1e-8), 0.0)
     w = J.masked_whiten(x, m)
     close(w, expected, rtol=1e-4, atol=1e-5)
