@@ -34,9 +34,10 @@ def _same(a, b):
 
 @pytest.mark.parametrize("kind", ["sft", "prompt"])
 @pytest.mark.parametrize("drop_last", [True, False])
-def test_save_restore_gives_the_same_batches(kind, drop_last):
+@pytest.mark.parametrize("group", [0, 2])
+def test_save_restore_gives_the_same_batches(kind, drop_last, group):
     ds = _dataset()
-    cfg = LoaderConfig(batch_size=8, kind=kind, seed=7, drop_last=drop_last)
+    cfg = LoaderConfig(batch_size=8, kind=kind, seed=7, drop_last=drop_last, group_by_length=group)
     reference = _take(Loader(ds, cfg), 12)  # crosses two epoch boundaries
     for cut in (0, 3, 4, 5, 9):
         first = Loader(ds, cfg)
@@ -62,6 +63,19 @@ def test_epochs_visit_every_example_once_and_reshuffle():
     last = batches[4]
     assert last["valid"].sum() == 37 - 32 and (last["example_idx"][~last["valid"]] == -1).all()
     assert not last["loss_mask"][~last["valid"]].any()
+
+
+def test_group_by_length_covers_all_and_pads_less():
+    ds = _dataset(n=400)
+
+    def run(group):
+        cfg = LoaderConfig(batch_size=8, seed=4, drop_last=False, num_epochs=1, group_by_length=group)
+        batches = list(Loader(ds, cfg))
+        seen = sorted(np.concatenate([b["example_idx"][b["valid"]] for b in batches]).tolist())
+        assert seen == list(range(100, 500))
+        return sum(b["attn_mask"].sum() for b in batches) / sum(b["tokens"].size for b in batches)
+
+    assert run(8) > run(0) + 0.1
 
 
 def test_drop_last_and_seed():

@@ -37,6 +37,10 @@ class LoaderConfig:
       shuffle: False keeps dataset order (evaluation).
       drop_last: drop the last incomplete batch; else pad it (``valid`` False).
       num_epochs: stop after this many epochs; None = never stop.
+      group_by_length: 0 = plain shuffle; k > 0 = after shuffling, sort each window
+        of k batches by length and shuffle the batches' order, which cuts padding
+        (GSM8K SFT, batch 8: 56% padded tokens plain, see BUILD_NOTES) while
+        staying a deterministic function of (seed, epoch).
     """
 
     batch_size: int
@@ -45,6 +49,7 @@ class LoaderConfig:
     shuffle: bool = True
     drop_last: bool = True
     num_epochs: int | None = None
+    group_by_length: int = 0
 
     def __post_init__(self):
         if self.batch_size <= 0:
@@ -53,6 +58,8 @@ class LoaderConfig:
             raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
         if self.num_epochs is not None and self.num_epochs <= 0:
             raise ValueError("num_epochs must be positive or None")
+        if self.group_by_length < 0:
+            raise ValueError("group_by_length must be >= 0")
 
 
 def batch_spec(mesh: Mesh) -> PartitionSpec:
@@ -111,7 +118,19 @@ class Loader:
     def _permutation(self, epoch: int) -> np.ndarray:
         if not self.cfg.shuffle:
             return np.arange(len(self.ds))
-        return np.random.default_rng([self.cfg.seed, epoch]).permutation(len(self.ds))
+        rng = np.random.default_rng([self.cfg.seed, epoch])
+        order = rng.permutation(len(self.ds))
+        if self.cfg.group_by_length == 0:
+            return order
+        b = self.cfg.batch_size
+        window = b * self.cfg.group_by_length
+        for start in range(0, len(order), window):
+            chunk = order[start:start + window]
+            order[start:start + window] = chunk[np.argsort(self._lengths[chunk], kind="stable")]
+        n_full = len(order) // b
+        batches = order[:n_full * b].reshape(n_full, b)[rng.permutation(n_full)]
+        # The incomplete tail (if any) stays last, so drop_last still drops only it.
+        return np.concatenate([batches.reshape(-1), order[n_full * b:]])
 
     def __iter__(self):
         return self

@@ -1,0 +1,85 @@
+"""Input-pipeline throughput on GSM8K train; prints one JSON line.
+
+    python bench/data_pipeline.py [--tokenizer default] [--batch-size 8] [--repeats 3]
+
+Measures (medians over repeats): tokenization (format + batch encode + length
+limits) in examples/s and tokens/s, and SFT batch assembly by the Loader (NumPy
+collate, no device transfer) in real tokens/s, against the ~125 tokens/s of a
+PyTorch SFT step on this class of machine (REFERENCE.md). Also reports target
+lengths with and without GSM8K calculator annotations.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import numpy as np
+
+from reftjax.data import (Loader, LoaderConfig, PromptConfig, TokenizeConfig, load_examples,
+                          tokenize_examples)
+from reftjax.hf import load_tokenizer
+
+SFT_STEP_TOKENS_PER_S = 125.0
+
+
+def _median_time(fn, repeats: int) -> tuple[float, object]:
+    times, result = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tokenizer", default="default")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--group-by-length", type=int, default=0)
+    parser.add_argument("--seq-buckets", default=None,
+                        help="comma-separated SFT buckets (default: powers of two up to 700)")
+    args = parser.parse_args()
+
+    start = time.perf_counter()
+    examples = load_examples("gsm8k", split="train")
+    load_s = time.perf_counter() - start
+    tok = load_tokenizer(args.tokenizer)
+    buckets = None if args.seq_buckets is None else tuple(int(x) for x in args.seq_buckets.split(","))
+    cfg = TokenizeConfig(seq_buckets=buckets)
+    tok_s, ds = _median_time(lambda: tokenize_examples(examples, tok, PromptConfig(), cfg),
+                             args.repeats)
+    real_tokens = int(ds.seq_lengths.sum())
+    raw = tokenize_examples(examples, tok, PromptConfig(strip_annotations=False), cfg)
+
+    def one_epoch():
+        loader = Loader(ds, LoaderConfig(batch_size=args.batch_size, seed=0, num_epochs=1,
+                                           group_by_length=args.group_by_length))
+        return [(int(b["attn_mask"].sum()), b["tokens"].size) for b in loader]
+
+    epoch_s, counts = _median_time(one_epoch, args.repeats)
+    loader_real = sum(c[0] for c in counts)
+    print(json.dumps({
+        "bench": "data_pipeline", "dataset": "gsm8k:train", "examples": len(examples),
+        "tfds_load_s": round(load_s, 2),
+        "tokenize_s": round(tok_s, 3),
+        "tokenize_examples_per_s": round(len(examples) / tok_s, 1),
+        "tokenize_tokens_per_s": round(real_tokens / tok_s),
+        "loader_batch_size": args.batch_size, "seq_buckets": list(cfg.seq_sizes),
+        "group_by_length": args.group_by_length,
+        "loader_batches_per_s": round(len(counts) / epoch_s, 1),
+        "loader_tokens_per_s": round(loader_real / epoch_s),
+        "loader_padding_fraction": round(1 - loader_real / sum(c[1] for c in counts), 3),
+        "ratio_vs_sft_step_125_tok_s": round(
+            min(real_tokens / tok_s, loader_real / epoch_s) / SFT_STEP_TOKENS_PER_S),
+        "target_tokens_mean_stripped": round(float(np.mean([len(t) for t in ds.target])), 1),
+        "target_tokens_mean_annotated": round(float(np.mean([len(t) for t in raw.target])), 1),
+        "dropped_over_limits_stripped": ds.stats["dropped"],
+        "dropped_over_limits_annotated": raw.stats["dropped"],
+    }), flush=True)
+
+
+if __name__ == "__main__":
+    main()
