@@ -71,6 +71,11 @@ def test_reft_bad_records(tmp_path):
     path.write_text('[{"item_id": "a_0", "question": "q", "answer_value": "1"}]')
     with pytest.raises(DataError, match=r"r\.json:1: missing field 'answer_cot'"):
         read_reft_json(path, require_cot=True)
+    path.write_text('[{"item_id": "a_0", "question": "q", "answer_value": "B"}]')
+    [ex] = read_reft_json(path, numeric=False)
+    assert (ex.answer, ex.answer_value) == ("B", None)
+    with pytest.raises(DataError, match=r"r\.json:1: gold answer 'B' is not a number"):
+        read_reft_json(path)
     path.write_text('[{"item_id": "a_0",\n "question": "q" "answer_value": "1"}]')
     with pytest.raises(DataError, match=r"r\.json:2: malformed JSON"):
         read_reft_json(path)

@@ -158,8 +158,14 @@ def _json_list_with_lines(text: str, path: str) -> list[tuple[int, Any]]:
     return out
 
 
-def read_reft_json(path: str | os.PathLike, *, require_cot: bool = False) -> list[Example]:
-    """Read a ReFT-authors JSON file (N-CoT, P-CoT or a test set without CoT)."""
+def read_reft_json(path: str | os.PathLike, *, require_cot: bool = False,
+                   numeric: bool = True) -> list[Example]:
+    """Read a ReFT-authors JSON file (N-CoT, P-CoT or a test set without CoT).
+
+    Args:
+      require_cot: every record must have a non-empty ``answer_cot`` (training sets).
+      numeric: ``answer_value`` must be a number (False for MathQA's letter choices).
+    """
     path = os.fspath(path)
     with open(path, encoding="utf-8") as f:
         text = f.read()
@@ -175,8 +181,11 @@ def read_reft_json(path: str | os.PathLike, *, require_cot: bool = False) -> lis
         cot = ""
         if require_cot or "answer_cot" in obj:
             cot = _require_str(obj, "answer_cot", where).strip()
-        value = parse_number(answer, where)
-        out.append(Example(i, item_id, question, cot, answer.replace(",", ""), value))
+        if numeric:
+            value, answer = parse_number(answer, where), answer.replace(",", "")
+        else:
+            value = None
+        out.append(Example(i, item_id, question, cot, answer, value))
     _require_nonempty(out, path)
     return out
 

@@ -73,8 +73,7 @@ def load_gsm8k(split: str, *, data_dir=None, local_dir=None) -> list[Example]:
       data_dir: tfds cache (see `cache_dir`).
       local_dir: folder with ``{train,test}.jsonl`` (see `gsm8k_local_dir`).
     """
-    import tensorflow_datasets as tfds  # noqa: F401  (heavy: only when GSM8K is used)
-
+    # Imported here: tfds is only needed for GSM8K, not for the JSON formats.
     from reftjax.data.gsm8k_builder import Gsm8kReft
 
     if split not in ("train", "test"):
