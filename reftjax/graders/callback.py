@@ -14,22 +14,24 @@ pool), applies the optional reward-hacking guards, and keeps a record of the bat
     jax.block_until_ready(out)          # see the deadlock note below
     reward_fn.last.grades, reward_fn.last.counters, reward_fn.totals   # per-row info to log
 
-Why `io_callback(ordered=False)` and not `pure_callback`: `pure_callback` declares the function
-pure, so XLA may drop it, run it twice (e.g. under `jax.checkpoint`/rematerialisation or when a
-partitioner duplicates it) or hoist it; grading is costly (it runs programs) and has effects
-the trainer relies on (the `last` record and the guard counters), so a repeated call would
-double-count and a dropped one would leave stale logs. `io_callback` is never dropped or
-duplicated; `ordered=False` keeps it usable under SPMD with several devices (ordered effects
-are single-device only). Measured on this CPU: about 0.1-0.2 ms more per call than
-`pure_callback` (see `bench/graders.py`), noise next to grading itself.
+Why `io_callback(ordered=True)` and not `pure_callback`: `pure_callback` declares the function
+pure, so XLA may drop it, run it twice (e.g. under `jax.checkpoint`/rematerialisation) or hoist
+it; grading is costly (it runs programs) and has effects the trainer relies on (the `last`
+record and the guard counters), so a repeated call would double-count and a dropped one would
+leave stale logs. `io_callback` is never dropped or duplicated. `ordered=True` threads JAX's
+runtime token through consecutive steps, so step k+1's callback cannot start before step k's
+finished. That is what avoids the known deadlock: on 8 CPU devices, dispatching 100 steps of a
+jitted function with this callback and collectives without waiting deadlocked with
+`ordered=False` (rendezvous timeout, exit 134, in `tests/graders_callback_test.py`'s scenario)
+and completes with `ordered=True` (~3 s for 100-300 steps). Blocking on each step
+(`jax.block_until_ready`) also avoids it and is what an RL loop does anyway. Costs: ordered
+effects forbid `vmap` of the step (grade a batch instead) and add a fraction of a ms per call
+(`bench/graders.py` reports the overhead per batch).
 
 Sharding: the callback is given no `sharding` (a NamedSharding raises NotImplementedError), so
 XLA gathers the whole batch to one device, calls the host once per step with the global
 `B x T` array, and the result is constrained to `out_sharding` (e.g. the batch axis of the
-mesh) with `with_sharding_constraint`. Hazard measured on 8 CPU devices: dispatching many calls
-of a jitted function with a host callback and collectives without waiting can deadlock
-(rendezvous timeout). Callers must block on each step's result before dispatching the next
-(`jax.block_until_ready`), which an RL loop does anyway to read metrics one step late.
+mesh) with `with_sharding_constraint` (or `reshard` on Explicit-axis meshes).
 Never raises into XLA (raising inside a callback is undefined): any failure scores the whole
 batch 0 and is recorded in `last.error`.
 """
@@ -142,7 +144,7 @@ def grade_in_jit(host_fn: HostRewardFn, completion_ids_BxT: jax.Array, completio
     shape = jax.ShapeDtypeStruct(completion_ids_BxT.shape[:1], jnp.float32)
     rewards_B = io_callback(host_fn, shape, completion_ids_BxT.astype(jnp.int32),
                             completion_mask_BxT.astype(jnp.int32), example_idx_B.astype(jnp.int32),
-                            ordered=False)
+                            ordered=True)
     if out_sharding is None:
         return rewards_B
     mesh = getattr(out_sharding, "mesh", None)

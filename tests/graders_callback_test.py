@@ -1,0 +1,152 @@
+"""The jit bridge: rewards from inside jit equal direct grading on 1 and 8 devices."""
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from reftjax.graders.callback import decode_rows, grade_in_jit, make_reward_fn
+from reftjax.graders.guards import GuardConfig
+from reftjax.graders.reft import ReftGrader, reft_target
+
+B, T = 16, 48
+
+
+def _decode(rows):
+    return ["".join(chr(t) for t in row) for row in rows]
+
+
+def _batch(seed=0):
+    """Random N-CoT completions: right, wrong and unparseable answers, padded after a random length."""
+    rng = np.random.default_rng(seed)
+    items = [{"answer_value": str(v)} for v in rng.integers(0, 50, size=24)]
+    idx = rng.integers(0, len(items), size=B).astype(np.int32)
+    ids = np.zeros((B, T), np.int32)
+    mask = np.zeros((B, T), np.int32)
+    for b, i in enumerate(idx):
+        answer = [items[i]["answer_value"], "999", "??"][b % 3]
+        text = reft_target("so", answer)[: T - 3]
+        ids[b, : len(text)] = [ord(c) for c in text]
+        ids[b, len(text):] = ord("7")  # junk after the mask must be ignored
+        mask[b, : len(text)] = 1
+    return items, ids, mask, idx
+
+
+def _direct(items, ids, mask, idx, grader):
+    texts = decode_rows(ids, mask, _decode)
+    return np.asarray([g.score for g in grader.grade_batch([items[i] for i in idx], texts)], np.float32)
+
+
+def test_decode_stops_at_the_first_masked_position():
+    ids = np.array([[65, 66, 67, 68], [65, 66, 67, 68]], np.int32)
+    mask = np.array([[1, 1, 0, 1], [1, 1, 1, 1]], np.int32)
+    assert decode_rows(ids, mask, _decode) == ["AB", "ABCD"]
+
+
+def test_single_device_jit_matches_direct():
+    items, ids, mask, idx = _batch()
+    grader = ReftGrader()
+    fn = make_reward_fn(grader, items, _decode)
+    expected = _direct(items, ids, mask, idx, grader)
+    assert set(expected.tolist()) == {0.0, float(np.float32(0.1)), 1.0}
+    step = jax.jit(lambda a, m, i: grade_in_jit(fn, a, m, i) * 2.0)
+    dev = jax.devices()[0]
+    out = step(*(jax.device_put(x, dev) for x in (ids, mask, idx)))
+    assert out.sharding.device_set == {dev}
+    np.testing.assert_array_equal(np.asarray(out), expected * 2.0)
+    assert out.dtype == jnp.float32 and out.shape == (B,)
+    assert fn.last.counters["graded"] == B and len(fn.last.grades) == B
+    assert fn.last.texts[0].startswith("so\nTherefore")
+
+
+@pytest.mark.parametrize("explicit", [False, True])
+def test_eight_device_mesh_matches_direct_and_keeps_batch_sharding(explicit):
+    assert jax.device_count() == 8
+    items, ids, mask, idx = _batch(1)
+    grader = ReftGrader()
+    fn = make_reward_fn(grader, items, _decode)
+    if explicit:
+        mesh = jax.make_mesh((8,), ("data",))
+    else:
+        mesh = Mesh(np.array(jax.devices()), ("data",))
+    batch = NamedSharding(mesh, P("data"))
+    rows = NamedSharding(mesh, P("data", None))
+
+    @jax.jit
+    def step(a, m, i, values):
+        rewards = grade_in_jit(fn, a, m, i, out_sharding=batch)
+        return rewards - jnp.mean(rewards) + 0.0 * jnp.sum(values)  # collectives around it
+
+    args = (jax.device_put(ids, rows), jax.device_put(mask, rows), jax.device_put(idx, batch),
+            jax.device_put(np.ones(B, np.float32), batch))
+    out = step(*args)
+    expected = _direct(items, ids, mask, idx, grader)
+    np.testing.assert_allclose(np.asarray(out), expected - expected.mean(), rtol=1e-6, atol=1e-6)
+    assert out.sharding.spec == P("data")
+
+
+def test_bad_example_index_scores_zero_without_raising():
+    items, ids, mask, idx = _batch()
+    fn = make_reward_fn(ReftGrader(), items, _decode)
+    out = fn(ids, mask, np.full(B, 10_000, np.int32))
+    assert out.tolist() == [0.0] * B and "out of range" in fn.last.error
+
+
+def test_guards_zero_flagged_rewards_and_count():
+    items = [{"answer_value": "4"}]
+    texts = ["2+2=4, because two and two make four.\nTherefore, the answer is: 4",
+             "\nTherefore, the answer is: 4",
+             "2+2=4 by counting on fingers\nTherefore, the answer is: 4\nTherefore, the answer is: 4"]
+    ids = np.zeros((3, 120), np.int32)
+    mask = np.zeros((3, 120), np.int32)
+    for b, text in enumerate(texts):
+        ids[b, : len(text)] = [ord(c) for c in text]
+        mask[b, : len(text)] = 1
+    fn = make_reward_fn(ReftGrader(), items, _decode, guards=GuardConfig(max_tokens=80))
+    out = fn(ids, mask, np.zeros(3, np.int32))
+    assert out.tolist() == [1.0, 0.0, 0.0]
+    assert fn.last.counters["no_reasoning"] == 1 and fn.last.counters["repeated_answer"] == 1
+    assert fn.last.counters["too_long"] == 1  # the third text has 83 characters (tokens here)
+    assert fn.last.grades[1].details["guards"] == ["no_reasoning"]
+    discount = make_reward_fn(ReftGrader(), items, _decode,
+                              guards=GuardConfig(action="discount", discount=0.5))
+    assert discount(ids, mask, np.zeros(3, np.int32)).tolist() == [1.0, 0.5, 0.5]
+    assert discount.totals["graded"] == 3
+
+
+_DISPATCH = textwrap.dedent("""
+    import os, sys
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from reftjax.graders.callback import grade_in_jit, make_reward_fn
+    from reftjax.graders.reft import ReftGrader
+    fn = make_reward_fn(ReftGrader(), [{"answer_value": "0"}] * 64,
+                        lambda rows: ["".join(chr(t) for t in r) for r in rows])
+    mesh = jax.make_mesh((8,), ("data",))
+    sh = NamedSharding(mesh, P("data"))
+    @jax.jit
+    def f(a, m, i, x):
+        r = grade_in_jit(fn, a, m, i, out_sharding=sh)
+        return x + jnp.sum((r - jnp.mean(r)) * x)
+    rows = NamedSharding(mesh, P("data", None))
+    a = jax.device_put(np.full((64, 8), 48, np.int32), rows)
+    m = jax.device_put(np.ones((64, 8), np.int32), rows)
+    i = jax.device_put(np.zeros(64, np.int32), sh)
+    x = jax.device_put(np.ones(64, np.float32), sh)
+    outs = [f(a, m, i, x) for _ in range(int(sys.argv[1]))]  # no waiting between dispatches
+    jax.block_until_ready(outs)
+    print("ok", fn.totals["graded"])
+""")
+
+
+def test_many_dispatches_without_waiting_do_not_deadlock():  # ~3 s; deadlocked with ordered=False
+    """The REFERENCE hazard, in a subprocess so a deadlock fails the test instead of hanging it."""
+    proc = subprocess.run([sys.executable, "-c", _DISPATCH, "100"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["ok", str(100 * 64)]

@@ -1,0 +1,105 @@
+"""Hostile programs: each scores 0 within the limit, leaves no process or file behind."""
+import hashlib
+import os
+import socket
+import time
+
+import pytest
+
+from reftjax.graders.reft import ReftGrader
+from reftjax.graders.sandbox import SandboxConfig, SandboxJob, SandboxPool
+
+TIMEOUT_S = 1.0
+
+
+def _hostile(target_dir, port):
+    keep, gone = target_dir / "keep.txt", target_dir / "delete_me.txt"
+    return {
+        "infinite_loop": "    while True:\n        pass",
+        "fork_bomb": "    import os\n    while True:\n        os.fork()",
+        "subprocess": "    import subprocess\n    subprocess.run(['sh', '-c', 'sleep 100 &'])\n    return 7",
+        "alloc_10gb": "    x = bytearray(10 * 2**30)\n    return 7",
+        "write_file": f"    open({str(keep)!r}, 'w').write('pwned')\n    return 7",
+        "write_tmp": "    open('/tmp/reftjax_hostile_probe', 'w').write('x')\n    return 7",
+        "delete_file": f"    import os\n    os.remove({str(gone)!r})\n    return 7",
+        "rmtree": f"    import shutil\n    shutil.rmtree({str(target_dir)!r})\n    return 7",
+        "socket": f"    import socket\n    socket.create_connection(('127.0.0.1', {port}), timeout=0.5)\n    return 7",
+        "os_exit": "    import os\n    os._exit(0)",
+        "stdout_flood": "    while True:\n        print('x' * 100000)",
+        "signal_tamper": ("    import signal\n    for s in (signal.SIGTERM, signal.SIGXCPU, signal.SIGINT):\n"
+                          "        signal.signal(s, signal.SIG_IGN)\n    while True:\n        pass"),
+        "kill_parent": "    import os\n    os.kill(os.getppid(), 9)\n    return 7",
+        "recursion_bomb": "    def f(n):\n        return f(n + 1) + 1\n    return f(0)",
+        "deep_eval": "    return eval('(' * 100000 + ')' * 100000)",
+        "ctypes": "    import ctypes\n    ctypes.CDLL(None).fork()\n    return 7",
+    }
+
+
+def _digest(directory):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir())}
+
+
+def _nobody_pids():
+    pids = []
+    for entry in os.listdir("/proc"):
+        try:
+            if entry.isdigit() and os.stat(f"/proc/{entry}").st_uid == 65534:
+                pids.append(int(entry))
+        except OSError:
+            pass
+    return pids
+
+
+def test_hostile_programs_score_zero_and_leave_nothing_behind(tmp_path):
+    (tmp_path / "keep.txt").write_text("original")
+    (tmp_path / "delete_me.txt").write_text("still here")
+    before = _digest(tmp_path)
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    server.setblocking(False)
+    programs = _hostile(tmp_path, server.getsockname()[1])
+    items = [{"question": name, "answer_value": "7"} for name in programs]
+    with SandboxPool(SandboxConfig(timeout_s=TIMEOUT_S, memory_bytes=1 << 30)) as pool:
+        grader = ReftGrader(cot="python", pool=pool)
+        start = time.monotonic()
+        grades = grader.grade_batch(items, ["\n" + p for p in programs.values()])
+        elapsed = time.monotonic() - start
+        sanity = grader.grade_batch(items[:1], ["\n    return 7"])
+        servers = [s.proc.pid for s in pool._servers]
+    scores = {name: g.score for name, g in zip(programs, grades)}
+    assert scores == dict.fromkeys(programs, 0.0), {n: g.error for n, g in zip(programs, grades)}
+    assert all(g.error for g in grades)
+    assert sanity[0].score == 1.0  # the pool still works after the attacks
+    # 16 programs on >= 1 worker; the slow ones are bounded by the 1 s wall limit each.
+    assert elapsed < len(programs) * (TIMEOUT_S + 1.0)
+    assert _digest(tmp_path) == before
+    assert not os.path.exists("/tmp/reftjax_hostile_probe")
+    with pytest.raises(BlockingIOError):
+        server.accept()
+    server.close()
+    time.sleep(0.2)
+    assert _nobody_pids() == []
+    for pid in servers:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_pool_reports_isolation_and_limits_are_validated():
+    with pytest.raises(ValueError, match="timeout_s"):
+        SandboxConfig(timeout_s=0)
+    with pytest.raises(ValueError, match="memory_bytes"):
+        SandboxConfig(memory_bytes=1 << 20)
+    with SandboxPool(SandboxConfig(workers=1)) as pool:
+        assert pool.isolation["audit_hook"]
+        r = pool.run([SandboxJob("def grade(sample, item):\n    return {'a': [1, 2]}", "grade",
+                                 args=({"output_text": "x"}, {}))])
+        assert r[0].ok and r[0].value_json == {"a": [1, 2]}
+    with pytest.raises(RuntimeError, match="closed"):
+        pool.run([SandboxJob("def solution():\n    return 1")])
+
+
+def test_batch_keeps_order_across_workers():
+    jobs = [SandboxJob(f"def solution():\n    return {i}") for i in range(40)]
+    with SandboxPool(SandboxConfig(workers=3)) as pool:
+        assert [r.value_float for r in pool.run(jobs)] == [float(i) for i in range(40)]
