@@ -117,7 +117,8 @@ class RMSNorm(nn.Module):
                            (x.shape[-1],), self.param_dtype)
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return scale.astype(self.dtype) * y.astype(self.dtype)
+        # explicit broadcast: the project runs with jax_numpy_rank_promotion='raise'
+        return scale.astype(self.dtype).reshape((1,) * (x.ndim - 1) + (-1,)) * y.astype(self.dtype)
 
 
 def _norm(cfg: ModelConfig, name: str) -> RMSNorm:
