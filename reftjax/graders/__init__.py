@@ -1,0 +1,14 @@
+"""Reward graders for ReFT and OpenAI-RFT-style configs, a program sandbox and the jit bridge.
+
+Modules: `base` (Grade, Grader), `reft` (the ReFT authors' answer rules), `sandbox` (isolated
+program execution), `openai` + `build` (config-driven graders), `guards` (reward-hacking
+checks), `callback` (grading from inside `jax.jit`), `__main__` (CLI).
+"""
+from reftjax.graders.base import Grade, Grader, parallel_grade
+from reftjax.graders.build import ConfigError, build_grader, validate_grader
+from reftjax.graders.guards import GuardConfig
+from reftjax.graders.reft import ReftGrader, reft_target
+from reftjax.graders.sandbox import SandboxConfig, SandboxPool
+
+__all__ = ["ConfigError", "Grade", "Grader", "GuardConfig", "ReftGrader", "SandboxConfig",
+           "SandboxPool", "build_grader", "parallel_grade", "reft_target", "validate_grader"]

@@ -32,6 +32,19 @@ import time
 
 import sympy
 
+# Pre-imported for jobs: once a job runs as uid 65534 it may be unable to read the interpreter's
+# install dir (e.g. under /root), so modules a grader may want are loaded here, before the fork.
+import collections  # noqa: E402,F401
+import decimal  # noqa: E402,F401
+import difflib  # noqa: E402,F401
+import fractions  # noqa: E402,F401
+import functools  # noqa: E402,F401
+import itertools  # noqa: E402,F401
+import re  # noqa: E402,F401
+import statistics  # noqa: E402,F401
+import string  # noqa: E402,F401
+import sympy.parsing.sympy_parser  # noqa: E402,F401
+
 _NOBODY = 65534
 _RESULT_FD = 3
 _RESULT_CAP = 1 << 16
@@ -212,7 +225,17 @@ def _serve_one(job, root):
         return {"status": "crashed", "error": f"program ended without a result ({how})"}
 
 
+def _warm_up():
+    """Runs sympy's lazily imported paths once so jobs (maybe unable to import) find them loaded."""
+    x = sympy.Symbol("x")
+    expr = sympy.parsing.sympy_parser.parse_expr("2*(x+1)**2/3")
+    sympy.simplify(expr - x)
+    sympy.solve(expr - 1, x)
+    float(sympy.Rational(1, 3))
+
+
 def main():
+    _warm_up()
     # /dev/shm (tmpfs) when present: creating and removing a dir per job is ~10x cheaper there.
     base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
     root = tempfile.mkdtemp(prefix="reftjax-sandbox-", dir=base)

@@ -1,0 +1,67 @@
+"""CLI: `python -m reftjax.graders run|validate --grader GRADER.json [--samples SAMPLES.jsonl]`.
+
+`run` prints one JSON line per sample: {"index", "score", "extracted", "error"[, "details"]}.
+Each samples line is `{"item": {...reference fields...}, "sample": {"output_text": "..."}}`.
+`validate` builds the grader (and checks it against the first sample's item when given).
+Errors name the file and line and exit with status 2.
+"""
+import argparse
+import json
+import sys
+
+from reftjax.graders.build import ConfigError, build_grader, validate_grader
+
+
+def _load_samples(path):
+    items, texts = [], []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                items.append(row["item"])
+                texts.append(row["sample"]["output_text"])
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ConfigError(f"{path}:{lineno}: expected {{'item': {{...}}, 'sample': "
+                                  f"{{'output_text': ...}}}}: {exc!r}") from exc
+    return items, texts
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m reftjax.graders")
+    parser.add_argument("command", choices=("run", "validate"))
+    parser.add_argument("--grader", required=True, help="grader config JSON file")
+    parser.add_argument("--samples", help="JSONL of {item, sample} (required for run)")
+    args = parser.parse_args(argv)
+    try:
+        with open(args.grader, encoding="utf-8") as f:
+            try:
+                cfg = json.load(f)
+            except ValueError as exc:
+                raise ConfigError(f"{args.grader}:{getattr(exc, 'lineno', 1)}: invalid JSON: {exc}")
+        items, texts = _load_samples(args.samples) if args.samples else ([], [])
+        try:
+            grader = validate_grader(cfg, items[0] if items else None)
+        except ConfigError as exc:
+            raise ConfigError(f"{args.grader}: {exc}") from exc
+        if args.command == "validate":
+            print(json.dumps({"ok": True, "grader": type(grader).__name__}))
+            return 0
+        if not args.samples:
+            raise ConfigError("run needs --samples")
+        for i, item in enumerate(items[1:], 2):
+            try:
+                grader.validate(item)
+            except (KeyError, ValueError) as exc:
+                raise ConfigError(f"{args.samples}:{i}: {exc}") from exc
+        for i, grade in enumerate(grader.grade_batch(items, texts)):
+            print(json.dumps({"index": i, **grade.to_json()}))
+        return 0
+    except (ConfigError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

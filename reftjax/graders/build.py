@@ -1,0 +1,106 @@
+"""Builds and validates graders from dict/JSON configs (see `reftjax.graders.openai` for types)."""
+from __future__ import annotations
+
+import ast
+import dataclasses
+from typing import Any, Mapping
+
+from reftjax.graders import openai as oa
+from reftjax.graders.base import Item
+from reftjax.graders.reft import ReftGrader
+from reftjax.graders.sandbox import SandboxPool
+
+ConfigError = oa.ConfigError
+_METRICS = ("fuzzy_match", "bleu", "rouge_1", "rouge_2", "rouge_3", "rouge_4", "rouge_5", "rouge_l")
+_OPTIONAL = {"name", "pass_threshold", "range"}
+
+
+def _take(cfg: Mapping, where: str, required: tuple, optional: tuple = ()) -> dict:
+    missing = [k for k in required if k not in cfg]
+    if missing:
+        raise ConfigError(f"{where}: missing {missing} for type {cfg.get('type')!r}")
+    unknown = set(cfg) - set(required) - set(optional) - _OPTIONAL - {"type"}
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {sorted(unknown)} for type {cfg.get('type')!r}")
+    return {k: cfg[k] for k in (*required, *optional) if k in cfg}
+
+
+def _check_source(source: Any, where: str, entry: str) -> None:
+    if not isinstance(source, str):
+        raise ConfigError(f"{where}: source must be a string")
+    try:
+        tree = ast.parse(source)
+    except SyntaxError as exc:
+        raise ConfigError(f"{where}: source does not parse: line {exc.lineno}: {exc.msg}") from exc
+    if not any(isinstance(n, ast.FunctionDef) and n.name == entry for n in tree.body):
+        raise ConfigError(f"{where}: source must define {entry}(sample, item)")
+
+
+def build_grader(cfg: Mapping, pool: SandboxPool | None = None, where: str = "grader") -> Any:
+    """Builds a grader from a config dict; raises ConfigError naming the config path."""
+    if not isinstance(cfg, Mapping) or "type" not in cfg:
+        raise ConfigError(f"{where}: must be an object with a 'type'")
+    kind = cfg["type"]
+    try:
+        if kind == "string_check":
+            args = _take(cfg, where, ("input", "reference", "operation"))
+            if args["operation"] not in ("eq", "ne", "like", "ilike"):
+                raise ConfigError(f"{where}: operation must be eq, ne, like or ilike")
+            return oa.StringCheckGrader(**args)
+        if kind == "text_similarity":
+            args = _take(cfg, where, ("input", "reference", "evaluation_metric"))
+            if args["evaluation_metric"] not in _METRICS:
+                raise ConfigError(f"{where}: evaluation_metric {args['evaluation_metric']!r} is not "
+                                  f"supported in this version (supported: {', '.join(_METRICS)})")
+            return oa.TextSimilarityGrader(**args)
+        if kind == "python":
+            args = _take(cfg, where, ("source",), ("image_tag",))
+            _check_source(args["source"], where, "grade")
+            return oa.SandboxedGrader(args["source"], "grade", pool=pool)
+        if kind == "math_equiv":
+            args = _take(cfg, where, ("input", "reference"))
+            return oa.SandboxedGrader(oa.MATH_EQUIV_SOURCE, "equiv", args["input"], args["reference"], pool)
+        if kind == "multi":
+            args = _take(cfg, where, ("graders", "calculate_output"))
+            return _build_multi(args, pool, where)
+        if kind in ("reft", "gsm8k"):
+            fields = {f.name for f in dataclasses.fields(ReftGrader)} - {"pool"}
+            args = _take(cfg, where, (), tuple(fields))
+            if kind == "gsm8k":
+                args = {"extract": "gsm8k", "answer_field": "answer", **args}
+            return ReftGrader(**args, pool=pool)
+        if kind in ("score_model", "label_model"):
+            raise ConfigError(f"{where}: type {kind!r} needs a judge model and is not supported in "
+                              "this version")
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"{where}: {exc}") from exc
+    raise ConfigError(f"{where}: unknown grader type {kind!r}")
+
+
+def _build_multi(args: dict, pool: SandboxPool | None, where: str) -> oa.MultiGrader:
+    graders = args["graders"]
+    if not isinstance(graders, Mapping) or not graders:
+        raise ConfigError(f"{where}.graders: must be a non-empty object of named graders")
+    built = {name: build_grader(sub, pool, f"{where}.graders.{name}") for name, sub in graders.items()}
+    try:
+        tree = ast.parse(str(args["calculate_output"]), mode="eval")
+        oa._eval_formula(tree, dict.fromkeys(built, 0.5))
+    except SyntaxError as exc:
+        raise ConfigError(f"{where}.calculate_output: does not parse: {exc.msg}") from exc
+    except oa.ConfigError as exc:
+        raise ConfigError(f"{where}.calculate_output: uses unknown names or operations "
+                          f"(graders: {sorted(built)}): {exc}") from exc
+    return oa.MultiGrader(built, args["calculate_output"])
+
+
+def validate_grader(cfg: Mapping, item: Item | None = None) -> Any:
+    """Builds the grader (no programs run) and checks it against a sample item's fields."""
+    grader = build_grader(cfg)
+    if item is not None:
+        try:
+            grader.validate(item)
+        except (KeyError, ValueError) as exc:
+            raise ConfigError(f"grader does not fit the sample item: {exc}") from exc
+    return grader

@@ -1,0 +1,264 @@
+"""OpenAI-RFT-style graders configured from a dict/JSON, plus the ReFT graders by name.
+
+Config types (`build_grader(cfg)`):
+  * `{"type": "string_check", "input": "{{sample.output_text}}", "reference": "{{item.answer}}",
+     "operation": "eq" | "ne" | "like" | "ilike"}`: 1 or 0; `like` = reference is a substring of
+     input, `ilike` = the same ignoring case.
+  * `{"type": "text_similarity", "input": ..., "reference": ..., "evaluation_metric":
+     "fuzzy_match" | "bleu" | "rouge_1".."rouge_5" | "rouge_l"}`: fuzzy_match is
+     `rapidfuzz.fuzz.ratio / 100`; bleu is sentence BLEU-4 (uniform weights, brevity penalty,
+     +1 smoothing of n>1 precisions, whitespace tokens); rouge_n / rouge_l are F1 on lower-cased
+     whitespace tokens. `gleu`, `meteor`, `cosine` are rejected at validation.
+  * `{"type": "python", "source": "def grade(sample, item): ..."}`: run in the sandbox; the
+     returned number is clipped to [0, 1].
+  * `{"type": "math_equiv", "input": ..., "reference": ...}`: sympy equivalence in the sandbox.
+  * `{"type": "multi", "graders": {"name": {...}}, "calculate_output": "0.5*a + 0.5*b"}`: the
+     formula is parsed with `ast` (numbers, grader names, + - * / **, min/max/abs) and clipped.
+  * `{"type": "reft", "cot": "nl" | "python", "answer_field": "answer_value", ...}` and
+    `{"type": "gsm8k", "answer_field": "answer", "fallback": "none" | "last_number"}`.
+  * `score_model` / `label_model` need a judge model: rejected at validation ("not supported in
+    this version").
+Templates: `{{item.a.b}}`, `{{sample.output_text}}`, `{{sample.output_json.x}}`.
+"""
+from __future__ import annotations
+
+import ast
+import collections
+import dataclasses
+import json
+import math
+import operator
+import re
+from typing import Any, Mapping, Sequence
+
+from rapidfuzz import fuzz
+
+from reftjax.graders.base import Grade, Item, PerItemGrader, _check_lengths
+from reftjax.graders.reft import ReftGrader, default_pool
+from reftjax.graders.sandbox import SandboxJob, SandboxPool
+
+_TEMPLATE = re.compile(r"\{\{\s*([A-Za-z_][\w.]*)\s*\}\}")
+_UNSUPPORTED_METRICS = ("gleu", "meteor", "cosine")
+
+
+class ConfigError(ValueError):
+    """A grader config that cannot work; the message names the config path."""
+
+
+def _lookup(root: Mapping[str, Any], path: str, prefix: str) -> Any:
+    value: Any = root
+    for part in path.split("."):
+        if not isinstance(value, Mapping) or part not in value:
+            raise KeyError(f"template field {{{{{prefix}.{path}}}}} not found")
+        value = value[part]
+    return value
+
+
+def sample_of(text: str) -> dict:
+    """The `sample` namespace of templates: output_text and (if it parses) output_json."""
+    try:
+        output_json = json.loads(text)
+    except ValueError:
+        output_json = None
+    return {"output_text": text, "output_json": output_json}
+
+
+def render(template: str, sample: Mapping, item: Item) -> str:
+    """Fills `{{item.x}}` / `{{sample.y}}`; raises KeyError naming a missing field."""
+    def sub(match):
+        path = match.group(1)
+        head, _, rest = path.partition(".")
+        if head not in ("item", "sample") or not rest:
+            raise KeyError(f"template field {{{{{path}}}}} must start with item. or sample.")
+        value = _lookup(item if head == "item" else sample, rest, head)
+        return value if isinstance(value, str) else json.dumps(value)
+    return _TEMPLATE.sub(sub, template)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Templated(PerItemGrader):
+    input: str = "{{sample.output_text}}"
+    reference: str = ""
+
+    def validate(self, item: Item) -> None:
+        for template in (self.input, self.reference):
+            for path in _TEMPLATE.findall(template):
+                if path.startswith("item."):
+                    _lookup(item, path[5:], "item")
+                elif not path.startswith("sample.output_"):
+                    raise KeyError(f"template field {{{{{path}}}}} must be item.* or sample.output_*")
+
+    def pair(self, item: Item, text: str) -> tuple[str, str]:
+        sample = sample_of(text)
+        return render(self.input, sample, item), render(self.reference, sample, item)
+
+
+@dataclasses.dataclass(frozen=True)
+class StringCheckGrader(_Templated):
+    operation: str = "eq"
+
+    def grade(self, item: Item, text: str) -> Grade:
+        a, b = self.pair(item, text)
+        ops = {"eq": a == b, "ne": a != b, "like": b in a, "ilike": b.lower() in a.lower()}
+        return Grade(float(ops[self.operation]), extracted=a[:200])
+
+
+def _ngrams(tokens: list[str], n: int) -> collections.Counter:
+    return collections.Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
+
+
+def bleu(candidate: str, reference: str, max_n: int = 4) -> float:
+    """Sentence BLEU (uniform weights, brevity penalty, add-one smoothing for n > 1)."""
+    cand, ref = candidate.split(), reference.split()
+    if not cand or not ref:
+        return 0.0
+    log_p = 0.0
+    for n in range(1, max_n + 1):
+        c, r = _ngrams(cand, n), _ngrams(ref, n)
+        hits, total = sum((c & r).values()), max(sum(c.values()), 0)
+        if n == 1 and hits == 0:
+            return 0.0
+        smooth = 0 if n == 1 else 1
+        log_p += math.log((hits + smooth) / (total + smooth)) / max_n
+    brevity = min(0.0, 1.0 - len(ref) / len(cand))
+    return math.exp(log_p + brevity)
+
+
+def rouge(candidate: str, reference: str, kind: str) -> float:
+    """ROUGE-N (kind "1".."5") or ROUGE-L ("l") F1 on lower-cased whitespace tokens."""
+    cand, ref = candidate.lower().split(), reference.lower().split()
+    if not cand or not ref:
+        return 0.0
+    if kind == "l":
+        prev = [0] * (len(ref) + 1)
+        for tok in cand:
+            cur = [0]
+            for j, r in enumerate(ref):
+                cur.append(prev[j] + 1 if tok == r else max(prev[j + 1], cur[j]))
+            prev = cur
+        hits, n_cand, n_ref = prev[-1], len(cand), len(ref)
+    else:
+        n = int(kind)
+        c, r = _ngrams(cand, n), _ngrams(ref, n)
+        hits, n_cand, n_ref = sum((c & r).values()), sum(c.values()), sum(r.values())
+    if hits == 0:
+        return 0.0
+    p, q = hits / n_cand, hits / n_ref
+    return 2 * p * q / (p + q)
+
+
+@dataclasses.dataclass(frozen=True)
+class TextSimilarityGrader(_Templated):
+    evaluation_metric: str = "fuzzy_match"
+
+    def grade(self, item: Item, text: str) -> Grade:
+        a, b = self.pair(item, text)
+        m = self.evaluation_metric
+        if m == "fuzzy_match":
+            score = fuzz.ratio(a, b) / 100.0
+        elif m == "bleu":
+            score = bleu(a, b)
+        else:
+            score = rouge(a, b, m.split("_")[1])
+        return Grade(min(1.0, max(0.0, score)), extracted=a[:200])
+
+
+@dataclasses.dataclass(frozen=True)
+class SandboxedGrader:
+    """`python` (user `grade(sample, item)`) and `math_equiv` graders, batched in the sandbox."""
+
+    source: str
+    entry: str = "grade"
+    input: str = "{{sample.output_text}}"
+    reference: str = ""
+    pool: SandboxPool | None = dataclasses.field(default=None, compare=False, repr=False)
+    uses_sandbox = True
+
+    def validate(self, item: Item) -> None:
+        _Templated(self.input, self.reference).validate(item)
+
+    def _args(self, item: Item, text: str) -> tuple:
+        if self.entry == "grade":
+            return (sample_of(text), dict(item))
+        return _Templated(self.input, self.reference).pair(item, text)
+
+    def grade_batch(self, items: Sequence[Item], texts: Sequence[str]) -> list[Grade]:
+        _check_lengths(items, texts)
+        jobs, errors = [], {}
+        for i, (item, text) in enumerate(zip(items, texts)):
+            try:
+                jobs.append(SandboxJob(self.source, self.entry, self._args(item, text)))
+            except (KeyError, TypeError, ValueError) as exc:
+                errors[i] = f"input error: {exc}"
+                jobs.append(SandboxJob("def grade():\n    return 0", "grade"))
+        results = (self.pool or default_pool()).run(jobs)
+        grades = []
+        for i, r in enumerate(results):
+            if i in errors or not r.ok or r.value_float is None or math.isnan(r.value_float):
+                why = errors.get(i) or (f"{r.status}: {r.error}" if not r.ok else f"not a number: {r.value_str}")
+                grades.append(Grade(0.0, error=why))
+            else:
+                grades.append(Grade(min(1.0, max(0.0, r.value_float)), extracted=r.value_str))
+        return grades
+
+
+MATH_EQUIV_SOURCE = '''
+def equiv(pred, gold):
+    from sympy.parsing.sympy_parser import parse_expr, standard_transformations, implicit_multiplication_application
+    t = standard_transformations + (implicit_multiplication_application,)
+    clean = lambda s: s.strip().strip("$").replace("^", "**").replace(",", "")
+    a, b = parse_expr(clean(pred), transformations=t), parse_expr(clean(gold), transformations=t)
+    return 1.0 if sympy.simplify(a - b) == 0 else 0.0
+'''
+
+_BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
+           ast.Div: operator.truediv, ast.Pow: operator.pow}
+_FUNCS = {"min": min, "max": max, "abs": abs}
+
+
+def _eval_formula(node: ast.AST, env: Mapping[str, float]) -> float:
+    """Evaluates a parsed `calculate_output` formula; only arithmetic on numbers and names."""
+    if isinstance(node, ast.Expression):
+        return _eval_formula(node.body, env)
+    if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
+        return float(node.value)
+    if isinstance(node, ast.Name) and node.id in env:
+        return env[node.id]
+    if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
+        return _BINOPS[type(node.op)](_eval_formula(node.left, env), _eval_formula(node.right, env))
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        value = _eval_formula(node.operand, env)
+        return -value if isinstance(node.op, ast.USub) else value
+    if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _FUNCS
+            and not node.keywords and node.args):
+        return float(_FUNCS[node.func.id](*(_eval_formula(a, env) for a in node.args)))
+    raise ConfigError(f"calculate_output: unsupported expression {ast.dump(node)[:80]}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MultiGrader:
+    graders: Mapping[str, Any]
+    calculate_output: str
+
+    @property
+    def uses_sandbox(self) -> bool:
+        return any(getattr(g, "uses_sandbox", False) for g in self.graders.values())
+
+    def validate(self, item: Item) -> None:
+        for g in self.graders.values():
+            g.validate(item)
+
+    def grade_batch(self, items: Sequence[Item], texts: Sequence[str]) -> list[Grade]:
+        tree = ast.parse(self.calculate_output, mode="eval")
+        parts = {name: g.grade_batch(items, texts) for name, g in self.graders.items()}
+        out = []
+        for i in range(len(texts)):
+            env = {name: grades[i].score for name, grades in parts.items()}
+            try:
+                score = _eval_formula(tree, env)
+                error = None
+            except (ArithmeticError, ConfigError) as exc:
+                score, error = 0.0, f"calculate_output: {exc}"
+            score = 0.0 if math.isnan(score) else min(1.0, max(0.0, score))
+            out.append(Grade(score, error=error, details={"scores": env}))
+        return out

@@ -1,0 +1,120 @@
+"""Config-driven graders, their validation and the CLI."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from reftjax.graders.build import ConfigError, build_grader, validate_grader
+from reftjax.graders.openai import bleu, render, rouge
+
+ITEM = {"answer": "Paris", "meta": {"unit": "km"}}
+
+
+def _one(cfg, text, item=ITEM):
+    return build_grader(cfg).grade_batch([item], [text])[0]
+
+
+def test_string_check_operations():
+    base = {"type": "string_check", "input": "{{sample.output_text}}", "reference": "{{item.answer}}"}
+    assert _one({**base, "operation": "eq"}, "Paris").score == 1.0
+    assert _one({**base, "operation": "eq"}, "paris").score == 0.0
+    assert _one({**base, "operation": "ne"}, "Rome").score == 1.0
+    assert _one({**base, "operation": "like"}, "It is Paris.").score == 1.0
+    assert _one({**base, "operation": "like"}, "It is paris.").score == 0.0
+    assert _one({**base, "operation": "ilike"}, "It is PARIS.").score == 1.0
+
+
+def test_templates_nested_json_and_missing_fields():
+    sample = {"output_text": '{"x": {"y": 3}}', "output_json": {"x": {"y": 3}}}
+    assert render("{{ sample.output_json.x.y }} {{item.meta.unit}}", sample, ITEM) == "3 km"
+    with pytest.raises(KeyError, match="item.nope"):
+        render("{{item.nope}}", sample, ITEM)
+    cfg = {"type": "string_check", "input": "{{sample.output_json.city}}",
+           "reference": "{{item.answer}}", "operation": "eq"}
+    assert _one(cfg, '{"city": "Paris"}').score == 1.0
+    assert "not found" in _one(cfg, "not json").error
+
+
+def test_text_similarity_against_independent_implementations():
+    fuzzy = {"type": "text_similarity", "input": "{{sample.output_text}}",
+             "reference": "{{item.answer}}", "evaluation_metric": "fuzzy_match"}
+    assert _one(fuzzy, "Paris").score == 1.0 and 0.0 < _one(fuzzy, "Pariss").score < 1.0
+    cand, ref = "the cat sat on the mat today", "the cat sat on a mat today"
+    rouge_score = pytest.importorskip("rouge_score.rouge_scorer")
+    scorer = rouge_score.RougeScorer(["rouge1", "rouge2", "rougeL"])
+    expected = scorer.score(ref, cand)
+    assert rouge(cand, ref, "1") == pytest.approx(expected["rouge1"].fmeasure)
+    assert rouge(cand, ref, "2") == pytest.approx(expected["rouge2"].fmeasure)
+    assert rouge(cand, ref, "l") == pytest.approx(expected["rougeL"].fmeasure)
+    nltk_bleu = pytest.importorskip("nltk.translate.bleu_score")
+    smooth = nltk_bleu.SmoothingFunction().method2  # add-one for n > 1, as ours
+    assert bleu(cand, ref) == pytest.approx(
+        nltk_bleu.sentence_bleu([ref.split()], cand.split(), smoothing_function=smooth))
+    assert bleu(ref, ref) == pytest.approx(1.0)
+
+
+def test_python_math_equiv_and_multi():
+    python = {"type": "python",
+              "source": "def grade(sample, item):\n    return float(item['answer'] in sample['output_text'])"}
+    math_eq = {"type": "math_equiv", "input": "{{sample.output_text}}", "reference": "{{item.expr}}"}
+    multi = {"type": "multi", "calculate_output": "0.5 * py + 0.5 * eq",
+             "graders": {"py": python, "eq": math_eq}}
+    item = {"answer": "x", "expr": "2*(x+1)"}
+    grades = build_grader(multi).grade_batch([item] * 3, ["2x + 2", "x**2", "(("])
+    assert [g.score for g in grades] == [1.0, 0.5, 0.0]
+    assert grades[0].details["scores"] == {"py": 1.0, "eq": 1.0}
+    hostile = {"type": "python", "source": "def grade(sample, item):\n    import os\n    os.fork()\n    return 1"}
+    g = _one(hostile, "x")
+    assert g.score == 0.0 and "os.fork" in g.error
+
+
+@pytest.mark.parametrize("cfg, message", [
+    ({"type": "string_check", "input": "a", "reference": "b"}, "missing \\['operation'\\]"),
+    ({"type": "string_check", "input": "a", "reference": "b", "operation": "regex"}, "operation"),
+    ({"type": "text_similarity", "input": "a", "reference": "b", "evaluation_metric": "meteor"},
+     "not supported"),
+    ({"type": "python", "source": "def grade(:"}, "does not parse"),
+    ({"type": "python", "source": "def score(sample, item):\n    return 1"}, "must define grade"),
+    ({"type": "score_model", "model": "x", "input": []}, "not supported in this version"),
+    ({"type": "multi", "graders": {"a": {"type": "gsm8k"}}, "calculate_output": "a + b"},
+     "unknown names"),
+    ({"type": "multi", "graders": {"a": {"type": "gsm8k"}}, "calculate_output": "__import__('os')"},
+     "grader.calculate_output"),
+    ({"type": "multi", "graders": {"a": {"type": "nope"}}, "calculate_output": "a"},
+     "grader.graders.a: unknown grader type"),
+    ({"type": "reft", "cot": "java"}, "cot must be one of"),
+    ({"type": "reft", "answer_feld": "x"}, "unknown keys"),
+])
+def test_malformed_configs_fail_clearly(cfg, message):
+    with pytest.raises(ConfigError, match=message):
+        build_grader(cfg)
+
+
+def test_validation_against_a_sample_item_names_missing_fields():
+    cfg = {"type": "string_check", "input": "{{sample.output_text}}", "reference": "{{item.answr}}",
+           "operation": "eq"}
+    with pytest.raises(ConfigError, match="item.answr"):
+        validate_grader(cfg, ITEM)
+    with pytest.raises(ConfigError, match="answer_value"):
+        validate_grader({"type": "reft"}, ITEM)
+    validate_grader({"type": "gsm8k"}, {"answer": "so 3\n#### 3"})
+
+
+def test_cli_run_and_validate(tmp_path):
+    grader = tmp_path / "g.json"
+    grader.write_text(json.dumps({"type": "reft", "cot": "nl", "answer_field": "answer_value"}))
+    samples = tmp_path / "s.jsonl"
+    rows = [{"item": {"answer_value": "3"}, "sample": {"output_text": "1+2\nTherefore, the answer is: 3"}},
+            {"item": {"answer_value": "4"}, "sample": {"output_text": "no idea"}}]
+    samples.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    cmd = [sys.executable, "-m", "reftjax.graders"]
+    out = subprocess.run(cmd + ["run", "--grader", str(grader), "--samples", str(samples)],
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    assert [json.loads(line)["score"] for line in out] == [1.0, 0.0]
+    ok = subprocess.run(cmd + ["validate", "--grader", str(grader)], capture_output=True, text=True)
+    assert ok.returncode == 0 and json.loads(ok.stdout)["ok"]
+    samples.write_text(json.dumps(rows[0]) + "\n" + '{"item": {}}\n')
+    bad = subprocess.run(cmd + ["run", "--grader", str(grader), "--samples", str(samples)],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and f"{samples}:2:" in bad.stderr
