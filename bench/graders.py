@@ -1,0 +1,94 @@
+"""Grader throughput and jit-callback overhead; prints one JSON line.
+
+Run: `python bench/graders.py [--batch 256] [--repeats 5]` (needs ../shared/data).
+Reports medians: N-CoT and P-CoT completions graded per second at the batch size, N-CoT grading
+time at batch 64, and the per-batch overhead of `grade_in_jit` (jit + io_callback + transfer)
+over calling the host reward function directly. `grade_share_of_rollout(rollout_fn, ...)` gives
+the share of a rollout+grade step spent grading once a rollout callable exists.
+"""
+import argparse
+import json
+import pathlib
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from reftjax.graders.callback import grade_in_jit, make_reward_fn
+from reftjax.graders.reft import ReftGrader, reft_target
+from reftjax.graders.sandbox import SandboxPool
+
+DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / "reft"
+
+
+def _median_s(fn, repeats):
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _char_decode(rows):
+    return ["".join(map(chr, row)) for row in rows]
+
+
+def _encode(texts, width):
+    ids = np.zeros((len(texts), width), np.int32)
+    mask = np.zeros((len(texts), width), np.int32)
+    for b, text in enumerate(texts):
+        codes = [ord(c) for c in text[:width]]
+        ids[b, : len(codes)], mask[b, : len(codes)] = codes, 1
+    return ids, mask
+
+
+def grade_share_of_rollout(rollout_fn, host_fn, ids, mask, idx, repeats=5):
+    """Share of (rollout + grading) time spent grading; `rollout_fn()` runs one rollout."""
+    rollout = _median_s(lambda: jax.block_until_ready(rollout_fn()), repeats)
+    grade = _median_s(lambda: host_fn(ids, mask, idx), repeats)
+    return grade / (rollout + grade)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    b = args.batch
+    nl = json.loads((DATA / "svamp_nl.json").read_text())[:b]
+    py = json.loads((DATA / "svamp_python_sdp.json").read_text())[:b]
+    # Half right, half wrong answers: both code paths are exercised.
+    nl_texts = [reft_target(x["answer_cot"], x["answer_value"] if i % 2 else "1") for i, x in enumerate(nl)]
+    ncot = ReftGrader()
+    out = {"batch": b, "devices": jax.device_count()}
+    out["ncot_per_s"] = b / _median_s(lambda: ncot.grade_batch(nl, nl_texts), args.repeats)
+    out["ncot_batch64_ms"] = 1e3 * _median_s(lambda: ncot.grade_batch(nl[:64], nl_texts[:64]), args.repeats)
+    with SandboxPool() as pool:
+        pcot = ReftGrader(cot="python", pool=pool)
+        texts = [x["answer_cot"] for x in py]
+        pcot.grade_batch(py[:8], texts[:8])  # start the fork-servers
+        out["pcot_per_s"] = b / _median_s(lambda: pcot.grade_batch(py, texts), args.repeats)
+        out["sandbox_workers"] = len(pool._servers)
+        out["sandbox_isolation"] = pool.isolation
+    ids, mask = _encode(nl_texts, 512)
+    idx = np.arange(b, dtype=np.int32)
+    host_fn = make_reward_fn(ncot, nl, _char_decode)
+    step = jax.jit(lambda i, m, e: grade_in_jit(host_fn, i, m, e))
+    pure = jax.jit(lambda i, m, e: jax.pure_callback(
+        host_fn, jax.ShapeDtypeStruct((b,), jnp.float32), i, m, e))
+    dev = [jnp.asarray(x) for x in (ids, mask, idx)]
+    jax.block_until_ready((step(*dev), pure(*dev)))
+    direct = _median_s(lambda: host_fn(ids, mask, idx), args.repeats * 4)
+    in_jit = _median_s(lambda: jax.block_until_ready(step(*dev)), args.repeats * 4)
+    in_pure = _median_s(lambda: jax.block_until_ready(pure(*dev)), args.repeats * 4)
+    out["host_fn_ms"] = 1e3 * direct
+    out["callback_overhead_ms"] = 1e3 * (in_jit - direct)
+    out["pure_callback_overhead_ms"] = 1e3 * (in_pure - direct)
+    print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in out.items()}))
+
+
+if __name__ == "__main__":
+    main()
