@@ -54,3 +54,23 @@ def smollm_tokenizer(smollm_path):
     from reftjax.hf import load_tokenizer
 
     return load_tokenizer(smollm_path)
+
+
+@pytest.fixture(scope="session")
+def smollm_model(smollm_path):
+    """reftjax `LoadedModel` of SmolLM2-135M-Instruct (float32), loaded once per session."""
+    from reftjax.hf import load_model
+
+    return load_model(smollm_path)
+
+
+@pytest.fixture(scope="session")
+def smollm_torch(smollm_path):
+    """transformers' own GGUF reading of SmolLM2 (torch, float32, eager attention): the reference."""
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(smollm_path.parent, gguf_file=smollm_path.name,
+                                                 dtype=torch.float32, attn_implementation="eager")
+    return model.eval()

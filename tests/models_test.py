@@ -1,0 +1,166 @@
+"""reftjax.models: logits parity with transformers (torch) and prefill/decode consistency.
+
+The reference for every architecture is transformers' own PyTorch model in
+float32 with eager attention: tiny random Llama (plain and Llama-3 RoPE
+scaling), Mistral (sliding window shorter than the sequence) and Qwen2 (qkv
+bias) built from transformers config classes and saved with `save_pretrained`,
+and the real SmolLM2-135M-Instruct read from its GGUF by transformers' own
+GGUF loader. Batches are left-padded with rows of different lengths.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from reftjax.hf import load_model
+from reftjax.models import decode_step, forward, init_params, prefill, unstack_layers
+from reftjax.models import ModelConfig, RopeScaling
+
+torch = pytest.importorskip("torch")
+
+TINY = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5)
+LENGTHS = (13, 7, 10)  # real tokens per row; the batch is left-padded to the longest
+
+
+def _hf_config(kind: str):
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    if kind == "llama":
+        return LlamaConfig(**TINY)
+    if kind == "llama3_rope":  # original context 8 < 13 tokens: low, medium and high frequencies all occur
+        return LlamaConfig(**TINY, rope_parameters={
+            "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8})
+    if kind == "mistral":
+        return MistralConfig(**TINY, sliding_window=4)
+    if kind == "qwen2":
+        return Qwen2Config(**TINY, tie_word_embeddings=True)
+    raise ValueError(kind)
+
+
+def _torch_tiny(kind: str, directory):
+    """A random torch model of `kind` with non-trivial norms and biases, saved to `directory`."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(_hf_config(kind), attn_implementation="eager").eval()
+    with torch.no_grad():  # default init has unit norms and zero biases, which would hide mapping bugs
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.3 * torch.randn_like(p))
+            else:
+                p.normal_(0.0, 0.15)
+    model.save_pretrained(directory)
+    return model
+
+
+def left_padded(rows: list[list[int]], pad_id: int):
+    """(tokens_BxT, mask_BxT) as int32 NumPy arrays, rows right-aligned."""
+    t = max(len(r) for r in rows)
+    tokens = np.full((len(rows), t), pad_id, np.int32)
+    mask = np.zeros((len(rows), t), np.int32)
+    for i, r in enumerate(rows):
+        tokens[i, t - len(r):] = r
+        mask[i, t - len(r):] = 1
+    return tokens, mask
+
+
+def torch_logits(model, tokens, mask) -> np.ndarray:
+    """Reference logits with explicit positions (transformers does not derive them from the mask)."""
+    positions = np.maximum(np.cumsum(mask, axis=-1) - 1, 0)
+    with torch.no_grad():
+        out = model(input_ids=torch.as_tensor(tokens, dtype=torch.long),
+                    attention_mask=torch.as_tensor(mask, dtype=torch.long),
+                    position_ids=torch.as_tensor(positions, dtype=torch.long))
+    return out.logits.float().numpy()
+
+
+def assert_logits_match(ours, ref, mask, rel_tol: float) -> float:
+    """Compare on real (non-padding) positions; returns max |diff| / max |ref|."""
+    real = mask.astype(bool)
+    ours, ref = np.asarray(ours, np.float64)[real], np.asarray(ref, np.float64)[real]
+    rel = float(np.abs(ours - ref).max() / np.abs(ref).max())
+    assert rel < rel_tol, f"max |diff| / scale = {rel:.2e}"
+    np.testing.assert_array_equal(ours.argmax(-1), ref.argmax(-1))
+    return rel
+
+
+@pytest.mark.parametrize("kind", ["llama", "llama3_rope", "mistral", "qwen2"])
+def test_tiny_logits_match_transformers(kind, tmp_path):
+    ref_model = _torch_tiny(kind, tmp_path)
+    loaded = load_model(tmp_path, with_tokenizer=False)
+    cfg = loaded.config
+    assert cfg.model_type == ("llama" if kind.startswith("llama") else kind)
+    assert (cfg.sliding_window == 4) == (kind == "mistral")
+    assert (cfg.rope_scaling.kind == "llama3") == (kind == "llama3_rope")
+    assert cfg.qkv_bias == (kind == "qwen2")
+    rng = np.random.default_rng(1)
+    tokens, mask = left_padded([list(rng.integers(0, TINY["vocab_size"], n)) for n in LENGTHS], pad_id=0)
+    ours, _ = jax.jit(forward, static_argnums=1)(loaded.params, cfg, tokens, mask)
+    rel = assert_logits_match(ours, torch_logits(ref_model, tokens, mask), mask, rel_tol=1e-5)
+    print(f"{kind}: max|diff|/scale={rel:.1e}")
+    if kind in ("mistral", "llama3_rope"):  # the feature under test must change the result
+        plain = cfg.replace(sliding_window=None, rope_scaling=RopeScaling())
+        other, _ = jax.jit(forward, static_argnums=1)(loaded.params, plain, tokens, mask)
+        assert np.abs(np.asarray(other) - np.asarray(ours)).max() > 1e-2 * np.abs(np.asarray(ours)).max()
+
+
+@pytest.mark.gguf
+def test_smollm_logits_match_transformers_gguf(smollm_model, smollm_torch):
+    texts = ["Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May.",
+             "The capital of France is",
+             "def add(a, b):\n    return a + b\n\nprint(add(2, 3))"]
+    tok = smollm_model.tokenizer
+    tokens, mask = left_padded([tok(t)["input_ids"] for t in texts], pad_id=tok.pad_token_id)
+    assert len({int(m.sum()) for m in mask}) == 3
+    ours, _ = jax.jit(forward, static_argnums=1)(smollm_model.params, smollm_model.config, tokens, mask)
+    ref = torch_logits(smollm_torch, tokens, mask)
+    rel = assert_logits_match(ours, ref, mask, rel_tol=1e-3)
+    print(f"SmolLM2 GGUF: max|diff|/scale={rel:.1e} (scale {np.abs(ref[mask.astype(bool)]).max():.1f})")
+
+
+# ----------------------------------------------------------------------------- prefill / decode
+
+
+@functools.partial(jax.jit, static_argnums=(1, 4))
+def _prefill_then_decode(params, cfg: ModelConfig, prompt_BxP, mask_BxP, cache_len: int, forced_BxN):
+    """Prefill, then teacher-force `forced_BxN` one token per step (a scan, as a sampler would)."""
+    last_logits, _, caches = prefill(params, cfg, prompt_BxP, mask_BxP, cache_len)
+    b, p = prompt_BxP.shape
+    valid = jnp.pad(mask_BxP, ((0, 0), (0, cache_len - p)))
+    layers = unstack_layers(params)
+
+    def step(carry, i):
+        caches, valid, pos = carry
+        slot = p + i
+        valid = valid.at[:, slot].set(1)
+        logits, _, caches = decode_step(params, layers, cfg, forced_BxN[:, i], pos, caches, slot, valid)
+        return (caches, valid, pos + 1), logits
+
+    start = jnp.sum(mask_BxP, axis=-1).astype(jnp.int32)  # next position = number of real prompt tokens
+    _, logits_NxBxV = jax.lax.scan(step, (caches, valid, start), jnp.arange(forced_BxN.shape[1]))
+    return last_logits, jnp.swapaxes(logits_NxBxV, 0, 1)
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_prefill_and_decode_match_full_forward(window):
+    cfg = ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+                      num_kv_heads=2, sliding_window=window, model_type="mistral" if window else "llama")
+    params = init_params(cfg, jax.random.key(3))
+    params = jax.tree.map(lambda x: x * 5.0, params)  # larger weights: sharper, more sensitive logits
+    rng = np.random.default_rng(0)
+    prompt, pmask = left_padded([list(rng.integers(1, 61, n)) for n in (6, 3, 5)], pad_id=0)
+    forced = rng.integers(1, 61, (3, 4)).astype(np.int32)
+    last, decoded = _prefill_then_decode(params, cfg, prompt, pmask, 12, forced)
+
+    full_tokens = np.concatenate([prompt, forced], axis=1)
+    full_mask = np.concatenate([pmask, np.ones_like(forced)], axis=1)
+    full, _ = jax.jit(forward, static_argnums=1)(params, cfg, full_tokens, full_mask)
+    p = prompt.shape[1]
+    scale = float(jnp.abs(full).max())
+    assert scale > 1.0
+    np.testing.assert_allclose(last, full[:, p - 1], atol=1e-5 * scale, rtol=0)
+    np.testing.assert_allclose(decoded, full[:, p:], atol=1e-5 * scale, rtol=0)
