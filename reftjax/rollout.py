@@ -1,0 +1,266 @@
+"""`rollout`: batched sampling with a KV cache, entirely inside XLA.
+
+    prompts [B, P] (left-padded) --prefill--> caches [L x (B*n, S=P+N, kv, hd)]
+    lax.while_loop (exits once every row is done or N tokens were sampled):
+        sample token_i from logits (greedy / temperature / top-k / top-p)
+        record token_i, its log-prob and mask_i = not done_before_i
+        done |= token_i in eos_ids or a stop sequence just completed
+        decode_step(token_i) at slot P+i -> logits for token_{i+1}
+
+Completion layout (right-padded, mask covers tokens up to and including EOS):
+
+    tokens:  t0  t1  t2  EOS pad pad
+    mask:     1   1   1   1   0   0
+
+Static: model config, sampling config (incl. N = `max_new_tokens` and n
+samples per prompt) and the input shapes. Prompt lengths come from a few
+buckets and batch sizes are fixed by the caller, so a run compiles a handful of
+times; `compile_count()` reports how many. The decode loop touches the host
+never: no callbacks, no Python loop over tokens.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from reftjax.models import ModelConfig, decode_step, prefill, unstack_layers
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How completions are sampled (hashable: a static argument of `rollout`).
+
+    Attributes:
+      max_new_tokens: completion buffer length N (a bucket; the loop may stop earlier).
+      temperature: softmax temperature (ReFT: 1.0).
+      top_k: keep the k most likely tokens (0: off; ReFT: 0).
+      top_p: nucleus threshold (1.0: off; ReFT: 1.0).
+      greedy: argmax decoding (evaluation top-1); overrides the three above.
+      n: samples per prompt; rows come out prompt-major (p0s0, p0s1, ..., p1s0, ...).
+      eos_ids: token ids that end a completion (included in it, mask 1).
+      stop_sequences: token-id sequences that also end a completion (included).
+      pad_id: written after the end of a completion.
+    """
+
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    greedy: bool = False
+    n: int = 1
+    eos_ids: tuple[int, ...] = ()
+    stop_sequences: tuple[tuple[int, ...], ...] = ()
+    pad_id: int = 0
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be >= 1")
+        if not self.greedy and self.temperature <= 0:
+            raise ValueError("temperature must be > 0 (use greedy=True for argmax)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+        if self.top_k < 0 or self.n < 1:
+            raise ValueError("top_k must be >= 0 and n >= 1")
+
+
+@flax.struct.dataclass
+class Rollout:
+    """Sampled completions; rows are prompt-major (`prompt_index` says which prompt).
+
+    Attributes:
+      prompt_tokens_BxP, prompt_mask_BxP: the (repeated) left-padded prompts.
+      tokens_BxN: completion tokens, right-padded with pad_id.
+      logprobs_BxN: log-prob of each sampled token under the sampling
+        distribution (softmax of logits / temperature; top-k/top-p truncation is
+        not renormalised in, as in vLLM/TRL). At temperature 1 this equals the
+        policy's teacher-forced log-prob, which PPO uses as `logp_old`.
+      mask_BxN: 1 for completion tokens up to and including the stop token.
+      lengths_B: number of completion tokens (sum of mask).
+      finished_B: True when the row stopped on EOS / a stop sequence.
+      prompt_index_B: index of the prompt (0..B/n-1) each row was sampled from.
+    """
+
+    prompt_tokens_BxP: jax.Array
+    prompt_mask_BxP: jax.Array
+    tokens_BxN: jax.Array
+    logprobs_BxN: jax.Array
+    mask_BxN: jax.Array
+    lengths_B: jax.Array
+    finished_B: jax.Array
+    prompt_index_B: jax.Array
+
+
+def sample_logits(logits_BxV: jax.Array, rng: jax.Array, cfg: SamplingConfig):
+    """Draw one token per row; return (tokens_B, logprobs_B)."""
+    logits = logits_BxV.astype(jnp.float32)
+    if cfg.greedy:
+        tok = jnp.argmax(logits, axis=-1)
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        return tok.astype(jnp.int32), jnp.take_along_axis(logp, tok[:, None], axis=-1)[:, 0]
+    scaled = logits / cfg.temperature
+    logp = jax.nn.log_softmax(scaled, axis=-1)
+    masked = scaled
+    if cfg.top_k > 0:
+        kth = jax.lax.top_k(scaled, cfg.top_k)[0][:, -1:]
+        masked = jnp.where(scaled < kth, -jnp.inf, masked)
+    if cfg.top_p < 1.0:
+        # Smallest set of tokens whose probability reaches top_p (the first always kept).
+        sorted_desc = -jnp.sort(-masked, axis=-1)
+        probs = jax.nn.softmax(sorted_desc, axis=-1)
+        cum_before = jnp.cumsum(probs, axis=-1) - probs
+        keep = cum_before < cfg.top_p
+        threshold = jnp.min(jnp.where(keep, sorted_desc, jnp.inf), axis=-1, keepdims=True)
+        masked = jnp.where(masked < threshold, -jnp.inf, masked)
+    tok = jax.random.categorical(rng, masked, axis=-1).astype(jnp.int32)
+    return tok, jnp.take_along_axis(logp, tok[:, None], axis=-1)[:, 0]
+
+
+def _stopped(tokens_BxN, step, tok_B, cfg: SamplingConfig):
+    hit = jnp.isin(tok_B, jnp.asarray(cfg.eos_ids, jnp.int32)) if cfg.eos_ids else jnp.zeros_like(tok_B, bool)
+    for seq in cfg.stop_sequences:
+        n = len(seq)
+        start = jnp.maximum(step - n + 1, 0)
+        window = jax.lax.dynamic_slice_in_dim(tokens_BxN, start, n, axis=1) if n <= tokens_BxN.shape[1] else None
+        if window is None:
+            continue
+        hit |= jnp.all(window == jnp.asarray(seq, jnp.int32)[None, :], axis=1) & (step >= n - 1)
+    return hit
+
+
+@flax.struct.dataclass
+class _LoopState:
+    step: jax.Array
+    done_B: jax.Array
+    logits_BxV: jax.Array
+    tokens_BxN: jax.Array
+    logprobs_BxN: jax.Array
+    mask_BxN: jax.Array
+    key_valid_BxS: jax.Array
+    caches: list
+    rng: jax.Array
+
+
+def _rollout(params, prompt_tokens_BxP, prompt_mask_BxP, rng, model_cfg: ModelConfig, cfg: SamplingConfig):
+    n_new = cfg.max_new_tokens
+    tokens = jnp.repeat(prompt_tokens_BxP, cfg.n, axis=0)
+    pmask = jnp.repeat(prompt_mask_BxP, cfg.n, axis=0).astype(jnp.int32)
+    b, p = tokens.shape
+    s = p + n_new
+    logits, _, caches = prefill(params, model_cfg, tokens, pmask, cache_len=s)
+    # One weight copy per rollout; the barrier stops XLA from sinking the slices
+    # into the loop body (which would copy every layer's weights every step).
+    layer_params = jax.lax.optimization_barrier(unstack_layers(params))
+    prompt_len = jnp.sum(pmask, axis=1)
+    key_valid = jnp.concatenate([pmask.astype(bool), jnp.zeros((b, n_new), bool)], axis=1)
+
+    def cond(st: _LoopState):
+        return (st.step < n_new) & ~jnp.all(st.done_B)
+
+    def body(st: _LoopState):
+        rng, sub = jax.random.split(st.rng)
+        tok, logp = sample_logits(st.logits_BxV, sub, cfg)
+        tok = jnp.where(st.done_B, cfg.pad_id, tok)
+        col = lambda buf, val: jax.lax.dynamic_update_slice_in_dim(buf, val[:, None], st.step, axis=1)  # noqa: E731
+        out_tokens = col(st.tokens_BxN, tok)
+        out_logp = col(st.logprobs_BxN, jnp.where(st.done_B, 0.0, logp))
+        out_mask = col(st.mask_BxN, (~st.done_B).astype(jnp.int32))
+        done = st.done_B | _stopped(out_tokens, st.step, tok, cfg)
+        slot = p + st.step
+        key_valid = jax.lax.dynamic_update_slice_in_dim(st.key_valid_BxS, jnp.ones((b, 1), bool), slot, axis=1)
+        logits, _, caches = decode_step(params, layer_params, model_cfg, tok, prompt_len + st.step, st.caches,
+                                        slot, key_valid)
+        return _LoopState(st.step + 1, done, logits, out_tokens, out_logp, out_mask, key_valid, caches, rng)
+
+    init = _LoopState(
+        step=jnp.zeros((), jnp.int32), done_B=jnp.zeros((b,), bool), logits_BxV=logits,
+        tokens_BxN=jnp.full((b, n_new), cfg.pad_id, jnp.int32), logprobs_BxN=jnp.zeros((b, n_new), jnp.float32),
+        mask_BxN=jnp.zeros((b, n_new), jnp.int32), key_valid_BxS=key_valid, caches=caches, rng=rng)
+    final = jax.lax.while_loop(cond, body, init)
+    return Rollout(
+        prompt_tokens_BxP=tokens, prompt_mask_BxP=pmask, tokens_BxN=final.tokens_BxN,
+        logprobs_BxN=final.logprobs_BxN, mask_BxN=final.mask_BxN, lengths_B=jnp.sum(final.mask_BxN, axis=1),
+        finished_B=final.done_B, prompt_index_B=jnp.repeat(jnp.arange(prompt_tokens_BxP.shape[0]), cfg.n))
+
+
+_rollout_jit = jax.jit(_rollout, static_argnames=("model_cfg", "cfg"))
+
+
+def rollout(params, prompt_tokens_BxP, prompt_mask_BxP, rng, *, model_cfg: ModelConfig,
+            cfg: SamplingConfig) -> Rollout:
+    """Sample `cfg.n` completions for each left-padded prompt (jit-compiled, sharding-agnostic).
+
+    Params and prompts may be sharded (NamedSharding over a mesh: batch rows
+    over the data axes); XLA propagates the layout to caches and outputs.
+    """
+    return _rollout_jit(params, prompt_tokens_BxP, prompt_mask_BxP, rng, model_cfg=model_cfg, cfg=cfg)
+
+
+def compile_count() -> int:
+    """How many distinct programs `rollout` has compiled in this process."""
+    return _rollout_jit._cache_size()
+
+
+# ----------------------------------------------------------------------------- host-side convenience
+
+
+def bucket(length: int, buckets: Sequence[int]) -> int:
+    for b in sorted(buckets):
+        if length <= b:
+            return b
+    raise ValueError(f"length {length} exceeds the largest bucket {max(buckets)}")
+
+
+def left_pad(rows: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pad token lists to [len(rows), length] with a 0/1 mask."""
+    tokens = np.full((len(rows), length), pad_id, np.int32)
+    mask = np.zeros((len(rows), length), np.int32)
+    for i, r in enumerate(rows):
+        if len(r) > length:
+            raise ValueError(f"row {i} has {len(r)} tokens > {length}")
+        if len(r):
+            tokens[i, length - len(r):] = r
+            mask[i, length - len(r):] = 1
+    return tokens, mask
+
+
+def encode_prompts(tokenizer, texts: Sequence[str], chat: bool) -> list[list[int]]:
+    if chat:
+        return [list(tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
+                                                   tokenize=True, return_dict=False)) for t in texts]
+    return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
+def decode_completions(tokenizer, r: Rollout, skip_special_tokens: bool = True) -> list[str]:
+    tokens, lengths = np.asarray(r.tokens_BxN), np.asarray(r.lengths_B)
+    return tokenizer.batch_decode([tokens[i, :lengths[i]].tolist() for i in range(len(lengths))],
+                                  skip_special_tokens=skip_special_tokens)
+
+
+def generate(params, model_cfg: ModelConfig, tokenizer, texts: Sequence[str], *, cfg: SamplingConfig | None = None,
+             chat: bool = True, rng: jax.Array | None = None, prompt_buckets: Sequence[int] = (64, 128, 256, 512),
+             batch_size: int | None = None, mesh=None) -> list[str]:
+    """Text in, text out: tokenize (chat template or raw), bucket, `rollout`, detokenize.
+
+    Rows are padded to `batch_size` (default: len(texts)) so repeated calls with
+    the same sizes reuse one compiled program. Returns len(texts) * cfg.n strings.
+    """
+    eos = tuple(model_cfg.eos_token_ids) or ((tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ())
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    cfg = cfg or SamplingConfig(greedy=True, eos_ids=eos, pad_id=pad)
+    ids = encode_prompts(tokenizer, texts, chat)
+    length = bucket(max(len(r) for r in ids), prompt_buckets)
+    bsz = batch_size or len(ids)
+    rows = list(ids) + [ids[0]] * (bsz - len(ids))
+    tokens, mask = left_pad(rows, length, pad)
+    if mesh is not None:
+        from reftjax.sharding import shard_batch
+
+        tokens, mask = shard_batch((tokens, mask), mesh)
+    out = rollout(params, tokens, mask, rng if rng is not None else jax.random.key(0), model_cfg=model_cfg, cfg=cfg)
+    return decode_completions(tokenizer, out)[: len(texts) * cfg.n]

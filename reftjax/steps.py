@@ -1,0 +1,360 @@
+"""The jit-compiled training steps: `sft_step`, `make_experience` and `ppo_step`.
+
+State is one explicit pytree (`TrainState`); every step is a pure function
+`(state, batch) -> (state, metrics)` compiled once per shape with the state
+donated. The only host interaction inside any step is the grader callback in
+`make_experience` (an ordered `io_callback`, see `reftjax.graders.callback`).
+
+ReFT PPO (lqtrung1998/mwp_ReFT `train_rl_reft.py`, functions `rollout` and
+`train_one_epoch`), per iteration:
+
+    rollout (reftjax.rollout)        prompts -> completions (policy, temperature 1)
+    make_experience                  one no-grad forward of policy+value and of the
+                                     frozen reference; grader score on the EOS token;
+                                     reward_t = score*[t=last] - beta*(logp_old - logp_ref);
+                                     GAE(gamma=1, lambda=0.95); advantages whitened over
+                                     the whole batch (global reduction across devices)
+    ppo_step                         `ppo_epochs` x minibatches (lax.scan) of
+                                     clipped-ratio policy loss + vf_coef x clipped value
+                                     loss (0.5 inside), AdamW, grad clip 1.0
+
+GRPO/RLOO (critic-free) share everything but the advantage (group-relative over
+the n samples of each prompt) and put the KL (k3) in the loss.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from reftjax import losses
+from reftjax.models import ModelConfig, ValueHead, forward, lm_logits
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with a schedule and global-norm clipping.
+
+    Defaults: the ReFT SFT warm-up (lr 1e-5, linear decay, 10% warm-up, no weight decay, clip 1.0).
+    """
+
+    learning_rate: float = 1e-5
+    schedule: str = "linear"  # "constant" | "linear" | "cosine"
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+
+    def __post_init__(self):
+        if self.schedule not in ("constant", "linear", "cosine"):
+            raise ValueError(f"schedule={self.schedule!r}; expected constant, linear or cosine")
+        if not 0 <= self.warmup_ratio < 1 or self.learning_rate <= 0:
+            raise ValueError("need 0 <= warmup_ratio < 1 and learning_rate > 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOConfig:
+    """RL update settings; defaults are the ReFT authors' (N-CoT, ~125M model).
+
+    Attributes:
+      algo: "ppo" (ReFT: critic + GAE), "grpo" or "rloo" (critic-free, group-relative).
+      kl_coef: beta. PPO: per-token k1 penalty in the reward (0.05 N-CoT, 0.01 P-CoT);
+        GRPO/RLOO: k3 KL term in the loss.
+      gamma, gae_lambda: GAE (1.0, 0.95).
+      clip_eps: policy ratio clip (0.2).
+      clip_range_value: value clip around the old value (0.2).
+      vf_coef: value loss weight (5.0; the 0.5 sits inside the value loss).
+      ppo_epochs: passes over each rollout batch (2).
+      minibatch_size: rows per gradient step (global).
+      whiten_advantages: whiten PPO advantages over the whole batch (mean removed).
+      loss_agg: "seq-mean-token-mean" (ReFT, DeepSeekMath) or "token-mean".
+      group_size: samples per prompt for GRPO/RLOO (rows are prompt-major).
+    """
+
+    algo: str = "ppo"
+    kl_coef: float = 0.05
+    gamma: float = 1.0
+    gae_lambda: float = 0.95
+    clip_eps: float = 0.2
+    clip_range_value: float = 0.2
+    vf_coef: float = 5.0
+    ppo_epochs: int = 2
+    minibatch_size: int = 4
+    whiten_advantages: bool = True
+    loss_agg: str = "seq-mean-token-mean"
+    group_size: int = 1
+
+    def __post_init__(self):
+        if self.algo not in ("ppo", "grpo", "rloo"):
+            raise ValueError(f"algo={self.algo!r}; expected ppo, grpo or rloo")
+        if self.algo != "ppo" and self.group_size < 2:
+            raise ValueError(f"{self.algo} needs group_size >= 2 samples per prompt")
+        if self.loss_agg not in losses.LOSS_AGGREGATIONS:
+            raise ValueError(f"loss_agg={self.loss_agg!r}; expected one of {losses.LOSS_AGGREGATIONS}")
+
+
+def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
+    total = max(int(total_steps), 1)
+    warm = int(cfg.warmup_ratio * total)
+    if cfg.schedule == "constant":
+        main = optax.constant_schedule(cfg.learning_rate)
+    elif cfg.schedule == "linear":
+        main = optax.linear_schedule(cfg.learning_rate, 0.0, max(total - warm, 1))
+    else:
+        main = optax.cosine_decay_schedule(cfg.learning_rate, max(total - warm, 1))
+    if warm == 0:
+        return main
+    return optax.join_schedules([optax.linear_schedule(0.0, cfg.learning_rate, warm), main], [warm])
+
+
+def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
+    return optax.chain(
+        optax.clip_by_global_norm(cfg.grad_clip),
+        optax.adamw(make_schedule(cfg, total_steps), cfg.b1, cfg.b2, cfg.eps, weight_decay=cfg.weight_decay))
+
+
+# ----------------------------------------------------------------------------- state
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a step changes. `params` = {"policy": ..., ["value_head": ...]}.
+
+    Attributes:
+      step: number of optimizer updates applied (skipped ones not counted).
+      params: trainable parameters.
+      opt_state: optax state for `params`.
+      rng: PRNG key for rollouts and minibatch shuffling.
+      skipped: updates skipped because the loss or gradient was not finite.
+    """
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    rng: jax.Array
+    skipped: jax.Array
+
+
+def init_state(params: dict, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
+    """A fresh state; the optimizer state inherits each parameter's sharding."""
+    shardings = jax.tree.map(lambda x: x.sharding, params)
+    abstract = jax.eval_shape(tx.init, params)
+    mesh = next((s.mesh for s in jax.tree.leaves(shardings) if hasattr(s, "mesh")), None)
+    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()) if mesh is not None else None
+    opt_shardings = optax.tree_map_params(tx, lambda _, s: s, abstract, shardings,
+                                          transform_non_params=lambda _: rep)
+    opt_state = jax.jit(tx.init, out_shardings=opt_shardings if mesh is not None else None)(params)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state, rng=rng,
+                      skipped=jnp.zeros((), jnp.int32))
+
+
+def _apply_update(state: TrainState, grads, tx, loss) -> tuple[TrainState, dict]:
+    """AdamW update, skipped entirely (params, opt state, step) if loss or grads are non-finite."""
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    grads = jax.tree.map(lambda g: jnp.where(finite, g, jnp.zeros_like(g)), grads)
+    updates, new_opt = tx.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+    new_state = state.replace(params=keep(new_params, state.params), opt_state=keep(new_opt, state.opt_state),
+                              step=state.step + finite.astype(jnp.int32),
+                              skipped=state.skipped + (~finite).astype(jnp.int32))
+    return new_state, {"grad_norm": grad_norm, "skipped": (~finite).astype(jnp.int32)}
+
+
+# ----------------------------------------------------------------------------- SFT
+
+
+def _micro(batch: dict, accum: int) -> dict:
+    return jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
+
+
+def sft_step(state: TrainState, batch: dict, *, model_cfg: ModelConfig, tx: optax.GradientTransformation,
+             accum_steps: int = 1) -> tuple[TrainState, dict]:
+    """One SFT update: masked next-token cross-entropy on the answer tokens.
+
+    Args:
+      batch: tokens_BxT, attn_mask_BxT, loss_mask_BxT (right-padded prompt+target+EOS,
+        `reftjax.data.collate_sft` layout: keys "tokens", "attn_mask", "loss_mask").
+      accum_steps: gradient accumulation: the batch is split into this many
+        micro-batches (scan), gradients summed, normalised by the total token count.
+    """
+    batch = {k: batch[k] for k in ("tokens", "attn_mask", "loss_mask")}
+    total_tokens = jnp.maximum(jnp.sum(batch["loss_mask"][:, 1:].astype(jnp.float32)), 1.0)
+
+    def loss_fn(params, mb):
+        logits, _ = forward(params["policy"], model_cfg, mb["tokens"], mb["attn_mask"])
+        mean, m = losses.sft_loss(logits[:, :-1], mb["tokens"][:, 1:], mb["loss_mask"][:, 1:])
+        return mean * m["n_tokens"] / total_tokens, m
+
+    def micro_step(grads, mb):
+        (loss, m), g = jax.value_and_grad(loss_fn, has_aux=True)(state.params, mb)
+        return jax.tree.map(jnp.add, grads, g), (loss, m["token_accuracy"] * m["n_tokens"])
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    grads, (loss_parts, correct) = jax.lax.scan(micro_step, zeros, _micro(batch, accum_steps))
+    loss = jnp.sum(loss_parts)
+    new_state, upd = _apply_update(state, grads, tx, loss)
+    return new_state, {"loss": loss, "token_accuracy": jnp.sum(correct) / total_tokens,
+                       "tokens": total_tokens, **upd}
+
+
+def make_sft_step(model_cfg: ModelConfig, tx: optax.GradientTransformation, accum_steps: int = 1):
+    """`sft_step` jitted with the state donated (static config bound by partial)."""
+    return jax.jit(functools.partial(sft_step, model_cfg=model_cfg, tx=tx, accum_steps=accum_steps),
+                   donate_argnums=0)
+
+
+# ----------------------------------------------------------------------------- RL experience
+
+
+@flax.struct.dataclass
+class Experience:
+    """A graded rollout ready for `ppo_step` (B rows; N completion slots).
+
+    `tokens_BxL`/`attn_mask_BxL` are prompt (left-padded, P slots) + completion
+    (right-padded, N slots); completion token i sits at slot P+i and is predicted
+    from slot P-1+i, where its value is read too.
+    """
+
+    tokens_BxL: jax.Array
+    attn_mask_BxL: jax.Array
+    mask_BxN: jax.Array
+    logp_old_BxN: jax.Array
+    logp_ref_BxN: jax.Array
+    values_old_BxN: jax.Array
+    advantages_BxN: jax.Array
+    returns_BxN: jax.Array
+    scores_B: jax.Array
+
+
+def policy_outputs(params: dict, model_cfg: ModelConfig, tokens_BxL, attn_mask_BxL, n_completion: int,
+                   with_value: bool, with_entropy: bool = False):
+    """(logp_BxN, values_BxN | None, entropy_BxN | None) of the completion tokens."""
+    _, hidden = forward(params["policy"], model_cfg, tokens_BxL, attn_mask_BxL, return_logits=False)
+    p = tokens_BxL.shape[1] - n_completion
+    h = hidden[:, p - 1:-1]
+    logits = lm_logits(params["policy"], model_cfg, h)
+    logp = losses.token_logprobs(logits, tokens_BxL[:, p:])
+    values = ValueHead().apply({"params": params["value_head"]}, h) if with_value else None
+    entropy = losses.token_entropy(logits) if with_entropy else None
+    return logp, values, entropy
+
+
+def make_experience(params: dict, ref_params: dict, rollout, scores_B, *, model_cfg: ModelConfig,
+                    cfg: PPOConfig) -> Experience:
+    """Score a rollout: old/ref log-probs and values, KL-shaped rewards, GAE or group advantages."""
+    tokens = jnp.concatenate([rollout.prompt_tokens_BxP, rollout.tokens_BxN], axis=1)
+    mask_n = rollout.mask_BxN.astype(jnp.int32)
+    attn = jnp.concatenate([rollout.prompt_mask_BxP.astype(jnp.int32), mask_n], axis=1)
+    n = rollout.tokens_BxN.shape[1]
+    with_value = cfg.algo == "ppo"
+    logp_old, values, _ = policy_outputs(params, model_cfg, tokens, attn, n, with_value)
+    logp_ref, _, _ = policy_outputs({"policy": ref_params}, model_cfg, tokens, attn, n, False)
+    logp_old, logp_ref = jax.lax.stop_gradient(logp_old), jax.lax.stop_gradient(logp_ref)
+    scores_B = scores_B.astype(jnp.float32)
+    if with_value:
+        rewards, _ = losses.kl_shaped_rewards(scores_B, logp_old, logp_ref, mask_n, cfg.kl_coef)
+        adv, returns = losses.gae(rewards, values, mask_n, cfg.gamma, cfg.gae_lambda)
+        if cfg.whiten_advantages:
+            adv = losses.masked_whiten(adv, mask_n)
+        values = jnp.where(mask_n > 0, values, 0.0)
+    else:
+        group = (losses.grpo_advantages(scores_B, cfg.group_size) if cfg.algo == "grpo"
+                 else losses.rloo_advantages(scores_B, cfg.group_size))
+        adv = jnp.broadcast_to(group[:, None], mask_n.shape)
+        returns = values = jnp.zeros_like(adv)
+    return Experience(tokens, attn, mask_n, logp_old, logp_ref, values, jnp.where(mask_n > 0, adv, 0.0),
+                      returns, scores_B)
+
+
+def experience_metrics(exp: Experience, rollout) -> dict:
+    """Per-batch RL metrics computed on device (read them one step late)."""
+    mask = exp.mask_BxN
+    kl_seq = jnp.sum(jnp.where(mask > 0, exp.logp_old_BxN - exp.logp_ref_BxN, 0.0), axis=1)
+    diff = jnp.where(mask > 0, jnp.abs(rollout.logprobs_BxN - exp.logp_old_BxN), 0.0)
+    return {"reward": jnp.mean(exp.scores_B), "accuracy": jnp.mean((exp.scores_B >= 1.0 - 1e-6).astype(jnp.float32)),
+            "kl": jnp.mean(kl_seq), "response_length": jnp.mean(jnp.sum(mask, axis=1).astype(jnp.float32)),
+            "finished": jnp.mean(rollout.finished_B.astype(jnp.float32)),
+            "rollout_logp_maxdiff": jnp.max(diff)}
+
+
+# ----------------------------------------------------------------------------- PPO / GRPO update
+
+
+def _rl_loss(params, mb: Experience, model_cfg: ModelConfig, cfg: PPOConfig):
+    n = mb.mask_BxN.shape[1]
+    logp, values, entropy = policy_outputs(params, model_cfg, mb.tokens_BxL, mb.attn_mask_BxL, n,
+                                           cfg.algo == "ppo", with_entropy=True)
+    m = {"entropy": losses.masked_mean(entropy, mb.mask_BxN)}
+    if cfg.algo == "ppo":
+        pg, pm = losses.ppo_policy_loss(logp, mb.logp_old_BxN, mb.advantages_BxN, mb.mask_BxN, cfg.clip_eps,
+                                        cfg.loss_agg)
+        vf, vm = losses.ppo_value_loss(values, mb.values_old_BxN, mb.returns_BxN, mb.mask_BxN,
+                                       cfg.clip_range_value, cfg.loss_agg)
+        m.update(pm, **vm, pg_loss=pg, vf_loss=vf,
+                 explained_variance=losses.explained_variance(values, mb.returns_BxN, mb.mask_BxN))
+        return pg + cfg.vf_coef * vf, m
+    loss, gm = losses.grpo_loss(logp, mb.logp_old_BxN, mb.logp_ref_BxN, mb.advantages_BxN[:, 0], mb.mask_BxN,
+                                cfg.clip_eps, cfg.kl_coef, cfg.loss_agg)
+    m.update(gm, pg_loss=loss)
+    return loss, m
+
+
+def ppo_step(state: TrainState, exp: Experience, *, model_cfg: ModelConfig, tx: optax.GradientTransformation,
+             cfg: PPOConfig) -> tuple[TrainState, dict]:
+    """`cfg.ppo_epochs` passes of shuffled minibatch updates over one experience batch (one lax.scan)."""
+    b = exp.scores_B.shape[0]
+    if b % cfg.minibatch_size:
+        raise ValueError(f"rollout batch {b} is not a multiple of minibatch_size {cfg.minibatch_size}")
+    n_mb = b // cfg.minibatch_size
+    rng, *keys = jax.random.split(state.rng, cfg.ppo_epochs + 1)
+    order = jnp.concatenate([jax.random.permutation(k, b) for k in keys]).reshape(-1, cfg.minibatch_size)
+    state = state.replace(rng=rng)
+    loss_fn = functools.partial(_rl_loss, model_cfg=model_cfg, cfg=cfg)
+
+    def update(st: TrainState, rows):
+        mb = jax.tree.map(lambda x: x[rows], exp)
+        (loss, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(st.params, mb)
+        st, upd = _apply_update(st, grads, tx, loss)
+        return st, {"loss": loss, **m, **upd}
+
+    state, per_mb = jax.lax.scan(update, state, order)
+    metrics = jax.tree.map(jnp.mean, per_mb)
+    metrics["skipped"] = jnp.sum(per_mb["skipped"])
+    metrics["updates"] = jnp.asarray(order.shape[0], jnp.int32)
+    return state, metrics
+
+
+def make_ppo_step(model_cfg: ModelConfig, tx: optax.GradientTransformation, cfg: PPOConfig):
+    return jax.jit(functools.partial(ppo_step, model_cfg=model_cfg, tx=tx, cfg=cfg), donate_argnums=0)
+
+
+def make_experience_fn(model_cfg: ModelConfig, cfg: PPOConfig, reward_fn: Callable | None = None,
+                       out_sharding=None):
+    """Jitted (params, ref_params, rollout, example_idx_B) -> (Experience, metrics).
+
+    With `reward_fn` (a `reftjax.graders.callback.HostRewardFn`) the grader runs
+    inside the program through the ordered io_callback; without it, pass
+    `scores_B` yourself via the returned function's `scores` argument.
+    """
+    from reftjax.graders.callback import grade_in_jit
+
+    def fn(params, ref_params, rollout, example_idx_B, scores_B=None):
+        if scores_B is None:
+            scores_B = grade_in_jit(reward_fn, rollout.tokens_BxN, rollout.mask_BxN, example_idx_B,
+                                    out_sharding=out_sharding)
+        exp = make_experience(params, ref_params, rollout, scores_B, model_cfg=model_cfg, cfg=cfg)
+        return exp, experience_metrics(exp, rollout)
+
+    return jax.jit(fn)
