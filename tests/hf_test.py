@@ -1,0 +1,175 @@
+"""reftjax.hf: export round trips through transformers, and clear errors on bad checkpoints."""
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from reftjax.hf import (CheckpointError, load_model, params_to_hf, read_safetensors, save_hf,
+                        write_safetensors)
+from reftjax.models import ModelConfig, forward, init_params
+
+torch = pytest.importorskip("torch")
+
+TINY = ModelConfig(vocab_size=89, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2,
+                   rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=64)
+
+
+def _tiny_hf_config(cfg: ModelConfig):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+                       intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
+                       num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+                       rms_norm_eps=cfg.rms_norm_eps, max_position_embeddings=cfg.max_position_embeddings,
+                       tie_word_embeddings=cfg.tie_word_embeddings)
+
+
+def _random_params(cfg: ModelConfig, seed: int = 0):
+    """Random params, larger than init and with non-unit norms (unit norms would hide a mapping bug)."""
+    params = init_params(cfg, jax.random.key(seed))
+    keys = iter(jax.random.split(jax.random.key(seed + 1), len(jax.tree.leaves(params))))
+
+    def perturb(path, x):
+        if path[-1].key == "scale":
+            return 1.0 + 0.3 * jax.random.normal(next(keys), x.shape)
+        return 5.0 * x
+
+    return jax.tree_util.tree_map_with_path(perturb, params)
+
+
+def _torch_logits(directory, tokens, mask):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, attn_implementation="eager")
+    positions = np.maximum(np.cumsum(mask, axis=-1) - 1, 0)
+    with torch.no_grad():
+        out = model.eval()(input_ids=torch.as_tensor(tokens, dtype=torch.long),
+                           attention_mask=torch.as_tensor(mask, dtype=torch.long),
+                           position_ids=torch.as_tensor(positions, dtype=torch.long))
+    return out.logits.numpy()
+
+
+def _batch(vocab: int):
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, vocab, (2, 9)).astype(np.int32)
+    mask = np.ones_like(tokens)
+    mask[1, :4] = 0
+    return tokens, mask
+
+
+def _assert_close_on_real(ours, ref, mask, rel_tol):
+    real = mask.astype(bool)
+    ours, ref = np.asarray(ours)[real], np.asarray(ref)[real]
+    rel = float(np.abs(ours - ref).max() / np.abs(ref).max())
+    assert rel < rel_tol, f"max |diff| / scale = {rel:.2e}"
+    np.testing.assert_array_equal(ours.argmax(-1), ref.argmax(-1))
+    return rel
+
+
+# ----------------------------------------------------------------------------- export round trip
+
+
+@pytest.mark.parametrize("tied,max_shard_bytes", [(False, 4 << 30), (True, 40_000)])
+def test_tiny_export_loads_in_transformers_with_same_logits(tmp_path, tied, max_shard_bytes):
+    cfg = TINY.replace(tie_word_embeddings=tied)
+    params = _random_params(cfg)
+    out = save_hf(tmp_path / "export", params, cfg, _tiny_hf_config(cfg), max_shard_bytes=max_shard_bytes)
+    sharded = (out / "model.safetensors.index.json").exists()
+    assert sharded == (max_shard_bytes < 1e6)
+    assert not [p for p in tmp_path.iterdir() if p.name != "export"], "temporary directory left behind"
+    tokens, mask = _batch(cfg.vocab_size)
+    ours, _ = forward(params, cfg, tokens, mask)
+    rel = _assert_close_on_real(ours, _torch_logits(out, tokens, mask), mask, 1e-5)
+    print(f"tiny tied={tied}: max|diff|/scale={rel:.1e}")
+    back = load_model(out, with_tokenizer=False)  # and back into reftjax, bit for bit
+    assert back.config.tie_word_embeddings == tied
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(back.params), jax.device_get(params))
+
+
+def test_export_bfloat16_is_stored_as_bf16(tmp_path):
+    params = _random_params(TINY)
+    out = save_hf(tmp_path / "bf16", params, TINY, _tiny_hf_config(TINY), dtype="bfloat16")
+    header = json.loads((out / "model.safetensors").read_bytes()[8:][:int.from_bytes(
+        (out / "model.safetensors").read_bytes()[:8], "little")])
+    assert {v["dtype"] for k, v in header.items() if k != "__metadata__"} == {"BF16"}
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    back = load_model(out, with_tokenizer=False)
+    want = jax.tree.map(lambda x: np.asarray(x).astype("bfloat16").astype(np.float32), jax.device_get(params))
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(back.params), want)
+
+
+@pytest.mark.gguf
+def test_smollm_export_round_trip_and_tokenizer(tmp_path, smollm_model, smollm_path):
+    from transformers import AutoTokenizer
+
+    m = smollm_model
+    out = save_hf(tmp_path / "smol", m.params, m.config, m.hf_config, m.tokenizer)
+    texts = ["Janet's ducks lay 16 eggs per day. She eats three for breakfast.", "<|im_start|>user\nHi 42!"]
+    exported_tok = AutoTokenizer.from_pretrained(out)
+    gguf_tok = AutoTokenizer.from_pretrained(smollm_path.parent, gguf_file=smollm_path.name)
+    for text in texts:
+        ids = exported_tok(text)["input_ids"]
+        assert ids == gguf_tok(text)["input_ids"] == m.tokenizer(text)["input_ids"]
+    assert exported_tok.eos_token == "<|im_end|>" and exported_tok.chat_template == m.tokenizer.chat_template
+    rows = [exported_tok(t)["input_ids"] for t in texts]
+    t = max(map(len, rows))
+    tokens = np.array([[0] * (t - len(r)) + r for r in rows], np.int32)
+    mask = np.array([[0] * (t - len(r)) + [1] * len(r) for r in rows], np.int32)
+    ours, _ = jax.jit(forward, static_argnums=1)(m.params, m.config, tokens, mask)
+    rel = _assert_close_on_real(ours, _torch_logits(out, tokens, mask), mask, 1e-5)
+    print(f"SmolLM2 export: max|diff|/scale={rel:.1e}")
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.fixture
+def tiny_dir(tmp_path):
+    return save_hf(tmp_path / "tiny", _random_params(TINY), TINY, _tiny_hf_config(TINY))
+
+
+def test_missing_files_are_named(tmp_path, tiny_dir):
+    with pytest.raises(CheckpointError, match=r"nothere\.gguf: GGUF file not found"):
+        load_model(tmp_path / "nothere.gguf")
+    with pytest.raises(CheckpointError, match=r"nothere: no such file or directory"):
+        load_model(tmp_path / "nothere")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(CheckpointError, match=r"empty/config\.json: not found"):
+        load_model(empty)
+    (tiny_dir / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"tiny: no \*\.safetensors weights found"):
+        load_model(tiny_dir, with_tokenizer=False)
+
+
+def test_unsupported_architecture_names_config_and_type(tmp_path):
+    from transformers import GPT2Config
+
+    GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50).save_pretrained(tmp_path)
+    write_safetensors(tmp_path / "model.safetensors", {"wte.weight": np.zeros((50, 16), np.float32)})
+    with pytest.raises(ValueError, match=r"config\.json: unsupported architecture model_type='gpt2'"):
+        load_model(tmp_path, with_tokenizer=False)
+
+
+def test_truncated_safetensors_names_file(tiny_dir):
+    path = tiny_dir / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) - 100])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: truncated safetensors file"):
+        load_model(tiny_dir, with_tokenizer=False)
+    path.write_bytes(data[:5])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: truncated safetensors file \(5 bytes"):
+        read_safetensors(path)
+
+
+def test_missing_and_misshapen_tensors_are_named(tiny_dir):
+    path = tiny_dir / "model.safetensors"
+    tensors = {k: np.array(v) for k, v in read_safetensors(path).items()}
+    assert tensors.keys() == params_to_hf(init_params(TINY, jax.random.key(0)), TINY).keys()
+    write_safetensors(path, {k: v for k, v in tensors.items() if k != "model.layers.1.mlp.up_proj.weight"})
+    with pytest.raises(CheckpointError, match=r"tiny: tensor 'model\.layers\.1\.mlp\.up_proj\.weight' is missing"):
+        load_model(tiny_dir, with_tokenizer=False)
+    write_safetensors(path, {**tensors, "model.norm.weight": np.ones(31, np.float32)})
+    with pytest.raises(CheckpointError, match=r"tiny: tensor for norm/scale has shape \(31,\), config expects \(32,\)"):
+        load_model(tiny_dir, with_tokenizer=False)
