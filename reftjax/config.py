@@ -1,0 +1,148 @@
+"""ExperimentConfig: one frozen, nested, JSON-serialisable description of a ReFT run.
+
+Every sub-config is a frozen dataclass (hashable, usable as a jit static
+argument). `to_dict`/`from_dict` round-trip through JSON so a run directory's
+`config.json` fully describes the run and resume can check it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from typing import Any
+
+from reftjax.data import PromptConfig, TokenizeConfig
+from reftjax.evaluate import EvalConfig
+from reftjax.rollout import SamplingConfig
+from reftjax.sharding import MeshConfig
+from reftjax.steps import OptimConfig, PPOConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Attributes:
+      dataset: `reftjax.data.DATASETS` name for training (e.g. "gsm8k", "svamp-nl").
+      test_dataset: held-out test set name and split ("gsm8k" + test_split).
+      train_file/train_format: a file instead of `dataset` (reft | openai | gsm8k-jsonl).
+      n_train: use the first n training examples after the split (None: all).
+      n_val, n_test: evaluation subset sizes (None: all).
+      val_fraction: share of the training file held out for validation (model selection).
+      seed: split seed.
+    """
+
+    dataset: str = "gsm8k"
+    test_dataset: str = "gsm8k"
+    test_split: str = "test"
+    train_file: str | None = None
+    train_format: str | None = None
+    n_train: int | None = None
+    n_val: int | None = 64
+    n_test: int | None = None
+    val_fraction: float = 0.05
+    seed: int = 0
+    prompt: PromptConfig = PromptConfig()
+    tokenize: TokenizeConfig = TokenizeConfig()
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTConfig:
+    """SFT warm-up. ReFT: 2 epochs warm-up (10 for 125M models), lr 1e-5 (2e-5 for 125M), batch 48."""
+
+    epochs: int = 2
+    batch_size: int = 48
+    accum_steps: int = 1
+    optim: OptimConfig = OptimConfig()
+    group_by_length: int = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class RLConfig:
+    """RL rounds. ReFT: 32 prompts per rollout, 1 sample each, constant lr, 2 PPO epochs."""
+
+    iterations: int = 100
+    prompts_per_iteration: int = 32
+    sampling: SamplingConfig = SamplingConfig(max_new_tokens=400, temperature=1.0)
+    ppo: PPOConfig = PPOConfig()
+    optim: OptimConfig = OptimConfig(learning_rate=3e-6, schedule="constant", warmup_ratio=0.0)
+    eval_every: int = 10
+    early_stop_patience: int = 0  # evaluations without improvement before stopping (0: never)
+    value_head_seed: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSettings:
+    """Attributes: save_every (steps), keep_last, keep_best (by validation accuracy)."""
+
+    save_every: int = 50
+    keep_last: int = 2
+    keep_best: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    """A whole ReFT run: model -> SFT warm-up -> RL with validation -> test evaluation."""
+
+    name: str = "gsm8k_reft"
+    model: str = "default"
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    remat: str = "none"
+    seed: int = 0
+    mesh: MeshConfig = MeshConfig()
+    data: DataConfig = DataConfig()
+    sft: SFTConfig = SFTConfig()
+    rl: RLConfig = RLConfig()
+    eval: EvalConfig = EvalConfig()
+    checkpoint: CheckpointSettings = CheckpointSettings()
+    grader: tuple = (("type", "reft"), ("cot", "nl"))
+    eval_before_sft: bool = True
+    export_hf: bool = True
+
+    @property
+    def grader_dict(self) -> dict:
+        return json.loads(json.dumps(dict(self.grader)))
+
+
+def to_dict(cfg) -> dict:
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, tuple):
+        return [to_dict(x) for x in cfg]
+    return cfg
+
+
+def _build(tp, value):
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp) and isinstance(value, dict):
+        hints = typing.get_type_hints(tp)
+        unknown = set(value) - {f.name for f in dataclasses.fields(tp)}
+        if unknown:
+            raise ValueError(f"{tp.__name__}: unknown field(s) {sorted(unknown)}")
+        return tp(**{k: _build(hints[k], v) for k, v in value.items()})
+    if origin is tuple and isinstance(value, list):
+        args = typing.get_args(tp)
+        inner = args[0] if args else Any
+        return tuple(_build(inner, v) for v in value)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        for arg in typing.get_args(tp):
+            if arg is type(None) and value is None:
+                return None
+        non_none = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _build(non_none[0], value) if len(non_none) == 1 else value
+    if tp is tuple and isinstance(value, list):
+        return tuple(tuple(v) if isinstance(v, list) else v for v in value)
+    return value
+
+
+def from_dict(d: dict) -> ExperimentConfig:
+    return _build(ExperimentConfig, d)
+
+
+def replace_path(cfg, path: str, value):
+    """Functional update of a nested field: replace_path(cfg, "rl.ppo.kl_coef", 0.01)."""
+    head, _, rest = path.partition(".")
+    if not any(f.name == head for f in dataclasses.fields(cfg)):
+        raise ValueError(f"{type(cfg).__name__} has no field {head!r}")
+    if not rest:
+        return dataclasses.replace(cfg, **{head: value})
+    return dataclasses.replace(cfg, **{head: replace_path(getattr(cfg, head), rest, value)})

@@ -1,0 +1,98 @@
+"""Evaluation: greedy top-1 accuracy and majority voting@k, graded on the host.
+
+Batches are padded to a fixed size and prompts to the loader's buckets, so an
+evaluation compiles `rollout` once per (bucket, mode) and never per batch.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Sequence
+
+import jax
+import numpy as np
+
+from reftjax.data import Loader, LoaderConfig, TokenizedDataset
+from reftjax.rollout import SamplingConfig, rollout
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """Attributes:
+      batch_size: prompts per rollout call (fixed: padded).
+      max_new_tokens: completion length bucket.
+      voting_k: samples per prompt for majority voting (0: off); ReFT uses 100 at temperature 1.
+      voting_temperature: sampling temperature for voting.
+    """
+
+    batch_size: int = 8
+    max_new_tokens: int = 256
+    voting_k: int = 0
+    voting_temperature: float = 1.0
+
+
+def _majority(grades) -> bool:
+    """Voted answer = most common extracted answer (ties: first seen); correct if it graded 1."""
+    votes = collections.Counter()
+    correct = {}
+    for g in grades:
+        if g.extracted is None or g.extracted == "":
+            continue
+        key = str(g.extracted).strip()
+        try:
+            key = repr(round(float(key), 4))
+        except ValueError:
+            pass
+        votes[key] += 1
+        correct[key] = correct.get(key, False) or g.score >= 1.0 - 1e-6
+    if not votes:
+        return False
+    return correct[votes.most_common(1)[0][0]]
+
+
+def evaluate(params, model_cfg, tokenizer, ds: TokenizedDataset, items: Sequence[dict], grader,
+             cfg: EvalConfig, *, mesh=None, rng=None, eos_ids=(), pad_id=0, progress=None) -> dict:
+    """Accuracy of `params` on every example of `ds` (graded against `items[example_idx]`).
+
+    Returns {"accuracy", "voting_accuracy" (if k > 0), "n", "mean_length", "samples": [...first 8...]}.
+    """
+    loader = Loader(ds, LoaderConfig(batch_size=cfg.batch_size, kind="prompt", shuffle=False, drop_last=False,
+                                     num_epochs=1), mesh=mesh)
+    greedy = SamplingConfig(max_new_tokens=cfg.max_new_tokens, greedy=True, eos_ids=tuple(eos_ids), pad_id=pad_id)
+    vote = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.voting_temperature, n=cfg.voting_k,
+                          eos_ids=tuple(eos_ids), pad_id=pad_id) if cfg.voting_k else None
+    rng = rng if rng is not None else jax.random.key(1234)
+    correct, voted, lengths, samples = [], [], [], []
+    for i, batch in enumerate(loader):
+        valid = np.asarray(batch["valid"])
+        idx = np.asarray(batch["example_idx"])
+        out = rollout(params, batch["prompt_tokens"], batch["prompt_mask"], rng, model_cfg=model_cfg, cfg=greedy)
+        texts = _decode(tokenizer, out)
+        rows = [j for j in range(len(valid)) if valid[j]]
+        grades = grader.grade_batch([items[idx[j]] for j in rows], [texts[j] for j in rows])
+        correct += [g.score >= 1.0 - 1e-6 for g in grades]
+        lengths += np.asarray(out.lengths_B)[rows].tolist()
+        if len(samples) < 8:
+            samples += [{"item": items[idx[j]].get("item_id"), "completion": texts[j], "score": g.score,
+                         "extracted": g.extracted} for j, g in zip(rows, grades)][: 8 - len(samples)]
+        if vote is not None:
+            out_v = rollout(params, batch["prompt_tokens"], batch["prompt_mask"], jax.random.fold_in(rng, i),
+                            model_cfg=model_cfg, cfg=vote)
+            texts_v = _decode(tokenizer, out_v)
+            k = cfg.voting_k
+            for j in rows:
+                g = grader.grade_batch([items[idx[j]]] * k, texts_v[j * k:(j + 1) * k])
+                voted.append(_majority(g))
+        if progress is not None:
+            progress.update(len(rows))
+    res = {"accuracy": float(np.mean(correct)) if correct else 0.0, "n": len(correct),
+           "mean_length": float(np.mean(lengths)) if lengths else 0.0, "samples": samples}
+    if vote is not None:
+        res["voting_accuracy"] = float(np.mean(voted)) if voted else 0.0
+    return res
+
+
+def _decode(tokenizer, out) -> list[str]:
+    tokens, lengths = jax.device_get((out.tokens_BxN, out.lengths_B))
+    return tokenizer.batch_decode([tokens[i, :lengths[i]].tolist() for i in range(len(lengths))],
+                                  skip_special_tokens=True)

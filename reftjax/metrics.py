@@ -1,0 +1,95 @@
+"""Metrics out: JSONL (always), TensorBoard event files (tensorboardX), MFU helpers.
+
+Device metrics are fetched one step late by the loop (`jax.device_get` of the
+previous step's dict after the next step has been dispatched), so logging
+never stalls the accelerator.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import time
+
+import numpy as np
+
+
+def _scalar(v):
+    a = np.asarray(v)
+    if a.size != 1:
+        return None
+    x = a.item()
+    return x if isinstance(x, (int, float, bool)) else None
+
+
+class MetricsLogger:
+    """Appends `{"phase", "step", "time", **metrics}` lines to `metrics.jsonl` and writes TensorBoard scalars."""
+
+    def __init__(self, out_dir: str | os.PathLike, tensorboard: bool = True):
+        self.dir = pathlib.Path(out_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._jsonl = open(self.dir / "metrics.jsonl", "a", buffering=1)
+        self._tb = None
+        if tensorboard:
+            try:
+                from tensorboardX import SummaryWriter
+
+                self._tb = SummaryWriter(str(self.dir / "tensorboard"))
+            except ImportError:  # optional: JSONL stays the source of truth
+                self._tb = None
+
+    def log(self, phase: str, step: int, metrics: dict) -> dict:
+        row = {k: s for k, v in metrics.items() if (s := _scalar(v)) is not None}
+        row = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+        self._jsonl.write(json.dumps({"phase": phase, "step": int(step), "time": time.time(), **row}) + "\n")
+        if self._tb is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and v is not None:
+                    self._tb.add_scalar(f"{phase}/{k}", v, int(step))
+        return row
+
+    def close(self):
+        self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(out_dir: str | os.PathLike) -> list[dict]:
+    path = pathlib.Path(out_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:  # a line cut by a crash
+            continue
+    return rows
+
+
+_PEAK_CACHE: dict[str, float] = {}
+
+
+def measured_peak_flops(n: int = 1024, repeats: int = 3) -> float:
+    """This device's dense f32 matmul rate (FLOP/s), measured once per process with a jitted dot."""
+    import jax
+    import jax.numpy as jnp
+
+    key = jax.devices()[0].platform
+    if key not in _PEAK_CACHE:
+        a = jnp.ones((n, n), jnp.float32)
+        f = jax.jit(lambda x: x @ x)
+        f(a).block_until_ready()
+        best = math.inf
+        for _ in range(repeats):
+            t = time.perf_counter()
+            f(a).block_until_ready()
+            best = min(best, time.perf_counter() - t)
+        _PEAK_CACHE[key] = 2 * n ** 3 / best * jax.device_count()
+    return _PEAK_CACHE[key]
+
+
+def mfu(tokens: float, seconds: float, flops_per_token: float, peak: float) -> float:
+    """Model FLOP utilisation: achieved model FLOP/s over the measured peak."""
+    return tokens * flops_per_token / max(seconds, 1e-9) / peak

@@ -1,0 +1,88 @@
+"""Run reports: `summary.json`, `summary.md` and PNG plots from `metrics.jsonl` / `evals.json`."""
+from __future__ import annotations
+
+import json
+import pathlib
+
+from reftjax.config import to_dict
+from reftjax.metrics import read_metrics
+
+
+def _pct(x):
+    return None if x is None else round(100.0 * x, 2)
+
+
+def write_summary(out: pathlib.Path, cfg, evals: dict, wall_seconds: float) -> dict:
+    """Accuracy before SFT, after warm-up and after ReFT (greedy and voting), as JSON and Markdown."""
+    def acc(name, key="accuracy"):
+        return evals.get(name, {}).get(key)
+
+    val_rl = {int(k.rsplit("_", 1)[1]): v["accuracy"] for k, v in evals.items() if k.startswith("val_rl_")}
+    summary = {
+        "name": cfg.name, "model": cfg.model, "status": "done", "wall_seconds": round(wall_seconds, 1),
+        "test_n": evals.get("test_sft", {}).get("n"),
+        "test_accuracy": {"base": _pct(acc("test_base")), "sft": _pct(acc("test_sft")),
+                          "reft": _pct(acc("test_reft"))},
+        "test_voting_accuracy": {"sft": _pct(acc("test_sft", "voting_accuracy")),
+                                 "reft": _pct(acc("test_reft", "voting_accuracy")), "k": cfg.eval.voting_k},
+        "val_accuracy": {"sft": _pct(acc("val_sft")), "rl": {k: _pct(v) for k, v in sorted(val_rl.items())}},
+        "config": to_dict(cfg),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    t, v = summary["test_accuracy"], summary["test_voting_accuracy"]
+    lines = [
+        f"# {cfg.name}: {cfg.model}", "",
+        f"Test set: {cfg.data.test_dataset}/{cfg.data.test_split}, n = {summary['test_n']}. "
+        f"Model selection on a validation split only (never on test).", "",
+        "| stage | greedy top-1 (%) | voting@%s (%%) |" % (cfg.eval.voting_k or "-"),
+        "|---|---|---|",
+        f"| before SFT | {t['base']} | - |",
+        f"| after SFT warm-up | {t['sft']} | {v['sft']} |",
+        f"| after ReFT ({cfg.rl.ppo.algo}) | {t['reft']} | {v['reft']} |", "",
+        f"Validation accuracy during RL: {summary['val_accuracy']['rl']}", "",
+        f"Wall time of the last invocation: {summary['wall_seconds']} s.", "",
+        "Plots: plots/reward.png, plots/kl.png, plots/response_length.png, plots/val_accuracy.png",
+    ]
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    return summary
+
+
+def plot_run(out: pathlib.Path) -> list[pathlib.Path]:
+    """reward / KL / response length per RL iteration and validation accuracy, one PNG each."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(out)
+    rl = [r for r in rows if r["phase"] == "rl"]
+    val = [r for r in rows if r["phase"] == "val"]
+    plots = out / "plots"
+    plots.mkdir(exist_ok=True)
+    written = []
+    for key, title in (("reward", "mean grader reward per rollout batch"), ("kl", "KL(policy || reference) per sequence"),
+                       ("response_length", "mean response length (tokens)")):
+        pts = [(r["step"], r[key]) for r in rl if r.get(key) is not None]
+        written.append(_plot(plots / f"{key}.png", pts, title, "RL iteration", key))
+    pts = [(r["step"], r["accuracy"]) for r in val if r.get("accuracy") is not None]
+    written.append(_plot(plots / "val_accuracy.png", pts, "validation greedy accuracy", "RL iteration", "accuracy"))
+    return written
+
+
+def _plot(path, pts, title, xlabel, ylabel):
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    if pts:
+        xs, ys = zip(*sorted(pts))
+        ax.plot(xs, ys, marker="o" if len(xs) < 40 else None, linewidth=1.5)
+    else:
+        ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

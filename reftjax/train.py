@@ -1,0 +1,336 @@
+"""The ReFT pipeline as one function: load -> SFT warm-up -> RL rounds with validation -> test.
+
+`run(cfg, out_dir)` is a short host loop over the jitted steps (no trainer
+object). Each phase is resumable: SFT and RL checkpoints (Orbax, async) hold
+the train state, the data-loader position and loop counters; the SFT policy
+that becomes the frozen reference is saved once as `ref_policy`. Rerunning the
+same command continues from the latest valid checkpoint; Ctrl-C saves and exits.
+
+Run directory layout:
+
+    config.json  metrics.jsonl  tensorboard/  samples/*.jsonl
+    checkpoints/{sft,rl}/  ref_policy/  evals.json
+    hf/{final,best}/  summary.json  summary.md  plots/*.png
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import pathlib
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from reftjax import checkpoint as ckpt
+from reftjax.config import ExperimentConfig, to_dict
+from reftjax.data import (Loader, LoaderConfig, SplitConfig, load_examples, tokenize_examples, train_val_split)
+from reftjax.evaluate import evaluate
+from reftjax.graders import build_grader
+from reftjax.graders.callback import make_reward_fn
+from reftjax.hf import load_model, save_hf
+from reftjax.metrics import MetricsLogger, measured_peak_flops, mfu
+from reftjax.models import init_value_head
+from reftjax.rollout import rollout
+from reftjax.sharding import make_mesh, maybe_initialize_distributed
+from reftjax.steps import (init_state, make_experience_fn, make_optimizer, make_ppo_step, make_sft_step)
+
+log = logging.getLogger("reftjax")
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclasses.dataclass
+class Data:
+    train_ds: object          # tokenized train split with SFT targets
+    val_ds: object
+    test_ds: object
+    train_items: list
+    val_items: list
+    test_items: list
+
+
+def _item(ex) -> dict:
+    return {"item_id": ex.item_id, "question": ex.question, "answer_value": ex.answer, **ex.fields}
+
+
+def prepare_data(cfg: ExperimentConfig, tokenizer) -> Data:
+    d = cfg.data
+    if d.train_file:
+        examples = load_examples(file=d.train_file, fmt=d.train_format)
+    else:
+        examples = load_examples(d.dataset, split="train")
+    train, val = train_val_split(examples, SplitConfig(val_fraction=d.val_fraction, seed=d.seed))
+    train = train[: d.n_train] if d.n_train else train
+    val = val[: d.n_val] if d.n_val else val
+    test = load_examples(d.test_dataset, split=d.test_split)
+    test = test[: d.n_test] if d.n_test else test
+    tok = lambda exs, targets: tokenize_examples(exs, tokenizer, d.prompt, d.tokenize, with_targets=targets)  # noqa: E731
+    return Data(tok(train, True), tok(val, False), tok(test, False),
+                [_item(e) for e in train], [_item(e) for e in val], [_item(e) for e in test])
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+class _Interrupt:
+    """Turns SIGINT/SIGTERM into a flag checked between steps (so a save can finish)."""
+
+    def __init__(self):
+        self.requested = False
+
+    @contextlib.contextmanager
+    def installed(self):
+        def handler(signum, frame):
+            if self.requested:  # second Ctrl-C: give up immediately
+                raise KeyboardInterrupt
+            self.requested = True
+            log.warning("interrupt received: saving a checkpoint and exiting")
+
+        old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+
+def _bar(total, desc, initial=0, enable=True):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, initial=initial, disable=not enable or jax.process_index() != 0,
+                dynamic_ncols=True)
+
+
+def _write_json(path: pathlib.Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=float))
+    tmp.replace(path)
+
+
+def _load_evals(out: pathlib.Path) -> dict:
+    p = out / "evals.json"
+    return json.loads(p.read_text()) if p.exists() else {}
+
+
+def _record_eval(out: pathlib.Path, name: str, res: dict, logger: MetricsLogger, phase: str, step: int):
+    evals = _load_evals(out)
+    evals[name] = {k: v for k, v in res.items() if k != "samples"}
+    _write_json(out / "evals.json", evals)
+    (out / "samples").mkdir(exist_ok=True)
+    with open(out / "samples" / f"{name}.jsonl", "w") as f:
+        for s in res.get("samples", []):
+            f.write(json.dumps(s) + "\n")
+    logger.log(phase, step, {f"{k}": v for k, v in res.items() if k != "samples"})
+
+
+# ----------------------------------------------------------------------------- phases
+
+
+def run_sft(cfg: ExperimentConfig, model, data: Data, mesh, out: pathlib.Path, logger, stop: _Interrupt,
+            progress: bool):
+    """SFT warm-up; returns the trained policy params (resumes from checkpoints/sft)."""
+    s = cfg.sft
+    loader = Loader(data.train_ds, LoaderConfig(batch_size=s.batch_size, kind="sft", seed=cfg.seed,
+                                                group_by_length=s.group_by_length), mesh=mesh)
+    total = max(s.epochs * loader.batches_per_epoch, 1)
+    tx = make_optimizer(s.optim, total)
+    state = init_state({"policy": model.params}, tx, jax.random.key(cfg.seed))
+    manager = ckpt.Checkpointer(ckpt.CheckpointConfig(out / "checkpoints" / "sft", save_every=cfg.checkpoint.save_every,
+                                                      keep_last=cfg.checkpoint.keep_last, keep_best=0))
+    restored = manager.restore_latest(state)
+    if restored is not None:
+        state, extras, _ = restored
+        loader.restore(extras["loader"])
+        log.info("SFT resumed at step %d", int(state.step))
+    step_fn = make_sft_step(model.config, tx, s.accum_steps)
+    peak = measured_peak_flops()
+    done = int(jax.device_get(state.step)) + int(jax.device_get(state.skipped))
+    bar = _bar(total, "SFT", done, progress)
+    prev = None
+    while done < total and not stop.requested:
+        batch = next(loader)
+        t0 = time.perf_counter()
+        state, metrics = step_fn(state, batch)
+        if prev is not None:  # read the previous step's metrics one step late
+            _log_sft(logger, *prev, peak, model.config)
+        prev = (done, metrics, t0, batch["tokens"].shape)
+        done += 1
+        bar.update(1)
+        if done % cfg.checkpoint.save_every == 0 or done == total or stop.requested:
+            jax.block_until_ready(metrics)
+            manager.save(done, state, {"loader": loader.state(), "phase": "sft"}, force=True)
+    if prev is not None:
+        jax.block_until_ready(prev[1])
+        _log_sft(logger, *prev, peak, model.config)
+    bar.close()
+    manager.wait()
+    manager.close()
+    return state.params["policy"], done >= total
+
+
+def _log_sft(logger, step, metrics, t0, shape, peak, model_cfg):
+    m = jax.device_get(metrics)
+    dt = time.perf_counter() - t0
+    n_tok = shape[0] * shape[1]
+    m["tokens_per_s"] = n_tok / dt
+    m["mfu"] = mfu(n_tok, dt, 3 * model_cfg.flops_per_token(shape[1] // 2), peak)
+    logger.log("sft", step, m)
+
+
+def run_rl(cfg: ExperimentConfig, model, ref_params, data: Data, grader, mesh, out: pathlib.Path, logger,
+           stop: _Interrupt, progress: bool):
+    """PPO/GRPO rounds from the warm-up policy; returns (final params, best params or None, finished)."""
+    r = cfg.rl
+    samp = dataclasses.replace(r.sampling, n=r.ppo.group_size if r.ppo.algo != "ppo" else r.sampling.n,
+                               eos_ids=r.sampling.eos_ids or tuple(model.config.eos_token_ids),
+                               pad_id=model.tokenizer.pad_token_id)
+    loader = Loader(data.train_ds, LoaderConfig(batch_size=r.prompts_per_iteration, kind="prompt",
+                                                seed=cfg.seed + 1), mesh=mesh)
+    tx = make_optimizer(r.optim, r.iterations * r.ppo.ppo_epochs)
+    params = {"policy": jax.tree.map(jnp.copy, ref_params)}
+    if r.ppo.algo == "ppo":
+        params["value_head"] = init_value_head(model.config, jax.random.key(r.value_head_seed))
+    state = init_state(params, tx, jax.random.key(cfg.seed + 2))
+    manager = ckpt.Checkpointer(ckpt.CheckpointConfig(out / "checkpoints" / "rl", save_every=cfg.checkpoint.save_every,
+                                                      keep_last=cfg.checkpoint.keep_last,
+                                                      keep_best=cfg.checkpoint.keep_best))
+    it, best, since_best = 0, -1.0, 0
+    restored = manager.restore_latest(state)
+    if restored is not None:
+        state, extras, _ = restored
+        loader.restore(extras["loader"])
+        it, best, since_best = extras["iteration"], extras["best"], extras["since_best"]
+        log.info("RL resumed at iteration %d", it)
+    reward_fn = make_reward_fn(grader, data.train_items, model.tokenizer.batch_decode)
+    exp_fn = make_experience_fn(model.config, r.ppo, reward_fn)
+    step_fn = make_ppo_step(model.config, tx, r.ppo)
+    peak = measured_peak_flops()
+    bar = _bar(r.iterations, f"RL ({r.ppo.algo})", it, progress)
+    while it < r.iterations and not stop.requested:
+        batch = next(loader)
+        t0 = time.perf_counter()
+        rng = jax.random.fold_in(jax.random.key(cfg.seed + 3), it)
+        ro = rollout(state.params["policy"], batch["prompt_tokens"], batch["prompt_mask"], rng,
+                     model_cfg=model.config, cfg=samp)
+        idx = jnp.repeat(batch["example_idx"], samp.n)
+        exp, em = exp_fn(state.params, ref_params, ro, idx)
+        jax.block_until_ready(em)  # the ordered grader callback: block per step (see graders.callback)
+        t_roll = time.perf_counter() - t0
+        state, pm = step_fn(state, exp)
+        pm = jax.device_get(pm)
+        dt = time.perf_counter() - t0
+        em = jax.device_get(em)
+        gen_tokens = float(em["response_length"]) * ro.tokens_BxN.shape[0]
+        metrics = {**em, **pm, "seconds": dt, "rollout_grade_seconds": t_roll,
+                   "grader_seconds": reward_fn.last.seconds, "generated_tokens_per_s": gen_tokens / dt,
+                   "mfu": mfu(gen_tokens, t_roll, model.config.flops_per_token(), peak),
+                   **{f"guard_{k}": v for k, v in reward_fn.last.counters.items()}}
+        it += 1
+        logger.log("rl", it, metrics)
+        _dump_samples(out, it, reward_fn.last)
+        bar.update(1)
+        bar.set_postfix(reward=f"{em['reward']:.3f}", kl=f"{em['kl']:.3f}")
+        metric = None
+        if r.eval_every and (it % r.eval_every == 0 or it == r.iterations):
+            res = evaluate(state.params["policy"], model.config, model.tokenizer, data.val_ds, data.val_items,
+                           grader, dataclasses.replace(cfg.eval, voting_k=0), mesh=mesh,
+                           eos_ids=samp.eos_ids, pad_id=samp.pad_id)
+            _record_eval(out, f"val_rl_{it}", res, logger, "val", it)
+            metric = res["accuracy"]
+            if metric > best:
+                best, since_best = metric, 0
+            else:
+                since_best += 1
+        extras = {"loader": loader.state(), "iteration": it, "best": best, "since_best": since_best, "phase": "rl"}
+        if metric is not None or it % cfg.checkpoint.save_every == 0 or it == r.iterations or stop.requested:
+            manager.save(it, state, extras, metric=metric, force=True)
+        if r.early_stop_patience and since_best >= r.early_stop_patience:
+            log.info("early stopping at iteration %d (no validation gain in %d evaluations)", it, since_best)
+            break
+    bar.close()
+    manager.wait()
+    best_params = None
+    if manager.best_step() is not None:
+        best_params = manager.restore_params(manager.best_step(), state.params["policy"])
+    manager.close()
+    finished = it >= r.iterations or (r.early_stop_patience and since_best >= r.early_stop_patience)
+    return state.params["policy"], best_params, bool(finished)
+
+
+def _dump_samples(out: pathlib.Path, it: int, record, k: int = 4):
+    (out / "samples").mkdir(exist_ok=True)
+    with open(out / "samples" / "rl_rollouts.jsonl", "a") as f:
+        for text, g in list(zip(record.texts, record.grades))[:k]:
+            f.write(json.dumps({"iteration": it, "completion": text, "score": g.score, "extracted": g.extracted,
+                                "error": g.error}) + "\n")
+
+
+# ----------------------------------------------------------------------------- the pipeline
+
+
+def _eval_once(name, out, logger, params, model, ds, items, grader, cfg, mesh, step, voting=False):
+    evals = _load_evals(out)
+    if name in evals:
+        return evals[name]
+    ecfg = cfg.eval if voting else dataclasses.replace(cfg.eval, voting_k=0)
+    res = evaluate(params, model.config, model.tokenizer, ds, items, grader, ecfg, mesh=mesh,
+                   eos_ids=tuple(model.config.eos_token_ids), pad_id=model.tokenizer.pad_token_id)
+    _record_eval(out, name, res, logger, "eval", step)
+    return {k: v for k, v in res.items() if k != "samples"}
+
+
+def run(cfg: ExperimentConfig, out_dir: str | pathlib.Path, *, progress: bool = True) -> dict:
+    """Run (or resume) the whole ReFT pipeline; returns the summary dict."""
+    from reftjax import report
+
+    maybe_initialize_distributed()
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg_path = out / "config.json"
+    if cfg_path.exists() and json.loads(cfg_path.read_text()) != to_dict(cfg):
+        log.warning("%s differs from this run's config; resuming with the new one", cfg_path)
+    _write_json(cfg_path, to_dict(cfg))
+    mesh = make_mesh(cfg.mesh)
+    model = load_model(cfg.model, dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat, mesh=mesh)
+    grader = build_grader(cfg.grader_dict)
+    data = prepare_data(cfg, model.tokenizer)
+    logger = MetricsLogger(out)
+    t_start = time.time()
+    stop = _Interrupt()
+    with stop.installed():
+        if cfg.eval_before_sft:
+            _eval_once("test_base", out, logger, model.params, model, data.test_ds, data.test_items, grader, cfg,
+                       mesh, 0)
+        ref_dir = out / "ref_policy"
+        if ckpt.has_params(ref_dir):
+            ref_params = ckpt.load_params(ref_dir, model.params)
+        else:
+            ref_params, sft_done = run_sft(cfg, model, data, mesh, out, logger, stop, progress)
+            if not sft_done:
+                logger.close()
+                return {"status": "interrupted", "phase": "sft"}
+            ckpt.save_params(ref_dir, ref_params)
+        _eval_once("val_sft", out, logger, ref_params, model, data.val_ds, data.val_items, grader, cfg, mesh, 0)
+        _eval_once("test_sft", out, logger, ref_params, model, data.test_ds, data.test_items, grader, cfg, mesh, 0,
+                   voting=True)
+        final, best, rl_done = run_rl(cfg, model, ref_params, data, grader, mesh, out, logger, stop, progress)
+        if not rl_done:
+            logger.close()
+            return {"status": "interrupted", "phase": "rl"}
+        chosen = best if best is not None else final
+        test_rl = _eval_once("test_reft", out, logger, chosen, model, data.test_ds, data.test_items, grader, cfg,
+                             mesh, cfg.rl.iterations, voting=True)
+    if cfg.export_hf:
+        save_hf(out / "hf" / "final", final, model.config, model.hf_config, model.tokenizer)
+        save_hf(out / "hf" / "best", chosen, model.config, model.hf_config, model.tokenizer)
+    logger.close()
+    summary = report.write_summary(out, cfg, _load_evals(out), wall_seconds=time.time() - t_start)
+    report.plot_run(out)
+    del test_rl
+    return summary
