@@ -74,3 +74,51 @@ def smollm_torch(smollm_path):
     model = AutoModelForCausalLM.from_pretrained(smollm_path.parent, gguf_file=smollm_path.name,
                                                  dtype=torch.float32, attn_implementation="eager")
     return model.eval()
+
+
+@pytest.fixture(scope="session")
+def random_params():
+    """Factory `make(cfg, seed=0, std=0.1)`: random float32 reftjax params drawn with NumPy.
+
+    Kernels/embeddings/biases ~ N(0, std), norm scales ~ 1 + N(0, 0.3) (unit norms
+    would hide mapping bugs). Shapes come from `jax.eval_shape`; `init_params`
+    itself takes ~6-13 s per config to compile on 2 CPU cores.
+    """
+    import numpy as np
+
+    from reftjax.models import init_params
+
+    def make(cfg, seed: int = 0, std: float = 0.1):
+        shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+        rng = np.random.default_rng(seed)
+
+        def leaf(path, s):
+            if path[-1].key == "scale":
+                return (1.0 + 0.3 * rng.standard_normal(s.shape)).astype(np.float32)
+            return (std * rng.standard_normal(s.shape)).astype(np.float32)
+
+        return jax.tree_util.tree_map_with_path(leaf, shapes)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_dir(tmp_path_factory, smollm_tokenizer):
+    """A tiny random Llama with SmolLM2's real tokenizer, saved as a Hugging Face directory.
+
+    Lets end-to-end tests (train loop, notebook, resume) run the real loading
+    path in seconds instead of minutes.
+    """
+    import jax
+    from transformers import LlamaConfig
+
+    from reftjax.hf import save_hf
+    from reftjax.models import from_hf_config, init_params
+
+    hf = LlamaConfig(vocab_size=len(smollm_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                     tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    cfg = from_hf_config(hf)
+    params = init_params(cfg, jax.random.key(0))
+    out = tmp_path_factory.mktemp("tiny_llama") / "model"
+    return save_hf(out, params, cfg, hf, smollm_tokenizer)

@@ -7,7 +7,7 @@ import pytest
 
 from reftjax.hf import (CheckpointError, load_model, params_to_hf, read_safetensors, save_hf,
                         write_safetensors)
-from reftjax.models import ModelConfig, forward, init_params
+from reftjax.models import ModelConfig, forward
 
 torch = pytest.importorskip("torch")
 
@@ -23,19 +23,6 @@ def _tiny_hf_config(cfg: ModelConfig):
                        num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
                        rms_norm_eps=cfg.rms_norm_eps, max_position_embeddings=cfg.max_position_embeddings,
                        tie_word_embeddings=cfg.tie_word_embeddings)
-
-
-def _random_params(cfg: ModelConfig, seed: int = 0):
-    """Random params, larger than init and with non-unit norms (unit norms would hide a mapping bug)."""
-    params = init_params(cfg, jax.random.key(seed))
-    keys = iter(jax.random.split(jax.random.key(seed + 1), len(jax.tree.leaves(params))))
-
-    def perturb(path, x):
-        if path[-1].key == "scale":
-            return 1.0 + 0.3 * jax.random.normal(next(keys), x.shape)
-        return 5.0 * x
-
-    return jax.tree_util.tree_map_with_path(perturb, params)
 
 
 def _torch_logits(directory, tokens, mask):
@@ -71,9 +58,9 @@ def _assert_close_on_real(ours, ref, mask, rel_tol):
 
 
 @pytest.mark.parametrize("tied,max_shard_bytes", [(False, 4 << 30), (True, 40_000)])
-def test_tiny_export_loads_in_transformers_with_same_logits(tmp_path, tied, max_shard_bytes):
+def test_tiny_export_loads_in_transformers_with_same_logits(tmp_path, tied, max_shard_bytes, random_params):
     cfg = TINY.replace(tie_word_embeddings=tied)
-    params = _random_params(cfg)
+    params = random_params(cfg)
     out = save_hf(tmp_path / "export", params, cfg, _tiny_hf_config(cfg), max_shard_bytes=max_shard_bytes)
     sharded = (out / "model.safetensors.index.json").exists()
     assert sharded == (max_shard_bytes < 1e6)
@@ -87,8 +74,8 @@ def test_tiny_export_loads_in_transformers_with_same_logits(tmp_path, tied, max_
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(back.params), jax.device_get(params))
 
 
-def test_export_bfloat16_is_stored_as_bf16(tmp_path):
-    params = _random_params(TINY)
+def test_export_bfloat16_is_stored_as_bf16(tmp_path, random_params):
+    params = random_params(TINY)
     out = save_hf(tmp_path / "bf16", params, TINY, _tiny_hf_config(TINY), dtype="bfloat16")
     header = json.loads((out / "model.safetensors").read_bytes()[8:][:int.from_bytes(
         (out / "model.safetensors").read_bytes()[:8], "little")])
@@ -125,8 +112,8 @@ def test_smollm_export_round_trip_and_tokenizer(tmp_path, smollm_model, smollm_p
 
 
 @pytest.fixture
-def tiny_dir(tmp_path):
-    return save_hf(tmp_path / "tiny", _random_params(TINY), TINY, _tiny_hf_config(TINY))
+def tiny_dir(tmp_path, random_params):
+    return save_hf(tmp_path / "tiny", random_params(TINY), TINY, _tiny_hf_config(TINY))
 
 
 def test_missing_files_are_named(tmp_path, tiny_dir):
@@ -163,10 +150,10 @@ def test_truncated_safetensors_names_file(tiny_dir):
         read_safetensors(path)
 
 
-def test_missing_and_misshapen_tensors_are_named(tiny_dir):
+def test_missing_and_misshapen_tensors_are_named(tiny_dir, random_params):
     path = tiny_dir / "model.safetensors"
     tensors = {k: np.array(v) for k, v in read_safetensors(path).items()}
-    assert tensors.keys() == params_to_hf(init_params(TINY, jax.random.key(0)), TINY).keys()
+    assert tensors.keys() == params_to_hf(random_params(TINY), TINY).keys()
     write_safetensors(path, {k: v for k, v in tensors.items() if k != "model.layers.1.mlp.up_proj.weight"})
     with pytest.raises(CheckpointError, match=r"tiny: tensor 'model\.layers\.1\.mlp\.up_proj\.weight' is missing"):
         load_model(tiny_dir, with_tokenizer=False)

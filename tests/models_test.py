@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from reftjax.hf import load_model
-from reftjax.models import decode_step, forward, init_params, prefill, unstack_layers
+from reftjax.models import decode_step, forward, prefill, unstack_layers
 from reftjax.models import ModelConfig, RopeScaling
 
 torch = pytest.importorskip("torch")
@@ -146,11 +146,10 @@ def _prefill_then_decode(params, cfg: ModelConfig, prompt_BxP, mask_BxP, cache_l
 
 
 @pytest.mark.parametrize("window", [None, 3])
-def test_prefill_and_decode_match_full_forward(window):
+def test_prefill_and_decode_match_full_forward(window, random_params):
     cfg = ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
                       num_kv_heads=2, sliding_window=window, model_type="mistral" if window else "llama")
-    params = init_params(cfg, jax.random.key(3))
-    params = jax.tree.map(lambda x: x * 5.0, params)  # larger weights: sharper, more sensitive logits
+    params = random_params(cfg, seed=3, std=0.3)  # large weights: sharp, sensitive logits
     rng = np.random.default_rng(0)
     prompt, pmask = left_padded([list(rng.integers(1, 61, n)) for n in (6, 3, 5)], pad_id=0)
     forced = rng.integers(1, 61, (3, 4)).astype(np.int32)

@@ -1,0 +1,81 @@
+"""reftjax.sharding: meshes, logical-axis rules, and a sharded forward equal to the single-device one."""
+import flax.traverse_util as tu
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from reftjax.models import ModelConfig, forward
+from reftjax.sharding import MeshConfig, logical_to_spec, make_mesh, place_params, shard_batch
+
+CFG = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=8, num_kv_heads=4)
+
+
+def _batch():
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, CFG.vocab_size, (8, 12)).astype(np.int32)
+    mask = np.ones_like(tokens)
+    for i in range(8):  # left padding of 0..7 slots
+        mask[i, :i] = 0
+    return tokens, mask
+
+
+def test_mesh_config_shapes():
+    assert MeshConfig(data=2, fsdp=4).shape(8) == (2, 4, 1)
+    assert MeshConfig(data=-1, tensor=4).shape(8) == (2, 1, 4)
+    assert MeshConfig().shape(8) == (8, 1, 1)
+    with pytest.raises(ValueError, match="at most one axis may be -1"):
+        MeshConfig(data=-1, fsdp=-1).shape(8)
+    with pytest.raises(ValueError, match="needs 6 devices, have 8"):
+        MeshConfig(data=2, fsdp=3).shape(8)
+    mesh = make_mesh(MeshConfig(data=2, fsdp=4))
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+
+
+def test_logical_to_spec_drops_axes_that_do_not_divide():
+    mesh = make_mesh(MeshConfig(data=2, tensor=4))
+    assert logical_to_spec(P("embed", "q_heads"), (64, 64), mesh) == P(None, "tensor")
+    assert logical_to_spec(P("embed", "q_heads"), (64, 9), mesh) == P(None, None)  # 9 heads over 4: replicated
+    assert logical_to_spec(P("batch", None), (8, 5), make_mesh(MeshConfig(data=2, fsdp=4))) == P(("data", "fsdp"), None)
+
+
+# Expected placement of three representative params under each mesh.
+EXPECTED = {
+    (2, 4, 1): {("embed_tokens", "embedding"): P(None, "fsdp"),
+                ("layers", "self_attn", "q_proj", "kernel"): P(None, "fsdp", None),
+                ("layers", "mlp", "down_proj", "kernel"): P(None, None, "fsdp")},
+    (2, 1, 4): {("embed_tokens", "embedding"): P("tensor", None),
+                ("layers", "self_attn", "q_proj", "kernel"): P(None, None, "tensor"),
+                ("layers", "mlp", "down_proj", "kernel"): P(None, "tensor", None)},
+}
+
+
+@pytest.fixture(scope="module")
+def single_device_logits(random_params):
+    params = random_params(CFG)
+    tokens, mask = _batch()
+    logits, _ = jax.jit(forward, static_argnums=1)(params, CFG, tokens, mask)
+    return params, np.asarray(logits)
+
+
+@pytest.mark.parametrize("mesh_cfg", [MeshConfig(data=2, fsdp=4), MeshConfig(data=2, tensor=4)],
+                         ids=["data2_fsdp4", "data2_tensor4"])
+def test_sharded_forward_matches_single_device(mesh_cfg, single_device_logits):
+    params_np, want = single_device_logits
+    mesh = make_mesh(mesh_cfg)
+    params = place_params(params_np, CFG, mesh)
+    flat = tu.flatten_dict(params)
+    for path, spec in EXPECTED[mesh_cfg.shape(8)].items():
+        leaf = flat[path]
+        assert leaf.sharding.spec == spec, path
+        shard = leaf.addressable_shards[0].data.shape
+        assert np.prod(shard) * 4 == np.prod(leaf.shape), (path, shard)
+    assert flat[("norm", "scale")].sharding.spec == P(None)  # norms stay replicated
+    tokens, mask = shard_batch(_batch(), mesh)
+    assert tokens.addressable_shards[0].data.shape == (8 // (mesh_cfg.data * mesh_cfg.fsdp), 12)
+    logits, _ = jax.jit(forward, static_argnums=1)(params, CFG, tokens, mask)
+    got = np.asarray(logits)
+    real = np.asarray(_batch()[1]).astype(bool)
+    rel = np.abs(got - want)[real].max() / np.abs(want[real]).max()
+    assert rel < 1e-5, rel
+    np.testing.assert_array_equal(got[real].argmax(-1), want[real].argmax(-1))
