@@ -1,0 +1,255 @@
+"""Checkpointing: one Orbax `CheckpointManager` per run directory, three named items per step.
+
+    <directory>/<step>/state    the TrainState pytree (params incl. value head, optimizer
+                                state, step, skipped, rng as raw key data), PyTree handler
+    <directory>/<step>/extras   JSON: data-loader position, RL round counters, ...
+    <directory>/<step>/config   JSON: the experiment config
+    <directory>/<step>/metrics  JSON: the validation metric, when given (written by Orbax)
+
+Saves are asynchronous: `save` returns once the arrays are copied to host (so the
+next step may donate the state buffers) and the files are written in a
+background thread. Orbax writes each step into a temporary directory and renames
+it when complete, then drops `commit_success.txt` into it; a step without that
+marker (or one that fails to read) is skipped on restore with a warning, and the
+previous one is used.
+
+Retention: the last `keep_last` steps plus the `keep_best` steps with the highest
+validation metric (Orbax `LatestN` | `BestN`). A state whose params hold NaN/Inf is
+never written (one on-device reduction decides).
+
+Restores go onto an abstract state (`jax.eval_shape` leaves carrying `.sharding`),
+so every restored array lands with the live run's shardings, whatever the mesh was
+at save time. `restore_params` reads only `params/policy` (SFT -> PPO hand-off).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
+
+log = logging.getLogger(__name__)
+
+COMMIT_MARKER = "commit_success.txt"
+ITEMS = ("state", "extras", "config")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """Where and how often to checkpoint, and what to keep.
+
+    Attributes:
+      directory: run checkpoint directory (created if absent).
+      save_every: save when `step % save_every == 0` (a `force`d save ignores it).
+      keep_last: how many of the most recent checkpoints to keep (>= 1).
+      keep_best: how many checkpoints with the highest `best_metric` to keep as
+        well (0: none); only saves given a metric take part.
+      best_metric: name of the validation metric (higher is better).
+      async_save: write files in a background thread.
+    """
+
+    directory: str
+    save_every: int = 1
+    keep_last: int = 2
+    keep_best: int = 1
+    best_metric: str = "accuracy"
+    async_save: bool = True
+
+    def __post_init__(self):
+        if not self.directory:
+            raise ValueError("CheckpointConfig.directory must be set")
+        if self.save_every < 1 or self.keep_last < 1 or self.keep_best < 0:
+            raise ValueError(f"need save_every >= 1, keep_last >= 1, keep_best >= 0; got {self}")
+
+
+# ----------------------------------------------------------------------------- typed PRNG keys
+
+
+def _is_key(x) -> bool:
+    return jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _key_impl(abstract_key):
+    """The PRNG implementation of a (possibly abstract) typed key array."""
+    impls = []
+    jax.eval_shape(lambda k: impls.append(jax.random.key_impl(k)), abstract_key)
+    return impls[0]
+
+
+def _keys_to_data(tree):
+    """Typed key arrays -> their uint32 data (what Orbax can store)."""
+    return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, tree)
+
+
+def _abstract_storable(abstract_tree):
+    """Abstract tree as stored: typed keys replaced by key-data structs with a matching sharding."""
+    def one(x):
+        sharding = getattr(x, "sharding", None)
+        if _is_key(x):
+            data = jax.eval_shape(jax.random.key_data, x)
+            return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=sharding)
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+    return jax.tree.map(one, abstract_tree)
+
+
+def _keys_from_data(tree, abstract_tree):
+    return jax.tree.map(lambda x, a: jax.random.wrap_key_data(x, impl=_key_impl(a)) if _is_key(a) else x,
+                        tree, abstract_tree)
+
+
+def abstract_like(tree):
+    """ShapeDtypeStructs (with `.sharding`) of a live pytree: the restore target when building
+    the abstract state with `jax.eval_shape` is not possible (e.g. `init_state` reads shardings)."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def _restore_args(abstract_storable) -> ocp.args.PyTreeRestore:
+    return ocp.args.PyTreeRestore(abstract_storable,
+                                  restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_storable))
+
+
+# ----------------------------------------------------------------------------- guards
+
+
+@jax.jit
+def all_finite(tree) -> jax.Array:
+    """True iff every floating leaf of `tree` is finite (one device reduction)."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+def is_committed(step_dir: str | os.PathLike) -> bool:
+    """Whether Orbax finished writing this step (its commit marker exists)."""
+    return os.path.exists(os.path.join(os.fspath(step_dir), COMMIT_MARKER))
+
+
+# ----------------------------------------------------------------------------- checkpointer
+
+
+class Checkpointer:
+    """Async save / fallback-safe restore of a run's TrainState, extras and config."""
+
+    def __init__(self, cfg: CheckpointConfig, config: dict | None = None):
+        """Args:
+          cfg: checkpoint settings.
+          config: JSON-serialisable experiment config stored with every checkpoint.
+        """
+        self.cfg = cfg
+        self.config = dict(config or {})
+        policies: list[pp.PreservationPolicy] = [pp.LatestN(n=cfg.keep_last)]
+        if cfg.keep_best:
+            policies.append(pp.BestN(get_metric_fn=self._metric, n=cfg.keep_best,
+                                     keep_checkpoints_without_metrics=False))
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=pp.AnyPreservationPolicy(policies),
+            # best_fn makes Orbax persist the metrics, so BestN still knows them after a restart.
+            best_fn=self._metric, best_mode="max",
+            enable_async_checkpointing=cfg.async_save, cleanup_tmp_directories=True, create=True)
+        handlers = {"state": ocp.PyTreeCheckpointHandler(), "extras": ocp.JsonCheckpointHandler(),
+                    "config": ocp.JsonCheckpointHandler()}
+        self.directory = os.path.abspath(cfg.directory)
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS,
+                                              item_handlers=handlers)
+
+    def _metric(self, metrics: dict) -> float:
+        return float(metrics[self.cfg.best_metric])
+
+    def should_save(self, step: int) -> bool:
+        return int(step) % self.cfg.save_every == 0
+
+    def save(self, step: int, state, extras: dict | None = None, metric: float | None = None,
+             force: bool = False) -> bool:
+        """Start saving `state` (a TrainState) and `extras` (JSON dict) as `step`.
+
+        Returns whether a save was started: not when `step` is off the `save_every`
+        grid (unless `force`), already saved, or when the params are not finite.
+        """
+        step = int(step)
+        if not (force or self.should_save(step)) or step in self._manager.all_steps():
+            return False
+        if not bool(all_finite(state.params)):
+            log.warning("checkpoint: step %d NOT saved: params contain NaN/Inf", step)
+            return False
+        metrics = None if metric is None else {self.cfg.best_metric: float(metric)}
+        args = ocp.args.Composite(state=ocp.args.PyTreeSave(_keys_to_data(state)),
+                                  extras=ocp.args.JsonSave(dict(extras or {})),
+                                  config=ocp.args.JsonSave(self.config))
+        return bool(self._manager.save(step, args=args, metrics=metrics, force=True))
+
+    def all_steps(self) -> list[int]:
+        """Committed steps on disk, ascending."""
+        return [s for s in sorted(self._manager.all_steps()) if is_committed(self.step_dir(s))]
+
+    def latest_step(self) -> int | None:
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    def best_step(self) -> int | None:
+        """The kept step with the highest metric (None if no save had a metric)."""
+        return self._manager.best_step() if any(self._manager.metrics(s) for s in self.all_steps()) else None
+
+    def step_dir(self, step: int) -> str:
+        return os.path.join(self.directory, str(int(step)))
+
+    def restore_latest(self, abstract_state) -> tuple[Any, dict, int] | None:
+        """Restore the newest readable checkpoint onto `abstract_state` (shapes, dtypes, shardings).
+
+        Returns (state, extras, step), or None when the directory holds no checkpoint.
+        Uncommitted or unreadable steps are skipped with a warning (newest first).
+        """
+        self.wait()
+        steps = sorted(self._manager.all_steps(), reverse=True)
+        if not steps:
+            return None
+        storable = _abstract_storable(abstract_state)
+        for step in steps:
+            if not is_committed(self.step_dir(step)):
+                log.warning("checkpoint: step %d in %s has no %s (half-written); trying the previous one",
+                            step, self.directory, COMMIT_MARKER)
+                continue
+            try:
+                out = self._manager.restore(step, args=ocp.args.Composite(
+                    state=_restore_args(storable), extras=ocp.args.JsonRestore()))
+            except Exception as e:  # noqa: BLE001 -- any unreadable step falls back to the previous one
+                log.warning("checkpoint: step %d in %s is unreadable (%s: %s); trying the previous one",
+                            step, self.directory, type(e).__name__, e)
+                continue
+            return _keys_from_data(out.state, abstract_state), dict(out.extras or {}), step
+        raise RuntimeError(f"{self.directory}: none of the checkpoints {steps} could be restored (see warnings)")
+
+    def restore_params(self, path_or_step, abstract_params):
+        """Only the policy params of a checkpoint (this run's step, or any step/run directory)."""
+        path = self.step_dir(path_or_step) if isinstance(path_or_step, int) else path_or_step
+        return restore_params(path, abstract_params)
+
+    def wait(self) -> None:
+        """Block until pending saves are on disk."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Finish pending saves and release the manager."""
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+
+def restore_params(path: str | os.PathLike, abstract_params):
+    """Partial restore of `params["policy"]` from a step directory or a run directory (its latest
+    committed step) onto `abstract_params`; the value head and optimizer state are not read."""
+    path = os.path.abspath(os.fspath(path))
+    if not os.path.isdir(os.path.join(path, "state")):
+        steps = sorted((int(n) for n in os.listdir(path) if n.isdigit() and is_committed(os.path.join(path, n))),
+                       reverse=True) if os.path.isdir(path) else []
+        if not steps:
+            raise FileNotFoundError(f"{path}: no committed checkpoint step found")
+        path = os.path.join(path, str(steps[0]))
+    target = {"params": {"policy": _abstract_storable(abstract_params)}}
+    args = _restore_args(target)
+    args = ocp.args.PyTreeRestore(args.item, restore_args=args.restore_args, partial_restore=True)
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
+        return ckptr.restore(os.path.join(path, "state"), args=args)["params"]["policy"]
