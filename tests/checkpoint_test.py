@@ -1,0 +1,209 @@
+"""Checkpointing: round trips (1 and 8 devices), retention, fallback, partial restore, exact resume."""
+import logging
+import os
+import pathlib
+import random
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from reftjax import sharding
+from reftjax.checkpoint import CheckpointConfig, Checkpointer, abstract_like, restore_params
+from reftjax.models import ModelConfig, init_params, init_value_head
+from reftjax.steps import OptimConfig, init_state, make_optimizer
+
+CFG = ModelConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4, num_kv_heads=2,
+                  eos_token_ids=(1,))
+TX = make_optimizer(OptimConfig(learning_rate=1e-2, schedule="constant", warmup_ratio=0.0), 10)
+VALUE_HEAD_SHAPES = jax.eval_shape(lambda: init_value_head(CFG, jax.random.key(0)))
+DRIVER = pathlib.Path(__file__).with_name("resume_driver.py")
+
+
+def _host_params(seed):
+    """Random params of the model's shapes (cheaper than running the initialisers)."""
+    rs = np.random.RandomState(seed)
+    shapes = jax.eval_shape(lambda: init_params(CFG, jax.random.key(0)))
+    return jax.tree.map(lambda s: rs.standard_normal(s.shape).astype(s.dtype), shapes)
+
+
+def _state(seed=0, mesh=None):
+    rs = np.random.RandomState(seed + 1)
+    params = {"policy": sharding.place_params(_host_params(seed), CFG, mesh),
+              "value_head": jax.tree.map(lambda s: jnp.asarray(rs.standard_normal(s.shape).astype(s.dtype)),
+                                         VALUE_HEAD_SHAPES)}
+    if mesh is not None:
+        params["value_head"] = sharding.put(params["value_head"],
+                                            jax.tree.map(lambda _: sharding.replicated(mesh), params["value_head"]))
+    st = init_state(params, TX, jax.random.key(seed + 2))
+    # Make the optimizer moments non-trivial so the round trip checks real values.
+    return st.replace(opt_state=jax.tree.map(lambda x: x + 0.5 if x.dtype == jnp.float32 else x + 3, st.opt_state),
+                      step=st.step + 7)
+
+
+def _assert_equal_trees(a, b, check_sharding=True):
+    la, lb = jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)
+    assert len(la) == len(lb)
+    for (path, x), y in zip(la, lb):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            x, y = jax.random.key_data(x), jax.random.key_data(y)
+        assert np.array_equal(np.asarray(x), np.asarray(y)), jax.tree_util.keystr(path)
+        if check_sharding:
+            assert x.sharding.is_equivalent_to(y.sharding, x.ndim), jax.tree_util.keystr(path)
+
+
+@pytest.mark.parametrize("n_devices", [1, 8])
+def test_round_trip_restores_bitwise_onto_target_sharding(tmp_path, n_devices):
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=4)) if n_devices == 8 else None
+    st = _state(mesh=mesh)
+    ck = Checkpointer(CheckpointConfig(str(tmp_path)), config={"lr": 1e-2})
+    assert ck.restore_latest(abstract_like(st)) is None
+    assert ck.save(3, st, {"data_pos": 12, "round": 2})
+    ck.close()
+    ck = Checkpointer(CheckpointConfig(str(tmp_path)))
+    out_state, extras, step = ck.restore_latest(abstract_like(st))
+    assert (step, extras) == (3, {"data_pos": 12, "round": 2})
+    _assert_equal_trees(out_state, st)
+    if mesh is not None:  # really sharded, not replicated
+        emb = out_state.params["policy"]["embed_tokens"]["embedding"]
+        assert len({str(s.index) for s in emb.addressable_shards}) > 1
+    assert (tmp_path / "3" / "config").is_dir()
+    ck.close()
+
+
+def test_restore_onto_a_different_mesh(tmp_path):
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=4))
+    st = _state(mesh=mesh)
+    ck = Checkpointer(CheckpointConfig(str(tmp_path)))
+    ck.save(1, st)
+    ck.wait()
+    target = _state(seed=5)  # single device, different values
+    out, _, _ = ck.restore_latest(abstract_like(target))
+    _assert_equal_trees(out, st, check_sharding=False)
+    assert all(x.sharding.is_equivalent_to(t.sharding, x.ndim)
+               for x, t in zip(jax.tree.leaves(out.params), jax.tree.leaves(target.params)))
+    ck.close()
+
+
+def test_keeps_last_k_plus_best(tmp_path):
+    st = _state()
+    ck = Checkpointer(CheckpointConfig(str(tmp_path), keep_last=2, keep_best=1, best_metric="acc"))
+    metrics = {2: 0.9, 4: 0.3, 6: 0.5}
+    for s in range(1, 8):
+        assert ck.save(s, st, {"s": s}, metric=metrics.get(s))
+    ck.wait()
+    assert ck.all_steps() == [2, 6, 7] and ck.best_step() == 2
+    ck.close()
+    ck = Checkpointer(CheckpointConfig(str(tmp_path), keep_last=2, keep_best=1, best_metric="acc"))
+    for s in (8, 9):  # the best survives a restart (metrics are persisted)
+        ck.save(s, st)
+    ck.wait()
+    assert ck.all_steps() == [2, 8, 9] and ck.best_step() == 2
+    assert sorted(os.listdir(tmp_path)) == ["2", "8", "9"]
+    ck.close()
+
+
+def test_save_every_and_nonfinite_guard(tmp_path, caplog):
+    st = _state()
+    ck = Checkpointer(CheckpointConfig(str(tmp_path), save_every=2))
+    assert not ck.save(1, st) and ck.save(2, st) and not ck.save(2, st)
+    bad = st.replace(params={**st.params, "value_head": jax.tree.map(lambda x: x.at[0].set(jnp.nan),
+                                                                     st.params["value_head"])})
+    with caplog.at_level(logging.WARNING, logger="reftjax.checkpoint"):
+        assert not ck.save(4, bad)
+        assert not ck.save(5, st.replace(params=jax.tree.map(lambda x: x * jnp.inf, st.params)), force=True)
+    assert "NaN/Inf" in caplog.text
+    ck.wait()
+    assert ck.all_steps() == [2]
+    ck.close()
+
+
+@pytest.mark.parametrize("damage", ["marker", "file", "tmpdir"])
+def test_corrupt_latest_falls_back_to_previous(tmp_path, caplog, damage):
+    st1, st2 = _state(seed=0), _state(seed=10)
+    ck = Checkpointer(CheckpointConfig(str(tmp_path), keep_last=3))
+    ck.save(1, st1, {"pos": 1})
+    ck.save(2, st2, {"pos": 2})
+    ck.close()
+    latest = tmp_path / "2"
+    if damage == "marker":
+        (latest / "commit_success.txt").unlink()
+    elif damage == "file":
+        victim = max((p for p in (latest / "state").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+        victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 3])
+    else:  # a save killed mid-write leaves only Orbax's temporary directory
+        latest.rename(tmp_path / "2.orbax-checkpoint-tmp-123")
+    ck = Checkpointer(CheckpointConfig(str(tmp_path), keep_last=3))
+    with caplog.at_level(logging.WARNING, logger="reftjax.checkpoint"):
+        state, extras, step = ck.restore_latest(abstract_like(st1))
+    assert (step, extras) == (1, {"pos": 1})
+    _assert_equal_trees(state, st1)
+    if damage != "tmpdir":
+        assert "step 2" in caplog.text
+    ck.close()
+
+
+def test_all_corrupt_raises(tmp_path):
+    st = _state()
+    ck = Checkpointer(CheckpointConfig(str(tmp_path)))
+    ck.save(1, st)
+    ck.close()
+    (tmp_path / "1" / "commit_success.txt").unlink()
+    with pytest.raises(RuntimeError, match="none of the checkpoints"):
+        Checkpointer(CheckpointConfig(str(tmp_path))).restore_latest(abstract_like(st))
+
+
+def test_partial_restore_of_policy_params(tmp_path):
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=4))
+    st = _state(seed=3)
+    ck = Checkpointer(CheckpointConfig(str(tmp_path)))
+    ck.save(5, st)
+    ck.save(6, _state(seed=4))
+    ck.wait()
+    target = abstract_like(sharding.place_params(_host_params(9), CFG, mesh))
+    for src in (5, str(tmp_path / "5")):
+        policy = ck.restore_params(src, target)
+        assert jax.tree.structure(policy) == jax.tree.structure(st.params["policy"])  # no value head, no opt
+        _assert_equal_trees(policy, st.params["policy"], check_sharding=False)
+        assert all(x.sharding.is_equivalent_to(t.sharding, x.ndim)
+                   for x, t in zip(jax.tree.leaves(policy), jax.tree.leaves(target)))
+    latest = restore_params(tmp_path, target)  # run directory: its latest step
+    _assert_equal_trees(latest, _state(seed=4).params["policy"], check_sharding=False)
+    with pytest.raises(FileNotFoundError, match="no committed checkpoint"):
+        restore_params(tmp_path / "nothing", target)
+    ck.close()
+
+
+def test_config_validation():
+    with pytest.raises(ValueError):
+        CheckpointConfig("")
+    with pytest.raises(ValueError):
+        CheckpointConfig("/tmp/x", keep_last=0)
+
+
+def _driver(tmp_path, run_dir, out, kill=""):
+    env = {**os.environ, "XLA_FLAGS": "", "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    cmd = [sys.executable, str(DRIVER), "--dir", str(run_dir), "--out", str(out)] + (["--kill", kill] if kill else [])
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_exact_resume_after_sigkill(tmp_path):
+    """Acceptance: SIGKILL mid-SFT and during a PPO save, rerun: final state bitwise equal to a straight run."""
+    straight = _driver(tmp_path, tmp_path / "a", tmp_path / "a.npz")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    rnd = random.Random(0)
+    kills = [f"sft:{rnd.randint(1, 3)}:step", f"ppo:{rnd.randint(1, 3)}:save"]
+    for kill in kills:
+        r = _driver(tmp_path, tmp_path / "b", tmp_path / "b.npz", kill)
+        assert r.returncode == -9, (kill, r.returncode, r.stderr[-3000:])
+    assert not (tmp_path / "b.npz").exists()
+    r = _driver(tmp_path, tmp_path / "b", tmp_path / "b.npz")
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = np.load(tmp_path / "a.npz"), np.load(tmp_path / "b.npz")
+    assert a.files == b.files and len(a.files) > 10
+    for k in a.files:
+        assert np.array_equal(a[k], b[k]), k
