@@ -64,7 +64,7 @@ def test_score_matches_torch(model_dir, tmp_path, capsys):
     assert result["perplexity"] == pytest.approx(math.exp(-want.mean()), rel=1e-4)
     assert main(["score", "--model", str(model_dir), "--text-file", str(text_file), "--dtype", "bfloat16"]) == 0
     bf16 = np.array(json.loads(capsys.readouterr().out)["logprobs"][1:])
-    # bf16 (8 mantissa bits) with these large random weights: measured max 0.26, mean 0.06
+    # bf16 (8 mantissa bits) with these large random weights: measured max 0.26, mean 0.07
     assert np.abs(bf16 - want).max() < 0.5 and np.abs(bf16 - want).mean() < 0.15
 
 
