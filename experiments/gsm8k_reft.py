@@ -49,17 +49,18 @@ def preset_config(name: str, model: str | None = None):
     if name == "cpu":
         cfg = ExperimentConfig(
             name="gsm8k_reft_cpu", model=model or "default",
-            data=DataConfig(n_train=256, n_val=16, n_test=32, val_fraction=0.05,
-                            tokenize=TokenizeConfig(max_prompt_len=192, max_target_len=192, truncation="drop",
-                                                    prompt_buckets=(128, 192), seq_buckets=(192, 256, 384))),
+            # One prompt bucket and two sequence buckets: every jitted step compiles at most twice.
+            data=DataConfig(n_train=128, n_val=16, n_test=32, val_fraction=0.05,
+                            tokenize=TokenizeConfig(max_prompt_len=160, max_target_len=160, truncation="drop",
+                                                    prompt_buckets=(160,), seq_buckets=(224, 320))),
             sft=SFTConfig(epochs=1, batch_size=8, optim=OptimConfig(learning_rate=2e-5)),
-            rl=RLConfig(iterations=8, prompts_per_iteration=8,
-                        sampling=SamplingConfig(max_new_tokens=160, temperature=1.0),
+            rl=RLConfig(iterations=6, prompts_per_iteration=8,
+                        sampling=SamplingConfig(max_new_tokens=128, temperature=1.0),
                         ppo=PPOConfig(kl_coef=0.05, minibatch_size=4),
                         optim=OptimConfig(learning_rate=3e-6, schedule="constant", warmup_ratio=0.0),
-                        eval_every=4),
-            eval=EvalConfig(batch_size=16, max_new_tokens=160, voting_k=0),
-            checkpoint=CheckpointSettings(save_every=8, keep_last=2, keep_best=1))
+                        eval_every=3),
+            eval=EvalConfig(batch_size=16, max_new_tokens=128, voting_k=0),
+            checkpoint=CheckpointSettings(save_every=6, keep_last=2, keep_best=1))
     elif name in ("gpu", "tpu"):
         cfg = ExperimentConfig(
             name=f"gsm8k_reft_{name}", model=model or "default", dtype="bfloat16", remat="full",

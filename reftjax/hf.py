@@ -410,7 +410,6 @@ def save_hf(out_dir: str | os.PathLike, params, cfg, hf_config, tokenizer=None, 
             (tmp / "model.safetensors.index.json").write_text(
                 json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
         hf = copy.deepcopy(hf_config)
-        hf.torch_dtype = dtype
         hf.dtype = dtype
         hf.save_pretrained(tmp)
         if tokenizer is not None:

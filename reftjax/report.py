@@ -34,7 +34,7 @@ def write_summary(out: pathlib.Path, cfg, evals: dict, wall_seconds: float) -> d
         f"# {cfg.name}: {cfg.model}", "",
         f"Test set: {cfg.data.test_dataset}/{cfg.data.test_split}, n = {summary['test_n']}. "
         f"Model selection on a validation split only (never on test).", "",
-        "| stage | greedy top-1 (%) | voting@%s (%%) |" % (cfg.eval.voting_k or "-"),
+        f"| stage | greedy top-1 (%) | voting@{cfg.eval.voting_k or '-'} (%) |",
         "|---|---|---|",
         f"| before SFT | {t['base']} | - |",
         f"| after SFT warm-up | {t['sft']} | {v['sft']} |",

@@ -3,13 +3,13 @@
 `run(cfg, out_dir)` is a short host loop over the jitted steps (no trainer
 object). Each phase is resumable: SFT and RL checkpoints (Orbax, async) hold
 the train state, the data-loader position and loop counters; the SFT policy
-that becomes the frozen reference is saved once as `ref_policy`. Rerunning the
+that becomes the frozen reference is the final SFT checkpoint (`sft_done.json` names it). Rerunning the
 same command continues from the latest valid checkpoint; Ctrl-C saves and exits.
 
 Run directory layout:
 
     config.json  metrics.jsonl  tensorboard/  samples/*.jsonl
-    checkpoints/{sft,rl}/  ref_policy/  evals.json
+    checkpoints/{sft,rl}/  sft_done.json  evals.json
     hf/{final,best}/  summary.json  summary.md  plots/*.png
 """
 from __future__ import annotations
@@ -134,15 +134,17 @@ def _record_eval(out: pathlib.Path, name: str, res: dict, logger: MetricsLogger,
 
 def run_sft(cfg: ExperimentConfig, model, data: Data, mesh, out: pathlib.Path, logger, stop: _Interrupt,
             progress: bool):
-    """SFT warm-up; returns the trained policy params (resumes from checkpoints/sft)."""
+    """SFT warm-up (resumes from checkpoints/sft); returns (policy params, final step or None if interrupted)."""
     s = cfg.sft
     loader = Loader(data.train_ds, LoaderConfig(batch_size=s.batch_size, kind="sft", seed=cfg.seed,
                                                 group_by_length=s.group_by_length), mesh=mesh)
     total = max(s.epochs * loader.batches_per_epoch, 1)
     tx = make_optimizer(s.optim, total)
     state = init_state({"policy": model.params}, tx, jax.random.key(cfg.seed))
-    manager = ckpt.Checkpointer(ckpt.CheckpointConfig(out / "checkpoints" / "sft", save_every=cfg.checkpoint.save_every,
-                                                      keep_last=cfg.checkpoint.keep_last, keep_best=0))
+    manager = ckpt.Checkpointer(ckpt.CheckpointConfig(str(out / "checkpoints" / "sft"),
+                                                      save_every=cfg.checkpoint.save_every,
+                                                      keep_last=cfg.checkpoint.keep_last, keep_best=0),
+                                config=to_dict(cfg))
     restored = manager.restore_latest(state)
     if restored is not None:
         state, extras, _ = restored
@@ -171,7 +173,7 @@ def run_sft(cfg: ExperimentConfig, model, data: Data, mesh, out: pathlib.Path, l
     bar.close()
     manager.wait()
     manager.close()
-    return state.params["policy"], done >= total
+    return state.params["policy"], (done if done >= total else None)
 
 
 def _log_sft(logger, step, metrics, t0, shape, peak, model_cfg):
@@ -197,9 +199,11 @@ def run_rl(cfg: ExperimentConfig, model, ref_params, data: Data, grader, mesh, o
     if r.ppo.algo == "ppo":
         params["value_head"] = init_value_head(model.config, jax.random.key(r.value_head_seed))
     state = init_state(params, tx, jax.random.key(cfg.seed + 2))
-    manager = ckpt.Checkpointer(ckpt.CheckpointConfig(out / "checkpoints" / "rl", save_every=cfg.checkpoint.save_every,
+    manager = ckpt.Checkpointer(ckpt.CheckpointConfig(str(out / "checkpoints" / "rl"),
+                                                      save_every=cfg.checkpoint.save_every,
                                                       keep_last=cfg.checkpoint.keep_last,
-                                                      keep_best=cfg.checkpoint.keep_best))
+                                                      keep_best=cfg.checkpoint.keep_best),
+                                config=to_dict(cfg))
     it, best, since_best = 0, -1.0, 0
     restored = manager.restore_latest(state)
     if restored is not None:
@@ -307,15 +311,16 @@ def run(cfg: ExperimentConfig, out_dir: str | pathlib.Path, *, progress: bool = 
         if cfg.eval_before_sft:
             _eval_once("test_base", out, logger, model.params, model, data.test_ds, data.test_items, grader, cfg,
                        mesh, 0)
-        ref_dir = out / "ref_policy"
-        if ckpt.has_params(ref_dir):
-            ref_params = ckpt.load_params(ref_dir, model.params)
+        marker = out / "sft_done.json"
+        if marker.exists():  # the final SFT checkpoint is the frozen reference (and the policy's start)
+            step = json.loads(marker.read_text())["step"]
+            ref_params = ckpt.restore_params(out / "checkpoints" / "sft" / str(step), model.params)
         else:
-            ref_params, sft_done = run_sft(cfg, model, data, mesh, out, logger, stop, progress)
-            if not sft_done:
+            ref_params, sft_step = run_sft(cfg, model, data, mesh, out, logger, stop, progress)
+            if sft_step is None:
                 logger.close()
                 return {"status": "interrupted", "phase": "sft"}
-            ckpt.save_params(ref_dir, ref_params)
+            _write_json(marker, {"step": sft_step})
         _eval_once("val_sft", out, logger, ref_params, model, data.val_ds, data.val_items, grader, cfg, mesh, 0)
         _eval_once("test_sft", out, logger, ref_params, model, data.test_ds, data.test_items, grader, cfg, mesh, 0,
                    voting=True)
