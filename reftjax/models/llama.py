@@ -48,7 +48,12 @@ VOCAB, EMBED, MLP, Q_HEADS, KV_HEADS, NORM, LAYERS = (
 
 
 class KVCache(NamedTuple):
-    """One layer's keys and values, [B, S, kv_heads, head_dim] each."""
+    """One layer's keys and values.
+
+    `Transformer` returns fresh ones as [B, T, kv_heads, head_dim]; the decode
+    caches (`prefill` / `decode_step`) are [B, kv_heads, S, head_dim], the layout
+    the attention dots consume directly, so no step copies a cache.
+    """
 
     k: jax.Array
     v: jax.Array
@@ -136,6 +141,20 @@ def _attend(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS):
     return jnp.einsum("bkgts,bskd->btkgd", probs, v_BxSxKxD).reshape(b, t, h * d)
 
 
+def _attend_cached(q_BxTxHxD, cache: KVCache, mask_BxTxS):
+    """`_attend` against a [B, K, S, D] cache: queries grouped as [B, K, G*T, D], no cache transposes."""
+    b, t, h, d = q_BxTxHxD.shape
+    kv = cache.k.shape[1]
+    g = h // kv
+    q = q_BxTxHxD.reshape(b, t, kv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, d)
+    scores = jnp.einsum("bkqd,bksd->bkqs", q, cache.k.astype(q.dtype)).astype(jnp.float32) * (d ** -0.5)
+    mask = jnp.broadcast_to(mask_BxTxS[:, None, None, :, :], (b, 1, g, t, mask_BxTxS.shape[-1]))
+    scores = jnp.where(mask.reshape(b, 1, g * t, -1), scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    out = jnp.einsum("bkqs,bksd->bkqd", probs, cache.v.astype(q.dtype))
+    return out.reshape(b, kv, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h * d)
+
+
 class Attention(nn.Module):
     cfg: ModelConfig
 
@@ -151,11 +170,12 @@ class Attention(nn.Module):
         q, k = apply_rope(q, positions_BxT, inv_freq), apply_rope(k, positions_BxT, inv_freq)
         if kv_cache is None:
             new_kv = KVCache(k, v)
-        else:  # write this step's keys/values into the cache slot, in place
-            start = (0, cache_index, 0, 0)
-            new_kv = KVCache(jax.lax.dynamic_update_slice(kv_cache.k, k.astype(kv_cache.k.dtype), start),
-                             jax.lax.dynamic_update_slice(kv_cache.v, v.astype(kv_cache.v.dtype), start))
-        out = _attend(q, new_kv.k.astype(q.dtype), new_kv.v.astype(q.dtype), mask_BxTxS)
+            out = _attend(q, k, v, mask_BxTxS)
+        else:  # write this step's keys/values into the [B, K, S, D] cache at `cache_index`, in place
+            start = (0, 0, cache_index, 0)
+            put = lambda c, x: jax.lax.dynamic_update_slice(c, x.transpose(0, 2, 1, 3).astype(c.dtype), start)  # noqa: E731
+            new_kv = KVCache(put(kv_cache.k, k), put(kv_cache.v, v))
+            out = _attend_cached(q, new_kv, mask_BxTxS)
         return _dense(cfg, cfg.hidden_size, (Q_HEADS, EMBED), "o_proj")(out), new_kv
 
 
@@ -276,8 +296,9 @@ def prefill(params, cfg: ModelConfig, tokens_BxP, attn_mask_BxP, cache_len: int)
     _, hidden, kv = Transformer(cfg).apply({"params": params}, tokens_BxP, positions, attn_mask_BxP,
                                            return_logits=False)
     b, p = tokens_BxP.shape
-    pad = ((0, 0), (0, cache_len - p), (0, 0), (0, 0))
-    caches = [KVCache(jnp.pad(kv.k[i], pad), jnp.pad(kv.v[i], pad)) for i in range(cfg.num_layers)]
+    pad = ((0, 0), (0, 0), (0, cache_len - p), (0, 0))
+    to_cache = lambda x: jnp.pad(x.transpose(0, 2, 1, 3), pad)  # noqa: E731  [B, P, K, D] -> [B, K, S, D]
+    caches = [KVCache(to_cache(kv.k[i]), to_cache(kv.v[i])) for i in range(cfg.num_layers)]
     return lm_logits(params, cfg, hidden[:, -1, :]), hidden, caches
 
 
