@@ -1,0 +1,185 @@
+"""Training steps: PPO/GRPO learn a toy reward (1 and 8 devices), non-finite skips, SFT accumulation/donation."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from reftjax import sharding
+from reftjax.checkpoint import CheckpointConfig, Checkpointer
+from reftjax.models import ModelConfig, init_params, init_value_head
+from reftjax.rollout import SamplingConfig, rollout
+from reftjax.steps import OptimConfig, PPOConfig, init_state, make_experience_fn, make_optimizer, make_ppo_step, \
+    make_sft_step
+
+CFG = ModelConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4, num_kv_heads=2,
+                  eos_token_ids=(1,))
+TARGET = 5  # reward 1 iff the first sampled token is TARGET
+MAX_ITERS = 40
+
+
+@functools.lru_cache(maxsize=None)
+def _host_policy(seed=0):
+    return jax.tree.map(np.asarray, init_params(CFG, jax.random.key(seed)))
+
+
+def _mesh():
+    return sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=4))
+
+
+def _place(tree, mesh):
+    if mesh is None:
+        return jax.tree.map(jnp.asarray, tree)
+    return sharding.put(tree, jax.tree.map(lambda _: sharding.replicated(mesh), tree))
+
+
+def _rl_run(algo: str, mesh=None, iters=MAX_ITERS):
+    """Train on the toy reward; returns the per-iteration mean rewards and the step metrics."""
+    n = 4 if algo == "grpo" else 1
+    pc = PPOConfig(algo=algo, group_size=max(n, 2) if algo == "grpo" else 1, minibatch_size=8, kl_coef=0.0,
+                   ppo_epochs=2)
+    tx = make_optimizer(OptimConfig(learning_rate=3e-3, schedule="constant", warmup_ratio=0.0), iters)
+    ref = sharding.place_params(_host_policy(), CFG, mesh)
+    params = {"policy": sharding.place_params(_host_policy(), CFG, mesh)}
+    if algo == "ppo":
+        params["value_head"] = _place(jax.tree.map(np.asarray, init_value_head(CFG, jax.random.key(2))), mesh)
+    state = init_state(params, tx, jax.random.key(3))
+    prompts = np.full((16 // n, 4), 3, np.int32)
+    prompts = jnp.asarray(prompts) if mesh is None else sharding.shard_batch(prompts, mesh)
+    scfg = SamplingConfig(max_new_tokens=2, eos_ids=(1,), pad_id=0, n=n)
+    exp_fn, step = make_experience_fn(CFG, pc), make_ppo_step(CFG, tx, pc)
+    rewards = []
+    for it in range(iters):
+        r = rollout(state.params["policy"], prompts, jnp.ones_like(prompts), jax.random.fold_in(jax.random.key(9), it),
+                    model_cfg=CFG, cfg=scfg)
+        exp, em = exp_fn(state.params, ref, r, jnp.zeros(16, jnp.int32), (r.tokens_BxN[:, 0] == TARGET) * 1.0)
+        state, m = step(state, exp)
+        rewards.append(float(em["reward"]))
+        if np.mean(rewards[-3:]) > 0.9 and len(rewards) >= 3:
+            break
+    return rewards, m
+
+
+@functools.lru_cache(maxsize=None)
+def _ppo_rewards(n_devices: int):
+    return _rl_run("ppo", _mesh() if n_devices == 8 else None)[0]
+
+
+@pytest.mark.parametrize("n_devices", [1, 8])
+def test_ppo_learns_target_token(n_devices):
+    rewards = _ppo_rewards(n_devices)
+    assert rewards[0] < 0.3, rewards
+    assert np.mean(rewards[-3:]) > 0.9 and len(rewards) <= MAX_ITERS, rewards
+
+
+def test_ppo_sharded_matches_single_device():
+    one, eight = _ppo_rewards(1), _ppo_rewards(8)
+    np.testing.assert_allclose(eight, one, atol=1e-6)
+
+
+def test_grpo_learns_target_token():
+    rewards, m = _rl_run("grpo")
+    assert rewards[0] < 0.3 and np.mean(rewards[-3:]) > 0.9, rewards
+    assert int(m["skipped"]) == 0
+
+
+def test_nonfinite_advantage_skips_every_ppo_update(tmp_path):
+    pc = PPOConfig(minibatch_size=4, kl_coef=0.0, ppo_epochs=2)
+    tx = make_optimizer(OptimConfig(learning_rate=3e-3, schedule="constant", warmup_ratio=0.0), 10)
+    params = {"policy": jax.tree.map(jnp.asarray, _host_policy()), "value_head": init_value_head(CFG, jax.random.key(2))}
+    state = init_state(params, tx, jax.random.key(3))
+    prompts = jnp.full((8, 4), 3, jnp.int32)
+    r = rollout(state.params["policy"], prompts, jnp.ones_like(prompts), jax.random.key(4), model_cfg=CFG,
+                cfg=SamplingConfig(max_new_tokens=2, eos_ids=(1,)))
+    exp, _ = make_experience_fn(CFG, pc)(state.params, params["policy"], r, jnp.zeros(8, jnp.int32),
+                                         jnp.ones(8, jnp.float32))
+    exp = exp.replace(advantages_BxN=exp.advantages_BxN.at[:, 0].set(jnp.nan))  # every minibatch sees a NaN
+    before = jax.tree.map(np.asarray, (state.params, state.opt_state, state.step))
+    new, m = make_ppo_step(CFG, tx, pc)(state, exp)
+    after = jax.tree.map(np.asarray, (new.params, new.opt_state, new.step))
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)))
+    assert int(new.skipped) == int(m["skipped"]) == int(m["updates"]) == 4  # 2 epochs x 2 minibatches
+    ck = Checkpointer(CheckpointConfig(str(tmp_path)))  # the params stayed finite: it may be saved
+    assert ck.save(1, new)
+    nan_state = new.replace(params=jax.tree.map(lambda x: x * jnp.nan, new.params))  # what an unguarded update gives
+    assert not ck.save(2, nan_state)
+    ck.close()
+    assert ck.all_steps() == [1]
+
+
+# ----------------------------------------------------------------------------- SFT
+
+
+def _sft_batch(rows=8, seq=12, seed=0):
+    tok = np.random.RandomState(seed).randint(2, 32, (rows, seq)).astype(np.int32)
+    loss_mask = np.ones_like(tok)
+    loss_mask[:, :4] = 0  # prompt tokens are not trained on
+    loss_mask[::3, -3:] = 0
+    return {"tokens": tok, "attn_mask": np.ones_like(tok), "loss_mask": loss_mask}
+
+
+def _sft_state(tx, mesh=None):
+    return init_state({"policy": sharding.place_params(_host_policy(), CFG, mesh)}, tx, jax.random.key(1))
+
+
+SFT_TX = make_optimizer(OptimConfig(learning_rate=1e-2, schedule="constant", warmup_ratio=0.0), 10)
+
+
+def test_sft_grad_accumulation_matches_full_batch():
+    # Adam's first update is ~lr*sign(g) for |g| >> eps, which turns float noise in near-zero
+    # gradients into lr-sized differences; a larger eps keeps the update proportional to g there.
+    tx = make_optimizer(OptimConfig(learning_rate=1e-2, schedule="constant", warmup_ratio=0.0, eps=1e-4), 10)
+    batch = jax.tree.map(jnp.asarray, _sft_batch())
+    out = []
+    for accum in (1, 2):
+        st, m = make_sft_step(CFG, tx, accum_steps=accum)(_sft_state(tx), batch)
+        out.append((st.params, float(m["loss"]), float(m["grad_norm"])))
+    for a, b in zip(jax.tree.leaves(out[0][0]), jax.tree.leaves(out[1][0])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+    np.testing.assert_allclose(out[0][1:], out[1][1:], rtol=1e-5)
+
+
+def test_sft_loss_decreases_and_compiles_once_with_donation():
+    step = make_sft_step(CFG, SFT_TX)
+    batch = jax.tree.map(jnp.asarray, _sft_batch())
+    st, losses = _sft_state(SFT_TX), []
+    for _ in range(8):
+        old = st
+        st, m = step(st, batch)
+        losses.append(float(m["loss"]))
+        assert old.params["policy"]["lm_head"]["kernel"].is_deleted()  # the donated buffers were reused
+    assert step._cache_size() == 1
+    assert losses[-1] < 0.6 * losses[0] and all(b < a for a, b in zip(losses, losses[1:])), losses
+    assert int(st.step) == 8 and int(st.skipped) == 0
+
+
+def test_sft_huge_lr_nonfinite_loss_is_skipped():
+    tx = make_optimizer(OptimConfig(learning_rate=1e36, schedule="constant", warmup_ratio=0.0, grad_clip=1e30), 10)
+    step = make_sft_step(CFG, tx)
+    batch = jax.tree.map(jnp.asarray, _sft_batch())
+    st, _ = step(_sft_state(tx), batch)  # params ~1e36: the next forward overflows
+    before = jax.tree.map(np.asarray, (st.params, st.opt_state))
+    st, m = step(st, batch)
+    assert not np.isfinite(float(m["loss"])) and int(m["skipped"]) == 1 and int(st.skipped) == 1
+    assert int(st.step) == 1
+    after = jax.tree.map(np.asarray, (st.params, st.opt_state))
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)))
+
+
+def test_sft_sharded_matches_single_device():
+    mesh = _mesh()
+    host = _sft_batch(rows=8)
+    out = []
+    for m in (None, mesh):
+        step = make_sft_step(CFG, SFT_TX, accum_steps=2)
+        st = _sft_state(SFT_TX, m)
+        batch = jax.tree.map(jnp.asarray, host) if m is None else sharding.shard_batch(host, m)
+        for _ in range(3):
+            st, metrics = step(st, batch)
+        out.append((jax.tree.map(np.asarray, st.params), float(metrics["loss"])))
+    emb = st.params["policy"]["embed_tokens"]["embedding"]
+    assert emb.sharding.spec != jax.sharding.PartitionSpec()  # really sharded
+    for a, b in zip(jax.tree.leaves(out[0][0]), jax.tree.leaves(out[1][0])):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    np.testing.assert_allclose(out[0][1], out[1][1], rtol=1e-5)
