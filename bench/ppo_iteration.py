@@ -1,0 +1,269 @@
+"""Benchmark: one RL iteration (rollout + grade + update) of reftjax vs TRL's GRPOTrainer.
+
+SmolLM2-135M-Instruct, CPU fp32, the first `--prompts` GSM8K train questions in the ReFT
+prompt layout (`Question:\\n{q}\\nAnswer reasoning:\\n`, left-padded to a bucket) x `--samples`
+completions of at most `--new-tokens` tokens, temperature 1, graded by the ReFT N-CoT grader
+(`ReftGrader(cot="nl")`; reftjax through the jit io_callback, TRL through a Python reward
+function calling the same grader).
+
+reftjax iteration = `rollout` -> `make_experience_fn` (policy + value and frozen reference
+forward, grader callback, rewards/advantages) -> `make_ppo_step`, for
+  * ppo:  ReFT (value head, GAE, minibatch 8, 2 epochs);
+  * grpo: group_size = samples, minibatch 8, 1 epoch (the same training FLOPs as TRL's
+          single step over the whole batch), k3 KL to the reference in the loss.
+TRL iteration = one `GRPOTrainer` step with its defaults except the sizes (per-device batch
+= prompts x samples completions, num_generations = samples, max_completion_length), beta
+(`--trl-beta`, default 0.0 = TRL's default: no reference model), use_cpu, bf16=False.
+TRL keeps its default gradient checkpointing (without it the 32-row step needs ~15 GB here).
+
+Contenders alternate in one process: a TrainerCallback times each TRL step (on_step_begin ->
+on_step_end: generation, reward, loss, backward, optimizer) and, after each timed one, runs one
+timed iteration of every reftjax algorithm. The first iteration of each contender is warm-up
+(compilation for reftjax) and is not in the medians.
+
+    python bench/ppo_iteration.py                      # one JSON line
+    python bench/ppo_iteration.py --no-trl --repeats 3 # reftjax only
+
+Keys: per algo `<algo>_iter_s` (median), `<algo>_rollout_s`/`_experience_s`/`_update_s`,
+`<algo>_tokens_per_s` (generated tokens, up to and incl. EOS, per second of iteration),
+`<algo>_compile_s` (first iteration minus the steady median), `<algo>_mfu`; `trl_iter_s`,
+`trl_tokens_per_s`, `trl_mfu`; `ratio_vs_trl` (ppo tokens/s over TRL's), `ratio_grpo_vs_trl`.
+MFU counts forward FLOPs as `ModelConfig.flops_per_token(len/2)` per real (non-pad) token:
+rollout 1x, experience 2x (policy, reference), each update epoch 3x (TRL: generation 1x,
+training 3x + 1x for the gradient-checkpointing recompute is *not* counted), over the GEMM
+peak `reftjax.metrics.measured_peak_flops()`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gsm8k" / "train.jsonl"
+
+
+def read_problems(n: int) -> tuple[list[str], list[dict]]:
+    """First `n` GSM8K train questions as ReFT prompts, and grader items with `answer_value`."""
+    from reftjax.data.prompts import reft_prompt
+    from reftjax.data.records import parse_number
+
+    prompts, items = [], []
+    with open(DATA) as f:
+        for line_no, line in zip(range(1, n + 1), f):
+            row = json.loads(line)
+            gold = row["answer"].split("####")[-1]
+            prompts.append(reft_prompt(row["question"]))
+            items.append({"answer_value": parse_number(gold, f"{DATA}:{line_no}")})
+    return prompts, items
+
+
+def _seq_flops(model_cfg, lengths) -> float:
+    """Forward FLOPs of a batch of sequences with these real lengths."""
+    return float(sum(model_cfg.flops_per_token(int(n) // 2) * int(n) for n in lengths))
+
+
+class ReftjaxRL:
+    """One algorithm's state and jitted pieces; `iteration()` runs and times one RL iteration."""
+
+    def __init__(self, algo: str, model, prompt_tokens, prompt_mask, reward_fn, args):
+        import jax
+        import jax.numpy as jnp
+
+        from reftjax.models import init_value_head
+        from reftjax.rollout import SamplingConfig
+        from reftjax.steps import (OptimConfig, PPOConfig, init_state, make_experience_fn, make_optimizer,
+                                   make_ppo_step)
+
+        self.algo, self.cfg = algo, model.config
+        if algo == "ppo":
+            rl = PPOConfig(algo="ppo", minibatch_size=8, ppo_epochs=2)
+        else:
+            rl = PPOConfig(algo="grpo", group_size=args.samples, minibatch_size=8, ppo_epochs=1, kl_coef=0.04)
+        self.epochs = rl.ppo_epochs
+        self.sampling = SamplingConfig(n=args.samples, max_new_tokens=args.new_tokens, temperature=1.0,
+                                       eos_ids=(2,), pad_id=2)
+        params = {"policy": jax.tree.map(jnp.copy, model.params)}
+        if algo == "ppo":
+            params["value_head"] = init_value_head(self.cfg, jax.random.key(1))
+        tx = make_optimizer(OptimConfig(learning_rate=3e-6, schedule="constant", warmup_ratio=0.0), 1000)
+        self.state = init_state(params, tx, jax.random.key(2))
+        self.ref = model.params
+        self.exp_fn = make_experience_fn(self.cfg, rl, reward_fn)
+        self.ppo_step = make_ppo_step(self.cfg, tx, rl)
+        self.prompt_tokens, self.prompt_mask = jnp.asarray(prompt_tokens), jnp.asarray(prompt_mask)
+        self.idx = jnp.repeat(jnp.arange(prompt_tokens.shape[0], dtype=jnp.int32), args.samples)
+        self.rng = jax.random.key(3)
+        self.records: list[dict] = []
+
+    def iteration(self) -> dict:
+        import jax
+        import numpy as np
+
+        from reftjax.rollout import rollout
+
+        self.rng, key = jax.random.split(self.rng)
+        t0 = time.perf_counter()
+        ro = rollout(self.state.params["policy"], self.prompt_tokens, self.prompt_mask, key,
+                     model_cfg=self.cfg, cfg=self.sampling)
+        jax.block_until_ready(ro)
+        t1 = time.perf_counter()
+        exp, em = self.exp_fn(self.state.params, self.ref, ro, self.idx)
+        jax.block_until_ready(exp)
+        t2 = time.perf_counter()
+        self.state, m = self.ppo_step(self.state, exp)
+        jax.block_until_ready(m)
+        t3 = time.perf_counter()
+        gen = np.asarray(ro.lengths_B)
+        lengths = np.asarray(ro.prompt_mask_BxP).sum(axis=1) + gen
+        rec = {"iter_s": t3 - t0, "rollout_s": t1 - t0, "experience_s": t2 - t1, "update_s": t3 - t2,
+               "gen_tokens": int(gen.sum()), "flops": _seq_flops(self.cfg, lengths) * (1 + 2 + 3 * self.epochs),
+               "reward": float(em["reward"]), "loss": float(m["loss"])}
+        self.records.append(rec)
+        print(f"[{self.algo}] {json.dumps({k: round(v, 2) for k, v in rec.items()})}", file=sys.stderr)
+        return rec
+
+
+class TrlRunner:
+    """TRL GRPOTrainer on the same model/data; each step timed by a callback that then calls `between`."""
+
+    def __init__(self, prompts, items, grader, model_cfg, args, between):
+        import torch
+        from datasets import Dataset
+        from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+        from trl import GRPOConfig, GRPOTrainer
+
+        from reftjax.hf import local_hf_dir
+
+        hf_dir = local_hf_dir("default")
+        tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+        tokenizer.padding_side = "left"
+        model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+        records, step = [], {}
+
+        def reward(prompts, completions, completion_ids, answer_value, **_):
+            step["gen_tokens"] = sum(len(c) for c in completion_ids)
+            grades = grader.grade_batch([{"answer_value": a} for a in answer_value], completions)
+            prompt_lens = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+            lengths = [p + len(c) for p, c in zip(prompt_lens, completion_ids)]
+            step["flops"] = _seq_flops(model_cfg, lengths) * (1 + 3)
+            return [g.score for g in grades]
+
+        class Timer(TrainerCallback):
+            def on_step_begin(self, *_, **__):
+                step.clear()
+                self.t0 = time.perf_counter()
+
+            def on_step_end(self, *_, **__):
+                dt = time.perf_counter() - self.t0
+                records.append({"iter_s": dt, **step})
+                print(f"[trl] iter_s={dt:.2f} gen_tokens={step.get('gen_tokens')}", file=sys.stderr)
+                if len(records) > 1:  # after TRL's warm-up step, straight to its first timed one
+                    between()
+
+        n_rows = args.prompts * args.samples
+        cfg = GRPOConfig(
+            output_dir=tempfile.mkdtemp(prefix="trl_bench_"), per_device_train_batch_size=n_rows,
+            num_generations=args.samples, max_completion_length=args.new_tokens, temperature=1.0,
+            beta=args.trl_beta, learning_rate=3e-6, use_cpu=True, bf16=False, max_steps=1 + args.repeats,
+            logging_steps=1, report_to="none", save_strategy="no", shuffle_dataset=False, seed=0)
+        ds = Dataset.from_list([{"prompt": p, "answer_value": it["answer_value"]} for p, it in zip(prompts, items)])
+        self.trainer = GRPOTrainer(model=model, reward_funcs=reward, args=cfg, train_dataset=ds,
+                                   processing_class=tokenizer, callbacks=[Timer()])
+        self.records = records
+
+    def run(self):
+        self.trainer.train()
+
+
+def _summary(prefix: str, records: list[dict], peak: float, extra_keys=()) -> dict:
+    steady = records[1:]
+    med = lambda k: statistics.median(r[k] for r in steady)  # noqa: E731
+    it = med("iter_s")
+    tok = sum(r["gen_tokens"] for r in steady) / sum(r["iter_s"] for r in steady)
+    out = {f"{prefix}_iter_s": round(it, 2), f"{prefix}_tokens_per_s": round(tok, 1),
+           f"{prefix}_gen_tokens_mean": round(statistics.mean(r["gen_tokens"] for r in steady), 1),
+           f"{prefix}_first_iter_s": round(records[0]["iter_s"], 1),
+           f"{prefix}_mfu": round(statistics.median(r["flops"] / r["iter_s"] for r in steady) / peak, 3),
+           f"{prefix}_iters": [round(r["iter_s"], 2) for r in steady]}
+    for k in extra_keys:
+        out[f"{prefix}_{k}"] = round(med(k), 2)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--samples", type=int, default=4)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=2, help="timed iterations per contender (after warm-up)")
+    ap.add_argument("--algos", default="ppo,grpo")
+    ap.add_argument("--no-trl", action="store_true")
+    ap.add_argument("--trl-beta", type=float, default=0.0)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads")
+    args = ap.parse_args()
+
+    import jax
+
+    from reftjax.graders import ReftGrader
+    from reftjax.graders.callback import make_reward_fn
+    from reftjax.hf import load_model
+    from reftjax.metrics import measured_peak_flops
+    from reftjax.rollout import bucket, encode_prompts, left_pad
+
+    prompts, items = read_problems(args.prompts)
+    model = load_model("default")
+    tok = model.tokenizer
+    ids = encode_prompts(tok, prompts, chat=False)
+    p_len = bucket(max(map(len, ids)), (64, 128, 256, 512))
+    prompt_tokens, prompt_mask = left_pad(ids, p_len, pad_id=2)
+    grader = ReftGrader(cot="nl")
+    reward_fn = make_reward_fn(grader, items, tok.batch_decode)
+    peak = measured_peak_flops()
+    algos = [ReftjaxRL(a, model, prompt_tokens, prompt_mask, reward_fn, args) for a in args.algos.split(",")]
+    for a in algos:
+        a.iteration()  # compile + warm-up
+
+    def reftjax_round():
+        for a in algos:
+            a.iteration()
+
+    trl = None
+    if args.no_trl:
+        for _ in range(args.repeats):
+            reftjax_round()
+    else:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        trl = TrlRunner(prompts, items, grader, model.config, args, reftjax_round)
+        trl.run()  # warm-up step, then `repeats` timed steps each followed by one round of reftjax iterations
+
+    out = {"bench": "ppo_iteration", "model": "SmolLM2-135M-Instruct", "dtype": "float32", "device": "cpu",
+           "prompts": args.prompts, "samples": args.samples, "max_new_tokens": args.new_tokens,
+           "prompt_bucket": p_len, "peak_gflops": round(peak / 1e9, 1)}
+    for a in algos:
+        rec = a.records
+        out.update(_summary(a.algo, rec, peak, ("rollout_s", "experience_s", "update_s")))
+        # first iteration minus a steady one: compiling the rollout, experience and update programs
+        out[f"{a.algo}_compile_s"] = round(rec[0]["iter_s"] - statistics.median(r["iter_s"] for r in rec[1:]), 1)
+        out[f"{a.algo}_reward_mean"] = round(statistics.mean(r["reward"] for r in rec), 3)
+    if trl is not None:
+        out.update(_summary("trl", trl.records, peak))
+        out["trl_beta"] = args.trl_beta
+        for a in algos:
+            key = "ratio_vs_trl" if a.algo == "ppo" else f"ratio_{a.algo}_vs_trl"
+            out[key] = round(out[f"{a.algo}_tokens_per_s"] / out["trl_tokens_per_s"], 2)
+    out["jax"] = jax.__version__
+    out["load_avg_1m"] = round(os.getloadavg()[0], 2)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
