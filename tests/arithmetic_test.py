@@ -1,0 +1,143 @@
+"""Arithmetic ReFT experiment: generator, tokenizer, data layout, and the --quick pipeline end to end."""
+import json
+import random
+import re
+
+import numpy as np
+import pytest
+
+from experiments import arithmetic_reft as exp
+from experiments import arithmetic_task as task
+from reftjax.graders import ReftGrader
+from reftjax.graders.guards import GuardConfig, check
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return task.build_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def splits():
+    return task.make_splits(task.TaskConfig(), 300, 50, 50, 50, seed=0)
+
+
+def _replay(problem):
+    """Independently re-derives the answer from the question text."""
+    sentences = problem["question"].split(". ")
+    value = int(re.match(r"\w+ has (\d+) ", sentences[0]).group(1))
+    for s in sentences[1:]:
+        if m := re.match(r"(He|She) (buys|finds|gets) (\d+) more", s):
+            value += int(m.group(3))
+        elif m := re.match(r"(He|She) (gives away|loses|sells) (\d+)$", s):
+            value -= int(m.group(3))
+        elif re.match(r"(He|She) doubles them", s):
+            value *= 2
+        elif re.match(r"(He|She) triples them", s):
+            value *= 3
+    return value
+
+
+def test_generator_answers_match_question_and_cot(splits):
+    for p in splits["train"] + splits["hard"]:
+        assert int(p["answer_value"]) == _replay(p)
+        lines = p["answer_cot"].split("\n")
+        assert len(lines) == p["n_steps"]
+        prev = None
+        for line in lines:
+            a, sym, x, b = re.fullmatch(r"(\d+)([+\-*])(\d+)=(\d+)", line).groups()
+            a, x, b = int(a), int(x), int(b)
+            assert b == {"+": a + x, "-": a - x, "*": a * x}[sym] and b >= 0
+            if sym == "+":
+                assert a % 10 + x % 10 >= 10  # forced carry
+            if sym == "-":
+                assert x % 10 > a % 10  # forced borrow
+            assert prev is None or a == prev
+            prev = b
+        assert prev == int(p["answer_value"])
+
+
+def test_splits_are_disjoint_deterministic_and_hard_has_one_more_step(splits):
+    cfg = task.TaskConfig()
+    q = {k: {p["question"] for p in v} for k, v in splits.items()}
+    assert not (q["train"] & q["val"]) and not (q["train"] & q["test"]) and not (q["val"] & q["test"])
+    assert {p["n_steps"] for p in splits["train"]} == set(range(cfg.min_steps, cfg.max_steps + 1))
+    assert {p["n_steps"] for p in splits["hard"]} == {cfg.max_steps + 1}
+    assert task.make_splits(cfg, 300, 50, 50, 50, seed=0) == splits
+    assert task.make_splits(cfg, 300, 50, 50, 50, seed=1)["train"] != splits["train"]
+    assert any(re.search(r"years old|miles away|friends|leaves at|pages", p["question"]) for p in splits["train"])
+
+
+def test_task_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="min_steps"):
+        task.TaskConfig(min_steps=3, max_steps=2)
+    with pytest.raises(ValueError, match="operand_digits"):
+        task.TaskConfig(operand_digits=3)
+
+
+def test_two_digit_operands_and_multiplication():
+    rng = random.Random(0)
+    probs = [task.generate_problem(rng, 4, 2, mul_prob=0.5, digits=2) for _ in range(200)]
+    assert all(int(p["answer_value"]) == _replay(p) for p in probs)
+    assert any("*" in p["answer_cot"] for p in probs)
+    assert any(re.search(r"[+-][1-9]\d=", p["answer_cot"]) for p in probs)
+
+
+def test_tokenizer_round_trips_without_unknowns(tokenizer, splits):
+    assert (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id) == (0, 1, 2)
+    assert len(tokenizer) == len(task.vocabulary()) < 200
+    for p in splits["train"][:100] + splits["hard"][:50]:
+        text = task.prompt_text(p) + task.target_text(p)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert tokenizer.unk_token_id not in ids
+        assert tokenizer.decode(ids) == text
+        assert tokenizer.decode(ids + [1, 0, 0], skip_special_tokens=True) == text
+    # digits are single tokens, so "47" is two pieces and " 47" is " 4" + "7"
+    assert tokenizer.convert_ids_to_tokens(tokenizer("a 47", add_special_tokens=False)["input_ids"]) == \
+        [tokenizer.unk_token, " 4", "7"]
+
+
+def test_gold_targets_score_one_and_pass_the_guards(splits):
+    items = splits["train"][:50]
+    grades = ReftGrader(cot="nl").grade_batch(items, [task.target_text(p) for p in items])
+    assert [g.score for g in grades] == [1.0] * len(items)
+    guard = GuardConfig(max_tokens=48, min_reasoning_chars=5)
+    assert all(not check(guard, task.target_text(p), 30) for p in items)
+    assert check(guard, "Therefore, the answer is: 5", 8) == ["no_reasoning"]
+
+
+def test_build_data_layout(tokenizer):
+    cfg = exp.ExpConfig(**exp.QUICK)
+    data = exp.build_data(cfg, tokenizer)
+    tok, mask = data.prompts["train"]
+    sft = data.sft
+    for i in range(20):
+        p = data.problems["train"][i]
+        n = int(mask[i].sum())
+        assert mask[i, :-n].sum() == 0 and tokenizer.decode(tok[i, -n:]) == task.prompt_text(p)
+        loss = sft["loss_mask"][i].astype(bool)
+        assert tokenizer.decode(sft["tokens"][i][loss]) == task.target_text(p) + tokenizer.eos_token
+        real = sft["attn_mask"][i].astype(bool)
+        assert tokenizer.decode(sft["tokens"][i][real]) == task.prompt_text(p) + task.target_text(p) + "<eos>"
+    with pytest.raises(ValueError, match="eval_every"):
+        exp.ExpConfig(arm_samples=100, eval_every=64)
+
+
+def test_quick_pipeline_end_to_end(tmp_path, capsys):
+    result = exp.main(["--quick", "--out", str(tmp_path), "--seeds", "0"])
+    out = capsys.readouterr().out
+    assert "| +ReFT (PPO) |" in out and "| +SFT |" in out and "| +GRPO |" in out
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["seeds"] == [0] and (tmp_path / "curves.png").stat().st_size > 1000
+    assert (tmp_path / "results.md").read_text().startswith("| model |")
+    seed = result["per_seed"][0]
+    cfg = exp.ExpConfig(**exp.QUICK)
+    for arm in exp.ARMS:
+        curve = seed[arm]["curve"]
+        assert [pt["samples"] for pt in curve] == list(range(0, cfg.arm_samples + 1, cfg.eval_every))
+        assert curve[0]["val"] == seed["warmup"]["val"]  # every arm starts from the same warm-up
+        assert seed[arm]["val"] == max(pt["val"] for pt in curve)  # chosen on validation
+        assert all(0.0 <= seed[arm][k] <= 1.0 for k in ("val", "test", "hard"))
+    rl_stats = seed["reft"]["curve"][1]
+    assert 0.0 <= rl_stats["extracted"] <= 1.0 and rl_stats["length"] > 0
+    assert np.isfinite(rl_stats["kl"])
