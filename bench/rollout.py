@@ -19,6 +19,7 @@ import json
 import os
 import pathlib
 import statistics
+import sys
 import time
 
 import jax
@@ -118,6 +119,7 @@ def main():
         result[f"mfu_b{b}"] = round(model_flops(cfg, b, args.prompt_len, n_new) / med_ours / 1e9
                                     / result["gemm_peak_gflops"], 3)
         result[f"runs_s_b{b}"] = {"reftjax": [round(t, 2) for t in t_ours], "hf": [round(t, 2) for t in t_theirs]}
+        print(f"batch {b}: {result[f'reftjax_tok_s_b{b}']} vs {result[f'hf_tok_s_b{b}']} tok/s", file=sys.stderr)
     result["loadavg_1min_before_after"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
     print(json.dumps(result))
 
