@@ -9,8 +9,8 @@ Contenders alternate in one process (torch with 2 threads) and the medians of
 Keys: reftjax_tokens_per_s, torch_tokens_per_s, ratio_vs_torch, compile_s,
 mfu_reftjax, mfu_torch (3 x forward FLOPs per token over the GEMM peak measured here), the
 per-step times and the 1-minute load average at start and end (the 2 cores are often shared).
-Memory: the process peaks near 12 GB (reftjax and torch model, optimizer and activations);
-it was OOM-killed on a 24 GB machine while another 10 GB benchmark ran.
+Memory: one run reached 11.9 GB resident (reftjax + torch models, optimizers, activations) and
+was OOM-killed on the 24 GB machine while a 10 GB benchmark ran beside it.
 """
 from __future__ import annotations
 
