@@ -162,6 +162,7 @@ class Runner:
 
         tok, mask = self.data.prompts[split]
         items, correct = self.data.problems[split], 0
+        batch = min(batch, len(items))
         for s in range(0, len(items), batch):
             t, m = tok[s:s + batch], mask[s:s + batch]
             n = len(t)
@@ -380,6 +381,7 @@ def write_atomic(path: pathlib.Path, write, binary: bool = False) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
     with os.fdopen(fd, "wb" if binary else "w") as f:
         write(f)
+    os.chmod(tmp, 0o644)  # mkstemp creates 0600
     os.replace(tmp, path)
 
 

