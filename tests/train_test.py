@@ -1,0 +1,125 @@
+"""End-to-end tests of the ReFT pipeline (`reftjax.train.run` through the experiment CLI).
+
+A tiny random Llama with SmolLM2's tokenizer keeps each run to compile time
+(about a minute on 2 cores); accuracy is not asserted, the pipeline is: files,
+metrics, plots, export, SIGKILL + resume, notebook, CLI errors.
+"""
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+TINY_SETS = {
+    "data.n_train": 16, "data.n_val": 4, "data.n_test": 4, "sft.batch_size": 4, "rl.iterations": 3,
+    "rl.prompts_per_iteration": 4, "rl.eval_every": 3, "rl.sampling.max_new_tokens": 12, "eval.max_new_tokens": 12,
+    "eval.batch_size": 4, "checkpoint.save_every": 1, "eval_before_sft": False,
+    "data.tokenize.seq_buckets": [224, 320],
+}
+
+
+def _cmd(model, out, extra=()):
+    sets = [a for k, v in TINY_SETS.items() for a in ("--set", f"{k}={json.dumps(v)}")]
+    return [sys.executable, "-m", "experiments.gsm8k_reft", "--model", str(model), "--out", str(out),
+            "--no-progress", *sets, *extra]
+
+
+def _env():
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)  # the subprocess runs on one CPU device like a user would
+    env["PYTHONPATH"] = str(ROOT)
+    return env
+
+
+def _rl_lines(out):
+    p = out / "metrics.jsonl"
+    if not p.exists():
+        return []
+    return [json.loads(l) for l in p.read_text().splitlines() if '"phase": "rl"' in l]
+
+
+def test_pipeline_sigkill_then_resume_completes(tiny_hf_dir, tmp_path, shared_data):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(_cmd(tiny_hf_dir, out), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None and not _rl_lines(out):
+        time.sleep(0.5)
+    assert proc.poll() is None, f"run ended before it could be killed: {proc.stderr.read()[-2000:]}"
+    assert _rl_lines(out), "no RL iteration within the time limit"
+    proc.send_signal(signal.SIGKILL)  # mid-RL, possibly during an async checkpoint save
+    proc.wait()
+    assert (out / "sft_done.json").exists()
+
+    done = subprocess.run(_cmd(tiny_hf_dir, out), cwd=ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "done" and summary["test_n"] == 4
+    assert set(summary["test_accuracy"]) == {"base", "sft", "reft"}
+    iters = sorted({r["step"] for r in _rl_lines(out)})
+    assert iters[-1] == 3 and set(iters) == {1, 2, 3}
+    rl = _rl_lines(out)[-1]
+    for key in ("reward", "accuracy", "kl", "entropy", "clipfrac", "vf_loss", "explained_variance",
+                "response_length", "generated_tokens_per_s", "mfu"):
+        assert key in rl, key
+    for name in ("reward", "kl", "response_length", "val_accuracy"):
+        png = out / "plots" / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    assert (out / "tensorboard").is_dir() and any((out / "tensorboard").iterdir())
+    assert (out / "samples" / "rl_rollouts.jsonl").exists()
+    from reftjax.hf import load_model
+
+    for which in ("final", "best"):
+        exported = load_model(out / "hf" / which, with_tokenizer=False)
+        assert exported.config.num_layers == 2
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    bad_set = subprocess.run([sys.executable, "-m", "experiments.gsm8k_reft", "--set", "rl.nope=1"], cwd=ROOT,
+                             env=_env(), capture_output=True, text=True, timeout=120)
+    assert bad_set.returncode == 2 and "unknown config path 'rl.nope'" in bad_set.stderr
+    missing = subprocess.run([sys.executable, "-m", "experiments.gsm8k_reft", "--gsm8k-dir", str(tmp_path)],
+                             cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and "train.jsonl not found" in missing.stderr
+    bad_model = subprocess.run([sys.executable, "-m", "experiments.gsm8k_reft", "--model", str(tmp_path / "x"),
+                                "--out", str(tmp_path / "o")], cwd=ROOT, env=_env(), capture_output=True,
+                               text=True, timeout=300)
+    assert bad_model.returncode == 2
+    last = bad_model.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and "no such file or directory" in last
+    flag = subprocess.run([sys.executable, "-m", "experiments.gsm8k_reft", "--bogus"], cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert flag.returncode == 2 and "unrecognized arguments: --bogus" in flag.stderr
+
+
+def test_help_documents_every_flag():
+    out = subprocess.run([sys.executable, "-m", "experiments.gsm8k_reft", "--help"], cwd=ROOT, env=_env(),
+                         capture_output=True, text=True, timeout=120).stdout
+    for flag in ("--preset", "--model", "--out", "--gsm8k-dir", "--set", "--seed", "--no-progress",
+                 "--print-config"):
+        assert flag in out
+
+
+def test_notebook_executes_on_cpu(tiny_hf_dir, tmp_path, shared_data):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    nb = nbformat.read(ROOT / "experiments" / "notebooks" / "gsm8k_reft_colab.ipynb", as_version=4)
+    env_cell = nbformat.v4.new_code_cell(
+        "import os\n"
+        f"os.environ.update(REFTJAX_NB_TINY='1', REFTJAX_NB_MODEL={str(tiny_hf_dir)!r}, "
+        f"REFTJAX_NB_OUT={str(tmp_path / 'nb')!r})\n"
+        f"os.chdir({str(ROOT)!r}); import sys; sys.path.insert(0, {str(ROOT)!r})")
+    nb.cells.insert(0, env_cell)
+    client = nbclient.NotebookClient(nb, timeout=900, kernel_name="python3",
+                                     resources={"metadata": {"path": str(ROOT)}})
+    client.execute(env=_env())
+    assert (tmp_path / "nb" / "summary.md").exists()
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert any(o.get("output_type") == "display_data" and "image/png" in o.get("data", {}) for o in outputs)
