@@ -131,7 +131,7 @@ def _prefill_then_decode(params, cfg: ModelConfig, prompt_BxP, mask_BxP, cache_l
     last_logits, _, caches = prefill(params, cfg, prompt_BxP, mask_BxP, cache_len)
     b, p = prompt_BxP.shape
     valid = jnp.pad(mask_BxP, ((0, 0), (0, cache_len - p)))
-    layers = unstack_layers(params)
+    layers = unstack_layers(params, cfg)
 
     def step(carry, i):
         caches, valid, pos = carry
@@ -145,10 +145,14 @@ def _prefill_then_decode(params, cfg: ModelConfig, prompt_BxP, mask_BxP, cache_l
     return last_logits, jnp.swapaxes(logits_NxBxV, 0, 1)
 
 
-@pytest.mark.parametrize("window", [None, 3])
-def test_prefill_and_decode_match_full_forward(window, random_params):
+@pytest.mark.parametrize("variant", ["llama", "mistral_window3", "qwen2_bias_untied"])
+def test_prefill_and_decode_match_full_forward(variant, random_params):
+    """The decode path (fused per-layer weights, [B,K,hd,S] key cache) equals the scanned full forward."""
+    window = 3 if variant == "mistral_window3" else None
+    qwen = variant.startswith("qwen2")
     cfg = ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
-                      num_kv_heads=2, sliding_window=window, model_type="mistral" if window else "llama")
+                      num_kv_heads=2, sliding_window=window, model_type=variant.split("_")[0],
+                      qkv_bias=qwen, tie_word_embeddings=not qwen)
     params = random_params(cfg, seed=3, std=0.3)  # large weights: sharp, sensitive logits
     rng = np.random.default_rng(0)
     prompt, pmask = left_padded([list(rng.integers(1, 61, n)) for n in (6, 3, 5)], pad_id=0)

@@ -12,14 +12,15 @@ Parameters mirror Hugging Face names, kernels stored [in, out]:
     norm/scale                    [D]
     lm_head/kernel                [D, V] (absent with tied embeddings)
 
-Two execution paths share the same `DecoderLayer`:
+Two execution paths, kept equal by tests (tests/models_test.py):
 
 * `Transformer.__call__` (training, scoring, prefill): `nn.scan` over the
   stacked layers (one compiled block, optional remat), returning the final
   hidden states and every layer's keys/values.
-* `decode_step` (sampling): layers unrolled over per-layer KV-cache buffers, so
-  each step writes one slot in place with `dynamic_update_slice` instead of
-  slicing a stacked [L, ...] cache (which XLA would copy every step).
+* `decode_step` (sampling): the same layer as plain functions over fused
+  per-layer weights (`unstack_layers`), unrolled over per-layer KV-cache
+  buffers, so each step writes one slot in place with `dynamic_update_slice`
+  instead of slicing a stacked [L, ...] cache (which XLA would copy every step).
 
 Left padding: rows are right-aligned in a buffer of T slots; `attn_mask_BxT`
 marks real tokens and `positions_BxT` counts real tokens only. Causality is by
@@ -51,8 +52,9 @@ class KVCache(NamedTuple):
     """One layer's keys and values.
 
     `Transformer` returns fresh ones as [B, T, kv_heads, head_dim]; the decode
-    caches (`prefill` / `decode_step`) are [B, kv_heads, S, head_dim], the layout
-    the attention dots consume directly, so no step copies a cache.
+    caches (`prefill` / `decode_step`) hold keys as [B, kv_heads, head_dim, S] and
+    values as [B, kv_heads, S, head_dim], the layouts the attention dots consume
+    directly, so no step copies or transposes a cache.
     """
 
     k: jax.Array
@@ -141,25 +143,11 @@ def _attend(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS):
     return jnp.einsum("bkgts,bskd->btkgd", probs, v_BxSxKxD).reshape(b, t, h * d)
 
 
-def _attend_cached(q_BxTxHxD, cache: KVCache, mask_BxTxS):
-    """`_attend` against a [B, K, S, D] cache: queries grouped as [B, K, G*T, D], no cache transposes."""
-    b, t, h, d = q_BxTxHxD.shape
-    kv = cache.k.shape[1]
-    g = h // kv
-    q = q_BxTxHxD.reshape(b, t, kv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, d)
-    scores = jnp.einsum("bkqd,bksd->bkqs", q, cache.k.astype(q.dtype)).astype(jnp.float32) * (d ** -0.5)
-    mask = jnp.broadcast_to(mask_BxTxS[:, None, None, :, :], (b, 1, g, t, mask_BxTxS.shape[-1]))
-    scores = jnp.where(mask.reshape(b, 1, g * t, -1), scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-    out = jnp.einsum("bkqs,bksd->bkqd", probs, cache.v.astype(q.dtype))
-    return out.reshape(b, kv, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h * d)
-
-
 class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, kv_cache: KVCache | None, cache_index):
+    def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS):
         cfg = self.cfg
         b, t, _ = x_BxTxD.shape
         h, kvh, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -168,15 +156,8 @@ class Attention(nn.Module):
         v = _dense(cfg, kvh * hd, (EMBED, KV_HEADS), "v_proj", cfg.qkv_bias)(x_BxTxD).reshape(b, t, kvh, hd)
         inv_freq = rope_inv_freq(cfg)
         q, k = apply_rope(q, positions_BxT, inv_freq), apply_rope(k, positions_BxT, inv_freq)
-        if kv_cache is None:
-            new_kv = KVCache(k, v)
-            out = _attend(q, k, v, mask_BxTxS)
-        else:  # write this step's keys/values into the [B, K, S, D] cache at `cache_index`, in place
-            start = (0, 0, cache_index, 0)
-            put = lambda c, x: jax.lax.dynamic_update_slice(c, x.transpose(0, 2, 1, 3).astype(c.dtype), start)  # noqa: E731
-            new_kv = KVCache(put(kv_cache.k, k), put(kv_cache.v, v))
-            out = _attend_cached(q, new_kv, mask_BxTxS)
-        return _dense(cfg, cfg.hidden_size, (Q_HEADS, EMBED), "o_proj")(out), new_kv
+        out = _attend(q, k, v, mask_BxTxS)
+        return _dense(cfg, cfg.hidden_size, (Q_HEADS, EMBED), "o_proj")(out), KVCache(k, v)
 
 
 class SwiGLU(nn.Module):
@@ -191,14 +172,14 @@ class SwiGLU(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm block. Returns (hidden, kv): fresh k/v, or the updated cache when given one."""
+    """Pre-norm block. Returns (hidden, this layer's fresh keys/values). `decode_step` is its one-token twin."""
 
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions_BxT, mask_BxTxS, kv_cache=None, cache_index=None):
+    def __call__(self, x, positions_BxT, mask_BxTxS):
         attn_out, kv = Attention(self.cfg, name="self_attn")(
-            _norm(self.cfg, "input_layernorm")(x), positions_BxT, mask_BxTxS, kv_cache, cache_index)
+            _norm(self.cfg, "input_layernorm")(x), positions_BxT, mask_BxTxS)
         h = x + attn_out
         return h + SwiGLU(self.cfg, name="mlp")(_norm(self.cfg, "post_attention_layernorm")(h)), kv
 
@@ -231,9 +212,9 @@ class Transformer(nn.Module):
         if cfg.remat != "none":
             block = nn.remat(block, policy=_remat_policy(cfg.remat), prevent_cse=False)
         layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                         in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                         in_axes=(nn.broadcast, nn.broadcast),
                          length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: LAYERS})
-        x, kv = layers(cfg, name="layers")(x, positions_BxT, mask, None, None)
+        x, kv = layers(cfg, name="layers")(x, positions_BxT, mask)
         hidden = _norm(cfg, "norm")(x)
         if not return_logits and not self.is_initializing():
             return None, hidden, kv
@@ -281,43 +262,105 @@ def lm_logits(params, cfg: ModelConfig, hidden_BxTxD):
 # ----------------------------------------------------------------------------- decoding
 
 
-def unstack_layers(params) -> list:
-    """Per-layer parameter pytrees from the stacked [L, ...] layout (one copy, outside the decode loop)."""
-    n = jax.tree.leaves(params["layers"])[0].shape[0]
-    return [jax.tree.map(lambda a, i=i: a[i], params["layers"]) for i in range(n)]
+def unstack_layers(params, cfg: ModelConfig | None = None) -> list:
+    """Per-layer decode parameters from the stacked [L, ...] layout (one copy, outside the decode loop).
+
+    The decode layout fuses the projections that read the same input, so each
+    step runs 4 GEMMs per layer instead of 7 (small-M GEMMs are dispatch-bound):
+
+        qkv      [D, (H + 2 K) hd]  = q_proj | k_proj | v_proj   (+ qkv_bias)
+        o        [H hd, D]
+        gate_up  [D, 2 F]           = gate_proj | up_proj
+        down     [F, D]
+        ln1, ln2 [D]                  RMSNorm scales
+
+    `cfg` gives the compute dtype the kernels are cast to (default: kept as stored).
+    """
+    lp = params["layers"]
+    dtype = cfg.jnp_dtype if cfg is not None else None
+    cast = (lambda a: a.astype(dtype)) if dtype is not None else (lambda a: a)  # noqa: E731
+    attn, mlp = lp["self_attn"], lp["mlp"]
+    stacked = {
+        "ln1": lp["input_layernorm"]["scale"], "ln2": lp["post_attention_layernorm"]["scale"],
+        "qkv": cast(jnp.concatenate([attn[n]["kernel"] for n in ("q_proj", "k_proj", "v_proj")], axis=-1)),
+        "o": cast(attn["o_proj"]["kernel"]),
+        "gate_up": cast(jnp.concatenate([mlp["gate_proj"]["kernel"], mlp["up_proj"]["kernel"]], axis=-1)),
+        "down": cast(mlp["down_proj"]["kernel"]),
+    }
+    if "bias" in attn["q_proj"]:
+        stacked["qkv_bias"] = cast(jnp.concatenate([attn[n]["bias"] for n in ("q_proj", "k_proj", "v_proj")], -1))
+    n = stacked["qkv"].shape[0]
+    return [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(n)]
 
 
 def prefill(params, cfg: ModelConfig, tokens_BxP, attn_mask_BxP, cache_len: int):
     """Run the prompt; return (logits at the last slot [B, V], hidden_BxPxD, per-layer caches of length S).
 
     Prompts are left-padded so the last slot holds every row's last prompt token.
+    Decode caches: keys [B, K, hd, S] and values [B, K, S, hd], the layouts the two
+    attention dots of a decode step consume as plain [hd x S] / [S x hd] matrices.
     """
     positions = positions_from_mask(attn_mask_BxP)
     _, hidden, kv = Transformer(cfg).apply({"params": params}, tokens_BxP, positions, attn_mask_BxP,
                                            return_logits=False)
     b, p = tokens_BxP.shape
-    pad = ((0, 0), (0, 0), (0, cache_len - p), (0, 0))
-    to_cache = lambda x: jnp.pad(x.transpose(0, 2, 1, 3), pad)  # noqa: E731  [B, P, K, D] -> [B, K, S, D]
-    caches = [KVCache(to_cache(kv.k[i]), to_cache(kv.v[i])) for i in range(cfg.num_layers)]
+    pad_s = cache_len - p
+    keys = lambda x: jnp.pad(x.transpose(0, 2, 3, 1), ((0, 0), (0, 0), (0, 0), (0, pad_s))) # noqa: E731  [B,P,K,D]->[B,K,D,S]
+    values = lambda x: jnp.pad(x.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, pad_s), (0, 0)))  # noqa: E731  ->[B,K,S,D]
+    caches = [KVCache(keys(kv.k[i]), values(kv.v[i])) for i in range(cfg.num_layers)]
     return lm_logits(params, cfg, hidden[:, -1, :]), hidden, caches
+
+
+def _rms(x, scale, cfg: ModelConfig):
+    """`RMSNorm` as a function (same operation order, so decode matches the full forward)."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + cfg.rms_norm_eps)
+    return scale.astype(cfg.jnp_dtype)[None, :] * y.astype(cfg.jnp_dtype)
+
+
+def _decode_layer(p, cfg: ModelConfig, x_BxD, positions_B, mask_BxS, cache: KVCache, cache_index):
+    """One decoder layer for one new token per row against the [B,K,hd,S] / [B,K,S,hd] caches."""
+    b = x_BxD.shape[0]
+    h, kvh, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    g = h // kvh
+    qkv = _rms(x_BxD, p["ln1"], cfg) @ p["qkv"]
+    if "qkv_bias" in p:
+        qkv = qkv + p["qkv_bias"][None, :]
+    q = qkv[:, : h * hd].reshape(b, 1, h, hd)
+    k = qkv[:, h * hd: (h + kvh) * hd].reshape(b, 1, kvh, hd)
+    v = qkv[:, (h + kvh) * hd:].reshape(b, kvh, 1, hd)
+    inv_freq = rope_inv_freq(cfg)
+    q = apply_rope(q, positions_B[:, None], inv_freq).reshape(b, kvh, g, hd)
+    k = apply_rope(k, positions_B[:, None], inv_freq).reshape(b, kvh, hd, 1)
+    cache = KVCache(jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), (0, 0, 0, cache_index)),
+                    jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), (0, 0, cache_index, 0)))
+    scores = jnp.einsum("bkgd,bkds->bkgs", q, cache.k.astype(q.dtype)).astype(jnp.float32) * (hd ** -0.5)
+    scores = jnp.where(mask_BxS[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    attn = jnp.einsum("bkgs,bksd->bkgd", probs, cache.v.astype(q.dtype)).reshape(b, h * hd)
+    x = x_BxD + attn @ p["o"]
+    gate_up = _rms(x, p["ln2"], cfg) @ p["gate_up"]
+    f = cfg.intermediate_size
+    return x + (jax.nn.silu(gate_up[:, :f]) * gate_up[:, f:]) @ p["down"], cache
 
 
 def decode_step(params, layer_params: list, cfg: ModelConfig, tokens_B, positions_B, caches: list,
                 cache_index, key_valid_BxS):
     """One token for every row: returns (logits_BxV, hidden_BxD, updated caches).
 
-    `cache_index` (a traced int) is the slot written this step; `key_valid_BxS`
-    marks slots that hold real tokens (already including `cache_index`).
+    `layer_params` comes from `unstack_layers`; `cache_index` (a traced int) is the
+    slot written this step; `key_valid_BxS` marks slots that hold real tokens
+    (already including `cache_index`). Layers are unrolled so each step updates
+    every cache buffer in place.
     """
-    x = jnp.take(params["embed_tokens"]["embedding"], tokens_B[:, None], axis=0).astype(cfg.jnp_dtype)
+    x = jnp.take(params["embed_tokens"]["embedding"], tokens_B, axis=0).astype(cfg.jnp_dtype)
     s = key_valid_BxS.shape[1]
-    mask = attention_mask(jnp.reshape(cache_index, (1,)), jnp.arange(s), key_valid_BxS, cfg.sliding_window)
-    layer = DecoderLayer(cfg)
+    mask = attention_mask(jnp.reshape(cache_index, (1,)), jnp.arange(s), key_valid_BxS, cfg.sliding_window)[:, 0]
     new_caches = []
     for p_i, cache in zip(layer_params, caches):
-        x, cache = layer.apply({"params": p_i}, x, positions_B[:, None], mask, cache, cache_index)
+        x, cache = _decode_layer(p_i, cfg, x, positions_B, mask, cache, cache_index)
         new_caches.append(cache)
-    hidden = _norm(cfg, "norm").apply({"params": params["norm"]}, x)[:, 0, :]
+    hidden = _rms(x, params["norm"]["scale"], cfg)
     return lm_logits(params, cfg, hidden), hidden, new_caches
 
 
