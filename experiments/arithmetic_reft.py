@@ -54,6 +54,7 @@ class ExpConfig:
       max_new_tokens: completion budget when sampling for RL (eval uses `eval_new_tokens`).
       arms: which continuations to run.
       guards: apply the reward-hacking guards to RL rewards.
+      value_grad_to_backbone: PPO's value loss also trains the shared backbone (ReFT: true).
     """
 
     hidden: int = 64
@@ -80,6 +81,7 @@ class ExpConfig:
     eval_new_tokens: int = 56
     arms: tuple[str, ...] = ARMS
     guards: bool = True
+    value_grad_to_backbone: bool = True
 
     def __post_init__(self):
         if set(self.arms) - set(ARMS):
@@ -211,7 +213,7 @@ class Runner:
         if key not in self._steps:
             group = self.cfg.grpo_group if algo != "ppo" else 1
             pcfg = PPOConfig(algo=algo, kl_coef=self.cfg.kl_coef, minibatch_size=self.cfg.minibatch_size,
-                             group_size=group)
+                             group_size=group, value_grad_to_backbone=self.cfg.value_grad_to_backbone)
             tx = make_optimizer(OptimConfig(learning_rate=lr, schedule="constant", warmup_ratio=0.0), 1)
             self._steps[key] = (tx, pcfg, make_experience_fn(self.model_cfg, pcfg),
                                 make_ppo_step(self.model_cfg, tx, pcfg))
@@ -385,6 +387,14 @@ def write_atomic(path: pathlib.Path, write, binary: bool = False) -> None:
     os.replace(tmp, path)
 
 
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
 def parse_args(argv=None) -> tuple[ExpConfig, argparse.Namespace]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny CI version (pipeline check, not the result)")
@@ -392,12 +402,14 @@ def parse_args(argv=None) -> tuple[ExpConfig, argparse.Namespace]:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--arms", nargs="+", choices=ARMS)
     for f in dataclasses.fields(ExpConfig):
-        if f.type in ("int", "float"):
-            ap.add_argument("--" + f.name.replace("_", "-"), type=int if f.type == "int" else float)
+        if f.type in ("int", "float", "bool"):
+            kind = {"int": int, "float": float, "bool": _bool}[f.type]
+            ap.add_argument("--" + f.name.replace("_", "-"), type=kind, metavar=f.type.upper(),
+                            help=f"default {getattr(ExpConfig, f.name)}")
     args = ap.parse_args(argv)
     overrides = dict(QUICK) if args.quick else {}
     overrides.update({f.name: getattr(args, f.name) for f in dataclasses.fields(ExpConfig)
-                      if f.type in ("int", "float") and getattr(args, f.name) is not None})
+                      if f.type in ("int", "float", "bool") and getattr(args, f.name) is not None})
     if args.arms:
         overrides["arms"] = tuple(args.arms)
     return ExpConfig(**overrides), args

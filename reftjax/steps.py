@@ -79,6 +79,10 @@ class PPOConfig:
       whiten_advantages: whiten PPO advantages over the whole batch (mean removed).
       loss_agg: "seq-mean-token-mean" (ReFT, DeepSeekMath) or "token-mean".
       group_size: samples per prompt for GRPO/RLOO (rows are prompt-major).
+      value_grad_to_backbone: let the value loss train the shared backbone (ReFT/trl: True).
+        False stops its gradient at the final hidden states, so only the value head
+        learns from it (useful when a fresh head's large early loss would disturb a
+        small policy).
     """
 
     algo: str = "ppo"
@@ -93,6 +97,7 @@ class PPOConfig:
     whiten_advantages: bool = True
     loss_agg: str = "seq-mean-token-mean"
     group_size: int = 1
+    value_grad_to_backbone: bool = True
 
     def __post_init__(self):
         if self.algo not in ("ppo", "grpo", "rloo"):
@@ -239,14 +244,15 @@ class Experience:
 
 
 def policy_outputs(params: dict, model_cfg: ModelConfig, tokens_BxL, attn_mask_BxL, n_completion: int,
-                   with_value: bool, with_entropy: bool = False):
+                   with_value: bool, with_entropy: bool = False, value_grad_to_backbone: bool = True):
     """(logp_BxN, values_BxN | None, entropy_BxN | None) of the completion tokens."""
     _, hidden = forward(params["policy"], model_cfg, tokens_BxL, attn_mask_BxL, return_logits=False)
     p = tokens_BxL.shape[1] - n_completion
     h = hidden[:, p - 1:-1]
     logits = lm_logits(params["policy"], model_cfg, h)
     logp = losses.token_logprobs(logits, tokens_BxL[:, p:])
-    values = ValueHead().apply({"params": params["value_head"]}, h) if with_value else None
+    h_value = h if value_grad_to_backbone else jax.lax.stop_gradient(h)
+    values = ValueHead().apply({"params": params["value_head"]}, h_value) if with_value else None
     entropy = losses.token_entropy(logits) if with_entropy else None
     return logp, values, entropy
 
@@ -295,7 +301,8 @@ def experience_metrics(exp: Experience, rollout) -> dict:
 def _rl_loss(params, mb: Experience, model_cfg: ModelConfig, cfg: PPOConfig):
     n = mb.mask_BxN.shape[1]
     logp, values, entropy = policy_outputs(params, model_cfg, mb.tokens_BxL, mb.attn_mask_BxL, n,
-                                           cfg.algo == "ppo", with_entropy=True)
+                                           cfg.algo == "ppo", with_entropy=True,
+                                           value_grad_to_backbone=cfg.value_grad_to_backbone)
     m = {"entropy": losses.masked_mean(entropy, mb.mask_BxN)}
     if cfg.algo == "ppo":
         pg, pm = losses.ppo_policy_loss(logp, mb.logp_old_BxN, mb.advantages_BxN, mb.mask_BxN, cfg.clip_eps,

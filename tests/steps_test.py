@@ -183,3 +183,24 @@ def test_sft_sharded_matches_single_device():
     for a, b in zip(jax.tree.leaves(out[0][0]), jax.tree.leaves(out[1][0])):
         np.testing.assert_allclose(a, b, atol=1e-5)
     np.testing.assert_allclose(out[0][1], out[1][1], rtol=1e-5)
+
+
+@pytest.mark.parametrize("to_backbone", [True, False])
+def test_value_gradient_reaches_backbone_only_when_asked(to_backbone):
+    """PPOConfig.value_grad_to_backbone=False: the value head still learns, the shared backbone gets nothing."""
+    from reftjax.steps import policy_outputs
+
+    params = {"policy": jax.tree.map(jnp.asarray, _host_policy()),
+              "value_head": init_value_head(CFG, jax.random.key(2))}
+    tokens = jnp.asarray(np.random.default_rng(0).integers(2, 32, (2, 6)), jnp.int32)
+
+    def value_sum(p):
+        _, values, _ = policy_outputs(p, CFG, tokens, jnp.ones_like(tokens), 3, True,
+                                      value_grad_to_backbone=to_backbone)
+        return jnp.sum(values ** 2)
+
+    g = jax.grad(value_sum)(params)
+    backbone = max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(g["policy"]))
+    head = max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(g["value_head"]))
+    assert head > 0
+    assert (backbone > 0) == to_backbone, backbone
