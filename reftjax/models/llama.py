@@ -160,15 +160,68 @@ class Attention(nn.Module):
         return _dense(cfg, cfg.hidden_size, (Q_HEADS, EMBED), "o_proj")(out), KVCache(k, v)
 
 
+class _Kernel(nn.Module):
+    """A bare `[in, out]` kernel under `<name>/kernel` (the same tree `nn.Dense` would make)."""
+
+    shape: tuple[int, int]
+    axes: tuple[str, str]
+    param_dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self):
+        init = nn.with_logical_partitioning(nn.initializers.normal(0.02), self.axes)
+        return self.param("kernel", init, self.shape, self.param_dtype)
+
+
+@jax.custom_vjp
+def swiglu_mlp(x_NxD, w_gate_DxF, w_up_DxF, w_down_FxD):
+    """down(silu(x @ gate) * (x @ up)) with a hand-written backward.
+
+    Autodiff's backward of this block made XLA:CPU emit the SwiGLU derivative as
+    elementwise fusions writing a transposed [F, N] layout (strided stores: ~3.5 s
+    of a 19.8 s trunk backward on SmolLM2, 8 x 256). The explicit VJP below keeps
+    every activation [N, F] and forms weight gradients as `x^T dY` dots: trunk
+    forward + backward 19.8 s -> 13.7 s, gradients equal within 1.4e-6 relative.
+    """
+    return (jax.nn.silu(x_NxD @ w_gate_DxF) * (x_NxD @ w_up_DxF)) @ w_down_FxD
+
+
+def _swiglu_fwd(x, wg, wu, wd):
+    g, u = x @ wg, x @ wu
+    return (jax.nn.silu(g) * u) @ wd, (x, g, u, wg, wu, wd)
+
+
+def _swiglu_bwd(res, dy):
+    x, g, u, wg, wu, wd = res
+    sig = jax.nn.sigmoid(g)
+    silu = g * sig
+    da = dy @ wd.T
+    du = da * silu
+    dg = da * u * (sig * (1 + g * (1 - sig)))
+    dx = dg @ wg.T + du @ wu.T
+    dwd = jnp.einsum("nf,nd->fd", silu * u, dy)
+    return dx, jnp.einsum("nd,nf->df", x, dg), jnp.einsum("nd,nf->df", x, du), dwd
+
+
+swiglu_mlp.defvjp(_swiglu_fwd, _swiglu_bwd)
+
+
 class SwiGLU(nn.Module):
+    """SwiGLU MLP; params `gate_proj/kernel`, `up_proj/kernel` [D, F], `down_proj/kernel` [F, D]."""
+
     cfg: ModelConfig
 
     @nn.compact
     def __call__(self, x):
         cfg = self.cfg
-        gate = _dense(cfg, cfg.intermediate_size, (EMBED, MLP), "gate_proj")(x)
-        up = _dense(cfg, cfg.intermediate_size, (EMBED, MLP), "up_proj")(x)
-        return _dense(cfg, cfg.hidden_size, (MLP, EMBED), "down_proj")(jax.nn.silu(gate) * up)
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        kernel = lambda shape, axes, name: _Kernel(shape, axes, cfg.jnp_param_dtype, name=name)().astype(  # noqa: E731
+            cfg.jnp_dtype)
+        wg = kernel((d, f), (EMBED, MLP), "gate_proj")
+        wu = kernel((d, f), (EMBED, MLP), "up_proj")
+        wd = kernel((f, d), (MLP, EMBED), "down_proj")
+        lead = x.shape[:-1]
+        return swiglu_mlp(x.astype(cfg.jnp_dtype).reshape(-1, d), wg, wu, wd).reshape(lead + (d,))
 
 
 class DecoderLayer(nn.Module):
