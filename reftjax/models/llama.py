@@ -111,8 +111,16 @@ def _dense(cfg: ModelConfig, features: int, axes: tuple[str, str], name: str, bi
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[-1:]))
 
 
+def rms_norm(x, scale, eps: float, dtype):
+    """RMSNorm computed in float32, scaled after casting back to `dtype` (transformers' order)."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    # explicit broadcast: the project runs with jax_numpy_rank_promotion='raise'
+    return scale.astype(dtype).reshape((1,) * (x.ndim - 1) + (-1,)) * y.astype(dtype)
+
+
 class RMSNorm(nn.Module):
-    """RMSNorm computed in float32, scaled after casting back (transformers' order)."""
+    """`rms_norm` with its learned scale."""
 
     eps: float
     dtype: jnp.dtype
@@ -122,10 +130,7 @@ class RMSNorm(nn.Module):
     def __call__(self, x):
         scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, (NORM,)),
                            (x.shape[-1],), self.param_dtype)
-        x32 = x.astype(jnp.float32)
-        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        # explicit broadcast: the project runs with jax_numpy_rank_promotion='raise'
-        return scale.astype(self.dtype).reshape((1,) * (x.ndim - 1) + (-1,)) * y.astype(self.dtype)
+        return rms_norm(x, scale, self.eps, self.dtype)
 
 
 def _norm(cfg: ModelConfig, name: str) -> RMSNorm:
@@ -365,10 +370,7 @@ def prefill(params, cfg: ModelConfig, tokens_BxP, attn_mask_BxP, cache_len: int)
 
 
 def _rms(x, scale, cfg: ModelConfig):
-    """`RMSNorm` as a function (same operation order, so decode matches the full forward)."""
-    x32 = x.astype(jnp.float32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + cfg.rms_norm_eps)
-    return scale.astype(cfg.jnp_dtype)[None, :] * y.astype(cfg.jnp_dtype)
+    return rms_norm(x, scale, cfg.rms_norm_eps, cfg.jnp_dtype)
 
 
 def _decode_layer(p, cfg: ModelConfig, x_BxD, positions_B, mask_BxS, cache: KVCache, cache_index):
