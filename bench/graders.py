@@ -9,8 +9,6 @@ the share of a rollout+grade step spent grading once a rollout callable exists.
 import argparse
 import json
 import pathlib
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -19,17 +17,9 @@ import numpy as np
 from reftjax.graders.callback import grade_in_jit, make_reward_fn
 from reftjax.graders.reft import ReftGrader, reft_target
 from reftjax.graders.sandbox import SandboxPool
+from reftjax.metrics import median_seconds
 
 DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / "reft"
-
-
-def _median_s(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def _char_decode(rows):
@@ -47,8 +37,8 @@ def _encode(texts, width):
 
 def grade_share_of_rollout(rollout_fn, host_fn, ids, mask, idx, repeats=5):
     """Share of (rollout + grading) time spent grading; `rollout_fn()` runs one rollout."""
-    rollout = _median_s(lambda: jax.block_until_ready(rollout_fn()), repeats)
-    grade = _median_s(lambda: host_fn(ids, mask, idx), repeats)
+    rollout = median_seconds(lambda: jax.block_until_ready(rollout_fn()), repeats)
+    grade = median_seconds(lambda: host_fn(ids, mask, idx), repeats)
     return grade / (rollout + grade)
 
 
@@ -64,13 +54,13 @@ def main():
     nl_texts = [reft_target(x["answer_cot"], x["answer_value"] if i % 2 else "1") for i, x in enumerate(nl)]
     ncot = ReftGrader()
     out = {"batch": b, "devices": jax.device_count()}
-    out["ncot_per_s"] = b / _median_s(lambda: ncot.grade_batch(nl, nl_texts), args.repeats)
-    out["ncot_batch64_ms"] = 1e3 * _median_s(lambda: ncot.grade_batch(nl[:64], nl_texts[:64]), args.repeats)
+    out["ncot_per_s"] = b / median_seconds(lambda: ncot.grade_batch(nl, nl_texts), args.repeats)
+    out["ncot_batch64_ms"] = 1e3 * median_seconds(lambda: ncot.grade_batch(nl[:64], nl_texts[:64]), args.repeats)
     with SandboxPool() as pool:
         pcot = ReftGrader(cot="python", pool=pool)
         texts = [x["answer_cot"] for x in py]
         pcot.grade_batch(py[:8], texts[:8])  # start the fork-servers
-        out["pcot_per_s"] = b / _median_s(lambda: pcot.grade_batch(py, texts), args.repeats)
+        out["pcot_per_s"] = b / median_seconds(lambda: pcot.grade_batch(py, texts), args.repeats)
         out["sandbox_workers"] = len(pool._servers)
         out["sandbox_isolation"] = pool.isolation
     ids, mask = _encode(nl_texts, 512)
@@ -81,9 +71,9 @@ def main():
         host_fn, jax.ShapeDtypeStruct((b,), jnp.float32), i, m, e))
     dev = [jnp.asarray(x) for x in (ids, mask, idx)]
     jax.block_until_ready((step(*dev), pure(*dev)))
-    direct = _median_s(lambda: host_fn(ids, mask, idx), args.repeats * 4)
-    in_jit = _median_s(lambda: jax.block_until_ready(step(*dev)), args.repeats * 4)
-    in_pure = _median_s(lambda: jax.block_until_ready(pure(*dev)), args.repeats * 4)
+    direct = median_seconds(lambda: host_fn(ids, mask, idx), args.repeats * 4)
+    in_jit = median_seconds(lambda: jax.block_until_ready(step(*dev)), args.repeats * 4)
+    in_pure = median_seconds(lambda: jax.block_until_ready(pure(*dev)), args.repeats * 4)
     out["host_fn_ms"] = 1e3 * direct
     out["callback_overhead_ms"] = 1e3 * (in_jit - direct)
     out["pure_callback_overhead_ms"] = 1e3 * (in_pure - direct)

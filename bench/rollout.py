@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from reftjax.hf import load_model, local_hf_dir
+from reftjax.metrics import median_seconds
 from reftjax.rollout import SamplingConfig, encode_prompts, left_pad, rollout
 
 DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gsm8k" / "test.jsonl"
@@ -40,17 +41,8 @@ def gemm_peak_gflops(n: int = 2048, repeats: int = 5) -> dict:
     out = {}
     for name, fn in (("xla", lambda: dot(ja, ja).block_until_ready()), ("numpy", lambda: a @ a)):
         fn()
-        out[name] = 2 * n ** 3 / _median_s(fn, repeats) / 1e9
+        out[name] = 2 * n ** 3 / median_seconds(fn, repeats) / 1e9
     return out
-
-
-def _median_s(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def model_flops(cfg, batch: int, prompt_len: int, new_tokens: int) -> float:
@@ -109,8 +101,8 @@ def main():
         theirs(2)  # warm-up
         t_ours, t_theirs = [], []
         for _ in range(args.repeats):  # alternate contenders so load changes hit both
-            t_ours.append(_median_s(ours, 1))
-            t_theirs.append(_median_s(theirs, 1))
+            t_ours.append(median_seconds(ours, 1))
+            t_theirs.append(median_seconds(theirs, 1))
         med_ours, med_theirs = statistics.median(t_ours), statistics.median(t_theirs)
         result[f"reftjax_tok_s_b{b}"] = round(b * n_new / med_ours, 1)
         result[f"hf_tok_s_b{b}"] = round(b * n_new / med_theirs, 1)

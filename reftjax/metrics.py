@@ -71,6 +71,16 @@ def read_metrics(out_dir: str | os.PathLike) -> list[dict]:
 _PEAK_CACHE: dict[str, float] = {}
 
 
+def median_seconds(fn, repeats: int) -> float:
+    """Median wall time of `repeats` calls of `fn()` (the caller blocks on device work inside `fn`)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
 def measured_peak_flops(n: int = 1024, repeats: int = 3) -> float:
     """This device's dense f32 matmul rate (FLOP/s), measured once per process with a jitted dot."""
     import jax
