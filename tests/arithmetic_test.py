@@ -142,3 +142,16 @@ def test_quick_pipeline_end_to_end(tmp_path, capsys):
     rl_stats = seed["reft"]["curve"][1]
     assert 0.0 <= rl_stats["extracted"] <= 1.0 and rl_stats["length"] > 0
     assert np.isfinite(rl_stats["kl"])
+
+
+def test_rl_probe_runs_and_reports_finite_metrics():
+    """The fixed-prompt RL probe runs end to end (tiny warm-up) and reports one finite point per iteration."""
+    from experiments import arithmetic_rl_probe as probe
+
+    history = probe.main(["--algo", "grpo", "--group", "2", "--prompts", "4", "--minibatch", "8", "--iters", "2",
+                          "--warmup-samples", "32", "--print-every", "1"])
+    assert [h["iter"] for h in history] == [0, 1]
+    for h in history:
+        assert 0.0 <= h["correct"] <= 1.0 and 0.0 <= h["reward"] <= 1.0
+        assert all(np.isfinite(v) for v in h.values())
+    assert history[0]["kl"] == pytest.approx(0.0, abs=1e-5)  # first rollout comes from the reference itself
