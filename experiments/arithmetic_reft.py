@@ -55,6 +55,9 @@ class ExpConfig:
       arms: which continuations to run.
       guards: apply the reward-hacking guards to RL rewards.
       value_grad_to_backbone: PPO's value loss also trains the shared backbone (ReFT: true).
+      max_steps, operand_digits, max_distractors, mul_prob: task difficulty
+        (`arithmetic_task.TaskConfig`; training problems have 2..max_steps operations,
+        the hard split max_steps + 1).
     """
 
     hidden: int = 64
@@ -82,6 +85,14 @@ class ExpConfig:
     arms: tuple[str, ...] = ARMS
     guards: bool = True
     value_grad_to_backbone: bool = True
+    max_steps: int = 3
+    operand_digits: int = 1
+    max_distractors: int = 1
+    mul_prob: float = 0.0
+
+    def task_config(self) -> task.TaskConfig:
+        return task.TaskConfig(min_steps=2, max_steps=self.max_steps, max_distractors=self.max_distractors,
+                               mul_prob=self.mul_prob, operand_digits=self.operand_digits)
 
     def __post_init__(self):
         if set(self.arms) - set(ARMS):
@@ -90,6 +101,7 @@ class ExpConfig:
             raise ValueError("eval_every must divide arm_samples and be a multiple of batch_size and rl_batch")
         if self.rl_batch % self.minibatch_size or self.rl_batch % self.grpo_group:
             raise ValueError("rl_batch must be a multiple of minibatch_size and grpo_group")
+        self.task_config()  # validates the task fields
 
 
 QUICK = dict(n_train=256, n_val=64, n_test=64, n_hard=64, warmup_samples=256, arm_samples=64, eval_every=32,
@@ -107,7 +119,7 @@ class Data:
 
 def build_data(cfg: ExpConfig, tokenizer) -> Data:
     """Generates the splits (fixed generator seed: every model seed sees the same data) and encodes them."""
-    problems = task.make_splits(task.TaskConfig(), cfg.n_train, cfg.n_val, cfg.n_test, cfg.n_hard, seed=0)
+    problems = task.make_splits(cfg.task_config(), cfg.n_train, cfg.n_val, cfg.n_test, cfg.n_hard, seed=0)
     enc = {k: task.encode(tokenizer, [task.prompt_text(p) for p in v]) for k, v in problems.items()}
     p_len = -(-max(len(r) for v in enc.values() for r in v) // 8) * 8
     prompts = {}

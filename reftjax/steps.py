@@ -164,16 +164,25 @@ def init_state(params: dict, tx: optax.GradientTransformation, rng: jax.Array) -
 
 
 def _apply_update(state: TrainState, grads, tx, loss) -> tuple[TrainState, dict]:
-    """AdamW update, skipped entirely (params, opt state, step) if loss or grads are non-finite."""
+    """AdamW update, skipped entirely (params, opt state, step) if loss or grads are non-finite.
+
+    A `lax.cond` rather than per-leaf `where` selects: the selects read and wrote
+    params and both Adam moments once more (SmolLM2-135M on 2 CPU cores: 0.62-0.80 s
+    per update with selects, 0.33 s with the cond, 0.31 s unguarded; torch AdamW 0.67 s).
+    """
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    grads = jax.tree.map(lambda g: jnp.where(finite, g, jnp.zeros_like(g)), grads)
-    updates, new_opt = tx.update(grads, state.opt_state, state.params)
-    new_params = optax.apply_updates(state.params, updates)
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
-    new_state = state.replace(params=keep(new_params, state.params), opt_state=keep(new_opt, state.opt_state),
-                              step=state.step + finite.astype(jnp.int32),
-                              skipped=state.skipped + (~finite).astype(jnp.int32))
+
+    def apply(operands):
+        st, g = operands
+        updates, new_opt = tx.update(g, st.opt_state, st.params)
+        return st.replace(params=optax.apply_updates(st.params, updates), opt_state=new_opt, step=st.step + 1)
+
+    def skip(operands):
+        st, _ = operands
+        return st.replace(skipped=st.skipped + 1)
+
+    new_state = jax.lax.cond(finite, apply, skip, (state, grads))
     return new_state, {"grad_norm": grad_norm, "skipped": (~finite).astype(jnp.int32)}
 
 
