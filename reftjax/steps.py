@@ -215,9 +215,13 @@ def sft_step(state: TrainState, batch: dict, *, model_cfg: ModelConfig, tx: opta
         (loss, m), g = jax.value_and_grad(loss_fn, has_aux=True)(state.params, mb)
         return jax.tree.map(jnp.add, grads, g), (loss, m["token_accuracy"] * m["n_tokens"])
 
-    zeros = jax.tree.map(jnp.zeros_like, state.params)
-    grads, (loss_parts, correct) = jax.lax.scan(micro_step, zeros, _micro(batch, accum_steps))
-    loss = jnp.sum(loss_parts)
+    if accum_steps == 1:  # no zero-filled accumulator and extra pass over the gradients
+        (loss, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+        correct = m["token_accuracy"] * m["n_tokens"]
+    else:
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        grads, (loss_parts, correct) = jax.lax.scan(micro_step, zeros, _micro(batch, accum_steps))
+        loss = jnp.sum(loss_parts)
     new_state, upd = _apply_update(state, grads, tx, loss)
     return new_state, {"loss": loss, "token_accuracy": jnp.sum(correct) / total_tokens,
                        "tokens": total_tokens, **upd}
