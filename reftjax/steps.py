@@ -69,7 +69,8 @@ class PPOConfig:
     Attributes:
       algo: "ppo" (ReFT: critic + GAE), "grpo" or "rloo" (critic-free, group-relative).
       kl_coef: beta. PPO: per-token k1 penalty in the reward (0.05 N-CoT, 0.01 P-CoT);
-        GRPO/RLOO: k3 KL term in the loss.
+        GRPO/RLOO: k3 KL term in the loss. 0 skips the reference forward in
+        `make_experience` (as TRL does with beta 0); the KL metrics then read 0.
       gamma, gae_lambda: GAE (1.0, 0.95).
       clip_eps: policy ratio clip (0.2).
       clip_range_value: value clip around the old value (0.2).
@@ -279,8 +280,12 @@ def make_experience(params: dict, ref_params: dict, rollout, scores_B, *, model_
     n = rollout.tokens_BxN.shape[1]
     with_value = cfg.algo == "ppo"
     logp_old, values, _ = policy_outputs(params, model_cfg, tokens, attn, n, with_value)
-    logp_ref, _, _ = policy_outputs({"policy": ref_params}, model_cfg, tokens, attn, n, False)
-    logp_old, logp_ref = jax.lax.stop_gradient(logp_old), jax.lax.stop_gradient(logp_ref)
+    logp_old = jax.lax.stop_gradient(logp_old)
+    if cfg.kl_coef == 0:  # no KL term anywhere: skip the reference forward (KL metrics then read 0)
+        logp_ref = logp_old
+    else:
+        logp_ref = jax.lax.stop_gradient(
+            policy_outputs({"policy": ref_params}, model_cfg, tokens, attn, n, False)[0])
     scores_B = scores_B.astype(jnp.float32)
     if with_value:
         rewards, _ = losses.kl_shaped_rewards(scores_B, logp_old, logp_ref, mask_n, cfg.kl_coef)

@@ -204,3 +204,32 @@ def test_value_gradient_reaches_backbone_only_when_asked(to_backbone):
     head = max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(g["value_head"]))
     assert head > 0
     assert (backbone > 0) == to_backbone, backbone
+
+
+@pytest.mark.parametrize("algo", ["ppo", "grpo"])
+def test_zero_kl_coef_skips_reference_forward_and_changes_nothing_else(algo):
+    """kl_coef=0: the reference is never read (ref params may be garbage) and the experience equals the one
+    computed with a real reference forward whose KL term is multiplied by 0."""
+    from reftjax.steps import make_experience
+
+    group = 2 if algo == "grpo" else 1
+    policy = jax.tree.map(jnp.asarray, _host_policy(0))
+    other = jax.tree.map(jnp.asarray, _host_policy(1))
+    params = {"policy": policy}
+    if algo == "ppo":
+        params["value_head"] = init_value_head(CFG, jax.random.key(2))
+    prompts = jnp.full((4, 3), 3, jnp.int32)
+    r = rollout(policy, prompts, jnp.ones_like(prompts), jax.random.key(0), model_cfg=CFG,
+                cfg=SamplingConfig(max_new_tokens=4, eos_ids=(1,), pad_id=0, n=group))
+    scores = jnp.arange(4 * group, dtype=jnp.float32) % 2
+    cfg0 = PPOConfig(algo=algo, kl_coef=0.0, group_size=max(group, 2) if algo == "grpo" else 1)
+    garbage = jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), other)
+    skipped = make_experience(params, garbage, r, scores, model_cfg=CFG, cfg=cfg0)
+    assert np.all(np.isfinite(np.asarray(skipped.advantages_BxN)))
+    np.testing.assert_array_equal(skipped.logp_ref_BxN, skipped.logp_old_BxN)
+    # the same batch with a real (different) reference: everything but logp_ref is identical at kl_coef 0
+    real = make_experience(params, other, r, scores, model_cfg=CFG,
+                           cfg=PPOConfig(algo=algo, kl_coef=1e-30, group_size=cfg0.group_size))
+    assert float(jnp.max(jnp.abs(real.logp_ref_BxN - real.logp_old_BxN))) > 1e-3  # the reference did differ
+    for name in ("logp_old_BxN", "values_old_BxN", "advantages_BxN", "returns_BxN"):
+        np.testing.assert_allclose(getattr(skipped, name), getattr(real, name), rtol=1e-5, atol=1e-6, err_msg=name)
