@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -30,6 +29,7 @@ def main(argv=None) -> dict:
     import numpy as np
     import torch
 
+    from reftjax.metrics import min_seconds
     from reftjax.models.llama import _attend, attention_mask
 
     b, t, h, kv, d, layers = 8, 256, 9, 3, 64, 30
@@ -39,13 +39,8 @@ def main(argv=None) -> dict:
     mask = attention_mask(slots, slots, jnp.ones((b, t), jnp.int32), None)
 
     def best(fn):
-        fn()
-        times = []
-        for _ in range(args.repeats):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return round(layers * min(times), 3)
+        fn()  # compile / warm up
+        return round(layers * min_seconds(fn, args.repeats), 3)
 
     fwd = jax.jit(lambda q, k, v: _attend(q, k, v, mask))
     grad = jax.jit(jax.grad(lambda q, k, v: jnp.sum(_attend(q, k, v, mask) ** 2), argnums=(0, 1, 2)))

@@ -71,14 +71,23 @@ def read_metrics(out_dir: str | os.PathLike) -> list[dict]:
 _PEAK_CACHE: dict[str, float] = {}
 
 
-def median_seconds(fn, repeats: int) -> float:
-    """Median wall time of `repeats` calls of `fn()` (the caller blocks on device work inside `fn`)."""
+def _wall_times(fn, repeats: int) -> list[float]:
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return float(np.median(times))
+    return times
+
+
+def median_seconds(fn, repeats: int) -> float:
+    """Median wall time of `repeats` calls of `fn()` (the caller blocks on device work inside `fn`)."""
+    return float(np.median(_wall_times(fn, repeats)))
+
+
+def min_seconds(fn, repeats: int) -> float:
+    """Fastest of `repeats` calls of `fn()` (micro-benchmarks: the least-disturbed run)."""
+    return float(min(_wall_times(fn, repeats)))
 
 
 def measured_peak_flops(n: int = 1024, repeats: int = 3) -> float:
