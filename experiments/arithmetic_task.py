@@ -26,6 +26,7 @@ the ReFT grader sees the same string a character model would produce.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import random
 from typing import Sequence
 
@@ -55,6 +56,13 @@ class TaskConfig:
       mul_prob: chance that an operation is a doubling/tripling (when the value allows it).
       operand_digits: digits of the added/subtracted operands (1 or 2); every addition
         carries and every subtraction borrows in the units digit.
+      cot_order: "text" (the gold CoT applies the operations in the order the question
+        states them: one valid trace per problem) or "random" (the gold CoT applies them in
+        a random order, fixed per problem, whose running values stay in 0..MAX_VALUE: every
+        order reaches the same answer, so each problem has several valid traces and the
+        training data shows one of them, as GSM8K's single annotation does). Needs mul_prob 0
+        (doubling does not commute with adding); the carry/borrow property is only
+        guaranteed in text order.
     """
 
     min_steps: int = 2
@@ -62,6 +70,7 @@ class TaskConfig:
     max_distractors: int = 1
     mul_prob: float = 0.0
     operand_digits: int = 1
+    cot_order: str = "text"
 
     def __post_init__(self):
         if not 1 <= self.min_steps <= self.max_steps:
@@ -70,6 +79,10 @@ class TaskConfig:
             raise ValueError("max_distractors must be >= 0 and mul_prob in [0, 1]")
         if self.operand_digits not in (1, 2):
             raise ValueError(f"operand_digits must be 1 or 2, got {self.operand_digits}")
+        if self.cot_order not in ("text", "random"):
+            raise ValueError(f"cot_order must be 'text' or 'random', got {self.cot_order!r}")
+        if self.cot_order == "random" and self.mul_prob:
+            raise ValueError("cot_order='random' needs mul_prob=0: doubling/tripling does not commute")
 
 
 def _tens(digits: int) -> range:
@@ -105,28 +118,53 @@ def _operation(rng: random.Random, value: int, mul_prob: float, digits: int) -> 
     return None
 
 
+def _cot_lines(start: int, ops: Sequence[tuple[str, int]]) -> list[str] | None:
+    """`a+x=b` lines applying `ops` from `start`, or None when a running value leaves 0..MAX_VALUE."""
+    value, lines = start, []
+    for sym, x in ops:
+        new = value + x if sym == "+" else value - x if sym == "-" else value * x
+        if not 0 <= new <= MAX_VALUE:
+            return None
+        lines.append(f"{value}{sym}{x}={new}")
+        value = new
+    return lines
+
+
+def _random_order_lines(rng: random.Random, start: int, ops: list[tuple[str, int]]) -> list[str]:
+    """The CoT of a uniformly random valid order of `ops` (+/- only; the text order is always valid)."""
+    orders = []
+    for perm in itertools.permutations(range(len(ops))):
+        lines = _cot_lines(start, [ops[i] for i in perm])
+        if lines is not None:
+            orders.append(lines)
+    return rng.choice(orders)
+
+
 def generate_problem(rng: random.Random, n_steps: int, max_distractors: int = 1,
-                     mul_prob: float = 0.0, digits: int = 1) -> dict:
+                     mul_prob: float = 0.0, digits: int = 1, cot_order: str = "text") -> dict:
     """One problem: {"question", "answer_cot", "answer_value", "n_steps"}."""
     (name, pronoun), item = rng.choice(NAMES), rng.choice(ITEMS)
-    value = rng.randint(11, 99)
-    sentences, lines = [f"{name} has {value} {item}"], []
+    start = value = rng.randint(11, 99)
+    sentences, lines, ops = [f"{name} has {value} {item}"], [], []
     for _ in range(n_steps):
         op = None
         while op is None:
             op = _operation(rng, value, mul_prob, digits)
             if op is None:  # stuck (e.g. 999): restart the quantity
-                return generate_problem(rng, n_steps, max_distractors, mul_prob, digits)
+                return generate_problem(rng, n_steps, max_distractors, mul_prob, digits, cot_order)
         sym, x, phrase = op
         new = value + x if sym == "+" else value - x if sym == "-" else value * x
         sentences.append(f"{pronoun} {phrase}")
         lines.append(f"{value}{sym}{x}={new}")
+        ops.append((sym, x))
         value = new
     others = [n for n, _ in NAMES if n != name]
     for _ in range(rng.randint(0, max_distractors)):
         text = rng.choice(DISTRACTORS).format(n=rng.choice(others), d=rng.randint(2, 99))
         sentences.insert(rng.randint(1, len(sentences)), text)
     question = ". ".join(sentences) + f". How many {item} does {name} have?"
+    if cot_order == "random":  # own RNG, keyed by the question: same questions as the text-order task
+        lines = _random_order_lines(random.Random(question), start, ops)
     return {"question": question, "answer_cot": "\n".join(lines), "answer_value": str(value), "n_steps": n_steps}
 
 
@@ -136,7 +174,7 @@ def generate_split(n: int, seed: int, cfg: TaskConfig, n_steps: int | None = Non
     rng, out, seen = random.Random(seed), [], set(exclude)
     while len(out) < n:
         steps = n_steps if n_steps is not None else rng.randint(cfg.min_steps, cfg.max_steps)
-        p = generate_problem(rng, steps, cfg.max_distractors, cfg.mul_prob, cfg.operand_digits)
+        p = generate_problem(rng, steps, cfg.max_distractors, cfg.mul_prob, cfg.operand_digits, cfg.cot_order)
         if p["question"] not in seen:
             seen.add(p["question"])
             out.append(p)

@@ -83,6 +83,30 @@ def test_two_digit_operands_and_multiplication():
     assert any(re.search(r"[+-][1-9]\d=", p["answer_cot"]) for p in probs)
 
 
+def test_random_cot_order_is_a_valid_permutation_of_the_same_problem(splits):
+    cfg = task.TaskConfig(cot_order="random")
+    rand = task.make_splits(cfg, 300, 50, 50, 50, seed=0)
+    assert task.make_splits(cfg, 300, 50, 50, 50, seed=0) == rand  # deterministic
+    reordered = 0
+    for p, q in zip(splits["train"] + splits["hard"], rand["train"] + rand["hard"]):
+        # same question and answer as the text-order task; the CoT applies the same operations
+        assert (q["question"], q["answer_value"], q["n_steps"]) == (p["question"], p["answer_value"], p["n_steps"])
+        ops = lambda cot: sorted(re.fullmatch(r"\d+([+-]\d+)=\d+", line).group(1) for line in cot.split("\n"))
+        assert ops(q["answer_cot"]) == ops(p["answer_cot"])
+        value = int(re.match(r"\w+ has (\d+) ", q["question"]).group(1))
+        for line in q["answer_cot"].split("\n"):  # a chain from the start value, never below 0
+            a, sym, x, b = re.fullmatch(r"(\d+)([+-])(\d+)=(\d+)", line).groups()
+            assert int(a) == value and int(b) == (int(a) + int(x) if sym == "+" else int(a) - int(x)) >= 0
+            value = int(b)
+        assert value == int(q["answer_value"])
+        reordered += q["answer_cot"] != p["answer_cot"]
+    assert reordered > 100  # about half of 2-3 step chains change order
+    with pytest.raises(ValueError, match="mul_prob"):
+        task.TaskConfig(cot_order="random", mul_prob=0.5)
+    with pytest.raises(ValueError, match="cot_order"):
+        task.TaskConfig(cot_order="sorted")
+
+
 def test_tokenizer_round_trips_without_unknowns(tokenizer, splits):
     assert (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id) == (0, 1, 2)
     assert len(tokenizer) == len(task.vocabulary()) < 200
