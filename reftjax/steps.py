@@ -44,6 +44,14 @@ class OptimConfig:
     """AdamW with a schedule and global-norm clipping.
 
     Defaults: the ReFT SFT warm-up (lr 1e-5, linear decay, 10% warm-up, no weight decay, clip 1.0).
+
+    Attributes:
+      value_head_lr_scale: multiplies the update of the `params["value_head"]` subtree (the
+        critic's own lr is `learning_rate * value_head_lr_scale`; the shared backbone keeps
+        `learning_rate`). ReFT uses one lr for all (1.0). Under Adam a weight moves by about
+        lr per step whatever its gradient, so a fresh critic at a policy-sized lr (1e-6..1e-4)
+        needs thousands of updates to fit the returns; separate critic lrs are the norm in
+        verl/OpenRLHF.
     """
 
     learning_rate: float = 1e-5
@@ -54,8 +62,11 @@ class OptimConfig:
     b1: float = 0.9
     b2: float = 0.999
     eps: float = 1e-8
+    value_head_lr_scale: float = 1.0
 
     def __post_init__(self):
+        if self.value_head_lr_scale <= 0:
+            raise ValueError(f"value_head_lr_scale must be > 0, got {self.value_head_lr_scale}")
         if self.schedule not in ("constant", "linear", "cosine"):
             raise ValueError(f"schedule={self.schedule!r}; expected constant, linear or cosine")
         if not 0 <= self.warmup_ratio < 1 or self.learning_rate <= 0:
@@ -123,10 +134,24 @@ def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, cfg.learning_rate, warm), main], [warm])
 
 
+def _scale_subtree(key: str, scale: float) -> optax.GradientTransformation:
+    """Stateless: multiplies the updates under top-level `key` (when present) by `scale`."""
+
+    def update(updates, state, params=None):
+        del params
+        if isinstance(updates, dict) and key in updates:
+            updates = {**updates, key: jax.tree.map(lambda u: u * jnp.asarray(scale, u.dtype), updates[key])}
+        return updates, state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
-    return optax.chain(
-        optax.clip_by_global_norm(cfg.grad_clip),
-        optax.adamw(make_schedule(cfg, total_steps), cfg.b1, cfg.b2, cfg.eps, weight_decay=cfg.weight_decay))
+    parts = [optax.clip_by_global_norm(cfg.grad_clip),
+             optax.adamw(make_schedule(cfg, total_steps), cfg.b1, cfg.b2, cfg.eps, weight_decay=cfg.weight_decay)]
+    if cfg.value_head_lr_scale != 1.0:  # only then: keeps the optimizer-state tree of existing checkpoints
+        parts.append(_scale_subtree("value_head", cfg.value_head_lr_scale))
+    return optax.chain(*parts)
 
 
 # ----------------------------------------------------------------------------- state

@@ -237,3 +237,26 @@ def test_zero_kl_coef_skips_reference_forward_and_changes_nothing_else(algo):
     assert float(jnp.max(jnp.abs(real.logp_ref_BxN - real.logp_old_BxN))) > 1e-3  # the reference did differ
     for name in ("logp_old_BxN", "values_old_BxN", "advantages_BxN", "returns_BxN"):
         np.testing.assert_allclose(getattr(skipped, name), getattr(real, name), rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_value_head_lr_scale_scales_only_the_critic_update():
+    """OptimConfig.value_head_lr_scale=k: the value head moves k times as far as with 1.0 (AdamW, NumPy-checkable
+    first step: |update| = lr * k per weight for a nonzero gradient), the policy exactly as far; 1.0 keeps the
+    plain two-part optimizer state (old checkpoints stay loadable)."""
+    params = {"policy": {"w": jnp.ones((3,))}, "value_head": {"summary": {"kernel": jnp.ones((2, 1))}}}
+    grads = {"policy": {"w": jnp.array([0.1, -0.2, 0.3])}, "value_head": {"summary": {"kernel": jnp.array([[0.5], [-1e-3]])}}}
+    out = {}
+    for scale in (1.0, 7.0):
+        tx = make_optimizer(OptimConfig(learning_rate=1e-2, schedule="constant", warmup_ratio=0.0,
+                                        value_head_lr_scale=scale, grad_clip=1e9), 1)
+        state = tx.init(params)
+        assert len(state) == (2 if scale == 1.0 else 3)
+        out[scale], _ = tx.update(grads, state, params)
+    # first Adam step: m/sqrt(v) = sign(g) (eps aside), so the update is -lr * sign(g)
+    np.testing.assert_allclose(out[1.0]["policy"]["w"], -1e-2 * np.sign([0.1, -0.2, 0.3]), rtol=1e-4)
+    np.testing.assert_allclose(out[7.0]["policy"]["w"], out[1.0]["policy"]["w"], rtol=0, atol=0)
+    np.testing.assert_allclose(out[7.0]["value_head"]["summary"]["kernel"],
+                               7.0 * np.asarray(out[1.0]["value_head"]["summary"]["kernel"]), rtol=1e-6)
+    np.testing.assert_allclose(out[1.0]["value_head"]["summary"]["kernel"], [[-1e-2], [1e-2]], rtol=1e-3)
+    with pytest.raises(ValueError, match="value_head_lr_scale"):
+        OptimConfig(value_head_lr_scale=0.0)
