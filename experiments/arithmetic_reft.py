@@ -55,9 +55,11 @@ class ExpConfig:
       arms: which continuations to run.
       guards: apply the reward-hacking guards to RL rewards.
       value_grad_to_backbone: PPO's value loss also trains the shared backbone (ReFT: true).
-      max_steps, operand_digits, max_distractors, mul_prob: task difficulty
+      value_lr_scale: the PPO value head's lr is ppo_lr times this (ReFT: 1).
+      gae_lambda: PPO's GAE lambda (ReFT: 0.95).
+      max_steps, operand_digits, max_distractors, mul_prob, cot_order: task difficulty
         (`arithmetic_task.TaskConfig`; training problems have 2..max_steps operations,
-        the hard split max_steps + 1).
+        the hard split max_steps + 1; cot_order "random": several valid traces per problem).
     """
 
     hidden: int = 64
@@ -85,14 +87,18 @@ class ExpConfig:
     arms: tuple[str, ...] = ARMS
     guards: bool = True
     value_grad_to_backbone: bool = True
+    value_lr_scale: float = 1.0
+    gae_lambda: float = 0.95
     max_steps: int = 3
     operand_digits: int = 1
     max_distractors: int = 1
     mul_prob: float = 0.0
+    cot_order: str = "text"
 
     def task_config(self) -> task.TaskConfig:
         return task.TaskConfig(min_steps=2, max_steps=self.max_steps, max_distractors=self.max_distractors,
-                               mul_prob=self.mul_prob, operand_digits=self.operand_digits)
+                               mul_prob=self.mul_prob, operand_digits=self.operand_digits,
+                               cot_order=self.cot_order)
 
     def __post_init__(self):
         if set(self.arms) - set(ARMS):
@@ -225,8 +231,10 @@ class Runner:
         if key not in self._steps:
             group = self.cfg.grpo_group if algo != "ppo" else 1
             pcfg = PPOConfig(algo=algo, kl_coef=self.cfg.kl_coef, minibatch_size=self.cfg.minibatch_size,
-                             group_size=group, value_grad_to_backbone=self.cfg.value_grad_to_backbone)
-            tx = make_optimizer(OptimConfig(learning_rate=lr, schedule="constant", warmup_ratio=0.0), 1)
+                             group_size=group, value_grad_to_backbone=self.cfg.value_grad_to_backbone,
+                             gae_lambda=self.cfg.gae_lambda)
+            tx = make_optimizer(OptimConfig(learning_rate=lr, schedule="constant", warmup_ratio=0.0,
+                                            value_head_lr_scale=self.cfg.value_lr_scale), 1)
             self._steps[key] = (tx, pcfg, make_experience_fn(self.model_cfg, pcfg),
                                 make_ppo_step(self.model_cfg, tx, pcfg))
         return self._steps[key]
@@ -309,7 +317,8 @@ def train_rl(runner: Runner, warm, algo: str, lr: float, seed: int, on_eval):
         scores, diag = runner.scores(idx, r)
         exp, em = exp_fn(state.params, warm, r, jax.numpy.asarray(idx, jax.numpy.int32), scores)
         state, m = ppo_step(state, exp)
-        stats.append({**diag, "reward": float(em["reward"]), "kl": float(em["kl"])})
+        stats.append({**diag, "reward": float(em["reward"]), "kl": float(em["kl"]),
+                      **({"value_ev": float(m["explained_variance"])} if algo == "ppo" else {})})
         done = (it + 1) * cfg.rl_batch
         if done % cfg.eval_every == 0:
             on_eval(done, state.params["policy"], {k: float(np.mean([s[k] for s in stats])) for k in stats[0]})
@@ -414,14 +423,14 @@ def parse_args(argv=None) -> tuple[ExpConfig, argparse.Namespace]:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--arms", nargs="+", choices=ARMS)
     for f in dataclasses.fields(ExpConfig):
-        if f.type in ("int", "float", "bool"):
-            kind = {"int": int, "float": float, "bool": _bool}[f.type]
+        if f.type in ("int", "float", "bool", "str"):
+            kind = {"int": int, "float": float, "bool": _bool, "str": str}[f.type]
             ap.add_argument("--" + f.name.replace("_", "-"), type=kind, metavar=f.type.upper(),
                             help=f"default {getattr(ExpConfig, f.name)}")
     args = ap.parse_args(argv)
     overrides = dict(QUICK) if args.quick else {}
     overrides.update({f.name: getattr(args, f.name) for f in dataclasses.fields(ExpConfig)
-                      if f.type in ("int", "float", "bool") and getattr(args, f.name) is not None})
+                      if f.type in ("int", "float", "bool", "str") and getattr(args, f.name) is not None})
     if args.arms:
         overrides["arms"] = tuple(args.arms)
     return ExpConfig(**overrides), args
