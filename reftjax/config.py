@@ -68,6 +68,12 @@ class RLConfig:
     early_stop_patience: int = 0  # evaluations without improvement before stopping (0: never)
     value_head_seed: int = 1
 
+    def __post_init__(self):
+        s = self.sampling
+        if self.ppo.experience_from_rollout and (s.greedy or s.temperature != 1.0 or s.top_k or s.top_p < 1.0):
+            raise ValueError("rl.ppo.experience_from_rollout needs the rollout to sample from the policy itself "
+                             f"(temperature 1, top_k 0, top_p 1, not greedy); got {s}")
+
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointSettings:

@@ -22,14 +22,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Sequence
+from typing import Any, Sequence
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from reftjax.models import ModelConfig, decode_step, prefill, unstack_layers
+from reftjax.models import ModelConfig, ValueHead, decode_step, prefill, unstack_layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +84,10 @@ class Rollout:
       lengths_B: number of completion tokens (sum of mask).
       finished_B: True when the row stopped on EOS / a stop sequence.
       prompt_index_B: index of the prompt (0..B/n-1) each row was sampled from.
+      values_BxN: the critic's value before each completion token (0 after the stop), when
+        `rollout` was given a `value_head`; else None. Same hidden states as a
+        teacher-forced forward, so PPO can take its old values from here
+        (`PPOConfig.experience_from_rollout`) instead of a second forward pass.
     """
 
     prompt_tokens_BxP: jax.Array
@@ -94,6 +98,7 @@ class Rollout:
     lengths_B: jax.Array
     finished_B: jax.Array
     prompt_index_B: jax.Array
+    values_BxN: Any = None
 
 
 def _token_logprob(scaled_BxV: jax.Array, tok_B: jax.Array) -> jax.Array:
@@ -154,21 +159,25 @@ class _LoopState:
     step: jax.Array
     done_B: jax.Array
     logits_BxV: jax.Array
+    hidden_BxD: jax.Array
     tokens_BxN: jax.Array
     logprobs_BxN: jax.Array
+    values_BxN: jax.Array
     mask_BxN: jax.Array
     key_valid_BxS: jax.Array
     caches: list
     rng: jax.Array
 
 
-def _rollout(params, prompt_tokens_BxP, prompt_mask_BxP, rng, model_cfg: ModelConfig, cfg: SamplingConfig):
+def _rollout(params, prompt_tokens_BxP, prompt_mask_BxP, rng, value_head, model_cfg: ModelConfig,
+             cfg: SamplingConfig):
     n_new = cfg.max_new_tokens
     tokens = jnp.repeat(prompt_tokens_BxP, cfg.n, axis=0)
     pmask = jnp.repeat(prompt_mask_BxP, cfg.n, axis=0).astype(jnp.int32)
     b, p = tokens.shape
     s = p + n_new
-    logits, _, caches = prefill(params, model_cfg, tokens, pmask, cache_len=s)
+    logits, hidden, caches = prefill(params, model_cfg, tokens, pmask, cache_len=s)
+    value_of = (lambda h: ValueHead().apply({"params": value_head}, h)) if value_head is not None else None
     # One weight copy per rollout; the barrier stops XLA from sinking the slices
     # into the loop body (which would copy every layer's weights every step).
     layer_params = jax.lax.optimization_barrier(unstack_layers(params, model_cfg))
@@ -185,36 +194,47 @@ def _rollout(params, prompt_tokens_BxP, prompt_mask_BxP, rng, model_cfg: ModelCo
         col = lambda buf, val: jax.lax.dynamic_update_slice_in_dim(buf, val[:, None], st.step, axis=1)  # noqa: E731
         out_tokens = col(st.tokens_BxN, tok)
         out_logp = col(st.logprobs_BxN, jnp.where(st.done_B, 0.0, logp))
+        out_values = st.values_BxN
+        if value_of is not None:  # the value before this token, from the hidden state that gave its logits
+            out_values = col(out_values, jnp.where(st.done_B, 0.0, value_of(st.hidden_BxD)))
         out_mask = col(st.mask_BxN, (~st.done_B).astype(jnp.int32))
         done = st.done_B | _stopped(out_tokens, st.step, tok, cfg)
         slot = p + st.step
         key_valid = jax.lax.dynamic_update_slice_in_dim(st.key_valid_BxS, jnp.ones((b, 1), bool), slot, axis=1)
-        logits, _, caches = decode_step(params, layer_params, model_cfg, tok, prompt_len + st.step, st.caches,
-                                        slot, key_valid)
-        return _LoopState(st.step + 1, done, logits, out_tokens, out_logp, out_mask, key_valid, caches, rng)
+        logits, hidden, caches = decode_step(params, layer_params, model_cfg, tok, prompt_len + st.step,
+                                             st.caches, slot, key_valid)
+        hidden = hidden if value_of is not None else st.hidden_BxD  # carried only for the critic
+        return _LoopState(st.step + 1, done, logits, hidden, out_tokens, out_logp, out_values, out_mask, key_valid,
+                          caches, rng)
 
     init = _LoopState(
         step=jnp.zeros((), jnp.int32), done_B=jnp.zeros((b,), bool), logits_BxV=logits,
+        hidden_BxD=hidden[:, -1, :] if value_of is not None else jnp.zeros((b, 0), hidden.dtype),
         tokens_BxN=jnp.full((b, n_new), cfg.pad_id, jnp.int32), logprobs_BxN=jnp.zeros((b, n_new), jnp.float32),
+        values_BxN=jnp.zeros((b, n_new if value_of is not None else 0), jnp.float32),
         mask_BxN=jnp.zeros((b, n_new), jnp.int32), key_valid_BxS=key_valid, caches=caches, rng=rng)
     final = jax.lax.while_loop(cond, body, init)
     return Rollout(
         prompt_tokens_BxP=tokens, prompt_mask_BxP=pmask, tokens_BxN=final.tokens_BxN,
         logprobs_BxN=final.logprobs_BxN, mask_BxN=final.mask_BxN, lengths_B=jnp.sum(final.mask_BxN, axis=1),
-        finished_B=final.done_B, prompt_index_B=jnp.repeat(jnp.arange(prompt_tokens_BxP.shape[0]), cfg.n))
+        finished_B=final.done_B, prompt_index_B=jnp.repeat(jnp.arange(prompt_tokens_BxP.shape[0]), cfg.n),
+        values_BxN=final.values_BxN if value_of is not None else None)
 
 
 _rollout_jit = jax.jit(_rollout, static_argnames=("model_cfg", "cfg"))
 
 
 def rollout(params, prompt_tokens_BxP, prompt_mask_BxP, rng, *, model_cfg: ModelConfig,
-            cfg: SamplingConfig) -> Rollout:
+            cfg: SamplingConfig, value_head=None) -> Rollout:
     """Sample `cfg.n` completions for each left-padded prompt (jit-compiled, sharding-agnostic).
 
     Params and prompts may be sharded (NamedSharding over a mesh: batch rows
     over the data axes); XLA propagates the layout to caches and outputs.
+    With `value_head` (the PPO critic's params) the rollout also returns the
+    critic's values of every completion position (`Rollout.values_BxN`): one
+    [B, D] x [D] product per step, instead of a second full forward later.
     """
-    return _rollout_jit(params, prompt_tokens_BxP, prompt_mask_BxP, rng, model_cfg=model_cfg, cfg=cfg)
+    return _rollout_jit(params, prompt_tokens_BxP, prompt_mask_BxP, rng, value_head, model_cfg=model_cfg, cfg=cfg)
 
 
 def compile_count() -> int:

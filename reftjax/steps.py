@@ -95,6 +95,13 @@ class PPOConfig:
         False stops its gradient at the final hidden states, so only the value head
         learns from it (useful when a fresh head's large early loss would disturb a
         small policy).
+      experience_from_rollout: take `logp_old` (and PPO's old values) from the rollout
+        instead of a second forward pass of the policy over the sampled sequences (saves
+        one forward per iteration; the reference forward stays). Only valid when the
+        rollout samples from the policy itself (temperature 1, top_k 0, top_p 1), whose
+        decode-path log-probs equal the teacher-forced ones (within 1e-4 in fp32; tested);
+        PPO also needs `rollout(..., value_head=...)`. False recomputes them, as the ReFT
+        authors' code does.
     """
 
     algo: str = "ppo"
@@ -110,6 +117,7 @@ class PPOConfig:
     loss_agg: str = "seq-mean-token-mean"
     group_size: int = 1
     value_grad_to_backbone: bool = True
+    experience_from_rollout: bool = False
 
     def __post_init__(self):
         if self.algo not in ("ppo", "grpo", "rloo"):
@@ -304,7 +312,13 @@ def make_experience(params: dict, ref_params: dict, rollout, scores_B, *, model_
     attn = jnp.concatenate([rollout.prompt_mask_BxP.astype(jnp.int32), mask_n], axis=1)
     n = rollout.tokens_BxN.shape[1]
     with_value = cfg.algo == "ppo"
-    logp_old, values, _ = policy_outputs(params, model_cfg, tokens, attn, n, with_value)
+    if cfg.experience_from_rollout:
+        if with_value and rollout.values_BxN is None:
+            raise ValueError("PPOConfig.experience_from_rollout with algo='ppo' needs the rollout's values: "
+                             "call rollout(..., value_head=params['value_head'])")
+        logp_old, values = rollout.logprobs_BxN, rollout.values_BxN if with_value else None
+    else:
+        logp_old, values, _ = policy_outputs(params, model_cfg, tokens, attn, n, with_value)
     logp_old = jax.lax.stop_gradient(logp_old)
     if cfg.kl_coef == 0:  # no KL term anywhere: skip the reference forward (KL metrics then read 0)
         logp_ref = logp_old

@@ -221,7 +221,8 @@ def run_rl(cfg: ExperimentConfig, model, ref_params, data: Data, grader, mesh, o
         t0 = time.perf_counter()
         rng = jax.random.fold_in(jax.random.key(cfg.seed + 3), it)
         ro = rollout(state.params["policy"], batch["prompt_tokens"], batch["prompt_mask"], rng,
-                     model_cfg=model.config, cfg=samp)
+                     model_cfg=model.config, cfg=samp,
+                     value_head=state.params.get("value_head") if r.ppo.experience_from_rollout else None)
         idx = jnp.repeat(batch["example_idx"], samp.n)
         exp, em = exp_fn(state.params, ref_params, ro, idx)
         jax.block_until_ready(em)  # the ordered grader callback: block per step (see graders.callback)

@@ -1,4 +1,5 @@
 """Training steps: PPO/GRPO learn a toy reward (1 and 8 devices), non-finite skips, SFT accumulation/donation."""
+import dataclasses
 import functools
 
 import jax
@@ -260,3 +261,59 @@ def test_value_head_lr_scale_scales_only_the_critic_update():
     np.testing.assert_allclose(out[1.0]["value_head"]["summary"]["kernel"], [[-1e-2], [1e-2]], rtol=1e-3)
     with pytest.raises(ValueError, match="value_head_lr_scale"):
         OptimConfig(value_head_lr_scale=0.0)
+
+
+@pytest.mark.parametrize("algo", ["ppo", "grpo"])
+def test_experience_from_rollout_matches_the_recomputed_one_without_the_policy_forward(algo):
+    """PPOConfig.experience_from_rollout: logp_old (and PPO's old values, returned by rollout(value_head=...)) come
+    from the decode path; the experience equals the one from a teacher-forced forward within 1e-4, and the program
+    has one forward fewer (counted as dot_general ops in the jaxpr)."""
+    from reftjax.steps import make_experience
+
+    group = 2 if algo == "grpo" else 1
+    policy = jax.tree.map(jnp.asarray, _host_policy(0))
+    ref = jax.tree.map(jnp.asarray, _host_policy(1))
+    params = {"policy": policy}
+    vh = None
+    if algo == "ppo":
+        vh = jax.tree.map(lambda x: x * 20.0, init_value_head(CFG, jax.random.key(2)))  # values of order 1
+        params["value_head"] = vh
+    prompts = jnp.asarray(np.random.default_rng(0).integers(2, 32, (4, 5)), jnp.int32)
+    pmask = jnp.ones_like(prompts).at[0, :2].set(0)  # one left-padded row
+    scfg = SamplingConfig(max_new_tokens=6, eos_ids=(1,), pad_id=0, n=group)
+    r = rollout(policy, prompts, pmask, jax.random.key(0), model_cfg=CFG, cfg=scfg, value_head=vh)
+    plain = rollout(policy, prompts, pmask, jax.random.key(0), model_cfg=CFG, cfg=scfg)
+    np.testing.assert_array_equal(r.tokens_BxN, plain.tokens_BxN)  # the critic does not change sampling
+    np.testing.assert_array_equal(r.logprobs_BxN, plain.logprobs_BxN)
+    assert plain.values_BxN is None and (r.values_BxN is None) == (algo != "ppo")
+    scores = jnp.arange(4 * group, dtype=jnp.float32) % 2
+    base = PPOConfig(algo=algo, group_size=max(group, 2) if algo == "grpo" else 1)
+    fast = dataclasses.replace(base, experience_from_rollout=True)
+    want = make_experience(params, ref, r, scores, model_cfg=CFG, cfg=base)
+    got = make_experience(params, ref, r, scores, model_cfg=CFG, cfg=fast)
+    keep = np.asarray(r.mask_BxN) > 0  # after the stop the losses never read either (rollout writes 0 there)
+    assert 0 < keep.sum() < keep.size
+    for name in ("logp_old_BxN", "logp_ref_BxN", "values_old_BxN", "advantages_BxN", "returns_BxN"):
+        np.testing.assert_allclose(np.where(keep, getattr(got, name), 0), np.where(keep, getattr(want, name), 0),
+                                   rtol=1e-4, atol=1e-4, err_msg=name)
+    if algo == "ppo":
+        assert float(jnp.max(jnp.abs(want.values_old_BxN))) > 0.1  # the values compared are not all ~0
+
+    def dots(cfg):
+        jaxpr = jax.make_jaxpr(lambda p: make_experience(p, ref, r, scores, model_cfg=CFG, cfg=cfg))(params)
+        return str(jaxpr).count("dot_general")
+
+    assert dots(fast) < dots(base)
+    if algo == "ppo":
+        with pytest.raises(ValueError, match="value_head"):
+            make_experience(params, ref, plain, scores, model_cfg=CFG, cfg=fast)
+
+
+def test_rl_config_rejects_experience_from_rollout_with_a_modified_sampler():
+    from reftjax.config import RLConfig
+
+    fast = PPOConfig(experience_from_rollout=True)
+    RLConfig(ppo=fast, sampling=SamplingConfig(max_new_tokens=8, temperature=1.0))
+    for bad in (dict(temperature=0.7), dict(top_k=5), dict(top_p=0.9), dict(greedy=True)):
+        with pytest.raises(ValueError, match="experience_from_rollout"):
+            RLConfig(ppo=fast, sampling=SamplingConfig(max_new_tokens=8, **bad))

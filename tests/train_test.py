@@ -44,9 +44,14 @@ def _rl_lines(out):
     return [json.loads(l) for l in p.read_text().splitlines() if '"phase": "rl"' in l]
 
 
+# The kill/resume run also takes logp_old and values from the rollout (PPOConfig.experience_from_rollout, a
+# different rollout/experience program); the notebook test below runs the default recomputing path.
+FAST = ("--set", "rl.ppo.experience_from_rollout=true")
+
+
 def test_pipeline_sigkill_then_resume_completes(tiny_hf_dir, tmp_path, shared_data):
     out = tmp_path / "run"
-    proc = subprocess.Popen(_cmd(tiny_hf_dir, out), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(_cmd(tiny_hf_dir, out, FAST), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None and not _rl_lines(out):
@@ -57,7 +62,7 @@ def test_pipeline_sigkill_then_resume_completes(tiny_hf_dir, tmp_path, shared_da
     proc.wait()
     assert (out / "sft_done.json").exists()
 
-    done = subprocess.run(_cmd(tiny_hf_dir, out), cwd=ROOT, env=_env(), capture_output=True, text=True,
+    done = subprocess.run(_cmd(tiny_hf_dir, out, FAST), cwd=ROOT, env=_env(), capture_output=True, text=True,
                           timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
