@@ -7,7 +7,8 @@ completions of at most `--new-tokens` tokens, temperature 1, graded by the ReFT 
 function calling the same grader).
 
 reftjax iteration = `rollout` -> `make_experience_fn` (policy + value and frozen reference
-forward, grader callback, rewards/advantages) -> `make_ppo_step`, for
+forward, grader callback, rewards/advantages) -> `make_ppo_step`, for (with
+`--experience-from-rollout` the policy forward is skipped: logp_old and the values come from the rollout)
   * ppo:  ReFT (value head, GAE, minibatch 8, 2 epochs);
   * grpo: group_size = samples, minibatch 8, 1 epoch (the same training FLOPs as TRL's
           single step over the whole batch), k3 KL to the reference in the loss.
@@ -29,7 +30,7 @@ Keys: per algo `<algo>_iter_s` (median), `<algo>_rollout_s`/`_experience_s`/`_up
 `<algo>_compile_s` (first iteration minus the steady median), `<algo>_mfu`; `trl_iter_s`,
 `trl_tokens_per_s`, `trl_mfu`; `ratio_vs_trl` (ppo tokens/s over TRL's), `ratio_grpo_vs_trl`.
 MFU counts forward FLOPs as `ModelConfig.flops_per_token(len/2)` per real (non-pad) token:
-rollout 1x, experience 2x (policy, reference), each update epoch 3x (TRL: generation 1x,
+rollout 1x, experience 2x (policy, reference; 1x with --experience-from-rollout), each update epoch 3x (TRL: generation 1x,
 training 3x + 1x for the gradient-checkpointing recompute is *not* counted), over the GEMM
 peak `reftjax.metrics.measured_peak_flops()`.
 """
@@ -82,11 +83,13 @@ class ReftjaxRL:
                                    make_ppo_step)
 
         self.algo, self.cfg = algo, model.config
+        fast = args.experience_from_rollout
         if algo == "ppo":
-            rl = PPOConfig(algo="ppo", minibatch_size=8, ppo_epochs=2)
+            rl = PPOConfig(algo="ppo", minibatch_size=8, ppo_epochs=2, experience_from_rollout=fast)
         else:
-            rl = PPOConfig(algo="grpo", group_size=args.samples, minibatch_size=8, ppo_epochs=1, kl_coef=0.04)
-        self.epochs = rl.ppo_epochs
+            rl = PPOConfig(algo="grpo", group_size=args.samples, minibatch_size=8, ppo_epochs=1, kl_coef=0.04,
+                           experience_from_rollout=fast)
+        self.epochs, self.fast = rl.ppo_epochs, fast
         self.sampling = SamplingConfig(n=args.samples, max_new_tokens=args.new_tokens, temperature=1.0,
                                        eos_ids=(2,), pad_id=2)
         params = {"policy": jax.tree.map(jnp.copy, model.params)}
@@ -111,7 +114,8 @@ class ReftjaxRL:
         self.rng, key = jax.random.split(self.rng)
         t0 = time.perf_counter()
         ro = rollout(self.state.params["policy"], self.prompt_tokens, self.prompt_mask, key,
-                     model_cfg=self.cfg, cfg=self.sampling)
+                     model_cfg=self.cfg, cfg=self.sampling,
+                     value_head=self.state.params.get("value_head") if self.fast else None)
         jax.block_until_ready(ro)
         t1 = time.perf_counter()
         exp, em = self.exp_fn(self.state.params, self.ref, ro, self.idx)
@@ -123,7 +127,7 @@ class ReftjaxRL:
         gen = np.asarray(ro.lengths_B)
         lengths = np.asarray(ro.prompt_mask_BxP).sum(axis=1) + gen
         rec = {"iter_s": t3 - t0, "rollout_s": t1 - t0, "experience_s": t2 - t1, "update_s": t3 - t2,
-               "gen_tokens": int(gen.sum()), "flops": _seq_flops(self.cfg, lengths) * (1 + 2 + 3 * self.epochs),
+               "gen_tokens": int(gen.sum()), "flops": _seq_flops(self.cfg, lengths) * (1 + (1 if self.fast else 2) + 3 * self.epochs),
                "reward": float(em["reward"]), "loss": float(m["loss"])}
         self.records.append(rec)
         print(f"[{self.algo}] {json.dumps({k: round(v, 2) for k, v in rec.items()})}", file=sys.stderr)
@@ -205,6 +209,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=2, help="timed iterations per contender (after warm-up)")
     ap.add_argument("--algos", default="ppo,grpo")
     ap.add_argument("--no-trl", action="store_true")
+    ap.add_argument("--experience-from-rollout", action="store_true",
+                    help="PPOConfig.experience_from_rollout: logp_old/values from the rollout, no policy forward")
     ap.add_argument("--trl-beta", type=float, default=0.0)
     ap.add_argument("--threads", type=int, default=2, help="torch threads")
     args = ap.parse_args()
@@ -247,7 +253,8 @@ def main():
 
     out = {"bench": "ppo_iteration", "model": "SmolLM2-135M-Instruct", "dtype": "float32", "device": "cpu",
            "prompts": args.prompts, "samples": args.samples, "max_new_tokens": args.new_tokens,
-           "prompt_bucket": p_len, "peak_gflops": round(peak / 1e9, 1)}
+           "prompt_bucket": p_len, "peak_gflops": round(peak / 1e9, 1),
+           "experience_from_rollout": args.experience_from_rollout}
     for a in algos:
         rec = a.records
         out.update(_summary(a.algo, rec, peak, ("rollout_s", "experience_s", "update_s")))
