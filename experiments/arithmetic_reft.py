@@ -64,6 +64,8 @@ class ExpConfig:
       value_grad_to_backbone: PPO's value loss also trains the shared backbone (ReFT: true).
       value_lr_scale: the PPO value head's lr is ppo_lr times this (ReFT: 1).
       gae_lambda: PPO's GAE lambda (ReFT: 0.95).
+      critic_warmup_samples: PPO's first samples train only the critic (policy frozen); they count
+        towards `arm_samples` (ReFT: 0).
       max_steps, operand_digits, max_distractors, mul_prob, cot_order: task difficulty
         (`arithmetic_task.TaskConfig`; training problems have 2..max_steps operations,
         the hard split max_steps + 1; cot_order "random": several valid traces per problem).
@@ -96,6 +98,7 @@ class ExpConfig:
     value_grad_to_backbone: bool = False
     value_lr_scale: float = 30.0
     gae_lambda: float = 1.0
+    critic_warmup_samples: int = 0
     max_steps: int = 3
     operand_digits: int = 1
     max_distractors: int = 1
@@ -112,6 +115,8 @@ class ExpConfig:
             raise ValueError(f"arms {self.arms} not all in {ARMS}")
         if self.arm_samples % self.eval_every or self.eval_every % self.batch_size or self.eval_every % self.rl_batch:
             raise ValueError("eval_every must divide arm_samples and be a multiple of batch_size and rl_batch")
+        if self.critic_warmup_samples % self.rl_batch or self.critic_warmup_samples >= self.arm_samples:
+            raise ValueError("critic_warmup_samples must be a multiple of rl_batch and below arm_samples")
         if self.rl_batch % self.minibatch_size or self.rl_batch % self.grpo_group:
             raise ValueError("rl_batch must be a multiple of minibatch_size and grpo_group")
         self.task_config()  # validates the task fields
@@ -231,15 +236,15 @@ class Runner:
             self._steps[key] = (tx, make_sft_step(self.model_cfg, tx))
         return self._steps[key]
 
-    def rl_steps(self, algo: str, lr: float):
+    def rl_steps(self, algo: str, lr: float, critic_only: bool = False):
         from reftjax.steps import OptimConfig, PPOConfig, make_experience_fn, make_optimizer, make_ppo_step
 
-        key = (algo, lr)
+        key = (algo, lr, critic_only)
         if key not in self._steps:
             group = self.cfg.grpo_group if algo != "ppo" else 1
             pcfg = PPOConfig(algo=algo, kl_coef=self.cfg.kl_coef, minibatch_size=self.cfg.minibatch_size,
                              group_size=group, value_grad_to_backbone=self.cfg.value_grad_to_backbone,
-                             gae_lambda=self.cfg.gae_lambda)
+                             gae_lambda=self.cfg.gae_lambda, critic_only=critic_only)
             tx = make_optimizer(OptimConfig(learning_rate=lr, schedule="constant", warmup_ratio=0.0,
                                             value_head_lr_scale=self.cfg.value_lr_scale), 1)
             self._steps[key] = (tx, pcfg, make_experience_fn(self.model_cfg, pcfg),
@@ -323,7 +328,10 @@ def train_rl(runner: Runner, warm, algo: str, lr: float, seed: int, on_eval):
         idx = np.repeat(prompts, group)
         scores, diag = runner.scores(idx, r)
         exp, em = exp_fn(state.params, warm, r, jax.numpy.asarray(idx, jax.numpy.int32), scores)
-        state, m = ppo_step(state, exp)
+        if algo == "ppo" and (it + 1) * cfg.rl_batch <= cfg.critic_warmup_samples:  # same tx: one optimizer state
+            state, m = runner.rl_steps(algo, lr, critic_only=True)[3](state, exp)
+        else:
+            state, m = ppo_step(state, exp)
         stats.append({**diag, "reward": float(em["reward"]), "kl": float(em["kl"]),
                       **({"value_ev": float(m["explained_variance"])} if algo == "ppo" else {})})
         done = (it + 1) * cfg.rl_batch

@@ -102,6 +102,9 @@ class PPOConfig:
         decode-path log-probs equal the teacher-forced ones (within 1e-4 in fp32; tested);
         PPO also needs `rollout(..., value_head=...)`. False recomputes them, as the ReFT
         authors' code does.
+      critic_only: PPO only: train the value head alone (policy loss dropped, value gradient
+        stopped at the backbone, so the policy does not move). A second step compiled with this
+        set runs critic warm-up iterations before policy updates start (verl's `critic_warmup`).
     """
 
     algo: str = "ppo"
@@ -118,10 +121,13 @@ class PPOConfig:
     group_size: int = 1
     value_grad_to_backbone: bool = True
     experience_from_rollout: bool = False
+    critic_only: bool = False
 
     def __post_init__(self):
         if self.algo not in ("ppo", "grpo", "rloo"):
             raise ValueError(f"algo={self.algo!r}; expected ppo, grpo or rloo")
+        if self.critic_only and self.algo != "ppo":
+            raise ValueError("critic_only needs algo='ppo' (the critic-free algorithms have no value head)")
         if self.algo != "ppo" and self.group_size < 2:
             raise ValueError(f"{self.algo} needs group_size >= 2 samples per prompt")
         if self.loss_agg not in losses.LOSS_AGGREGATIONS:
@@ -359,7 +365,7 @@ def _rl_loss(params, mb: Experience, model_cfg: ModelConfig, cfg: PPOConfig):
     n = mb.mask_BxN.shape[1]
     logp, values, entropy = policy_outputs(params, model_cfg, mb.tokens_BxL, mb.attn_mask_BxL, n,
                                            cfg.algo == "ppo", with_entropy=True,
-                                           value_grad_to_backbone=cfg.value_grad_to_backbone)
+                                           value_grad_to_backbone=cfg.value_grad_to_backbone and not cfg.critic_only)
     m = {"entropy": losses.masked_mean(entropy, mb.mask_BxN)}
     if cfg.algo == "ppo":
         pg, pm = losses.ppo_policy_loss(logp, mb.logp_old_BxN, mb.advantages_BxN, mb.mask_BxN, cfg.clip_eps,
@@ -368,6 +374,8 @@ def _rl_loss(params, mb: Experience, model_cfg: ModelConfig, cfg: PPOConfig):
                                        cfg.clip_range_value, cfg.loss_agg)
         m.update(pm, **vm, pg_loss=pg, vf_loss=vf,
                  explained_variance=losses.explained_variance(values, mb.returns_BxN, mb.mask_BxN))
+        if cfg.critic_only:  # the metrics still report the policy loss it would have had
+            return cfg.vf_coef * vf, m
         return pg + cfg.vf_coef * vf, m
     loss, gm = losses.grpo_loss(logp, mb.logp_old_BxN, mb.logp_ref_BxN, mb.advantages_BxN[:, 0], mb.mask_BxN,
                                 cfg.clip_eps, cfg.kl_coef, cfg.loss_agg)

@@ -149,7 +149,9 @@ def test_build_data_layout(tokenizer):
 
 def test_quick_pipeline_end_to_end(tmp_path, capsys):
     # GRPO shares train_rl with PPO (algo switch); it is left out to keep the test's compile count down.
-    result = exp.main(["--quick", "--out", str(tmp_path), "--seeds", "0", "--arms", "sft", "reft"])
+    # The first RL iteration trains only the critic (the critic warm-up path, a second compiled ppo step).
+    result = exp.main(["--quick", "--out", str(tmp_path), "--seeds", "0", "--arms", "sft", "reft",
+                       "--critic-warmup-samples", "16"])
     out = capsys.readouterr().out
     assert "| +ReFT (PPO) |" in out and "| +SFT |" in out and "| +GRPO |" not in out
     saved = json.loads((tmp_path / "results.json").read_text())
@@ -166,6 +168,8 @@ def test_quick_pipeline_end_to_end(tmp_path, capsys):
     rl_stats = seed["reft"]["curve"][1]
     assert 0.0 <= rl_stats["extracted"] <= 1.0 and rl_stats["length"] > 0
     assert np.isfinite(rl_stats["kl"])
+    with pytest.raises(ValueError, match="critic_warmup_samples"):
+        exp.ExpConfig(**{**exp.QUICK, "critic_warmup_samples": 8})  # not a multiple of rl_batch 16
 
 
 def test_rl_probe_runs_and_reports_finite_metrics():

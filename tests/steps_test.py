@@ -317,3 +317,31 @@ def test_rl_config_rejects_experience_from_rollout_with_a_modified_sampler():
     for bad in (dict(temperature=0.7), dict(top_k=5), dict(top_p=0.9), dict(greedy=True)):
         with pytest.raises(ValueError, match="experience_from_rollout"):
             RLConfig(ppo=fast, sampling=SamplingConfig(max_new_tokens=8, **bad))
+
+
+def test_critic_only_step_moves_the_value_head_and_not_the_policy():
+    """PPOConfig.critic_only (critic warm-up): the policy stays bitwise identical even with the value gradient
+    allowed into the backbone; the value head moves and its loss falls over repeated steps on one batch."""
+    from reftjax.steps import make_experience
+
+    policy = jax.tree.map(jnp.asarray, _host_policy(0))
+    params = {"policy": policy, "value_head": init_value_head(CFG, jax.random.key(2))}
+    prompts = jnp.full((8, 3), 3, jnp.int32)
+    r = rollout(policy, prompts, jnp.ones_like(prompts), jax.random.key(0), model_cfg=CFG,
+                cfg=SamplingConfig(max_new_tokens=4, eos_ids=(1,), pad_id=0))
+    cfg = PPOConfig(critic_only=True, value_grad_to_backbone=True, minibatch_size=4, kl_coef=0.0)
+    exp = make_experience(params, policy, r, jnp.arange(8, dtype=jnp.float32) % 2, model_cfg=CFG, cfg=cfg)
+    tx = make_optimizer(OptimConfig(learning_rate=1e-2, schedule="constant", warmup_ratio=0.0), 1)
+    state = init_state(jax.tree.map(jnp.copy, params), tx, jax.random.key(3))
+    step = make_ppo_step(CFG, tx, cfg)
+    losses_seen = []
+    for _ in range(5):
+        state, m = step(state, exp)
+        losses_seen.append(float(m["vf_loss"]))
+    for a, b in zip(jax.tree.leaves(state.params["policy"]), jax.tree.leaves(policy)):
+        np.testing.assert_array_equal(a, b)
+    moved = max(float(jnp.max(jnp.abs(a - b))) for a, b in
+                zip(jax.tree.leaves(state.params["value_head"]), jax.tree.leaves(params["value_head"])))
+    assert moved > 1e-3 and losses_seen[-1] < losses_seen[0]
+    with pytest.raises(ValueError, match="critic_only"):
+        PPOConfig(algo="grpo", group_size=2, critic_only=True)
