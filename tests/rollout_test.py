@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 import reftjax.rollout as ro
-from reftjax.models import ModelConfig, forward, init_params
+from reftjax.models import ModelConfig, forward, init_params, init_value_head
 from reftjax.rollout import SamplingConfig, compile_count, encode_prompts, left_pad, rollout
-from reftjax.sharding import MeshConfig, make_mesh, place_params, shard_batch
+from reftjax.sharding import MeshConfig, make_mesh, place_params, replicated, shard_batch
 
 V = 16
 TINY = ModelConfig(vocab_size=V, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2)
@@ -184,15 +184,21 @@ def test_sharded_rollout_matches_single_device(tiny_params, mesh_cfg):
         pytest.skip("needs 8 (fake) devices")
     tokens, mask = _prompts(lengths=(5, 2, 4, 6, 1, 3, 6, 2), seed=5)
     cfg = SamplingConfig(max_new_tokens=7, greedy=True, eos_ids=(4,))
-    single = _run(tiny_params, tokens, mask, cfg)
+    # with the critic evaluated on the decode path (PPOConfig.experience_from_rollout), replicated on the mesh
+    vh = jax.tree.map(lambda x: x * 20.0, init_value_head(TINY, jax.random.key(7)))
+    single = jax.device_get(rollout(tiny_params, tokens, mask, jax.random.key(0), model_cfg=TINY, cfg=cfg,
+                                    value_head=vh))
     mesh = make_mesh(mesh_cfg)
     params = place_params(jax.device_get(tiny_params), TINY, mesh)
     s_tokens, s_mask = shard_batch((tokens, mask), mesh)
-    out = rollout(params, s_tokens, s_mask, jax.random.key(0), model_cfg=TINY, cfg=cfg)
+    out = rollout(params, s_tokens, s_mask, jax.random.key(0), model_cfg=TINY, cfg=cfg,
+                  value_head=jax.device_put(vh, replicated(mesh)))
     assert len(out.tokens_BxN.sharding.device_set) == 8
     np.testing.assert_array_equal(np.asarray(out.tokens_BxN), single.tokens_BxN)
     np.testing.assert_array_equal(np.asarray(out.lengths_B), single.lengths_B)
     np.testing.assert_allclose(np.asarray(out.logprobs_BxN), single.logprobs_BxN, atol=1e-5)
+    assert np.abs(single.values_BxN).max() > 0.1
+    np.testing.assert_allclose(np.asarray(out.values_BxN), single.values_BxN, atol=1e-5)
 
 
 def test_new_data_of_the_same_shapes_does_not_recompile(tiny_params):
