@@ -118,11 +118,15 @@ def _operation(rng: random.Random, value: int, mul_prob: float, digits: int) -> 
     return None
 
 
+def _apply(value: int, sym: str, x: int) -> int:
+    return value + x if sym == "+" else value - x if sym == "-" else value * x
+
+
 def _cot_lines(start: int, ops: Sequence[tuple[str, int]]) -> list[str] | None:
     """`a+x=b` lines applying `ops` from `start`, or None when a running value leaves 0..MAX_VALUE."""
     value, lines = start, []
     for sym, x in ops:
-        new = value + x if sym == "+" else value - x if sym == "-" else value * x
+        new = _apply(value, sym, x)
         if not 0 <= new <= MAX_VALUE:
             return None
         lines.append(f"{value}{sym}{x}={new}")
@@ -153,7 +157,7 @@ def generate_problem(rng: random.Random, n_steps: int, max_distractors: int = 1,
             if op is None:  # stuck (e.g. 999): restart the quantity
                 return generate_problem(rng, n_steps, max_distractors, mul_prob, digits, cot_order)
         sym, x, phrase = op
-        new = value + x if sym == "+" else value - x if sym == "-" else value * x
+        new = _apply(value, sym, x)
         sentences.append(f"{pronoun} {phrase}")
         lines.append(f"{value}{sym}{x}={new}")
         ops.append((sym, x))
