@@ -52,7 +52,6 @@ def plot_run(out: pathlib.Path) -> list[pathlib.Path]:
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     rows = read_metrics(out)
     rl = [r for r in rows if r["phase"] == "rl"]

@@ -21,7 +21,6 @@ never: no callbacks, no Python loop over tokens.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Sequence
 
 import flax.struct

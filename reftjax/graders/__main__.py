@@ -9,7 +9,7 @@ import argparse
 import json
 import sys
 
-from reftjax.graders.build import ConfigError, build_grader, validate_grader
+from reftjax.graders.build import ConfigError, validate_grader
 
 
 def _load_samples(path):

@@ -34,7 +34,7 @@ from typing import Any, Mapping, Sequence
 from rapidfuzz import fuzz
 
 from reftjax.graders.base import Grade, Item, PerItemGrader, _check_lengths
-from reftjax.graders.reft import ReftGrader, default_pool
+from reftjax.graders.reft import default_pool
 from reftjax.graders.sandbox import SandboxJob, SandboxPool
 
 _TEMPLATE = re.compile(r"\{\{\s*([A-Za-z_][\w.]*)\s*\}\}")
