@@ -36,9 +36,9 @@ def main(argv=None) -> list[dict]:
 
     import jax
 
-    from reftjax.models import init_params, init_value_head
+    from reftjax.models import init_params
     from reftjax.rollout import rollout
-    from reftjax.steps import init_state
+    from reftjax.steps import init_rl_params, init_state
 
     group = args.group if args.algo == "grpo" else 1
     rows = args.prompts * group
@@ -48,13 +48,11 @@ def main(argv=None) -> list[dict]:
     tok = task.build_tokenizer()
     data = ar.build_data(cfg, tok)
     run = ar.Runner(cfg, data, tok)
-    warm = ar.train_sft(run, init_params(run.model_cfg, jax.random.key(args.seed)), cfg.warmup_samples,
-                        cfg.warmup_lr, "linear", args.seed)
+    warm, _ = ar.train_sft(run, init_params(run.model_cfg, jax.random.key(args.seed)), cfg.warmup_samples,
+                           cfg.warmup_lr, "linear", args.seed)
     print(f"warm-up: greedy val accuracy {run.accuracy(warm, 'val'):.3f}", flush=True)
     tx, pcfg, exp_fn, ppo_step = run.rl_steps(args.algo, args.lr)
-    params = {"policy": run.copy(warm)}
-    if args.algo == "ppo":
-        params["value_head"] = init_value_head(run.model_cfg, jax.random.key(args.seed + 1000))
+    params = init_rl_params(run.copy(warm), run.model_cfg, pcfg, jax.random.key(args.seed + 1000))
     state = init_state(params, tx, jax.random.key(args.seed + 1))
     tokens, mask = data.prompts["train"]
     fixed = np.arange(args.prompts)

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import optax
 
 from reftjax import losses
-from reftjax.models import ModelConfig, ValueHead, forward, lm_logits
+from reftjax.models import ModelConfig, ValueHead, forward, init_value_head, lm_logits
 
 
 # ----------------------------------------------------------------------------- configs
@@ -105,6 +105,10 @@ class PPOConfig:
       critic_only: PPO only: train the value head alone (policy loss dropped, value gradient
         stopped at the backbone, so the policy does not move). A second step compiled with this
         set runs critic warm-up iterations before policy updates start (verl's `critic_warmup`).
+      critic: PPO only. "shared" (ReFT): the value head reads the policy's last hidden state.
+        "separate": the critic has its own copy of the backbone (`params["critic"]`, initialised
+        from the policy by `init_rl_params`) that only the value loss trains, as verl and
+        OpenRLHF run PPO; costs one more forward (experience) and forward + backward (update).
     """
 
     algo: str = "ppo"
@@ -122,10 +126,16 @@ class PPOConfig:
     value_grad_to_backbone: bool = True
     experience_from_rollout: bool = False
     critic_only: bool = False
+    critic: str = "shared"
 
     def __post_init__(self):
         if self.algo not in ("ppo", "grpo", "rloo"):
             raise ValueError(f"algo={self.algo!r}; expected ppo, grpo or rloo")
+        if self.critic not in ("shared", "separate"):
+            raise ValueError(f"critic={self.critic!r}; expected 'shared' or 'separate'")
+        if self.critic == "separate" and (self.algo != "ppo" or self.experience_from_rollout):
+            raise ValueError("critic='separate' needs algo='ppo' and experience_from_rollout=False (the rollout "
+                             "reads values off the policy's hidden states)")
         if self.critic_only and self.algo != "ppo":
             raise ValueError("critic_only needs algo='ppo' (the critic-free algorithms have no value head)")
         if self.algo != "ppo" and self.group_size < 2:
@@ -298,21 +308,51 @@ class Experience:
 
 def policy_outputs(params: dict, model_cfg: ModelConfig, tokens_BxL, attn_mask_BxL, n_completion: int,
                    with_value: bool, with_entropy: bool = False, value_grad_to_backbone: bool = True):
-    """(logp_BxN, values_BxN | None, entropy_BxN | None) of the completion tokens."""
+    """(logp_BxN, values_BxN | None, entropy_BxN | None) of the completion tokens.
+
+    Values come from `params["critic"]`'s own hidden states when that trunk is present
+    (PPOConfig.critic="separate"), else from the policy's (`value_grad_to_backbone` decides
+    whether the value gradient enters the shared backbone).
+    """
     _, hidden = forward(params["policy"], model_cfg, tokens_BxL, attn_mask_BxL, return_logits=False)
     p = tokens_BxL.shape[1] - n_completion
     h = hidden[:, p - 1:-1]
     logits = lm_logits(params["policy"], model_cfg, h)
     logp = losses.token_logprobs(logits, tokens_BxL[:, p:])
-    h_value = h if value_grad_to_backbone else jax.lax.stop_gradient(h)
-    values = ValueHead().apply({"params": params["value_head"]}, h_value) if with_value else None
+    values = None
+    if with_value:
+        if "critic" in params:
+            _, h_critic = forward(params["critic"], model_cfg, tokens_BxL, attn_mask_BxL, return_logits=False)
+            h_value = h_critic[:, p - 1:-1]
+        else:
+            h_value = h if value_grad_to_backbone else jax.lax.stop_gradient(h)
+        values = ValueHead().apply({"params": params["value_head"]}, h_value)
     entropy = losses.token_entropy(logits) if with_entropy else None
     return logp, values, entropy
+
+
+def init_rl_params(policy: dict, model_cfg: ModelConfig, cfg: PPOConfig, rng: jax.Array) -> dict:
+    """The trainable tree for `cfg`: {"policy"} (+ a fresh "value_head" for PPO, + a "critic" trunk copied
+    from the policy when cfg.critic == "separate"). The policy is used as given (copy it yourself if it
+    must survive donation)."""
+    params = {"policy": policy}
+    if cfg.algo == "ppo":
+        params["value_head"] = init_value_head(model_cfg, rng)
+        if cfg.critic == "separate":
+            params["critic"] = jax.tree.map(jnp.copy, policy)
+    return params
+
+
+def _check_critic(params: dict, cfg: PPOConfig) -> None:
+    if cfg.algo == "ppo" and ("critic" in params) != (cfg.critic == "separate"):
+        raise ValueError(f"PPOConfig.critic={cfg.critic!r} but params {'has' if 'critic' in params else 'lacks'} a "
+                         "'critic' trunk: build params with steps.init_rl_params")
 
 
 def make_experience(params: dict, ref_params: dict, rollout, scores_B, *, model_cfg: ModelConfig,
                     cfg: PPOConfig) -> Experience:
     """Score a rollout: old/ref log-probs and values, KL-shaped rewards, GAE or group advantages."""
+    _check_critic(params, cfg)
     tokens = jnp.concatenate([rollout.prompt_tokens_BxP, rollout.tokens_BxN], axis=1)
     mask_n = rollout.mask_BxN.astype(jnp.int32)
     attn = jnp.concatenate([rollout.prompt_mask_BxP.astype(jnp.int32), mask_n], axis=1)
@@ -386,10 +426,10 @@ def _rl_loss(params, mb: Experience, model_cfg: ModelConfig, cfg: PPOConfig):
 def ppo_step(state: TrainState, exp: Experience, *, model_cfg: ModelConfig, tx: optax.GradientTransformation,
              cfg: PPOConfig) -> tuple[TrainState, dict]:
     """`cfg.ppo_epochs` passes of shuffled minibatch updates over one experience batch (one lax.scan)."""
+    _check_critic(state.params, cfg)
     b = exp.scores_B.shape[0]
     if b % cfg.minibatch_size:
         raise ValueError(f"rollout batch {b} is not a multiple of minibatch_size {cfg.minibatch_size}")
-    n_mb = b // cfg.minibatch_size
     rng, *keys = jax.random.split(state.rng, cfg.ppo_epochs + 1)
     order = jnp.concatenate([jax.random.permutation(k, b) for k in keys]).reshape(-1, cfg.minibatch_size)
     state = state.replace(rng=rng)

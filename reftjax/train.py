@@ -24,7 +24,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from reftjax import checkpoint as ckpt
 from reftjax.config import ExperimentConfig, to_dict
@@ -34,10 +33,9 @@ from reftjax.graders import build_grader
 from reftjax.graders.callback import make_reward_fn
 from reftjax.hf import load_model, save_hf
 from reftjax.metrics import MetricsLogger, measured_peak_flops, mfu
-from reftjax.models import init_value_head
 from reftjax.rollout import rollout
 from reftjax.sharding import make_mesh, maybe_initialize_distributed
-from reftjax.steps import (init_state, make_experience_fn, make_optimizer, make_ppo_step, make_sft_step)
+from reftjax.steps import (init_rl_params, init_state, make_experience_fn, make_optimizer, make_ppo_step, make_sft_step)
 
 log = logging.getLogger("reftjax")
 
@@ -195,9 +193,7 @@ def run_rl(cfg: ExperimentConfig, model, ref_params, data: Data, grader, mesh, o
     loader = Loader(data.train_ds, LoaderConfig(batch_size=r.prompts_per_iteration, kind="prompt",
                                                 seed=cfg.seed + 1), mesh=mesh)
     tx = make_optimizer(r.optim, r.iterations * r.ppo.ppo_epochs)
-    params = {"policy": jax.tree.map(jnp.copy, ref_params)}
-    if r.ppo.algo == "ppo":
-        params["value_head"] = init_value_head(model.config, jax.random.key(r.value_head_seed))
+    params = init_rl_params(jax.tree.map(jnp.copy, ref_params), model.config, r.ppo, jax.random.key(r.value_head_seed))
     state = init_state(params, tx, jax.random.key(cfg.seed + 2))
     manager = ckpt.Checkpointer(ckpt.CheckpointConfig(str(out / "checkpoints" / "rl"),
                                                       save_every=cfg.checkpoint.save_every,

@@ -35,16 +35,18 @@ def _place(tree, mesh):
     return sharding.put(tree, jax.tree.map(lambda _: sharding.replicated(mesh), tree))
 
 
-def _rl_run(algo: str, mesh=None, iters=MAX_ITERS):
+def _rl_run(algo: str, mesh=None, iters=MAX_ITERS, critic="shared"):
     """Train on the toy reward; returns the per-iteration mean rewards and the step metrics."""
     n = 4 if algo == "grpo" else 1
     pc = PPOConfig(algo=algo, group_size=max(n, 2) if algo == "grpo" else 1, minibatch_size=8, kl_coef=0.0,
-                   ppo_epochs=2)
+                   ppo_epochs=2, critic=critic)
     tx = make_optimizer(OptimConfig(learning_rate=3e-3, schedule="constant", warmup_ratio=0.0), iters)
     ref = sharding.place_params(_host_policy(), CFG, mesh)
     params = {"policy": sharding.place_params(_host_policy(), CFG, mesh)}
     if algo == "ppo":
         params["value_head"] = _place(jax.tree.map(np.asarray, init_value_head(CFG, jax.random.key(2))), mesh)
+        if critic == "separate":
+            params["critic"] = sharding.place_params(_host_policy(), CFG, mesh)
     state = init_state(params, tx, jax.random.key(3))
     prompts = np.full((16 // n, 4), 3, np.int32)
     prompts = jnp.asarray(prompts) if mesh is None else sharding.shard_batch(prompts, mesh)
@@ -77,6 +79,12 @@ def test_ppo_learns_target_token(n_devices):
 def test_ppo_sharded_matches_single_device():
     one, eight = _ppo_rewards(1), _ppo_rewards(8)
     np.testing.assert_allclose(eight, one, atol=1e-6)
+
+
+def test_ppo_with_a_separate_critic_learns_target_token():
+    rewards, m = _rl_run("ppo", critic="separate")
+    assert rewards[0] < 0.3 and np.mean(rewards[-3:]) > 0.9, rewards
+    assert int(m["skipped"]) == 0
 
 
 def test_grpo_learns_target_token():
@@ -345,3 +353,65 @@ def test_critic_only_step_moves_the_value_head_and_not_the_policy():
     assert moved > 1e-3 and losses_seen[-1] < losses_seen[0]
     with pytest.raises(ValueError, match="critic_only"):
         PPOConfig(algo="grpo", group_size=2, critic_only=True)
+
+
+def test_separate_critic_starts_as_the_shared_one_and_only_the_value_loss_trains_it():
+    """PPOConfig.critic="separate": init_rl_params copies the policy into params["critic"], so the first experience
+    equals the shared-critic one; afterwards the policy loss reaches only the policy and the value loss only the
+    critic trunk + value head (checked by zeroing each loss's signal in turn)."""
+    from reftjax.steps import _rl_loss, init_rl_params, make_experience
+
+    policy = jax.tree.map(jnp.asarray, _host_policy(0))
+    sep_cfg = PPOConfig(critic="separate", kl_coef=0.05, minibatch_size=8)
+    shared_cfg = dataclasses.replace(sep_cfg, critic="shared")
+    sep = init_rl_params(policy, CFG, sep_cfg, jax.random.key(2))
+    shared = init_rl_params(policy, CFG, shared_cfg, jax.random.key(2))
+    assert set(sep) == {"policy", "value_head", "critic"} and set(shared) == {"policy", "value_head"}
+    for a, b in zip(jax.tree.leaves(sep["critic"]), jax.tree.leaves(policy)):
+        np.testing.assert_array_equal(a, b)
+        assert a is not b  # a copy: donating the state cannot alias the policy's buffers
+    sep["value_head"] = shared["value_head"] = jax.tree.map(lambda x: x * 20.0, shared["value_head"])
+    prompts = jnp.asarray(np.random.default_rng(0).integers(2, 32, (8, 4)), jnp.int32)
+    r = rollout(policy, prompts, jnp.ones_like(prompts), jax.random.key(0), model_cfg=CFG,
+                cfg=SamplingConfig(max_new_tokens=5, eos_ids=(1,), pad_id=0))
+    scores = jnp.arange(8, dtype=jnp.float32) % 2
+    ref = jax.tree.map(jnp.asarray, _host_policy(1))
+    exp = make_experience(sep, ref, r, scores, model_cfg=CFG, cfg=sep_cfg)
+    want = make_experience(shared, ref, r, scores, model_cfg=CFG, cfg=shared_cfg)
+    for name in ("logp_old_BxN", "values_old_BxN", "advantages_BxN", "returns_BxN"):
+        np.testing.assert_allclose(getattr(exp, name), getattr(want, name), rtol=1e-6, atol=1e-6, err_msg=name)
+    assert float(jnp.max(jnp.abs(exp.values_old_BxN))) > 0.1
+
+    def grads(mb):
+        return jax.grad(lambda p: _rl_loss(p, mb, CFG, sep_cfg)[0])(sep)
+
+    def biggest(tree):
+        return max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(tree))
+
+    no_adv = grads(exp.replace(advantages_BxN=jnp.zeros_like(exp.advantages_BxN)))  # value loss only
+    assert biggest(no_adv["policy"]) == 0.0
+    assert biggest(no_adv["critic"]) > 0 and biggest(no_adv["value_head"]) > 0
+    # values already equal the returns (up to the recomputation's float noise): the policy loss alone
+    no_vf = grads(exp.replace(returns_BxN=exp.values_old_BxN))
+    assert biggest(no_vf["policy"]) > 0
+    for part in ("critic", "value_head"):
+        assert biggest(no_vf[part]) < 1e-4 * biggest(no_adv[part]), part
+
+
+def test_separate_critic_config_and_params_must_agree():
+    from reftjax.steps import init_rl_params, make_experience
+
+    with pytest.raises(ValueError, match="critic"):
+        PPOConfig(critic="separate", experience_from_rollout=True)
+    with pytest.raises(ValueError, match="critic"):
+        PPOConfig(algo="grpo", group_size=2, critic="separate")
+    with pytest.raises(ValueError, match="critic"):
+        PPOConfig(critic="own")
+    policy = jax.tree.map(jnp.asarray, _host_policy(0))
+    assert set(init_rl_params(policy, CFG, PPOConfig(algo="grpo", group_size=2), jax.random.key(0))) == {"policy"}
+    shared = init_rl_params(policy, CFG, PPOConfig(), jax.random.key(0))
+    prompts = jnp.full((2, 3), 3, jnp.int32)
+    r = rollout(policy, prompts, jnp.ones_like(prompts), jax.random.key(0), model_cfg=CFG,
+                cfg=SamplingConfig(max_new_tokens=2, eos_ids=(1,), pad_id=0))
+    with pytest.raises(ValueError, match="init_rl_params"):
+        make_experience(shared, policy, r, jnp.zeros(2), model_cfg=CFG, cfg=PPOConfig(critic="separate"))
