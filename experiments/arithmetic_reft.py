@@ -50,6 +50,10 @@ class ExpConfig:
       hidden, layers, ffn, heads: the decoder's size (tied embeddings).
       n_train, n_val, n_test, n_hard: problems per split.
       warmup_samples, warmup_lr: SFT warm-up length (in samples) and peak lr (linear decay, 10% warm-up).
+      warmup_target, warmup_check_every: if warmup_target > 0, the warm-up also checks validation accuracy
+        every `warmup_check_every` samples and stops at the first check that reaches the target
+        (`warmup_samples` is then the cap and sets the lr schedule), so every seed starts its arms
+        from a similar accuracy ("a modest accuracy") instead of wherever a fixed budget left it.
       arm_samples: training samples given to every continuation arm.
       eval_every: evaluate held-out accuracy every this many samples.
       batch_size: SFT batch (small batches: many more updates per CPU second for a tiny model).
@@ -66,6 +70,8 @@ class ExpConfig:
       gae_lambda: PPO's GAE lambda (ReFT: 0.95).
       critic_warmup_samples: PPO's first samples train only the critic (policy frozen); they count
         towards `arm_samples` (ReFT: 0).
+      critic: PPO's critic trunk, "shared" with the policy (ReFT) or "separate" (its own copy of the
+        warm-up backbone, trained only by the value loss; `PPOConfig.critic`).
       max_steps, operand_digits, max_distractors, mul_prob, cot_order: task difficulty
         (`arithmetic_task.TaskConfig`; training problems have 2..max_steps operations,
         the hard split max_steps + 1; cot_order "random": several valid traces per problem).
@@ -81,6 +87,8 @@ class ExpConfig:
     n_hard: int = 200
     warmup_samples: int = 38400
     warmup_lr: float = 3e-3
+    warmup_target: float = 0.0
+    warmup_check_every: int = 2400
     arm_samples: int = 6144
     eval_every: int = 1536
     batch_size: int = 16
@@ -99,6 +107,7 @@ class ExpConfig:
     value_lr_scale: float = 30.0
     gae_lambda: float = 1.0
     critic_warmup_samples: int = 0
+    critic: str = "shared"
     max_steps: int = 3
     operand_digits: int = 1
     max_distractors: int = 1
@@ -115,6 +124,8 @@ class ExpConfig:
             raise ValueError(f"arms {self.arms} not all in {ARMS}")
         if self.arm_samples % self.eval_every or self.eval_every % self.batch_size or self.eval_every % self.rl_batch:
             raise ValueError("eval_every must divide arm_samples and be a multiple of batch_size and rl_batch")
+        if self.warmup_target and (self.warmup_check_every <= 0 or self.warmup_check_every % self.batch_size):
+            raise ValueError("warmup_check_every must be a positive multiple of batch_size")
         if self.critic_warmup_samples % self.rl_batch or self.critic_warmup_samples >= self.arm_samples:
             raise ValueError("critic_warmup_samples must be a multiple of rl_batch and below arm_samples")
         if self.rl_batch % self.minibatch_size or self.rl_batch % self.grpo_group:
@@ -244,7 +255,8 @@ class Runner:
             group = self.cfg.grpo_group if algo != "ppo" else 1
             pcfg = PPOConfig(algo=algo, kl_coef=self.cfg.kl_coef, minibatch_size=self.cfg.minibatch_size,
                              group_size=group, value_grad_to_backbone=self.cfg.value_grad_to_backbone,
-                             gae_lambda=self.cfg.gae_lambda, critic_only=critic_only)
+                             gae_lambda=self.cfg.gae_lambda, critic_only=critic_only,
+                             critic=self.cfg.critic if algo == "ppo" else "shared")
             tx = make_optimizer(OptimConfig(learning_rate=lr, schedule="constant", warmup_ratio=0.0,
                                             value_head_lr_scale=self.cfg.value_lr_scale), 1)
             self._steps[key] = (tx, pcfg, make_experience_fn(self.model_cfg, pcfg),
@@ -282,7 +294,10 @@ class Tracker:
 
 def train_sft(runner: Runner, policy, n_samples: int, lr: float, schedule: str, seed: int,
               on_eval=None, eval_every: int = 0):
-    """SFT for `n_samples` samples from `policy`; returns the final policy params."""
+    """SFT for `n_samples` samples from `policy`; returns (final policy params, samples trained).
+
+    `on_eval(samples, policy, stats)` runs every `eval_every` samples; a truthy return stops training there.
+    """
     import jax
 
     from reftjax.steps import init_state
@@ -298,26 +313,25 @@ def train_sft(runner: Runner, policy, n_samples: int, lr: float, schedule: str, 
         losses.append(m["loss"])
         done = (i + 1) * cfg.batch_size
         if on_eval is not None and done % eval_every == 0:
-            on_eval(done, state.params["policy"], {"loss": float(np.mean(jax.device_get(losses)))})
+            stop = on_eval(done, state.params["policy"], {"loss": float(np.mean(jax.device_get(losses)))})
             losses = []
-    return state.params["policy"]
+            if stop:
+                return state.params["policy"], done
+    return state.params["policy"], steps * cfg.batch_size
 
 
 def train_rl(runner: Runner, warm, algo: str, lr: float, seed: int, on_eval):
     """PPO (ReFT) or GRPO from the warm-up for `cfg.arm_samples` sampled completions."""
     import jax
 
-    from reftjax.models import init_value_head
     from reftjax.rollout import rollout
-    from reftjax.steps import init_state
+    from reftjax.steps import init_rl_params, init_state
 
     cfg = runner.cfg
     tx, pcfg, exp_fn, ppo_step = runner.rl_steps(algo, lr)
     group = pcfg.group_size
     scfg = dataclasses.replace(runner.sample, n=group)
-    params = {"policy": runner.copy(warm)}
-    if algo == "ppo":
-        params["value_head"] = init_value_head(runner.model_cfg, jax.random.key(seed + 1000))
+    params = init_rl_params(runner.copy(warm), runner.model_cfg, pcfg, jax.random.key(seed + 1000))
     state = init_state(params, tx, jax.random.key(seed))
     tok, mask = runner.data.prompts["train"]
     order, stats = sample_order(seed, len(tok)), []
@@ -349,10 +363,18 @@ def run_seed(runner: Runner, seed: int) -> dict:
     cfg, out = runner.cfg, {}
     t0 = time.time()
     init = init_params(runner.model_cfg, jax.random.key(seed))
-    warm = train_sft(runner, init, cfg.warmup_samples, cfg.warmup_lr, "linear", seed)
+
+    def reached(samples, policy, stats):  # validation only: the test split is not read here
+        val = runner.accuracy(policy, "val")
+        print(f"    warm-up {samples:6d} samples  val {val:.3f}  loss {stats['loss']:.3f}", flush=True)
+        return val >= cfg.warmup_target
+
+    warm, used = train_sft(runner, init, cfg.warmup_samples, cfg.warmup_lr, "linear", seed,
+                           reached if cfg.warmup_target > 0 else None, cfg.warmup_check_every)
     start = {"samples": 0, "val": runner.accuracy(warm, "val"), "test": runner.accuracy(warm, "test")}
-    out["warmup"] = {**start, "hard": runner.accuracy(warm, "hard"), "seconds": time.time() - t0}
-    print(f"  seed {seed} warm-up: val {start['val']:.3f} test {start['test']:.3f} "
+    out["warmup"] = {**start, "hard": runner.accuracy(warm, "hard"), "seconds": time.time() - t0,
+                     "warmup_samples": used}
+    print(f"  seed {seed} warm-up ({used} samples): val {start['val']:.3f} test {start['test']:.3f} "
           f"hard {out['warmup']['hard']:.3f} ({out['warmup']['seconds']:.0f}s)", flush=True)
     for arm in cfg.arms:
         t0 = time.time()
@@ -373,11 +395,11 @@ def summarize(per_seed: list[dict], cfg: ExpConfig) -> str:
     """The results table (mean ± std over seeds, per-seed values) as Markdown."""
     rows = [("warm-up (SFT)", "warmup")] + [(n, k) for n, k in (("+SFT", "sft"), ("+ReFT (PPO)", "reft"),
                                                                  ("+GRPO", "grpo")) if k in cfg.arms]
-    lines = ["| model | val | test | hard (+1 step) | test per seed | chosen at samples |", "|---|---|---|---|---|---|"]
+    lines = ["| model | val | test | hard (+1 step) | test per seed | samples (warm-up) / chosen at |", "|---|---|---|---|---|---|"]
     fmt = lambda v: f"{100 * np.mean(v):.1f} ± {100 * np.std(v):.1f}"  # noqa: E731
     for name, k in rows:
         vals = {m: [s[k][m] for s in per_seed] for m in ("val", "test", "hard")}
-        chosen = "-" if k == "warmup" else ", ".join(str(s[k]["samples"]) for s in per_seed)
+        chosen = ", ".join(str(s[k]["warmup_samples" if k == "warmup" else "samples"]) for s in per_seed)
         lines.append(f"| {name} | {fmt(vals['val'])} | {fmt(vals['test'])} | {fmt(vals['hard'])} | "
                      + ", ".join(f"{100 * v:.1f}" for v in vals["test"]) + f" | {chosen} |")
     lines.append("")

@@ -172,6 +172,29 @@ def test_quick_pipeline_end_to_end(tmp_path, capsys):
         exp.ExpConfig(**{**exp.QUICK, "critic_warmup_samples": 8})  # not a multiple of rl_batch 16
 
 
+@pytest.mark.parametrize("target, used", [(0.5, 128), (0.95, 256)])
+def test_warmup_stops_at_the_first_validation_check_reaching_the_target(tokenizer, target, used):
+    """warmup_target: validation is checked every warmup_check_every samples and the warm-up stops at the first
+    check at or above the target; an unreachable target runs the whole warmup_samples. Only validation is read
+    before the stop (scripted accuracies stand in for the model's)."""
+    cfg = exp.ExpConfig(**{**exp.QUICK, "arms": (), "warmup_target": target, "warmup_check_every": 64})
+    runner = exp.Runner(cfg, exp.build_data(cfg, tokenizer), tokenizer)
+    seen, vals = [], iter([0.1, 0.6, 0.7, 0.9, 0.3])
+
+    def scripted(policy, split):
+        seen.append(split)
+        return next(vals) if split == "val" else 0.25
+
+    runner.accuracy = scripted
+    out = exp.run_seed(runner, 0)["warmup"]
+    checks = used // 64
+    assert out["warmup_samples"] == used
+    assert seen == ["val"] * checks + ["val", "test", "hard"]
+    assert out["val"] == [0.1, 0.6, 0.7, 0.9, 0.3][checks] and out["test"] == 0.25
+    with pytest.raises(ValueError, match="warmup_check_every"):
+        exp.ExpConfig(**{**exp.QUICK, "warmup_target": 0.5, "warmup_check_every": 10})
+
+
 def test_rl_probe_runs_and_reports_finite_metrics():
     """The fixed-prompt RL probe runs end to end (tiny warm-up) and reports one finite point per iteration."""
     from experiments import arithmetic_rl_probe as probe
