@@ -2,9 +2,10 @@
 
     python -m experiments.arithmetic_reft [--quick] [--out DIR] [--seeds 0 1 2]
 
-Per seed, from one random-init tiny Llama (reftjax.models): a short SFT warm-up
-(modest accuracy, leaving headroom), then from that same checkpoint and the same
-training problems, with the same number of training samples each:
+Per seed, from one random-init tiny Llama (reftjax.models): an SFT warm-up that stops
+at the first validation check reaching 80% (a modest accuracy, leaving headroom; every
+seed starts its arms from about the same point), then from that same checkpoint and the
+same training problems, with the same number of training samples each:
 
   * ``sft``:  more SFT (fresh AdamW, constant lr);
   * ``reft``: PPO against the ReFT answer grader (1 correct, 0.1 well-formed wrong,
@@ -82,15 +83,15 @@ class ExpConfig:
     ffn: int = 192
     heads: int = 4
     n_train: int = 2000
-    n_val: int = 200
+    n_val: int = 500
     n_test: int = 400
     n_hard: int = 200
-    warmup_samples: int = 38400
+    warmup_samples: int = 57600
     warmup_lr: float = 3e-3
-    warmup_target: float = 0.0
+    warmup_target: float = 0.8
     warmup_check_every: int = 2400
-    arm_samples: int = 6144
-    eval_every: int = 1536
+    arm_samples: int = 24576
+    eval_every: int = 3072
     batch_size: int = 16
     rl_batch: int = 128
     sft_lr: float = 1e-4
@@ -133,7 +134,8 @@ class ExpConfig:
         self.task_config()  # validates the task fields
 
 
-QUICK = dict(n_train=256, n_val=64, n_test=64, n_hard=64, warmup_samples=256, arm_samples=64, eval_every=32,
+QUICK = dict(n_train=256, n_val=64, n_test=64, n_hard=64, warmup_samples=256, warmup_check_every=128,
+             arm_samples=64, eval_every=32,
              batch_size=16, rl_batch=16, minibatch_size=8, hidden=32, layers=1, ffn=64)
 
 
