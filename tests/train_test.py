@@ -44,14 +44,17 @@ def _rl_lines(out):
     return [json.loads(l) for l in p.read_text().splitlines() if '"phase": "rl"' in l]
 
 
-# The kill/resume run also takes logp_old and values from the rollout (PPOConfig.experience_from_rollout, a
-# different rollout/experience program); the notebook test below runs the default recomputing path.
+# The kill/resume runs take logp_old and values from the rollout (PPOConfig.experience_from_rollout, a
+# different rollout/experience program) or give the critic its own backbone (PPOConfig.critic="separate", an
+# extra params subtree in every checkpoint); the notebook test below runs the default recomputing path.
 FAST = ("--set", "rl.ppo.experience_from_rollout=true")
+SEPARATE_CRITIC = ("--set", 'rl.ppo.critic="separate"')
 
 
-def test_pipeline_sigkill_then_resume_completes(tiny_hf_dir, tmp_path, shared_data):
+@pytest.mark.parametrize("extra", [FAST, SEPARATE_CRITIC], ids=["experience_from_rollout", "separate_critic"])
+def test_pipeline_sigkill_then_resume_completes(tiny_hf_dir, tmp_path, shared_data, extra):
     out = tmp_path / "run"
-    proc = subprocess.Popen(_cmd(tiny_hf_dir, out, FAST), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(_cmd(tiny_hf_dir, out, extra), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None and not _rl_lines(out):
@@ -62,11 +65,14 @@ def test_pipeline_sigkill_then_resume_completes(tiny_hf_dir, tmp_path, shared_da
     proc.wait()
     assert (out / "sft_done.json").exists()
 
-    done = subprocess.run(_cmd(tiny_hf_dir, out, FAST), cwd=ROOT, env=_env(), capture_output=True, text=True,
+    done = subprocess.run(_cmd(tiny_hf_dir, out, extra), cwd=ROOT, env=_env(), capture_output=True, text=True,
                           timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "done" and summary["test_n"] == 4
+    ppo = json.loads((out / "config.json").read_text())["rl"]["ppo"]
+    assert (ppo["critic"], ppo["experience_from_rollout"]) == (("separate", False) if extra == SEPARATE_CRITIC
+                                                               else ("shared", True))
     assert set(summary["test_accuracy"]) == {"base", "sft", "reft"}
     iters = sorted({r["step"] for r in _rl_lines(out)})
     assert iters[-1] == 3 and set(iters) == {1, 2, 3}
