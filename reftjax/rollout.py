@@ -180,7 +180,7 @@ def _rollout(params, prompt_tokens_BxP, prompt_mask_BxP, rng, value_head, model_
     # the repeated prompts.
     logits, hidden, caches = prefill(params, model_cfg, prompt_tokens_BxP, prompt_mask_BxP.astype(jnp.int32),
                                      cache_len=s)
-    logits, hidden, caches = rep(logits), rep(hidden[:, -1:, :]), jax.tree.map(rep, caches)
+    logits, last_hidden, caches = rep(logits), rep(hidden[:, -1, :]), jax.tree.map(rep, caches)
     value_of = (lambda h: ValueHead().apply({"params": value_head}, h)) if value_head is not None else None
     # One weight copy per rollout; the barrier stops XLA from sinking the slices
     # into the loop body (which would copy every layer's weights every step).
@@ -213,7 +213,7 @@ def _rollout(params, prompt_tokens_BxP, prompt_mask_BxP, rng, value_head, model_
 
     init = _LoopState(
         step=jnp.zeros((), jnp.int32), done_B=jnp.zeros((b,), bool), logits_BxV=logits,
-        hidden_BxD=hidden[:, -1, :] if value_of is not None else jnp.zeros((b, 0), hidden.dtype),
+        hidden_BxD=last_hidden if value_of is not None else jnp.zeros((b, 0), last_hidden.dtype),
         tokens_BxN=jnp.full((b, n_new), cfg.pad_id, jnp.int32), logprobs_BxN=jnp.zeros((b, n_new), jnp.float32),
         values_BxN=jnp.zeros((b, n_new if value_of is not None else 0), jnp.float32),
         mask_BxN=jnp.zeros((b, n_new), jnp.int32), key_valid_BxS=key_valid, caches=caches, rng=rng)

@@ -102,8 +102,9 @@ class PPOConfig:
         decode-path log-probs equal the teacher-forced ones (within 1e-4 in fp32; tested);
         PPO also needs `rollout(..., value_head=...)`. False recomputes them, as the ReFT
         authors' code does.
-      critic_only: PPO only: train the value head alone (policy loss dropped, value gradient
-        stopped at the backbone, so the policy does not move). A second step compiled with this
+      critic_only: PPO only: train the critic alone (policy loss dropped, value gradient
+        stopped at the shared backbone, so the policy does not move; a separate critic trunk
+        trains with its head). A second step compiled with this
         set runs critic warm-up iterations before policy updates start (verl's `critic_warmup`).
       critic: PPO only. "shared" (ReFT): the value head reads the policy's last hidden state.
         "separate": the critic has its own copy of the backbone (`params["critic"]`, initialised
