@@ -258,8 +258,11 @@ def sft_step(state: TrainState, batch: dict, *, model_cfg: ModelConfig, tx: opta
     total_tokens = jnp.maximum(jnp.sum(batch["loss_mask"][:, 1:].astype(jnp.float32)), 1.0)
 
     def loss_fn(params, mb):
-        logits, _ = forward(params["policy"], model_cfg, mb["tokens"], mb["attn_mask"])
-        mean, m = losses.sft_loss(logits[:, :-1], mb["tokens"][:, 1:], mb["loss_mask"][:, 1:])
+        # the head runs on hidden[:, :-1]: slicing [B, T, V] logits instead costs a full-size
+        # copy forward and a zero-padded one backward (0.3 s of an 8 x 256 step on 2 cores)
+        _, hidden = forward(params["policy"], model_cfg, mb["tokens"], mb["attn_mask"], return_logits=False)
+        logits = lm_logits(params["policy"], model_cfg, hidden[:, :-1])
+        mean, m = losses.sft_loss(logits, mb["tokens"][:, 1:], mb["loss_mask"][:, 1:])
         return mean * m["n_tokens"] / total_tokens, m
 
     def micro_step(grads, mb):
