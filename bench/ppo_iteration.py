@@ -45,6 +45,10 @@ import sys
 import tempfile
 import time
 
+from reftjax.host import tune_cpu_allocator  # noqa: E402
+
+HOST_ALLOCATOR_TUNED = tune_cpu_allocator()  # before numpy/JAX/torch start threads: reftjax/host.py
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gsm8k" / "train.jsonl"
@@ -251,7 +255,7 @@ def main():
         trl = TrlRunner(prompts, items, grader, model.config, args, reftjax_round)
         trl.run()  # warm-up step, then `repeats` timed steps each followed by one round of reftjax iterations
 
-    out = {"bench": "ppo_iteration", "model": "SmolLM2-135M-Instruct", "dtype": "float32", "device": "cpu",
+    out = {"bench": "ppo_iteration", "host_allocator_tuned": HOST_ALLOCATOR_TUNED, "model": "SmolLM2-135M-Instruct", "dtype": "float32", "device": "cpu",
            "prompts": args.prompts, "samples": args.samples, "max_new_tokens": args.new_tokens,
            "prompt_bucket": p_len, "peak_gflops": round(peak / 1e9, 1),
            "experience_from_rollout": args.experience_from_rollout}
