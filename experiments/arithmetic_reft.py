@@ -260,7 +260,8 @@ class Runner:
                              gae_lambda=self.cfg.gae_lambda, critic_only=critic_only,
                              critic=self.cfg.critic if algo == "ppo" else "shared")
             tx = make_optimizer(OptimConfig(learning_rate=lr, schedule="constant", warmup_ratio=0.0,
-                                            value_head_lr_scale=self.cfg.value_lr_scale), 1)
+                                            value_head_lr_scale=self.cfg.value_lr_scale), 1,
+                                separate_critic_state=algo == "ppo" and self.cfg.critic_warmup_samples > 0)
             self._steps[key] = (tx, pcfg, make_experience_fn(self.model_cfg, pcfg),
                                 make_ppo_step(self.model_cfg, tx, pcfg))
         return self._steps[key]

@@ -105,7 +105,9 @@ class PPOConfig:
       critic_only: PPO only: train the critic alone (policy loss dropped, value gradient
         stopped at the shared backbone, so the policy does not move; a separate critic trunk
         trains with its head). A second step compiled with this
-        set runs critic warm-up iterations before policy updates start (verl's `critic_warmup`).
+        set runs critic warm-up iterations before policy updates start (verl's `critic_warmup`);
+        it needs `make_optimizer(..., separate_critic_state=True)` for both steps, so the
+        warm-up leaves the policy's AdamW state (step count included) untouched.
       critic: PPO only. "shared" (ReFT): the value head reads the policy's last hidden state.
         "separate": the critic has its own copy of the backbone (`params["critic"]`, initialised
         from the policy by `init_rl_params`) that only the value loss trains, as verl and
@@ -171,9 +173,26 @@ def _scale_subtree(key: str, scale: float) -> optax.GradientTransformation:
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
-def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
-    parts = [optax.clip_by_global_norm(cfg.grad_clip),
-             optax.adamw(make_schedule(cfg, total_steps), cfg.b1, cfg.b2, cfg.eps, weight_decay=cfg.weight_decay)]
+def make_optimizer(cfg: OptimConfig, total_steps: int, *, separate_critic_state: bool = False
+                   ) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW with `cfg`'s schedule.
+
+    `separate_critic_state`: the policy and the critic (value head, plus a separate critic trunk)
+    get their own AdamW state (moments, step count, schedule position) under one global-norm clip,
+    as verl's separate actor/critic optimizers have. Required by `PPOConfig.critic_only` (critic
+    warm-up), which leaves the policy's state untouched: with one shared count the warm-up would
+    advance the policy's bias correction while its moments stay zero, making its first updates
+    after the warm-up several times Adam's normal step.
+    """
+    adamw = lambda: optax.adamw(make_schedule(cfg, total_steps), cfg.b1, cfg.b2, cfg.eps,  # noqa: E731
+                                weight_decay=cfg.weight_decay)
+    if separate_critic_state:
+        labels = lambda params: {k: jax.tree.map(lambda _: "policy" if k == "policy" else "critic", v)  # noqa: E731
+                                 for k, v in params.items()}
+        parts = [optax.clip_by_global_norm(cfg.grad_clip),
+                 optax.multi_transform({"policy": adamw(), "critic": adamw()}, labels)]
+    else:
+        parts = [optax.clip_by_global_norm(cfg.grad_clip), adamw()]
     if cfg.value_head_lr_scale != 1.0:  # only then: keeps the optimizer-state tree of existing checkpoints
         parts.append(_scale_subtree("value_head", cfg.value_head_lr_scale))
     return optax.chain(*parts)
@@ -204,14 +223,34 @@ class TrainState:
 def init_state(params: dict, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
     """A fresh state; the optimizer state inherits each parameter's sharding."""
     shardings = jax.tree.map(lambda x: x.sharding, params)
-    abstract = jax.eval_shape(tx.init, params)
     mesh = next((s.mesh for s in jax.tree.leaves(shardings) if hasattr(s, "mesh")), None)
-    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()) if mesh is not None else None
-    opt_shardings = optax.tree_map_params(tx, lambda _, s: s, abstract, shardings,
-                                          transform_non_params=lambda _: rep)
-    opt_state = jax.jit(tx.init, out_shardings=opt_shardings if mesh is not None else None)(params)
+    opt_shardings = _opt_state_shardings(tx, params, mesh) if mesh is not None else None
+    opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state, rng=rng,
                       skipped=jnp.zeros((), jnp.int32))
+
+
+def _opt_state_shardings(tx, params, mesh):
+    """Each optimizer-state leaf gets the sharding of the parameter it shadows, found by key path.
+
+    A moment's key path ends with its parameter's path (`...mu['policy']['layers']...['kernel']`),
+    also inside `optax.multi_transform`'s masked partitions, where `optax.tree_map_params` cannot
+    follow the tree; counts and other scalars are replicated.
+    """
+    by_path = {tuple(map(str, path)): (leaf.shape, leaf.sharding)
+               for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+    longest = max(map(len, by_path), default=0)
+    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def pick(path, leaf):
+        keys = tuple(map(str, path))
+        for n in range(min(longest, len(keys)), 0, -1):
+            hit = by_path.get(keys[-n:])
+            if hit is not None and hit[0] == leaf.shape:
+                return hit[1]
+        return rep
+
+    return jax.tree_util.tree_map_with_path(pick, jax.eval_shape(tx.init, params))
 
 
 def _apply_update(state: TrainState, grads, tx, loss) -> tuple[TrainState, dict]:
@@ -391,15 +430,22 @@ def make_experience(params: dict, ref_params: dict, rollout, scores_B, *, model_
                       returns, scores_B)
 
 
-def experience_metrics(exp: Experience, rollout) -> dict:
-    """Per-batch RL metrics computed on device (read them one step late)."""
+def experience_metrics(exp: Experience, rollout, logp_recomputed: bool = True) -> dict:
+    """Per-batch RL metrics computed on device (read them one step late).
+
+    `rollout_logp_maxdiff` (decode-path vs teacher-forced log-probs of the sampled tokens) is
+    reported only when `logp_old` was recomputed (`logp_recomputed`); with
+    `PPOConfig.experience_from_rollout` both are the same array and the check would read 0.
+    """
     mask = exp.mask_BxN
     kl_seq = jnp.sum(jnp.where(mask > 0, exp.logp_old_BxN - exp.logp_ref_BxN, 0.0), axis=1)
-    diff = jnp.where(mask > 0, jnp.abs(rollout.logprobs_BxN - exp.logp_old_BxN), 0.0)
-    return {"reward": jnp.mean(exp.scores_B), "accuracy": jnp.mean((exp.scores_B >= 1.0 - 1e-6).astype(jnp.float32)),
-            "kl": jnp.mean(kl_seq), "response_length": jnp.mean(jnp.sum(mask, axis=1).astype(jnp.float32)),
-            "finished": jnp.mean(rollout.finished_B.astype(jnp.float32)),
-            "rollout_logp_maxdiff": jnp.max(diff)}
+    out = {"reward": jnp.mean(exp.scores_B), "accuracy": jnp.mean((exp.scores_B >= 1.0 - 1e-6).astype(jnp.float32)),
+           "kl": jnp.mean(kl_seq), "response_length": jnp.mean(jnp.sum(mask, axis=1).astype(jnp.float32)),
+           "finished": jnp.mean(rollout.finished_B.astype(jnp.float32))}
+    if logp_recomputed:
+        out["rollout_logp_maxdiff"] = jnp.max(jnp.where(mask > 0, jnp.abs(rollout.logprobs_BxN - exp.logp_old_BxN),
+                                                        0.0))
+    return out
 
 
 # ----------------------------------------------------------------------------- PPO / GRPO update
@@ -427,10 +473,27 @@ def _rl_loss(params, mb: Experience, model_cfg: ModelConfig, cfg: PPOConfig):
     return loss, m
 
 
+def _policy_states(opt_state) -> list[int]:
+    """Positions in an optax.chain state of the multi_transform with a "policy" partition."""
+    return [i for i, st in enumerate(opt_state) if isinstance(st, optax.MultiTransformState)
+            and isinstance(st.inner_states, dict) and "policy" in st.inner_states]
+
+
+def _with_policy_state(new, old):
+    """`new` optimizer state with the policy partition's inner state taken from `old`."""
+    out = list(new)
+    for i in _policy_states(new):
+        out[i] = new[i]._replace(inner_states={**new[i].inner_states, "policy": old[i].inner_states["policy"]})
+    return tuple(out)
+
+
 def ppo_step(state: TrainState, exp: Experience, *, model_cfg: ModelConfig, tx: optax.GradientTransformation,
              cfg: PPOConfig) -> tuple[TrainState, dict]:
     """`cfg.ppo_epochs` passes of shuffled minibatch updates over one experience batch (one lax.scan)."""
     _check_critic(state.params, cfg)
+    if cfg.critic_only and not (isinstance(state.opt_state, tuple) and _policy_states(state.opt_state)):
+        raise ValueError("PPOConfig.critic_only needs make_optimizer(..., separate_critic_state=True): with one "
+                         "shared AdamW state the critic warm-up would advance the policy's step count")
     b = exp.scores_B.shape[0]
     if b % cfg.minibatch_size:
         raise ValueError(f"rollout batch {b} is not a multiple of minibatch_size {cfg.minibatch_size}")
@@ -442,8 +505,10 @@ def ppo_step(state: TrainState, exp: Experience, *, model_cfg: ModelConfig, tx: 
     def update(st: TrainState, rows):
         mb = jax.tree.map(lambda x: x[rows], exp)
         (loss, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(st.params, mb)
-        st, upd = _apply_update(st, grads, tx, loss)
-        return st, {"loss": loss, **m, **upd}
+        new, upd = _apply_update(st, grads, tx, loss)
+        if cfg.critic_only:  # the policy's AdamW state (count, moments, schedule) stays as it was
+            new = new.replace(opt_state=_with_policy_state(new.opt_state, st.opt_state))
+        return new, {"loss": loss, **m, **upd}
 
     state, per_mb = jax.lax.scan(update, state, order)
     metrics = jax.tree.map(jnp.mean, per_mb)
@@ -471,6 +536,6 @@ def make_experience_fn(model_cfg: ModelConfig, cfg: PPOConfig, reward_fn: Callab
             scores_B = grade_in_jit(reward_fn, rollout.tokens_BxN, rollout.mask_BxN, example_idx_B,
                                     out_sharding=out_sharding)
         exp = make_experience(params, ref_params, rollout, scores_B, model_cfg=model_cfg, cfg=cfg)
-        return exp, experience_metrics(exp, rollout)
+        return exp, experience_metrics(exp, rollout, logp_recomputed=not cfg.experience_from_rollout)
 
     return jax.jit(fn)

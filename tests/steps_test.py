@@ -339,8 +339,10 @@ def test_critic_only_step_moves_the_value_head_and_not_the_policy():
                 cfg=SamplingConfig(max_new_tokens=4, eos_ids=(1,), pad_id=0))
     cfg = PPOConfig(critic_only=True, value_grad_to_backbone=True, minibatch_size=4, kl_coef=0.0)
     exp = make_experience(params, policy, r, jnp.arange(8, dtype=jnp.float32) % 2, model_cfg=CFG, cfg=cfg)
-    tx = make_optimizer(OptimConfig(learning_rate=1e-2, schedule="constant", warmup_ratio=0.0), 1)
+    ocfg = OptimConfig(learning_rate=1e-2, schedule="linear", warmup_ratio=0.5)
+    tx = make_optimizer(ocfg, 20, separate_critic_state=True)
     state = init_state(jax.tree.map(jnp.copy, params), tx, jax.random.key(3))
+    opt0 = jax.tree.map(np.asarray, state.opt_state)
     step = make_ppo_step(CFG, tx, cfg)
     losses_seen = []
     for _ in range(5):
@@ -351,8 +353,53 @@ def test_critic_only_step_moves_the_value_head_and_not_the_policy():
     moved = max(float(jnp.max(jnp.abs(a - b))) for a, b in
                 zip(jax.tree.leaves(state.params["value_head"]), jax.tree.leaves(params["value_head"])))
     assert moved > 1e-3 and losses_seen[-1] < losses_seen[0]
+    # the policy's AdamW state (moments, step count, schedule position) is exactly the initial one;
+    # the critic's advanced once per update: 5 steps x 2 epochs x 2 minibatches
+    inner0, inner = opt0[1].inner_states, state.opt_state[1].inner_states
+    for a, b in zip(jax.tree.leaves(inner["policy"]), jax.tree.leaves(inner0["policy"])):
+        np.testing.assert_array_equal(a, b)
+    counts = [int(x) for x in jax.tree.leaves(inner["critic"]) if np.ndim(x) == 0]
+    assert counts and all(c == 5 * 2 * 2 for c in counts), counts
+    with pytest.raises(ValueError, match="separate_critic_state"):  # one shared AdamW state: refused
+        tx1 = make_optimizer(ocfg, 20)
+        make_ppo_step(CFG, tx1, cfg)(init_state(jax.tree.map(jnp.copy, params), tx1, jax.random.key(3)), exp)
     with pytest.raises(ValueError, match="critic_only"):
         PPOConfig(algo="grpo", group_size=2, critic_only=True)
+
+
+def test_policy_update_after_critic_warmup_is_adams_first_step():
+    """After critic-only steps the policy's first update equals a fresh optimizer's first update (same
+    gradient, bias correction of step 1); a shared step count would scale it by ~3 (m/sqrt(v) with
+    count >> 1 and one gradient in the moments: (1-b1)/sqrt(1-b2) = 3.16)."""
+    from reftjax.steps import make_experience
+
+    policy = jax.tree.map(jnp.asarray, _host_policy(0))
+    params = {"policy": policy, "value_head": init_value_head(CFG, jax.random.key(2))}
+    prompts = jnp.full((8, 3), 3, jnp.int32)
+    r = rollout(policy, prompts, jnp.ones_like(prompts), jax.random.key(0), model_cfg=CFG,
+                cfg=SamplingConfig(max_new_tokens=4, eos_ids=(1,), pad_id=0))
+    # one minibatch, one epoch, no value gradient into the trunk: the policy gradient does not depend on
+    # the (warmed-up) value head or on the minibatch order
+    base = dict(value_grad_to_backbone=False, minibatch_size=8, ppo_epochs=1, kl_coef=0.0)
+    cfg, warm_cfg = PPOConfig(**base), PPOConfig(critic_only=True, **base)
+    exp = make_experience(params, policy, r, jnp.arange(8, dtype=jnp.float32) % 2, model_cfg=CFG, cfg=cfg)
+    tx = make_optimizer(OptimConfig(learning_rate=1e-3, schedule="constant", warmup_ratio=0.0), 1,
+                        separate_critic_state=True)
+    fresh = make_ppo_step(CFG, tx, cfg)(init_state(jax.tree.map(jnp.copy, params), tx, jax.random.key(3)), exp)[0]
+    state = init_state(jax.tree.map(jnp.copy, params), tx, jax.random.key(3))
+    warm = make_ppo_step(CFG, tx, warm_cfg)
+    for _ in range(4):
+        state, _ = warm(state, exp)
+    after = make_ppo_step(CFG, tx, cfg)(state, exp)[0]
+    step_fresh = jax.tree.map(lambda a, b: a - b, fresh.params["policy"], policy)
+    step_after = jax.tree.map(lambda a, b: a - b, after.params["policy"], policy)
+    biggest = max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(step_fresh))
+    assert biggest > 5e-4  # an Adam first step moves each weight by ~lr
+    # equal up to the minibatch row order (float summation) and Adam's g / (|g| + eps) on tiny gradients
+    for a, b in zip(jax.tree.leaves(step_after), jax.tree.leaves(step_fresh)):
+        np.testing.assert_allclose(a, b, atol=1e-4)
+    size = lambda t: sum(float(jnp.sum(jnp.abs(x))) for x in jax.tree.leaves(t))  # noqa: E731
+    assert 0.97 < size(step_after) / size(step_fresh) < 1.03
 
 
 def test_separate_critic_starts_as_the_shared_one_and_only_the_value_loss_trains_it():
