@@ -74,3 +74,44 @@ def test_reft_datasets_by_name(shared_data):
     assert len(load_examples("svamp-python", local_dir=shared_data / "reft")) == 3043
     with pytest.raises(ValueError, match="unknown dataset"):
         load_examples("mnist")
+
+
+def test_download_path_through_tfds_download_manager(shared_data, tmp_path, monkeypatch):
+    """No local copy: the builder downloads {train,test}.jsonl with tfds's DownloadManager (here from a
+    local HTTP server standing in for GitHub), then builds and reads them like the local path."""
+    import functools
+    import http.server
+    import threading
+
+    from reftjax.data import gsm8k_builder, sources
+
+    served = tmp_path / "www"
+    served.mkdir()
+    head = {"train": 30, "test": 12}
+    for split, n in head.items():
+        lines = (shared_data / "gsm8k" / f"{split}.jsonl").read_text().splitlines()[:n]
+        (served / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    want = {s: load_gsm8k(s, data_dir=tmp_path / f"local_{s}", local_dir=served) for s in head}
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(served)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        monkeypatch.setattr(gsm8k_builder, "URLS", {s: f"{base}/{s}.jsonl" for s in head})
+        monkeypatch.setattr(sources, "gsm8k_local_dir", lambda override=None: None)
+        for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+            monkeypatch.delenv(var, raising=False)
+        cache = tmp_path / "cache"
+        got = {s: load_gsm8k(s, data_dir=cache) for s in head}
+    finally:
+        server.shutdown()
+        server.server_close()
+    for split, n in head.items():
+        assert len(got[split]) == n
+        assert [(e.question, e.cot, e.answer_value) for e in got[split]] == \
+               [(e.question, e.cot, e.answer_value) for e in want[split]]
+    assert (cache / "downloads").is_dir() and any((cache / "downloads").iterdir())
