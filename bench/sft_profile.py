@@ -2,8 +2,8 @@
 
     python bench/sft_profile.py [--batch 8] [--seq 256] [--steps 3] [--top 20]
 
-Runs `--steps` timed steps (reporting wall seconds and minor page faults of each: the
-host allocator's signature, see reftjax/host.py), then one step under
+Runs `--steps` timed steps (reporting wall seconds, minor page faults and resident memory
+after each: the host allocator's signature, see reftjax/host.py), then one step under
 `jax.profiler.trace`, and prints one JSON line: the top HLO ops by time summed over
 threads (with how many times each ran: 30 = once per layer), the totals per op kind
 (`ynn_fusion` = YNNPACK GEMMs), and the traced step's wall time. XLA:CPU runs
@@ -30,6 +30,15 @@ from reftjax.host import tune_cpu_allocator  # noqa: E402
 
 HOST_ALLOCATOR_TUNED = tune_cpu_allocator()  # before numpy/JAX start threads: reftjax/host.py
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+def _rss_bytes() -> int:
+    """Resident set size now (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
 
 
 def main(argv=None) -> int:
@@ -65,7 +74,8 @@ def main(argv=None) -> int:
         state, m = step(state, batch)
         jax.block_until_ready(m)
         steps.append({"s": round(time.perf_counter() - s, 2),
-                      "minor_faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0})
+                      "minor_faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0,
+                      "rss_gb": round(_rss_bytes() / 1e9, 2)})
     with tempfile.TemporaryDirectory() as d:
         s = time.perf_counter()
         with jax.profiler.trace(d, create_perfetto_trace=True):
