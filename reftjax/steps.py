@@ -506,8 +506,10 @@ def ppo_step(state: TrainState, exp: Experience, *, model_cfg: ModelConfig, tx: 
         mb = jax.tree.map(lambda x: x[rows], exp)
         (loss, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(st.params, mb)
         new, upd = _apply_update(st, grads, tx, loss)
-        if cfg.critic_only:  # the policy's AdamW state (count, moments, schedule) stays as it was
-            new = new.replace(opt_state=_with_policy_state(new.opt_state, st.opt_state))
+        if cfg.critic_only:  # the policy and its AdamW state (count, moments, schedule) stay as they were
+            # (the params too: with weight decay AdamW would shrink the policy on a zero gradient)
+            new = new.replace(opt_state=_with_policy_state(new.opt_state, st.opt_state),
+                              params={**new.params, "policy": st.params["policy"]})
         return new, {"loss": loss, **m, **upd}
 
     state, per_mb = jax.lax.scan(update, state, order)

@@ -339,7 +339,7 @@ def test_critic_only_step_moves_the_value_head_and_not_the_policy():
                 cfg=SamplingConfig(max_new_tokens=4, eos_ids=(1,), pad_id=0))
     cfg = PPOConfig(critic_only=True, value_grad_to_backbone=True, minibatch_size=4, kl_coef=0.0)
     exp = make_experience(params, policy, r, jnp.arange(8, dtype=jnp.float32) % 2, model_cfg=CFG, cfg=cfg)
-    ocfg = OptimConfig(learning_rate=1e-2, schedule="linear", warmup_ratio=0.5)
+    ocfg = OptimConfig(learning_rate=1e-2, schedule="linear", warmup_ratio=0.5, weight_decay=0.1)
     tx = make_optimizer(ocfg, 20, separate_critic_state=True)
     state = init_state(jax.tree.map(jnp.copy, params), tx, jax.random.key(3))
     opt0 = jax.tree.map(np.asarray, state.opt_state)
@@ -462,3 +462,27 @@ def test_separate_critic_config_and_params_must_agree():
                 cfg=SamplingConfig(max_new_tokens=2, eos_ids=(1,), pad_id=0))
     with pytest.raises(ValueError, match="init_rl_params"):
         make_experience(shared, policy, r, jnp.zeros(2), model_cfg=CFG, cfg=PPOConfig(critic="separate"))
+
+
+def test_separate_critic_optimizer_state_is_sharded_like_the_params():
+    """make_optimizer(separate_critic_state=True) on 8 fake devices: every AdamW moment of the policy and the
+    critic partitions carries its parameter's sharding (found by key path through multi_transform's masks),
+    and matches the default layout's moments."""
+    mesh = _mesh()
+    params = {"policy": sharding.place_params(_host_policy(), CFG, mesh),
+              "value_head": _place(jax.tree.map(np.asarray, init_value_head(CFG, jax.random.key(2))), mesh)}
+    want = {jax.tree_util.keystr(p): x.sharding for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    sharded = 0
+    for separate in (False, True):
+        tx = make_optimizer(OptimConfig(), 10, separate_critic_state=separate)
+        state = init_state(params, tx, jax.random.key(0))
+        for path, leaf in jax.tree_util.tree_flatten_with_path(state.opt_state)[0]:
+            key = jax.tree_util.keystr(path)
+            match = [k for k in want if key.endswith(k)]
+            if leaf.ndim == 0:
+                assert leaf.sharding.is_fully_replicated, key
+            else:
+                assert match, key
+                assert leaf.sharding.is_equivalent_to(want[max(match, key=len)], leaf.ndim), key
+                sharded += not leaf.sharding.is_fully_replicated
+    assert sharded > 10  # the policy's moments really are split over the mesh
