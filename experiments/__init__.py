@@ -1,10 +1,12 @@
 """Runnable experiments: `python -m experiments.<name> --help`.
 
-Importing the package first keeps freed host memory mapped for XLA:CPU (glibc
-`mallopt`, see `reftjax/host.py`): it must happen before numpy or JAX start
-their threads, and `python -m experiments.<name>` imports this file first.
+Started that way, the process first re-executes itself once with glibc's
+transparent-huge-page tunable for malloc (`reftjax/host.py`: XLA:CPU's per-step
+temporaries would otherwise be page-faulted in 4 KiB at a time every step).
+Imported from a notebook or another program, nothing happens here: set
+`GLIBC_TUNABLES=glibc.malloc.hugetlb=1` before that interpreter starts instead.
 Opt out with `REFTJAX_HOST_ALLOCATOR=system`.
 """
-from reftjax.host import tune_cpu_allocator
+from reftjax.host import host_allocator_mode, started_as_module, use_hugepage_malloc
 
-HOST_ALLOCATOR_TUNED = tune_cpu_allocator()
+HOST_ALLOCATOR = use_hugepage_malloc() if started_as_module(__name__) else host_allocator_mode()

@@ -1,66 +1,89 @@
-"""Host-memory allocator settings for XLA:CPU runs (the `cpu` presets, benches).
+"""Host-memory allocator setting for XLA:CPU runs (the `cpu` presets, benches).
 
 XLA:CPU allocates its large temporaries (activations, scan residuals, logits) with
-`malloc` on every step. glibc serves each allocation above 32 MiB (or above a worker
-thread's 64 MiB arena heap) with a fresh `mmap` and unmaps it on `free`, so every step
-faults its working set in again page by page: on the 2-core VM an SFT step of
-SmolLM2-135M (8 x 256) took ~1.17 M minor page faults and ~3.8 s of kernel time
-(BUILD_NOTES, session 6). Routing every thread to the main arena, serving large
-blocks from the heap and never trimming it keeps the pages mapped across steps.
+`malloc` on every step. glibc serves each block above its mmap threshold (at most
+32 MiB) with a fresh `mmap` and unmaps it on `free`, so every step faults its working
+set in again, one 4 KiB page at a time: on the 2-core VM an SFT step of
+SmolLM2-135M (8 x 256) took ~1.1 M minor page faults and ~3.8 s of kernel time
+(BUILD_NOTES, sessions 6-7).
 
-`tune_cpu_allocator()` sets exactly that through `mallopt` and must run before the
-process starts its second thread (numpy/JAX thread pools): call it first thing in a
-command-line entry point, or set the equivalent environment variables before
-Python starts (`MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0
-MALLOC_TRIM_THRESHOLD_=68719476736`). The process then keeps its peak heap for
-its whole life (memory is reused, not returned to the OS). Opt out with
-`REFTJAX_HOST_ALLOCATOR=system`.
+The fix used here is glibc's own tunable `glibc.malloc.hugetlb=1` (glibc >= 2.35): malloc
+then `madvise`s its mmapped blocks for transparent huge pages, so the same step takes
+~2.5 K faults (2 MiB each) and memory is still returned to the OS on `free`
+(resident memory stays at the working set). Tunables are read when the process
+starts, so `use_hugepage_malloc()` re-executes a command-line process once with
+`GLIBC_TUNABLES` extended (same interpreter, same arguments, same PID). It does
+nothing off Linux/glibc, on glibc < 2.35, when transparent huge pages are off
+(`never`), when the tunable is already set, or with `REFTJAX_HOST_ALLOCATOR=system`.
+In a notebook or any other long-lived interpreter, set
+`GLIBC_TUNABLES=glibc.malloc.hugetlb=1` before it starts instead.
+
+(Session 6 used `mallopt` to keep one never-trimmed heap instead. It removed the faults
+too, but the heap fragmented and grew by ~4.4 GB at unpredictable steps, up to 24 GB
+resident for the same SFT step: BUILD_NOTES, session 7.)
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
 import platform
-import threading
+import sys
 
-# glibc <malloc.h>
-_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
-_TRIM_NEVER = -1  # mallopt(3): -1 disables trimming (its value is a C int: 1 << 36 would wrap)
-
-_applied: bool | None = None
+HUGETLB_TUNABLE = "glibc.malloc.hugetlb"
+_REEXEC_MARK = "REFTJAX_HOST_REEXEC"
+_THP_ENABLED = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
-def tune_cpu_allocator() -> bool:
-    """Keep freed host memory mapped (glibc only); True if the settings are in force.
+def host_allocator_mode() -> str:
+    """'hugepages' if this process's glibc malloc madvises huge pages, else 'system'."""
+    for item in os.environ.get("GLIBC_TUNABLES", "").split(":"):
+        name, _, value = item.partition("=")
+        if name == HUGETLB_TUNABLE and value in ("1", "2"):
+            return "hugepages"
+    return "system"
 
-    Idempotent. Returns False (and changes nothing) off Linux/glibc, when
-    `REFTJAX_HOST_ALLOCATOR=system`, or when other threads already exist (their
-    arenas are fixed by then, so the setting would be partial).
-    """
-    global _applied
-    if _applied is not None:
-        return _applied
-    _applied = False
-    if os.environ.get("REFTJAX_HOST_ALLOCATOR", "tuned") == "system":
+
+def _hugepages_possible() -> bool:
+    if os.environ.get("REFTJAX_HOST_ALLOCATOR", "hugepages") == "system":
         return False
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if platform.system() != "Linux":
         return False
-    if os.environ.get("MALLOC_ARENA_MAX") == "1" and os.environ.get("MALLOC_MMAP_MAX_") == "0":
-        _applied = True  # set before Python started
-        return True
-    if threading.active_count() > 1 or _native_threads() > 1:
-        return False
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    ok = all(libc.mallopt(opt, val) == 1 for opt, val in (
-        (_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _TRIM_NEVER)))
-    _applied = ok
-    return ok
-
-
-def _native_threads() -> int:
-    """Threads of this process as the kernel sees them (numpy/BLAS/XLA pools included)."""
+    lib, version = platform.libc_ver()
     try:
-        return len(os.listdir("/proc/self/task"))
+        if lib != "glibc" or tuple(int(x) for x in version.split(".")[:2]) < (2, 35):
+            return False
+    except ValueError:
+        return False
+    try:
+        with open(_THP_ENABLED) as f:
+            return "[never]" not in f.read()
     except OSError:
-        return 1
+        return False
+
+
+def use_hugepage_malloc() -> str:
+    """Re-execute this command-line process with glibc's huge-page tunable, once.
+
+    Call it first thing in an entry point (before heavy imports: they are redone).
+    Returns the mode in force, 'hugepages' or 'system'; when it re-executes it does
+    not return. Never re-executes twice (an environment marker guards the loop).
+    """
+    mode = host_allocator_mode()
+    if mode == "hugepages" or os.environ.get(_REEXEC_MARK) or not _hugepages_possible():
+        return mode
+    tunables = [t for t in os.environ.get("GLIBC_TUNABLES", "").split(":")
+                if t and not t.startswith(HUGETLB_TUNABLE + "=")]
+    env = dict(os.environ, GLIBC_TUNABLES=":".join([*tunables, HUGETLB_TUNABLE + "=1"]))
+    env[_REEXEC_MARK] = "1"
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def started_as_module(package: str) -> bool:
+    """True while `package` is being imported by `python -m <package>.<module>` (the CLI start)."""
+    if sys.argv[:1] != ["-m"]:
+        return False
+    argv = sys.orig_argv
+    target = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "-m"), "")
+    return target == package or target.startswith(package + ".")
