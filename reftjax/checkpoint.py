@@ -109,6 +109,34 @@ def abstract_like(tree):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
+def layout_mismatch(stored_metadata, abstract_storable, limit: int = 3) -> str | None:
+    """How a stored state tree differs from the abstract one in structure or shapes, or None.
+
+    Dtypes may differ (Orbax casts on restore); paths are compared as Orbax names them.
+    """
+    stored = {k: tuple(v.shape) for k, v in ocp.tree.to_flat_dict(stored_metadata).items()}
+    wanted = {k: tuple(v.shape) for k, v in ocp.tree.to_flat_dict(abstract_storable).items()}
+
+    def name(k):
+        return "/".join(str(p) for p in k)
+
+    def order(keys):  # params first: they say more than their optimizer moments
+        return sorted(keys, key=lambda k: (str(k[0]) != "params", k))
+
+    parts = []
+    for label, keys in (("not in the checkpoint", order(wanted.keys() - stored.keys())),
+                        ("only in the checkpoint", order(stored.keys() - wanted.keys()))):
+        if keys:
+            more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
+            parts.append(f"{label}: {', '.join(name(k) for k in keys[:limit])}{more}")
+    shapes = order(k for k in wanted.keys() & stored.keys() if wanted[k] != stored[k])
+    if shapes:
+        more = f" and {len(shapes) - limit} more" if len(shapes) > limit else ""
+        parts.append("shape differs: " + ", ".join(f"{name(k)} {stored[k]} stored vs {wanted[k]} here"
+                                                    for k in shapes[:limit]) + more)
+    return "; ".join(parts) or None
+
+
 def _restore_args(abstract_storable) -> ocp.args.PyTreeRestore:
     return ocp.args.PyTreeRestore(abstract_storable,
                                   restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_storable))
@@ -213,6 +241,20 @@ class Checkpointer:
                 log.warning("checkpoint: step %d in %s has no %s (half-written); trying the previous one",
                             step, self.directory, COMMIT_MARKER)
                 continue
+            try:
+                stored = self._manager.item_metadata(step)["state"]
+            except Exception as e:  # noqa: BLE001 -- unreadable metadata: a damaged step, fall back
+                log.warning("checkpoint: step %d in %s has unreadable metadata (%s: %s); trying the previous one",
+                            step, self.directory, type(e).__name__, e)
+                continue
+            mismatch = layout_mismatch(stored, storable)
+            if mismatch:  # not damage: the run's settings changed; an older step would not fit either
+                raise ValueError(
+                    f"{self.step_dir(step)}: this checkpoint holds a different training state than this run "
+                    f"builds ({mismatch}). The model, the value head or the optimizer layout (e.g. "
+                    f"make_optimizer(separate_critic_state=...)) differs from the run that wrote it: resume "
+                    f"with the same settings, or use a fresh output directory (restore_params() reads only "
+                    f"the policy params).")
             try:
                 out = self._manager.restore(step, args=ocp.args.Composite(
                     state=_restore_args(storable), extras=ocp.args.JsonRestore()))

@@ -156,6 +156,31 @@ def test_all_corrupt_raises(tmp_path):
         Checkpointer(CheckpointConfig(str(tmp_path))).restore_latest(abstract_like(st))
 
 
+def test_different_layout_is_an_error_not_a_fallback(tmp_path):
+    """A checkpoint of another optimizer layout or model shape names the step and the difference,
+    instead of being skipped as damaged (every older step of the run would not fit either)."""
+    st = _state()
+    ck = Checkpointer(CheckpointConfig(str(tmp_path)))
+    ck.save(1, st)
+    ck.save(2, st)
+    ck.close()
+    tx_sep = make_optimizer(OptimConfig(learning_rate=1e-2, schedule="constant", warmup_ratio=0.0), 10,
+                            separate_critic_state=True)
+    other_opt = init_state(st.params, tx_sep, jax.random.key(0))
+    ck = Checkpointer(CheckpointConfig(str(tmp_path)))
+    with pytest.raises(ValueError, match=r"/2: this checkpoint holds a different training state.*opt_state"):
+        ck.restore_latest(abstract_like(other_opt))
+    wider = {"policy": jax.tree.map(lambda x: jnp.zeros(x.shape[:-1] + (x.shape[-1] + 1,), x.dtype)
+                                    if x.ndim == 2 else x, st.params["policy"]),
+             "value_head": st.params["value_head"]}
+    with pytest.raises(ValueError, match=r"shape differs: params/policy/.* stored vs"):
+        ck.restore_latest(abstract_like(init_state(wider, TX, jax.random.key(0))))
+    state, _, step = ck.restore_latest(abstract_like(st))  # the right layout still restores
+    assert step == 2
+    _assert_equal_trees(state, st)
+    ck.close()
+
+
 def test_partial_restore_of_policy_params(tmp_path):
     mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=4))
     st = _state(seed=3)
