@@ -350,7 +350,7 @@ def train_rl(runner: Runner, warm, algo: str, lr: float, seed: int, on_eval):
         else:
             state, m = ppo_step(state, exp)
         stats.append({**diag, "reward": float(em["reward"]), "kl": float(em["kl"]),
-                      **({"value_ev": float(m["explained_variance"])} if algo == "ppo" else {})})
+                      **({"value_ev": float(em["value_explained_variance"])} if algo == "ppo" else {})})
         done = (it + 1) * cfg.rl_batch
         if done % cfg.eval_every == 0:
             on_eval(done, state.params["policy"], {k: float(np.mean([s[k] for s in stats])) for k in stats[0]})

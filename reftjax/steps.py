@@ -430,18 +430,23 @@ def make_experience(params: dict, ref_params: dict, rollout, scores_B, *, model_
                       returns, scores_B)
 
 
-def experience_metrics(exp: Experience, rollout, logp_recomputed: bool = True) -> dict:
+def experience_metrics(exp: Experience, rollout, logp_recomputed: bool = True, with_value: bool = False) -> dict:
     """Per-batch RL metrics computed on device (read them one step late).
 
     `rollout_logp_maxdiff` (decode-path vs teacher-forced log-probs of the sampled tokens) is
     reported only when `logp_old` was recomputed (`logp_recomputed`); with
     `PPOConfig.experience_from_rollout` both are the same array and the check would read 0.
+    `value_explained_variance` (PPO, `with_value`): how well the critic's values at experience
+    time predict the GAE returns, over the whole rollout batch (the per-minibatch
+    `explained_variance` of `ppo_step` is computed during the update, on fewer tokens).
     """
     mask = exp.mask_BxN
     kl_seq = jnp.sum(jnp.where(mask > 0, exp.logp_old_BxN - exp.logp_ref_BxN, 0.0), axis=1)
     out = {"reward": jnp.mean(exp.scores_B), "accuracy": jnp.mean((exp.scores_B >= 1.0 - 1e-6).astype(jnp.float32)),
            "kl": jnp.mean(kl_seq), "response_length": jnp.mean(jnp.sum(mask, axis=1).astype(jnp.float32)),
            "finished": jnp.mean(rollout.finished_B.astype(jnp.float32))}
+    if with_value:
+        out["value_explained_variance"] = losses.explained_variance(exp.values_old_BxN, exp.returns_BxN, mask)
     if logp_recomputed:
         out["rollout_logp_maxdiff"] = jnp.max(jnp.where(mask > 0, jnp.abs(rollout.logprobs_BxN - exp.logp_old_BxN),
                                                         0.0))
@@ -538,6 +543,7 @@ def make_experience_fn(model_cfg: ModelConfig, cfg: PPOConfig, reward_fn: Callab
             scores_B = grade_in_jit(reward_fn, rollout.tokens_BxN, rollout.mask_BxN, example_idx_B,
                                     out_sharding=out_sharding)
         exp = make_experience(params, ref_params, rollout, scores_B, model_cfg=model_cfg, cfg=cfg)
-        return exp, experience_metrics(exp, rollout, logp_recomputed=not cfg.experience_from_rollout)
+        return exp, experience_metrics(exp, rollout, logp_recomputed=not cfg.experience_from_rollout,
+                                       with_value=cfg.algo == "ppo")
 
     return jax.jit(fn)

@@ -93,6 +93,26 @@ def test_grpo_learns_target_token():
     assert int(m["skipped"]) == 0
 
 
+def test_experience_metrics_value_explained_variance_over_the_batch():
+    """PPO's experience metrics carry the critic's explained variance over the whole rollout batch (NumPy
+    reference: 1 - var(R - V) / var(R) over the real tokens, Bessel-corrected, floored at -1); GRPO's do not."""
+    pc = PPOConfig(minibatch_size=4, kl_coef=0.05)
+    params = {"policy": jax.tree.map(jnp.asarray, _host_policy()), "value_head": init_value_head(CFG, jax.random.key(2))}
+    prompts = jnp.full((8, 4), 3, jnp.int32)
+    r = rollout(params["policy"], prompts, jnp.ones_like(prompts), jax.random.key(4), model_cfg=CFG,
+                cfg=SamplingConfig(max_new_tokens=6, eos_ids=(1,)))
+    scores = jnp.asarray(np.random.RandomState(0).rand(8).astype(np.float32))
+    exp, em = make_experience_fn(CFG, pc)(params, params["policy"], r, jnp.zeros(8, jnp.int32), scores)
+    m = np.asarray(exp.mask_BxN) > 0
+    assert 8 < m.sum() < m.size  # some rows stopped early: the mask matters
+    ret, v = np.asarray(exp.returns_BxN, np.float64)[m], np.asarray(exp.values_old_BxN, np.float64)[m]
+    want = max(-1.0, 1.0 - np.var(ret - v, ddof=1) / (np.var(ret, ddof=1) + 1e-8))
+    np.testing.assert_allclose(float(em["value_explained_variance"]), want, rtol=1e-4, atol=1e-5)
+    grpo = dataclasses.replace(pc, algo="grpo", group_size=2)
+    _, gm = make_experience_fn(CFG, grpo)(params, params["policy"], r, jnp.zeros(8, jnp.int32), scores)
+    assert "value_explained_variance" not in gm
+
+
 def test_nonfinite_advantage_skips_every_ppo_update(tmp_path):
     pc = PPOConfig(minibatch_size=4, kl_coef=0.0, ppo_epochs=2)
     tx = make_optimizer(OptimConfig(learning_rate=3e-3, schedule="constant", warmup_ratio=0.0), 10)
