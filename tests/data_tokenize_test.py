@@ -106,6 +106,32 @@ def test_chat_layout(smollm_tokenizer, gsm8k_train):
                        PromptConfig("reft"))
 
 
+def test_chat_python_layout(smollm_tokenizer, shared_data):
+    """P-CoT for instruct models: chat prompt, then the assistant turn starts the program (RL/eval)
+    or holds the whole program (SFT), as in the reft-python layout."""
+    tok = smollm_tokenizer
+    examples = read_reft_json(shared_data / "reft" / "svamp_python_sdp.json", require_cot=True)[:40]
+    cfg = PromptConfig("chat-python", system_prompt="Write a Python function solution() that returns the answer.")
+    f = format_example(examples[0], cfg, tok)
+    assert f.prompt == tok.apply_chat_template(
+        [{"role": "system", "content": cfg.system_prompt}, {"role": "user", "content": examples[0].question}],
+        add_generation_prompt=True, tokenize=False)
+    assert f.response_prefix == f'def solution():\n    """{examples[0].question}"""'
+    assert f.target == examples[0].cot
+    ds = tokenize_examples(examples, tok, cfg, TokenizeConfig())
+    agree = sum(np.array_equal(ds.target[i][:len(ds.prefix[i])], ds.prefix[i]) for i in range(len(ds)))
+    assert agree >= 38
+    batch = collate_prompts(ds, np.arange(2), 2)
+    n = batch["prompt_mask"][0].sum()
+    assert tok.decode(batch["prompt_tokens"][0, -n:]) == f.prompt + f.response_prefix
+    _check_sft_rows(tok, collate_sft(ds, np.arange(2), 2),
+                    [(format_example(e, cfg, tok).prompt, e.cot) for e in examples[:2]])
+    with pytest.raises(ValueError, match="chat template"):
+        format_example(examples[0], cfg)  # no tokenizer
+    with pytest.raises(ValueError, match="chat styles"):
+        PromptConfig("reft-python", system_prompt="x")
+
+
 def test_keep_annotations(gsm8k_train):
     f = format_example(gsm8k_train[0], PromptConfig("reft", strip_annotations=False))
     assert "<<48/2=24>>" in f.target

@@ -16,6 +16,9 @@ Styles (``PromptConfig.style``):
 * ``"chat"``: ``tokenizer.apply_chat_template(messages,
   add_generation_prompt=True)``; messages are the example's own (``openai``
   format) or one user turn holding the question; the target is the N-CoT text.
+* ``"chat-python"`` (P-CoT for instruct models): the ``"chat"`` prompt, with the
+  ``"reft-python"`` target and ``response_prefix`` (the assistant turn starts the
+  program; the SFT target is the whole program, then the end-of-turn token).
 
 The EOS token is appended at tokenization time, never here.
 """
@@ -25,7 +28,7 @@ import dataclasses
 
 from reftjax.data.records import Example, strip_annotations
 
-STYLES = ("reft", "reft-python", "chat")
+STYLES = ("reft", "reft-python", "chat", "chat-python")
 INSTRUCTION = "Question:\n"
 COT_TRIGGER = "\nAnswer reasoning:\n"
 ANSWER_TRIGGER = "\nTherefore, the answer is: "
@@ -40,7 +43,7 @@ class PromptConfig:
       strip_annotations: drop GSM8K calculator annotations (``<<48/2=24>>``) from
         CoTs; they are calls to a calculator we do not run and add ~32% target tokens
         on GSM8K train with SmolLM2's tokenizer (mean 130 vs 99; BUILD_NOTES).
-      system_prompt: chat style only; None keeps the template's default system turn.
+      system_prompt: chat styles only; None keeps the template's default system turn.
     """
 
     style: str = "reft"
@@ -50,8 +53,8 @@ class PromptConfig:
     def __post_init__(self):
         if self.style not in STYLES:
             raise ValueError(f"style must be one of {STYLES}, got {self.style!r}")
-        if self.system_prompt is not None and self.style != "chat":
-            raise ValueError("system_prompt only applies to style='chat'")
+        if self.system_prompt is not None and not self.style.startswith("chat"):
+            raise ValueError("system_prompt only applies to the chat styles ('chat', 'chat-python')")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,11 +102,13 @@ def chat_messages(ex: Example, cfg: PromptConfig) -> list[dict[str, str]]:
 
 def format_example(ex: Example, cfg: PromptConfig, tokenizer=None) -> Formatted:
     """Prompt, response prefix and target for one example (``tokenizer`` for chat)."""
-    if cfg.style == "chat":
+    if cfg.style.startswith("chat"):
         if tokenizer is None or getattr(tokenizer, "chat_template", None) is None:
-            raise ValueError("style='chat' needs a tokenizer with a chat template")
+            raise ValueError(f"style={cfg.style!r} needs a tokenizer with a chat template")
         prompt = tokenizer.apply_chat_template(
             chat_messages(ex, cfg), add_generation_prompt=True, tokenize=False)
+        if cfg.style == "chat-python":
+            return Formatted(prompt, program_prefix(ex.question), ex.cot.strip() or None)
         return Formatted(prompt, "", nl_target(ex, cfg.strip_annotations))
     if ex.messages is not None:
         raise ValueError(f"{ex.item_id}: chat-format (openai) examples need style='chat'")
