@@ -68,7 +68,8 @@ def use_hugepage_malloc() -> str:
     not return. Never re-executes twice (an environment marker guards the loop).
     """
     mode = host_allocator_mode()
-    if mode == "hugepages" or os.environ.get(_REEXEC_MARK) or not _hugepages_possible():
+    if (mode == "hugepages" or os.environ.get(_REEXEC_MARK) or not sys.executable
+            or not _hugepages_possible()):
         return mode
     tunables = [t for t in os.environ.get("GLIBC_TUNABLES", "").split(":")
                 if t and not t.startswith(HUGETLB_TUNABLE + "=")]
