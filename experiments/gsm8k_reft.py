@@ -148,8 +148,10 @@ def run_cli(args, make_config=preset_config) -> int:
     """Everything after argument parsing (shared with the other experiments)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     from experiments import HOST_ALLOCATOR
+    from reftjax.sharding import maybe_initialize_distributed
 
     logging.info("host allocator: %s (reftjax/host.py)", HOST_ALLOCATOR)
+    maybe_initialize_distributed()  # multi-process: before anything touches a JAX backend (presets ask for devices)
     if args.gsm8k_dir:
         if not os.path.isfile(os.path.join(args.gsm8k_dir, "train.jsonl")):
             print(f"error: --gsm8k-dir {args.gsm8k_dir}: train.jsonl not found there", file=sys.stderr)

@@ -67,12 +67,32 @@ class MeshConfig:
 
 
 def maybe_initialize_distributed() -> None:
-    """Call `jax.distributed.initialize()` on multi-host setups (TPU pods, or when
-    JAX_COORDINATOR_ADDRESS is set); a no-op on a single host. Idempotent."""
+    """Call `jax.distributed.initialize()` on multi-process setups; a no-op on a single host. Idempotent.
+
+    * TPU pods, SLURM, Open MPI, ...: JAX detects the cluster itself (`JAX_COORDINATOR_ADDRESS` or a
+      TPU pod's `TPU_WORKER_HOSTNAMES` triggers the call).
+    * Any other launcher (e.g. one process per GPU started by hand, or local CPU processes): set
+      `JAX_COORDINATOR_ADDRESS=host:port`, `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID` (0-based) in each
+      process; JAX's own detection does not read the last two.
+    """
     if jax.distributed.is_initialized():
         return
-    if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0:
+    address = os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if not address and os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") == 0:
+        return
+    n, pid = os.environ.get("JAX_NUM_PROCESSES"), os.environ.get("JAX_PROCESS_ID")
+    if (n is None) != (pid is None):
+        raise ValueError("set both JAX_NUM_PROCESSES and JAX_PROCESS_ID (or neither, to let JAX detect the cluster)")
+    if n is None:
         jax.distributed.initialize()
+        return
+    try:
+        n_i, pid_i = int(n), int(pid)
+    except ValueError:
+        raise ValueError(f"JAX_NUM_PROCESSES={n!r} and JAX_PROCESS_ID={pid!r} must be integers") from None
+    if not 0 <= pid_i < n_i:
+        raise ValueError(f"JAX_PROCESS_ID={pid_i} is not in [0, JAX_NUM_PROCESSES={n_i})")
+    jax.distributed.initialize(coordinator_address=address, num_processes=n_i, process_id=pid_i)
 
 
 def make_mesh(cfg: MeshConfig = MeshConfig(), devices=None) -> Mesh:
@@ -158,6 +178,28 @@ def shard_batch(batch, mesh: Mesh):
     """Place a pytree of host batch arrays (this host's rows) over the mesh's data axes."""
     return jax.tree.map(
         lambda x: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(x)), np.asarray(x)), batch)
+
+
+def to_host(tree):
+    """NumPy copies of a pytree of arrays, whole on every process.
+
+    Batch-sharded arrays of a multi-process mesh are gathered from all processes
+    (`process_allgather`, a collective: every process must call this in the same order);
+    everything else is a plain device-to-host copy.
+    """
+    from jax.experimental import multihost_utils
+
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(jax.device_get(x))
+
+    return jax.tree.map(one, tree)
+
+
+def is_primary() -> bool:
+    """Whether this process writes the run's files (logs, reports, exports): process 0."""
+    return jax.process_index() == 0
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -79,3 +79,26 @@ def test_sharded_forward_matches_single_device(mesh_cfg, single_device_logits):
     rel = np.abs(got - want)[real].max() / np.abs(want[real]).max()
     assert rel < 1e-5, rel
     np.testing.assert_array_equal(got[real].argmax(-1), want[real].argmax(-1))
+
+
+def test_distributed_env_is_validated_before_initialising(monkeypatch):
+    """Generic launchers give the process count and id through JAX_NUM_PROCESSES / JAX_PROCESS_ID (JAX reads
+    neither); inconsistent settings fail with a message before jax.distributed is touched. (A real
+    2-process run: tests/train_test.py::test_two_processes_match_one_process.)"""
+    from reftjax.sharding import maybe_initialize_distributed
+
+    monkeypatch.delenv("TPU_WORKER_HOSTNAMES", raising=False)
+    monkeypatch.delenv("JAX_COORDINATOR_ADDRESS", raising=False)
+    maybe_initialize_distributed()  # single host: nothing to do
+    assert not jax.distributed.is_initialized()
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "localhost:1")
+    for env, match in (({"JAX_NUM_PROCESSES": "2"}, "set both"), ({"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "2"},
+                       r"JAX_PROCESS_ID=2 is not in \[0, JAX_NUM_PROCESSES=2\)"),
+                       ({"JAX_NUM_PROCESSES": "two", "JAX_PROCESS_ID": "0"}, "must be integers")):
+        for k in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+            monkeypatch.delenv(k, raising=False)
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        with pytest.raises(ValueError, match=match):
+            maybe_initialize_distributed()
+    assert not jax.distributed.is_initialized()
