@@ -381,6 +381,13 @@ def init_rl_params(policy: dict, model_cfg: ModelConfig, cfg: PPOConfig, rng: ja
     params = {"policy": policy}
     if cfg.algo == "ppo":
         params["value_head"] = init_value_head(model_cfg, rng)
+        mesh = next((x.sharding.mesh for x in jax.tree.leaves(policy)
+                     if isinstance(getattr(x, "sharding", None), jax.sharding.NamedSharding)), None)
+        if mesh is not None:  # replicated over the policy's mesh (all processes), not left on one device
+            from reftjax.sharding import put, replicated
+
+            params["value_head"] = put(params["value_head"],
+                                       jax.tree.map(lambda _: replicated(mesh), params["value_head"]))
         if cfg.critic == "separate":
             params["critic"] = jax.tree.map(jnp.copy, policy)
     return params
