@@ -14,6 +14,7 @@ import numpy as np
 
 from reftjax.data import Loader, LoaderConfig, TokenizedDataset
 from reftjax.rollout import SamplingConfig, rollout
+from reftjax.sharding import to_host
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,14 +65,13 @@ def evaluate(params, model_cfg, tokenizer, ds: TokenizedDataset, items: Sequence
     rng = rng if rng is not None else jax.random.key(1234)
     correct, voted, lengths, samples = [], [], [], []
     for i, batch in enumerate(loader):
-        valid = np.asarray(batch["valid"])
-        idx = np.asarray(batch["example_idx"])
+        valid, idx = to_host((batch["valid"], batch["example_idx"]))  # whole batch on every process
         out = rollout(params, batch["prompt_tokens"], batch["prompt_mask"], rng, model_cfg=model_cfg, cfg=greedy)
         texts = _decode(tokenizer, out)
         rows = [j for j in range(len(valid)) if valid[j]]
         grades = grader.grade_batch([items[idx[j]] for j in rows], [texts[j] for j in rows])
         correct += [g.score >= 1.0 - 1e-6 for g in grades]
-        lengths += np.asarray(out.lengths_B)[rows].tolist()
+        lengths += to_host(out.lengths_B)[rows].tolist()
         if len(samples) < 8:
             samples += [{"item": items[idx[j]].get("item_id"), "completion": texts[j], "score": g.score,
                          "extracted": g.extracted} for j, g in zip(rows, grades)][: 8 - len(samples)]
@@ -93,6 +93,6 @@ def evaluate(params, model_cfg, tokenizer, ds: TokenizedDataset, items: Sequence
 
 
 def _decode(tokenizer, out) -> list[str]:
-    tokens, lengths = jax.device_get((out.tokens_BxN, out.lengths_B))
+    tokens, lengths = to_host((out.tokens_BxN, out.lengths_B))
     return tokenizer.batch_decode([tokens[i, :lengths[i]].tolist() for i in range(len(lengths))],
                                   skip_special_tokens=True)

@@ -26,11 +26,19 @@ def _scalar(v):
 class MetricsLogger:
     """Appends `{"phase", "step", "time", **metrics}` lines to `metrics.jsonl` and writes TensorBoard scalars."""
 
-    def __init__(self, out_dir: str | os.PathLike, tensorboard: bool = True):
+    def __init__(self, out_dir: str | os.PathLike, tensorboard: bool = True, enabled: bool | None = None):
+        """`enabled` (default: this is JAX process 0) writes the files; other processes of a
+        multi-process run only return the rows, so the log holds each step once."""
+        if enabled is None:
+            import jax
+
+            enabled = jax.process_index() == 0
         self.dir = pathlib.Path(out_dir)
+        self._jsonl = self._tb = None
+        if not enabled:
+            return
         self.dir.mkdir(parents=True, exist_ok=True)
         self._jsonl = open(self.dir / "metrics.jsonl", "a", buffering=1)
-        self._tb = None
         if tensorboard:
             try:
                 from tensorboardX import SummaryWriter
@@ -42,6 +50,8 @@ class MetricsLogger:
     def log(self, phase: str, step: int, metrics: dict) -> dict:
         row = {k: s for k, v in metrics.items() if (s := _scalar(v)) is not None}
         row = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+        if self._jsonl is None:
+            return row
         self._jsonl.write(json.dumps({"phase": phase, "step": int(step), "time": time.time(), **row}) + "\n")
         if self._tb is not None:
             for k, v in row.items():
@@ -50,7 +60,8 @@ class MetricsLogger:
         return row
 
     def close(self):
-        self._jsonl.close()
+        if self._jsonl is not None:
+            self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
 

@@ -12,8 +12,9 @@ def _pct(x):
     return None if x is None else round(100.0 * x, 2)
 
 
-def write_summary(out: pathlib.Path, cfg, evals: dict, wall_seconds: float) -> dict:
-    """Accuracy before SFT, after warm-up and after ReFT (greedy and voting), as JSON and Markdown."""
+def write_summary(out: pathlib.Path, cfg, evals: dict, wall_seconds: float, write: bool = True) -> dict:
+    """Accuracy before SFT, after warm-up and after ReFT (greedy and voting), as JSON and Markdown
+    (`write=False`: only the dict, for the non-writing processes of a multi-process run)."""
     def acc(name, key="accuracy"):
         return evals.get(name, {}).get(key)
 
@@ -28,6 +29,8 @@ def write_summary(out: pathlib.Path, cfg, evals: dict, wall_seconds: float) -> d
         "val_accuracy": {"sft": _pct(acc("val_sft")), "rl": {k: _pct(v) for k, v in sorted(val_rl.items())}},
         "config": to_dict(cfg),
     }
+    if not write:
+        return summary
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     t, v = summary["test_accuracy"], summary["test_voting_accuracy"]
     lines = [

@@ -34,7 +34,7 @@ from reftjax.graders.callback import make_reward_fn
 from reftjax.hf import load_model, save_hf
 from reftjax.metrics import MetricsLogger, measured_peak_flops, mfu
 from reftjax.rollout import rollout
-from reftjax.sharding import make_mesh, maybe_initialize_distributed
+from reftjax.sharding import is_primary, make_mesh, maybe_initialize_distributed, to_host
 from reftjax.steps import (init_rl_params, init_state, make_experience_fn, make_optimizer, make_ppo_step, make_sft_step)
 
 log = logging.getLogger("reftjax")
@@ -106,7 +106,9 @@ def _bar(total, desc, initial=0, enable=True):
 
 
 def _write_json(path: pathlib.Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    """Atomic write. Every process of a multi-process run writes its own identical copy (the run's
+    small state files must be readable on every host, shared file system or not)."""
+    tmp = path.with_suffix(path.suffix + f".tmp{jax.process_index()}")
     tmp.write_text(json.dumps(obj, indent=2, default=float))
     tmp.replace(path)
 
@@ -120,10 +122,11 @@ def _record_eval(out: pathlib.Path, name: str, res: dict, logger: MetricsLogger,
     evals = _load_evals(out)
     evals[name] = {k: v for k, v in res.items() if k != "samples"}
     _write_json(out / "evals.json", evals)
-    (out / "samples").mkdir(exist_ok=True)
-    with open(out / "samples" / f"{name}.jsonl", "w") as f:
-        for s in res.get("samples", []):
-            f.write(json.dumps(s) + "\n")
+    if is_primary():
+        (out / "samples").mkdir(exist_ok=True)
+        with open(out / "samples" / f"{name}.jsonl", "w") as f:
+            for s in res.get("samples", []):
+                f.write(json.dumps(s) + "\n")
     logger.log(phase, step, {f"{k}": v for k, v in res.items() if k != "samples"})
 
 
@@ -265,6 +268,8 @@ def run_rl(cfg: ExperimentConfig, model, ref_params, data: Data, grader, mesh, o
 
 
 def _dump_samples(out: pathlib.Path, it: int, record, k: int = 4):
+    if not is_primary():
+        return
     (out / "samples").mkdir(exist_ok=True)
     with open(out / "samples" / "rl_rollouts.jsonl", "a") as f:
         for text, g in list(zip(record.texts, record.grades))[:k]:
@@ -329,10 +334,14 @@ def run(cfg: ExperimentConfig, out_dir: str | pathlib.Path, *, progress: bool = 
         test_rl = _eval_once("test_reft", out, logger, chosen, model, data.test_ds, data.test_items, grader, cfg,
                              mesh, cfg.rl.iterations, voting=True)
     if cfg.export_hf:
-        save_hf(out / "hf" / "final", final, model.config, model.hf_config, model.tokenizer)
-        save_hf(out / "hf" / "best", chosen, model.config, model.hf_config, model.tokenizer)
+        for name, params in (("final", final), ("best", chosen)):
+            params = to_host(params)  # a collective on multi-process meshes: every process takes part
+            if is_primary():
+                save_hf(out / "hf" / name, params, model.config, model.hf_config, model.tokenizer)
     logger.close()
-    summary = report.write_summary(out, cfg, _load_evals(out), wall_seconds=time.time() - t_start)
-    report.plot_run(out)
+    summary = report.write_summary(out, cfg, _load_evals(out), wall_seconds=time.time() - t_start,
+                                   write=is_primary())
+    if is_primary():
+        report.plot_run(out)
     del test_rl
     return summary

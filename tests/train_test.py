@@ -8,6 +8,7 @@ import json
 import os
 import pathlib
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -90,6 +91,55 @@ def test_pipeline_sigkill_then_resume_completes(tiny_hf_dir, tmp_path, shared_da
     for which in ("final", "best"):
         exported = load_model(out / "hf" / which, with_tokenizer=False)
         assert exported.config.num_layers == 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _deterministic_metrics(out):
+    """(phase, step, key, value) of every metrics line, timings left out (they differ between runs)."""
+    timing = ("time", "seconds", "per_s", "mfu")
+    return [(r["phase"], r["step"], k, v) for r in (json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines())
+            for k, v in sorted(r.items()) if k not in ("phase", "step") and not any(t in k for t in timing)]
+
+
+def test_two_processes_match_one_process(tiny_hf_dir, tmp_path, shared_data):
+    """The pipeline as 2 JAX processes x 2 CPU devices (jax.distributed over local processes, one shared
+    output directory) logs the metrics and exports the policy of 1 process x 4 devices; process 0 alone
+    writes the logs, samples, reports and exports, and every line is written once."""
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    port, multi, single = _free_port(), tmp_path / "multi", tmp_path / "single"
+    procs = []
+    for i in range(2):
+        env = dict(_env(), XLA_FLAGS="--xla_force_host_platform_device_count=2",
+                   JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))
+        with open(tmp_path / f"p{i}.err", "w") as err:  # files, not pipes: a full pipe would stall a process
+            procs.append(subprocess.Popen(_cmd(tiny_hf_dir, multi), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                                          stderr=err))
+    for i, p in enumerate(procs):
+        assert p.wait(timeout=900) == 0, (tmp_path / f"p{i}.err").read_text()[-3000:]
+    one = subprocess.run(_cmd(tiny_hf_dir, single), cwd=ROOT, capture_output=True, text=True, timeout=900,
+                         env=dict(_env(), XLA_FLAGS="--xla_force_host_platform_device_count=4"))
+    assert one.returncode == 0, one.stderr[-3000:]
+
+    got, want = _deterministic_metrics(multi), _deterministic_metrics(single)
+    assert [g[:3] for g in got] == [w[:3] for w in want] and len(want) > 50  # same lines and keys, each once
+    for g, w in zip(got, want):
+        if isinstance(w[3], float):
+            assert abs(g[3] - w[3]) <= 1e-5 * max(1.0, abs(w[3])), (g, w)
+        else:
+            assert g[3] == w[3], (g, w)
+    assert json.loads((multi / "summary.json").read_text())["status"] == "done"
+    for which in ("final", "best"):
+        a, b = (load_file(d / "hf" / which / "model.safetensors") for d in (multi, single))
+        assert a.keys() == b.keys()
+        assert max(float(np.max(np.abs(a[k] - b[k]))) for k in a) < 1e-6
+    assert not list(multi.glob("*.tmp*")) and not list(multi.glob("hf/*.tmp*"))
 
 
 def test_cli_errors_are_one_line(tmp_path):
