@@ -13,7 +13,7 @@ import jax
 import numpy as np
 
 from reftjax.data import Loader, LoaderConfig, TokenizedDataset
-from reftjax.rollout import SamplingConfig, rollout
+from reftjax.rollout import SamplingConfig, decode_completions, rollout
 from reftjax.sharding import to_host
 
 
@@ -67,7 +67,7 @@ def evaluate(params, model_cfg, tokenizer, ds: TokenizedDataset, items: Sequence
     for i, batch in enumerate(loader):
         valid, idx = to_host((batch["valid"], batch["example_idx"]))  # whole batch on every process
         out = rollout(params, batch["prompt_tokens"], batch["prompt_mask"], rng, model_cfg=model_cfg, cfg=greedy)
-        texts = _decode(tokenizer, out)
+        texts = decode_completions(tokenizer, out)
         rows = [j for j in range(len(valid)) if valid[j]]
         grades = grader.grade_batch([items[idx[j]] for j in rows], [texts[j] for j in rows])
         correct += [g.score >= 1.0 - 1e-6 for g in grades]
@@ -78,7 +78,7 @@ def evaluate(params, model_cfg, tokenizer, ds: TokenizedDataset, items: Sequence
         if vote is not None:
             out_v = rollout(params, batch["prompt_tokens"], batch["prompt_mask"], jax.random.fold_in(rng, i),
                             model_cfg=model_cfg, cfg=vote)
-            texts_v = _decode(tokenizer, out_v)
+            texts_v = decode_completions(tokenizer, out_v)
             k = cfg.voting_k
             for j in rows:
                 g = grader.grade_batch([items[idx[j]]] * k, texts_v[j * k:(j + 1) * k])
@@ -90,9 +90,3 @@ def evaluate(params, model_cfg, tokenizer, ds: TokenizedDataset, items: Sequence
     if vote is not None:
         res["voting_accuracy"] = float(np.mean(voted)) if voted else 0.0
     return res
-
-
-def _decode(tokenizer, out) -> list[str]:
-    tokens, lengths = to_host((out.tokens_BxN, out.lengths_B))
-    return tokenizer.batch_decode([tokens[i, :lengths[i]].tolist() for i in range(len(lengths))],
-                                  skip_special_tokens=True)

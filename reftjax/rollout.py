@@ -277,7 +277,9 @@ def encode_prompts(tokenizer, texts: Sequence[str], chat: bool) -> list[list[int
 
 
 def decode_completions(tokenizer, r: Rollout, skip_special_tokens: bool = True) -> list[str]:
-    tokens, lengths = np.asarray(r.tokens_BxN), np.asarray(r.lengths_B)
+    from reftjax.sharding import to_host
+
+    tokens, lengths = to_host((r.tokens_BxN, r.lengths_B))  # whole batch, also across processes
     return tokenizer.batch_decode([tokens[i, :lengths[i]].tolist() for i in range(len(lengths))],
                                   skip_special_tokens=skip_special_tokens)
 
