@@ -29,6 +29,8 @@ Keys: per algo `<algo>_iter_s` (median), `<algo>_rollout_s`/`_experience_s`/`_up
 `<algo>_tokens_per_s` (generated tokens, up to and incl. EOS, per second of iteration),
 `<algo>_compile_s` (first iteration minus the steady median), `<algo>_mfu`; `trl_iter_s`,
 `trl_tokens_per_s`, `trl_mfu`; `ratio_vs_trl` (ppo tokens/s over TRL's), `ratio_grpo_vs_trl`.
+`<algo>_{rollout,experience,update}_sys_s` and `trl_sys_s`: median system (kernel) CPU seconds per phase
+(page faults, zeroing and compacting memory; the phase after a switch pays for the other framework's freed memory).
 MFU counts forward FLOPs as `ModelConfig.flops_per_token(len/2)` per real (non-pad) token:
 rollout 1x, experience 2x (policy, reference; 1x with --experience-from-rollout), each update epoch 3x (TRL: generation 1x,
 training 3x + 1x for the gradient-checkpointing recompute is *not* counted), over the GEMM
@@ -40,6 +42,7 @@ import argparse
 import json
 import os
 import pathlib
+import resource
 import statistics
 import sys
 import tempfile
@@ -67,6 +70,11 @@ def read_problems(n: int) -> tuple[list[str], list[dict]]:
             prompts.append(reft_prompt(row["question"]))
             items.append({"answer_value": parse_number(gold, f"{DATA}:{line_no}")})
     return prompts, items
+
+
+def _sys_s() -> float:
+    """System (kernel) CPU seconds of this process so far: page faults, zeroing and compacting memory."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_stime
 
 
 def _seq_flops(model_cfg, lengths) -> float:
@@ -116,21 +124,23 @@ class ReftjaxRL:
         from reftjax.rollout import rollout
 
         self.rng, key = jax.random.split(self.rng)
+        c0 = _sys_s()
         t0 = time.perf_counter()
         ro = rollout(self.state.params["policy"], self.prompt_tokens, self.prompt_mask, key,
                      model_cfg=self.cfg, cfg=self.sampling,
                      value_head=self.state.params.get("value_head") if self.fast else None)
         jax.block_until_ready(ro)
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), _sys_s()
         exp, em = self.exp_fn(self.state.params, self.ref, ro, self.idx)
         jax.block_until_ready(exp)
-        t2 = time.perf_counter()
+        t2, c2 = time.perf_counter(), _sys_s()
         self.state, m = self.ppo_step(self.state, exp)
         jax.block_until_ready(m)
-        t3 = time.perf_counter()
+        t3, c3 = time.perf_counter(), _sys_s()
         gen = np.asarray(ro.lengths_B)
         lengths = np.asarray(ro.prompt_mask_BxP).sum(axis=1) + gen
         rec = {"iter_s": t3 - t0, "rollout_s": t1 - t0, "experience_s": t2 - t1, "update_s": t3 - t2,
+               "rollout_sys_s": c1 - c0, "experience_sys_s": c2 - c1, "update_sys_s": c3 - c2,
                "gen_tokens": int(gen.sum()), "flops": _seq_flops(self.cfg, lengths) * (1 + (1 if self.fast else 2) + 3 * self.epochs),
                "reward": float(em["reward"]), "loss": float(m["loss"])}
         self.records.append(rec)
@@ -166,11 +176,11 @@ class TrlRunner:
         class Timer(TrainerCallback):
             def on_step_begin(self, *_, **__):
                 step.clear()
-                self.t0 = time.perf_counter()
+                self.t0, self.c0 = time.perf_counter(), _sys_s()
 
             def on_step_end(self, *_, **__):
                 dt = time.perf_counter() - self.t0
-                records.append({"iter_s": dt, **step})
+                records.append({"iter_s": dt, "sys_s": _sys_s() - self.c0, **step})
                 print(f"[trl] iter_s={dt:.2f} gen_tokens={step.get('gen_tokens')}", file=sys.stderr)
                 if len(records) > 1:  # after TRL's warm-up step, straight to its first timed one
                     between()
@@ -261,12 +271,13 @@ def main():
            "experience_from_rollout": args.experience_from_rollout}
     for a in algos:
         rec = a.records
-        out.update(_summary(a.algo, rec, peak, ("rollout_s", "experience_s", "update_s")))
+        phases = ("rollout", "experience", "update")
+        out.update(_summary(a.algo, rec, peak, [f"{p}_s" for p in phases] + [f"{p}_sys_s" for p in phases]))
         # first iteration minus a steady one: compiling the rollout, experience and update programs
         out[f"{a.algo}_compile_s"] = round(rec[0]["iter_s"] - statistics.median(r["iter_s"] for r in rec[1:]), 1)
         out[f"{a.algo}_reward_mean"] = round(statistics.mean(r["reward"] for r in rec), 3)
     if trl is not None:
-        out.update(_summary("trl", trl.records, peak))
+        out.update(_summary("trl", trl.records, peak, ("sys_s",)))
         out["trl_beta"] = args.trl_beta
         for a in algos:
             key = "ratio_vs_trl" if a.algo == "ppo" else f"ratio_{a.algo}_vs_trl"
