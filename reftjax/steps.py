@@ -30,6 +30,7 @@ from typing import Any, Callable
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from reftjax import losses
@@ -226,8 +227,17 @@ def init_state(params: dict, tx: optax.GradientTransformation, rng: jax.Array) -
     mesh = next((s.mesh for s in jax.tree.leaves(shardings) if hasattr(s, "mesh")), None)
     opt_shardings = _opt_state_shardings(tx, params, mesh) if mesh is not None else None
     opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state, rng=rng,
-                      skipped=jnp.zeros((), jnp.int32))
+    step, skipped = jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32)
+    if mesh is not None:  # counters and key replicated on the mesh too: a restore commits every leaf to the
+        # sharding recorded here, and one left on a single device would clash with the mesh in the next step
+        from reftjax.sharding import put
+
+        rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        impl = jax.random.key_impl(rng)
+        zero = np.zeros((), np.int32)
+        step, skipped, key_data = put((zero, zero, np.asarray(jax.random.key_data(rng))), (rep, rep, rep))
+        rng = jax.jit(lambda d: jax.random.wrap_key_data(d, impl=impl), out_shardings=rep)(key_data)
+    return TrainState(step=step, params=params, opt_state=opt_state, rng=rng, skipped=skipped)
 
 
 def _opt_state_shardings(tx, params, mesh):

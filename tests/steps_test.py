@@ -218,6 +218,28 @@ def test_sft_sharded_matches_single_device():
     np.testing.assert_allclose(out[0][1], out[1][1], rtol=1e-5)
 
 
+def test_state_lives_on_the_mesh_and_steps_after_a_restore(tmp_path):
+    """Every TrainState leaf (step, skipped and rng too) is placed on the params' mesh, so a state restored
+    from a checkpoint (Orbax commits each leaf to its recorded sharding) still runs: a step counter left
+    on one device made the first step after a resume fail on any multi-device run."""
+    from reftjax.checkpoint import abstract_like
+
+    mesh = _mesh()
+    st = _sft_state(SFT_TX, mesh)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(st)[0]:
+        assert isinstance(leaf.sharding, jax.sharding.NamedSharding) and leaf.sharding.mesh == mesh, \
+            jax.tree_util.keystr(path)
+    ck = Checkpointer(CheckpointConfig(str(tmp_path)))
+    ck.save(1, st)
+    restored, _, _ = ck.restore_latest(abstract_like(st))
+    ck.close()
+    step = make_sft_step(CFG, SFT_TX)
+    batch = sharding.shard_batch(_sft_batch(rows=8), mesh)
+    a, ma = step(restored, batch)
+    b, mb = step(st, batch)
+    assert int(a.step) == 1 and float(ma["loss"]) == float(mb["loss"])
+
+
 @pytest.mark.parametrize("to_backbone", [True, False])
 def test_value_gradient_reaches_backbone_only_when_asked(to_backbone):
     """PPOConfig.value_grad_to_backbone=False: the value head still learns, the shared backbone gets nothing."""
