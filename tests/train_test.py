@@ -106,23 +106,61 @@ def _deterministic_metrics(out):
             for k, v in sorted(r.items()) if k not in ("phase", "step") and not any(t in k for t in timing)]
 
 
+def _launch_two(model, out, logs):
+    """The pipeline as 2 JAX processes x 2 CPU devices on a fresh local coordinator port."""
+    port, procs = _free_port(), []
+    logs.mkdir(exist_ok=True)
+    for i in range(2):
+        env = dict(_env(), XLA_FLAGS="--xla_force_host_platform_device_count=2",
+                   JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))
+        with open(logs / f"p{i}.err", "a") as err:  # files, not pipes: a full pipe would stall a process
+            procs.append(subprocess.Popen(_cmd(model, out), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                                          stderr=err))
+    return procs
+
+
+def _wait_two(procs, logs):
+    for i, p in enumerate(procs):
+        assert p.wait(timeout=900) == 0, (logs / f"p{i}.err").read_text()[-3000:]
+
+
+def _exported(out, which):
+    from safetensors.numpy import load_file
+
+    return load_file(out / "hf" / which / "model.safetensors")
+
+
+@pytest.mark.slow
+def test_two_processes_sigkill_then_resume_is_bitwise(tiny_hf_dir, tmp_path, shared_data):
+    """Both processes SIGKILLed in the RL phase (possibly while Orbax writes a step), relaunched: the final and
+    best policies equal an uninterrupted 2-process run's bit for bit. (~3 min; REFTJAX_SLOW=1.)"""
+    import numpy as np
+
+    straight, killed, logs = tmp_path / "straight", tmp_path / "killed", tmp_path / "logs"
+    _wait_two(_launch_two(tiny_hf_dir, straight, logs), logs)
+    procs = _launch_two(tiny_hf_dir, killed, logs)
+    deadline = time.time() + 600
+    while time.time() < deadline and all(p.poll() is None for p in procs) and len(_rl_lines(killed)) < 2:
+        time.sleep(0.2)
+    assert all(p.poll() is None for p in procs) and len(_rl_lines(killed)) >= 2
+    for p in procs:
+        p.send_signal(signal.SIGKILL)
+    for p in procs:
+        p.wait()
+    _wait_two(_launch_two(tiny_hf_dir, killed, logs), logs)
+    for which in ("final", "best"):
+        a, b = _exported(straight, which), _exported(killed, which)
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a), which
+
+
 def test_two_processes_match_one_process(tiny_hf_dir, tmp_path, shared_data):
     """The pipeline as 2 JAX processes x 2 CPU devices (jax.distributed over local processes, one shared
     output directory) logs the metrics and exports the policy of 1 process x 4 devices; process 0 alone
     writes the logs, samples, reports and exports, and every line is written once."""
     import numpy as np
-    from safetensors.numpy import load_file
 
-    port, multi, single = _free_port(), tmp_path / "multi", tmp_path / "single"
-    procs = []
-    for i in range(2):
-        env = dict(_env(), XLA_FLAGS="--xla_force_host_platform_device_count=2",
-                   JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))
-        with open(tmp_path / f"p{i}.err", "w") as err:  # files, not pipes: a full pipe would stall a process
-            procs.append(subprocess.Popen(_cmd(tiny_hf_dir, multi), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                                          stderr=err))
-    for i, p in enumerate(procs):
-        assert p.wait(timeout=900) == 0, (tmp_path / f"p{i}.err").read_text()[-3000:]
+    multi, single = tmp_path / "multi", tmp_path / "single"
+    _wait_two(_launch_two(tiny_hf_dir, multi, tmp_path / "logs"), tmp_path / "logs")
     one = subprocess.run(_cmd(tiny_hf_dir, single), cwd=ROOT, capture_output=True, text=True, timeout=900,
                          env=dict(_env(), XLA_FLAGS="--xla_force_host_platform_device_count=4"))
     assert one.returncode == 0, one.stderr[-3000:]
@@ -136,7 +174,7 @@ def test_two_processes_match_one_process(tiny_hf_dir, tmp_path, shared_data):
             assert g[3] == w[3], (g, w)
     assert json.loads((multi / "summary.json").read_text())["status"] == "done"
     for which in ("final", "best"):
-        a, b = (load_file(d / "hf" / which / "model.safetensors") for d in (multi, single))
+        a, b = _exported(multi, which), _exported(single, which)
         assert a.keys() == b.keys()
         assert max(float(np.max(np.abs(a[k] - b[k]))) for k in a) < 1e-6
     assert not list(multi.glob("*.tmp*")) and not list(multi.glob("hf/*.tmp*"))
