@@ -223,8 +223,7 @@ class TrainState:
 
 def init_state(params: dict, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
     """A fresh state; the optimizer state inherits each parameter's sharding."""
-    shardings = jax.tree.map(lambda x: x.sharding, params)
-    mesh = next((s.mesh for s in jax.tree.leaves(shardings) if hasattr(s, "mesh")), None)
+    mesh = _mesh_of(params)
     opt_shardings = _opt_state_shardings(tx, params, mesh) if mesh is not None else None
     opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
     step, skipped = jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32)
@@ -238,6 +237,12 @@ def init_state(params: dict, tx: optax.GradientTransformation, rng: jax.Array) -
         step, skipped, key_data = put((zero, zero, np.asarray(jax.random.key_data(rng))), (rep, rep, rep))
         rng = jax.jit(lambda d: jax.random.wrap_key_data(d, impl=impl), out_shardings=rep)(key_data)
     return TrainState(step=step, params=params, opt_state=opt_state, rng=rng, skipped=skipped)
+
+
+def _mesh_of(tree):
+    """The Mesh of the first NamedSharding-placed leaf of `tree`, or None (single device)."""
+    return next((x.sharding.mesh for x in jax.tree.leaves(tree)
+                 if isinstance(getattr(x, "sharding", None), jax.sharding.NamedSharding)), None)
 
 
 def _opt_state_shardings(tx, params, mesh):
@@ -391,8 +396,7 @@ def init_rl_params(policy: dict, model_cfg: ModelConfig, cfg: PPOConfig, rng: ja
     params = {"policy": policy}
     if cfg.algo == "ppo":
         params["value_head"] = init_value_head(model_cfg, rng)
-        mesh = next((x.sharding.mesh for x in jax.tree.leaves(policy)
-                     if isinstance(getattr(x, "sharding", None), jax.sharding.NamedSharding)), None)
+        mesh = _mesh_of(policy)
         if mesh is not None:  # replicated over the policy's mesh (all processes), not left on one device
             from reftjax.sharding import put, replicated
 

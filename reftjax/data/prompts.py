@@ -107,12 +107,10 @@ def format_example(ex: Example, cfg: PromptConfig, tokenizer=None) -> Formatted:
             raise ValueError(f"style={cfg.style!r} needs a tokenizer with a chat template")
         prompt = tokenizer.apply_chat_template(
             chat_messages(ex, cfg), add_generation_prompt=True, tokenize=False)
-        if cfg.style == "chat-python":
-            return Formatted(prompt, program_prefix(ex.question), ex.cot.strip() or None)
-        return Formatted(prompt, "", nl_target(ex, cfg.strip_annotations))
-    if ex.messages is not None:
+    elif ex.messages is not None:
         raise ValueError(f"{ex.item_id}: chat-format (openai) examples need style='chat'")
-    prompt = reft_prompt(ex.question)
-    if cfg.style == "reft-python":
+    else:
+        prompt = reft_prompt(ex.question)
+    if cfg.style.endswith("python"):  # P-CoT: the program, started by the response prefix in RL/eval
         return Formatted(prompt, program_prefix(ex.question), ex.cot.strip() or None)
     return Formatted(prompt, "", nl_target(ex, cfg.strip_annotations))
