@@ -137,8 +137,56 @@ def _norm(cfg: ModelConfig, name: str) -> RMSNorm:
     return RMSNorm(cfg.rms_norm_eps, cfg.jnp_dtype, cfg.jnp_param_dtype, name=name)
 
 
+def _scores(q_BxKxGxTxD, k_BxKxSxD, mask_BxTxS):
+    """Scaled attention scores in (at least) float32, masked entries at the float32 minimum."""
+    d = q_BxKxGxTxD.shape[-1]
+    acc = jnp.promote_types(q_BxKxGxTxD.dtype, jnp.float32)  # float64 stays float64 (gradient checks)
+    scores = jnp.einsum("bkgtd,bksd->bkgts", q_BxKxGxTxD, k_BxKxSxD).astype(acc) * (d ** -0.5)
+    return jnp.where(mask_BxTxS[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+
+
+@jax.custom_vjp
+def attention_core(q_BxKxGxTxD, k_BxKxSxD, v_BxKxSxD, mask_BxTxS):
+    """softmax(q k^T / sqrt(d)) v over head-major operands; softmax in float32.
+
+    The backward is written out (flash-attention style): the forward keeps the
+    row max and 1/row-sum, not the [B, K, G, T, S] probabilities, and the
+    backward recomputes them from q and k. Autodiff kept the probabilities of
+    every layer as scan residuals (30 x 19 MB at 8 x 256 on SmolLM2) and ran
+    the softmax backward as separate passes over them; this costs one extra
+    score dot instead (BUILD_NOTES, session 8).
+    """
+    return _attention_fwd(q_BxKxGxTxD, k_BxKxSxD, v_BxKxSxD, mask_BxTxS)[0]  # one forward, with or without grad
+
+
+def _attention_fwd(q, k, v, mask):
+    s = _scores(q, k, mask)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    e = jnp.exp(s - m)
+    inv_l = 1.0 / jnp.sum(e, axis=-1, keepdims=True)
+    out = jnp.einsum("bkgts,bksd->bkgtd", (e * inv_l).astype(v.dtype), v)
+    return out, (q, k, v, mask, out, m, inv_l)
+
+
+def _attention_bwd(res, d_out):
+    q, k, v, mask, out, m, inv_l = res
+    p = jnp.exp(_scores(q, k, mask) - m) * inv_l  # the forward's probabilities, bit for bit
+    dv = jnp.einsum("bkgts,bkgtd->bksd", p.astype(v.dtype), d_out)
+    dp = jnp.einsum("bkgtd,bksd->bkgts", d_out, v).astype(p.dtype)
+    delta = jnp.sum(d_out.astype(p.dtype) * out.astype(p.dtype), axis=-1, keepdims=True)
+    # masked scores are constants: no gradient, also in rows with no visible key (uniform p there)
+    ds = jnp.where(mask[:, None, None, :, :], p * (dp - delta), 0.0)
+    ds = (ds * (q.shape[-1] ** -0.5)).astype(q.dtype)
+    dq = jnp.einsum("bkgts,bksd->bkgtd", ds, k)
+    dk = jnp.einsum("bkgts,bkgtd->bksd", ds, q)
+    return dq, dk, dv, None
+
+
+attention_core.defvjp(_attention_fwd, _attention_bwd)
+
+
 def _attend(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS):
-    """Grouped-query attention; softmax in float32.
+    """Grouped-query attention over token-major q/k/v; returns [B, T, H * D].
 
     Heads are moved in front of the sequence axes before the two batched dots
     ([B, K, G, T, D] x [B, K, S, D]): XLA:CPU then runs both dots on contiguous
@@ -150,10 +198,7 @@ def _attend(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS):
     kv = k_BxSxKxD.shape[2]
     q = q_BxTxHxD.reshape(b, t, kv, h // kv, d).transpose(0, 2, 3, 1, 4)
     k, v = k_BxSxKxD.transpose(0, 2, 1, 3), v_BxSxKxD.transpose(0, 2, 1, 3)
-    scores = jnp.einsum("bkgtd,bksd->bkgts", q, k).astype(jnp.float32) * (d ** -0.5)
-    scores = jnp.where(mask_BxTxS[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bksd->bkgtd", probs, v)
+    out = attention_core(q, k, v, mask_BxTxS)
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h * d)
 
 
@@ -317,13 +362,17 @@ def forward(params, cfg: ModelConfig, tokens_BxT, attn_mask_BxT, positions_BxT=N
     return logits, hidden
 
 
+def lm_head_weight(params, cfg: ModelConfig) -> tuple[jax.Array, bool]:
+    """(output projection in the compute dtype, vocab_major): the tied embedding [V, D], else lm_head [D, V]."""
+    if cfg.tie_word_embeddings:
+        return params["embed_tokens"]["embedding"].astype(cfg.jnp_dtype), True
+    return params["lm_head"]["kernel"].astype(cfg.jnp_dtype), False
+
+
 def lm_logits(params, cfg: ModelConfig, hidden_BxTxD):
     """Project final hidden states to vocabulary logits (tied or separate head)."""
-    if cfg.tie_word_embeddings:
-        w_VxD = params["embed_tokens"]["embedding"].astype(cfg.jnp_dtype)
-        return jnp.einsum("...d,vd->...v", hidden_BxTxD.astype(cfg.jnp_dtype), w_VxD)
-    w_DxV = params["lm_head"]["kernel"].astype(cfg.jnp_dtype)
-    return jnp.einsum("...d,dv->...v", hidden_BxTxD.astype(cfg.jnp_dtype), w_DxV)
+    w, vocab_major = lm_head_weight(params, cfg)
+    return jnp.einsum("...d,vd->...v" if vocab_major else "...d,dv->...v", hidden_BxTxD.astype(cfg.jnp_dtype), w)
 
 
 # ----------------------------------------------------------------------------- decoding
