@@ -44,6 +44,8 @@ def main():
     ap.add_argument("--schedule", choices=("blocked", "alternate"), default="blocked")
     ap.add_argument("--block", type=int, default=3, help="timed steps per block (blocked schedule)")
     ap.add_argument("--remat", default="none")
+    ap.add_argument("--head-chunk-rows", type=int, default=512,
+                    help="sft_step's fused head + loss chunk (0: full logits + sft_loss)")
     args = ap.parse_args()
 
     import jax
@@ -67,7 +69,7 @@ def main():
              "loss_mask": jnp.ones((b, t), jnp.int32)}
     tx = make_optimizer(OptimConfig(learning_rate=1e-5, schedule="constant", warmup_ratio=0.0), 1000)
     state = init_state({"policy": model.params}, tx, jax.random.key(0))
-    step = make_sft_step(cfg, tx)
+    step = make_sft_step(cfg, tx, head_chunk_rows=args.head_chunk_rows)
     t0 = time.perf_counter()
     state, m = step(state, batch)
     jax.block_until_ready(m)
@@ -114,7 +116,7 @@ def main():
     j, to = statistics.median(jt), statistics.median(tt)
     print(json.dumps({
         "bench": "sft_step", "model": "SmolLM2-135M-Instruct", "batch": b, "seq": t, "dtype": "float32",
-        "remat": args.remat, "host_allocator": HOST_ALLOCATOR, "reftjax_step_s": round(j, 3), "torch_step_s": round(to, 3),
+        "remat": args.remat, "head_chunk_rows": args.head_chunk_rows, "host_allocator": HOST_ALLOCATOR, "reftjax_step_s": round(j, 3), "torch_step_s": round(to, 3),
         "reftjax_tokens_per_s": round(n_tok / j, 1), "torch_tokens_per_s": round(n_tok / to, 1),
         "ratio_vs_torch": round(to / j, 3), "compile_s": round(compile_s, 1),
         "peak_gflops": round(peak / 1e9, 1), "mfu_reftjax": round(flops / j / peak, 3),

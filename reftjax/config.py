@@ -53,6 +53,8 @@ class SFTConfig:
     accum_steps: int = 1
     optim: OptimConfig = OptimConfig()
     group_by_length: int = 16
+    # rows (batch x positions) per chunk of the fused head + cross-entropy; 0: full logits + sft_loss
+    head_chunk_rows: int = 512
 
 
 @dataclasses.dataclass(frozen=True)

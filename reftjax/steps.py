@@ -34,7 +34,7 @@ import numpy as np
 import optax
 
 from reftjax import losses
-from reftjax.models import ModelConfig, ValueHead, forward, init_value_head, lm_logits
+from reftjax.models import ModelConfig, ValueHead, forward, init_value_head, lm_head_weight, lm_logits
 
 
 # ----------------------------------------------------------------------------- configs
@@ -299,7 +299,7 @@ def _micro(batch: dict, accum: int) -> dict:
 
 
 def sft_step(state: TrainState, batch: dict, *, model_cfg: ModelConfig, tx: optax.GradientTransformation,
-             accum_steps: int = 1) -> tuple[TrainState, dict]:
+             accum_steps: int = 1, head_chunk_rows: int = 512) -> tuple[TrainState, dict]:
     """One SFT update: masked next-token cross-entropy on the answer tokens.
 
     Args:
@@ -307,16 +307,25 @@ def sft_step(state: TrainState, batch: dict, *, model_cfg: ModelConfig, tx: opta
         `reftjax.data.collate_sft` layout: keys "tokens", "attn_mask", "loss_mask").
       accum_steps: gradient accumulation: the batch is split into this many
         micro-batches (scan), gradients summed, normalised by the total token count.
+      head_chunk_rows: rows (batch x positions) per chunk of the fused vocabulary
+        head + cross-entropy (`losses.fused_sft_loss`: no [B, T, V] logits); 0 computes
+        the logits and `losses.sft_loss` instead.
     """
     batch = {k: batch[k] for k in ("tokens", "attn_mask", "loss_mask")}
     total_tokens = jnp.maximum(jnp.sum(batch["loss_mask"][:, 1:].astype(jnp.float32)), 1.0)
 
     def loss_fn(params, mb):
-        # the head runs on hidden[:, :-1]: slicing [B, T, V] logits instead costs a full-size
-        # copy forward and a zero-padded one backward (0.3 s of an 8 x 256 step on 2 cores)
         _, hidden = forward(params["policy"], model_cfg, mb["tokens"], mb["attn_mask"], return_logits=False)
-        logits = lm_logits(params["policy"], model_cfg, hidden[:, :-1])
-        mean, m = losses.sft_loss(logits, mb["tokens"][:, 1:], mb["loss_mask"][:, 1:])
+        if head_chunk_rows > 0:  # position t predicts token t+1; the last position predicts nothing
+            shift = lambda x: jnp.pad(x[:, 1:], ((0, 0), (0, 1)))  # noqa: E731
+            w, vocab_major = lm_head_weight(params["policy"], model_cfg)
+            mean, m = losses.fused_sft_loss(hidden, w, shift(mb["tokens"]), shift(mb["loss_mask"]),
+                                            vocab_major=vocab_major, chunk_rows=head_chunk_rows)
+        else:
+            # the head runs on hidden[:, :-1]: slicing [B, T, V] logits instead costs a full-size
+            # copy forward and a zero-padded one backward (0.3 s of an 8 x 256 step on 2 cores)
+            logits = lm_logits(params["policy"], model_cfg, hidden[:, :-1])
+            mean, m = losses.sft_loss(logits, mb["tokens"][:, 1:], mb["loss_mask"][:, 1:])
         return mean * m["n_tokens"] / total_tokens, m
 
     def micro_step(grads, mb):
@@ -335,10 +344,11 @@ def sft_step(state: TrainState, batch: dict, *, model_cfg: ModelConfig, tx: opta
                        "tokens": total_tokens, **upd}
 
 
-def make_sft_step(model_cfg: ModelConfig, tx: optax.GradientTransformation, accum_steps: int = 1):
+def make_sft_step(model_cfg: ModelConfig, tx: optax.GradientTransformation, accum_steps: int = 1,
+                  head_chunk_rows: int = 512):
     """`sft_step` jitted with the state donated (static config bound by partial)."""
-    return jax.jit(functools.partial(sft_step, model_cfg=model_cfg, tx=tx, accum_steps=accum_steps),
-                   donate_argnums=0)
+    return jax.jit(functools.partial(sft_step, model_cfg=model_cfg, tx=tx, accum_steps=accum_steps,
+                                     head_chunk_rows=head_chunk_rows), donate_argnums=0)
 
 
 # ----------------------------------------------------------------------------- RL experience

@@ -151,7 +151,7 @@ def run_sft(cfg: ExperimentConfig, model, data: Data, mesh, out: pathlib.Path, l
         state, extras, _ = restored
         loader.restore(extras["loader"])
         log.info("SFT resumed at step %d", int(state.step))
-    step_fn = make_sft_step(model.config, tx, s.accum_steps)
+    step_fn = make_sft_step(model.config, tx, s.accum_steps, s.head_chunk_rows)
     peak = measured_peak_flops()
     done = int(jax.device_get(state.step)) + int(jax.device_get(state.skipped))
     bar = _bar(total, "SFT", done, progress)
