@@ -3,7 +3,8 @@
     python bench/attention_core.py [--repeats 8]
 
 Times forward and forward + backward of `reftjax.models.llama._attend` (causal, grouped-query,
-softmax in float32, probabilities materialised) and of torch's fused
+softmax in float32, one layer's probabilities materialised; since session 8 the backward is
+`attention_core`'s custom VJP, which recomputes them) and of torch's fused
 `scaled_dot_product_attention(is_causal=True)` (2 threads, K/V repeated to 9 heads), multiplied
 by 30 layers: the share of an SFT step that the attention core accounts for (companion of
 bench/sft_breakdown.py). Prints one JSON line of seconds (minimum of `--repeats`).

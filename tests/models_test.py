@@ -169,6 +169,14 @@ def test_prefill_and_decode_match_full_forward(variant, random_params):
     np.testing.assert_allclose(decoded, full[:, p:], atol=1e-5 * scale, rtol=0)
 
 
+def _assert_cotangents_close(ours, ref, tol):
+    """Same dtypes, and equal within `tol` times the reference's largest magnitude (per cotangent)."""
+    for a, b in zip(ours, ref):
+        assert a.dtype == b.dtype
+        scale = float(jnp.max(jnp.abs(b.astype(jnp.float32))))
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=tol * scale, rtol=0)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_swiglu_custom_vjp_matches_autodiff(dtype):
     """The hand-written SwiGLU backward equals autodiff of the plain formula (all four cotangents)."""
@@ -186,10 +194,7 @@ def test_swiglu_custom_vjp_matches_autodiff(dtype):
     ours = jax.grad(lambda *a: jnp.sum(swiglu_mlp(*a).astype(jnp.float32) * r), argnums=(0, 1, 2, 3))(x, wg, wu, wd)
     ref = jax.grad(lambda *a: jnp.sum(plain(*a).astype(jnp.float32) * r), argnums=(0, 1, 2, 3))(x, wg, wu, wd)
     tol = 1e-5 if dtype == "float32" else 3e-2
-    for a, b in zip(ours, ref):
-        assert a.dtype == b.dtype
-        scale = float(jnp.max(jnp.abs(b.astype(jnp.float32))))
-        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=tol * scale, rtol=0)
+    _assert_cotangents_close(ours, ref, tol)
     np.testing.assert_array_equal(np.asarray(swiglu_mlp(x, wg, wu, wd), np.float32),
                                   np.asarray(plain(x, wg, wu, wd), np.float32))
 
@@ -224,10 +229,7 @@ def test_attention_core_custom_vjp_matches_autodiff(dtype):
     ours = jax.grad(loss(lambda q, k, v: attention_core(q, k, v, mask)), argnums=(0, 1, 2))(q, k, v)
     ref = jax.grad(loss(plain), argnums=(0, 1, 2))(q, k, v)
     tol = 2e-6 if dtype == "float32" else 3e-2
-    for a, b in zip(ours, ref):
-        assert a.dtype == b.dtype
-        scale = float(jnp.max(jnp.abs(b.astype(jnp.float32))))
-        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=tol * scale, rtol=0)
+    _assert_cotangents_close(ours, ref, tol)
     np.testing.assert_allclose(np.asarray(attention_core(q, k, v, mask), np.float32),
                                np.asarray(plain(q, k, v), np.float32), atol=tol, rtol=0)
 
