@@ -572,7 +572,9 @@ def fused_sft_loss(hidden_BxTxD, w_head, targets_BxT, loss_mask_BxT, *, vocab_ma
     whole batch, and each chunk's exp/sum/subtract passes run on data that was
     just written (the same trick as Liger's fused linear cross-entropy). Measured
     on SmolLM2-135M, 8 x 256, 2 CPU cores: head + loss forward and backward
-    3.02 -> 2.41 s at 512 rows (BUILD_NOTES, session 8).
+    3.02 -> 2.41 s at 512 rows; in the whole `sft_step` level within noise, so
+    its sure gain is memory (2 x 400 MB of logits and their gradient there;
+    BUILD_NOTES, session 8).
 
     Args:
       hidden_BxTxD: final hidden states (after the last norm).
