@@ -525,31 +525,30 @@ def _merge(x):
     return jnp.moveaxis(x, 0, 1).reshape((b, n * tc) + x.shape[3:])
 
 
+def _scan_chunks(h_BxTxD, w, targets_BxT, mask_BxT, n_chunks: int, vocab_major: bool, with_grad: bool):
+    """`_head_chunk` over the sequence chunks: summed NLL and correct count (+ dh [B, T, D] and summed dw)."""
+    def body(carry, xs):
+        out = _head_chunk(xs[0], w, xs[1], xs[2], vocab_major, with_grad)
+        summed = out[:2] + out[3:]  # nll, correct (, dw); dh is stacked per chunk
+        return tuple(c + o for c, o in zip(carry, summed)), (out[2] if with_grad else None)
+
+    acc = jnp.promote_types(h_BxTxD.dtype, jnp.float32)
+    init = (jnp.zeros((), acc), jnp.zeros((), acc)) + ((jnp.zeros(w.shape, acc),) if with_grad else ())
+    xs = (_split(h_BxTxD, n_chunks), _split(targets_BxT, n_chunks), _split(mask_BxT, n_chunks))
+    sums, dh = jax.lax.scan(body, init, xs)
+    return sums if not with_grad else (sums[0], sums[1], _merge(dh), sums[2])
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def _fused_head_nll(h_BxTxD, w, targets_BxT, mask_BxT, n_chunks: int, vocab_major: bool):
     """(summed NLL, correct count) over kept positions; see `fused_sft_loss`."""
-    def body(carry, xs):
-        nll, correct = _head_chunk(xs[0], w, xs[1], xs[2], vocab_major, with_grad=False)
-        return (carry[0] + nll, carry[1] + correct), None
-
-    acc = jnp.promote_types(h_BxTxD.dtype, jnp.float32)
-    xs = (_split(h_BxTxD, n_chunks), _split(targets_BxT, n_chunks), _split(mask_BxT, n_chunks))
-    (nll, correct), _ = jax.lax.scan(body, (jnp.zeros((), acc), jnp.zeros((), acc)), xs)
-    return nll, correct
+    return _scan_chunks(h_BxTxD, w, targets_BxT, mask_BxT, n_chunks, vocab_major, with_grad=False)
 
 
 def _fused_head_nll_fwd(h_BxTxD, w, targets_BxT, mask_BxT, n_chunks, vocab_major):
-    def body(carry, xs):
-        nll, correct, dw = carry
-        n, c, dh, dw_c = _head_chunk(xs[0], w, xs[1], xs[2], vocab_major, with_grad=True)
-        return (nll + n, correct + c, dw + dw_c), dh
-
-    acc = jnp.promote_types(h_BxTxD.dtype, jnp.float32)
-    xs = (_split(h_BxTxD, n_chunks), _split(targets_BxT, n_chunks), _split(mask_BxT, n_chunks))
-    init = (jnp.zeros((), acc), jnp.zeros((), acc), jnp.zeros(w.shape, acc))
-    (nll, correct, dw), dh = jax.lax.scan(body, init, xs)
+    nll, correct, dh, dw = _scan_chunks(h_BxTxD, w, targets_BxT, mask_BxT, n_chunks, vocab_major, with_grad=True)
     # a zero-size array carries the head's dtype: dw stays in the accumulation dtype until scaled
-    return (nll, correct), (_merge(dh), dw, jnp.zeros((0,), w.dtype))
+    return (nll, correct), (dh, dw, jnp.zeros((0,), w.dtype))
 
 
 def _fused_head_nll_bwd(n_chunks, vocab_major, res, cotangents):
