@@ -75,6 +75,9 @@ class RLConfig:
         if self.ppo.experience_from_rollout and (s.greedy or s.temperature != 1.0 or s.top_k or s.top_p < 1.0):
             raise ValueError("rl.ppo.experience_from_rollout needs the rollout to sample from the policy itself "
                              f"(temperature 1, top_k 0, top_p 1, not greedy); got {s}")
+        if self.ppo.share_prompt and self.ppo.algo == "ppo" and s.n != self.ppo.group_size:
+            raise ValueError(f"rl.ppo.share_prompt packs rl.ppo.group_size={self.ppo.group_size} samples per prompt "
+                             f"but rl.sampling.n={s.n}: set them equal")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -34,7 +34,8 @@ import numpy as np
 import optax
 
 from reftjax import losses
-from reftjax.models import ModelConfig, ValueHead, forward, init_value_head, lm_head_weight, lm_logits
+from reftjax.models import (ModelConfig, ValueHead, forward, init_value_head, lm_head_weight, lm_logits,
+                            positions_from_mask)
 
 
 # ----------------------------------------------------------------------------- configs
@@ -109,6 +110,14 @@ class PPOConfig:
         set runs critic warm-up iterations before policy updates start (verl's `critic_warmup`);
         it needs `make_optimizer(..., separate_critic_state=True)` for both steps, so the
         warm-up leaves the policy's AdamW state (step count included) untouched.
+      share_prompt: run each prompt once for its `group_size` samples in every forward and
+        backward of the update and the experience (`completion_hidden`: the samples are packed
+        behind their prompt in one row, attending to it and to themselves only). Same math as
+        unpacked rows (equal up to float summation order); saves (g-1)/g of the prompt
+        tokens' trunk compute. Rows must be prompt-major groups of `group_size` (as `rollout`
+        returns n = group_size samples per prompt; PPO then needs sampling n = group_size too);
+        minibatches are drawn as whole groups, and a mesh's data axis should divide
+        minibatch_size / group_size packed rows (otherwise XLA reshards, still correct).
       critic: PPO only. "shared" (ReFT): the value head reads the policy's last hidden state.
         "separate": the critic has its own copy of the backbone (`params["critic"]`, initialised
         from the policy by `init_rl_params`) that only the value loss trains, as verl and
@@ -131,8 +140,17 @@ class PPOConfig:
     experience_from_rollout: bool = False
     critic_only: bool = False
     critic: str = "shared"
+    share_prompt: bool = False
+
+    @property
+    def prompt_group(self) -> int:
+        """Rows that share one prompt in the forward passes (1 = every row runs its own prompt)."""
+        return self.group_size if self.share_prompt else 1
 
     def __post_init__(self):
+        if self.share_prompt and (self.group_size < 2 or self.minibatch_size % self.group_size):
+            raise ValueError(f"share_prompt needs group_size >= 2 dividing minibatch_size; got group_size="
+                             f"{self.group_size}, minibatch_size={self.minibatch_size}")
         if self.algo not in ("ppo", "grpo", "rloo"):
             raise ValueError(f"algo={self.algo!r}; expected ppo, grpo or rloo")
         if self.critic not in ("shared", "separate"):
@@ -374,24 +392,52 @@ class Experience:
     scores_B: jax.Array
 
 
+def completion_hidden(trunk: dict, model_cfg: ModelConfig, tokens_BxL, attn_mask_BxL, n_completion: int,
+                      share_prompt: int = 1):
+    """[B, N, D] final hidden states that predict the N completion tokens (slot P-1+i for token i).
+
+    `share_prompt` = g > 1 runs each prompt once for its g samples: rows must be prompt-major
+    (rows g*k .. g*k+g-1 share one prompt, as `rollout` returns them). The g completions are
+    packed behind their prompt in one row, [prompt | c_1 | ... | c_g], each attending to the
+    prompt and to itself only (`segment_mask`), at the positions the unpacked rows would have.
+    Same math as the unpacked forward (equal up to float summation order) for (g-1)/g fewer
+    prompt tokens through the trunk, forward and backward.
+    """
+    b, l = tokens_BxL.shape
+    p, n, g = l - n_completion, n_completion, share_prompt
+    if g <= 1:
+        _, hidden = forward(trunk, model_cfg, tokens_BxL, attn_mask_BxL, return_logits=False)
+        return hidden[:, p - 1:-1]
+    if b % g:
+        raise ValueError(f"share_prompt={g} does not divide the {b} rows")
+    pos = positions_from_mask(attn_mask_BxL)  # the unpacked rows' positions, packed like the tokens
+    pack = lambda x: jnp.concatenate([x[::g, :p], x[:, p:].reshape(b // g, g * n)], axis=1)  # noqa: E731
+    seg = np.concatenate([np.zeros(p, np.int32), np.repeat(np.arange(1, g + 1, dtype=np.int32), n)])
+    _, hidden = forward(trunk, model_cfg, pack(tokens_BxL), pack(attn_mask_BxL), pack(pos), return_logits=False,
+                        segment_ids_BxT=jnp.broadcast_to(jnp.asarray(seg)[None, :], (b // g, p + g * n)))
+    # completion j's token 0 is predicted from the shared prompt's last slot, token i > 0 from its own slot i-1
+    idx = np.array([[p - 1] + [p + j * n + i - 1 for i in range(1, n)] for j in range(g)], np.int32)
+    return hidden[:, idx].reshape(b, n, hidden.shape[-1])
+
+
 def policy_outputs(params: dict, model_cfg: ModelConfig, tokens_BxL, attn_mask_BxL, n_completion: int,
-                   with_value: bool, with_entropy: bool = False, value_grad_to_backbone: bool = True):
+                   with_value: bool, with_entropy: bool = False, value_grad_to_backbone: bool = True,
+                   share_prompt: int = 1):
     """(logp_BxN, values_BxN | None, entropy_BxN | None) of the completion tokens.
 
     Values come from `params["critic"]`'s own hidden states when that trunk is present
     (PPOConfig.critic="separate"), else from the policy's (`value_grad_to_backbone` decides
-    whether the value gradient enters the shared backbone).
+    whether the value gradient enters the shared backbone). `share_prompt`: see `completion_hidden`.
     """
-    _, hidden = forward(params["policy"], model_cfg, tokens_BxL, attn_mask_BxL, return_logits=False)
+    h = completion_hidden(params["policy"], model_cfg, tokens_BxL, attn_mask_BxL, n_completion, share_prompt)
     p = tokens_BxL.shape[1] - n_completion
-    h = hidden[:, p - 1:-1]
     logits = lm_logits(params["policy"], model_cfg, h)
     logp = losses.token_logprobs(logits, tokens_BxL[:, p:])
     values = None
     if with_value:
         if "critic" in params:
-            _, h_critic = forward(params["critic"], model_cfg, tokens_BxL, attn_mask_BxL, return_logits=False)
-            h_value = h_critic[:, p - 1:-1]
+            h_value = completion_hidden(params["critic"], model_cfg, tokens_BxL, attn_mask_BxL, n_completion,
+                                        share_prompt)
         else:
             h_value = h if value_grad_to_backbone else jax.lax.stop_gradient(h)
         values = ValueHead().apply({"params": params["value_head"]}, h_value)
@@ -438,13 +484,15 @@ def make_experience(params: dict, ref_params: dict, rollout, scores_B, *, model_
                              "call rollout(..., value_head=params['value_head'])")
         logp_old, values = rollout.logprobs_BxN, rollout.values_BxN if with_value else None
     else:
-        logp_old, values, _ = policy_outputs(params, model_cfg, tokens, attn, n, with_value)
+        logp_old, values, _ = policy_outputs(params, model_cfg, tokens, attn, n, with_value,
+                                             share_prompt=cfg.prompt_group)
     logp_old = jax.lax.stop_gradient(logp_old)
     if cfg.kl_coef == 0:  # no KL term anywhere: skip the reference forward (KL metrics then read 0)
         logp_ref = logp_old
     else:
         logp_ref = jax.lax.stop_gradient(
-            policy_outputs({"policy": ref_params}, model_cfg, tokens, attn, n, False)[0])
+            policy_outputs({"policy": ref_params}, model_cfg, tokens, attn, n, False,
+                           share_prompt=cfg.prompt_group)[0])
     scores_B = scores_B.astype(jnp.float32)
     if with_value:
         rewards, _ = losses.kl_shaped_rewards(scores_B, logp_old, logp_ref, mask_n, cfg.kl_coef)
@@ -491,7 +539,8 @@ def _rl_loss(params, mb: Experience, model_cfg: ModelConfig, cfg: PPOConfig):
     n = mb.mask_BxN.shape[1]
     logp, values, entropy = policy_outputs(params, model_cfg, mb.tokens_BxL, mb.attn_mask_BxL, n,
                                            cfg.algo == "ppo", with_entropy=True,
-                                           value_grad_to_backbone=cfg.value_grad_to_backbone and not cfg.critic_only)
+                                           value_grad_to_backbone=cfg.value_grad_to_backbone and not cfg.critic_only,
+                                           share_prompt=cfg.prompt_group)
     m = {"entropy": losses.masked_mean(entropy, mb.mask_BxN)}
     if cfg.algo == "ppo":
         pg, pm = losses.ppo_policy_loss(logp, mb.logp_old_BxN, mb.advantages_BxN, mb.mask_BxN, cfg.clip_eps,
@@ -533,8 +582,16 @@ def ppo_step(state: TrainState, exp: Experience, *, model_cfg: ModelConfig, tx: 
     b = exp.scores_B.shape[0]
     if b % cfg.minibatch_size:
         raise ValueError(f"rollout batch {b} is not a multiple of minibatch_size {cfg.minibatch_size}")
+    g = cfg.prompt_group
+    if b % g:
+        raise ValueError(f"rollout batch {b} is not a multiple of group_size {g} (share_prompt)")
     rng, *keys = jax.random.split(state.rng, cfg.ppo_epochs + 1)
-    order = jnp.concatenate([jax.random.permutation(k, b) for k in keys]).reshape(-1, cfg.minibatch_size)
+    if g == 1:
+        order = jnp.concatenate([jax.random.permutation(k, b) for k in keys])
+    else:  # whole prompt groups, so each minibatch holds complete groups for the packed forward
+        order = jnp.concatenate([(jax.random.permutation(k, b // g)[:, None] * g + jnp.arange(g)[None, :]).ravel()
+                                 for k in keys])
+    order = order.reshape(-1, cfg.minibatch_size)
     state = state.replace(rng=rng)
     loss_fn = functools.partial(_rl_loss, model_cfg=model_cfg, cfg=cfg)
 

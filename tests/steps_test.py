@@ -552,3 +552,102 @@ def test_separate_critic_optimizer_state_is_sharded_like_the_params():
                 assert leaf.sharding.is_equivalent_to(want[max(match, key=len)], leaf.ndim), key
                 sharded += not leaf.sharding.is_fully_replicated
     assert sharded > 10  # the policy's moments really are split over the mesh
+
+
+def _grouped_rollout(cfg, group, prompts=4, new_tokens=6, vh=None):
+    """A sampled rollout of `group` samples per prompt (two prompts left-padded), some rows stopped by EOS."""
+    policy = init_params(cfg, jax.random.key(0))
+    tokens = jnp.asarray(np.random.default_rng(0).integers(2, 32, (prompts, 5)), jnp.int32)
+    pmask = jnp.ones_like(tokens).at[0, :2].set(0).at[2, :1].set(0)
+    r = rollout(policy, tokens, pmask, jax.random.key(0), model_cfg=cfg, value_head=vh,
+                cfg=SamplingConfig(max_new_tokens=new_tokens, eos_ids=(1,), pad_id=0, n=group))
+    keep = np.asarray(r.mask_BxN) > 0
+    assert 0 < keep.sum() < keep.size  # some rows stopped early: padded completions are packed too
+    return policy, r, keep
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_share_prompt_runs_each_prompt_once_with_the_unpacked_outputs_and_gradients(window, monkeypatch):
+    """completion_hidden(share_prompt=g) packs g completions behind one copy of their prompt: the trunk sees
+    B/g rows of P + g*N tokens instead of B rows of P + N, and log-probs, values, entropies and their
+    gradients equal the unpacked forward's (left-padded prompts, EOS-stopped rows, sliding window)."""
+    from reftjax import steps
+
+    cfg = dataclasses.replace(CFG, num_layers=2, sliding_window=window)
+    g, n_new = 3, 6
+    policy, r, keep = _grouped_rollout(cfg, g, new_tokens=n_new)
+    params = {"policy": policy, "value_head": jax.tree.map(lambda x: x * 20.0, init_value_head(cfg, jax.random.key(2)))}
+    tokens = jnp.concatenate([r.prompt_tokens_BxP, r.tokens_BxN], 1)
+    attn = jnp.concatenate([r.prompt_mask_BxP, r.mask_BxN], 1).astype(jnp.int32)
+    seen = []
+    forward = steps.forward
+    monkeypatch.setattr(steps, "forward", lambda p, c, t, *a, **k: (seen.append(t.shape), forward(p, c, t, *a, **k))[1])
+
+    def outputs(p, share):
+        lp, v, ent = steps.policy_outputs(p, cfg, tokens, attn, n_new, True, with_entropy=True, share_prompt=share)
+        return jnp.sum(jnp.where(keep, lp + v + ent, 0.0)), (lp, v, ent)
+
+    (total_a, outs_a), grads_a = jax.value_and_grad(outputs, has_aux=True)(params, 1)
+    (total_b, outs_b), grads_b = jax.value_and_grad(outputs, has_aux=True)(params, g)
+    b, p = r.prompt_tokens_BxP.shape
+    assert seen == [(b, p + n_new), (b // g, p + g * n_new)]
+    assert float(jnp.max(jnp.abs(outs_a[1]))) > 0.1  # values of order 1 are compared
+    for name, x, y in zip(("logp", "values", "entropy"), outs_a, outs_b):
+        np.testing.assert_allclose(np.where(keep, y, 0), np.where(keep, x, 0), rtol=1e-5, atol=1e-5, err_msg=name)
+    np.testing.assert_allclose(total_b, total_a, rtol=1e-5)
+    for path, x in jax.tree_util.tree_leaves_with_path(grads_a):
+        y = functools.reduce(lambda t, k: t[k.key], path, grads_b)
+        np.testing.assert_allclose(y, x, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(x))), err_msg=str(path))
+    with pytest.raises(ValueError, match="does not divide"):
+        steps.completion_hidden(policy, cfg, tokens[:-1], attn[:-1], n_new, g)
+
+
+@pytest.mark.parametrize("algo", ["ppo", "grpo"])
+def test_ppo_step_with_shared_prompts_matches_unpacked_rows_on_1_and_8_devices(algo):
+    """PPOConfig.share_prompt: experience and one update over the whole batch (mean over rows, so the
+    group-wise shuffle changes nothing) equal the unpacked ones, on one device and on a data=2 x fsdp=4
+    mesh (4 packed rows of 4 samples)."""
+    g = 4
+    policy, r, keep = _grouped_rollout(CFG, g, vh=init_value_head(CFG, jax.random.key(2)) if algo == "ppo" else None)
+    host_r = jax.device_get(r)
+    scores = np.random.default_rng(1).random(4 * g).astype(np.float32)
+    base = PPOConfig(algo=algo, group_size=g, minibatch_size=4 * g, ppo_epochs=1, kl_coef=0.05)
+    tx = make_optimizer(OptimConfig(learning_rate=1e-2, schedule="constant", warmup_ratio=0.0), 4)
+    results = {}
+    for share, devices in ((False, 1), (True, 1), (True, 8)):
+        mesh = _mesh() if devices == 8 else None
+        cfg = dataclasses.replace(base, share_prompt=share)
+        params = {"policy": sharding.place_params(jax.device_get(policy), CFG, mesh)}
+        if algo == "ppo":
+            params["value_head"] = _place(jax.tree.map(np.asarray, init_value_head(CFG, jax.random.key(2))), mesh)
+        ref = sharding.place_params(_host_policy(1), CFG, mesh)
+        ro = jax.tree.map(jnp.asarray, host_r) if mesh is None else sharding.shard_batch(host_r, mesh)
+        exp, _ = make_experience_fn(CFG, cfg)(params, ref, ro, jnp.zeros(4 * g, jnp.int32), jnp.asarray(scores))
+        state, m = make_ppo_step(CFG, tx, cfg)(init_state(params, tx, jax.random.key(3)), exp)
+        results[share, devices] = jax.device_get((exp, state.params, m["loss"]))
+    want_exp, want_params, want_loss = results[False, 1]
+    assert float(np.max(np.abs(want_exp.advantages_BxN))) > 0.1
+    for key in ((True, 1), (True, 8)):
+        got_exp, got_params, got_loss = results[key]
+        for name in ("logp_old_BxN", "logp_ref_BxN", "values_old_BxN", "advantages_BxN", "returns_BxN"):
+            np.testing.assert_allclose(np.where(keep, getattr(got_exp, name), 0),
+                                       np.where(keep, getattr(want_exp, name), 0), rtol=1e-5, atol=1e-5,
+                                       err_msg=f"{key} {name}")
+        np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5, atol=1e-6)
+        moved = jax.tree.map(lambda a, b: np.max(np.abs(a - b)), want_params["policy"], jax.device_get(policy))
+        assert max(jax.tree.leaves(moved)) > 1e-3  # the update did move the policy
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=str(key)),
+                     got_params, want_params)
+
+
+def test_share_prompt_config_checks():
+    with pytest.raises(ValueError, match="share_prompt"):
+        PPOConfig(algo="grpo", group_size=4, minibatch_size=6, share_prompt=True)
+    with pytest.raises(ValueError, match="share_prompt"):
+        PPOConfig(algo="ppo", group_size=1, share_prompt=True)
+    from reftjax.config import RLConfig
+
+    with pytest.raises(ValueError, match="rl.sampling.n"):
+        RLConfig(ppo=PPOConfig(algo="ppo", group_size=4, minibatch_size=8, share_prompt=True))
+    assert PPOConfig(algo="grpo", group_size=4, minibatch_size=8, share_prompt=True).prompt_group == 4
+    assert PPOConfig(algo="grpo", group_size=4, minibatch_size=8).prompt_group == 1

@@ -99,6 +99,23 @@ def attention_mask(q_slots_T: jax.Array, k_slots_S: jax.Array, key_valid_BxS: ja
     return allowed_TxS[None, :, :] & key_valid_BxS.astype(bool)[:, None, :]
 
 
+def segment_mask(segment_ids_BxT: jax.Array, key_valid_BxT: jax.Array, positions_BxT: jax.Array,
+                 sliding_window: int | None) -> jax.Array:
+    """Boolean [B, T, T] for rows packing one shared prefix (segment 0) and its continuations.
+
+    Segment 0 is the prefix; segments 1, 2, ... each continue it independently. A query
+    sees earlier slots of its own segment and of segment 0, never another continuation.
+    The sliding window counts positions (slots are not contiguous across segments).
+    """
+    t = segment_ids_BxT.shape[1]
+    slots = jnp.arange(t)
+    seg_q, seg_k = segment_ids_BxT[:, :, None], segment_ids_BxT[:, None, :]
+    allowed = (slots[None, None, :] <= slots[None, :, None]) & ((seg_k == seg_q) | (seg_k == 0))
+    if sliding_window:
+        allowed &= (positions_BxT[:, :, None] - positions_BxT[:, None, :]) < sliding_window
+    return allowed & key_valid_BxT.astype(bool)[:, None, :]
+
+
 def positions_from_mask(attn_mask_BxT: jax.Array) -> jax.Array:
     """Positions of real tokens in a left-padded batch (padding gets position 0)."""
     return jnp.maximum(jnp.cumsum(attn_mask_BxT.astype(jnp.int32), axis=-1) - 1, 0)
@@ -313,14 +330,18 @@ class Transformer(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, tokens_BxT, positions_BxT, attn_mask_BxT, return_logits: bool = True):
+    def __call__(self, tokens_BxT, positions_BxT, attn_mask_BxT, return_logits: bool = True,
+                 segment_ids_BxT=None):
         cfg = self.cfg
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
                          embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), (VOCAB, EMBED)),
                          name="embed_tokens")
         x = embed(tokens_BxT)
-        slots = jnp.arange(tokens_BxT.shape[1])
-        mask = attention_mask(slots, slots, attn_mask_BxT, cfg.sliding_window)
+        if segment_ids_BxT is None:
+            slots = jnp.arange(tokens_BxT.shape[1])
+            mask = attention_mask(slots, slots, attn_mask_BxT, cfg.sliding_window)
+        else:
+            mask = segment_mask(segment_ids_BxT, attn_mask_BxT, positions_BxT, cfg.sliding_window)
         block = DecoderLayer
         if cfg.remat != "none":
             block = nn.remat(block, policy=_remat_policy(cfg.remat), prevent_cse=False)
@@ -354,12 +375,18 @@ def param_logical_axes(cfg: ModelConfig):
     return nn.get_partition_spec(abstract)
 
 
-def forward(params, cfg: ModelConfig, tokens_BxT, attn_mask_BxT, positions_BxT=None, return_logits=True):
-    """(logits_BxTxV | None, hidden_BxTxD) of a left-padded batch."""
+def forward(params, cfg: ModelConfig, tokens_BxT, attn_mask_BxT, positions_BxT=None, return_logits=True,
+            segment_ids_BxT=None):
+    """(logits_BxTxV | None, hidden_BxTxD) of a left-padded batch.
+
+    `segment_ids_BxT` (with explicit positions) switches to packed rows: see `segment_mask`.
+    """
     if positions_BxT is None:
+        if segment_ids_BxT is not None:
+            raise ValueError("packed rows (segment_ids_BxT) need explicit positions_BxT")
         positions_BxT = positions_from_mask(attn_mask_BxT)
     logits, hidden, _ = Transformer(cfg).apply({"params": params}, tokens_BxT, positions_BxT, attn_mask_BxT,
-                                               return_logits=return_logits)
+                                               return_logits=return_logits, segment_ids_BxT=segment_ids_BxT)
     return logits, hidden
 
 
