@@ -8,7 +8,8 @@ function calling the same grader).
 
 reftjax iteration = `rollout` -> `make_experience_fn` (policy + value and frozen reference
 forward, grader callback, rewards/advantages) -> `make_ppo_step`, for (with
-`--experience-from-rollout` the policy forward is skipped: logp_old and the values come from the rollout)
+`--experience-from-rollout` the policy forward is skipped: logp_old and the values come from the rollout;
+with `--share-prompt` every experience/update forward runs each prompt once for its samples, `PPOConfig.share_prompt`)
   * ppo:  ReFT (value head, GAE, minibatch 8, 2 epochs);
   * grpo: group_size = samples, minibatch 8, 1 epoch (the same training FLOPs as TRL's
           single step over the whole batch), k3 KL to the reference in the loss.
@@ -32,7 +33,8 @@ Keys: per algo `<algo>_iter_s` (median), `<algo>_rollout_s`/`_experience_s`/`_up
 `<algo>_{rollout,experience,update}_sys_s` and `trl_sys_s`: median system (kernel) CPU seconds per phase
 (page faults, zeroing and compacting memory; the phase after a switch pays for the other framework's freed memory).
 MFU counts forward FLOPs as `ModelConfig.flops_per_token(len/2)` per real (non-pad) token:
-rollout 1x, experience 2x (policy, reference; 1x with --experience-from-rollout), each update epoch 3x (TRL: generation 1x,
+rollout 1x, experience 2x (policy, reference; 1x with --experience-from-rollout), each update epoch 3x,
+the last two over packed rows with --share-prompt (each prompt once per group: the FLOPs executed) (TRL: generation 1x,
 training 3x + 1x for the gradient-checkpointing recompute is *not* counted), over the GEMM
 peak `reftjax.metrics.measured_peak_flops()`.
 """
@@ -95,13 +97,14 @@ class ReftjaxRL:
                                    make_ppo_step)
 
         self.algo, self.cfg = algo, model.config
-        fast = args.experience_from_rollout
+        fast, share = args.experience_from_rollout, args.share_prompt
         if algo == "ppo":
-            rl = PPOConfig(algo="ppo", minibatch_size=8, ppo_epochs=2, experience_from_rollout=fast)
+            rl = PPOConfig(algo="ppo", minibatch_size=8, ppo_epochs=2, experience_from_rollout=fast,
+                           group_size=args.samples if share else 1, share_prompt=share)
         else:
             rl = PPOConfig(algo="grpo", group_size=args.samples, minibatch_size=8, ppo_epochs=1, kl_coef=0.04,
-                           experience_from_rollout=fast)
-        self.epochs, self.fast = rl.ppo_epochs, fast
+                           experience_from_rollout=fast, share_prompt=share)
+        self.epochs, self.fast, self.group = rl.ppo_epochs, fast, rl.prompt_group
         self.sampling = SamplingConfig(n=args.samples, max_new_tokens=args.new_tokens, temperature=1.0,
                                        eos_ids=(2,), pad_id=2)
         params = {"policy": jax.tree.map(jnp.copy, model.params)}
@@ -138,10 +141,15 @@ class ReftjaxRL:
         jax.block_until_ready(m)
         t3, c3 = time.perf_counter(), _sys_s()
         gen = np.asarray(ro.lengths_B)
-        lengths = np.asarray(ro.prompt_mask_BxP).sum(axis=1) + gen
+        prompt = np.asarray(ro.prompt_mask_BxP).sum(axis=1)
+        lengths = prompt + gen
+        # executed FLOPs: with share_prompt the experience and update forwards run each prompt once per group
+        packed = prompt[::self.group] + gen.reshape(-1, self.group).sum(axis=1)
         rec = {"iter_s": t3 - t0, "rollout_s": t1 - t0, "experience_s": t2 - t1, "update_s": t3 - t2,
                "rollout_sys_s": c1 - c0, "experience_sys_s": c2 - c1, "update_sys_s": c3 - c2,
-               "gen_tokens": int(gen.sum()), "flops": _seq_flops(self.cfg, lengths) * (1 + (1 if self.fast else 2) + 3 * self.epochs),
+               "gen_tokens": int(gen.sum()),
+               "flops": _seq_flops(self.cfg, lengths) + _seq_flops(self.cfg, packed) * ((1 if self.fast else 2)
+                                                                                       + 3 * self.epochs),
                "reward": float(em["reward"]), "loss": float(m["loss"])}
         self.records.append(rec)
         print(f"[{self.algo}] {json.dumps({k: round(v, 2) for k, v in rec.items()})}", file=sys.stderr)
@@ -225,6 +233,8 @@ def main():
     ap.add_argument("--no-trl", action="store_true")
     ap.add_argument("--experience-from-rollout", action="store_true",
                     help="PPOConfig.experience_from_rollout: logp_old/values from the rollout, no policy forward")
+    ap.add_argument("--share-prompt", action="store_true",
+                    help="PPOConfig.share_prompt: each prompt runs once per group of samples in experience/update")
     ap.add_argument("--trl-beta", type=float, default=0.0)
     ap.add_argument("--threads", type=int, default=2, help="torch threads")
     args = ap.parse_args()
@@ -268,7 +278,7 @@ def main():
     out = {"bench": "ppo_iteration", "host_allocator": HOST_ALLOCATOR, "model": "SmolLM2-135M-Instruct", "dtype": "float32", "device": "cpu",
            "prompts": args.prompts, "samples": args.samples, "max_new_tokens": args.new_tokens,
            "prompt_bucket": p_len, "peak_gflops": round(peak / 1e9, 1),
-           "experience_from_rollout": args.experience_from_rollout}
+           "experience_from_rollout": args.experience_from_rollout, "share_prompt": args.share_prompt}
     for a in algos:
         rec = a.records
         phases = ("rollout", "experience", "update")
