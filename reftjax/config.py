@@ -69,9 +69,14 @@ class RLConfig:
     eval_every: int = 10
     early_stop_patience: int = 0  # evaluations without improvement before stopping (0: never)
     value_head_seed: int = 1
+    # the experience and update run on the completion axis cut to the smallest of this many length buckets
+    # (up to sampling.max_new_tokens) that holds every row; each bucket compiles once. 1: always the full length
+    completion_buckets: int = 4
 
     def __post_init__(self):
         s = self.sampling
+        if self.completion_buckets < 1:
+            raise ValueError(f"rl.completion_buckets must be >= 1, got {self.completion_buckets}")
         if self.ppo.experience_from_rollout and (s.greedy or s.temperature != 1.0 or s.top_k or s.top_p < 1.0):
             raise ValueError("rl.ppo.experience_from_rollout needs the rollout to sample from the policy itself "
                              f"(temperature 1, top_k 0, top_p 1, not greedy); got {s}")

@@ -246,6 +246,32 @@ def compile_count() -> int:
     return _rollout_jit._cache_size()
 
 
+def completion_buckets(max_new_tokens: int, count: int) -> tuple[int, ...]:
+    """`count` completion lengths up to `max_new_tokens`, evenly spaced, rounded up to multiples of 8."""
+    if count < 1:
+        raise ValueError(f"completion bucket count must be >= 1, got {count}")
+    return tuple(sorted({min(max_new_tokens, -(-max_new_tokens * k // count) + 7 & ~7) for k in range(1, count + 1)}))
+
+
+def trim_to_bucket(ro: Rollout, buckets: Sequence[int]) -> Rollout:
+    """`ro` with its completion axis cut to the smallest bucket that holds every row's completion.
+
+    The rollout's arrays are [B, max_new_tokens] however early the rows stopped; whatever
+    runs on them next (experience forwards, PPO epochs) then pays for the padding. After the
+    cut it runs on [B, bucket] (one compiled program per bucket). Only masked slots are
+    dropped (after every row's stop token), so losses, GAE and whitening are unchanged.
+    Reads the longest completion on the host: one scalar, between programs.
+    """
+    n = ro.tokens_BxN.shape[1]
+    longest = int(jax.device_get(jnp.max(ro.lengths_B)))
+    length = bucket(max(longest, 1), [b for b in buckets if b < n] + [n])
+    if length == n:
+        return ro
+    cut = lambda x: None if x is None else x[:, :length]  # noqa: E731
+    return ro.replace(tokens_BxN=cut(ro.tokens_BxN), logprobs_BxN=cut(ro.logprobs_BxN), mask_BxN=cut(ro.mask_BxN),
+                      values_BxN=cut(ro.values_BxN))
+
+
 # ----------------------------------------------------------------------------- host-side convenience
 
 

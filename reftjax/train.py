@@ -33,7 +33,7 @@ from reftjax.graders import build_grader
 from reftjax.graders.callback import make_reward_fn
 from reftjax.hf import load_model, save_hf
 from reftjax.metrics import MetricsLogger, measured_peak_flops, mfu
-from reftjax.rollout import rollout
+from reftjax.rollout import completion_buckets, rollout, trim_to_bucket
 from reftjax.sharding import is_primary, make_mesh, maybe_initialize_distributed, to_host
 from reftjax.steps import (init_rl_params, init_state, make_experience_fn, make_optimizer, make_ppo_step, make_sft_step)
 
@@ -214,6 +214,7 @@ def run_rl(cfg: ExperimentConfig, model, ref_params, data: Data, grader, mesh, o
     exp_fn = make_experience_fn(model.config, r.ppo, reward_fn)
     step_fn = make_ppo_step(model.config, tx, r.ppo)
     peak = measured_peak_flops()
+    buckets = completion_buckets(samp.max_new_tokens, r.completion_buckets)
     bar = _bar(r.iterations, f"RL ({r.ppo.algo})", it, progress)
     while it < r.iterations and not stop.requested:
         batch = next(loader)
@@ -222,6 +223,7 @@ def run_rl(cfg: ExperimentConfig, model, ref_params, data: Data, grader, mesh, o
         ro = rollout(state.params["policy"], batch["prompt_tokens"], batch["prompt_mask"], rng,
                      model_cfg=model.config, cfg=samp,
                      value_head=state.params.get("value_head") if r.ppo.experience_from_rollout else None)
+        ro = trim_to_bucket(ro, buckets)
         idx = jnp.repeat(batch["example_idx"], samp.n)
         exp, em = exp_fn(state.params, ref_params, ro, idx)
         jax.block_until_ready(em)  # the ordered grader callback: block per step (see graders.callback)
@@ -232,6 +234,7 @@ def run_rl(cfg: ExperimentConfig, model, ref_params, data: Data, grader, mesh, o
         em = jax.device_get(em)
         gen_tokens = float(em["response_length"]) * ro.tokens_BxN.shape[0]
         metrics = {**em, **pm, "seconds": dt, "rollout_grade_seconds": t_roll,
+                   "completion_bucket": ro.tokens_BxN.shape[1],
                    "grader_seconds": reward_fn.last.seconds, "generated_tokens_per_s": gen_tokens / dt,
                    "mfu": mfu(gen_tokens, t_roll, model.config.flops_per_token(), peak),
                    **{f"guard_{k}": v for k, v in reward_fn.last.counters.items()}}

@@ -651,3 +651,60 @@ def test_share_prompt_config_checks():
         RLConfig(ppo=PPOConfig(algo="ppo", group_size=4, minibatch_size=8, share_prompt=True))
     assert PPOConfig(algo="grpo", group_size=4, minibatch_size=8, share_prompt=True).prompt_group == 4
     assert PPOConfig(algo="grpo", group_size=4, minibatch_size=8).prompt_group == 1
+
+
+def test_completion_buckets():
+    from reftjax.rollout import completion_buckets
+
+    assert completion_buckets(128, 4) == (32, 64, 96, 128)
+    assert completion_buckets(400, 4) == (104, 200, 304, 400)
+    assert completion_buckets(12, 4) == (8, 12) and completion_buckets(300, 1) == (300,)
+    with pytest.raises(ValueError, match=">= 1"):
+        completion_buckets(128, 0)
+
+
+@pytest.mark.parametrize("algo", ["ppo", "grpo"])
+def test_trim_to_bucket_drops_only_padding_and_changes_neither_experience_nor_update(algo):
+    """Rows that all stop early: the rollout is cut to the smallest bucket holding the longest row, and the
+    experience (log-probs, KL, GAE, whitened advantages) and one ppo_step on it equal those on the full-length
+    rollout; the cut program has the shorter completion axis."""
+    from reftjax.rollout import completion_buckets, trim_to_bucket
+
+    g, new = 4, 64
+    policy = jax.tree.map(jnp.asarray, _host_policy(0))
+    vh = jax.tree.map(lambda x: x * 20.0, init_value_head(CFG, jax.random.key(2)))
+    prompts = jnp.asarray(np.random.default_rng(0).integers(2, 32, (4, 5)), jnp.int32)
+    r = rollout(policy, prompts, jnp.ones_like(prompts), jax.random.key(0), model_cfg=CFG,
+                cfg=SamplingConfig(max_new_tokens=new, eos_ids=tuple(range(1, 9)), pad_id=0, n=g))
+    longest = int(jnp.max(r.lengths_B))
+    buckets = completion_buckets(new, 4)
+    cut = trim_to_bucket(r, buckets)
+    n = cut.tokens_BxN.shape[1]
+    assert longest <= n < new and n == min(b for b in buckets if b >= longest), (longest, n)
+    assert int(jnp.min(r.lengths_B)) < longest  # rows of different lengths
+    assert trim_to_bucket(r, (new,)) is r
+    params = {"policy": policy}
+    if algo == "ppo":
+        params["value_head"] = vh
+    cfg = PPOConfig(algo=algo, group_size=g if algo == "grpo" else 1, minibatch_size=4 * g, ppo_epochs=1,
+                    kl_coef=0.05)
+    tx = make_optimizer(OptimConfig(learning_rate=1e-2, schedule="constant", warmup_ratio=0.0), 4)
+    scores = jnp.asarray(np.random.default_rng(1).random(4 * g), jnp.float32)
+    ref = jax.tree.map(jnp.asarray, _host_policy(1))
+    out = {}
+    for name, ro in (("full", r), ("cut", cut)):
+        exp, em = make_experience_fn(CFG, cfg)(params, ref, ro, jnp.zeros(4 * g, jnp.int32), scores)
+        state = init_state(jax.tree.map(jnp.copy, params), tx, jax.random.key(3))  # the step donates it
+        state, m = make_ppo_step(CFG, tx, cfg)(state, exp)
+        out[name] = jax.device_get((exp, em, state.params, m["loss"]))
+    (e_full, m_full, p_full, l_full), (e_cut, m_cut, p_cut, l_cut) = out["full"], out["cut"]
+    assert e_cut.mask_BxN.shape == (4 * g, n)
+    np.testing.assert_array_equal(e_full.mask_BxN[:, n:], 0)
+    for name in ("logp_old_BxN", "logp_ref_BxN", "values_old_BxN", "advantages_BxN", "returns_BxN"):
+        np.testing.assert_allclose(getattr(e_cut, name), getattr(e_full, name)[:, :n], rtol=1e-5, atol=1e-6,
+                                   err_msg=name)
+    assert float(np.max(np.abs(e_full.advantages_BxN))) > 0.1
+    for k in ("reward", "kl", "response_length"):
+        np.testing.assert_allclose(m_cut[k], m_full[k], rtol=1e-5, err_msg=k)
+    np.testing.assert_allclose(l_cut, l_full, rtol=1e-5, atol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), p_cut, p_full)

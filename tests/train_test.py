@@ -79,7 +79,7 @@ def test_pipeline_sigkill_then_resume_completes(tiny_hf_dir, tmp_path, shared_da
     assert iters[-1] == 3 and set(iters) == {1, 2, 3}
     rl = _rl_lines(out)[-1]
     for key in ("reward", "accuracy", "kl", "entropy", "clipfrac", "vf_loss", "explained_variance",
-                "response_length", "generated_tokens_per_s", "mfu"):
+                "response_length", "generated_tokens_per_s", "mfu", "completion_bucket"):
         assert key in rl, key
     for name in ("reward", "kl", "response_length", "val_accuracy"):
         png = out / "plots" / f"{name}.png"
