@@ -6,7 +6,7 @@ completions of at most `--new-tokens` tokens, temperature 1, graded by the ReFT 
 (`ReftGrader(cot="nl")`; reftjax through the jit io_callback, TRL through a Python reward
 function calling the same grader).
 
-reftjax iteration = `rollout` -> `make_experience_fn` (policy + value and frozen reference
+reftjax iteration = `rollout` -> `trim_to_bucket` (as `train.run_rl`) -> `make_experience_fn` (policy + value and frozen reference
 forward, grader callback, rewards/advantages) -> `make_ppo_step`, for (with
 `--experience-from-rollout` the policy forward is skipped: logp_old and the values come from the rollout;
 with `--share-prompt` every experience/update forward runs each prompt once for its samples, `PPOConfig.share_prompt`)
@@ -124,7 +124,7 @@ class ReftjaxRL:
         import jax
         import numpy as np
 
-        from reftjax.rollout import rollout
+        from reftjax.rollout import completion_buckets, rollout, trim_to_bucket
 
         self.rng, key = jax.random.split(self.rng)
         c0 = _sys_s()
@@ -133,6 +133,7 @@ class ReftjaxRL:
                      model_cfg=self.cfg, cfg=self.sampling,
                      value_head=self.state.params.get("value_head") if self.fast else None)
         jax.block_until_ready(ro)
+        ro = trim_to_bucket(ro, completion_buckets(self.sampling.max_new_tokens, 4))  # as the training loop does
         t1, c1 = time.perf_counter(), _sys_s()
         exp, em = self.exp_fn(self.state.params, self.ref, ro, self.idx)
         jax.block_until_ready(exp)
