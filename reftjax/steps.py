@@ -116,8 +116,9 @@ class PPOConfig:
         unpacked rows (equal up to float summation order); saves (g-1)/g of the prompt
         tokens' trunk compute. Rows must be prompt-major groups of `group_size` (as `rollout`
         returns n = group_size samples per prompt; PPO then needs sampling n = group_size too);
-        minibatches are drawn as whole groups, and a mesh's data axis should divide
-        minibatch_size / group_size packed rows (otherwise XLA reshards, still correct).
+        minibatches are drawn as whole groups, and the mesh's batch axes (data x fsdp) should
+        divide minibatch_size / group_size packed rows (otherwise XLA reshards them: still
+        correct, tested on 8 devices with 4 packed rows, but slower).
       critic: PPO only. "shared" (ReFT): the value head reads the policy's last hidden state.
         "separate": the critic has its own copy of the backbone (`params["critic"]`, initialised
         from the policy by `init_rl_params`) that only the value loss trains, as verl and
