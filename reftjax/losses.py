@@ -593,3 +593,78 @@ def fused_sft_loss(hidden_BxTxD, w_head, targets_BxT, loss_mask_BxT, *, vocab_ma
     n_tokens = jnp.sum(_keep(loss_mask_BxT)).astype(nll.dtype)
     denom = jnp.maximum(n_tokens, 1.0)  # no answer token: loss and accuracy 0, as `masked_mean` gives
     return nll / denom, {"token_accuracy": correct / denom, "n_tokens": n_tokens}
+
+
+def _logits_chunk(h_BxTxD, w, vocab_major: bool):
+    acc = jnp.promote_types(h_BxTxD.dtype, jnp.float32)
+    return jnp.einsum("btd,vd->btv" if vocab_major else "btd,dv->btv", h_BxTxD, w).astype(acc)
+
+
+def _scan_logp(h_BxTxD, w, targets_BxT, n_chunks: int, vocab_major: bool):
+    """Per-position (logp of the target, entropy, logsumexp) over sequence chunks, each [B, T]."""
+    def body(_, xs):
+        z = _logits_chunk(xs[0], w, vocab_major)
+        lse = jax.nn.logsumexp(z, axis=-1)
+        picked = jnp.take_along_axis(z, xs[1][..., None].astype(jnp.int32), axis=-1)[..., 0]
+        ent = lse - jnp.sum(jnp.exp(z - lse[..., None]) * z, axis=-1)
+        return None, (picked - lse, ent, lse)
+
+    _, out = jax.lax.scan(body, None, (_split(h_BxTxD, n_chunks), _split(targets_BxT, n_chunks)))
+    return tuple(_merge(x) for x in out)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _fused_head_logp(h_BxTxD, w, targets_BxT, n_chunks: int, vocab_major: bool):
+    """(logp_BxT, entropy_BxT); see `fused_token_logprobs`."""
+    return _scan_logp(h_BxTxD, w, targets_BxT, n_chunks, vocab_major)[:2]
+
+
+def _fused_head_logp_fwd(h_BxTxD, w, targets_BxT, n_chunks, vocab_major):
+    logp, ent, lse = _scan_logp(h_BxTxD, w, targets_BxT, n_chunks, vocab_major)
+    return (logp, ent), (h_BxTxD, w, targets_BxT, lse, ent)
+
+
+def _fused_head_logp_bwd(n_chunks, vocab_major, res, cotangents):
+    h, w, targets, lse, ent = res
+    g_logp, g_ent = cotangents
+
+    def body(dw, xs):
+        h_c, t_c, lse_c, ent_c, gl_c, ge_c = xs
+        z = _logits_chunk(h_c, w, vocab_major)
+        p = jnp.exp(z - lse_c[..., None])
+        onehot = jax.lax.broadcasted_iota(jnp.int32, z.shape, 2) == t_c[..., None].astype(jnp.int32)
+        # d logp / dz = onehot - p;  d entropy / dz = -p * (z - lse + H)
+        dz = gl_c[..., None] * (onehot - p) - ge_c[..., None] * p * (z - (lse_c - ent_c)[..., None])
+        dz = dz.astype(h_c.dtype)
+        if vocab_major:
+            dh = jnp.einsum("btv,vd->btd", dz, w)
+            dw = dw + jnp.einsum("btv,btd->vd", dz, h_c, preferred_element_type=dw.dtype)
+        else:
+            dh = jnp.einsum("btv,dv->btd", dz, w)
+            dw = dw + jnp.einsum("btd,btv->dv", h_c, dz, preferred_element_type=dw.dtype)
+        return dw, dh
+
+    acc = jnp.promote_types(h.dtype, jnp.float32)
+    xs = tuple(_split(x, n_chunks) for x in (h, targets, lse, ent, g_logp.astype(acc), g_ent.astype(acc)))
+    dw, dh = jax.lax.scan(body, jnp.zeros(w.shape, acc), xs)
+    return _merge(dh), dw.astype(w.dtype), None
+
+
+_fused_head_logp.defvjp(_fused_head_logp_fwd, _fused_head_logp_bwd)
+
+
+def fused_token_logprobs(hidden_BxTxD, w_head, targets_BxT, *, vocab_major: bool = True, chunk_rows: int = 512):
+    """(`token_logprobs`, `token_entropy`) of ``hidden @ head``, without the [B, T, V] logits.
+
+    The RL losses' counterpart of `fused_sft_loss`: the head runs over sequence chunks of
+    about ``chunk_rows`` rows and only per-position values (log-prob of the target,
+    entropy, logsumexp) are kept. Because the losses' per-token cotangents are known only
+    in the backward, the backward recomputes each chunk's logits (one extra head GEMM)
+    instead of storing them: peak memory holds one chunk's ``[rows, V]`` float32 logits
+    rather than the whole batch's logits, their softmax and their gradient.
+
+    Returns float32 ``(logp_BxT, entropy_BxT)``; both differentiable with respect to hidden
+    and head (the entropy gradient is ``-p (log p + H)`` per logit).
+    """
+    b, t = targets_BxT.shape
+    return _fused_head_logp(hidden_BxTxD, w_head, targets_BxT, head_chunks(b, t, chunk_rows), vocab_major)

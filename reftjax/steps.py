@@ -119,6 +119,11 @@ class PPOConfig:
         minibatches are drawn as whole groups, and the mesh's batch axes (data x fsdp) should
         divide minibatch_size / group_size packed rows (otherwise XLA reshards them: still
         correct, tested on 8 devices with 4 packed rows, but slower).
+      head_chunk_rows: rows (batch x positions) per chunk of the vocabulary head in the experience
+        and update forwards (`losses.fused_token_logprobs`: no [B, N, V] logits, their softmax or
+        gradient in memory; the backward recomputes each chunk's logits). 0 builds full logits.
+        One GRPO/PPO minibatch update on SmolLM2 (8 rows, 128 + 128 tokens, shared prompts):
+        ~10% faster and 250 MiB less XLA temp memory at 128 rows than full logits (BUILD_NOTES).
       critic: PPO only. "shared" (ReFT): the value head reads the policy's last hidden state.
         "separate": the critic has its own copy of the backbone (`params["critic"]`, initialised
         from the policy by `init_rl_params`) that only the value loss trains, as verl and
@@ -142,6 +147,7 @@ class PPOConfig:
     critic_only: bool = False
     critic: str = "shared"
     share_prompt: bool = False
+    head_chunk_rows: int = 128
 
     @property
     def prompt_group(self) -> int:
@@ -423,17 +429,25 @@ def completion_hidden(trunk: dict, model_cfg: ModelConfig, tokens_BxL, attn_mask
 
 def policy_outputs(params: dict, model_cfg: ModelConfig, tokens_BxL, attn_mask_BxL, n_completion: int,
                    with_value: bool, with_entropy: bool = False, value_grad_to_backbone: bool = True,
-                   share_prompt: int = 1):
+                   share_prompt: int = 1, head_chunk_rows: int = 0):
     """(logp_BxN, values_BxN | None, entropy_BxN | None) of the completion tokens.
 
     Values come from `params["critic"]`'s own hidden states when that trunk is present
     (PPOConfig.critic="separate"), else from the policy's (`value_grad_to_backbone` decides
     whether the value gradient enters the shared backbone). `share_prompt`: see `completion_hidden`.
+    `head_chunk_rows` > 0 runs the vocabulary head in chunks of about that many rows without
+    the [B, N, V] logits (`losses.fused_token_logprobs`); 0 builds the full logits.
     """
     h = completion_hidden(params["policy"], model_cfg, tokens_BxL, attn_mask_BxL, n_completion, share_prompt)
     p = tokens_BxL.shape[1] - n_completion
-    logits = lm_logits(params["policy"], model_cfg, h)
-    logp = losses.token_logprobs(logits, tokens_BxL[:, p:])
+    if head_chunk_rows > 0:
+        w, vocab_major = lm_head_weight(params["policy"], model_cfg)
+        logp, entropy = losses.fused_token_logprobs(h.astype(model_cfg.jnp_dtype), w, tokens_BxL[:, p:],
+                                                    vocab_major=vocab_major, chunk_rows=head_chunk_rows)
+    else:
+        logits = lm_logits(params["policy"], model_cfg, h)
+        logp = losses.token_logprobs(logits, tokens_BxL[:, p:])
+        entropy = losses.token_entropy(logits) if with_entropy else None
     values = None
     if with_value:
         if "critic" in params:
@@ -442,8 +456,7 @@ def policy_outputs(params: dict, model_cfg: ModelConfig, tokens_BxL, attn_mask_B
         else:
             h_value = h if value_grad_to_backbone else jax.lax.stop_gradient(h)
         values = ValueHead().apply({"params": params["value_head"]}, h_value)
-    entropy = losses.token_entropy(logits) if with_entropy else None
-    return logp, values, entropy
+    return logp, values, (entropy if with_entropy else None)
 
 
 def init_rl_params(policy: dict, model_cfg: ModelConfig, cfg: PPOConfig, rng: jax.Array) -> dict:
@@ -486,14 +499,14 @@ def make_experience(params: dict, ref_params: dict, rollout, scores_B, *, model_
         logp_old, values = rollout.logprobs_BxN, rollout.values_BxN if with_value else None
     else:
         logp_old, values, _ = policy_outputs(params, model_cfg, tokens, attn, n, with_value,
-                                             share_prompt=cfg.prompt_group)
+                                             share_prompt=cfg.prompt_group, head_chunk_rows=cfg.head_chunk_rows)
     logp_old = jax.lax.stop_gradient(logp_old)
     if cfg.kl_coef == 0:  # no KL term anywhere: skip the reference forward (KL metrics then read 0)
         logp_ref = logp_old
     else:
         logp_ref = jax.lax.stop_gradient(
             policy_outputs({"policy": ref_params}, model_cfg, tokens, attn, n, False,
-                           share_prompt=cfg.prompt_group)[0])
+                           share_prompt=cfg.prompt_group, head_chunk_rows=cfg.head_chunk_rows)[0])
     scores_B = scores_B.astype(jnp.float32)
     if with_value:
         rewards, _ = losses.kl_shaped_rewards(scores_B, logp_old, logp_ref, mask_n, cfg.kl_coef)
@@ -541,7 +554,7 @@ def _rl_loss(params, mb: Experience, model_cfg: ModelConfig, cfg: PPOConfig):
     logp, values, entropy = policy_outputs(params, model_cfg, mb.tokens_BxL, mb.attn_mask_BxL, n,
                                            cfg.algo == "ppo", with_entropy=True,
                                            value_grad_to_backbone=cfg.value_grad_to_backbone and not cfg.critic_only,
-                                           share_prompt=cfg.prompt_group)
+                                           share_prompt=cfg.prompt_group, head_chunk_rows=cfg.head_chunk_rows)
     m = {"entropy": losses.masked_mean(entropy, mb.mask_BxN)}
     if cfg.algo == "ppo":
         pg, pm = losses.ppo_policy_loss(logp, mb.logp_old_BxN, mb.advantages_BxN, mb.mask_BxN, cfg.clip_eps,

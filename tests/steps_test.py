@@ -570,7 +570,8 @@ def _grouped_rollout(cfg, group, prompts=4, new_tokens=6, vh=None):
 def test_share_prompt_runs_each_prompt_once_with_the_unpacked_outputs_and_gradients(window, monkeypatch):
     """completion_hidden(share_prompt=g) packs g completions behind one copy of their prompt: the trunk sees
     B/g rows of P + g*N tokens instead of B rows of P + N, and log-probs, values, entropies and their
-    gradients equal the unpacked forward's (left-padded prompts, EOS-stopped rows, sliding window)."""
+    gradients equal the unpacked forward's (left-padded prompts, EOS-stopped rows, sliding window), with the
+    full-logits head and with the chunked one (`losses.fused_token_logprobs`)."""
     from reftjax import steps
 
     cfg = dataclasses.replace(CFG, num_layers=2, sliding_window=window)
@@ -583,40 +584,47 @@ def test_share_prompt_runs_each_prompt_once_with_the_unpacked_outputs_and_gradie
     forward = steps.forward
     monkeypatch.setattr(steps, "forward", lambda p, c, t, *a, **k: (seen.append(t.shape), forward(p, c, t, *a, **k))[1])
 
-    def outputs(p, share):
-        lp, v, ent = steps.policy_outputs(p, cfg, tokens, attn, n_new, True, with_entropy=True, share_prompt=share)
+    def outputs(p, share, head_rows=0):
+        lp, v, ent = steps.policy_outputs(p, cfg, tokens, attn, n_new, True, with_entropy=True, share_prompt=share,
+                                          head_chunk_rows=head_rows)
         return jnp.sum(jnp.where(keep, lp + v + ent, 0.0)), (lp, v, ent)
 
     (total_a, outs_a), grads_a = jax.value_and_grad(outputs, has_aux=True)(params, 1)
-    (total_b, outs_b), grads_b = jax.value_and_grad(outputs, has_aux=True)(params, g)
     b, p = r.prompt_tokens_BxP.shape
-    assert seen == [(b, p + n_new), (b // g, p + g * n_new)]
-    assert float(jnp.max(jnp.abs(outs_a[1]))) > 0.1  # values of order 1 are compared
-    for name, x, y in zip(("logp", "values", "entropy"), outs_a, outs_b):
-        np.testing.assert_allclose(np.where(keep, y, 0), np.where(keep, x, 0), rtol=1e-5, atol=1e-5, err_msg=name)
-    np.testing.assert_allclose(total_b, total_a, rtol=1e-5)
-    for path, x in jax.tree_util.tree_leaves_with_path(grads_a):
-        y = functools.reduce(lambda t, k: t[k.key], path, grads_b)
-        np.testing.assert_allclose(y, x, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(x))), err_msg=str(path))
+    # packed rows, with the full-logits head and with the chunked head (12 rows x 6 slots in 3 chunks)
+    for head_rows in (0, 24):
+        seen.clear()
+        (total_b, outs_b), grads_b = jax.value_and_grad(outputs, has_aux=True)(params, g, head_rows)
+        assert seen == [(b // g, p + g * n_new)]
+        assert float(jnp.max(jnp.abs(outs_a[1]))) > 0.1  # values of order 1 are compared
+        for name, x, y in zip(("logp", "values", "entropy"), outs_a, outs_b):
+            np.testing.assert_allclose(np.where(keep, y, 0), np.where(keep, x, 0), rtol=1e-5, atol=1e-5,
+                                       err_msg=f"{name} {head_rows}")
+        np.testing.assert_allclose(total_b, total_a, rtol=1e-5)
+        for path, x in jax.tree_util.tree_leaves_with_path(grads_a):
+            y = functools.reduce(lambda t, k: t[k.key], path, grads_b)
+            np.testing.assert_allclose(y, x, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(x))),
+                                       err_msg=f"{path} {head_rows}")
     with pytest.raises(ValueError, match="does not divide"):
         steps.completion_hidden(policy, cfg, tokens[:-1], attn[:-1], n_new, g)
 
 
 @pytest.mark.parametrize("algo", ["ppo", "grpo"])
 def test_ppo_step_with_shared_prompts_matches_unpacked_rows_on_1_and_8_devices(algo):
-    """PPOConfig.share_prompt: experience and one update over the whole batch (mean over rows, so the
-    group-wise shuffle changes nothing) equal the unpacked ones, on one device and on a data=2 x fsdp=4
-    mesh (4 packed rows of 4 samples)."""
+    """PPOConfig.share_prompt (with the chunked vocabulary head): experience and one update over the whole batch
+    (mean over rows, so the group-wise shuffle changes nothing) equal the unpacked full-logits ones, on one device
+    and on a data=2 x fsdp=4 mesh (4 packed rows of 4 samples)."""
     g = 4
     policy, r, keep = _grouped_rollout(CFG, g, vh=init_value_head(CFG, jax.random.key(2)) if algo == "ppo" else None)
     host_r = jax.device_get(r)
     scores = np.random.default_rng(1).random(4 * g).astype(np.float32)
-    base = PPOConfig(algo=algo, group_size=g, minibatch_size=4 * g, ppo_epochs=1, kl_coef=0.05)
+    base = PPOConfig(algo=algo, group_size=g, minibatch_size=4 * g, ppo_epochs=1, kl_coef=0.05, head_chunk_rows=0)
     tx = make_optimizer(OptimConfig(learning_rate=1e-2, schedule="constant", warmup_ratio=0.0), 4)
     results = {}
     for share, devices in ((False, 1), (True, 1), (True, 8)):
         mesh = _mesh() if devices == 8 else None
-        cfg = dataclasses.replace(base, share_prompt=share)
+        # the shared runs also chunk the vocabulary head (16 rows x 6 slots in 3 chunks)
+        cfg = dataclasses.replace(base, share_prompt=share, head_chunk_rows=32 if share else 0)
         params = {"policy": sharding.place_params(jax.device_get(policy), CFG, mesh)}
         if algo == "ppo":
             params["value_head"] = _place(jax.tree.map(np.asarray, init_value_head(CFG, jax.random.key(2))), mesh)
