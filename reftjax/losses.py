@@ -653,7 +653,7 @@ def _fused_head_logp_bwd(n_chunks, vocab_major, res, cotangents):
 _fused_head_logp.defvjp(_fused_head_logp_fwd, _fused_head_logp_bwd)
 
 
-def fused_token_logprobs(hidden_BxTxD, w_head, targets_BxT, *, vocab_major: bool = True, chunk_rows: int = 512):
+def fused_token_logprobs(hidden_BxTxD, w_head, targets_BxT, *, vocab_major: bool = True, chunk_rows: int = 128):
     """(`token_logprobs`, `token_entropy`) of ``hidden @ head``, without the [B, T, V] logits.
 
     The RL losses' counterpart of `fused_sft_loss`: the head runs over sequence chunks of
