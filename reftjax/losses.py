@@ -488,10 +488,26 @@ def head_chunks(batch: int, length: int, chunk_rows: int) -> int:
     return n
 
 
+def _logits_chunk(h_BxTxD, w, vocab_major: bool):
+    """One chunk's logits ``h @ head`` in (at least) float32; head [V, D] if `vocab_major`, else [D, V]."""
+    acc = jnp.promote_types(h_BxTxD.dtype, jnp.float32)
+    return jnp.einsum("btd,vd->btv" if vocab_major else "btd,dv->btv", h_BxTxD, w).astype(acc)
+
+
+def _head_grads(dz_BxTxV, h_BxTxD, w, vocab_major: bool):
+    """(dh, dw) of `_logits_chunk` for the logits' gradient `dz` (in h's dtype); dw accumulated in float32+."""
+    acc = jnp.promote_types(h_BxTxD.dtype, jnp.float32)
+    if vocab_major:
+        return (jnp.einsum("btv,vd->btd", dz_BxTxV, w),
+                jnp.einsum("btv,btd->vd", dz_BxTxV, h_BxTxD, preferred_element_type=acc))
+    return (jnp.einsum("btv,dv->btd", dz_BxTxV, w),
+            jnp.einsum("btd,btv->dv", h_BxTxD, dz_BxTxV, preferred_element_type=acc))
+
+
 def _head_chunk(h_BxTxD, w, targets_BxT, mask_BxT, vocab_major: bool, with_grad: bool):
     """Logits of one chunk, its summed NLL and correct count; with the NLL-sum's gradients if asked."""
     acc = jnp.promote_types(h_BxTxD.dtype, jnp.float32)
-    z = jnp.einsum("btd,vd->btv" if vocab_major else "btd,dv->btv", h_BxTxD, w).astype(acc)
+    z = _logits_chunk(h_BxTxD, w, vocab_major)
     zmax = jnp.max(z, axis=-1, keepdims=True)
     e = jnp.exp(z - zmax)
     denom = jnp.sum(e, axis=-1, keepdims=True)
@@ -505,12 +521,7 @@ def _head_chunk(h_BxTxD, w, targets_BxT, mask_BxT, vocab_major: bool, with_grad:
     keepf = keep.astype(acc)[..., None]
     onehot = jax.lax.broadcasted_iota(jnp.int32, z.shape, 2) == targets_BxT[..., None].astype(jnp.int32)
     dz = (e * (keepf / denom) - onehot * keepf).astype(h_BxTxD.dtype)
-    if vocab_major:
-        dh = jnp.einsum("btv,vd->btd", dz, w)
-        dw = jnp.einsum("btv,btd->vd", dz, h_BxTxD, preferred_element_type=acc)
-    else:
-        dh = jnp.einsum("btv,dv->btd", dz, w)
-        dw = jnp.einsum("btd,btv->dv", h_BxTxD, dz, preferred_element_type=acc)
+    dh, dw = _head_grads(dz, h_BxTxD, w, vocab_major)
     return nll, correct, dh, dw
 
 
@@ -595,11 +606,6 @@ def fused_sft_loss(hidden_BxTxD, w_head, targets_BxT, loss_mask_BxT, *, vocab_ma
     return nll / denom, {"token_accuracy": correct / denom, "n_tokens": n_tokens}
 
 
-def _logits_chunk(h_BxTxD, w, vocab_major: bool):
-    acc = jnp.promote_types(h_BxTxD.dtype, jnp.float32)
-    return jnp.einsum("btd,vd->btv" if vocab_major else "btd,dv->btv", h_BxTxD, w).astype(acc)
-
-
 def _scan_logp(h_BxTxD, w, targets_BxT, n_chunks: int, vocab_major: bool):
     """Per-position (logp of the target, entropy, logsumexp) over sequence chunks, each [B, T]."""
     def body(_, xs):
@@ -635,14 +641,8 @@ def _fused_head_logp_bwd(n_chunks, vocab_major, res, cotangents):
         onehot = jax.lax.broadcasted_iota(jnp.int32, z.shape, 2) == t_c[..., None].astype(jnp.int32)
         # d logp / dz = onehot - p;  d entropy / dz = -p * (z - lse + H)
         dz = gl_c[..., None] * (onehot - p) - ge_c[..., None] * p * (z - (lse_c - ent_c)[..., None])
-        dz = dz.astype(h_c.dtype)
-        if vocab_major:
-            dh = jnp.einsum("btv,vd->btd", dz, w)
-            dw = dw + jnp.einsum("btv,btd->vd", dz, h_c, preferred_element_type=dw.dtype)
-        else:
-            dh = jnp.einsum("btv,dv->btd", dz, w)
-            dw = dw + jnp.einsum("btd,btv->dv", h_c, dz, preferred_element_type=dw.dtype)
-        return dw, dh
+        dh, dw_c = _head_grads(dz.astype(h_c.dtype), h_c, w, vocab_major)
+        return dw + dw_c, dh
 
     acc = jnp.promote_types(h.dtype, jnp.float32)
     xs = tuple(_split(x, n_chunks) for x in (h, targets, lse, ent, g_logp.astype(acc), g_ent.astype(acc)))
