@@ -45,16 +45,16 @@ def _rl_lines(out):
     return [json.loads(l) for l in p.read_text().splitlines() if '"phase": "rl"' in l]
 
 
-# The kill/resume runs take logp_old and values from the rollout (PPOConfig.experience_from_rollout, a
-# different rollout/experience program) or give the critic its own backbone (PPOConfig.critic="separate", an
-# extra params subtree in every checkpoint); the notebook test below runs the default recomputing path.
+# The kill/resume run gives the critic its own backbone (PPOConfig.critic="separate": an extra params subtree
+# in every checkpoint); the two-process runs take logp_old and values from the rollout
+# (PPOConfig.experience_from_rollout: another rollout/experience program); the notebook test below runs the
+# default recomputing path with the shared critic.
 FAST = ("--set", "rl.ppo.experience_from_rollout=true")
 SEPARATE_CRITIC = ("--set", 'rl.ppo.critic="separate"')
 
 
-@pytest.mark.parametrize("extra", [FAST, SEPARATE_CRITIC], ids=["experience_from_rollout", "separate_critic"])
-def test_pipeline_sigkill_then_resume_completes(tiny_hf_dir, tmp_path, shared_data, extra):
-    out = tmp_path / "run"
+def test_pipeline_sigkill_then_resume_completes(tiny_hf_dir, tmp_path, shared_data):
+    out, extra = tmp_path / "run", SEPARATE_CRITIC
     proc = subprocess.Popen(_cmd(tiny_hf_dir, out, extra), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 600
@@ -72,8 +72,7 @@ def test_pipeline_sigkill_then_resume_completes(tiny_hf_dir, tmp_path, shared_da
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "done" and summary["test_n"] == 4
     ppo = json.loads((out / "config.json").read_text())["rl"]["ppo"]
-    assert (ppo["critic"], ppo["experience_from_rollout"]) == (("separate", False) if extra == SEPARATE_CRITIC
-                                                               else ("shared", True))
+    assert (ppo["critic"], ppo["experience_from_rollout"]) == ("separate", False)
     assert set(summary["test_accuracy"]) == {"base", "sft", "reft"}
     iters = sorted({r["step"] for r in _rl_lines(out)})
     assert iters[-1] == 3 and set(iters) == {1, 2, 3}
@@ -106,7 +105,7 @@ def _deterministic_metrics(out):
             for k, v in sorted(r.items()) if k not in ("phase", "step") and not any(t in k for t in timing)]
 
 
-def _launch_two(model, out, logs):
+def _launch_two(model, out, logs, extra=()):
     """The pipeline as 2 JAX processes x 2 CPU devices on a fresh local coordinator port."""
     port, procs = _free_port(), []
     logs.mkdir(exist_ok=True)
@@ -114,7 +113,7 @@ def _launch_two(model, out, logs):
         env = dict(_env(), XLA_FLAGS="--xla_force_host_platform_device_count=2",
                    JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))
         with open(logs / f"p{i}.err", "a") as err:  # files, not pipes: a full pipe would stall a process
-            procs.append(subprocess.Popen(_cmd(model, out), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+            procs.append(subprocess.Popen(_cmd(model, out, extra), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                                           stderr=err))
     return procs
 
@@ -156,12 +155,13 @@ def test_two_processes_sigkill_then_resume_is_bitwise(tiny_hf_dir, tmp_path, sha
 def test_two_processes_match_one_process(tiny_hf_dir, tmp_path, shared_data):
     """The pipeline as 2 JAX processes x 2 CPU devices (jax.distributed over local processes, one shared
     output directory) logs the metrics and exports the policy of 1 process x 4 devices; process 0 alone
-    writes the logs, samples, reports and exports, and every line is written once."""
+    writes the logs, samples, reports and exports, and every line is written once. Both runs take logp_old
+    and the old values from the rollout (`experience_from_rollout`), whose critic runs inside the decode loop."""
     import numpy as np
 
     multi, single = tmp_path / "multi", tmp_path / "single"
-    _wait_two(_launch_two(tiny_hf_dir, multi, tmp_path / "logs"), tmp_path / "logs")
-    one = subprocess.run(_cmd(tiny_hf_dir, single), cwd=ROOT, capture_output=True, text=True, timeout=900,
+    _wait_two(_launch_two(tiny_hf_dir, multi, tmp_path / "logs", FAST), tmp_path / "logs")
+    one = subprocess.run(_cmd(tiny_hf_dir, single, FAST), cwd=ROOT, capture_output=True, text=True, timeout=900,
                          env=dict(_env(), XLA_FLAGS="--xla_force_host_platform_device_count=4"))
     assert one.returncode == 0, one.stderr[-3000:]
 
@@ -173,6 +173,7 @@ def test_two_processes_match_one_process(tiny_hf_dir, tmp_path, shared_data):
         else:
             assert g[3] == w[3], (g, w)
     assert json.loads((multi / "summary.json").read_text())["status"] == "done"
+    assert json.loads((multi / "config.json").read_text())["rl"]["ppo"]["experience_from_rollout"] is True
     for which in ("final", "best"):
         a, b = _exported(multi, which), _exported(single, which)
         assert a.keys() == b.keys()
