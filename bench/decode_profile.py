@@ -76,7 +76,7 @@ def main(argv=None) -> int:
         if e.get("ph") == "X":
             per_op[e["name"]][0] += 1
             per_op[e["name"]][1] += e.get("dur", 0.0)
-    hlo = ro._rollout_jit.lower(model.params, tokens, mask, jax.random.key(0), model_cfg=model.config,
+    hlo = ro._rollout_jit.lower(model.params, tokens, mask, jax.random.key(0), None, model_cfg=model.config,
                                 cfg=cfg).compile().as_text()
     names = _op_names(hlo)
     groups = collections.defaultdict(float)
