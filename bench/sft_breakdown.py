@@ -1,6 +1,6 @@
 """Where an SFT step's time goes: reftjax vs torch, piece by piece (SmolLM2-135M, 8 x 256, fp32, CPU).
 
-    python bench/sft_breakdown.py [REMAT] [REPEATS]     # REMAT: none|dots|full (default none), REPEATS 2
+    python bench/sft_breakdown.py [REMAT] [REPEATS] [BATCH] [SEQ]   # none|dots|full (default none), 2, 8, 256
 
 Prints one JSON line of median seconds: forward + loss, forward + backward, the trunk alone
 (backward of sum(hidden)), the 49152-vocab head + loss alone (hidden states given), reftjax's full
@@ -20,7 +20,8 @@ from reftjax.steps import OptimConfig, init_state, make_optimizer, make_sft_step
 torch.set_num_threads(2)
 remat = sys.argv[1] if len(sys.argv) > 1 else "none"
 R = int(sys.argv[2]) if len(sys.argv) > 2 else 2
-b, t = 8, 256
+b = int(sys.argv[3]) if len(sys.argv) > 3 else 8
+t = int(sys.argv[4]) if len(sys.argv) > 4 else 256
 model = load_model("default", remat=remat); cfg = model.config
 toks = np.random.default_rng(0).integers(3, cfg.vocab_size, size=(b, t)).astype(np.int32)
 batch = {"tokens": jnp.asarray(toks), "attn_mask": jnp.ones((b, t), jnp.int32), "loss_mask": jnp.ones((b, t), jnp.int32)}
