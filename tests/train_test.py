@@ -219,7 +219,12 @@ def test_notebook_executes_on_cpu(tiny_hf_dir, tmp_path, shared_data):
     nb.cells.insert(0, env_cell)
     client = nbclient.NotebookClient(nb, timeout=900, kernel_name="python3",
                                      resources={"metadata": {"path": str(ROOT)}})
+    import tempfile
+
+    stray = lambda: set(pathlib.Path(tempfile.gettempdir()).glob("reftjax_nb_*"))  # noqa: E731
+    before = stray()
     client.execute(env=_env())
     assert (tmp_path / "nb" / "summary.md").exists()
+    assert stray() == before  # REFTJAX_NB_OUT given: no stray temporary run directory
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert any(o.get("output_type") == "display_data" and "image/png" in o.get("data", {}) for o in outputs)
