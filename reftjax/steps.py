@@ -118,7 +118,9 @@ class PPOConfig:
         returns n = group_size samples per prompt; PPO then needs sampling n = group_size too);
         minibatches are drawn as whole groups, and the mesh's batch axes (data x fsdp) should
         divide minibatch_size / group_size packed rows (otherwise XLA reshards them: still
-        correct, tested on 8 devices with 4 packed rows, but slower).
+        correct, tested on 8 devices with 4 packed rows, but slower). The packed row's attention is
+        dense over P + g*N slots ((P + g*N)^2 scores vs g (P + N)^2 unpacked), so with many long
+        completions per prompt (g*N >> P) it costs more attention memory than it saves.
       head_chunk_rows: rows (batch x positions) per chunk of the vocabulary head in the experience
         and update forwards (`losses.fused_token_logprobs`: no [B, N, V] logits, their softmax or
         gradient in memory; the backward recomputes each chunk's logits). 0 builds full logits.
