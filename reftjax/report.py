@@ -12,6 +12,11 @@ def _pct(x):
     return None if x is None else round(100.0 * x, 2)
 
 
+def _cell(x) -> str:
+    """A Markdown table cell: a missing figure (stage not evaluated, voting off) reads "-"."""
+    return "-" if x is None else str(x)
+
+
 def write_summary(out: pathlib.Path, cfg, evals: dict, wall_seconds: float, write: bool = True) -> dict:
     """Accuracy before SFT, after warm-up and after ReFT (greedy and voting), as JSON and Markdown
     (`write=False`: only the dict, for the non-writing processes of a multi-process run)."""
@@ -39,9 +44,9 @@ def write_summary(out: pathlib.Path, cfg, evals: dict, wall_seconds: float, writ
         f"Model selection on a validation split only (never on test).", "",
         f"| stage | greedy top-1 (%) | voting@{cfg.eval.voting_k or '-'} (%) |",
         "|---|---|---|",
-        f"| before SFT | {t['base']} | - |",
-        f"| after SFT warm-up | {t['sft']} | {v['sft']} |",
-        f"| after ReFT ({cfg.rl.ppo.algo}) | {t['reft']} | {v['reft']} |", "",
+        f"| before SFT | {_cell(t['base'])} | - |",
+        f"| after SFT warm-up | {_cell(t['sft'])} | {_cell(v['sft'])} |",
+        f"| after ReFT ({cfg.rl.ppo.algo}) | {_cell(t['reft'])} | {_cell(v['reft'])} |", "",
         f"Validation accuracy during RL: {summary['val_accuracy']['rl']}", "",
         f"Wall time of the last invocation: {summary['wall_seconds']} s.", "",
         "Plots: plots/reward.png, plots/kl.png, plots/response_length.png, plots/val_accuracy.png",

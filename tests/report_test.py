@@ -1,0 +1,48 @@
+"""summary.json / summary.md of a run (`reftjax.report.write_summary`)."""
+import dataclasses
+import json
+
+from reftjax.config import ExperimentConfig
+from reftjax.evaluate import EvalConfig
+
+
+def _evals(voting: bool, base: bool):
+    vote = {"voting_accuracy": 0.5} if voting else {}
+    evals = {"test_sft": {"accuracy": 0.125, "n": 8, **vote}, "test_reft": {"accuracy": 0.25, "n": 8, **vote},
+             "val_sft": {"accuracy": 0.5}, "val_rl_3": {"accuracy": 0.75}}
+    if base:
+        evals["test_base"] = {"accuracy": 0.0, "n": 8}
+    return evals
+
+
+def test_summary_table_shows_dash_for_missing_figures_and_json_keeps_null(tmp_path):
+    from reftjax.report import write_summary
+
+    cfg = dataclasses.replace(ExperimentConfig(), eval=EvalConfig(voting_k=0))
+    summary = write_summary(tmp_path, cfg, _evals(voting=False, base=False), 12.34)
+    md = (tmp_path / "summary.md").read_text()
+    assert "None" not in md
+    assert "| stage | greedy top-1 (%) | voting@- (%) |" in md
+    assert "| before SFT | - | - |" in md
+    assert "| after SFT warm-up | 12.5 | - |" in md and "| after ReFT (ppo) | 25.0 | - |" in md
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    assert on_disk["test_accuracy"] == {"base": None, "sft": 12.5, "reft": 25.0} == summary["test_accuracy"]
+    assert on_disk["test_voting_accuracy"] == {"sft": None, "reft": None, "k": 0}
+    assert on_disk["val_accuracy"] == {"sft": 50.0, "rl": {"3": 75.0}} and on_disk["test_n"] == 8
+
+
+def test_summary_table_with_voting_and_base(tmp_path):
+    from reftjax.report import write_summary
+
+    cfg = dataclasses.replace(ExperimentConfig(), eval=EvalConfig(voting_k=16))
+    write_summary(tmp_path, cfg, _evals(voting=True, base=True), 1.0)
+    md = (tmp_path / "summary.md").read_text()
+    assert "| stage | greedy top-1 (%) | voting@16 (%) |" in md
+    assert "| before SFT | 0.0 | - |" in md and "| after ReFT (ppo) | 25.0 | 50.0 |" in md
+
+
+def test_no_files_when_not_writing(tmp_path):
+    from reftjax.report import write_summary
+
+    summary = write_summary(tmp_path, ExperimentConfig(), _evals(voting=False, base=True), 1.0, write=False)
+    assert summary["status"] == "done" and not list(tmp_path.iterdir())
