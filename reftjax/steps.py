@@ -118,9 +118,9 @@ class PPOConfig:
         returns n = group_size samples per prompt; PPO then needs sampling n = group_size too);
         minibatches are drawn as whole groups, and the mesh's batch axes (data x fsdp) should
         divide minibatch_size / group_size packed rows (otherwise XLA reshards them: still
-        correct, tested on 8 devices with 4 packed rows, but slower). The packed row's attention is
-        dense over P + g*N slots ((P + g*N)^2 scores vs g (P + N)^2 unpacked), so with many long
-        completions per prompt (g*N >> P) it costs more attention memory than it saves.
+        correct, tested on 8 devices with 4 packed rows, but slower). Attention runs in blocks (the
+        prompt over itself, each completion over the prompt and itself: P^2 + g N (P + N) scores),
+        never densely over the P + g*N packed slots.
       head_chunk_rows: rows (batch x positions) per chunk of the vocabulary head in the experience
         and update forwards (`losses.fused_token_logprobs`: no [B, N, V] logits, their softmax or
         gradient in memory; the backward recomputes each chunk's logits). 0 builds full logits.
@@ -408,7 +408,8 @@ def completion_hidden(trunk: dict, model_cfg: ModelConfig, tokens_BxL, attn_mask
     `share_prompt` = g > 1 runs each prompt once for its g samples: rows must be prompt-major
     (rows g*k .. g*k+g-1 share one prompt, as `rollout` returns them). The g completions are
     packed behind their prompt in one row, [prompt | c_1 | ... | c_g], each attending to the
-    prompt and to itself only (`segment_mask`), at the positions the unpacked rows would have.
+    prompt and to itself only (`llama.prefix_group_masks`), at the positions the unpacked rows
+    would have.
     Same math as the unpacked forward (equal up to float summation order) for (g-1)/g fewer
     prompt tokens through the trunk, forward and backward.
     """
@@ -421,9 +422,8 @@ def completion_hidden(trunk: dict, model_cfg: ModelConfig, tokens_BxL, attn_mask
         raise ValueError(f"share_prompt={g} does not divide the {b} rows")
     pos = positions_from_mask(attn_mask_BxL)  # the unpacked rows' positions, packed like the tokens
     pack = lambda x: jnp.concatenate([x[::g, :p], x[:, p:].reshape(b // g, g * n)], axis=1)  # noqa: E731
-    seg = np.concatenate([np.zeros(p, np.int32), np.repeat(np.arange(1, g + 1, dtype=np.int32), n)])
     _, hidden = forward(trunk, model_cfg, pack(tokens_BxL), pack(attn_mask_BxL), pack(pos), return_logits=False,
-                        segment_ids_BxT=jnp.broadcast_to(jnp.asarray(seg)[None, :], (b // g, p + g * n)))
+                        shared_prefix=(p, g))
     # completion j's token 0 is predicted from the shared prompt's last slot, token i > 0 from its own slot i-1
     idx = np.array([[p - 1] + [p + j * n + i - 1 for i in range(1, n)] for j in range(g)], np.int32)
     return hidden[:, idx].reshape(b, n, hidden.shape[-1])

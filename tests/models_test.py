@@ -244,3 +244,41 @@ def test_attention_core_gradient_is_numerically_right():
         q, k, v, mask, _ = _attention_inputs(jnp.float64, b=2, t=5, d=4)
         check_grads(lambda q, k, v: attention_core(q, k, v, mask), (q, k, v), order=1, modes=["rev"],
                     atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_prefix_group_masks_are_the_blocks_of_the_dense_packed_mask(window):
+    """prefix_group_masks for rows [prefix | c_1 .. c_g]: the prefix block and each continuation's (prefix keys,
+    own keys) block equal a NumPy dense mask of the packed row (a query sees earlier slots of its own segment and
+    of the prefix, valid keys only, window counted in positions); the blocks they leave out (another continuation's
+    keys) are all masked in the dense one."""
+    from reftjax.models.llama import prefix_group_masks
+
+    b, p, g, n = 2, 5, 3, 4
+    t = p + g * n
+    valid = np.ones((b, t), bool)
+    valid[0, :2] = False  # left-padded prefix
+    valid[1, p + n + 2:p + 2 * n] = False  # continuation 2 stopped early
+    prefix_pos = np.maximum(np.cumsum(valid[:, :p], 1) - 1, 0)
+    pos = np.concatenate([prefix_pos, np.tile(prefix_pos[:, -1:] + 1 + np.arange(n)[None], (1, g))], axis=1)
+    seg = np.concatenate([np.zeros(p, int), np.repeat(np.arange(1, g + 1), n)])
+    dense = np.zeros((b, t, t), bool)
+    for i in range(b):
+        for q in range(t):
+            for k in range(t):
+                ok = k <= q and (seg[k] == seg[q] or seg[k] == 0) and valid[i, k]
+                dense[i, q, k] = ok and (not window or pos[i, q] - pos[i, k] < window)
+    m_pp, m_c = jax.device_get(prefix_group_masks(jnp.asarray(valid), jnp.asarray(pos), p, g, window))
+    assert m_pp.shape == (b, p, p) and m_c.shape == (b * g, n, p + n)
+    np.testing.assert_array_equal(m_pp, dense[:, :p, :p])
+    for j in range(g):
+        rows = slice(p + j * n, p + (j + 1) * n)
+        np.testing.assert_array_equal(m_c.reshape(b, g, n, p + n)[:, j], np.concatenate(
+            [dense[:, rows, :p], dense[:, rows, rows]], axis=2))
+        others = np.ones(t, bool)
+        others[:p] = False
+        others[rows] = False
+        assert not dense[:, rows][:, :, others].any()
+    assert not dense[:, :p, p:].any()
+    with pytest.raises(ValueError, match="not a prefix of 5 plus 3"):
+        prefix_group_masks(jnp.asarray(valid[:, :-1]), jnp.asarray(pos[:, :-1]), p, g, window)

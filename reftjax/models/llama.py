@@ -99,21 +99,32 @@ def attention_mask(q_slots_T: jax.Array, k_slots_S: jax.Array, key_valid_BxS: ja
     return allowed_TxS[None, :, :] & key_valid_BxS.astype(bool)[:, None, :]
 
 
-def segment_mask(segment_ids_BxT: jax.Array, key_valid_BxT: jax.Array, positions_BxT: jax.Array,
-                 sliding_window: int | None) -> jax.Array:
-    """Boolean [B, T, T] for rows packing one shared prefix (segment 0) and its continuations.
+def prefix_group_masks(key_valid_BxT: jax.Array, positions_BxT: jax.Array, prefix_len: int, group: int,
+                       sliding_window: int | None) -> tuple[jax.Array, jax.Array]:
+    """Masks of rows packing one prefix and `group` continuations: ``[prefix | c_1 | ... | c_g]``.
 
-    Segment 0 is the prefix; segments 1, 2, ... each continue it independently. A query
-    sees earlier slots of its own segment and of segment 0, never another continuation.
-    The sliding window counts positions (slots are not contiguous across segments).
+    The prefix (P slots) attends causally to itself; each continuation (N slots) to the
+    prefix and causally to itself, never to another continuation. Returns the prefix
+    block [B, P, P] and the continuation blocks [B * g, N, P + N] (keys: the prefix, then
+    the continuation's own slots), which `_attend_prefix_groups` consumes: attention costs
+    P^2 + g N (P + N) scores instead of the dense (P + g N)^2. The sliding window counts
+    positions (slots are not contiguous across continuations).
     """
-    t = segment_ids_BxT.shape[1]
-    slots = jnp.arange(t)
-    seg_q, seg_k = segment_ids_BxT[:, :, None], segment_ids_BxT[:, None, :]
-    allowed = (slots[None, None, :] <= slots[None, :, None]) & ((seg_k == seg_q) | (seg_k == 0))
+    b, t = key_valid_BxT.shape
+    p, g = prefix_len, group
+    n = (t - p) // g
+    if p < 1 or g < 1 or p + g * n != t:
+        raise ValueError(f"{t} slots are not a prefix of {p} plus {g} equal continuations")
+    valid, pos = key_valid_BxT.astype(bool), positions_BxT
+    m_pp = (jnp.arange(p)[None, :] <= jnp.arange(p)[:, None])[None] & valid[:, None, :p]
+    group_view = lambda x: jnp.concatenate(  # noqa: E731  [B, T] -> [B, g, P + N]: the prefix, then c_j
+        [jnp.broadcast_to(x[:, None, :p], (b, g, p)), x[:, p:].reshape(b, g, n)], axis=2)
+    causal_c = jnp.concatenate([jnp.ones((n, p), bool), jnp.arange(n)[None, :] <= jnp.arange(n)[:, None]], axis=1)
+    m_c = causal_c[None, None] & group_view(valid)[:, :, None, :]
     if sliding_window:
-        allowed &= (positions_BxT[:, :, None] - positions_BxT[:, None, :]) < sliding_window
-    return allowed & key_valid_BxT.astype(bool)[:, None, :]
+        m_pp &= (pos[:, :p, None] - pos[:, None, :p]) < sliding_window
+        m_c &= (pos[:, p:].reshape(b, g, n)[..., None] - group_view(pos)[:, :, None, :]) < sliding_window
+    return m_pp, m_c.reshape(b * g, n, p + n)
 
 
 def positions_from_mask(attn_mask_BxT: jax.Array) -> jax.Array:
@@ -220,6 +231,26 @@ def _attend(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS):
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h * d)
 
 
+def _attend_prefix_groups(q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, mask_pp, mask_c):
+    """`_attend` over rows packing a prefix and g continuations (masks from `prefix_group_masks`).
+
+    Two attention calls instead of one over all slots: the prefix over itself, and each
+    continuation (as its own row) over the prefix's keys/values (broadcast g times) and its
+    own; the gradient of the broadcast sums over the group.
+    """
+    b, t, h, d = q_BxTxHxD.shape
+    kv, p, n = k_BxTxKxD.shape[2], mask_pp.shape[1], mask_c.shape[1]
+    g = mask_c.shape[0] // b
+    out_p = _attend(q_BxTxHxD[:, :p], k_BxTxKxD[:, :p], v_BxTxKxD[:, :p], mask_pp)
+
+    def keys(x):  # [B, T, K, D] -> [B * g, P + N, K, D]
+        shared = jnp.broadcast_to(x[:, None, :p], (b, g, p, kv, d))
+        return jnp.concatenate([shared, x[:, p:].reshape(b, g, n, kv, d)], axis=2).reshape(b * g, p + n, kv, d)
+
+    out_c = _attend(q_BxTxHxD[:, p:].reshape(b * g, n, h, d), keys(k_BxTxKxD), keys(v_BxTxKxD), mask_c)
+    return jnp.concatenate([out_p, out_c.reshape(b, g * n, h * d)], axis=1)
+
+
 class Attention(nn.Module):
     cfg: ModelConfig
 
@@ -233,7 +264,8 @@ class Attention(nn.Module):
         v = _dense(cfg, kvh * hd, (EMBED, KV_HEADS), "v_proj", cfg.qkv_bias)(x_BxTxD).reshape(b, t, kvh, hd)
         inv_freq = rope_inv_freq(cfg)
         q, k = apply_rope(q, positions_BxT, inv_freq), apply_rope(k, positions_BxT, inv_freq)
-        out = _attend(q, k, v, mask_BxTxS)
+        # a (prefix block, continuation blocks) pair: packed rows (`prefix_group_masks`)
+        out = _attend_prefix_groups(q, k, v, *mask_BxTxS) if isinstance(mask_BxTxS, tuple) else _attend(q, k, v, mask_BxTxS)
         return _dense(cfg, cfg.hidden_size, (Q_HEADS, EMBED), "o_proj")(out), KVCache(k, v)
 
 
@@ -331,17 +363,17 @@ class Transformer(nn.Module):
 
     @nn.compact
     def __call__(self, tokens_BxT, positions_BxT, attn_mask_BxT, return_logits: bool = True,
-                 segment_ids_BxT=None):
+                 shared_prefix: tuple[int, int] | None = None):
         cfg = self.cfg
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
                          embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), (VOCAB, EMBED)),
                          name="embed_tokens")
         x = embed(tokens_BxT)
-        if segment_ids_BxT is None:
+        if shared_prefix is None:
             slots = jnp.arange(tokens_BxT.shape[1])
             mask = attention_mask(slots, slots, attn_mask_BxT, cfg.sliding_window)
         else:
-            mask = segment_mask(segment_ids_BxT, attn_mask_BxT, positions_BxT, cfg.sliding_window)
+            mask = prefix_group_masks(attn_mask_BxT, positions_BxT, *shared_prefix, cfg.sliding_window)
         block = DecoderLayer
         if cfg.remat != "none":
             block = nn.remat(block, policy=_remat_policy(cfg.remat), prevent_cse=False)
@@ -376,17 +408,18 @@ def param_logical_axes(cfg: ModelConfig):
 
 
 def forward(params, cfg: ModelConfig, tokens_BxT, attn_mask_BxT, positions_BxT=None, return_logits=True,
-            segment_ids_BxT=None):
+            shared_prefix: tuple[int, int] | None = None):
     """(logits_BxTxV | None, hidden_BxTxD) of a left-padded batch.
 
-    `segment_ids_BxT` (with explicit positions) switches to packed rows: see `segment_mask`.
+    `shared_prefix=(P, g)` (with explicit positions) switches to packed rows
+    ``[prefix (P slots) | c_1 | ... | c_g]``: see `prefix_group_masks`.
     """
     if positions_BxT is None:
-        if segment_ids_BxT is not None:
-            raise ValueError("packed rows (segment_ids_BxT) need explicit positions_BxT")
+        if shared_prefix is not None:
+            raise ValueError("packed rows (shared_prefix) need explicit positions_BxT")
         positions_BxT = positions_from_mask(attn_mask_BxT)
     logits, hidden, _ = Transformer(cfg).apply({"params": params}, tokens_BxT, positions_BxT, attn_mask_BxT,
-                                               return_logits=return_logits, segment_ids_BxT=segment_ids_BxT)
+                                               return_logits=return_logits, shared_prefix=shared_prefix)
     return logits, hidden
 
 
