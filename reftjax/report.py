@@ -17,9 +17,12 @@ def _cell(x) -> str:
     return "-" if x is None else str(x)
 
 
-def write_summary(out: pathlib.Path, cfg, evals: dict, wall_seconds: float, write: bool = True) -> dict:
+def write_summary(out: pathlib.Path, cfg, evals: dict, wall_seconds: float, write: bool = True,
+                  data_stats: dict | None = None) -> dict:
     """Accuracy before SFT, after warm-up and after ReFT (greedy and voting), as JSON and Markdown
-    (`write=False`: only the dict, for the non-writing processes of a multi-process run)."""
+    (`write=False`: only the dict, for the non-writing processes of a multi-process run).
+    `data_stats`: per-split tokenization counts (`train.split_stats`); examples dropped by the
+    length limits are named next to the test size, since accuracy is over the kept ones."""
     def acc(name, key="accuracy"):
         return evals.get(name, {}).get(key)
 
@@ -32,15 +35,21 @@ def write_summary(out: pathlib.Path, cfg, evals: dict, wall_seconds: float, writ
         "test_voting_accuracy": {"sft": _pct(acc("test_sft", "voting_accuracy")),
                                  "reft": _pct(acc("test_reft", "voting_accuracy")), "k": cfg.eval.voting_k},
         "val_accuracy": {"sft": _pct(acc("val_sft")), "rl": {k: _pct(v) for k, v in sorted(val_rl.items())}},
+        "data_stats": data_stats,
         "config": to_dict(cfg),
     }
     if not write:
         return summary
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     t, v = summary["test_accuracy"], summary["test_voting_accuracy"]
+    test_stats = (data_stats or {}).get("test") or {}
+    dropped = ""
+    if test_stats.get("dropped"):
+        dropped = (f" ({test_stats['dropped']} of {test_stats['examples']} test examples dropped: prompt longer "
+                   f"than data.tokenize.max_prompt_len = {cfg.data.tokenize.max_prompt_len})")
     lines = [
         f"# {cfg.name}: {cfg.model}", "",
-        f"Test set: {cfg.data.test_dataset}/{cfg.data.test_split}, n = {summary['test_n']}. "
+        f"Test set: {cfg.data.test_dataset}/{cfg.data.test_split}, n = {summary['test_n']}{dropped}. "
         f"Model selection on a validation split only (never on test).", "",
         f"| stage | greedy top-1 (%) | voting@{cfg.eval.voting_k or '-'} (%) |",
         "|---|---|---|",

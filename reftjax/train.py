@@ -69,8 +69,23 @@ def prepare_data(cfg: ExperimentConfig, tokenizer) -> Data:
     test = load_examples(d.test_dataset, split=d.test_split)
     test = test[: d.n_test] if d.n_test else test
     tok = lambda exs, targets: tokenize_examples(exs, tokenizer, d.prompt, d.tokenize, with_targets=targets)  # noqa: E731
-    return Data(tok(train, True), tok(val, False), tok(test, False),
+    data = Data(tok(train, True), tok(val, False), tok(test, False),
                 [_item(e) for e in train], [_item(e) for e in val], [_item(e) for e in test])
+    for split, ds in (("train", data.train_ds), ("val", data.val_ds), ("test", data.test_ds)):
+        st = ds.stats
+        if st["dropped"] or st["prompt_truncated"] or st["target_truncated"]:
+            log.warning("%s split: %d of %d examples dropped, %d prompts and %d targets truncated by the length limits "
+                        "(data.tokenize: max_prompt_len=%d, max_target_len=%d, truncation=%r)%s", split, st["dropped"],
+                        st["examples"], st["prompt_truncated"], st["target_truncated"], d.tokenize.max_prompt_len,
+                        d.tokenize.max_target_len, d.tokenize.truncation,
+                        "; its accuracy is over the kept examples only" if split != "train" else "")
+    return data
+
+
+def split_stats(data: Data) -> dict:
+    """Per-split tokenization counts (examples, kept, dropped, truncated) for the run summary."""
+    return {split: dict(ds.stats) for split, ds in (("train", data.train_ds), ("val", data.val_ds),
+                                                     ("test", data.test_ds))}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -343,7 +358,7 @@ def run(cfg: ExperimentConfig, out_dir: str | pathlib.Path, *, progress: bool = 
                 save_hf(out / "hf" / name, params, model.config, model.hf_config, model.tokenizer)
     logger.close()
     summary = report.write_summary(out, cfg, _load_evals(out), wall_seconds=time.time() - t_start,
-                                   write=is_primary())
+                                   write=is_primary(), data_stats=split_stats(data))
     if is_primary():
         report.plot_run(out)
     del test_rl

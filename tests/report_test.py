@@ -46,3 +46,33 @@ def test_no_files_when_not_writing(tmp_path):
 
     summary = write_summary(tmp_path, ExperimentConfig(), _evals(voting=False, base=True), 1.0, write=False)
     assert summary["status"] == "done" and not list(tmp_path.iterdir())
+
+
+def test_summary_names_test_examples_dropped_by_length(tmp_path):
+    from reftjax.report import write_summary
+
+    stats = {"test": {"examples": 32, "kept": 30, "dropped": 2, "prompt_truncated": 0, "target_truncated": 0}}
+    summary = write_summary(tmp_path, ExperimentConfig(), _evals(voting=False, base=True), 1.0, data_stats=stats)
+    assert summary["data_stats"] == stats
+    md = (tmp_path / "summary.md").read_text()
+    assert "n = 8 (2 of 32 test examples dropped: prompt longer than data.tokenize.max_prompt_len = 300)" in md
+
+
+def test_prepare_data_warns_about_examples_dropped_by_length(smollm_tokenizer, shared_data, caplog, monkeypatch):
+    """GSM8K with a 100-token prompt limit: some test questions do not fit; the run says so (per split, with the
+    limit) instead of evaluating on fewer examples silently, and the counts reach the summary."""
+    from reftjax.data import TokenizeConfig
+    from reftjax.train import prepare_data, split_stats
+
+    monkeypatch.setenv("REFTJAX_GSM8K_DIR", str(shared_data / "gsm8k"))
+    data_cfg = dataclasses.replace(ExperimentConfig().data, n_train=8, n_val=8, n_test=64,
+                                   tokenize=TokenizeConfig(max_prompt_len=100, max_target_len=400))
+    cfg = dataclasses.replace(ExperimentConfig(), data=data_cfg)
+    with caplog.at_level("WARNING", logger="reftjax"):
+        data = prepare_data(cfg, smollm_tokenizer)
+    st = split_stats(data)
+    assert st["test"]["examples"] == 64 and 0 < st["test"]["dropped"] < 64
+    assert st["test"]["kept"] == len(data.test_ds.prompt) == 64 - st["test"]["dropped"]
+    msgs = [r.getMessage() for r in caplog.records if r.getMessage().startswith("test split:")]
+    assert msgs and f"{st['test']['dropped']} of 64 examples dropped" in msgs[0] and "max_prompt_len=100" in msgs[0]
+    assert "kept examples only" in msgs[0]
