@@ -71,8 +71,7 @@ def prepare_data(cfg: ExperimentConfig, tokenizer) -> Data:
     tok = lambda exs, targets: tokenize_examples(exs, tokenizer, d.prompt, d.tokenize, with_targets=targets)  # noqa: E731
     data = Data(tok(train, True), tok(val, False), tok(test, False),
                 [_item(e) for e in train], [_item(e) for e in val], [_item(e) for e in test])
-    for split, ds in (("train", data.train_ds), ("val", data.val_ds), ("test", data.test_ds)):
-        st = ds.stats
+    for split, st in split_stats(data).items():
         if st["dropped"] or st["prompt_truncated"] or st["target_truncated"]:
             log.warning("%s split: %d of %d examples dropped, %d prompts and %d targets truncated by the length limits "
                         "(data.tokenize: max_prompt_len=%d, max_target_len=%d, truncation=%r)%s", split, st["dropped"],

@@ -264,8 +264,10 @@ class Attention(nn.Module):
         v = _dense(cfg, kvh * hd, (EMBED, KV_HEADS), "v_proj", cfg.qkv_bias)(x_BxTxD).reshape(b, t, kvh, hd)
         inv_freq = rope_inv_freq(cfg)
         q, k = apply_rope(q, positions_BxT, inv_freq), apply_rope(k, positions_BxT, inv_freq)
-        # a (prefix block, continuation blocks) pair: packed rows (`prefix_group_masks`)
-        out = _attend_prefix_groups(q, k, v, *mask_BxTxS) if isinstance(mask_BxTxS, tuple) else _attend(q, k, v, mask_BxTxS)
+        if isinstance(mask_BxTxS, tuple):  # (prefix block, continuation blocks): packed rows, `prefix_group_masks`
+            out = _attend_prefix_groups(q, k, v, *mask_BxTxS)
+        else:
+            out = _attend(q, k, v, mask_BxTxS)
         return _dense(cfg, cfg.hidden_size, (Q_HEADS, EMBED), "o_proj")(out), KVCache(k, v)
 
 
