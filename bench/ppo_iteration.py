@@ -34,7 +34,8 @@ Keys: per algo `<algo>_iter_s` (median), `<algo>_rollout_s`/`_experience_s`/`_up
 (page faults, zeroing and compacting memory; the phase after a switch pays for the other framework's freed memory).
 MFU counts forward FLOPs as `ModelConfig.flops_per_token(len/2)` per real (non-pad) token:
 rollout 1x, experience 2x (policy, reference; 1x with --experience-from-rollout), each update epoch 3x,
-the last two over packed rows with --share-prompt (each prompt once per group: the FLOPs executed) (TRL: generation 1x,
+the last two with --share-prompt over each prompt once per group and each completion attending to its prompt and
+itself (the FLOPs executed by the blocked attention) (TRL: generation 1x,
 training 3x + 1x for the gradient-checkpointing recompute is *not* counted), over the GEMM
 peak `reftjax.metrics.measured_peak_flops()`.
 """
@@ -82,6 +83,16 @@ def _sys_s() -> float:
 def _seq_flops(model_cfg, lengths) -> float:
     """Forward FLOPs of a batch of sequences with these real lengths."""
     return float(sum(model_cfg.flops_per_token(int(n) // 2) * int(n) for n in lengths))
+
+
+def _shared_prompt_flops(model_cfg, prompt_lengths, gen_lengths, group: int) -> float:
+    """Forward FLOPs of the experience/update forwards: with shared prompts (group > 1) each prompt runs once and
+    each completion attends to its prompt and itself (the blocked attention of `llama.prefix_group_masks`)."""
+    prompts, gens = [int(x) for x in prompt_lengths], [int(x) for x in gen_lengths]
+    if group <= 1:
+        return _seq_flops(model_cfg, [p + c for p, c in zip(prompts, gens)])
+    completions = sum(model_cfg.flops_per_token(p + c // 2) * c for p, c in zip(prompts, gens))
+    return _seq_flops(model_cfg, prompts[::group]) + float(completions)
 
 
 class ReftjaxRL:
@@ -145,12 +156,11 @@ class ReftjaxRL:
         prompt = np.asarray(ro.prompt_mask_BxP).sum(axis=1)
         lengths = prompt + gen
         # executed FLOPs: with share_prompt the experience and update forwards run each prompt once per group
-        packed = prompt[::self.group] + gen.reshape(-1, self.group).sum(axis=1)
+        packed = _shared_prompt_flops(self.cfg, prompt, gen, self.group)
         rec = {"iter_s": t3 - t0, "rollout_s": t1 - t0, "experience_s": t2 - t1, "update_s": t3 - t2,
                "rollout_sys_s": c1 - c0, "experience_sys_s": c2 - c1, "update_sys_s": c3 - c2,
                "gen_tokens": int(gen.sum()),
-               "flops": _seq_flops(self.cfg, lengths) + _seq_flops(self.cfg, packed) * ((1 if self.fast else 2)
-                                                                                       + 3 * self.epochs),
+               "flops": _seq_flops(self.cfg, lengths) + packed * ((1 if self.fast else 2) + 3 * self.epochs),
                "reward": float(em["reward"]), "loss": float(m["loss"])}
         self.records.append(rec)
         print(f"[{self.algo}] {json.dumps({k: round(v, 2) for k, v in rec.items()})}", file=sys.stderr)
