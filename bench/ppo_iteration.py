@@ -86,11 +86,9 @@ def _seq_flops(model_cfg, lengths) -> float:
 
 
 def _shared_prompt_flops(model_cfg, prompt_lengths, gen_lengths, group: int) -> float:
-    """Forward FLOPs of the experience/update forwards: with shared prompts (group > 1) each prompt runs once and
-    each completion attends to its prompt and itself (the blocked attention of `llama.prefix_group_masks`)."""
+    """Forward FLOPs of a shared-prompt forward: each prompt once per group, each completion attending to its
+    prompt and itself (the blocked attention of `llama.prefix_group_masks`)."""
     prompts, gens = [int(x) for x in prompt_lengths], [int(x) for x in gen_lengths]
-    if group <= 1:
-        return _seq_flops(model_cfg, [p + c for p, c in zip(prompts, gens)])
     completions = sum(model_cfg.flops_per_token(p + c // 2) * c for p, c in zip(prompts, gens))
     return _seq_flops(model_cfg, prompts[::group]) + float(completions)
 
@@ -156,11 +154,12 @@ class ReftjaxRL:
         prompt = np.asarray(ro.prompt_mask_BxP).sum(axis=1)
         lengths = prompt + gen
         # executed FLOPs: with share_prompt the experience and update forwards run each prompt once per group
-        packed = _shared_prompt_flops(self.cfg, prompt, gen, self.group)
+        full = _seq_flops(self.cfg, lengths)
+        packed = full if self.group <= 1 else _shared_prompt_flops(self.cfg, prompt, gen, self.group)
         rec = {"iter_s": t3 - t0, "rollout_s": t1 - t0, "experience_s": t2 - t1, "update_s": t3 - t2,
                "rollout_sys_s": c1 - c0, "experience_sys_s": c2 - c1, "update_sys_s": c3 - c2,
                "gen_tokens": int(gen.sum()),
-               "flops": _seq_flops(self.cfg, lengths) + packed * ((1 if self.fast else 2) + 3 * self.epochs),
+               "flops": full + packed * ((1 if self.fast else 2) + 3 * self.epochs),
                "reward": float(em["reward"]), "loss": float(m["loss"])}
         self.records.append(rec)
         print(f"[{self.algo}] {json.dumps({k: round(v, 2) for k, v in rec.items()})}", file=sys.stderr)

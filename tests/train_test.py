@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -219,8 +220,6 @@ def test_notebook_executes_on_cpu(tiny_hf_dir, tmp_path, shared_data):
     nb.cells.insert(0, env_cell)
     client = nbclient.NotebookClient(nb, timeout=900, kernel_name="python3",
                                      resources={"metadata": {"path": str(ROOT)}})
-    import tempfile
-
     stray = lambda: set(pathlib.Path(tempfile.gettempdir()).glob("reftjax_nb_*"))  # noqa: E731
     before = stray()
     client.execute(env=_env())

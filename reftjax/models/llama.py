@@ -238,7 +238,7 @@ def _attend_prefix_groups(q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, mask_pp, mask_c):
     continuation (as its own row) over the prefix's keys/values (broadcast g times) and its
     own; the gradient of the broadcast sums over the group.
     """
-    b, t, h, d = q_BxTxHxD.shape
+    b, _, h, d = q_BxTxHxD.shape
     kv, p, n = k_BxTxKxD.shape[2], mask_pp.shape[1], mask_c.shape[1]
     g = mask_c.shape[0] // b
     out_p = _attend(q_BxTxHxD[:, :p], k_BxTxKxD[:, :p], v_BxTxKxD[:, :p], mask_pp)
