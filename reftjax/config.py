@@ -113,6 +113,9 @@ class ExperimentConfig:
     grader: tuple = (("type", "reft"), ("cot", "nl"))
     eval_before_sft: bool = True
     export_hf: bool = True
+    # persistent XLA compilation cache (reftjax.xla_cache): None = $JAX_COMPILATION_CACHE_DIR, else
+    # $REFTJAX_CACHE/xla (~/.cache/reftjax/xla); "" = off; else a directory. A resumed run loads its programs.
+    compilation_cache: str | None = None
 
     @property
     def grader_dict(self) -> dict:

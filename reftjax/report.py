@@ -17,8 +17,17 @@ def _cell(x) -> str:
     return "-" if x is None else str(x)
 
 
+def _compile_line(c: dict | None) -> str:
+    if not c:
+        return ""
+    line = f" XLA: {c['programs']} programs, {c['compile_seconds']} s"
+    if c.get("cache_dir"):
+        line += f" ({c['cache_hits']} loaded from the compilation cache, ~{c['compile_seconds_saved']} s saved)"
+    return line + "."
+
+
 def write_summary(out: pathlib.Path, cfg, evals: dict, wall_seconds: float, write: bool = True,
-                  data_stats: dict | None = None) -> dict:
+                  data_stats: dict | None = None, compilation: dict | None = None) -> dict:
     """Accuracy before SFT, after warm-up and after ReFT (greedy and voting), as JSON and Markdown
     (`write=False`: only the dict, for the non-writing processes of a multi-process run).
     `data_stats`: per-split tokenization counts (`train.split_stats`); examples dropped by the
@@ -36,6 +45,7 @@ def write_summary(out: pathlib.Path, cfg, evals: dict, wall_seconds: float, writ
                                  "reft": _pct(acc("test_reft", "voting_accuracy")), "k": cfg.eval.voting_k},
         "val_accuracy": {"sft": _pct(acc("val_sft")), "rl": {k: _pct(v) for k, v in sorted(val_rl.items())}},
         "data_stats": data_stats,
+        "compilation": compilation,
         "config": to_dict(cfg),
     }
     if not write:
@@ -57,7 +67,7 @@ def write_summary(out: pathlib.Path, cfg, evals: dict, wall_seconds: float, writ
         f"| after SFT warm-up | {_cell(t['sft'])} | {_cell(v['sft'])} |",
         f"| after ReFT ({cfg.rl.ppo.algo}) | {_cell(t['reft'])} | {_cell(v['reft'])} |", "",
         f"Validation accuracy during RL: {summary['val_accuracy']['rl']}", "",
-        f"Wall time of the last invocation: {summary['wall_seconds']} s.", "",
+        f"Wall time of the last invocation: {summary['wall_seconds']} s.{_compile_line(compilation)}", "",
         "Plots: plots/reward.png, plots/kl.png, plots/response_length.png, plots/val_accuracy.png",
     ]
     (out / "summary.md").write_text("\n".join(lines) + "\n")

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from reftjax import checkpoint as ckpt
+from reftjax import xla_cache
 from reftjax.config import ExperimentConfig, to_dict
 from reftjax.data import (Loader, LoaderConfig, SplitConfig, load_examples, tokenize_examples, train_val_split)
 from reftjax.evaluate import evaluate
@@ -201,8 +202,11 @@ def _log_sft(logger, step, metrics, t0, shape, peak, model_cfg):
 
 
 def run_rl(cfg: ExperimentConfig, model, ref_params, data: Data, grader, mesh, out: pathlib.Path, logger,
-           stop: _Interrupt, progress: bool):
-    """PPO/GRPO rounds from the warm-up policy; returns (final params, best params or None, finished)."""
+           stop: _Interrupt, progress: bool, compiles: xla_cache.CompileStats | None = None):
+    """PPO/GRPO rounds from the warm-up policy; returns (final params, best params or None, finished).
+
+    `compiles` (the run's `xla_cache.CompileStats`) puts `xla_programs`, the programs compiled or loaded
+    so far, in every metrics line: flat after the first iterations unless something recompiles."""
     r = cfg.rl
     samp = dataclasses.replace(r.sampling, n=r.ppo.group_size if r.ppo.algo != "ppo" else r.sampling.n,
                                eos_ids=r.sampling.eos_ids or tuple(model.config.eos_token_ids),
@@ -252,6 +256,8 @@ def run_rl(cfg: ExperimentConfig, model, ref_params, data: Data, grader, mesh, o
                    "grader_seconds": reward_fn.last.seconds, "generated_tokens_per_s": gen_tokens / dt,
                    "mfu": mfu(gen_tokens, t_roll, model.config.flops_per_token(), peak),
                    **{f"guard_{k}": v for k, v in reward_fn.last.counters.items()}}
+        if compiles is not None:
+            metrics["xla_programs"] = compiles.programs()
         it += 1
         logger.log("rl", it, metrics)
         _dump_samples(out, it, reward_fn.last)
@@ -313,6 +319,8 @@ def run(cfg: ExperimentConfig, out_dir: str | pathlib.Path, *, progress: bool = 
     from reftjax import report
 
     maybe_initialize_distributed()
+    xla_cache.enable(cfg.compilation_cache)
+    compiles = xla_cache.CompileStats()
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg_path = out / "config.json"
@@ -343,7 +351,8 @@ def run(cfg: ExperimentConfig, out_dir: str | pathlib.Path, *, progress: bool = 
         _eval_once("val_sft", out, logger, ref_params, model, data.val_ds, data.val_items, grader, cfg, mesh, 0)
         _eval_once("test_sft", out, logger, ref_params, model, data.test_ds, data.test_items, grader, cfg, mesh, 0,
                    voting=True)
-        final, best, rl_done = run_rl(cfg, model, ref_params, data, grader, mesh, out, logger, stop, progress)
+        final, best, rl_done = run_rl(cfg, model, ref_params, data, grader, mesh, out, logger, stop, progress,
+                                      compiles)
         if not rl_done:
             logger.close()
             return {"status": "interrupted", "phase": "rl"}
@@ -357,7 +366,7 @@ def run(cfg: ExperimentConfig, out_dir: str | pathlib.Path, *, progress: bool = 
                 save_hf(out / "hf" / name, params, model.config, model.hf_config, model.tokenizer)
     logger.close()
     summary = report.write_summary(out, cfg, _load_evals(out), wall_seconds=time.time() - t_start,
-                                   write=is_primary(), data_stats=split_stats(data))
+                                   write=is_primary(), data_stats=split_stats(data), compilation=compiles.summary())
     if is_primary():
         report.plot_run(out)
     del test_rl

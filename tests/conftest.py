@@ -32,6 +32,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_slow)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _session_xla_cache(tmp_path_factory):
+    """Pipeline runs (the CLI and notebook subprocesses inherit this environment) share one persistent
+    compilation cache per test session, instead of writing to ~/.cache/reftjax; every program is written
+    (the tiny test models compile in well under JAX's default 1 s threshold)."""
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("xla_cache"))
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+
+
 @pytest.fixture(scope="session")
 def shared_data():
     if not DATA.exists():

@@ -56,7 +56,8 @@ SEPARATE_CRITIC = ("--set", 'rl.ppo.critic="separate"')
 
 def test_pipeline_sigkill_then_resume_completes(tiny_hf_dir, tmp_path, shared_data):
     out, extra = tmp_path / "run", SEPARATE_CRITIC
-    proc = subprocess.Popen(_cmd(tiny_hf_dir, out, extra), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+    env = dict(_env(), JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla"))  # this test's own compilation cache
+    proc = subprocess.Popen(_cmd(tiny_hf_dir, out, extra), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None and not _rl_lines(out):
@@ -67,7 +68,7 @@ def test_pipeline_sigkill_then_resume_completes(tiny_hf_dir, tmp_path, shared_da
     proc.wait()
     assert (out / "sft_done.json").exists()
 
-    done = subprocess.run(_cmd(tiny_hf_dir, out, extra), cwd=ROOT, env=_env(), capture_output=True, text=True,
+    done = subprocess.run(_cmd(tiny_hf_dir, out, extra), cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
@@ -75,11 +76,14 @@ def test_pipeline_sigkill_then_resume_completes(tiny_hf_dir, tmp_path, shared_da
     ppo = json.loads((out / "config.json").read_text())["rl"]["ppo"]
     assert (ppo["critic"], ppo["experience_from_rollout"]) == ("separate", False)
     assert set(summary["test_accuracy"]) == {"base", "sft", "reft"}
+    comp = summary["compilation"]  # the resumed invocation loaded programs the killed one compiled
+    assert comp["cache_dir"] == str(tmp_path / "xla") and 0 < comp["cache_hits"] <= comp["programs"]
+    assert f"({comp['cache_hits']} loaded from the compilation cache" in (out / "summary.md").read_text()
     iters = sorted({r["step"] for r in _rl_lines(out)})
     assert iters[-1] == 3 and set(iters) == {1, 2, 3}
     rl = _rl_lines(out)[-1]
     for key in ("reward", "accuracy", "kl", "entropy", "clipfrac", "vf_loss", "explained_variance",
-                "response_length", "generated_tokens_per_s", "mfu", "completion_bucket"):
+                "response_length", "generated_tokens_per_s", "mfu", "completion_bucket", "xla_programs"):
         assert key in rl, key
     for name in ("reward", "kl", "response_length", "val_accuracy"):
         png = out / "plots" / f"{name}.png"
@@ -100,8 +104,9 @@ def _free_port() -> int:
 
 
 def _deterministic_metrics(out):
-    """(phase, step, key, value) of every metrics line, timings left out (they differ between runs)."""
-    timing = ("time", "seconds", "per_s", "mfu")
+    """(phase, step, key, value) of every metrics line, timings left out (they differ between runs), and the
+    count of compiled programs (it depends on the process/device layout, not on the training)."""
+    timing = ("time", "seconds", "per_s", "mfu", "xla_programs")
     return [(r["phase"], r["step"], k, v) for r in (json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines())
             for k, v in sorted(r.items()) if k not in ("phase", "step") and not any(t in k for t in timing)]
 

@@ -1,0 +1,128 @@
+"""The persistent XLA compilation cache of pipeline runs, and what compiling cost.
+
+`reftjax.train.run` compiles a dozen programs (SFT step, rollout per completion
+bucket, experience, PPO step, evaluation); on SmolLM2-135M on 2 CPU cores that is
+~1 minute per run, on a 7B model on a TPU slice many minutes. With JAX's
+persistent cache on, a run resumed after a crash (or re-run with the same model,
+shapes and mesh) loads those executables from disk instead of compiling them
+again. `ExperimentConfig.compilation_cache` picks the directory:
+
+    None (default)  $JAX_COMPILATION_CACHE_DIR if set, else $REFTJAX_CACHE/xla (~/.cache/reftjax/xla,
+                    beside the model copies), capped at 4 GiB (least recently used entries go)
+    ""              off
+    a path          that directory
+
+The cache key covers the program, the devices, the XLA flags and the jax/jaxlib
+versions, so a stale entry is never served to a different setup. JAX only writes
+programs that took at least `jax_persistent_cache_min_compile_time_secs` (1 s by
+default; `JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`) to compile. As JAX warns, a
+cache directory is trusted code: do not share one with users you do not trust.
+
+`CompileStats` counts, from JAX's own monitoring events, how many programs were
+compiled or loaded and how long that took, so a run reports its compile cost
+(summary.json `compilation`, and `xla_programs` in every RL metrics line: a count
+that keeps growing after the first iterations is a recompilation to look into).
+"""
+from __future__ import annotations
+
+import collections
+import os
+import threading
+
+import jax
+from jax.experimental.compilation_cache import compilation_cache
+
+DEFAULT_MAX_BYTES = 4 << 30
+
+_COMPILE = "/jax/core/compile/backend_compile_duration"  # every program: compiled, or loaded from the cache
+_TRACE = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration")
+_HIT = "/jax/compilation_cache/cache_hits"
+_SAVED = "/jax/compilation_cache/compile_time_saved_sec"
+
+_lock = threading.Lock()
+_counts: collections.Counter = collections.Counter()
+_seconds: collections.Counter = collections.Counter()
+_installed = False
+
+
+def cache_dir(setting: str | None) -> str | None:
+    """The directory `setting` (see the module docstring) resolves to; None = no cache."""
+    if setting is None:
+        env = os.environ.get("JAX_COMPILATION_CACHE_DIR")
+        if env:
+            return os.path.abspath(os.path.expanduser(env))
+        root = os.environ.get("REFTJAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "reftjax")
+        return os.path.join(os.path.abspath(os.path.expanduser(root)), "xla")
+    if setting == "":
+        return None
+    return os.path.abspath(os.path.expanduser(setting))
+
+
+def enable(setting: str | None) -> str | None:
+    """Point JAX's persistent compilation cache at `cache_dir(setting)` for this process; returns it.
+
+    Takes effect for every later compilation, also when JAX already compiled (and
+    settled its cache) earlier in the process, e.g. in a notebook.
+    """
+    path = cache_dir(setting)
+    if path is not None:
+        os.makedirs(path, exist_ok=True)
+    if path != jax.config.jax_compilation_cache_dir:
+        compilation_cache.set_cache_dir(path)
+        compilation_cache.reset_cache()  # JAX settles the cache at the first compile; start over
+    if path is not None and setting is None and jax.config.jax_compilation_cache_max_size == -1:
+        jax.config.update("jax_compilation_cache_max_size", DEFAULT_MAX_BYTES)
+    return path
+
+
+def _on_event(event: str, **_):
+    if event == _HIT:
+        with _lock:
+            _counts[event] += 1
+
+
+def _on_duration(event: str, duration_secs: float, **_):
+    if event == _COMPILE or event == _SAVED or event in _TRACE:
+        with _lock:
+            _counts[event] += 1
+            _seconds[event] += duration_secs
+
+
+def _install():
+    global _installed
+    with _lock:
+        if _installed:
+            return
+        _installed = True
+    jax.monitoring.register_event_listener(_on_event)
+    jax.monitoring.register_event_duration_secs_listener(_on_duration)
+
+
+class CompileStats:
+    """Programs compiled (or loaded from the persistent cache) in this process since construction."""
+
+    def __init__(self):
+        _install()
+        self._counts, self._seconds = self._snapshot()
+
+    @staticmethod
+    def _snapshot():
+        with _lock:
+            return collections.Counter(_counts), collections.Counter(_seconds)
+
+    def programs(self) -> int:
+        """Executables obtained since construction (each compiled or loaded from the cache)."""
+        return self._snapshot()[0][_COMPILE] - self._counts[_COMPILE]
+
+    def summary(self) -> dict:
+        counts, seconds = self._snapshot()
+        d_count = counts - self._counts
+        d_sec = {k: seconds[k] - self._seconds[k] for k in seconds}
+        return {
+            "programs": d_count[_COMPILE],
+            "compile_seconds": round(d_sec.get(_COMPILE, 0.0), 2),
+            "trace_lower_seconds": round(sum(d_sec.get(k, 0.0) for k in _TRACE), 2),
+            "cache_dir": jax.config.jax_compilation_cache_dir,
+            "cache_hits": d_count[_HIT],
+            "compile_seconds_saved": round(d_sec.get(_SAVED, 0.0), 2),
+        }

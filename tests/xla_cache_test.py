@@ -1,0 +1,93 @@
+"""The persistent compilation cache of pipeline runs (`reftjax.xla_cache`).
+
+Each check that compiles runs in a fresh interpreter: JAX's cache settings are
+process-global, and the point is a second process loading what the first compiled.
+"""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+from reftjax import xla_cache
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+_PROBE = """
+import json, sys
+import jax, jax.numpy as jnp
+from reftjax import xla_cache
+path = xla_cache.enable(None if sys.argv[1] == "default" else sys.argv[1])
+stats = xla_cache.CompileStats()
+f = jax.jit(lambda x: jnp.tanh(x @ x.T).sum(axis=0) * 3.0)
+y = f(jnp.arange(64.0).reshape(8, 8) / 64)
+print(json.dumps({"path": path, "y": [float(v) for v in y], "programs_after_one": stats.programs(),
+                  **stats.summary()}))
+"""
+
+
+def _probe(setting, env):
+    out = subprocess.run([sys.executable, "-c", _PROBE, setting], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _env(**extra):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+    env.pop("XLA_FLAGS", None)
+    return {**env, "JAX_PLATFORMS": "cpu", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+            "PYTHONPATH": str(ROOT), **extra}
+
+
+def test_second_process_loads_the_program_from_the_cache(tmp_path):
+    cache = tmp_path / "xla"
+    first, second = _probe(str(cache), _env()), _probe(str(cache), _env())
+    assert first["path"] == second["path"] == first["cache_dir"] == str(cache)
+    assert first["programs"] >= 1 and first["programs_after_one"] == first["programs"]
+    assert first["cache_hits"] == 0 and any(cache.iterdir())
+    assert second["cache_hits"] >= 1 and second["programs"] == first["programs"]
+    assert second["y"] == first["y"]  # the loaded executable computes the same bits
+
+
+def test_empty_setting_turns_the_cache_off(tmp_path):
+    off = _probe("", _env(JAX_COMPILATION_CACHE_DIR=str(tmp_path / "env")))
+    assert off["path"] is None and off["cache_dir"] is None and off["cache_hits"] == 0
+    assert not (tmp_path / "env").exists()
+
+
+def test_default_directory_follows_jax_env_then_reftjax_cache_then_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "env"))
+    monkeypatch.setenv("REFTJAX_CACHE", str(tmp_path / "rc"))
+    assert xla_cache.cache_dir(None) == str(tmp_path / "env")
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
+    assert xla_cache.cache_dir(None) == str(tmp_path / "rc" / "xla")
+    monkeypatch.delenv("REFTJAX_CACHE")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert xla_cache.cache_dir(None) == str(tmp_path / "home" / ".cache" / "reftjax" / "xla")
+    assert xla_cache.cache_dir("~/c") == str(tmp_path / "home" / "c")
+    assert xla_cache.cache_dir("") is None
+
+
+def test_default_setting_caps_the_cache_size(tmp_path):
+    env = _env(REFTJAX_CACHE=str(tmp_path / "rc"))
+    code = ("import jax; from reftjax import xla_cache; p = xla_cache.enable(None); "
+            "print(p, jax.config.jax_compilation_cache_max_size)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    path, cap = out.stdout.split()
+    assert path == str(tmp_path / "rc" / "xla") and int(cap) == xla_cache.DEFAULT_MAX_BYTES
+
+
+def test_switching_directories_after_a_compile_takes_effect(tmp_path):
+    """JAX settles its cache at the first compile (a notebook may have compiled with another directory):
+    programs compiled after `enable(b)` go to b, not to the directory in use before."""
+    code = ("import sys, jax, jax.numpy as jnp; from reftjax import xla_cache; xla_cache.enable(sys.argv[1]); "
+            "jax.jit(lambda x: x + 1)(jnp.ones(3)).block_until_ready(); "
+            "xla_cache.enable(sys.argv[2]); jax.jit(lambda x: x * 2 - 1)(jnp.ones(5)).block_until_ready()")
+    a, b = tmp_path / "a", tmp_path / "b"
+    out = subprocess.run([sys.executable, "-c", code, str(a), str(b)], cwd=ROOT, env=_env(),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert any(a.iterdir()) and any(b.iterdir())
+    assert not {p.name for p in a.iterdir()} & {p.name for p in b.iterdir()}
