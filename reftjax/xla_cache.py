@@ -8,7 +8,8 @@ shapes and mesh) loads those executables from disk instead of compiling them
 again. `ExperimentConfig.compilation_cache` picks the directory:
 
     None (default)  $JAX_COMPILATION_CACHE_DIR if set, else $REFTJAX_CACHE/xla (~/.cache/reftjax/xla,
-                    beside the model copies), capped at 4 GiB (least recently used entries go)
+                    beside the model copies), capped at 4 GiB (least recently used entries go;
+                    the cap needs `filelock`, which transformers' huggingface_hub brings)
     ""              off
     a path          that directory
 
@@ -26,6 +27,7 @@ that keeps growing after the first iterations is a recompilation to look into).
 from __future__ import annotations
 
 import collections
+import importlib.util
 import os
 import threading
 
@@ -70,7 +72,8 @@ def enable(setting: str | None) -> str | None:
     if path != jax.config.jax_compilation_cache_dir:
         compilation_cache.set_cache_dir(path)
         compilation_cache.reset_cache()  # JAX settles the cache at the first compile; start over
-    if path is not None and setting is None and jax.config.jax_compilation_cache_max_size == -1:
+    if (path is not None and setting is None and jax.config.jax_compilation_cache_max_size == -1
+            and importlib.util.find_spec("filelock") is not None):  # JAX's LRU eviction locks with filelock
         jax.config.update("jax_compilation_cache_max_size", DEFAULT_MAX_BYTES)
     return path
 
