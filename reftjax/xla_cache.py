@@ -30,6 +30,7 @@ import collections
 import importlib.util
 import os
 import threading
+import time
 
 import jax
 from jax.experimental.compilation_cache import compilation_cache
@@ -75,7 +76,38 @@ def enable(setting: str | None) -> str | None:
     if (path is not None and setting is None and jax.config.jax_compilation_cache_max_size == -1
             and importlib.util.find_spec("filelock") is not None):  # JAX's LRU eviction locks with filelock
         jax.config.update("jax_compilation_cache_max_size", DEFAULT_MAX_BYTES)
+    if path is not None and jax.config.jax_compilation_cache_max_size != -1:
+        drop_unfinished_entries(path)
     return path
+
+
+def drop_unfinished_entries(path: str, grace_seconds: float = 60.0) -> list[str]:
+    """Delete cache entries a killed process may have left half-written; returns their file names.
+
+    JAX writes an entry in place (`<key>-cache`), then, with eviction on, its access time
+    (`<key>-atime`). A process killed during the first write leaves a truncated entry that
+    JAX never replaces (it skips keys that exist): every later run warns that it cannot read
+    it and compiles that program again. An entry without its `-atime` file, older than
+    `grace_seconds` (so a concurrent writer is left alone), is such a leftover. Only
+    meaningful with eviction on: without it JAX writes no `-atime` files at all.
+    """
+    dropped = []
+    try:
+        names = set(os.listdir(path))
+    except OSError:
+        return dropped
+    now = time.time()
+    for name in sorted(names):
+        if not name.endswith("-cache") or name[: -len("-cache")] + "-atime" in names:
+            continue
+        full = os.path.join(path, name)
+        try:
+            if now - os.path.getmtime(full) > grace_seconds:
+                os.remove(full)
+                dropped.append(name)
+        except OSError:  # removed by another process meanwhile
+            pass
+    return dropped
 
 
 def _on_event(event: str, **_):

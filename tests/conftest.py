@@ -13,7 +13,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import atexit  # noqa: E402
 import pathlib  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
+# One persistent XLA compilation cache per test session, for this process (read when JAX is imported below) and
+# the pipeline subprocesses (they inherit the environment), never the user's ~/.cache/reftjax: programs that
+# recur across tests load instead of compiling (tests/steps_test.py + rollout + losses: 322 -> 298 s; BUILD_NOTES,
+# session 11). Every program is written (the tiny test models compile in well under JAX's default 1 s threshold).
+_XLA_CACHE = tempfile.mkdtemp(prefix="reftjax_test_xla_")
+atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
+os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -30,15 +42,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords and not run_slow:
             item.add_marker(skip_slow)
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _session_xla_cache(tmp_path_factory):
-    """Pipeline runs (the CLI and notebook subprocesses inherit this environment) share one persistent
-    compilation cache per test session, instead of writing to ~/.cache/reftjax; every program is written
-    (the tiny test models compile in well under JAX's default 1 s threshold)."""
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("xla_cache"))
-    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
 
 @pytest.fixture(scope="session")

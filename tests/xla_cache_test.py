@@ -26,11 +26,12 @@ print(json.dumps({"path": path, "y": [float(v) for v in y], "programs_after_one"
 """
 
 
-def _probe(setting, env):
+def _probe(setting, env, stderr=False):
     out = subprocess.run([sys.executable, "-c", _PROBE, setting], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    return (res, out.stderr) if stderr else res
 
 
 def _env(**extra):
@@ -91,3 +92,34 @@ def test_switching_directories_after_a_compile_takes_effect(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert any(a.iterdir()) and any(b.iterdir())
     assert not {p.name for p in a.iterdir()} & {p.name for p in b.iterdir()}
+
+
+def test_an_entry_left_half_written_by_a_killed_process_is_dropped_and_rewritten(tmp_path):
+    """JAX writes `<key>-cache` in place and never replaces an existing key: without the cleanup a truncated entry
+    made every later run warn and compile that program again."""
+    cache = tmp_path / "xla"
+    env = _env(JAX_COMPILATION_CACHE_DIR=str(cache))  # the default setting: capped, so JAX writes -atime files
+    first = _probe("default", env)
+    entries = sorted(cache.glob("*-cache"))
+    assert first["cache_hits"] == 0 and len(entries) == first["programs"] >= 1
+    victim = entries[-1]
+    victim.write_bytes(victim.read_bytes()[:16])  # killed mid-write: truncated, and no -atime yet
+    (cache / (victim.name[: -len("-cache")] + "-atime")).unlink()
+    os.utime(victim, (victim.stat().st_atime - 3600, victim.stat().st_mtime - 3600))
+    second, err = _probe("default", env, stderr=True)
+    assert "Error reading persistent compilation cache" not in err
+    assert second["cache_hits"] == len(entries) - 1 and second["y"] == first["y"]
+    assert victim.stat().st_size > 16  # compiled again and written whole
+    third, err = _probe("default", env, stderr=True)
+    assert third["cache_hits"] == len(entries) and "Error reading" not in err
+
+
+def test_fresh_entries_without_atime_are_left_to_their_writer(tmp_path):
+    (tmp_path / "k1-cache").write_bytes(b"x")  # a concurrent process between its two writes
+    (tmp_path / "k2-cache").write_bytes(b"y")
+    (tmp_path / "k2-atime").write_bytes(b"t")
+    old = tmp_path / "k3-cache"
+    old.write_bytes(b"z")
+    os.utime(old, (0, 0))
+    assert xla_cache.drop_unfinished_entries(str(tmp_path)) == ["k3-cache"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["k1-cache", "k2-atime", "k2-cache"]
