@@ -14,7 +14,10 @@ again. `ExperimentConfig.compilation_cache` picks the directory:
     a path          that directory
 
 The cache key covers the program, the devices, the XLA flags and the jax/jaxlib
-versions, so a stale entry is never served to a different setup. JAX only writes
+versions, so a stale entry is never served to a different setup. `enable` also removes
+entries a killed process left half-written (`drop_unfinished_entries`). With the cap on,
+JAX's eviction expects every entry to have its access-time file, so do not share the
+directory with JAX processes that run uncapped. JAX only writes
 programs that took at least `jax_persistent_cache_min_compile_time_secs` (1 s by
 default; `JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`) to compile. As JAX warns, a
 cache directory is trusted code: do not share one with users you do not trust.
@@ -70,41 +73,57 @@ def enable(setting: str | None) -> str | None:
     path = cache_dir(setting)
     if path is not None:
         os.makedirs(path, exist_ok=True)
-    if path != jax.config.jax_compilation_cache_dir:
-        compilation_cache.set_cache_dir(path)
-        compilation_cache.reset_cache()  # JAX settles the cache at the first compile; start over
-    if (path is not None and setting is None and jax.config.jax_compilation_cache_max_size == -1
+    cap = jax.config.jax_compilation_cache_max_size
+    if (path is not None and setting is None and cap == -1
             and importlib.util.find_spec("filelock") is not None):  # JAX's LRU eviction locks with filelock
-        jax.config.update("jax_compilation_cache_max_size", DEFAULT_MAX_BYTES)
-    if path is not None and jax.config.jax_compilation_cache_max_size != -1:
+        cap = DEFAULT_MAX_BYTES
+    if path != jax.config.jax_compilation_cache_dir or cap != jax.config.jax_compilation_cache_max_size:
+        compilation_cache.set_cache_dir(path)
+        jax.config.update("jax_compilation_cache_max_size", cap)
+        compilation_cache.reset_cache()  # JAX settles the cache (directory, cap) at the first compile; start over
+    if path is not None and cap != -1:
         drop_unfinished_entries(path)
     return path
 
 
-def drop_unfinished_entries(path: str, grace_seconds: float = 60.0) -> list[str]:
-    """Delete cache entries a killed process may have left half-written; returns their file names.
+def drop_unfinished_entries(path: str) -> list[str]:
+    """Delete cache entries a killed process left half-written; returns their file names.
 
     JAX writes an entry in place (`<key>-cache`), then, with eviction on, its access time
-    (`<key>-atime`). A process killed during the first write leaves a truncated entry that
-    JAX never replaces (it skips keys that exist): every later run warns that it cannot read
-    it and compiles that program again. An entry without its `-atime` file, older than
-    `grace_seconds` (so a concurrent writer is left alone), is such a leftover. Only
-    meaningful with eviction on: without it JAX writes no `-atime` files at all.
+    (`<key>-atime`), and never replaces a key that exists. So a process killed during the
+    first write leaves a truncated entry that every later run warns it cannot read and
+    compiles again. Every entry without its `-atime` file is checked: one that does not
+    decompress is deleted; a complete one (written without eviction, e.g. before `enable`
+    capped the cache) gets its `-atime` file. That adoption is needed, not cosmetic: JAX's
+    eviction reads every entry's `-atime` and, on one missing, fails each later write
+    ("Error writing persistent compilation cache entry"). Racing a concurrent writer is
+    harmless: an entry deleted mid-write is a cache miss next time.
     """
+    try:
+        from jax._src.compilation_cache import decompress_executable  # JAX's own reader of its entries
+    except ImportError:  # a JAX without it: leave the directory alone rather than guess
+        return []
     dropped = []
     try:
         names = set(os.listdir(path))
     except OSError:
         return dropped
-    now = time.time()
     for name in sorted(names):
-        if not name.endswith("-cache") or name[: -len("-cache")] + "-atime" in names:
+        atime = name[: -len("-cache")] + "-atime"
+        if not name.endswith("-cache") or atime in names:
             continue
         full = os.path.join(path, name)
         try:
-            if now - os.path.getmtime(full) > grace_seconds:
+            with open(full, "rb") as f:
+                data = f.read()
+            try:
+                decompress_executable(data)
+            except Exception:  # truncated: the writer was killed
                 os.remove(full)
                 dropped.append(name)
+                continue
+            with open(os.path.join(path, atime), "wb") as f:  # JAX's format: ns since the epoch, 8 bytes LE
+                f.write(time.time_ns().to_bytes(8, "little"))
         except OSError:  # removed by another process meanwhile
             pass
     return dropped

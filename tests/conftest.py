@@ -26,6 +26,7 @@ _XLA_CACHE = tempfile.mkdtemp(prefix="reftjax_test_xla_")
 atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
 os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(4 << 30)  # capped like pipeline runs: JAX writes -atime files
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

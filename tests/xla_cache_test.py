@@ -105,7 +105,6 @@ def test_an_entry_left_half_written_by_a_killed_process_is_dropped_and_rewritten
     victim = entries[-1]
     victim.write_bytes(victim.read_bytes()[:16])  # killed mid-write: truncated, and no -atime yet
     (cache / (victim.name[: -len("-cache")] + "-atime")).unlink()
-    os.utime(victim, (victim.stat().st_atime - 3600, victim.stat().st_mtime - 3600))
     second, err = _probe("default", env, stderr=True)
     assert "Error reading persistent compilation cache" not in err
     assert second["cache_hits"] == len(entries) - 1 and second["y"] == first["y"]
@@ -114,12 +113,31 @@ def test_an_entry_left_half_written_by_a_killed_process_is_dropped_and_rewritten
     assert third["cache_hits"] == len(entries) and "Error reading" not in err
 
 
-def test_fresh_entries_without_atime_are_left_to_their_writer(tmp_path):
-    (tmp_path / "k1-cache").write_bytes(b"x")  # a concurrent process between its two writes
-    (tmp_path / "k2-cache").write_bytes(b"y")
+def test_cleanup_drops_broken_entries_and_adopts_complete_ones(tmp_path):
+    from jax._src.compilation_cache import compress_executable
+
+    (tmp_path / "k1-cache").write_bytes(b"x")  # no -atime, does not decompress: a killed writer's
+    (tmp_path / "k2-cache").write_bytes(b"y")  # has its -atime: not looked at
     (tmp_path / "k2-atime").write_bytes(b"t")
-    old = tmp_path / "k3-cache"
-    old.write_bytes(b"z")
-    os.utime(old, (0, 0))
-    assert xla_cache.drop_unfinished_entries(str(tmp_path)) == ["k3-cache"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["k1-cache", "k2-atime", "k2-cache"]
+    (tmp_path / "k3-cache").write_bytes(compress_executable(b"a whole entry"))  # complete, from an uncapped writer
+    assert xla_cache.drop_unfinished_entries(str(tmp_path)) == ["k1-cache"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["k2-atime", "k2-cache", "k3-atime", "k3-cache"]
+    assert len((tmp_path / "k3-atime").read_bytes()) == 8  # JAX's timestamp format; checked once
+
+
+def test_default_setting_caps_a_cache_jax_already_opened(tmp_path):
+    """JAX_COMPILATION_CACHE_DIR set and a program compiled before `enable(None)` (a notebook): the cap still takes
+    effect (JAX had opened the directory uncapped), and the entries written before it are adopted: JAX's eviction
+    fails every later write while one entry lacks its -atime file."""
+    code = ("import jax, jax.numpy as jnp; from reftjax import xla_cache; "
+            "jax.jit(lambda x: x + 1)(jnp.ones(3)).block_until_ready(); "
+            "xla_cache.enable(None); jax.jit(lambda x: x * 2 - 1)(jnp.ones(5)).block_until_ready(); "
+            "print(jax.config.jax_compilation_cache_max_size)")
+    cache = tmp_path / "xla"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(JAX_COMPILATION_CACHE_DIR=str(cache)),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert int(out.stdout.split()[-1]) == xla_cache.DEFAULT_MAX_BYTES
+    assert "Error writing persistent compilation cache" not in out.stderr
+    entries = list(cache.glob("*-cache"))
+    assert len(entries) >= 2 and all(e.with_name(e.name[: -len("-cache")] + "-atime").exists() for e in entries)
