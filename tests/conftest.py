@@ -18,18 +18,24 @@ import pathlib  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
 
-# One persistent XLA compilation cache per test session, for this process (read when JAX is imported below) and
-# the pipeline subprocesses (they inherit the environment), never the user's ~/.cache/reftjax: programs that
-# recur across tests load instead of compiling (tests/steps_test.py + rollout + losses: 322 -> 298 s; BUILD_NOTES,
-# session 11). Every program is written (the tiny test models compile in well under JAX's default 1 s threshold).
+# Persistent XLA compilation caches for the test session, never the user's ~/.cache/reftjax: programs that recur
+# across tests load instead of compiling (tests/steps_test.py + rollout + losses: 322 -> 298 s; BUILD_NOTES, session
+# 11). This process reads JAX_COMPILATION_CACHE_DIR when JAX is imported below and runs uncapped: with a cap, JAX's
+# eviction re-reads every entry's access time on each write, quadratic over the ~1,000 programs of a session (the
+# suite took 972 s instead of 740 s). The subprocesses (pipeline runs, CLIs, the notebook) inherit the environment as
+# changed after the import: their own directory, capped as a pipeline run caps it, so no uncapped writer shares it.
+# Every program is written (the tiny test models compile in well under JAX's default 1 s threshold).
 _XLA_CACHE = tempfile.mkdtemp(prefix="reftjax_test_xla_")
 atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
-os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
+os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(_XLA_CACHE, "pytest")
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(4 << 30)  # capped like pipeline runs: JAX writes -atime files
+os.environ.pop("JAX_COMPILATION_CACHE_MAX_SIZE", None)
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
+
+os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(_XLA_CACHE, "subprocesses")
+os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(4 << 30)
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
