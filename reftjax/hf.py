@@ -278,7 +278,8 @@ def params_to_hf(params, cfg) -> dict:
 # ----------------------------------------------------------------------------- load / export
 
 
-def _cache_root() -> pathlib.Path:
+def cache_root() -> pathlib.Path:
+    """reftjax's own cache directory: $REFTJAX_CACHE, else ~/.cache/reftjax."""
     return pathlib.Path(os.environ.get("REFTJAX_CACHE", pathlib.Path.home() / ".cache" / "reftjax"))
 
 
@@ -294,7 +295,7 @@ def gguf_to_hf_dir(gguf_path: pathlib.Path) -> pathlib.Path:
     from reftjax.gguf_reader import read_gguf
 
     st = gguf_path.stat()
-    target = _cache_root() / "gguf" / f"{gguf_path.stem}-{st.st_size}-{int(st.st_mtime)}"
+    target = cache_root() / "gguf" / f"{gguf_path.stem}-{st.st_size}-{int(st.st_mtime)}"
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

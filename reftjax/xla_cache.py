@@ -57,8 +57,9 @@ def cache_dir(setting: str | None) -> str | None:
         env = os.environ.get("JAX_COMPILATION_CACHE_DIR")
         if env:
             return os.path.abspath(os.path.expanduser(env))
-        root = os.environ.get("REFTJAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "reftjax")
-        return os.path.join(os.path.abspath(os.path.expanduser(root)), "xla")
+        from reftjax.hf import cache_root  # beside the dense model copies
+
+        return os.path.join(os.path.abspath(os.path.expanduser(cache_root())), "xla")
     if setting == "":
         return None
     return os.path.abspath(os.path.expanduser(setting))
