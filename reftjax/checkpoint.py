@@ -280,8 +280,8 @@ class Checkpointer:
         self._manager.close()
 
 
-def restore_params(path: str | os.PathLike, abstract_params):
-    """Partial restore of `params["policy"]` from a step directory or a run directory (its latest
+def restore_params(path: str | os.PathLike, abstract_params, key: str = "policy"):
+    """Partial restore of `params[key]` from a step directory or a run directory (its latest
     committed step) onto `abstract_params`; the value head and optimizer state are not read."""
     path = os.path.abspath(os.fspath(path))
     if not os.path.isdir(os.path.join(path, "state")):
@@ -290,8 +290,8 @@ def restore_params(path: str | os.PathLike, abstract_params):
         if not steps:
             raise FileNotFoundError(f"{path}: no committed checkpoint step found")
         path = os.path.join(path, str(steps[0]))
-    target = {"params": {"policy": _abstract_storable(abstract_params)}}
+    target = {"params": {key: _abstract_storable(abstract_params)}}
     args = _restore_args(target)
     args = ocp.args.PyTreeRestore(args.item, restore_args=args.restore_args, partial_restore=True)
     with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
-        return ckptr.restore(os.path.join(path, "state"), args=args)["params"]["policy"]
+        return ckptr.restore(os.path.join(path, "state"), args=args)["params"][key]

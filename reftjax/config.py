@@ -13,6 +13,7 @@ from typing import Any
 
 from reftjax.data import PromptConfig, TokenizeConfig
 from reftjax.evaluate import EvalConfig
+from reftjax.rerank import RerankConfig
 from reftjax.rollout import SamplingConfig
 from reftjax.sharding import MeshConfig
 from reftjax.steps import OptimConfig, PPOConfig
@@ -96,7 +97,7 @@ class CheckpointSettings:
 
 @dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
-    """A whole ReFT run: model -> SFT warm-up -> RL with validation -> test evaluation."""
+    """A whole ReFT run: model -> SFT warm-up -> RL with validation -> test evaluation [-> verifier, rerank@k]."""
 
     name: str = "gsm8k_reft"
     model: str = "default"
@@ -109,6 +110,7 @@ class ExperimentConfig:
     sft: SFTConfig = SFTConfig()
     rl: RLConfig = RLConfig()
     eval: EvalConfig = EvalConfig()
+    rerank: RerankConfig = RerankConfig()  # epochs 0: off
     checkpoint: CheckpointSettings = CheckpointSettings()
     grader: tuple = (("type", "reft"), ("cot", "nl"))
     eval_before_sft: bool = True
@@ -116,6 +118,10 @@ class ExperimentConfig:
     # persistent XLA compilation cache (reftjax.xla_cache): None = $JAX_COMPILATION_CACHE_DIR, else
     # $REFTJAX_CACHE/xla (~/.cache/reftjax/xla); "" = off; else a directory. A resumed run loads its programs.
     compilation_cache: str | None = None
+
+    def __post_init__(self):
+        if self.rerank.epochs and not self.eval.voting_k:
+            raise ValueError("rerank.epochs > 0 scores the test set's voting samples: set eval.voting_k > 0")
 
     @property
     def grader_dict(self) -> dict:

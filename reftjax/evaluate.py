@@ -1,4 +1,4 @@
-"""Evaluation: greedy top-1 accuracy and majority voting@k, graded on the host.
+"""Evaluation: greedy top-1 accuracy, majority voting@k and rerank@k, graded on the host.
 
 Batches are padded to a fixed size and prompts to the loader's buckets, so an
 evaluation compiles `rollout` once per (bucket, mode) and never per batch.
@@ -13,6 +13,7 @@ import jax
 import numpy as np
 
 from reftjax.data import Loader, LoaderConfig, TokenizedDataset
+from reftjax.rerank import any_correct, rerank_correct, verifier_scores
 from reftjax.rollout import SamplingConfig, decode_completions, rollout
 from reftjax.sharding import to_host
 
@@ -52,10 +53,13 @@ def _majority(grades) -> bool:
 
 
 def evaluate(params, model_cfg, tokenizer, ds: TokenizedDataset, items: Sequence[dict], grader,
-             cfg: EvalConfig, *, mesh=None, rng=None, eos_ids=(), pad_id=0, progress=None) -> dict:
+             cfg: EvalConfig, *, mesh=None, rng=None, eos_ids=(), pad_id=0, progress=None, verifier=None) -> dict:
     """Accuracy of `params` on every example of `ds` (graded against `items[example_idx]`).
 
     Returns {"accuracy", "voting_accuracy" (if k > 0), "n", "mean_length", "samples": [...first 8...]}.
+    With `verifier` (`reftjax.rerank` parameters) and k > 0 it also scores the k voting samples and
+    adds "rerank_accuracy" (the verifier's pick among the samples with an answer) and
+    "upper_bound_accuracy" (some sample is correct: pass@k), over the same samples as voting.
     """
     loader = Loader(ds, LoaderConfig(batch_size=cfg.batch_size, kind="prompt", shuffle=False, drop_last=False,
                                      num_epochs=1), mesh=mesh)
@@ -63,7 +67,9 @@ def evaluate(params, model_cfg, tokenizer, ds: TokenizedDataset, items: Sequence
     vote = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.voting_temperature, n=cfg.voting_k,
                           eos_ids=tuple(eos_ids), pad_id=pad_id) if cfg.voting_k else None
     rng = rng if rng is not None else jax.random.key(1234)
-    correct, voted, lengths, samples = [], [], [], []
+    if verifier is not None and vote is None:
+        raise ValueError("rerank@k needs voting samples: set EvalConfig.voting_k > 0")
+    correct, voted, reranked, bound, lengths, samples = [], [], [], [], [], []
     for i, batch in enumerate(loader):
         valid, idx = to_host((batch["valid"], batch["example_idx"]))  # whole batch on every process
         out = rollout(params, batch["prompt_tokens"], batch["prompt_mask"], rng, model_cfg=model_cfg, cfg=greedy)
@@ -80,13 +86,23 @@ def evaluate(params, model_cfg, tokenizer, ds: TokenizedDataset, items: Sequence
                             model_cfg=model_cfg, cfg=vote)
             texts_v = decode_completions(tokenizer, out_v)
             k = cfg.voting_k
+            scores = None
+            if verifier is not None:
+                scores = to_host(verifier_scores(verifier, out_v.prompt_tokens_BxP, out_v.prompt_mask_BxP,
+                                                 out_v.tokens_BxN, out_v.mask_BxN, model_cfg=model_cfg))
             for j in rows:
                 g = grader.grade_batch([items[idx[j]]] * k, texts_v[j * k:(j + 1) * k])
                 voted.append(_majority(g))
+                if scores is not None:
+                    reranked.append(rerank_correct(scores[j * k:(j + 1) * k], g))
+                    bound.append(any_correct(g))
         if progress is not None:
             progress.update(len(rows))
     res = {"accuracy": float(np.mean(correct)) if correct else 0.0, "n": len(correct),
            "mean_length": float(np.mean(lengths)) if lengths else 0.0, "samples": samples}
     if vote is not None:
         res["voting_accuracy"] = float(np.mean(voted)) if voted else 0.0
+    if verifier is not None:
+        res["rerank_accuracy"] = float(np.mean(reranked)) if reranked else 0.0
+        res["upper_bound_accuracy"] = float(np.mean(bound)) if bound else 0.0
     return res

@@ -43,6 +43,11 @@ def write_summary(out: pathlib.Path, cfg, evals: dict, wall_seconds: float, writ
                           "reft": _pct(acc("test_reft"))},
         "test_voting_accuracy": {"sft": _pct(acc("test_sft", "voting_accuracy")),
                                  "reft": _pct(acc("test_reft", "voting_accuracy")), "k": cfg.eval.voting_k},
+        "test_rerank_accuracy": {"sft": _pct(acc("test_sft_rerank", "rerank_accuracy")),
+                                 "reft": _pct(acc("test_reft_rerank", "rerank_accuracy")),
+                                 "upper_bound_sft": _pct(acc("test_sft_rerank", "upper_bound_accuracy")),
+                                 "upper_bound_reft": _pct(acc("test_reft_rerank", "upper_bound_accuracy")),
+                                 "k": cfg.eval.voting_k} if cfg.rerank.epochs else None,
         "val_accuracy": {"sft": _pct(acc("val_sft")), "rl": {k: _pct(v) for k, v in sorted(val_rl.items())}},
         "data_stats": data_stats,
         "compilation": compilation,
@@ -57,15 +62,24 @@ def write_summary(out: pathlib.Path, cfg, evals: dict, wall_seconds: float, writ
     if test_stats.get("dropped"):
         dropped = (f" ({test_stats['dropped']} of {test_stats['examples']} test examples dropped: prompt longer "
                    f"than data.tokenize.max_prompt_len = {cfg.data.tokenize.max_prompt_len})")
+    r = summary["test_rerank_accuracy"]
+    k = cfg.eval.voting_k or "-"
+    head, rule = f"| stage | greedy top-1 (%) | voting@{k} (%) |", "|---|---|---|"
+    rows = [("before SFT", t["base"], None, None), ("after SFT warm-up", t["sft"], v["sft"], "sft"),
+            (f"after ReFT ({cfg.rl.ppo.algo})", t["reft"], v["reft"], "reft")]
+    if r is not None:  # rerank@k and its upper bound (some sample correct) over the voting samples
+        head, rule = head + f" rerank@{k} (%) | any of {k} correct (%) |", rule + "---|---|"
+    table = []
+    for stage, greedy, voting, key in rows:
+        line = f"| {stage} | {_cell(greedy)} | {_cell(voting) if key else '-'} |"
+        if r is not None:
+            line += (f" {_cell(r[key]) if key else '-'} | {_cell(r['upper_bound_' + key]) if key else '-'} |")
+        table.append(line)
     lines = [
         f"# {cfg.name}: {cfg.model}", "",
         f"Test set: {cfg.data.test_dataset}/{cfg.data.test_split}, n = {summary['test_n']}{dropped}. "
         f"Model selection on a validation split only (never on test).", "",
-        f"| stage | greedy top-1 (%) | voting@{cfg.eval.voting_k or '-'} (%) |",
-        "|---|---|---|",
-        f"| before SFT | {_cell(t['base'])} | - |",
-        f"| after SFT warm-up | {_cell(t['sft'])} | {_cell(v['sft'])} |",
-        f"| after ReFT ({cfg.rl.ppo.algo}) | {_cell(t['reft'])} | {_cell(v['reft'])} |", "",
+        head, rule, *table, "",
         f"Validation accuracy during RL: {summary['val_accuracy']['rl']}", "",
         f"Wall time of the last invocation: {summary['wall_seconds']} s.{_compile_line(compilation)}", "",
         "Plots: plots/reward.png, plots/kl.png, plots/response_length.png, plots/val_accuracy.png",

@@ -1,15 +1,17 @@
-"""The ReFT pipeline as one function: load -> SFT warm-up -> RL rounds with validation -> test.
+"""The ReFT pipeline as one function: load -> SFT warm-up -> RL rounds with validation -> test [-> rerank].
 
 `run(cfg, out_dir)` is a short host loop over the jitted steps (no trainer
 object). Each phase is resumable: SFT and RL checkpoints (Orbax, async) hold
 the train state, the data-loader position and loop counters; the SFT policy
 that becomes the frozen reference is the final SFT checkpoint (`sft_done.json` names it). Rerunning the
 same command continues from the latest valid checkpoint; Ctrl-C saves and exits.
+With `cfg.rerank.epochs > 0` a verifier phase follows (`run_rerank`): its sampled training data
+(`verifier_data.npz`) and its checkpoints resume the same way.
 
 Run directory layout:
 
     config.json  metrics.jsonl  tensorboard/  samples/*.jsonl
-    checkpoints/{sft,rl}/  sft_done.json  evals.json
+    checkpoints/{sft,rl,verifier}/  sft_done.json  verifier_data.npz  verifier_done.json  evals.json
     hf/{final,best}/  summary.json  summary.md  plots/*.png
 """
 from __future__ import annotations
@@ -34,8 +36,9 @@ from reftjax.graders import build_grader
 from reftjax.graders.callback import make_reward_fn
 from reftjax.hf import load_model, save_hf
 from reftjax.metrics import MetricsLogger, measured_peak_flops, mfu
+from reftjax.rerank import VerifierData, init_verifier, make_verifier_step, sample_verifier_data
 from reftjax.rollout import completion_buckets, rollout, trim_to_bucket
-from reftjax.sharding import is_primary, make_mesh, maybe_initialize_distributed, to_host
+from reftjax.sharding import is_primary, make_mesh, maybe_initialize_distributed, shard_batch, to_host
 from reftjax.steps import (init_rl_params, init_state, make_experience_fn, make_optimizer, make_ppo_step, make_sft_step)
 
 log = logging.getLogger("reftjax")
@@ -290,6 +293,71 @@ def run_rl(cfg: ExperimentConfig, model, ref_params, data: Data, grader, mesh, o
     return state.params["policy"], best_params, bool(finished)
 
 
+def run_rerank(cfg: ExperimentConfig, model, sft_params, data: Data, grader, mesh, out: pathlib.Path, logger,
+               stop: _Interrupt, progress: bool):
+    """The verifier phase (ReFT's reranker, `reftjax.rerank`); returns its params, or None if interrupted.
+
+    Samples `samples_per_question` solutions per training question from the warm-up policy
+    (saved once to `verifier_data.npz`), then trains a classifier initialised from the same
+    policy for `epochs` passes, checkpointed like the other phases (`checkpoints/verifier`)."""
+    rc = cfg.rerank
+    marker, data_path = out / "verifier_done.json", out / "verifier_data.npz"
+    template = init_verifier(sft_params, model.config, jax.random.key(rc.seed))
+    vdir = out / "checkpoints" / "verifier"
+    if marker.exists():
+        return ckpt.restore_params(vdir / str(json.loads(marker.read_text())["step"]), template, key="verifier")
+    if data_path.exists():
+        vd = VerifierData.load(data_path)
+    else:
+        n = len(data.train_ds) if rc.n_questions is None else min(rc.n_questions, len(data.train_ds))
+        bar = _bar(n, "verifier data", 0, progress)
+        vd = sample_verifier_data(sft_params, model.config, model.tokenizer, data.train_ds, data.train_items, grader,
+                                  rc, mesh=mesh, eos_ids=tuple(model.config.eos_token_ids),
+                                  pad_id=model.tokenizer.pad_token_id, progress=bar)
+        bar.close()
+        if is_primary():
+            vd.save(data_path)
+        logger.log("verifier_data", 0, {"rows": len(vd), "questions": len(set(vd.example_idx.tolist())),
+                                        "positive_fraction": float(vd.labels.mean())})
+    per_epoch = -(-len(vd) // rc.batch_size)
+    total = rc.epochs * per_epoch
+    tx = make_optimizer(rc.optim, total)
+    state = init_state({"verifier": template}, tx, jax.random.key(rc.seed + 1))
+    manager = ckpt.Checkpointer(ckpt.CheckpointConfig(str(vdir), save_every=cfg.checkpoint.save_every,
+                                                      keep_last=cfg.checkpoint.keep_last, keep_best=0),
+                                config=to_dict(cfg))
+    done = 0
+    restored = manager.restore_latest(state)
+    if restored is not None:
+        state, extras, _ = restored
+        done = extras["step"]
+        log.info("verifier training resumed at step %d", done)
+    step_fn = make_verifier_step(model.config, tx)
+    n_proc, pid = jax.process_count(), jax.process_index()
+    local = rc.batch_size // n_proc
+    bar = _bar(total, "verifier", done, progress)
+    while done < total and not stop.requested:
+        epoch, pos = divmod(done, per_epoch)
+        for i, batch in enumerate(vd.batches(rc.batch_size, seed=rc.seed + epoch)):
+            if i < pos:
+                continue
+            batch = shard_batch({k: v[pid * local:(pid + 1) * local] for k, v in batch.items()}, mesh)
+            state, metrics = step_fn(state, batch)
+            done += 1
+            logger.log("verifier", done, {**jax.device_get(metrics), "epoch": epoch + 1})
+            bar.update(1)
+            if done % cfg.checkpoint.save_every == 0 or done == total or stop.requested:
+                manager.save(done, state, {"step": done, "phase": "verifier"}, force=True)
+            if stop.requested:
+                break
+    bar.close()
+    manager.close()
+    if done < total:
+        return None
+    _write_json(marker, {"step": done})
+    return state.params["verifier"]
+
+
 def _dump_samples(out: pathlib.Path, it: int, record, k: int = 4):
     if not is_primary():
         return
@@ -303,13 +371,13 @@ def _dump_samples(out: pathlib.Path, it: int, record, k: int = 4):
 # ----------------------------------------------------------------------------- the pipeline
 
 
-def _eval_once(name, out, logger, params, model, ds, items, grader, cfg, mesh, step, voting=False):
+def _eval_once(name, out, logger, params, model, ds, items, grader, cfg, mesh, step, voting=False, verifier=None):
     evals = _load_evals(out)
     if name in evals:
         return evals[name]
     ecfg = cfg.eval if voting else dataclasses.replace(cfg.eval, voting_k=0)
     res = evaluate(params, model.config, model.tokenizer, ds, items, grader, ecfg, mesh=mesh,
-                   eos_ids=tuple(model.config.eos_token_ids), pad_id=model.tokenizer.pad_token_id)
+                   eos_ids=tuple(model.config.eos_token_ids), pad_id=model.tokenizer.pad_token_id, verifier=verifier)
     _record_eval(out, name, res, logger, "eval", step)
     return {k: v for k, v in res.items() if k != "samples"}
 
@@ -359,6 +427,14 @@ def run(cfg: ExperimentConfig, out_dir: str | pathlib.Path, *, progress: bool = 
         chosen = best if best is not None else final
         test_rl = _eval_once("test_reft", out, logger, chosen, model, data.test_ds, data.test_items, grader, cfg,
                              mesh, cfg.rl.iterations, voting=True)
+        if cfg.rerank.epochs:
+            verifier = run_rerank(cfg, model, ref_params, data, grader, mesh, out, logger, stop, progress)
+            if verifier is None:
+                logger.close()
+                return {"status": "interrupted", "phase": "rerank"}
+            for name, params in (("test_sft_rerank", ref_params), ("test_reft_rerank", chosen)):
+                _eval_once(name, out, logger, params, model, data.test_ds, data.test_items, grader, cfg, mesh,
+                           cfg.rl.iterations, voting=True, verifier=verifier)
     if cfg.export_hf:
         for name, params in (("final", final), ("best", chosen)):
             params = to_host(params)  # a collective on multi-process meshes: every process takes part

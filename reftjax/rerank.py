@@ -1,0 +1,277 @@
+"""Reranking: a verifier that scores sampled solutions, and rerank@k ("ReFT + reranking").
+
+The ReFT authors (lqtrung1998/mwp_ReFT `train_reward_model.py`, `exps/paper_exps/Rerank`)
+train an outcome classifier to pick one of the k = 100 solutions sampled per test question:
+
+    data        k samples at temperature 1 from the warm-up model on every *training*
+                question, deduplicated per question, labelled correct / incorrect by the
+                answer grader (gold answers only: no human labels)
+    model       the SFT checkpoint with a fresh classification head on the final hidden
+                state of the last token (transformers' `...ForSequenceClassification`)
+    training    cross-entropy, 3 epochs, AdamW lr 1e-6, grad clip 1.0
+    rerank@k    among a question's samples with an extractable answer, take the one the
+                verifier scores highest; accuracy = how often that one is correct
+
+Here the head is one logit (`sigmoid` = P(correct)), which is their two-class softmax
+up to parameterisation. The verifier's parameters are `{"backbone": <policy tree>,
+"score": {"kernel": [D], "bias": []}}`, so the policy's sharding rules apply unchanged.
+The pipeline phase (sampling, training with checkpoints) is `reftjax.train.run_rerank`;
+`reftjax.evaluate.evaluate(..., verifier=...)` reports rerank@k next to voting@k on
+the same samples.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from reftjax import losses
+from reftjax.models import ModelConfig, forward
+from reftjax.steps import OptimConfig, TrainState, _apply_update
+
+CORRECT = 1.0 - 1e-6  # a grade at or above this counts as a correct answer (graders score in [0, 1])
+
+
+@dataclasses.dataclass(frozen=True)
+class RerankConfig:
+    """The verifier phase; `epochs` 0 turns it off. Defaults: the ReFT authors' reranker.
+
+    Attributes:
+      epochs: passes over the sampled training solutions (ReFT: 3). 0: no verifier, no rerank@k.
+      samples_per_question: solutions sampled per training question (ReFT: 100).
+      temperature: sampling temperature for those solutions (ReFT: 1.0).
+      max_new_tokens: completion bucket for them.
+      prompts_per_batch: training questions per sampling call (each yields `samples_per_question` rows).
+      batch_size: verifier rows per update (global; ReFT: 3 per device x 8 GPUs).
+      optim: AdamW settings (ReFT: lr 1e-6, linear decay, grad clip 1.0).
+      n_questions: sample from the first n training questions only (None: all).
+      dedup: drop repeated completions of a question (ReFT does).
+      seed: sampling and shuffling seed.
+    """
+
+    epochs: int = 0
+    samples_per_question: int = 100
+    temperature: float = 1.0
+    max_new_tokens: int = 256
+    prompts_per_batch: int = 1
+    batch_size: int = 24
+    optim: OptimConfig = OptimConfig(learning_rate=1e-6)
+    n_questions: int | None = None
+    dedup: bool = True
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.epochs < 0 or self.samples_per_question < 1 or self.batch_size < 1 or self.prompts_per_batch < 1:
+            raise ValueError("rerank: need epochs >= 0 and samples_per_question, batch_size, prompts_per_batch >= 1")
+        if self.temperature <= 0:
+            raise ValueError(f"rerank.temperature must be > 0, got {self.temperature}")
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+def init_verifier(policy_params, model_cfg: ModelConfig, rng: jax.Array) -> dict:
+    """The verifier's parameters: a copy of `policy_params` plus a fresh N(0, 0.02) score head (fp32)."""
+    kernel = 0.02 * jax.random.normal(rng, (model_cfg.hidden_size,), jnp.float32)
+    return {"backbone": jax.tree.map(jnp.copy, policy_params),
+            "score": {"kernel": kernel, "bias": jnp.zeros((), jnp.float32)}}
+
+
+def _joined(prompt_tokens_BxP, prompt_mask_BxP, tokens_BxN, mask_BxN):
+    return (jnp.concatenate([prompt_tokens_BxP, tokens_BxN], axis=1),
+            jnp.concatenate([prompt_mask_BxP.astype(bool), mask_BxN.astype(bool)], axis=1))
+
+
+def verifier_logits(params: dict, model_cfg: ModelConfig, prompt_tokens_BxP, prompt_mask_BxP, tokens_BxN,
+                    mask_BxN) -> jax.Array:
+    """Logit of P(correct) for each (left-padded prompt, right-padded completion) row: [B] float32.
+
+    Read from the final (normed) hidden state of the row's last valid token: the EOS, or the
+    last completion token when there is none (transformers' sequence classifiers do the same).
+    """
+    tokens, mask = _joined(prompt_tokens_BxP, prompt_mask_BxP, tokens_BxN, mask_BxN)
+    _, hidden = forward(params["backbone"], model_cfg, tokens, mask, return_logits=False)
+    last = losses.last_valid_onehot(mask).astype(jnp.float32)
+    pooled = jnp.einsum("btd,bt->bd", hidden.astype(jnp.float32), last)
+    return pooled @ params["score"]["kernel"] + params["score"]["bias"]
+
+
+def verifier_loss(logits_B, labels_B, weights_B) -> tuple[jax.Array, jax.Array]:
+    """(weighted mean binary cross-entropy, weighted accuracy at threshold 0.5)."""
+    w = weights_B.astype(jnp.float32)
+    denom = jnp.maximum(w.sum(), 1.0)
+    bce = optax.sigmoid_binary_cross_entropy(logits_B, labels_B.astype(jnp.float32))
+    acc = ((logits_B > 0) == (labels_B > 0.5)).astype(jnp.float32)
+    return (bce * w).sum() / denom, (acc * w).sum() / denom
+
+
+def verifier_step(state: TrainState, batch: dict, *, model_cfg: ModelConfig,
+                  tx: optax.GradientTransformation) -> tuple[TrainState, dict]:
+    """One AdamW update of `state.params["verifier"]` on a batch of labelled solutions.
+
+    `batch`: prompt_tokens/prompt_mask [B, P], tokens/mask [B, N], labels [B] (1 correct),
+    weights [B] (0 for padding rows). A non-finite loss or gradient skips the update.
+    """
+    def loss_fn(params):
+        logits = verifier_logits(params["verifier"], model_cfg, batch["prompt_tokens"], batch["prompt_mask"],
+                                 batch["tokens"], batch["mask"])
+        return verifier_loss(logits, batch["labels"], batch["weights"])
+
+    (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    state, m = _apply_update(state, grads, tx, loss)
+    return state, {"loss": loss, "accuracy": acc, **m}
+
+
+def make_verifier_step(model_cfg: ModelConfig, tx: optax.GradientTransformation):
+    """`verifier_step` jit-compiled once per batch shape, the state donated."""
+    return jax.jit(functools.partial(verifier_step, model_cfg=model_cfg, tx=tx), donate_argnums=0)
+
+
+@functools.partial(jax.jit, static_argnames=("model_cfg",))
+def verifier_scores(params: dict, prompt_tokens_BxP, prompt_mask_BxP, tokens_BxN, mask_BxN, *,
+                    model_cfg: ModelConfig) -> jax.Array:
+    """P(correct) for each row, [B] float32 (jit-compiled once per shape)."""
+    return jax.nn.sigmoid(verifier_logits(params, model_cfg, prompt_tokens_BxP, prompt_mask_BxP, tokens_BxN,
+                                          mask_BxN))
+
+
+# ----------------------------------------------------------------------------- selection (host)
+
+
+def pick(scores: Sequence[float], answerable: Sequence[bool]) -> int | None:
+    """Index of the highest-scoring sample among those with an extractable answer (first on ties), or None."""
+    best, best_i = -np.inf, None
+    for i, (s, ok) in enumerate(zip(scores, answerable)):
+        if ok and s > best:
+            best, best_i = s, i
+    return best_i
+
+
+def rerank_correct(scores: Sequence[float], grades) -> bool:
+    """Whether the verifier's pick among one question's graded samples is correct (ReFT's rerank@k)."""
+    i = pick(scores, [g.extracted is not None and g.extracted != "" for g in grades])
+    return i is not None and grades[i].score >= CORRECT
+
+
+def any_correct(grades) -> bool:
+    """The reranking upper bound for one question (pass@k): some sample is correct."""
+    return any(g.score >= CORRECT for g in grades)
+
+
+# ----------------------------------------------------------------------------- training data
+
+
+@dataclasses.dataclass
+class VerifierData:
+    """Labelled solutions as host arrays: prompts left-padded to one length, completions right-padded."""
+
+    prompt_tokens: np.ndarray  # [M, P] int32
+    prompt_mask: np.ndarray    # [M, P] bool
+    tokens: np.ndarray         # [M, N] int32
+    mask: np.ndarray           # [M, N] bool
+    labels: np.ndarray         # [M] float32 (1 correct)
+    example_idx: np.ndarray    # [M] int32
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def save(self, path) -> None:
+        """Write atomically (a temporary file renamed into place)."""
+        import os
+        import pathlib
+
+        path = pathlib.Path(path)
+        tmp = path.with_name(path.name + ".tmp.npz")
+        np.savez(tmp, **dataclasses.asdict(self))
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path) -> "VerifierData":
+        with np.load(path) as z:
+            return cls(**{f.name: z[f.name] for f in dataclasses.fields(cls)})
+
+    def batches(self, batch_size: int, seed: int):
+        """One shuffled epoch of fixed-size batches; the last is padded with weight-0 rows."""
+        order = np.random.default_rng(seed).permutation(len(self))
+        for s in range(0, len(order), batch_size):
+            idx = order[s:s + batch_size]
+            n = len(idx)
+            full = np.concatenate([idx, np.full(batch_size - n, idx[0])])
+            yield {"prompt_tokens": self.prompt_tokens[full], "prompt_mask": self.prompt_mask[full],
+                   "tokens": self.tokens[full], "mask": self.mask[full], "labels": self.labels[full],
+                   "weights": (np.arange(batch_size) < n).astype(np.float32)}
+
+
+def collect(rows: list[dict], pad_id: int) -> VerifierData:
+    """Stack per-call rollout rows (dicts of prompt/completion arrays) into one `VerifierData`.
+
+    Prompts come from different length buckets: each is left-padded to the longest.
+    """
+    if not rows:
+        raise ValueError("no verifier training rows were sampled")
+    p = max(r["prompt_tokens"].shape[1] for r in rows)
+
+    def left(x, fill):
+        return np.pad(x, ((0, 0), (p - x.shape[1], 0)), constant_values=fill)
+
+    cat = lambda key, fn=lambda x: x: np.concatenate([fn(r[key]) for r in rows])  # noqa: E731
+    return VerifierData(prompt_tokens=cat("prompt_tokens", lambda x: left(x, pad_id)).astype(np.int32),
+                        prompt_mask=cat("prompt_mask", lambda x: left(x, 0)).astype(bool),
+                        tokens=cat("tokens").astype(np.int32), mask=cat("mask").astype(bool),
+                        labels=cat("labels").astype(np.float32), example_idx=cat("example_idx").astype(np.int32))
+
+
+def dedup_rows(texts: Sequence[str], groups: Sequence[int]) -> list[int]:
+    """Indices of the first occurrence of each (group, text) pair, in order."""
+    seen, keep = set(), []
+    for i, (t, g) in enumerate(zip(texts, groups)):
+        if (g, t) not in seen:
+            seen.add((g, t))
+            keep.append(i)
+    return keep
+
+
+def sample_verifier_data(policy_params, model_cfg: ModelConfig, tokenizer, ds, items: Sequence[dict], grader,
+                         cfg: RerankConfig, *, mesh=None, eos_ids=(), pad_id: int = 0, progress=None) -> VerifierData:
+    """`cfg.samples_per_question` solutions per question of `ds` from `policy_params`, graded and labelled.
+
+    Prompts are batched by the prompt loader (its length buckets; a padded last batch is dropped
+    from the result), so sampling compiles `rollout` once per prompt bucket.
+    """
+    from reftjax.data import Loader, LoaderConfig
+    from reftjax.rollout import SamplingConfig, decode_completions, rollout
+    from reftjax.sharding import to_host
+
+    loader = Loader(ds, LoaderConfig(batch_size=cfg.prompts_per_batch, kind="prompt", shuffle=False,
+                                     drop_last=False, num_epochs=1), mesh=mesh)
+    k = cfg.samples_per_question
+    samp = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, n=k,
+                          eos_ids=tuple(eos_ids), pad_id=pad_id)
+    rows, n_seen = [], 0
+    for i, batch in enumerate(loader):
+        if cfg.n_questions is not None and n_seen >= cfg.n_questions:
+            break
+        out = rollout(policy_params, batch["prompt_tokens"], batch["prompt_mask"],
+                      jax.random.fold_in(jax.random.key(cfg.seed), i), model_cfg=model_cfg, cfg=samp)
+        valid, idx = to_host((batch["valid"], batch["example_idx"]))
+        host = to_host({"prompt_tokens": out.prompt_tokens_BxP, "prompt_mask": out.prompt_mask_BxP,
+                        "tokens": out.tokens_BxN, "mask": out.mask_BxN})
+        texts = decode_completions(tokenizer, out)
+        keep = [j for j in range(len(texts)) if valid[j // k]]
+        if cfg.n_questions is not None:
+            keep = [j for j in keep if n_seen + j // k < cfg.n_questions]
+        n_seen += len({j // k for j in keep})
+        if cfg.dedup:
+            keep = [keep[t] for t in dedup_rows([texts[j] for j in keep], [j // k for j in keep])]
+        grades = grader.grade_batch([items[idx[j // k]] for j in keep], [texts[j] for j in keep])
+        rows.append({**{key: v[keep] for key, v in host.items()},
+                     "labels": np.array([g.score >= CORRECT for g in grades], np.float32),
+                     "example_idx": np.array([idx[j // k] for j in keep], np.int32)})
+        if progress is not None:
+            progress.update(len({j // k for j in keep}))
+    return collect(rows, pad_id)

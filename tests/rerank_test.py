@@ -1,0 +1,160 @@
+"""The verifier (reftjax.rerank): last-token pooling, BCE vs NumPy, learning on 1 and 8 devices, rerank@k selection."""
+import functools
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from reftjax import sharding
+from reftjax.models import ModelConfig, forward, init_params
+from reftjax.rerank import (RerankConfig, VerifierData, any_correct, collect, dedup_rows, init_verifier, make_verifier_step,
+                            pick, rerank_correct, verifier_logits, verifier_loss, verifier_scores)
+from reftjax.steps import OptimConfig, init_state, make_optimizer
+
+CFG = ModelConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4, num_kv_heads=2,
+                  eos_token_ids=(1,))
+GOOD = 7  # synthetic task: a solution is "correct" iff its last real token is GOOD
+
+
+@functools.lru_cache(maxsize=None)
+def _host_verifier(seed=0):
+    return jax.tree.map(np.asarray, init_verifier(init_params(CFG, jax.random.key(seed)), CFG, jax.random.key(1)))
+
+
+def test_logit_reads_the_final_hidden_state_of_the_last_real_token():
+    v = jax.tree.map(jnp.asarray, _host_verifier())
+    rows = [([3, 4, 5], [6, 8, 9, 1]), ([4, 5], [6, 8])]  # (prompt, completion): left- and right-padded below
+    p_len, n_len = 5, 6
+    pt = np.array([[0] * (p_len - len(p)) + p for p, _ in rows], np.int32)
+    ct = np.array([c + [0] * (n_len - len(c)) for _, c in rows], np.int32)
+    got = np.asarray(verifier_logits(v, CFG, pt, pt != 0, ct, ct != 0))
+    want = []
+    for p, c in rows:  # each row alone, unpadded: the logit comes from the last token's final hidden state
+        seq = jnp.asarray([p + c], jnp.int32)
+        _, hidden = forward(v["backbone"], CFG, seq, jnp.ones_like(seq, bool))
+        want.append(float(hidden[0, -1] @ v["score"]["kernel"] + v["score"]["bias"]))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert abs(want[0] - want[1]) > 1e-4
+    np.testing.assert_allclose(np.asarray(verifier_scores(v, pt, pt != 0, ct, ct != 0, model_cfg=CFG)),
+                               1 / (1 + np.exp(-got)), rtol=1e-6)
+
+
+def test_loss_and_accuracy_match_numpy():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=16).astype(np.float32) * 3
+    labels = (rng.random(16) < 0.5).astype(np.float32)
+    weights = (np.arange(16) < 13).astype(np.float32)
+    loss, acc = verifier_loss(jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(weights))
+    p = 1 / (1 + np.exp(-logits.astype(np.float64)))
+    bce = -(labels * np.log(p) + (1 - labels) * np.log(1 - p))
+    np.testing.assert_allclose(float(loss), (bce * weights).sum() / weights.sum(), rtol=1e-5)
+    np.testing.assert_allclose(float(acc), (((logits > 0) == (labels > 0.5)) * weights).sum() / weights.sum())
+    g = jax.grad(lambda x: verifier_loss(x, jnp.asarray(labels), jnp.asarray(weights))[0])(jnp.asarray(logits))
+    np.testing.assert_allclose(np.asarray(g), (p - labels) * weights / weights.sum(), rtol=1e-4, atol=1e-7)
+
+
+def _synthetic(n=96, seed=0) -> VerifierData:
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(2, 6, n)
+    tokens = np.zeros((n, 6), np.int32)
+    for i, length in enumerate(lengths):
+        tokens[i, :length] = rng.integers(2, CFG.vocab_size, length)
+        if i % 3 == 0:
+            tokens[i, length - 1] = GOOD
+    mask = tokens != 0
+    last = tokens[np.arange(n), lengths - 1]
+    return VerifierData(prompt_tokens=np.full((n, 3), 3, np.int32), prompt_mask=np.ones((n, 3), bool), tokens=tokens,
+                        mask=mask, labels=(last == GOOD).astype(np.float32), example_idx=np.arange(n) // 4)
+
+
+def _train(mesh=None, epochs=6, batch_size=16):
+    vd = _synthetic()
+    steps = epochs * -(-len(vd) // batch_size)
+    tx = make_optimizer(OptimConfig(learning_rate=3e-3, schedule="constant", warmup_ratio=0.0), steps)
+    params = _host_verifier()
+    if mesh is not None:
+        params = {"backbone": sharding.place_params(params["backbone"], CFG, mesh),
+                  "score": sharding.put(params["score"], jax.tree.map(lambda _: sharding.replicated(mesh),
+                                                                      params["score"]))}
+    state = init_state({"verifier": jax.tree.map(jnp.asarray, params)}, tx, jax.random.key(0))
+    step = make_verifier_step(CFG, tx)
+    losses = []
+    for e in range(epochs):
+        for b in vd.batches(batch_size, seed=e):
+            state, m = step(state, b if mesh is None else sharding.shard_batch(b, mesh))
+            losses.append(float(m["loss"]))
+    return vd, state, losses, step
+
+
+def test_verifier_learns_the_synthetic_rule_and_reranks_with_it():
+    vd, state, losses, step = _train()
+    assert step._cache_size() == 1  # one program for every batch, the padded last one included
+    assert np.mean(losses[-3:]) < 0.25 * losses[0]
+    held = _synthetic(seed=1)
+    scores = np.asarray(verifier_scores(state.params["verifier"], held.prompt_tokens, held.prompt_mask, held.tokens,
+                                        held.mask, model_cfg=CFG))
+    assert ((scores > 0.5) == (held.labels > 0.5)).mean() > 0.95
+    # rerank@4 over held-out groups of 4 with at least one correct sample: the verifier finds it
+    grades = [types.SimpleNamespace(score=float(y), extracted="x") for y in held.labels]
+    groups = [range(i, i + 4) for i in range(0, len(held), 4) if held.labels[i:i + 4].any()]
+    assert len(groups) > 10
+    assert np.mean([rerank_correct(scores[list(g)], [grades[j] for j in g]) for g in groups]) > 0.95
+
+
+def test_verifier_step_on_8_devices_matches_one_device():
+    _, one, losses_1, _ = _train(epochs=1)
+    _, eight, losses_8, _ = _train(sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=4)), epochs=1)
+    np.testing.assert_allclose(losses_8, losses_1, rtol=2e-4, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(eight.params)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-3, atol=2e-5)
+
+
+def test_pick_skips_unanswered_samples_and_breaks_ties_by_order():
+    g = lambda s, e="1": types.SimpleNamespace(score=s, extracted=e)  # noqa: E731
+    assert pick([0.2, 0.9, 0.9], [True, True, True]) == 1
+    assert pick([0.2, 0.9, 0.5], [True, False, True]) == 2
+    assert pick([0.9], [False]) is None
+    assert rerank_correct([0.1, 0.8, 0.3], [g(1.0), g(0.1), g(1.0)]) is False
+    assert rerank_correct([0.1, 0.8, 0.3], [g(1.0), g(1.0, None), g(1.0)]) is True  # best one has no answer
+    assert rerank_correct([0.9], [g(0.0, "")]) is False
+    assert any_correct([g(0.1), g(1.0)]) and not any_correct([g(0.1), g(0.0)])
+
+
+def test_collect_left_pads_prompts_from_different_buckets_and_dedup_keeps_first():
+    a = {"prompt_tokens": np.array([[5, 6]]), "prompt_mask": np.array([[1, 1]]), "tokens": np.array([[7, 1]]),
+         "mask": np.array([[1, 1]]), "labels": np.array([1.0]), "example_idx": np.array([0])}
+    b = {"prompt_tokens": np.array([[0, 4, 5, 6]]), "prompt_mask": np.array([[0, 1, 1, 1]]),
+         "tokens": np.array([[8, 0]]), "mask": np.array([[1, 0]]), "labels": np.array([0.0]), "example_idx": np.array([1])}
+    vd = collect([a, b], pad_id=2)
+    np.testing.assert_array_equal(vd.prompt_tokens, [[2, 2, 5, 6], [0, 4, 5, 6]])
+    np.testing.assert_array_equal(vd.prompt_mask, [[0, 0, 1, 1], [0, 1, 1, 1]])
+    assert vd.labels.tolist() == [1.0, 0.0] and vd.example_idx.tolist() == [0, 1]
+    assert dedup_rows(["x", "y", "x", "x"], [0, 0, 0, 1]) == [0, 1, 3]
+    with pytest.raises(ValueError, match="no verifier training rows"):
+        collect([], 0)
+
+
+def test_data_round_trips_and_batches_cover_every_row_once(tmp_path):
+    vd = _synthetic(n=37)
+    vd.save(tmp_path / "v.npz")
+    back = VerifierData.load(tmp_path / "v.npz")
+    for f in ("prompt_tokens", "prompt_mask", "tokens", "mask", "labels", "example_idx"):
+        np.testing.assert_array_equal(getattr(back, f), getattr(vd, f))
+    assert not list(tmp_path.glob("*.tmp*"))
+    batches = list(vd.batches(16, seed=3))
+    assert [b["tokens"].shape[0] for b in batches] == [16, 16, 16]
+    assert sum(b["weights"].sum() for b in batches) == 37
+    assert [b["weights"].tolist() for b in batches] == [[1.0] * 16, [1.0] * 16, [1.0] * 5 + [0.0] * 11]
+
+
+def test_config_checks():
+    from reftjax.config import ExperimentConfig
+    from reftjax.evaluate import EvalConfig
+
+    with pytest.raises(ValueError, match="voting_k"):
+        ExperimentConfig(rerank=RerankConfig(epochs=1), eval=EvalConfig(voting_k=0))
+    with pytest.raises(ValueError, match="temperature"):
+        RerankConfig(temperature=0.0)
+    assert ExperimentConfig().rerank.epochs == 0  # off unless asked for
