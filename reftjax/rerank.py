@@ -51,6 +51,9 @@ class RerankConfig:
       optim: AdamW settings (ReFT: lr 1e-6, linear decay, grad clip 1.0).
       n_questions: sample from the first n training questions only (None: all).
       dedup: drop repeated completions of a question (ReFT does).
+      token_level: train the head on every completion slot, each predicting the solution's label
+        (Cobbe et al. 2021's GSM8K verifiers) instead of on the last slot only (ReFT); the score used
+        for reranking is the last slot's either way.
       seed: sampling and shuffling seed.
     """
 
@@ -63,6 +66,7 @@ class RerankConfig:
     optim: OptimConfig = OptimConfig(learning_rate=1e-6)
     n_questions: int | None = None
     dedup: bool = True
+    token_level: bool = False
     seed: int = 0
 
     def __post_init__(self):
@@ -87,6 +91,19 @@ def _joined(prompt_tokens_BxP, prompt_mask_BxP, tokens_BxN, mask_BxN):
             jnp.concatenate([prompt_mask_BxP.astype(bool), mask_BxN.astype(bool)], axis=1))
 
 
+def completion_logits(params: dict, model_cfg: ModelConfig, prompt_tokens_BxP, prompt_mask_BxP, tokens_BxN,
+                      mask_BxN) -> jax.Array:
+    """The score head on the final (normed) hidden state of every completion slot: [B, N] float32 logits.
+
+    Slot t has seen the prompt and completion tokens 0..t (causal attention), so its logit is a
+    prediction of the solution's correctness from that prefix.
+    """
+    tokens, mask = _joined(prompt_tokens_BxP, prompt_mask_BxP, tokens_BxN, mask_BxN)
+    _, hidden = forward(params["backbone"], model_cfg, tokens, mask, return_logits=False)
+    h = hidden[:, prompt_tokens_BxP.shape[1]:].astype(jnp.float32)
+    return h @ params["score"]["kernel"] + params["score"]["bias"]
+
+
 def verifier_logits(params: dict, model_cfg: ModelConfig, prompt_tokens_BxP, prompt_mask_BxP, tokens_BxN,
                     mask_BxN) -> jax.Array:
     """Logit of P(correct) for each (left-padded prompt, right-padded completion) row: [B] float32.
@@ -94,11 +111,8 @@ def verifier_logits(params: dict, model_cfg: ModelConfig, prompt_tokens_BxP, pro
     Read from the final (normed) hidden state of the row's last valid token: the EOS, or the
     last completion token when there is none (transformers' sequence classifiers do the same).
     """
-    tokens, mask = _joined(prompt_tokens_BxP, prompt_mask_BxP, tokens_BxN, mask_BxN)
-    _, hidden = forward(params["backbone"], model_cfg, tokens, mask, return_logits=False)
-    last = losses.last_valid_onehot(mask).astype(jnp.float32)
-    pooled = jnp.einsum("btd,bt->bd", hidden.astype(jnp.float32), last)
-    return pooled @ params["score"]["kernel"] + params["score"]["bias"]
+    z = completion_logits(params, model_cfg, prompt_tokens_BxP, prompt_mask_BxP, tokens_BxN, mask_BxN)
+    return (z * losses.last_valid_onehot(mask_BxN)).sum(axis=1)
 
 
 def verifier_loss(logits_B, labels_B, weights_B) -> tuple[jax.Array, jax.Array]:
@@ -110,26 +124,41 @@ def verifier_loss(logits_B, labels_B, weights_B) -> tuple[jax.Array, jax.Array]:
     return (bce * w).sum() / denom, (acc * w).sum() / denom
 
 
-def verifier_step(state: TrainState, batch: dict, *, model_cfg: ModelConfig,
-                  tx: optax.GradientTransformation) -> tuple[TrainState, dict]:
+def token_level_loss(logits_BxN, mask_BxN, labels_B, weights_B) -> jax.Array:
+    """Every completion slot predicts the solution's label; BCE averaged over a row's slots, then over rows."""
+    bce = optax.sigmoid_binary_cross_entropy(logits_BxN, jnp.broadcast_to(labels_B[:, None], logits_BxN.shape))
+    per_row = losses.masked_mean(bce, mask_BxN, axis=1)
+    w = weights_B.astype(jnp.float32)
+    return (per_row * w).sum() / jnp.maximum(w.sum(), 1.0)
+
+
+def verifier_step(state: TrainState, batch: dict, *, model_cfg: ModelConfig, tx: optax.GradientTransformation,
+                  token_level: bool = False) -> tuple[TrainState, dict]:
     """One AdamW update of `state.params["verifier"]` on a batch of labelled solutions.
 
     `batch`: prompt_tokens/prompt_mask [B, P], tokens/mask [B, N], labels [B] (1 correct),
     weights [B] (0 for padding rows). A non-finite loss or gradient skips the update.
+    `token_level`: train every completion slot on the label (`token_level_loss`) instead of
+    the last one only; the reported accuracy is the last slot's either way.
     """
     def loss_fn(params):
-        logits = verifier_logits(params["verifier"], model_cfg, batch["prompt_tokens"], batch["prompt_mask"],
-                                 batch["tokens"], batch["mask"])
-        return verifier_loss(logits, batch["labels"], batch["weights"])
+        z = completion_logits(params["verifier"], model_cfg, batch["prompt_tokens"], batch["prompt_mask"],
+                              batch["tokens"], batch["mask"])
+        last = (z * losses.last_valid_onehot(batch["mask"])).sum(axis=1)
+        loss, acc = verifier_loss(last, batch["labels"], batch["weights"])
+        if token_level:
+            loss = token_level_loss(z, batch["mask"], batch["labels"], batch["weights"])
+        return loss, acc
 
     (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     state, m = _apply_update(state, grads, tx, loss)
     return state, {"loss": loss, "accuracy": acc, **m}
 
 
-def make_verifier_step(model_cfg: ModelConfig, tx: optax.GradientTransformation):
+def make_verifier_step(model_cfg: ModelConfig, tx: optax.GradientTransformation, token_level: bool = False):
     """`verifier_step` jit-compiled once per batch shape, the state donated."""
-    return jax.jit(functools.partial(verifier_step, model_cfg=model_cfg, tx=tx), donate_argnums=0)
+    return jax.jit(functools.partial(verifier_step, model_cfg=model_cfg, tx=tx, token_level=token_level),
+                   donate_argnums=0)
 
 
 @functools.partial(jax.jit, static_argnames=("model_cfg",))

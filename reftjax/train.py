@@ -332,7 +332,7 @@ def run_rerank(cfg: ExperimentConfig, model, sft_params, data: Data, grader, mes
         state, extras, _ = restored
         done = extras["step"]
         log.info("verifier training resumed at step %d", done)
-    step_fn = make_verifier_step(model.config, tx)
+    step_fn = make_verifier_step(model.config, tx, rc.token_level)
     n_proc, pid = jax.process_count(), jax.process_index()
     local = rc.batch_size // n_proc
     bar = _bar(total, "verifier", done, progress)

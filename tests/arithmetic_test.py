@@ -206,3 +206,18 @@ def test_rl_probe_runs_and_reports_finite_metrics():
         assert 0.0 <= h["correct"] <= 1.0 and 0.0 <= h["reward"] <= 1.0
         assert all(np.isfinite(v) for v in h.values())
     assert history[0]["kl"] == pytest.approx(0.0, abs=1e-5)  # first rollout comes from the reference itself
+
+
+def test_rerank_experiment_runs_and_reports_consistent_accuracies(tmp_path):
+    """The rerank@k experiment runs end to end (quick setting) and its figures bound each other as they must."""
+    from experiments import arithmetic_rerank as rr
+
+    res = rr.main(["--quick", "--out", str(tmp_path), "--k", "4", "--n-train-questions", "16", "--epochs", "1",
+                   "--batch", "16", "--lrs", "1e-3"])
+    assert res["chosen_lr"] == 1e-3 and 16 <= res["verifier_rows"] <= 64
+    for split in ("val", "test"):
+        r = res[split]
+        assert 0 <= r["rerank"] <= r["upper_bound"] <= 1 and r["voting"] <= r["upper_bound"]
+        assert r["sample_accuracy"] <= r["upper_bound"]
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["test"] == res["test"] and "| test |" in (tmp_path / "results.md").read_text()

@@ -14,6 +14,7 @@ import sys
 import tempfile
 import time
 
+import numpy as np
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -95,6 +96,51 @@ def test_pipeline_sigkill_then_resume_completes(tiny_hf_dir, tmp_path, shared_da
     for which in ("final", "best"):
         exported = load_model(out / "hf" / which, with_tokenizer=False)
         assert exported.config.num_layers == 2
+
+
+RERANK = ("--set", "eval.voting_k=2", "--set", "rerank.epochs=2", "--set", "rerank.samples_per_question=3",
+          "--set", "rerank.n_questions=4", "--set", "rerank.max_new_tokens=12", "--set", "rerank.batch_size=4")
+
+
+def test_pipeline_with_the_verifier_phase_reports_rerank_and_resumes(tiny_hf_dir, tmp_path, shared_data):
+    out = tmp_path / "run"
+    first = subprocess.run(_cmd(tiny_hf_dir, out, RERANK + FAST), cwd=ROOT, env=_env(), capture_output=True,
+                           text=True, timeout=900)
+    assert first.returncode == 0, first.stderr[-3000:]
+    from reftjax.rerank import VerifierData
+
+    vd = VerifierData.load(out / "verifier_data.npz")  # 3 samples for each of 4 training questions, deduplicated
+    assert 4 <= len(vd) <= 12 and len(set(vd.example_idx.tolist())) == 4
+    assert vd.tokens.shape[1] == 12 and set(np.unique(vd.labels)) <= {0.0, 1.0}
+    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in lines if r["phase"] == "verifier"]
+    assert [r["step"] for r in steps] == list(range(1, 2 * -(-len(vd) // 4) + 1))
+    assert all(np.isfinite(r["loss"]) and r["skipped"] == 0 for r in steps)
+    evals = json.loads((out / "evals.json").read_text())
+    for stage in ("sft", "reft"):
+        plain, reranked = evals[f"test_{stage}"], evals[f"test_{stage}_rerank"]
+        assert reranked["voting_accuracy"] == plain["voting_accuracy"]  # scored over the same voting samples
+        assert 0 <= reranked["rerank_accuracy"] <= reranked["upper_bound_accuracy"] <= 1
+        assert reranked["voting_accuracy"] <= reranked["upper_bound_accuracy"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["test_rerank_accuracy"]["k"] == 2
+    assert summary["test_rerank_accuracy"]["reft"] == round(100 * evals["test_reft_rerank"]["rerank_accuracy"], 2)
+    assert "| rerank@2 (%) | any of 2 correct (%) |" in (out / "summary.md").read_text()
+    assert (out / "verifier_done.json").exists() and (out / "checkpoints" / "verifier").is_dir()
+
+    # resume: without the marker and the rerank evaluations, the phase restores its last checkpoint and the
+    # re-evaluation with the restored verifier gives the same figures
+    (out / "verifier_done.json").unlink()
+    json.dump({k: v for k, v in evals.items() if not k.endswith("_rerank")}, open(out / "evals.json", "w"))
+    again = subprocess.run(_cmd(tiny_hf_dir, out, RERANK + FAST), cwd=ROOT, env=_env(), capture_output=True,
+                           text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    evals2 = json.loads((out / "evals.json").read_text())
+    for name in ("test_sft_rerank", "test_reft_rerank"):
+        assert {k: v for k, v in evals2[name].items() if k != "samples"} == \
+            {k: v for k, v in evals[name].items() if k != "samples"}
+    assert len([l for l in (out / "metrics.jsonl").read_text().splitlines() if '"phase": "verifier"' in l]) == \
+        len(steps)  # nothing retrained
 
 
 def _free_port() -> int:
