@@ -77,7 +77,7 @@ def train_verifier(runner: ar.Runner, warm, data, lr: float, epochs: int, batch:
 
 
 def accuracies(verifier, runner: ar.Runner, samples, grades, k: int) -> dict:
-    from reftjax.evaluate import _majority
+    from reftjax.evaluate import majority_correct
     from reftjax.rerank import any_correct, rerank_correct, verifier_scores
 
     scores = np.asarray(verifier_scores(verifier, samples["prompt_tokens"], samples["prompt_mask"], samples["tokens"],
@@ -85,7 +85,8 @@ def accuracies(verifier, runner: ar.Runner, samples, grades, k: int) -> dict:
     groups = range(0, len(grades), k)
     correct = np.array([g.score >= 1.0 for g in grades])
     aucs = [within_auc(scores[g:g + k], correct[g:g + k]) for g in groups if 0 < correct[g:g + k].sum() < k]
-    return {"voting": float(np.mean([_majority(grades[g:g + k]) for g in groups])),
+    return {"voting": float(np.mean([majority_correct(grades[g:g + k]) for g in groups])),
+            "weighted_voting": float(np.mean([majority_correct(grades[g:g + k], scores[g:g + k]) for g in groups])),
             "within_question_auc": float(np.mean(aucs)) if aucs else None, "mixed_questions": len(aucs),
             "rerank": float(np.mean([rerank_correct(scores[g:g + k], grades[g:g + k]) for g in groups])),
             "upper_bound": float(np.mean([any_correct(grades[g:g + k]) for g in groups])),
@@ -159,12 +160,12 @@ def main(argv=None) -> dict:
           f"Warm-up {used} SFT samples; verifier trained on {len(data)} deduplicated samples of "
           f"{min(args.n_train_questions, len(runner.data.problems['train']))} training problems "
           f"({pct(data.labels.mean())}% correct), lr {best:g} chosen on validation rerank@{k}.", "",
-          f"| split | greedy top-1 | one sample | voting@{k} | rerank@{k} | any of {k} correct | within-question AUC |",
-          "|---|---|---|---|---|---|---|"]
+          f"| split | greedy top-1 | one sample | voting@{k} | rerank@{k} | weighted voting@{k} | any of {k} correct | "
+          "within-question AUC |", "|---|---|---|---|---|---|---|---|"]
     for s, r in (("val", tried[best]["val"]), ("test", test)):
         auc = "-" if r["within_question_auc"] is None else f"{r['within_question_auc']:.3f}"
         md.append(f"| {s} | {pct(greedy[s])} | {pct(r['sample_accuracy'])} | {pct(r['voting'])} | {pct(r['rerank'])} | "
-                  f"{pct(r['upper_bound'])} | {auc} |")
+                  f"{pct(r['weighted_voting'])} | {pct(r['upper_bound'])} | {auc} |")
     md += ["", f"Wall time {result['wall_seconds']:.0f} s on {os.cpu_count()} CPU cores."]
     ar.write_atomic(out / "results.json", lambda f: json.dump(result, f, indent=1))
     ar.write_atomic(out / "results.md", lambda f: f.write("\n".join(md) + "\n"))

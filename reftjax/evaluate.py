@@ -25,19 +25,26 @@ class EvalConfig:
       max_new_tokens: completion length bucket.
       voting_k: samples per prompt for majority voting (0: off); ReFT uses 100 at temperature 1.
       voting_temperature: sampling temperature for voting.
+      rerank_chunk_rows: rows per verifier forward when scoring the voting samples for rerank@k
+        (`reftjax.rerank.verifier_scores`; bounds memory at large k; 0: all rows of a batch at once).
     """
 
     batch_size: int = 8
     max_new_tokens: int = 256
     voting_k: int = 0
     voting_temperature: float = 1.0
+    rerank_chunk_rows: int = 64
 
 
-def _majority(grades) -> bool:
-    """Voted answer = most common extracted answer (ties: first seen); correct if it graded 1."""
+def majority_correct(grades, weights=None) -> bool:
+    """Voted answer = the extracted answer with the most votes (ties: first seen); correct if it graded 1.
+
+    Each sample votes 1, or `weights[i]` (verifier-weighted voting: a verifier's P(correct) summed per
+    answer, Li et al. 2023 / Uesato et al. 2022). Samples without an answer do not vote.
+    """
     votes = collections.Counter()
     correct = {}
-    for g in grades:
+    for i, g in enumerate(grades):
         if g.extracted is None or g.extracted == "":
             continue
         key = str(g.extracted).strip()
@@ -45,7 +52,7 @@ def _majority(grades) -> bool:
             key = repr(round(float(key), 4))
         except ValueError:
             pass
-        votes[key] += 1
+        votes[key] += 1.0 if weights is None else float(weights[i])
         correct[key] = correct.get(key, False) or g.score >= 1.0 - 1e-6
     if not votes:
         return False
@@ -58,7 +65,8 @@ def evaluate(params, model_cfg, tokenizer, ds: TokenizedDataset, items: Sequence
 
     Returns {"accuracy", "voting_accuracy" (if k > 0), "n", "mean_length", "samples": [...first 8...]}.
     With `verifier` (`reftjax.rerank` parameters) and k > 0 it also scores the k voting samples and
-    adds "rerank_accuracy" (the verifier's pick among the samples with an answer) and
+    adds "rerank_accuracy" (the verifier's pick among the samples with an answer),
+    "weighted_voting_accuracy" (votes weighted by the verifier's P(correct)) and
     "upper_bound_accuracy" (some sample is correct: pass@k), over the same samples as voting.
     """
     loader = Loader(ds, LoaderConfig(batch_size=cfg.batch_size, kind="prompt", shuffle=False, drop_last=False,
@@ -69,7 +77,7 @@ def evaluate(params, model_cfg, tokenizer, ds: TokenizedDataset, items: Sequence
     rng = rng if rng is not None else jax.random.key(1234)
     if verifier is not None and vote is None:
         raise ValueError("rerank@k needs voting samples: set EvalConfig.voting_k > 0")
-    correct, voted, reranked, bound, lengths, samples = [], [], [], [], [], []
+    correct, voted, reranked, weighted, bound, lengths, samples = [], [], [], [], [], [], []
     for i, batch in enumerate(loader):
         valid, idx = to_host((batch["valid"], batch["example_idx"]))  # whole batch on every process
         out = rollout(params, batch["prompt_tokens"], batch["prompt_mask"], rng, model_cfg=model_cfg, cfg=greedy)
@@ -89,12 +97,14 @@ def evaluate(params, model_cfg, tokenizer, ds: TokenizedDataset, items: Sequence
             scores = None
             if verifier is not None:
                 scores = to_host(verifier_scores(verifier, out_v.prompt_tokens_BxP, out_v.prompt_mask_BxP,
-                                                 out_v.tokens_BxN, out_v.mask_BxN, model_cfg=model_cfg))
+                                                 out_v.tokens_BxN, out_v.mask_BxN, model_cfg=model_cfg,
+                                                 chunk_rows=cfg.rerank_chunk_rows))
             for j in rows:
                 g = grader.grade_batch([items[idx[j]]] * k, texts_v[j * k:(j + 1) * k])
-                voted.append(_majority(g))
+                voted.append(majority_correct(g))
                 if scores is not None:
                     reranked.append(rerank_correct(scores[j * k:(j + 1) * k], g))
+                    weighted.append(majority_correct(g, scores[j * k:(j + 1) * k]))
                     bound.append(any_correct(g))
         if progress is not None:
             progress.update(len(rows))
@@ -104,5 +114,6 @@ def evaluate(params, model_cfg, tokenizer, ds: TokenizedDataset, items: Sequence
         res["voting_accuracy"] = float(np.mean(voted)) if voted else 0.0
     if verifier is not None:
         res["rerank_accuracy"] = float(np.mean(reranked)) if reranked else 0.0
+        res["weighted_voting_accuracy"] = float(np.mean(weighted)) if weighted else 0.0
         res["upper_bound_accuracy"] = float(np.mean(bound)) if bound else 0.0
     return res

@@ -45,6 +45,8 @@ def write_summary(out: pathlib.Path, cfg, evals: dict, wall_seconds: float, writ
                                  "reft": _pct(acc("test_reft", "voting_accuracy")), "k": cfg.eval.voting_k},
         "test_rerank_accuracy": {"sft": _pct(acc("test_sft_rerank", "rerank_accuracy")),
                                  "reft": _pct(acc("test_reft_rerank", "rerank_accuracy")),
+                                 "weighted_voting_sft": _pct(acc("test_sft_rerank", "weighted_voting_accuracy")),
+                                 "weighted_voting_reft": _pct(acc("test_reft_rerank", "weighted_voting_accuracy")),
                                  "upper_bound_sft": _pct(acc("test_sft_rerank", "upper_bound_accuracy")),
                                  "upper_bound_reft": _pct(acc("test_reft_rerank", "upper_bound_accuracy")),
                                  "k": cfg.eval.voting_k} if cfg.rerank.epochs else None,
@@ -67,13 +69,14 @@ def write_summary(out: pathlib.Path, cfg, evals: dict, wall_seconds: float, writ
     head, rule = f"| stage | greedy top-1 (%) | voting@{k} (%) |", "|---|---|---|"
     rows = [("before SFT", t["base"], None, None), ("after SFT warm-up", t["sft"], v["sft"], "sft"),
             (f"after ReFT ({cfg.rl.ppo.algo})", t["reft"], v["reft"], "reft")]
-    if r is not None:  # rerank@k and its upper bound (some sample correct) over the voting samples
-        head, rule = head + f" rerank@{k} (%) | any of {k} correct (%) |", rule + "---|---|"
+    if r is not None:  # rerank@k, verifier-weighted voting and the upper bound (some sample correct), same samples
+        head, rule = head + f" rerank@{k} (%) | weighted voting@{k} (%) | any of {k} correct (%) |", rule + "---|---|---|"
     table = []
     for stage, greedy, voting, key in rows:
         line = f"| {stage} | {_cell(greedy)} | {_cell(voting) if key else '-'} |"
         if r is not None:
-            line += (f" {_cell(r[key]) if key else '-'} | {_cell(r['upper_bound_' + key]) if key else '-'} |")
+            line += "".join(f" {_cell(r[prefix + key]) if key else '-'} |" for prefix in ("", "weighted_voting_",
+                                                                                         "upper_bound_"))
         table.append(line)
     lines = [
         f"# {cfg.name}: {cfg.model}", "",

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Sequence
 
 import jax
@@ -161,12 +162,27 @@ def make_verifier_step(model_cfg: ModelConfig, tx: optax.GradientTransformation,
                    donate_argnums=0)
 
 
-@functools.partial(jax.jit, static_argnames=("model_cfg",))
+@functools.partial(jax.jit, static_argnames=("model_cfg", "chunk_rows"))
 def verifier_scores(params: dict, prompt_tokens_BxP, prompt_mask_BxP, tokens_BxN, mask_BxN, *,
-                    model_cfg: ModelConfig) -> jax.Array:
-    """P(correct) for each row, [B] float32 (jit-compiled once per shape)."""
-    return jax.nn.sigmoid(verifier_logits(params, model_cfg, prompt_tokens_BxP, prompt_mask_BxP, tokens_BxN,
-                                          mask_BxN))
+                    model_cfg: ModelConfig, chunk_rows: int = 0) -> jax.Array:
+    """P(correct) for each row, [B] float32 (jit-compiled once per shape).
+
+    `chunk_rows` > 0 scores the rows in sequential chunks of gcd(B, chunk_rows) (a `lax.map`
+    inside the one program), bounding the forward's activations (the training-style forward keeps
+    a [rows, heads, L, L] attention matrix per layer: at voting@100 x 64 prompts that is the whole
+    batch of 6,400 rows at once). Chunk c takes rows c, c + n, c + 2n, ... so every chunk spans
+    all the batch's devices.
+    """
+    b = tokens_BxN.shape[0]
+    score = lambda pt, pm, t, m: jax.nn.sigmoid(verifier_logits(params, model_cfg, pt, pm, t, m))  # noqa: E731
+    rows = math.gcd(b, chunk_rows) if chunk_rows else b
+    if rows == b:
+        return score(prompt_tokens_BxP, prompt_mask_BxP, tokens_BxN, mask_BxN)
+    n = b // rows
+    split = lambda x: x.reshape(rows, n, *x.shape[1:]).swapaxes(0, 1)  # noqa: E731  [B, ...] -> [n, rows, ...]
+    out = jax.lax.map(lambda xs: score(*xs), tuple(map(split, (prompt_tokens_BxP, prompt_mask_BxP, tokens_BxN,
+                                                              mask_BxN))))
+    return out.swapaxes(0, 1).reshape(b)
 
 
 # ----------------------------------------------------------------------------- selection (host)

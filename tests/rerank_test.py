@@ -42,6 +42,17 @@ def test_logit_reads_the_final_hidden_state_of_the_last_real_token():
                                1 / (1 + np.exp(-got)), rtol=1e-6)
 
 
+@pytest.mark.parametrize("chunk_rows", [4, 6, 12])
+def test_chunked_scores_equal_the_one_pass_scores(chunk_rows):
+    v = jax.tree.map(jnp.asarray, _host_verifier())
+    vd = _synthetic(n=12)
+    args = (vd.prompt_tokens, vd.prompt_mask, vd.tokens, vd.mask)
+    whole = np.asarray(verifier_scores(v, *args, model_cfg=CFG))
+    np.testing.assert_allclose(np.asarray(verifier_scores(v, *args, model_cfg=CFG, chunk_rows=chunk_rows)), whole,
+                               rtol=1e-5, atol=1e-6)
+    assert np.unique(np.round(whole, 5)).size > 6  # rows really differ, so a row permutation would be caught
+
+
 def test_loss_and_accuracy_match_numpy():
     rng = np.random.default_rng(0)
     logits = rng.normal(size=16).astype(np.float32) * 3
@@ -156,6 +167,17 @@ def test_pick_skips_unanswered_samples_and_breaks_ties_by_order():
     assert rerank_correct([0.1, 0.8, 0.3], [g(1.0), g(1.0, None), g(1.0)]) is True  # best one has no answer
     assert rerank_correct([0.9], [g(0.0, "")]) is False
     assert any_correct([g(0.1), g(1.0)]) and not any_correct([g(0.1), g(0.0)])
+
+
+def test_weighted_voting_sums_the_verifier_scores_per_answer():
+    from reftjax.evaluate import majority_correct
+
+    g = lambda s, e: types.SimpleNamespace(score=s, extracted=e)  # noqa: E731
+    grades = [g(0.1, "3"), g(0.1, "3.0"), g(1.0, "4"), g(0.1, None)]
+    assert majority_correct(grades) is False  # "3" and "3.0" are one answer: 2 votes to 1
+    assert majority_correct(grades, [0.3, 0.3, 0.7, 0.99]) is True  # 0.7 > 0.6; the unanswered sample has no vote
+    assert majority_correct(grades, [0.4, 0.4, 0.7, 0.0]) is False
+    assert majority_correct([g(1.0, "5"), g(0.1, "6")], [0.5, 0.5]) is True  # tie: first seen
 
 
 def test_collect_left_pads_prompts_from_different_buckets_and_dedup_keeps_first():

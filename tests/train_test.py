@@ -125,7 +125,8 @@ def test_pipeline_with_the_verifier_phase_reports_rerank_and_resumes(tiny_hf_dir
     summary = json.loads((out / "summary.json").read_text())
     assert summary["test_rerank_accuracy"]["k"] == 2
     assert summary["test_rerank_accuracy"]["reft"] == round(100 * evals["test_reft_rerank"]["rerank_accuracy"], 2)
-    assert "| rerank@2 (%) | any of 2 correct (%) |" in (out / "summary.md").read_text()
+    assert "| rerank@2 (%) | weighted voting@2 (%) | any of 2 correct (%) |" in (out / "summary.md").read_text()
+    assert 0 <= evals["test_reft_rerank"]["weighted_voting_accuracy"] <= evals["test_reft_rerank"]["upper_bound_accuracy"]
     assert (out / "verifier_done.json").exists() and (out / "checkpoints" / "verifier").is_dir()
 
     # resume: without the marker and the rerank evaluations, the phase restores its last checkpoint and the
