@@ -80,11 +80,15 @@ class RerankConfig:
 # ----------------------------------------------------------------------------- the model
 
 
+def init_score_head(model_cfg: ModelConfig, rng: jax.Array) -> dict:
+    """A fresh score head: kernel N(0, 0.02) [D] and a zero bias, float32."""
+    return {"kernel": 0.02 * jax.random.normal(rng, (model_cfg.hidden_size,), jnp.float32),
+            "bias": jnp.zeros((), jnp.float32)}
+
+
 def init_verifier(policy_params, model_cfg: ModelConfig, rng: jax.Array) -> dict:
-    """The verifier's parameters: a copy of `policy_params` plus a fresh N(0, 0.02) score head (fp32)."""
-    kernel = 0.02 * jax.random.normal(rng, (model_cfg.hidden_size,), jnp.float32)
-    return {"backbone": jax.tree.map(jnp.copy, policy_params),
-            "score": {"kernel": kernel, "bias": jnp.zeros((), jnp.float32)}}
+    """The verifier's parameters: a copy of `policy_params` plus a fresh score head."""
+    return {"backbone": jax.tree.map(jnp.copy, policy_params), "score": init_score_head(model_cfg, rng)}
 
 
 def _joined(prompt_tokens_BxP, prompt_mask_BxP, tokens_BxN, mask_BxN):

@@ -36,7 +36,7 @@ from reftjax.graders import build_grader
 from reftjax.graders.callback import make_reward_fn
 from reftjax.hf import load_model, save_hf
 from reftjax.metrics import MetricsLogger, measured_peak_flops, mfu
-from reftjax.rerank import VerifierData, init_verifier, make_verifier_step, sample_verifier_data
+from reftjax.rerank import VerifierData, init_score_head, init_verifier, make_verifier_step, sample_verifier_data
 from reftjax.rollout import completion_buckets, rollout, trim_to_bucket
 from reftjax.sharding import is_primary, make_mesh, maybe_initialize_distributed, shard_batch, to_host
 from reftjax.steps import (init_rl_params, init_state, make_experience_fn, make_optimizer, make_ppo_step, make_sft_step)
@@ -302,10 +302,11 @@ def run_rerank(cfg: ExperimentConfig, model, sft_params, data: Data, grader, mes
     policy for `epochs` passes, checkpointed like the other phases (`checkpoints/verifier`)."""
     rc = cfg.rerank
     marker, data_path = out / "verifier_done.json", out / "verifier_data.npz"
-    template = init_verifier(sft_params, model.config, jax.random.key(rc.seed))
     vdir = out / "checkpoints" / "verifier"
-    if marker.exists():
-        return ckpt.restore_params(vdir / str(json.loads(marker.read_text())["step"]), template, key="verifier")
+    if marker.exists():  # restore onto shapes and shardings only: no copy of the backbone
+        abstract = {"backbone": ckpt.abstract_like(sft_params),
+                    "score": ckpt.abstract_like(init_score_head(model.config, jax.random.key(rc.seed)))}
+        return ckpt.restore_params(vdir / str(json.loads(marker.read_text())["step"]), abstract, key="verifier")
     if data_path.exists():
         vd = VerifierData.load(data_path)
     else:
@@ -322,7 +323,8 @@ def run_rerank(cfg: ExperimentConfig, model, sft_params, data: Data, grader, mes
     per_epoch = -(-len(vd) // rc.batch_size)
     total = rc.epochs * per_epoch
     tx = make_optimizer(rc.optim, total)
-    state = init_state({"verifier": template}, tx, jax.random.key(rc.seed + 1))
+    state = init_state({"verifier": init_verifier(sft_params, model.config, jax.random.key(rc.seed))}, tx,
+                       jax.random.key(rc.seed + 1))
     manager = ckpt.Checkpointer(ckpt.CheckpointConfig(str(vdir), save_every=cfg.checkpoint.save_every,
                                                       keep_last=cfg.checkpoint.keep_last, keep_best=0),
                                 config=to_dict(cfg))
@@ -336,6 +338,7 @@ def run_rerank(cfg: ExperimentConfig, model, sft_params, data: Data, grader, mes
     n_proc, pid = jax.process_count(), jax.process_index()
     local = rc.batch_size // n_proc
     bar = _bar(total, "verifier", done, progress)
+    prev = None
     while done < total and not stop.requested:
         epoch, pos = divmod(done, per_epoch)
         for i, batch in enumerate(vd.batches(rc.batch_size, seed=rc.seed + epoch)):
@@ -343,13 +346,17 @@ def run_rerank(cfg: ExperimentConfig, model, sft_params, data: Data, grader, mes
                 continue
             batch = shard_batch({k: v[pid * local:(pid + 1) * local] for k, v in batch.items()}, mesh)
             state, metrics = step_fn(state, batch)
+            if prev is not None:  # read the previous step's metrics one step late (no wait on the device)
+                logger.log("verifier", prev[0], {**jax.device_get(prev[1]), "epoch": prev[2]})
             done += 1
-            logger.log("verifier", done, {**jax.device_get(metrics), "epoch": epoch + 1})
+            prev = (done, metrics, epoch + 1)
             bar.update(1)
             if done % cfg.checkpoint.save_every == 0 or done == total or stop.requested:
                 manager.save(done, state, {"step": done, "phase": "verifier"}, force=True)
             if stop.requested:
                 break
+    if prev is not None:
+        logger.log("verifier", prev[0], {**jax.device_get(prev[1]), "epoch": prev[2]})
     bar.close()
     manager.close()
     if done < total:
