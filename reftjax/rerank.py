@@ -24,6 +24,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
+import pathlib
 from typing import Sequence
 
 import jax
@@ -231,9 +233,6 @@ class VerifierData:
 
     def save(self, path) -> None:
         """Write atomically (a temporary file renamed into place)."""
-        import os
-        import pathlib
-
         path = pathlib.Path(path)
         tmp = path.with_name(path.name + ".tmp.npz")
         np.savez(tmp, **dataclasses.asdict(self))
