@@ -516,7 +516,8 @@ def packed_prefill(params, layer_params: list, cfg: ModelConfig, tokens_BxP, att
     which needs rows, runs on the padded `[B, P]` layout (a gather there and back per
     layer: cheap next to the GEMMs). Returns (last-slot logits [B, V], last-slot hidden
     state after the final norm [B, D], per-layer caches of length `cache_len`) like
-    `prefill`; padding slots of the caches hold zeros (masked by every reader).
+    `prefill`; padding slots of the caches hold finite filler (zeros or a padding token's
+    projections; masked by every reader).
     `layer_params` are `unstack_layers(params, cfg)`, as `decode_step` takes them.
     """
     b, p = tokens_BxP.shape
