@@ -2,6 +2,7 @@
 import json
 import pathlib
 import sys
+import tempfile
 
 import pytest
 
@@ -115,3 +116,17 @@ def test_download_path_through_tfds_download_manager(shared_data, tmp_path, monk
         assert [(e.question, e.cot, e.answer_value) for e in got[split]] == \
                [(e.question, e.cot, e.answer_value) for e in want[split]]
     assert (cache / "downloads").is_dir() and any((cache / "downloads").iterdir())
+
+
+def test_building_leaves_no_temporary_directories(shared_data, tmp_path, monkeypatch):
+    """tfds makes an empty mkdtemp("tfds") for a GCS info lookup on every unprepared builder init; ours skips it."""
+    local = tmp_path / "gsm8k"
+    local.mkdir()
+    for split in ("train", "test"):
+        lines = (shared_data / "gsm8k" / f"{split}.jsonl").read_text().splitlines()[:20]
+        (local / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    system_tmp = tmp_path / "system_tmp"
+    system_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(system_tmp))
+    assert len(load_gsm8k("test", data_dir=tmp_path / "cache", local_dir=local)) == 20
+    assert sorted(p.name for p in system_tmp.iterdir()) == []

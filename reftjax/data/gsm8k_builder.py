@@ -49,7 +49,7 @@ class Gsm8kReft(tfds.core.GeneratorBasedBuilder):
         super().__init__(**kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return self.dataset_info_from_configs(
+        info = self.dataset_info_from_configs(
             features=tfds.features.FeaturesDict({
                 "question": tfds.features.Text(),
                 "cot": tfds.features.Text(),
@@ -60,6 +60,11 @@ class Gsm8kReft(tfds.core.GeneratorBasedBuilder):
             # File order is the dataset's order: example_idx must mean the same line everywhere.
             disable_shuffling=True,
         )
+        # Before the data is prepared, tfds looks for precomputed info in its GCS bucket and makes an
+        # empty /tmp/tmp*tfds directory for it on every builder init, even with GCS disabled (its
+        # default); gsm8k_reft is never in that bucket, so skip the lookup and the leak.
+        info.initialize_from_bucket = lambda: None
+        return info
 
     def _split_generators(self, dl_manager):
         if self._local_dir is not None:
