@@ -490,6 +490,20 @@ def prefill(params, cfg: ModelConfig, tokens_BxP, attn_mask_BxP, cache_len: int)
     return lm_logits(params, cfg, hidden[:, -1, :]), hidden, caches
 
 
+def _fused_qkv(p, cfg: ModelConfig, x_NxD):
+    """[N, (H + 2K) hd] = norm(x) @ (q | k | v) (+ bias), from `unstack_layers`' fused weights."""
+    qkv = _rms(x_NxD, p["ln1"], cfg) @ p["qkv"]
+    return qkv + p["qkv_bias"][None, :] if "qkv_bias" in p else qkv
+
+
+def _fused_out_mlp(p, cfg: ModelConfig, x_NxD, attn_NxHD):
+    """The rest of the layer after attention: residual + o-projection, then residual + SwiGLU (fused gate|up)."""
+    x = x_NxD + attn_NxHD @ p["o"]
+    gate_up = _rms(x, p["ln2"], cfg) @ p["gate_up"]
+    f = cfg.intermediate_size
+    return x + (jax.nn.silu(gate_up[:, :f]) * gate_up[:, f:]) @ p["down"]
+
+
 def _rows(fn, n_rows, inputs: tuple, width: int, chunk: int, dtype):
     """`fn` over the first `n_rows` (traced) rows of `inputs`, `chunk` rows at a time; later rows are 0.
 
@@ -521,7 +535,7 @@ def packed_prefill(params, layer_params: list, cfg: ModelConfig, tokens_BxP, att
     `layer_params` are `unstack_layers(params, cfg)`, as `decode_step` takes them.
     """
     b, p = tokens_BxP.shape
-    h, kvh, hd, d, f = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size, cfg.intermediate_size
+    h, kvh, hd, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
     dtype = cfg.jnp_dtype
     valid = attn_mask_BxP.astype(bool)
     chunk = min(chunk, b * p)
@@ -539,23 +553,14 @@ def packed_prefill(params, layer_params: list, cfg: ModelConfig, tokens_BxP, att
     pad_s = cache_len - p
     caches = []
     for lp in layer_params:
-        def project(xs, lp=lp):
-            y = _rms(xs, lp["ln1"], cfg) @ lp["qkv"]
-            return y + lp["qkv_bias"][None, :] if "qkv_bias" in lp else y
-
+        project = functools.partial(_fused_qkv, lp, cfg)
         qkv = jnp.take(_rows(project, n_real, (x,), (h + 2 * kvh) * hd, chunk, dtype), inverse, axis=0)
         qkv = qkv.reshape(b, p, (h + 2 * kvh) * hd)
         q = apply_rope(qkv[..., : h * hd].reshape(b, p, h, hd), positions, inv_freq)
         k = apply_rope(qkv[..., h * hd: (h + kvh) * hd].reshape(b, p, kvh, hd), positions, inv_freq)
         v = qkv[..., (h + kvh) * hd:].reshape(b, p, kvh, hd)
         attn = jnp.take(_attend(q, k, v, mask).reshape(b * p, h * hd), order, axis=0)
-
-        def block(xs, attn_s, lp=lp):
-            xs = xs + attn_s @ lp["o"]
-            gate_up = _rms(xs, lp["ln2"], cfg) @ lp["gate_up"]
-            return xs + (jax.nn.silu(gate_up[:, :f]) * gate_up[:, f:]) @ lp["down"]
-
-        x = _rows(block, n_real, (x, attn), d, chunk, dtype)
+        x = _rows(functools.partial(_fused_out_mlp, lp, cfg), n_real, (x, attn), d, chunk, dtype)
         caches.append(KVCache(jnp.pad(k.transpose(0, 2, 3, 1), ((0, 0), (0, 0), (0, 0), (0, pad_s))),
                               jnp.pad(v.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, pad_s), (0, 0)))))
     hidden = _rms(jnp.take(x, inverse[p - 1::p], axis=0), params["norm"]["scale"], cfg)
@@ -571,9 +576,7 @@ def _decode_layer(p, cfg: ModelConfig, x_BxD, positions_B, mask_BxS, cache: KVCa
     b = x_BxD.shape[0]
     h, kvh, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     g = h // kvh
-    qkv = _rms(x_BxD, p["ln1"], cfg) @ p["qkv"]
-    if "qkv_bias" in p:
-        qkv = qkv + p["qkv_bias"][None, :]
+    qkv = _fused_qkv(p, cfg, x_BxD)
     q = qkv[:, : h * hd].reshape(b, 1, h, hd)
     k = qkv[:, h * hd: (h + kvh) * hd].reshape(b, 1, kvh, hd)
     v = qkv[:, (h + kvh) * hd:].reshape(b, kvh, 1, hd)
@@ -586,10 +589,7 @@ def _decode_layer(p, cfg: ModelConfig, x_BxD, positions_B, mask_BxS, cache: KVCa
     scores = jnp.where(mask_BxS[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
     attn = jnp.einsum("bkgs,bksd->bkgd", probs, cache.v.astype(q.dtype)).reshape(b, h * hd)
-    x = x_BxD + attn @ p["o"]
-    gate_up = _rms(x, p["ln2"], cfg) @ p["gate_up"]
-    f = cfg.intermediate_size
-    return x + (jax.nn.silu(gate_up[:, :f]) * gate_up[:, f:]) @ p["down"], cache
+    return _fused_out_mlp(p, cfg, x_BxD, attn), cache
 
 
 def decode_step(params, layer_params: list, cfg: ModelConfig, tokens_B, positions_B, caches: list,
