@@ -64,12 +64,14 @@ RERANK = ("--set", "eval.voting_k=2", "--set", "rerank.epochs=2", "--set", "rera
 def test_pipeline_sigkill_then_resume_completes(tiny_hf_dir, tmp_path, shared_data):
     out, extra = tmp_path / "run", SEPARATE_CRITIC + RERANK
     env = dict(_env(), JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla"))  # this test's own compilation cache
-    proc = subprocess.Popen(_cmd(tiny_hf_dir, out, extra), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    err = tmp_path / "first.stderr"  # a file, not a pipe: nobody reads a pipe until the kill, and a full one
+    with open(err, "w") as f:       # blocks the run's next log write (Orbax logs every save) before RL starts
+        proc = subprocess.Popen(_cmd(tiny_hf_dir, out, extra), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                                stderr=f)
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None and not _rl_lines(out):
         time.sleep(0.5)
-    assert proc.poll() is None, f"run ended before it could be killed: {proc.stderr.read()[-2000:]}"
+    assert proc.poll() is None, f"run ended before it could be killed: {err.read_text()[-2000:]}"
     assert _rl_lines(out), "no RL iteration within the time limit"
     proc.send_signal(signal.SIGKILL)  # mid-RL, possibly during an async checkpoint save
     proc.wait()
