@@ -97,7 +97,8 @@ class CheckpointSettings:
 
 @dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
-    """A whole ReFT run: model -> SFT warm-up -> RL with validation -> test evaluation [-> verifier, rerank@k]."""
+    """A whole ReFT run: model -> SFT warm-up [-> verifier] -> RL with validation -> test evaluation
+    (greedy, voting@k [, rerank@k])."""
 
     name: str = "gsm8k_reft"
     model: str = "default"

@@ -1,12 +1,15 @@
-"""The ReFT pipeline as one function: load -> SFT warm-up -> RL rounds with validation -> test [-> rerank].
+"""The ReFT pipeline as one function: load -> SFT warm-up [-> verifier] -> RL rounds with validation -> test.
 
 `run(cfg, out_dir)` is a short host loop over the jitted steps (no trainer
 object). Each phase is resumable: SFT and RL checkpoints (Orbax, async) hold
 the train state, the data-loader position and loop counters; the SFT policy
 that becomes the frozen reference is the final SFT checkpoint (`sft_done.json` names it). Rerunning the
 same command continues from the latest valid checkpoint; Ctrl-C saves and exits.
-With `cfg.rerank.epochs > 0` a verifier phase follows (`run_rerank`): its sampled training data
-(`verifier_data.npz`) and its checkpoints resume the same way.
+With `cfg.rerank.epochs > 0` a verifier phase (`run_rerank`) runs right after the warm-up, which is all
+it needs: the test evaluations after warm-up and after ReFT then score their own voting samples with it
+(rerank@k in the same pass as greedy and voting@k), and its weights are dropped during RL and restored
+from its checkpoint for the final test. Its sampled training data (`verifier_data.npz`) and its
+checkpoints resume like the other phases.
 
 Run directory layout:
 
@@ -378,14 +381,24 @@ def _dump_samples(out: pathlib.Path, it: int, record, k: int = 4):
 # ----------------------------------------------------------------------------- the pipeline
 
 
+def _verifier_for(cfg: ExperimentConfig, name: str, model, sft_params, data: Data, grader, mesh,
+                  out: pathlib.Path, logger, stop: _Interrupt, progress: bool):
+    """The verifier for evaluation `name`: None when reranking is off or `name` already holds its rerank@k
+    figures, False when the phase was interrupted; else trained (or resumed, or restored) by `run_rerank`."""
+    if not cfg.rerank.epochs or "rerank_accuracy" in _load_evals(out).get(name, {}):
+        return None
+    verifier = run_rerank(cfg, model, sft_params, data, grader, mesh, out, logger, stop, progress)
+    return False if verifier is None else verifier
+
+
 def _eval_once(name, out, logger, params, model, ds, items, grader, cfg, mesh, step, voting=False, verifier=None):
     evals = _load_evals(out)
-    if name in evals:
+    if name in evals and (verifier is None or "rerank_accuracy" in evals[name]):
         return evals[name]
     ecfg = cfg.eval if voting else dataclasses.replace(cfg.eval, voting_k=0)
     res = evaluate(params, model.config, model.tokenizer, ds, items, grader, ecfg, mesh=mesh,
                    eos_ids=tuple(model.config.eos_token_ids), pad_id=model.tokenizer.pad_token_id, verifier=verifier)
-    _record_eval(out, name, res, logger, "eval", step)
+    _record_eval(out, name, res, logger, f"eval/{name}", step)  # one TensorBoard group per evaluation
     return {k: v for k, v in res.items() if k != "samples"}
 
 
@@ -424,24 +437,25 @@ def run(cfg: ExperimentConfig, out_dir: str | pathlib.Path, *, progress: bool = 
                 return {"status": "interrupted", "phase": "sft"}
             _write_json(marker, {"step": sft_step})
         _eval_once("val_sft", out, logger, ref_params, model, data.val_ds, data.val_items, grader, cfg, mesh, 0)
+        verifier = _verifier_for(cfg, "test_sft", model, ref_params, data, grader, mesh, out, logger, stop, progress)
+        if verifier is False:
+            logger.close()
+            return {"status": "interrupted", "phase": "rerank"}
         _eval_once("test_sft", out, logger, ref_params, model, data.test_ds, data.test_items, grader, cfg, mesh, 0,
-                   voting=True)
+                   voting=True, verifier=verifier)
+        del verifier  # not held through RL: restored from its checkpoint for the final test
         final, best, rl_done = run_rl(cfg, model, ref_params, data, grader, mesh, out, logger, stop, progress,
                                       compiles)
         if not rl_done:
             logger.close()
             return {"status": "interrupted", "phase": "rl"}
         chosen = best if best is not None else final
+        verifier = _verifier_for(cfg, "test_reft", model, ref_params, data, grader, mesh, out, logger, stop, progress)
+        if verifier is False:
+            logger.close()
+            return {"status": "interrupted", "phase": "rerank"}
         test_rl = _eval_once("test_reft", out, logger, chosen, model, data.test_ds, data.test_items, grader, cfg,
-                             mesh, cfg.rl.iterations, voting=True)
-        if cfg.rerank.epochs:
-            verifier = run_rerank(cfg, model, ref_params, data, grader, mesh, out, logger, stop, progress)
-            if verifier is None:
-                logger.close()
-                return {"status": "interrupted", "phase": "rerank"}
-            for name, params in (("test_sft_rerank", ref_params), ("test_reft_rerank", chosen)):
-                _eval_once(name, out, logger, params, model, data.test_ds, data.test_items, grader, cfg, mesh,
-                           cfg.rl.iterations, voting=True, verifier=verifier)
+                             mesh, cfg.rl.iterations, voting=True, verifier=verifier)
     if cfg.export_hf:
         for name, params in (("final", final), ("best", chosen)):
             params = to_host(params)  # a collective on multi-process meshes: every process takes part

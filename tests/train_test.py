@@ -55,8 +55,8 @@ FAST = ("--set", "rl.ppo.experience_from_rollout=true")
 SEPARATE_CRITIC = ("--set", 'rl.ppo.critic="separate"')
 
 
-# The SIGKILL/resume run also runs the verifier phase after RL (rerank@k on 2 voting samples), so one pipeline run
-# covers both; the verifier's own resume is checked at the end of that test.
+# The SIGKILL/resume run also runs the verifier phase (right after the warm-up; rerank@k on 2 voting samples), so
+# one pipeline run covers both; the verifier's own resume is checked at the end of that test.
 RERANK = ("--set", "eval.voting_k=2", "--set", "rerank.epochs=2", "--set", "rerank.samples_per_question=3",
           "--set", "rerank.n_questions=4", "--set", "rerank.max_new_tokens=12", "--set", "rerank.batch_size=4")
 
@@ -119,29 +119,34 @@ def _check_rerank_phase(out, rerun):
     steps = [r for r in lines if r["phase"] == "verifier"]
     assert [r["step"] for r in steps] == list(range(1, 2 * -(-len(vd) // 4) + 1))
     assert all(np.isfinite(r["loss"]) and r["skipped"] == 0 for r in steps)
+    # the phase ran right after the warm-up, before any RL iteration, and its verifier scored the test
+    # evaluations' own voting samples: one evaluation per stage, no separate rerank pass
+    phases = [r["phase"] for r in lines]
+    assert max(i for i, p in enumerate(phases) if p == "verifier") < phases.index("rl")
+    assert phases.count("eval/test_sft") == 1 and phases.count("eval/test_reft") == 1
     evals = json.loads((out / "evals.json").read_text())
+    assert {"test_sft", "test_reft"} <= set(evals) and not any(k.endswith("_rerank") for k in evals)
     for stage in ("sft", "reft"):
-        plain, reranked = evals[f"test_{stage}"], evals[f"test_{stage}_rerank"]
-        assert reranked["voting_accuracy"] == plain["voting_accuracy"]  # scored over the same voting samples
-        bound = reranked["upper_bound_accuracy"]
-        assert 0 <= reranked["rerank_accuracy"] <= bound <= 1 and reranked["voting_accuracy"] <= bound
-        assert 0 <= reranked["weighted_voting_accuracy"] <= bound
+        res = evals[f"test_{stage}"]
+        bound = res["upper_bound_accuracy"]
+        assert 0 <= res["rerank_accuracy"] <= bound <= 1 and res["voting_accuracy"] <= bound
+        assert 0 <= res["weighted_voting_accuracy"] <= bound
     summary = json.loads((out / "summary.json").read_text())
     assert summary["test_rerank_accuracy"]["k"] == 2
-    assert summary["test_rerank_accuracy"]["reft"] == round(100 * evals["test_reft_rerank"]["rerank_accuracy"], 2)
+    assert summary["test_rerank_accuracy"]["reft"] == round(100 * evals["test_reft"]["rerank_accuracy"], 2)
+    bound_sft = evals["test_sft"]["upper_bound_accuracy"]
+    assert summary["test_rerank_accuracy"]["upper_bound_sft"] == round(100 * bound_sft, 2)
     assert "| rerank@2 (%) | weighted voting@2 (%) | any of 2 correct (%) |" in (out / "summary.md").read_text()
     assert (out / "verifier_done.json").exists() and (out / "checkpoints" / "verifier").is_dir()
 
-    # resume: without the marker and the rerank evaluations, the phase restores its last checkpoint and the
-    # re-evaluation with the restored verifier gives the same figures, without retraining
+    # resume: without the marker and the two test evaluations, the phase restores its last checkpoint and the
+    # re-evaluations with the restored verifier give the same figures, without retraining
     (out / "verifier_done.json").unlink()
-    (out / "evals.json").write_text(json.dumps({k: v for k, v in evals.items() if not k.endswith("_rerank")}))
+    (out / "evals.json").write_text(json.dumps({k: v for k, v in evals.items() if k not in ("test_sft", "test_reft")}))
     again = rerun()
     assert again.returncode == 0, again.stderr[-3000:]
     evals2 = json.loads((out / "evals.json").read_text())
-    for name in ("test_sft_rerank", "test_reft_rerank"):
-        assert {k: v for k, v in evals2[name].items() if k != "samples"} == \
-            {k: v for k, v in evals[name].items() if k != "samples"}
+    assert evals2 == evals
     assert len([l for l in (out / "metrics.jsonl").read_text().splitlines() if '"phase": "verifier"' in l]) == \
         len(steps)
 
