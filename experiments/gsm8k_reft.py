@@ -113,6 +113,8 @@ def build_parser(prog: str = "python -m experiments.gsm8k_reft", description: st
                         "(VALUE is JSON; repeatable)")
     p.add_argument("--seed", type=int, default=None, help="run seed (data order, sampling, value head)")
     p.add_argument("--no-progress", action="store_true", help="disable progress bars")
+    p.add_argument("--verbose", action="store_true",
+                   help="also show other libraries' INFO logs (Orbax saves, tfds, JAX set-up)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
     return p
 
@@ -146,11 +148,15 @@ def resolve_config(args, make_config=preset_config):
 
 def run_cli(args, make_config=preset_config) -> int:
     """Everything after argument parsing (shared with the other experiments)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    # reftjax's own messages at INFO; other libraries' (Orbax logs ~20 lines per checkpoint save, tfds and
+    # JAX their set-up) only from WARNING up unless --verbose
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(message)s")
+    logging.getLogger("reftjax").setLevel(logging.INFO)
     from experiments import HOST_ALLOCATOR
     from reftjax.sharding import maybe_initialize_distributed
 
-    logging.info("host allocator: %s (reftjax/host.py)", HOST_ALLOCATOR)
+    logging.getLogger("reftjax.cli").info("host allocator: %s (reftjax/host.py)", HOST_ALLOCATOR)
     maybe_initialize_distributed()  # multi-process: before anything touches a JAX backend (presets ask for devices)
     if args.gsm8k_dir:
         if not os.path.isfile(os.path.join(args.gsm8k_dir, "train.jsonl")):

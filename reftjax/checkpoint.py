@@ -35,6 +35,21 @@ from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 log = logging.getLogger(__name__)
 
+
+class _MetriclessSaveFilter(logging.Filter):
+    """Drops Orbax's "Requested `tracked_metric`; did not provide metrics." warning.
+
+    With `best_fn` set (it makes Orbax persist the metrics that BestN needs after a restart)
+    Orbax warns on every save without metrics, and reftjax makes those on purpose: SFT and
+    verifier steps, RL iterations between validations; `LatestN` keeps them.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "did not provide metrics" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_MetriclessSaveFilter())  # Orbax logs through absl's logger
+
 COMMIT_MARKER = "commit_success.txt"
 ITEMS = ("state", "extras", "config")
 
