@@ -27,6 +27,9 @@ class EvalConfig:
       voting_temperature: sampling temperature for voting.
       rerank_chunk_rows: rows per verifier forward when scoring the voting samples for rerank@k
         (`reftjax.rerank.verifier_scores`; bounds memory at large k; 0: all rows of a batch at once).
+      decode_segments: `SamplingConfig.decode_segments` of the greedy and voting rollouts: decode in
+        this many stretches, each attending over only the KV cache it needs (same tokens; each
+        stretch compiles its own loop body, so 1, one loop, by default).
     """
 
     batch_size: int = 8
@@ -34,6 +37,12 @@ class EvalConfig:
     voting_k: int = 0
     voting_temperature: float = 1.0
     rerank_chunk_rows: int = 64
+    decode_segments: int = 1
+
+    def __post_init__(self):
+        if not 1 <= self.decode_segments <= self.max_new_tokens:
+            raise ValueError(f"eval.decode_segments must be in [1, max_new_tokens = {self.max_new_tokens}], "
+                             f"got {self.decode_segments}")
 
 
 def majority_correct(grades, weights=None) -> bool:
@@ -71,9 +80,11 @@ def evaluate(params, model_cfg, tokenizer, ds: TokenizedDataset, items: Sequence
     """
     loader = Loader(ds, LoaderConfig(batch_size=cfg.batch_size, kind="prompt", shuffle=False, drop_last=False,
                                      num_epochs=1), mesh=mesh)
-    greedy = SamplingConfig(max_new_tokens=cfg.max_new_tokens, greedy=True, eos_ids=tuple(eos_ids), pad_id=pad_id)
+    greedy = SamplingConfig(max_new_tokens=cfg.max_new_tokens, greedy=True, eos_ids=tuple(eos_ids), pad_id=pad_id,
+                            decode_segments=cfg.decode_segments)
     vote = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.voting_temperature, n=cfg.voting_k,
-                          eos_ids=tuple(eos_ids), pad_id=pad_id) if cfg.voting_k else None
+                          eos_ids=tuple(eos_ids), pad_id=pad_id,
+                          decode_segments=cfg.decode_segments) if cfg.voting_k else None
     rng = rng if rng is not None else jax.random.key(1234)
     if verifier is not None and vote is None:
         raise ValueError("rerank@k needs voting samples: set EvalConfig.voting_k > 0")

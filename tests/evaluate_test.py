@@ -1,0 +1,43 @@
+"""`reftjax.evaluate.evaluate` on a tiny model: what its config reaches, and that decode stretches change nothing."""
+import dataclasses
+
+import pytest
+
+from reftjax.config import ExperimentConfig
+from reftjax.evaluate import EvalConfig
+
+
+def test_decode_segments_reach_the_rollouts_and_change_no_figure(tiny_hf_dir, shared_data, monkeypatch):
+    import reftjax.evaluate as ev
+    from reftjax.graders import build_grader
+    from reftjax.hf import load_model
+    from reftjax.train import prepare_data
+
+    monkeypatch.setenv("REFTJAX_GSM8K_DIR", str(shared_data / "gsm8k"))
+    cfg = ExperimentConfig()
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, n_train=4, n_val=4, n_test=6))
+    model = load_model(tiny_hf_dir)
+    data = prepare_data(cfg, model.tokenizer)
+    grader = build_grader(cfg.grader_dict)
+    seen, real = [], ev.rollout
+
+    def recording(*args, cfg, **kw):
+        seen.append((cfg.greedy, cfg.decode_segments))
+        return real(*args, cfg=cfg, **kw)
+
+    monkeypatch.setattr(ev, "rollout", recording)
+    results = {}
+    for k in (1, 3):
+        ecfg = EvalConfig(batch_size=4, max_new_tokens=12, voting_k=2, decode_segments=k)
+        results[k] = ev.evaluate(model.params, model.config, model.tokenizer, data.test_ds, data.test_items, grader,
+                                 ecfg, eos_ids=tuple(model.config.eos_token_ids), pad_id=model.tokenizer.pad_token_id)
+    # 6 prompts in batches of 4: two greedy and two voting rollouts per evaluation, each with the configured k
+    assert seen == [(True, 1), (False, 1)] * 2 + [(True, 3), (False, 3)] * 2
+    assert results[1]["n"] == 6 and results[1]["mean_length"] > 0 and "voting_accuracy" in results[1]
+    assert results[3] == results[1]  # same greedy texts, same voting samples, same figures
+
+
+@pytest.mark.parametrize("k", [0, 13])
+def test_bad_decode_segments_are_rejected(k):
+    with pytest.raises(ValueError, match="eval.decode_segments"):
+        EvalConfig(max_new_tokens=12, decode_segments=k)
