@@ -292,7 +292,7 @@ def sample_verifier_data(policy_params, model_cfg: ModelConfig, tokenizer, ds, i
     from the result), so sampling compiles `rollout` once per prompt bucket.
     """
     from reftjax.data import Loader, LoaderConfig
-    from reftjax.rollout import SamplingConfig, decode_completions, rollout
+    from reftjax.rollout import SamplingConfig, decode_tokens, rollout
     from reftjax.sharding import to_host
 
     loader = Loader(ds, LoaderConfig(batch_size=cfg.prompts_per_batch, kind="prompt", shuffle=False,
@@ -308,8 +308,8 @@ def sample_verifier_data(policy_params, model_cfg: ModelConfig, tokenizer, ds, i
                       jax.random.fold_in(jax.random.key(cfg.seed), i), model_cfg=model_cfg, cfg=samp)
         valid, idx = to_host((batch["valid"], batch["example_idx"]))
         host = to_host({"prompt_tokens": out.prompt_tokens_BxP, "prompt_mask": out.prompt_mask_BxP,
-                        "tokens": out.tokens_BxN, "mask": out.mask_BxN})
-        texts = decode_completions(tokenizer, out)
+                        "tokens": out.tokens_BxN, "mask": out.mask_BxN, "lengths": out.lengths_B})
+        texts = decode_tokens(tokenizer, host["tokens"], host.pop("lengths"))  # one copy to the host, not two
         keep = [j for j in range(len(texts)) if valid[j // k]]
         if cfg.n_questions is not None:
             keep = [j for j in keep if n_seen + j // k < cfg.n_questions]

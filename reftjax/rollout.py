@@ -340,7 +340,13 @@ def decode_completions(tokenizer, r: Rollout, skip_special_tokens: bool = True) 
     from reftjax.sharding import to_host
 
     tokens, lengths = to_host((r.tokens_BxN, r.lengths_B))  # whole batch, also across processes
-    return tokenizer.batch_decode([tokens[i, :lengths[i]].tolist() for i in range(len(lengths))],
+    return decode_tokens(tokenizer, tokens, lengths, skip_special_tokens)
+
+
+def decode_tokens(tokenizer, tokens_BxN: np.ndarray, lengths_B: np.ndarray,
+                  skip_special_tokens: bool = True) -> list[str]:
+    """Texts of completions already on the host: row i's first `lengths_B[i]` tokens."""
+    return tokenizer.batch_decode([tokens_BxN[i, :lengths_B[i]].tolist() for i in range(len(lengths_B))],
                                   skip_special_tokens=skip_special_tokens)
 
 
