@@ -30,6 +30,7 @@ def main(argv=None) -> dict:
     import numpy as np
     import torch
 
+    from reftjax.host import cpu_description
     from reftjax.metrics import min_seconds
     from reftjax.models.llama import _attend, attention_mask
 
@@ -64,7 +65,7 @@ def main(argv=None) -> dict:
 
     result.update(torch_sdpa_fwd_s=best(torch_fwd), torch_sdpa_fwd_bwd_s=best(torch_fwd_bwd),
                   load_avg_1m=round(os.getloadavg()[0], 2))
-    print(json.dumps(result))
+    print(json.dumps({**result, "cpu": cpu_description()}))
     return result
 
 

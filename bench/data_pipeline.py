@@ -17,6 +17,7 @@ import time
 
 import numpy as np
 
+from reftjax.host import cpu_description
 from reftjax.data import (Loader, LoaderConfig, PromptConfig, TokenizeConfig, load_examples,
                           tokenize_examples)
 from reftjax.hf import load_tokenizer
@@ -62,6 +63,7 @@ def main() -> None:
     epoch_s, counts = _median_time(one_epoch, args.repeats)
     loader_real = sum(c[0] for c in counts)
     print(json.dumps({
+        "cpu": cpu_description(),
         "bench": "data_pipeline", "dataset": "gsm8k:train", "examples": len(examples),
         "tfds_load_s": round(load_s, 2),
         "tokenize_s": round(tok_s, 3),

@@ -28,6 +28,7 @@ import pathlib  # noqa: E402
 
 import jax  # noqa: E402
 
+from reftjax.host import cpu_description
 import reftjax.rollout as ro  # noqa: E402
 from reftjax.hf import load_model  # noqa: E402
 
@@ -86,7 +87,8 @@ def main(argv=None) -> int:
     top = dict(sorted(((k, round(v, 2)) for k, v in groups.items()), key=lambda kv: -kv[1])[: args.top])
     print(json.dumps({"batch": args.batch, "new_tokens": n, "prompt_len": args.prompt_len,
                       "cache_len": args.prompt_len + n, "step_ms_total": round(sum(groups.values()), 1),
-                      "step_ms_by_op": top, "load_avg_1m": round(os.getloadavg()[0], 2)}))
+                      "step_ms_by_op": top, "load_avg_1m": round(os.getloadavg()[0], 2),
+                      "cpu": cpu_description()}))
     return 0
 
 

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from reftjax.host import cpu_description
 from reftjax.graders.callback import grade_in_jit, make_reward_fn
 from reftjax.graders.reft import ReftGrader, reft_target
 from reftjax.graders.sandbox import SandboxPool
@@ -77,6 +78,7 @@ def main():
     out["host_fn_ms"] = 1e3 * direct
     out["callback_overhead_ms"] = 1e3 * (in_jit - direct)
     out["pure_callback_overhead_ms"] = 1e3 * (in_pure - direct)
+    out["cpu"] = cpu_description()
     print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in out.items()}))
 
 

@@ -31,6 +31,7 @@ def main(argv=None) -> dict:
     import optax
     import torch
 
+    from reftjax.host import cpu_description
     from reftjax.hf import load_model
     from reftjax.steps import OptimConfig, _apply_update, init_state, make_optimizer
 
@@ -71,7 +72,7 @@ def main(argv=None) -> dict:
     result = {"bench": "optimizer_update", "params": sum(p.numel() for p in tparams),
               "reftjax_guarded_s": round(guarded, 3), "optax_unguarded_s": round(unguarded, 3),
               "torch_adamw_s": round(min(times[1:]), 3), "load_avg_1m": round(os.getloadavg()[0], 2)}
-    print(json.dumps(result))
+    print(json.dumps({**result, "cpu": cpu_description()}))
     return result
 
 

@@ -51,7 +51,7 @@ import sys
 import tempfile
 import time
 
-from reftjax.host import use_hugepage_malloc  # noqa: E402
+from reftjax.host import cpu_description, use_hugepage_malloc  # noqa: E402
 
 HOST_ALLOCATOR = use_hugepage_malloc()  # re-executes once, before the heavy imports: reftjax/host.py
 
@@ -304,7 +304,7 @@ def main():
             out[key] = round(out[f"{a.algo}_tokens_per_s"] / out["trl_tokens_per_s"], 2)
     out["jax"] = jax.__version__
     out["load_avg_1m"] = round(os.getloadavg()[0], 2)
-    print(json.dumps(out))
+    print(json.dumps({**out, "cpu": cpu_description()}))
 
 
 if __name__ == "__main__":

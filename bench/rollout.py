@@ -26,7 +26,7 @@ import statistics
 import sys
 import time
 
-from reftjax.host import use_hugepage_malloc  # noqa: E402
+from reftjax.host import cpu_description, use_hugepage_malloc  # noqa: E402
 
 HOST_ALLOCATOR = use_hugepage_malloc()  # re-executes once, before the heavy imports: reftjax/host.py
 
@@ -124,7 +124,7 @@ def main():
         result[f"runs_s_b{b}"] = {"reftjax": [round(t, 2) for t in t_ours], "hf": [round(t, 2) for t in t_theirs]}
         print(f"batch {b}: {result[f'reftjax_tok_s_b{b}']} vs {result[f'hf_tok_s_b{b}']} tok/s", file=sys.stderr)
     result["loadavg_1min_before_after"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
-    print(json.dumps(result))
+    print(json.dumps({**result, "cpu": cpu_description()}))
 
 
 if __name__ == "__main__":

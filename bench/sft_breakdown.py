@@ -8,7 +8,7 @@ Prints one JSON line of median seconds: forward + loss, forward + backward, the 
 """
 import os, sys, time, statistics, json
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from reftjax.host import use_hugepage_malloc  # noqa: E402
+from reftjax.host import cpu_description, use_hugepage_malloc  # noqa: E402
 
 HOST_ALLOCATOR = use_hugepage_malloc()  # re-executes once, before the heavy imports: reftjax/host.py
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -77,4 +77,4 @@ def thead():
     l = torch.nn.functional.cross_entropy(lg[:, :-1].reshape(-1, lg.shape[-1]), ids[:, 1:].reshape(-1)); l.backward()
 res["torch_fwd_loss"] = ttm(tf); res["torch_fwd_bwd"] = ttm(tfb); res["torch_head_fwd_bwd"] = ttm(thead)
 res["load1"] = os.getloadavg()[0]
-print(json.dumps(res))
+print(json.dumps({**res, "cpu": cpu_description()}))

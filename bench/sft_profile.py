@@ -26,7 +26,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from reftjax.host import use_hugepage_malloc  # noqa: E402
+from reftjax.host import cpu_description, use_hugepage_malloc  # noqa: E402
 
 HOST_ALLOCATOR = use_hugepage_malloc()  # re-executes once, before the heavy imports: reftjax/host.py
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -95,6 +95,7 @@ def main(argv=None) -> int:
         kinds[re.sub(r"\.\d+$", "", op)] += sec
     top = sorted(per_op.items(), key=lambda kv: -kv[1][1])[: args.top]
     print(json.dumps({
+        "cpu": cpu_description(),
         "bench": "sft_profile", "batch": b, "seq": t, "host_allocator": HOST_ALLOCATOR,
         "steps": steps, "traced_step_s": round(traced_s, 2),
         "ops_s_thread_summed": round(sum(v[1] for v in per_op.values()), 2),

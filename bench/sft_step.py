@@ -29,7 +29,7 @@ import resource
 import statistics
 import time
 
-from reftjax.host import use_hugepage_malloc  # noqa: E402
+from reftjax.host import cpu_description, use_hugepage_malloc  # noqa: E402
 
 HOST_ALLOCATOR = use_hugepage_malloc()  # re-executes once, before the heavy imports: reftjax/host.py
 
@@ -115,6 +115,7 @@ def main():
     flops = 3 * cfg.flops_per_token(t // 2) * n_tok  # forward + backward (2x)
     j, to = statistics.median(jt), statistics.median(tt)
     print(json.dumps({
+        "cpu": cpu_description(),
         "bench": "sft_step", "model": "SmolLM2-135M-Instruct", "batch": b, "seq": t, "dtype": "float32",
         "remat": args.remat, "head_chunk_rows": args.head_chunk_rows, "host_allocator": HOST_ALLOCATOR, "reftjax_step_s": round(j, 3), "torch_step_s": round(to, 3),
         "reftjax_tokens_per_s": round(n_tok / j, 1), "torch_tokens_per_s": round(n_tok / to, 1),

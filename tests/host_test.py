@@ -1,4 +1,5 @@
-"""reftjax.host: glibc malloc with transparent huge pages, applied by re-executing the CLI once."""
+"""reftjax.host: glibc malloc with transparent huge pages, applied by re-executing the CLI once; the CPU description
+that every benchmark line carries."""
 import json
 import os
 import subprocess
@@ -9,7 +10,7 @@ import pytest
 
 from reftjax import host
 
-pytestmark = pytest.mark.skipif(not host._hugepages_possible() and host.host_allocator_mode() == "system",
+needs_thp = pytest.mark.skipif(not host._hugepages_possible() and host.host_allocator_mode() == "system",
                                 reason="needs Linux, glibc >= 2.35 and transparent huge pages not 'never'")
 
 # A worker thread (as XLA's pool threads are) mallocs, touches and frees 256 MiB twice: glibc
@@ -44,6 +45,7 @@ def _run(args, env_extra: dict) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@needs_thp
 def test_hugepage_tunable_cuts_page_faults():
     system = _run(["-c", _PROBE], {})
     huge = _run(["-c", _PROBE], {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"})
@@ -52,6 +54,7 @@ def test_hugepage_tunable_cuts_page_faults():
     assert max(huge["faults"]) <= 8000, huge  # huge pages (a fallback to 4 KiB for a few is allowed)
 
 
+@needs_thp
 def test_experiments_cli_reexecutes_once_with_the_tunable():
     info = _run(["-m", "experiments"], {"GLIBC_TUNABLES": "glibc.malloc.check=0"})
     assert info["host_allocator"] == "hugepages"
@@ -60,6 +63,7 @@ def test_experiments_cli_reexecutes_once_with_the_tunable():
     assert "python -m experiments.gsm8k_reft" in info["experiments"]
 
 
+@needs_thp
 def test_opt_out_and_no_reexec_on_plain_import():
     assert _run(["-m", "experiments"], {"REFTJAX_HOST_ALLOCATOR": "system"})["host_allocator"] == "system"
     code = "import json, os, experiments; print(json.dumps({'mode': experiments.HOST_ALLOCATOR, 'pid': os.getpid()}))"
@@ -74,3 +78,51 @@ def test_started_as_module(monkeypatch):
     assert not host.started_as_module("experiments")
     monkeypatch.setattr(sys, "argv", ["/path/pytest"])
     assert not host.started_as_module("experiments")
+
+
+# First processor blocks of /proc/cpuinfo as three kinds of host print them (abridged flag lists).
+_ZEN3 = """processor\t: 0
+vendor_id\t: AuthenticAMD
+cpu family\t: 25
+model\t\t: 1
+model name\t: AMD EPYC
+flags\t\t: fpu sse sse2 avx fma avx2 bmi2 sha_ni
+
+processor\t: 1
+vendor_id\t: AuthenticAMD
+flags\t\t: fpu avx512f
+"""
+_ZEN4 = _ZEN3.replace("model\t\t: 1\n", "model\t\t: 17\n").replace(
+    "avx2 bmi2", "avx2 avx512f avx512_vnni avx512_bf16 bmi2", 1)
+_ARM = """processor\t: 0
+BogoMIPS\t: 243.75
+Features\t: fp asimd evtstrm aes sve sve2
+CPU implementer\t: 0x41
+CPU part\t: 0xd4f
+"""
+
+
+def test_parse_cpuinfo_reads_the_first_block_and_the_vector_isa():
+    assert host.parse_cpuinfo(_ZEN3) == {"model_name": "AMD EPYC", "vendor": "AuthenticAMD", "family_model": "25/1",
+                                         "isa": ["avx2", "fma"]}  # the second block's avx512f is not read
+    assert host.parse_cpuinfo(_ZEN4)["isa"] == ["avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni"]
+    assert host.parse_cpuinfo(_ZEN4)["family_model"] == "25/17"
+    arm = host.parse_cpuinfo(_ARM)
+    assert (arm["model_name"], arm["vendor"], arm["isa"]) == ("0xd4f", "0x41", ["asimd", "sve", "sve2"])
+    assert host.parse_cpuinfo("") == {"model_name": "", "vendor": "", "family_model": "?/?", "isa": []}
+
+
+def test_cpu_description_of_this_host():
+    import platform
+
+    cpu = host.cpu_description()
+    assert cpu["machine"] == platform.machine() and 1 <= cpu["cores"] <= (os.cpu_count() or 1)
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+        assert cpu["model_name"] and cpu["model_name"] in text
+        first = text.split("\n\n")[0]
+        flags = next((l.split(":", 1)[1].split() for l in first.splitlines() if l.split(":")[0].strip() in
+                      ("flags", "Features")), [])
+        assert ("avx2" in cpu["isa"]) == ("avx2" in flags) and ("avx512f" in cpu["isa"]) == ("avx512f" in flags)
+    json.dumps(cpu)  # goes into the benches' JSON lines as it is
