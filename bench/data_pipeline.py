@@ -17,10 +17,10 @@ import time
 
 import numpy as np
 
-from reftjax.host import cpu_description
 from reftjax.data import (Loader, LoaderConfig, PromptConfig, TokenizeConfig, load_examples,
                           tokenize_examples)
 from reftjax.hf import load_tokenizer
+from reftjax.host import cpu_description
 
 SFT_STEP_TOKENS_PER_S = 125.0
 

@@ -28,9 +28,9 @@ import pathlib  # noqa: E402
 
 import jax  # noqa: E402
 
-from reftjax.host import cpu_description
 import reftjax.rollout as ro  # noqa: E402
 from reftjax.hf import load_model  # noqa: E402
+from reftjax.host import cpu_description  # noqa: E402
 
 
 def _op_names(hlo_text: str) -> dict[str, str]:

@@ -14,10 +14,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from reftjax.host import cpu_description
 from reftjax.graders.callback import grade_in_jit, make_reward_fn
 from reftjax.graders.reft import ReftGrader, reft_target
 from reftjax.graders.sandbox import SandboxPool
+from reftjax.host import cpu_description
 from reftjax.metrics import median_seconds
 
 DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / "reft"

@@ -31,8 +31,8 @@ def main(argv=None) -> dict:
     import optax
     import torch
 
-    from reftjax.host import cpu_description
     from reftjax.hf import load_model
+    from reftjax.host import cpu_description
     from reftjax.steps import OptimConfig, _apply_update, init_state, make_optimizer
 
     params = {"policy": load_model("default").params}
