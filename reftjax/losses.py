@@ -495,13 +495,26 @@ def _logits_chunk(h_BxTxD, w, vocab_major: bool):
 
 
 def _head_grads(dz_BxTxV, h_BxTxD, w, vocab_major: bool):
-    """(dh, dw) of `_logits_chunk` for the logits' gradient `dz` (in h's dtype); dw accumulated in float32+."""
+    """(dh, dw_DxV) of `_logits_chunk` for the logits' gradient `dz` (in h's dtype).
+
+    The head's gradient comes out as ``[D, V]`` whatever the head's layout (``h^T dz``: the chunk's rows are
+    the GEMM's inner dimension in the layout `dz` is written in) and is accumulated in float32+; `_head_dw`
+    puts the sum in the head's layout once. Forming ``[V, D]`` per chunk (``dz^T h``) made XLA:CPU transpose
+    every chunk's ``[rows, V]`` gradient first: 100 MB per 512-row chunk (BUILD_NOTES, session 16).
+    """
     acc = jnp.promote_types(h_BxTxD.dtype, jnp.float32)
-    if vocab_major:
-        return (jnp.einsum("btv,vd->btd", dz_BxTxV, w),
-                jnp.einsum("btv,btd->vd", dz_BxTxV, h_BxTxD, preferred_element_type=acc))
-    return (jnp.einsum("btv,dv->btd", dz_BxTxV, w),
-            jnp.einsum("btd,btv->dv", h_BxTxD, dz_BxTxV, preferred_element_type=acc))
+    dh = jnp.einsum("btv,vd->btd" if vocab_major else "btv,dv->btd", dz_BxTxV, w)
+    return dh, jnp.einsum("btd,btv->dv", h_BxTxD, dz_BxTxV, preferred_element_type=acc)
+
+
+def _dw_zeros(w, vocab_major: bool):
+    """The float32+ accumulator of `_head_grads`' ``[D, V]`` head gradients."""
+    return jnp.zeros(w.shape[::-1] if vocab_major else w.shape, jnp.promote_types(w.dtype, jnp.float32))
+
+
+def _head_dw(dw_DxV, vocab_major: bool):
+    """A summed ``[D, V]`` head gradient in the head's own layout (one transpose for a ``[V, D]`` head)."""
+    return dw_DxV.T if vocab_major else dw_DxV
 
 
 def _head_chunk(h_BxTxD, w, targets_BxT, mask_BxT, vocab_major: bool, with_grad: bool):
@@ -544,10 +557,10 @@ def _scan_chunks(h_BxTxD, w, targets_BxT, mask_BxT, n_chunks: int, vocab_major: 
         return tuple(c + o for c, o in zip(carry, summed)), (out[2] if with_grad else None)
 
     acc = jnp.promote_types(h_BxTxD.dtype, jnp.float32)
-    init = (jnp.zeros((), acc), jnp.zeros((), acc)) + ((jnp.zeros(w.shape, acc),) if with_grad else ())
+    init = (jnp.zeros((), acc), jnp.zeros((), acc)) + ((_dw_zeros(w, vocab_major),) if with_grad else ())
     xs = (_split(h_BxTxD, n_chunks), _split(targets_BxT, n_chunks), _split(mask_BxT, n_chunks))
     sums, dh = jax.lax.scan(body, init, xs)
-    return sums if not with_grad else (sums[0], sums[1], _merge(dh), sums[2])
+    return sums if not with_grad else (sums[0], sums[1], _merge(dh), _head_dw(sums[2], vocab_major))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
@@ -646,8 +659,8 @@ def _fused_head_logp_bwd(n_chunks, vocab_major, res, cotangents):
 
     acc = jnp.promote_types(h.dtype, jnp.float32)
     xs = tuple(_split(x, n_chunks) for x in (h, targets, lse, ent, g_logp.astype(acc), g_ent.astype(acc)))
-    dw, dh = jax.lax.scan(body, jnp.zeros(w.shape, acc), xs)
-    return _merge(dh), dw.astype(w.dtype), None
+    dw, dh = jax.lax.scan(body, _dw_zeros(w, vocab_major), xs)
+    return _merge(dh), _head_dw(dw, vocab_major).astype(w.dtype), None
 
 
 _fused_head_logp.defvjp(_fused_head_logp_fwd, _fused_head_logp_bwd)
