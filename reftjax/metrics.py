@@ -101,21 +101,25 @@ def min_seconds(fn, repeats: int) -> float:
     return float(min(_wall_times(fn, repeats)))
 
 
-def measured_peak_flops(n: int = 1024, repeats: int = 3) -> float:
-    """This device's dense f32 matmul rate (FLOP/s), measured once per process with a jitted dot."""
+def measured_peak_flops(n: int | None = None, repeats: int = 5) -> float:
+    """This device's dense f32 matmul rate (FLOP/s): the fastest of `repeats` jitted n x n products, measured once
+    per process and multiplied by the device count.
+
+    `n` defaults to 2048 on CPU and 8192 on accelerators. The former default, one 1024^3 product timed 3 times,
+    was too short to reach the rate when anything else stirred: `bench/sft_step.py` measured 79 GFLOP/s after its
+    torch steps on a 115 GFLOP/s host and reported an MFU of 1.015 (BUILD_NOTES, session 16); on a GPU it would
+    mostly time the launch.
+    """
     import jax
     import jax.numpy as jnp
 
     key = jax.devices()[0].platform
     if key not in _PEAK_CACHE:
+        n = n or (2048 if key == "cpu" else 8192)
         a = jnp.ones((n, n), jnp.float32)
         f = jax.jit(lambda x: x @ x)
         f(a).block_until_ready()
-        best = math.inf
-        for _ in range(repeats):
-            t = time.perf_counter()
-            f(a).block_until_ready()
-            best = min(best, time.perf_counter() - t)
+        best = min_seconds(lambda: f(a).block_until_ready(), repeats)
         _PEAK_CACHE[key] = 2 * n ** 3 / best * jax.device_count()
     return _PEAK_CACHE[key]
 

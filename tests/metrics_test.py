@@ -1,0 +1,37 @@
+"""reftjax.metrics: the measured matmul peak that every MFU figure divides by."""
+import jax
+import pytest
+
+from reftjax import metrics
+
+
+@pytest.fixture
+def fresh_peak(monkeypatch):
+    monkeypatch.setattr(metrics, "_PEAK_CACHE", {})
+    calls = []
+
+    def fake_min_seconds(fn, repeats):
+        fn()  # the real jitted product runs (and must run) once
+        calls.append(repeats)
+        return 0.5
+
+    monkeypatch.setattr(metrics, "min_seconds", fake_min_seconds)
+    return calls
+
+
+def test_peak_is_the_fastest_product_rate_times_devices_and_is_measured_once(fresh_peak):
+    peak = metrics.measured_peak_flops(n=64, repeats=4)
+    assert peak == 2 * 64 ** 3 / 0.5 * jax.device_count()
+    assert fresh_peak == [4]
+    assert metrics.measured_peak_flops(n=128) == peak and fresh_peak == [4]  # cached per platform
+
+
+def test_cpu_peak_defaults_to_a_2048_product(fresh_peak):
+    # a 1024^3 product timed 3 times measured 79 GFLOP/s on a 115 GFLOP/s host (MFU 1.015, BUILD_NOTES session 16)
+    assert jax.devices()[0].platform == "cpu"
+    assert metrics.measured_peak_flops() == 2 * 2048 ** 3 / 0.5 * jax.device_count()
+    assert fresh_peak == [5]
+
+
+def test_mfu_is_model_flops_rate_over_peak():
+    assert metrics.mfu(tokens=1000, seconds=2.0, flops_per_token=1e6, peak=1e9) == pytest.approx(0.5)
