@@ -228,8 +228,13 @@ def test_two_processes_match_one_process(tiny_hf_dir, tmp_path, shared_data):
     with open(logs / "one.err", "w") as err:  # a file, not a pipe (see _launch_two)
         one = subprocess.Popen(_cmd(tiny_hf_dir, single, FAST), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err,
                                env=dict(_env(), XLA_FLAGS="--xla_force_host_platform_device_count=4"))
-    _wait_two(_launch_two(tiny_hf_dir, multi, logs, FAST), logs)
-    assert one.wait(timeout=900) == 0, (logs / "one.err").read_text()[-3000:]
+    try:
+        _wait_two(_launch_two(tiny_hf_dir, multi, logs, FAST), logs)
+        assert one.wait(timeout=900) == 0, (logs / "one.err").read_text()[-3000:]
+    finally:
+        if one.poll() is None:  # the pair failed: leave no process behind
+            one.kill()
+            one.wait()
 
     got, want = _deterministic_metrics(multi), _deterministic_metrics(single)
     assert [g[:3] for g in got] == [w[:3] for w in want] and len(want) > 50  # same lines and keys, each once
