@@ -182,8 +182,15 @@ def _launch_two(model, out, logs, extra=()):
 
 
 def _wait_two(procs, logs):
-    for i, p in enumerate(procs):
-        assert p.wait(timeout=900) == 0, (logs / f"p{i}.err").read_text()[-3000:]
+    """Both processes exit 0; if one fails (or hangs), the other is killed, so nothing is left running."""
+    try:
+        for i, p in enumerate(procs):
+            assert p.wait(timeout=900) == 0, (logs / f"p{i}.err").read_text()[-3000:]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
 
 
 def _exported(out, which):
