@@ -264,7 +264,7 @@ def main():
     p_len = bucket(max(map(len, ids)), (64, 128, 256, 512))
     prompt_tokens, prompt_mask = left_pad(ids, p_len, pad_id=2)
     grader = ReftGrader(cot="nl")
-    reward_fn = make_reward_fn(grader, items, tok.batch_decode)
+    reward_fn = make_reward_fn(grader, items, tok)
     peak = measured_peak_flops()
     algos = [ReftjaxRL(a, model, prompt_tokens, prompt_mask, reward_fn, args) for a in args.algos.split(",")]
     for a in algos:

@@ -234,7 +234,7 @@ def run_rl(cfg: ExperimentConfig, model, ref_params, data: Data, grader, mesh, o
         loader.restore(extras["loader"])
         it, best, since_best = extras["iteration"], extras["best"], extras["since_best"]
         log.info("RL resumed at iteration %d", it)
-    reward_fn = make_reward_fn(grader, data.train_items, model.tokenizer.batch_decode)
+    reward_fn = make_reward_fn(grader, data.train_items, model.tokenizer)
     exp_fn = make_experience_fn(model.config, r.ppo, reward_fn)
     step_fn = make_ppo_step(model.config, tx, r.ppo)
     peak = measured_peak_flops()

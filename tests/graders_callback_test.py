@@ -47,6 +47,31 @@ def test_decode_stops_at_the_first_masked_position():
     assert decode_rows(ids, mask, _decode) == ["AB", "ABCD"]
 
 
+@pytest.mark.parametrize("cot", ["nl", "python"])
+def test_real_tokenizer_completions_ending_in_eos_are_graded_without_it(smollm_tokenizer, cot):
+    """The rollout mask keeps the EOS; decoding it into the text made every finished completion score 0
+    (`'42<|im_end|>'` is not a number; a P-CoT program ending in it does not parse). The tokenizer, its bound
+    `batch_decode` and `text_decoder` all drop special tokens; a plain function is used as given."""
+    from reftjax.graders.callback import text_decoder
+
+    tok = smollm_tokenizer
+    text = reft_target("6 * 7 = 42", "42") if cot == "nl" else "\n    x = 6 * 7\n    return x"
+    items = [{"answer_value": "42", "question": "What is six times seven?"}]
+    ids = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    row = np.full((1, len(ids) + 3), tok.pad_token_id, np.int32)
+    row[0, : len(ids)] = ids
+    mask = (np.arange(row.shape[1]) < len(ids)).astype(np.int32)[None]
+    idx = np.zeros(1, np.int32)
+    grader = ReftGrader(cot=cot)
+    for decode in (tok, tok.batch_decode, text_decoder(tok)):
+        fn = make_reward_fn(grader, items, decode)
+        np.testing.assert_array_equal(fn(row, mask, idx), [1.0])
+        assert "<|im_end|>" not in fn.last.texts[0] and fn.last.texts[0].rstrip().endswith(text.split()[-1])
+    as_given = make_reward_fn(grader, items, lambda rows: tok.batch_decode(rows))  # keeps the EOS: scores 0
+    np.testing.assert_array_equal(as_given(row, mask, idx), [0.0])
+    assert as_given.last.texts[0].endswith("<|im_end|>")
+
+
 def test_single_device_jit_matches_direct():
     items, ids, mask, idx = _batch()
     grader = ReftGrader()

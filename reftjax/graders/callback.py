@@ -5,7 +5,7 @@ returns `rewards_B` (float32). On the host, `HostRewardFn` decodes each row up t
 looks up the reference item by `example_idx`, grades the batch (P-CoT in parallel in the sandbox
 pool), applies the optional reward-hacking guards, and keeps a record of the batch for logging:
 
-    reward_fn = make_reward_fn(grader, items, tokenizer.batch_decode, guards=GuardConfig())
+    reward_fn = make_reward_fn(grader, items, tokenizer, guards=GuardConfig())
     @jax.jit
     def step(...):
         ...
@@ -122,9 +122,27 @@ class HostRewardFn:
         return texts, grades, dict(counters)
 
 
-def make_reward_fn(grader: Grader, items: Sequence[Item], decode: Decode,
+def text_decoder(tokenizer) -> Decode:
+    """Completion ids -> the texts a grader sees: special tokens dropped.
+
+    The rollout's completion mask keeps the EOS token (it is a sampled action with a log-probability
+    and the grader's score sits on it), so decoding up to the mask with special tokens kept would
+    hand the grader `"... answer is: 42<|im_end|>"`: not a number, reward 0 for every finished
+    completion. Evaluation decodes the same way (`rollout.decode_completions`)."""
+    return lambda rows: tokenizer.batch_decode(rows, skip_special_tokens=True)
+
+
+def make_reward_fn(grader: Grader, items: Sequence[Item], decode,
                    guards: GuardConfig | None = None, validate: bool = True) -> HostRewardFn:
-    """Builds the host reward function; checks the grader against the first item up front."""
+    """Builds the host reward function; checks the grader against the first item up front.
+
+    `decode`: the model's tokenizer (anything with `batch_decode`; decoded through `text_decoder`, so
+    special tokens such as the EOS are dropped), its bound `batch_decode` (the same), or any
+    `rows -> texts` function, used as given."""
+    if hasattr(decode, "batch_decode"):
+        decode = text_decoder(decode)
+    elif getattr(decode, "__name__", "") == "batch_decode" and hasattr(decode, "__self__"):
+        decode = text_decoder(decode.__self__)
     if validate and items:
         grader.validate(items[0])
     return HostRewardFn(grader, items, decode, guards)
