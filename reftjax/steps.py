@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, Callable
 
 import flax.struct
@@ -187,6 +188,23 @@ def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
     if warm == 0:
         return main
     return optax.join_schedules([optax.linear_schedule(0.0, cfg.learning_rate, warm), main], [warm])
+
+
+def schedule_value(cfg: OptimConfig, total_steps: int, count: int) -> float:
+    """`make_schedule(cfg, total_steps)(count)` in plain Python, for logging the learning rate on the host
+    without dispatching (or compiling) anything; `tests/steps_test.py` checks it against optax."""
+    total = max(int(total_steps), 1)
+    warm = int(cfg.warmup_ratio * total)
+    lr, count = float(cfg.learning_rate), int(count)
+    if count < warm:
+        return lr * count / warm
+    t = count - warm
+    if cfg.schedule == "constant":
+        return lr
+    frac = min(t, max(total - warm, 1)) / max(total - warm, 1)
+    if cfg.schedule == "linear":
+        return lr * (1.0 - frac)
+    return lr * 0.5 * (1.0 + math.cos(math.pi * frac))
 
 
 def _scale_subtree(key: str, scale: float) -> optax.GradientTransformation:
@@ -588,6 +606,16 @@ def _with_policy_state(new, old):
     return tuple(out)
 
 
+def ppo_updates_per_step(cfg: PPOConfig, rows: int) -> int:
+    """Optimizer updates one `ppo_step` makes on a batch of `rows` sequences: `ppo_epochs` x minibatches.
+
+    Size an RL learning-rate schedule with it (iterations x this), not with the iteration count: optax
+    advances the schedule on every minibatch update."""
+    if rows % cfg.minibatch_size:
+        raise ValueError(f"rollout batch {rows} is not a multiple of minibatch_size {cfg.minibatch_size}")
+    return cfg.ppo_epochs * (rows // cfg.minibatch_size)
+
+
 def ppo_step(state: TrainState, exp: Experience, *, model_cfg: ModelConfig, tx: optax.GradientTransformation,
              cfg: PPOConfig) -> tuple[TrainState, dict]:
     """`cfg.ppo_epochs` passes of shuffled minibatch updates over one experience batch (one lax.scan)."""
@@ -596,8 +624,7 @@ def ppo_step(state: TrainState, exp: Experience, *, model_cfg: ModelConfig, tx: 
         raise ValueError("PPOConfig.critic_only needs make_optimizer(..., separate_critic_state=True): with one "
                          "shared AdamW state the critic warm-up would advance the policy's step count")
     b = exp.scores_B.shape[0]
-    if b % cfg.minibatch_size:
-        raise ValueError(f"rollout batch {b} is not a multiple of minibatch_size {cfg.minibatch_size}")
+    n_updates = ppo_updates_per_step(cfg, b)
     g = cfg.prompt_group
     if b % g:
         raise ValueError(f"rollout batch {b} is not a multiple of group_size {g} (share_prompt)")
@@ -607,7 +634,7 @@ def ppo_step(state: TrainState, exp: Experience, *, model_cfg: ModelConfig, tx: 
     else:  # whole prompt groups, so each minibatch holds complete groups for the packed forward
         order = jnp.concatenate([(jax.random.permutation(k, b // g)[:, None] * g + jnp.arange(g)[None, :]).ravel()
                                  for k in keys])
-    order = order.reshape(-1, cfg.minibatch_size)
+    order = order.reshape(n_updates, cfg.minibatch_size)
     state = state.replace(rng=rng)
     loss_fn = functools.partial(_rl_loss, model_cfg=model_cfg, cfg=cfg)
 

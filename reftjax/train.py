@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import pathlib
@@ -42,7 +43,8 @@ from reftjax.metrics import MetricsLogger, measured_peak_flops, mfu
 from reftjax.rerank import VerifierData, init_score_head, init_verifier, make_verifier_step, sample_verifier_data
 from reftjax.rollout import completion_buckets, rollout, trim_to_bucket
 from reftjax.sharding import is_primary, make_mesh, maybe_initialize_distributed, shard_batch, to_host
-from reftjax.steps import (init_rl_params, init_state, make_experience_fn, make_optimizer, make_ppo_step, make_sft_step)
+from reftjax.steps import (init_rl_params, init_state, make_experience_fn, make_optimizer, make_ppo_step, make_sft_step,
+                           ppo_updates_per_step, schedule_value)
 
 log = logging.getLogger("reftjax")
 
@@ -162,6 +164,7 @@ def run_sft(cfg: ExperimentConfig, model, data: Data, mesh, out: pathlib.Path, l
                                                 group_by_length=s.group_by_length), mesh=mesh)
     total = max(s.epochs * loader.batches_per_epoch, 1)
     tx = make_optimizer(s.optim, total)
+    lr_at = functools.partial(schedule_value, s.optim, total)
     state = init_state({"policy": model.params}, tx, jax.random.key(cfg.seed))
     manager = ckpt.Checkpointer(ckpt.CheckpointConfig(str(out / "checkpoints" / "sft"),
                                                       save_every=cfg.checkpoint.save_every,
@@ -174,7 +177,8 @@ def run_sft(cfg: ExperimentConfig, model, data: Data, mesh, out: pathlib.Path, l
         log.info("SFT resumed at step %d", int(state.step))
     step_fn = make_sft_step(model.config, tx, s.accum_steps, s.head_chunk_rows)
     peak = measured_peak_flops()
-    done = int(jax.device_get(state.step)) + int(jax.device_get(state.skipped))
+    applied = int(jax.device_get(state.step))  # optimizer updates so far: the schedule's position
+    done = applied + int(jax.device_get(state.skipped))
     bar = _bar(total, "SFT", done, progress)
     prev = None
     while done < total and not stop.requested:
@@ -182,7 +186,7 @@ def run_sft(cfg: ExperimentConfig, model, data: Data, mesh, out: pathlib.Path, l
         t0 = time.perf_counter()
         state, metrics = step_fn(state, batch)
         if prev is not None:  # read the previous step's metrics one step late
-            _log_sft(logger, *prev, peak, model.config)
+            applied += 1 - _log_sft(logger, *prev, peak, model.config, lr_at(applied))
         prev = (done, metrics, t0, batch["tokens"].shape)
         done += 1
         bar.update(1)
@@ -191,20 +195,23 @@ def run_sft(cfg: ExperimentConfig, model, data: Data, mesh, out: pathlib.Path, l
             manager.save(done, state, {"loader": loader.state(), "phase": "sft"}, force=True)
     if prev is not None:
         jax.block_until_ready(prev[1])
-        _log_sft(logger, *prev, peak, model.config)
+        _log_sft(logger, *prev, peak, model.config, lr_at(applied))
     bar.close()
     manager.wait()
     manager.close()
     return state.params["policy"], (done if done >= total else None)
 
 
-def _log_sft(logger, step, metrics, t0, shape, peak, model_cfg):
+def _log_sft(logger, step, metrics, t0, shape, peak, model_cfg, lr) -> int:
+    """Logs one SFT step (`lr`: the learning rate its update used); returns 1 if the update was skipped."""
     m = jax.device_get(metrics)
     dt = time.perf_counter() - t0
     n_tok = shape[0] * shape[1]
     m["tokens_per_s"] = n_tok / dt
     m["mfu"] = mfu(n_tok, dt, 3 * model_cfg.flops_per_token(shape[1] // 2), peak)
+    m["lr"] = lr
     logger.log("sft", step, m)
+    return int(m["skipped"])
 
 
 def run_rl(cfg: ExperimentConfig, model, ref_params, data: Data, grader, mesh, out: pathlib.Path, logger,
@@ -219,7 +226,9 @@ def run_rl(cfg: ExperimentConfig, model, ref_params, data: Data, grader, mesh, o
                                pad_id=model.tokenizer.pad_token_id)
     loader = Loader(data.train_ds, LoaderConfig(batch_size=r.prompts_per_iteration, kind="prompt",
                                                 seed=cfg.seed + 1), mesh=mesh)
-    tx = make_optimizer(r.optim, r.iterations * r.ppo.ppo_epochs)
+    # The schedule advances on every minibatch update, ppo_epochs x minibatches of them per iteration.
+    total = r.iterations * ppo_updates_per_step(r.ppo, r.prompts_per_iteration * samp.n)
+    tx = make_optimizer(r.optim, total)
     params = init_rl_params(jax.tree.map(jnp.copy, ref_params), model.config, r.ppo, jax.random.key(r.value_head_seed))
     state = init_state(params, tx, jax.random.key(cfg.seed + 2))
     manager = ckpt.Checkpointer(ckpt.CheckpointConfig(str(out / "checkpoints" / "rl"),
@@ -234,6 +243,7 @@ def run_rl(cfg: ExperimentConfig, model, ref_params, data: Data, grader, mesh, o
         loader.restore(extras["loader"])
         it, best, since_best = extras["iteration"], extras["best"], extras["since_best"]
         log.info("RL resumed at iteration %d", it)
+    applied = int(jax.device_get(state.step))  # optimizer updates so far: the schedule's position
     reward_fn = make_reward_fn(grader, data.train_items, model.tokenizer)
     exp_fn = make_experience_fn(model.config, r.ppo, reward_fn)
     step_fn = make_ppo_step(model.config, tx, r.ppo)
@@ -256,6 +266,8 @@ def run_rl(cfg: ExperimentConfig, model, ref_params, data: Data, grader, mesh, o
         pm = jax.device_get(pm)
         dt = time.perf_counter() - t0
         em = jax.device_get(em)
+        applied += int(pm["updates"]) - int(pm["skipped"])
+        pm["lr"] = schedule_value(r.optim, total, max(applied - 1, 0))  # that of the iteration's last update
         gen_tokens = float(em["response_length"]) * ro.tokens_BxN.shape[0]
         metrics = {**em, **pm, "seconds": dt, "rollout_grade_seconds": t_roll,
                    "completion_bucket": ro.tokens_BxN.shape[1],

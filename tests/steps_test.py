@@ -13,7 +13,7 @@ from reftjax.checkpoint import CheckpointConfig, Checkpointer
 from reftjax.models import ModelConfig, init_params, init_value_head
 from reftjax.rollout import SamplingConfig, rollout
 from reftjax.steps import OptimConfig, PPOConfig, init_state, make_experience_fn, make_optimizer, make_ppo_step, \
-    make_sft_step
+    make_schedule, make_sft_step, ppo_updates_per_step, schedule_value
 
 CFG = ModelConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4, num_kv_heads=2,
                   eos_token_ids=(1,))
@@ -130,6 +130,7 @@ def test_nonfinite_advantage_skips_every_ppo_update(tmp_path):
     after = jax.tree.map(np.asarray, (new.params, new.opt_state, new.step))
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)))
     assert int(new.skipped) == int(m["skipped"]) == int(m["updates"]) == 4  # 2 epochs x 2 minibatches
+    assert ppo_updates_per_step(pc, 8) == 4  # what the RL loop sizes its learning-rate schedule with
     ck = Checkpointer(CheckpointConfig(str(tmp_path)))  # the params stayed finite: it may be saved
     assert ck.save(1, new)
     nan_state = new.replace(params=jax.tree.map(lambda x: x * jnp.nan, new.params))  # what an unguarded update gives
@@ -735,3 +736,24 @@ def test_trim_to_bucket_drops_only_padding_and_changes_neither_experience_nor_up
         np.testing.assert_allclose(m_cut[k], m_full[k], rtol=1e-5, err_msg=k)
     np.testing.assert_allclose(l_cut, l_full, rtol=1e-5, atol=1e-6)
     _assert_same_update(p_cut, p_full, jax.device_get(params))
+
+
+def test_ppo_updates_per_step_counts_epochs_times_minibatches():
+    assert ppo_updates_per_step(PPOConfig(minibatch_size=8, ppo_epochs=2), 32) == 8
+    assert ppo_updates_per_step(PPOConfig(minibatch_size=32, ppo_epochs=2), 32) == 2
+    with pytest.raises(ValueError, match="not a multiple of minibatch_size 8"):
+        ppo_updates_per_step(PPOConfig(minibatch_size=8), 12)
+
+
+@pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])
+@pytest.mark.parametrize("warmup_ratio", [0.0, 0.1, 0.5])
+def test_host_schedule_value_equals_the_optax_schedule(schedule, warmup_ratio):
+    """The learning rate the loop logs (computed on the host) is the one optax applies."""
+    for total in (1, 7, 100):
+        cfg = OptimConfig(learning_rate=3e-4, schedule=schedule, warmup_ratio=warmup_ratio)
+        counts = np.arange(total + 3)
+        want = jax.vmap(make_schedule(cfg, total))(counts)
+        got = [schedule_value(cfg, total, int(c)) for c in counts]
+        np.testing.assert_allclose(got, np.asarray(want), rtol=1e-5, atol=3e-10)
+        if schedule != "constant":
+            assert got[total] == 0.0 and got[total - 1] > 0.0 or total == 1

@@ -61,8 +61,30 @@ RERANK = ("--set", "eval.voting_k=2", "--set", "rerank.epochs=2", "--set", "rera
           "--set", "rerank.n_questions=4", "--set", "rerank.max_new_tokens=12", "--set", "rerank.batch_size=4")
 
 
+# A decaying RL schedule over 2 minibatches x 2 epochs per iteration: the schedule must span all 12 updates of
+# the 3 iterations (it was sized by iterations x epochs, so it reached 0 after the second iteration).
+LINEAR_RL = ("--set", 'rl.optim.schedule="linear"', "--set", "rl.ppo.minibatch_size=2")
+
+
+def _check_logged_lr(out):
+    """Every SFT/RL line logs the learning rate of its (last) update, and it follows the configured schedule."""
+    from reftjax.steps import OptimConfig, schedule_value
+
+    cfg = json.loads((out / "config.json").read_text())
+    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    last = lambda phase: {r["step"]: r for r in lines if r["phase"] == phase}  # noqa: E731 (resume re-logs a step)
+    sft, rl = last("sft"), last("rl")
+    sft_opt, rl_opt = (OptimConfig(**cfg[k]["optim"]) for k in ("sft", "rl"))
+    assert sorted(sft) == list(range(len(sft))) and len(sft) >= 2
+    for i, r in sft.items():
+        assert r["lr"] == pytest.approx(schedule_value(sft_opt, len(sft), i), rel=1e-9, abs=1e-15)
+    assert rl_opt.schedule == "linear" and sorted(rl) == [1, 2, 3] and all(r["updates"] == 4 for r in rl.values())
+    for it, r in rl.items():
+        assert r["lr"] == pytest.approx(rl_opt.learning_rate * (1 - (4 * it - 1) / 12), rel=1e-9)
+
+
 def test_pipeline_sigkill_then_resume_completes(tiny_hf_dir, tmp_path, shared_data):
-    out, extra = tmp_path / "run", SEPARATE_CRITIC + RERANK
+    out, extra = tmp_path / "run", SEPARATE_CRITIC + RERANK + LINEAR_RL
     env = dict(_env(), JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla"))  # this test's own compilation cache
     err = tmp_path / "first.stderr"  # a file, not a pipe: nobody reads a pipe until the kill, and a full one
     with open(err, "w") as f:       # blocks the run's next log write (Orbax logs every save) before RL starts
@@ -107,6 +129,7 @@ def test_pipeline_sigkill_then_resume_completes(tiny_hf_dir, tmp_path, shared_da
     for which in ("final", "best"):
         exported = load_model(out / "hf" / which, with_tokenizer=False)
         assert exported.config.num_layers == 2
+    _check_logged_lr(out)
     _check_rerank_phase(out, lambda: subprocess.run(_cmd(tiny_hf_dir, out, extra), cwd=ROOT, env=env,
                                                     capture_output=True, text=True, timeout=900))
 
