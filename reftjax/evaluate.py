@@ -13,6 +13,7 @@ import jax
 import numpy as np
 
 from reftjax.data import Loader, LoaderConfig, TokenizedDataset
+from reftjax.graders.base import has_answer
 from reftjax.rerank import any_correct, rerank_correct, verifier_scores
 from reftjax.rollout import SamplingConfig, decode_completions, rollout
 from reftjax.sharding import to_host
@@ -49,12 +50,12 @@ def majority_correct(grades, weights=None) -> bool:
     """Voted answer = the extracted answer with the most votes (ties: first seen); correct if it graded 1.
 
     Each sample votes 1, or `weights[i]` (verifier-weighted voting: a verifier's P(correct) summed per
-    answer, Li et al. 2023 / Uesato et al. 2022). Samples without an answer do not vote.
+    answer, Li et al. 2023 / Uesato et al. 2022). Samples without an answer (`graders.has_answer`) do not vote.
     """
     votes = collections.Counter()
     correct = {}
     for i, g in enumerate(grades):
-        if g.extracted is None or g.extracted == "":
+        if not has_answer(g):
             continue
         key = str(g.extracted).strip()
         try:

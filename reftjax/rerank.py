@@ -34,6 +34,7 @@ import numpy as np
 import optax
 
 from reftjax import losses
+from reftjax.graders.base import has_answer
 from reftjax.models import ModelConfig, forward
 from reftjax.steps import OptimConfig, TrainState, _apply_update
 
@@ -205,7 +206,7 @@ def pick(scores: Sequence[float], answerable: Sequence[bool]) -> int | None:
 
 def rerank_correct(scores: Sequence[float], grades) -> bool:
     """Whether the verifier's pick among one question's graded samples is correct (ReFT's rerank@k)."""
-    i = pick(scores, [g.extracted is not None and g.extracted != "" for g in grades])
+    i = pick(scores, [has_answer(g) for g in grades])
     return i is not None and grades[i].score >= CORRECT
 
 

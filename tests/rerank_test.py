@@ -216,3 +216,20 @@ def test_config_checks():
     with pytest.raises(ValueError, match="temperature"):
         RerankConfig(temperature=0.0)
     assert ExperimentConfig().rerank.epochs == 0  # off unless asked for
+
+
+def test_unparseable_answers_neither_vote_nor_get_picked():
+    """ReftGrader keeps the text it could not parse in `extracted` (for the logs) with an `error`: such samples
+    must not outvote two correct ones, win a tie by coming first, or be the verifier's pick."""
+    from reftjax.evaluate import majority_correct
+    from reftjax.graders import Grade, ReftGrader
+
+    item = {"answer_value": "42"}
+    texts = ["so\nTherefore, the answer is: 42"] * 2 + ["so\nTherefore, the answer is: unknown"] * 3
+    grades = ReftGrader().grade_batch([item] * 5, texts)
+    assert [g.score for g in grades] == [1.0, 1.0, 0.0, 0.0, 0.0] and grades[2].extracted == "unknown"
+    assert majority_correct(grades) is True
+    assert majority_correct(grades[2:] + grades[:1]) is True  # unparseable first, then one correct sample
+    program_none = Grade(0.0, extracted="None", error="result 'None' is not a number")  # a P-CoT program's grade
+    assert majority_correct([grades[0]] + [program_none] * 3) is True
+    assert rerank_correct([0.2, 0.9, 0.9], [grades[0], grades[2], program_none]) is True

@@ -44,6 +44,14 @@ class Grade:
         return out
 
 
+def has_answer(grade) -> bool:
+    """Whether a grade carries an answer that may vote (majority voting) or be picked (reranking): something
+    was extracted and grading raised no error. An N-CoT answer that is not a number or a P-CoT program that
+    failed or returned None has an `extracted` string for the logs but an `error`: it is no answer, as in the
+    ReFT authors' voting, where such answers are None."""
+    return grade.extracted is not None and grade.extracted != "" and getattr(grade, "error", None) is None
+
+
 @runtime_checkable
 class Grader(Protocol):
     """What every grader provides."""
