@@ -234,8 +234,12 @@ class Checkpointer:
         return steps[-1] if steps else None
 
     def best_step(self) -> int | None:
-        """The kept step with the highest metric (None if no save had a metric)."""
-        return self._manager.best_step() if any(self._manager.metrics(s) for s in self.all_steps()) else None
+        """The kept step with the highest metric; of tied steps, the latest (Orbax's `BestN` keeps that one).
+        None if no save had a metric, or with `keep_best=0` (no best is tracked: the latest steps are kept
+        by recency only, and the best of those is not "the best")."""
+        if not self.cfg.keep_best or not any(self._manager.metrics(s) for s in self.all_steps()):
+            return None
+        return self._manager.best_step()
 
     def step_dir(self, step: int) -> str:
         return os.path.join(self.directory, str(int(step)))
@@ -251,7 +255,7 @@ class Checkpointer:
         if not steps:
             return None
         storable = _abstract_storable(abstract_state)
-        for step in steps:
+        for i, step in enumerate(steps):
             if not is_committed(self.step_dir(step)):
                 log.warning("checkpoint: step %d in %s has no %s (half-written); trying the previous one",
                             step, self.directory, COMMIT_MARKER)
@@ -277,8 +281,28 @@ class Checkpointer:
                 log.warning("checkpoint: step %d in %s is unreadable (%s: %s); trying the previous one",
                             step, self.directory, type(e).__name__, e)
                 continue
+            self._set_aside(steps[:i])
             return _keys_from_data(out.state, abstract_state), dict(out.extras or {}), step
         raise RuntimeError(f"{self.directory}: none of the checkpoints {steps} could be restored (see warnings)")
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Moves the unreadable steps newer than the restored one to `<directory>/unreadable/`, so the resumed
+        run can save those step numbers again (Orbax refuses an existing step) and nothing reads them later
+        (e.g. a finished phase's marker naming that step). Kept, not deleted: they are evidence."""
+        if not steps:
+            return
+        from reftjax.sharding import is_primary
+
+        if is_primary():
+            aside = os.path.join(self.directory, "unreadable")
+            os.makedirs(aside, exist_ok=True)
+            for step in steps:
+                dest = os.path.join(aside, f"{step}.{len(os.listdir(aside))}")
+                os.replace(self.step_dir(step), dest)
+                log.warning("checkpoint: moved unreadable step %d to %s; the run resumes from an older step", step,
+                            dest)
+        _barrier("reftjax_checkpoint_set_aside")
+        self._manager.reload()
 
     def restore_params(self, path_or_step, abstract_params):
         """Only the policy params of a checkpoint (this run's step, or any step/run directory)."""
@@ -293,6 +317,14 @@ class Checkpointer:
         """Finish pending saves and release the manager."""
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def _barrier(name: str) -> None:
+    """All processes wait here (multi-process runs; a no-op in one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def restore_params(path: str | os.PathLike, abstract_params, key: str = "policy"):

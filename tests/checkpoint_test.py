@@ -106,6 +106,22 @@ def test_keeps_last_k_plus_best(tmp_path):
     ck.close()
 
 
+def test_best_of_tied_steps_is_the_latest_and_keep_best_0_has_none(tmp_path):
+    st = _state()
+    ck = Checkpointer(CheckpointConfig(str(tmp_path / "tie"), keep_last=2, keep_best=1, best_metric="acc"))
+    for s, acc in ((1, 0.5), (2, 0.5), (3, 0.25), (4, 0.25)):
+        ck.save(s, st, metric=acc)
+    ck.wait()
+    assert ck.all_steps() == [2, 3, 4] and ck.best_step() == 2  # kept and reported alike
+    ck.close()
+    ck = Checkpointer(CheckpointConfig(str(tmp_path / "none"), keep_last=2, keep_best=0, best_metric="acc"))
+    for s, acc in ((1, 0.9), (2, 0.1), (3, 0.2)):
+        ck.save(s, st, metric=acc)
+    ck.wait()
+    assert ck.all_steps() == [2, 3] and ck.best_step() is None  # not "the best of the last two"
+    ck.close()
+
+
 def test_save_every_and_nonfinite_guard(tmp_path, caplog):
     st = _state()
     ck = Checkpointer(CheckpointConfig(str(tmp_path), save_every=2))
@@ -144,6 +160,15 @@ def test_corrupt_latest_falls_back_to_previous(tmp_path, caplog, damage):
     _assert_equal_trees(state, st1)
     if damage != "tmpdir":
         assert "step 2" in caplog.text
+        # set aside (kept for inspection), so the resumed run can save step 2 again and the next resume reads it
+        assert not latest.exists() and (tmp_path / "unreadable" / "2.0").is_dir()
+    st3 = _state(seed=20)
+    assert ck.save(2, st3, {"pos": 3})
+    ck.close()
+    ck = Checkpointer(CheckpointConfig(str(tmp_path), keep_last=3))
+    state, extras, step = ck.restore_latest(abstract_like(st1))
+    assert (step, extras) == (2, {"pos": 3})
+    _assert_equal_trees(state, st3)
     ck.close()
 
 
