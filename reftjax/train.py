@@ -250,7 +250,8 @@ def run_rl(cfg: ExperimentConfig, model, ref_params, data: Data, grader, mesh, o
     peak = measured_peak_flops()
     buckets = completion_buckets(samp.max_new_tokens, r.completion_buckets)
     bar = _bar(r.iterations, f"RL ({r.ppo.algo})", it, progress)
-    while it < r.iterations and not stop.requested:
+    stopped_early = lambda: bool(r.early_stop_patience) and since_best >= r.early_stop_patience  # noqa: E731
+    while it < r.iterations and not stop.requested and not stopped_early():  # (resumed after an early stop: done)
         batch = next(loader)
         t0 = time.perf_counter()
         rng = jax.random.fold_in(jax.random.key(cfg.seed + 3), it)
@@ -295,17 +296,15 @@ def run_rl(cfg: ExperimentConfig, model, ref_params, data: Data, grader, mesh, o
         extras = {"loader": loader.state(), "iteration": it, "best": best, "since_best": since_best, "phase": "rl"}
         if metric is not None or it % cfg.checkpoint.save_every == 0 or it == r.iterations or stop.requested:
             manager.save(it, state, extras, metric=metric, force=True)
-        if r.early_stop_patience and since_best >= r.early_stop_patience:
+        if stopped_early():
             log.info("early stopping at iteration %d (no validation gain in %d evaluations)", it, since_best)
-            break
     bar.close()
     manager.wait()
     best_params = None
     if manager.best_step() is not None:
         best_params = manager.restore_params(manager.best_step(), state.params["policy"])
     manager.close()
-    finished = it >= r.iterations or (r.early_stop_patience and since_best >= r.early_stop_patience)
-    return state.params["policy"], best_params, bool(finished)
+    return state.params["policy"], best_params, it >= r.iterations or stopped_early()
 
 
 def run_rerank(cfg: ExperimentConfig, model, sft_params, data: Data, grader, mesh, out: pathlib.Path, logger,
@@ -414,6 +413,47 @@ def _eval_once(name, out, logger, params, model, ds, items, grader, cfg, mesh, s
     return {k: v for k, v in res.items() if k != "samples"}
 
 
+class RunDirError(ValueError):
+    """The output directory holds a run this config cannot continue."""
+
+
+# Settings a rerun may change: they decide how and where it saves and caches, not what it computes.
+RESUMABLE_CHANGES = ("compilation_cache", "export_hf", "checkpoint.save_every", "checkpoint.keep_last")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _check_same_run(cfg_path: pathlib.Path, new: dict) -> None:
+    """Refuses to resume a run directory under different settings (besides `RESUMABLE_CHANGES`).
+
+    A rerun continues from checkpoints and reuses the finished phases (`sft_done.json`, `evals.json`, the
+    verifier), so changed settings would give a run that follows neither config: cached test figures of
+    another policy, a learning-rate schedule sized for another length, a data order that no longer matches.
+    """
+    try:
+        old = json.loads(cfg_path.read_text())
+    except (OSError, ValueError) as e:
+        raise RunDirError(f"{cfg_path}: unreadable ({type(e).__name__}: {e}); this run directory cannot be "
+                          f"resumed: use a new output directory") from e
+    a, b = _flat(old), _flat(new)
+    diffs = [k for k in sorted(a.keys() | b.keys()) if a.get(k, "<unset>") != b.get(k, "<unset>")
+             and k not in RESUMABLE_CHANGES]
+    if diffs:
+        shown = ", ".join(f"{k}: {json.dumps(a.get(k, '<unset>'))} -> {json.dumps(b.get(k, '<unset>'))}"
+                          for k in diffs[:6]) + (f" and {len(diffs) - 6} more" if len(diffs) > 6 else "")
+        raise RunDirError(f"{cfg_path}: this run directory holds a run with other settings ({shown}); rerunning "
+                          f"resumes it, so rerun with the same settings (they are in that file) or use a new "
+                          f"output directory")
+
+
 def run(cfg: ExperimentConfig, out_dir: str | pathlib.Path, *, progress: bool = True) -> dict:
     """Run (or resume) the whole ReFT pipeline; returns the summary dict."""
     from reftjax import report
@@ -424,8 +464,8 @@ def run(cfg: ExperimentConfig, out_dir: str | pathlib.Path, *, progress: bool = 
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg_path = out / "config.json"
-    if cfg_path.exists() and json.loads(cfg_path.read_text()) != to_dict(cfg):
-        log.warning("%s differs from this run's config; resuming with the new one", cfg_path)
+    if cfg_path.exists():
+        _check_same_run(cfg_path, to_dict(cfg))
     _write_json(cfg_path, to_dict(cfg))
     mesh = make_mesh(cfg.mesh)
     model = load_model(cfg.model, dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat, mesh=mesh)

@@ -64,6 +64,9 @@ RERANK = ("--set", "eval.voting_k=2", "--set", "rerank.epochs=2", "--set", "rera
 # A decaying RL schedule over 2 minibatches x 2 epochs per iteration: the schedule must span all 12 updates of
 # the 3 iterations (it was sized by iterations x epochs, so it reached 0 after the second iteration).
 LINEAR_RL = ("--set", 'rl.optim.schedule="linear"', "--set", "rl.ppo.minibatch_size=2")
+# Validation after every iteration with patience 1: the tiny model's validation accuracy stays 0, so RL stops
+# early after iteration 2 of 3, and a resume after that (the kill may land there) must not train iteration 3.
+EARLY_STOP = ("--set", "rl.eval_every=1", "--set", "rl.early_stop_patience=1")
 
 
 def _check_logged_lr(out):
@@ -78,13 +81,13 @@ def _check_logged_lr(out):
     assert sorted(sft) == list(range(len(sft))) and len(sft) >= 2
     for i, r in sft.items():
         assert r["lr"] == pytest.approx(schedule_value(sft_opt, len(sft), i), rel=1e-9, abs=1e-15)
-    assert rl_opt.schedule == "linear" and sorted(rl) == [1, 2, 3] and all(r["updates"] == 4 for r in rl.values())
+    assert rl_opt.schedule == "linear" and sorted(rl) == [1, 2] and all(r["updates"] == 4 for r in rl.values())
     for it, r in rl.items():
         assert r["lr"] == pytest.approx(rl_opt.learning_rate * (1 - (4 * it - 1) / 12), rel=1e-9)
 
 
 def test_pipeline_sigkill_then_resume_completes(tiny_hf_dir, tmp_path, shared_data):
-    out, extra = tmp_path / "run", SEPARATE_CRITIC + RERANK + LINEAR_RL
+    out, extra = tmp_path / "run", SEPARATE_CRITIC + RERANK + LINEAR_RL + EARLY_STOP
     env = dict(_env(), JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla"))  # this test's own compilation cache
     err = tmp_path / "first.stderr"  # a file, not a pipe: nobody reads a pipe until the kill, and a full one
     with open(err, "w") as f:       # blocks the run's next log write (Orbax logs every save) before RL starts
@@ -114,7 +117,9 @@ def test_pipeline_sigkill_then_resume_completes(tiny_hf_dir, tmp_path, shared_da
     assert comp["cache_dir"] == str(tmp_path / "xla") and 0 < comp["cache_hits"] <= comp["programs"]
     assert f"({comp['cache_hits']} loaded from the compilation cache" in (out / "summary.md").read_text()
     iters = sorted({r["step"] for r in _rl_lines(out)})
-    assert iters[-1] == 3 and set(iters) == {1, 2, 3}
+    evals = json.loads((out / "evals.json").read_text())
+    assert (evals["val_rl_1"]["accuracy"], evals["val_rl_2"]["accuracy"]) == (0.0, 0.0)  # no gain: stop at 2
+    assert iters == [1, 2] and "val_rl_3" not in evals and not (out / "checkpoints" / "rl" / "3").exists()
     rl = _rl_lines(out)[-1]
     for key in ("reward", "accuracy", "kl", "entropy", "clipfrac", "vf_loss", "explained_variance",
                 "response_length", "generated_tokens_per_s", "mfu", "completion_bucket", "xla_programs"):
@@ -132,6 +137,16 @@ def test_pipeline_sigkill_then_resume_completes(tiny_hf_dir, tmp_path, shared_da
     _check_logged_lr(out)
     _check_rerank_phase(out, lambda: subprocess.run(_cmd(tiny_hf_dir, out, extra), cwd=ROOT, env=env,
                                                     capture_output=True, text=True, timeout=900))
+    # a rerun with other settings would resume this run under them (cached test figures of another policy):
+    # refused in one line, before anything is loaded; settings that only decide saving may change
+    cfg_before = (out / "config.json").read_text()
+    changed = subprocess.run(_cmd(tiny_hf_dir, out, extra + ("--set", "rl.iterations=4", "--set", "seed=1")),
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert changed.returncode == 2, changed.stderr[-3000:]
+    assert changed.stderr.strip().splitlines()[-1].startswith(f"error: {out / 'config.json'}: this run directory "
+                                                              f"holds a run with other settings (rl.iterations: "
+                                                              f"3 -> 4, seed: 0 -> 1)")
+    assert (out / "config.json").read_text() == cfg_before
 
 
 def _check_rerank_phase(out, rerun):
