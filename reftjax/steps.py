@@ -90,7 +90,12 @@ class PPOConfig:
       clip_range_value: value clip around the old value (0.2).
       vf_coef: value loss weight (5.0; the 0.5 sits inside the value loss).
       ppo_epochs: passes over each rollout batch (2).
-      minibatch_size: rows per gradient step (global).
+      minibatch_size: rows per optimizer update (global, across devices). None: the whole rollout
+        batch, one update per epoch, as the ReFT authors run it (lqtrung1998/mwp_ReFT: every
+        `exps/` script sets `mini_batch_size` to the per-GPU `batch_size`, e.g. 4 x 8 GPUs for 7B,
+        32 x 8 for the 125M models, and `train_rl_reft.py` draws minibatches per GPU, so each
+        update sees the whole global batch). Smaller values make more, noisier updates per
+        rollout (each also advances the learning-rate schedule) and cut activation memory.
       whiten_advantages: whiten PPO advantages over the whole batch (mean removed).
       loss_agg: "seq-mean-token-mean" (ReFT, DeepSeekMath) or "token-mean".
       group_size: samples per prompt for GRPO/RLOO (rows are prompt-major).
@@ -141,7 +146,7 @@ class PPOConfig:
     clip_range_value: float = 0.2
     vf_coef: float = 5.0
     ppo_epochs: int = 2
-    minibatch_size: int = 4
+    minibatch_size: int | None = None
     whiten_advantages: bool = True
     loss_agg: str = "seq-mean-token-mean"
     group_size: int = 1
@@ -158,7 +163,9 @@ class PPOConfig:
         return self.group_size if self.share_prompt else 1
 
     def __post_init__(self):
-        if self.share_prompt and (self.group_size < 2 or self.minibatch_size % self.group_size):
+        if self.minibatch_size is not None and self.minibatch_size < 1:
+            raise ValueError(f"minibatch_size must be >= 1 or None (the whole rollout batch), got {self.minibatch_size}")
+        if self.share_prompt and (self.group_size < 2 or (self.minibatch_size or 0) % self.group_size):
             raise ValueError(f"share_prompt needs group_size >= 2 dividing minibatch_size; got group_size="
                              f"{self.group_size}, minibatch_size={self.minibatch_size}")
         if self.algo not in ("ppo", "grpo", "rloo"):
@@ -606,14 +613,19 @@ def _with_policy_state(new, old):
     return tuple(out)
 
 
+def minibatch_rows(cfg: PPOConfig, rows: int) -> int:
+    """Rows per update for a rollout batch of `rows`: `cfg.minibatch_size`, or all of them when None."""
+    return rows if cfg.minibatch_size is None else cfg.minibatch_size
+
+
 def ppo_updates_per_step(cfg: PPOConfig, rows: int) -> int:
     """Optimizer updates one `ppo_step` makes on a batch of `rows` sequences: `ppo_epochs` x minibatches.
 
     Size an RL learning-rate schedule with it (iterations x this), not with the iteration count: optax
     advances the schedule on every minibatch update."""
-    if rows % cfg.minibatch_size:
+    if rows % minibatch_rows(cfg, rows):
         raise ValueError(f"rollout batch {rows} is not a multiple of minibatch_size {cfg.minibatch_size}")
-    return cfg.ppo_epochs * (rows // cfg.minibatch_size)
+    return cfg.ppo_epochs * (rows // minibatch_rows(cfg, rows))
 
 
 def ppo_step(state: TrainState, exp: Experience, *, model_cfg: ModelConfig, tx: optax.GradientTransformation,
@@ -634,7 +646,7 @@ def ppo_step(state: TrainState, exp: Experience, *, model_cfg: ModelConfig, tx: 
     else:  # whole prompt groups, so each minibatch holds complete groups for the packed forward
         order = jnp.concatenate([(jax.random.permutation(k, b // g)[:, None] * g + jnp.arange(g)[None, :]).ravel()
                                  for k in keys])
-    order = order.reshape(n_updates, cfg.minibatch_size)
+    order = order.reshape(n_updates, minibatch_rows(cfg, b))
     state = state.replace(rng=rng)
     loss_fn = functools.partial(_rl_loss, model_cfg=model_cfg, cfg=cfg)
 

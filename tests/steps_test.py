@@ -741,6 +741,7 @@ def test_trim_to_bucket_drops_only_padding_and_changes_neither_experience_nor_up
 def test_ppo_updates_per_step_counts_epochs_times_minibatches():
     assert ppo_updates_per_step(PPOConfig(minibatch_size=8, ppo_epochs=2), 32) == 8
     assert ppo_updates_per_step(PPOConfig(minibatch_size=32, ppo_epochs=2), 32) == 2
+    assert ppo_updates_per_step(PPOConfig(), 32) == ppo_updates_per_step(PPOConfig(), 8) == 2  # ReFT: whole batch
     with pytest.raises(ValueError, match="not a multiple of minibatch_size 8"):
         ppo_updates_per_step(PPOConfig(minibatch_size=8), 12)
 
