@@ -59,6 +59,33 @@ class MetricsLogger:
                     self._tb.add_scalar(f"{phase}/{k}", v, int(step))
         return row
 
+    def rewind(self, last_steps: dict[str, int]) -> int:
+        """Drops the `metrics.jsonl` rows of phase p with a step above `last_steps[p]` (and lines a crash cut):
+        a resumed phase calls it with the step of the checkpoint it restored, so the steps it redoes are logged
+        once, not once per attempt. Returns the number of rows dropped. (TensorBoard's event files are append-only:
+        there a redone step shows twice; `metrics.jsonl` is the record.)"""
+        if self._jsonl is None:
+            return 0
+        path = self.dir / "metrics.jsonl"
+        self._jsonl.close()
+        kept, dropped = [], 0
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                dropped += 1
+                continue
+            if row.get("phase") in last_steps and row.get("step", 0) > last_steps[row["phase"]]:
+                dropped += 1
+            else:
+                kept.append(line + "\n")
+        if dropped:
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(kept))
+            os.replace(tmp, path)
+        self._jsonl = open(path, "a", buffering=1)
+        return dropped
+
     def close(self):
         if self._jsonl is not None:
             self._jsonl.close()

@@ -179,6 +179,7 @@ def run_sft(cfg: ExperimentConfig, model, data: Data, mesh, out: pathlib.Path, l
     peak = measured_peak_flops()
     applied = int(jax.device_get(state.step))  # optimizer updates so far: the schedule's position
     done = applied + int(jax.device_get(state.skipped))
+    logger.rewind({"sft": done - 1})  # steps 0 .. done-1 are in the checkpoint (logged before it); none if fresh
     bar = _bar(total, "SFT", done, progress)
     prev = None
     while done < total and not stop.requested:
@@ -191,7 +192,9 @@ def run_sft(cfg: ExperimentConfig, model, data: Data, mesh, out: pathlib.Path, l
         done += 1
         bar.update(1)
         if done % cfg.checkpoint.save_every == 0 or done == total or stop.requested:
-            jax.block_until_ready(metrics)
+            jax.block_until_ready(metrics)  # its line goes out before the checkpoint that covers it
+            applied += 1 - _log_sft(logger, *prev, peak, model.config, lr_at(applied))
+            prev = None
             manager.save(done, state, {"loader": loader.state(), "phase": "sft"}, force=True)
     if prev is not None:
         jax.block_until_ready(prev[1])
@@ -243,6 +246,8 @@ def run_rl(cfg: ExperimentConfig, model, ref_params, data: Data, grader, mesh, o
         loader.restore(extras["loader"])
         it, best, since_best = extras["iteration"], extras["best"], extras["since_best"]
         log.info("RL resumed at iteration %d", it)
+    logger.rewind({"rl": it, "val": it})  # also when a killed attempt logged iterations but saved none (it = 0)
+    _rewind_samples(out, it)
     applied = int(jax.device_get(state.step))  # optimizer updates so far: the schedule's position
     reward_fn = make_reward_fn(grader, data.train_items, model.tokenizer)
     exp_fn = make_experience_fn(model.config, r.ppo, reward_fn)
@@ -348,6 +353,7 @@ def run_rerank(cfg: ExperimentConfig, model, sft_params, data: Data, grader, mes
         state, extras, _ = restored
         done = extras["step"]
         log.info("verifier training resumed at step %d", done)
+    logger.rewind({"verifier": done})
     step_fn = make_verifier_step(model.config, tx, rc.token_level)
     n_proc, pid = jax.process_count(), jax.process_index()
     local = rc.batch_size // n_proc
@@ -366,6 +372,8 @@ def run_rerank(cfg: ExperimentConfig, model, sft_params, data: Data, grader, mes
             prev = (done, metrics, epoch + 1)
             bar.update(1)
             if done % cfg.checkpoint.save_every == 0 or done == total or stop.requested:
+                logger.log("verifier", prev[0], {**jax.device_get(prev[1]), "epoch": prev[2]})  # before its checkpoint
+                prev = None
                 manager.save(done, state, {"step": done, "phase": "verifier"}, force=True)
             if stop.requested:
                 break
@@ -377,6 +385,26 @@ def run_rerank(cfg: ExperimentConfig, model, sft_params, data: Data, grader, mes
         return None
     _write_json(marker, {"step": done})
     return state.params["verifier"]
+
+
+def _rewind_samples(out: pathlib.Path, it: int) -> None:
+    """Drops the dumped rollouts of iterations after `it` (a resumed RL phase redoes them)."""
+    path = out / "samples" / "rl_rollouts.jsonl"
+    if not is_primary() or not path.exists():
+        return
+    lines = path.read_text().splitlines()
+    kept = [l for l in lines if (row := _json_or_none(l)) is not None and row.get("iteration", 0) <= it]
+    if len(kept) != len(lines):
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(l + "\n" for l in kept))
+        tmp.replace(path)
+
+
+def _json_or_none(line: str):
+    try:
+        return json.loads(line)
+    except ValueError:  # a line cut by a crash
+        return None
 
 
 def _dump_samples(out: pathlib.Path, it: int, record, k: int = 4):
@@ -417,8 +445,11 @@ class RunDirError(ValueError):
     """The output directory holds a run this config cannot continue."""
 
 
-# Settings a rerun may change: they decide how and where it saves and caches, not what it computes.
-RESUMABLE_CHANGES = ("compilation_cache", "export_hf", "checkpoint.save_every", "checkpoint.keep_last")
+# Settings a rerun may change: where and how often it saves and caches, and how the same computation is laid out
+# on the devices and in memory (a run preempted on one slice may resume on another, or with remat to fit);
+# entries ending in "." cover a whole sub-config.
+RESUMABLE_CHANGES = ("compilation_cache", "export_hf", "checkpoint.save_every", "checkpoint.keep_last", "mesh.",
+                     "remat", "sft.accum_steps", "sft.head_chunk_rows", "rl.ppo.head_chunk_rows")
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -444,8 +475,8 @@ def _check_same_run(cfg_path: pathlib.Path, new: dict) -> None:
         raise RunDirError(f"{cfg_path}: unreadable ({type(e).__name__}: {e}); this run directory cannot be "
                           f"resumed: use a new output directory") from e
     a, b = _flat(old), _flat(new)
-    diffs = [k for k in sorted(a.keys() | b.keys()) if a.get(k, "<unset>") != b.get(k, "<unset>")
-             and k not in RESUMABLE_CHANGES]
+    free = lambda k: any(k == c or (c.endswith(".") and k.startswith(c)) for c in RESUMABLE_CHANGES)  # noqa: E731
+    diffs = [k for k in sorted(a.keys() | b.keys()) if a.get(k, "<unset>") != b.get(k, "<unset>") and not free(k)]
     if diffs:
         shown = ", ".join(f"{k}: {json.dumps(a.get(k, '<unset>'))} -> {json.dumps(b.get(k, '<unset>'))}"
                           for k in diffs[:6]) + (f" and {len(diffs) - 6} more" if len(diffs) > 6 else "")

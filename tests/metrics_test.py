@@ -1,4 +1,4 @@
-"""reftjax.metrics: the measured matmul peak that every MFU figure divides by."""
+"""reftjax.metrics: the measured matmul peak that every MFU figure divides by; the metrics log after a resume."""
 import jax
 import pytest
 
@@ -35,3 +35,17 @@ def test_cpu_peak_defaults_to_a_2048_product(fresh_peak):
 
 def test_mfu_is_model_flops_rate_over_peak():
     assert metrics.mfu(tokens=1000, seconds=2.0, flops_per_token=1e6, peak=1e9) == pytest.approx(0.5)
+
+
+def test_rewind_drops_the_steps_a_resumed_phase_redoes(tmp_path):
+    from reftjax.metrics import MetricsLogger, read_metrics
+
+    log = MetricsLogger(tmp_path, tensorboard=False, enabled=True)
+    for phase, step in (("sft", 0), ("sft", 1), ("rl", 1), ("val", 1), ("rl", 2), ("val", 2), ("rl", 3)):
+        log.log(phase, step, {"x": float(step)})
+    log._jsonl.write('{"phase": "rl", "st')  # a line cut by the kill
+    assert log.rewind({"rl": 1, "val": 1}) == 4
+    log.log("rl", 2, {"x": 20.0})  # appends after the rewrite
+    log.close()
+    assert [(r["phase"], r["step"], r["x"]) for r in read_metrics(tmp_path)] == [
+        ("sft", 0, 0.0), ("sft", 1, 1.0), ("rl", 1, 1.0), ("val", 1, 1.0), ("rl", 2, 20.0)]

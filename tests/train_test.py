@@ -120,6 +120,13 @@ def test_pipeline_sigkill_then_resume_completes(tiny_hf_dir, tmp_path, shared_da
     evals = json.loads((out / "evals.json").read_text())
     assert (evals["val_rl_1"]["accuracy"], evals["val_rl_2"]["accuracy"]) == (0.0, 0.0)  # no gain: stop at 2
     assert iters == [1, 2] and "val_rl_3" not in evals and not (out / "checkpoints" / "rl" / "3").exists()
+    # the resumed run rewound the log to its checkpoint: every step once, its rollout samples once
+    import collections
+
+    logged = collections.Counter((r["phase"], r["step"]) for r in map(json.loads, (out / "metrics.jsonl").open()))
+    assert max(logged.values()) == 1, [k for k, n in logged.items() if n > 1]
+    samples = collections.Counter(json.loads(l)["iteration"] for l in (out / "samples" / "rl_rollouts.jsonl").open())
+    assert samples == {1: 4, 2: 4}
     rl = _rl_lines(out)[-1]
     for key in ("reward", "accuracy", "kl", "entropy", "clipfrac", "vf_loss", "explained_variance",
                 "response_length", "generated_tokens_per_s", "mfu", "completion_bucket", "xla_programs"):
@@ -342,3 +349,25 @@ def test_notebook_executes_on_cpu(tiny_hf_dir, tmp_path, shared_data):
     assert stray() == before  # REFTJAX_NB_OUT given: no stray temporary run directory
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert any(o.get("output_type") == "display_data" and "image/png" in o.get("data", {}) for o in outputs)
+
+
+def test_a_rerun_may_change_only_how_the_run_is_saved_and_laid_out(tmp_path):
+    """`run()`'s check of config.json (the CLI path is in the SIGKILL/resume test): layout and saving settings may
+    change on resume, anything that changes what is computed is refused, naming every changed key."""
+    from experiments.gsm8k_reft import preset_config
+    from reftjax.config import replace_path, to_dict
+    from reftjax.train import RunDirError, _check_same_run
+
+    cfg = preset_config("cpu")
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(to_dict(cfg)))
+    for key, value in (("mesh.fsdp", 2), ("remat", "full"), ("sft.accum_steps", 2), ("rl.ppo.head_chunk_rows", 64),
+                       ("checkpoint.keep_last", 5), ("compilation_cache", "")):
+        _check_same_run(path, to_dict(replace_path(cfg, key, value)))
+    changed = replace_path(replace_path(cfg, "rl.ppo.kl_coef", 0.01), "checkpoint.keep_best", 0)
+    with pytest.raises(RunDirError, match=r"other settings \(checkpoint.keep_best: 1 -> 0, rl.ppo.kl_coef: 0.05 -> "
+                                          r"0.01\); rerunning resumes it"):
+        _check_same_run(path, to_dict(changed))
+    path.write_text('{"name": ')
+    with pytest.raises(RunDirError, match="config.json: unreadable"):
+        _check_same_run(path, to_dict(cfg))
