@@ -10,8 +10,9 @@ Saves are asynchronous: `save` returns once the arrays are copied to host (so th
 next step may donate the state buffers) and the files are written in a
 background thread. Orbax writes each step into a temporary directory and renames
 it when complete, then drops `commit_success.txt` into it; a step without that
-marker (or one that fails to read) is skipped on restore with a warning, and the
-previous one is used.
+marker (or one that fails to read) is skipped on restore with a warning, the
+previous one is used, and the skipped ones move to `<directory>/unreadable/` (so the
+resumed run can save those step numbers again).
 
 Retention: the last `keep_last` steps plus the `keep_best` steps with the highest
 validation metric (Orbax `LatestN` | `BestN`). A state whose params hold NaN/Inf is
