@@ -32,6 +32,12 @@ def _hostile(target_dir, port):
         "recursion_bomb": "    def f(n):\n        return f(n + 1) + 1\n    return f(0)",
         "deep_eval": "    return eval('(' * 100000 + ')' * 100000)",
         "ctypes": "    import ctypes\n    ctypes.CDLL(None).fork()\n    return 7",
+        # the server has `_posixsubprocess` loaded already: no import (or other audit) event on the way; the
+        # job's RLIMIT_NPROC 0 stops it (it started the shell with 64). The arguments are Python 3.11's.
+        "posixsubprocess": ("    import sys, os\n    r, w = os.pipe()\n    sys.modules['_posixsubprocess'].fork_exec("
+                            f"[b'/bin/sh', b'-c', b'echo pwned > {keep}'], [b'/bin/sh'], True, (w,), None, None, "
+                            "-1, -1, -1, -1, -1, -1, r, w, True, False, -1, None, None, None, -1, None, True)\n"
+                            "    import time\n    time.sleep(0.5)\n    return 7"),
     }
 
 

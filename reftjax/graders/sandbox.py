@@ -63,7 +63,9 @@ class SandboxConfig:
         the CPU-time limit is this rounded up plus one second.
       memory_bytes: RLIMIT_AS of a job (address space, includes the ~100 MB interpreter).
       output_bytes: RLIMIT_FSIZE: cap on what a job may print or write to files.
-      nproc: RLIMIT_NPROC of the unprivileged uid (only honoured when not root).
+      nproc: RLIMIT_NPROC of the job's unprivileged uid (only honoured when not root). 0 (default): the
+        job cannot create any process or thread, also through paths the audit hook does not see (a job
+        reached the already-imported `_posixsubprocess.fork_exec` and started a shell with 64).
       namespaces: run servers under `unshare --pid --fork --kill-child --net` when possible.
       drop_uid: when running as root, run jobs as uid/gid 65534 (nobody).
     """
@@ -72,7 +74,7 @@ class SandboxConfig:
     timeout_s: float = 2.0
     memory_bytes: int = 1 << 30
     output_bytes: int = 1 << 20
-    nproc: int = 64
+    nproc: int = 0
     namespaces: bool = True
     drop_uid: bool = True
 
@@ -83,8 +85,8 @@ class SandboxConfig:
             raise ValueError(f"timeout_s must be in (0, 600], got {self.timeout_s}")
         if self.memory_bytes < (256 << 20):
             raise ValueError(f"memory_bytes must be >= 256 MiB (the interpreter), got {self.memory_bytes}")
-        if self.output_bytes < 1024 or self.nproc < 1:
-            raise ValueError("output_bytes must be >= 1024 and nproc >= 1")
+        if self.output_bytes < 1024 or self.nproc < 0:
+            raise ValueError("output_bytes must be >= 1024 and nproc >= 0")
 
 
 @dataclasses.dataclass(frozen=True)
