@@ -83,6 +83,7 @@ def test_python_math_equiv_and_multi():
      "grader.calculate_output"),
     ({"type": "multi", "graders": {"a": {"type": "nope"}}, "calculate_output": "a"},
      "grader.graders.a: unknown grader type"),
+    ({"type": "multi", "graders": {"a": {"type": "gsm8k"}}, "calculate_output": 1}, "must be a formula string"),
     ({"type": "reft", "cot": "java"}, "cot must be one of"),
     ({"type": "reft", "answer_feld": "x"}, "unknown keys"),
 ])
@@ -99,6 +100,26 @@ def test_validation_against_a_sample_item_names_missing_fields():
     with pytest.raises(ConfigError, match="answer_value"):
         validate_grader({"type": "reft"}, ITEM)
     validate_grader({"type": "gsm8k"}, {"answer": "so 3\n#### 3"})
+    # misspelt sample fields and names the template syntax cannot read fail here, not as a silent 0 per sample
+    for bad, msg in (("{{sample.output_txt}}", "sample.output_txt"), ("{{item.final-answer}}", "item.final-answer")):
+        with pytest.raises(ConfigError, match=msg):
+            validate_grader({**cfg, "reference": bad}, ITEM)
+    validate_grader({**cfg, "reference": "{{sample.output_json.x}}"}, ITEM)
+
+
+def test_multi_scores_a_failing_part_or_a_complex_result_zero_without_failing_the_batch():
+    eq = {"type": "string_check", "input": "{{sample.output_text}}", "reference": "{{item.answer}}", "operation": "eq"}
+    missing = {**eq, "reference": "{{item.other}}"}  # a field some items lack: that part errors
+    grader = build_grader({"type": "multi", "graders": {"a": eq, "b": missing}, "calculate_output": "1 - b"})
+    good, bad = grader.grade_batch([{"answer": "x", "other": "y"}, {"answer": "x"}], ["x", "x"])
+    assert (good.score, good.error) == (1.0, None)
+    assert bad.score == 0.0 and bad.error.startswith("b: ") and "item.other" in bad.error
+    # a negative base to a fractional power is complex in Python: that row scores 0, the others still count
+    root = build_grader({"type": "multi", "graders": {"a": eq}, "calculate_output": "(a - 0.75) ** 0.5"})
+    hit, miss = root.grade_batch([{"answer": "x"}] * 2, ["x", "no"])
+    assert hit.score == pytest.approx(0.5) and hit.error is None
+    assert miss.score == 0.0 and "not a real number" in miss.error
+    build_grader({"type": "multi", "graders": {"a": eq, "b": eq}, "calculate_output": "a / (1 - 2 * b)"})  # 0 at b=.5
 
 
 def test_cli_run_and_validate(tmp_path):

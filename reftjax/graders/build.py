@@ -84,9 +84,14 @@ def _build_multi(args: dict, pool: SandboxPool | None, where: str) -> oa.MultiGr
     if not isinstance(graders, Mapping) or not graders:
         raise ConfigError(f"{where}.graders: must be a non-empty object of named graders")
     built = {name: build_grader(sub, pool, f"{where}.graders.{name}") for name, sub in graders.items()}
+    if not isinstance(args["calculate_output"], str):
+        raise ConfigError(f"{where}.calculate_output: must be a formula string such as \"0.5 * a + 0.5 * b\", "
+                          f"got {args['calculate_output']!r}")
     try:
-        tree = ast.parse(str(args["calculate_output"]), mode="eval")
+        tree = ast.parse(args["calculate_output"], mode="eval")
         oa._eval_formula(tree, dict.fromkeys(built, 0.5))
+    except ArithmeticError:  # e.g. a / (1 - 2 * b) at the probe values: the names and operations are fine
+        pass
     except SyntaxError as exc:
         raise ConfigError(f"{where}.calculate_output: does not parse: {exc.msg}") from exc
     except oa.ConfigError as exc:

@@ -38,6 +38,7 @@ from reftjax.graders.reft import default_pool
 from reftjax.graders.sandbox import SandboxJob, SandboxPool
 
 _TEMPLATE = re.compile(r"\{\{\s*([A-Za-z_][\w.]*)\s*\}\}")
+_ANY_TEMPLATE = re.compile(r"\{\{.*?\}\}")  # what looks like a field but `_TEMPLATE` would leave as text
 _UNSUPPORTED_METRICS = ("gleu", "meteor", "cosine")
 
 
@@ -85,8 +86,13 @@ class _Templated(PerItemGrader):
             for path in _TEMPLATE.findall(template):
                 if path.startswith("item."):
                     _lookup(item, path[5:], "item")
-                elif not path.startswith("sample.output_"):
-                    raise KeyError(f"template field {{{{{path}}}}} must be item.* or sample.output_*")
+                elif path not in ("sample.output_text", "sample.output_json") and \
+                        not path.startswith("sample.output_json."):
+                    raise KeyError(f"template field {{{{{path}}}}} must be item.*, sample.output_text or "
+                                   f"sample.output_json.*")
+            loose = _ANY_TEMPLATE.findall(_TEMPLATE.sub("", template))
+            if loose:
+                raise KeyError(f"template field {loose[0]} is not a dotted name of letters, digits and _")
 
     def pair(self, item: Item, text: str) -> tuple[str, str]:
         sample = sample_of(text)
@@ -254,11 +260,18 @@ class MultiGrader:
         out = []
         for i in range(len(texts)):
             env = {name: grades[i].score for name, grades in parts.items()}
+            failed = {name: grades[i].error for name, grades in parts.items() if grades[i].error is not None}
+            if failed:  # a sub-grader that could not grade scores the whole sample 0 (its 0 could raise `1 - a`)
+                out.append(Grade(0.0, error="; ".join(f"{n}: {e}" for n, e in failed.items()),
+                                 details={"scores": env}))
+                continue
             try:
                 score = _eval_formula(tree, env)
                 error = None
             except (ArithmeticError, ConfigError) as exc:
                 score, error = 0.0, f"calculate_output: {exc}"
+            if isinstance(score, complex):  # e.g. (a - 0.75) ** 0.5 with a < 0.75
+                score, error = 0.0, f"calculate_output: not a real number ({score})"
             score = 0.0 if math.isnan(score) else min(1.0, max(0.0, score))
             out.append(Grade(score, error=error, details={"scores": env}))
         return out
