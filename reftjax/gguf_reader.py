@@ -67,7 +67,7 @@ def _hf_config(meta: dict, tensor_names: set, path: pathlib.Path):
         raise ValueError(f"{path}: GGUF rope scaling {g('rope.scaling.type')!r} is not supported; "
                          "convert the model to a Hugging Face directory instead")
     kw = dict(
-        vocab_size=int(g("vocab_size", len(meta["tokenizer.ggml.tokens"]))),
+        vocab_size=int(g("vocab_size") if g("vocab_size") is not None else len(meta["tokenizer.ggml.tokens"])),
         hidden_size=int(g("embedding_length")),
         intermediate_size=int(g("feed_forward_length")),
         num_hidden_layers=int(g("block_count")),
@@ -124,14 +124,20 @@ def read_gguf(path: str | pathlib.Path, with_tokenizer: bool = True):
     names = {t.name for t in reader.tensors}
     config = _hf_config(meta, names, path)
     tensors = {}
+    # llama.cpp permutes the Q/K rows (weights and biases) for its interleaved RoPE in the llama family only;
+    # qwen2 tensors are stored in Hugging Face order (transformers' GGUF loader has no Q/K processor for it)
+    permuted = meta.get("general.architecture") == "llama"
     for t in reader.tensors:
-        if t.name == "rope_freqs.weight":
-            continue
         w = np.asarray(gguf.dequantize(t.data, t.tensor_type), dtype=np.float32)
         w = w.reshape([int(d) for d in reversed(t.shape)]) if w.ndim != len(t.shape) else w
-        if ".attn_q." in t.name:
+        if t.name == "rope_freqs.weight":  # llama.cpp's form of Llama-3.1-style RoPE scaling: per-frequency factors
+            if not np.all(w == 1.0):
+                raise ValueError(f"{path}: GGUF rope_freqs.weight holds RoPE scaling factors (Llama 3.1-style); "
+                                 "reading them from GGUF is not supported: use the Hugging Face directory instead")
+            continue
+        if permuted and ".attn_q." in t.name:
             w = _unpermute(w, config.num_attention_heads)
-        elif ".attn_k." in t.name:
+        elif permuted and ".attn_k." in t.name:
             w = _unpermute(w, config.num_key_value_heads)
         try:
             tensors[_hf_name(t.name)] = w

@@ -160,3 +160,50 @@ def test_missing_and_misshapen_tensors_are_named(tiny_dir, random_params):
     write_safetensors(path, {**tensors, "model.norm.weight": np.ones(31, np.float32)})
     with pytest.raises(CheckpointError, match=r"tiny: tensor for norm/scale has shape \(31,\), config expects \(32,\)"):
         load_model(tiny_dir, with_tokenizer=False)
+
+
+def _tiny_gguf(path, arch, rope_freqs=None):
+    """A 1-layer GGUF written with the `gguf` package; returns the tensors as stored."""
+    import gguf
+
+    rng = np.random.default_rng(0)
+    h, nh, nkv, hd, f, v = 16, 2, 1, 8, 24, 32
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(1), w.add_context_length(64), w.add_embedding_length(h), w.add_feed_forward_length(f)
+    w.add_head_count(nh), w.add_head_count_kv(nkv), w.add_layer_norm_rms_eps(1e-6), w.add_rope_freq_base(1e4)
+    w.add_vocab_size(v), w.add_token_list([f"t{i}" for i in range(v)])
+    shapes = {"token_embd.weight": (v, h), "output_norm.weight": (h,), "blk.0.attn_norm.weight": (h,),
+              "blk.0.ffn_norm.weight": (h,), "blk.0.attn_q.weight": (nh * hd, h), "blk.0.attn_k.weight": (nkv * hd, h),
+              "blk.0.attn_v.weight": (nkv * hd, h), "blk.0.attn_output.weight": (h, nh * hd),
+              "blk.0.ffn_gate.weight": (f, h), "blk.0.ffn_up.weight": (f, h), "blk.0.ffn_down.weight": (h, f)}
+    if arch == "qwen2":
+        shapes.update({"blk.0.attn_q.bias": (nh * hd,), "blk.0.attn_k.bias": (nkv * hd,), "blk.0.attn_v.bias": (nkv * hd,)})
+    stored = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
+    if rope_freqs is not None:
+        stored["rope_freqs.weight"] = np.asarray(rope_freqs, np.float32)
+    for k, a in stored.items():
+        w.add_tensor(k, a)
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    return stored
+
+
+def test_gguf_qk_rows_are_unpermuted_for_llama_only_and_rope_scaling_is_refused(tmp_path):
+    """llama.cpp permutes Q/K rows for the llama family only (transformers' GGUF loader agrees: no qwen2
+    processor); a Qwen2 GGUF read as permuted loaded scrambled attention without a word. Llama-3.1-style
+    scaling factors in `rope_freqs.weight` were dropped silently."""
+    from reftjax.gguf_reader import _unpermute, read_gguf
+
+    stored = _tiny_gguf(tmp_path / "q.gguf", "qwen2")
+    cfg, tensors, _ = read_gguf(tmp_path / "q.gguf", with_tokenizer=False)
+    assert type(cfg).__name__ == "Qwen2Config"
+    for part in ("q", "k", "v"):
+        for kind in ("weight", "bias"):
+            np.testing.assert_array_equal(tensors[f"model.layers.0.self_attn.{part}_proj.{kind}"],
+                                          stored[f"blk.0.attn_{part}.{kind}"])
+    stored = _tiny_gguf(tmp_path / "l.gguf", "llama", rope_freqs=[1.0] * 4)  # factors of 1: plain RoPE, read
+    _, tensors, _ = read_gguf(tmp_path / "l.gguf", with_tokenizer=False)
+    np.testing.assert_array_equal(tensors["model.layers.0.self_attn.q_proj.weight"],
+                                  _unpermute(stored["blk.0.attn_q.weight"], 2))
+    _tiny_gguf(tmp_path / "l3.gguf", "llama", rope_freqs=[1.0, 1.0, 8.0, 32.0])
+    with pytest.raises(ValueError, match=r"l3\.gguf: GGUF rope_freqs.weight holds RoPE scaling factors"):
+        read_gguf(tmp_path / "l3.gguf", with_tokenizer=False)
