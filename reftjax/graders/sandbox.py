@@ -10,15 +10,18 @@ infinite loop          wall-clock deadline -> SIGKILL of the job's process group
 memory bomb            RLIMIT_AS (`memory_bytes`)                                   OS
 output flood           stdout/stderr go to a file capped by RLIMIT_FSIZE; only a    OS
                        bounded JSON result comes back
-fork bomb              as root: the job drops to uid 65534 where RLIMIT_NPROC is    OS (root)
-                       honoured (root ignores it), and lives in its own PID
-                       namespace whose members are all SIGKILLed after each job;
-                       plus audit-hook block of os.fork/posix_spawn/subprocess/exec audit hook
+fork bomb, new        RLIMIT_NPROC 0 (`nproc`) for the job's uid: no process or     OS (not
+processes              thread at all, also on paths no audit event sees; as root     as root
+                       the job first drops to uid 65534 (root ignores the limit);   without
+                       its own PID namespace, all SIGKILLed after each job; plus    drop_uid)
+                       audit-hook block of os.fork/posix_spawn/subprocess/exec      audit hook
 network                `unshare --net`: a namespace with no usable interface;       OS if
                        plus audit-hook block of socket.* and `import socket`        unshare works
 file writes/deletes    as root: uid 65534 cannot write or delete root's files;      OS (root)
                        audit hook refuses writes/renames/deletes outside the job's  audit hook
-                       throwaway temp dir
+                       throwaway temp dir (bypassable: an os.open relative to a     (weak)
+                       dir_fd opened outside, or a patched posixpath; reads are
+                       not limited)
 signals / killing      new session; the job cannot see processes outside its PID    OS
 the trainer            namespace; uid 65534 cannot signal root's processes;
                        audit hook blocks os.kill/killpg                             audit hook
