@@ -109,3 +109,20 @@ def test_batch_keeps_order_across_workers():
     jobs = [SandboxJob(f"def solution():\n    return {i}") for i in range(40)]
     with SandboxPool(SandboxConfig(workers=3)) as pool:
         assert [r.value_float for r in pool.run(jobs)] == [float(i) for i in range(40)]
+
+
+def test_programs_may_import_the_standard_library_a_math_program_uses():
+    # As root a job runs as uid 65534, which cannot read an interpreter installed under /root: only modules the
+    # server imported before the fork load. Correct P-CoT programs that import datetime or calendar scored 0.
+    src = ("def solution():\n    import datetime, calendar, random, heapq, bisect\n"
+           "    return datetime.date(2020, 1, 2).day + calendar.monthrange(2020, 2)[1]")
+    grader_src = "def solution():\n    import xml.dom.minidom\n    return 1"
+    with SandboxPool(SandboxConfig(workers=1)) as pool:
+        ok, missing = pool.run([SandboxJob(src), SandboxJob(grader_src)])
+        assert ok.ok and ok.value_float == 31.0, ok
+        if not missing.ok:  # as root with the interpreter under /root: the message says how to allow a module
+            assert "SandboxConfig.preimport" in missing.error, missing
+    with SandboxPool(SandboxConfig(workers=1, preimport=("xml.dom.minidom",))) as pool:
+        assert pool.run([SandboxJob(grader_src)])[0].value_float == 1.0
+    with pytest.raises(ValueError, match="module names"):
+        SandboxConfig(preimport=("os; import x",))

@@ -33,7 +33,8 @@ import time
 import sympy
 
 # Pre-imported for jobs: once a job runs as uid 65534 it may be unable to read the interpreter's
-# install dir (e.g. under /root), so modules a grader may want are loaded here, before the fork.
+# install dir (e.g. under /root), so the modules a program may import are loaded here, before the
+# fork: these, plus `SandboxConfig.preimport` (the command-line arguments, see `_preimport`).
 import collections  # noqa: E402,F401
 import decimal  # noqa: E402,F401
 import difflib  # noqa: E402,F401
@@ -147,6 +148,9 @@ def _child(job, tmp):
         result = _run_job(job)
     except BaseException as exc:  # noqa: BLE001 - every failure is a result, never a crash
         result = {"status": "error", "error": f"{type(exc).__name__}: {str(exc)[:_STR_CAP]}"}
+        if isinstance(exc, ImportError) and os.getuid() == _NOBODY:
+            result["error"] += (" (jobs run as uid 65534 and may only import modules the sandbox server "
+                                "pre-imported: add it to SandboxConfig.preimport)")
     try:
         os.write(_RESULT_FD, json.dumps(result).encode()[:_RESULT_CAP])
     finally:
@@ -234,7 +238,27 @@ def _warm_up():
     float(sympy.Rational(1, 3))
 
 
+def _preimport(names):
+    """Imports `names` before any fork; returns an error message (jobs then all fail with it) or None.
+
+    Modules already in `sys.modules` skip the audit hook's import check, so a name that newly pulls in
+    a blocked module is refused rather than opening a way around it. (sympy, loaded above, already
+    brings ctypes and subprocess: what stops a job using them is RLIMIT_NPROC and the uid drop.)
+    """
+    before = {m for m in _BLOCKED_IMPORTS if m in sys.modules}
+    for name in names:
+        try:
+            __import__(name)
+        except Exception as exc:  # noqa: BLE001 - reported to every job
+            return f"SandboxConfig.preimport: cannot import {name!r}: {type(exc).__name__}: {exc}"
+        leaked = sorted(m for m in _BLOCKED_IMPORTS if m in sys.modules and m not in before)
+        if leaked:
+            return f"SandboxConfig.preimport: importing {name!r} loads blocked module(s) {leaked}"
+    return None
+
+
 def main():
+    startup_error = _preimport(sys.argv[1:])
     _warm_up()
     # /dev/shm (tmpfs) when present: creating and removing a dir per job is ~10x cheaper there.
     base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
@@ -244,7 +268,9 @@ def main():
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     try:
         for line in sys.stdin:
-            result = _serve_one(json.loads(line), root)
+            job = json.loads(line)
+            result = ({"status": "error", "error": startup_error} if startup_error
+                      else _serve_one(job, root))
             sys.stdout.write(json.dumps(result) + "\n")
             sys.stdout.flush()
     finally:

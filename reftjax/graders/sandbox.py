@@ -50,6 +50,9 @@ import time
 from typing import Any, Sequence
 
 _WORKER = pathlib.Path(__file__).with_name("_sandbox_worker.py")
+# what a math program may import from the standard library (see SandboxConfig.preimport)
+DEFAULT_PREIMPORT = ("bisect", "calendar", "cmath", "copy", "datetime", "heapq", "numbers", "operator",
+                     "random", "time")
 _UNSHARE = ("--pid", "--fork", "--kill-child", "--net")
 # Extra wall time the parent grants a fork-server beyond the job's own deadline before it
 # declares the server hung and restarts it.
@@ -71,6 +74,11 @@ class SandboxConfig:
         reached the already-imported `_posixsubprocess.fork_exec` and started a shell with 64).
       namespaces: run servers under `unshare --pid --fork --kill-child --net` when possible.
       drop_uid: when running as root, run jobs as uid/gid 65534 (nobody).
+      preimport: modules each server imports before it forks jobs (beyond math, sympy and the few
+        it always loads). A job running as uid 65534 may be unable to read the interpreter's install
+        dir (under /root, mode 0700), so any module not already loaded fails to import there; the
+        default covers the standard library a math program reaches for. A module that newly loads a
+        blocked one (socket, asyncio, ...) is refused: every job then fails with that message.
     """
 
     workers: int = 0
@@ -80,6 +88,7 @@ class SandboxConfig:
     nproc: int = 0
     namespaces: bool = True
     drop_uid: bool = True
+    preimport: tuple[str, ...] = DEFAULT_PREIMPORT
 
     def __post_init__(self):
         if self.workers < 0:
@@ -90,6 +99,9 @@ class SandboxConfig:
             raise ValueError(f"memory_bytes must be >= 256 MiB (the interpreter), got {self.memory_bytes}")
         if self.output_bytes < 1024 or self.nproc < 0:
             raise ValueError("output_bytes must be >= 1024 and nproc >= 0")
+        bad = [m for m in self.preimport if not all(part.isidentifier() for part in str(m).split("."))]
+        if bad:
+            raise ValueError(f"preimport must hold module names, got {bad}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,7 +190,7 @@ class SandboxPool:
         self.config = config
         use_ns = config.namespaces and _unshare_works()
         prefix = [shutil.which("unshare"), *_UNSHARE, "--"] if use_ns else []
-        self._command = [*prefix, sys.executable, "-I", str(_WORKER)]
+        self._command = [*prefix, sys.executable, "-I", str(_WORKER), *config.preimport]
         root = os.geteuid() == 0
         self.isolation = {"pid_and_net_namespaces": use_ns, "uid_drop": root and config.drop_uid,
                           "rlimit_nproc_effective": (not root) or config.drop_uid,
