@@ -79,6 +79,8 @@ def evaluate(params, model_cfg, tokenizer, ds: TokenizedDataset, items: Sequence
     "weighted_voting_accuracy" (votes weighted by the verifier's P(correct)) and
     "upper_bound_accuracy" (some sample is correct: pass@k), over the same samples as voting.
     """
+    if items:  # a grader that cannot read these items would score every row 0 and report 0% accuracy
+        grader.validate(items[0])
     loader = Loader(ds, LoaderConfig(batch_size=cfg.batch_size, kind="prompt", shuffle=False, drop_last=False,
                                      num_epochs=1), mesh=mesh)
     greedy = SamplingConfig(max_new_tokens=cfg.max_new_tokens, greedy=True, eos_ids=tuple(eos_ids), pad_id=pad_id,

@@ -41,3 +41,14 @@ def test_decode_segments_reach_the_rollouts_and_change_no_figure(tiny_hf_dir, sh
 def test_bad_decode_segments_are_rejected(k):
     with pytest.raises(ValueError, match="eval.decode_segments"):
         EvalConfig(max_new_tokens=12, decode_segments=k)
+
+
+def test_a_grader_that_cannot_read_the_items_fails_before_any_rollout(tiny_hf_dir, monkeypatch):
+    # `type: gsm8k` reads `answer` by default; the built-in items carry `answer_value`: it used to grade every row 0
+    import reftjax.evaluate as ev
+    from reftjax.graders import build_grader
+
+    monkeypatch.setattr(ev, "rollout", lambda *a, **k: pytest.fail("rollout ran"))
+    with pytest.raises(KeyError, match="answer"):
+        ev.evaluate(None, None, None, None, [{"question": "q", "answer_value": "3"}], build_grader({"type": "gsm8k"}),
+                    EvalConfig(batch_size=4, max_new_tokens=8))

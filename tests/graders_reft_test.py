@@ -101,3 +101,38 @@ def test_bad_config_and_bad_item_are_reported():
         ReftGrader().validate({"answer": "3"})
     with pytest.raises(ValueError, match="not a number"):
         ReftGrader().validate({"answer_value": "three"})
+
+
+def test_number_rules_do_not_read_a_subtraction_as_a_minus_sign_and_read_fractions():
+    assert extract_last_number("She has 12 - 7") == "7"
+    assert extract_last_number("x = 5-3") == "3"
+    assert extract_last_number("(2)-3 apples") == "3"
+    assert extract_last_number("it is -3.") == "-3"
+    assert extract_last_number("The answer is 1/2.") == "0.5"
+    assert extract_gsm8k("#### 1/2") == "0.5"
+    assert extract_gsm8k("#### -$5") == "-5"
+    g = ReftGrader(extract="gsm8k")
+    assert g.grade({"answer_value": "0.5"}, "#### 1/2").score == 1.0
+    assert g.grade({"answer_value": "1"}, "#### 1/2").score == 0.1
+
+
+def test_a_partial_reward_of_one_is_refused():
+    # evaluation counts a score of 1 as correct: partial_reward=1 would make every wrong answer correct
+    with pytest.raises(ValueError, match="partial_reward"):
+        ReftGrader(partial_reward=1.0)
+
+
+def test_pcot_results_vote_by_value_and_non_answers_do_not_vote():
+    from reftjax.evaluate import majority_correct
+
+    item = {"question": "q", "answer_value": "2.5"}
+    progs = ["\n    return sympy.Rational(5, 2)"] * 2 + ["\n    return 5 / 2"] * 2 + ["\n    return 3"] * 3
+    grades = ReftGrader(cot="python").grade_batch([item] * 7, progs)
+    assert [g.score for g in grades] == [1.0] * 4 + [0.1] * 3
+    assert majority_correct(grades)  # four votes for 2.5 (two of them written 5/2) against three for 3
+    mathqa = {"question": "q", "answer_value": "c"}
+    for cot, texts in (("python", ["\n    return None"] * 3 + ["\n    return 'c'"] * 2),
+                       ("nl", ["I think so"] * 3 + ["x\nTherefore, the answer is: c"] * 2)):
+        grades = ReftGrader(cot=cot, answer_type="mathqa").grade_batch([mathqa] * 5, texts)
+        assert [g.score for g in grades] == [0.1] * 3 + [1.0] * 2  # the authors' rewards
+        assert majority_correct(grades)  # only option letters vote

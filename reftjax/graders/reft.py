@@ -29,7 +29,11 @@ from reftjax.graders.sandbox import SandboxJob, SandboxPool, SandboxResult
 ANSWER_TRIGGER = "\nTherefore, the answer is: "
 PROGRAM_HEADER = "def solution():\n    \"\"\"{question}\"\"\""
 NUMERIC_TOLERANCE = 1e-2
-_NUMBER = re.compile(r"-?\$?\s?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\.\d+")
+# a number: a minus sign only where it cannot be a subtraction (not after a word character, `)`, `]` or
+# `.`), an optional `$`, thousands commas, decimals, or a fraction `a/b`
+_MINUS = r"(?:(?<![\w)\].])-)?"
+_NUMBER = re.compile(_MINUS + r"(?:\$\s?)?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+|/\d+(?!\d|\.\d))?"
+                     "|" + _MINUS + r"\.\d+")
 
 
 def reft_target(answer_cot: str, answer_value: str) -> str:
@@ -51,9 +55,12 @@ def normalize_mathqa(text: str) -> str:
 
 
 def normalize_number(text: str) -> str:
-    """GSM8K-style normalisation: drop commas, `$`, `%`, spaces, a trailing `.` and `.0`s."""
+    """GSM8K-style normalisation: drop commas, `$`, `%`, spaces, a trailing `.` and `.0`s; `a/b` -> its value."""
     out = text.strip().replace(",", "").replace("$", "").replace("%", "").replace(" ", "")
     out = out.rstrip(".")
+    fraction = re.fullmatch(r"(-?\d+)/(\d+)", out)
+    if fraction and int(fraction.group(2)):
+        out = repr(int(fraction.group(1)) / int(fraction.group(2)))
     if re.fullmatch(r"-?\d+\.0+", out):
         out = out.split(".")[0]
     return out
@@ -124,9 +131,13 @@ class ReftGrader(PerItemGrader):
       answer_type: "numeric" (|pred - gold| <= 1e-2) or "mathqa" (normalised string equality).
       extract: N-CoT rule: "reft" (authors), or "gsm8k" (`#### N`).
       fallback: "none", or "last_number" (used when the rule extracts nothing).
-      partial_reward: reward for an extracted but wrong answer (0.1 in ReFT).
+      partial_reward: reward for an extracted but wrong answer (0.1 in ReFT); below 1, since a score
+        of 1 is what counts as correct in evaluation.
       question_field: item field with the question (P-CoT program header).
       pool: the sandbox for P-CoT (a shared default pool when None).
+
+    One deliberate difference from the authors: a P-CoT program that fails scores 0 for MathQA as for
+    numbers (their `str(None)` makes a crash an extracted-but-wrong answer worth 0.1 on MathQA).
     """
 
     cot: str = "nl"
@@ -145,8 +156,9 @@ class ReftGrader(PerItemGrader):
         for name, (value, allowed) in checks.items():
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-        if not 0.0 <= self.partial_reward <= 1.0:
-            raise ValueError(f"partial_reward must be in [0, 1], got {self.partial_reward}")
+        if not 0.0 <= self.partial_reward < 1.0:
+            raise ValueError(f"partial_reward must be in [0, 1) (a score of 1 counts as correct), "
+                             f"got {self.partial_reward}")
 
     @property
     def uses_sandbox(self) -> bool:
@@ -165,8 +177,12 @@ class ReftGrader(PerItemGrader):
         if self.answer_type == "mathqa":
             if pred is None:
                 return Grade(0.0, error=error or "no answer")
-            ok = normalize_mathqa(pred) == normalize_mathqa(gold)
-            return Grade(1.0 if ok else self.partial_reward, extracted=normalize_mathqa(pred))
+            option = normalize_mathqa(pred)
+            ok = option == normalize_mathqa(gold)
+            # the authors' reward (0.1 for anything extracted), but only a single option letter is an answer
+            # that votes (their `sampling.py` sets the prediction to None otherwise)
+            return Grade(1.0 if ok else self.partial_reward, extracted=option,
+                         error=None if ok or len(option) == 1 else f"not an option letter: {option[:80]!r}")
         value = floatify(pred) if pred is not None else None
         if value is None:
             return Grade(0.0, extracted=None if pred is None else str(pred),
@@ -195,9 +211,13 @@ class ReftGrader(PerItemGrader):
     def _score_program(self, item: Item, result: SandboxResult) -> Grade:
         if not result.ok:
             return Grade(0.0, error=f"{result.status}: {result.error}")
-        pred = result.value_str if self.answer_type == "mathqa" else result.value_float
-        grade = self._score(item, pred, error=f"result {result.value_str!r} is not a number")
-        return dataclasses.replace(grade, extracted=result.value_str)
+        if self.answer_type == "mathqa":
+            if result.value_json is None and result.value_str == "None":  # returned None: no answer
+                return Grade(self.partial_reward, extracted="none", error="the program returned None")
+            return self._score(item, result.value_str)
+        grade = self._score(item, result.value_float, error=f"result {result.value_str!r} is not a number")
+        # a number is recorded by its value, so equal results vote together (5/2 from sympy and 2.5)
+        return grade if grade.error is None else dataclasses.replace(grade, extracted=result.value_str)
 
 
 _DEFAULT_POOL: list[SandboxPool] = []
