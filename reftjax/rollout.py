@@ -145,13 +145,13 @@ def sample_logits(logits_BxV: jax.Array, rng: jax.Array, cfg: SamplingConfig):
         kth = jax.lax.top_k(scaled, cfg.top_k)[0][:, -1:]
         masked = jnp.where(scaled < kth, -jnp.inf, masked)
     if cfg.top_p < 1.0:
-        # Smallest set of tokens whose probability reaches top_p (the first always kept).
-        sorted_desc = -jnp.sort(-masked, axis=-1)
-        probs = jax.nn.softmax(sorted_desc, axis=-1)
-        cum_before = jnp.cumsum(probs, axis=-1) - probs
-        keep = cum_before < cfg.top_p
-        threshold = jnp.min(jnp.where(keep, sorted_desc, jnp.inf), axis=-1, keepdims=True)
-        masked = jnp.where(masked < threshold, -jnp.inf, masked)
+        # Smallest set of tokens whose probability reaches top_p (the first always kept), cut by sorted
+        # position: of tokens tied at the boundary only those the stable sort puts first are kept (HF, vLLM).
+        order = jnp.argsort(-masked, axis=-1, stable=True)
+        probs = jax.nn.softmax(jnp.take_along_axis(masked, order, axis=-1), axis=-1)
+        keep_sorted = jnp.cumsum(probs, axis=-1) - probs < cfg.top_p
+        keep = jnp.zeros_like(keep_sorted).at[jnp.arange(masked.shape[0])[:, None], order].set(keep_sorted)
+        masked = jnp.where(keep, masked, -jnp.inf)
     tok = jax.random.categorical(rng, masked, axis=-1).astype(jnp.int32)
     return tok, _token_logprob(scaled, tok)
 
@@ -357,10 +357,14 @@ def generate(params, model_cfg: ModelConfig, tokenizer, texts: Sequence[str], *,
 
     Rows are padded to `batch_size` (default: len(texts)) so repeated calls with
     the same sizes reuse one compiled program. Returns len(texts) * cfg.n strings.
+    `cfg` defaults to greedy decoding; a `cfg` without `eos_ids` gets the model's EOS ids and the
+    tokenizer's pad id (to generate past the EOS, call `rollout` directly).
     """
     eos = tuple(model_cfg.eos_token_ids) or ((tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ())
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    cfg = cfg or SamplingConfig(greedy=True, eos_ids=eos, pad_id=pad)
+    cfg = cfg or SamplingConfig(greedy=True)
+    if not cfg.eos_ids:
+        cfg = dataclasses.replace(cfg, eos_ids=eos, pad_id=pad)
     ids = encode_prompts(tokenizer, texts, chat)
     length = bucket(max(len(r) for r in ids), prompt_buckets)
     bsz = batch_size or len(ids)

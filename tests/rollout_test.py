@@ -94,6 +94,40 @@ def test_top_k_and_top_p_never_emit_excluded_tokens(tiny_params):
     np.testing.assert_allclose(r.logprobs_BxN[:, 0], np.log(probs[r.tokens_BxN[:, 0]]), atol=1e-5)
 
 
+def test_top_p_cuts_ties_by_sorted_position():
+    # 8 equally likely tokens: the nucleus of 0.5 is 4 of them (the stable sort's first), not all 8 tied ones
+    from reftjax.rollout import sample_logits
+
+    logits = jnp.zeros((4096, 8))
+    toks, _ = sample_logits(logits, jax.random.key(0), SamplingConfig(max_new_tokens=1, top_p=0.5))
+    assert set(np.asarray(toks).tolist()) == {0, 1, 2, 3}
+
+
+def test_generate_gives_a_custom_sampling_config_the_models_eos(monkeypatch):
+    import reftjax.rollout as ro
+
+    class Tok:
+        eos_token_id, pad_token_id = 3, 0
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [5, 6]}
+
+        def batch_decode(self, rows, skip_special_tokens=True):
+            return [" ".join(map(str, r)) for r in rows]
+
+    class Captured(Exception):
+        pass
+
+    def fake_rollout(*args, cfg, **kw):
+        raise Captured(cfg)
+
+    monkeypatch.setattr(ro, "rollout", fake_rollout)
+    with pytest.raises(Captured) as got:
+        ro.generate(None, TINY, Tok(), ["q"], cfg=SamplingConfig(max_new_tokens=4, temperature=0.7), chat=False)
+    cfg = got.value.args[0]
+    assert cfg.eos_ids == (3,) and cfg.temperature == 0.7  # it used to run to max_new_tokens, past the EOS
+
+
 # ----------------------------------------------------------------------------- log-probs
 
 
