@@ -78,9 +78,15 @@ class RLConfig:
         s = self.sampling
         if self.completion_buckets < 1:
             raise ValueError(f"rl.completion_buckets must be >= 1, got {self.completion_buckets}")
-        if self.ppo.experience_from_rollout and (s.greedy or s.temperature != 1.0 or s.top_k or s.top_p < 1.0):
+        if s.greedy:
+            raise ValueError("rl.sampling.greedy: RL needs sampled rollouts (set a temperature instead)")
+        if s.temperature != self.ppo.temperature:
+            raise ValueError(f"rl.sampling.temperature={s.temperature} but rl.ppo.temperature={self.ppo.temperature}: "
+                             "the update's log-probs must be those of the distribution the rollout sampled from; "
+                             "set them equal")
+        if self.ppo.experience_from_rollout and (s.top_k or s.top_p < 1.0):
             raise ValueError("rl.ppo.experience_from_rollout needs the rollout to sample from the policy itself "
-                             f"(temperature 1, top_k 0, top_p 1, not greedy); got {s}")
+                             f"(top_k 0, top_p 1); got {s}")
         if self.ppo.share_prompt and self.ppo.algo == "ppo" and s.n != self.ppo.group_size:
             raise ValueError(f"rl.ppo.share_prompt packs rl.ppo.group_size={self.ppo.group_size} samples per prompt "
                              f"but rl.sampling.n={s.n}: set them equal")

@@ -106,7 +106,7 @@ class PPOConfig:
       experience_from_rollout: take `logp_old` (and PPO's old values) from the rollout
         instead of a second forward pass of the policy over the sampled sequences (saves
         one forward per iteration; the reference forward stays). Only valid when the
-        rollout samples from the policy itself (temperature 1, top_k 0, top_p 1), whose
+        rollout samples from the policy itself (temperature `temperature`, top_k 0, top_p 1), whose
         decode-path log-probs equal the teacher-forced ones (within 1e-4 in fp32; tested);
         PPO also needs `rollout(..., value_head=...)`. False recomputes them, as the ReFT
         authors' code does.
@@ -132,6 +132,10 @@ class PPOConfig:
         gradient in memory; the backward recomputes each chunk's logits). 0 builds full logits.
         One GRPO/PPO minibatch update on SmolLM2 (8 rows, 128 + 128 tokens, shared prompts):
         ~10% faster and 250 MiB less XLA temp memory at 128 rows than full logits (BUILD_NOTES).
+      temperature: the rollout's sampling temperature. Every log-prob of the update (old, new,
+        reference) and the entropy are taken from logits / temperature, the distribution the
+        samples were drawn from (as TRL does); `RLConfig` checks it equals `sampling.temperature`.
+        1.0 in ReFT.
       critic: PPO only. "shared" (ReFT): the value head reads the policy's last hidden state.
         "separate": the critic has its own copy of the backbone (`params["critic"]`, initialised
         from the policy by `init_rl_params`) that only the value loss trains, as verl and
@@ -156,6 +160,7 @@ class PPOConfig:
     critic: str = "shared"
     share_prompt: bool = False
     head_chunk_rows: int = 128
+    temperature: float = 1.0
 
     @property
     def prompt_group(self) -> int:
@@ -170,6 +175,8 @@ class PPOConfig:
                              f"{self.group_size}, minibatch_size={self.minibatch_size}")
         if self.algo not in ("ppo", "grpo", "rloo"):
             raise ValueError(f"algo={self.algo!r}; expected ppo, grpo or rloo")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.critic not in ("shared", "separate"):
             raise ValueError(f"critic={self.critic!r}; expected 'shared' or 'separate'")
         if self.critic == "separate" and (self.algo != "ppo" or self.experience_from_rollout):
@@ -456,23 +463,25 @@ def completion_hidden(trunk: dict, model_cfg: ModelConfig, tokens_BxL, attn_mask
 
 def policy_outputs(params: dict, model_cfg: ModelConfig, tokens_BxL, attn_mask_BxL, n_completion: int,
                    with_value: bool, with_entropy: bool = False, value_grad_to_backbone: bool = True,
-                   share_prompt: int = 1, head_chunk_rows: int = 0):
+                   share_prompt: int = 1, head_chunk_rows: int = 0, temperature: float = 1.0):
     """(logp_BxN, values_BxN | None, entropy_BxN | None) of the completion tokens.
 
     Values come from `params["critic"]`'s own hidden states when that trunk is present
     (PPOConfig.critic="separate"), else from the policy's (`value_grad_to_backbone` decides
     whether the value gradient enters the shared backbone). `share_prompt`: see `completion_hidden`.
     `head_chunk_rows` > 0 runs the vocabulary head in chunks of about that many rows without
-    the [B, N, V] logits (`losses.fused_token_logprobs`); 0 builds the full logits.
+    the [B, N, V] logits (`losses.fused_token_logprobs`); 0 builds the full logits. Log-probs and
+    entropy are those of logits / `temperature` (the sampling distribution).
     """
     h = completion_hidden(params["policy"], model_cfg, tokens_BxL, attn_mask_BxL, n_completion, share_prompt)
     p = tokens_BxL.shape[1] - n_completion
+    h_head = h if temperature == 1.0 else h / temperature  # the head is linear: (h / T) W = logits / T
     if head_chunk_rows > 0:
         w, vocab_major = lm_head_weight(params["policy"], model_cfg)
-        logp, entropy = losses.fused_token_logprobs(h.astype(model_cfg.jnp_dtype), w, tokens_BxL[:, p:],
+        logp, entropy = losses.fused_token_logprobs(h_head.astype(model_cfg.jnp_dtype), w, tokens_BxL[:, p:],
                                                     vocab_major=vocab_major, chunk_rows=head_chunk_rows)
     else:
-        logits = lm_logits(params["policy"], model_cfg, h)
+        logits = lm_logits(params["policy"], model_cfg, h_head)
         logp = losses.token_logprobs(logits, tokens_BxL[:, p:])
         entropy = losses.token_entropy(logits) if with_entropy else None
     values = None
@@ -510,10 +519,31 @@ def _check_critic(params: dict, cfg: PPOConfig) -> None:
                          "'critic' trunk: build params with steps.init_rl_params")
 
 
+def check_shared_prompts(prompt_tokens_BxP, prompt_mask_BxP, group: int) -> None:
+    """Raises ValueError unless every run of `group` consecutive rows holds one prompt (tokens and mask):
+    what `PPOConfig.share_prompt` assumes (it runs each group's first prompt for the whole group)."""
+    tokens, mask = np.asarray(prompt_tokens_BxP), np.asarray(prompt_mask_BxP)
+    b = tokens.shape[0]
+    if b % group:
+        raise ValueError(f"share_prompt groups of {group} rows do not divide the {b} rows")
+    for x in (np.where(mask > 0, tokens, -1), mask):
+        grouped = x.reshape(b // group, group, -1)
+        bad = np.nonzero(np.any(grouped != grouped[:, :1], axis=(1, 2)))[0]
+        if bad.size:
+            raise ValueError(f"share_prompt: rows {int(bad[0]) * group}..{int(bad[0]) * group + group - 1} do not share "
+                             f"one prompt; rows must be prompt-major groups of {group} (rollout with n={group})")
+
+
 def make_experience(params: dict, ref_params: dict, rollout, scores_B, *, model_cfg: ModelConfig,
                     cfg: PPOConfig) -> Experience:
-    """Score a rollout: old/ref log-probs and values, KL-shaped rewards, GAE or group advantages."""
+    """Score a rollout: old/ref log-probs and values, KL-shaped rewards, GAE or group advantages.
+
+    With `cfg.share_prompt`, concrete (not traced) inputs are checked to hold one prompt per group
+    (`check_shared_prompts`); under `jax.jit` that check is the caller's.
+    """
     _check_critic(params, cfg)
+    if cfg.prompt_group > 1 and not isinstance(rollout.prompt_tokens_BxP, jax.core.Tracer):
+        check_shared_prompts(rollout.prompt_tokens_BxP, rollout.prompt_mask_BxP, cfg.prompt_group)
     tokens = jnp.concatenate([rollout.prompt_tokens_BxP, rollout.tokens_BxN], axis=1)
     mask_n = rollout.mask_BxN.astype(jnp.int32)
     attn = jnp.concatenate([rollout.prompt_mask_BxP.astype(jnp.int32), mask_n], axis=1)
@@ -526,14 +556,16 @@ def make_experience(params: dict, ref_params: dict, rollout, scores_B, *, model_
         logp_old, values = rollout.logprobs_BxN, rollout.values_BxN if with_value else None
     else:
         logp_old, values, _ = policy_outputs(params, model_cfg, tokens, attn, n, with_value,
-                                             share_prompt=cfg.prompt_group, head_chunk_rows=cfg.head_chunk_rows)
+                                             share_prompt=cfg.prompt_group, head_chunk_rows=cfg.head_chunk_rows,
+                                             temperature=cfg.temperature)
     logp_old = jax.lax.stop_gradient(logp_old)
     if cfg.kl_coef == 0:  # no KL term anywhere: skip the reference forward (KL metrics then read 0)
         logp_ref = logp_old
     else:
         logp_ref = jax.lax.stop_gradient(
             policy_outputs({"policy": ref_params}, model_cfg, tokens, attn, n, False,
-                           share_prompt=cfg.prompt_group, head_chunk_rows=cfg.head_chunk_rows)[0])
+                           share_prompt=cfg.prompt_group, head_chunk_rows=cfg.head_chunk_rows,
+                           temperature=cfg.temperature)[0])
     scores_B = scores_B.astype(jnp.float32)
     if with_value:
         rewards, _ = losses.kl_shaped_rewards(scores_B, logp_old, logp_ref, mask_n, cfg.kl_coef)
@@ -581,7 +613,8 @@ def _rl_loss(params, mb: Experience, model_cfg: ModelConfig, cfg: PPOConfig):
     logp, values, entropy = policy_outputs(params, model_cfg, mb.tokens_BxL, mb.attn_mask_BxL, n,
                                            cfg.algo == "ppo", with_entropy=True,
                                            value_grad_to_backbone=cfg.value_grad_to_backbone and not cfg.critic_only,
-                                           share_prompt=cfg.prompt_group, head_chunk_rows=cfg.head_chunk_rows)
+                                           share_prompt=cfg.prompt_group, head_chunk_rows=cfg.head_chunk_rows,
+                                           temperature=cfg.temperature)
     m = {"entropy": losses.masked_mean(entropy, mb.mask_BxN)}
     if cfg.algo == "ppo":
         pg, pm = losses.ppo_policy_loss(logp, mb.logp_old_BxN, mb.advantages_BxN, mb.mask_BxN, cfg.clip_eps,

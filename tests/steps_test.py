@@ -390,9 +390,34 @@ def test_rl_config_rejects_experience_from_rollout_with_a_modified_sampler():
 
     fast = PPOConfig(experience_from_rollout=True)
     RLConfig(ppo=fast, sampling=SamplingConfig(max_new_tokens=8, temperature=1.0))
-    for bad in (dict(temperature=0.7), dict(top_k=5), dict(top_p=0.9), dict(greedy=True)):
+    RLConfig(ppo=dataclasses.replace(fast, temperature=0.7), sampling=SamplingConfig(max_new_tokens=8, temperature=0.7))
+    for bad in (dict(top_k=5), dict(top_p=0.9)):
         with pytest.raises(ValueError, match="experience_from_rollout"):
             RLConfig(ppo=fast, sampling=SamplingConfig(max_new_tokens=8, **bad))
+    with pytest.raises(ValueError, match="greedy"):
+        RLConfig(sampling=SamplingConfig(max_new_tokens=8, greedy=True))
+    with pytest.raises(ValueError, match="ppo.temperature"):  # the update would score another distribution
+        RLConfig(sampling=SamplingConfig(max_new_tokens=8, temperature=0.7))
+
+
+def test_rl_log_probs_are_those_of_the_sampling_temperature():
+    """With temperature T the rollout samples from softmax(logits / T): the experience's logp_old (and the update's
+    log-probs, same function) must be those of that distribution, equal to the decode path's within 1e-4. Before,
+    they were taken at T = 1 while the samples came from T, an uncorrected off-policy update."""
+    from reftjax.steps import make_experience
+
+    policy = jax.tree.map(jnp.asarray, _host_policy(0))
+    prompts = jnp.asarray(np.random.default_rng(0).integers(2, 32, (4, 5)), jnp.int32)
+    scfg = SamplingConfig(max_new_tokens=6, eos_ids=(1,), pad_id=0, temperature=0.5)
+    r = rollout(policy, prompts, jnp.ones_like(prompts), jax.random.key(0), model_cfg=CFG, cfg=scfg)
+    keep = np.asarray(r.mask_BxN) > 0
+    for head_chunk_rows in (0, 8):
+        cfg = PPOConfig(algo="grpo", group_size=2, temperature=0.5, kl_coef=0.0, head_chunk_rows=head_chunk_rows)
+        exp = make_experience({"policy": policy}, policy, r, jnp.zeros(4), model_cfg=CFG, cfg=cfg)
+        np.testing.assert_allclose(np.asarray(exp.logp_old_BxN)[keep], np.asarray(r.logprobs_BxN)[keep], atol=1e-4)
+        at_one = make_experience({"policy": policy}, policy, r, jnp.zeros(4), model_cfg=CFG,
+                                 cfg=dataclasses.replace(cfg, temperature=1.0))
+        assert np.abs(np.asarray(at_one.logp_old_BxN) - np.asarray(r.logprobs_BxN))[keep].max() > 0.05
 
 
 def test_critic_only_step_moves_the_value_head_and_not_the_policy():
@@ -758,3 +783,19 @@ def test_host_schedule_value_equals_the_optax_schedule(schedule, warmup_ratio):
         np.testing.assert_allclose(got, np.asarray(want), rtol=1e-5, atol=3e-10)
         if schedule != "constant":
             assert got[total] == 0.0 and got[total - 1] > 0.0 or total == 1
+
+
+def test_share_prompt_refuses_rows_that_do_not_share_a_prompt():
+    # share_prompt runs each group's first prompt for the whole group: other prompts in a group were silently replaced
+    from reftjax.steps import make_experience
+
+    policy = jax.tree.map(jnp.asarray, _host_policy(0))
+    prompts = jnp.asarray(np.random.default_rng(0).integers(2, 32, (4, 5)), jnp.int32)  # 4 different prompts
+    r = rollout(policy, prompts, jnp.ones_like(prompts), jax.random.key(0), model_cfg=CFG,
+                cfg=SamplingConfig(max_new_tokens=4, eos_ids=(1,), pad_id=0))
+    cfg = PPOConfig(algo="grpo", group_size=2, share_prompt=True, minibatch_size=4, kl_coef=0.0)
+    with pytest.raises(ValueError, match="rows 0..1 do not share one prompt"):
+        make_experience({"policy": policy}, policy, r, jnp.zeros(4), model_cfg=CFG, cfg=cfg)
+    grouped = rollout(policy, prompts[:2], jnp.ones_like(prompts[:2]), jax.random.key(0), model_cfg=CFG,
+                      cfg=SamplingConfig(max_new_tokens=4, eos_ids=(1,), pad_id=0, n=2))
+    make_experience({"policy": policy}, policy, grouped, jnp.zeros(4), model_cfg=CFG, cfg=cfg)  # prompt-major: fine
