@@ -144,3 +144,17 @@ def test_config_checks():
         LoaderConfig(batch_size=4, kind="rl")
     with pytest.raises(ValueError, match="cannot fill"):
         Loader(_dataset(n=3), LoaderConfig(batch_size=8))
+
+
+def test_drop_last_with_group_by_length_drops_a_random_draw_not_the_longest():
+    # the incomplete tail used to be the longest examples of the last length-sorted window
+    ds = _dataset(n=44)  # 5 full batches of 8 and a tail of 4, all in one grouping window
+    lengths = np.asarray([len(p) for p in ds.prompt])
+    rank = np.argsort(np.argsort(-lengths))  # 0 = longest
+    dropped_ranks = []
+    for seed in range(40):
+        cfg = LoaderConfig(batch_size=8, kind="prompt", seed=seed, drop_last=True, num_epochs=1, group_by_length=8)
+        seen = np.concatenate([b["example_idx"][b["valid"]] for b in Loader(ds, cfg)]) - 100
+        dropped_ranks += rank[np.setdiff1d(np.arange(44), seen)].tolist()
+    assert len(dropped_ranks) == 40 * 4
+    assert 12 < np.mean(dropped_ranks) < 31  # a random draw averages rank 21.5; the old rule dropped ranks 0-3

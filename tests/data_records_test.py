@@ -122,3 +122,22 @@ def test_split_is_deterministic_and_disjoint(tmp_path):
     assert [e.idx for e in val] == list(range(20))
     with pytest.raises(ValueError):
         SplitConfig(1.0)
+
+
+def test_joined_lists_trailing_commas_and_bad_utf8_are_errors_with_a_line(tmp_path):
+    one = '[\n{"item_id": "a", "question": "q", "answer_value": "1"}\n]\n'
+    path = tmp_path / "two.json"
+    path.write_text(one + one.replace('"a"', '"b"'))  # two files joined with cat: the second list was ignored
+    with pytest.raises(DataError, match=r"two\.json:4: extra data after the JSON list"):
+        read_reft_json(path)
+    path.write_text(one.replace("}\n]", "},\n]"))
+    with pytest.raises(DataError, match=r"two\.json:3: malformed JSON \(trailing ','\)"):
+        read_reft_json(path)
+    path.write_bytes(one.replace('"q"', '"\xff"').encode("latin-1"))
+    with pytest.raises(DataError, match=r"two\.json:2: not valid UTF-8"):
+        read_reft_json(path)
+    good = json.dumps({"question": "q", "answer": "x\n#### 1"})
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes((good + "\n" + good.replace('"q"', '"\xff"') + "\n").encode("latin-1"))
+    with pytest.raises(DataError, match=r"bad\.jsonl:2: not valid UTF-8"):
+        read_gsm8k_jsonl(bad)

@@ -36,7 +36,7 @@ def test_round_trip_100_random_gsm8k(smollm_tokenizer, gsm8k_train, shared_data)
     picks = sorted(rng.choice(len(gsm8k_train), 100, replace=False).tolist())
     examples = [gsm8k_train[i] for i in picks]
     ds = tokenize_examples(examples, tok, PromptConfig("reft"), TokenizeConfig())
-    assert ds.stats["kept"] == 100 and list(ds.example_idx) == picks
+    assert ds.stats["kept"] == 100 and list(ds.example_idx) == list(range(100))  # positions in `examples`
     raw = (shared_data / "gsm8k" / "train.jsonl").read_text().splitlines()
     expected = []
     for i in picks:  # rebuilt from the raw file, independently of the readers
@@ -48,7 +48,7 @@ def test_round_trip_100_random_gsm8k(smollm_tokenizer, gsm8k_train, shared_data)
     for start in range(0, 100, 25):
         batch = collate_sft(ds, np.arange(start, start + 25), 25)
         assert batch["tokens"].shape[1] in ds.config.seq_sizes
-        assert list(batch["example_idx"]) == picks[start:start + 25]
+        assert list(batch["example_idx"]) == list(range(start, start + 25))
         _check_sft_rows(tok, batch, expected[start:start + 25])
 
 
@@ -174,3 +174,10 @@ def test_bucket_config():
         TokenizeConfig(prompt_buckets=(64, 128))
     with pytest.raises(ValueError, match="truncation"):
         TokenizeConfig(truncation="maybe")
+
+
+def test_example_idx_is_the_position_in_the_list_given(smollm_tokenizer, gsm8k_train):
+    # a filtered or reordered list used to carry each Example.idx, so items[example_idx] graded the wrong question
+    picked = [gsm8k_train[7], gsm8k_train[3], gsm8k_train[40]]
+    ds = tokenize_examples(picked, smollm_tokenizer, PromptConfig(), TokenizeConfig(), with_targets=False)
+    assert ds.example_idx.tolist() == [0, 1, 2]

@@ -123,14 +123,16 @@ class Loader:
         if self.cfg.group_by_length == 0:
             return order
         b = self.cfg.batch_size
-        window = b * self.cfg.group_by_length
-        for start in range(0, len(order), window):
-            chunk = order[start:start + window]
-            order[start:start + window] = chunk[np.argsort(self._lengths[chunk], kind="stable")]
         n_full = len(order) // b
-        batches = order[:n_full * b].reshape(n_full, b)[rng.permutation(n_full)]
-        # The incomplete tail (if any) stays last, so drop_last still drops only it.
-        return np.concatenate([batches.reshape(-1), order[n_full * b:]])
+        # The incomplete tail is set aside before grouping, so what drop_last drops is a random draw, not the
+        # longest examples of the last window (sorting put them there); it stays last and ungrouped.
+        head, tail = order[:n_full * b], order[n_full * b:]
+        window = b * self.cfg.group_by_length
+        for start in range(0, len(head), window):
+            chunk = head[start:start + window]
+            head[start:start + window] = chunk[np.argsort(self._lengths[chunk], kind="stable")]
+        batches = head.reshape(n_full, b)[rng.permutation(n_full)]
+        return np.concatenate([batches.reshape(-1), tail])
 
     def __iter__(self):
         return self

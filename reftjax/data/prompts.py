@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from reftjax.data.records import Example, strip_annotations
+from reftjax.data.records import DataError, Example, strip_annotations
 
 STYLES = ("reft", "reft-python", "chat", "chat-python")
 INSTRUCTION = "Question:\n"
@@ -108,7 +108,7 @@ def format_example(ex: Example, cfg: PromptConfig, tokenizer=None) -> Formatted:
         prompt = tokenizer.apply_chat_template(
             chat_messages(ex, cfg), add_generation_prompt=True, tokenize=False)
     elif ex.messages is not None:
-        raise ValueError(f"{ex.item_id}: chat-format (openai) examples need style='chat'")
+        raise DataError(f"{ex.item_id}: chat-format (openai) examples need data.prompt.style='chat'")
     else:
         prompt = reft_prompt(ex.question)
     if cfg.style.endswith("python"):  # P-CoT: the program, started by the response prefix in RL/eval

@@ -99,8 +99,12 @@ def _require_str(obj: dict, key: str, where: str, *, allow_empty: bool = False) 
 
 def _jsonl_objects(path: str):
     """Yield (line_number, dict) for each non-blank line of a JSONL file."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
             if not line.strip():
                 continue
             try:
@@ -152,9 +156,14 @@ def _json_list_with_lines(text: str, path: str) -> list[tuple[int, Any]]:
         pos = ws.match(text, pos).end()
         if text.startswith(",", pos):
             pos = ws.match(text, pos + 1).end()
+            if text.startswith("]", pos):
+                raise DataError(f"{path}:{text.count(chr(10), 0, pos) + 1}: malformed JSON (trailing ',')")
         elif not text.startswith("]", pos):
             raise DataError(f"{path}:{text.count(chr(10), 0, pos) + 1}: malformed JSON "
                             "(expected ',' or ']')")
+    end = ws.match(text, pos + 1).end()
+    if end < len(text):  # e.g. two files joined with cat: the second list would be ignored
+        raise DataError(f"{path}:{text.count(chr(10), 0, end) + 1}: extra data after the JSON list")
     return out
 
 
@@ -167,8 +176,13 @@ def read_reft_json(path: str | os.PathLike, *, require_cot: bool = False,
       numeric: ``answer_value`` must be a number (False for MathQA's letter choices).
     """
     path = os.fspath(path)
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}:{line}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
     items = _json_list_with_lines(text, path)
     out = []
     for i, (line, obj) in enumerate(items):

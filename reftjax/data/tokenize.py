@@ -90,7 +90,8 @@ class TokenizedDataset:
       prompt: context ids per example.
       prefix: forced response-prefix ids (empty unless P-CoT).
       target: target ids + EOS per example, or None for prompt-only data.
-      example_idx: index of each kept example in the source list.
+      example_idx: position of each kept example in the list passed to `tokenize_examples` (what
+        `items[example_idx]` looks up), whatever its `Example.idx`.
       pad_id: padding token id.
       config: the `TokenizeConfig` used.
       stats: counts: ``examples``, ``kept``, ``dropped``, ``prompt_truncated``,
@@ -138,7 +139,8 @@ def tokenize_examples(examples: list[Example], tokenizer, prompt_cfg: PromptConf
     if with_targets:
         for e, f in zip(examples, formatted):
             if f.target is None:
-                raise DataError(f"{e.item_id}: no reference CoT/answer to train on (SFT)")
+                raise DataError(f"{e.item_id}: no reference CoT/answer to train on (SFT); data without one can "
+                                "train with RL alone (sft.epochs=0)")
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     prompts = encode_texts(tokenizer, [f.prompt for f in formatted])
@@ -175,7 +177,7 @@ def _apply_limits(examples, prompts, prefixes, targets, pad_id, cfg) -> Tokenize
             t, stats["target_truncated"] = t[:cfg.max_target_len], stats["target_truncated"] + 1
         keep_p.append(p)
         keep_q.append(q)
-        keep_idx.append(ex.idx)
+        keep_idx.append(i)
         if keep_t is not None:
             keep_t.append(t)
     stats["kept"] = len(keep_p)
