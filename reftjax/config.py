@@ -24,7 +24,11 @@ class DataConfig:
     """Attributes:
       dataset: `reftjax.data.DATASETS` name for training (e.g. "gsm8k", "svamp-nl").
       test_dataset: held-out test set name and split ("gsm8k" + test_split).
-      train_file/train_format: a file instead of `dataset` (reft | openai | gsm8k-jsonl).
+      train_file/train_format: a file instead of `dataset` (reft | openai | gsm8k-jsonl). An `openai`
+        file (RFT prompts with reference fields) has no chain of thought to imitate: train it with
+        `sft.epochs=0` (RL from the loaded model, as OpenAI RFT does).
+      answer_field: `openai` files only: the field holding a numeric reference answer, which becomes
+        the items' `answer_value` (what the ReFT grader reads); other fields reach graders as they are.
       n_train: use the first n training examples after the split (None: all).
       n_val, n_test: evaluation subset sizes (None: all).
       val_fraction: share of the training file held out for validation (model selection).
@@ -36,6 +40,7 @@ class DataConfig:
     test_split: str = "test"
     train_file: str | None = None
     train_format: str | None = None
+    answer_field: str | None = None
     n_train: int | None = None
     n_val: int | None = 64
     n_test: int | None = None

@@ -54,7 +54,7 @@ log = logging.getLogger("reftjax")
 
 @dataclasses.dataclass
 class Data:
-    train_ds: object          # tokenized train split with SFT targets
+    train_ds: object          # tokenized train split (with SFT targets when sft.epochs > 0)
     val_ds: object
     test_ds: object
     train_items: list
@@ -69,7 +69,7 @@ def _item(ex) -> dict:
 def prepare_data(cfg: ExperimentConfig, tokenizer) -> Data:
     d = cfg.data
     if d.train_file:
-        examples = load_examples(file=d.train_file, fmt=d.train_format)
+        examples = load_examples(file=d.train_file, fmt=d.train_format, answer_field=d.answer_field)
     else:
         examples = load_examples(d.dataset, split="train")
     train, val = train_val_split(examples, SplitConfig(val_fraction=d.val_fraction, seed=d.seed))
@@ -78,7 +78,7 @@ def prepare_data(cfg: ExperimentConfig, tokenizer) -> Data:
     test = load_examples(d.test_dataset, split=d.test_split)
     test = test[: d.n_test] if d.n_test else test
     tok = lambda exs, targets: tokenize_examples(exs, tokenizer, d.prompt, d.tokenize, with_targets=targets)  # noqa: E731
-    data = Data(tok(train, True), tok(val, False), tok(test, False),
+    data = Data(tok(train, cfg.sft.epochs > 0), tok(val, False), tok(test, False),  # SFT targets only if SFT runs
                 [_item(e) for e in train], [_item(e) for e in val], [_item(e) for e in test])
     for split, st in split_stats(data).items():
         if st["dropped"] or st["prompt_truncated"] or st["target_truncated"]:
@@ -510,7 +510,9 @@ def run(cfg: ExperimentConfig, out_dir: str | pathlib.Path, *, progress: bool = 
             _eval_once("test_base", out, logger, model.params, model, data.test_ds, data.test_items, grader, cfg,
                        mesh, 0)
         marker = out / "sft_done.json"
-        if marker.exists():  # the final SFT checkpoint is the frozen reference (and the policy's start)
+        if cfg.sft.epochs == 0:  # no warm-up: the loaded model is the reference and the policy's start
+            ref_params = model.params
+        elif marker.exists():  # the final SFT checkpoint is the frozen reference (and the policy's start)
             step = json.loads(marker.read_text())["step"]
             ref_params = ckpt.restore_params(out / "checkpoints" / "sft" / str(step), model.params)
         else:

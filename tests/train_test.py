@@ -371,3 +371,26 @@ def test_a_rerun_may_change_only_how_the_run_is_saved_and_laid_out(tmp_path):
     path.write_text('{"name": ')
     with pytest.raises(RunDirError, match="config.json: unreadable"):
         _check_same_run(path, to_dict(cfg))
+
+
+def test_openai_format_prompts_train_with_rl_alone(tiny_hf_dir, tmp_path, shared_data):
+    """An RFT-style file (messages + reference fields, no chain of thought) used to fail in the data step (SFT
+    targets required) and its reference field never reached the grader. With sft.epochs=0 the run goes straight to
+    RL from the loaded model, graded on the `answer_field`."""
+    rows = [json.loads(line) for line in (shared_data / "gsm8k" / "train.jsonl").read_text().splitlines()[:24]]
+    train = tmp_path / "rft.jsonl"
+    train.write_text("".join(json.dumps({"messages": [{"role": "user", "content": r["question"]}],
+                                         "reference_answer": r["answer"].rsplit("####", 1)[1].strip()}) + "\n"
+                             for r in rows))
+    out = tmp_path / "run"
+    extra = ["--set", f"data.train_file={json.dumps(str(train))}", "--set", 'data.train_format="openai"',
+             "--set", 'data.answer_field="reference_answer"', "--set", "sft.epochs=0", "--set", "rl.iterations=1",
+             "--set", "rl.eval_every=1", "--set", "export_hf=false", "--set", 'data.prompt.style="chat"']
+    done = subprocess.run(_cmd(tiny_hf_dir, out, extra), cwd=ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    phases = [json.loads(line)["phase"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert "sft" not in phases and "rl" in phases and not (out / "checkpoints" / "sft").exists()
+    # the ReFT grader validates the first item's gold answer before RL: without answer_field it was "" (refused)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["test_accuracy"]["reft"] is not None
