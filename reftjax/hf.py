@@ -100,8 +100,9 @@ def load_tokenizer(src: str | os.PathLike | Source):
     # GGUF sources go through the cached HF conversion: transformers' own GGUF
     # tokenizer path imports torch, which is not a runtime dependency.
     tok = AutoTokenizer.from_pretrained(local_hf_dir(source))
-    if tok.pad_token_id is None:
+    if tok.pad_token_id is None:  # batches need one; `save_hf` does not write it back
         tok.pad_token = tok.eos_token
+        tok._reftjax_pad_from_eos = True
     return tok
 
 
@@ -236,9 +237,12 @@ def hf_to_params(tensors: dict, cfg, where: str = "checkpoint") -> dict:
     abstract = tu.flatten_dict(jax.eval_shape(lambda: init_params(cfg, jax.random.key(0))))
     dtype = _np_dtype(cfg.param_dtype)
 
+    used = set()
+
     def get(name, transpose):
         if name not in tensors:
             raise CheckpointError(f"{where}: tensor {name!r} is missing")
+        used.add(name)
         a = np.asarray(tensors[name])
         return a.T if transpose else a
 
@@ -253,6 +257,13 @@ def hf_to_params(tensors: dict, cfg, where: str = "checkpoint") -> dict:
             raise CheckpointError(f"{where}: tensor for {'/'.join(path)} has shape {arr.shape}, "
                                   f"config expects {leaf.shape}")
         flat[path] = arr.astype(dtype)
+    # a tensor the model has no place for (a bias, a quantization scale) would be dropped silently: refuse.
+    # Not counted: RoPE's recomputable inv_freq buffers, and lm_head.weight beside tied embeddings.
+    unused = sorted(n for n in tensors if n not in used and not n.endswith("rotary_emb.inv_freq")
+                    and not (n == "lm_head.weight" and cfg.tie_word_embeddings))
+    if unused:
+        raise CheckpointError(f"{where}: {len(unused)} tensor(s) this model cannot use, e.g. {unused[:4]}: "
+                              "the architecture has parts reftjax does not implement")
     return tu.unflatten_dict(flat)
 
 
@@ -344,6 +355,7 @@ class LoadedModel:
     tokenizer: "object"
     hf_config: "object"
     directory: pathlib.Path
+    generation_config: "object" = None  # transformers GenerationConfig from generation_config.json, if any
 
 
 def load_model(src: str | os.PathLike = "default", *, dtype: str = "float32", param_dtype: str = "float32",
@@ -364,18 +376,38 @@ def load_model(src: str | os.PathLike = "default", *, dtype: str = "float32", pa
     hf_config = load_hf_config(directory)
     cfg = from_hf_config(hf_config, param_dtype=param_dtype, dtype=dtype, remat=remat,
                          where=str(directory / "config.json"))
+    gen = load_generation_config(directory)
+    if gen is not None:  # its EOS ids (e.g. an instruct model's end-of-turn) also end a rollout, as in HF generate
+        extra = gen.eos_token_id if isinstance(gen.eos_token_id, (list, tuple)) else [gen.eos_token_id]
+        eos = tuple(cfg.eos_token_ids) + tuple(int(e) for e in extra if e is not None and e not in cfg.eos_token_ids)
+        cfg = dataclasses.replace(cfg, eos_token_ids=eos)
     params_np = hf_to_params(_read_hf_tensors(directory), cfg, where=str(directory))
     params = sharding.place_params(params_np, cfg, mesh, rules)
     tokenizer = load_tokenizer(Source(directory, None, str(src))) if with_tokenizer else None
-    return LoadedModel(cfg, params, tokenizer, hf_config, directory)
+    return LoadedModel(cfg, params, tokenizer, hf_config, directory, gen)
+
+
+def load_generation_config(directory: pathlib.Path):
+    """transformers' GenerationConfig from `generation_config.json`, or None when there is none."""
+    from transformers import GenerationConfig
+
+    path = directory / "generation_config.json"
+    if not path.is_file():
+        return None
+    try:
+        return GenerationConfig.from_pretrained(directory)
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot be read as a transformers generation config ({e})") from e
 
 
 def save_hf(out_dir: str | os.PathLike, params, cfg, hf_config, tokenizer=None, dtype: str | None = None,
-            max_shard_bytes: int = 4 << 30) -> pathlib.Path:
+            max_shard_bytes: int = 4 << 30, generation_config=None) -> pathlib.Path:
     """Export params as a Hugging Face directory that `AutoModelForCausalLM.from_pretrained` loads.
 
     Written to a temporary sibling and renamed into place: a crash never leaves
     a half-written export. Shards above `max_shard_bytes` with an index file.
+    `generation_config` (`LoadedModel.generation_config`) is written beside it; the tokenizer is
+    written as it was loaded (the pad token `load_tokenizer` borrowed from EOS is not saved).
     """
     import copy
     import json
@@ -413,8 +445,17 @@ def save_hf(out_dir: str | os.PathLike, params, cfg, hf_config, tokenizer=None, 
         hf = copy.deepcopy(hf_config)
         hf.dtype = dtype
         hf.save_pretrained(tmp)
+        if generation_config is not None:
+            generation_config.save_pretrained(tmp)
         if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+            borrowed = getattr(tokenizer, "_reftjax_pad_from_eos", False)
+            if borrowed:
+                tokenizer.pad_token = None
+            try:
+                tokenizer.save_pretrained(tmp)
+            finally:
+                if borrowed:
+                    tokenizer.pad_token = tokenizer.eos_token
         if out.exists():
             old = out.with_name(out.name + ".old")
             shutil.rmtree(old, ignore_errors=True)

@@ -545,7 +545,8 @@ def run(cfg: ExperimentConfig, out_dir: str | pathlib.Path, *, progress: bool = 
         for name, params in (("final", final), ("best", chosen)):
             params = to_host(params)  # a collective on multi-process meshes: every process takes part
             if is_primary():
-                save_hf(out / "hf" / name, params, model.config, model.hf_config, model.tokenizer)
+                save_hf(out / "hf" / name, params, model.config, model.hf_config, model.tokenizer,
+                        generation_config=model.generation_config)
     logger.close()
     summary = report.write_summary(out, cfg, _load_evals(out), wall_seconds=time.time() - t_start,
                                    write=is_primary(), data_stats=split_stats(data), compilation=compiles.summary())

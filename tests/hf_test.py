@@ -207,3 +207,65 @@ def test_gguf_qk_rows_are_unpermuted_for_llama_only_and_rope_scaling_is_refused(
     _tiny_gguf(tmp_path / "l3.gguf", "llama", rope_freqs=[1.0, 1.0, 8.0, 32.0])
     with pytest.raises(ValueError, match=r"l3\.gguf: GGUF rope_freqs.weight holds RoPE scaling factors"):
         read_gguf(tmp_path / "l3.gguf", with_tokenizer=False)
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(attention_bias=True), "attention_bias=True"),
+    (dict(mlp_bias=True), "mlp_bias=True"),
+    (dict(hidden_act="gelu"), "hidden_act='gelu'"),
+    (dict(quantization_config={"quant_method": "bitsandbytes", "load_in_8bit": True}), "quantized"),
+])
+def test_configs_this_decoder_cannot_represent_are_refused(tiny_dir, change, message):
+    # each loaded silently before, with logits off by 0.7-2.7 against transformers (biases dropped, SiLU for GELU)
+    cfg = json.loads((tiny_dir / "config.json").read_text())
+    (tiny_dir / "config.json").write_text(json.dumps({**cfg, **change}))
+    with pytest.raises(ValueError, match=message):
+        load_model(tiny_dir, with_tokenizer=False)
+
+
+def test_unused_checkpoint_tensors_are_refused(tiny_dir):
+    path = tiny_dir / "model.safetensors"
+    tensors = {k: np.array(v) for k, v in read_safetensors(path).items()}
+    write_safetensors(path, {**tensors, "model.layers.0.self_attn.o_proj.bias": np.ones(32, np.float32),
+                             "model.layers.0.self_attn.rotary_emb.inv_freq": np.ones(4, np.float32)})
+    with pytest.raises(CheckpointError, match=r"1 tensor\(s\) this model cannot use.*o_proj\.bias"):
+        load_model(tiny_dir, with_tokenizer=False)
+
+
+def test_sliding_window_is_read_as_transformers_applies_it(tmp_path, random_params):
+    from transformers import Qwen2Config
+
+    from reftjax.models import from_hf_config
+
+    llama = _tiny_hf_config(TINY)
+    llama.sliding_window = 4  # a stray key: transformers' Llama has no window
+    assert from_hf_config(llama).sliding_window is None
+    base = dict(vocab_size=89, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2)
+    assert from_hf_config(Qwen2Config(**base, use_sliding_window=True, sliding_window=4,
+                                      max_window_layers=28)).sliding_window is None  # no layer >= 28
+    assert from_hf_config(Qwen2Config(**base, use_sliding_window=True, sliding_window=4,
+                                      max_window_layers=0)).sliding_window == 4
+    with pytest.raises(ValueError, match="some layers only"):
+        from_hf_config(Qwen2Config(**base, use_sliding_window=True, sliding_window=4, max_window_layers=1))
+
+
+def test_generation_config_is_read_and_exported_and_the_pad_token_is_not(tmp_path, random_params):
+    from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    src = save_hf(tmp_path / "src", random_params(TINY), TINY, _tiny_hf_config(TINY))
+    GenerationConfig(eos_token_id=[2, 3], do_sample=True, temperature=0.6).save_pretrained(src)
+    vocab = {f"w{i}": i for i in range(TINY.vocab_size)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="w2", unk_token="w0").save_pretrained(src)
+    model = load_model(src)
+    assert 3 in model.config.eos_token_ids and 2 in model.config.eos_token_ids  # an instruct model's end-of-turn
+    assert model.tokenizer.pad_token == "w2"  # borrowed from EOS for batching
+    out = save_hf(tmp_path / "out", model.params, model.config, model.hf_config, model.tokenizer,
+                  generation_config=model.generation_config)
+    gen = GenerationConfig.from_pretrained(out)
+    assert list(gen.eos_token_id) == [2, 3] and gen.temperature == 0.6 and gen.do_sample
+    assert AutoTokenizer.from_pretrained(out).pad_token is None  # the user's tokenizer, unchanged
+    assert model.tokenizer.pad_token == "w2"  # and still usable for batches after the export

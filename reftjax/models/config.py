@@ -140,6 +140,26 @@ def _rope_from_hf(hf) -> tuple[float, RopeScaling]:
     )
 
 
+def _sliding_window(hf, model_type: str, where: str) -> int | None:
+    """The window every layer uses, or None. transformers' Llama has none (a stray `sliding_window` key is
+    ignored there too); Mistral windows every layer; Qwen2 only layers >= max_window_layers, and only with
+    use_sliding_window: a mix of windowed and full layers is refused."""
+    window = getattr(hf, "sliding_window", None)
+    if model_type == "llama" or not window:
+        return None
+    if model_type == "qwen2":
+        n = hf.num_hidden_layers
+        kinds = getattr(hf, "layer_types", None) or [
+            "sliding_attention" if getattr(hf, "use_sliding_window", False) and i >= getattr(hf, "max_window_layers", n)
+            else "full_attention" for i in range(n)]
+        if all(k == "full_attention" for k in kinds):
+            return None
+        if any(k != "sliding_attention" for k in kinds):
+            raise ValueError(f"{where}: a sliding window on some layers only (layer_types={list(kinds)}) "
+                             "is not supported")
+    return int(window)
+
+
 def from_hf_config(hf, *, param_dtype: str = "float32", dtype: str = "float32", remat: str = "none",
                    where: str = "config.json") -> ModelConfig:
     """Build a ModelConfig from a transformers PretrainedConfig (Llama/Mistral/Qwen2)."""
@@ -147,12 +167,20 @@ def from_hf_config(hf, *, param_dtype: str = "float32", dtype: str = "float32", 
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"{where}: unsupported architecture model_type={model_type!r} "
                          f"(architectures={getattr(hf, 'architectures', None)}); supported: {SUPPORTED_MODEL_TYPES}")
+    # what this decoder cannot represent is refused, never loaded approximately
+    act = getattr(hf, "hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        raise ValueError(f"{where}: hidden_act={act!r} is not supported (the MLP is SwiGLU with SiLU)")
+    if getattr(hf, "quantization_config", None):
+        raise ValueError(f"{where}: quantized checkpoints (quantization_config) are not supported: load a float one")
+    if getattr(hf, "mlp_bias", False):
+        raise ValueError(f"{where}: mlp_bias=True is not supported")
+    if model_type == "llama" and getattr(hf, "attention_bias", False):
+        raise ValueError(f"{where}: attention_bias=True (q/k/v and o_proj biases) is not supported for llama")
     theta, scaling = _rope_from_hf(hf)
     eos = hf.eos_token_id
     eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
-    window = getattr(hf, "sliding_window", None)
-    if model_type == "qwen2" and not getattr(hf, "use_sliding_window", False):
-        window = None
+    window = _sliding_window(hf, model_type, where)
     heads = hf.num_attention_heads
     return ModelConfig(
         vocab_size=hf.vocab_size,
@@ -167,8 +195,8 @@ def from_hf_config(hf, *, param_dtype: str = "float32", dtype: str = "float32", 
         rope_scaling=scaling,
         max_position_embeddings=int(hf.max_position_embeddings),
         tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
-        qkv_bias=model_type == "qwen2" or bool(getattr(hf, "attention_bias", False)),
-        sliding_window=int(window) if window else None,
+        qkv_bias=model_type == "qwen2",
+        sliding_window=window,
         model_type=model_type,
         param_dtype=param_dtype,
         dtype=dtype,
