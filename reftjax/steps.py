@@ -49,6 +49,9 @@ class OptimConfig:
     Defaults: the ReFT SFT warm-up (lr 1e-5, linear decay, 10% warm-up, no weight decay, clip 1.0).
 
     Attributes:
+      weight_decay: decoupled AdamW decay of the weight matrices and embeddings; norm scales and
+        biases are not decayed (HF Trainer's grouping).
+      grad_clip: global-norm clip; 0 (or less) turns clipping off, as HF's `max_grad_norm` does.
       value_head_lr_scale: multiplies the update of the `params["value_head"]` subtree (the
         critic's own lr is `learning_rate * value_head_lr_scale`; the shared backbone keeps
         `learning_rate`). ReFT uses one lr for all (1.0). Under Adam a weight moves by about
@@ -233,6 +236,16 @@ def _scale_subtree(key: str, scale: float) -> optax.GradientTransformation:
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
+def _decay_mask(params):
+    """True for the leaves AdamW's weight decay applies to: not norm scales and biases (HF Trainer's grouping;
+    the stacked layers make those 2-D, so the leaf's name decides, not its rank)."""
+    def decayed(path, _):
+        name = getattr(path[-1], "key", getattr(path[-1], "name", ""))
+        return name not in ("scale", "bias")
+
+    return jax.tree_util.tree_map_with_path(decayed, params)
+
+
 def make_optimizer(cfg: OptimConfig, total_steps: int, *, separate_critic_state: bool = False
                    ) -> optax.GradientTransformation:
     """Global-norm clipping, then AdamW with `cfg`'s schedule.
@@ -245,14 +258,14 @@ def make_optimizer(cfg: OptimConfig, total_steps: int, *, separate_critic_state:
     after the warm-up several times Adam's normal step.
     """
     adamw = lambda: optax.adamw(make_schedule(cfg, total_steps), cfg.b1, cfg.b2, cfg.eps,  # noqa: E731
-                                weight_decay=cfg.weight_decay)
+                                weight_decay=cfg.weight_decay, mask=_decay_mask)
+    clip = optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip > 0 else optax.identity()
     if separate_critic_state:
         labels = lambda params: {k: jax.tree.map(lambda _: "policy" if k == "policy" else "critic", v)  # noqa: E731
                                  for k, v in params.items()}
-        parts = [optax.clip_by_global_norm(cfg.grad_clip),
-                 optax.multi_transform({"policy": adamw(), "critic": adamw()}, labels)]
+        parts = [clip, optax.multi_transform({"policy": adamw(), "critic": adamw()}, labels)]
     else:
-        parts = [optax.clip_by_global_norm(cfg.grad_clip), adamw()]
+        parts = [clip, adamw()]
     if cfg.value_head_lr_scale != 1.0:  # only then: keeps the optimizer-state tree of existing checkpoints
         parts.append(_scale_subtree("value_head", cfg.value_head_lr_scale))
     return optax.chain(*parts)
@@ -371,7 +384,11 @@ def sft_step(state: TrainState, batch: dict, *, model_cfg: ModelConfig, tx: opta
         the logits and `losses.sft_loss` instead.
     """
     batch = {k: batch[k] for k in ("tokens", "attn_mask", "loss_mask")}
-    total_tokens = jnp.maximum(jnp.sum(batch["loss_mask"][:, 1:].astype(jnp.float32)), 1.0)
+    rows = batch["tokens"].shape[0]
+    if accum_steps < 1 or rows % accum_steps:
+        raise ValueError(f"sft accum_steps={accum_steps} must divide the batch of {rows} rows")
+    n_tokens = jnp.sum(batch["loss_mask"][:, 1:].astype(jnp.float32))
+    total_tokens = jnp.maximum(n_tokens, 1.0)
 
     def loss_fn(params, mb):
         _, hidden = forward(params["policy"], model_cfg, mb["tokens"], mb["attn_mask"], return_logits=False)
@@ -400,7 +417,7 @@ def sft_step(state: TrainState, batch: dict, *, model_cfg: ModelConfig, tx: opta
         loss = jnp.sum(loss_parts)
     new_state, upd = _apply_update(state, grads, tx, loss)
     return new_state, {"loss": loss, "token_accuracy": jnp.sum(correct) / total_tokens,
-                       "tokens": total_tokens, **upd}
+                       "tokens": n_tokens, **upd}
 
 
 def make_sft_step(model_cfg: ModelConfig, tx: optax.GradientTransformation, accum_steps: int = 1,

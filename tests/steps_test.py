@@ -799,3 +799,28 @@ def test_share_prompt_refuses_rows_that_do_not_share_a_prompt():
     grouped = rollout(policy, prompts[:2], jnp.ones_like(prompts[:2]), jax.random.key(0), model_cfg=CFG,
                       cfg=SamplingConfig(max_new_tokens=4, eos_ids=(1,), pad_id=0, n=2))
     make_experience({"policy": policy}, policy, grouped, jnp.zeros(4), model_cfg=CFG, cfg=cfg)  # prompt-major: fine
+
+
+def test_weight_decay_spares_norms_and_biases_and_a_zero_clip_means_no_clipping():
+    params = {"policy": jax.tree.map(jnp.asarray, _host_policy(0))}
+    flat = dict(jax.tree_util.tree_flatten_with_path(params)[0])
+    zero = jax.tree.map(jnp.zeros_like, params)
+    tx = make_optimizer(OptimConfig(learning_rate=1.0, schedule="constant", warmup_ratio=0.0, weight_decay=0.1), 10)
+    updates, _ = tx.update(zero, tx.init(params), params)
+    for path, u in jax.tree_util.tree_flatten_with_path(updates)[0]:
+        name = jax.tree_util.keystr(path)
+        want = 0.0 if name.endswith("['scale']") or name.endswith("['bias']") else -0.1  # HF Trainer's grouping
+        np.testing.assert_allclose(np.asarray(u), want * np.asarray(flat[path]), atol=1e-6, err_msg=name)
+    # grad_clip=0 scaled every gradient to 0 and froze training; it now means no clipping (HF's max_grad_norm)
+    big = jax.tree.map(lambda x: jnp.full_like(x, 100.0), params)
+    tx0 = make_optimizer(OptimConfig(learning_rate=1.0, schedule="constant", warmup_ratio=0.0, grad_clip=0.0), 10)
+    updates, _ = tx0.update(big, tx0.init(params), params)
+    assert all(np.allclose(np.asarray(u), -1.0, atol=1e-4) for u in jax.tree.leaves(updates))  # Adam: -lr*sign(g)
+
+
+def test_sft_reports_zero_tokens_and_refuses_an_accumulation_that_does_not_divide_the_batch():
+    batch = jax.tree.map(jnp.asarray, dict(_sft_batch(), loss_mask=np.zeros((8, 12), np.int32)))
+    _, m = make_sft_step(CFG, SFT_TX)(_sft_state(SFT_TX), batch)
+    assert float(m["tokens"]) == 0.0 and float(m["loss"]) == 0.0  # the metric read 1 before
+    with pytest.raises(ValueError, match="accum_steps=3 must divide the batch of 8 rows"):
+        make_sft_step(CFG, SFT_TX, accum_steps=3)(_sft_state(SFT_TX), jax.tree.map(jnp.asarray, _sft_batch()))
