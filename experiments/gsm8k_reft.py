@@ -8,11 +8,21 @@ Hardware, command and expected result per preset:
   SmolLM2-135M is far too small for GSM8K (a few % accuracy); the preset shows
   the pipeline end to end with honest before/after numbers, not the paper's.
 * ``gpu`` / ``tpu``: any HF checkpoint (``--model``), the full train set and the
-  ReFT paper's settings (N-CoT KL 0.05, constant lr, 2 PPO epochs, 32 prompts
-  per rollout), sharded over all local devices (FSDP).
+  ReFT authors' settings for its size (N-CoT KL 0.05, constant RL lr, 2 PPO
+  epochs, whole-batch minibatch, bf16 compute over float32 weights): for the
+  default SmolLM2-135M their 125M ones (warm-up epoch 10 of a 40-epoch SFT
+  schedule at lr 2e-5; RL lr 3e-6, 256 prompts per rollout = 32 x 8 GPUs,
+  ``exps/small_model_exps/rl_gsm8k.sh``), for any other model their 7B ones
+  (warm-up epoch 2 of 40 at lr 1e-5; RL lr 3e-7, 32 prompts). Sharded over all
+  local devices (FSDP). Cheaper than the authors: voting@16, early stopping.
 * ``paper``: the authors' 7B configuration (CodeLLaMA-7B N-CoT: SFT lr 1e-5,
-  RL lr 3e-7, bf16, prompt <= 300, completion <= 400 tokens). Needs the hardware
-  and a local checkpoint: ``--preset paper --model /path/to/CodeLlama-7b-hf``.
+  epoch 2 of a 40-epoch schedule, RL lr 3e-7, bf16 compute with float32 master
+  weights as their DeepSpeed run keeps, prompt <= 300 tokens). Deviations: 400
+  new tokens (the authors cap prompt + completion at 700, i.e. 400 to ~600 new
+  tokens depending on the batch's longest prompt), 3,000 RL iterations (~13
+  epochs; their script allows 300 epochs and picks the best on test, reftjax
+  picks on validation). Needs the hardware and a local checkpoint:
+  ``--preset paper --model /path/to/CodeLlama-7b-hf``.
 
 Every run writes to ``--out`` (default ``runs/gsm8k_reft_<preset>``): config.json,
 metrics.jsonl, tensorboard/, samples/, checkpoints/, hf/{final,best}/,
@@ -62,26 +72,30 @@ def preset_config(name: str, model: str | None = None):
             eval=EvalConfig(batch_size=16, max_new_tokens=128, voting_k=0),
             checkpoint=CheckpointSettings(save_every=6, keep_last=2, keep_best=1))
     elif name in ("gpu", "tpu"):
+        small = (model or "default") == "default"  # SmolLM2-135M: the authors' 125M settings, else their 7B ones
         cfg = ExperimentConfig(
             name=f"gsm8k_reft_{name}", model=model or "default", dtype="bfloat16", remat="full",
             mesh=MeshConfig(data=1, fsdp=-1),
             data=DataConfig(n_val=256, val_fraction=0.05),
-            sft=SFTConfig(epochs=10 if (model or "default") == "default" else 3, batch_size=48,
-                          optim=OptimConfig(learning_rate=2e-5)),
-            rl=RLConfig(iterations=2000, prompts_per_iteration=32,
+            sft=SFTConfig(epochs=10 if small else 2, schedule_epochs=40, batch_size=48,
+                          optim=OptimConfig(learning_rate=2e-5 if small else 1e-5)),
+            rl=RLConfig(iterations=2000, prompts_per_iteration=256 if small else 32,
                         sampling=SamplingConfig(max_new_tokens=400, temperature=1.0),
                         ppo=PPOConfig(kl_coef=0.05),
-                        optim=OptimConfig(learning_rate=3e-6, schedule="constant", warmup_ratio=0.0),
+                        optim=OptimConfig(learning_rate=3e-6 if small else 3e-7, schedule="constant",
+                                          warmup_ratio=0.0),
                         eval_every=100, early_stop_patience=5),
             eval=EvalConfig(batch_size=64, max_new_tokens=400, voting_k=16),
             checkpoint=CheckpointSettings(save_every=100))
     elif name == "paper":
         cfg = ExperimentConfig(
+            # float32 master weights: an AdamW step of ~lr = 3e-7 is far below bf16's spacing near a weight of 0.02
+            # (2^-6 * 2^-7 = 1.2e-4), so bf16 weights would barely move; the authors' DeepSpeed run keeps fp32 masters
             name="gsm8k_reft_paper", model=model or "codellama/CodeLlama-7b-hf", dtype="bfloat16",
-            param_dtype="bfloat16", remat="full", mesh=MeshConfig(data=1, fsdp=-1),
+            param_dtype="float32", remat="full", mesh=MeshConfig(data=1, fsdp=-1),
             data=DataConfig(n_val=500, val_fraction=0.05,
                             tokenize=TokenizeConfig(max_prompt_len=300, max_target_len=724)),
-            sft=SFTConfig(epochs=2, batch_size=48, optim=OptimConfig(learning_rate=1e-5)),
+            sft=SFTConfig(epochs=2, schedule_epochs=40, batch_size=48, optim=OptimConfig(learning_rate=1e-5)),
             rl=RLConfig(iterations=3000, prompts_per_iteration=32,
                         sampling=SamplingConfig(max_new_tokens=400, temperature=1.0),
                         ppo=PPOConfig(kl_coef=0.05),

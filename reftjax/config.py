@@ -52,15 +52,27 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SFTConfig:
-    """SFT warm-up. ReFT: 2 epochs warm-up (10 for 125M models), lr 1e-5 (2e-5 for 125M), batch 48."""
+    """SFT warm-up. ReFT: 2 epochs warm-up (10 for 125M models), lr 1e-5 (2e-5 for 125M), batch 48.
+
+    schedule_epochs: the learning-rate schedule is sized for this many epochs while training stops
+      after `epochs` (None: `epochs`). The authors' warm-up checkpoint is epoch 2 (7B) or 10 (125M)
+      of a 40-epoch SFT run (lqtrung1998/mwp_ReFT `exps/paper_exps/SFT`, `global_step_312_epoch_2`),
+      so its lr was still warming up (7B) or barely decayed: `schedule_epochs=40` reproduces that.
+    """
 
     epochs: int = 2
+    schedule_epochs: int | None = None
     batch_size: int = 48
     accum_steps: int = 1
     optim: OptimConfig = OptimConfig()
     group_by_length: int = 16
     # rows (batch x positions) per chunk of the fused head + cross-entropy; 0: full logits + sft_loss
     head_chunk_rows: int = 512
+
+    def __post_init__(self):
+        if self.epochs < 0 or (self.schedule_epochs is not None and self.schedule_epochs < max(self.epochs, 1)):
+            raise ValueError(f"sft: need epochs >= 0 and schedule_epochs >= epochs; got epochs={self.epochs}, "
+                             f"schedule_epochs={self.schedule_epochs}")
 
 
 @dataclasses.dataclass(frozen=True)

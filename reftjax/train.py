@@ -163,8 +163,9 @@ def run_sft(cfg: ExperimentConfig, model, data: Data, mesh, out: pathlib.Path, l
     loader = Loader(data.train_ds, LoaderConfig(batch_size=s.batch_size, kind="sft", seed=cfg.seed,
                                                 group_by_length=s.group_by_length), mesh=mesh)
     total = max(s.epochs * loader.batches_per_epoch, 1)
-    tx = make_optimizer(s.optim, total)
-    lr_at = functools.partial(schedule_value, s.optim, total)
+    schedule_total = max((s.schedule_epochs or s.epochs) * loader.batches_per_epoch, 1)  # >= total
+    tx = make_optimizer(s.optim, schedule_total)
+    lr_at = functools.partial(schedule_value, s.optim, schedule_total)
     state = init_state({"policy": model.params}, tx, jax.random.key(cfg.seed))
     manager = ckpt.Checkpointer(ckpt.CheckpointConfig(str(out / "checkpoints" / "sft"),
                                                       save_every=cfg.checkpoint.save_every,

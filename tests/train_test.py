@@ -4,6 +4,7 @@ A tiny random Llama with SmolLM2's tokenizer keeps each run to compile time
 (about a minute on 2 cores); accuracy is not asserted, the pipeline is: files,
 metrics, plots, export, SIGKILL + resume, notebook, CLI errors.
 """
+import dataclasses
 import json
 import os
 import pathlib
@@ -67,6 +68,8 @@ LINEAR_RL = ("--set", 'rl.optim.schedule="linear"', "--set", "rl.ppo.minibatch_s
 # Validation after every iteration with patience 1: the tiny model's validation accuracy stays 0, so RL stops
 # early after iteration 2 of 3, and a resume after that (the kill may land there) must not train iteration 3.
 EARLY_STOP = ("--set", "rl.eval_every=1", "--set", "rl.early_stop_patience=1")
+# The warm-up stops after 1 of a 3-epoch schedule (the authors' warm-up checkpoint: epoch 2 of 40)
+SFT_SCHEDULE = ("--set", "sft.schedule_epochs=3")
 
 
 def _check_logged_lr(out):
@@ -79,15 +82,16 @@ def _check_logged_lr(out):
     sft, rl = last("sft"), last("rl")
     sft_opt, rl_opt = (OptimConfig(**cfg[k]["optim"]) for k in ("sft", "rl"))
     assert sorted(sft) == list(range(len(sft))) and len(sft) >= 2
+    total = len(sft) * (cfg["sft"]["schedule_epochs"] or cfg["sft"]["epochs"]) // cfg["sft"]["epochs"]
     for i, r in sft.items():
-        assert r["lr"] == pytest.approx(schedule_value(sft_opt, len(sft), i), rel=1e-9, abs=1e-15)
+        assert r["lr"] == pytest.approx(schedule_value(sft_opt, total, i), rel=1e-9, abs=1e-15)
     assert rl_opt.schedule == "linear" and sorted(rl) == [1, 2] and all(r["updates"] == 4 for r in rl.values())
     for it, r in rl.items():
         assert r["lr"] == pytest.approx(rl_opt.learning_rate * (1 - (4 * it - 1) / 12), rel=1e-9)
 
 
 def test_pipeline_sigkill_then_resume_completes(tiny_hf_dir, tmp_path, shared_data):
-    out, extra = tmp_path / "run", SEPARATE_CRITIC + RERANK + LINEAR_RL + EARLY_STOP
+    out, extra = tmp_path / "run", SEPARATE_CRITIC + RERANK + LINEAR_RL + EARLY_STOP + SFT_SCHEDULE
     env = dict(_env(), JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla"))  # this test's own compilation cache
     err = tmp_path / "first.stderr"  # a file, not a pipe: nobody reads a pipe until the kill, and a full one
     with open(err, "w") as f:       # blocks the run's next log write (Orbax logs every save) before RL starts
@@ -394,3 +398,22 @@ def test_openai_format_prompts_train_with_rl_alone(tiny_hf_dir, tmp_path, shared
     # the ReFT grader validates the first item's gold answer before RL: without answer_field it was "" (refused)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["test_accuracy"]["reft"] is not None
+
+
+def test_presets_carry_the_authors_settings():
+    """lqtrung1998/mwp_ReFT: 7B warm-up = epoch 2 of a 40-epoch SFT run at lr 1e-5 (exps/paper_exps/SFT,
+    ReFT/gsm8k.sh: global_step_312_epoch_2), RL lr 3e-7, 32 prompts; 125M: epoch 10 of 40 at 2e-5, RL 3e-6,
+    32 x 8 GPUs = 256 prompts (small_model_exps/rl_gsm8k.sh); DeepSpeed keeps fp32 master weights."""
+    from experiments.gsm8k_reft import preset_config
+
+    paper = preset_config("paper")
+    assert (paper.param_dtype, paper.dtype) == ("float32", "bfloat16")  # bf16 weights would not take 3e-7 steps
+    assert (paper.sft.epochs, paper.sft.schedule_epochs, paper.sft.optim.learning_rate) == (2, 40, 1e-5)
+    assert (paper.rl.optim.learning_rate, paper.rl.prompts_per_iteration) == (3e-7, 32)
+    small, big = preset_config("gpu"), preset_config("gpu", model="/models/llama-7b")
+    assert (small.sft.epochs, small.sft.schedule_epochs, small.sft.optim.learning_rate) == (10, 40, 2e-5)
+    assert (small.rl.optim.learning_rate, small.rl.prompts_per_iteration) == (3e-6, 256)
+    assert (big.sft.epochs, big.sft.optim.learning_rate, big.rl.optim.learning_rate) == (2, 1e-5, 3e-7)
+    assert small.param_dtype == "float32" and small.dtype == "bfloat16"
+    with pytest.raises(ValueError, match="schedule_epochs"):
+        dataclasses.replace(paper.sft, schedule_epochs=1)
