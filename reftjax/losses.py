@@ -428,7 +428,8 @@ def grpo_loss(
     k3 = jnp.exp(ref_minus_logp) - ref_minus_logp - 1.0
     loss = aggregate_loss(-jnp.minimum(surr1, surr2) + kl_coef * k3, mask_BxT, loss_agg)
     metrics = {
-        "kl": masked_mean(jax.lax.stop_gradient(k3), mask_BxT),
+        # not "kl": the experience's per-sequence KL(policy || reference) goes by that name in the same metrics row
+        "kl_k3": masked_mean(jax.lax.stop_gradient(k3), mask_BxT),
         "clipfrac": masked_mean(surr2 < surr1, mask_BxT),
         "ratio_mean": masked_mean(jax.lax.stop_gradient(ratio), mask_BxT),
     }

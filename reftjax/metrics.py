@@ -38,7 +38,13 @@ class MetricsLogger:
         if not enabled:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(self.dir / "metrics.jsonl", "a", buffering=1)
+        path = self.dir / "metrics.jsonl"
+        if path.is_file() and path.stat().st_size:  # a line cut by a crash would swallow the next row: end it
+            with open(path, "rb+") as f:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    f.write(b"\n")
+        self._jsonl = open(path, "a", buffering=1)
         if tensorboard:
             try:
                 from tensorboardX import SummaryWriter

@@ -175,3 +175,8 @@ def test_many_dispatches_without_waiting_do_not_deadlock():  # ~3 s; deadlocked 
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split() == ["ok", str(100 * 64)]
+
+
+def test_guard_markers_given_as_one_string_are_one_marker():
+    cfg = GuardConfig.from_dict({"markers": "Therefore"})
+    assert cfg.markers == ("Therefore",)  # was ('T', 'h', 'e', ...): every worked solution flagged

@@ -139,3 +139,14 @@ def test_cli_run_and_validate(tmp_path):
     bad = subprocess.run(cmd + ["run", "--grader", str(grader), "--samples", str(samples)],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and f"{samples}:2:" in bad.stderr
+
+
+def test_multi_grader_answers_vote():
+    # a multi grade carried no extracted answer, so voting@k, weighted voting and rerank@k read 0% with it
+    from reftjax.evaluate import majority_correct
+
+    eq = {"type": "string_check", "input": "{{sample.output_text}}", "reference": "{{item.answer}}", "operation": "eq"}
+    grader = build_grader({"type": "multi", "graders": {"a": eq}, "calculate_output": "a"})
+    grades = grader.grade_batch([ITEM] * 4, ["Paris", "Paris", "Lyon", "Paris"])
+    assert [g.extracted for g in grades] == ["Paris", "Paris", "Lyon", "Paris"]
+    assert majority_correct(grades)

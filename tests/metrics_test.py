@@ -49,3 +49,19 @@ def test_rewind_drops_the_steps_a_resumed_phase_redoes(tmp_path):
     log.close()
     assert [(r["phase"], r["step"], r["x"]) for r in read_metrics(tmp_path)] == [
         ("sft", 0, 0.0), ("sft", 1, 1.0), ("rl", 1, 1.0), ("val", 1, 1.0), ("rl", 2, 20.0)]
+
+
+def test_a_line_cut_by_a_crash_does_not_swallow_the_next_row(tmp_path):
+    import json
+
+    (tmp_path / "metrics.jsonl").write_text('{"phase": "sft", "step": 0}\n{"phase": "sft", "st')  # killed mid-write
+    logger = metrics.MetricsLogger(tmp_path, tensorboard=False, enabled=True)
+    logger.log("eval/val_sft", 0, {"accuracy": 0.5})
+    logger.close()
+    rows = []
+    for line in (tmp_path / "metrics.jsonl").read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            pass
+    assert [(r["phase"], r["step"]) for r in rows] == [("sft", 0), ("eval/val_sft", 0)]

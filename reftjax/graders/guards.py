@@ -62,8 +62,9 @@ class GuardConfig:
         if unknown:
             raise ValueError(f"unknown guard options {sorted(unknown)}")
         cfg = dict(cfg)
-        if "markers" in cfg:
-            cfg["markers"] = tuple(cfg["markers"])
+        if "markers" in cfg:  # one string is one marker (tuple() would split it into characters)
+            markers = cfg["markers"]
+            cfg["markers"] = (markers,) if isinstance(markers, str) else tuple(markers)
         return cls(**cfg)
 
 

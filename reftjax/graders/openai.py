@@ -33,7 +33,7 @@ from typing import Any, Mapping, Sequence
 
 from rapidfuzz import fuzz
 
-from reftjax.graders.base import Grade, Item, PerItemGrader, _check_lengths
+from reftjax.graders.base import Grade, Item, PerItemGrader, _check_lengths, has_answer
 from reftjax.graders.reft import default_pool
 from reftjax.graders.sandbox import SandboxJob, SandboxPool
 
@@ -273,5 +273,7 @@ class MultiGrader:
             if isinstance(score, complex):  # e.g. (a - 0.75) ** 0.5 with a < 0.75
                 score, error = 0.0, f"calculate_output: not a real number ({score})"
             score = 0.0 if math.isnan(score) else min(1.0, max(0.0, score))
-            out.append(Grade(score, error=error, details={"scores": env}))
+            # the answer that votes (majority voting, reranking): the first sub-grader's, in config order, that has one
+            answer = next((grades[i].extracted for grades in parts.values() if has_answer(grades[i])), None)
+            out.append(Grade(score, extracted=answer, error=error, details={"scores": env}))
         return out
