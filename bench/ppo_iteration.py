@@ -32,10 +32,10 @@ Keys: per algo `<algo>_iter_s` (median), `<algo>_rollout_s`/`_experience_s`/`_up
 `trl_tokens_per_s`, `trl_mfu`; `ratio_vs_trl` (ppo tokens/s over TRL's), `ratio_grpo_vs_trl`.
 `<algo>_{rollout,experience,update}_sys_s` and `trl_sys_s`: median system (kernel) CPU seconds per phase
 (page faults, zeroing and compacting memory; the phase after a switch pays for the other framework's freed memory).
-MFU counts forward FLOPs as `ModelConfig.flops_per_token(len/2)` per real (non-pad) token:
-rollout 1x, experience 2x (policy, reference; 1x with --experience-from-rollout), each update epoch 3x,
-the last two with --share-prompt over each prompt once per group and each completion attending to its prompt and
-itself (the FLOPs executed by the blocked attention) (TRL: generation 1x,
+MFU counts model FLOPs (`_forward_flops`: the trunk on real prompt tokens, once per group of rows that share
+the prompt, and trunk + vocabulary head on completion tokens): rollout 1x (each prompt prefilled once for its
+samples), experience 2x (policy, reference; 1x with --experience-from-rollout), each update epoch 3x,
+the last two with --share-prompt over each prompt once per group (TRL: generation 1x, every row's prompt,
 training 3x + 1x for the gradient-checkpointing recompute is *not* counted), over the GEMM
 peak `reftjax.metrics.measured_peak_flops()`.
 """
@@ -80,17 +80,15 @@ def _sys_s() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_stime
 
 
-def _seq_flops(model_cfg, lengths) -> float:
-    """Forward FLOPs of a batch of sequences with these real lengths."""
-    return float(sum(model_cfg.flops_per_token(int(n) // 2) * int(n) for n in lengths))
-
-
-def _shared_prompt_flops(model_cfg, prompt_lengths, gen_lengths, group: int) -> float:
-    """Forward FLOPs of a shared-prompt forward: each prompt once per group, each completion attending to its
-    prompt and itself (the blocked attention of `llama.prefix_group_masks`)."""
+def _forward_flops(model_cfg, prompt_lengths, gen_lengths, group: int = 1) -> float:
+    """Model FLOPs of one forward over prompt + completion rows: the trunk on each distinct prompt (once per
+    `group` consecutive rows that share it), the trunk and the vocabulary head on every completion token
+    (attending to its prompt and itself; the only positions whose logits are used: rollouts, the RL
+    experience/update and TRL's training all compute logits there only)."""
     prompts, gens = [int(x) for x in prompt_lengths], [int(x) for x in gen_lengths]
-    completions = sum(model_cfg.flops_per_token(p + c // 2) * c for p, c in zip(prompts, gens))
-    return _seq_flops(model_cfg, prompts[::group]) + float(completions)
+    shared = sum(p * model_cfg.flops_per_token(p // 2, head=False) for p in prompts[::group])
+    completions = sum(c * model_cfg.flops_per_token(p + c // 2) for p, c in zip(prompts, gens))
+    return float(shared + completions)
 
 
 class ReftjaxRL:
@@ -114,6 +112,7 @@ class ReftjaxRL:
             rl = PPOConfig(algo="grpo", group_size=args.samples, minibatch_size=8, ppo_epochs=1, kl_coef=0.04,
                            experience_from_rollout=fast, share_prompt=share)
         self.epochs, self.fast, self.group = rl.ppo_epochs, fast, rl.prompt_group
+        self.samples = args.samples
         self.sampling = SamplingConfig(n=args.samples, max_new_tokens=args.new_tokens, temperature=1.0,
                                        eos_ids=(2,), pad_id=2)
         params = {"policy": jax.tree.map(jnp.copy, model.params)}
@@ -152,14 +151,14 @@ class ReftjaxRL:
         t3, c3 = time.perf_counter(), _sys_s()
         gen = np.asarray(ro.lengths_B)
         prompt = np.asarray(ro.prompt_mask_BxP).sum(axis=1)
-        lengths = prompt + gen
-        # executed FLOPs: with share_prompt the experience and update forwards run each prompt once per group
-        full = _seq_flops(self.cfg, lengths)
-        packed = full if self.group <= 1 else _shared_prompt_flops(self.cfg, prompt, gen, self.group)
+        # model FLOPs as executed: the rollout prefills each prompt once for its samples; with share_prompt the
+        # experience and update forwards also run each prompt once per group
+        rollout_flops = _forward_flops(self.cfg, prompt, gen, self.samples)
+        train_fwd = _forward_flops(self.cfg, prompt, gen, self.group)
         rec = {"iter_s": t3 - t0, "rollout_s": t1 - t0, "experience_s": t2 - t1, "update_s": t3 - t2,
                "rollout_sys_s": c1 - c0, "experience_sys_s": c2 - c1, "update_sys_s": c3 - c2,
                "gen_tokens": int(gen.sum()),
-               "flops": full + packed * ((1 if self.fast else 2) + 3 * self.epochs),
+               "flops": rollout_flops + train_fwd * ((1 if self.fast else 2) + 3 * self.epochs),
                "reward": float(em["reward"]), "loss": float(m["loss"])}
         self.records.append(rec)
         print(f"[{self.algo}] {json.dumps({k: round(v, 2) for k, v in rec.items()})}", file=sys.stderr)
@@ -187,8 +186,7 @@ class TrlRunner:
             step["gen_tokens"] = sum(len(c) for c in completion_ids)
             grades = grader.grade_batch([{"answer_value": a} for a in answer_value], completions)
             prompt_lens = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
-            lengths = [p + len(c) for p, c in zip(prompt_lens, completion_ids)]
-            step["flops"] = _seq_flops(model_cfg, lengths) * (1 + 3)
+            step["flops"] = _forward_flops(model_cfg, prompt_lens, [len(c) for c in completion_ids]) * (1 + 3)
             return [g.score for g in grades]
 
         class Timer(TrainerCallback):
@@ -299,6 +297,8 @@ def main():
     if trl is not None:
         out.update(_summary("trl", trl.records, peak, ("sys_s",)))
         out["trl_beta"] = args.trl_beta
+        # TRL's default: it recomputes the forward in the backward (not counted in its MFU); reftjax runs remat "none"
+        out["trl_gradient_checkpointing"] = bool(trl.trainer.args.gradient_checkpointing)
         for a in algos:
             key = "ratio_vs_trl" if a.algo == "ppo" else f"ratio_{a.algo}_vs_trl"
             out[key] = round(out[f"{a.algo}_tokens_per_s"] / out["trl_tokens_per_s"], 2)

@@ -112,12 +112,14 @@ class ModelConfig:
         head = 0 if self.tie_word_embeddings else d * self.vocab_size
         return self.vocab_size * d + self.num_layers * per_layer + d + head
 
-    def flops_per_token(self, context: int = 0) -> float:
-        """Forward FLOPs per token: 2 x (block matmul params + lm head) + attention over `context` keys."""
+    def flops_per_token(self, context: int = 0, head: bool = True) -> float:
+        """Forward FLOPs per token: 2 x (block matmul params [+ lm head]) + attention over `context` keys.
+
+        `head=False` for positions whose logits are never computed (a prompt's tokens but its last)."""
         d, f, hd = self.hidden_size, self.intermediate_size, self.head_dim
         block = d * hd * (2 * self.num_heads + 2 * self.num_kv_heads) + 3 * d * f
         attn = 4 * self.num_layers * self.num_heads * hd * context
-        return 2.0 * (self.num_layers * block + d * self.vocab_size) + attn
+        return 2.0 * (self.num_layers * block + (d * self.vocab_size if head else 0)) + attn
 
     def replace(self, **kw: Any) -> "ModelConfig":
         return dataclasses.replace(self, **kw)
