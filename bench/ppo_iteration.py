@@ -283,9 +283,11 @@ def main():
         trl = TrlRunner(prompts, items, grader, model.config, args, reftjax_round)
         trl.run()  # warm-up step, then `repeats` timed steps each followed by one round of reftjax iterations
 
+    peak_first, peak = peak, measured_peak_flops(remeasure=True)  # the faster of before and after the contenders
     out = {"bench": "ppo_iteration", "host_allocator": HOST_ALLOCATOR, "model": "SmolLM2-135M-Instruct", "dtype": "float32", "device": "cpu",
            "prompts": args.prompts, "samples": args.samples, "max_new_tokens": args.new_tokens,
            "prompt_bucket": p_len, "peak_gflops": round(peak / 1e9, 1),
+           "peak_gflops_first": round(peak_first / 1e9, 1),
            "experience_from_rollout": args.experience_from_rollout, "share_prompt": args.share_prompt}
     for a in algos:
         rec = a.records

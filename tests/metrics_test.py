@@ -65,3 +65,13 @@ def test_a_line_cut_by_a_crash_does_not_swallow_the_next_row(tmp_path):
         except ValueError:
             pass
     assert [(r["phase"], r["step"]) for r in rows] == [("sft", 0), ("eval/val_sft", 0)]
+
+
+def test_remeasuring_the_peak_keeps_the_faster_reading(monkeypatch):
+    monkeypatch.setattr(metrics, "_PEAK_CACHE", {})
+    times = iter([1.0, 0.5, 2.0])
+    monkeypatch.setattr(metrics, "min_seconds", lambda fn, repeats: (fn(), next(times))[1])
+    first = metrics.measured_peak_flops(n=64)
+    assert metrics.measured_peak_flops(n=64) == first  # cached
+    assert metrics.measured_peak_flops(n=64, remeasure=True) == 2 * first  # faster second reading
+    assert metrics.measured_peak_flops(n=64, remeasure=True) == 2 * first  # a slower third one is ignored
