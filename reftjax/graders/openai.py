@@ -7,8 +7,8 @@ Config types (`build_grader(cfg)`):
   * `{"type": "text_similarity", "input": ..., "reference": ..., "evaluation_metric":
      "fuzzy_match" | "bleu" | "rouge_1".."rouge_5" | "rouge_l"}`: fuzzy_match is
      `rapidfuzz.fuzz.ratio / 100`; bleu is sentence BLEU-4 (uniform weights, brevity penalty,
-     +1 smoothing of n>1 precisions, whitespace tokens); rouge_n / rouge_l are F1 on lower-cased
-     whitespace tokens. `gleu`, `meteor`, `cosine` are rejected at validation.
+     +1 smoothing of n>1 precisions, whitespace tokens); rouge_n / rouge_l are F1 on the tokens of
+     the `rouge-score` package's default tokenizer (lower case, runs of [a-z0-9]; no stemming). `gleu`, `meteor`, `cosine` are rejected at validation.
   * `{"type": "python", "source": "def grade(sample, item): ..."}`: run in the sandbox; the
      returned number is clipped to [0, 1].
   * `{"type": "math_equiv", "input": ..., "reference": ...}`: sympy equivalence in the sandbox.
@@ -130,9 +130,14 @@ def bleu(candidate: str, reference: str, max_n: int = 4) -> float:
     return math.exp(log_p + brevity)
 
 
+def _rouge_tokens(text: str) -> list[str]:
+    return re.sub(r"[^a-z0-9]+", " ", text.lower()).split()
+
+
 def rouge(candidate: str, reference: str, kind: str) -> float:
-    """ROUGE-N (kind "1".."5") or ROUGE-L ("l") F1 on lower-cased whitespace tokens."""
-    cand, ref = candidate.lower().split(), reference.lower().split()
+    """ROUGE-N (kind "1".."5") or ROUGE-L ("l") F1 on `rouge-score`'s default tokens: lower case, runs of
+    [a-z0-9] (punctuation separates tokens: "Paris!" matches "paris"; whitespace tokens did not)."""
+    cand, ref = _rouge_tokens(candidate), _rouge_tokens(reference)
     if not cand or not ref:
         return 0.0
     if kind == "l":
