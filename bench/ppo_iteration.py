@@ -32,7 +32,7 @@ Keys: per algo `<algo>_iter_s` (median), `<algo>_rollout_s`/`_experience_s`/`_up
 `trl_tokens_per_s`, `trl_mfu`; `ratio_vs_trl` (ppo tokens/s over TRL's), `ratio_grpo_vs_trl`.
 `<algo>_{rollout,experience,update}_sys_s` and `trl_sys_s`: median system (kernel) CPU seconds per phase
 (page faults, zeroing and compacting memory; the phase after a switch pays for the other framework's freed memory).
-MFU counts model FLOPs (`_forward_flops`: the trunk on real prompt tokens, once per group of rows that share
+MFU counts model FLOPs (`reftjax.metrics.model_flops`: the trunk on real prompt tokens, once per group of rows that share
 the prompt, and trunk + vocabulary head on completion tokens): rollout 1x (each prompt prefilled once for its
 samples), experience 2x (policy, reference; 1x with --experience-from-rollout), each update epoch 3x,
 the last two with --share-prompt over each prompt once per group (TRL: generation 1x, every row's prompt,
@@ -57,6 +57,8 @@ HOST_ALLOCATOR = use_hugepage_malloc()  # re-executes once, before the heavy imp
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+from reftjax.metrics import model_flops  # noqa: E402
+
 DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gsm8k" / "train.jsonl"
 
 
@@ -78,17 +80,6 @@ def read_problems(n: int) -> tuple[list[str], list[dict]]:
 def _sys_s() -> float:
     """System (kernel) CPU seconds of this process so far: page faults, zeroing and compacting memory."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_stime
-
-
-def _forward_flops(model_cfg, prompt_lengths, gen_lengths, group: int = 1) -> float:
-    """Model FLOPs of one forward over prompt + completion rows: the trunk on each distinct prompt (once per
-    `group` consecutive rows that share it), the trunk and the vocabulary head on every completion token
-    (attending to its prompt and itself; the only positions whose logits are used: rollouts, the RL
-    experience/update and TRL's training all compute logits there only)."""
-    prompts, gens = [int(x) for x in prompt_lengths], [int(x) for x in gen_lengths]
-    shared = sum(p * model_cfg.flops_per_token(p // 2, head=False) for p in prompts[::group])
-    completions = sum(c * model_cfg.flops_per_token(p + c // 2) for p, c in zip(prompts, gens))
-    return float(shared + completions)
 
 
 class ReftjaxRL:
@@ -153,8 +144,8 @@ class ReftjaxRL:
         prompt = np.asarray(ro.prompt_mask_BxP).sum(axis=1)
         # model FLOPs as executed: the rollout prefills each prompt once for its samples; with share_prompt the
         # experience and update forwards also run each prompt once per group
-        rollout_flops = _forward_flops(self.cfg, prompt, gen, self.samples)
-        train_fwd = _forward_flops(self.cfg, prompt, gen, self.group)
+        rollout_flops = model_flops(self.cfg, prompt, gen, self.samples)
+        train_fwd = model_flops(self.cfg, prompt, gen, self.group)
         rec = {"iter_s": t3 - t0, "rollout_s": t1 - t0, "experience_s": t2 - t1, "update_s": t3 - t2,
                "rollout_sys_s": c1 - c0, "experience_sys_s": c2 - c1, "update_sys_s": c3 - c2,
                "gen_tokens": int(gen.sum()),
@@ -186,7 +177,7 @@ class TrlRunner:
             step["gen_tokens"] = sum(len(c) for c in completion_ids)
             grades = grader.grade_batch([{"answer_value": a} for a in answer_value], completions)
             prompt_lens = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
-            step["flops"] = _forward_flops(model_cfg, prompt_lens, [len(c) for c in completion_ids]) * (1 + 3)
+            step["flops"] = model_flops(model_cfg, prompt_lens, [len(c) for c in completion_ids]) * (1 + 3)
             return [g.score for g in grades]
 
         class Timer(TrainerCallback):

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from reftjax.hf import load_model, local_hf_dir
-from reftjax.metrics import median_seconds
+from reftjax.metrics import median_seconds, model_flops
 from reftjax.rollout import SamplingConfig, encode_prompts, left_pad, rollout
 
 DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gsm8k" / "test.jsonl"
@@ -51,18 +51,6 @@ def gemm_peak_gflops(n: int = 2048, repeats: int = 5) -> dict:
         fn()
         out[name] = 2 * n ** 3 / median_seconds(fn, repeats) / 1e9
     return out
-
-
-def model_flops(cfg, prompt_lengths, new_tokens: int) -> float:
-    """Model FLOPs of one forced-length rollout: the real prompt tokens (no vocabulary head: only the last
-    position's logits are used, and it yields the first new token), then `new_tokens` tokens per row with
-    the head, attending to the real context. Padding is not model work (the prefill skips it since session 13;
-    counting it overstated the MFU by ~28% at b=32)."""
-    total = 0.0
-    for p in prompt_lengths:
-        total += p * cfg.flops_per_token(context=p // 2, head=False)
-        total += new_tokens * cfg.flops_per_token(context=p + new_tokens // 2)
-    return total
 
 
 def main():
@@ -124,7 +112,8 @@ def main():
         result[f"hf_tok_s_b{b}"] = round(b * n_new / med_theirs, 1)
         result[f"ratio_b{b}"] = round(med_theirs / med_ours, 2)
         result[f"compile_s_b{b}"] = round(first - med_ours, 1)
-        result[f"mfu_b{b}"] = round(model_flops(cfg, [len(r) for r in ids[:b]], n_new) / med_ours / 1e9
+        # model FLOPs of the real prompt tokens (padding is not model work: the prefill skips it) and the new ones
+        result[f"mfu_b{b}"] = round(model_flops(cfg, [len(r) for r in ids[:b]], [n_new] * b) / med_ours / 1e9
                                     / result["gemm_peak_gflops"], 3)
         result[f"runs_s_b{b}"] = {"reftjax": [round(t, 2) for t in t_ours], "hf": [round(t, 2) for t in t_theirs]}
         print(f"batch {b}: {result[f'reftjax_tok_s_b{b}']} vs {result[f'hf_tok_s_b{b}']} tok/s", file=sys.stderr)

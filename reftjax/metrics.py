@@ -159,6 +159,18 @@ def measured_peak_flops(n: int | None = None, repeats: int = 5, remeasure: bool 
     return _PEAK_CACHE[key]
 
 
+def model_flops(model_cfg, prompt_lengths, gen_lengths, group: int = 1) -> float:
+    """Model FLOPs of one forward over prompt + completion rows: the trunk on each distinct prompt's real tokens
+    (once per `group` consecutive rows that share it), the trunk and the vocabulary head on every completion token
+    (attending to its prompt and itself). The head runs on completion positions only: a rollout takes one prompt
+    position's logits (which yield the first new token), the RL forwards and TRL's training take logits there only.
+    """
+    prompts, gens = [int(x) for x in prompt_lengths], [int(x) for x in gen_lengths]
+    shared = sum(p * model_cfg.flops_per_token(p // 2, head=False) for p in prompts[::group])
+    completions = sum(c * model_cfg.flops_per_token(p + c // 2) for p, c in zip(prompts, gens))
+    return float(shared + completions)
+
+
 def mfu(tokens: float, seconds: float, flops_per_token: float, peak: float) -> float:
     """Model FLOP utilisation: achieved model FLOP/s over the measured peak."""
     return tokens * flops_per_token / max(seconds, 1e-9) / peak

@@ -75,3 +75,14 @@ def test_remeasuring_the_peak_keeps_the_faster_reading(monkeypatch):
     assert metrics.measured_peak_flops(n=64) == first  # cached
     assert metrics.measured_peak_flops(n=64, remeasure=True) == 2 * first  # faster second reading
     assert metrics.measured_peak_flops(n=64, remeasure=True) == 2 * first  # a slower third one is ignored
+
+
+def test_model_flops_counts_each_shared_prompt_once_and_the_head_on_completions_only():
+    from reftjax.models import ModelConfig
+
+    cfg = ModelConfig(vocab_size=100, hidden_size=8, intermediate_size=16, num_layers=2, num_heads=2, num_kv_heads=1)
+    head = 2.0 * 8 * 100
+    one = metrics.model_flops(cfg, [10], [4])
+    assert one == 10 * (cfg.flops_per_token(5) - head) + 4 * cfg.flops_per_token(12)
+    # two rows sharing one prompt: the prompt once, both completions
+    assert metrics.model_flops(cfg, [10, 10], [4, 4], group=2) == one + 4 * cfg.flops_per_token(12)
