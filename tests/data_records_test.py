@@ -92,6 +92,21 @@ def test_wrong_format_is_named(shared_data, tmp_path):
         read_file(tmp_path / "nope.json", "reft")
 
 
+def test_missing_files_are_data_errors(tmp_path):
+    """Every reader, and a ReFT dataset whose file is absent, names the path (was FileNotFoundError)."""
+    from reftjax.data.sources import load_examples
+    with pytest.raises(DataError, match=r"gone\.json:0: file not found"):
+        read_reft_json(tmp_path / "gone.json")
+    with pytest.raises(DataError, match=r"gone\.jsonl:0: file not found"):
+        read_gsm8k_jsonl(tmp_path / "gone.jsonl")
+    with pytest.raises(DataError, match=r"gone\.jsonl:0: file not found"):
+        read_openai_jsonl(tmp_path / "gone.jsonl")
+    with pytest.raises(DataError, match=r"is a folder, not a file"):
+        read_reft_json(tmp_path)
+    with pytest.raises(DataError, match=r"svamp_nl\.json:0: file not found"):
+        load_examples("svamp-nl", local_dir=tmp_path)
+
+
 def test_openai_jsonl(tmp_path):
     line = {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "2+2?"}],
             "reference_answer": "4", "item_id": "k"}

@@ -97,9 +97,17 @@ def _require_str(obj: dict, key: str, where: str, *, allow_empty: bool = False) 
     return value
 
 
+def _open_data(path: str):
+    """``open(path, "rb")``, with a missing file or a folder as a ``path:0:`` DataError."""
+    if not os.path.isfile(path):
+        what = "is a folder, not a file" if os.path.isdir(path) else "file not found"
+        raise DataError(f"{path}:0: {what}")
+    return open(path, "rb")
+
+
 def _jsonl_objects(path: str):
     """Yield (line_number, dict) for each non-blank line of a JSONL file."""
-    with open(path, "rb") as f:
+    with _open_data(path) as f:
         for lineno, raw in enumerate(f, 1):
             try:
                 line = raw.decode("utf-8")
@@ -176,7 +184,7 @@ def read_reft_json(path: str | os.PathLike, *, require_cot: bool = False,
       numeric: ``answer_value`` must be a number (False for MathQA's letter choices).
     """
     path = os.fspath(path)
-    with open(path, "rb") as f:
+    with _open_data(path) as f:
         raw = f.read()
     try:
         text = raw.decode("utf-8")
@@ -246,6 +254,4 @@ def read_file(path: str | os.PathLike, fmt: str, **kwargs) -> list[Example]:
     readers = {"gsm8k-jsonl": read_gsm8k_jsonl, "reft": read_reft_json, "openai": read_openai_jsonl}
     if fmt not in readers:
         raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
-    if not os.path.isfile(path):
-        raise DataError(f"{path}:0: file not found")
-    return readers[fmt](path, **kwargs)
+    return readers[fmt](os.fspath(path), **kwargs)
