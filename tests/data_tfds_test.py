@@ -36,11 +36,32 @@ def test_gsm8k_all_examples_with_answers_from_the_hash_line(built, shared_data, 
         assert "####" not in ex.cot and r["answer"].startswith(ex.cot)
 
 
-def test_second_load_reuses_the_cache(built, shared_data, tmp_path):
+def test_second_load_reuses_the_cache(built, shared_data, monkeypatch):
     data_dir, splits = built
-    # A local dir that does not exist would fail a rebuild: the cached build must be used.
-    again = load_gsm8k("test", data_dir=data_dir, local_dir=tmp_path / "absent")
+    from reftjax.data import gsm8k_builder
+
+    def no_rebuild(self, path):
+        raise AssertionError("rebuilt")
+    monkeypatch.setattr(gsm8k_builder.Gsm8kReft, "_generate_examples", no_rebuild)
+    again = load_gsm8k("test", data_dir=data_dir, local_dir=shared_data / "gsm8k")
     assert [e.question for e in again] == [e.question for e in splits["test"]]
+
+
+def test_a_changed_local_copy_is_built_afresh(shared_data, tmp_path):
+    """The cache is keyed by the local copy's content: an edited copy (or another one) is not shadowed by
+    the build of the first (was: the stale build was read silently)."""
+    local = tmp_path / "gsm8k"
+    local.mkdir()
+    for split, n in (("train", 30), ("test", 10)):
+        lines = (shared_data / "gsm8k" / f"{split}.jsonl").read_text().splitlines()[:n]
+        (local / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    cache = tmp_path / "cache"
+    assert len(load_gsm8k("test", data_dir=cache, local_dir=local)) == 10
+    lines = (shared_data / "gsm8k" / "test.jsonl").read_text().splitlines()[:4]
+    (local / "test.jsonl").write_text("\n".join(lines) + "\n")
+    assert len(load_gsm8k("test", data_dir=cache, local_dir=local)) == 4
+    with pytest.raises(DataError, match=r"absent/train\.jsonl:0: file not found \(GSM8K local copy\)"):
+        load_gsm8k("test", data_dir=cache, local_dir=tmp_path / "absent")
 
 
 def test_failed_build_leaves_nothing(shared_data, tmp_path):
@@ -53,11 +74,12 @@ def test_failed_build_leaves_nothing(shared_data, tmp_path):
     cache = tmp_path / "cache"
     with pytest.raises(DataError, match=r"train\.jsonl:42: gold answer 'many' is not a number"):
         load_gsm8k("train", data_dir=cache, local_dir=local)
-    leftovers = [p.name for p in (cache / "gsm8k_reft").iterdir()] if (cache / "gsm8k_reft").exists() else []
+    leftovers = [p.relative_to(cache) for p in cache.glob("local-*/gsm8k_reft/*")]
     assert leftovers == []
     lines[41] = lines[40]
     (local / "train.jsonl").write_text("\n".join(lines) + "\n")
     assert len(load_gsm8k("train", data_dir=cache, local_dir=local)) == 50
+    assert [p.name for p in cache.glob("local-*/gsm8k_reft/*")] == ["1.0.0"]
 
 
 def test_locations_from_environment(monkeypatch, tmp_path):

@@ -3,7 +3,9 @@
 Locations (each can be overridden by an argument):
 
 * ``REFTJAX_CACHE``: tfds ``data_dir`` (default ``~/.cache/reftjax/tfds``); the
-  GSM8K build happens once per cache dir.
+  GSM8K build happens once per cache dir and source: a build from a local copy lives
+  in ``local-<sha256 of its two files>/``, so an edited or different copy is built
+  afresh instead of being shadowed by an older build.
 * ``REFTJAX_GSM8K_DIR``: a folder with GSM8K's ``train.jsonl`` and ``test.jsonl``
   to build from offline. Unset: ``../shared/data/gsm8k`` relative to the current
   directory or to the repository if present, else download from OpenAI's GitHub.
@@ -13,6 +15,7 @@ Locations (each can be overridden by an argument):
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import pathlib
 
@@ -65,6 +68,17 @@ def reft_dir(override: str | os.PathLike | None = None) -> pathlib.Path:
     return found
 
 
+def _local_fingerprint(local: pathlib.Path) -> str:
+    """First 16 hex digits of the sha256 over the local copy's train and test files."""
+    digest = hashlib.sha256()
+    for split in ("train", "test"):
+        path = local / f"{split}.jsonl"
+        if not path.is_file():
+            raise DataError(f"{path}:0: file not found (GSM8K local copy)")
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def load_gsm8k(split: str, *, data_dir=None, local_dir=None) -> list[Example]:
     """GSM8K ``train`` (7,473) or ``test`` (1,319) through tfds, building it if needed.
 
@@ -79,7 +93,10 @@ def load_gsm8k(split: str, *, data_dir=None, local_dir=None) -> list[Example]:
     if split not in ("train", "test"):
         raise ValueError(f"GSM8K split must be 'train' or 'test', got {split!r}")
     local = gsm8k_local_dir(local_dir)
-    builder = Gsm8kReft(data_dir=os.fspath(cache_dir(data_dir)), local_dir=local,
+    root = cache_dir(data_dir)
+    if local is not None:
+        root = root / f"local-{_local_fingerprint(local)}"
+    builder = Gsm8kReft(data_dir=os.fspath(root), local_dir=local,
                         file_format="array_record")
     builder.download_and_prepare()
     source = builder.as_data_source(split=split)
