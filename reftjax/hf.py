@@ -405,7 +405,8 @@ def save_hf(out_dir: str | os.PathLike, params, cfg, hf_config, tokenizer=None, 
     """Export params as a Hugging Face directory that `AutoModelForCausalLM.from_pretrained` loads.
 
     Written to a temporary sibling and renamed into place: a crash never leaves
-    a half-written export. Shards above `max_shard_bytes` with an index file.
+    a half-written export. An existing ``out_dir`` is replaced only when it is empty or a
+    model directory (holds ``config.json``); anything else raises `CheckpointError`. Shards above `max_shard_bytes` with an index file.
     `generation_config` (`LoadedModel.generation_config`) is written beside it; the tokenizer is
     written as it was loaded (the pad token `load_tokenizer` borrowed from EOS is not saved).
     """
@@ -415,6 +416,12 @@ def save_hf(out_dir: str | os.PathLike, params, cfg, hf_config, tokenizer=None, 
     import tempfile
 
     out = pathlib.Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{out}: exists and is not a directory; refusing to replace it")
+    if out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():
+        # Only an earlier export (or another HF model folder) is replaced: never a folder of other files.
+        raise CheckpointError(f"{out}: not empty and holds no config.json, so it is not a model "
+                              "directory; refusing to replace it (choose a new or empty directory)")
     out.parent.mkdir(parents=True, exist_ok=True)
     tensors = params_to_hf(params, cfg)
     if cfg.tie_word_embeddings:

@@ -86,6 +86,28 @@ def test_export_bfloat16_is_stored_as_bf16(tmp_path, random_params):
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(back.params), want)
 
 
+def test_export_replaces_only_a_model_directory(tmp_path, random_params):
+    """Re-exporting over an earlier export replaces it; a folder of other files or a file is refused
+    untouched (was: replaced, deleting the user's files)."""
+    params = random_params(TINY)
+    out = save_hf(tmp_path / "m", params, TINY, _tiny_hf_config(TINY))
+    (out / "stale.txt").write_text("from the first export")
+    save_hf(out, params, TINY, _tiny_hf_config(TINY))
+    assert not (out / "stale.txt").exists() and (out / "config.json").is_file()
+    mine = tmp_path / "home"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(CheckpointError, match=r"home: not empty and holds no config\.json"):
+        save_hf(mine, params, TINY, _tiny_hf_config(TINY))
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(CheckpointError, match=r"f: exists and is not a directory"):
+        save_hf(tmp_path / "f", params, TINY, _tiny_hf_config(TINY))
+    (tmp_path / "empty").mkdir()
+    assert (save_hf(tmp_path / "empty", params, TINY, _tiny_hf_config(TINY)) / "config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "f", "home", "m"]
+
+
 @pytest.mark.gguf
 def test_smollm_export_round_trip_and_tokenizer(tmp_path, smollm_model, smollm_path):
     from transformers import AutoTokenizer
