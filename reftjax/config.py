@@ -13,6 +13,7 @@ from typing import Any
 
 from reftjax.data import PromptConfig, TokenizeConfig
 from reftjax.evaluate import EvalConfig
+from reftjax.graders.guards import GuardConfig
 from reftjax.rerank import RerankConfig
 from reftjax.rollout import SamplingConfig
 from reftjax.sharding import MeshConfig
@@ -77,7 +78,12 @@ class SFTConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RLConfig:
-    """RL rounds. ReFT: 32 prompts per rollout, 1 sample each, constant lr, 2 PPO epochs."""
+    """RL rounds. ReFT: 32 prompts per rollout, 1 sample each, constant lr, 2 PPO epochs.
+
+    guards: reward-hacking guards (`reftjax.graders.guards`) applied to the RL rewards only (never to
+      evaluation); off by default as in the paper: `--set rl.guards.enabled=true`. Flag counts are
+      logged per iteration as `guard_<name>`; flagged samples carry `guards` in samples/rl_rollouts.jsonl.
+    """
 
     iterations: int = 100
     prompts_per_iteration: int = 32
@@ -90,6 +96,7 @@ class RLConfig:
     # the experience and update run on the completion axis cut to the smallest of this many length buckets
     # (up to sampling.max_new_tokens) that holds every row; each bucket compiles once. 1: always the full length
     completion_buckets: int = 4
+    guards: GuardConfig = GuardConfig(enabled=False)
 
     def __post_init__(self):
         s = self.sampling

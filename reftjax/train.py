@@ -250,7 +250,7 @@ def run_rl(cfg: ExperimentConfig, model, ref_params, data: Data, grader, mesh, o
     logger.rewind({"rl": it, "val": it})  # also when a killed attempt logged iterations but saved none (it = 0)
     _rewind_samples(out, it)
     applied = int(jax.device_get(state.step))  # optimizer updates so far: the schedule's position
-    reward_fn = make_reward_fn(grader, data.train_items, model.tokenizer)
+    reward_fn = make_reward_fn(grader, data.train_items, model.tokenizer, guards=r.guards)
     exp_fn = make_experience_fn(model.config, r.ppo, reward_fn)
     step_fn = make_ppo_step(model.config, tx, r.ppo)
     peak = measured_peak_flops()
@@ -414,8 +414,10 @@ def _dump_samples(out: pathlib.Path, it: int, record, k: int = 4):
     (out / "samples").mkdir(exist_ok=True)
     with open(out / "samples" / "rl_rollouts.jsonl", "a") as f:
         for text, g in list(zip(record.texts, record.grades))[:k]:
-            f.write(json.dumps({"iteration": it, "completion": text, "score": g.score, "extracted": g.extracted,
-                                "error": g.error}) + "\n")
+            row = {"iteration": it, "completion": text, "score": g.score, "extracted": g.extracted, "error": g.error}
+            if "guards" in g.details:  # flagged by the reward-hacking guards (rl.guards)
+                row.update(guards=g.details["guards"], score_before_guards=g.details["score_before_guards"])
+            f.write(json.dumps(row) + "\n")
 
 
 # ----------------------------------------------------------------------------- the pipeline

@@ -10,7 +10,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from reftjax.graders.callback import decode_rows, grade_in_jit, make_reward_fn
-from reftjax.graders.guards import GuardConfig
+from reftjax.graders.guards import GuardConfig, check
 from reftjax.graders.reft import ReftGrader, reft_target
 
 B, T = 16, 48
@@ -141,6 +141,21 @@ def test_guards_zero_flagged_rewards_and_count():
                               guards=GuardConfig(action="discount", discount=0.5))
     assert discount(ids, mask, np.zeros(3, np.int32)).tolist() == [1.0, 0.5, 0.5]
     assert discount.totals["graded"] == 3
+    off = make_reward_fn(ReftGrader(), items, _decode, guards=GuardConfig(enabled=False, max_tokens=80))
+    assert off(ids, mask, np.zeros(3, np.int32)).tolist() == [1.0, 1.0, 1.0] and "too_long" not in off.last.counters
+
+
+def test_hash_marker_skips_markdown_headings():
+    """GSM8K's `#### 42` is an answer marker; a Markdown heading `#### Step 1` is not (it used to count: a
+    structured CoT was flagged `repeated_answer`/`no_reasoning` and its reward zeroed)."""
+    cfg = GuardConfig(markers="####")
+    assert cfg.markers == ("####",)
+    cot = "#### Step 1\nTom has 3 apples and buys 4 more.\n#### Step 2\n3 + 4 = 7 apples in all.\n#### 7"
+    assert check(cfg, cot, 30) == []
+    assert check(cfg, "#### 7", 3) == ["no_reasoning"]
+    assert check(cfg, "He has 3 + 4 = 7 apples in all.\n#### 7\n#### -7.5", 20) == ["repeated_answer"]
+    assert check(cfg, "He has 3 + 4 = 7 apples in all.\n####$7", 20) == []
+    assert check(GuardConfig(enabled=False), "#### 7\n#### 8", 3) == []
 
 
 _DISPATCH = textwrap.dedent("""

@@ -389,12 +389,19 @@ def test_openai_format_prompts_train_with_rl_alone(tiny_hf_dir, tmp_path, shared
     out = tmp_path / "run"
     extra = ["--set", f"data.train_file={json.dumps(str(train))}", "--set", 'data.train_format="openai"',
              "--set", 'data.answer_field="reference_answer"', "--set", "sft.epochs=0", "--set", "rl.iterations=1",
-             "--set", "rl.eval_every=1", "--set", "export_hf=false", "--set", 'data.prompt.style="chat"']
+             "--set", "rl.eval_every=1", "--set", "export_hf=false", "--set", 'data.prompt.style="chat"',
+             # and the reward-hacking guards reach the RL rewards from the config (every completion is >= 1 token)
+             "--set", "rl.guards.enabled=true", "--set", "rl.guards.max_tokens=1"]
     done = subprocess.run(_cmd(tiny_hf_dir, out, extra), cwd=ROOT, env=_env(), capture_output=True, text=True,
                           timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    phases = [json.loads(line)["phase"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    phases = [m["phase"] for m in lines]
     assert "sft" not in phases and "rl" in phases and not (out / "checkpoints" / "sft").exists()
+    [rl] = [m for m in lines if m["phase"] == "rl"]
+    assert rl["guard_too_long"] == rl["guard_graded"] > 0 and rl["reward"] == 0.0
+    samples = [json.loads(line) for line in (out / "samples" / "rl_rollouts.jsonl").read_text().splitlines()]
+    assert samples and all(s["guards"][0] == "too_long" and s["score"] == 0.0 for s in samples)
     # the ReFT grader validates the first item's gold answer before RL: without answer_field it was "" (refused)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["test_accuracy"]["reft"] is not None

@@ -86,7 +86,8 @@ class HostRewardFn:
 
     def __init__(self, grader: Grader, items: Sequence[Item], decode: Decode,
                  guards: GuardConfig | None = None):
-        self.grader, self.items, self.decode, self.guards = grader, list(items), decode, guards
+        self.grader, self.items, self.decode = grader, list(items), decode
+        self.guards = guards if guards is not None and guards.enabled else None
         self.last = BatchRecord()
         self.totals: collections.Counter = collections.Counter()
         self._lock = threading.Lock()

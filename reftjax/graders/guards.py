@@ -11,12 +11,16 @@ Checks:
     marker (a bare answer with no working).
   * `repeated_answer`: an answer marker occurs more than `max_answer_markers` times (stating
     several answers hoping one matches, or looping).
+
+A marker made only of ``#`` (GSM8K's ``#### 42``) counts only where a number follows it, so
+Markdown headings (``#### Step 1``) are not answers.
   * `repeated_lines`: more than `max_repeated_line_fraction` of the non-empty lines are
     duplicates of an earlier line (degenerate repetition).
 """
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Sequence
 
 from reftjax.graders.base import Grade
@@ -29,6 +33,8 @@ class GuardConfig:
     """Which guards run and what they do (None disables a check).
 
     Attributes:
+      enabled: False turns every check off (`ExperimentConfig.rl.guards` defaults to off: the ReFT
+        paper uses none; `--set rl.guards.enabled=true` applies these defaults to RL rewards).
       max_tokens: flag completions with at least this many tokens.
       min_reasoning_chars: flag completions with fewer non-space characters before the marker.
       max_answer_markers: flag completions with more answer markers than this.
@@ -38,6 +44,7 @@ class GuardConfig:
       discount: multiplier for flagged rewards when `action="discount"`.
     """
 
+    enabled: bool = True
     max_tokens: int | None = None
     min_reasoning_chars: int | None = 20
     max_answer_markers: int | None = 1
@@ -47,6 +54,11 @@ class GuardConfig:
     discount: float = 0.5
 
     def __post_init__(self):
+        if isinstance(self.markers, str):  # one string is one marker (tuple() would split it into characters)
+            object.__setattr__(self, "markers", (self.markers,))
+        object.__setattr__(self, "markers", tuple(self.markers))
+        if not all(isinstance(m, str) and m for m in self.markers):
+            raise ValueError(f"markers must be non-empty strings, got {self.markers!r}")
         if self.action not in ("zero", "discount"):
             raise ValueError(f"action must be 'zero' or 'discount', got {self.action!r}")
         if not 0.0 <= self.discount <= 1.0:
@@ -61,26 +73,32 @@ class GuardConfig:
         unknown = set(cfg) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(f"unknown guard options {sorted(unknown)}")
-        cfg = dict(cfg)
-        if "markers" in cfg:  # one string is one marker (tuple() would split it into characters)
-            markers = cfg["markers"]
-            cfg["markers"] = (markers,) if isinstance(markers, str) else tuple(markers)
         return cls(**cfg)
 
 
+def _marker_positions(text: str, marker: str) -> list[int]:
+    """Where `marker` introduces an answer: every occurrence, except that a marker made only of '#'
+    must be followed by a number (``#### 42``), not by words (a Markdown heading)."""
+    pattern = re.escape(marker)
+    if set(marker) == {"#"}:
+        pattern = rf"(?<!#){pattern}(?!#)(?=[ \t]*[-+$]?[.]?\d)"
+    return [m.start() for m in re.finditer(pattern, text)]
+
+
 def check(cfg: GuardConfig, text: str, n_tokens: int) -> list[str]:
-    """Names of the guards that flag this completion."""
+    """Names of the guards that flag this completion (none when `cfg.enabled` is False)."""
     flags = []
+    if not cfg.enabled:
+        return flags
     if cfg.max_tokens is not None and n_tokens >= cfg.max_tokens:
         flags.append("too_long")
-    positions = [text.find(m) for m in cfg.markers if m in text]
+    positions = [p for m in cfg.markers for p in _marker_positions(text, m)]
     if cfg.min_reasoning_chars is not None and positions:
         before = text[: min(positions)]
         if len("".join(before.split())) < cfg.min_reasoning_chars:
             flags.append("no_reasoning")
-    if cfg.max_answer_markers is not None:
-        if sum(text.count(m) for m in cfg.markers) > cfg.max_answer_markers:
-            flags.append("repeated_answer")
+    if cfg.max_answer_markers is not None and len(positions) > cfg.max_answer_markers:
+        flags.append("repeated_answer")
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     if cfg.max_repeated_line_fraction is not None and len(lines) >= 4:
         duplicates = len(lines) - len(set(lines))
