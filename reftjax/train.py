@@ -182,40 +182,48 @@ def run_sft(cfg: ExperimentConfig, model, data: Data, mesh, out: pathlib.Path, l
     done = applied + int(jax.device_get(state.skipped))
     logger.rewind({"sft": done - 1})  # steps 0 .. done-1 are in the checkpoint (logged before it); none if fresh
     bar = _bar(total, "SFT", done, progress)
-    prev = None
+    prev, last = None, None  # last: when the previous step's metrics were read (its completion)
     while done < total and not stop.requested:
         batch = next(loader)
         t0 = time.perf_counter()
         state, metrics = step_fn(state, batch)
         if prev is not None:  # read the previous step's metrics one step late
-            applied += 1 - _log_sft(logger, *prev, peak, model.config, lr_at(applied))
+            skipped, last = _log_sft(logger, *prev, peak, model.config, lr_at(applied), last)
+            applied += 1 - skipped
         prev = (done, metrics, t0, batch["tokens"].shape)
         done += 1
         bar.update(1)
         if done % cfg.checkpoint.save_every == 0 or done == total or stop.requested:
             jax.block_until_ready(metrics)  # its line goes out before the checkpoint that covers it
-            applied += 1 - _log_sft(logger, *prev, peak, model.config, lr_at(applied))
+            skipped, last = _log_sft(logger, *prev, peak, model.config, lr_at(applied), last)
+            applied += 1 - skipped
             prev = None
             manager.save(done, state, {"loader": loader.state(), "phase": "sft"}, force=True)
     if prev is not None:
         jax.block_until_ready(prev[1])
-        _log_sft(logger, *prev, peak, model.config, lr_at(applied))
+        _log_sft(logger, *prev, peak, model.config, lr_at(applied), last)
     bar.close()
     manager.wait()
     manager.close()
     return state.params["policy"], (done if done >= total else None)
 
 
-def _log_sft(logger, step, metrics, t0, shape, peak, model_cfg, lr) -> int:
-    """Logs one SFT step (`lr`: the learning rate its update used); returns 1 if the update was skipped."""
+def _log_sft(logger, step, metrics, t0, shape, peak, model_cfg, lr, last) -> tuple[int, float]:
+    """Logs one SFT step (`lr`: the learning rate its update used); returns (1 if the update was skipped,
+    the time its metrics arrived).
+
+    The step ran from its dispatch `t0` or, when dispatched while the previous step still ran (async
+    dispatch), from that step's completion `last`; timing from `t0` alone counted about two steps per step.
+    """
     m = jax.device_get(metrics)
-    dt = time.perf_counter() - t0
+    now = time.perf_counter()
+    dt = now - (t0 if last is None else max(t0, last))
     n_tok = shape[0] * shape[1]
     m["tokens_per_s"] = n_tok / dt
     m["mfu"] = mfu(n_tok, dt, 3 * model_cfg.flops_per_token(shape[1] // 2), peak)
     m["lr"] = lr
     logger.log("sft", step, m)
-    return int(m["skipped"])
+    return int(m["skipped"]), now
 
 
 def run_rl(cfg: ExperimentConfig, model, ref_params, data: Data, grader, mesh, out: pathlib.Path, logger,

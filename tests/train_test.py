@@ -424,3 +424,87 @@ def test_presets_carry_the_authors_settings():
     assert small.param_dtype == "float32" and small.dtype == "bfloat16"
     with pytest.raises(ValueError, match="schedule_epochs"):
         dataclasses.replace(paper.sft, schedule_epochs=1)
+
+
+def test_sft_step_time_is_one_step_not_two(tmp_path, monkeypatch):
+    """run_sft reads a step's metrics one step late (async dispatch). Its tokens/s and MFU used the time from the
+    step's dispatch to that read, i.e. about two steps (helper review: 1.7x too slow on CPU). A fake device with a
+    fake clock: a call returns at once and its step runs 1 s after the previous one ends; reading the metrics waits
+    for the step. Every logged step must show 1 s, also around checkpoint saves (5 s of host time each)."""
+    import types
+
+    import jax
+
+    from reftjax import train as T
+    from reftjax.config import ExperimentConfig
+    from reftjax.metrics import MetricsLogger
+
+    clock, device_free = [0.0], [0.0]
+
+    class Pending:
+        def __init__(self, done, value):
+            self.done, self.value = done, value
+
+    def wait(x):
+        if isinstance(x, Pending):
+            clock[0] = max(clock[0], x.done)
+            return x.value
+        return jax.device_get(x)
+
+    fake_jax = types.SimpleNamespace(**{k: getattr(jax, k) for k in ("random", "tree", "device_get")})
+    fake_jax.device_get, fake_jax.block_until_ready = wait, wait
+    monkeypatch.setattr(T, "jax", fake_jax)
+    monkeypatch.setattr(T, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    def step(state, batch):
+        device_free[0] = max(clock[0], device_free[0]) + 1.0
+        clock[0] += 0.01  # dispatch
+        return state, Pending(device_free[0], {"loss": np.float32(1.0), "skipped": np.int32(0)})
+
+    class Loader:
+        batches_per_epoch = 7
+
+        def __init__(self, *a, **k):
+            pass
+
+        def __next__(self):
+            clock[0] += 0.01
+            return {"tokens": np.zeros((4, 64), np.int32)}
+
+        def state(self):
+            return {}
+
+    class Manager:
+        def __init__(self, *a, **k):
+            pass
+
+        def restore_latest(self, state):
+            return None
+
+        def save(self, *a, **k):
+            clock[0] += 5.0
+
+        def wait(self):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(T, "Loader", Loader)
+    monkeypatch.setattr(T, "ckpt", types.SimpleNamespace(Checkpointer=Manager, CheckpointConfig=lambda *a, **k: None))
+    monkeypatch.setattr(T, "make_sft_step", lambda *a, **k: step)
+    monkeypatch.setattr(T, "measured_peak_flops", lambda: 1e12)
+    monkeypatch.setattr(T, "init_state", lambda params, tx, key: types.SimpleNamespace(step=0, skipped=0,
+                                                                                        params=params))
+    cfg = ExperimentConfig()
+    cfg = dataclasses.replace(cfg, sft=dataclasses.replace(cfg.sft, epochs=1, batch_size=4),
+                              checkpoint=dataclasses.replace(cfg.checkpoint, save_every=3))
+    logger = MetricsLogger(tmp_path, tensorboard=False, enabled=True)
+    model = types.SimpleNamespace(params={"w": np.zeros(3)},
+                                  config=types.SimpleNamespace(flops_per_token=lambda *a, **k: 1.0))
+    T.run_sft(cfg, model, types.SimpleNamespace(train_ds=None), None, tmp_path, logger,
+              types.SimpleNamespace(requested=False), False)
+    logger.close()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(7))
+    np.testing.assert_allclose([4 * 64 / r["tokens_per_s"] for r in rows], 1.0, atol=0.03)
