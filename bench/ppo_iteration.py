@@ -57,7 +57,7 @@ HOST_ALLOCATOR = use_hugepage_malloc()  # re-executes once, before the heavy imp
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from reftjax.metrics import model_flops  # noqa: E402
+from reftjax.metrics import model_flops, rl_iteration_flops  # noqa: E402
 
 DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gsm8k" / "train.jsonl"
 
@@ -144,12 +144,10 @@ class ReftjaxRL:
         prompt = np.asarray(ro.prompt_mask_BxP).sum(axis=1)
         # model FLOPs as executed: the rollout prefills each prompt once for its samples; with share_prompt the
         # experience and update forwards also run each prompt once per group
-        rollout_flops = model_flops(self.cfg, prompt, gen, self.samples)
-        train_fwd = model_flops(self.cfg, prompt, gen, self.group)
         rec = {"iter_s": t3 - t0, "rollout_s": t1 - t0, "experience_s": t2 - t1, "update_s": t3 - t2,
                "rollout_sys_s": c1 - c0, "experience_sys_s": c2 - c1, "update_sys_s": c3 - c2,
                "gen_tokens": int(gen.sum()),
-               "flops": rollout_flops + train_fwd * ((1 if self.fast else 2) + 3 * self.epochs),
+               "flops": rl_iteration_flops(self.cfg, prompt, gen, self.samples, self.group, self.fast, self.epochs),
                "reward": float(em["reward"]), "loss": float(m["loss"])}
         self.records.append(rec)
         print(f"[{self.algo}] {json.dumps({k: round(v, 2) for k, v in rec.items()})}", file=sys.stderr)

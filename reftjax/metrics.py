@@ -171,6 +171,17 @@ def model_flops(model_cfg, prompt_lengths, gen_lengths, group: int = 1) -> float
     return float(shared + completions)
 
 
+def rl_iteration_flops(model_cfg, prompt_lengths, gen_lengths, samples: int, group: int, experience_from_rollout: bool,
+                       ppo_epochs: int) -> float:
+    """Model FLOPs of one RL iteration as executed (`model_flops` per pass): the rollout prefills each prompt once
+    for its `samples` rows; the experience runs the policy and the reference (only the reference when the policy's
+    log-probs come from the rollout); each of `ppo_epochs` update passes is a forward and a backward (3x). The
+    experience and update passes run each prompt once per `group` rows (`share_prompt`; else 1)."""
+    train = model_flops(model_cfg, prompt_lengths, gen_lengths, group)
+    passes = (1 if experience_from_rollout else 2) + 3 * ppo_epochs
+    return model_flops(model_cfg, prompt_lengths, gen_lengths, samples) + train * passes
+
+
 def mfu(tokens: float, seconds: float, flops_per_token: float, peak: float) -> float:
     """Model FLOP utilisation: achieved model FLOP/s over the measured peak."""
     return tokens * flops_per_token / max(seconds, 1e-9) / peak

@@ -39,7 +39,7 @@ from reftjax.evaluate import evaluate
 from reftjax.graders import build_grader
 from reftjax.graders.callback import make_reward_fn
 from reftjax.hf import load_model, save_hf
-from reftjax.metrics import MetricsLogger, measured_peak_flops, mfu
+from reftjax.metrics import MetricsLogger, measured_peak_flops, mfu, rl_iteration_flops
 from reftjax.rerank import VerifierData, init_score_head, init_verifier, make_verifier_step, sample_verifier_data
 from reftjax.rollout import completion_buckets, rollout, trim_to_bucket
 from reftjax.sharding import is_primary, make_mesh, maybe_initialize_distributed, shard_batch, to_host
@@ -284,10 +284,13 @@ def run_rl(cfg: ExperimentConfig, model, ref_params, data: Data, grader, mesh, o
         applied += int(pm["updates"]) - int(pm["skipped"])
         pm["lr"] = schedule_value(r.optim, total, max(applied - 1, 0))  # that of the iteration's last update
         gen_tokens = float(em["response_length"]) * ro.tokens_BxN.shape[0]
+        prompt_lens, gen_lens = to_host((ro.prompt_mask_BxP.sum(axis=1), ro.lengths_B))
+        flops = rl_iteration_flops(model.config, prompt_lens, gen_lens, samp.n, samp.n if r.ppo.share_prompt else 1,
+                                   r.ppo.experience_from_rollout, r.ppo.ppo_epochs)
         metrics = {**em, **pm, "seconds": dt, "rollout_grade_seconds": t_roll,
                    "completion_bucket": ro.tokens_BxN.shape[1],
                    "grader_seconds": reward_fn.last.seconds, "generated_tokens_per_s": gen_tokens / dt,
-                   "mfu": mfu(gen_tokens, t_roll, model.config.flops_per_token(), peak),
+                   "mfu": flops / max(dt, 1e-9) / peak,
                    **{f"guard_{k}": v for k, v in reward_fn.last.counters.items()}}
         if compiles is not None:
             metrics["xla_programs"] = compiles.programs()

@@ -86,3 +86,17 @@ def test_model_flops_counts_each_shared_prompt_once_and_the_head_on_completions_
     assert one == 10 * (cfg.flops_per_token(5) - head) + 4 * cfg.flops_per_token(12)
     # two rows sharing one prompt: the prompt once, both completions
     assert metrics.model_flops(cfg, [10, 10], [4, 4], group=2) == one + 4 * cfg.flops_per_token(12)
+
+
+def test_rl_iteration_flops_counts_rollout_experience_and_update_passes():
+    """The RL metrics line's MFU counted generated tokens only (no prompts, no experience or update passes) over
+    the whole iteration's time: 0.17-0.23x the executed FLOPs (helper review)."""
+    from reftjax.models import ModelConfig
+
+    cfg = ModelConfig(vocab_size=100, hidden_size=8, intermediate_size=16, num_layers=2, num_heads=2, num_kv_heads=1)
+    p, g = [10, 10, 7, 7], [4, 6, 3, 5]  # two prompts x two samples, prompt-major
+    per_row = metrics.model_flops(cfg, p, g)
+    rollout = metrics.model_flops(cfg, p, g, group=2)
+    assert rollout < per_row
+    assert metrics.rl_iteration_flops(cfg, p, g, 2, 1, False, 2) == rollout + per_row * (2 + 6)
+    assert metrics.rl_iteration_flops(cfg, p, g, 2, 2, True, 1) == rollout + rollout * (1 + 3)
