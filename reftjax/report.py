@@ -67,8 +67,11 @@ def write_summary(out: pathlib.Path, cfg, evals: dict, wall_seconds: float, writ
     r = summary["test_rerank_accuracy"]
     k = cfg.eval.voting_k or "-"
     head, rule = f"| stage | greedy top-1 (%) | voting@{k} (%) |", "|---|---|---|"
-    rows = [("before SFT", t["base"], None, None), ("after SFT warm-up", t["sft"], v["sft"], "sft"),
-            (f"after ReFT ({cfg.rl.ppo.algo})", t["reft"], v["reft"], "reft")]
+    if cfg.sft.epochs:
+        rows = [("before SFT", t["base"], None, None), ("after SFT warm-up", t["sft"], v["sft"], "sft")]
+    else:  # RL alone: the "sft" evaluation is of the loaded model (train.run skips the identical test_base)
+        rows = [("loaded model (no SFT warm-up)", t["sft"], v["sft"], "sft")]
+    rows.append((f"after ReFT ({cfg.rl.ppo.algo})", t["reft"], v["reft"], "reft"))
     if r is not None:  # rerank@k, verifier-weighted voting and the upper bound (some sample correct), same samples
         head, rule = head + f" rerank@{k} (%) | weighted voting@{k} (%) | any of {k} correct (%) |", rule + "---|---|---|"
     table = []

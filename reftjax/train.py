@@ -520,7 +520,7 @@ def run(cfg: ExperimentConfig, out_dir: str | pathlib.Path, *, progress: bool = 
     t_start = time.time()
     stop = _Interrupt()
     with stop.installed():
-        if cfg.eval_before_sft:
+        if cfg.eval_before_sft and cfg.sft.epochs > 0:  # without a warm-up, test_sft evaluates the loaded model
             _eval_once("test_base", out, logger, model.params, model, data.test_ds, data.test_items, grader, cfg,
                        mesh, 0)
         marker = out / "sft_done.json"

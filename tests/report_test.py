@@ -76,3 +76,16 @@ def test_prepare_data_warns_about_examples_dropped_by_length(smollm_tokenizer, s
     msgs = [r.getMessage() for r in caplog.records if r.getMessage().startswith("test split:")]
     assert msgs and f"{st['test']['dropped']} of 64 examples dropped" in msgs[0] and "max_prompt_len=100" in msgs[0]
     assert "kept examples only" in msgs[0]
+
+
+def test_summary_without_a_warm_up_labels_the_loaded_model(tmp_path):
+    """sft.epochs=0 (RL alone): the run used to evaluate the test set twice on the same weights and label the second
+    row "after SFT warm-up"."""
+    from reftjax.report import write_summary
+
+    cfg = ExperimentConfig()
+    cfg = dataclasses.replace(cfg, sft=dataclasses.replace(cfg.sft, epochs=0), eval=EvalConfig(voting_k=16))
+    write_summary(tmp_path, cfg, _evals(voting=True, base=False), 1.0)
+    md = (tmp_path / "summary.md").read_text()
+    assert "| loaded model (no SFT warm-up) | 12.5 | 50.0 |" in md
+    assert "before SFT" not in md and "after SFT warm-up" not in md

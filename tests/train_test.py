@@ -391,13 +391,16 @@ def test_openai_format_prompts_train_with_rl_alone(tiny_hf_dir, tmp_path, shared
              "--set", 'data.answer_field="reference_answer"', "--set", "sft.epochs=0", "--set", "rl.iterations=1",
              "--set", "rl.eval_every=1", "--set", "export_hf=false", "--set", 'data.prompt.style="chat"',
              # and the reward-hacking guards reach the RL rewards from the config (every completion is >= 1 token)
-             "--set", "rl.guards.enabled=true", "--set", "rl.guards.max_tokens=1"]
+             "--set", "rl.guards.enabled=true", "--set", "rl.guards.max_tokens=1",
+             "--set", "eval_before_sft=true"]  # without a warm-up it must not evaluate the same weights twice
     done = subprocess.run(_cmd(tiny_hf_dir, out, extra), cwd=ROOT, env=_env(), capture_output=True, text=True,
                           timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     phases = [m["phase"] for m in lines]
     assert "sft" not in phases and "rl" in phases and not (out / "checkpoints" / "sft").exists()
+    # no warm-up: the loaded model is evaluated on test once (test_sft), not twice
+    assert "eval/test_base" not in phases and "eval/test_sft" in phases
     [rl] = [m for m in lines if m["phase"] == "rl"]
     assert rl["guard_too_long"] == rl["guard_graded"] > 0 and rl["reward"] == 0.0
     samples = [json.loads(line) for line in (out / "samples" / "rl_rollouts.jsonl").read_text().splitlines()]
