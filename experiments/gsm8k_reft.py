@@ -125,7 +125,7 @@ def build_parser(prog: str = "python -m experiments.gsm8k_reft", description: st
     p.add_argument("--set", action="append", default=[], metavar="PATH=VALUE",
                    help="override any config field, e.g. --set rl.iterations=20 --set rl.ppo.kl_coef=0.01 "
                         "(VALUE is JSON; repeatable)")
-    p.add_argument("--seed", type=int, default=None, help="run seed (data order, sampling, value head)")
+    p.add_argument("--seed", type=int, default=None, help="run seed (data split and order, sampling; the value head's init is rl.value_head_seed)")
     p.add_argument("--no-progress", action="store_true", help="disable progress bars")
     p.add_argument("--verbose", action="store_true",
                    help="also show other libraries' INFO logs (Orbax saves, tfds, JAX set-up)")
@@ -144,20 +144,43 @@ def resolve_config(args, make_config=preset_config):
         path, sep, raw = item.partition("=")
         if not sep:
             raise ValueError(f"--set {item!r}: expected PATH=VALUE")
-        try:
-            value = json.loads(raw)
-        except ValueError:
-            value = raw
+        if path == "model":  # the gpu/tpu presets pick the 125M or the 7B settings by --model
+            raise ValueError(f"--set {item!r}: use --model {raw} (presets choose their settings by the model)")
+        if raw in _PYTHON_LITERALS:  # True/False/None as Python spells them, not the strings
+            value = _PYTHON_LITERALS[raw]
+        else:
+            try:
+                value = json.loads(raw)
+            except ValueError:
+                value = raw  # a bare string; the config's type check refuses it where a string does not belong
         node = d
         keys = path.split(".")
-        for k in keys[:-1]:
+        for depth, k in enumerate(keys[:-1]):
             if not isinstance(node, dict) or k not in node:
                 raise ValueError(f"--set {item!r}: unknown config path {path!r}")
             node = node[k]
+            if isinstance(node, list):  # the grader: a union of types, so it is replaced whole
+                raise ValueError(f"--set {item!r}: {'.'.join(keys[:depth + 1])} is set as a whole, e.g. "
+                                 f"--set {keys[0]}='{{\"type\": \"reft\", \"cot\": \"python\"}}'")
         if keys[-1] not in node:
             raise ValueError(f"--set {item!r}: unknown config path {path!r}")
+        if isinstance(node[keys[-1]], dict) and isinstance(value, dict):
+            value = _merged(node[keys[-1]], value)  # an object updates the sub-config's named fields only
         node[keys[-1]] = value
-    return from_dict(d)
+    try:
+        return from_dict(d)
+    except ValueError as exc:
+        raise ValueError(f"--set: {exc}") from None
+
+
+_PYTHON_LITERALS = {"True": True, "False": False, "None": None}
+
+
+def _merged(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _merged(base[k], v) if isinstance(base.get(k), dict) and isinstance(v, dict) else v
+    return out
 
 
 def run_cli(args, make_config=preset_config) -> int:

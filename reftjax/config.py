@@ -167,26 +167,72 @@ def to_dict(cfg) -> dict:
     return cfg
 
 
-def _build(tp, value):
+def _type_name(tp) -> str:
+    if tp is type(None):
+        return "null"
+    if tp is tuple or typing.get_origin(tp) is tuple:
+        return "a list"
+    return getattr(tp, "__name__", None) or repr(tp)
+
+
+def _build(tp, value, where: str = "config"):
+    """`value` (parsed JSON) as an instance of the type hint `tp`; ValueError naming the field's path otherwise.
+
+    Scalars are checked, not coerced: a string where a bool, number or None belongs (``--set export_hf=False``
+    read as the string "False", which is truthy) used to pass through and silently mean something else."""
     origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp) and isinstance(value, dict):
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: expected an object of {tp.__name__} fields, got {value!r}")
         hints = typing.get_type_hints(tp)
         unknown = set(value) - {f.name for f in dataclasses.fields(tp)}
         if unknown:
-            raise ValueError(f"{tp.__name__}: unknown field(s) {sorted(unknown)}")
-        return tp(**{k: _build(hints[k], v) for k, v in value.items()})
-    if origin is tuple and isinstance(value, list):
-        args = typing.get_args(tp)
-        inner = args[0] if args else Any
-        return tuple(_build(inner, v) for v in value)
+            raise ValueError(f"{where} ({tp.__name__}): unknown field(s) {sorted(unknown)}")
+        fields = {k: _build(hints[k], v, f"{where}.{k}") for k, v in value.items()}
+        try:
+            return tp(**fields)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{where}: {exc}") from exc
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        for arg in typing.get_args(tp):
-            if arg is type(None) and value is None:
-                return None
-        non_none = [a for a in typing.get_args(tp) if a is not type(None)]
-        return _build(non_none[0], value) if len(non_none) == 1 else value
-    if tp is tuple and isinstance(value, list):
-        return tuple(tuple(v) if isinstance(v, list) else v for v in value)
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _build(arg, value, where)
+            except ValueError:
+                continue
+        raise ValueError(f"{where}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where}: expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        inner = args[0] if args and (len(args) == 2 and args[1] is Ellipsis) else Any
+        return tuple(_build(inner, v, f"{where}[{i}]") for i, v in enumerate(value))
+    if tp is tuple:  # untyped pairs (the grader): lists become tuples, a JSON object stays as given
+        if isinstance(value, list):
+            return tuple(tuple(v) if isinstance(v, list) else v for v in value)
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():  # 1e3
+            return int(value)
+        raise ValueError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ValueError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ValueError(f"{where}: expected a string, got {value!r}")
     return value
 
 

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import re
 import signal
 import socket
 import subprocess
@@ -324,6 +325,34 @@ def test_cli_errors_are_one_line(tmp_path):
     flag = subprocess.run([sys.executable, "-m", "experiments.gsm8k_reft", "--bogus"], cwd=ROOT, env=_env(),
                           capture_output=True, text=True, timeout=120)
     assert flag.returncode == 2 and "unrecognized arguments: --bogus" in flag.stderr
+
+
+def test_set_values_are_type_checked_merged_and_python_spellings_work():
+    """--set used to fall back to a string for any value JSON could not read: `export_hf=False` became the truthy
+    string "False" (the run still exported), `compilation_cache=None` a folder named None; an object for a
+    sub-config replaced it whole (the cpu preset's constant RL schedule turned linear); `--set model` skipped the
+    presets' per-model settings (helper review)."""
+    from experiments.gsm8k_reft import build_parser, resolve_config
+
+    def cfg(*sets):
+        return resolve_config(build_parser().parse_args(["--preset", "cpu", *[a for x in sets for a in ("--set", x)]]))
+
+    c = cfg("export_hf=False", "eval_before_sft=false", "compilation_cache=None", "data.n_val=None",
+            "rl.iterations=1e2", 'rl.optim={"learning_rate": 1e-6}', "rl.ppo.whiten_advantages=False")
+    assert (c.export_hf, c.eval_before_sft, c.compilation_cache, c.data.n_val) == (False, False, None, None)
+    assert c.rl.iterations == 100 and isinstance(c.rl.iterations, int) and c.rl.ppo.whiten_advantages is False
+    assert (c.rl.optim.learning_rate, c.rl.optim.schedule) == (1e-6, "constant")  # merged, not replaced
+    assert cfg('data.train_file=/tmp/x.jsonl').data.train_file == "/tmp/x.jsonl"  # a bare string where one belongs
+    assert dict(cfg('grader={"type": "reft", "cot": "python"}').grader)["cot"] == "python"
+    for bad, msg in (("rl.iterations=abc", "config.rl.iterations: expected an integer, got 'abc'"),
+                     ("seed=1.5", "config.seed: expected an integer"),
+                     ("export_hf=yes", "config.export_hf: expected true or false, got 'yes'"),
+                     ("sft.optim.learning_rate=fast", "config.sft.optim.learning_rate: expected a number"),
+                     ("data.tokenize.prompt_buckets=128", "prompt_buckets: expected a list or null, got 128"),
+                     ("grader.cot=python", "grader is set as a whole"),
+                     ("model=/m/llama-7b", "use --model /m/llama-7b")):
+        with pytest.raises(ValueError, match=re.escape(msg)):
+            cfg(bad)
 
 
 def test_help_documents_every_flag():
