@@ -211,13 +211,14 @@ def run_cli(args, make_config=preset_config) -> int:
         print(json.dumps(to_dict(cfg), indent=2))
         return 0
     from reftjax.data.records import DataError
+    from reftjax.graders.openai import ConfigError
     from reftjax.hf import CheckpointError
     from reftjax.train import RunDirError, run
 
     out = args.out or os.path.join("runs", cfg.name)
     try:
         summary = run(cfg, out, progress=not args.no_progress)
-    except (CheckpointError, DataError, RunDirError, FileNotFoundError) as e:
+    except (CheckpointError, ConfigError, DataError, RunDirError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if summary.get("status") == "interrupted":

@@ -50,6 +50,14 @@ class DataConfig:
     prompt: PromptConfig = PromptConfig()
     tokenize: TokenizeConfig = TokenizeConfig()
 
+    def __post_init__(self):
+        for name in ("n_train", "n_val", "n_test"):  # 0 read as "all" (falsy) before this check
+            n = getattr(self, name)
+            if n is not None and n < 1:
+                raise ValueError(f"data.{name} must be >= 1 or null (all), got {n}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
+
 
 @dataclasses.dataclass(frozen=True)
 class SFTConfig:
@@ -100,6 +108,16 @@ class RLConfig:
 
     def __post_init__(self):
         s = self.sampling
+        for name, low in (("iterations", 0), ("prompts_per_iteration", 1), ("eval_every", 0),
+                          ("early_stop_patience", 0)):
+            if getattr(self, name) < low:
+                raise ValueError(f"rl.{name} must be >= {low}, got {getattr(self, name)}")
+        n = self.ppo.group_size if self.ppo.algo != "ppo" else s.n  # samples per prompt, as run_rl draws them
+        rows = self.prompts_per_iteration * n
+        if self.ppo.minibatch_size is not None and rows % self.ppo.minibatch_size:
+            # found here, not after the warm-up (the first ppo_step), when the corrected rerun is refused
+            raise ValueError(f"rl.ppo.minibatch_size={self.ppo.minibatch_size} must divide the rollout batch of "
+                             f"rl.prompts_per_iteration x samples per prompt = {rows} rows")
         if self.completion_buckets < 1:
             raise ValueError(f"rl.completion_buckets must be >= 1, got {self.completion_buckets}")
         if s.greedy:
@@ -123,6 +141,10 @@ class CheckpointSettings:
     save_every: int = 50
     keep_last: int = 2
     keep_best: int = 1
+
+    def __post_init__(self):
+        if self.save_every < 1 or self.keep_last < 1 or self.keep_best < 0:
+            raise ValueError(f"checkpoint: need save_every >= 1, keep_last >= 1, keep_best >= 0; got {self}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -171,6 +171,8 @@ class PPOConfig:
         return self.group_size if self.share_prompt else 1
 
     def __post_init__(self):
+        if self.ppo_epochs < 1:
+            raise ValueError(f"ppo_epochs must be >= 1, got {self.ppo_epochs}")
         if self.minibatch_size is not None and self.minibatch_size < 1:
             raise ValueError(f"minibatch_size must be >= 1 or None (the whole rollout batch), got {self.minibatch_size}")
         if self.share_prompt and (self.group_size < 2 or (self.minibatch_size or 0) % self.group_size):

@@ -35,6 +35,7 @@ from reftjax import checkpoint as ckpt
 from reftjax import xla_cache
 from reftjax.config import ExperimentConfig, to_dict
 from reftjax.data import (Loader, LoaderConfig, SplitConfig, load_examples, tokenize_examples, train_val_split)
+from reftjax.data.records import DataError
 from reftjax.evaluate import evaluate
 from reftjax.graders import build_grader
 from reftjax.graders.callback import make_reward_fn
@@ -73,13 +74,19 @@ def prepare_data(cfg: ExperimentConfig, tokenizer) -> Data:
     else:
         examples = load_examples(d.dataset, split="train")
     train, val = train_val_split(examples, SplitConfig(val_fraction=d.val_fraction, seed=d.seed))
-    train = train[: d.n_train] if d.n_train else train
-    val = val[: d.n_val] if d.n_val else val
+    train = train[: d.n_train] if d.n_train is not None else train
+    val = val[: d.n_val] if d.n_val is not None else val
     test = load_examples(d.test_dataset, split=d.test_split)
-    test = test[: d.n_test] if d.n_test else test
+    test = test[: d.n_test] if d.n_test is not None else test
     tok = lambda exs, targets: tokenize_examples(exs, tokenizer, d.prompt, d.tokenize, with_targets=targets)  # noqa: E731
     data = Data(tok(train, cfg.sft.epochs > 0), tok(val, False), tok(test, False),  # SFT targets only if SFT runs
                 [_item(e) for e in train], [_item(e) for e in val], [_item(e) for e in test])
+    for split, ds in (("train", data.train_ds), ("validation", data.val_ds), ("test", data.test_ds)):
+        if len(ds) == 0:  # found before the warm-up, not by the first evaluation after it
+            raise DataError(f"{d.train_file or d.dataset}:0: the {split} split is empty ({len(train)} train, "
+                            f"{len(val)} validation, {len(test)} test examples before the length limits; "
+                            f"data.val_fraction={d.val_fraction}, data.tokenize.max_prompt_len="
+                            f"{d.tokenize.max_prompt_len}): model selection and the report need every split")
     for split, st in split_stats(data).items():
         if st["dropped"] or st["prompt_truncated"] or st["target_truncated"]:
             log.warning("%s split: %d of %d examples dropped, %d prompts and %d targets truncated by the length limits "
@@ -509,13 +516,13 @@ def run(cfg: ExperimentConfig, out_dir: str | pathlib.Path, *, progress: bool = 
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg_path = out / "config.json"
-    if cfg_path.exists():
+    if cfg_path.exists() and any(p.name != "config.json" for p in out.iterdir()):  # else nothing ran under it
         _check_same_run(cfg_path, to_dict(cfg))
-    _write_json(cfg_path, to_dict(cfg))
+    grader = build_grader(cfg.grader_dict)  # cheap checks first: a bad grader or mesh fails before the model loads
     mesh = make_mesh(cfg.mesh)
     model = load_model(cfg.model, dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat, mesh=mesh)
-    grader = build_grader(cfg.grader_dict)
     data = prepare_data(cfg, model.tokenizer)
+    _write_json(cfg_path, to_dict(cfg))  # once the model and data are in: a typo in either does not claim `out`
     logger = MetricsLogger(out)
     t_start = time.time()
     stop = _Interrupt()

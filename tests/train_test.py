@@ -355,6 +355,44 @@ def test_set_values_are_type_checked_merged_and_python_spellings_work():
             cfg(bad)
 
 
+def test_invalid_settings_fail_before_anything_runs_and_do_not_claim_the_run_dir(tiny_hf_dir, tmp_path, shared_data):
+    """Settings that used to be accepted and fail only after the SFT warm-up (minibatch_size not dividing the rollout
+    batch, ppo_epochs 0), silently skip RL (early_stop_patience -1) or mean "all" (n_val 0), an empty validation
+    split (crashed the first evaluation after the warm-up), and a mistyped model path (its config.json then refused
+    the corrected rerun) (helper review)."""
+    from reftjax.config import from_dict, to_dict
+    from reftjax.data.records import DataError
+    from reftjax.hf import CheckpointError
+    from reftjax.train import run
+
+    from experiments.gsm8k_reft import preset_config
+
+    base = preset_config("cpu", str(tiny_hf_dir))
+    d = to_dict(base)
+    for path, value, msg in (("rl.ppo.minibatch_size", 3, "must divide the rollout batch of rl.prompts_per_iteration"),
+                             ("rl.ppo.ppo_epochs", 0, "ppo_epochs must be >= 1"),
+                             ("rl.early_stop_patience", -1, "rl.early_stop_patience must be >= 0"),
+                             ("data.n_val", 0, "data.n_val must be >= 1 or null"),
+                             ("data.val_fraction", 1.5, "data.val_fraction must be in [0, 1)"),
+                             ("checkpoint.save_every", 0, "need save_every >= 1")):
+        bad = json.loads(json.dumps(d))
+        node = bad
+        *head, last = path.split(".")
+        for k in head:
+            node = node[k]
+        node[last] = value
+        with pytest.raises(ValueError, match=re.escape(msg)):
+            from_dict(bad)
+    out = tmp_path / "run"
+    with pytest.raises(CheckpointError):
+        run(dataclasses.replace(base, model=str(tmp_path / "tinyy")), out, progress=False)
+    assert not (out / "config.json").exists()
+    data = dataclasses.replace(base.data, val_fraction=0.0, n_train=8, n_test=4)
+    with pytest.raises(DataError, match=r"the validation split is empty \(8 train, 0 validation, 4 test"):
+        run(dataclasses.replace(base, data=data), out, progress=False)
+    assert not (out / "config.json").exists() and not (out / "checkpoints").exists()
+
+
 def test_help_documents_every_flag():
     out = subprocess.run([sys.executable, "-m", "experiments.gsm8k_reft", "--help"], cwd=ROOT, env=_env(),
                          capture_output=True, text=True, timeout=120).stdout
