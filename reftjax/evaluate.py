@@ -124,10 +124,12 @@ def evaluate(params, model_cfg, tokenizer, ds: TokenizedDataset, items: Sequence
             progress.update(len(rows))
     res = {"accuracy": float(np.mean(correct)) if correct else 0.0, "n": len(correct),
            "mean_length": float(np.mean(lengths)) if lengths else 0.0, "samples": samples}
+    # a grader that records only a score (a `python` grader) would make voting@k a vote on right/wrong: not reported
+    answers = getattr(grader, "votes_on_answer", True)
     if vote is not None:
-        res["voting_accuracy"] = float(np.mean(voted)) if voted else 0.0
+        res["voting_accuracy"] = (float(np.mean(voted)) if voted else 0.0) if answers else None
     if verifier is not None:
         res["rerank_accuracy"] = float(np.mean(reranked)) if reranked else 0.0
-        res["weighted_voting_accuracy"] = float(np.mean(weighted)) if weighted else 0.0
+        res["weighted_voting_accuracy"] = (float(np.mean(weighted)) if weighted else 0.0) if answers else None
         res["upper_bound_accuracy"] = float(np.mean(bound)) if bound else 0.0
     return res

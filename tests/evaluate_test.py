@@ -52,3 +52,23 @@ def test_a_grader_that_cannot_read_the_items_fails_before_any_rollout(tiny_hf_di
     with pytest.raises(KeyError, match="answer"):
         ev.evaluate(None, None, None, None, [{"question": "q", "answer_value": "3"}], build_grader({"type": "gsm8k"}),
                     EvalConfig(batch_size=4, max_new_tokens=8))
+
+
+def test_voting_is_not_reported_for_a_grader_that_records_only_a_score(tiny_hf_dir, shared_data, monkeypatch):
+    """A python grader's `extracted` is the score its grade() returned: voting@k voted on right/wrong (3 wrong
+    samples outvoted 2 correct ones; helper review), so it is not reported (None: "-" in the summary)."""
+    from reftjax.evaluate import evaluate
+    from reftjax.graders import build_grader
+    from reftjax.hf import load_model
+    from reftjax.train import prepare_data
+
+    monkeypatch.setenv("REFTJAX_GSM8K_DIR", str(shared_data / "gsm8k"))
+    cfg = ExperimentConfig()
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, n_train=4, n_val=4, n_test=2))
+    model = load_model(tiny_hf_dir)
+    data = prepare_data(cfg, model.tokenizer)
+    grader = build_grader({"type": "python", "source": "def grade(sample, item):\n    return 0.25"})
+    res = evaluate(model.params, model.config, model.tokenizer, data.test_ds, data.test_items, grader,
+                   EvalConfig(batch_size=2, max_new_tokens=4, voting_k=2), eos_ids=tuple(model.config.eos_token_ids),
+                   pad_id=model.tokenizer.pad_token_id)
+    assert res["n"] == 2 and res["accuracy"] == 0.0 and res["voting_accuracy"] is None

@@ -64,6 +64,13 @@ def test_python_math_equiv_and_multi():
     grades = build_grader(multi).grade_batch([item] * 3, ["2x + 2", "x**2", "(("])
     assert [g.score for g in grades] == [1.0, 0.5, 0.0]
     assert grades[0].details["scores"] == {"py": 1.0, "eq": 1.0}
+    # the vote goes by an answer, never by a score: math_equiv records the answer it compared (it recorded "1.0"),
+    # a python grader only its score, so a multi grader votes by its math_equiv part although python comes first
+    assert [g.extracted for g in grades[:2]] == ["2x + 2", "x**2"]
+    assert [g.extracted for g in build_grader(math_eq).grade_batch([item] * 2, ["2x + 2", " x**2 "])] == ["2x + 2",
+                                                                                                       "x**2"]
+    assert not build_grader(python).votes_on_answer and build_grader(math_eq).votes_on_answer
+    assert build_grader(multi).votes_on_answer
     hostile = {"type": "python", "source": "def grade(sample, item):\n    import os\n    os.fork()\n    return 1"}
     g = _one(hostile, "x")
     assert g.score == 0.0 and "os.fork" in g.error

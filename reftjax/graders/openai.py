@@ -185,6 +185,13 @@ class SandboxedGrader:
     pool: SandboxPool | None = dataclasses.field(default=None, compare=False, repr=False)
     uses_sandbox = True
 
+    @property
+    def votes_on_answer(self) -> bool:
+        """math_equiv records the rendered answer it compared (votes group equal answers); a `python` grader
+        records only the score its `grade()` returned, so voting@k over it would vote on right/wrong and is
+        not reported (`reftjax.evaluate`)."""
+        return self.entry != "grade"
+
     def validate(self, item: Item) -> None:
         _Templated(self.input, self.reference).validate(item)
 
@@ -209,7 +216,8 @@ class SandboxedGrader:
                 why = errors.get(i) or (f"{r.status}: {r.error}" if not r.ok else f"not a number: {r.value_str}")
                 grades.append(Grade(0.0, error=why))
             else:
-                grades.append(Grade(min(1.0, max(0.0, r.value_float)), extracted=r.value_str))
+                answer = r.value_str if self.entry == "grade" else str(jobs[i].args[0]).strip()[:200]
+                grades.append(Grade(min(1.0, max(0.0, r.value_float)), extracted=answer))
         return grades
 
 
@@ -252,6 +260,11 @@ class MultiGrader:
     calculate_output: str
 
     @property
+    def votes_on_answer(self) -> bool:
+        """Votes go by the first sub-grader's answer that has one (see `grade_batch`)."""
+        return any(getattr(g, "votes_on_answer", True) for g in self.graders.values())
+
+    @property
     def uses_sandbox(self) -> bool:
         return any(getattr(g, "uses_sandbox", False) for g in self.graders.values())
 
@@ -262,6 +275,7 @@ class MultiGrader:
     def grade_batch(self, items: Sequence[Item], texts: Sequence[str]) -> list[Grade]:
         tree = ast.parse(self.calculate_output, mode="eval")
         parts = {name: g.grade_batch(items, texts) for name, g in self.graders.items()}
+        order = sorted(parts, key=lambda n: not getattr(self.graders[n], "votes_on_answer", True))  # stable
         out = []
         for i in range(len(texts)):
             env = {name: grades[i].score for name, grades in parts.items()}
@@ -279,6 +293,7 @@ class MultiGrader:
                 score, error = 0.0, f"calculate_output: not a real number ({score})"
             score = 0.0 if math.isnan(score) else min(1.0, max(0.0, score))
             # the answer that votes (majority voting, reranking): the first sub-grader's, in config order, that has one
-            answer = next((grades[i].extracted for grades in parts.values() if has_answer(grades[i])), None)
+            # (sub-graders that record an answer before those that record only a score, as `python` does)
+            answer = next((parts[n][i].extracted for n in order if has_answer(parts[n][i])), None)
             out.append(Grade(score, extracted=answer, error=error, details={"scores": env}))
         return out
