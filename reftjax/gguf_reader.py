@@ -61,17 +61,24 @@ def _hf_config(meta: dict, tensor_names: set, path: pathlib.Path):
     arch = meta.get("general.architecture")
     if arch not in _SUPPORTED:
         raise ValueError(f"{path}: unsupported GGUF architecture {arch!r}; supported: {_SUPPORTED}")
-    name = str(meta.get("general.name", "")).lower()
     g = lambda k, d=None: meta.get(f"{arch}.{k}", d)  # noqa: E731
     if g("rope.scaling.type") not in (None, "none"):
         raise ValueError(f"{path}: GGUF rope scaling {g('rope.scaling.type')!r} is not supported; "
                          "convert the model to a Hugging Face directory instead")
+    heads, hidden = int(g("attention.head_count")), int(g("embedding_length"))
+    # Mistral-Nemo/Small style files state a head_dim other than hidden / heads (as transformers reads them)
+    head_dim = int(g("attention.key_length", g("rope.dimension_count", hidden // heads)))
+    for key in ("attention.value_length", "rope.dimension_count"):
+        if g(key) is not None and int(g(key)) != head_dim:
+            raise ValueError(f"{path}: GGUF {arch}.{key} = {g(key)} differs from the head size {head_dim} "
+                             "(partial rotary or asymmetric heads are not supported)")
     kw = dict(
         vocab_size=int(g("vocab_size") if g("vocab_size") is not None else len(meta["tokenizer.ggml.tokens"])),
-        hidden_size=int(g("embedding_length")),
+        hidden_size=hidden,
+        head_dim=head_dim,
         intermediate_size=int(g("feed_forward_length")),
         num_hidden_layers=int(g("block_count")),
-        num_attention_heads=int(g("attention.head_count")),
+        num_attention_heads=heads,
         num_key_value_heads=int(g("attention.head_count_kv", g("attention.head_count"))),
         max_position_embeddings=int(g("context_length", 4096)),
         rms_norm_eps=float(g("attention.layer_norm_rms_epsilon", 1e-6)),
@@ -81,13 +88,9 @@ def _hf_config(meta: dict, tensor_names: set, path: pathlib.Path):
         eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
         pad_token_id=meta.get("tokenizer.ggml.padding_token_id"),
     )
-    if arch == "qwen2":
-        return Qwen2Config(**kw)
-    if "mistral" in name:
-        from transformers import MistralConfig
-
-        return MistralConfig(**kw)
-    return LlamaConfig(**kw)
+    # A llama-arch file is a LlamaConfig whatever its name: a MistralConfig (chosen by name) invented a 4096-token
+    # sliding window that GGUF does not state and Mistral v0.2+ do not have (transformers reads them as llama too)
+    return (Qwen2Config if arch == "qwen2" else LlamaConfig)(**kw)
 
 
 def _tokenizer(meta: dict, arch: str):

@@ -184,13 +184,17 @@ def test_missing_and_misshapen_tensors_are_named(tiny_dir, random_params):
         load_model(tiny_dir, with_tokenizer=False)
 
 
-def _tiny_gguf(path, arch, rope_freqs=None):
+def _tiny_gguf(path, arch, rope_freqs=None, head_dim=None, name=None):
     """A 1-layer GGUF written with the `gguf` package; returns the tensors as stored."""
     import gguf
 
     rng = np.random.default_rng(0)
-    h, nh, nkv, hd, f, v = 16, 2, 1, 8, 24, 32
+    h, nh, nkv, hd, f, v = 16, 2, 1, head_dim or 8, 24, 32
     w = gguf.GGUFWriter(str(path), arch)
+    if head_dim is not None:
+        w.add_key_length(hd), w.add_value_length(hd), w.add_rope_dimension_count(hd)
+    if name is not None:
+        w.add_name(name)
     w.add_block_count(1), w.add_context_length(64), w.add_embedding_length(h), w.add_feed_forward_length(f)
     w.add_head_count(nh), w.add_head_count_kv(nkv), w.add_layer_norm_rms_eps(1e-6), w.add_rope_freq_base(1e4)
     w.add_vocab_size(v), w.add_token_list([f"t{i}" for i in range(v)])
@@ -229,6 +233,22 @@ def test_gguf_qk_rows_are_unpermuted_for_llama_only_and_rope_scaling_is_refused(
     _tiny_gguf(tmp_path / "l3.gguf", "llama", rope_freqs=[1.0, 1.0, 8.0, 32.0])
     with pytest.raises(ValueError, match=r"l3\.gguf: GGUF rope_freqs.weight holds RoPE scaling factors"):
         read_gguf(tmp_path / "l3.gguf", with_tokenizer=False)
+
+
+def test_gguf_head_dim_is_read_and_a_mistral_name_invents_no_sliding_window(tmp_path):
+    """A head size other than hidden / heads (Mistral-Nemo/Small style) was ignored: a shape error blaming a tensor.
+    A llama-arch file named "Mistral..." became a MistralConfig with an invented 4096-token window (helper review:
+    logits 3.7e-2 off past 4096 tokens); transformers reads both as llama with the stated head size."""
+    from transformers import AutoConfig
+
+    from reftjax.gguf_reader import read_gguf
+
+    _tiny_gguf(tmp_path / "m.gguf", "llama", head_dim=16, name="Mistral-7B-Instruct-v0.3")
+    cfg, tensors, _ = read_gguf(tmp_path / "m.gguf", with_tokenizer=False)
+    want = AutoConfig.from_pretrained(tmp_path, gguf_file="m.gguf")
+    assert type(cfg).__name__ == "LlamaConfig" and getattr(cfg, "sliding_window", None) is None
+    assert cfg.head_dim == want.head_dim == 16 and tensors["model.layers.0.self_attn.q_proj.weight"].shape == (32, 16)
+    assert getattr(want, "sliding_window", None) is None
 
 
 @pytest.mark.parametrize("change,message", [
