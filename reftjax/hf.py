@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import logging
 import os
 import pathlib
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
@@ -384,7 +387,24 @@ def load_model(src: str | os.PathLike = "default", *, dtype: str = "float32", pa
     params_np = hf_to_params(_read_hf_tensors(directory), cfg, where=str(directory))
     params = sharding.place_params(params_np, cfg, mesh, rules)
     tokenizer = load_tokenizer(Source(directory, None, str(src))) if with_tokenizer else None
+    _check_ids_fit(cfg, tokenizer, src)
     return LoadedModel(cfg, params, tokenizer, hf_config, directory, gen)
+
+
+def _check_ids_fit(cfg, tokenizer, src) -> None:
+    """Token ids past the embedding table are read as NaN rows by `jnp.take` (transformers raises IndexError): a pad
+    id past it turns every left-padded row's logits NaN. Refuse special ids past it; warn about a larger tokenizer."""
+    special = {"eos": list(cfg.eos_token_ids)}
+    if tokenizer is not None:
+        special.update(pad=[tokenizer.pad_token_id], bos=[tokenizer.bos_token_id])
+    bad = {k: [i for i in ids if i is not None and not 0 <= int(i) < cfg.vocab_size] for k, ids in special.items()}
+    bad = {k: v for k, v in bad.items() if v}
+    if bad:
+        raise CheckpointError(f"{src}: token ids {bad} are outside the embedding table (vocab_size {cfg.vocab_size}, "
+                              "config.json): resize the embeddings to the tokenizer before loading")
+    if tokenizer is not None and len(tokenizer) > cfg.vocab_size:
+        log.warning("%s: the tokenizer has %d tokens but the embedding table %d rows; ids past it would read NaN",
+                    src, len(tokenizer), cfg.vocab_size)
 
 
 def load_generation_config(directory: pathlib.Path):

@@ -152,6 +152,16 @@ def test_missing_files_are_named(tmp_path, tiny_dir):
         load_model(tiny_dir, with_tokenizer=False)
 
 
+def test_special_token_ids_past_the_embedding_table_are_refused(tiny_dir):
+    """An id >= vocab_size reads a NaN embedding row (jnp.take), and a pad id there turned every left-padded row's
+    logits NaN, real positions too (helper review); transformers raises IndexError."""
+    cfg = json.loads((tiny_dir / "config.json").read_text())
+    (tiny_dir / "config.json").write_text(json.dumps({**cfg, "eos_token_id": cfg["vocab_size"]}))
+    with pytest.raises(CheckpointError, match=r"token ids \{'eos': \[%d\]\} are outside the embedding table"
+                       % cfg["vocab_size"]):
+        load_model(tiny_dir, with_tokenizer=False)
+
+
 def test_unsupported_architecture_names_config_and_type(tmp_path):
     from transformers import GPT2Config
 
