@@ -30,6 +30,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from reftjax import checkpoint as ckpt
 from reftjax import xla_cache
@@ -107,10 +108,28 @@ def split_stats(data: Data) -> dict:
 
 
 class _Interrupt:
-    """Turns SIGINT/SIGTERM into a flag checked between steps (so a save can finish)."""
+    """Turns SIGINT/SIGTERM into a flag checked between steps (so a save can finish).
+
+    `requested` is this process's flag. The loops decide with `check()` (at a step's save decision) and read the
+    decision from `agreed`: with several processes the flag is gathered from all of them, so all stop at the same
+    step and take part in the same collective save. Each process deciding alone (a signal reaching the hosts a
+    moment apart, or one host) left one process in the save and the other in the next step: both hung.
+    """
 
     def __init__(self):
         self.requested = False
+        self.agreed = False
+
+    def check(self) -> bool:
+        """Whether any process was interrupted (a collective: every process calls it at the same point)."""
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            flags = multihost_utils.process_allgather(np.int32(self.requested))
+            self.agreed = bool(np.any(flags))
+        else:
+            self.agreed = self.requested
+        return self.agreed
 
     @contextlib.contextmanager
     def installed(self):
@@ -190,7 +209,8 @@ def run_sft(cfg: ExperimentConfig, model, data: Data, mesh, out: pathlib.Path, l
     logger.rewind({"sft": done - 1})  # steps 0 .. done-1 are in the checkpoint (logged before it); none if fresh
     bar = _bar(total, "SFT", done, progress)
     prev, last = None, None  # last: when the previous step's metrics were read (its completion)
-    while done < total and not stop.requested:
+    stop.check()  # an interrupt between phases (all processes decide together)
+    while done < total and not stop.agreed:
         batch = next(loader)
         t0 = time.perf_counter()
         state, metrics = step_fn(state, batch)
@@ -200,7 +220,7 @@ def run_sft(cfg: ExperimentConfig, model, data: Data, mesh, out: pathlib.Path, l
         prev = (done, metrics, t0, batch["tokens"].shape)
         done += 1
         bar.update(1)
-        if done % cfg.checkpoint.save_every == 0 or done == total or stop.requested:
+        if done % cfg.checkpoint.save_every == 0 or done == total or stop.check():
             jax.block_until_ready(metrics)  # its line goes out before the checkpoint that covers it
             skipped, last = _log_sft(logger, *prev, peak, model.config, lr_at(applied), last)
             applied += 1 - skipped
@@ -272,7 +292,8 @@ def run_rl(cfg: ExperimentConfig, model, ref_params, data: Data, grader, mesh, o
     buckets = completion_buckets(samp.max_new_tokens, r.completion_buckets)
     bar = _bar(r.iterations, f"RL ({r.ppo.algo})", it, progress)
     stopped_early = lambda: bool(r.early_stop_patience) and since_best >= r.early_stop_patience  # noqa: E731
-    while it < r.iterations and not stop.requested and not stopped_early():  # (resumed after an early stop: done)
+    stop.check()  # an interrupt between phases (all processes decide together)
+    while it < r.iterations and not stop.agreed and not stopped_early():  # (resumed after an early stop: done)
         batch = next(loader)
         t0 = time.perf_counter()
         rng = jax.random.fold_in(jax.random.key(cfg.seed + 3), it)
@@ -318,7 +339,7 @@ def run_rl(cfg: ExperimentConfig, model, ref_params, data: Data, grader, mesh, o
             else:
                 since_best += 1
         extras = {"loader": loader.state(), "iteration": it, "best": best, "since_best": since_best, "phase": "rl"}
-        if metric is not None or it % cfg.checkpoint.save_every == 0 or it == r.iterations or stop.requested:
+        if metric is not None or it % cfg.checkpoint.save_every == 0 or it == r.iterations or stop.check():
             manager.save(it, state, extras, metric=metric, force=True)
         if stopped_early():
             log.info("early stopping at iteration %d (no validation gain in %d evaluations)", it, since_best)
@@ -378,7 +399,8 @@ def run_rerank(cfg: ExperimentConfig, model, sft_params, data: Data, grader, mes
     local = rc.batch_size // n_proc
     bar = _bar(total, "verifier", done, progress)
     prev = None
-    while done < total and not stop.requested:
+    stop.check()  # an interrupt between phases (all processes decide together)
+    while done < total and not stop.agreed:
         epoch, pos = divmod(done, per_epoch)
         for i, batch in enumerate(vd.batches(rc.batch_size, seed=rc.seed + epoch)):
             if i < pos:
@@ -390,11 +412,11 @@ def run_rerank(cfg: ExperimentConfig, model, sft_params, data: Data, grader, mes
             done += 1
             prev = (done, metrics, epoch + 1)
             bar.update(1)
-            if done % cfg.checkpoint.save_every == 0 or done == total or stop.requested:
+            if done % cfg.checkpoint.save_every == 0 or done == total or stop.check():
                 logger.log("verifier", prev[0], {**jax.device_get(prev[1]), "epoch": prev[2]})  # before its checkpoint
                 prev = None
                 manager.save(done, state, {"step": done, "phase": "verifier"}, force=True)
-            if stop.requested:
+            if stop.agreed:
                 break
     if prev is not None:
         logger.log("verifier", prev[0], {**jax.device_get(prev[1]), "epoch": prev[2]})

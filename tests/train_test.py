@@ -272,6 +272,34 @@ def test_two_processes_sigkill_then_resume_is_bitwise(tiny_hf_dir, tmp_path, sha
         assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a), which
 
 
+@pytest.mark.slow
+def test_two_processes_stop_together_when_one_is_interrupted(tiny_hf_dir, tmp_path, shared_data):
+    """SIGTERM to one process of a 2-process run (a preemption reaching the hosts apart): each process used to
+    decide alone, so one entered the collective save and the other the next step, and both hung with nothing saved
+    (helper review). Now both stop at the same step, save it, and exit 130; a rerun finishes. (~2 min;
+    REFTJAX_SLOW=1.)"""
+    out, logs = tmp_path / "run", tmp_path / "logs"
+    sets = ["--set", "rl.iterations=12", "--set", "checkpoint.save_every=100"]
+    procs = _launch_two(tiny_hf_dir, out, logs, sets)
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline and all(p.poll() is None for p in procs) and len(_rl_lines(out)) < 2:
+            time.sleep(0.2)
+        assert all(p.poll() is None for p in procs) and len(_rl_lines(out)) >= 2
+        procs[1].send_signal(signal.SIGTERM)
+        codes = [p.wait(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert codes == [130, 130], [(logs / f"p{i}.err").read_text()[-2000:] for i in range(2)]
+    saved = sorted(int(p.name) for p in (out / "checkpoints" / "rl").iterdir() if p.name.isdigit())
+    assert saved and saved[-1] == len(_rl_lines(out)) < 12  # the step both stopped at, saved with its line
+    _wait_two(_launch_two(tiny_hf_dir, out, logs, sets), logs)
+    assert [line["step"] for line in _rl_lines(out)] == list(range(1, 13))
+
+
 def test_two_processes_match_one_process(tiny_hf_dir, tmp_path, shared_data):
     """The pipeline as 2 JAX processes x 2 CPU devices (jax.distributed over local processes, one shared
     output directory) logs the metrics and exports the policy of 1 process x 4 devices; process 0 alone
@@ -572,8 +600,7 @@ def test_sft_step_time_is_one_step_not_two(tmp_path, monkeypatch):
     logger = MetricsLogger(tmp_path, tensorboard=False, enabled=True)
     model = types.SimpleNamespace(params={"w": np.zeros(3)},
                                   config=types.SimpleNamespace(flops_per_token=lambda *a, **k: 1.0))
-    T.run_sft(cfg, model, types.SimpleNamespace(train_ds=None), None, tmp_path, logger,
-              types.SimpleNamespace(requested=False), False)
+    T.run_sft(cfg, model, types.SimpleNamespace(train_ds=None), None, tmp_path, logger, T._Interrupt(), False)
     logger.close()
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(7))
