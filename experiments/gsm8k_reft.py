@@ -213,12 +213,12 @@ def run_cli(args, make_config=preset_config) -> int:
     from reftjax.data.records import DataError
     from reftjax.graders.openai import ConfigError
     from reftjax.hf import CheckpointError
-    from reftjax.train import RunDirError, run
+    from reftjax.train import RunDirError, SettingsError, run
 
     out = args.out or os.path.join("runs", cfg.name)
     try:
         summary = run(cfg, out, progress=not args.no_progress)
-    except (CheckpointError, ConfigError, DataError, RunDirError, FileNotFoundError) as e:
+    except (CheckpointError, ConfigError, DataError, RunDirError, SettingsError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if summary.get("status") == "interrupted":

@@ -90,8 +90,21 @@ def init_score_head(model_cfg: ModelConfig, rng: jax.Array) -> dict:
 
 
 def init_verifier(policy_params, model_cfg: ModelConfig, rng: jax.Array) -> dict:
-    """The verifier's parameters: a copy of `policy_params` plus a fresh score head."""
-    return {"backbone": jax.tree.map(jnp.copy, policy_params), "score": init_score_head(model_cfg, rng)}
+    """The verifier's parameters: a copy of `policy_params` plus a fresh score head, replicated over the policy's
+    mesh when it has one (left on one device, the first step on a multi-device mesh failed: incompatible devices)."""
+    return {"backbone": jax.tree.map(jnp.copy, policy_params),
+            "score": place_like_policy(init_score_head(model_cfg, rng), policy_params)}
+
+
+def place_like_policy(head, policy_params):
+    """`head` replicated over the mesh of `policy_params` (as is), or unchanged on a single device."""
+    from reftjax.sharding import mesh_of, put, replicated
+
+    mesh = mesh_of(policy_params)
+    if mesh is None:
+        return head
+
+    return put(head, jax.tree.map(lambda _: replicated(mesh), head))
 
 
 def _joined(prompt_tokens_BxP, prompt_mask_BxP, tokens_BxN, mask_BxN):

@@ -204,3 +204,9 @@ def is_primary() -> bool:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
+
+
+def mesh_of(tree) -> Mesh | None:
+    """The Mesh of the first NamedSharding-placed leaf of `tree`, or None (single device)."""
+    return next((x.sharding.mesh for x in jax.tree.leaves(tree)
+                 if isinstance(getattr(x, "sharding", None), NamedSharding)), None)

@@ -35,6 +35,7 @@ import numpy as np
 import optax
 
 from reftjax import losses
+from reftjax.sharding import mesh_of
 from reftjax.models import (ModelConfig, ValueHead, forward, init_value_head, lm_head_weight, lm_logits,
                             positions_from_mask)
 
@@ -297,7 +298,7 @@ class TrainState:
 
 def init_state(params: dict, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
     """A fresh state; the optimizer state inherits each parameter's sharding."""
-    mesh = _mesh_of(params)
+    mesh = mesh_of(params)
     opt_shardings = _opt_state_shardings(tx, params, mesh) if mesh is not None else None
     opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
     step, skipped = jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32)
@@ -311,12 +312,6 @@ def init_state(params: dict, tx: optax.GradientTransformation, rng: jax.Array) -
         step, skipped, key_data = put((zero, zero, np.asarray(jax.random.key_data(rng))), (rep, rep, rep))
         rng = jax.jit(lambda d: jax.random.wrap_key_data(d, impl=impl), out_shardings=rep)(key_data)
     return TrainState(step=step, params=params, opt_state=opt_state, rng=rng, skipped=skipped)
-
-
-def _mesh_of(tree):
-    """The Mesh of the first NamedSharding-placed leaf of `tree`, or None (single device)."""
-    return next((x.sharding.mesh for x in jax.tree.leaves(tree)
-                 if isinstance(getattr(x, "sharding", None), jax.sharding.NamedSharding)), None)
 
 
 def _opt_state_shardings(tx, params, mesh):
@@ -521,7 +516,7 @@ def init_rl_params(policy: dict, model_cfg: ModelConfig, cfg: PPOConfig, rng: ja
     params = {"policy": policy}
     if cfg.algo == "ppo":
         params["value_head"] = init_value_head(model_cfg, rng)
-        mesh = _mesh_of(policy)
+        mesh = mesh_of(policy)
         if mesh is not None:  # replicated over the policy's mesh (all processes), not left on one device
             from reftjax.sharding import put, replicated
 

@@ -42,9 +42,11 @@ from reftjax.graders import build_grader
 from reftjax.graders.callback import make_reward_fn
 from reftjax.hf import load_model, save_hf
 from reftjax.metrics import MetricsLogger, measured_peak_flops, mfu, rl_iteration_flops
-from reftjax.rerank import VerifierData, init_score_head, init_verifier, make_verifier_step, sample_verifier_data
+from reftjax.rerank import (VerifierData, init_score_head, init_verifier, make_verifier_step, place_like_policy,
+                            sample_verifier_data)
 from reftjax.rollout import completion_buckets, rollout, trim_to_bucket
-from reftjax.sharding import is_primary, make_mesh, maybe_initialize_distributed, shard_batch, to_host
+from reftjax.sharding import (BATCH_AXES, is_primary, make_mesh, maybe_initialize_distributed, shard_batch,
+                              to_host)
 from reftjax.steps import (init_rl_params, init_state, make_experience_fn, make_optimizer, make_ppo_step, make_sft_step,
                            ppo_updates_per_step, schedule_value)
 
@@ -364,7 +366,9 @@ def run_rerank(cfg: ExperimentConfig, model, sft_params, data: Data, grader, mes
     vdir = out / "checkpoints" / "verifier"
     if marker.exists():  # restore onto shapes and shardings only: no copy of the backbone
         abstract = {"backbone": ckpt.abstract_like(sft_params),
-                    "score": ckpt.abstract_like(init_score_head(model.config, jax.random.key(rc.seed)))}
+                    "score": ckpt.abstract_like(place_like_policy(init_score_head(model.config,
+                                                                                    jax.random.key(rc.seed)),
+                                                                    sft_params))}
         return ckpt.restore_params(vdir / str(json.loads(marker.read_text())["step"]), abstract, key="verifier")
     if data_path.exists():
         vd = VerifierData.load(data_path)
@@ -484,6 +488,32 @@ def _eval_once(name, out, logger, params, model, ds, items, grader, cfg, mesh, s
     return {k: v for k, v in res.items() if k != "samples"}
 
 
+class SettingsError(ValueError):
+    """Settings this machine's mesh cannot run (found before anything loads)."""
+
+
+def check_batch_sizes(cfg: ExperimentConfig, mesh) -> None:
+    """Every batch the run loads is split over the mesh's batch axes (data x fsdp), and their devices over the
+    processes: refuse sizes they do not divide before anything loads (they failed in the first step of a phase,
+    possibly after hours of warm-up, with a raw IndivisibleError)."""
+    shards = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+    n_proc = jax.process_count()
+    if shards % n_proc:
+        raise SettingsError(f"mesh: the batch axes {BATCH_AXES} span {shards} devices, not a multiple of the {n_proc} "
+                         f"processes (each process loads its share of every batch); change mesh.data/mesh.fsdp")
+    sizes = {"eval.batch_size": cfg.eval.batch_size}
+    if cfg.sft.epochs:
+        sizes["sft.batch_size"] = cfg.sft.batch_size
+    if cfg.rl.iterations:
+        sizes["rl.prompts_per_iteration"] = cfg.rl.prompts_per_iteration
+    if cfg.rerank.epochs:
+        sizes.update({"rerank.batch_size": cfg.rerank.batch_size, "rerank.prompts_per_batch": cfg.rerank.prompts_per_batch})
+    bad = {k: v for k, v in sizes.items() if v % shards}
+    if bad:
+        raise SettingsError(f"{', '.join(f'{k}={v}' for k, v in bad.items())}: must be a multiple of the {shards} devices "
+                         f"of the mesh's batch axes {BATCH_AXES} (mesh {dict(mesh.shape)})")
+
+
 class RunDirError(ValueError):
     """The output directory holds a run this config cannot continue."""
 
@@ -542,6 +572,7 @@ def run(cfg: ExperimentConfig, out_dir: str | pathlib.Path, *, progress: bool = 
         _check_same_run(cfg_path, to_dict(cfg))
     grader = build_grader(cfg.grader_dict)  # cheap checks first: a bad grader or mesh fails before the model loads
     mesh = make_mesh(cfg.mesh)
+    check_batch_sizes(cfg, mesh)
     model = load_model(cfg.model, dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat, mesh=mesh)
     data = prepare_data(cfg, model.tokenizer)
     _write_json(cfg_path, to_dict(cfg))  # once the model and data are in: a typo in either does not claim `out`

@@ -121,10 +121,10 @@ def _train(mesh=None, epochs=6, batch_size=16):
     steps = epochs * -(-len(vd) // batch_size)
     tx = make_optimizer(OptimConfig(learning_rate=3e-3, schedule="constant", warmup_ratio=0.0), steps)
     params = _host_verifier()
-    if mesh is not None:
-        params = {"backbone": sharding.place_params(params["backbone"], CFG, mesh),
-                  "score": sharding.put(params["score"], jax.tree.map(lambda _: sharding.replicated(mesh),
-                                                                      params["score"]))}
+    if mesh is not None:  # as run_rerank builds it: init_verifier places the fresh head on the policy's mesh
+        params = init_verifier(sharding.place_params(init_params(CFG, jax.random.key(0)), CFG, mesh), CFG,
+                               jax.random.key(1))
+        assert all(isinstance(x.sharding, jax.sharding.NamedSharding) for x in jax.tree.leaves(params["score"]))
     state = init_state({"verifier": jax.tree.map(jnp.asarray, params)}, tx, jax.random.key(0))
     step = make_verifier_step(CFG, tx)
     losses = []

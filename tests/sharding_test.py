@@ -102,3 +102,31 @@ def test_distributed_env_is_validated_before_initialising(monkeypatch):
         with pytest.raises(ValueError, match=match):
             maybe_initialize_distributed()
     assert not jax.distributed.is_initialized()
+
+
+def test_batch_sizes_the_mesh_cannot_split_are_refused_before_anything_loads():
+    """SFT batch 48 on 32 devices, GRPO's 4 prompts on 8, the verifier's 1 prompt per batch on any mesh: each failed
+    in the first step of its phase (after the warm-up or a whole evaluation) with a raw IndivisibleError."""
+    import dataclasses
+
+    from experiments.gsm8k_reft import preset_config
+    from reftjax.data import Loader, LoaderConfig
+    from reftjax.train import SettingsError, check_batch_sizes
+
+    mesh = make_mesh(MeshConfig(data=2, fsdp=4))
+    cfg = preset_config("cpu", None)
+    check_batch_sizes(cfg, mesh)  # 8 / 8 / 16 split over 8 devices
+    bad = dataclasses.replace(cfg, sft=dataclasses.replace(cfg.sft, batch_size=12),
+                              rerank=dataclasses.replace(cfg.rerank, epochs=1),
+                              eval=dataclasses.replace(cfg.eval, voting_k=4))
+    with pytest.raises(SettingsError, match=r"sft.batch_size=12, rerank.prompts_per_batch=1: must be a multiple of "
+                                            r"the 8 devices"):
+        check_batch_sizes(bad, mesh)
+    check_batch_sizes(bad, make_mesh(MeshConfig(data=1, fsdp=1, tensor=8)))  # batch not split
+    with pytest.raises(ValueError, match="batch_size 12 must be a multiple of the 8 devices"):
+        Loader(_Sized(), LoaderConfig(batch_size=12, kind="prompt"), mesh=mesh)
+
+
+class _Sized:
+    def __len__(self):
+        return 40

@@ -89,6 +89,12 @@ class Loader:
             raise ValueError(f"batch_size {cfg.batch_size} not divisible by {n_proc} processes")
         self.ds, self.cfg, self.mesh = ds, cfg, mesh
         self.spec = spec if spec is not None or mesh is None else batch_spec(mesh)
+        if mesh is not None and self.spec and self.spec[0] is not None:
+            axes = self.spec[0] if isinstance(self.spec[0], tuple) else (self.spec[0],)
+            shards = int(np.prod([mesh.shape[a] for a in axes]))
+            if cfg.batch_size % shards or shards % n_proc:
+                raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of the {shards} devices of the "
+                                 f"mesh's batch axes {axes}, and they of the {n_proc} processes")
         self._lengths = ds.seq_lengths if cfg.kind == "sft" else ds.prompt_lengths
         self._sizes = ds.config.seq_sizes if cfg.kind == "sft" else ds.config.prompt_sizes
         self._local = cfg.batch_size // n_proc
