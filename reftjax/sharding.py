@@ -146,7 +146,36 @@ def param_shardings(cfg, mesh: Mesh, rules=DEFAULT_RULES):
     from reftjax.models import init_params, param_logical_axes
 
     shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
-    return tree_shardings(param_logical_axes(cfg), shapes, mesh, rules)
+    logical = param_logical_axes(cfg)
+    out = tree_shardings(logical, shapes, mesh, rules)
+    _warn_replicated(logical, shapes, out, mesh, rules)
+    return out
+
+
+def replicated_share(logical_tree, shapes_tree, shardings_tree, mesh: Mesh, rules=DEFAULT_RULES):
+    """(share of parameter bytes, leaf names) that a mesh axis of size > 1 was meant to split (by `rules`) but
+    could not (it does not divide the dimension), so every device on that axis holds them whole."""
+    total, dropped, names = 0, 0, []
+    flat = jax.tree_util.tree_flatten_with_path(shapes_tree)[0]
+    specs = jax.tree.leaves(logical_tree, is_leaf=lambda x: isinstance(x, P))
+    for (path, x), spec, sh in zip(flat, specs, jax.tree.leaves(shardings_tree)):
+        nbytes = int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+        total += nbytes
+        wanted = {ax for name in spec if name is not None for ax in _mesh_axes(name, rules) if mesh.shape[ax] > 1}
+        used = {ax for entry in sh.spec if entry is not None for ax in (entry if isinstance(entry, tuple) else (entry,))}
+        if wanted - used:
+            dropped += nbytes
+            names.append(jax.tree_util.keystr(path))
+    return (dropped / total if total else 0.0), names
+
+
+def _warn_replicated(logical, shapes, shardings, mesh, rules):
+    share, names = replicated_share(logical, shapes, shardings, mesh, rules)
+    if share:
+        log.warning("mesh %s: %.0f%% of the parameter bytes stay whole on an axis meant to split them (the axis size "
+                    "does not divide their dimensions), so each device there holds them in full, e.g. %s; choose "
+                    "mesh sizes that divide the hidden, intermediate and vocabulary sizes", dict(mesh.shape),
+                    100 * share, ", ".join(names[:3]))
 
 
 def put(tree, shardings):
