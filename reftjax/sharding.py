@@ -69,8 +69,10 @@ class MeshConfig:
 def maybe_initialize_distributed() -> None:
     """Call `jax.distributed.initialize()` on multi-process setups; a no-op on a single host. Idempotent.
 
-    * TPU pods, SLURM, Open MPI, ...: JAX detects the cluster itself (`JAX_COORDINATOR_ADDRESS` or a
-      TPU pod's `TPU_WORKER_HOSTNAMES` triggers the call).
+    * TPU pods, SLURM (`srun` with several tasks), Open MPI (`mpirun -n N`, ORTE): JAX detects the cluster
+      itself; `JAX_COORDINATOR_ADDRESS`, a TPU pod's `TPU_WORKER_HOSTNAMES`, or SLURM's / Open MPI's task
+      variables saying there are several tasks trigger the call (without it each task trained alone, as its
+      own process 0, into the same output directory).
     * Any other launcher (e.g. one process per GPU started by hand, or local CPU processes): set
       `JAX_COORDINATOR_ADDRESS=host:port`, `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID` (0-based) in each
       process; JAX's own detection does not read the last two.
@@ -78,7 +80,7 @@ def maybe_initialize_distributed() -> None:
     if jax.distributed.is_initialized():
         return
     address = os.environ.get("JAX_COORDINATOR_ADDRESS")
-    if not address and os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") == 0:
+    if not address and os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") == 0 and not _cluster_tasks():
         return
     n, pid = os.environ.get("JAX_NUM_PROCESSES"), os.environ.get("JAX_PROCESS_ID")
     if (n is None) != (pid is None):
@@ -93,6 +95,24 @@ def maybe_initialize_distributed() -> None:
     if not 0 <= pid_i < n_i:
         raise ValueError(f"JAX_PROCESS_ID={pid_i} is not in [0, JAX_NUM_PROCESSES={n_i})")
     jax.distributed.initialize(coordinator_address=address, num_processes=n_i, process_id=pid_i)
+
+
+_SLURM_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
+
+
+def _cluster_tasks() -> bool:
+    """Whether SLURM or Open MPI launched this process as one of several tasks (the variables JAX's own cluster
+    detection reads); ValueError where Open MPI says so but JAX could not find the coordinator."""
+    env = os.environ
+    if all(v in env for v in _SLURM_VARS) and int(env["SLURM_NTASKS"]) > 1:
+        return True
+    if int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
+        if "OMPI_MCA_orte_hnp_uri" not in env and "JAX_COORDINATOR_ADDRESS" not in env:
+            raise ValueError(f"Open MPI started {env['OMPI_COMM_WORLD_SIZE']} processes, but JAX finds the "
+                             "coordinator only through ORTE (OMPI_MCA_orte_hnp_uri, Open MPI < 5): set "
+                             "JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES and JAX_PROCESS_ID")
+        return True
+    return False
 
 
 def make_mesh(cfg: MeshConfig = MeshConfig(), devices=None) -> Mesh:

@@ -104,6 +104,35 @@ def test_distributed_env_is_validated_before_initialising(monkeypatch):
     assert not jax.distributed.is_initialized()
 
 
+def test_slurm_and_open_mpi_tasks_initialise_jax_distributed(monkeypatch):
+    """Under `srun`/`mpirun` with several tasks nothing initialised jax.distributed: each task trained alone as its own
+    process 0 into the same run directory (helper review). JAX detects these clusters once initialise() is called."""
+    from reftjax import sharding
+
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: calls.append((a, k)))
+    for k in ("TPU_WORKER_HOSTNAMES", "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID",
+              "OMPI_COMM_WORLD_SIZE", "OMPI_MCA_orte_hnp_uri", *sharding._SLURM_VARS):
+        monkeypatch.delenv(k, raising=False)
+    slurm = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n[1-2]", "SLURM_NTASKS": "1", "SLURM_PROCID": "0",
+             "SLURM_LOCALID": "0"}
+    for k, v in slurm.items():
+        monkeypatch.setenv(k, v)
+    sharding.maybe_initialize_distributed()  # one task (a plain sbatch script): single process
+    assert calls == []
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    sharding.maybe_initialize_distributed()
+    assert calls == [((), {})]  # JAX's SlurmCluster supplies the address, count and id
+    for k in slurm:
+        monkeypatch.delenv(k)
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "4")
+    with pytest.raises(ValueError, match="set JAX_COORDINATOR_ADDRESS"):  # Open MPI 5 (PMIx): JAX cannot find it
+        sharding.maybe_initialize_distributed()
+    monkeypatch.setenv("OMPI_MCA_orte_hnp_uri", "123.0;tcp://10.0.0.1:5000")
+    sharding.maybe_initialize_distributed()
+    assert len(calls) == 2
+
+
 def test_batch_sizes_the_mesh_cannot_split_are_refused_before_anything_loads():
     """SFT batch 48 on 32 devices, GRPO's 4 prompts on 8, the verifier's 1 prompt per batch on any mesh: each failed
     in the first step of its phase (after the warm-up or a whole evaluation) with a raw IndivisibleError."""
