@@ -45,6 +45,8 @@ def host_allocator_mode() -> str:
 def _hugepages_possible() -> bool:
     if os.environ.get("REFTJAX_HOST_ALLOCATOR", "hugepages") == "system":
         return False
+    if any(t.startswith(HUGETLB_TUNABLE + "=") for t in os.environ.get("GLIBC_TUNABLES", "").split(":")):
+        return False  # the user set it (e.g. hugetlb=0 to turn it off): theirs stands
     if platform.system() != "Linux":
         return False
     lib, version = platform.libc_ver()
