@@ -146,6 +146,13 @@ def test_cli_run_and_validate(tmp_path):
     bad = subprocess.run(cmd + ["run", "--grader", str(grader), "--samples", str(samples)],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and f"{samples}:2:" in bad.stderr
+    # an item the grader cannot read is blamed on the samples file's own line (blank lines counted), the first too
+    for text, line in (("\n\n" + json.dumps(rows[0]) + "\n\n" + json.dumps({**rows[1], "item": {}}) + "\n", 5),
+                       (json.dumps({**rows[1], "item": {}}) + "\n", 1)):
+        samples.write_text(text)
+        bad = subprocess.run(cmd + ["run", "--grader", str(grader), "--samples", str(samples)],
+                             capture_output=True, text=True)
+        assert bad.returncode == 2 and bad.stderr.startswith(f"error: {samples}:{line}: grader does not fit"), bad.stderr
 
 
 def test_multi_grader_answers_vote():

@@ -13,7 +13,7 @@ from reftjax.graders.build import ConfigError, validate_grader
 
 
 def _load_samples(path):
-    items, texts = [], []
+    items, texts, lines = [], [], []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -22,10 +22,11 @@ def _load_samples(path):
                 row = json.loads(line)
                 items.append(row["item"])
                 texts.append(row["sample"]["output_text"])
+                lines.append(lineno)
             except (ValueError, KeyError, TypeError) as exc:
                 raise ConfigError(f"{path}:{lineno}: expected {{'item': {{...}}, 'sample': "
                                   f"{{'output_text': ...}}}}: {exc!r}") from exc
-    return items, texts
+    return items, texts, lines
 
 
 def main(argv=None) -> int:
@@ -40,21 +41,21 @@ def main(argv=None) -> int:
                 cfg = json.load(f)
             except ValueError as exc:
                 raise ConfigError(f"{args.grader}:{getattr(exc, 'lineno', 1)}: invalid JSON: {exc}")
-        items, texts = _load_samples(args.samples) if args.samples else ([], [])
+        items, texts, lines = _load_samples(args.samples) if args.samples else ([], [], [])
         try:
-            grader = validate_grader(cfg, items[0] if items else None)
+            grader = validate_grader(cfg)
         except ConfigError as exc:
             raise ConfigError(f"{args.grader}: {exc}") from exc
+        for item, lineno in zip(items, lines):  # a misfit is the samples file's, named by its own line number
+            try:
+                grader.validate(item)
+            except (KeyError, ValueError) as exc:
+                raise ConfigError(f"{args.samples}:{lineno}: grader does not fit this item: {exc}") from exc
         if args.command == "validate":
             print(json.dumps({"ok": True, "grader": type(grader).__name__}))
             return 0
         if not args.samples:
             raise ConfigError("run needs --samples")
-        for i, item in enumerate(items[1:], 2):
-            try:
-                grader.validate(item)
-            except (KeyError, ValueError) as exc:
-                raise ConfigError(f"{args.samples}:{i}: {exc}") from exc
         for i, grade in enumerate(grader.grade_batch(items, texts)):
             print(json.dumps({"index": i, **grade.to_json()}))
         return 0
