@@ -42,3 +42,17 @@ def test_stats_prompt_only_and_bad_file(cli, shared_data, tmp_path):
     bad.write_text('{"question": "q", "answer": "#### 1"}\n{"question": "q"}\n')
     code, out, err = cli("--file", str(bad), "--format", "gsm8k-jsonl")
     assert code == 2 and out == "" and "bad.jsonl:2: missing field 'answer'" in err
+
+
+def test_usage_errors_exit_2_with_one_line(cli, shared_data, tmp_path):
+    """--file without --format exited 1 (SystemExit text), --split on a ReFT dataset was ignored while the output
+    said "svamp-nl:test", and --split validation ended in a traceback (helper review)."""
+    code, out, err = cli("--file", str(tmp_path / "x.jsonl"))
+    assert code == 2 and out == "" and "x.jsonl:0: --file needs --format" in err
+    code, out, err = cli("--dataset", "svamp-nl", "--split", "test", "--local-dir", str(shared_data / "reft"))
+    assert code == 2 and "--split applies to --dataset gsm8k only" in err
+    code, out, _ = cli("--dataset", "svamp-nl", "--local-dir", str(shared_data / "reft"))
+    assert code == 0 and json.loads(out)["source"] == "svamp-nl"
+    with pytest.raises(SystemExit) as exc:  # argparse: usage line, status 2
+        cli("--dataset", "gsm8k", "--split", "validation")
+    assert exc.value.code == 2

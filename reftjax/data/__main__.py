@@ -33,7 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--dataset", choices=DATASETS)
     src.add_argument("--file", help="read this file instead (needs --format)")
     stats.add_argument("--format", choices=FORMATS)
-    stats.add_argument("--split", default="train", help="GSM8K split: train or test")
+    stats.add_argument("--split", choices=("train", "test"), default=None,
+                       help="GSM8K split (default train); the ReFT datasets are one file each (their name says it)")
     stats.add_argument("--tokenizer", default="default",
                        help="model source for reftjax.hf.load_tokenizer (default: SmolLM2)")
     stats.add_argument("--style", choices=STYLES, default=None,
@@ -61,7 +62,10 @@ def stats(args: argparse.Namespace) -> dict:
     from reftjax.hf import load_tokenizer
 
     if args.file is not None and args.format is None:
-        raise SystemExit("--file needs --format")
+        raise DataError(f"{args.file}:0: --file needs --format ({', '.join(FORMATS)})")
+    if args.split is not None and args.dataset != "gsm8k":
+        raise DataError(f"{args.file or args.dataset}:0: --split applies to --dataset gsm8k only")
+    args.split = args.split or "train"
     examples = load_examples(args.dataset, split=args.split, file=args.file, fmt=args.format,
                              data_dir=args.data_dir, local_dir=args.local_dir,
                              answer_field=args.answer_field)
@@ -75,7 +79,8 @@ def stats(args: argparse.Namespace) -> dict:
     with_targets = all(e.cot.strip() for e in examples)
     ds = tokenize_examples(examples, tokenizer, prompt_cfg, unlimited, with_targets=with_targets)
     prompt_len = ds.prompt_lengths
-    out = {"source": args.file or f"{args.dataset}:{args.split}", "style": style,
+    source = args.file or (f"gsm8k:{args.split}" if args.dataset == "gsm8k" else args.dataset)
+    out = {"source": source, "style": style,
            "examples": len(examples), "prompt_tokens": _percentiles(prompt_len),
            "over_max_prompt_len": int((prompt_len > args.max_prompt_len).sum()),
            "max_prompt_len": args.max_prompt_len}
