@@ -61,6 +61,7 @@ def test_experiments_cli_reexecutes_once_with_the_tunable():
     # the user's own tunables are kept, ours appended once
     assert info["glibc_tunables"] == "glibc.malloc.check=0:glibc.malloc.hugetlb=1"
     assert "python -m experiments.gsm8k_reft" in info["experiments"]
+    assert "python -m experiments.arithmetic_task" not in info["experiments"]  # a library, not runnable
     # a hugetlb value the user set stands (hugetlb=0 was overridden to 1)
     off = _run(["-m", "experiments"], {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"})
     assert off["host_allocator"] == "system" and off["glibc_tunables"] == "glibc.malloc.hugetlb=0"
