@@ -59,17 +59,20 @@ class MetricsLogger:
         if self._jsonl is None:
             return row
         self._jsonl.write(json.dumps({"phase": phase, "step": int(step), "time": time.time(), **row}) + "\n")
+        self._tb_write(phase, step, row)
+        return row
+
+    def _tb_write(self, phase, step, row):
         if self._tb is not None:
             for k, v in row.items():
                 if isinstance(v, (int, float)) and v is not None:
                     self._tb.add_scalar(f"{phase}/{k}", v, int(step))
-        return row
 
     def rewind(self, last_steps: dict[str, int]) -> int:
         """Drops the `metrics.jsonl` rows of phase p with a step above `last_steps[p]` (and lines a crash cut):
         a resumed phase calls it with the step of the checkpoint it restored, so the steps it redoes are logged
-        once, not once per attempt. Returns the number of rows dropped. (TensorBoard's event files are append-only:
-        there a redone step shows twice; `metrics.jsonl` is the record.)"""
+        once, not once per attempt. Returns the number of rows dropped. TensorBoard's event files are append-only,
+        so when rows are dropped they are rewritten from the kept rows (a redone step showed twice there)."""
         if self._jsonl is None:
             return 0
         path = self.dir / "metrics.jsonl"
@@ -89,6 +92,19 @@ class MetricsLogger:
             tmp = path.with_name(path.name + ".tmp")
             tmp.write_text("".join(kept))
             os.replace(tmp, path)
+            if self._tb is not None:  # the event files mirror metrics.jsonl: rebuilt from the kept rows
+                import shutil
+
+                from tensorboardX import SummaryWriter
+
+                self._tb.close()
+                shutil.rmtree(self.dir / "tensorboard", ignore_errors=True)
+                self._tb = SummaryWriter(str(self.dir / "tensorboard"))
+                for line in kept:
+                    row = json.loads(line)
+                    phase, step = row.pop("phase"), row.pop("step", 0)
+                    row.pop("time", None)
+                    self._tb_write(phase, step, row)
         self._jsonl = open(path, "a", buffering=1)
         return dropped
 

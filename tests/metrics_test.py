@@ -51,6 +51,37 @@ def test_rewind_drops_the_steps_a_resumed_phase_redoes(tmp_path):
         ("sft", 0, 0.0), ("sft", 1, 1.0), ("rl", 1, 1.0), ("val", 1, 1.0), ("rl", 2, 20.0)]
 
 
+def _tensorboard_scalars(logdir):
+    """(tag, step, value) of every scalar in the event files under `logdir` (TFRecord framing, tensorboardX protos)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    out = []
+    for path in sorted(logdir.rglob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        pos = 0
+        while pos < len(data):
+            (n,) = struct.unpack("<Q", data[pos:pos + 8])
+            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
+            pos += 12 + n + 4
+            out += [(v.tag, event.step, v.simple_value) for v in event.summary.value]
+    return out
+
+
+def test_rewind_rewrites_tensorboard_so_a_redone_step_shows_once(tmp_path):
+    """TensorBoard's event files are append-only: after a resume the redone steps showed twice there."""
+    from reftjax.metrics import MetricsLogger
+
+    log = MetricsLogger(tmp_path, tensorboard=True, enabled=True)
+    for step in (1, 2, 3):
+        log.log("rl", step, {"reward": float(step)})
+    log.rewind({"rl": 1})
+    log.log("rl", 2, {"reward": 20.0})
+    log.close()
+    assert sorted(_tensorboard_scalars(tmp_path / "tensorboard")) == [("rl/reward", 1, 1.0), ("rl/reward", 2, 20.0)]
+
+
 def test_a_line_cut_by_a_crash_does_not_swallow_the_next_row(tmp_path):
     import json
 
