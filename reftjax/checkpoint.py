@@ -242,6 +242,24 @@ class Checkpointer:
             return None
         return self._manager.best_step()
 
+    def restore_best_params(self, abstract_params):
+        """(policy params, step) of the best readable kept step, or (None, None) when there is no best.
+
+        A best step that cannot be read (damaged on disk since it was saved) used to fail the run at its very end;
+        it is now skipped with a warning for the next best (by metric, then recency), like `restore_latest` does."""
+        best = self.best_step()
+        if best is None:
+            return None, None
+        scored = [(self._metric(m), s) for s in self.all_steps() if (m := self._manager.metrics(s))]
+        for _, step in sorted(scored, key=lambda ms: (ms[0], ms[1] == best, ms[1]), reverse=True):
+            try:
+                return self.restore_params(step, abstract_params), step
+            except Exception as e:  # noqa: BLE001 -- a damaged kept step: the next best one
+                log.warning("checkpoint: best step %d in %s is unreadable (%s: %s); trying the next best", step,
+                            self.directory, type(e).__name__, e)
+        log.error("checkpoint: none of the kept best steps in %s could be read; no best policy", self.directory)
+        return None, None
+
     def step_dir(self, step: int) -> str:
         return os.path.join(self.directory, str(int(step)))
 

@@ -347,9 +347,7 @@ def run_rl(cfg: ExperimentConfig, model, ref_params, data: Data, grader, mesh, o
             log.info("early stopping at iteration %d (no validation gain in %d evaluations)", it, since_best)
     bar.close()
     manager.wait()
-    best_params = None
-    if manager.best_step() is not None:
-        best_params = manager.restore_params(manager.best_step(), state.params["policy"])
+    best_params, _ = manager.restore_best_params(state.params["policy"])
     manager.close()
     return state.params["policy"], best_params, it >= r.iterations or stopped_early()
 

@@ -122,6 +122,27 @@ def test_best_of_tied_steps_is_the_latest_and_keep_best_0_has_none(tmp_path):
     ck.close()
 
 
+def test_an_unreadable_best_step_falls_back_to_the_next_best(tmp_path, caplog):
+    """A kept best step damaged on disk failed the run at its very end (restoring the best policy for the export
+    and the test evaluation); it is skipped with a warning for the next best readable step."""
+    states = {s: _state(seed=s) for s in (1, 2, 3)}
+    ck = Checkpointer(CheckpointConfig(str(tmp_path), keep_last=1, keep_best=2, best_metric="acc"))
+    for s, acc in ((1, 0.5), (2, 0.75), (3, 0.25)):
+        ck.save(s, states[s], metric=acc)
+    ck.wait()
+    abstract = abstract_like(states[1].params["policy"])
+    params, step = ck.restore_best_params(abstract)
+    assert step == 2 and step == ck.best_step()
+    _assert_equal_trees(params, states[2].params["policy"])
+    victim = max((p for p in (tmp_path / "2" / "state").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 3])
+    with caplog.at_level(logging.WARNING, logger="reftjax.checkpoint"):
+        params, step = ck.restore_best_params(abstract)
+    assert step == 1 and "best step 2" in caplog.text
+    _assert_equal_trees(params, states[1].params["policy"])
+    ck.close()
+
+
 def test_save_every_and_nonfinite_guard(tmp_path, caplog):
     st = _state()
     ck = Checkpointer(CheckpointConfig(str(tmp_path), save_every=2))
