@@ -549,7 +549,7 @@ def test_sft_step_time_is_one_step_not_two(tmp_path, monkeypatch):
             return x.value
         return jax.device_get(x)
 
-    fake_jax = types.SimpleNamespace(**{k: getattr(jax, k) for k in ("random", "tree", "device_get")})
+    fake_jax = types.SimpleNamespace(**{k: getattr(jax, k) for k in ("random", "tree", "device_get", "process_count")})
     fake_jax.device_get, fake_jax.block_until_ready = wait, wait
     monkeypatch.setattr(T, "jax", fake_jax)
     monkeypatch.setattr(T, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
