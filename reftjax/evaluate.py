@@ -70,7 +70,8 @@ def majority_correct(grades, weights=None) -> bool:
 
 
 def evaluate(params, model_cfg, tokenizer, ds: TokenizedDataset, items: Sequence[dict], grader,
-             cfg: EvalConfig, *, mesh=None, rng=None, eos_ids=(), pad_id=0, progress=None, verifier=None) -> dict:
+             cfg: EvalConfig, *, mesh=None, rng=None, eos_ids=(), pad_id=0, progress=None, verifier=None,
+             stop_sequences=()) -> dict:
     """Accuracy of `params` on every example of `ds` (graded against `items[example_idx]`).
 
     Returns {"accuracy", "voting_accuracy" (if k > 0), "n", "mean_length", "samples": [...first 8...]}.
@@ -81,13 +82,17 @@ def evaluate(params, model_cfg, tokenizer, ds: TokenizedDataset, items: Sequence
     """
     if items:  # a grader that cannot read these items would score every row 0 and report 0% accuracy
         grader.validate(items[0])
+    # the model's EOS unless given (none decoded every row to max_new_tokens, the text after the EOS glued on); a run
+    # passes its RL stopping rule (rl.sampling eos_ids / stop_sequences), so selection and test see the same rule
+    eos_ids = tuple(eos_ids) or tuple(model_cfg.eos_token_ids)
+    stop_sequences = tuple(tuple(q) for q in stop_sequences)
     loader = Loader(ds, LoaderConfig(batch_size=cfg.batch_size, kind="prompt", shuffle=False, drop_last=False,
                                      num_epochs=1), mesh=mesh)
-    greedy = SamplingConfig(max_new_tokens=cfg.max_new_tokens, greedy=True, eos_ids=tuple(eos_ids), pad_id=pad_id,
-                            decode_segments=cfg.decode_segments)
+    greedy = SamplingConfig(max_new_tokens=cfg.max_new_tokens, greedy=True, eos_ids=eos_ids, pad_id=pad_id,
+                            decode_segments=cfg.decode_segments, stop_sequences=stop_sequences)
     vote = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.voting_temperature, n=cfg.voting_k,
-                          eos_ids=tuple(eos_ids), pad_id=pad_id,
-                          decode_segments=cfg.decode_segments) if cfg.voting_k else None
+                          eos_ids=eos_ids, pad_id=pad_id, decode_segments=cfg.decode_segments,
+                          stop_sequences=stop_sequences) if cfg.voting_k else None
     rng = rng if rng is not None else jax.random.key(1234)
     if verifier is not None and vote is None:
         raise ValueError("rerank@k needs voting samples: set EvalConfig.voting_k > 0")
@@ -95,7 +100,7 @@ def evaluate(params, model_cfg, tokenizer, ds: TokenizedDataset, items: Sequence
     for i, batch in enumerate(loader):
         valid, idx = to_host((batch["valid"], batch["example_idx"]))  # whole batch on every process
         out = rollout(params, batch["prompt_tokens"], batch["prompt_mask"], rng, model_cfg=model_cfg, cfg=greedy)
-        texts = decode_completions(tokenizer, out)
+        texts = decode_completions(tokenizer, out, stop_sequences=stop_sequences)
         rows = [j for j in range(len(valid)) if valid[j]]
         grades = grader.grade_batch([items[idx[j]] for j in rows], [texts[j] for j in rows])
         correct += [g.score >= 1.0 - 1e-6 for g in grades]
@@ -106,7 +111,7 @@ def evaluate(params, model_cfg, tokenizer, ds: TokenizedDataset, items: Sequence
         if vote is not None:
             out_v = rollout(params, batch["prompt_tokens"], batch["prompt_mask"], jax.random.fold_in(rng, i),
                             model_cfg=model_cfg, cfg=vote)
-            texts_v = decode_completions(tokenizer, out_v)
+            texts_v = decode_completions(tokenizer, out_v, stop_sequences=stop_sequences)
             k = cfg.voting_k
             scores = None
             if verifier is not None:

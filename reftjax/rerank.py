@@ -299,7 +299,8 @@ def dedup_rows(texts: Sequence[str], groups: Sequence[int]) -> list[int]:
 
 
 def sample_verifier_data(policy_params, model_cfg: ModelConfig, tokenizer, ds, items: Sequence[dict], grader,
-                         cfg: RerankConfig, *, mesh=None, eos_ids=(), pad_id: int = 0, progress=None) -> VerifierData:
+                         cfg: RerankConfig, *, mesh=None, eos_ids=(), pad_id: int = 0, progress=None,
+                         stop_sequences=()) -> VerifierData:
     """`cfg.samples_per_question` solutions per question of `ds` from `policy_params`, graded and labelled.
 
     Prompts are batched by the prompt loader (its length buckets; a padded last batch is dropped
@@ -313,7 +314,8 @@ def sample_verifier_data(policy_params, model_cfg: ModelConfig, tokenizer, ds, i
                                      drop_last=False, num_epochs=1), mesh=mesh)
     k = cfg.samples_per_question
     samp = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, n=k,
-                          eos_ids=tuple(eos_ids), pad_id=pad_id)
+                          eos_ids=tuple(eos_ids) or tuple(model_cfg.eos_token_ids), pad_id=pad_id,
+                          stop_sequences=tuple(tuple(q) for q in stop_sequences))
     rows, n_seen = [], 0
     for i, batch in enumerate(loader):
         if cfg.n_questions is not None and n_seen >= cfg.n_questions:
@@ -323,7 +325,8 @@ def sample_verifier_data(policy_params, model_cfg: ModelConfig, tokenizer, ds, i
         valid, idx = to_host((batch["valid"], batch["example_idx"]))
         host = to_host({"prompt_tokens": out.prompt_tokens_BxP, "prompt_mask": out.prompt_mask_BxP,
                         "tokens": out.tokens_BxN, "mask": out.mask_BxN, "lengths": out.lengths_B})
-        texts = decode_tokens(tokenizer, host["tokens"], host.pop("lengths"))  # one copy to the host, not two
+        texts = decode_tokens(tokenizer, host["tokens"], host.pop("lengths"),  # one copy to the host, not two
+                              stop_sequences=samp.stop_sequences)
         keep = [j for j in range(len(texts)) if valid[j // k]]
         if cfg.n_questions is not None:
             keep = [j for j in keep if n_seen + j // k < cfg.n_questions]

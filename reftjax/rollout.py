@@ -66,6 +66,16 @@ class SamplingConfig:
     decode_segments: int = 1
 
     def __post_init__(self):
+        # tuples (a jit static argument must hash; lists from Python or JSON did not), and checked: an empty stop
+        # sequence "matched" at every step (every completion one token long)
+        object.__setattr__(self, "eos_ids", tuple(self.eos_ids))
+        object.__setattr__(self, "stop_sequences", tuple(tuple(q) if isinstance(q, (list, tuple)) else q
+                                                         for q in self.stop_sequences))
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in self.eos_ids):
+            raise ValueError(f"eos_ids must be token ids (ints), got {self.eos_ids!r}")
+        if not all(isinstance(q, tuple) and q and all(isinstance(i, int) for i in q) for q in self.stop_sequences):
+            raise ValueError(f"stop_sequences must be non-empty sequences of token ids, e.g. ((198, 198),), got "
+                             f"{self.stop_sequences!r}")
         if self.max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
         if not self.greedy and self.temperature <= 0:
@@ -336,18 +346,27 @@ def encode_prompts(tokenizer, texts: Sequence[str], chat: bool) -> list[list[int
     return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
 
 
-def decode_completions(tokenizer, r: Rollout, skip_special_tokens: bool = True) -> list[str]:
+def decode_completions(tokenizer, r: Rollout, skip_special_tokens: bool = True, stop_sequences=()) -> list[str]:
     from reftjax.sharding import to_host
 
     tokens, lengths = to_host((r.tokens_BxN, r.lengths_B))  # whole batch, also across processes
-    return decode_tokens(tokenizer, tokens, lengths, skip_special_tokens)
+    return decode_tokens(tokenizer, tokens, lengths, skip_special_tokens, stop_sequences)
+
+
+def without_stop(ids: list[int], stop_sequences=()) -> list[int]:
+    """`ids` without a configured stop sequence it ends with. The rollout keeps the stop tokens (sampled actions,
+    mask 1), but its text is not part of the answer: a grader reading `"... is: 42\n\nQuestion:"` found no number."""
+    for q in stop_sequences:
+        if len(q) <= len(ids) and tuple(ids[len(ids) - len(q):]) == tuple(q):
+            return ids[:len(ids) - len(q)]
+    return ids
 
 
 def decode_tokens(tokenizer, tokens_BxN: np.ndarray, lengths_B: np.ndarray,
-                  skip_special_tokens: bool = True) -> list[str]:
-    """Texts of completions already on the host: row i's first `lengths_B[i]` tokens."""
-    return tokenizer.batch_decode([tokens_BxN[i, :lengths_B[i]].tolist() for i in range(len(lengths_B))],
-                                  skip_special_tokens=skip_special_tokens)
+                  skip_special_tokens: bool = True, stop_sequences=()) -> list[str]:
+    """Texts of completions already on the host: row i's first `lengths_B[i]` tokens, less a final stop sequence."""
+    return tokenizer.batch_decode([without_stop(tokens_BxN[i, :lengths_B[i]].tolist(), stop_sequences)
+                                   for i in range(len(lengths_B))], skip_special_tokens=skip_special_tokens)
 
 
 def generate(params, model_cfg: ModelConfig, tokenizer, texts: Sequence[str], *, cfg: SamplingConfig | None = None,

@@ -263,7 +263,7 @@ def run_rl(cfg: ExperimentConfig, model, ref_params, data: Data, grader, mesh, o
     so far, in every metrics line: flat after the first iterations unless something recompiles."""
     r = cfg.rl
     samp = dataclasses.replace(r.sampling, n=r.ppo.group_size if r.ppo.algo != "ppo" else r.sampling.n,
-                               eos_ids=r.sampling.eos_ids or tuple(model.config.eos_token_ids),
+                               eos_ids=_eos_ids(cfg, model),
                                pad_id=model.tokenizer.pad_token_id)
     loader = Loader(data.train_ds, LoaderConfig(batch_size=r.prompts_per_iteration, kind="prompt",
                                                 seed=cfg.seed + 1), mesh=mesh)
@@ -287,7 +287,8 @@ def run_rl(cfg: ExperimentConfig, model, ref_params, data: Data, grader, mesh, o
     logger.rewind({"rl": it, "val": it})  # also when a killed attempt logged iterations but saved none (it = 0)
     _rewind_samples(out, it)
     applied = int(jax.device_get(state.step))  # optimizer updates so far: the schedule's position
-    reward_fn = make_reward_fn(grader, data.train_items, model.tokenizer, guards=r.guards)
+    reward_fn = make_reward_fn(grader, data.train_items, model.tokenizer, guards=r.guards,
+                               stop_sequences=samp.stop_sequences)
     exp_fn = make_experience_fn(model.config, r.ppo, reward_fn)
     step_fn = make_ppo_step(model.config, tx, r.ppo)
     peak = measured_peak_flops()
@@ -333,7 +334,7 @@ def run_rl(cfg: ExperimentConfig, model, ref_params, data: Data, grader, mesh, o
         if r.eval_every and (it % r.eval_every == 0 or it == r.iterations):
             res = evaluate(state.params["policy"], model.config, model.tokenizer, data.val_ds, data.val_items,
                            grader, dataclasses.replace(cfg.eval, voting_k=0), mesh=mesh,
-                           eos_ids=samp.eos_ids, pad_id=samp.pad_id)
+                           eos_ids=samp.eos_ids, pad_id=samp.pad_id, stop_sequences=samp.stop_sequences)
             _record_eval(out, f"val_rl_{it}", res, logger, "val", it)
             metric = res["accuracy"]
             if metric > best:
@@ -374,7 +375,8 @@ def run_rerank(cfg: ExperimentConfig, model, sft_params, data: Data, grader, mes
         n = len(data.train_ds) if rc.n_questions is None else min(rc.n_questions, len(data.train_ds))
         bar = _bar(n, "verifier data", 0, progress)
         vd = sample_verifier_data(sft_params, model.config, model.tokenizer, data.train_ds, data.train_items, grader,
-                                  rc, mesh=mesh, eos_ids=tuple(model.config.eos_token_ids),
+                                  rc, mesh=mesh, eos_ids=_eos_ids(cfg, model),
+                                  stop_sequences=cfg.rl.sampling.stop_sequences,
                                   pad_id=model.tokenizer.pad_token_id, progress=bar)
         bar.close()
         if is_primary():
@@ -475,13 +477,20 @@ def _verifier_for(cfg: ExperimentConfig, name: str, model, sft_params, data: Dat
     return False if verifier is None else verifier
 
 
+def _eos_ids(cfg: ExperimentConfig, model) -> tuple[int, ...]:
+    """The run's EOS ids: rl.sampling.eos_ids, else the model's. RL rollouts, validation, test and the verifier's
+    samples all stop by this one rule (test used the model's alone, so selection and test could differ)."""
+    return tuple(cfg.rl.sampling.eos_ids) or tuple(model.config.eos_token_ids)
+
+
 def _eval_once(name, out, logger, params, model, ds, items, grader, cfg, mesh, step, voting=False, verifier=None):
     evals = _load_evals(out)
     if name in evals and (verifier is None or "rerank_accuracy" in evals[name]):
         return evals[name]
     ecfg = cfg.eval if voting else dataclasses.replace(cfg.eval, voting_k=0)
     res = evaluate(params, model.config, model.tokenizer, ds, items, grader, ecfg, mesh=mesh,
-                   eos_ids=tuple(model.config.eos_token_ids), pad_id=model.tokenizer.pad_token_id, verifier=verifier)
+                   eos_ids=_eos_ids(cfg, model), pad_id=model.tokenizer.pad_token_id, verifier=verifier,
+                   stop_sequences=cfg.rl.sampling.stop_sequences)
     _record_eval(out, name, res, logger, f"eval/{name}", step)  # one TensorBoard group per evaluation
     return {k: v for k, v in res.items() if k != "samples"}
 

@@ -23,7 +23,10 @@ def test_decode_segments_reach_the_rollouts_and_change_no_figure(tiny_hf_dir, sh
 
     def recording(*args, cfg, **kw):
         seen.append((cfg.greedy, cfg.decode_segments))
+        stops.append((cfg.eos_ids, cfg.stop_sequences))
         return real(*args, cfg=cfg, **kw)
+
+    stops = []
 
     monkeypatch.setattr(ev, "rollout", recording)
     results = {}
@@ -31,6 +34,13 @@ def test_decode_segments_reach_the_rollouts_and_change_no_figure(tiny_hf_dir, sh
         ecfg = EvalConfig(batch_size=4, max_new_tokens=12, voting_k=2, decode_segments=k)
         results[k] = ev.evaluate(model.params, model.config, model.tokenizer, data.test_ds, data.test_items, grader,
                                  ecfg, eos_ids=tuple(model.config.eos_token_ids), pad_id=model.tokenizer.pad_token_id)
+    # no eos_ids given: the model's (every row ran to max_new_tokens before); stop sequences reach both rollouts
+    stops.clear()
+    ev.evaluate(model.params, model.config, model.tokenizer, data.test_ds, data.test_items, grader,
+                EvalConfig(batch_size=4, max_new_tokens=12, voting_k=2), pad_id=model.tokenizer.pad_token_id,
+                stop_sequences=[[198, 198]])
+    assert set(stops) == {(tuple(model.config.eos_token_ids), ((198, 198),))} and len(stops) == 4
+    seen[:] = seen[:8]
     # 6 prompts in batches of 4: two greedy and two voting rollouts per evaluation, each with the configured k
     assert seen == [(True, 1), (False, 1)] * 2 + [(True, 3), (False, 3)] * 2
     assert results[1]["n"] == 6 and results[1]["mean_length"] > 0 and "voting_accuracy" in results[1]

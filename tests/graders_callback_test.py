@@ -195,3 +195,23 @@ def test_many_dispatches_without_waiting_do_not_deadlock():  # ~3 s; deadlocked 
 def test_guard_markers_given_as_one_string_are_one_marker():
     cfg = GuardConfig.from_dict({"markers": "Therefore"})
     assert cfg.markers == ("Therefore",)  # was ('T', 'h', 'e', ...): every worked solution flagged
+
+
+def test_a_final_stop_sequence_is_not_graded():
+    """The rollout keeps a stop sequence's tokens (sampled actions, mask 1) but its text is not answer text: a correct
+    "... is: 42" ended by the stop "\n\nQ" read as "42\n\nQ" (not a number, reward 0; helper review)."""
+    from reftjax.rollout import without_stop
+
+    stop = tuple(ord(c) for c in "\n\nQ")
+    texts = ["6 times 7 is 42.\nTherefore, the answer is: 42\n\nQ", "6 times 7 is 42.\nTherefore, the answer is: 42"]
+    ids = np.zeros((2, 64), np.int32)
+    mask = np.zeros((2, 64), np.int32)
+    for b, text in enumerate(texts):
+        ids[b, : len(text)] = [ord(c) for c in text]
+        mask[b, : len(text)] = 1
+    items = [{"answer_value": "42"}]
+    plain = make_reward_fn(ReftGrader(), items, _decode)
+    assert plain(ids, mask, np.zeros(2, np.int32)).tolist() == [0.0, 1.0]
+    fn = make_reward_fn(ReftGrader(), items, _decode, stop_sequences=[stop])
+    assert fn(ids, mask, np.zeros(2, np.int32)).tolist() == [1.0, 1.0]
+    assert without_stop([1, 2, 3], [(2, 3)]) == [1] and without_stop([1, 2, 3], [(1, 2)]) == [1, 2, 3]

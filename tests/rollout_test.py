@@ -296,6 +296,12 @@ def test_sampling_config_rejects_bad_values():
                 dict(decode_segments=0), dict(max_new_tokens=4, decode_segments=5)):
         with pytest.raises(ValueError):
             SamplingConfig(**bad)
+    # an empty stop sequence "matched" every step (every completion 1 token); lists failed as jit static args
+    for bad in (dict(stop_sequences=((),)), dict(stop_sequences=(5, 6)), dict(eos_ids=("2",))):
+        with pytest.raises(ValueError, match="stop_sequences must be non-empty|eos_ids must be token ids"):
+            SamplingConfig(**bad)
+    cfg = SamplingConfig(eos_ids=[2, 3], stop_sequences=[[198, 198]])
+    assert (cfg.eos_ids, cfg.stop_sequences) == ((2, 3), ((198, 198),)) and hash(cfg)
 
 
 # ----------------------------------------------------------------------------- SmolLM2 vs transformers

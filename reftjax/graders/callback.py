@@ -73,11 +73,14 @@ class BatchRecord:
     error: str | None = None
 
 
-def decode_rows(ids_BxT: np.ndarray, mask_BxT: np.ndarray, decode: Decode) -> list[str]:
-    """Decodes each row up to (not including) the first position where the mask is 0."""
+def decode_rows(ids_BxT: np.ndarray, mask_BxT: np.ndarray, decode: Decode, stop_sequences=()) -> list[str]:
+    """Decodes each row up to (not including) the first position where the mask is 0, less a final stop
+    sequence (`rollout.without_stop`: kept in the mask for PPO, but not answer text)."""
+    from reftjax.rollout import without_stop
+
     mask = np.asarray(mask_BxT).astype(bool)
     lengths = np.where(mask.all(axis=1), mask.shape[1], np.argmin(mask, axis=1))
-    rows = [np.asarray(ids_BxT[b, :n]).tolist() for b, n in enumerate(lengths)]
+    rows = [without_stop(np.asarray(ids_BxT[b, :n]).tolist(), stop_sequences) for b, n in enumerate(lengths)]
     return list(decode(rows))
 
 
@@ -85,8 +88,9 @@ class HostRewardFn:
     """Host side of the reward callback; see the module docstring. Thread-safe."""
 
     def __init__(self, grader: Grader, items: Sequence[Item], decode: Decode,
-                 guards: GuardConfig | None = None):
+                 guards: GuardConfig | None = None, stop_sequences=()):
         self.grader, self.items, self.decode = grader, list(items), decode
+        self.stop_sequences = tuple(tuple(q) for q in stop_sequences)
         self.guards = guards if guards is not None and guards.enabled else None
         self.last = BatchRecord()
         self.totals: collections.Counter = collections.Counter()
@@ -112,7 +116,7 @@ class HostRewardFn:
             raise ValueError(f"bad shapes ids {ids.shape} mask {mask.shape} idx {idx.shape}")
         if idx.size and (idx.min() < 0 or idx.max() >= len(self.items)):
             raise IndexError(f"example_idx out of range [0, {len(self.items)}): {idx.min()}..{idx.max()}")
-        texts = decode_rows(ids, mask, self.decode)
+        texts = decode_rows(ids, mask, self.decode, self.stop_sequences)
         items = [self.items[i] for i in idx.tolist()]
         grades = self.grader.grade_batch(items, texts)
         counters = collections.Counter(graded=len(grades), errors=sum(g.error is not None for g in grades))
@@ -134,19 +138,19 @@ def text_decoder(tokenizer) -> Decode:
 
 
 def make_reward_fn(grader: Grader, items: Sequence[Item], decode,
-                   guards: GuardConfig | None = None, validate: bool = True) -> HostRewardFn:
+                   guards: GuardConfig | None = None, validate: bool = True, stop_sequences=()) -> HostRewardFn:
     """Builds the host reward function; checks the grader against the first item up front.
 
     `decode`: the model's tokenizer (anything with `batch_decode`; decoded through `text_decoder`, so
     special tokens such as the EOS are dropped), its bound `batch_decode` (the same), or any
-    `rows -> texts` function, used as given."""
+    `rows -> texts` function, used as given. `stop_sequences` (the rollout's): a final one is not decoded."""
     if hasattr(decode, "batch_decode"):
         decode = text_decoder(decode)
     elif getattr(decode, "__name__", "") == "batch_decode" and hasattr(decode, "__self__"):
         decode = text_decoder(decode.__self__)
     if validate and items:
         grader.validate(items[0])
-    return HostRewardFn(grader, items, decode, guards)
+    return HostRewardFn(grader, items, decode, guards, stop_sequences)
 
 
 def grade_in_jit(host_fn: HostRewardFn, completion_ids_BxT: jax.Array, completion_mask_BxT: jax.Array,
