@@ -3,7 +3,8 @@
     python -m experiments.arithmetic_rl_probe --algo grpo --lr 1e-4 --group 8 --prompts 32 --iters 30
 
 A diagnostic for the arithmetic experiment (`experiments.arithmetic_reft`): one SFT
-warm-up (the experiment's defaults, or `--warmup-samples`), then RL iterations that
+warm-up of exactly `--warmup-samples` samples (the experiment's cap; unlike the experiment it does not stop
+early at the validation target, so it is a stronger warm-up), then RL iterations that
 always sample the same `--prompts` training questions. With the update right, the
 sampled correct rate on those prompts must climb (the policy can at least learn these
 answers); how fast it climbs measures the RL signal per sample at this model size.
@@ -42,9 +43,13 @@ def main(argv=None) -> list[dict]:
 
     group = args.group if args.algo == "grpo" else 1
     rows = args.prompts * group
-    cfg = ar.ExpConfig(rl_batch=rows, minibatch_size=args.minibatch, ppo_lr=args.lr, grpo_lr=args.lr,
-                       grpo_group=max(group, 2), eval_every=rows * 16, arm_samples=rows * 16,
-                       warmup_samples=args.warmup_samples)
+    minibatch = min(args.minibatch, rows)  # PPO's 32 rows under the default 64 failed in ExpConfig's check
+    if rows % minibatch or (args.algo == "grpo" and (group < 2 or minibatch % group)):
+        ap.error(f"--prompts x samples per prompt = {rows} rows must be a multiple of --minibatch {minibatch}"
+                 + (f", and --minibatch of --group {group} >= 2" if args.algo == "grpo" else ""))
+    cfg = ar.ExpConfig(rl_batch=rows, minibatch_size=minibatch, ppo_lr=args.lr, grpo_lr=args.lr,
+                       grpo_group=group if args.algo == "grpo" else 1, eval_every=rows * 16,
+                       arm_samples=rows * 16, warmup_samples=args.warmup_samples)
     tok = task.build_tokenizer()
     data = ar.build_data(cfg, tok)
     run = ar.Runner(cfg, data, tok)

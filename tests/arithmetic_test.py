@@ -206,6 +206,10 @@ def test_rl_probe_runs_and_reports_finite_metrics():
         assert 0.0 <= h["correct"] <= 1.0 and 0.0 <= h["reward"] <= 1.0
         assert all(np.isfinite(v) for v in h.values())
     assert history[0]["kl"] == pytest.approx(0.0, abs=1e-5)  # first rollout comes from the reference itself
+    # PPO on its default --minibatch (64 > its 4 rows) failed in ExpConfig's check with a traceback (helper review)
+    assert len(probe.main(["--algo", "ppo", "--prompts", "4", "--iters", "1", "--warmup-samples", "32"])) == 1
+    with pytest.raises(SystemExit):  # argparse error naming the probe's own flags
+        probe.main(["--algo", "grpo", "--group", "3", "--prompts", "4", "--minibatch", "8", "--iters", "1"])
 
 
 def test_rerank_experiment_runs_and_reports_consistent_accuracies(tmp_path):
