@@ -357,6 +357,10 @@ def train_rl(runner: Runner, warm, algo: str, lr: float, seed: int, on_eval):
             stats = []
 
 
+# The arms' data order and RL key: seed + 1 was the next seed's warm-up order and model-init key (correlated seeds).
+ARM_SEED = 10_000
+
+
 def run_seed(runner: Runner, seed: int) -> dict:
     """Warm-up, then every arm from the warm-up; per-arm curve and validation-selected accuracies."""
     import jax
@@ -384,10 +388,10 @@ def run_seed(runner: Runner, seed: int) -> dict:
         print(f"  seed {seed} arm {arm}", flush=True)
         track = Tracker(runner, start, warm)
         if arm == "sft":
-            train_sft(runner, warm, cfg.arm_samples, cfg.sft_lr, "constant", seed + 1, track, cfg.eval_every)
+            train_sft(runner, warm, cfg.arm_samples, cfg.sft_lr, "constant", ARM_SEED + seed, track, cfg.eval_every)
         else:
             lr = cfg.ppo_lr if arm == "reft" else cfg.grpo_lr
-            train_rl(runner, warm, "ppo" if arm == "reft" else "grpo", lr, seed + 1, track)
+            train_rl(runner, warm, "ppo" if arm == "reft" else "grpo", lr, ARM_SEED + seed, track)
         out[arm] = {"val": track.best["val"], "test": track.best["test"], "samples": track.best["samples"],
                     "hard": runner.accuracy(track.best_params, "hard"), "curve": track.curve,
                     "seconds": time.time() - t0}

@@ -61,6 +61,13 @@ def test_splits_are_disjoint_deterministic_and_hard_has_one_more_step(splits):
     cfg = task.TaskConfig()
     q = {k: {p["question"] for p in v} for k, v in splits.items()}
     assert not (q["train"] & q["val"]) and not (q["train"] & q["test"]) and not (q["val"] & q["test"])
+    # and by arithmetic: 16-18% of val/test problems repeated a training problem's start and operations (in some order)
+    # under other names, items or distractors, so their answers were recall (helper review, session 20)
+    k = {name: {p["key"] for p in v} for name, v in splits.items()}
+    assert not (k["train"] & k["val"]) and not (k["train"] & k["test"]) and not (k["val"] & k["test"])
+    big = task.make_splits(cfg, 5000, 500, 400, 0, seed=0)
+    train_keys = {p["key"] for p in big["train"]}
+    assert not any(p["key"] in train_keys for p in big["val"] + big["test"])
     assert {p["n_steps"] for p in splits["train"]} == set(range(cfg.min_steps, cfg.max_steps + 1))
     assert {p["n_steps"] for p in splits["hard"]} == {cfg.max_steps + 1}
     assert task.make_splits(cfg, 300, 50, 50, 50, seed=0) == splits
