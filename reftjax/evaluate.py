@@ -85,7 +85,6 @@ def evaluate(params, model_cfg, tokenizer, ds: TokenizedDataset, items: Sequence
     # the model's EOS unless given (none decoded every row to max_new_tokens, the text after the EOS glued on); a run
     # passes its RL stopping rule (rl.sampling eos_ids / stop_sequences), so selection and test see the same rule
     eos_ids = tuple(eos_ids) or tuple(model_cfg.eos_token_ids)
-    stop_sequences = tuple(tuple(q) for q in stop_sequences)
     loader = Loader(ds, LoaderConfig(batch_size=cfg.batch_size, kind="prompt", shuffle=False, drop_last=False,
                                      num_epochs=1), mesh=mesh)
     greedy = SamplingConfig(max_new_tokens=cfg.max_new_tokens, greedy=True, eos_ids=eos_ids, pad_id=pad_id,

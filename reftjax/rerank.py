@@ -36,6 +36,7 @@ import optax
 from reftjax import losses
 from reftjax.graders.base import has_answer
 from reftjax.models import ModelConfig, forward
+from reftjax.sharding import replicated_like
 from reftjax.steps import OptimConfig, TrainState, _apply_update
 
 CORRECT = 1.0 - 1e-6  # a grade at or above this counts as a correct answer (graders score in [0, 1])
@@ -93,18 +94,7 @@ def init_verifier(policy_params, model_cfg: ModelConfig, rng: jax.Array) -> dict
     """The verifier's parameters: a copy of `policy_params` plus a fresh score head, replicated over the policy's
     mesh when it has one (left on one device, the first step on a multi-device mesh failed: incompatible devices)."""
     return {"backbone": jax.tree.map(jnp.copy, policy_params),
-            "score": place_like_policy(init_score_head(model_cfg, rng), policy_params)}
-
-
-def place_like_policy(head, policy_params):
-    """`head` replicated over the mesh of `policy_params` (as is), or unchanged on a single device."""
-    from reftjax.sharding import mesh_of, put, replicated
-
-    mesh = mesh_of(policy_params)
-    if mesh is None:
-        return head
-
-    return put(head, jax.tree.map(lambda _: replicated(mesh), head))
+            "score": replicated_like(init_score_head(model_cfg, rng), policy_params)}
 
 
 def _joined(prompt_tokens_BxP, prompt_mask_BxP, tokens_BxN, mask_BxN):
@@ -315,7 +305,7 @@ def sample_verifier_data(policy_params, model_cfg: ModelConfig, tokenizer, ds, i
     k = cfg.samples_per_question
     samp = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, n=k,
                           eos_ids=tuple(eos_ids) or tuple(model_cfg.eos_token_ids), pad_id=pad_id,
-                          stop_sequences=tuple(tuple(q) for q in stop_sequences))
+                          stop_sequences=stop_sequences)
     rows, n_seen = [], 0
     for i, batch in enumerate(loader):
         if cfg.n_questions is not None and n_seen >= cfg.n_questions:

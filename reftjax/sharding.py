@@ -182,7 +182,8 @@ def replicated_share(logical_tree, shapes_tree, shardings_tree, mesh: Mesh, rule
         nbytes = int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
         total += nbytes
         wanted = {ax for name in spec if name is not None for ax in _mesh_axes(name, rules) if mesh.shape[ax] > 1}
-        used = {ax for entry in sh.spec if entry is not None for ax in (entry if isinstance(entry, tuple) else (entry,))}
+        used = {ax for entry in sh.spec if entry is not None
+                for ax in (entry if isinstance(entry, tuple) else (entry,))}
         if wanted - used:
             dropped += nbytes
             names.append(jax.tree_util.keystr(path))
@@ -259,3 +260,10 @@ def mesh_of(tree) -> Mesh | None:
     """The Mesh of the first NamedSharding-placed leaf of `tree`, or None (single device)."""
     return next((x.sharding.mesh for x in jax.tree.leaves(tree)
                  if isinstance(getattr(x, "sharding", None), NamedSharding)), None)
+
+
+def replicated_like(tree, like):
+    """`tree` replicated over the mesh of `like` (all processes), or unchanged when `like` has no mesh: a fresh head
+    beside sharded params, not left on one device (a jitted step then fails: incompatible devices)."""
+    mesh = mesh_of(like)
+    return tree if mesh is None else put(tree, jax.tree.map(lambda _: replicated(mesh), tree))

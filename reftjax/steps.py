@@ -35,7 +35,7 @@ import numpy as np
 import optax
 
 from reftjax import losses
-from reftjax.sharding import mesh_of
+from reftjax.sharding import mesh_of, replicated_like
 from reftjax.models import (ModelConfig, ValueHead, forward, init_value_head, lm_head_weight, lm_logits,
                             positions_from_mask)
 
@@ -515,13 +515,7 @@ def init_rl_params(policy: dict, model_cfg: ModelConfig, cfg: PPOConfig, rng: ja
     must survive donation)."""
     params = {"policy": policy}
     if cfg.algo == "ppo":
-        params["value_head"] = init_value_head(model_cfg, rng)
-        mesh = mesh_of(policy)
-        if mesh is not None:  # replicated over the policy's mesh (all processes), not left on one device
-            from reftjax.sharding import put, replicated
-
-            params["value_head"] = put(params["value_head"],
-                                       jax.tree.map(lambda _: replicated(mesh), params["value_head"]))
+        params["value_head"] = replicated_like(init_value_head(model_cfg, rng), policy)
         if cfg.critic == "separate":
             params["critic"] = jax.tree.map(jnp.copy, policy)
     return params

@@ -42,11 +42,10 @@ from reftjax.graders import build_grader
 from reftjax.graders.callback import make_reward_fn
 from reftjax.hf import load_model, save_hf
 from reftjax.metrics import MetricsLogger, measured_peak_flops, mfu, rl_iteration_flops
-from reftjax.rerank import (VerifierData, init_score_head, init_verifier, make_verifier_step, place_like_policy,
-                            sample_verifier_data)
+from reftjax.rerank import VerifierData, init_score_head, init_verifier, make_verifier_step, sample_verifier_data
 from reftjax.rollout import completion_buckets, rollout, trim_to_bucket
-from reftjax.sharding import (BATCH_AXES, is_primary, make_mesh, maybe_initialize_distributed, shard_batch,
-                              to_host)
+from reftjax.sharding import (BATCH_AXES, is_primary, make_mesh, maybe_initialize_distributed, replicated_like,
+                              shard_batch, to_host)
 from reftjax.steps import (init_rl_params, init_state, make_experience_fn, make_optimizer, make_ppo_step, make_sft_step,
                            ppo_updates_per_step, schedule_value)
 
@@ -365,9 +364,8 @@ def run_rerank(cfg: ExperimentConfig, model, sft_params, data: Data, grader, mes
     vdir = out / "checkpoints" / "verifier"
     if marker.exists():  # restore onto shapes and shardings only: no copy of the backbone
         abstract = {"backbone": ckpt.abstract_like(sft_params),
-                    "score": ckpt.abstract_like(place_like_policy(init_score_head(model.config,
-                                                                                    jax.random.key(rc.seed)),
-                                                                    sft_params))}
+                    "score": ckpt.abstract_like(replicated_like(init_score_head(model.config, jax.random.key(rc.seed)),
+                                                                  sft_params))}
         return ckpt.restore_params(vdir / str(json.loads(marker.read_text())["step"]), abstract, key="verifier")
     if data_path.exists():
         vd = VerifierData.load(data_path)
@@ -514,11 +512,13 @@ def check_batch_sizes(cfg: ExperimentConfig, mesh) -> None:
     if cfg.rl.iterations:
         sizes["rl.prompts_per_iteration"] = cfg.rl.prompts_per_iteration
     if cfg.rerank.epochs:
-        sizes.update({"rerank.batch_size": cfg.rerank.batch_size, "rerank.prompts_per_batch": cfg.rerank.prompts_per_batch})
+        sizes.update({"rerank.batch_size": cfg.rerank.batch_size,
+                      "rerank.prompts_per_batch": cfg.rerank.prompts_per_batch})
     bad = {k: v for k, v in sizes.items() if v % shards}
     if bad:
-        raise SettingsError(f"{', '.join(f'{k}={v}' for k, v in bad.items())}: must be a multiple of the {shards} devices "
-                         f"of the mesh's batch axes {BATCH_AXES} (mesh {dict(mesh.shape)})")
+        named = ", ".join(f"{k}={v}" for k, v in bad.items())
+        raise SettingsError(f"{named}: must be a multiple of the {shards} devices of the mesh's batch axes "
+                            f"{BATCH_AXES} (mesh {dict(mesh.shape)})")
 
 
 class RunDirError(ValueError):
