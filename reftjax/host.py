@@ -1,4 +1,5 @@
-"""Host-memory allocator setting for XLA:CPU runs (the `cpu` presets, benches), and the CPU a figure was taken on.
+"""Host settings for XLA:CPU runs (the `cpu` presets, benches): the memory allocator, one XLA device per core,
+and the CPU a figure was taken on.
 
 XLA:CPU allocates its large temporaries (activations, scan residuals, logits) with
 `malloc` on every step. glibc serves each block above its mmap threshold (at most
@@ -92,6 +93,51 @@ def started_as_module(package: str) -> bool:
     return target == package or target.startswith(package + ".")
 
 
+_DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def use_core_devices(count: int | None = None) -> int:
+    """Have XLA:CPU present `count` devices (default: one per core this process may use); call before JAX starts.
+
+    XLA:CPU runs a program's ops one after another and spreads an op over the cores only when it is
+    large: at decode sizes (GEMMs of 32 rows, norms and softmaxes over [32, ...]) much of a step leaves
+    the second core idle. With one device per core, a batch split over a data mesh runs as one program
+    per device, side by side, on the same cores. On the 2-core VM the b=32 256-token rollout of
+    SmolLM2-135M took ~39 s on a 2-device mesh against 42-54 s on one device, tokens identical
+    (BUILD_NOTES, session 21); `bench/rollout.py` runs this way. Rows that the device count does not
+    divide (batch 1) still run on one device.
+
+    Returns the host device count in force. A count already in XLA_FLAGS stands (the user's choice),
+    `REFTJAX_CPU_DEVICES=n` overrides `count` (1: leave XLA's single device), and once JAX's backends
+    are up it changes nothing (XLA reads the flag when the CPU backend starts) and returns their count.
+    """
+    flags = os.environ.get("XLA_FLAGS", "").split()
+    for flag in flags:
+        if flag.startswith(_DEVICE_COUNT_FLAG + "="):
+            return int(flag.partition("=")[2])
+    if "jax" in sys.modules:
+        from jax._src import xla_bridge
+
+        if xla_bridge.backends_are_initialized():
+            import jax
+
+            return len(jax.devices("cpu"))
+    env = os.environ.get("REFTJAX_CPU_DEVICES")
+    try:
+        n = int(env) if env else (count or _cores())
+    except ValueError:
+        raise ValueError(f"REFTJAX_CPU_DEVICES={env!r} must be a whole number of devices") from None
+    if n < 1:
+        raise ValueError(f"use_core_devices: the device count must be >= 1, got {n}")
+    if n > 1:
+        os.environ["XLA_FLAGS"] = " ".join([*flags, f"{_DEVICE_COUNT_FLAG}={n}"])
+    return n
+
+
 _ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_tile", "amx_bf16",
               "asimd", "sve", "sve2")
 
@@ -125,5 +171,4 @@ def cpu_description() -> dict:
     except OSError:
         info = {"model_name": platform.processor() or platform.machine(), "vendor": "", "family_model": "?/?",
                 "isa": []}
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {**info, "machine": platform.machine(), "cores": cores}
+    return {**info, "machine": platform.machine(), "cores": _cores()}

@@ -130,3 +130,29 @@ def test_cpu_description_of_this_host():
                       ("flags", "Features")), [])
         assert ("avx2" in cpu["isa"]) == ("avx2" in flags) and ("avx512f" in cpu["isa"]) == ("avx512f" in flags)
     json.dumps(cpu)  # goes into the benches' JSON lines as it is
+
+
+_DEVICES = textwrap.dedent("""
+    import json, os, sys
+    from reftjax.host import use_core_devices
+    n = use_core_devices(int(sys.argv[1]) if len(sys.argv) > 1 else None)
+    import jax
+    print(json.dumps({"returned": n, "devices": len(jax.devices("cpu")), "flags": os.environ.get("XLA_FLAGS", ""),
+                      "again": use_core_devices(5)}))
+""")
+
+
+def test_use_core_devices_splits_the_cpu_before_jax_starts():
+    clean = {"XLA_FLAGS": "--xla_cpu_enable_fast_math=false"}  # a user's other flags are kept
+    out = _run(["-c", _DEVICES, "3"], clean)
+    assert (out["returned"], out["devices"], out["again"]) == (3, 3, 3)  # once JAX is up, the count stands
+    assert out["flags"] == "--xla_cpu_enable_fast_math=false --xla_force_host_platform_device_count=3"
+    cores = len(os.sched_getaffinity(0))
+    out = _run(["-c", _DEVICES], clean)  # default: one device per core
+    assert (out["returned"], out["devices"]) == (cores, cores)
+    out = _run(["-c", _DEVICES, "3"], {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})  # the user's count
+    assert (out["returned"], out["devices"]) == (2, 2)
+    out = _run(["-c", _DEVICES, "3"], {"XLA_FLAGS": "", "REFTJAX_CPU_DEVICES": "1"})  # opted out
+    assert (out["returned"], out["devices"], out["flags"]) == (1, 1, "")
+    with pytest.raises(AssertionError, match="REFTJAX_CPU_DEVICES='two' must be a whole number"):
+        _run(["-c", _DEVICES], {"XLA_FLAGS": "", "REFTJAX_CPU_DEVICES": "two"})
