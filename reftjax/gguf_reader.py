@@ -85,12 +85,21 @@ def _hf_config(meta: dict, tensor_names: set, path: pathlib.Path):
         rope_theta=float(g("rope.freq_base", 10000.0)),
         tie_word_embeddings="output.weight" not in tensor_names,
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
-        eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
+        eos_token_id=_eos_ids(meta),
         pad_token_id=meta.get("tokenizer.ggml.padding_token_id"),
     )
     # A llama-arch file is a LlamaConfig whatever its name: a MistralConfig (chosen by name) invented a 4096-token
     # sliding window that GGUF does not state and Mistral v0.2+ do not have (transformers reads them as llama too)
     return (Qwen2Config if arch == "qwen2" else LlamaConfig)(**kw)
+
+
+def _eos_ids(meta: dict):
+    """The ids that end a generation: `eos_token_id`, and the end-of-turn / end-of-message ids where the file
+    names other ones (Llama-3 GGUFs: eos 128001 `<|end_of_text|>`, eot 128009 `<|eot_id|>`, which ends every chat
+    reply). An int when there is one, a list otherwise (as Llama-3's own config.json has it)."""
+    ids = [meta.get(f"tokenizer.ggml.{key}_token_id") for key in ("eos", "eot", "eom")]
+    ids = list(dict.fromkeys(int(i) for i in ids if i is not None))
+    return None if not ids else ids[0] if len(ids) == 1 else ids
 
 
 def _tokenizer(meta: dict, arch: str):

@@ -194,7 +194,7 @@ def test_missing_and_misshapen_tensors_are_named(tiny_dir, random_params):
         load_model(tiny_dir, with_tokenizer=False)
 
 
-def _tiny_gguf(path, arch, rope_freqs=None, head_dim=None, name=None):
+def _tiny_gguf(path, arch, rope_freqs=None, head_dim=None, name=None, special=None):
     """A 1-layer GGUF written with the `gguf` package; returns the tensors as stored."""
     import gguf
 
@@ -205,6 +205,8 @@ def _tiny_gguf(path, arch, rope_freqs=None, head_dim=None, name=None):
         w.add_key_length(hd), w.add_value_length(hd), w.add_rope_dimension_count(hd)
     if name is not None:
         w.add_name(name)
+    for key, value in (special or {}).items():  # e.g. {"eos": 2, "eot": 3}
+        w.add_uint32(f"tokenizer.ggml.{key}_token_id", value)
     w.add_block_count(1), w.add_context_length(64), w.add_embedding_length(h), w.add_feed_forward_length(f)
     w.add_head_count(nh), w.add_head_count_kv(nkv), w.add_layer_norm_rms_eps(1e-6), w.add_rope_freq_base(1e4)
     w.add_vocab_size(v), w.add_token_list([f"t{i}" for i in range(v)])
@@ -259,6 +261,19 @@ def test_gguf_head_dim_is_read_and_a_mistral_name_invents_no_sliding_window(tmp_
     assert type(cfg).__name__ == "LlamaConfig" and getattr(cfg, "sliding_window", None) is None
     assert cfg.head_dim == want.head_dim == 16 and tensors["model.layers.0.self_attn.q_proj.weight"].shape == (32, 16)
     assert getattr(want, "sliding_window", None) is None
+
+
+def test_gguf_end_of_turn_ids_stop_generation_too(tmp_path):
+    """Llama-3 GGUFs name eos <|end_of_text|> and eot <|eot_id|>, and every chat reply ends with the eot: only the eos
+    was read, so a chat rollout never stopped before its token cap (session 20's left-alone list)."""
+    from reftjax.gguf_reader import read_gguf
+    from reftjax.models.config import from_hf_config
+
+    _tiny_gguf(tmp_path / "l3.gguf", "llama", special={"bos": 1, "eos": 2, "eot": 5, "eom": 6})
+    cfg, _, _ = read_gguf(tmp_path / "l3.gguf", with_tokenizer=False)
+    assert cfg.eos_token_id == [2, 5, 6] and from_hf_config(cfg).eos_token_ids == (2, 5, 6)
+    _tiny_gguf(tmp_path / "s.gguf", "llama", special={"eos": 2, "eot": 2})  # the same id once, as an int
+    assert read_gguf(tmp_path / "s.gguf", with_tokenizer=False)[0].eos_token_id == 2
 
 
 @pytest.mark.parametrize("change,message", [
