@@ -287,7 +287,7 @@ def run_rl(cfg: ExperimentConfig, model, ref_params, data: Data, grader, mesh, o
     _rewind_samples(out, it)
     applied = int(jax.device_get(state.step))  # optimizer updates so far: the schedule's position
     reward_fn = make_reward_fn(grader, data.train_items, model.tokenizer, guards=r.guards,
-                               stop_sequences=samp.stop_sequences)
+                               stop_sequences=samp.stop_sequences, eos_ids=samp.eos_ids)
     exp_fn = make_experience_fn(model.config, r.ppo, reward_fn)
     step_fn = make_ppo_step(model.config, tx, r.ppo)
     peak = measured_peak_flops()

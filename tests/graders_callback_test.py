@@ -145,6 +145,28 @@ def test_guards_zero_flagged_rewards_and_count():
     assert off(ids, mask, np.zeros(3, np.int32)).tolist() == [1.0, 1.0, 1.0] and "too_long" not in off.last.counters
 
 
+def test_too_long_leaves_out_a_final_eos_or_stop_sequence():
+    """A reply that stopped exactly at the token cap is not cut off: counting its EOS (or stop sequence) flagged it
+    `too_long` and zeroed a correct answer (session 20's left-alone list)."""
+    body = "two and two make four, as anyone can count\nTherefore, the answer is: 4"
+    eos, stop = 3, (ord("\n"), ord("Q"))
+    rows = [[ord(c) for c in body] + [eos],  # finished on the EOS at the cap
+            [ord(c) for c in body] + list(stop),  # finished on the stop sequence at the cap
+            [ord(c) for c in body + "!"]]  # cut off at the cap
+    ids = np.zeros((3, 80), np.int32)
+    mask = np.zeros((3, 80), np.int32)
+    for b, row in enumerate(rows):
+        ids[b, : len(row)], mask[b, : len(row)] = row, 1
+    guards = GuardConfig(max_tokens=len(body) + 1)
+    decode = lambda rows: _decode([[t for t in r if t != eos] for r in rows])  # noqa: E731 - special tokens dropped
+    fn = make_reward_fn(ReftGrader(), [{"answer_value": "4"}], decode, guards=guards, stop_sequences=[stop],
+                        eos_ids=(eos,))
+    assert fn(ids[:2], mask[:2], np.zeros(2, np.int32)).tolist() == [1.0, 1.0]
+    assert fn.last.counters.get("too_long", 0) == 0
+    fn(ids, mask, np.zeros(3, np.int32))
+    assert fn.last.counters["too_long"] == 1 and fn.last.grades[2].details["guards"] == ["too_long"]
+
+
 def test_hash_marker_skips_markdown_headings():
     """GSM8K's `#### 42` is an answer marker; a Markdown heading `#### Step 1` is not (it used to count: a
     structured CoT was flagged `repeated_answer`/`no_reasoning` and its reward zeroed)."""

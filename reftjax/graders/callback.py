@@ -88,9 +88,10 @@ class HostRewardFn:
     """Host side of the reward callback; see the module docstring. Thread-safe."""
 
     def __init__(self, grader: Grader, items: Sequence[Item], decode: Decode,
-                 guards: GuardConfig | None = None, stop_sequences=()):
+                 guards: GuardConfig | None = None, stop_sequences=(), eos_ids=()):
         self.grader, self.items, self.decode = grader, list(items), decode
         self.stop_sequences = tuple(tuple(q) for q in stop_sequences)
+        self.eos_ids = frozenset(int(e) for e in eos_ids)
         self.guards = guards if guards is not None and guards.enabled else None
         self.last = BatchRecord()
         self.totals: collections.Counter = collections.Counter()
@@ -121,10 +122,21 @@ class HostRewardFn:
         grades = self.grader.grade_batch(items, texts)
         counters = collections.Counter(graded=len(grades), errors=sum(g.error is not None for g in grades))
         if self.guards is not None:
-            lengths = mask.astype(bool).cumprod(axis=1).sum(axis=1)
-            grades, flags = apply_guards(self.guards, texts, lengths.tolist(), grades)
+            grades, flags = apply_guards(self.guards, texts, self._content_lengths(ids, mask), grades)
             counters.update(flags)
         return texts, grades, dict(counters)
+
+    def _content_lengths(self, ids: np.ndarray, mask: np.ndarray) -> list[int]:
+        """Completion tokens before a final EOS or stop sequence: a reply that stopped exactly at the token cap is
+        not `too_long` (counting its EOS flagged it as if it had been cut off)."""
+        lengths = mask.astype(bool).cumprod(axis=1).sum(axis=1)
+        from reftjax.rollout import without_stop
+
+        out = []
+        for row, n in zip(ids.tolist(), lengths.tolist()):
+            row = row[:n]
+            out.append(n - 1 if row and row[-1] in self.eos_ids else len(without_stop(row, self.stop_sequences)))
+        return out
 
 
 def text_decoder(tokenizer) -> Decode:
@@ -138,19 +150,21 @@ def text_decoder(tokenizer) -> Decode:
 
 
 def make_reward_fn(grader: Grader, items: Sequence[Item], decode,
-                   guards: GuardConfig | None = None, validate: bool = True, stop_sequences=()) -> HostRewardFn:
+                   guards: GuardConfig | None = None, validate: bool = True, stop_sequences=(),
+                   eos_ids=()) -> HostRewardFn:
     """Builds the host reward function; checks the grader against the first item up front.
 
     `decode`: the model's tokenizer (anything with `batch_decode`; decoded through `text_decoder`, so
     special tokens such as the EOS are dropped), its bound `batch_decode` (the same), or any
-    `rows -> texts` function, used as given. `stop_sequences` (the rollout's): a final one is not decoded."""
+    `rows -> texts` function, used as given. `stop_sequences` (the rollout's): a final one is not decoded;
+    `eos_ids` (the rollout's): the guards' token count leaves a final one out, as it does a final stop sequence."""
     if hasattr(decode, "batch_decode"):
         decode = text_decoder(decode)
     elif getattr(decode, "__name__", "") == "batch_decode" and hasattr(decode, "__self__"):
         decode = text_decoder(decode.__self__)
     if validate and items:
         grader.validate(items[0])
-    return HostRewardFn(grader, items, decode, guards, stop_sequences)
+    return HostRewardFn(grader, items, decode, guards, stop_sequences, eos_ids)
 
 
 def grade_in_jit(host_fn: HostRewardFn, completion_ids_BxT: jax.Array, completion_mask_BxT: jax.Array,

@@ -5,8 +5,9 @@ multiplied by `discount` (`action="discount"`). Counters (`{"too_long": n, ...}`
 batch so the training loop can report them (`HostRewardFn.last.counters`, `.totals`).
 
 Checks:
-  * `too_long`: the completion used at least `max_tokens` tokens (it hit the length limit, so
-    it was probably truncated, or it is padding its reasoning).
+  * `too_long`: the completion used at least `max_tokens` tokens, a final EOS or stop sequence
+    not counted (it hit the length limit, so it was probably truncated, or it is padding its
+    reasoning; one that stopped exactly at the cap is not flagged).
   * `no_reasoning`: fewer than `min_reasoning_chars` non-space characters before the answer
     marker (a bare answer with no working).
   * `repeated_answer`: an answer marker occurs more than `max_answer_markers` times (stating
