@@ -23,6 +23,7 @@ never: no callbacks, no Python loop over tokens.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import Any, Sequence
 
 import flax.struct
@@ -369,6 +370,9 @@ def decode_tokens(tokenizer, tokens_BxN: np.ndarray, lengths_B: np.ndarray,
                                    for i in range(len(lengths_B))], skip_special_tokens=skip_special_tokens)
 
 
+_GENERATE_CALLS = itertools.count()  # generate()'s default keys: fold_in(key(0), call number)
+
+
 def generate(params, model_cfg: ModelConfig, tokenizer, texts: Sequence[str], *, cfg: SamplingConfig | None = None,
              chat: bool = True, rng: jax.Array | None = None, prompt_buckets: Sequence[int] = (64, 128, 256, 512),
              batch_size: int | None = None, mesh=None) -> list[str]:
@@ -376,6 +380,8 @@ def generate(params, model_cfg: ModelConfig, tokenizer, texts: Sequence[str], *,
 
     Rows are padded to `batch_size` (default: len(texts)) so repeated calls with
     the same sizes reuse one compiled program. Returns len(texts) * cfg.n strings.
+    Without `rng`, call k of this process samples with `fold_in(key(0), k)`: a script's calls draw
+    fresh samples each time and the same ones on a rerun (one fixed key repeated every sample).
     `cfg` defaults to greedy decoding; a `cfg` without `eos_ids` gets the model's EOS ids and the
     tokenizer's pad id (to generate past the EOS, call `rollout` directly).
     """
@@ -393,5 +399,7 @@ def generate(params, model_cfg: ModelConfig, tokenizer, texts: Sequence[str], *,
         from reftjax.sharding import shard_batch
 
         tokens, mask = shard_batch((tokens, mask), mesh)
-    out = rollout(params, tokens, mask, rng if rng is not None else jax.random.key(0), model_cfg=model_cfg, cfg=cfg)
+    if rng is None:
+        rng = jax.random.fold_in(jax.random.key(0), next(_GENERATE_CALLS))
+    out = rollout(params, tokens, mask, rng, model_cfg=model_cfg, cfg=cfg)
     return decode_completions(tokenizer, out)[: len(texts) * cfg.n]

@@ -128,6 +128,27 @@ def test_generate_gives_a_custom_sampling_config_the_models_eos(monkeypatch):
     assert cfg.eos_ids == (3,) and cfg.temperature == 0.7  # it used to run to max_new_tokens, past the EOS
 
 
+def test_generate_without_a_key_draws_fresh_samples_per_call(tiny_params):
+    """generate(rng=None) used key(0) on every call: sampling the same prompts twice gave the same texts."""
+    import reftjax.rollout as ro
+
+    class Tok:
+        eos_token_id, pad_token_id = None, 0
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [5, 6, 7]}
+
+        def batch_decode(self, rows, skip_special_tokens=True):
+            return [" ".join(map(str, r)) for r in rows]
+
+    cfg = SamplingConfig(max_new_tokens=12, temperature=1.0, n=2)
+    first, second = (ro.generate(tiny_params, TINY, Tok(), ["q"], cfg=cfg, chat=False) for _ in range(2))
+    assert first != second
+    key = jax.random.key(7)  # an explicit key still reproduces
+    assert ro.generate(tiny_params, TINY, Tok(), ["q"], cfg=cfg, chat=False, rng=key) == \
+        ro.generate(tiny_params, TINY, Tok(), ["q"], cfg=cfg, chat=False, rng=key)
+
+
 # ----------------------------------------------------------------------------- log-probs
 
 
