@@ -151,8 +151,10 @@ def min_seconds(fn, repeats: int) -> float:
 
 
 def measured_peak_flops(n: int | None = None, repeats: int = 5, remeasure: bool = False) -> float:
-    """This device's dense f32 matmul rate (FLOP/s): the fastest of `repeats` jitted n x n products, measured once
-    per process and multiplied by the device count. `remeasure=True` measures again and keeps the faster of the
+    """The dense f32 matmul rate of the devices (FLOP/s): the fastest of `repeats` jitted n x n products, measured
+    once per process, times the accelerator count, or on CPU the process count: a process's CPU devices (one per
+    core, `host.use_core_devices`, or the test suite's 8 fake ones) share its cores, and one product already runs
+    on all of them (multiplying by the CPU device count read MFU 2-8x low). `remeasure=True` measures again and keeps the faster of the
     two (a benchmark calls it again at its end: one measurement right after loading a model read 130 GFLOP/s on a
     ~180 GFLOP/s host and made an MFU of 1.03, BUILD_NOTES session 19).
 
@@ -171,7 +173,8 @@ def measured_peak_flops(n: int | None = None, repeats: int = 5, remeasure: bool 
         f = jax.jit(lambda x: x @ x)
         f(a).block_until_ready()
         best = min_seconds(lambda: f(a).block_until_ready(), repeats)
-        _PEAK_CACHE[key] = max(_PEAK_CACHE.get(key, 0.0), 2 * n ** 3 / best * jax.device_count())
+        units = jax.process_count() if key == "cpu" else jax.device_count()
+        _PEAK_CACHE[key] = max(_PEAK_CACHE.get(key, 0.0), 2 * n ** 3 / best * units)
     return _PEAK_CACHE[key]
 
 

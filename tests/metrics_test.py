@@ -19,9 +19,11 @@ def fresh_peak(monkeypatch):
     return calls
 
 
-def test_peak_is_the_fastest_product_rate_times_devices_and_is_measured_once(fresh_peak):
+def test_peak_is_the_fastest_product_rate_times_processes_on_cpu_and_is_measured_once(fresh_peak):
+    # the suite's 8 CPU devices share the host's cores: x device_count read MFU 8x low (session 20's left-alone list)
+    assert jax.device_count() > 1 and jax.devices()[0].platform == "cpu"
     peak = metrics.measured_peak_flops(n=64, repeats=4)
-    assert peak == 2 * 64 ** 3 / 0.5 * jax.device_count()
+    assert peak == 2 * 64 ** 3 / 0.5 * jax.process_count()
     assert fresh_peak == [4]
     assert metrics.measured_peak_flops(n=128) == peak and fresh_peak == [4]  # cached per platform
 
@@ -29,7 +31,7 @@ def test_peak_is_the_fastest_product_rate_times_devices_and_is_measured_once(fre
 def test_cpu_peak_defaults_to_a_2048_product(fresh_peak):
     # a 1024^3 product timed 3 times measured 79 GFLOP/s on a 115 GFLOP/s host (MFU 1.015, BUILD_NOTES session 16)
     assert jax.devices()[0].platform == "cpu"
-    assert metrics.measured_peak_flops() == 2 * 2048 ** 3 / 0.5 * jax.device_count()
+    assert metrics.measured_peak_flops() == 2 * 2048 ** 3 / 0.5
     assert fresh_peak == [5]
 
 
