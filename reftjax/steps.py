@@ -414,7 +414,7 @@ def sft_step(state: TrainState, batch: dict, *, model_cfg: ModelConfig, tx: opta
         loss = jnp.sum(loss_parts)
     new_state, upd = _apply_update(state, grads, tx, loss)
     return new_state, {"loss": loss, "token_accuracy": jnp.sum(correct) / total_tokens,
-                       "tokens": n_tokens, **upd}
+                       "tokens": n_tokens, "input_tokens": jnp.sum(batch["attn_mask"].astype(jnp.float32)), **upd}
 
 
 def make_sft_step(model_cfg: ModelConfig, tx: optax.GradientTransformation, accum_steps: int = 1,

@@ -238,7 +238,8 @@ def run_sft(cfg: ExperimentConfig, model, data: Data, mesh, out: pathlib.Path, l
 
 def _log_sft(logger, step, metrics, t0, shape, peak, model_cfg, lr, last) -> tuple[int, float]:
     """Logs one SFT step (`lr`: the learning rate its update used); returns (1 if the update was skipped,
-    the time its metrics arrived).
+    the time its metrics arrived). `tokens_per_s` and `mfu` count the batch's real tokens (its attention
+    mask), `padded_tokens_per_s` every position of the padded batch.
 
     The step ran from its dispatch `t0` or, when dispatched while the previous step still ran (async
     dispatch), from that step's completion `last`; timing from `t0` alone counted about two steps per step.
@@ -246,8 +247,9 @@ def _log_sft(logger, step, metrics, t0, shape, peak, model_cfg, lr, last) -> tup
     m = jax.device_get(metrics)
     now = time.perf_counter()
     dt = now - (t0 if last is None else max(t0, last))
-    n_tok = shape[0] * shape[1]
+    n_tok = float(m["input_tokens"])  # real tokens: counting the padded [B, T] overstated tokens/s and MFU
     m["tokens_per_s"] = n_tok / dt
+    m["padded_tokens_per_s"] = shape[0] * shape[1] / dt  # positions the step computed
     m["mfu"] = mfu(n_tok, dt, 3 * model_cfg.flops_per_token(shape[1] // 2), peak)
     m["lr"] = lr
     logger.log("sft", step, m)

@@ -819,8 +819,11 @@ def test_weight_decay_spares_norms_and_biases_and_a_zero_clip_means_no_clipping(
 
 
 def test_sft_reports_zero_tokens_and_refuses_an_accumulation_that_does_not_divide_the_batch():
-    batch = jax.tree.map(jnp.asarray, dict(_sft_batch(), loss_mask=np.zeros((8, 12), np.int32)))
+    attn = np.ones((8, 12), np.int32)
+    attn[:, 9:] = 0  # 3 padded positions per row: not real tokens
+    batch = jax.tree.map(jnp.asarray, dict(_sft_batch(), loss_mask=np.zeros((8, 12), np.int32), attn_mask=attn))
     _, m = make_sft_step(CFG, SFT_TX)(_sft_state(SFT_TX), batch)
     assert float(m["tokens"]) == 0.0 and float(m["loss"]) == 0.0  # the metric read 1 before
+    assert float(m["input_tokens"]) == 8 * 9  # what the loop's tokens/s counts
     with pytest.raises(ValueError, match="accum_steps=3 must divide the batch of 8 rows"):
         make_sft_step(CFG, SFT_TX, accum_steps=3)(_sft_state(SFT_TX), jax.tree.map(jnp.asarray, _sft_batch()))

@@ -557,7 +557,8 @@ def test_sft_step_time_is_one_step_not_two(tmp_path, monkeypatch):
     def step(state, batch):
         device_free[0] = max(clock[0], device_free[0]) + 1.0
         clock[0] += 0.01  # dispatch
-        return state, Pending(device_free[0], {"loss": np.float32(1.0), "skipped": np.int32(0)})
+        return state, Pending(device_free[0], {"loss": np.float32(1.0), "skipped": np.int32(0),
+                                               "input_tokens": np.float32(4 * 48)})  # of 4 x 64 positions
 
     class Loader:
         batches_per_epoch = 7
@@ -604,4 +605,5 @@ def test_sft_step_time_is_one_step_not_two(tmp_path, monkeypatch):
     logger.close()
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(7))
-    np.testing.assert_allclose([4 * 64 / r["tokens_per_s"] for r in rows], 1.0, atol=0.03)
+    np.testing.assert_allclose([4 * 48 / r["tokens_per_s"] for r in rows], 1.0, atol=0.03)  # real tokens
+    np.testing.assert_allclose([4 * 64 / r["padded_tokens_per_s"] for r in rows], 1.0, atol=0.03)
