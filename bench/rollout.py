@@ -13,11 +13,12 @@ reftjax decodes in `--decode-segments` stretches (default 4: each attends over t
 needs; not the library default, which is 1, as each stretch compiles its own loop body) and
 prefills without padding (the default for unsplit prompts).
 
-XLA:CPU is split into one device per core (`reftjax.host.use_core_devices`; `--host-devices 1` turns
-it off): a batch the device count divides runs over a data mesh of those devices (params
-replicated, rows split, the padded prefill of split prompts), which is the headline reftjax
-figure; the same batch on one device of the same process is timed too (`*_one_device_*` keys),
-so both stand side by side with transformers. Batch 1 runs on one device.
+`--host-devices N` (default 1: XLA's single CPU device) splits XLA:CPU into N devices
+(`reftjax.host.use_core_devices`; 0: one per core): a batch N divides then runs over a data mesh of
+them (params replicated, rows split, the padded prefill of split prompts), which becomes the
+`reftjax_*` figure, and the same batch on one device of that process is timed too
+(`*_one_device_*` keys). Batch 1 runs on one device. Session 21 (BUILD_NOTES): the 2-device mesh
+gained ~10% at batch 32 and lost ~15% at batch 8, so it is not the default.
 
 Keys: `reftjax_tok_s_bB`, `hf_tok_s_bB`, `ratio_bB` (reftjax / transformers), `compile_s_bB`
 (first reftjax call minus its median run), `mesh_devices_bB` (devices the batch ran over), `mfu_bB` (model FLOPs of the real prompt tokens and the
@@ -69,8 +70,8 @@ def main():
     ap.add_argument("--prompt-len", type=int, default=160, help="left-padded prompt bucket")
     ap.add_argument("--decode-segments", type=int, default=4,
                     help="SamplingConfig.decode_segments (library default 1; capped at --new-tokens)")
-    ap.add_argument("--host-devices", type=int, default=0,
-                    help="XLA:CPU devices (default 0: one per core; 1: a single device)")
+    ap.add_argument("--host-devices", type=int, default=1,
+                    help="XLA:CPU devices (default 1: a single device; 0: one per core)")
     args = ap.parse_args()
     host_devices = use_core_devices(args.host_devices or None)  # before JAX's backend starts
     import torch

@@ -104,12 +104,12 @@ def use_core_devices(count: int | None = None) -> int:
     """Have XLA:CPU present `count` devices (default: one per core this process may use); call before JAX starts.
 
     XLA:CPU runs a program's ops one after another and spreads an op over the cores only when it is
-    large: at decode sizes (GEMMs of 32 rows, norms and softmaxes over [32, ...]) much of a step leaves
+    large: at decode sizes (GEMMs of 32 rows, norms and softmaxes over [32, ...]) part of a step leaves
     the second core idle. With one device per core, a batch split over a data mesh runs as one program
-    per device, side by side, on the same cores. On the 2-core VM the b=32 256-token rollout of
-    SmolLM2-135M took ~39 s on a 2-device mesh against 42-54 s on one device, tokens identical
-    (BUILD_NOTES, session 21); `bench/rollout.py` runs this way. Rows that the device count does not
-    divide (batch 1) still run on one device.
+    per device, side by side, on the same cores. Measured on the 2-core VM (`bench/rollout.py
+    --host-devices 2`, BUILD_NOTES session 21; tokens identical): the b=32 256-token greedy rollout of
+    SmolLM2-135M took 35.9 s (median of 3) on the 2-device mesh against 39.4 s on one device, but b=8
+    took 21.1 s against 17.9 s. So it is an option, not a default of the library or the presets.
 
     Returns the host device count in force. A count already in XLA_FLAGS stands (the user's choice),
     `REFTJAX_CPU_DEVICES=n` overrides `count` (1: leave XLA's single device), and once JAX's backends

@@ -22,7 +22,7 @@ CASES = {
     "decode_profile": ["--batch", "2", "--new-tokens", "4"],
     "graders": ["--batch", "8", "--repeats", "1"],
     "optimizer_update": ["--repeats", "1"],
-    "rollout": ["--batches", "2", "--new-tokens", "4", "--repeats", "1"],  # split over the 2 host devices
+    "rollout": ["--batches", "2", "--new-tokens", "4", "--repeats", "1", "--host-devices", "2"],  # and the mesh path
     "sft_profile": ["--batch", "1", "--seq", "32", "--steps", "1"],
     "sft_step": ["--batch", "1", "--seq", "32", "--repeats", "1", "--block", "1"],
     "sft_breakdown": ["none", "1", "1", "32"],
