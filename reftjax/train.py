@@ -221,7 +221,8 @@ def run_sft(cfg: ExperimentConfig, model, data: Data, mesh, out: pathlib.Path, l
         prev = (done, metrics, t0, batch["tokens"].shape)
         done += 1
         bar.update(1)
-        if done % cfg.checkpoint.save_every == 0 or done == total or stop.check():
+        interrupted = stop.check()  # every step, before the save decision (an `or` after it skipped the check)
+        if interrupted or done % cfg.checkpoint.save_every == 0 or done == total:
             jax.block_until_ready(metrics)  # its line goes out before the checkpoint that covers it
             skipped, last = _log_sft(logger, *prev, peak, model.config, lr_at(applied), last)
             applied += 1 - skipped
@@ -343,7 +344,8 @@ def run_rl(cfg: ExperimentConfig, model, ref_params, data: Data, grader, mesh, o
             else:
                 since_best += 1
         extras = {"loader": loader.state(), "iteration": it, "best": best, "since_best": since_best, "phase": "rl"}
-        if metric is not None or it % cfg.checkpoint.save_every == 0 or it == r.iterations or stop.check():
+        interrupted = stop.check()  # every iteration, before the save decision
+        if interrupted or metric is not None or it % cfg.checkpoint.save_every == 0 or it == r.iterations:
             manager.save(it, state, extras, metric=metric, force=True)
         if stopped_early():
             log.info("early stopping at iteration %d (no validation gain in %d evaluations)", it, since_best)
@@ -416,7 +418,8 @@ def run_rerank(cfg: ExperimentConfig, model, sft_params, data: Data, grader, mes
             done += 1
             prev = (done, metrics, epoch + 1)
             bar.update(1)
-            if done % cfg.checkpoint.save_every == 0 or done == total or stop.check():
+            interrupted = stop.check()  # every step, before the save decision
+            if interrupted or done % cfg.checkpoint.save_every == 0 or done == total:
                 logger.log("verifier", prev[0], {**jax.device_get(prev[1]), "epoch": prev[2]})  # before its checkpoint
                 prev = None
                 manager.save(done, state, {"step": done, "phase": "verifier"}, force=True)
@@ -604,11 +607,17 @@ def run(cfg: ExperimentConfig, out_dir: str | pathlib.Path, *, progress: bool = 
                 logger.close()
                 return {"status": "interrupted", "phase": "sft"}
             _write_json(marker, {"step": sft_step})
+        if stop.check():  # between phases too: an evaluation (voting@k) can take longer than the phase before it
+            logger.close()
+            return {"status": "interrupted", "phase": "eval"}
         _eval_once("val_sft", out, logger, ref_params, model, data.val_ds, data.val_items, grader, cfg, mesh, 0)
         verifier = _verifier_for(cfg, "test_sft", model, ref_params, data, grader, mesh, out, logger, stop, progress)
         if verifier is False:
             logger.close()
             return {"status": "interrupted", "phase": "rerank"}
+        if stop.check():
+            logger.close()
+            return {"status": "interrupted", "phase": "eval"}
         _eval_once("test_sft", out, logger, ref_params, model, data.test_ds, data.test_items, grader, cfg, mesh, 0,
                    voting=True, verifier=verifier)
         del verifier  # not held through RL: restored from its checkpoint for the final test
@@ -622,6 +631,9 @@ def run(cfg: ExperimentConfig, out_dir: str | pathlib.Path, *, progress: bool = 
         if verifier is False:
             logger.close()
             return {"status": "interrupted", "phase": "rerank"}
+        if stop.check():
+            logger.close()
+            return {"status": "interrupted", "phase": "eval"}
         test_rl = _eval_once("test_reft", out, logger, chosen, model, data.test_ds, data.test_items, grader, cfg,
                              mesh, cfg.rl.iterations, voting=True, verifier=verifier)
     if cfg.export_hf:

@@ -607,3 +607,18 @@ def test_sft_step_time_is_one_step_not_two(tmp_path, monkeypatch):
     assert [r["step"] for r in rows] == list(range(7))
     np.testing.assert_allclose([4 * 48 / r["tokens_per_s"] for r in rows], 1.0, atol=0.03)  # real tokens
     np.testing.assert_allclose([4 * 64 / r["padded_tokens_per_s"] for r in rows], 1.0, atol=0.03)
+    # Ctrl-C with save_every=1 (helper review): the stop check came after `done % save_every == 0 or ...` in an
+    # `or`, so it never ran and all 7 steps went on; now the step in flight is saved and the phase stops
+    stop, calls = T._Interrupt(), [0]
+
+    def interrupted_step(state, batch):
+        calls[0] += 1
+        stop.requested = stop.requested or calls[0] == 2  # the signal handler's effect, during step 2
+        return step(state, batch)
+
+    monkeypatch.setattr(T, "make_sft_step", lambda *a, **k: interrupted_step)
+    every = dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, save_every=1))
+    logger = MetricsLogger(tmp_path / "stop", tensorboard=False, enabled=True)
+    _, finished = T.run_sft(every, model, types.SimpleNamespace(train_ds=None), None, tmp_path / "stop", logger,
+                            stop, False)
+    assert finished is None and calls[0] == 2
