@@ -44,6 +44,9 @@ class MetricsLogger:
                 f.seek(-1, os.SEEK_END)
                 if f.read(1) != b"\n":
                     f.write(b"\n")
+        # TensorBoard buffers its events (flushed every ~2 min), so a killed run's last rows may be in the JSONL only:
+        # the first rewind of a process that found rows rebuilds the event files from them
+        self._tb_synced = not (path.is_file() and path.stat().st_size)
         self._jsonl = open(path, "a", buffering=1)
         if tensorboard:
             try:
@@ -71,8 +74,9 @@ class MetricsLogger:
     def rewind(self, last_steps: dict[str, int]) -> int:
         """Drops the `metrics.jsonl` rows of phase p with a step above `last_steps[p]` (and lines a crash cut):
         a resumed phase calls it with the step of the checkpoint it restored, so the steps it redoes are logged
-        once, not once per attempt. Returns the number of rows dropped. TensorBoard's event files are append-only,
-        so when rows are dropped they are rewritten from the kept rows (a redone step showed twice there)."""
+        once, not once per attempt. Returns the number of rows dropped. TensorBoard's event files are append-only
+        and buffered, so they are rewritten from the kept rows when rows are dropped (a redone step showed twice
+        there) and at the first rewind after a restart (rows a SIGKILL caught in the buffer were lost for good)."""
         if self._jsonl is None:
             return 0
         path = self.dir / "metrics.jsonl"
@@ -92,6 +96,8 @@ class MetricsLogger:
             tmp = path.with_name(path.name + ".tmp")
             tmp.write_text("".join(kept))
             os.replace(tmp, path)
+        if dropped or not self._tb_synced:
+            self._tb_synced = True
             if self._tb is not None:  # the event files mirror metrics.jsonl: rebuilt from the kept rows
                 import shutil
 
@@ -154,8 +160,8 @@ def measured_peak_flops(n: int | None = None, repeats: int = 5, remeasure: bool 
     """The dense f32 matmul rate of the devices (FLOP/s): the fastest of `repeats` jitted n x n products, measured
     once per process, times the accelerator count, or on CPU the process count: a process's CPU devices (one per
     core, `host.use_core_devices`, or the test suite's 8 fake ones) share its cores, and one product already runs
-    on all of them (multiplying by the CPU device count read MFU 2-8x low). `remeasure=True` measures again and keeps the faster of the
-    two (a benchmark calls it again at its end: one measurement right after loading a model read 130 GFLOP/s on a
+    on all of them (multiplying by the CPU device count read MFU 2-8x low). `remeasure=True` measures again and
+    keeps the faster of the two (a benchmark calls it again at its end: one measurement right after loading a model read 130 GFLOP/s on a
     ~180 GFLOP/s host and made an MFU of 1.03, BUILD_NOTES session 19).
 
     `n` defaults to 2048 on CPU and 8192 on accelerators. The former default, one 1024^3 product timed 3 times,

@@ -84,6 +84,30 @@ def test_rewind_rewrites_tensorboard_so_a_redone_step_shows_once(tmp_path):
     assert sorted(_tensorboard_scalars(tmp_path / "tensorboard")) == [("rl/reward", 1, 1.0), ("rl/reward", 2, 20.0)]
 
 
+def test_a_restart_restores_tensorboard_rows_a_kill_left_in_its_buffer(tmp_path):
+    """A SIGKILL lost the rows TensorBoard still buffered (it flushes every ~2 min) while metrics.jsonl kept them; a
+    resume that dropped no row never rebuilt the event files (helper review: a whole SFT phase missing there)."""
+    import json
+    import shutil
+
+    from reftjax.metrics import MetricsLogger
+
+    log = MetricsLogger(tmp_path, tensorboard=True, enabled=True)
+    for step in range(3):
+        log.log("sft", step, {"loss": float(step)})
+    log._jsonl.close()  # the process dies: nothing flushed to the event files, the JSONL lines are in
+    shutil.rmtree(tmp_path / "tensorboard")
+    log = MetricsLogger(tmp_path, tensorboard=True, enabled=True)  # the rerun
+    assert log.rewind({"sft": 2}) == 0  # its checkpoint covers every logged step: nothing dropped
+    log.rewind({"rl": 0})  # a later phase start in the same process does not rebuild again
+    log.log("rl", 1, {"reward": 0.5})
+    log.close()
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 4
+    assert sorted(_tensorboard_scalars(tmp_path / "tensorboard")) == [
+        ("rl/reward", 1, 0.5), ("sft/loss", 0, 0.0), ("sft/loss", 1, 1.0), ("sft/loss", 2, 2.0)]
+    assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["phase"] == "rl"
+
+
 def test_a_line_cut_by_a_crash_does_not_swallow_the_next_row(tmp_path):
     import json
 
