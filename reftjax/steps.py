@@ -718,7 +718,7 @@ def make_experience_fn(model_cfg: ModelConfig, cfg: PPOConfig, reward_fn: Callab
 
     With `reward_fn` (a `reftjax.graders.callback.HostRewardFn`) the grader runs
     inside the program through the ordered io_callback; without it, pass
-    `scores_B` yourself via the returned function's `scores` argument.
+    `scores_B` yourself via the returned function's `scores_B` argument.
     """
     from reftjax.graders.callback import grade_in_jit
 

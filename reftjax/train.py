@@ -502,6 +502,20 @@ class SettingsError(ValueError):
     """Settings this machine's mesh cannot run (found before anything loads)."""
 
 
+def check_grader_fields(grader, data: Data) -> None:
+    """The grader can read the fields of every split's items (the test split is a built-in dataset whose items
+    carry `item_id`, `question` and `answer_value`, whatever the training file holds): a grader reading another
+    field failed at the first test evaluation, after the warm-up, with the run directory already claimed."""
+    for split, items in (("train", data.train_items), ("validation", data.val_items), ("test", data.test_items)):
+        if items:
+            try:
+                grader.validate(items[0])
+            except (KeyError, ValueError) as e:
+                msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+                raise SettingsError(f"grader: cannot grade the {split} split ({msg}); its items have the fields "
+                                    f"{sorted(items[0])} (data.answer_field is read into answer_value)") from None
+
+
 def check_batch_sizes(cfg: ExperimentConfig, mesh) -> None:
     """Every batch the run loads is split over the mesh's batch axes (data x fsdp), and their devices over the
     processes: refuse sizes they do not divide before anything loads (they failed in the first step of a phase,
@@ -587,6 +601,7 @@ def run(cfg: ExperimentConfig, out_dir: str | pathlib.Path, *, progress: bool = 
     check_batch_sizes(cfg, mesh)
     model = load_model(cfg.model, dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat, mesh=mesh)
     data = prepare_data(cfg, model.tokenizer)
+    check_grader_fields(grader, data)
     _write_json(cfg_path, to_dict(cfg))  # once the model and data are in: a typo in either does not claim `out`
     logger = MetricsLogger(out)
     t_start = time.time()

@@ -622,3 +622,26 @@ def test_sft_step_time_is_one_step_not_two(tmp_path, monkeypatch):
     _, finished = T.run_sft(every, model, types.SimpleNamespace(train_ds=None), None, tmp_path / "stop", logger,
                             stop, False)
     assert finished is None and calls[0] == 2
+
+
+def test_a_grader_that_cannot_read_the_test_items_is_refused_before_training():
+    """README's RL-alone recipe with a grader reading the OpenAI file's own field (`{{item.reference_answer}}`)
+    trained, then crashed at the first test evaluation: the test split is GSM8K's, whose items have no such field
+    (helper review: a raw KeyError, and the corrected rerun refused by the claimed run directory)."""
+    import types
+
+    from reftjax.graders import build_grader
+    from reftjax.train import SettingsError, check_grader_fields
+
+    grader = build_grader({"type": "string_check", "name": "exact", "input": "{{sample.output_text}}",
+                           "reference": "{{item.reference_answer}}", "operation": "eq"})
+    train = [{"item_id": "f_0", "messages": [], "reference_answer": "4", "answer_value": "4"}]
+    test = [{"item_id": "gsm8k_test_0", "question": "q", "answer_value": "18"}]
+    data = types.SimpleNamespace(train_items=train, val_items=train, test_items=test)
+    with pytest.raises(SettingsError, match=r"cannot grade the test split \(template field "
+                                            r"\{\{item.reference_answer\}\} not found\); its items have the fields "
+                                            r"\['answer_value', 'item_id', 'question'\]"):
+        check_grader_fields(grader, data)
+    ok = build_grader({"type": "string_check", "name": "exact", "input": "{{sample.output_text}}",
+                       "reference": "{{item.answer_value}}", "operation": "eq"})
+    check_grader_fields(ok, data)  # answer_value is on every split

@@ -64,7 +64,9 @@ def reft_dir(override: str | os.PathLike | None = None) -> pathlib.Path:
     """Folder of the ReFT authors' JSON files; DataError if none is found."""
     found = _shared_dir("REFTJAX_REFT_DIR", "reft", override)
     if found is None:
-        raise DataError("ReFT data folder not found: set REFTJAX_REFT_DIR or pass --file")
+        raise DataError("ReFT data folder not found (the ReFT authors' SVAMP / GSM8K JSON files): set "
+                        "REFTJAX_REFT_DIR to the folder holding them (../shared/data/reft beside a checkout), or "
+                        "give the data as a file (--set data.train_file=... in a run, --file for reftjax.data)")
     return found
 
 
