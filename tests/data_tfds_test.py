@@ -85,7 +85,7 @@ def test_failed_build_leaves_nothing(shared_data, tmp_path):
 def test_locations_from_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("REFTJAX_CACHE", str(tmp_path / "c"))
     monkeypatch.setenv("REFTJAX_GSM8K_DIR", str(tmp_path / "g"))
-    assert cache_dir() == tmp_path / "c" and gsm8k_local_dir() == tmp_path / "g"
+    assert cache_dir() == tmp_path / "c" / "tfds" and gsm8k_local_dir() == tmp_path / "g"  # a folder of the root
     assert cache_dir(tmp_path / "x") == tmp_path / "x"
     monkeypatch.delenv("REFTJAX_CACHE")
     monkeypatch.delenv("REFTJAX_GSM8K_DIR")

@@ -45,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     stats.add_argument("--max-prompt-len", type=int, default=300)
     stats.add_argument("--max-target-len", type=int, default=400)
     stats.add_argument("--answer-field", default=None, help="openai format: numeric reference field")
-    stats.add_argument("--data-dir", default=None, help="tfds cache (default $REFTJAX_CACHE)")
+    stats.add_argument("--data-dir", default=None, help="tfds cache (default $REFTJAX_CACHE/tfds)")
     stats.add_argument("--local-dir", default=None,
                        help="GSM8K {train,test}.jsonl folder (default $REFTJAX_GSM8K_DIR) "
                             "or ReFT folder")

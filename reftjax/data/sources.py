@@ -2,7 +2,8 @@
 
 Locations (each can be overridden by an argument):
 
-* ``REFTJAX_CACHE``: tfds ``data_dir`` (default ``~/.cache/reftjax/tfds``); the
+* ``REFTJAX_CACHE``: reftjax's cache root; tfds' ``data_dir`` is its ``tfds/`` folder (default
+  ``~/.cache/reftjax/tfds``, as the XLA cache is ``xla/`` and the dense model copies sit in it); the
   GSM8K build happens once per cache dir and source: a build from a local copy lives
   in ``local-<sha256 of its two files>/``, so an edited or different copy is built
   afresh instead of being shadowed by an older build.
@@ -36,11 +37,12 @@ DATASETS = ("gsm8k", *REFT_FILES)
 
 
 def cache_dir(override: str | os.PathLike | None = None) -> pathlib.Path:
-    """The tfds data_dir: argument, else ``$REFTJAX_CACHE``, else ``~/.cache/reftjax/tfds``."""
+    """The tfds data_dir: argument, else ``$REFTJAX_CACHE/tfds``, else ``~/.cache/reftjax/tfds`` (the env root
+    itself was the data_dir before, unlike the default and the XLA cache's ``$REFTJAX_CACHE/xla``)."""
     if override is not None:
         return pathlib.Path(override).expanduser()
     env = os.environ.get("REFTJAX_CACHE")
-    return pathlib.Path(env).expanduser() if env else pathlib.Path.home() / ".cache/reftjax/tfds"
+    return (pathlib.Path(env).expanduser() if env else pathlib.Path.home() / ".cache/reftjax") / "tfds"
 
 
 def _shared_dir(env: str, sub: str, override) -> pathlib.Path | None:

@@ -60,7 +60,7 @@ class Grader(Protocol):
         """Grades `texts[i]` against `items[i]`; same length and order; never raises."""
 
     def validate(self, item: Item) -> None:
-        """Raises ValueError (naming the missing field) if `item` cannot be graded."""
+        """Raises KeyError or ValueError (naming the missing field) if `item` cannot be graded."""
 
 
 class PerItemGrader:
