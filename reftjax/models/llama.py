@@ -386,6 +386,8 @@ class Transformer(nn.Module):
         hidden = _norm(cfg, "norm")(x)
         if not return_logits and not self.is_initializing():
             return None, hidden, kv
+        if not self.is_initializing():  # the head's product accumulated and returned in (at least) float32
+            return lm_logits(self.variables["params"], cfg, hidden), hidden, kv
         if cfg.tie_word_embeddings:
             logits = embed.attend(hidden)
         else:
@@ -433,9 +435,15 @@ def lm_head_weight(params, cfg: ModelConfig) -> tuple[jax.Array, bool]:
 
 
 def lm_logits(params, cfg: ModelConfig, hidden_BxTxD):
-    """Project final hidden states to vocabulary logits (tied or separate head)."""
+    """Project final hidden states to vocabulary logits (tied or separate head), in (at least) float32.
+
+    The product runs in the compute dtype but accumulates into and returns float32 (`preferred_element_type`):
+    bf16 logits were rounded by up to 0.06 before the float32 log-softmax, log-probs of sampled tokens by up to
+    0.04, which is larger than the per-token KL to the reference that the RL reward subtracts (helper review,
+    session 21). Free on the matrix units (they accumulate in f32); no change in float32."""
     w, vocab_major = lm_head_weight(params, cfg)
-    return jnp.einsum("...d,vd->...v" if vocab_major else "...d,dv->...v", hidden_BxTxD.astype(cfg.jnp_dtype), w)
+    return jnp.einsum("...d,vd->...v" if vocab_major else "...d,dv->...v", hidden_BxTxD.astype(cfg.jnp_dtype), w,
+                      preferred_element_type=jnp.promote_types(cfg.jnp_dtype, jnp.float32))
 
 
 # ----------------------------------------------------------------------------- decoding
