@@ -113,7 +113,11 @@ class PPOConfig:
         rollout samples from the policy itself (temperature `temperature`, top_k 0, top_p 1), whose
         decode-path log-probs equal the teacher-forced ones (within 1e-4 in fp32; tested);
         PPO also needs `rollout(..., value_head=...)`. False recomputes them, as the ReFT
-        authors' code does.
+        authors' code does. In bfloat16 the decode path and the training forward round
+        differently (helper review, session 21: log-probs up to 0.066 apart, mean 0.008), so
+        with this option the first update's ratio is not exactly 1 and iteration 1's KL to an
+        identical reference reads ~-6e-3; the training loop warns. Recomputing (the default)
+        gives ratio 1 and KL 0 in bf16 too.
       critic_only: PPO only: train the critic alone (policy loss dropped, value gradient
         stopped at the shared backbone, so the policy does not move; a separate critic trunk
         trains with its head). A second step compiled with this
