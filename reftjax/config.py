@@ -99,7 +99,9 @@ class RLConfig:
     ppo: PPOConfig = PPOConfig()
     optim: OptimConfig = OptimConfig(learning_rate=3e-6, schedule="constant", warmup_ratio=0.0)
     eval_every: int = 10
-    early_stop_patience: int = 0  # evaluations without improvement before stopping (0: never)
+    # evaluations without improvement before stopping (0: never); the measure is train.selection_metric's
+    # (validation accuracy with the ReFT grader, the mean validation score with any other), as is the best checkpoint
+    early_stop_patience: int = 0
     value_head_seed: int = 1
     # the experience and update run on the completion axis cut to the smallest of this many length buckets
     # (up to sampling.max_new_tokens) that holds every row; each bucket compiles once. 1: always the full length
@@ -112,6 +114,11 @@ class RLConfig:
                           ("early_stop_patience", 0)):
             if getattr(self, name) < low:
                 raise ValueError(f"rl.{name} must be >= {low}, got {getattr(self, name)}")
+        if self.ppo.algo != "ppo" and s.n not in (1, self.ppo.group_size):
+            raise ValueError(f"rl.sampling.n={s.n}: {self.ppo.algo} draws rl.ppo.group_size={self.ppo.group_size} "
+                             "samples per prompt; set group_size (sampling.n is for PPO)")
+        if self.early_stop_patience and not self.eval_every:
+            raise ValueError("rl.early_stop_patience needs validation: set rl.eval_every > 0")
         n = self.ppo.group_size if self.ppo.algo != "ppo" else s.n  # samples per prompt, as run_rl draws them
         rows = self.prompts_per_iteration * n
         if self.ppo.minibatch_size is not None and rows % self.ppo.minibatch_size:
@@ -136,7 +143,8 @@ class RLConfig:
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointSettings:
-    """Attributes: save_every (steps), keep_last, keep_best (by validation accuracy)."""
+    """Attributes: save_every (steps), keep_last, keep_best (by `train.selection_metric`: validation accuracy with
+    the ReFT grader, the mean validation score with other graders)."""
 
     save_every: int = 50
     keep_last: int = 2

@@ -95,7 +95,7 @@ def evaluate(params, model_cfg, tokenizer, ds: TokenizedDataset, items: Sequence
     rng = rng if rng is not None else jax.random.key(1234)
     if verifier is not None and vote is None:
         raise ValueError("rerank@k needs voting samples: set EvalConfig.voting_k > 0")
-    correct, voted, reranked, weighted, bound, lengths, samples = [], [], [], [], [], [], []
+    correct, scores_g, voted, reranked, weighted, bound, lengths, samples = [], [], [], [], [], [], [], []
     for i, batch in enumerate(loader):
         valid, idx = to_host((batch["valid"], batch["example_idx"]))  # whole batch on every process
         out = rollout(params, batch["prompt_tokens"], batch["prompt_mask"], rng, model_cfg=model_cfg, cfg=greedy)
@@ -103,6 +103,7 @@ def evaluate(params, model_cfg, tokenizer, ds: TokenizedDataset, items: Sequence
         rows = [j for j in range(len(valid)) if valid[j]]
         grades = grader.grade_batch([items[idx[j]] for j in rows], [texts[j] for j in rows])
         correct += [g.score >= 1.0 - 1e-6 for g in grades]
+        scores_g += [float(g.score) for g in grades]
         lengths += to_host(out.lengths_B)[rows].tolist()
         if len(samples) < 8:
             samples += [{"item": items[idx[j]].get("item_id"), "completion": texts[j], "score": g.score,
@@ -127,6 +128,7 @@ def evaluate(params, model_cfg, tokenizer, ds: TokenizedDataset, items: Sequence
         if progress is not None:
             progress.update(len(rows))
     res = {"accuracy": float(np.mean(correct)) if correct else 0.0, "n": len(correct),
+           "mean_score": float(np.mean(scores_g)) if scores_g else 0.0,  # graders with partial credit select on it
            "mean_length": float(np.mean(lengths)) if lengths else 0.0, "samples": samples}
     # a grader that records only a score (a `python` grader) would make voting@k a vote on right/wrong: not reported
     answers = getattr(grader, "votes_on_answer", True)

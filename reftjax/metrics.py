@@ -197,13 +197,15 @@ def model_flops(model_cfg, prompt_lengths, gen_lengths, group: int = 1) -> float
 
 
 def rl_iteration_flops(model_cfg, prompt_lengths, gen_lengths, samples: int, group: int, experience_from_rollout: bool,
-                       ppo_epochs: int) -> float:
+                       ppo_epochs: int, reference: bool = True, separate_critic: bool = False) -> float:
     """Model FLOPs of one RL iteration as executed (`model_flops` per pass): the rollout prefills each prompt once
-    for its `samples` rows; the experience runs the policy and the reference (only the reference when the policy's
-    log-probs come from the rollout); each of `ppo_epochs` update passes is a forward and a backward (3x). The
+    for its `samples` rows; the experience runs the policy (not when its log-probs come from the rollout), the
+    reference (not when `reference` is False: kl_coef 0 skips it) and a separate critic's trunk; each of
+    `ppo_epochs` update passes is a forward and a backward (3x) of the policy, and of the separate critic. The
     experience and update passes run each prompt once per `group` rows (`share_prompt`; else 1)."""
     train = model_flops(model_cfg, prompt_lengths, gen_lengths, group)
-    passes = (1 if experience_from_rollout else 2) + 3 * ppo_epochs
+    trunks = 2 if separate_critic else 1
+    passes = (0 if experience_from_rollout else 1) + int(reference) + int(separate_critic) + 3 * ppo_epochs * trunks
     return model_flops(model_cfg, prompt_lengths, gen_lengths, samples) + train * passes
 
 

@@ -294,6 +294,10 @@ def run_rl(cfg: ExperimentConfig, model, ref_params, data: Data, grader, mesh, o
     exp_fn = make_experience_fn(model.config, r.ppo, reward_fn)
     step_fn = make_ppo_step(model.config, tx, r.ppo)
     peak = measured_peak_flops()
+    if r.ppo.experience_from_rollout and model.config.dtype != "float32":
+        log.warning("rl.ppo.experience_from_rollout with dtype=%s: the rollout's log-probs round differently from "
+                    "the training forward's (up to ~0.07 in bf16), so logp_old is off by that and the first KL "
+                    "to the reference is not 0; the default (false) recomputes them", model.config.dtype)
     buckets = completion_buckets(samp.max_new_tokens, r.completion_buckets)
     bar = _bar(r.iterations, f"RL ({r.ppo.algo})", it, progress)
     stopped_early = lambda: bool(r.early_stop_patience) and since_best >= r.early_stop_patience  # noqa: E731
@@ -319,7 +323,8 @@ def run_rl(cfg: ExperimentConfig, model, ref_params, data: Data, grader, mesh, o
         gen_tokens = float(em["response_length"]) * ro.tokens_BxN.shape[0]
         prompt_lens, gen_lens = to_host((ro.prompt_mask_BxP.sum(axis=1), ro.lengths_B))
         flops = rl_iteration_flops(model.config, prompt_lens, gen_lens, samp.n, samp.n if r.ppo.share_prompt else 1,
-                                   r.ppo.experience_from_rollout, r.ppo.ppo_epochs)
+                                   r.ppo.experience_from_rollout, r.ppo.ppo_epochs, reference=r.ppo.kl_coef != 0,
+                                   separate_critic=r.ppo.critic == "separate")
         metrics = {**em, **pm, "seconds": dt, "rollout_grade_seconds": t_roll,
                    "completion_bucket": ro.tokens_BxN.shape[1],
                    "grader_seconds": reward_fn.last.seconds, "generated_tokens_per_s": gen_tokens / dt,
@@ -338,7 +343,7 @@ def run_rl(cfg: ExperimentConfig, model, ref_params, data: Data, grader, mesh, o
                            grader, dataclasses.replace(cfg.eval, voting_k=0), mesh=mesh,
                            eos_ids=samp.eos_ids, pad_id=samp.pad_id, stop_sequences=samp.stop_sequences)
             _record_eval(out, f"val_rl_{it}", res, logger, "val", it)
-            metric = res["accuracy"]
+            metric = res[selection_metric(cfg)]
             if metric > best:
                 best, since_best = metric, 0
             else:
@@ -500,6 +505,14 @@ def _eval_once(name, out, logger, params, model, ds, items, grader, cfg, mesh, s
 
 class SettingsError(ValueError):
     """Settings this machine's mesh cannot run (found before anything loads)."""
+
+
+def selection_metric(cfg: ExperimentConfig) -> str:
+    """What picks the best RL checkpoint and drives early stopping: validation `accuracy` (greedy top-1, score 1)
+    with the ReFT grader, as the paper selects; the mean validation score with any other grader. Graders with
+    partial credit (text_similarity, python, score_model, multi) rarely score 1, so their accuracy sat at 0: every
+    evaluation tied, the latest checkpoint counted as best and early stopping fired while the reward rose."""
+    return "accuracy" if cfg.grader_dict.get("type") == "reft" else "mean_score"
 
 
 def check_grader_fields(grader, data: Data) -> None:

@@ -82,3 +82,5 @@ def test_voting_is_not_reported_for_a_grader_that_records_only_a_score(tiny_hf_d
                    EvalConfig(batch_size=2, max_new_tokens=4, voting_k=2), eos_ids=tuple(model.config.eos_token_ids),
                    pad_id=model.tokenizer.pad_token_id)
     assert res["n"] == 2 and res["accuracy"] == 0.0 and res["voting_accuracy"] is None
+    # partial credit: accuracy (score 1) stays 0, the mean score is what selects its best checkpoint (session 21)
+    assert res["mean_score"] == pytest.approx(0.25)

@@ -157,3 +157,8 @@ def test_rl_iteration_flops_counts_rollout_experience_and_update_passes():
     assert rollout < per_row
     assert metrics.rl_iteration_flops(cfg, p, g, 2, 1, False, 2) == rollout + per_row * (2 + 6)
     assert metrics.rl_iteration_flops(cfg, p, g, 2, 2, True, 1) == rollout + rollout * (1 + 3)
+    # kl_coef 0 runs no reference forward; a separate critic adds its trunk to the experience and to every update
+    # (helper review: the loop's mfu read 1.21x / 0.56x the executed FLOPs for these)
+    assert metrics.rl_iteration_flops(cfg, p, g, 2, 1, False, 1, reference=False) == rollout + per_row * (1 + 3)
+    assert metrics.rl_iteration_flops(cfg, p, g, 2, 1, True, 1, reference=False) == rollout + per_row * 3
+    assert metrics.rl_iteration_flops(cfg, p, g, 2, 1, False, 2, separate_critic=True) == rollout + per_row * (3 + 12)

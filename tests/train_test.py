@@ -645,3 +645,22 @@ def test_a_grader_that_cannot_read_the_test_items_is_refused_before_training():
     ok = build_grader({"type": "string_check", "name": "exact", "input": "{{sample.output_text}}",
                        "reference": "{{item.answer_value}}", "operation": "eq"})
     check_grader_fields(ok, data)  # answer_value is on every split
+
+
+def test_partial_credit_graders_select_checkpoints_by_mean_score_and_dead_settings_are_refused():
+    """Validation accuracy counts scores of 1: with a text_similarity/python/multi grader it sat at 0, every
+    evaluation tied, the latest checkpoint was "best" and early stopping fired while the reward rose (helper
+    review). GRPO's rl.sampling.n was replaced by group_size without a word; patience without validation did nothing."""
+    from reftjax.config import ExperimentConfig, RLConfig
+    from reftjax.steps import PPOConfig
+    from reftjax.train import selection_metric
+
+    assert selection_metric(ExperimentConfig()) == "accuracy"  # the ReFT grader: the paper's greedy accuracy
+    sim = (("type", "text_similarity"), ("name", "s"), ("input", "{{sample.output_text}}"),
+           ("reference", "{{item.answer_value}}"), ("evaluation_metric", "fuzzy_match"))
+    assert selection_metric(dataclasses.replace(ExperimentConfig(), grader=sim)) == "mean_score"
+    with pytest.raises(ValueError, match=r"rl.sampling.n=4: grpo draws rl.ppo.group_size=2 samples per prompt"):
+        RLConfig(sampling=dataclasses.replace(RLConfig().sampling, n=4), ppo=PPOConfig(algo="grpo", group_size=2))
+    with pytest.raises(ValueError, match="early_stop_patience needs validation"):
+        RLConfig(early_stop_patience=2, eval_every=0)
+    RLConfig(sampling=dataclasses.replace(RLConfig().sampling, n=2), ppo=PPOConfig(algo="grpo", group_size=2))
