@@ -21,7 +21,8 @@ them (params replicated, rows split, the padded prefill of split prompts), which
 gained ~10% at batch 32 and lost ~15% at batch 8, so it is not the default.
 
 Keys: `reftjax_tok_s_bB`, `hf_tok_s_bB`, `ratio_bB` (reftjax / transformers), `compile_s_bB`
-(first reftjax call minus its median run), `mesh_devices_bB` (devices the batch ran over), `mfu_bB` (model FLOPs of the real prompt tokens and the
+(first reftjax call minus its median run), `mesh_devices_bB` (devices the batch ran over), `mfu_bB` (model FLOPs
+of the real prompt tokens and the
 generated ones per second over `gemm_peak_gflops`, the best of a 2048^3 fp32 matmul in XLA and in NumPy, measured
 here), and the load average before and after (timings are only meaningful on an idle machine).
 """
