@@ -161,8 +161,8 @@ def measured_peak_flops(n: int | None = None, repeats: int = 5, remeasure: bool 
     once per process, times the accelerator count, or on CPU the process count: a process's CPU devices (one per
     core, `host.use_core_devices`, or the test suite's 8 fake ones) share its cores, and one product already runs
     on all of them (multiplying by the CPU device count read MFU 2-8x low). `remeasure=True` measures again and
-    keeps the faster of the two (a benchmark calls it again at its end: one measurement right after loading a model read 130 GFLOP/s on a
-    ~180 GFLOP/s host and made an MFU of 1.03, BUILD_NOTES session 19).
+    keeps the faster of the two (a benchmark calls it again at its end: one measurement right after loading a
+    model read 130 GFLOP/s on a ~180 GFLOP/s host and made an MFU of 1.03, BUILD_NOTES session 19).
 
     `n` defaults to 2048 on CPU and 8192 on accelerators. The former default, one 1024^3 product timed 3 times,
     was too short to reach the rate when anything else stirred: `bench/sft_step.py` measured 79 GFLOP/s after its

@@ -597,6 +597,12 @@ def _check_same_run(cfg_path: pathlib.Path, new: dict) -> None:
                           f"output directory")
 
 
+def _interrupted(logger, phase: str) -> dict:
+    """The summary of a run stopped by an interrupt in `phase` (its step is saved; rerunning resumes)."""
+    logger.close()
+    return {"status": "interrupted", "phase": phase}
+
+
 def run(cfg: ExperimentConfig, out_dir: str | pathlib.Path, *, progress: bool = True) -> dict:
     """Run (or resume) the whole ReFT pipeline; returns the summary dict."""
     from reftjax import report
@@ -632,36 +638,29 @@ def run(cfg: ExperimentConfig, out_dir: str | pathlib.Path, *, progress: bool = 
         else:
             ref_params, sft_step = run_sft(cfg, model, data, mesh, out, logger, stop, progress)
             if sft_step is None:
-                logger.close()
-                return {"status": "interrupted", "phase": "sft"}
+                return _interrupted(logger, "sft")
             _write_json(marker, {"step": sft_step})
         if stop.check():  # between phases too: an evaluation (voting@k) can take longer than the phase before it
-            logger.close()
-            return {"status": "interrupted", "phase": "eval"}
+            return _interrupted(logger, "eval")
         _eval_once("val_sft", out, logger, ref_params, model, data.val_ds, data.val_items, grader, cfg, mesh, 0)
         verifier = _verifier_for(cfg, "test_sft", model, ref_params, data, grader, mesh, out, logger, stop, progress)
         if verifier is False:
-            logger.close()
-            return {"status": "interrupted", "phase": "rerank"}
+            return _interrupted(logger, "rerank")
         if stop.check():
-            logger.close()
-            return {"status": "interrupted", "phase": "eval"}
+            return _interrupted(logger, "eval")
         _eval_once("test_sft", out, logger, ref_params, model, data.test_ds, data.test_items, grader, cfg, mesh, 0,
                    voting=True, verifier=verifier)
         del verifier  # not held through RL: restored from its checkpoint for the final test
         final, best, rl_done = run_rl(cfg, model, ref_params, data, grader, mesh, out, logger, stop, progress,
                                       compiles)
         if not rl_done:
-            logger.close()
-            return {"status": "interrupted", "phase": "rl"}
+            return _interrupted(logger, "rl")
         chosen = best if best is not None else final
         verifier = _verifier_for(cfg, "test_reft", model, ref_params, data, grader, mesh, out, logger, stop, progress)
         if verifier is False:
-            logger.close()
-            return {"status": "interrupted", "phase": "rerank"}
+            return _interrupted(logger, "rerank")
         if stop.check():
-            logger.close()
-            return {"status": "interrupted", "phase": "eval"}
+            return _interrupted(logger, "eval")
         test_rl = _eval_once("test_reft", out, logger, chosen, model, data.test_ds, data.test_items, grader, cfg,
                              mesh, cfg.rl.iterations, voting=True, verifier=verifier)
     if cfg.export_hf:

@@ -73,15 +73,19 @@ class BatchRecord:
     error: str | None = None
 
 
-def decode_rows(ids_BxT: np.ndarray, mask_BxT: np.ndarray, decode: Decode, stop_sequences=()) -> list[str]:
-    """Decodes each row up to (not including) the first position where the mask is 0, less a final stop
+def answer_rows(ids_BxT: np.ndarray, mask_BxT: np.ndarray, stop_sequences=()) -> list[list[int]]:
+    """Each row's ids up to (not including) the first position where the mask is 0, less a final stop
     sequence (`rollout.without_stop`: kept in the mask for PPO, but not answer text)."""
     from reftjax.rollout import without_stop
 
     mask = np.asarray(mask_BxT).astype(bool)
     lengths = np.where(mask.all(axis=1), mask.shape[1], np.argmin(mask, axis=1))
-    rows = [without_stop(np.asarray(ids_BxT[b, :n]).tolist(), stop_sequences) for b, n in enumerate(lengths)]
-    return list(decode(rows))
+    return [without_stop(np.asarray(ids_BxT[b, :n]).tolist(), stop_sequences) for b, n in enumerate(lengths)]
+
+
+def decode_rows(ids_BxT: np.ndarray, mask_BxT: np.ndarray, decode: Decode, stop_sequences=()) -> list[str]:
+    """The texts of `answer_rows`."""
+    return list(decode(answer_rows(ids_BxT, mask_BxT, stop_sequences)))
 
 
 class HostRewardFn:
@@ -117,26 +121,18 @@ class HostRewardFn:
             raise ValueError(f"bad shapes ids {ids.shape} mask {mask.shape} idx {idx.shape}")
         if idx.size and (idx.min() < 0 or idx.max() >= len(self.items)):
             raise IndexError(f"example_idx out of range [0, {len(self.items)}): {idx.min()}..{idx.max()}")
-        texts = decode_rows(ids, mask, self.decode, self.stop_sequences)
+        rows = answer_rows(ids, mask, self.stop_sequences)
+        texts = list(self.decode(rows))
         items = [self.items[i] for i in idx.tolist()]
         grades = self.grader.grade_batch(items, texts)
         counters = collections.Counter(graded=len(grades), errors=sum(g.error is not None for g in grades))
         if self.guards is not None:
-            grades, flags = apply_guards(self.guards, texts, self._content_lengths(ids, mask), grades)
+            # tokens before a final EOS or stop sequence: a reply that stopped exactly at the token cap is not
+            # `too_long` (counting its EOS flagged it as if it had been cut off)
+            n_tokens = [len(r) - (1 if r and r[-1] in self.eos_ids else 0) for r in rows]
+            grades, flags = apply_guards(self.guards, texts, n_tokens, grades)
             counters.update(flags)
         return texts, grades, dict(counters)
-
-    def _content_lengths(self, ids: np.ndarray, mask: np.ndarray) -> list[int]:
-        """Completion tokens before a final EOS or stop sequence: a reply that stopped exactly at the token cap is
-        not `too_long` (counting its EOS flagged it as if it had been cut off)."""
-        lengths = mask.astype(bool).cumprod(axis=1).sum(axis=1)
-        from reftjax.rollout import without_stop
-
-        out = []
-        for row, n in zip(ids.tolist(), lengths.tolist()):
-            row = row[:n]
-            out.append(n - 1 if row and row[-1] in self.eos_ids else len(without_stop(row, self.stop_sequences)))
-        return out
 
 
 def text_decoder(tokenizer) -> Decode:
