@@ -46,22 +46,29 @@ class EvalConfig:
                              f"got {self.decode_segments}")
 
 
-def majority_correct(grades, weights=None) -> bool:
+def majority_correct(grades, weights=None, tol: float = 1e-2) -> bool:
     """Voted answer = the extracted answer with the most votes (ties: first seen); correct if it graded 1.
 
     Each sample votes 1, or `weights[i]` (verifier-weighted voting: a verifier's P(correct) summed per
     answer, Li et al. 2023 / Uesato et al. 2022). Samples without an answer (`graders.has_answer`) do not vote.
+    Numeric answers within `tol` of an answer seen before vote for it: grading counts a value within 1e-2 of
+    the gold as right, so `3.33` and `3.3333` are one answer, not two that split its votes.
     """
     votes = collections.Counter()
     correct = {}
+    numeric = []  # the numeric keys so far, in the order seen
     for i, g in enumerate(grades):
         if not has_answer(g):
             continue
         key = str(g.extracted).strip()
         try:
-            key = repr(round(float(key), 4))
+            value = float(key)
         except ValueError:
-            pass
+            value = None
+        if value is not None and np.isfinite(value):
+            key = next((k for k in numeric if abs(k - value) <= tol), value)
+            if key == value and key not in numeric:
+                numeric.append(key)
         votes[key] += 1.0 if weights is None else float(weights[i])
         correct[key] = correct.get(key, False) or g.score >= 1.0 - 1e-6
     if not votes:
@@ -74,7 +81,9 @@ def evaluate(params, model_cfg, tokenizer, ds: TokenizedDataset, items: Sequence
              stop_sequences=()) -> dict:
     """Accuracy of `params` on every example of `ds` (graded against `items[example_idx]`).
 
-    Returns {"accuracy", "voting_accuracy" (if k > 0), "n", "mean_length", "samples": [...first 8...]}.
+    Returns {"accuracy", "voting_accuracy" (if k > 0), "n", "mean_score", "mean_length", "samples"}: `samples`
+    holds every example's greedy answer (item id, completion, score, extracted answer, grading error; with
+    voting also whether the majority vote was right), in the dataset's order.
     With `verifier` (`reftjax.rerank` parameters) and k > 0 it also scores the k voting samples and
     adds "rerank_accuracy" (the verifier's pick among the samples with an answer),
     "weighted_voting_accuracy" (votes weighted by the verifier's P(correct)) and
@@ -105,9 +114,9 @@ def evaluate(params, model_cfg, tokenizer, ds: TokenizedDataset, items: Sequence
         correct += [g.score >= 1.0 - 1e-6 for g in grades]
         scores_g += [float(g.score) for g in grades]
         lengths += to_host(out.lengths_B)[rows].tolist()
-        if len(samples) < 8:
-            samples += [{"item": items[idx[j]].get("item_id"), "completion": texts[j], "score": g.score,
-                         "extracted": g.extracted} for j, g in zip(rows, grades)][: 8 - len(samples)]
+        batch_samples = [{"item": items[idx[j]].get("item_id"), "completion": texts[j], "score": g.score,
+                          "extracted": g.extracted, "error": g.error} for j, g in zip(rows, grades)]
+        samples += batch_samples
         if vote is not None:
             out_v = rollout(params, batch["prompt_tokens"], batch["prompt_mask"], jax.random.fold_in(rng, i),
                             model_cfg=model_cfg, cfg=vote)
@@ -118,9 +127,10 @@ def evaluate(params, model_cfg, tokenizer, ds: TokenizedDataset, items: Sequence
                 scores = to_host(verifier_scores(verifier, out_v.prompt_tokens_BxP, out_v.prompt_mask_BxP,
                                                  out_v.tokens_BxN, out_v.mask_BxN, model_cfg=model_cfg,
                                                  chunk_rows=cfg.rerank_chunk_rows))
-            for j in rows:
+            for j, sample in zip(rows, batch_samples):
                 g = grader.grade_batch([items[idx[j]]] * k, texts_v[j * k:(j + 1) * k])
                 voted.append(majority_correct(g))
+                sample["voting_correct"] = voted[-1]
                 if scores is not None:
                     reranked.append(rerank_correct(scores[j * k:(j + 1) * k], g))
                     weighted.append(majority_correct(g, scores[j * k:(j + 1) * k]))

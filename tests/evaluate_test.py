@@ -45,6 +45,12 @@ def test_decode_segments_reach_the_rollouts_and_change_no_figure(tiny_hf_dir, sh
     assert seen == [(True, 1), (False, 1)] * 2 + [(True, 3), (False, 3)] * 2
     assert results[1]["n"] == 6 and results[1]["mean_length"] > 0 and "voting_accuracy" in results[1]
     assert results[3] == results[1]  # same greedy texts, same voting samples, same figures
+    # every example's greedy answer is kept (the first 8 were), in order, with its item and the vote's outcome
+    samples = results[1]["samples"]
+    assert [r["item"] for r in samples] == [it["item_id"] for it in data.test_items]
+    assert [r["score"] for r in samples] and all(isinstance(r["voting_correct"], bool) for r in samples)
+    assert sum(r["voting_correct"] for r in samples) / 6 == results[1]["voting_accuracy"]
+    assert sum(r["score"] >= 1 for r in samples) / 6 == results[1]["accuracy"]
 
 
 @pytest.mark.parametrize("k", [0, 13])

@@ -233,3 +233,16 @@ def test_unparseable_answers_neither_vote_nor_get_picked():
     program_none = Grade(0.0, extracted="None", error="result 'None' is not a number")  # a P-CoT program's grade
     assert majority_correct([grades[0]] + [program_none] * 3) is True
     assert rerank_correct([0.2, 0.9, 0.9], [grades[0], grades[2], program_none]) is True
+
+
+def test_numeric_votes_within_the_grading_tolerance_are_one_answer():
+    """Grading counts a value within 1e-2 of the gold as right, but the vote keyed answers by 4 decimals, so
+    3.33, 3.333 and 3.3333 (three right answers) split their votes and lost to two votes for 5."""
+    from reftjax.evaluate import majority_correct
+    from reftjax.graders.base import Grade
+
+    g = lambda score, ans: Grade(score, extracted=ans)  # noqa: E731
+    grades = [g(1.0, "3.33"), g(0.1, "5"), g(1.0, "3.333"), g(0.1, "5.0"), g(1.0, "3.3333")]
+    assert majority_correct(grades) is True
+    assert majority_correct([g(0.1, "2.5"), g(1.0, "2.6"), g(0.1, "2.5")]) is False  # 0.1 apart: two answers
+    assert majority_correct([g(0.1, "nan"), g(0.1, "nan"), g(1.0, "7")]) is False  # non-finite: compared as text
