@@ -107,11 +107,14 @@ class RLConfig:
     # (up to sampling.max_new_tokens) that holds every row; each bucket compiles once. 1: always the full length
     completion_buckets: int = 4
     guards: GuardConfig = GuardConfig(enabled=False)
+    # rows of each iteration's rollout written to samples/rl_rollouts.jsonl, with the item id, the sample's index
+    # among its prompt's samples and the grade (-1: every row; 0: none)
+    samples_per_iteration: int = -1
 
     def __post_init__(self):
         s = self.sampling
         for name, low in (("iterations", 0), ("prompts_per_iteration", 1), ("eval_every", 0),
-                          ("early_stop_patience", 0)):
+                          ("early_stop_patience", 0), ("samples_per_iteration", -1)):
             if getattr(self, name) < low:
                 raise ValueError(f"rl.{name} must be >= {low}, got {getattr(self, name)}")
         if self.ppo.algo != "ppo" and s.n not in (1, self.ppo.group_size):

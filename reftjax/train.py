@@ -169,15 +169,20 @@ def _load_evals(out: pathlib.Path) -> dict:
 
 
 def _record_eval(out: pathlib.Path, name: str, res: dict, logger: MetricsLogger, phase: str, step: int):
-    evals = _load_evals(out)
-    evals[name] = {k: v for k, v in res.items() if k != "samples"}
-    _write_json(out / "evals.json", evals)
+    """Writes an evaluation's samples, then its metrics line, then its entry in `evals.json`, which marks it done:
+    a run killed in between redoes the evaluation (a rerun reuses what `evals.json` holds), and the redone
+    metrics line replaces the killed attempt's."""
+    figures = {k: v for k, v in res.items() if k != "samples"}
     if is_primary():
         (out / "samples").mkdir(exist_ok=True)
-        with open(out / "samples" / f"{name}.jsonl", "w") as f:
+        tmp = out / "samples" / f"{name}.jsonl.tmp"
+        with open(tmp, "w") as f:
             for s in res.get("samples", []):
                 f.write(json.dumps(s) + "\n")
-    logger.log(phase, step, {f"{k}": v for k, v in res.items() if k != "samples"})
+        tmp.replace(out / "samples" / f"{name}.jsonl")
+    logger.rewind({phase: step - 1})  # a killed attempt's line for this evaluation
+    logger.log(phase, step, figures)
+    _write_json(out / "evals.json", {**_load_evals(out), name: figures})
 
 
 # ----------------------------------------------------------------------------- phases
@@ -259,7 +264,8 @@ def _log_sft(logger, step, metrics, t0, shape, peak, model_cfg, lr, last) -> tup
 
 def run_rl(cfg: ExperimentConfig, model, ref_params, data: Data, grader, mesh, out: pathlib.Path, logger,
            stop: _Interrupt, progress: bool, compiles: xla_cache.CompileStats | None = None):
-    """PPO/GRPO rounds from the warm-up policy; returns (final params, best params or None, finished).
+    """PPO/GRPO rounds from the warm-up policy; returns (final params, best params or None, iterations run,
+    finished: all iterations or stopped early, not interrupted).
 
     `compiles` (the run's `xla_cache.CompileStats`) puts `xla_programs`, the programs compiled or loaded
     so far, in every metrics line: flat after the first iterations unless something recompiles."""
@@ -334,7 +340,7 @@ def run_rl(cfg: ExperimentConfig, model, ref_params, data: Data, grader, mesh, o
             metrics["xla_programs"] = compiles.programs()
         it += 1
         logger.log("rl", it, metrics)
-        _dump_samples(out, it, reward_fn.last)
+        _dump_samples(out, it, reward_fn.last, data.train_items, samp.n, r.samples_per_iteration)
         bar.update(1)
         bar.set_postfix(reward=f"{em['reward']:.3f}", kl=f"{em['kl']:.3f}")
         metric = None
@@ -358,7 +364,7 @@ def run_rl(cfg: ExperimentConfig, model, ref_params, data: Data, grader, mesh, o
     manager.wait()
     best_params, _ = manager.restore_best_params(state.params["policy"])
     manager.close()
-    return state.params["policy"], best_params, it >= r.iterations or stopped_early()
+    return state.params["policy"], best_params, it, it >= r.iterations or stopped_early()
 
 
 def run_rerank(cfg: ExperimentConfig, model, sft_params, data: Data, grader, mesh, out: pathlib.Path, logger,
@@ -460,13 +466,19 @@ def _json_or_none(line: str):
         return None
 
 
-def _dump_samples(out: pathlib.Path, it: int, record, k: int = 4):
-    if not is_primary():
+def _dump_samples(out: pathlib.Path, it: int, record, items: list, n: int, k: int = -1):
+    """Appends the first `k` rows (-1: all) of iteration `it`'s graded rollout: which item and which of its `n`
+    samples each row is, the completion and its grade."""
+    if not is_primary() or k == 0:
         return
     (out / "samples").mkdir(exist_ok=True)
+    rows = len(record.grades) if k < 0 else min(k, len(record.grades))
+    texts = record.texts or ("",) * len(record.grades)  # a batch that failed as a whole has no texts
     with open(out / "samples" / "rl_rollouts.jsonl", "a") as f:
-        for text, g in list(zip(record.texts, record.grades))[:k]:
-            row = {"iteration": it, "completion": text, "score": g.score, "extracted": g.extracted, "error": g.error}
+        for r in range(rows):
+            g, idx = record.grades[r], record.example_idx[r] if record.example_idx else None
+            row = {"iteration": it, "item_id": None if idx is None else items[idx].get("item_id"), "sample": r % n,
+                   "completion": texts[r], "score": g.score, "extracted": g.extracted, "error": g.error}
             if "guards" in g.details:  # flagged by the reward-hacking guards (rl.guards)
                 row.update(guards=g.details["guards"], score_before_guards=g.details["score_before_guards"])
             f.write(json.dumps(row) + "\n")
@@ -561,7 +573,8 @@ class RunDirError(ValueError):
 # on the devices and in memory (a run preempted on one slice may resume on another, or with remat to fit);
 # entries ending in "." cover a whole sub-config.
 RESUMABLE_CHANGES = ("compilation_cache", "export_hf", "checkpoint.save_every", "checkpoint.keep_last", "mesh.",
-                     "remat", "sft.accum_steps", "sft.head_chunk_rows", "rl.ppo.head_chunk_rows")
+                     "remat", "sft.accum_steps", "sft.head_chunk_rows", "rl.ppo.head_chunk_rows",
+                     "rl.samples_per_iteration")
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -651,7 +664,7 @@ def run(cfg: ExperimentConfig, out_dir: str | pathlib.Path, *, progress: bool = 
         _eval_once("test_sft", out, logger, ref_params, model, data.test_ds, data.test_items, grader, cfg, mesh, 0,
                    voting=True, verifier=verifier)
         del verifier  # not held through RL: restored from its checkpoint for the final test
-        final, best, rl_done = run_rl(cfg, model, ref_params, data, grader, mesh, out, logger, stop, progress,
+        final, best, rl_its, rl_done = run_rl(cfg, model, ref_params, data, grader, mesh, out, logger, stop, progress,
                                       compiles)
         if not rl_done:
             return _interrupted(logger, "rl")
@@ -662,7 +675,7 @@ def run(cfg: ExperimentConfig, out_dir: str | pathlib.Path, *, progress: bool = 
         if stop.check():
             return _interrupted(logger, "eval")
         test_rl = _eval_once("test_reft", out, logger, chosen, model, data.test_ds, data.test_items, grader, cfg,
-                             mesh, cfg.rl.iterations, voting=True, verifier=verifier)
+                             mesh, rl_its, voting=True, verifier=verifier)  # (< rl.iterations after an early stop)
     if cfg.export_hf:
         for name, params in (("final", final), ("best", chosen)):
             params = to_host(params)  # a collective on multi-process meshes: every process takes part

@@ -130,8 +130,18 @@ def test_pipeline_sigkill_then_resume_completes(tiny_hf_dir, tmp_path, shared_da
 
     logged = collections.Counter((r["phase"], r["step"]) for r in map(json.loads, (out / "metrics.jsonl").open()))
     assert max(logged.values()) == 1, [k for k, n in logged.items() if n > 1]
-    samples = collections.Counter(json.loads(l)["iteration"] for l in (out / "samples" / "rl_rollouts.jsonl").open())
-    assert samples == {1: 4, 2: 4}
+    rows = [json.loads(l) for l in (out / "samples" / "rl_rollouts.jsonl").open()]
+    cfg = json.loads((out / "config.json").read_text())["rl"]
+    n = cfg["sampling"]["n"] if cfg["ppo"]["algo"] == "ppo" else cfg["ppo"]["group_size"]
+    per_it = cfg["prompts_per_iteration"] * n  # every row of the rollout
+    assert collections.Counter(r["iteration"] for r in rows) == {1: per_it, 2: per_it}
+    for i in (1, 2):  # each prompt's n samples, in order, with the item they answer
+        its = [r for r in rows if r["iteration"] == i]
+        assert [r["sample"] for r in its] == list(range(n)) * cfg["prompts_per_iteration"]
+        assert all(isinstance(r["item_id"], str) and r["item_id"] for r in its)
+        assert len({r["item_id"] for r in its}) == cfg["prompts_per_iteration"]
+    # after the early stop at iteration 2 (of 3), the final test is logged at the last iteration run, not at 3
+    assert [r["step"] for r in map(json.loads, (out / "metrics.jsonl").open()) if r["phase"] == "eval/test_reft"] == [2]
     rl = _rl_lines(out)[-1]
     for key in ("reward", "accuracy", "kl", "entropy", "clipfrac", "vf_loss", "explained_variance",
                 "response_length", "generated_tokens_per_s", "mfu", "completion_bucket", "xla_programs"):
@@ -664,3 +674,60 @@ def test_partial_credit_graders_select_checkpoints_by_mean_score_and_dead_settin
     with pytest.raises(ValueError, match="early_stop_patience needs validation"):
         RLConfig(early_stop_patience=2, eval_every=0)
     RLConfig(sampling=dataclasses.replace(RLConfig().sampling, n=2), ppo=PPOConfig(algo="grpo", group_size=2))
+
+
+def test_rl_samples_hold_every_row_with_its_item_and_sample_index(tmp_path):
+    """samples/rl_rollouts.jsonl held the first 4 rows of each iteration, without saying which question or which
+    sample each answered: a user could not read a group's samples side by side or find a question's rollouts."""
+    from reftjax import train as T
+    from reftjax.graders.base import Grade
+    from reftjax.graders.callback import BatchRecord
+
+    items = [{"item_id": f"q{i}"} for i in range(5)]
+    rec = BatchRecord(texts=tuple(f"t{r}" for r in range(6)), grades=tuple(Grade(r / 10) for r in range(6)),
+                      example_idx=(3, 3, 3, 0, 0, 0))
+    T._dump_samples(tmp_path, 7, rec, items, n=3)
+    rows = [json.loads(l) for l in (tmp_path / "samples" / "rl_rollouts.jsonl").read_text().splitlines()]
+    assert [(r["iteration"], r["item_id"], r["sample"], r["completion"]) for r in rows] == [
+        (7, "q3", 0, "t0"), (7, "q3", 1, "t1"), (7, "q3", 2, "t2"), (7, "q0", 0, "t3"), (7, "q0", 1, "t4"),
+        (7, "q0", 2, "t5")]
+    assert [r["score"] for r in rows] == [r / 10 for r in range(6)]
+    T._dump_samples(tmp_path, 8, rec, items, n=3, k=2)  # rl.samples_per_iteration=2
+    T._dump_samples(tmp_path, 9, rec, items, n=3, k=0)  # 0: none
+    rows = [json.loads(l) for l in (tmp_path / "samples" / "rl_rollouts.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [7] * 6 + [8, 8]
+    failed = BatchRecord(grades=(Grade(0.0, error="batch failed"),) * 2, example_idx=(1, 2), error="boom")
+    T._dump_samples(tmp_path, 10, failed, items, n=1)  # a batch that failed as a whole has no texts
+    last = [json.loads(l) for l in (tmp_path / "samples" / "rl_rollouts.jsonl").read_text().splitlines()][-2:]
+    assert [(r["item_id"], r["completion"], r["error"]) for r in last] == [("q1", "", "batch failed"),
+                                                                           ("q2", "", "batch failed")]
+
+
+def test_an_evaluation_killed_before_its_log_line_is_redone_and_logged_once(tmp_path, monkeypatch):
+    """evals.json marks an evaluation done, and it was written first: a run killed before the evaluation's samples
+    and metrics line reused the cached figures on resume, so the line and the samples file were missing for good.
+    Now it is written last, and a redone evaluation's line replaces a killed attempt's."""
+    from reftjax import train as T
+    from reftjax.metrics import MetricsLogger
+
+    res = {"accuracy": 0.5, "n": 2, "samples": [{"q": 1}, {"q": 2}]}
+    logger = MetricsLogger(tmp_path, tensorboard=False)
+    real_log = logger.log
+
+    def killed(*a, **k):  # the kill lands after the line is written, before anything else
+        real_log(*a, **k)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(logger, "log", killed)
+    with pytest.raises(KeyboardInterrupt):
+        T._record_eval(tmp_path, "test_sft", res, logger, "eval/test_sft", 0)
+    assert "test_sft" not in T._load_evals(tmp_path)  # not done: the rerun evaluates again
+    monkeypatch.setattr(logger, "log", real_log)
+    T._record_eval(tmp_path, "test_sft", res, logger, "eval/test_sft", 0)
+    T._record_eval(tmp_path, "val_rl_2", dict(res, accuracy=0.25), logger, "val", 2)
+    logger.close()
+    lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["phase"], r["step"], r["accuracy"]) for r in lines] == [("eval/test_sft", 0, 0.5), ("val", 2, 0.25)]
+    assert T._load_evals(tmp_path) == {"test_sft": {"accuracy": 0.5, "n": 2}, "val_rl_2": {"accuracy": 0.25, "n": 2}}
+    assert len((tmp_path / "samples" / "test_sft.jsonl").read_text().splitlines()) == 2
+    assert not list((tmp_path / "samples").glob("*.tmp"))

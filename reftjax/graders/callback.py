@@ -64,6 +64,7 @@ class BatchRecord:
       counters: how many rows each guard flagged in this batch, plus "graded" and "errors".
       seconds: host time spent decoding and grading this batch.
       error: set when the whole batch failed (all rewards 0).
+      example_idx: each row's index into the reference items (as the rollout passed it).
     """
 
     texts: tuple[str, ...] = ()
@@ -71,6 +72,7 @@ class BatchRecord:
     counters: dict = dataclasses.field(default_factory=dict)
     seconds: float = 0.0
     error: str | None = None
+    example_idx: tuple[int, ...] = ()
 
 
 def answer_rows(ids_BxT: np.ndarray, mask_BxT: np.ndarray, stop_sequences=()) -> list[list[int]]:
@@ -107,11 +109,12 @@ class HostRewardFn:
         with self._lock:
             try:
                 texts, grades, counters = self._grade(ids, mask, idx)
-                record = BatchRecord(tuple(texts), tuple(grades), counters)
+                record = BatchRecord(tuple(texts), tuple(grades), counters, example_idx=tuple(idx.tolist()))
             except Exception as exc:  # noqa: BLE001 - raising inside a callback is undefined
                 grades = [Grade(0.0, error="batch failed")] * ids.shape[0]
                 record = BatchRecord(grades=tuple(grades), error=f"{type(exc).__name__}: {exc}",
-                                     counters={"graded": len(grades), "errors": len(grades)})
+                                     counters={"graded": len(grades), "errors": len(grades)},
+                                     example_idx=tuple(np.ravel(idx).tolist()))
             self.last = dataclasses.replace(record, seconds=time.perf_counter() - start)
             self.totals.update(record.counters)
         return np.asarray([g.score for g in grades], np.float32)
