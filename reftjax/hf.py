@@ -420,12 +420,33 @@ def load_generation_config(directory: pathlib.Path):
         raise CheckpointError(f"{path}: cannot be read as a transformers generation config ({e})") from e
 
 
+def _clear_killed_export(out: pathlib.Path) -> None:
+    """What a killed `save_hf` of `out` left beside it: its temporary folders (`<name>.tmpXXXXXXXX`, a whole
+    model's size each) are deleted; a previous export moved to `<name>.old` but not yet replaced (the kill came
+    between the two renames) is moved back, or deleted when `out` is in place."""
+    import re
+    import shutil
+
+    if not out.parent.is_dir():
+        return
+    pattern = re.compile(re.escape(out.name) + r"\.tmp[a-z0-9_]{8}")  # tempfile.mkdtemp's names
+    for p in out.parent.iterdir():
+        if p.is_dir() and not p.is_symlink() and pattern.fullmatch(p.name):
+            shutil.rmtree(p, ignore_errors=True)
+    old = out.with_name(out.name + ".old")
+    if old.is_dir() and (old / "config.json").is_file():
+        if out.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.rename(out)
+
+
 def save_hf(out_dir: str | os.PathLike, params, cfg, hf_config, tokenizer=None, dtype: str | None = None,
             max_shard_bytes: int = 4 << 30, generation_config=None) -> pathlib.Path:
     """Export params as a Hugging Face directory that `AutoModelForCausalLM.from_pretrained` loads.
 
     Written to a temporary sibling and renamed into place: a crash never leaves
-    a half-written export. An existing ``out_dir`` is replaced only when it is empty or a
+    a half-written export, and what a killed export left beside `out_dir` is cleared first. An existing ``out_dir`` is replaced only when it is empty or a
     model directory (holds ``config.json``); anything else raises `CheckpointError`.
     Shards above `max_shard_bytes` with an index file.
     `generation_config` (`LoadedModel.generation_config`) is written beside it; the tokenizer is
@@ -437,6 +458,7 @@ def save_hf(out_dir: str | os.PathLike, params, cfg, hf_config, tokenizer=None, 
     import tempfile
 
     out = pathlib.Path(out_dir)
+    _clear_killed_export(out)
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"{out}: exists and is not a directory; refusing to replace it")
     if out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():

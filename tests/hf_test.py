@@ -336,3 +336,27 @@ def test_generation_config_is_read_and_exported_and_the_pad_token_is_not(tmp_pat
     assert list(gen.eos_token_id) == [2, 3] and gen.temperature == 0.6 and gen.do_sample
     assert AutoTokenizer.from_pretrained(out).pad_token is None  # the user's tokenizer, unchanged
     assert model.tokenizer.pad_token == "w2"  # and still usable for batches after the export
+
+
+def test_an_export_clears_what_a_killed_export_left(tmp_path, random_params):
+    """A SIGKILL during save_hf left its temporary folder (a whole model) beside the export for good, and a kill
+    between its two renames left no export at all, only `<name>.old`."""
+    params = random_params(TINY)
+    out = save_hf(tmp_path / "final", params, TINY, _tiny_hf_config(TINY))
+    litter = tmp_path / "final.tmpab_c9xyz"
+    (litter / "sub").mkdir(parents=True)
+    (litter / "model.safetensors").write_bytes(b"half")
+    keep = [tmp_path / "final.tmp", tmp_path / "final.tmpnotmine_x", tmp_path / "other.tmpab_c9xyz"]
+    for k in keep:
+        k.mkdir()
+    out.rename(tmp_path / "final.old")  # killed between the renames: the previous export is only in .old
+    save_hf(tmp_path / "best", params, TINY, _tiny_hf_config(TINY))  # another export leaves it alone
+    assert (tmp_path / "final.old" / "config.json").is_file() and litter.exists()
+    save_hf(out, params, TINY, _tiny_hf_config(TINY))
+    assert not litter.exists() and not (tmp_path / "final.old").exists() and (out / "config.json").is_file()
+    assert all(k.is_dir() for k in keep)  # only names tempfile.mkdtemp gives this export are removed
+    from reftjax.hf import _clear_killed_export
+
+    out.rename(tmp_path / "final.old")
+    _clear_killed_export(out)  # the previous export is moved back, not deleted
+    assert (out / "config.json").is_file() and not (tmp_path / "final.old").exists()
