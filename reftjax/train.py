@@ -13,7 +13,7 @@ checkpoints resume like the other phases.
 
 Run directory layout:
 
-    config.json  metrics.jsonl  tensorboard/  samples/*.jsonl
+    config.json  data.json  metrics.jsonl  tensorboard/  samples/*.jsonl
     checkpoints/{sft,rl,verifier}/  sft_done.json  verifier_data.npz  verifier_done.json  evals.json
     hf/{final,best}/  summary.json  summary.md  plots/*.png
 """
@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import json
 import logging
 import pathlib
@@ -103,6 +104,32 @@ def split_stats(data: Data) -> dict:
     """Per-split tokenization counts (examples, kept, dropped, truncated) for the run summary."""
     return {split: dict(ds.stats) for split, ds in (("train", data.train_ds), ("val", data.val_ds),
                                                      ("test", data.test_ds))}
+
+
+def data_fingerprints(data: Data) -> dict:
+    """Per split: its example count, the digest of its token ids (`TokenizedDataset.fingerprint`) and that of
+    its reference items (the gold answers a grader reads, which RL-only data does not tokenize)."""
+    digest = lambda items: hashlib.blake2b(json.dumps(items, sort_keys=True, default=str).encode(),  # noqa: E731
+                                           digest_size=8).hexdigest()
+    return {split: {"examples": len(ds), "tokens": ds.fingerprint, "items": digest(items)}
+            for split, ds, items in (("train", data.train_ds, data.train_items), ("val", data.val_ds, data.val_items),
+                                     ("test", data.test_ds, data.test_items))}
+
+
+def _check_same_data(path: pathlib.Path, new: dict) -> None:
+    """A rerun resumes checkpoints, loader positions and finished evaluations taken on the data in `path`
+    (`data.json`): refused when the data differs (a file edited in place keeps the settings and maybe the count)."""
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise RunDirError(f"{path}: unreadable ({type(e).__name__}: {e}); this run directory cannot be resumed: "
+                          f"use a new output directory") from e
+    changed = [f"{split} ({', '.join(k for k in new[split] if old.get(split, {}).get(k) != new[split][k])})"
+               for split in new if old.get(split) != new[split]]
+    if changed:
+        raise RunDirError(f"{path}: the data differs from the data this run was started on: {'; '.join(changed)} "
+                          f"(a data file edited or replaced?); rerunning resumes the run, so use the original data or "
+                          f"a new output directory")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -626,7 +653,8 @@ def run(cfg: ExperimentConfig, out_dir: str | pathlib.Path, *, progress: bool = 
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg_path = out / "config.json"
-    if cfg_path.exists() and any(p.name != "config.json" for p in out.iterdir()):  # else nothing ran under it
+    ran = cfg_path.exists() and any(p.name not in ("config.json", "data.json") for p in out.iterdir())
+    if ran:  # else nothing ran under it
         _check_same_run(cfg_path, to_dict(cfg))
     grader = build_grader(cfg.grader_dict)  # cheap checks first: a bad grader or mesh fails before the model loads
     mesh = make_mesh(cfg.mesh)
@@ -634,7 +662,11 @@ def run(cfg: ExperimentConfig, out_dir: str | pathlib.Path, *, progress: bool = 
     model = load_model(cfg.model, dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat, mesh=mesh)
     data = prepare_data(cfg, model.tokenizer)
     check_grader_fields(grader, data)
+    prints, data_path = data_fingerprints(data), out / "data.json"
+    if ran and data_path.exists():
+        _check_same_data(data_path, prints)
     _write_json(cfg_path, to_dict(cfg))  # once the model and data are in: a typo in either does not claim `out`
+    _write_json(data_path, prints)
     logger = MetricsLogger(out)
     t_start = time.time()
     stop = _Interrupt()

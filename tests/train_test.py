@@ -513,6 +513,15 @@ def test_openai_format_prompts_train_with_rl_alone(tiny_hf_dir, tmp_path, shared
     # the ReFT grader validates the first item's gold answer before RL: without answer_field it was "" (refused)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["test_accuracy"]["reft"] is not None
+    # the file edited in place (one gold answer: same count, same prompts, same settings): a rerun would resume
+    # the finished run on other data; refused in one line, naming the split and what differs
+    rows = train.read_text().splitlines()
+    train.write_text("\n".join([json.dumps(dict(json.loads(rows[0]), reference_answer="12345"))] + rows[1:]) + "\n")
+    again = subprocess.run(_cmd(tiny_hf_dir, out, extra), cwd=ROOT, env=_env(), capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 2, again.stderr[-3000:]
+    assert re.search(r"data\.json: the data differs from the data this run was started on: (train|val) \(items\) ",
+                     again.stderr.strip().splitlines()[-1]), again.stderr[-2000:]
 
 
 def test_presets_carry_the_authors_settings():

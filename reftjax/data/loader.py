@@ -107,17 +107,21 @@ class Loader:
         n, b = len(self.ds), self.cfg.batch_size
         return n // b if self.cfg.drop_last else -(-n // b)
 
-    def state(self) -> dict[str, int]:
-        """Position as plain ints (checkpoint it with the train state)."""
+    def state(self) -> dict:
+        """Position as plain ints, and the dataset's `fingerprint` (checkpoint it with the train state)."""
         return {"seed": self.cfg.seed, "epoch": self._epoch, "step": self._step,
-                "num_examples": len(self.ds), "batch_size": self.cfg.batch_size}
+                "num_examples": len(self.ds), "batch_size": self.cfg.batch_size, "data": self.ds.fingerprint}
 
-    def restore(self, state: dict[str, int]) -> None:
+    def restore(self, state: dict) -> None:
         """Continue from a `state` taken with the same data and settings."""
         mine = self.state()
         for key in ("seed", "num_examples", "batch_size"):
             if int(state[key]) != mine[key]:
                 raise ValueError(f"loader state mismatch: {key} {state[key]} != {mine[key]}")
+        if "data" in state and state["data"] != mine["data"]:  # (states saved before the digest have none)
+            raise ValueError(f"loader state mismatch: the dataset's tokens differ from those the state was taken on "
+                             f"(digest {state['data']} != {mine['data']}): the data changed, e.g. a file edited in "
+                             f"place, so the saved position would not resume the same batches")
         self._epoch, self._step = int(state["epoch"]), int(state["step"])
         self._order = self._permutation(self._epoch)
 

@@ -19,6 +19,8 @@ and ``valid [B]``.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 
 import numpy as np
 
@@ -108,6 +110,19 @@ class TokenizedDataset:
 
     def __len__(self) -> int:
         return len(self.prompt)
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """A digest of the token ids (prompts, prefixes, targets) and example indices: a resumed run checks that
+        its data is the data it was started on (a file edited in place may keep the example count)."""
+        h = hashlib.blake2b(digest_size=8)
+        for arrays in (self.prompt, self.prefix, self.target if self.target is not None else ()):
+            for a in arrays:
+                h.update(np.asarray(a, np.int64).tobytes())
+                h.update(b"|")
+            h.update(b"#")
+        h.update(np.asarray(self.example_idx, np.int64).tobytes())
+        return h.hexdigest()
 
     @property
     def prompt_lengths(self) -> np.ndarray:
