@@ -67,7 +67,10 @@ class Data:
 
 
 def _item(ex) -> dict:
-    return {"item_id": ex.item_id, "question": ex.question, "answer_value": ex.answer, **ex.fields}
+    item = {"item_id": ex.item_id, "question": ex.question, "answer_value": ex.answer, **ex.fields}
+    if ex.answer:  # the answer read from `data.answer_field` wins over a file field that is also named answer_value
+        item["answer_value"] = ex.answer
+    return item
 
 
 def prepare_data(cfg: ExperimentConfig, tokenizer) -> Data:
@@ -90,6 +93,14 @@ def prepare_data(cfg: ExperimentConfig, tokenizer) -> Data:
                             f"{len(val)} validation, {len(test)} test examples before the length limits; "
                             f"data.val_fraction={d.val_fraction}, data.tokenize.max_prompt_len="
                             f"{d.tokenize.max_prompt_len}): model selection and the report need every split")
+    # the SFT and RL loaders draw full batches of training examples (found here, not after the warm-up and the
+    # evaluations, when the corrected rerun would be refused by the claimed run directory)
+    for name, size, runs in (("sft.batch_size", cfg.sft.batch_size, cfg.sft.epochs > 0),
+                             ("rl.prompts_per_iteration", cfg.rl.prompts_per_iteration, cfg.rl.iterations > 0)):
+        if runs and len(data.train_ds) < size:
+            raise DataError(f"{d.train_file or d.dataset}:0: the train split keeps {len(data.train_ds)} examples "
+                            f"({len(train)} before the length limits), fewer than one batch of {name}={size}: "
+                            f"lower it or give more training data")
     for split, st in split_stats(data).items():
         if st["dropped"] or st["prompt_truncated"] or st["target_truncated"]:
             log.warning("%s split: %d of %d examples dropped, %d prompts and %d targets truncated by the length limits "
@@ -557,15 +568,23 @@ def selection_metric(cfg: ExperimentConfig) -> str:
 def check_grader_fields(grader, data: Data) -> None:
     """The grader can read the fields of every split's items (the test split is a built-in dataset whose items
     carry `item_id`, `question` and `answer_value`, whatever the training file holds): a grader reading another
-    field failed at the first test evaluation, after the warm-up, with the run directory already claimed."""
+    field failed at the first test evaluation, after the warm-up, with the run directory already claimed.
+    Every item is checked, not the first alone: a row that lacks the field (a typo in one line of the file) scored
+    0 for every answer, counted with the unparseable ones.
+    """
     for split, items in (("train", data.train_items), ("validation", data.val_items), ("test", data.test_items)):
-        if items:
+        bad = []
+        for item in items:
             try:
-                grader.validate(items[0])
+                grader.validate(item)
             except (KeyError, ValueError) as e:
-                msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-                raise SettingsError(f"grader: cannot grade the {split} split ({msg}); its items have the fields "
-                                    f"{sorted(items[0])} (data.answer_field is read into answer_value)") from None
+                bad.append((item, e.args[0] if isinstance(e, KeyError) and e.args else e))
+        if bad:
+            item, msg = bad[0]
+            where = "all" if len(bad) == len(items) else f"{len(bad)} of {len(items)}, the first item_id " \
+                                                          f"{item.get('item_id')!r}"
+            raise SettingsError(f"grader: cannot grade the {split} split's items ({where}: {msg}); such items have "
+                                f"the fields {sorted(item)} (data.answer_field is read into answer_value)")
 
 
 def check_batch_sizes(cfg: ExperimentConfig, mesh) -> None:

@@ -181,3 +181,19 @@ def test_example_idx_is_the_position_in_the_list_given(smollm_tokenizer, gsm8k_t
     picked = [gsm8k_train[7], gsm8k_train[3], gsm8k_train[40]]
     ds = tokenize_examples(picked, smollm_tokenizer, PromptConfig(), TokenizeConfig(), with_targets=False)
     assert ds.example_idx.tolist() == [0, 1, 2]
+
+
+def test_system_prompt_reaches_openai_format_messages(smollm_tokenizer):
+    """data.prompt.system_prompt was dropped for OpenAI-format examples (their own messages were used as they
+    were), so the chat template's default system turn stood in, without a word. A file's own system turn stays."""
+    from reftjax.data.prompts import chat_messages
+
+    cfg = PromptConfig("chat", system_prompt="Answer with a number.")
+    user = ({"role": "user", "content": "2+2?"},)
+    assert chat_messages(Example(0, "a", "2+2?", messages=user), cfg) == [
+        {"role": "system", "content": "Answer with a number."}, {"role": "user", "content": "2+2?"}]
+    own = ({"role": "system", "content": "Be brief."},) + user
+    assert chat_messages(Example(0, "a", "2+2?", messages=own), cfg) == [dict(m) for m in own]
+    assert chat_messages(Example(0, "a", "2+2?", messages=user), PromptConfig("chat")) == [dict(user[0])]
+    f = format_example(Example(0, "a", "2+2?", messages=user), cfg, smollm_tokenizer)
+    assert "Answer with a number." in f.prompt and "SmolLM" not in f.prompt

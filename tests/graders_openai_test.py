@@ -180,3 +180,12 @@ def test_rouge_matches_rouge_score_on_punctuated_mixed_case_text():
         want = scorer.score(ref, cand)
         for kind, key in (("1", "rouge1"), ("2", "rouge2"), ("l", "rougeL")):
             assert rouge(cand, ref, kind) == pytest.approx(want[key].fmeasure, abs=1e-9), (cand, ref, kind)
+
+
+def test_non_string_references_render_as_their_text():
+    """A list or dict reference field rendered with json.dumps' ASCII escapes (["\\u6771\\u4eac"]), so a model
+    output equal to the reference scored 0 with string_check eq."""
+    item = {"cities": ["東京", "Zürich"], "n": 4}
+    assert render("{{item.cities}} {{item.n}}", {}, item) == '["東京", "Zürich"] 4'
+    cfg = {"type": "string_check", "input": "{{sample.output_text}}", "reference": "{{item.cities}}", "operation": "eq"}
+    assert _one(cfg, '["東京", "Zürich"]', item).score == 1.0

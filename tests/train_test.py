@@ -429,6 +429,12 @@ def test_invalid_settings_fail_before_anything_runs_and_do_not_claim_the_run_dir
     with pytest.raises(DataError, match=r"the validation split is empty \(8 train, 0 validation, 4 test"):
         run(dataclasses.replace(base, data=data), out, progress=False)
     assert not (out / "config.json").exists() and not (out / "checkpoints").exists()
+    # fewer training examples than one RL batch: failed after the warm-up and the evaluations (helper review)
+    data = dataclasses.replace(base.data, n_train=6, n_val=2, n_test=2)
+    with pytest.raises(DataError, match=r"the train split keeps 6 examples \(6 before the length limits\), fewer "
+                                        r"than one batch of sft.batch_size=8"):
+        run(dataclasses.replace(base, data=data), out, progress=False)
+    assert not (out / "config.json").exists()
 
 
 def test_help_documents_every_flag():
@@ -657,13 +663,19 @@ def test_a_grader_that_cannot_read_the_test_items_is_refused_before_training():
     train = [{"item_id": "f_0", "messages": [], "reference_answer": "4", "answer_value": "4"}]
     test = [{"item_id": "gsm8k_test_0", "question": "q", "answer_value": "18"}]
     data = types.SimpleNamespace(train_items=train, val_items=train, test_items=test)
-    with pytest.raises(SettingsError, match=r"cannot grade the test split \(template field "
-                                            r"\{\{item.reference_answer\}\} not found\); its items have the fields "
+    with pytest.raises(SettingsError, match=r"cannot grade the test split's items \(all: template field "
+                                            r"\{\{item.reference_answer\}\} not found\); such items have the fields "
                                             r"\['answer_value', 'item_id', 'question'\]"):
         check_grader_fields(grader, data)
     ok = build_grader({"type": "string_check", "name": "exact", "input": "{{sample.output_text}}",
                        "reference": "{{item.answer_value}}", "operation": "eq"})
     check_grader_fields(ok, data)  # answer_value is on every split
+    # one row of the file with the field misspelt: every item is checked, not the first alone (it scored 0 silently)
+    typo = {"item_id": "f_2", "messages": [], "reference_anwser": "5", "answer_value": "5"}
+    data = types.SimpleNamespace(train_items=train + train + [typo], val_items=test, test_items=test)
+    with pytest.raises(SettingsError, match=r"cannot grade the train split's items \(1 of 3, the first item_id "
+                                            r"'f_2': template field \{\{item.reference_answer\}\} not found"):
+        check_grader_fields(grader, data)
 
 
 def test_partial_credit_graders_select_checkpoints_by_mean_score_and_dead_settings_are_refused():
@@ -740,3 +752,16 @@ def test_an_evaluation_killed_before_its_log_line_is_redone_and_logged_once(tmp_
     assert T._load_evals(tmp_path) == {"test_sft": {"accuracy": 0.5, "n": 2}, "val_rl_2": {"accuracy": 0.25, "n": 2}}
     assert len((tmp_path / "samples" / "test_sft.jsonl").read_text().splitlines()) == 2
     assert not list((tmp_path / "samples").glob("*.tmp"))
+
+
+def test_the_answer_field_wins_over_a_file_field_named_answer_value():
+    """`_item` spread the file's own fields after the parsed answer, so a row with reference_answer "6" and a
+    stray answer_value 7 was graded against 7 (helper review). The file's other fields still reach the grader."""
+    from reftjax.data.records import Example
+    from reftjax.train import _item
+
+    ex = Example(0, "r0", "q", "", "6", 6.0, ({"role": "user", "content": "q"},),
+                 {"reference_answer": "6", "answer_value": 7, "question": "own"})
+    assert _item(ex) == {"item_id": "r0", "question": "own", "answer_value": "6", "reference_answer": "6"}
+    no_field = Example(0, "r1", "q", "", "", None, ({"role": "user", "content": "q"},), {"answer_value": "9"})
+    assert _item(no_field)["answer_value"] == "9"  # without data.answer_field the file's own field stands

@@ -93,10 +93,12 @@ def nl_target(ex: Example, strip: bool) -> str | None:
 
 
 def chat_messages(ex: Example, cfg: PromptConfig) -> list[dict[str, str]]:
-    """The messages the chat template is applied to."""
-    if ex.messages is not None:
-        return [dict(m) for m in ex.messages]
+    """The messages the chat template is applied to: an example's own messages (OpenAI format) or its question,
+    after a system turn holding `cfg.system_prompt` when one is set and the messages have none."""
     system = [] if cfg.system_prompt is None else [{"role": "system", "content": cfg.system_prompt}]
+    if ex.messages is not None:
+        own = [dict(m) for m in ex.messages]
+        return own if any(m.get("role") in ("system", "developer") for m in own) else system + own
     return system + [{"role": "user", "content": ex.question}]
 
 

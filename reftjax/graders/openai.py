@@ -72,7 +72,7 @@ def render(template: str, sample: Mapping, item: Item) -> str:
         if head not in ("item", "sample") or not rest:
             raise KeyError(f"template field {{{{{path}}}}} must start with item. or sample.")
         value = _lookup(item if head == "item" else sample, rest, head)
-        return value if isinstance(value, str) else json.dumps(value)
+        return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
     return _TEMPLATE.sub(sub, template)
 
 
