@@ -192,6 +192,14 @@ class ExperimentConfig:
         return json.loads(json.dumps(dict(self.grader)))
 
 
+def selection_metric(cfg: ExperimentConfig) -> str:
+    """What picks the best RL checkpoint and drives early stopping: validation `accuracy` (greedy top-1, score 1)
+    with the ReFT grader, as the paper selects; the mean validation score with any other grader. Graders with
+    partial credit (text_similarity, python, score_model, multi) rarely score 1, so their accuracy sat at 0: every
+    evaluation tied, the latest checkpoint counted as best and early stopping fired while the reward rose."""
+    return "accuracy" if cfg.grader_dict.get("type") == "reft" else "mean_score"
+
+
 def to_dict(cfg) -> dict:
     if dataclasses.is_dataclass(cfg):
         return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}

@@ -414,8 +414,8 @@ def grpo_loss(
       loss_agg: see ``LOSS_AGGREGATIONS`` (static).
 
     Returns:
-      ``(loss, metrics)`` with masked means ``kl`` (k3), ``clipfrac`` and
-      ``ratio_mean``.
+      ``(loss, metrics)`` with ``pg_loss`` (the clipped surrogate without the KL term, aggregated as the loss)
+      and masked means ``kl_k3``, ``clipfrac`` and ``ratio_mean``.
     """
     adv_BxT = jnp.broadcast_to(_f32(adv_B)[:, None], jnp.shape(mask_BxT))
     logp, logp_old, logp_ref, adv = _select(
@@ -428,6 +428,8 @@ def grpo_loss(
     k3 = jnp.exp(ref_minus_logp) - ref_minus_logp - 1.0
     loss = aggregate_loss(-jnp.minimum(surr1, surr2) + kl_coef * k3, mask_BxT, loss_agg)
     metrics = {
+        # the clipped surrogate alone, as PPO's pg_loss (the loss adds kl_coef x the aggregated k3)
+        "pg_loss": jax.lax.stop_gradient(aggregate_loss(-jnp.minimum(surr1, surr2), mask_BxT, loss_agg)),
         # not "kl": the experience's per-sequence KL(policy || reference) goes by that name in the same metrics row
         "kl_k3": masked_mean(jax.lax.stop_gradient(k3), mask_BxT),
         "clipfrac": masked_mean(surr2 < surr1, mask_BxT),

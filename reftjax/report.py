@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import pathlib
 
-from reftjax.config import to_dict
+from reftjax.config import selection_metric, to_dict
 from reftjax.metrics import read_metrics
 
 
@@ -36,6 +36,10 @@ def write_summary(out: pathlib.Path, cfg, evals: dict, wall_seconds: float, writ
         return evals.get(name, {}).get(key)
 
     val_rl = {int(k.rsplit("_", 1)[1]): v["accuracy"] for k, v in evals.items() if k.startswith("val_rl_")}
+    val_score = {int(k.rsplit("_", 1)[1]): v.get("mean_score") for k, v in evals.items() if k.startswith("val_rl_")}
+    # graders with partial credit select checkpoints on the mean validation score (train.selection_metric), so the
+    # report shows it beside the accuracy; with the ReFT grader accuracy is what selects
+    by_score = selection_metric(cfg) == "mean_score"
     summary = {
         "name": cfg.name, "model": cfg.model, "status": "done", "wall_seconds": round(wall_seconds, 1),
         "test_n": evals.get("test_sft", {}).get("n"),
@@ -51,6 +55,10 @@ def write_summary(out: pathlib.Path, cfg, evals: dict, wall_seconds: float, writ
                                  "upper_bound_reft": _pct(acc("test_reft", "upper_bound_accuracy")),
                                  "k": cfg.eval.voting_k} if cfg.rerank.epochs else None,
         "val_accuracy": {"sft": _pct(acc("val_sft")), "rl": {k: _pct(v) for k, v in sorted(val_rl.items())}},
+        "test_mean_score": {"base": acc("test_base", "mean_score"), "sft": acc("test_sft", "mean_score"),
+                            "reft": acc("test_reft", "mean_score")},
+        "val_mean_score": {"sft": acc("val_sft", "mean_score"), "rl": dict(sorted(val_score.items()))},
+        "selection_metric": selection_metric(cfg),
         "data_stats": data_stats,
         "compilation": compilation,
         "config": to_dict(cfg),
@@ -71,7 +79,10 @@ def write_summary(out: pathlib.Path, cfg, evals: dict, wall_seconds: float, writ
         rows = [("before SFT", t["base"], None, None), ("after SFT warm-up", t["sft"], v["sft"], "sft")]
     else:  # RL alone: the "sft" evaluation is of the loaded model (train.run skips the identical test_base)
         rows = [("loaded model (no SFT warm-up)", t["sft"], v["sft"], "sft")]
-    rows.append((f"after ReFT ({cfg.rl.ppo.algo})", t["reft"], v["reft"], "reft"))
+    if cfg.rl.iterations:  # (rl.iterations=0: the warm-up alone, no after-ReFT evaluation)
+        rows.append((f"after ReFT ({cfg.rl.ppo.algo})", t["reft"], v["reft"], "reft"))
+    if by_score:
+        head, rule = head + " mean score |", rule + "---|"
     if r is not None:  # rerank@k, verifier-weighted voting and the upper bound (some sample correct), same samples
         head, rule = head + f" rerank@{k} (%) | weighted voting@{k} (%) | any of {k} correct (%) |", rule + "---|---|---|"
     table = []
@@ -80,6 +91,8 @@ def write_summary(out: pathlib.Path, cfg, evals: dict, wall_seconds: float, writ
         if r is not None:
             line += "".join(f" {_cell(r[prefix + key]) if key else '-'} |" for prefix in ("", "weighted_voting_",
                                                                                          "upper_bound_"))
+        if by_score:
+            line += f" {_cell(_round(summary['test_mean_score'][key or 'base']))} |"
         table.append(line)
     lines = [
         f"# {cfg.name}: {cfg.model}", "",
@@ -87,15 +100,23 @@ def write_summary(out: pathlib.Path, cfg, evals: dict, wall_seconds: float, writ
         f"Model selection on a validation split only (never on test).", "",
         head, rule, *table, "",
         f"Validation accuracy during RL: {summary['val_accuracy']['rl']}", "",
+        *([f"Validation mean score during RL (selects the best checkpoint): "
+           f"{ {k: _round(x) for k, x in summary['val_mean_score']['rl'].items()} }", ""] if by_score else []),
         f"Wall time of the last invocation: {summary['wall_seconds']} s.{_compile_line(compilation)}", "",
-        "Plots: plots/reward.png, plots/kl.png, plots/response_length.png, plots/val_accuracy.png",
+        "Plots: plots/reward.png, plots/kl.png, plots/response_length.png, plots/val_accuracy.png"
+        + (", plots/val_mean_score.png" if by_score else ""),
     ]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     return summary
 
 
-def plot_run(out: pathlib.Path) -> list[pathlib.Path]:
-    """reward / KL / response length per RL iteration and validation accuracy, one PNG each."""
+def _round(x):
+    return None if x is None else round(x, 4)
+
+
+def plot_run(out: pathlib.Path, metric: str = "accuracy") -> list[pathlib.Path]:
+    """reward / KL / response length per RL iteration and validation accuracy, one PNG each; with
+    `metric="mean_score"` (`train.selection_metric` of a grader with partial credit) the mean validation score too."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -112,6 +133,10 @@ def plot_run(out: pathlib.Path) -> list[pathlib.Path]:
         written.append(_plot(plots / f"{key}.png", pts, title, "RL iteration", key))
     pts = [(r["step"], r["accuracy"]) for r in val if r.get("accuracy") is not None]
     written.append(_plot(plots / "val_accuracy.png", pts, "validation greedy accuracy", "RL iteration", "accuracy"))
+    if metric == "mean_score":
+        pts = [(r["step"], r["mean_score"]) for r in val if r.get("mean_score") is not None]
+        written.append(_plot(plots / "val_mean_score.png", pts, "validation mean grader score (selects the best "
+                             "checkpoint)", "RL iteration", "mean score"))
     return written
 
 

@@ -640,7 +640,7 @@ def _rl_loss(params, mb: Experience, model_cfg: ModelConfig, cfg: PPOConfig):
         return pg + cfg.vf_coef * vf, m
     loss, gm = losses.grpo_loss(logp, mb.logp_old_BxN, mb.logp_ref_BxN, mb.advantages_BxN[:, 0], mb.mask_BxN,
                                 cfg.clip_eps, cfg.kl_coef, cfg.loss_agg)
-    m.update(gm, pg_loss=loss)
+    m.update(gm)  # (pg_loss: the surrogate alone; the loss adds the KL term)
     return loss, m
 
 

@@ -35,7 +35,7 @@ import numpy as np
 
 from reftjax import checkpoint as ckpt
 from reftjax import xla_cache
-from reftjax.config import ExperimentConfig, to_dict
+from reftjax.config import ExperimentConfig, selection_metric, to_dict
 from reftjax.data import (Loader, LoaderConfig, SplitConfig, load_examples, tokenize_examples, train_val_split)
 from reftjax.data.records import DataError
 from reftjax.evaluate import evaluate
@@ -93,14 +93,6 @@ def prepare_data(cfg: ExperimentConfig, tokenizer) -> Data:
                             f"{len(val)} validation, {len(test)} test examples before the length limits; "
                             f"data.val_fraction={d.val_fraction}, data.tokenize.max_prompt_len="
                             f"{d.tokenize.max_prompt_len}): model selection and the report need every split")
-    # the SFT and RL loaders draw full batches of training examples (found here, not after the warm-up and the
-    # evaluations, when the corrected rerun would be refused by the claimed run directory)
-    for name, size, runs in (("sft.batch_size", cfg.sft.batch_size, cfg.sft.epochs > 0),
-                             ("rl.prompts_per_iteration", cfg.rl.prompts_per_iteration, cfg.rl.iterations > 0)):
-        if runs and len(data.train_ds) < size:
-            raise DataError(f"{d.train_file or d.dataset}:0: the train split keeps {len(data.train_ds)} examples "
-                            f"({len(train)} before the length limits), fewer than one batch of {name}={size}: "
-                            f"lower it or give more training data")
     for split, st in split_stats(data).items():
         if st["dropped"] or st["prompt_truncated"] or st["target_truncated"]:
             log.warning("%s split: %d of %d examples dropped, %d prompts and %d targets truncated by the length limits "
@@ -373,7 +365,9 @@ def run_rl(cfg: ExperimentConfig, model, ref_params, data: Data, grader, mesh, o
                    "completion_bucket": ro.tokens_BxN.shape[1],
                    "grader_seconds": reward_fn.last.seconds, "generated_tokens_per_s": gen_tokens / dt,
                    "mfu": flops / max(dt, 1e-9) / peak,
-                   **{f"guard_{k}": v for k, v in reward_fn.last.counters.items()}}
+                   # rows graded and rows the grader could not read (always), rows each guard flagged (rl.guards)
+                   **{{"graded": "graded", "errors": "grader_errors"}.get(k, f"guard_{k}"): v
+                      for k, v in reward_fn.last.counters.items()}}
         if compiles is not None:
             metrics["xla_programs"] = compiles.programs()
         it += 1
@@ -557,12 +551,16 @@ class SettingsError(ValueError):
     """Settings this machine's mesh cannot run (found before anything loads)."""
 
 
-def selection_metric(cfg: ExperimentConfig) -> str:
-    """What picks the best RL checkpoint and drives early stopping: validation `accuracy` (greedy top-1, score 1)
-    with the ReFT grader, as the paper selects; the mean validation score with any other grader. Graders with
-    partial credit (text_similarity, python, score_model, multi) rarely score 1, so their accuracy sat at 0: every
-    evaluation tied, the latest checkpoint counted as best and early stopping fired while the reward rose."""
-    return "accuracy" if cfg.grader_dict.get("type") == "reft" else "mean_score"
+def check_train_size(cfg: ExperimentConfig, data: Data) -> None:
+    """The SFT and RL loaders draw full batches of training examples: too few are refused before anything runs (they
+    failed after the warm-up and the evaluations, and the corrected rerun was refused by the claimed run directory)."""
+    d = cfg.data
+    for name, size, runs in (("sft.batch_size", cfg.sft.batch_size, cfg.sft.epochs > 0),
+                             ("rl.prompts_per_iteration", cfg.rl.prompts_per_iteration, cfg.rl.iterations > 0)):
+        if runs and len(data.train_ds) < size:
+            raise DataError(f"{d.train_file or d.dataset}:0: the train split keeps {len(data.train_ds)} examples "
+                            f"({data.train_ds.stats.get('examples', len(data.train_ds))} before the length limits), "
+                            f"fewer than one batch of {name}={size}: lower it or give more training data")
 
 
 def check_grader_fields(grader, data: Data) -> None:
@@ -680,6 +678,7 @@ def run(cfg: ExperimentConfig, out_dir: str | pathlib.Path, *, progress: bool = 
     check_batch_sizes(cfg, mesh)
     model = load_model(cfg.model, dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat, mesh=mesh)
     data = prepare_data(cfg, model.tokenizer)
+    check_train_size(cfg, data)
     check_grader_fields(grader, data)
     prints, data_path = data_fingerprints(data), out / "data.json"
     if ran and data_path.exists():
@@ -715,20 +714,23 @@ def run(cfg: ExperimentConfig, out_dir: str | pathlib.Path, *, progress: bool = 
         _eval_once("test_sft", out, logger, ref_params, model, data.test_ds, data.test_items, grader, cfg, mesh, 0,
                    voting=True, verifier=verifier)
         del verifier  # not held through RL: restored from its checkpoint for the final test
-        final, best, rl_its, rl_done = run_rl(cfg, model, ref_params, data, grader, mesh, out, logger, stop, progress,
-                                      compiles)
-        if not rl_done:
-            return _interrupted(logger, "rl")
-        chosen = best if best is not None else final
-        verifier = _verifier_for(cfg, "test_reft", model, ref_params, data, grader, mesh, out, logger, stop, progress)
-        if verifier is False:
-            return _interrupted(logger, "rerank")
-        if stop.check():
-            return _interrupted(logger, "eval")
-        test_rl = _eval_once("test_reft", out, logger, chosen, model, data.test_ds, data.test_items, grader, cfg,
-                             mesh, rl_its, voting=True, verifier=verifier)  # (< rl.iterations after an early stop)
+        exports = {"final": ref_params}  # rl.iterations=0: the warm-up alone; no after-ReFT test of the same weights
+        if cfg.rl.iterations:
+            final, best, rl_its, rl_done = run_rl(cfg, model, ref_params, data, grader, mesh, out, logger, stop,
+                                                  progress, compiles)
+            if not rl_done:
+                return _interrupted(logger, "rl")
+            exports = {"final": final, "best": best if best is not None else final}
+            verifier = _verifier_for(cfg, "test_reft", model, ref_params, data, grader, mesh, out, logger, stop,
+                                     progress)
+            if verifier is False:
+                return _interrupted(logger, "rerank")
+            if stop.check():
+                return _interrupted(logger, "eval")
+            _eval_once("test_reft", out, logger, exports["best"], model, data.test_ds, data.test_items, grader, cfg,
+                       mesh, rl_its, voting=True, verifier=verifier)  # (< rl.iterations after an early stop)
     if cfg.export_hf:
-        for name, params in (("final", final), ("best", chosen)):
+        for name, params in exports.items():
             params = to_host(params)  # a collective on multi-process meshes: every process takes part
             if is_primary():
                 save_hf(out / "hf" / name, params, model.config, model.hf_config, model.tokenizer,
@@ -737,6 +739,5 @@ def run(cfg: ExperimentConfig, out_dir: str | pathlib.Path, *, progress: bool = 
     summary = report.write_summary(out, cfg, _load_evals(out), wall_seconds=time.time() - t_start,
                                    write=is_primary(), data_stats=split_stats(data), compilation=compiles.summary())
     if is_primary():
-        report.plot_run(out)
-    del test_rl
+        report.plot_run(out, selection_metric(cfg))
     return summary

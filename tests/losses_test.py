@@ -554,6 +554,9 @@ def test_grpo_loss_matches_reference(loss_agg):
     close(loss, exp_loss)
     close(met["kl_k3"], exp_kl)
     assert exp_kl > 0
+    # pg_loss is the surrogate alone (it was the whole loss, KL term included, for GRPO/RLOO)
+    close(met["pg_loss"], np_grpo(logp, old, ref, np.asarray(adv), m, 0.2, 0.0, loss_agg)[0])
+    assert abs(float(met["pg_loss"]) - float(loss)) > 1e-4
     with pytest.raises(ValueError, match="loss_agg"):
         J.grpo_loss(logp, old, ref, adv, m, loss_agg="sum")
 

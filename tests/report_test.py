@@ -89,3 +89,42 @@ def test_summary_without_a_warm_up_labels_the_loaded_model(tmp_path):
     md = (tmp_path / "summary.md").read_text()
     assert "| loaded model (no SFT warm-up) | 12.5 | 50.0 |" in md
     assert "before SFT" not in md and "after SFT warm-up" not in md
+
+
+def test_partial_credit_graders_report_and_plot_the_mean_score_that_selects(tmp_path):
+    """With a grader other than ReFT's, the best checkpoint and early stopping go by the mean validation score, but
+    the summary and plots showed accuracy alone (0 throughout for partial credit) and never the selecting figure."""
+    from reftjax.metrics import MetricsLogger
+    from reftjax.report import plot_run, write_summary
+
+    sim = (("type", "text_similarity"), ("name", "s"), ("input", "{{sample.output_text}}"),
+           ("reference", "{{item.answer_value}}"), ("evaluation_metric", "fuzzy_match"))
+    cfg = dataclasses.replace(ExperimentConfig(), grader=sim)
+    evals = {"test_sft": {"accuracy": 0.0, "n": 8, "mean_score": 0.31}, "test_reft": {"accuracy": 0.0, "n": 8,
+             "mean_score": 0.62}, "val_sft": {"accuracy": 0.0, "mean_score": 0.3},
+             "val_rl_10": {"accuracy": 0.0, "mean_score": 0.5}, "val_rl_20": {"accuracy": 0.0, "mean_score": 0.61}}
+    summary = write_summary(tmp_path, cfg, evals, 1.0)
+    assert summary["selection_metric"] == "mean_score"
+    assert summary["test_mean_score"] == {"base": None, "sft": 0.31, "reft": 0.62}
+    assert summary["val_mean_score"] == {"sft": 0.3, "rl": {10: 0.5, 20: 0.61}}
+    md = (tmp_path / "summary.md").read_text()
+    assert "| stage | greedy top-1 (%) | voting@- (%) | mean score |" in md
+    assert "| after SFT warm-up | 0.0 | - | 0.31 |" in md and "| after ReFT (ppo) | 0.0 | - | 0.62 |" in md
+    assert "Validation mean score during RL (selects the best checkpoint): {10: 0.5, 20: 0.61}" in md
+    log = MetricsLogger(tmp_path, tensorboard=False)
+    for step, score in ((10, 0.5), (20, 0.61)):
+        log.log("val", step, {"accuracy": 0.0, "mean_score": score})
+    log.close()
+    names = sorted(p.name for p in plot_run(tmp_path, summary["selection_metric"]))
+    assert "val_mean_score.png" in names and "val_accuracy.png" in names
+    assert "mean_score" not in write_summary(tmp_path, ExperimentConfig(), evals, 1.0)["selection_metric"]
+
+
+def test_no_after_reft_row_without_rl_iterations(tmp_path):
+    from reftjax.config import RLConfig
+    from reftjax.report import write_summary
+
+    cfg = dataclasses.replace(ExperimentConfig(), rl=RLConfig(iterations=0), eval=EvalConfig(voting_k=0))
+    write_summary(tmp_path, cfg, {k: v for k, v in _evals(False, True).items() if k != "test_reft"}, 1.0)
+    md = (tmp_path / "summary.md").read_text()
+    assert "| after SFT warm-up | 12.5 | - |" in md and "after ReFT" not in md

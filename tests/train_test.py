@@ -144,8 +144,10 @@ def test_pipeline_sigkill_then_resume_completes(tiny_hf_dir, tmp_path, shared_da
     assert [r["step"] for r in map(json.loads, (out / "metrics.jsonl").open()) if r["phase"] == "eval/test_reft"] == [2]
     rl = _rl_lines(out)[-1]
     for key in ("reward", "accuracy", "kl", "entropy", "clipfrac", "vf_loss", "explained_variance",
-                "response_length", "generated_tokens_per_s", "mfu", "completion_bucket", "xla_programs"):
+                "response_length", "generated_tokens_per_s", "mfu", "completion_bucket", "xla_programs", "graded",
+                "grader_errors"):
         assert key in rl, key
+    assert not [k for k in rl if k.startswith("guard_")]  # the guards are off: the grader's counts are not theirs
     for name in ("reward", "kl", "response_length", "val_accuracy"):
         png = out / "plots" / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
@@ -513,7 +515,7 @@ def test_openai_format_prompts_train_with_rl_alone(tiny_hf_dir, tmp_path, shared
     # no warm-up: the loaded model is evaluated on test once (test_sft), not twice
     assert "eval/test_base" not in phases and "eval/test_sft" in phases
     [rl] = [m for m in lines if m["phase"] == "rl"]
-    assert rl["guard_too_long"] == rl["guard_graded"] > 0 and rl["reward"] == 0.0
+    assert rl["guard_too_long"] == rl["graded"] > 0 and rl["reward"] == 0.0 and "guard_graded" not in rl
     samples = [json.loads(line) for line in (out / "samples" / "rl_rollouts.jsonl").read_text().splitlines()]
     assert samples and all(s["guards"][0] == "too_long" and s["score"] == 0.0 for s in samples)
     # the ReFT grader validates the first item's gold answer before RL: without answer_field it was "" (refused)
@@ -765,3 +767,26 @@ def test_the_answer_field_wins_over_a_file_field_named_answer_value():
     assert _item(ex) == {"item_id": "r0", "question": "own", "answer_value": "6", "reference_answer": "6"}
     no_field = Example(0, "r1", "q", "", "", None, ({"role": "user", "content": "q"},), {"answer_value": "9"})
     assert _item(no_field)["answer_value"] == "9"  # without data.answer_field the file's own field stands
+
+
+def test_a_run_without_rl_iterations_is_the_warm_up_alone(tiny_hf_dir, tmp_path, shared_data, monkeypatch):
+    """rl.iterations=0 (SFT alone) evaluated the test set again on the same weights, voting included, reported
+    them as "after ReFT" and exported the warm-up as hf/best and hf/final (helper review)."""
+    from experiments.gsm8k_reft import preset_config
+    from reftjax.config import replace_path
+    from reftjax.train import run
+
+    monkeypatch.setenv("REFTJAX_GSM8K_DIR", str(shared_data / "gsm8k"))
+    cfg = preset_config("cpu", str(tiny_hf_dir))
+    for key, value in (("rl.iterations", 0), ("data.n_train", 8), ("data.n_val", 2), ("data.n_test", 2),
+                       ("eval.max_new_tokens", 8), ("eval.batch_size", 8), ("eval.voting_k", 0),
+                       ("eval_before_sft", False), ("rerank.epochs", 0), ("data.tokenize.seq_buckets", (224, 320))):
+        cfg = replace_path(cfg, key, value)
+    out = tmp_path / "run"
+    summary = run(cfg, out, progress=False)
+    assert summary["status"] == "done" and summary["test_accuracy"]["reft"] is None
+    assert sorted(json.loads((out / "evals.json").read_text())) == ["test_sft", "val_sft"]
+    assert sorted(p.name for p in (out / "hf").iterdir()) == ["final"]  # the warm-up's policy, not also "best"
+    assert "after ReFT" not in (out / "summary.md").read_text()
+    phases = {json.loads(l)["phase"] for l in (out / "metrics.jsonl").read_text().splitlines()}
+    assert "sft" in phases and "rl" not in phases and "eval/test_reft" not in phases
