@@ -114,11 +114,38 @@ def test_eight_device_mesh_matches_direct_and_keeps_batch_sharding(explicit):
     assert out.sharding.spec == P("data")
 
 
-def test_bad_example_index_scores_zero_without_raising():
+def test_bad_example_index_scores_its_row_zero_and_the_others_as_usual():
+    """One out-of-range index (a padding row's -1) scored the whole batch 0 (helper review): the valid rows lost
+    their rewards without an error."""
     items, ids, mask, idx = _batch()
     fn = make_reward_fn(ReftGrader(), items, _decode)
     out = fn(ids, mask, np.full(B, 10_000, np.int32))
-    assert out.tolist() == [0.0] * B and "out of range" in fn.last.error
+    assert out.tolist() == [0.0] * B and fn.last.error is None
+    assert all("example_idx 10000 is not in [0, 24)" in g.error for g in fn.last.grades)
+    expected = _direct(items, ids, mask, idx, ReftGrader())
+    padded = idx.copy()
+    padded[3] = -1
+    out = fn(ids, mask, padded)
+    assert out[3] == 0.0 and np.array_equal(np.delete(out, 3), np.delete(expected, 3)) and expected.max() == 1.0
+    assert fn.last.counters["errors"] >= 1 and fn.last.example_idx[3] == -1
+
+
+def test_grade_in_jit_refuses_one_index_per_prompt_when_tracing():
+    """With n samples per prompt the reward needs one index per completion row; the prompt batch's indices (B/n of
+    them) were accepted and every reward came back 0 (the host saw a shape mismatch), so GRPO learned nothing."""
+    items, ids, mask, idx = _batch()
+    fn = make_reward_fn(ReftGrader(), items, _decode)
+    with pytest.raises(ValueError, match=r"example_idx \(8,\) must be \[B, T\], \[B, T\] and \[B\]: one item index "
+                                         r"per completion row \(with n samples per prompt, jnp.repeat"):
+        jax.jit(lambda a, m, i: grade_in_jit(fn, a, m, i))(ids, mask, idx[::2])
+
+
+def test_a_custom_reward_callable_may_return_a_list():
+    """grade_in_jit documents that any callable with HostRewardFn's signature works; one returning a Python list
+    failed in XLA ("Mismatched number of outputs from callback")."""
+    items, ids, mask, idx = _batch()
+    out = jax.jit(lambda a, m, i: grade_in_jit(lambda a, m, i: [float(x) for x in i], a, m, i))(ids, mask, idx)
+    np.testing.assert_array_equal(np.asarray(out), idx.astype(np.float32))
 
 
 def test_guards_zero_flagged_rewards_and_count():

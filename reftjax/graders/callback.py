@@ -122,12 +122,14 @@ class HostRewardFn:
     def _grade(self, ids: np.ndarray, mask: np.ndarray, idx: np.ndarray):
         if ids.ndim != 2 or mask.shape != ids.shape or idx.shape != ids.shape[:1]:
             raise ValueError(f"bad shapes ids {ids.shape} mask {mask.shape} idx {idx.shape}")
-        if idx.size and (idx.min() < 0 or idx.max() >= len(self.items)):
-            raise IndexError(f"example_idx out of range [0, {len(self.items)}): {idx.min()}..{idx.max()}")
         rows = answer_rows(ids, mask, self.stop_sequences)
         texts = list(self.decode(rows))
-        items = [self.items[i] for i in idx.tolist()]
-        grades = self.grader.grade_batch(items, texts)
+        # a row without an item (a padding row's -1) scores 0; the other rows are graded as usual
+        known = [r for r, i in enumerate(idx.tolist()) if 0 <= i < len(self.items)]
+        graded = self.grader.grade_batch([self.items[idx[r]] for r in known], [texts[r] for r in known])
+        grades = [Grade(0.0, error=f"example_idx {int(i)} is not in [0, {len(self.items)})") for i in idx]
+        for r, g in zip(known, graded):
+            grades[r] = g
         counters = collections.Counter(graded=len(grades), errors=sum(g.error is not None for g in grades))
         if self.guards is not None:
             # tokens before a final EOS or stop sequence: a reply that stopped exactly at the token cap is not
@@ -166,6 +168,13 @@ def make_reward_fn(grader: Grader, items: Sequence[Item], decode,
     return HostRewardFn(grader, items, decode, guards, stop_sequences, eos_ids)
 
 
+def _as_rewards(fn):
+    """A custom reward callable may return any sequence of numbers: the callback must return float32 [B]."""
+    def call(*args):
+        return np.asarray(fn(*args), np.float32)
+    return call
+
+
 def grade_in_jit(host_fn: HostRewardFn, completion_ids_BxT: jax.Array, completion_mask_BxT: jax.Array,
                  example_idx_B: jax.Array, out_sharding: jax.sharding.Sharding | None = None) -> jax.Array:
     """Grades completions from inside `jax.jit`; returns float32 rewards of shape [B].
@@ -174,11 +183,21 @@ def grade_in_jit(host_fn: HostRewardFn, completion_ids_BxT: jax.Array, completio
       host_fn: a `HostRewardFn` (any callable with the same signature works).
       completion_ids_BxT: int32 generated tokens.
       completion_mask_BxT: 1 for real tokens, 0 after EOS / padding (decoding stops at the first 0).
-      example_idx_B: int32 index of each row's reference item in `host_fn.items`.
+      example_idx_B: int32 index of each row's reference item in `host_fn.items`: one per completion row
+        (with n samples per prompt, `jnp.repeat(prompt_idx, n)`); a row whose index is out of range (-1 for a
+        padding row) scores 0.
       out_sharding: optional sharding for the rewards (e.g. `NamedSharding(mesh, P("data"))`).
     """
+    if completion_ids_BxT.ndim != 2 or completion_mask_BxT.shape != completion_ids_BxT.shape or \
+            example_idx_B.shape != completion_ids_BxT.shape[:1]:
+        # found when tracing: on the host it would score the whole batch 0 every step (one index per prompt with
+        # n samples per prompt, say), a run that learns nothing without an error
+        raise ValueError(f"grade_in_jit: completion ids {completion_ids_BxT.shape}, mask {completion_mask_BxT.shape} "
+                         f"and example_idx {example_idx_B.shape} must be [B, T], [B, T] and [B]: one item index per "
+                         f"completion row (with n samples per prompt, jnp.repeat(prompt_idx, n))")
     shape = jax.ShapeDtypeStruct(completion_ids_BxT.shape[:1], jnp.float32)
-    rewards_B = io_callback(host_fn, shape, completion_ids_BxT.astype(jnp.int32),
+    host = host_fn if isinstance(host_fn, HostRewardFn) else _as_rewards(host_fn)
+    rewards_B = io_callback(host, shape, completion_ids_BxT.astype(jnp.int32),
                             completion_mask_BxT.astype(jnp.int32), example_idx_B.astype(jnp.int32),
                             ordered=True)
     if out_sharding is None:
