@@ -113,6 +113,8 @@ class Rollout:
         `rollout` was given a `value_head`; else None. Same hidden states as a
         teacher-forced forward, so PPO can take its old values from here
         (`PPOConfig.experience_from_rollout`) instead of a second forward pass.
+      sampling: the `SamplingConfig` it was drawn with (static, not an array): `make_experience` checks it
+        against the update's settings (temperature, group size); None for a Rollout built by hand.
     """
 
     prompt_tokens_BxP: jax.Array
@@ -124,6 +126,7 @@ class Rollout:
     finished_B: jax.Array
     prompt_index_B: jax.Array
     values_BxN: Any = None
+    sampling: Any = flax.struct.field(pytree_node=False, default=None)
 
 
 def _token_logprob(scaled_BxV: jax.Array, tok_B: jax.Array) -> jax.Array:
@@ -258,7 +261,7 @@ def _rollout(params, prompt_tokens_BxP, prompt_mask_BxP, rng, value_head, model_
         prompt_tokens_BxP=tokens, prompt_mask_BxP=pmask, tokens_BxN=final.tokens_BxN,
         logprobs_BxN=final.logprobs_BxN, mask_BxN=final.mask_BxN, lengths_B=jnp.sum(final.mask_BxN, axis=1),
         finished_B=final.done_B, prompt_index_B=jnp.repeat(jnp.arange(prompt_tokens_BxP.shape[0]), cfg.n),
-        values_BxN=final.values_BxN if value_of is not None else None)
+        values_BxN=final.values_BxN if value_of is not None else None, sampling=cfg)
 
 
 _rollout_jit = jax.jit(_rollout, static_argnames=("model_cfg", "cfg", "packed_prefill"))
@@ -281,9 +284,23 @@ def rollout(params, prompt_tokens_BxP, prompt_mask_BxP, rng, *, model_cfg: Model
     (`models.packed_prefill`: it gathers tokens across rows); prompts split over
     devices keep the padded prefill, which stays local to each device's rows.
     """
+    _check_left_padded(prompt_mask_BxP)
     packed = not _split_across_devices(prompt_tokens_BxP)
     return _rollout_jit(params, prompt_tokens_BxP, prompt_mask_BxP, rng, value_head, model_cfg=model_cfg, cfg=cfg,
                         packed_prefill=packed)
+
+
+def _check_left_padded(mask_BxP) -> None:
+    """Refuses a concrete prompt mask with padding after a real token (right padding, a tokenizer's default):
+    those rows would decode on from pad positions, silently. A traced mask (inside jit) is the caller's to check;
+    a mask split over several processes is checked where it is built (the loader left-pads)."""
+    if isinstance(mask_BxP, jax.core.Tracer) or not getattr(mask_BxP, "is_fully_addressable", True):
+        return
+    m = np.asarray(mask_BxP).astype(bool)
+    bad = np.flatnonzero((m[:, :-1] & ~m[:, 1:]).any(axis=1)) if m.ndim == 2 else []
+    if len(bad):
+        raise ValueError(f"rollout: prompt rows {bad[:5].tolist()} are not left-padded (padding after a real token): "
+                         f"set tokenizer.padding_side = 'left' or build the batch with rollout.left_pad")
 
 
 def compile_count() -> int:

@@ -546,6 +546,27 @@ def check_shared_prompts(prompt_tokens_BxP, prompt_mask_BxP, group: int) -> None
                              f"one prompt; rows must be prompt-major groups of {group} (rollout with n={group})")
 
 
+def check_sampling(sampling, cfg: PPOConfig) -> None:
+    """The rollout's `SamplingConfig` (`Rollout.sampling`, None: not known) against the update's settings, which
+    `RLConfig` checks for the CLI and a library user sets apart: another temperature trains against another
+    policy than the one sampled, and a GRPO/RLOO group that is not one prompt's n samples compares different
+    prompts' rewards (advantages for a prompt's difficulty, not a sample's quality)."""
+    if sampling is None:
+        return
+    if sampling.greedy:
+        raise ValueError("make_experience: the rollout was greedy; RL needs sampled rollouts (set a temperature)")
+    if sampling.temperature != cfg.temperature:
+        raise ValueError(f"make_experience: the rollout sampled at temperature {sampling.temperature} but "
+                         f"PPOConfig.temperature={cfg.temperature}: the log-probs must be those of the distribution "
+                         f"sampled from; set them equal")
+    if cfg.algo != "ppo" and sampling.n != cfg.group_size:
+        raise ValueError(f"make_experience: {cfg.algo} groups PPOConfig.group_size={cfg.group_size} rows, but the "
+                         f"rollout drew n={sampling.n} samples per prompt: set them equal")
+    if cfg.experience_from_rollout and (sampling.top_k or sampling.top_p < 1.0):
+        raise ValueError("make_experience: PPOConfig.experience_from_rollout needs the rollout to sample from the "
+                         f"policy itself (top_k 0, top_p 1); got top_k={sampling.top_k}, top_p={sampling.top_p}")
+
+
 def make_experience(params: dict, ref_params: dict, rollout, scores_B, *, model_cfg: ModelConfig,
                     cfg: PPOConfig) -> Experience:
     """Score a rollout: old/ref log-probs and values, KL-shaped rewards, GAE or group advantages.
@@ -554,6 +575,7 @@ def make_experience(params: dict, ref_params: dict, rollout, scores_B, *, model_
     (`check_shared_prompts`); under `jax.jit` that check is the caller's.
     """
     _check_critic(params, cfg)
+    check_sampling(rollout.sampling, cfg)
     if cfg.prompt_group > 1 and not isinstance(rollout.prompt_tokens_BxP, jax.core.Tracer):
         check_shared_prompts(rollout.prompt_tokens_BxP, rollout.prompt_mask_BxP, cfg.prompt_group)
     tokens = jnp.concatenate([rollout.prompt_tokens_BxP, rollout.tokens_BxN], axis=1)

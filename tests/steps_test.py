@@ -110,7 +110,9 @@ def test_experience_metrics_value_explained_variance_over_the_batch():
     want = max(-1.0, 1.0 - np.var(ret - v, ddof=1) / (np.var(ret, ddof=1) + 1e-8))
     np.testing.assert_allclose(float(em["value_explained_variance"]), want, rtol=1e-4, atol=1e-5)
     grpo = dataclasses.replace(pc, algo="grpo", group_size=2)
-    _, gm = make_experience_fn(CFG, grpo)(params, params["policy"], r, jnp.zeros(8, jnp.int32), scores)
+    r2 = rollout(params["policy"], prompts[:4], jnp.ones_like(prompts[:4]), jax.random.key(4), model_cfg=CFG,
+                 cfg=SamplingConfig(max_new_tokens=6, eos_ids=(1,), n=2))  # GRPO's groups: 2 samples per prompt
+    _, gm = make_experience_fn(CFG, grpo)(params, params["policy"], r2, jnp.zeros(8, jnp.int32), scores)
     assert "value_explained_variance" not in gm
 
 
@@ -407,15 +409,16 @@ def test_rl_log_probs_are_those_of_the_sampling_temperature():
     from reftjax.steps import make_experience
 
     policy = jax.tree.map(jnp.asarray, _host_policy(0))
-    prompts = jnp.asarray(np.random.default_rng(0).integers(2, 32, (4, 5)), jnp.int32)
-    scfg = SamplingConfig(max_new_tokens=6, eos_ids=(1,), pad_id=0, temperature=0.5)
+    prompts = jnp.asarray(np.random.default_rng(0).integers(2, 32, (2, 5)), jnp.int32)
+    scfg = SamplingConfig(max_new_tokens=6, eos_ids=(1,), pad_id=0, temperature=0.5, n=2)
     r = rollout(policy, prompts, jnp.ones_like(prompts), jax.random.key(0), model_cfg=CFG, cfg=scfg)
     keep = np.asarray(r.mask_BxN) > 0
     for head_chunk_rows in (0, 8):
         cfg = PPOConfig(algo="grpo", group_size=2, temperature=0.5, kl_coef=0.0, head_chunk_rows=head_chunk_rows)
         exp = make_experience({"policy": policy}, policy, r, jnp.zeros(4), model_cfg=CFG, cfg=cfg)
         np.testing.assert_allclose(np.asarray(exp.logp_old_BxN)[keep], np.asarray(r.logprobs_BxN)[keep], atol=1e-4)
-        at_one = make_experience({"policy": policy}, policy, r, jnp.zeros(4), model_cfg=CFG,
+        # (the rollout's own settings would refuse T = 1: here as a hand-built rollout, to show what it guards)
+        at_one = make_experience({"policy": policy}, policy, r.replace(sampling=None), jnp.zeros(4), model_cfg=CFG,
                                  cfg=dataclasses.replace(cfg, temperature=1.0))
         assert np.abs(np.asarray(at_one.logp_old_BxN) - np.asarray(r.logprobs_BxN))[keep].max() > 0.05
 
@@ -794,8 +797,8 @@ def test_share_prompt_refuses_rows_that_do_not_share_a_prompt():
     r = rollout(policy, prompts, jnp.ones_like(prompts), jax.random.key(0), model_cfg=CFG,
                 cfg=SamplingConfig(max_new_tokens=4, eos_ids=(1,), pad_id=0))
     cfg = PPOConfig(algo="grpo", group_size=2, share_prompt=True, minibatch_size=4, kl_coef=0.0)
-    with pytest.raises(ValueError, match="rows 0..1 do not share one prompt"):
-        make_experience({"policy": policy}, policy, r, jnp.zeros(4), model_cfg=CFG, cfg=cfg)
+    with pytest.raises(ValueError, match="rows 0..1 do not share one prompt"):  # (a hand-built rollout: n unknown)
+        make_experience({"policy": policy}, policy, r.replace(sampling=None), jnp.zeros(4), model_cfg=CFG, cfg=cfg)
     grouped = rollout(policy, prompts[:2], jnp.ones_like(prompts[:2]), jax.random.key(0), model_cfg=CFG,
                       cfg=SamplingConfig(max_new_tokens=4, eos_ids=(1,), pad_id=0, n=2))
     make_experience({"policy": policy}, policy, grouped, jnp.zeros(4), model_cfg=CFG, cfg=cfg)  # prompt-major: fine
@@ -827,3 +830,42 @@ def test_sft_reports_zero_tokens_and_refuses_an_accumulation_that_does_not_divid
     assert float(m["input_tokens"]) == 8 * 9  # what the loop's tokens/s counts
     with pytest.raises(ValueError, match="accum_steps=3 must divide the batch of 8 rows"):
         make_sft_step(CFG, SFT_TX, accum_steps=3)(_sft_state(SFT_TX), jax.tree.map(jnp.asarray, _sft_batch()))
+
+
+def test_experience_refuses_a_rollout_drawn_with_other_settings():
+    """RLConfig checks temperature and group size for the CLI; a library user sets SamplingConfig and PPOConfig
+    apart, and a mismatch trained silently: group_size 4 over n=2 samples compared two prompts' rewards, T=0.5
+    samples were scored at T=1 (helper review). The rollout now carries its settings and the experience checks."""
+    from reftjax.steps import make_experience
+
+    policy = jax.tree.map(jnp.asarray, _host_policy(0))
+    prompts = jnp.asarray(np.random.default_rng(0).integers(2, 32, (2, 5)), jnp.int32)
+    scfg = SamplingConfig(max_new_tokens=4, eos_ids=(1,), pad_id=0, n=2, temperature=0.5, top_k=5)
+    r = rollout(policy, prompts, jnp.ones_like(prompts), jax.random.key(0), model_cfg=CFG, cfg=scfg)
+    assert r.sampling == scfg
+    ok = PPOConfig(algo="grpo", group_size=2, temperature=0.5, kl_coef=0.0)
+    run = lambda cfg, ro=r: make_experience({"policy": policy}, policy, ro, jnp.zeros(4), model_cfg=CFG, cfg=cfg)  # noqa: E731
+    run(ok)
+    jax.jit(lambda ro: make_experience({"policy": policy}, policy, ro, jnp.zeros(4), model_cfg=CFG, cfg=ok))(r)
+    for bad, msg in ((dataclasses.replace(ok, group_size=4), "grpo groups PPOConfig.group_size=4 rows, but the "
+                                                              "rollout drew n=2"),
+                     (dataclasses.replace(ok, temperature=1.0), "sampled at temperature 0.5 but PPOConfig.temperature"),
+                     (dataclasses.replace(ok, experience_from_rollout=True), "top_k 0, top_p 1")):
+        with pytest.raises(ValueError, match=msg):
+            run(bad)
+    greedy = rollout(policy, prompts, jnp.ones_like(prompts), jax.random.key(0), model_cfg=CFG,
+                     cfg=SamplingConfig(max_new_tokens=4, eos_ids=(1,), pad_id=0, greedy=True))
+    with pytest.raises(ValueError, match="the rollout was greedy"):
+        run(PPOConfig(kl_coef=0.0), greedy)
+
+
+def test_rollout_refuses_right_padded_prompts():
+    """A tokenizer's default right padding fed to rollout decoded on from pad positions, silently (helper review:
+    other tokens and log-probs than the same prompt alone)."""
+    policy = jax.tree.map(jnp.asarray, _host_policy(0))
+    tokens = jnp.asarray([[5, 6, 7, 0], [5, 6, 7, 8]], jnp.int32)
+    right = jnp.asarray([[1, 1, 1, 0], [1, 1, 1, 1]], jnp.int32)
+    cfg = SamplingConfig(max_new_tokens=2, eos_ids=(1,), pad_id=0)
+    with pytest.raises(ValueError, match=r"prompt rows \[0\] are not left-padded.*padding_side = 'left'"):
+        rollout(policy, tokens, right, jax.random.key(0), model_cfg=CFG, cfg=cfg)
+    rollout(policy, tokens[:, ::-1], right[:, ::-1], jax.random.key(0), model_cfg=CFG, cfg=cfg)  # left: fine
