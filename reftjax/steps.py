@@ -315,7 +315,11 @@ def init_state(params: dict, tx: optax.GradientTransformation, rng: jax.Array) -
         zero = np.zeros((), np.int32)
         step, skipped, key_data = put((zero, zero, np.asarray(jax.random.key_data(rng))), (rep, rep, rep))
         rng = jax.jit(lambda d: jax.random.wrap_key_data(d, impl=impl), out_shardings=rep)(key_data)
-    return TrainState(step=step, params=params, opt_state=opt_state, rng=rng, skipped=skipped)
+    state = TrainState(step=step, params=params, opt_state=opt_state, rng=rng, skipped=skipped)
+    if mesh is None:  # committed to their device, as a checkpoint restores them: a step compiled for uncommitted
+        # arrays compiled again (once per jitted step) for the same shapes after a resume
+        state = jax.tree.map(lambda x: jax.device_put(x, x.sharding) if isinstance(x, jax.Array) else x, state)
+    return state
 
 
 def _opt_state_shardings(tx, params, mesh):

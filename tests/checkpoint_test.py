@@ -279,3 +279,28 @@ def test_exact_resume_after_sigkill(tmp_path):
     assert a.files == b.files and len(a.files) > 10
     for k in a.files:
         assert np.array_equal(a[k], b[k]), k
+
+
+def test_a_restored_state_runs_the_compiled_step_without_a_mesh(tmp_path):
+    """Without a mesh, a fresh state's leaves were uncommitted and a restored state's committed to their device: the
+    same-shape step compiled a second program after every resume (helper review: once per jitted step)."""
+    from reftjax.data.tokenize import TokenizeConfig, TokenizedDataset, collate_sft
+    from reftjax.steps import make_sft_step
+
+    params = {"policy": jax.tree.map(jnp.asarray, _host_params(0))}
+    n = 4
+    ds = TokenizedDataset([np.full(5, 3 + i, np.int32) for i in range(n)], [np.zeros(0, np.int32)] * n,
+                          [np.full(4, 7 + i, np.int32) for i in range(n)], np.arange(n), 0,
+                          TokenizeConfig(max_prompt_len=8, max_target_len=8, min_bucket=16), {})
+    batch = collate_sft(ds, np.arange(n), n)
+    step = make_sft_step(CFG, TX)
+    template = init_state(jax.tree.map(jnp.copy, params), TX, jax.random.key(0))
+    st = init_state(params, TX, jax.random.key(0))
+    st, _ = step(st, batch)  # (donates the state: params are gone)
+    ck = Checkpointer(CheckpointConfig(str(tmp_path), async_save=False))
+    ck.save(1, st)
+    restored, _, _ = ck.restore_latest(template)
+    ck.close()
+    before = step._cache_size()
+    step(restored, batch)
+    assert step._cache_size() == before == 1
