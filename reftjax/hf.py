@@ -276,6 +276,9 @@ def params_to_hf(params, cfg) -> dict:
     import jax
     import numpy as np
 
+    if isinstance(params, dict) and "policy" in params:  # (a raw KeyError of ('policy', 'embed_tokens', ...))
+        raise ValueError("params_to_hf/save_hf take the policy's params: pass state.params['policy'], not the whole "
+                         "RL params tree (policy, value head)")
     out = {}
     for path, leaf in tu.flatten_dict(jax.device_get(params)).items():
         a = np.asarray(leaf)

@@ -400,7 +400,9 @@ def generate(params, model_cfg: ModelConfig, tokenizer, texts: Sequence[str], *,
     Without `rng`, call k of this process samples with `fold_in(key(0), k)`: a script's calls draw
     fresh samples each time and the same ones on a rerun (one fixed key repeated every sample).
     `cfg` defaults to greedy decoding; a `cfg` without `eos_ids` gets the model's EOS ids and the
-    tokenizer's pad id (to generate past the EOS, call `rollout` directly).
+    tokenizer's pad id (to generate past the EOS, call `rollout` directly). A final stop sequence
+    (`cfg.stop_sequences`) is not in the returned text, as graders and evaluation read it. With `mesh`, rows are
+    padded to a multiple of the devices of its batch axes.
     """
     eos = tuple(model_cfg.eos_token_ids) or ((tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ())
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -410,6 +412,11 @@ def generate(params, model_cfg: ModelConfig, tokenizer, texts: Sequence[str], *,
     ids = encode_prompts(tokenizer, texts, chat)
     length = bucket(max(len(r) for r in ids), prompt_buckets)
     bsz = batch_size or len(ids)
+    if mesh is not None:  # whole rows per device of the batch axes (fewer texts than devices failed to shard)
+        from reftjax.sharding import BATCH_AXES
+
+        shards = int(np.prod([mesh.shape[a] for a in BATCH_AXES if a in mesh.shape]))
+        bsz = -(-bsz // shards) * shards
     rows = list(ids) + [ids[0]] * (bsz - len(ids))
     tokens, mask = left_pad(rows, length, pad)
     if mesh is not None:
@@ -419,4 +426,4 @@ def generate(params, model_cfg: ModelConfig, tokenizer, texts: Sequence[str], *,
     if rng is None:
         rng = jax.random.fold_in(jax.random.key(0), next(_GENERATE_CALLS))
     out = rollout(params, tokens, mask, rng, model_cfg=model_cfg, cfg=cfg)
-    return decode_completions(tokenizer, out)[: len(texts) * cfg.n]
+    return decode_completions(tokenizer, out, stop_sequences=cfg.stop_sequences)[: len(texts) * cfg.n]

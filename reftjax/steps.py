@@ -744,7 +744,8 @@ def make_ppo_step(model_cfg: ModelConfig, tx: optax.GradientTransformation, cfg:
 
 def make_experience_fn(model_cfg: ModelConfig, cfg: PPOConfig, reward_fn: Callable | None = None,
                        out_sharding=None):
-    """Jitted (params, ref_params, rollout, example_idx_B) -> (Experience, metrics).
+    """Jitted (params, ref_params, rollout, example_idx_B) -> (Experience, metrics); `example_idx_B` holds one item
+    index per rollout row (with n samples per prompt, `jnp.repeat(prompt_idx, n)`).
 
     With `reward_fn` (a `reftjax.graders.callback.HostRewardFn`) the grader runs
     inside the program through the ordered io_callback; without it, pass
@@ -754,6 +755,8 @@ def make_experience_fn(model_cfg: ModelConfig, cfg: PPOConfig, reward_fn: Callab
 
     def fn(params, ref_params, rollout, example_idx_B, scores_B=None):
         if scores_B is None:
+            if reward_fn is None:  # (failed at run time inside XLA: "'NoneType' object is not callable")
+                raise ValueError("make_experience_fn was built without a reward_fn: pass scores_B")
             scores_B = grade_in_jit(reward_fn, rollout.tokens_BxN, rollout.mask_BxN, example_idx_B,
                                     out_sharding=out_sharding)
         exp = make_experience(params, ref_params, rollout, scores_B, model_cfg=model_cfg, cfg=cfg)

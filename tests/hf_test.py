@@ -360,3 +360,10 @@ def test_an_export_clears_what_a_killed_export_left(tmp_path, random_params):
     out.rename(tmp_path / "final.old")
     _clear_killed_export(out)  # the previous export is moved back, not deleted
     assert (out / "config.json").is_file() and not (tmp_path / "final.old").exists()
+
+
+def test_save_hf_of_the_whole_rl_tree_names_the_policy(tmp_path, random_params):
+    params = {"policy": random_params(TINY), "value_head": {"kernel": np.zeros((TINY.hidden_size, 1), np.float32)}}
+    with pytest.raises(ValueError, match=r"pass state.params\['policy'\]"):
+        save_hf(tmp_path / "x", params, TINY, _tiny_hf_config(TINY))
+    assert not (tmp_path / "x").exists()

@@ -5,6 +5,7 @@ teacher-forced `forward` pass for the returned log-probs; transformers'
 `generate(do_sample=False)` (torch, float32) for greedy SmolLM2 completions.
 Everything except the SmolLM2 parity test uses a tiny random model.
 """
+import dataclasses
 import json
 
 import jax
@@ -147,6 +148,33 @@ def test_generate_without_a_key_draws_fresh_samples_per_call(tiny_params):
     key = jax.random.key(7)  # an explicit key still reproduces
     assert ro.generate(tiny_params, TINY, Tok(), ["q"], cfg=cfg, chat=False, rng=key) == \
         ro.generate(tiny_params, TINY, Tok(), ["q"], cfg=cfg, chat=False, rng=key)
+
+
+def test_generate_on_a_mesh_pads_to_its_devices_and_drops_a_final_stop_sequence(tiny_params):
+    """generate(mesh=) with fewer texts than the mesh's data devices failed to shard (IndivisibleError), and its
+    texts kept a final stop sequence that evaluation and the graders strip (helper review)."""
+    import reftjax.rollout as ro
+    from reftjax.sharding import MeshConfig, make_mesh
+
+    class Tok:
+        eos_token_id, pad_token_id = None, 0
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [5, 6, 7]}
+
+        def batch_decode(self, rows, skip_special_tokens=True):
+            return [" ".join(map(str, r)) for r in rows]
+
+    mesh = make_mesh(MeshConfig(data=8))
+    cfg = SamplingConfig(max_new_tokens=6, greedy=True)
+    [full] = ro.generate(tiny_params, TINY, Tok(), ["q"], cfg=cfg, chat=False)
+    assert ro.generate(tiny_params, TINY, Tok(), ["q"], cfg=cfg, chat=False, mesh=mesh) == [full]
+    ids = full.split()
+    stop = tuple(int(t) for t in ids[2:4])  # greedy: the same tokens, now stopping there
+    stopped = ro.generate(tiny_params, TINY, Tok(), ["q"], cfg=dataclasses.replace(cfg, stop_sequences=(stop,)),
+                          chat=False)
+    first = next(i for i in range(len(ids) - 1) if tuple(int(t) for t in ids[i:i + 2]) == stop)
+    assert stopped == [" ".join(ids[:first])]
 
 
 # ----------------------------------------------------------------------------- log-probs

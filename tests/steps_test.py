@@ -869,3 +869,14 @@ def test_rollout_refuses_right_padded_prompts():
     with pytest.raises(ValueError, match=r"prompt rows \[0\] are not left-padded.*padding_side = 'left'"):
         rollout(policy, tokens, right, jax.random.key(0), model_cfg=CFG, cfg=cfg)
     rollout(policy, tokens[:, ::-1], right[:, ::-1], jax.random.key(0), model_cfg=CFG, cfg=cfg)  # left: fine
+
+
+def test_an_experience_fn_without_a_reward_fn_asks_for_scores():
+    """Without reward_fn and scores_B it failed at run time inside XLA ('NoneType' object is not callable)."""
+    policy = jax.tree.map(jnp.asarray, _host_policy(0))
+    prompts = jnp.full((2, 3), 3, jnp.int32)
+    r = rollout(policy, prompts, jnp.ones_like(prompts), jax.random.key(0), model_cfg=CFG,
+                cfg=SamplingConfig(max_new_tokens=2, eos_ids=(1,), pad_id=0))
+    params = {"policy": policy, "value_head": init_value_head(CFG, jax.random.key(2))}
+    with pytest.raises(ValueError, match="built without a reward_fn: pass scores_B"):
+        make_experience_fn(CFG, PPOConfig(kl_coef=0.0))(params, policy, r, jnp.zeros(2, jnp.int32))
