@@ -156,3 +156,10 @@ def test_joined_lists_trailing_commas_and_bad_utf8_are_errors_with_a_line(tmp_pa
     bad.write_bytes((good + "\n" + good.replace('"q"', '"\xff"') + "\n").encode("latin-1"))
     with pytest.raises(DataError, match=r"bad\.jsonl:2: not valid UTF-8"):
         read_gsm8k_jsonl(bad)
+
+
+def test_reft_json_with_a_byte_order_mark_says_so(tmp_path):
+    path = tmp_path / "bom.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps([{"item_id": "a", "question": "q", "answer_value": "1"}]).encode())
+    with pytest.raises(DataError, match=r"bom.json:1: starts with a UTF-8 byte order mark \(BOM\)"):
+        read_reft_json(path)

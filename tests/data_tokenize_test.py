@@ -197,3 +197,16 @@ def test_system_prompt_reaches_openai_format_messages(smollm_tokenizer):
     assert chat_messages(Example(0, "a", "2+2?", messages=user), PromptConfig("chat")) == [dict(user[0])]
     f = format_example(Example(0, "a", "2+2?", messages=user), cfg, smollm_tokenizer)
     assert "Answer with a number." in f.prompt and "SmolLM" not in f.prompt
+
+
+def test_truncate_drops_a_p_cot_example_whose_program_header_alone_is_too_long(smollm_tokenizer, shared_data):
+    """With truncation="truncate", one P-CoT question whose program header (the question itself) exceeded
+    max_prompt_len stopped the whole run with a DataError; it is dropped and counted instead (helper review)."""
+    examples = read_reft_json(shared_data / "reft" / "svamp_python_sdp.json", require_cot=True)[:20]
+    cfg = PromptConfig("reft-python")
+    full = tokenize_examples(examples, smollm_tokenizer, cfg, TokenizeConfig())
+    q_len = np.array([len(q) for q in full.prefix])
+    limit = int(np.median(q_len))
+    cut = tokenize_examples(examples, smollm_tokenizer, cfg,
+                            TokenizeConfig(max_prompt_len=limit, max_target_len=400, truncation="truncate"))
+    assert cut.stats["dropped"] == (q_len >= limit).sum() > 0 and len(cut) == (q_len < limit).sum()

@@ -205,6 +205,9 @@ def test_hash_marker_skips_markdown_headings():
     assert check(cfg, "He has 3 + 4 = 7 apples in all.\n#### 7\n#### -7.5", 20) == ["repeated_answer"]
     assert check(cfg, "He has 3 + 4 = 7 apples in all.\n####$7", 20) == []
     assert check(GuardConfig(enabled=False), "#### 7\n#### 8", 3) == []
+    # the gsm8k extraction reads these as answers, so the guard counts them (full reward slipped past no_reasoning)
+    for bare in ("####\n42", "#### **42**", "#### `42`", "#### $42", "####  \\(42\\)"):
+        assert check(cfg, bare, 3) == ["no_reasoning"], bare
 
 
 _DISPATCH = textwrap.dedent("""

@@ -189,3 +189,23 @@ def test_non_string_references_render_as_their_text():
     assert render("{{item.cities}} {{item.n}}", {}, item) == '["東京", "Zürich"] 4'
     cfg = {"type": "string_check", "input": "{{sample.output_text}}", "reference": "{{item.cities}}", "operation": "eq"}
     assert _one(cfg, '["東京", "Zürich"]', item).score == 1.0
+
+
+def test_a_python_grader_returning_a_huge_int_is_clipped():
+    """Scores are clipped to [0, 1], but an int too large for a float (10**400) scored 0 as "not a number"."""
+    src = "def grade(sample, item):\n    return int(sample['output_text']) * 10**400"
+    grades = build_grader({"type": "python", "source": src}).grade_batch([ITEM] * 3, ["1", "-1", "0"])
+    assert [(g.score, g.error) for g in grades] == [(1.0, None), (0.0, None), (0.0, None)]
+
+
+def test_cli_names_the_line_of_a_samples_file_that_is_not_utf8(tmp_path, capsys):
+    from reftjax.graders.__main__ import main
+
+    grader = tmp_path / "g.json"
+    grader.write_text(json.dumps({"type": "string_check", "input": "{{sample.output_text}}",
+                                  "reference": "{{item.answer}}", "operation": "eq"}))
+    samples = tmp_path / "s.jsonl"
+    ok = json.dumps({"item": {"answer": "x"}, "sample": {"output_text": "x"}}).encode()
+    samples.write_bytes(ok + b"\n" + ok[:-3] + b"\xff\"}}\n")
+    assert main(["run", "--grader", str(grader), "--samples", str(samples)]) == 2
+    assert f"error: {samples}:2: not valid UTF-8" in capsys.readouterr().err

@@ -191,6 +191,8 @@ def read_reft_json(path: str | os.PathLike, *, require_cot: bool = False,
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1
         raise DataError(f"{path}:{line}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    if text.startswith("\ufeff"):  # (read as "expected a JSON list of objects", which the file is)
+        raise DataError(f"{path}:1: starts with a UTF-8 byte order mark (BOM); save it as UTF-8 without one")
     items = _json_list_with_lines(text, path)
     out = []
     for i, (line, obj) in enumerate(items):

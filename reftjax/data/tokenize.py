@@ -185,8 +185,9 @@ def _apply_limits(examples, prompts, prefixes, targets, pad_id, cfg) -> Tokenize
             continue
         if long_p:
             keep = cfg.max_prompt_len - len(q)
-            if keep <= 0:
-                raise DataError(f"{ex.item_id}: response prefix alone exceeds max_prompt_len")
+            if keep <= 0:  # nothing of the question would be left (a P-CoT program header is the question):
+                stats["dropped"] += 1  # dropped and counted, as with truncation="drop" (it stopped the whole run)
+                continue
             p, stats["prompt_truncated"] = p[-keep:], stats["prompt_truncated"] + 1
         if long_t:
             t, stats["target_truncated"] = t[:cfg.max_target_len], stats["target_truncated"] + 1

@@ -79,10 +79,12 @@ class GuardConfig:
 
 def _marker_positions(text: str, marker: str) -> list[int]:
     """Where `marker` introduces an answer: every occurrence, except that a marker made only of '#'
-    must be followed by a number (``#### 42``), not by words (a Markdown heading)."""
+    must be followed by a number (``#### 42``; also on the next line, or in bold, code or after a currency sign:
+    ``####\n42``, ``#### **42**``, which the `gsm8k` extraction reads as answers too), not by words (a Markdown
+    heading)."""
     pattern = re.escape(marker)
     if set(marker) == {"#"}:
-        pattern = rf"(?<!#){pattern}(?!#)(?=[ \t]*[-+$]?[.]?\d)"
+        pattern = rf"(?<!#){pattern}(?!#)(?=\s*[*_`$\\(\[]*[-+$]?[.]?\d)"
     return [m.start() for m in re.finditer(pattern, text)]
 
 

@@ -212,12 +212,16 @@ class SandboxedGrader:
         results = (self.pool or default_pool()).run(jobs)
         grades = []
         for i, r in enumerate(results):
-            if i in errors or not r.ok or r.value_float is None or math.isnan(r.value_float):
+            value = r.value_float
+            if r.ok and value is None and re.fullmatch(r"\s*[-+]?\d+\s*", r.value_str or ""):
+                value = math.copysign(math.inf, -1 if r.value_str.strip().startswith("-") else 1)  # an int too
+                # large for a float (10**400): clipped like any other number, not "not a number"
+            if i in errors or not r.ok or value is None or math.isnan(value):
                 why = errors.get(i) or (f"{r.status}: {r.error}" if not r.ok else f"not a number: {r.value_str}")
                 grades.append(Grade(0.0, error=why))
             else:
                 answer = r.value_str if self.entry == "grade" else str(jobs[i].args[0]).strip()[:200]
-                grades.append(Grade(min(1.0, max(0.0, r.value_float)), extracted=answer))
+                grades.append(Grade(min(1.0, max(0.0, value)), extracted=answer))
         return grades
 
 
