@@ -248,12 +248,13 @@ def run_sft(cfg: ExperimentConfig, model, data: Data, mesh, out: pathlib.Path, l
     stop.check()  # an interrupt between phases (all processes decide together)
     while done < total and not stop.agreed:
         batch = next(loader)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), xla_cache.busy_seconds()
         state, metrics = step_fn(state, batch)
+        compile_s = xla_cache.busy_seconds() - c0  # the step's program compiled in the call, before it ran
         if prev is not None:  # read the previous step's metrics one step late
             skipped, last = _log_sft(logger, *prev, peak, model.config, lr_at(applied), last)
             applied += 1 - skipped
-        prev = (done, metrics, t0, batch["tokens"].shape)
+        prev = (done, metrics, t0, compile_s, batch["tokens"].shape)
         done += 1
         bar.update(1)
         interrupted = stop.check()  # every step, before the save decision (an `or` after it skipped the check)
@@ -272,17 +273,20 @@ def run_sft(cfg: ExperimentConfig, model, data: Data, mesh, out: pathlib.Path, l
     return state.params["policy"], (done if done >= total else None)
 
 
-def _log_sft(logger, step, metrics, t0, shape, peak, model_cfg, lr, last) -> tuple[int, float]:
+def _log_sft(logger, step, metrics, t0, compile_s, shape, peak, model_cfg, lr, last) -> tuple[int, float]:
     """Logs one SFT step (`lr`: the learning rate its update used); returns (1 if the update was skipped,
     the time its metrics arrived). `tokens_per_s` and `mfu` count the batch's real tokens (its attention
     mask), `padded_tokens_per_s` every position of the padded batch.
 
-    The step ran from its dispatch `t0` or, when dispatched while the previous step still ran (async
-    dispatch), from that step's completion `last`; timing from `t0` alone counted about two steps per step.
+    The step ran from its dispatch `t0` (plus `compile_s`, the compilation its call did first, logged as
+    `compile_seconds`: the first step's rates are the program's, not the compiler's) or, when dispatched while
+    the previous step still ran (async dispatch), from that step's completion `last`; timing from `t0` alone
+    counted about two steps per step.
     """
     m = jax.device_get(metrics)
     now = time.perf_counter()
-    dt = now - (t0 if last is None else max(t0, last))
+    dt = max(now - max(t0 + compile_s, last or 0.0), 1e-9)
+    m["compile_seconds"] = compile_s
     n_tok = float(m["input_tokens"])  # real tokens: counting the padded [B, T] overstated tokens/s and MFU
     m["tokens_per_s"] = n_tok / dt
     m["padded_tokens_per_s"] = shape[0] * shape[1] / dt  # positions the step computed
@@ -340,7 +344,7 @@ def run_rl(cfg: ExperimentConfig, model, ref_params, data: Data, grader, mesh, o
     stop.check()  # an interrupt between phases (all processes decide together)
     while it < r.iterations and not stop.agreed and not stopped_early():  # (resumed after an early stop: done)
         batch = next(loader)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), xla_cache.busy_seconds()
         rng = jax.random.fold_in(jax.random.key(cfg.seed + 3), it)
         ro = rollout(state.params["policy"], batch["prompt_tokens"], batch["prompt_mask"], rng,
                      model_cfg=model.config, cfg=samp,
@@ -353,6 +357,9 @@ def run_rl(cfg: ExperimentConfig, model, ref_params, data: Data, grader, mesh, o
         state, pm = step_fn(state, exp)
         pm = jax.device_get(pm)
         dt = time.perf_counter() - t0
+        # compilation in this iteration (the first, a new completion bucket): out of the rates, logged apart
+        compile_s = min(xla_cache.busy_seconds() - c0, dt)
+        run_s = max(dt - compile_s, 1e-9)
         em = jax.device_get(em)
         applied += int(pm["updates"]) - int(pm["skipped"])
         pm["lr"] = schedule_value(r.optim, total, max(applied - 1, 0))  # that of the iteration's last update
@@ -361,10 +368,10 @@ def run_rl(cfg: ExperimentConfig, model, ref_params, data: Data, grader, mesh, o
         flops = rl_iteration_flops(model.config, prompt_lens, gen_lens, samp.n, samp.n if r.ppo.share_prompt else 1,
                                    r.ppo.experience_from_rollout, r.ppo.ppo_epochs, reference=r.ppo.kl_coef != 0,
                                    separate_critic=r.ppo.critic == "separate")
-        metrics = {**em, **pm, "seconds": dt, "rollout_grade_seconds": t_roll,
+        metrics = {**em, **pm, "seconds": dt, "compile_seconds": compile_s, "rollout_grade_seconds": t_roll,
                    "completion_bucket": ro.tokens_BxN.shape[1],
-                   "grader_seconds": reward_fn.last.seconds, "generated_tokens_per_s": gen_tokens / dt,
-                   "mfu": flops / max(dt, 1e-9) / peak,
+                   "grader_seconds": reward_fn.last.seconds, "generated_tokens_per_s": gen_tokens / run_s,
+                   "mfu": flops / run_s / peak,
                    # rows graded and rows the grader could not read (always), rows each guard flagged (rl.guards)
                    **{{"graded": "graded", "errors": "grader_errors"}.get(k, f"guard_{k}"): v
                       for k, v in reward_fn.last.counters.items()}}

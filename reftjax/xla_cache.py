@@ -153,6 +153,14 @@ def _install():
     jax.monitoring.register_event_duration_secs_listener(_on_duration)
 
 
+def busy_seconds() -> float:
+    """Seconds this process has spent tracing, lowering and compiling (or loading) programs so far: the
+    difference over a step is the part of its wall time that was compilation, not the program running."""
+    _install()
+    with _lock:
+        return float(_seconds[_COMPILE] + sum(_seconds[k] for k in _TRACE))
+
+
 class CompileStats:
     """Programs compiled (or loaded from the persistent cache) in this process since construction."""
 

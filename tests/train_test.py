@@ -145,7 +145,7 @@ def test_pipeline_sigkill_then_resume_completes(tiny_hf_dir, tmp_path, shared_da
     rl = _rl_lines(out)[-1]
     for key in ("reward", "accuracy", "kl", "entropy", "clipfrac", "vf_loss", "explained_variance",
                 "response_length", "generated_tokens_per_s", "mfu", "completion_bucket", "xla_programs", "graded",
-                "grader_errors"):
+                "grader_errors", "compile_seconds"):
         assert key in rl, key
     assert not [k for k in rl if k.startswith("guard_")]  # the guards are off: the grader's counts are not theirs
     for name in ("reward", "kl", "response_length", "val_accuracy"):
@@ -516,6 +516,8 @@ def test_openai_format_prompts_train_with_rl_alone(tiny_hf_dir, tmp_path, shared
     assert "eval/test_base" not in phases and "eval/test_sft" in phases
     [rl] = [m for m in lines if m["phase"] == "rl"]
     assert rl["guard_too_long"] == rl["graded"] > 0 and rl["reward"] == 0.0 and "guard_graded" not in rl
+    # a fresh run's first iteration compiles its programs: logged apart, out of the rates (they counted it)
+    assert 0 < rl["compile_seconds"] < rl["seconds"]
     samples = [json.loads(line) for line in (out / "samples" / "rl_rollouts.jsonl").read_text().splitlines()]
     assert samples and all(s["guards"][0] == "too_long" and s["score"] == 0.0 for s in samples)
     # the ReFT grader validates the first item's gold answer before RL: without answer_field it was "" (refused)
@@ -581,7 +583,14 @@ def test_sft_step_time_is_one_step_not_two(tmp_path, monkeypatch):
     monkeypatch.setattr(T, "jax", fake_jax)
     monkeypatch.setattr(T, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
 
+    busy, calls0 = [0.0], [0]
+    monkeypatch.setattr(T, "xla_cache", types.SimpleNamespace(busy_seconds=lambda: busy[0]))
+
     def step(state, batch):
+        calls0[0] += 1
+        if calls0[0] == 1:  # the first call compiles for 30 s before the program runs (its rates counted that)
+            clock[0] += 30.0
+            busy[0] += 30.0
         device_free[0] = max(clock[0], device_free[0]) + 1.0
         clock[0] += 0.01  # dispatch
         return state, Pending(device_free[0], {"loss": np.float32(1.0), "skipped": np.int32(0),
@@ -634,6 +643,7 @@ def test_sft_step_time_is_one_step_not_two(tmp_path, monkeypatch):
     assert [r["step"] for r in rows] == list(range(7))
     np.testing.assert_allclose([4 * 48 / r["tokens_per_s"] for r in rows], 1.0, atol=0.03)  # real tokens
     np.testing.assert_allclose([4 * 64 / r["padded_tokens_per_s"] for r in rows], 1.0, atol=0.03)
+    assert rows[0]["compile_seconds"] == 30.0 and all(r["compile_seconds"] == 0.0 for r in rows[1:])
     # Ctrl-C with save_every=1 (helper review): the stop check came after `done % save_every == 0 or ...` in an
     # `or`, so it never ran and all 7 steps went on; now the step in flight is saved and the phase stops
     stop, calls = T._Interrupt(), [0]
