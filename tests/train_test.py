@@ -468,6 +468,22 @@ def test_notebook_executes_on_cpu(tiny_hf_dir, tmp_path, shared_data):
     assert any(o.get("output_type") == "display_data" and "image/png" in o.get("data", {}) for o in outputs)
 
 
+def test_notebook_tiny_setting_fits_an_eight_core_mesh(tmp_path):
+    """The notebook's tiny setting (REFTJAX_NB_TINY=1, e.g. to try it on a Colab TPU) had batches of 4, which an
+    8-core TPU's mesh cannot split: refused before anything ran. Cells 2-3 on 8 host devices, sizes checked."""
+    nb = json.loads((ROOT / "experiments" / "notebooks" / "gsm8k_reft_colab.ipynb").read_text())
+    cells = ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"]
+    script = "\n".join(["import os", *cells[1:3], "from reftjax.train import check_batch_sizes",
+                        "check_batch_sizes(cfg, mesh)",
+                        "print(cfg.sft.batch_size, cfg.rl.prompts_per_iteration, cfg.eval.batch_size, cfg.name)"])
+    env = dict(_env(), XLA_FLAGS="--xla_force_host_platform_device_count=8", REFTJAX_NB_TINY="1",
+               REFTJAX_NB_OUT=str(tmp_path / "nb"), REFTJAX_NB_MODEL="/models/none")
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1].split()[:3] == ["8", "8", "8"]
+
+
 def test_a_rerun_may_change_only_how_the_run_is_saved_and_laid_out(tmp_path):
     """`run()`'s check of config.json (the CLI path is in the SIGKILL/resume test): layout and saving settings may
     change on resume, anything that changes what is computed is refused, naming every changed key."""
