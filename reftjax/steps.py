@@ -371,6 +371,19 @@ def _apply_update(state: TrainState, grads, tx, loss) -> tuple[TrainState, dict]
 # ----------------------------------------------------------------------------- SFT
 
 
+def accumulate_grads(grad_fn, params, micro_batches):
+    """Sums `grad_fn(params, mb) -> (grads, aux)` over the leading axis of `micro_batches` (a `lax.scan`); returns
+    (the sum in each parameter's dtype, the stacked aux). The running sum is kept in f32 whatever the params' dtype:
+    with bf16 params each addition rounded it to bf16, so small micro-batch gradients were lost next to a large one."""
+    def body(acc, mb):
+        g, aux = grad_fn(params, mb)
+        return jax.tree.map(lambda a, b: a + b.astype(a.dtype), acc, g), aux
+
+    zeros = jax.tree.map(lambda p: jnp.zeros_like(p, dtype=jnp.promote_types(p.dtype, jnp.float32)), params)
+    total, aux = jax.lax.scan(body, zeros, micro_batches)
+    return jax.tree.map(lambda g, p: g.astype(p.dtype), total, params), aux
+
+
 def _micro(batch: dict, accum: int) -> dict:
     return jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
 
@@ -409,16 +422,14 @@ def sft_step(state: TrainState, batch: dict, *, model_cfg: ModelConfig, tx: opta
             mean, m = losses.sft_loss(logits, mb["tokens"][:, 1:], mb["loss_mask"][:, 1:])
         return mean * m["n_tokens"] / total_tokens, m
 
-    def micro_step(grads, mb):
-        (loss, m), g = jax.value_and_grad(loss_fn, has_aux=True)(state.params, mb)
-        return jax.tree.map(jnp.add, grads, g), (loss, m["token_accuracy"] * m["n_tokens"])
+    def grad_fn(params, mb):
+        (loss, m), g = jax.value_and_grad(loss_fn, has_aux=True)(params, mb)
+        return g, (loss, m["token_accuracy"] * m["n_tokens"])
 
     if accum_steps == 1:  # no zero-filled accumulator and extra pass over the gradients
-        (loss, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
-        correct = m["token_accuracy"] * m["n_tokens"]
+        grads, (loss, correct) = grad_fn(state.params, batch)
     else:
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
-        grads, (loss_parts, correct) = jax.lax.scan(micro_step, zeros, _micro(batch, accum_steps))
+        grads, (loss_parts, correct) = accumulate_grads(grad_fn, state.params, _micro(batch, accum_steps))
         loss = jnp.sum(loss_parts)
     new_state, upd = _apply_update(state, grads, tx, loss)
     return new_state, {"loss": loss, "token_accuracy": jnp.sum(correct) / total_tokens,

@@ -880,3 +880,21 @@ def test_an_experience_fn_without_a_reward_fn_asks_for_scores():
     params = {"policy": policy, "value_head": init_value_head(CFG, jax.random.key(2))}
     with pytest.raises(ValueError, match="built without a reward_fn: pass scores_B"):
         make_experience_fn(CFG, PPOConfig(kl_coef=0.0))(params, policy, r, jnp.zeros(2, jnp.int32))
+
+
+def test_gradient_accumulation_sums_in_f32_with_bf16_params():
+    """With bf16 params the accumulator was bf16: 1 + 7 x 2^-9 summed as 1 (each 2^-9 rounded away), not the
+    1.0156 that the f32 sum rounds to once at the end."""
+    from reftjax.steps import accumulate_grads
+
+    params = {"w": jnp.zeros((3,), jnp.bfloat16), "b": jnp.zeros((), jnp.float32)}
+    scale = jnp.asarray([1.0] + [2.0 ** -9] * 7, jnp.float32)
+
+    def grad_fn(p, s):
+        return {"w": jnp.full((3,), s, jnp.bfloat16), "b": s}, s * 2
+
+    grads, aux = jax.jit(lambda p, m: accumulate_grads(grad_fn, p, m))(params, scale)
+    assert grads["w"].dtype == jnp.bfloat16 and grads["b"].dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(grads["w"], np.float32), np.float32(1.015625))
+    np.testing.assert_allclose(float(grads["b"]), 1 + 7 * 2.0 ** -9, rtol=1e-7)
+    np.testing.assert_allclose(np.asarray(aux), np.asarray(scale) * 2)
