@@ -743,7 +743,16 @@ def ppo_step(state: TrainState, exp: Experience, *, model_cfg: ModelConfig, tx: 
         return new, {"loss": loss, **m, **upd}
 
     state, per_mb = jax.lax.scan(update, state, order)
-    metrics = jax.tree.map(jnp.mean, per_mb)
+    # means over the minibatches that were applied: one skipped as non-finite made every mean NaN (logged as null),
+    # losing the applied ones' figures; with all skipped, the plain (NaN) means say so
+    ok = per_mb["skipped"] == 0
+    n_ok = jnp.sum(ok)
+
+    def mean_applied(x):
+        w = ok.reshape(ok.shape + (1,) * (x.ndim - 1))
+        return jnp.where(n_ok > 0, jnp.sum(jnp.where(w, x, 0), axis=0) / jnp.maximum(n_ok, 1), jnp.mean(x, axis=0))
+
+    metrics = jax.tree.map(mean_applied, per_mb)
     metrics["skipped"] = jnp.sum(per_mb["skipped"])
     metrics["updates"] = jnp.asarray(order.shape[0], jnp.int32)
     return state, metrics

@@ -349,11 +349,12 @@ def run_rl(cfg: ExperimentConfig, model, ref_params, data: Data, grader, mesh, o
         ro = rollout(state.params["policy"], batch["prompt_tokens"], batch["prompt_mask"], rng,
                      model_cfg=model.config, cfg=samp,
                      value_head=state.params.get("value_head") if r.ppo.experience_from_rollout else None)
-        ro = trim_to_bucket(ro, buckets)
+        ro = trim_to_bucket(ro, buckets)  # (reads the longest row on the host: the rollout has finished)
+        t_roll = time.perf_counter() - t0
         idx = jnp.repeat(batch["example_idx"], samp.n)
         exp, em = exp_fn(state.params, ref_params, ro, idx)
         jax.block_until_ready(em)  # the ordered grader callback: block per step (see graders.callback)
-        t_roll = time.perf_counter() - t0
+        t_exp = time.perf_counter() - t0
         state, pm = step_fn(state, exp)
         pm = jax.device_get(pm)
         dt = time.perf_counter() - t0
@@ -368,7 +369,8 @@ def run_rl(cfg: ExperimentConfig, model, ref_params, data: Data, grader, mesh, o
         flops = rl_iteration_flops(model.config, prompt_lens, gen_lens, samp.n, samp.n if r.ppo.share_prompt else 1,
                                    r.ppo.experience_from_rollout, r.ppo.ppo_epochs, reference=r.ppo.kl_coef != 0,
                                    separate_critic=r.ppo.critic == "separate")
-        metrics = {**em, **pm, "seconds": dt, "compile_seconds": compile_s, "rollout_grade_seconds": t_roll,
+        metrics = {**em, **pm, "seconds": dt, "compile_seconds": compile_s, "rollout_seconds": t_roll,
+                   "experience_seconds": t_exp - t_roll, "update_seconds": dt - t_exp,  # (grading: in experience)
                    "completion_bucket": ro.tokens_BxN.shape[1],
                    "grader_seconds": reward_fn.last.seconds, "generated_tokens_per_s": gen_tokens / run_s,
                    "mfu": flops / run_s / peak,

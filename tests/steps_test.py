@@ -126,6 +126,7 @@ def test_nonfinite_advantage_skips_every_ppo_update(tmp_path):
                 cfg=SamplingConfig(max_new_tokens=2, eos_ids=(1,)))
     exp, _ = make_experience_fn(CFG, pc)(state.params, params["policy"], r, jnp.zeros(8, jnp.int32),
                                          jnp.ones(8, jnp.float32))
+    clean = exp
     exp = exp.replace(advantages_BxN=exp.advantages_BxN.at[:, 0].set(jnp.nan))  # every minibatch sees a NaN
     before = jax.tree.map(np.asarray, (state.params, state.opt_state, state.step))
     new, m = make_ppo_step(CFG, tx, pc)(state, exp)
@@ -139,6 +140,16 @@ def test_nonfinite_advantage_skips_every_ppo_update(tmp_path):
     assert not ck.save(2, nan_state)
     ck.close()
     assert ck.all_steps() == [1]
+    # one row's NaN: the minibatches holding it are skipped, the others applied, and the figures are the applied
+    # ones' means (one skipped minibatch made every mean NaN, logged as null)
+    one = clean.replace(advantages_BxN=clean.advantages_BxN.at[0, 0].set(jnp.nan))
+    fresh = init_state({"policy": jax.tree.map(jnp.asarray, _host_policy()),
+                        "value_head": init_value_head(CFG, jax.random.key(2))}, tx, jax.random.key(3))
+    _, m = make_ppo_step(CFG, tx, pc)(fresh, one)
+    assert int(m["skipped"]) == 2 and int(m["updates"]) == 4  # row 0 is in one minibatch per epoch
+    for key in ("loss", "pg_loss", "vf_loss", "entropy", "clipfrac", "grad_norm"):
+        assert np.isfinite(float(m[key])), key
+    assert np.isnan(float(make_ppo_step(CFG, tx, pc)(new, exp)[1]["loss"]))  # all skipped: still says so
 
 
 # ----------------------------------------------------------------------------- SFT

@@ -145,7 +145,7 @@ def test_pipeline_sigkill_then_resume_completes(tiny_hf_dir, tmp_path, shared_da
     rl = _rl_lines(out)[-1]
     for key in ("reward", "accuracy", "kl", "entropy", "clipfrac", "vf_loss", "explained_variance",
                 "response_length", "generated_tokens_per_s", "mfu", "completion_bucket", "xla_programs", "graded",
-                "grader_errors", "compile_seconds"):
+                "grader_errors", "compile_seconds", "rollout_seconds", "experience_seconds", "update_seconds"):
         assert key in rl, key
     assert not [k for k in rl if k.startswith("guard_")]  # the guards are off: the grader's counts are not theirs
     for name in ("reward", "kl", "response_length", "val_accuracy"):
