@@ -61,15 +61,16 @@ class MetricsLogger:
         row = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
         if self._jsonl is None:
             return row
-        self._jsonl.write(json.dumps({"phase": phase, "step": int(step), "time": time.time(), **row}) + "\n")
-        self._tb_write(phase, step, row)
+        now = time.time()
+        self._jsonl.write(json.dumps({"phase": phase, "step": int(step), "time": now, **row}) + "\n")
+        self._tb_write(phase, step, row, now)
         return row
 
-    def _tb_write(self, phase, step, row):
+    def _tb_write(self, phase, step, row, walltime=None):
         if self._tb is not None:
             for k, v in row.items():
                 if isinstance(v, (int, float)) and v is not None:
-                    self._tb.add_scalar(f"{phase}/{k}", v, int(step))
+                    self._tb.add_scalar(f"{phase}/{k}", v, int(step), walltime=walltime)
 
     def rewind(self, last_steps: dict[str, int]) -> int:
         """Drops the `metrics.jsonl` rows of phase p with a step above `last_steps[p]` (and lines a crash cut):
@@ -109,8 +110,7 @@ class MetricsLogger:
                 for line in kept:
                     row = json.loads(line)
                     phase, step = row.pop("phase"), row.pop("step", 0)
-                    row.pop("time", None)
-                    self._tb_write(phase, step, row)
+                    self._tb_write(phase, step, row, row.pop("time", None))  # at the time it was logged
         self._jsonl = open(path, "a", buffering=1)
         return dropped
 

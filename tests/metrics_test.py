@@ -68,7 +68,11 @@ def _tensorboard_scalars(logdir):
             event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
             pos += 12 + n + 4
             out += [(v.tag, event.step, v.simple_value) for v in event.summary.value]
+            walls.extend(event.wall_time for _ in event.summary.value)
     return out
+
+
+walls = []  # _tensorboard_scalars' events' wall times, in file order
 
 
 def test_rewind_rewrites_tensorboard_so_a_redone_step_shows_once(tmp_path):
@@ -162,3 +166,26 @@ def test_rl_iteration_flops_counts_rollout_experience_and_update_passes():
     assert metrics.rl_iteration_flops(cfg, p, g, 2, 1, False, 1, reference=False) == rollout + per_row * (1 + 3)
     assert metrics.rl_iteration_flops(cfg, p, g, 2, 1, True, 1, reference=False) == rollout + per_row * 3
     assert metrics.rl_iteration_flops(cfg, p, g, 2, 1, False, 2, separate_critic=True) == rollout + per_row * (3 + 12)
+
+
+def test_rebuilt_tensorboard_rows_keep_the_time_they_were_logged(tmp_path):
+    """Rows rebuilt from metrics.jsonl at a resume got the rebuild's wall time, so TensorBoard's wall-time axis
+    put a whole phase at the moment of the restart (helper review)."""
+    import json
+
+    from reftjax.metrics import MetricsLogger
+
+    log = MetricsLogger(tmp_path, tensorboard=True, enabled=True)
+    for step in range(3):
+        log.log("sft", step, {"loss": float(step)})
+    log.close()
+    logged = [json.loads(l)["time"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(dict(json.loads(l), time=1.0e9 + i)) + "\n"
+                                                    for i, l in enumerate(lines)))  # logged long ago
+    log = MetricsLogger(tmp_path, tensorboard=True, enabled=True)
+    log.rewind({"sft": 2})  # the first rewind after a restart rebuilds the event files
+    log.close()
+    walls.clear()
+    assert sorted(_tensorboard_scalars(tmp_path / "tensorboard")) == [("sft/loss", i, float(i)) for i in range(3)]
+    assert sorted(walls) == [1.0e9, 1.0e9 + 1, 1.0e9 + 2] and len(logged) == 3
