@@ -119,6 +119,12 @@ def test_openai_jsonl(tmp_path):
     with pytest.raises(DataError, match=r"f\.jsonl:1: gold answer 'four' is not a number"):
         read_openai_jsonl(_jsonl(tmp_path, [dict(line, reference_answer="four")]),
                           answer_field="reference_answer")
+    # a dotted answer_field reads a nested field, as the graders' {{item.ref.value}} does (it was refused as missing)
+    nested = dict(line, ref={"value": "12"})
+    [ex] = read_openai_jsonl(_jsonl(tmp_path, [nested]), answer_field="ref.value")
+    assert ex.answer == "12" and ex.answer_value == 12.0
+    with pytest.raises(DataError, match=r"f\.jsonl:1: missing or empty field 'ref.nope'"):
+        read_openai_jsonl(_jsonl(tmp_path, [nested]), answer_field="ref.nope")
 
 
 def test_strip_annotations():

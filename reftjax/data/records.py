@@ -234,7 +234,7 @@ def read_openai_jsonl(path: str | os.PathLike, *, answer_field: str | None = Non
         fields = {k: v for k, v in obj.items() if k != "messages"}
         answer, value = "", None
         if answer_field is not None:
-            raw = fields.get(answer_field)
+            raw = _dotted(fields, answer_field)
             if raw is None or not str(raw).strip():
                 raise DataError(f"{where}: missing or empty field {answer_field!r}")
             value = parse_number(str(raw), where)
@@ -244,6 +244,19 @@ def read_openai_jsonl(path: str | os.PathLike, *, answer_field: str | None = Non
                            tuple(dict(m) for m in messages), fields))
     _require_nonempty(out, path)
     return out
+
+
+def _dotted(fields: dict, name: str):
+    """`fields[name]`, or for a dotted name the nested field (`ref.value`: fields["ref"]["value"]), as the graders'
+    `{{item.ref.value}}` templates read it; None when missing."""
+    if name in fields:
+        return fields[name]
+    value = fields
+    for part in name.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
 
 
 def _require_nonempty(examples: list, path: str) -> None:
