@@ -85,7 +85,9 @@ def preset_config(name: str, model: str | None = None):
                         optim=OptimConfig(learning_rate=3e-6 if small else 3e-7, schedule="constant",
                                           warmup_ratio=0.0),
                         eval_every=100, early_stop_patience=5),
-            eval=EvalConfig(batch_size=64, max_new_tokens=400, voting_k=16),
+            # voting rollouts of at most 512 rows (32 prompts x 16): a 7B model's KV cache of 1,024 rows x 800 slots
+            # would not fit next to the weights on one 80 GB device
+            eval=EvalConfig(batch_size=64, max_new_tokens=400, voting_k=16, voting_rows=512),
             checkpoint=CheckpointSettings(save_every=100))
     elif name == "paper":
         cfg = ExperimentConfig(
@@ -101,7 +103,9 @@ def preset_config(name: str, model: str | None = None):
                         ppo=PPOConfig(kl_coef=0.05),
                         optim=OptimConfig(learning_rate=3e-7, schedule="constant", warmup_ratio=0.0),
                         eval_every=100),
-            eval=EvalConfig(batch_size=64, max_new_tokens=400, voting_k=100),
+            # voting@100 in rollouts of 4 prompts x 100 samples: 64 x 100 rows of CodeLlama-7B KV cache at ~700 slots
+            # were ~2.1 TiB (helper review); 400 rows are ~140 GiB, ~18 GiB per device of 8
+            eval=EvalConfig(batch_size=64, max_new_tokens=400, voting_k=100, voting_rows=400),
             checkpoint=CheckpointSettings(save_every=100))
     else:
         raise ValueError(f"unknown preset {name!r}; choose from {PRESETS}")
@@ -153,7 +157,7 @@ def resolve_config(args, make_config=preset_config):
             value = _PYTHON_LITERALS[raw]
         else:
             try:
-                value = json.loads(raw)
+                value = json.loads(raw, parse_constant=_refuse_constant)
             except ValueError:
                 value = raw  # a bare string; the config's type check refuses it where a string does not belong
         node = d
@@ -162,10 +166,12 @@ def resolve_config(args, make_config=preset_config):
             if not isinstance(node, dict) or k not in node:
                 raise ValueError(f"--set {item!r}: unknown config path {path!r}")
             node = node[k]
-            if isinstance(node, list):  # the grader: a union of types, so it is replaced whole
+            if isinstance(node, list):  # a list (or the grader, a union of types) is replaced whole
+                example = ("'{\"type\": \"reft\", \"cot\": \"python\"}'" if keys[0] == "grader"
+                           else f"'{json.dumps(node)}'")
                 raise ValueError(f"--set {item!r}: {'.'.join(keys[:depth + 1])} is set as a whole, e.g. "
-                                 f"--set {keys[0]}='{{\"type\": \"reft\", \"cot\": \"python\"}}'")
-        if keys[-1] not in node:
+                                 f"--set {'.'.join(keys[:depth + 1])}={example}")
+        if not isinstance(node, dict) or keys[-1] not in node:  # (a path through a number: "not iterable")
             raise ValueError(f"--set {item!r}: unknown config path {path!r}")
         if isinstance(node[keys[-1]], dict) and isinstance(value, dict):
             value = _merged(node[keys[-1]], value)  # an object updates the sub-config's named fields only
@@ -177,6 +183,10 @@ def resolve_config(args, make_config=preset_config):
 
 
 _PYTHON_LITERALS = {"True": True, "False": False, "None": None}
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not a setting value")  # NaN / Infinity: read as the bare string, then refused
 
 
 def _merged(base: dict, update: dict) -> dict:

@@ -25,7 +25,9 @@ class EvalConfig:
       batch_size: prompts per rollout call (fixed: padded).
       max_new_tokens: completion length bucket.
       voting_k: samples per prompt for majority voting (0: off); ReFT uses 100 at temperature 1.
-      voting_temperature: sampling temperature for voting.
+      voting_temperature: sampling temperature for voting (> 0).
+      voting_rows: the most completion rows one voting rollout samples (its KV cache holds that many): a batch's
+        prompts are split into rollouts of `voting_prompts` prompts x voting_k samples; 0: the whole batch at once.
       rerank_chunk_rows: rows per verifier forward when scoring the voting samples for rerank@k
         (`reftjax.rerank.verifier_scores`; bounds memory at large k; 0: all rows of a batch at once).
       decode_segments: `SamplingConfig.decode_segments` of the greedy and voting rollouts: decode in
@@ -37,13 +39,29 @@ class EvalConfig:
     max_new_tokens: int = 256
     voting_k: int = 0
     voting_temperature: float = 1.0
+    voting_rows: int = 0
     rerank_chunk_rows: int = 64
     decode_segments: int = 1
 
     def __post_init__(self):
+        if self.voting_k and not self.voting_temperature > 0:  # (failed at the first voting evaluation, maybe
+            # after the warm-up, and the corrected rerun was refused)
+            raise ValueError(f"eval.voting_temperature must be > 0 with voting_k > 0, got {self.voting_temperature}")
+        if self.voting_rows < 0 or self.voting_k < 0:
+            raise ValueError(f"eval.voting_rows and eval.voting_k must be >= 0, got {self.voting_rows}, "
+                             f"{self.voting_k}")
         if not 1 <= self.decode_segments <= self.max_new_tokens:
             raise ValueError(f"eval.decode_segments must be in [1, max_new_tokens = {self.max_new_tokens}], "
                              f"got {self.decode_segments}")
+
+
+def voting_prompts(batch_size: int, k: int, max_rows: int) -> int:
+    """Prompts per voting rollout: the largest divisor of `batch_size` whose `x k` sample rows fit in `max_rows`
+    (at least 1; `max_rows` 0: the whole batch). One rollout of 64 prompts x 100 samples held a KV cache of 6,400
+    rows (~2 TiB for a 7B model at 700 slots)."""
+    if not max_rows or batch_size * k <= max_rows:
+        return batch_size
+    return max([d for d in range(1, batch_size + 1) if batch_size % d == 0 and d * k <= max_rows] or [1])
 
 
 def majority_correct(grades, weights=None, tol: float = 1e-2) -> bool:
@@ -118,15 +136,19 @@ def evaluate(params, model_cfg, tokenizer, ds: TokenizedDataset, items: Sequence
                           "extracted": g.extracted, "error": g.error} for j, g in zip(rows, grades)]
         samples += batch_samples
         if vote is not None:
-            out_v = rollout(params, batch["prompt_tokens"], batch["prompt_mask"], jax.random.fold_in(rng, i),
-                            model_cfg=model_cfg, cfg=vote)
-            texts_v = decode_completions(tokenizer, out_v, stop_sequences=stop_sequences)
-            k = cfg.voting_k
-            scores = None
-            if verifier is not None:
-                scores = to_host(verifier_scores(verifier, out_v.prompt_tokens_BxP, out_v.prompt_mask_BxP,
-                                                 out_v.tokens_BxN, out_v.mask_BxN, model_cfg=model_cfg,
-                                                 chunk_rows=cfg.rerank_chunk_rows))
+            k, b = cfg.voting_k, len(valid)
+            sub = voting_prompts(b, k, cfg.voting_rows)  # prompts per vote rollout: its KV cache holds sub x k rows
+            key = jax.random.fold_in(rng, i)
+            texts_v, parts = [], []
+            for j0 in range(0, b, sub):
+                out_v = rollout(params, batch["prompt_tokens"][j0:j0 + sub], batch["prompt_mask"][j0:j0 + sub],
+                                key if sub == b else jax.random.fold_in(key, j0), model_cfg=model_cfg, cfg=vote)
+                texts_v += decode_completions(tokenizer, out_v, stop_sequences=stop_sequences)
+                if verifier is not None:
+                    parts.append(to_host(verifier_scores(verifier, out_v.prompt_tokens_BxP, out_v.prompt_mask_BxP,
+                                                         out_v.tokens_BxN, out_v.mask_BxN, model_cfg=model_cfg,
+                                                         chunk_rows=cfg.rerank_chunk_rows)))
+            scores = np.concatenate(parts) if parts else None
             for j, sample in zip(rows, batch_samples):
                 g = grader.grade_batch([items[idx[j]]] * k, texts_v[j * k:(j + 1) * k])
                 voted.append(majority_correct(g))

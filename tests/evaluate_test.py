@@ -90,3 +90,36 @@ def test_voting_is_not_reported_for_a_grader_that_records_only_a_score(tiny_hf_d
     assert res["n"] == 2 and res["accuracy"] == 0.0 and res["voting_accuracy"] is None
     # partial credit: accuracy (score 1) stays 0, the mean score is what selects its best checkpoint (session 21)
     assert res["mean_score"] == pytest.approx(0.25)
+
+
+def test_voting_rollouts_are_split_to_bound_their_rows(tiny_hf_dir, shared_data, monkeypatch):
+    """One voting rollout sampled batch_size x voting_k rows (the paper preset: 64 x 100, a ~2 TiB KV cache for a
+    7B model). eval.voting_rows caps the rows of each; figures are computed over the same samples per prompt."""
+    import reftjax.evaluate as ev
+    from reftjax.evaluate import voting_prompts
+    from reftjax.graders import build_grader
+    from reftjax.hf import load_model
+    from reftjax.train import prepare_data
+
+    assert [voting_prompts(64, 100, 400), voting_prompts(64, 16, 512), voting_prompts(64, 100, 0),
+            voting_prompts(6, 4, 8), voting_prompts(7, 4, 8), voting_prompts(4, 2, 100)] == [4, 32, 64, 2, 1, 4]
+    monkeypatch.setenv("REFTJAX_GSM8K_DIR", str(shared_data / "gsm8k"))
+    cfg = ExperimentConfig()
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, n_train=4, n_val=4, n_test=6))
+    model = load_model(tiny_hf_dir)
+    data = prepare_data(cfg, model.tokenizer)
+    rows, real = [], ev.rollout
+
+    def recording(params, tokens, *args, cfg, **kw):
+        if not cfg.greedy:
+            rows.append(tokens.shape[0] * cfg.n)
+        return real(params, tokens, *args, cfg=cfg, **kw)
+
+    monkeypatch.setattr(ev, "rollout", recording)
+    ecfg = EvalConfig(batch_size=4, max_new_tokens=8, voting_k=3, voting_rows=6)
+    res = ev.evaluate(model.params, model.config, model.tokenizer, data.test_ds, data.test_items,
+                      build_grader(cfg.grader_dict), ecfg, pad_id=model.tokenizer.pad_token_id)
+    assert rows == [6, 6, 6, 6]  # 2 batches of 4 prompts, each voted on in 2 rollouts of 2 prompts x 3 samples
+    assert res["n"] == 6 and len(res["samples"]) == 6 and "voting_accuracy" in res
+    with pytest.raises(ValueError, match="voting_temperature must be > 0"):
+        EvalConfig(voting_k=4, voting_temperature=0.0)
