@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from typing import Any
 
@@ -253,9 +254,12 @@ def _build(tp, value, where: str = "config"):
         inner = args[0] if args and (len(args) == 2 and args[1] is Ellipsis) else Any
         return tuple(_build(inner, v, f"{where}[{i}]") for i, v in enumerate(value))
     if tp is tuple:  # untyped pairs (the grader): lists become tuples, a JSON object stays as given
-        if isinstance(value, list):
-            return tuple(tuple(v) if isinstance(v, list) else v for v in value)
-        return value
+        if isinstance(value, list) and all(isinstance(v, (list, tuple)) and len(v) == 2 for v in value):
+            return tuple(tuple(v) for v in value)
+        if isinstance(value, (dict, tuple)):
+            return value
+        # (a string or number was accepted and crashed run() with a traceback)
+        raise ValueError(f"{where}: expected an object such as {{\"type\": \"reft\"}}, got {value!r}")
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -268,6 +272,8 @@ def _build(tp, value, where: str = "config"):
         raise ValueError(f"{where}: expected an integer, got {value!r}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # NaN passes every `x <= 0` check: a run would train on NaN
+                raise ValueError(f"{where}: expected a finite number, got {value!r}")
             return float(value)
         raise ValueError(f"{where}: expected a number, got {value!r}")
     if tp is str:

@@ -816,3 +816,26 @@ def test_a_run_without_rl_iterations_is_the_warm_up_alone(tiny_hf_dir, tmp_path,
     assert "after ReFT" not in (out / "summary.md").read_text()
     phases = {json.loads(l)["phase"] for l in (out / "metrics.jsonl").read_text().splitlines()}
     assert "sft" in phases and "rl" not in phases and "eval/test_reft" not in phases
+
+
+def test_set_refuses_a_grader_that_is_not_an_object_non_finite_numbers_and_paths_through_values():
+    """`--set grader=reft` (or a number) was accepted and crashed run() with a traceback; NaN/Infinity passed every
+    `<= 0` check; a path through a number said "argument of type 'int' is not iterable", one through a list
+    suggested the grader's example (helper review)."""
+    from experiments.gsm8k_reft import build_parser, resolve_config
+
+    def cfg_of(*sets):
+        args = build_parser().parse_args(["--preset", "cpu"] + [a for s in sets for a in ("--set", s)])
+        return resolve_config(args)
+
+    for bad, msg in (("grader=reft", r"grader: expected an object such as \{\"type\": \"reft\"\}, got 'reft'"),
+                     ("grader=3", "grader: expected an object"),
+                     ('grader=[["type", "reft"], ["cot"]]', "grader: expected an object"),
+                     ("rl.optim.learning_rate=NaN", r"rl.optim.learning_rate: expected a number, got 'NaN'"),
+                     ("rl.ppo.clip_eps=Infinity", "expected a number, got 'Infinity'"),
+                     ("rl.iterations.x=1", r"unknown config path 'rl.iterations.x'"),
+                     ("rl.sampling.eos_ids.0=2", r"rl.sampling.eos_ids is set as a whole, e.g. --set "
+                                                 r"rl.sampling.eos_ids='\[\]'")):
+        with pytest.raises(ValueError, match=msg):
+            cfg_of(bad)
+    assert cfg_of('grader={"type": "reft", "cot": "python"}').grader_dict["cot"] == "python"
