@@ -132,6 +132,16 @@ class ExpConfig:
         if self.rl_batch % self.minibatch_size or self.rl_batch % self.grpo_group:
             raise ValueError("rl_batch must be a multiple of minibatch_size and grpo_group")
         self.task_config()  # validates the task fields
+        # the PPO/GRPO settings an RL arm builds (Runner.rl_steps), checked now: a typo (--critic sepraate,
+        # --grpo-group 1) failed only when the arm started, after the warm-up and the SFT arm, with nothing saved
+        from reftjax.steps import PPOConfig
+
+        if "reft" in self.arms:
+            PPOConfig(algo="ppo", kl_coef=self.kl_coef, minibatch_size=self.minibatch_size, gae_lambda=self.gae_lambda,
+                      critic=self.critic, value_grad_to_backbone=self.value_grad_to_backbone)
+        if set(self.arms) & {"grpo", "rloo"}:
+            PPOConfig(algo="grpo", kl_coef=self.kl_coef, minibatch_size=self.minibatch_size,
+                      group_size=self.grpo_group)
 
 
 QUICK = dict(n_train=256, n_val=64, n_test=64, n_hard=64, warmup_samples=256, warmup_check_every=128,
@@ -160,6 +170,16 @@ def build_data(cfg: ExpConfig, tokenizer) -> Data:
             tok[i, p_len - len(r):], mask[i, p_len - len(r):] = r, 1
         prompts[k] = (tok, mask)
     targets = task.encode(tokenizer, [task.target_text(p) for p in problems["train"]])
+    # the gold traces must fit the sampling budgets: --max-steps / --operand-digits lengthen them, and an answer
+    # that cannot fit is scored 0 (RL: also flagged too_long) without a word
+    for split, budget, name in (("train", cfg.max_new_tokens, "max_new_tokens"),
+                                *((k, cfg.eval_new_tokens, "eval_new_tokens") for k in problems if k != "train")):
+        gold = task.encode(tokenizer, [task.target_text(p) for p in problems[split]])
+        longest = max(len(t) for t in gold) + 1  # + EOS
+        if longest > budget:
+            raise ValueError(f"the {split} split's longest gold trace is {longest} tokens (with EOS), over {name}="
+                             f"{budget}: raise it for these task settings (--max-steps {cfg.max_steps}, "
+                             f"--operand-digits {cfg.operand_digits})")
     seqs = [p + t + [tokenizer.eos_token_id] for p, t in zip(enc["train"], targets)]
     t_len = -(-max(len(s) for s in seqs) // 8) * 8
     sft = {k: np.zeros((len(seqs), t_len), np.int32) for k in ("tokens", "attn_mask", "loss_mask")}

@@ -232,3 +232,17 @@ def test_rerank_experiment_runs_and_reports_consistent_accuracies(tmp_path):
         assert r["sample_accuracy"] <= r["upper_bound"]
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["test"] == res["test"] and "| test |" in (tmp_path / "results.md").read_text()
+
+
+def test_rl_settings_and_token_budgets_are_checked_before_anything_trains(tokenizer):
+    """--critic sepraate / --grpo-group 1 failed only when their RL arm started, after the warm-up and the SFT arm
+    (nothing saved); --max-steps / --operand-digits lengthened the gold traces past the fixed sampling budgets, so
+    those problems could not be answered, silently (helper review)."""
+    with pytest.raises(ValueError, match="critic"):
+        exp.ExpConfig(**{**exp.QUICK, "critic": "sepraate"})
+    with pytest.raises(ValueError, match="group_size"):
+        exp.ExpConfig(**{**exp.QUICK, "grpo_group": 1, "rl_batch": 16, "minibatch_size": 16})
+    exp.ExpConfig(**{**exp.QUICK, "critic": "sepraate", "arms": ("sft",)})  # no RL arm: nothing to check
+    long = exp.ExpConfig(**{**exp.QUICK, "max_steps": 5})
+    with pytest.raises(ValueError, match=r"longest gold trace is \d+ tokens \(with EOS\), over (max|eval)_new_tokens"):
+        exp.build_data(long, tokenizer)
