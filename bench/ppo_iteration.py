@@ -100,7 +100,7 @@ class ReftjaxRL:
             rl = PPOConfig(algo="ppo", minibatch_size=8, ppo_epochs=2, experience_from_rollout=fast,
                            group_size=args.samples if share else 1, share_prompt=share)
         else:
-            rl = PPOConfig(algo="grpo", group_size=args.samples, minibatch_size=8, ppo_epochs=1, kl_coef=0.04,
+            rl = PPOConfig(algo=algo, group_size=args.samples, minibatch_size=8, ppo_epochs=1, kl_coef=0.04,
                            experience_from_rollout=fast, share_prompt=share)
         self.epochs, self.fast, self.group = rl.ppo_epochs, fast, rl.prompt_group
         self.samples = args.samples
@@ -235,6 +235,11 @@ def main():
     ap.add_argument("--trl-beta", type=float, default=0.0)
     ap.add_argument("--threads", type=int, default=2, help="torch threads")
     args = ap.parse_args()
+    unknown = set(args.algos.split(",")) - {"ppo", "grpo", "rloo"}
+    if unknown:  # (any other name ran GRPO under that name)
+        ap.error(f"--algos: {sorted(unknown)} not among ppo, grpo, rloo")
+    if args.repeats < 1:
+        ap.error("--repeats must be >= 1")
 
     import jax
 
