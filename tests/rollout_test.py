@@ -129,25 +129,27 @@ def test_generate_gives_a_custom_sampling_config_the_models_eos(monkeypatch):
     assert cfg.eos_ids == (3,) and cfg.temperature == 0.7  # it used to run to max_new_tokens, past the EOS
 
 
+class _FixedTok:
+    """A tokenizer whose every text is the ids 5 6 7 and whose texts are the ids joined by spaces."""
+    eos_token_id, pad_token_id = None, 0
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [5, 6, 7]}
+
+    def batch_decode(self, rows, skip_special_tokens=True):
+        return [" ".join(map(str, r)) for r in rows]
+
+
 def test_generate_without_a_key_draws_fresh_samples_per_call(tiny_params):
     """generate(rng=None) used key(0) on every call: sampling the same prompts twice gave the same texts."""
     import reftjax.rollout as ro
 
-    class Tok:
-        eos_token_id, pad_token_id = None, 0
-
-        def __call__(self, text, add_special_tokens=False):
-            return {"input_ids": [5, 6, 7]}
-
-        def batch_decode(self, rows, skip_special_tokens=True):
-            return [" ".join(map(str, r)) for r in rows]
-
     cfg = SamplingConfig(max_new_tokens=12, temperature=1.0, n=2)
-    first, second = (ro.generate(tiny_params, TINY, Tok(), ["q"], cfg=cfg, chat=False) for _ in range(2))
+    first, second = (ro.generate(tiny_params, TINY, _FixedTok(), ["q"], cfg=cfg, chat=False) for _ in range(2))
     assert first != second
     key = jax.random.key(7)  # an explicit key still reproduces
-    assert ro.generate(tiny_params, TINY, Tok(), ["q"], cfg=cfg, chat=False, rng=key) == \
-        ro.generate(tiny_params, TINY, Tok(), ["q"], cfg=cfg, chat=False, rng=key)
+    assert ro.generate(tiny_params, TINY, _FixedTok(), ["q"], cfg=cfg, chat=False, rng=key) == \
+        ro.generate(tiny_params, TINY, _FixedTok(), ["q"], cfg=cfg, chat=False, rng=key)
 
 
 def test_generate_on_a_mesh_pads_to_its_devices_and_drops_a_final_stop_sequence(tiny_params):
@@ -156,22 +158,13 @@ def test_generate_on_a_mesh_pads_to_its_devices_and_drops_a_final_stop_sequence(
     import reftjax.rollout as ro
     from reftjax.sharding import MeshConfig, make_mesh
 
-    class Tok:
-        eos_token_id, pad_token_id = None, 0
-
-        def __call__(self, text, add_special_tokens=False):
-            return {"input_ids": [5, 6, 7]}
-
-        def batch_decode(self, rows, skip_special_tokens=True):
-            return [" ".join(map(str, r)) for r in rows]
-
     mesh = make_mesh(MeshConfig(data=8))
     cfg = SamplingConfig(max_new_tokens=6, greedy=True)
-    [full] = ro.generate(tiny_params, TINY, Tok(), ["q"], cfg=cfg, chat=False)
-    assert ro.generate(tiny_params, TINY, Tok(), ["q"], cfg=cfg, chat=False, mesh=mesh) == [full]
+    [full] = ro.generate(tiny_params, TINY, _FixedTok(), ["q"], cfg=cfg, chat=False)
+    assert ro.generate(tiny_params, TINY, _FixedTok(), ["q"], cfg=cfg, chat=False, mesh=mesh) == [full]
     ids = full.split()
     stop = tuple(int(t) for t in ids[2:4])  # greedy: the same tokens, now stopping there
-    stopped = ro.generate(tiny_params, TINY, Tok(), ["q"], cfg=dataclasses.replace(cfg, stop_sequences=(stop,)),
+    stopped = ro.generate(tiny_params, TINY, _FixedTok(), ["q"], cfg=dataclasses.replace(cfg, stop_sequences=(stop,)),
                           chat=False)
     first = next(i for i in range(len(ids) - 1) if tuple(int(t) for t in ids[i:i + 2]) == stop)
     assert stopped == [" ".join(ids[:first])]

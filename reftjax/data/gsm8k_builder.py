@@ -24,7 +24,7 @@ import pathlib
 import numpy as np
 import tensorflow_datasets as tfds
 
-from reftjax.data.records import DataError, gsm8k_record, _jsonl_objects
+from reftjax.data.records import DataError, gsm8k_record, jsonl_objects
 
 URLS = {
     "train": "https://raw.githubusercontent.com/openai/grade-school-math/master/"
@@ -77,6 +77,6 @@ class Gsm8kReft(tfds.core.GeneratorBasedBuilder):
         return {split: self._generate_examples(path) for split, path in paths.items()}
 
     def _generate_examples(self, path):
-        for lineno, obj in _jsonl_objects(os.fspath(path)):
+        for lineno, obj in jsonl_objects(os.fspath(path)):
             rec = gsm8k_record(obj, f"{path}:{lineno}")
             yield lineno, {**rec, "line": lineno}

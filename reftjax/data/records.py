@@ -105,7 +105,7 @@ def _open_data(path: str):
     return open(path, "rb")
 
 
-def _jsonl_objects(path: str):
+def jsonl_objects(path: str):
     """Yield (line_number, dict) for each non-blank line of a JSONL file."""
     with _open_data(path) as f:
         for lineno, raw in enumerate(f, 1):
@@ -135,7 +135,7 @@ def read_gsm8k_jsonl(path: str | os.PathLike, split: str = "file") -> list[Examp
     """Read an OpenAI GSM8K JSONL file (``train.jsonl``/``test.jsonl``)."""
     path = os.fspath(path)
     out = []
-    for lineno, obj in _jsonl_objects(path):
+    for lineno, obj in jsonl_objects(path):
         rec = gsm8k_record(obj, f"{path}:{lineno}")
         out.append(Example(len(out), f"gsm8k_{split}_{len(out)}", rec["question"], rec["cot"],
                            rec["answer"], float(rec["answer"])))
@@ -218,7 +218,7 @@ def read_openai_jsonl(path: str | os.PathLike, *, answer_field: str | None = Non
     """Read an RFT-style JSONL file; ``answer_field`` (if set) must hold a number."""
     path = os.fspath(path)
     out = []
-    for lineno, obj in _jsonl_objects(path):
+    for lineno, obj in jsonl_objects(path):
         where = f"{path}:{lineno}"
         messages = obj.get("messages")
         if messages is None:

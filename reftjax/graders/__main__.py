@@ -13,24 +13,20 @@ from reftjax.graders.build import ConfigError, validate_grader
 
 
 def _load_samples(path):
+    from reftjax.data.records import DataError, jsonl_objects
+
     items, texts, lines = [], [], []
-    with open(path, "rb") as f:
-        raw_lines = f.read().split(b"\n")
-    for lineno, raw in enumerate(raw_lines, 1):
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start} of the line)") from None
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            items.append(row["item"])
-            texts.append(row["sample"]["output_text"])
-            lines.append(lineno)
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ConfigError(f"{path}:{lineno}: expected {{'item': {{...}}, 'sample': "
-                              f"{{'output_text': ...}}}}: {exc!r}") from exc
+    try:
+        for lineno, row in jsonl_objects(path):  # (blank lines skipped; bad UTF-8 or JSON named by path:line)
+            try:
+                items.append(row["item"])
+                texts.append(row["sample"]["output_text"])
+                lines.append(lineno)
+            except (KeyError, TypeError) as exc:
+                raise ConfigError(f"{path}:{lineno}: expected {{'item': {{...}}, 'sample': "
+                                  f"{{'output_text': ...}}}}: {exc!r}") from exc
+    except DataError as exc:
+        raise ConfigError(str(exc)) from None
     return items, texts, lines
 
 
