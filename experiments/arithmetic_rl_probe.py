@@ -49,7 +49,8 @@ def main(argv=None) -> list[dict]:
                  + (f", and --minibatch of --group {group} >= 2" if args.algo == "grpo" else ""))
     cfg = ar.ExpConfig(rl_batch=rows, minibatch_size=minibatch, ppo_lr=args.lr, grpo_lr=args.lr,
                        grpo_group=group if args.algo == "grpo" else 1, eval_every=rows * 16,
-                       arm_samples=rows * 16, warmup_samples=args.warmup_samples)
+                       arm_samples=rows * 16, warmup_samples=args.warmup_samples,
+                       arms=("reft",) if args.algo == "ppo" else ("grpo",))  # the one RL arm it probes (checked)
     tok = task.build_tokenizer()
     data = ar.build_data(cfg, tok)
     run = ar.Runner(cfg, data, tok)
