@@ -35,11 +35,13 @@ def write_summary(out: pathlib.Path, cfg, evals: dict, wall_seconds: float, writ
     def acc(name, key="accuracy"):
         return evals.get(name, {}).get(key)
 
-    val_rl = {int(k.rsplit("_", 1)[1]): v["accuracy"] for k, v in evals.items() if k.startswith("val_rl_")}
-    val_score = {int(k.rsplit("_", 1)[1]): v.get("mean_score") for k, v in evals.items() if k.startswith("val_rl_")}
+    val = {int(k.rsplit("_", 1)[1]): v for k, v in evals.items() if k.startswith("val_rl_")}
+    val_rl = {i: v["accuracy"] for i, v in val.items()}
+    val_score = {i: v.get("mean_score") for i, v in val.items()}
     # graders with partial credit select checkpoints on the mean validation score (train.selection_metric), so the
     # report shows it beside the accuracy; with the ReFT grader accuracy is what selects
-    by_score = selection_metric(cfg) == "mean_score"
+    metric = selection_metric(cfg)
+    by_score = metric == "mean_score"
     summary = {
         "name": cfg.name, "model": cfg.model, "status": "done", "wall_seconds": round(wall_seconds, 1),
         "test_n": evals.get("test_sft", {}).get("n"),
@@ -58,7 +60,7 @@ def write_summary(out: pathlib.Path, cfg, evals: dict, wall_seconds: float, writ
         "test_mean_score": {"base": acc("test_base", "mean_score"), "sft": acc("test_sft", "mean_score"),
                             "reft": acc("test_reft", "mean_score")},
         "val_mean_score": {"sft": acc("val_sft", "mean_score"), "rl": dict(sorted(val_score.items()))},
-        "selection_metric": selection_metric(cfg),
+        "selection_metric": metric,
         "data_stats": data_stats,
         "compilation": compilation,
         "config": to_dict(cfg),

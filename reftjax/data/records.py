@@ -247,16 +247,16 @@ def read_openai_jsonl(path: str | os.PathLike, *, answer_field: str | None = Non
 
 
 def _dotted(fields: dict, name: str):
-    """`fields[name]`, or for a dotted name the nested field (`ref.value`: fields["ref"]["value"]), as the graders'
-    `{{item.ref.value}}` templates read it; None when missing."""
+    """`fields[name]`, or for a dotted name the nested field (`ref.value`: fields["ref"]["value"]) as the graders
+    read it (`graders.base.field`); None when missing."""
+    from reftjax.graders.base import field
+
     if name in fields:
         return fields[name]
-    value = fields
-    for part in name.split("."):
-        if not isinstance(value, dict) or part not in value:
-            return None
-        value = value[part]
-    return value
+    try:
+        return field(fields, name)
+    except KeyError:
+        return None
 
 
 def _require_nonempty(examples: list, path: str) -> None:
