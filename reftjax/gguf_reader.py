@@ -133,6 +133,10 @@ def read_gguf(path: str | pathlib.Path, with_tokenizer: bool = True):
     except Exception as e:
         raise ValueError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from e
     meta = _metadata(reader)
+    shards = int(meta.get("split.count") or 1)
+    if shards > 1:  # each shard holds some tensors: read alone, it guessed tie_word_embeddings and missed layers
+        raise ValueError(f"{path}: one shard of a split GGUF ({shards} shards): merge them first "
+                         "(`llama-gguf-split --merge FIRST_SHARD OUT.gguf`) and pass the merged file")
     names = {t.name for t in reader.tensors}
     config = _hf_config(meta, names, path)
     tensors = {}

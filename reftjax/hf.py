@@ -185,7 +185,10 @@ def write_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict | N
             f.write(a.tobytes())
 
 
-def _read_hf_tensors(directory: pathlib.Path) -> dict:
+def _read_hf_tensors(directory: pathlib.Path) -> tuple[dict, dict]:
+    """({tensor name: array}, {tensor name: file it came from}) of a model folder: the files its index names, else
+    `model.safetensors` alone when there is one (as transformers reads it: a PEFT `adapter_model.safetensors` or
+    Mistral's `consolidated.safetensors` beside it is not part of the model), else every `*.safetensors`."""
     import json
 
     index = directory / "model.safetensors.index.json"
@@ -194,16 +197,40 @@ def _read_hf_tensors(directory: pathlib.Path) -> dict:
             files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         except (ValueError, KeyError) as e:
             raise CheckpointError(f"{index}: malformed index ({e})") from e
+    elif (directory / "model.safetensors").is_file():
+        files = ["model.safetensors"]
     else:
         files = sorted(p.name for p in directory.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"{directory}: no *.safetensors weights found (only safetensors is supported)")
-    tensors = {}
+    tensors, origin = {}, {}
     for name in files:
         if not (directory / name).is_file():
             raise CheckpointError(f"{directory / name}: weight shard listed in the index is missing")
-        tensors.update(read_safetensors(directory / name))
-    return tensors
+        part = read_safetensors(directory / name)
+        tensors.update(part)
+        origin.update(dict.fromkeys(part, name))
+    return tensors, origin
+
+
+def _untie_a_distinct_head(cfg, hf_config, tensors: dict, where: str):
+    """(cfg, hf_config) untied when a `tie_word_embeddings` checkpoint also stores an `lm_head.weight` that differs
+    from its embedding (a head untied by fine-tuning or a merge): transformers 5 then does not tie the model, it
+    warns and uses the stored head. Reading the embedding as the head instead loaded another model without a word
+    (logits 0.37 off on a tiny model, helper review, session 23) and exported it tied."""
+    import copy
+
+    import numpy as np
+
+    head, embed = tensors.get("lm_head.weight"), tensors.get("model.embed_tokens.weight")
+    if (not cfg.tie_word_embeddings or head is None or embed is None
+            or (np.shape(head) == np.shape(embed) and np.array_equal(np.asarray(head), np.asarray(embed)))):
+        return cfg, hf_config
+    log.warning("%s: tie_word_embeddings is true but lm_head.weight differs from the embedding: loaded untied, "
+                "with the stored head, as transformers does", where)
+    hf_config = copy.deepcopy(hf_config)
+    hf_config.tie_word_embeddings = False
+    return dataclasses.replace(cfg, tie_word_embeddings=False), hf_config
 
 
 # ----------------------------------------------------------------------------- HF <-> reftjax params
@@ -229,8 +256,9 @@ _TOP_KEYS = {
 }
 
 
-def hf_to_params(tensors: dict, cfg, where: str = "checkpoint") -> dict:
-    """Map HF tensor names/layouts to the reftjax param tree as NumPy arrays (param dtype)."""
+def hf_to_params(tensors: dict, cfg, where: str = "checkpoint", origin: dict | None = None) -> dict:
+    """Map HF tensor names/layouts to the reftjax param tree as NumPy arrays (param dtype). `origin` ({name: file})
+    names the files of tensors the model cannot use in the error."""
     import flax.traverse_util as tu
     import jax
     import numpy as np
@@ -265,8 +293,10 @@ def hf_to_params(tensors: dict, cfg, where: str = "checkpoint") -> dict:
     unused = sorted(n for n in tensors if n not in used and not n.endswith("rotary_emb.inv_freq")
                     and not (n == "lm_head.weight" and cfg.tie_word_embeddings))
     if unused:
-        raise CheckpointError(f"{where}: {len(unused)} tensor(s) this model cannot use, e.g. {unused[:4]}: "
-                              "the architecture has parts reftjax does not implement")
+        files = sorted({origin[n] for n in unused if n in origin}) if origin else []
+        raise CheckpointError(f"{where}: {len(unused)} tensor(s) this model cannot use, e.g. {unused[:4]}"
+                              + (f" (in {', '.join(files)})" if files else "")
+                              + ": the architecture has parts reftjax does not implement")
     return tu.unflatten_dict(flat)
 
 
@@ -387,7 +417,9 @@ def load_model(src: str | os.PathLike = "default", *, dtype: str = "float32", pa
         extra = gen.eos_token_id if isinstance(gen.eos_token_id, (list, tuple)) else [gen.eos_token_id]
         eos = tuple(cfg.eos_token_ids) + tuple(int(e) for e in extra if e is not None and e not in cfg.eos_token_ids)
         cfg = dataclasses.replace(cfg, eos_token_ids=eos)
-    params_np = hf_to_params(_read_hf_tensors(directory), cfg, where=str(directory))
+    tensors, origin = _read_hf_tensors(directory)
+    cfg, hf_config = _untie_a_distinct_head(cfg, hf_config, tensors, str(directory))
+    params_np = hf_to_params(tensors, cfg, where=str(directory), origin=origin)
     params = sharding.place_params(params_np, cfg, mesh, rules)
     tokenizer = load_tokenizer(Source(directory, None, str(src))) if with_tokenizer else None
     _check_ids_fit(cfg, tokenizer, src)
@@ -497,6 +529,7 @@ def save_hf(out_dir: str | os.PathLike, params, cfg, hf_config, tokenizer=None, 
                 json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
         hf = copy.deepcopy(hf_config)
         hf.dtype = dtype
+        hf.tie_word_embeddings = bool(cfg.tie_word_embeddings)  # says what the tensors written above hold
         hf.save_pretrained(tmp)
         if generation_config is not None:
             generation_config.save_pretrained(tmp)

@@ -194,7 +194,7 @@ def test_missing_and_misshapen_tensors_are_named(tiny_dir, random_params):
         load_model(tiny_dir, with_tokenizer=False)
 
 
-def _tiny_gguf(path, arch, rope_freqs=None, head_dim=None, name=None, special=None):
+def _tiny_gguf(path, arch, rope_freqs=None, head_dim=None, name=None, special=None, split_count=None):
     """A 1-layer GGUF written with the `gguf` package; returns the tensors as stored."""
     import gguf
 
@@ -205,6 +205,8 @@ def _tiny_gguf(path, arch, rope_freqs=None, head_dim=None, name=None, special=No
         w.add_key_length(hd), w.add_value_length(hd), w.add_rope_dimension_count(hd)
     if name is not None:
         w.add_name(name)
+    if split_count is not None:  # as `llama-gguf-split` marks each shard of a split model
+        w.add_uint16("split.no", 0), w.add_uint16("split.count", split_count)
     for key, value in (special or {}).items():  # e.g. {"eos": 2, "eot": 3}
         w.add_uint32(f"tokenizer.ggml.{key}_token_id", value)
     w.add_block_count(1), w.add_context_length(64), w.add_embedding_length(h), w.add_feed_forward_length(f)
@@ -367,3 +369,56 @@ def test_save_hf_of_the_whole_rl_tree_names_the_policy(tmp_path, random_params):
     with pytest.raises(ValueError, match=r"pass state.params\['policy'\]"):
         save_hf(tmp_path / "x", params, TINY, _tiny_hf_config(TINY))
     assert not (tmp_path / "x").exists()
+
+
+def test_a_tied_config_with_its_own_lm_head_loads_and_exports_as_transformers_reads_it(tmp_path, random_params):
+    """`tie_word_embeddings: true` beside a stored lm_head.weight that differs from the embedding (a head untied by
+    fine-tuning or a merge): transformers 5 does not tie such a model, it warns and uses the stored head. reftjax
+    read the embedding as the head without a word (logits 0.37 off, helper review) and exported a tied model."""
+    cfg = TINY.replace(tie_word_embeddings=True)
+    src = save_hf(tmp_path / "src", random_params(cfg), cfg, _tiny_hf_config(cfg))
+    path = src / "model.safetensors"
+    tensors = {k: np.array(v) for k, v in read_safetensors(path).items()}
+    assert "lm_head.weight" not in tensors
+    same = save_hf(tmp_path / "same", random_params(cfg), cfg, _tiny_hf_config(cfg))  # a head equal to the embedding
+    same_t = {k: np.array(v) for k, v in read_safetensors(same / "model.safetensors").items()}
+    write_safetensors(same / "model.safetensors", {**same_t, "lm_head.weight": same_t["model.embed_tokens.weight"]})
+    assert load_model(same, with_tokenizer=False).config.tie_word_embeddings
+    head = np.random.default_rng(1).normal(0, 0.5, tensors["model.embed_tokens.weight"].shape).astype(np.float32)
+    write_safetensors(path, {**tensors, "lm_head.weight": head})
+    tokens, mask = _batch(cfg.vocab_size)
+    ref = _torch_logits(src, tokens, mask)
+    model = load_model(src, with_tokenizer=False)
+    assert not model.config.tie_word_embeddings
+    _assert_close_on_real(forward(model.params, model.config, tokens, mask)[0], ref, mask, 1e-5)
+    out = save_hf(tmp_path / "out", model.params, model.config, model.hf_config)
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+    np.testing.assert_array_equal(np.asarray(read_safetensors(out / "model.safetensors")["lm_head.weight"]), head)
+    _assert_close_on_real(_torch_logits(out, tokens, mask), ref, mask, 1e-6)
+
+
+def test_only_model_safetensors_is_read_beside_stray_safetensors_files(tiny_dir):
+    """Without an index transformers reads model.safetensors alone; reftjax read every *.safetensors in the folder,
+    so a PEFT adapter left beside a merged model (or Mistral's consolidated.safetensors) was refused as 'parts
+    reftjax does not implement'."""
+    write_safetensors(tiny_dir / "adapter_model.safetensors",
+                      {"base_model.model.lora_A.weight": np.ones((4, 32), np.float32)})
+    model = load_model(tiny_dir, with_tokenizer=False)
+    ref = read_safetensors(tiny_dir / "model.safetensors")["model.norm.weight"]
+    np.testing.assert_array_equal(np.asarray(model.params["norm"]["scale"]), np.asarray(ref))
+    (tiny_dir / "model.safetensors").rename(tiny_dir / "weights.safetensors")  # no model.safetensors: every file
+    with pytest.raises(CheckpointError, match=r"cannot use.*lora_A.*\(in adapter_model\.safetensors\)"):
+        load_model(tiny_dir, with_tokenizer=False)
+
+
+def test_one_shard_of_a_split_gguf_is_refused_naming_the_split(tmp_path):
+    """One shard of a `llama-gguf-split` model was read as the whole model: tie guessed from the missing
+    output.weight, the partial folder converted and cached, then a 'tensor missing' error (helper review)."""
+    from reftjax.gguf_reader import read_gguf
+
+    path = tmp_path / "m-00001-of-00002.gguf"
+    _tiny_gguf(path, "llama", split_count=2)
+    with pytest.raises(ValueError, match=r"m-00001-of-00002\.gguf: one shard of a split GGUF \(2 shards\)"):
+        read_gguf(path, with_tokenizer=False)
+    _tiny_gguf(tmp_path / "whole.gguf", "llama", split_count=1)  # a one-shard "split" is the whole model
+    assert read_gguf(tmp_path / "whole.gguf", with_tokenizer=False)[0].num_hidden_layers == 1
