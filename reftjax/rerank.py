@@ -36,7 +36,7 @@ import optax
 from reftjax import losses
 from reftjax.graders.base import has_answer
 from reftjax.models import ModelConfig, forward
-from reftjax.sharding import replicated_like
+from reftjax.sharding import MeshJit, replicated_like
 from reftjax.steps import OptimConfig, TrainState, _apply_update
 
 CORRECT = 1.0 - 1e-6  # a grade at or above this counts as a correct answer (graders score in [0, 1])
@@ -167,13 +167,12 @@ def verifier_step(state: TrainState, batch: dict, *, model_cfg: ModelConfig, tx:
 
 
 def make_verifier_step(model_cfg: ModelConfig, tx: optax.GradientTransformation, token_level: bool = False):
-    """`verifier_step` jit-compiled once per batch shape, the state donated."""
-    return jax.jit(functools.partial(verifier_step, model_cfg=model_cfg, tx=tx, token_level=token_level),
-                   donate_argnums=0)
+    """`verifier_step` jit-compiled once per batch shape, the state donated (`sharding.MeshJit`)."""
+    return MeshJit(functools.partial(verifier_step, model_cfg=model_cfg, tx=tx, token_level=token_level),
+                   state_step=True)
 
 
-@functools.partial(jax.jit, static_argnames=("model_cfg", "chunk_rows"))
-def verifier_scores(params: dict, prompt_tokens_BxP, prompt_mask_BxP, tokens_BxN, mask_BxN, *,
+def _verifier_scores(params: dict, prompt_tokens_BxP, prompt_mask_BxP, tokens_BxN, mask_BxN, *,
                     model_cfg: ModelConfig, chunk_rows: int = 0) -> jax.Array:
     """P(correct) for each row, [B] float32 (jit-compiled once per shape).
 
@@ -193,6 +192,9 @@ def verifier_scores(params: dict, prompt_tokens_BxP, prompt_mask_BxP, tokens_BxN
     out = jax.lax.map(lambda xs: score(*xs), tuple(map(split, (prompt_tokens_BxP, prompt_mask_BxP, tokens_BxN,
                                                               mask_BxN))))
     return out.swapaxes(0, 1).reshape(b)
+
+
+verifier_scores = MeshJit(_verifier_scores, static_argnames=("model_cfg", "chunk_rows"))
 
 
 # ----------------------------------------------------------------------------- selection (host)

@@ -33,6 +33,7 @@ import numpy as np
 
 from reftjax import models
 from reftjax.models import KVCache, ModelConfig, ValueHead, decode_step, unstack_layers
+from reftjax.sharding import MeshJit, constrain_batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,7 +218,10 @@ def _rollout(params, prompt_tokens_BxP, prompt_mask_BxP, rng, value_head, model_
         logits, hidden, caches = models.prefill(params, model_cfg, prompt_tokens_BxP,
                                                 prompt_mask_BxP.astype(jnp.int32), cache_len=p + ends[0])
         last_hidden = hidden[:, -1, :]
-    logits, last_hidden, caches = rep(logits), rep(last_hidden), jax.tree.map(rep, caches)
+    # n-fold rows over the mesh's batch axes: prompts sliced for a voting rollout arrive whole on every device,
+    # and without this every device held the whole n-fold KV cache (7B voting@100: ~150 GiB a device)
+    tokens, pmask = constrain_batch(tokens), constrain_batch(pmask)
+    logits, last_hidden, caches = jax.tree.map(lambda x: constrain_batch(rep(x)), (logits, last_hidden, caches))
     value_of = (lambda h: ValueHead().apply({"params": value_head}, h)) if value_head is not None else None
     prompt_len = jnp.sum(pmask, axis=1)
     key_valid = jnp.concatenate([pmask.astype(bool), jnp.zeros((b, ends[0]), bool)], axis=1)
@@ -264,7 +268,7 @@ def _rollout(params, prompt_tokens_BxP, prompt_mask_BxP, rng, value_head, model_
         values_BxN=final.values_BxN if value_of is not None else None, sampling=cfg)
 
 
-_rollout_jit = jax.jit(_rollout, static_argnames=("model_cfg", "cfg", "packed_prefill"))
+_rollout_jit = MeshJit(_rollout, static_argnames=("model_cfg", "cfg", "packed_prefill"))  # traced under the mesh
 
 
 def _split_across_devices(x) -> bool:
@@ -276,7 +280,8 @@ def rollout(params, prompt_tokens_BxP, prompt_mask_BxP, rng, *, model_cfg: Model
     """Sample `cfg.n` completions for each left-padded prompt (jit-compiled, sharding-agnostic).
 
     Params and prompts may be sharded (NamedSharding over a mesh: batch rows
-    over the data axes); XLA propagates the layout to caches and outputs.
+    over the data axes); the n-fold rows, their KV caches and the outputs are split
+    over the mesh's batch axes (also when the prompts arrive whole on every device).
     With `value_head` (the PPO critic's params) the rollout also returns the
     critic's values of every completion position (`Rollout.values_BxN`): one
     [B, D] x [D] product per step, instead of a second full forward later.

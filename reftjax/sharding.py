@@ -10,10 +10,17 @@ devices, one GPU or a multi-host TPU slice: only the mesh shape changes.
 A dimension that a mesh axis does not divide is left replicated on that axis
 rather than failing (e.g. SmolLM2's 9 heads on a tensor axis of 4 would not
 split per head; the flattened 576 columns do, and are split).
+
+Activations are split too: the jitted steps and the rollout (`MeshJit`) trace
+under their params' mesh, and the model and the rollout pin the batch dimension
+of their hidden states and KV caches over the batch axes (`constrain_batch`).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
+import functools
 import logging
 import os
 
@@ -138,7 +145,8 @@ def _mesh_axes(name, rules) -> tuple[str, ...]:
 
 
 def logical_to_spec(logical: P, shape: tuple[int, ...], mesh: Mesh, rules=DEFAULT_RULES) -> P:
-    """Mesh PartitionSpec for an array with logical axis names, dropping non-dividing axes."""
+    """Mesh PartitionSpec for an array with logical axis names, dropping non-dividing axes (and trailing
+    unsplit dimensions: `P(None, "fsdp")`, not `P(None, "fsdp", None)`)."""
     used: set[str] = set()
     out = []
     for dim, name in zip(shape, tuple(logical) + (None,) * (len(shape) - len(logical))):
@@ -152,6 +160,8 @@ def logical_to_spec(logical: P, shape: tuple[int, ...], mesh: Mesh, rules=DEFAUL
             size *= n
         used.update(axes)
         out.append(None if not axes else (axes[0] if len(axes) == 1 else tuple(axes)))
+    while out and out[-1] is None:  # XLA's spelling of its outputs: P(None, "fsdp", None) and P(None, "fsdp") are
+        out.pop()  # the same layout but unequal shardings, so a step's new state missed the jit cache once
     return P(*out)
 
 
@@ -267,3 +277,80 @@ def replicated_like(tree, like):
     beside sharded params, not left on one device (a jitted step then fails: incompatible devices)."""
     mesh = mesh_of(like)
     return tree if mesh is None else put(tree, jax.tree.map(lambda _: replicated(mesh), tree))
+
+
+# ----------------------------------------------------------------------------- activations and step outputs
+# Params are placed by the rule table, but XLA alone does not split activations over the batch: on an fsdp mesh
+# it followed the weights' split of the hidden size, so every device computed the whole batch (PPO on the gpu
+# preset: ~35 GiB a device on 8 devices, as much as on one), and a voting rollout of sliced prompts held the whole
+# KV cache on every device (helper review, session 23). And a jitted step left to choose its new state's
+# shardings re-split params its input held whole, so the next call compiled again. The step wrappers below set a
+# context while they trace: `constrain_batch` (called by the model on its hidden states and by the rollout on its
+# caches) then splits the batch dimension over the mesh's batch axes, and the new state keeps the old one's layout.
+
+_MESH: contextvars.ContextVar = contextvars.ContextVar("reftjax_activation_mesh", default=None)
+_PINS: contextvars.ContextVar = contextvars.ContextVar("reftjax_state_shardings", default=None)
+
+
+@contextlib.contextmanager
+def activation_mesh(mesh: Mesh | None):
+    """Within it, code traced by `jax.jit` splits activations' batch dimension over `mesh` (`constrain_batch`).
+    The step and rollout functions of reftjax set it from their params' mesh; wrap your own `jax.jit` of a
+    reftjax function (e.g. `steps.sft_step`) in it when you jit it yourself over a mesh."""
+    token = _MESH.set(mesh)
+    try:
+        yield
+    finally:
+        _MESH.reset(token)
+
+
+def constrain_batch(x):
+    """`x` with its leading (batch) dimension split over the active mesh's batch axes (`activation_mesh`);
+    unchanged outside one, on a one-device mesh, or where the axes do not divide the dimension."""
+    mesh = _MESH.get()
+    if mesh is None or mesh.size == 1 or not hasattr(x, "shape") or not x.shape:
+        return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(P("batch"), x.shape, mesh)))
+
+
+class MeshJit:
+    """`jax.jit(fn)` that traces under its arguments' mesh (`activation_mesh`, from the first NamedSharding
+    leaf of the arguments), so the batch of every activation is split over the mesh.
+
+    `state_step=True` is for `fn(state, *args) -> (new_state, aux)`: the state is donated and the new state
+    keeps the incoming state's shardings (as `out_shardings` would), so the next call reuses the program.
+    `static_argnames` as for `jax.jit`. `lower` and `_cache_size` are those of the underlying jit."""
+
+    def __init__(self, fn, *, state_step: bool = False, static_argnames=()):
+        self._fn, self._state_step = fn, state_step
+        self._jit = jax.jit(self._traced if state_step else fn, donate_argnums=0 if state_step else (),
+                            static_argnames=static_argnames)
+        functools.update_wrapper(self, fn)
+
+    def _traced(self, state, *args, **kwargs):
+        new, aux = self._fn(state, *args, **kwargs)
+        pins = _PINS.get()
+        return (new if pins is None else jax.lax.with_sharding_constraint(new, pins)), aux
+
+    @contextlib.contextmanager
+    def _context(self, args, kwargs):
+        mesh = mesh_of((args, kwargs))
+        pins = None
+        if self._state_step and mesh is not None and mesh.size > 1:  # (one device: nothing to drift)
+            pins = jax.tree.map(lambda x: x.sharding, args[0])
+        t1, t2 = _MESH.set(mesh), _PINS.set(pins)
+        try:
+            yield
+        finally:
+            _MESH.reset(t1), _PINS.reset(t2)
+
+    def __call__(self, *args, **kwargs):
+        with self._context(args, kwargs):
+            return self._jit(*args, **kwargs)
+
+    def lower(self, *args, **kwargs):
+        with self._context(args, kwargs):
+            return self._jit.lower(*args, **kwargs)
+
+    def _cache_size(self) -> int:
+        return self._jit._cache_size()

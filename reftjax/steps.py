@@ -35,7 +35,7 @@ import numpy as np
 import optax
 
 from reftjax import losses
-from reftjax.sharding import mesh_of, replicated_like
+from reftjax.sharding import MeshJit, constrain_batch, mesh_of, replicated_like
 from reftjax.models import (ModelConfig, ValueHead, forward, init_value_head, lm_head_weight, lm_logits,
                             positions_from_mask)
 
@@ -438,9 +438,10 @@ def sft_step(state: TrainState, batch: dict, *, model_cfg: ModelConfig, tx: opta
 
 def make_sft_step(model_cfg: ModelConfig, tx: optax.GradientTransformation, accum_steps: int = 1,
                   head_chunk_rows: int = 512):
-    """`sft_step` jitted with the state donated (static config bound by partial)."""
-    return jax.jit(functools.partial(sft_step, model_cfg=model_cfg, tx=tx, accum_steps=accum_steps,
-                                     head_chunk_rows=head_chunk_rows), donate_argnums=0)
+    """`sft_step` jitted with the state donated (static config bound by partial); on a mesh its activations are
+    split over the batch axes and the new state keeps the old one's shardings (`sharding.MeshJit`)."""
+    return MeshJit(functools.partial(sft_step, model_cfg=model_cfg, tx=tx, accum_steps=accum_steps,
+                                     head_chunk_rows=head_chunk_rows), state_step=True)
 
 
 # ----------------------------------------------------------------------------- RL experience
@@ -733,7 +734,7 @@ def ppo_step(state: TrainState, exp: Experience, *, model_cfg: ModelConfig, tx: 
     loss_fn = functools.partial(_rl_loss, model_cfg=model_cfg, cfg=cfg)
 
     def update(st: TrainState, rows):
-        mb = jax.tree.map(lambda x: x[rows], exp)
+        mb = jax.tree.map(lambda x: constrain_batch(x[rows]), exp)  # (the gather's rows came out whole per device)
         (loss, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(st.params, mb)
         new, upd = _apply_update(st, grads, tx, loss)
         if cfg.critic_only:  # the policy and its AdamW state (count, moments, schedule) stay as they were
@@ -759,7 +760,8 @@ def ppo_step(state: TrainState, exp: Experience, *, model_cfg: ModelConfig, tx: 
 
 
 def make_ppo_step(model_cfg: ModelConfig, tx: optax.GradientTransformation, cfg: PPOConfig):
-    return jax.jit(functools.partial(ppo_step, model_cfg=model_cfg, tx=tx, cfg=cfg), donate_argnums=0)
+    """`ppo_step` jitted with the state donated, as `make_sft_step`'s (`sharding.MeshJit`)."""
+    return MeshJit(functools.partial(ppo_step, model_cfg=model_cfg, tx=tx, cfg=cfg), state_step=True)
 
 
 def make_experience_fn(model_cfg: ModelConfig, cfg: PPOConfig, reward_fn: Callable | None = None,
@@ -783,4 +785,4 @@ def make_experience_fn(model_cfg: ModelConfig, cfg: PPOConfig, reward_fn: Callab
         return exp, experience_metrics(exp, rollout, logp_recomputed=not cfg.experience_from_rollout,
                                        with_value=cfg.algo == "ppo")
 
-    return jax.jit(fn)
+    return MeshJit(fn)

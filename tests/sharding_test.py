@@ -35,18 +35,18 @@ def test_mesh_config_shapes():
 def test_logical_to_spec_drops_axes_that_do_not_divide():
     mesh = make_mesh(MeshConfig(data=2, tensor=4))
     assert logical_to_spec(P("embed", "q_heads"), (64, 64), mesh) == P(None, "tensor")
-    assert logical_to_spec(P("embed", "q_heads"), (64, 9), mesh) == P(None, None)  # 9 heads over 4: replicated
-    assert logical_to_spec(P("batch", None), (8, 5), make_mesh(MeshConfig(data=2, fsdp=4))) == P(("data", "fsdp"), None)
+    assert logical_to_spec(P("embed", "q_heads"), (64, 9), mesh) == P()  # 9 heads over 4: replicated
+    assert logical_to_spec(P("batch", None), (8, 5), make_mesh(MeshConfig(data=2, fsdp=4))) == P(("data", "fsdp"))
 
 
 # Expected placement of three representative params under each mesh.
 EXPECTED = {
     (2, 4, 1): {("embed_tokens", "embedding"): P(None, "fsdp"),
-                ("layers", "self_attn", "q_proj", "kernel"): P(None, "fsdp", None),
+                ("layers", "self_attn", "q_proj", "kernel"): P(None, "fsdp"),
                 ("layers", "mlp", "down_proj", "kernel"): P(None, None, "fsdp")},
-    (2, 1, 4): {("embed_tokens", "embedding"): P("tensor", None),
+    (2, 1, 4): {("embed_tokens", "embedding"): P("tensor"),
                 ("layers", "self_attn", "q_proj", "kernel"): P(None, None, "tensor"),
-                ("layers", "mlp", "down_proj", "kernel"): P(None, "tensor", None)},
+                ("layers", "mlp", "down_proj", "kernel"): P(None, "tensor")},
 }
 
 
@@ -70,7 +70,7 @@ def test_sharded_forward_matches_single_device(mesh_cfg, single_device_logits):
         assert leaf.sharding.spec == spec, path
         shard = leaf.addressable_shards[0].data.shape
         assert np.prod(shard) * 4 == np.prod(leaf.shape), (path, shard)
-    assert flat[("norm", "scale")].sharding.spec == P(None)  # norms stay replicated
+    assert flat[("norm", "scale")].sharding.spec == P()  # norms stay replicated
     tokens, mask = shard_batch(_batch(), mesh)
     assert tokens.addressable_shards[0].data.shape == (8 // (mesh_cfg.data * mesh_cfg.fsdp), 12)
     logits, _ = jax.jit(forward, static_argnums=1)(params, CFG, tokens, mask)
@@ -179,3 +179,90 @@ def test_parameters_the_mesh_cannot_split_are_reported(caplog):
     import re
 
     assert re.search(r"9\d% of the parameter bytes stay whole", rec.getMessage())  # all but the norm scales
+
+
+# ----------------------------------------------------------------------------- layouts of the jitted steps
+
+
+def _step_state(mesh, params_np, with_value_head=False):
+    from reftjax.models import init_value_head
+    from reftjax.sharding import replicated_like
+    from reftjax.steps import OptimConfig, init_state, make_optimizer
+
+    tx = make_optimizer(OptimConfig(learning_rate=1e-3, schedule="constant", warmup_ratio=0.0), 10)
+    params = {"policy": place_params(params_np, CFG, mesh)}
+    if with_value_head:
+        params["value_head"] = replicated_like(jax.tree.map(np.asarray, init_value_head(CFG, jax.random.key(2))),
+                                               params["policy"]) if mesh is not None else init_value_head(CFG, jax.random.key(2))
+    return init_state(params, tx, jax.random.key(1)), tx
+
+
+def _temp_bytes(step, *args):
+    return step.lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+
+def test_steps_on_an_fsdp_mesh_split_the_batch_keep_their_layout_and_compile_once(random_params):
+    """On an fsdp mesh (the gpu/tpu/paper presets' layout) XLA split activations like the weights (over D), so every
+    device computed the whole batch (PPO on the gpu preset: ~35 GiB a device on 8, as on one), and it chose new
+    shardings for the state it returned, so the step after the first compiled again (helper reviews, session 23)."""
+    from reftjax import xla_cache
+    from reftjax.steps import PPOConfig, make_experience_fn, make_ppo_step, make_sft_step
+    from reftjax.rollout import SamplingConfig, rollout
+
+    params_np = random_params(CFG)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(2, CFG.vocab_size, (32, 64)).astype(np.int32)
+    host_batch = {"tokens": tokens, "attn_mask": np.ones_like(tokens), "loss_mask": np.ones_like(tokens)}
+    temp = {}
+    for name, mesh in (("one", None), ("fsdp8", make_mesh(MeshConfig(data=1, fsdp=8)))):
+        state, tx = _step_state(mesh, params_np)
+        batch = shard_batch(host_batch, mesh) if mesh is not None else jax.tree.map(jax.numpy.asarray, host_batch)
+        step = make_sft_step(CFG, tx)
+        temp[name] = _temp_bytes(step, state, batch)
+        if mesh is None:
+            continue
+        layout = jax.tree.map(lambda x: x.sharding, state)
+        state, _ = step(state, batch)
+        stats = xla_cache.CompileStats()
+        for _ in range(2):
+            state, _ = step(state, batch)
+        assert stats.programs() == 0  # was 1: the second step compiled again
+        assert jax.tree.leaves(jax.tree.map(lambda x: x.sharding, state)) == jax.tree.leaves(layout)
+    assert temp["fsdp8"] < 0.3 * temp["one"], temp  # the batch's activations split 8 ways (was ~1x)
+
+    # PPO: the experience's minibatches are split too, and the state keeps its layout
+    mesh = make_mesh(MeshConfig(data=1, fsdp=8))
+    state, tx = _step_state(mesh, params_np, with_value_head=True)
+    pc = PPOConfig(minibatch_size=16, ppo_epochs=1)
+    prompts = shard_batch(tokens[:, :8].copy(), mesh)
+    ro = rollout(state.params["policy"], prompts, jax.numpy.ones_like(prompts), jax.random.key(0), model_cfg=CFG,
+                 cfg=SamplingConfig(max_new_tokens=8, eos_ids=(), pad_id=0, temperature=1.0))
+    exp, _ = make_experience_fn(CFG, pc)(state.params, state.params["policy"], ro, jax.numpy.zeros(32, np.int32),
+                                         jax.numpy.ones(32))
+    ppo = make_ppo_step(CFG, tx, pc)
+    one_state, _ = _step_state(None, params_np, with_value_head=True)
+    one_exp = jax.tree.map(lambda x: jax.device_put(np.asarray(x), jax.devices()[0]), exp)
+    assert _temp_bytes(ppo, state, exp) < 0.3 * _temp_bytes(ppo, one_state, one_exp)
+    layout = jax.tree.map(lambda x: x.sharding, state)
+    state, _ = ppo(state, exp)
+    stats = xla_cache.CompileStats()
+    state, _ = ppo(state, exp)
+    assert stats.programs() == 0
+    assert jax.tree.leaves(jax.tree.map(lambda x: x.sharding, state)) == jax.tree.leaves(layout)
+
+
+def test_a_voting_rollout_of_sliced_prompts_splits_its_samples_over_the_mesh(random_params):
+    """`evaluate` slices a batch's prompts for its voting rollouts: the slice arrives whole on every device, and the
+    n-fold rows, their KV caches and outputs stayed whole on every device (the paper preset's voting@100 at 7B:
+    ~150 GiB a device, helper review, session 23)."""
+    from reftjax.rollout import SamplingConfig, rollout
+
+    mesh = make_mesh(MeshConfig(data=2, fsdp=4))
+    params = place_params(random_params(CFG), CFG, mesh)
+    prompts = shard_batch(_batch()[0], mesh)[:2]  # as evaluate's sub-batches: whole on every device
+    assert prompts.sharding.is_fully_replicated
+    out = rollout(params, prompts, jax.numpy.ones_like(prompts), jax.random.key(0), model_cfg=CFG,
+                  cfg=SamplingConfig(max_new_tokens=4, eos_ids=(), pad_id=0, n=8, temperature=1.0))
+    assert out.tokens_BxN.shape == (16, 4)
+    assert out.tokens_BxN.sharding.spec == P(("data", "fsdp"))
+

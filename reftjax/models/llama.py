@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from reftjax.models.config import ModelConfig
+from reftjax.sharding import constrain_batch
 
 # Logical axis names of parameters; `reftjax.sharding` maps them to mesh axes.
 VOCAB, EMBED, MLP, Q_HEADS, KV_HEADS, NORM, LAYERS = (
@@ -342,6 +343,7 @@ class DecoderLayer(nn.Module):
 
     @nn.compact
     def __call__(self, x, positions_BxT, mask_BxTxS):
+        x = constrain_batch(x)  # rows over the mesh's batch axes (else XLA follows the weights' fsdp split of D)
         attn_out, kv = Attention(self.cfg, name="self_attn")(
             _norm(self.cfg, "input_layernorm")(x), positions_BxT, mask_BxTxS)
         h = x + attn_out
@@ -370,7 +372,7 @@ class Transformer(nn.Module):
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
                          embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), (VOCAB, EMBED)),
                          name="embed_tokens")
-        x = embed(tokens_BxT)
+        x = constrain_batch(embed(tokens_BxT))
         if shared_prefix is None:
             slots = jnp.arange(tokens_BxT.shape[1])
             mask = attention_mask(slots, slots, attn_mask_BxT, cfg.sliding_window)
@@ -581,6 +583,7 @@ def _rms(x, scale, cfg: ModelConfig):
 
 def _decode_layer(p, cfg: ModelConfig, x_BxD, positions_B, mask_BxS, cache: KVCache, cache_index):
     """One decoder layer for one new token per row against the [B,K,hd,S] / [B,K,S,hd] caches."""
+    x_BxD = constrain_batch(x_BxD)
     b = x_BxD.shape[0]
     h, kvh, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     g = h // kvh
