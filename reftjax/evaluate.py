@@ -16,7 +16,7 @@ from reftjax.data import Loader, LoaderConfig, TokenizedDataset
 from reftjax.graders.base import has_answer
 from reftjax.rerank import any_correct, rerank_correct, verifier_scores
 from reftjax.rollout import SamplingConfig, decode_completions, rollout
-from reftjax.sharding import to_host
+from reftjax.sharding import from_process_0, to_host
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,6 +159,15 @@ def evaluate(params, model_cfg, tokenizer, ds: TokenizedDataset, items: Sequence
                     bound.append(any_correct(g))
         if progress is not None:
             progress.update(len(rows))
+    # process 0's grades on every process (`from_process_0`): every figure, and so every decision on them, agrees
+    # (each process graded the same texts itself, and P-CoT programs need not give the same result twice)
+    correct, scores_g, voted, reranked, weighted, bound = (
+        from_process_0(np.asarray(x, np.float64)).tolist()
+        for x in (correct, scores_g, voted, reranked, weighted, bound))
+    for sample, score in zip(samples, scores_g):
+        sample["score"] = score
+    for sample, v in zip(samples if voted else (), voted):
+        sample["voting_correct"] = bool(v)
     res = {"accuracy": float(np.mean(correct)) if correct else 0.0, "n": len(correct),
            "mean_score": float(np.mean(scores_g)) if scores_g else 0.0,  # graders with partial credit select on it
            "mean_length": float(np.mean(lengths)) if lengths else 0.0, "samples": samples}

@@ -300,7 +300,7 @@ def sample_verifier_data(policy_params, model_cfg: ModelConfig, tokenizer, ds, i
     """
     from reftjax.data import Loader, LoaderConfig
     from reftjax.rollout import SamplingConfig, decode_tokens, rollout
-    from reftjax.sharding import to_host
+    from reftjax.sharding import from_process_0, to_host
 
     loader = Loader(ds, LoaderConfig(batch_size=cfg.prompts_per_batch, kind="prompt", shuffle=False,
                                      drop_last=False, num_epochs=1), mesh=mesh)
@@ -327,7 +327,8 @@ def sample_verifier_data(policy_params, model_cfg: ModelConfig, tokenizer, ds, i
             keep = [keep[t] for t in dedup_rows([texts[j] for j in keep], [j // k for j in keep])]
         grades = grader.grade_batch([items[idx[j // k]] for j in keep], [texts[j] for j in keep])
         rows.append({**{key: v[keep] for key, v in host.items()},
-                     "labels": np.array([g.score >= CORRECT for g in grades], np.float32),
+                     # process 0's labels on every process (each feeds its share of every verifier batch)
+                     "labels": from_process_0(np.array([g.score >= CORRECT for g in grades], np.float32)),
                      "example_idx": np.array([idx[j // k] for j in keep], np.int32)})
         if progress is not None:
             progress.update(len({j // k for j in keep}))

@@ -400,14 +400,16 @@ def generate(params, model_cfg: ModelConfig, tokenizer, texts: Sequence[str], *,
              batch_size: int | None = None, mesh=None) -> list[str]:
     """Text in, text out: tokenize (chat template or raw), bucket, `rollout`, detokenize.
 
-    Rows are padded to `batch_size` (default: len(texts)) so repeated calls with
-    the same sizes reuse one compiled program. Returns len(texts) * cfg.n strings.
+    Texts run `batch_size` at a time (default: all at once), each batch padded to `batch_size` rows, so one compiled
+    program serves every batch and every call with the same sizes (more texts than `batch_size` ran as one batch
+    of all of them: a new program per count). Returns len(texts) * cfg.n strings.
     Without `rng`, call k of this process samples with `fold_in(key(0), k)`: a script's calls draw
     fresh samples each time and the same ones on a rerun (one fixed key repeated every sample).
     `cfg` defaults to greedy decoding; a `cfg` without `eos_ids` gets the model's EOS ids and the
     tokenizer's pad id (to generate past the EOS, call `rollout` directly). A final stop sequence
     (`cfg.stop_sequences`) is not in the returned text, as graders and evaluation read it. With `mesh`, rows are
-    padded to a multiple of the devices of its batch axes.
+    padded to a multiple of the devices of its batch axes, and each process places its own shards of them (every
+    process passes the same texts).
     """
     eos = tuple(model_cfg.eos_token_ids) or ((tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ())
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -422,13 +424,17 @@ def generate(params, model_cfg: ModelConfig, tokenizer, texts: Sequence[str], *,
 
         shards = int(np.prod([mesh.shape[a] for a in BATCH_AXES if a in mesh.shape]))
         bsz = -(-bsz // shards) * shards
-    rows = list(ids) + [ids[0]] * (bsz - len(ids))
-    tokens, mask = left_pad(rows, length, pad)
-    if mesh is not None:
-        from reftjax.sharding import shard_batch
-
-        tokens, mask = shard_batch((tokens, mask), mesh)
     if rng is None:
         rng = jax.random.fold_in(jax.random.key(0), next(_GENERATE_CALLS))
-    out = rollout(params, tokens, mask, rng, model_cfg=model_cfg, cfg=cfg)
-    return decode_completions(tokenizer, out, stop_sequences=cfg.stop_sequences)[: len(texts) * cfg.n]
+    texts_out = []
+    for c, start in enumerate(range(0, len(ids), bsz)):
+        part = ids[start:start + bsz]
+        tokens, mask = left_pad(list(part) + [part[0]] * (bsz - len(part)), length, pad)
+        if mesh is not None:  # global rows: `shard_batch` reads its input as this process's rows (N copies on N)
+            from reftjax.sharding import batch_sharding, put
+
+            tokens, mask = put((tokens, mask), (batch_sharding(mesh, 2),) * 2)
+        out = rollout(params, tokens, mask, rng if c == 0 else jax.random.fold_in(rng, c), model_cfg=model_cfg,
+                      cfg=cfg)
+        texts_out += decode_completions(tokenizer, out, stop_sequences=cfg.stop_sequences)[: len(part) * cfg.n]
+    return texts_out

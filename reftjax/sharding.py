@@ -257,6 +257,21 @@ def to_host(tree):
     return jax.tree.map(one, tree)
 
 
+def from_process_0(x: np.ndarray) -> np.ndarray:
+    """Process 0's copy of a host array, on every process (a collective: every process calls it, in the same order,
+    with the same shape and dtype); `x` itself on one process. For what a host computes that may differ between
+    processes: graders run model-written programs in each process's sandbox under a wall-clock limit, and may call
+    `random`; the decisions taken on their results (best checkpoint, early stopping) must agree, or the processes
+    part ways in collectives. Exact: the bytes are broadcast."""
+    a = np.ascontiguousarray(x)
+    if jax.process_count() == 1:
+        return a
+    from jax.experimental import multihost_utils
+
+    raw = multihost_utils.broadcast_one_to_all(a.reshape(-1).view(np.uint8))
+    return np.asarray(raw).view(a.dtype).reshape(a.shape)
+
+
 def is_primary() -> bool:
     """Whether this process writes the run's files (logs, reports, exports): process 0."""
     return jax.process_index() == 0

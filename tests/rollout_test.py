@@ -170,6 +170,26 @@ def test_generate_on_a_mesh_pads_to_its_devices_and_drops_a_final_stop_sequence(
     assert stopped == [" ".join(ids[:first])]
 
 
+def test_generate_runs_batch_size_texts_at_a_time_with_one_program(tiny_params):
+    """More texts than `batch_size` ran as one batch of all of them: `batch_size` was only a minimum, and every new
+    text count compiled another program (helper review, session 23)."""
+    import reftjax.rollout as ro
+
+    class Tok(_FixedTok):  # text i -> ids of its characters, so rows differ
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [4 + ord(c) % 20 for c in text]}
+
+    cfg = SamplingConfig(max_new_tokens=4, greedy=True)
+    texts = ["ab", "c", "def", "g", "hi", "jkl", "m", "no", "p", "qrs"]
+    one_by_one = [ro.generate(tiny_params, TINY, Tok(), [t], cfg=cfg, chat=False, batch_size=4,
+                              prompt_buckets=(8,))[0] for t in texts]
+    before = ro.compile_count()
+    for count in (10, 6, 9):
+        assert ro.generate(tiny_params, TINY, Tok(), texts[:count], cfg=cfg, chat=False, batch_size=4,
+                           prompt_buckets=(8,)) == one_by_one[:count]
+    assert ro.compile_count() == before  # the program of batch 4 serves every count
+
+
 # ----------------------------------------------------------------------------- log-probs
 
 

@@ -89,6 +89,11 @@ class Loader:
             raise ValueError(f"batch_size {cfg.batch_size} not divisible by {n_proc} processes")
         self.ds, self.cfg, self.mesh = ds, cfg, mesh
         self.spec = spec if spec is not None or mesh is None else batch_spec(mesh)
+        if mesh is not None and n_proc > 1 and not (self.spec and self.spec[0] is not None):
+            # each process feeds its B / processes rows, which a batch whole on every device cannot take
+            raise ValueError(f"Loader: batch spec {self.spec} does not split the batch, which {n_proc} processes "
+                             "cannot feed (each loads its own rows): split the leading dimension over the mesh's "
+                             "batch axes (the default spec)")
         if mesh is not None and self.spec and self.spec[0] is not None:
             axes = self.spec[0] if isinstance(self.spec[0], tuple) else (self.spec[0],)
             shards = int(np.prod([mesh.shape[a] for a in axes]))

@@ -1,0 +1,80 @@
+"""Run as one of 2 JAX processes by tests/sharding_test.py (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES,
+JAX_PROCESS_ID set): prints one JSON line of what this process saw of `evaluate`, `generate` and `Loader`."""
+import json
+
+import jax
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from reftjax.sharding import maybe_initialize_distributed
+
+maybe_initialize_distributed()
+
+from reftjax import rollout as R  # noqa: E402
+from reftjax.data import Loader, LoaderConfig  # noqa: E402
+from reftjax.data.tokenize import TokenizeConfig, TokenizedDataset  # noqa: E402
+from reftjax.evaluate import EvalConfig, evaluate  # noqa: E402
+from reftjax.graders.base import Grade  # noqa: E402
+from reftjax.models import ModelConfig, init_params  # noqa: E402
+from reftjax.sharding import MeshConfig, make_mesh, place_params  # noqa: E402
+
+CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4, num_kv_heads=2,
+                  eos_token_ids=(2,))
+PID = jax.process_index()
+
+
+class Tok:  # characters in, token ids out as text
+    eos_token_id, pad_token_id = 2, 0
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [3 + ord(c) % 60 for c in text]}
+
+    def batch_decode(self, rows, skip_special_tokens=True):
+        return [" ".join(map(str, r)) for r in rows]
+
+
+class ProcessDependentGrader:
+    """Grades that differ between processes, as a P-CoT program calling `random` (or hitting its wall-clock limit
+    on a busy host) may."""
+    votes_on_answer = True
+
+    def validate(self, item):
+        pass
+
+    def grade_batch(self, items, texts):
+        rng = np.random.default_rng([PID, len(texts)])
+        return [Grade(float(rng.integers(0, 2)), extracted=str(rng.integers(0, 3))) for _ in texts]
+
+
+mesh = make_mesh(MeshConfig(data=-1))
+params = place_params(jax.device_get(init_params(CFG, jax.random.key(0))), CFG, mesh)
+rng = np.random.default_rng(0)
+n = 12
+ds = TokenizedDataset([rng.integers(3, 64, int(rng.integers(3, 8))).astype(np.int32) for _ in range(n)],
+                      [np.zeros(0, np.int32)] * n, None, np.arange(n), 0,
+                      TokenizeConfig(max_prompt_len=8, max_target_len=8, prompt_buckets=(8,), seq_buckets=(16,)),
+                      {"examples": n, "kept": n})
+items = [{"item_id": f"q{i}"} for i in range(n)]
+res = evaluate(params, CFG, Tok(), ds, items, ProcessDependentGrader(),
+               EvalConfig(batch_size=4, max_new_tokens=3, voting_k=2), mesh=mesh, eos_ids=(2,))
+
+shapes = []
+real_rollout = R.rollout
+
+
+def spy(params, tokens, mask, rng, **kw):
+    shapes.append(list(tokens.shape))
+    return real_rollout(params, tokens, mask, rng, **kw)
+
+
+R.rollout = spy
+texts = R.generate(params, CFG, Tok(), ["hello", "abc", "xyz!!", "q", "rs"], chat=False, prompt_buckets=(8,),
+                   batch_size=4, mesh=mesh, rng=jax.random.key(7))
+try:
+    Loader(ds, LoaderConfig(batch_size=4, kind="prompt", shuffle=False), mesh=mesh, spec=P(None))
+    loader_error = None
+except ValueError as e:
+    loader_error = str(e)
+print(json.dumps({"pid": PID, "accuracy": res["accuracy"], "voting_accuracy": res["voting_accuracy"],
+                  "scores": [s["score"] for s in res["samples"]], "generate_rows": shapes, "texts": len(texts),
+                  "loader_error": loader_error}))
