@@ -153,6 +153,8 @@ def logical_to_spec(logical: P, shape: tuple[int, ...], mesh: Mesh, rules=DEFAUL
         axes = []
         size = 1
         for ax in _mesh_axes(name, rules) if name is not None else ():
+            if ax not in mesh.shape:  # a user's mesh without this axis (e.g. `Mesh(devices, ("data",))`)
+                continue
             n = mesh.shape[ax]
             if ax in used or n == 1 or dim % (size * n):
                 continue
@@ -304,7 +306,6 @@ def replicated_like(tree, like):
 # caches) then splits the batch dimension over the mesh's batch axes, and the new state keeps the old one's layout.
 
 _MESH: contextvars.ContextVar = contextvars.ContextVar("reftjax_activation_mesh", default=None)
-_PINS: contextvars.ContextVar = contextvars.ContextVar("reftjax_state_shardings", default=None)
 
 
 @contextlib.contextmanager
@@ -329,43 +330,59 @@ def constrain_batch(x):
 
 
 class MeshJit:
-    """`jax.jit(fn)` that traces under its arguments' mesh (`activation_mesh`, from the first NamedSharding
-    leaf of the arguments), so the batch of every activation is split over the mesh.
+    """`jax.jit(fn)` traced under its arguments' mesh (`activation_mesh`, from the first NamedSharding leaf of the
+    arguments), so the batch of every activation is split over the mesh.
 
-    `state_step=True` is for `fn(state, *args) -> (new_state, aux)`: the state is donated and the new state
-    keeps the incoming state's shardings (as `out_shardings` would), so the next call reuses the program.
-    `static_argnames` as for `jax.jit`. `lower` and `_cache_size` are those of the underlying jit."""
+    `state_step=True` is for `fn(state, *args) -> (new_state, aux)`: the state is donated and the new state keeps
+    the incoming state's shardings (as `out_shardings` would), so the next call reuses the program.
+    One `jax.jit` per (mesh, state layout): JAX's own cache keys on shapes and shardings' specs, not on which
+    devices a mesh holds or on a context, so one trace served another mesh of the same shape (incompatible
+    devices) or another state layout (helper review, session 23). Called inside a user's own `jax.jit` it
+    traces under the caller's `activation_mesh`. `static_argnames` as for `jax.jit`; `lower` and `_cache_size`
+    (summed over the meshes) as `jax.jit`'s."""
 
     def __init__(self, fn, *, state_step: bool = False, static_argnames=()):
-        self._fn, self._state_step = fn, state_step
-        self._jit = jax.jit(self._traced if state_step else fn, donate_argnums=0 if state_step else (),
-                            static_argnames=static_argnames)
+        self._fn, self._state_step, self._static = fn, state_step, tuple(static_argnames)
+        self._jits: dict = {}
         functools.update_wrapper(self, fn)
 
-    def _traced(self, state, *args, **kwargs):
-        new, aux = self._fn(state, *args, **kwargs)
-        pins = _PINS.get()
-        return (new if pins is None else jax.lax.with_sharding_constraint(new, pins)), aux
+    def _jit_for(self, args, kwargs):
+        leaves = jax.tree.leaves((args, kwargs))
+        if any(isinstance(x, jax.core.Tracer) for x in leaves):  # inside a caller's trace: the caller's mesh
+            mesh, pins = _MESH.get(), None
+        else:
+            mesh = mesh_of((args, kwargs))
+            pins = None
+            if self._state_step and mesh is not None and mesh.size > 1:  # (one device: nothing to drift)
+                state = args[0] if args else kwargs["state"]
+                pins = jax.tree.map(lambda x: x.sharding if isinstance(x, jax.Array) else replicated(mesh), state)
+        key = (mesh, None if pins is None else (jax.tree.structure(pins), tuple(jax.tree.leaves(pins))))
+        jitted = self._jits.get(key)
+        if jitted is None:
+            fn = self._fn
 
-    @contextlib.contextmanager
-    def _context(self, args, kwargs):
-        mesh = mesh_of((args, kwargs))
-        pins = None
-        if self._state_step and mesh is not None and mesh.size > 1:  # (one device: nothing to drift)
-            pins = jax.tree.map(lambda x: x.sharding, args[0])
-        t1, t2 = _MESH.set(mesh), _PINS.set(pins)
-        try:
-            yield
-        finally:
-            _MESH.reset(t1), _PINS.reset(t2)
+            @functools.wraps(fn)
+            def traced(*a, **kw):
+                token = _MESH.set(mesh)
+                try:
+                    out = fn(*a, **kw)
+                finally:
+                    _MESH.reset(token)
+                if pins is not None:
+                    out = (jax.lax.with_sharding_constraint(out[0], pins),) + tuple(out[1:])
+                return out
+
+            traced.__name__ = traced.__qualname__ = getattr(fn, "__name__", None) or getattr(
+                getattr(fn, "func", None), "__name__", "step")  # (a partial's function names the program)
+            jitted = self._jits[key] = jax.jit(traced, static_argnames=self._static,
+                                               donate_argnames=("state",) if self._state_step else ())
+        return jitted
 
     def __call__(self, *args, **kwargs):
-        with self._context(args, kwargs):
-            return self._jit(*args, **kwargs)
+        return self._jit_for(args, kwargs)(*args, **kwargs)
 
     def lower(self, *args, **kwargs):
-        with self._context(args, kwargs):
-            return self._jit.lower(*args, **kwargs)
+        return self._jit_for(args, kwargs).lower(*args, **kwargs)
 
     def _cache_size(self) -> int:
-        return self._jit._cache_size()
+        return sum(j._cache_size() for j in self._jits.values())

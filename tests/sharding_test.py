@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from reftjax import sharding as sharding_mod
 from reftjax.models import ModelConfig, forward
 from reftjax.sharding import MeshConfig, logical_to_spec, make_mesh, place_params, shard_batch
 
@@ -308,3 +309,61 @@ def test_two_processes_agree_on_grades_feed_their_own_rows_and_refuse_a_whole_ba
     # 5 texts, batch_size 4 over the 4 devices: two batches of 4 global rows (was one of 5 x 2 processes = 16)
     assert seen[0]["generate_rows"] == seen[1]["generate_rows"] == [[4, 8], [4, 8]] and seen[0]["texts"] == 5
     assert all("does not split the batch" in s["loader_error"] for s in seen)
+
+
+def test_mesh_jit_keys_its_programs_by_mesh_and_state_layout(random_params):
+    """`MeshJit` first passed the mesh and the state layout to the trace through a context that JAX's cache does not
+    see (helper reviews, session 23): a second mesh of the same shape over other devices reused the first trace
+    (incompatible devices), a second state layout came back in the first one's, a step traced inside a user's
+    `jax.jit` lost the batch split for later direct calls; meshes without a `data` or `fsdp` axis raised KeyError,
+    and `step(state=...)` IndexError."""
+    from jax.sharding import Mesh
+
+    from reftjax.rollout import SamplingConfig, rollout
+    from reftjax.sharding import activation_mesh
+    from reftjax.steps import make_sft_step
+
+    params_np = random_params(CFG)
+    tokens = np.random.default_rng(0).integers(2, CFG.vocab_size, (8, 16)).astype(np.int32)
+    host_batch = {"tokens": tokens, "attn_mask": np.ones_like(tokens), "loss_mask": np.ones_like(tokens)}
+    devices = np.asarray(jax.devices())
+    losses, firsts = [], []
+    step = None
+    for devs in (devices[:4], devices[4:]):  # two meshes of one shape on other devices
+        mesh = make_mesh(MeshConfig(data=1, fsdp=4), devices=list(devs))
+        state, tx = _step_state(mesh, params_np)
+        step = step or make_sft_step(CFG, tx)
+        state, m = step(state=state, batch=shard_batch(host_batch, mesh))  # the state by keyword, donated
+        losses.append(float(m["loss"]))
+        assert state.params["policy"]["embed_tokens"]["embedding"].sharding.mesh == mesh
+        out = rollout(state.params["policy"], shard_batch(tokens[:, :6].copy(), mesh),
+                      jax.numpy.ones((8, 6), np.int32), jax.random.key(0), model_cfg=CFG,
+                      cfg=SamplingConfig(max_new_tokens=3, greedy=True, eos_ids=(), pad_id=0))
+        firsts.append(np.asarray(out.tokens_BxN))
+    assert losses[0] == pytest.approx(losses[1], abs=1e-6)
+    np.testing.assert_array_equal(firsts[0], firsts[1])
+
+    mesh = make_mesh(MeshConfig(data=1, fsdp=8))
+    batch = shard_batch(host_batch, mesh)
+    state, tx = _step_state(mesh, params_np)
+    whole = jax.tree.map(lambda x: jax.device_put(x, sharding_mod.replicated(mesh)), _step_state(mesh, params_np)[0])
+    step = make_sft_step(CFG, tx)
+    with activation_mesh(mesh):  # a user's own jit around the step traces first
+        jax.jit(lambda s, b: step(s, b)).lower(state, batch)
+    split_temp = step.lower(state, batch).compile().memory_analysis().temp_size_in_bytes
+    whole_out, _ = step(whole, batch)  # a replicated state stays replicated, the fsdp one split
+    fsdp_out, _ = step(state, batch)
+    assert whole_out.params["policy"]["embed_tokens"]["embedding"].sharding.is_fully_replicated
+    assert fsdp_out.params["policy"]["embed_tokens"]["embedding"].sharding.spec == P(None, "fsdp")
+    one_state, _ = _step_state(None, params_np)
+    one = make_sft_step(CFG, tx).lower(one_state, jax.tree.map(jax.numpy.asarray, host_batch))
+    assert split_temp < 0.4 * one.compile().memory_analysis().temp_size_in_bytes
+
+    data_only = Mesh(devices.reshape(8), ("data",))  # a user's mesh without the fsdp axis
+    params = jax.device_put(params_np, sharding_mod.replicated(data_only))
+    prompts = jax.device_put(tokens[:, :6].copy(), sharding_mod.NamedSharding(data_only, P("data")))
+    greedy = SamplingConfig(max_new_tokens=3, greedy=True, eos_ids=(), pad_id=0)
+    out = rollout(params, prompts, jax.numpy.ones((8, 6), np.int32), jax.random.key(0), model_cfg=CFG, cfg=greedy)
+    ref = rollout(params_np, tokens[:, :6].copy(), np.ones((8, 6), np.int32), jax.random.key(0), model_cfg=CFG,
+                  cfg=greedy)
+    np.testing.assert_array_equal(np.asarray(out.tokens_BxN), np.asarray(ref.tokens_BxN))
