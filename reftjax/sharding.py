@@ -351,7 +351,7 @@ class MeshJit:
         if any(isinstance(x, jax.core.Tracer) for x in leaves):  # inside a caller's trace: the caller's mesh
             mesh, pins = _MESH.get(), None
         else:
-            mesh = mesh_of((args, kwargs))
+            mesh = mesh_of(leaves)  # (the leaves flattened once above)
             pins = None
             if self._state_step and mesh is not None and mesh.size > 1:  # (one device: nothing to drift)
                 state = args[0] if args else kwargs["state"]
