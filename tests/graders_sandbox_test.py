@@ -126,3 +126,23 @@ def test_programs_may_import_the_standard_library_a_math_program_uses():
         assert pool.run([SandboxJob(grader_src)])[0].value_float == 1.0
     with pytest.raises(ValueError, match="module names"):
         SandboxConfig(preimport=("os; import x",))
+
+
+def test_a_result_forged_on_the_result_pipe_is_an_error_and_later_jobs_keep_their_own_results():
+    # A job can write to the worker's result pipe (fd 3) itself. A malformed result (an unknown field, a list, an
+    # unknown status, a string where a number goes) raised a TypeError in the trainer in the middle of a batch and
+    # left the other servers' results in their pipes, read back as the next jobs' results: rewards on wrong rows.
+    forged = [b'{"status": "ok", "x": 1}', b"[1, 2]", b'{"status": "great", "value_float": 1.0}',
+              b'{"status": "ok", "value_float": "1"}', b'{"status": "sandbox_failure"}']
+    honest = [SandboxJob(f"def solution():\n    return {v}") for v in (1, 2, 3)]
+    with SandboxPool(SandboxConfig(workers=2, timeout_s=TIMEOUT_S)) as pool:
+        for blob in forged:
+            hostile = SandboxJob(f"def solution():\n    import os\n    os.write(3, {blob!r})\n    os._exit(0)")
+            first, *rest = pool.run([hostile, *honest])
+            assert first.status == "error" and "malformed result" in first.error, (blob, first)
+            assert [r.value_float for r in rest] == [1.0, 2.0, 3.0], blob
+            assert [r.value_float for r in pool.run(honest[::-1])] == [3.0, 2.0, 1.0], blob
+        # a well-formed result written by the job itself is what returning it would give
+        own = SandboxJob("def solution():\n    import os\n    os.write(3, b'{\"status\": \"ok\", \"value_float\": 5}')"
+                         "\n    os._exit(0)")
+        assert pool.run([own])[0].value_float == 5.0

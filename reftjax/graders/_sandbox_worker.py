@@ -50,6 +50,11 @@ _NOBODY = 65534
 _RESULT_FD = 3
 _RESULT_CAP = 1 << 16
 _STR_CAP = 1000
+# What a result may hold (value_json: anything JSON). The job can write to the result pipe itself, so what comes
+# back is checked against this before it goes on: anything else is the job's error, never the trainer's crash.
+_RESULT_FIELDS = {"status": (str,), "value_float": (int, float, type(None)), "value_str": (str, type(None)),
+                  "value_json": None, "error": (str, type(None))}
+_STATUSES = ("ok", "error", "timeout", "crashed")
 _BLOCKED_EVENTS = frozenset({
     "os.fork", "os.forkpty", "os.posix_spawn", "os.spawn", "os.exec", "os.system",
     "os.kill", "os.killpg", "signal.pthread_kill", "subprocess.Popen", "pty.spawn",
@@ -222,11 +227,18 @@ def _serve_one(job, root):
     if timed_out:
         return {"status": "timeout", "error": f"wall-clock limit of {job['timeout_s']} s exceeded"}
     try:
-        return json.loads(data.decode())
+        result = json.loads(data.decode())
     except ValueError:
         how = (f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status)
                else f"exit status {os.waitstatus_to_exitcode(status)}")
         return {"status": "crashed", "error": f"program ended without a result ({how})"}
+    return result if _well_formed(result) else {"status": "error", "error": "the program wrote a malformed result"}
+
+
+def _well_formed(result):
+    return (isinstance(result, dict) and set(result) <= set(_RESULT_FIELDS) and result.get("status") in _STATUSES
+            and all(t is None or (isinstance(result[k], t) and not isinstance(result[k], bool))
+                    for k, t in _RESULT_FIELDS.items() if k in result))
 
 
 def _warm_up():

@@ -57,6 +57,7 @@ _UNSHARE = ("--pid", "--fork", "--kill-child", "--net")
 # Extra wall time the parent grants a fork-server beyond the job's own deadline before it
 # declares the server hung and restarts it.
 _SERVER_GRACE_S = 5.0
+_STATUSES = ("ok", "error", "timeout", "crashed")  # what a server may report ("sandbox_failure" is the pool's own)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,21 +237,27 @@ class SandboxPool:
         results: list[SandboxResult | None] = [None] * len(jobs)
         pending = list(range(len(jobs)))[::-1]
         idle, busy = list(self._servers), []
-        while pending or busy:
-            while idle and pending:
-                server, i = idle.pop(), pending.pop()
-                deadline = time.monotonic() + self.config.timeout_s + _SERVER_GRACE_S
-                server.send(i, self._payload(jobs[i]), deadline)
-                busy.append(server)
-            timeout = max(0.0, min(s.deadline for s in busy) - time.monotonic())
-            ready = select.select([s.proc.stdout.fileno() for s in busy], [], [], timeout)[0]
-            for server in list(busy):
-                result = self._poll(server, server.proc.stdout.fileno() in ready)
-                if result is None:
-                    continue
-                results[server.index] = result
-                busy.remove(server)
-                idle.append(self._replace(server) if result.status == "sandbox_failure" else server)
+        try:
+            while pending or busy:
+                while idle and pending:
+                    server, i = idle.pop(), pending.pop()
+                    deadline = time.monotonic() + self.config.timeout_s + _SERVER_GRACE_S
+                    busy.append(server)
+                    server.send(i, self._payload(jobs[i]), deadline)
+                timeout = max(0.0, min(s.deadline for s in busy) - time.monotonic())
+                ready = select.select([s.proc.stdout.fileno() for s in busy], [], [], timeout)[0]
+                for server in list(busy):
+                    result = self._poll(server, server.proc.stdout.fileno() in ready)
+                    if result is None:
+                        continue
+                    results[server.index] = result
+                    busy.remove(server)
+                    idle.append(self._replace(server) if result.status == "sandbox_failure" else server)
+        except BaseException:
+            # a server left busy would hand its job's result to the next job sent to it: restart them
+            for server in busy:
+                self._replace(server)
+            raise
         return results  # type: ignore[return-value]
 
     def _poll(self, server: _Server, readable: bool) -> SandboxResult | None:
@@ -259,7 +266,13 @@ class SandboxPool:
         except (EOFError, OSError) as exc:
             return SandboxResult("sandbox_failure", error=f"sandbox server failed: {exc}")
         if line is not None:
-            return SandboxResult(**json.loads(line))
+            try:
+                result = SandboxResult(**json.loads(line))
+            except (ValueError, TypeError) as exc:  # the server checks what a job sends: this is the server's fault
+                return SandboxResult("sandbox_failure", error=f"sandbox server sent a malformed result: {exc}")
+            if result.status in _STATUSES:
+                return result
+            return SandboxResult("sandbox_failure", error=f"sandbox server sent status {result.status!r}")
         if time.monotonic() > server.deadline:
             return SandboxResult("sandbox_failure", error="sandbox server hung; restarted")
         return None
