@@ -76,6 +76,23 @@ def test_python_math_equiv_and_multi():
     assert g.score == 0.0 and "os.fork" in g.error
 
 
+def test_math_equiv_refuses_a_prediction_that_is_code():
+    """sympy's parse_expr evals its text, and the job holding the prediction also holds the gold: a completion that
+    reached the caller's frame scored 1.0 against any gold (helper review). Only numbers, arithmetic, brackets, math
+    functions and names that become symbols get to the parser."""
+    cfg = {"type": "math_equiv", "input": "{{sample.output_text}}", "reference": "{{item.answer}}"}
+    grader = build_grader(cfg)
+    items = [{"answer": "17/3"}, {"answer": "2*sqrt(2)"}, {"answer": "1234567"}]
+    for code in ("S(__import__('sys')._getframe(3).f_locals['gold'])", "eval(chr(49))", "S(open(chr(47)))",
+                 "pi.evalf()", "lambda: 1", "[x for x in y]", "x if y else z", "globals()", "sympify(x)"):
+        grades = grader.grade_batch(items, [code] * 3)
+        assert [g.score for g in grades] == [0.0] * 3, code
+        assert all("not a math expression" in g.error for g in grades), (code, grades[0].error)
+    honest = ["5", "sqrt(8)", "1,234,567", "2x + 2", "3! - 1/3"]
+    assert [g.score for g in grader.grade_batch(items + [{"answer": "2*(x+1)"}, items[0]], honest)] == \
+        [0.0, 1.0, 1.0, 1.0, 1.0]
+
+
 @pytest.mark.parametrize("cfg, message", [
     ({"type": "string_check", "input": "a", "reference": "b"}, "missing \\['operation'\\]"),
     ({"type": "string_check", "input": "a", "reference": "b", "operation": "regex"}, "operation"),

@@ -225,11 +225,33 @@ class SandboxedGrader:
         return grades
 
 
+# parse_expr evals its text, and this job also holds the gold: a prediction that were code could read it from the
+# caller's frame (a completion did, scoring 1.0 against any gold). Only numbers, arithmetic, brackets, and names that
+# are math functions or that parse_expr turns into symbols (not Python builtins or other sympy names) get that far.
 MATH_EQUIV_SOURCE = '''
+import builtins as _builtins
+import keyword as _keyword
+import re as _re
+
+_MATH_NAMES = {"sqrt", "cbrt", "root", "pi", "exp", "log", "ln", "sin", "cos", "tan", "cot", "sec", "csc", "asin",
+               "acos", "atan", "sinh", "cosh", "tanh", "Abs", "abs", "factorial", "binomial", "floor", "ceiling",
+               "oo", "gcd", "lcm", "Rational", "Integer", "Float", "Mod", "Min", "Max", "min", "max"}
+
+
+def _math_only(text):
+    if not _re.fullmatch(r"[A-Za-z0-9\\s+*/().!-]*", text) or _re.search(r"[.]\\s*[A-Za-z]", text):
+        return False
+    return all(len(name) == 1 or name in _MATH_NAMES or not (_keyword.iskeyword(name) or hasattr(_builtins, name)
+                                                            or hasattr(sympy, name))
+               for name in _re.findall(r"[A-Za-z][A-Za-z0-9]*", text))
+
+
 def equiv(pred, gold):
     from sympy.parsing.sympy_parser import parse_expr, standard_transformations, implicit_multiplication_application
     t = standard_transformations + (implicit_multiplication_application,)
     clean = lambda s: s.strip().strip("$").replace("^", "**").replace(",", "")
+    if not _math_only(clean(pred)):
+        raise ValueError("not a math expression (numbers, arithmetic, brackets and math functions only)")
     a, b = parse_expr(clean(pred), transformations=t), parse_expr(clean(gold), transformations=t)
     return 1.0 if sympy.simplify(a - b) == 0 else 0.0
 '''
