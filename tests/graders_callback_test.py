@@ -10,7 +10,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from reftjax.graders.callback import decode_rows, grade_in_jit, make_reward_fn
-from reftjax.graders.guards import GuardConfig, check
+from reftjax.graders.guards import GuardConfig, apply_guards, check
 from reftjax.graders.reft import ReftGrader, reft_target
 
 B, T = 16, 48
@@ -208,6 +208,33 @@ def test_hash_marker_skips_markdown_headings():
     # the gsm8k extraction reads these as answers, so the guard counts them (full reward slipped past no_reasoning)
     for bare in ("####\n42", "#### **42**", "#### `42`", "#### $42", "####  \\(42\\)"):
         assert check(cfg, bare, 3) == ["no_reasoning"], bare
+
+
+def test_no_reasoning_flags_bare_answers_without_a_marker_and_in_longer_hash_runs():
+    """A bare answer the grader pays gave `no_reasoning` no marker to measure from: "42" (the reft extraction reads a
+    text without its trigger whole), "##### 42" and "#### = 42" (the gsm8k extraction reads the last `####`, also
+    inside a longer run, and the first number after it) kept full reward with the guards on (helper review)."""
+    item = {"question": "q", "answer_value": "42", "answer": "w #### 42"}
+    cfg = GuardConfig(min_reasoning_chars=5)  # the arithmetic experiment's setting; the default 20 too
+    for extract, field, text in (("reft", "answer_value", "42"), ("reft", "answer_value", " 42 "),
+                                 ("gsm8k", "answer", "##### 42"), ("gsm8k", "answer", "#### = 42"),
+                                 ("gsm8k", "answer", "####42")):
+        grade = ReftGrader(extract=extract, answer_field=field).grade_batch([item], [text])[0]
+        assert grade.score == 1.0, text
+        for guards in (cfg, GuardConfig()):
+            out, counts = apply_guards(guards, [text], [3], [grade])
+            assert out[0].score == 0.0 and counts["no_reasoning"] == 1, (text, guards)
+    # worked answers keep their reward, with or without a marker
+    cot = "Tom has 6 bags of 7 apples, so 6 * 7 = 42 apples in all.\n"
+    for extract, field, text in (("reft", "answer_value", cot + "Therefore, the answer is: 42"),
+                                 ("gsm8k", "answer", cot + "##### 42"), ("gsm8k", "answer", cot + "42")):
+        grade = ReftGrader(extract=extract, answer_field=field).grade_batch([item], [text])[0]
+        out, counts = apply_guards(GuardConfig(), [text], [30], [grade])
+        assert out[0].score == grade.score and not any(counts.values()), text
+    assert check(GuardConfig(), cot + "42", 30, answer="42") == []
+    assert check(GuardConfig(), "  42", 3, answer="42") == ["no_reasoning"]
+    # a second answer in a longer run of '#' counts as one
+    assert check(GuardConfig(), cot + "#### 7\n##### 42", 30) == ["repeated_answer"]
 
 
 _DISPATCH = textwrap.dedent("""

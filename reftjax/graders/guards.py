@@ -8,13 +8,15 @@ Checks:
   * `too_long`: the completion used at least `max_tokens` tokens, a final EOS or stop sequence
     not counted (it hit the length limit, so it was probably truncated, or it is padding its
     reasoning; one that stopped exactly at the cap is not flagged).
-  * `no_reasoning`: fewer than `min_reasoning_chars` non-space characters before the answer
-    marker (a bare answer with no working).
+  * `no_reasoning`: fewer than `min_reasoning_chars` non-space characters (``#`` not counted) before
+    the first answer marker, or, with no marker, in the text without the answer the grader read (a
+    bare answer with no working: ``42`` is read whole when the trigger is missing).
   * `repeated_answer`: an answer marker occurs more than `max_answer_markers` times (stating
     several answers hoping one matches, or looping).
 
 A marker made only of ``#`` (GSM8K's ``#### 42``) counts only where a number follows it, so
-Markdown headings (``#### Step 1``) are not answers.
+Markdown headings (``#### Step 1``) are not answers; a longer run (``##### 42``) counts, as the
+`gsm8k` extraction reads the ``####`` inside it.
   * `repeated_lines`: more than `max_repeated_line_fraction` of the non-empty lines are
     duplicates of an earlier line (degenerate repetition).
 """
@@ -24,7 +26,7 @@ import dataclasses
 import re
 from typing import Sequence
 
-from reftjax.graders.base import Grade
+from reftjax.graders.base import Grade, has_answer
 
 GUARD_NAMES = ("too_long", "no_reasoning", "repeated_answer", "repeated_lines")
 
@@ -84,21 +86,28 @@ def _marker_positions(text: str, marker: str) -> list[int]:
     heading)."""
     pattern = re.escape(marker)
     if set(marker) == {"#"}:
-        pattern = rf"(?<!#){pattern}(?!#)(?=\s*[*_`$\\(\[]*[-+$]?[.]?\d)"
+        pattern = rf"(?<!#){pattern}#*(?=\s*[*_`$\\(\[]*[-+$]?[.]?\d)"
     return [m.start() for m in re.finditer(pattern, text)]
 
 
-def check(cfg: GuardConfig, text: str, n_tokens: int) -> list[str]:
-    """Names of the guards that flag this completion (none when `cfg.enabled` is False)."""
+def check(cfg: GuardConfig, text: str, n_tokens: int, answer: str | None = None) -> list[str]:
+    """Names of the guards that flag this completion (none when `cfg.enabled` is False).
+
+    `answer`: what the grader read as the answer (`Grade.extracted`); with no marker in the text, the reasoning
+    is the text without its last occurrence."""
     flags = []
     if not cfg.enabled:
         return flags
     if cfg.max_tokens is not None and n_tokens >= cfg.max_tokens:
         flags.append("too_long")
     positions = [p for m in cfg.markers for p in _marker_positions(text, m)]
-    if cfg.min_reasoning_chars is not None and positions:
-        before = text[: min(positions)]
-        if len("".join(before.split())) < cfg.min_reasoning_chars:
+    if cfg.min_reasoning_chars is not None:
+        if positions:
+            reasoning = text[: min(positions)]
+        else:
+            at = text.rfind(answer.strip()) if answer and answer.strip() else -1
+            reasoning = text if at < 0 else text[:at] + text[at + len(answer.strip()):]
+        if len("".join(reasoning.replace("#", "").split())) < cfg.min_reasoning_chars:
             flags.append("no_reasoning")
     if cfg.max_answer_markers is not None and len(positions) > cfg.max_answer_markers:
         flags.append("repeated_answer")
@@ -116,7 +125,7 @@ def apply_guards(cfg: GuardConfig, texts: Sequence[str], n_tokens: Sequence[int]
     counts = dict.fromkeys(GUARD_NAMES, 0)
     out = []
     for text, n, grade in zip(texts, n_tokens, grades):
-        flags = check(cfg, text, int(n))
+        flags = check(cfg, text, int(n), str(grade.extracted) if has_answer(grade) else None)
         for name in flags:
             counts[name] += 1
         if flags:
