@@ -70,28 +70,35 @@ def majority_correct(grades, weights=None, tol: float = 1e-2) -> bool:
     Each sample votes 1, or `weights[i]` (verifier-weighted voting: a verifier's P(correct) summed per
     answer, Li et al. 2023 / Uesato et al. 2022). Samples without an answer (`graders.has_answer`) do not vote.
     Numeric answers within `tol` of an answer seen before vote for it: grading counts a value within 1e-2 of
-    the gold as right, so `3.33` and `3.3333` are one answer, not two that split its votes.
+    the gold as right, so `3.33` and `3.3333` are one answer, not two that split its votes. The winning group's
+    answer is its own most-voted value (ties: first seen), and that value's grade decides: one right 42.009 does
+    not make three wrong 42.017s a right vote.
     """
     votes = collections.Counter()
-    correct = {}
+    members: dict = {}  # group key -> {exact answer: [votes, correct]}, in the order seen
     numeric = []  # the numeric keys so far, in the order seen
     for i, g in enumerate(grades):
         if not has_answer(g):
             continue
-        key = str(g.extracted).strip()
+        key = exact = str(g.extracted).strip()
         try:
             value = float(key)
         except ValueError:
             value = None
         if value is not None and np.isfinite(value):
+            exact = value
             key = next((k for k in numeric if abs(k - value) <= tol), value)
             if key == value and key not in numeric:
                 numeric.append(key)
-        votes[key] += 1.0 if weights is None else float(weights[i])
-        correct[key] = correct.get(key, False) or g.score >= 1.0 - 1e-6
+        weight = 1.0 if weights is None else float(weights[i])
+        votes[key] += weight
+        entry = members.setdefault(key, {}).setdefault(exact, [0.0, False])
+        entry[0] += weight
+        entry[1] = entry[1] or g.score >= 1.0 - 1e-6
     if not votes:
         return False
-    return correct[votes.most_common(1)[0][0]]
+    group = members[votes.most_common(1)[0][0]]
+    return max(group.values(), key=lambda entry: entry[0])[1]  # max keeps the first of equal votes
 
 
 def evaluate(params, model_cfg, tokenizer, ds: TokenizedDataset, items: Sequence[dict], grader,
