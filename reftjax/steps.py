@@ -509,13 +509,15 @@ def policy_outputs(params: dict, model_cfg: ModelConfig, tokens_BxL, attn_mask_B
     """
     h = completion_hidden(params["policy"], model_cfg, tokens_BxL, attn_mask_BxL, n_completion, share_prompt)
     p = tokens_BxL.shape[1] - n_completion
-    h_head = h if temperature == 1.0 else h / temperature  # the head is linear: (h / T) W = logits / T
+    # logits / T in float32, as the rollout samples: dividing bf16 hidden states by T rounded them first
     if head_chunk_rows > 0:
         w, vocab_major = lm_head_weight(params["policy"], model_cfg)
-        logp, entropy = losses.fused_token_logprobs(h_head.astype(model_cfg.jnp_dtype), w, tokens_BxL[:, p:],
-                                                    vocab_major=vocab_major, chunk_rows=head_chunk_rows)
+        logp, entropy = losses.fused_token_logprobs(h.astype(model_cfg.jnp_dtype), w, tokens_BxL[:, p:],
+                                                    vocab_major=vocab_major, chunk_rows=head_chunk_rows,
+                                                    logit_scale=1.0 / temperature)
     else:
-        logits = lm_logits(params["policy"], model_cfg, h_head)
+        logits = lm_logits(params["policy"], model_cfg, h)
+        logits = logits if temperature == 1.0 else logits.astype(jnp.float32) / temperature
         logp = losses.token_logprobs(logits, tokens_BxL[:, p:])
         entropy = losses.token_entropy(logits) if with_entropy else None
     values = None

@@ -13,7 +13,7 @@ from reftjax.checkpoint import CheckpointConfig, Checkpointer
 from reftjax.models import ModelConfig, init_params, init_value_head
 from reftjax.rollout import SamplingConfig, rollout
 from reftjax.steps import OptimConfig, PPOConfig, init_state, make_experience_fn, make_optimizer, make_ppo_step, \
-    make_schedule, make_sft_step, ppo_updates_per_step, schedule_value
+    make_schedule, make_sft_step, ppo_updates_per_step, schedule_value, completion_hidden, policy_outputs
 
 CFG = ModelConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4, num_kv_heads=2,
                   eos_token_ids=(1,))
@@ -411,6 +411,30 @@ def test_rl_config_rejects_experience_from_rollout_with_a_modified_sampler():
         RLConfig(sampling=SamplingConfig(max_new_tokens=8, greedy=True))
     with pytest.raises(ValueError, match="ppo.temperature"):  # the update would score another distribution
         RLConfig(sampling=SamplingConfig(max_new_tokens=8, temperature=0.7))
+
+
+def test_bf16_log_probs_at_a_temperature_are_those_of_the_float32_logits_over_t():
+    """The rollout samples from float32 logits / T. The update divided the bf16 hidden states by T instead, which
+    rounds them: at T 0.6 its log-probs were up to 0.1 away from the sampling distribution's (helper review). Both
+    head paths now scale the float32 logits."""
+    from reftjax.models.llama import lm_logits
+
+    cfg = ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=1, num_heads=4,
+                      num_kv_heads=2, eos_token_ids=(1,), tie_word_embeddings=False, dtype="bfloat16",
+                      param_dtype="float32")
+    p = init_params(cfg, jax.random.key(0))
+    p["lm_head"]["kernel"] = p["lm_head"]["kernel"] * 15.0  # peaked logits, as a trained model's
+    toks = jnp.asarray(np.random.default_rng(0).integers(2, 512, (2, 24)), jnp.int32)
+    n = 16
+    h = completion_hidden(p, cfg, toks, jnp.ones_like(toks), n)
+    assert h.dtype == jnp.bfloat16
+    for temp in (0.6, 1.3):
+        exact = jax.nn.log_softmax(lm_logits(p, cfg, h).astype(jnp.float32) / temp, axis=-1)
+        exact = jnp.take_along_axis(exact, toks[:, -n:, None], -1)[..., 0]
+        for rows in (0, 8):
+            logp, _, _ = policy_outputs({"policy": p}, cfg, toks, jnp.ones_like(toks), n, False,
+                                        head_chunk_rows=rows, temperature=temp)
+            np.testing.assert_allclose(logp, exact, atol=1e-4, err_msg=f"T {temp}, head_chunk_rows {rows}")
 
 
 def test_rl_log_probs_are_those_of_the_sampling_temperature():
