@@ -403,9 +403,11 @@ def run_rl(cfg: ExperimentConfig, model, ref_params, data: Data, grader, mesh, o
             log.info("early stopping at iteration %d (no validation gain in %d evaluations)", it, since_best)
     bar.close()
     manager.wait()
-    best_params, _ = manager.restore_best_params(state.params["policy"])
+    done = it >= r.iterations or stopped_early()
+    # the best policy is read back (a whole model from disk) only for a finished phase: not in a preemption's grace
+    best_params = manager.restore_best_params(state.params["policy"])[0] if done else None
     manager.close()
-    return state.params["policy"], best_params, it, it >= r.iterations or stopped_early()
+    return state.params["policy"], best_params, it, done
 
 
 def run_rerank(cfg: ExperimentConfig, model, sft_params, data: Data, grader, mesh, out: pathlib.Path, logger,
