@@ -77,6 +77,8 @@ def test_gsm8k_native_and_last_number_rules():
     assert extract_gsm8k("#### 50%") == "50"
     assert extract_gsm8k("#### -3.50.") == "-3.50"
     assert extract_gsm8k("no marker 5") is None
+    assert extract_gsm8k("#### 3\nWait, let me redo it.\n#### 7") == "7"  # the last marker's number (mutation review)
+    assert extract_gsm8k("#### 3\n##### 7") == "7"
     assert extract_last_number("a 3 b 4,500.0 c.") == "4500"
     assert extract_last_number("none") is None
 

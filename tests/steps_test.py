@@ -94,26 +94,63 @@ def test_grpo_learns_target_token():
     assert int(m["skipped"]) == 0
 
 
-def test_experience_metrics_value_explained_variance_over_the_batch():
-    """PPO's experience metrics carry the critic's explained variance over the whole rollout batch (NumPy
-    reference: 1 - var(R - V) / var(R) over the real tokens, Bessel-corrected, floored at -1); GRPO's do not."""
-    pc = PPOConfig(minibatch_size=4, kl_coef=0.05)
+def test_experience_and_losses_match_numpy_kl_rewards_gae_whitening_and_coefficients():
+    """The step-level wiring against NumPy, with a reference policy other than the policy and non-default gamma and
+    lambda (a mutation review found the KL's sign, gamma/lambda swapped, whitening without the mean removed,
+    `vf_coef`, GRPO's std scaling and its KL coefficient all unchecked: the other step tests compare the code
+    with itself). PPO: the KL-shaped reward (score on the last real token), GAE, whitened advantages, the
+    critic's explained variance (1 - var(R - V) / var(R), Bessel-corrected, floored at -1) and
+    loss = pg + vf_coef * vf. GRPO: group advantages (g - mean) / (std + 1e-4) and loss = pg + kl_coef * k3."""
+    from reftjax.steps import _rl_loss
+
+    pc = PPOConfig(minibatch_size=4, kl_coef=0.05, gamma=0.9, gae_lambda=0.8)
     params = {"policy": jax.tree.map(jnp.asarray, _host_policy()), "value_head": init_value_head(CFG, jax.random.key(2))}
+    ref = jax.tree.map(jnp.asarray, _host_policy(1))
     prompts = jnp.full((8, 4), 3, jnp.int32)
     r = rollout(params["policy"], prompts, jnp.ones_like(prompts), jax.random.key(4), model_cfg=CFG,
                 cfg=SamplingConfig(max_new_tokens=6, eos_ids=(1,)))
-    scores = jnp.asarray(np.random.RandomState(0).rand(8).astype(np.float32))
-    exp, em = make_experience_fn(CFG, pc)(params, params["policy"], r, jnp.zeros(8, jnp.int32), scores)
+    scores = np.random.RandomState(0).rand(8).astype(np.float32)
+    exp, em = make_experience_fn(CFG, pc)(params, ref, r, jnp.zeros(8, jnp.int32), jnp.asarray(scores))
     m = np.asarray(exp.mask_BxN) > 0
     assert 8 < m.sum() < m.size  # some rows stopped early: the mask matters
-    ret, v = np.asarray(exp.returns_BxN, np.float64)[m], np.asarray(exp.values_old_BxN, np.float64)[m]
-    want = max(-1.0, 1.0 - np.var(ret - v, ddof=1) / (np.var(ret, ddof=1) + 1e-8))
+    old, lref, v = (np.asarray(x, np.float64) for x in (exp.logp_old_BxN, exp.logp_ref_BxN, exp.values_old_BxN))
+    assert np.abs(old - lref)[m].min() > 0  # the KL term is not zero
+    rew = np.where(m, -pc.kl_coef * (old - lref), 0.0)
+    rew[np.arange(8), [np.flatnonzero(row).max() for row in m]] += scores
+    v = np.where(m, v, 0.0)
+    adv, last = np.zeros_like(v), np.zeros(8)
+    for t in reversed(range(v.shape[1])):
+        nxt = v[:, t + 1] if t + 1 < v.shape[1] else 0.0
+        last = rew[:, t] + pc.gamma * nxt - v[:, t] + pc.gamma * pc.gae_lambda * last
+        adv[:, t] = last
+    ret = adv + v
+    np.testing.assert_allclose(np.asarray(exp.returns_BxN)[m], ret[m], rtol=1e-5, atol=1e-5)
+    a = adv[m]
+    np.testing.assert_allclose(np.asarray(exp.advantages_BxN)[m], (a - a.mean()) / np.sqrt(a.var(ddof=1) + 1e-8),
+                               rtol=1e-4, atol=1e-4)
+    want = max(-1.0, 1.0 - np.var(ret[m] - v[m], ddof=1) / (np.var(ret[m], ddof=1) + 1e-8))
     np.testing.assert_allclose(float(em["value_explained_variance"]), want, rtol=1e-4, atol=1e-5)
-    grpo = dataclasses.replace(pc, algo="grpo", group_size=2)
-    r2 = rollout(params["policy"], prompts[:4], jnp.ones_like(prompts[:4]), jax.random.key(4), model_cfg=CFG,
-                 cfg=SamplingConfig(max_new_tokens=6, eos_ids=(1,), n=2))  # GRPO's groups: 2 samples per prompt
-    _, gm = make_experience_fn(CFG, grpo)(params, params["policy"], r2, jnp.zeros(8, jnp.int32), scores)
+    for vf_coef in (5.0, 0.5):
+        loss, lm = _rl_loss(params, exp, CFG, dataclasses.replace(pc, vf_coef=vf_coef))
+        np.testing.assert_allclose(float(loss), float(lm["pg_loss"]) + vf_coef * float(lm["vf_loss"]), rtol=1e-6)
+        assert float(lm["vf_loss"]) > 1e-3
+
+    grpo = dataclasses.replace(pc, algo="grpo", group_size=4, kl_coef=0.04)
+    r2 = rollout(params["policy"], prompts[:2], jnp.ones_like(prompts[:2]), jax.random.key(4), model_cfg=CFG,
+                 cfg=SamplingConfig(max_new_tokens=6, eos_ids=(1,), n=4))  # GRPO's groups: 4 samples per prompt
+    g_scores = np.array([1, 0, 0, 0.1, 1, 1, 0, 0.1], np.float32)
+    exp2, gm = make_experience_fn(CFG, grpo)(params, ref, r2, jnp.zeros(8, jnp.int32), jnp.asarray(g_scores))
     assert "value_explained_variance" not in gm
+    g = g_scores.reshape(2, 4).astype(np.float64)
+    want = ((g - g.mean(1, keepdims=True)) / (g.std(1, ddof=1, keepdims=True) + 1e-4)).ravel()
+    m2 = np.asarray(exp2.mask_BxN) > 0
+    np.testing.assert_allclose(np.asarray(exp2.advantages_BxN)[:, 0], want, rtol=1e-5, atol=1e-5)
+    d = np.asarray(exp2.logp_ref_BxN, np.float64) - np.asarray(exp2.logp_old_BxN, np.float64)  # first update: new == old
+    k3 = np.where(m2, np.exp(d) - d - 1, 0.0)
+    agg = np.mean(k3.sum(1) / np.maximum(m2.sum(1), 1))
+    assert agg > 1e-4
+    loss, lm = _rl_loss({"policy": params["policy"]}, exp2, CFG, grpo)
+    np.testing.assert_allclose(float(loss), float(lm["pg_loss"]) + grpo.kl_coef * agg, rtol=1e-5, atol=1e-7)
 
 
 def test_nonfinite_advantage_skips_every_ppo_update(tmp_path):
@@ -134,6 +171,14 @@ def test_nonfinite_advantage_skips_every_ppo_update(tmp_path):
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)))
     assert int(new.skipped) == int(m["skipped"]) == int(m["updates"]) == 4  # 2 epochs x 2 minibatches
     assert ppo_updates_per_step(pc, 8) == 4  # what the RL loop sizes its learning-rate schedule with
+    # a non-finite gradient under a finite loss (a bf16 overflow) is skipped too: nothing else tests that half
+    from reftjax.steps import _apply_update
+
+    inf = jax.tree.map(jnp.zeros_like, new.params)  # (`state` was donated to the step)
+    inf["value_head"] = jax.tree.map(lambda x: jnp.full_like(x, jnp.inf), inf["value_head"])
+    kept, um = _apply_update(new, inf, tx, jnp.float32(1.0))
+    assert int(um["skipped"]) == 1 and int(kept.step) == int(after[2])
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(after[0]), jax.tree.leaves(kept.params)))
     ck = Checkpointer(CheckpointConfig(str(tmp_path)))  # the params stayed finite: it may be saved
     assert ck.save(1, new)
     nan_state = new.replace(params=jax.tree.map(lambda x: x * jnp.nan, new.params))  # what an unguarded update gives
