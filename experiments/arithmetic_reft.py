@@ -248,7 +248,8 @@ class Runner:
         grades = self.grader.grade_batch(items, texts)
         raw = np.array([g.score for g in grades], np.float32)
         if self.guard_cfg is not None:
-            grades, counts = apply_guards(self.guard_cfg, texts, np.asarray(r.lengths_B), grades)
+            grades, counts = apply_guards(self.guard_cfg, texts, np.asarray(r.lengths_B), grades,
+                                          answer_in_text=self.grader.answer_in_text)
             for k, v in counts.items():
                 self.guard_totals[k] = self.guard_totals.get(k, 0) + v
         out = np.array([g.score for g in grades], np.float32)

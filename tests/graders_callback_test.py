@@ -222,19 +222,41 @@ def test_no_reasoning_flags_bare_answers_without_a_marker_and_in_longer_hash_run
         grade = ReftGrader(extract=extract, answer_field=field).grade_batch([item], [text])[0]
         assert grade.score == 1.0, text
         for guards in (cfg, GuardConfig()):
-            out, counts = apply_guards(guards, [text], [3], [grade])
+            out, counts = apply_guards(guards, [text], [3], [grade], answer_in_text=True)
             assert out[0].score == 0.0 and counts["no_reasoning"] == 1, (text, guards)
     # worked answers keep their reward, with or without a marker
     cot = "Tom has 6 bags of 7 apples, so 6 * 7 = 42 apples in all.\n"
     for extract, field, text in (("reft", "answer_value", cot + "Therefore, the answer is: 42"),
                                  ("gsm8k", "answer", cot + "##### 42"), ("gsm8k", "answer", cot + "42")):
         grade = ReftGrader(extract=extract, answer_field=field).grade_batch([item], [text])[0]
-        out, counts = apply_guards(GuardConfig(), [text], [30], [grade])
+        out, counts = apply_guards(GuardConfig(), [text], [30], [grade], answer_in_text=True)
         assert out[0].score == grade.score and not any(counts.values()), text
     assert check(GuardConfig(), cot + "42", 30, answer="42") == []
     assert check(GuardConfig(), "  42", 3, answer="42") == ["no_reasoning"]
-    # a second answer in a longer run of '#' counts as one
+    # a second answer in a longer run of '#' (the last marker, which the extraction reads) counts as one
     assert check(GuardConfig(), cot + "#### 7\n##### 42", 30) == ["repeated_answer"]
+    # ... but Markdown h5/h6 headings before the answer are not answers (regression review)
+    assert check(GuardConfig(), "##### 1. Setup\nTom has 3 apples.\n###### 2. Add\n3 + 4 = 7\n#### 7", 30) == []
+    # no marker and no answer read from the text (an empty or answerless reply, or a grader that records the whole
+    # text as its answer: string_check, text_similarity): not checked. The reasoned replies below kept their full
+    # reward before this guard's fix and keep it (regression review: every short reply was zeroed)
+    assert check(GuardConfig(), "", 3) == [] and check(GuardConfig(), "I don't know", 3) == []
+    from reftjax.graders.build import build_grader
+
+    texts = ["France is a country in Europe; its capital city is Paris.", "The capital is Paris."]
+    for cfg in ({"type": "string_check", "operation": "ilike", "input": "{{sample.output_text}}",
+                 "reference": "{{item.city}}"},
+                {"type": "text_similarity", "evaluation_metric": "rouge_1", "input": "{{sample.output_text}}",
+                 "reference": "{{item.city}}"}):
+        grader = build_grader(cfg)
+        plain = grader.grade_batch([{"city": "Paris"}] * 2, texts)
+        ids = np.zeros((2, 80), np.int32)
+        mask = np.zeros((2, 80), np.int32)
+        for b, text in enumerate(texts):
+            ids[b, : len(text)], mask[b, : len(text)] = [ord(c) for c in text], 1
+        fn = make_reward_fn(grader, [{"city": "Paris"}], _decode, guards=GuardConfig())
+        assert fn(ids, mask, np.zeros(2, np.int32)).tolist() == pytest.approx([g.score for g in plain])
+        assert all(g.score > 0 for g in plain) and fn.last.counters["no_reasoning"] == 0, cfg
 
 
 _DISPATCH = textwrap.dedent("""

@@ -135,7 +135,8 @@ class HostRewardFn:
             # tokens before a final EOS or stop sequence: a reply that stopped exactly at the token cap is not
             # `too_long` (counting its EOS flagged it as if it had been cut off)
             n_tokens = [len(r) - (1 if r and r[-1] in self.eos_ids else 0) for r in rows]
-            grades, flags = apply_guards(self.guards, texts, n_tokens, grades)
+            grades, flags = apply_guards(self.guards, texts, n_tokens, grades,
+                                         answer_in_text=getattr(self.grader, "answer_in_text", False))
             counters.update(flags)
         return texts, grades, dict(counters)
 

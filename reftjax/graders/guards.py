@@ -9,14 +9,17 @@ Checks:
     not counted (it hit the length limit, so it was probably truncated, or it is padding its
     reasoning; one that stopped exactly at the cap is not flagged).
   * `no_reasoning`: fewer than `min_reasoning_chars` non-space characters (``#`` not counted) before
-    the first answer marker, or, with no marker, in the text without the answer the grader read (a
-    bare answer with no working: ``42`` is read whole when the trigger is missing).
+    the first answer marker, or, with no marker and a grader that reads its answer out of the text
+    (`ReftGrader` N-CoT: `answer_in_text`), in the text without that answer (a bare ``42``: the
+    reft extraction reads a text without its trigger whole). Other graders' texts without a marker
+    are not checked (string_check and text_similarity record the whole text as their answer).
   * `repeated_answer`: an answer marker occurs more than `max_answer_markers` times (stating
     several answers hoping one matches, or looping).
 
 A marker made only of ``#`` (GSM8K's ``#### 42``) counts only where a number follows it, so
-Markdown headings (``#### Step 1``) are not answers; a longer run (``##### 42``) counts, as the
-`gsm8k` extraction reads the ``####`` inside it.
+Markdown headings (``#### Step 1``) are not answers; a longer run (``##### 42``) counts only as
+the last marker of the text, the one the `gsm8k` extraction reads (``##### 1. Setup`` headings
+before it are not answers).
   * `repeated_lines`: more than `max_repeated_line_fraction` of the non-empty lines are
     duplicates of an earlier line (degenerate repetition).
 """
@@ -85,28 +88,36 @@ def _marker_positions(text: str, marker: str) -> list[int]:
     ``####\n42``, ``#### **42**``, which the `gsm8k` extraction reads as answers too), not by words (a Markdown
     heading)."""
     pattern = re.escape(marker)
-    if set(marker) == {"#"}:
-        pattern = rf"(?<!#){pattern}#*(?=\s*[*_`$\\(\[]*[-+$]?[.]?\d)"
-    return [m.start() for m in re.finditer(pattern, text)]
+    if set(marker) != {"#"}:
+        return [m.start() for m in re.finditer(pattern, text)]
+    number = r"\s*[*_`$\\(\[]*[-+$]?[.]?\d"
+    found = [m.start() for m in re.finditer(rf"(?<!#){pattern}(?!#)(?={number})", text)]
+    last = text.rfind(marker)  # what the gsm8k extraction reads, also inside a longer run (`##### 42`)
+    if last >= 0 and re.match(number, text[last + len(marker):]):
+        start = len(text[:last].rstrip("#"))
+        if start not in found:
+            found.append(start)
+    return found
 
 
 def check(cfg: GuardConfig, text: str, n_tokens: int, answer: str | None = None) -> list[str]:
     """Names of the guards that flag this completion (none when `cfg.enabled` is False).
 
-    `answer`: what the grader read as the answer (`Grade.extracted`); with no marker in the text, the reasoning
-    is the text without its last occurrence."""
+    `answer`: the answer a grader read out of this text (`Grade.extracted`), or None; with no marker in the
+    text, the reasoning is the text without its last occurrence (no marker and no answer: not checked)."""
     flags = []
     if not cfg.enabled:
         return flags
     if cfg.max_tokens is not None and n_tokens >= cfg.max_tokens:
         flags.append("too_long")
     positions = [p for m in cfg.markers for p in _marker_positions(text, m)]
-    if cfg.min_reasoning_chars is not None:
+    answer = answer.strip() if answer else ""
+    if cfg.min_reasoning_chars is not None and (positions or answer):
         if positions:
             reasoning = text[: min(positions)]
         else:
-            at = text.rfind(answer.strip()) if answer and answer.strip() else -1
-            reasoning = text if at < 0 else text[:at] + text[at + len(answer.strip()):]
+            at = text.rfind(answer)
+            reasoning = text if at < 0 else text[:at] + text[at + len(answer):]
         if len("".join(reasoning.replace("#", "").split())) < cfg.min_reasoning_chars:
             flags.append("no_reasoning")
     if cfg.max_answer_markers is not None and len(positions) > cfg.max_answer_markers:
@@ -120,12 +131,15 @@ def check(cfg: GuardConfig, text: str, n_tokens: int, answer: str | None = None)
 
 
 def apply_guards(cfg: GuardConfig, texts: Sequence[str], n_tokens: Sequence[int],
-                 grades: Sequence[Grade]) -> tuple[list[Grade], dict[str, int]]:
-    """Applies the guards; returns the adjusted grades and per-guard counts for this batch."""
+                 grades: Sequence[Grade], answer_in_text: bool = False) -> tuple[list[Grade], dict[str, int]]:
+    """Applies the guards; returns the adjusted grades and per-guard counts for this batch.
+
+    `answer_in_text`: the grader read each answer out of the text (its `answer_in_text`; see `check`)."""
     counts = dict.fromkeys(GUARD_NAMES, 0)
     out = []
     for text, n, grade in zip(texts, n_tokens, grades):
-        flags = check(cfg, text, int(n), str(grade.extracted) if has_answer(grade) else None)
+        answer = str(grade.extracted) if answer_in_text and has_answer(grade) else None
+        flags = check(cfg, text, int(n), answer)
         for name in flags:
             counts[name] += 1
         if flags:

@@ -164,6 +164,12 @@ class ReftGrader(PerItemGrader):
     def uses_sandbox(self) -> bool:
         return self.cot == "python"
 
+    @property
+    def answer_in_text(self) -> bool:
+        """An N-CoT answer is read out of the completion's text (the guards may measure the reasoning around it);
+        a P-CoT answer is what the program returns."""
+        return self.cot == "nl"
+
     def validate(self, item: Item) -> None:
         gold = gold_answer(item, self.answer_field)
         if self.answer_type == "numeric" and floatify(gold.replace(",", "")) is None:
