@@ -84,13 +84,21 @@ def test_math_equiv_refuses_a_prediction_that_is_code():
     grader = build_grader(cfg)
     items = [{"answer": "17/3"}, {"answer": "2*sqrt(2)"}, {"answer": "1234567"}]
     for code in ("S(__import__('sys')._getframe(3).f_locals['gold'])", "eval(chr(49))", "S(open(chr(47)))",
-                 "pi.evalf()", "lambda: 1", "[x for x in y]", "x if y else z", "globals()", "sympify(x)"):
+                 "pi.evalf()", "lambda: 1", "[x for x in y]", "x if y else z", "globals()", "sympify(x)",
+                 "\uff45\uff56\uff41\uff4c(\uff43\uff48\uff52(49))", "x.__class__", "_x", "Symbol(x)"):
         grades = grader.grade_batch(items, [code] * 3)
         assert [g.score for g in grades] == [0.0] * 3, code
         assert all("not a math expression" in g.error for g in grades), (code, grades[0].error)
     honest = ["5", "sqrt(8)", "1,234,567", "2x + 2", "3! - 1/3"]
     assert [g.score for g in grader.grade_batch(items + [{"answer": "2*(x+1)"}, items[0]], honest)] == \
         [0.0, 1.0, 1.0, 1.0, 1.0]
+    # what parsed before the fix still does (regression review): exponents, unicode and subscripted names, special
+    # functions
+    pairs = [("1E1", "10"), ("2.5E1", "25"), ("1.e5", "100000"), ("2\u03c0", "2*\u03c0"), ("x_1 + 1", "1 + x_1"),
+             ("gamma(5)", "24"), ("zeta(2)", "pi**2/6"), ("sign(-2)", "-1"), ("acot(1)", "pi/4"), ("round(2.4)", "2"),
+             ("GoldenRatio", "(1 + sqrt(5))/2"), ("ln(E)", "1"), ("xy", "x*y"), (".5e1", "5")]
+    grades = grader.grade_batch([{"answer": g} for _, g in pairs], [p for p, _ in pairs])
+    assert [(g.score, g.error) for g in grades] == [(1.0, None)] * len(pairs)
 
 
 @pytest.mark.parametrize("cfg, message", [

@@ -227,32 +227,43 @@ class SandboxedGrader:
 
 # parse_expr evals its text, and this job also holds the gold: a prediction that were code could read it from the
 # caller's frame (a completion did, scoring 1.0 against any gold). Only numbers, arithmetic, brackets, and names that
-# are math functions or that parse_expr turns into symbols (not Python builtins or other sympy names) get that far.
+# are math functions or that parse_expr turns into symbols (not Python builtins, keywords, other sympy names or
+# names starting with `_`) get that far; no attribute access, strings, subscripts or comparisons.
 MATH_EQUIV_SOURCE = '''
 import builtins as _builtins
 import keyword as _keyword
 import re as _re
+import unicodedata as _unicodedata
 
 _MATH_NAMES = {"sqrt", "cbrt", "root", "pi", "exp", "log", "ln", "sin", "cos", "tan", "cot", "sec", "csc", "asin",
-               "acos", "atan", "sinh", "cosh", "tanh", "Abs", "abs", "factorial", "binomial", "floor", "ceiling",
-               "oo", "gcd", "lcm", "Rational", "Integer", "Float", "Mod", "Min", "Max", "min", "max"}
+               "acos", "atan", "acot", "asec", "acsc", "sinh", "cosh", "tanh", "coth", "sech", "csch", "asinh",
+               "acosh", "atanh", "Abs", "abs", "sign", "re", "im", "factorial", "binomial", "gamma", "beta", "zeta",
+               "floor", "ceiling", "frac", "round", "oo", "gcd", "lcm", "Rational", "Integer", "Float", "Mod", "Min",
+               "Max", "min", "max", "Catalan", "GoldenRatio", "EulerGamma"}
+_NUMBER = _re.compile(r"(?<![\\w.])(?:\\d+[.]?\\d*|[.]\\d+)(?:[eE][-+]?\\d+)?")
 
 
 def _math_only(text):
-    if not _re.fullmatch(r"[A-Za-z0-9\\s+*/().!-]*", text) or _re.search(r"[.]\\s*[A-Za-z]", text):
+    if not all(c in " \\t\\n+-*/().!_" or c.isalnum() for c in text):
         return False
-    return all(len(name) == 1 or name in _MATH_NAMES or not (_keyword.iskeyword(name) or hasattr(_builtins, name)
-                                                            or hasattr(sympy, name))
-               for name in _re.findall(r"[A-Za-z][A-Za-z0-9]*", text))
+    rest = _NUMBER.sub(" ", text)  # 1E1, 2.5e-3, 1.e5 are numbers, not names or attribute access
+    if _re.search(r"[.]\\s*[^\\W\\d]", rest) or "__" in rest:
+        return False
+    for name in _re.findall(r"[^\\W\\d]\\w*", rest):
+        if name.startswith("_") or (len(name) > 1 and name not in _MATH_NAMES and (
+                _keyword.iskeyword(name) or hasattr(_builtins, name) or hasattr(sympy, name))):
+            return False
+    return True
 
 
 def equiv(pred, gold):
     from sympy.parsing.sympy_parser import parse_expr, standard_transformations, implicit_multiplication_application
     t = standard_transformations + (implicit_multiplication_application,)
     clean = lambda s: s.strip().strip("$").replace("^", "**").replace(",", "")
-    if not _math_only(clean(pred)):
+    pred = _unicodedata.normalize("NFKC", clean(pred))  # as Python reads names: the text checked is the text parsed
+    if not _math_only(pred):
         raise ValueError("not a math expression (numbers, arithmetic, brackets and math functions only)")
-    a, b = parse_expr(clean(pred), transformations=t), parse_expr(clean(gold), transformations=t)
+    a, b = parse_expr(pred, transformations=t), parse_expr(clean(gold), transformations=t)
     return 1.0 if sympy.simplify(a - b) == 0 else 0.0
 '''
 
