@@ -11,7 +11,10 @@ Config types (`build_grader(cfg)`):
      the `rouge-score` package's default tokenizer (lower case, runs of [a-z0-9]; no stemming). `gleu`, `meteor`, `cosine` are rejected at validation.
   * `{"type": "python", "source": "def grade(sample, item): ..."}`: run in the sandbox; the
      returned number is clipped to [0, 1].
-  * `{"type": "math_equiv", "input": ..., "reference": ...}`: sympy equivalence in the sandbox.
+  * `{"type": "math_equiv", "input": ..., "reference": ...}`: sympy equivalence in the sandbox; the
+     input must be a math expression (numbers, arithmetic, brackets, math functions, symbols), else
+     it is a grading error (sympy's parser evals its text: see `MATH_EQUIV_SOURCE`).
+  * A `python` grader that passes the sample to `sympify`/`parse_expr` evals it the same way: check it first.
   * `{"type": "multi", "graders": {"name": {...}}, "calculate_output": "0.5*a + 0.5*b"}`: the
      formula is parsed with `ast` (numbers, grader names, + - * / **, min/max/abs) and clipped.
   * `{"type": "reft", "cot": "nl" | "python", "answer_field": "answer_value", ...}` and
