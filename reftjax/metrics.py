@@ -134,7 +134,7 @@ def read_metrics(out_dir: str | os.PathLike) -> list[dict]:
     return rows
 
 
-_PEAK_CACHE: dict[str, float] = {}
+_PEAK_CACHE: dict[tuple[str, str], float] = {}  # (platform, dtype) -> FLOP/s
 
 
 def _wall_times(fn, repeats: int) -> list[float]:
@@ -156,13 +156,18 @@ def min_seconds(fn, repeats: int) -> float:
     return float(min(_wall_times(fn, repeats)))
 
 
-def measured_peak_flops(n: int | None = None, repeats: int = 5, remeasure: bool = False) -> float:
-    """The dense f32 matmul rate of the devices (FLOP/s): the fastest of `repeats` jitted n x n products, measured
-    once per process, times the accelerator count, or on CPU the process count: a process's CPU devices (one per
+def measured_peak_flops(n: int | None = None, repeats: int = 5, remeasure: bool = False,
+                        dtype: str = "float32") -> float:
+    """The dense matmul rate of the devices in `dtype` (FLOP/s): the fastest of `repeats` jitted n x n products,
+    measured once per process and dtype, times the accelerator count, or on CPU the process count: a process's CPU devices (one per
     core, `host.use_core_devices`, or the test suite's 8 fake ones) share its cores, and one product already runs
     on all of them (multiplying by the CPU device count read MFU 2-8x low). `remeasure=True` measures again and
     keeps the faster of the two (a benchmark calls it again at its end: one measurement right after loading a
     model read 130 GFLOP/s on a ~180 GFLOP/s host and made an MFU of 1.03, BUILD_NOTES session 19).
+
+    `dtype` is the model's compute dtype (`ModelConfig.dtype`): an MFU is against the rate of the dtype the model
+    computes in. A float32 product at JAX's default precision runs as TF32 on recent NVIDIA GPUs, about half their
+    bf16 rate, so a bf16 run measured against it would read its MFU ~2x high.
 
     `n` defaults to 2048 on CPU and 8192 on accelerators. The former default, one 1024^3 product timed 3 times,
     was too short to reach the rate when anything else stirred: `bench/sft_step.py` measured 79 GFLOP/s after its
@@ -172,14 +177,15 @@ def measured_peak_flops(n: int | None = None, repeats: int = 5, remeasure: bool 
     import jax
     import jax.numpy as jnp
 
-    key = jax.devices()[0].platform
+    platform = jax.devices()[0].platform
+    key = (platform, jnp.dtype(dtype).name)
     if key not in _PEAK_CACHE or remeasure:
-        n = n or (2048 if key == "cpu" else 8192)
-        a = jnp.ones((n, n), jnp.float32)
+        n = n or (2048 if platform == "cpu" else 8192)
+        a = jnp.ones((n, n), dtype)
         f = jax.jit(lambda x: x @ x)
         f(a).block_until_ready()
         best = min_seconds(lambda: f(a).block_until_ready(), repeats)
-        units = jax.process_count() if key == "cpu" else jax.device_count()
+        units = jax.process_count() if platform == "cpu" else jax.device_count()
         _PEAK_CACHE[key] = max(_PEAK_CACHE.get(key, 0.0), 2 * n ** 3 / best * units)
     return _PEAK_CACHE[key]
 

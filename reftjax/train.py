@@ -239,7 +239,7 @@ def run_sft(cfg: ExperimentConfig, model, data: Data, mesh, out: pathlib.Path, l
         loader.restore(extras["loader"])
         log.info("SFT resumed at step %d", int(state.step))
     step_fn = make_sft_step(model.config, tx, s.accum_steps, s.head_chunk_rows)
-    peak = measured_peak_flops()
+    peak = measured_peak_flops(dtype=model.config.dtype)
     applied = int(jax.device_get(state.step))  # optimizer updates so far: the schedule's position
     done = applied + int(jax.device_get(state.skipped))
     logger.rewind({"sft": done - 1})  # steps 0 .. done-1 are in the checkpoint (logged before it); none if fresh
@@ -333,7 +333,7 @@ def run_rl(cfg: ExperimentConfig, model, ref_params, data: Data, grader, mesh, o
                                stop_sequences=samp.stop_sequences, eos_ids=samp.eos_ids)
     exp_fn = make_experience_fn(model.config, r.ppo, reward_fn)
     step_fn = make_ppo_step(model.config, tx, r.ppo)
-    peak = measured_peak_flops()
+    peak = measured_peak_flops(dtype=model.config.dtype)
     if r.ppo.experience_from_rollout and model.config.dtype != "float32":
         log.warning("rl.ppo.experience_from_rollout with dtype=%s: the rollout's log-probs round differently from "
                     "the training forward's (up to ~0.07 in bf16), so logp_old is off by that and the first KL "

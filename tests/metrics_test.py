@@ -25,7 +25,10 @@ def test_peak_is_the_fastest_product_rate_times_processes_on_cpu_and_is_measured
     peak = metrics.measured_peak_flops(n=64, repeats=4)
     assert peak == 2 * 64 ** 3 / 0.5 * jax.process_count()
     assert fresh_peak == [4]
-    assert metrics.measured_peak_flops(n=128) == peak and fresh_peak == [4]  # cached per platform
+    assert metrics.measured_peak_flops(n=128) == peak and fresh_peak == [4]  # cached per platform and dtype
+    # a bf16 model's MFU is against the bf16 rate (f32 at default precision is TF32 on NVIDIA GPUs: ~half of it)
+    assert metrics.measured_peak_flops(n=32, repeats=2, dtype="bfloat16") == 2 * 32 ** 3 / 0.5 * jax.process_count()
+    assert fresh_peak == [4, 2] and metrics.measured_peak_flops(dtype="bfloat16") == 2 * 32 ** 3 / 0.5
 
 
 def test_cpu_peak_defaults_to_a_2048_product(fresh_peak):

@@ -644,15 +644,15 @@ def test_sft_step_time_is_one_step_not_two(tmp_path, monkeypatch):
     monkeypatch.setattr(T, "Loader", Loader)
     monkeypatch.setattr(T, "ckpt", types.SimpleNamespace(Checkpointer=Manager, CheckpointConfig=lambda *a, **k: None))
     monkeypatch.setattr(T, "make_sft_step", lambda *a, **k: step)
-    monkeypatch.setattr(T, "measured_peak_flops", lambda: 1e12)
+    monkeypatch.setattr(T, "measured_peak_flops", lambda **k: 1e12)
     monkeypatch.setattr(T, "init_state", lambda params, tx, key: types.SimpleNamespace(step=0, skipped=0,
                                                                                         params=params))
     cfg = ExperimentConfig()
     cfg = dataclasses.replace(cfg, sft=dataclasses.replace(cfg.sft, epochs=1, batch_size=4),
                               checkpoint=dataclasses.replace(cfg.checkpoint, save_every=3))
     logger = MetricsLogger(tmp_path, tensorboard=False, enabled=True)
-    model = types.SimpleNamespace(params={"w": np.zeros(3)},
-                                  config=types.SimpleNamespace(flops_per_token=lambda *a, **k: 1.0))
+    model = types.SimpleNamespace(params={"w": np.zeros(3)}, config=types.SimpleNamespace(
+        flops_per_token=lambda *a, **k: 1.0, dtype="float32"))
     T.run_sft(cfg, model, types.SimpleNamespace(train_ds=None), None, tmp_path, logger, T._Interrupt(), False)
     logger.close()
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
