@@ -52,18 +52,12 @@ SHARED = pathlib.Path(__file__).resolve().parents[1].parent / "shared"
 DATA = SHARED / "data"
 
 
-# The end-to-end pipeline runs (subprocesses of a minute or two each) go first: under the README's `-n 2`
-# (pytest-xdist, work stealing) they then start at once instead of last, where one would run on alone at the end.
-_FIRST = ("train_test.py",)
-
-
 def pytest_collection_modifyitems(config, items):
     run_slow = os.environ.get("REFTJAX_SLOW") == "1" or "slow" in (config.getoption("-m") or "")
     skip_slow = pytest.mark.skip(reason="slow: set REFTJAX_SLOW=1 or pass -m slow")
     for item in items:
         if "slow" in item.keywords and not run_slow:
             item.add_marker(skip_slow)
-    items.sort(key=lambda item: item.path.name not in _FIRST)  # stable: the order within each group stays
 
 
 @pytest.fixture(scope="session")
