@@ -159,11 +159,11 @@ def min_seconds(fn, repeats: int) -> float:
 def measured_peak_flops(n: int | None = None, repeats: int = 5, remeasure: bool = False,
                         dtype: str = "float32") -> float:
     """The dense matmul rate of the devices in `dtype` (FLOP/s): the fastest of `repeats` jitted n x n products,
-    measured once per process and dtype, times the accelerator count, or on CPU the process count: a process's CPU devices (one per
-    core, `host.use_core_devices`, or the test suite's 8 fake ones) share its cores, and one product already runs
-    on all of them (multiplying by the CPU device count read MFU 2-8x low). `remeasure=True` measures again and
-    keeps the faster of the two (a benchmark calls it again at its end: one measurement right after loading a
-    model read 130 GFLOP/s on a ~180 GFLOP/s host and made an MFU of 1.03, BUILD_NOTES session 19).
+    measured once per process and dtype, times the accelerator count, or on CPU the process count: a process's CPU
+    devices (one per core, `host.use_core_devices`, or the test suite's 8 fake ones) share its cores, and one
+    product already runs on all of them (multiplying by the CPU device count read MFU 2-8x low). `remeasure=True`
+    measures again and keeps the faster of the two (a benchmark calls it again at its end: one measurement right
+    after loading a model read 130 GFLOP/s on a ~180 GFLOP/s host and made an MFU of 1.03, BUILD_NOTES session 19).
 
     `dtype` is the model's compute dtype (`ModelConfig.dtype`): an MFU is against the rate of the dtype the model
     computes in. A float32 product at JAX's default precision runs as TF32 on recent NVIDIA GPUs, about half their
