@@ -516,8 +516,8 @@ def policy_outputs(params: dict, model_cfg: ModelConfig, tokens_BxL, attn_mask_B
                                                     vocab_major=vocab_major, chunk_rows=head_chunk_rows,
                                                     logit_scale=1.0 / temperature)
     else:
-        logits = lm_logits(params["policy"], model_cfg, h)
-        logits = logits if temperature == 1.0 else logits.astype(jnp.float32) / temperature
+        logits = lm_logits(params["policy"], model_cfg, h)  # (at least) float32 already
+        logits = logits if temperature == 1.0 else logits / temperature
         logp = losses.token_logprobs(logits, tokens_BxL[:, p:])
         entropy = losses.token_entropy(logits) if with_entropy else None
     values = None
