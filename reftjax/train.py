@@ -490,19 +490,48 @@ def run_rerank(cfg: ExperimentConfig, model, sft_params, data: Data, grader, mes
 
 
 def _rewind_samples(out: pathlib.Path, it: int) -> None:
-    """Drops the dumped rollouts of iterations after `it` (a resumed RL phase redoes them)."""
+    """Drops the dumped rollouts of iterations after `it` (a resumed RL phase redoes them), and a last line cut by
+    a crash. The file is appended in iteration order and can grow to gigabytes over a long run, so it is never read
+    into memory: when its last line is whole and of iteration <= `it` (the usual resume) nothing more is read;
+    otherwise it is copied line by line without the dropped rows and put in place atomically."""
     path = out / "samples" / "rl_rollouts.jsonl"
     if not is_primary() or not path.exists():
         return
-    lines = path.read_text().splitlines()
-    kept = [l for l in lines if (row := _json_or_none(l)) is not None and row.get("iteration", 0) <= it]
-    if len(kept) != len(lines):
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(l + "\n" for l in kept))
-        tmp.replace(path)
+
+    def keep(line: bytes) -> bool:
+        row = _json_or_none(line)
+        return isinstance(row, dict) and row.get("iteration", 0) <= it
+
+    last = _last_line(path)
+    if last is None or (last.endswith(b"\n") and keep(last)):
+        return
+    tmp = path.with_suffix(".tmp")
+    with open(path, "rb") as src, open(tmp, "wb") as dst:
+        for line in src:
+            if keep(line):
+                dst.write(line if line.endswith(b"\n") else line + b"\n")
+    tmp.replace(path)
 
 
-def _json_or_none(line: str):
+def _last_line(path: pathlib.Path, block: int = 1 << 16) -> bytes | None:
+    """The file's last line (with its newline, if it has one), read backwards a block at a time; None when empty."""
+    with open(path, "rb") as f:
+        end = f.seek(0, 2)
+        if end == 0:
+            return None
+        tail, pos = b"", end
+        while pos > 0:
+            start = max(0, pos - block)
+            f.seek(start)
+            tail = f.read(pos - start) + tail
+            pos = start
+            cut = tail.rfind(b"\n", 0, len(tail) - 1)  # the newline before the last line
+            if cut >= 0:
+                return tail[cut + 1:]
+        return tail
+
+
+def _json_or_none(line: str | bytes):
     try:
         return json.loads(line)
     except ValueError:  # a line cut by a crash

@@ -752,6 +752,39 @@ def test_rl_samples_hold_every_row_with_its_item_and_sample_index(tmp_path):
                                                                            ("q2", "", "batch failed")]
 
 
+def test_rewinding_the_rl_samples_streams_them_and_rewrites_only_when_rows_drop(tmp_path, monkeypatch):
+    """A resumed RL phase drops the dumped rollouts of the iterations it redoes. The file read whole into memory
+    (`read_text().splitlines()`, twice its size), and it grows by every rollout row of every iteration: gigabytes
+    over a paper-scale run. Now the usual resume reads only the last line, and a rewind copies line by line."""
+    from reftjax import train as T
+
+    path = tmp_path / "samples" / "rl_rollouts.jsonl"
+    path.parent.mkdir()
+    long = "x" * 300_000  # a last row longer than the backward-read block
+    rows = [{"iteration": i, "completion": long if i == 3 else f"c{i}{j}"} for i in (1, 2, 3) for j in (0, 1)]
+    body = "".join(json.dumps(r) + "\n" for r in rows)
+    path.write_text(body)
+    monkeypatch.setattr(pathlib.Path, "read_text", lambda *a, **k: pytest.fail("read whole"))
+    before = path.stat().st_ino
+    T._rewind_samples(tmp_path, 3)  # nothing to drop: untouched
+    assert path.stat().st_ino == before and path.read_bytes() == body.encode()
+    assert T._last_line(path) == (json.dumps(rows[-1]) + "\n").encode()
+    T._rewind_samples(tmp_path, 2)
+    kept = [json.loads(l) for l in path.open()]
+    assert kept == rows[:4]
+    with path.open("a") as f:  # a line cut by a crash, after iteration 2's rows
+        f.write('{"iteration": 3, "compl')
+    T._rewind_samples(tmp_path, 2)
+    assert [json.loads(l) for l in path.open()] == rows[:4] and path.read_bytes().endswith(b"\n")
+    with path.open("a") as f:  # a whole row without its newline is kept (and given one)
+        f.write(json.dumps(rows[4]))
+    T._rewind_samples(tmp_path, 3)
+    assert [json.loads(l) for l in path.open()] == rows[:5] and path.read_bytes().endswith(b"\n")
+    path.write_bytes(b"")
+    T._rewind_samples(tmp_path, 0)
+    assert path.read_bytes() == b""
+
+
 def test_an_evaluation_killed_before_its_log_line_is_redone_and_logged_once(tmp_path, monkeypatch):
     """evals.json marks an evaluation done, and it was written first: a run killed before the evaluation's samples
     and metrics line reused the cached figures on resume, so the line and the samples file were missing for good.
