@@ -677,6 +677,79 @@ def test_sft_step_time_is_one_step_not_two(tmp_path, monkeypatch):
     assert finished is None and calls[0] == 2
 
 
+def test_an_interrupted_rl_phase_stops_without_reading_the_best_policy_back(tmp_path, monkeypatch):
+    """run_rl read the best policy back from disk (a whole model: ~28 GB at 7B) whatever ended its loop, so a
+    preempted run spent its grace period on a read the caller then threw away. Fake steps, loader and checkpoints:
+    interrupted in iteration 2 -> 2 iterations, saved, not finished, nothing read back; run through -> read once."""
+    import types
+
+    from reftjax import train as T
+    from reftjax.config import ExperimentConfig
+    from reftjax.metrics import MetricsLogger
+
+    reads, saves, calls = [], [], [0]
+
+    class Loader:
+        def __init__(self, *a, **k):
+            pass
+
+        def __next__(self):
+            return {"prompt_tokens": np.zeros((2, 8), np.int32), "prompt_mask": np.ones((2, 8), np.int32),
+                    "example_idx": np.arange(2)}
+
+        def state(self):
+            return {}
+
+    class Manager:
+        def __init__(self, *a, **k):
+            pass
+
+        def restore_latest(self, state):
+            return None
+
+        def save(self, step, *a, **k):
+            saves.append(step)
+
+        def restore_best_params(self, like):
+            reads.append(1)
+            return "best", {}
+
+        wait = close = lambda self: None
+
+    def rollout(*a, **k):
+        calls[0] += 1
+        stop.requested = stop.requested or calls[0] == interrupt_at  # the signal handler's effect
+        return types.SimpleNamespace(tokens_BxN=np.zeros((2, 4), np.int32), prompt_mask_BxP=np.ones((2, 8)),
+                                     lengths_B=np.full(2, 4))
+
+    last = types.SimpleNamespace(seconds=0.0, counters={}, grades=(), texts=(), example_idx=())
+    em = {"reward": np.float32(0.5), "kl": np.float32(0.0), "response_length": np.float32(4.0)}
+    monkeypatch.setattr(T, "Loader", Loader)
+    monkeypatch.setattr(T, "ckpt", types.SimpleNamespace(Checkpointer=Manager, CheckpointConfig=lambda *a, **k: None))
+    monkeypatch.setattr(T, "init_rl_params", lambda *a, **k: {"policy": "final"})
+    monkeypatch.setattr(T, "init_state", lambda params, tx, key: types.SimpleNamespace(step=0, params=params))
+    monkeypatch.setattr(T, "make_reward_fn", lambda *a, **k: types.SimpleNamespace(last=last))
+    monkeypatch.setattr(T, "make_experience_fn", lambda *a, **k: lambda *a: ({}, em))
+    monkeypatch.setattr(T, "make_ppo_step", lambda *a, **k: lambda state, exp: (
+        state, {"updates": np.int32(1), "skipped": np.int32(0)}))
+    monkeypatch.setattr(T, "measured_peak_flops", lambda **k: 1e12)
+    monkeypatch.setattr(T, "rollout", rollout)
+    monkeypatch.setattr(T, "trim_to_bucket", lambda ro, buckets: ro)
+    monkeypatch.setattr(T, "rl_iteration_flops", lambda *a, **k: 1.0)
+    cfg = ExperimentConfig()
+    cfg = dataclasses.replace(cfg, rl=dataclasses.replace(cfg.rl, iterations=4, eval_every=0, prompts_per_iteration=2),
+                              checkpoint=dataclasses.replace(cfg.checkpoint, save_every=10))
+    model = types.SimpleNamespace(config=types.SimpleNamespace(eos_token_ids=(2,), dtype="float32"),
+                                  tokenizer=types.SimpleNamespace(pad_token_id=0))
+    data = types.SimpleNamespace(train_ds=None, train_items=[{}, {}])
+    for interrupt_at, expected in ((2, ("final", None, 2, False, [], [2])), (0, ("final", "best", 4, True, [1], [4]))):
+        stop, calls[0], reads[:], saves[:] = T._Interrupt(), 0, [], []
+        logger = MetricsLogger(tmp_path / str(interrupt_at), tensorboard=False, enabled=True)
+        got = T.run_rl(cfg, model, {}, data, None, None, tmp_path / str(interrupt_at), logger, stop, False)
+        logger.close()
+        assert (*got, reads, saves) == expected
+
+
 def test_a_grader_that_cannot_read_the_test_items_is_refused_before_training():
     """README's RL-alone recipe with a grader reading the OpenAI file's own field (`{{item.reference_answer}}`)
     trained, then crashed at the first test evaluation: the test split is GSM8K's, whose items have no such field
