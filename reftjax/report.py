@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import time
 
 from reftjax.config import selection_metric, to_dict
 from reftjax.metrics import read_metrics
@@ -20,18 +21,40 @@ def _cell(x) -> str:
 def _compile_line(c: dict | None) -> str:
     if not c:
         return ""
-    line = f" XLA: {c['programs']} programs, {c['compile_seconds']} s"
+    line = f" XLA in this invocation: {c['programs']} programs, {c['compile_seconds']} s"
     if c.get("cache_dir"):
         line += f" ({c['cache_hits']} loaded from the compilation cache, ~{c['compile_seconds_saved']} s saved)"
     return line + "."
+
+
+def wall_times(rows: list[dict], now: float) -> tuple[float, int]:
+    """(seconds, invocations) over every invocation of a run, from `metrics.jsonl`'s rows: each invocation logs an
+    `invocation` row when it starts, and runs to its last logged row (a killed one's time after that row is not
+    known), the current one to `now`. Rows of a run started before these rows existed: (0.0, 0)."""
+    spans, start, last = [], None, None
+    for row in rows:
+        t = row.get("time")
+        if not isinstance(t, (int, float)):
+            continue
+        if row.get("phase") == "invocation":
+            if start is not None:
+                spans.append(last - start)
+            start = last = t
+        elif start is not None:
+            last = max(last, t)
+    if start is not None:
+        spans.append(max(now, last) - start)
+    return sum(spans), len(spans)
 
 
 def write_summary(out: pathlib.Path, cfg, evals: dict, wall_seconds: float, write: bool = True,
                   data_stats: dict | None = None, compilation: dict | None = None) -> dict:
     """Accuracy before SFT, after warm-up and after ReFT (greedy and voting), as JSON and Markdown
     (`write=False`: only the dict, for the non-writing processes of a multi-process run).
-    `data_stats`: per-split tokenization counts (`train.split_stats`); examples dropped by the
-    length limits are named next to the test size, since accuracy is over the kept ones."""
+    `wall_seconds` and `compilation` are this invocation's; `wall_seconds_total` adds the earlier invocations of a
+    resumed run (`wall_times`). `data_stats`: per-split tokenization counts (`train.split_stats`); examples dropped
+    by the length limits are named next to the test size, since accuracy is over the kept ones."""
+    total, invocations = wall_times(read_metrics(out), time.time())
     def acc(name, key="accuracy"):
         return evals.get(name, {}).get(key)
 
@@ -44,6 +67,7 @@ def write_summary(out: pathlib.Path, cfg, evals: dict, wall_seconds: float, writ
     by_score = metric == "mean_score"
     summary = {
         "name": cfg.name, "model": cfg.model, "status": "done", "wall_seconds": round(wall_seconds, 1),
+        "wall_seconds_total": round(max(total, wall_seconds), 1), "invocations": max(invocations, 1),
         "test_n": evals.get("test_sft", {}).get("n"),
         "test_accuracy": {"base": _pct(acc("test_base")), "sft": _pct(acc("test_sft")),
                           "reft": _pct(acc("test_reft"))},
@@ -104,7 +128,9 @@ def write_summary(out: pathlib.Path, cfg, evals: dict, wall_seconds: float, writ
         f"Validation accuracy during RL: {summary['val_accuracy']['rl']}", "",
         *([f"Validation mean score during RL (selects the best checkpoint): "
            f"{ {k: _round(x) for k, x in summary['val_mean_score']['rl'].items()} }", ""] if by_score else []),
-        f"Wall time of the last invocation: {summary['wall_seconds']} s.{_compile_line(compilation)}", "",
+        f"Wall time: {summary['wall_seconds']} s in this invocation"
+        + (f", {summary['wall_seconds_total']} s over all {summary['invocations']} (a killed one counted to its last "
+           f"logged row)" if summary["invocations"] > 1 else "") + f".{_compile_line(compilation)}", "",
         "Plots: plots/reward.png, plots/kl.png, plots/response_length.png, plots/val_accuracy.png"
         + (", plots/val_mean_score.png" if by_score else ""),
     ]

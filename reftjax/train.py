@@ -42,7 +42,7 @@ from reftjax.evaluate import evaluate
 from reftjax.graders import build_grader
 from reftjax.graders.callback import make_reward_fn
 from reftjax.hf import load_model, save_hf
-from reftjax.metrics import MetricsLogger, measured_peak_flops, mfu, rl_iteration_flops
+from reftjax.metrics import MetricsLogger, measured_peak_flops, mfu, read_metrics, rl_iteration_flops
 from reftjax.rerank import VerifierData, init_score_head, init_verifier, make_verifier_step, sample_verifier_data
 from reftjax.rollout import completion_buckets, rollout, trim_to_bucket
 from reftjax.sharding import (BATCH_AXES, is_primary, make_mesh, maybe_initialize_distributed, replicated_like,
@@ -727,6 +727,8 @@ def run(cfg: ExperimentConfig, out_dir: str | pathlib.Path, *, progress: bool = 
     _write_json(data_path, prints)
     logger = MetricsLogger(out)
     t_start = time.time()
+    # marks where this invocation starts in metrics.jsonl: the summary adds up the time of every invocation
+    logger.log("invocation", sum(r.get("phase") == "invocation" for r in read_metrics(out)) + 1, {})
     stop = _Interrupt()
     with stop.installed():
         if cfg.eval_before_sft and cfg.sft.epochs > 0:  # without a warm-up, test_sft evaluates the loaded model

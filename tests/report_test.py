@@ -128,3 +128,30 @@ def test_no_after_reft_row_without_rl_iterations(tmp_path):
     write_summary(tmp_path, cfg, {k: v for k, v in _evals(False, True).items() if k != "test_reft"}, 1.0)
     md = (tmp_path / "summary.md").read_text()
     assert "| after SFT warm-up | 12.5 | - |" in md and "after ReFT" not in md
+
+
+def test_wall_time_adds_up_every_invocation_of_a_resumed_run(tmp_path):
+    """summary.json's `wall_seconds` was the last invocation's alone: a run killed after 5 h and resumed for 1 h
+    reported 1 h. Each invocation logs an `invocation` row; a killed one counts to its last logged row."""
+    from reftjax.config import ExperimentConfig
+    from reftjax.metrics import MetricsLogger
+    from reftjax.report import wall_times, write_summary
+
+    rows = [{"phase": "invocation", "step": 1, "time": 100.0}, {"phase": "sft", "step": 0, "time": 130.0},
+            {"phase": "sft", "step": 1, "time": 160.0},  # killed after this row
+            {"phase": "invocation", "step": 2, "time": 1000.0}, {"phase": "rl", "step": 1, "time": 1010.0}]
+    assert wall_times(rows, now=1025.0) == (60.0 + 25.0, 2)
+    assert wall_times(rows[:3], now=170.0) == (70.0, 1)
+    assert wall_times([{"phase": "sft", "step": 0, "time": 5.0}], now=9.0) == (0.0, 0)  # a run from before the rows
+    logger = MetricsLogger(tmp_path, tensorboard=False, enabled=True)
+    logger.log("invocation", 1, {})
+    logger.close()
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    first = json.loads(lines[0])
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in [
+        {**first, "time": first["time"] - 500.0}, {"phase": "sft", "step": 0, "time": first["time"] - 400.0},
+        {**first, "step": 2}]) + "\n")
+    summary = write_summary(tmp_path, ExperimentConfig(), _evals(voting=False, base=True), 3.0)
+    assert summary["invocations"] == 2 and summary["wall_seconds"] == 3.0
+    assert 100.0 <= summary["wall_seconds_total"] < 110.0  # 100 s of the first invocation + this one's few
+    assert "over all 2 (a killed one counted to its last logged row)" in (tmp_path / "summary.md").read_text()

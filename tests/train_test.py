@@ -115,6 +115,9 @@ def test_pipeline_sigkill_then_resume_completes(tiny_hf_dir, tmp_path, shared_da
     assert "did not provide metrics" not in done.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "done" and summary["test_n"] == 4
+    # the wall time of both invocations: the killed one ran past its first RL iteration (> 0 s) until the kill
+    assert summary["invocations"] == 2 and summary["wall_seconds_total"] > summary["wall_seconds"] > 0
+    assert "over all 2 (a killed one" in (out / "summary.md").read_text()
     ppo = json.loads((out / "config.json").read_text())["rl"]["ppo"]
     assert (ppo["critic"], ppo["experience_from_rollout"]) == ("separate", False)
     assert set(summary["test_accuracy"]) == {"base", "sft", "reft"}
