@@ -20,19 +20,25 @@ def _decode(rows):
     return ["".join(chr(t) for t in row) for row in rows]
 
 
+def _encode(rows, width):
+    """Rows of token ids (or texts, one character a token) left-aligned in a [len(rows), width] batch and its mask;
+    the positions after each row are 0."""
+    ids = np.zeros((len(rows), width), np.int32)
+    mask = np.zeros((len(rows), width), np.int32)
+    for b, row in enumerate(rows):
+        ids[b, : len(row)] = [ord(c) for c in row] if isinstance(row, str) else row
+        mask[b, : len(row)] = 1
+    return ids, mask
+
+
 def _batch(seed=0):
     """Random N-CoT completions: right, wrong and unparseable answers, padded after a random length."""
     rng = np.random.default_rng(seed)
     items = [{"answer_value": str(v)} for v in rng.integers(0, 50, size=24)]
     idx = rng.integers(0, len(items), size=B).astype(np.int32)
-    ids = np.zeros((B, T), np.int32)
-    mask = np.zeros((B, T), np.int32)
-    for b, i in enumerate(idx):
-        answer = [items[i]["answer_value"], "999", "??"][b % 3]
-        text = reft_target("so", answer)[: T - 3]
-        ids[b, : len(text)] = [ord(c) for c in text]
-        ids[b, len(text):] = ord("7")  # junk after the mask must be ignored
-        mask[b, : len(text)] = 1
+    texts = [reft_target("so", [items[i]["answer_value"], "999", "??"][b % 3])[: T - 3] for b, i in enumerate(idx)]
+    ids, mask = _encode(texts, T)
+    ids[mask == 0] = ord("7")  # junk after the mask must be ignored
     return items, ids, mask, idx
 
 
@@ -153,11 +159,7 @@ def test_guards_zero_flagged_rewards_and_count():
     texts = ["2+2=4, because two and two make four.\nTherefore, the answer is: 4",
              "\nTherefore, the answer is: 4",
              "2+2=4 by counting on fingers\nTherefore, the answer is: 4\nTherefore, the answer is: 4"]
-    ids = np.zeros((3, 120), np.int32)
-    mask = np.zeros((3, 120), np.int32)
-    for b, text in enumerate(texts):
-        ids[b, : len(text)] = [ord(c) for c in text]
-        mask[b, : len(text)] = 1
+    ids, mask = _encode(texts, 120)
     fn = make_reward_fn(ReftGrader(), items, _decode, guards=GuardConfig(max_tokens=80))
     out = fn(ids, mask, np.zeros(3, np.int32))
     assert out.tolist() == [1.0, 0.0, 0.0]
@@ -180,10 +182,7 @@ def test_too_long_leaves_out_a_final_eos_or_stop_sequence():
     rows = [[ord(c) for c in body] + [eos],  # finished on the EOS at the cap
             [ord(c) for c in body] + list(stop),  # finished on the stop sequence at the cap
             [ord(c) for c in body + "!"]]  # cut off at the cap
-    ids = np.zeros((3, 80), np.int32)
-    mask = np.zeros((3, 80), np.int32)
-    for b, row in enumerate(rows):
-        ids[b, : len(row)], mask[b, : len(row)] = row, 1
+    ids, mask = _encode(rows, 80)
     guards = GuardConfig(max_tokens=len(body) + 1)
     decode = lambda rows: _decode([[t for t in r if t != eos] for r in rows])  # noqa: E731 - special tokens dropped
     fn = make_reward_fn(ReftGrader(), [{"answer_value": "4"}], decode, guards=guards, stop_sequences=[stop],
@@ -250,10 +249,7 @@ def test_no_reasoning_flags_bare_answers_without_a_marker_and_in_longer_hash_run
                  "reference": "{{item.city}}"}):
         grader = build_grader(cfg)
         plain = grader.grade_batch([{"city": "Paris"}] * 2, texts)
-        ids = np.zeros((2, 80), np.int32)
-        mask = np.zeros((2, 80), np.int32)
-        for b, text in enumerate(texts):
-            ids[b, : len(text)], mask[b, : len(text)] = [ord(c) for c in text], 1
+        ids, mask = _encode(texts, 80)
         fn = make_reward_fn(grader, [{"city": "Paris"}], _decode, guards=GuardConfig())
         assert fn(ids, mask, np.zeros(2, np.int32)).tolist() == pytest.approx([g.score for g in plain])
         assert all(g.score > 0 for g in plain) and fn.last.counters["no_reasoning"] == 0, cfg
@@ -305,11 +301,7 @@ def test_a_final_stop_sequence_is_not_graded():
 
     stop = tuple(ord(c) for c in "\n\nQ")
     texts = ["6 times 7 is 42.\nTherefore, the answer is: 42\n\nQ", "6 times 7 is 42.\nTherefore, the answer is: 42"]
-    ids = np.zeros((2, 64), np.int32)
-    mask = np.zeros((2, 64), np.int32)
-    for b, text in enumerate(texts):
-        ids[b, : len(text)] = [ord(c) for c in text]
-        mask[b, : len(text)] = 1
+    ids, mask = _encode(texts, 64)
     items = [{"answer_value": "42"}]
     plain = make_reward_fn(ReftGrader(), items, _decode)
     assert plain(ids, mask, np.zeros(2, np.int32)).tolist() == [0.0, 1.0]
