@@ -21,12 +21,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import functools
 import hashlib
 import json
 import logging
+import os
 import pathlib
 import signal
+import socket
 import time
 
 import jax
@@ -700,17 +703,51 @@ def _interrupted(logger, phase: str) -> dict:
     return {"status": "interrupted", "phase": phase}
 
 
-def run(cfg: ExperimentConfig, out_dir: str | pathlib.Path, *, progress: bool = True) -> dict:
-    """Run (or resume) the whole ReFT pipeline; returns the summary dict."""
-    from reftjax import report
+@contextlib.contextmanager
+def _claimed(out: pathlib.Path):
+    """Holds an exclusive lock on the run directory (`out/.lock<process index>`) while this process runs in it: a
+    second run started on the same directory (a resume typed while the first still runs, a scheduler's duplicate)
+    would append to the same metrics and samples files and save checkpoints of the same steps. The kernel drops
+    the lock when the process ends, SIGKILL included, so a crashed run never leaves a stale claim."""
+    f = open(out / f".lock{jax.process_index()}", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "a process"
+        f.close()
+        raise RunDirError(f"{out}: another run is using this run directory ({holder}); wait for it to end, or use "
+                          f"another output directory") from None
+    except OSError as e:  # a file system without locks (some network mounts): run, unguarded
+        log.warning("%s: cannot lock the run directory (%s); nothing stops a second run from using it", out, e)
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n")
+    f.flush()
+    try:
+        yield
+    finally:
+        f.close()  # releases the lock (the file stays: removing it would race a process about to lock it)
 
+
+def run(cfg: ExperimentConfig, out_dir: str | pathlib.Path, *, progress: bool = True) -> dict:
+    """Run (or resume) the whole ReFT pipeline; returns the summary dict. One run at a time per directory: a second
+    one started while the first runs stops with a RunDirError."""
     maybe_initialize_distributed()
     xla_cache.enable(cfg.compilation_cache)
-    compiles = xla_cache.CompileStats()
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    with _claimed(out):
+        return _run(cfg, out, progress)
+
+
+def _run(cfg: ExperimentConfig, out: pathlib.Path, progress: bool) -> dict:
+    from reftjax import report
+
+    compiles = xla_cache.CompileStats()
     cfg_path = out / "config.json"
-    ran = cfg_path.exists() and any(p.name not in ("config.json", "data.json") for p in out.iterdir())
+    ran = cfg_path.exists() and any(p.name not in ("config.json", "data.json") and not p.name.startswith(".lock")
+                                    for p in out.iterdir())
     if ran:  # else nothing ran under it
         _check_same_run(cfg_path, to_dict(cfg))
     grader = build_grader(cfg.grader_dict)  # cheap checks first: a bad grader or mesh fails before the model loads

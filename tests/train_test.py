@@ -753,6 +753,33 @@ def test_an_interrupted_rl_phase_stops_without_reading_the_best_policy_back(tmp_
         assert (*got, reads, saves) == expected
 
 
+def test_a_second_run_on_a_directory_in_use_is_refused_and_a_killed_run_leaves_no_claim(tmp_path):
+    """Nothing stopped two runs on one directory (a resume typed while the first still ran): both appended to
+    metrics.jsonl and the samples, and saved checkpoints of the same steps. The directory's lock is held by the
+    running process; the kernel drops it when that process dies, SIGKILL included."""
+    from reftjax import train as T
+    from reftjax.config import ExperimentConfig
+
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import pathlib, sys, time; from reftjax import train as T\n"
+                               "with T._claimed(pathlib.Path(sys.argv[1])):\n print('held', flush=True); time.sleep(600)",
+                               str(out)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(T.RunDirError, match=rf"{re.escape(str(out))}: another run is using this run directory "
+                                                rf"\(pid {holder.pid} on "):
+            T.run(ExperimentConfig(model="/nonexistent/model"), out, progress=False)  # refused before loading
+        assert sorted(p.name for p in out.iterdir()) == [".lock0"]  # and it wrote nothing
+    finally:
+        holder.kill()
+        holder.wait()
+    with T._claimed(out):  # the killed holder's claim went with it
+        pass
+    with T._claimed(out):  # and a claim ends with its block
+        assert (out / ".lock0").read_text().startswith(f"pid {os.getpid()} on ")
+
+
 def test_a_grader_that_cannot_read_the_test_items_is_refused_before_training():
     """README's RL-alone recipe with a grader reading the OpenAI file's own field (`{{item.reference_answer}}`)
     trained, then crashed at the first test evaluation: the test split is GSM8K's, whose items have no such field
