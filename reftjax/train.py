@@ -808,12 +808,14 @@ def _run(cfg: ExperimentConfig, out: pathlib.Path, progress: bool) -> dict:
                 return _interrupted(logger, "eval")
             _eval_once("test_reft", out, logger, exports["best"], model, data.test_ds, data.test_items, grader, cfg,
                        mesh, rl_its, voting=True, verifier=verifier)  # (< rl.iterations after an early stop)
-    if cfg.export_hf:
+    exported = out / "export_done.json"  # (every process has its copy, so all skip the collective below together)
+    if cfg.export_hf and not (exported.exists() and json.loads(exported.read_text()).get("exports") == sorted(exports)):
         for name, params in exports.items():
             params = to_host(params)  # a collective on multi-process meshes: every process takes part
             if is_primary():
                 save_hf(out / "hf" / name, params, model.config, model.hf_config, model.tokenizer,
                         generation_config=model.generation_config)
+        _write_json(exported, {"exports": sorted(exports)})  # a rerun of the finished run does not export again
     logger.close()
     summary = report.write_summary(out, cfg, _load_evals(out), wall_seconds=time.time() - t_start,
                                    write=is_primary(), data_stats=split_stats(data), compilation=compiles.summary())

@@ -211,10 +211,14 @@ def _check_rerank_phase(out, rerun):
     # re-evaluations with the restored verifier give the same figures, without retraining
     (out / "verifier_done.json").unlink()
     (out / "evals.json").write_text(json.dumps({k: v for k, v in evals.items() if k not in ("test_sft", "test_reft")}))
+    exported = {p: p.stat().st_mtime_ns for p in (out / "hf").rglob("*")}
+    assert len(exported) > 4 and json.loads((out / "export_done.json").read_text()) == {"exports": ["best", "final"]}
     again = rerun()
     assert again.returncode == 0, again.stderr[-3000:]
     evals2 = json.loads((out / "evals.json").read_text())
     assert evals2 == evals
+    # the policies are the finished run's: not exported again (a whole model each, minutes at 7B)
+    assert {p: p.stat().st_mtime_ns for p in (out / "hf").rglob("*")} == exported
     assert len([l for l in (out / "metrics.jsonl").read_text().splitlines() if '"phase": "verifier"' in l]) == \
         len(steps)
 
