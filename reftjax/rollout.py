@@ -378,8 +378,9 @@ def decode_completions(tokenizer, r: Rollout, skip_special_tokens: bool = True, 
 
 def without_stop(ids: list[int], stop_sequences=()) -> list[int]:
     """`ids` without a configured stop sequence it ends with. The rollout keeps the stop tokens (sampled actions,
-    mask 1), but its text is not part of the answer: a grader reading `"... is: 42\n\nQuestion:"` found no number."""
-    for q in stop_sequences:
+    mask 1), but its text is not part of the answer: a grader reading `"... is: 42\n\nQuestion:"` found no number.
+    When several end it (`"Question:"` and `"\n\nQuestion:"`), the longest goes, whatever order they are listed in."""
+    for q in sorted(stop_sequences, key=len, reverse=True):
         if len(q) <= len(ids) and tuple(ids[len(ids) - len(q):]) == tuple(q):
             return ids[:len(ids) - len(q)]
     return ids

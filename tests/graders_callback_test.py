@@ -308,3 +308,11 @@ def test_a_final_stop_sequence_is_not_graded():
     fn = make_reward_fn(ReftGrader(), items, _decode, stop_sequences=[stop])
     assert fn(ids, mask, np.zeros(2, np.int32)).tolist() == [1.0, 1.0]
     assert without_stop([1, 2, 3], [(2, 3)]) == [1] and without_stop([1, 2, 3], [(1, 2)]) == [1, 2, 3]
+    # when one stop sequence ends another ("Q" and "\n\nQ"), the longest goes, in either order (the first listed
+    # did: "42\n\n" for a string_check eq grader, helper review)
+    short = (ord("Q"),)
+    for order in ([short, stop], [stop, short]):
+        assert without_stop([5, *stop], order) == [5] and without_stop([5, 6, *short], order) == [5, 6]
+        fn = make_reward_fn(ReftGrader(), items, _decode, stop_sequences=order)
+        fn(ids, mask, np.zeros(2, np.int32))
+        assert [g.extracted for g in fn.last.grades] == ["42", "42"] and fn.last.texts[0] == texts[1]
