@@ -197,6 +197,12 @@ def test_system_prompt_reaches_openai_format_messages(smollm_tokenizer):
     assert chat_messages(Example(0, "a", "2+2?", messages=user), PromptConfig("chat")) == [dict(user[0])]
     f = format_example(Example(0, "a", "2+2?", messages=user), cfg, smollm_tokenizer)
     assert "Answer with a number." in f.prompt and "SmolLM" not in f.prompt
+    # OpenAI's `developer` turn is the system turn: SmolLM2's template rendered its default system turn and then an
+    # unknown "developer" turn; Qwen2.5's dropped it (helper review). It is renamed for templates without the role.
+    dev = ({"role": "developer", "content": "Be brief."},) + user
+    f = format_example(Example(0, "a", "2+2?", messages=dev), cfg, smollm_tokenizer)
+    assert f.prompt == format_example(Example(0, "a", "2+2?", messages=own), cfg, smollm_tokenizer).prompt
+    assert "developer" not in f.prompt and "SmolLM" not in f.prompt
 
 
 def test_truncate_drops_a_p_cot_example_whose_program_header_alone_is_too_long(smollm_tokenizer, shared_data):

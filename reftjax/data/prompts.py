@@ -94,7 +94,8 @@ def nl_target(ex: Example, strip: bool) -> str | None:
 
 def chat_messages(ex: Example, cfg: PromptConfig) -> list[dict[str, str]]:
     """The messages the chat template is applied to: an example's own messages (OpenAI format) or its question,
-    after a system turn holding `cfg.system_prompt` when one is set and the messages have none."""
+    after a system turn holding `cfg.system_prompt` when one is set and the messages have none (a `developer` turn,
+    OpenAI's name for it, counts; `format_example` renames it `system` for templates that do not know the role)."""
     system = [] if cfg.system_prompt is None else [{"role": "system", "content": cfg.system_prompt}]
     if ex.messages is not None:
         own = [dict(m) for m in ex.messages]
@@ -107,8 +108,10 @@ def format_example(ex: Example, cfg: PromptConfig, tokenizer=None) -> Formatted:
     if cfg.style.startswith("chat"):
         if tokenizer is None or getattr(tokenizer, "chat_template", None) is None:
             raise ValueError(f"style={cfg.style!r} needs a tokenizer with a chat template")
-        prompt = tokenizer.apply_chat_template(
-            chat_messages(ex, cfg), add_generation_prompt=True, tokenize=False)
+        messages = chat_messages(ex, cfg)
+        if "developer" not in tokenizer.chat_template:  # OpenAI's name for the system turn, unknown to the template
+            messages = [{**m, "role": "system"} if m.get("role") == "developer" else m for m in messages]
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     elif ex.messages is not None:
         raise DataError(f"{ex.item_id}: chat-format (openai) examples need data.prompt.style='chat'")
     else:
