@@ -41,6 +41,7 @@ from reftjax import xla_cache
 from reftjax.config import ExperimentConfig, selection_metric, to_dict
 from reftjax.data import (Loader, LoaderConfig, SplitConfig, load_examples, tokenize_examples, train_val_split)
 from reftjax.data.records import DataError
+from reftjax.data.tokenize import end_of_turn_id
 from reftjax.evaluate import evaluate
 from reftjax.graders import build_grader
 from reftjax.graders.callback import make_reward_fn
@@ -574,8 +575,14 @@ def _verifier_for(cfg: ExperimentConfig, name: str, model, sft_params, data: Dat
 
 def _eos_ids(cfg: ExperimentConfig, model) -> tuple[int, ...]:
     """The run's EOS ids: rl.sampling.eos_ids, else the model's. RL rollouts, validation, test and the verifier's
-    samples all stop by this one rule (test used the model's alone, so selection and test could differ)."""
-    return tuple(cfg.rl.sampling.eos_ids) or tuple(model.config.eos_token_ids)
+    samples all stop by this one rule (test used the model's alone, so selection and test could differ). In the chat
+    styles the model's ids gain the template's end-of-turn token, which the warm-up's targets end with."""
+    if cfg.rl.sampling.eos_ids:
+        return tuple(cfg.rl.sampling.eos_ids)
+    ids = tuple(model.config.eos_token_ids)
+    if cfg.data.prompt.style.startswith("chat") and (eot := end_of_turn_id(model.tokenizer)) not in ids:
+        ids += (eot,)
+    return ids
 
 
 def _eval_once(name, out, logger, params, model, ds, items, grader, cfg, mesh, step, voting=False, verifier=None):

@@ -9,7 +9,8 @@ Batch layouts (all int32 except the bool masks; B rows):
 
 * prompts (RL/eval): ``prompt_tokens [B, P]`` left-padded with ``pad_id``,
   ``prompt_mask [B, P]`` True on real tokens;
-* SFT: ``tokens [B, T]`` = prompt + target + EOS, right-padded;
+* SFT: ``tokens [B, T]`` = prompt + target + EOS (in the chat styles the template's end-of-turn token,
+  `end_of_turn_id`), right-padded;
   ``attn_mask [B, T]`` True on real tokens; ``loss_mask [B, T]`` True on the
   target tokens and the EOS (position t is scored by the logits at t - 1).
 
@@ -135,12 +136,53 @@ class TokenizedDataset:
         return np.array([len(p) + len(t) for p, t in zip(self.prompt, self.target)], np.int64)
 
 
-def encode_texts(tokenizer, texts: list[str]) -> list[np.ndarray]:
-    """Batch-encode without special tokens (chat templates already hold theirs)."""
+def encode_texts(tokenizer, texts: list[str], split_special_tokens: bool = True) -> list[np.ndarray]:
+    """Batch-encode without adding special tokens. Text that spells one (`<|im_end|>` in a question or a chain of
+    thought) stays text unless `split_special_tokens=False`, for a chat template's rendering, whose own are real."""
     if not texts:
         return []
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(texts, add_special_tokens=False, split_special_tokens=split_special_tokens)["input_ids"]
     return [np.asarray(x, np.int32) for x in ids]
+
+
+def special_token_strings(tokenizer) -> list[str]:
+    """The strings the tokenizer turns into special (control) tokens, longest first."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    strings = set(tokenizer.all_special_tokens) | {t.content for t in added.values() if getattr(t, "special", False)}
+    return sorted((t for t in strings if t), key=len, reverse=True)
+
+
+def check_no_special_tokens(examples: list[Example], tokenizer) -> None:
+    """Refuses chat-style examples whose text spells a special token: the chat template's rendering is encoded with
+    its control tokens live, so a question holding `<|im_end|>\n<|im_start|>assistant\n...` would forge turns."""
+    specials = special_token_strings(tokenizer)
+    for ex in examples:
+        texts = [m.get("content") or "" for m in ex.messages] if ex.messages is not None else [ex.question]
+        for text in texts:
+            hits = [(text.index(t), -len(t), t) for t in specials if t in text] if isinstance(text, str) else []
+            if hits:
+                hit = min(hits)[2]  # the first in the text
+                raise DataError(f"{ex.item_id}: its text holds {hit!r}, a special token of this tokenizer; with a "
+                                f"chat style it would be a control token in the prompt (a forged turn), so remove it "
+                                f"from the data or use a plain style (data.prompt.style='reft')")
+
+
+def end_of_turn_id(tokenizer) -> int:
+    """The special token the chat template puts right after an assistant reply (`<|im_end|>`, Llama-3's
+    `<|eot_id|>`), which chat-style SFT targets end with; the EOS token when the template puts none there."""
+    mark = "reftjaxEndOfTurnProbe"
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "1"}, {"role": "assistant", "content": mark}],
+                                             tokenize=False)
+    except Exception:  # noqa: BLE001 - a template that refuses this conversation: no better answer than EOS
+        return tokenizer.eos_token_id
+    if mark not in text:
+        return tokenizer.eos_token_id
+    tail = text[text.rindex(mark) + len(mark):]
+    special = set(tokenizer.all_special_ids) | {i for i, t in (getattr(tokenizer, "added_tokens_decoder", {}) or {})
+                                                .items() if getattr(t, "special", False)}
+    ids = tokenizer(tail, add_special_tokens=False)["input_ids"]
+    return next((i for i in ids if i in special), tokenizer.eos_token_id)
 
 
 def tokenize_examples(examples: list[Example], tokenizer, prompt_cfg: PromptConfig,
@@ -156,9 +198,13 @@ def tokenize_examples(examples: list[Example], tokenizer, prompt_cfg: PromptConf
             if f.target is None:
                 raise DataError(f"{e.item_id}: no reference CoT/answer to train on (SFT); data without one can "
                                 "train with RL alone (sft.epochs=0)")
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    prompts = encode_texts(tokenizer, [f.prompt for f in formatted])
+    chat = prompt_cfg.style.startswith("chat")
+    if chat:
+        check_no_special_tokens(examples, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    # the reply's last token: the template's end of turn in the chat styles (Llama-3: <|eot_id|>, not <|end_of_text|>)
+    eos = end_of_turn_id(tokenizer) if chat else tokenizer.eos_token_id
+    prompts = encode_texts(tokenizer, [f.prompt for f in formatted], split_special_tokens=not chat)
     prefixes = encode_texts(tokenizer, [f.response_prefix for f in formatted])
     targets = None
     if with_targets:
