@@ -43,7 +43,7 @@ class SamplingConfig:
     Attributes:
       max_new_tokens: completion buffer length N (a bucket; the loop may stop earlier).
       temperature: softmax temperature (ReFT: 1.0).
-      top_k: keep the k most likely tokens (0: off; ReFT: 0).
+      top_k: keep the k most likely tokens (0, or k >= the vocabulary: off; ReFT: 0).
       top_p: nucleus threshold (1.0: off; ReFT: 1.0).
       greedy: argmax decoding (evaluation top-1); overrides the three above.
       n: samples per prompt; rows come out prompt-major (p0s0, p0s1, ..., p1s0, ...).
@@ -156,7 +156,7 @@ def sample_logits(logits_BxV: jax.Array, rng: jax.Array, cfg: SamplingConfig):
         return tok, _token_logprob(logits, tok)
     scaled = logits / cfg.temperature
     masked = scaled
-    if cfg.top_k > 0:
+    if 0 < cfg.top_k < scaled.shape[-1]:  # k >= the vocabulary keeps every token (as transformers clamps it)
         kth = jax.lax.top_k(scaled, cfg.top_k)[0][:, -1:]
         masked = jnp.where(scaled < kth, -jnp.inf, masked)
     if cfg.top_p < 1.0:

@@ -93,6 +93,15 @@ def test_top_k_and_top_p_never_emit_excluded_tokens(tiny_params):
     assert set(r.tokens_BxN[:, 0].tolist()) == nucleus
     # log-probs stay those of the untruncated distribution (vLLM/TRL convention)
     np.testing.assert_allclose(r.logprobs_BxN[:, 0], np.log(probs[r.tokens_BxN[:, 0]]), atol=1e-5)
+    # top_k at or past the vocabulary keeps every token, as transformers clamps it: it crashed the first RL rollout
+    # (lax.top_k's k > size), after the whole warm-up, and the run directory then refused the corrected setting
+    from reftjax.rollout import sample_logits
+
+    logits = jnp.asarray(np.log(probs)[None].repeat(64, 0))
+    for k in (V, V + 1, 60000):
+        got = sample_logits(logits, jax.random.key(1), SamplingConfig(top_k=k))
+        want = sample_logits(logits, jax.random.key(1), SamplingConfig())
+        np.testing.assert_array_equal(got[0], want[0])
 
 
 def test_top_p_cuts_ties_by_sorted_position():
