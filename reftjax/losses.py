@@ -315,12 +315,13 @@ def explained_variance(values_BxT, returns_BxT, mask_BxT) -> Array:
     """``max(-1, 1 - var_m(R - V) / (var_m(R) + 1e-8))`` (ReFT ``vf_expl_var``).
 
     Uses the unbiased masked variance; 1 is a perfect critic, 0 no better than a
-    constant, and the ReFT authors truncate at -1.
+    constant, and the ReFT authors truncate at -1; 0 when fewer than 2 tokens are valid.
     """
     v = jax.lax.stop_gradient(_f32(values_BxT))
     ret = _f32(returns_BxT)
     ev = 1.0 - masked_var(ret - v, mask_BxT) / (masked_var(ret, mask_BxT) + 1e-8)
-    return jnp.maximum(ev, -1.0)
+    # under 2 valid tokens there is no variance to explain: 0, not the 1 (a perfect critic) the formula gives
+    return jnp.where(jnp.sum(_keep(mask_BxT)) < 2, 0.0, jnp.maximum(ev, -1.0))
 
 
 def token_entropy(logits_BxTxV) -> Array:
@@ -333,9 +334,16 @@ def token_entropy(logits_BxTxV) -> Array:
     reductions), same as ``token_logprobs``.
     """
     z = _f32(logits_BxTxV)
-    lse = jax.nn.logsumexp(z, axis=-1)
-    p = jnp.exp(z - lse[..., None])
-    return lse - jnp.sum(p * z, axis=-1)
+    return _entropy(z, jax.nn.logsumexp(z, axis=-1))
+
+
+def _entropy(z, lse):
+    """``lse - sum(softmax(z) * z)`` with both terms taken relative to the row maximum: as written, the two terms
+    are ~max(z) each and cancel, which at a low temperature (z = logits / T, max ~1e3) left errors of 0.36 nats and
+    negative entropies in float32 (helper review); shifted, ~1e-7."""
+    m = jax.lax.stop_gradient(jnp.max(z, axis=-1, keepdims=True))
+    zs = z - m
+    return (lse - m[..., 0]) - jnp.sum(jnp.exp(zs - (lse[..., None] - m)) * zs, axis=-1)
 
 
 def entropy_from_logits(logits_BxTxV, mask_BxT) -> Array:
@@ -632,7 +640,7 @@ def _scan_logp(h_BxTxD, w, targets_BxT, n_chunks: int, vocab_major: bool, scale:
         z = _scaled(_logits_chunk(xs[0], w, vocab_major), scale)
         lse = jax.nn.logsumexp(z, axis=-1)
         picked = jnp.take_along_axis(z, xs[1][..., None].astype(jnp.int32), axis=-1)[..., 0]
-        ent = lse - jnp.sum(jnp.exp(z - lse[..., None]) * z, axis=-1)
+        ent = _entropy(z, lse)
         return None, (picked - lse, ent, lse)
 
     _, out = jax.lax.scan(body, None, (_split(h_BxTxD, n_chunks), _split(targets_BxT, n_chunks)))
