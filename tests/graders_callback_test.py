@@ -152,6 +152,15 @@ def test_a_custom_reward_callable_may_return_a_list():
     items, ids, mask, idx = _batch()
     out = jax.jit(lambda a, m, i: grade_in_jit(lambda a, m, i: [float(x) for x in i], a, m, i))(ids, mask, idx)
     np.testing.assert_array_equal(np.asarray(out), idx.astype(np.float32))
+    # a NaN silently skipped every update (whitening spread it to every advantage); a wrong length failed as XLA's
+    # "CpuCallback error" (helper review): both now say what the callable returned
+    def nan_at_3(a, m, i):
+        return [float("nan") if r == 3 else 0.0 for r in range(len(i))]
+
+    with pytest.raises(Exception, match=r"reward function .*nan_at_3 returned non-finite rewards at rows \[3\]"):
+        jax.block_until_ready(jax.jit(lambda a, m, i: grade_in_jit(nan_at_3, a, m, i))(ids, mask, idx))
+    with pytest.raises(Exception, match=r"returned shape \(3,\) for 16 completion rows"):
+        jax.block_until_ready(jax.jit(lambda a, m, i: grade_in_jit(lambda a, m, i: [0.0] * 3, a, m, i))(ids, mask, idx))
 
 
 def test_guards_zero_flagged_rewards_and_count():

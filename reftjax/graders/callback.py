@@ -170,9 +170,21 @@ def make_reward_fn(grader: Grader, items: Sequence[Item], decode,
 
 
 def _as_rewards(fn):
-    """A custom reward callable may return any sequence of numbers: the callback must return float32 [B]."""
-    def call(*args):
-        return np.asarray(fn(*args), np.float32)
+    """A custom reward callable may return any sequence of numbers: the callback must return float32 [B], finite.
+    A NaN spread through the batch's whitening to every advantage and skipped every update, silently, and a
+    wrong length failed as XLA's "CpuCallback error"; both now name the callable and what it returned."""
+    name = getattr(fn, "__qualname__", None) or type(fn).__name__
+
+    def call(ids, mask, idx):
+        out = np.asarray(fn(ids, mask, idx), np.float32)
+        if out.shape != idx.shape:
+            raise ValueError(f"reward function {name} returned shape {out.shape} for {idx.shape[0]} completion rows; "
+                             f"it must return one number per row")
+        if not np.isfinite(out).all():
+            bad = np.flatnonzero(~np.isfinite(out))
+            raise ValueError(f"reward function {name} returned non-finite rewards at rows {bad[:8].tolist()} "
+                             f"({out[bad[:8]].tolist()}); rewards must be finite")
+        return out
     return call
 
 
