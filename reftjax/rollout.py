@@ -417,7 +417,11 @@ def generate(params, model_cfg: ModelConfig, tokenizer, texts: Sequence[str], *,
     cfg = cfg or SamplingConfig(greedy=True)
     if not cfg.eos_ids:
         cfg = dataclasses.replace(cfg, eos_ids=eos, pad_id=pad)
+    if not texts:
+        return []
     ids = encode_prompts(tokenizer, texts, chat)
+    if empty := [i for i, r in enumerate(ids) if not r]:  # nothing to condition on: the first token's log-prob
+        raise ValueError(f"generate: texts {empty[:5]} encode to no tokens (chat=False adds no template)")  # undefined
     length = bucket(max(len(r) for r in ids), prompt_buckets)
     bsz = batch_size or len(ids)
     if mesh is not None:  # whole rows per device of the batch axes (fewer texts than devices failed to shard)

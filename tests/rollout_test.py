@@ -159,6 +159,15 @@ def test_generate_without_a_key_draws_fresh_samples_per_call(tiny_params):
     key = jax.random.key(7)  # an explicit key still reproduces
     assert ro.generate(tiny_params, TINY, _FixedTok(), ["q"], cfg=cfg, chat=False, rng=key) == \
         ro.generate(tiny_params, TINY, _FixedTok(), ["q"], cfg=cfg, chat=False, rng=key)
+    # no texts, no work (it failed with "max() arg is an empty sequence"); a text of no tokens has nothing to
+    # condition the first token on (it sampled from an all-padding row; helper review)
+    assert ro.generate(tiny_params, TINY, _FixedTok(), [], cfg=cfg, chat=False) == []
+    class EmptyTok(_FixedTok):
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [5] if text else []}
+
+    with pytest.raises(ValueError, match=r"generate: texts \[1\] encode to no tokens"):
+        ro.generate(tiny_params, TINY, EmptyTok(), ["q", ""], cfg=cfg, chat=False)
 
 
 def test_generate_on_a_mesh_pads_to_its_devices_and_drops_a_final_stop_sequence(tiny_params):
