@@ -23,6 +23,32 @@ def _scalar(v):
     return x if isinstance(x, (int, float, bool)) else None
 
 
+class _EventFile:
+    """TensorBoard scalars written synchronously to one event file (tensorboardX's record format and protos).
+    tensorboardX's `SummaryWriter` writes from a background thread through a 10-slot queue: one failed write (a
+    full disk, even briefly) killed the thread, and the next `add_scalar` blocked for good, SIGTERM included
+    (helper review). Here a write error raises in the caller, and each `log` call flushes its rows."""
+
+    def __init__(self, logdir: pathlib.Path):
+        from tensorboardX.event_file_writer import EventsWriter
+
+        logdir.mkdir(parents=True, exist_ok=True)
+        self._w = EventsWriter(str(logdir / "events"))
+
+    def add_scalar(self, tag: str, value: float, step: int, walltime: float | None = None):
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.summary import scalar
+
+        self._w.write_event(Event(summary=scalar(tag, value), step=int(step),
+                                  wall_time=time.time() if walltime is None else walltime))
+
+    def flush(self):
+        self._w.flush()
+
+    def close(self):
+        self._w.close()
+
+
 class MetricsLogger:
     """Appends `{"phase", "step", "time", **metrics}` lines to `metrics.jsonl` and writes TensorBoard scalars."""
 
@@ -50,11 +76,11 @@ class MetricsLogger:
         self._jsonl = open(path, "a", buffering=1)
         if tensorboard:
             try:
-                from tensorboardX import SummaryWriter
-
-                self._tb = SummaryWriter(str(self.dir / "tensorboard"))
+                self._tb = _EventFile(self.dir / "tensorboard")
             except ImportError:  # optional: JSONL stays the source of truth
                 self._tb = None
+            except OSError as e:
+                self._tb_failed(e)
 
     def log(self, phase: str, step: int, metrics: dict) -> dict:
         row = {k: s for k, v in metrics.items() if (s := _scalar(v)) is not None}
@@ -64,13 +90,35 @@ class MetricsLogger:
         now = time.time()
         self._jsonl.write(json.dumps({"phase": phase, "step": int(step), "time": now, **row}) + "\n")
         self._tb_write(phase, step, row, now)
+        if self._tb is not None:
+            try:
+                self._tb.flush()
+            except OSError as e:
+                self._tb_failed(e)
         return row
 
     def _tb_write(self, phase, step, row, walltime=None):
         if self._tb is not None:
-            for k, v in row.items():
-                if isinstance(v, (int, float)) and v is not None:
-                    self._tb.add_scalar(f"{phase}/{k}", v, int(step), walltime=walltime)
+            try:
+                for k, v in row.items():
+                    if isinstance(v, (int, float)) and v is not None:
+                        self._tb.add_scalar(f"{phase}/{k}", v, int(step), walltime=walltime)
+            except OSError as e:
+                self._tb_failed(e)
+
+    def _tb_failed(self, e: OSError):
+        """TensorBoard is a mirror of metrics.jsonl: a failed write turns it off for this process, with a warning,
+        and the next process to resume rebuilds the event files from the JSONL."""
+        import logging
+
+        logging.getLogger(__name__).warning("%s: TensorBoard write failed (%s); TensorBoard is off until the run is "
+                                             "resumed (metrics.jsonl keeps every row)", self.dir / "tensorboard", e)
+        if self._tb is not None:
+            try:
+                self._tb.close()
+            except OSError:
+                pass
+        self._tb = None
 
     def rewind(self, last_steps: dict[str, int]) -> int:
         """Drops the `metrics.jsonl` rows of phase p with a step above `last_steps[p]` (and lines a crash cut):
@@ -102,15 +150,18 @@ class MetricsLogger:
             if self._tb is not None:  # the event files mirror metrics.jsonl: rebuilt from the kept rows
                 import shutil
 
-                from tensorboardX import SummaryWriter
-
-                self._tb.close()
-                shutil.rmtree(self.dir / "tensorboard", ignore_errors=True)
-                self._tb = SummaryWriter(str(self.dir / "tensorboard"))
-                for line in kept:
-                    row = json.loads(line)
-                    phase, step = row.pop("phase"), row.pop("step", 0)
-                    self._tb_write(phase, step, row, row.pop("time", None))  # at the time it was logged
+                try:
+                    self._tb.close()
+                    shutil.rmtree(self.dir / "tensorboard", ignore_errors=True)
+                    self._tb = _EventFile(self.dir / "tensorboard")
+                    for line in kept:
+                        row = json.loads(line)
+                        phase, step = row.pop("phase"), row.pop("step", 0)
+                        self._tb_write(phase, step, row, row.pop("time", None))  # at the time it was logged
+                    if self._tb is not None:
+                        self._tb.flush()
+                except OSError as e:
+                    self._tb_failed(e)
         self._jsonl = open(path, "a", buffering=1)
         return dropped
 

@@ -192,3 +192,48 @@ def test_rebuilt_tensorboard_rows_keep_the_time_they_were_logged(tmp_path):
     walls.clear()
     assert sorted(_tensorboard_scalars(tmp_path / "tensorboard")) == [("sft/loss", i, float(i)) for i in range(3)]
     assert sorted(walls) == [1.0e9, 1.0e9 + 1, 1.0e9 + 2] and len(logged) == 3
+
+
+def test_a_failed_tensorboard_write_turns_tensorboard_off_and_never_blocks(tmp_path, monkeypatch, caplog):
+    """tensorboardX wrote from a background thread through a 10-slot queue: one failed write (a full disk) killed the
+    thread, and the next add_scalar blocked for good, SIGTERM included (helper review: a tiny pipeline hung in
+    run_rl's log call). Writes are now synchronous: a failure warns, TensorBoard stops, metrics.jsonl goes on, and
+    the next process rebuilds the event files from it. The run's rows are readable as soon as they are logged."""
+    import json
+    import threading
+
+    from tensorboardX.event_file_writer import EventsWriter
+
+    from reftjax.metrics import MetricsLogger
+
+    log = MetricsLogger(tmp_path, tensorboard=True, enabled=True)
+    log.log("rl", 1, {"reward": 0.5, "kl": 0.0})
+    walls.clear()
+    assert sorted(_tensorboard_scalars(tmp_path / "tensorboard")) == [("rl/kl", 1, 0.0), ("rl/reward", 1, 0.5)]
+    real, calls = EventsWriter.write_event, [0]
+
+    def full_disk(self, event):
+        calls[0] += 1
+        if calls[0] == 2:
+            raise OSError(28, "No space left on device")
+        return real(self, event)
+
+    monkeypatch.setattr(EventsWriter, "write_event", full_disk)
+    done = threading.Event()
+    worker = threading.Thread(target=lambda: ([log.log("rl", s, {"reward": 0.1 * s, "kl": 0.0}) for s in range(2, 40)],
+                                              done.set()), daemon=True)
+    with caplog.at_level("WARNING"):
+        worker.start()
+        assert done.wait(30), "logging blocked after a failed TensorBoard write"
+    assert "TensorBoard write failed ([Errno 28] No space left on device)" in caplog.text
+    assert calls[0] == 2  # off after the failure
+    log.close()
+    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 40))
+    monkeypatch.setattr(EventsWriter, "write_event", real)
+    log = MetricsLogger(tmp_path, tensorboard=True, enabled=True)  # the resume
+    log.rewind({"rl": 39})
+    log.close()
+    walls.clear()
+    assert sorted(s for s in _tensorboard_scalars(tmp_path / "tensorboard") if s[0] == "rl/reward") == \
+        [("rl/reward", s, pytest.approx(0.5 if s == 1 else 0.1 * s)) for s in range(1, 40)]
