@@ -123,6 +123,32 @@ def data_fingerprints(data: Data) -> dict:
                                      ("test", data.test_ds, data.test_items))}
 
 
+@jax.jit
+def _bit_sums(params):
+    """Per leaf, two uint32 sums of its raw bits (plain, and weighted by position mod 65521): integer sums wrap
+    and are exact, so they do not depend on the mesh, the sharding or the reduction order."""
+    def one(x):
+        bits = jax.lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize])
+        bits = bits.astype(jnp.uint32)
+        pos = jnp.zeros(x.shape, jnp.uint32)  # a function of the flat index (no [N] iota: the leaf's own sharding)
+        for d in range(x.ndim):
+            stride = int(np.prod(x.shape[d + 1:], dtype=np.int64)) % 65521
+            pos = pos + jax.lax.broadcasted_iota(jnp.uint32, x.shape, d) * jnp.uint32(stride)
+        return jnp.stack([jnp.sum(bits), jnp.sum(bits * (pos % 65521 + 1))])
+    return jax.tree.map(one, params)
+
+
+def model_fingerprint(params) -> str:
+    """A digest of the loaded weights (their bits; `_bit_sums`), recorded in data.json: a rerun resumes the run's
+    policy against a reference, and a cached evaluation, of the model it was started on; a different model behind
+    the same `--model` (a folder replaced, a relative path from another directory, a moved hub revision) is refused."""
+    leaves = jax.tree_util.tree_leaves_with_path(to_host(_bit_sums(params)))
+    h = hashlib.blake2b(digest_size=8)
+    for path, sums in leaves:
+        h.update(jax.tree_util.keystr(path).encode() + np.asarray(sums, np.uint32).tobytes())
+    return h.hexdigest()
+
+
 def _check_same_data(path: pathlib.Path, new: dict) -> None:
     """A rerun resumes checkpoints, loader positions and finished evaluations taken on the data in `path`
     (`data.json`): refused when the data differs (a file edited in place keeps the settings and maybe the count)."""
@@ -131,8 +157,13 @@ def _check_same_data(path: pathlib.Path, new: dict) -> None:
     except (OSError, ValueError) as e:
         raise RunDirError(f"{path}: unreadable ({type(e).__name__}: {e}); this run directory cannot be resumed: "
                           f"use a new output directory") from e
+    if "model" in old and old["model"] != new.get("model"):  # (runs started before it was recorded: not checked)
+        raise RunDirError(f"{path}: the model's weights differ from those this run was started on (digest "
+                          f"{old['model'].get('params')} -> {new.get('model', {}).get('params')}): a model folder "
+                          f"replaced, or a relative --model read from another directory? Rerunning resumes the run, "
+                          f"so load the original model or use a new output directory")
     changed = [f"{split} ({', '.join(k for k in new[split] if old.get(split, {}).get(k) != new[split][k])})"
-               for split in new if old.get(split) != new[split]]
+               for split in new if split != "model" and old.get(split) != new[split]]
     if changed:
         raise RunDirError(f"{path}: the data differs from the data this run was started on: {'; '.join(changed)} "
                           f"(a data file edited or replaced?); rerunning resumes the run, so use the original data or "
@@ -764,7 +795,7 @@ def _run(cfg: ExperimentConfig, out: pathlib.Path, progress: bool) -> dict:
     data = prepare_data(cfg, model.tokenizer)
     check_train_size(cfg, data)
     check_grader_fields(grader, data)
-    prints, data_path = data_fingerprints(data), out / "data.json"
+    prints, data_path = {**data_fingerprints(data), "model": {"params": model_fingerprint(model.params)}}, out / "data.json"
     if ran and data_path.exists():
         _check_same_data(data_path, prints)
     _write_json(cfg_path, to_dict(cfg))  # once the model and data are in: a typo in either does not claim `out`

@@ -62,6 +62,36 @@ def single_device_logits(random_params):
     return params, np.asarray(logits)
 
 
+def test_the_model_fingerprint_is_the_same_on_every_mesh_and_tells_other_weights_apart(single_device_logits, tmp_path):
+    """data.json records a digest of the loaded weights: a rerun with another model behind the same --model (a folder
+    replaced; a relative path from another directory) resumed the policy against a new reference, silently (helper
+    review: KL 0.0002 -> 0.56 at the resumed iteration). It must not depend on the mesh, which a rerun may change."""
+    import jax.numpy as jnp
+
+    from reftjax.train import RunDirError, _check_same_data, model_fingerprint
+
+    params_np, _ = single_device_logits
+    one = model_fingerprint(params_np)
+    for mesh_cfg in (MeshConfig(data=2, fsdp=4), MeshConfig(data=1, fsdp=2, tensor=4)):
+        assert model_fingerprint(place_params(params_np, CFG, make_mesh(mesh_cfg))) == one, mesh_cfg
+    leaves, treedef = jax.tree.flatten(params_np)
+    for i, change in ((0, lambda x: x.at[3].add(1e-6)), (-1, lambda x: jnp.flip(x, 0))):  # a value; a permutation
+        other = list(leaves)
+        other[i] = change(jnp.asarray(other[i]))
+        assert model_fingerprint(jax.tree.unflatten(treedef, other)) != one
+    bf16 = jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), params_np)
+    assert model_fingerprint(bf16) not in (one, None)
+    split = {"examples": 4, "tokens": "t", "items": "i"}
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps({"train": split, "model": {"params": one}}))
+    _check_same_data(path, {"train": split, "model": {"params": one}})
+    with pytest.raises(RunDirError, match=rf"the model's weights differ from those this run was started on \(digest "
+                                          rf"{one} -> 0123\)"):
+        _check_same_data(path, {"train": split, "model": {"params": "0123"}})
+    path.write_text(json.dumps({"train": split}))  # a run started before the digest was recorded: not checked
+    _check_same_data(path, {"train": split, "model": {"params": "0123"}})
+
+
 @pytest.mark.parametrize("mesh_cfg", [MeshConfig(data=2, fsdp=4), MeshConfig(data=2, tensor=4)],
                          ids=["data2_fsdp4", "data2_tensor4"])
 def test_sharded_forward_matches_single_device(mesh_cfg, single_device_logits):
