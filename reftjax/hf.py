@@ -455,25 +455,32 @@ def load_generation_config(directory: pathlib.Path):
         raise CheckpointError(f"{path}: cannot be read as a transformers generation config ({e})") from e
 
 
+_ASIDE_MARK = ".reftjax-replaced"  # in a previous export moved aside by `save_hf` (and only there)
+
+
 def _clear_killed_export(out: pathlib.Path) -> None:
     """What a killed `save_hf` of `out` left beside it: its temporary folders (`<name>.tmpXXXXXXXX`, a whole
-    model's size each) are deleted; a previous export moved to `<name>.old` but not yet replaced (the kill came
-    between the two renames) is moved back, or deleted when `out` is in place."""
+    model's size each) are deleted; a previous export it moved aside (`<name>.oldXXXXXXXX`, marked inside) but had
+    not yet replaced (the kill came between the two renames) is moved back, or deleted when `out` is in place.
+    Nothing else is touched: a user's own `<name>.old` backup is not `save_hf`'s (it deleted one, helper review)."""
     import re
     import shutil
 
     if not out.parent.is_dir():
         return
-    pattern = re.compile(re.escape(out.name) + r"\.tmp[a-z0-9_]{8}")  # tempfile.mkdtemp's names
-    for p in out.parent.iterdir():
-        if p.is_dir() and not p.is_symlink() and pattern.fullmatch(p.name):
+    tmp = re.compile(re.escape(out.name) + r"\.tmp[a-z0-9_]{8}")  # tempfile.mkdtemp's names
+    aside = re.compile(re.escape(out.name) + r"\.old[a-z0-9_]{8}")
+    for p in sorted(out.parent.iterdir()):
+        if not p.is_dir() or p.is_symlink():
+            continue
+        if tmp.fullmatch(p.name):
             shutil.rmtree(p, ignore_errors=True)
-    old = out.with_name(out.name + ".old")
-    if old.is_dir() and (old / "config.json").is_file():
-        if out.exists():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.rename(out)
+        elif aside.fullmatch(p.name) and (p / _ASIDE_MARK).is_file():
+            if out.exists():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                (p / _ASIDE_MARK).unlink()
+                p.rename(out)
 
 
 def save_hf(out_dir: str | os.PathLike, params, cfg, hf_config, tokenizer=None, dtype: str | None = None,
@@ -542,12 +549,13 @@ def save_hf(out_dir: str | os.PathLike, params, cfg, hf_config, tokenizer=None, 
             finally:
                 if borrowed:
                     tokenizer.pad_token = tokenizer.eos_token
-        if out.exists():
-            old = out.with_name(out.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
+        if out.exists():  # moved aside under a fresh name, marked as ours, so a kill here is undone next time
+            aside = pathlib.Path(tempfile.mkdtemp(prefix=out.name + ".old", dir=out.parent))
+            aside.rmdir()
+            (out / _ASIDE_MARK).touch()
+            out.rename(aside)
             tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(aside, ignore_errors=True)
         else:
             tmp.rename(out)
     except BaseException:

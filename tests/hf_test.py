@@ -342,7 +342,11 @@ def test_generation_config_is_read_and_exported_and_the_pad_token_is_not(tmp_pat
 
 def test_an_export_clears_what_a_killed_export_left(tmp_path, random_params):
     """A SIGKILL during save_hf left its temporary folder (a whole model) beside the export for good, and a kill
-    between its two renames left no export at all, only `<name>.old`."""
+    between its two renames left no export at all, only the previous one moved aside. The moved-aside folder was
+    `<name>.old`, a name users give backups: save_hf deleted a user's `final.old` (helper review). It is now
+    `<name>.oldXXXXXXXX`, marked inside, and only such folders are moved back or deleted."""
+    from reftjax.hf import _ASIDE_MARK, _clear_killed_export
+
     params = random_params(TINY)
     out = save_hf(tmp_path / "final", params, TINY, _tiny_hf_config(TINY))
     litter = tmp_path / "final.tmpab_c9xyz"
@@ -351,17 +355,31 @@ def test_an_export_clears_what_a_killed_export_left(tmp_path, random_params):
     keep = [tmp_path / "final.tmp", tmp_path / "final.tmpnotmine_x", tmp_path / "other.tmpab_c9xyz"]
     for k in keep:
         k.mkdir()
-    out.rename(tmp_path / "final.old")  # killed between the renames: the previous export is only in .old
+    aside = tmp_path / "final.oldk3_x9abz"
+    (out / _ASIDE_MARK).touch()
+    out.rename(aside)  # killed between the renames: the previous export is only in the marked folder aside
     save_hf(tmp_path / "best", params, TINY, _tiny_hf_config(TINY))  # another export leaves it alone
-    assert (tmp_path / "final.old" / "config.json").is_file() and litter.exists()
+    assert (aside / "config.json").is_file() and litter.exists()
     save_hf(out, params, TINY, _tiny_hf_config(TINY))
-    assert not litter.exists() and not (tmp_path / "final.old").exists() and (out / "config.json").is_file()
+    assert not litter.exists() and not aside.exists() and (out / "config.json").is_file()
     assert all(k.is_dir() for k in keep)  # only names tempfile.mkdtemp gives this export are removed
-    from reftjax.hf import _clear_killed_export
-
-    out.rename(tmp_path / "final.old")
+    (out / _ASIDE_MARK).touch()
+    out.rename(aside)
     _clear_killed_export(out)  # the previous export is moved back, not deleted
-    assert (out / "config.json").is_file() and not (tmp_path / "final.old").exists()
+    assert (out / "config.json").is_file() and not aside.exists() and not (out / _ASIDE_MARK).exists()
+    # a user's backups beside the export, with or without a model in them, survive re-exports
+    for name in ("final.old", "final.oldbackup1"):  # (the second has the aside's name shape, but no mark)
+        backup = tmp_path / name
+        backup.mkdir()
+        (backup / "config.json").write_text("{}")
+        (backup / "MY_NOTES.txt").write_text("mine")
+    save_hf(out, params, TINY, _tiny_hf_config(TINY))
+    out.rename(tmp_path / "moved")  # no export in place either: a backup is not moved into its place
+    save_hf(out, params, TINY, _tiny_hf_config(TINY))
+    for name in ("final.old", "final.oldbackup1"):
+        assert (tmp_path / name / "MY_NOTES.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("final")) == [
+        "final", "final.old", "final.oldbackup1", *sorted(k.name for k in keep if k.name.startswith("final"))]
 
 
 def test_save_hf_of_the_whole_rl_tree_names_the_policy(tmp_path, random_params):
