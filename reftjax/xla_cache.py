@@ -31,7 +31,9 @@ from __future__ import annotations
 
 import collections
 import importlib.util
+import logging
 import os
+import tempfile
 import threading
 import time
 
@@ -72,8 +74,16 @@ def enable(setting: str | None) -> str | None:
     settled its cache) earlier in the process, e.g. in a notebook.
     """
     path = cache_dir(setting)
-    if path is not None:
-        os.makedirs(path, exist_ok=True)
+    if path is not None:  # an optimisation: a directory this process cannot write (a read-only home) turns it off
+        try:
+            os.makedirs(path, exist_ok=True)
+            probe = tempfile.NamedTemporaryFile(dir=path, prefix=".write-probe")
+            probe.close()
+        except OSError as e:
+            logging.getLogger(__name__).warning("%s: the XLA compilation cache is off (%s); set "
+                                                "JAX_COMPILATION_CACHE_DIR or compilation_cache to a writable "
+                                                "directory to keep compiled programs across runs", path, e)
+            path = None
     cap = jax.config.jax_compilation_cache_max_size
     if (path is not None and setting is None and cap == -1
             and importlib.util.find_spec("filelock") is not None):  # JAX's LRU eviction locks with filelock

@@ -57,6 +57,16 @@ def test_empty_setting_turns_the_cache_off(tmp_path):
     assert not (tmp_path / "env").exists()
 
 
+def test_a_cache_directory_that_cannot_be_written_turns_the_cache_off_with_a_warning(tmp_path):
+    """The cache is an optimisation, but a read-only cache root (common on cluster nodes) stopped the run at start-up
+    with an OSError traceback (helper review: rc 1 after 3 s). Here the root is a file, which not even root can
+    create a directory under."""
+    (tmp_path / "home").write_text("a file, not a directory")
+    res, err = _probe("default", _env(REFTJAX_CACHE=str(tmp_path / "home")), stderr=True)
+    assert res["path"] is None and res["cache_dir"] is None and res["programs"] >= 1
+    assert f"{tmp_path / 'home' / 'xla'}: the XLA compilation cache is off" in err
+
+
 def test_default_directory_follows_jax_env_then_reftjax_cache_then_home(tmp_path, monkeypatch):
     monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "env"))
     monkeypatch.setenv("REFTJAX_CACHE", str(tmp_path / "rc"))
