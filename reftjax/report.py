@@ -1,6 +1,7 @@
 """Run reports: `summary.json`, `summary.md` and PNG plots from `metrics.jsonl` / `evals.json`."""
 from __future__ import annotations
 
+import io
 import json
 import pathlib
 import time
@@ -91,7 +92,7 @@ def write_summary(out: pathlib.Path, cfg, evals: dict, wall_seconds: float, writ
     }
     if not write:
         return summary
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    _replace(out / "summary.json", json.dumps(summary, indent=2).encode())
     t, v = summary["test_accuracy"], summary["test_voting_accuracy"]
     test_stats = (data_stats or {}).get("test") or {}
     dropped = ""
@@ -134,7 +135,7 @@ def write_summary(out: pathlib.Path, cfg, evals: dict, wall_seconds: float, writ
         "Plots: plots/reward.png, plots/kl.png, plots/response_length.png, plots/val_accuracy.png"
         + (", plots/val_mean_score.png" if by_score else ""),
     ]
-    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    _replace(out / "summary.md", ("\n".join(lines) + "\n").encode())
     return summary
 
 
@@ -182,6 +183,19 @@ def _plot(path, pts, title, xlabel, ylabel):
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
     plt.close(fig)
+    _replace(path, buf.getvalue())
     return path
+
+
+def _replace(path: pathlib.Path, data: bytes) -> None:
+    """Writes `path` whole or not at all (a temporary sibling renamed over it): a full disk or a kill left a
+    finished run's summary.json cut short, invalid JSON for a script polling for it (helper review)."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_bytes(data)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -155,3 +155,33 @@ def test_wall_time_adds_up_every_invocation_of_a_resumed_run(tmp_path):
     assert summary["invocations"] == 2 and summary["wall_seconds"] == 3.0
     assert 100.0 <= summary["wall_seconds_total"] < 110.0  # 100 s of the first invocation + this one's few
     assert "over all 2 (a killed one counted to its last logged row)" in (tmp_path / "summary.md").read_text()
+
+
+def test_a_failed_summary_write_leaves_the_previous_summary_whole(tmp_path, monkeypatch):
+    """summary.json, summary.md and the plots were written in place: a full disk (or a kill) cut a finished run's
+    valid summary.json to invalid JSON, which a sweep script polling for it then read (helper review)."""
+    import pathlib
+
+    import pytest
+
+    from reftjax.config import ExperimentConfig
+    from reftjax.report import plot_run, write_summary
+
+    write_summary(tmp_path, ExperimentConfig(), _evals(voting=False, base=True), 1.0)
+    plot_run(tmp_path, "accuracy")
+    before = {p.name: p.read_bytes() for p in [*tmp_path.iterdir(), *(tmp_path / "plots").iterdir()] if p.is_file()}
+    assert {"summary.json", "summary.md", "reward.png"} <= set(before)
+    real = pathlib.Path.write_bytes
+
+    def disk_full(self, data):
+        real(self, data[: len(data) // 2])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pathlib.Path, "write_bytes", disk_full)
+    for call in (lambda: write_summary(tmp_path, ExperimentConfig(), _evals(voting=True, base=True), 2.0),
+                 lambda: plot_run(tmp_path, "accuracy")):
+        with pytest.raises(OSError, match="No space left"):
+            call()
+    after = {p.name: p.read_bytes() for p in [*tmp_path.iterdir(), *(tmp_path / "plots").iterdir()] if p.is_file()}
+    assert after == before  # whole, and no temporary file left beside them
+    json.loads((tmp_path / "summary.json").read_text())
