@@ -771,6 +771,9 @@ def _claimed(out: pathlib.Path):
 def run(cfg: ExperimentConfig, out_dir: str | pathlib.Path, *, progress: bool = True) -> dict:
     """Run (or resume) the whole ReFT pipeline; returns the summary dict. One run at a time per directory: a second
     one started while the first runs stops with a RunDirError."""
+    if "://" in str(out_dir):  # pathlib folds gs://b/run into a local gs:/b/run, found at the first checkpoint
+        raise RunDirError(f"{out_dir}: the output directory must be a local (or mounted) path; URLs are not "
+                          f"supported (mount the bucket, e.g. with gcsfuse, and pass the mount's path)")
     maybe_initialize_distributed()
     xla_cache.enable(cfg.compilation_cache)
     out = pathlib.Path(out_dir)

@@ -780,6 +780,10 @@ def test_a_second_run_on_a_directory_in_use_is_refused_and_a_killed_run_leaves_n
         holder.wait()
     with T._claimed(out):  # the killed holder's claim went with it
         pass
+    # a URL was folded into a local relative folder (gs:/bucket/run) and failed at the first checkpoint (helper review)
+    with pytest.raises(T.RunDirError, match=r"gs://bucket/run: the output directory must be a local \(or mounted\)"):
+        T.run(ExperimentConfig(model="/nonexistent/model"), "gs://bucket/run", progress=False)
+    assert not pathlib.Path("gs:").exists()
     with T._claimed(out):  # and a claim ends with its block
         assert (out / ".lock0").read_text().startswith(f"pid {os.getpid()} on ")
 
