@@ -49,8 +49,8 @@ from reftjax.hf import load_model, save_hf
 from reftjax.metrics import MetricsLogger, measured_peak_flops, mfu, read_metrics, rl_iteration_flops
 from reftjax.rerank import VerifierData, init_score_head, init_verifier, make_verifier_step, sample_verifier_data
 from reftjax.rollout import completion_buckets, rollout, trim_to_bucket
-from reftjax.sharding import (BATCH_AXES, is_primary, make_mesh, maybe_initialize_distributed, replicated_like,
-                              shard_batch, to_host)
+from reftjax.sharding import (BATCH_AXES, from_process_0, is_primary, make_mesh, maybe_initialize_distributed,
+                              replicated_like, shard_batch, to_host)
 from reftjax.steps import (init_rl_params, init_state, make_experience_fn, make_optimizer, make_ppo_step, make_sft_step,
                            ppo_updates_per_step, schedule_value)
 
@@ -849,14 +849,18 @@ def _run(cfg: ExperimentConfig, out: pathlib.Path, progress: bool) -> dict:
                 return _interrupted(logger, "eval")
             _eval_once("test_reft", out, logger, exports["best"], model, data.test_ds, data.test_items, grader, cfg,
                        mesh, rl_its, voting=True, verifier=verifier)  # (< rl.iterations after an early stop)
-    exported = out / "export_done.json"  # (every process has its copy, so all skip the collective below together)
-    if cfg.export_hf and not (exported.exists() and json.loads(exported.read_text()).get("exports") == sorted(exports)):
+    # a rerun of the finished run does not export again: process 0 exports, so its marker decides for all (to_host
+    # below is a collective for sharded params, and every process must take the same branch)
+    exported = out / "export_done.json"
+    done = is_primary() and exported.exists() and json.loads(exported.read_text()).get("exports") == sorted(exports)
+    if cfg.export_hf and not from_process_0(np.asarray(done)):
         for name, params in exports.items():
             params = to_host(params)  # a collective on multi-process meshes: every process takes part
             if is_primary():
                 save_hf(out / "hf" / name, params, model.config, model.hf_config, model.tokenizer,
                         generation_config=model.generation_config)
-        _write_json(exported, {"exports": sorted(exports)})  # a rerun of the finished run does not export again
+        if is_primary():  # after its exports: another process's marker could outrun them on a shared directory
+            _write_json(exported, {"exports": sorted(exports)})
     logger.close()
     summary = report.write_summary(out, cfg, _load_evals(out), wall_seconds=time.time() - t_start,
                                    write=is_primary(), data_stats=split_stats(data), compilation=compiles.summary())
