@@ -134,7 +134,11 @@ def _bit_sums(params):
         for d in range(x.ndim):
             stride = int(np.prod(x.shape[d + 1:], dtype=np.int64)) % 65521
             pos = pos + jax.lax.broadcasted_iota(jnp.uint32, x.shape, d) * jnp.uint32(stride)
-        return jnp.stack([jnp.sum(bits), jnp.sum(bits * (pos % 65521 + 1))])
+        # one variadic reduction: XLA fuses the elementwise work into it (two jnp.sum calls shared `bits` and
+        # materialised it as uint32 twice: 4x a bf16 leaf's memory on XLA:CPU)
+        sums = jax.lax.reduce((bits, bits * (pos % 65521 + 1)), (jnp.uint32(0), jnp.uint32(0)),
+                              lambda a, b: (a[0] + b[0], a[1] + b[1]), tuple(range(x.ndim)))
+        return jnp.stack(sums)
     return jax.tree.map(one, params)
 
 
