@@ -620,6 +620,27 @@ def _eos_ids(cfg: ExperimentConfig, model) -> tuple[int, ...]:
     return ids
 
 
+def _export_generation_config(cfg: ExperimentConfig, model):
+    """The generation config exported with the policy: its EOS ids are the run's (`_eos_ids`), so transformers'
+    `generate` on hf/final stops where the run's rollouts and evaluations stopped. In the chat styles the warm-up
+    teaches the template's end of turn, which a base model's EOS need not be: the loaded ids alone were exported and
+    generate ran past the answer (regression review). Stop strings are not exported (transformers' `stop_strings`
+    need a tokenizer passed to every generate call)."""
+    import copy
+
+    from transformers import GenerationConfig
+
+    ids = list(_eos_ids(cfg, model))
+    gen = model.generation_config
+    have = gen.eos_token_id if gen is not None else getattr(model.hf_config, "eos_token_id", None)
+    have = [] if have is None else list(have) if isinstance(have, (list, tuple)) else [have]
+    if set(have) == set(ids):
+        return gen
+    gen = copy.deepcopy(gen) if gen is not None else GenerationConfig.from_model_config(model.hf_config)
+    gen.eos_token_id = ids[0] if len(ids) == 1 else ids
+    return gen
+
+
 def _eval_once(name, out, logger, params, model, ds, items, grader, cfg, mesh, step, voting=False, verifier=None):
     evals = _load_evals(out)
     if name in evals and (verifier is None or "rerank_accuracy" in evals[name]):
@@ -858,11 +879,12 @@ def _run(cfg: ExperimentConfig, out: pathlib.Path, progress: bool) -> dict:
     exported = out / "export_done.json"
     done = is_primary() and exported.exists() and json.loads(exported.read_text()).get("exports") == sorted(exports)
     if cfg.export_hf and not from_process_0(np.asarray(done)):
+        gen = _export_generation_config(cfg, model)
         for name, params in exports.items():
             params = to_host(params)  # a collective on multi-process meshes: every process takes part
             if is_primary():
                 save_hf(out / "hf" / name, params, model.config, model.hf_config, model.tokenizer,
-                        generation_config=model.generation_config)
+                        generation_config=gen)
         if is_primary():  # after its exports: another process's marker could outrun them on a shared directory
             _write_json(exported, {"exports": sorted(exports)})
     logger.close()

@@ -240,7 +240,7 @@ def test_text_that_spells_a_special_token_stays_text_and_chat_styles_refuse_it(s
                           with_targets=False)
 
 
-def test_chat_targets_end_with_the_templates_end_of_turn_token(smollm_tokenizer, gsm8k_train):
+def test_chat_targets_end_with_the_templates_end_of_turn_token(smollm_tokenizer, gsm8k_train, tmp_path):
     """Chat-style SFT targets ended with the tokenizer's EOS whatever the template puts after a reply: with a
     Llama-3 layout (eos <|end_of_text|>, end of turn <|eot_id|>) the warm-up taught replies ending off-template
     (helper review). SmolLM2's layout mimicked with its own tokens: EOS <|endoftext|> (0), end of turn <|im_end|> (2)."""
@@ -266,3 +266,21 @@ def test_chat_targets_end_with_the_templates_end_of_turn_token(smollm_tokenizer,
     assert _eos_ids(replace_path(ExperimentConfig(), "data.prompt.style", "chat"), model) == (0, 2)
     assert _eos_ids(ExperimentConfig(), model) == (0,)
     assert _eos_ids(replace_path(ExperimentConfig(), "rl.sampling.eos_ids", (5,)), model) == (5,)
+    # and the exported policy's generation config stops there too: transformers' generate on hf/final ran past the
+    # end of turn, the loaded EOS alone exported (regression review)
+    from transformers import GenerationConfig, LlamaConfig
+
+    from reftjax.train import _export_generation_config
+
+    chat_cfg = replace_path(ExperimentConfig(), "data.prompt.style", "chat")
+    for gen in (GenerationConfig(eos_token_id=0, bos_token_id=1, temperature=0.6, do_sample=True), None):
+        model.generation_config, model.hf_config = gen, LlamaConfig(eos_token_id=0, bos_token_id=1)
+        out = _export_generation_config(chat_cfg, model)
+        out.save_pretrained(tmp_path / str(gen is None))
+        back = GenerationConfig.from_pretrained(tmp_path / str(gen is None))
+        assert back.eos_token_id == [0, 2] and back.bos_token_id == 1
+        if gen is not None:
+            assert (back.temperature, back.do_sample, gen.eos_token_id) == (0.6, True, 0)  # the rest kept; a copy
+        assert _export_generation_config(ExperimentConfig(), model) is gen  # plain style: unchanged
+    model.generation_config = GenerationConfig(eos_token_id=[2, 0])
+    assert _export_generation_config(chat_cfg, model) is model.generation_config
