@@ -53,9 +53,10 @@ class OptimConfig:
       weight_decay: decoupled AdamW decay of the weight matrices and embeddings; norm scales and
         biases are not decayed (HF Trainer's grouping).
       grad_clip: global-norm clip; 0 (or less) turns clipping off, as HF's `max_grad_norm` does.
-      value_head_lr_scale: multiplies the update of the `params["value_head"]` subtree (the
-        critic's own lr is `learning_rate * value_head_lr_scale`; the shared backbone keeps
-        `learning_rate`). ReFT uses one lr for all (1.0). Under Adam a weight moves by about
+      value_head_lr_scale: multiplies the update of the critic: the `params["value_head"]`
+        subtree and a separate critic trunk, `params["critic"]` (the critic's own lr is
+        `learning_rate * value_head_lr_scale`; the shared backbone keeps `learning_rate`).
+        PPO only: the SFT and verifier phases refuse another value. ReFT uses one lr for all (1.0). Under Adam a weight moves by about
         lr per step whatever its gradient, so a fresh critic at a policy-sized lr (1e-6..1e-4)
         needs thousands of updates to fit the returns; separate critic lrs are the norm in
         verl/OpenRLHF.
@@ -231,13 +232,14 @@ def schedule_value(cfg: OptimConfig, total_steps: int, count: int) -> float:
     return lr * 0.5 * (1.0 + math.cos(math.pi * frac))
 
 
-def _scale_subtree(key: str, scale: float) -> optax.GradientTransformation:
-    """Stateless: multiplies the updates under top-level `key` (when present) by `scale`."""
+def _scale_subtrees(keys: tuple[str, ...], scale: float) -> optax.GradientTransformation:
+    """Stateless: multiplies the updates under the top-level `keys` (those present) by `scale`."""
 
     def update(updates, state, params=None):
         del params
-        if isinstance(updates, dict) and key in updates:
-            updates = {**updates, key: jax.tree.map(lambda u: u * jnp.asarray(scale, u.dtype), updates[key])}
+        if isinstance(updates, dict):
+            updates = {k: jax.tree.map(lambda u: u * jnp.asarray(scale, u.dtype), v) if k in keys else v
+                       for k, v in updates.items()}
         return updates, state
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
@@ -274,7 +276,8 @@ def make_optimizer(cfg: OptimConfig, total_steps: int, *, separate_critic_state:
     else:
         parts = [clip, adamw()]
     if cfg.value_head_lr_scale != 1.0:  # only then: keeps the optimizer-state tree of existing checkpoints
-        parts.append(_scale_subtree("value_head", cfg.value_head_lr_scale))
+        # the whole critic: a separate critic trunk trained at the policy's lr while its head had the critic's
+        parts.append(_scale_subtrees(("value_head", "critic"), cfg.value_head_lr_scale))
     return optax.chain(*parts)
 
 

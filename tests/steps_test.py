@@ -378,8 +378,10 @@ def test_value_head_lr_scale_scales_only_the_critic_update():
     """OptimConfig.value_head_lr_scale=k: the value head moves k times as far as with 1.0 (AdamW, NumPy-checkable
     first step: |update| = lr * k per weight for a nonzero gradient), the policy exactly as far; 1.0 keeps the
     plain two-part optimizer state (old checkpoints stay loadable)."""
-    params = {"policy": {"w": jnp.ones((3,))}, "value_head": {"summary": {"kernel": jnp.ones((2, 1))}}}
-    grads = {"policy": {"w": jnp.array([0.1, -0.2, 0.3])}, "value_head": {"summary": {"kernel": jnp.array([[0.5], [-1e-3]])}}}
+    params = {"policy": {"w": jnp.ones((3,))}, "value_head": {"summary": {"kernel": jnp.ones((2, 1))}},
+              "critic": {"w": jnp.ones((2,))}}  # a separate critic trunk (PPOConfig.critic="separate")
+    grads = {"policy": {"w": jnp.array([0.1, -0.2, 0.3])}, "value_head": {"summary": {"kernel": jnp.array([[0.5], [-1e-3]])}},
+             "critic": {"w": jnp.array([0.2, -0.4])}}
     out = {}
     for scale in (1.0, 7.0):
         tx = make_optimizer(OptimConfig(learning_rate=1e-2, schedule="constant", warmup_ratio=0.0,
@@ -393,6 +395,9 @@ def test_value_head_lr_scale_scales_only_the_critic_update():
     np.testing.assert_allclose(out[7.0]["value_head"]["summary"]["kernel"],
                                7.0 * np.asarray(out[1.0]["value_head"]["summary"]["kernel"]), rtol=1e-6)
     np.testing.assert_allclose(out[1.0]["value_head"]["summary"]["kernel"], [[-1e-2], [1e-2]], rtol=1e-3)
+    # the separate trunk is the critic's too: it trained at the policy's lr while its head had the critic's
+    np.testing.assert_allclose(out[7.0]["critic"]["w"], 7.0 * np.asarray(out[1.0]["critic"]["w"]), rtol=1e-6)
+    np.testing.assert_allclose(out[1.0]["critic"]["w"], [-1e-2, 1e-2], rtol=1e-3)
     with pytest.raises(ValueError, match="value_head_lr_scale"):
         OptimConfig(value_head_lr_scale=0.0)
 
