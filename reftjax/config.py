@@ -12,7 +12,8 @@ import math
 import typing
 from typing import Any
 
-from reftjax.data import PromptConfig, TokenizeConfig
+from reftjax.data import DATASETS, PromptConfig, TokenizeConfig
+from reftjax.data.records import FORMATS
 from reftjax.evaluate import EvalConfig
 from reftjax.graders.guards import GuardConfig
 from reftjax.rerank import RerankConfig
@@ -58,6 +59,25 @@ class DataConfig:
                 raise ValueError(f"data.{name} must be >= 1 or null (all), got {n}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
+        # the names are checked here, not after the model's weights load (a traceback, minutes in at 7B)
+        if self.train_file is None:
+            if self.train_format is not None:
+                raise ValueError(f"data.train_format={self.train_format!r} is the format of data.train_file, "
+                                 f"which is not set (data.dataset={self.dataset!r} is read)")
+            if self.dataset not in DATASETS:
+                raise ValueError(f"data.dataset must be one of {DATASETS} (or set data.train_file), got "
+                                 f"{self.dataset!r}")
+        elif self.train_format not in FORMATS:
+            raise ValueError(f"data.train_file needs data.train_format, one of {FORMATS}; got {self.train_format!r}")
+        if self.answer_field is not None and self.train_format != "openai":
+            raise ValueError(f"data.answer_field is read from openai-format train files only (data.train_format="
+                             f"{self.train_format!r})")
+        if self.test_dataset not in DATASETS:
+            raise ValueError(f"data.test_dataset must be one of {DATASETS}, got {self.test_dataset!r}")
+        if self.test_split not in ("train", "test"):
+            raise ValueError(f"data.test_split must be 'test' or 'train' (GSM8K's splits), got {self.test_split!r}")
+        if self.seed < 0:
+            raise ValueError(f"data.seed must be >= 0, got {self.seed}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +103,16 @@ class SFTConfig:
         if self.epochs < 0 or (self.schedule_epochs is not None and self.schedule_epochs < max(self.epochs, 1)):
             raise ValueError(f"sft: need epochs >= 0 and schedule_epochs >= epochs; got epochs={self.epochs}, "
                              f"schedule_epochs={self.schedule_epochs}")
+        # (each failed at the warm-up's first step or batch, after the pre-SFT evaluation; helper review)
+        if self.batch_size < 1 or self.group_by_length < 0 or self.head_chunk_rows < 0:
+            raise ValueError(f"sft: need batch_size >= 1, group_by_length >= 0 and head_chunk_rows >= 0; got "
+                             f"{self.batch_size}, {self.group_by_length}, {self.head_chunk_rows}")
+        if self.accum_steps < 1 or self.batch_size % self.accum_steps:
+            raise ValueError(f"sft.accum_steps={self.accum_steps} must be >= 1 and divide sft.batch_size="
+                             f"{self.batch_size}")
+        if self.optim.value_head_lr_scale != 1.0:
+            raise ValueError("sft.optim.value_head_lr_scale: the warm-up trains no value head (set it under "
+                             "rl.optim)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,6 +170,13 @@ class RLConfig:
         if self.ppo.experience_from_rollout and (s.top_k or s.top_p < 1.0):
             raise ValueError("rl.ppo.experience_from_rollout needs the rollout to sample from the policy itself "
                              f"(top_k 0, top_p 1); got {s}")
+        if self.ppo.critic_only:  # (crashed at the first PPO step, after the warm-up; helper review)
+            raise ValueError("rl.ppo.critic_only is for a second, critic warm-up step built with make_optimizer(..., "
+                             "separate_critic_state=True); the training loop runs no critic warm-up")
+        if s.pad_id != SamplingConfig().pad_id:
+            raise ValueError("rl.sampling.pad_id: the run pads with the tokenizer's pad token; leave it unset")
+        if self.value_head_seed < 0:
+            raise ValueError(f"rl.value_head_seed must be >= 0, got {self.value_head_seed}")
         if self.ppo.share_prompt and self.ppo.algo == "ppo" and s.n != self.ppo.group_size:
             raise ValueError(f"rl.ppo.share_prompt packs rl.ppo.group_size={self.ppo.group_size} samples per prompt "
                              f"but rl.sampling.n={s.n}: set them equal")
@@ -187,6 +224,15 @@ class ExperimentConfig:
     def __post_init__(self):
         if self.rerank.epochs and not self.eval.voting_k:
             raise ValueError("rerank.epochs > 0 scores the test set's voting samples: set eval.voting_k > 0")
+        if self.seed < 0:  # (NumPy's generators refuse it: the loaders failed after the pre-SFT evaluation)
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
+        grader, style = dict(self.grader), self.data.prompt.style
+        if grader.get("type") == "reft" and (grader.get("cot", "nl") == "python") != style.endswith("python"):
+            # P-CoT prompts force a program and its targets have no answer line: an N-CoT grader scores even the
+            # gold targets 0, and an N-CoT prompt's answers run as programs: the reward is never earned
+            raise ValueError(f"data.prompt.style={style!r} does not match the ReFT grader's cot="
+                             f"{grader.get('cot', 'nl')!r}: the python styles ('reft-python', 'chat-python') go with "
+                             f"cot 'python', the others with 'nl'")
 
     @property
     def grader_dict(self) -> dict:

@@ -50,6 +50,12 @@ class EvalConfig:
         if self.voting_rows < 0 or self.voting_k < 0:
             raise ValueError(f"eval.voting_rows and eval.voting_k must be >= 0, got {self.voting_rows}, "
                              f"{self.voting_k}")
+        if self.voting_k and 0 < self.voting_rows < self.voting_k:  # one prompt's samples are one rollout
+            raise ValueError(f"eval.voting_rows={self.voting_rows} is below eval.voting_k={self.voting_k}: a voting "
+                             f"rollout samples at least one prompt's k rows (0: the whole batch)")
+        if self.batch_size < 1 or self.max_new_tokens < 1 or self.rerank_chunk_rows < 0:
+            raise ValueError(f"eval: need batch_size >= 1, max_new_tokens >= 1 and rerank_chunk_rows >= 0; got "
+                             f"{self.batch_size}, {self.max_new_tokens}, {self.rerank_chunk_rows}")
         if not 1 <= self.decode_segments <= self.max_new_tokens:
             raise ValueError(f"eval.decode_segments must be in [1, max_new_tokens = {self.max_new_tokens}], "
                              f"got {self.decode_segments}")

@@ -79,6 +79,13 @@ class RerankConfig:
             raise ValueError("rerank: need epochs >= 0 and samples_per_question, batch_size, prompts_per_batch >= 1")
         if self.temperature <= 0:
             raise ValueError(f"rerank.temperature must be > 0, got {self.temperature}")
+        # (each failed after the warm-up and the evaluations before the verifier; helper review)
+        if (self.n_questions is not None and self.n_questions < 1) or self.max_new_tokens < 1 or self.seed < 0:
+            raise ValueError(f"rerank: need n_questions >= 1 or null, max_new_tokens >= 1 and seed >= 0; got "
+                             f"{self.n_questions}, {self.max_new_tokens}, {self.seed}")
+        if self.optim.value_head_lr_scale != 1.0:
+            raise ValueError("rerank.optim.value_head_lr_scale: the verifier trains at rerank.optim.learning_rate "
+                             "throughout; leave it at 1")
 
 
 # ----------------------------------------------------------------------------- the model

@@ -170,8 +170,9 @@ def _check_same_data(path: pathlib.Path, new: dict) -> None:
                for split in new if split != "model" and old.get(split) != new[split]]
     if changed:
         raise RunDirError(f"{path}: the data differs from the data this run was started on: {'; '.join(changed)} "
-                          f"(a data file edited or replaced?); rerunning resumes the run, so use the original data or "
-                          f"a new output directory")
+                          f"(a data file edited or replaced? or a reftjax version that tokenizes differently: its tokens change, its "
+                          f"items do not); rerunning resumes the run, so use the original data and version or a new "
+                          f"output directory")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -648,7 +649,10 @@ def _eval_once(name, out, logger, params, model, ds, items, grader, cfg, mesh, s
     ecfg = cfg.eval if voting else dataclasses.replace(cfg.eval, voting_k=0)
     res = evaluate(params, model.config, model.tokenizer, ds, items, grader, ecfg, mesh=mesh,
                    eos_ids=_eos_ids(cfg, model), pad_id=model.tokenizer.pad_token_id, verifier=verifier,
-                   stop_sequences=cfg.rl.sampling.stop_sequences)
+                   stop_sequences=cfg.rl.sampling.stop_sequences,
+                   # the voting samples follow --seed (they drew key 1234 whatever the seed); every evaluation of a
+                   # run shares one key, so before and after ReFT are compared on the same randomness; seed 0 as before
+                   rng=jax.random.key(1234 + cfg.seed))
     _record_eval(out, name, res, logger, f"eval/{name}", step)  # one TensorBoard group per evaluation
     return {k: v for k, v in res.items() if k != "samples"}
 
@@ -819,6 +823,8 @@ def _run(cfg: ExperimentConfig, out: pathlib.Path, progress: bool) -> dict:
     grader = build_grader(cfg.grader_dict)  # cheap checks first: a bad grader or mesh fails before the model loads
     mesh = make_mesh(cfg.mesh)
     check_batch_sizes(cfg, mesh)
+    if cfg.data.train_file and not pathlib.Path(cfg.data.train_file).is_file():  # not after the model loads
+        raise DataError(f"{cfg.data.train_file}: no such file (data.train_file)")
     model = load_model(cfg.model, dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat, mesh=mesh)
     data = prepare_data(cfg, model.tokenizer)
     check_train_size(cfg, data)

@@ -389,8 +389,9 @@ def test_set_values_are_type_checked_merged_and_python_spellings_work():
     assert (c.export_hf, c.eval_before_sft, c.compilation_cache, c.data.n_val) == (False, False, None, None)
     assert c.rl.iterations == 100 and isinstance(c.rl.iterations, int) and c.rl.ppo.whiten_advantages is False
     assert (c.rl.optim.learning_rate, c.rl.optim.schedule) == (1e-6, "constant")  # merged, not replaced
-    assert cfg('data.train_file=/tmp/x.jsonl').data.train_file == "/tmp/x.jsonl"  # a bare string where one belongs
-    assert dict(cfg('grader={"type": "reft", "cot": "python"}').grader)["cot"] == "python"
+    assert cfg('data.train_file=/tmp/x.jsonl', 'data.train_format=reft').data.train_file == "/tmp/x.jsonl"  # bare strings
+    assert dict(cfg('grader={"type": "reft", "cot": "python"}', 'data.prompt.style=reft-python').grader)["cot"] == \
+        "python"
     for bad, msg in (("rl.iterations=abc", "config.rl.iterations: expected an integer, got 'abc'"),
                      ("seed=1.5", "config.seed: expected an integer"),
                      ("export_hf=yes", "config.export_hf: expected true or false, got 'yes'"),
@@ -421,7 +422,29 @@ def test_invalid_settings_fail_before_anything_runs_and_do_not_claim_the_run_dir
                              ("rl.early_stop_patience", -1, "rl.early_stop_patience must be >= 0"),
                              ("data.n_val", 0, "data.n_val must be >= 1 or null"),
                              ("data.val_fraction", 1.5, "data.val_fraction must be in [0, 1)"),
-                             ("checkpoint.save_every", 0, "need save_every >= 1")):
+                             ("checkpoint.save_every", 0, "need save_every >= 1"),
+                             # each failed late, after a phase ran (config-knob review)
+                             ("rl.ppo.critic_only", True, "the training loop runs no critic warm-up"),
+                             ("rl.sampling.pad_id", 5, "the run pads with the tokenizer's pad token"),
+                             ("sft.batch_size", 0, "sft: need batch_size >= 1"),
+                             ("sft.group_by_length", -1, "group_by_length >= 0"),
+                             ("sft.accum_steps", 3, "sft.accum_steps=3 must be >= 1 and divide sft.batch_size=8"),
+                             ("sft.optim.value_head_lr_scale", 2.0, "the warm-up trains no value head"),
+                             ("eval.batch_size", 0, "eval: need batch_size >= 1"),
+                             ("rerank.n_questions", 0, "rerank: need n_questions >= 1 or null"),
+                             ("rerank.max_new_tokens", 0, "max_new_tokens >= 1"),
+                             ("rerank.seed", -1, "seed >= 0; got None, 256, -1"),
+                             ("rerank.optim.value_head_lr_scale", 2.0, "the verifier trains at"),
+                             ("seed", -1, "seed must be >= 0, got -1"),
+                             ("data.dataset", "gsm9k", "data.dataset must be one of ("),
+                             ("data.test_dataset", "svamp", "data.test_dataset must be one of ("),
+                             ("data.test_split", "validation", "data.test_split must be 'test' or 'train'"),
+                             ("data.train_file", "/x.jsonl", "data.train_file needs data.train_format, one of ("),
+                             ("data.train_format", "reft", "data.train_format='reft' is the format of data.train_file"),
+                             ("data.answer_field", "a", "data.answer_field is read from openai-format train files"),
+                             ("data.prompt.style", "reft-python", "data.prompt.style='reft-python' does not match the "
+                                                                  "ReFT grader's cot='nl'"),
+                             ("grader", {"type": "reft", "cot": "python"}, "data.prompt.style='reft' does not match")):
         bad = json.loads(json.dumps(d))
         node = bad
         *head, last = path.split(".")
@@ -430,9 +453,15 @@ def test_invalid_settings_fail_before_anything_runs_and_do_not_claim_the_run_dir
         node[last] = value
         with pytest.raises(ValueError, match=re.escape(msg)):
             from_dict(bad)
+    d["eval"]["voting_k"], d["eval"]["voting_rows"] = 4, 2
+    with pytest.raises(ValueError, match=re.escape("eval.voting_rows=2 is below eval.voting_k=4")):
+        from_dict(d)
     out = tmp_path / "run"
     with pytest.raises(CheckpointError):
         run(dataclasses.replace(base, model=str(tmp_path / "tinyy")), out, progress=False)
+    data = dataclasses.replace(base.data, train_file=str(tmp_path / "missing.jsonl"), train_format="gsm8k-jsonl")
+    with pytest.raises(DataError, match=r"missing.jsonl: no such file \(data.train_file\)"):
+        run(dataclasses.replace(base, data=data, model=str(tmp_path / "not-loaded")), out, progress=False)
     assert not (out / "config.json").exists()
     data = dataclasses.replace(base.data, val_fraction=0.0, n_train=8, n_test=4)
     with pytest.raises(DataError, match=r"the validation split is empty \(8 train, 0 validation, 4 test"):
@@ -875,7 +904,9 @@ def test_rewinding_the_rl_samples_streams_them_and_rewrites_only_when_rows_drop(
     rows = [{"iteration": i, "completion": long if i == 3 else f"c{i}{j}"} for i in (1, 2, 3) for j in (0, 1)]
     body = "".join(json.dumps(r) + "\n" for r in rows)
     path.write_text(body)
-    monkeypatch.setattr(pathlib.Path, "read_text", lambda *a, **k: pytest.fail("read whole"))
+    real_read_text = pathlib.Path.read_text  # (jax's first backend start reads plugin metadata with it)
+    monkeypatch.setattr(pathlib.Path, "read_text", lambda self, *a, **k: pytest.fail("read whole") if self == path
+                        else real_read_text(self, *a, **k))
     before = path.stat().st_ino
     T._rewind_samples(tmp_path, 3)  # nothing to drop: untouched
     assert path.stat().st_ino == before and path.read_bytes() == body.encode()
@@ -982,4 +1013,34 @@ def test_set_refuses_a_grader_that_is_not_an_object_non_finite_numbers_and_paths
                                                  r"rl.sampling.eos_ids='\[\]'")):
         with pytest.raises(ValueError, match=msg):
             cfg_of(bad)
-    assert cfg_of('grader={"type": "reft", "cot": "python"}').grader_dict["cot"] == "python"
+    assert cfg_of('grader={"type": "reft", "cot": "python"}', 'data.prompt.style=reft-python').grader_dict["cot"] == \
+        "python"
+
+
+def test_the_voting_samples_follow_the_run_seed(tmp_path, monkeypatch):
+    """--seed ("data order and sampling") did not reach the evaluations' voting samples: every run drew them from
+    key 1234 (config-knob review). Now key 1234 + seed (seed 0 as before); every evaluation of a run shares it."""
+    import types
+
+    import jax
+
+    from reftjax import train as T
+    from reftjax.config import ExperimentConfig
+    from reftjax.metrics import MetricsLogger
+
+    seen = []
+
+    def fake_evaluate(*args, rng=None, **kwargs):
+        seen.append(jax.random.key_data(rng).tolist())
+        return {"accuracy": 0.5, "n": 2, "samples": []}
+
+    monkeypatch.setattr(T, "evaluate", fake_evaluate)
+    model = types.SimpleNamespace(config=types.SimpleNamespace(eos_token_ids=(2,)), tokenizer=types.SimpleNamespace(
+        pad_token_id=0))
+    logger = MetricsLogger(tmp_path, tensorboard=False)
+    for seed, name in ((0, "a"), (0, "b"), (1, "c")):
+        T._eval_once(name, tmp_path, logger, None, model, None, [], None, ExperimentConfig(seed=seed), None, 0,
+                     voting=True)
+    logger.close()
+    assert seen[0] == seen[1] == jax.random.key_data(jax.random.key(1234)).tolist()
+    assert seen[2] == jax.random.key_data(jax.random.key(1235)).tolist()
