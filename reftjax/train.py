@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import functools
 import hashlib
 import json
@@ -178,6 +177,15 @@ def _check_same_data(path: pathlib.Path, new: dict) -> None:
 # ----------------------------------------------------------------------------- helpers
 
 
+def _any_process(flag: bool) -> bool:
+    """Whether `flag` is set on any process (a collective: every process calls it at the same point)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
+    return bool(flag)
+
+
 class _Interrupt:
     """Turns SIGINT/SIGTERM into a flag checked between steps (so a save can finish).
 
@@ -193,13 +201,7 @@ class _Interrupt:
 
     def check(self) -> bool:
         """Whether any process was interrupted (a collective: every process calls it at the same point)."""
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            flags = multihost_utils.process_allgather(np.int32(self.requested))
-            self.agreed = bool(np.any(flags))
-        else:
-            self.agreed = self.requested
+        self.agreed = _any_process(self.requested)
         return self.agreed
 
     @contextlib.contextmanager
@@ -775,18 +777,34 @@ def _claimed(out: pathlib.Path):
     """Holds an exclusive lock on the run directory (`out/.lock<process index>`) while this process runs in it: a
     second run started on the same directory (a resume typed while the first still runs, a scheduler's duplicate)
     would append to the same metrics and samples files and save checkpoints of the same steps. The kernel drops
-    the lock when the process ends, SIGKILL included, so a crashed run never leaves a stale claim."""
-    f = open(out / f".lock{jax.process_index()}", "a+")
+    the lock when the process ends, SIGKILL included, so a crashed run never leaves a stale claim.
+
+    The refusal is collective: with several processes each locks its own file, so one may find its lock held (a
+    one-process run holds `.lock0` alone) while another gets its own; that one entered the run's collectives
+    alone and hung (regression review). Every process now raises when any was refused."""
     try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "a process"
+        import fcntl
+    except ImportError:  # (Windows) run, unguarded
+        fcntl = None
+        log.warning("%s: file locks are not available here; nothing stops a second run from using this directory",
+                    out)
+    f = open(out / f".lock{jax.process_index()}", "a+")
+    holder = None
+    if fcntl is not None:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "a process"
+        except OSError as e:  # a file system without locks (some network mounts): run, unguarded
+            log.warning("%s: cannot lock the run directory (%s); nothing stops a second run from using it", out, e)
+    refused = _any_process(holder is not None)
+    if refused:
         f.close()
-        raise RunDirError(f"{out}: another run is using this run directory ({holder}); wait for it to end, or use "
-                          f"another output directory") from None
-    except OSError as e:  # a file system without locks (some network mounts): run, unguarded
-        log.warning("%s: cannot lock the run directory (%s); nothing stops a second run from using it", out, e)
+        whose = holder if holder is not None else (f"found by another process of this run; this is process "
+                                                   f"{jax.process_index()}")
+        raise RunDirError(f"{out}: another run is using this run directory ({whose}); wait for it to end, or use "
+                          f"another output directory")
     f.seek(0)
     f.truncate()
     f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n")

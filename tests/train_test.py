@@ -817,6 +817,63 @@ def test_a_second_run_on_a_directory_in_use_is_refused_and_a_killed_run_leaves_n
         assert (out / ".lock0").read_text().startswith(f"pid {os.getpid()} on ")
 
 
+def test_without_file_locks_a_run_goes_on_unguarded_with_a_warning(tmp_path, monkeypatch, caplog):
+    """`import fcntl` at the top of train.py made the package unimportable where it does not exist (Windows;
+    regression review): it is imported where the lock is taken, and its absence warns."""
+    from reftjax import train as T
+
+    monkeypatch.setitem(sys.modules, "fcntl", None)  # `import fcntl` raises ImportError
+    with caplog.at_level("WARNING", logger="reftjax"), T._claimed(tmp_path):
+        assert (tmp_path / ".lock0").read_text().startswith(f"pid {os.getpid()} on ")
+    assert "file locks are not available here" in caplog.text
+
+
+_LOCK_WORKER = """
+import pathlib, sys
+import numpy as np
+from reftjax.sharding import from_process_0, maybe_initialize_distributed
+maybe_initialize_distributed()
+import jax
+from reftjax import train as T
+try:
+    with T._claimed(pathlib.Path(sys.argv[1])):
+        from_process_0(np.asarray(1))  # the first collective the run reaches
+        print("ran", flush=True)
+except T.RunDirError as e:
+    print("refused:", e, flush=True)
+"""
+
+
+def test_two_processes_refuse_a_directory_in_use_together(tmp_path):
+    """Each process locks its own file (.lock<index>): with .lock0 held by a one-process run, process 0 of a
+    two-process run was refused while process 1 claimed .lock1 and waited alone in the run's first collective
+    (regression review: hung). The refusal is collective now."""
+    import fcntl
+
+    for held in (".lock0", ".lock1"):
+        out = tmp_path / held
+        out.mkdir()
+        with open(out / held, "a+") as f:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            f.write("pid 1234 on elsewhere, since then\n")
+            f.flush()
+            port = _free_port()
+            procs = [subprocess.Popen([sys.executable, "-c", _LOCK_WORKER, str(out)], cwd=ROOT, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      env=dict(_env(), JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+                                               JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))) for i in range(2)]
+            try:
+                outs = [p.communicate(timeout=120)[0] for p in procs]
+            finally:
+                for p in procs:
+                    p.kill()
+        refusals = [[line for line in o.splitlines() if line.startswith(("refused:", "ran"))] for o in outs]
+        assert all(len(r) == 1 and r[0].startswith("refused:") for r in refusals), (held, outs)
+        mine = int(held[-1])
+        assert "(pid 1234 on elsewhere, since then)" in refusals[mine][0]
+        assert f"found by another process of this run; this is process {1 - mine}" in refusals[1 - mine][0]
+
+
 def test_a_grader_that_cannot_read_the_test_items_is_refused_before_training():
     """README's RL-alone recipe with a grader reading the OpenAI file's own field (`{{item.reference_answer}}`)
     trained, then crashed at the first test evaluation: the test split is GSM8K's, whose items have no such field
