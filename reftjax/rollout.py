@@ -417,7 +417,7 @@ def generate(params, model_cfg: ModelConfig, tokenizer, texts: Sequence[str], *,
     cfg = cfg or SamplingConfig(greedy=True)
     if not cfg.eos_ids:
         cfg = dataclasses.replace(cfg, eos_ids=eos, pad_id=pad)
-    if not texts:
+    if len(texts) == 0:  # (`not texts` raised for a NumPy array or a pandas Series of texts)
         return []
     ids = encode_prompts(tokenizer, texts, chat)
     if empty := [i for i, r in enumerate(ids) if not r]:  # nothing to condition on: the first token's log-prob

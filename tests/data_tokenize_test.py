@@ -284,3 +284,24 @@ def test_chat_targets_end_with_the_templates_end_of_turn_token(smollm_tokenizer,
         assert _export_generation_config(ExperimentConfig(), model) is gen  # plain style: unchanged
     model.generation_config = GenerationConfig(eos_token_id=[2, 0])
     assert _export_generation_config(chat_cfg, model) is model.generation_config
+
+
+def test_encode_texts_calls_a_tokenizer_without_split_special_tokens_without_it(smollm_tokenizer):
+    """transformers' MistralCommonBackend has no split_special_tokens and refuses the argument ("does not support
+    `return_offsets_mapping` and `split_special_tokens`"): every data path failed for Mistral checkpoints once
+    targets were encoded with it (regression review). mistral-common reads no control tokens from text."""
+    from reftjax.data.tokenize import encode_texts
+
+    class MistralLike:  # the backend's contract: the argument refused, the attribute missing
+        def __call__(self, texts, add_special_tokens=True, split_special_tokens=None, **kw):
+            if split_special_tokens is not None:
+                raise ValueError("`MistralCommonBackend` does not support `split_special_tokens`.")
+            assert isinstance(texts, list)
+            return {"input_ids": [[len(t)] for t in texts]}
+
+    assert [x.tolist() for x in encode_texts(MistralLike(), np.array(["ab", "c"]))] == [[2], [1]]
+    # HF tokenizers still get it: the special token's text stays text
+    plain = encode_texts(smollm_tokenizer, ["<|im_end|>"])[0].tolist()
+    assert smollm_tokenizer.eos_token_id not in plain and len(plain) > 1
+    assert encode_texts(smollm_tokenizer, ["<|im_end|>"], split_special_tokens=False)[0].tolist() == \
+        [smollm_tokenizer.eos_token_id]

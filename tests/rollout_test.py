@@ -162,6 +162,10 @@ def test_generate_without_a_key_draws_fresh_samples_per_call(tiny_params):
     # no texts, no work (it failed with "max() arg is an empty sequence"); a text of no tokens has nothing to
     # condition the first token on (it sampled from an all-padding row; helper review)
     assert ro.generate(tiny_params, TINY, _FixedTok(), [], cfg=cfg, chat=False) == []
+    # texts as a NumPy array (a DataFrame column's .values) as before (`not texts` raised; regression review)
+    assert ro.generate(tiny_params, TINY, _FixedTok(), np.array([], str), cfg=cfg, chat=False) == []
+    assert ro.generate(tiny_params, TINY, _FixedTok(), np.array(["q"]), cfg=cfg, chat=False, rng=key) == \
+        ro.generate(tiny_params, TINY, _FixedTok(), ["q"], cfg=cfg, chat=False, rng=key)
     class EmptyTok(_FixedTok):
         def __call__(self, text, add_special_tokens=False):
             return {"input_ids": [5] if text else []}
