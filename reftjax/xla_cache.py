@@ -13,6 +13,9 @@ again. `ExperimentConfig.compilation_cache` picks the directory:
     ""              off
     a path          that directory
 
+A directory this process cannot create or write turns the cache off with a warning; one it can read but not write
+(a cache filled once, mounted read-only) serves its programs and saves no new ones.
+
 The cache key covers the program, the devices, the XLA flags and the jax/jaxlib
 versions, so a stale entry is never served to a different setup. `enable` also removes
 entries a killed process left half-written (`drop_unfinished_entries`). With the cap on,
@@ -36,6 +39,7 @@ import os
 import tempfile
 import threading
 import time
+import warnings
 
 import jax
 from jax.experimental.compilation_cache import compilation_cache
@@ -74,25 +78,34 @@ def enable(setting: str | None) -> str | None:
     settled its cache) earlier in the process, e.g. in a notebook.
     """
     path = cache_dir(setting)
-    if path is not None:  # an optimisation: a directory this process cannot write (a read-only home) turns it off
-        try:
+    read_only = False
+    if path is not None:  # an optimisation: a directory this process cannot create turns it off; one it can read
+        try:              # but not write (a cache filled once, mounted read-only on the workers) serves reads
             os.makedirs(path, exist_ok=True)
             probe = tempfile.NamedTemporaryFile(dir=path, prefix=".write-probe")
             probe.close()
         except OSError as e:
-            logging.getLogger(__name__).warning("%s: the XLA compilation cache is off (%s); set "
-                                                "JAX_COMPILATION_CACHE_DIR or compilation_cache to a writable "
-                                                "directory to keep compiled programs across runs", path, e)
-            path = None
+            read_only = os.path.isdir(path) and os.access(path, os.R_OK | os.X_OK)
+            if read_only:
+                logging.getLogger(__name__).warning(
+                    "%s: the XLA compilation cache is read-only here (%s): programs are loaded from it, new ones "
+                    "are not saved (JAX's warnings of failed cache writes are silenced in this process)", path, e)
+                warnings.filterwarnings("ignore", message="Error writing persistent compilation cache entry",
+                                        category=UserWarning)  # (one per program compiled: dozens per run)
+            else:
+                logging.getLogger(__name__).warning("%s: the XLA compilation cache is off (%s); set "
+                                                    "JAX_COMPILATION_CACHE_DIR or compilation_cache to a writable "
+                                                    "directory to keep compiled programs across runs", path, e)
+                path = None
     cap = jax.config.jax_compilation_cache_max_size
-    if (path is not None and setting is None and cap == -1
+    if (path is not None and setting is None and cap == -1 and not read_only  # (eviction writes access times)
             and importlib.util.find_spec("filelock") is not None):  # JAX's LRU eviction locks with filelock
         cap = DEFAULT_MAX_BYTES
     if path != jax.config.jax_compilation_cache_dir or cap != jax.config.jax_compilation_cache_max_size:
         compilation_cache.set_cache_dir(path)
         jax.config.update("jax_compilation_cache_max_size", cap)
         compilation_cache.reset_cache()  # JAX settles the cache (directory, cap) at the first compile; start over
-    if path is not None and cap != -1:
+    if path is not None and cap != -1 and not read_only:
         drop_unfinished_entries(path)
     return path
 

@@ -67,6 +67,29 @@ def test_a_cache_directory_that_cannot_be_written_turns_the_cache_off_with_a_war
     assert f"{tmp_path / 'home' / 'xla'}: the XLA compilation cache is off" in err
 
 
+def test_a_cache_directory_that_can_be_read_but_not_written_still_serves_its_programs(tmp_path):
+    """A cache filled once and mounted read-only on the workers was turned off whole by the write probe: every
+    program compiled again (regression review, with a read-only bind mount). It serves reads now, uncapped (JAX's
+    eviction writes access times), and JAX's per-program write warnings are silenced. The mount is mimicked: the
+    probe's file creation fails with EROFS (root writes through permission bits)."""
+    cache = tmp_path / "xla"
+    first = _probe(str(cache), _env())
+    assert first["cache_hits"] == 0 and any(cache.iterdir())
+    read_only = ("import errno, sys\nfrom reftjax import xla_cache\nclass _ReadOnly:\n    @staticmethod\n"
+                 "    def NamedTemporaryFile(**kw):\n        raise OSError(errno.EROFS, 'Read-only file system')\n"
+                 "xla_cache.tempfile = _ReadOnly\n" + _PROBE + "import jax, warnings\n"
+                 "warnings.warn('Error writing persistent compilation cache entry for x')\n"
+                 "print(json.dumps({'cap': jax.config.jax_compilation_cache_max_size}))\n")
+    out = subprocess.run([sys.executable, "-c", read_only, "default"], cwd=ROOT, capture_output=True, text=True,
+                         env=_env(JAX_COMPILATION_CACHE_DIR=str(cache)), timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    *_, res, cap = [json.loads(line) for line in out.stdout.strip().splitlines()]
+    assert res["path"] == res["cache_dir"] == str(cache) and res["cache_hits"] >= 1 and res["y"] == first["y"]
+    assert cap == {"cap": -1}
+    assert f"{cache}: the XLA compilation cache is read-only here" in out.stderr
+    assert "Error writing persistent compilation cache entry" not in out.stderr
+
+
 def test_default_directory_follows_jax_env_then_reftjax_cache_then_home(tmp_path, monkeypatch):
     monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "env"))
     monkeypatch.setenv("REFTJAX_CACHE", str(tmp_path / "rc"))
