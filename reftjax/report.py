@@ -31,8 +31,9 @@ def _compile_line(c: dict | None) -> str:
 def wall_times(rows: list[dict], now: float) -> tuple[float, int]:
     """(seconds, invocations) over every invocation of a run, from `metrics.jsonl`'s rows: each invocation logs an
     `invocation` row when it starts, and runs to its last logged row (a killed one's time after that row is not
-    known), the current one to `now`. Rows of a run started before these rows existed: (0.0, 0)."""
-    spans, start, last = [], None, None
+    known), the current one to `now`. Rows before the first `invocation` row (invocations of a version that did not
+    log them) count as one invocation from its first row to its last (its start-up before that is not known)."""
+    spans, start, last, current = [], None, None, False
     for row in rows:
         t = row.get("time")
         if not isinstance(t, (int, float)):
@@ -41,10 +42,13 @@ def wall_times(rows: list[dict], now: float) -> tuple[float, int]:
             if start is not None:
                 spans.append(last - start)
             start = last = t
+            current = True
         elif start is not None:
             last = max(last, t)
+        else:  # (they were left out: a run resumed across the upgrade reported only its later invocations)
+            start = last = t
     if start is not None:
-        spans.append(max(now, last) - start)
+        spans.append((max(now, last) if current else last) - start)
     return sum(spans), len(spans)
 
 

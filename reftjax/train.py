@@ -855,7 +855,7 @@ def _run(cfg: ExperimentConfig, out: pathlib.Path, progress: bool) -> dict:
     logger = MetricsLogger(out)
     t_start = time.time()
     # marks where this invocation starts in metrics.jsonl: the summary adds up the time of every invocation
-    logger.log("invocation", sum(r.get("phase") == "invocation" for r in read_metrics(out)) + 1, {})
+    logger.log("invocation", report.wall_times(read_metrics(out), t_start)[1] + 1, {})
     stop = _Interrupt()
     with stop.installed():
         if cfg.eval_before_sft and cfg.sft.epochs > 0:  # without a warm-up, test_sft evaluates the loaded model

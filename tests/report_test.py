@@ -142,7 +142,14 @@ def test_wall_time_adds_up_every_invocation_of_a_resumed_run(tmp_path):
             {"phase": "invocation", "step": 2, "time": 1000.0}, {"phase": "rl", "step": 1, "time": 1010.0}]
     assert wall_times(rows, now=1025.0) == (60.0 + 25.0, 2)
     assert wall_times(rows[:3], now=170.0) == (70.0, 1)
-    assert wall_times([{"phase": "sft", "step": 0, "time": 5.0}], now=9.0) == (0.0, 0)  # a run from before the rows
+    # rows logged before invocation rows existed count as one invocation, first row to last (they were left out: a
+    # run resumed across the upgrade reported its later invocations only; regression review)
+    old = [{"phase": "sft", "step": s, "time": 1000.0 + 10 * s} for s in range(100)]
+    assert wall_times(old, now=9e9) == (990.0, 1)
+    assert wall_times(old + [{"phase": "invocation", "step": 1, "time": 5000.0}, {"phase": "rl", "step": 1,
+                                                                                 "time": 5010.0}], now=5120.0) == \
+        (990.0 + 120.0, 2)
+    assert wall_times([], now=9.0) == (0.0, 0)
     logger = MetricsLogger(tmp_path, tensorboard=False, enabled=True)
     logger.log("invocation", 1, {})
     logger.close()
