@@ -79,6 +79,10 @@ class OptimConfig:
             raise ValueError(f"schedule={self.schedule!r}; expected constant, linear or cosine")
         if not 0 <= self.warmup_ratio < 1 or self.learning_rate <= 0:
             raise ValueError("need 0 <= warmup_ratio < 1 and learning_rate > 0")
+        if not (0 <= self.b1 < 1 and 0 <= self.b2 < 1 and self.eps >= 0 and self.weight_decay >= 0):
+            # (b2 = 1 freezes the second moment at its first value and Adam's bias correction divides by 0)
+            raise ValueError(f"need 0 <= b1 < 1, 0 <= b2 < 1, eps >= 0 and weight_decay >= 0; got b1={self.b1}, "
+                             f"b2={self.b2}, eps={self.eps}, weight_decay={self.weight_decay}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,6 +203,13 @@ class PPOConfig:
             raise ValueError(f"{self.algo} needs group_size >= 2 samples per prompt")
         if self.loss_agg not in losses.LOSS_AGGREGATIONS:
             raise ValueError(f"loss_agg={self.loss_agg!r}; expected one of {losses.LOSS_AGGREGATIONS}")
+        # a negative beta rewards drifting from the reference; a clip range <= 0 stops every update
+        if not (self.kl_coef >= 0 and 0 <= self.gamma <= 1 and 0 <= self.gae_lambda <= 1 and self.clip_eps > 0
+                and self.clip_range_value > 0 and self.vf_coef >= 0 and self.head_chunk_rows >= 0):
+            raise ValueError(f"need kl_coef >= 0, gamma and gae_lambda in [0, 1], clip_eps > 0, clip_range_value > 0, "
+                             f"vf_coef >= 0 and head_chunk_rows >= 0; got kl_coef={self.kl_coef}, gamma={self.gamma}, "
+                             f"gae_lambda={self.gae_lambda}, clip_eps={self.clip_eps}, clip_range_value="
+                             f"{self.clip_range_value}, vf_coef={self.vf_coef}, head_chunk_rows={self.head_chunk_rows}")
 
 
 def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:

@@ -983,3 +983,17 @@ def test_gradient_accumulation_sums_in_f32_with_bf16_params():
     np.testing.assert_array_equal(np.asarray(grads["w"], np.float32), np.float32(1.015625))
     np.testing.assert_allclose(float(grads["b"]), 1 + 7 * 2.0 ** -9, rtol=1e-7)
     np.testing.assert_allclose(np.asarray(aux), np.asarray(scale) * 2)
+
+
+def test_out_of_range_rl_and_optimizer_settings_are_refused():
+    """Numbers their type allows but the maths does not (session 25's left-alone list): a negative kl_coef rewards
+    drifting from the reference, clip_eps 0 stops every update, b2 = 1 divides Adam's bias correction by 0."""
+    for bad in (dict(kl_coef=-0.05), dict(gamma=1.5), dict(gae_lambda=-0.1), dict(clip_eps=0.0),
+                dict(clip_range_value=-0.2), dict(vf_coef=-1.0), dict(head_chunk_rows=-1)):
+        with pytest.raises(ValueError, match="need kl_coef >= 0, gamma and gae_lambda in"):
+            PPOConfig(**bad)
+    for bad in (dict(b1=1.0), dict(b2=1.0), dict(b2=-0.1), dict(eps=-1e-8), dict(weight_decay=-0.01)):
+        with pytest.raises(ValueError, match="need 0 <= b1 < 1, 0 <= b2 < 1"):
+            OptimConfig(**bad)
+    PPOConfig(kl_coef=0.0, gamma=1.0, gae_lambda=1.0, vf_coef=0.0)  # the edges that mean something are kept
+    OptimConfig(b1=0.0, eps=0.0)
