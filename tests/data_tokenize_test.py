@@ -1,5 +1,6 @@
 """Prompt layouts, tokenization, masks, buckets and truncation (SmolLM2 tokenizer)."""
 import json
+import pathlib
 
 import numpy as np
 import pytest
@@ -292,14 +293,27 @@ def test_encode_texts_calls_a_tokenizer_without_split_special_tokens_without_it(
     targets were encoded with it (regression review). mistral-common reads no control tokens from text."""
     from reftjax.data.tokenize import encode_texts
 
-    class MistralLike:  # the backend's contract: the argument refused, the attribute missing
+    class MistralLike:  # the backend's contract: the attribute set (PreTrainedTokenizerBase's), the argument refused
+        split_special_tokens = False
+
         def __call__(self, texts, add_special_tokens=True, split_special_tokens=None, **kw):
             if split_special_tokens is not None:
-                raise ValueError("`MistralCommonBackend` does not support `split_special_tokens`.")
+                raise ValueError("`MistralCommonBackend` does not support `return_offsets_mapping` and "
+                                 "`split_special_tokens`.")
             assert isinstance(texts, list)
             return {"input_ids": [[len(t)] for t in texts]}
 
     assert [x.tolist() for x in encode_texts(MistralLike(), np.array(["ab", "c"]))] == [[2], [1]]
+    try:  # the real backend where mistral-common is installed (not a test dependency)
+        import mistral_common
+        from transformers.tokenization_mistral_common import MistralCommonBackend
+    except ImportError:
+        mistral_common = None
+    tekken = mistral_common and next(iter(pathlib.Path(mistral_common.__file__).parent.rglob("tekken*.json")), None)
+    if tekken:
+        tok = MistralCommonBackend(tokenizer_path=str(tekken))
+        want = tok(["Question: 2+2?"], add_special_tokens=False)["input_ids"]
+        assert [x.tolist() for x in encode_texts(tok, ["Question: 2+2?"])] == want
     # HF tokenizers still get it: the special token's text stays text
     plain = encode_texts(smollm_tokenizer, ["<|im_end|>"])[0].tolist()
     assert smollm_tokenizer.eos_token_id not in plain and len(plain) > 1

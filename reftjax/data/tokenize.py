@@ -139,12 +139,18 @@ class TokenizedDataset:
 def encode_texts(tokenizer, texts: list[str], split_special_tokens: bool = True) -> list[np.ndarray]:
     """Batch-encode without adding special tokens. Text that spells one (`<|im_end|>` in a question or a chain of
     thought) stays text unless `split_special_tokens=False`, for a chat template's rendering, whose own are real.
-    A tokenizer without the option (transformers' MistralCommonBackend, which refuses it) is called without it:
-    mistral-common never reads control tokens from text."""
+    A tokenizer that refuses the option (transformers' MistralCommonBackend: "does not support ...
+    `split_special_tokens`", though it has the attribute) is called without it: mistral-common reads no control
+    tokens from text."""
     if len(texts) == 0:
         return []
-    kwargs = {"split_special_tokens": split_special_tokens} if hasattr(tokenizer, "split_special_tokens") else {}
-    ids = tokenizer(list(texts), add_special_tokens=False, **kwargs)["input_ids"]
+    texts = list(texts)
+    try:
+        ids = tokenizer(texts, add_special_tokens=False, split_special_tokens=split_special_tokens)["input_ids"]
+    except ValueError as e:
+        if "split_special_tokens" not in str(e):
+            raise
+        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     return [np.asarray(x, np.int32) for x in ids]
 
 
