@@ -14,7 +14,9 @@ again. `ExperimentConfig.compilation_cache` picks the directory:
     a path          that directory
 
 A directory this process cannot create or write turns the cache off with a warning; one it can read but not write
-(a cache filled once, mounted read-only) serves its programs and saves no new ones.
+(a cache filled once, mounted read-only) serves its programs, uncapped (JAX's capped cache locks a file in it), and
+saves no new ones. Mount it at the path it was filled at: JAX's cache key includes the directory's path (its autotune
+cache lives under it), so the same programs under another path are misses.
 
 The cache key covers the program, the devices, the XLA flags and the jax/jaxlib
 versions, so a stale entry is never served to a different setup. `enable` also removes
@@ -36,6 +38,7 @@ import collections
 import importlib.util
 import logging
 import os
+import re
 import tempfile
 import threading
 import time
@@ -90,15 +93,19 @@ def enable(setting: str | None) -> str | None:
                 logging.getLogger(__name__).warning(
                     "%s: the XLA compilation cache is read-only here (%s): programs are loaded from it, new ones "
                     "are not saved (JAX's warnings of failed cache writes are silenced in this process)", path, e)
-                warnings.filterwarnings("ignore", message="Error writing persistent compilation cache entry",
-                                        category=UserWarning)  # (one per program compiled: dozens per run)
+                # (one per program compiled: dozens per run); only this directory's: a writable one enabled
+                # later still shows its failures (a full disk)
+                warnings.filterwarnings("ignore", message="Error writing persistent compilation cache entry .*"
+                                        + re.escape(path), category=UserWarning)
             else:
                 logging.getLogger(__name__).warning("%s: the XLA compilation cache is off (%s); set "
                                                     "JAX_COMPILATION_CACHE_DIR or compilation_cache to a writable "
                                                     "directory to keep compiled programs across runs", path, e)
                 path = None
     cap = jax.config.jax_compilation_cache_max_size
-    if (path is not None and setting is None and cap == -1 and not read_only  # (eviction writes access times)
+    if read_only:  # JAX's LRU cache locks a file in the directory on every read, so a cap read nothing there
+        cap = -1
+    elif (path is not None and setting is None and cap == -1
             and importlib.util.find_spec("filelock") is not None):  # JAX's LRU eviction locks with filelock
         cap = DEFAULT_MAX_BYTES
     if path != jax.config.jax_compilation_cache_dir or cap != jax.config.jax_compilation_cache_max_size:
