@@ -63,12 +63,14 @@ class DataConfig:
         if self.train_file is None:
             if self.train_format is not None:
                 raise ValueError(f"data.train_format={self.train_format!r} is the format of data.train_file, "
-                                 f"which is not set (data.dataset={self.dataset!r} is read)")
+                                 f"which is not set (data.dataset={self.dataset!r} is read; set both at once: --set "
+                                 f"both, or config.replace_paths)")
             if self.dataset not in DATASETS:
                 raise ValueError(f"data.dataset must be one of {DATASETS} (or set data.train_file), got "
                                  f"{self.dataset!r}")
         elif self.train_format not in FORMATS:
-            raise ValueError(f"data.train_file needs data.train_format, one of {FORMATS}; got {self.train_format!r}")
+            raise ValueError(f"data.train_file needs data.train_format, one of {FORMATS}; got {self.train_format!r} "
+                             f"(set both at once: --set both, or config.replace_paths)")
         if self.answer_field is not None and self.train_format != "openai":
             raise ValueError(f"data.answer_field is read from openai-format train files only (data.train_format="
                              f"{self.train_format!r})")
@@ -232,7 +234,8 @@ class ExperimentConfig:
             # gold targets 0, and an N-CoT prompt's answers run as programs: the reward is never earned
             raise ValueError(f"data.prompt.style={style!r} does not match the ReFT grader's cot="
                              f"{grader.get('cot', 'nl')!r}: the python styles ('reft-python', 'chat-python') go with "
-                             f"cot 'python', the others with 'nl'")
+                             f"cot 'python', the others with 'nl' (change both at once: --set both, or "
+                             f"config.replace_paths)")
 
     @property
     def grader_dict(self) -> dict:
@@ -335,9 +338,23 @@ def from_dict(d: dict) -> ExperimentConfig:
 
 def replace_path(cfg, path: str, value):
     """Functional update of a nested field: replace_path(cfg, "rl.ppo.kl_coef", 0.01)."""
-    head, _, rest = path.partition(".")
-    if not any(f.name == head for f in dataclasses.fields(cfg)):
-        raise ValueError(f"{type(cfg).__name__} has no field {head!r}")
-    if not rest:
-        return dataclasses.replace(cfg, **{head: value})
-    return dataclasses.replace(cfg, **{head: replace_path(getattr(cfg, head), rest, value)})
+    return replace_paths(cfg, {path: value})
+
+
+def replace_paths(cfg, updates: dict):
+    """Functional update of several nested fields at once, each sub-config rebuilt (and checked) once with all of
+    its changes: replace_paths(cfg, {"data.prompt.style": "reft-python", "grader": (("type", "reft"), ("cot",
+    "python"))}). Fields checked against each other (the prompt style and the grader; a train file and its format)
+    must change together: one at a time, the first change is refused."""
+    direct, nested = {}, {}
+    for path, value in updates.items():
+        head, _, rest = path.partition(".")
+        if not any(f.name == head for f in dataclasses.fields(cfg)):
+            raise ValueError(f"{type(cfg).__name__} has no field {head!r}")
+        if rest:
+            nested.setdefault(head, {})[rest] = value
+        else:
+            direct[head] = value
+    if set(direct) & set(nested):
+        raise ValueError(f"{sorted(set(direct) & set(nested))}: set as a whole and by field in one update")
+    return dataclasses.replace(cfg, **direct, **{h: replace_paths(getattr(cfg, h), u) for h, u in nested.items()})

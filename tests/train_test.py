@@ -403,6 +403,29 @@ def test_set_values_are_type_checked_merged_and_python_spellings_work():
             cfg(bad)
 
 
+def test_replace_paths_changes_fields_checked_against_each_other_together():
+    """The prompt style is checked against the grader, a train file against its format: replace_path, one field at a
+    time, refused every order of switching a config to P-CoT or to a file (regression review). replace_paths
+    rebuilds each sub-config once with all of its changes."""
+    from reftjax.config import ExperimentConfig, replace_path, replace_paths
+
+    cfg = ExperimentConfig()
+    python = (("type", "reft"), ("cot", "python"))
+    pcot = replace_paths(cfg, {"data.prompt.style": "reft-python", "grader": python, "rl.ppo.kl_coef": 0.01})
+    assert (pcot.data.prompt.style, pcot.grader_dict["cot"], pcot.rl.ppo.kl_coef) == ("reft-python", "python", 0.01)
+    assert pcot.data.dataset == cfg.data.dataset and pcot.rl.iterations == cfg.rl.iterations  # the rest kept
+    for path, value in (("data.prompt.style", "reft-python"), ("grader", python)):
+        with pytest.raises(ValueError, match="change both at once"):
+            replace_path(cfg, path, value)
+    f = replace_paths(cfg, {"data.train_file": "/x.jsonl", "data.train_format": "reft"})
+    assert (f.data.train_file, f.data.train_format) == ("/x.jsonl", "reft")
+    with pytest.raises(ValueError, match="set both at once"):
+        replace_path(cfg, "data.train_file", "/x.jsonl")
+    assert replace_paths(cfg, {}) == cfg and replace_path(cfg, "seed", 3).seed == 3
+    with pytest.raises(ValueError, match="DataConfig has no field 'bogus'"):
+        replace_paths(cfg, {"data.bogus": 1})
+
+
 def test_invalid_settings_fail_before_anything_runs_and_do_not_claim_the_run_dir(tiny_hf_dir, tmp_path, shared_data):
     """Settings that used to be accepted and fail only after the SFT warm-up (minibatch_size not dividing the rollout
     batch, ppo_epochs 0), silently skip RL (early_stop_patience -1) or mean "all" (n_val 0), an empty validation
