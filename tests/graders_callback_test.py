@@ -133,7 +133,22 @@ def test_bad_example_index_scores_its_row_zero_and_the_others_as_usual():
     padded[3] = -1
     out = fn(ids, mask, padded)
     assert out[3] == 0.0 and np.array_equal(np.delete(out, 3), np.delete(expected, 3)) and expected.max() == 1.0
-    assert fn.last.counters["errors"] >= 1 and fn.last.example_idx[3] == -1
+    assert fn.last.counters["errors"] == 1 and fn.last.example_idx[3] == -1
+
+
+def test_unanswered_rows_are_counted_apart_from_rows_the_grader_could_not_grade():
+    """`grader_errors` counted every row without an extractable answer (scored 0 by the ReFT grader's design), so
+    it equalled `graded` on an untrained model and read as a broken grader (helper review)."""
+    items = [{"item_id": str(i), "question": "q", "answer_value": "4"} for i in range(4)]
+    texts = [reft_target("2+2=4", "4"), reft_target("2+2=5", "5"), "I do not know", "x"]
+    ids, mask = _encode(texts, 40)
+    fn = make_reward_fn(ReftGrader(), items, _decode)
+    out = fn(ids, mask, np.array([0, 1, 2, -1], np.int32))
+    np.testing.assert_allclose(out, [1.0, 0.1, 0.0, 0.0])
+    assert dict(fn.last.counters) == {"graded": 4, "unanswered": 1, "errors": 1}
+    fn = make_reward_fn(ReftGrader(), items, lambda rows: 1 / 0)  # grading raised: every row is the grader's
+    fn(ids, mask, np.array([0, 1, 2, 3], np.int32))
+    assert dict(fn.last.counters) == {"graded": 4, "unanswered": 0, "errors": 4}
 
 
 def test_grade_in_jit_refuses_one_index_per_prompt_when_tracing():

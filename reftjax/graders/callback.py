@@ -61,7 +61,9 @@ class BatchRecord:
     Attributes:
       texts: decoded completions, one per row.
       grades: the final `Grade` per row (after guards; `details["guards"]` lists flags).
-      counters: how many rows each guard flagged in this batch, plus "graded" and "errors".
+      counters: how many rows each guard flagged in this batch, plus "graded", "unanswered" (rows the grader found
+        no answer in, or whose program failed: the model's doing, scored as the grader says) and "errors" (rows
+        it could not grade: the whole batch when grading raised, rows without an item).
       seconds: host time spent decoding and grading this batch.
       error: set when the whole batch failed (all rewards 0).
       example_idx: each row's index into the reference items (as the rollout passed it).
@@ -113,7 +115,7 @@ class HostRewardFn:
             except Exception as exc:  # noqa: BLE001 - raising inside a callback is undefined
                 grades = [Grade(0.0, error="batch failed")] * ids.shape[0]
                 record = BatchRecord(grades=tuple(grades), error=f"{type(exc).__name__}: {exc}",
-                                     counters={"graded": len(grades), "errors": len(grades)},
+                                     counters={"graded": len(grades), "unanswered": 0, "errors": len(grades)},
                                      example_idx=tuple(np.ravel(idx).tolist()))
             self.last = dataclasses.replace(record, seconds=time.perf_counter() - start)
             self.totals.update(record.counters)
@@ -130,7 +132,10 @@ class HostRewardFn:
         grades = [Grade(0.0, error=f"example_idx {int(i)} is not in [0, {len(self.items)})") for i in idx]
         for r, g in zip(known, graded):
             grades[r] = g
-        counters = collections.Counter(graded=len(grades), errors=sum(g.error is not None for g in grades))
+        # the model's side (no answer to extract, a program that failed: scored by design) apart from the grader's
+        # (rows it could not grade); one count of both read as a broken grader on every run (helper review)
+        counters = collections.Counter(graded=len(grades), unanswered=sum(g.error is not None for g in graded),
+                                       errors=len(grades) - len(known))
         if self.guards is not None:
             # tokens before a final EOS or stop sequence: a reply that stopped exactly at the token cap is not
             # `too_long` (counting its EOS flagged it as if it had been cut off)
