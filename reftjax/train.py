@@ -338,6 +338,9 @@ def _log_sft(logger, step, metrics, t0, compile_s, shape, peak, model_cfg, lr, l
     return int(m["skipped"]), now
 
 
+_COUNTER_NAMES = {"graded": "graded", "unanswered": "unanswered", "errors": "grader_errors"}  # the grader's counts
+
+
 def run_rl(cfg: ExperimentConfig, model, ref_params, data: Data, grader, mesh, out: pathlib.Path, logger,
            stop: _Interrupt, progress: bool, compiles: xla_cache.CompileStats | None = None):
     """PPO/GRPO rounds from the warm-up policy; returns (final params, best params or None, iterations run,
@@ -371,7 +374,10 @@ def run_rl(cfg: ExperimentConfig, model, ref_params, data: Data, grader, mesh, o
     logger.rewind({"rl": it, "val": it})  # also when a killed attempt logged iterations but saved none (it = 0)
     _rewind_samples(out, it)
     applied = int(jax.device_get(state.step))  # optimizer updates so far: the schedule's position
-    reward_fn = make_reward_fn(grader, data.train_items, model.tokenizer, guards=r.guards,
+    guards = r.guards
+    if guards.enabled and guards.max_tokens is None:  # `too_long`: cut by the rollout's cap (it never flagged:
+        guards = dataclasses.replace(guards, max_tokens=samp.max_new_tokens)  # nothing set the limit; helper review)
+    reward_fn = make_reward_fn(grader, data.train_items, model.tokenizer, guards=guards,
                                stop_sequences=samp.stop_sequences, eos_ids=samp.eos_ids)
     exp_fn = make_experience_fn(model.config, r.ppo, reward_fn)
     step_fn = make_ppo_step(model.config, tx, r.ppo)
@@ -416,9 +422,9 @@ def run_rl(cfg: ExperimentConfig, model, ref_params, data: Data, grader, mesh, o
                    "completion_bucket": ro.tokens_BxN.shape[1],
                    "grader_seconds": reward_fn.last.seconds, "generated_tokens_per_s": gen_tokens / run_s,
                    "mfu": flops / run_s / peak,
-                   # rows graded and rows the grader could not read (always), rows each guard flagged (rl.guards)
-                   **{{"graded": "graded", "errors": "grader_errors"}.get(k, f"guard_{k}"): v
-                      for k, v in reward_fn.last.counters.items()}}
+                   # rows graded, rows without an answer (or a failed program), rows the grader could not grade
+                   # (always); rows each guard flagged (rl.guards)
+                   **{_COUNTER_NAMES.get(k, f"guard_{k}"): v for k, v in reward_fn.last.counters.items()}}
         if compiles is not None:
             metrics["xla_programs"] = compiles.programs()
         it += 1

@@ -148,7 +148,7 @@ def test_pipeline_sigkill_then_resume_completes(tiny_hf_dir, tmp_path, shared_da
     rl = _rl_lines(out)[-1]
     for key in ("reward", "accuracy", "kl", "entropy", "clipfrac", "vf_loss", "explained_variance",
                 "response_length", "generated_tokens_per_s", "mfu", "completion_bucket", "xla_programs", "graded",
-                "grader_errors", "compile_seconds", "rollout_seconds", "experience_seconds", "update_seconds"):
+                "unanswered", "grader_errors", "compile_seconds", "rollout_seconds", "experience_seconds", "update_seconds"):
         assert key in rl, key
     assert not [k for k in rl if k.startswith("guard_")]  # the guards are off: the grader's counts are not theirs
     for name in ("reward", "kl", "response_length", "val_accuracy"):
@@ -743,7 +743,7 @@ def test_an_interrupted_rl_phase_stops_without_reading_the_best_policy_back(tmp_
     import types
 
     from reftjax import train as T
-    from reftjax.config import ExperimentConfig
+    from reftjax.config import ExperimentConfig, replace_path
     from reftjax.metrics import MetricsLogger
 
     reads, saves, calls = [], [], [0]
@@ -787,7 +787,9 @@ def test_an_interrupted_rl_phase_stops_without_reading_the_best_policy_back(tmp_
     monkeypatch.setattr(T, "ckpt", types.SimpleNamespace(Checkpointer=Manager, CheckpointConfig=lambda *a, **k: None))
     monkeypatch.setattr(T, "init_rl_params", lambda *a, **k: {"policy": "final"})
     monkeypatch.setattr(T, "init_state", lambda params, tx, key: types.SimpleNamespace(step=0, params=params))
-    monkeypatch.setattr(T, "make_reward_fn", lambda *a, **k: types.SimpleNamespace(last=last))
+    made = []  # the guards each reward function was made with
+    monkeypatch.setattr(T, "make_reward_fn", lambda *a, **k: made.append(k["guards"]) or types.SimpleNamespace(
+        last=last))
     monkeypatch.setattr(T, "make_experience_fn", lambda *a, **k: lambda *a: ({}, em))
     monkeypatch.setattr(T, "make_ppo_step", lambda *a, **k: lambda state, exp: (
         state, {"updates": np.int32(1), "skipped": np.int32(0)}))
@@ -807,6 +809,16 @@ def test_an_interrupted_rl_phase_stops_without_reading_the_best_policy_back(tmp_
         got = T.run_rl(cfg, model, {}, data, None, None, tmp_path / str(interrupt_at), logger, stop, False)
         logger.close()
         assert (*got, reads, saves) == expected
+    # rl.guards.enabled=true's `too_long` had no limit (max_tokens None) and never flagged: the rollout's cap is
+    # the default; an explicit one is kept; disabled guards are passed as they are (helper review)
+    assert made[-1] == cfg.rl.guards and not made[-1].enabled
+    for limit, expected in ((None, cfg.rl.sampling.max_new_tokens), (7, 7)):
+        guarded = replace_path(cfg, "rl.guards", dataclasses.replace(cfg.rl.guards, enabled=True, max_tokens=limit))
+        stop, calls[0], interrupt_at = T._Interrupt(), 0, 1
+        logger = MetricsLogger(tmp_path / f"g{limit}", tensorboard=False, enabled=True)
+        T.run_rl(guarded, model, {}, data, None, None, tmp_path / f"g{limit}", logger, stop, False)
+        logger.close()
+        assert made[-1].enabled and made[-1].max_tokens == expected
 
 
 def test_a_second_run_on_a_directory_in_use_is_refused_and_a_killed_run_leaves_no_claim(tmp_path):

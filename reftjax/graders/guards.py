@@ -41,7 +41,8 @@ class GuardConfig:
     Attributes:
       enabled: False turns every check off (`ExperimentConfig.rl.guards` defaults to off: the ReFT
         paper uses none; `--set rl.guards.enabled=true` applies these defaults to RL rewards).
-      max_tokens: flag completions with at least this many tokens.
+      max_tokens: flag completions with at least this many tokens (None in a run: the rollout's
+        `rl.sampling.max_new_tokens`, i.e. completions cut by the cap; None elsewhere: off).
       min_reasoning_chars: flag completions with fewer non-space characters before the marker.
       max_answer_markers: flag completions with more answer markers than this.
       max_repeated_line_fraction: flag completions with a larger share of duplicate lines.
