@@ -118,6 +118,12 @@ def test_math_equiv_refuses_a_prediction_that_is_code():
     ({"type": "multi", "graders": {"a": {"type": "gsm8k"}}, "calculate_output": 1}, "must be a formula string"),
     ({"type": "reft", "cot": "java"}, "cot must be one of"),
     ({"type": "reft", "answer_feld": "x"}, "unknown keys"),
+    # a template that is not a string passed validation and failed at the first grade as a TypeError (helper review)
+    ({"type": "string_check", "input": 3, "reference": "{{item.answer}}", "operation": "eq"},
+     "grader.input: must be a template string"),
+    ({"type": "multi", "graders": {"a": {"type": "text_similarity", "input": "{{sample.output_text}}",
+                                         "reference": ["x"], "evaluation_metric": "bleu"}}, "calculate_output": "a"},
+     "grader.graders.a.reference: must be a template string"),
 ])
 def test_malformed_configs_fail_clearly(cfg, message):
     with pytest.raises(ConfigError, match=message):

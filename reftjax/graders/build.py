@@ -22,6 +22,9 @@ def _take(cfg: Mapping, where: str, required: tuple, optional: tuple = ()) -> di
     unknown = set(cfg) - set(required) - set(optional) - _OPTIONAL - {"type"}
     if unknown:
         raise ConfigError(f"{where}: unknown keys {sorted(unknown)} for type {cfg.get('type')!r}")
+    for k in ("input", "reference"):  # templates: a number failed at the first grade as a TypeError traceback
+        if k in cfg and not isinstance(cfg[k], str):
+            raise ConfigError(f"{where}.{k}: must be a template string such as \"{{{{item.answer}}}}\", got {cfg[k]!r}")
     return {k: cfg[k] for k in (*required, *optional) if k in cfg}
 
 
