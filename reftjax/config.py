@@ -32,6 +32,9 @@ class DataConfig:
         `sft.epochs=0` (RL from the loaded model, as OpenAI RFT does).
       answer_field: `openai` files only: the field holding a numeric reference answer, which becomes
         the items' `answer_value` (what the ReFT grader reads); other fields reach graders as they are.
+      val_file, test_file: files in `train_format` (with `train_file` only) for the validation and test splits,
+        as OpenAI RFT takes a validation file: with `val_file` the training file is used whole (in file order;
+        `val_fraction` and `seed` are not read), with `test_file` `test_dataset`/`test_split` are not read.
       n_train: use the first n training examples after the split (None: all).
       n_val, n_test: evaluation subset sizes (None: all).
       val_fraction: share of the training file held out for validation (model selection).
@@ -44,6 +47,8 @@ class DataConfig:
     train_file: str | None = None
     train_format: str | None = None
     answer_field: str | None = None
+    val_file: str | None = None
+    test_file: str | None = None
     n_train: int | None = None
     n_val: int | None = 64
     n_test: int | None = None
@@ -71,6 +76,10 @@ class DataConfig:
         elif self.train_format not in FORMATS:
             raise ValueError(f"data.train_file needs data.train_format, one of {FORMATS}; got {self.train_format!r} "
                              f"(set both at once: --set both, or config.replace_paths)")
+        for name in ("val_file", "test_file"):
+            if getattr(self, name) is not None and self.train_file is None:
+                raise ValueError(f"data.{name} is read in data.train_format, the format of data.train_file, which "
+                                 f"is not set (set data.train_file and data.train_format too)")
         if self.answer_field is not None and self.train_format != "openai":
             raise ValueError(f"data.answer_field is read from openai-format train files only (data.train_format="
                              f"{self.train_format!r})")

@@ -127,7 +127,8 @@ def write_summary(out: pathlib.Path, cfg, evals: dict, wall_seconds: float, writ
         table.append(line)
     lines = [
         f"# {cfg.name}: {cfg.model}", "",
-        f"Test set: {cfg.data.test_dataset}/{cfg.data.test_split}, n = {summary['test_n']}{dropped}. "
+        f"Test set: {cfg.data.test_file or f'{cfg.data.test_dataset}/{cfg.data.test_split}'}, n = "
+        f"{summary['test_n']}{dropped}. "
         f"Model selection on a validation split only (never on test).", "",
         head, rule, *table, "",
         f"Validation accuracy during RL: {summary['val_accuracy']['rl']}", "",

@@ -78,14 +78,15 @@ def _item(ex) -> dict:
 
 def prepare_data(cfg: ExperimentConfig, tokenizer) -> Data:
     d = cfg.data
-    if d.train_file:
-        examples = load_examples(file=d.train_file, fmt=d.train_format, answer_field=d.answer_field)
+    read = lambda f: load_examples(file=f, fmt=d.train_format, answer_field=d.answer_field)  # noqa: E731
+    examples = read(d.train_file) if d.train_file else load_examples(d.dataset, split="train")
+    if d.val_file:  # a validation file (OpenAI RFT's): the training file is used whole
+        train, val = examples, read(d.val_file)
     else:
-        examples = load_examples(d.dataset, split="train")
-    train, val = train_val_split(examples, SplitConfig(val_fraction=d.val_fraction, seed=d.seed))
+        train, val = train_val_split(examples, SplitConfig(val_fraction=d.val_fraction, seed=d.seed))
     train = train[: d.n_train] if d.n_train is not None else train
     val = val[: d.n_val] if d.n_val is not None else val
-    test = load_examples(d.test_dataset, split=d.test_split)
+    test = read(d.test_file) if d.test_file else load_examples(d.test_dataset, split=d.test_split)
     test = test[: d.n_test] if d.n_test is not None else test
     tok = lambda exs, targets: tokenize_examples(exs, tokenizer, d.prompt, d.tokenize, with_targets=targets)  # noqa: E731
     data = Data(tok(train, cfg.sft.epochs > 0), tok(val, False), tok(test, False),  # SFT targets only if SFT runs
@@ -847,8 +848,9 @@ def _run(cfg: ExperimentConfig, out: pathlib.Path, progress: bool) -> dict:
     grader = build_grader(cfg.grader_dict)  # cheap checks first: a bad grader or mesh fails before the model loads
     mesh = make_mesh(cfg.mesh)
     check_batch_sizes(cfg, mesh)
-    if cfg.data.train_file and not pathlib.Path(cfg.data.train_file).is_file():  # not after the model loads
-        raise DataError(f"{cfg.data.train_file}: no such file (data.train_file)")
+    for name in ("train_file", "val_file", "test_file"):  # not after the model loads
+        if (f := getattr(cfg.data, name)) and not pathlib.Path(f).is_file():
+            raise DataError(f"{f}: no such file (data.{name})")
     model = load_model(cfg.model, dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat, mesh=mesh)
     data = prepare_data(cfg, model.tokenizer)
     check_train_size(cfg, data)

@@ -1136,3 +1136,31 @@ def test_the_voting_samples_follow_the_run_seed(tmp_path, monkeypatch):
     logger.close()
     assert seen[0] == seen[1] == jax.random.key_data(jax.random.key(1234)).tolist()
     assert seen[2] == jax.random.key_data(jax.random.key(1235)).tolist()
+
+
+def test_validation_and_test_files_replace_the_held_out_split_and_the_test_set(tmp_path, shared_data,
+                                                                                  smollm_tokenizer):
+    """OpenAI RFT takes a validation file; reftjax always held out data.val_fraction of the training file and
+    tested on GSM8K (helper review). data.val_file / data.test_file (in data.train_format) give those splits."""
+    from reftjax.config import ExperimentConfig, replace_paths
+    from reftjax.data.records import DataError
+    from reftjax.train import prepare_data, run
+
+    lines = (shared_data / "gsm8k" / "train.jsonl").read_text().splitlines()
+    files = {}
+    for name, rows in (("train", lines[:12]), ("val", lines[12:15]), ("test", lines[15:19])):
+        files[name] = tmp_path / f"{name}.jsonl"
+        files[name].write_text("\n".join(rows) + "\n")
+    cfg = replace_paths(ExperimentConfig(), {"data.train_file": str(files["train"]), "data.train_format": "gsm8k-jsonl",
+                                             "data.val_file": str(files["val"]), "data.test_file": str(files["test"]),
+                                             "data.n_val": None})
+    data = prepare_data(cfg, smollm_tokenizer)
+    question = lambda row: json.loads(row)["question"]  # noqa: E731
+    assert [it["question"] for it in data.train_items] == [question(r) for r in lines[:12]]  # whole, in order
+    assert [it["question"] for it in data.val_items] == [question(r) for r in lines[12:15]]
+    assert [it["question"] for it in data.test_items] == [question(r) for r in lines[15:19]]
+    with pytest.raises(ValueError, match="data.val_file is read in data.train_format, the format of data.train_file"):
+        replace_paths(ExperimentConfig(), {"data.val_file": str(files["val"])})
+    missing = replace_paths(cfg, {"data.test_file": str(tmp_path / "nope.jsonl"), "model": "/not/loaded"})
+    with pytest.raises(DataError, match=r"nope.jsonl: no such file \(data.test_file\)"):  # before the model loads
+        run(missing, tmp_path / "run", progress=False)
