@@ -425,7 +425,8 @@ def run_rl(cfg: ExperimentConfig, model, ref_params, data: Data, grader, mesh, o
                    "mfu": flops / run_s / peak,
                    # rows graded, rows without an answer (or a failed program), rows the grader could not grade
                    # (always); rows each guard flagged (rl.guards)
-                   **{_COUNTER_NAMES.get(k, f"guard_{k}"): v for k, v in reward_fn.last.counters.items()}}
+                   **{_COUNTER_NAMES.get(k, f"guard_{k}"): v for k, v in reward_fn.last.counters.items()},
+                   **_sub_scores(reward_fn.last.grades)}
         if compiles is not None:
             metrics["xla_programs"] = compiles.programs()
         it += 1
@@ -600,9 +601,18 @@ def _dump_samples(out: pathlib.Path, it: int, record, items: list, n: int, k: in
             g, idx = record.grades[r], record.example_idx[r] if record.example_idx else None
             row = {"iteration": it, "item_id": None if idx is None else items[idx].get("item_id"), "sample": r % n,
                    "completion": texts[r], "score": g.score, "extracted": g.extracted, "error": g.error}
+            if "scores" in g.details:  # a multi grader's sub-scores, by name
+                row["scores"] = g.details["scores"]
             if "guards" in g.details:  # flagged by the reward-hacking guards (rl.guards)
                 row.update(guards=g.details["guards"], score_before_guards=g.details["score_before_guards"])
             f.write(json.dumps(row) + "\n")
+
+
+def _sub_scores(grades) -> dict:
+    """A multi grader's mean sub-score per name over the batch (`score_<name>`), so a run shows which part of the
+    formula moves; {} for other graders."""
+    parts = [g.details["scores"] for g in grades if "scores" in g.details]
+    return {f"score_{name}": float(np.mean([p[name] for p in parts])) for name in (parts[0] if parts else {})}
 
 
 # ----------------------------------------------------------------------------- the pipeline

@@ -982,6 +982,23 @@ def test_rl_samples_hold_every_row_with_its_item_and_sample_index(tmp_path):
     last = [json.loads(l) for l in (tmp_path / "samples" / "rl_rollouts.jsonl").read_text().splitlines()][-2:]
     assert [(r["item_id"], r["completion"], r["error"]) for r in last] == [("q1", "", "batch failed"),
                                                                            ("q2", "", "batch failed")]
+    # a multi grader's sub-scores: in each row, and their batch means in the RL metrics (neither was written
+    # anywhere: a run could not show which part of its formula moved; helper review)
+    from reftjax.graders import build_grader
+
+    multi = build_grader({"type": "multi", "calculate_output": "0.5 * exact + 0.5 * close",
+                          "graders": {"exact": {"type": "string_check", "input": "{{sample.output_text}}",
+                                                "reference": "{{item.answer}}", "operation": "eq"},
+                                      "close": {"type": "text_similarity", "input": "{{sample.output_text}}",
+                                                "reference": "{{item.answer}}", "evaluation_metric": "fuzzy_match"}}})
+    grades = multi.grade_batch([{"answer": "forty two"}] * 2, ["forty two", "forty"])
+    T._dump_samples(tmp_path, 11, BatchRecord(texts=("forty two", "forty"), grades=tuple(grades),
+                                              example_idx=(0, 1)), items, n=1)
+    last = [json.loads(l) for l in (tmp_path / "samples" / "rl_rollouts.jsonl").read_text().splitlines()][-2:]
+    assert last[0]["scores"] == {"exact": 1.0, "close": 1.0} and last[1]["scores"]["exact"] == 0.0
+    means = T._sub_scores(grades)
+    assert set(means) == {"score_exact", "score_close"} and means["score_exact"] == 0.5
+    assert 0.5 < means["score_close"] < 1.0 and T._sub_scores(rec.grades) == {}
 
 
 def test_rewinding_the_rl_samples_streams_them_and_rewrites_only_when_rows_drop(tmp_path, monkeypatch):
