@@ -760,8 +760,15 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def _check_same_run(cfg_path: pathlib.Path, new: dict) -> None:
-    """Refuses to resume a run directory under different settings (besides `RESUMABLE_CHANGES`).
+# where the model and the data files are read from: free to change when data.json holds the digests of the weights
+# and the data, which `_check_same_data` compares once they are loaded (a copy of the model folder at another path,
+# another slice's mount point: refused by path before; helper review)
+LOCATIONS = ("model", "data.train_file", "data.val_file", "data.test_file")
+
+
+def _check_same_run(cfg_path: pathlib.Path, new: dict, content_checked: bool = False) -> None:
+    """Refuses to resume a run directory under different settings (besides `RESUMABLE_CHANGES`, and `LOCATIONS`
+    when `content_checked`: the run's data.json records the digests of what they hold).
 
     A rerun continues from checkpoints and reuses the finished phases (`sft_done.json`, `evals.json`, the
     verifier), so changed settings would give a run that follows neither config: cached test figures of
@@ -773,7 +780,8 @@ def _check_same_run(cfg_path: pathlib.Path, new: dict) -> None:
         raise RunDirError(f"{cfg_path}: unreadable ({type(e).__name__}: {e}); this run directory cannot be "
                           f"resumed: use a new output directory") from e
     a, b = _flat(old), _flat(new)
-    free = lambda k: any(k == c or (c.endswith(".") and k.startswith(c)) for c in RESUMABLE_CHANGES)  # noqa: E731
+    allowed = RESUMABLE_CHANGES + (LOCATIONS if content_checked else ())
+    free = lambda k: any(k == c or (c.endswith(".") and k.startswith(c)) for c in allowed)  # noqa: E731
     diffs = [k for k in sorted(a.keys() | b.keys()) if a.get(k, "<unset>") != b.get(k, "<unset>") and not free(k)]
     if diffs:
         shown = ", ".join(f"{k}: {json.dumps(a.get(k, '<unset>'))} -> {json.dumps(b.get(k, '<unset>'))}"
@@ -781,6 +789,14 @@ def _check_same_run(cfg_path: pathlib.Path, new: dict) -> None:
         raise RunDirError(f"{cfg_path}: this run directory holds a run with other settings ({shown}); rerunning "
                           f"resumes it, so rerun with the same settings (they are in that file) or use a new "
                           f"output directory")
+
+
+def _has_model_digest(path: pathlib.Path) -> bool:
+    """Whether a run's data.json records the weights' digest (runs started before it did are checked by path)."""
+    try:
+        return "model" in json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
 
 
 def _interrupted(logger, phase: str) -> dict:
@@ -854,7 +870,7 @@ def _run(cfg: ExperimentConfig, out: pathlib.Path, progress: bool) -> dict:
     ran = cfg_path.exists() and any(p.name not in ("config.json", "data.json") and not p.name.startswith(".lock")
                                     for p in out.iterdir())
     if ran:  # else nothing ran under it
-        _check_same_run(cfg_path, to_dict(cfg))
+        _check_same_run(cfg_path, to_dict(cfg), content_checked=_has_model_digest(out / "data.json"))
     grader = build_grader(cfg.grader_dict)  # cheap checks first: a bad grader or mesh fails before the model loads
     mesh = make_mesh(cfg.mesh)
     check_batch_sizes(cfg, mesh)
@@ -916,6 +932,8 @@ def _run(cfg: ExperimentConfig, out: pathlib.Path, progress: bool) -> dict:
                 return _interrupted(logger, "eval")
             _eval_once("test_reft", out, logger, exports["best"], model, data.test_ds, data.test_items, grader, cfg,
                        mesh, rl_its, voting=True, verifier=verifier)  # (< rl.iterations after an early stop)
+        if stop.check():  # (a signal during the final test was announced, then the exports ran; helper review)
+            return _interrupted(logger, "eval")
     # a rerun of the finished run does not export again: process 0 exports, so its marker decides for all (to_host
     # below is a collective for sharded params, and every process must take the same branch)
     exported = out / "export_done.json"

@@ -547,8 +547,8 @@ def test_a_rerun_may_change_only_how_the_run_is_saved_and_laid_out(tmp_path):
     """`run()`'s check of config.json (the CLI path is in the SIGKILL/resume test): layout and saving settings may
     change on resume, anything that changes what is computed is refused, naming every changed key."""
     from experiments.gsm8k_reft import preset_config
-    from reftjax.config import replace_path, to_dict
-    from reftjax.train import RunDirError, _check_same_run
+    from reftjax.config import replace_path, replace_paths, to_dict
+    from reftjax.train import RunDirError, _check_same_run, _has_model_digest
 
     cfg = preset_config("cpu")
     path = tmp_path / "config.json"
@@ -556,6 +556,19 @@ def test_a_rerun_may_change_only_how_the_run_is_saved_and_laid_out(tmp_path):
     for key, value in (("mesh.fsdp", 2), ("remat", "full"), ("sft.accum_steps", 2), ("rl.ppo.head_chunk_rows", 64),
                        ("checkpoint.keep_last", 5), ("compilation_cache", "")):
         _check_same_run(path, to_dict(replace_path(cfg, key, value)))
+    # where the model and the data files are: free when data.json holds the digests of what they hold (checked once
+    # loaded), by path for runs started before the digests (a copy of the model at another path was refused)
+    moved = replace_paths(cfg, {"model": "/mnt/elsewhere/model", "data.train_file": "/mnt/t.jsonl",
+                                "data.train_format": "gsm8k-jsonl"})
+    with pytest.raises(RunDirError, match=r"other settings \(data.train_file: null -> \"/mnt/t.jsonl\", "
+                                          r"data.train_format: null -> \"gsm8k-jsonl\", model: "):
+        _check_same_run(path, to_dict(moved))
+    with pytest.raises(RunDirError, match=r"other settings \(data.train_format: null -> \"gsm8k-jsonl\"\)"):
+        _check_same_run(path, to_dict(moved), content_checked=True)  # a format is a setting, not a location
+    _check_same_run(path, to_dict(replace_path(cfg, "model", "/mnt/elsewhere/model")), content_checked=True)
+    assert not _has_model_digest(tmp_path / "data.json")
+    (tmp_path / "data.json").write_text(json.dumps({"train": {}, "model": {"params": "0123"}}))
+    assert _has_model_digest(tmp_path / "data.json")
     changed = replace_path(replace_path(cfg, "rl.ppo.kl_coef", 0.01), "checkpoint.keep_best", 0)
     with pytest.raises(RunDirError, match=r"other settings \(checkpoint.keep_best: 1 -> 0, rl.ppo.kl_coef: 0.05 -> "
                                           r"0.01\); rerunning resumes it"):
@@ -1093,6 +1106,24 @@ def test_a_run_without_rl_iterations_is_the_warm_up_alone(tiny_hf_dir, tmp_path,
                        ("eval_before_sft", False), ("rerank.epochs", 0), ("data.tokenize.seq_buckets", (224, 320))):
         cfg = replace_path(cfg, key, value)
     out = tmp_path / "run"
+    # a signal during the last evaluation was announced ("saving a checkpoint and exiting"), then the exports ran
+    # and the run finished (helper review): it stops before them now, and the rerun exports (the evaluation kept)
+    import signal as _signal
+
+    from reftjax import train as T
+
+    real_eval_once = T._eval_once
+
+    def signalled(name, *a, **k):
+        res = real_eval_once(name, *a, **k)
+        if name == "test_sft":
+            os.kill(os.getpid(), _signal.SIGTERM)  # the handler the run installed sets its flag
+        return res
+
+    monkeypatch.setattr(T, "_eval_once", signalled)
+    assert run(cfg, out, progress=False) == {"status": "interrupted", "phase": "eval"}
+    assert not (out / "hf").exists() and "test_sft" in json.loads((out / "evals.json").read_text())
+    monkeypatch.setattr(T, "_eval_once", real_eval_once)
     summary = run(cfg, out, progress=False)
     assert summary["status"] == "done" and summary["test_accuracy"]["reft"] is None
     assert sorted(json.loads((out / "evals.json").read_text())) == ["test_sft", "val_sft"]
