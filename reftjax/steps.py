@@ -56,10 +56,10 @@ class OptimConfig:
       value_head_lr_scale: multiplies the update of the critic: the `params["value_head"]`
         subtree and a separate critic trunk, `params["critic"]` (the critic's own lr is
         `learning_rate * value_head_lr_scale`; the shared backbone keeps `learning_rate`).
-        PPO only: the SFT and verifier phases refuse another value. ReFT uses one lr for all (1.0). Under Adam a weight moves by about
-        lr per step whatever its gradient, so a fresh critic at a policy-sized lr (1e-6..1e-4)
-        needs thousands of updates to fit the returns; separate critic lrs are the norm in
-        verl/OpenRLHF.
+        PPO only: the SFT and verifier phases refuse another value. ReFT uses one lr for all
+        (1.0). Under Adam a weight moves by about lr per step whatever its gradient, so a fresh
+        critic at a policy-sized lr (1e-6..1e-4) needs thousands of updates to fit the returns;
+        separate critic lrs are the norm in verl/OpenRLHF.
     """
 
     learning_rate: float = 1e-5

@@ -170,9 +170,9 @@ def _check_same_data(path: pathlib.Path, new: dict) -> None:
                for split in new if split != "model" and old.get(split) != new[split]]
     if changed:
         raise RunDirError(f"{path}: the data differs from the data this run was started on: {'; '.join(changed)} "
-                          f"(a data file edited or replaced? or a reftjax version that tokenizes differently: its tokens change, its "
-                          f"items do not); rerunning resumes the run, so use the original data and version or a new "
-                          f"output directory")
+                          f"(a data file edited or replaced? or a reftjax version that tokenizes differently: its "
+                          f"tokens change, its items do not); rerunning resumes the run, so use the original data and "
+                          f"version or a new output directory")
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -380,8 +380,8 @@ def test_value_head_lr_scale_scales_only_the_critic_update():
     plain two-part optimizer state (old checkpoints stay loadable)."""
     params = {"policy": {"w": jnp.ones((3,))}, "value_head": {"summary": {"kernel": jnp.ones((2, 1))}},
               "critic": {"w": jnp.ones((2,))}}  # a separate critic trunk (PPOConfig.critic="separate")
-    grads = {"policy": {"w": jnp.array([0.1, -0.2, 0.3])}, "value_head": {"summary": {"kernel": jnp.array([[0.5], [-1e-3]])}},
-             "critic": {"w": jnp.array([0.2, -0.4])}}
+    grads = {"policy": {"w": jnp.array([0.1, -0.2, 0.3])},
+             "value_head": {"summary": {"kernel": jnp.array([[0.5], [-1e-3]])}}, "critic": {"w": jnp.array([0.2, -0.4])}}
     out = {}
     for scale in (1.0, 7.0):
         tx = make_optimizer(OptimConfig(learning_rate=1e-2, schedule="constant", warmup_ratio=0.0,

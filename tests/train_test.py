@@ -148,7 +148,8 @@ def test_pipeline_sigkill_then_resume_completes(tiny_hf_dir, tmp_path, shared_da
     rl = _rl_lines(out)[-1]
     for key in ("reward", "accuracy", "kl", "entropy", "clipfrac", "vf_loss", "explained_variance",
                 "response_length", "generated_tokens_per_s", "mfu", "completion_bucket", "xla_programs", "graded",
-                "unanswered", "grader_errors", "compile_seconds", "rollout_seconds", "experience_seconds", "update_seconds"):
+                "unanswered", "grader_errors", "compile_seconds", "rollout_seconds", "experience_seconds",
+                "update_seconds"):
         assert key in rl, key
     assert not [k for k in rl if k.startswith("guard_")]  # the guards are off: the grader's counts are not theirs
     for name in ("reward", "kl", "response_length", "val_accuracy"):
@@ -389,7 +390,7 @@ def test_set_values_are_type_checked_merged_and_python_spellings_work():
     assert (c.export_hf, c.eval_before_sft, c.compilation_cache, c.data.n_val) == (False, False, None, None)
     assert c.rl.iterations == 100 and isinstance(c.rl.iterations, int) and c.rl.ppo.whiten_advantages is False
     assert (c.rl.optim.learning_rate, c.rl.optim.schedule) == (1e-6, "constant")  # merged, not replaced
-    assert cfg('data.train_file=/tmp/x.jsonl', 'data.train_format=reft').data.train_file == "/tmp/x.jsonl"  # bare strings
+    assert cfg('data.train_file=/tmp/x.jsonl', 'data.train_format=reft').data.train_file == "/tmp/x.jsonl"  # strings
     assert dict(cfg('grader={"type": "reft", "cot": "python"}', 'data.prompt.style=reft-python').grader)["cot"] == \
         "python"
     for bad, msg in (("rl.iterations=abc", "config.rl.iterations: expected an integer, got 'abc'"),
