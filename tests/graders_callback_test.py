@@ -149,6 +149,28 @@ def test_unanswered_rows_are_counted_apart_from_rows_the_grader_could_not_grade(
     fn = make_reward_fn(ReftGrader(), items, lambda rows: 1 / 0)  # grading raised: every row is the grader's
     fn(ids, mask, np.array([0, 1, 2, 3], np.int32))
     assert dict(fn.last.counters) == {"graded": 4, "unanswered": 0, "errors": 4}
+    # a grader's own failure is its error, not the completion's: a python grader's code raising (alone or inside a
+    # multi grader), the sandbox failing under a P-CoT program; a model's program failing is unanswered (regression
+    # review: a broken python grader read as 4 unanswered, 0 grader errors)
+    from reftjax.graders import build_grader
+    from reftjax.graders.sandbox import SandboxResult
+
+    broken = {"type": "python", "source": "def grade(sample, item):\n    return float(item['answr'] == 1)"}
+    for cfg in (broken, {"type": "multi", "graders": {"p": broken}, "calculate_output": "p"}):
+        fn = make_reward_fn(build_grader(cfg), items, _decode)
+        fn(ids, mask, np.array([0, 1, 2, 3], np.int32))
+        assert dict(fn.last.counters) == {"graded": 4, "unanswered": 0, "errors": 4}, cfg
+        assert "KeyError: 'answr'" in fn.last.grades[0].error
+
+    class Pool:  # the model's first program fails; the sandbox fails under the second
+        def run(self, jobs):
+            return [SandboxResult("error", error="NameError: x"), SandboxResult("sandbox_failure", error="hung"),
+                    SandboxResult("ok", value_float=4.0, value_str="4"), SandboxResult("ok", value_float=5.0,
+                                                                                     value_str="5")][:len(jobs)]
+
+    fn = make_reward_fn(ReftGrader(cot="python", pool=Pool()), items, _decode)
+    np.testing.assert_allclose(fn(ids, mask, np.array([0, 1, 2, 3], np.int32)), [0.0, 0.0, 1.0, 0.1])
+    assert dict(fn.last.counters) == {"graded": 4, "unanswered": 1, "errors": 1}
 
 
 def test_grade_in_jit_refuses_one_index_per_prompt_when_tracing():

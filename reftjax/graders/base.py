@@ -25,7 +25,8 @@ class Grade:
       score: reward in [0, 1].
       extracted: the answer the grader extracted (string form), or None.
       error: why nothing could be extracted / the program failed, or None.
-      details: grader-specific extras (sub-scores of a `multi` grader, guard flags).
+      details: grader-specific extras (sub-scores of a `multi` grader, guard flags; `grader_fault`: True when
+        the error is the grader's, not the completion's: see `faulted`).
     """
 
     score: float
@@ -42,6 +43,17 @@ class Grade:
         if self.details:
             out["details"] = dict(self.details)
         return out
+
+
+def faulted(error: str) -> Grade:
+    """A 0 whose cause is the grader's (its code raised, its input could not be rendered, the sandbox failed), not
+    the completion's (no answer in it, a program of the model's that failed): counted as a grader error, which a
+    completion without an answer is not."""
+    return Grade(0.0, error=error, details={"grader_fault": True})
+
+
+def is_fault(grade) -> bool:
+    return bool(getattr(grade, "details", {}).get("grader_fault"))
 
 
 def has_answer(grade) -> bool:
@@ -84,7 +96,7 @@ def _safe_grade(grader: PerItemGrader, item: Item, text: str) -> Grade:
     try:
         return grader.grade(item, text)
     except Exception as exc:  # noqa: BLE001 - graders must never raise into the trainer
-        return Grade(0.0, error=f"grader error: {type(exc).__name__}: {exc}")
+        return faulted(f"grader error: {type(exc).__name__}: {exc}")
 
 
 def _grade_chunk(args) -> list[Grade]:

@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import io_callback
 
-from reftjax.graders.base import Grade, Grader, Item
+from reftjax.graders.base import Grade, Grader, Item, is_fault
 from reftjax.graders.guards import GuardConfig, apply_guards
 
 Decode = Callable[[list[list[int]]], list[str]]
@@ -63,7 +63,8 @@ class BatchRecord:
       grades: the final `Grade` per row (after guards; `details["guards"]` lists flags).
       counters: how many rows each guard flagged in this batch, plus "graded", "unanswered" (rows the grader found
         no answer in, or whose program failed: the model's doing, scored as the grader says) and "errors" (rows
-        it could not grade: the whole batch when grading raised, rows without an item).
+        it could not grade: the whole batch when grading raised, rows without an item, rows whose grade is a
+        grader fault: `base.faulted`).
       seconds: host time spent decoding and grading this batch.
       error: set when the whole batch failed (all rewards 0).
       example_idx: each row's index into the reference items (as the rollout passed it).
@@ -134,8 +135,9 @@ class HostRewardFn:
             grades[r] = g
         # the model's side (no answer to extract, a program that failed: scored by design) apart from the grader's
         # (rows it could not grade); one count of both read as a broken grader on every run (helper review)
-        counters = collections.Counter(graded=len(grades), unanswered=sum(g.error is not None for g in graded),
-                                       errors=len(grades) - len(known))
+        faults = sum(is_fault(g) for g in graded)  # (a grader's code raising, the sandbox failing)
+        counters = collections.Counter(graded=len(grades), unanswered=sum(g.error is not None for g in graded) - faults,
+                                       errors=len(grades) - len(known) + faults)
         if self.guards is not None:
             # tokens before a final EOS or stop sequence: a reply that stopped exactly at the token cap is not
             # `too_long` (counting its EOS flagged it as if it had been cut off)

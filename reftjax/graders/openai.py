@@ -36,7 +36,7 @@ from typing import Any, Mapping, Sequence
 
 from rapidfuzz import fuzz
 
-from reftjax.graders.base import Grade, Item, PerItemGrader, _check_lengths, has_answer
+from reftjax.graders.base import Grade, Item, PerItemGrader, _check_lengths, faulted, has_answer, is_fault
 from reftjax.graders.reft import default_pool
 from reftjax.graders.sandbox import SandboxJob, SandboxPool
 
@@ -221,7 +221,7 @@ class SandboxedGrader:
                 # large for a float (10**400): clipped like any other number, not "not a number"
             if i in errors or not r.ok or value is None or math.isnan(value):
                 why = errors.get(i) or (f"{r.status}: {r.error}" if not r.ok else f"not a number: {r.value_str}")
-                grades.append(Grade(0.0, error=why))
+                grades.append(faulted(why))  # the grader's code (or its input) failed: not the completion's doing
             else:
                 answer = r.value_str if self.entry == "grade" else str(jobs[i].args[0]).strip()[:200]
                 grades.append(Grade(min(1.0, max(0.0, value)), extracted=answer))
@@ -321,8 +321,9 @@ class MultiGrader:
             env = {name: grades[i].score for name, grades in parts.items()}
             failed = {name: grades[i].error for name, grades in parts.items() if grades[i].error is not None}
             if failed:  # a sub-grader that could not grade scores the whole sample 0 (its 0 could raise `1 - a`)
+                fault = any(is_fault(grades[i]) for grades in parts.values() if grades[i].error is not None)
                 out.append(Grade(0.0, error="; ".join(f"{n}: {e}" for n, e in failed.items()),
-                                 details={"scores": env}))
+                                 details={"scores": env, **({"grader_fault": True} if fault else {})}))
                 continue
             try:
                 score = _eval_formula(tree, env)

@@ -23,7 +23,7 @@ import dataclasses
 import re
 from typing import Sequence
 
-from reftjax.graders.base import Grade, Item, PerItemGrader, _check_lengths, field
+from reftjax.graders.base import Grade, Item, PerItemGrader, _check_lengths, faulted, field
 from reftjax.graders.sandbox import SandboxJob, SandboxPool, SandboxResult
 
 ANSWER_TRIGGER = "\nTherefore, the answer is: "
@@ -215,8 +215,9 @@ class ReftGrader(PerItemGrader):
         return [self._score_program(item, r) for item, r in zip(items, results)]
 
     def _score_program(self, item: Item, result: SandboxResult) -> Grade:
-        if not result.ok:
-            return Grade(0.0, error=f"{result.status}: {result.error}")
+        if not result.ok:  # the model's program failed (error, timeout, crash), or the sandbox itself did
+            error = f"{result.status}: {result.error}"
+            return faulted(error) if result.status == "sandbox_failure" else Grade(0.0, error=error)
         if self.answer_type == "mathqa":
             if result.value_json is None and result.value_str == "None":  # returned None: no answer
                 return Grade(self.partial_reward, extracted="none", error="the program returned None")
