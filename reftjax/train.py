@@ -153,6 +153,14 @@ def model_fingerprint(params) -> str:
     return h.hexdigest()
 
 
+def model_config_fingerprint(model_cfg) -> str:
+    """A digest of what the model computes besides its weights (`ModelConfig` from config.json and
+    generation_config.json's EOS ids: norms, RoPE, stopping), without the run's layout settings (dtypes and remat
+    are settings of config.json, and remat may change on resume)."""
+    fields = {k: v for k, v in dataclasses.asdict(model_cfg).items() if k not in ("dtype", "param_dtype", "remat")}
+    return hashlib.blake2b(json.dumps(fields, sort_keys=True, default=str).encode(), digest_size=8).hexdigest()
+
+
 def _check_same_data(path: pathlib.Path, new: dict) -> None:
     """A rerun resumes checkpoints, loader positions and finished evaluations taken on the data in `path`
     (`data.json`): refused when the data differs (a file edited in place keeps the settings and maybe the count)."""
@@ -161,11 +169,15 @@ def _check_same_data(path: pathlib.Path, new: dict) -> None:
     except (OSError, ValueError) as e:
         raise RunDirError(f"{path}: unreadable ({type(e).__name__}: {e}); this run directory cannot be resumed: "
                           f"use a new output directory") from e
-    if "model" in old and old["model"] != new.get("model"):  # (runs started before it was recorded: not checked)
-        raise RunDirError(f"{path}: the model's weights differ from those this run was started on (digest "
-                          f"{old['model'].get('params')} -> {new.get('model', {}).get('params')}): a model folder "
-                          f"replaced, or a relative --model read from another directory? Rerunning resumes the run, "
-                          f"so load the original model or use a new output directory")
+    # (runs started before a digest was recorded: that part not checked)
+    differs = [k for k in old.get("model", {}) if old["model"][k] != new.get("model", {}).get(k)]
+    if differs:
+        what = {"params": "weights", "config": "configuration (config.json, generation_config.json's EOS ids)"}
+        digests = ", ".join(f"{old['model'][k]} -> {new.get('model', {}).get(k)}" for k in differs)
+        raise RunDirError(f"{path}: the model's {' and '.join(what.get(k, k) for k in differs)} differ from those this "
+                          f"run was started on (digest {digests}): a model folder replaced, or a relative --model read "
+                          f"from another directory? Rerunning resumes the run, so load the original model or use a new "
+                          f"output directory")
     changed = [f"{split} ({', '.join(k for k in new[split] if old.get(split, {}).get(k) != new[split][k])})"
                for split in new if split != "model" and old.get(split) != new[split]]
     if changed:
@@ -792,10 +804,11 @@ def _check_same_run(cfg_path: pathlib.Path, new: dict, content_checked: bool = F
 
 
 def _has_model_digest(path: pathlib.Path) -> bool:
-    """Whether a run's data.json records the weights' digest (runs started before it did are checked by path)."""
+    """Whether a run's data.json records the digests of the weights and of the model's configuration (runs started
+    before it did are checked by path: the weights alone let a config.json with other norms or EOS ids through)."""
     try:
-        return "model" in json.loads(path.read_text())
-    except (OSError, ValueError):
+        return {"params", "config"} <= set(json.loads(path.read_text()).get("model", {}))
+    except (OSError, ValueError, AttributeError):
         return False
 
 
@@ -881,7 +894,9 @@ def _run(cfg: ExperimentConfig, out: pathlib.Path, progress: bool) -> dict:
     data = prepare_data(cfg, model.tokenizer)
     check_train_size(cfg, data)
     check_grader_fields(grader, data)
-    prints, data_path = {**data_fingerprints(data), "model": {"params": model_fingerprint(model.params)}}, out / "data.json"
+    prints = {**data_fingerprints(data), "model": {"params": model_fingerprint(model.params),
+                                                   "config": model_config_fingerprint(model.config)}}
+    data_path = out / "data.json"
     if ran and data_path.exists():
         _check_same_data(data_path, prints)
     _write_json(cfg_path, to_dict(cfg))  # once the model and data are in: a typo in either does not claim `out`

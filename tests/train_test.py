@@ -569,7 +569,27 @@ def test_a_rerun_may_change_only_how_the_run_is_saved_and_laid_out(tmp_path):
     _check_same_run(path, to_dict(replace_path(cfg, "model", "/mnt/elsewhere/model")), content_checked=True)
     assert not _has_model_digest(tmp_path / "data.json")
     (tmp_path / "data.json").write_text(json.dumps({"train": {}, "model": {"params": "0123"}}))
+    assert not _has_model_digest(tmp_path / "data.json")  # the weights alone: checked by path (regression review)
+    (tmp_path / "data.json").write_text(json.dumps({"train": {}, "model": {"params": "0123", "config": "4567"}}))
     assert _has_model_digest(tmp_path / "data.json")
+    # the same weights under another config.json (norm eps, RoPE) or other EOS ids compute something else: the
+    # configuration's digest tells them apart; the run's layout settings (dtypes, remat) do not count
+    from reftjax.models import ModelConfig
+    from reftjax.train import _check_same_data, model_config_fingerprint
+
+    base = ModelConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
+                       eos_token_ids=(2,))
+    digest = model_config_fingerprint(base)
+    assert digest == model_config_fingerprint(dataclasses.replace(base, remat="full", dtype="bfloat16"))
+    for change in (dict(rms_norm_eps=0.1), dict(rope_theta=5e5), dict(eos_token_ids=(2, 13))):
+        assert model_config_fingerprint(dataclasses.replace(base, **change)) != digest, change
+    (tmp_path / "data.json").write_text(json.dumps({"model": {"params": "0123", "config": digest}}))
+    _check_same_data(tmp_path / "data.json", {"model": {"params": "0123", "config": digest}})
+    with pytest.raises(RunDirError, match=r"the model's configuration \(config.json, generation_config.json's EOS "
+                                          r"ids\) differ from those this run was started on \(digest "):
+        _check_same_data(tmp_path / "data.json", {"model": {"params": "0123", "config": "other"}})
+    (tmp_path / "data.json").write_text(json.dumps({"model": {"params": "0123"}}))  # a run from before: weights only
+    _check_same_data(tmp_path / "data.json", {"model": {"params": "0123", "config": digest}})
     changed = replace_path(replace_path(cfg, "rl.ppo.kl_coef", 0.01), "checkpoint.keep_best", 0)
     with pytest.raises(RunDirError, match=r"other settings \(checkpoint.keep_best: 1 -> 0, rl.ppo.kl_coef: 0.05 -> "
                                           r"0.01\); rerunning resumes it"):
