@@ -58,6 +58,7 @@ _lock = threading.Lock()
 _counts: collections.Counter = collections.Counter()
 _seconds: collections.Counter = collections.Counter()
 _installed = False
+_cap_before_read_only: int | None = None  # JAX's cache cap while a read-only directory runs uncapped
 
 
 def cache_dir(setting: str | None) -> str | None:
@@ -102,8 +103,13 @@ def enable(setting: str | None) -> str | None:
                                                     "JAX_COMPILATION_CACHE_DIR or compilation_cache to a writable "
                                                     "directory to keep compiled programs across runs", path, e)
                 path = None
+    global _cap_before_read_only
     cap = jax.config.jax_compilation_cache_max_size
+    if _cap_before_read_only is not None and not read_only:  # the cap a read-only directory set aside (a later
+        cap, _cap_before_read_only = _cap_before_read_only, None  # writable cache ran uncapped; regression review)
     if read_only:  # JAX's LRU cache locks a file in the directory on every read, so a cap read nothing there
+        if _cap_before_read_only is None:
+            _cap_before_read_only = cap
         cap = -1
     elif (path is not None and setting is None and cap == -1
             and importlib.util.find_spec("filelock") is not None):  # JAX's LRU eviction locks with filelock

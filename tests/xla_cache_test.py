@@ -80,16 +80,20 @@ def test_a_cache_directory_that_can_be_read_but_not_written_still_serves_its_pro
                  "xla_cache.tempfile = _ReadOnly\n" + _PROBE + "import jax, warnings\n"
                  "print(json.dumps({'cap': jax.config.jax_compilation_cache_max_size}))\n"
                  "warnings.warn(f'Error writing persistent compilation cache entry for x: EROFS: {path}/x-cache')\n"
-                 "warnings.warn('Error writing persistent compilation cache entry for y: ENOSPC: /elsewhere/y')\n")
+                 "warnings.warn('Error writing persistent compilation cache entry for y: ENOSPC: /elsewhere/y')\n"
+                 "import tempfile; xla_cache.tempfile = tempfile; xla_cache.enable(sys.argv[2])\n"
+                 "print(json.dumps({'cap': jax.config.jax_compilation_cache_max_size}))\n")
     # a cap (here JAX's own setting) is dropped: JAX's capped cache locks a file in the directory on every read,
     # which a read-only mount refuses, so nothing was served (regression review)
-    out = subprocess.run([sys.executable, "-c", read_only, "default"], cwd=ROOT, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", read_only, "default", str(tmp_path / "writable")], cwd=ROOT,
+                         capture_output=True, text=True,
                          env=_env(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_COMPILATION_CACHE_MAX_SIZE=str(1 << 30)),
                          timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    *_, res, cap = [json.loads(line) for line in out.stdout.strip().splitlines()]
+    *_, res, cap, later = [json.loads(line) for line in out.stdout.strip().splitlines()]
     assert res["path"] == res["cache_dir"] == str(cache) and res["cache_hits"] >= 1 and res["y"] == first["y"]
     assert cap == {"cap": -1}
+    assert later == {"cap": 1 << 30}  # a writable cache enabled later gets the cap back (it ran uncapped)
     assert f"{cache}: the XLA compilation cache is read-only here" in out.stderr
     # silenced for this directory only: another's failures (a full disk) still show
     assert "entry for x" not in out.stderr and "entry for y: ENOSPC: /elsewhere/y" in out.stderr
