@@ -237,18 +237,31 @@ class ExperimentConfig:
             raise ValueError("rerank.epochs > 0 scores the test set's voting samples: set eval.voting_k > 0")
         if self.seed < 0:  # (NumPy's generators refuse it: the loaders failed after the pre-SFT evaluation)
             raise ValueError(f"seed must be >= 0, got {self.seed}")
-        grader, style = dict(self.grader), self.data.prompt.style
-        if grader.get("type") == "reft" and (grader.get("cot", "nl") == "python") != style.endswith("python"):
-            # P-CoT prompts force a program and its targets have no answer line: an N-CoT grader scores even the
-            # gold targets 0, and an N-CoT prompt's answers run as programs: the reward is never earned
-            raise ValueError(f"data.prompt.style={style!r} does not match the ReFT grader's cot="
-                             f"{grader.get('cot', 'nl')!r}: the python styles ('reft-python', 'chat-python') go with "
-                             f"cot 'python', the others with 'nl' (change both at once: --set both, or "
-                             f"config.replace_paths)")
+        style = self.data.prompt.style
+        for cot in _reft_cots(self.grader):  # the top-level ReFT grader, or those inside a multi grader
+            if (cot == "python") != style.endswith("python"):
+                # P-CoT prompts force a program and its targets have no answer line: an N-CoT grader scores even
+                # the gold targets 0, and an N-CoT prompt's answers run as programs: the reward is never earned
+                raise ValueError(f"data.prompt.style={style!r} does not match the ReFT grader's cot={cot!r}: the "
+                                 f"python styles ('reft-python', 'chat-python') go with cot 'python', the others with "
+                                 f"'nl' (change both at once: --set both, or config.replace_paths)")
 
     @property
     def grader_dict(self) -> dict:
         return json.loads(json.dumps(dict(self.grader)))
+
+
+def _reft_cots(grader) -> list[str]:
+    """The `cot` of every ReFT grader in a grader config: itself, or the sub-graders of a `multi` grader (nested).
+    A malformed config yields none here (`build_grader` names what is wrong with it)."""
+    try:
+        g = dict(grader)
+    except (TypeError, ValueError):
+        return []
+    if g.get("type") == "reft":
+        return [str(g.get("cot", "nl"))]
+    subs = g.get("graders") if g.get("type") == "multi" else None
+    return [c for sub in subs.values() for c in _reft_cots(sub)] if isinstance(subs, dict) else []
 
 
 def selection_metric(cfg: ExperimentConfig) -> str:

@@ -468,7 +468,12 @@ def test_invalid_settings_fail_before_anything_runs_and_do_not_claim_the_run_dir
                              ("data.answer_field", "a", "data.answer_field is read from openai-format train files"),
                              ("data.prompt.style", "reft-python", "data.prompt.style='reft-python' does not match the "
                                                                   "ReFT grader's cot='nl'"),
-                             ("grader", {"type": "reft", "cot": "python"}, "data.prompt.style='reft' does not match")):
+                             ("grader", {"type": "reft", "cot": "python"}, "data.prompt.style='reft' does not match"),
+                             # (inside a multi grader too: it was not looked at; session 26's left-alone list)
+                             ("grader", {"type": "multi", "calculate_output": "0.5 * a + 0.5 * b", "graders": {
+                                 "a": {"type": "reft", "cot": "python"}, "b": {"type": "string_check", "input": "x",
+                                                                               "reference": "x", "operation": "eq"}}},
+                              "data.prompt.style='reft' does not match the ReFT grader's cot='python'")):
         bad = json.loads(json.dumps(d))
         node = bad
         *head, last = path.split(".")
