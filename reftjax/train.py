@@ -267,7 +267,8 @@ def _record_eval(out: pathlib.Path, name: str, res: dict, logger: MetricsLogger,
         tmp.replace(out / "samples" / f"{name}.jsonl")
     logger.rewind({phase: step - 1})  # a killed attempt's line for this evaluation
     logger.log(phase, step, figures)
-    _write_json(out / "evals.json", {**_load_evals(out), name: figures})
+    kept = {k: v for k, v in figures.items() if k != "seconds"}  # (a timing: the metrics line has it)
+    _write_json(out / "evals.json", {**_load_evals(out), name: kept})
 
 
 # ----------------------------------------------------------------------------- phases

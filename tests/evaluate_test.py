@@ -90,6 +90,16 @@ def test_voting_is_not_reported_for_a_grader_that_records_only_a_score(tiny_hf_d
     assert res["n"] == 2 and res["accuracy"] == 0.0 and res["voting_accuracy"] is None
     # partial credit: accuracy (score 1) stays 0, the mean score is what selects its best checkpoint (session 21)
     assert res["mean_score"] == pytest.approx(0.25)
+    assert res["seconds"] > 0 and not any(k.startswith("score_") for k in res)  # (a duration; no sub-graders)
+    # a multi grader's mean sub-scores, as the RL metrics log them (evaluations had none; session 26's list)
+    multi = build_grader({"type": "multi", "calculate_output": "0.5 * a + 0.5 * b", "graders": {
+        "a": {"type": "python", "source": "def grade(sample, item):\n    return 0.25"},
+        "b": {"type": "string_check", "input": "{{sample.output_text}}", "reference": "", "operation": "ne"}}})
+    res = evaluate(model.params, model.config, model.tokenizer, data.test_ds, data.test_items, multi,
+                   EvalConfig(batch_size=2, max_new_tokens=4), eos_ids=tuple(model.config.eos_token_ids),
+                   pad_id=model.tokenizer.pad_token_id)
+    assert res["score_a"] == pytest.approx(0.25) and res["score_b"] in (0.0, 0.5, 1.0)
+    assert res["mean_score"] == pytest.approx(0.5 * 0.25 + 0.5 * res["score_b"])
 
 
 def test_voting_rollouts_are_split_to_bound_their_rows(tiny_hf_dir, shared_data, monkeypatch):
