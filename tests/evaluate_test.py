@@ -44,7 +44,8 @@ def test_decode_segments_reach_the_rollouts_and_change_no_figure(tiny_hf_dir, sh
     # 6 prompts in batches of 4: two greedy and two voting rollouts per evaluation, each with the configured k
     assert seen == [(True, 1), (False, 1)] * 2 + [(True, 3), (False, 3)] * 2
     assert results[1]["n"] == 6 and results[1]["mean_length"] > 0 and "voting_accuracy" in results[1]
-    assert results[3] == results[1]  # same greedy texts, same voting samples, same figures
+    figures = lambda res: {k: v for k, v in res.items() if k != "seconds"}  # noqa: E731 (a duration)
+    assert figures(results[3]) == figures(results[1])  # same greedy texts, same voting samples, same figures
     # every example's greedy answer is kept (the first 8 were), in order, with its item and the vote's outcome
     samples = results[1]["samples"]
     assert [r["item"] for r in samples] == [it["item_id"] for it in data.test_items]
