@@ -793,8 +793,10 @@ def _check_same_run(cfg_path: pathlib.Path, new: dict, content_checked: bool = F
         raise RunDirError(f"{cfg_path}: unreadable ({type(e).__name__}: {e}); this run directory cannot be "
                           f"resumed: use a new output directory") from e
     a, b = _flat(old), _flat(new)
-    allowed = RESUMABLE_CHANGES + (LOCATIONS if content_checked else ())
-    free = lambda k: any(k == c or (c.endswith(".") and k.startswith(c)) for c in allowed)  # noqa: E731
+    def free(k):
+        if k in LOCATIONS:  # a path to another path; null <-> a path changes what is read (a held-out split, GSM8K)
+            return content_checked and a.get(k) is not None and b.get(k) is not None
+        return any(k == c or (c.endswith(".") and k.startswith(c)) for c in RESUMABLE_CHANGES)
     diffs = [k for k in sorted(a.keys() | b.keys()) if a.get(k, "<unset>") != b.get(k, "<unset>") and not free(k)]
     if diffs:
         shown = ", ".join(f"{k}: {json.dumps(a.get(k, '<unset>'))} -> {json.dumps(b.get(k, '<unset>'))}"

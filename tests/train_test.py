@@ -569,9 +569,18 @@ def test_a_rerun_may_change_only_how_the_run_is_saved_and_laid_out(tmp_path):
     with pytest.raises(RunDirError, match=r"other settings \(data.train_file: null -> \"/mnt/t.jsonl\", "
                                           r"data.train_format: null -> \"gsm8k-jsonl\", model: "):
         _check_same_run(path, to_dict(moved))
-    with pytest.raises(RunDirError, match=r"other settings \(data.train_format: null -> \"gsm8k-jsonl\"\)"):
-        _check_same_run(path, to_dict(moved), content_checked=True)  # a format is a setting, not a location
+    # a format is a setting, not a location; null <-> a path changes what is read (a held-out split, a built-in
+    # set), refused before the model loads (it was let through to the data digests' "a data file edited?"; helper)
+    with pytest.raises(RunDirError, match=r"other settings \(data.train_file: null -> \"/mnt/t.jsonl\", "
+                                          r"data.train_format: null -> \"gsm8k-jsonl\"\)"):
+        _check_same_run(path, to_dict(moved), content_checked=True)
     _check_same_run(path, to_dict(replace_path(cfg, "model", "/mnt/elsewhere/model")), content_checked=True)
+    path.write_text(json.dumps(to_dict(moved)))  # a run on a file: another path to it is free, dropping it is not
+    _check_same_run(path, to_dict(replace_path(moved, "data.train_file", "/other/t.jsonl")), content_checked=True)
+    with pytest.raises(RunDirError, match=r"other settings \(data.val_file: \"/mnt/v.jsonl\" -> null\)"):
+        path.write_text(json.dumps(to_dict(replace_path(moved, "data.val_file", "/mnt/v.jsonl"))))
+        _check_same_run(path, to_dict(moved), content_checked=True)
+    path.write_text(json.dumps(to_dict(cfg)))
     assert not _has_model_digest(tmp_path / "data.json")
     (tmp_path / "data.json").write_text(json.dumps({"train": {}, "model": {"params": "0123"}}))
     assert not _has_model_digest(tmp_path / "data.json")  # the weights alone: checked by path (regression review)
