@@ -151,7 +151,9 @@ def evaluate(params, model_cfg, tokenizer, ds: TokenizedDataset, items: Sequence
         subs += [[float(g.details.get("scores", {}).get(n, 0.0)) for n in parts_named] for g in grades]
         lengths += to_host(out.lengths_B)[rows].tolist()
         batch_samples = [{"item": items[idx[j]].get("item_id"), "completion": texts[j], "score": g.score,
-                          "extracted": g.extracted, "error": g.error} for j, g in zip(rows, grades)]
+                          "extracted": g.extracted, "error": g.error,
+                          **({"scores": dict(g.details["scores"])} if "scores" in g.details else {})}
+                         for j, g in zip(rows, grades)]
         samples += batch_samples
         if vote is not None:
             k, b = cfg.voting_k, len(valid)

@@ -100,6 +100,7 @@ def test_voting_is_not_reported_for_a_grader_that_records_only_a_score(tiny_hf_d
                    EvalConfig(batch_size=2, max_new_tokens=4), eos_ids=tuple(model.config.eos_token_ids),
                    pad_id=model.tokenizer.pad_token_id)
     assert res["score_a"] == pytest.approx(0.25) and res["score_b"] in (0.0, 0.5, 1.0)
+    assert [s["scores"]["a"] for s in res["samples"]] == [0.25, 0.25]  # and each answer's, as RL samples have
     assert res["mean_score"] == pytest.approx(0.5 * 0.25 + 0.5 * res["score_b"])
 
 

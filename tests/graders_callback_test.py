@@ -156,6 +156,13 @@ def test_unanswered_rows_are_counted_apart_from_rows_the_grader_could_not_grade(
     from reftjax.graders.sandbox import SandboxResult
 
     broken = {"type": "python", "source": "def grade(sample, item):\n    return float(item['answr'] == 1)"}
+    zero = {"type": "string_check", "input": "x", "reference": "y", "operation": "eq"}  # scores 0: a / z fails
+    div = {"type": "multi", "graders": {"a": broken | {"source": "def grade(sample, item):\n    return 1.0"},
+                                        "z": zero}, "calculate_output": "a / z"}
+    fn = make_reward_fn(build_grader(div), items, _decode)
+    fn(ids, mask, np.array([0, 1, 2, 3], np.int32))
+    assert dict(fn.last.counters) == {"graded": 4, "unanswered": 0, "errors": 4}  # (a formula's failure; helper)
+    assert "calculate_output: float division by zero" in fn.last.grades[0].error
     for cfg in (broken, {"type": "multi", "graders": {"p": broken}, "calculate_output": "p"}):
         fn = make_reward_fn(build_grader(cfg), items, _decode)
         fn(ids, mask, np.array([0, 1, 2, 3], np.int32))

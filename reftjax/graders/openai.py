@@ -332,6 +332,9 @@ class MultiGrader:
                 score, error = 0.0, f"calculate_output: {exc}"
             if isinstance(score, complex):  # e.g. (a - 0.75) ** 0.5 with a < 0.75
                 score, error = 0.0, f"calculate_output: not a real number ({score})"
+            if error is not None:  # the formula's failure is the grader's, not the completion's
+                out.append(Grade(0.0, error=error, details={"scores": env, "grader_fault": True}))
+                continue
             score = 0.0 if math.isnan(score) else min(1.0, max(0.0, score))
             # the answer that votes (majority voting, reranking): the first sub-grader's, in config order, that has one
             # (sub-graders that record an answer before those that record only a score, as `python` does)
