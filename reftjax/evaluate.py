@@ -14,7 +14,7 @@ import jax
 import numpy as np
 
 from reftjax.data import Loader, LoaderConfig, TokenizedDataset
-from reftjax.graders.base import has_answer
+from reftjax.graders.base import has_answer, sub_score_means
 from reftjax.rerank import any_correct, rerank_correct, verifier_scores
 from reftjax.rollout import SamplingConfig, decode_completions, rollout
 from reftjax.sharding import from_process_0, to_host
@@ -137,8 +137,7 @@ def evaluate(params, model_cfg, tokenizer, ds: TokenizedDataset, items: Sequence
     if verifier is not None and vote is None:
         raise ValueError("rerank@k needs voting samples: set EvalConfig.voting_k > 0")
     correct, scores_g, voted, reranked, weighted, bound, lengths, samples = [], [], [], [], [], [], [], []
-    parts_named = list(getattr(grader, "graders", None) or {})  # a multi grader's sub-graders, by name
-    subs = []  # their greedy scores per row
+    greedy_grades = []
     t0 = time.perf_counter()
     for i, batch in enumerate(loader):
         valid, idx = to_host((batch["valid"], batch["example_idx"]))  # whole batch on every process
@@ -148,7 +147,7 @@ def evaluate(params, model_cfg, tokenizer, ds: TokenizedDataset, items: Sequence
         grades = grader.grade_batch([items[idx[j]] for j in rows], [texts[j] for j in rows])
         correct += [g.score >= 1.0 - 1e-6 for g in grades]
         scores_g += [float(g.score) for g in grades]
-        subs += [[float(g.details.get("scores", {}).get(n, 0.0)) for n in parts_named] for g in grades]
+        greedy_grades += grades
         lengths += to_host(out.lengths_B)[rows].tolist()
         batch_samples = [{"item": items[idx[j]].get("item_id"), "completion": texts[j], "score": g.score,
                           "extracted": g.extracted, "error": g.error,
@@ -192,10 +191,9 @@ def evaluate(params, model_cfg, tokenizer, ds: TokenizedDataset, items: Sequence
            "mean_score": float(np.mean(scores_g)) if scores_g else 0.0,  # graders with partial credit select on it
            "mean_length": float(np.mean(lengths)) if lengths else 0.0, "samples": samples,
            "seconds": time.perf_counter() - t0}  # (this process's; validation rows carried no duration)
-    if parts_named:  # a multi grader's mean sub-scores, `score_<name>`, as the RL metrics log them (process 0's)
-        means = from_process_0(np.asarray(subs, np.float64).reshape(-1, len(parts_named))).mean(axis=0) if subs \
-            else np.zeros(len(parts_named))
-        res.update({f"score_{n}": float(m) for n, m in zip(parts_named, means)})
+    means = sub_score_means(greedy_grades)  # a multi grader's, as the RL metrics log them
+    if means:  # (the same names on every process) process 0's values, like every figure
+        res.update(zip(means, from_process_0(np.asarray(list(means.values()), np.float64)).tolist()))
     # a grader that records only a score (a `python` grader) would make voting@k a vote on right/wrong: not reported
     answers = getattr(grader, "votes_on_answer", True)
     if vote is not None:

@@ -43,6 +43,7 @@ from reftjax.data.records import DataError
 from reftjax.data.tokenize import end_of_turn_id
 from reftjax.evaluate import evaluate
 from reftjax.graders import build_grader
+from reftjax.graders.base import sub_score_means
 from reftjax.graders.callback import make_reward_fn
 from reftjax.hf import load_model, save_hf
 from reftjax.metrics import MetricsLogger, measured_peak_flops, mfu, read_metrics, rl_iteration_flops
@@ -439,7 +440,7 @@ def run_rl(cfg: ExperimentConfig, model, ref_params, data: Data, grader, mesh, o
                    # rows graded, rows without an answer (or a failed program), rows the grader could not grade
                    # (always); rows each guard flagged (rl.guards)
                    **{_COUNTER_NAMES.get(k, f"guard_{k}"): v for k, v in reward_fn.last.counters.items()},
-                   **_sub_scores(reward_fn.last.grades)}
+                   **sub_score_means(reward_fn.last.grades)}
         if compiles is not None:
             metrics["xla_programs"] = compiles.programs()
         it += 1
@@ -619,13 +620,6 @@ def _dump_samples(out: pathlib.Path, it: int, record, items: list, n: int, k: in
             if "guards" in g.details:  # flagged by the reward-hacking guards (rl.guards)
                 row.update(guards=g.details["guards"], score_before_guards=g.details["score_before_guards"])
             f.write(json.dumps(row) + "\n")
-
-
-def _sub_scores(grades) -> dict:
-    """A multi grader's mean sub-score per name over the batch (`score_<name>`), so a run shows which part of the
-    formula moves; {} for other graders."""
-    parts = [g.details["scores"] for g in grades if "scores" in g.details]
-    return {f"score_{name}": float(np.mean([p[name] for p in parts])) for name in (parts[0] if parts else {})}
 
 
 # ----------------------------------------------------------------------------- the pipeline

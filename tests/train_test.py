@@ -1033,6 +1033,7 @@ def test_rl_samples_hold_every_row_with_its_item_and_sample_index(tmp_path):
     # a multi grader's sub-scores: in each row, and their batch means in the RL metrics (neither was written
     # anywhere: a run could not show which part of its formula moved; helper review)
     from reftjax.graders import build_grader
+    from reftjax.graders.base import sub_score_means
 
     multi = build_grader({"type": "multi", "calculate_output": "0.5 * exact + 0.5 * close",
                           "graders": {"exact": {"type": "string_check", "input": "{{sample.output_text}}",
@@ -1044,9 +1045,9 @@ def test_rl_samples_hold_every_row_with_its_item_and_sample_index(tmp_path):
                                               example_idx=(0, 1)), items, n=1)
     last = [json.loads(l) for l in (tmp_path / "samples" / "rl_rollouts.jsonl").read_text().splitlines()][-2:]
     assert last[0]["scores"] == {"exact": 1.0, "close": 1.0} and last[1]["scores"]["exact"] == 0.0
-    means = T._sub_scores(grades)
+    means = sub_score_means(grades)
     assert set(means) == {"score_exact", "score_close"} and means["score_exact"] == 0.5
-    assert 0.5 < means["score_close"] < 1.0 and T._sub_scores(rec.grades) == {}
+    assert 0.5 < means["score_close"] < 1.0 and sub_score_means(rec.grades) == {}
 
 
 def test_rewinding_the_rl_samples_streams_them_and_rewrites_only_when_rows_drop(tmp_path, monkeypatch):

@@ -56,6 +56,13 @@ def is_fault(grade) -> bool:
     return bool(getattr(grade, "details", {}).get("grader_fault"))
 
 
+def sub_score_means(grades) -> dict[str, float]:
+    """A `multi` grader's mean sub-score per name over `grades`, as `score_<name>` (what the RL and evaluation
+    metrics log, so a run shows which part of its formula moves); {} for other graders."""
+    parts = [g.details["scores"] for g in grades if "scores" in getattr(g, "details", {})]
+    return {f"score_{name}": sum(p[name] for p in parts) / len(parts) for name in (parts[0] if parts else {})}
+
+
 def has_answer(grade) -> bool:
     """Whether a grade carries an answer that may vote (majority voting) or be picked (reranking): something
     was extracted and grading raised no error. An N-CoT answer that is not a number or a P-CoT program that
