@@ -287,6 +287,43 @@ def test_attention_core_gradient_is_numerically_right():
                     atol=1e-6, rtol=1e-6)
 
 
+def test_bf16_attention_sums_its_scores_in_float32():
+    """With bf16 operands the score dots (training forward, its backward's dp, the decode step's) return float32
+    sums: scores near 80 were rounded to bf16 first (spacing 0.5), which moves a sharp softmax by up to ~28%.
+    Reference: NumPy float64 on the same bf16-rounded inputs; the outputs keep only bf16's own rounding."""
+    from reftjax.models.llama import attention_core, decode_attention
+
+    q, k, v, mask, r = _attention_inputs(jnp.bfloat16, d=16)
+    q = (q.astype(jnp.float32) * 20).astype(jnp.bfloat16)  # scores of |s| up to ~80
+    r = (r.astype(jnp.float32) * 30).astype(jnp.bfloat16)  # output cotangents
+    f64 = lambda x: np.asarray(x.astype(jnp.float32), np.float64)  # noqa: E731
+    s = np.einsum("bkgtd,bksd->bkgts", f64(q), f64(k)) / 4.0
+    s = np.where(np.asarray(mask)[:, None, None], s, -np.inf)
+    s = np.where(np.isinf(s).all(-1, keepdims=True), 0.0, s)  # rows with no visible key: uniform (as ours)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    assert np.abs(np.einsum("bkgts,bkgts->bkgt", p, p)).max() > 0.9  # some rows are that sharp
+    want = np.einsum("bkgts,bksd->bkgtd", p, f64(v))
+    got = np.asarray(attention_core(q, k, v, mask).astype(jnp.float32))
+    np.testing.assert_allclose(got, want, atol=0.03, rtol=0)  # 0.07 off with bf16 scores
+    # the backward's dp = d_out . v: against autodiff of the float64 formula (through the same rounded inputs)
+    def ref_loss(q_, k_, v_):
+        sc = jnp.einsum("bkgtd,bksd->bkgts", q_, k_) / 4.0
+        sc = jnp.where(mask[:, None, None], sc, jnp.finfo(jnp.float64).min)
+        return jnp.sum(jnp.einsum("bkgts,bksd->bkgtd", jax.nn.softmax(sc, -1), v_) * r.astype(jnp.float64))
+    with jax.enable_x64(True):
+        want_g = jax.grad(ref_loss, argnums=(0, 1, 2))(*(jnp.asarray(f64(x)) for x in (q, k, v)))
+    got_g = jax.grad(lambda *a: jnp.sum(attention_core(*a, mask).astype(jnp.float32) * r.astype(jnp.float32)),
+                     argnums=(0, 1, 2))(q, k, v)
+    for g, w in zip(got_g, want_g):
+        scale = np.abs(np.asarray(w)).max()
+        np.testing.assert_allclose(np.asarray(g.astype(jnp.float32)), np.asarray(w), atol=0.01 * scale,
+                                   rtol=0)  # 0.024 * scale with a bf16 dp
+    # the decode step's attention: the last query of each row against the whole cache ([B, K, D, S] keys)
+    got_d = decode_attention(q[:, :, :, -1], k.transpose(0, 1, 3, 2), v, mask[:, -1])
+    np.testing.assert_allclose(np.asarray(got_d.astype(jnp.float32)), want[:, :, :, -1], atol=0.03, rtol=0)
+
+
 @pytest.mark.parametrize("window", [None, 3])
 def test_prefix_group_masks_are_the_blocks_of_the_dense_packed_mask(window):
     """prefix_group_masks for rows [prefix | c_1 .. c_g]: the prefix block and each continuation's (prefix keys,

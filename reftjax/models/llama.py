@@ -167,10 +167,13 @@ def _norm(cfg: ModelConfig, name: str) -> RMSNorm:
 
 
 def _scores(q_BxKxGxTxD, k_BxKxSxD, mask_BxTxS):
-    """Scaled attention scores in (at least) float32, masked entries at the float32 minimum."""
+    """Scaled attention scores in (at least) float32, masked entries at the float32 minimum.
+
+    The dot returns float32 (`preferred_element_type`), as fused attention kernels accumulate: a bf16 product
+    was rounded to bf16 before the cast, up to 0.25 on scores near 100 (the spacing of bf16 there is 0.5)."""
     d = q_BxKxGxTxD.shape[-1]
     acc = jnp.promote_types(q_BxKxGxTxD.dtype, jnp.float32)  # float64 stays float64 (gradient checks)
-    scores = jnp.einsum("bkgtd,bksd->bkgts", q_BxKxGxTxD, k_BxKxSxD).astype(acc) * (d ** -0.5)
+    scores = jnp.einsum("bkgtd,bksd->bkgts", q_BxKxGxTxD, k_BxKxSxD, preferred_element_type=acc) * (d ** -0.5)
     return jnp.where(mask_BxTxS[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
 
 
@@ -202,7 +205,7 @@ def _attention_bwd(res, d_out):
     q, k, v, mask, out, m, inv_l = res
     p = jnp.exp(_scores(q, k, mask) - m) * inv_l  # the forward's probabilities, bit for bit
     dv = jnp.einsum("bkgts,bkgtd->bksd", p.astype(v.dtype), d_out)
-    dp = jnp.einsum("bkgtd,bksd->bkgts", d_out, v).astype(p.dtype)
+    dp = jnp.einsum("bkgtd,bksd->bkgts", d_out, v, preferred_element_type=p.dtype)
     delta = jnp.sum(d_out.astype(p.dtype) * out.astype(p.dtype), axis=-1, keepdims=True)
     # masked scores are constants: no gradient, also in rows with no visible key (uniform p there)
     ds = jnp.where(mask[:, None, None, :, :], p * (dp - delta), 0.0)
@@ -596,11 +599,18 @@ def _decode_layer(p, cfg: ModelConfig, x_BxD, positions_B, mask_BxS, cache: KVCa
     k = apply_rope(k, positions_B[:, None], inv_freq).reshape(b, kvh, hd, 1)
     cache = KVCache(jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), (0, 0, 0, cache_index)),
                     jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), (0, 0, cache_index, 0)))
-    scores = jnp.einsum("bkgd,bkds->bkgs", q, cache.k.astype(q.dtype)).astype(jnp.float32) * (hd ** -0.5)
-    scores = jnp.where(mask_BxS[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-    attn = jnp.einsum("bkgs,bksd->bkgd", probs, cache.v.astype(q.dtype)).reshape(b, h * hd)
+    attn = decode_attention(q, cache.k.astype(q.dtype), cache.v.astype(q.dtype), mask_BxS).reshape(b, h * hd)
     return _fused_out_mlp(p, cfg, x_BxD, attn), cache
+
+
+def decode_attention(q_BxKxGxD, k_BxKxDxS, v_BxKxSxD, mask_BxS):
+    """One query per row against the cache: softmax(q k / sqrt(d)) v, scores summed and softmaxed in float32
+    (as `_scores`: a bf16 product rounded scores near 100 by up to 0.25 before the float32 softmax)."""
+    scores = jnp.einsum("bkgd,bkds->bkgs", q_BxKxGxD, k_BxKxDxS,
+                        preferred_element_type=jnp.float32) * (q_BxKxGxD.shape[-1] ** -0.5)
+    scores = jnp.where(mask_BxS[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q_BxKxGxD.dtype)
+    return jnp.einsum("bkgs,bksd->bkgd", probs, v_BxKxSxD)
 
 
 def decode_step(params, layer_params: list, cfg: ModelConfig, tokens_B, positions_B, caches: list,
