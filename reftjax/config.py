@@ -195,7 +195,8 @@ class RLConfig:
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointSettings:
-    """Attributes: save_every (steps), keep_last, keep_best (by `train.selection_metric`: validation accuracy with
+    """Attributes: save_every (steps), keep_last (per phase; a finished SFT or verifier phase then keeps only its
+    last step, the one the next phases read), keep_best (by `train.selection_metric`: validation accuracy with
     the ReFT grader, the mean validation score with other graders)."""
 
     save_every: int = 50

@@ -325,7 +325,8 @@ def run_sft(cfg: ExperimentConfig, model, data: Data, mesh, out: pathlib.Path, l
         jax.block_until_ready(prev[1])
         _log_sft(logger, *prev, peak, model.config, lr_at(applied), last)
     bar.close()
-    manager.wait()
+    if done >= total:  # the finished warm-up's last step is all a rerun reads (sft_done.json names it)
+        manager.keep_only(done)
     manager.close()
     return state.params["policy"], (done if done >= total else None)
 
@@ -546,6 +547,8 @@ def run_rerank(cfg: ExperimentConfig, model, sft_params, data: Data, grader, mes
     if prev is not None:
         logger.log("verifier", prev[0], {**jax.device_get(prev[1]), "epoch": prev[2]})
     bar.close()
+    if done >= total:
+        manager.keep_only(done)  # what verifier_done.json names: all a rerun reads
     manager.close()
     if done < total:
         return None

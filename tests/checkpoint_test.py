@@ -122,6 +122,25 @@ def test_best_of_tied_steps_is_the_latest_and_keep_best_0_has_none(tmp_path):
     ck.close()
 
 
+def test_keep_only_leaves_a_finished_phase_its_last_step(tmp_path, caplog):
+    """A finished SFT/verifier phase keeps only the step its marker names (the others held full training states:
+    ~84 GB each at 7B in float32); a step that was never saved deletes nothing."""
+    st = _state()
+    ck = Checkpointer(CheckpointConfig(str(tmp_path), keep_last=3))
+    for s in (1, 2, 3):
+        ck.save(s, st, {"s": s})
+    with caplog.at_level(logging.WARNING, logger="reftjax.checkpoint"):
+        ck.keep_only(4)
+    assert ck.all_steps() == [1, 2, 3] and "step 4 is not in" in caplog.text
+    ck.keep_only(3)
+    assert ck.all_steps() == [3] and sorted(os.listdir(tmp_path)) == ["3"]
+    ck.close()
+    ck = Checkpointer(CheckpointConfig(str(tmp_path), keep_last=3))  # a rerun finds it and resumes from it
+    _, extras, step = ck.restore_latest(_state(seed=1))
+    assert (step, extras) == (3, {"s": 3})
+    ck.close()
+
+
 def test_an_unreadable_best_step_falls_back_to_the_next_best(tmp_path, caplog):
     """A kept best step damaged on disk failed the run at its very end (restoring the best policy for the export
     and the test evaluation); it is skipped with a warning for the next best readable step."""

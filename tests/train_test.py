@@ -106,6 +106,8 @@ def test_pipeline_sigkill_then_resume_completes(tiny_hf_dir, tmp_path, shared_da
     proc.send_signal(signal.SIGKILL)  # mid-RL, possibly during an async checkpoint save
     proc.wait()
     assert (out / "sft_done.json").exists()
+    sft_step = json.loads((out / "sft_done.json").read_text())["step"]  # saved every step, keep_last 2: one kept
+    assert sft_step == 3 and os.listdir(out / "checkpoints" / "sft") == ["3"]
 
     done = subprocess.run(_cmd(tiny_hf_dir, out, extra), cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=900)
@@ -207,6 +209,8 @@ def _check_rerank_phase(out, rerun):
     assert summary["test_rerank_accuracy"]["upper_bound_sft"] == round(100 * bound_sft, 2)
     assert "| rerank@2 (%) | weighted voting@2 (%) | any of 2 correct (%) |" in (out / "summary.md").read_text()
     assert (out / "verifier_done.json").exists() and (out / "checkpoints" / "verifier").is_dir()
+    last = str(json.loads((out / "verifier_done.json").read_text())["step"])  # the finished phase keeps one step
+    assert os.listdir(out / "checkpoints" / "verifier") == [last]
 
     # resume: without the marker and the two test evaluations, the phase restores its last checkpoint and the
     # re-evaluations with the restored verifier give the same figures, without retraining
