@@ -778,7 +778,8 @@ LOCATIONS = ("model", "data.train_file", "data.val_file", "data.test_file")
 
 def _check_same_run(cfg_path: pathlib.Path, new: dict, content_checked: bool = False) -> None:
     """Refuses to resume a run directory under different settings (besides `RESUMABLE_CHANGES`, and `LOCATIONS`
-    when `content_checked`: the run's data.json records the digests of what they hold).
+    when `content_checked`: the run's data.json records the digests of what they hold). A setting the stored
+    config lacks (added to reftjax since the run began) passes at its default, which keeps the earlier behaviour.
 
     A rerun continues from checkpoints and reuses the finished phases (`sft_done.json`, `evals.json`, the
     verifier), so changed settings would give a run that follows neither config: cached test figures of
@@ -790,7 +791,10 @@ def _check_same_run(cfg_path: pathlib.Path, new: dict, content_checked: bool = F
         raise RunDirError(f"{cfg_path}: unreadable ({type(e).__name__}: {e}); this run directory cannot be "
                           f"resumed: use a new output directory") from e
     a, b = _flat(old), _flat(new)
+    defaults = _flat(to_dict(ExperimentConfig()))
     def free(k):
+        if k not in a and k in defaults and b[k] == defaults[k]:  # a setting added since the run began, at the
+            return True  # default that keeps the earlier behaviour (runs from before data.val_file were refused)
         if k in LOCATIONS:  # a path to another path; null <-> a path changes what is read (a held-out split, GSM8K)
             return content_checked and a.get(k) is not None and b.get(k) is not None
         return any(k == c or (c.endswith(".") and k.startswith(c)) for c in RESUMABLE_CHANGES)

@@ -612,6 +612,16 @@ def test_a_rerun_may_change_only_how_the_run_is_saved_and_laid_out(tmp_path):
     with pytest.raises(RunDirError, match=r"other settings \(checkpoint.keep_best: 1 -> 0, rl.ppo.kl_coef: 0.05 -> "
                                           r"0.01\); rerunning resumes it"):
         _check_same_run(path, to_dict(changed))
+    # a run begun before a setting existed (data.val_file, data.test_file: session 26) resumes with it at its
+    # default, which reproduces what that run did; set otherwise it is a change (it was refused either way)
+    older = to_dict(cfg)
+    for k in ("val_file", "test_file"):
+        del older["data"][k]
+    path.write_text(json.dumps(older))
+    _check_same_run(path, to_dict(cfg))
+    with pytest.raises(RunDirError, match=r"other settings \(data.val_file: \"<unset>\" -> \"/v.jsonl\"\)"):
+        _check_same_run(path, {**to_dict(cfg), "data": {**to_dict(cfg)["data"], "val_file": "/v.jsonl"}},
+                        content_checked=True)
     path.write_text('{"name": ')
     with pytest.raises(RunDirError, match="config.json: unreadable"):
         _check_same_run(path, to_dict(cfg))
