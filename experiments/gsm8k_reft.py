@@ -15,6 +15,8 @@ Hardware, command and expected result per preset:
   ``exps/small_model_exps/rl_gsm8k.sh``), for any other model their 7B ones
   (warm-up epoch 2 of 40 at lr 1e-5; RL lr 3e-7, 32 prompts). Sharded over all
   local devices (FSDP). Cheaper than the authors: voting@16, early stopping.
+  Both (and ``paper``) export bf16 weights (``export_dtype``): what their
+  bf16 compute evaluated, half the float32 masters' size (13.5 GB at 7B).
 * ``paper``: the authors' 7B configuration (CodeLLaMA-7B N-CoT: SFT lr 1e-5,
   epoch 2 of a 40-epoch schedule, RL lr 3e-7, bf16 compute with float32 master
   weights as their DeepSpeed run keeps, prompt <= 300 tokens). Deviations: 400
@@ -75,6 +77,7 @@ def preset_config(name: str, model: str | None = None):
         small = (model or "default") == "default"  # SmolLM2-135M: the authors' 125M settings, else their 7B ones
         cfg = ExperimentConfig(
             name=f"gsm8k_reft_{name}", model=model or "default", dtype="bfloat16", remat="full",
+            export_dtype="bfloat16",
             mesh=MeshConfig(data=1, fsdp=-1),
             data=DataConfig(n_val=256, val_fraction=0.05),
             sft=SFTConfig(epochs=10 if small else 2, schedule_epochs=40, batch_size=48,
@@ -94,7 +97,7 @@ def preset_config(name: str, model: str | None = None):
             # float32 master weights: an AdamW step of ~lr = 3e-7 is far below bf16's spacing near a weight of 0.02
             # (2^-6 * 2^-7 = 1.2e-4), so bf16 weights would barely move; the authors' DeepSpeed run keeps fp32 masters
             name="gsm8k_reft_paper", model=model or "codellama/CodeLlama-7b-hf", dtype="bfloat16",
-            param_dtype="float32", remat="full", mesh=MeshConfig(data=1, fsdp=-1),
+            param_dtype="float32", export_dtype="bfloat16", remat="full", mesh=MeshConfig(data=1, fsdp=-1),
             data=DataConfig(n_val=500, val_fraction=0.05,
                             tokenize=TokenizeConfig(max_prompt_len=300, max_target_len=724)),
             sft=SFTConfig(epochs=2, schedule_epochs=40, batch_size=48, optim=OptimConfig(learning_rate=1e-5)),

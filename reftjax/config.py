@@ -229,6 +229,9 @@ class ExperimentConfig:
     grader: tuple = (("type", "reft"), ("cot", "nl"))
     eval_before_sft: bool = True
     export_hf: bool = True
+    # dtype of the exported weights (hf/final, hf/best): None = param_dtype; "bfloat16" halves a float32-master run's
+    # export (the bf16 presets compute in bf16, so the rounded weights are what they evaluated)
+    export_dtype: str | None = None
     # persistent XLA compilation cache (reftjax.xla_cache): None = $JAX_COMPILATION_CACHE_DIR, else
     # $REFTJAX_CACHE/xla (~/.cache/reftjax/xla); "" = off; else a directory. A resumed run loads its programs.
     compilation_cache: str | None = None
@@ -236,6 +239,9 @@ class ExperimentConfig:
     def __post_init__(self):
         if self.rerank.epochs and not self.eval.voting_k:
             raise ValueError("rerank.epochs > 0 scores the test set's voting samples: set eval.voting_k > 0")
+        if self.export_dtype not in (None, "float32", "bfloat16", "float16"):
+            raise ValueError(f"export_dtype must be null, 'float32', 'bfloat16' or 'float16', "
+                             f"got {self.export_dtype!r}")
         if self.seed < 0:  # (NumPy's generators refuse it: the loaders failed after the pre-SFT evaluation)
             raise ValueError(f"seed must be >= 0, got {self.seed}")
         style = self.data.prompt.style

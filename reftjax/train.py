@@ -755,8 +755,8 @@ class RunDirError(ValueError):
 # Settings a rerun may change: where and how often it saves and caches, and how the same computation is laid out
 # on the devices and in memory (a run preempted on one slice may resume on another, or with remat to fit);
 # entries ending in "." cover a whole sub-config.
-RESUMABLE_CHANGES = ("compilation_cache", "export_hf", "checkpoint.save_every", "checkpoint.keep_last", "mesh.",
-                     "remat", "sft.accum_steps", "sft.head_chunk_rows", "rl.ppo.head_chunk_rows",
+RESUMABLE_CHANGES = ("compilation_cache", "export_hf", "export_dtype", "checkpoint.save_every", "checkpoint.keep_last",
+                     "mesh.", "remat", "sft.accum_steps", "sft.head_chunk_rows", "rl.ppo.head_chunk_rows",
                      "rl.samples_per_iteration")
 
 
@@ -963,7 +963,7 @@ def _run(cfg: ExperimentConfig, out: pathlib.Path, progress: bool) -> dict:
             params = to_host(params)  # a collective on multi-process meshes: every process takes part
             if is_primary():
                 save_hf(out / "hf" / name, params, model.config, model.hf_config, model.tokenizer,
-                        generation_config=gen)
+                        dtype=cfg.export_dtype, generation_config=gen)
         if is_primary():  # after its exports: another process's marker could outrun them on a shared directory
             _write_json(exported, {"exports": sorted(exports)})
     logger.close()

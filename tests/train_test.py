@@ -464,6 +464,7 @@ def test_invalid_settings_fail_before_anything_runs_and_do_not_claim_the_run_dir
                              ("rerank.seed", -1, "seed >= 0; got None, 256, -1"),
                              ("rerank.optim.value_head_lr_scale", 2.0, "the verifier trains at"),
                              ("seed", -1, "seed must be >= 0, got -1"),
+                             ("export_dtype", "int8", "export_dtype must be null, 'float32', 'bfloat16' or"),
                              ("data.dataset", "gsm9k", "data.dataset must be one of ("),
                              ("data.test_dataset", "svamp", "data.test_dataset must be one of ("),
                              ("data.test_split", "validation", "data.test_split must be 'test' or 'train'"),
@@ -1174,10 +1175,26 @@ def test_a_run_without_rl_iterations_is_the_warm_up_alone(tiny_hf_dir, tmp_path,
     assert run(cfg, out, progress=False) == {"status": "interrupted", "phase": "eval"}
     assert not (out / "hf").exists() and "test_sft" in json.loads((out / "evals.json").read_text())
     monkeypatch.setattr(T, "_eval_once", real_eval_once)
-    summary = run(cfg, out, progress=False)
+    summary = run(replace_path(cfg, "export_dtype", "bfloat16"), out, progress=False)  # (free to change on resume)
     assert summary["status"] == "done" and summary["test_accuracy"]["reft"] is None
     assert sorted(json.loads((out / "evals.json").read_text())) == ["test_sft", "val_sft"]
     assert sorted(p.name for p in (out / "hf").iterdir()) == ["final"]  # the warm-up's policy, not also "best"
+    # in export_dtype: the warm-up's float32 weights rounded to bf16, a config that says so
+    import jax
+
+    from reftjax.checkpoint import restore_params
+    from reftjax.hf import load_model, params_to_hf, read_safetensors
+
+    tensors = read_safetensors(out / "hf" / "final" / "model.safetensors")
+    step = json.loads((out / "sft_done.json").read_text())["step"]
+    model = load_model(tiny_hf_dir, with_tokenizer=False)  # float32, as the run's params
+    want = params_to_hf(jax.device_get(restore_params(out / "checkpoints" / "sft" / str(step), model.params)),
+                        model.config)
+    assert load_model(out / "hf" / "final", with_tokenizer=False).config.num_layers == model.config.num_layers
+    assert json.loads((out / "hf" / "final" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert {str(t.dtype) for t in tensors.values()} == {"bfloat16"} and set(tensors) <= set(want)
+    for name, t in tensors.items():
+        np.testing.assert_array_equal(t, np.asarray(want[name]).astype(t.dtype), err_msg=name)
     assert "after ReFT" not in (out / "summary.md").read_text()
     phases = {json.loads(l)["phase"] for l in (out / "metrics.jsonl").read_text().splitlines()}
     assert "sft" in phases and "rl" not in phases and "eval/test_reft" not in phases
