@@ -149,7 +149,7 @@ def evaluate(params, model_cfg, tokenizer, ds: TokenizedDataset, items: Sequence
         scores_g += [float(g.score) for g in grades]
         greedy_grades += grades
         lengths += to_host(out.lengths_B)[rows].tolist()
-        batch_samples = [{"item": items[idx[j]].get("item_id"), "completion": texts[j], "score": g.score,
+        batch_samples = [{"item_id": items[idx[j]].get("item_id"), "completion": texts[j], "score": g.score,
                           "extracted": g.extracted, "error": g.error,
                           **({"scores": dict(g.details["scores"])} if "scores" in g.details else {})}
                          for j, g in zip(rows, grades)]

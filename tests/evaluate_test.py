@@ -48,7 +48,7 @@ def test_decode_segments_reach_the_rollouts_and_change_no_figure(tiny_hf_dir, sh
     assert figures(results[3]) == figures(results[1])  # same greedy texts, same voting samples, same figures
     # every example's greedy answer is kept (the first 8 were), in order, with its item and the vote's outcome
     samples = results[1]["samples"]
-    assert [r["item"] for r in samples] == [it["item_id"] for it in data.test_items]
+    assert [r["item_id"] for r in samples] == [it["item_id"] for it in data.test_items]  # (was "item": RL says item_id)
     assert [r["score"] for r in samples] and all(isinstance(r["voting_correct"], bool) for r in samples)
     assert sum(r["voting_correct"] for r in samples) / 6 == results[1]["voting_accuracy"]
     assert sum(r["score"] >= 1 for r in samples) / 6 == results[1]["accuracy"]
