@@ -400,8 +400,9 @@ def run_rl(cfg: ExperimentConfig, model, ref_params, data: Data, grader, mesh, o
     peak = measured_peak_flops(dtype=model.config.dtype)
     if r.ppo.experience_from_rollout and model.config.dtype != "float32":
         log.warning("rl.ppo.experience_from_rollout with dtype=%s: the rollout's log-probs round differently from "
-                    "the training forward's (up to ~0.07 in bf16), so logp_old is off by that and the first KL "
-                    "to the reference is not 0; the default (false) recomputes them", model.config.dtype)
+                    "the training forward's (SmolLM2-135M in bf16: 0.03 nats per token on average, up to 0.27), so "
+                    "logp_old is off by that and the first KL to the reference is not 0; the default (false) "
+                    "recomputes them", model.config.dtype)
     buckets = completion_buckets(samp.max_new_tokens, r.completion_buckets)
     bar = _bar(r.iterations, f"RL ({r.ppo.algo})", it, progress)
     stopped_early = lambda: bool(r.early_stop_patience) and since_best >= r.early_stop_patience  # noqa: E731
