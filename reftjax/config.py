@@ -194,6 +194,39 @@ class RLConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class SandboxSettings:
+    """The sandbox that runs `python` and `math_equiv` graders and P-CoT programs (`reftjax.graders.sandbox`).
+
+    Attributes: timeout_s (wall clock per program; the ReFT authors' 2 s; OpenAI allows a python grader 2 min),
+    memory_mb (address space per program; OpenAI: 2 GB), preimport (modules imported before the jobs fork, beyond
+    `DEFAULT_PREIMPORT`'s standard-library modules, numpy and rapidfuzz: a job running as uid 65534 can import only
+    what its server loaded, e.g. ["scipy", "scipy.stats"])."""
+
+    timeout_s: float = 2.0
+    memory_mb: int = 1024
+    preimport: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        import importlib.util
+
+        self.sandbox_config()  # its range checks
+        for name in self.preimport:
+            try:
+                found = importlib.util.find_spec(name) is not None
+            except (ImportError, ValueError):
+                found = False
+            if not found:
+                raise ValueError(f"sandbox.preimport: no module named {name!r} here")
+
+    def sandbox_config(self):
+        from reftjax.graders.sandbox import DEFAULT_PREIMPORT, SandboxConfig
+
+        extra = tuple(m for m in self.preimport if m not in DEFAULT_PREIMPORT)
+        return SandboxConfig(timeout_s=self.timeout_s, memory_bytes=int(self.memory_mb) << 20,
+                             preimport=DEFAULT_PREIMPORT + extra)
+
+
+@dataclasses.dataclass(frozen=True)
 class CheckpointSettings:
     """Attributes: save_every (steps), keep_last (per phase; a finished SFT or verifier phase then keeps only its
     last step, the one the next phases read), keep_best (by `train.selection_metric`: validation accuracy with
@@ -227,6 +260,7 @@ class ExperimentConfig:
     rerank: RerankConfig = RerankConfig()  # epochs 0: off
     checkpoint: CheckpointSettings = CheckpointSettings()
     grader: tuple = (("type", "reft"), ("cot", "nl"))
+    sandbox: SandboxSettings = SandboxSettings()
     eval_before_sft: bool = True
     export_hf: bool = True
     # dtype of the exported weights (hf/final, hf/best): None = param_dtype; "bfloat16" halves a float32-master run's

@@ -42,7 +42,8 @@ from reftjax.data import (Loader, LoaderConfig, SplitConfig, load_examples, toke
 from reftjax.data.records import DataError
 from reftjax.data.tokenize import end_of_turn_id
 from reftjax.evaluate import evaluate
-from reftjax.graders import build_grader
+from reftjax.graders import build_grader, check_imports
+from reftjax.graders.reft import default_pool
 from reftjax.graders.base import sub_score_means
 from reftjax.graders.callback import make_reward_fn
 from reftjax.hf import load_model, save_hf
@@ -889,7 +890,8 @@ def _run(cfg: ExperimentConfig, out: pathlib.Path, progress: bool) -> dict:
                                     for p in out.iterdir())
     if ran:  # else nothing ran under it
         _check_same_run(cfg_path, to_dict(cfg), content_checked=_has_model_digest(out / "data.json"))
-    grader = build_grader(cfg.grader_dict)  # cheap checks first: a bad grader or mesh fails before the model loads
+    grader = build_grader(cfg.grader_dict, pool=default_pool(cfg.sandbox.sandbox_config()))  # cheap checks first:
+    check_imports(grader)  # a bad grader or mesh fails before the model loads (a grader's imports: in its sandbox)
     mesh = make_mesh(cfg.mesh)
     check_batch_sizes(cfg, mesh)
     for name in ("train_file", "val_file", "test_file"):  # not after the model loads

@@ -162,7 +162,7 @@ def test_unanswered_rows_are_counted_apart_from_rows_the_grader_could_not_grade(
     fn = make_reward_fn(build_grader(div), items, _decode)
     fn(ids, mask, np.array([0, 1, 2, 3], np.int32))
     assert dict(fn.last.counters) == {"graded": 4, "unanswered": 0, "errors": 4}  # (a formula's failure; helper)
-    assert "calculate_output: float division by zero" in fn.last.grades[0].error
+    assert "calculate_output: ZeroDivisionError: float division by zero" in fn.last.grades[0].error
     for cfg in (broken, {"type": "multi", "graders": {"p": broken}, "calculate_output": "p"}):
         fn = make_reward_fn(build_grader(cfg), items, _decode)
         fn(ids, mask, np.array([0, 1, 2, 3], np.int32))

@@ -1,10 +1,12 @@
 """Config-driven graders, their validation and the CLI."""
 import json
+import math
 import subprocess
 import sys
 
 import pytest
 
+from reftjax.graders.base import is_fault
 from reftjax.graders.build import ConfigError, build_grader, validate_grader
 from reftjax.graders.openai import bleu, render, rouge
 
@@ -48,10 +50,16 @@ def test_text_similarity_against_independent_implementations():
     assert rouge(cand, ref, "2") == pytest.approx(expected["rouge2"].fmeasure)
     assert rouge(cand, ref, "l") == pytest.approx(expected["rougeL"].fmeasure)
     nltk_bleu = pytest.importorskip("nltk.translate.bleu_score")
+    from nltk.tokenize import wordpunct_tokenize
+
     smooth = nltk_bleu.SmoothingFunction().method2  # add-one for n > 1, as ours
-    assert bleu(cand, ref) == pytest.approx(
-        nltk_bleu.sentence_bleu([ref.split()], cand.split(), smoothing_function=smooth))
-    assert bleu(ref, ref) == pytest.approx(1.0)
+    # punctuation is its own token (whitespace tokens scored "Paris." against "Paris" 0; review, session 27)
+    for cand, ref in ((cand, ref), ("The cat, it sat on the mat today!", "the cat sat on the mat today."),
+                      ("Paris, London, Berlin and Rome.", "Paris London Berlin and Rome")):
+        assert bleu(cand, ref) == pytest.approx(nltk_bleu.sentence_bleu(
+            [wordpunct_tokenize(ref)], wordpunct_tokenize(cand), smoothing_function=smooth))
+        assert bleu(ref, ref) == pytest.approx(1.0)
+    assert bleu("Paris.", "Paris") > 0.5
 
 
 def test_python_math_equiv_and_multi():
@@ -116,6 +124,14 @@ def test_math_equiv_refuses_a_prediction_that_is_code():
     ({"type": "multi", "graders": {"a": {"type": "nope"}}, "calculate_output": "a"},
      "grader.graders.a: unknown grader type"),
     ({"type": "multi", "graders": {"a": {"type": "gsm8k"}}, "calculate_output": 1}, "must be a formula string"),
+    # the formula was checked by evaluating it once at 0.5: what followed a raising part went unchecked and failed
+    # every sample (a typo), or raised out of grade_batch (max of one number: TypeError; review, session 27)
+    ({"type": "multi", "graders": {"a": {"type": "gsm8k"}, "b": {"type": "gsm8k"}},
+      "calculate_output": "(a + b) / (a - b) + typo"}, "unknown name 'typo'"),
+    ({"type": "multi", "graders": {"a": {"type": "gsm8k"}, "b": {"type": "gsm8k"}},
+      "calculate_output": "1 / (a - b) + max(a)"}, "max\\(\\) takes 2 or more arguments"),
+    ({"type": "multi", "graders": {"a": {"type": "gsm8k"}}, "calculate_output": "a % 2"}, "unsupported expression"),
+    ({"type": "multi", "graders": {"a": {"type": "gsm8k"}}, "calculate_output": "sqrt(a, 2)"}, "sqrt\\(\\) takes 1"),
     ({"type": "reft", "cot": "java"}, "cot must be one of"),
     ({"type": "reft", "answer_feld": "x"}, "unknown keys"),
     # a template that is not a string passed validation and failed at the first grade as a TypeError (helper review)
@@ -158,6 +174,78 @@ def test_multi_scores_a_failing_part_or_a_complex_result_zero_without_failing_th
     assert hit.score == pytest.approx(0.5) and hit.error is None
     assert miss.score == 0.0 and "not a real number" in miss.error
     build_grader({"type": "multi", "graders": {"a": eq, "b": eq}, "calculate_output": "a / (1 - 2 * b)"})  # 0 at b=.5
+
+
+def test_multi_formulas_take_openais_operators_and_functions():
+    """OpenAI's calculate_output: + - * / ^ (power) and min, max, abs, floor, ceil, exp, sqrt, log. `^` and the last
+    five were refused; `^` binds as a power does (`a ^ 2 + 1`, where Python's xor would take 2 + 1 first). A
+    function's domain error on a sample (log 0) is a grader error that scores 0, not a crash."""
+    from reftjax.graders.base import is_fault
+
+    eq = {"type": "string_check", "input": "{{sample.output_text}}", "reference": "{{item.answer}}", "operation": "eq"}
+    sim = {"type": "text_similarity", "input": "{{sample.output_text}}", "reference": "{{item.answer}}",
+           "evaluation_metric": "fuzzy_match"}
+    item, text = {"answer": "Paris"}, "Pariss"  # a = 0, b = fuzz.ratio = 10/11
+    b = 10 / 11
+    for formula, want in (("b ^ 2 + 1", b ** 2 + 1), ("sqrt(b) / 2", b ** 0.5 / 2), ("floor(b) + ceil(b) / 4", 0.25),
+                          ("exp(a - 1)", math.exp(-1)), ("log(1 + b)", math.log(1 + b)), ("-2 ^ 2 + 5", 1.0),
+                          ("min(a, b, 0.5) + max(b, 0.1) / 2 + abs(a - b) / 4", b / 2 + b / 4)):
+        g = build_grader({"type": "multi", "graders": {"a": eq, "b": sim}, "calculate_output": formula})
+        got = g.grade_batch([item], [text])[0]
+        assert got.error is None and got.score == pytest.approx(min(1.0, want)), formula
+    bad = build_grader({"type": "multi", "graders": {"a": eq, "b": sim}, "calculate_output": "log(a) + sqrt(a - b)"})
+    got = bad.grade_batch([item], [text])[0]
+    assert got.score == 0.0 and is_fault(got) and "calculate_output: ValueError" in got.error
+
+
+def test_a_completion_that_is_not_the_json_a_template_reads_is_unanswered_not_a_grader_error():
+    """{{sample.output_json.x}} on a reply that is not JSON (or lacks the key) is the model's doing: score 0,
+    counted as unanswered; it was counted as a grader error (OpenAI reports a sample parse error)."""
+    from reftjax.graders.base import is_fault
+
+    eq = {"type": "string_check", "input": "{{sample.output_json.city}}", "reference": "{{item.answer}}",
+          "operation": "eq"}
+    multi = {"type": "multi", "graders": {"a": eq}, "calculate_output": "a"}
+    math_eq = {"type": "math_equiv", "input": "{{sample.output_json.n}}", "reference": "2"}
+    for cfg in (eq, multi, math_eq):
+        grades = build_grader(cfg).grade_batch([ITEM] * 3, ['{"city": "Paris", "n": "1+1"}', "Paris", "[1, 2]"])
+        assert grades[0].score == 1.0 and grades[0].error is None, cfg["type"]
+        assert [(g.score, is_fault(g)) for g in grades[1:]] == [(0.0, False)] * 2, cfg["type"]
+        assert all("not found" in g.error for g in grades[1:])
+    # a missing item field stays the grader's (config's) error
+    assert is_fault(_one({**eq, "reference": "{{item.nope}}"}, '{"city": "Paris"}'))
+
+
+def test_python_graders_import_numpy_and_rapidfuzz_and_others_are_checked_before_training(tmp_path, capsys):
+    """OpenAI's own example grader (`from rapidfuzz import fuzz, utils`, WRatio) scored 0 as a grader error under
+    reftjax: jobs running as uid 65534 import only what the sandbox server pre-imported. numpy and rapidfuzz are
+    pre-imported now (numpy with one BLAS thread: a forked job's matmul waited forever on the server's threads);
+    any other import is tried once when the grader is built for a run or validated by the CLI."""
+    from reftjax.graders import check_imports
+    from reftjax.graders.__main__ import main
+
+    src = ("from rapidfuzz import fuzz, utils\nimport numpy as np\n\ndef grade(sample, item) -> float:\n"
+           "    a = np.ones((300, 300))\n    assert (a @ a).sum() == 300 ** 3\n"
+           "    return fuzz.WRatio(sample['output_text'], item['reference_answer'],"
+           " processor=utils.default_process) / 100.0\n")
+    grader = build_grader({"type": "python", "source": src})
+    check_imports(grader)
+    got = grader.grade_batch([{"reference_answer": "fuzzy wuzzy had no hair"}], ["fuzzy wuzzy was a bear"])[0]
+    from rapidfuzz import fuzz, utils
+
+    want = fuzz.WRatio("fuzzy wuzzy was a bear", "fuzzy wuzzy had no hair", processor=utils.default_process) / 100
+    assert got.error is None and got.score == pytest.approx(want)
+    bad = {"type": "multi", "calculate_output": "a", "graders": {"a": {
+        "type": "python", "source": "def grade(sample, item):\n    import xml.dom.minidom\n    return 1.0\n"}}}
+    with pytest.raises(ConfigError, match=r"grader.graders.a.source: its imports \(import xml.dom.minidom\) fail in the sandbox .*'xml'"):
+        check_imports(build_grader(bad))
+    path = tmp_path / "g.json"
+    path.write_text(json.dumps(bad))
+    assert main(["validate", "--grader", str(path)]) == 2
+    assert "fail in the sandbox" in capsys.readouterr().err
+    assert main(["validate", "--grader", str(path), "--preimport", "xml.dom.minidom"]) == 0
+    assert main(["validate", "--grader", str(path), "--preimport", "no_such_module"]) == 2
+    assert "sandbox.preimport: no module named 'no_such_module'" in capsys.readouterr().err
 
 
 def test_cli_run_and_validate(tmp_path):
@@ -222,11 +310,24 @@ def test_non_string_references_render_as_their_text():
     assert _one(cfg, '["東京", "Zürich"]', item).score == 1.0
 
 
-def test_a_python_grader_returning_a_huge_int_is_clipped():
-    """Scores are clipped to [0, 1], but an int too large for a float (10**400) scored 0 as "not a number"."""
-    src = "def grade(sample, item):\n    return int(sample['output_text']) * 10**400"
-    grades = build_grader({"type": "python", "source": src}).grade_batch([ITEM] * 3, ["1", "-1", "0"])
-    assert [(g.score, g.error) for g in grades] == [(1.0, None), (0.0, None), (0.0, None)]
+def test_a_python_grader_must_return_a_finite_real_number():
+    """OpenAI: grade() returns a float; "any other result (exception, invalid float value, etc.) will be marked as
+    invalid and return a 0 grade". Text float() reads ('0.7', or the sample's own text: the model set its reward),
+    inf and an int beyond float range (10**400) were scored as numbers. Real numbers of any type count (int, bool,
+    numpy scalars) and are clipped to [0, 1]."""
+    src = ("import numpy as np\n"
+           "def grade(sample, item):\n"
+           "    t = sample['output_text']\n"
+           "    return {'text': t, 'str': '0.7', 'inf': float('inf'), 'nan': float('nan'), 'big': 10**400,\n"
+           "            'zero': 0 * 10**400, 'bool': True, 'np32': np.float32(0.25), 'int': 3, 'neg': -0.5,\n"
+           "            'none': None}.get(t, t)\n")
+    texts = ["1", "str", "inf", "nan", "big", "zero", "bool", "np32", "int", "neg", "none"]
+    grades = build_grader({"type": "python", "source": src}).grade_batch([ITEM] * len(texts), texts)
+    got = {t: (g.score, is_fault(g)) for t, g in zip(texts, grades)}
+    assert got == {"1": (0.0, True), "str": (0.0, True), "inf": (0.0, True), "nan": (0.0, True),
+                   "big": (0.0, True), "zero": (0.0, False), "bool": (1.0, False), "np32": (0.25, False),
+                   "int": (1.0, False), "neg": (0.0, False), "none": (0.0, True)}
+    assert "not a finite number: '0.7'" in grades[1].error
 
 
 def test_cli_names_the_line_of_a_samples_file_that_is_not_utf8(tmp_path, capsys):

@@ -465,6 +465,8 @@ def test_invalid_settings_fail_before_anything_runs_and_do_not_claim_the_run_dir
                              ("rerank.optim.value_head_lr_scale", 2.0, "the verifier trains at"),
                              ("seed", -1, "seed must be >= 0, got -1"),
                              ("export_dtype", "int8", "export_dtype must be null, 'float32', 'bfloat16' or"),
+                             ("sandbox.preimport", ["no_such_module"], "sandbox.preimport: no module named 'no_such"),
+                             ("sandbox.timeout_s", 0, "timeout_s must be in (0, 600]"),
                              ("data.dataset", "gsm9k", "data.dataset must be one of ("),
                              ("data.test_dataset", "svamp", "data.test_dataset must be one of ("),
                              ("data.test_split", "validation", "data.test_split must be 'test' or 'train'"),
@@ -493,6 +495,12 @@ def test_invalid_settings_fail_before_anything_runs_and_do_not_claim_the_run_dir
     out = tmp_path / "run"
     with pytest.raises(CheckpointError):
         run(dataclasses.replace(base, model=str(tmp_path / "tinyy")), out, progress=False)
+    # a python grader's imports are tried in the sandbox before the model loads (they scored every sample 0)
+    imports = {"type": "python", "source": "import xml.dom.minidom\ndef grade(sample, item):\n    return 1.0\n"}
+    with pytest.raises(ValueError, match=r"grader.source: its imports \(import xml.dom.minidom\) fail in the sandbox"):
+        run(dataclasses.replace(base, grader=tuple(imports.items()), model=str(tmp_path / "not-loaded")), out,
+            progress=False)
+    assert not (out / "config.json").exists()
     data = dataclasses.replace(base.data, train_file=str(tmp_path / "missing.jsonl"), train_format="gsm8k-jsonl")
     with pytest.raises(DataError, match=r"missing.jsonl: no such file \(data.train_file\)"):
         run(dataclasses.replace(base, data=data, model=str(tmp_path / "not-loaded")), out, progress=False)

@@ -2,14 +2,16 @@
 
 `run` prints one JSON line per sample: {"index", "score", "extracted", "error"[, "details"]}.
 Each samples line is `{"item": {...reference fields...}, "sample": {"output_text": "..."}}`.
-`validate` builds the grader (and checks it against the first sample's item when given).
+`validate` builds the grader (and checks it against the first sample's item when given), and runs a
+`python` grader's imports once in the sandbox (`--preimport` adds modules it may import).
 Errors name the file and line and exit with status 2.
 """
 import argparse
 import json
 import sys
 
-from reftjax.graders.build import ConfigError, validate_grader
+from reftjax.graders.build import ConfigError, check_imports, validate_grader
+from reftjax.graders.reft import default_pool
 
 
 def _load_samples(path):
@@ -31,10 +33,15 @@ def _load_samples(path):
 
 
 def main(argv=None) -> int:
+    from reftjax.config import SandboxSettings
     parser = argparse.ArgumentParser(prog="python -m reftjax.graders")
     parser.add_argument("command", choices=("run", "validate"))
     parser.add_argument("--grader", required=True, help="grader config JSON file")
     parser.add_argument("--samples", help="JSONL of {item, sample} (required for run)")
+    parser.add_argument("--timeout-s", type=float, default=2.0, help="python graders: wall clock per sample")
+    parser.add_argument("--memory-mb", type=int, default=1024, help="python graders: address space per sample")
+    parser.add_argument("--preimport", default="", metavar="M1,M2",
+                        help="modules python graders may import beyond the standard ones, numpy and rapidfuzz")
     args = parser.parse_args(argv)
     try:
         with open(args.grader, encoding="utf-8") as f:
@@ -44,8 +51,11 @@ def main(argv=None) -> int:
                 raise ConfigError(f"{args.grader}:{getattr(exc, 'lineno', 1)}: invalid JSON: {exc}")
         items, texts, lines = _load_samples(args.samples) if args.samples else ([], [], [])
         try:
-            grader = validate_grader(cfg)
-        except ConfigError as exc:
+            sandbox = SandboxSettings(args.timeout_s, args.memory_mb,
+                                      tuple(m.strip() for m in args.preimport.split(",") if m.strip()))
+            grader = validate_grader(cfg, pool=default_pool(sandbox.sandbox_config()))
+            check_imports(grader)
+        except (ConfigError, ValueError) as exc:
             raise ConfigError(f"{args.grader}: {exc}") from exc
         for item, lineno in zip(items, lines):  # a misfit is the samples file's, named by its own line number
             try:

@@ -9,7 +9,7 @@ Protocol: one JSON job per line on stdin, one JSON result per line on stdout.
   job    = {"source", "entry", "args", "split_locals", "timeout_s", "memory_bytes",
             "output_bytes", "nproc", "drop_uid"}
   result = {"status": "ok" | "error" | "timeout" | "crashed", "value_float", "value_str",
-            "value_json", "error"}
+            "value_json", "error", "value_real"}
 
 Each job runs in a child forked from this (single-threaded) server, so the expensive imports
 are paid once and every job starts from the same clean state. The child: starts a new session,
@@ -21,6 +21,7 @@ init of its own PID namespace, every other process of that namespace, then remov
 import builtins
 import json
 import math
+import numbers
 import os
 import resource
 import select
@@ -53,7 +54,7 @@ _STR_CAP = 1000
 # What a result may hold (value_json: anything JSON). The job can write to the result pipe itself, so what comes
 # back is checked against this before it goes on: anything else is the job's error, never the trainer's crash.
 _RESULT_FIELDS = {"status": (str,), "value_float": (int, float, type(None)), "value_str": (str, type(None)),
-                  "value_json": None, "error": (str, type(None))}
+                  "value_json": None, "error": (str, type(None)), "value_real": (bool,)}
 _STATUSES = ("ok", "error", "timeout", "crashed")
 _BLOCKED_EVENTS = frozenset({
     "os.fork", "os.forkpty", "os.posix_spawn", "os.spawn", "os.exec", "os.system",
@@ -176,7 +177,7 @@ def _run_job(job):
     except Exception:  # noqa: BLE001 - non-JSON results are reported as strings only
         value_json = None
     return {"status": "ok", "value_float": _floatify(value), "value_str": str(value)[:_STR_CAP],
-            "value_json": value_json}
+            "value_json": value_json, "value_real": isinstance(value, numbers.Real)}
 
 
 def _reap(pid):
@@ -237,7 +238,7 @@ def _serve_one(job, root):
 
 def _well_formed(result):
     return (isinstance(result, dict) and set(result) <= set(_RESULT_FIELDS) and result.get("status") in _STATUSES
-            and all(t is None or (isinstance(result[k], t) and not isinstance(result[k], bool))
+            and all(t is None or (isinstance(result[k], t) and (bool in t or not isinstance(result[k], bool)))
                     for k, t in _RESULT_FIELDS.items() if k in result))
 
 

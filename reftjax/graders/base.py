@@ -103,6 +103,8 @@ def _safe_grade(grader: PerItemGrader, item: Item, text: str) -> Grade:
     try:
         return grader.grade(item, text)
     except Exception as exc:  # noqa: BLE001 - graders must never raise into the trainer
+        if getattr(exc, "not_a_fault", False):  # the completion lacks what the grader reads: unanswered
+            return Grade(0.0, error=str(exc.args[0] if exc.args else exc))
         return faulted(f"grader error: {type(exc).__name__}: {exc}")
 
 

@@ -7,8 +7,8 @@ from typing import Any, Mapping
 
 from reftjax.graders import openai as oa
 from reftjax.graders.base import Item
-from reftjax.graders.reft import ReftGrader
-from reftjax.graders.sandbox import SandboxPool
+from reftjax.graders.reft import ReftGrader, default_pool
+from reftjax.graders.sandbox import SandboxJob, SandboxPool
 
 ConfigError = oa.ConfigError
 _METRICS = ("fuzzy_match", "bleu", "rouge_1", "rouge_2", "rouge_3", "rouge_4", "rouge_5", "rouge_l")
@@ -91,21 +91,46 @@ def _build_multi(args: dict, pool: SandboxPool | None, where: str) -> oa.MultiGr
         raise ConfigError(f"{where}.calculate_output: must be a formula string such as \"0.5 * a + 0.5 * b\", "
                           f"got {args['calculate_output']!r}")
     try:
-        tree = ast.parse(args["calculate_output"], mode="eval")
-        oa._eval_formula(tree, dict.fromkeys(built, 0.5))
-    except ArithmeticError:  # e.g. a / (1 - 2 * b) at the probe values: the names and operations are fine
-        pass
+        return oa.MultiGrader(built, args["calculate_output"])  # (checks its formula)
     except SyntaxError as exc:
         raise ConfigError(f"{where}.calculate_output: does not parse: {exc.msg}") from exc
     except oa.ConfigError as exc:
         raise ConfigError(f"{where}.calculate_output: uses unknown names or operations "
                           f"(graders: {sorted(built)}): {exc}") from exc
-    return oa.MultiGrader(built, args["calculate_output"])
 
 
-def validate_grader(cfg: Mapping, item: Item | None = None) -> Any:
+def _python_graders(grader, where: str = "grader"):
+    """(config path, grader) of every `python` grader in a grader tree (inside `multi` graders too)."""
+    if isinstance(grader, oa.MultiGrader):
+        for name, sub in grader.graders.items():
+            yield from _python_graders(sub, f"{where}.graders.{name}")
+    elif isinstance(grader, oa.SandboxedGrader) and grader.entry == "grade":
+        yield where, grader
+
+
+def check_imports(grader) -> None:
+    """Runs the import statements of every `python` grader's source once in its sandbox; raises ConfigError naming
+    the first that fails. A job running as uid 65534 (the default when running as root) imports only what its
+    server pre-imported, so an OpenAI-style grader's `import scipy` scored every sample 0 as a grader error."""
+    for where, g in _python_graders(grader):
+        imports = [n for n in ast.walk(ast.parse(g.source)) if isinstance(n, (ast.Import, ast.ImportFrom))
+                   and not getattr(n, "level", 0)]
+        if not imports:
+            continue
+        body = "".join(f"    {ast.unparse(n)}\n" for n in imports)
+        result = (g.pool or default_pool()).run([SandboxJob(f"def grade():\n{body}    return 1\n", "grade")])[0]
+        if not result.ok and (result.error or "").startswith("SandboxConfig.preimport:"):  # the server failed
+            raise ConfigError(f"{where}: the sandbox cannot start: {result.error}")
+        if not result.ok:
+            raise ConfigError(f"{where}.source: its imports ({'; '.join(ast.unparse(n) for n in imports)}) fail in "
+                              f"the sandbox ({result.status}: {result.error}); "
+                              f"add the module to the sandbox's preimport list (the training config's "
+                              f"sandbox.preimport, the grader CLI's --preimport)")
+
+
+def validate_grader(cfg: Mapping, item: Item | None = None, pool: SandboxPool | None = None) -> Any:
     """Builds the grader (no programs run) and checks it against a sample item's fields."""
-    grader = build_grader(cfg)
+    grader = build_grader(cfg, pool=pool)
     if item is not None:
         try:
             grader.validate(item)

@@ -7,7 +7,7 @@ Config types (`build_grader(cfg)`):
   * `{"type": "text_similarity", "input": ..., "reference": ..., "evaluation_metric":
      "fuzzy_match" | "bleu" | "rouge_1".."rouge_5" | "rouge_l"}`: fuzzy_match is
      `rapidfuzz.fuzz.ratio / 100`; bleu is sentence BLEU-4 (uniform weights, brevity penalty,
-     +1 smoothing of n>1 precisions, whitespace tokens); rouge_n / rouge_l are F1 on the tokens of
+     +1 smoothing of n>1 precisions; words and punctuation marks are tokens, case kept); rouge_n / rouge_l are F1 on the tokens of
      the `rouge-score` package's default tokenizer (lower case, runs of [a-z0-9]; no stemming). `gleu`, `meteor`, `cosine` are rejected at validation.
   * `{"type": "python", "source": "def grade(sample, item): ..."}`: run in the sandbox; the
      returned number is clipped to [0, 1].
@@ -16,7 +16,8 @@ Config types (`build_grader(cfg)`):
      it is a grading error (sympy's parser evals its text: see `MATH_EQUIV_SOURCE`).
   * A `python` grader that passes the sample to `sympify`/`parse_expr` evals it the same way: check it first.
   * `{"type": "multi", "graders": {"name": {...}}, "calculate_output": "0.5*a + 0.5*b"}`: the
-     formula is parsed with `ast` (numbers, grader names, + - * / **, min/max/abs) and clipped.
+     formula is parsed with `ast` (numbers, grader names, + - * / and ^ or ** for power, min, max, abs, floor,
+     ceil, exp, sqrt, log: OpenAI's list) and clipped; a formula that fails on a sample (1 / 0) is a grader error.
   * `{"type": "reft", "cot": "nl" | "python", "answer_field": "answer_value", ...}` and
     `{"type": "gsm8k", "answer_field": "answer", "fallback": "none" | "last_number"}`.
   * `score_model` / `label_model` need a judge model: rejected at validation ("not supported in
@@ -49,11 +50,20 @@ class ConfigError(ValueError):
     """A grader config that cannot work; the message names the config path."""
 
 
+class SampleFieldMissing(KeyError):
+    """A `{{sample.output_json...}}` field the completion does not have (not JSON, or no such key): the model's
+    doing, so the sample is unanswered (score 0), not a grader error (OpenAI reports it as a sample parse error)."""
+
+    not_a_fault = True
+
+
 def _lookup(root: Mapping[str, Any], path: str, prefix: str) -> Any:
     value: Any = root
     for part in path.split("."):
         if not isinstance(value, Mapping) or part not in value:
-            raise KeyError(f"template field {{{{{prefix}.{path}}}}} not found")
+            raise (SampleFieldMissing if prefix == "sample" else KeyError)(
+                f"template field {{{{{prefix}.{path}}}}} not found" +
+                (" (the completion is not JSON with that key)" if prefix == "sample" else ""))
         value = value[part]
     return value
 
@@ -116,9 +126,14 @@ def _ngrams(tokens: list[str], n: int) -> collections.Counter:
     return collections.Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
 
 
+def _bleu_tokens(text: str) -> list[str]:
+    return re.findall(r"\w+|[^\w\s]+", text)
+
+
 def bleu(candidate: str, reference: str, max_n: int = 4) -> float:
-    """Sentence BLEU (uniform weights, brevity penalty, add-one smoothing for n > 1)."""
-    cand, ref = candidate.split(), reference.split()
+    """Sentence BLEU (uniform weights, brevity penalty, add-one smoothing for n > 1) on word and punctuation tokens
+    (nltk's `wordpunct_tokenize`: whitespace tokens scored "Paris." against "Paris" 0; review, session 27)."""
+    cand, ref = _bleu_tokens(candidate), _bleu_tokens(reference)
     if not cand or not ref:
         return 0.0
     log_p = 0.0
@@ -210,17 +225,22 @@ class SandboxedGrader:
             try:
                 jobs.append(SandboxJob(self.source, self.entry, self._args(item, text)))
             except (KeyError, TypeError, ValueError) as exc:
-                errors[i] = f"input error: {exc}"
+                errors[i] = exc
                 jobs.append(SandboxJob("def grade():\n    return 0", "grade"))
         results = (self.pool or default_pool()).run(jobs)
         grades = []
         for i, r in enumerate(results):
             value = r.value_float
-            if r.ok and value is None and re.fullmatch(r"\s*[-+]?\d+\s*", r.value_str or ""):
-                value = math.copysign(math.inf, -1 if r.value_str.strip().startswith("-") else 1)  # an int too
-                # large for a float (10**400): clipped like any other number, not "not a number"
-            if i in errors or not r.ok or value is None or math.isnan(value):
-                why = errors.get(i) or (f"{r.status}: {r.error}" if not r.ok else f"not a number: {r.value_str}")
+            if self.entry == "grade" and r.ok and not (r.value_real and value is not None and math.isfinite(value)):
+                # OpenAI: grade() returns a float, "any other result (exception, invalid float value, etc.) will be
+                # marked as invalid and return a 0 grade": text such as '0.7' or the sample's own output_text (a
+                # model could set its reward), inf and 10**400 were read as numbers (review, session 27)
+                value = None
+            if isinstance(errors.get(i), SampleFieldMissing):
+                grades.append(Grade(0.0, error=errors[i].args[0]))  # the completion's doing: unanswered
+            elif i in errors or not r.ok or value is None or math.isnan(value):
+                why = (f"input error: {errors[i]}" if i in errors else f"{r.status}: {r.error}" if not r.ok else
+                       f"not a finite number: {r.value_str!r}")
                 grades.append(faulted(why))  # the grader's code (or its input) failed: not the completion's doing
             else:
                 answer = r.value_str if self.entry == "grade" else str(jobs[i].args[0]).strip()[:200]
@@ -272,32 +292,70 @@ def equiv(pred, gold):
 
 _BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
            ast.Div: operator.truediv, ast.Pow: operator.pow}
-_FUNCS = {"min": min, "max": max, "abs": abs}
+# OpenAI's calculate_output functions (their grader guide): name -> (function, least and most arguments)
+_FUNCS = {"min": (min, 2, None), "max": (max, 2, None), "abs": (abs, 1, 1), "floor": (math.floor, 1, 1),
+          "ceil": (math.ceil, 1, 1), "exp": (math.exp, 1, 1), "sqrt": (math.sqrt, 1, 1), "log": (math.log, 1, 1)}
+
+
+def parse_formula(text: str) -> ast.Expression:
+    """A `calculate_output` formula as a Python expression: OpenAI's `^` is power (`**`, which binds as tightly:
+    `a ^ 2 + 1` is a**2 + 1; Python's `^` is xor, below `+`). Raises SyntaxError."""
+    return ast.parse(text.replace("^", "**"), mode="eval")
+
+
+def check_formula(node: ast.AST, names) -> None:
+    """Raises ConfigError for anything but numbers, grader `names`, + - * / ** ^, unary +/-, and OpenAI's functions
+    with their argument counts (a syntax walk: the formula is not evaluated, so no part of it goes unchecked)."""
+    if isinstance(node, ast.Expression):
+        return check_formula(node.body, names)
+    if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
+        return None
+    if isinstance(node, ast.Name):
+        if node.id not in names:
+            raise ConfigError(f"unknown name {node.id!r} (graders: {sorted(names)})")
+        return None
+    if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
+        check_formula(node.left, names)
+        return check_formula(node.right, names)
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        return check_formula(node.operand, names)
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _FUNCS:
+        _, least, most = _FUNCS[node.func.id]
+        if node.keywords or len(node.args) < least or (most is not None and len(node.args) > most):
+            raise ConfigError(f"{node.func.id}() takes {least}{'' if most == least else ' or more'} "
+                              f"argument{'s' * (least > 1)}, got {ast.unparse(node)!r}")
+        for a in node.args:
+            check_formula(a, names)
+        return None
+    raise ConfigError(f"unsupported expression {ast.unparse(node)!r} (numbers, grader names, + - * / ^ and "
+                      f"{', '.join(_FUNCS)})")
 
 
 def _eval_formula(node: ast.AST, env: Mapping[str, float]) -> float:
-    """Evaluates a parsed `calculate_output` formula; only arithmetic on numbers and names."""
+    """Evaluates a formula `check_formula` accepted."""
     if isinstance(node, ast.Expression):
         return _eval_formula(node.body, env)
-    if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
+    if isinstance(node, ast.Constant):
         return float(node.value)
-    if isinstance(node, ast.Name) and node.id in env:
+    if isinstance(node, ast.Name):
         return env[node.id]
-    if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
+    if isinstance(node, ast.BinOp):
         return _BINOPS[type(node.op)](_eval_formula(node.left, env), _eval_formula(node.right, env))
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+    if isinstance(node, ast.UnaryOp):
         value = _eval_formula(node.operand, env)
         return -value if isinstance(node.op, ast.USub) else value
-    if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _FUNCS
-            and not node.keywords and node.args):
-        return float(_FUNCS[node.func.id](*(_eval_formula(a, env) for a in node.args)))
-    raise ConfigError(f"calculate_output: unsupported expression {ast.dump(node)[:80]}")
+    if isinstance(node, ast.Call):
+        return float(_FUNCS[node.func.id][0](*(_eval_formula(a, env) for a in node.args)))
+    raise ConfigError(f"unsupported expression {ast.unparse(node)!r}")
 
 
 @dataclasses.dataclass(frozen=True)
 class MultiGrader:
     graders: Mapping[str, Any]
     calculate_output: str
+
+    def __post_init__(self):  # SyntaxError or ConfigError: a formula that cannot work fails here, not per sample
+        check_formula(parse_formula(self.calculate_output), self.graders)
 
     @property
     def votes_on_answer(self) -> bool:
@@ -313,7 +371,7 @@ class MultiGrader:
             g.validate(item)
 
     def grade_batch(self, items: Sequence[Item], texts: Sequence[str]) -> list[Grade]:
-        tree = ast.parse(self.calculate_output, mode="eval")
+        tree = parse_formula(self.calculate_output)
         parts = {name: g.grade_batch(items, texts) for name, g in self.graders.items()}
         order = sorted(parts, key=lambda n: not getattr(self.graders[n], "votes_on_answer", True))  # stable
         out = []
@@ -328,8 +386,8 @@ class MultiGrader:
             try:
                 score = _eval_formula(tree, env)
                 error = None
-            except (ArithmeticError, ConfigError) as exc:
-                score, error = 0.0, f"calculate_output: {exc}"
+            except (ArithmeticError, ValueError) as exc:  # 1 / 0, exp(1000), sqrt(-1), log(0)
+                score, error = 0.0, f"calculate_output: {type(exc).__name__}: {exc}"
             if isinstance(score, complex):  # e.g. (a - 0.75) ** 0.5 with a < 0.75
                 score, error = 0.0, f"calculate_output: not a real number ({score})"
             if error is not None:  # the formula's failure is the grader's, not the completion's

@@ -24,7 +24,7 @@ import re
 from typing import Sequence
 
 from reftjax.graders.base import Grade, Item, PerItemGrader, _check_lengths, faulted, field
-from reftjax.graders.sandbox import SandboxJob, SandboxPool, SandboxResult
+from reftjax.graders.sandbox import SandboxConfig, SandboxJob, SandboxPool, SandboxResult
 
 ANSWER_TRIGGER = "\nTherefore, the answer is: "
 PROGRAM_HEADER = "def solution():\n    \"\"\"{question}\"\"\""
@@ -227,14 +227,15 @@ class ReftGrader(PerItemGrader):
         return grade if grade.error is None else dataclasses.replace(grade, extracted=result.value_str)
 
 
-_DEFAULT_POOL: list[SandboxPool] = []
+_POOLS: dict[SandboxConfig, SandboxPool] = {}
 
 
-def default_pool() -> SandboxPool:
-    """A process-wide `SandboxPool` with default limits, created on first use."""
-    if not _DEFAULT_POOL:
+def default_pool(config: SandboxConfig = SandboxConfig()) -> SandboxPool:
+    """The process-wide `SandboxPool` of these limits (default: `SandboxConfig()`), created on first use and
+    closed at exit."""
+    if config not in _POOLS:
         import atexit
 
-        _DEFAULT_POOL.append(SandboxPool())
-        atexit.register(_DEFAULT_POOL[0].close)
-    return _DEFAULT_POOL[0]
+        _POOLS[config] = SandboxPool(config)
+        atexit.register(_POOLS[config].close)
+    return _POOLS[config]

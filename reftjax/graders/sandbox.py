@@ -50,9 +50,15 @@ import time
 from typing import Any, Sequence
 
 _WORKER = pathlib.Path(__file__).with_name("_sandbox_worker.py")
-# what a math program may import from the standard library (see SandboxConfig.preimport)
+# what a math program may import from the standard library (see SandboxConfig.preimport), and the two packages of
+# OpenAI's python-grader image that reftjax depends on anyway (their guide's example grader uses rapidfuzz's WRatio;
+# numpy's submodules load lazily, so the common ones are named)
 DEFAULT_PREIMPORT = ("bisect", "calendar", "cmath", "copy", "datetime", "heapq", "numbers", "operator",
-                     "random", "time")
+                     "random", "time", "numpy", "numpy.random", "numpy.linalg", "rapidfuzz", "rapidfuzz.fuzz",
+                     "rapidfuzz.utils", "rapidfuzz.process", "rapidfuzz.distance")
+# a job is a fork of its server: BLAS/OpenMP worker threads the server started do not exist in it, and a numpy
+# product that hands work to them waits forever (a 400 x 400 matmul timed out); one thread each, set before import
+_ONE_THREAD = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 _UNSHARE = ("--pid", "--fork", "--kill-child", "--net")
 # Extra wall time the parent grants a fork-server beyond the job's own deadline before it
 # declares the server hung and restarts it.
@@ -122,13 +128,15 @@ class SandboxJob:
 
 @dataclasses.dataclass(frozen=True)
 class SandboxResult:
-    """Outcome of a job. `value_float` is float(result) or None (the authors' `floatify`)."""
+    """Outcome of a job. `value_float` is float(result) or None (the authors' `floatify`); `value_real` whether
+    the result is a real number (int, float, bool, a numpy scalar), not text that float() reads."""
 
     status: str
     value_float: float | None = None
     value_str: str | None = None
     value_json: Any = None
     error: str | None = None
+    value_real: bool = False
 
     @property
     def ok(self) -> bool:
@@ -150,7 +158,8 @@ class _Server:
 
     def __init__(self, command: list[str]):
         self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.DEVNULL, start_new_session=True)
+                                     stderr=subprocess.DEVNULL, start_new_session=True,
+                                     env={**os.environ, **_ONE_THREAD})
         self.buffer = b""
         self.deadline = 0.0
         self.index = -1
