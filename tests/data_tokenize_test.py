@@ -167,6 +167,16 @@ def test_sft_needs_targets(smollm_tokenizer):
                           smollm_tokenizer, PromptConfig(), TokenizeConfig())
 
 
+def test_p_cot_styles_refuse_prose_targets(smollm_tokenizer, gsm8k_train):
+    """GSM8K with reft-python was accepted: its prose CoT became the 'program' target (0 of 83 gold targets ran:
+    SyntaxError) and RL forced the program header on a model that learnt prose, so no reward could be earned
+    (review, session 27). SFT refuses it naming the example; without SFT (RL alone) the targets are not used."""
+    cfg = PromptConfig("reft-python")
+    with pytest.raises(DataError, match=r"gsm8k_train_\d+: data.prompt.style='reft-python' trains on P-CoT programs"):
+        tokenize_examples(gsm8k_train[:4], smollm_tokenizer, cfg, TokenizeConfig())
+    assert len(tokenize_examples(gsm8k_train[:4], smollm_tokenizer, cfg, TokenizeConfig(), with_targets=False)) == 4
+
+
 def test_bucket_config():
     assert power_of_two_buckets(300, 64) == (64, 128, 256, 300)
     assert TokenizeConfig().seq_sizes == (64, 128, 256, 512, 700)

@@ -207,6 +207,14 @@ def tokenize_examples(examples: list[Example], tokenizer, prompt_cfg: PromptConf
             if f.target is None:
                 raise DataError(f"{e.item_id}: no reference CoT/answer to train on (SFT); data without one can "
                                 "train with RL alone (sft.epochs=0)")
+            if prompt_cfg.style.endswith("python") and not f.target.lstrip().startswith("def solution"):
+                # (GSM8K's CoT is prose: its "programs" were a SyntaxError for every gold target, and RL forces the
+                # program header on a model that learnt prose: no reward could ever be earned; review, session 27)
+                raise DataError(f"{e.item_id}: data.prompt.style={prompt_cfg.style!r} trains on P-CoT programs "
+                                f"('def solution(): ...'), but this example's reference CoT is not one "
+                                f"({f.target[:40]!r}...): GSM8K's and other N-CoT data's CoT is prose; train on a "
+                                f"P-CoT file (the ReFT authors' format, data.train_file) or with RL alone "
+                                f"(sft.epochs=0)")
     chat = prompt_cfg.style.startswith("chat")
     if chat:
         check_no_special_tokens(examples, tokenizer)
