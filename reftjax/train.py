@@ -959,7 +959,11 @@ def _run(cfg: ExperimentConfig, out: pathlib.Path, progress: bool) -> dict:
     # a rerun of the finished run does not export again: process 0 exports, so its marker decides for all (to_host
     # below is a collective for sharded params, and every process must take the same branch)
     exported = out / "export_done.json"
-    done = is_primary() and exported.exists() and json.loads(exported.read_text()).get("exports") == sorted(exports)
+    # (the dtype too: a finished run rerun with another export_dtype, a setting free to change, kept its old export
+    # while config.json recorded the new one; markers from before it was stored were written in param_dtype)
+    marker = {"exports": sorted(exports), "dtype": cfg.export_dtype or model.config.param_dtype}
+    done = is_primary() and exported.exists() and \
+        {"dtype": model.config.param_dtype, **json.loads(exported.read_text())} == marker
     if cfg.export_hf and not from_process_0(np.asarray(done)):
         gen = _export_generation_config(cfg, model)
         for name, params in exports.items():
@@ -968,7 +972,7 @@ def _run(cfg: ExperimentConfig, out: pathlib.Path, progress: bool) -> dict:
                 save_hf(out / "hf" / name, params, model.config, model.hf_config, model.tokenizer,
                         dtype=cfg.export_dtype, generation_config=gen)
         if is_primary():  # after its exports: another process's marker could outrun them on a shared directory
-            _write_json(exported, {"exports": sorted(exports)})
+            _write_json(exported, marker)
     logger.close()
     summary = report.write_summary(out, cfg, _load_evals(out), wall_seconds=time.time() - t_start,
                                    write=is_primary(), data_stats=split_stats(data), compilation=compiles.summary())

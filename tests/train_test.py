@@ -217,7 +217,8 @@ def _check_rerank_phase(out, rerun):
     (out / "verifier_done.json").unlink()
     (out / "evals.json").write_text(json.dumps({k: v for k, v in evals.items() if k not in ("test_sft", "test_reft")}))
     exported = {p: p.stat().st_mtime_ns for p in (out / "hf").rglob("*")}
-    assert len(exported) > 4 and json.loads((out / "export_done.json").read_text()) == {"exports": ["best", "final"]}
+    assert len(exported) > 4 and json.loads((out / "export_done.json").read_text()) == {"exports": ["best", "final"],
+                                                                                    "dtype": "float32"}
     again = rerun()
     assert again.returncode == 0, again.stderr[-3000:]
     evals2 = json.loads((out / "evals.json").read_text())
@@ -1203,6 +1204,16 @@ def test_a_run_without_rl_iterations_is_the_warm_up_alone(tiny_hf_dir, tmp_path,
     assert {str(t.dtype) for t in tensors.values()} == {"bfloat16"} and set(tensors) <= set(want)
     for name, t in tensors.items():
         np.testing.assert_array_equal(t, np.asarray(want[name]).astype(t.dtype), err_msg=name)
+    assert json.loads((out / "export_done.json").read_text()) == {"exports": ["final"], "dtype": "bfloat16"}
+    # the finished run rerun with another export_dtype exports again (it kept the bf16 files while config.json said
+    # float32; regression review); a marker from before the dtype was stored means param_dtype: nothing to redo
+    run(cfg, out, progress=False)
+    assert json.loads((out / "hf" / "final" / "config.json").read_text())["dtype"] == "float32"
+    assert {str(t.dtype) for t in read_safetensors(out / "hf" / "final" / "model.safetensors").values()} == {"float32"}
+    (out / "export_done.json").write_text(json.dumps({"exports": ["final"]}))
+    stamp = (out / "hf" / "final" / "model.safetensors").stat().st_mtime_ns
+    run(cfg, out, progress=False)
+    assert (out / "hf" / "final" / "model.safetensors").stat().st_mtime_ns == stamp
     assert "after ReFT" not in (out / "summary.md").read_text()
     phases = {json.loads(l)["phase"] for l in (out / "metrics.jsonl").read_text().splitlines()}
     assert "sft" in phases and "rl" not in phases and "eval/test_reft" not in phases
