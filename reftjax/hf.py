@@ -499,6 +499,8 @@ def save_hf(out_dir: str | os.PathLike, params, cfg, hf_config, tokenizer=None, 
     import shutil
     import tempfile
 
+    import numpy as np
+
     out = pathlib.Path(out_dir)
     _clear_killed_export(out)
     if out.exists() and not out.is_dir():
@@ -512,7 +514,15 @@ def save_hf(out_dir: str | os.PathLike, params, cfg, hf_config, tokenizer=None, 
     if cfg.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)
     dtype = dtype or cfg.param_dtype
-    tensors = {k: v.astype(_np_dtype(dtype)) for k, v in tensors.items()}
+    with np.errstate(over="ignore"):
+        cast = {k: v.astype(_np_dtype(dtype)) for k, v in tensors.items()}
+    if dtype == "float16":  # (bf16 has float32's range) a weight beyond 65504 became inf, with one generic warning
+        over = {k: float(np.abs(v).max()) for k, v in tensors.items()
+                if not np.isfinite(cast[k]).all() and np.isfinite(v).all()}
+        if over:
+            raise CheckpointError(f"{out}: {len(over)} tensors exceed float16's range (65504) and would be written "
+                                  f"as inf: {dict(list(over.items())[:4])} (largest |weight|); export in bfloat16")
+    tensors = cast
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=out.name + ".tmp", dir=out.parent))
     try:
         shards, cur, size = [], {}, 0

@@ -86,6 +86,19 @@ def test_export_bfloat16_is_stored_as_bf16(tmp_path, random_params):
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(back.params), want)
 
 
+def test_a_float16_export_refuses_weights_beyond_its_range(tmp_path, random_params):
+    """A weight above 65504 was written as inf (NumPy's one generic overflow warning named no tensor) and the run
+    marked its export done (regression review, session 27); within range a float16 export is written."""
+    from reftjax.hf import CheckpointError
+
+    params = jax.device_get(random_params(TINY))
+    assert (save_hf(tmp_path / "ok", params, TINY, _tiny_hf_config(TINY), dtype="float16") / "config.json").is_file()
+    params["layers"]["mlp"]["down_proj"]["kernel"][0, 0, 0] = 1e5
+    with pytest.raises(CheckpointError, match=r"1 tensors exceed float16's range \(65504\).*down_proj.*100000"):
+        save_hf(tmp_path / "over", params, TINY, _tiny_hf_config(TINY), dtype="float16")
+    assert not (tmp_path / "over").exists()
+
+
 def test_export_replaces_only_a_model_directory(tmp_path, random_params):
     """Re-exporting over an earlier export replaces it; a folder of other files or a file is refused
     untouched (was: replaced, deleting the user's files)."""
