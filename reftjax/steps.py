@@ -119,8 +119,9 @@ class PPOConfig:
         decode-path log-probs equal the teacher-forced ones (within 1e-4 in fp32; tested);
         PPO also needs `rollout(..., value_head=...)`. False recomputes them, as the ReFT
         authors' code does. In bfloat16 the decode path and the training forward round
-        differently (a tiny model: up to 0.066 apart, mean 0.008; SmolLM2-135M, 512 sampled
-        tokens: up to 0.27, mean 0.03; BUILD_NOTES sessions 21, 27), so
+        differently (SmolLM2-135M, 512 sampled tokens: up to 0.27 apart, mean 0.03; a tiny
+        model: up to 0.02-0.075 since attention sums its scores in float32, 0.037-0.26 before;
+        BUILD_NOTES sessions 21, 27), so
         with this option the first update's ratio is not exactly 1 and iteration 1's KL to an
         identical reference reads ~-6e-3; the training loop warns. Recomputing (the default)
         gives ratio 1 and KL 0 in bf16 too.
