@@ -34,6 +34,9 @@ class EvalConfig:
       decode_segments: `SamplingConfig.decode_segments` of the greedy and voting rollouts: decode in
         this many stretches, each attending over only the KV cache it needs (same tokens; each
         stretch compiles its own loop body, so 1, one loop, by default).
+      voting_tol: numeric answers within this of an earlier one vote with it (`majority_correct`). 0 (default):
+        equal values only, the ReFT authors' vote (`Counter` over floatify'd answers, `sampling.py`), so voting@k
+        is the paper's metric; 0.01 groups 3.33 / 3.333 as the grader's tolerance would.
     """
 
     batch_size: int = 8
@@ -43,11 +46,14 @@ class EvalConfig:
     voting_rows: int = 0
     rerank_chunk_rows: int = 64
     decode_segments: int = 1
+    voting_tol: float = 0.0
 
     def __post_init__(self):
         if self.voting_k and not self.voting_temperature > 0:  # (failed at the first voting evaluation, maybe
             # after the warm-up, and the corrected rerun was refused)
             raise ValueError(f"eval.voting_temperature must be > 0 with voting_k > 0, got {self.voting_temperature}")
+        if not 0 <= self.voting_tol < 1:
+            raise ValueError(f"eval.voting_tol must be in [0, 1), got {self.voting_tol}")
         if self.voting_rows < 0 or self.voting_k < 0:
             raise ValueError(f"eval.voting_rows and eval.voting_k must be >= 0, got {self.voting_rows}, "
                              f"{self.voting_k}")
@@ -71,13 +77,14 @@ def voting_prompts(batch_size: int, k: int, max_rows: int) -> int:
     return max([d for d in range(1, batch_size + 1) if batch_size % d == 0 and d * k <= max_rows] or [1])
 
 
-def majority_correct(grades, weights=None, tol: float = 1e-2) -> bool:
+def majority_correct(grades, weights=None, tol: float = 0.0) -> bool:
     """Voted answer = the extracted answer with the most votes (ties: first seen); correct if it graded 1.
 
     Each sample votes 1, or `weights[i]` (verifier-weighted voting: a verifier's P(correct) summed per
-    answer, Li et al. 2023 / Uesato et al. 2022). Samples without an answer (`graders.has_answer`) do not vote.
-    Numeric answers within `tol` of an answer seen before vote for it: grading counts a value within 1e-2 of
-    the gold as right, so `3.33` and `3.3333` are one answer, not two that split its votes. The winning group's
+    answer, Li et al. 2023 / Uesato et al. 2022). Samples without an answer (`graders.has_answer`) and NaN answers
+    do not vote. Numeric answers vote by value ("42" and "42.0" are one answer), as in the ReFT authors' vote;
+    with `tol` > 0 (`EvalConfig.voting_tol`) those within `tol` of an answer seen before vote for it (grading counts
+    a value within 1e-2 of the gold as right, so `3.33` and `3.3333` can be one answer). The winning group's
     answer is its own most-voted value (ties: first seen), and that value's grade decides: one right 42.009 does
     not make three wrong 42.017s a right vote.
     """
@@ -92,6 +99,8 @@ def majority_correct(grades, weights=None, tol: float = 1e-2) -> bool:
             value = float(key)
         except ValueError:
             value = None
+        if value is not None and np.isnan(value):  # (the authors' Counter keeps each NaN apart: it never wins)
+            continue
         if value is not None and np.isfinite(value):
             exact = value
             key = next((k for k in numeric if abs(k - value) <= tol), value)
@@ -170,11 +179,11 @@ def evaluate(params, model_cfg, tokenizer, ds: TokenizedDataset, items: Sequence
             scores = np.concatenate(parts) if parts else None
             for j, sample in zip(rows, batch_samples):
                 g = grader.grade_batch([items[idx[j]]] * k, texts_v[j * k:(j + 1) * k])
-                voted.append(majority_correct(g))
+                voted.append(majority_correct(g, tol=cfg.voting_tol))
                 sample["voting_correct"] = voted[-1]
                 if scores is not None:
                     reranked.append(rerank_correct(scores[j * k:(j + 1) * k], g))
-                    weighted.append(majority_correct(g, scores[j * k:(j + 1) * k]))
+                    weighted.append(majority_correct(g, scores[j * k:(j + 1) * k], tol=cfg.voting_tol))
                     bound.append(any_correct(g))
         if progress is not None:
             progress.update(len(rows))

@@ -235,14 +235,21 @@ def test_unparseable_answers_neither_vote_nor_get_picked():
     assert rerank_correct([0.2, 0.9, 0.9], [grades[0], grades[2], program_none]) is True
 
 
-def test_numeric_votes_within_the_grading_tolerance_are_one_answer():
+def test_numeric_votes_are_by_value_and_within_a_tolerance_when_asked():
     """Grading counts a value within 1e-2 of the gold as right, but the vote keyed answers by 4 decimals, so
-    3.33, 3.333 and 3.3333 (three right answers) split their votes and lost to two votes for 5."""
+    3.33, 3.333 and 3.3333 (three right answers) split their votes and lost to two votes for 5: with
+    eval.voting_tol=0.01 they are one answer; by default the vote is the ReFT authors' (equal values)."""
     from reftjax.evaluate import majority_correct
     from reftjax.graders.base import Grade
 
     g = lambda score, ans: Grade(score, extracted=ans)  # noqa: E731
     grades = [g(1.0, "3.33"), g(0.1, "5"), g(1.0, "3.333"), g(0.1, "5.0"), g(1.0, "3.3333")]
-    assert majority_correct(grades) is True
-    assert majority_correct([g(0.1, "2.5"), g(1.0, "2.6"), g(0.1, "2.5")]) is False  # 0.1 apart: two answers
-    assert majority_correct([g(0.1, "nan"), g(0.1, "nan"), g(1.0, "7")]) is False  # non-finite: compared as text
+    assert majority_correct(grades, tol=1e-2) is True
+    assert majority_correct([g(0.1, "2.5"), g(1.0, "2.6"), g(0.1, "2.5")], tol=1e-2) is False  # 0.1 apart: two answers
+    # by default the ReFT authors' vote (a Counter over float values, sampling.py; review, session 27): equal values
+    # only, so voting@k is the paper's metric; NaN answers never vote (each NaN is its own key there); inf does
+    assert majority_correct(grades) is False  # 5 and 5.0: two votes, each 3.33x: one
+    assert majority_correct([g(1.0, "42.005"), g(0.1, "5"), g(1.0, "42"), g(0.1, "5")]) is False
+    assert majority_correct([g(1.0, "42.005"), g(0.1, "5"), g(1.0, "42"), g(0.1, "5")], tol=1e-2) is True
+    assert majority_correct([g(0.1, "nan")] * 3 + [g(1.0, "42")] * 2) is True
+    assert majority_correct([g(0.1, "inf")] * 3 + [g(1.0, "42")] * 2) is False
