@@ -55,7 +55,14 @@ def test_summary_names_test_examples_dropped_by_length(tmp_path):
     summary = write_summary(tmp_path, ExperimentConfig(), _evals(voting=False, base=True), 1.0, data_stats=stats)
     assert summary["data_stats"] == stats
     md = (tmp_path / "summary.md").read_text()
-    assert "n = 8 (2 of 32 test examples dropped: prompt longer than data.tokenize.max_prompt_len = 300)" in md
+    assert "n = 8 (2 of 32 test examples dropped: prompt longer than data.tokenize.max_prompt_len = 300; " in md
+    # over every question, the dropped counted wrong (the authors keep every test question; review, session 27)
+    t = summary["test_accuracy"]
+    assert summary["test_accuracy_all_questions"] == {k: round(x * 30 / 32, 2) for k, x in t.items()}
+    assert f"greedy accuracy over all 32, the dropped counted wrong: base {round(t['base'] * 30 / 32, 2)}%" in md
+    none = {"test": {**stats["test"], "kept": 32, "dropped": 0}}
+    again = write_summary(tmp_path, ExperimentConfig(), _evals(voting=False, base=True), 1.0, data_stats=none)
+    assert again["test_accuracy_all_questions"] == again["test_accuracy"]
 
 
 def test_prepare_data_warns_about_examples_dropped_by_length(smollm_tokenizer, shared_data, caplog, monkeypatch):
