@@ -48,7 +48,8 @@ import jax.numpy as jnp
 Array = jax.Array
 
 LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean")
-"""``token-mean``: sum over all valid tokens / their count (TRL "bnpo"/"dapo").
+"""``token-mean``: sum over all valid tokens / their count, per update (TRL "bnpo"; TRL "dapo" only when one
+update takes the whole batch: dapo divides by the whole batch's tokens).
 ``seq-mean-token-mean``: per-row mean over its valid tokens, then mean over rows
 (ReFT's PPO losses and DeepSeekMath's GRPO objective; TRL "grpo")."""
 
@@ -407,8 +408,10 @@ def grpo_loss(
     KL(pi || pi_ref)), and per token
     ``l_t = -min(rho_t A, clip(rho_t, 1 - eps, 1 + eps) A) + kl_coef * k3_t``,
     reduced with ``aggregate_loss`` (DeepSeekMath eq. 3 is seq-mean-token-mean;
-    TRL ``_compute_loss`` calls it "grpo", and token-mean "bnpo"/"dapo").
-    Defaults follow DeepSeekMath: eps 0.2, beta 0.04.
+    TRL ``_compute_loss`` calls it "grpo", and token-mean "bnpo"). The k3 term is
+    TRL's with ``use_bias_correction_kl=False`` (TRL 1.16's default True multiplies
+    it by the ratio: equal on-policy, another gradient). This function's defaults
+    follow DeepSeekMath (eps 0.2, beta 0.04); `PPOConfig`'s kl_coef is 0.05.
 
     Args:
       logp_BxT: log-probs of the sampled tokens under the current policy.

@@ -19,7 +19,8 @@ ReFT PPO (lqtrung1998/mwp_ReFT `train_rl_reft.py`, functions `rollout` and
                                      loss (0.5 inside), AdamW, grad clip 1.0
 
 GRPO/RLOO (critic-free) share everything but the advantage (group-relative over
-the n samples of each prompt) and put the KL (k3) in the loss.
+the n samples of each prompt: group-std-scaled, or leave-one-out) and put the KL
+(k3) in the loss; see `PPOConfig` for how they differ from TRL's trainers.
 """
 from __future__ import annotations
 
@@ -90,9 +91,14 @@ class PPOConfig:
     """RL update settings; defaults are the ReFT authors' (N-CoT, ~125M model).
 
     Attributes:
-      algo: "ppo" (ReFT: critic + GAE), "grpo" or "rloo" (critic-free, group-relative).
+      algo: "ppo" (ReFT: critic + GAE), "grpo" or "rloo" (critic-free, group-relative). "rloo" is GRPO's loss
+        (per-token clipped ratio, `loss_agg`, k3 KL in the loss) with the leave-one-out baseline as the advantage,
+        not TRL's RLOOTrainer (a sequence-level ratio, a plain mean over sequences without length normalisation,
+        and a k1 KL subtracted from the reward before the baseline).
       kl_coef: beta. PPO: per-token k1 penalty in the reward (0.05 N-CoT, 0.01 P-CoT);
-        GRPO/RLOO: k3 KL term in the loss. 0 skips the reference forward in
+        GRPO/RLOO: k3 KL term in the loss, DeepSeekMath's form, i.e. TRL's GRPOTrainer with
+        `use_bias_correction_kl=False` (TRL 1.16 defaults to True, which multiplies k3 by the ratio: same
+        value on-policy, another gradient; TRL's default beta is 0). 0 skips the reference forward in
         `make_experience` (as TRL does with beta 0); the KL metrics then read 0.
       gamma, gae_lambda: GAE (1.0, 0.95).
       clip_eps: policy ratio clip (0.2).
@@ -106,7 +112,8 @@ class PPOConfig:
         update sees the whole global batch). Smaller values make more, noisier updates per
         rollout (each also advances the learning-rate schedule) and cut activation memory.
       whiten_advantages: whiten PPO advantages over the whole batch (mean removed).
-      loss_agg: "seq-mean-token-mean" (ReFT, DeepSeekMath) or "token-mean".
+      loss_agg: "seq-mean-token-mean" (ReFT, DeepSeekMath; TRL "grpo") or "token-mean" (TRL "bnpo"; TRL's
+        "dapo", its default, only when `minibatch_size` is None: dapo divides by the whole batch's tokens).
       group_size: samples per prompt for GRPO/RLOO (rows are prompt-major).
       value_grad_to_backbone: let the value loss train the shared backbone (ReFT/trl: True).
         False stops its gradient at the final hidden states, so only the value head
