@@ -200,7 +200,8 @@ class SandboxSettings:
     Attributes: timeout_s (wall clock per program; the ReFT authors' 2 s; OpenAI allows a python grader 2 min),
     memory_mb (address space per program; OpenAI: 2 GB), preimport (modules imported before the jobs fork, beyond
     `DEFAULT_PREIMPORT`'s standard-library modules, numpy and rapidfuzz: a job running as uid 65534 can import only
-    what its server loaded, e.g. ["scipy", "scipy.stats"])."""
+    what its server loaded, e.g. ["yaml", "sympy.stats"]; modules that load sockets, such as scipy's submodules or
+    pandas, are refused: `train.run` starts the sandbox first and says so)."""
 
     timeout_s: float = 2.0
     memory_mb: int = 1024

@@ -99,7 +99,7 @@ def write_summary(out: pathlib.Path, cfg, evals: dict, wall_seconds: float, writ
     # of 1,319 at 300 prompt tokens); equal to test_accuracy when none was dropped
     test_stats = (data_stats or {}).get("test") or {}
     if test_stats.get("examples"):
-        share = test_stats["kept"] / test_stats["examples"]
+        share = test_stats.get("kept", test_stats["examples"] - test_stats.get("dropped", 0)) / test_stats["examples"]
         summary["test_accuracy_all_questions"] = {k: None if x is None else round(x * share, 2)
                                                   for k, x in summary["test_accuracy"].items()}
     if not write:

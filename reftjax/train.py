@@ -778,6 +778,11 @@ def _flat(d: dict, prefix: str = "") -> dict:
 LOCATIONS = ("model", "data.train_file", "data.val_file", "data.test_file")
 
 
+# settings added with a default that is not what runs begun before them did: key -> the value in effect for such a
+# run, from its flat config (voting@k grouped answers within 1e-2 until session 27 made equal values the default)
+_EARLIER = {"eval.voting_tol": lambda old: 0.01 if old.get("eval.voting_k") else 0.0}
+
+
 def _check_same_run(cfg_path: pathlib.Path, new: dict, content_checked: bool = False) -> None:
     """Refuses to resume a run directory under different settings (besides `RESUMABLE_CHANGES`, and `LOCATIONS`
     when `content_checked`: the run's data.json records the digests of what they hold). A setting the stored
@@ -794,16 +799,19 @@ def _check_same_run(cfg_path: pathlib.Path, new: dict, content_checked: bool = F
                           f"resumed: use a new output directory") from e
     a, b = _flat(old), _flat(new)
     defaults = _flat(to_dict(ExperimentConfig()))
+    def earlier(k):  # what a setting added since the run began was in effect for it: its default, but for _EARLIER
+        return _EARLIER[k](a) if k in _EARLIER else defaults.get(k, "<unset>")
     def free(k):
-        if k not in a and k in defaults and b[k] == defaults[k]:  # a setting added since the run began, at the
-            return True  # default that keeps the earlier behaviour (runs from before data.val_file were refused)
+        if k not in a and k in defaults and b[k] == earlier(k):  # a setting added since the run began, at the value
+            return True  # that keeps the earlier behaviour (runs from before data.val_file were refused)
         if k in LOCATIONS:  # a path to another path; null <-> a path changes what is read (a held-out split, GSM8K)
             return content_checked and a.get(k) is not None and b.get(k) is not None
         return any(k == c or (c.endswith(".") and k.startswith(c)) for c in RESUMABLE_CHANGES)
     diffs = [k for k in sorted(a.keys() | b.keys()) if a.get(k, "<unset>") != b.get(k, "<unset>") and not free(k)]
     if diffs:
-        shown = ", ".join(f"{k}: {json.dumps(a.get(k, '<unset>'))} -> {json.dumps(b.get(k, '<unset>'))}"
-                          for k in diffs[:6]) + (f" and {len(diffs) - 6} more" if len(diffs) > 6 else "")
+        shown = ", ".join(f"{k}: {json.dumps(a[k]) if k in a else f'<unset, i.e. {json.dumps(earlier(k))}>'} -> "
+                          f"{json.dumps(b.get(k, '<unset>'))}" for k in diffs[:6])
+        shown += f" and {len(diffs) - 6} more" if len(diffs) > 6 else ""
         raise RunDirError(f"{cfg_path}: this run directory holds a run with other settings ({shown}); rerunning "
                           f"resumes it, so rerun with the same settings (they are in that file) or use a new "
                           f"output directory")

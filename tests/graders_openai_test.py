@@ -226,6 +226,7 @@ def test_python_graders_import_numpy_and_rapidfuzz_and_others_are_checked_before
 
     src = ("from rapidfuzz import fuzz, utils\nimport numpy as np\n\ndef grade(sample, item) -> float:\n"
            "    a = np.ones((300, 300))\n    assert (a @ a).sum() == 300 ** 3\n"
+           "    assert np.median([1.0, 3.0]) == 2 and abs(np.fft.fft([1.0, 0.0])[0]) == 1\n"  # numpy.ma, numpy.fft
            "    return fuzz.WRatio(sample['output_text'], item['reference_answer'],"
            " processor=utils.default_process) / 100.0\n")
     grader = build_grader({"type": "python", "source": src})
@@ -246,6 +247,26 @@ def test_python_graders_import_numpy_and_rapidfuzz_and_others_are_checked_before
     assert main(["validate", "--grader", str(path), "--preimport", "xml.dom.minidom"]) == 0
     assert main(["validate", "--grader", str(path), "--preimport", "no_such_module"]) == 2
     assert "sandbox.preimport: no module named 'no_such_module'" in capsys.readouterr().err
+    # graders that work must pass (regression review): a fallback import, one under an `if`, __future__, a star
+    fallback = ("from __future__ import annotations\nfrom math import *\ntry:\n    import xml.dom.minidom as m\n"
+                "except ImportError:\n    m = None\ndef grade(sample, item):\n    if item.get('never'):\n"
+                "        import xml.sax\n    try:\n        import xml.etree\n    except (KeyError, ImportError):\n"
+                "        pass\n    return floor(1.5)\n")
+    g = build_grader({"type": "python", "source": fallback})
+    check_imports(g)
+    assert g.grade_batch([ITEM], ["x"])[0].score == 1.0
+    # a preimport the server refuses (it loads sockets) is caught at start-up for every sandboxed grader, P-CoT
+    # ReFT included: it zeroed every reward as "the model's failure"
+    from reftjax.config import SandboxSettings
+    from reftjax.graders.reft import default_pool
+
+    blocked = default_pool(SandboxSettings(preimport=("asyncio",)).sandbox_config())
+    for cfg in ({"type": "reft", "cot": "python"}, {"type": "python", "source": "def grade(s, i):\n    return 1"}):
+        with pytest.raises(ConfigError, match="the sandbox cannot start: .*importing 'asyncio' loads blocked"):
+            check_imports(build_grader(cfg, pool=blocked))
+    program = build_grader({"type": "reft", "cot": "python"}, pool=blocked).grade_batch(
+        [{"question": "q", "answer_value": "1"}], ["    return 1\n"])[0]
+    assert program.score == 0.0 and is_fault(program)  # the grader's failure, not the program's
 
 
 def test_cli_run_and_validate(tmp_path):
@@ -320,13 +341,13 @@ def test_a_python_grader_must_return_a_finite_real_number():
            "    t = sample['output_text']\n"
            "    return {'text': t, 'str': '0.7', 'inf': float('inf'), 'nan': float('nan'), 'big': 10**400,\n"
            "            'zero': 0 * 10**400, 'bool': True, 'np32': np.float32(0.25), 'int': 3, 'neg': -0.5,\n"
-           "            'none': None}.get(t, t)\n")
-    texts = ["1", "str", "inf", "nan", "big", "zero", "bool", "np32", "int", "neg", "none"]
+           "            'none': None, 'npbool': np.isclose(1.0, 1.0)}.get(t, t)\n")
+    texts = ["1", "str", "inf", "nan", "big", "zero", "bool", "np32", "int", "neg", "none", "npbool"]
     grades = build_grader({"type": "python", "source": src}).grade_batch([ITEM] * len(texts), texts)
     got = {t: (g.score, is_fault(g)) for t, g in zip(texts, grades)}
     assert got == {"1": (0.0, True), "str": (0.0, True), "inf": (0.0, True), "nan": (0.0, True),
                    "big": (0.0, True), "zero": (0.0, False), "bool": (1.0, False), "np32": (0.25, False),
-                   "int": (1.0, False), "neg": (0.0, False), "none": (0.0, True)}
+                   "int": (1.0, False), "neg": (0.0, False), "none": (0.0, True), "npbool": (1.0, False)}
     assert "not a finite number: '0.7'" in grades[1].error
 
 

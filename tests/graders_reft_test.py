@@ -1,4 +1,5 @@
 """ReFT answer graders against every gold answer in the shared data (and rules in isolation)."""
+import functools
 import json
 import re
 
@@ -141,17 +142,18 @@ def test_pcot_results_vote_by_value_and_non_answers_do_not_vote():
 
 
 def test_a_vote_is_right_only_when_its_answer_is_not_when_a_near_value_in_its_group_is():
-    """Values within the 1e-2 grading tolerance of each other vote as one group, and the group's answer is its
-    most-voted value. Its correctness was an OR over the members: one right 42.009 made three wrong 42.017s (gold
-    42) a right vote, in either order (helper review)."""
+    """With eval.voting_tol=0.01, values within the grading tolerance of each other vote as one group, and the
+    group's answer is its most-voted value. Its correctness was an OR over the members: one right 42.009 made three
+    wrong 42.017s (gold 42) a right vote, in either order (helper review)."""
     from reftjax.evaluate import majority_correct
 
     grades = ReftGrader().grade_batch([{"answer_value": "42"}] * 7, [
         f"x\nTherefore, the answer is: {v}" for v in ["42.009"] + ["42.017"] * 3 + ["7"] * 3])
     assert [g.score for g in grades] == [1.0] + [0.1] * 6
-    assert not majority_correct(grades) and not majority_correct(grades[1:] + grades[:1])
+    vote = functools.partial(majority_correct, tol=1e-2)  # the grouping (eval.voting_tol; by default equal values)
+    assert not vote(grades) and not vote(grades[1:] + grades[:1])
     # the group's right value wins inside it: 42.009 x2 against 42.017 x1, the group against 7 x2
     mixed = grades[:1] * 2 + grades[1:2] + grades[4:6]
-    assert majority_correct(mixed) and majority_correct(mixed[::-1])
+    assert vote(mixed) and vote(mixed[::-1])
     # verifier weights decide inside the group as they decide between groups
-    assert not majority_correct(mixed, [0.1, 0.1, 0.9, 0.2, 0.2])
+    assert not vote(mixed, [0.1, 0.1, 0.9, 0.2, 0.2])

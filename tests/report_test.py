@@ -63,6 +63,9 @@ def test_summary_names_test_examples_dropped_by_length(tmp_path):
     none = {"test": {**stats["test"], "kept": 32, "dropped": 0}}
     again = write_summary(tmp_path, ExperimentConfig(), _evals(voting=False, base=True), 1.0, data_stats=none)
     assert again["test_accuracy_all_questions"] == again["test_accuracy"]
+    older = {"test": {"examples": 32, "dropped": 2}}  # a caller's stats without "kept" (regression review)
+    third = write_summary(tmp_path, ExperimentConfig(), _evals(voting=False, base=True), 1.0, data_stats=older)
+    assert third["test_accuracy_all_questions"] == summary["test_accuracy_all_questions"]
 
 
 def test_prepare_data_warns_about_examples_dropped_by_length(smollm_tokenizer, shared_data, caplog, monkeypatch):

@@ -629,9 +629,19 @@ def test_a_rerun_may_change_only_how_the_run_is_saved_and_laid_out(tmp_path):
         del older["data"][k]
     path.write_text(json.dumps(older))
     _check_same_run(path, to_dict(cfg))
-    with pytest.raises(RunDirError, match=r"other settings \(data.val_file: \"<unset>\" -> \"/v.jsonl\"\)"):
+    with pytest.raises(RunDirError, match=r"other settings \(data.val_file: <unset, i.e. null> -> \"/v.jsonl\"\)"):
         _check_same_run(path, {**to_dict(cfg), "data": {**to_dict(cfg)["data"], "val_file": "/v.jsonl"}},
                         content_checked=True)
+    # unless the default is not what such a run did: voting grouped answers within 1e-2 before eval.voting_tol
+    # (its default 0 votes by equal values); a run with voting resumes with 0.01, one without is free (review)
+    del older["eval"]["voting_tol"]
+    path.write_text(json.dumps(older))
+    _check_same_run(path, to_dict(cfg))  # the cpu preset: voting_k 0
+    voting = {**older, "eval": {**older["eval"], "voting_k": 4}}
+    path.write_text(json.dumps(voting))
+    with pytest.raises(RunDirError, match=r"other settings \(eval.voting_tol: <unset, i.e. 0.01> -> 0.0\)"):
+        _check_same_run(path, {**to_dict(cfg), "eval": {**to_dict(cfg)["eval"], "voting_k": 4}})
+    _check_same_run(path, {**to_dict(cfg), "eval": {**to_dict(cfg)["eval"], "voting_k": 4, "voting_tol": 0.01}})
     path.write_text('{"name": ')
     with pytest.raises(RunDirError, match="config.json: unreadable"):
         _check_same_run(path, to_dict(cfg))

@@ -177,7 +177,13 @@ def _run_job(job):
     except Exception:  # noqa: BLE001 - non-JSON results are reported as strings only
         value_json = None
     return {"status": "ok", "value_float": _floatify(value), "value_str": str(value)[:_STR_CAP],
-            "value_json": value_json, "value_real": isinstance(value, numbers.Real)}
+            "value_json": value_json, "value_real": _is_real(value)}
+
+
+def _is_real(value):
+    """A real number: int, float, bool, a numpy scalar (np.bool_ too: `return np.isclose(a, b)`), a Decimal."""
+    numpy = sys.modules.get("numpy")
+    return isinstance(value, (numbers.Real, decimal.Decimal)) or (numpy is not None and isinstance(value, numpy.bool_))
 
 
 def _reap(pid):

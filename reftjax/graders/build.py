@@ -99,28 +99,54 @@ def _build_multi(args: dict, pool: SandboxPool | None, where: str) -> oa.MultiGr
                           f"(graders: {sorted(built)}): {exc}") from exc
 
 
-def _python_graders(grader, where: str = "grader"):
-    """(config path, grader) of every `python` grader in a grader tree (inside `multi` graders too)."""
+def _sandboxed(grader, where: str = "grader"):
+    """(config path, grader) of every grader that runs programs in the sandbox (python, math_equiv, P-CoT ReFT),
+    inside `multi` graders too."""
     if isinstance(grader, oa.MultiGrader):
         for name, sub in grader.graders.items():
-            yield from _python_graders(sub, f"{where}.graders.{name}")
-    elif isinstance(grader, oa.SandboxedGrader) and grader.entry == "grade":
+            yield from _sandboxed(sub, f"{where}.graders.{name}")
+    elif getattr(grader, "uses_sandbox", False):
         yield where, grader
 
 
+_GUARDS = {"ImportError", "ModuleNotFoundError", "Exception", "BaseException"}
+
+
+def _unconditional_imports(body: list) -> list:
+    """The import statements a source runs whenever it (or the function they sit in) runs: not those under an `if`,
+    a loop, or a `try` whose handlers catch ImportError (a grader's fallback must not be refused), nor `__future__`
+    imports; `from m import *` is checked as `import m` (a star import is refused inside a function)."""
+    out = []
+    for node in body:
+        if isinstance(node, ast.Import):
+            out.append(node)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module != "__future__":
+            star = any(a.name == "*" for a in node.names)
+            out.append(ast.Import([ast.alias(node.module)]) if star else node)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.With)):
+            out += _unconditional_imports(node.body)
+        elif isinstance(node, ast.Try):
+            caught = {getattr(h.type, "id", None) for h in node.handlers if h.type is not None} | \
+                {n.id for h in node.handlers if isinstance(h.type, ast.Tuple) for n in h.type.elts
+                 if isinstance(n, ast.Name)}
+            if not (caught & _GUARDS or any(h.type is None for h in node.handlers)):
+                out += _unconditional_imports(node.body)
+    return out
+
+
 def check_imports(grader) -> None:
-    """Runs the import statements of every `python` grader's source once in its sandbox; raises ConfigError naming
-    the first that fails. A job running as uid 65534 (the default when running as root) imports only what its
-    server pre-imported, so an OpenAI-style grader's `import scipy` scored every sample 0 as a grader error."""
-    for where, g in _python_graders(grader):
-        imports = [n for n in ast.walk(ast.parse(g.source)) if isinstance(n, (ast.Import, ast.ImportFrom))
-                   and not getattr(n, "level", 0)]
-        if not imports:
-            continue
+    """Starts the sandbox of every grader that runs programs (a `sandbox.preimport` the server refuses, one that
+    loads sockets, zeroed every reward of the run), then runs each `python` grader's unconditional import
+    statements once in it; raises ConfigError naming what fails. A job running as uid 65534 (the default when
+    running as root) imports only what its server pre-imported, so an OpenAI-style grader's `import scipy`
+    scored every sample 0 as a grader error."""
+    for where, g in _sandboxed(grader):
+        imports = _unconditional_imports(ast.parse(g.source).body) if getattr(g, "entry", "") == "grade" else []
         body = "".join(f"    {ast.unparse(n)}\n" for n in imports)
-        result = (g.pool or default_pool()).run([SandboxJob(f"def grade():\n{body}    return 1\n", "grade")])[0]
-        if not result.ok and (result.error or "").startswith("SandboxConfig.preimport:"):  # the server failed
-            raise ConfigError(f"{where}: the sandbox cannot start: {result.error}")
+        pool = g.pool or default_pool()
+        result = pool.run([SandboxJob(f"def grade():\n{body}    return 1\n", "grade")])[0]
+        if not result.ok and (not imports or (result.error or "").startswith("SandboxConfig.preimport:")):
+            raise ConfigError(f"{where}: the sandbox cannot start: {result.status}: {result.error}")
         if not result.ok:
             raise ConfigError(f"{where}.source: its imports ({'; '.join(ast.unparse(n) for n in imports)}) fail in "
                               f"the sandbox ({result.status}: {result.error}); "

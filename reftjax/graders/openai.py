@@ -7,10 +7,11 @@ Config types (`build_grader(cfg)`):
   * `{"type": "text_similarity", "input": ..., "reference": ..., "evaluation_metric":
      "fuzzy_match" | "bleu" | "rouge_1".."rouge_5" | "rouge_l"}`: fuzzy_match is
      `rapidfuzz.fuzz.ratio / 100`; bleu is sentence BLEU-4 (uniform weights, brevity penalty,
-     +1 smoothing of n>1 precisions; words and punctuation marks are tokens, case kept); rouge_n / rouge_l are F1 on the tokens of
-     the `rouge-score` package's default tokenizer (lower case, runs of [a-z0-9]; no stemming). `gleu`, `meteor`, `cosine` are rejected at validation.
+     +1 smoothing of n>1 precisions; words and punctuation marks are tokens, case kept); rouge_n /
+     rouge_l are F1 on the tokens of the `rouge-score` package's default tokenizer (lower case, runs
+     of [a-z0-9]; no stemming). `gleu`, `meteor`, `cosine` are rejected at validation.
   * `{"type": "python", "source": "def grade(sample, item): ..."}`: run in the sandbox; the
-     returned number is clipped to [0, 1].
+     returned real number is clipped to [0, 1]; anything else (text, inf, NaN) is a grader error.
   * `{"type": "math_equiv", "input": ..., "reference": ...}`: sympy equivalence in the sandbox; the
      input must be a math expression (numbers, arithmetic, brackets, math functions, symbols), else
      it is a grading error (sympy's parser evals its text: see `MATH_EQUIV_SOURCE`).

@@ -53,10 +53,11 @@ _WORKER = pathlib.Path(__file__).with_name("_sandbox_worker.py")
 # what a math program may import from the standard library and sympy.abc (see SandboxConfig.preimport; a P-CoT
 # program's `from sympy.abc import x` or `from dataclasses import dataclass` scored 0 as uid 65534), and the two
 # packages of OpenAI's python-grader image that reftjax depends on anyway (their guide's example grader uses
-# rapidfuzz's WRatio; numpy's submodules load lazily, so the common ones are named)
+# rapidfuzz's WRatio; numpy's submodules load lazily, so the common ones are named: np.median needs numpy.ma)
 DEFAULT_PREIMPORT = ("bisect", "calendar", "cmath", "copy", "dataclasses", "datetime", "heapq", "numbers",
                      "operator", "pprint", "random", "sympy.abc", "time", "numpy", "numpy.random", "numpy.linalg",
-                     "rapidfuzz", "rapidfuzz.fuzz", "rapidfuzz.utils", "rapidfuzz.process", "rapidfuzz.distance")
+                     "numpy.ma", "numpy.fft", "numpy.polynomial", "rapidfuzz", "rapidfuzz.fuzz", "rapidfuzz.utils",
+                     "rapidfuzz.process", "rapidfuzz.distance")
 # a job is a fork of its server: BLAS/OpenMP worker threads the server started do not exist in it, and a numpy
 # product that hands work to them waits forever (a 400 x 400 matmul timed out); one thread each, set before import
 _ONE_THREAD = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
