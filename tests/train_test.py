@@ -782,6 +782,9 @@ def test_sft_step_time_is_one_step_not_two(tmp_path, monkeypatch):
         def close(self):
             pass
 
+        def keep_only(self, step):  # (the finished phase's clean-up)
+            pass
+
     monkeypatch.setattr(T, "Loader", Loader)
     monkeypatch.setattr(T, "ckpt", types.SimpleNamespace(Checkpointer=Manager, CheckpointConfig=lambda *a, **k: None))
     monkeypatch.setattr(T, "make_sft_step", lambda *a, **k: step)
