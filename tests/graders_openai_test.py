@@ -227,6 +227,7 @@ def test_python_graders_import_numpy_and_rapidfuzz_and_others_are_checked_before
     src = ("from rapidfuzz import fuzz, utils\nimport numpy as np\n\ndef grade(sample, item) -> float:\n"
            "    a = np.ones((300, 300))\n    assert (a @ a).sum() == 300 ** 3\n"
            "    assert np.median([1.0, 3.0]) == 2 and abs(np.fft.fft([1.0, 0.0])[0]) == 1\n"  # numpy.ma, numpy.fft
+           "    assert np.char.lower(['A'])[0] == 'a'\n"
            "    return fuzz.WRatio(sample['output_text'], item['reference_answer'],"
            " processor=utils.default_process) / 100.0\n")
     grader = build_grader({"type": "python", "source": src})
@@ -255,6 +256,25 @@ def test_python_graders_import_numpy_and_rapidfuzz_and_others_are_checked_before
     g = build_grader({"type": "python", "source": fallback})
     check_imports(g)
     assert g.grade_batch([ITEM], ["x"])[0].score == 1.0
+    # (second regression review) a `with suppress(ImportError)` fallback and a helper never called pass; imports in
+    # a try's `finally` or unguarded `else` are tried; a blocked module (it loads sockets) is an ImportError, so a
+    # fallback catches it also where jobs keep the caller's uid (it was a PermissionError)
+    from reftjax.graders.sandbox import SandboxConfig, SandboxPool
+
+    works = ("import contextlib\nwith contextlib.suppress(ImportError):\n    import xml.sax\n"
+             "def _never():\n    import xml.dom\n"
+             "def grade(sample, item):\n    try:\n        import asyncio\n        return 0.0\n"
+             "    except ImportError:\n        return 1.0\n")
+    with SandboxPool(SandboxConfig(workers=1, drop_uid=False)) as own_uid:
+        for pool in (None, own_uid):
+            g = build_grader({"type": "python", "source": works}, pool=pool)
+            check_imports(g)
+            assert g.grade_batch([ITEM], ["x"])[0].score == 1.0
+    for tail in ("    pass\nfinally:\n    import xml.dom.minidom\n",
+                 "    int('1')\nexcept ValueError:\n    pass\nelse:\n    import xml.dom.minidom\n"):
+        src = "try:\n" + tail + "def grade(sample, item):\n    return 1.0\n"
+        with pytest.raises(ConfigError, match=r"its imports \(import xml.dom.minidom\) fail"):
+            check_imports(build_grader({"type": "python", "source": src}))
     # a preimport the server refuses (it loads sockets) is caught at start-up for every sandboxed grader, P-CoT
     # ReFT included: it zeroed every reward as "the model's failure"
     from reftjax.config import SandboxSettings
@@ -267,6 +287,11 @@ def test_python_graders_import_numpy_and_rapidfuzz_and_others_are_checked_before
     program = build_grader({"type": "reft", "cot": "python"}, pool=blocked).grade_batch(
         [{"question": "q", "answer_value": "1"}], ["    return 1\n"])[0]
     assert program.score == 0.0 and is_fault(program)  # the grader's failure, not the program's
+    # ...told by its status, not its text: a program raising an error named like it is the program's failure
+    spoof = "    raise type('SandboxConfig.preimport', (Exception,), {})('x')\n"
+    program = build_grader({"type": "reft", "cot": "python"}).grade_batch([{"question": "q", "answer_value": "1"}],
+                                                                          [spoof])[0]
+    assert program.score == 0.0 and not is_fault(program), program
 
 
 def test_cli_run_and_validate(tmp_path):

@@ -89,7 +89,9 @@ def _install_audit_hook(server_pid, sandbox_root):
         if event in _BLOCKED_EVENTS or event.startswith(_BLOCKED_PREFIXES):
             raise PermissionError(f"sandbox: {event} is not allowed")
         if event == "import" and args[0].split(".")[0] in _BLOCKED_IMPORTS:
-            raise PermissionError(f"sandbox: import of {args[0]} is not allowed")
+            # an ImportError, as where the module cannot be read (uid 65534): a grader's `except ImportError` fallback
+            # takes it either way (a PermissionError went past it for non-root users; regression review)
+            raise _BlockedImport(f"sandbox: import of {args[0]} is not allowed")
         paths = ()
         if event == "open":
             path, mode, flags = args
@@ -107,6 +109,10 @@ def _install_audit_hook(server_pid, sandbox_root):
                 raise PermissionError(f"sandbox: {event} outside the sandbox dir is not allowed")
 
     sys.addaudithook(hook)
+
+
+class _BlockedImport(ImportError):
+    """An import the sandbox refuses."""
 
 
 def _floatify(value):
@@ -288,7 +294,9 @@ def main():
     try:
         for line in sys.stdin:
             job = json.loads(line)
-            result = ({"status": "error", "error": startup_error} if startup_error
+            # (a status jobs cannot report, see _well_formed: a program raising an exception named like the
+            # start-up error was counted as the sandbox's failure; regression review)
+            result = ({"status": "startup_error", "error": startup_error} if startup_error
                       else _serve_one(job, root))
             sys.stdout.write(json.dumps(result) + "\n")
             sys.stdout.flush()

@@ -112,10 +112,19 @@ def _sandboxed(grader, where: str = "grader"):
 _GUARDS = {"ImportError", "ModuleNotFoundError", "Exception", "BaseException"}
 
 
-def _unconditional_imports(body: list) -> list:
-    """The import statements a source runs whenever it (or the function they sit in) runs: not those under an `if`,
-    a loop, or a `try` whose handlers catch ImportError (a grader's fallback must not be refused), nor `__future__`
-    imports; `from m import *` is checked as `import m` (a star import is refused inside a function)."""
+def _guards(node) -> bool:
+    """Whether an `except` type (or a `with` item, e.g. contextlib.suppress(ImportError)) names an ImportError."""
+    names = {getattr(n, "id", getattr(n, "attr", None)) for n in ast.walk(node)
+             if isinstance(n, (ast.Name, ast.Attribute))}
+    return bool(names & _GUARDS)
+
+
+def _unconditional_imports(body: list, top: bool = True) -> list:
+    """The import statements a python grader runs whenever it is called: at module level and in `grade()`'s body,
+    not under an `if`, a loop or a `try`/`with` that catches ImportError (a grader's fallback must not be refused),
+    nor in other functions (maybe never called, or called under a guard); `__future__` imports skipped, `from m
+    import *` checked as `import m` (a star import is refused inside a function). A miss costs the grader's own
+    error count at the first batch; a false refusal would stop a run that works."""
     out = []
     for node in body:
         if isinstance(node, ast.Import):
@@ -123,14 +132,13 @@ def _unconditional_imports(body: list) -> list:
         elif isinstance(node, ast.ImportFrom) and not node.level and node.module != "__future__":
             star = any(a.name == "*" for a in node.names)
             out.append(ast.Import([ast.alias(node.module)]) if star else node)
-        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.With)):
-            out += _unconditional_imports(node.body)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and top and node.name == "grade":
+            out += _unconditional_imports(node.body, top=False)
+        elif isinstance(node, ast.With) and not any(_guards(item.context_expr) for item in node.items):
+            out += _unconditional_imports(node.body, top)
         elif isinstance(node, ast.Try):
-            caught = {getattr(h.type, "id", None) for h in node.handlers if h.type is not None} | \
-                {n.id for h in node.handlers if isinstance(h.type, ast.Tuple) for n in h.type.elts
-                 if isinstance(n, ast.Name)}
-            if not (caught & _GUARDS or any(h.type is None for h in node.handlers)):
-                out += _unconditional_imports(node.body)
+            guarded = any(h.type is None or _guards(h.type) for h in node.handlers)
+            out += _unconditional_imports(([] if guarded else node.body + node.orelse) + node.finalbody, top)
     return out
 
 
@@ -145,7 +153,7 @@ def check_imports(grader) -> None:
         body = "".join(f"    {ast.unparse(n)}\n" for n in imports)
         pool = g.pool or default_pool()
         result = pool.run([SandboxJob(f"def grade():\n{body}    return 1\n", "grade")])[0]
-        if not result.ok and (not imports or (result.error or "").startswith("SandboxConfig.preimport:")):
+        if not result.ok and (not imports or result.status == "sandbox_failure"):
             raise ConfigError(f"{where}: the sandbox cannot start: {result.status}: {result.error}")
         if not result.ok:
             raise ConfigError(f"{where}.source: its imports ({'; '.join(ast.unparse(n) for n in imports)}) fail in "

@@ -217,8 +217,7 @@ class ReftGrader(PerItemGrader):
     def _score_program(self, item: Item, result: SandboxResult) -> Grade:
         if not result.ok:  # the model's program failed (error, timeout, crash), or the sandbox itself did
             error = f"{result.status}: {result.error}"
-            server = result.status == "sandbox_failure" or (result.error or "").startswith("SandboxConfig.preimport:")
-            return faulted(error) if server else Grade(0.0, error=error)
+            return faulted(error) if result.status == "sandbox_failure" else Grade(0.0, error=error)
         if self.answer_type == "mathqa":
             if result.value_json is None and result.value_str == "None":  # returned None: no answer
                 return Grade(self.partial_reward, extracted="none", error="the program returned None")

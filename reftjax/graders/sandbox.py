@@ -56,8 +56,8 @@ _WORKER = pathlib.Path(__file__).with_name("_sandbox_worker.py")
 # rapidfuzz's WRatio; numpy's submodules load lazily, so the common ones are named: np.median needs numpy.ma)
 DEFAULT_PREIMPORT = ("bisect", "calendar", "cmath", "copy", "dataclasses", "datetime", "heapq", "numbers",
                      "operator", "pprint", "random", "sympy.abc", "time", "numpy", "numpy.random", "numpy.linalg",
-                     "numpy.ma", "numpy.fft", "numpy.polynomial", "rapidfuzz", "rapidfuzz.fuzz", "rapidfuzz.utils",
-                     "rapidfuzz.process", "rapidfuzz.distance")
+                     "numpy.ma", "numpy.fft", "numpy.polynomial", "numpy.char", "numpy.strings", "numpy.rec",
+                     "rapidfuzz", "rapidfuzz.fuzz", "rapidfuzz.utils", "rapidfuzz.process", "rapidfuzz.distance")
 # a job is a fork of its server: BLAS/OpenMP worker threads the server started do not exist in it, and a numpy
 # product that hands work to them waits forever (a 400 x 400 matmul timed out); one thread each, set before import
 _ONE_THREAD = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -283,6 +283,8 @@ class SandboxPool:
                 return SandboxResult("sandbox_failure", error=f"sandbox server sent a malformed result: {exc}")
             if result.status in _STATUSES:
                 return result
+            if result.status == "startup_error":  # its preimports failed: every job fails so, the grader's fault
+                return SandboxResult("sandbox_failure", error=result.error)
             return SandboxResult("sandbox_failure", error=f"sandbox server sent status {result.status!r}")
         if time.monotonic() > server.deadline:
             return SandboxResult("sandbox_failure", error="sandbox server hung; restarted")
