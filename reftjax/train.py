@@ -786,7 +786,8 @@ _EARLIER = {"eval.voting_tol": lambda old: 0.01 if old.get("eval.voting_k") else
 def _check_same_run(cfg_path: pathlib.Path, new: dict, content_checked: bool = False) -> None:
     """Refuses to resume a run directory under different settings (besides `RESUMABLE_CHANGES`, and `LOCATIONS`
     when `content_checked`: the run's data.json records the digests of what they hold). A setting the stored
-    config lacks (added to reftjax since the run began) passes at its default, which keeps the earlier behaviour.
+    config lacks (added to reftjax since the run began) passes at the value that keeps the earlier behaviour: its
+    default, or `_EARLIER`'s where the default changed what such a run did.
 
     A rerun continues from checkpoints and reuses the finished phases (`sft_done.json`, `evals.json`, the
     verifier), so changed settings would give a run that follows neither config: cached test figures of
@@ -898,8 +899,9 @@ def _run(cfg: ExperimentConfig, out: pathlib.Path, progress: bool) -> dict:
                                     for p in out.iterdir())
     if ran:  # else nothing ran under it
         _check_same_run(cfg_path, to_dict(cfg), content_checked=_has_model_digest(out / "data.json"))
-    grader = build_grader(cfg.grader_dict, pool=default_pool(cfg.sandbox.sandbox_config()))  # cheap checks first:
-    check_imports(grader)  # a bad grader or mesh fails before the model loads (a grader's imports: in its sandbox)
+    # cheap checks first: a bad grader (its imports tried in its sandbox) or mesh fails before the model loads
+    grader = build_grader(cfg.grader_dict, pool=default_pool(cfg.sandbox.sandbox_config()))
+    check_imports(grader)
     mesh = make_mesh(cfg.mesh)
     check_batch_sizes(cfg, mesh)
     for name in ("train_file", "val_file", "test_file"):  # not after the model loads

@@ -239,7 +239,8 @@ def test_python_graders_import_numpy_and_rapidfuzz_and_others_are_checked_before
     assert got.error is None and got.score == pytest.approx(want)
     bad = {"type": "multi", "calculate_output": "a", "graders": {"a": {
         "type": "python", "source": "def grade(sample, item):\n    import xml.dom.minidom\n    return 1.0\n"}}}
-    with pytest.raises(ConfigError, match=r"grader.graders.a.source: its imports \(import xml.dom.minidom\) fail in the sandbox .*'xml'"):
+    with pytest.raises(ConfigError, match=r"grader.graders.a.source: its imports \(import xml.dom.minidom\) "
+                                          r"fail in the sandbox .*'xml'"):
         check_imports(build_grader(bad))
     path = tmp_path / "g.json"
     path.write_text(json.dumps(bad))

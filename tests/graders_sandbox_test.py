@@ -130,7 +130,8 @@ def test_programs_may_import_the_standard_library_a_math_program_uses():
     # (and sympy.abc, dataclasses, pprint, numpy: scored 0 where the authors' exec ran them; review, session 27)
     src = ("from sympy.abc import x\nfrom dataclasses import dataclass\nimport pprint\nimport numpy as np\n"
            "def solution():\n    import datetime, calendar, random, heapq, bisect\n"
-           "    return datetime.date(2020, 1, 2).day + calendar.monthrange(2020, 2)[1] + int(np.ones((2, 2)).sum()) - 4")
+           "    return (datetime.date(2020, 1, 2).day + calendar.monthrange(2020, 2)[1]\n"
+           "            + int(np.ones((2, 2)).sum()) - 4)")
     grader_src = "def solution():\n    import xml.dom.minidom\n    return 1"
     with SandboxPool(SandboxConfig(workers=1)) as pool:
         ok, missing = pool.run([SandboxJob(src), SandboxJob(grader_src)])
