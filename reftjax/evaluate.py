@@ -82,11 +82,11 @@ def majority_correct(grades, weights=None, tol: float = 0.0) -> bool:
 
     Each sample votes 1, or `weights[i]` (verifier-weighted voting: a verifier's P(correct) summed per
     answer, Li et al. 2023 / Uesato et al. 2022). Samples without an answer (`graders.has_answer`) and NaN answers
-    do not vote. Numeric answers vote by value ("42" and "42.0" are one answer), as in the ReFT authors' vote;
-    with `tol` > 0 (`EvalConfig.voting_tol`) those within `tol` of an answer seen before vote for it (grading counts
-    a value within 1e-2 of the gold as right, so `3.33` and `3.3333` can be one answer). The winning group's
-    answer is its own most-voted value (ties: first seen), and that value's grade decides: one right 42.009 does
-    not make three wrong 42.017s a right vote.
+    do not vote. Numeric answers vote by value ("42" and "42.0", "inf" and "Infinity" are one answer), as in the ReFT
+    authors' vote; with `tol` > 0 (`EvalConfig.voting_tol`) those within `tol` of an answer seen before vote for it
+    (grading counts a value within 1e-2 of the gold as right, so `3.33` and `3.3333` can be one answer). The
+    winning group's answer is its own most-voted value (ties: first seen), and that value's grade decides: one
+    right 42.009 does not make three wrong 42.017s a right vote.
     """
     votes = collections.Counter()
     members: dict = {}  # group key -> {exact answer: [votes, correct]}, in the order seen
@@ -101,9 +101,9 @@ def majority_correct(grades, weights=None, tol: float = 0.0) -> bool:
             value = None
         if value is not None and np.isnan(value):  # (the authors' Counter keeps each NaN apart: it never wins)
             continue
-        if value is not None and np.isfinite(value):
+        if value is not None:  # "inf" and "Infinity" are one answer too
             exact = value
-            key = next((k for k in numeric if abs(k - value) <= tol), value)
+            key = next((k for k in numeric if k == value or abs(k - value) <= tol), value)
             if key == value and key not in numeric:
                 numeric.append(key)
         weight = 1.0 if weights is None else float(weights[i])

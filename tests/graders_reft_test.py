@@ -141,6 +141,19 @@ def test_pcot_results_vote_by_value_and_non_answers_do_not_vote():
         assert majority_correct(grades)  # only option letters vote
 
 
+def test_infinite_answers_vote_by_value():
+    """"inf" and "Infinity" are one value, as in the authors' float-keyed vote; they voted apart, so two 7s tied
+    them and won (first seen)."""
+    from reftjax.evaluate import majority_correct
+
+    grades = ReftGrader().grade_batch([{"answer_value": "7"}] * 6, [
+        f"x\nTherefore, the answer is: {v}" for v in ["7", "7", "inf", "Infinity", "-inf", "-Infinity"]])
+    assert [g.score for g in grades] == [1.0] * 2 + [0.1] * 4
+    assert not majority_correct(grades[:4] + grades[2:3])  # inf x3 against 7 x2
+    assert majority_correct(grades)  # inf x2, -inf x2 and 7 x2: the first seen wins
+    assert not majority_correct(grades[2:4] + grades[:2], tol=1e-2)
+
+
 def test_a_vote_is_right_only_when_its_answer_is_not_when_a_near_value_in_its_group_is():
     """With eval.voting_tol=0.01, values within the grading tolerance of each other vote as one group, and the
     group's answer is its most-voted value. Its correctness was an OR over the members: one right 42.009 made three
