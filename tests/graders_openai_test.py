@@ -116,6 +116,11 @@ def test_math_equiv_refuses_a_prediction_that_is_code():
      "not supported"),
     ({"type": "python", "source": "def grade(:"}, "does not parse"),
     ({"type": "python", "source": "def score(sample, item):\n    return 1"}, "must define grade"),
+    # a grade() that cannot take (sample, item) failed every sample as a grader error (session 27's list)
+    ({"type": "python", "source": "def grade(sample):\n    return 1"}, "line 1: grade\\(\\) must take two arguments"),
+    ({"type": "python", "source": "import math\n\ndef grade(s, i, ref):\n    return 1"}, "line 3: grade\\(\\) must"),
+    ({"type": "python", "source": "def grade(s, i, *, k):\n    return 1"}, "must take two arguments"),
+    ({"type": "python", "source": "def grade(s, i):\n    return 1\ndef grade(s):\n    return 1"}, "line 3: grade"),
     ({"type": "score_model", "model": "x", "input": []}, "not supported in this version"),
     ({"type": "multi", "graders": {"a": {"type": "gsm8k"}}, "calculate_output": "a + b"},
      "unknown names"),
@@ -144,6 +149,11 @@ def test_math_equiv_refuses_a_prediction_that_is_code():
 def test_malformed_configs_fail_clearly(cfg, message):
     with pytest.raises(ConfigError, match=message):
         build_grader(cfg)
+
+
+@pytest.mark.parametrize("signature", ["sample, item", "*args", "s, i=None, extra=1", "s, /, i, *, k=2", "s, *rest"])
+def test_python_graders_that_can_take_sample_and_item_are_accepted(signature):
+    assert build_grader({"type": "python", "source": f"def grade({signature}):\n    return 1"}).entry == "grade"
 
 
 def test_validation_against_a_sample_item_names_missing_fields():

@@ -35,8 +35,15 @@ def _check_source(source: Any, where: str, entry: str) -> None:
         tree = ast.parse(source)
     except SyntaxError as exc:
         raise ConfigError(f"{where}: source does not parse: line {exc.lineno}: {exc.msg}") from exc
-    if not any(isinstance(n, ast.FunctionDef) and n.name == entry for n in tree.body):
+    defs = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == entry]
+    if not defs:
         raise ConfigError(f"{where}: source must define {entry}(sample, item)")
+    a = defs[-1].args  # (the last definition is the one called)
+    positional = len(a.posonlyargs) + len(a.args)
+    if (positional < 2 and a.vararg is None) or positional - len(a.defaults) > 2 or \
+            any(d is None for d in a.kw_defaults):
+        raise ConfigError(f"{where}: line {defs[-1].lineno}: {entry}() must take two arguments (sample, item); "
+                          f"it is called as {entry}(sample, item)")
 
 
 def build_grader(cfg: Mapping, pool: SandboxPool | None = None, where: str = "grader") -> Any:
