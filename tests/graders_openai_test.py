@@ -398,3 +398,19 @@ def test_cli_names_the_line_of_a_samples_file_that_is_not_utf8(tmp_path, capsys)
     samples.write_bytes(ok + b"\n" + ok[:-3] + b"\xff\"}}\n")
     assert main(["run", "--grader", str(grader), "--samples", str(samples)]) == 2
     assert f"error: {samples}:2: not valid UTF-8" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("row, got", [({"item": {"answer": "3"}, "sample": {"output_text": 3}}, "dict and int"),
+                                      ({"item": ["3"], "sample": {"output_text": "3"}}, "list and str")])
+def test_cli_refuses_a_sample_that_is_not_text_naming_its_line(tmp_path, capsys, row, got):
+    """A number as output_text was graded as a grader fault per sample (exit 0); it is the file's error."""
+    from reftjax.graders.__main__ import main
+
+    grader = tmp_path / "g.json"
+    grader.write_text(json.dumps({"type": "string_check", "input": "{{sample.output_text}}",
+                                  "reference": "{{item.answer}}", "operation": "eq"}))
+    samples = tmp_path / "s.jsonl"
+    samples.write_text(json.dumps({"item": {"answer": "x"}, "sample": {"output_text": "x"}}) + "\n" + json.dumps(row))
+    assert main(["run", "--grader", str(grader), "--samples", str(samples)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {samples}:2: expected an object 'item' and a string 'sample.output_text', got {got}")

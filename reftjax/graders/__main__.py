@@ -21,12 +21,16 @@ def _load_samples(path):
     try:
         for lineno, row in jsonl_objects(path):  # (blank lines skipped; bad UTF-8 or JSON named by path:line)
             try:
-                items.append(row["item"])
-                texts.append(row["sample"]["output_text"])
-                lines.append(lineno)
+                item, text = row["item"], row["sample"]["output_text"]
             except (KeyError, TypeError) as exc:
                 raise ConfigError(f"{path}:{lineno}: expected {{'item': {{...}}, 'sample': "
                                   f"{{'output_text': ...}}}}: {exc!r}") from exc
+            if not isinstance(item, dict) or not isinstance(text, str):  # (a number was graded as a grader fault)
+                raise ConfigError(f"{path}:{lineno}: expected an object 'item' and a string 'sample.output_text', "
+                                  f"got {type(item).__name__} and {type(text).__name__}")
+            items.append(item)
+            texts.append(text)
+            lines.append(lineno)
     except DataError as exc:
         raise ConfigError(str(exc)) from None
     return items, texts, lines
