@@ -57,7 +57,8 @@ def _trl_loss(new, old, ref, adv, mask, *, loss_type, beta, eps=0.2):
         current_gradient_accumulation_steps=1, max_completion_length=mask.shape[1], accelerator=_Accelerator(),
         _entropy_bonus_enabled=False, _metrics={"train": defaultdict(list), "eval": defaultdict(list)})
     rows = mask.shape[0]
-    inputs = {"prompt_ids": torch.zeros(rows, 1, dtype=torch.long), "prompt_mask": torch.ones(rows, 1, dtype=torch.long),
+    inputs = {"prompt_ids": torch.zeros(rows, 1, dtype=torch.long),
+              "prompt_mask": torch.ones(rows, 1, dtype=torch.long),
               "completion_ids": torch.zeros(mask.shape, dtype=torch.long), "completion_mask": torch.tensor(mask),
               "advantages": torch.tensor(adv), "old_per_token_logps": torch.tensor(old),
               "ref_per_token_logps": torch.tensor(ref), "num_items_in_batch": torch.tensor(mask.sum())}
