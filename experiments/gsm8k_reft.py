@@ -14,16 +14,24 @@ Hardware, command and expected result per preset:
   schedule at lr 2e-5; RL lr 3e-6, 256 prompts per rollout = 32 x 8 GPUs,
   ``exps/small_model_exps/rl_gsm8k.sh``), for any other model their 7B ones
   (warm-up epoch 2 of 40 at lr 1e-5; RL lr 3e-7, 32 prompts). Sharded over all
-  local devices (FSDP). Cheaper than the authors: voting@16, early stopping.
+  local devices (FSDP). Cheaper than the authors: voting@16, early stopping,
+  SFT batches grouped by length (``sft.group_by_length``: less padding, short
+  examples weigh more; 0 is their plain shuffle).
   Both (and ``paper``) export bf16 weights (``export_dtype``): what their
   bf16 compute evaluated, half the float32 masters' size (13.5 GB at 7B).
 * ``paper``: the authors' 7B configuration (CodeLLaMA-7B N-CoT: SFT lr 1e-5,
   epoch 2 of a 40-epoch schedule, RL lr 3e-7, bf16 compute with float32 master
-  weights as their DeepSpeed run keeps, prompt <= 300 tokens). Deviations: 400
-  new tokens (the authors cap prompt + completion at 700, i.e. 400 to ~600 new
-  tokens depending on the batch's longest prompt), 3,000 RL iterations (~13
-  epochs; their script allows 300 epochs and picks the best on test, reftjax
-  picks on validation). Needs the hardware and a local checkpoint:
+  weights as their DeepSpeed run keeps, prompt <= 300 tokens, plainly shuffled
+  SFT batches). Deviations: 400 new tokens (the authors cap prompt + completion
+  at 700, i.e. 400 to ~600 new tokens depending on the batch's longest prompt),
+  3,000 RL iterations (~13 epochs; their script allows 300 epochs and picks the
+  best on test, reftjax picks on validation); the SFT loss is one token mean over
+  each batch of 48 (theirs averages 16 micro-batches' own token means), an
+  epoch's last incomplete SFT batch is dropped (theirs keeps it), SFT examples
+  with prompts over 300 tokens are dropped (their SFT has no prompt limit), and
+  AdamW adds eps after the bias correction (torch and optax; their transformers
+  4.34 AdamW adds it before: a larger eps in the first steps, which matters only
+  for gradients near 1e-7). Needs the hardware and a local checkpoint:
   ``--preset paper --model /path/to/CodeLlama-7b-hf``.
 
 Every run writes to ``--out`` (default ``runs/gsm8k_reft_<preset>``): config.json,
@@ -100,7 +108,8 @@ def preset_config(name: str, model: str | None = None):
             param_dtype="float32", export_dtype="bfloat16", remat="full", mesh=MeshConfig(data=1, fsdp=-1),
             data=DataConfig(n_val=500, val_fraction=0.05,
                             tokenize=TokenizeConfig(max_prompt_len=300, max_target_len=724)),
-            sft=SFTConfig(epochs=2, schedule_epochs=40, batch_size=48, optim=OptimConfig(learning_rate=1e-5)),
+            sft=SFTConfig(epochs=2, schedule_epochs=40, batch_size=48, optim=OptimConfig(learning_rate=1e-5),
+                          group_by_length=0),
             rl=RLConfig(iterations=3000, prompts_per_iteration=32,
                         sampling=SamplingConfig(max_new_tokens=400, temperature=1.0),
                         ppo=PPOConfig(kl_coef=0.05),

@@ -467,8 +467,11 @@ def sft_loss(logits_BxTxV, targets_BxT, loss_mask_BxT):
     """Masked next-token cross-entropy, averaged over all answer tokens.
 
     ``loss = sum(m * -log p(target)) / sum(m)``: the token mean over the batch
-    that Hugging Face's ``labels=-100`` loss computes (as in the ReFT authors'
-    SFT warm-up).
+    that Hugging Face's ``labels=-100`` loss computes. ``sft_step`` takes it over
+    the whole global batch whatever ``accum_steps`` is (transformers' own
+    gradient-accumulation rule since 4.46); the ReFT authors' DeepSpeed run
+    averages its 16 micro-batches' own token means (8 GPUs x 3 rows x 2
+    accumulation steps), which weighs a token of a short micro-batch more.
 
     Args:
       logits_BxTxV: next-token logits (any float dtype).

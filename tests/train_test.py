@@ -701,6 +701,8 @@ def test_presets_carry_the_authors_settings():
     assert (paper.param_dtype, paper.dtype) == ("float32", "bfloat16")  # bf16 weights would not take 3e-7 steps
     assert (paper.sft.epochs, paper.sft.schedule_epochs, paper.sft.optim.learning_rate) == (2, 40, 1e-5)
     assert (paper.rl.optim.learning_rate, paper.rl.prompts_per_iteration) == (3e-7, 32)
+    # their loader shuffles plainly; grouping by length reweights the SFT tokens (review, session 28)
+    assert (paper.sft.group_by_length, paper.sft.optim.weight_decay, paper.sft.optim.grad_clip) == (0, 0.0, 1.0)
     small, big = preset_config("gpu"), preset_config("gpu", model="/models/llama-7b")
     assert (small.sft.epochs, small.sft.schedule_epochs, small.sft.optim.learning_rate) == (10, 40, 2e-5)
     assert (small.rl.optim.learning_rate, small.rl.prompts_per_iteration) == (3e-6, 256)
