@@ -382,3 +382,24 @@ def test_float16_is_refused_and_bf16_logits_come_back_in_float32():
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4)  # bf16 output: off by ~4e-3 here
     logits = forward(params, cfg, jnp.ones((2, 3), jnp.int32), jnp.ones((2, 3), jnp.int32))[0]
     assert logits.dtype == jnp.float32
+
+
+def test_value_head_starts_as_the_authors_torch_linear_does():
+    """The ReFT authors' trl value head keeps torch's nn.Linear default (no v_head_init_strategy): weight and bias
+    uniform in +-1/sqrt(hidden). reftjax drew N(0, 0.02) and a zero bias (review, session 28): at 7B's width 4096
+    a 2.2x wider start of the critic, whose loss (vf_coef 5) reaches the shared backbone."""
+    from types import SimpleNamespace
+
+    from reftjax.models import init_value_head
+
+    width = 4096
+    heads = [init_value_head(SimpleNamespace(hidden_size=width), jax.random.key(s))["summary"] for s in range(64)]
+    ours = {k: np.concatenate([np.asarray(h[k]).ravel() for h in heads]) for k in ("kernel", "bias")}
+    torch.manual_seed(0)
+    linears = [torch.nn.Linear(width, 1) for _ in range(64)]
+    theirs = {"kernel": np.concatenate([m.weight.detach().numpy().ravel() for m in linears]),
+              "bias": np.concatenate([m.bias.detach().numpy().ravel() for m in linears])}
+    for k in ("kernel", "bias"):
+        assert np.abs(ours[k]).max() <= width ** -0.5 and np.abs(theirs[k]).max() <= width ** -0.5
+        assert abs(ours[k].std() / theirs[k].std() - 1) < (0.02 if k == "kernel" else 0.35), k
+    assert abs(ours["kernel"].std() * (3 * width) ** 0.5 - 1) < 0.01  # uniform: std = bound / sqrt(3)

@@ -637,7 +637,10 @@ class ValueHead(nn.Module):
     """ReFT's critic head: Dropout(0.1) + Linear(hidden, 1) on the policy's last hidden state.
 
     Matches trl's `AutoModelForCausalLMWithValueHead` used by the ReFT authors
-    (`summary_dropout_prob` 0.1); computed in float32.
+    (`summary_dropout_prob` 0.1), its initialisation included: they pass no
+    `v_head_init_strategy`, so the head keeps torch's `nn.Linear` default, weight
+    and bias uniform in +-1/sqrt(hidden) (a std of 0.58 on unit hidden states at
+    any width; N(0, 0.02) gave 0.47 at 576 and 1.26 at 4096). Computed in float32.
     """
 
     dropout: float = 0.1
@@ -645,9 +648,14 @@ class ValueHead(nn.Module):
     @nn.compact
     def __call__(self, hidden_BxTxD, deterministic: bool = True):
         h = nn.Dropout(self.dropout)(hidden_BxTxD.astype(jnp.float32), deterministic=deterministic)
+        bound = hidden_BxTxD.shape[-1] ** -0.5
+
+        def uniform(key, shape, dtype=jnp.float32):
+            return jax.random.uniform(key, shape, dtype, -bound, bound)
+
         out = nn.Dense(1, dtype=jnp.float32, param_dtype=jnp.float32, name="summary",
-                       kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), (EMBED, None)),
-                       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)))(h)
+                       kernel_init=nn.with_logical_partitioning(uniform, (EMBED, None)),
+                       bias_init=nn.with_logical_partitioning(uniform, (None,)))(h)
         return out[..., 0]
 
 
