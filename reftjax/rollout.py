@@ -343,6 +343,8 @@ def trim_to_bucket(ro: Rollout, buckets: Sequence[int]) -> Rollout:
 
 
 def bucket(length: int, buckets: Sequence[int]) -> int:
+    """The smallest of `buckets` that holds `length`: pad prompts (or sequences) to it, so a jitted function
+    compiles once per bucket rather than once per length."""
     for b in sorted(buckets):
         if length <= b:
             return b

@@ -237,9 +237,23 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
 
 
 def shard_batch(batch, mesh: Mesh):
-    """Place a pytree of host batch arrays (this host's rows) over the mesh's data axes."""
-    return jax.tree.map(
-        lambda x: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(x)), np.asarray(x)), batch)
+    """Place a pytree of host batch arrays (this host's rows) over the mesh's data axes.
+
+    The global rows (this host's x the process count) must be a multiple of the data x fsdp devices. The steps and
+    `rollout` also take host (NumPy) batches of any size: they split what divides and replicate the rest.
+    """
+    split = int(np.prod([mesh.shape[a] for a in BATCH_AXES if a in mesh.shape]))
+
+    def place(x):
+        x = np.asarray(x)
+        rows = (x.shape[0] if x.ndim else 1) * jax.process_count()
+        if rows % split:  # (JAX's IndivisibleError named no way out: library-user review, session 28)
+            raise ValueError(f"shard_batch: {rows} rows do not split over the mesh's data x fsdp = {split} devices; "
+                             f"pass a multiple of {split} rows, or pass the host arrays to the step or rollout "
+                             f"unsharded")
+        return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x)
+
+    return jax.tree.map(place, batch)
 
 
 def to_host(tree):
@@ -329,6 +343,23 @@ def constrain_batch(x):
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(P("batch"), x.shape, mesh)))
 
 
+def _fn_name(fn) -> str:
+    """The name of a function or of a partial's function (it names the compiled program)."""
+    return getattr(fn, "__name__", None) or getattr(getattr(fn, "func", None), "__name__", "step")
+
+
+def _raise_deleted(name, args, kwargs):
+    """A deleted array passed again (after a step donated it) ran a compiled program on freed buffers: PJRT's
+    "Buffer has been deleted or donated", an INVALID_ARGUMENT, or on a multi-device mesh a segfault (library-user
+    review, session 28: the README's example used the loaded params for two states)."""
+    where = [jax.tree_util.keystr(path) for path, x in jax.tree_util.tree_flatten_with_path((args, kwargs))[0]
+             if isinstance(x, jax.Array) and x.is_deleted()]
+    raise ValueError(f"{name}: {len(where)} argument array(s) were deleted, e.g. {where[0]}: their buffers were "
+                     f"donated to an earlier step (make_sft_step and make_ppo_step donate the state they are given, "
+                     f"and init_state shares the params it is given); pass a copy, jax.tree.map(jnp.copy, params), "
+                     f"of params you use again")
+
+
 class MeshJit:
     """`jax.jit(fn)` traced under its arguments' mesh (`activation_mesh`, from the first NamedSharding leaf of the
     arguments), so the batch of every activation is split over the mesh.
@@ -351,6 +382,8 @@ class MeshJit:
         if any(isinstance(x, jax.core.Tracer) for x in leaves):  # inside a caller's trace: the caller's mesh
             mesh, pins = _MESH.get(), None
         else:
+            if any(isinstance(x, jax.Array) and x.is_deleted() for x in leaves):
+                _raise_deleted(_fn_name(self._fn), args, kwargs)
             mesh = mesh_of(leaves)  # (the leaves flattened once above)
             pins = None
             if self._state_step and mesh is not None and mesh.size > 1:  # (one device: nothing to drift)
@@ -372,8 +405,7 @@ class MeshJit:
                     out = (jax.lax.with_sharding_constraint(out[0], pins),) + tuple(out[1:])
                 return out
 
-            traced.__name__ = traced.__qualname__ = getattr(fn, "__name__", None) or getattr(
-                getattr(fn, "func", None), "__name__", "step")  # (a partial's function names the program)
+            traced.__name__ = traced.__qualname__ = _fn_name(fn)
             jitted = self._jits[key] = jax.jit(traced, static_argnames=self._static,
                                                donate_argnames=("state",) if self._state_step else ())
         return jitted

@@ -340,8 +340,10 @@ def init_state(params: dict, tx: optax.GradientTransformation, rng: jax.Array) -
         rng = jax.jit(lambda d: jax.random.wrap_key_data(d, impl=impl), out_shardings=rep)(key_data)
     state = TrainState(step=step, params=params, opt_state=opt_state, rng=rng, skipped=skipped)
     if mesh is None:  # committed to their device, as a checkpoint restores them: a step compiled for uncommitted
-        # arrays compiled again (once per jitted step) for the same shapes after a resume
-        state = jax.tree.map(lambda x: jax.device_put(x, x.sharding) if isinstance(x, jax.Array) else x, state)
+        # arrays compiled again (once per jitted step) for the same shapes after a resume; NumPy params too (their
+        # first step returned committed ones, so every RL program compiled twice: library-user review, session 28)
+        device = jax.local_devices()[0]
+        state = jax.tree.map(lambda x: jax.device_put(x, x.sharding if isinstance(x, jax.Array) else device), state)
     return state
 
 

@@ -243,6 +243,45 @@ def test_sft_loss_decreases_and_compiles_once_with_donation():
     assert int(st.step) == 8 and int(st.skipped) == 0
 
 
+def test_params_donated_by_a_step_are_refused_by_name_when_used_again():
+    """README's example built a state from `model.params` and then used them again: after the first step the
+    buffers were donated, and a rollout on them ran a compiled program on freed memory (INVALID_ARGUMENT on one
+    device, a segfault on an 8-device mesh; library-user review, session 28). Now a ValueError names the array."""
+    params = sharding.place_params(_host_policy(), CFG)
+    prompts = jnp.full((2, 3), 3, jnp.int32)
+    scfg = SamplingConfig(max_new_tokens=2, eos_ids=(1,), pad_id=0)
+    rollout(params, prompts, jnp.ones_like(prompts), jax.random.key(0), model_cfg=CFG, cfg=scfg)  # compiled
+    step = make_sft_step(CFG, SFT_TX)
+    state, _ = step(init_state({"policy": params}, SFT_TX, jax.random.key(1)), _sft_batch())
+    with pytest.raises(ValueError, match=r"_rollout: \d+ argument array\(s\) were deleted, e\.g\. \[0\]\[0\]\['\w+'\]"
+                                         r".*donated to an earlier step.*jax\.tree\.map\(jnp\.copy, params\)"):
+        rollout(params, prompts, jnp.ones_like(prompts), jax.random.key(0), model_cfg=CFG, cfg=scfg)
+    old = state
+    state, _ = step(state, _sft_batch())
+    with pytest.raises(ValueError, match="sft_step: .* were deleted"):
+        step(old, _sft_batch())
+    assert int(state.step) == 2
+
+
+def test_numpy_params_are_committed_so_the_second_step_does_not_compile_again():
+    """init_state committed only jax.Array leaves: NumPy params gave uncommitted state leaves, the first step
+    returned committed ones and every program compiled a second time (library-user review, session 28)."""
+    step = make_sft_step(CFG, SFT_TX)
+    state = init_state({"policy": _host_policy()}, SFT_TX, jax.random.key(1))
+    assert all(x.committed for x in jax.tree.leaves(state))
+    for _ in range(3):
+        state, _ = step(state, _sft_batch())
+    assert step._cache_size() == 1
+
+
+def test_shard_batch_names_rows_that_do_not_split_over_the_mesh():
+    mesh = _mesh()
+    with pytest.raises(ValueError, match=r"shard_batch: 6 rows do not split over the mesh's data x fsdp = 8 devices"):
+        sharding.shard_batch(_sft_batch(rows=6), mesh)
+    placed = sharding.shard_batch(_sft_batch(rows=16), mesh)
+    assert placed["tokens"].sharding.spec == sharding.batch_spec(2)
+
+
 def test_sft_huge_lr_nonfinite_loss_is_skipped():
     tx = make_optimizer(OptimConfig(learning_rate=1e36, schedule="constant", warmup_ratio=0.0, grad_clip=1e30), 10)
     step = make_sft_step(CFG, tx)
