@@ -190,6 +190,16 @@ def test_grade_in_jit_refuses_one_index_per_prompt_when_tracing():
         jax.jit(lambda a, m, i: grade_in_jit(fn, a, m, i))(ids, mask, idx[::2])
 
 
+def test_example_indices_may_be_a_list():
+    """A Python list of indices failed with AttributeError: 'list' object has no attribute 'shape' (library-user
+    review, session 28)."""
+    items, ids, mask, idx = _batch()
+    fn = make_reward_fn(ReftGrader(), items, _decode)
+    want = jax.jit(lambda a, m, i: grade_in_jit(fn, a, m, i))(ids, mask, idx)
+    got = jax.jit(lambda a, m, i: grade_in_jit(fn, a, m, i))(ids, mask, [int(i) for i in idx])
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
 def test_a_custom_reward_callable_may_return_a_list():
     """grade_in_jit documents that any callable with HostRewardFn's signature works; one returning a Python list
     failed in XLA ("Mismatched number of outputs from callback")."""

@@ -208,6 +208,7 @@ def grade_in_jit(host_fn: HostRewardFn, completion_ids_BxT: jax.Array, completio
         padding row) scores 0.
       out_sharding: optional sharding for the rewards (e.g. `NamedSharding(mesh, P("data"))`).
     """
+    example_idx_B = jnp.asarray(example_idx_B)  # (a list of indices failed: no .shape)
     if completion_ids_BxT.ndim != 2 or completion_mask_BxT.shape != completion_ids_BxT.shape or \
             example_idx_B.shape != completion_ids_BxT.shape[:1]:
         # found when tracing: on the host it would score the whole batch 0 every step (one index per prompt with
