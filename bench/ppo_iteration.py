@@ -12,7 +12,8 @@ forward, grader callback, rewards/advantages) -> `make_ppo_step`, for (with
 with `--share-prompt` every experience/update forward runs each prompt once for its samples, `PPOConfig.share_prompt`)
   * ppo:  ReFT (value head, GAE, minibatch 8, 2 epochs);
   * grpo: group_size = samples, minibatch 8, 1 epoch (the same training FLOPs as TRL's
-          single step over the whole batch), k3 KL to the reference in the loss.
+          single step over the whole batch), k3 KL to the reference in the loss (`--grpo-kl`, 0.04 by
+          default; 0 skips the reference forward, as TRL does at its default beta 0).
 TRL iteration = one `GRPOTrainer` step with its defaults except the sizes (per-device batch
 = prompts x samples completions, num_generations = samples, max_completion_length), beta
 (`--trl-beta`, default 0.0 = TRL's default: no reference model), use_cpu, bf16=False.
@@ -100,9 +101,9 @@ class ReftjaxRL:
             rl = PPOConfig(algo="ppo", minibatch_size=8, ppo_epochs=2, experience_from_rollout=fast,
                            group_size=args.samples if share else 1, share_prompt=share)
         else:
-            rl = PPOConfig(algo=algo, group_size=args.samples, minibatch_size=8, ppo_epochs=1, kl_coef=0.04,
+            rl = PPOConfig(algo=algo, group_size=args.samples, minibatch_size=8, ppo_epochs=1, kl_coef=args.grpo_kl,
                            experience_from_rollout=fast, share_prompt=share)
-        self.epochs, self.fast, self.group = rl.ppo_epochs, fast, rl.prompt_group
+        self.epochs, self.fast, self.group, self.reference = rl.ppo_epochs, fast, rl.prompt_group, rl.kl_coef > 0
         self.samples = args.samples
         self.sampling = SamplingConfig(n=args.samples, max_new_tokens=args.new_tokens, temperature=1.0,
                                        eos_ids=(2,), pad_id=2)
@@ -147,7 +148,8 @@ class ReftjaxRL:
         rec = {"iter_s": t3 - t0, "rollout_s": t1 - t0, "experience_s": t2 - t1, "update_s": t3 - t2,
                "rollout_sys_s": c1 - c0, "experience_sys_s": c2 - c1, "update_sys_s": c3 - c2,
                "gen_tokens": int(gen.sum()),
-               "flops": rl_iteration_flops(self.cfg, prompt, gen, self.samples, self.group, self.fast, self.epochs),
+               "flops": rl_iteration_flops(self.cfg, prompt, gen, self.samples, self.group, self.fast, self.epochs,
+                                           reference=self.reference),
                "reward": float(em["reward"]), "loss": float(m["loss"])}
         self.records.append(rec)
         print(f"[{self.algo}] {json.dumps({k: round(v, 2) for k, v in rec.items()})}", file=sys.stderr)
@@ -233,6 +235,8 @@ def main():
     ap.add_argument("--share-prompt", action="store_true",
                     help="PPOConfig.share_prompt: each prompt runs once per group of samples in experience/update")
     ap.add_argument("--trl-beta", type=float, default=0.0)
+    ap.add_argument("--grpo-kl", type=float, default=0.04,
+                    help="reftjax GRPO/RLOO's kl_coef (0: no reference forward, as TRL's default beta 0)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads")
     args = ap.parse_args()
     unknown = set(args.algos.split(",")) - {"ppo", "grpo", "rloo"}
@@ -282,7 +286,8 @@ def main():
            "prompts": args.prompts, "samples": args.samples, "max_new_tokens": args.new_tokens,
            "prompt_bucket": p_len, "peak_gflops": round(peak / 1e9, 1),
            "peak_gflops_first": round(peak_first / 1e9, 1),
-           "experience_from_rollout": args.experience_from_rollout, "share_prompt": args.share_prompt}
+           "experience_from_rollout": args.experience_from_rollout, "share_prompt": args.share_prompt,
+           "grpo_kl": args.grpo_kl}
     for a in algos:
         rec = a.records
         phases = ("rollout", "experience", "update")
