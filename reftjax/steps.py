@@ -342,8 +342,8 @@ def init_state(params: dict, tx: optax.GradientTransformation, rng: jax.Array) -
     if mesh is None:  # committed to their device, as a checkpoint restores them: a step compiled for uncommitted
         # arrays compiled again (once per jitted step) for the same shapes after a resume; NumPy params too (their
         # first step returned committed ones, so every RL program compiled twice: library-user review, session 28)
-        device = jax.local_devices()[0]
-        state = jax.tree.map(lambda x: jax.device_put(x, x.sharding if isinstance(x, jax.Array) else device), state)
+        # (on JAX's default device, where the counters and optimizer state are: `with jax.default_device(...)`)
+        state = jax.tree.map(lambda x: jax.device_put(x, jnp.asarray(x).sharding), state)
     return state
 
 
@@ -802,7 +802,7 @@ def make_experience_fn(model_cfg: ModelConfig, cfg: PPOConfig, reward_fn: Callab
     """
     from reftjax.graders.callback import grade_in_jit
 
-    def fn(params, ref_params, rollout, example_idx_B, scores_B=None):
+    def experience(params, ref_params, rollout, example_idx_B, scores_B=None):
         if scores_B is None:
             if reward_fn is None:  # (failed at run time inside XLA: "'NoneType' object is not callable")
                 raise ValueError("make_experience_fn was built without a reward_fn: pass scores_B")
@@ -812,4 +812,4 @@ def make_experience_fn(model_cfg: ModelConfig, cfg: PPOConfig, reward_fn: Callab
         return exp, experience_metrics(exp, rollout, logp_recomputed=not cfg.experience_from_rollout,
                                        with_value=cfg.algo == "ppo")
 
-    return MeshJit(fn)
+    return MeshJit(experience)

@@ -156,6 +156,17 @@ def test_python_graders_that_can_take_sample_and_item_are_accepted(signature):
     assert build_grader({"type": "python", "source": f"def grade({signature}):\n    return 1"}).entry == "grade"
 
 
+@pytest.mark.parametrize("source", [
+    "def deco(f):\n    def w(s, i):\n        return f(s, i, 1)\n    return w\n@deco\ndef grade(s, i, r):\n    return r",
+    "import functools\ndef grade(s, i, scale):\n    return scale\ngrade = functools.partial(grade, scale=1.0)",
+    "def grade(s):\n    return 1\nif True:\n    def grade(s, i):\n        return 1",
+])
+def test_a_grade_name_bound_otherwise_than_by_plain_defs_is_not_judged_by_a_def(source):
+    """The arguments check refused a decorated grade, a partial of it and a def under `if` that are called as
+    grade(sample, item) (regression review, session 28): only plain top-level defs are checked."""
+    assert build_grader({"type": "python", "source": source}).entry == "grade"
+
+
 def test_validation_against_a_sample_item_names_missing_fields():
     cfg = {"type": "string_check", "input": "{{sample.output_text}}", "reference": "{{item.answr}}",
            "operation": "eq"}

@@ -1,5 +1,6 @@
-"""GRPO against TRL's own code: `GRPOTrainer._compute_loss` and its advantage formula (TRL pinned in the test
-extra). The NumPy references in losses_test.py are ours; this is the implementation TRL/verl users compare with.
+"""GRPO against TRL: its own `GRPOTrainer._compute_loss` code, and its advantage formula (copied from
+grpo_trainer.py, with TRL's nanstd; TRL pinned in the test extra). The NumPy references in losses_test.py are
+ours; this is the implementation TRL/verl users compare with.
 
 `_compute_loss` is called unbound with a stand-in `self` whose log-prob function returns a leaf tensor, so torch
 autograd gives d loss / d log-probs, compared with jax.grad of `losses.grpo_loss` on the same numbers. TRL's KL
@@ -17,7 +18,8 @@ import pytest
 from reftjax import losses
 
 torch = pytest.importorskip("torch")
-grpo_trainer = pytest.importorskip("trl.trainer.grpo_trainer")
+# (the test extra installs TRL; one that is installed but fails to import is an error, not a skip)
+grpo_trainer = pytest.importorskip("trl.trainer.grpo_trainer", exc_type=ModuleNotFoundError)
 
 
 def _batch(seed=0, group=4, length=7):

@@ -28,6 +28,24 @@ def _take(cfg: Mapping, where: str, required: tuple, optional: tuple = ()) -> di
     return {k: cfg[k] for k in (*required, *optional) if k in cfg}
 
 
+def _bindings(tree: ast.Module, name: str) -> int:
+    """How many statements of the module's own scope (functions' and classes' bodies not entered) bind `name`."""
+    count, todo = 0, list(tree.body)
+    while todo:
+        node = todo.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            count += node.name == name
+            continue
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store) and node.id == name:
+            count += 1
+        elif isinstance(node, ast.alias) and (node.asname or node.name).split(".")[0] == name:
+            count += 1
+        elif isinstance(node, (ast.Lambda, ast.GeneratorExp, ast.ListComp, ast.SetComp, ast.DictComp)):
+            continue  # (their own scopes)
+        todo.extend(ast.iter_child_nodes(node))
+    return count
+
+
 def _check_source(source: Any, where: str, entry: str) -> None:
     if not isinstance(source, str):
         raise ConfigError(f"{where}: source must be a string")
@@ -38,6 +56,10 @@ def _check_source(source: Any, where: str, entry: str) -> None:
     defs = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == entry]
     if not defs:
         raise ConfigError(f"{where}: source must define {entry}(sample, item)")
+    # the arguments are checked only when the name is bound by plain top-level defs: a decorator, a reassignment
+    # (`grade = functools.partial(grade, ...)`) or a def under `if` may make a callable of another signature
+    if _bindings(tree, entry) != len(defs) or defs[-1].decorator_list:
+        return
     a = defs[-1].args  # (the last definition is the one called)
     positional = len(a.posonlyargs) + len(a.args)
     if (positional < 2 and a.vararg is None) or positional - len(a.defaults) > 2 or \
