@@ -62,6 +62,7 @@ def preset_config(name: str, model: str | None = None):
     from reftjax.config import CheckpointSettings, DataConfig, ExperimentConfig, RLConfig, SFTConfig
     from reftjax.data import TokenizeConfig
     from reftjax.evaluate import EvalConfig
+    from reftjax.rerank import RerankConfig
     from reftjax.rollout import SamplingConfig
     from reftjax.sharding import MeshConfig
     from reftjax.steps import OptimConfig, PPOConfig
@@ -99,6 +100,7 @@ def preset_config(name: str, model: str | None = None):
             # voting rollouts of at most 512 rows (32 prompts x 16): a 7B model's KV cache of 1,024 rows x 800 slots
             # would not fit next to the weights on one 80 GB device
             eval=EvalConfig(batch_size=64, max_new_tokens=400, voting_k=16, voting_rows=512),
+            rerank=RerankConfig(max_new_tokens=400),  # (off; when on, the verifier trains at eval's length)
             checkpoint=CheckpointSettings(save_every=100))
     elif name == "paper":
         cfg = ExperimentConfig(
@@ -118,6 +120,7 @@ def preset_config(name: str, model: str | None = None):
             # voting@100 in rollouts of 4 prompts x 100 samples: 64 x 100 rows of CodeLlama-7B KV cache at ~700 slots
             # were ~2.1 TiB (helper review); 400 rows are ~140 GiB, ~18 GiB per device of 8
             eval=EvalConfig(batch_size=64, max_new_tokens=400, voting_k=100, voting_rows=400),
+            rerank=RerankConfig(max_new_tokens=400),
             checkpoint=CheckpointSettings(save_every=100))
     else:
         raise ValueError(f"unknown preset {name!r}; choose from {PRESETS}")

@@ -278,6 +278,12 @@ class ExperimentConfig:
     def __post_init__(self):
         if self.rerank.epochs and not self.eval.voting_k:
             raise ValueError("rerank.epochs > 0 scores the test set's voting samples: set eval.voting_k > 0")
+        if self.rerank.epochs and self.rerank.max_new_tokens < self.eval.max_new_tokens:
+            # the training solutions were cut (no EOS, mostly no answer: labelled wrong) where the scored test
+            # samples go on and end (review, session 28: gpu/tpu/paper trained at 256 and scored up to 400)
+            raise ValueError(f"rerank.max_new_tokens={self.rerank.max_new_tokens} is shorter than "
+                             f"eval.max_new_tokens={self.eval.max_new_tokens}: the verifier would score longer "
+                             f"solutions than any it trained on (the ReFT authors use one length); set them equal")
         if self.export_dtype not in (None, "float32", "bfloat16", "float16"):
             raise ValueError(f"export_dtype must be null, 'float32', 'bfloat16' or 'float16', "
                              f"got {self.export_dtype!r}")

@@ -145,6 +145,7 @@ def evaluate(params, model_cfg, tokenizer, ds: TokenizedDataset, items: Sequence
     rng = rng if rng is not None else jax.random.key(1234)
     if verifier is not None and vote is None:
         raise ValueError("rerank@k needs voting samples: set EvalConfig.voting_k > 0")
+    mathqa = getattr(grader, "answer_type", None) == "mathqa"  # rerank@k picks option letters only (the authors')
     correct, scores_g, voted, reranked, weighted, bound, lengths, samples = [], [], [], [], [], [], [], []
     greedy_grades = []
     t0 = time.perf_counter()
@@ -182,7 +183,7 @@ def evaluate(params, model_cfg, tokenizer, ds: TokenizedDataset, items: Sequence
                 voted.append(majority_correct(g, tol=cfg.voting_tol))
                 sample["voting_correct"] = voted[-1]
                 if scores is not None:
-                    reranked.append(rerank_correct(scores[j * k:(j + 1) * k], g))
+                    reranked.append(rerank_correct(scores[j * k:(j + 1) * k], g, letters_only=mathqa))
                     weighted.append(majority_correct(g, scores[j * k:(j + 1) * k], tol=cfg.voting_tol))
                     bound.append(any_correct(g))
         if progress is not None:

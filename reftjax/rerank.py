@@ -46,11 +46,18 @@ CORRECT = 1.0 - 1e-6  # a grade at or above this counts as a correct answer (gra
 class RerankConfig:
     """The verifier phase; `epochs` 0 turns it off. Defaults: the ReFT authors' reranker.
 
+    Deviations from their `train_reward_model.py` (a bias-free 2-class `LlamaForSequenceClassification` head on
+    the re-tokenized decoded text): one logit with a bias, trained with binary cross-entropy (the same family of
+    functions, but AdamW moves their two rows' difference ~2x as far per step as this kernel, and the bias moves
+    too); the score is read at the row's last token, the EOS when it stopped on one (theirs decodes without
+    special tokens: the last text token).
+
     Attributes:
       epochs: passes over the sampled training solutions (ReFT: 3). 0: no verifier, no rerank@k.
       samples_per_question: solutions sampled per training question (ReFT: 100).
       temperature: sampling temperature for those solutions (ReFT: 1.0).
-      max_new_tokens: completion bucket for them.
+      max_new_tokens: completion bucket for them; at least `eval.max_new_tokens` (`ExperimentConfig` checks),
+        so the verifier trains on solutions as long as those it scores (the ReFT authors use one length).
       prompts_per_batch: training questions per sampling call (each yields `samples_per_question` rows).
       batch_size: verifier rows per update (global; ReFT: 3 per device x 8 GPUs).
       optim: AdamW settings (ReFT: lr 1e-6, linear decay, grad clip 1.0).
@@ -216,9 +223,12 @@ def pick(scores: Sequence[float], answerable: Sequence[bool]) -> int | None:
     return best_i
 
 
-def rerank_correct(scores: Sequence[float], grades) -> bool:
-    """Whether the verifier's pick among one question's graded samples is correct (ReFT's rerank@k)."""
-    i = pick(scores, [has_answer(g) for g in grades])
+def rerank_correct(scores: Sequence[float], grades, letters_only: bool = False) -> bool:
+    """Whether the verifier's pick among one question's graded samples is correct (ReFT's rerank@k).
+
+    `letters_only` (MathQA): only a one-letter answer may be picked, as the authors' `evaluate_rerank` keeps
+    (their voting, and `majority_correct`, let any one-character answer vote)."""
+    i = pick(scores, [has_answer(g) and (not letters_only or str(g.extracted).isalpha()) for g in grades])
     return i is not None and grades[i].score >= CORRECT
 
 

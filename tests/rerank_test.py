@@ -169,6 +169,33 @@ def test_pick_skips_unanswered_samples_and_breaks_ties_by_order():
     assert any_correct([g(0.1), g(1.0)]) and not any_correct([g(0.1), g(0.0)])
 
 
+def test_mathqa_rerank_picks_option_letters_only():
+    """The authors' evaluate_rerank keeps a MathQA prediction only if it is one letter; reftjax picked a top-scored
+    "5" (wrong) over a correct "b" (review, session 28). Voting keeps any one-character answer, as theirs."""
+    from reftjax.graders.reft import ReftGrader
+
+    grades = ReftGrader(answer_type="mathqa").grade_batch(
+        [{"answer_value": "b"}] * 2, ["x\nTherefore, the answer is: 5", "x\nTherefore, the answer is: b"])
+    assert [g.score for g in grades] == [0.1, 1.0] and all(g.error is None for g in grades)
+    assert rerank_correct([0.9, 0.6], grades, letters_only=True) is True
+    assert rerank_correct([0.9, 0.6], grades) is False
+
+
+def test_a_verifier_shorter_than_the_evaluation_is_refused():
+    """gpu/tpu/paper trained the verifier on 256-token solutions and scored 400-token ones (review, session 28)."""
+    import dataclasses
+
+    from experiments.gsm8k_reft import preset_config
+
+    for preset in ("cpu", "gpu", "tpu", "paper"):
+        cfg = preset_config(preset)
+        assert cfg.rerank.max_new_tokens >= cfg.eval.max_new_tokens, preset
+        dataclasses.replace(cfg, rerank=dataclasses.replace(cfg.rerank, epochs=3),
+                            eval=dataclasses.replace(cfg.eval, voting_k=cfg.eval.voting_k or 4))
+    with pytest.raises(ValueError, match="rerank.max_new_tokens=256 is shorter than eval.max_new_tokens=400"):
+        dataclasses.replace(cfg, rerank=dataclasses.replace(cfg.rerank, epochs=3, max_new_tokens=256))
+
+
 def test_weighted_voting_sums_the_verifier_scores_per_answer():
     from reftjax.evaluate import majority_correct
 
