@@ -14,7 +14,8 @@ Hardware, command and expected result per preset:
   schedule at lr 2e-5; RL lr 3e-6, 256 prompts per rollout = 32 x 8 GPUs,
   ``exps/small_model_exps/rl_gsm8k.sh``), for any other model their 7B ones
   (warm-up epoch 2 of 40 at lr 1e-5; RL lr 3e-7, 32 prompts). Sharded over all
-  local devices (FSDP). Cheaper than the authors: voting@16, early stopping,
+  local devices (FSDP). Prompts start with a BOS where the model's tokenizer adds
+  one (``data.prompt.bos``; the authors add none). Cheaper than the authors: voting@16, early stopping,
   SFT batches grouped by length (``sft.group_by_length``: less padding, short
   examples weigh more; 0 is their plain shuffle).
   Both (and ``paper``) export bf16 weights (``export_dtype``): what their
@@ -22,7 +23,7 @@ Hardware, command and expected result per preset:
 * ``paper``: the authors' 7B configuration (CodeLLaMA-7B N-CoT: SFT lr 1e-5,
   epoch 2 of a 40-epoch schedule, RL lr 3e-7, bf16 compute with float32 master
   weights as their DeepSpeed run keeps, prompt <= 300 tokens, plainly shuffled
-  SFT batches). Deviations: 400 new tokens (the authors cap prompt + completion
+  SFT batches, no BOS: ``data.prompt.bos=false``). Deviations: 400 new tokens (the authors cap prompt + completion
   at 700, i.e. 400 to ~600 new tokens depending on the batch's longest prompt),
   3,000 RL iterations (~13 epochs; their script allows 300 epochs and picks the
   best on test, reftjax picks on validation); the SFT loss is one token mean over
@@ -60,7 +61,7 @@ def default_preset() -> str:
 def preset_config(name: str, model: str | None = None):
     """The ExperimentConfig of a preset (see the module docstring)."""
     from reftjax.config import CheckpointSettings, DataConfig, ExperimentConfig, RLConfig, SFTConfig
-    from reftjax.data import TokenizeConfig
+    from reftjax.data import PromptConfig, TokenizeConfig
     from reftjax.evaluate import EvalConfig
     from reftjax.rerank import RerankConfig
     from reftjax.rollout import SamplingConfig
@@ -108,7 +109,8 @@ def preset_config(name: str, model: str | None = None):
             # (2^-6 * 2^-7 = 1.2e-4), so bf16 weights would barely move; the authors' DeepSpeed run keeps fp32 masters
             name="gsm8k_reft_paper", model=model or "codellama/CodeLlama-7b-hf", dtype="bfloat16",
             param_dtype="float32", export_dtype="bfloat16", remat="full", mesh=MeshConfig(data=1, fsdp=-1),
-            data=DataConfig(n_val=500, val_fraction=0.05,
+            # no BOS, as the authors' encodes (add_special_tokens=False): CodeLlama's tokenizer would add one
+            data=DataConfig(n_val=500, val_fraction=0.05, prompt=PromptConfig(bos=False),
                             tokenize=TokenizeConfig(max_prompt_len=300, max_target_len=724)),
             sft=SFTConfig(epochs=2, schedule_epochs=40, batch_size=48, optim=OptimConfig(learning_rate=1e-5),
                           group_by_length=0),

@@ -364,11 +364,19 @@ def left_pad(rows: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[n
     return tokens, mask
 
 
-def encode_prompts(tokenizer, texts: Sequence[str], chat: bool) -> list[list[int]]:
+def encode_prompts(tokenizer, texts: Sequence[str], chat: bool, bos: bool | None = None) -> list[list[int]]:
+    """Token ids of prompts as training encodes them (`data.tokenize`): one user turn of the chat template, or the
+    plain text (text that spells a special token stays text) after the BOS when `bos` says so
+    (`PromptConfig.bos`: None, when the tokenizer's own encoding adds one)."""
+    from reftjax.data.prompts import PromptConfig, chat_template_kwargs, prompt_bos
+    from reftjax.data.tokenize import encode_texts
+
     if chat:
         return [list(tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
-                                                   tokenize=True, return_dict=False)) for t in texts]
-    return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+                                                   tokenize=True, return_dict=False, **chat_template_kwargs(tokenizer)))
+                for t in texts]
+    first = prompt_bos(tokenizer, PromptConfig(bos=bos))
+    return [([first] if first is not None else []) + x.tolist() for x in encode_texts(tokenizer, list(texts))]
 
 
 def decode_completions(tokenizer, r: Rollout, skip_special_tokens: bool = True, stop_sequences=()) -> list[str]:
@@ -400,8 +408,11 @@ _GENERATE_CALLS = itertools.count()  # generate()'s default keys: fold_in(key(0)
 
 def generate(params, model_cfg: ModelConfig, tokenizer, texts: Sequence[str], *, cfg: SamplingConfig | None = None,
              chat: bool = True, rng: jax.Array | None = None, prompt_buckets: Sequence[int] = (64, 128, 256, 512),
-             batch_size: int | None = None, mesh=None) -> list[str]:
+             batch_size: int | None = None, mesh=None, bos: bool | None = None) -> list[str]:
     """Text in, text out: tokenize (chat template or raw), bucket, `rollout`, detokenize.
+
+    `chat=False` encodes the text as the plain prompt styles do, after a BOS per `bos` (`PromptConfig.bos`: None
+    when the tokenizer's own encoding adds one; pass the run's `data.prompt.bos` for a policy trained with another).
 
     Texts run `batch_size` at a time (default: all at once), each batch padded to `batch_size` rows, so one compiled
     program serves every batch and every call with the same sizes (more texts than `batch_size` ran as one batch
@@ -421,7 +432,7 @@ def generate(params, model_cfg: ModelConfig, tokenizer, texts: Sequence[str], *,
         cfg = dataclasses.replace(cfg, eos_ids=eos, pad_id=pad)
     if len(texts) == 0:  # (`not texts` raised for a NumPy array or a pandas Series of texts)
         return []
-    ids = encode_prompts(tokenizer, texts, chat)
+    ids = encode_prompts(tokenizer, texts, chat, bos)
     if empty := [i for i, r in enumerate(ids) if not r]:  # nothing to condition on: the first token's log-prob
         raise ValueError(f"generate: texts {empty[:5]} encode to no tokens (chat=False adds no template)")  # undefined
     length = bucket(max(len(r) for r in ids), prompt_buckets)

@@ -642,13 +642,17 @@ def _verifier_for(cfg: ExperimentConfig, name: str, model, sft_params, data: Dat
 
 def _eos_ids(cfg: ExperimentConfig, model) -> tuple[int, ...]:
     """The run's EOS ids: rl.sampling.eos_ids, else the model's. RL rollouts, validation, test and the verifier's
-    samples all stop by this one rule (test used the model's alone, so selection and test could differ). In the chat
-    styles the model's ids gain the template's end-of-turn token, which the warm-up's targets end with."""
+    samples all stop by this one rule (test used the model's alone, so selection and test could differ). The model's
+    ids gain the token the warm-up's targets end with: the template's end of turn in the chat styles, the
+    tokenizer's EOS in the plain ones."""
     if cfg.rl.sampling.eos_ids:
         return tuple(cfg.rl.sampling.eos_ids)
     ids = tuple(model.config.eos_token_ids)
-    if cfg.data.prompt.style.startswith("chat") and (eot := end_of_turn_id(model.tokenizer)) not in ids:
-        ids += (eot,)
+    # the token the warm-up's targets end with: the template's end of turn, or the tokenizer's EOS in the plain
+    # styles (a ChatML fine-tune of a base model: <|im_end|> there, <|endoftext|> in config.json; review, session 28)
+    last = end_of_turn_id(model.tokenizer) if cfg.data.prompt.style.startswith("chat") else model.tokenizer.eos_token_id
+    if last is not None and last not in ids:
+        ids += (last,)
     return ids
 
 

@@ -277,6 +277,10 @@ def test_chat_targets_end_with_the_templates_end_of_turn_token(smollm_tokenizer,
     assert _eos_ids(replace_path(ExperimentConfig(), "data.prompt.style", "chat"), model) == (0, 2)
     assert _eos_ids(ExperimentConfig(), model) == (0,)
     assert _eos_ids(replace_path(ExperimentConfig(), "rl.sampling.eos_ids", (5,)), model) == (5,)
+    # plain styles end targets with the tokenizer's EOS: a ChatML fine-tune of a base model (<|im_end|> there,
+    # <|endoftext|> in config.json) never stopped a rollout on it (tokenizer review, session 28)
+    shipped = types.SimpleNamespace(config=types.SimpleNamespace(eos_token_ids=(0,)), tokenizer=smollm_tokenizer)
+    assert _eos_ids(ExperimentConfig(), shipped) == (0, 2)
     # and the exported policy's generation config stops there too: transformers' generate on hf/final ran past the
     # end of turn, the loaded EOS alone exported (regression review)
     from transformers import GenerationConfig, LlamaConfig
@@ -329,3 +333,76 @@ def test_encode_texts_calls_a_tokenizer_without_split_special_tokens_without_it(
     assert smollm_tokenizer.eos_token_id not in plain and len(plain) > 1
     assert encode_texts(smollm_tokenizer, ["<|im_end|>"], split_special_tokens=False)[0].tolist() == \
         [smollm_tokenizer.eos_token_id]
+
+
+def _bos_tokenizer(chat_template=None, eos="</s>"):
+    """A Llama-2-like stand-in built offline: adds <s> to every encoding, EOS `eos`, no pad."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "<s>", "</s>", "<|im_end|>", "Question", ":", "Answer", "reasoning", "Tom", "has", "2", "apples",
+             ".", "Therefore", ",", "the", "answer", "is", "system", "user", "assistant", "Date"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    t = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token=eos, unk_token="<unk>")
+    t.chat_template = chat_template
+    return t
+
+
+def test_plain_prompts_start_with_the_bos_the_tokenizer_adds_unless_told_not_to(smollm_tokenizer):
+    """Plain styles encoded without special tokens, so a Llama-2/3 or Mistral checkpoint trained and was evaluated
+    without the BOS it was pretrained with, and the export prompted the transformers way (with it) saw a context
+    the policy never had (tokenizer review, session 28). `bos=None` follows the tokenizer, False the authors."""
+    from reftjax.rollout import encode_prompts
+
+    ex = [Example(idx=0, item_id="a", question="Tom has 2 apples .", cot="Tom has 2 apples .", answer="2",
+                  answer_value=2.0)]
+    tok = _bos_tokenizer()
+    for bos, first in ((None, [1]), (True, [1]), (False, [])):
+        ds = tokenize_examples(ex, tok, PromptConfig("reft", bos=bos), TokenizeConfig())
+        plain = tok(format_example(ex[0], PromptConfig("reft"), tok).prompt, add_special_tokens=False)["input_ids"]
+        assert ds.prompt[0].tolist() == first + plain, bos
+        assert (ds.target[0] == 1).sum() == 0 and ds.target[0][-1] == tok.eos_token_id
+        # generate(chat=False) encodes as training does
+        assert encode_prompts(tok, [format_example(ex[0], PromptConfig("reft"), tok).prompt], False, bos)[0] == \
+            ds.prompt[0].tolist()
+    assert tok(format_example(ex[0], PromptConfig("reft"), tok).prompt)["input_ids"] == \
+        tokenize_examples(ex, tok, PromptConfig("reft"), TokenizeConfig()).prompt[0].tolist()  # transformers' way
+    # SmolLM2's tokenizer adds none: nothing changes for it
+    small = tokenize_examples(ex, smollm_tokenizer, PromptConfig("reft"), TokenizeConfig())
+    text = format_example(ex[0], PromptConfig("reft"), smollm_tokenizer).prompt
+    assert small.prompt[0].tolist() == smollm_tokenizer(text, add_special_tokens=False)["input_ids"]
+    with pytest.raises(DataError, match="data.prompt.bos=true: the tokenizer has no BOS token"):
+        tokenize_examples(ex, _no_bos(smollm_tokenizer), PromptConfig("reft", bos=True), TokenizeConfig())
+    # the chat styles take what their template writes
+    chat = _bos_tokenizer("{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    ds = tokenize_examples(ex, chat, PromptConfig("chat"), TokenizeConfig())
+    assert ds.prompt[0].tolist().count(1) == 1 and ds.prompt[0][0] == 1
+
+
+def _no_bos(tokenizer):
+    import copy
+
+    t = copy.deepcopy(tokenizer)
+    t.bos_token = None
+    return t
+
+
+def test_a_chat_template_that_writes_todays_date_renders_one_fixed_date():
+    """Llama-3.x templates write strftime_now's date into every prompt unless given date_string: the prompts and the
+    data digest a resume checks changed at midnight (tokenizer review, session 28)."""
+    import datetime
+
+    from reftjax.data.prompts import CHAT_DATE
+    from reftjax.data.tokenize import end_of_turn_id
+
+    template = ("{%- if not date_string is defined %}{%- if strftime_now is defined %}"
+                "{%- set date_string = strftime_now('%d %b %Y') %}{%- else %}{%- set date_string = '26 Jul 2024' %}"
+                "{%- endif %}{%- endif %}{{ bos_token }}Date : {{ date_string }} {% for m in messages %}"
+                "{{ m['content'] }} {% endfor %}")
+    tok = _bos_tokenizer(template)
+    ex = Example(idx=0, item_id="a", question="Tom has 2 apples .", cot="x", answer="2", answer_value=2.0)
+    prompt = format_example(ex, PromptConfig("chat"), tok).prompt
+    assert f"Date : {CHAT_DATE} " in prompt and datetime.date.today().strftime("%d %b %Y") not in prompt
+    assert end_of_turn_id(tok) == tok.eos_token_id  # (the probe renders with the same date)

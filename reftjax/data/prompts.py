@@ -44,17 +44,48 @@ class PromptConfig:
         CoTs; they are calls to a calculator we do not run and add ~32% target tokens
         on GSM8K train with SmolLM2's tokenizer (mean 130 vs 99; BUILD_NOTES).
       system_prompt: chat styles only; None keeps the template's default system turn.
+      bos: plain styles: start every prompt (SFT, RL, evaluation) with the tokenizer's BOS token. None: when the
+        tokenizer's own encoding adds one (Llama-2/3, Mistral; not SmolLM2 or Qwen2), as transformers' generate
+        on the exported policy would be prompted; False: never, as the ReFT authors (`add_special_tokens=False`;
+        the `paper` preset). The chat styles take what their template writes.
     """
 
     style: str = "reft"
     strip_annotations: bool = True
     system_prompt: str | None = None
+    bos: bool | None = None
 
     def __post_init__(self):
         if self.style not in STYLES:
             raise ValueError(f"style must be one of {STYLES}, got {self.style!r}")
         if self.system_prompt is not None and not self.style.startswith("chat"):
             raise ValueError("system_prompt only applies to the chat styles ('chat', 'chat-python')")
+
+
+# Llama-3.x chat templates write today's date (`strftime_now`) into every prompt unless given `date_string`: a
+# run's prompts (and the data digest a resume checks) changed at midnight (review, session 28). This is the
+# templates' own fallback date.
+CHAT_DATE = "26 Jul 2024"
+
+
+def chat_template_kwargs(tokenizer) -> dict:
+    """Variables fixed for every rendering of the tokenizer's chat template (`date_string` where it reads one)."""
+    template = getattr(tokenizer, "chat_template", None)
+    text = " ".join(template.values()) if isinstance(template, dict) else template if isinstance(template, str) else ""
+    return {"date_string": CHAT_DATE} if "date_string" in text else {}
+
+
+def prompt_bos(tokenizer, cfg: PromptConfig) -> int | None:
+    """The BOS id plain-style prompts start with (`PromptConfig.bos`), or None."""
+    if cfg.style.startswith("chat") or cfg.bos is False:
+        return None
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if cfg.bos is None:
+        ids = tokenizer("1")["input_ids"] if bos is not None else []
+        return bos if len(ids) and ids[0] == bos else None
+    if bos is None:
+        raise DataError("data.prompt.bos=true: the tokenizer has no BOS token")
+    return bos
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,7 +142,8 @@ def format_example(ex: Example, cfg: PromptConfig, tokenizer=None) -> Formatted:
         messages = chat_messages(ex, cfg)
         if "developer" not in tokenizer.chat_template:  # OpenAI's name for the system turn, unknown to the template
             messages = [{**m, "role": "system"} if m.get("role") == "developer" else m for m in messages]
-        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
+                                               **chat_template_kwargs(tokenizer))
     elif ex.messages is not None:
         raise DataError(f"{ex.item_id}: chat-format (openai) examples need data.prompt.style='chat'")
     else:

@@ -25,7 +25,7 @@ import hashlib
 
 import numpy as np
 
-from reftjax.data.prompts import PromptConfig, format_example
+from reftjax.data.prompts import PromptConfig, chat_template_kwargs, format_example, prompt_bos
 from reftjax.data.records import DataError, Example
 
 TRUNCATION = ("drop", "truncate", "error")
@@ -182,7 +182,7 @@ def end_of_turn_id(tokenizer) -> int:
     mark = "reftjaxEndOfTurnProbe"
     try:
         text = tokenizer.apply_chat_template([{"role": "user", "content": "1"}, {"role": "assistant", "content": mark}],
-                                             tokenize=False)
+                                             tokenize=False, **chat_template_kwargs(tokenizer))
     except Exception:  # noqa: BLE001 - a template that refuses this conversation: no better answer than EOS
         return tokenizer.eos_token_id
     if mark not in text:
@@ -222,6 +222,8 @@ def tokenize_examples(examples: list[Example], tokenizer, prompt_cfg: PromptConf
     # the reply's last token: the template's end of turn in the chat styles (Llama-3: <|eot_id|>, not <|end_of_text|>)
     eos = end_of_turn_id(tokenizer) if chat else tokenizer.eos_token_id
     prompts = encode_texts(tokenizer, [f.prompt for f in formatted], split_special_tokens=not chat)
+    if (bos := prompt_bos(tokenizer, prompt_cfg)) is not None:
+        prompts = [np.concatenate([np.asarray([bos], np.int32), p]) for p in prompts]
     prefixes = encode_texts(tokenizer, [f.response_prefix for f in formatted])
     targets = None
     if with_targets:
