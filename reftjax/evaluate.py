@@ -117,6 +117,13 @@ def majority_correct(grades, weights=None, tol: float = 0.0) -> bool:
     return max(group.values(), key=lambda entry: entry[0])[1]  # max keeps the first of equal votes
 
 
+def _grades_mathqa(grader) -> bool:
+    """Whether a MathQA ReFT grader grades the answers, itself or inside a multi grader."""
+    if getattr(grader, "answer_type", None) == "mathqa":
+        return True
+    return any(_grades_mathqa(g) for g in (getattr(grader, "graders", None) or {}).values())
+
+
 def evaluate(params, model_cfg, tokenizer, ds: TokenizedDataset, items: Sequence[dict], grader,
              cfg: EvalConfig, *, mesh=None, rng=None, eos_ids=(), pad_id=0, progress=None, verifier=None,
              stop_sequences=()) -> dict:
@@ -145,7 +152,7 @@ def evaluate(params, model_cfg, tokenizer, ds: TokenizedDataset, items: Sequence
     rng = rng if rng is not None else jax.random.key(1234)
     if verifier is not None and vote is None:
         raise ValueError("rerank@k needs voting samples: set EvalConfig.voting_k > 0")
-    mathqa = getattr(grader, "answer_type", None) == "mathqa"  # rerank@k picks option letters only (the authors')
+    mathqa = _grades_mathqa(grader)  # rerank@k picks option letters only (the authors')
     correct, scores_g, voted, reranked, weighted, bound, lengths, samples = [], [], [], [], [], [], [], []
     greedy_grades = []
     t0 = time.perf_counter()

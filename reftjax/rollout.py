@@ -365,18 +365,19 @@ def left_pad(rows: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[n
 
 
 def encode_prompts(tokenizer, texts: Sequence[str], chat: bool, bos: bool | None = None) -> list[list[int]]:
-    """Token ids of prompts as training encodes them (`data.tokenize`): one user turn of the chat template, or the
-    plain text (text that spells a special token stays text) after the BOS when `bos` says so
-    (`PromptConfig.bos`: None, when the tokenizer's own encoding adds one)."""
+    """Token ids of prompts: one user turn of the chat template, as training encodes it, or the plain text after
+    the BOS when `bos` says so (`PromptConfig.bos`: None, when the tokenizer's own encoding adds one). Plain text
+    that spells a special token stays a control token here, deliberately (a template typed by hand); training
+    keeps such text text."""
     from reftjax.data.prompts import PromptConfig, chat_template_kwargs, prompt_bos
-    from reftjax.data.tokenize import encode_texts
 
     if chat:
         return [list(tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
                                                    tokenize=True, return_dict=False, **chat_template_kwargs(tokenizer)))
                 for t in texts]
     first = prompt_bos(tokenizer, PromptConfig(bos=bos))
-    return [([first] if first is not None else []) + x.tolist() for x in encode_texts(tokenizer, list(texts))]
+    return [([first] if first is not None else []) + list(tokenizer(t, add_special_tokens=False)["input_ids"])
+            for t in texts]
 
 
 def decode_completions(tokenizer, r: Rollout, skip_special_tokens: bool = True, stop_sequences=()) -> list[str]:

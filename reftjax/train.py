@@ -650,7 +650,8 @@ def _eos_ids(cfg: ExperimentConfig, model) -> tuple[int, ...]:
     ids = tuple(model.config.eos_token_ids)
     # the token the warm-up's targets end with: the template's end of turn, or the tokenizer's EOS in the plain
     # styles (a ChatML fine-tune of a base model: <|im_end|> there, <|endoftext|> in config.json; review, session 28)
-    last = end_of_turn_id(model.tokenizer) if cfg.data.prompt.style.startswith("chat") else model.tokenizer.eos_token_id
+    chat = cfg.data.prompt.style.startswith("chat")
+    last = end_of_turn_id(model.tokenizer) if chat else getattr(model.tokenizer, "eos_token_id", None)
     if last is not None and last not in ids:
         ids += (last,)
     return ids
@@ -784,7 +785,11 @@ LOCATIONS = ("model", "data.train_file", "data.val_file", "data.test_file")
 
 # settings added with a default that is not what runs begun before them did: key -> the value in effect for such a
 # run, from its flat config (voting@k grouped answers within 1e-2 until session 27 made equal values the default)
-_EARLIER = {"eval.voting_tol": lambda old: 0.01 if old.get("eval.voting_k") else 0.0}
+_EARLIER = {"eval.voting_tol": lambda old: 0.01 if old.get("eval.voting_k") else 0.0,
+            "data.prompt.bos": lambda old: False}  # (no BOS was added before the setting)
+# values of an added setting that also keep such a run's behaviour in some cases, left to another check: null
+# adds no BOS where the tokenizer adds none, and the data digests (`_check_same_data`) compare the tokens
+_EARLIER_ALSO = {"data.prompt.bos": (None,)}
 
 
 def _check_same_run(cfg_path: pathlib.Path, new: dict, content_checked: bool = False) -> None:
@@ -807,8 +812,11 @@ def _check_same_run(cfg_path: pathlib.Path, new: dict, content_checked: bool = F
     def earlier(k):  # what a setting added since the run began was in effect for it: its default, but for _EARLIER
         return _EARLIER[k](a) if k in _EARLIER else defaults.get(k, "<unset>")
     def free(k):
-        if k not in a and k in defaults and b[k] == earlier(k):  # a setting added since the run began, at the value
-            return True  # that keeps the earlier behaviour (runs from before data.val_file were refused)
+        if k not in a and k in defaults and (b[k] == earlier(k) or b[k] in _EARLIER_ALSO.get(k, ())):
+            return True  # a setting added since the run began, at a value that keeps the earlier behaviour (runs from
+            # before data.val_file were refused)
+        if k.startswith("rerank.") and not a.get("rerank.epochs") and not b.get("rerank.epochs"):
+            return True  # the verifier phase is off in both: its settings change nothing (a preset's did)
         if k in LOCATIONS:  # a path to another path; null <-> a path changes what is read (a held-out split, GSM8K)
             return content_checked and a.get(k) is not None and b.get(k) is not None
         return any(k == c or (c.endswith(".") and k.startswith(c)) for c in RESUMABLE_CHANGES)

@@ -354,6 +354,10 @@ def test_plain_prompts_start_with_the_bos_the_tokenizer_adds_unless_told_not_to(
     """Plain styles encoded without special tokens, so a Llama-2/3 or Mistral checkpoint trained and was evaluated
     without the BOS it was pretrained with, and the export prompted the transformers way (with it) saw a context
     the policy never had (tokenizer review, session 28). `bos=None` follows the tokenizer, False the authors."""
+    import copy
+    import dataclasses
+
+    from reftjax.data.prompts import prompt_bos
     from reftjax.rollout import encode_prompts
 
     ex = [Example(idx=0, item_id="a", question="Tom has 2 apples .", cot="Tom has 2 apples .", answer="2",
@@ -375,13 +379,26 @@ def test_plain_prompts_start_with_the_bos_the_tokenizer_adds_unless_told_not_to(
     assert small.prompt[0].tolist() == smollm_tokenizer(text, add_special_tokens=False)["input_ids"]
     with pytest.raises(DataError, match="data.prompt.bos=true: the tokenizer has no BOS token"):
         tokenize_examples(ex, _no_bos(smollm_tokenizer), PromptConfig("reft", bos=True), TokenizeConfig())
+    # a truncated prompt keeps its BOS, which counts in max_prompt_len (it was cut off with the text's head)
+    long = [dataclasses.replace(ex[0], question=" ".join(["Tom has 2 apples ."] * 20))]
+    cut = tokenize_examples(long, tok, PromptConfig("reft"), TokenizeConfig(max_prompt_len=10, truncation="truncate"))
+    assert cut.prompt[0][0] == 1 and len(cut.prompt[0]) == 10 and cut.stats["prompt_truncated"] == 1
+    # the BOS a tokenizer adds is what it puts before the text, declared or not (the first id alone was fooled by a
+    # bos_token that is also the unknown token of a text; regression review)
+    undeclared = copy.deepcopy(tok)
+    undeclared.bos_token = None
+    assert prompt_bos(undeclared, PromptConfig("reft")) == 1
+    fooled = _bos_tokenizer()
+    fooled._tokenizer.post_processor = None  # adds nothing; its BOS and the unknown "1" share id 0 below
+    fooled.bos_token = "<unk>"
+    assert fooled("1")["input_ids"] == [0] and prompt_bos(fooled, PromptConfig("reft")) is None
     # the chat styles take what their template writes
     chat = _bos_tokenizer("{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}")
     ds = tokenize_examples(ex, chat, PromptConfig("chat"), TokenizeConfig())
     assert ds.prompt[0].tolist().count(1) == 1 and ds.prompt[0][0] == 1
 
 
-def _no_bos(tokenizer):
+def _no_bos(tokenizer):  # (a copy whose tokenizer declares no BOS token)
     import copy
 
     t = copy.deepcopy(tokenizer)

@@ -179,6 +179,16 @@ def test_mathqa_rerank_picks_option_letters_only():
     assert [g.score for g in grades] == [0.1, 1.0] and all(g.error is None for g in grades)
     assert rerank_correct([0.9, 0.6], grades, letters_only=True) is True
     assert rerank_correct([0.9, 0.6], grades) is False
+    # evaluation applies the rule to a MathQA grader inside a multi grader too (regression review)
+    from reftjax.evaluate import _grades_mathqa
+    from reftjax.graders.build import build_grader
+
+    multi = build_grader({"type": "multi", "calculate_output": "a", "graders": {"a": {"type": "reft",
+                                                                                     "answer_type": "mathqa"}}})
+    assert _grades_mathqa(multi) and _grades_mathqa(ReftGrader(answer_type="mathqa"))
+    assert not _grades_mathqa(ReftGrader()) and not _grades_mathqa(build_grader({"type": "multi",
+                                                                                  "calculate_output": "a",
+                                                                                  "graders": {"a": {"type": "reft"}}}))
 
 
 def test_a_verifier_shorter_than_the_evaluation_is_refused():

@@ -642,6 +642,22 @@ def test_a_rerun_may_change_only_how_the_run_is_saved_and_laid_out(tmp_path):
     with pytest.raises(RunDirError, match=r"other settings \(eval.voting_tol: <unset, i.e. 0.01> -> 0.0\)"):
         _check_same_run(path, {**to_dict(cfg), "eval": {**to_dict(cfg)["eval"], "voting_k": 4}})
     _check_same_run(path, {**to_dict(cfg), "eval": {**to_dict(cfg)["eval"], "voting_k": 4, "voting_tol": 0.01}})
+    # data.prompt.bos (session 28): no BOS was added before it, so false resumes (the paper preset's), null too (it
+    # adds none where the tokenizer adds none; the data digests compare the tokens), true is a change
+    del older["data"]["prompt"]["bos"]
+    path.write_text(json.dumps(older))
+    for bos in (None, False):
+        _check_same_run(path, {**to_dict(cfg), "data": {**to_dict(cfg)["data"], "prompt": {
+            **to_dict(cfg)["data"]["prompt"], "bos": bos}}})
+    with pytest.raises(RunDirError, match=r"other settings \(data.prompt.bos: <unset, i.e. false> -> true\)"):
+        _check_same_run(path, {**to_dict(cfg), "data": {**to_dict(cfg)["data"], "prompt": {
+            **to_dict(cfg)["data"]["prompt"], "bos": True}}})
+    # the verifier's settings change nothing while it is off in both (a preset's rerank.max_new_tokens moved)
+    path.write_text(json.dumps(to_dict(cfg)))
+    rerank = to_dict(cfg)["rerank"]
+    _check_same_run(path, {**to_dict(cfg), "rerank": {**rerank, "max_new_tokens": 400}})
+    with pytest.raises(RunDirError, match=r"other settings \(rerank.epochs: 0 -> 3, rerank.max_new_tokens: 256 -> 400"):
+        _check_same_run(path, {**to_dict(cfg), "rerank": {**rerank, "max_new_tokens": 400, "epochs": 3}})
     path.write_text('{"name": ')
     with pytest.raises(RunDirError, match="config.json: unreadable"):
         _check_same_run(path, to_dict(cfg))

@@ -80,9 +80,10 @@ def prompt_bos(tokenizer, cfg: PromptConfig) -> int | None:
     if cfg.style.startswith("chat") or cfg.bos is False:
         return None
     bos = getattr(tokenizer, "bos_token_id", None)
-    if cfg.bos is None:
-        ids = tokenizer("1")["input_ids"] if bos is not None else []
-        return bos if len(ids) and ids[0] == bos else None
+    if cfg.bos is None:  # what the tokenizer's own encoding puts before the text (a bos_token == unk fooled a probe
+        # of the first id alone; regression review)
+        full, text = tokenizer("1")["input_ids"], tokenizer("1", add_special_tokens=False)["input_ids"]
+        return full[0] if len(full) > len(text) and full[1:1 + len(text)] == text else None
     if bos is None:
         raise DataError("data.prompt.bos=true: the tokenizer has no BOS token")
     return bos

@@ -222,18 +222,19 @@ def tokenize_examples(examples: list[Example], tokenizer, prompt_cfg: PromptConf
     # the reply's last token: the template's end of turn in the chat styles (Llama-3: <|eot_id|>, not <|end_of_text|>)
     eos = end_of_turn_id(tokenizer) if chat else tokenizer.eos_token_id
     prompts = encode_texts(tokenizer, [f.prompt for f in formatted], split_special_tokens=not chat)
-    if (bos := prompt_bos(tokenizer, prompt_cfg)) is not None:
-        prompts = [np.concatenate([np.asarray([bos], np.int32), p]) for p in prompts]
     prefixes = encode_texts(tokenizer, [f.response_prefix for f in formatted])
     targets = None
     if with_targets:
         eos_arr = np.asarray([eos], np.int32)
         targets = [np.concatenate([t, eos_arr])
                    for t in encode_texts(tokenizer, [f.target for f in formatted])]
-    return _apply_limits(examples, prompts, prefixes, targets, int(pad), cfg)
+    return _apply_limits(examples, prompts, prefixes, targets, int(pad), cfg, prompt_bos(tokenizer, prompt_cfg))
 
 
-def _apply_limits(examples, prompts, prefixes, targets, pad_id, cfg) -> TokenizedDataset:
+def _apply_limits(examples, prompts, prefixes, targets, pad_id, cfg, bos=None) -> TokenizedDataset:
+    """Length limits; a `bos` starts every prompt and counts in `max_prompt_len` (a truncated prompt keeps it)."""
+    if bos is not None:
+        prompts = [np.concatenate([np.asarray([bos], np.int32), p]) for p in prompts]
     stats = dict(examples=len(examples), kept=0, dropped=0, prompt_truncated=0, target_truncated=0)
     keep_p, keep_q, keep_t, keep_idx = [], [], [] if targets is not None else None, []
     for i, ex in enumerate(examples):
@@ -253,7 +254,12 @@ def _apply_limits(examples, prompts, prefixes, targets, pad_id, cfg) -> Tokenize
             if keep <= 0:  # nothing of the question would be left (a P-CoT program header is the question):
                 stats["dropped"] += 1  # dropped and counted, as with truncation="drop" (it stopped the whole run)
                 continue
-            p, stats["prompt_truncated"] = p[-keep:], stats["prompt_truncated"] + 1
+            head = p[:1] if bos is not None else p[:0]
+            keep -= len(head)
+            if keep <= 0:
+                stats["dropped"] += 1
+                continue
+            p, stats["prompt_truncated"] = np.concatenate([head, p[-keep:]]), stats["prompt_truncated"] + 1
         if long_t:
             t, stats["target_truncated"] = t[:cfg.max_target_len], stats["target_truncated"] + 1
         keep_p.append(p)
