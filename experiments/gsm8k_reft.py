@@ -14,17 +14,19 @@ Hardware, command and expected result per preset:
   schedule at lr 2e-5; RL lr 3e-6, 256 prompts per rollout = 32 x 8 GPUs,
   ``exps/small_model_exps/rl_gsm8k.sh``), for any other model their 7B ones
   (warm-up epoch 2 of 40 at lr 1e-5; RL lr 3e-7, 32 prompts). Sharded over all
-  local devices (FSDP). Prompts start with a BOS where the model's tokenizer adds
-  one (``data.prompt.bos``; the authors add none). Cheaper than the authors: voting@16, early stopping,
-  SFT batches grouped by length (``sft.group_by_length``: less padding, short
-  examples weigh more; 0 is their plain shuffle).
+  local devices (FSDP). Prompts start with a BOS where the model's tokenizer
+  adds one (``data.prompt.bos``; the authors add none). Cheaper than the
+  authors: voting@16, early stopping, SFT batches grouped by length
+  (``sft.group_by_length``: less padding, short examples weigh more; 0 is
+  their plain shuffle).
   Both (and ``paper``) export bf16 weights (``export_dtype``): what their
   bf16 compute evaluated, half the float32 masters' size (13.5 GB at 7B).
 * ``paper``: the authors' 7B configuration (CodeLLaMA-7B N-CoT: SFT lr 1e-5,
   epoch 2 of a 40-epoch schedule, RL lr 3e-7, bf16 compute with float32 master
   weights as their DeepSpeed run keeps, prompt <= 300 tokens, plainly shuffled
-  SFT batches, no BOS: ``data.prompt.bos=false``). Deviations: 400 new tokens (the authors cap prompt + completion
-  at 700, i.e. 400 to ~600 new tokens depending on the batch's longest prompt),
+  SFT batches, no BOS: ``data.prompt.bos=false``). Deviations: 400 new tokens
+  (the authors cap prompt + completion at 700, i.e. 400 to ~600 new tokens
+  depending on the batch's longest prompt),
   3,000 RL iterations (~13 epochs; their script allows 300 epochs and picks the
   best on test, reftjax picks on validation); the SFT loss is one token mean over
   each batch of 48 (theirs averages 16 micro-batches' own token means), an

@@ -354,8 +354,8 @@ def _raise_deleted(name, args, kwargs):
     review, session 28: the README's example used the loaded params for two states)."""
     where = [jax.tree_util.keystr(path) for path, x in jax.tree_util.tree_flatten_with_path((args, kwargs))[0]
              if isinstance(x, jax.Array) and x.is_deleted()]
-    raise ValueError(f"{name.lstrip('_')}: {len(where)} argument array(s) were deleted, e.g. {where[0]}: their buffers were "
-                     f"donated to an earlier step (make_sft_step and make_ppo_step donate the state they are given, "
+    raise ValueError(f"{name.lstrip('_')}: {len(where)} argument array(s) were deleted, e.g. {where[0]}: their "
+                     f"buffers were donated to an earlier step (make_sft_step and make_ppo_step donate the state they are given, "
                      f"and init_state shares the params it is given); pass a copy, jax.tree.map(jnp.copy, params), "
                      f"of params you use again")
 

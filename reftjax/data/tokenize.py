@@ -250,14 +250,10 @@ def _apply_limits(examples, prompts, prefixes, targets, pad_id, cfg, bos=None) -
             stats["dropped"] += 1
             continue
         if long_p:
-            keep = cfg.max_prompt_len - len(q)
+            head = p[:1] if bos is not None else p[:0]  # (the BOS stays first)
+            keep = cfg.max_prompt_len - len(q) - len(head)
             if keep <= 0:  # nothing of the question would be left (a P-CoT program header is the question):
                 stats["dropped"] += 1  # dropped and counted, as with truncation="drop" (it stopped the whole run)
-                continue
-            head = p[:1] if bos is not None else p[:0]
-            keep -= len(head)
-            if keep <= 0:
-                stats["dropped"] += 1
                 continue
             p, stats["prompt_truncated"] = np.concatenate([head, p[-keep:]]), stats["prompt_truncated"] + 1
         if long_t:
