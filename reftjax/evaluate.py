@@ -118,10 +118,8 @@ def majority_correct(grades, weights=None, tol: float = 0.0) -> bool:
 
 
 def _grades_mathqa(grader) -> bool:
-    """Whether a MathQA ReFT grader grades the answers, itself or inside a multi grader."""
-    if getattr(grader, "answer_type", None) == "mathqa":
-        return True
-    return any(_grades_mathqa(g) for g in (getattr(grader, "graders", None) or {}).values())
+    """Whether a MathQA ReFT grader grades the answers (a multi grader says its sub-graders' `answer_type`)."""
+    return getattr(grader, "answer_type", None) == "mathqa"
 
 
 def evaluate(params, model_cfg, tokenizer, ds: TokenizedDataset, items: Sequence[dict], grader,

@@ -783,13 +783,12 @@ def _flat(d: dict, prefix: str = "") -> dict:
 LOCATIONS = ("model", "data.train_file", "data.val_file", "data.test_file")
 
 
-# settings added with a default that is not what runs begun before them did: key -> the value in effect for such a
-# run, from its flat config (voting@k grouped answers within 1e-2 until session 27 made equal values the default)
-_EARLIER = {"eval.voting_tol": lambda old: 0.01 if old.get("eval.voting_k") else 0.0,
-            "data.prompt.bos": lambda old: False}  # (no BOS was added before the setting)
-# values of an added setting that also keep such a run's behaviour in some cases, left to another check: null
-# adds no BOS where the tokenizer adds none, and the data digests (`_check_same_data`) compare the tokens
-_EARLIER_ALSO = {"data.prompt.bos": (None,)}
+# settings added with a default that is not (always) what runs begun before them did: key -> the values that keep
+# such a run's behaviour, from its flat config, the first named in messages. Voting@k grouped answers within 1e-2
+# until session 27 made equal values the default; no BOS was added before data.prompt.bos, and its null adds none
+# where the tokenizer adds none (where it adds one, the data digests of `_check_same_data` refuse the change).
+_EARLIER = {"eval.voting_tol": lambda old: (0.01 if old.get("eval.voting_k") else 0.0,),
+            "data.prompt.bos": lambda old: (False, None)}
 
 
 def _check_same_run(cfg_path: pathlib.Path, new: dict, content_checked: bool = False) -> None:
@@ -809,10 +808,10 @@ def _check_same_run(cfg_path: pathlib.Path, new: dict, content_checked: bool = F
                           f"resumed: use a new output directory") from e
     a, b = _flat(old), _flat(new)
     defaults = _flat(to_dict(ExperimentConfig()))
-    def earlier(k):  # what a setting added since the run began was in effect for it: its default, but for _EARLIER
-        return _EARLIER[k](a) if k in _EARLIER else defaults.get(k, "<unset>")
+    def earlier(k):  # the values of a setting added since the run began that keep what it did: its default, but
+        return _EARLIER[k](a) if k in _EARLIER else (defaults.get(k, "<unset>"),)  # for _EARLIER
     def free(k):
-        if k not in a and k in defaults and (b[k] == earlier(k) or b[k] in _EARLIER_ALSO.get(k, ())):
+        if k not in a and k in defaults and b[k] in earlier(k):
             return True  # a setting added since the run began, at a value that keeps the earlier behaviour (runs from
             # before data.val_file were refused)
         if k.startswith("rerank.") and not a.get("rerank.epochs") and not b.get("rerank.epochs"):
@@ -822,7 +821,7 @@ def _check_same_run(cfg_path: pathlib.Path, new: dict, content_checked: bool = F
         return any(k == c or (c.endswith(".") and k.startswith(c)) for c in RESUMABLE_CHANGES)
     diffs = [k for k in sorted(a.keys() | b.keys()) if a.get(k, "<unset>") != b.get(k, "<unset>") and not free(k)]
     if diffs:
-        shown = ", ".join(f"{k}: {json.dumps(a[k]) if k in a else f'<unset, i.e. {json.dumps(earlier(k))}>'} -> "
+        shown = ", ".join(f"{k}: {json.dumps(a[k]) if k in a else f'<unset, i.e. {json.dumps(earlier(k)[0])}>'} -> "
                           f"{json.dumps(b.get(k, '<unset>'))}" for k in diffs[:6])
         shown += f" and {len(diffs) - 6} more" if len(diffs) > 6 else ""
         raise RunDirError(f"{cfg_path}: this run directory holds a run with other settings ({shown}); rerunning "

@@ -367,6 +367,11 @@ class MultiGrader:
     def uses_sandbox(self) -> bool:
         return any(getattr(g, "uses_sandbox", False) for g in self.graders.values())
 
+    @property
+    def answer_type(self) -> str | None:
+        """The first sub-grader's kind of answer that has one (a ReFT grader's "numeric" or "mathqa")."""
+        return next((t for g in self.graders.values() if (t := getattr(g, "answer_type", None))), None)
+
     def validate(self, item: Item) -> None:
         for g in self.graders.values():
             g.validate(item)
