@@ -89,7 +89,11 @@ def test_program_processing_matches_the_authors():
     assert process_code(code) == "import math\nimport sympy\ndef solution():\n    x = 1\n    print(1)"
     item = {"question": " q? "}
     assert build_program(item, "\n    return 1") == 'def solution():\n    """q?"""\n    return 1'
-    assert build_program(item, "    return 1") == 'def solution():\n    """q?"""\n    return 1'
+    assert build_program(item, "def solution():\n    return 1\n") == "def solution():\n    return 1"  # a whole program
+    # the header + the completion verbatim, as the ReFT authors run it (a newline was put in between until session 29)
+    gold = {"question": "q", "answer_value": "203"}
+    tails = ["\n    return 29 * 7", "    return 29 * 7", " \n    return 29 * 7", "; return 29 * 7", "\t\n    return 29 * 7"]
+    assert [g.score for g in ReftGrader(cot="python").grade_batch([gold] * 5, tails)] == [1.0, 0.0, 1.0, 1.0, 1.0]
     grades = ReftGrader(cot="python").grade_batch(
         [{"question": "q", "answer_value": "2"}] * 4,
         ["\n    return 2", "\n    return 3", "\n    return 'two'", "\n    return helper()"])

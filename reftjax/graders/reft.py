@@ -109,16 +109,20 @@ def process_code(program: str) -> str:
 
 
 def build_program(item: Item, completion: str, question_field: str = "question") -> str:
-    """The full program for a P-CoT completion.
+    """The full program for a P-CoT completion: `def solution():\\n    \"\"\"{question}\"\"\"` + the completion,
+    verbatim.
 
-    The RL prompt already starts the program (`def solution():\\n    \"\"\"{question}\"\"\"`), so
-    a completion that does not itself start with `def solution` is appended to that header (with
-    a newline if the prompt's trailing newline was part of the prompt).
+    The RL and evaluation prompts end with that header and no newline (`data.prompts`), and the ReFT authors run
+    the decoded prompt's tail + completion as it stands (`train_rl_reft.py`), so a completion that does not open with
+    a newline is graded as theirs is: `"    return x"` on the header's line is a syntax error (0), `" \\n    return x"`
+    runs (until session 29 a newline was put in between, which scored both the other way, review). A text that is itself a
+    whole program (it starts with `def solution`, e.g. a gold `answer_cot` given to the grader CLI) runs as it is;
+    after the header the authors would score it 0, the one difference kept.
     """
-    if completion.lstrip().startswith("def solution"):
+    if completion.startswith("def solution"):
         return completion.strip()
     header = PROGRAM_HEADER.format(question=str(field(item, question_field)).strip())
-    return (header + ("" if completion.startswith("\n") else "\n") + completion).strip()
+    return (header + completion).strip()
 
 
 @dataclasses.dataclass(frozen=True)
