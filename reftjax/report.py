@@ -100,8 +100,14 @@ def write_summary(out: pathlib.Path, cfg, evals: dict, wall_seconds: float, writ
     test_stats = (data_stats or {}).get("test") or {}
     if test_stats.get("examples"):
         share = test_stats.get("kept", test_stats["examples"] - test_stats.get("dropped", 0)) / test_stats["examples"]
-        summary["test_accuracy_all_questions"] = {k: None if x is None else round(x * share, 2)
-                                                  for k, x in summary["test_accuracy"].items()}
+        scale = lambda accs: {k: x if k == "k" or x is None else round(x * share, 2)  # noqa: E731
+                              for k, x in accs.items()}
+        summary["test_accuracy_all_questions"] = scale(summary["test_accuracy"])
+        # voting@k (and rerank@k) over every question too: the paper's voting@100 counts the dropped ones wrong as
+        # well (only the greedy figure had it until session 29, review)
+        summary["test_voting_accuracy_all_questions"] = scale(summary["test_voting_accuracy"])
+        if summary["test_rerank_accuracy"] is not None:
+            summary["test_rerank_accuracy_all_questions"] = scale(summary["test_rerank_accuracy"])
     if not write:
         return summary
     _replace(out / "summary.json", json.dumps(summary, indent=2).encode())
@@ -112,7 +118,10 @@ def write_summary(out: pathlib.Path, cfg, evals: dict, wall_seconds: float, writ
         dropped = (f" ({test_stats['dropped']} of {test_stats['examples']} test examples dropped: prompt longer "
                    f"than data.tokenize.max_prompt_len = {cfg.data.tokenize.max_prompt_len}; greedy accuracy over "
                    f"all {test_stats['examples']}, the dropped counted wrong: "
-                   + ", ".join(f"{k} {_cell(x)}%" for k, x in every.items() if x is not None) + ")")
+                   + ", ".join(f"{k} {_cell(x)}%" for k, x in every.items() if x is not None)
+                   + "".join(f"; voting@{cfg.eval.voting_k} {k} {_cell(x)}%"
+                             for k, x in summary["test_voting_accuracy_all_questions"].items()
+                             if k != "k" and x is not None) + ")")
     r = summary["test_rerank_accuracy"]
     k = cfg.eval.voting_k or "-"
     head, rule = f"| stage | greedy top-1 (%) | voting@{k} (%) |", "|---|---|---|"

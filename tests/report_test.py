@@ -60,6 +60,13 @@ def test_summary_names_test_examples_dropped_by_length(tmp_path):
     t = summary["test_accuracy"]
     assert summary["test_accuracy_all_questions"] == {k: round(x * 30 / 32, 2) for k, x in t.items()}
     assert f"greedy accuracy over all 32, the dropped counted wrong: base {round(t['base'] * 30 / 32, 2)}%" in md
+    v = summary["test_voting_accuracy"]  # voting@k too (review, session 29)
+    assert summary["test_voting_accuracy_all_questions"] == {k: x if k == "k" or x is None else round(x * 30 / 32, 2)
+                                                             for k, x in v.items()}
+    voted = write_summary(tmp_path, ExperimentConfig(eval=EvalConfig(voting_k=16)), _evals(voting=True, base=True), 1.0,
+                          data_stats=stats)
+    assert voted["test_voting_accuracy_all_questions"]["reft"] == round(50.0 * 30 / 32, 2)
+    assert f"; voting@16 reft {round(50.0 * 30 / 32, 2)}%" in (tmp_path / "summary.md").read_text()
     none = {"test": {**stats["test"], "kept": 32, "dropped": 0}}
     again = write_summary(tmp_path, ExperimentConfig(), _evals(voting=False, base=True), 1.0, data_stats=none)
     assert again["test_accuracy_all_questions"] == again["test_accuracy"]
