@@ -552,15 +552,21 @@ def test_notebook_tiny_setting_fits_an_eight_core_mesh(tmp_path):
     8-core TPU's mesh cannot split: refused before anything ran. Cells 2-3 on 8 host devices, sizes checked."""
     nb = json.loads((ROOT / "experiments" / "notebooks" / "gsm8k_reft_colab.ipynb").read_text())
     cells = ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"]
-    script = "\n".join(["import os", *cells[1:3], "from reftjax.train import check_batch_sizes",
-                        "check_batch_sizes(cfg, mesh)",
+    cells[0] = re.sub(r"(?m)^(\s*)!.*$", r"\1pass", cells[0])  # the Colab-only installs (IPython's `!`)
+    script = "\n".join([*cells[0:3], "from reftjax.train import check_batch_sizes", "check_batch_sizes(cfg, mesh)",
+                        "first = OUT", cells[2],  # cell 3 run again, as Colab users do (or Run all)
+                        "print(first == OUT, OUT)",
                         "print(cfg.sft.batch_size, cfg.rl.prompts_per_iteration, cfg.eval.batch_size, cfg.name)"])
     env = dict(_env(), XLA_FLAGS="--xla_force_host_platform_device_count=8", REFTJAX_NB_TINY="1",
-               REFTJAX_NB_OUT=str(tmp_path / "nb"), REFTJAX_NB_MODEL="/models/none")
-    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+               REFTJAX_NB_MODEL="/models/none")
+    env.pop("REFTJAX_NB_OUT", None)
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip().splitlines()[-1].split()[:3] == ["8", "8", "8"]
+    same, sizes = done.stdout.strip().splitlines()[-2:]
+    assert sizes.split()[:3] == ["8", "8", "8"]
+    # a fixed folder per run: re-running cell 3 made a new temporary one, so the run started over (review, session 29)
+    assert same == f"True runs/{sizes.split()[3]}"
 
 
 def test_a_rerun_may_change_only_how_the_run_is_saved_and_laid_out(tmp_path):
