@@ -330,6 +330,17 @@ def cache_root() -> pathlib.Path:
     return pathlib.Path(os.environ.get("REFTJAX_CACHE", pathlib.Path.home() / ".cache" / "reftjax"))
 
 
+def _temp_beside(target: pathlib.Path) -> pathlib.Path:
+    """A new `<name>.tmpXXXXXXXX` folder beside `target`, to be renamed into place, with the mode of the folder it is
+    in (made under the umask): mkdtemp's 0700 went into place, and other users or a serving container could not load
+    an export or a shared model cache (review, session 29)."""
+    import tempfile
+
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=target.name + ".tmp", dir=target.parent))
+    tmp.chmod(target.parent.stat().st_mode & 0o777)
+    return tmp
+
+
 def gguf_to_hf_dir(gguf_path: pathlib.Path) -> pathlib.Path:
     """Convert a GGUF file once into a cached HF directory (dense float32 weights).
 
@@ -337,7 +348,6 @@ def gguf_to_hf_dir(gguf_path: pathlib.Path) -> pathlib.Path:
     name and renamed, so an interrupted conversion leaves nothing behind.
     """
     import shutil
-    import tempfile
 
     from reftjax.gguf_reader import read_gguf
 
@@ -347,7 +357,7 @@ def gguf_to_hf_dir(gguf_path: pathlib.Path) -> pathlib.Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     hf_config, tensors, tokenizer = read_gguf(gguf_path)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=target.name + ".tmp", dir=target.parent))
+    tmp = _temp_beside(target)
     try:
         write_safetensors(tmp / "model.safetensors", tensors, {"format": "pt"})
         tokenizer.save_pretrained(tmp)
@@ -523,7 +533,7 @@ def save_hf(out_dir: str | os.PathLike, params, cfg, hf_config, tokenizer=None, 
             raise CheckpointError(f"{out}: {len(over)} tensors exceed float16's range (65504) and would be written "
                                   f"as inf: {dict(list(over.items())[:4])} (largest |weight|); export in bfloat16")
     tensors = cast
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=out.name + ".tmp", dir=out.parent))
+    tmp = _temp_beside(out)
     try:
         shards, cur, size = [], {}, 0
         for name in sorted(tensors):

@@ -131,10 +131,10 @@ def write_summary(out: pathlib.Path, cfg, evals: dict, wall_seconds: float, writ
         rows = [("loaded model (no SFT warm-up)", t["sft"], v["sft"], "sft")]
     if cfg.rl.iterations:  # (rl.iterations=0: the warm-up alone, no after-ReFT evaluation)
         rows.append((f"after ReFT ({cfg.rl.ppo.algo})", t["reft"], v["reft"], "reft"))
-    if by_score:
-        head, rule = head + " mean score |", rule + "---|"
     if r is not None:  # rerank@k, verifier-weighted voting and the upper bound (some sample correct), same samples
         head, rule = head + f" rerank@{k} (%) | weighted voting@{k} (%) | any of {k} correct (%) |", rule + "---|---|---|"
+    if by_score:  # after the rerank columns, as each row's cells (it came before them: every figure shifted, review)
+        head, rule = head + " mean score |", rule + "---|"
     table = []
     for stage, greedy, voting, key in rows:
         line = f"| {stage} | {_cell(greedy)} | {_cell(voting) if key else '-'} |"

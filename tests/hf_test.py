@@ -86,6 +86,16 @@ def test_export_bfloat16_is_stored_as_bf16(tmp_path, random_params):
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(back.params), want)
 
 
+def test_an_export_has_the_mode_of_the_folder_it_is_in(tmp_path, random_params):
+    """mkdtemp's 0700 went into place with the rename: another user, or a serving container under another uid, could
+    not load `hf/final` (review, session 29). The folder takes its parent's mode, made under the umask."""
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf").chmod(0o755)
+    out = save_hf(tmp_path / "hf" / "final", random_params(TINY), TINY, _tiny_hf_config(TINY))
+    assert out.stat().st_mode & 0o777 == 0o755
+    assert all(f.stat().st_mode & 0o044 == 0o044 for f in out.iterdir())  # its files readable by others too
+
+
 def test_a_float16_export_refuses_weights_beyond_its_range(tmp_path, random_params):
     """A weight above 65504 was written as inf (NumPy's one generic overflow warning named no tensor) and the run
     marked its export done (regression review, session 27); within range a float16 export is written."""

@@ -209,3 +209,24 @@ def test_a_failed_summary_write_leaves_the_previous_summary_whole(tmp_path, monk
     after = {p.name: p.read_bytes() for p in [*tmp_path.iterdir(), *(tmp_path / "plots").iterdir()] if p.is_file()}
     assert after == before  # whole, and no temporary file left beside them
     json.loads((tmp_path / "summary.json").read_text())
+
+
+def test_summary_columns_with_a_mean_score_and_reranking(tmp_path):
+    """With a partial-credit grader and the verifier on, the header had "mean score" before the rerank columns and
+    each row after them: every one of those figures sat under another's name (review, session 29)."""
+    from reftjax.report import write_summary
+
+    cfg = ExperimentConfig(eval=EvalConfig(voting_k=2), grader=(("type", "string_check"), ("input", "{{sample.output_text}}"),
+                                                                  ("reference", "x"), ("operation", "eq")))
+    cfg = dataclasses.replace(cfg, rerank=dataclasses.replace(cfg.rerank, epochs=1))
+    evals = _evals(voting=True, base=True)
+    evals["test_sft"].update(rerank_accuracy=0.5, weighted_voting_accuracy=0.625, upper_bound_accuracy=0.75,
+                             mean_score=0.33)
+    write_summary(tmp_path, cfg, evals, 1.0)
+    md = (tmp_path / "summary.md").read_text().splitlines()
+    head = next(x for x in md if x.startswith("| stage"))
+    row = next(x for x in md if x.startswith("| after SFT warm-up"))
+    cells = dict(zip([c.strip() for c in head.strip("|").split("|")], [c.strip() for c in row.strip("|").split("|")]))
+    assert cells == {"stage": "after SFT warm-up", "greedy top-1 (%)": "12.5", "voting@2 (%)": "50.0",
+                     "rerank@2 (%)": "50.0", "weighted voting@2 (%)": "62.5", "any of 2 correct (%)": "75.0",
+                     "mean score": "0.33"}
