@@ -987,11 +987,16 @@ def _run(cfg: ExperimentConfig, out: pathlib.Path, progress: bool) -> dict:
         {"dtype": model.config.param_dtype, **json.loads(exported.read_text())} == marker
     if cfg.export_hf and not from_process_0(np.asarray(done)):
         gen = _export_generation_config(cfg, model)
-        for name, params in exports.items():
-            params = to_host(params)  # a collective on multi-process meshes: every process takes part
-            if is_primary():
-                save_hf(out / "hf" / name, params, model.config, model.hf_config, model.tokenizer,
-                        dtype=cfg.export_dtype, generation_config=gen)
+        # Ctrl-C during an export (minutes at 7B) lets it finish and stops before the next one; it was a raw
+        # KeyboardInterrupt traceback (review, session 29). After the last one the run finishes: its work is done.
+        with stop.installed():
+            for i, (name, params) in enumerate(exports.items()):
+                if i and stop.check():
+                    return _interrupted(logger, "export")
+                params = to_host(params)  # a collective on multi-process meshes: every process takes part
+                if is_primary():
+                    save_hf(out / "hf" / name, params, model.config, model.hf_config, model.tokenizer,
+                            dtype=cfg.export_dtype, generation_config=gen)
         if is_primary():  # after its exports: another process's marker could outrun them on a shared directory
             _write_json(exported, marker)
     logger.close()

@@ -1221,7 +1221,15 @@ def test_a_run_without_rl_iterations_is_the_warm_up_alone(tiny_hf_dir, tmp_path,
     assert run(cfg, out, progress=False) == {"status": "interrupted", "phase": "eval"}
     assert not (out / "hf").exists() and "test_sft" in json.loads((out / "evals.json").read_text())
     monkeypatch.setattr(T, "_eval_once", real_eval_once)
+    real_save_hf = T.save_hf
+
+    def ctrl_c_in_export(*a, **k):  # a Ctrl-C during the export was a KeyboardInterrupt traceback (review, s29)
+        os.kill(os.getpid(), _signal.SIGINT)
+        return real_save_hf(*a, **k)
+
+    monkeypatch.setattr(T, "save_hf", ctrl_c_in_export)
     summary = run(replace_path(cfg, "export_dtype", "bfloat16"), out, progress=False)  # (free to change on resume)
+    monkeypatch.setattr(T, "save_hf", real_save_hf)  # the export the signal came in finished, and it was the last
     assert summary["status"] == "done" and summary["test_accuracy"]["reft"] is None
     assert sorted(json.loads((out / "evals.json").read_text())) == ["test_sft", "val_sft"]
     assert sorted(p.name for p in (out / "hf").iterdir()) == ["final"]  # the warm-up's policy, not also "best"
