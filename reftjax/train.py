@@ -304,8 +304,16 @@ def run_sft(cfg: ExperimentConfig, model, data: Data, mesh, out: pathlib.Path, l
     bar = _bar(total, "SFT", done, progress)
     prev, last = None, None  # last: when the previous step's metrics were read (its completion)
     stop.check()  # an interrupt between phases (all processes decide together)
+    shapes = set()  # batch shapes dispatched: a new one compiles in the call, before its step is queued
     while done < total and not stop.agreed:
         batch = next(loader)
+        if prev is not None and batch["tokens"].shape not in shapes:
+            # the previous step's metrics first: read after a compiling call, its time took in the compile (rates
+            # 10x low on the step before each new bucket; review, session 29). One wait per new bucket.
+            skipped, last = _log_sft(logger, *prev, peak, model.config, lr_at(applied), last)
+            applied += 1 - skipped
+            prev = None
+        shapes.add(batch["tokens"].shape)
         t0, c0 = time.perf_counter(), xla_cache.busy_seconds()
         state, metrics = step_fn(state, batch)
         compile_s = xla_cache.busy_seconds() - c0  # the step's program compiled in the call, before it ran
