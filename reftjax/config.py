@@ -150,7 +150,8 @@ class RLConfig:
     early_stop_patience: int = 0
     value_head_seed: int = 1
     # the experience and update run on the completion axis cut to the smallest of this many length buckets
-    # (up to sampling.max_new_tokens) that holds every row; each bucket compiles once. 1: always the full length
+    # (up to sampling.max_new_tokens) that holds every row; each (prompt bucket, completion bucket) pair the run
+    # meets compiles once (data.tokenize.prompt_buckets x this many programs at most). 1: always the full length
     completion_buckets: int = 4
     guards: GuardConfig = GuardConfig(enabled=False)
     # rows of each iteration's rollout written to samples/rl_rollouts.jsonl, with the item id, the sample's index
