@@ -145,6 +145,13 @@ def test_math_equiv_refuses_a_prediction_that_is_code():
     ({"type": "multi", "graders": {"a": {"type": "text_similarity", "input": "{{sample.output_text}}",
                                          "reference": ["x"], "evaluation_metric": "bleu"}}, "calculate_output": "a"},
      "grader.graders.a.reference: must be a template string"),
+    # what a template needs no item for is checked when the grader is built: `validate` without samples said ok to
+    # {{sample.output_txt}}, and with samples blamed the samples file's line 1 (review, session 29)
+    ({"type": "string_check", "input": "{{sample.output_txt}}", "reference": "x", "operation": "eq"},
+     "grader.input: template field {{sample.output_txt}} must be item"),
+    ({"type": "multi", "graders": {"a": {"type": "math_equiv", "input": "{{sample.output_text}}",
+                                         "reference": "{{item.an-swer}}"}}, "calculate_output": "a"},
+     "grader.graders.a.reference: template field {{item.an-swer}} is not a dotted name"),
 ])
 def test_malformed_configs_fail_clearly(cfg, message):
     with pytest.raises(ConfigError, match=message):

@@ -25,6 +25,10 @@ def _take(cfg: Mapping, where: str, required: tuple, optional: tuple = ()) -> di
     for k in ("input", "reference"):  # templates: a number failed at the first grade as a TypeError traceback
         if k in cfg and not isinstance(cfg[k], str):
             raise ConfigError(f"{where}.{k}: must be a template string such as \"{{{{item.answer}}}}\", got {cfg[k]!r}")
+        try:  # what needs no item, at build time: `validate` without samples said ok to {{sample.output_txt}} (review)
+            oa.check_template(cfg.get(k, ""))
+        except KeyError as exc:
+            raise ConfigError(f"{where}.{k}: {exc.args[0]}") from None
     return {k: cfg[k] for k in (*required, *optional) if k in cfg}
 
 

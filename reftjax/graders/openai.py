@@ -90,6 +90,18 @@ def render(template: str, sample: Mapping, item: Item) -> str:
     return _TEMPLATE.sub(sub, template)
 
 
+def check_template(template: str) -> None:
+    """What a template's fields can be checked for without an item: `item.*`, `sample.output_text` or
+    `sample.output_json[.*]`, each a dotted name; raises KeyError naming the first that is not."""
+    for path in _TEMPLATE.findall(template):
+        if not path.startswith("item.") and path not in ("sample.output_text", "sample.output_json") and \
+                not path.startswith("sample.output_json."):
+            raise KeyError(f"template field {{{{{path}}}}} must be item.*, sample.output_text or sample.output_json.*")
+    loose = _ANY_TEMPLATE.findall(_TEMPLATE.sub("", template))
+    if loose:
+        raise KeyError(f"template field {loose[0]} is not a dotted name of letters, digits and _")
+
+
 @dataclasses.dataclass(frozen=True)
 class _Templated(PerItemGrader):
     input: str = "{{sample.output_text}}"
@@ -97,16 +109,10 @@ class _Templated(PerItemGrader):
 
     def validate(self, item: Item) -> None:
         for template in (self.input, self.reference):
+            check_template(template)
             for path in _TEMPLATE.findall(template):
                 if path.startswith("item."):
                     _lookup(item, path[5:], "item")
-                elif path not in ("sample.output_text", "sample.output_json") and \
-                        not path.startswith("sample.output_json."):
-                    raise KeyError(f"template field {{{{{path}}}}} must be item.*, sample.output_text or "
-                                   f"sample.output_json.*")
-            loose = _ANY_TEMPLATE.findall(_TEMPLATE.sub("", template))
-            if loose:
-                raise KeyError(f"template field {loose[0]} is not a dotted name of letters, digits and _")
 
     def pair(self, item: Item, text: str) -> tuple[str, str]:
         sample = sample_of(text)
