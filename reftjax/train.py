@@ -69,6 +69,7 @@ class Data:
     train_items: list
     val_items: list
     test_items: list
+    where: dict = dataclasses.field(default_factory=dict)  # split -> each item's `path:line` ('' if built in)
 
 
 def _item(ex) -> dict:
@@ -89,10 +90,15 @@ def prepare_data(cfg: ExperimentConfig, tokenizer) -> Data:
     train = train[: d.n_train] if d.n_train is not None else train
     val = val[: d.n_val] if d.n_val is not None else val
     test = read(d.test_file) if d.test_file else load_examples(d.test_dataset, split=d.test_split)
+    if d.train_file and d.train_format == "openai" and not d.test_file:  # said only in summary.md (review)
+        log.warning("data.train_file without data.test_file: the test evaluations run on %s/%s with this grader; "
+                    "name the task's own test file with data.test_file", d.test_dataset, d.test_split)
     test = test[: d.n_test] if d.n_test is not None else test
     tok = lambda exs, targets: tokenize_examples(exs, tokenizer, d.prompt, d.tokenize, with_targets=targets)  # noqa: E731
     data = Data(tok(train, cfg.sft.epochs > 0), tok(val, False), tok(test, False),  # SFT targets only if SFT runs
-                [_item(e) for e in train], [_item(e) for e in val], [_item(e) for e in test])
+                [_item(e) for e in train], [_item(e) for e in val], [_item(e) for e in test],
+                {split: [e.where for e in exs]
+                 for split, exs in (("train", train), ("validation", val), ("test", test))})
     for split, ds in (("train", data.train_ds), ("validation", data.val_ds), ("test", data.test_ds)):
         if len(ds) == 0:  # found before the warm-up, not by the first evaluation after it
             raise DataError(f"{d.train_file or d.dataset}:0: the {split} split is empty ({len(train)} train, "
@@ -726,17 +732,23 @@ def check_grader_fields(grader, data: Data) -> None:
     """
     for split, items in (("train", data.train_items), ("validation", data.val_items), ("test", data.test_items)):
         bad = []
-        for item in items:
+        for i, item in enumerate(items):
             try:
                 grader.validate(item)
             except (KeyError, ValueError) as e:
-                bad.append((item, e.args[0] if isinstance(e, KeyError) and e.args else e))
+                bad.append((i, item, e.args[0] if isinstance(e, KeyError) and e.args else e))
         if bad:
-            item, msg = bad[0]
+            i, item, msg = bad[0]
+            # the file and line of the first (it said an item_id, which a file without ids numbers from 0; review)
+            line = ((getattr(data, "where", None) or {}).get(split) or [""] * len(items))[i]
             where = "all" if len(bad) == len(items) else f"{len(bad)} of {len(items)}, the first item_id " \
                                                           f"{item.get('item_id')!r}"
-            raise SettingsError(f"grader: cannot grade the {split} split's items ({where}: {msg}); such items have "
-                                f"the fields {sorted(item)} (data.answer_field is read into answer_value)")
+            default_test = " (the test split is GSM8K's unless data.test_file names one)" \
+                if split == "test" and not line else ""
+            raise SettingsError(f"{line + ': ' if line else ''}grader: cannot grade the {split} split's items "
+                                f"({where}: {msg}){default_test}; such items have the fields {sorted(item)} "
+                                f"(item_id, question and answer_value are reftjax's; data.answer_field is read into "
+                                f"answer_value)")
 
 
 def check_batch_sizes(cfg: ExperimentConfig, mesh) -> None:

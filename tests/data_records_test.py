@@ -112,13 +112,18 @@ def test_openai_jsonl(tmp_path):
             "reference_answer": "4", "item_id": "k"}
     [ex] = read_openai_jsonl(_jsonl(tmp_path, [line]), answer_field="reference_answer")
     assert ex.messages[-1]["content"] == "2+2?" and ex.fields["reference_answer"] == "4"
-    assert ex.answer_value == 4.0 and ex.item_id == "k"
+    assert ex.answer_value == 4.0 and ex.item_id == "k" and ex.where.endswith("f.jsonl:1")  # (for error messages)
     last_assistant = dict(line, messages=line["messages"] + [{"role": "assistant", "content": "x"}])
     with pytest.raises(DataError, match=r"f\.jsonl:2: the last message must be from the user"):
         read_openai_jsonl(_jsonl(tmp_path, [line, last_assistant]))
-    with pytest.raises(DataError, match=r"f\.jsonl:1: gold answer 'four' is not a number"):
+    with pytest.raises(DataError, match=r"f\.jsonl:1: gold answer 'four' is not a number.*data\.answer_field="
+                                        r"'reference_answer' reads a numeric gold answer: leave it unset"):
         read_openai_jsonl(_jsonl(tmp_path, [dict(line, reference_answer="four")]),
                           answer_field="reference_answer")
+    # a role OpenAI's chat format does not have went into the chat template as it stood (review, session 29)
+    typo = dict(line, messages=[{"role": "assitant", "content": "x"}, line["messages"][1]])
+    with pytest.raises(DataError, match=r"f\.jsonl:2: unknown message role 'assitant'; expected one of"):
+        read_openai_jsonl(_jsonl(tmp_path, [line, typo]))
     # a dotted answer_field reads a nested field, as the graders' {{item.ref.value}} does (it was refused as missing)
     nested = dict(line, ref={"value": "12"})
     [ex] = read_openai_jsonl(_jsonl(tmp_path, [nested]), answer_field="ref.value")

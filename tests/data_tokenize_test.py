@@ -157,7 +157,7 @@ def test_truncation_policies(smollm_tokenizer, gsm8k_train):
     assert np.array_equal(cut.prompt[i], full.prompt[i][-limits["max_prompt_len"]:])
     batch = collate_sft(cut, np.arange(50), 50)
     assert batch["tokens"].shape[1] == limits["max_prompt_len"] + limits["max_target_len"]
-    with pytest.raises(DataError, match=r"gsm8k_train_\d+: prompt \d+ / target \d+ tokens exceed"):
+    with pytest.raises(DataError, match=r"train\.jsonl:\d+ \(gsm8k_train_\d+\): prompt \d+ / target \d+ tokens exceed"):
         tokenize_examples(examples, tok, PromptConfig(), TokenizeConfig(**limits, truncation="error"))
 
 
@@ -172,7 +172,8 @@ def test_p_cot_styles_refuse_prose_targets(smollm_tokenizer, gsm8k_train):
     SyntaxError) and RL forced the program header on a model that learnt prose, so no reward could be earned
     (review, session 27). SFT refuses it naming the example; without SFT (RL alone) the targets are not used."""
     cfg = PromptConfig("reft-python")
-    with pytest.raises(DataError, match=r"gsm8k_train_\d+: data.prompt.style='reft-python' trains on P-CoT programs"):
+    with pytest.raises(DataError, match=r"train\.jsonl:\d+ \(gsm8k_train_\d+\): data.prompt.style='reft-python' "
+                                        r"trains on P-CoT programs"):
         tokenize_examples(gsm8k_train[:4], smollm_tokenizer, cfg, TokenizeConfig())
     assert len(tokenize_examples(gsm8k_train[:4], smollm_tokenizer, cfg, TokenizeConfig(), with_targets=False)) == 4
 

@@ -92,7 +92,8 @@ def test_program_processing_matches_the_authors():
     assert build_program(item, "def solution():\n    return 1\n") == "def solution():\n    return 1"  # a whole program
     # the header + the completion verbatim, as the ReFT authors run it (a newline was put in between until session 29)
     gold = {"question": "q", "answer_value": "203"}
-    tails = ["\n    return 29 * 7", "    return 29 * 7", " \n    return 29 * 7", "; return 29 * 7", "\t\n    return 29 * 7"]
+    tails = ["\n    return 29 * 7", "    return 29 * 7", " \n    return 29 * 7", "; return 29 * 7",
+             "\t\n    return 29 * 7"]
     assert [g.score for g in ReftGrader(cot="python").grade_batch([gold] * 5, tails)] == [1.0, 0.0, 1.0, 1.0, 1.0]
     grades = ReftGrader(cot="python").grade_batch(
         [{"question": "q", "answer_value": "2"}] * 4,

@@ -216,8 +216,8 @@ def test_summary_columns_with_a_mean_score_and_reranking(tmp_path):
     each row after them: every one of those figures sat under another's name (review, session 29)."""
     from reftjax.report import write_summary
 
-    cfg = ExperimentConfig(eval=EvalConfig(voting_k=2), grader=(("type", "string_check"), ("input", "{{sample.output_text}}"),
-                                                                  ("reference", "x"), ("operation", "eq")))
+    grader = (("type", "string_check"), ("input", "{{sample.output_text}}"), ("reference", "x"), ("operation", "eq"))
+    cfg = ExperimentConfig(eval=EvalConfig(voting_k=2), grader=grader)
     cfg = dataclasses.replace(cfg, rerank=dataclasses.replace(cfg.rerank, epochs=1))
     evals = _evals(voting=True, base=True)
     evals["test_sft"].update(rerank_accuracy=0.5, weighted_voting_accuracy=0.625, upper_bound_accuracy=0.75,

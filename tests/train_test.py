@@ -1038,7 +1038,8 @@ def test_a_grader_that_cannot_read_the_test_items_is_refused_before_training():
     test = [{"item_id": "gsm8k_test_0", "question": "q", "answer_value": "18"}]
     data = types.SimpleNamespace(train_items=train, val_items=train, test_items=test)
     with pytest.raises(SettingsError, match=r"cannot grade the test split's items \(all: template field "
-                                            r"\{\{item.reference_answer\}\} not found\); such items have the fields "
+                                            r"\{\{item.reference_answer\}\} not found\) \(the test split is GSM8K's "
+                                            r"unless data.test_file names one\); such items have the fields "
                                             r"\['answer_value', 'item_id', 'question'\]"):
         check_grader_fields(grader, data)
     ok = build_grader({"type": "string_check", "name": "exact", "input": "{{sample.output_text}}",
@@ -1049,6 +1050,11 @@ def test_a_grader_that_cannot_read_the_test_items_is_refused_before_training():
     data = types.SimpleNamespace(train_items=train + train + [typo], val_items=test, test_items=test)
     with pytest.raises(SettingsError, match=r"cannot grade the train split's items \(1 of 3, the first item_id "
                                             r"'f_2': template field \{\{item.reference_answer\}\} not found"):
+        check_grader_fields(grader, data)
+    # the file and line of the first such item (an item_id alone, numbered from 0 when the file has none, sent the
+    # user to the wrong line; review, session 29)
+    data.where = {"train": ["t.jsonl:1", "t.jsonl:2", "t.jsonl:3"]}
+    with pytest.raises(SettingsError, match=r"^t\.jsonl:3: grader: cannot grade the train split's items \(1 of 3"):
         check_grader_fields(grader, data)
 
 
@@ -1323,7 +1329,8 @@ def test_the_voting_samples_follow_the_run_seed(tmp_path, monkeypatch):
 
 
 def test_validation_and_test_files_replace_the_held_out_split_and_the_test_set(tmp_path, shared_data,
-                                                                                  smollm_tokenizer):
+                                                                                  smollm_tokenizer, caplog,
+                                                                                  monkeypatch):
     """OpenAI RFT takes a validation file; reftjax always held out data.val_fraction of the training file and
     tested on GSM8K (helper review). data.val_file / data.test_file (in data.train_format) give those splits."""
     from reftjax.config import ExperimentConfig, replace_paths
@@ -1343,8 +1350,22 @@ def test_validation_and_test_files_replace_the_held_out_split_and_the_test_set(t
     assert [it["question"] for it in data.train_items] == [question(r) for r in lines[:12]]  # whole, in order
     assert [it["question"] for it in data.val_items] == [question(r) for r in lines[12:15]]
     assert [it["question"] for it in data.test_items] == [question(r) for r in lines[15:19]]
+    assert data.where["validation"][1] == f"{files['val']}:2" and data.where["test"][0] == f"{files['test']}:1"
     with pytest.raises(ValueError, match="data.val_file is read in data.train_format, the format of data.train_file"):
         replace_paths(ExperimentConfig(), {"data.val_file": str(files["val"])})
+    # an OpenAI-format task without data.test_file is tested on GSM8K with its own grader: the run says so (it was
+    # only in summary.md; review, session 29)
+    rft = tmp_path / "rft.jsonl"
+    rft.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"}], "label": "a"}) + "\n"
+                           for i in range(40)))
+    monkeypatch.setenv("REFTJAX_GSM8K_DIR", str(shared_data / "gsm8k"))
+    with caplog.at_level("WARNING", logger="reftjax"):
+        prepare_data(replace_paths(ExperimentConfig(), {"data.train_file": str(rft), "data.train_format": "openai",
+                                                        "data.prompt.style": "chat", "data.n_test": 2,
+                                                        "sft.epochs": 0}),
+                     smollm_tokenizer)
+    assert any("data.train_file without data.test_file: the test evaluations run on gsm8k/test" in r.getMessage()
+               for r in caplog.records)
     missing = replace_paths(cfg, {"data.test_file": str(tmp_path / "nope.jsonl"), "model": "/not/loaded"})
     with pytest.raises(DataError, match=r"nope.jsonl: no such file \(data.test_file\)"):  # before the model loads
         run(missing, tmp_path / "run", progress=False)

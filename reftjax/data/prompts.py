@@ -146,7 +146,7 @@ def format_example(ex: Example, cfg: PromptConfig, tokenizer=None) -> Formatted:
         prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
                                                **chat_template_kwargs(tokenizer))
     elif ex.messages is not None:
-        raise DataError(f"{ex.item_id}: chat-format (openai) examples need data.prompt.style='chat'")
+        raise DataError(f"{ex.at}: chat-format (openai) examples need data.prompt.style='chat'")
     else:
         prompt = reft_prompt(ex.question)
     if cfg.style.endswith("python"):  # P-CoT: the program, started by the response prefix in RL/eval

@@ -45,6 +45,7 @@ class Example:
       answer_value: ``float(answer)`` when numeric, else None.
       messages: chat messages (``openai`` format) or None.
       fields: extra reference fields for graders (``openai`` format).
+      where: ``path:line`` it was read from ('' for a built-in dataset); for error messages, not compared.
     """
 
     idx: int
@@ -55,6 +56,12 @@ class Example:
     answer_value: float | None = None
     messages: tuple[dict[str, str], ...] | None = None
     fields: dict[str, Any] = dataclasses.field(default_factory=dict)
+    where: str = dataclasses.field(default="", compare=False)
+
+    @property
+    def at(self) -> str:
+        """Where an error about it points: `path:line (item_id)`, or the item_id of a built-in dataset's example."""
+        return f"{self.where} ({self.item_id})" if self.where else self.item_id
 
 
 def parse_number(text: str, where: str) -> float:
@@ -138,7 +145,7 @@ def read_gsm8k_jsonl(path: str | os.PathLike, split: str = "file") -> list[Examp
     for lineno, obj in jsonl_objects(path):
         rec = gsm8k_record(obj, f"{path}:{lineno}")
         out.append(Example(len(out), f"gsm8k_{split}_{len(out)}", rec["question"], rec["cot"],
-                           rec["answer"], float(rec["answer"])))
+                           rec["answer"], float(rec["answer"]), where=f"{path}:{lineno}"))
     _require_nonempty(out, path)
     return out
 
@@ -209,9 +216,12 @@ def read_reft_json(path: str | os.PathLike, *, require_cot: bool = False,
             value, answer = parse_number(answer, where), answer.replace(",", "")
         else:
             value = None
-        out.append(Example(i, item_id, question, cot, answer, value))
+        out.append(Example(i, item_id, question, cot, answer, value, where=where))
     _require_nonempty(out, path)
     return out
+
+
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")  # OpenAI's chat roles
 
 
 def read_openai_jsonl(path: str | os.PathLike, *, answer_field: str | None = None) -> list[Example]:
@@ -229,6 +239,8 @@ def read_openai_jsonl(path: str | os.PathLike, *, answer_field: str | None = Non
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) \
                     or not isinstance(m.get("content"), str):
                 raise DataError(f"{where}: each message needs string 'role' and 'content'")
+            if m["role"] not in CHAT_ROLES:  # a typo ("assitant") went into the chat template as it stood (review)
+                raise DataError(f"{where}: unknown message role {m['role']!r}; expected one of {list(CHAT_ROLES)}")
         if messages[-1]["role"] != "user":
             raise DataError(f"{where}: the last message must be from the user")
         fields = {k: v for k, v in obj.items() if k != "messages"}
@@ -237,11 +249,16 @@ def read_openai_jsonl(path: str | os.PathLike, *, answer_field: str | None = Non
             raw = _dotted(fields, answer_field)
             if raw is None or not str(raw).strip():
                 raise DataError(f"{where}: missing or empty field {answer_field!r}")
-            value = parse_number(str(raw), where)
+            try:
+                value = parse_number(str(raw), where)
+            except DataError as exc:  # (said nothing of the setting that asked for a number; review)
+                raise DataError(f"{exc}; data.answer_field={answer_field!r} reads a numeric gold answer: leave it "
+                                f"unset for text references (graders read them as {{{{item.{answer_field}}}}})") \
+                    from None
             answer = str(raw).strip().replace(",", "")
         out.append(Example(len(out), str(fields.get("item_id", f"item_{len(out)}")),
                            messages[-1]["content"].strip(), "", answer, value,
-                           tuple(dict(m) for m in messages), fields))
+                           tuple(dict(m) for m in messages), fields, where))
     _require_nonempty(out, path)
     return out
 

@@ -171,7 +171,7 @@ def check_no_special_tokens(examples: list[Example], tokenizer) -> None:
             hits = [(text.index(t), -len(t), t) for t in specials if t in text] if isinstance(text, str) else []
             if hits:
                 hit = min(hits)[2]  # the first in the text
-                raise DataError(f"{ex.item_id}: its text holds {hit!r}, a special token of this tokenizer; with a "
+                raise DataError(f"{ex.at}: its text holds {hit!r}, a special token of this tokenizer; with a "
                                 f"chat style it would be a control token in the prompt (a forged turn), so remove it "
                                 f"from the data or use a plain style (data.prompt.style='reft')")
 
@@ -205,12 +205,12 @@ def tokenize_examples(examples: list[Example], tokenizer, prompt_cfg: PromptConf
     if with_targets:
         for e, f in zip(examples, formatted):
             if f.target is None:
-                raise DataError(f"{e.item_id}: no reference CoT/answer to train on (SFT); data without one can "
+                raise DataError(f"{e.at}: no reference CoT/answer to train on (SFT); data without one can "
                                 "train with RL alone (sft.epochs=0)")
             if prompt_cfg.style.endswith("python") and not f.target.lstrip().startswith("def solution"):
                 # (GSM8K's CoT is prose: its "programs" were a SyntaxError for every gold target, and RL forces the
                 # program header on a model that learnt prose: no reward could ever be earned; review, session 27)
-                raise DataError(f"{e.item_id}: data.prompt.style={prompt_cfg.style!r} trains on P-CoT programs "
+                raise DataError(f"{e.at}: data.prompt.style={prompt_cfg.style!r} trains on P-CoT programs "
                                 f"('def solution(): ...'), but this example's reference CoT is not one "
                                 f"({f.target[:40]!r}...): GSM8K's and other N-CoT data's CoT is prose; train on a "
                                 f"P-CoT file (the ReFT authors' format, data.train_file) or with RL alone "
@@ -243,7 +243,7 @@ def _apply_limits(examples, prompts, prefixes, targets, pad_id, cfg, bos=None) -
         long_p = len(p) + len(q) > cfg.max_prompt_len
         long_t = t is not None and len(t) > cfg.max_target_len
         if (long_p or long_t) and cfg.truncation == "error":
-            raise DataError(f"{ex.item_id}: prompt {len(p) + len(q)} / target "
+            raise DataError(f"{ex.at}: prompt {len(p) + len(q)} / target "
                             f"{0 if t is None else len(t)} tokens exceed the limits "
                             f"{cfg.max_prompt_len} / {cfg.max_target_len}")
         if (long_p or long_t) and cfg.truncation == "drop":

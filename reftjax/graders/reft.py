@@ -115,9 +115,9 @@ def build_program(item: Item, completion: str, question_field: str = "question")
     The RL and evaluation prompts end with that header and no newline (`data.prompts`), and the ReFT authors run
     the decoded prompt's tail + completion as it stands (`train_rl_reft.py`), so a completion that does not open with
     a newline is graded as theirs is: `"    return x"` on the header's line is a syntax error (0), `" \\n    return x"`
-    runs (until session 29 a newline was put in between, which scored both the other way, review). A text that is itself a
-    whole program (it starts with `def solution`, e.g. a gold `answer_cot` given to the grader CLI) runs as it is;
-    after the header the authors would score it 0, the one difference kept.
+    runs (until session 29 a newline was put in between, which scored both the other way, review). A text that is
+    itself a whole program (it starts with `def solution`, e.g. a gold `answer_cot` given to the grader CLI) runs as
+    it is; after the header the authors would score it 0, the one difference kept.
     """
     if completion.startswith("def solution"):
         return completion.strip()
