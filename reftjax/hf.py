@@ -331,14 +331,19 @@ def cache_root() -> pathlib.Path:
 
 
 def _temp_beside(target: pathlib.Path) -> pathlib.Path:
-    """A new `<name>.tmpXXXXXXXX` folder beside `target`, to be renamed into place, with the mode of the folder it is
-    in (made under the umask): mkdtemp's 0700 went into place, and other users or a serving container could not load
-    an export or a shared model cache (review, session 29)."""
-    import tempfile
+    """A new `<name>.tmpXXXXXXXX` folder beside `target`, to be renamed into place, made as `mkdir` makes folders
+    (the umask's mode, a setgid parent's group): mkdtemp's 0700 went into place, and other users or a serving
+    container could not load an export or a shared model cache (review, session 29; copying the parent's mode
+    instead made exports in /tmp world-writable, regression review)."""
+    import secrets
 
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=target.name + ".tmp", dir=target.parent))
-    tmp.chmod(target.parent.stat().st_mode & 0o777)
-    return tmp
+    while True:
+        tmp = target.parent / f"{target.name}.tmp{secrets.token_hex(4)}"
+        try:
+            tmp.mkdir()
+            return tmp
+        except FileExistsError:
+            continue
 
 
 def gguf_to_hf_dir(gguf_path: pathlib.Path) -> pathlib.Path:
@@ -478,7 +483,7 @@ def _clear_killed_export(out: pathlib.Path) -> None:
 
     if not out.parent.is_dir():
         return
-    tmp = re.compile(re.escape(out.name) + r"\.tmp[a-z0-9_]{8}")  # tempfile.mkdtemp's names
+    tmp = re.compile(re.escape(out.name) + r"\.tmp[a-z0-9_]{8}")  # _temp_beside's (mkdtemp's before)
     aside = re.compile(re.escape(out.name) + r"\.old[a-z0-9_]{8}")
     for p in sorted(out.parent.iterdir()):
         if not p.is_dir() or p.is_symlink():

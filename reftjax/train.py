@@ -90,7 +90,7 @@ def prepare_data(cfg: ExperimentConfig, tokenizer) -> Data:
     train = train[: d.n_train] if d.n_train is not None else train
     val = val[: d.n_val] if d.n_val is not None else val
     test = read(d.test_file) if d.test_file else load_examples(d.test_dataset, split=d.test_split)
-    if d.train_file and d.train_format == "openai" and not d.test_file:  # said only in summary.md (review)
+    if d.train_file and d.train_format != "gsm8k-jsonl" and not d.test_file:  # said only in summary.md (review)
         log.warning("data.train_file without data.test_file: the test evaluations run on %s/%s with this grader; "
                     "name the task's own test file with data.test_file", d.test_dataset, d.test_split)
     test = test[: d.n_test] if d.n_test is not None else test

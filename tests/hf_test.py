@@ -1,5 +1,6 @@
 """reftjax.hf: export round trips through transformers, and clear errors on bad checkpoints."""
 import json
+import os
 
 import jax
 import numpy as np
@@ -86,14 +87,20 @@ def test_export_bfloat16_is_stored_as_bf16(tmp_path, random_params):
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(back.params), want)
 
 
-def test_an_export_has_the_mode_of_the_folder_it_is_in(tmp_path, random_params):
+@pytest.mark.parametrize("parent_mode", [0o755, 0o1777])
+def test_an_export_is_made_under_the_umask(tmp_path, random_params, parent_mode):
     """mkdtemp's 0700 went into place with the rename: another user, or a serving container under another uid, could
-    not load `hf/final` (review, session 29). The folder takes its parent's mode, made under the umask."""
+    not load `hf/final` (review, session 29); copying the parent's mode instead made an export in a 1777 folder
+    (/tmp) world-writable (regression review). Made as mkdir makes folders: under the umask."""
     (tmp_path / "hf").mkdir()
-    (tmp_path / "hf").chmod(0o755)
-    out = save_hf(tmp_path / "hf" / "final", random_params(TINY), TINY, _tiny_hf_config(TINY))
-    assert out.stat().st_mode & 0o777 == 0o755
-    assert all(f.stat().st_mode & 0o044 == 0o044 for f in out.iterdir())  # its files readable by others too
+    (tmp_path / "hf").chmod(parent_mode)
+    old = os.umask(0o022)
+    try:
+        out = save_hf(tmp_path / "hf" / "final", random_params(TINY), TINY, _tiny_hf_config(TINY))
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o7777 == 0o755
+    assert all(f.stat().st_mode & 0o066 == 0o044 for f in out.iterdir())  # its files readable by others, not writable
 
 
 def test_a_float16_export_refuses_weights_beyond_its_range(tmp_path, random_params):

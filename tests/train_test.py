@@ -558,15 +558,16 @@ def test_notebook_tiny_setting_fits_an_eight_core_mesh(tmp_path):
                         "print(first == OUT, OUT)",
                         "print(cfg.sft.batch_size, cfg.rl.prompts_per_iteration, cfg.eval.batch_size, cfg.name)"])
     env = dict(_env(), XLA_FLAGS="--xla_force_host_platform_device_count=8", REFTJAX_NB_TINY="1",
-               REFTJAX_NB_MODEL="/models/none")
+               REFTJAX_NB_MODEL="/models/none", HOME=str(tmp_path))
     env.pop("REFTJAX_NB_OUT", None)
     done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     same, sizes = done.stdout.strip().splitlines()[-2:]
     assert sizes.split()[:3] == ["8", "8", "8"]
-    # a fixed folder per run: re-running cell 3 made a new temporary one, so the run started over (review, session 29)
-    assert same == f"True runs/{sizes.split()[3]}"
+    # a fixed folder per setting: re-running cell 3 made a new temporary one, so the run started over (review, s29);
+    # not the CLI's runs/<name>, which holds the README command's run of the same preset (regression review)
+    assert same == f"True {tmp_path}/reftjax_runs/notebook_{sizes.split()[3]}_tiny__models_none"
 
 
 def test_a_rerun_may_change_only_how_the_run_is_saved_and_laid_out(tmp_path):

@@ -221,7 +221,7 @@ def read_reft_json(path: str | os.PathLike, *, require_cot: bool = False,
     return out
 
 
-CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")  # OpenAI's chat roles
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function")  # OpenAI's (function: deprecated)
 
 
 def read_openai_jsonl(path: str | os.PathLike, *, answer_field: str | None = None) -> list[Example]:
