@@ -79,17 +79,27 @@ def _item(ex) -> dict:
     return item
 
 
+def _text_answers(grader_cfg) -> bool:
+    """Whether the grader config holds a ReFT grader of multiple-choice answers (answer_type "mathqa", possibly
+    inside a multi grader): its gold answers are read as text (MathQA's files were refused as not numbers)."""
+    if isinstance(grader_cfg, dict):
+        return grader_cfg.get("answer_type") == "mathqa" or any(_text_answers(v) for v in grader_cfg.values())
+    return False
+
+
 def prepare_data(cfg: ExperimentConfig, tokenizer) -> Data:
     d = cfg.data
-    read = lambda f: load_examples(file=f, fmt=d.train_format, answer_field=d.answer_field)  # noqa: E731
-    examples = read(d.train_file) if d.train_file else load_examples(d.dataset, split="train")
+    numeric = not _text_answers(cfg.grader_dict)
+    read = lambda f: load_examples(file=f, fmt=d.train_format, answer_field=d.answer_field,  # noqa: E731
+                                   numeric=numeric)
+    examples = read(d.train_file) if d.train_file else load_examples(d.dataset, split="train", numeric=numeric)
     if d.val_file:  # a validation file (OpenAI RFT's): the training file is used whole
         train, val = examples, read(d.val_file)
     else:
         train, val = train_val_split(examples, SplitConfig(val_fraction=d.val_fraction, seed=d.seed))
     train = train[: d.n_train] if d.n_train is not None else train
     val = val[: d.n_val] if d.n_val is not None else val
-    test = read(d.test_file) if d.test_file else load_examples(d.test_dataset, split=d.test_split)
+    test = read(d.test_file) if d.test_file else load_examples(d.test_dataset, split=d.test_split, numeric=numeric)
     if d.train_file and d.train_format != "gsm8k-jsonl" and not d.test_file:  # said only in summary.md (review)
         log.warning("data.train_file without data.test_file: the test evaluations run on %s/%s with this grader; "
                     "name the task's own test file with data.test_file", d.test_dataset, d.test_split)

@@ -1367,6 +1367,21 @@ def test_validation_and_test_files_replace_the_held_out_split_and_the_test_set(t
                      smollm_tokenizer)
     assert any("data.train_file without data.test_file: the test evaluations run on gsm8k/test" in r.getMessage()
                for r in caplog.records)
+    # MathQA (letters) in the ReFT authors' format: refused as "not a number" with no way forward, so the paper's
+    # third benchmark could not be warmed up on (review, session 29); read as text under a mathqa grader
+    mq = tmp_path / "mathqa.json"
+    mq.write_text(json.dumps([{"item_id": f"mathqa_{i}", "question": f"q{i} ? a ) 1 , b ) 2", "answer_value": "b",
+                               "answer_cot": "1 + 1 = 2"} for i in range(40)]))
+    letters = replace_paths(ExperimentConfig(), {"data.train_file": str(mq), "data.train_format": "reft",
+                                                 "data.test_file": str(mq), "data.n_test": 2})
+    with pytest.raises(DataError, match=r"mathqa\.json:\d+: gold answer 'b' is not a number; multiple-choice answers"
+                                        r" \(MathQA's letters\) are read as text when the grader has answer_type"):
+        prepare_data(letters, smollm_tokenizer)
+    for grader in ({"type": "reft", "answer_type": "mathqa"},
+                   {"type": "multi", "graders": {"a": {"type": "reft", "answer_type": "mathqa"}},
+                    "calculate_output": "a"}):
+        data = prepare_data(replace_paths(letters, {"grader": grader}), smollm_tokenizer)
+        assert data.test_items[0]["answer_value"] == "b" and len(data.train_ds) > 0
     missing = replace_paths(cfg, {"data.test_file": str(tmp_path / "nope.jsonl"), "model": "/not/loaded"})
     with pytest.raises(DataError, match=r"nope.jsonl: no such file \(data.test_file\)"):  # before the model loads
         run(missing, tmp_path / "run", progress=False)

@@ -45,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     stats.add_argument("--max-prompt-len", type=int, default=300)
     stats.add_argument("--max-target-len", type=int, default=400)
     stats.add_argument("--answer-field", default=None, help="openai format: numeric reference field")
+    stats.add_argument("--text-answers", action="store_true",
+                       help="reft format: gold answers are text (MathQA's letters), not numbers")
     stats.add_argument("--data-dir", default=None, help="tfds cache (default $REFTJAX_CACHE/tfds)")
     stats.add_argument("--local-dir", default=None,
                        help="GSM8K {train,test}.jsonl folder (default $REFTJAX_GSM8K_DIR) "
@@ -68,7 +70,7 @@ def stats(args: argparse.Namespace) -> dict:
     args.split = args.split or "train"
     examples = load_examples(args.dataset, split=args.split, file=args.file, fmt=args.format,
                              data_dir=args.data_dir, local_dir=args.local_dir,
-                             answer_field=args.answer_field)
+                             answer_field=args.answer_field, numeric=not args.text_answers)
     style = args.style or ("reft-python" if args.dataset == "svamp-python"
                            else "chat" if args.format == "openai" else "reft")
     tokenizer = load_tokenizer(args.tokenizer)

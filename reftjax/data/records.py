@@ -213,7 +213,13 @@ def read_reft_json(path: str | os.PathLike, *, require_cot: bool = False,
         if require_cot or "answer_cot" in obj:
             cot = _require_str(obj, "answer_cot", where).strip()
         if numeric:
-            value, answer = parse_number(answer, where), answer.replace(",", "")
+            try:
+                value = parse_number(answer, where)
+            except DataError as exc:  # (a MathQA file stopped here with no way forward; review, session 29)
+                raise DataError(f"{exc}; multiple-choice answers (MathQA's letters) are read as text when the grader "
+                                f"has answer_type \"mathqa\" (--set grader='{{\"type\": \"reft\", "
+                                f"\"answer_type\": \"mathqa\"}}')") from None
+            answer = answer.replace(",", "")
         else:
             value = None
         out.append(Example(i, item_id, question, cot, answer, value, where=where))

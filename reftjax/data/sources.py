@@ -115,7 +115,7 @@ def load_gsm8k(split: str, *, data_dir=None, local_dir=None) -> list[Example]:
 
 def load_examples(dataset: str | None = None, *, split: str = "train", file=None,
                   fmt: str | None = None, data_dir=None, local_dir=None,
-                  answer_field: str | None = None) -> list[Example]:
+                  answer_field: str | None = None, numeric: bool = True) -> list[Example]:
     """One entry point for the CLI and the trainers.
 
     Args:
@@ -126,17 +126,18 @@ def load_examples(dataset: str | None = None, *, split: str = "train", file=None
       data_dir: tfds cache override.
       local_dir: GSM8K local copy, or the ReFT folder for ReFT datasets.
       answer_field: for ``openai`` files, the numeric reference field to parse.
+      numeric: for ``reft`` files and datasets, the gold answers are numbers (False: text, MathQA's letters).
     """
     if file is not None:
         if fmt is None:
             raise ValueError("fmt is required with file")
-        kwargs = {"answer_field": answer_field} if fmt == "openai" else {}
+        kwargs = {"answer_field": answer_field} if fmt == "openai" else {"numeric": numeric} if fmt == "reft" else {}
         return read_file(file, fmt, **kwargs)
     if dataset == "gsm8k":
         return load_gsm8k(split, data_dir=data_dir, local_dir=local_dir)
     if dataset in REFT_FILES:
         name, needs_cot = REFT_FILES[dataset]
-        return read_reft_json(reft_dir(local_dir) / name, require_cot=needs_cot)
+        return read_reft_json(reft_dir(local_dir) / name, require_cot=needs_cot, numeric=numeric)
     raise ValueError(f"unknown dataset {dataset!r}; expected one of {DATASETS} or a file")
 
 
