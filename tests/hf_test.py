@@ -82,6 +82,9 @@ def test_export_bfloat16_is_stored_as_bf16(tmp_path, random_params):
         (out / "model.safetensors").read_bytes()[:8], "little")])
     assert {v["dtype"] for k, v in header.items() if k != "__metadata__"} == {"BF16"}
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    # a config without `architectures` (every GGUF-sourced export had none; vLLM refuses it) gets its model type's
+    # class (review, session 29)
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
     back = load_model(out, with_tokenizer=False)
     want = jax.tree.map(lambda x: np.asarray(x).astype("bfloat16").astype(np.float32), jax.device_get(params))
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(back.params), want)
@@ -144,6 +147,7 @@ def test_smollm_export_round_trip_and_tokenizer(tmp_path, smollm_model, smollm_p
 
     m = smollm_model
     out = save_hf(tmp_path / "smol", m.params, m.config, m.hf_config, m.tokenizer)
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
     texts = ["Janet's ducks lay 16 eggs per day. She eats three for breakfast.", "<|im_start|>user\nHi 42!"]
     exported_tok = AutoTokenizer.from_pretrained(out)
     gguf_tok = AutoTokenizer.from_pretrained(smollm_path.parent, gguf_file=smollm_path.name)
@@ -291,6 +295,7 @@ def test_gguf_head_dim_is_read_and_a_mistral_name_invents_no_sliding_window(tmp_
     cfg, tensors, _ = read_gguf(tmp_path / "m.gguf", with_tokenizer=False)
     want = AutoConfig.from_pretrained(tmp_path, gguf_file="m.gguf")
     assert type(cfg).__name__ == "LlamaConfig" and getattr(cfg, "sliding_window", None) is None
+    assert cfg.architectures == ["LlamaForCausalLM"]  # as the hub's config.json (none before session 29; review)
     assert cfg.head_dim == want.head_dim == 16 and tensors["model.layers.0.self_attn.q_proj.weight"].shape == (32, 16)
     assert getattr(want, "sliding_window", None) is None
 
