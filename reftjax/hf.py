@@ -535,7 +535,8 @@ def save_hf(out_dir: str | os.PathLike, params, cfg, hf_config, tokenizer=None, 
         tensors.pop("lm_head.weight", None)
     dtype = dtype or cfg.param_dtype
     with np.errstate(over="ignore"):
-        cast = {k: v.astype(_np_dtype(dtype)) for k, v in tensors.items()}
+        # no copy where the dtype is already the export's (a whole model's host copy; memory review, session 29)
+        cast = {k: v.astype(_np_dtype(dtype), copy=False) for k, v in tensors.items()}
     if dtype == "float16":  # (bf16 has float32's range) a weight beyond 65504 became inf, with one generic warning
         over = {k: float(np.abs(v).max()) for k, v in tensors.items()
                 if not np.isfinite(cast[k]).all() and np.isfinite(v).all()}

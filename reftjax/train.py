@@ -495,10 +495,14 @@ def run_rl(cfg: ExperimentConfig, model, ref_params, data: Data, grader, mesh, o
     bar.close()
     manager.wait()
     done = it >= r.iterations or stopped_early()
-    # the best policy is read back (a whole model from disk) only for a finished phase: not in a preemption's grace
-    best_params = manager.restore_best_params(state.params["policy"])[0] if done else None
+    # the best policy is read back (a whole model from disk) only for a finished phase: not in a preemption's grace;
+    # and after the optimizer state is let go (Adam's two moments were alive beside it: a fifth model-sized copy at
+    # the end of RL, memory review, session 29)
+    policy = state.params["policy"]
+    del state
+    best_params = manager.restore_best_params(policy)[0] if done else None
     manager.close()
-    return state.params["policy"], best_params, it, done
+    return policy, best_params, it, done
 
 
 def run_rerank(cfg: ExperimentConfig, model, sft_params, data: Data, grader, mesh, out: pathlib.Path, logger,
