@@ -92,8 +92,10 @@ def _hf_config(meta: dict, tensor_names: set, path: pathlib.Path):
     # sliding window that GGUF does not state and Mistral v0.2+ do not have (transformers reads them as llama too)
     # `architectures` as the hub's config.json has it: serving stacks (vLLM) pick the model class from it and refuse
     # a config without one, which every export of the default model was (review, session 29)
-    return (Qwen2Config if arch == "qwen2" else LlamaConfig)(
-        **kw, architectures=["Qwen2ForCausalLM" if arch == "qwen2" else "LlamaForCausalLM"])
+    from reftjax.models.config import CAUSAL_LM_CLASSES
+
+    model_type = "qwen2" if arch == "qwen2" else "llama"
+    return (Qwen2Config if arch == "qwen2" else LlamaConfig)(**kw, architectures=[CAUSAL_LM_CLASSES[model_type]])
 
 
 def _eos_ids(meta: dict):

@@ -330,11 +330,6 @@ def cache_root() -> pathlib.Path:
     return pathlib.Path(os.environ.get("REFTJAX_CACHE", pathlib.Path.home() / ".cache" / "reftjax"))
 
 
-# the transformers class of each supported model_type, written as config.json's `architectures` (serving stacks
-# such as vLLM pick the class from it; transformers' own table imports torch)
-CAUSAL_LM_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
-
-
 def _temp_beside(target: pathlib.Path) -> pathlib.Path:
     """A new `<name>.tmpXXXXXXXX` folder beside `target`, to be renamed into place, made as `mkdir` makes folders
     (the umask's mode, a setgid parent's group): mkdtemp's 0700 went into place, and other users or a serving
@@ -567,6 +562,8 @@ def save_hf(out_dir: str | os.PathLike, params, cfg, hf_config, tokenizer=None, 
                 json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
         hf = copy.deepcopy(hf_config)
         if not getattr(hf, "architectures", None):  # (a GGUF cache converted before session 29 has none; review)
+            from reftjax.models.config import CAUSAL_LM_CLASSES
+
             hf.architectures = [CAUSAL_LM_CLASSES[cfg.model_type]]
         hf.dtype = dtype
         hf.tie_word_embeddings = bool(cfg.tie_word_embeddings)  # says what the tensors written above hold

@@ -754,7 +754,7 @@ def check_grader_fields(grader, data: Data) -> None:
         if bad:
             i, item, msg = bad[0]
             # the file and line of the first (it said an item_id, which a file without ids numbers from 0; review)
-            line = ((getattr(data, "where", None) or {}).get(split) or [""] * len(items))[i]
+            line = data.where.get(split, [""] * len(items))[i]
             where = "all" if len(bad) == len(items) else f"{len(bad)} of {len(items)}, the first item_id " \
                                                           f"{item.get('item_id')!r}"
             default_test = " (the test split is GSM8K's unless data.test_file names one)" \

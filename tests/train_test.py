@@ -1037,7 +1037,7 @@ def test_a_grader_that_cannot_read_the_test_items_is_refused_before_training():
                            "reference": "{{item.reference_answer}}", "operation": "eq"})
     train = [{"item_id": "f_0", "messages": [], "reference_answer": "4", "answer_value": "4"}]
     test = [{"item_id": "gsm8k_test_0", "question": "q", "answer_value": "18"}]
-    data = types.SimpleNamespace(train_items=train, val_items=train, test_items=test)
+    data = types.SimpleNamespace(train_items=train, val_items=train, test_items=test, where={})
     with pytest.raises(SettingsError, match=r"cannot grade the test split's items \(all: template field "
                                             r"\{\{item.reference_answer\}\} not found\) \(the test split is GSM8K's "
                                             r"unless data.test_file names one\); such items have the fields "
@@ -1048,7 +1048,7 @@ def test_a_grader_that_cannot_read_the_test_items_is_refused_before_training():
     check_grader_fields(ok, data)  # answer_value is on every split
     # one row of the file with the field misspelt: every item is checked, not the first alone (it scored 0 silently)
     typo = {"item_id": "f_2", "messages": [], "reference_anwser": "5", "answer_value": "5"}
-    data = types.SimpleNamespace(train_items=train + train + [typo], val_items=test, test_items=test)
+    data = types.SimpleNamespace(train_items=train + train + [typo], val_items=test, test_items=test, where={})
     with pytest.raises(SettingsError, match=r"cannot grade the train split's items \(1 of 3, the first item_id "
                                             r"'f_2': template field \{\{item.reference_answer\}\} not found"):
         check_grader_fields(grader, data)

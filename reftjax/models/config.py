@@ -11,7 +11,10 @@ from typing import Any
 
 import jax.numpy as jnp
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+# each supported Hugging Face model_type and its transformers class, written as config.json's `architectures` on
+# export (serving stacks such as vLLM pick the class from it; transformers' own table imports torch)
+CAUSAL_LM_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+SUPPORTED_MODEL_TYPES = tuple(CAUSAL_LM_CLASSES)
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
