@@ -346,9 +346,22 @@ class Checkpointer:
         self._manager.wait_until_finished()
 
     def close(self) -> None:
-        """Finish pending saves and release the manager."""
+        """Finish pending saves and release the manager (a second call does nothing)."""
+        if self._manager is None:
+            return
         self._manager.wait_until_finished()
         self._manager.close()
+        self._manager = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *_):
+        """Closes on every way out: an exception (a second Ctrl-C in a notebook) left an async save writing behind
+        the caller, which a re-run of the cell then raced on the same directory."""
+        if exc_type is not None and self._manager is not None and self._manager.is_saving_in_progress():
+            log.warning("checkpoint: waiting for the save in progress in %s before stopping", self.directory)
+        self.close()
 
 
 def _barrier(name: str) -> None:

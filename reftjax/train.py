@@ -303,56 +303,55 @@ def run_sft(cfg: ExperimentConfig, model, data: Data, mesh, out: pathlib.Path, l
     tx = make_optimizer(s.optim, schedule_total)
     lr_at = functools.partial(schedule_value, s.optim, schedule_total)
     state = init_state({"policy": model.params}, tx, jax.random.key(cfg.seed))
-    manager = ckpt.Checkpointer(ckpt.CheckpointConfig(str(out / "checkpoints" / "sft"),
-                                                      save_every=cfg.checkpoint.save_every,
-                                                      keep_last=cfg.checkpoint.keep_last, keep_best=0),
-                                config=to_dict(cfg))
-    restored = manager.restore_latest(state)
-    if restored is not None:
-        state, extras, _ = restored
-        loader.restore(extras["loader"])
-        log.info("SFT resumed at step %d", int(state.step))
-    step_fn = make_sft_step(model.config, tx, s.accum_steps, s.head_chunk_rows)
-    peak = measured_peak_flops(dtype=model.config.dtype)
-    applied = int(jax.device_get(state.step))  # optimizer updates so far: the schedule's position
-    done = applied + int(jax.device_get(state.skipped))
-    logger.rewind({"sft": done - 1})  # steps 0 .. done-1 are in the checkpoint (logged before it); none if fresh
-    bar = _bar(total, "SFT", done, progress)
-    prev, last = None, None  # last: when the previous step's metrics were read (its completion)
-    stop.check()  # an interrupt between phases (all processes decide together)
-    shapes = set()  # batch shapes dispatched: a new one compiles in the call, before its step is queued
-    while done < total and not stop.agreed:
-        batch = next(loader)
-        if prev is not None and batch["tokens"].shape not in shapes:
-            # the previous step's metrics first: read after a compiling call, its time took in the compile (rates
-            # 10x low on the step before each new bucket; review, session 29). One wait per new bucket.
-            skipped, last = _log_sft(logger, *prev, peak, model.config, lr_at(applied), last)
-            applied += 1 - skipped
-            prev = None
-        shapes.add(batch["tokens"].shape)
-        t0, c0 = time.perf_counter(), xla_cache.busy_seconds()
-        state, metrics = step_fn(state, batch)
-        compile_s = xla_cache.busy_seconds() - c0  # the step's program compiled in the call, before it ran
-        if prev is not None:  # read the previous step's metrics one step late
-            skipped, last = _log_sft(logger, *prev, peak, model.config, lr_at(applied), last)
-            applied += 1 - skipped
-        prev = (done, metrics, t0, compile_s, batch["tokens"].shape)
-        done += 1
-        bar.update(1)
-        interrupted = stop.check()  # every step, before the save decision (an `or` after it skipped the check)
-        if interrupted or done % cfg.checkpoint.save_every == 0 or done == total:
-            jax.block_until_ready(metrics)  # its line goes out before the checkpoint that covers it
-            skipped, last = _log_sft(logger, *prev, peak, model.config, lr_at(applied), last)
-            applied += 1 - skipped
-            prev = None
-            manager.save(done, state, {"loader": loader.state(), "phase": "sft"}, force=True)
-    if prev is not None:
-        jax.block_until_ready(prev[1])
-        _log_sft(logger, *prev, peak, model.config, lr_at(applied), last)
-    bar.close()
-    if done >= total:  # the finished warm-up's last step is all a rerun reads (sft_done.json names it)
-        manager.keep_only(done)
-    manager.close()
+    with ckpt.Checkpointer(ckpt.CheckpointConfig(str(out / "checkpoints" / "sft"),
+                                                 save_every=cfg.checkpoint.save_every,
+                                                 keep_last=cfg.checkpoint.keep_last, keep_best=0),
+                           config=to_dict(cfg)) as manager:
+        restored = manager.restore_latest(state)
+        if restored is not None:
+            state, extras, _ = restored
+            loader.restore(extras["loader"])
+            log.info("SFT resumed at step %d", int(state.step))
+        step_fn = make_sft_step(model.config, tx, s.accum_steps, s.head_chunk_rows)
+        peak = measured_peak_flops(dtype=model.config.dtype)
+        applied = int(jax.device_get(state.step))  # optimizer updates so far: the schedule's position
+        done = applied + int(jax.device_get(state.skipped))
+        logger.rewind({"sft": done - 1})  # steps 0 .. done-1 are in the checkpoint (logged before it); none if fresh
+        bar = _bar(total, "SFT", done, progress)
+        prev, last = None, None  # last: when the previous step's metrics were read (its completion)
+        stop.check()  # an interrupt between phases (all processes decide together)
+        shapes = set()  # batch shapes dispatched: a new one compiles in the call, before its step is queued
+        while done < total and not stop.agreed:
+            batch = next(loader)
+            if prev is not None and batch["tokens"].shape not in shapes:
+                # the previous step's metrics first: read after a compiling call, its time took in the compile (rates
+                # 10x low on the step before each new bucket; review, session 29). One wait per new bucket.
+                skipped, last = _log_sft(logger, *prev, peak, model.config, lr_at(applied), last)
+                applied += 1 - skipped
+                prev = None
+            shapes.add(batch["tokens"].shape)
+            t0, c0 = time.perf_counter(), xla_cache.busy_seconds()
+            state, metrics = step_fn(state, batch)
+            compile_s = xla_cache.busy_seconds() - c0  # the step's program compiled in the call, before it ran
+            if prev is not None:  # read the previous step's metrics one step late
+                skipped, last = _log_sft(logger, *prev, peak, model.config, lr_at(applied), last)
+                applied += 1 - skipped
+            prev = (done, metrics, t0, compile_s, batch["tokens"].shape)
+            done += 1
+            bar.update(1)
+            interrupted = stop.check()  # every step, before the save decision (an `or` after it skipped the check)
+            if interrupted or done % cfg.checkpoint.save_every == 0 or done == total:
+                jax.block_until_ready(metrics)  # its line goes out before the checkpoint that covers it
+                skipped, last = _log_sft(logger, *prev, peak, model.config, lr_at(applied), last)
+                applied += 1 - skipped
+                prev = None
+                manager.save(done, state, {"loader": loader.state(), "phase": "sft"}, force=True)
+        if prev is not None:
+            jax.block_until_ready(prev[1])
+            _log_sft(logger, *prev, peak, model.config, lr_at(applied), last)
+        bar.close()
+        if done >= total:  # the finished warm-up's last step is all a rerun reads (sft_done.json names it)
+            manager.keep_only(done)
     return state.params["policy"], (done if done >= total else None)
 
 
@@ -400,108 +399,107 @@ def run_rl(cfg: ExperimentConfig, model, ref_params, data: Data, grader, mesh, o
     tx = make_optimizer(r.optim, total)
     params = init_rl_params(jax.tree.map(jnp.copy, ref_params), model.config, r.ppo, jax.random.key(r.value_head_seed))
     state = init_state(params, tx, jax.random.key(cfg.seed + 2))
-    manager = ckpt.Checkpointer(ckpt.CheckpointConfig(str(out / "checkpoints" / "rl"),
-                                                      save_every=cfg.checkpoint.save_every,
-                                                      keep_last=cfg.checkpoint.keep_last,
-                                                      keep_best=cfg.checkpoint.keep_best),
-                                config=to_dict(cfg))
-    it, best, since_best = 0, -1.0, 0
-    restored = manager.restore_latest(state)
-    if restored is not None:
-        state, extras, _ = restored
-        loader.restore(extras["loader"])
-        it, best, since_best = extras["iteration"], extras["best"], extras["since_best"]
-        log.info("RL resumed at iteration %d", it)
-    logger.rewind({"rl": it, "val": it})  # also when a killed attempt logged iterations but saved none (it = 0)
-    _rewind_samples(out, it)
-    applied = int(jax.device_get(state.step))  # optimizer updates so far: the schedule's position
-    guards = r.guards
-    if guards.enabled and guards.max_tokens is None:  # `too_long`: cut by the rollout's cap (it never flagged:
-        guards = dataclasses.replace(guards, max_tokens=samp.max_new_tokens)  # nothing set the limit; helper review)
-    reward_fn = make_reward_fn(grader, data.train_items, model.tokenizer, guards=guards,
-                               stop_sequences=samp.stop_sequences, eos_ids=samp.eos_ids)
-    exp_fn = make_experience_fn(model.config, r.ppo, reward_fn)
-    step_fn = make_ppo_step(model.config, tx, r.ppo)
-    peak = measured_peak_flops(dtype=model.config.dtype)
-    if r.ppo.experience_from_rollout and model.config.dtype != "float32":
-        log.warning("rl.ppo.experience_from_rollout with dtype=%s: the rollout's log-probs round differently from "
-                    "the training forward's (SmolLM2-135M in bf16: 0.03 nats per token on average, up to 0.27), so "
-                    "logp_old is off by that and the first KL to the reference is not 0; the default (false) "
-                    "recomputes them", model.config.dtype)
-    buckets = completion_buckets(samp.max_new_tokens, r.completion_buckets)
-    bar = _bar(r.iterations, f"RL ({r.ppo.algo})", it, progress)
-    stopped_early = lambda: bool(r.early_stop_patience) and since_best >= r.early_stop_patience  # noqa: E731
-    stop.check()  # an interrupt between phases (all processes decide together)
-    while it < r.iterations and not stop.agreed and not stopped_early():  # (resumed after an early stop: done)
-        batch = next(loader)
-        t0, c0 = time.perf_counter(), xla_cache.busy_seconds()
-        rng = jax.random.fold_in(jax.random.key(cfg.seed + 3), it)
-        ro = rollout(state.params["policy"], batch["prompt_tokens"], batch["prompt_mask"], rng,
-                     model_cfg=model.config, cfg=samp,
-                     value_head=state.params.get("value_head") if r.ppo.experience_from_rollout else None)
-        ro = trim_to_bucket(ro, buckets)  # (reads the longest row on the host: the rollout has finished)
-        t_roll = time.perf_counter() - t0
-        idx = jnp.repeat(batch["example_idx"], samp.n)
-        exp, em = exp_fn(state.params, ref_params, ro, idx)
-        jax.block_until_ready(em)  # the ordered grader callback: block per step (see graders.callback)
-        t_exp = time.perf_counter() - t0
-        state, pm = step_fn(state, exp)
-        pm = jax.device_get(pm)
-        dt = time.perf_counter() - t0
-        # compilation in this iteration (the first, a new completion bucket): out of the rates, logged apart
-        compile_s = min(xla_cache.busy_seconds() - c0, dt)
-        run_s = max(dt - compile_s, 1e-9)
-        em = jax.device_get(em)
-        applied += int(pm["updates"]) - int(pm["skipped"])
-        pm["lr"] = schedule_value(r.optim, total, max(applied - 1, 0))  # that of the iteration's last update
-        gen_tokens = float(em["response_length"]) * ro.tokens_BxN.shape[0]
-        prompt_lens, gen_lens = to_host((ro.prompt_mask_BxP.sum(axis=1), ro.lengths_B))
-        flops = rl_iteration_flops(model.config, prompt_lens, gen_lens, samp.n, samp.n if r.ppo.share_prompt else 1,
-                                   r.ppo.experience_from_rollout, r.ppo.ppo_epochs, reference=r.ppo.kl_coef != 0,
-                                   separate_critic=r.ppo.critic == "separate")
-        metrics = {**em, **pm, "seconds": dt, "compile_seconds": compile_s, "rollout_seconds": t_roll,
-                   "experience_seconds": t_exp - t_roll, "update_seconds": dt - t_exp,  # (grading: in experience)
-                   "completion_bucket": ro.tokens_BxN.shape[1],
-                   "grader_seconds": reward_fn.last.seconds, "generated_tokens_per_s": gen_tokens / run_s,
-                   "mfu": flops / run_s / peak,
-                   # rows graded, rows without an answer (or a failed program), rows the grader could not grade
-                   # (always); rows each guard flagged (rl.guards)
-                   **{_COUNTER_NAMES.get(k, f"guard_{k}"): v for k, v in reward_fn.last.counters.items()},
-                   **sub_score_means(reward_fn.last.grades)}
-        if compiles is not None:
-            metrics["xla_programs"] = compiles.programs()
-        it += 1
-        logger.log("rl", it, metrics)
-        _dump_samples(out, it, reward_fn.last, data.train_items, samp.n, r.samples_per_iteration)
-        bar.update(1)
-        bar.set_postfix(reward=f"{em['reward']:.3f}", kl=f"{em['kl']:.3f}")
-        metric = None
-        if r.eval_every and (it % r.eval_every == 0 or it == r.iterations):
-            res = evaluate(state.params["policy"], model.config, model.tokenizer, data.val_ds, data.val_items,
-                           grader, dataclasses.replace(cfg.eval, voting_k=0), mesh=mesh,
-                           eos_ids=samp.eos_ids, pad_id=samp.pad_id, stop_sequences=samp.stop_sequences)
-            _record_eval(out, f"val_rl_{it}", res, logger, "val", it)
-            metric = res[selection_metric(cfg)]
-            if metric > best:
-                best, since_best = metric, 0
-            else:
-                since_best += 1
-        extras = {"loader": loader.state(), "iteration": it, "best": best, "since_best": since_best, "phase": "rl"}
-        interrupted = stop.check()  # every iteration, before the save decision
-        if interrupted or metric is not None or it % cfg.checkpoint.save_every == 0 or it == r.iterations:
-            manager.save(it, state, extras, metric=metric, force=True)
-        if stopped_early():
-            log.info("early stopping at iteration %d (no validation gain in %d evaluations)", it, since_best)
-    bar.close()
-    manager.wait()
-    done = it >= r.iterations or stopped_early()
-    # the best policy is read back (a whole model from disk) only for a finished phase: not in a preemption's grace;
-    # and after the optimizer state is let go (Adam's two moments were alive beside it: a fifth model-sized copy at
-    # the end of RL, memory review, session 29)
-    policy = state.params["policy"]
-    del state
-    best_params = manager.restore_best_params(policy)[0] if done else None
-    manager.close()
+    with ckpt.Checkpointer(ckpt.CheckpointConfig(str(out / "checkpoints" / "rl"),
+                                                 save_every=cfg.checkpoint.save_every,
+                                                 keep_last=cfg.checkpoint.keep_last,
+                                                 keep_best=cfg.checkpoint.keep_best),
+                           config=to_dict(cfg)) as manager:
+        it, best, since_best = 0, -1.0, 0
+        restored = manager.restore_latest(state)
+        if restored is not None:
+            state, extras, _ = restored
+            loader.restore(extras["loader"])
+            it, best, since_best = extras["iteration"], extras["best"], extras["since_best"]
+            log.info("RL resumed at iteration %d", it)
+        logger.rewind({"rl": it, "val": it})  # also when a killed attempt logged iterations but saved none (it = 0)
+        _rewind_samples(out, it)
+        applied = int(jax.device_get(state.step))  # optimizer updates so far: the schedule's position
+        guards = r.guards
+        if guards.enabled and guards.max_tokens is None:  # `too_long`: cut by the rollout's cap (it never
+            guards = dataclasses.replace(guards, max_tokens=samp.max_new_tokens)  # flagged: no limit; helper review)
+        reward_fn = make_reward_fn(grader, data.train_items, model.tokenizer, guards=guards,
+                                   stop_sequences=samp.stop_sequences, eos_ids=samp.eos_ids)
+        exp_fn = make_experience_fn(model.config, r.ppo, reward_fn)
+        step_fn = make_ppo_step(model.config, tx, r.ppo)
+        peak = measured_peak_flops(dtype=model.config.dtype)
+        if r.ppo.experience_from_rollout and model.config.dtype != "float32":
+            log.warning("rl.ppo.experience_from_rollout with dtype=%s: the rollout's log-probs round differently from "
+                        "the training forward's (SmolLM2-135M in bf16: 0.03 nats per token on average, up to 0.27), so "
+                        "logp_old is off by that and the first KL to the reference is not 0; the default (false) "
+                        "recomputes them", model.config.dtype)
+        buckets = completion_buckets(samp.max_new_tokens, r.completion_buckets)
+        bar = _bar(r.iterations, f"RL ({r.ppo.algo})", it, progress)
+        stopped_early = lambda: bool(r.early_stop_patience) and since_best >= r.early_stop_patience  # noqa: E731
+        stop.check()  # an interrupt between phases (all processes decide together)
+        while it < r.iterations and not stop.agreed and not stopped_early():  # (resumed after an early stop: done)
+            batch = next(loader)
+            t0, c0 = time.perf_counter(), xla_cache.busy_seconds()
+            rng = jax.random.fold_in(jax.random.key(cfg.seed + 3), it)
+            ro = rollout(state.params["policy"], batch["prompt_tokens"], batch["prompt_mask"], rng,
+                         model_cfg=model.config, cfg=samp,
+                         value_head=state.params.get("value_head") if r.ppo.experience_from_rollout else None)
+            ro = trim_to_bucket(ro, buckets)  # (reads the longest row on the host: the rollout has finished)
+            t_roll = time.perf_counter() - t0
+            idx = jnp.repeat(batch["example_idx"], samp.n)
+            exp, em = exp_fn(state.params, ref_params, ro, idx)
+            jax.block_until_ready(em)  # the ordered grader callback: block per step (see graders.callback)
+            t_exp = time.perf_counter() - t0
+            state, pm = step_fn(state, exp)
+            pm = jax.device_get(pm)
+            dt = time.perf_counter() - t0
+            # compilation in this iteration (the first, a new completion bucket): out of the rates, logged apart
+            compile_s = min(xla_cache.busy_seconds() - c0, dt)
+            run_s = max(dt - compile_s, 1e-9)
+            em = jax.device_get(em)
+            applied += int(pm["updates"]) - int(pm["skipped"])
+            pm["lr"] = schedule_value(r.optim, total, max(applied - 1, 0))  # that of the iteration's last update
+            gen_tokens = float(em["response_length"]) * ro.tokens_BxN.shape[0]
+            prompt_lens, gen_lens = to_host((ro.prompt_mask_BxP.sum(axis=1), ro.lengths_B))
+            flops = rl_iteration_flops(model.config, prompt_lens, gen_lens, samp.n, samp.n if r.ppo.share_prompt else 1,
+                                       r.ppo.experience_from_rollout, r.ppo.ppo_epochs, reference=r.ppo.kl_coef != 0,
+                                       separate_critic=r.ppo.critic == "separate")
+            metrics = {**em, **pm, "seconds": dt, "compile_seconds": compile_s, "rollout_seconds": t_roll,
+                       "experience_seconds": t_exp - t_roll, "update_seconds": dt - t_exp,  # (grading: in experience)
+                       "completion_bucket": ro.tokens_BxN.shape[1],
+                       "grader_seconds": reward_fn.last.seconds, "generated_tokens_per_s": gen_tokens / run_s,
+                       "mfu": flops / run_s / peak,
+                       # rows graded, rows without an answer (or a failed program), rows the grader could not grade
+                       # (always); rows each guard flagged (rl.guards)
+                       **{_COUNTER_NAMES.get(k, f"guard_{k}"): v for k, v in reward_fn.last.counters.items()},
+                       **sub_score_means(reward_fn.last.grades)}
+            if compiles is not None:
+                metrics["xla_programs"] = compiles.programs()
+            it += 1
+            logger.log("rl", it, metrics)
+            _dump_samples(out, it, reward_fn.last, data.train_items, samp.n, r.samples_per_iteration)
+            bar.update(1)
+            bar.set_postfix(reward=f"{em['reward']:.3f}", kl=f"{em['kl']:.3f}")
+            metric = None
+            if r.eval_every and (it % r.eval_every == 0 or it == r.iterations):
+                res = evaluate(state.params["policy"], model.config, model.tokenizer, data.val_ds, data.val_items,
+                               grader, dataclasses.replace(cfg.eval, voting_k=0), mesh=mesh,
+                               eos_ids=samp.eos_ids, pad_id=samp.pad_id, stop_sequences=samp.stop_sequences)
+                _record_eval(out, f"val_rl_{it}", res, logger, "val", it)
+                metric = res[selection_metric(cfg)]
+                if metric > best:
+                    best, since_best = metric, 0
+                else:
+                    since_best += 1
+            extras = {"loader": loader.state(), "iteration": it, "best": best, "since_best": since_best, "phase": "rl"}
+            interrupted = stop.check()  # every iteration, before the save decision
+            if interrupted or metric is not None or it % cfg.checkpoint.save_every == 0 or it == r.iterations:
+                manager.save(it, state, extras, metric=metric, force=True)
+            if stopped_early():
+                log.info("early stopping at iteration %d (no validation gain in %d evaluations)", it, since_best)
+        bar.close()
+        manager.wait()
+        done = it >= r.iterations or stopped_early()
+        # the best policy is read back (a whole model from disk) only for a finished phase: not in a preemption's grace;
+        # and after the optimizer state is let go (Adam's two moments were alive beside it: a fifth model-sized copy at
+        # the end of RL, memory review, session 29)
+        policy = state.params["policy"]
+        del state
+        best_params = manager.restore_best_params(policy)[0] if done else None
     return policy, best_params, it, done
 
 
@@ -539,47 +537,47 @@ def run_rerank(cfg: ExperimentConfig, model, sft_params, data: Data, grader, mes
     tx = make_optimizer(rc.optim, total)
     state = init_state({"verifier": init_verifier(sft_params, model.config, jax.random.key(rc.seed))}, tx,
                        jax.random.key(rc.seed + 1))
-    manager = ckpt.Checkpointer(ckpt.CheckpointConfig(str(vdir), save_every=cfg.checkpoint.save_every,
-                                                      keep_last=cfg.checkpoint.keep_last, keep_best=0),
-                                config=to_dict(cfg))
-    done = 0
-    restored = manager.restore_latest(state)
-    if restored is not None:
-        state, extras, _ = restored
-        done = extras["step"]
-        log.info("verifier training resumed at step %d", done)
-    logger.rewind({"verifier": done})
-    step_fn = make_verifier_step(model.config, tx, rc.token_level)
-    n_proc, pid = jax.process_count(), jax.process_index()
-    local = rc.batch_size // n_proc
-    bar = _bar(total, "verifier", done, progress)
-    prev = None
-    stop.check()  # an interrupt between phases (all processes decide together)
-    while done < total and not stop.agreed:
-        epoch, pos = divmod(done, per_epoch)
-        for i, batch in enumerate(vd.batches(rc.batch_size, seed=rc.seed + epoch)):
-            if i < pos:
-                continue
-            batch = shard_batch({k: v[pid * local:(pid + 1) * local] for k, v in batch.items()}, mesh)
-            state, metrics = step_fn(state, batch)
-            if prev is not None:  # read the previous step's metrics one step late (no wait on the device)
-                logger.log("verifier", prev[0], {**jax.device_get(prev[1]), "epoch": prev[2]})
-            done += 1
-            prev = (done, metrics, epoch + 1)
-            bar.update(1)
-            interrupted = stop.check()  # every step, before the save decision
-            if interrupted or done % cfg.checkpoint.save_every == 0 or done == total:
-                logger.log("verifier", prev[0], {**jax.device_get(prev[1]), "epoch": prev[2]})  # before its checkpoint
-                prev = None
-                manager.save(done, state, {"step": done, "phase": "verifier"}, force=True)
-            if stop.agreed:
-                break
-    if prev is not None:
-        logger.log("verifier", prev[0], {**jax.device_get(prev[1]), "epoch": prev[2]})
-    bar.close()
-    if done >= total:
-        manager.keep_only(done)  # what verifier_done.json names: all a rerun reads
-    manager.close()
+    with ckpt.Checkpointer(ckpt.CheckpointConfig(str(vdir), save_every=cfg.checkpoint.save_every,
+                                                 keep_last=cfg.checkpoint.keep_last, keep_best=0),
+                           config=to_dict(cfg)) as manager:
+        done = 0
+        restored = manager.restore_latest(state)
+        if restored is not None:
+            state, extras, _ = restored
+            done = extras["step"]
+            log.info("verifier training resumed at step %d", done)
+        logger.rewind({"verifier": done})
+        step_fn = make_verifier_step(model.config, tx, rc.token_level)
+        n_proc, pid = jax.process_count(), jax.process_index()
+        local = rc.batch_size // n_proc
+        bar = _bar(total, "verifier", done, progress)
+        prev = None
+        stop.check()  # an interrupt between phases (all processes decide together)
+        while done < total and not stop.agreed:
+            epoch, pos = divmod(done, per_epoch)
+            for i, batch in enumerate(vd.batches(rc.batch_size, seed=rc.seed + epoch)):
+                if i < pos:
+                    continue
+                batch = shard_batch({k: v[pid * local:(pid + 1) * local] for k, v in batch.items()}, mesh)
+                state, metrics = step_fn(state, batch)
+                if prev is not None:  # read the previous step's metrics one step late (no wait on the device)
+                    logger.log("verifier", prev[0], {**jax.device_get(prev[1]), "epoch": prev[2]})
+                done += 1
+                prev = (done, metrics, epoch + 1)
+                bar.update(1)
+                interrupted = stop.check()  # every step, before the save decision
+                if interrupted or done % cfg.checkpoint.save_every == 0 or done == total:
+                    # its line before the checkpoint that covers it
+                    logger.log("verifier", prev[0], {**jax.device_get(prev[1]), "epoch": prev[2]})
+                    prev = None
+                    manager.save(done, state, {"step": done, "phase": "verifier"}, force=True)
+                if stop.agreed:
+                    break
+        if prev is not None:
+            logger.log("verifier", prev[0], {**jax.device_get(prev[1]), "epoch": prev[2]})
+        bar.close()
+        if done >= total:
+            manager.keep_only(done)  # what verifier_done.json names: all a rerun reads
     if done < total:
         return None
     _write_json(marker, {"step": done})

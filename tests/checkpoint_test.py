@@ -74,6 +74,22 @@ def test_round_trip_restores_bitwise_onto_target_sharding(tmp_path, n_devices):
     ck.close()
 
 
+def test_leaving_the_with_block_by_an_exception_finishes_the_save_in_progress(tmp_path):
+    """An exception (a second Ctrl-C) out of a phase left its async save writing behind the caller (session 29's
+    list): the manager is a context manager now, and leaving it waits for the save and closes (once)."""
+    st = _state()
+    with pytest.raises(KeyboardInterrupt):
+        with Checkpointer(CheckpointConfig(str(tmp_path))) as ck:
+            assert ck.save(4, st, {"round": 1})
+            raise KeyboardInterrupt
+    assert ck._manager is None  # closed: the background save was waited on
+    ck.close()  # a second close does nothing
+    assert [int(n) for n in os.listdir(tmp_path) if n.isdigit()] == [4]
+    with Checkpointer(CheckpointConfig(str(tmp_path))) as ck:
+        _, extras, step = ck.restore_latest(abstract_like(st))
+    assert (step, extras) == (4, {"round": 1})
+
+
 def test_restore_onto_a_different_mesh(tmp_path):
     mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=4))
     st = _state(mesh=mesh)

@@ -748,7 +748,7 @@ def test_sft_step_time_is_one_step_not_two(tmp_path, monkeypatch):
     from reftjax.config import ExperimentConfig
     from reftjax.metrics import MetricsLogger
 
-    clock, device_free = [0.0], [0.0]
+    clock, device_free, closed = [0.0], [0.0], []
 
     class Pending:
         def __init__(self, done, value):
@@ -808,8 +808,11 @@ def test_sft_step_time_is_one_step_not_two(tmp_path, monkeypatch):
         def wait(self):
             pass
 
-        def close(self):
-            pass
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):  # run_sft closes its checkpointer on every way out (the exception's type kept)
+            closed.append(exc[0])
 
         def keep_only(self, step):  # (the finished phase's clean-up)
             pass
@@ -849,6 +852,17 @@ def test_sft_step_time_is_one_step_not_two(tmp_path, monkeypatch):
     _, finished = T.run_sft(every, model, types.SimpleNamespace(train_ds=None), None, tmp_path / "stop", logger,
                             stop, False)
     assert finished is None and calls[0] == 2
+    # a second Ctrl-C raises KeyboardInterrupt out of the loop: the checkpointer was left open, its async save
+    # writing behind a notebook's next cell on the same directory (session 29's list); now it is closed (waited on)
+    def second_ctrl_c(state, batch):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(T, "make_sft_step", lambda *a, **k: second_ctrl_c)
+    closed[:] = []
+    with pytest.raises(KeyboardInterrupt):
+        T.run_sft(every, model, types.SimpleNamespace(train_ds=None), None, tmp_path / "ctrl_c", logger,
+                  T._Interrupt(), False)
+    assert closed == [KeyboardInterrupt]
 
 
 def test_an_interrupted_rl_phase_stops_without_reading_the_best_policy_back(tmp_path, monkeypatch):
@@ -861,7 +875,7 @@ def test_an_interrupted_rl_phase_stops_without_reading_the_best_policy_back(tmp_
     from reftjax.config import ExperimentConfig, replace_path
     from reftjax.metrics import MetricsLogger
 
-    reads, saves, calls = [], [], [0]
+    reads, saves, calls, closed = [], [], [0], []
 
     class Loader:
         def __init__(self, *a, **k):
@@ -888,7 +902,14 @@ def test_an_interrupted_rl_phase_stops_without_reading_the_best_policy_back(tmp_
             reads.append(1)
             return "best", {}
 
-        wait = close = lambda self: None
+        def wait(self):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            closed.append(exc[0])
 
     def rollout(*a, **k):
         calls[0] += 1
@@ -924,6 +945,13 @@ def test_an_interrupted_rl_phase_stops_without_reading_the_best_policy_back(tmp_
         got = T.run_rl(cfg, model, {}, data, None, None, tmp_path / str(interrupt_at), logger, stop, False)
         logger.close()
         assert (*got, reads, saves) == expected
+    assert closed == [None, None]
+    # an exception out of the loop (a second Ctrl-C) closes the checkpointer too: its async save is waited on
+    monkeypatch.setattr(T, "trim_to_bucket", lambda ro, buckets: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        T.run_rl(cfg, model, {}, data, None, None, tmp_path / "ctrl_c", logger, T._Interrupt(), False)
+    assert closed == [None, None, KeyboardInterrupt]
+    monkeypatch.setattr(T, "trim_to_bucket", lambda ro, buckets: ro)
     # rl.guards.enabled=true's `too_long` had no limit (max_tokens None) and never flagged: the rollout's cap is
     # the default; an explicit one is kept; disabled guards are passed as they are (helper review)
     assert made[-1] == cfg.rl.guards and not made[-1].enabled
