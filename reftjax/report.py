@@ -110,7 +110,6 @@ def write_summary(out: pathlib.Path, cfg, evals: dict, wall_seconds: float, writ
             summary["test_rerank_accuracy_all_questions"] = scale(summary["test_rerank_accuracy"])
     if not write:
         return summary
-    _replace(out / "summary.json", json.dumps(summary, indent=2).encode())
     t, v = summary["test_accuracy"], summary["test_voting_accuracy"]
     dropped = ""
     if test_stats.get("dropped"):
@@ -121,7 +120,10 @@ def write_summary(out: pathlib.Path, cfg, evals: dict, wall_seconds: float, writ
                    + ", ".join(f"{k} {_cell(x)}%" for k, x in every.items() if x is not None)
                    + "".join(f"; voting@{cfg.eval.voting_k} {k} {_cell(x)}%"
                              for k, x in summary["test_voting_accuracy_all_questions"].items()
-                             if k != "k" and x is not None) + ")")
+                             if k != "k" and x is not None)
+                   + "".join(f"; rerank@{cfg.eval.voting_k} {k} {_cell(x)}%"
+                             for k, x in (summary.get("test_rerank_accuracy_all_questions") or {}).items()
+                             if k in ("sft", "reft") and x is not None) + ")")
     r = summary["test_rerank_accuracy"]
     k = cfg.eval.voting_k or "-"
     head, rule = f"| stage | greedy top-1 (%) | voting@{k} (%) |", "|---|---|---|"
@@ -160,6 +162,9 @@ def write_summary(out: pathlib.Path, cfg, evals: dict, wall_seconds: float, writ
         + (", plots/val_mean_score.png" if by_score else ""),
     ]
     _replace(out / "summary.md", ("\n".join(lines) + "\n").encode())
+    # last: a script that polls for summary.json ("status": "done") finds summary.md (and, written before this by
+    # train.run, the plots) already there; it came first (session 29's list)
+    _replace(out / "summary.json", json.dumps(summary, indent=2).encode())
     return summary
 
 

@@ -1032,8 +1032,7 @@ def _run(cfg: ExperimentConfig, out: pathlib.Path, progress: bool) -> dict:
         if is_primary():  # after its exports: another process's marker could outrun them on a shared directory
             _write_json(exported, marker)
     logger.close()
-    summary = report.write_summary(out, cfg, _load_evals(out), wall_seconds=time.time() - t_start,
-                                   write=is_primary(), data_stats=split_stats(data), compilation=compiles.summary())
-    if is_primary():
+    if is_primary():  # before the summary: summary.json, written last, says the run is done
         report.plot_run(out, selection_metric(cfg))
-    return summary
+    return report.write_summary(out, cfg, _load_evals(out), wall_seconds=time.time() - t_start,
+                                write=is_primary(), data_stats=split_stats(data), compilation=compiles.summary())

@@ -41,6 +41,17 @@ def test_summary_table_with_voting_and_base(tmp_path):
     assert "| before SFT | 0.0 | - |" in md and "| after ReFT (ppo) | 25.0 | 50.0 |" in md
 
 
+def test_summary_json_is_written_last(tmp_path, monkeypatch):
+    """summary.json ("status": "done") is what a script polls for: it was written before summary.md (and train.run
+    drew the plots after both), so a poller could find it with the rest missing (session 29's list)."""
+    from reftjax import report
+
+    written, real = [], report._replace
+    monkeypatch.setattr(report, "_replace", lambda path, data: written.append(path.name) or real(path, data))
+    report.write_summary(tmp_path, ExperimentConfig(), _evals(voting=False, base=True), 1.0)
+    assert written == ["summary.md", "summary.json"]
+
+
 def test_no_files_when_not_writing(tmp_path):
     from reftjax.report import write_summary
 
@@ -67,6 +78,14 @@ def test_summary_names_test_examples_dropped_by_length(tmp_path):
                           data_stats=stats)
     assert voted["test_voting_accuracy_all_questions"]["reft"] == round(50.0 * 30 / 32, 2)
     assert f"; voting@16 reft {round(50.0 * 30 / 32, 2)}%" in (tmp_path / "summary.md").read_text()
+    # rerank@k's all-questions figure is in the note too (it was in summary.json only; session 29's list)
+    cfg = ExperimentConfig(eval=EvalConfig(voting_k=16))
+    cfg = dataclasses.replace(cfg, rerank=dataclasses.replace(cfg.rerank, epochs=1))
+    evals = _evals(voting=True, base=True)
+    evals["test_reft"]["rerank_accuracy"] = 0.75
+    reranked = write_summary(tmp_path, cfg, evals, 1.0, data_stats=stats)
+    assert reranked["test_rerank_accuracy_all_questions"]["reft"] == round(75.0 * 30 / 32, 2)
+    assert f"; rerank@16 reft {round(75.0 * 30 / 32, 2)}%)" in (tmp_path / "summary.md").read_text()
     none = {"test": {**stats["test"], "kept": 32, "dropped": 0}}
     again = write_summary(tmp_path, ExperimentConfig(), _evals(voting=False, base=True), 1.0, data_stats=none)
     assert again["test_accuracy_all_questions"] == again["test_accuracy"]

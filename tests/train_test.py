@@ -157,6 +157,8 @@ def test_pipeline_sigkill_then_resume_completes(tiny_hf_dir, tmp_path, shared_da
     for name in ("reward", "kl", "response_length", "val_accuracy"):
         png = out / "plots" / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+        # drawn before summary.json, which says the run is done (it came first; session 29's list)
+        assert png.stat().st_mtime_ns <= (out / "summary.json").stat().st_mtime_ns
     assert (out / "tensorboard").is_dir() and any((out / "tensorboard").iterdir())
     assert (out / "samples" / "rl_rollouts.jsonl").exists()
     from reftjax.hf import load_model
