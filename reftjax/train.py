@@ -404,7 +404,7 @@ def run_rl(cfg: ExperimentConfig, model, ref_params, data: Data, grader, mesh, o
                                                  keep_last=cfg.checkpoint.keep_last,
                                                  keep_best=cfg.checkpoint.keep_best),
                            config=to_dict(cfg)) as manager:
-        it, best, since_best = 0, -1.0, 0
+        it, best, since_best, last_val = 0, -1.0, 0, None
         restored = manager.restore_latest(state)
         if restored is not None:
             state, extras, _ = restored
@@ -473,7 +473,6 @@ def run_rl(cfg: ExperimentConfig, model, ref_params, data: Data, grader, mesh, o
             logger.log("rl", it, metrics)
             _dump_samples(out, it, reward_fn.last, data.train_items, samp.n, r.samples_per_iteration)
             bar.update(1)
-            bar.set_postfix(reward=f"{em['reward']:.3f}", kl=f"{em['kl']:.3f}")
             metric = None
             if r.eval_every and (it % r.eval_every == 0 or it == r.iterations):
                 res = evaluate(state.params["policy"], model.config, model.tokenizer, data.val_ds, data.val_items,
@@ -485,6 +484,11 @@ def run_rl(cfg: ExperimentConfig, model, ref_params, data: Data, grader, mesh, o
                     best, since_best = metric, 0
                 else:
                     since_best += 1
+            # the last validation figure and the best one beside the rollout's: what selects the kept checkpoint
+            last_val = metric if metric is not None else last_val
+            bar.set_postfix(reward=f"{em['reward']:.3f}", kl=f"{em['kl']:.3f}",
+                            **({"val": f"{last_val:.3f}"} if last_val is not None else {}),
+                            **({"best": f"{best:.3f}"} if best >= 0 else {}))
             extras = {"loader": loader.state(), "iteration": it, "best": best, "since_best": since_best, "phase": "rl"}
             interrupted = stop.check()  # every iteration, before the save decision
             if interrupted or metric is not None or it % cfg.checkpoint.save_every == 0 or it == r.iterations:

@@ -954,6 +954,22 @@ def test_an_interrupted_rl_phase_stops_without_reading_the_best_policy_back(tmp_
         T.run_rl(cfg, model, {}, data, None, None, tmp_path / "ctrl_c", logger, T._Interrupt(), False)
     assert closed == [None, None, KeyboardInterrupt]
     monkeypatch.setattr(T, "trim_to_bucket", lambda ro, buckets: ro)
+    # the progress bar shows the last validation figure and the best beside reward and KL (session 29's list)
+    postfixes = []
+    monkeypatch.setattr(T, "_bar", lambda *a, **k: types.SimpleNamespace(
+        update=lambda n: None, close=lambda: None, set_postfix=lambda **kw: postfixes.append(kw)))
+    scores = iter([0.25, 0.125])
+    monkeypatch.setattr(T, "evaluate", lambda *a, **k: {"accuracy": next(scores)})
+    monkeypatch.setattr(T, "_record_eval", lambda *a, **k: None)
+    every2 = replace_path(cfg, "rl.eval_every", 2)
+    logger = MetricsLogger(tmp_path / "bar", tensorboard=False, enabled=True)
+    T.run_rl(every2, model, {}, types.SimpleNamespace(**vars(data), val_ds=None, val_items=None), None, None,
+             tmp_path / "bar", logger, T._Interrupt(), False)
+    logger.close()
+    assert postfixes == [{"reward": "0.500", "kl": "0.000"},
+                         {"reward": "0.500", "kl": "0.000", "val": "0.250", "best": "0.250"},
+                         {"reward": "0.500", "kl": "0.000", "val": "0.250", "best": "0.250"},
+                         {"reward": "0.500", "kl": "0.000", "val": "0.125", "best": "0.250"}]
     # rl.guards.enabled=true's `too_long` had no limit (max_tokens None) and never flagged: the rollout's cap is
     # the default; an explicit one is kept; disabled guards are passed as they are (helper review)
     assert made[-1] == cfg.rl.guards and not made[-1].enabled
