@@ -985,6 +985,9 @@ def _run(cfg: ExperimentConfig, out: pathlib.Path, progress: bool) -> dict:
             if sft_step is None:
                 return _interrupted(logger, "sft")
             _write_json(marker, {"step": sft_step})
+        # the loaded weights are the reference with no warm-up, else no longer needed: a resumed run held them beside
+        # the reference and the policy through RL (a fresh one's were donated to the first SFT step)
+        model = dataclasses.replace(model, params=None)
         if stop.check():  # between phases too: an evaluation (voting@k) can take longer than the phase before it
             return _interrupted(logger, "eval")
         _eval_once("val_sft", out, logger, ref_params, model, data.val_ds, data.val_items, grader, cfg, mesh, 0)
@@ -1005,6 +1008,7 @@ def _run(cfg: ExperimentConfig, out: pathlib.Path, progress: bool) -> dict:
             exports = {"final": final, "best": best if best is not None else final}
             verifier = _verifier_for(cfg, "test_reft", model, ref_params, data, grader, mesh, out, logger, stop,
                                      progress)
+            del ref_params  # done with (the verifier trained from it is in hand): a copy less for the test and exports
             if verifier is False:
                 return _interrupted(logger, "rerank")
             if stop.check():

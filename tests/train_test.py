@@ -1431,3 +1431,66 @@ def test_validation_and_test_files_replace_the_held_out_split_and_the_test_set(t
     missing = replace_paths(cfg, {"data.test_file": str(tmp_path / "nope.jsonl"), "model": "/not/loaded"})
     with pytest.raises(DataError, match=r"nope.jsonl: no such file \(data.test_file\)"):  # before the model loads
         run(missing, tmp_path / "run", progress=False)
+
+
+@pytest.mark.parametrize("sft", ["resumed_after_warm_up", "no_warm_up"])
+def test_the_loaded_weights_and_the_reference_are_let_go_before_the_final_test(tiny_hf_dir, tmp_path, shared_data,
+                                                                                monkeypatch, sft):
+    """A run resumed after its warm-up held the loaded weights (in `model`) through RL, the final test and the
+    exports beside the reference, and every run held the reference through the final test and the exports: up to two
+    model-sized copies on the device where none was needed (session 29's list, memory). Phases faked; the real
+    pipeline around them: the loaded weights' and the reference's arrays must be gone by the final test."""
+    import gc
+    import weakref
+
+    import jax
+    import jax.numpy as jnp
+
+    from reftjax import train as T
+    from reftjax.config import from_dict, to_dict
+
+    from experiments.gsm8k_reft import preset_config
+
+    d = to_dict(preset_config("cpu", str(tiny_hf_dir)))
+    for path, value in {**TINY_SETS, "rl.iterations": 1, "export_hf": False, "rl.prompts_per_iteration": 8,
+                        "eval.batch_size": 8, "sft.batch_size": 8,
+                        "sft.epochs": 0 if sft == "no_warm_up" else 1}.items():
+        node = d
+        *head, last = path.split(".")
+        for k in head:
+            node = node[k]
+        node[last] = value
+    cfg = from_dict(d)
+    watched = {}  # name -> weak references to its arrays
+    watch = lambda name, tree: watched.setdefault(name, [weakref.ref(x) for x in jax.tree.leaves(tree)])  # noqa
+    real_load = T.load_model
+
+    def load_model(*a, **k):
+        model = real_load(*a, **k)
+        watch("loaded", model.params)
+        return model
+
+    def run_rl(cfg, model, ref_params, *a, **k):
+        watch("reference", ref_params)
+        final = jax.tree.map(jnp.copy, ref_params)
+        return final, final, 1, True
+
+    alive = {}
+
+    def eval_once(name, *a, **k):
+        gc.collect()
+        alive[name] = {w: sum(r() is not None for r in refs) for w, refs in watched.items()}
+        return {"accuracy": 0.0, "n": 4}
+
+    monkeypatch.setattr(T, "load_model", load_model)
+    monkeypatch.setattr(T, "run_rl", run_rl)
+    monkeypatch.setattr(T, "_eval_once", eval_once)
+    monkeypatch.setattr(T.ckpt, "restore_params", lambda path, like: jax.tree.map(jnp.copy, like))
+    out = tmp_path / "run"
+    out.mkdir()
+    if sft == "resumed_after_warm_up":
+        (out / "sft_done.json").write_text('{"step": 4}')
+    T.run(cfg, out, progress=False)
+    assert alive["test_reft"] == {"loaded": 0, "reference": 0}
+    if sft == "resumed_after_warm_up":  # the loaded weights were gone before RL began
+        assert alive["test_sft"]["loaded"] == 0
