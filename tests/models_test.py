@@ -109,6 +109,32 @@ def test_tiny_logits_match_transformers(kind, tmp_path):
         assert np.abs(np.asarray(other) - np.asarray(ours)).max() > 1e-2 * np.abs(np.asarray(ours)).max()
 
 
+def test_a_top_level_original_max_position_embeddings_wins_as_in_transformers(tmp_path):
+    """transformers builds a llama3-RoPE model with a top-level `original_max_position_embeddings` (Phi-3-style
+    configs) over rope_parameters' own; reftjax read rope_parameters' and its logits were 0.92 off (review, session
+    30). RoPE types it cannot compute are refused naming the file (the message named none)."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    _torch_tiny("llama3_rope", tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["rope_parameters"]["original_max_position_embeddings"] = 32
+    cfg["original_max_position_embeddings"] = 8
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    ref_model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, attn_implementation="eager").eval()
+    loaded = load_model(tmp_path, with_tokenizer=False)
+    assert loaded.config.rope_scaling.original_max_position_embeddings == 8
+    rng = np.random.default_rng(1)
+    tokens, mask = left_padded([list(rng.integers(0, TINY["vocab_size"], n)) for n in LENGTHS], pad_id=0)
+    ours, _ = jax.jit(forward, static_argnums=1)(loaded.params, loaded.config, tokens, mask)
+    assert_logits_match(ours, torch_logits(ref_model, tokens, mask), mask, rel_tol=1e-5)
+    cfg["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"config\.json: rope_parameters\.rope_type='yarn' is not supported"):
+        load_model(tmp_path, with_tokenizer=False)
+
+
 @pytest.mark.gguf
 def test_smollm_logits_match_transformers_gguf(smollm_model, smollm_torch):
     texts = ["Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May.",

@@ -131,7 +131,7 @@ class ModelConfig:
         return dataclasses.replace(self, **kw)
 
 
-def _rope_from_hf(hf) -> tuple[float, RopeScaling]:
+def _rope_from_hf(hf, where: str) -> tuple[float, RopeScaling]:
     params = getattr(hf, "rope_parameters", None) or {}
     legacy = getattr(hf, "rope_scaling", None) or {}
     merged = {**legacy, **params}
@@ -139,12 +139,19 @@ def _rope_from_hf(hf) -> tuple[float, RopeScaling]:
     kind = merged.get("rope_type", merged.get("type", "default")) or "default"
     if kind == "default":
         return theta, RopeScaling()
+    if kind not in ("linear", "llama3"):  # (the message names the file, as every other refusal; review, session 30)
+        raise ValueError(f"{where}: rope_parameters.rope_type={kind!r} is not supported (default, linear, llama3)")
+    original = merged.get("original_max_position_embeddings", 8192)
+    if kind == "llama3" and getattr(hf, "original_max_position_embeddings", None) is not None:
+        # a top-level value wins over rope_parameters' when transformers builds the model (Phi-3-style configs;
+        # `standardize_rope_params`): reftjax read rope_parameters' and computed other logits (review, session 30)
+        original = hf.original_max_position_embeddings
     return theta, RopeScaling(
         kind=kind,
         factor=float(merged.get("factor", 1.0)),
         low_freq_factor=float(merged.get("low_freq_factor", 1.0)),
         high_freq_factor=float(merged.get("high_freq_factor", 4.0)),
-        original_max_position_embeddings=int(merged.get("original_max_position_embeddings", 8192)),
+        original_max_position_embeddings=int(original),
     )
 
 
@@ -185,7 +192,7 @@ def from_hf_config(hf, *, param_dtype: str = "float32", dtype: str = "float32", 
         raise ValueError(f"{where}: mlp_bias=True is not supported")
     if model_type == "llama" and getattr(hf, "attention_bias", False):
         raise ValueError(f"{where}: attention_bias=True (q/k/v and o_proj biases) is not supported for llama")
-    theta, scaling = _rope_from_hf(hf)
+    theta, scaling = _rope_from_hf(hf, where)
     eos = hf.eos_token_id
     eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
     window = _sliding_window(hf, model_type, where)
