@@ -84,8 +84,8 @@ class RerankConfig:
     def __post_init__(self):
         if self.epochs < 0 or self.samples_per_question < 1 or self.batch_size < 1 or self.prompts_per_batch < 1:
             raise ValueError("rerank: need epochs >= 0 and samples_per_question, batch_size, prompts_per_batch >= 1")
-        if self.temperature <= 0:
-            raise ValueError(f"rerank.temperature must be > 0, got {self.temperature}")
+        if not 0 < self.temperature < float("inf"):
+            raise ValueError(f"rerank.temperature must be > 0 and finite, got {self.temperature}")
         # (each failed after the warm-up and the evaluations before the verifier; helper review)
         if (self.n_questions is not None and self.n_questions < 1) or self.max_new_tokens < 1 or self.seed < 0:
             raise ValueError(f"rerank: need n_questions >= 1 or null, max_new_tokens >= 1 and seed >= 0; got "

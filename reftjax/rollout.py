@@ -80,8 +80,8 @@ class SamplingConfig:
                              f"{self.stop_sequences!r}")
         if self.max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
-        if not self.greedy and self.temperature <= 0:
-            raise ValueError("temperature must be > 0 (use greedy=True for argmax)")
+        if not self.greedy and not 0 < self.temperature < float("inf"):  # (NaN passed `<= 0`: every token 0)
+            raise ValueError(f"temperature must be > 0 and finite (use greedy=True for argmax), got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError("top_p must be in (0, 1]")
         if self.top_k < 0 or self.n < 1:

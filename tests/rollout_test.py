@@ -16,6 +16,7 @@ import pytest
 import reftjax.rollout as ro
 from reftjax.models import ModelConfig, forward, init_params, init_value_head
 from reftjax.rollout import SamplingConfig, compile_count, encode_prompts, left_pad, rollout
+from reftjax.rerank import RerankConfig  # noqa: E402
 from reftjax.sharding import MeshConfig, make_mesh, place_params, replicated, shard_batch
 
 V = 16
@@ -380,6 +381,12 @@ def test_sampling_config_rejects_bad_values():
                 dict(decode_segments=0), dict(max_new_tokens=4, decode_segments=5)):
         with pytest.raises(ValueError):
             SamplingConfig(**bad)
+    # NaN passed `temperature <= 0`: every row sampled token 0 with NaN log-probs (review, session 30)
+    for t in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="temperature must be > 0 and finite"):
+            SamplingConfig(temperature=t)
+        with pytest.raises(ValueError, match="rerank.temperature must be > 0 and finite"):
+            RerankConfig(temperature=t)
     # an empty stop sequence "matched" every step (every completion 1 token); lists failed as jit static args
     for bad in (dict(stop_sequences=((),)), dict(stop_sequences=(5, 6)), dict(eos_ids=("2",))):
         with pytest.raises(ValueError, match="stop_sequences must be non-empty|eos_ids must be token ids"):
