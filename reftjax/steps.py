@@ -706,6 +706,8 @@ def _rl_loss(params, mb: Experience, model_cfg: ModelConfig, cfg: PPOConfig):
     loss, gm = losses.grpo_loss(logp, mb.logp_old_BxN, mb.logp_ref_BxN, mb.advantages_BxN[:, 0], mb.mask_BxN,
                                 cfg.clip_eps, cfg.kl_coef, cfg.loss_agg)
     m.update(gm)  # (pg_loss: the surrogate alone; the loss adds the KL term)
+    if cfg.kl_coef == 0:  # the reference stood in by logp_old: k3 read KL(new || old), not to the reference, and
+        m["kl_k3"] = jnp.zeros((), jnp.float32)  # grew with the epochs under a name that says KL (review, session 30)
     return loss, m
 
 

@@ -593,6 +593,10 @@ def test_grpo_loss_matches_reference(loss_agg):
     assert abs(float(met["pg_loss"]) - float(loss)) > 1e-4
     with pytest.raises(ValueError, match="loss_agg"):
         J.grpo_loss(logp, old, ref, adv, m, loss_agg="sum")
+    # near the reference k3 ~ d^2 / 2; exp(d) - d - 1 cancelled to exactly 0 in float32 (review, session 30)
+    d = np.float32(3e-4)
+    _, near = J.grpo_loss(logp, logp, logp + d, np.zeros(B, np.float32), m, 0.2, 0.04, loss_agg=loss_agg)
+    assert float(near["kl_k3"]) == pytest.approx(float(d) ** 2 / 2, rel=1e-2)
 
 
 # ---------------------------------------------------------------- gradients, jit, edges

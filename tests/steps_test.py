@@ -151,6 +151,10 @@ def test_experience_and_losses_match_numpy_kl_rewards_gae_whitening_and_coeffici
     assert agg > 1e-4
     loss, lm = _rl_loss({"policy": params["policy"]}, exp2, CFG, grpo)
     np.testing.assert_allclose(float(loss), float(lm["pg_loss"]) + grpo.kl_coef * agg, rtol=1e-5, atol=1e-7)
+    # kl_coef=0: the experience puts logp_old in the reference's place, so kl_k3 read KL(new || old) (non-zero after
+    # the first update) under the name of the KL to the reference; it reads 0, as the docs say (review, session 30)
+    loss0, lm0 = _rl_loss({"policy": params["policy"]}, exp2, CFG, dataclasses.replace(grpo, kl_coef=0.0))
+    assert float(lm0["kl_k3"]) == 0.0 and float(loss0) == pytest.approx(float(lm0["pg_loss"]), rel=1e-6)
 
 
 def test_nonfinite_advantage_skips_every_ppo_update(tmp_path):
