@@ -30,9 +30,10 @@ def _compile_line(c: dict | None) -> str:
 
 def wall_times(rows: list[dict], now: float) -> tuple[float, int]:
     """(seconds, invocations) over every invocation of a run, from `metrics.jsonl`'s rows: each invocation logs an
-    `invocation` row when it starts, and runs to its last logged row (a killed one's time after that row is not
-    known), the current one to `now`. Rows before the first `invocation` row (invocations of a version that did not
-    log them) count as one invocation from its first row to its last (its start-up before that is not known)."""
+    `invocation` row once its model and data are in, with the `startup_seconds` before it (rows of earlier versions
+    lack them: 0), and runs to its last logged row, its `end` row when it was not killed (a killed one's time after
+    its last row is not known), the current one to `now`. Rows before the first `invocation` row (invocations of a
+    version that did not log them) count as one invocation from its first row to its last."""
     spans, start, last, current = [], None, None, False
     for row in rows:
         t = row.get("time")
@@ -41,7 +42,8 @@ def wall_times(rows: list[dict], now: float) -> tuple[float, int]:
         if row.get("phase") == "invocation":
             if start is not None:
                 spans.append(last - start)
-            start = last = t
+            startup = row.get("startup_seconds")
+            start, last = t - (startup if isinstance(startup, (int, float)) else 0.0), t
             current = True
         elif start is not None:
             last = max(last, t)

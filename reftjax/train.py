@@ -904,9 +904,10 @@ def _has_model_digest(path: pathlib.Path) -> bool:
         return False
 
 
-def _interrupted(logger, phase: str) -> dict:
-    """The summary of a run stopped by an interrupt in `phase` (its step is saved; rerunning resumes)."""
-    logger.close()
+def _interrupted(finish_log, phase: str) -> dict:
+    """The summary of a run stopped by an interrupt in `phase` (its step is saved; rerunning resumes);
+    `finish_log` logs the invocation's last row and closes the log."""
+    finish_log()
     return {"status": "interrupted", "phase": phase}
 
 
@@ -959,15 +960,16 @@ def run(cfg: ExperimentConfig, out_dir: str | pathlib.Path, *, progress: bool = 
     if "://" in str(out_dir):  # pathlib folds gs://b/run into a local gs:/b/run, found at the first checkpoint
         raise RunDirError(f"{out_dir}: the output directory must be a local (or mounted) path; URLs are not "
                           f"supported (mount the bucket, e.g. with gcsfuse, and pass the mount's path)")
+    t_start = time.time()  # the invocation's wall time counts its start-up (model load, tokenization) too
     maybe_initialize_distributed()
     xla_cache.enable(cfg.compilation_cache)
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with _claimed(out):
-        return _run(cfg, out, progress)
+        return _run(cfg, out, progress, t_start)
 
 
-def _run(cfg: ExperimentConfig, out: pathlib.Path, progress: bool) -> dict:
+def _run(cfg: ExperimentConfig, out: pathlib.Path, progress: bool, t_start: float) -> dict:
     from reftjax import report
 
     compiles = xla_cache.CompileStats()
@@ -996,9 +998,16 @@ def _run(cfg: ExperimentConfig, out: pathlib.Path, progress: bool) -> dict:
     _write_json(cfg_path, to_dict(cfg))  # once the model and data are in: a typo in either does not claim `out`
     _write_json(data_path, prints)
     logger = MetricsLogger(out)
-    t_start = time.time()
-    # marks where this invocation starts in metrics.jsonl: the summary adds up the time of every invocation
-    logger.log("invocation", report.wall_times(read_metrics(out), t_start)[1] + 1, {})
+    # marks where this invocation starts in metrics.jsonl (its start-up before the row too), and `end` where it ends
+    # (after its exports or its interrupt's save): the summary adds up the time of every invocation. They were
+    # counted from this row (after the model load and tokenization) to the last step's row (review, session 30).
+    invocation = report.wall_times(read_metrics(out), t_start)[1] + 1
+    logger.log("invocation", invocation, {"startup_seconds": time.time() - t_start})
+
+    def finish_log():
+        logger.log("end", invocation, {"seconds": time.time() - t_start})
+        logger.close()
+
     stop = _Interrupt()
     with stop.installed():
         if cfg.eval_before_sft and cfg.sft.epochs > 0:  # without a warm-up, test_sft evaluates the loaded model
@@ -1013,19 +1022,19 @@ def _run(cfg: ExperimentConfig, out: pathlib.Path, progress: bool) -> dict:
         else:
             ref_params, sft_step = run_sft(cfg, model, data, mesh, out, logger, stop, progress)
             if sft_step is None:
-                return _interrupted(logger, "sft")
+                return _interrupted(finish_log, "sft")
             _write_json(marker, {"step": sft_step})
         # the loaded weights are the reference with no warm-up, else no longer needed: a resumed run held them beside
         # the reference and the policy through RL (a fresh one's were donated to the first SFT step)
         model = dataclasses.replace(model, params=None)
         if stop.check():  # between phases too: an evaluation (voting@k) can take longer than the phase before it
-            return _interrupted(logger, "eval")
+            return _interrupted(finish_log, "eval")
         _eval_once("val_sft", out, logger, ref_params, model, data.val_ds, data.val_items, grader, cfg, mesh, 0)
         verifier = _verifier_for(cfg, "test_sft", model, ref_params, data, grader, mesh, out, logger, stop, progress)
         if verifier is False:
-            return _interrupted(logger, "rerank")
+            return _interrupted(finish_log, "rerank")
         if stop.check():
-            return _interrupted(logger, "eval")
+            return _interrupted(finish_log, "eval")
         _eval_once("test_sft", out, logger, ref_params, model, data.test_ds, data.test_items, grader, cfg, mesh, 0,
                    voting=True, verifier=verifier)
         del verifier  # not held through RL: restored from its checkpoint for the final test
@@ -1034,19 +1043,19 @@ def _run(cfg: ExperimentConfig, out: pathlib.Path, progress: bool) -> dict:
             final, best, rl_its, rl_done = run_rl(cfg, model, ref_params, data, grader, mesh, out, logger, stop,
                                                   progress, compiles)
             if not rl_done:
-                return _interrupted(logger, "rl")
+                return _interrupted(finish_log, "rl")
             exports = {"final": final, "best": best if best is not None else final}
             verifier = _verifier_for(cfg, "test_reft", model, ref_params, data, grader, mesh, out, logger, stop,
                                      progress)
             del ref_params  # done with (the verifier trained from it is in hand): a copy less for the test and exports
             if verifier is False:
-                return _interrupted(logger, "rerank")
+                return _interrupted(finish_log, "rerank")
             if stop.check():
-                return _interrupted(logger, "eval")
+                return _interrupted(finish_log, "eval")
             _eval_once("test_reft", out, logger, exports["best"], model, data.test_ds, data.test_items, grader, cfg,
                        mesh, rl_its, voting=True, verifier=verifier)  # (< rl.iterations after an early stop)
         if stop.check():  # (a signal during the final test was announced, then the exports ran; helper review)
-            return _interrupted(logger, "eval")
+            return _interrupted(finish_log, "eval")
     # a rerun of the finished run does not export again: process 0 exports, so its marker decides for all (to_host
     # below is a collective for sharded params, and every process must take the same branch)
     exported = out / "export_done.json"
@@ -1062,14 +1071,14 @@ def _run(cfg: ExperimentConfig, out: pathlib.Path, progress: bool) -> dict:
         with stop.installed():
             for i, (name, params) in enumerate(exports.items()):
                 if i and stop.check():
-                    return _interrupted(logger, "export")
+                    return _interrupted(finish_log, "export")
                 params = to_host(params)  # a collective on multi-process meshes: every process takes part
                 if is_primary():
                     save_hf(out / "hf" / name, params, model.config, model.hf_config, model.tokenizer,
                             dtype=cfg.export_dtype, generation_config=gen)
         if is_primary():  # after its exports: another process's marker could outrun them on a shared directory
             _write_json(exported, marker)
-    logger.close()
+    finish_log()
     if is_primary():  # before the summary: summary.json, written last, says the run is done
         report.plot_run(out, selection_metric(cfg))
     return report.write_summary(out, cfg, _load_evals(out), wall_seconds=time.time() - t_start,

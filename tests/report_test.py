@@ -186,6 +186,12 @@ def test_wall_time_adds_up_every_invocation_of_a_resumed_run(tmp_path):
                                                                                  "time": 5010.0}], now=5120.0) == \
         (990.0 + 120.0, 2)
     assert wall_times([], now=9.0) == (0.0, 0)
+    # an invocation's start-up before its row (model load, tokenization) and its tail after its last step (exports,
+    # an interrupt's save: the `end` row) count too (both were left out; review, session 30)
+    timed = [{"phase": "invocation", "step": 1, "time": 100.0, "startup_seconds": 40.0},
+             {"phase": "sft", "step": 0, "time": 130.0}, {"phase": "end", "step": 1, "time": 190.0, "seconds": 130.0},
+             {"phase": "invocation", "step": 2, "time": 1000.0, "startup_seconds": 5.0}]
+    assert wall_times(timed, now=1010.0) == (130.0 + 15.0, 2)
     logger = MetricsLogger(tmp_path, tensorboard=False, enabled=True)
     logger.log("invocation", 1, {})
     logger.close()

@@ -120,6 +120,13 @@ def test_pipeline_sigkill_then_resume_completes(tiny_hf_dir, tmp_path, shared_da
     # the wall time of both invocations: the killed one ran past its first RL iteration (> 0 s) until the kill
     assert summary["invocations"] == 2 and summary["wall_seconds_total"] > summary["wall_seconds"] > 0
     assert "over all 2 (a killed one" in (out / "summary.md").read_text()
+    # each invocation logs its start-up; the one that finished logs its end, after its exports (review, session 30)
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["phase"] == "invocation"] == [1, 2]
+    assert all(r["startup_seconds"] > 0 for r in rows if r["phase"] == "invocation")
+    ends = [r for r in rows if r["phase"] == "end"]
+    assert [r["step"] for r in ends] == [2] and rows[-1] == ends[0]
+    assert summary["wall_seconds"] >= ends[0]["seconds"]
     ppo = json.loads((out / "config.json").read_text())["rl"]["ppo"]
     assert (ppo["critic"], ppo["experience_from_rollout"]) == ("separate", False)
     assert set(summary["test_accuracy"]) == {"base", "sft", "reft"}
