@@ -52,6 +52,17 @@ def test_summary_json_is_written_last(tmp_path, monkeypatch):
     assert written == ["summary.md", "summary.json"]
 
 
+def test_the_compile_line_names_tracing_and_lowering_too(tmp_path):
+    """The metrics rows' compile_seconds count tracing, lowering and compiling; the summary's line gave the compile
+    alone under the same word, so one row could read more than the whole invocation (review, session 30)."""
+    from reftjax import report
+
+    comp = {"programs": 12, "compile_seconds": 11.84, "trace_lower_seconds": 9.23, "cache_dir": None}
+    report.write_summary(tmp_path, ExperimentConfig(), _evals(voting=False, base=True), 1.0, compilation=comp)
+    assert "XLA in this invocation: 12 programs, 11.84 s compiling and 9.23 s tracing and lowering." in \
+        (tmp_path / "summary.md").read_text()
+
+
 def test_no_files_when_not_writing(tmp_path):
     from reftjax.report import write_summary
 
@@ -86,6 +97,13 @@ def test_summary_names_test_examples_dropped_by_length(tmp_path):
     reranked = write_summary(tmp_path, cfg, evals, 1.0, data_stats=stats)
     assert reranked["test_rerank_accuracy_all_questions"]["reft"] == round(75.0 * 30 / 32, 2)
     assert f"; rerank@16 reft {round(75.0 * 30 / 32, 2)}%)" in (tmp_path / "summary.md").read_text()
+    # from the unrounded fraction: 6 of 1,314 kept is 0.46%, and 6 of all 1,319 is 0.45%, not 0.46 x 1314 / 1319
+    # rounded again (GSM8K P-CoT's case; 0.01 off for a quarter of the outcomes; review, session 30)
+    gsm = {"test": {"examples": 1319, "kept": 1314, "dropped": 5}}
+    evals = {"test_sft": {"accuracy": 6 / 1314, "n": 1314, "voting_accuracy": 14 / 1314}}
+    got = write_summary(tmp_path, ExperimentConfig(eval=EvalConfig(voting_k=16)), evals, 1.0, data_stats=gsm)
+    assert (got["test_accuracy"]["sft"], got["test_accuracy_all_questions"]["sft"]) == (0.46, 0.45)
+    assert got["test_voting_accuracy_all_questions"]["sft"] == round(100 * 14 / 1319, 2) == 1.06
     none = {"test": {**stats["test"], "kept": 32, "dropped": 0}}
     again = write_summary(tmp_path, ExperimentConfig(), _evals(voting=False, base=True), 1.0, data_stats=none)
     assert again["test_accuracy_all_questions"] == again["test_accuracy"]
