@@ -184,7 +184,7 @@ def resolve_config(args, make_config=preset_config):
         keys = path.split(".")
         for depth, k in enumerate(keys[:-1]):
             if not isinstance(node, dict) or k not in node:
-                raise ValueError(f"--set {item!r}: unknown config path {path!r}")
+                raise ValueError(_unknown(item, path, keys[:depth + 1], node))
             node = node[k]
             if isinstance(node, list):  # a list (or the grader, a union of types) is replaced whole
                 example = ("'{\"type\": \"reft\", \"cot\": \"python\"}'" if keys[0] == "grader"
@@ -192,7 +192,7 @@ def resolve_config(args, make_config=preset_config):
                 raise ValueError(f"--set {item!r}: {'.'.join(keys[:depth + 1])} is set as a whole, e.g. "
                                  f"--set {'.'.join(keys[:depth + 1])}={example}")
         if not isinstance(node, dict) or keys[-1] not in node:  # (a path through a number: "not iterable")
-            raise ValueError(f"--set {item!r}: unknown config path {path!r}")
+            raise ValueError(_unknown(item, path, keys, node))
         if isinstance(node[keys[-1]], dict) and isinstance(value, dict):
             value = _merged(node[keys[-1]], value)  # an object updates the sub-config's named fields only
         node[keys[-1]] = value
@@ -203,6 +203,30 @@ def resolve_config(args, make_config=preset_config):
 
 
 _PYTHON_LITERALS = {"True": True, "False": False, "None": None}
+# what TRL / verl users type for reftjax's names (difflib finds typos, not these)
+_ALIASES = {"beta": "kl_coef", "kl_beta": "kl_coef", "init_kl_coef": "kl_coef", "cliprange": "clip_eps",
+            "clip_range": "clip_eps", "clip_ratio": "clip_eps", "epsilon": "clip_eps",
+            "cliprange_value": "clip_range_value",
+            "lr": "learning_rate", "num_ppo_epochs": "ppo_epochs", "ppo_epochs_per_step": "ppo_epochs",
+            "lam": "gae_lambda", "lambda": "gae_lambda", "num_generations": "n", "mini_batch_size": "minibatch_size"}
+
+
+def _unknown(item: str, path: str, keys: list[str], node) -> str:
+    """The message for a --set path that is not in the config: the first unknown part, the nearest names at that
+    level (TRL/verl spellings too) and the level's fields (a bare "unknown config path" left users guessing at
+    `rl.ppo.beta` or `sft.optim.lr`; review, session 30)."""
+    import difflib
+
+    msg = f"--set {item!r}: unknown config path {path!r}"
+    if not isinstance(node, dict):
+        return msg + f" ({'.'.join(keys[:-1])} is a value, not a group of settings)"
+    bad, where = keys[-1], ".".join(keys[:-1])
+    near = [f"{where}.{n}" if where else n for n in
+            dict.fromkeys(([_ALIASES[bad]] if _ALIASES.get(bad) in node else [])
+                          + difflib.get_close_matches(bad, list(node), n=3, cutoff=0.6))]
+    fields = ", ".join(sorted(node))
+    return (msg + f": {where or 'the config'} has no {bad!r}" + (f"; did you mean {' or '.join(near)}?" if near else "")
+            + f" (its settings: {fields})")
 
 
 def _refuse_constant(name: str):
@@ -253,6 +277,11 @@ def run_cli(args, make_config=preset_config) -> int:
         summary = run(cfg, out, progress=not args.no_progress)
     except (CheckpointError, ConfigError, DataError, RunDirError, SettingsError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, OSError) as e:  # a model the decoder cannot run, --out a file, a device count the mesh
+        if args.verbose:  # cannot use: one line too (they were tracebacks, exit 1; review, session 30); --verbose
+            raise  # keeps the traceback of an unexpected one
+        print(f"error: {e} (--verbose shows the traceback)", file=sys.stderr)
         return 2
     if summary.get("status") == "interrupted":
         print(f"interrupted during {summary['phase']}; rerun the same command to resume", file=sys.stderr)

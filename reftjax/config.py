@@ -215,6 +215,8 @@ class SandboxSettings:
     def __post_init__(self):
         import importlib.util
 
+        if self.memory_mb < 256:  # (SandboxConfig's own check named memory_bytes, in bytes; review, session 30)
+            raise ValueError(f"sandbox.memory_mb must be >= 256 (the interpreter's own), got {self.memory_mb}")
         self.sandbox_config()  # its range checks
         for name in self.preimport:
             try:
@@ -288,6 +290,12 @@ class ExperimentConfig:
         if self.export_dtype not in (None, "float32", "bfloat16", "float16"):
             raise ValueError(f"export_dtype must be null, 'float32', 'bfloat16' or 'float16', "
                              f"got {self.export_dtype!r}")
+        for name in ("dtype", "param_dtype"):  # (refused only once the checkpoint was found: after a hub download,
+            # as a traceback; review, session 30). float16: ModelConfig's reason, nothing scales the loss
+            if getattr(self, name) not in ("float32", "bfloat16"):
+                raise ValueError(f"{name} must be 'float32' or 'bfloat16', got {getattr(self, name)!r}")
+        if self.remat not in ("none", "full", "dots"):
+            raise ValueError(f"remat must be 'none', 'full' or 'dots', got {self.remat!r}")
         if self.seed < 0:  # (NumPy's generators refuse it: the loaders failed after the pre-SFT evaluation)
             raise ValueError(f"seed must be >= 0, got {self.seed}")
         style = self.data.prompt.style

@@ -59,6 +59,13 @@ class MeshConfig:
     fsdp: int = 1
     tensor: int = 1
 
+    def __post_init__(self):  # (0 or -2 failed only at make_mesh, after the config was accepted; review, session 30)
+        dims = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+        if any(isinstance(d, bool) or not isinstance(d, int) or (d < 1 and d != -1) for d in dims.values()):
+            raise ValueError(f"mesh: every axis must be >= 1 or -1 (all remaining devices), got {dims}")
+        if list(dims.values()).count(-1) > 1:
+            raise ValueError(f"mesh: at most one axis may be -1, got {dims}")
+
     def shape(self, n_devices: int) -> tuple[int, int, int]:
         dims = [self.data, self.fsdp, self.tensor]
         if dims.count(-1) > 1:

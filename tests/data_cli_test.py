@@ -56,3 +56,16 @@ def test_usage_errors_exit_2_with_one_line(cli, shared_data, tmp_path):
     with pytest.raises(SystemExit) as exc:  # argparse: usage line, status 2
         cli("--dataset", "gsm8k", "--split", "validation")
     assert exc.value.code == 2
+
+
+def test_a_bad_tokenizer_is_one_line_too(monkeypatch, capsys, shared_data, tmp_path):
+    """--tokenizer pointing nowhere, or at a file that is not a checkpoint, was a traceback with exit 1 (review,
+    session 30); the module's docstring promises exit 2 and one line."""
+    for src in (tmp_path / "absent", tmp_path / "bad.gguf"):
+        if src.suffix:
+            src.write_bytes(b"not a gguf")
+        code = main(["stats", "--dataset", "svamp-nl", "--local-dir", str(shared_data / "reft"),
+                     "--tokenizer", str(src)])
+        out, err = capsys.readouterr()
+        assert code == 2 and out == "" and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+

@@ -47,9 +47,10 @@ def test_second_load_reuses_the_cache(built, shared_data, monkeypatch):
     assert [e.question for e in again] == [e.question for e in splits["test"]]
 
 
-def test_a_changed_local_copy_is_built_afresh(shared_data, tmp_path):
+def test_a_changed_local_copy_is_built_afresh(shared_data, tmp_path, capsys):
     """The cache is keyed by the local copy's content: an edited copy (or another one) is not shadowed by
-    the build of the first (was: the stale build was read silently)."""
+    the build of the first (was: the stale build was read silently). A build prints nothing to stdout (tfds's
+    "Downloading and preparing" lines came before a command's one JSON line; review, session 30)."""
     local = tmp_path / "gsm8k"
     local.mkdir()
     for split, n in (("train", 30), ("test", 10)):
@@ -57,6 +58,7 @@ def test_a_changed_local_copy_is_built_afresh(shared_data, tmp_path):
         (local / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
     cache = tmp_path / "cache"
     assert len(load_gsm8k("test", data_dir=cache, local_dir=local)) == 10
+    assert capsys.readouterr().out == ""
     lines = (shared_data / "gsm8k" / "test.jsonl").read_text().splitlines()[:4]
     (local / "test.jsonl").write_text("\n".join(lines) + "\n")
     assert len(load_gsm8k("test", data_dir=cache, local_dir=local)) == 4

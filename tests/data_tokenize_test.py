@@ -127,7 +127,8 @@ def test_chat_python_layout(smollm_tokenizer, shared_data):
     assert tok.decode(batch["prompt_tokens"][0, -n:]) == f.prompt + f.response_prefix
     _check_sft_rows(tok, collate_sft(ds, np.arange(2), 2),
                     [(format_example(e, cfg, tok).prompt, e.cot) for e in examples[:2]])
-    with pytest.raises(ValueError, match="chat template"):
+    with pytest.raises(ValueError, match=r"data\.prompt\.style='chat[a-z-]*' needs a tokenizer with a chat template.*"
+                                         r"use a plain style"):  # (the setting named; review, session 30)
         format_example(examples[0], cfg)  # no tokenizer
     with pytest.raises(ValueError, match="chat styles"):
         PromptConfig("reft-python", system_prompt="x")

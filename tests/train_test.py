@@ -387,6 +387,35 @@ def test_cli_errors_are_one_line(tmp_path):
     flag = subprocess.run([sys.executable, "-m", "experiments.gsm8k_reft", "--bogus"], cwd=ROOT, env=_env(),
                           capture_output=True, text=True, timeout=120)
     assert flag.returncode == 2 and "unrecognized arguments: --bogus" in flag.stderr
+    # a ValueError or OSError out of the run (--out a file, a model the decoder cannot run, a mesh the devices cannot
+    # make) was a traceback with exit 1 (review, session 30); --verbose keeps the traceback
+    (tmp_path / "a_file").write_text("")
+    for extra, code, tail in (([], 2, "(--verbose shows the traceback)"), (["--verbose"], 1, "FileExistsError")):
+        out_file = subprocess.run([sys.executable, "-m", "experiments.gsm8k_reft", "--out", str(tmp_path / "a_file"),
+                                   *extra], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+        last = out_file.stderr.strip().splitlines()[-1]
+        assert out_file.returncode == code and tail in last, out_file.stderr[-2000:]
+        assert ("Traceback" in out_file.stderr) == bool(extra)
+
+
+def test_an_unknown_set_path_names_its_level_and_the_nearest_settings():
+    """A mistyped or TRL-spelt --set key got a bare "unknown config path" (review, session 30)."""
+    import argparse
+
+    from experiments.gsm8k_reft import resolve_config
+
+    def error(path):
+        with pytest.raises(ValueError) as e:
+            resolve_config(argparse.Namespace(preset="cpu", model=None, seed=None, set=[f"{path}=1"]))
+        return str(e.value)
+
+    assert "rl.ppo has no 'beta'; did you mean rl.ppo.kl_coef?" in error("rl.ppo.beta")
+    assert "did you mean sft.optim.learning_rate?" in error("sft.optim.lr")
+    assert "rl has no 'ppoo'; did you mean rl.ppo?" in error("rl.ppoo.kl_coef")
+    assert "did you mean rl.iterations?" in error("rl.itertions")
+    assert "(its settings: b1, b2, eps, grad_clip, learning_rate," in error("sft.optim.lr")
+    assert "(rl.iterations is a value, not a group of settings)" in error("rl.iterations.x")
+    assert "did you mean" not in error("rl.nope")
 
 
 def test_set_values_are_type_checked_merged_and_python_spellings_work():
@@ -490,7 +519,17 @@ def test_invalid_settings_fail_before_anything_runs_and_do_not_claim_the_run_dir
                              ("grader", {"type": "multi", "calculate_output": "0.5 * a + 0.5 * b", "graders": {
                                  "a": {"type": "reft", "cot": "python"}, "b": {"type": "string_check", "input": "x",
                                                                                "reference": "x", "operation": "eq"}}},
-                              "data.prompt.style='reft' does not match the ReFT grader's cot='python'")):
+                              "data.prompt.style='reft' does not match the ReFT grader's cot='python'"),
+                             # refused only when the model loaded or the mesh was made, as tracebacks (review, s30)
+                             ("dtype", "fp16", "dtype must be 'float32' or 'bfloat16', got 'fp16'"),
+                             ("param_dtype", "float16", "param_dtype must be 'float32' or 'bfloat16'"),
+                             ("remat", "yes", "remat must be 'none', 'full' or 'dots', got 'yes'"),
+                             ("mesh.data", 0, "mesh: every axis must be >= 1 or -1"),
+                             ("mesh.fsdp", -2, "mesh: every axis must be >= 1 or -1"),
+                             ("mesh.tensor", -1, "mesh: at most one axis may be -1"),
+                             ("sandbox.memory_mb", 100, "sandbox.memory_mb must be >= 256 (the interpreter's own), "
+                                                        "got 100"),
+                             ("data.tokenize.prompt_buckets", [], "prompt_buckets must be strictly increasing")):
         bad = json.loads(json.dumps(d))
         node = bad
         *head, last = path.split(".")

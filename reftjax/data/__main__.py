@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         result = stats(args)
-    except DataError as e:
+    except (DataError, ValueError, OSError) as e:  # (a bad --tokenizer was a traceback; review, session 30)
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(result), flush=True)

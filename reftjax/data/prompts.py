@@ -139,7 +139,8 @@ def format_example(ex: Example, cfg: PromptConfig, tokenizer=None) -> Formatted:
     """Prompt, response prefix and target for one example (``tokenizer`` for chat)."""
     if cfg.style.startswith("chat"):
         if tokenizer is None or getattr(tokenizer, "chat_template", None) is None:
-            raise ValueError(f"style={cfg.style!r} needs a tokenizer with a chat template")
+            raise ValueError(f"data.prompt.style={cfg.style!r} needs a tokenizer with a chat template, and this "
+                             f"model's has none: use a plain style ('reft' or 'reft-python') or a chat model")
         messages = chat_messages(ex, cfg)
         if "developer" not in tokenizer.chat_template:  # OpenAI's name for the system turn, unknown to the template
             messages = [{**m, "role": "system"} if m.get("role") == "developer" else m for m in messages]

@@ -15,10 +15,12 @@ Locations (each can be overridden by an argument):
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import os
 import pathlib
+import sys
 
 import numpy as np
 
@@ -102,7 +104,10 @@ def load_gsm8k(split: str, *, data_dir=None, local_dir=None) -> list[Example]:
         root = root / f"local-{_local_fingerprint(local)}"
     builder = Gsm8kReft(data_dir=os.fspath(root), local_dir=local,
                         file_format="array_record")
-    builder.download_and_prepare()
+    # tfds prints "Downloading and preparing dataset ..." to stdout: on a cold cache the experiments' one JSON line and
+    # `python -m reftjax.data stats`'s were not the only stdout (review, session 30)
+    with contextlib.redirect_stdout(sys.stderr):
+        builder.download_and_prepare()
     source = builder.as_data_source(split=split)
     out = []
     for i in range(len(source)):

@@ -72,7 +72,7 @@ class TokenizeConfig:
         for name, top in (("prompt_buckets", self.max_prompt_len),
                           ("seq_buckets", self.max_prompt_len + self.max_target_len)):
             b = getattr(self, name)
-            if b is not None and (list(b) != sorted(set(b)) or b[-1] < top):
+            if b is not None and (not b or list(b) != sorted(set(b)) or b[-1] < top):  # ([]: an IndexError)
                 raise ValueError(f"{name} must be strictly increasing and reach {top}, got {b}")
 
     @property
