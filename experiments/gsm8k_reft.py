@@ -167,6 +167,7 @@ def resolve_config(args, make_config=preset_config):
     if args.seed is not None:
         cfg = dataclasses.replace(cfg, seed=args.seed)
     d = to_dict(cfg)
+    given = set()  # every setting --set names, an object's fields included
     for item in args.set:
         path, sep, raw = item.partition("=")
         if not sep:
@@ -193,13 +194,30 @@ def resolve_config(args, make_config=preset_config):
                                  f"--set {'.'.join(keys[:depth + 1])}={example}")
         if not isinstance(node, dict) or keys[-1] not in node:  # (a path through a number: "not iterable")
             raise ValueError(_unknown(item, path, keys, node))
+        given.update(_paths(path, value))
         if isinstance(node[keys[-1]], dict) and isinstance(value, dict):
             value = _merged(node[keys[-1]], value)  # an object updates the sub-config's named fields only
         node[keys[-1]] = value
+    grader = d.get("grader") or {}
+    grader = grader if isinstance(grader, dict) else dict(grader)  # (a preset's: (key, value) pairs)
+    if grader.get("type") == "reft" and grader.get("cot") == "python" and "rl.ppo.kl_coef" not in given \
+            and d["rl"]["ppo"]["kl_coef"] == 0.05:  # the presets' N-CoT value
+        # the ReFT authors' P-CoT runs use 0.01 (their gsm8k.sh, mathqa.sh; the paper's table), as svamp_reft does:
+        # a P-CoT grader set on this command ran at N-CoT's 5x stronger KL without a word (review, session 30)
+        d["rl"]["ppo"]["kl_coef"] = 0.01
+        logging.getLogger("reftjax.cli").info("rl.ppo.kl_coef=0.01, the ReFT authors' value for P-CoT (the preset's "
+                                              "0.05 is N-CoT's); --set rl.ppo.kl_coef to choose another")
     try:
         return from_dict(d)
     except ValueError as exc:
         raise ValueError(f"--set: {exc}") from None
+
+
+def _paths(path: str, value) -> list[str]:
+    """The dotted settings a --set names: an object's fields too (rl.ppo='{"kl_coef": 0.02}' names rl.ppo.kl_coef)."""
+    if isinstance(value, dict):
+        return [path] + [p for k, v in value.items() for p in _paths(f"{path}.{k}", v)]
+    return [path]
 
 
 _PYTHON_LITERALS = {"True": True, "False": False, "None": None}

@@ -398,6 +398,22 @@ def test_cli_errors_are_one_line(tmp_path):
         assert ("Traceback" in out_file.stderr) == bool(extra)
 
 
+def test_a_p_cot_grader_set_on_the_gsm8k_command_takes_the_authors_p_cot_kl():
+    """The README's P-CoT recipe (a `cot: python` grader on experiments.gsm8k_reft) ran at the presets' N-CoT KL
+    0.05, 5x the authors' 0.01 for P-CoT (their gsm8k.sh / mathqa.sh; svamp_reft had it); an explicit value stays
+    (review, session 30)."""
+    import argparse
+
+    from experiments.gsm8k_reft import resolve_config
+
+    pcot = ['grader={"type": "reft", "cot": "python"}', 'data.prompt.style="reft-python"']
+    kl = lambda *sets: resolve_config(argparse.Namespace(preset="cpu", model=None, seed=None,  # noqa: E731
+                                                         set=list(sets))).rl.ppo.kl_coef
+    assert (kl(), kl(*pcot)) == (0.05, 0.01)
+    assert kl(*pcot, "rl.ppo.kl_coef=0.05") == kl(*pcot, 'rl.ppo={"kl_coef": 0.05}') == 0.05
+    assert kl(*pcot, "rl.ppo.kl_coef=0.02") == 0.02
+
+
 def test_an_unknown_set_path_names_its_level_and_the_nearest_settings():
     """A mistyped or TRL-spelt --set key got a bare "unknown config path" (review, session 30)."""
     import argparse
