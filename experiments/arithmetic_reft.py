@@ -483,7 +483,7 @@ def _bool(text: str) -> bool:
 
 
 def parse_args(argv=None) -> tuple[ExpConfig, argparse.Namespace]:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m experiments.arithmetic_reft", description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny CI version (pipeline check, not the result)")
     ap.add_argument("--out", default="runs/arithmetic_reft")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])

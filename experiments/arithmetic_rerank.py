@@ -100,7 +100,7 @@ def within_auc(scores, correct) -> float:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m experiments.arithmetic_rerank", description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny CI version (pipeline check, not the result)")
     ap.add_argument("--out", default="runs/arithmetic_rerank")
     ap.add_argument("--seed", type=int, default=0)

@@ -23,7 +23,7 @@ from experiments import arithmetic_task as task
 
 
 def main(argv=None) -> list[dict]:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m experiments.arithmetic_rl_probe", description=__doc__.split("\n")[0])
     ap.add_argument("--algo", choices=("ppo", "grpo"), default="grpo")
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--group", type=int, default=8, help="samples per prompt (GRPO); PPO uses 1")

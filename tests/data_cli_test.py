@@ -56,6 +56,9 @@ def test_usage_errors_exit_2_with_one_line(cli, shared_data, tmp_path):
     with pytest.raises(SystemExit) as exc:  # argparse: usage line, status 2
         cli("--dataset", "gsm8k", "--split", "validation")
     assert exc.value.code == 2
+    with pytest.raises(SystemExit) as exc:  # (a negative length limit was taken; review, session 30)
+        cli("--dataset", "svamp-nl", "--max-prompt-len", "-5")
+    assert exc.value.code == 2
 
 
 def test_a_bad_tokenizer_is_one_line_too(monkeypatch, capsys, shared_data, tmp_path):

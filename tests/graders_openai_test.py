@@ -416,6 +416,9 @@ def test_cli_names_the_line_of_a_samples_file_that_is_not_utf8(tmp_path, capsys)
     samples.write_bytes(ok + b"\n" + ok[:-3] + b"\xff\"}}\n")
     assert main(["run", "--grader", str(grader), "--samples", str(samples)]) == 2
     assert f"error: {samples}:2: not valid UTF-8" in capsys.readouterr().err
+    samples.write_text("\n")  # an empty file: exit 0 and no output, where the data readers refuse one (review, s30)
+    assert main(["run", "--grader", str(grader), "--samples", str(samples)]) == 2
+    assert f"error: {samples}:0: no samples in the file" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("row, got", [({"item": {"answer": "3"}, "sample": {"output_text": 3}}, "dict and int"),

@@ -387,6 +387,9 @@ def test_cli_errors_are_one_line(tmp_path):
     flag = subprocess.run([sys.executable, "-m", "experiments.gsm8k_reft", "--bogus"], cwd=ROOT, env=_env(),
                           capture_output=True, text=True, timeout=120)
     assert flag.returncode == 2 and "unrecognized arguments: --bogus" in flag.stderr
+    helped = subprocess.run([sys.executable, "-m", "experiments", "--help"], cwd=ROOT, env=_env(), capture_output=True,
+                            text=True, timeout=120)  # (it printed the JSON; review, session 30)
+    assert helped.returncode == 0 and helped.stdout.startswith("usage: python -m experiments")
     # a ValueError or OSError out of the run (--out a file, a model the decoder cannot run, a mesh the devices cannot
     # make) was a traceback with exit 1 (review, session 30); --verbose keeps the traceback
     (tmp_path / "a_file").write_text("")

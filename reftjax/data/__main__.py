@@ -25,6 +25,13 @@ from reftjax.data.tokenize import TokenizeConfig, tokenize_examples
 PERCENTILES = (50, 90, 95, 99, 100)
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m reftjax.data")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -42,8 +49,10 @@ def _parser() -> argparse.ArgumentParser:
                             "openai files, else reft)")
     stats.add_argument("--keep-annotations", action="store_true",
                        help="keep GSM8K calculator annotations in the CoT")
-    stats.add_argument("--max-prompt-len", type=int, default=300)
-    stats.add_argument("--max-target-len", type=int, default=400)
+    stats.add_argument("--max-prompt-len", type=_positive, default=300,
+                       help="prompt tokens a run keeps (data.tokenize.max_prompt_len; longer prompts are dropped)")
+    stats.add_argument("--max-target-len", type=_positive, default=400,
+                       help="target tokens a run keeps (data.tokenize.max_target_len)")
     stats.add_argument("--answer-field", default=None, help="openai format: numeric reference field")
     stats.add_argument("--text-answers", action="store_true",
                        help="reft format: gold answers are text (MathQA's letters), not numbers")

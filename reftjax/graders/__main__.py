@@ -31,6 +31,8 @@ def _load_samples(path):
             items.append(item)
             texts.append(text)
             lines.append(lineno)
+        if not items:  # (a run printed nothing and exited 0, where the data readers refuse an empty file; review)
+            raise ConfigError(f"{path}:0: no samples in the file")
     except DataError as exc:
         raise ConfigError(str(exc)) from None
     return items, texts, lines
@@ -38,8 +40,9 @@ def _load_samples(path):
 
 def main(argv=None) -> int:
     from reftjax.config import SandboxSettings
-    parser = argparse.ArgumentParser(prog="python -m reftjax.graders")
-    parser.add_argument("command", choices=("run", "validate"))
+    parser = argparse.ArgumentParser(prog="python -m reftjax.graders", description=__doc__.split("\n\n")[1].strip())
+    parser.add_argument("command", choices=("run", "validate"),
+                        help="run: grade every sample (one JSON line each); validate: build and check the grader")
     parser.add_argument("--grader", required=True, help="grader config JSON file")
     parser.add_argument("--samples", help="JSONL of {item, sample} (required for run)")
     parser.add_argument("--timeout-s", type=float, default=2.0, help="python graders: wall clock per sample")
