@@ -305,7 +305,7 @@ def run_cli(args, make_config=preset_config) -> int:
         print(f"interrupted during {summary['phase']}; rerun the same command to resume", file=sys.stderr)
         return 130
     print(json.dumps({k: summary[k] for k in ("name", "test_n", "test_accuracy", "test_voting_accuracy",
-                                             "wall_seconds")}))
+                                             "test_accuracy_all_questions", "wall_seconds") if k in summary}))
     print(f"report: {os.path.join(out, 'summary.md')}")
     return 0
 

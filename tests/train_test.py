@@ -117,6 +117,11 @@ def test_pipeline_sigkill_then_resume_completes(tiny_hf_dir, tmp_path, shared_da
     assert "did not provide metrics" not in done.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "done" and summary["test_n"] == 4
+    # stdout: the summary's JSON line (the all-questions figure too: the paper's denominator; review, session 30),
+    # then the report's path, and nothing else
+    printed, report_line = done.stdout.strip().splitlines()
+    assert json.loads(printed)["test_accuracy_all_questions"] == summary["test_accuracy_all_questions"]
+    assert report_line.startswith("report: ")
     # the wall time of both invocations: the killed one ran past its first RL iteration (> 0 s) until the kill
     assert summary["invocations"] == 2 and summary["wall_seconds_total"] > summary["wall_seconds"] > 0
     assert "over all 2 (a killed one" in (out / "summary.md").read_text()
