@@ -198,19 +198,36 @@ def resolve_config(args, make_config=preset_config):
         if isinstance(node[keys[-1]], dict) and isinstance(value, dict):
             value = _merged(node[keys[-1]], value)  # an object updates the sub-config's named fields only
         node[keys[-1]] = value
-    grader = d.get("grader") or {}
-    grader = grader if isinstance(grader, dict) else dict(grader)  # (a preset's: (key, value) pairs)
-    if grader.get("type") == "reft" and grader.get("cot") == "python" and "rl.ppo.kl_coef" not in given \
-            and d["rl"]["ppo"]["kl_coef"] == 0.05:  # the presets' N-CoT value
-        # the ReFT authors' P-CoT runs use 0.01 (their gsm8k.sh, mathqa.sh; the paper's table), as svamp_reft does:
-        # a P-CoT grader set on this command ran at N-CoT's 5x stronger KL without a word (review, session 30)
-        d["rl"]["ppo"]["kl_coef"] = 0.01
-        logging.getLogger("reftjax.cli").info("rl.ppo.kl_coef=0.01, the ReFT authors' value for P-CoT (the preset's "
-                                              "0.05 is N-CoT's); --set rl.ppo.kl_coef to choose another")
     try:
-        return from_dict(d)
+        cfg = from_dict(d)
     except ValueError as exc:
         raise ValueError(f"--set: {exc}") from None
+    return _p_cot_kl(cfg, given, getattr(args, "out", None))
+
+
+def _p_cot_kl(cfg, given: set, out: str | None):
+    """A ReFT grader with cot python takes the ReFT authors' P-CoT KL, 0.01 (their gsm8k.sh, mathqa.sh; the paper's
+    table), as svamp_reft does, where the preset has its N-CoT 0.05 and --set names no kl_coef: a P-CoT grader set
+    on this command ran at N-CoT's 5x stronger KL without a word (review, session 30). A run directory that holds a
+    run begun at another value (before this rule) keeps it, so the same command still resumes it."""
+    g = cfg.grader_dict
+    if not (g.get("type") == "reft" and g.get("cot") == "python" and cfg.rl.ppo.kl_coef == 0.05
+            and "rl.ppo.kl_coef" not in given):
+        return cfg
+    log = logging.getLogger("reftjax.cli")
+    stored = os.path.join(out or os.path.join("runs", cfg.name), "config.json")
+    try:
+        with open(stored) as f:
+            began = json.load(f)["rl"]["ppo"]["kl_coef"]
+    except (OSError, ValueError, KeyError, TypeError):
+        began = None
+    if began == cfg.rl.ppo.kl_coef:
+        log.info("rl.ppo.kl_coef=%s: the run in %s began at it (a P-CoT grader now takes 0.01, the ReFT authors' "
+                 "value, unless --set)", began, os.path.dirname(stored))
+        return cfg
+    log.info("rl.ppo.kl_coef=0.01, the ReFT authors' value for P-CoT (the preset's 0.05 is N-CoT's); --set "
+             "rl.ppo.kl_coef to choose another")
+    return dataclasses.replace(cfg, rl=dataclasses.replace(cfg.rl, ppo=dataclasses.replace(cfg.rl.ppo, kl_coef=0.01)))
 
 
 def _paths(path: str, value) -> list[str]:
@@ -226,7 +243,7 @@ _ALIASES = {"beta": "kl_coef", "kl_beta": "kl_coef", "init_kl_coef": "kl_coef", 
             "clip_range": "clip_eps", "clip_ratio": "clip_eps", "epsilon": "clip_eps",
             "cliprange_value": "clip_range_value",
             "lr": "learning_rate", "num_ppo_epochs": "ppo_epochs", "ppo_epochs_per_step": "ppo_epochs",
-            "lam": "gae_lambda", "lambda": "gae_lambda", "num_generations": "n", "mini_batch_size": "minibatch_size"}
+            "lam": "gae_lambda", "lambda": "gae_lambda", "num_generations": "group_size", "mini_batch_size": "minibatch_size"}
 
 
 def _unknown(item: str, path: str, keys: list[str], node) -> str:

@@ -200,6 +200,7 @@ class Checkpointer:
         self.directory = os.path.abspath(cfg.directory)
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS,
                                               item_handlers=handlers)
+        self._closed = False
 
     def _metric(self, metrics: dict) -> float:
         return float(metrics[self.cfg.best_metric])
@@ -346,12 +347,13 @@ class Checkpointer:
         self._manager.wait_until_finished()
 
     def close(self) -> None:
-        """Finish pending saves and release the manager (a second call does nothing)."""
-        if self._manager is None:
+        """Finish pending saves and release the manager's resources (a second call does nothing; `all_steps` and
+        the restores still read the directory afterwards)."""
+        if self._closed:
             return
         self._manager.wait_until_finished()
         self._manager.close()
-        self._manager = None
+        self._closed = True
 
     def __enter__(self):
         return self
@@ -359,7 +361,7 @@ class Checkpointer:
     def __exit__(self, exc_type, *_):
         """Closes on every way out: an exception (a second Ctrl-C in a notebook) left an async save writing behind
         the caller, which a re-run of the cell then raced on the same directory."""
-        if exc_type is not None and self._manager is not None and self._manager.is_saving_in_progress():
+        if exc_type is not None and not self._closed and self._manager.is_saving_in_progress():
             log.warning("checkpoint: waiting for the save in progress in %s before stopping", self.directory)
         self.close()
 

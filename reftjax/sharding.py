@@ -22,6 +22,7 @@ import contextvars
 import dataclasses
 import functools
 import logging
+import numbers
 import os
 
 import jax
@@ -61,8 +62,11 @@ class MeshConfig:
 
     def __post_init__(self):  # (0 or -2 failed only at make_mesh, after the config was accepted; review, session 30)
         dims = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
-        if any(isinstance(d, bool) or not isinstance(d, int) or (d < 1 and d != -1) for d in dims.values()):
-            raise ValueError(f"mesh: every axis must be >= 1 or -1 (all remaining devices), got {dims}")
+        if any(isinstance(d, bool) or not isinstance(d, numbers.Integral) or (d < 1 and d != -1)
+               for d in dims.values()):
+            raise ValueError(f"mesh: every axis must be an integer >= 1 or -1 (all remaining devices), got {dims}")
+        for name, d in dims.items():  # (NumPy integers, as a notebook computes them, were taken before; kept)
+            object.__setattr__(self, name, int(d))
         if list(dims.values()).count(-1) > 1:
             raise ValueError(f"mesh: at most one axis may be -1, got {dims}")
 

@@ -254,11 +254,12 @@ class _Interrupt:
         return self.agreed
 
     def poll(self) -> bool:
-        """`check` for a loop's every step. With several processes the gather is dispatched here and read at the
-        next step's poll, once the step before has run: read at once it waited for the step just queued (a 2-process
-        probe: 0.82 s of a 0.87 s step), so no host ran a step ahead and the devices idled while each next batch
-        was made and dispatched (session 29's list). An interrupt then stops the loop a step later. One process:
-        `check`, which touches no device."""
+        """`check` for the every step of a loop whose host runs ahead of its devices (SFT, the verifier). With
+        several processes the gather is dispatched here and read at the next step's poll, once the step before has
+        run: read at once it waited for the step just queued (`bench/interrupt_poll.py`), so no host ran a step
+        ahead and the devices idled while each next batch was made and dispatched (session 29's list). An interrupt
+        then stops the loop a step later. One process: `check`, which touches no device. (The RL loop waits for
+        each iteration's device work anyway: it checks at once.)"""
         if jax.process_count() == 1:
             return self.check()
         previous, self._pending = self._pending, _any_process_later(self.requested)
@@ -520,7 +521,10 @@ def run_rl(cfg: ExperimentConfig, model, ref_params, data: Data, grader, mesh, o
                             **({"val": f"{last_val:.3f}"} if last_val is not None else {}),
                             **({"best": f"{best:.3f}"} if best >= 0 else {}))
             extras = {"loader": loader.state(), "iteration": it, "best": best, "since_best": since_best, "phase": "rl"}
-            interrupted = stop.poll()  # every iteration, before the save decision
+            # every iteration, before the save decision; at once (`check`): the iteration has waited for its device
+            # work already, and `poll`'s lag would run a whole iteration more in a preemption's grace (regression
+            # review)
+            interrupted = stop.check()
             if interrupted or metric is not None or it % cfg.checkpoint.save_every == 0 or it == r.iterations:
                 manager.save(it, state, extras, metric=metric, force=True)
             if stopped_early():

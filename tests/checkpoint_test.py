@@ -82,8 +82,9 @@ def test_leaving_the_with_block_by_an_exception_finishes_the_save_in_progress(tm
         with Checkpointer(CheckpointConfig(str(tmp_path))) as ck:
             assert ck.save(4, st, {"round": 1})
             raise KeyboardInterrupt
-    assert ck._manager is None  # closed: the background save was waited on
+    assert ck._closed  # closed: the background save was waited on
     ck.close()  # a second close does nothing
+    assert ck.all_steps() == [4]  # (and the directory is still read: steps_test calls all_steps after close)
     assert [int(n) for n in os.listdir(tmp_path) if n.isdigit()] == [4]
     with Checkpointer(CheckpointConfig(str(tmp_path))) as ck:
         _, extras, step = ck.restore_latest(abstract_like(st))

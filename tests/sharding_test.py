@@ -32,6 +32,12 @@ def test_mesh_config_shapes():
         MeshConfig(data=-1, fsdp=-1).shape(8)
     with pytest.raises(ValueError, match="needs 6 devices, have 8"):
         MeshConfig(data=2, fsdp=3).shape(8)
+    # axes are checked when the config is made (review, session 30); NumPy integers are taken, as plain ints
+    for bad in (dict(data=0), dict(fsdp=-2), dict(tensor=1.5), dict(data=True)):
+        with pytest.raises(ValueError, match="every axis must be an integer >= 1 or -1"):
+            MeshConfig(**bad)
+    numpy_axes = MeshConfig(data=-1, fsdp=np.int64(2))
+    assert numpy_axes.shape(8) == (4, 2, 1) and type(numpy_axes.fsdp) is int
     mesh = make_mesh(MeshConfig(data=2, fsdp=4))
     assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
 

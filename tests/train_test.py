@@ -406,7 +406,7 @@ def test_cli_errors_are_one_line(tmp_path):
         assert ("Traceback" in out_file.stderr) == bool(extra)
 
 
-def test_a_p_cot_grader_set_on_the_gsm8k_command_takes_the_authors_p_cot_kl():
+def test_a_p_cot_grader_set_on_the_gsm8k_command_takes_the_authors_p_cot_kl(tmp_path):
     """The README's P-CoT recipe (a `cot: python` grader on experiments.gsm8k_reft) ran at the presets' N-CoT KL
     0.05, 5x the authors' 0.01 for P-CoT (their gsm8k.sh / mathqa.sh; svamp_reft had it); an explicit value stays
     (review, session 30)."""
@@ -415,11 +415,19 @@ def test_a_p_cot_grader_set_on_the_gsm8k_command_takes_the_authors_p_cot_kl():
     from experiments.gsm8k_reft import resolve_config
 
     pcot = ['grader={"type": "reft", "cot": "python"}', 'data.prompt.style="reft-python"']
+    out = tmp_path / "run"
     kl = lambda *sets: resolve_config(argparse.Namespace(preset="cpu", model=None, seed=None,  # noqa: E731
-                                                         set=list(sets))).rl.ppo.kl_coef
+                                                         set=list(sets), out=str(out))).rl.ppo.kl_coef
     assert (kl(), kl(*pcot)) == (0.05, 0.01)
     assert kl(*pcot, "rl.ppo.kl_coef=0.05") == kl(*pcot, 'rl.ppo={"kl_coef": 0.05}') == 0.05
     assert kl(*pcot, "rl.ppo.kl_coef=0.02") == 0.02
+    # a P-CoT run begun before the rule (at 0.05) resumes under the same command: its config.json keeps its value
+    # (it was refused as a changed setting; regression review)
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({"rl": {"ppo": {"kl_coef": 0.05}}}))
+    assert kl(*pcot) == 0.05
+    (out / "config.json").write_text(json.dumps({"rl": {"ppo": {"kl_coef": 0.01}}}))
+    assert kl(*pcot) == 0.01
 
 
 def test_an_unknown_set_path_names_its_level_and_the_nearest_settings():
@@ -548,8 +556,8 @@ def test_invalid_settings_fail_before_anything_runs_and_do_not_claim_the_run_dir
                              ("dtype", "fp16", "dtype must be 'float32' or 'bfloat16', got 'fp16'"),
                              ("param_dtype", "float16", "param_dtype must be 'float32' or 'bfloat16'"),
                              ("remat", "yes", "remat must be 'none', 'full' or 'dots', got 'yes'"),
-                             ("mesh.data", 0, "mesh: every axis must be >= 1 or -1"),
-                             ("mesh.fsdp", -2, "mesh: every axis must be >= 1 or -1"),
+                             ("mesh.data", 0, "mesh: every axis must be an integer >= 1 or -1"),
+                             ("mesh.fsdp", -2, "mesh: every axis must be an integer >= 1 or -1"),
                              ("mesh.tensor", -1, "mesh: at most one axis may be -1"),
                              ("sandbox.memory_mb", 100, "sandbox.memory_mb must be >= 256 (the interpreter's own), "
                                                         "got 100"),
@@ -948,6 +956,8 @@ def test_an_interrupted_rl_phase_stops_without_reading_the_best_policy_back(tmp_
     from reftjax.metrics import MetricsLogger
 
     reads, saves, calls, closed = [], [], [0], []
+    # the RL loop decides at once: `poll`'s step of lag would run a whole iteration more (regression review, s30)
+    monkeypatch.setattr(T._Interrupt, "poll", lambda self: pytest.fail("run_rl must not poll"))
 
     class Loader:
         def __init__(self, *a, **k):
