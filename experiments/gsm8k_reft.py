@@ -243,7 +243,8 @@ _ALIASES = {"beta": "kl_coef", "kl_beta": "kl_coef", "init_kl_coef": "kl_coef", 
             "clip_range": "clip_eps", "clip_ratio": "clip_eps", "epsilon": "clip_eps",
             "cliprange_value": "clip_range_value",
             "lr": "learning_rate", "num_ppo_epochs": "ppo_epochs", "ppo_epochs_per_step": "ppo_epochs",
-            "lam": "gae_lambda", "lambda": "gae_lambda", "num_generations": "group_size", "mini_batch_size": "minibatch_size"}
+            "lam": "gae_lambda", "lambda": "gae_lambda", "num_generations": "group_size",
+            "mini_batch_size": "minibatch_size"}
 
 
 def _unknown(item: str, path: str, keys: list[str], node) -> str:
