@@ -210,9 +210,10 @@ def _p_cot_kl(cfg, given: set, out: str | None):
     table), as svamp_reft does, where the preset has its N-CoT 0.05 and --set names no kl_coef: a P-CoT grader set
     on this command ran at N-CoT's 5x stronger KL without a word (review, session 30). A run directory that holds a
     run begun at another value (before this rule) keeps it, so the same command still resumes it."""
-    g = cfg.grader_dict
-    if not (g.get("type") == "reft" and g.get("cot") == "python" and cfg.rl.ppo.kl_coef == 0.05
-            and "rl.ppo.kl_coef" not in given):
+    from reftjax.config import _reft_cots
+
+    # (inside a multi grader too, as the config's style check reads it: a P-CoT run either way; regression review)
+    if not ("python" in _reft_cots(cfg.grader) and cfg.rl.ppo.kl_coef == 0.05 and "rl.ppo.kl_coef" not in given):
         return cfg
     log = logging.getLogger("reftjax.cli")
     stored = os.path.join(out or os.path.join("runs", cfg.name), "config.json")

@@ -215,6 +215,7 @@ class Checkpointer:
         Returns whether a save was started: not when `step` is off the `save_every`
         grid (unless `force`), already saved, or when the params are not finite.
         """
+        self._check_open("save")
         step = int(step)
         if not (force or self.should_save(step)) or step in self._manager.all_steps():
             return False
@@ -334,6 +335,7 @@ class Checkpointer:
         so the `keep_last` older full states, optimizer moments included, were dead weight: ~84 GB each for a 7B
         model in float32). All processes call it (Orbax deletes on the primary and syncs); `step` itself stays,
         so a crash in between leaves a resumable directory."""
+        self._check_open("keep_only")
         self.wait()
         if step not in self.all_steps():  # (its save was refused: keep what there is)
             log.warning("checkpoint: step %d is not in %s; no older step deleted", step, self.directory)
@@ -344,7 +346,15 @@ class Checkpointer:
 
     def wait(self) -> None:
         """Block until pending saves are on disk."""
+        self._check_open("wait")
         self._manager.wait_until_finished()
+
+    def _check_open(self, what: str) -> None:
+        """Writes need an open manager: after `close` Orbax's async save returned True, failed in the background
+        and left the manager's step list short of the disk's (a later keep_only left a full state behind;
+        regression review, session 30). Reads (all_steps, the restores) still work after close."""
+        if self._closed:
+            raise RuntimeError(f"{what}: this Checkpointer of {self.directory} is closed (open a new one)")
 
     def close(self) -> None:
         """Finish pending saves and release the manager's resources (a second call does nothing; `all_steps` and

@@ -85,6 +85,10 @@ def test_leaving_the_with_block_by_an_exception_finishes_the_save_in_progress(tm
     assert ck._closed  # closed: the background save was waited on
     ck.close()  # a second close does nothing
     assert ck.all_steps() == [4]  # (and the directory is still read: steps_test calls all_steps after close)
+    for write in (lambda: ck.save(5, st), lambda: ck.keep_only(4), ck.wait):  # writes refuse: save said True,
+        with pytest.raises(RuntimeError, match="is closed"):  # then failed in the background (regression review)
+            write()
+    assert [n for n in os.listdir(tmp_path) if not n.startswith(".")] == ["4"]
     assert [int(n) for n in os.listdir(tmp_path) if n.isdigit()] == [4]
     with Checkpointer(CheckpointConfig(str(tmp_path))) as ck:
         _, extras, step = ck.restore_latest(abstract_like(st))

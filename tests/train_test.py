@@ -421,6 +421,8 @@ def test_a_p_cot_grader_set_on_the_gsm8k_command_takes_the_authors_p_cot_kl(tmp_
     assert (kl(), kl(*pcot)) == (0.05, 0.01)
     assert kl(*pcot, "rl.ppo.kl_coef=0.05") == kl(*pcot, 'rl.ppo={"kl_coef": 0.05}') == 0.05
     assert kl(*pcot, "rl.ppo.kl_coef=0.02") == 0.02
+    multi = 'grader={"type": "multi", "calculate_output": "a", "graders": {"a": {"type": "reft", "cot": "python"}}}'
+    assert kl(multi, 'data.prompt.style="reft-python"') == 0.01  # (a multi grader holding one: regression review)
     # a P-CoT run begun before the rule (at 0.05) resumes under the same command: its config.json keeps its value
     # (it was refused as a changed setting; regression review)
     out.mkdir()
