@@ -86,8 +86,10 @@ def main(argv=None) -> dict:
                 p.kill()
     if any(p.returncode for p in procs):
         raise SystemExit(f"a process failed (exit codes {[p.returncode for p in procs]})")
+    from reftjax.host import cpu_description
+
     result = {"bench": "interrupt_poll", "size": args.size, "loops": args.loops, "repeats": args.repeats,
-              "processes": [json.loads(o.strip().splitlines()[-1]) for o in outs]}
+              "processes": [json.loads(o.strip().splitlines()[-1]) for o in outs], "cpu": cpu_description()}
     print(json.dumps(result))
     return result
 
