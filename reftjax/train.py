@@ -208,15 +208,6 @@ def _check_same_data(path: pathlib.Path, new: dict) -> None:
 # ----------------------------------------------------------------------------- helpers
 
 
-def _any_process(flag: bool) -> bool:
-    """Whether `flag` is set on any process (a collective: every process calls it at the same point)."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
-    return bool(flag)
-
-
 @functools.cache
 def _flags_program():
     """(sharding of one flag per device, jitted any over them replicated) on a mesh of every device."""
@@ -226,9 +217,18 @@ def _flags_program():
 
 
 def _any_process_later(flag: bool) -> jax.Array:
-    """`_any_process` dispatched, not awaited: a replicated boolean to read later (a collective, as it)."""
+    """Whether `flag` is set on any process, dispatched, not awaited: a replicated boolean to read later (a
+    collective: every process calls it at the same point)."""
     sharding, any_ = _flags_program()
     return any_(jax.make_array_from_process_local_data(sharding, np.full(jax.local_device_count(), bool(flag))))
+
+
+def _any_process(flag: bool) -> bool:
+    """`_any_process_later` read at once (a collective; one process: no device work). One gather program serves
+    both (`process_allgather` was a second way of asking the same)."""
+    if jax.process_count() > 1:
+        return bool(np.asarray(_any_process_later(flag).addressable_data(0)))
+    return bool(flag)
 
 
 class _Interrupt:
