@@ -4,6 +4,12 @@ Batch 8 x 256 tokens (all real: random ids, full loss mask), fp32, AdamW, CPU.
 Both contenders run in one process (torch with 2 threads), after warm-up/compilation, and the
 medians of `--repeats` timed steps each are reported.
 
+On a GPU (`JAX_PLATFORMS=cuda`) torch runs on CUDA too, each of its steps ending in a synchronize as reftjax's ends
+in block_until_ready. `--dtype bfloat16` is mixed precision on both sides: float32 weights and optimizer state,
+bf16 compute (reftjax `load_model(dtype="bfloat16")`, as the gpu/tpu presets; torch `autocast(bfloat16)`), and the
+MFU is against the measured bf16 matmul rate. float32 on a GPU: JAX's default precision may use TF32 matmuls where
+torch's default does not (the JSON line records torch's setting).
+
 Schedule (`--schedule`): `blocked` (default) runs each contender in blocks of `--block`
 consecutive timed steps, alternating blocks (so slow drifts of the machine hit both), and
 times each block's first step separately (`*_switch_steps_s`, not in the medians): that step
@@ -13,6 +19,7 @@ which a training loop running only one framework never sees. `alternate` is the 
 one-step-each schedule. Per-step system CPU time is reported for both (`*_sys_s`).
 
     python bench/sft_step.py --repeats 6           # one JSON line
+    JAX_PLATFORMS=cuda python bench/sft_step.py --dtype bfloat16 --batch 32 --seq 512
 
 Keys: reftjax_tokens_per_s, torch_tokens_per_s, ratio_vs_torch, compile_s,
 mfu_reftjax, mfu_torch (3 x forward FLOPs per token over the GEMM peak measured here), the
@@ -44,6 +51,8 @@ def main():
     ap.add_argument("--schedule", choices=("blocked", "alternate"), default="blocked")
     ap.add_argument("--block", type=int, default=3, help="timed steps per block (blocked schedule)")
     ap.add_argument("--remat", default="none")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                    help="compute dtype of both contenders (weights and optimizer state stay float32)")
     ap.add_argument("--head-chunk-rows", type=int, default=512,
                     help="sft_step's fused head + loss chunk (0: full logits + sft_loss)")
     args = ap.parse_args()
@@ -63,9 +72,10 @@ def main():
     torch.set_num_threads(2)
     load_start = os.getloadavg()[0]
     b, t = args.batch, args.seq
-    model = load_model("default", remat=args.remat)
+    model = load_model("default", dtype=args.dtype, remat=args.remat)
     cfg = model.config
-    peak = measured_peak_flops()  # before either contender runs (after the torch steps it once read 79 of 115 GFLOP/s)
+    device = "cuda" if jax.devices()[0].platform == "gpu" else "cpu"
+    peak = measured_peak_flops(dtype=args.dtype)  # before either contender runs (after the torch steps it once read 79 of 115 GFLOP/s)
     rng = np.random.default_rng(0)
     tokens = rng.integers(3, cfg.vocab_size, size=(b, t)).astype(np.int32)
     batch = {"tokens": jnp.asarray(tokens), "attn_mask": jnp.ones((b, t), jnp.int32),
@@ -78,18 +88,22 @@ def main():
     jax.block_until_ready(m)
     compile_s = time.perf_counter() - t0
 
-    tm = AutoModelForCausalLM.from_pretrained(local_hf_dir("default"), dtype=torch.float32)
+    tm = AutoModelForCausalLM.from_pretrained(local_hf_dir("default"), dtype=torch.float32).to(device)
     tm.train()
-    # the fused CPU kernel (one pass over all parameters), torch's fastest AdamW here, like optax's single program
+    # the fused kernel (one pass over all parameters), torch's fastest AdamW here, like optax's single program
     opt = torch.optim.AdamW(tm.parameters(), lr=1e-5, weight_decay=0.0, fused=True)
-    ids = torch.tensor(tokens, dtype=torch.long)
+    ids = torch.tensor(tokens, dtype=torch.long, device=device)
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
 
     def torch_step():
-        out = tm(input_ids=ids, labels=ids)
+        with autocast:
+            out = tm(input_ids=ids, labels=ids)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(tm.parameters(), 1.0, foreach=True)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
 
     torch_step()  # warm-up
 
@@ -115,13 +129,15 @@ def main():
                 r["sys"].append(sys_s)
     jt, tt = runs["reftjax"]["steps"], runs["torch"]["steps"]
     peak_first = peak
-    peak = measured_peak_flops(remeasure=True)  # the faster of the measurements before and after the contenders
+    peak = measured_peak_flops(remeasure=True, dtype=args.dtype)  # the faster of the measurements before and after the contenders
     n_tok = b * t
     flops = 3 * cfg.flops_per_token(t // 2) * n_tok  # forward + backward (2x)
     j, to = statistics.median(jt), statistics.median(tt)
     print(json.dumps({
         "cpu": cpu_description(),
-        "bench": "sft_step", "model": "SmolLM2-135M-Instruct", "batch": b, "seq": t, "dtype": "float32",
+        "bench": "sft_step", "model": "SmolLM2-135M-Instruct", "batch": b, "seq": t, "dtype": args.dtype,
+        "device": jax.devices()[0].device_kind, "torch_device": device,
+        "torch_allow_tf32": torch.backends.cuda.matmul.allow_tf32 if device == "cuda" else None,
         "remat": args.remat, "head_chunk_rows": args.head_chunk_rows, "host_allocator": HOST_ALLOCATOR, "reftjax_step_s": round(j, 3), "torch_step_s": round(to, 3),
         "reftjax_tokens_per_s": round(n_tok / j, 1), "torch_tokens_per_s": round(n_tok / to, 1),
         # the first call's wall time less a steady step, as rollout.py and ppo_iteration.py report it (it was the

@@ -109,8 +109,12 @@ def _eos_ids(meta: dict):
 
 def _tokenizer(meta: dict, arch: str):
     from transformers import PreTrainedTokenizerFast
-    from transformers.integrations.gguf.gguf_tokenizer_mapping import (GGUF_TOKENIZER_MAPPING,
-                                                                       convert_gguf_tokenizer)
+    try:  # recent transformers: a torch-free module of its lazily imported `integrations.gguf` package
+        from transformers.integrations.gguf.gguf_tokenizer_mapping import (GGUF_TOKENIZER_MAPPING,
+                                                                           convert_gguf_tokenizer)
+    except ImportError:  # transformers 4.x to 5.17 at least: `integrations.ggml` (torch-free); their `integrations.gguf`
+        # lacks these names and its __init__ imports torch eagerly (5.17 without torch: "No module named 'torch'")
+        from transformers.integrations.ggml import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
 
     grouped = {group: {new: meta[f"tokenizer.{old}"] for old, new in renames.items() if f"tokenizer.{old}" in meta}
                for group, renames in GGUF_TOKENIZER_MAPPING.items()}
@@ -122,7 +126,8 @@ def _tokenizer(meta: dict, arch: str):
                       ("unk_token", "unk_token_id"), ("pad_token", "pad_token_id")):
         if tok_dict.get(key) is not None:
             special[name] = tokens[int(tok_dict[key])]
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, **special, **extra)
+    # the ids the file names win: the older converters return special tokens too, llama's with bos and eos swapped
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, **{**extra, **special})
     if tok_cfg.get("chat_template"):
         tok.chat_template = tok_cfg["chat_template"]
     return tok

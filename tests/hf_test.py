@@ -164,6 +164,38 @@ def test_smollm_export_round_trip_and_tokenizer(tmp_path, smollm_model, smollm_p
     print(f"SmolLM2 export: max|diff|/scale={rel:.1e}")
 
 
+@pytest.mark.gguf
+def test_gguf_tokenizer_falls_back_to_the_older_transformers_module(monkeypatch, smollm_path, smollm_tokenizer):
+    """transformers up to 5.17 at least keeps the GGUF tokenizer builder in `integrations.ggml` (its `integrations.gguf`
+    lacks it and imports torch); its llama converter also returns bos and eos swapped: the file's ids must win."""
+    import sys
+    import types
+
+    import gguf
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
+
+    from reftjax import gguf_reader
+
+    calls = []
+
+    def old_convert(arch, tok_dict):
+        calls.append(arch)
+        backend, extra = convert_gguf_tokenizer(arch, tok_dict)
+        return backend, {**extra, "bos_token": "<|im_end|>", "eos_token": "<|im_start|>", "unk_token": None}
+
+    old = types.ModuleType("transformers.integrations.ggml")
+    old.GGUF_TOKENIZER_MAPPING, old.convert_gguf_tokenizer = GGUF_TOKENIZER_MAPPING, old_convert
+    monkeypatch.setitem(sys.modules, "transformers.integrations.gguf.gguf_tokenizer_mapping",
+                        types.ModuleType("transformers.integrations.gguf.gguf_tokenizer_mapping"))
+    monkeypatch.setitem(sys.modules, "transformers.integrations.ggml", old)
+    tok = gguf_reader._tokenizer(gguf_reader._metadata(gguf.GGUFReader(str(smollm_path))), "llama")
+    assert calls == ["llama"]
+    assert (tok.bos_token, tok.eos_token) == (smollm_tokenizer.bos_token, smollm_tokenizer.eos_token) == (
+        "<|im_start|>", "<|im_end|>")
+    text = "Question:\nNatalia sold 48 clips in April.\nAnswer reasoning:\n<|im_end|>"
+    assert tok(text)["input_ids"] == smollm_tokenizer(text)["input_ids"]
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
