@@ -37,7 +37,8 @@ Hardware, command and expected result per preset:
   for gradients near 1e-7). Needs the hardware and a local checkpoint:
   ``--preset paper --model /path/to/CodeLlama-7b-hf``.
 
-Every run writes to ``--out`` (default ``runs/gsm8k_reft_<preset>``): config.json,
+Every run writes to ``--out`` (default ``runs/gsm8k_reft_<preset>``; with another ``data.dataset`` or a
+``data.train_file``, ``runs/<its name>_reft_<preset>``, e.g. ``runs/mathqa_nl_reft_cpu``): config.json,
 metrics.jsonl, tensorboard/, samples/, checkpoints/, hf/{final,best}/,
 summary.{json,md}, plots/*.png. Rerunning the same command resumes.
 """
@@ -202,7 +203,30 @@ def resolve_config(args, make_config=preset_config):
         cfg = from_dict(d)
     except ValueError as exc:
         raise ValueError(f"--set: {exc}") from None
+    if "name" not in given:
+        cfg = dataclasses.replace(cfg, name=_data_name(cfg, getattr(args, "out", None)))
     return _p_cot_kl(cfg, given, getattr(args, "out", None))
+
+
+def _data_name(cfg, out: str | None) -> str:
+    """A preset's run name (and default --out) after the data it trains on: runs on a train file or another dataset
+    were all named gsm8k_reft_<preset>, so a MathQA run after a GSM8K one went to the GSM8K run's folder by default
+    and was refused there as a changed setting (session 30's list). A run begun under the old name keeps it: in
+    --out, or in the old default folder when it trains on the same data, so the same command still resumes it."""
+    import re
+
+    if not cfg.name.startswith("gsm8k_reft_") or (cfg.data.train_file is None and cfg.data.dataset == "gsm8k"):
+        return cfg.name
+    try:
+        with open(os.path.join(out or os.path.join("runs", cfg.name), "config.json")) as f:
+            began = json.load(f)
+        if out or (began["data"]["train_file"], began["data"]["dataset"]) == (cfg.data.train_file, cfg.data.dataset):
+            return began["name"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    source = os.path.splitext(os.path.basename(cfg.data.train_file))[0] if cfg.data.train_file else cfg.data.dataset
+    slug = re.sub(r"[^a-z0-9]+", "_", source.lower()).strip("_") or "data"
+    return f"{slug}_reft_" + cfg.name[len("gsm8k_reft_"):]
 
 
 def _p_cot_kl(cfg, given: set, out: str | None):

@@ -432,6 +432,36 @@ def test_a_p_cot_grader_set_on_the_gsm8k_command_takes_the_authors_p_cot_kl(tmp_
     assert kl(*pcot) == 0.01
 
 
+def test_runs_on_other_data_are_named_after_it(tmp_path, monkeypatch):
+    """A MathQA (or any train-file) run on experiments.gsm8k_reft was named gsm8k_reft_<preset>: by default it went to
+    the GSM8K run's folder and was refused there as a changed setting (session 30's list)."""
+    from experiments import svamp_reft
+    from experiments.gsm8k_reft import build_parser, resolve_config
+
+    def name(*sets, make=None, out=None):
+        args = build_parser().parse_args(["--preset", "cpu", *[a for x in sets for a in ("--set", x)]]
+                                         + (["--out", str(out)] if out else []))
+        return (resolve_config(args, make) if make else resolve_config(args)).name
+
+    assert name() == "gsm8k_reft_cpu"
+    assert name("data.train_file=/d/MathQA-NL.json", "data.train_format=reft") == "mathqa_nl_reft_cpu"
+    assert name("data.dataset=svamp-nl", "data.test_dataset=svamp-test") == "svamp_nl_reft_cpu"
+    assert name("data.train_file=/d/m.json", "data.train_format=reft", "name=mine") == "mine"  # an explicit name wins
+    assert name(make=lambda preset, model=None: svamp_reft.svamp_config(preset, "nl", model)) == "svamp_reft_nl_cpu"
+    # a run begun under the old name resumes under it: in --out, or in the old default folder on the same data
+    mathqa = ("data.train_file=/d/MathQA-NL.json", "data.train_format=reft")
+    began = {"name": "gsm8k_reft_cpu", "data": {"train_file": "/d/MathQA-NL.json", "dataset": "gsm8k"}}
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "config.json").write_text(json.dumps(began))
+    assert name(*mathqa, out=tmp_path / "x") == "gsm8k_reft_cpu"
+    assert name(*mathqa, out=tmp_path / "y") == "mathqa_nl_reft_cpu"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "gsm8k_reft_cpu").mkdir(parents=True)
+    (tmp_path / "runs" / "gsm8k_reft_cpu" / "config.json").write_text(json.dumps(began))
+    assert name(*mathqa) == "gsm8k_reft_cpu"
+    assert name("data.train_file=/d/other.json", "data.train_format=reft") == "other_reft_cpu"
+
+
 def test_an_unknown_set_path_names_its_level_and_the_nearest_settings():
     """A mistyped or TRL-spelt --set key got a bare "unknown config path" (review, session 30)."""
     import argparse
