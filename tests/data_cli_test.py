@@ -53,6 +53,8 @@ def test_usage_errors_exit_2_with_one_line(cli, shared_data, tmp_path):
     assert code == 2 and "--split applies to --dataset gsm8k only" in err
     code, out, _ = cli("--dataset", "svamp-nl", "--local-dir", str(shared_data / "reft"))
     assert code == 0 and json.loads(out)["source"] == "svamp-nl"
+    code, out, err = cli("--dataset", "svamp-nl", "--answer-field", "x", "--local-dir", str(shared_data / "reft"))
+    assert code == 2 and out == "" and "svamp-nl:0: --answer-field applies to --format openai files only" in err
     with pytest.raises(SystemExit) as exc:  # argparse: usage line, status 2
         cli("--dataset", "gsm8k", "--split", "validation")
     assert exc.value.code == 2

@@ -76,6 +76,8 @@ def stats(args: argparse.Namespace) -> dict:
         raise DataError(f"{args.file}:0: --file needs --format ({', '.join(FORMATS)})")
     if args.split is not None and args.dataset != "gsm8k":
         raise DataError(f"{args.file or args.dataset}:0: --split applies to --dataset gsm8k only")
+    if args.answer_field is not None and args.format != "openai":  # (was ignored; as data.answer_field in a run)
+        raise DataError(f"{args.file or args.dataset}:0: --answer-field applies to --format openai files only")
     args.split = args.split or "train"
     examples = load_examples(args.dataset, split=args.split, file=args.file, fmt=args.format,
                              data_dir=args.data_dir, local_dir=args.local_dir,
