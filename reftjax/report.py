@@ -214,8 +214,10 @@ def plot_run(out: pathlib.Path, metric: str = "accuracy") -> list[pathlib.Path]:
 
 def _plot(path, pts, title, xlabel, ylabel):
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # iterations (ticks at 0.5, 1.5 on short runs)
     if pts:
         xs, ys = zip(*sorted(pts))
         ax.plot(xs, ys, marker="o" if len(xs) < 40 else None, linewidth=1.5)

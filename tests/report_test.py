@@ -273,3 +273,18 @@ def test_summary_columns_with_a_mean_score_and_reranking(tmp_path):
     assert cells == {"stage": "after SFT warm-up", "greedy top-1 (%)": "12.5", "voting@2 (%)": "50.0",
                      "rerank@2 (%)": "50.0", "weighted voting@2 (%)": "62.5", "any of 2 correct (%)": "75.0",
                      "mean score": "0.33"}
+
+
+def test_plot_ticks_are_whole_iterations(tmp_path, monkeypatch):
+    """A short run's plots had ticks at iterations 0.5, 1.5, ... (session 29's list)."""
+    import matplotlib.pyplot as plt
+
+    from reftjax import report
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    report._plot(tmp_path / "r.png", [(1, 0.1), (2, 0.3), (3, 0.2)], "t", "RL iteration", "reward")
+    ticks = figures[0].axes[0].get_xticks()
+    monkeypatch.undo()
+    plt.close(figures[0])
+    assert len(ticks) >= 3 and all(float(t).is_integer() for t in ticks) and (tmp_path / "r.png").is_file()
