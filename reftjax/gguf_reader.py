@@ -126,11 +126,34 @@ def _tokenizer(meta: dict, arch: str):
                       ("unk_token", "unk_token_id"), ("pad_token", "pad_token_id")):
         if tok_dict.get(key) is not None:
             special[name] = tokens[int(tok_dict[key])]
-    # the ids the file names win: the older converters return special tokens too, llama's with bos and eos swapped
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, **{**extra, **special})
+    backend.post_processor = _bos_eos_template(meta, tok_dict, tokens)
+    # the ids the file names win: the older converters return special tokens too, llama's with bos and eos swapped;
+    # no space clean-up in decode (4.56's converter asked for it: "30 / .5" decoded as "30 /.5")
+    extra = {k: v for k, v in extra.items() if k not in ("add_bos_token", "add_eos_token")}
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, **{**extra, **special, "clean_up_tokenization_spaces": False})
     if tok_cfg.get("chat_template"):
         tok.chat_template = tok_cfg["chat_template"]
     return tok
+
+
+def _bos_eos_template(meta: dict, tok_dict: dict, tokens: list):
+    """The post-processor that adds BOS / EOS as the file says, as llama.cpp and recent transformers read it (a
+    sentencepiece vocabulary without the flag adds BOS). Set here, whatever transformers' converter did: 4.56's
+    added BOS although SmolLM2's file says add_bos_token false, putting <|im_start|> before every prompt."""
+    from tokenizers import processors
+
+    marks = {}
+    for name, default in (("bos", meta.get("tokenizer.ggml.model") == "llama"), ("eos", False)):
+        token_id = tok_dict.get(f"{name}_token_id")
+        if token_id is not None and meta.get(f"tokenizer.ggml.add_{name}_token", default):
+            marks[name] = (tokens[int(token_id)], int(token_id))
+
+    def template(seq: str, type_id: int) -> str:
+        parts = [marks["bos"][0]] if "bos" in marks else []
+        return " ".join(f"{p}:{type_id}" for p in parts + [f"${seq}"] + ([marks["eos"][0]] if "eos" in marks else []))
+
+    return processors.TemplateProcessing(single=template("A", 0), pair=f"{template('A', 0)} {template('B', 1)}",
+                                         special_tokens=list(marks.values()))
 
 
 def read_gguf(path: str | pathlib.Path, with_tokenizer: bool = True):

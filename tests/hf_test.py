@@ -172,9 +172,13 @@ def test_gguf_tokenizer_falls_back_to_the_older_transformers_module(monkeypatch,
     import types
 
     import gguf
-    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
 
     from reftjax import gguf_reader
+
+    try:
+        from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
+    except ImportError:  # (an older transformers: the real module is the fallback already)
+        from transformers.integrations.ggml import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
 
     calls = []
 
@@ -291,6 +295,39 @@ def _tiny_gguf(path, arch, rope_freqs=None, head_dim=None, name=None, special=No
         w.add_tensor(k, a)
     w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
     return stored
+
+
+@pytest.mark.parametrize("model", ["gpt2", "llama"])
+def test_gguf_tokenizer_adds_bos_as_the_file_says_like_transformers(tmp_path, model):
+    """The BOS a GGUF's tokenizer adds follows the file's add_bos_token (a sentencepiece vocabulary without the flag
+    adds one), as transformers' own GGUF tokenizer does: ours added none to a sentencepiece (Llama-2 style) file, and
+    under transformers 4.56 one to every SmolLM2 prompt although its file says false (session 31)."""
+    import gguf
+    from transformers import AutoTokenizer
+
+    from reftjax.gguf_reader import _metadata, _tokenizer
+
+    toks = ["<unk>", "<s>", "</s>", "a", "b", "ab", "\u0120", "\u0120a", "\u0120ab"]
+    for add_bos in (True, False, None):
+        path = tmp_path / f"{add_bos}.gguf"
+        w = gguf.GGUFWriter(str(path), "llama")
+        w.add_tokenizer_model(model), w.add_token_list(toks), w.add_token_types([2, 3, 3] + [1] * (len(toks) - 3))
+        if model == "gpt2":
+            w.add_token_merges(["a b", "\u0120 a", "\u0120a b"])
+        else:
+            w.add_token_scores([0.0] * len(toks))
+        for name, token_id in (("bos", 1), ("eos", 2), ("unknown", 0)):
+            w.add_uint32(f"tokenizer.ggml.{name}_token_id", token_id)
+        if add_bos is not None:
+            w.add_bool("tokenizer.ggml.add_bos_token", add_bos)
+        w.add_tensor("token_embd.weight", np.zeros((len(toks), 4), np.float32))
+        w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+        ours = _tokenizer(_metadata(gguf.GGUFReader(str(path))), "llama")
+        ref = AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+        ids = ours("ab a")["input_ids"]
+        assert ids == ref("ab a")["input_ids"] and (ids[0] == 1) == (add_bos or (add_bos is None and model == "llama"))
+        assert ours.decode(ours("a b . ab")["input_ids"], skip_special_tokens=True) == ref.decode(
+            ref("a b . ab")["input_ids"], skip_special_tokens=True)
 
 
 def test_gguf_qk_rows_are_unpermuted_for_llama_only_and_rope_scaling_is_refused(tmp_path):
