@@ -130,7 +130,8 @@ def _tokenizer(meta: dict, arch: str):
     # the ids the file names win: the older converters return special tokens too, llama's with bos and eos swapped;
     # no space clean-up in decode (4.56's converter asked for it: "30 / .5" decoded as "30 /.5")
     extra = {k: v for k, v in extra.items() if k not in ("add_bos_token", "add_eos_token")}
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, **{**extra, **special, "clean_up_tokenization_spaces": False})
+    kwargs = {**extra, **special, "clean_up_tokenization_spaces": False}
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, **kwargs)
     if tok_cfg.get("chat_template"):
         tok.chat_template = tok_cfg["chat_template"]
     return tok
