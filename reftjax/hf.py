@@ -346,20 +346,29 @@ def _temp_beside(target: pathlib.Path) -> pathlib.Path:
             continue
 
 
+# the GGUF reader's output version: bump when what `read_gguf` returns for a file changes
+GGUF_CONVERSION = 2
+
+
 def gguf_to_hf_dir(gguf_path: pathlib.Path) -> pathlib.Path:
     """Convert a GGUF file once into a cached HF directory (dense float32 weights).
 
-    The cache key includes size and mtime; the directory is written to a temp
-    name and renamed, so an interrupted conversion leaves nothing behind.
+    The cache key includes size and mtime, and `GGUF_CONVERSION` (a conversion made by an older reader is not
+    reused: the tokenizer's BOS changed in session 31); the directory is written to a temp name and renamed, so an
+    interrupted conversion leaves nothing behind. An older reader's conversion of the same file is removed.
     """
     import shutil
 
     from reftjax.gguf_reader import read_gguf
 
     st = gguf_path.stat()
-    target = cache_root() / "gguf" / f"{gguf_path.stem}-{st.st_size}-{int(st.st_mtime)}"
+    key = f"{gguf_path.stem}-{st.st_size}-{int(st.st_mtime)}"
+    target = cache_root() / "gguf" / f"{key}-c{GGUF_CONVERSION}"
     if (target / "config.json").is_file():
         return target
+    for stale in [key, *(f"{key}-c{n}" for n in range(2, GGUF_CONVERSION))]:
+        if (target.parent / stale / "config.json").is_file():
+            shutil.rmtree(target.parent / stale, ignore_errors=True)
     target.parent.mkdir(parents=True, exist_ok=True)
     hf_config, tensors, tokenizer = read_gguf(gguf_path)
     tmp = _temp_beside(target)

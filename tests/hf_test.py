@@ -330,6 +330,31 @@ def test_gguf_tokenizer_adds_bos_as_the_file_says_like_transformers(tmp_path, mo
             ref("a b . ab")["input_ids"], skip_special_tokens=True)
 
 
+def test_a_gguf_conversion_by_an_older_reader_is_not_reused(tmp_path, monkeypatch, smollm_tokenizer):
+    """The converted-GGUF cache was keyed by the file alone: a conversion made before a reader fix (the tokenizer's BOS,
+    session 31) went on being loaded. An older conversion of the file is replaced; the new one is reused."""
+    from reftjax import gguf_reader, hf
+
+    monkeypatch.setenv("REFTJAX_CACHE", str(tmp_path / "cache"))
+    gguf_file = tmp_path / "m.gguf"
+    gguf_file.write_bytes(b"GGUF")
+    st = gguf_file.stat()
+    legacy = tmp_path / "cache" / "gguf" / f"m-{st.st_size}-{int(st.st_mtime)}"
+    legacy.mkdir(parents=True)
+    (legacy / "config.json").write_text("{}")
+    reads = []
+
+    def read(path):
+        reads.append(path)
+        return _tiny_hf_config(TINY), {"w": np.zeros(2, np.float32)}, smollm_tokenizer
+
+    monkeypatch.setattr(gguf_reader, "read_gguf", read)
+    first = hf.gguf_to_hf_dir(gguf_file)
+    assert first.name == f"{legacy.name}-c{hf.GGUF_CONVERSION}" and (first / "tokenizer.json").is_file()
+    assert not legacy.exists() and len(reads) == 1
+    assert hf.gguf_to_hf_dir(gguf_file) == first and len(reads) == 1
+
+
 def test_gguf_qk_rows_are_unpermuted_for_llama_only_and_rope_scaling_is_refused(tmp_path):
     """llama.cpp permutes Q/K rows for the llama family only (transformers' GGUF loader agrees: no qwen2
     processor); a Qwen2 GGUF read as permuted loaded scrambled attention without a word. Llama-3.1-style
