@@ -1,6 +1,6 @@
 """Benchmark: reftjax `sft_step` vs a plain PyTorch training step on SmolLM2-135M.
 
-Batch 8 x 256 tokens (all real: random ids, full loss mask), fp32, AdamW, CPU.
+Batch 8 x 256 tokens (all real: random ids, full loss mask), fp32 (or `--dtype bfloat16`), AdamW, CPU (or CUDA).
 Both contenders run in one process (torch with 2 threads), after warm-up/compilation, and the
 medians of `--repeats` timed steps each are reported.
 
@@ -41,6 +41,7 @@ from reftjax.host import cpu_description, use_hugepage_malloc  # noqa: E402
 HOST_ALLOCATOR = use_hugepage_malloc()  # re-executes once, before the heavy imports: reftjax/host.py
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # (on a GPU: JAX would hold 75% of it, torch runs too)
 
 
 def main():
@@ -75,6 +76,8 @@ def main():
     model = load_model("default", dtype=args.dtype, remat=args.remat)
     cfg = model.config
     device = "cuda" if jax.devices()[0].platform == "gpu" else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench/sft_step.py: JAX runs on a GPU but this torch has no CUDA; install a CUDA torch")
     peak = measured_peak_flops(dtype=args.dtype)  # before either contender runs (after the torch steps it once read 79 of 115 GFLOP/s)
     rng = np.random.default_rng(0)
     tokens = rng.integers(3, cfg.vocab_size, size=(b, t)).astype(np.int32)

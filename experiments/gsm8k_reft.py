@@ -220,8 +220,9 @@ def _data_name(cfg, out: str | None) -> str:
     try:
         with open(os.path.join(out or os.path.join("runs", cfg.name), "config.json")) as f:
             began = json.load(f)
-        if out or (began["data"]["train_file"], began["data"]["dataset"]) == (cfg.data.train_file, cfg.data.dataset):
-            return began["name"]
+        if out or began["data"]["dataset"] == cfg.data.dataset and os.path.realpath(
+                began["data"]["train_file"] or "") == os.path.realpath(cfg.data.train_file or ""):
+            return began["name"]  # (another spelling of the same path too: data digests decide; review)
     except (OSError, ValueError, KeyError, TypeError):
         pass
     source = os.path.splitext(os.path.basename(cfg.data.train_file))[0] if cfg.data.train_file else cfg.data.dataset

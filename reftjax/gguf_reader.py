@@ -143,15 +143,14 @@ def _bos_eos_template(meta: dict, tok_dict: dict, tokens: list):
     added BOS although SmolLM2's file says add_bos_token false, putting <|im_start|> before every prompt."""
     from tokenizers import processors
 
-    marks = {}
-    for name, default in (("bos", meta.get("tokenizer.ggml.model") == "llama"), ("eos", False)):
-        token_id = tok_dict.get(f"{name}_token_id")
-        if token_id is not None and meta.get(f"tokenizer.ggml.add_{name}_token", default):
-            marks[name] = (tokens[int(token_id)], int(token_id))
+    marks = {}  # placeholder names in the template (a token's own text may hold ':' or spaces, which it cannot)
+    for name, default in (("BOS", meta.get("tokenizer.ggml.model") == "llama"), ("EOS", False)):
+        token_id = tok_dict.get(f"{name.lower()}_token_id")
+        if token_id is not None and meta.get(f"tokenizer.ggml.add_{name.lower()}_token", default):
+            marks[name] = {"id": name, "ids": [int(token_id)], "tokens": [tokens[int(token_id)]]}
 
     def template(seq: str, type_id: int) -> str:
-        parts = [marks["bos"][0]] if "bos" in marks else []
-        return " ".join(f"{p}:{type_id}" for p in parts + [f"${seq}"] + ([marks["eos"][0]] if "eos" in marks else []))
+        return " ".join(f"{p}:{type_id}" for p in ["BOS"] * ("BOS" in marks) + [f"${seq}"] + ["EOS"] * ("EOS" in marks))
 
     return processors.TemplateProcessing(single=template("A", 0), pair=f"{template('A', 0)} {template('B', 1)}",
                                          special_tokens=list(marks.values()))

@@ -353,20 +353,24 @@ GGUF_CONVERSION = 2
 def gguf_to_hf_dir(gguf_path: pathlib.Path) -> pathlib.Path:
     """Convert a GGUF file once into a cached HF directory (dense float32 weights).
 
-    The cache key includes size and mtime, and `GGUF_CONVERSION` (a conversion made by an older reader is not
-    reused: the tokenizer's BOS changed in session 31); the directory is written to a temp name and renamed, so an
-    interrupted conversion leaves nothing behind. An older reader's conversion of the same file is removed.
+    The cache key includes size and mtime, `GGUF_CONVERSION` (a conversion made by an older reader is not
+    reused: the tokenizer's BOS changed in session 31) and transformers' major version (4.x cannot read the
+    tokenizer files 5.x writes); the directory is written to a temp name and renamed, so an interrupted conversion
+    leaves nothing behind. An older reader's conversion of the same file is removed.
     """
     import shutil
+
+    import transformers
 
     from reftjax.gguf_reader import read_gguf
 
     st = gguf_path.stat()
     key = f"{gguf_path.stem}-{st.st_size}-{int(st.st_mtime)}"
-    target = cache_root() / "gguf" / f"{key}-c{GGUF_CONVERSION}"
+    major = transformers.__version__.split(".")[0]
+    target = cache_root() / "gguf" / f"{key}-c{GGUF_CONVERSION}-t{major}"
     if (target / "config.json").is_file():
         return target
-    for stale in [key, *(f"{key}-c{n}" for n in range(2, GGUF_CONVERSION))]:
+    for stale in [key, *(f"{key}-c{n}-t{major}" for n in range(2, GGUF_CONVERSION))]:
         if (target.parent / stale / "config.json").is_file():
             shutil.rmtree(target.parent / stale, ignore_errors=True)
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -459,6 +459,7 @@ def test_runs_on_other_data_are_named_after_it(tmp_path, monkeypatch):
     (tmp_path / "runs" / "gsm8k_reft_cpu").mkdir(parents=True)
     (tmp_path / "runs" / "gsm8k_reft_cpu" / "config.json").write_text(json.dumps(began))
     assert name(*mathqa) == "gsm8k_reft_cpu"
+    assert name("data.train_file=/d/../d/MathQA-NL.json", "data.train_format=reft") == "gsm8k_reft_cpu"
     assert name("data.train_file=/d/other.json", "data.train_format=reft") == "other_reft_cpu"
 
 
