@@ -42,7 +42,8 @@ stamp "env: $(grep -E '^(jax|transformers|torch) ' "$OUT/env.txt" | tr '\n' ' ')
 
 RUN="$OUT/run_gsm8k"
 timeout -s INT -k 60 "${STAGE_RUN_S:-330}" $PY -m experiments.gsm8k_reft --preset gpu --out "$RUN" --no-progress \
-  --set data.train_format=gsm8k-jsonl --set "data.train_file=$DATA/train.jsonl" --set "data.test_file=$DATA/test.jsonl" \
+  --set data.train_format=gsm8k-jsonl --set "data.train_file=$DATA/train.jsonl" \
+  --set "data.test_file=$DATA/test.jsonl" \
   --set sft.epochs=2 --set sft.schedule_epochs=2 --set rl.iterations=12 --set rl.eval_every=6 \
   --set rl.prompts_per_iteration=128 --set rl.completion_buckets=1 --set eval.voting_k=0 --set eval.batch_size=256 \
   --set export_hf=false --set checkpoint.save_every=1000 \
@@ -61,7 +62,8 @@ timeout -k 10 "${STAGE_SFT_S:-100}" $PY bench/sft_step.py --dtype bfloat16 --bat
 stamp "sft_step bf16 rc=$? $(tail -c 400 "$OUT/bench_sft.txt")"
 
 UNIT="tests/losses_test.py tests/rollout_test.py tests/steps_test.py tests/models_test.py tests/evaluate_test.py"
-timeout -k 10 "${STAGE_UNIT_S:-150}" $PY -m pytest -q -n 8 -o cache_dir="$OUT/.pytest" $UNIT > "$OUT/tests_unit.txt" 2>&1
+timeout -k 10 "${STAGE_UNIT_S:-150}" $PY -m pytest -q -n 8 -o cache_dir="$OUT/.pytest" $UNIT \
+  > "$OUT/tests_unit.txt" 2>&1
 stamp "unit tests rc=$? $(tail -1 "$OUT/tests_unit.txt")"
 JAX_DEFAULT_MATMUL_PRECISION=highest timeout -k 10 "${STAGE_HIGHEST_S:-60}" $PY -m pytest -q -n 8 \
   -o cache_dir="$OUT/.pytest" --lf --lfnf=none $UNIT $SMOL > "$OUT/tests_failed_at_highest.txt" 2>&1

@@ -78,7 +78,8 @@ def main():
     device = "cuda" if jax.devices()[0].platform == "gpu" else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench/sft_step.py: JAX runs on a GPU but this torch has no CUDA; install a CUDA torch")
-    peak = measured_peak_flops(dtype=args.dtype)  # before either contender runs (after the torch steps it once read 79 of 115 GFLOP/s)
+    # before either contender runs (after the torch steps it once read 79 of 115 GFLOP/s)
+    peak = measured_peak_flops(dtype=args.dtype)
     rng = np.random.default_rng(0)
     tokens = rng.integers(3, cfg.vocab_size, size=(b, t)).astype(np.int32)
     batch = {"tokens": jnp.asarray(tokens), "attn_mask": jnp.ones((b, t), jnp.int32),
@@ -132,7 +133,8 @@ def main():
                 r["sys"].append(sys_s)
     jt, tt = runs["reftjax"]["steps"], runs["torch"]["steps"]
     peak_first = peak
-    peak = measured_peak_flops(remeasure=True, dtype=args.dtype)  # the faster of the measurements before and after the contenders
+    # the faster of the measurements before and after the contenders
+    peak = measured_peak_flops(remeasure=True, dtype=args.dtype)
     n_tok = b * t
     flops = 3 * cfg.flops_per_token(t // 2) * n_tok  # forward + backward (2x)
     j, to = statistics.median(jt), statistics.median(tt)

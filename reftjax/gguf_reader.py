@@ -112,8 +112,9 @@ def _tokenizer(meta: dict, arch: str):
     try:  # recent transformers: a torch-free module of its lazily imported `integrations.gguf` package
         from transformers.integrations.gguf.gguf_tokenizer_mapping import (GGUF_TOKENIZER_MAPPING,
                                                                            convert_gguf_tokenizer)
-    except ImportError:  # transformers 4.x to 5.17 at least: `integrations.ggml` (torch-free); their `integrations.gguf`
-        # lacks these names and its __init__ imports torch eagerly (5.17 without torch: "No module named 'torch'")
+    except ImportError:  # transformers 4.x to 5.17 at least: `integrations.ggml` (torch-free); their
+        # `integrations.gguf` lacks these names and imports torch eagerly (5.17 without torch: "No module named
+        # 'torch'")
         from transformers.integrations.ggml import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
 
     grouped = {group: {new: meta[f"tokenizer.{old}"] for old, new in renames.items() if f"tokenizer.{old}" in meta}
