@@ -232,8 +232,8 @@ def measured_peak_flops(n: int | None = None, repeats: int = 5, remeasure: bool 
     key = (platform, jnp.dtype(dtype).name)
     if key not in _PEAK_CACHE or remeasure:
         n = n or (2048 if platform == "cpu" else 8192)
-        # random operands: constant ones may run faster than real data (zeros ran a bf16 product 13% faster on an
-        # H200, the device tool's METHOD.md), which would read the peak high and the MFU low
+        # random operands: constant ones may run faster than real data (zeros ran a bf16 product 13% faster than
+        # random data on an H200, one measurement), which would read the peak high and the MFU low
         a = jax.random.normal(jax.random.key(0), (n, n), dtype)
         f = jax.jit(lambda x: x @ x)
         f(a).block_until_ready()
