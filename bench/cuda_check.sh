@@ -69,5 +69,6 @@ JAX_DEFAULT_MATMUL_PRECISION=highest timeout -k 10 "${STAGE_HIGHEST_S:-60}" $PY 
   -o cache_dir="$OUT/.pytest" --lf --lfnf=none $UNIT $SMOL > "$OUT/tests_failed_at_highest.txt" 2>&1
 stamp "failed ones at float32 precision rc=$? $(tail -1 "$OUT/tests_failed_at_highest.txt")"
 
-timeout -k 10 "${STAGE_PPO_S:-100}" $PY bench/ppo_iteration.py --no-trl --repeats 2 > "$OUT/bench_ppo.txt" 2>&1
+timeout -k 10 "${STAGE_PPO_S:-100}" $PY bench/ppo_iteration.py --no-trl --repeats 2 --data "$DATA/train.jsonl" \
+  > "$OUT/bench_ppo.txt" 2>&1
 stamp "ppo_iteration rc=$? $(tail -c 600 "$OUT/bench_ppo.txt")"

@@ -63,18 +63,18 @@ from reftjax.metrics import model_flops, rl_iteration_flops  # noqa: E402
 DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gsm8k" / "train.jsonl"
 
 
-def read_problems(n: int) -> tuple[list[str], list[dict]]:
+def read_problems(n: int, data: pathlib.Path = DATA) -> tuple[list[str], list[dict]]:
     """First `n` GSM8K train questions as ReFT prompts, and grader items with `answer_value`."""
     from reftjax.data.prompts import reft_prompt
     from reftjax.data.records import parse_number
 
     prompts, items = [], []
-    with open(DATA) as f:
+    with open(data) as f:
         for line_no, line in zip(range(1, n + 1), f):
             row = json.loads(line)
             gold = row["answer"].split("####")[-1]
             prompts.append(reft_prompt(row["question"]))
-            items.append({"answer_value": parse_number(gold, f"{DATA}:{line_no}")})
+            items.append({"answer_value": parse_number(gold, f"{data}:{line_no}")})
     return prompts, items
 
 
@@ -238,6 +238,7 @@ def main():
     ap.add_argument("--grpo-kl", type=float, default=0.04,
                     help="reftjax GRPO/RLOO's kl_coef (0: no reference forward, as TRL's default beta 0)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads")
+    ap.add_argument("--data", type=pathlib.Path, default=DATA, help="GSM8K train.jsonl (default ../shared/data/gsm8k)")
     args = ap.parse_args()
     unknown = set(args.algos.split(",")) - {"ppo", "grpo", "rloo"}
     if unknown:  # (any other name ran GRPO under that name)
@@ -253,7 +254,7 @@ def main():
     from reftjax.metrics import measured_peak_flops
     from reftjax.rollout import bucket, encode_prompts, left_pad
 
-    prompts, items = read_problems(args.prompts)
+    prompts, items = read_problems(args.prompts, args.data)
     model = load_model("default")
     tok = model.tokenizer
     ids = encode_prompts(tok, prompts, chat=False)
