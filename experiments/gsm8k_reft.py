@@ -208,6 +208,16 @@ def resolve_config(args, make_config=preset_config):
     return _p_cot_kl(cfg, given, getattr(args, "out", None))
 
 
+def _began(cfg, out: str | None) -> dict | None:
+    """The config.json of a run already in `out` (default runs/<cfg.name>), or None: the defaults below keep what
+    a run begun before them used, so the same command still resumes it."""
+    try:
+        with open(os.path.join(out or os.path.join("runs", cfg.name), "config.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
 def _data_name(cfg, out: str | None) -> str:
     """A preset's run name (and default --out) after the data it trains on: runs on a train file or another dataset
     were all named gsm8k_reft_<preset>, so a MathQA run after a GSM8K one went to the GSM8K run's folder by default
@@ -217,13 +227,12 @@ def _data_name(cfg, out: str | None) -> str:
 
     if not cfg.name.startswith("gsm8k_reft_") or (cfg.data.train_file is None and cfg.data.dataset == "gsm8k"):
         return cfg.name
+    began = _began(cfg, out)
     try:
-        with open(os.path.join(out or os.path.join("runs", cfg.name), "config.json")) as f:
-            began = json.load(f)
         if out or began["data"]["dataset"] == cfg.data.dataset and os.path.realpath(
                 began["data"]["train_file"] or "") == os.path.realpath(cfg.data.train_file or ""):
             return began["name"]  # (another spelling of the same path too: data digests decide; review)
-    except (OSError, ValueError, KeyError, TypeError):
+    except (KeyError, TypeError):  # (no run there: None)
         pass
     source = os.path.splitext(os.path.basename(cfg.data.train_file))[0] if cfg.data.train_file else cfg.data.dataset
     slug = re.sub(r"[^a-z0-9]+", "_", source.lower()).strip("_") or "data"
@@ -241,15 +250,13 @@ def _p_cot_kl(cfg, given: set, out: str | None):
     if not ("python" in _reft_cots(cfg.grader) and cfg.rl.ppo.kl_coef == 0.05 and "rl.ppo.kl_coef" not in given):
         return cfg
     log = logging.getLogger("reftjax.cli")
-    stored = os.path.join(out or os.path.join("runs", cfg.name), "config.json")
     try:
-        with open(stored) as f:
-            began = json.load(f)["rl"]["ppo"]["kl_coef"]
-    except (OSError, ValueError, KeyError, TypeError):
+        began = _began(cfg, out)["rl"]["ppo"]["kl_coef"]
+    except (KeyError, TypeError):
         began = None
     if began == cfg.rl.ppo.kl_coef:
         log.info("rl.ppo.kl_coef=%s: the run in %s began at it (a P-CoT grader now takes 0.01, the ReFT authors' "
-                 "value, unless --set)", began, os.path.dirname(stored))
+                 "value, unless --set)", began, out or os.path.join("runs", cfg.name))
         return cfg
     log.info("rl.ppo.kl_coef=0.01, the ReFT authors' value for P-CoT (the preset's 0.05 is N-CoT's); --set "
              "rl.ppo.kl_coef to choose another")
