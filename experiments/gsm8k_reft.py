@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -205,7 +206,7 @@ def resolve_config(args, make_config=preset_config):
         raise ValueError(f"--set: {exc}") from None
     if "name" not in given:
         cfg = dataclasses.replace(cfg, name=_data_name(cfg, getattr(args, "out", None)))
-    return _p_cot_kl(cfg, given, getattr(args, "out", None))
+    return _kept_earlier(_p_cot_kl(cfg, given, getattr(args, "out", None)), given, getattr(args, "out", None))
 
 
 def _began(cfg, out: str | None) -> dict | None:
@@ -261,6 +262,30 @@ def _p_cot_kl(cfg, given: set, out: str | None):
     log.info("rl.ppo.kl_coef=0.01, the ReFT authors' value for P-CoT (the preset's 0.05 is N-CoT's); --set "
              "rl.ppo.kl_coef to choose another")
     return dataclasses.replace(cfg, rl=dataclasses.replace(cfg.rl, ppo=dataclasses.replace(cfg.rl.ppo, kl_coef=0.01)))
+
+
+def _kept_earlier(cfg, given: set, out: str | None):
+    """Settings added to reftjax since the run in `out` began (its config.json lacks them) and not named by --set
+    take the value that keeps what that run did (`train._EARLIER`), so the same command still resumes it: train.run
+    refuses their new defaults there (the warm-up as a candidate for the best checkpoint, exact-value voting)."""
+    from reftjax.config import from_dict, to_dict
+    from reftjax.train import _EARLIER, _flat
+
+    if not isinstance(began := _began(cfg, out), dict):
+        return cfg
+    old, d = _flat(began), to_dict(cfg)
+    kept = {}
+    for key, earlier in _EARLIER.items():
+        *head, last = key.split(".")
+        node = functools.reduce(dict.__getitem__, head, d)
+        if key not in old and key not in given and node[last] not in earlier(old):
+            node[last] = kept[key] = earlier(old)[0]
+    if not kept:
+        return cfg
+    logging.getLogger("reftjax.cli").info("the run in %s began before these settings; kept at what it did (--set to "
+                                          "choose): %s", out or os.path.join("runs", cfg.name),
+                                          ", ".join(f"{k}={json.dumps(v)}" for k, v in kept.items()))
+    return from_dict(d)
 
 
 def _paths(path: str, value) -> list[str]:

@@ -148,6 +148,11 @@ class RLConfig:
     # evaluations without improvement before stopping (0: never); the measure is train.selection_metric's
     # (validation accuracy with the ReFT grader, the mean validation score with any other), as is the best checkpoint
     early_stop_patience: int = 0
+    # the warm-up policy (validated before RL, `val_sft`) competes for the best checkpoint: an RL checkpoint is the
+    # best only when its validation beats the warm-up's, early stopping counts from the warm-up, and when no RL
+    # validation beats it `hf/best` is the warm-up and the after-ReFT test is the warm-up's (test_sft's figures, not
+    # run again). false: the best RL checkpoint whatever the warm-up scored. No effect when rl.eval_every is 0.
+    best_includes_warmup: bool = True
     value_head_seed: int = 1
     # the experience and update run on the completion axis cut to the smallest of this many length buckets
     # (up to sampling.max_new_tokens) that holds every row; each (prompt bucket, completion bucket) pair the run

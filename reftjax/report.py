@@ -58,12 +58,15 @@ def wall_times(rows: list[dict], now: float) -> tuple[float, int]:
 
 
 def write_summary(out: pathlib.Path, cfg, evals: dict, wall_seconds: float, write: bool = True,
-                  data_stats: dict | None = None, compilation: dict | None = None) -> dict:
+                  data_stats: dict | None = None, compilation: dict | None = None,
+                  best_iteration: int | None = None) -> dict:
     """Accuracy before SFT, after warm-up and after ReFT (greedy and voting), as JSON and Markdown
     (`write=False`: only the dict, for the non-writing processes of a multi-process run).
     `wall_seconds` and `compilation` are this invocation's; `wall_seconds_total` adds the earlier invocations of a
     resumed run (`wall_times`). `data_stats`: per-split tokenization counts (`train.split_stats`); examples dropped
-    by the length limits are named next to the test size, since accuracy is over the kept ones."""
+    by the length limits are named next to the test size, since accuracy is over the kept ones.
+    `best_iteration`: the RL iteration of the policy tested after ReFT (`hf/best`), 0 for the warm-up (no RL
+    validation beat it: `rl.best_includes_warmup`), None without one (no RL, or no validation during it)."""
     total, invocations = wall_times(read_metrics(out), time.time())
     def acc(name, key="accuracy"):
         return evals.get(name, {}).get(key)
@@ -95,6 +98,7 @@ def write_summary(out: pathlib.Path, cfg, evals: dict, wall_seconds: float, writ
                             "reft": acc("test_reft", "mean_score")},
         "val_mean_score": {"sft": acc("val_sft", "mean_score"), "rl": dict(sorted(val_score.items()))},
         "selection_metric": metric,
+        "best_iteration": best_iteration,
         "data_stats": data_stats,
         "compilation": compilation,
         "config": to_dict(cfg),
@@ -146,7 +150,8 @@ def write_summary(out: pathlib.Path, cfg, evals: dict, wall_seconds: float, writ
     else:  # RL alone: the "sft" evaluation is of the loaded model (train.run skips the identical test_base)
         rows = [("loaded model (no SFT warm-up)", t["sft"], v["sft"], "sft")]
     if cfg.rl.iterations:  # (rl.iterations=0: the warm-up alone, no after-ReFT evaluation)
-        rows.append((f"after ReFT ({cfg.rl.ppo.algo})", t["reft"], v["reft"], "reft"))
+        rows.append((f"after ReFT ({cfg.rl.ppo.algo})" + (": the warm-up, best on validation" if best_iteration == 0
+                                                          else ""), t["reft"], v["reft"], "reft"))
     if r is not None:  # rerank@k, verifier-weighted voting and the upper bound (some sample correct), same samples
         head, rule = head + f" rerank@{k} (%) | weighted voting@{k} (%) | any of {k} correct (%) |", rule + "---|---|---|"
     if by_score:  # after the rerank columns, as each row's cells (it came before them: every figure shifted, review)
@@ -169,6 +174,7 @@ def write_summary(out: pathlib.Path, cfg, evals: dict, wall_seconds: float, writ
         f"Validation accuracy during RL: {summary['val_accuracy']['rl']}", "",
         *([f"Validation mean score during RL (selects the best checkpoint): "
            f"{ {k: _round(x) for k, x in summary['val_mean_score']['rl'].items()} }", ""] if by_score else []),
+        *([_best_line(best_iteration, metric, summary), ""] if cfg.rl.iterations else []),
         f"Wall time: {summary['wall_seconds']} s in this invocation"
         + (f", {summary['wall_seconds_total']} s over all {summary['invocations']} (a killed one counted to its last "
            f"logged row)" if summary["invocations"] > 1 else "") + f".{_compile_line(compilation)}", "",
@@ -182,8 +188,24 @@ def write_summary(out: pathlib.Path, cfg, evals: dict, wall_seconds: float, writ
     return summary
 
 
+def _best_line(best_iteration: int | None, metric: str, summary: dict) -> str:
+    name = "accuracy" if metric == "accuracy" else "mean score"
+    if best_iteration is None:
+        return ("Tested after ReFT and exported as hf/best: the final policy (no best checkpoint: no validation "
+                "during RL, or none readable).")
+    if best_iteration == 0:
+        warm = (f"{summary['val_accuracy']['sft']}%" if metric == "accuracy"
+                else _round(summary["val_mean_score"]["sft"]))
+        return (f"Tested after ReFT and exported as hf/best: the warm-up policy: no RL validation beat its validation "
+                f"{name} ({warm}), so the after-ReFT figures are the warm-up's (rl.best_includes_warmup).")
+    return f"Tested after ReFT and exported as hf/best: RL iteration {best_iteration}, the best validation {name}."
+
+
 def _round(x):
     return None if x is None else round(x, 4)
+
+
+_VAL_X = "RL iteration (0: the warm-up)"
 
 
 def plot_run(out: pathlib.Path, metric: str = "accuracy") -> list[pathlib.Path]:
@@ -195,7 +217,8 @@ def plot_run(out: pathlib.Path, metric: str = "accuracy") -> list[pathlib.Path]:
 
     rows = read_metrics(out)
     rl = [r for r in rows if r["phase"] == "rl"]
-    val = [r for r in rows if r["phase"] == "val"]
+    # the warm-up's validation (before RL) at iteration 0: the point RL starts from, and a candidate for the best
+    val = [r for r in rows if r["phase"] in ("val", "eval/val_sft")]
     plots = out / "plots"
     plots.mkdir(exist_ok=True)
     written = []
@@ -204,11 +227,11 @@ def plot_run(out: pathlib.Path, metric: str = "accuracy") -> list[pathlib.Path]:
         pts = [(r["step"], r[key]) for r in rl if r.get(key) is not None]
         written.append(_plot(plots / f"{key}.png", pts, title, "RL iteration", key))
     pts = [(r["step"], r["accuracy"]) for r in val if r.get("accuracy") is not None]
-    written.append(_plot(plots / "val_accuracy.png", pts, "validation greedy accuracy", "RL iteration", "accuracy"))
+    written.append(_plot(plots / "val_accuracy.png", pts, "validation greedy accuracy", _VAL_X, "accuracy"))
     if metric == "mean_score":
         pts = [(r["step"], r["mean_score"]) for r in val if r.get("mean_score") is not None]
         written.append(_plot(plots / "val_mean_score.png", pts, "validation mean grader score (selects the best "
-                             "checkpoint)", "RL iteration", "mean score"))
+                             "checkpoint)", _VAL_X, "mean score"))
     return written
 
 

@@ -413,9 +413,15 @@ _COUNTER_NAMES = {"graded": "graded", "unanswered": "unanswered", "errors": "gra
 
 
 def run_rl(cfg: ExperimentConfig, model, ref_params, data: Data, grader, mesh, out: pathlib.Path, logger,
-           stop: _Interrupt, progress: bool, compiles: xla_cache.CompileStats | None = None):
+           stop: _Interrupt, progress: bool, compiles: xla_cache.CompileStats | None = None,
+           warmup_val: float | None = None):
     """PPO/GRPO rounds from the warm-up policy; returns (final params, best params or None, iterations run,
-    finished: all iterations or stopped early, not interrupted).
+    finished: all iterations or stopped early, not interrupted, the best's RL iteration: 0 for the warm-up, None
+    when there is no best).
+
+    `warmup_val`: the warm-up's validation figure (`selection_metric`) when `rl.best_includes_warmup`: RL
+    checkpoints must beat it to be the best, and when none does the best is `ref_params` (the warm-up). (Before it,
+    an RL phase that only made the policy worse exported its least bad RL checkpoint as `hf/best`.)
 
     `compiles` (the run's `xla_cache.CompileStats`) puts `xla_programs`, the programs compiled or loaded
     so far, in every metrics line: flat after the first iterations unless something recompiles."""
@@ -435,12 +441,15 @@ def run_rl(cfg: ExperimentConfig, model, ref_params, data: Data, grader, mesh, o
                                                  keep_last=cfg.checkpoint.keep_last,
                                                  keep_best=cfg.checkpoint.keep_best),
                            config=to_dict(cfg)) as manager:
-        it, best, since_best, last_val = 0, -1.0, 0, None
+        warmup = r.best_includes_warmup and bool(r.eval_every) and warmup_val is not None
+        it, best, since_best, last_val = 0, warmup_val if warmup else -1.0, 0, None
+        best_it = 0 if warmup else None  # the best's iteration (0: the warm-up; runs begun before it: not recorded)
         restored = manager.restore_latest(state)
         if restored is not None:
             state, extras, _ = restored
             loader.restore(extras["loader"])
             it, best, since_best = extras["iteration"], extras["best"], extras["since_best"]
+            best_it = extras.get("best_iteration", best_it)
             log.info("RL resumed at iteration %d", it)
         logger.rewind({"rl": it, "val": it})  # also when a killed attempt logged iterations but saved none (it = 0)
         _rewind_samples(out, it)
@@ -512,7 +521,7 @@ def run_rl(cfg: ExperimentConfig, model, ref_params, data: Data, grader, mesh, o
                 _record_eval(out, f"val_rl_{it}", res, logger, "val", it)
                 metric = res[selection_metric(cfg)]
                 if metric > best:
-                    best, since_best = metric, 0
+                    best, since_best, best_it = metric, 0, it
                 else:
                     since_best += 1
             # the last validation figure and the best one beside the rollout's: what selects the kept checkpoint
@@ -520,7 +529,8 @@ def run_rl(cfg: ExperimentConfig, model, ref_params, data: Data, grader, mesh, o
             bar.set_postfix(reward=f"{em['reward']:.3f}", kl=f"{em['kl']:.3f}",
                             **({"val": f"{last_val:.3f}"} if last_val is not None else {}),
                             **({"best": f"{best:.3f}"} if best >= 0 else {}))
-            extras = {"loader": loader.state(), "iteration": it, "best": best, "since_best": since_best, "phase": "rl"}
+            extras = {"loader": loader.state(), "iteration": it, "best": best, "since_best": since_best,
+                      "best_iteration": best_it, "phase": "rl"}
             # every iteration, before the save decision; at once (`check`): the iteration has waited for its device
             # work already, and `poll`'s lag would run a whole iteration more in a preemption's grace (regression
             # review)
@@ -537,8 +547,13 @@ def run_rl(cfg: ExperimentConfig, model, ref_params, data: Data, grader, mesh, o
         # the end of RL, memory review, session 29)
         policy = state.params["policy"]
         del state
-        best_params = manager.restore_best_params(policy)[0] if done else None
-    return policy, best_params, it, done
+        if not done:
+            best_params, best_it = None, None
+        elif warmup and best_it == 0:  # no RL validation beat the warm-up's
+            best_params = ref_params
+        else:
+            best_params, best_it = manager.restore_best_params(policy)
+    return policy, best_params, it, done, best_it
 
 
 def run_rerank(cfg: ExperimentConfig, model, sft_params, data: Data, grader, mesh, out: pathlib.Path, logger,
@@ -757,6 +772,19 @@ def _eval_once(name, out, logger, params, model, ds, items, grader, cfg, mesh, s
     return {k: v for k, v in res.items() if k != "samples"}
 
 
+def _copy_eval(out: pathlib.Path, logger, src: str, dst: str, step: int) -> None:
+    """Records the evaluation `src` again as `dst` (its samples, metrics line and entry, marked `same_as`): for a
+    `dst` of the same weights, sampling key and verifier, which `evaluate` would only repeat. Process 0 decides
+    whether it is recorded already: every process writes evals.json, and a faster one's write of `dst` made process 0
+    skip the metrics line (a broadcast: no process writes before process 0 has read)."""
+    evals = _load_evals(out)
+    if from_process_0(np.asarray(dst in evals)):
+        return
+    path = out / "samples" / f"{src}.jsonl"
+    samples = [json.loads(line) for line in path.read_text().splitlines()] if is_primary() and path.exists() else []
+    _record_eval(out, dst, {**evals[src], "same_as": src, "samples": samples}, logger, f"eval/{dst}", step)
+
+
 class SettingsError(ValueError):
     """Settings this machine's mesh cannot run (found before anything loads)."""
 
@@ -856,9 +884,11 @@ LOCATIONS = ("model", "data.train_file", "data.val_file", "data.test_file")
 # settings added with a default that is not (always) what runs begun before them did: key -> the values that keep
 # such a run's behaviour, from its flat config, the first named in messages. Voting@k grouped answers within 1e-2
 # until session 27 made equal values the default; no BOS was added before data.prompt.bos, and its null adds none
-# where the tokenizer adds none (where it adds one, the data digests of `_check_same_data` refuse the change).
+# where the tokenizer adds none (where it adds one, the data digests of `_check_same_data` refuse the change). The
+# best RL checkpoint was kept whatever the warm-up scored before rl.best_includes_warmup.
 _EARLIER = {"eval.voting_tol": lambda old: (0.01 if old.get("eval.voting_k") else 0.0,),
-            "data.prompt.bos": lambda old: (False, None)}
+            "data.prompt.bos": lambda old: (False, None),
+            "rl.best_includes_warmup": lambda old: (False,)}
 
 
 def _check_same_run(cfg_path: pathlib.Path, new: dict, content_checked: bool = False) -> None:
@@ -1033,7 +1063,8 @@ def _run(cfg: ExperimentConfig, out: pathlib.Path, progress: bool, t_start: floa
         model = dataclasses.replace(model, params=None)
         if stop.check():  # between phases too: an evaluation (voting@k) can take longer than the phase before it
             return _interrupted(finish_log, "eval")
-        _eval_once("val_sft", out, logger, ref_params, model, data.val_ds, data.val_items, grader, cfg, mesh, 0)
+        val_sft = _eval_once("val_sft", out, logger, ref_params, model, data.val_ds, data.val_items, grader, cfg,
+                             mesh, 0)
         verifier = _verifier_for(cfg, "test_sft", model, ref_params, data, grader, mesh, out, logger, stop, progress)
         if verifier is False:
             return _interrupted(finish_log, "rerank")
@@ -1043,21 +1074,26 @@ def _run(cfg: ExperimentConfig, out: pathlib.Path, progress: bool, t_start: floa
                    voting=True, verifier=verifier)
         del verifier  # not held through RL: restored from its checkpoint for the final test
         exports = {"final": ref_params}  # rl.iterations=0: the warm-up alone; no after-ReFT test of the same weights
+        best_it = None
         if cfg.rl.iterations:
-            final, best, rl_its, rl_done = run_rl(cfg, model, ref_params, data, grader, mesh, out, logger, stop,
-                                                  progress, compiles)
+            final, best, rl_its, rl_done, best_it = run_rl(cfg, model, ref_params, data, grader, mesh, out, logger,
+                                                           stop, progress, compiles,
+                                                           warmup_val=val_sft[selection_metric(cfg)])
             if not rl_done:
                 return _interrupted(finish_log, "rl")
             exports = {"final": final, "best": best if best is not None else final}
-            verifier = _verifier_for(cfg, "test_reft", model, ref_params, data, grader, mesh, out, logger, stop,
-                                     progress)
+            verifier = None if best_it == 0 else _verifier_for(cfg, "test_reft", model, ref_params, data, grader, mesh,
+                                                               out, logger, stop, progress)
             del ref_params  # done with (the verifier trained from it is in hand): a copy less for the test and exports
             if verifier is False:
                 return _interrupted(finish_log, "rerank")
             if stop.check():
                 return _interrupted(finish_log, "eval")
-            _eval_once("test_reft", out, logger, exports["best"], model, data.test_ds, data.test_items, grader, cfg,
-                       mesh, rl_its, voting=True, verifier=verifier)  # (< rl.iterations after an early stop)
+            if best_it == 0:  # the warm-up is the best: test_sft's evaluation is of the same weights, key and verifier
+                _copy_eval(out, logger, "test_sft", "test_reft", rl_its)
+            else:
+                _eval_once("test_reft", out, logger, exports["best"], model, data.test_ds, data.test_items, grader,
+                           cfg, mesh, rl_its, voting=True, verifier=verifier)  # (< rl.iterations after an early stop)
         if stop.check():  # (a signal during the final test was announced, then the exports ran; helper review)
             return _interrupted(finish_log, "eval")
     # a rerun of the finished run does not export again: process 0 exports, so its marker decides for all (to_host
@@ -1086,4 +1122,5 @@ def _run(cfg: ExperimentConfig, out: pathlib.Path, progress: bool, t_start: floa
     if is_primary():  # before the summary: summary.json, written last, says the run is done
         report.plot_run(out, selection_metric(cfg))
     return report.write_summary(out, cfg, _load_evals(out), wall_seconds=time.time() - t_start,
-                                write=is_primary(), data_stats=split_stats(data), compilation=compiles.summary())
+                                write=is_primary(), data_stats=split_stats(data), compilation=compiles.summary(),
+                                best_iteration=best_it)

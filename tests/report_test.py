@@ -288,3 +288,33 @@ def test_plot_ticks_are_whole_iterations(tmp_path, monkeypatch):
     monkeypatch.undo()
     plt.close(figures[0])
     assert len(ticks) >= 3 and all(float(t).is_integer() for t in ticks) and (tmp_path / "r.png").is_file()
+
+
+def test_the_summary_names_the_tested_policy_and_the_validation_plot_starts_at_the_warm_up(tmp_path, monkeypatch):
+    """Which policy the after-ReFT row tests and hf/best holds: an RL iteration, or the warm-up when no RL
+    validation beat it (rl.best_includes_warmup), or the final policy without validation; the validation plots had
+    no point for the warm-up, the figure RL starts from and must beat (session 29's list)."""
+    from reftjax import report
+    from reftjax.metrics import MetricsLogger
+
+    evals = _evals(voting=False, base=False)
+    by = {}
+    for best in (3, 0, None):
+        summary = report.write_summary(tmp_path, ExperimentConfig(), evals, 1.0, best_iteration=best)
+        by[best] = (tmp_path / "summary.md").read_text()
+        assert summary["best_iteration"] == json.loads((tmp_path / "summary.json").read_text())["best_iteration"]
+    assert "hf/best: RL iteration 3, the best validation accuracy." in by[3] and "| after ReFT (ppo) | 25.0 |" in by[3]
+    assert ("hf/best: the warm-up policy: no RL validation beat its validation accuracy (50.0%)" in by[0]
+            and "| after ReFT (ppo): the warm-up, best on validation | 25.0 |" in by[0])
+    assert "hf/best: the final policy (no best checkpoint" in by[None]
+    log = MetricsLogger(tmp_path, tensorboard=False)
+    log.log("eval/val_sft", 0, {"accuracy": 0.5, "mean_score": 0.5})
+    log.log("eval/test_sft", 0, {"accuracy": 0.125, "mean_score": 0.1})  # not a validation
+    for step, acc in ((3, 0.75), (6, 0.25)):
+        log.log("val", step, {"accuracy": acc, "mean_score": acc})
+    log.close()
+    drawn = {}
+    monkeypatch.setattr(report, "_plot", lambda path, pts, title, x, y: drawn.setdefault(path.name, (pts, x)))
+    report.plot_run(tmp_path, "mean_score")
+    for name in ("val_accuracy.png", "val_mean_score.png"):
+        assert drawn[name] == ([(0, 0.5), (3, 0.75), (6, 0.25)], "RL iteration (0: the warm-up)")

@@ -67,8 +67,11 @@ RERANK = ("--set", "eval.voting_k=2", "--set", "rerank.epochs=2", "--set", "rera
 # the 3 iterations (it was sized by iterations x epochs, so it reached 0 after the second iteration).
 LINEAR_RL = ("--set", 'rl.optim.schedule="linear"', "--set", "rl.ppo.minibatch_size=2")
 # Validation after every iteration with patience 1: the tiny model's validation accuracy stays 0, so RL stops
-# early after iteration 2 of 3, and a resume after that (the kill may land there) must not train iteration 3.
-EARLY_STOP = ("--set", "rl.eval_every=1", "--set", "rl.early_stop_patience=1")
+# early after iteration 2 of 3, and a resume after that (the kill may land there) must not train iteration 3. The
+# best is chosen among RL checkpoints only: with the warm-up as a candidate (its accuracy is 0 too) RL would stop
+# at iteration 1, and the final test would be a copy of the warm-up's without the restored verifier; the
+# two-process test runs that default.
+EARLY_STOP = ("--set", "rl.eval_every=1", "--set", "rl.early_stop_patience=1", "--set", "rl.best_includes_warmup=false")
 # The warm-up stops after 1 of a 3-epoch schedule (the authors' warm-up checkpoint: epoch 2 of 40)
 SFT_SCHEDULE = ("--set", "sft.schedule_epochs=3")
 
@@ -373,6 +376,18 @@ def test_two_processes_match_one_process(tiny_hf_dir, tmp_path, shared_data):
         a, b = _exported(multi, which), _exported(single, which)
         assert a.keys() == b.keys()
         assert max(float(np.max(np.abs(a[k] - b[k]))) for k in a) < 1e-6
+    # validation accuracy 0 after the warm-up and after RL: the warm-up is the best (rl.best_includes_warmup), so
+    # hf/best holds the warm-up's weights and the after-ReFT test is test_sft's, copied (not run again), on
+    # process 0's files alone
+    for out in (multi, single):
+        evals, summary = (json.loads((out / f).read_text()) for f in ("evals.json", "summary.json"))
+        assert (evals["val_sft"]["accuracy"], evals["val_rl_3"]["accuracy"], summary["best_iteration"]) == (0, 0, 0)
+        assert evals["test_reft"] == {**evals["test_sft"], "same_as": "test_sft"}
+        assert (out / "samples" / "test_reft.jsonl").read_text() == (out / "samples" / "test_sft.jsonl").read_text()
+        assert "RL iteration 3" not in (out / "summary.md").read_text()
+        assert "hf/best: the warm-up policy" in (out / "summary.md").read_text()
+    best, final = _exported(multi, "best"), _exported(multi, "final")
+    assert any(not np.array_equal(best[k], final[k]) for k in best)
     assert not list(multi.glob("*.tmp*")) and not list(multi.glob("hf/*.tmp*"))
 
 
@@ -430,6 +445,40 @@ def test_a_p_cot_grader_set_on_the_gsm8k_command_takes_the_authors_p_cot_kl(tmp_
     assert kl(*pcot) == 0.05
     (out / "config.json").write_text(json.dumps({"rl": {"ppo": {"kl_coef": 0.01}}}))
     assert kl(*pcot) == 0.01
+
+
+def test_a_run_begun_before_a_new_setting_resumes_under_the_same_command(tmp_path, caplog):
+    """rl.best_includes_warmup (default true) changes what a run begun before it did, so train.run refuses it there
+    as a changed setting: the same command takes the earlier value (train._EARLIER) for a setting its config.json
+    lacks, unless --set names it; a new run takes the default. eval.voting_tol likewise (0.01 with voting)."""
+    import argparse
+
+    from experiments.gsm8k_reft import resolve_config
+    from reftjax import train as T
+    from reftjax.config import to_dict
+
+    out = tmp_path / "run"
+    resolve = lambda *sets: resolve_config(argparse.Namespace(preset="cpu", model=None, seed=None,  # noqa: E731
+                                                              set=["eval.voting_k=4", *sets], out=str(out)))
+    fresh = resolve()
+    assert (fresh.rl.best_includes_warmup, fresh.eval.voting_tol) == (True, 0.0)
+    out.mkdir()
+    began = to_dict(fresh)
+    del began["rl"]["best_includes_warmup"], began["eval"]["voting_tol"]
+    (out / "config.json").write_text(json.dumps(began))
+    with caplog.at_level("INFO", logger="reftjax.cli"):
+        kept = resolve()
+    assert (kept.rl.best_includes_warmup, kept.eval.voting_tol) == (False, 0.01)
+    assert "kept at what it did (--set to choose): eval.voting_tol=0.01, rl.best_includes_warmup=false" in caplog.text
+    T._check_same_run(out / "config.json", to_dict(kept))  # resumable; the defaults are refused there
+    with pytest.raises(T.RunDirError, match=r"rl.best_includes_warmup: <unset, i.e. false> -> true"):
+        T._check_same_run(out / "config.json", to_dict(fresh))
+    chosen = resolve("rl.best_includes_warmup=true", "eval.voting_tol=0.01")
+    assert (chosen.rl.best_includes_warmup, chosen.eval.voting_tol) == (True, 0.01)
+    (out / "config.json").write_text(json.dumps(to_dict(fresh)))  # begun with both: nothing kept
+    assert resolve() == fresh
+    (out / "config.json").write_text("[]")  # not a config: train.run's check reports it
+    assert resolve() == fresh
 
 
 def test_runs_on_other_data_are_named_after_it(tmp_path, monkeypatch):
@@ -978,19 +1027,19 @@ def test_sft_step_time_is_one_step_not_two(tmp_path, monkeypatch):
     assert closed == [KeyboardInterrupt]
 
 
-def test_an_interrupted_rl_phase_stops_without_reading_the_best_policy_back(tmp_path, monkeypatch):
-    """run_rl read the best policy back from disk (a whole model: ~28 GB at 7B) whatever ended its loop, so a
-    preempted run spent its grace period on a read the caller then threw away. Fake steps, loader and checkpoints:
-    interrupted in iteration 2 -> 2 iterations, saved, not finished, nothing read back; run through -> read once."""
+def _fake_rl(monkeypatch):
+    """run_rl on fake steps, loader and checkpoints: each iteration's rollout reward 0.5. `h.stop` is the interrupt
+    (requested in rollout call `h.interrupt_at`), `h.reads` the best-policy reads, `h.saves` the saved steps,
+    `h.closed` the checkpointer exits, `h.restored`: what restore_latest returns, `h.made` the reward functions'
+    guards; `h.run(cfg, out, **kw)` calls run_rl with ref_params `h.ref`."""
     import types
 
     from reftjax import train as T
-    from reftjax.config import ExperimentConfig, replace_path
+    from reftjax.config import ExperimentConfig
     from reftjax.metrics import MetricsLogger
 
-    reads, saves, calls, closed = [], [], [0], []
-    # the RL loop decides at once: `poll`'s step of lag would run a whole iteration more (regression review, s30)
-    monkeypatch.setattr(T._Interrupt, "poll", lambda self: pytest.fail("run_rl must not poll"))
+    h = types.SimpleNamespace(reads=[], saves=[], calls=[0], closed=[], made=[], restored=None, interrupt_at=0,
+                              stop=T._Interrupt(), ref={"warm-up": np.zeros(())})
 
     class Loader:
         def __init__(self, *a, **k):
@@ -1003,19 +1052,22 @@ def test_an_interrupted_rl_phase_stops_without_reading_the_best_policy_back(tmp_
         def state(self):
             return {}
 
+        def restore(self, state):
+            pass
+
     class Manager:
         def __init__(self, *a, **k):
             pass
 
         def restore_latest(self, state):
-            return None
+            return h.restored
 
         def save(self, step, *a, **k):
-            saves.append(step)
+            h.saves.append(step)
 
         def restore_best_params(self, like):
-            reads.append(1)
-            return "best", {}
+            h.reads.append(1)
+            return "best", 2
 
         def wait(self):
             pass
@@ -1024,11 +1076,11 @@ def test_an_interrupted_rl_phase_stops_without_reading_the_best_policy_back(tmp_
             return self
 
         def __exit__(self, *exc):
-            closed.append(exc[0])
+            h.closed.append(exc[0])
 
     def rollout(*a, **k):
-        calls[0] += 1
-        stop.requested = stop.requested or calls[0] == interrupt_at  # the signal handler's effect
+        h.calls[0] += 1
+        h.stop.requested = h.stop.requested or h.calls[0] == h.interrupt_at  # the signal handler's effect
         return types.SimpleNamespace(tokens_BxN=np.zeros((2, 4), np.int32), prompt_mask_BxP=np.ones((2, 8)),
                                      lengths_B=np.full(2, 4))
 
@@ -1038,8 +1090,7 @@ def test_an_interrupted_rl_phase_stops_without_reading_the_best_policy_back(tmp_
     monkeypatch.setattr(T, "ckpt", types.SimpleNamespace(Checkpointer=Manager, CheckpointConfig=lambda *a, **k: None))
     monkeypatch.setattr(T, "init_rl_params", lambda *a, **k: {"policy": "final"})
     monkeypatch.setattr(T, "init_state", lambda params, tx, key: types.SimpleNamespace(step=0, params=params))
-    made = []  # the guards each reward function was made with
-    monkeypatch.setattr(T, "make_reward_fn", lambda *a, **k: made.append(k["guards"]) or types.SimpleNamespace(
+    monkeypatch.setattr(T, "make_reward_fn", lambda *a, **k: h.made.append(k["guards"]) or types.SimpleNamespace(
         last=last))
     monkeypatch.setattr(T, "make_experience_fn", lambda *a, **k: lambda *a: ({}, em))
     monkeypatch.setattr(T, "make_ppo_step", lambda *a, **k: lambda state, exp: (
@@ -1048,24 +1099,50 @@ def test_an_interrupted_rl_phase_stops_without_reading_the_best_policy_back(tmp_
     monkeypatch.setattr(T, "rollout", rollout)
     monkeypatch.setattr(T, "trim_to_bucket", lambda ro, buckets: ro)
     monkeypatch.setattr(T, "rl_iteration_flops", lambda *a, **k: 1.0)
+    monkeypatch.setattr(T, "_record_eval", lambda *a, **k: None)
     cfg = ExperimentConfig()
-    cfg = dataclasses.replace(cfg, rl=dataclasses.replace(cfg.rl, iterations=4, eval_every=0, prompts_per_iteration=2),
-                              checkpoint=dataclasses.replace(cfg.checkpoint, save_every=10))
+    h.cfg = dataclasses.replace(cfg, rl=dataclasses.replace(cfg.rl, iterations=4, eval_every=0,
+                                                            prompts_per_iteration=2),
+                                checkpoint=dataclasses.replace(cfg.checkpoint, save_every=10))
     model = types.SimpleNamespace(config=types.SimpleNamespace(eos_token_ids=(2,), dtype="float32"),
                                   tokenizer=types.SimpleNamespace(pad_token_id=0))
-    data = types.SimpleNamespace(train_ds=None, train_items=[{}, {}])
-    for interrupt_at, expected in ((2, ("final", None, 2, False, [], [2])), (0, ("final", "best", 4, True, [1], [4]))):
-        stop, calls[0], reads[:], saves[:] = T._Interrupt(), 0, [], []
-        logger = MetricsLogger(tmp_path / str(interrupt_at), tensorboard=False, enabled=True)
-        got = T.run_rl(cfg, model, {}, data, None, None, tmp_path / str(interrupt_at), logger, stop, False)
-        logger.close()
-        assert (*got, reads, saves) == expected
-    assert closed == [None, None]
+    h.data = types.SimpleNamespace(train_ds=None, train_items=[{}, {}], val_ds=None, val_items=None)
+
+    def run(cfg, out, **kw):
+        logger = MetricsLogger(out, tensorboard=False, enabled=True)
+        try:
+            return T.run_rl(cfg, model, h.ref, h.data, None, None, out, logger, h.stop, False, **kw)
+        finally:
+            logger.close()
+    h.run = run
+    return h
+
+
+def test_an_interrupted_rl_phase_stops_without_reading_the_best_policy_back(tmp_path, monkeypatch):
+    """run_rl read the best policy back from disk (a whole model: ~28 GB at 7B) whatever ended its loop, so a
+    preempted run spent its grace period on a read the caller then threw away. Fake steps, loader and checkpoints:
+    interrupted in iteration 2 -> 2 iterations, saved, not finished, nothing read back; run through -> read once."""
+    import types
+
+    from reftjax import train as T
+    from reftjax.config import replace_path
+
+    h = _fake_rl(monkeypatch)
+    cfg = h.cfg
+    # the RL loop decides at once: `poll`'s step of lag would run a whole iteration more (regression review, s30)
+    monkeypatch.setattr(T._Interrupt, "poll", lambda self: pytest.fail("run_rl must not poll"))
+    for h.interrupt_at, expected in ((2, ("final", None, 2, False, None, [], [2])),
+                                     (0, ("final", "best", 4, True, 2, [1], [4]))):
+        h.stop, h.calls[0], h.reads[:], h.saves[:] = T._Interrupt(), 0, [], []
+        got = h.run(cfg, tmp_path / str(h.interrupt_at))
+        assert (*got, h.reads, h.saves) == expected
+    assert h.closed == [None, None]
     # an exception out of the loop (a second Ctrl-C) closes the checkpointer too: its async save is waited on
     monkeypatch.setattr(T, "trim_to_bucket", lambda ro, buckets: (_ for _ in ()).throw(KeyboardInterrupt))
+    h.stop = T._Interrupt()
     with pytest.raises(KeyboardInterrupt):
-        T.run_rl(cfg, model, {}, data, None, None, tmp_path / "ctrl_c", logger, T._Interrupt(), False)
-    assert closed == [None, None, KeyboardInterrupt]
+        h.run(cfg, tmp_path / "ctrl_c")
+    assert h.closed == [None, None, KeyboardInterrupt]
     monkeypatch.setattr(T, "trim_to_bucket", lambda ro, buckets: ro)
     # the progress bar shows the last validation figure and the best beside reward and KL (session 29's list)
     postfixes = []
@@ -1073,26 +1150,62 @@ def test_an_interrupted_rl_phase_stops_without_reading_the_best_policy_back(tmp_
         update=lambda n: None, close=lambda: None, set_postfix=lambda **kw: postfixes.append(kw)))
     scores = iter([0.25, 0.125])
     monkeypatch.setattr(T, "evaluate", lambda *a, **k: {"accuracy": next(scores)})
-    monkeypatch.setattr(T, "_record_eval", lambda *a, **k: None)
-    every2 = replace_path(cfg, "rl.eval_every", 2)
-    logger = MetricsLogger(tmp_path / "bar", tensorboard=False, enabled=True)
-    T.run_rl(every2, model, {}, types.SimpleNamespace(**vars(data), val_ds=None, val_items=None), None, None,
-             tmp_path / "bar", logger, T._Interrupt(), False)
-    logger.close()
+    h.run(replace_path(cfg, "rl.eval_every", 2), tmp_path / "bar")
     assert postfixes == [{"reward": "0.500", "kl": "0.000"},
                          {"reward": "0.500", "kl": "0.000", "val": "0.250", "best": "0.250"},
                          {"reward": "0.500", "kl": "0.000", "val": "0.250", "best": "0.250"},
                          {"reward": "0.500", "kl": "0.000", "val": "0.125", "best": "0.250"}]
     # rl.guards.enabled=true's `too_long` had no limit (max_tokens None) and never flagged: the rollout's cap is
     # the default; an explicit one is kept; disabled guards are passed as they are (helper review)
-    assert made[-1] == cfg.rl.guards and not made[-1].enabled
+    assert h.made[-1] == cfg.rl.guards and not h.made[-1].enabled
     for limit, expected in ((None, cfg.rl.sampling.max_new_tokens), (7, 7)):
         guarded = replace_path(cfg, "rl.guards", dataclasses.replace(cfg.rl.guards, enabled=True, max_tokens=limit))
-        stop, calls[0], interrupt_at = T._Interrupt(), 0, 1
-        logger = MetricsLogger(tmp_path / f"g{limit}", tensorboard=False, enabled=True)
-        T.run_rl(guarded, model, {}, data, None, None, tmp_path / f"g{limit}", logger, stop, False)
-        logger.close()
-        assert made[-1].enabled and made[-1].max_tokens == expected
+        h.stop, h.calls[0], h.interrupt_at = T._Interrupt(), 0, 1
+        h.run(guarded, tmp_path / f"g{limit}")
+        assert h.made[-1].enabled and h.made[-1].max_tokens == expected
+
+
+def test_the_warm_up_competes_for_the_best_checkpoint(tmp_path, monkeypatch):
+    """The best RL checkpoint was kept whatever the warm-up scored: an RL phase that only made the policy worse
+    exported its least bad checkpoint as hf/best, and test_reft tested it (session 29's list). With
+    rl.best_includes_warmup (default) the warm-up's validation figure is the bar: no RL validation above it -> the
+    best is the warm-up itself (ref_params, iteration 0, nothing read back); one above it -> the kept checkpoint;
+    early stopping counts from the warm-up; a resumed run keeps the best's iteration. false: as before."""
+    import types
+
+    from reftjax import train as T
+    from reftjax.config import replace_paths
+
+    h = _fake_rl(monkeypatch)
+    every2 = replace_paths(h.cfg, {"rl.eval_every": 2})
+
+    def run(cfg, scores, name, **kw):
+        h.reads[:], h.saves[:] = [], []
+        it = iter(scores)
+        monkeypatch.setattr(T, "evaluate", lambda *a, **k: {"accuracy": next(it)})
+        got = h.run(cfg, tmp_path / name, **kw)
+        assert next(it, None) is None  # every validation ran
+        best = "warm-up" if got[1] is h.ref else got[1]
+        return best, got[2], got[4], len(h.reads)  # best params, iterations, best iteration, reads
+
+    assert run(every2, [0.25, 0.125], "worse", warmup_val=0.3) == ("warm-up", 4, 0, 0)
+    assert run(every2, [0.25, 0.5], "better", warmup_val=0.3) == ("best", 4, 2, 1)  # (the manager's best step)
+    # a tie keeps the earlier, as between RL checkpoints
+    assert run(every2, [0.3, 0.3], "tie", warmup_val=0.3) == ("warm-up", 4, 0, 0)
+    off = replace_paths(every2, {"rl.best_includes_warmup": False})
+    assert run(off, [0.25, 0.125], "off", warmup_val=0.3) == ("best", 4, 2, 1)
+    assert run(every2, [0.25, 0.125], "no_val", warmup_val=None) == ("best", 4, 2, 1)  # (a library caller's)
+    no_eval = replace_paths(h.cfg, {"rl.eval_every": 0})  # no selection at all: the manager has no best either
+    assert run(no_eval, [], "no_eval", warmup_val=0.3) == ("best", 4, 2, 1)
+    # patience 1: the first RL validation below the warm-up's stops the phase
+    patient = replace_paths(every2, {"rl.early_stop_patience": 1})
+    assert run(patient, [0.25], "early", warmup_val=0.3) == ("warm-up", 2, 0, 0)
+    # resumed after iteration 2, whose validation (0.5) beat the warm-up's: the best stays that checkpoint
+    state = types.SimpleNamespace(step=0, params={"policy": "final"})
+    h.restored = (state, {"loader": {}, "iteration": 2, "best": 0.5, "since_best": 0, "best_iteration": 2}, 2)
+    assert run(every2, [0.125], "resumed", warmup_val=0.3) == ("best", 4, 2, 1)
+    h.restored[1]["best_iteration"], h.restored[1]["best"] = 0, 0.3  # the warm-up still the best at the save
+    assert run(every2, [0.125], "resumed0", warmup_val=0.3) == ("warm-up", 4, 0, 0)
 
 
 def test_a_second_run_on_a_directory_in_use_is_refused_and_a_killed_run_leaves_no_claim(tmp_path):
@@ -1586,7 +1699,7 @@ def test_the_loaded_weights_and_the_reference_are_let_go_before_the_final_test(t
     def run_rl(cfg, model, ref_params, *a, **k):
         watch("reference", ref_params)
         final = jax.tree.map(jnp.copy, ref_params)
-        return final, final, 1, True
+        return final, final, 1, True, 1
 
     alive = {}
 
