@@ -323,11 +323,17 @@ class TrainState:
     skipped: jax.Array
 
 
-def init_state(params: dict, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
-    """A fresh state; the optimizer state inherits each parameter's sharding."""
+def init_state(params: dict, tx: optax.GradientTransformation, rng: jax.Array, abstract: bool = False) -> TrainState:
+    """A fresh state; the optimizer state inherits each parameter's sharding.
+
+    `abstract`: its shapes, dtypes and shardings (`jax.ShapeDtypeStruct`s; `params` may be abstract too) without
+    allocating the optimizer state: the target a checkpoint restores onto. A resume built the whole fresh state
+    first, so the restore ran beside a second one (the optimizer's two moments and, in RL, a policy copy: 7 model
+    sizes at the restore where a fresh RL phase holds 4)."""
     mesh = mesh_of(params)
     opt_shardings = _opt_state_shardings(tx, params, mesh) if mesh is not None else None
-    opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
+    init = jax.jit(tx.init, out_shardings=opt_shardings)
+    opt_state = jax.eval_shape(init, params) if abstract else init(params)
     step, skipped = jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32)
     if mesh is not None:  # counters and key replicated on the mesh too: a restore commits every leaf to the
         # sharding recorded here, and one left on a single device would clash with the mesh in the next step
@@ -339,6 +345,10 @@ def init_state(params: dict, tx: optax.GradientTransformation, rng: jax.Array) -
         step, skipped, key_data = put((zero, zero, np.asarray(jax.random.key_data(rng))), (rep, rep, rep))
         rng = jax.jit(lambda d: jax.random.wrap_key_data(d, impl=impl), out_shardings=rep)(key_data)
     state = TrainState(step=step, params=params, opt_state=opt_state, rng=rng, skipped=skipped)
+    if abstract:  # (single device: the default device, where the optimizer state would be committed below)
+        here = jnp.zeros(()).sharding
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)
+                                                           or here), state)
     if mesh is None:  # committed to their device, as a checkpoint restores them: a step compiled for uncommitted
         # arrays compiled again (once per jitted step) for the same shapes after a resume; NumPy params too (their
         # first step returned committed ones, so every RL program compiled twice: library-user review, session 28)

@@ -325,7 +325,10 @@ def _record_eval(out: pathlib.Path, name: str, res: dict, logger: MetricsLogger,
 
 def run_sft(cfg: ExperimentConfig, model, data: Data, mesh, out: pathlib.Path, logger, stop: _Interrupt,
             progress: bool):
-    """SFT warm-up (resumes from checkpoints/sft); returns (policy params, final step or None if interrupted)."""
+    """SFT warm-up (resumes from checkpoints/sft); returns (policy params, final step or None if interrupted).
+
+    `model.params` are consumed: donated to the first step of a fresh warm-up, deleted once a resumed one is
+    restored (a resumed run held them beside the restored state until the warm-up ended: a model size more)."""
     s = cfg.sft
     loader = Loader(data.train_ds, LoaderConfig(batch_size=s.batch_size, kind="sft", seed=cfg.seed,
                                                 group_by_length=s.group_by_length), mesh=mesh)
@@ -333,16 +336,22 @@ def run_sft(cfg: ExperimentConfig, model, data: Data, mesh, out: pathlib.Path, l
     schedule_total = max((s.schedule_epochs or s.epochs) * loader.batches_per_epoch, 1)  # >= total
     tx = make_optimizer(s.optim, schedule_total)
     lr_at = functools.partial(schedule_value, s.optim, schedule_total)
-    state = init_state({"policy": model.params}, tx, jax.random.key(cfg.seed))
     with ckpt.Checkpointer(ckpt.CheckpointConfig(str(out / "checkpoints" / "sft"),
                                                  save_every=cfg.checkpoint.save_every,
                                                  keep_last=cfg.checkpoint.keep_last, keep_best=0),
                            config=to_dict(cfg)) as manager:
-        restored = manager.restore_latest(state)
-        if restored is not None:
+        params, key = {"policy": model.params}, jax.random.key(cfg.seed)
+        restored = manager.restore_latest(init_state(params, tx, key, abstract=True))
+        if restored is None:
+            state = init_state(params, tx, key)
+        else:
             state, extras, _ = restored
+            for x in jax.tree.leaves(params):  # (the restored state replaces them, as a fresh run's first step does)
+                if isinstance(x, jax.Array):
+                    x.delete()
             loader.restore(extras["loader"])
             log.info("SFT resumed at step %d", int(state.step))
+        del params
         step_fn = make_sft_step(model.config, tx, s.accum_steps, s.head_chunk_rows)
         peak = measured_peak_flops(dtype=model.config.dtype)
         applied = int(jax.device_get(state.step))  # optimizer updates so far: the schedule's position
@@ -434,8 +443,8 @@ def run_rl(cfg: ExperimentConfig, model, ref_params, data: Data, grader, mesh, o
     # The schedule advances on every minibatch update, ppo_epochs x minibatches of them per iteration.
     total = r.iterations * ppo_updates_per_step(r.ppo, r.prompts_per_iteration * samp.n)
     tx = make_optimizer(r.optim, total)
-    params = init_rl_params(jax.tree.map(jnp.copy, ref_params), model.config, r.ppo, jax.random.key(r.value_head_seed))
-    state = init_state(params, tx, jax.random.key(cfg.seed + 2))
+    fresh = functools.partial(init_rl_params, model_cfg=model.config, cfg=r.ppo, rng=jax.random.key(r.value_head_seed))
+    key = jax.random.key(cfg.seed + 2)
     with ckpt.Checkpointer(ckpt.CheckpointConfig(str(out / "checkpoints" / "rl"),
                                                  save_every=cfg.checkpoint.save_every,
                                                  keep_last=cfg.checkpoint.keep_last,
@@ -444,8 +453,11 @@ def run_rl(cfg: ExperimentConfig, model, ref_params, data: Data, grader, mesh, o
         warmup = r.best_includes_warmup and bool(r.eval_every) and warmup_val is not None
         it, best, since_best, last_val = 0, warmup_val if warmup else -1.0, 0, None
         best_it = 0 if warmup else None  # the best's iteration (0: the warm-up; runs begun before it: not recorded)
-        restored = manager.restore_latest(state)
-        if restored is not None:
+        # a resume restores onto the fresh state's shapes alone (the policy aliasing the reference: no copy)
+        restored = manager.restore_latest(init_state(ckpt.abstract_like(fresh(ref_params)), tx, key, abstract=True))
+        if restored is None:
+            state = init_state(fresh(jax.tree.map(jnp.copy, ref_params)), tx, key)  # (the policy is donated)
+        else:
             state, extras, _ = restored
             loader.restore(extras["loader"])
             it, best, since_best = extras["iteration"], extras["best"], extras["since_best"]

@@ -983,8 +983,8 @@ def test_sft_step_time_is_one_step_not_two(tmp_path, monkeypatch):
     monkeypatch.setattr(T, "ckpt", types.SimpleNamespace(Checkpointer=Manager, CheckpointConfig=lambda *a, **k: None))
     monkeypatch.setattr(T, "make_sft_step", lambda *a, **k: step)
     monkeypatch.setattr(T, "measured_peak_flops", lambda **k: 1e12)
-    monkeypatch.setattr(T, "init_state", lambda params, tx, key: types.SimpleNamespace(step=0, skipped=0,
-                                                                                        params=params))
+    monkeypatch.setattr(T, "init_state", lambda params, tx, key, abstract=False: types.SimpleNamespace(
+        step=0, skipped=0, params=params))
     cfg = ExperimentConfig()
     cfg = dataclasses.replace(cfg, sft=dataclasses.replace(cfg.sft, epochs=1, batch_size=4),
                               checkpoint=dataclasses.replace(cfg.checkpoint, save_every=3))
@@ -1087,9 +1087,11 @@ def _fake_rl(monkeypatch):
     last = types.SimpleNamespace(seconds=0.0, counters={}, grades=(), texts=(), example_idx=())
     em = {"reward": np.float32(0.5), "kl": np.float32(0.0), "response_length": np.float32(4.0)}
     monkeypatch.setattr(T, "Loader", Loader)
-    monkeypatch.setattr(T, "ckpt", types.SimpleNamespace(Checkpointer=Manager, CheckpointConfig=lambda *a, **k: None))
+    monkeypatch.setattr(T, "ckpt", types.SimpleNamespace(Checkpointer=Manager, CheckpointConfig=lambda *a, **k: None,
+                                                         abstract_like=lambda tree: tree))
     monkeypatch.setattr(T, "init_rl_params", lambda *a, **k: {"policy": "final"})
-    monkeypatch.setattr(T, "init_state", lambda params, tx, key: types.SimpleNamespace(step=0, params=params))
+    monkeypatch.setattr(T, "init_state", lambda params, tx, key, abstract=False: types.SimpleNamespace(
+        step=0, params=params))
     monkeypatch.setattr(T, "make_reward_fn", lambda *a, **k: h.made.append(k["guards"]) or types.SimpleNamespace(
         last=last))
     monkeypatch.setattr(T, "make_experience_fn", lambda *a, **k: lambda *a: ({}, em))
@@ -1720,6 +1722,90 @@ def test_the_loaded_weights_and_the_reference_are_let_go_before_the_final_test(t
     assert alive["test_reft"] == {"loaded": 0, "reference": 0}
     if sft == "resumed_after_warm_up":  # the loaded weights were gone before RL began
         assert alive["test_sft"]["loaded"] == 0
+
+
+def test_a_resume_restores_without_a_second_fresh_state_and_lets_the_loaded_weights_go(tiny_hf_dir, tmp_path,
+                                                                                        shared_data, monkeypatch):
+    """A resumed phase built the whole fresh state and restored beside it: in RL a policy copy and both Adam moments
+    (7 model-sized copies at the restore where a fresh RL phase holds 4), in SFT the moments; and a run resumed in
+    the middle of its warm-up held the loaded weights beside the restored state until the warm-up ended (session
+    30's list). Counted here as live arrays of the embedding's shape (one per model-sized copy): the real pipeline,
+    interrupted after 2 SFT steps, then after RL iteration 1, then run to the end."""
+    import functools
+    import gc
+
+    import jax
+
+    from reftjax import checkpoint as ckpt
+    from reftjax import train as T
+    from reftjax.config import from_dict, to_dict
+
+    from experiments.gsm8k_reft import preset_config
+
+    d = to_dict(preset_config("cpu", str(tiny_hf_dir)))
+    for path, value in {**TINY_SETS, "rl.iterations": 2, "rl.eval_every": 0, "export_hf": False, "sft.epochs": 1,
+                        "data.n_train": 32, "rl.prompts_per_iteration": 8, "eval.batch_size": 8,
+                        "sft.batch_size": 8}.items():
+        *head, last = path.split(".")
+        functools.reduce(dict.__getitem__, head, d)[last] = value
+    cfg = from_dict(d)
+    before = {id(x) for x in jax.live_arrays()}
+    shape = []  # the embedding's
+
+    def copies():  # on the whole mesh: not the one-device views of an array's shards (Orbax's saves read them)
+        gc.collect()
+        return sum(x.shape == shape[0] and len(x.sharding.device_set) == len(jax.devices()) and id(x) not in before
+                   for x in jax.live_arrays())
+
+    interrupt, seen = [False], []
+    real_check, real_restore, real_load = T._Interrupt.check, ckpt.Checkpointer.restore_latest, T.load_model
+    real_sft, real_rollout = T.make_sft_step, T.rollout
+
+    def check(self):
+        self.requested = self.requested or interrupt[0]
+        return real_check(self)
+
+    def restore_latest(self, abstract):
+        seen.append((f"{pathlib.Path(self.directory).name} restore", copies()))
+        return real_restore(self, abstract)
+
+    def load_model(*a, **k):
+        model = real_load(*a, **k)
+        shape[:] = [model.params["embed_tokens"]["embedding"].shape]
+        return model
+
+    def make_sft_step(*a, **k):
+        step = real_sft(*a, **k)
+
+        def counted(state, batch):
+            seen.append(("sft step", copies()))
+            interrupt[0] = interrupt[0] or sum(s[0] == "sft step" for s in seen) == 2
+            return step(state, batch)
+        return counted
+
+    def rollout(*a, **k):
+        interrupt[0] = True  # stops after this iteration (the second invocation's first)
+        return real_rollout(*a, **k)
+
+    for name, fake in (("check", check), ("restore_latest", restore_latest)):
+        monkeypatch.setattr(T._Interrupt if name == "check" else ckpt.Checkpointer, name, fake)
+    for name, fake in (("load_model", load_model), ("make_sft_step", make_sft_step), ("rollout", rollout)):
+        monkeypatch.setattr(T, name, fake)
+    out = tmp_path / "run"
+    out.mkdir()
+    runs = []
+    for _ in range(3):
+        interrupt[0] = False
+        seen.append(("run", None))
+        runs.append(T.run(cfg, out, progress=False).get("status"))
+        monkeypatch.setattr(T, "rollout", real_rollout) if len(runs) == 2 else None
+    assert runs == ["interrupted", "interrupted", "done"]
+    # model-sized copies at each restore (before it: the restored state comes on top) and at each SFT step (params
+    # and two moments). Before: SFT resumed at 3 (the loaded weights and the fresh moments) and stepped at 4 (the
+    # loaded weights kept); RL began and resumed at 4 (the reference, a policy copy and the fresh moments).
+    assert seen == [("run", None), ("sft restore", 1), ("sft step", 3), ("sft step", 3),
+                    ("run", None), ("sft restore", 1), ("sft step", 3), ("rl restore", 1),
+                    ("run", None), ("rl restore", 1)]
 
 
 def test_multi_process_interrupt_poll_reads_the_previous_steps_gather(monkeypatch):
