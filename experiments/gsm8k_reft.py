@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import logging
 import os
@@ -265,27 +264,11 @@ def _p_cot_kl(cfg, given: set, out: str | None):
 
 
 def _kept_earlier(cfg, given: set, out: str | None):
-    """Settings added to reftjax since the run in `out` began (its config.json lacks them) and not named by --set
-    take the value that keeps what that run did (`train._EARLIER`), so the same command still resumes it: train.run
-    refuses their new defaults there (the warm-up as a candidate for the best checkpoint, exact-value voting)."""
-    from reftjax.config import from_dict, to_dict
-    from reftjax.train import _EARLIER, _flat
+    """Settings added to reftjax since the run in `out` began, not named by --set, at what that run did
+    (`train.keep_earlier_settings`): the same command still resumes it."""
+    from reftjax.train import keep_earlier_settings
 
-    if not isinstance(began := _began(cfg, out), dict):
-        return cfg
-    old, d = _flat(began), to_dict(cfg)
-    kept = {}
-    for key, earlier in _EARLIER.items():
-        *head, last = key.split(".")
-        node = functools.reduce(dict.__getitem__, head, d)
-        if key not in old and key not in given and node[last] not in earlier(old):
-            node[last] = kept[key] = earlier(old)[0]
-    if not kept:
-        return cfg
-    logging.getLogger("reftjax.cli").info("the run in %s began before these settings; kept at what it did (--set to "
-                                          "choose): %s", out or os.path.join("runs", cfg.name),
-                                          ", ".join(f"{k}={json.dumps(v)}" for k, v in kept.items()))
-    return from_dict(d)
+    return keep_earlier_settings(cfg, out or os.path.join("runs", cfg.name), given)
 
 
 def _paths(path: str, value) -> list[str]:

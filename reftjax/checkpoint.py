@@ -31,6 +31,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
@@ -120,9 +121,10 @@ def _keys_from_data(tree, abstract_tree):
 
 
 def abstract_like(tree):
-    """ShapeDtypeStructs (with `.sharding`) of a live pytree: the restore target when building
-    the abstract state with `jax.eval_shape` is not possible (e.g. `init_state` reads shardings)."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+    """ShapeDtypeStructs (with `.sharding`; None for NumPy leaves) of a live pytree: the restore target when
+    building the abstract state with `jax.eval_shape` is not possible (e.g. `init_state` reads shardings)."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=getattr(x, "sharding", None)),
+                        tree)
 
 
 def layout_mismatch(stored_metadata, abstract_storable, limit: int = 3) -> str | None:
@@ -244,15 +246,18 @@ class Checkpointer:
             return None
         return self._manager.best_step()
 
-    def restore_best_params(self, abstract_params):
-        """(policy params, step) of the best readable kept step, or (None, None) when there is no best.
+    def restore_best_params(self, abstract_params, above: float | None = None):
+        """(policy params, step) of the best readable kept step, or (None, None) when there is no best; with
+        `above`, only a step whose metric is higher counts (the warm-up's figure: a damaged best step fell back to
+        the next best whatever it scored).
 
         A best step that cannot be read (damaged on disk since it was saved) used to fail the run at its very end;
         it is now skipped with a warning for the next best (by metric, then recency), like `restore_latest` does."""
         best = self.best_step()
         if best is None:
             return None, None
-        scored = [(self._metric(m), s) for s in self.all_steps() if (m := self._manager.metrics(s))]
+        scored = [(self._metric(m), s) for s in self.all_steps() if (m := self._manager.metrics(s))
+                  and (above is None or self._metric(m) > above)]
         for _, step in sorted(scored, key=lambda ms: (ms[0], ms[1] == best, ms[1]), reverse=True):
             try:
                 return self.restore_params(step, abstract_params), step

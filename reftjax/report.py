@@ -145,12 +145,13 @@ def write_summary(out: pathlib.Path, cfg, evals: dict, wall_seconds: float, writ
     r = summary["test_rerank_accuracy"]
     k = cfg.eval.voting_k or "-"
     head, rule = f"| stage | greedy top-1 (%) | voting@{k} (%) |", "|---|---|---|"
+    start = "warm-up" if cfg.sft.epochs else "loaded model"  # RL's starting point
     if cfg.sft.epochs:
         rows = [("before SFT", t["base"], None, None), ("after SFT warm-up", t["sft"], v["sft"], "sft")]
     else:  # RL alone: the "sft" evaluation is of the loaded model (train.run skips the identical test_base)
         rows = [("loaded model (no SFT warm-up)", t["sft"], v["sft"], "sft")]
     if cfg.rl.iterations:  # (rl.iterations=0: the warm-up alone, no after-ReFT evaluation)
-        rows.append((f"after ReFT ({cfg.rl.ppo.algo})" + (": the warm-up, best on validation" if best_iteration == 0
+        rows.append((f"after ReFT ({cfg.rl.ppo.algo})" + (f": the {start}, best on validation" if best_iteration == 0
                                                           else ""), t["reft"], v["reft"], "reft"))
     if r is not None:  # rerank@k, verifier-weighted voting and the upper bound (some sample correct), same samples
         head, rule = head + f" rerank@{k} (%) | weighted voting@{k} (%) | any of {k} correct (%) |", rule + "---|---|---|"
@@ -174,7 +175,7 @@ def write_summary(out: pathlib.Path, cfg, evals: dict, wall_seconds: float, writ
         f"Validation accuracy during RL: {summary['val_accuracy']['rl']}", "",
         *([f"Validation mean score during RL (selects the best checkpoint): "
            f"{ {k: _round(x) for k, x in summary['val_mean_score']['rl'].items()} }", ""] if by_score else []),
-        *([_best_line(best_iteration, metric, summary), ""] if cfg.rl.iterations else []),
+        *([_best_line(best_iteration, metric, summary, start), ""] if cfg.rl.iterations else []),
         f"Wall time: {summary['wall_seconds']} s in this invocation"
         + (f", {summary['wall_seconds_total']} s over all {summary['invocations']} (a killed one counted to its last "
            f"logged row)" if summary["invocations"] > 1 else "") + f".{_compile_line(compilation)}", "",
@@ -188,16 +189,16 @@ def write_summary(out: pathlib.Path, cfg, evals: dict, wall_seconds: float, writ
     return summary
 
 
-def _best_line(best_iteration: int | None, metric: str, summary: dict) -> str:
+def _best_line(best_iteration: int | None, metric: str, summary: dict, start: str) -> str:
     name = "accuracy" if metric == "accuracy" else "mean score"
     if best_iteration is None:
         return ("Tested after ReFT and exported as hf/best: the final policy (no best checkpoint: no validation "
-                "during RL, or none readable).")
+                "during RL, checkpoint.keep_best=0, or none readable).")
     if best_iteration == 0:
         warm = (f"{summary['val_accuracy']['sft']}%" if metric == "accuracy"
                 else _round(summary["val_mean_score"]["sft"]))
-        return (f"Tested after ReFT and exported as hf/best: the warm-up policy: no RL validation beat its validation "
-                f"{name} ({warm}), so the after-ReFT figures are the warm-up's (rl.best_includes_warmup).")
+        return (f"Tested after ReFT and exported as hf/best: the {start}, RL's starting point: no RL checkpoint beat "
+                f"its validation {name} ({warm}), so the after-ReFT figures are its own (rl.best_includes_warmup).")
     return f"Tested after ReFT and exported as hf/best: RL iteration {best_iteration}, the best validation {name}."
 
 
@@ -205,7 +206,7 @@ def _round(x):
     return None if x is None else round(x, 4)
 
 
-_VAL_X = "RL iteration (0: the warm-up)"
+_VAL_X = "RL iteration (0: before RL)"
 
 
 def plot_run(out: pathlib.Path, metric: str = "accuracy") -> list[pathlib.Path]:
@@ -217,7 +218,8 @@ def plot_run(out: pathlib.Path, metric: str = "accuracy") -> list[pathlib.Path]:
 
     rows = read_metrics(out)
     rl = [r for r in rows if r["phase"] == "rl"]
-    # the warm-up's validation (before RL) at iteration 0: the point RL starts from, and a candidate for the best
+    # the warm-up's validation (the loaded model's without one) at iteration 0: RL's starting point, a candidate for
+    # the best
     val = [r for r in rows if r["phase"] in ("val", "eval/val_sft")]
     plots = out / "plots"
     plots.mkdir(exist_ok=True)

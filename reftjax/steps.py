@@ -569,12 +569,12 @@ def policy_outputs(params: dict, model_cfg: ModelConfig, tokens_BxL, attn_mask_B
 def init_rl_params(policy: dict, model_cfg: ModelConfig, cfg: PPOConfig, rng: jax.Array) -> dict:
     """The trainable tree for `cfg`: {"policy"} (+ a fresh "value_head" for PPO, + a "critic" trunk copied
     from the policy when cfg.critic == "separate"). The policy is used as given (copy it yourself if it
-    must survive donation)."""
+    must survive donation); an abstract one (`jax.ShapeDtypeStruct`s) gives an abstract critic."""
     params = {"policy": policy}
     if cfg.algo == "ppo":
         params["value_head"] = replicated_like(init_value_head(model_cfg, rng), policy)
         if cfg.critic == "separate":
-            params["critic"] = jax.tree.map(jnp.copy, policy)
+            params["critic"] = jax.tree.map(lambda x: x if isinstance(x, jax.ShapeDtypeStruct) else jnp.copy(x), policy)
     return params
 
 

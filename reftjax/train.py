@@ -37,7 +37,7 @@ import numpy as np
 
 from reftjax import checkpoint as ckpt
 from reftjax import xla_cache
-from reftjax.config import ExperimentConfig, selection_metric, to_dict
+from reftjax.config import ExperimentConfig, from_dict, selection_metric, to_dict
 from reftjax.data import (Loader, LoaderConfig, SplitConfig, load_examples, tokenize_examples, train_val_split)
 from reftjax.data.records import DataError
 from reftjax.data.tokenize import end_of_turn_id
@@ -453,8 +453,10 @@ def run_rl(cfg: ExperimentConfig, model, ref_params, data: Data, grader, mesh, o
         warmup = r.best_includes_warmup and bool(r.eval_every) and warmup_val is not None
         it, best, since_best, last_val = 0, warmup_val if warmup else -1.0, 0, None
         best_it = 0 if warmup else None  # the best's iteration (0: the warm-up; runs begun before it: not recorded)
-        # a resume restores onto the fresh state's shapes alone (the policy aliasing the reference: no copy)
-        restored = manager.restore_latest(init_state(ckpt.abstract_like(fresh(ref_params)), tx, key, abstract=True))
+        # a resume restores onto the fresh state's shapes alone (no policy or critic copy, no optimizer state)
+        abstract = ckpt.abstract_like(fresh(ckpt.abstract_like(ref_params)))
+        restored = manager.restore_latest(init_state(abstract, tx, key, abstract=True))
+        del abstract
         if restored is None:
             state = init_state(fresh(jax.tree.map(jnp.copy, ref_params)), tx, key)  # (the policy is donated)
         else:
@@ -559,12 +561,15 @@ def run_rl(cfg: ExperimentConfig, model, ref_params, data: Data, grader, mesh, o
         # the end of RL, memory review, session 29)
         policy = state.params["policy"]
         del state
+        best_params = None
         if not done:
-            best_params, best_it = None, None
+            best_it = None
         elif warmup and best_it == 0:  # no RL validation beat the warm-up's
             best_params = ref_params
-        else:
-            best_params, best_it = manager.restore_best_params(policy)
+        else:  # a damaged best step falls back to the next best only while it beats the warm-up; none: the warm-up
+            best_params, best_it = manager.restore_best_params(policy, above=warmup_val if warmup else None)
+            if best_params is None and warmup and cfg.checkpoint.keep_best:  # (keep_best=0 keeps none: the final)
+                best_params, best_it = ref_params, 0
     return policy, best_params, it, done, best_it
 
 
@@ -578,10 +583,11 @@ def run_rerank(cfg: ExperimentConfig, model, sft_params, data: Data, grader, mes
     rc = cfg.rerank
     marker, data_path = out / "verifier_done.json", out / "verifier_data.npz"
     vdir = out / "checkpoints" / "verifier"
-    if marker.exists():  # restore onto shapes and shardings only: no copy of the backbone
-        abstract = {"backbone": ckpt.abstract_like(sft_params),
-                    "score": ckpt.abstract_like(replicated_like(init_score_head(model.config, jax.random.key(rc.seed)),
-                                                                  sft_params))}
+    # restores go onto shapes and shardings only: no copy of the backbone (nor, resuming, optimizer state)
+    abstract = {"backbone": ckpt.abstract_like(sft_params),
+                "score": ckpt.abstract_like(replicated_like(init_score_head(model.config, jax.random.key(rc.seed)),
+                                                              sft_params))}
+    if marker.exists():
         return ckpt.restore_params(vdir / str(json.loads(marker.read_text())["step"]), abstract, key="verifier")
     if data_path.exists():
         vd = VerifierData.load(data_path)
@@ -600,14 +606,15 @@ def run_rerank(cfg: ExperimentConfig, model, sft_params, data: Data, grader, mes
     per_epoch = -(-len(vd) // rc.batch_size)
     total = rc.epochs * per_epoch
     tx = make_optimizer(rc.optim, total)
-    state = init_state({"verifier": init_verifier(sft_params, model.config, jax.random.key(rc.seed))}, tx,
-                       jax.random.key(rc.seed + 1))
+    key = jax.random.key(rc.seed + 1)
     with ckpt.Checkpointer(ckpt.CheckpointConfig(str(vdir), save_every=cfg.checkpoint.save_every,
                                                  keep_last=cfg.checkpoint.keep_last, keep_best=0),
                            config=to_dict(cfg)) as manager:
         done = 0
-        restored = manager.restore_latest(state)
-        if restored is not None:
+        restored = manager.restore_latest(init_state({"verifier": abstract}, tx, key, abstract=True))
+        if restored is None:
+            state = init_state({"verifier": init_verifier(sft_params, model.config, jax.random.key(rc.seed))}, tx, key)
+        else:
             state, extras, _ = restored
             done = extras["step"]
             log.info("verifier training resumed at step %d", done)
@@ -793,7 +800,12 @@ def _copy_eval(out: pathlib.Path, logger, src: str, dst: str, step: int) -> None
     if from_process_0(np.asarray(dst in evals)):
         return
     path = out / "samples" / f"{src}.jsonl"
-    samples = [json.loads(line) for line in path.read_text().splitlines()] if is_primary() and path.exists() else []
+    samples = []
+    if is_primary():
+        if path.exists():
+            samples = [json.loads(line) for line in path.read_text().splitlines()]
+        else:
+            log.warning("%s: missing; %s is recorded without samples", path, dst)
     _record_eval(out, dst, {**evals[src], "same_as": src, "samples": samples}, logger, f"eval/{dst}", step)
 
 
@@ -900,7 +912,33 @@ LOCATIONS = ("model", "data.train_file", "data.val_file", "data.test_file")
 # best RL checkpoint was kept whatever the warm-up scored before rl.best_includes_warmup.
 _EARLIER = {"eval.voting_tol": lambda old: (0.01 if old.get("eval.voting_k") else 0.0,),
             "data.prompt.bos": lambda old: (False, None),
-            "rl.best_includes_warmup": lambda old: (False,)}
+            "rl.best_includes_warmup": lambda old: ((False,) if old.get("rl.eval_every") and old.get("rl.iterations")
+                                                    else (False, True))}  # (no RL validation: no effect)
+
+
+def keep_earlier_settings(cfg: ExperimentConfig, out: str | pathlib.Path, given=frozenset()) -> ExperimentConfig:
+    """`cfg` with each setting that reftjax added since the run in `out` began (its config.json lacks it) and that
+    `given` (the dotted settings the user chose) does not name at the value that keeps what that run did
+    (`_EARLIER`): `run` refuses the new default there, so the CLI and the notebook pass their config through this
+    and the same command still resumes such a run."""
+    try:
+        began = json.loads((pathlib.Path(out) / "config.json").read_text())
+    except (OSError, ValueError):
+        return cfg
+    if not isinstance(began, dict):  # (not a config: `run` says so)
+        return cfg
+    old, d = _flat(began), to_dict(cfg)
+    kept = {}
+    for key, earlier in _EARLIER.items():
+        *head, last = key.split(".")
+        node = functools.reduce(dict.__getitem__, head, d)
+        if key not in old and key not in given and node[last] not in earlier(old):
+            node[last] = kept[key] = earlier(old)[0]
+    if not kept:
+        return cfg
+    log.info("the run in %s began before these settings; kept at what it did (set them to choose): %s", out,
+             ", ".join(f"{k}={json.dumps(v)}" for k, v in kept.items()))
+    return from_dict(d)
 
 
 def _check_same_run(cfg_path: pathlib.Path, new: dict, content_checked: bool = False) -> None:
@@ -1090,7 +1128,7 @@ def _run(cfg: ExperimentConfig, out: pathlib.Path, progress: bool, t_start: floa
         if cfg.rl.iterations:
             final, best, rl_its, rl_done, best_it = run_rl(cfg, model, ref_params, data, grader, mesh, out, logger,
                                                            stop, progress, compiles,
-                                                           warmup_val=val_sft[selection_metric(cfg)])
+                                                           warmup_val=val_sft.get(selection_metric(cfg)))
             if not rl_done:
                 return _interrupted(finish_log, "rl")
             exports = {"final": final, "best": best if best is not None else final}

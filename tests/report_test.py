@@ -304,9 +304,13 @@ def test_the_summary_names_the_tested_policy_and_the_validation_plot_starts_at_t
         by[best] = (tmp_path / "summary.md").read_text()
         assert summary["best_iteration"] == json.loads((tmp_path / "summary.json").read_text())["best_iteration"]
     assert "hf/best: RL iteration 3, the best validation accuracy." in by[3] and "| after ReFT (ppo) | 25.0 |" in by[3]
-    assert ("hf/best: the warm-up policy: no RL validation beat its validation accuracy (50.0%)" in by[0]
+    assert ("hf/best: the warm-up, RL's starting point: no RL checkpoint beat its validation accuracy (50.0%)" in by[0]
             and "| after ReFT (ppo): the warm-up, best on validation | 25.0 |" in by[0])
     assert "hf/best: the final policy (no best checkpoint" in by[None]
+    no_warm_up = dataclasses.replace(ExperimentConfig(), sft=dataclasses.replace(ExperimentConfig().sft, epochs=0))
+    report.write_summary(tmp_path, no_warm_up, evals, 1.0, best_iteration=0)  # RL alone: the loaded model competes
+    md = (tmp_path / "summary.md").read_text()
+    assert "hf/best: the loaded model, RL's starting point" in md and "(ppo): the loaded model, best on" in md
     log = MetricsLogger(tmp_path, tensorboard=False)
     log.log("eval/val_sft", 0, {"accuracy": 0.5, "mean_score": 0.5})
     log.log("eval/test_sft", 0, {"accuracy": 0.125, "mean_score": 0.1})  # not a validation
@@ -317,4 +321,4 @@ def test_the_summary_names_the_tested_policy_and_the_validation_plot_starts_at_t
     monkeypatch.setattr(report, "_plot", lambda path, pts, title, x, y: drawn.setdefault(path.name, (pts, x)))
     report.plot_run(tmp_path, "mean_score")
     for name in ("val_accuracy.png", "val_mean_score.png"):
-        assert drawn[name] == ([(0, 0.5), (3, 0.75), (6, 0.25)], "RL iteration (0: the warm-up)")
+        assert drawn[name] == ([(0, 0.5), (3, 0.75), (6, 0.25)], "RL iteration (0: before RL)")

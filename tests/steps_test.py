@@ -12,8 +12,8 @@ from reftjax import sharding
 from reftjax.checkpoint import CheckpointConfig, Checkpointer
 from reftjax.models import ModelConfig, init_params, init_value_head
 from reftjax.rollout import SamplingConfig, rollout
-from reftjax.steps import OptimConfig, PPOConfig, init_state, make_experience_fn, make_optimizer, make_ppo_step, \
-    make_schedule, make_sft_step, ppo_updates_per_step, schedule_value, completion_hidden, policy_outputs
+from reftjax.steps import OptimConfig, PPOConfig, init_rl_params, init_state, make_experience_fn, make_optimizer, \
+    make_ppo_step, make_schedule, make_sft_step, ppo_updates_per_step, schedule_value, completion_hidden, policy_outputs
 
 CFG = ModelConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4, num_kv_heads=2,
                   eos_token_ids=(1,))
@@ -636,7 +636,7 @@ def test_separate_critic_starts_as_the_shared_one_and_only_the_value_loss_trains
     """PPOConfig.critic="separate": init_rl_params copies the policy into params["critic"], so the first experience
     equals the shared-critic one; afterwards the policy loss reaches only the policy and the value loss only the
     critic trunk + value head (checked by zeroing each loss's signal in turn)."""
-    from reftjax.steps import _rl_loss, init_rl_params, make_experience
+    from reftjax.steps import _rl_loss, make_experience
 
     policy = jax.tree.map(jnp.asarray, _host_policy(0))
     sep_cfg = PPOConfig(critic="separate", kl_coef=0.05, minibatch_size=8)
@@ -1046,3 +1046,31 @@ def test_out_of_range_rl_and_optimizer_settings_are_refused():
             OptimConfig(**bad)
     PPOConfig(kl_coef=0.0, gamma=1.0, gae_lambda=1.0, vf_coef=0.0)  # the edges that mean something are kept
     OptimConfig(b1=0.0, eps=0.0)
+
+
+@pytest.mark.parametrize("mesh", [None, "fsdp"])
+def test_the_abstract_state_a_resume_restores_onto_is_the_fresh_states_layout(mesh):
+    """init_state(abstract=True), run_rl's restore target (built from an abstract policy, so nothing is copied):
+    the fresh state's tree, shapes, dtypes and shardings, for SFT, GRPO and PPO with a shared or separate critic (its
+    own optimizer partitions too), from placed params and from a library user's NumPy params; nothing allocated for
+    the optimizer state."""
+    from reftjax import checkpoint as ckpt
+
+    mesh = _mesh() if mesh else None
+    placed = sharding.place_params(_host_policy(), CFG, mesh)
+    for policy in (placed, _host_policy()):
+        for algo, critic, separate in (("sft", None, False), ("grpo", "shared", False), ("ppo", "shared", False),
+                                       ("ppo", "separate", False), ("ppo", "separate", True)):
+            tx = make_optimizer(OptimConfig(learning_rate=1e-3, value_head_lr_scale=0.5), 10,
+                                separate_critic_state=separate)
+            ppo = PPOConfig(algo=algo, group_size=2, critic=critic) if algo != "sft" else None
+            make = (lambda p: {"policy": p}) if ppo is None else functools.partial(
+                init_rl_params, model_cfg=CFG, cfg=ppo, rng=jax.random.key(1))
+            key = jax.random.key(7)
+            abstract = init_state(ckpt.abstract_like(make(ckpt.abstract_like(policy))), tx, key, abstract=True)
+            fresh = init_state(make(jax.tree.map(jnp.copy, policy)), tx, key)
+            got, want = (jax.tree_util.tree_flatten_with_path(t) for t in (abstract, ckpt.abstract_like(fresh)))
+            assert got[1] == want[1], (algo, critic, separate)
+            for (path, a), (_, w) in zip(got[0], want[0]):
+                assert isinstance(a, jax.ShapeDtypeStruct), path
+                assert (a.shape, a.dtype, a.sharding) == (w.shape, w.dtype, w.sharding), (algo, critic, path)

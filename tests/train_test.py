@@ -298,8 +298,10 @@ def test_two_processes_sigkill_then_resume_is_bitwise(tiny_hf_dir, tmp_path, sha
     import numpy as np
 
     straight, killed, logs = tmp_path / "straight", tmp_path / "killed", tmp_path / "logs"
-    _wait_two(_launch_two(tiny_hf_dir, straight, logs), logs)
-    procs = _launch_two(tiny_hf_dir, killed, logs)
+    # the best among RL checkpoints (the warm-up competing, it would win: the tiny model's validation stays 0)
+    rl_best = ("--set", "rl.best_includes_warmup=false")
+    _wait_two(_launch_two(tiny_hf_dir, straight, logs, rl_best), logs)
+    procs = _launch_two(tiny_hf_dir, killed, logs, rl_best)
     deadline = time.time() + 600
     while time.time() < deadline and all(p.poll() is None for p in procs) and len(_rl_lines(killed)) < 2:
         time.sleep(0.2)
@@ -308,7 +310,7 @@ def test_two_processes_sigkill_then_resume_is_bitwise(tiny_hf_dir, tmp_path, sha
         p.send_signal(signal.SIGKILL)
     for p in procs:
         p.wait()
-    _wait_two(_launch_two(tiny_hf_dir, killed, logs), logs)
+    _wait_two(_launch_two(tiny_hf_dir, killed, logs, rl_best), logs)
     for which in ("final", "best"):
         a, b = _exported(straight, which), _exported(killed, which)
         assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a), which
@@ -347,6 +349,7 @@ def test_two_processes_match_one_process(tiny_hf_dir, tmp_path, shared_data):
     output directory) logs the metrics and exports the policy of 1 process x 4 devices; process 0 alone
     writes the logs, samples, reports and exports, and every line is written once. Both runs take logp_old
     and the old values from the rollout (`experience_from_rollout`), whose critic runs inside the decode loop."""
+    import jax
     import numpy as np
 
     multi, single, logs = tmp_path / "multi", tmp_path / "single", tmp_path / "logs"
@@ -385,9 +388,16 @@ def test_two_processes_match_one_process(tiny_hf_dir, tmp_path, shared_data):
         assert evals["test_reft"] == {**evals["test_sft"], "same_as": "test_sft"}
         assert (out / "samples" / "test_reft.jsonl").read_text() == (out / "samples" / "test_sft.jsonl").read_text()
         assert "RL iteration 3" not in (out / "summary.md").read_text()
-        assert "hf/best: the warm-up policy" in (out / "summary.md").read_text()
+        assert "hf/best: the warm-up, RL's starting point" in (out / "summary.md").read_text()
     best, final = _exported(multi, "best"), _exported(multi, "final")
     assert any(not np.array_equal(best[k], final[k]) for k in best)
+    from reftjax.checkpoint import restore_params
+    from reftjax.hf import load_model
+
+    exported = load_model(multi / "hf" / "best", with_tokenizer=False).params  # the warm-up's last SFT step, exactly
+    step = json.loads((multi / "sft_done.json").read_text())["step"]
+    warm_up = restore_params(multi / "checkpoints" / "sft" / str(step), exported)
+    assert all(jax.tree.leaves(jax.tree.map(np.array_equal, exported, warm_up)))
     assert not list(multi.glob("*.tmp*")) and not list(multi.glob("hf/*.tmp*"))
 
 
@@ -447,6 +457,34 @@ def test_a_p_cot_grader_set_on_the_gsm8k_command_takes_the_authors_p_cot_kl(tmp_
     assert kl(*pcot) == 0.01
 
 
+def test_a_copied_evaluation_is_recorded_once_with_its_samples_and_rerank_figures(tmp_path, caplog):
+    """test_reft of the warm-up (no RL checkpoint beat it) is test_sft's evaluation recorded again: its entry (the
+    rerank figures too) marked `same_as`, its samples, one metrics line at the RL step; a rerun adds nothing; a
+    missing samples file is said, not silently left empty."""
+    from reftjax import train as T
+    from reftjax.metrics import MetricsLogger
+
+    figures = {"accuracy": 0.25, "n": 4, "voting_accuracy": 0.5, "rerank_accuracy": 0.5, "upper_bound_accuracy": 0.75}
+    (tmp_path / "samples").mkdir()
+    (tmp_path / "samples" / "test_sft.jsonl").write_text('{"q": 1, "answer": "4"}\n{"q": 2, "answer": null}\n')
+    T._write_json(tmp_path / "evals.json", {"test_sft": figures, "val_sft": {"accuracy": 0.0}})
+    logger = MetricsLogger(tmp_path, tensorboard=False, enabled=True)
+    for _ in range(2):
+        T._copy_eval(tmp_path, logger, "test_sft", "test_reft", 6)
+    with caplog.at_level("WARNING", logger="reftjax"):
+        T._copy_eval(tmp_path, logger, "val_sft", "val_copy", 0)
+    logger.close()
+    evals = json.loads((tmp_path / "evals.json").read_text())
+    assert evals["test_reft"] == {**figures, "same_as": "test_sft"}
+    samples = tmp_path / "samples"
+    assert (samples / "test_reft.jsonl").read_text() == (samples / "test_sft.jsonl").read_text()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["phase"], r["step"], r["rerank_accuracy"]) for r in rows if r["phase"] == "eval/test_reft"] == \
+        [("eval/test_reft", 6, 0.5)]
+    assert "val_sft.jsonl: missing; val_copy is recorded without samples" in caplog.text
+    assert (samples / "val_copy.jsonl").read_text() == "" and evals["val_copy"]["same_as"] == "val_sft"
+
+
 def test_a_run_begun_before_a_new_setting_resumes_under_the_same_command(tmp_path, caplog):
     """rl.best_includes_warmup (default true) changes what a run begun before it did, so train.run refuses it there
     as a changed setting: the same command takes the earlier value (train._EARLIER) for a setting its config.json
@@ -466,10 +504,11 @@ def test_a_run_begun_before_a_new_setting_resumes_under_the_same_command(tmp_pat
     began = to_dict(fresh)
     del began["rl"]["best_includes_warmup"], began["eval"]["voting_tol"]
     (out / "config.json").write_text(json.dumps(began))
-    with caplog.at_level("INFO", logger="reftjax.cli"):
+    with caplog.at_level("INFO", logger="reftjax"):
         kept = resolve()
     assert (kept.rl.best_includes_warmup, kept.eval.voting_tol) == (False, 0.01)
-    assert "kept at what it did (--set to choose): eval.voting_tol=0.01, rl.best_includes_warmup=false" in caplog.text
+    assert "(set them to choose): eval.voting_tol=0.01, rl.best_includes_warmup=false" in caplog.text
+    assert T.keep_earlier_settings(fresh, out) == kept  # (the notebook's call: nothing given)
     T._check_same_run(out / "config.json", to_dict(kept))  # resumable; the defaults are refused there
     with pytest.raises(T.RunDirError, match=r"rl.best_includes_warmup: <unset, i.e. false> -> true"):
         T._check_same_run(out / "config.json", to_dict(fresh))
@@ -477,6 +516,13 @@ def test_a_run_begun_before_a_new_setting_resumes_under_the_same_command(tmp_pat
     assert (chosen.rl.best_includes_warmup, chosen.eval.voting_tol) == (True, 0.01)
     (out / "config.json").write_text(json.dumps(to_dict(fresh)))  # begun with both: nothing kept
     assert resolve() == fresh
+    for no_rl_validation in ({"eval_every": 0}, {"iterations": 0}):  # the setting had no effect: either value
+        began["rl"].update(no_rl_validation)
+        (out / "config.json").write_text(json.dumps(began))
+        resumed = resolve(*(f"rl.{k}={v}" for k, v in no_rl_validation.items()))
+        assert resumed.rl.best_includes_warmup is True
+        T._check_same_run(out / "config.json", to_dict(resumed))
+        began["rl"].update(eval_every=fresh.rl.eval_every, iterations=fresh.rl.iterations)
     (out / "config.json").write_text("[]")  # not a config: train.run's check reports it
     assert resolve() == fresh
 
@@ -1029,16 +1075,18 @@ def test_sft_step_time_is_one_step_not_two(tmp_path, monkeypatch):
 
 def _fake_rl(monkeypatch):
     """run_rl on fake steps, loader and checkpoints: each iteration's rollout reward 0.5. `h.stop` is the interrupt
-    (requested in rollout call `h.interrupt_at`), `h.reads` the best-policy reads, `h.saves` the saved steps,
-    `h.closed` the checkpointer exits, `h.restored`: what restore_latest returns, `h.made` the reward functions'
-    guards; `h.run(cfg, out, **kw)` calls run_rl with ref_params `h.ref`."""
+    (requested in rollout call `h.interrupt_at`), `h.reads` the best-policy reads (their floors), `h.saves` the
+    saved steps, `h.closed` the checkpointer exits, `h.restored` what restore_latest returns, `h.best_read` what
+    restore_best_params does, `h.made` the reward functions' guards; `h.run(cfg, out, **kw)` calls run_rl with
+    ref_params `h.ref`."""
     import types
 
     from reftjax import train as T
     from reftjax.config import ExperimentConfig
     from reftjax.metrics import MetricsLogger
 
-    h = types.SimpleNamespace(reads=[], saves=[], calls=[0], closed=[], made=[], restored=None, interrupt_at=0,
+    h = types.SimpleNamespace(reads=[], saves=[], calls=[0], closed=[], made=[], restored=None, best_read=("best", 2),
+                              interrupt_at=0,
                               stop=T._Interrupt(), ref={"warm-up": np.zeros(())})
 
     class Loader:
@@ -1065,9 +1113,9 @@ def _fake_rl(monkeypatch):
         def save(self, step, *a, **k):
             h.saves.append(step)
 
-        def restore_best_params(self, like):
-            h.reads.append(1)
-            return "best", 2
+        def restore_best_params(self, like, above=None):
+            h.reads.append(above)
+            return h.best_read
 
         def wait(self):
             pass
@@ -1134,7 +1182,7 @@ def test_an_interrupted_rl_phase_stops_without_reading_the_best_policy_back(tmp_
     # the RL loop decides at once: `poll`'s step of lag would run a whole iteration more (regression review, s30)
     monkeypatch.setattr(T._Interrupt, "poll", lambda self: pytest.fail("run_rl must not poll"))
     for h.interrupt_at, expected in ((2, ("final", None, 2, False, None, [], [2])),
-                                     (0, ("final", "best", 4, True, 2, [1], [4]))):
+                                     (0, ("final", "best", 4, True, 2, [None], [4]))):
         h.stop, h.calls[0], h.reads[:], h.saves[:] = T._Interrupt(), 0, [], []
         got = h.run(cfg, tmp_path / str(h.interrupt_at))
         assert (*got, h.reads, h.saves) == expected
@@ -1192,10 +1240,16 @@ def test_the_warm_up_competes_for_the_best_checkpoint(tmp_path, monkeypatch):
 
     assert run(every2, [0.25, 0.125], "worse", warmup_val=0.3) == ("warm-up", 4, 0, 0)
     assert run(every2, [0.25, 0.5], "better", warmup_val=0.3) == ("best", 4, 2, 1)  # (the manager's best step)
+    assert h.reads == [0.3]  # read above the warm-up's figure
+    h.best_read = (None, None)  # no readable step above it (the best one damaged): the warm-up; keep_best=0 keeps
+    assert run(every2, [0.25, 0.5], "damaged", warmup_val=0.3) == ("warm-up", 4, 0, 1)  # no best step: the final
+    assert run(replace_paths(every2, {"checkpoint.keep_best": 0}), [0.25, 0.5], "none_kept", warmup_val=0.3) == \
+        (None, 4, None, 1)
+    h.best_read = ("best", 2)
     # a tie keeps the earlier, as between RL checkpoints
     assert run(every2, [0.3, 0.3], "tie", warmup_val=0.3) == ("warm-up", 4, 0, 0)
     off = replace_paths(every2, {"rl.best_includes_warmup": False})
-    assert run(off, [0.25, 0.125], "off", warmup_val=0.3) == ("best", 4, 2, 1)
+    assert run(off, [0.25, 0.125], "off", warmup_val=0.3) == ("best", 4, 2, 1) and h.reads == [None]
     assert run(every2, [0.25, 0.125], "no_val", warmup_val=None) == ("best", 4, 2, 1)  # (a library caller's)
     no_eval = replace_paths(h.cfg, {"rl.eval_every": 0})  # no selection at all: the manager has no best either
     assert run(no_eval, [], "no_eval", warmup_val=0.3) == ("best", 4, 2, 1)
