@@ -1246,7 +1246,7 @@ def test_the_warm_up_competes_for_the_best_checkpoint(tmp_path, monkeypatch):
     assert run(replace_paths(every2, {"checkpoint.keep_best": 0}), [0.25, 0.5], "none_kept", warmup_val=0.3) == \
         (None, 4, None, 1)
     h.best_read = ("best", 2)
-    # a tie keeps the earlier, as between RL checkpoints
+    # a tie does not beat it
     assert run(every2, [0.3, 0.3], "tie", warmup_val=0.3) == ("warm-up", 4, 0, 0)
     off = replace_paths(every2, {"rl.best_includes_warmup": False})
     assert run(off, [0.25, 0.125], "off", warmup_val=0.3) == ("best", 4, 2, 1) and h.reads == [None]
