@@ -123,8 +123,12 @@ def _keys_from_data(tree, abstract_tree):
 def abstract_like(tree):
     """ShapeDtypeStructs (with `.sharding`; None for NumPy leaves) of a live pytree: the restore target when
     building the abstract state with `jax.eval_shape` is not possible (e.g. `init_state` reads shardings)."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=getattr(x, "sharding", None)),
-                        tree)
+    def one(x):
+        if hasattr(x, "sharding"):  # a jax.Array or a ShapeDtypeStruct
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+        return jax.ShapeDtypeStruct(np.shape(x), jax.dtypes.canonicalize_dtype(x.dtype))  # (float64 -> float32)
+
+    return jax.tree.map(one, tree)
 
 
 def layout_mismatch(stored_metadata, abstract_storable, limit: int = 3) -> str | None:
@@ -258,6 +262,9 @@ class Checkpointer:
             return None, None
         scored = [(self._metric(m), s) for s in self.all_steps() if (m := self._manager.metrics(s))
                   and (above is None or self._metric(m) > above)]
+        if not scored:  # (all at or below `above`: nothing to read)
+            log.info("checkpoint: no kept step in %s scores above %s", self.directory, above)
+            return None, None
         for _, step in sorted(scored, key=lambda ms: (ms[0], ms[1] == best, ms[1]), reverse=True):
             try:
                 return self.restore_params(step, abstract_params), step

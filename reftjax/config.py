@@ -151,7 +151,8 @@ class RLConfig:
     # the warm-up policy (validated before RL, `val_sft`) competes for the best checkpoint: an RL checkpoint is the
     # best only when its validation beats the warm-up's, early stopping counts from the warm-up, and when no RL
     # validation beats it `hf/best` is the warm-up and the after-ReFT test is the warm-up's (test_sft's figures, not
-    # run again). false: the best RL checkpoint whatever the warm-up scored. No effect when rl.eval_every is 0.
+    # run again). false: the best RL checkpoint whatever the warm-up scored. No effect when rl.eval_every or
+    # checkpoint.keep_best is 0 (no best is kept: hf/best is the final policy).
     best_includes_warmup: bool = True
     value_head_seed: int = 1
     # the experience and update run on the completion axis cut to the smallest of this many length buckets

@@ -197,8 +197,9 @@ def _best_line(best_iteration: int | None, metric: str, summary: dict, start: st
     if best_iteration == 0:
         warm = (f"{summary['val_accuracy']['sft']}%" if metric == "accuracy"
                 else _round(summary["val_mean_score"]["sft"]))
-        return (f"Tested after ReFT and exported as hf/best: the {start}, RL's starting point: no RL checkpoint beat "
-                f"its validation {name} ({warm}), so the after-ReFT figures are its own (rl.best_includes_warmup).")
+        return (f"Tested after ReFT and exported as hf/best: the {start}, RL's starting point: no readable RL "
+                f"checkpoint beat its validation {name} ({warm}), so the after-ReFT figures are its own "
+                f"(rl.best_includes_warmup).")
     return f"Tested after ReFT and exported as hf/best: RL iteration {best_iteration}, the best validation {name}."
 
 

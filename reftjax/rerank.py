@@ -34,6 +34,7 @@ import numpy as np
 import optax
 
 from reftjax import losses
+from reftjax.checkpoint import abstract_like
 from reftjax.graders.base import has_answer
 from reftjax.models import ModelConfig, forward
 from reftjax.sharding import MeshJit, replicated_like
@@ -109,6 +110,13 @@ def init_verifier(policy_params, model_cfg: ModelConfig, rng: jax.Array) -> dict
     mesh when it has one (left on one device, the first step on a multi-device mesh failed: incompatible devices)."""
     return {"backbone": jax.tree.map(jnp.copy, policy_params),
             "score": replicated_like(init_score_head(model_cfg, rng), policy_params)}
+
+
+def abstract_verifier(policy_params, model_cfg: ModelConfig, rng: jax.Array) -> dict:
+    """`init_verifier`'s shapes, dtypes and shardings without copying the backbone: what a checkpoint restores
+    onto."""
+    return {"backbone": abstract_like(policy_params),
+            "score": abstract_like(replicated_like(init_score_head(model_cfg, rng), policy_params))}
 
 
 def _joined(prompt_tokens_BxP, prompt_mask_BxP, tokens_BxN, mask_BxN):

@@ -48,10 +48,11 @@ from reftjax.graders.base import sub_score_means
 from reftjax.graders.callback import make_reward_fn
 from reftjax.hf import load_model, save_hf
 from reftjax.metrics import MetricsLogger, measured_peak_flops, mfu, read_metrics, rl_iteration_flops
-from reftjax.rerank import VerifierData, init_score_head, init_verifier, make_verifier_step, sample_verifier_data
+from reftjax.rerank import (VerifierData, abstract_verifier, init_verifier, make_verifier_step,
+                            sample_verifier_data)
 from reftjax.rollout import completion_buckets, rollout, trim_to_bucket
 from reftjax.sharding import (BATCH_AXES, from_process_0, is_primary, make_mesh, maybe_initialize_distributed,
-                              replicated_like, shard_batch, to_host)
+                              shard_batch, to_host)
 from reftjax.steps import (init_rl_params, init_state, make_experience_fn, make_optimizer, make_ppo_step, make_sft_step,
                            ppo_updates_per_step, schedule_value)
 
@@ -450,7 +451,9 @@ def run_rl(cfg: ExperimentConfig, model, ref_params, data: Data, grader, mesh, o
                                                  keep_last=cfg.checkpoint.keep_last,
                                                  keep_best=cfg.checkpoint.keep_best),
                            config=to_dict(cfg)) as manager:
-        warmup = r.best_includes_warmup and bool(r.eval_every) and warmup_val is not None
+        # (checkpoint.keep_best=0 keeps no best: hf/best is the final policy, the warm-up too is not a candidate)
+        warmup = r.best_includes_warmup and bool(r.eval_every) and bool(cfg.checkpoint.keep_best) and \
+            warmup_val is not None
         it, best, since_best, last_val = 0, warmup_val if warmup else -1.0, 0, None
         best_it = 0 if warmup else None  # the best's iteration (0: the warm-up; runs begun before it: not recorded)
         # a resume restores onto the fresh state's shapes alone (no policy or critic copy, no optimizer state)
@@ -568,8 +571,11 @@ def run_rl(cfg: ExperimentConfig, model, ref_params, data: Data, grader, mesh, o
             best_params = ref_params
         else:  # a damaged best step falls back to the next best only while it beats the warm-up; none: the warm-up
             best_params, best_it = manager.restore_best_params(policy, above=warmup_val if warmup else None)
-            if best_params is None and warmup and cfg.checkpoint.keep_best:  # (keep_best=0 keeps none: the final)
-                best_params, best_it = ref_params, 0
+            if _any_process(best_params is None):  # every process takes the same fallback (one may fail to read)
+                if warmup:
+                    log.warning("no RL checkpoint above the warm-up's validation figure could be read: hf/best and "
+                                "the after-ReFT test are the warm-up")
+                best_params, best_it = (ref_params, 0) if warmup else (None, None)
     return policy, best_params, it, done, best_it
 
 
@@ -584,9 +590,7 @@ def run_rerank(cfg: ExperimentConfig, model, sft_params, data: Data, grader, mes
     marker, data_path = out / "verifier_done.json", out / "verifier_data.npz"
     vdir = out / "checkpoints" / "verifier"
     # restores go onto shapes and shardings only: no copy of the backbone (nor, resuming, optimizer state)
-    abstract = {"backbone": ckpt.abstract_like(sft_params),
-                "score": ckpt.abstract_like(replicated_like(init_score_head(model.config, jax.random.key(rc.seed)),
-                                                              sft_params))}
+    abstract = abstract_verifier(sft_params, model.config, jax.random.key(rc.seed))
     if marker.exists():
         return ckpt.restore_params(vdir / str(json.loads(marker.read_text())["step"]), abstract, key="verifier")
     if data_path.exists():
@@ -913,7 +917,8 @@ LOCATIONS = ("model", "data.train_file", "data.val_file", "data.test_file")
 _EARLIER = {"eval.voting_tol": lambda old: (0.01 if old.get("eval.voting_k") else 0.0,),
             "data.prompt.bos": lambda old: (False, None),
             "rl.best_includes_warmup": lambda old: ((False,) if old.get("rl.eval_every") and old.get("rl.iterations")
-                                                    else (False, True))}  # (no RL validation: no effect)
+                                                    and old.get("checkpoint.keep_best", 1) else (False, True))}
+# (rl.best_includes_warmup has no effect without RL validation or a kept best)
 
 
 def keep_earlier_settings(cfg: ExperimentConfig, out: str | pathlib.Path, given=frozenset()) -> ExperimentConfig:
@@ -936,8 +941,9 @@ def keep_earlier_settings(cfg: ExperimentConfig, out: str | pathlib.Path, given=
             node[last] = kept[key] = earlier(old)[0]
     if not kept:
         return cfg
-    log.info("the run in %s began before these settings; kept at what it did (set them to choose): %s", out,
-             ", ".join(f"{k}={json.dumps(v)}" for k, v in kept.items()))
+    # (a warning: it decides what the run does, and the notebook shows no INFO lines)
+    log.warning("the run in %s began before these settings; kept at what it did (set them to choose): %s", out,
+                ", ".join(f"{k}={json.dumps(v)}" for k, v in kept.items()))
     return from_dict(d)
 
 

@@ -180,6 +180,14 @@ def test_an_unreadable_best_step_falls_back_to_the_next_best(tmp_path, caplog):
         params, step = ck.restore_best_params(abstract)
     assert step == 1 and "best step 2" in caplog.text
     _assert_equal_trees(params, states[1].params["policy"])
+    # above a floor (the warm-up's validation figure: run_rl): a damaged best falls back only to steps scoring more,
+    # and with none there is nothing to read (no "could not be read" error either)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="reftjax.checkpoint"):
+        assert ck.restore_best_params(abstract, above=0.75) == (None, None)
+    assert "scores above 0.75" in caplog.text and "could be read" not in caplog.text
+    assert ck.restore_best_params(abstract, above=0.4)[1] == 1  # (2 damaged, 1 above the floor)
+    assert ck.restore_best_params(abstract, above=0.5) == (None, None)  # (2 damaged, 1 not above it)
     ck.close()
 
 

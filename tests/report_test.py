@@ -304,7 +304,8 @@ def test_the_summary_names_the_tested_policy_and_the_validation_plot_starts_at_t
         by[best] = (tmp_path / "summary.md").read_text()
         assert summary["best_iteration"] == json.loads((tmp_path / "summary.json").read_text())["best_iteration"]
     assert "hf/best: RL iteration 3, the best validation accuracy." in by[3] and "| after ReFT (ppo) | 25.0 |" in by[3]
-    assert ("hf/best: the warm-up, RL's starting point: no RL checkpoint beat its validation accuracy (50.0%)" in by[0]
+    assert ("hf/best: the warm-up, RL's starting point: no readable RL checkpoint beat its validation accuracy (50.0%)"
+            in by[0]
             and "| after ReFT (ppo): the warm-up, best on validation | 25.0 |" in by[0])
     assert "hf/best: the final policy (no best checkpoint" in by[None]
     no_warm_up = dataclasses.replace(ExperimentConfig(), sft=dataclasses.replace(ExperimentConfig().sft, epochs=0))

@@ -1053,22 +1053,27 @@ def test_the_abstract_state_a_resume_restores_onto_is_the_fresh_states_layout(me
     """init_state(abstract=True), run_rl's restore target (built from an abstract policy, so nothing is copied):
     the fresh state's tree, shapes, dtypes and shardings, for SFT, GRPO and PPO with a shared or separate critic (its
     own optimizer partitions too), from placed params and from a library user's NumPy params; nothing allocated for
-    the optimizer state."""
+    the optimizer state. The verifier's (rerank.abstract_verifier) too."""
     from reftjax import checkpoint as ckpt
+    from reftjax.rerank import abstract_verifier, init_verifier
 
     mesh = _mesh() if mesh else None
     placed = sharding.place_params(_host_policy(), CFG, mesh)
     for policy in (placed, _host_policy()):
         for algo, critic, separate in (("sft", None, False), ("grpo", "shared", False), ("ppo", "shared", False),
-                                       ("ppo", "separate", False), ("ppo", "separate", True)):
+                                       ("ppo", "separate", False), ("ppo", "separate", True), ("verifier", None, False)):
             tx = make_optimizer(OptimConfig(learning_rate=1e-3, value_head_lr_scale=0.5), 10,
                                 separate_critic_state=separate)
-            ppo = PPOConfig(algo=algo, group_size=2, critic=critic) if algo != "sft" else None
+            ppo = PPOConfig(algo=algo, group_size=2, critic=critic) if algo in ("grpo", "ppo") else None
             make = (lambda p: {"policy": p}) if ppo is None else functools.partial(
                 init_rl_params, model_cfg=CFG, cfg=ppo, rng=jax.random.key(1))
             key = jax.random.key(7)
             abstract = init_state(ckpt.abstract_like(make(ckpt.abstract_like(policy))), tx, key, abstract=True)
             fresh = init_state(make(jax.tree.map(jnp.copy, policy)), tx, key)
+            if algo == "verifier":  # (what run_rerank restores onto)
+                abstract = init_state({"verifier": abstract_verifier(policy, CFG, jax.random.key(1))}, tx, key,
+                                      abstract=True)
+                fresh = init_state({"verifier": init_verifier(policy, CFG, jax.random.key(1))}, tx, key)
             got, want = (jax.tree_util.tree_flatten_with_path(t) for t in (abstract, ckpt.abstract_like(fresh)))
             assert got[1] == want[1], (algo, critic, separate)
             for (path, a), (_, w) in zip(got[0], want[0]):

@@ -238,6 +238,7 @@ def _check_rerank_phase(out, rerun):
                                                                                     "dtype": "float32"}
     again = rerun()
     assert again.returncode == 0, again.stderr[-3000:]
+    assert f"verifier training resumed at step {last}" in again.stderr  # restored, not retrained
     evals2 = json.loads((out / "evals.json").read_text())
     assert evals2 == evals
     # the policies are the finished run's: not exported again (a whole model each, minutes at 7B)
@@ -1246,6 +1247,9 @@ def test_the_warm_up_competes_for_the_best_checkpoint(tmp_path, monkeypatch):
     assert run(replace_paths(every2, {"checkpoint.keep_best": 0}), [0.25, 0.5], "none_kept", warmup_val=0.3) == \
         (None, 4, None, 1)
     h.best_read = ("best", 2)
+    # keep_best=0 keeps no best: the warm-up is no candidate either (hf/best: the final, whatever the scores)
+    assert run(replace_paths(every2, {"checkpoint.keep_best": 0}), [0.25, 0.125], "none_kept_worse",
+               warmup_val=0.3) == ("best", 4, 2, 1) and h.reads == [None]
     # a tie does not beat it
     assert run(every2, [0.3, 0.3], "tie", warmup_val=0.3) == ("warm-up", 4, 0, 0)
     off = replace_paths(every2, {"rl.best_includes_warmup": False})
