@@ -1061,7 +1061,8 @@ def test_the_abstract_state_a_resume_restores_onto_is_the_fresh_states_layout(me
     placed = sharding.place_params(_host_policy(), CFG, mesh)
     for policy in (placed, _host_policy()):
         for algo, critic, separate in (("sft", None, False), ("grpo", "shared", False), ("ppo", "shared", False),
-                                       ("ppo", "separate", False), ("ppo", "separate", True), ("verifier", None, False)):
+                                       ("ppo", "separate", False), ("ppo", "separate", True),
+                                       ("verifier", None, False)):
             tx = make_optimizer(OptimConfig(learning_rate=1e-3, value_head_lr_scale=0.5), 10,
                                 separate_critic_state=separate)
             ppo = PPOConfig(algo=algo, group_size=2, critic=critic) if algo in ("grpo", "ppo") else None
