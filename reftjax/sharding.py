@@ -345,6 +345,11 @@ def activation_mesh(mesh: Mesh | None):
         _MESH.reset(token)
 
 
+def current_mesh() -> Mesh | None:
+    """The active `activation_mesh` (inside a reftjax step's trace: its params' mesh), or None."""
+    return _MESH.get()
+
+
 def constrain_batch(x):
     """`x` with its leading (batch) dimension split over the active mesh's batch axes (`activation_mesh`);
     unchanged outside one, on a one-device mesh, or where the axes do not divide the dimension."""
@@ -352,6 +357,17 @@ def constrain_batch(x):
     if mesh is None or mesh.size == 1 or not hasattr(x, "shape") or not x.shape:
         return x
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(P("batch"), x.shape, mesh)))
+
+
+def place(x, sharding):
+    """`x` constrained to `sharding` inside a trace (`reshard` on an Explicit-axis mesh, which rejects
+    `with_sharding_constraint`); unchanged for None."""
+    if sharding is None:
+        return x
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is not None and jax.sharding.AxisType.Explicit in tuple(mesh.axis_types):
+        return jax.sharding.reshard(x, sharding)
+    return jax.lax.with_sharding_constraint(x, sharding)
 
 
 def _fn_name(fn) -> str:

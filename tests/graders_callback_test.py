@@ -1,4 +1,5 @@
 """The jit bridge: rewards from inside jit equal direct grading on 1 and 8 devices."""
+import os
 import subprocess
 import sys
 import textwrap
@@ -350,6 +351,37 @@ def test_many_dispatches_without_waiting_do_not_deadlock():  # ~3 s; deadlocked 
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split() == ["ok", str(100 * 64)]
+
+
+_GATHER = textwrap.dedent("""
+    import os
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from reftjax.graders.callback import grade_in_jit
+    from reftjax.sharding import activation_mesh
+    mesh = Mesh(np.array(jax.devices()), ("data",))  # Auto axes, as reftjax's meshes
+    sh, rows = NamedSharding(mesh, P("data")), NamedSharding(mesh, P("data", None))
+    host = lambda ids, mask, idx: (mask.sum(1) + idx).astype(np.float32)
+    a = jax.device_put(np.ones((16, 8), np.int32), rows)
+    i = jax.device_put(np.arange(16, dtype=np.int32), sh)
+    given = jax.jit(lambda a, i: grade_in_jit(host, a * 2, a, i, out_sharding=sh))(a, i)
+    with activation_mesh(mesh):  # the RL experience's case: no out_sharding, the step's mesh active
+        active = jax.jit(lambda a, i: grade_in_jit(host, a * 2, a, i) * 1.0)(a, i)
+    same = np.asarray(given).tolist() == np.asarray(active).tolist() == list(range(8, 24))
+    print(given.sharding.spec == P("data"), same)
+""")
+
+
+def test_the_gather_to_the_callback_is_explicit_on_a_mesh():
+    """The callback's operands go to one device; left to the partitioner, every compile of the RL experience
+    printed four "Involuntary full rematerialization" warnings on 8 devices (session 29's list). Compiled in a
+    subprocess without the cache (XLA's C++ log is written at compile time)."""
+    env = {**os.environ, "JAX_ENABLE_COMPILATION_CACHE": "false"}
+    proc = subprocess.run([sys.executable, "-c", _GATHER], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["True", "True"], proc.stdout
+    assert "Involuntary full rematerialization" not in proc.stderr, proc.stderr[-2000:]
 
 
 def test_guard_markers_given_as_one_string_are_one_marker():

@@ -31,7 +31,9 @@ effects forbid `vmap` of the step (grade a batch instead) and add a fraction of 
 Sharding: the callback is given no `sharding` (a NamedSharding raises NotImplementedError), so
 XLA gathers the whole batch to one device, calls the host once per step with the global
 `B x T` array, and the result is constrained to `out_sharding` (e.g. the batch axis of the
-mesh) with `with_sharding_constraint` (or `reshard` on Explicit-axis meshes).
+mesh) with `with_sharding_constraint` (or `reshard` on Explicit-axis meshes). On a mesh
+(`out_sharding`'s, or the active `reftjax.sharding.activation_mesh`) the operands and the
+result are replicated explicitly on the way: the same gather, without XLA's warnings.
 Never raises into XLA (raising inside a callback is undefined): any failure scores the whole
 batch 0 and is recorded in `last.error`.
 """
@@ -46,10 +48,12 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 from jax.experimental import io_callback
 
 from reftjax.graders.base import Grade, Grader, Item, is_fault
 from reftjax.graders.guards import GuardConfig, apply_guards
+from reftjax.sharding import current_mesh, place
 
 Decode = Callable[[list[list[int]]], list[str]]
 
@@ -218,13 +222,11 @@ def grade_in_jit(host_fn: HostRewardFn, completion_ids_BxT: jax.Array, completio
                          f"completion row (with n samples per prompt, jnp.repeat(prompt_idx, n))")
     shape = jax.ShapeDtypeStruct(completion_ids_BxT.shape[:1], jnp.float32)
     host = host_fn if isinstance(host_fn, HostRewardFn) else _as_rewards(host_fn)
-    rewards_B = io_callback(host, shape, completion_ids_BxT.astype(jnp.int32),
-                            completion_mask_BxT.astype(jnp.int32), example_idx_B.astype(jnp.int32),
-                            ordered=True)
-    if out_sharding is None:
-        return rewards_B
-    mesh = getattr(out_sharding, "mesh", None)
-    if mesh is not None and jax.sharding.AxisType.Explicit in tuple(mesh.axis_types):
-        # Explicit-axis meshes (the `jax.make_mesh` default) reject with_sharding_constraint.
-        return jax.sharding.reshard(rewards_B, out_sharding)
-    return jax.lax.with_sharding_constraint(rewards_B, out_sharding)
+    # On a multi-device mesh the callback's operands go to one device: gathered explicitly (replicated) rather
+    # than left to the partitioner, which did the same gather but printed four "Involuntary full
+    # rematerialization" warnings per compile (8 CPU devices; session 29's list)
+    mesh = getattr(out_sharding, "mesh", None) or current_mesh()
+    whole = NamedSharding(mesh, P()) if mesh is not None and mesh.size > 1 else None
+    args = [x.astype(jnp.int32) for x in (completion_ids_BxT, completion_mask_BxT, example_idx_B)]
+    rewards_B = io_callback(host, shape, *(place(x, whole) for x in args), ordered=True)
+    return place(place(rewards_B, whole), out_sharding)
