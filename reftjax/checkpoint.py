@@ -194,12 +194,12 @@ class Checkpointer:
         self.config = dict(config or {})
         policies: list[pp.PreservationPolicy] = [pp.LatestN(n=cfg.keep_last)]
         if cfg.keep_best:
-            policies.append(pp.BestN(get_metric_fn=self._metric, n=cfg.keep_best,
+            policies.append(pp.BestN(get_metric_fn=self._rank, n=cfg.keep_best,
                                      keep_checkpoints_without_metrics=False))
         options = ocp.CheckpointManagerOptions(
             preservation_policy=pp.AnyPreservationPolicy(policies),
             # best_fn makes Orbax persist the metrics, so BestN still knows them after a restart.
-            best_fn=self._metric, best_mode="max",
+            best_fn=self._rank, best_mode="max",
             enable_async_checkpointing=cfg.async_save, cleanup_tmp_directories=True, create=True)
         handlers = {"state": ocp.PyTreeCheckpointHandler(), "extras": ocp.JsonCheckpointHandler(),
                     "config": ocp.JsonCheckpointHandler()}
@@ -210,6 +210,12 @@ class Checkpointer:
 
     def _metric(self, metrics: dict) -> float:
         return float(metrics[self.cfg.best_metric])
+
+    def _rank(self, metrics: dict) -> tuple[float, int]:
+        """Orbax's ranking: the metric, then the earlier step among ties, as the training loops' strict `>` (Orbax
+        alone kept and read back the later: an exported best that was not the step the run's summary and early
+        stopping counted from). Steps saved before the step was stored rank as Orbax ranked them."""
+        return self._metric(metrics), -int(metrics.get("step", 0))
 
     def should_save(self, step: int) -> bool:
         return int(step) % self.cfg.save_every == 0
@@ -228,7 +234,7 @@ class Checkpointer:
         if not bool(all_finite(state.params)):
             log.warning("checkpoint: step %d NOT saved: params contain NaN/Inf", step)
             return False
-        metrics = None if metric is None else {self.cfg.best_metric: float(metric)}
+        metrics = None if metric is None else {self.cfg.best_metric: float(metric), "step": step}
         args = ocp.args.Composite(state=ocp.args.PyTreeSave(_keys_to_data(state)),
                                   extras=ocp.args.JsonSave(dict(extras or {})),
                                   config=ocp.args.JsonSave(self.config))
@@ -243,7 +249,7 @@ class Checkpointer:
         return steps[-1] if steps else None
 
     def best_step(self) -> int | None:
-        """The kept step with the highest metric; of tied steps, the latest (Orbax's `BestN` keeps that one).
+        """The kept step with the highest metric; of tied steps, the earliest (`_rank`).
         None if no save had a metric, or with `keep_best=0` (no best is tracked: the latest steps are kept
         by recency only, and the best of those is not "the best")."""
         if not self.cfg.keep_best or not any(self._manager.metrics(s) for s in self.all_steps()):
@@ -256,16 +262,17 @@ class Checkpointer:
         the next best whatever it scored).
 
         A best step that cannot be read (damaged on disk since it was saved) used to fail the run at its very end;
-        it is now skipped with a warning for the next best (by metric, then recency), like `restore_latest` does."""
+        it is now skipped with a warning for the next best (`_rank`: by metric, then the earlier), like `restore_latest`
+        does."""
         best = self.best_step()
         if best is None:
             return None, None
-        scored = [(self._metric(m), s) for s in self.all_steps() if (m := self._manager.metrics(s))
+        scored = [(self._rank(m), s) for s in self.all_steps() if (m := self._manager.metrics(s))
                   and (above is None or self._metric(m) > above)]
         if not scored:  # (all at or below `above`: nothing to read)
             log.info("checkpoint: no kept step in %s scores above %s", self.directory, above)
             return None, None
-        for _, step in sorted(scored, key=lambda ms: (ms[0], ms[1] == best, ms[1]), reverse=True):
+        for _, step in sorted(scored, key=lambda rs: (rs[0], rs[1] == best), reverse=True):
             try:
                 return self.restore_params(step, abstract_params), step
             except Exception as e:  # noqa: BLE001 -- a damaged kept step: the next best one

@@ -127,13 +127,23 @@ def test_keeps_last_k_plus_best(tmp_path):
     ck.close()
 
 
-def test_best_of_tied_steps_is_the_latest_and_keep_best_0_has_none(tmp_path):
+def test_best_of_tied_steps_is_the_earliest_and_keep_best_0_has_none(tmp_path):
+    """Of tied steps the earliest is kept and read back, as the RL loop's strict `>` (its early stopping and the
+    summary's best iteration) counts; Orbax alone kept the later (session 32's list). Also after a restart."""
     st = _state()
     ck = Checkpointer(CheckpointConfig(str(tmp_path / "tie"), keep_last=2, keep_best=1, best_metric="acc"))
     for s, acc in ((1, 0.5), (2, 0.5), (3, 0.25), (4, 0.25)):
-        ck.save(s, st, metric=acc)
+        ck.save(s, _state(seed=s), metric=acc)
     ck.wait()
-    assert ck.all_steps() == [2, 3, 4] and ck.best_step() == 2  # kept and reported alike
+    assert ck.all_steps() == [1, 3, 4] and ck.best_step() == 1  # kept and reported alike
+    ck.close()
+    ck = Checkpointer(CheckpointConfig(str(tmp_path / "tie"), keep_last=2, keep_best=1, best_metric="acc"))
+    params, step = ck.restore_best_params(jax.tree.map(jnp.zeros_like, st.params["policy"]))
+    assert (ck.best_step(), step) == (1, 1)
+    jax.tree.map(np.testing.assert_array_equal, params, _state(seed=1).params["policy"])
+    ck.save(5, st, metric=0.5)  # a later tie does not displace it
+    ck.wait()
+    assert ck.all_steps() == [1, 4, 5] and ck.best_step() == 1
     ck.close()
     ck = Checkpointer(CheckpointConfig(str(tmp_path / "none"), keep_last=2, keep_best=0, best_metric="acc"))
     for s, acc in ((1, 0.9), (2, 0.1), (3, 0.2)):
