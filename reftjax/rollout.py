@@ -369,12 +369,11 @@ def encode_prompts(tokenizer, texts: Sequence[str], chat: bool, bos: bool | None
     the BOS when `bos` says so (`PromptConfig.bos`: None, when the tokenizer's own encoding adds one). Plain text
     that spells a special token stays a control token here, deliberately (a template typed by hand); training
     keeps such text text."""
-    from reftjax.data.prompts import PromptConfig, chat_template_kwargs, prompt_bos
+    from reftjax.data.prompts import PromptConfig, prompt_bos, render_chat
 
     if chat:
-        return [list(tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
-                                                   tokenize=True, return_dict=False, **chat_template_kwargs(tokenizer)))
-                for t in texts]
+        return [list(render_chat(tokenizer, [{"role": "user", "content": t}], add_generation_prompt=True, tokenize=True,
+                                 return_dict=False)) for t in texts]
     first = prompt_bos(tokenizer, PromptConfig(bos=bos))
     return [([first] if first is not None else []) + list(tokenizer(t, add_special_tokens=False)["input_ids"])
             for t in texts]

@@ -425,3 +425,35 @@ def test_a_chat_template_that_writes_todays_date_renders_one_fixed_date():
     prompt = format_example(ex, PromptConfig("chat"), tok).prompt
     assert f"Date : {CHAT_DATE} " in prompt and datetime.date.today().strftime("%d %b %Y") not in prompt
     assert end_of_turn_id(tok) == tok.eos_token_id  # (the probe renders with the same date)
+
+
+def test_a_chat_template_that_calls_the_clock_itself_renders_one_fixed_date():
+    """Templates that call strftime_now directly (Granite-3, Mistral-Small-3 style; no date_string to pass) wrote
+    today's date into every prompt: the data digest a resume checks changed at midnight (session 28's list). Training
+    prompts, the rollout's prompt encoding and the end-of-turn probe render CHAT_DATE; the clock is restored."""
+    import datetime
+
+    import transformers.utils.chat_template_utils as ctu
+
+    from reftjax.data.prompts import CHAT_DATE
+    from reftjax.rollout import encode_prompts
+
+    template = ("{{ bos_token }}Today: {{ strftime_now('%d %b %Y') }}. {% for m in messages %}{{ m['content'] }} "
+                "{% endfor %}{% if add_generation_prompt %}A:{% endif %}")
+    tok = _bos_tokenizer(template)
+    ex = Example(idx=0, item_id="a", question="Tom has 2 apples .", cot="x", answer="2", answer_value=2.0)
+    prompt = format_example(ex, PromptConfig("chat"), tok).prompt
+    today = datetime.date.today().strftime("%d %b %Y")
+    assert f"Today: {CHAT_DATE}. " in prompt and today not in prompt
+    seen, apply = [], tok.apply_chat_template
+
+    def spy(messages, **kw):  # the text behind the rollout's token ids (a word-level stand-in decodes dates as <unk>)
+        seen.append(apply(messages, **{**kw, "tokenize": False}))
+        return apply(messages, **kw)
+
+    tok.apply_chat_template = spy
+    assert encode_prompts(tok, ["Tom has 2 apples ."], chat=True)[0][:1] == [tok.bos_token_id]
+    assert len(seen) == 1 and f"Today: {CHAT_DATE}. " in seen[0] and today not in seen[0]
+    tok.apply_chat_template = apply
+    assert ctu.datetime is datetime.datetime  # restored after rendering
+    assert f"Today: {today}. " in tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False)

@@ -24,9 +24,16 @@ The EOS token is appended at tokenization time, never here.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import datetime
+import importlib
+import logging
+import threading
 
 from reftjax.data.records import DataError, Example, strip_annotations
+
+log = logging.getLogger(__name__)
 
 STYLES = ("reft", "reft-python", "chat", "chat-python")
 INSTRUCTION = "Question:\n"
@@ -66,13 +73,47 @@ class PromptConfig:
 # run's prompts (and the data digest a resume checks) changed at midnight (review, session 28). This is the
 # templates' own fallback date.
 CHAT_DATE = "26 Jul 2024"
+_CLOCK_LOCK, _CLOCK_UNFIXED = threading.Lock(), []
 
 
-def chat_template_kwargs(tokenizer) -> dict:
-    """Variables fixed for every rendering of the tokenizer's chat template (`date_string` where it reads one)."""
+class _ChatClock(datetime.datetime):
+    @classmethod
+    def now(cls, tz=None):
+        return datetime.datetime.strptime(CHAT_DATE, "%d %b %Y").replace(tzinfo=tz)
+
+
+@contextlib.contextmanager
+def _fixed_clock(template: str):
+    """transformers' `strftime_now`, which templates such as Granite-3's and Mistral-Small-3's call directly (not
+    through `date_string`), reads `datetime.now()` of `transformers.utils.chat_template_utils`: set to CHAT_DATE
+    while such a template renders. A transformers without that module attribute renders today's date (logged)."""
+    module = importlib.import_module("transformers.utils.chat_template_utils") if "strftime_now" in template else None
+    if module is None:
+        yield
+    elif getattr(module, "datetime", None) is not datetime.datetime:
+        if not _CLOCK_UNFIXED:  # (once)
+            _CLOCK_UNFIXED.append(True)
+            log.warning("this transformers' chat templates read the clock where reftjax cannot fix it: the template's "
+                        "strftime_now writes today's date into the prompts, which differ from one day to the next")
+        yield
+    else:
+        with _CLOCK_LOCK:
+            module.datetime = _ChatClock
+            try:
+                yield
+            finally:
+                module.datetime = datetime.datetime
+
+
+def render_chat(tokenizer, messages, **kwargs):
+    """`tokenizer.apply_chat_template(messages, **kwargs)` with the date fixed to CHAT_DATE: `date_string` where the
+    template reads one, and the clock of `strftime_now` where it calls that directly."""
     template = getattr(tokenizer, "chat_template", None)
     text = " ".join(template.values()) if isinstance(template, dict) else template if isinstance(template, str) else ""
-    return {"date_string": CHAT_DATE} if "date_string" in text else {}
+    if "date_string" in text:
+        kwargs = {"date_string": CHAT_DATE, **kwargs}
+    with _fixed_clock(text):
+        return tokenizer.apply_chat_template(messages, **kwargs)
 
 
 def prompt_bos(tokenizer, cfg: PromptConfig) -> int | None:
@@ -144,8 +185,7 @@ def format_example(ex: Example, cfg: PromptConfig, tokenizer=None) -> Formatted:
         messages = chat_messages(ex, cfg)
         if "developer" not in tokenizer.chat_template:  # OpenAI's name for the system turn, unknown to the template
             messages = [{**m, "role": "system"} if m.get("role") == "developer" else m for m in messages]
-        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
-                                               **chat_template_kwargs(tokenizer))
+        prompt = render_chat(tokenizer, messages, add_generation_prompt=True, tokenize=False)
     elif ex.messages is not None:
         raise DataError(f"{ex.at}: chat-format (openai) examples need data.prompt.style='chat'")
     else:

@@ -25,7 +25,7 @@ import hashlib
 
 import numpy as np
 
-from reftjax.data.prompts import PromptConfig, chat_template_kwargs, format_example, prompt_bos
+from reftjax.data.prompts import PromptConfig, format_example, prompt_bos, render_chat
 from reftjax.data.records import DataError, Example
 
 TRUNCATION = ("drop", "truncate", "error")
@@ -181,8 +181,8 @@ def end_of_turn_id(tokenizer) -> int:
     `<|eot_id|>`), which chat-style SFT targets end with; the EOS token when the template puts none there."""
     mark = "reftjaxEndOfTurnProbe"
     try:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": "1"}, {"role": "assistant", "content": mark}],
-                                             tokenize=False, **chat_template_kwargs(tokenizer))
+        text = render_chat(tokenizer, [{"role": "user", "content": "1"}, {"role": "assistant", "content": mark}],
+                           tokenize=False)
     except Exception:  # noqa: BLE001 - a template that refuses this conversation: no better answer than EOS
         return tokenizer.eos_token_id
     if mark not in text:
