@@ -435,6 +435,23 @@ def test_configs_this_decoder_cannot_represent_are_refused(tiny_dir, change, mes
         load_model(tiny_dir, with_tokenizer=False)
 
 
+def test_mlp_bias_is_refused_only_where_transformers_reads_it():
+    """Mistral's and Qwen2's MLPs have no bias in transformers whatever `mlp_bias` says; reftjax refused such configs
+    (session 30's list). Llama reads the key, and reftjax still refuses it there (the test above)."""
+    from transformers import AutoModelForCausalLM, MistralConfig, Qwen2Config
+
+    from reftjax.models import from_hf_config
+
+    base = dict(vocab_size=89, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                num_key_value_heads=2, mlp_bias=True)
+    for hf in (MistralConfig(**base), Qwen2Config(**base)):
+        cfg = from_hf_config(hf)
+        assert (cfg.model_type, cfg.qkv_bias) == (hf.model_type, hf.model_type == "qwen2")
+        with torch.device("meta"):
+            names = [n for n, _ in AutoModelForCausalLM.from_config(hf).named_parameters()]
+        assert not [n for n in names if ".mlp." in n and n.endswith(".bias")], names
+
+
 def test_unused_checkpoint_tensors_are_refused(tiny_dir):
     path = tiny_dir / "model.safetensors"
     tensors = {k: np.array(v) for k, v in read_safetensors(path).items()}

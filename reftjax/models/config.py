@@ -188,8 +188,8 @@ def from_hf_config(hf, *, param_dtype: str = "float32", dtype: str = "float32", 
         raise ValueError(f"{where}: hidden_act={act!r} is not supported (the MLP is SwiGLU with SiLU)")
     if getattr(hf, "quantization_config", None):
         raise ValueError(f"{where}: quantized checkpoints (quantization_config) are not supported: load a float one")
-    if getattr(hf, "mlp_bias", False):
-        raise ValueError(f"{where}: mlp_bias=True is not supported")
+    if model_type == "llama" and getattr(hf, "mlp_bias", False):  # (Mistral's and Qwen2's MLPs have no bias in
+        raise ValueError(f"{where}: mlp_bias=True is not supported")  # transformers, whatever the key says)
     if model_type == "llama" and getattr(hf, "attention_bias", False):
         raise ValueError(f"{where}: attention_bias=True (q/k/v and o_proj biases) is not supported for llama")
     theta, scaling = _rope_from_hf(hf, where)
