@@ -126,7 +126,8 @@ def abstract_like(tree):
     def one(x):
         if hasattr(x, "sharding"):  # a jax.Array or a ShapeDtypeStruct
             return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
-        return jax.ShapeDtypeStruct(np.shape(x), jax.dtypes.canonicalize_dtype(x.dtype))  # (float64 -> float32)
+        # NumPy arrays and scalars, Python numbers: the dtype placing them gives (float64 -> float32, int -> int32)
+        return jax.ShapeDtypeStruct(np.shape(x), jax.dtypes.canonicalize_dtype(np.asarray(x).dtype))
 
     return jax.tree.map(one, tree)
 

@@ -127,6 +127,15 @@ def test_keeps_last_k_plus_best(tmp_path):
     ck.close()
 
 
+def test_abstract_like_gives_the_layout_placing_the_leaves_gives():
+    """NumPy arrays and scalars and Python numbers too (a Python scalar failed: no `.dtype`; session 32's list)."""
+    tree = {"a": jnp.ones((2, 3), jnp.bfloat16), "b": np.zeros(4), "c": np.int64(3), "d": 2, "e": 0.5, "f": True}
+    got = abstract_like(tree)
+    want = jax.tree.map(jnp.asarray, tree)
+    assert jax.tree.map(lambda x: (x.shape, x.dtype), got) == jax.tree.map(lambda x: (x.shape, x.dtype), want)
+    assert got["a"].sharding == tree["a"].sharding and got["d"].sharding is None
+
+
 def test_best_of_tied_steps_is_the_earliest_and_keep_best_0_has_none(tmp_path):
     """Of tied steps the earliest is kept and read back, as the RL loop's strict `>` (its early stopping and the
     summary's best iteration) counts; Orbax alone kept the later (session 32's list). Also after a restart."""
