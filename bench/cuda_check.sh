@@ -9,7 +9,9 @@
 # tensorflow-datasets is not needed). Each stage has its own time limit (seconds, from the environment) and writes
 # its log into OUT_DIR; OUT_DIR/stages.txt has one line per stage. In order of value:
 #   1. a shortened gpu-preset GSM8K run (SmolLM2-135M, bf16, full GSM8K test set; STAGE_RUN_S, default 330):
-#      2 SFT epochs, 12 PPO iterations of 128 prompts, no voting, one prompt and one completion bucket;
+#      2 SFT epochs, 12 PPO iterations of 128 prompts, no voting, one prompt and one completion bucket; at the limit
+#      it gets SIGINT (it saves and exits) and STAGE_RUN_GRACE_S (default 60) more before SIGKILL: a dry run on a
+#      CPU, whose in-flight SFT step alone can outlast 60 s, needs more;
 #   2. the real-checkpoint parity tests on the GPU (logits and greedy generation against transformers, the export);
 #   3. bench/sft_step.py, reftjax vs torch, both on the GPU, bf16 mixed precision, 32 x 512 tokens;
 #   4. the numerical unit tests (losses, rollout, steps, models, evaluate) on the GPU; tests that fail at JAX's
@@ -41,7 +43,7 @@ EOF
 stamp "env: $(grep -E '^(jax|transformers|torch) ' "$OUT/env.txt" | tr '\n' ' ')"
 
 RUN="$OUT/run_gsm8k"
-timeout -s INT -k 60 "${STAGE_RUN_S:-330}" $PY -m experiments.gsm8k_reft --preset gpu --out "$RUN" --no-progress \
+timeout -s INT -k "${STAGE_RUN_GRACE_S:-60}" "${STAGE_RUN_S:-330}" $PY -m experiments.gsm8k_reft --preset gpu --out "$RUN" --no-progress \
   --set data.train_format=gsm8k-jsonl --set "data.train_file=$DATA/train.jsonl" \
   --set "data.test_file=$DATA/test.jsonl" \
   --set sft.epochs=2 --set sft.schedule_epochs=2 --set rl.iterations=12 --set rl.eval_every=6 \
