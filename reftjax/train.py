@@ -564,19 +564,28 @@ def run_rl(cfg: ExperimentConfig, model, ref_params, data: Data, grader, mesh, o
         # the end of RL, memory review, session 29)
         policy = state.params["policy"]
         del state
-        best_params = None
-        if not done:
+        best_params, floor = None, warmup_val if warmup else None
+        if done:
+            best_params, best_it = _best_policy(manager, policy, ref_params, best_it, floor)
+        else:
             best_it = None
-        elif warmup and best_it == 0:  # no RL validation beat the warm-up's
-            best_params = ref_params
-        else:  # a damaged best step falls back to the next best only while it beats the warm-up; none: the warm-up
-            best_params, best_it = manager.restore_best_params(policy, above=warmup_val if warmup else None)
-            if _any_process(best_params is None):  # every process takes the same fallback (one may fail to read)
-                if warmup:
-                    log.warning("no RL checkpoint above the warm-up's validation figure could be read: hf/best and "
-                                "the after-ReFT test are the warm-up")
-                best_params, best_it = (ref_params, 0) if warmup else (None, None)
     return policy, best_params, it, done, best_it
+
+
+def _best_policy(manager: ckpt.Checkpointer, policy, ref_params, best_it: int | None, floor: float | None):
+    """(params, RL iteration) of a finished RL phase's best policy: read back from the best kept checkpoint, or
+    the warm-up's `ref_params` (iteration 0) when the warm-up competes (`floor`: its validation figure) and no
+    readable RL checkpoint beats it; (None, None) when there is no best (`policy`: the restore target)."""
+    if floor is not None and best_it == 0:  # no RL validation beat the warm-up's
+        return ref_params, 0
+    # a damaged best step falls back to the next best only while it beats the warm-up; none: the warm-up
+    best_params, best_it = manager.restore_best_params(policy, above=floor)
+    if _any_process(best_params is None):  # every process takes the same fallback (one may fail to read)
+        if floor is not None:
+            log.warning("no RL checkpoint above the warm-up's validation figure could be read: hf/best and the "
+                        "after-ReFT test are the warm-up")
+        return (ref_params, 0) if floor is not None else (None, None)
+    return best_params, best_it
 
 
 def run_rerank(cfg: ExperimentConfig, model, sft_params, data: Data, grader, mesh, out: pathlib.Path, logger,
