@@ -1,4 +1,5 @@
 """Prompt layouts, tokenization, masks, buckets and truncation (SmolLM2 tokenizer)."""
+import logging
 import json
 import pathlib
 
@@ -457,3 +458,48 @@ def test_a_chat_template_that_calls_the_clock_itself_renders_one_fixed_date():
     tok.apply_chat_template = apply
     assert ctu.datetime is datetime.datetime  # restored after rendering
     assert f"Today: {today}. " in tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False)
+
+
+def test_the_fixed_clock_holds_for_renders_on_two_threads(caplog):
+    """A render that began while another thread's render had the clock fixed took the "cannot fix" branch outside the
+    lock, warned, and rendered today's date once the first had restored the clock (regression review, session 33:
+    the check now runs under the lock)."""
+    import threading
+    import time
+
+    from reftjax.data.prompts import CHAT_DATE, render_chat
+
+    def held(event):  # a tokenizer whose rendering waits for `event`
+        tok = _bos_tokenizer("Today: {{ strftime_now('%d %b %Y') }}. {% for m in messages %}{{ m['content'] }}"
+                             "{% endfor %}")
+        apply = tok.apply_chat_template
+        tok.apply_chat_template = lambda messages, **kw: (event.wait(5), apply(messages, **kw))[1]
+        return tok
+
+    events, out = [threading.Event(), threading.Event()], {}
+    toks = [held(e) for e in events]  # (built here: transformers' lazy imports race on two threads)
+    threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, render_chat(toks[i], [
+        {"role": "user", "content": "x"}], tokenize=False))) for i in (0, 1)]
+    with caplog.at_level(logging.WARNING, logger="reftjax.data.prompts"):
+        threads[0].start()
+        time.sleep(0.3)  # the first holds the fixed clock
+        threads[1].start()
+        time.sleep(0.3)  # the second has begun
+        events[0].set()
+        threads[0].join()  # the first has restored the clock
+        events[1].set()
+        threads[1].join()
+    assert out == {0: f"Today: {CHAT_DATE}. x", 1: f"Today: {CHAT_DATE}. x"} and "cannot fix" not in caplog.text
+
+
+def test_a_named_template_that_knows_the_developer_role_keeps_it():
+    """The check read a dict of named templates' names, not their text: a developer turn became a system one where
+    the template handles it (regression review, session 33)."""
+    template = ("{% for m in messages %}[{{ m['role'] }}{% if m['role'] == 'developer' %}(dev ok){% endif %}] "
+                "{{ m['content'] }} {% endfor %}")
+    ex = Example(idx=0, item_id="a", question="", cot="x", answer="2", answer_value=2.0,
+                 messages=({"role": "developer", "content": "be brief"}, {"role": "user", "content": "Tom has 2"}))
+    for t in (template, {"default": template}):
+        assert format_example(ex, PromptConfig("chat"), _bos_tokenizer(t)).prompt.startswith("[developer(dev ok)]")
+    plain = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }} {% endfor %}"
+    assert format_example(ex, PromptConfig("chat"), _bos_tokenizer({"default": plain})).prompt.startswith("[system]")

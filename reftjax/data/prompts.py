@@ -87,29 +87,36 @@ def _fixed_clock(template: str):
     """transformers' `strftime_now`, which templates such as Granite-3's and Mistral-Small-3's call directly (not
     through `date_string`), reads `datetime.now()` of `transformers.utils.chat_template_utils`: set to CHAT_DATE
     while such a template renders. A transformers without that module attribute renders today's date (logged)."""
-    module = importlib.import_module("transformers.utils.chat_template_utils") if "strftime_now" in template else None
-    if module is None:
+    if "strftime_now" not in template:
         yield
-    elif getattr(module, "datetime", None) is not datetime.datetime:
-        if not _CLOCK_UNFIXED:  # (once)
-            _CLOCK_UNFIXED.append(True)
-            log.warning("this transformers' chat templates read the clock where reftjax cannot fix it: the template's "
-                        "strftime_now writes today's date into the prompts, which differ from one day to the next")
-        yield
-    else:
-        with _CLOCK_LOCK:
-            module.datetime = _ChatClock
-            try:
-                yield
-            finally:
-                module.datetime = datetime.datetime
+        return
+    module = importlib.import_module("transformers.utils.chat_template_utils")
+    with _CLOCK_LOCK:  # (the check too: a render on another thread saw the patched clock as "cannot fix"; review)
+        if getattr(module, "datetime", None) is not datetime.datetime:
+            if not _CLOCK_UNFIXED:  # (once)
+                _CLOCK_UNFIXED.append(True)
+                log.warning("this transformers' chat templates read the clock where reftjax cannot fix it: the "
+                            "template's strftime_now writes today's date into the prompts, which differ from one day "
+                            "to the next")
+            yield
+            return
+        module.datetime = _ChatClock
+        try:
+            yield
+        finally:
+            module.datetime = datetime.datetime
+
+
+def template_text(tokenizer) -> str:
+    """The tokenizer's chat template(s) as one text ('' without one): a named-template dict's templates joined."""
+    template = getattr(tokenizer, "chat_template", None)
+    return " ".join(template.values()) if isinstance(template, dict) else template if isinstance(template, str) else ""
 
 
 def render_chat(tokenizer, messages, **kwargs):
     """`tokenizer.apply_chat_template(messages, **kwargs)` with the date fixed to CHAT_DATE: `date_string` where the
     template reads one, and the clock of `strftime_now` where it calls that directly."""
-    template = getattr(tokenizer, "chat_template", None)
-    text = " ".join(template.values()) if isinstance(template, dict) else template if isinstance(template, str) else ""
+    text = template_text(tokenizer)
     if "date_string" in text:
         kwargs = {"date_string": CHAT_DATE, **kwargs}
     with _fixed_clock(text):
@@ -183,7 +190,8 @@ def format_example(ex: Example, cfg: PromptConfig, tokenizer=None) -> Formatted:
             raise ValueError(f"data.prompt.style={cfg.style!r} needs a tokenizer with a chat template, and this "
                              f"model's has none: use a plain style ('reft' or 'reft-python') or a chat model")
         messages = chat_messages(ex, cfg)
-        if "developer" not in tokenizer.chat_template:  # OpenAI's name for the system turn, unknown to the template
+        if "developer" not in template_text(tokenizer):  # OpenAI's name for the system turn, unknown to the template
+            # (of a dict of named templates, their text: `in` read the dict's names; review, session 33)
             messages = [{**m, "role": "system"} if m.get("role") == "developer" else m for m in messages]
         prompt = render_chat(tokenizer, messages, add_generation_prompt=True, tokenize=False)
     elif ex.messages is not None:
