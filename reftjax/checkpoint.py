@@ -213,10 +213,17 @@ class Checkpointer:
         return float(metrics[self.cfg.best_metric])
 
     def _rank(self, metrics: dict) -> tuple[float, int]:
-        """Orbax's ranking: the metric, then the earlier step among ties, as the training loops' strict `>` (Orbax
-        alone kept and read back the later: an exported best that was not the step the run's summary and early
-        stopping counted from). Steps saved before the step was stored rank as Orbax ranked them."""
+        """Orbax's ranking (which steps `BestN` keeps): the metric, then the earlier step among ties, as the training
+        loops' strict `>` (Orbax alone kept and read back the later: an exported best that was not the step the run's
+        summary and early stopping counted from). Steps saved before the step was stored rank as Orbax ranked them
+        (their ties: the later kept); `_ranked`, which picks the best, reads the step from the directory."""
         return self._metric(metrics), -int(metrics.get("step", 0))
+
+    def _ranked(self, above: float | None = None) -> list[int]:
+        """Kept steps with a metric (higher than `above`), best first: by metric, then the earlier step."""
+        scored = [(self._metric(m), -s) for s in self.all_steps() if (m := self._manager.metrics(s))
+                  and (above is None or self._metric(m) > above)]
+        return [-s for _, s in sorted(scored, reverse=True)]
 
     def should_save(self, step: int) -> bool:
         return int(step) % self.cfg.save_every == 0
@@ -250,12 +257,11 @@ class Checkpointer:
         return steps[-1] if steps else None
 
     def best_step(self) -> int | None:
-        """The kept step with the highest metric; of tied steps, the earliest (`_rank`).
+        """The kept step with the highest metric; of tied steps, the earliest (`_ranked`).
         None if no save had a metric, or with `keep_best=0` (no best is tracked: the latest steps are kept
         by recency only, and the best of those is not "the best")."""
-        if not self.cfg.keep_best or not any(self._manager.metrics(s) for s in self.all_steps()):
-            return None
-        return self._manager.best_step()
+        ranked = self._ranked() if self.cfg.keep_best else []
+        return ranked[0] if ranked else None
 
     def restore_best_params(self, abstract_params, above: float | None = None):
         """(policy params, step) of the best readable kept step, or (None, None) when there is no best; with
@@ -263,17 +269,15 @@ class Checkpointer:
         the next best whatever it scored).
 
         A best step that cannot be read (damaged on disk since it was saved) used to fail the run at its very end;
-        it is now skipped with a warning for the next best (`_rank`: by metric, then the earlier), like `restore_latest`
-        does."""
-        best = self.best_step()
-        if best is None:
+        it is now skipped with a warning for the next best (`_ranked`: by metric, then the earlier), like
+        `restore_latest` does."""
+        if self.best_step() is None:
             return None, None
-        scored = [(self._rank(m), s) for s in self.all_steps() if (m := self._manager.metrics(s))
-                  and (above is None or self._metric(m) > above)]
-        if not scored:  # (all at or below `above`: nothing to read)
+        ranked = self._ranked(above)
+        if not ranked:  # (all at or below `above`: nothing to read)
             log.info("checkpoint: no kept step in %s scores above %s", self.directory, above)
             return None, None
-        for _, step in sorted(scored, key=lambda rs: (rs[0], rs[1] == best), reverse=True):
+        for step in ranked:
             try:
                 return self.restore_params(step, abstract_params), step
             except Exception as e:  # noqa: BLE001 -- a damaged kept step: the next best one

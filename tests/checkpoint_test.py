@@ -1,4 +1,5 @@
 """Checkpointing: round trips (1 and 8 devices), retention, fallback, partial restore, exact resume."""
+import json
 import logging
 import os
 import pathlib
@@ -153,6 +154,18 @@ def test_best_of_tied_steps_is_the_earliest_and_keep_best_0_has_none(tmp_path):
     ck.save(5, st, metric=0.5)  # a later tie does not displace it
     ck.wait()
     assert ck.all_steps() == [1, 4, 5] and ck.best_step() == 1
+    ck.close()
+    # steps saved before the step was stored beside the metric (their metrics files rewritten as they were): of two
+    # tied ones kept (keep_best=2), the earlier is still the best (the regression review's case)
+    ck = Checkpointer(CheckpointConfig(str(tmp_path / "old"), keep_last=1, keep_best=2, best_metric="acc"))
+    for s, acc in ((1, 0.5), (2, 0.5), (3, 0.1)):
+        ck.save(s, _state(seed=s), metric=acc)
+    ck.close()
+    for s in (1, 2):
+        (tmp_path / "old" / str(s) / "metrics" / "metrics").write_text(json.dumps({"acc": 0.5}))
+    ck = Checkpointer(CheckpointConfig(str(tmp_path / "old"), keep_last=1, keep_best=2, best_metric="acc"))
+    assert ck.all_steps() == [1, 2, 3] and ck.best_step() == 1
+    assert ck.restore_best_params(jax.tree.map(jnp.zeros_like, st.params["policy"]))[1] == 1
     ck.close()
     ck = Checkpointer(CheckpointConfig(str(tmp_path / "none"), keep_last=2, keep_best=0, best_metric="acc"))
     for s, acc in ((1, 0.9), (2, 0.1), (3, 0.2)):
