@@ -490,6 +490,16 @@ def test_the_fixed_clock_holds_for_renders_on_two_threads(caplog):
         events[1].set()
         threads[1].join()
     assert out == {0: f"Today: {CHAT_DATE}. x", 1: f"Today: {CHAT_DATE}. x"} and "cannot fix" not in caplog.text
+    # a render inside a render on one thread (a wrapping tokenizer): a plain lock hung here (second review)
+    template = "Today: {{ strftime_now('%d %b %Y') }}. {% for m in messages %}{{ m['content'] }}{% endfor %}"
+    inner, outer = _bos_tokenizer(template), _bos_tokenizer(template)
+    apply = outer.apply_chat_template
+    outer.apply_chat_template = lambda msgs, **kw: render_chat(inner, msgs, **kw) + " | " + apply(msgs, **kw)
+    nested = threading.Thread(target=lambda: out.__setitem__(2, render_chat(outer, [{"role": "user", "content": "x"}],
+                                                                            tokenize=False)), daemon=True)
+    nested.start()
+    nested.join(10)
+    assert not nested.is_alive() and out[2] == f"Today: {CHAT_DATE}. x | Today: {CHAT_DATE}. x"
 
 
 def test_a_named_template_that_knows_the_developer_role_keeps_it():
@@ -503,3 +513,6 @@ def test_a_named_template_that_knows_the_developer_role_keeps_it():
         assert format_example(ex, PromptConfig("chat"), _bos_tokenizer(t)).prompt.startswith("[developer(dev ok)]")
     plain = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }} {% endfor %}"
     assert format_example(ex, PromptConfig("chat"), _bos_tokenizer({"default": plain})).prompt.startswith("[system]")
+    # the template that renders (no tools: "default"), not another named one (second review)
+    tools_only = _bos_tokenizer({"default": plain, "tool_use": template})
+    assert format_example(ex, PromptConfig("chat"), tools_only).prompt.startswith("[system]")

@@ -73,7 +73,7 @@ class PromptConfig:
 # run's prompts (and the data digest a resume checks) changed at midnight (review, session 28). This is the
 # templates' own fallback date.
 CHAT_DATE = "26 Jul 2024"
-_CLOCK_LOCK, _CLOCK_UNFIXED = threading.Lock(), []
+_CLOCK_LOCK, _CLOCK_UNFIXED = threading.RLock(), []  # (re-entrant: a render inside a render; review)
 
 
 class _ChatClock(datetime.datetime):
@@ -92,6 +92,9 @@ def _fixed_clock(template: str):
         return
     module = importlib.import_module("transformers.utils.chat_template_utils")
     with _CLOCK_LOCK:  # (the check too: a render on another thread saw the patched clock as "cannot fix"; review)
+        if getattr(module, "datetime", None) is _ChatClock:  # a render inside a render on this thread: fixed already
+            yield
+            return
         if getattr(module, "datetime", None) is not datetime.datetime:
             if not _CLOCK_UNFIXED:  # (once)
                 _CLOCK_UNFIXED.append(True)
@@ -111,6 +114,14 @@ def template_text(tokenizer) -> str:
     """The tokenizer's chat template(s) as one text ('' without one): a named-template dict's templates joined."""
     template = getattr(tokenizer, "chat_template", None)
     return " ".join(template.values()) if isinstance(template, dict) else template if isinstance(template, str) else ""
+
+
+def _rendering_template(tokenizer) -> str:
+    """The template `apply_chat_template` renders without tools (of a dict of named ones, "default")."""
+    try:
+        return tokenizer.get_chat_template()
+    except (AttributeError, TypeError, ValueError):  # a stand-in tokenizer, or none: all of the text
+        return template_text(tokenizer)
 
 
 def render_chat(tokenizer, messages, **kwargs):
@@ -190,8 +201,8 @@ def format_example(ex: Example, cfg: PromptConfig, tokenizer=None) -> Formatted:
             raise ValueError(f"data.prompt.style={cfg.style!r} needs a tokenizer with a chat template, and this "
                              f"model's has none: use a plain style ('reft' or 'reft-python') or a chat model")
         messages = chat_messages(ex, cfg)
-        if "developer" not in template_text(tokenizer):  # OpenAI's name for the system turn, unknown to the template
-            # (of a dict of named templates, their text: `in` read the dict's names; review, session 33)
+        if "developer" not in _rendering_template(tokenizer):  # OpenAI's name for the system turn, unknown to the
+            # template (of a dict of named templates, the one that renders: `in` read the dict's names; review)
             messages = [{**m, "role": "system"} if m.get("role") == "developer" else m for m in messages]
         prompt = render_chat(tokenizer, messages, add_generation_prompt=True, tokenize=False)
     elif ex.messages is not None:
