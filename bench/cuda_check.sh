@@ -43,7 +43,8 @@ EOF
 stamp "env: $(grep -E '^(jax|transformers|torch) ' "$OUT/env.txt" | tr '\n' ' ')"
 
 RUN="$OUT/run_gsm8k"
-timeout -s INT -k "${STAGE_RUN_GRACE_S:-60}" "${STAGE_RUN_S:-330}" $PY -m experiments.gsm8k_reft --preset gpu --out "$RUN" --no-progress \
+timeout -s INT -k "${STAGE_RUN_GRACE_S:-60}" "${STAGE_RUN_S:-330}" \
+  $PY -m experiments.gsm8k_reft --preset gpu --out "$RUN" --no-progress \
   --set data.train_format=gsm8k-jsonl --set "data.train_file=$DATA/train.jsonl" \
   --set "data.test_file=$DATA/test.jsonl" \
   --set sft.epochs=2 --set sft.schedule_epochs=2 --set rl.iterations=12 --set rl.eval_every=6 \
