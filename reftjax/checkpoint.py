@@ -25,6 +25,7 @@ at save time. `restore_params` reads only `params/policy` (SFT -> PPO hand-off).
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 from typing import Any
@@ -193,6 +194,7 @@ class Checkpointer:
         """
         self.cfg = cfg
         self.config = dict(config or {})
+        _set_aside_unreadable_metrics(os.path.abspath(cfg.directory))
         policies: list[pp.PreservationPolicy] = [pp.LatestN(n=cfg.keep_last)]
         if cfg.keep_best:
             policies.append(pp.BestN(get_metric_fn=self._rank, n=cfg.keep_best,
@@ -221,9 +223,19 @@ class Checkpointer:
 
     def _ranked(self, above: float | None = None) -> list[int]:
         """Kept steps with a metric (higher than `above`), best first: by metric, then the earlier step."""
-        scored = [(self._metric(m), -s) for s in self.all_steps() if (m := self._manager.metrics(s))
+        scored = [(self._metric(m), -s) for s in self.all_steps() if (m := self._metrics_of(s))
                   and (above is None or self._metric(m) > above)]
         return [-s for _, s in sorted(scored, reverse=True)]
+
+    def _metrics_of(self, step: int) -> dict | None:
+        """The step's metrics, or None (none saved; unreadable: damaged on disk during this run, with a warning;
+        a later opening sets such a file aside, `_set_aside_unreadable_metrics`)."""
+        try:
+            return self._manager.metrics(step)
+        except Exception as e:  # noqa: BLE001 -- Orbax re-reads the file: a damaged one is no candidate
+            log.warning("checkpoint: step %d in %s has unreadable metrics (%s: %s); not a best candidate", step,
+                        self.directory, type(e).__name__, e)
+            return None
 
     def should_save(self, step: int) -> bool:
         return int(step) % self.cfg.save_every == 0
@@ -398,6 +410,33 @@ class Checkpointer:
         if exc_type is not None and not self._closed and self._manager.is_saving_in_progress():
             log.warning("checkpoint: waiting for the save in progress in %s before stopping", self.directory)
         self.close()
+
+
+def _set_aside_unreadable_metrics(directory: str) -> None:
+    """Moves a step's unreadable metrics (`<step>/metrics`: damaged on disk since the step was committed) to
+    `<directory>/unreadable/<step>.metrics.N` with a warning: Orbax reads every step's metrics when it opens the
+    directory, so one such file made every later run of the phase fail (a JSONDecodeError) before it could resume.
+    The step stays a resume point, without a metric (no best candidate)."""
+    from reftjax.sharding import is_primary
+
+    if is_primary() and os.path.isdir(directory):
+        for name in sorted(os.listdir(directory)):
+            path = os.path.join(directory, name, "metrics", "metrics")
+            if not (name.isdigit() and os.path.isfile(path)):
+                continue
+            try:
+                with open(path) as f:
+                    json.load(f)
+                continue
+            except (OSError, ValueError) as e:
+                error = e
+            aside = os.path.join(directory, "unreadable")
+            os.makedirs(aside, exist_ok=True)
+            dest = os.path.join(aside, f"{name}.metrics.{len(os.listdir(aside))}")
+            os.replace(os.path.dirname(path), dest)
+            log.warning("checkpoint: step %s in %s has unreadable metrics (%s: %s), moved to %s; the step stays, "
+                        "without a metric", name, directory, type(error).__name__, error, dest)
+    _barrier("reftjax_checkpoint_metrics_aside")
 
 
 def _barrier(name: str) -> None:

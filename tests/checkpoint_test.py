@@ -223,6 +223,28 @@ def test_an_unreadable_best_step_falls_back_to_the_next_best(tmp_path, caplog):
     ck.close()
 
 
+def test_a_damaged_metrics_file_costs_its_step_the_best_not_the_run(tmp_path, caplog):
+    """Orbax reads every step's metrics when it opens a directory: one metrics file damaged on disk made the phase's
+    read-back of the best fail, and every later run of the phase fail to open its checkpoints (a JSONDecodeError)
+    before it could resume. The step is no best candidate; it stays a resume point (its metrics set aside)."""
+    states = {s: _state(seed=s) for s in (1, 2, 3)}
+    ck = Checkpointer(CheckpointConfig(str(tmp_path), keep_last=1, keep_best=2, best_metric="acc"))
+    for s, acc in ((1, 0.5), (2, 0.75), (3, 0.1)):
+        ck.save(s, states[s], metric=acc)
+    ck.wait()
+    (tmp_path / "2" / "metrics" / "metrics").write_text('{"acc": 0.7')  # cut short
+    abstract = abstract_like(states[1].params["policy"])
+    with caplog.at_level(logging.WARNING, logger="reftjax.checkpoint"):
+        assert ck.best_step() == 1 and ck.restore_best_params(abstract)[1] == 1  # during the run
+        ck.close()
+        ck = Checkpointer(CheckpointConfig(str(tmp_path), keep_last=1, keep_best=2, best_metric="acc"))  # a rerun
+    assert "step 2" in caplog.text and "unreadable metrics" in caplog.text and "moved to" in caplog.text
+    assert ck.all_steps() == [1, 2, 3] and ck.best_step() == 1 and ck.restore_latest(abstract_like(states[1]))[2] == 3
+    _assert_equal_trees(ck.restore_params(2, abstract), states[2].params["policy"])
+    assert os.listdir(tmp_path / "unreadable") == ["2.metrics.0"]
+    ck.close()
+
+
 def test_save_every_and_nonfinite_guard(tmp_path, caplog):
     st = _state()
     ck = Checkpointer(CheckpointConfig(str(tmp_path), save_every=2))
