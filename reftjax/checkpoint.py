@@ -351,11 +351,8 @@ class Checkpointer:
         from reftjax.sharding import is_primary
 
         if is_primary():
-            aside = os.path.join(self.directory, "unreadable")
-            os.makedirs(aside, exist_ok=True)
             for step in steps:
-                dest = os.path.join(aside, f"{step}.{len(os.listdir(aside))}")
-                os.replace(self.step_dir(step), dest)
+                dest = _move_aside(self.directory, self.step_dir(step), str(step))
                 log.warning("checkpoint: moved unreadable step %d to %s; the run resumes from an older step", step,
                             dest)
         _barrier("reftjax_checkpoint_set_aside")
@@ -412,6 +409,16 @@ class Checkpointer:
         self.close()
 
 
+def _move_aside(directory: str, path: str, label: str) -> str:
+    """Moves `path` to `<directory>/unreadable/<label>.N` (N: the folder's count so far, so nothing is overwritten)
+    and returns where it went: unreadable checkpoint parts are kept as evidence, out of Orbax's sight."""
+    aside = os.path.join(directory, "unreadable")
+    os.makedirs(aside, exist_ok=True)
+    dest = os.path.join(aside, f"{label}.{len(os.listdir(aside))}")
+    os.replace(path, dest)
+    return dest
+
+
 def _set_aside_unreadable_metrics(directory: str) -> None:
     """Moves a step's unreadable metrics (`<step>/metrics`: damaged on disk since the step was committed) to
     `<directory>/unreadable/<step>.metrics.N` with a warning: Orbax reads every step's metrics when it opens the
@@ -430,10 +437,7 @@ def _set_aside_unreadable_metrics(directory: str) -> None:
                 continue
             except (OSError, ValueError) as e:
                 error = e
-            aside = os.path.join(directory, "unreadable")
-            os.makedirs(aside, exist_ok=True)
-            dest = os.path.join(aside, f"{name}.metrics.{len(os.listdir(aside))}")
-            os.replace(os.path.dirname(path), dest)
+            dest = _move_aside(directory, os.path.dirname(path), f"{name}.metrics")
             log.warning("checkpoint: step %s in %s has unreadable metrics (%s: %s), moved to %s; the step stays, "
                         "without a metric", name, directory, type(error).__name__, error, dest)
     _barrier("reftjax_checkpoint_metrics_aside")

@@ -452,10 +452,10 @@ def run_rl(cfg: ExperimentConfig, model, ref_params, data: Data, grader, mesh, o
                                                  keep_best=cfg.checkpoint.keep_best),
                            config=to_dict(cfg)) as manager:
         # (checkpoint.keep_best=0 keeps no best: hf/best is the final policy, the warm-up too is not a candidate)
-        warmup = r.best_includes_warmup and bool(r.eval_every) and bool(cfg.checkpoint.keep_best) and \
-            warmup_val is not None
-        it, best, since_best, last_val = 0, warmup_val if warmup else -1.0, 0, None
-        best_it = 0 if warmup else None  # the best's iteration (0: the warm-up; runs begun before it: not recorded)
+        # the warm-up's figure when it competes: the bar an RL checkpoint must beat, else None
+        floor = warmup_val if r.best_includes_warmup and r.eval_every and cfg.checkpoint.keep_best else None
+        it, best, since_best, last_val = 0, -1.0 if floor is None else floor, 0, None
+        best_it = None if floor is None else 0  # the best's iteration (0: the warm-up; runs begun before: not recorded)
         # a resume restores onto the fresh state's shapes alone (no policy or critic copy, no optimizer state)
         abstract = ckpt.abstract_like(fresh(ckpt.abstract_like(ref_params)))
         restored = manager.restore_latest(init_state(abstract, tx, key, abstract=True))
@@ -564,7 +564,7 @@ def run_rl(cfg: ExperimentConfig, model, ref_params, data: Data, grader, mesh, o
         # the end of RL, memory review, session 29)
         policy = state.params["policy"]
         del state
-        best_params, floor = None, warmup_val if warmup else None
+        best_params = None
         if done:
             best_params, best_it = _best_policy(manager, policy, ref_params, best_it, floor)
         else:
