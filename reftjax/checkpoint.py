@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 from typing import Any
 
@@ -212,7 +213,10 @@ class Checkpointer:
         self._closed = False
 
     def _metric(self, metrics: dict) -> float:
-        return float(metrics[self.cfg.best_metric])
+        """The step's metric; NaN (an evaluation gone wrong: a library caller's figure) as -inf, below every real one:
+        NaN compared false with everything, so Orbax kept, and `_ranked` picked, such a step arbitrarily."""
+        value = float(metrics[self.cfg.best_metric])
+        return -math.inf if math.isnan(value) else value
 
     def _rank(self, metrics: dict) -> tuple[float, int]:
         """Orbax's ranking (which steps `BestN` keeps): the metric, then the earlier step among ties, as the training
@@ -222,9 +226,9 @@ class Checkpointer:
         return self._metric(metrics), -int(metrics.get("step", 0))
 
     def _ranked(self, above: float | None = None) -> list[int]:
-        """Kept steps with a metric (higher than `above`), best first: by metric, then the earlier step."""
-        scored = [(self._metric(m), -s) for s in self.all_steps() if (m := self._metrics_of(s))
-                  and (above is None or self._metric(m) > above)]
+        """Kept steps with a real metric (higher than `above`), best first: by metric, then the earlier step."""
+        floor = -math.inf if above is None else above
+        scored = [(v, -s) for s in self.all_steps() if (m := self._metrics_of(s)) and (v := self._metric(m)) > floor]
         return [-s for _, s in sorted(scored, reverse=True)]
 
     def _metrics_of(self, step: int) -> dict | None:
@@ -270,8 +274,8 @@ class Checkpointer:
 
     def best_step(self) -> int | None:
         """The kept step with the highest metric; of tied steps, the earliest (`_ranked`).
-        None if no save had a metric, or with `keep_best=0` (no best is tracked: the latest steps are kept
-        by recency only, and the best of those is not "the best")."""
+        None if no save had a real (not NaN) metric, or with `keep_best=0` (no best is tracked: the latest steps are
+        kept by recency only, and the best of those is not "the best")."""
         ranked = self._ranked() if self.cfg.keep_best else []
         return ranked[0] if ranked else None
 

@@ -175,6 +175,27 @@ def test_best_of_tied_steps_is_the_earliest_and_keep_best_0_has_none(tmp_path):
     ck.close()
 
 
+def test_a_nan_metric_ranks_below_every_real_one(tmp_path):
+    """NaN compared false with everything: Orbax kept, and `best_step` picked, a NaN step arbitrarily (session 33's
+    list). It ranks last for keeping and is never the best; a phase with only NaN figures has no best."""
+    ck = Checkpointer(CheckpointConfig(str(tmp_path / "mixed"), keep_last=1, keep_best=1, best_metric="acc"))
+    for s, acc in ((1, 0.25), (2, float("nan")), (3, 0.0), (4, float("nan")), (5, float("nan"))):
+        ck.save(s, _state(seed=s), metric=acc)
+        ck.wait()
+        assert ck.best_step() == 1
+    assert ck.all_steps() == [1, 5]
+    ck.close()
+    ck = Checkpointer(CheckpointConfig(str(tmp_path / "mixed"), keep_last=1, keep_best=1, best_metric="acc"))
+    assert ck.best_step() == 1 and ck.restore_best_params(abstract_like(_state().params["policy"]))[1] == 1
+    ck.close()
+    ck = Checkpointer(CheckpointConfig(str(tmp_path / "nan"), keep_last=1, keep_best=1, best_metric="acc"))
+    for s in (1, 2):
+        ck.save(s, _state(seed=s), metric=float("nan"))
+    ck.wait()
+    assert ck.best_step() is None and ck.restore_best_params(abstract_like(_state().params["policy"])) == (None, None)
+    ck.close()
+
+
 def test_keep_only_leaves_a_finished_phase_its_last_step(tmp_path, caplog):
     """A finished SFT/verifier phase keeps only the step its marker names (the others held full training states:
     ~84 GB each at 7B in float32); a step that was never saved deletes nothing."""
@@ -236,10 +257,15 @@ def test_a_damaged_metrics_file_costs_its_step_the_best_not_the_run(tmp_path, ca
     abstract = abstract_like(states[1].params["policy"])
     with caplog.at_level(logging.WARNING, logger="reftjax.checkpoint"):
         assert ck.best_step() == 1 and ck.restore_best_params(abstract)[1] == 1  # during the run
+        # later saves of the run: Orbax's preservation ranks from the metrics it holds in memory (read at opening,
+        # kept at each save), never the damaged file (session 33's list: not checked then)
+        ck.save(4, states[3], metric=0.6)
+        ck.wait()
+        assert ck.all_steps() == [2, 4] and ck.best_step() == 4
         ck.close()
         ck = Checkpointer(CheckpointConfig(str(tmp_path), keep_last=1, keep_best=2, best_metric="acc"))  # a rerun
     assert "step 2" in caplog.text and "unreadable metrics" in caplog.text and "moved to" in caplog.text
-    assert ck.all_steps() == [1, 2, 3] and ck.best_step() == 1 and ck.restore_latest(abstract_like(states[1]))[2] == 3
+    assert ck.all_steps() == [2, 4] and ck.best_step() == 4 and ck.restore_latest(abstract_like(states[1]))[2] == 4
     _assert_equal_trees(ck.restore_params(2, abstract), states[2].params["policy"])
     assert os.listdir(tmp_path / "unreadable") == ["2.metrics.0"]
     ck.close()
