@@ -333,7 +333,18 @@ def init_state(params: dict, tx: optax.GradientTransformation, rng: jax.Array, a
     mesh = mesh_of(params)
     opt_shardings = _opt_state_shardings(tx, params, mesh) if mesh is not None else None
     init = jax.jit(tx.init, out_shardings=opt_shardings)
-    opt_state = jax.eval_shape(init, params) if abstract else init(params)
+    if abstract:  # no program compiled (the counters and key built below compiled a scalar program or two here)
+        rep = (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()) if mesh is not None
+               else jax.device_put(np.zeros((), np.int32)).sharding)  # (the default device: where fresh ones live)
+
+        def spec(x, sh=None):
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh or getattr(x, "sharding", None) or rep)
+
+        counter = jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)
+        return TrainState(step=counter, params=jax.tree.map(spec, params),
+                          opt_state=jax.tree.map(spec, jax.eval_shape(init, params)),
+                          rng=spec(rng, rep if mesh is not None else None), skipped=counter)
+    opt_state = init(params)
     step, skipped = jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32)
     if mesh is not None:  # counters and key replicated on the mesh too: a restore commits every leaf to the
         # sharding recorded here, and one left on a single device would clash with the mesh in the next step
@@ -345,10 +356,6 @@ def init_state(params: dict, tx: optax.GradientTransformation, rng: jax.Array, a
         step, skipped, key_data = put((zero, zero, np.asarray(jax.random.key_data(rng))), (rep, rep, rep))
         rng = jax.jit(lambda d: jax.random.wrap_key_data(d, impl=impl), out_shardings=rep)(key_data)
     state = TrainState(step=step, params=params, opt_state=opt_state, rng=rng, skipped=skipped)
-    if abstract:  # (single device: the default device, where the optimizer state would be committed below)
-        here = jnp.zeros(()).sharding
-        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)
-                                                           or here), state)
     if mesh is None:  # committed to their device, as a checkpoint restores them: a step compiled for uncommitted
         # arrays compiled again (once per jitted step) for the same shapes after a resume; NumPy params too (their
         # first step returned committed ones, so every RL program compiled twice: library-user review, session 28)

@@ -1053,12 +1053,19 @@ def test_the_abstract_state_a_resume_restores_onto_is_the_fresh_states_layout(me
     """init_state(abstract=True), run_rl's restore target (built from an abstract policy, so nothing is copied):
     the fresh state's tree, shapes, dtypes and shardings, for SFT, GRPO and PPO with a shared or separate critic (its
     own optimizer partitions too), from placed params and from a library user's NumPy params; nothing allocated for
-    the optimizer state. The verifier's (rerank.abstract_verifier) too."""
+    the optimizer state, and no program compiled (the counters and key compiled one or two, session 33's list). The
+    verifier's (rerank.abstract_verifier) too."""
     from reftjax import checkpoint as ckpt
+    from reftjax import xla_cache
     from reftjax.rerank import abstract_verifier, init_verifier
 
     mesh = _mesh() if mesh else None
     placed = sharding.place_params(_host_policy(), CFG, mesh)
+    target, tx, key = ckpt.abstract_like({"policy": placed}), make_optimizer(OptimConfig(), 10), jax.random.key(7)
+    jax.clear_caches()  # (programs compiled by earlier tests in this process would not be counted again)
+    compiles = xla_cache.CompileStats()
+    init_state(target, tx, key, abstract=True)
+    assert compiles.programs() == 0
     for policy in (placed, _host_policy()):
         for algo, critic, separate in (("sft", None, False), ("grpo", "shared", False), ("ppo", "shared", False),
                                        ("ppo", "separate", False), ("ppo", "separate", True),
