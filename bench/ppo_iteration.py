@@ -98,7 +98,7 @@ class ReftjaxRL:
         self.algo, self.cfg = algo, model.config
         fast, share = args.experience_from_rollout, args.share_prompt
         if algo == "ppo":
-            rl = PPOConfig(algo="ppo", minibatch_size=8, ppo_epochs=2, experience_from_rollout=fast,
+            rl = PPOConfig(algo="ppo", minibatch_size=args.minibatch or None, ppo_epochs=2, experience_from_rollout=fast,
                            group_size=args.samples if share else 1, share_prompt=share)
         else:
             rl = PPOConfig(algo=algo, group_size=args.samples, minibatch_size=8, ppo_epochs=1, kl_coef=args.grpo_kl,
@@ -234,6 +234,8 @@ def main():
                     help="PPOConfig.experience_from_rollout: logp_old/values from the rollout, no policy forward")
     ap.add_argument("--share-prompt", action="store_true",
                     help="PPOConfig.share_prompt: each prompt runs once per group of samples in experience/update")
+    ap.add_argument("--minibatch", type=int, default=8,
+                    help="PPO rows per optimizer update (0: the whole rollout batch, one update per epoch)")
     ap.add_argument("--trl-beta", type=float, default=0.0)
     ap.add_argument("--grpo-kl", type=float, default=0.04,
                     help="reftjax GRPO/RLOO's kl_coef (0: no reference forward, as TRL's default beta 0)")
