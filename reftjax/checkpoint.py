@@ -37,6 +37,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
+from reftjax.sharding import any_process
+
 log = logging.getLogger(__name__)
 
 
@@ -226,7 +228,9 @@ class Checkpointer:
         return self._metric(metrics), -int(metrics.get("step", 0))
 
     def _ranked(self, above: float | None = None) -> list[int]:
-        """Kept steps with a real metric (higher than `above`), best first: by metric, then the earlier step."""
+        """Kept steps with a real metric (higher than `above`), best first: by metric, then the earlier step; after
+        the pending saves (a step being saved asynchronously was no candidate yet: regression review, session 34)."""
+        self.wait()
         floor = -math.inf if above is None else above
         scored = [(v, -s) for s in self.all_steps() if (m := self._metrics_of(s)) and (v := self._metric(m)) > floor]
         return [-s for _, s in sorted(scored, reverse=True)]
@@ -262,7 +266,9 @@ class Checkpointer:
         args = ocp.args.Composite(state=ocp.args.PyTreeSave(_keys_to_data(state)),
                                   extras=ocp.args.JsonSave(dict(extras or {})),
                                   config=ocp.args.JsonSave(self.config))
-        return bool(self._manager.save(step, args=args, metrics=metrics, force=True))
+        # (the metrics twice: Orbax's own file, and a copy in the step's metadata to mend it from if it is damaged)
+        return bool(self._manager.save(step, args=args, metrics=metrics, force=True,
+                                       custom_metadata={"metrics": metrics} if metrics else None))
 
     def all_steps(self) -> list[int]:
         """Committed steps on disk, ascending."""
@@ -294,11 +300,15 @@ class Checkpointer:
             log.info("checkpoint: no kept step in %s scores above %s", self.directory, above)
             return None, None
         for step in ranked:
+            params = None
             try:
-                return self.restore_params(step, abstract_params), step
+                params = self.restore_params(step, abstract_params)
             except Exception as e:  # noqa: BLE001 -- a damaged kept step: the next best one
                 log.warning("checkpoint: best step %d in %s is unreadable (%s: %s); trying the next best", step,
                             self.directory, type(e).__name__, e)
+                _meet_restore_barrier()
+            if not _unreadable_anywhere(params is None, step, self.directory):
+                return params, step
         log.error("checkpoint: none of the kept best steps in %s could be read; no best policy", self.directory)
         return None, None
 
@@ -317,15 +327,12 @@ class Checkpointer:
             return None
         storable = _abstract_storable(abstract_state)
         for i, step in enumerate(steps):
-            if not is_committed(self.step_dir(step)):
+            if not is_committed(self.step_dir(step)):  # (Orbax's own listing, the same on every process)
                 log.warning("checkpoint: step %d in %s has no %s (half-written); trying the previous one",
                             step, self.directory, COMMIT_MARKER)
                 continue
-            try:
-                stored = self._manager.item_metadata(step)["state"]
-            except Exception as e:  # noqa: BLE001 -- unreadable metadata: a damaged step, fall back
-                log.warning("checkpoint: step %d in %s has unreadable metadata (%s: %s); trying the previous one",
-                            step, self.directory, type(e).__name__, e)
+            stored = self._state_metadata(step)
+            if _unreadable_anywhere(stored is None, step, self.directory):
                 continue
             mismatch = layout_mismatch(stored, storable)
             if mismatch:  # not damage: the run's settings changed; an older step would not fit either
@@ -335,16 +342,28 @@ class Checkpointer:
                     f"make_optimizer(separate_critic_state=...)) differs from the run that wrote it: resume "
                     f"with the same settings, or use a fresh output directory (restore_params() reads only "
                     f"the policy params).")
+            out = None
             try:
                 out = self._manager.restore(step, args=ocp.args.Composite(
                     state=_restore_args(storable), extras=ocp.args.JsonRestore()))
             except Exception as e:  # noqa: BLE001 -- any unreadable step falls back to the previous one
                 log.warning("checkpoint: step %d in %s is unreadable (%s: %s); trying the previous one",
                             step, self.directory, type(e).__name__, e)
+                _meet_restore_barrier()
+            if _unreadable_anywhere(out is None, step, self.directory):
                 continue
             self._set_aside(steps[:i])
             return _keys_from_data(out.state, abstract_state), dict(out.extras or {}), step
         raise RuntimeError(f"{self.directory}: none of the checkpoints {steps} could be restored (see warnings)")
+
+    def _state_metadata(self, step: int):
+        """The stored state's tree metadata, or None (unreadable: a damaged step, with a warning)."""
+        try:
+            return self._manager.item_metadata(step)["state"]
+        except Exception as e:  # noqa: BLE001 -- unreadable metadata: a damaged step, fall back
+            log.warning("checkpoint: step %d in %s has unreadable metadata (%s: %s); trying the previous one",
+                        step, self.directory, type(e).__name__, e)
+            return None
 
     def _set_aside(self, steps: list[int]) -> None:
         """Moves the unreadable steps newer than the restored one to `<directory>/unreadable/`, so the resumed
@@ -427,7 +446,10 @@ def _set_aside_unreadable_metrics(directory: str) -> None:
     """Moves a step's unreadable metrics (`<step>/metrics`: damaged on disk since the step was committed) to
     `<directory>/unreadable/<step>.metrics.N` with a warning: Orbax reads every step's metrics when it opens the
     directory, so one such file made every later run of the phase fail (a JSONDecodeError) before it could resume.
-    The step stays a resume point, without a metric (no best candidate)."""
+    The metrics are written again from the copy `save` keeps in the step's own metadata (`_CHECKPOINT_METADATA`):
+    without a metric the step was no best candidate, and the next save deleted it (a step kept as the best only),
+    so a worse step became the best (regression review, session 34). Without that copy (steps saved before it, or
+    it damaged too) the step stays without a metric: a resume point while among the last kept."""
     from reftjax.sharding import is_primary
 
     if is_primary() and os.path.isdir(directory):
@@ -442,9 +464,52 @@ def _set_aside_unreadable_metrics(directory: str) -> None:
             except (OSError, ValueError) as e:
                 error = e
             dest = _move_aside(directory, os.path.dirname(path), f"{name}.metrics")
-            log.warning("checkpoint: step %s in %s has unreadable metrics (%s: %s), moved to %s; the step stays, "
-                        "without a metric", name, directory, type(error).__name__, error, dest)
+            kept = _metrics_copy(os.path.join(directory, name))
+            if kept is not None:
+                os.makedirs(os.path.dirname(path))
+                with open(path + ".tmp", "w") as f:
+                    json.dump(kept, f)
+                os.replace(path + ".tmp", path)
+            log.warning("checkpoint: step %s in %s has unreadable metrics (%s: %s), moved to %s; %s", name, directory,
+                        type(error).__name__, error, dest,
+                        f"written again from the step's metadata: {kept}" if kept is not None else
+                        "no copy in the step's metadata: the step stays without a metric (no best candidate, kept "
+                        "while among the last saved)")
     _barrier("reftjax_checkpoint_metrics_aside")
+
+
+def _metrics_copy(step_dir: str) -> dict | None:
+    """The metrics `Checkpointer.save` kept in the step's metadata, or None."""
+    try:
+        with open(os.path.join(step_dir, "_CHECKPOINT_METADATA")) as f:
+            kept = (json.load(f).get("custom_metadata") or {}).get("metrics")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return kept if isinstance(kept, dict) else None
+
+
+def _unreadable_anywhere(unreadable_here: bool, step: int, directory: str) -> bool:
+    """Whether `step` failed to read on any process (a collective): every process falls back from the same step.
+    Each deciding alone, one that could not read its shards fell back while the others kept the step: a resume hung
+    (the fallback's set-aside waited at a barrier the others never reached) and a best policy mixed two steps'
+    shards (regression review, session 34)."""
+    if not any_process(unreadable_here):
+        return False
+    if not unreadable_here:
+        log.warning("checkpoint: step %d in %s is unreadable on another process; falling back with it", step,
+                    directory)
+    return True
+
+
+def _meet_restore_barrier() -> None:
+    """A process whose Orbax restore raised takes the barrier that ends every Orbax restore (`Checkpointer.restore`
+    syncs all processes after reading), which it skipped: the processes that read their shards wait there, and
+    would never reach the agreement of `_unreadable_anywhere` (both hung, regression review, session 34)."""
+    if jax.process_count() > 1:
+        try:
+            ocp.multihost.sync_global_processes(ocp.multihost.unique_barrier_key("Checkpointer:restore"))
+        except Exception as e:  # noqa: BLE001 -- e.g. every process failed at another point: the agreement decides
+            log.warning("checkpoint: the restore barrier after a failed read: %s: %s", type(e).__name__, e)
 
 
 def _barrier(name: str) -> None:

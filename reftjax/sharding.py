@@ -304,6 +304,28 @@ def is_primary() -> bool:
     return jax.process_index() == 0
 
 
+@functools.cache
+def _flags_program():
+    """(sharding of one flag per device, jitted any over them replicated) on a mesh of every device."""
+    mesh = Mesh(np.array(jax.devices()), ("p",))
+    return NamedSharding(mesh, P("p")), jax.jit(lambda x: x.any(), out_shardings=NamedSharding(mesh, P()))
+
+
+def any_process_later(flag: bool) -> jax.Array:
+    """Whether `flag` is set on any process, dispatched, not awaited: a replicated boolean to read later (a
+    collective: every process calls it at the same point)."""
+    sharding, any_ = _flags_program()
+    return any_(jax.make_array_from_process_local_data(sharding, np.full(jax.local_device_count(), bool(flag))))
+
+
+def any_process(flag: bool) -> bool:
+    """`any_process_later` read at once (a collective; one process: no device work). What lets processes take one
+    decision from what each saw alone: stop together, fall back from the same unreadable checkpoint step."""
+    if jax.process_count() > 1:
+        return bool(np.asarray(any_process_later(flag).addressable_data(0)))
+    return bool(flag)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 

@@ -53,6 +53,7 @@ from reftjax.rerank import (VerifierData, abstract_verifier, init_verifier, make
 from reftjax.rollout import completion_buckets, rollout, trim_to_bucket
 from reftjax.sharding import (BATCH_AXES, from_process_0, is_primary, make_mesh, maybe_initialize_distributed,
                               shard_batch, to_host)
+from reftjax.sharding import any_process as _any_process, any_process_later as _any_process_later
 from reftjax.steps import (init_rl_params, init_state, make_experience_fn, make_optimizer, make_ppo_step, make_sft_step,
                            ppo_updates_per_step, schedule_value)
 
@@ -207,29 +208,6 @@ def _check_same_data(path: pathlib.Path, new: dict) -> None:
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-@functools.cache
-def _flags_program():
-    """(sharding of one flag per device, jitted any over them replicated) on a mesh of every device."""
-    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("p",))
-    return (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("p")),
-            jax.jit(jnp.any, out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())))
-
-
-def _any_process_later(flag: bool) -> jax.Array:
-    """Whether `flag` is set on any process, dispatched, not awaited: a replicated boolean to read later (a
-    collective: every process calls it at the same point)."""
-    sharding, any_ = _flags_program()
-    return any_(jax.make_array_from_process_local_data(sharding, np.full(jax.local_device_count(), bool(flag))))
-
-
-def _any_process(flag: bool) -> bool:
-    """`_any_process_later` read at once (a collective; one process: no device work). One gather program serves
-    both (`process_allgather` was a second way of asking the same)."""
-    if jax.process_count() > 1:
-        return bool(np.asarray(_any_process_later(flag).addressable_data(0)))
-    return bool(flag)
 
 
 class _Interrupt:

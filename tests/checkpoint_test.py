@@ -4,6 +4,7 @@ import logging
 import os
 import pathlib
 import random
+import socket
 import subprocess
 import sys
 
@@ -247,7 +248,8 @@ def test_an_unreadable_best_step_falls_back_to_the_next_best(tmp_path, caplog):
 def test_a_damaged_metrics_file_costs_its_step_the_best_not_the_run(tmp_path, caplog):
     """Orbax reads every step's metrics when it opens a directory: one metrics file damaged on disk made the phase's
     read-back of the best fail, and every later run of the phase fail to open its checkpoints (a JSONDecodeError)
-    before it could resume. The step is no best candidate; it stays a resume point (its metrics set aside)."""
+    before it could resume. During the run the step is no best candidate; at the next opening its metrics are set
+    aside and written again from the copy in the step's metadata."""
     states = {s: _state(seed=s) for s in (1, 2, 3)}
     ck = Checkpointer(CheckpointConfig(str(tmp_path), keep_last=1, keep_best=2, best_metric="acc"))
     for s, acc in ((1, 0.5), (2, 0.75), (3, 0.1)):
@@ -265,10 +267,56 @@ def test_a_damaged_metrics_file_costs_its_step_the_best_not_the_run(tmp_path, ca
         ck.close()
         ck = Checkpointer(CheckpointConfig(str(tmp_path), keep_last=1, keep_best=2, best_metric="acc"))  # a rerun
     assert "step 2" in caplog.text and "unreadable metrics" in caplog.text and "moved to" in caplog.text
-    assert ck.all_steps() == [2, 4] and ck.best_step() == 4 and ck.restore_latest(abstract_like(states[1]))[2] == 4
-    _assert_equal_trees(ck.restore_params(2, abstract), states[2].params["policy"])
+    # written again from the copy in the step's metadata: the best again, as the run's own records say (without it
+    # the step was no best candidate, and a save deleted it once it was not among the last: regression review)
+    assert "written again from the step's metadata" in caplog.text
+    assert json.loads((tmp_path / "2" / "metrics" / "metrics").read_text()) == {"acc": 0.75, "step": 2}
+    assert ck.all_steps() == [2, 4] and ck.best_step() == 2 and ck.restore_latest(abstract_like(states[1]))[2] == 4
+    _assert_equal_trees(ck.restore_best_params(abstract)[0], states[2].params["policy"])
     assert os.listdir(tmp_path / "unreadable") == ["2.metrics.0"]
+    ck.save(5, states[1], metric=0.7)
+    ck.wait()
+    assert ck.all_steps() == [2, 5] and ck.best_step() == 2
     ck.close()
+    # a step saved without the copy (before session 34), or with its metadata damaged too: no metric, as before
+    (tmp_path / "2" / "metrics" / "metrics").write_text("{")
+    meta = json.loads((tmp_path / "2" / "_CHECKPOINT_METADATA").read_text())
+    (tmp_path / "2" / "_CHECKPOINT_METADATA").write_text(json.dumps({**meta, "custom_metadata": {}}))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="reftjax.checkpoint"):
+        ck = Checkpointer(CheckpointConfig(str(tmp_path), keep_last=1, keep_best=2, best_metric="acc"))
+    assert "no copy in the step's metadata" in caplog.text and ck.best_step() == 5
+    ck.close()
+
+
+def test_two_processes_fall_back_together_from_a_step_one_of_them_cannot_read(tmp_path):
+    """2 JAX processes x 1 CPU device (tests/checkpoint_two_process_driver.py), step 5 damaged only in the shards
+    process 1 reads. Each process fell back alone (regression review, session 34): the best policy held step 5's
+    shards on one process and step 3's on the other, and a resume hung (the process that fell back waited at the
+    set-aside barrier; the one that kept step 5 never came, having left Orbax's restore barrier unmatched)."""
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_COMPILATION_CACHE_DIR")}
+    procs = [subprocess.Popen(
+        [sys.executable, str(root / "tests" / "checkpoint_two_process_driver.py"), str(tmp_path / "ckpt")], cwd=root,
+        stdout=subprocess.PIPE, stderr=open(tmp_path / f"p{i}.err", "w"), text=True,
+        env=dict(env, JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2",
+                 JAX_PROCESS_ID=str(i), PYTHONPATH=str(root))) for i in range(2)]
+    try:
+        outs = [p.communicate(timeout=240)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for i, p in enumerate(procs):
+        assert p.returncode == 0, (tmp_path / f"p{i}.err").read_text()[-3000:]
+    seen = [json.loads(o.strip().splitlines()[-1]) for o in outs]
+    assert seen[0] == seen[1], seen
+    assert seen[0] == {"clean_best": [5, [5]], "best": [3, [3]], "latest": [3, [3], {"s": 3}]}
+    assert "unreadable on another process" in (tmp_path / "p0.err").read_text()
+    assert os.listdir(tmp_path / "ckpt" / "unreadable") == ["5.0"]
 
 
 def test_save_every_and_nonfinite_guard(tmp_path, caplog):
