@@ -500,6 +500,23 @@ def test_the_fixed_clock_holds_for_renders_on_two_threads(caplog):
     nested.start()
     nested.join(10)
     assert not nested.is_alive() and out[2] == f"Today: {CHAT_DATE}. x | Today: {CHAT_DATE}. x"
+    # a thread rendering on its own (not through reftjax) while reftjax renders keeps the real clock (the fixed one
+    # was installed for the whole module: regression review, session 34)
+    import datetime
+
+    import transformers.utils.chat_template_utils as ctu
+
+    event = threading.Event()
+    slow = held(event)
+    reftjax_render = threading.Thread(target=lambda: out.__setitem__(3, render_chat(slow, [
+        {"role": "user", "content": "x"}], tokenize=False)))
+    reftjax_render.start()
+    time.sleep(0.3)  # reftjax's render holds the fixed clock
+    own = _bos_tokenizer(template).apply_chat_template([{"role": "user", "content": "y"}], tokenize=False)
+    event.set()
+    reftjax_render.join()
+    assert own == f"Today: {datetime.date.today().strftime('%d %b %Y')}. y" and out[3] == f"Today: {CHAT_DATE}. x"
+    assert ctu.datetime is datetime.datetime  # restored once no render is left
 
 
 def test_a_named_template_that_knows_the_developer_role_keeps_it():

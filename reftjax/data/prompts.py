@@ -73,41 +73,54 @@ class PromptConfig:
 # run's prompts (and the data digest a resume checks) changed at midnight (review, session 28). This is the
 # templates' own fallback date.
 CHAT_DATE = "26 Jul 2024"
-_CLOCK_LOCK, _CLOCK_UNFIXED = threading.RLock(), []  # (re-entrant: a render inside a render; review)
+_CLOCK_LOCK, _CLOCK_UNFIXED, _CLOCK_USERS = threading.Lock(), [], [0]
+_RENDERING = threading.local()  # .depth: renders in progress on this thread (a render inside a render; review)
 
 
 class _ChatClock(datetime.datetime):
+    """The clock of transformers' chat templates while reftjax renders one: CHAT_DATE on the rendering thread, the
+    real clock on every other (installed for the whole module, it dated other threads' renders too: review,
+    session 34)."""
+
     @classmethod
     def now(cls, tz=None):
-        return datetime.datetime.strptime(CHAT_DATE, "%d %b %Y").replace(tzinfo=tz)
+        if getattr(_RENDERING, "depth", 0):
+            return datetime.datetime.strptime(CHAT_DATE, "%d %b %Y").replace(tzinfo=tz)
+        return datetime.datetime.now(tz)
 
 
 @contextlib.contextmanager
 def _fixed_clock(template: str):
     """transformers' `strftime_now`, which templates such as Granite-3's and Mistral-Small-3's call directly (not
     through `date_string`), reads `datetime.now()` of `transformers.utils.chat_template_utils`: set to CHAT_DATE
-    while such a template renders. A transformers without that module attribute renders today's date (logged)."""
+    for this thread while such a template renders (`_ChatClock`, installed while any thread renders). A
+    transformers without that module attribute renders today's date (logged)."""
     if "strftime_now" not in template:
         yield
         return
     module = importlib.import_module("transformers.utils.chat_template_utils")
-    with _CLOCK_LOCK:  # (the check too: a render on another thread saw the patched clock as "cannot fix"; review)
-        if getattr(module, "datetime", None) is _ChatClock:  # a render inside a render on this thread: fixed already
-            yield
-            return
-        if getattr(module, "datetime", None) is not datetime.datetime:
+    with _CLOCK_LOCK:
+        if getattr(module, "datetime", None) not in (datetime.datetime, _ChatClock):
             if not _CLOCK_UNFIXED:  # (once)
                 _CLOCK_UNFIXED.append(True)
                 log.warning("this transformers' chat templates read the clock where reftjax cannot fix it: the "
                             "template's strftime_now writes today's date into the prompts, which differ from one day "
                             "to the next")
-            yield
-            return
-        module.datetime = _ChatClock
-        try:
-            yield
-        finally:
-            module.datetime = datetime.datetime
+            fixed = False
+        else:
+            module.datetime, _CLOCK_USERS[0], fixed = _ChatClock, _CLOCK_USERS[0] + 1, True
+    if not fixed:
+        yield
+        return
+    _RENDERING.depth = getattr(_RENDERING, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _RENDERING.depth -= 1
+        with _CLOCK_LOCK:
+            _CLOCK_USERS[0] -= 1
+            if not _CLOCK_USERS[0]:
+                module.datetime = datetime.datetime
 
 
 def template_text(tokenizer) -> str:
