@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 from typing import Any, Sequence
 
 import flax.struct
@@ -34,6 +35,8 @@ import numpy as np
 from reftjax import models
 from reftjax.models import KVCache, ModelConfig, ValueHead, decode_step, unstack_layers
 from reftjax.sharding import MeshJit, constrain_batch
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -268,6 +271,7 @@ def _rollout(params, prompt_tokens_BxP, prompt_mask_BxP, rng, value_head, model_
         values_BxN=final.values_BxN if value_of is not None else None, sampling=cfg)
 
 
+_UNSTOPPED: list = []  # (warned once: a rollout without any EOS id for a model that has some)
 _rollout_jit = MeshJit(_rollout, static_argnames=("model_cfg", "cfg", "packed_prefill"))  # traced under the mesh
 
 
@@ -289,7 +293,16 @@ def rollout(params, prompt_tokens_BxP, prompt_mask_BxP, rng, *, model_cfg: Model
     (`models.packed_prefill`: it gathers tokens across rows); prompts split over
     devices keep the padded prefill, which stays local to each device's rows.
     """
+    if isinstance(params, dict) and "policy" in params and "layers" not in params:
+        raise ValueError("rollout samples from the policy's params: pass state.params['policy'], not the trainable "
+                         f"tree (keys {sorted(params)})")
     _check_left_padded(prompt_mask_BxP)
+    if not (cfg.eos_ids or cfg.stop_sequences or _UNSTOPPED) and model_cfg.eos_token_ids:
+        _UNSTOPPED.append(True)  # (once per process)
+        log.warning("rollout: SamplingConfig has no eos_ids (nor stop_sequences): every completion runs the whole "
+                    "%d tokens, on past the model's EOS %s, and is graded and trained on so; pass "
+                    "eos_ids=model_cfg.eos_token_ids (generate and the training loop do), or keep them empty on "
+                    "purpose to force the length", cfg.max_new_tokens, tuple(model_cfg.eos_token_ids))
     packed = not _split_across_devices(prompt_tokens_BxP)
     return _rollout_jit(params, prompt_tokens_BxP, prompt_mask_BxP, rng, value_head, model_cfg=model_cfg, cfg=cfg,
                         packed_prefill=packed)
@@ -298,8 +311,10 @@ def rollout(params, prompt_tokens_BxP, prompt_mask_BxP, rng, *, model_cfg: Model
 def _check_left_padded(mask_BxP) -> None:
     """Refuses a concrete prompt mask with padding after a real token (right padding, a tokenizer's default):
     those rows would decode on from pad positions, silently. A traced mask (inside jit) is the caller's to check;
-    a mask split over several processes is checked where it is built (the loader left-pads)."""
-    if isinstance(mask_BxP, jax.core.Tracer) or not getattr(mask_BxP, "is_fully_addressable", True):
+    a mask split over several processes is checked where it is built (the loader left-pads); so is one still being
+    computed on the device (the check waited for it: a host sync in a call that otherwise returns at once)."""
+    if isinstance(mask_BxP, jax.core.Tracer) or not getattr(mask_BxP, "is_fully_addressable", True) or (
+            isinstance(mask_BxP, jax.Array) and not mask_BxP.is_ready()):
         return
     m = np.asarray(mask_BxP).astype(bool)
     bad = np.flatnonzero((m[:, :-1] & ~m[:, 1:]).any(axis=1)) if m.ndim == 2 else []

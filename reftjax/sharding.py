@@ -21,6 +21,7 @@ import contextlib
 import contextvars
 import dataclasses
 import functools
+import inspect
 import logging
 import numbers
 import os
@@ -397,12 +398,24 @@ def _fn_name(fn) -> str:
     return getattr(fn, "__name__", None) or getattr(getattr(fn, "func", None), "__name__", "step")
 
 
-def _raise_deleted(name, args, kwargs):
+def _argument_path(fn, path) -> str:
+    """`path` into `(args, kwargs)` as the argument's name and the path within it: `ref_params['layers']...`
+    (the bare position, `[0][1]['layers']...`, named no argument: library-user review, session 34)."""
+    try:
+        (where, key), rest = path[:2], path[2:]
+        name = (list(inspect.signature(fn).parameters)[key.idx] if where.idx == 0 else key.key)
+    except (IndexError, AttributeError, TypeError, ValueError):  # (no signature, *args): the position
+        return jax.tree_util.keystr(path)
+    return f"{name}{jax.tree_util.keystr(tuple(rest))}"
+
+
+def _raise_deleted(fn, args, kwargs):
     """A deleted array passed again (after a step donated it) ran a compiled program on freed buffers: PJRT's
     "Buffer has been deleted or donated", an INVALID_ARGUMENT, or on a multi-device mesh a segfault (library-user
     review, session 28: the README's example used the loaded params for two states)."""
-    where = [jax.tree_util.keystr(path) for path, x in jax.tree_util.tree_flatten_with_path((args, kwargs))[0]
+    where = [_argument_path(fn, path) for path, x in jax.tree_util.tree_flatten_with_path((args, kwargs))[0]
              if isinstance(x, jax.Array) and x.is_deleted()]
+    name = _fn_name(fn)
     raise ValueError(f"{name.lstrip('_')}: {len(where)} argument array(s) were deleted, e.g. {where[0]}: their "
                      f"buffers were donated to an earlier step (make_sft_step and make_ppo_step donate the state they are given, "
                      f"and init_state shares the params it is given); pass a copy, jax.tree.map(jnp.copy, params), "
@@ -432,7 +445,7 @@ class MeshJit:
             mesh, pins = _MESH.get(), None
         else:
             if any(isinstance(x, jax.Array) and x.is_deleted() for x in leaves):
-                _raise_deleted(_fn_name(self._fn), args, kwargs)
+                _raise_deleted(self._fn, args, kwargs)
             mesh = mesh_of(leaves)  # (the leaves flattened once above)
             pins = None
             if self._state_step and mesh is not None and mesh.size > 1:  # (one device: nothing to drift)

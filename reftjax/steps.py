@@ -586,6 +586,13 @@ def init_rl_params(policy: dict, model_cfg: ModelConfig, cfg: PPOConfig, rng: ja
 
 
 def _check_critic(params: dict, cfg: PPOConfig) -> None:
+    """The trainable tree fits the algorithm (a bare KeyError deep in the step otherwise: library-user review)."""
+    if "policy" not in params:
+        raise ValueError(f"params must be the trainable tree {{'policy': ..., ...}} (steps.init_rl_params builds it), "
+                         f"got one with keys {sorted(params)[:5]}")
+    if cfg.algo == "ppo" and "value_head" not in params:
+        raise ValueError("PPO needs a value head: params lack 'value_head' (steps.init_rl_params with a PPO config "
+                         "adds it; these look built for GRPO/RLOO)")
     if cfg.algo == "ppo" and ("critic" in params) != (cfg.critic == "separate"):
         raise ValueError(f"PPOConfig.critic={cfg.critic!r} but params {'has' if 'critic' in params else 'lacks'} a "
                          "'critic' trunk: build params with steps.init_rl_params")
@@ -660,6 +667,9 @@ def make_experience(params: dict, ref_params: dict, rollout, scores_B, *, model_
             policy_outputs({"policy": ref_params}, model_cfg, tokens, attn, n, False,
                            share_prompt=cfg.prompt_group, head_chunk_rows=cfg.head_chunk_rows,
                            temperature=cfg.temperature)[0])
+    if scores_B.shape != rollout.tokens_BxN.shape[:1]:
+        raise ValueError(f"scores_B has shape {scores_B.shape}; one score per rollout row: "
+                         f"{rollout.tokens_BxN.shape[:1]}")
     scores_B = scores_B.astype(jnp.float32)
     if with_value:
         rewards, _ = losses.kl_shaped_rewards(scores_B, logp_old, logp_ref, mask_n, cfg.kl_coef)

@@ -257,12 +257,12 @@ def test_params_donated_by_a_step_are_refused_by_name_when_used_again():
     rollout(params, prompts, jnp.ones_like(prompts), jax.random.key(0), model_cfg=CFG, cfg=scfg)  # compiled
     step = make_sft_step(CFG, SFT_TX)
     state, _ = step(init_state({"policy": params}, SFT_TX, jax.random.key(1)), _sft_batch())
-    with pytest.raises(ValueError, match=r"^rollout: \d+ argument array\(s\) were deleted, e\.g\. \[0\]\[0\]\['\w+'\]"
+    with pytest.raises(ValueError, match=r"^rollout: \d+ argument array\(s\) were deleted, e\.g\. params\['\w+'\]"
                                          r".*donated to an earlier step.*jax\.tree\.map\(jnp\.copy, params\)"):
         rollout(params, prompts, jnp.ones_like(prompts), jax.random.key(0), model_cfg=CFG, cfg=scfg)
     old = state
     state, _ = step(state, _sft_batch())
-    with pytest.raises(ValueError, match="sft_step: .* were deleted"):
+    with pytest.raises(ValueError, match=r"sft_step: .* were deleted, e\.g\. state\.\w+"):  # (by name: session 34)
         step(old, _sft_batch())
     assert int(state.step) == 2
 
@@ -771,6 +771,27 @@ def test_share_prompt_runs_each_prompt_once_with_the_unpacked_outputs_and_gradie
                                        err_msg=f"{path} {head_rows}")
     with pytest.raises(ValueError, match="does not divide"):
         steps.completion_hidden(policy, cfg, tokens[:-1], attn[:-1], n_new, g)
+
+
+def test_a_library_users_wrong_inputs_get_errors_that_say_what_to_pass():
+    """Bare KeyErrors ('value_head', 'layers') and a broadcasting error from deep in the step (library-user review,
+    session 34): GRPO-built params in a PPO experience, the whole trainable tree given to rollout, scores_B of the
+    wrong length."""
+    policy, r, _ = _grouped_rollout(CFG, 2)
+    ppo = PPOConfig(group_size=2, kl_coef=0.0)
+    experience = make_experience_fn(CFG, ppo)
+    grpo_params = init_rl_params(policy, CFG, PPOConfig(algo="grpo", group_size=2), jax.random.key(1))
+    scores = jnp.zeros(r.tokens_BxN.shape[:1])
+    with pytest.raises(ValueError, match="PPO needs a value head"):
+        experience(grpo_params, policy, r, jnp.arange(scores.shape[0]), scores_B=scores)
+    with pytest.raises(ValueError, match="trainable tree"):
+        experience(policy, policy, r, jnp.arange(scores.shape[0]), scores_B=scores)
+    ppo_params = init_rl_params(policy, CFG, ppo, jax.random.key(1))
+    with pytest.raises(ValueError, match=r"scores_B has shape \(7,\); one score per rollout row: \(8,\)"):
+        experience(ppo_params, policy, r, jnp.arange(scores.shape[0]), scores_B=scores[:-1])
+    with pytest.raises(ValueError, match=r"pass state.params\['policy'\]"):
+        rollout(ppo_params, r.prompt_tokens_BxP[::2], r.prompt_mask_BxP[::2], jax.random.key(0), model_cfg=CFG,
+                cfg=r.sampling)
 
 
 def _assert_same_update(got, want, before, err_msg=""):

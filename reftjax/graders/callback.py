@@ -34,8 +34,10 @@ XLA gathers the whole batch to one device, calls the host once per step with the
 mesh) with `with_sharding_constraint` (or `reshard` on Explicit-axis meshes). On a mesh
 (`out_sharding`'s, or the active `reftjax.sharding.activation_mesh`) the operands and the
 result are replicated explicitly on the way: the same gather, without XLA's warnings.
-Never raises into XLA (raising inside a callback is undefined): any failure scores the whole
-batch 0 and is recorded in `last.error`.
+A `HostRewardFn` never raises into XLA (raising inside a callback is undefined): any failure scores the
+whole batch 0 and is recorded in `last.error`. A custom reward callable is the caller's code: one that returns
+the wrong number of rewards or a non-finite one raises there, which reaches the caller as XLA's
+`JaxRuntimeError` ("CpuCallback error ...") carrying the message that names the callable (`_as_rewards`).
 """
 from __future__ import annotations
 
