@@ -98,8 +98,8 @@ class ReftjaxRL:
         self.algo, self.cfg = algo, model.config
         fast, share = args.experience_from_rollout, args.share_prompt
         if algo == "ppo":
-            rl = PPOConfig(algo="ppo", minibatch_size=args.minibatch or None, ppo_epochs=2, experience_from_rollout=fast,
-                           group_size=args.samples if share else 1, share_prompt=share)
+            rl = PPOConfig(algo="ppo", minibatch_size=args.minibatch or None, ppo_epochs=2,
+                           experience_from_rollout=fast, group_size=args.samples if share else 1, share_prompt=share)
         else:
             rl = PPOConfig(algo=algo, group_size=args.samples, minibatch_size=8, ppo_epochs=1, kl_coef=args.grpo_kl,
                            experience_from_rollout=fast, share_prompt=share)

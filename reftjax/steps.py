@@ -641,8 +641,8 @@ def make_experience(params: dict, ref_params: dict, rollout, scores_B, *, model_
     With `cfg.share_prompt`, concrete (not traced) inputs are checked to hold one prompt per group
     (`check_shared_prompts`); under `jax.jit` that check is the caller's.
     """
-    _check_critic(params, cfg)
     check_sampling(rollout.sampling, cfg)
+    _check_critic(params, cfg)
     if cfg.prompt_group > 1 and not isinstance(rollout.prompt_tokens_BxP, jax.core.Tracer):
         check_shared_prompts(rollout.prompt_tokens_BxP, rollout.prompt_mask_BxP, cfg.prompt_group)
     tokens = jnp.concatenate([rollout.prompt_tokens_BxP, rollout.tokens_BxN], axis=1)
