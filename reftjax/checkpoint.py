@@ -37,7 +37,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
-from reftjax.sharding import any_process
+from reftjax.sharding import any_process, from_process_0
 
 log = logging.getLogger(__name__)
 
@@ -229,9 +229,11 @@ class Checkpointer:
 
     def _ranked(self, above: float | None = None) -> list[int]:
         """Kept steps with a real metric (higher than `above`), best first: by metric, then the earlier step; after
-        the pending saves (a step being saved asynchronously was no candidate yet: regression review, session 34)."""
-        self.wait()
-        floor = -math.inf if above is None else above
+        the pending saves (a step being saved asynchronously was no candidate yet: regression review, session 34;
+        none after `close`, which finished them). A NaN `above` is no floor, as a NaN metric is none."""
+        if not self._closed:
+            self.wait()
+        floor = -math.inf if above is None or math.isnan(above) else above
         scored = [(v, -s) for s in self.all_steps() if (m := self._metrics_of(s)) and (v := self._metric(m)) > floor]
         return [-s for _, s in sorted(scored, reverse=True)]
 
@@ -292,12 +294,12 @@ class Checkpointer:
 
         A best step that cannot be read (damaged on disk since it was saved) used to fail the run at its very end;
         it is now skipped with a warning for the next best (`_ranked`: by metric, then the earlier), like
-        `restore_latest` does."""
-        if self.best_step() is None:
-            return None, None
-        ranked = self._ranked(above)
-        if not ranked:  # (all at or below `above`: nothing to read)
-            log.info("checkpoint: no kept step in %s scores above %s", self.directory, above)
+        `restore_latest` does. With several processes every one tries process 0's candidates (each reading the
+        metrics alone, one that failed to read a file tried fewer steps and the others hung: regression review)."""
+        ranked = _process_0s(self._ranked(above)) if self.cfg.keep_best else []
+        if not ranked:  # (no best, or all at or below `above`: nothing to read)
+            if above is not None and self.best_step() is not None:
+                log.info("checkpoint: no kept step in %s scores above %s", self.directory, above)
             return None, None
         for step in ranked:
             params = None
@@ -455,23 +457,28 @@ def _set_aside_unreadable_metrics(directory: str) -> None:
     if is_primary() and os.path.isdir(directory):
         for name in sorted(os.listdir(directory)):
             path = os.path.join(directory, name, "metrics", "metrics")
-            if not (name.isdigit() and os.path.isfile(path)):
+            if not (name.isdigit() and os.path.isdir(os.path.join(directory, name))):
                 continue
-            try:
-                with open(path) as f:
-                    json.load(f)
-                continue
-            except (OSError, ValueError) as e:
-                error = e
-            dest = _move_aside(directory, os.path.dirname(path), f"{name}.metrics")
+            error = dest = None
+            if os.path.isfile(path):
+                try:
+                    with open(path) as f:
+                        json.load(f)
+                    continue
+                except (OSError, ValueError) as e:
+                    error = e
+                dest = _move_aside(directory, os.path.dirname(path), f"{name}.metrics")
             kept = _metrics_copy(os.path.join(directory, name))
-            if kept is not None:
-                os.makedirs(os.path.dirname(path))
+            if kept is not None:  # (also a file missing beside a copy: a mend cut short by a crash, regression review)
+                os.makedirs(os.path.dirname(path), exist_ok=True)
                 with open(path + ".tmp", "w") as f:
                     json.dump(kept, f)
                 os.replace(path + ".tmp", path)
-            log.warning("checkpoint: step %s in %s has unreadable metrics (%s: %s), moved to %s; %s", name, directory,
-                        type(error).__name__, error, dest,
+            if error is None and kept is None:  # (no metric saved)
+                continue
+            log.warning("checkpoint: step %s in %s has %s; %s", name, directory,
+                        f"unreadable metrics ({type(error).__name__}: {error}), moved to {dest}" if error is not None
+                        else "no metrics file",
                         f"written again from the step's metadata: {kept}" if kept is not None else
                         "no copy in the step's metadata: the step stays without a metric (no best candidate, kept "
                         "while among the last saved)")
@@ -499,6 +506,15 @@ def _unreadable_anywhere(unreadable_here: bool, step: int, directory: str) -> bo
         log.warning("checkpoint: step %d in %s is unreadable on another process; falling back with it", step,
                     directory)
     return True
+
+
+def _process_0s(steps: list[int]) -> list[int]:
+    """Process 0's list of steps, on every process (two broadcasts; the list itself with one process)."""
+    if jax.process_count() == 1:
+        return steps
+    n = int(from_process_0(np.asarray([len(steps)], np.int64))[0])
+    mine = np.asarray((steps + [-1] * n)[:n], np.int64)
+    return [int(s) for s in from_process_0(mine)]
 
 
 def _meet_restore_barrier() -> None:

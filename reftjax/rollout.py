@@ -311,10 +311,10 @@ def rollout(params, prompt_tokens_BxP, prompt_mask_BxP, rng, *, model_cfg: Model
 def _check_left_padded(mask_BxP) -> None:
     """Refuses a concrete prompt mask with padding after a real token (right padding, a tokenizer's default):
     those rows would decode on from pad positions, silently. A traced mask (inside jit) is the caller's to check;
-    a mask split over several processes is checked where it is built (the loader left-pads); so is one still being
-    computed on the device (the check waited for it: a host sync in a call that otherwise returns at once)."""
-    if isinstance(mask_BxP, jax.core.Tracer) or not getattr(mask_BxP, "is_fully_addressable", True) or (
-            isinstance(mask_BxP, jax.Array) and not mask_BxP.is_ready()):
+    a mask split over several processes is checked where it is built (the loader left-pads). A mask still being
+    computed on the device is waited for: skipping those made the check depend on timing (a right-padded mask
+    raised on one call and decoded silently on the next; regression review, session 34)."""
+    if isinstance(mask_BxP, jax.core.Tracer) or not getattr(mask_BxP, "is_fully_addressable", True):
         return
     m = np.asarray(mask_BxP).astype(bool)
     bad = np.flatnonzero((m[:, :-1] & ~m[:, 1:]).any(axis=1)) if m.ndim == 2 else []

@@ -403,8 +403,10 @@ def _argument_path(fn, path) -> str:
     (the bare position, `[0][1]['layers']...`, named no argument: library-user review, session 34)."""
     try:
         (where, key), rest = path[:2], path[2:]
-        name = (list(inspect.signature(fn).parameters)[key.idx] if where.idx == 0 else key.key)
-    except (IndexError, AttributeError, TypeError, ValueError):  # (no signature, *args): the position
+        positional = [p.name for p in inspect.signature(fn).parameters.values()
+                      if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        name = positional[key.idx] if where.idx == 0 else key.key
+    except (IndexError, AttributeError, TypeError, ValueError):  # (no signature, one of *args): the position
         return jax.tree_util.keystr(path)
     return f"{name}{jax.tree_util.keystr(tuple(rest))}"
 

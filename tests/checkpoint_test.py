@@ -195,6 +195,12 @@ def test_a_nan_metric_ranks_below_every_real_one(tmp_path):
     ck.wait()
     assert ck.best_step() is None and ck.restore_best_params(abstract_like(_state().params["policy"])) == (None, None)
     ck.close()
+    # a NaN floor is none, as a NaN metric is none (it excluded every step); and the reads still work after close
+    # (the wait for pending saves, new in session 34, refused on a closed checkpointer: second review)
+    ck = Checkpointer(CheckpointConfig(str(tmp_path / "mixed"), keep_last=1, keep_best=1, best_metric="acc"))
+    ck.close()
+    assert ck.best_step() == 1
+    assert ck.restore_best_params(abstract_like(_state().params["policy"]), above=float("nan"))[1] == 1
 
 
 def test_keep_only_leaves_a_finished_phase_its_last_step(tmp_path, caplog):
@@ -287,13 +293,29 @@ def test_a_damaged_metrics_file_costs_its_step_the_best_not_the_run(tmp_path, ca
         ck = Checkpointer(CheckpointConfig(str(tmp_path), keep_last=1, keep_best=2, best_metric="acc"))
     assert "no copy in the step's metadata" in caplog.text and ck.best_step() == 5
     ck.close()
+    # a mend cut short by a crash (the damaged file moved aside, the copy not yet written): mended at the next opening
+    ck = Checkpointer(CheckpointConfig(str(tmp_path / "cut"), keep_last=1, keep_best=1, best_metric="acc"))
+    for s, acc in ((1, 0.9), (2, 0.1)):
+        ck.save(s, states[s], metric=acc)
+    ck.close()
+    os.replace(tmp_path / "cut" / "1" / "metrics", tmp_path / "1.metrics")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="reftjax.checkpoint"):
+        ck = Checkpointer(CheckpointConfig(str(tmp_path / "cut"), keep_last=1, keep_best=1, best_metric="acc"))
+    assert "step 1" in caplog.text and "no metrics file; written again" in caplog.text
+    ck.save(3, states[3], metric=0.5)
+    ck.wait()
+    assert ck.all_steps() == [1, 3] and ck.best_step() == 1
+    ck.close()
 
 
 def test_two_processes_fall_back_together_from_a_step_one_of_them_cannot_read(tmp_path):
     """2 JAX processes x 1 CPU device (tests/checkpoint_two_process_driver.py), step 5 damaged only in the shards
     process 1 reads. Each process fell back alone (regression review, session 34): the best policy held step 5's
     shards on one process and step 3's on the other, and a resume hung (the process that fell back waited at the
-    set-aside barrier; the one that kept step 5 never came, having left Orbax's restore barrier unmatched)."""
+    set-aside barrier; the one that kept step 5 never came, having left Orbax's restore barrier unmatched). Process 1
+    also fails to read step 3's metrics: each process ranked the candidates alone, so it gave up after step 5 while
+    process 0 waited in step 3's restore (second review)."""
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]

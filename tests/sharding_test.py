@@ -414,3 +414,24 @@ def test_mesh_jit_keys_its_programs_by_mesh_and_state_layout(random_params):
     ref = rollout(params_np, tokens[:, :6].copy(), np.ones((8, 6), np.int32), jax.random.key(0), model_cfg=CFG,
                   cfg=greedy)
     np.testing.assert_array_equal(np.asarray(out.tokens_BxN), np.asarray(ref.tokens_BxN))
+
+
+def test_a_deleted_argument_is_named_by_its_parameter():
+    """The donated-array error named a position (`[0][1]['embed']`): now the parameter (library-user review, session
+    34); one of `*args` keeps its position (a keyword-only parameter's name was given: second review)."""
+    import functools
+
+    from reftjax.sharding import _argument_path
+
+    def paths(fn, args, kwargs):
+        return [_argument_path(fn, p) for p, _ in jax.tree_util.tree_flatten_with_path((args, kwargs))[0]]
+
+    def f(state, *batches, scale=1.0):
+        pass
+
+    def g(params, ref_params, z=None):
+        pass
+
+    assert paths(f, (1, 2, {"w": 3}), {}) == ["state", "[0][1]", "[0][2]['w']"]
+    assert paths(g, ({"a": 1}, {"embed": 2}), {"z": {"w": 4}}) == ["params['a']", "ref_params['embed']", "z['w']"]
+    assert paths(functools.partial(g, {"a": 1}), ({"embed": 2},), {}) == ["ref_params['embed']"]
