@@ -4,7 +4,6 @@ import logging
 import os
 import pathlib
 import random
-import socket
 import subprocess
 import sys
 
@@ -309,31 +308,14 @@ def test_a_damaged_metrics_file_costs_its_step_the_best_not_the_run(tmp_path, ca
     ck.close()
 
 
-def test_two_processes_fall_back_together_from_a_step_one_of_them_cannot_read(tmp_path):
+def test_two_processes_fall_back_together_from_a_step_one_of_them_cannot_read(tmp_path, two_processes):
     """2 JAX processes x 1 CPU device (tests/checkpoint_two_process_driver.py), step 5 damaged only in the shards
     process 1 reads. Each process fell back alone (regression review, session 34): the best policy held step 5's
     shards on one process and step 3's on the other, and a resume hung (the process that fell back waited at the
     set-aside barrier; the one that kept step 5 never came, having left Orbax's restore barrier unmatched). Process 1
     also fails to read step 3's metrics: each process ranked the candidates alone, so it gave up after step 5 while
     process 0 waited in step 3's restore (second review)."""
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
-    root = pathlib.Path(__file__).resolve().parents[1]
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_COMPILATION_CACHE_DIR")}
-    procs = [subprocess.Popen(
-        [sys.executable, str(root / "tests" / "checkpoint_two_process_driver.py"), str(tmp_path / "ckpt")], cwd=root,
-        stdout=subprocess.PIPE, stderr=open(tmp_path / f"p{i}.err", "w"), text=True,
-        env=dict(env, JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2",
-                 JAX_PROCESS_ID=str(i), PYTHONPATH=str(root))) for i in range(2)]
-    try:
-        outs = [p.communicate(timeout=240)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for i, p in enumerate(procs):
-        assert p.returncode == 0, (tmp_path / f"p{i}.err").read_text()[-3000:]
+    outs = two_processes([pathlib.Path(__file__).with_name("checkpoint_two_process_driver.py"), tmp_path / "ckpt"])
     seen = [json.loads(o.strip().splitlines()[-1]) for o in outs]
     assert seen[0] == seen[1], seen
     assert seen[0] == {"clean_best": [5, [5]], "best": [3, [3]], "latest": [3, [3], {"s": 3}]}

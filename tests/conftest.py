@@ -150,3 +150,37 @@ def tiny_hf_dir(tmp_path_factory, smollm_tokenizer):
     params = init_params(cfg, jax.random.key(0))
     out = tmp_path_factory.mktemp("tiny_llama") / "model"
     return save_hf(out, params, cfg, hf, smollm_tokenizer)
+
+
+@pytest.fixture
+def two_processes(tmp_path):
+    """`run(argv, devices=1, timeout=240)`: the Python script `argv` as 2 JAX processes x `devices` CPU devices on a
+    fresh local coordinator (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID); returns their stdouts. Both
+    must exit 0 (stderr in `tmp_path/p{i}.err`); a hang fails at `timeout`, with both killed."""
+    import socket
+    import subprocess
+    import sys
+
+    def run(argv, devices=1, timeout=240):
+        with socket.socket() as s:
+            s.bind(("localhost", 0))
+            port = s.getsockname()[1]
+        root = pathlib.Path(__file__).resolve().parents[1]
+        env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_COMPILATION_CACHE_DIR")}
+        procs = [subprocess.Popen(
+            [sys.executable, *map(str, argv)], cwd=root, stdout=subprocess.PIPE,
+            stderr=open(tmp_path / f"p{i}.err", "w"), text=True,
+            env=dict(env, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+                     JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i),
+                     PYTHONPATH=str(root))) for i in range(2)]
+        try:
+            outs = [p.communicate(timeout=timeout)[0] for p in procs]
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+        for i, p in enumerate(procs):
+            assert p.returncode == 0, (tmp_path / f"p{i}.err").read_text()[-3000:]
+        return outs
+
+    return run

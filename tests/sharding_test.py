@@ -1,6 +1,5 @@
 """reftjax.sharding: meshes, logical-axis rules, and a sharded forward equal to the single-device one."""
 import json
-import os
 import pathlib
 import flax.traverse_util as tu
 import jax
@@ -318,38 +317,14 @@ def test_a_voting_rollout_of_sliced_prompts_splits_its_samples_over_the_mesh(ran
     assert out.tokens_BxN.sharding.spec == P(("data", "fsdp"))
 
 
-def test_two_processes_agree_on_grades_feed_their_own_rows_and_refuse_a_whole_batch_spec(tmp_path):
+def test_two_processes_agree_on_grades_feed_their_own_rows_and_refuse_a_whole_batch_spec(two_processes):
     """2 JAX processes x 2 CPU devices (tests/two_process_driver.py), helper review (session 23):
     - every process graded evaluations itself, so a grader whose result differs between processes (P-CoT programs
       calling `random`, or timing out on one busy host) gave each process its own accuracy: evals.json held one,
       metrics.jsonl another, and best-checkpoint / early-stop decisions could split the processes;
     - `generate(mesh=...)` fed the whole batch as each process's rows: N copies on N processes;
     - `Loader(spec=P(None))` failed in JAX with a raw shape error."""
-    import socket
-    import subprocess
-    import sys
-
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
-    root = pathlib.Path(__file__).resolve().parents[1]
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_COMPILATION_CACHE_DIR")}
-    procs = []
-    for i in range(2):
-        procs.append(subprocess.Popen(
-            [sys.executable, str(root / "tests" / "two_process_driver.py")], cwd=root, stdout=subprocess.PIPE,
-            stderr=open(tmp_path / f"p{i}.err", "w"), text=True,
-            env=dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
-                     JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i),
-                     PYTHONPATH=str(root))))
-    try:
-        outs = [p.communicate(timeout=300)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for i, p in enumerate(procs):
-        assert p.returncode == 0, (tmp_path / f"p{i}.err").read_text()[-3000:]
+    outs = two_processes([pathlib.Path(__file__).with_name("two_process_driver.py")], devices=2, timeout=300)
     seen = [json.loads(o.strip().splitlines()[-1]) for o in outs]
     assert seen[0]["scores"] == seen[1]["scores"] and len(seen[0]["scores"]) == 12
     assert (seen[0]["accuracy"], seen[0]["voting_accuracy"]) == (seen[1]["accuracy"], seen[1]["voting_accuracy"])
