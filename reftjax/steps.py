@@ -643,6 +643,9 @@ def make_experience(params: dict, ref_params: dict, rollout, scores_B, *, model_
     """
     check_sampling(rollout.sampling, cfg)
     _check_critic(params, cfg)
+    if scores_B.shape != rollout.tokens_BxN.shape[:1]:
+        raise ValueError(f"scores_B has shape {scores_B.shape}; one score per rollout row: "
+                         f"{rollout.tokens_BxN.shape[:1]}")
     if cfg.prompt_group > 1 and not isinstance(rollout.prompt_tokens_BxP, jax.core.Tracer):
         check_shared_prompts(rollout.prompt_tokens_BxP, rollout.prompt_mask_BxP, cfg.prompt_group)
     tokens = jnp.concatenate([rollout.prompt_tokens_BxP, rollout.tokens_BxN], axis=1)
@@ -667,9 +670,6 @@ def make_experience(params: dict, ref_params: dict, rollout, scores_B, *, model_
             policy_outputs({"policy": ref_params}, model_cfg, tokens, attn, n, False,
                            share_prompt=cfg.prompt_group, head_chunk_rows=cfg.head_chunk_rows,
                            temperature=cfg.temperature)[0])
-    if scores_B.shape != rollout.tokens_BxN.shape[:1]:
-        raise ValueError(f"scores_B has shape {scores_B.shape}; one score per rollout row: "
-                         f"{rollout.tokens_BxN.shape[:1]}")
     scores_B = scores_B.astype(jnp.float32)
     if with_value:
         rewards, _ = losses.kl_shaped_rewards(scores_B, logp_old, logp_ref, mask_n, cfg.kl_coef)
