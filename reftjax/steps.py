@@ -507,6 +507,9 @@ class Experience:
     advantages_BxN: jax.Array
     returns_BxN: jax.Array
     scores_B: jax.Array
+    # the PPOConfig.algo whose advantages these are ("ppo": GAE over the critic's values; "grpo"/"rloo": group
+    # baselines); `ppo_step` refuses another algorithm's (None: built by hand, not checked). Static: no device data.
+    algo: str | None = flax.struct.field(pytree_node=False, default=None)
 
 
 def completion_hidden(trunk: dict, model_cfg: ModelConfig, tokens_BxL, attn_mask_BxL, n_completion: int,
@@ -683,7 +686,7 @@ def make_experience(params: dict, ref_params: dict, rollout, scores_B, *, model_
         adv = jnp.broadcast_to(group[:, None], mask_n.shape)
         returns = values = jnp.zeros_like(adv)
     return Experience(tokens, attn, mask_n, logp_old, logp_ref, values, jnp.where(mask_n > 0, adv, 0.0),
-                      returns, scores_B)
+                      returns, scores_B, algo=cfg.algo)
 
 
 def experience_metrics(exp: Experience, rollout, logp_recomputed: bool = True, with_value: bool = False) -> dict:
@@ -771,6 +774,9 @@ def ppo_step(state: TrainState, exp: Experience, *, model_cfg: ModelConfig, tx: 
              cfg: PPOConfig) -> tuple[TrainState, dict]:
     """`cfg.ppo_epochs` passes of shuffled minibatch updates over one experience batch (one lax.scan)."""
     _check_critic(state.params, cfg)
+    if exp.algo is not None and exp.algo != cfg.algo:  # (GAE advantages in a GRPO update, zero values as PPO's)
+        raise ValueError(f"ppo_step: the experience was built for algo={exp.algo!r} (its advantages and values), "
+                         f"this step runs algo={cfg.algo!r}: build it with make_experience under the same PPOConfig")
     if cfg.critic_only and not (isinstance(state.opt_state, tuple) and _policy_states(state.opt_state)):
         raise ValueError("PPOConfig.critic_only needs make_optimizer(..., separate_critic_state=True): with one "
                          "shared AdamW state the critic warm-up would advance the policy's step count")

@@ -247,6 +247,16 @@ def test_sft_loss_decreases_and_compiles_once_with_donation():
     assert int(st.step) == 8 and int(st.skipped) == 0
 
 
+def test_numpy_unplaced_and_placed_batches_share_one_program():
+    """One program whether the batch comes as NumPy, as jnp arrays JAX may still move, or placed on the device (JAX
+    keys its cache on commitment: a placed batch after a NumPy one compiled the step again)."""
+    step = make_sft_step(CFG, SFT_TX)
+    st = _sft_state(SFT_TX)
+    for put in (np.asarray, jnp.asarray, lambda a: jax.device_put(a, jax.devices()[0])):
+        st, _ = step(st, jax.tree.map(put, _sft_batch()))
+    assert step._cache_size() == 1 and int(st.step) == 3
+
+
 def test_params_donated_by_a_step_are_refused_by_name_when_used_again():
     """README's example built a state from `model.params` and then used them again: after the first step the
     buffers were donated, and a rollout on them ran a compiled program on freed memory (INVALID_ARGUMENT on one
@@ -792,6 +802,32 @@ def test_a_library_users_wrong_inputs_get_errors_that_say_what_to_pass():
     with pytest.raises(ValueError, match=r"pass state.params\['policy'\]"):
         rollout(ppo_params, r.prompt_tokens_BxP[::2], r.prompt_mask_BxP[::2], jax.random.key(0), model_cfg=CFG,
                 cfg=r.sampling)
+
+
+def test_an_update_refuses_the_experience_of_another_algorithm():
+    """A GRPO step given a PPO-built experience trained on GAE advantages, a PPO step given a GRPO one fitted its
+    critic to zero returns, silently (session 34's list): the experience records its algorithm."""
+    policy, r, _ = _grouped_rollout(CFG, 2)
+    scores = jnp.asarray(np.tile([1.0, 0.0], r.tokens_BxN.shape[0] // 2), jnp.float32)
+    cfgs = {a: PPOConfig(algo=a, group_size=2, kl_coef=0.0) for a in ("ppo", "grpo", "rloo")}
+    built = {}
+    for algo, cfg in cfgs.items():
+        params = init_rl_params(policy, CFG, cfg, jax.random.key(1))
+        exp, _ = make_experience_fn(CFG, cfg)(params, policy, r, jnp.arange(scores.shape[0]), scores_B=scores)
+        assert exp.algo == algo
+        built[algo] = (params, exp)
+    tx = optax.sgd(1e-3)
+    for algo, cfg in cfgs.items():
+        step = make_ppo_step(CFG, tx, cfg)
+        for other, (_, exp) in built.items():
+            state = init_state(built[algo][0], tx, jax.random.key(0))  # (lowered, never run: nothing donated)
+            if other == algo:
+                step.lower(state, exp)  # (traced and lowered: the check passes; compiling adds nothing to it)
+            else:
+                with pytest.raises(ValueError, match=f"built for algo={other!r}.*runs algo={algo!r}"):
+                    step(state, exp)
+    unchecked = built["ppo"][1].replace(algo=None)  # (an Experience built by hand: not checked)
+    make_ppo_step(CFG, tx, cfgs["grpo"]).lower(init_state(built["grpo"][0], tx, jax.random.key(0)), unchecked)
 
 
 def _assert_same_update(got, want, before, err_msg=""):
