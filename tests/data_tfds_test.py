@@ -142,6 +142,28 @@ def test_download_path_through_tfds_download_manager(shared_data, tmp_path, monk
     assert (cache / "downloads").is_dir() and any((cache / "downloads").iterdir())
 
 
+def test_an_unreachable_download_fails_at_once_and_says_what_to_give(tmp_path, monkeypatch):
+    """Without a local copy and without a network tfds retried for 3.4 min before failing (session 33): one HEAD
+    request to the download's server first; a refused connection (a closed local port here) fails at once."""
+    import socket
+    import time
+
+    from reftjax.data import gsm8k_builder, sources
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setattr(gsm8k_builder, "URLS", {s: f"http://127.0.0.1:{port}/{s}.jsonl" for s in ("train", "test")})
+    monkeypatch.setattr(sources, "gsm8k_local_dir", lambda override=None: None)
+    for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    t0 = time.monotonic()
+    with pytest.raises(OSError, match=r"no local copy .*--gsm8k-dir.* cannot be reached .*127\.0\.0\.1.*ConnectionError"):
+        load_gsm8k("test", data_dir=tmp_path / "cache")
+    assert time.monotonic() - t0 < 60
+    assert not list((tmp_path / "cache").glob("gsm8k_reft/*/*.array_record*"))  # nothing built
+
+
 def test_building_leaves_no_temporary_directories(shared_data, tmp_path, monkeypatch):
     """tfds makes an empty mkdtemp("tfds") for a GCS info lookup on every unprepared builder init; ours skips it."""
     local = tmp_path / "gsm8k"

@@ -73,6 +73,7 @@ class Gsm8kReft(tfds.core.GeneratorBasedBuilder):
                 if not path.is_file():
                     raise DataError(f"{path}:0: file not found (GSM8K local copy)")
         else:
+            _check_reachable(URLS["train"])
             paths = dl_manager.download(URLS)
         return {split: self._generate_examples(path) for split, path in paths.items()}
 
@@ -80,3 +81,22 @@ class Gsm8kReft(tfds.core.GeneratorBasedBuilder):
         for lineno, obj in jsonl_objects(os.fspath(path)):
             rec = gsm8k_record(obj, f"{path}:{lineno}")
             yield lineno, {**rec, "line": lineno}
+
+
+def _check_reachable(url: str, timeout_s: float = 20.0) -> None:
+    """Fails at once when `url`'s server cannot be connected to (no network, no DNS, a refused connection): tfds's
+    download retries for minutes before failing (3.4 min measured, session 33). The probe is a HEAD request with
+    `requests`, as tfds downloads (the same proxies and CA settings); a TLS failure, a slow answer or an HTTP error
+    status is left to tfds's own download and its message."""
+    import requests
+
+    try:
+        requests.head(url, timeout=timeout_s, allow_redirects=True)
+    except requests.exceptions.SSLError:
+        return
+    except requests.exceptions.ConnectionError as e:  # (ConnectTimeout and ProxyError included)
+        raise OSError(f"GSM8K: no local copy (../shared/data/gsm8k, --gsm8k-dir or REFTJAX_GSM8K_DIR: a folder with "
+                      f"train.jsonl and test.jsonl) and the download's server cannot be reached ({url}: "
+                      f"{type(e).__name__}); connect to the internet or give a local copy") from None
+    except requests.exceptions.RequestException:
+        return
