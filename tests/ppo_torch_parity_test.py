@@ -4,7 +4,7 @@ The other PPO tests check the pieces: tests/losses_test.py the loss functions ag
 step wiring against NumPy on reftjax's own completion-aligned arrays, tests/trl_parity_test.py GRPO against TRL.
 Here a tiny random Llama runs in both frameworks (transformers' LlamaForCausalLM, eager attention, float32, weights
 converted in memory with `reftjax.hf.params_to_hf`), and the torch side is written from the ReFT authors' code
-(lqtrung1998/mwp_ReFT `train_rl_reft.py`: `rollout` and `train_one_epoch`; /work/shared/REFERENCE.md, "ReFT as the
+(lqtrung1998/mwp_ReFT `train_rl_reft.py`: `rollout` and `train_one_epoch`; ../shared/REFERENCE.md, "ReFT as the
 authors run it") in *their* layout: one full prompt + completion sequence per row, `logits[:, :-1]` against
 `ids[:, 1:]`, a response mask over slots P-1 .. EOS-1 of that sequence, the score on the slot that emits EOS (the
 last slot when there is no EOS), values read at the same slots, GAE over the whole row with the prompt's part zeroed,
@@ -28,9 +28,9 @@ authors' 1e-8 makes the first step lr * sign(g), blind to the gradient's scale a
 (1e-2) moves every weight well above float32 rounding. Not exercised: reftjax advances the learning-rate schedule on
 every minibatch update where the authors step it once per rollout batch (its documented choice,
 `steps.ppo_updates_per_step`; the lr here is constant), and weight decay (0 in ReFT).
-Mutations of reftjax that this file catches (session notes): either clip flipped, the whitening mean kept or its
+Mutations of reftjax that this file catches: either clip flipped, the whitening mean kept or its
 variance biased, the score one token early, the KL sign, gamma for lambda in GAE, the value loss's 0.5, token-mean
-aggregation, the hidden states or only the value read one slot late.
+aggregation, the hidden states or only the value read one slot late (session 35, on a scratch copy).
 """
 import itertools
 
