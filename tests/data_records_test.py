@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from reftjax.data.records import (DataError, read_file, read_gsm8k_jsonl, read_openai_jsonl,
+from reftjax.data.records import (DataError, parse_number, read_file, read_gsm8k_jsonl, read_openai_jsonl,
                                   read_reft_json, strip_annotations)
 from reftjax.data.sources import SplitConfig, train_val_split
 
@@ -57,10 +57,25 @@ def test_gsm8k_jsonl_splits_cot_and_answer(tmp_path):
     ({"question": "Q", "answer": "no final line"}, r"f\.jsonl:2: answer has no '#### N' line"),
     ({"question": "", "answer": "#### 1"}, r"f\.jsonl:2: empty field 'question'"),
     ('[1, 2]', r"f\.jsonl:2: expected a JSON object"),
+    # accepted and changed before session 35 (review): 3,5 was gold 35 and the first "#### 5" trained on as text
+    ({"question": "Q", "answer": "7/2\n#### 3,5"}, r"f\.jsonl:2: gold answer '3,5' is not a number \(commas sep"),
+    ({"question": "Q", "answer": "x\n#### 1,2"}, r"gold answer '1,2' is not a number"),
+    ({"question": "Q", "answer": "x\n#### ,5"}, r"gold answer ',5' is not a number"),
+    ({"question": "Q", "answer": "x\n#### 1_000"}, r"gold answer '1_000' is not a number"),
+    ({"question": "Q", "answer": "x\n#### \u0661\u0662"}, r"is not a number"),
+    ({"question": "Q", "answer": "3+2=5\n#### 5\nate one\n#### 4"}, r"f\.jsonl:2: answer has 2 '####' markers"),
 ])
 def test_gsm8k_bad_lines_name_file_and_line(tmp_path, bad, message):
     with pytest.raises(DataError, match=message):
         read_gsm8k_jsonl(_jsonl(tmp_path, [GOOD, bad]))
+
+
+@pytest.mark.parametrize("text,value", [("1,080", 1080.0), ("-3.5", -3.5), ("1,234,567.25", 1234567.25), ("+7", 7.0),
+                                        (".5", 0.5), ("5.", 5.0), ("1e-05", 1e-05), ("2.5E+3", 2500.0), ("007", 7.0)])
+def test_gold_numbers_the_readers_take(text, value):
+    """What gold answers look like (every GSM8K and ReFT-authors' answer in ../shared matches) and JSON numbers print
+    as (`str(1e-05)`)."""
+    assert parse_number(text, "f:1") == value
 
 
 def test_reft_bad_records(tmp_path):
@@ -113,6 +128,9 @@ def test_openai_jsonl(tmp_path):
     [ex] = read_openai_jsonl(_jsonl(tmp_path, [line]), answer_field="reference_answer")
     assert ex.messages[-1]["content"] == "2+2?" and ex.fields["reference_answer"] == "4"
     assert ex.answer_value == 4.0 and ex.item_id == "k" and ex.where.endswith("f.jsonl:1")  # (for error messages)
+    blank = dict(line, messages=[line["messages"][0], {"role": "user", "content": "  "}])
+    with pytest.raises(DataError, match=r"f\.jsonl:2: the last \(user\) message is empty"):
+        read_openai_jsonl(_jsonl(tmp_path, [line, blank]))
     last_assistant = dict(line, messages=line["messages"] + [{"role": "assistant", "content": "x"}])
     with pytest.raises(DataError, match=r"f\.jsonl:2: the last message must be from the user"):
         read_openai_jsonl(_jsonl(tmp_path, [line, last_assistant]))

@@ -84,6 +84,16 @@ def test_failed_build_leaves_nothing(shared_data, tmp_path):
     assert [p.name for p in cache.glob("local-*/gsm8k_reft/*")] == ["1.0.0"]
 
 
+def test_an_empty_local_file_is_a_data_error(shared_data, tmp_path):
+    """tfds's own "No examples were yielded" AssertionError (a 52-line traceback, exit 1) before session 35."""
+    local = tmp_path / "gsm8k"
+    local.mkdir()
+    (local / "test.jsonl").write_text("\n".join((shared_data / "gsm8k" / "test.jsonl").read_text().splitlines()[:5]))
+    (local / "train.jsonl").write_text("")
+    with pytest.raises(DataError, match=r"train\.jsonl:1: no examples in file"):
+        load_gsm8k("test", data_dir=tmp_path / "cache", local_dir=local)
+
+
 def test_locations_from_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("REFTJAX_CACHE", str(tmp_path / "c"))
     monkeypatch.setenv("REFTJAX_GSM8K_DIR", str(tmp_path / "g"))

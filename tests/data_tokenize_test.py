@@ -219,6 +219,21 @@ def test_system_prompt_reaches_openai_format_messages(smollm_tokenizer):
     assert "developer" not in f.prompt and "SmolLM" not in f.prompt
 
 
+def test_a_chat_template_that_refuses_an_example_names_its_file_and_line(smollm_tokenizer, monkeypatch):
+    """Mistral-style templates raise for a system turn ("roles must alternate"): a bare jinja2 traceback, exit 1,
+    before session 35 (review); now a DataError at the example."""
+    strict = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('Conversation roles must "
+              "alternate user/assistant') }}{% endif %}{{ m['content'] }}{% endfor %}")
+    monkeypatch.setattr(smollm_tokenizer, "chat_template", strict)
+    user = ({"role": "user", "content": "2+2?"},)
+    ok = Example(0, "a", "2+2?", messages=user, where="data.jsonl:1")
+    bad = Example(1, "b", "2+2?", messages=({"role": "system", "content": "s"},) + user, where="data.jsonl:18")
+    assert tokenize_examples([ok], smollm_tokenizer, PromptConfig("chat"), TokenizeConfig(), with_targets=False)
+    with pytest.raises(DataError, match=r"data\.jsonl:18 \(b\): the model's chat template refused this example: "
+                                        r"Conversation roles must alternate"):
+        tokenize_examples([ok, bad], smollm_tokenizer, PromptConfig("chat"), TokenizeConfig(), with_targets=False)
+
+
 def test_truncate_drops_a_p_cot_example_whose_program_header_alone_is_too_long(smollm_tokenizer, shared_data):
     """With truncation="truncate", one P-CoT question whose program header (the question itself) exceeded
     max_prompt_len stopped the whole run with a DataError; it is dropped and counted instead (helper review)."""

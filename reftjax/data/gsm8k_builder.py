@@ -78,9 +78,12 @@ class Gsm8kReft(tfds.core.GeneratorBasedBuilder):
         return {split: self._generate_examples(path) for split, path in paths.items()}
 
     def _generate_examples(self, path):
+        lineno = None
         for lineno, obj in jsonl_objects(os.fspath(path)):
             rec = gsm8k_record(obj, f"{path}:{lineno}")
             yield lineno, {**rec, "line": lineno}
+        if lineno is None:  # (tfds's own "No examples were yielded" was an AssertionError traceback; review)
+            raise DataError(f"{path}:1: no examples in file")
 
 
 def _check_reachable(url: str, timeout_s: float = 20.0) -> None:

@@ -25,6 +25,9 @@ from typing import Any
 
 FORMATS = ("gsm8k-jsonl", "reft", "openai")
 _ANNOTATION = re.compile(r"<<[^<>]*>>")
+# a gold number: ASCII digits, commas only between thousands groups, an optional fraction and exponent (what JSON
+# numbers print as); `float` alone took "3,5" as 35 once the commas were dropped, "1_000" and non-ASCII digits
+_NUMBER = re.compile(r"[+-]?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)
 
 
 class DataError(ValueError):
@@ -65,12 +68,12 @@ class Example:
 
 
 def parse_number(text: str, where: str) -> float:
-    """``float`` of a gold answer such as ``'1,080'`` or ``'-3.5'``; DataError otherwise."""
-    cleaned = text.replace(",", "").strip()
-    try:
-        value = float(cleaned)
-    except ValueError:
-        raise DataError(f"{where}: gold answer {text!r} is not a number") from None
+    """``float`` of a gold answer such as ``'1,080'`` or ``'-3.5'``; DataError otherwise (``'3,5'``: commas
+    separate thousands only)."""
+    if not _NUMBER.fullmatch(text.strip()):
+        hint = " (commas separate thousands only: 1,234)" if "," in text else ""
+        raise DataError(f"{where}: gold answer {text!r} is not a number{hint}")
+    value = float(text.replace(",", "").strip())
     if not math.isfinite(value):
         raise DataError(f"{where}: gold answer {text!r} is not finite")
     return value
@@ -86,6 +89,8 @@ def split_gsm8k_answer(answer: str, where: str) -> tuple[str, str]:
     cot, sep, final = answer.rpartition("####")
     if not sep:
         raise DataError(f"{where}: answer has no '#### N' line")
+    if "####" in cot:  # (the last was the gold, the first trained on inside the chain of thought; review)
+        raise DataError(f"{where}: answer has {answer.count('####')} '####' markers; one '#### N' line ends it")
     final = final.strip()
     if not final:
         raise DataError(f"{where}: empty answer after '####'")
@@ -249,6 +254,8 @@ def read_openai_jsonl(path: str | os.PathLike, *, answer_field: str | None = Non
                 raise DataError(f"{where}: unknown message role {m['role']!r}; expected one of {list(CHAT_ROLES)}")
         if messages[-1]["role"] != "user":
             raise DataError(f"{where}: the last message must be from the user")
+        if not messages[-1]["content"].strip():  # (the other readers refuse an empty question too; review)
+            raise DataError(f"{where}: the last (user) message is empty")
         fields = {k: v for k, v in obj.items() if k != "messages"}
         answer, value = "", None
         if answer_field is not None:

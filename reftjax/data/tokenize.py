@@ -194,6 +194,17 @@ def end_of_turn_id(tokenizer) -> int:
     return next((i for i in ids if i in special), tokenizer.eos_token_id)
 
 
+def _formatted(ex: Example, prompt_cfg: PromptConfig, tokenizer):
+    """`format_example`, with a chat template's refusal of the example (Mistral's "roles must alternate" for a system
+    turn) naming the example's file and line: it was a bare jinja2 traceback (review, session 35)."""
+    from jinja2.exceptions import TemplateError
+
+    try:
+        return format_example(ex, prompt_cfg, tokenizer)
+    except TemplateError as e:
+        raise DataError(f"{ex.at}: the model's chat template refused this example: {e}") from None
+
+
 def tokenize_examples(examples: list[Example], tokenizer, prompt_cfg: PromptConfig,
                       cfg: TokenizeConfig, *, with_targets: bool = True) -> TokenizedDataset:
     """Format, batch-encode and length-filter examples.
@@ -201,7 +212,7 @@ def tokenize_examples(examples: list[Example], tokenizer, prompt_cfg: PromptConf
     Args:
       with_targets: True for SFT (every example must have a reference target).
     """
-    formatted = [format_example(e, prompt_cfg, tokenizer) for e in examples]
+    formatted = [_formatted(e, prompt_cfg, tokenizer) for e in examples]
     if with_targets:
         for e, f in zip(examples, formatted):
             if f.target is None:
