@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import logging
 import time
 from typing import Sequence
 
@@ -14,10 +15,12 @@ import jax
 import numpy as np
 
 from reftjax.data import Loader, LoaderConfig, TokenizedDataset
-from reftjax.graders.base import has_answer, sub_score_means
+from reftjax.graders.base import every_one_faulted, has_answer, is_fault, sub_score_means
 from reftjax.rerank import any_correct, rerank_correct, verifier_scores
 from reftjax.rollout import SamplingConfig, decode_completions, rollout
 from reftjax.sharding import from_process_0, to_host
+
+log = logging.getLogger("reftjax")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,6 +209,13 @@ def evaluate(params, model_cfg, tokenizer, ds: TokenizedDataset, items: Sequence
            "mean_score": float(np.mean(scores_g)) if scores_g else 0.0,  # graders with partial credit select on it
            "mean_length": float(np.mean(lengths)) if lengths else 0.0, "samples": samples,
            "seconds": time.perf_counter() - t0}  # (this process's; validation rows carried no duration)
+    # the rows the grader could not grade (its faults, not answers it found wrong or missing), as RL logs them
+    res["grader_errors"] = int(from_process_0(np.asarray([sum(map(is_fault, greedy_grades))], np.int64))[0])
+    broken = every_one_faulted(greedy_grades)
+    if broken is not None:
+        log.warning("evaluation: the grader failed on all %d answers (the first: %s): the accuracy is "
+                    "0 whatever the model wrote; try the grader on this data with `python -m reftjax.graders run`",
+                    len(greedy_grades), broken)
     means = sub_score_means(greedy_grades)  # a multi grader's, as the RL metrics log them
     if means:  # (the same names on every process) process 0's values, like every figure
         res.update(zip(means, from_process_0(np.asarray(list(means.values()), np.float64)).tolist()))

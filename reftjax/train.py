@@ -44,7 +44,7 @@ from reftjax.data.tokenize import end_of_turn_id
 from reftjax.evaluate import evaluate
 from reftjax.graders import build_grader, check_imports
 from reftjax.graders.reft import default_pool
-from reftjax.graders.base import sub_score_means
+from reftjax.graders.base import every_one_faulted, sub_score_means
 from reftjax.graders.callback import make_reward_fn
 from reftjax.hf import load_model, save_hf
 from reftjax.metrics import MetricsLogger, measured_peak_flops, mfu, read_metrics, rl_iteration_flops
@@ -74,6 +74,32 @@ class Data:
     where: dict = dataclasses.field(default_factory=dict)  # split -> each item's `path:line` ('' if built in)
 
 
+@dataclasses.dataclass
+class Splits:
+    """The three splits' examples as read (records checked, nothing tokenized: no model needed), and what
+    `check_grader_fields` reads of them; `prepare_data` tokenizes them into `Data`."""
+    train: list
+    val: list
+    test: list
+
+    @property
+    def train_items(self) -> list:
+        return [_item(e) for e in self.train]
+
+    @property
+    def val_items(self) -> list:
+        return [_item(e) for e in self.val]
+
+    @property
+    def test_items(self) -> list:
+        return [_item(e) for e in self.test]
+
+    @property
+    def where(self) -> dict:
+        return {split: [e.where for e in exs] for split, exs in (("train", self.train), ("validation", self.val),
+                                                                  ("test", self.test))}
+
+
 def _item(ex) -> dict:
     item = {"item_id": ex.item_id, "question": ex.question, "answer_value": ex.answer, **ex.fields}
     if ex.answer:  # the answer read from `data.answer_field` wins over a file field that is also named answer_value
@@ -89,7 +115,9 @@ def _text_answers(grader_cfg) -> bool:
     return False
 
 
-def prepare_data(cfg: ExperimentConfig, tokenizer) -> Data:
+def read_splits(cfg: ExperimentConfig) -> Splits:
+    """The train, validation and test examples `cfg.data` names, read and checked (a bad line is a DataError at its
+    file and line) without a tokenizer: `_run` reads them before the model loads (minutes at 7B; review)."""
     d = cfg.data
     numeric = not _text_answers(cfg.grader_dict)
     read = lambda f: load_examples(file=f, fmt=d.train_format, answer_field=d.answer_field,  # noqa: E731
@@ -105,12 +133,17 @@ def prepare_data(cfg: ExperimentConfig, tokenizer) -> Data:
     if d.train_file and d.train_format != "gsm8k-jsonl" and not d.test_file:  # said only in summary.md (review)
         log.warning("data.train_file without data.test_file: the test evaluations run on %s/%s with this grader; "
                     "name the task's own test file with data.test_file", d.test_dataset, d.test_split)
-    test = test[: d.n_test] if d.n_test is not None else test
+    return Splits(train, val, test[: d.n_test] if d.n_test is not None else test)
+
+
+def prepare_data(cfg: ExperimentConfig, tokenizer, splits: Splits | None = None) -> Data:
+    """`splits` (else `read_splits(cfg)`) tokenized, with the grader's items; every split must keep an example."""
+    d = cfg.data
+    sp = read_splits(cfg) if splits is None else splits
+    train, val, test = sp.train, sp.val, sp.test
     tok = lambda exs, targets: tokenize_examples(exs, tokenizer, d.prompt, d.tokenize, with_targets=targets)  # noqa: E731
     data = Data(tok(train, cfg.sft.epochs > 0), tok(val, False), tok(test, False),  # SFT targets only if SFT runs
-                [_item(e) for e in train], [_item(e) for e in val], [_item(e) for e in test],
-                {split: [e.where for e in exs]
-                 for split, exs in (("train", train), ("validation", val), ("test", test))})
+                sp.train_items, sp.val_items, sp.test_items, sp.where)
     for split, ds in (("train", data.train_ds), ("validation", data.val_ds), ("test", data.test_ds)):
         if len(ds) == 0:  # found before the warm-up, not by the first evaluation after it
             raise DataError(f"{d.train_file or d.dataset}:0: the {split} split is empty ({len(train)} train, "
@@ -466,6 +499,7 @@ def run_rl(cfg: ExperimentConfig, model, ref_params, data: Data, grader, mesh, o
         bar = _bar(r.iterations, f"RL ({r.ppo.algo})", it, progress)
         stopped_early = lambda: bool(r.early_stop_patience) and since_best >= r.early_stop_patience  # noqa: E731
         stop.check()  # an interrupt between phases (all processes decide together)
+        warned_broken = False
         while it < r.iterations and not stop.agreed and not stopped_early():  # (resumed after an early stop: done)
             batch = next(loader)
             t0, c0 = time.perf_counter(), xla_cache.busy_seconds()
@@ -504,6 +538,12 @@ def run_rl(cfg: ExperimentConfig, model, ref_params, data: Data, grader, mesh, o
                        **sub_score_means(reward_fn.last.grades)}
             if compiles is not None:
                 metrics["xla_programs"] = compiles.programs()
+            broken = reward_fn.last.error or every_one_faulted(reward_fn.last.grades)
+            if broken is not None and not warned_broken:  # (once a run: it logs grader_errors every iteration)
+                warned_broken = True
+                log.warning("RL iteration %d: the grader failed on all %d rows (the first: %s): every "
+                            "reward is 0 and nothing is learned; try the grader on this data with `python -m "
+                            "reftjax.graders run`", it + 1, len(reward_fn.last.grades), broken)
             it += 1
             logger.log("rl", it, metrics)
             _dump_samples(out, it, reward_fn.last, data.train_items, samp.n, r.samples_per_iteration)
@@ -816,7 +856,7 @@ def check_train_size(cfg: ExperimentConfig, data: Data) -> None:
                             f"fewer than one batch of {name}={size}: lower it or give more training data")
 
 
-def check_grader_fields(grader, data: Data) -> None:
+def check_grader_fields(grader, data: Data | Splits) -> None:
     """The grader can read the fields of every split's items (the test split is a built-in dataset whose items
     carry `item_id`, `question` and `answer_value`, whatever the training file holds): a grader reading another
     field failed at the first test evaluation, after the warm-up, with the run directory already claimed.
@@ -1041,9 +1081,29 @@ def run(cfg: ExperimentConfig, out_dir: str | pathlib.Path, *, progress: bool = 
     maybe_initialize_distributed()
     xla_cache.enable(cfg.compilation_cache)
     out = pathlib.Path(out_dir)
+    made = [p for p in (out, *out.parents) if not p.exists()]  # the folders this invocation creates, deepest first
     out.mkdir(parents=True, exist_ok=True)
-    with _claimed(out):
-        return _run(cfg, out, progress, t_start)
+    try:
+        with _claimed(out):
+            return _run(cfg, out, progress, t_start)
+    except BaseException:
+        if made:  # a run that failed before claiming a new folder leaves no folder holding only its lock (review)
+            _remove_unclaimed(out, made)
+        raise
+
+
+def _remove_unclaimed(out: pathlib.Path, made: list) -> None:
+    """Removes this process's lock file and then `made` (the folders this invocation created, deepest first), each
+    only while empty (another process's lock or anything a run wrote keeps it: `rmdir` refuses)."""
+    if (out / "config.json").exists():  # (claimed: a run began in it)
+        return
+    with contextlib.suppress(OSError):
+        (out / f".lock{jax.process_index()}").unlink()
+    for folder in made:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def _run(cfg: ExperimentConfig, out: pathlib.Path, progress: bool, t_start: float) -> dict:
@@ -1063,10 +1123,12 @@ def _run(cfg: ExperimentConfig, out: pathlib.Path, progress: bool, t_start: floa
     for name in ("train_file", "val_file", "test_file"):  # not after the model loads
         if (f := getattr(cfg.data, name)) and not pathlib.Path(f).is_file():
             raise DataError(f"{f}: no such file (data.{name})")
+    splits = read_splits(cfg)  # (records and the grader's fields: a bad line or field does not wait for the model)
+    check_grader_fields(grader, splits)
     model = load_model(cfg.model, dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat, mesh=mesh)
-    data = prepare_data(cfg, model.tokenizer)
+    data = prepare_data(cfg, model.tokenizer, splits)
+    del splits
     check_train_size(cfg, data)
-    check_grader_fields(grader, data)
     prints = {**data_fingerprints(data), "model": {"params": model_fingerprint(model.params),
                                                    "config": model_config_fingerprint(model.config)}}
     data_path = out / "data.json"

@@ -71,7 +71,8 @@ def test_a_grader_that_cannot_read_the_items_fails_before_any_rollout(tiny_hf_di
                     EvalConfig(batch_size=4, max_new_tokens=8))
 
 
-def test_voting_is_not_reported_for_a_grader_that_records_only_a_score(tiny_hf_dir, shared_data, monkeypatch):
+def test_voting_is_not_reported_for_a_grader_that_records_only_a_score(tiny_hf_dir, shared_data, monkeypatch,
+                                                                        caplog):
     """A python grader's `extracted` is the score its grade() returned: voting@k voted on right/wrong (3 wrong
     samples outvoted 2 correct ones; helper review), so it is not reported (None: "-" in the summary)."""
     from reftjax.evaluate import evaluate
@@ -92,6 +93,17 @@ def test_voting_is_not_reported_for_a_grader_that_records_only_a_score(tiny_hf_d
     # partial credit: accuracy (score 1) stays 0, the mean score is what selects its best checkpoint (session 21)
     assert res["mean_score"] == pytest.approx(0.25)
     assert res["seconds"] > 0 and not any(k.startswith("score_") for k in res)  # (a duration; no sub-graders)
+    assert res["grader_errors"] == 0
+    # a grader that fails on every answer (an item field the data lacks) reported 0% as the model's, without a word
+    # (bad-input review, session 35): its faults are counted and said
+    broken = build_grader({"type": "python", "source": "def grade(sample, item):\n    return item['reference']"})
+    with caplog.at_level("WARNING", logger="reftjax"):
+        res = evaluate(model.params, model.config, model.tokenizer, data.test_ds, data.test_items, broken,
+                       EvalConfig(batch_size=2, max_new_tokens=4), eos_ids=tuple(model.config.eos_token_ids),
+                       pad_id=model.tokenizer.pad_token_id)
+    assert res["accuracy"] == 0.0 and res["grader_errors"] == 2
+    assert any("the grader failed on all 2 answers (the first: error: KeyError: 'reference')" in r.getMessage()
+               for r in caplog.records), [r.getMessage() for r in caplog.records]
     # a multi grader's mean sub-scores, as the RL metrics log them (evaluations had none; session 26's list)
     multi = build_grader({"type": "multi", "calculate_output": "0.5 * a + 0.5 * b", "graders": {
         "a": {"type": "python", "source": "def grade(sample, item):\n    return 0.25"},

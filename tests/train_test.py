@@ -1133,7 +1133,7 @@ def _fake_rl(monkeypatch):
         return types.SimpleNamespace(tokens_BxN=np.zeros((2, 4), np.int32), prompt_mask_BxP=np.ones((2, 8)),
                                      lengths_B=np.full(2, 4))
 
-    last = types.SimpleNamespace(seconds=0.0, counters={}, grades=(), texts=(), example_idx=())
+    last = h.last = types.SimpleNamespace(seconds=0.0, counters={}, grades=(), texts=(), example_idx=(), error=None)
     em = {"reward": np.float32(0.5), "kl": np.float32(0.0), "response_length": np.float32(4.0)}
     monkeypatch.setattr(T, "Loader", Loader)
     monkeypatch.setattr(T, "ckpt", types.SimpleNamespace(Checkpointer=Manager, CheckpointConfig=lambda *a, **k: None,
@@ -1214,6 +1214,29 @@ def test_an_interrupted_rl_phase_stops_without_reading_the_best_policy_back(tmp_
         h.stop, h.calls[0], h.interrupt_at = T._Interrupt(), 0, 1
         h.run(guarded, tmp_path / f"g{limit}")
         assert h.made[-1].enabled and h.made[-1].max_tokens == expected
+
+
+def test_a_grader_failing_on_every_row_is_said_once(tmp_path, monkeypatch, caplog):
+    """A python grader reading an item field the data lacks failed on every row: RL ran to the end on rewards of 0,
+    exit 0, with grader_errors in the metrics alone (bad-input review, session 35). One WARNING a run now."""
+    from reftjax import train as T
+    from reftjax.graders.base import Grade, faulted
+
+    h = _fake_rl(monkeypatch)
+    h.stop = T._Interrupt()
+    h.last.grades = (faulted("error: KeyError: 'reference_answer'"), faulted("error: KeyError: 'reference_answer'"))
+    with caplog.at_level("WARNING", logger="reftjax"):
+        h.run(h.cfg, tmp_path / "broken")
+    said = [r.getMessage() for r in caplog.records if "the grader failed on all" in r.getMessage()]
+    assert said == ["RL iteration 1: the grader failed on all 2 rows (the first: error: KeyError: 'reference_answer'"
+                    "): every reward is 0 and nothing is learned; try the grader on this data with `python -m "
+                    "reftjax.graders run`"]
+    caplog.clear()
+    h.last.grades = (faulted("error: x"), Grade(0.0, error="no answer"))  # one row the model's doing: no warning
+    h.stop, h.calls[0] = T._Interrupt(), 0
+    with caplog.at_level("WARNING", logger="reftjax"):
+        h.run(h.cfg, tmp_path / "partly")
+    assert not [r for r in caplog.records if "the grader failed" in r.getMessage()]
 
 
 def test_the_warm_up_competes_for_the_best_checkpoint(tmp_path, monkeypatch):
@@ -1717,6 +1740,36 @@ def test_validation_and_test_files_replace_the_held_out_split_and_the_test_set(t
     missing = replace_paths(cfg, {"data.test_file": str(tmp_path / "nope.jsonl"), "model": "/not/loaded"})
     with pytest.raises(DataError, match=r"nope.jsonl: no such file \(data.test_file\)"):  # before the model loads
         run(missing, tmp_path / "run", progress=False)
+
+
+def test_bad_data_and_grader_fields_fail_before_the_model_loads_and_leave_no_folder(shared_data, tmp_path,
+                                                                                   monkeypatch):
+    """A malformed line, or a grader field the items lack, was found only after the model loaded (minutes at 7B),
+    and the failed run left its new output folder behind holding `.lock0` (bad-input review, session 35)."""
+    from reftjax import train
+    from reftjax.config import ExperimentConfig, replace_paths
+    from reftjax.data.records import DataError
+
+    monkeypatch.setattr(train, "load_model", lambda *a, **k: pytest.fail("the model loaded before the data was read"))
+    lines = (shared_data / "gsm8k" / "train.jsonl").read_text().splitlines()[:12]
+    good, bad = tmp_path / "good.jsonl", tmp_path / "bad.jsonl"
+    good.write_text("\n".join(lines) + "\n")
+    bad.write_text("\n".join(lines[:4] + ['{"question": "Q", "answer": '] + lines[4:]) + "\n")
+    cfg = replace_paths(ExperimentConfig(), {"data.train_file": str(bad), "data.train_format": "gsm8k-jsonl",
+                                             "data.test_file": str(good), "model": "/not/loaded"})
+    out = tmp_path / "runs" / "new"
+    with pytest.raises(DataError, match=r"bad\.jsonl:5: malformed JSON"):
+        train.run(cfg, out, progress=False)
+    assert not (tmp_path / "runs").exists()  # the folders this invocation made are gone, lock file and all
+    fields = replace_paths(cfg, {"data.train_file": str(good), "grader": {
+        "type": "string_check", "input": "{{sample.output_text}}", "reference": "{{item.label}}", "operation": "eq"}})
+    with pytest.raises(train.SettingsError, match=r"good\.jsonl:1: grader: cannot grade the train split"):
+        train.run(fields, out, progress=False)
+    assert not (tmp_path / "runs").exists()
+    (tmp_path / "kept").mkdir()  # a folder that was there before the run stays, as it was
+    with pytest.raises(DataError):
+        train.run(cfg, tmp_path / "kept", progress=False)
+    assert (tmp_path / "kept").is_dir()
 
 
 @pytest.mark.parametrize("sft", ["resumed_after_warm_up", "no_warm_up"])

@@ -56,6 +56,15 @@ def is_fault(grade) -> bool:
     return bool(getattr(grade, "details", {}).get("grader_fault"))
 
 
+def every_one_faulted(grades) -> str | None:
+    """The first grade's error when the grader failed on every one of `grades` (none empty), else None: a grader
+    that cannot grade this data at all (a python grader reading an item field the data lacks), whose zeros would
+    otherwise train and report as the model's (bad-input review, session 35)."""
+    if grades and all(is_fault(g) for g in grades):
+        return grades[0].error or "no message"
+    return None
+
+
 def sub_score_means(grades) -> dict[str, float]:
     """A `multi` grader's mean sub-score per name over `grades`, as `score_<name>` (what the RL and evaluation
     metrics log, so a run shows which part of its formula moves); {} for other graders."""
