@@ -1,6 +1,7 @@
 """Config-driven graders, their validation and the CLI."""
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -435,3 +436,27 @@ def test_cli_refuses_a_sample_that_is_not_text_naming_its_line(tmp_path, capsys,
     assert main(["run", "--grader", str(grader), "--samples", str(samples)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {samples}:2: expected an object 'item' and a string 'sample.output_text', got {got}")
+
+
+@pytest.mark.parametrize("reference, message", [
+    ("{item.answer}", "'{item.answer}' has single braces"),
+    ("{ sample.output_text }", "'{ sample.output_text }' has single braces"),
+    ("{{item.answer", "'{{item.answer' opens no field"),
+    ("{{ item.answer}", "'{{ item.answer}' opens no field"),
+    ("{{{item.answer}}}", "'{{{item.answer}}}' has three braces"),
+    ("The answer: item.answer}}", "'item.answer}}' is closed but never opened"),
+])
+def test_a_field_reference_with_a_brace_typo_is_refused_not_rendered_as_text(reference, message):
+    """`{item.answer}`, `{{item.answer`, `{{{item.answer}}}` and `{{ item.answer}` were accepted and rendered as
+    text (the triple as `{Paris}`), so a string_check against the exact gold scored 0 on every sample (review)."""
+    cfg = {"type": "string_check", "input": "{{sample.output_text}}", "reference": reference, "operation": "eq"}
+    with pytest.raises(ConfigError, match="grader.reference: template text " + re.escape(message)):
+        validate_grader(cfg, ITEM)
+
+
+def test_braces_that_are_not_field_references_stay_text():
+    cfg = {"type": "string_check", "input": "{{sample.output_text}}", "operation": "eq"}
+    for reference, text in (('{"a": 1}', '{"a": 1}'), ('{"a": {"b": 1}}', '{"a": {"b": 1}}'),
+                            (r"\frac{1}{2}", r"\frac{1}{2}"), ('{"a": {"b": {{item.answer}}}}', '{"a": {"b": Paris}}'),
+                            ("{{ item.answer }}", "Paris"), ("[{{item.meta.unit}}]", "[km]")):
+        assert _one({**cfg, "reference": reference}, text).score == 1.0, reference

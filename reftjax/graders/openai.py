@@ -23,7 +23,8 @@ Config types (`build_grader(cfg)`):
     `{"type": "gsm8k", "answer_field": "answer", "fallback": "none" | "last_number"}`.
   * `score_model` / `label_model` need a judge model: rejected at validation ("not supported in
     this version").
-Templates: `{{item.a.b}}`, `{{sample.output_text}}`, `{{sample.output_json.x}}`.
+Templates: `{{item.a.b}}`, `{{sample.output_text}}`, `{{sample.output_json.x}}` (spaces inside the braces allowed:
+`{{ item.a }}`); a field with a brace typo (`{item.a}`, `{{item.a`, `{{{item.a}}}`) is refused, other braces are text.
 """
 from __future__ import annotations
 
@@ -100,6 +101,24 @@ def check_template(template: str) -> None:
     loose = _ANY_TEMPLATE.findall(_TEMPLATE.sub("", template))
     if loose:
         raise KeyError(f"template field {loose[0]} is not a dotted name of letters, digits and _")
+    _check_braces(template)
+
+
+def _check_braces(template: str) -> None:
+    """Raises KeyError for a field reference that is not `{{...}}`: rendered as literal text, it could never match
+    (a `string_check` reference `{item.answer}` scored the exact gold 0). Refused: `{{` that opens no field
+    (`{{item.x`, `{{ item.x}`), a field inside a third brace (`{{{item.x}}}`), and `{item.` / `{sample.` or
+    `item.x}` / `sample.x}` with single braces. Other braces are text (`{"a": {"b": 1}}`, `\\frac{1}{2}`)."""
+    rest = _TEMPLATE.sub("\0", template)  # (each field one mark: the text around it stays apart)
+    for pattern, why in ((r"\{\{", "opens no field: a template field is {{item.x}} or {{sample.x}}"),
+                         (r"\{\0", "has three braces: a template field is {{item.x}} or {{sample.x}}"),
+                         (r"\{\s*(?:item|sample)\.[\w.]*\s*\}?", "has single braces: write {{...}}"),
+                         (r"(?<![\w.])(?:item|sample)\.[\w.]*\s*\}+", "is closed but never opened: write {{...}}")):
+        bad = re.search(pattern, rest)
+        if bad:
+            fields = iter(_TEMPLATE.findall(template)[rest[:bad.start()].count("\0"):])
+            text = re.sub("\0", lambda _: "{{%s}}" % next(fields), rest[bad.start():bad.end() + 20])
+            raise KeyError(f"template text {text!r} {why}")
 
 
 @dataclasses.dataclass(frozen=True)
