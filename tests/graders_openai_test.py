@@ -460,3 +460,21 @@ def test_braces_that_are_not_field_references_stay_text():
                             (r"\frac{1}{2}", r"\frac{1}{2}"), ('{"a": {"b": {{item.answer}}}}', '{"a": {"b": Paris}}'),
                             ("{{ item.answer }}", "Paris"), ("[{{item.meta.unit}}]", "[km]")):
         assert _one({**cfg, "reference": reference}, text).score == 1.0, reference
+
+
+_SIM = {"type": "text_similarity", "input": "{{sample.output_text}}", "reference": "{{item.answer}}",
+        "evaluation_metric": "bleu"}
+
+
+@pytest.mark.parametrize("cfg, message", [
+    ({**_SIM, "evaluation_metric": ["bleu"]}, "grader.evaluation_metric: must be a string, got \\['bleu'\\]"),
+    ({"type": "string_check", "input": "{{sample.output_text}}", "reference": "x", "operation": 1},
+     "grader.operation: must be a string, got 1"),
+    ({"type": "python", "source": "def grade(s, i):\n    return 1", "image_tag": 2}, "grader.image_tag: must be a "),
+    ({**_SIM, "name": 7}, "grader.name: must be a string, got 7"),
+    ({"type": "multi", "graders": {"a": {**_SIM, "name": None}}, "calculate_output": "a"},
+     "grader.graders.a.name: must be a string"),
+])
+def test_a_field_of_the_wrong_type_is_refused_naming_it(cfg, message):
+    with pytest.raises(ConfigError, match=message):
+        build_grader(cfg)

@@ -175,3 +175,31 @@ def test_a_vote_is_right_only_when_its_answer_is_not_when_a_near_value_in_its_gr
     assert vote(mixed) and vote(mixed[::-1])
     # verifier weights decide inside the group as they decide between groups
     assert not vote(mixed, [0.1, 0.1, 0.9, 0.2, 0.2])
+
+
+@pytest.mark.parametrize("cfg, message", [
+    # answer_field 3 built, then failed as an AttributeError traceback once the model and data had loaded (review)
+    ({"type": "reft", "answer_field": 3}, "grader.answer_field: must be a string, got 3"),
+    ({"type": "reft", "cot": "python", "question_field": ["q"]}, "grader.question_field: must be a string"),
+    ({"type": "gsm8k", "fallback": None}, "grader.fallback: must be a string, got None"),
+    ({"type": "reft", "cot": 1}, "grader.cot: must be a string, got 1"),
+    # "0.1" failed comparing a string with numbers
+    ({"type": "reft", "partial_reward": "0.1"}, r"grader.partial_reward: must be a number in \[0, 1\) .*got '0.1'"),
+    ({"type": "reft", "partial_reward": True}, r"grader.partial_reward: must be a number in \[0, 1\)"),
+    ({"type": "reft", "partial_reward": -0.1}, r"grader.partial_reward: must be a number in \[0, 1\)"),
+    ({"type": "multi", "graders": {"r": {"type": "reft", "partial_reward": float("nan")}}, "calculate_output": "r"},
+     r"grader.graders.r.partial_reward: must be a number"),
+])
+def test_a_reft_grader_field_of_the_wrong_type_is_refused_naming_it(cfg, message):
+    from reftjax.graders.build import ConfigError, build_grader
+
+    with pytest.raises(ConfigError, match=message):
+        build_grader(cfg)
+    assert build_grader({"type": "reft", "partial_reward": 0}).partial_reward == 0
+
+
+def test_a_reft_grader_built_directly_refuses_fields_of_the_wrong_type():
+    for kwargs, message in (({"answer_field": 3}, "answer_field must be a string, got 3"),
+                            ({"partial_reward": "0.1"}, r"partial_reward must be a number in \[0, 1\).*got '0.1'")):
+        with pytest.raises(ValueError, match=message):
+            ReftGrader(**kwargs)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import math
 from typing import Any, Mapping
 
 from reftjax.graders import openai as oa
@@ -13,6 +14,24 @@ from reftjax.graders.sandbox import SandboxJob, SandboxPool
 ConfigError = oa.ConfigError
 _METRICS = ("fuzzy_match", "bleu", "rouge_1", "rouge_2", "rouge_3", "rouge_4", "rouge_5", "rouge_l")
 _OPTIONAL = {"name", "pass_threshold", "range"}
+# the fields whose value is text (a non-string failed later, e.g. `answer_field: 3` as an AttributeError traceback
+# once the model and data had loaded; review); templates, `source` and `calculate_output` are checked where used
+_TEXT = {"name", "operation", "evaluation_metric", "image_tag", "cot", "answer_field", "answer_type", "extract",
+         "fallback", "question_field"}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_types(cfg: Mapping, where: str) -> None:
+    """Refuses a field of the wrong type, naming it and the type wanted."""
+    for k in sorted(_TEXT & set(cfg)):
+        if not isinstance(cfg[k], str):
+            raise ConfigError(f"{where}.{k}: must be a string, got {cfg[k]!r}")
+    if "partial_reward" in cfg and not (_is_number(cfg["partial_reward"]) and 0 <= cfg["partial_reward"] < 1):
+        raise ConfigError(f"{where}.partial_reward: must be a number in [0, 1) (the reward of an extracted but "
+                          f"wrong answer; a score of 1 counts as correct), got {cfg['partial_reward']!r}")
 
 
 def _take(cfg: Mapping, where: str, required: tuple, optional: tuple = ()) -> dict:
@@ -22,6 +41,7 @@ def _take(cfg: Mapping, where: str, required: tuple, optional: tuple = ()) -> di
     unknown = set(cfg) - set(required) - set(optional) - _OPTIONAL - {"type"}
     if unknown:
         raise ConfigError(f"{where}: unknown keys {sorted(unknown)} for type {cfg.get('type')!r}")
+    _check_types(cfg, where)
     for k in ("input", "reference"):  # templates: a number failed at the first grade as a TypeError traceback
         if k in cfg and not isinstance(cfg[k], str):
             raise ConfigError(f"{where}.{k}: must be a template string such as \"{{{{item.answer}}}}\", got {cfg[k]!r}")

@@ -160,9 +160,13 @@ class ReftGrader(PerItemGrader):
         for name, (value, allowed) in checks.items():
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-        if not 0.0 <= self.partial_reward < 1.0:
-            raise ValueError(f"partial_reward must be in [0, 1) (a score of 1 counts as correct), "
-                             f"got {self.partial_reward}")
+        for name in ("answer_field", "question_field"):  # (a number failed as an AttributeError at the first item)
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a string, got {getattr(self, name)!r}")
+        if not isinstance(self.partial_reward, (int, float)) or isinstance(self.partial_reward, bool) or \
+                not 0.0 <= self.partial_reward < 1.0:  # ("0.1" failed as a TypeError comparing it)
+            raise ValueError(f"partial_reward must be a number in [0, 1) (a score of 1 counts as correct), "
+                             f"got {self.partial_reward!r}")
 
     @property
     def uses_sandbox(self) -> bool:
