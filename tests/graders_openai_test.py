@@ -474,7 +474,23 @@ _SIM = {"type": "text_similarity", "input": "{{sample.output_text}}", "reference
     ({**_SIM, "name": 7}, "grader.name: must be a string, got 7"),
     ({"type": "multi", "graders": {"a": {**_SIM, "name": None}}, "calculate_output": "a"},
      "grader.graders.a.name: must be a string"),
+    # accepted and then ignored: a pass threshold or a score range the graders never apply (review)
+    ({**_SIM, "pass_threshold": "high"}, "grader.pass_threshold: 'high' is not supported: this version counts a "
+                                         "score of 1 as correct"),
+    ({**_SIM, "pass_threshold": 0.8}, "grader.pass_threshold: 0.8 is not supported"),
+    ({"type": "python", "source": "def grade(s, i):\n    return 1", "range": [1, 0]},
+     "grader.range: must be \\[low, high\\] with low < high, got \\[1, 0\\]"),
+    ({**_SIM, "range": "0-1"}, "grader.range: must be \\[low, high\\]"),
+    ({**_SIM, "range": [0, 10]}, "grader.range: \\[0, 10\\] is not supported: the graders of this version score "
+                                 "in \\[0, 1\\]"),
 ])
-def test_a_field_of_the_wrong_type_is_refused_naming_it(cfg, message):
+def test_a_field_of_the_wrong_type_or_an_ignored_setting_is_refused_naming_it(cfg, message):
     with pytest.raises(ConfigError, match=message):
         build_grader(cfg)
+
+
+def test_openai_name_and_the_settings_this_version_applies_anyway_are_accepted():
+    """`name` labels a grader (OpenAI requires it); pass_threshold 1 and range [0, 1] are what reftjax does."""
+    for extra in ({"name": "sim"}, {"pass_threshold": 1}, {"pass_threshold": 1.0}, {"range": [0, 1]},
+                  {"range": [0.0, 1.0]}):
+        assert _one({**_SIM, **extra}, "Paris").score == 1.0

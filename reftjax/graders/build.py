@@ -25,13 +25,24 @@ def _is_number(value: Any) -> bool:
 
 
 def _check_types(cfg: Mapping, where: str) -> None:
-    """Refuses a field of the wrong type, naming it and the type wanted."""
+    """Refuses a field of the wrong type, naming it and the type wanted, and OpenAI's `pass_threshold` / `range`
+    where this version would ignore them (graders score in [0, 1]; a score of 1 is what counts as correct)."""
     for k in sorted(_TEXT & set(cfg)):
         if not isinstance(cfg[k], str):
             raise ConfigError(f"{where}.{k}: must be a string, got {cfg[k]!r}")
     if "partial_reward" in cfg and not (_is_number(cfg["partial_reward"]) and 0 <= cfg["partial_reward"] < 1):
         raise ConfigError(f"{where}.partial_reward: must be a number in [0, 1) (the reward of an extracted but "
                           f"wrong answer; a score of 1 counts as correct), got {cfg['partial_reward']!r}")
+    if "pass_threshold" in cfg and not (_is_number(cfg["pass_threshold"]) and cfg["pass_threshold"] == 1):
+        raise ConfigError(f"{where}.pass_threshold: {cfg['pass_threshold']!r} is not supported: this version counts "
+                          f"a score of 1 as correct (accuracy) and rewards the score itself; remove it (or set 1)")
+    if "range" in cfg:
+        r = cfg["range"]
+        if not (isinstance(r, (list, tuple)) and len(r) == 2 and all(map(_is_number, r)) and r[0] < r[1]):
+            raise ConfigError(f"{where}.range: must be [low, high] with low < high, got {r!r}")
+        if list(r) != [0, 1]:
+            raise ConfigError(f"{where}.range: {list(r)!r} is not supported: the graders of this version score in "
+                              f"[0, 1] (range is a score_model setting); remove it (or set [0, 1])")
 
 
 def _take(cfg: Mapping, where: str, required: tuple, optional: tuple = ()) -> dict:

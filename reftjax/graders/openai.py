@@ -23,6 +23,8 @@ Config types (`build_grader(cfg)`):
     `{"type": "gsm8k", "answer_field": "answer", "fallback": "none" | "last_number"}`.
   * `score_model` / `label_model` need a judge model: rejected at validation ("not supported in
     this version").
+  * Any type takes OpenAI's `name` (a label). `pass_threshold` and `range` are refused unless they say what this
+    version does anyway (1: a score of 1 counts as correct; [0, 1]: every grader scores in it), not ignored.
 Templates: `{{item.a.b}}`, `{{sample.output_text}}`, `{{sample.output_json.x}}` (spaces inside the braces allowed:
 `{{ item.a }}`); a field with a brace typo (`{item.a}`, `{{item.a`, `{{{item.a}}}`) is refused, other braces are text.
 """
