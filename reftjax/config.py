@@ -15,6 +15,7 @@ from typing import Any
 from reftjax.data import DATASETS, PromptConfig, TokenizeConfig
 from reftjax.data.records import FORMATS
 from reftjax.evaluate import EvalConfig
+from reftjax.graders.build import build_grader
 from reftjax.graders.guards import GuardConfig
 from reftjax.rerank import RerankConfig
 from reftjax.rollout import SamplingConfig
@@ -304,6 +305,12 @@ class ExperimentConfig:
             raise ValueError(f"remat must be 'none', 'full' or 'dots', got {self.remat!r}")
         if self.seed < 0:  # (NumPy's generators refuse it: the loaders failed after the pre-SFT evaluation)
             raise ValueError(f"seed must be >= 0, got {self.seed}")
+        try:  # the spec's structure, cheaply (no program runs, no item is read): a bad one was taken by
+            # --print-config, exit 0, and refused only by run() (review)
+            grader = self.grader_dict
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"grader: expected an object such as {{\"type\": \"reft\"}}: {exc}") from None
+        build_grader(grader)  # (ConfigError, a ValueError, naming grader.<field>)
         style = self.data.prompt.style
         for cot in _reft_cots(self.grader):  # the top-level ReFT grader, or those inside a multi grader
             if (cot == "python") != style.endswith("python"):

@@ -1655,6 +1655,29 @@ def test_set_refuses_a_grader_that_is_not_an_object_non_finite_numbers_and_paths
         "python"
 
 
+def test_a_bad_grader_spec_is_refused_by_the_config_before_print_config_or_the_model(tmp_path):
+    """`--print-config --set grader='{"type": "nope"}'` printed the config and exited 0, and a run refused the spec only
+    inside run() (a field of the wrong type once the model and data had loaded; review): the config now builds the
+    grader (no program runs, no item is read) and the CLI exits 2 with one error line, before any model loads."""
+    from reftjax.config import ExperimentConfig, from_dict, to_dict
+
+    d = to_dict(ExperimentConfig())
+    for grader, msg in (({"type": "nope"}, "grader: unknown grader type 'nope'"),
+                        ({"type": "reft", "answer_field": 3}, "grader.answer_field: must be a string, got 3"),
+                        ({"type": "string_check", "input": "{{sample.output_text}}", "reference": "{item.answer}",
+                          "operation": "eq"}, "grader.reference: template text '{item.answer}' has single braces")):
+        with pytest.raises(ValueError, match=re.escape(msg)):
+            from_dict({**d, "grader": grader})
+    for extra in (["--print-config"], ["--model", str(tmp_path / "not-loaded"), "--out", str(tmp_path / "run")]):
+        proc = subprocess.run([sys.executable, "-m", "experiments.gsm8k_reft", "--preset", "cpu", *extra,
+                               "--set", 'grader={"type": "nope"}'], cwd=ROOT, env=_env(), capture_output=True,
+                              text=True, timeout=120)
+        errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+        assert proc.returncode == 2 and proc.stdout == "", (proc.stdout, proc.stderr)
+        assert len(errors) == 1 and errors[0].startswith("error: ") and "unknown grader type 'nope'" in errors[0]
+    assert not (tmp_path / "run").exists()
+
+
 def test_the_voting_samples_follow_the_run_seed(tmp_path, monkeypatch):
     """--seed ("data order and sampling") did not reach the evaluations' voting samples: every run drew them from
     key 1234 (config-knob review). Now key 1234 + seed (seed 0 as before); every evaluation of a run shares it."""
