@@ -1082,7 +1082,10 @@ def run(cfg: ExperimentConfig, out_dir: str | pathlib.Path, *, progress: bool = 
     xla_cache.enable(cfg.compilation_cache)
     out = pathlib.Path(out_dir)
     made = [p for p in (out, *out.parents) if not p.exists()]  # the folders this invocation creates, deepest first
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # (the bare "[Errno 2] No such file or directory: '/proc/x'" named no setting; review)
+        raise RunDirError(f"{out}: cannot create the output directory (--out): {e.strerror or e}") from None
     try:
         with _claimed(out):
             return _run(cfg, out, progress, t_start)

@@ -1789,6 +1789,9 @@ def test_bad_data_and_grader_fields_fail_before_the_model_loads_and_leave_no_fol
     with pytest.raises(train.SettingsError, match=r"good\.jsonl:1: grader: cannot grade the train split"):
         train.run(fields, out, progress=False)
     assert not (tmp_path / "runs").exists()
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(train.RunDirError, match=r"a_file/run: cannot create the output directory \(--out\): "):
+        train.run(cfg, tmp_path / "a_file" / "run", progress=False)
     (tmp_path / "kept").mkdir()  # a folder that was there before the run stays, as it was
     with pytest.raises(DataError):
         train.run(cfg, tmp_path / "kept", progress=False)
