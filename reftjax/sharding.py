@@ -476,21 +476,21 @@ class MeshJit:
         return jitted, args, kwargs
 
     def _committed(self, mesh, leaves, args, kwargs):
-        """The arguments with every uncommitted array (NumPy, or a jax.Array JAX may still move) committed to one
-        place: replicated over the arguments' mesh, else the device of the committed arrays (this process's first
-        device when none is). JAX compiles a program per commitment, so prompts given as NumPy on one call and
-        placed on the next compiled the rollout twice (helper review, session 34's list). Python and NumPy scalars
-        stay as they are (weak types), and so does a state_step's donated state (placed by `init_state`); with
-        several processes JAX places them as before (the training loop passes placed arrays)."""
+        """The arguments with every uncommitted array (NumPy, or a jax.Array JAX may still move) committed beside
+        the committed ones: replicated over the arguments' mesh, else onto their device. JAX compiles a program per
+        commitment, so prompts given as NumPy on one call and placed on the next compiled the rollout twice (helper
+        review, session 34's list). With nothing committed nothing is (JAX's default device, and its results stay
+        free to move: committing them to one device made a later call beside mesh-placed arrays fail; regression
+        review). Python and NumPy scalars stay as they are (weak types), and so does a state_step's donated state
+        (placed by `init_state`); with several processes JAX places them as before (the training loop passes placed
+        arrays)."""
         def loose(x):
             return isinstance(x, np.ndarray) or (isinstance(x, jax.Array) and not x.committed)
-        if not any(map(loose, leaves)):
-            return args, kwargs
         placed = next((x.sharding for x in leaves if isinstance(x, jax.Array) and x.committed), None)
+        if placed is None or not any(map(loose, leaves)):
+            return args, kwargs
         if mesh is not None:
             home = replicated(mesh)
-        elif placed is None:
-            home = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         elif len(placed.device_set) == 1:
             home = placed
         else:  # (several devices without a mesh: JAX's own placement)
