@@ -2,6 +2,7 @@
 import json
 import pathlib
 import sys
+import shutil
 import tempfile
 
 import pytest
@@ -145,6 +146,10 @@ def test_download_path_through_tfds_download_manager(shared_data, tmp_path, monk
     finally:
         server.shutdown()
         server.server_close()
+    # offline now: a rebuild (a deleted build, a version bump) reads tfds's download cache, as it did before the
+    # reachability probe, which refused it (regression review, session 35)
+    shutil.rmtree(cache / "gsm8k_reft")
+    assert [e.question for e in load_gsm8k("test", data_dir=cache)] == [e.question for e in got["test"]]
     for split, n in head.items():
         assert len(got[split]) == n
         assert [(e.question, e.cot, e.answer_value) for e in got[split]] == \
