@@ -997,6 +997,8 @@ def _check_same_run(cfg_path: pathlib.Path, new: dict, content_checked: bool = F
         if k not in a and k in defaults and b[k] in earlier(k):
             return True  # a setting added since the run began, at a value that keeps the earlier behaviour (runs from
             # before data.val_file were refused)
+        if k.startswith("grader.") and k.rsplit(".", 1)[1] in ("pass_threshold", "range") and k not in b:
+            return True  # accepted and ignored before session 35, refused since: the run did without them (review)
         if k.startswith("rerank.") and not a.get("rerank.epochs") and not b.get("rerank.epochs"):
             return True  # the verifier phase is off in both: its settings change nothing (a preset's did)
         if k in LOCATIONS:  # a path to another path; null <-> a path changes what is read (a held-out split, GSM8K)
@@ -1029,7 +1031,7 @@ def _interrupted(finish_log, phase: str) -> dict:
 
 
 @contextlib.contextmanager
-def _claimed(out: pathlib.Path):
+def _claimed(out: pathlib.Path, made: list = ()):
     """Holds an exclusive lock on the run directory (`out/.lock<process index>`) while this process runs in it: a
     second run started on the same directory (a resume typed while the first still runs, a scheduler's duplicate)
     would append to the same metrics and samples files and save checkpoints of the same steps. The kernel drops
@@ -1037,7 +1039,11 @@ def _claimed(out: pathlib.Path):
 
     The refusal is collective: with several processes each locks its own file, so one may find its lock held (a
     one-process run holds `.lock0` alone) while another gets its own; that one entered the run's collectives
-    alone and hung (regression review). Every process now raises when any was refused."""
+    alone and hung (regression review). Every process now raises when any was refused.
+
+    `made`: the folders this invocation created for `out` (deepest first); a run that fails before it writes
+    `config.json` removes them while it still holds the lock (`_remove_unclaimed`). A refused run removes nothing:
+    the folder is the running one's, even when this invocation's `mkdir` raced it (regression review)."""
     try:
         import fcntl
     except ImportError:  # (Windows) run, unguarded
@@ -1067,6 +1073,10 @@ def _claimed(out: pathlib.Path):
     f.flush()
     try:
         yield
+    except BaseException:
+        if made:
+            _remove_unclaimed(out, made)
+        raise
     finally:
         f.close()  # releases the lock (the file stays: removing it would race a process about to lock it)
 
@@ -1086,19 +1096,16 @@ def run(cfg: ExperimentConfig, out_dir: str | pathlib.Path, *, progress: bool = 
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:  # (the bare "[Errno 2] No such file or directory: '/proc/x'" named no setting; review)
         raise RunDirError(f"{out}: cannot create the output directory (--out): {e.strerror or e}") from None
-    try:
-        with _claimed(out):
-            return _run(cfg, out, progress, t_start)
-    except BaseException:
-        if made:  # a run that failed before claiming a new folder leaves no folder holding only its lock (review)
-            _remove_unclaimed(out, made)
-        raise
+    with _claimed(out, made):
+        return _run(cfg, out, progress, t_start)
 
 
 def _remove_unclaimed(out: pathlib.Path, made: list) -> None:
-    """Removes this process's lock file and then `made` (the folders this invocation created, deepest first), each
-    only while empty (another process's lock or anything a run wrote keeps it: `rmdir` refuses)."""
-    if (out / "config.json").exists():  # (claimed: a run began in it)
+    """After a failure before the run wrote `config.json`, while this process still holds its lock: removes its lock
+    file, then `made` (the folders this invocation created, deepest first), each only while empty (another
+    process's lock, or anything a run wrote, keeps it: `rmdir` refuses). A failed run left its new folder behind
+    holding `.lock0` (bad-input review, session 35)."""
+    if (out / "config.json").exists():  # (a run began in it)
         return
     with contextlib.suppress(OSError):
         (out / f".lock{jax.process_index()}").unlink()

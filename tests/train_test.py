@@ -810,6 +810,16 @@ def test_a_rerun_may_change_only_how_the_run_is_saved_and_laid_out(tmp_path):
     with pytest.raises(RunDirError, match=r"other settings \(data.val_file: \"/mnt/v.jsonl\" -> null\)"):
         path.write_text(json.dumps(to_dict(replace_path(moved, "data.val_file", "/mnt/v.jsonl"))))
         _check_same_run(path, to_dict(moved), content_checked=True)
+    # a run begun with OpenAI's pass_threshold / range (accepted and ignored before session 35, refused since)
+    # resumes without them; another change to its grader is still refused (regression review)
+    g = {"type": "string_check", "input": "{{sample.output_text}}", "reference": "{{item.answer}}", "operation": "eq"}
+    graded = replace_path(cfg, "grader", g)
+    old = json.loads(json.dumps(to_dict(graded)))
+    old["grader"].update(pass_threshold=0.5, range=[0, 10])
+    path.write_text(json.dumps(old))
+    _check_same_run(path, to_dict(graded))
+    with pytest.raises(RunDirError, match=r"grader.operation: \"eq\" -> \"ne\""):
+        _check_same_run(path, to_dict(replace_path(graded, "grader", dict(g, operation="ne"))))
     path.write_text(json.dumps(to_dict(cfg)))
     assert not _has_model_digest(tmp_path / "data.json")
     (tmp_path / "data.json").write_text(json.dumps({"train": {}, "model": {"params": "0123"}}))
@@ -1792,6 +1802,13 @@ def test_bad_data_and_grader_fields_fail_before_the_model_loads_and_leave_no_fol
     (tmp_path / "a_file").write_text("")
     with pytest.raises(train.RunDirError, match=r"a_file/run: cannot create the output directory \(--out\): "):
         train.run(cfg, tmp_path / "a_file" / "run", progress=False)
+    held = tmp_path / "held"  # a run refused by another's lock removes nothing, even a folder its mkdir raced
+    held.mkdir()
+    with train._claimed(held):
+        with pytest.raises(train.RunDirError, match="another run is using this run directory"):
+            with train._claimed(held, [held]):
+                pass
+        assert (held / ".lock0").exists()
     (tmp_path / "kept").mkdir()  # a folder that was there before the run stays, as it was
     with pytest.raises(DataError):
         train.run(cfg, tmp_path / "kept", progress=False)
