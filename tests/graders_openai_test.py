@@ -458,7 +458,10 @@ def test_braces_that_are_not_field_references_stay_text():
     cfg = {"type": "string_check", "input": "{{sample.output_text}}", "operation": "eq"}
     for reference, text in (('{"a": 1}', '{"a": 1}'), ('{"a": {"b": 1}}', '{"a": {"b": 1}}'),
                             (r"\frac{1}{2}", r"\frac{1}{2}"), ('{"a": {"b": {{item.answer}}}}', '{"a": {"b": Paris}}'),
-                            ("{{ item.answer }}", "Paris"), ("[{{item.meta.unit}}]", "[km]")):
+                            ("{{ item.answer }}", "Paris"), ("[{{item.meta.unit}}]", "[km]"),
+                            # a field in LaTeX's or a set's braces (refused as a typo at first; regression review)
+                            (r"\boxed{{{item.answer}}}", r"\boxed{Paris}"),
+                            ("{{{item.answer}}, {{item.meta.unit}}}", "{Paris, km}")):
         assert _one({**cfg, "reference": reference}, text).score == 1.0, reference
 
 

@@ -109,11 +109,13 @@ def check_template(template: str) -> None:
 def _check_braces(template: str) -> None:
     """Raises KeyError for a field reference that is not `{{...}}`: rendered as literal text, it could never match
     (a `string_check` reference `{item.answer}` scored the exact gold 0). Refused: `{{` that opens no field
-    (`{{item.x`, `{{ item.x}`), a field inside a third brace (`{{{item.x}}}`), and `{item.` / `{sample.` or
-    `item.x}` / `sample.x}` with single braces. Other braces are text (`{"a": {"b": 1}}`, `\\frac{1}{2}`)."""
+    (`{{item.x`, `{{ item.x}`), a template that is one field inside a third brace (`{{{item.x}}}`: in other text
+    such braces are LaTeX's or a set's, `\\boxed{{{item.x}}}`), and `{item.` / `{sample.` or `item.x}` / `sample.x}`
+    with single braces. Other braces are text (`{"a": {"b": 1}}`, `\\frac{1}{2}`)."""
     rest = _TEMPLATE.sub("\0", template)  # (each field one mark: the text around it stays apart)
     for pattern, why in ((r"\{\{", "opens no field: a template field is {{item.x}} or {{sample.x}}"),
-                         (r"\{\0", "has three braces: a template field is {{item.x}} or {{sample.x}}"),
+                         # (a field in braces inside other text is LaTeX or a set: \boxed{{{item.a}}}, {{{a}}, {{b}}})
+                         (r"^\s*\{\0\}?\s*$", "has three braces: a template field is {{item.x}} or {{sample.x}}"),
                          (r"\{\s*(?:item|sample)\.[\w.]*\s*\}?", "has single braces: write {{...}}"),
                          (r"(?<![\w.])(?:item|sample)\.[\w.]*\s*\}+", "is closed but never opened: write {{...}}")):
         bad = re.search(pattern, rest)
