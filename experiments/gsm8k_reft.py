@@ -328,7 +328,11 @@ def run_cli(args, make_config=preset_config) -> int:
     from reftjax.sharding import maybe_initialize_distributed
 
     logging.getLogger("reftjax.cli").info("host allocator: %s (reftjax/host.py)", HOST_ALLOCATOR)
-    maybe_initialize_distributed()  # multi-process: before anything touches a JAX backend (presets ask for devices)
+    try:  # multi-process: before anything touches a JAX backend (presets ask for devices)
+        maybe_initialize_distributed()
+    except ValueError as e:  # (an incomplete JAX_* environment: a traceback, exit 1, before session 35)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.gsm8k_dir:
         if not os.path.isfile(os.path.join(args.gsm8k_dir, "train.jsonl")):
             print(f"error: --gsm8k-dir {args.gsm8k_dir}: train.jsonl not found there", file=sys.stderr)

@@ -423,13 +423,33 @@ def test_cli_errors_are_one_line(tmp_path):
     assert helped.returncode == 0 and helped.stdout.startswith("usage: python -m experiments")
     # a ValueError or OSError out of the run (--out a file, a model the decoder cannot run, a mesh the devices cannot
     # make) was a traceback with exit 1 (review, session 30); --verbose keeps the traceback
+    # (--out a file: a RunDirError naming --out since session 35, one line with --verbose too)
     (tmp_path / "a_file").write_text("")
-    for extra, code, tail in (([], 2, "(--verbose shows the traceback)"), (["--verbose"], 1, "FileExistsError")):
-        out_file = subprocess.run([sys.executable, "-m", "experiments.gsm8k_reft", "--out", str(tmp_path / "a_file"),
-                                   *extra], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
-        last = out_file.stderr.strip().splitlines()[-1]
-        assert out_file.returncode == code and tail in last, out_file.stderr[-2000:]
-        assert ("Traceback" in out_file.stderr) == bool(extra)
+    out_file = subprocess.run([sys.executable, "-m", "experiments.gsm8k_reft", "--out", str(tmp_path / "a_file"),
+                               "--verbose"], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    last = out_file.stderr.strip().splitlines()[-1]
+    assert out_file.returncode == 2 and last.endswith("a_file: cannot create the output directory (--out): File exists")
+    assert "Traceback" not in out_file.stderr
+    # an incomplete multi-process environment: one line, exit 2 (a traceback, exit 1, before session 35)
+    half_set = {**_env(), "JAX_COORDINATOR_ADDRESS": "localhost:1", "JAX_NUM_PROCESSES": "2"}
+    failed = subprocess.run([sys.executable, "-m", "experiments.gsm8k_reft"], cwd=ROOT, env=half_set,
+                            capture_output=True, text=True, timeout=120)
+    assert failed.returncode == 2 and failed.stderr.strip().splitlines()[-1].startswith("error: set both JAX_NUM_")
+    # a model the decoder cannot run: a plain ValueError, one line; --verbose keeps its traceback
+    (tmp_path / "gpt2").mkdir()
+    (tmp_path / "gpt2" / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 1, "vocab_size": 8}))
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"question": f"q{i}", "answer": f"a\n#### {i}"}) + "\n" for i in range(3)))
+    data = ["--set", f'data.train_file="{rows}"', "--set", 'data.train_format="gsm8k-jsonl"', "--set",
+            f'data.test_file="{rows}"', "--set", "data.val_fraction=0.34"]
+    for extra, code, tail in (([], 2, "(--verbose shows the traceback)"), (["--verbose"], 1, "unsupported archit")):
+        failed = subprocess.run([sys.executable, "-m", "experiments.gsm8k_reft", "--model", str(tmp_path / "gpt2"),
+                                 "--out", str(tmp_path / "o2"), *data, *extra], cwd=ROOT, env=_env(),
+                                capture_output=True, text=True, timeout=120)
+        last = failed.stderr.strip().splitlines()[-1]
+        assert failed.returncode == code and tail in last, failed.stderr[-2000:]
+        assert ("Traceback" in failed.stderr) == bool(extra)
+    assert not (tmp_path / "o2").exists()  # (the failed runs' new folder is gone)
 
 
 def test_a_p_cot_grader_set_on_the_gsm8k_command_takes_the_authors_p_cot_kl(tmp_path):
