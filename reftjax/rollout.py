@@ -349,7 +349,9 @@ def trim_to_bucket(ro: Rollout, buckets: Sequence[int]) -> Rollout:
     length = bucket(max(longest, 1), [b for b in buckets if b < n] + [n])
     if length == n:
         return ro
-    cut = lambda x: None if x is None else x[:, :length]  # noqa: E731
+    # (static bounds: `x[:, :length]` sent the bound to the device and ran a dynamic slice, an implicit transfer
+    # that `jax.transfer_guard("disallow")` refuses; recompile/host-sync audit, session 35)
+    cut = lambda x: None if x is None else jax.lax.slice_in_dim(x, 0, length, axis=1)  # noqa: E731
     return ro.replace(tokens_BxN=cut(ro.tokens_BxN), logprobs_BxN=cut(ro.logprobs_BxN), mask_BxN=cut(ro.mask_BxN),
                       values_BxN=cut(ro.values_BxN))
 

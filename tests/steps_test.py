@@ -925,7 +925,8 @@ def test_trim_to_bucket_drops_only_padding_and_changes_neither_experience_nor_up
                 cfg=SamplingConfig(max_new_tokens=new, eos_ids=tuple(range(1, 9)), pad_id=0, n=g))
     longest = int(jnp.max(r.lengths_B))
     buckets = completion_buckets(new, 4)
-    cut = trim_to_bucket(r, buckets)
+    with jax.transfer_guard_host_to_device("disallow"):  # static bounds: no bound sent to the device (audit, s35)
+        cut = trim_to_bucket(r, buckets)
     n = cut.tokens_BxN.shape[1]
     assert longest <= n < new and n == min(b for b in buckets if b >= longest), (longest, n)
     assert int(jnp.min(r.lengths_B)) < longest  # rows of different lengths
