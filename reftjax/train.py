@@ -445,7 +445,9 @@ def run_rl(cfg: ExperimentConfig, model, ref_params, data: Data, grader, mesh, o
     an RL phase that only made the policy worse exported its least bad RL checkpoint as `hf/best`.)
 
     `compiles` (the run's `xla_cache.CompileStats`) puts `xla_programs`, the programs compiled or loaded
-    so far, in every metrics line: flat after the first iterations unless something recompiles."""
+    so far (checkpoint saves and validations included), in every metrics line, and `iteration_programs`, those of
+    the iteration's rollout, experience and update: 0 after the first iterations unless something recompiles (the
+    running count grew with the saves' and validations' own programs; recompile audit, session 35)."""
     r = cfg.rl
     samp = dataclasses.replace(r.sampling, n=r.ppo.group_size if r.ppo.algo != "ppo" else r.sampling.n,
                                eos_ids=_eos_ids(cfg, model),
@@ -503,6 +505,7 @@ def run_rl(cfg: ExperimentConfig, model, ref_params, data: Data, grader, mesh, o
         while it < r.iterations and not stop.agreed and not stopped_early():  # (resumed after an early stop: done)
             batch = next(loader)
             t0, c0 = time.perf_counter(), xla_cache.busy_seconds()
+            p0 = compiles.programs() if compiles is not None else 0
             rng = jax.random.fold_in(jax.random.key(cfg.seed + 3), it)
             ro = rollout(state.params["policy"], batch["prompt_tokens"], batch["prompt_mask"], rng,
                          model_cfg=model.config, cfg=samp,
@@ -538,6 +541,7 @@ def run_rl(cfg: ExperimentConfig, model, ref_params, data: Data, grader, mesh, o
                        **sub_score_means(reward_fn.last.grades)}
             if compiles is not None:
                 metrics["xla_programs"] = compiles.programs()
+                metrics["iteration_programs"] = metrics["xla_programs"] - p0
             broken = reward_fn.last.error or every_one_faulted(reward_fn.last.grades)
             if broken is not None and not warned_broken:  # (once a run: it logs grader_errors every iteration)
                 warned_broken = True

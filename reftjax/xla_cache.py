@@ -29,8 +29,8 @@ cache directory is trusted code: do not share one with users you do not trust.
 
 `CompileStats` counts, from JAX's own monitoring events, how many programs were
 compiled or loaded and how long that took, so a run reports its compile cost
-(summary.json `compilation`, and `xla_programs` in every RL metrics line: a count
-that keeps growing after the first iterations is a recompilation to look into).
+(summary.json `compilation`, and `xla_programs` / `iteration_programs` in every RL metrics line: an
+`iteration_programs` above 0 after the first iterations is a recompilation to look into).
 """
 from __future__ import annotations
 

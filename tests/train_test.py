@@ -164,11 +164,16 @@ def test_pipeline_sigkill_then_resume_completes(tiny_hf_dir, tmp_path, shared_da
     assert [r["step"] for r in map(json.loads, (out / "metrics.jsonl").open()) if r["phase"] == "eval/test_reft"] == [2]
     rl = _rl_lines(out)[-1]
     for key in ("reward", "accuracy", "kl", "entropy", "clipfrac", "vf_loss", "explained_variance",
-                "response_length", "generated_tokens_per_s", "mfu", "completion_bucket", "xla_programs", "graded",
+                "response_length", "generated_tokens_per_s", "mfu", "completion_bucket", "xla_programs",
+                "iteration_programs", "graded",
                 "unanswered", "grader_errors", "compile_seconds", "rollout_seconds", "experience_seconds",
                 "update_seconds"):
         assert key in rl, key
     assert not [k for k in rl if k.startswith("guard_")]  # the guards are off: the grader's counts are not theirs
+    # the iteration's own programs, apart from those of the saves and validations between iterations (audit, s35)
+    lines = _rl_lines(out)
+    assert all(0 <= r["iteration_programs"] <= r["xla_programs"] for r in lines)
+    assert sum(r["iteration_programs"] for r in lines) < lines[-1]["xla_programs"]
     for name in ("reward", "kl", "response_length", "val_accuracy"):
         png = out / "plots" / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
@@ -256,7 +261,7 @@ def _free_port() -> int:
 def _deterministic_metrics(out):
     """(phase, step, key, value) of every metrics line, timings left out (they differ between runs), and the
     count of compiled programs (it depends on the process/device layout, not on the training)."""
-    timing = ("time", "seconds", "per_s", "mfu", "xla_programs")
+    timing = ("time", "seconds", "per_s", "mfu", "programs")
     return [(r["phase"], r["step"], k, v) for r in (json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines())
             for k, v in sorted(r.items()) if k not in ("phase", "step") and not any(t in k for t in timing)]
 
