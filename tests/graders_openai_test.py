@@ -445,6 +445,8 @@ def test_cli_refuses_a_sample_that_is_not_text_naming_its_line(tmp_path, capsys,
     ("{{ item.answer}", "'{{ item.answer}' opens no field"),
     ("{{{item.answer}}}", "'{{{item.answer}}}' has three braces"),
     ("The answer: item.answer}}", "'item.answer}}' is closed but never opened"),
+    # a brace opened around a field inside other text and never closed (second regression review, session 35)
+    ("Answer: {{{item.answer}}", "'Answer: {{{item.answer}}' opens a brace around a field and never closes it"),
 ])
 def test_a_field_reference_with_a_brace_typo_is_refused_not_rendered_as_text(reference, message):
     """`{item.answer}`, `{{item.answer`, `{{{item.answer}}}` and `{{ item.answer}` were accepted and rendered as

@@ -111,7 +111,8 @@ def _check_braces(template: str) -> None:
     (a `string_check` reference `{item.answer}` scored the exact gold 0). Refused: `{{` that opens no field
     (`{{item.x`, `{{ item.x}`), a template that is one field inside a third brace (`{{{item.x}}}`: in other text
     such braces are LaTeX's or a set's, `\\boxed{{{item.x}}}`), and `{item.` / `{sample.` or `item.x}` / `sample.x}`
-    with single braces. Other braces are text (`{"a": {"b": 1}}`, `\\frac{1}{2}`)."""
+    with single braces, and a brace opened around a field that the text never closes (`Answer: {{{item.x}}`). Other
+    braces are text (`{"a": {"b": 1}}`, `\\frac{1}{2}`)."""
     rest = _TEMPLATE.sub("\0", template)  # (each field one mark: the text around it stays apart)
     for pattern, why in ((r"\{\{", "opens no field: a template field is {{item.x}} or {{sample.x}}"),
                          # (a field in braces inside other text is LaTeX or a set: \boxed{{{item.a}}}, {{{a}}, {{b}}})
@@ -123,6 +124,8 @@ def _check_braces(template: str) -> None:
             fields = iter(_TEMPLATE.findall(template)[rest[:bad.start()].count("\0"):])
             text = re.sub("\0", lambda _: "{{%s}}" % next(fields), rest[bad.start():bad.end() + 20])
             raise KeyError(f"template text {text!r} {why}")
+    if "{\0" in rest and rest.count("{") != rest.count("}"):  # (second regression review, session 35)
+        raise KeyError(f"template text {template!r} opens a brace around a field and never closes it")
 
 
 @dataclasses.dataclass(frozen=True)
