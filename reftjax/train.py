@@ -1099,6 +1099,9 @@ def run(cfg: ExperimentConfig, out_dir: str | pathlib.Path, *, progress: bool = 
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:  # (the bare "[Errno 2] No such file or directory: '/proc/x'" named no setting; review)
+        for folder in made:  # (deepest first: the parents it did create; a name too long for the last left them)
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         raise RunDirError(f"{out}: cannot create the output directory (--out): {e.strerror or e}") from None
     with _claimed(out, made):
         return _run(cfg, out, progress, t_start)

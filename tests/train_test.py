@@ -1827,6 +1827,9 @@ def test_bad_data_and_grader_fields_fail_before_the_model_loads_and_leave_no_fol
     (tmp_path / "a_file").write_text("")
     with pytest.raises(train.RunDirError, match=r"a_file/run: cannot create the output directory \(--out\): "):
         train.run(cfg, tmp_path / "a_file" / "run", progress=False)
+    with pytest.raises(train.RunDirError, match=r"cannot create the output directory \(--out\): File name too long"):
+        train.run(cfg, tmp_path / "p1" / "p2" / ("x" * 300), progress=False)
+    assert not (tmp_path / "p1").exists()  # the parents it had made are gone too (second regression review)
     held = tmp_path / "held"  # a run refused by another's lock removes nothing, even a folder its mkdir raced
     held.mkdir()
     with train._claimed(held):
