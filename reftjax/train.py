@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import functools
 import hashlib
 import json
@@ -1082,7 +1083,8 @@ def _claimed(out: pathlib.Path, made: list = ()):
             _remove_unclaimed(out, made)
         raise
     finally:
-        f.close()  # releases the lock (the file stays: removing it would race a process about to lock it)
+        f.close()  # releases the lock (the file stays once a run began: removing it would race a process about to
+        # lock it; before, `_remove_unclaimed` takes that small risk for a folder this invocation made)
 
 
 def run(cfg: ExperimentConfig, out_dir: str | pathlib.Path, *, progress: bool = True) -> dict:
@@ -1099,9 +1101,7 @@ def run(cfg: ExperimentConfig, out_dir: str | pathlib.Path, *, progress: bool = 
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:  # (the bare "[Errno 2] No such file or directory: '/proc/x'" named no setting; review)
-        for folder in made:  # (deepest first: the parents it did create; a name too long for the last left them)
-            with contextlib.suppress(OSError):
-                folder.rmdir()
+        _remove_empty(made)  # (the parents it did make: a name too long for the last one left them)
         raise RunDirError(f"{out}: cannot create the output directory (--out): {e.strerror or e}") from None
     with _claimed(out, made):
         return _run(cfg, out, progress, t_start)
@@ -1116,11 +1116,18 @@ def _remove_unclaimed(out: pathlib.Path, made: list) -> None:
         return
     with contextlib.suppress(OSError):
         (out / f".lock{jax.process_index()}").unlink()
-    for folder in made:
+    _remove_empty(made)
+
+
+def _remove_empty(folders: list) -> None:
+    """`rmdir` of each of `folders` (deepest first), stopping at the first that is not empty (one that is not there,
+    or whose name the file system refuses, is passed over)."""
+    for folder in folders:
         try:
             folder.rmdir()
-        except OSError:
-            return
+        except OSError as e:
+            if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                return
 
 
 def _run(cfg: ExperimentConfig, out: pathlib.Path, progress: bool, t_start: float) -> dict:
