@@ -382,6 +382,24 @@ def constrain_batch(x):
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(P("batch"), x.shape, mesh)))
 
 
+def constrain_lookup(x):
+    """An embedding lookup's [B, ...] output split over the batch axes, as `constrain_batch`, by way of the data
+    axis alone where the table is split over `fsdp` and the mesh has a `data` or `tensor` axis too: the lookup comes
+    out split along its last (hidden) dimension over `fsdp`, and XLA found no efficient way from there to the batch
+    split ("Involuntary full rematerialization" in every step's backward on a data x fsdp mesh, in the rollout's
+    lookups on a tensor mesh; recompile audit, session 35). Gathering the hidden dimension over `fsdp` first, then
+    slicing the batch, is the same collective made explicit. Meshes of `fsdp` alone (the presets') are left to XLA,
+    which goes there with an all-to-all."""
+    mesh = _MESH.get()
+    if mesh is None or mesh.size == 1 or not hasattr(x, "shape") or not x.shape:
+        return x
+    sizes = dict(mesh.shape)
+    if sizes.get("fsdp", 1) > 1 and (sizes.get("data", 1) > 1 or sizes.get("tensor", 1) > 1):
+        split = sizes.get("data", 1) > 1 and x.shape[0] % sizes["data"] == 0
+        x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P("data") if split else P()))
+    return constrain_batch(x)
+
+
 def place(x, sharding):
     """`x` constrained to `sharding` inside a trace (`reshard` on an Explicit-axis mesh, which rejects
     `with_sharding_constraint`); unchanged for None."""

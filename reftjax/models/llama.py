@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from reftjax.models.config import ModelConfig
-from reftjax.sharding import constrain_batch
+from reftjax.sharding import constrain_batch, constrain_lookup
 
 # Logical axis names of parameters; `reftjax.sharding` maps them to mesh axes.
 VOCAB, EMBED, MLP, Q_HEADS, KV_HEADS, NORM, LAYERS = (
@@ -375,7 +375,7 @@ class Transformer(nn.Module):
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
                          embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), (VOCAB, EMBED)),
                          name="embed_tokens")
-        x = constrain_batch(embed(tokens_BxT))
+        x = constrain_lookup(embed(tokens_BxT))
         if shared_prefix is None:
             slots = jnp.arange(tokens_BxT.shape[1])
             mask = attention_mask(slots, slots, attn_mask_BxT, cfg.sliding_window)
@@ -622,7 +622,7 @@ def decode_step(params, layer_params: list, cfg: ModelConfig, tokens_B, position
     (already including `cache_index`). Layers are unrolled so each step updates
     every cache buffer in place.
     """
-    x = jnp.take(params["embed_tokens"]["embedding"], tokens_B, axis=0).astype(cfg.jnp_dtype)
+    x = constrain_lookup(jnp.take(params["embed_tokens"]["embedding"], tokens_B, axis=0).astype(cfg.jnp_dtype))
     s = key_valid_BxS.shape[1]
     mask = attention_mask(jnp.reshape(cache_index, (1,)), jnp.arange(s), key_valid_BxS, cfg.sliding_window)[:, 0]
     new_caches = []
