@@ -654,6 +654,12 @@ def test_replace_paths_changes_fields_checked_against_each_other_together():
     assert replace_paths(cfg, {}) == cfg and replace_path(cfg, "seed", 3).seed == 3
     with pytest.raises(ValueError, match="DataConfig has no field 'bogus'"):
         replace_paths(cfg, {"data.bogus": 1})
+    # to_dict copies: editing what it returns leaves the config as it was (the grader's dict was the config's own)
+    from reftjax.config import to_dict
+    graded = replace_path(cfg, "grader", {"type": "multi", "graders": {"a": {"type": "reft"}}, "calculate_output": "a"})
+    d = to_dict(graded)
+    d["grader"]["graders"]["a"]["partial_reward"] = 0.5
+    assert "partial_reward" not in graded.grader["graders"]["a"] and to_dict(graded) != d
 
 
 def test_invalid_settings_fail_before_anything_runs_and_do_not_claim_the_run_dir(tiny_hf_dir, tmp_path, shared_data):
