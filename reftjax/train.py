@@ -78,24 +78,25 @@ class Data:
 @dataclasses.dataclass
 class Splits:
     """The three splits' examples as read (records checked, nothing tokenized: no model needed), and what
-    `check_grader_fields` reads of them; `prepare_data` tokenizes them into `Data`."""
+    `check_grader_fields` reads of them; `prepare_data` tokenizes them into `Data` (each computed once: both read
+    the items)."""
     train: list
     val: list
     test: list
 
-    @property
+    @functools.cached_property
     def train_items(self) -> list:
         return [_item(e) for e in self.train]
 
-    @property
+    @functools.cached_property
     def val_items(self) -> list:
         return [_item(e) for e in self.val]
 
-    @property
+    @functools.cached_property
     def test_items(self) -> list:
         return [_item(e) for e in self.test]
 
-    @property
+    @functools.cached_property
     def where(self) -> dict:
         return {split: [e.where for e in exs] for split, exs in (("train", self.train), ("validation", self.val),
                                                                   ("test", self.test))}
