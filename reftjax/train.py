@@ -117,21 +117,24 @@ def _text_answers(grader_cfg) -> bool:
     return False
 
 
-def read_splits(cfg: ExperimentConfig) -> Splits:
+def read_splits(cfg: ExperimentConfig, progress: bool = True) -> Splits:
     """The train, validation and test examples `cfg.data` names, read and checked (a bad line is a DataError at its
-    file and line) without a tokenizer: `_run` reads them before the model loads (minutes at 7B; review)."""
+    file and line) without a tokenizer: `_run` reads them before the model loads (minutes at 7B; review). `progress`:
+    tfds's bars when GSM8K is built."""
     d = cfg.data
     numeric = not _text_answers(cfg.grader_dict)
     read = lambda f: load_examples(file=f, fmt=d.train_format, answer_field=d.answer_field,  # noqa: E731
                                    numeric=numeric)
-    examples = read(d.train_file) if d.train_file else load_examples(d.dataset, split="train", numeric=numeric)
+    examples = read(d.train_file) if d.train_file else load_examples(d.dataset, split="train", numeric=numeric,
+                                                                     progress=progress)
     if d.val_file:  # a validation file (OpenAI RFT's): the training file is used whole
         train, val = examples, read(d.val_file)
     else:
         train, val = train_val_split(examples, SplitConfig(val_fraction=d.val_fraction, seed=d.seed))
     train = train[: d.n_train] if d.n_train is not None else train
     val = val[: d.n_val] if d.n_val is not None else val
-    test = read(d.test_file) if d.test_file else load_examples(d.test_dataset, split=d.test_split, numeric=numeric)
+    test = read(d.test_file) if d.test_file else load_examples(d.test_dataset, split=d.test_split, numeric=numeric,
+                                                               progress=progress)
     if d.train_file and d.train_format != "gsm8k-jsonl" and not d.test_file:  # said only in summary.md (review)
         log.warning("data.train_file without data.test_file: the test evaluations run on %s/%s with this grader; "
                     "name the task's own test file with data.test_file", d.test_dataset, d.test_split)
@@ -1148,7 +1151,7 @@ def _run(cfg: ExperimentConfig, out: pathlib.Path, progress: bool, t_start: floa
     for name in ("train_file", "val_file", "test_file"):  # not after the model loads
         if (f := getattr(cfg.data, name)) and not pathlib.Path(f).is_file():
             raise DataError(f"{f}: no such file (data.{name})")
-    splits = read_splits(cfg)  # (records and the grader's fields: a bad line or field does not wait for the model)
+    splits = read_splits(cfg, progress)  # (records and the grader's fields: a bad line or field does not wait for the model)
     check_grader_fields(grader, splits)
     model = load_model(cfg.model, dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat, mesh=mesh)
     data = prepare_data(cfg, model.tokenizer, splits)

@@ -192,3 +192,41 @@ def test_building_leaves_no_temporary_directories(shared_data, tmp_path, monkeyp
     monkeypatch.setattr(tempfile, "tempdir", str(system_tmp))
     assert len(load_gsm8k("test", data_dir=tmp_path / "cache", local_dir=local)) == 20
     assert sorted(p.name for p in system_tmp.iterdir()) == []
+
+
+def test_no_progress_silences_tfds_bars_and_restores_the_switch(shared_data, tmp_path, capfd, monkeypatch):
+    """`progress=False` (the CLI's --no-progress, through `train.read_splits`) builds without tfds's bars
+    ("Generating splits...", "Shuffling ..."; they printed under --no-progress: session 35's list); tfds's switch is
+    as it was afterwards, and a user's own `display_progress_bar(False)` is not turned back on."""
+    from tensorflow_datasets.core.utils import tqdm_utils
+
+    from reftjax import train as T
+    from reftjax.config import ExperimentConfig, from_dict, to_dict
+
+    local = tmp_path / "gsm8k"
+    local.mkdir()
+    for split, n in (("train", 12), ("test", 4)):
+        lines = (shared_data / "gsm8k" / f"{split}.jsonl").read_text().splitlines()[:n]
+        (local / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    monkeypatch.setenv("REFTJAX_GSM8K_DIR", str(local))
+    monkeypatch.setenv("REFTJAX_CACHE", str(tmp_path / "quiet"))
+    d = to_dict(ExperimentConfig())
+    d["data"].update(n_train=8, n_val=2)
+    try:
+        splits = T.read_splits(from_dict(d), progress=False)
+        assert (len(splits.train), len(splits.test)) == (8, 4)
+        err = capfd.readouterr().err
+        assert "Generating" not in err and "Shuffling" not in err and "examples/s" not in err, err
+        assert "Downloading and preparing" in err  # (its one-line messages stay)
+        assert tqdm_utils._active is True
+
+        monkeypatch.setenv("REFTJAX_CACHE", str(tmp_path / "loud"))
+        load_gsm8k("test", progress=True)
+        assert "Generating splits" in capfd.readouterr().err  # (what the first build would have printed)
+
+        tqdm_utils.display_progress_bar(False)  # a user's own choice
+        monkeypatch.setenv("REFTJAX_CACHE", str(tmp_path / "user"))
+        load_gsm8k("test", progress=True)
+        assert "Generating" not in capfd.readouterr().err and tqdm_utils._active is False
+    finally:
+        tqdm_utils.display_progress_bar(True)

@@ -85,13 +85,29 @@ def _local_fingerprint(local: pathlib.Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def load_gsm8k(split: str, *, data_dir=None, local_dir=None) -> list[Example]:
+@contextlib.contextmanager
+def _tfds_bars(enable: bool):
+    """tfds's progress bars (building: "Generating splits...", "Shuffling ...") on or off for the block, then as they
+    were: `--no-progress` printed them (session 35's list). tfds's switch is module-global; a user's own
+    `tfds.disable_progress_bar()` stays in force."""
+    from tensorflow_datasets.core.utils import tqdm_utils
+
+    before = getattr(tqdm_utils, "_active", True)
+    tqdm_utils.display_progress_bar(before and enable)
+    try:
+        yield
+    finally:
+        tqdm_utils.display_progress_bar(before)
+
+
+def load_gsm8k(split: str, *, data_dir=None, local_dir=None, progress: bool = True) -> list[Example]:
     """GSM8K ``train`` (7,473) or ``test`` (1,319) through tfds, building it if needed.
 
     Args:
       split: "train" or "test".
       data_dir: tfds cache (see `cache_dir`).
       local_dir: folder with ``{train,test}.jsonl`` (see `gsm8k_local_dir`).
+      progress: tfds's progress bars while it downloads and builds (its one-line messages stay, on stderr).
     """
     # Imported here: tfds is only needed for GSM8K, not for the JSON formats.
     from reftjax.data.gsm8k_builder import Gsm8kReft
@@ -106,7 +122,7 @@ def load_gsm8k(split: str, *, data_dir=None, local_dir=None) -> list[Example]:
                         file_format="array_record")
     # tfds prints "Downloading and preparing dataset ..." to stdout: on a cold cache the experiments' one JSON line and
     # `python -m reftjax.data stats`'s were not the only stdout (review, session 30)
-    with contextlib.redirect_stdout(sys.stderr):
+    with contextlib.redirect_stdout(sys.stderr), _tfds_bars(progress):
         builder.download_and_prepare()
     source = builder.as_data_source(split=split)
     out = []
@@ -120,7 +136,7 @@ def load_gsm8k(split: str, *, data_dir=None, local_dir=None) -> list[Example]:
 
 def load_examples(dataset: str | None = None, *, split: str = "train", file=None,
                   fmt: str | None = None, data_dir=None, local_dir=None,
-                  answer_field: str | None = None, numeric: bool = True) -> list[Example]:
+                  answer_field: str | None = None, numeric: bool = True, progress: bool = True) -> list[Example]:
     """One entry point for the CLI and the trainers.
 
     Args:
@@ -132,6 +148,7 @@ def load_examples(dataset: str | None = None, *, split: str = "train", file=None
       local_dir: GSM8K local copy, or the ReFT folder for ReFT datasets.
       answer_field: for ``openai`` files, the numeric reference field to parse.
       numeric: for ``reft`` files and datasets, the gold answers are numbers (False: text, MathQA's letters).
+      progress: tfds's progress bars when GSM8K is built (`load_gsm8k`).
     """
     if file is not None:
         if fmt is None:
@@ -139,7 +156,7 @@ def load_examples(dataset: str | None = None, *, split: str = "train", file=None
         kwargs = {"answer_field": answer_field} if fmt == "openai" else {"numeric": numeric} if fmt == "reft" else {}
         return read_file(file, fmt, **kwargs)
     if dataset == "gsm8k":
-        return load_gsm8k(split, data_dir=data_dir, local_dir=local_dir)
+        return load_gsm8k(split, data_dir=data_dir, local_dir=local_dir, progress=progress)
     if dataset in REFT_FILES:
         name, needs_cot = REFT_FILES[dataset]
         return read_reft_json(reft_dir(local_dir) / name, require_cot=needs_cot, numeric=numeric)
