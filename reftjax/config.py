@@ -385,6 +385,9 @@ def _build(tp, value, where: str = "config"):
         try:
             return tp(**fields)
         except (TypeError, ValueError) as exc:
+            below = where.partition(".")[2]  # the path under the root ("" for the whole config)
+            if isinstance(exc, ValueError) and (not below or str(exc).startswith(below.split(".")[0])):
+                raise  # a __post_init__ check naming its setting from the root: "--set: config: grader: ..." said less
             raise ValueError(f"{where}: {exc}") from exc
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
         args = typing.get_args(tp)
