@@ -467,6 +467,7 @@ class MeshJit:
             if any(isinstance(x, jax.Array) and x.is_deleted() for x in leaves):
                 _raise_deleted(self._fn, args, kwargs)
             mesh = mesh_of(leaves)  # (the leaves flattened once above)
+            args, kwargs = self._committed(mesh, leaves, args, kwargs)
             pins = None
             if self._state_step and mesh is not None and mesh.size > 1:  # (one device: nothing to drift)
                 state = args[0] if args else kwargs["state"]
@@ -490,13 +491,44 @@ class MeshJit:
             traced.__name__ = traced.__qualname__ = _fn_name(fn)
             jitted = self._jits[key] = jax.jit(traced, static_argnames=self._static,
                                                donate_argnames=("state",) if self._state_step else ())
-        return jitted
+        return jitted, args, kwargs
+
+    def _committed(self, mesh, leaves, args, kwargs):
+        """The arguments with every uncommitted array (NumPy, or a jax.Array JAX may still move) committed beside
+        the committed ones: replicated over the arguments' mesh, else onto their device. JAX compiles a program per
+        commitment, so prompts given as NumPy on one call and placed on the next compiled the rollout twice (helper
+        review, session 34's list). With nothing committed nothing is (JAX's default device, and its results stay
+        free to move: committing them to one device made a later call beside mesh-placed arrays fail; regression
+        review). Python and NumPy scalars stay as they are (weak types), and so does a state_step's donated state
+        (placed by `init_state`); with several processes JAX places them as before (the training loop passes placed
+        arrays)."""
+        def loose(x):
+            return isinstance(x, np.ndarray) or (isinstance(x, jax.Array) and not x.committed)
+        placed = next((x.sharding for x in leaves if isinstance(x, jax.Array) and x.committed), None)
+        if placed is None or not any(map(loose, leaves)):
+            return args, kwargs
+        if mesh is not None:
+            home = replicated(mesh)
+        elif len(placed.device_set) == 1:
+            home = placed
+        else:  # (several devices without a mesh: JAX's own placement)
+            return args, kwargs
+        if not home.is_fully_addressable:  # (several processes: device_put cannot place a host array there)
+            return args, kwargs
+        commit = functools.partial(jax.tree.map, lambda x: jax.device_put(x, home) if loose(x) else x)
+        if not self._state_step:
+            return commit(args), commit(kwargs)
+        if args:
+            return (args[0], *commit(args[1:])), commit(kwargs)
+        return args, {k: v if k == "state" else commit(v) for k, v in kwargs.items()}
 
     def __call__(self, *args, **kwargs):
-        return self._jit_for(args, kwargs)(*args, **kwargs)
+        jitted, args, kwargs = self._jit_for(args, kwargs)
+        return jitted(*args, **kwargs)
 
     def lower(self, *args, **kwargs):
-        return self._jit_for(args, kwargs).lower(*args, **kwargs)
+        jitted, args, kwargs = self._jit_for(args, kwargs)
+        return jitted.lower(*args, **kwargs)
 
     def _cache_size(self) -> int:
         return sum(j._cache_size() for j in self._jits.values())

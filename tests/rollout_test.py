@@ -376,6 +376,20 @@ def test_new_data_of_the_same_shapes_does_not_recompile(tiny_params):
     assert compile_count() == before + 1
 
 
+def test_numpy_unplaced_and_placed_prompts_share_one_program(tiny_params):
+    """JAX compiles a program per argument commitment: prompts given as NumPy on one call and `device_put` on the
+    next compiled the whole rollout again (session 34's list). `rollout` commits them beside the params."""
+    cfg = SamplingConfig(max_new_tokens=7, temperature=0.8)  # used by no other test
+    tokens, mask = _prompts(seed=3)
+    params = jax.device_put(tiny_params, jax.devices()[0])
+    before, outs = compile_count(), []
+    for put in (np.asarray, jnp.asarray, lambda a: jax.device_put(a, jax.devices()[0]), np.asarray):
+        outs.append(_run(params, put(tokens), put(mask), cfg, seed=3).tokens_BxN)
+    assert compile_count() == before + 1
+    for out in outs[1:]:
+        np.testing.assert_array_equal(out, outs[0])
+
+
 def test_a_rollout_without_eos_ids_warns(tiny_params, monkeypatch, caplog):
     """`rollout` stops only on the ids it is given (`generate` fills in the model's): a library user's
     `SamplingConfig(max_new_tokens=...)` ran every completion past the model's EOS, graded and trained on, silently

@@ -412,6 +412,30 @@ def test_a_deleted_argument_is_named_by_its_parameter():
     assert paths(functools.partial(g, {"a": 1}), ({"embed": 2},), {}) == ["ref_params['embed']"]
 
 
+def test_mesh_jit_commits_loose_arguments_beside_placed_ones_and_leaves_free_calls_free():
+    """MeshJit commits NumPy and unplaced arguments beside the placed ones (one program whatever the caller passes),
+    but with nothing placed it leaves them to JAX: the default device (`jax.default_device` included) and results
+    free to move. Committing them to device 0 ran a user's rollout off their default device and made a later call
+    beside mesh-placed arrays fail with incompatible devices (regression review, session 35)."""
+    import jax.numpy as jnp
+
+    from reftjax.sharding import MeshJit, replicated
+
+    f = MeshJit(lambda w, x: w * x.sum())
+    x = np.ones((2, 3), np.float32)
+    with jax.default_device(jax.devices()[3]):
+        free = f(jnp.float32(2.0), x)
+    assert free.devices() == {jax.devices()[3]} and not free.committed
+    mesh = make_mesh(MeshConfig(data=8))
+    w = jax.device_put(jnp.ones(8), replicated(mesh))
+    out = f(w, free)  # a free result beside mesh-placed params
+    assert out.sharding.mesh.shape == mesh.shape
+    placed = jax.device_put(jnp.float32(2.0), jax.devices()[1])
+    for arg in (x, jnp.asarray(x), jax.device_put(x, jax.devices()[1])):  # one program beside a placed argument
+        assert f(placed, arg).devices() == {jax.devices()[1]}
+    assert f._cache_size() == 3  # free, mesh, device 1
+
+
 _LOOKUP = """
 import jax, numpy as np
 from reftjax.models import ModelConfig, init_params

@@ -247,6 +247,16 @@ def test_sft_loss_decreases_and_compiles_once_with_donation():
     assert int(st.step) == 8 and int(st.skipped) == 0
 
 
+def test_numpy_unplaced_and_placed_batches_share_one_program():
+    """One program whether the batch comes as NumPy, as jnp arrays JAX may still move, or placed on the device (JAX
+    keys its cache on commitment: a placed batch after a NumPy one compiled the step again)."""
+    step = make_sft_step(CFG, SFT_TX)
+    st = _sft_state(SFT_TX)
+    for put in (np.asarray, jnp.asarray, lambda a: jax.device_put(a, jax.devices()[0])):
+        st, _ = step(st, jax.tree.map(put, _sft_batch()))
+    assert step._cache_size() == 1 and int(st.step) == 3
+
+
 def test_params_donated_by_a_step_are_refused_by_name_when_used_again():
     """README's example built a state from `model.params` and then used them again: after the first step the
     buffers were donated, and a rollout on them ran a compiled program on freed memory (INVALID_ARGUMENT on one
