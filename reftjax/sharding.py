@@ -137,6 +137,7 @@ def _cluster_tasks() -> bool:
 def make_mesh(cfg: MeshConfig = MeshConfig(), devices=None) -> Mesh:
     """A Mesh with axes ("data", "fsdp", "tensor") over `devices` (default: all)."""
     devices = list(jax.devices() if devices is None else devices)
+    check_cpu_pool(devices)
     shape = cfg.shape(len(devices))
     try:
         from jax.experimental import mesh_utils
@@ -145,6 +146,35 @@ def make_mesh(cfg: MeshConfig = MeshConfig(), devices=None) -> Mesh:
     except Exception:  # topology helpers do not know fake CPU devices in every order
         arr = np.asarray(devices).reshape(shape)
     return Mesh(arr, AXES)
+
+
+_POOL_WARNED: set = set()
+
+
+def check_cpu_pool(devices) -> bool:
+    """Warns once (and returns False) when several XLA:CPU devices of this process share an intra-op pool too small
+    for their collectives. XLA sizes that pool max(cores, devices) threads, enough for one collective at a time
+    (xla/pjrt/cpu/cpu_client.cc), and a thread waiting in a collective's rendezvous holds its thread: with 8 fake
+    devices on 2 cores the pool was 8, all 8 were found blocked in AllReduce, and XLA aborted the process after its
+    40 s rendezvous timeout (`Fatal Python error: Aborted` inside a step; 2 of 6 runs of a resume test; BUILD_NOTES,
+    session 36). XLA reads NPROC in place of the core count; 4 threads per device ran clean (12 of 12)."""
+    local = sum(d.platform == "cpu" and d.process_index == jax.process_index() for d in devices)
+    if local < 2:
+        return True
+    try:
+        cores = int(os.environ["NPROC"])
+    except (KeyError, ValueError):
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    pool = max(cores, sum(d.platform == "cpu" for d in jax.local_devices()))
+    if pool >= 4 * local:
+        return True
+    if (local, pool) not in _POOL_WARNED:
+        _POOL_WARNED.add((local, pool))
+        log.warning("%d XLA:CPU devices share a pool of %d threads, enough for one collective at a time: a step can "
+                    "deadlock in a collective and XLA then aborts the process after its rendezvous timeout. Set "
+                    "NPROC=%d in the environment before JAX starts (XLA sizes the pool by it; BUILD_NOTES, session 36).",
+                    local, pool, 4 * local)
+    return False
 
 
 def _mesh_axes(name, rules) -> tuple[str, ...]:

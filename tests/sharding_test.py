@@ -473,3 +473,34 @@ def test_embedding_lookups_reach_the_batch_split_without_involuntary_remateriali
     lines = proc.stdout.split("\n")[:3]
     assert len(set(lines)) == 1, lines  # the loss to 5 decimals and the sampled tokens (one key) on every mesh
     assert "Involuntary full rematerialization" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_a_cpu_mesh_whose_pool_holds_one_collective_is_warned_about(monkeypatch, caplog):
+    """XLA:CPU's pool of max(cores, devices) threads could be held whole by blocked collectives, and the resume test's
+    SFT step aborted after XLA's rendezvous timeout (session 36; the suite sets NPROC=32): make_mesh says so once,
+    naming NPROC; four threads a device, one device, or another process's devices, say nothing."""
+    import logging
+
+    import jax
+
+    from reftjax import sharding as S
+
+    devices = jax.devices()[:8]
+    monkeypatch.setattr(S, "_POOL_WARNED", set())
+    with caplog.at_level(logging.WARNING, logger="reftjax.sharding"):
+        monkeypatch.setenv("NPROC", "2")
+        assert S.check_cpu_pool(devices) is False
+        S.make_mesh(S.MeshConfig(data=1, fsdp=-1), devices)  # (said once)
+        assert S.check_cpu_pool(devices[:2]) is True  # (the pool has the process's 8 devices' threads: 4 each)
+        monkeypatch.setenv("NPROC", "32")
+        assert S.check_cpu_pool(devices) is True
+        monkeypatch.delenv("NPROC")
+        monkeypatch.setattr(S.os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+        assert S.check_cpu_pool(devices) is True and S.check_cpu_pool(devices[:1]) is True
+        monkeypatch.setattr(S.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+        assert S.check_cpu_pool(devices) is False  # (2 cores, no NPROC: said again only for a new pool size)
+    warned = [r.getMessage() for r in caplog.records if "XLA:CPU devices share" in r.getMessage()]
+    assert warned == ["8 XLA:CPU devices share a pool of 8 threads, enough for one collective at a time: a step can "
+                      "deadlock in a collective and XLA then aborts the process after its rendezvous timeout. Set "
+                      "NPROC=32 in the environment before JAX starts (XLA sizes the pool by it; BUILD_NOTES, session "
+                      "36)."], warned
