@@ -96,7 +96,8 @@ def started_as_module(package: str) -> bool:
 _DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 
 
-def _cores() -> int:
+def cores() -> int:
+    """The cores this process may run on (its affinity; XLA's default pool size, unless NPROC says otherwise)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
@@ -128,7 +129,7 @@ def use_core_devices(count: int | None = None) -> int:
             return len(jax.devices("cpu"))
     env = os.environ.get("REFTJAX_CPU_DEVICES")
     try:
-        n = int(env) if env else (count or _cores())
+        n = int(env) if env else (count or cores())
     except ValueError:
         raise ValueError(f"REFTJAX_CPU_DEVICES={env!r} must be a whole number of devices") from None
     if n < 1:
@@ -171,4 +172,4 @@ def cpu_description() -> dict:
     except OSError:
         info = {"model_name": platform.processor() or platform.machine(), "vendor": "", "family_model": "?/?",
                 "isa": []}
-    return {**info, "machine": platform.machine(), "cores": _cores()}
+    return {**info, "machine": platform.machine(), "cores": cores()}

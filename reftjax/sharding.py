@@ -135,7 +135,8 @@ def _cluster_tasks() -> bool:
 
 
 def make_mesh(cfg: MeshConfig = MeshConfig(), devices=None) -> Mesh:
-    """A Mesh with axes ("data", "fsdp", "tensor") over `devices` (default: all)."""
+    """A Mesh with axes ("data", "fsdp", "tensor") over `devices` (default: all); warns when they are XLA:CPU
+    devices whose collectives could exhaust XLA's thread pool (`check_cpu_pool`)."""
     devices = list(jax.devices() if devices is None else devices)
     check_cpu_pool(devices)
     shape = cfg.shape(len(devices))
@@ -161,11 +162,13 @@ def check_cpu_pool(devices) -> bool:
     local = sum(d.platform == "cpu" and d.process_index == jax.process_index() for d in devices)
     if local < 2:
         return True
+    from reftjax.host import cores
+
     try:
-        cores = int(os.environ["NPROC"])
+        threads = int(os.environ["NPROC"])
     except (KeyError, ValueError):
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    pool = max(cores, sum(d.platform == "cpu" for d in jax.local_devices()))
+        threads = cores()
+    pool = max(threads, sum(d.platform == "cpu" for d in jax.local_devices()))
     if pool >= 4 * local:
         return True
     if (local, pool) not in _POOL_WARNED:
