@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import typing
 from typing import Any
 
@@ -386,7 +387,7 @@ def _build(tp, value, where: str = "config"):
             return tp(**fields)
         except (TypeError, ValueError) as exc:
             below = where.partition(".")[2]  # the path under the root ("" for the whole config)
-            if isinstance(exc, ValueError) and (not below or str(exc).startswith(below.split(".")[0])):
+            if isinstance(exc, ValueError) and (not below or re.match(rf"{re.escape(below)}(?!\w)", str(exc))):
                 raise  # a __post_init__ check naming its setting from the root: "--set: config: grader: ..." said less
             raise ValueError(f"{where}: {exc}") from exc
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
