@@ -96,6 +96,18 @@ def started_as_module(package: str) -> bool:
 _DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 
 
+def xla_cpu_threads() -> int:
+    """The core count XLA:CPU sizes its intra-op pool by (then at least one thread per device): PJRT_NPROC, else
+    NPROC (the first that is a whole number; negative counts as 0), else the cores this process may run on
+    (`DefaultThreadPoolSize`, xla/pjrt/cpu/cpu_client.cc). Read when the CPU backend starts."""
+    for name in ("PJRT_NPROC", "NPROC"):
+        try:
+            return max(0, int(os.environ[name]))
+        except (KeyError, ValueError):
+            pass
+    return cores()
+
+
 def cores() -> int:
     """The cores this process may run on (its affinity; XLA's default pool size, unless NPROC says otherwise)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -115,6 +127,9 @@ def use_core_devices(count: int | None = None) -> int:
     Returns the host device count in force. A count already in XLA_FLAGS stands (the user's choice),
     `REFTJAX_CPU_DEVICES=n` overrides `count` (1: leave XLA's single device), and once JAX's backends
     are up it changes nothing (XLA reads the flag when the CPU backend starts) and returns their count.
+    Splitting the CPU also sets NPROC=4n unless NPROC or PJRT_NPROC is set: XLA's pool would hold max(cores, n)
+    threads, enough for one collective at a time (`sharding.check_cpu_pool`); it costs the 2-device b32 rollout ~13%
+    (BUILD_NOTES, session 36).
     """
     flags = os.environ.get("XLA_FLAGS", "").split()
     for flag in flags:
@@ -136,6 +151,10 @@ def use_core_devices(count: int | None = None) -> int:
         raise ValueError(f"use_core_devices: the device count must be >= 1, got {n}")
     if n > 1:
         os.environ["XLA_FLAGS"] = " ".join([*flags, f"{_DEVICE_COUNT_FLAG}={n}"])
+        if "PJRT_NPROC" not in os.environ and "NPROC" not in os.environ:
+            # XLA's pool would hold max(cores, n) threads, enough for one collective at a time: a data mesh's step
+            # could deadlock (`sharding.check_cpu_pool`). 4 a device costs speed: the b32 rollout 13% (session 36)
+            os.environ["NPROC"] = str(4 * n)
     return n
 
 

@@ -158,24 +158,22 @@ def check_cpu_pool(devices) -> bool:
     (xla/pjrt/cpu/cpu_client.cc), and a thread waiting in a collective's rendezvous holds its thread: with 8 fake
     devices on 2 cores the pool was 8, all 8 were found blocked in AllReduce, and XLA aborted the process after its
     40 s rendezvous timeout (`Fatal Python error: Aborted` inside a step; 2 of 6 runs of a resume test; BUILD_NOTES,
-    session 36). XLA reads NPROC in place of the core count; 4 threads per device ran clean (12 of 12)."""
+    session 36). XLA reads PJRT_NPROC, else NPROC, in place of the core count (`host.xla_cpu_threads`); 4 threads
+    per device ran clean (12 of 12)."""
     local = sum(d.platform == "cpu" and d.process_index == jax.process_index() for d in devices)
     if local < 2:
         return True
-    from reftjax.host import cores
+    from reftjax.host import xla_cpu_threads
 
-    try:
-        threads = int(os.environ["NPROC"])
-    except (KeyError, ValueError):
-        threads = cores()
-    pool = max(threads, sum(d.platform == "cpu" for d in jax.local_devices()))
+    pool = max(xla_cpu_threads(), len(jax.local_devices(backend="cpu")))
     if pool >= 4 * local:
         return True
     if (local, pool) not in _POOL_WARNED:
         _POOL_WARNED.add((local, pool))
         log.warning("%d XLA:CPU devices share a pool of %d threads, enough for one collective at a time: a step can "
                     "deadlock in a collective and XLA then aborts the process after its rendezvous timeout. Set "
-                    "NPROC=%d in the environment before JAX starts (XLA sizes the pool by it; BUILD_NOTES, session 36).",
+                    "NPROC=%d in the environment before JAX starts (XLA sizes the pool by it, or by PJRT_NPROC when "
+                    "that is set; BUILD_NOTES, session 36).",
                     local, pool, 4 * local)
     return False
 

@@ -23,8 +23,12 @@ if os.environ.get("REFTJAX_TEST_XLA_OPT", "0") != "default" and _OPT not in os.e
 # 8: the resume test's SFT step aborted in 2 of 6 runs (and 5 of 30 in session 35/36's trials) after XLA's 40 s
 # rendezvous timeout, gdb showing the 8 pool threads inside AllReduce (7 at the program's top level, 1 inside a while
 # loop). The pool's size follows NPROC (read by XLA in place of the core count): 32 threads, 0 aborts in 12 runs
-# (BUILD_NOTES, session 36). Subprocesses inherit it.
+# (BUILD_NOTES, session 36). Subprocesses inherit it. XLA reads PJRT_NPROC before NPROC: a smaller one is raised too.
 os.environ.setdefault("NPROC", "32")
+for _name in ("PJRT_NPROC", "NPROC"):
+    _value = os.environ.get(_name)
+    if _value is not None and not (_value.isdigit() and int(_value) >= 32):
+        os.environ[_name] = "32"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -36,9 +36,9 @@ _PROBE = textwrap.dedent("""
 """)
 
 
-def _run(args, env_extra: dict) -> dict:
+def _run(args, env_extra: dict, drop=()) -> dict:
     env = {k: v for k, v in os.environ.items()
-           if k not in ("GLIBC_TUNABLES", "REFTJAX_HOST_ALLOCATOR", "REFTJAX_HOST_REEXEC")}
+           if k not in ("GLIBC_TUNABLES", "REFTJAX_HOST_ALLOCATOR", "REFTJAX_HOST_REEXEC", *drop)}
     env.update(env_extra)
     out = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -156,3 +156,33 @@ def test_use_core_devices_splits_the_cpu_before_jax_starts():
     assert (out["returned"], out["devices"], out["flags"]) == (1, 1, "")
     with pytest.raises(AssertionError, match="REFTJAX_CPU_DEVICES='two' must be a whole number"):
         _run(["-c", _DEVICES], {"XLA_FLAGS": "", "REFTJAX_CPU_DEVICES": "two"})
+
+
+_POOL = textwrap.dedent("""
+    import collections, json, os, sys
+    from reftjax.host import use_core_devices, xla_cpu_threads
+    n = use_core_devices(int(sys.argv[1]))
+    import jax, jax.numpy as jnp
+    jax.jit(lambda x: x + 1)(jnp.ones(3)).block_until_ready()
+    names = collections.Counter(open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task"))
+    print(json.dumps({"devices": n, "nproc": os.environ.get("NPROC"), "pool": names["tf_XLAEigen"],
+                      "threads": xla_cpu_threads()}))
+""")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts the pool's threads in /proc")
+def test_use_core_devices_gives_xlas_pool_four_threads_a_device():
+    """XLA:CPU's intra-op pool holds max(cores, devices) threads, enough for one collective at a time (a deadlock and
+    XLA's abort in the suite; session 36): splitting the CPU sets NPROC=4n unless NPROC or PJRT_NPROC is set.
+    `xla_cpu_threads` reads them as XLA does (PJRT_NPROC first), checked against the pool's real thread count."""
+    drop = ("NPROC", "PJRT_NPROC")
+    out = _run(["-c", _POOL, "3"], {"XLA_FLAGS": ""}, drop)
+    assert (out["devices"], out["nproc"], out["pool"], out["threads"]) == (3, "12", 12, 12)
+    out = _run(["-c", _POOL, "3"], {"XLA_FLAGS": "", "NPROC": "5"}, drop)  # the user's stands
+    assert (out["nproc"], out["pool"], out["threads"]) == ("5", 5, 5)
+    out = _run(["-c", _POOL, "3"], {"XLA_FLAGS": "", "PJRT_NPROC": "7", "NPROC": "5"}, ("PJRT_NPROC",))
+    assert (out["pool"], out["threads"]) == (7, 7)  # (XLA reads PJRT_NPROC first)
+    out = _run(["-c", _POOL, "3"], {"XLA_FLAGS": "", "PJRT_NPROC": "2"}, drop)  # below the device count
+    assert (out["nproc"], out["pool"], out["threads"]) == (None, 3, 2)
+    out = _run(["-c", _POOL, "1"], {"XLA_FLAGS": ""}, drop)  # one device: nothing set
+    assert (out["devices"], out["nproc"]) == (1, None)

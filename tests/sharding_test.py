@@ -494,6 +494,9 @@ def test_a_cpu_mesh_whose_pool_holds_one_collective_is_warned_about(monkeypatch,
         assert S.check_cpu_pool(devices[:2]) is True  # (the pool has the process's 8 devices' threads: 4 each)
         monkeypatch.setenv("NPROC", "32")
         assert S.check_cpu_pool(devices) is True
+        monkeypatch.setenv("PJRT_NPROC", "8")  # (read first, as XLA does)
+        assert S.check_cpu_pool(devices) is False
+        monkeypatch.delenv("PJRT_NPROC")
         monkeypatch.delenv("NPROC")
         monkeypatch.setattr("reftjax.host.cores", lambda: 64)
         assert S.check_cpu_pool(devices) is True and S.check_cpu_pool(devices[:1]) is True
@@ -502,5 +505,5 @@ def test_a_cpu_mesh_whose_pool_holds_one_collective_is_warned_about(monkeypatch,
     warned = [r.getMessage() for r in caplog.records if "XLA:CPU devices share" in r.getMessage()]
     assert warned == ["8 XLA:CPU devices share a pool of 8 threads, enough for one collective at a time: a step can "
                       "deadlock in a collective and XLA then aborts the process after its rendezvous timeout. Set "
-                      "NPROC=32 in the environment before JAX starts (XLA sizes the pool by it; BUILD_NOTES, session "
-                      "36)."], warned
+                      "NPROC=32 in the environment before JAX starts (XLA sizes the pool by it, or by PJRT_NPROC when "
+                      "that is set; BUILD_NOTES, session 36)."], warned
