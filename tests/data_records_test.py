@@ -138,6 +138,10 @@ def test_openai_jsonl(tmp_path):
                                         r"'reference_answer' reads a numeric gold answer: leave it unset"):
         read_openai_jsonl(_jsonl(tmp_path, [dict(line, reference_answer="four")]),
                           answer_field="reference_answer")
+    # item_id null (or absent) is numbered like a missing one; it was named "None" (session 35's list)
+    no_id = {k: v for k, v in line.items() if k != "item_id"}
+    ids = [e.item_id for e in read_openai_jsonl(_jsonl(tmp_path, [line, dict(line, item_id=None), no_id, line]))]
+    assert ids == ["k", "item_1", "item_2", "k"]
     # a role OpenAI's chat format does not have went into the chat template as it stood (review, session 29)
     typo = dict(line, messages=[{"role": "assitant", "content": "x"}, line["messages"][1]])
     with pytest.raises(DataError, match=r"f\.jsonl:2: unknown message role 'assitant'; expected one of"):

@@ -269,7 +269,8 @@ def read_openai_jsonl(path: str | os.PathLike, *, answer_field: str | None = Non
                                 f"unset for text references (graders read them as {{{{item.{answer_field}}}}})") \
                     from None
             answer = str(raw).strip().replace(",", "")
-        out.append(Example(len(out), str(fields.get("item_id", f"item_{len(out)}")),
+        item_id = fields.get("item_id")  # (a null one was named "None"; bad-input review, session 35's list)
+        out.append(Example(len(out), f"item_{len(out)}" if item_id is None else str(item_id),
                            messages[-1]["content"].strip(), "", answer, value,
                            tuple(dict(m) for m in messages), fields, where))
     _require_nonempty(out, path)
