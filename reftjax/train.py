@@ -1151,7 +1151,8 @@ def _run(cfg: ExperimentConfig, out: pathlib.Path, progress: bool, t_start: floa
     for name in ("train_file", "val_file", "test_file"):  # not after the model loads
         if (f := getattr(cfg.data, name)) and not pathlib.Path(f).is_file():
             raise DataError(f"{f}: no such file (data.{name})")
-    splits = read_splits(cfg, progress)  # (records and the grader's fields: a bad line or field does not wait for the model)
+    # (records and the grader's fields: a bad line or field does not wait for the model)
+    splits = read_splits(cfg, progress)
     check_grader_fields(grader, splits)
     model = load_model(cfg.model, dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat, mesh=mesh)
     data = prepare_data(cfg, model.tokenizer, splits)

@@ -1721,7 +1721,8 @@ def test_a_bad_grader_spec_is_refused_by_the_config_before_print_config_or_the_m
     for path, value, msg in (("sft", {"epochs": -1}, "sft: need epochs >= 0"),  # (was "config.sft: sft: need ...")
                              ("rl", {"ppo": {"ppo_epochs": 0}}, "config.rl.ppo: ppo_epochs must be >= 1"),
                              # ("rloo ..." begins with "rl": the prefix stayed off; regression review, session 36)
-                             ("rl", {"ppo": {"algo": "rloo", "group_size": 1}}, "config.rl.ppo: rloo needs group_size")):
+                             ("rl", {"ppo": {"algo": "rloo", "group_size": 1}},
+                              "config.rl.ppo: rloo needs group_size")):
         with pytest.raises(ValueError, match="^" + re.escape(msg)):
             from_dict({**d, path: {**d[path], **value}})
 
