@@ -327,7 +327,6 @@ def run_cli(args, make_config=preset_config) -> int:
     from experiments import HOST_ALLOCATOR
     from reftjax.sharding import maybe_initialize_distributed
 
-    logging.getLogger("reftjax.cli").info("host allocator: %s (reftjax/host.py)", HOST_ALLOCATOR)
     try:  # multi-process: before anything touches a JAX backend (presets ask for devices)
         maybe_initialize_distributed()
     except ValueError as e:  # (an incomplete JAX_* environment: a traceback, exit 1, before session 35)
@@ -354,6 +353,8 @@ def run_cli(args, make_config=preset_config) -> int:
     from reftjax.train import RunDirError, SettingsError, run
 
     out = args.out or os.path.join("runs", cfg.name)
+    # (after the settings are read: it came before every one-line error, --print-config's included; session 35's list)
+    logging.getLogger("reftjax.cli").info("host allocator: %s (reftjax/host.py)", HOST_ALLOCATOR)
     try:
         summary = run(cfg, out, progress=not args.no_progress)
     except (CheckpointError, ConfigError, DataError, RunDirError, SettingsError, FileNotFoundError) as e:
