@@ -52,7 +52,7 @@ def main(argv=None) -> dict:
 
     def plain(st, g):
         updates, opt_state = tx.update(g, st.opt_state, st.params)
-        return st.replace(params=optax.apply_updates(st.params, updates), opt_state=opt_state), optax.global_norm(g)
+        return st.replace(params=optax.apply_updates(st.params, updates), opt_state=opt_state), optax.tree.norm(g)
 
     state = init_state(jax.tree.map(jnp.copy, params), tx, jax.random.key(0))
     state, guarded = timed(jax.jit(lambda st, g: _apply_update(st, g, tx, jnp.float32(1.0)), donate_argnums=0), state)

@@ -1,6 +1,7 @@
 """Training steps: PPO/GRPO learn a toy reward (1 and 8 devices), non-finite skips, SFT accumulation/donation."""
 import dataclasses
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -245,6 +246,14 @@ def test_sft_loss_decreases_and_compiles_once_with_donation():
     assert step._cache_size() == 1
     assert losses[-1] < 0.6 * losses[0] and all(b < a for a, b in zip(losses, losses[1:])), losses
     assert int(st.step) == 8 and int(st.skipped) == 0
+
+
+def test_the_steps_call_no_deprecated_optax_api():
+    # optax 0.2.8 deprecates optax.global_norm (the update's grad norm used it); a deprecated call is one that a
+    # later optax removes, breaking every step of a fresh install. A fresh step traces its update here.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", category=DeprecationWarning, module="optax")
+        make_sft_step(CFG, SFT_TX)(_sft_state(SFT_TX), jax.tree.map(jnp.asarray, _sft_batch()))
 
 
 def test_numpy_unplaced_and_placed_batches_share_one_program():
