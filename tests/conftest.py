@@ -179,9 +179,9 @@ def two_processes(tmp_path):
             port = s.getsockname()[1]
         root = pathlib.Path(__file__).resolve().parents[1]
         env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_COMPILATION_CACHE_DIR")}
+        errs = [open(tmp_path / f"p{i}.err", "w") for i in range(2)]  # the children hold their own copies
         procs = [subprocess.Popen(
-            [sys.executable, *map(str, argv)], cwd=root, stdout=subprocess.PIPE,
-            stderr=open(tmp_path / f"p{i}.err", "w"), text=True,
+            [sys.executable, *map(str, argv)], cwd=root, stdout=subprocess.PIPE, stderr=errs[i], text=True,
             env=dict(env, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
                      JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i),
                      PYTHONPATH=str(root))) for i in range(2)]
@@ -191,6 +191,8 @@ def two_processes(tmp_path):
             for p in procs:
                 if p.poll() is None:
                     p.kill()
+            for f in errs:
+                f.close()
         for i, p in enumerate(procs):
             assert p.returncode == 0, (tmp_path / f"p{i}.err").read_text()[-3000:]
         return outs
