@@ -227,6 +227,60 @@ def test_multi_formulas_take_openais_operators_and_functions():
     assert got.score == 0.0 and is_fault(got) and "calculate_output: ValueError" in got.error
 
 
+def test_a_multi_formula_that_can_leave_0_1_is_named_with_where_it_does():
+    """Scores are clipped to [0, 1] per sample, silently: TRL's `0.5 * fmt + 1.0 * cor` scored a correct answer 1
+    with or without the format (review, session 37). `reach_warnings` names each multi grader whose formula leaves
+    [0, 1] on sub-scores in [0, 1], nested ones by their config path, and nothing for formulas that stay inside."""
+    from reftjax.graders.build import reach_warnings
+
+    eq = {"type": "string_check", "input": "{{sample.output_text}}", "reference": "{{item.answer}}", "operation": "eq"}
+
+    def warned(formula, names=("fmt", "cor")):
+        return reach_warnings(build_grader({"type": "multi", "graders": dict.fromkeys(names, eq),
+                                            "calculate_output": formula}))
+
+    (w,) = warned("0.5 * fmt + 1.0 * cor")
+    assert w.startswith("grader: calculate_output '0.5 * fmt + 1.0 * cor' reaches 1.5 (at fmt=1, cor=1)"), w
+    assert "above 1 tie at 1" in w
+    (w,) = warned("cor - 1", ("cor",))
+    assert "reaches -1 (at cor=0)" in w and "below 0 tie at 0" in w
+    (w,) = warned("fmt / cor")  # 2 at fmt=1, cor=0.5 (cor=0 divides by zero there: skipped, not a crash)
+    assert "reaches 2 (at fmt=1, cor=0.5)" in w
+    for formula in ("0.5 * fmt + 0.5 * cor", "(0.5 * fmt + cor) / 1.5", "fmt * cor", "min(fmt, cor)", "max(fmt, cor)",
+                    "1 - fmt", "fmt ^ 2", "abs(fmt - cor)", "sqrt(fmt) * 0.9 + 0.1 * cor"):
+        assert warned(formula) == [], formula
+    inner = {"type": "multi", "graders": {"a": eq, "b": eq}, "calculate_output": "a + b"}
+    nested = build_grader({"type": "multi", "graders": {"inner": inner, "c": eq},
+                           "calculate_output": "0.5 * inner + 0.5 * c"})
+    (w,) = reach_warnings(nested)
+    assert w.startswith("grader.graders.inner: calculate_output 'a + b' reaches 2 (at a=1, b=1)"), w
+    assert reach_warnings(build_grader(eq)) == []
+
+
+def test_a_clipped_score_is_logged_once_per_grader(caplog):
+    """The clip itself, per sample: the first score a grader puts outside [0, 1] is logged once, naming the formula
+    (or the python grader); the score is clipped as before."""
+    import logging
+
+    eq = {"type": "string_check", "input": "{{sample.output_text}}", "reference": "{{item.answer}}", "operation": "eq"}
+    grader = build_grader({"type": "multi", "graders": {"a": eq, "b": eq},
+                           "calculate_output": "1.25 * a + 0.75 * b - 0.25"})  # a formula no other test uses
+    with caplog.at_level(logging.WARNING, logger="reftjax.graders"):
+        first = grader.grade_batch([{"answer": "x"}] * 3, ["x", "y", "x"])
+        again = grader.grade_batch([{"answer": "x"}], ["x"])
+    assert [g.score for g in first + again] == [1.0, 0.0, 1.0, 1.0]  # 1.75 and -0.25 clipped
+    lines = [r.getMessage() for r in caplog.records if r.name == "reftjax.graders"]
+    assert len(lines) == 1 and lines[0].startswith("calculate_output '1.25 * a + 0.75 * b - 0.25' gave 1.75, "
+                                                   "outside [0, 1]: clipped to 1"), lines
+    penalty = build_grader({"type": "python", "source": "def grade(sample, item):\n    return -0.5 - len(item)\n"})
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="reftjax.graders"):
+        scores = [g.score for g in penalty.grade_batch([{"a": 1}, {}], ["x", "y"])]
+    assert scores == [0.0, 0.0]
+    lines = [r.getMessage() for r in caplog.records if r.name == "reftjax.graders"]
+    assert len(lines) == 1 and lines[0].startswith("a python grader's grade() gave -1.5, outside [0, 1]"), lines
+
+
 def test_a_completion_that_is_not_the_json_a_template_reads_is_unanswered_not_a_grader_error():
     """{{sample.output_json.x}} on a reply that is not JSON (or lacks the key) is the model's doing: score 0,
     counted as unanswered; it was counted as a grader error (OpenAI reports a sample parse error)."""
@@ -336,7 +390,16 @@ def test_cli_run_and_validate(tmp_path):
                          capture_output=True, text=True, check=True).stdout.splitlines()
     assert [json.loads(line)["score"] for line in out] == [1.0, 0.0]
     ok = subprocess.run(cmd + ["validate", "--grader", str(grader)], capture_output=True, text=True)
-    assert ok.returncode == 0 and json.loads(ok.stdout)["ok"]
+    assert ok.returncode == 0 and json.loads(ok.stdout)["ok"] and "warnings" not in json.loads(ok.stdout)
+    # a weighted sum that can pass 1 is valid, with a warning on stderr and under "warnings" (a TRL user's weights)
+    eq = {"type": "string_check", "input": "{{sample.output_text}}", "reference": "{{item.answer_value}}",
+          "operation": "eq"}
+    weighted = tmp_path / "w.json"
+    weighted.write_text(json.dumps({"type": "multi", "graders": {"fmt": eq, "cor": eq},
+                                    "calculate_output": "0.5 * fmt + 1.0 * cor"}))
+    ok = subprocess.run(cmd + ["validate", "--grader", str(weighted)], capture_output=True, text=True)
+    assert ok.returncode == 0 and len(json.loads(ok.stdout)["warnings"]) == 1, ok
+    assert ok.stderr.startswith(f"warning: {weighted}: grader: calculate_output '0.5 * fmt + 1.0 * cor' reaches 1.5")
     samples.write_text(json.dumps(rows[0]) + "\n" + '{"item": {}}\n')
     bad = subprocess.run(cmd + ["run", "--grader", str(grader), "--samples", str(samples)],
                          capture_output=True, text=True)

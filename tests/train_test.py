@@ -1696,6 +1696,19 @@ def test_set_refuses_a_grader_that_is_not_an_object_non_finite_numbers_and_paths
         "python"
 
 
+def test_a_run_warns_at_its_start_of_a_multi_formula_that_can_leave_0_1(tmp_path):
+    """Scores are clipped to [0, 1] per sample; a run whose `multi` formula can leave [0, 1] (TRL-style weights adding
+    to 1.5) says so once when it starts, before the model loads (here: a missing model ends it; review, session 37)."""
+    nl = {"type": "reft", "cot": "nl"}
+    grader = json.dumps({"type": "multi", "graders": {"fmt": nl, "cor": nl}, "calculate_output": "0.5 * fmt + cor"})
+    proc = subprocess.run([sys.executable, "-m", "experiments.gsm8k_reft", "--preset", "cpu", "--model",
+                           str(tmp_path / "not-loaded"), "--out", str(tmp_path / "run"), "--set", f"grader={grader}"],
+                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.splitlines()[-1].startswith(f"error: {tmp_path / 'not-loaded'}")
+    warned = [l for l in proc.stderr.splitlines() if " WARNING grader: calculate_output " in l]
+    assert len(warned) == 1 and "reaches 1.5 (at fmt=1, cor=1)" in warned[0], proc.stderr
+
+
 def test_a_bad_grader_spec_is_refused_by_the_config_before_print_config_or_the_model(tmp_path):
     """`--print-config --set grader='{"type": "nope"}'` printed the config and exited 0, and a run refused the spec only
     inside run() (a field of the wrong type once the model and data had loaded; review): the config now builds the

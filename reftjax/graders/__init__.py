@@ -5,10 +5,11 @@ program execution), `openai` + `build` (config-driven graders), `guards` (reward
 checks), `callback` (grading from inside `jax.jit`), `__main__` (CLI).
 """
 from reftjax.graders.base import Grade, Grader, has_answer, parallel_grade
-from reftjax.graders.build import ConfigError, build_grader, check_imports, validate_grader
+from reftjax.graders.build import ConfigError, build_grader, check_imports, reach_warnings, validate_grader
 from reftjax.graders.guards import GuardConfig
 from reftjax.graders.reft import ReftGrader, reft_target
 from reftjax.graders.sandbox import SandboxConfig, SandboxPool
 
 __all__ = ["ConfigError", "Grade", "Grader", "GuardConfig", "has_answer", "ReftGrader", "SandboxConfig",
-           "SandboxPool", "build_grader", "check_imports", "parallel_grade", "reft_target", "validate_grader"]
+           "SandboxPool", "build_grader", "check_imports", "parallel_grade", "reach_warnings", "reft_target",
+           "validate_grader"]

@@ -3,14 +3,15 @@
 `run` prints one JSON line per sample: {"index", "score", "extracted", "error"[, "details"]}.
 Each samples line is `{"item": {...reference fields...}, "sample": {"output_text": "..."}}`.
 `validate` builds the grader (and checks it against the first sample's item when given), and runs a
-`python` grader's imports once in the sandbox (`--preimport` adds modules it may import).
+`python` grader's imports once in the sandbox (`--preimport` adds modules it may import). A `multi` formula that
+can leave [0, 1] (where scores are clipped) is a warning on stderr, and `validate` lists it under "warnings".
 Errors name the file and line and exit with status 2.
 """
 import argparse
 import json
 import sys
 
-from reftjax.graders.build import ConfigError, check_imports, validate_grader
+from reftjax.graders.build import ConfigError, check_imports, reach_warnings, validate_grader
 from reftjax.graders.reft import default_pool
 
 
@@ -69,8 +70,12 @@ def main(argv=None) -> int:
                 grader.validate(item)
             except (KeyError, ValueError) as exc:
                 raise ConfigError(f"{args.samples}:{lineno}: grader does not fit this item: {exc}") from exc
+        warnings = reach_warnings(grader)
+        for line in warnings:
+            print(f"warning: {args.grader}: {line}", file=sys.stderr)
         if args.command == "validate":
-            print(json.dumps({"ok": True, "grader": type(grader).__name__}))
+            print(json.dumps({"ok": True, "grader": type(grader).__name__,
+                              **({"warnings": warnings} if warnings else {})}))
             return 0
         if not args.samples:
             raise ConfigError("run needs --samples")

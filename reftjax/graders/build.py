@@ -173,6 +173,18 @@ def _sandboxed(grader, where: str = "grader"):
         yield where, grader
 
 
+def reach_warnings(grader, where: str = "grader") -> list[str]:
+    """One line per `multi` grader (nested ones too) whose formula can leave [0, 1] (`MultiGrader.reach_warning`),
+    each naming its config path: logged at a run's start and printed by the grader CLI, since the clip is silent
+    per sample."""
+    if not isinstance(grader, oa.MultiGrader):
+        return []
+    out = [f"{where}: {w}"] if (w := grader.reach_warning()) else []
+    for name, sub in grader.graders.items():
+        out += reach_warnings(sub, f"{where}.graders.{name}")
+    return out
+
+
 _GUARDS = {"ImportError", "ModuleNotFoundError", "Exception", "BaseException"}
 
 

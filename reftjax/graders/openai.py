@@ -11,14 +11,18 @@ Config types (`build_grader(cfg)`):
      rouge_l are F1 on the tokens of the `rouge-score` package's default tokenizer (lower case, runs
      of [a-z0-9]; no stemming). `gleu`, `meteor`, `cosine` are rejected at validation.
   * `{"type": "python", "source": "def grade(sample, item): ..."}`: run in the sandbox; the
-     returned real number is clipped to [0, 1]; anything else (text, inf, NaN) is a grader error.
+     returned real number is clipped to [0, 1] (the first clip logged once); anything else (text, inf, NaN) is a
+     grader error.
   * `{"type": "math_equiv", "input": ..., "reference": ...}`: sympy equivalence in the sandbox; the
      input must be a math expression (numbers, arithmetic, brackets, math functions, symbols), else
      it is a grading error (sympy's parser evals its text: see `MATH_EQUIV_SOURCE`).
   * A `python` grader that passes the sample to `sympify`/`parse_expr` evals it the same way: check it first.
   * `{"type": "multi", "graders": {"name": {...}}, "calculate_output": "0.5*a + 0.5*b"}`: the
      formula is parsed with `ast` (numbers, grader names, + - * / and ^ or ** for power, min, max, abs, floor,
-     ceil, exp, sqrt, log: OpenAI's list) and clipped; a formula that fails on a sample (1 / 0) is a grader error.
+     ceil, exp, sqrt, log: OpenAI's list) and clipped to [0, 1]: a weighted sum whose weights add to more than 1
+     (TRL's `reward_weights`) or a penalty below 0 is clipped, so `reach_warning` (logged at a run's start, printed
+     by `python -m reftjax.graders`) says where the formula leaves [0, 1]; a formula that fails on a sample (1 / 0)
+     is a grader error.
   * `{"type": "reft", "cot": "nl" | "python", "answer_field": "answer_value", ...}` and
     `{"type": "gsm8k", "answer_field": "answer", "fallback": "none" | "last_number"}`.
   * `score_model` / `label_model` need a judge model: rejected at validation ("not supported in
@@ -33,7 +37,9 @@ from __future__ import annotations
 import ast
 import collections
 import dataclasses
+import itertools
 import json
+import logging
 import math
 import operator
 import re
@@ -48,6 +54,25 @@ from reftjax.graders.sandbox import SandboxJob, SandboxPool
 _TEMPLATE = re.compile(r"\{\{\s*([A-Za-z_][\w.]*)\s*\}\}")
 _ANY_TEMPLATE = re.compile(r"\{\{.*?\}\}")  # what looks like a field but `_TEMPLATE` would leave as text
 _UNSUPPORTED_METRICS = ("gleu", "meteor", "cosine")
+
+
+log = logging.getLogger("reftjax.graders")
+_CLIPPED: set = set()  # the graders (by key) that have logged a clipped score in this process
+
+
+def clip01(score: float, what: str, key) -> float:
+    """`score` clipped to [0, 1], the range every grader scores in (OpenAI's). The first score outside it that a
+    grader (`key`) gives in this process is logged, naming `what`: a python grader's 2 or -1 and a formula's 1.5
+    were clipped silently, so a format reward weighted on top of a correctness reward vanished from correct answers
+    and a penalty from every sample (review, session 37)."""
+    if 0.0 <= score <= 1.0:
+        return score
+    clipped = min(1.0, max(0.0, score))
+    if key not in _CLIPPED:
+        _CLIPPED.add(key)
+        log.warning("%s gave %g, outside [0, 1]: clipped to %g (every grader scores in [0, 1]: scale its score "
+                    "into it)", what, score, clipped)
+    return clipped
 
 
 class ConfigError(ValueError):
@@ -277,7 +302,8 @@ class SandboxedGrader:
                 grades.append(faulted(why))  # the grader's code (or its input) failed: not the completion's doing
             else:
                 answer = r.value_str if self.entry == "grade" else str(jobs[i].args[0]).strip()[:200]
-                grades.append(Grade(min(1.0, max(0.0, value)), extracted=answer))
+                grades.append(Grade(clip01(value, "a python grader's grade()", ("python", self.source)),
+                                    extracted=answer))
         return grades
 
 
@@ -382,6 +408,30 @@ def _eval_formula(node: ast.AST, env: Mapping[str, float]) -> float:
     raise ConfigError(f"unsupported expression {ast.unparse(node)!r}")
 
 
+def formula_reach(tree: ast.Expression, names: Sequence[str]):
+    """(lowest value, its sub-scores, highest value, its sub-scores) of a formula over sub-scores on the grid
+    {0, 0.5, 1}^n (n <= 7), or its corners {0, 1}^n (n <= 12); None for more graders or when it fails at every
+    point. Weighted sums and their min/max reach their extremes at the corners; the midpoints catch most else."""
+    n = len(names)
+    if n > 12:
+        return None
+    grid = (0.0, 0.5, 1.0) if n <= 7 else (0.0, 1.0)
+    lo = hi = None
+    for point in itertools.product(grid, repeat=n):
+        env = dict(zip(names, point))
+        try:
+            value = _eval_formula(tree, env)
+        except (ArithmeticError, ValueError):
+            continue
+        if isinstance(value, complex) or math.isnan(value):
+            continue
+        if lo is None or value < lo[0]:
+            lo = (value, env)
+        if hi is None or value > hi[0]:
+            hi = (value, env)
+    return None if lo is None else (*lo, *hi)
+
+
 @dataclasses.dataclass(frozen=True)
 class MultiGrader:
     graders: Mapping[str, Any]
@@ -403,6 +453,21 @@ class MultiGrader:
     def answer_type(self) -> str | None:
         """The first sub-grader's kind of answer that has one (a ReFT grader's "numeric" or "mathqa")."""
         return next((t for g in self.graders.values() if (t := getattr(g, "answer_type", None))), None)
+
+    def reach_warning(self) -> str | None:
+        """Where the formula leaves [0, 1] for sub-scores in [0, 1] (`formula_reach`), as a sentence; else None."""
+        reach = formula_reach(parse_formula(self.calculate_output), list(self.graders))
+        if reach is None:
+            return None
+        lo, lo_at, hi, hi_at = reach
+        if lo >= -1e-9 and hi <= 1 + 1e-9:
+            return None
+        value, at = (hi, hi_at) if hi > 1 + 1e-9 else (lo, lo_at)
+        where = ", ".join(f"{k}={v:g}" for k, v in at.items())
+        ties = "above 1 tie at 1" if value > 1 else "below 0 tie at 0"
+        return (f"calculate_output {self.calculate_output!r} reaches {value:g} (at {where}) from sub-scores in "
+                f"[0, 1], and its score is clipped to [0, 1]: samples it puts {ties}; scale it into [0, 1] (e.g. "
+                f"divide a weighted sum by the sum of its weights)")
 
     def validate(self, item: Item) -> None:
         for g in self.graders.values():
@@ -431,7 +496,8 @@ class MultiGrader:
             if error is not None:  # the formula's failure is the grader's, not the completion's
                 out.append(Grade(0.0, error=error, details={"scores": env, "grader_fault": True}))
                 continue
-            score = 0.0 if math.isnan(score) else min(1.0, max(0.0, score))
+            score = 0.0 if math.isnan(score) else clip01(score, f"calculate_output {self.calculate_output!r}",
+                                                         ("multi", self.calculate_output))
             # the answer that votes (majority voting, reranking): the first sub-grader's, in config order, that has one
             # (sub-graders that record an answer before those that record only a score, as `python` does)
             answer = next((parts[n][i].extracted for n in order if has_answer(parts[n][i])), None)
