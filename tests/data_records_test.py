@@ -154,6 +154,29 @@ def test_openai_jsonl(tmp_path):
         read_openai_jsonl(_jsonl(tmp_path, [nested]), answer_field="ref.nope")
 
 
+def test_trls_conversational_prompt_is_read_as_messages_and_its_text_prompt_is_refused_with_the_fix(tmp_path):
+    """TRL's conversational rows (`prompt`: a list of chat messages, other columns for the reward) were refused as
+    missing 'messages' (TRL-migrant review, session 37); they read as OpenAI rows, the other fields the item's. TRL's
+    standard format (a text `prompt`, no roles) is refused saying how to write it; `messages` wins over `prompt`."""
+    chat = [{"role": "system", "content": "s"}, {"role": "user", "content": "2+2?"}]
+    trl = {"prompt": chat, "solution": "4"}
+    [ex] = read_openai_jsonl(_jsonl(tmp_path, [trl]), answer_field="solution")
+    [want] = read_openai_jsonl(_jsonl(tmp_path, [{"messages": chat, "solution": "4"}]), answer_field="solution")
+    assert (ex.question, ex.messages, ex.fields, ex.answer_value) == (want.question, want.messages, want.fields, 4.0)
+    assert "prompt" not in ex.fields
+    both = {"messages": chat, "prompt": "a reference field", "solution": "4"}
+    [ex] = read_openai_jsonl(_jsonl(tmp_path, [both]))
+    assert ex.messages == want.messages and ex.fields["prompt"] == "a reference field"
+    with pytest.raises(DataError, match=r"f\.jsonl:2: missing field 'messages': TRL's text `prompt` \(the standard "
+                                        r"format\) has no roles: give it as `messages`"):
+        read_openai_jsonl(_jsonl(tmp_path, [trl, {"prompt": "2+2?", "solution": "4"}]))
+    with pytest.raises(DataError, match=r"f\.jsonl:1: 'prompt' must be a non-empty list"):
+        read_openai_jsonl(_jsonl(tmp_path, [{"prompt": [], "solution": "4"}]))
+    with pytest.raises(DataError, match=r"f\.jsonl:1: missing field 'messages' \(a list of chat messages; TRL's "
+                                        r"conversational `prompt` list is read as one\)"):
+        read_openai_jsonl(_jsonl(tmp_path, [{"solution": "4"}]))
+
+
 def test_strip_annotations():
     assert strip_annotations("48/2 = <<48/2=24>>24 and $<<0.2*50=10>>10.") == "48/2 = 24 and $10."
 

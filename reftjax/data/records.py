@@ -236,16 +236,22 @@ CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function")  #
 
 
 def read_openai_jsonl(path: str | os.PathLike, *, answer_field: str | None = None) -> list[Example]:
-    """Read an RFT-style JSONL file; ``answer_field`` (if set) must hold a number."""
+    """Read an RFT-style JSONL file (`messages` + reference fields); ``answer_field`` (if set) must hold a number.
+    A row without `messages` may give them as TRL's conversational `prompt` (the same list of chat messages); its
+    other fields are the item's, as OpenAI's are."""
     path = os.fspath(path)
     out = []
     for lineno, obj in jsonl_objects(path):
         where = f"{path}:{lineno}"
-        messages = obj.get("messages")
+        key = "messages" if "messages" in obj or not isinstance(obj.get("prompt"), list) else "prompt"
+        messages = obj.get(key)
         if messages is None:
-            raise DataError(f"{where}: missing field 'messages'")
+            hint = (": TRL's text `prompt` (the standard format) has no roles: give it as `messages`, "
+                    "[{\"role\": \"user\", \"content\": ...}]") if isinstance(obj.get("prompt"), str) else \
+                " (a list of chat messages; TRL's conversational `prompt` list is read as one)"
+            raise DataError(f"{where}: missing field 'messages'{hint}")
         if not isinstance(messages, list) or not messages:
-            raise DataError(f"{where}: 'messages' must be a non-empty list")
+            raise DataError(f"{where}: {key!r} must be a non-empty list")
         for m in messages:
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) \
                     or not isinstance(m.get("content"), str):
@@ -256,7 +262,7 @@ def read_openai_jsonl(path: str | os.PathLike, *, answer_field: str | None = Non
             raise DataError(f"{where}: the last message must be from the user")
         if not messages[-1]["content"].strip():  # (the other readers refuse an empty question too; review)
             raise DataError(f"{where}: the last (user) message is empty")
-        fields = {k: v for k, v in obj.items() if k != "messages"}
+        fields = {k: v for k, v in obj.items() if k != key}
         answer, value = "", None
         if answer_field is not None:
             raw = _dotted(fields, answer_field)
