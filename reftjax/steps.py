@@ -689,8 +689,13 @@ def make_experience(params: dict, ref_params: dict, rollout, scores_B, *, model_
                       returns, scores_B, algo=cfg.algo)
 
 
-def experience_metrics(exp: Experience, rollout, logp_recomputed: bool = True, with_value: bool = False) -> dict:
+def experience_metrics(exp: Experience, rollout, logp_recomputed: bool = True, with_value: bool = False,
+                       group_size: int = 1) -> dict:
     """Per-batch RL metrics computed on device (read them one step late).
+
+    `reward_std`: the scores' standard deviation over the batch (Bessel-corrected, TRL's `reward_std`). With
+    `group_size` >= 2 (prompt-major groups of samples), `frac_reward_zero_std`: the share of groups whose samples
+    all scored the same (TRL's name), which give GRPO/RLOO no advantage to learn from.
 
     `rollout_logp_maxdiff` (decode-path vs teacher-forced log-probs of the sampled tokens) is
     reported only when `logp_old` was recomputed (`logp_recomputed`); with
@@ -703,7 +708,11 @@ def experience_metrics(exp: Experience, rollout, logp_recomputed: bool = True, w
     kl_seq = jnp.sum(jnp.where(mask > 0, exp.logp_old_BxN - exp.logp_ref_BxN, 0.0), axis=1)
     out = {"reward": jnp.mean(exp.scores_B), "accuracy": jnp.mean((exp.scores_B >= 1.0 - 1e-6).astype(jnp.float32)),
            "kl": jnp.mean(kl_seq), "response_length": jnp.mean(jnp.sum(mask, axis=1).astype(jnp.float32)),
-           "finished": jnp.mean(rollout.finished_B.astype(jnp.float32))}
+           "finished": jnp.mean(rollout.finished_B.astype(jnp.float32)),
+           "reward_std": jnp.std(exp.scores_B, ddof=1) if exp.scores_B.shape[0] > 1 else jnp.float32(0.0)}
+    if group_size > 1:
+        groups = exp.scores_B.reshape(-1, group_size)
+        out["frac_reward_zero_std"] = jnp.mean((jnp.max(groups, 1) - jnp.min(groups, 1) <= 1e-6).astype(jnp.float32))
     if with_value:
         out["value_explained_variance"] = losses.explained_variance(exp.values_old_BxN, exp.returns_BxN, mask)
     if logp_recomputed:
@@ -845,6 +854,7 @@ def make_experience_fn(model_cfg: ModelConfig, cfg: PPOConfig, reward_fn: Callab
                                     out_sharding=out_sharding)
         exp = make_experience(params, ref_params, rollout, scores_B, model_cfg=model_cfg, cfg=cfg)
         return exp, experience_metrics(exp, rollout, logp_recomputed=not cfg.experience_from_rollout,
-                                       with_value=cfg.algo == "ppo")
+                                       with_value=cfg.algo == "ppo",  # (PPO's group_size counts with share_prompt)
+                                       group_size=cfg.group_size if cfg.algo != "ppo" else cfg.prompt_group)
 
     return MeshJit(experience)

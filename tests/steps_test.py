@@ -131,6 +131,9 @@ def test_experience_and_losses_match_numpy_kl_rewards_gae_whitening_and_coeffici
                                rtol=1e-4, atol=1e-4)
     want = max(-1.0, 1.0 - np.var(ret[m] - v[m], ddof=1) / (np.var(ret[m], ddof=1) + 1e-8))
     np.testing.assert_allclose(float(em["value_explained_variance"]), want, rtol=1e-4, atol=1e-5)
+    # TRL's reward_std (Bessel-corrected, over the batch); no groups of samples here, so no frac_reward_zero_std
+    np.testing.assert_allclose(float(em["reward_std"]), np.std(scores, ddof=1), rtol=1e-5)
+    assert "frac_reward_zero_std" not in em
     for vf_coef in (5.0, 0.5):
         loss, lm = _rl_loss(params, exp, CFG, dataclasses.replace(pc, vf_coef=vf_coef))
         np.testing.assert_allclose(float(loss), float(lm["pg_loss"]) + vf_coef * float(lm["vf_loss"]), rtol=1e-6)
@@ -142,6 +145,11 @@ def test_experience_and_losses_match_numpy_kl_rewards_gae_whitening_and_coeffici
     g_scores = np.array([1, 0, 0, 0.1, 1, 1, 0, 0.1], np.float32)
     exp2, gm = make_experience_fn(CFG, grpo)(params, ref, r2, jnp.zeros(8, jnp.int32), jnp.asarray(g_scores))
     assert "value_explained_variance" not in gm
+    assert float(gm["frac_reward_zero_std"]) == 0.0
+    np.testing.assert_allclose(float(gm["reward_std"]), np.std(g_scores, ddof=1), rtol=1e-5)
+    same = np.array([0.1, 0.1, 0.1, 0.1, 1, 0, 1, 1], np.float32)  # the first group's samples scored alike: no signal
+    assert float(make_experience_fn(CFG, grpo)(params, ref, r2, jnp.zeros(8, jnp.int32), jnp.asarray(same))[1][
+        "frac_reward_zero_std"]) == 0.5
     g = g_scores.reshape(2, 4).astype(np.float64)
     want = ((g - g.mean(1, keepdims=True)) / (g.std(1, ddof=1, keepdims=True) + 1e-4)).ravel()
     m2 = np.asarray(exp2.mask_BxN) > 0
