@@ -242,22 +242,24 @@ def aggregate_loss(loss_BxT, mask_BxT, loss_agg: str = "seq-mean-token-mean") ->
 
 def ppo_policy_loss(
     logp_BxT, logp_old_BxT, adv_BxT, mask_BxT, clip_eps: float = 0.2,
-    loss_agg: str = "seq-mean-token-mean",
+    loss_agg: str = "seq-mean-token-mean", clip_eps_high: float | None = None,
 ):
     """PPO clipped surrogate loss (minimised).
 
     ``rho_t = exp(logp_t - logp_old_t)``,
-    ``l_t = max(-A_t * rho_t, -A_t * clip(rho_t, 1 - eps, 1 + eps))``,
+    ``l_t = max(-A_t * rho_t, -A_t * clip(rho_t, 1 - eps, 1 + eps_high))``,
     reduced with ``aggregate_loss`` (ReFT: seq-mean-token-mean, eps 0.2; see
-    ``pg_loss`` in mwp_ReFT ``train_one_epoch``).
+    ``pg_loss`` in mwp_ReFT ``train_one_epoch``). ``eps_high`` is ``clip_eps_high``, DAPO's "clip-higher"
+    (TRL's ``epsilon_high``), or ``clip_eps`` when None.
 
     Args:
       logp_BxT: log-probs of the sampled tokens under the current policy.
       logp_old_BxT: the same at rollout time (no gradient flows into them).
       adv_BxT: (whitened) advantages.
       mask_BxT: valid-token mask.
-      clip_eps: ratio clip range.
+      clip_eps: ratio clip range (below 1, and above it unless ``clip_eps_high``).
       loss_agg: see ``LOSS_AGGREGATIONS`` (static).
+      clip_eps_high: the range above 1, or None.
 
     Returns:
       ``(loss, metrics)``; metrics (masked means, no gradient): ``clipfrac``
@@ -270,7 +272,7 @@ def ppo_policy_loss(
     ratio = jnp.exp(log_ratio)
     adv = jax.lax.stop_gradient(adv)
     pg1 = -adv * ratio
-    pg2 = -adv * jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
+    pg2 = -adv * jnp.clip(ratio, 1.0 - clip_eps, 1.0 + (clip_eps if clip_eps_high is None else clip_eps_high))
     loss = aggregate_loss(jnp.maximum(pg1, pg2), mask_BxT, loss_agg)
     ratio, log_ratio = jax.lax.stop_gradient(ratio), jax.lax.stop_gradient(log_ratio)
     metrics = {
@@ -362,27 +364,37 @@ def _groups(scores_B, group_size: int) -> Array:
     return scores_B.reshape(-1, group_size)
 
 
-def grpo_advantages(scores_B, group_size: int, scale_by_std: bool = True, eps: float = 1e-4):
+SCALE_REWARDS = ("group", "batch", "none")
+"""GRPO's advantage scaling, TRL's `scale_rewards` values: by the group's standard deviation (DeepSeekMath), by the
+whole batch's (TRL "batch"), or none (Dr. GRPO)."""
+
+
+def grpo_advantages(scores_B, group_size: int, scale: str = "group", eps: float = 1e-4):
     """Group-relative advantages (DeepSeekMath GRPO outcome supervision).
 
     Rows are grouped contiguously, ``group_size`` samples per prompt:
     ``A_i = (r_i - mean_g(r)) / (std_g(r) + eps)`` with the unbiased (n - 1)
     standard deviation, as TRL's ``GRPOTrainer`` (``rewards.view(-1, G).std(1)``,
-    eps 1e-4); ``scale_by_std=False`` gives Dr. GRPO's ``r_i - mean_g(r)``.
+    eps 1e-4); ``scale="batch"`` divides by the whole batch's standard deviation instead (TRL's
+    ``scale_rewards="batch"``), ``scale="none"`` gives Dr. GRPO's ``r_i - mean_g(r)``.
 
     Args:
       scores_B: one score per completion, ``B = n_prompts * group_size``.
       group_size: G (static).
-      scale_by_std: divide by the group standard deviation.
+      scale: one of ``SCALE_REWARDS`` (static).
       eps: added to the standard deviation.
 
     Returns:
       float32 ``adv_B``, one advantage per completion (broadcast over its tokens).
     """
+    if scale not in SCALE_REWARDS:
+        raise ValueError(f"scale must be one of {SCALE_REWARDS}, got {scale!r}")
     r_NxG = _groups(scores_B, group_size)
     adv_NxG = r_NxG - jnp.mean(r_NxG, axis=1, keepdims=True)
-    if scale_by_std:
+    if scale == "group":
         adv_NxG = adv_NxG / (jnp.std(r_NxG, axis=1, keepdims=True, ddof=1) + eps)
+    elif scale == "batch":
+        adv_NxG = adv_NxG / (jnp.std(r_NxG, ddof=1) + eps)
     return adv_NxG.reshape(-1)
 
 
@@ -399,14 +411,15 @@ def rloo_advantages(scores_B, group_size: int) -> Array:
 
 def grpo_loss(
     logp_BxT, logp_old_BxT, logp_ref_BxT, adv_B, mask_BxT, clip_eps: float = 0.2,
-    kl_coef: float = 0.04, loss_agg: str = "seq-mean-token-mean",
+    kl_coef: float = 0.04, loss_agg: str = "seq-mean-token-mean", clip_eps_high: float | None = None,
 ):
     """GRPO loss: clipped surrogate with a sequence advantage plus a k3 KL term.
 
     ``rho_t = exp(logp_t - logp_old_t)``,
     ``k3_t = exp(ref_t - logp_t) - (ref_t - logp_t) - 1`` (>= 0, unbiased for
     KL(pi || pi_ref)), and per token
-    ``l_t = -min(rho_t A, clip(rho_t, 1 - eps, 1 + eps) A) + kl_coef * k3_t``,
+    ``l_t = -min(rho_t A, clip(rho_t, 1 - eps, 1 + eps_high) A) + kl_coef * k3_t`` (``eps_high``:
+    ``clip_eps_high``, TRL's ``epsilon_high``, or ``clip_eps`` when None),
     reduced with ``aggregate_loss`` (DeepSeekMath eq. 3 is seq-mean-token-mean;
     TRL ``_compute_loss`` calls it "grpo", and token-mean "bnpo"). The k3 term is
     TRL's with ``use_bias_correction_kl=False`` (TRL 1.16's default True multiplies
@@ -420,9 +433,10 @@ def grpo_loss(
       logp_ref_BxT: the same under the frozen reference model.
       adv_B: one advantage per completion (``grpo_advantages``).
       mask_BxT: valid-token mask.
-      clip_eps: ratio clip range.
+      clip_eps: ratio clip range (below 1, and above it unless ``clip_eps_high``).
       kl_coef: beta.
       loss_agg: see ``LOSS_AGGREGATIONS`` (static).
+      clip_eps_high: the range above 1 (DAPO's clip-higher), or None.
 
     Returns:
       ``(loss, metrics)`` with ``pg_loss`` (the clipped surrogate without the KL term, aggregated as the loss)
@@ -434,7 +448,7 @@ def grpo_loss(
     ratio = jnp.exp(logp - jax.lax.stop_gradient(logp_old))
     adv = jax.lax.stop_gradient(adv)
     surr1 = ratio * adv
-    surr2 = jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * adv
+    surr2 = jnp.clip(ratio, 1.0 - clip_eps, 1.0 + (clip_eps if clip_eps_high is None else clip_eps_high)) * adv
     ref_minus_logp = jax.lax.stop_gradient(logp_ref) - logp
     k3 = jnp.expm1(ref_minus_logp) - ref_minus_logp  # (exp(d) - d - 1 cancelled to 0 in float32 below |d| ~ 1e-4)
     loss = aggregate_loss(-jnp.minimum(surr1, surr2) + kl_coef * k3, mask_BxT, loss_agg)

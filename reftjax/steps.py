@@ -102,6 +102,8 @@ class PPOConfig:
         `make_experience` (as TRL does with beta 0); the KL metrics then read 0.
       gamma, gae_lambda: GAE (1.0, 0.95).
       clip_eps: policy ratio clip (0.2).
+      clip_eps_high: the ratio's clip above 1 when it differs (DAPO's "clip-higher", TRL's `epsilon_high`, e.g.
+        0.28), or None: `clip_eps` both ways (ReFT, DeepSeekMath).
       clip_range_value: value clip around the old value (0.2).
       vf_coef: value loss weight (5.0; the 0.5 sits inside the value loss).
       ppo_epochs: passes over each rollout batch (2).
@@ -115,6 +117,9 @@ class PPOConfig:
       loss_agg: "seq-mean-token-mean" (ReFT, DeepSeekMath; TRL "grpo") or "token-mean" (TRL "bnpo"; TRL's
         "dapo", its default, only when `minibatch_size` is None: dapo divides by the whole batch's tokens).
       group_size: samples per prompt for GRPO/RLOO (rows are prompt-major).
+      scale_rewards: GRPO's advantage scaling, TRL's values: "group" (divide by the group's standard deviation:
+        DeepSeekMath, TRL's default), "batch" (by the whole batch's) or "none" (Dr. GRPO: only the group mean
+        removed).
       value_grad_to_backbone: let the value loss train the shared backbone (ReFT/trl: True).
         False stops its gradient at the final hidden states, so only the value head
         learns from it (useful when a fresh head's large early loss would disturb a
@@ -169,6 +174,7 @@ class PPOConfig:
     gamma: float = 1.0
     gae_lambda: float = 0.95
     clip_eps: float = 0.2
+    clip_eps_high: float | None = None
     clip_range_value: float = 0.2
     vf_coef: float = 5.0
     ppo_epochs: int = 2
@@ -176,6 +182,7 @@ class PPOConfig:
     whiten_advantages: bool = True
     loss_agg: str = "seq-mean-token-mean"
     group_size: int = 1
+    scale_rewards: str = "group"
     value_grad_to_backbone: bool = True
     experience_from_rollout: bool = False
     critic_only: bool = False
@@ -212,6 +219,13 @@ class PPOConfig:
             raise ValueError(f"{self.algo} needs group_size >= 2 samples per prompt")
         if self.loss_agg not in losses.LOSS_AGGREGATIONS:
             raise ValueError(f"loss_agg={self.loss_agg!r}; expected one of {losses.LOSS_AGGREGATIONS}")
+        if self.scale_rewards not in losses.SCALE_REWARDS:
+            raise ValueError(f"scale_rewards={self.scale_rewards!r}; expected one of {losses.SCALE_REWARDS}")
+        if self.scale_rewards != "group" and self.algo != "grpo":  # (RLOO's baseline is unscaled, PPO whitens)
+            raise ValueError(f"scale_rewards={self.scale_rewards!r} is GRPO's advantage scaling; algo={self.algo!r} "
+                             f"does not scale by a standard deviation (leave it 'group')")
+        if self.clip_eps_high is not None and not self.clip_eps_high > 0:
+            raise ValueError(f"clip_eps_high must be > 0 or None (clip_eps both ways), got {self.clip_eps_high}")
         # a negative beta rewards drifting from the reference; a clip range <= 0 stops every update
         if not (self.kl_coef >= 0 and 0 <= self.gamma <= 1 and 0 <= self.gae_lambda <= 1 and self.clip_eps > 0
                 and self.clip_range_value > 0 and self.vf_coef >= 0 and self.head_chunk_rows >= 0):
@@ -681,7 +695,7 @@ def make_experience(params: dict, ref_params: dict, rollout, scores_B, *, model_
             adv = losses.masked_whiten(adv, mask_n)
         values = jnp.where(mask_n > 0, values, 0.0)
     else:
-        group = (losses.grpo_advantages(scores_B, cfg.group_size) if cfg.algo == "grpo"
+        group = (losses.grpo_advantages(scores_B, cfg.group_size, cfg.scale_rewards) if cfg.algo == "grpo"
                  else losses.rloo_advantages(scores_B, cfg.group_size))
         adv = jnp.broadcast_to(group[:, None], mask_n.shape)
         returns = values = jnp.zeros_like(adv)
@@ -734,7 +748,7 @@ def _rl_loss(params, mb: Experience, model_cfg: ModelConfig, cfg: PPOConfig):
     m = {"entropy": losses.masked_mean(entropy, mb.mask_BxN)}
     if cfg.algo == "ppo":
         pg, pm = losses.ppo_policy_loss(logp, mb.logp_old_BxN, mb.advantages_BxN, mb.mask_BxN, cfg.clip_eps,
-                                        cfg.loss_agg)
+                                        cfg.loss_agg, cfg.clip_eps_high)
         vf, vm = losses.ppo_value_loss(values, mb.values_old_BxN, mb.returns_BxN, mb.mask_BxN,
                                        cfg.clip_range_value, cfg.loss_agg)
         m.update(pm, **vm, pg_loss=pg, vf_loss=vf,
@@ -743,7 +757,7 @@ def _rl_loss(params, mb: Experience, model_cfg: ModelConfig, cfg: PPOConfig):
             return cfg.vf_coef * vf, m
         return pg + cfg.vf_coef * vf, m
     loss, gm = losses.grpo_loss(logp, mb.logp_old_BxN, mb.logp_ref_BxN, mb.advantages_BxN[:, 0], mb.mask_BxN,
-                                cfg.clip_eps, cfg.kl_coef, cfg.loss_agg)
+                                cfg.clip_eps, cfg.kl_coef, cfg.loss_agg, cfg.clip_eps_high)
     m.update(gm)  # (pg_loss: the surrogate alone; the loss adds the KL term)
     if cfg.kl_coef == 0:  # the reference stood in by logp_old: k3 read KL(new || old), not to the reference, and
         m["kl_k3"] = jnp.zeros((), jnp.float32)  # grew with the epochs under a name that says KL (review, session 30)

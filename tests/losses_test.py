@@ -266,7 +266,8 @@ def test_rewards_and_gae_match_reft_authors_full_row_layout():
 # ---------------------------------------------------------------- PPO losses
 
 
-def np_ppo_policy(logp, old, adv, m, eps, loss_agg):
+def np_ppo_policy(logp, old, adv, m, eps, loss_agg, eps_high=None):
+    eps_high = eps if eps_high is None else eps_high
     B, T = m.shape
     per = np.zeros((B, T))
     clipped = []
@@ -274,7 +275,7 @@ def np_ppo_policy(logp, old, adv, m, eps, loss_agg):
         for t in range(T):
             rho = np.exp(float(logp[b, t]) - float(old[b, t]))
             a = float(adv[b, t])
-            u, c = -a * rho, -a * min(max(rho, 1 - eps), 1 + eps)
+            u, c = -a * rho, -a * min(max(rho, 1 - eps), 1 + eps_high)
             per[b, t] = max(u, c)
             if m[b, t]:
                 clipped.append(c > u)
@@ -296,6 +297,12 @@ def test_ppo_policy_loss_matches_reference(loss_agg):
     lr = (logp - old).astype(np.float64)
     close(met["approx_kl"], np_masked_mean(np.exp(lr) - 1 - lr, m))
     close(met["ratio_mean"], np_masked_mean(np.exp(lr), m))
+    # DAPO's clip-higher (TRL's epsilon_high): a wider range above 1 than below changes the loss where rho > 1.2
+    high, hmet = J.ppo_policy_loss(logp, old, adv, m, clip_eps=0.2, loss_agg=loss_agg, clip_eps_high=0.28)
+    exp_high, exp_hclip = np_ppo_policy(logp, old, adv, m, 0.2, loss_agg, eps_high=0.28)
+    close(high, exp_high)
+    close(hmet["clipfrac"], exp_hclip)
+    assert abs(exp_high - exp_loss) > 1e-4 and exp_hclip < exp_clip
 
 
 def test_ppo_policy_loss_clip_boundaries_and_gradient():
@@ -540,15 +547,20 @@ def test_grpo_and_rloo_advantages():
     G = 4
     scores = rng.choice([0.0, 0.1, 1.0], size=12).astype(np.float32)
     scores[8:] = 1.0  # a group with identical scores: zero advantage, no NaN
-    exp, exp_unscaled, exp_rloo = [], [], []
+    exp, exp_unscaled, exp_batch, exp_rloo = [], [], [], []
+    batch_std = scores.astype(np.float64).std(ddof=1)
     for g in range(3):
         r = scores[g * G:(g + 1) * G].astype(np.float64)
         for i in range(G):
             exp.append((r[i] - r.mean()) / (r.std(ddof=1) + 1e-4))
             exp_unscaled.append(r[i] - r.mean())
+            exp_batch.append((r[i] - r.mean()) / (batch_std + 1e-4))
             exp_rloo.append(r[i] - np.mean([r[j] for j in range(G) if j != i]))
     close(J.grpo_advantages(scores, group_size=G), exp, rtol=1e-5, atol=1e-4)
-    close(J.grpo_advantages(scores, group_size=G, scale_by_std=False), exp_unscaled)
+    close(J.grpo_advantages(scores, group_size=G, scale="none"), exp_unscaled)  # Dr. GRPO
+    close(J.grpo_advantages(scores, group_size=G, scale="batch"), exp_batch, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="scale must be one of"):
+        J.grpo_advantages(scores, group_size=G, scale="std")
     close(J.rloo_advantages(scores, group_size=G), exp_rloo)
     assert not np.any(np.asarray(J.grpo_advantages(scores, group_size=G))[8:])
     with pytest.raises(ValueError, match="multiple of group_size"):
@@ -557,7 +569,8 @@ def test_grpo_and_rloo_advantages():
         J.rloo_advantages(scores, group_size=1)
 
 
-def np_grpo(logp, old, ref, adv, m, eps, beta, loss_agg):
+def np_grpo(logp, old, ref, adv, m, eps, beta, loss_agg, eps_high=None):
+    eps_high = eps if eps_high is None else eps_high
     B, T = m.shape
     per = np.zeros((B, T))
     kls = []
@@ -568,7 +581,7 @@ def np_grpo(logp, old, ref, adv, m, eps, beta, loss_agg):
             a = float(adv[b])
             d = float(ref[b, t]) - lp
             k3 = np.exp(d) - d - 1
-            per[b, t] = -min(rho * a, min(max(rho, 1 - eps), 1 + eps) * a) + beta * k3
+            per[b, t] = -min(rho * a, min(max(rho, 1 - eps), 1 + eps_high) * a) + beta * k3
             if m[b, t]:
                 kls.append(k3)
     return np_aggregate(per, m, loss_agg), np.mean(kls)
@@ -591,6 +604,10 @@ def test_grpo_loss_matches_reference(loss_agg):
     # pg_loss is the surrogate alone (it was the whole loss, KL term included, for GRPO/RLOO)
     close(met["pg_loss"], np_grpo(logp, old, ref, np.asarray(adv), m, 0.2, 0.0, loss_agg)[0])
     assert abs(float(met["pg_loss"]) - float(loss)) > 1e-4
+    high, _ = J.grpo_loss(logp, old, ref, adv, m, 0.2, 0.04, loss_agg=loss_agg, clip_eps_high=0.28)
+    exp_high = np_grpo(logp, old, ref, np.asarray(adv), m, 0.2, 0.04, loss_agg, eps_high=0.28)[0]
+    close(high, exp_high)
+    assert abs(exp_high - exp_loss) > 1e-4  # (the clip above 1 is active somewhere)
     with pytest.raises(ValueError, match="loss_agg"):
         J.grpo_loss(logp, old, ref, adv, m, loss_agg="sum")
     # near the reference k3 ~ d^2 / 2; exp(d) - d - 1 cancelled to exactly 0 in float32 (review, session 30)

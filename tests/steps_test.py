@@ -164,6 +164,23 @@ def test_experience_and_losses_match_numpy_kl_rewards_gae_whitening_and_coeffici
     # the first update) under the name of the KL to the reference; it reads 0, as the docs say (review, session 30)
     loss0, lm0 = _rl_loss({"policy": params["policy"]}, exp2, CFG, dataclasses.replace(grpo, kl_coef=0.0))
     assert float(lm0["kl_k3"]) == 0.0 and float(loss0) == pytest.approx(float(lm0["pg_loss"]), rel=1e-6)
+    # TRL's knobs, wired through the config: scale_rewards (Dr. GRPO's "none": the group mean removed only; "batch":
+    # the batch's standard deviation) and clip_eps_high (DAPO's clip-higher, active once the ratio moves off 1)
+    for scale, want in (("none", g - g.mean(1, keepdims=True)),
+                        ("batch", (g - g.mean(1, keepdims=True)) / (g.std(ddof=1) + 1e-4))):
+        e = make_experience_fn(CFG, dataclasses.replace(grpo, scale_rewards=scale))(
+            params, ref, r2, jnp.zeros(8, jnp.int32), jnp.asarray(g_scores))[0]
+        np.testing.assert_allclose(np.asarray(e.advantages_BxN)[:, 0], want.ravel(), rtol=1e-5, atol=1e-5)
+    moved = dataclasses.replace(exp2, logp_old_BxN=exp2.logp_old_BxN - 0.3 * jnp.asarray(m2, jnp.float32))
+    pol = {"policy": params["policy"]}
+    sym, high = (float(_rl_loss(pol, moved, CFG, dataclasses.replace(grpo, clip_eps_high=h))[1]["pg_loss"])
+                 for h in (None, 0.28))
+    assert high != pytest.approx(sym, abs=1e-4)
+    assert float(_rl_loss(pol, moved, CFG, dataclasses.replace(grpo, clip_eps_high=0.2))[1]["pg_loss"]) == sym
+    with pytest.raises(ValueError, match="scale_rewards='none' is GRPO's advantage scaling; algo='rloo'"):
+        dataclasses.replace(grpo, algo="rloo", scale_rewards="none")
+    with pytest.raises(ValueError, match="clip_eps_high must be > 0"):
+        dataclasses.replace(grpo, clip_eps_high=0.0)
 
 
 def test_nonfinite_advantage_skips_every_ppo_update(tmp_path):
