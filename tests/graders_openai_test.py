@@ -249,6 +249,15 @@ def test_a_multi_formula_that_can_leave_0_1_is_named_with_where_it_does():
     for formula in ("0.5 * fmt + 0.5 * cor", "(0.5 * fmt + cor) / 1.5", "fmt * cor", "min(fmt, cor)", "max(fmt, cor)",
                     "1 - fmt", "fmt ^ 2", "abs(fmt - cor)", "sqrt(fmt) * 0.9 + 0.1 * cor"):
         assert warned(formula) == [], formula
+    # regression review: a complex value inside min/floor crashed the check (TypeError) at every run's start; the
+    # formula fails where a < 0.5 and stays in [0, 1] elsewhere
+    assert warned("min(1, (fmt - 0.5) ** 0.5)") == warned("floor((fmt - 0.5) ** 0.5 + 0.5)") == []
+    (w,) = warned("fmt / (cor - cor)")  # fails at every point: said, not passed over
+    assert "fails (or is not a real number) at every point tried" in w, w
+    many = [f"g{i}" for i in range(13)]  # more graders than the corners can cover: drawn corners, all ones among them
+    (w,) = warned(" + ".join(many), many)
+    assert "reaches 13 (at g0=1," in w, w
+    assert warned(" + ".join(f"{1 / 13} * {n}" for n in many), many) == []
     inner = {"type": "multi", "graders": {"a": eq, "b": eq}, "calculate_output": "a + b"}
     nested = build_grader({"type": "multi", "graders": {"inner": inner, "c": eq},
                            "calculate_output": "0.5 * inner + 0.5 * c"})
@@ -269,6 +278,15 @@ def test_a_clipped_score_is_logged_once_per_grader(caplog):
         first = grader.grade_batch([{"answer": "x"}] * 3, ["x", "y", "x"])
         again = grader.grade_batch([{"answer": "x"}], ["x"])
     assert [g.score for g in first + again] == [1.0, 0.0, 1.0, 1.0]  # 1.75 and -0.25 clipped
+    # weights adding to 1 sum to 1.0000000000000002 at all ones: rounding, not a clip to warn of (regression review)
+    four = build_grader({"type": "multi", "graders": dict.fromkeys("abcd", eq),
+                         "calculate_output": "0.2 * a + 0.4 * b + 0.3 * c + 0.1 * d"})
+    with caplog.at_level(logging.WARNING, logger="reftjax.graders"):
+        assert four.grade_batch([{"answer": "x"}], ["x"])[0].score == 1.0
+    # a complex power inside min() raised TypeError out of the whole batch; now that sample is a grader error
+    root = build_grader({"type": "multi", "graders": {"a": eq}, "calculate_output": "min(1, (a - 0.5) ** 0.5)"})
+    hit, miss = root.grade_batch([{"answer": "x"}] * 2, ["x", "no"])
+    assert hit.score == pytest.approx(0.5 ** 0.5) and miss.score == 0.0 and is_fault(miss), miss
     lines = [r.getMessage() for r in caplog.records if r.name == "reftjax.graders"]
     assert len(lines) == 1 and lines[0].startswith("calculate_output '1.25 * a + 0.75 * b - 0.25' gave 1.75, "
                                                    "outside [0, 1]: clipped to 1"), lines

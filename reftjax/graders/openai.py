@@ -42,7 +42,9 @@ import json
 import logging
 import math
 import operator
+import random
 import re
+import threading
 from typing import Any, Mapping, Sequence
 
 from rapidfuzz import fuzz
@@ -58,19 +60,23 @@ _UNSUPPORTED_METRICS = ("gleu", "meteor", "cosine")
 
 log = logging.getLogger("reftjax.graders")
 _CLIPPED: set = set()  # the graders (by key) that have logged a clipped score in this process
+_CLIPPED_LOCK = threading.Lock()
+_SLACK = 1e-9  # rounding: 0.2 * a + 0.4 * b + 0.3 * c + 0.1 * d is 1.0000000000000002 at 1, 1, 1, 1
 
 
 def clip01(score: float, what: str, key) -> float:
-    """`score` clipped to [0, 1], the range every grader scores in (OpenAI's). The first score outside it that a
-    grader (`key`) gives in this process is logged, naming `what`: a python grader's 2 or -1 and a formula's 1.5
-    were clipped silently, so a format reward weighted on top of a correctness reward vanished from correct answers
-    and a penalty from every sample (review, session 37)."""
-    if 0.0 <= score <= 1.0:
-        return score
+    """`score` clipped to [0, 1], the range every grader scores in (OpenAI's). The first score beyond it (by more
+    than rounding) that a grader (`key`) gives in this process is logged, naming `what`: a python grader's 2 or -1
+    and a formula's 1.5 were clipped silently, so a format reward weighted on top of a correctness reward vanished
+    from correct answers and a penalty from every sample (review, session 37)."""
     clipped = min(1.0, max(0.0, score))
-    if key not in _CLIPPED:
+    if -_SLACK <= score <= 1.0 + _SLACK:
+        return clipped
+    with _CLIPPED_LOCK:
+        first = key not in _CLIPPED
         _CLIPPED.add(key)
-        log.warning("%s gave %g, outside [0, 1]: clipped to %g (every grader scores in [0, 1]: scale its score "
+    if first:
+        log.warning("%s gave %r, outside [0, 1]: clipped to %g (every grader scores in [0, 1]: scale its score "
                     "into it)", what, score, clipped)
     return clipped
 
@@ -408,20 +414,29 @@ def _eval_formula(node: ast.AST, env: Mapping[str, float]) -> float:
     raise ConfigError(f"unsupported expression {ast.unparse(node)!r}")
 
 
+def _grid(n: int):
+    """Sub-score points for `formula_reach`: {0, 0.5, 1}^n (n <= 7), the corners {0, 1}^n (n <= 12), else 4,096
+    corners drawn with a fixed seed plus all zeros, all ones and each grader alone at 1 and at 0."""
+    if n <= 7:
+        return itertools.product((0.0, 0.5, 1.0), repeat=n)
+    if n <= 12:
+        return itertools.product((0.0, 1.0), repeat=n)
+    rng = random.Random(0)
+    unit = [tuple(float(i == j) for j in range(n)) for i in range(n)]
+    return [(0.0,) * n, (1.0,) * n, *unit, *(tuple(1.0 - x for x in u) for u in unit),
+            *(tuple(float(rng.random() < 0.5) for _ in range(n)) for _ in range(4096))]
+
+
 def formula_reach(tree: ast.Expression, names: Sequence[str]):
-    """(lowest value, its sub-scores, highest value, its sub-scores) of a formula over sub-scores on the grid
-    {0, 0.5, 1}^n (n <= 7), or its corners {0, 1}^n (n <= 12); None for more graders or when it fails at every
-    point. Weighted sums and their min/max reach their extremes at the corners; the midpoints catch most else."""
-    n = len(names)
-    if n > 12:
-        return None
-    grid = (0.0, 0.5, 1.0) if n <= 7 else (0.0, 1.0)
+    """(lowest value, its sub-scores, highest value, its sub-scores) of a formula over the sub-score points of
+    `_grid`, points where it fails or is not a real number skipped; None when it fails at every point. Weighted
+    sums and their min/max reach their extremes at the corners; the midpoints catch most else."""
     lo = hi = None
-    for point in itertools.product(grid, repeat=n):
+    for point in _grid(len(names)):
         env = dict(zip(names, point))
         try:
             value = _eval_formula(tree, env)
-        except (ArithmeticError, ValueError):
+        except (ArithmeticError, ValueError, TypeError):  # (TypeError: a complex value inside min/max/floor)
             continue
         if isinstance(value, complex) or math.isnan(value):
             continue
@@ -455,14 +470,16 @@ class MultiGrader:
         return next((t for g in self.graders.values() if (t := getattr(g, "answer_type", None))), None)
 
     def reach_warning(self) -> str | None:
-        """Where the formula leaves [0, 1] for sub-scores in [0, 1] (`formula_reach`), as a sentence; else None."""
+        """Where the formula leaves [0, 1] for sub-scores in [0, 1] (`formula_reach`), or that it fails at every
+        point tried, as a sentence; else None."""
         reach = formula_reach(parse_formula(self.calculate_output), list(self.graders))
         if reach is None:
-            return None
+            return (f"calculate_output {self.calculate_output!r} fails (or is not a real number) at every point "
+                    f"tried with sub-scores in [0, 1]: a sample where it fails scores 0 as a grader error")
         lo, lo_at, hi, hi_at = reach
-        if lo >= -1e-9 and hi <= 1 + 1e-9:
+        if lo >= -_SLACK and hi <= 1 + _SLACK:
             return None
-        value, at = (hi, hi_at) if hi > 1 + 1e-9 else (lo, lo_at)
+        value, at = (hi, hi_at) if hi > 1 + _SLACK else (lo, lo_at)
         where = ", ".join(f"{k}={v:g}" for k, v in at.items())
         ties = "above 1 tie at 1" if value > 1 else "below 0 tie at 0"
         return (f"calculate_output {self.calculate_output!r} reaches {value:g} (at {where}) from sub-scores in "
@@ -489,7 +506,8 @@ class MultiGrader:
             try:
                 score = _eval_formula(tree, env)
                 error = None
-            except (ArithmeticError, ValueError) as exc:  # 1 / 0, exp(1000), sqrt(-1), log(0)
+            except (ArithmeticError, ValueError, TypeError) as exc:  # 1 / 0, exp(1000), sqrt(-1), log(0), and
+                # min / floor of a complex power ((a - 0.5) ** 0.5 at a < 0.5), which raised out of the batch
                 score, error = 0.0, f"calculate_output: {type(exc).__name__}: {exc}"
             if isinstance(score, complex):  # e.g. (a - 0.75) ** 0.5 with a < 0.75
                 score, error = 0.0, f"calculate_output: not a real number ({score})"
