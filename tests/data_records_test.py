@@ -167,6 +167,10 @@ def test_trls_conversational_prompt_is_read_as_messages_and_its_text_prompt_is_r
     both = {"messages": chat, "prompt": "a reference field", "solution": "4"}
     [ex] = read_openai_jsonl(_jsonl(tmp_path, [both]))
     assert ex.messages == want.messages and ex.fields["prompt"] == "a reference field"
+    # a table with both columns has null cells: a null `messages` beside a `prompt` list reads the list (it was
+    # refused as missing 'messages'; regression review)
+    [ex] = read_openai_jsonl(_jsonl(tmp_path, [{"messages": None, **trl}]), answer_field="solution")
+    assert ex.messages == want.messages and ex.fields == want.fields
     with pytest.raises(DataError, match=r"f\.jsonl:2: missing field 'messages': TRL's text `prompt` \(the standard "
                                         r"format\) has no roles: give it as `messages`"):
         read_openai_jsonl(_jsonl(tmp_path, [trl, {"prompt": "2+2?", "solution": "4"}]))

@@ -243,7 +243,8 @@ def read_openai_jsonl(path: str | os.PathLike, *, answer_field: str | None = Non
     out = []
     for lineno, obj in jsonl_objects(path):
         where = f"{path}:{lineno}"
-        key = "messages" if "messages" in obj or not isinstance(obj.get("prompt"), list) else "prompt"
+        # (a table with both columns has null cells: a null `messages` beside a `prompt` list reads the list)
+        key = "messages" if obj.get("messages") is not None or not isinstance(obj.get("prompt"), list) else "prompt"
         messages = obj.get(key)
         if messages is None:
             hint = (": TRL's text `prompt` (the standard format) has no roles: give it as `messages`, "
@@ -262,7 +263,7 @@ def read_openai_jsonl(path: str | os.PathLike, *, answer_field: str | None = Non
             raise DataError(f"{where}: the last message must be from the user")
         if not messages[-1]["content"].strip():  # (the other readers refuse an empty question too; review)
             raise DataError(f"{where}: the last (user) message is empty")
-        fields = {k: v for k, v in obj.items() if k != key}
+        fields = {k: v for k, v in obj.items() if k != key and not (key == "prompt" and k == "messages")}
         answer, value = "", None
         if answer_field is not None:
             raw = _dotted(fields, answer_field)
