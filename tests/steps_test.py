@@ -138,6 +138,12 @@ def test_experience_and_losses_match_numpy_kl_rewards_gae_whitening_and_coeffici
         loss, lm = _rl_loss(params, exp, CFG, dataclasses.replace(pc, vf_coef=vf_coef))
         np.testing.assert_allclose(float(loss), float(lm["pg_loss"]) + vf_coef * float(lm["vf_loss"]), rtol=1e-6)
         assert float(lm["vf_loss"]) > 1e-3
+    # clip_eps_high reaches PPO's policy loss too (only the GRPO path was checked; regression review): ratios of
+    # exp(0.3) on every token, clipped at 1.2 or 1.28 wherever the (whitened) advantage is positive
+    moved_ppo = dataclasses.replace(exp, logp_old_BxN=exp.logp_old_BxN - 0.3 * jnp.asarray(m, jnp.float32))
+    sym, high, same = (float(_rl_loss(params, moved_ppo, CFG, dataclasses.replace(pc, clip_eps_high=h))[1]["pg_loss"])
+                       for h in (None, 0.28, 0.2))
+    assert high != pytest.approx(sym, abs=1e-4) and same == sym
 
     grpo = dataclasses.replace(pc, algo="grpo", group_size=4, kl_coef=0.04)
     r2 = rollout(params["policy"], prompts[:2], jnp.ones_like(prompts[:2]), jax.random.key(4), model_cfg=CFG,
