@@ -289,20 +289,47 @@ def _decay_mask(params):
     return jax.tree_util.tree_map_with_path(decayed, params)
 
 
+def _critic_part(tree: Any) -> dict | None:
+    """The critic's part of an RL params (or gradient) tree that has a separate critic trunk (`PPOConfig.critic=
+    "separate"`: a "critic" subtree, with the "value_head"), else None."""
+    if isinstance(tree, dict) and "critic" in tree:
+        return {k: v for k, v in tree.items() if k != "policy"}
+    return None
+
+
+def clip_by_part_norm(max_norm: float) -> optax.GradientTransformation:
+    """`optax.clip_by_global_norm`, except that with a separate critic trunk (`_critic_part`) the policy and the
+    critic are clipped each by its own norm, as verl's and OpenRLHF's separate actor and critic optimizers clip them:
+    one norm over both let the critic's gradient (the value loss, weighted by vf_coef 5) shrink every policy update
+    (a tiny model at the default clip 1.0: combined norm ~10, the policy's ~1.7; review, session 37). The shared
+    critic (ReFT) keeps one norm over the whole model, as the authors clip it. Stateless, like optax's: the
+    optimizer state's tree is the same."""
+    whole = optax.clip_by_global_norm(max_norm)
+
+    def update(updates, state, params=None):
+        critic = _critic_part(updates)
+        if critic is None:
+            return whole.update(updates, state, params)
+        policy = {"policy": updates["policy"]}
+        return {**whole.update(policy, state)[0], **whole.update(critic, state)[0]}, state
+
+    return optax.GradientTransformation(whole.init, update)
+
+
 def make_optimizer(cfg: OptimConfig, total_steps: int, *, separate_critic_state: bool = False
                    ) -> optax.GradientTransformation:
-    """Global-norm clipping, then AdamW with `cfg`'s schedule.
+    """Global-norm clipping (`clip_by_part_norm`: policy and a separate critic each by its own), then AdamW with
+    `cfg`'s schedule.
 
     `separate_critic_state`: the policy and the critic (value head, plus a separate critic trunk)
-    get their own AdamW state (moments, step count, schedule position) under one global-norm clip,
-    as verl's separate actor/critic optimizers have. Required by `PPOConfig.critic_only` (critic
-    warm-up), which leaves the policy's state untouched: with one shared count the warm-up would
+    get their own AdamW state (moments, step count, schedule position). Required by `PPOConfig.critic_only`
+    (critic warm-up), which leaves the policy's state untouched: with one shared count the warm-up would
     advance the policy's bias correction while its moments stay zero, making its first updates
     after the warm-up several times Adam's normal step.
     """
     adamw = lambda: optax.adamw(make_schedule(cfg, total_steps), cfg.b1, cfg.b2, cfg.eps,  # noqa: E731
                                 weight_decay=cfg.weight_decay, mask=_decay_mask)
-    clip = optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip > 0 else optax.identity()
+    clip = clip_by_part_norm(cfg.grad_clip) if cfg.grad_clip > 0 else optax.identity()
     if separate_critic_state:
         labels = lambda params: {k: jax.tree.map(lambda _: "policy" if k == "policy" else "critic", v)  # noqa: E731
                                  for k, v in params.items()}
@@ -408,8 +435,10 @@ def _apply_update(state: TrainState, grads, tx, loss) -> tuple[TrainState, dict]
     params and both Adam moments once more (SmolLM2-135M on 2 CPU cores: 0.62-0.80 s
     per update with selects, 0.33 s with the cond, 0.31 s unguarded; torch AdamW 0.67 s).
     """
-    grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    critic = _critic_part(grads)  # with a separate critic: each part's norm, as `clip_by_part_norm` clips them
+    norms = ({"grad_norm": optax.tree.norm(grads)} if critic is None else
+             {"grad_norm": optax.tree.norm(grads["policy"]), "critic_grad_norm": optax.tree.norm(critic)})
+    finite = jnp.isfinite(loss) & functools.reduce(jnp.logical_and, [jnp.isfinite(n) for n in norms.values()])
 
     def apply(operands):
         st, g = operands
@@ -421,7 +450,7 @@ def _apply_update(state: TrainState, grads, tx, loss) -> tuple[TrainState, dict]
         return st.replace(skipped=st.skipped + 1)
 
     new_state = jax.lax.cond(finite, apply, skip, (state, grads))
-    return new_state, {"grad_norm": grad_norm, "skipped": (~finite).astype(jnp.int32)}
+    return new_state, {**norms, "skipped": (~finite).astype(jnp.int32)}
 
 
 # ----------------------------------------------------------------------------- SFT

@@ -725,6 +725,39 @@ def test_separate_critic_starts_as_the_shared_one_and_only_the_value_loss_trains
         assert biggest(no_vf[part]) < 1e-4 * biggest(no_adv[part]), part
 
 
+def test_a_separate_critic_is_clipped_apart_so_the_value_loss_leaves_the_policy_update_alone():
+    """verl and OpenRLHF clip the actor's and the critic's gradients each by its own norm; one global norm over both
+    let the value loss (vf_coef 5) shrink every policy update (review, session 37: ~10x at the default clip). With a
+    separate critic the policy after a PPO step is the same bitwise whatever vf_coef, `grad_norm` is the policy's
+    and `critic_grad_norm` the critic's; the shared critic (ReFT) keeps one norm over the whole model."""
+    from reftjax.steps import make_experience, ppo_step
+
+    policy = jax.tree.map(jnp.asarray, _host_policy(0))
+    prompts = jnp.asarray(np.random.default_rng(0).integers(2, 32, (8, 4)), jnp.int32)
+    r = rollout(policy, prompts, jnp.ones_like(prompts), jax.random.key(0), model_cfg=CFG,
+                cfg=SamplingConfig(max_new_tokens=5, eos_ids=(1,), pad_id=0))
+    scores, ref = jnp.arange(8, dtype=jnp.float32) % 2, jax.tree.map(jnp.asarray, _host_policy(1))
+    tx = make_optimizer(OptimConfig(learning_rate=1e-2, grad_clip=0.05, schedule="constant", warmup_ratio=0.0), 10)
+
+    def after(critic, vf_coef):
+        cfg = PPOConfig(critic=critic, kl_coef=0.05, minibatch_size=4, vf_coef=vf_coef)
+        params = init_rl_params(jax.tree.map(jnp.copy, policy), CFG, cfg, jax.random.key(2))
+        params["value_head"] = jax.tree.map(lambda x: x * 20.0, params["value_head"])  # a large value loss
+        state = init_state(params, tx, jax.random.key(3))
+        exp = make_experience(state.params, ref, r, scores, model_cfg=CFG, cfg=cfg)
+        state, m = ppo_step(state, exp, model_cfg=CFG, tx=tx, cfg=cfg)
+        return jax.device_get(state.params["policy"]), jax.device_get(m)
+
+    (p0, m0), (p5, m5) = after("separate", 0.0), after("separate", 5.0)
+    for a, b in zip(jax.tree.leaves(p0), jax.tree.leaves(p5)):
+        np.testing.assert_array_equal(a, b)
+    assert float(m0["grad_norm"]) == float(m5["grad_norm"]) > 0.05  # the policy's own norm, over the clip
+    assert float(m5["critic_grad_norm"]) > 0.05 and float(m0["critic_grad_norm"]) == 0.0  # (vf_coef 0: no signal)
+    (s0, n0), (s5, n5) = after("shared", 0.0), after("shared", 5.0)  # one norm: the value loss moves the policy
+    assert "critic_grad_norm" not in n5 and float(n5["grad_norm"]) > float(n0["grad_norm"])
+    assert max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(s0), jax.tree.leaves(s5))) > 1e-4
+
+
 def test_separate_critic_config_and_params_must_agree():
     from reftjax.steps import init_rl_params, make_experience
 
