@@ -204,6 +204,11 @@ class RLConfig:
         if self.ppo.share_prompt and self.ppo.algo == "ppo" and s.n != self.ppo.group_size:
             raise ValueError(f"rl.ppo.share_prompt packs rl.ppo.group_size={self.ppo.group_size} samples per prompt "
                              f"but rl.sampling.n={s.n}: set them equal")
+        if self.ppo.algo == "ppo" and self.ppo.group_size > 1 and s.n != self.ppo.group_size:
+            # (it was ignored: one sample per prompt drawn, nothing said; a verl user's rollout.n; review)
+            raise ValueError(f"rl.ppo.group_size={self.ppo.group_size} does not set PPO's samples per prompt: PPO "
+                             f"draws rl.sampling.n={s.n} (verl's rollout.n); set rl.sampling.n={self.ppo.group_size} "
+                             f"(and group_size with it, for share_prompt) or leave group_size at 1")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1472,6 +1472,11 @@ def test_partial_credit_graders_select_checkpoints_by_mean_score_and_dead_settin
     with pytest.raises(ValueError, match="early_stop_patience needs validation"):
         RLConfig(early_stop_patience=2, eval_every=0)
     RLConfig(sampling=dataclasses.replace(RLConfig().sampling, n=2), ppo=PPOConfig(algo="grpo", group_size=2))
+    # the converse under PPO, where sampling.n draws the samples: group_size alone was ignored (verl review, s37)
+    with pytest.raises(ValueError, match=r"rl.ppo.group_size=4 does not set PPO's samples per prompt: PPO draws "
+                                         r"rl.sampling.n=1 \(verl's rollout.n\); set rl.sampling.n=4"):
+        RLConfig(ppo=PPOConfig(group_size=4))
+    RLConfig(sampling=dataclasses.replace(RLConfig().sampling, n=4), ppo=PPOConfig(group_size=4))
 
 
 def test_rl_samples_hold_every_row_with_its_item_and_sample_index(tmp_path):
