@@ -240,6 +240,11 @@ def aggregate_loss(loss_BxT, mask_BxT, loss_agg: str = "seq-mean-token-mean") ->
     raise ValueError(f"loss_agg must be one of {LOSS_AGGREGATIONS}, got {loss_agg!r}")
 
 
+def _clip_ratio(ratio, clip_eps: float, clip_eps_high: float | None):
+    """The ratio clipped to [1 - clip_eps, 1 + clip_eps_high] (`clip_eps` both ways when `clip_eps_high` is None)."""
+    return jnp.clip(ratio, 1.0 - clip_eps, 1.0 + (clip_eps if clip_eps_high is None else clip_eps_high))
+
+
 def ppo_policy_loss(
     logp_BxT, logp_old_BxT, adv_BxT, mask_BxT, clip_eps: float = 0.2,
     loss_agg: str = "seq-mean-token-mean", clip_eps_high: float | None = None,
@@ -272,7 +277,7 @@ def ppo_policy_loss(
     ratio = jnp.exp(log_ratio)
     adv = jax.lax.stop_gradient(adv)
     pg1 = -adv * ratio
-    pg2 = -adv * jnp.clip(ratio, 1.0 - clip_eps, 1.0 + (clip_eps if clip_eps_high is None else clip_eps_high))
+    pg2 = -adv * _clip_ratio(ratio, clip_eps, clip_eps_high)
     loss = aggregate_loss(jnp.maximum(pg1, pg2), mask_BxT, loss_agg)
     ratio, log_ratio = jax.lax.stop_gradient(ratio), jax.lax.stop_gradient(log_ratio)
     metrics = {
@@ -448,7 +453,7 @@ def grpo_loss(
     ratio = jnp.exp(logp - jax.lax.stop_gradient(logp_old))
     adv = jax.lax.stop_gradient(adv)
     surr1 = ratio * adv
-    surr2 = jnp.clip(ratio, 1.0 - clip_eps, 1.0 + (clip_eps if clip_eps_high is None else clip_eps_high)) * adv
+    surr2 = _clip_ratio(ratio, clip_eps, clip_eps_high) * adv
     ref_minus_logp = jax.lax.stop_gradient(logp_ref) - logp
     k3 = jnp.expm1(ref_minus_logp) - ref_minus_logp  # (exp(d) - d - 1 cancelled to 0 in float32 below |d| ~ 1e-4)
     loss = aggregate_loss(-jnp.minimum(surr1, surr2) + kl_coef * k3, mask_BxT, loss_agg)
