@@ -23,7 +23,8 @@ if os.environ.get("REFTJAX_TEST_XLA_OPT", "0") != "default" and _OPT not in os.e
 # 8: the resume test's SFT step aborted in 7 of 52 runs (sessions 35-36, with and without MeshJit's commit of loose
 # arguments) after XLA's 40 s rendezvous timeout, gdb showing the 8 pool threads inside AllReduce (7 at the program's
 # top level, 1 inside a while loop). The pool's size follows NPROC (read by XLA in place of the core count): 32
-# threads, 0 aborts in 20 runs (BUILD_NOTES, session 36). Subprocesses inherit it. XLA reads PJRT_NPROC before NPROC: a smaller one is raised too.
+# threads, 0 aborts in 20 runs (BUILD_NOTES, session 36). Subprocesses inherit it. XLA reads PJRT_NPROC before
+# NPROC: a smaller one is raised too.
 os.environ.setdefault("NPROC", "32")
 for _name in ("PJRT_NPROC", "NPROC"):
     _value = os.environ.get(_name)
