@@ -18,6 +18,8 @@ _LAYER_MAP = {
     "ffn_norm": "post_attention_layernorm",
     "attn_q": "self_attn.q_proj",
     "attn_k": "self_attn.k_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
     "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj",
     "ffn_gate": "mlp.gate_proj",
@@ -25,7 +27,7 @@ _LAYER_MAP = {
     "ffn_down": "mlp.down_proj",
 }
 _TOP_MAP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-_SUPPORTED = ("llama", "qwen2")
+_SUPPORTED = ("llama", "qwen2", "qwen3")
 
 
 def _metadata(reader) -> dict:
@@ -56,7 +58,7 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def _hf_config(meta: dict, tensor_names: set, path: pathlib.Path):
-    from transformers import LlamaConfig, Qwen2Config
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
 
     arch = meta.get("general.architecture")
     if arch not in _SUPPORTED:
@@ -94,8 +96,9 @@ def _hf_config(meta: dict, tensor_names: set, path: pathlib.Path):
     # a config without one, which every export of the default model was (review, session 29)
     from reftjax.models.config import CAUSAL_LM_CLASSES
 
-    model_type = "qwen2" if arch == "qwen2" else "llama"
-    return (Qwen2Config if arch == "qwen2" else LlamaConfig)(**kw, architectures=[CAUSAL_LM_CLASSES[model_type]])
+    model_type = arch if arch in ("qwen2", "qwen3") else "llama"
+    config_class = {"qwen2": Qwen2Config, "qwen3": Qwen3Config}.get(arch, LlamaConfig)
+    return config_class(**kw, architectures=[CAUSAL_LM_CLASSES[model_type]])
 
 
 def _eos_ids(meta: dict):
@@ -175,7 +178,7 @@ def read_gguf(path: str | pathlib.Path, with_tokenizer: bool = True):
     config = _hf_config(meta, names, path)
     tensors = {}
     # llama.cpp permutes the Q/K rows (weights and biases) for its interleaved RoPE in the llama family only;
-    # qwen2 tensors are stored in Hugging Face order (transformers' GGUF loader has no Q/K processor for it)
+    # qwen2/qwen3 tensors are stored in Hugging Face order (llama.cpp's converter permutes for LlamaModel only)
     permuted = meta.get("general.architecture") == "llama"
     for t in reader.tensors:
         w = np.asarray(gguf.dequantize(t.data, t.tensor_type), dtype=np.float32)

@@ -245,6 +245,8 @@ _LAYER_KEYS = {  # reftjax path under layers/ -> HF suffix, transpose?
     ("self_attn", "q_proj", "bias"): ("self_attn.q_proj.bias", False),
     ("self_attn", "k_proj", "bias"): ("self_attn.k_proj.bias", False),
     ("self_attn", "v_proj", "bias"): ("self_attn.v_proj.bias", False),
+    ("self_attn", "q_norm", "scale"): ("self_attn.q_norm.weight", False),
+    ("self_attn", "k_norm", "scale"): ("self_attn.k_norm.weight", False),
     ("mlp", "gate_proj", "kernel"): ("mlp.gate_proj.weight", True),
     ("mlp", "up_proj", "kernel"): ("mlp.up_proj.weight", True),
     ("mlp", "down_proj", "kernel"): ("mlp.down_proj.weight", True),

@@ -211,11 +211,17 @@ def model_fingerprint(params) -> str:
     return h.hexdigest()
 
 
+# ModelConfig fields added after runs recorded its digest, with their defaults (qk_norm: Qwen3, session 38)
+_ADDED_FIELDS = {"qk_norm": False}
+
+
 def model_config_fingerprint(model_cfg) -> str:
     """A digest of what the model computes besides its weights (`ModelConfig` from config.json and
     generation_config.json's EOS ids: norms, RoPE, stopping), without the run's layout settings (dtypes and remat
-    are settings of config.json, and remat may change on resume)."""
-    fields = {k: v for k, v in dataclasses.asdict(model_cfg).items() if k not in ("dtype", "param_dtype", "remat")}
+    are settings of config.json, and remat may change on resume). A field added to `ModelConfig` later counts only
+    away from its default (`_ADDED_FIELDS`): every run begun before it existed would otherwise refuse to resume."""
+    fields = {k: v for k, v in dataclasses.asdict(model_cfg).items() if k not in ("dtype", "param_dtype", "remat")
+              and not (k in _ADDED_FIELDS and v == _ADDED_FIELDS[k])}
     return hashlib.blake2b(json.dumps(fields, sort_keys=True, default=str).encode(), digest_size=8).hexdigest()
 
 

@@ -288,6 +288,9 @@ def _tiny_gguf(path, arch, rope_freqs=None, head_dim=None, name=None, special=No
               "blk.0.ffn_gate.weight": (f, h), "blk.0.ffn_up.weight": (f, h), "blk.0.ffn_down.weight": (h, f)}
     if arch == "qwen2":
         shapes.update({"blk.0.attn_q.bias": (nh * hd,), "blk.0.attn_k.bias": (nkv * hd,), "blk.0.attn_v.bias": (nkv * hd,)})
+    if arch == "qwen3":  # with a byte-level BPE tokenizer as Qwen's files state it (merges derived from the scores)
+        shapes.update({"blk.0.attn_q_norm.weight": (hd,), "blk.0.attn_k_norm.weight": (hd,)})
+        w.add_tokenizer_model("gpt2"), w.add_tokenizer_pre("qwen2"), w.add_token_scores([0.0] * v)
     stored = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
     if rope_freqs is not None:
         stored["rope_freqs.weight"] = np.asarray(rope_freqs, np.float32)
@@ -389,6 +392,59 @@ def test_gguf_qk_rows_are_unpermuted_for_llama_only_and_rope_scaling_is_refused(
     _tiny_gguf(tmp_path / "l3.gguf", "llama", rope_freqs=[1.0, 1.0, 8.0, 32.0])
     with pytest.raises(ValueError, match=r"l3\.gguf: GGUF rope_freqs.weight holds RoPE scaling factors"):
         read_gguf(tmp_path / "l3.gguf", with_tokenizer=False)
+
+
+def test_a_qwen3_gguf_loads_with_its_qk_norms_and_matches_transformers(tmp_path):
+    """Qwen3 GGUFs (llama.cpp arch `qwen3`: per-head q/k norms `attn_{q,k}_norm`, Hugging Face row order, a head
+    size of its own) load as Qwen3: were refused as an unsupported architecture. The reference is transformers'
+    Qwen3ForCausalLM holding the file's tensors under their Hugging Face names."""
+    from transformers import AutoModelForCausalLM
+
+    from reftjax.gguf_reader import read_gguf
+
+    stored = _tiny_gguf(tmp_path / "q3.gguf", "qwen3", head_dim=16)
+    hf_config, tensors, _ = read_gguf(tmp_path / "q3.gguf", with_tokenizer=False)
+    assert type(hf_config).__name__ == "Qwen3Config" and hf_config.architectures == ["Qwen3ForCausalLM"]
+    for part in ("q", "k"):  # stored in Hugging Face order: not un-permuted
+        np.testing.assert_array_equal(tensors[f"model.layers.0.self_attn.{part}_proj.weight"],
+                                      stored[f"blk.0.attn_{part}.weight"])
+        np.testing.assert_array_equal(tensors[f"model.layers.0.self_attn.{part}_norm.weight"],
+                                      stored[f"blk.0.attn_{part}_norm.weight"])
+    loaded = load_model(tmp_path / "q3.gguf", with_tokenizer=False)
+    assert (loaded.config.model_type, loaded.config.qk_norm, loaded.config.head_dim) == ("qwen3", True, 16)
+    ref = AutoModelForCausalLM.from_config(hf_config, attn_implementation="eager").eval()
+    missing, unexpected = ref.load_state_dict({k: torch.tensor(v) for k, v in tensors.items()}, strict=False)
+    assert hf_config.tie_word_embeddings and (missing, unexpected) == (["lm_head.weight"], [])  # the tied head
+    ref.tie_weights()
+    tokens, mask = _batch(hf_config.vocab_size)
+    positions = np.maximum(np.cumsum(mask, axis=-1) - 1, 0)
+    with torch.no_grad():
+        want = ref(input_ids=torch.as_tensor(tokens, dtype=torch.long), attention_mask=torch.as_tensor(mask),
+                   position_ids=torch.as_tensor(positions, dtype=torch.long)).logits.numpy()
+    ours, _ = forward(loaded.params, loaded.config, tokens, mask)
+    _assert_close_on_real(ours, want, mask, 1e-5)
+
+
+def test_a_qwen3_export_loads_in_transformers_with_same_logits(tmp_path, random_params):
+    """Qwen3 out: config.json keeps model_type qwen3 and head_dim, the q/k norms are written under their names."""
+    from transformers import Qwen3Config
+
+    cfg = TINY.replace(model_type="qwen3", qk_norm=True, head_dim=16)
+    params = random_params(cfg)
+    hf_config = Qwen3Config(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, head_dim=16,
+                            intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
+                            num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+                            rms_norm_eps=cfg.rms_norm_eps, max_position_embeddings=cfg.max_position_embeddings,
+                            tie_word_embeddings=cfg.tie_word_embeddings)
+    out = save_hf(tmp_path / "export", params, cfg, hf_config)
+    assert "model.layers.1.self_attn.k_norm.weight" in read_safetensors(out / "model.safetensors")
+    tokens, mask = _batch(cfg.vocab_size)
+    ours, _ = forward(params, cfg, tokens, mask)
+    _assert_close_on_real(ours, _torch_logits(out, tokens, mask), mask, 1e-5)
+    back = load_model(out, with_tokenizer=False)
+    assert back.config == cfg.replace(bos_token_id=back.config.bos_token_id, eos_token_ids=back.config.eos_token_ids,
+                                      pad_token_id=back.config.pad_token_id)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(back.params), jax.device_get(params))
 
 
 def test_gguf_head_dim_is_read_and_a_mistral_name_invents_no_sliding_window(tmp_path):

@@ -2,8 +2,8 @@
 
 The reference for every architecture is transformers' own PyTorch model in
 float32 with eager attention: tiny random Llama (plain and Llama-3 RoPE
-scaling), Mistral (sliding window shorter than the sequence) and Qwen2 (qkv
-bias) built from transformers config classes and saved with `save_pretrained`,
+scaling), Mistral (sliding window shorter than the sequence), Qwen2 (qkv
+bias) and Qwen3 (per-head q/k norms, head size other than hidden / heads) built from transformers config classes and saved with `save_pretrained`,
 and the real SmolLM2-135M-Instruct read from its GGUF by transformers' own
 GGUF loader. Batches are left-padded with rows of different lengths.
 """
@@ -27,7 +27,7 @@ LENGTHS = (13, 7, 10)  # real tokens per row; the batch is left-padded to the lo
 
 
 def _hf_config(kind: str):
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     if kind == "llama":
         return LlamaConfig(**TINY)
@@ -39,6 +39,8 @@ def _hf_config(kind: str):
         return MistralConfig(**TINY, sliding_window=4)
     if kind == "qwen2":
         return Qwen2Config(**TINY, tie_word_embeddings=True)
+    if kind == "qwen3":  # Qwen3-0.6B's shape in small: 4 heads of 16 over a width of 32 (q is 64 wide)
+        return Qwen3Config(**TINY, head_dim=16, tie_word_embeddings=False)
     raise ValueError(kind)
 
 
@@ -89,7 +91,7 @@ def assert_logits_match(ours, ref, mask, rel_tol: float) -> float:
     return rel
 
 
-@pytest.mark.parametrize("kind", ["llama", "llama3_rope", "mistral", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama", "llama3_rope", "mistral", "qwen2", "qwen3"])
 def test_tiny_logits_match_transformers(kind, tmp_path):
     ref_model = _torch_tiny(kind, tmp_path)
     loaded = load_model(tmp_path, with_tokenizer=False)
@@ -98,6 +100,8 @@ def test_tiny_logits_match_transformers(kind, tmp_path):
     assert (cfg.sliding_window == 4) == (kind == "mistral")
     assert (cfg.rope_scaling.kind == "llama3") == (kind == "llama3_rope")
     assert cfg.qkv_bias == (kind == "qwen2")
+    assert cfg.qk_norm == (kind == "qwen3") and cfg.head_dim == (16 if kind == "qwen3" else 8)
+    assert cfg.num_params == sum(p.numel() for p in ref_model.parameters())
     rng = np.random.default_rng(1)
     tokens, mask = left_padded([list(rng.integers(0, TINY["vocab_size"], n)) for n in LENGTHS], pad_id=0)
     ours, _ = jax.jit(forward, static_argnums=1)(loaded.params, cfg, tokens, mask)
@@ -152,6 +156,13 @@ def test_smollm_logits_match_transformers_gguf(smollm_model, smollm_torch):
 # ----------------------------------------------------------------------------- prefill / decode
 
 
+def _decode_test_config(variant: str, window: int | None) -> ModelConfig:
+    qwen2, qwen3 = variant.startswith("qwen2"), variant.startswith("qwen3")
+    return ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+                       num_kv_heads=2, head_dim=16 if qwen3 else 0, sliding_window=window,
+                       model_type=variant.split("_")[0], qkv_bias=qwen2, qk_norm=qwen3, tie_word_embeddings=not qwen2)
+
+
 @functools.partial(jax.jit, static_argnums=(1, 4))
 def _prefill_then_decode(params, cfg: ModelConfig, prompt_BxP, mask_BxP, cache_len: int, forced_BxN):
     """Prefill, then teacher-force `forced_BxN` one token per step (a scan, as a sampler would)."""
@@ -172,14 +183,11 @@ def _prefill_then_decode(params, cfg: ModelConfig, prompt_BxP, mask_BxP, cache_l
     return last_logits, jnp.swapaxes(logits_NxBxV, 0, 1)
 
 
-@pytest.mark.parametrize("variant", ["llama", "mistral_window3", "qwen2_bias_untied"])
+@pytest.mark.parametrize("variant", ["llama", "mistral_window3", "qwen2_bias_untied", "qwen3_qknorm_hd16"])
 def test_prefill_and_decode_match_full_forward(variant, random_params):
     """The decode path (fused per-layer weights, [B,K,hd,S] key cache) equals the scanned full forward."""
     window = 3 if variant == "mistral_window3" else None
-    qwen = variant.startswith("qwen2")
-    cfg = ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
-                      num_kv_heads=2, sliding_window=window, model_type=variant.split("_")[0],
-                      qkv_bias=qwen, tie_word_embeddings=not qwen)
+    cfg = _decode_test_config(variant, window)
     params = random_params(cfg, seed=3, std=0.3)  # large weights: sharp, sensitive logits
     rng = np.random.default_rng(0)
     prompt, pmask = left_padded([list(rng.integers(1, 61, n)) for n in (6, 3, 5)], pad_id=0)
@@ -196,15 +204,12 @@ def test_prefill_and_decode_match_full_forward(variant, random_params):
     np.testing.assert_allclose(decoded, full[:, p:], atol=1e-5 * scale, rtol=0)
 
 
-@pytest.mark.parametrize("variant", ["llama", "mistral_window3", "qwen2_bias_untied"])
+@pytest.mark.parametrize("variant", ["llama", "mistral_window3", "qwen2_bias_untied", "qwen3_qknorm_hd16"])
 def test_packed_prefill_equals_prefill(variant, random_params):
     """The padding-free prefill (GEMMs over the real tokens only, `chunk` at a time) gives the padded prefill's
     last logits and hidden states, and the same keys/values in every real slot (4 chunks here, one partly padding)."""
     window = 3 if variant == "mistral_window3" else None
-    qwen = variant.startswith("qwen2")
-    cfg = ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
-                      num_kv_heads=2, sliding_window=window, model_type=variant.split("_")[0],
-                      qkv_bias=qwen, tie_word_embeddings=not qwen)
+    cfg = _decode_test_config(variant, window)
     params = random_params(cfg, seed=4, std=0.3)
     rng = np.random.default_rng(1)
     prompt, pmask = left_padded([list(rng.integers(1, 61, n)) for n in (6, 3, 5, 1)], pad_id=0)

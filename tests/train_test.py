@@ -866,8 +866,12 @@ def test_a_rerun_may_change_only_how_the_run_is_saved_and_laid_out(tmp_path):
                        eos_token_ids=(2,))
     digest = model_config_fingerprint(base)
     assert digest == model_config_fingerprint(dataclasses.replace(base, remat="full", dtype="bfloat16"))
-    for change in (dict(rms_norm_eps=0.1), dict(rope_theta=5e5), dict(eos_token_ids=(2, 13))):
+    for change in (dict(rms_norm_eps=0.1), dict(rope_theta=5e5), dict(eos_token_ids=(2, 13)), dict(qk_norm=True)):
         assert model_config_fingerprint(dataclasses.replace(base, **change)) != digest, change
+    # digests that runs recorded before ModelConfig gained qk_norm (session 38) still match: they resume
+    recorded = ModelConfig(vocab_size=89, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+                           num_kv_heads=2, eos_token_ids=(2,))
+    assert model_config_fingerprint(recorded) == "b3cbc34808f02466"
     (tmp_path / "data.json").write_text(json.dumps({"model": {"params": "0123", "config": digest}}))
     _check_same_data(tmp_path / "data.json", {"model": {"params": "0123", "config": digest}})
     with pytest.raises(RunDirError, match=r"the model's configuration \(config.json, generation_config.json's EOS "

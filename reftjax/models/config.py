@@ -1,7 +1,8 @@
 """ModelConfig: the static description of a Llama-family decoder.
 
 One frozen (hashable) dataclass covers Llama 2/3 (incl. Llama-3 RoPE scaling),
-Mistral (sliding window), Qwen2/2.5 (qkv bias) and SmolLM2 (tied embeddings).
+Mistral (sliding window), Qwen2/2.5 (qkv bias), Qwen3 (per-head q/k RMSNorm) and
+SmolLM2 (tied embeddings).
 Being hashable it can be a static argument of `jax.jit`.
 """
 from __future__ import annotations
@@ -13,7 +14,8 @@ import jax.numpy as jnp
 
 # each supported Hugging Face model_type and its transformers class, written as config.json's `architectures` on
 # export (serving stacks such as vLLM pick the class from it; transformers' own table imports torch)
-CAUSAL_LM_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+CAUSAL_LM_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                     "qwen3": "Qwen3ForCausalLM"}
 SUPPORTED_MODEL_TYPES = tuple(CAUSAL_LM_CLASSES)
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -52,6 +54,7 @@ class ModelConfig:
       max_position_embeddings: longest position the model was trained for.
       tie_word_embeddings: logits use the input embedding matrix (SmolLM2).
       qkv_bias: q/k/v projections carry a bias (Qwen2).
+      qk_norm: queries and keys pass through an RMSNorm over each head (scales [head_dim]) before RoPE (Qwen3).
       sliding_window: attend only to the last `sliding_window` keys (Mistral), or None.
       model_type: Hugging Face model_type written on export.
       param_dtype: storage dtype of the weights ("float32" or "bfloat16").
@@ -74,6 +77,7 @@ class ModelConfig:
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
     qkv_bias: bool = False
+    qk_norm: bool = False
     sliding_window: int | None = None
     model_type: str = "llama"
     param_dtype: str = "float32"
@@ -114,7 +118,7 @@ class ModelConfig:
         attn = d * hd * (2 * self.num_heads + 2 * self.num_kv_heads)
         if self.qkv_bias:
             attn += hd * (self.num_heads + 2 * self.num_kv_heads)
-        per_layer = attn + 3 * d * f + 2 * d
+        per_layer = attn + 3 * d * f + 2 * d + (2 * hd if self.qk_norm else 0)
         head = 0 if self.tie_word_embeddings else d * self.vocab_size
         return self.vocab_size * d + self.num_layers * per_layer + d + head
 
@@ -157,12 +161,12 @@ def _rope_from_hf(hf, where: str) -> tuple[float, RopeScaling]:
 
 def _sliding_window(hf, model_type: str, where: str) -> int | None:
     """The window every layer uses, or None. transformers' Llama has none (a stray `sliding_window` key is
-    ignored there too); Mistral windows every layer; Qwen2 only layers >= max_window_layers, and only with
+    ignored there too); Mistral windows every layer; Qwen2/3 only layers >= max_window_layers, and only with
     use_sliding_window: a mix of windowed and full layers is refused."""
     window = getattr(hf, "sliding_window", None)
     if model_type == "llama" or not window:
         return None
-    if model_type == "qwen2":
+    if model_type in ("qwen2", "qwen3"):
         n = hf.num_hidden_layers
         kinds = getattr(hf, "layer_types", None) or [
             "sliding_attention" if getattr(hf, "use_sliding_window", False) and i >= getattr(hf, "max_window_layers", n)
@@ -177,7 +181,7 @@ def _sliding_window(hf, model_type: str, where: str) -> int | None:
 
 def from_hf_config(hf, *, param_dtype: str = "float32", dtype: str = "float32", remat: str = "none",
                    where: str = "config.json") -> ModelConfig:
-    """Build a ModelConfig from a transformers PretrainedConfig (Llama/Mistral/Qwen2)."""
+    """Build a ModelConfig from a transformers PretrainedConfig (Llama/Mistral/Qwen2/Qwen3)."""
     model_type = getattr(hf, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"{where}: unsupported architecture model_type={model_type!r} "
@@ -190,8 +194,8 @@ def from_hf_config(hf, *, param_dtype: str = "float32", dtype: str = "float32", 
         raise ValueError(f"{where}: quantized checkpoints (quantization_config) are not supported: load a float one")
     if model_type == "llama" and getattr(hf, "mlp_bias", False):  # (Mistral's and Qwen2's MLPs have no bias in
         raise ValueError(f"{where}: mlp_bias=True is not supported")  # transformers, whatever the key says)
-    if model_type == "llama" and getattr(hf, "attention_bias", False):
-        raise ValueError(f"{where}: attention_bias=True (q/k/v and o_proj biases) is not supported for llama")
+    if model_type in ("llama", "qwen3") and getattr(hf, "attention_bias", False):
+        raise ValueError(f"{where}: attention_bias=True (q/k/v and o_proj biases) is not supported for {model_type}")
     theta, scaling = _rope_from_hf(hf, where)
     eos = hf.eos_token_id
     eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
@@ -211,6 +215,7 @@ def from_hf_config(hf, *, param_dtype: str = "float32", dtype: str = "float32", 
         max_position_embeddings=int(hf.max_position_embeddings),
         tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
         qkv_bias=model_type == "qwen2",
+        qk_norm=model_type == "qwen3",
         sliding_window=window,
         model_type=model_type,
         param_dtype=param_dtype,

@@ -1,4 +1,4 @@
-"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM2) in Flax linen.
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM2) in Flax linen.
 
 Parameters mirror Hugging Face names, kernels stored [in, out]:
 
@@ -6,6 +6,7 @@ Parameters mirror Hugging Face names, kernels stored [in, out]:
     layers/...                    stacked over a leading layer axis [L, ...]
       input_layernorm/scale       [L, D]
       self_attn/{q,k,v}_proj      [L, D, H*hd] (+ bias [L, H*hd] for Qwen2)
+      self_attn/{q,k}_norm/scale  [L, hd] (Qwen3: per-head RMSNorm of q and k before RoPE)
       self_attn/o_proj            [L, H*hd, D]
       post_attention_layernorm    [L, D]
       mlp/{gate,up}_proj          [L, D, F];  mlp/down_proj [L, F, D]
@@ -266,6 +267,8 @@ class Attention(nn.Module):
         q = _dense(cfg, h * hd, (EMBED, Q_HEADS), "q_proj", cfg.qkv_bias)(x_BxTxD).reshape(b, t, h, hd)
         k = _dense(cfg, kvh * hd, (EMBED, KV_HEADS), "k_proj", cfg.qkv_bias)(x_BxTxD).reshape(b, t, kvh, hd)
         v = _dense(cfg, kvh * hd, (EMBED, KV_HEADS), "v_proj", cfg.qkv_bias)(x_BxTxD).reshape(b, t, kvh, hd)
+        if cfg.qk_norm:
+            q, k = _norm(cfg, "q_norm")(q), _norm(cfg, "k_norm")(k)
         inv_freq = rope_inv_freq(cfg)
         q, k = apply_rope(q, positions_BxT, inv_freq), apply_rope(k, positions_BxT, inv_freq)
         if isinstance(mask_BxTxS, tuple):  # (prefix block, continuation blocks): packed rows, `prefix_group_masks`
@@ -465,6 +468,7 @@ def unstack_layers(params, cfg: ModelConfig | None = None) -> list:
         gate_up  [D, 2 F]           = gate_proj | up_proj
         down     [F, D]
         ln1, ln2 [D]                  RMSNorm scales
+        q_norm, k_norm [hd]           per-head q / k RMSNorm scales (qk_norm only)
 
     `cfg` gives the compute dtype the kernels are cast to (default: kept as stored).
     """
@@ -479,6 +483,8 @@ def unstack_layers(params, cfg: ModelConfig | None = None) -> list:
         "gate_up": cast(jnp.concatenate([mlp["gate_proj"]["kernel"], mlp["up_proj"]["kernel"]], axis=-1)),
         "down": cast(mlp["down_proj"]["kernel"]),
     }
+    if "q_norm" in attn:
+        stacked["q_norm"], stacked["k_norm"] = attn["q_norm"]["scale"], attn["k_norm"]["scale"]
     if "bias" in attn["q_proj"]:
         stacked["qkv_bias"] = cast(jnp.concatenate([attn[n]["bias"] for n in ("q_proj", "k_proj", "v_proj")], -1))
     n = stacked["qkv"].shape[0]
@@ -507,6 +513,18 @@ def _fused_qkv(p, cfg: ModelConfig, x_NxD):
     """[N, (H + 2K) hd] = norm(x) @ (q | k | v) (+ bias), from `unstack_layers`' fused weights."""
     qkv = _rms(x_NxD, p["ln1"], cfg) @ p["qkv"]
     return qkv + p["qkv_bias"][None, :] if "qkv_bias" in p else qkv
+
+
+def _split_qkv(p, cfg: ModelConfig, qkv_Nx3, lead: tuple[int, ...]):
+    """Fused [..., (H + 2K) hd] -> q [*lead, H, hd], k [*lead, K, hd], v [*lead, K, hd], q and k normed per head
+    where the model has q/k norms (before RoPE, as `Attention`)."""
+    h, kvh, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    q = qkv_Nx3[..., : h * hd].reshape(*lead, h, hd)
+    k = qkv_Nx3[..., h * hd: (h + kvh) * hd].reshape(*lead, kvh, hd)
+    v = qkv_Nx3[..., (h + kvh) * hd:].reshape(*lead, kvh, hd)
+    if "q_norm" in p:
+        q, k = _rms(q, p["q_norm"], cfg), _rms(k, p["k_norm"], cfg)
+    return q, k, v
 
 
 def _fused_out_mlp(p, cfg: ModelConfig, x_NxD, attn_NxHD):
@@ -568,10 +586,8 @@ def packed_prefill(params, layer_params: list, cfg: ModelConfig, tokens_BxP, att
     for lp in layer_params:
         project = functools.partial(_fused_qkv, lp, cfg)
         qkv = jnp.take(_rows(project, n_real, (x,), (h + 2 * kvh) * hd, chunk, dtype), inverse, axis=0)
-        qkv = qkv.reshape(b, p, (h + 2 * kvh) * hd)
-        q = apply_rope(qkv[..., : h * hd].reshape(b, p, h, hd), positions, inv_freq)
-        k = apply_rope(qkv[..., h * hd: (h + kvh) * hd].reshape(b, p, kvh, hd), positions, inv_freq)
-        v = qkv[..., (h + kvh) * hd:].reshape(b, p, kvh, hd)
+        q, k, v = _split_qkv(lp, cfg, qkv, (b, p))
+        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         attn = jnp.take(_attend(q, k, v, mask).reshape(b * p, h * hd), order, axis=0)
         x = _rows(functools.partial(_fused_out_mlp, lp, cfg), n_real, (x, attn), d, chunk, dtype)
         caches.append(KVCache(jnp.pad(k.transpose(0, 2, 3, 1), ((0, 0), (0, 0), (0, 0), (0, pad_s))),
@@ -590,10 +606,8 @@ def _decode_layer(p, cfg: ModelConfig, x_BxD, positions_B, mask_BxS, cache: KVCa
     b = x_BxD.shape[0]
     h, kvh, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     g = h // kvh
-    qkv = _fused_qkv(p, cfg, x_BxD)
-    q = qkv[:, : h * hd].reshape(b, 1, h, hd)
-    k = qkv[:, h * hd: (h + kvh) * hd].reshape(b, 1, kvh, hd)
-    v = qkv[:, (h + kvh) * hd:].reshape(b, kvh, 1, hd)
+    q, k, v = _split_qkv(p, cfg, _fused_qkv(p, cfg, x_BxD), (b, 1))
+    v = v.reshape(b, kvh, 1, hd)
     inv_freq = rope_inv_freq(cfg)
     q = apply_rope(q, positions_B[:, None], inv_freq).reshape(b, kvh, g, hd)
     k = apply_rope(k, positions_B[:, None], inv_freq).reshape(b, kvh, hd, 1)
