@@ -311,6 +311,12 @@ def params_to_hf(params, cfg) -> dict:
     if isinstance(params, dict) and "policy" in params:  # (a raw KeyError of ('policy', 'embed_tokens', ...))
         raise ValueError("params_to_hf/save_hf take the policy's params: pass state.params['policy'], not the whole "
                          "RL params tree (policy, value head)")
+    split = [jax.tree_util.keystr(path) for path, x in jax.tree_util.tree_flatten_with_path(params)[0]
+             if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated]
+    if split:  # (device_get raised JAX's own error, naming no way out; tunix-migrant review, session 38)
+        raise ValueError(f"params_to_hf/save_hf: {len(split)} param(s) are split across processes, e.g. {split[0]}: "
+                         "call reftjax.sharding.to_host(params) on every process first (a collective), then save_hf "
+                         "on process 0 alone (reftjax.sharding.is_primary()), as the training loop does")
     out = {}
     for path, leaf in tu.flatten_dict(jax.device_get(params)).items():
         a = np.asarray(leaf)
@@ -523,6 +529,8 @@ def save_hf(out_dir: str | os.PathLike, params, cfg, hf_config, tokenizer=None, 
     Shards above `max_shard_bytes` with an index file.
     `generation_config` (`LoadedModel.generation_config`) is written beside it; the tokenizer is
     written as it was loaded (the pad token `load_tokenizer` borrowed from EOS is not saved).
+    On a mesh of several processes: `params = sharding.to_host(params)` on every process (a collective), then
+    `save_hf` on process 0 alone (`sharding.is_primary()`); params split across processes are refused.
     """
     import copy
     import json

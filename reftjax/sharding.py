@@ -14,6 +14,11 @@ split per head; the flattened 576 columns do, and are split).
 Activations are split too: the jitted steps and the rollout (`MeshJit`) trace
 under their params' mesh, and the model and the rollout pin the batch dimension
 of their hidden states and KV caches over the batch axes (`constrain_batch`).
+
+The programs are written for GSPMD's Auto axes (sharding constraints, XLA
+propagating the rest). A mesh with Explicit axes (`jax.make_mesh`'s default in
+JAX 0.10) is used as its Auto twin (`auto_mesh`: the same devices, names and
+layout), and arrays placed on it are moved there when a step is called.
 """
 from __future__ import annotations
 
@@ -211,7 +216,8 @@ def logical_to_spec(logical: P, shape: tuple[int, ...], mesh: Mesh, rules=DEFAUL
 
 
 def tree_shardings(logical_tree, shapes_tree, mesh: Mesh, rules=DEFAULT_RULES):
-    """NamedSharding for every leaf of `shapes_tree` (arrays or ShapeDtypeStructs)."""
+    """NamedSharding for every leaf of `shapes_tree` (arrays or ShapeDtypeStructs), over `auto_mesh(mesh)`."""
+    mesh = auto_mesh(mesh)
     return jax.tree.map(lambda spec, x: NamedSharding(mesh, logical_to_spec(spec, x.shape, mesh, rules)),
                         logical_tree, shapes_tree, is_leaf=lambda x: isinstance(x, P))
 
@@ -236,7 +242,8 @@ def replicated_share(logical_tree, shapes_tree, shardings_tree, mesh: Mesh, rule
     for (path, x), spec, sh in zip(flat, specs, jax.tree.leaves(shardings_tree)):
         nbytes = int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
         total += nbytes
-        wanted = {ax for name in spec if name is not None for ax in _mesh_axes(name, rules) if mesh.shape[ax] > 1}
+        wanted = {ax for name in spec if name is not None for ax in _mesh_axes(name, rules)
+                  if mesh.shape.get(ax, 1) > 1}  # (a user's mesh may lack an axis: `logical_to_spec` skips it)
         used = {ax for entry in sh.spec if entry is not None
                 for ax in (entry if isinstance(entry, tuple) else (entry,))}
         if wanted - used:
@@ -246,6 +253,13 @@ def replicated_share(logical_tree, shapes_tree, shardings_tree, mesh: Mesh, rule
 
 
 def _warn_replicated(logical, shapes, shardings, mesh, rules):
+    known = {ax for _, axes in rules if axes is not None for ax in ((axes,) if isinstance(axes, str) else axes)}
+    idle = [f"{ax}={n}" for ax, n in mesh.shape.items() if n > 1 and ax not in known]
+    if idle:  # (a tunix-style ("fsdp", "tp") mesh: "tp" split nothing, and its devices all did the same work)
+        log.warning("mesh %s: axis %s is not in the sharding rules, so nothing is split over it and its devices "
+                    "repeat each other's work; name the axes data / fsdp / tensor (`reftjax.sharding.make_mesh`), "
+                    "or pass rules that map the logical axes to yours (DEFAULT_RULES)", dict(mesh.shape),
+                    ", ".join(idle))
     share, names = replicated_share(logical, shapes, shardings, mesh, rules)
     if share:
         log.warning("mesh %s: %.0f%% of the parameter bytes stay whole on an axis meant to split them (the axis size "
@@ -276,7 +290,7 @@ def batch_spec(ndim: int) -> P:
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
-    return NamedSharding(mesh, batch_spec(ndim))
+    return NamedSharding(auto_mesh(mesh), batch_spec(ndim))
 
 
 def shard_batch(batch, mesh: Mesh):
@@ -359,13 +373,38 @@ def any_process(flag: bool) -> bool:
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P())
+    return NamedSharding(auto_mesh(mesh), P())
+
+
+def auto_mesh(mesh: Mesh | None) -> Mesh | None:
+    """`mesh` with its Explicit axes made Auto (the same devices, names and order), or `mesh` itself when it has
+    none. reftjax's model indexes and contracts sharded arrays without the `out_sharding` annotations that Explicit
+    axes (sharding in types) require: on `jax.make_mesh`'s default mesh the first embedding gather of every step
+    and rollout raised `ShardingTypeError` (tunix-migrant review, session 38)."""
+    types = tuple(getattr(mesh, "axis_types", None) or ())
+    if mesh is None or jax.sharding.AxisType.Explicit not in types:
+        return mesh
+    auto = tuple(jax.sharding.AxisType.Auto if t == jax.sharding.AxisType.Explicit else t for t in types)
+    return Mesh(mesh.devices, mesh.axis_names, axis_types=auto)
+
+
+def _explicit(x) -> bool:
+    sharding = getattr(x, "sharding", None) if isinstance(x, jax.Array) else None
+    return isinstance(sharding, NamedSharding) and auto_mesh(sharding.mesh) is not sharding.mesh
+
+
+def to_auto(tree):
+    """`tree` with every array placed on an Explicit-axis mesh moved to the same layout on its `auto_mesh`."""
+    def one(x):
+        return jax.device_put(x, NamedSharding(auto_mesh(x.sharding.mesh), x.sharding.spec)) if _explicit(x) else x
+
+    return jax.tree.map(one, tree)
 
 
 def mesh_of(tree) -> Mesh | None:
-    """The Mesh of the first NamedSharding-placed leaf of `tree`, or None (single device)."""
-    return next((x.sharding.mesh for x in jax.tree.leaves(tree)
-                 if isinstance(getattr(x, "sharding", None), NamedSharding)), None)
+    """The Mesh (its `auto_mesh`) of the first NamedSharding-placed leaf of `tree`, or None (single device)."""
+    return auto_mesh(next((x.sharding.mesh for x in jax.tree.leaves(tree)
+                           if isinstance(getattr(x, "sharding", None), NamedSharding)), None))
 
 
 def replicated_like(tree, like):
@@ -392,7 +431,7 @@ def activation_mesh(mesh: Mesh | None):
     """Within it, code traced by `jax.jit` splits activations' batch dimension over `mesh` (`constrain_batch`).
     The step and rollout functions of reftjax set it from their params' mesh; wrap your own `jax.jit` of a
     reftjax function (e.g. `steps.sft_step`) in it when you jit it yourself over a mesh."""
-    token = _MESH.set(mesh)
+    token = _MESH.set(auto_mesh(mesh))
     try:
         yield
     finally:
@@ -483,7 +522,10 @@ class MeshJit:
     devices a mesh holds or on a context, so one trace served another mesh of the same shape (incompatible
     devices) or another state layout (helper review, session 23). Called inside a user's own `jax.jit` it
     traces under the caller's `activation_mesh`. `static_argnames` as for `jax.jit`; `lower` and `_cache_size`
-    (summed over the meshes) as `jax.jit`'s."""
+    (summed over the meshes) as `jax.jit`'s. `_cache_size` counts JAX's dispatch-cache entries, which can exceed
+    the programs compiled: a step called 4 times on a data x fsdp x tensor mesh held 2 entries for 1 trace and 1
+    compile (JAX 0.10.2; tunix-migrant review, session 38). A shardings-only change compiles without tracing, so
+    neither a trace count nor this one is exact: `xla_cache.CompileStats` counts compiled programs."""
 
     def __init__(self, fn, *, state_step: bool = False, static_argnames=()):
         self._fn, self._state_step, self._static = fn, state_step, tuple(static_argnames)
@@ -497,6 +539,9 @@ class MeshJit:
         else:
             if any(isinstance(x, jax.Array) and x.is_deleted() for x in leaves):
                 _raise_deleted(self._fn, args, kwargs)
+            if any(map(_explicit, leaves)):  # (a mesh with Explicit axes: its Auto twin, `auto_mesh`)
+                args, kwargs = to_auto((args, kwargs))
+                leaves = jax.tree.leaves((args, kwargs))
             mesh = mesh_of(leaves)  # (the leaves flattened once above)
             args, kwargs = self._committed(mesh, leaves, args, kwargs)
             pins = None

@@ -323,7 +323,8 @@ def test_two_processes_agree_on_grades_feed_their_own_rows_and_refuse_a_whole_ba
       calling `random`, or timing out on one busy host) gave each process its own accuracy: evals.json held one,
       metrics.jsonl another, and best-checkpoint / early-stop decisions could split the processes;
     - `generate(mesh=...)` fed the whole batch as each process's rows: N copies on N processes;
-    - `Loader(spec=P(None))` failed in JAX with a raw shape error."""
+    - `Loader(spec=P(None))` failed in JAX with a raw shape error;
+    - `params_to_hf` of params split across processes raised JAX's own error (tunix-migrant review, session 38)."""
     outs = two_processes([pathlib.Path(__file__).with_name("two_process_driver.py")], devices=2, timeout=300)
     seen = [json.loads(o.strip().splitlines()[-1]) for o in outs]
     assert seen[0]["scores"] == seen[1]["scores"] and len(seen[0]["scores"]) == 12
@@ -331,6 +332,11 @@ def test_two_processes_agree_on_grades_feed_their_own_rows_and_refuse_a_whole_ba
     # 5 texts, batch_size 4 over the 4 devices: two batches of 4 global rows (was one of 5 x 2 processes = 16)
     assert seen[0]["generate_rows"] == seen[1]["generate_rows"] == [[4, 8], [4, 8]] and seen[0]["texts"] == 5
     assert all("does not split the batch" in s["loader_error"] for s in seen)
+    # params split over the processes (fsdp) cannot be exported where they stand: JAX's raw error before (session 38)
+    for s in seen:
+        assert s["exported"]["replicated"] == 12 and s["exported"]["hosted_equal"], s["exported"]
+        assert "split across processes" in s["exported"]["split_error"]
+        assert "reftjax.sharding.to_host(params) on every process" in s["exported"]["split_error"]
 
 
 def test_mesh_jit_keys_its_programs_by_mesh_and_state_layout(random_params):
@@ -507,3 +513,86 @@ def test_a_cpu_mesh_whose_pool_holds_one_collective_is_warned_about(monkeypatch,
                       "deadlock in a collective and XLA then aborts the process after its rendezvous timeout. Set "
                       "NPROC=32 in the environment before JAX starts (XLA sizes the pool by it, or by PJRT_NPROC when "
                       "that is set; BUILD_NOTES, session 36)."], warned
+
+
+# ----------------------------------------------------------------------------- meshes built by users (session 38)
+
+
+def test_a_mesh_with_explicit_axes_runs_as_its_auto_twin_with_the_same_results(random_params):
+    """`jax.make_mesh` gives Explicit axes by default (JAX 0.10): `place_params` accepted such a mesh, then the first
+    embedding gather of the SFT step and of `rollout` raised ShardingTypeError (tunix-migrant review, session 38).
+    They now run on the mesh's Auto twin, with the results of the same devices under a plain `Mesh`, bit for bit;
+    params a user placed on the Explicit mesh themselves start a state too."""
+    from jax.sharding import AxisType, Mesh, NamedSharding
+
+    from reftjax.rollout import SamplingConfig, rollout
+    from reftjax.sharding import auto_mesh, param_shardings
+    from reftjax.steps import OptimConfig, init_state, make_optimizer, make_sft_step
+
+    explicit = jax.make_mesh((1, 4, 2), ("data", "fsdp", "tensor"))
+    assert set(explicit.axis_types) == {AxisType.Explicit}
+    plain = Mesh(explicit.devices, explicit.axis_names)
+    assert auto_mesh(explicit) == plain and auto_mesh(plain) is plain
+    params_np = random_params(CFG)
+    tokens, mask = _batch()
+    batch = {"tokens": tokens, "attn_mask": mask, "loss_mask": mask}
+    tx = make_optimizer(OptimConfig(learning_rate=1e-3, schedule="constant", warmup_ratio=0.0), 10)
+    step = make_sft_step(CFG, tx)
+    mine = jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(explicit, s.spec)), params_np,
+                        param_shardings(CFG, plain))  # placed by hand on the Explicit mesh
+    results = {}
+    for name, mesh, params in (("plain", plain, None), ("explicit", explicit, None), ("by hand", explicit, mine)):
+        params = place_params(params_np, CFG, mesh) if params is None else params
+        out = rollout(params, tokens, mask, jax.random.key(3), model_cfg=CFG,
+                      cfg=SamplingConfig(max_new_tokens=3, eos_ids=(), pad_id=0, temperature=1.0))
+        state, metrics = step(init_state({"policy": jax.tree.map(jax.numpy.copy, params)}, tx, jax.random.key(1)),
+                              batch)
+        assert state.params["policy"]["embed_tokens"]["embedding"].sharding.mesh == plain
+        results[name] = (np.asarray(out.tokens_BxN), float(metrics["loss"]), jax.device_get(state.params))
+    for name in ("explicit", "by hand"):
+        np.testing.assert_array_equal(results[name][0], results["plain"][0])
+        assert results[name][1] == results["plain"][1]
+        jax.tree.map(np.testing.assert_array_equal, results[name][2], results["plain"][2])
+
+
+def test_meshes_without_all_three_axis_names_place_params_and_an_unknown_axis_is_warned_about(caplog):
+    """A mesh without a `tensor` axis (`Mesh(devices, ("fsdp",))`, tunix's ("fsdp", "tp")) raised KeyError 'tensor'
+    in `place_params`' report of replicated bytes; an axis the rules do not know split nothing, silently (tunix-
+    migrant review, session 38)."""
+    import logging
+
+    from jax.sharding import Mesh
+
+    from reftjax.sharding import param_shardings
+
+    devices = np.asarray(jax.devices()[:8])
+    with caplog.at_level(logging.WARNING, logger="reftjax.sharding"):
+        only = param_shardings(CFG, Mesh(devices, ("fsdp",)))
+    assert only["layers"]["self_attn"]["q_proj"]["kernel"].spec == P(None, "fsdp") and not caplog.records
+    with caplog.at_level(logging.WARNING, logger="reftjax.sharding"):
+        tunix = param_shardings(CFG, Mesh(devices.reshape(4, 2), ("fsdp", "tp")))
+    assert tunix["layers"]["self_attn"]["q_proj"]["kernel"].spec == P(None, "fsdp")
+    [rec] = caplog.records
+    assert "axis tp=2 is not in the sharding rules" in rec.getMessage()
+
+
+def test_whole_prompts_on_a_mesh_that_splits_their_rows_take_the_padded_split_prefill(random_params):
+    """`rollout` chose the packed prefill (tokens gathered across rows) for prompts not split over devices, NumPy
+    ones included (`left_pad`'s), so on a data mesh every device prefilled every row: 4.7x the split prefill's time
+    (data=8, B=64; tunix-migrant review, session 38). The choice now follows whether the mesh splits the rows, and
+    NumPy prompts give the tokens that prompts placed with `shard_batch` give."""
+    from reftjax.rollout import SamplingConfig, _rows_split, rollout
+
+    mesh = make_mesh(MeshConfig(data=2, fsdp=4))
+    params = place_params(random_params(CFG), CFG, mesh)
+    tokens, mask = _batch()
+    assert _rows_split(params, tokens)  # 8 rows over data x fsdp = 8
+    assert _rows_split(params, tokens[:2])  # 2 rows: over data=2 (as `constrain_batch` splits them)
+    assert not _rows_split(params, tokens[:3])  # 3 rows: no batch axis divides them; packed, whole
+    assert not _rows_split(jax.device_get(params), tokens)  # one device
+    cfg = SamplingConfig(max_new_tokens=4, eos_ids=(), pad_id=0, greedy=True)
+    whole = rollout(params, tokens, mask, jax.random.key(0), model_cfg=CFG, cfg=cfg)
+    split = rollout(params, shard_batch(tokens, mesh), shard_batch(mask, mesh), jax.random.key(0), model_cfg=CFG,
+                    cfg=cfg)
+    np.testing.assert_array_equal(np.asarray(whole.tokens_BxN), np.asarray(split.tokens_BxN))
+    np.testing.assert_array_equal(np.asarray(whole.logprobs_BxN), np.asarray(split.logprobs_BxN))

@@ -1165,6 +1165,30 @@ def test_gradient_accumulation_sums_in_f32_with_bf16_params():
     np.testing.assert_allclose(np.asarray(aux), np.asarray(scale) * 2)
 
 
+def test_a_state_of_bf16_params_is_warned_about_as_updates_at_fine_tuning_rates_round_away(caplog):
+    """bf16 storage is allowed (`param_dtype`), but an AdamW update of ~lr rounds away below half a bf16 spacing:
+    here one update at lr 1e-6 moves every float32 weight and under 5% of bf16 ones (those near 0), and nothing said so
+    (tunix-migrant review, session 38: 5 steps changed 1% of bf16 weights, 95% of float32 ones)."""
+    import logging
+
+    params = {"w": jnp.asarray(np.random.default_rng(0).normal(0, 0.02, (64,)), jnp.float32)}
+    tx = make_optimizer(OptimConfig(learning_rate=1e-6, schedule="constant", warmup_ratio=0.0), 10)
+    grads = {"w": jnp.ones((64,), jnp.float32)}
+    moved = {}
+    for dtype in (jnp.float32, jnp.bfloat16):
+        caplog.clear()
+        p = jax.tree.map(lambda x: x.astype(dtype), params)
+        with caplog.at_level(logging.WARNING, logger="reftjax.steps"):
+            state = init_state(p, tx, jax.random.key(0))
+        warned = [r.getMessage() for r in caplog.records if "rounds away" in r.getMessage()]
+        assert bool(warned) == (dtype == jnp.bfloat16), warned
+        updates, _ = tx.update(jax.tree.map(lambda g: g.astype(dtype), grads), state.opt_state, state.params)
+        new = optax.apply_updates(state.params, updates)
+        moved[jnp.dtype(dtype).name] = float(jnp.mean((new["w"] != p["w"]).astype(jnp.float32)))
+    assert moved["float32"] == 1.0 and moved["bfloat16"] < 0.05, moved  # (only weights near 0 move in bf16)
+    assert "param_dtype='float32', dtype='bfloat16'" in warned[0]
+
+
 def test_out_of_range_rl_and_optimizer_settings_are_refused():
     """Numbers their type allows but the maths does not (session 25's left-alone list): a negative kl_coef rewards
     drifting from the reference, clip_eps 0 stops every update, b2 = 1 divides Adam's bias correction by 0."""

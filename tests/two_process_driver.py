@@ -1,5 +1,6 @@
 """Run as one of 2 JAX processes by tests/sharding_test.py (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES,
-JAX_PROCESS_ID set): prints one JSON line of what this process saw of `evaluate`, `generate` and `Loader`."""
+JAX_PROCESS_ID set): prints one JSON line of what this process saw of `evaluate`, `generate`, `Loader` and
+`params_to_hf`."""
 import json
 
 import jax
@@ -75,6 +76,19 @@ try:
     loader_error = None
 except ValueError as e:
     loader_error = str(e)
+# an export: params replicated over the processes convert as they are; split ones are refused naming the way out,
+# which works (`to_host` on every process)
+from reftjax.hf import params_to_hf  # noqa: E402
+from reftjax.sharding import to_host  # noqa: E402
+
+exported = {"replicated": len(params_to_hf(params, CFG))}
+split = place_params(jax.device_get(init_params(CFG, jax.random.key(0))), CFG, make_mesh(MeshConfig(data=1, fsdp=-1)))
+try:
+    params_to_hf(split, CFG)
+except ValueError as e:
+    exported["split_error"] = str(e)
+hosted = params_to_hf(to_host(split), CFG)
+exported["hosted_equal"] = all(np.array_equal(hosted[k], v) for k, v in params_to_hf(to_host(params), CFG).items())
 print(json.dumps({"pid": PID, "accuracy": res["accuracy"], "voting_accuracy": res["voting_accuracy"],
                   "scores": [s["score"] for s in res["samples"]], "generate_rows": shapes, "texts": len(texts),
-                  "loader_error": loader_error}))
+                  "loader_error": loader_error, "exported": exported}))
