@@ -35,7 +35,7 @@ from jax.sharding import PartitionSpec as P
 
 from reftjax import models
 from reftjax.models import KVCache, ModelConfig, ValueHead, decode_step, unstack_layers
-from reftjax.sharding import MeshJit, constrain_batch, logical_to_spec, mesh_of
+from reftjax.sharding import MeshJit, constrain_batch, current_mesh, logical_to_spec, mesh_of
 
 log = logging.getLogger(__name__)
 
@@ -277,7 +277,8 @@ _rollout_jit = MeshJit(_rollout, static_argnames=("model_cfg", "cfg", "packed_pr
 
 
 def _split_across_devices(x) -> bool:
-    return isinstance(x, jax.Array) and len(x.sharding.device_set) > 1 and not x.sharding.is_fully_replicated
+    return (isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and len(x.sharding.device_set) > 1
+            and not x.sharding.is_fully_replicated)
 
 
 def _rows_split(params, prompts_BxP) -> bool:
@@ -287,7 +288,7 @@ def _rows_split(params, prompts_BxP) -> bool:
     session 38)."""
     if _split_across_devices(prompts_BxP):
         return True
-    mesh = mesh_of(params)
+    mesh = mesh_of(params) or current_mesh()  # (inside a caller's jax.jit: its activation mesh)
     return mesh is not None and mesh.size > 1 and logical_to_spec(P("batch"), prompts_BxP.shape[:1], mesh) != P()
 
 

@@ -16,9 +16,11 @@ under their params' mesh, and the model and the rollout pin the batch dimension
 of their hidden states and KV caches over the batch axes (`constrain_batch`).
 
 The programs are written for GSPMD's Auto axes (sharding constraints, XLA
-propagating the rest). A mesh with Explicit axes (`jax.make_mesh`'s default in
-JAX 0.10) is used as its Auto twin (`auto_mesh`: the same devices, names and
-layout), and arrays placed on it are moved there when a step is called.
+propagating the rest). Arrays placed on a mesh with Explicit axes (`jax.make_mesh`'s
+default in JAX 0.10) are moved to its Auto twin (`auto_mesh`: the same devices,
+names and layout; `to_auto` shares their buffers) when a step, `rollout` or
+`init_state` is given them, and what those return lives there. The placement
+helpers (`place_params`, `shard_batch`) keep the mesh they are given.
 """
 from __future__ import annotations
 
@@ -216,8 +218,7 @@ def logical_to_spec(logical: P, shape: tuple[int, ...], mesh: Mesh, rules=DEFAUL
 
 
 def tree_shardings(logical_tree, shapes_tree, mesh: Mesh, rules=DEFAULT_RULES):
-    """NamedSharding for every leaf of `shapes_tree` (arrays or ShapeDtypeStructs), over `auto_mesh(mesh)`."""
-    mesh = auto_mesh(mesh)
+    """NamedSharding for every leaf of `shapes_tree` (arrays or ShapeDtypeStructs)."""
     return jax.tree.map(lambda spec, x: NamedSharding(mesh, logical_to_spec(spec, x.shape, mesh, rules)),
                         logical_tree, shapes_tree, is_leaf=lambda x: isinstance(x, P))
 
@@ -253,13 +254,18 @@ def replicated_share(logical_tree, shapes_tree, shardings_tree, mesh: Mesh, rule
 
 
 def _warn_replicated(logical, shapes, shardings, mesh, rules):
-    known = {ax for _, axes in rules if axes is not None for ax in ((axes,) if isinstance(axes, str) else axes)}
+    known = {ax for name, axes in rules if axes is not None and name != "batch"
+             for ax in ((axes,) if isinstance(axes, str) else axes)} | set(BATCH_AXES)
     idle = [f"{ax}={n}" for ax, n in mesh.shape.items() if n > 1 and ax not in known]
     if idle:  # (a tunix-style ("fsdp", "tp") mesh: "tp" split nothing, and its devices all did the same work)
-        log.warning("mesh %s: axis %s is not in the sharding rules, so nothing is split over it and its devices "
-                    "repeat each other's work; name the axes data / fsdp / tensor (`reftjax.sharding.make_mesh`), "
-                    "or pass rules that map the logical axes to yours (DEFAULT_RULES)", dict(mesh.shape),
-                    ", ".join(idle))
+        log.warning("mesh %s: nothing is split over axis %s (batches are split over the axes named data and fsdp, "
+                    "params by the sharding rules), so its devices repeat each other's work; name the axes data / "
+                    "fsdp / tensor (`reftjax.sharding.make_mesh`), or pass rules mapping the params' logical axes "
+                    "to it (DEFAULT_RULES)", dict(mesh.shape), ", ".join(idle))
+    batch = dict(rules).get("batch", BATCH_AXES)
+    if tuple((batch,) if isinstance(batch, str) else batch or ()) != BATCH_AXES:
+        log.warning("sharding rules map 'batch' to %r: only parameter placement reads the rules; batches and "
+                    "activations are split over the axes named %s", batch, " and ".join(BATCH_AXES))
     share, names = replicated_share(logical, shapes, shardings, mesh, rules)
     if share:
         log.warning("mesh %s: %.0f%% of the parameter bytes stay whole on an axis meant to split them (the axis size "
@@ -290,7 +296,7 @@ def batch_spec(ndim: int) -> P:
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
-    return NamedSharding(auto_mesh(mesh), batch_spec(ndim))
+    return NamedSharding(mesh, batch_spec(ndim))
 
 
 def shard_batch(batch, mesh: Mesh):
@@ -373,7 +379,7 @@ def any_process(flag: bool) -> bool:
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(auto_mesh(mesh), P())
+    return NamedSharding(mesh, P())
 
 
 def auto_mesh(mesh: Mesh | None) -> Mesh | None:
@@ -389,22 +395,30 @@ def auto_mesh(mesh: Mesh | None) -> Mesh | None:
 
 
 def _explicit(x) -> bool:
-    sharding = getattr(x, "sharding", None) if isinstance(x, jax.Array) else None
+    if isinstance(x, jax.core.Tracer) or not isinstance(x, (jax.Array, jax.ShapeDtypeStruct)):
+        return False
+    sharding = x.sharding
     return isinstance(sharding, NamedSharding) and auto_mesh(sharding.mesh) is not sharding.mesh
 
 
 def to_auto(tree):
-    """`tree` with every array placed on an Explicit-axis mesh moved to the same layout on its `auto_mesh`."""
+    """`tree` with every array (or `jax.ShapeDtypeStruct`: a restore target) placed on an Explicit-axis mesh moved to
+    the same layout on its `auto_mesh` (the buffers are shared, not copied)."""
     def one(x):
-        return jax.device_put(x, NamedSharding(auto_mesh(x.sharding.mesh), x.sharding.spec)) if _explicit(x) else x
+        if not _explicit(x):
+            return x
+        sharding = NamedSharding(auto_mesh(x.sharding.mesh), x.sharding.spec)
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding, weak_type=x.weak_type)
+        return jax.device_put(x, sharding)
 
     return jax.tree.map(one, tree)
 
 
 def mesh_of(tree) -> Mesh | None:
-    """The Mesh (its `auto_mesh`) of the first NamedSharding-placed leaf of `tree`, or None (single device)."""
-    return auto_mesh(next((x.sharding.mesh for x in jax.tree.leaves(tree)
-                           if isinstance(getattr(x, "sharding", None), NamedSharding)), None))
+    """The Mesh of the first NamedSharding-placed leaf of `tree`, or None (single device)."""
+    return next((x.sharding.mesh for x in jax.tree.leaves(tree)
+                 if isinstance(getattr(x, "sharding", None), NamedSharding)), None)
 
 
 def replicated_like(tree, like):

@@ -375,8 +375,9 @@ def init_state(params: dict, tx: optax.GradientTransformation, rng: jax.Array, a
     first, so the restore ran beside a second one (the optimizer's two moments and, in RL, a policy copy: 7 model
     sizes at the restore where a fresh RL phase holds 4).
 
-    Params stored in bfloat16 are warned about: an AdamW update below half the spacing of a weight's bf16 value
-    (about 0.4% of it) rounds away, so at ReFT's learning rates most weights never change."""
+    Params stored in bfloat16 are warned about (once a process): an AdamW update below half the spacing of a
+    weight's bf16 value (about 0.4% of it) rounds away, so at ReFT's learning rates most weights never change.
+    Params (arrays or abstract) placed on a mesh with Explicit axes move to its Auto twin (`sharding.to_auto`)."""
     _warn_low_precision(params)
     params = to_auto(params)  # (placed on a mesh with Explicit axes: its Auto twin, as the steps run them)
     mesh = mesh_of(params)
@@ -413,13 +414,17 @@ def init_state(params: dict, tx: optax.GradientTransformation, rng: jax.Array, a
     return state
 
 
+_LOW_PRECISION_WARNED: set = set()
+
+
 def _warn_low_precision(params) -> None:
     """Trainable params in a float type of fewer than 10 mantissa bits (bfloat16) are warned about: 5 SFT updates
     at lr 1e-6 changed 1% of a tiny model's bf16 weights and 95% of its float32 ones (tunix-migrant review, session
     38; the presets keep float32 weights for it since session 19)."""
     low = sorted({str(x.dtype) for x in jax.tree.leaves(params)
                   if jnp.issubdtype(x.dtype, jnp.floating) and jnp.finfo(x.dtype).nmant < 10})
-    if low:
+    if low and tuple(low) not in _LOW_PRECISION_WARNED:  # (once: every phase builds an abstract and a fresh state)
+        _LOW_PRECISION_WARNED.add(tuple(low))
         log.warning("trainable params stored in %s: an optimizer update smaller than half the spacing between a "
                     "weight's neighbouring %s values (about 0.4%% of the weight) rounds away, so at fine-tuning "
                     "learning rates (ReFT: 3e-7 to 1e-5) most weights never change; keep them in float32 and compute "

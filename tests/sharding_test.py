@@ -522,9 +522,12 @@ def test_a_mesh_with_explicit_axes_runs_as_its_auto_twin_with_the_same_results(r
     """`jax.make_mesh` gives Explicit axes by default (JAX 0.10): `place_params` accepted such a mesh, then the first
     embedding gather of the SFT step and of `rollout` raised ShardingTypeError (tunix-migrant review, session 38).
     They now run on the mesh's Auto twin, with the results of the same devices under a plain `Mesh`, bit for bit;
-    params a user placed on the Explicit mesh themselves start a state too."""
+    params a user placed on the Explicit mesh themselves start a state too. The placement helpers keep the mesh they
+    are given (a user's own jit mixes their output with its arrays; regression review), and an abstract restore
+    target on the Explicit mesh becomes the fresh state's layout."""
     from jax.sharding import AxisType, Mesh, NamedSharding
 
+    from reftjax import checkpoint as ckpt
     from reftjax.rollout import SamplingConfig, rollout
     from reftjax.sharding import auto_mesh, param_shardings
     from reftjax.steps import OptimConfig, init_state, make_optimizer, make_sft_step
@@ -543,6 +546,10 @@ def test_a_mesh_with_explicit_axes_runs_as_its_auto_twin_with_the_same_results(r
     results = {}
     for name, mesh, params in (("plain", plain, None), ("explicit", explicit, None), ("by hand", explicit, mine)):
         params = place_params(params_np, CFG, mesh) if params is None else params
+        assert {x.sharding.mesh for x in jax.tree.leaves(params)} == {mesh}
+        assert shard_batch(tokens, mesh).sharding.mesh == mesh
+        abstract = init_state({"policy": ckpt.abstract_like(params)}, tx, jax.random.key(1), abstract=True)
+        assert {x.sharding.mesh for x in jax.tree.leaves(abstract)} == {plain}
         out = rollout(params, tokens, mask, jax.random.key(3), model_cfg=CFG,
                       cfg=SamplingConfig(max_new_tokens=3, eos_ids=(), pad_id=0, temperature=1.0))
         state, metrics = step(init_state({"policy": jax.tree.map(jax.numpy.copy, params)}, tx, jax.random.key(1)),
@@ -553,6 +560,24 @@ def test_a_mesh_with_explicit_axes_runs_as_its_auto_twin_with_the_same_results(r
         np.testing.assert_array_equal(results[name][0], results["plain"][0])
         assert results[name][1] == results["plain"][1]
         jax.tree.map(np.testing.assert_array_equal, results[name][2], results["plain"][2])
+
+
+def test_rollout_inside_a_callers_jit_takes_the_callers_mesh(random_params):
+    """`rollout` read `.sharding` of its prompts to choose the prefill, so inside a caller's own `jax.jit` it raised
+    AttributeError on the tracer (regression review, session 38; older than it). It now follows the caller's
+    activation mesh, and gives the tokens of the call outside the jit."""
+    from reftjax.rollout import SamplingConfig, rollout
+    from reftjax.sharding import activation_mesh
+
+    mesh = make_mesh(MeshConfig(data=2, fsdp=4))
+    params = place_params(random_params(CFG), CFG, mesh)
+    tokens, mask = _batch()
+    cfg = SamplingConfig(max_new_tokens=3, eos_ids=(), pad_id=0, greedy=True)
+    want = rollout(params, tokens, mask, jax.random.key(0), model_cfg=CFG, cfg=cfg).tokens_BxN
+    with activation_mesh(mesh):
+        got = jax.jit(lambda p, t, m: rollout(p, t, m, jax.random.key(0), model_cfg=CFG, cfg=cfg).tokens_BxN)(
+            params, tokens, mask)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
 def test_meshes_without_all_three_axis_names_place_params_and_an_unknown_axis_is_warned_about(caplog):
@@ -573,7 +598,15 @@ def test_meshes_without_all_three_axis_names_place_params_and_an_unknown_axis_is
         tunix = param_shardings(CFG, Mesh(devices.reshape(4, 2), ("fsdp", "tp")))
     assert tunix["layers"]["self_attn"]["q_proj"]["kernel"].spec == P(None, "fsdp")
     [rec] = caplog.records
-    assert "axis tp=2 is not in the sharding rules" in rec.getMessage()
+    assert "nothing is split over axis tp=2 (batches are split over the axes named data and fsdp" in rec.getMessage()
+    caplog.clear()  # rules that map the params to the axis quiet it; a "batch" entry of their own is said to be unread
+    rules = tuple((name, "tp" if name == "q_heads" else ("dp",) if name == "batch" else axes)
+                  for name, axes in sharding_mod.DEFAULT_RULES)
+    with caplog.at_level(logging.WARNING, logger="reftjax.sharding"):
+        mapped = param_shardings(CFG, Mesh(devices.reshape(4, 2), ("fsdp", "tp")), rules)
+    assert mapped["layers"]["self_attn"]["q_proj"]["kernel"].spec == P(None, "fsdp", "tp")
+    [rec] = caplog.records
+    assert "sharding rules map 'batch' to ('dp',): only parameter placement reads the rules" in rec.getMessage()
 
 
 def test_whole_prompts_on_a_mesh_that_splits_their_rows_take_the_padded_split_prefill(random_params):
