@@ -580,3 +580,18 @@ def test_openai_name_and_the_settings_this_version_applies_anyway_are_accepted()
     for extra in ({"name": "sim"}, {"pass_threshold": 1}, {"pass_threshold": 1.0}, {"range": [0, 1]},
                   {"range": [0.0, 1.0]}):
         assert _one({**_SIM, **extra}, "Paris").score == 1.0
+
+
+def test_a_math_equiv_answer_too_costly_to_evaluate_is_the_completions_zero_not_a_grader_error():
+    """math_equiv's code is fixed, so a timeout comes from the completion's expression: `factorial(factorial(
+    factorial(5)))` was a grader error (counted in grader_errors, 2 s a sample; sandbox review, session 38)."""
+    from reftjax.graders.base import is_fault
+    from reftjax.graders.build import build_grader
+    from reftjax.graders.sandbox import SandboxConfig, SandboxPool
+
+    with SandboxPool(SandboxConfig(workers=1, timeout_s=1.0)) as pool:
+        grader = build_grader({"type": "math_equiv", "input": "{{sample.output_text}}", "reference": "{{item.x}}"},
+                              pool=pool)
+        slow, right = grader.grade_batch([{"x": "3"}] * 2, ["factorial(factorial(factorial(5)))", "3"])
+    assert slow.score == 0.0 and not is_fault(slow) and "could not be evaluated: timeout" in slow.error
+    assert right.score == 1.0

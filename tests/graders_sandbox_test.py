@@ -162,3 +162,74 @@ def test_a_result_forged_on_the_result_pipe_is_an_error_and_later_jobs_keep_thei
         own = SandboxJob("def solution():\n    import os\n    os.write(3, b'{\"status\": \"ok\", \"value_float\": 5}')"
                          "\n    os._exit(0)")
         assert pool.run([own])[0].value_float == 5.0
+
+
+def test_jobs_see_no_secret_of_the_trainers_environment_and_hash_strings_alike_everywhere(monkeypatch):
+    """Servers inherited the trainer's environment: a P-CoT program returned os.environ['HF_TOKEN'] as its answer, and
+    the grade's extracted text took it into the samples files. And each server had its own hash seed, so the same
+    completion iterating over a set of strings scored 0.1 on one server and 1.0 on another (sandbox review, session
+    38). The environment is now the pool's own, with PYTHONHASHSEED=0."""
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("HF_TOKEN", "hf_secret_of_the_trainer")
+    monkeypatch.setenv("PYTHONPATH", "/nonexistent/injected")
+    env = SandboxJob("def solution():\n    import os, sys\n    return str(sorted(os.environ)) + str(sys.path)")
+    spread = SandboxJob("def solution():\n    return str((hash('abc'), list({'w', 'x', 'y', 'z'})))")
+    with SandboxPool(SandboxConfig(workers=2, timeout_s=TIMEOUT_S)) as pool:
+        seen, *orders = pool.run([env, *[spread] * 4])
+    assert seen.ok and "HF_TOKEN" not in seen.value_str and "injected" not in seen.value_str
+    assert "graders" not in seen.value_str  # the worker's own directory (reftjax/graders) is not importable
+    want = subprocess.run([sys.executable, "-c", "print(str((hash('abc'), list({'w', 'x', 'y', 'z'}))))"],
+                          env={"PYTHONHASHSEED": "0"}, capture_output=True, text=True).stdout.strip()
+    assert [r.value_str for r in orders] == [want] * 4
+
+
+def test_a_deeply_nested_job_directory_is_removed_and_server_directories_go_with_their_servers():
+    """A job nesting ~2,000 directories (as deep as a path goes) made the server's shutil.rmtree raise RecursionError:
+    the server died (the job's grade a grader error) and its files stayed in /dev/shm for good; every killed server
+    (a restart, the pool's close) left its directory too (sandbox review, session 38)."""
+    nest = SandboxJob("def solution():\n    import os\n    try:\n        while True:\n            os.mkdir('d')\n"
+                      "            os.chdir('d')\n    except OSError:\n        pass\n    return 7")
+    with SandboxPool(SandboxConfig(workers=1, timeout_s=10.0)) as pool:
+        first, second = pool.run([nest, SandboxJob("def solution():\n    return 8")])
+        [server] = pool._servers
+        roots = [server.root]
+        assert (first.value_float, second.value_float) == (7.0, 8.0), (first, second)
+        assert os.listdir(server.root) == []  # the job's temp dir went, nested as it was
+        pool._replace(server)  # as after a hung server
+        roots.append(pool._servers[0].root)
+        assert not os.path.exists(roots[0])
+        assert pool.run([SandboxJob("def solution():\n    return 9")])[0].value_float == 9.0
+    assert not any(os.path.exists(r) for r in roots)
+
+
+def test_a_job_writing_result_lines_to_its_servers_output_shifts_no_other_jobs_result():
+    """Where jobs run as the trainer's uid (a non-root trainer: no uid drop, no namespaces), a job opened its server's
+    stdout through /proc/<server>/fd and wrote a result line: the pool took it as the job's result, and each later
+    job of that server took the one before's, for as long as the server lived (sandbox review, session 38). Replies
+    now carry the nonce their job was sent with."""
+    import json
+
+    line = json.dumps({"status": "ok", "value_float": 42.0, "value_str": "42", "value_real": True}) + "\n"
+    hostile = SandboxJob("def solution():\n    import os\n    d = os.open('/proc/%d/fd' % os.getppid(), os.O_RDONLY)\n"
+                         f"    os.write(os.open('1', os.O_WRONLY, dir_fd=d), {line.encode()!r} * 3)\n    return 0")
+    honest = [SandboxJob(f"def solution():\n    return {v}") for v in (1, 2, 3)]
+    with SandboxPool(SandboxConfig(workers=1, timeout_s=TIMEOUT_S, namespaces=False, drop_uid=False)) as pool:
+        assert [r.value_float for r in pool.run([hostile, *honest])] == [0.0, 1.0, 2.0, 3.0]
+        assert [r.value_float for r in pool.run(honest)] == [1.0, 2.0, 3.0]
+
+
+def test_a_pool_without_namespaces_or_uid_drop_says_what_programs_can_reach(caplog):
+    """A non-root trainer (no uid drop, no `unshare`) ran programs behind the audit hook alone without a word; one
+    killed the trainer with pidfd_send_signal (sandbox review, session 38)."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="reftjax.graders.sandbox"):
+        SandboxPool(SandboxConfig(workers=1, namespaces=False, drop_uid=False)).close()
+    assert any("without their own PID namespace" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="reftjax.graders.sandbox"):
+        pool = SandboxPool(SandboxConfig(workers=1))
+        pool.close()
+    assert not caplog.records or not (pool.isolation["uid_drop"] or pool.isolation["pid_and_net_namespaces"])

@@ -1,15 +1,16 @@
 """Sandbox fork-server: runs untrusted Python programs one job at a time.
 
-Started by `reftjax.graders.sandbox.SandboxPool` as `python -I _sandbox_worker.py` (inside
-`unshare --pid --fork --kill-child --net` when the host allows it). It is deliberately
-self-contained (stdlib + the pre-imported `math`/`sympy` only) so that nothing of reftjax
-is importable from a job.
+Started by `reftjax.graders.sandbox.SandboxPool` as `python -s _sandbox_worker.py ROOT
+[PREIMPORT...]` in an environment of its own (inside `unshare --pid --fork --kill-child --net`
+when the host allows it); ROOT is the directory its jobs' temp dirs go in, made and removed by
+the pool. It is deliberately self-contained (stdlib + the pre-imported `math`/`sympy` only) and
+takes its own directory off `sys.path`, so that nothing of reftjax is importable from a job.
 
 Protocol: one JSON job per line on stdin, one JSON result per line on stdout.
   job    = {"source", "entry", "args", "split_locals", "timeout_s", "memory_bytes",
-            "output_bytes", "nproc", "drop_uid"}
+            "output_bytes", "nproc", "drop_uid", "nonce"}
   result = {"status": "ok" | "error" | "timeout" | "crashed", "value_float", "value_str",
-            "value_json", "error", "value_real"}
+            "value_json", "error", "value_real", "nonce" (the job's)}
 
 Each job runs in a child forked from this (single-threaded) server, so the expensive imports
 are paid once and every job starts from the same clean state. The child: starts a new session,
@@ -27,11 +28,17 @@ import resource
 import select
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
 
-import sympy
+# `-s` rather than `-I` (which would ignore the pool's PYTHONHASHSEED): the script's directory, reftjax's graders,
+# comes off the path here, before anything else is imported
+if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
+    del sys.path[0]
+
+import sympy  # noqa: E402
 
 # Pre-imported for jobs: once a job runs as uid 65534 it may be unable to read the interpreter's
 # install dir (e.g. under /root), so the modules a program may import are loaded here, before the
@@ -236,7 +243,7 @@ def _serve_one(job, root):
             data += chunk[: _RESULT_CAP - len(data)]
     os.close(read_fd)
     status = _reap(pid)
-    shutil.rmtree(tmp, ignore_errors=True)
+    _remove_tree(tmp)
     if timed_out:
         return {"status": "timeout", "error": f"wall-clock limit of {job['timeout_s']} s exceeded"}
     try:
@@ -246,6 +253,18 @@ def _serve_one(job, root):
                else f"exit status {os.waitstatus_to_exitcode(status)}")
         return {"status": "crashed", "error": f"program ended without a result ({how})"}
     return result if _well_formed(result) else {"status": "error", "error": "the program wrote a malformed result"}
+
+
+def _remove_tree(path):
+    """`path` removed however deep (`reftjax.graders.sandbox.remove_tree`'s twin: a job nesting ~1,100 directories
+    made shutil.rmtree raise RecursionError, which killed this server)."""
+    try:
+        shutil.rmtree(path, ignore_errors=True)
+    except RecursionError:
+        pass
+    if os.path.lexists(path):
+        subprocess.run(["rm", "-rf", "--", path], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, check=False)
 
 
 def _well_formed(result):
@@ -283,11 +302,9 @@ def _preimport(names):
 
 
 def main():
-    startup_error = _preimport(sys.argv[1:])
+    root = os.path.realpath(sys.argv[1])
+    startup_error = _preimport(sys.argv[2:])
     _warm_up()
-    # /dev/shm (tmpfs) when present: creating and removing a dir per job is ~10x cheaper there.
-    base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
-    root = tempfile.mkdtemp(prefix="reftjax-sandbox-", dir=base)
     os.chmod(root, 0o711)
     _install_audit_hook(os.getpid(), os.path.realpath(root))
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
@@ -298,10 +315,11 @@ def main():
             # start-up error was counted as the sandbox's failure; regression review)
             result = ({"status": "startup_error", "error": startup_error} if startup_error
                       else _serve_one(job, root))
-            sys.stdout.write(json.dumps(result) + "\n")
+            # (the pool takes as this job's reply only a line bearing the nonce it sent with the job)
+            sys.stdout.write(json.dumps({**result, "nonce": job.get("nonce")}) + "\n")
             sys.stdout.flush()
     finally:
-        shutil.rmtree(root, ignore_errors=True)
+        _remove_tree(root)
 
 
 if __name__ == "__main__":

@@ -302,6 +302,10 @@ class SandboxedGrader:
                 value = None
             if isinstance(errors.get(i), SampleFieldMissing):
                 grades.append(Grade(0.0, error=errors[i].args[0]))  # the completion's doing: unanswered
+            elif self.entry != "grade" and i not in errors and r.status in ("timeout", "crashed"):
+                # math_equiv's own code is fixed: what runs out of time or memory is the completion's expression
+                # (`factorial(factorial(factorial(5)))` was a grader error; sandbox review, session 38)
+                grades.append(Grade(0.0, error=f"the answer could not be evaluated: {r.status}: {r.error}"))
             elif i in errors or not r.ok or value is None or math.isnan(value):
                 why = (f"input error: {errors[i]}" if i in errors else f"{r.status}: {r.error}" if not r.ok else
                        f"not a finite number: {r.value_str!r}")

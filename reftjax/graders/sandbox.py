@@ -7,7 +7,10 @@ threat                 mechanism                                                
 =====================  ==========================================================  ============
 infinite loop          wall-clock deadline -> SIGKILL of the job's process group;   OS
                        RLIMIT_CPU
-memory bomb            RLIMIT_AS (`memory_bytes`)                                   OS
+memory bomb            RLIMIT_AS (`memory_bytes`); files the job writes in its      OS
+                       temp dir (on /dev/shm, i.e. RAM, where present) count only
+                       against RLIMIT_FSIZE each, not their number: a job can fill
+                       RAM at its write speed until its deadline, freed after it
 output flood           stdout/stderr go to a file capped by RLIMIT_FSIZE; only a    OS
                        bounded JSON result comes back
 fork bomb, new        RLIMIT_NPROC 0 (`nproc`) for the job's uid: no process or     OS (not
@@ -17,19 +20,31 @@ processes              thread at all, also on paths no audit event sees; as root
                        audit-hook block of os.fork/posix_spawn/subprocess/exec      audit hook
 network                `unshare --net`: a namespace with no usable interface;       OS if
                        plus audit-hook block of socket.* and `import socket`        unshare works
-file writes/deletes    as root: uid 65534 cannot write or delete root's files;      OS (root)
-                       audit hook refuses writes/renames/deletes outside the job's  audit hook
-                       throwaway temp dir (bypassable: an os.open relative to a     (weak)
-                       dir_fd opened outside, or a patched posixpath; reads are
+file writes/deletes    as root: uid 65534 cannot write or delete root's files       OS (root)
+                       (but may write world-writable dirs such as /tmp, which
+                       outlive the job); audit hook refuses writes/renames/         audit hook
+                       deletes outside the job's throwaway temp dir (bypassable:    (weak)
+                       an os.open relative to a dir_fd opened outside, fchmod of
+                       an fd, os.mkfifo/mknod, a patched posixpath; reads are
                        not limited)
 signals / killing      new session; the job cannot see processes outside its PID    OS
 the trainer            namespace; uid 65534 cannot signal root's processes;
-                       audit hook blocks os.kill/killpg                             audit hook
+                       audit hook blocks os.kill/killpg (not pidfd_send_signal:     audit hook
+                       without namespaces and uid drop, i.e. a non-root trainer,
+                       a job can kill the trainer)
+secrets                servers start with an environment of their own (no          the pool
+                       HF_TOKEN etc.); as the trainer's uid (non-root) a job can
+                       still read /proc/<trainer>/environ and the user's files
+forged results         a job's result is checked before it goes on (fd 3); the     the server,
+                       pool takes as a job's reply only the line bearing the       the pool
+                       nonce it sent with that job (a job writing to its server's
+                       stdout shifted every later result by one)
 =====================  ==========================================================  ============
 
 Audit hooks (`sys.addaudithook`, PEP 578) are not a security boundary against a determined
 attacker (e.g. code that finds an unaudited C path); they are a second layer. The OS layer
-needs root (uid drop) and `unshare` with CAP_SYS_ADMIN; `SandboxPool.isolation` reports which
+needs root (uid drop) and `unshare` with CAP_SYS_ADMIN: run untrusted programs (P-CoT RL) as
+root, in a container, or not at all; `SandboxPool.isolation` reports which
 layers are active, and without them the pool still works with the audit-hook layer only.
 Whatever a program does, the trainer only sees a `SandboxResult` (status "ok", "error",
 "timeout" or "crashed"), never an exception.
@@ -38,16 +53,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import pathlib
+import secrets
 import select
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from typing import Any, Sequence
+
+log = logging.getLogger(__name__)
 
 _WORKER = pathlib.Path(__file__).with_name("_sandbox_worker.py")
 # what a math program may import from the standard library and sympy.abc (see SandboxConfig.preimport; a P-CoT
@@ -61,6 +81,12 @@ DEFAULT_PREIMPORT = ("bisect", "calendar", "cmath", "copy", "dataclasses", "date
 # a job is a fork of its server: BLAS/OpenMP worker threads the server started do not exist in it, and a numpy
 # product that hands work to them waits forever (a 400 x 400 matmul timed out); one thread each, set before import
 _ONE_THREAD = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+# A server's whole environment: the trainer's is not passed on, as it holds secrets (HF_TOKEN, WANDB_API_KEY, cloud
+# credentials) that a program returned as its answer, into the samples files (sandbox review, session 38), and a
+# fixed hash seed, so a program iterating over a set of strings answers alike on every server and process (the same
+# completion scored 0.1 and 1.0 on different servers). `-I` would ignore PYTHONHASHSEED: the worker runs with `-s`
+# and removes its own directory from sys.path instead.
+_SERVER_ENV = {"PATH": os.defpath, "LANG": "C.UTF-8", "HOME": "/nonexistent", "PYTHONHASHSEED": "0", **_ONE_THREAD}
 _UNSHARE = ("--pid", "--fork", "--kill-child", "--net")
 # Extra wall time the parent grants a fork-server beyond the job's own deadline before it
 # declares the server hung and restarts it.
@@ -155,32 +181,50 @@ def _unshare_works() -> bool:
         return False
 
 
-class _Server:
-    """One fork-server process and its line-buffered stdout."""
+def _tmp_base() -> str | None:
+    """/dev/shm (tmpfs) when present: creating and removing a dir per job is ~10x cheaper there."""
+    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
 
-    def __init__(self, command: list[str]):
-        self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.DEVNULL, start_new_session=True,
-                                     env={**os.environ, **_ONE_THREAD})
+
+def remove_tree(path: str) -> None:
+    """`path` removed, however deep: a job nesting ~1,100 directories made `shutil.rmtree` raise RecursionError, which
+    killed its server and left its files in /dev/shm for good (sandbox review, session 38); `rm -rf` takes any depth.
+    (The worker holds its own copy: it imports nothing of reftjax.)"""
+    try:
+        shutil.rmtree(path, ignore_errors=True)
+    except RecursionError:
+        pass
+    if os.path.lexists(path):
+        subprocess.run(["rm", "-rf", "--", path], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, check=False)
+
+
+class _Server:
+    """One fork-server process, its line-buffered stdout, and the directory its jobs run in (made here, so that it is
+    removed when the server is killed: SIGKILL skips the server's own clean-up, and every restart left one behind)."""
+
+    def __init__(self, command: list[str], preimport: Sequence[str]):
+        self.root = tempfile.mkdtemp(prefix="reftjax-sandbox-", dir=_tmp_base())
+        self.proc = subprocess.Popen([*command, self.root, *preimport], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True,
+                                     env=dict(_SERVER_ENV))
         self.buffer = b""
         self.deadline = 0.0
         self.index = -1
+        self.nonce = ""
 
     def send(self, index: int, payload: dict, deadline: float) -> None:
-        self.index, self.deadline = index, deadline
-        self.proc.stdin.write((json.dumps(payload) + "\n").encode())
+        self.index, self.deadline, self.nonce = index, deadline, secrets.token_hex(16)
+        self.proc.stdin.write((json.dumps({**payload, "nonce": self.nonce}) + "\n").encode())
         self.proc.stdin.flush()
 
-    def read_line(self) -> str | None:
-        """Reads what is available; returns a complete line or None (EOF raises EOFError)."""
+    def read_lines(self) -> list[str]:
+        """Reads what is available; returns the complete lines (EOF raises EOFError)."""
         chunk = os.read(self.proc.stdout.fileno(), 1 << 16)
         if not chunk:
             raise EOFError("sandbox server exited")
-        self.buffer += chunk
-        if b"\n" not in self.buffer:
-            return None
-        line, self.buffer = self.buffer.split(b"\n", 1)
-        return line.decode()
+        *lines, self.buffer = (self.buffer + chunk).split(b"\n")
+        return [line.decode(errors="replace") for line in lines]
 
     def kill(self) -> None:
         try:
@@ -188,6 +232,7 @@ class _Server:
         except OSError:
             pass
         self.proc.wait()
+        remove_tree(self.root)
 
 
 class SandboxPool:
@@ -202,11 +247,16 @@ class SandboxPool:
         self.config = config
         use_ns = config.namespaces and _unshare_works()
         prefix = [shutil.which("unshare"), *_UNSHARE, "--"] if use_ns else []
-        self._command = [*prefix, sys.executable, "-I", str(_WORKER), *config.preimport]
+        self._command = [*prefix, sys.executable, "-s", str(_WORKER)]  # + the job directory and the preimports
         root = os.geteuid() == 0
         self.isolation = {"pid_and_net_namespaces": use_ns, "uid_drop": root and config.drop_uid,
                           "rlimit_nproc_effective": (not root) or config.drop_uid,
                           "audit_hook": True}
+        if not (use_ns or self.isolation["uid_drop"]):  # (said nowhere before: sandbox review, session 38)
+            log.warning("sandbox: programs run as this process's uid %d without their own PID namespace: behind the "
+                        "audit hook alone they can read this user's files and /proc/<trainer>/environ and signal "
+                        "its processes (pidfd_send_signal); run untrusted programs (P-CoT RL) as root or in a "
+                        "container", os.geteuid())
         self._lock = threading.Lock()
         self._servers: list[_Server] = []
         self._closed = False
@@ -227,7 +277,7 @@ class SandboxPool:
     def _ensure_servers(self, n: int) -> None:
         want = self.config.workers or os.cpu_count() or 1
         while len(self._servers) < min(want, max(n, 1)):
-            self._servers.append(_Server(self._command))
+            self._servers.append(_Server(self._command, self.config.preimport))
 
     def run(self, jobs: Sequence[SandboxJob]) -> list[SandboxResult]:
         """Runs every job (in parallel over the servers) and returns results in job order."""
@@ -273,13 +323,24 @@ class SandboxPool:
 
     def _poll(self, server: _Server, readable: bool) -> SandboxResult | None:
         try:
-            line = server.read_line() if readable else None
+            lines = server.read_lines() if readable else []
         except (EOFError, OSError) as exc:
             return SandboxResult("sandbox_failure", error=f"sandbox server failed: {exc}")
-        if line is not None:
+        for line in lines:
+            # The reply to this job carries the nonce it was sent with, which no earlier job saw. A job that reached
+            # the server's stdout (through /proc/<server>/fd, running as the server's uid) wrote result lines of its
+            # own, and every later job took the one before's result (sandbox review, session 38): a line without
+            # this job's nonce is not its reply. (A job knows its own nonce: what it forges is its own result, as if
+            # it had returned it.)
             try:
-                result = SandboxResult(**json.loads(line))
-            except (ValueError, TypeError) as exc:  # the server checks what a job sends: this is the server's fault
+                reply = json.loads(line)
+            except ValueError:
+                continue
+            if not isinstance(reply, dict) or reply.pop("nonce", None) != server.nonce:
+                continue
+            try:
+                result = SandboxResult(**reply)
+            except TypeError as exc:  # the server checks what a job sends: this is the server's fault
                 return SandboxResult("sandbox_failure", error=f"sandbox server sent a malformed result: {exc}")
             if result.status in _STATUSES:
                 return result
@@ -292,6 +353,6 @@ class SandboxPool:
 
     def _replace(self, server: _Server) -> _Server:
         server.kill()
-        fresh = _Server(self._command)
+        fresh = _Server(self._command, self.config.preimport)
         self._servers[self._servers.index(server)] = fresh
         return fresh
