@@ -178,8 +178,11 @@ def test_jobs_see_no_secret_of_the_trainers_environment_and_hash_strings_alike_e
     spread = SandboxJob("def solution():\n    return str((hash('abc'), list({'w', 'x', 'y', 'z'})))")
     with SandboxPool(SandboxConfig(workers=2, timeout_s=TIMEOUT_S)) as pool:
         seen, *orders = pool.run([env, *[spread] * 4])
-    assert seen.ok and "HF_TOKEN" not in seen.value_str and "injected" not in seen.value_str
-    assert "graders" not in seen.value_str  # the worker's own directory (reftjax/graders) is not importable
+    from reftjax.graders.sandbox import _SERVER_ENV
+
+    keys, path = seen.value_str.split("][", 1)
+    assert seen.ok and set(eval(keys + "]")) <= set(_SERVER_ENV) | {"LC_CTYPE"}, seen.value_str  # nothing inherited
+    assert "graders" not in path and "injected" not in path  # the worker's own directory is not importable
     want = subprocess.run([sys.executable, "-c", "print(str((hash('abc'), list({'w', 'x', 'y', 'z'}))))"],
                           env={"PYTHONHASHSEED": "0"}, capture_output=True, text=True).stdout.strip()
     assert [r.value_str for r in orders] == [want] * 4
@@ -211,18 +214,33 @@ def test_a_job_writing_result_lines_to_its_servers_output_shifts_no_other_jobs_r
     now carry the nonce their job was sent with."""
     import json
 
-    line = json.dumps({"status": "ok", "value_float": 42.0, "value_str": "42", "value_real": True}) + "\n"
-    hostile = SandboxJob("def solution():\n    import os\n    d = os.open('/proc/%d/fd' % os.getppid(), os.O_RDONLY)\n"
-                         f"    os.write(os.open('1', os.O_WRONLY, dir_fd=d), {line.encode()!r} * 3)\n    return 0")
+    fake = {"status": "ok", "value_float": 42.0, "value_str": "42", "value_real": True}
+    lines = (json.dumps(fake) + "\n" + json.dumps({**fake, "nonce": "forged"}) + "\n" + "partial").encode()
+
+    def writing(blob, then="return 0"):  # a job that writes `blob` to its server's stdout
+        return SandboxJob("def solution():\n    import os, sys\n"
+                          "    d = os.open('/proc/%d/fd' % os.getppid(), os.O_RDONLY)\n"
+                          f"    os.write(os.open('1', os.O_WRONLY, dir_fd=d), {blob})\n    {then}")
+
     honest = [SandboxJob(f"def solution():\n    return {v}") for v in (1, 2, 3)]
     with SandboxPool(SandboxConfig(workers=1, timeout_s=TIMEOUT_S, namespaces=False, drop_uid=False)) as pool:
-        assert [r.value_float for r in pool.run([hostile, *honest])] == [0.0, 1.0, 2.0, 3.0]
+        start = time.monotonic()  # (a partial line hid the reply: the pool waited out the server's grace, 5 s)
+        assert [r.value_float for r in pool.run([writing(repr(lines)), *honest])] == [0.0, 1.0, 2.0, 3.0]
+        assert time.monotonic() - start < 4.0
         assert [r.value_float for r in pool.run(honest)] == [1.0, 2.0, 3.0]
+        # with its own nonce (in the server's frame, where the job can read it) a line is its own result, checked:
+        # a string value_float raised TypeError in the grader, in the trainer (regression review)
+        own = ("(__import__('json').dumps({'status': 'ok', 'value_float': 'x', 'value_real': True, "
+               "'nonce': sys._getframe(2).f_locals['job']['nonce']}) + chr(10)).encode()")
+        first, *rest = pool.run([writing(own, "os._exit(0)"), *honest])
+        assert first.status == "error" and "malformed" in first.error, first
+        assert [r.value_float for r in rest] == [1.0, 2.0, 3.0]
 
 
 def test_a_pool_without_namespaces_or_uid_drop_says_what_programs_can_reach(caplog):
     """A non-root trainer (no uid drop, no `unshare`) ran programs behind the audit hook alone without a word; one
-    killed the trainer with pidfd_send_signal (sandbox review, session 38)."""
+    killed the trainer with pidfd_send_signal (sandbox review, session 38). Any pool whose jobs keep the trainer's
+    uid says so (regression review)."""
     import logging
 
     with caplog.at_level(logging.WARNING, logger="reftjax.graders.sandbox"):
@@ -232,4 +250,19 @@ def test_a_pool_without_namespaces_or_uid_drop_says_what_programs_can_reach(capl
     with caplog.at_level(logging.WARNING, logger="reftjax.graders.sandbox"):
         pool = SandboxPool(SandboxConfig(workers=1))
         pool.close()
-    assert not caplog.records or not (pool.isolation["uid_drop"] or pool.isolation["pid_and_net_namespaces"])
+    assert bool(caplog.records) == (not pool.isolation["uid_drop"])
+    caplog.clear()  # namespaces without the uid drop: jobs still read what the trainer's user can
+    with caplog.at_level(logging.WARNING, logger="reftjax.graders.sandbox"):
+        SandboxPool(SandboxConfig(workers=1, drop_uid=False)).close()
+    assert any("they can read what this user can" in r.getMessage() for r in caplog.records)
+
+
+def test_jobs_in_their_own_pid_namespace_see_only_its_processes():
+    """`unshare` without --mount-proc left the host's /proc: a job (uid 65534) listed every process and read the
+    trainer's command line (regression review, session 38)."""
+    job = SandboxJob("def solution():\n    import os\n    return len([p for p in os.listdir('/proc') if p.isdigit()])")
+    with SandboxPool(SandboxConfig(workers=1, timeout_s=TIMEOUT_S)) as pool:
+        if not pool.isolation["pid_and_net_namespaces"]:
+            pytest.skip("no PID namespace on this host (unshare needs root)")
+        [seen] = pool.run([job])
+    assert seen.ok and seen.value_float <= 3, seen  # the server and the job (and unshare's init)

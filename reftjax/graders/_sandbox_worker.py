@@ -1,10 +1,12 @@
 """Sandbox fork-server: runs untrusted Python programs one job at a time.
 
 Started by `reftjax.graders.sandbox.SandboxPool` as `python -s _sandbox_worker.py ROOT
-[PREIMPORT...]` in an environment of its own (inside `unshare --pid --fork --kill-child --net`
-when the host allows it); ROOT is the directory its jobs' temp dirs go in, made and removed by
+[PREIMPORT...]` in an environment of its own (inside `unshare --pid --fork --kill-child --net
+--mount-proc` when the host allows it); ROOT is the directory its jobs' temp dirs go in, made and removed by
 the pool. It is deliberately self-contained (stdlib + the pre-imported `math`/`sympy` only) and
-takes its own directory off `sys.path`, so that nothing of reftjax is importable from a job.
+takes its own directory off `sys.path`. (reftjax itself may still be found through an editable
+install's path hook; importing it in a job fails on its blocked imports, and as uid 65534 on
+files it cannot read.)
 
 Protocol: one JSON job per line on stdin, one JSON result per line on stdout.
   job    = {"source", "entry", "args", "split_locals", "timeout_s", "memory_bytes",
@@ -35,8 +37,8 @@ import time
 
 # `-s` rather than `-I` (which would ignore the pool's PYTHONHASHSEED): the script's directory, reftjax's graders,
 # comes off the path here, before anything else is imported
-if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
-    del sys.path[0]
+if sys.path and os.path.realpath(sys.path[0] or ".") == os.path.dirname(os.path.realpath(__file__)):
+    del sys.path[0]  # (realpath: Python puts a symlinked script's resolved directory there)
 
 import sympy  # noqa: E402
 
@@ -263,8 +265,11 @@ def _remove_tree(path):
     except RecursionError:
         pass
     if os.path.lexists(path):
-        subprocess.run(["rm", "-rf", "--", path], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL, check=False)
+        try:
+            subprocess.run(["rm", "-rf", "--", path], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, check=False)
+        except OSError:  # no `rm` on the path: the directory stays, the server goes on
+            pass
 
 
 def _well_formed(result):
@@ -315,8 +320,9 @@ def main():
             # start-up error was counted as the sandbox's failure; regression review)
             result = ({"status": "startup_error", "error": startup_error} if startup_error
                       else _serve_one(job, root))
-            # (the pool takes as this job's reply only a line bearing the nonce it sent with the job)
-            sys.stdout.write(json.dumps({**result, "nonce": job.get("nonce")}) + "\n")
+            # (the pool takes as this job's reply only a line bearing the nonce it sent with the job; the newline
+            # first ends whatever partial line a job wrote here, which would otherwise hide this reply)
+            sys.stdout.write("\n" + json.dumps({**result, "nonce": job.get("nonce")}) + "\n")
             sys.stdout.flush()
     finally:
         _remove_tree(root)

@@ -28,17 +28,18 @@ file writes/deletes    as root: uid 65534 cannot write or delete root's files   
                        an fd, os.mkfifo/mknod, a patched posixpath; reads are
                        not limited)
 signals / killing      new session; the job cannot see processes outside its PID    OS
-the trainer            namespace; uid 65534 cannot signal root's processes;
-                       audit hook blocks os.kill/killpg (not pidfd_send_signal:     audit hook
-                       without namespaces and uid drop, i.e. a non-root trainer,
-                       a job can kill the trainer)
+the trainer            namespace (its own /proc); uid 65534 cannot signal root's
+                       processes; audit hook blocks os.kill/killpg (not             audit hook
+                       pidfd_send_signal: without namespaces and uid drop, i.e.
+                       a non-root trainer, a job can kill the trainer)
 secrets                servers start with an environment of their own (no          the pool
-                       HF_TOKEN etc.); as the trainer's uid (non-root) a job can
-                       still read /proc/<trainer>/environ and the user's files
-forged results         a job's result is checked before it goes on (fd 3); the     the server,
-                       pool takes as a job's reply only the line bearing the       the pool
-                       nonce it sent with that job (a job writing to its server's
-                       stdout shifted every later result by one)
+                       HF_TOKEN etc.); as the trainer's uid (no uid drop: a
+                       non-root trainer) a job reads what that user can: its
+                       files, and without namespaces /proc/<trainer>/environ
+forged results         a job's result is checked before it goes on (fd 3, and a    the server,
+                       line it writes to its server's stdout); the pool takes as   the pool
+                       a job's reply only the line bearing the nonce it sent with
+                       that job (such a line shifted every later result by one)
 =====================  ==========================================================  ============
 
 Audit hooks (`sys.addaudithook`, PEP 578) are not a security boundary against a determined
@@ -87,11 +88,17 @@ _ONE_THREAD = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THR
 # completion scored 0.1 and 1.0 on different servers). `-I` would ignore PYTHONHASHSEED: the worker runs with `-s`
 # and removes its own directory from sys.path instead.
 _SERVER_ENV = {"PATH": os.defpath, "LANG": "C.UTF-8", "HOME": "/nonexistent", "PYTHONHASHSEED": "0", **_ONE_THREAD}
-_UNSHARE = ("--pid", "--fork", "--kill-child", "--net")
+# (--mount-proc: a /proc of the job's own PID namespace; the host's let a job list every process and read the
+# trainer's command line, regression review, session 38)
+_UNSHARE = ("--pid", "--fork", "--kill-child", "--net", "--mount-proc")
 # Extra wall time the parent grants a fork-server beyond the job's own deadline before it
 # declares the server hung and restarts it.
 _SERVER_GRACE_S = 5.0
 _STATUSES = ("ok", "error", "timeout", "crashed")  # what a server may report ("sandbox_failure" is the pool's own)
+# a reply's fields and their types (the worker's `_RESULT_FIELDS`, which it checks on what a job sends on fd 3; a
+# job that reaches the server's stdout can send its own line, checked here: regression review, session 38)
+_REPLY_FIELDS = {"status": (str,), "value_float": (int, float, type(None)), "value_str": (str, type(None)),
+                 "value_json": None, "error": (str, type(None)), "value_real": (bool,)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,8 +202,17 @@ def remove_tree(path: str) -> None:
     except RecursionError:
         pass
     if os.path.lexists(path):
-        subprocess.run(["rm", "-rf", "--", path], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL, check=False)
+        try:
+            subprocess.run(["rm", "-rf", "--", path], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, check=False)
+        except OSError:  # no `rm` on the path: the directory stays (the caller goes on)
+            pass
+
+
+def _well_formed(reply) -> bool:
+    return (isinstance(reply, dict) and set(reply) <= set(_REPLY_FIELDS)
+            and all(t is None or (isinstance(reply[k], t) and (bool in t or not isinstance(reply[k], bool)))
+                    for k, t in _REPLY_FIELDS.items() if k in reply))
 
 
 class _Server:
@@ -205,9 +221,13 @@ class _Server:
 
     def __init__(self, command: list[str], preimport: Sequence[str]):
         self.root = tempfile.mkdtemp(prefix="reftjax-sandbox-", dir=_tmp_base())
-        self.proc = subprocess.Popen([*command, self.root, *preimport], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True,
-                                     env=dict(_SERVER_ENV))
+        try:
+            self.proc = subprocess.Popen([*command, self.root, *preimport], stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True,
+                                         env=dict(_SERVER_ENV))
+        except BaseException:
+            remove_tree(self.root)
+            raise
         self.buffer = b""
         self.deadline = 0.0
         self.index = -1
@@ -252,11 +272,13 @@ class SandboxPool:
         self.isolation = {"pid_and_net_namespaces": use_ns, "uid_drop": root and config.drop_uid,
                           "rlimit_nproc_effective": (not root) or config.drop_uid,
                           "audit_hook": True}
-        if not (use_ns or self.isolation["uid_drop"]):  # (said nowhere before: sandbox review, session 38)
-            log.warning("sandbox: programs run as this process's uid %d without their own PID namespace: behind the "
-                        "audit hook alone they can read this user's files and /proc/<trainer>/environ and signal "
-                        "its processes (pidfd_send_signal); run untrusted programs (P-CoT RL) as root or in a "
-                        "container", os.geteuid())
+        if not self.isolation["uid_drop"]:  # (said nowhere before: sandbox review, session 38)
+            log.warning("sandbox: programs run as this process's uid %d%s: they can read what this user can (its "
+                        "files%s)%s; %s", os.geteuid(), "" if use_ns else " without their own PID namespace",
+                        "" if use_ns else ", /proc/<trainer>/environ",
+                        "" if use_ns else " and signal its processes (pidfd_send_signal)",
+                        "keep SandboxConfig.drop_uid on" if root else
+                        "run untrusted programs (P-CoT RL) as root (jobs then run as uid 65534) or in a container")
         self._lock = threading.Lock()
         self._servers: list[_Server] = []
         self._closed = False
@@ -330,23 +352,23 @@ class SandboxPool:
             # The reply to this job carries the nonce it was sent with, which no earlier job saw. A job that reached
             # the server's stdout (through /proc/<server>/fd, running as the server's uid) wrote result lines of its
             # own, and every later job took the one before's result (sandbox review, session 38): a line without
-            # this job's nonce is not its reply. (A job knows its own nonce: what it forges is its own result, as if
-            # it had returned it.)
+            # this job's nonce is not its reply. (A job can know its own nonce: a line it forges with it is checked
+            # as a result it sent on fd 3 is, and is its own result.)
             try:
                 reply = json.loads(line)
             except ValueError:
                 continue
             if not isinstance(reply, dict) or reply.pop("nonce", None) != server.nonce:
                 continue
-            try:
-                result = SandboxResult(**reply)
-            except TypeError as exc:  # the server checks what a job sends: this is the server's fault
-                return SandboxResult("sandbox_failure", error=f"sandbox server sent a malformed result: {exc}")
+            if reply.get("status") == "startup_error":  # its preimports failed: every job fails so, the grader's
+                return SandboxResult("sandbox_failure", error=str(reply.get("error")))
+            if not _well_formed(reply):  # (the server checks what a job sends; a line of its job's own is checked
+                # here: a string value_float raised TypeError in the grader, in the trainer)
+                return SandboxResult("error", error="the program sent a malformed result")
+            result = SandboxResult(**reply)
             if result.status in _STATUSES:
                 return result
-            if result.status == "startup_error":  # its preimports failed: every job fails so, the grader's fault
-                return SandboxResult("sandbox_failure", error=result.error)
-            return SandboxResult("sandbox_failure", error=f"sandbox server sent status {result.status!r}")
+            return SandboxResult("error", error=f"the program sent status {result.status!r}")
         if time.monotonic() > server.deadline:
             return SandboxResult("sandbox_failure", error="sandbox server hung; restarted")
         return None
