@@ -305,7 +305,7 @@ def rollout(params, prompt_tokens_BxP, prompt_mask_BxP, rng, *, model_cfg: Model
     Prompts on one device are prefilled without their padding (`models.packed_prefill`:
     it gathers tokens across rows); on a mesh whose batch axes split the prompt rows
     (whether the prompts arrive split, whole or as NumPy) the padded prefill runs,
-    each device on its rows, as does one of prompts that arrive split.
+    each device on its own rows.
     """
     if isinstance(params, dict) and "policy" in params and "layers" not in params:
         raise ValueError("rollout samples from the policy's params: pass state.params['policy'], not the trainable "
