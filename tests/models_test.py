@@ -3,9 +3,10 @@
 The reference for every architecture is transformers' own PyTorch model in
 float32 with eager attention: tiny random Llama (plain and Llama-3 RoPE
 scaling), Mistral (sliding window shorter than the sequence), Qwen2 (qkv
-bias) and Qwen3 (per-head q/k norms, head size other than hidden / heads) built from transformers config classes and saved with `save_pretrained`,
-and the real SmolLM2-135M-Instruct read from its GGUF by transformers' own
-GGUF loader. Batches are left-padded with rows of different lengths.
+bias) and Qwen3 (per-head q/k norms, head size other than hidden / heads)
+built from transformers config classes and saved with `save_pretrained`, and
+the real SmolLM2-135M-Instruct read from its GGUF by transformers' own GGUF
+loader. Batches are left-padded with rows of different lengths.
 """
 import functools
 
