@@ -397,16 +397,18 @@ def left_pad(rows: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[n
     return tokens, mask
 
 
-def encode_prompts(tokenizer, texts: Sequence[str], chat: bool, bos: bool | None = None) -> list[list[int]]:
-    """Token ids of prompts: one user turn of the chat template, as training encodes it, or the plain text after
-    the BOS when `bos` says so (`PromptConfig.bos`: None, when the tokenizer's own encoding adds one). Plain text
-    that spells a special token stays a control token here, deliberately (a template typed by hand); training
-    keeps such text text."""
+def encode_prompts(tokenizer, texts: Sequence[str], chat: bool, bos: bool | None = None,
+                   chat_template_kwargs: dict | None = None) -> list[list[int]]:
+    """Token ids of prompts: one user turn of the chat template (with `chat_template_kwargs`, the run's
+    `data.prompt.chat_template_kwargs`), as training encodes it, or the plain text after the BOS when `bos` says so
+    (`PromptConfig.bos`: None, when the tokenizer's own encoding adds one). Plain text that spells a special token
+    stays a control token here, deliberately (a template typed by hand); training keeps such text text."""
     from reftjax.data.prompts import PromptConfig, prompt_bos, render_chat
 
     if chat:
+        kwargs = PromptConfig("chat", chat_template_kwargs=dict(chat_template_kwargs or {})).template_kwargs  # checked
         return [list(render_chat(tokenizer, [{"role": "user", "content": t}], add_generation_prompt=True, tokenize=True,
-                                 return_dict=False)) for t in texts]
+                                 return_dict=False, **kwargs)) for t in texts]
     first = prompt_bos(tokenizer, PromptConfig(bos=bos))
     return [([first] if first is not None else []) + list(tokenizer(t, add_special_tokens=False)["input_ids"])
             for t in texts]
@@ -441,11 +443,14 @@ _GENERATE_CALLS = itertools.count()  # generate()'s default keys: fold_in(key(0)
 
 def generate(params, model_cfg: ModelConfig, tokenizer, texts: Sequence[str], *, cfg: SamplingConfig | None = None,
              chat: bool = True, rng: jax.Array | None = None, prompt_buckets: Sequence[int] = (64, 128, 256, 512),
-             batch_size: int | None = None, mesh=None, bos: bool | None = None) -> list[str]:
+             batch_size: int | None = None, mesh=None, bos: bool | None = None,
+             chat_template_kwargs: dict | None = None) -> list[str]:
     """Text in, text out: tokenize (chat template or raw), bucket, `rollout`, detokenize.
 
     `chat=False` encodes the text as the plain prompt styles do, after a BOS per `bos` (`PromptConfig.bos`: None
     when the tokenizer's own encoding adds one; pass the run's `data.prompt.bos` for a policy trained with another).
+    `chat_template_kwargs`: the chat template's variables (`data.prompt.chat_template_kwargs`, e.g.
+    ``{"enable_thinking": False}`` for Qwen3).
 
     Texts run `batch_size` at a time (default: all at once), each batch padded to `batch_size` rows, so one compiled
     program serves every batch and every call with the same sizes (more texts than `batch_size` ran as one batch
@@ -465,7 +470,7 @@ def generate(params, model_cfg: ModelConfig, tokenizer, texts: Sequence[str], *,
         cfg = dataclasses.replace(cfg, eos_ids=eos, pad_id=pad)
     if len(texts) == 0:  # (`not texts` raised for a NumPy array or a pandas Series of texts)
         return []
-    ids = encode_prompts(tokenizer, texts, chat, bos)
+    ids = encode_prompts(tokenizer, texts, chat, bos, chat_template_kwargs)
     if empty := [i for i, r in enumerate(ids) if not r]:  # nothing to condition on: the first token's log-prob
         raise ValueError(f"generate: texts {empty[:5]} encode to no tokens (chat=False adds no template)")  # undefined
     length = bucket(max(len(r) for r in ids), prompt_buckets)

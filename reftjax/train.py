@@ -795,7 +795,8 @@ def _eos_ids(cfg: ExperimentConfig, model) -> tuple[int, ...]:
     # the token the warm-up's targets end with: the template's end of turn, or the tokenizer's EOS in the plain
     # styles (a ChatML fine-tune of a base model: <|im_end|> there, <|endoftext|> in config.json; review, session 28)
     chat = cfg.data.prompt.style.startswith("chat")
-    last = end_of_turn_id(model.tokenizer) if chat else getattr(model.tokenizer, "eos_token_id", None)
+    last = (end_of_turn_id(model.tokenizer, **cfg.data.prompt.template_kwargs) if chat
+            else getattr(model.tokenizer, "eos_token_id", None))
     if last is not None and last not in ids:
         ids += (last,)
     return ids

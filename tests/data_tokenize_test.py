@@ -548,3 +548,35 @@ def test_a_named_template_that_knows_the_developer_role_keeps_it():
     # the template that renders (no tools: "default"), not another named one (second review)
     tools_only = _bos_tokenizer({"default": plain, "tool_use": template})
     assert format_example(ex, PromptConfig("chat"), tools_only).prompt.startswith("[system]")
+
+
+# a chat template reading a variable as Qwen3's reads `enable_thinking` (the real one needs a download)
+THINKING_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                     "{% if add_generation_prompt %}<|im_start|>assistant\n{% if enable_thinking is defined and "
+                     "enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}")
+
+
+def test_chat_template_variables_reach_every_prompt_the_run_renders(smollm_tokenizer, gsm8k_train, monkeypatch):
+    """Qwen3's template opens every reply for thinking unless `enable_thinking=False` reaches it (TRL's
+    `chat_template_kwargs`): reftjax had no way to pass it (session 38). `data.prompt.chat_template_kwargs` reaches
+    the training prompts (SFT, RL, evaluation: one tokenization), the end-of-turn probe and `generate`'s prompts."""
+    from reftjax.rollout import encode_prompts
+
+    monkeypatch.setattr(smollm_tokenizer, "chat_template", THINKING_TEMPLATE)
+    ex = gsm8k_train[0]
+    off = PromptConfig("chat", chat_template_kwargs={"enable_thinking": False})
+    assert off.chat_template_kwargs == (("enable_thinking", False),)
+    assert off.template_kwargs == {"enable_thinking": False}
+    thinking = format_example(ex, PromptConfig("chat"), smollm_tokenizer)
+    plain = format_example(ex, off, smollm_tokenizer)
+    assert thinking.prompt.endswith("<|im_start|>assistant\n") and plain.prompt.endswith("</think>\n\n")
+    ds = tokenize_examples([ex], smollm_tokenizer, off, TokenizeConfig())
+    assert smollm_tokenizer.decode(ds.prompt[0]).endswith("<think>\n\n</think>\n\n")
+    [ids] = encode_prompts(smollm_tokenizer, [ex.question], chat=True, chat_template_kwargs={"enable_thinking": False})
+    assert list(ids) == list(ds.prompt[0])  # generate() prompts an exported policy as the run did
+    for bad, msg in (({"tokenize": True}, "apply_chat_template's own parameter"), ({"x": [1]}, "values are"),
+                     ({"1x": 1}, "not a template variable name"), ("on", "expected an object")):
+        with pytest.raises(ValueError, match=msg):
+            PromptConfig("chat", chat_template_kwargs=bad)
+    with pytest.raises(ValueError, match="only applies to the chat styles"):
+        PromptConfig("reft", chat_template_kwargs={"enable_thinking": False})

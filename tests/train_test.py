@@ -622,6 +622,12 @@ def test_set_values_are_type_checked_merged_and_python_spellings_work():
     assert cfg('data.train_file=/tmp/x.jsonl', 'data.train_format=reft').data.train_file == "/tmp/x.jsonl"  # strings
     assert dict(cfg('grader={"type": "reft", "cot": "python"}', 'data.prompt.style=reft-python').grader)["cot"] == \
         "python"
+    # a JSON object for the chat template's variables (session 38); config.json round-trips it
+    from reftjax.config import from_dict, to_dict
+
+    chat = cfg('data.prompt.style=chat', 'data.prompt.chat_template_kwargs={"enable_thinking": false}')
+    assert chat.data.prompt.template_kwargs == {"enable_thinking": False}
+    assert from_dict(json.loads(json.dumps(to_dict(chat)))) == chat
     for bad, msg in (("rl.iterations=abc", "config.rl.iterations: expected an integer, got 'abc'"),
                      ("seed=1.5", "config.seed: expected an integer"),
                      ("export_hf=yes", "config.export_hf: expected true or false, got 'yes'"),
@@ -888,8 +894,12 @@ def test_a_rerun_may_change_only_how_the_run_is_saved_and_laid_out(tmp_path):
     older = to_dict(cfg)
     for k in ("val_file", "test_file"):
         del older["data"][k]
+    del older["data"]["prompt"]["chat_template_kwargs"]  # (session 38)
     path.write_text(json.dumps(older))
     _check_same_run(path, to_dict(cfg))
+    with pytest.raises(RunDirError, match=r"data.prompt.chat_template_kwargs: <unset, i.e. \[\]> -> \[\[\"x\", 1\]\]"):
+        _check_same_run(path, {**to_dict(cfg), "data": {**to_dict(cfg)["data"], "prompt": {
+            **to_dict(cfg)["data"]["prompt"], "chat_template_kwargs": [["x", 1]]}}})
     with pytest.raises(RunDirError, match=r"other settings \(data.val_file: <unset, i.e. null> -> \"/v.jsonl\"\)"):
         _check_same_run(path, {**to_dict(cfg), "data": {**to_dict(cfg)["data"], "val_file": "/v.jsonl"}},
                         content_checked=True)

@@ -55,18 +55,58 @@ class PromptConfig:
         tokenizer's own encoding adds one (Llama-2/3, Mistral; not SmolLM2 or Qwen2), as transformers' generate
         on the exported policy would be prompted; False: never, as the ReFT authors (`add_special_tokens=False`;
         the `paper` preset). The chat styles take what their template writes.
+      chat_template_kwargs: chat styles only: variables for the chat template (`apply_chat_template(**kwargs)`,
+        TRL's `chat_template_kwargs`), e.g. ``{"enable_thinking": false}`` for Qwen3's template, which otherwise
+        opens every reply for thinking. Given as a JSON object; held as sorted (name, value) pairs (hashable).
     """
 
     style: str = "reft"
     strip_annotations: bool = True
     system_prompt: str | None = None
     bos: bool | None = None
+    chat_template_kwargs: tuple = ()
 
     def __post_init__(self):
         if self.style not in STYLES:
             raise ValueError(f"style must be one of {STYLES}, got {self.style!r}")
         if self.system_prompt is not None and not self.style.startswith("chat"):
             raise ValueError("system_prompt only applies to the chat styles ('chat', 'chat-python')")
+        object.__setattr__(self, "chat_template_kwargs", _template_kwargs(self.chat_template_kwargs, self.style))
+
+    @property
+    def template_kwargs(self) -> dict:
+        """`chat_template_kwargs` as the keyword arguments of `render_chat`."""
+        return dict(self.chat_template_kwargs)
+
+
+# `apply_chat_template`'s own parameters (transformers 4.56-5.25): not template variables
+_RENDER_PARAMETERS = frozenset({"conversation", "tools", "documents", "chat_template", "add_generation_prompt",
+                                "continue_final_message", "tokenize", "padding", "truncation", "max_length",
+                                "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs",
+                                "messages"})
+
+
+def _template_kwargs(value, style: str) -> tuple:
+    """`data.prompt.chat_template_kwargs` (a JSON object, or (name, value) pairs) as sorted pairs, checked."""
+    where = "data.prompt.chat_template_kwargs"
+    if isinstance(value, dict):
+        pairs = list(value.items())
+    elif isinstance(value, (tuple, list)) and all(isinstance(p, (tuple, list)) and len(p) == 2 for p in value):
+        pairs = [tuple(p) for p in value]
+    else:
+        raise ValueError(f"{where}: expected an object such as {{\"enable_thinking\": false}}, got {value!r}")
+    for name, v in pairs:
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ValueError(f"{where}: {name!r} is not a template variable name")
+        if name in _RENDER_PARAMETERS:
+            raise ValueError(f"{where}: {name!r} is apply_chat_template's own parameter, which reftjax sets")
+        if v is not None and not isinstance(v, (bool, int, float, str)):
+            raise ValueError(f"{where}: {name}={v!r}: values are true/false, numbers, strings or null")
+    if pairs and not style.startswith("chat"):
+        raise ValueError(f"{where} only applies to the chat styles ('chat', 'chat-python'), not {style!r}")
+    if len({n for n, _ in pairs}) != len(pairs):
+        raise ValueError(f"{where}: a name given twice in {value!r}")
+    return tuple(sorted(pairs))
 
 
 # Llama-3.x chat templates write today's date (`strftime_now`) into every prompt unless given `date_string`: a
@@ -217,7 +257,7 @@ def format_example(ex: Example, cfg: PromptConfig, tokenizer=None) -> Formatted:
         if "developer" not in _rendering_template(tokenizer):  # OpenAI's name for the system turn, unknown to the
             # template (of a dict of named templates, the one that renders: `in` read the dict's names; review)
             messages = [{**m, "role": "system"} if m.get("role") == "developer" else m for m in messages]
-        prompt = render_chat(tokenizer, messages, add_generation_prompt=True, tokenize=False)
+        prompt = render_chat(tokenizer, messages, add_generation_prompt=True, tokenize=False, **cfg.template_kwargs)
     elif ex.messages is not None:
         raise DataError(f"{ex.at}: chat-format (openai) examples need data.prompt.style='chat'")
     else:

@@ -176,13 +176,14 @@ def check_no_special_tokens(examples: list[Example], tokenizer) -> None:
                                 f"from the data or use a plain style (data.prompt.style='reft')")
 
 
-def end_of_turn_id(tokenizer) -> int:
+def end_of_turn_id(tokenizer, **template_kwargs) -> int:
     """The special token the chat template puts right after an assistant reply (`<|im_end|>`, Llama-3's
-    `<|eot_id|>`), which chat-style SFT targets end with; the EOS token when the template puts none there."""
+    `<|eot_id|>`), which chat-style SFT targets end with; the EOS token when the template puts none there.
+    `template_kwargs`: the run's `PromptConfig.template_kwargs`."""
     mark = "reftjaxEndOfTurnProbe"
     try:
         text = render_chat(tokenizer, [{"role": "user", "content": "1"}, {"role": "assistant", "content": mark}],
-                           tokenize=False)
+                           tokenize=False, **template_kwargs)
     except Exception:  # noqa: BLE001 - a template that refuses this conversation: no better answer than EOS
         return tokenizer.eos_token_id
     if mark not in text:
@@ -231,7 +232,7 @@ def tokenize_examples(examples: list[Example], tokenizer, prompt_cfg: PromptConf
         check_no_special_tokens(examples, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     # the reply's last token: the template's end of turn in the chat styles (Llama-3: <|eot_id|>, not <|end_of_text|>)
-    eos = end_of_turn_id(tokenizer) if chat else tokenizer.eos_token_id
+    eos = end_of_turn_id(tokenizer, **prompt_cfg.template_kwargs) if chat else tokenizer.eos_token_id
     prompts = encode_texts(tokenizer, [f.prompt for f in formatted], split_special_tokens=not chat)
     prefixes = encode_texts(tokenizer, [f.response_prefix for f in formatted])
     targets = None
