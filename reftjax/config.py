@@ -417,7 +417,8 @@ def _build(tp, value, where: str = "config"):
         if isinstance(value, (dict, tuple)):
             return value
         # (a string or number was accepted and crashed run() with a traceback)
-        raise ValueError(f"{where}: expected an object such as {{\"type\": \"reft\"}}, got {value!r}")
+        example = '{"type": "reft"}' if where.endswith("grader") else '{"enable_thinking": false}'
+        raise ValueError(f"{where}: expected an object such as {example}, got {value!r}")
     if tp is bool:
         if isinstance(value, bool):
             return value

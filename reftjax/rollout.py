@@ -405,6 +405,11 @@ def encode_prompts(tokenizer, texts: Sequence[str], chat: bool, bos: bool | None
     stays a control token here, deliberately (a template typed by hand); training keeps such text text."""
     from reftjax.data.prompts import PromptConfig, prompt_bos, render_chat
 
+    if chat_template_kwargs is not None and not isinstance(chat_template_kwargs, dict):
+        raise ValueError(f"chat_template_kwargs: expected a dict such as {{'enable_thinking': False}}, "
+                         f"got {chat_template_kwargs!r}")
+    if chat_template_kwargs and not chat:
+        raise ValueError("chat_template_kwargs are the chat template's variables: chat=False renders no template")
     if chat:
         kwargs = PromptConfig("chat", chat_template_kwargs=dict(chat_template_kwargs or {})).template_kwargs  # checked
         return [list(render_chat(tokenizer, [{"role": "user", "content": t}], add_generation_prompt=True, tokenize=True,

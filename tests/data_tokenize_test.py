@@ -556,7 +556,8 @@ THINKING_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['
                      "enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}")
 
 
-def test_chat_template_variables_reach_every_prompt_the_run_renders(smollm_tokenizer, gsm8k_train, monkeypatch):
+def test_chat_template_variables_reach_every_prompt_the_run_renders(smollm_tokenizer, gsm8k_train, monkeypatch,
+                                                                     caplog):
     """Qwen3's template opens every reply for thinking unless `enable_thinking=False` reaches it (TRL's
     `chat_template_kwargs`): reftjax had no way to pass it (session 38). `data.prompt.chat_template_kwargs` reaches
     the training prompts (SFT, RL, evaluation: one tokenization), the end-of-turn probe and `generate`'s prompts."""
@@ -580,3 +581,16 @@ def test_chat_template_variables_reach_every_prompt_the_run_renders(smollm_token
             PromptConfig("chat", chat_template_kwargs=bad)
     with pytest.raises(ValueError, match="only applies to the chat styles"):
         PromptConfig("reft", chat_template_kwargs={"enable_thinking": False})
+    # (regression review) a name the template never reads is said; the installed tokenizer's own parameters and
+    # non-finite numbers are refused; generate's argument is checked as an argument
+    with caplog.at_level(logging.WARNING, logger="reftjax.data.prompts"):
+        tokenize_examples([ex], smollm_tokenizer, PromptConfig("chat", chat_template_kwargs={"enable_thinkng": False}),
+                          TokenizeConfig())
+    assert any("never names ['enable_thinkng']" in r.getMessage() for r in caplog.records)
+    for bad, msg in (({"sanitize_control_tokens": True}, "own parameter"), ({"x": float("inf")}, "finite")):
+        with pytest.raises(ValueError, match=msg):
+            PromptConfig("chat", chat_template_kwargs=bad)
+    with pytest.raises(ValueError, match="chat=False renders no template"):
+        encode_prompts(smollm_tokenizer, ["q"], chat=False, chat_template_kwargs={"enable_thinking": False})
+    with pytest.raises(ValueError, match="chat_template_kwargs: expected a dict"):
+        encode_prompts(smollm_tokenizer, ["q"], chat=True, chat_template_kwargs="on")

@@ -628,6 +628,9 @@ def test_set_values_are_type_checked_merged_and_python_spellings_work():
     chat = cfg('data.prompt.style=chat', 'data.prompt.chat_template_kwargs={"enable_thinking": false}')
     assert chat.data.prompt.template_kwargs == {"enable_thinking": False}
     assert from_dict(json.loads(json.dumps(to_dict(chat)))) == chat
+    with pytest.raises(ValueError, match=re.escape('chat_template_kwargs: expected an object such as '
+                                                   '{"enable_thinking": false}, got \'on\'')):
+        cfg('data.prompt.style=chat', 'data.prompt.chat_template_kwargs=on')
     for bad, msg in (("rl.iterations=abc", "config.rl.iterations: expected an integer, got 'abc'"),
                      ("seed=1.5", "config.seed: expected an integer"),
                      ("export_hf=yes", "config.export_hf: expected true or false, got 'yes'"),
@@ -900,6 +903,14 @@ def test_a_rerun_may_change_only_how_the_run_is_saved_and_laid_out(tmp_path):
     with pytest.raises(RunDirError, match=r"data.prompt.chat_template_kwargs: <unset, i.e. \[\]> -> \[\[\"x\", 1\]\]"):
         _check_same_run(path, {**to_dict(cfg), "data": {**to_dict(cfg)["data"], "prompt": {
             **to_dict(cfg)["data"]["prompt"], "chat_template_kwargs": [["x", 1]]}}})
+    def with_kwargs(value):
+        return {**to_dict(cfg), "data": {**to_dict(cfg)["data"], "prompt": {**to_dict(cfg)["data"]["prompt"],
+                                                                            "chat_template_kwargs": value}}}
+    path.write_text(json.dumps(with_kwargs([["enable_thinking", False]])))  # jinja tells false from 0: so does this
+    with pytest.raises(RunDirError, match=r'chat_template_kwargs: \[\["enable_thinking", false\]\] -> '
+                                          r'\[\["enable_thinking", 0\]\]'):
+        _check_same_run(path, with_kwargs([["enable_thinking", 0]]))
+    path.write_text(json.dumps(older))
     with pytest.raises(RunDirError, match=r"other settings \(data.val_file: <unset, i.e. null> -> \"/v.jsonl\"\)"):
         _check_same_run(path, {**to_dict(cfg), "data": {**to_dict(cfg)["data"], "val_file": "/v.jsonl"}},
                         content_checked=True)

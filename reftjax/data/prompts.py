@@ -29,6 +29,7 @@ import dataclasses
 import datetime
 import importlib
 import logging
+import math
 import threading
 
 from reftjax.data.records import DataError, Example, strip_annotations
@@ -80,10 +81,11 @@ class PromptConfig:
 
 
 # `apply_chat_template`'s own parameters (transformers 4.56-5.25): not template variables
+# (and whatever else the installed tokenizer's signature names: `check_template_kwargs`)
 _RENDER_PARAMETERS = frozenset({"conversation", "tools", "documents", "chat_template", "add_generation_prompt",
                                 "continue_final_message", "tokenize", "padding", "truncation", "max_length",
                                 "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs",
-                                "messages"})
+                                "messages", "sanitize_control_tokens"})
 
 
 def _template_kwargs(value, style: str) -> tuple:
@@ -100,8 +102,9 @@ def _template_kwargs(value, style: str) -> tuple:
             raise ValueError(f"{where}: {name!r} is not a template variable name")
         if name in _RENDER_PARAMETERS:
             raise ValueError(f"{where}: {name!r} is apply_chat_template's own parameter, which reftjax sets")
-        if v is not None and not isinstance(v, (bool, int, float, str)):
-            raise ValueError(f"{where}: {name}={v!r}: values are true/false, numbers, strings or null")
+        if (v is not None and not isinstance(v, (bool, int, float, str))) or (isinstance(v, float)
+                                                                            and not math.isfinite(v)):
+            raise ValueError(f"{where}: {name}={v!r}: values are true/false, finite numbers, strings or null")
     if pairs and not style.startswith("chat"):
         raise ValueError(f"{where} only applies to the chat styles ('chat', 'chat-python'), not {style!r}")
     if len({n for n, _ in pairs}) != len(pairs):
@@ -175,6 +178,26 @@ def _rendering_template(tokenizer) -> str:
         return tokenizer.get_chat_template()
     except (AttributeError, TypeError, ValueError):  # a stand-in tokenizer, or none: all of the text
         return template_text(tokenizer)
+
+
+def check_template_kwargs(tokenizer, cfg: PromptConfig) -> None:
+    """Refuses a variable that is one of the installed `apply_chat_template`'s own parameters, and warns about one
+    the model's chat template never names: a misspelt `enable_thinkng` changed nothing, silently, and a Qwen3 run
+    went on thinking (regression review, session 38)."""
+    import inspect
+
+    names = [n for n, _ in cfg.chat_template_kwargs]
+    try:
+        own = set(inspect.signature(tokenizer.apply_chat_template).parameters)
+    except (AttributeError, TypeError, ValueError):
+        own = set()
+    if taken := [n for n in names if n in own]:
+        raise ValueError(f"data.prompt.chat_template_kwargs: {taken} are apply_chat_template's own parameters, "
+                         "which reftjax sets")
+    text = template_text(tokenizer)
+    if unread := [n for n in names if n not in text]:
+        log.warning("data.prompt.chat_template_kwargs: the model's chat template never names %s: %s changes "
+                    "nothing (a misspelling?)", unread, "it" if len(unread) == 1 else "they")
 
 
 def render_chat(tokenizer, messages, **kwargs):

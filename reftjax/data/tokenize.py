@@ -25,7 +25,7 @@ import hashlib
 
 import numpy as np
 
-from reftjax.data.prompts import PromptConfig, format_example, prompt_bos, render_chat
+from reftjax.data.prompts import PromptConfig, check_template_kwargs, format_example, prompt_bos, render_chat
 from reftjax.data.records import DataError, Example
 
 TRUNCATION = ("drop", "truncate", "error")
@@ -213,6 +213,8 @@ def tokenize_examples(examples: list[Example], tokenizer, prompt_cfg: PromptConf
     Args:
       with_targets: True for SFT (every example must have a reference target).
     """
+    if prompt_cfg.chat_template_kwargs:
+        check_template_kwargs(tokenizer, prompt_cfg)
     formatted = [_formatted(e, prompt_cfg, tokenizer) for e in examples]
     if with_targets:
         for e, f in zip(examples, formatted):
