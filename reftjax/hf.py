@@ -238,6 +238,8 @@ def _untie_a_distinct_head(cfg, hf_config, tensors: dict, where: str):
 _LAYER_KEYS = {  # reftjax path under layers/ -> HF suffix, transpose?
     ("input_layernorm", "scale"): ("input_layernorm.weight", False),
     ("post_attention_layernorm", "scale"): ("post_attention_layernorm.weight", False),
+    ("pre_feedforward_layernorm", "scale"): ("pre_feedforward_layernorm.weight", False),
+    ("post_feedforward_layernorm", "scale"): ("post_feedforward_layernorm.weight", False),
     ("self_attn", "q_proj", "kernel"): ("self_attn.q_proj.weight", True),
     ("self_attn", "k_proj", "kernel"): ("self_attn.k_proj.weight", True),
     ("self_attn", "v_proj", "kernel"): ("self_attn.v_proj.weight", True),

@@ -1,6 +1,7 @@
 """reftjax.hf: export round trips through transformers, and clear errors on bad checkpoints."""
 import json
 import os
+import re
 
 import jax
 import numpy as np
@@ -531,8 +532,69 @@ def test_sliding_window_is_read_as_transformers_applies_it(tmp_path, random_para
                                       max_window_layers=28)).sliding_window is None  # no layer >= 28
     assert from_hf_config(Qwen2Config(**base, use_sliding_window=True, sliding_window=4,
                                       max_window_layers=0)).sliding_window == 4
-    with pytest.raises(ValueError, match="some layers only"):
-        from_hf_config(Qwen2Config(**base, use_sliding_window=True, sliding_window=4, max_window_layers=1))
+    mixed = from_hf_config(Qwen2Config(**base, use_sliding_window=True, sliding_window=4, max_window_layers=1))
+    assert (mixed.sliding_window, mixed.sliding_layers) == (4, (False, True))  # (refused before session 39)
+    assert [mixed.layer_window(i) for i in range(2)] == [None, 4]
+    with pytest.raises(ValueError, match="layer_types"):
+        from_hf_config(Qwen2Config(**base, use_sliding_window=True, sliding_window=4,
+                                   layer_types=["sliding_attention", "chunked_attention"]))
+
+
+def _tiny_gemma3_config(**kw):
+    from transformers import Gemma3TextConfig
+
+    return Gemma3TextConfig(**{**dict(vocab_size=89, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=4,
+                                      query_pre_attn_scalar=16,
+                                      layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+                                      max_position_embeddings=64), **kw})
+
+
+def test_a_gemma3_export_loads_in_transformers_with_same_logits_and_back_bit_for_bit(tmp_path, random_params):
+    """Gemma 3's tensors (four norms a layer, stored as transformers stores them: the scale is 1 + w) go out under
+    its names, transformers' Gemma3ForCausalLM computes our logits from them, and they come back unchanged."""
+    from reftjax.models import from_hf_config
+
+    hf = _tiny_gemma3_config()
+    cfg = from_hf_config(hf)
+    assert cfg.sliding_layers == (True, True, False) and cfg.local_rope_theta == 10000.0
+    params = random_params(cfg)
+    out = save_hf(tmp_path / "g3", params, cfg, hf)
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["Gemma3ForCausalLM"]
+    tokens, mask = _batch(cfg.vocab_size)
+    ours, _ = forward(params, cfg, tokens, mask)
+    print(f"gemma3 export: max|diff|/scale={_assert_close_on_real(ours, _torch_logits(out, tokens, mask), mask, 1e-5):.1e}")
+    back = load_model(out, with_tokenizer=False)
+    assert back.config == cfg
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(back.params), jax.device_get(params))
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(final_logit_softcapping=30.0), "final_logit_softcapping=30.0 is not supported"),
+    (dict(attn_logit_softcapping=50.0), "attn_logit_softcapping=50.0 is not supported"),
+    (dict(use_bidirectional_attention=True), "use_bidirectional_attention=True"),
+    (dict(hidden_activation="silu"), "hidden_activation='silu' is not supported for gemma3_text"),
+    (dict(attention_bias=True), "attention_bias=True"),
+    (dict(rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                           "sliding_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}),
+     "rope_parameters.sliding_attention.rope_type='linear'"),
+])
+def test_gemma_parts_not_implemented_are_refused_naming_the_file(change, match):
+    from reftjax.models import from_hf_config
+
+    with pytest.raises(ValueError, match="^cfg.json: " + re.escape(match)):
+        from_hf_config(_tiny_gemma3_config(**change), where="cfg.json")
+
+
+def test_gemma2_and_the_multimodal_gemma3_are_refused_with_what_to_load_instead():
+    from transformers import Gemma2Config, Gemma3Config
+
+    from reftjax.models import from_hf_config
+
+    with pytest.raises(ValueError, match="gemma2.*soft-capping is not implemented"):
+        from_hf_config(Gemma2Config(num_hidden_layers=2))
+    with pytest.raises(ValueError, match="model_type gemma3_text, is supported"):
+        from_hf_config(Gemma3Config())
 
 
 def test_generation_config_is_read_and_exported_and_the_pad_token_is_not(tmp_path, random_params):

@@ -3,8 +3,11 @@
 The reference for every architecture is transformers' own PyTorch model in
 float32 with eager attention: tiny random Llama (plain and Llama-3 RoPE
 scaling), Mistral (sliding window shorter than the sequence), Qwen2 (qkv
-bias) and Qwen3 (per-head q/k norms, head size other than hidden / heads)
-built from transformers config classes and saved with `save_pretrained`, and
+bias; and with the window on its upper layer only), Qwen3 (per-head q/k norms,
+head size other than hidden / heads), Gemma (GeGLU, 1 + w norms, scaled
+embeddings) and Gemma 3 (also sandwich norms, windowed local layers with their
+own RoPE base among scaled global ones, query_pre_attn_scalar), built from
+transformers config classes and saved with `save_pretrained`, and
 the real SmolLM2-135M-Instruct read from its GGUF by transformers' own GGUF
 loader. Batches are left-padded with rows of different lengths.
 """
@@ -28,7 +31,7 @@ LENGTHS = (13, 7, 10)  # real tokens per row; the batch is left-padded to the lo
 
 
 def _hf_config(kind: str):
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    from transformers import Gemma3TextConfig, GemmaConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     if kind == "llama":
         return LlamaConfig(**TINY)
@@ -40,6 +43,16 @@ def _hf_config(kind: str):
         return MistralConfig(**TINY, sliding_window=4)
     if kind == "qwen2":
         return Qwen2Config(**TINY, tie_word_embeddings=True)
+    if kind == "qwen2_mixed":  # Qwen2's window on the layers >= max_window_layers: here the second of two
+        return Qwen2Config(**TINY, use_sliding_window=True, sliding_window=4, max_window_layers=1)
+    if kind == "gemma":
+        return GemmaConfig(**TINY, head_dim=16)
+    if kind == "gemma3":  # local (windowed, base 1e4) and global (base 1e6, linear x2) layers alternating
+        return Gemma3TextConfig(**{**TINY, "num_hidden_layers": 4}, head_dim=16, query_pre_attn_scalar=24,
+                                sliding_window=4, layer_types=["sliding_attention", "full_attention"] * 2,
+                                rope_parameters={
+                                    "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+                                    "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})
     if kind == "qwen3":  # Qwen3-0.6B's shape in small: 4 heads of 16 over a width of 32 (q is 64 wide)
         return Qwen3Config(**TINY, head_dim=16, tie_word_embeddings=False)
     raise ValueError(kind)
@@ -92,26 +105,51 @@ def assert_logits_match(ours, ref, mask, rel_tol: float) -> float:
     return rel
 
 
-@pytest.mark.parametrize("kind", ["llama", "llama3_rope", "mistral", "qwen2", "qwen3"])
+# what each kind's config must turn into, and settings that must each change its logits (the features under test)
+_EXPECTED = {
+    "llama": dict(model_type="llama"),
+    "llama3_rope": dict(model_type="llama"),
+    "mistral": dict(model_type="mistral", sliding_window=4),
+    "qwen2": dict(model_type="qwen2", qkv_bias=True),
+    "qwen2_mixed": dict(model_type="qwen2", qkv_bias=True, sliding_window=4, sliding_layers=(False, True)),
+    "qwen3": dict(model_type="qwen3", qk_norm=True, head_dim=16),
+    "gemma": dict(model_type="gemma", head_dim=16, hidden_act="gelu_tanh", norm_offset=1.0, embed_scale=True),
+    "gemma3": dict(model_type="gemma3_text", head_dim=16, hidden_act="gelu_tanh", norm_offset=1.0, embed_scale=True,
+                   qk_norm=True, sandwich_norms=True, sliding_window=4, sliding_layers=(True, False, True, False),
+                   rope_theta=1e6, local_rope_theta=1e4, rope_scaling=RopeScaling("linear", 2.0),
+                   query_pre_attn_scalar=24.0),
+}
+_FEATURES = {
+    "llama3_rope": [dict(rope_scaling=RopeScaling())],
+    "mistral": [dict(sliding_window=None)],
+    "qwen2_mixed": [dict(sliding_layers=()), dict(sliding_window=None, sliding_layers=())],
+    "gemma": [dict(norm_offset=0.0), dict(embed_scale=False), dict(hidden_act="silu")],
+    "gemma3": [dict(sliding_layers=()), dict(local_rope_theta=None), dict(rope_scaling=RopeScaling()),
+               dict(query_pre_attn_scalar=None)],
+}
+
+
+@pytest.mark.parametrize("kind", list(_EXPECTED))
 def test_tiny_logits_match_transformers(kind, tmp_path):
     ref_model = _torch_tiny(kind, tmp_path)
     loaded = load_model(tmp_path, with_tokenizer=False)
     cfg = loaded.config
-    assert cfg.model_type == ("llama" if kind.startswith("llama") else kind)
-    assert (cfg.sliding_window == 4) == (kind == "mistral")
+    defaults = ModelConfig(**{k: getattr(cfg, k) for k in ("vocab_size", "hidden_size", "intermediate_size",
+                                                             "num_layers", "num_heads", "num_kv_heads")})
+    for field in ("model_type", "qkv_bias", "qk_norm", "head_dim", "sliding_window", "sliding_layers", "hidden_act",
+                  "norm_offset", "embed_scale", "sandwich_norms", "local_rope_theta", "query_pre_attn_scalar"):
+        assert getattr(cfg, field) == _EXPECTED[kind].get(field, getattr(defaults, field)), field
     assert (cfg.rope_scaling.kind == "llama3") == (kind == "llama3_rope")
-    assert cfg.qkv_bias == (kind == "qwen2")
-    assert cfg.qk_norm == (kind == "qwen3") and cfg.head_dim == (16 if kind == "qwen3" else 8)
     assert cfg.num_params == sum(p.numel() for p in ref_model.parameters())
     rng = np.random.default_rng(1)
     tokens, mask = left_padded([list(rng.integers(0, TINY["vocab_size"], n)) for n in LENGTHS], pad_id=0)
     ours, _ = jax.jit(forward, static_argnums=1)(loaded.params, cfg, tokens, mask)
     rel = assert_logits_match(ours, torch_logits(ref_model, tokens, mask), mask, rel_tol=1e-5)
     print(f"{kind}: max|diff|/scale={rel:.1e}")
-    if kind in ("mistral", "llama3_rope"):  # the feature under test must change the result
-        plain = cfg.replace(sliding_window=None, rope_scaling=RopeScaling())
-        other, _ = jax.jit(forward, static_argnums=1)(loaded.params, plain, tokens, mask)
-        assert np.abs(np.asarray(other) - np.asarray(ours)).max() > 1e-2 * np.abs(np.asarray(ours)).max()
+    for change in _FEATURES.get(kind, ()):  # the feature under test must change the result
+        other, _ = jax.jit(forward, static_argnums=1)(loaded.params, cfg.replace(**change), tokens, mask)
+        changed = np.abs(np.asarray(other) - np.asarray(ours))[mask.astype(bool)].max()
+        assert changed > 1e-2 * np.abs(np.asarray(ours)).max(), change
 
 
 def test_a_top_level_original_max_position_embeddings_wins_as_in_transformers(tmp_path):
@@ -159,6 +197,12 @@ def test_smollm_logits_match_transformers_gguf(smollm_model, smollm_torch):
 
 def _decode_test_config(variant: str, window: int | None) -> ModelConfig:
     qwen2, qwen3 = variant.startswith("qwen2"), variant.startswith("qwen3")
+    if variant.startswith("gemma3"):  # a windowed local layer (own RoPE base) then a global one, all Gemma 3 parts
+        return ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+                           num_kv_heads=2, head_dim=16, sliding_window=3, sliding_layers=(True, False),
+                           local_rope_theta=1e4, rope_theta=1e6, qk_norm=True, hidden_act="gelu_tanh",
+                           norm_offset=1.0, embed_scale=True, query_pre_attn_scalar=24.0, sandwich_norms=True,
+                           model_type="gemma3_text", tie_word_embeddings=True)
     return ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
                        num_kv_heads=2, head_dim=16 if qwen3 else 0, sliding_window=window,
                        model_type=variant.split("_")[0], qkv_bias=qwen2, qk_norm=qwen3, tie_word_embeddings=not qwen2)
@@ -184,7 +228,8 @@ def _prefill_then_decode(params, cfg: ModelConfig, prompt_BxP, mask_BxP, cache_l
     return last_logits, jnp.swapaxes(logits_NxBxV, 0, 1)
 
 
-@pytest.mark.parametrize("variant", ["llama", "mistral_window3", "qwen2_bias_untied", "qwen3_qknorm_hd16"])
+@pytest.mark.parametrize("variant", ["llama", "mistral_window3", "qwen2_bias_untied", "qwen3_qknorm_hd16",
+                                     "gemma3_mixed_layers"])
 def test_prefill_and_decode_match_full_forward(variant, random_params):
     """The decode path (fused per-layer weights, [B,K,hd,S] key cache) equals the scanned full forward."""
     window = 3 if variant == "mistral_window3" else None
@@ -205,7 +250,8 @@ def test_prefill_and_decode_match_full_forward(variant, random_params):
     np.testing.assert_allclose(decoded, full[:, p:], atol=1e-5 * scale, rtol=0)
 
 
-@pytest.mark.parametrize("variant", ["llama", "mistral_window3", "qwen2_bias_untied", "qwen3_qknorm_hd16"])
+@pytest.mark.parametrize("variant", ["llama", "mistral_window3", "qwen2_bias_untied", "qwen3_qknorm_hd16",
+                                     "gemma3_mixed_layers"])
 def test_packed_prefill_equals_prefill(variant, random_params):
     """The padding-free prefill (GEMMs over the real tokens only, `chunk` at a time) gives the padded prefill's
     last logits and hidden states, and the same keys/values in every real slot (4 chunks here, one partly padding)."""
@@ -250,11 +296,13 @@ def _assert_cotangents_close(ours, ref, tol):
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=tol * scale, rtol=0)
 
 
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_swiglu_custom_vjp_matches_autodiff(dtype):
-    """The hand-written SwiGLU backward equals autodiff of the plain formula (all four cotangents)."""
-    from reftjax.models.llama import swiglu_mlp
+def test_gated_mlp_custom_vjp_matches_autodiff(dtype, act):
+    """The hand-written SwiGLU / GeGLU backward equals autodiff of the plain formula (all four cotangents)."""
+    from reftjax.models.llama import activation, gated_mlp
 
+    mlp = functools.partial(gated_mlp, act=act)
     rng = np.random.default_rng(0)
     dt = jnp.dtype(dtype)
     x, wg, wu, wd = (jnp.asarray(rng.normal(0, s, shape), dt) for s, shape in
@@ -262,13 +310,13 @@ def test_swiglu_custom_vjp_matches_autodiff(dtype):
     r = jnp.asarray(rng.normal(size=(12, 8)), dt)
 
     def plain(x, wg, wu, wd):
-        return (jax.nn.silu(x @ wg) * (x @ wu)) @ wd
+        return (activation(act)(x @ wg) * (x @ wu)) @ wd
 
-    ours = jax.grad(lambda *a: jnp.sum(swiglu_mlp(*a).astype(jnp.float32) * r), argnums=(0, 1, 2, 3))(x, wg, wu, wd)
+    ours = jax.grad(lambda *a: jnp.sum(mlp(*a).astype(jnp.float32) * r), argnums=(0, 1, 2, 3))(x, wg, wu, wd)
     ref = jax.grad(lambda *a: jnp.sum(plain(*a).astype(jnp.float32) * r), argnums=(0, 1, 2, 3))(x, wg, wu, wd)
     tol = 1e-5 if dtype == "float32" else 3e-2
     _assert_cotangents_close(ours, ref, tol)
-    np.testing.assert_array_equal(np.asarray(swiglu_mlp(x, wg, wu, wd), np.float32),
+    np.testing.assert_array_equal(np.asarray(mlp(x, wg, wu, wd), np.float32),
                                   np.asarray(plain(x, wg, wu, wd), np.float32))
 
 

@@ -813,15 +813,25 @@ def _grouped_rollout(cfg, group, prompts=4, new_tokens=6, vh=None):
     return policy, r, keep
 
 
-@pytest.mark.parametrize("window", [None, 3])
+# Gemma 3's parts: a windowed local layer with its own RoPE base, then a global one (masks picked per layer)
+_GEMMA3 = dict(sliding_layers=(True, False), local_rope_theta=1e4, rope_theta=1e6, qk_norm=True, hidden_act="gelu_tanh",
+               norm_offset=1.0, embed_scale=True, query_pre_attn_scalar=12.0, sandwich_norms=True,
+               model_type="gemma3_text")
+
+
+@pytest.mark.parametrize("window", [None, 3, "gemma3"])
 def test_share_prompt_runs_each_prompt_once_with_the_unpacked_outputs_and_gradients(window, monkeypatch):
     """completion_hidden(share_prompt=g) packs g completions behind one copy of their prompt: the trunk sees
     B/g rows of P + g*N tokens instead of B rows of P + N, and log-probs, values, entropies and their
-    gradients equal the unpacked forward's (left-padded prompts, EOS-stopped rows, sliding window), with the
-    full-logits head and with the chunked one (`losses.fused_token_logprobs`)."""
+    gradients equal the unpacked forward's (left-padded prompts, EOS-stopped rows, sliding window, Gemma 3's
+    windowed and full layers mixed), with the full-logits head and with the chunked one
+    (`losses.fused_token_logprobs`)."""
     from reftjax import steps
 
-    cfg = dataclasses.replace(CFG, num_layers=2, sliding_window=window)
+    if window == "gemma3":
+        cfg = dataclasses.replace(CFG, num_layers=2, sliding_window=3, **_GEMMA3)
+    else:
+        cfg = dataclasses.replace(CFG, num_layers=2, sliding_window=window)
     g, n_new = 3, 6
     policy, r, keep = _grouped_rollout(cfg, g, new_tokens=n_new)
     params = {"policy": policy, "value_head": jax.tree.map(lambda x: x * 20.0, init_value_head(cfg, jax.random.key(2)))}

@@ -1,8 +1,10 @@
 """ModelConfig: the static description of a Llama-family decoder.
 
 One frozen (hashable) dataclass covers Llama 2/3 (incl. Llama-3 RoPE scaling),
-Mistral (sliding window), Qwen2/2.5 (qkv bias), Qwen3 (per-head q/k RMSNorm) and
-SmolLM2 (tied embeddings).
+Mistral (sliding window), Qwen2/2.5 (qkv bias, windows on the upper layers), Qwen3
+(per-head q/k RMSNorm), SmolLM2 (tied embeddings), Gemma (GeGLU, norms scaled by 1 + w,
+scaled embeddings) and Gemma 3 (also: norms around both sublayers, windowed local layers
+with their own RoPE base among global ones).
 Being hashable it can be a static argument of `jax.jit`.
 """
 from __future__ import annotations
@@ -15,10 +17,11 @@ import jax.numpy as jnp
 # each supported Hugging Face model_type and its transformers class, written as config.json's `architectures` on
 # export (serving stacks such as vLLM pick the class from it; transformers' own table imports torch)
 CAUSAL_LM_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                     "qwen3": "Qwen3ForCausalLM"}
+                     "qwen3": "Qwen3ForCausalLM", "gemma": "GemmaForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
 SUPPORTED_MODEL_TYPES = tuple(CAUSAL_LM_CLASSES)
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+ACTIVATIONS = ("silu", "gelu_tanh")  # the gate's activation: SwiGLU (Llama, Qwen, Mistral) or GeGLU (Gemma)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +59,17 @@ class ModelConfig:
       qkv_bias: q/k/v projections carry a bias (Qwen2).
       qk_norm: queries and keys pass through an RMSNorm over each head (scales [head_dim]) before RoPE (Qwen3).
       sliding_window: attend only to the last `sliding_window` keys (Mistral), or None.
+      sliding_layers: which layers the window applies to, one flag per layer (Gemma 3's local layers, Qwen2's
+        upper layers); empty: every layer (when `sliding_window` is set).
+      local_rope_theta: RoPE base of the windowed layers (Gemma 3's 10,000, unscaled), or None: `rope_theta`.
+      hidden_act: the gate's activation, "silu" (SwiGLU) or "gelu_tanh" (GeGLU, Gemma's gelu_pytorch_tanh).
+      norm_offset: every RMSNorm scales by `norm_offset + scale` in float32 (Gemma: 1.0, the weights stored as
+        Hugging Face stores them); 0.0 is Llama's norm.
+      embed_scale: input embeddings are multiplied by sqrt(hidden_size) (Gemma).
+      query_pre_attn_scalar: attention scores are scaled by its -1/2 power instead of head_dim's (Gemma 3).
+      sandwich_norms: each sublayer's output is normed too before its residual add (Gemma 3's
+        post_attention_layernorm and post_feedforward_layernorm; its pre_feedforward_layernorm is the MLP's
+        input norm).
       model_type: Hugging Face model_type written on export.
       param_dtype: storage dtype of the weights ("float32" or "bfloat16").
       dtype: compute dtype of activations and matmuls.
@@ -79,6 +93,13 @@ class ModelConfig:
     qkv_bias: bool = False
     qk_norm: bool = False
     sliding_window: int | None = None
+    sliding_layers: tuple[bool, ...] = ()
+    local_rope_theta: float | None = None
+    hidden_act: str = "silu"
+    norm_offset: float = 0.0
+    embed_scale: bool = False
+    query_pre_attn_scalar: float | None = None
+    sandwich_norms: bool = False
     model_type: str = "llama"
     param_dtype: str = "float32"
     dtype: str = "float32"
@@ -102,6 +123,27 @@ class ModelConfig:
                 raise ValueError(f"{name}={getattr(self, name)!r}; expected one of {sorted(_DTYPES)}")
         if self.remat not in ("none", "full", "dots"):
             raise ValueError(f"remat={self.remat!r}; expected none, full or dots")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"hidden_act={self.hidden_act!r}; expected one of {ACTIVATIONS}")
+        object.__setattr__(self, "sliding_layers", tuple(bool(f) for f in self.sliding_layers))
+        if self.sliding_layers:
+            if len(self.sliding_layers) != self.num_layers:
+                raise ValueError(f"sliding_layers has {len(self.sliding_layers)} flags for {self.num_layers} layers")
+            if not self.sliding_window:
+                raise ValueError("sliding_layers needs a sliding_window")
+        if self.local_rope_theta is not None and not self.sliding_window:
+            raise ValueError("local_rope_theta is the RoPE base of windowed layers: it needs a sliding_window")
+
+    def layer_window(self, i: int) -> int | None:
+        """The sliding window of layer `i`, or None (full attention)."""
+        if not self.sliding_window or (self.sliding_layers and not self.sliding_layers[i]):
+            return None
+        return self.sliding_window
+
+    @property
+    def mixed_layers(self) -> bool:
+        """Layers differ in window (and RoPE base): windowed and full ones mixed (Gemma 3, Qwen2's upper layers)."""
+        return len(set(self.sliding_layers)) > 1
 
     @property
     def jnp_dtype(self):
@@ -118,7 +160,7 @@ class ModelConfig:
         attn = d * hd * (2 * self.num_heads + 2 * self.num_kv_heads)
         if self.qkv_bias:
             attn += hd * (self.num_heads + 2 * self.num_kv_heads)
-        per_layer = attn + 3 * d * f + 2 * d + (2 * hd if self.qk_norm else 0)
+        per_layer = attn + 3 * d * f + (4 if self.sandwich_norms else 2) * d + (2 * hd if self.qk_norm else 0)
         head = 0 if self.tie_word_embeddings else d * self.vocab_size
         return self.vocab_size * d + self.num_layers * per_layer + d + head
 
@@ -136,7 +178,10 @@ class ModelConfig:
 
 
 def _rope_from_hf(hf, where: str) -> tuple[float, RopeScaling]:
+    """(theta, scaling) of the global (full-attention) layers."""
     params = getattr(hf, "rope_parameters", None) or {}
+    if "full_attention" in params:  # one entry per layer type (Gemma 3): the global layers' here
+        params = params["full_attention"] or {}
     legacy = getattr(hf, "rope_scaling", None) or {}
     merged = {**legacy, **params}
     theta = float(merged.get("rope_theta", getattr(hf, "rope_theta", 10000.0)))
@@ -159,37 +204,87 @@ def _rope_from_hf(hf, where: str) -> tuple[float, RopeScaling]:
     )
 
 
-def _sliding_window(hf, model_type: str, where: str) -> int | None:
-    """The window every layer uses, or None. transformers' Llama has none (a stray `sliding_window` key is
-    ignored there too); Mistral windows every layer; Qwen2/3 only layers >= max_window_layers, and only with
-    use_sliding_window: a mix of windowed and full layers is refused."""
-    window = getattr(hf, "sliding_window", None)
-    if model_type == "llama" or not window:
+def _local_rope_theta(hf, where: str) -> float | None:
+    """The RoPE base of the windowed layers where it has its own (Gemma 3's rope_parameters.sliding_attention, an
+    unscaled 10,000), else None."""
+    local = (getattr(hf, "rope_parameters", None) or {}).get("sliding_attention")
+    if not local:
         return None
-    if model_type in ("qwen2", "qwen3"):
-        n = hf.num_hidden_layers
-        kinds = getattr(hf, "layer_types", None) or [
-            "sliding_attention" if getattr(hf, "use_sliding_window", False) and i >= getattr(hf, "max_window_layers", n)
-            else "full_attention" for i in range(n)]
-        if all(k == "full_attention" for k in kinds):
-            return None
-        if any(k != "sliding_attention" for k in kinds):
-            raise ValueError(f"{where}: a sliding window on some layers only (layer_types={list(kinds)}) "
-                             "is not supported")
-    return int(window)
+    kind = local.get("rope_type", local.get("type", "default")) or "default"
+    if kind != "default":
+        raise ValueError(f"{where}: rope_parameters.sliding_attention.rope_type={kind!r} is not supported (default)")
+    return float(local.get("rope_theta", 10000.0))
+
+
+def _sliding_window(hf, model_type: str, where: str) -> tuple[int | None, tuple[bool, ...]]:
+    """(window, per-layer flags): (None, ()) without a window, (window, ()) when every layer has it, else the flags.
+    transformers' Llama and Gemma have none (a stray `sliding_window` key is ignored there too); Mistral windows
+    every layer; Qwen2/3 only layers >= max_window_layers, and only with use_sliding_window; Gemma 3 its
+    layer_types' sliding_attention layers (five of six)."""
+    window = getattr(hf, "sliding_window", None)
+    if model_type in ("llama", "gemma") or not window:
+        return None, ()
+    n = hf.num_hidden_layers
+    if model_type == "mistral":
+        return int(window), ()
+    kinds = list(getattr(hf, "layer_types", None) or [
+        "sliding_attention" if getattr(hf, "use_sliding_window", False) and i >= getattr(hf, "max_window_layers", n)
+        else "full_attention" for i in range(n)])
+    unknown = sorted(set(kinds) - {"sliding_attention", "full_attention"})
+    if unknown or len(kinds) != n:
+        raise ValueError(f"{where}: layer_types={kinds} is not supported (one of sliding_attention or "
+                         f"full_attention per layer, {n} layers)")
+    if all(k == "full_attention" for k in kinds):
+        return None, ()
+    if all(k == "sliding_attention" for k in kinds):
+        return int(window), ()
+    return int(window), tuple(k == "sliding_attention" for k in kinds)
+
+
+_GEMMA = ("gemma", "gemma3_text")
+
+
+def _activation(hf, model_type: str, where: str) -> str:
+    """The gate's activation as `ModelConfig.hidden_act` names it; refused when the MLP is neither SwiGLU nor
+    (Gemma's) tanh-approximated GeGLU."""
+    act = (getattr(hf, "hidden_activation", None) if model_type == "gemma3_text" else None) or getattr(
+        hf, "hidden_act", "silu")
+    if model_type in _GEMMA:
+        if act != "gelu_pytorch_tanh":
+            raise ValueError(f"{where}: hidden_activation={act!r} is not supported for {model_type} (the MLP is "
+                             "GeGLU with gelu_pytorch_tanh)")
+        return "gelu_tanh"
+    if act not in ("silu", "swish"):
+        raise ValueError(f"{where}: hidden_act={act!r} is not supported (the MLP is SwiGLU with SiLU)")
+    return "silu"
+
+
+def _check_gemma(hf, model_type: str, where: str) -> None:
+    """Refuse what the Gemma decoders here do not compute: logit soft-capping (Gemma 2's), bidirectional attention
+    (EmbeddingGemma's), biases."""
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if getattr(hf, key, None) is not None:
+            raise ValueError(f"{where}: {key}={getattr(hf, key)} is not supported (no logit soft-capping here)")
+    if getattr(hf, "use_bidirectional_attention", False):
+        raise ValueError(f"{where}: use_bidirectional_attention=True (an encoder) is not supported")
+    if getattr(hf, "attention_bias", False):
+        raise ValueError(f"{where}: attention_bias=True (q/k/v and o_proj biases) is not supported for {model_type}")
 
 
 def from_hf_config(hf, *, param_dtype: str = "float32", dtype: str = "float32", remat: str = "none",
                    where: str = "config.json") -> ModelConfig:
-    """Build a ModelConfig from a transformers PretrainedConfig (Llama/Mistral/Qwen2/Qwen3)."""
+    """Build a ModelConfig from a transformers PretrainedConfig (Llama/Mistral/Qwen2/Qwen3/Gemma/Gemma 3 text)."""
     model_type = getattr(hf, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
+        hint = {"gemma2": " (Gemma 2's logit soft-capping is not implemented)",
+                "gemma3": " (the multimodal Gemma 3; its text model, model_type gemma3_text, is supported)"}
         raise ValueError(f"{where}: unsupported architecture model_type={model_type!r} "
-                         f"(architectures={getattr(hf, 'architectures', None)}); supported: {SUPPORTED_MODEL_TYPES}")
+                         f"(architectures={getattr(hf, 'architectures', None)}); supported: {SUPPORTED_MODEL_TYPES}"
+                         + hint.get(model_type, ""))
     # what this decoder cannot represent is refused, never loaded approximately
-    act = getattr(hf, "hidden_act", "silu")
-    if act not in ("silu", "swish"):
-        raise ValueError(f"{where}: hidden_act={act!r} is not supported (the MLP is SwiGLU with SiLU)")
+    act = _activation(hf, model_type, where)
+    if model_type in _GEMMA:
+        _check_gemma(hf, model_type, where)
     if getattr(hf, "quantization_config", None):
         raise ValueError(f"{where}: quantized checkpoints (quantization_config) are not supported: load a float one")
     if model_type == "llama" and getattr(hf, "mlp_bias", False):  # (Mistral's and Qwen2's MLPs have no bias in
@@ -199,8 +294,11 @@ def from_hf_config(hf, *, param_dtype: str = "float32", dtype: str = "float32", 
     theta, scaling = _rope_from_hf(hf, where)
     eos = hf.eos_token_id
     eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
-    window = _sliding_window(hf, model_type, where)
+    window, sliding_layers = _sliding_window(hf, model_type, where)
+    local_theta = _local_rope_theta(hf, where) if window else None
     heads = hf.num_attention_heads
+    gemma3 = model_type == "gemma3_text"
+    qpas = getattr(hf, "query_pre_attn_scalar", None) if gemma3 else None
     return ModelConfig(
         vocab_size=hf.vocab_size,
         hidden_size=hf.hidden_size,
@@ -215,8 +313,15 @@ def from_hf_config(hf, *, param_dtype: str = "float32", dtype: str = "float32", 
         max_position_embeddings=int(hf.max_position_embeddings),
         tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
         qkv_bias=model_type == "qwen2",
-        qk_norm=model_type == "qwen3",
+        qk_norm=model_type in ("qwen3", "gemma3_text"),
         sliding_window=window,
+        sliding_layers=sliding_layers,
+        local_rope_theta=local_theta,
+        hidden_act=act,
+        norm_offset=1.0 if model_type in _GEMMA else 0.0,
+        embed_scale=model_type in _GEMMA,
+        query_pre_attn_scalar=float(qpas) if qpas is not None else None,
+        sandwich_norms=gemma3,
         model_type=model_type,
         param_dtype=param_dtype,
         dtype=dtype,

@@ -1,4 +1,4 @@
-"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM2) in Flax linen.
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM2, Gemma, Gemma 3 text) in Flax linen.
 
 Parameters mirror Hugging Face names, kernels stored [in, out]:
 
@@ -8,7 +8,9 @@ Parameters mirror Hugging Face names, kernels stored [in, out]:
       self_attn/{q,k,v}_proj      [L, D, H*hd] (+ bias [L, H*hd] for Qwen2)
       self_attn/{q,k}_norm/scale  [L, hd] (Qwen3: per-head RMSNorm of q and k before RoPE)
       self_attn/o_proj            [L, H*hd, D]
-      post_attention_layernorm    [L, D]
+      post_attention_layernorm    [L, D] (the MLP's input norm; Gemma 3: the attention output's norm)
+      pre_feedforward_layernorm,  [L, D] (Gemma 3 only: the MLP's input and output norms)
+        post_feedforward_layernorm
       mlp/{gate,up}_proj          [L, D, F];  mlp/down_proj [L, F, D]
     norm/scale                    [D]
     lm_head/kernel                [D, V] (absent with tied embeddings)
@@ -42,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from reftjax.models.config import ModelConfig
+from reftjax.models.config import ModelConfig, RopeScaling
 from reftjax.sharding import constrain_batch, constrain_lookup
 
 # Logical axis names of parameters; `reftjax.sharding` maps them to mesh axes.
@@ -63,11 +65,15 @@ class KVCache(NamedTuple):
     v: jax.Array
 
 
-def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
-    """Inverse RoPE frequencies [head_dim // 2] with linear / Llama-3 scaling (as transformers)."""
+def rope_inv_freq(cfg: ModelConfig, sliding: bool = False) -> np.ndarray:
+    """Inverse RoPE frequencies [head_dim // 2] with linear / Llama-3 scaling (as transformers).
+
+    `sliding`: of a windowed layer, which has its own unscaled base where the model sets `local_rope_theta`
+    (Gemma 3's local layers)."""
     hd = cfg.head_dim
-    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
-    sc = cfg.rope_scaling
+    local = sliding and cfg.local_rope_theta is not None
+    inv = 1.0 / ((cfg.local_rope_theta if local else cfg.rope_theta) ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
+    sc = RopeScaling() if local else cfg.rope_scaling
     if sc.kind == "linear":
         inv = inv / sc.factor
     elif sc.kind == "llama3":
@@ -90,6 +96,21 @@ def apply_rope(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, inv_freq: np.ndar
     x1, x2 = jnp.split(x_BxTxNxH, 2, axis=-1)
     rotated = jnp.concatenate([-x2, x1], axis=-1)
     return x_BxTxNxH * cos + rotated * sin
+
+
+def _rope_qk(cfg: ModelConfig, q, k, positions_BxT, inv_freq):
+    """RoPE on q and k; q also takes the model's own score scale where it has one (Gemma 3's
+    query_pre_attn_scalar^-1/2 in place of head_dim^-1/2, which the attention applies)."""
+    q, k = apply_rope(q, positions_BxT, inv_freq), apply_rope(k, positions_BxT, inv_freq)
+    qpas = cfg.query_pre_attn_scalar
+    if qpas is not None and qpas != cfg.head_dim:
+        q = q * jnp.asarray((cfg.head_dim / qpas) ** 0.5, q.dtype)
+    return q, k
+
+
+def _scale_embeddings(cfg: ModelConfig, x):
+    """Gemma's input embeddings times sqrt(D), the factor rounded to the activations' dtype (as transformers)."""
+    return x * jnp.asarray(cfg.hidden_size ** 0.5, x.dtype) if cfg.embed_scale else x
 
 
 def attention_mask(q_slots_T: jax.Array, k_slots_S: jax.Array, key_valid_BxS: jax.Array,
@@ -141,30 +162,35 @@ def _dense(cfg: ModelConfig, features: int, axes: tuple[str, str], name: str, bi
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[-1:]))
 
 
-def rms_norm(x, scale, eps: float, dtype):
-    """RMSNorm computed in float32, scaled after casting back to `dtype` (transformers' order)."""
+def rms_norm(x, scale, eps: float, dtype, offset: float = 0.0):
+    """RMSNorm computed in float32, scaled after casting back to `dtype` (transformers' order); with an `offset`
+    (Gemma's 1 + w), scaled by `offset + scale` in float32 and then cast (transformers' Gemma order)."""
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
     # explicit broadcast: the project runs with jax_numpy_rank_promotion='raise'
-    return scale.astype(dtype).reshape((1,) * (x.ndim - 1) + (-1,)) * y.astype(dtype)
+    shape = (1,) * (x.ndim - 1) + (-1,)
+    if offset:
+        return (y * (offset + scale.astype(jnp.float32)).reshape(shape)).astype(dtype)
+    return scale.astype(dtype).reshape(shape) * y.astype(dtype)
 
 
 class RMSNorm(nn.Module):
-    """`rms_norm` with its learned scale."""
+    """`rms_norm` with its learned scale (initialised to the identity: ones, or zeros with an offset)."""
 
     eps: float
     dtype: jnp.dtype
     param_dtype: jnp.dtype
+    offset: float = 0.0
 
     @nn.compact
     def __call__(self, x):
-        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, (NORM,)),
-                           (x.shape[-1],), self.param_dtype)
-        return rms_norm(x, scale, self.eps, self.dtype)
+        init = nn.initializers.zeros if self.offset else nn.initializers.ones
+        scale = self.param("scale", nn.with_logical_partitioning(init, (NORM,)), (x.shape[-1],), self.param_dtype)
+        return rms_norm(x, scale, self.eps, self.dtype, self.offset)
 
 
 def _norm(cfg: ModelConfig, name: str) -> RMSNorm:
-    return RMSNorm(cfg.rms_norm_eps, cfg.jnp_dtype, cfg.jnp_param_dtype, name=name)
+    return RMSNorm(cfg.rms_norm_eps, cfg.jnp_dtype, cfg.jnp_param_dtype, cfg.norm_offset, name=name)
 
 
 def _scores(q_BxKxGxTxD, k_BxKxSxD, mask_BxTxS):
@@ -256,11 +282,20 @@ def _attend_prefix_groups(q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, mask_pp, mask_c):
     return jnp.concatenate([out_p, out_c.reshape(b, g * n, h * d)], axis=1)
 
 
+class _LayerMasks(NamedTuple):
+    """The masks of the full-attention and of the windowed layers, for models that mix them (`mixed_layers`);
+    each is a [B, T, S] mask or `prefix_group_masks`' pair."""
+
+    full: object
+    sliding: object
+
+
 class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS):
+    def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, sliding=None):
+        """`sliding` (a traced bool, mixed models only) picks this layer's mask and RoPE base from `_LayerMasks`."""
         cfg = self.cfg
         b, t, _ = x_BxTxD.shape
         h, kvh, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -269,8 +304,12 @@ class Attention(nn.Module):
         v = _dense(cfg, kvh * hd, (EMBED, KV_HEADS), "v_proj", cfg.qkv_bias)(x_BxTxD).reshape(b, t, kvh, hd)
         if cfg.qk_norm:
             q, k = _norm(cfg, "q_norm")(q), _norm(cfg, "k_norm")(k)
-        inv_freq = rope_inv_freq(cfg)
-        q, k = apply_rope(q, positions_BxT, inv_freq), apply_rope(k, positions_BxT, inv_freq)
+        if sliding is None:
+            inv_freq = rope_inv_freq(cfg, cfg.layer_window(0) is not None)
+        else:
+            inv_freq = jnp.where(sliding, rope_inv_freq(cfg, True), rope_inv_freq(cfg, False))
+            mask_BxTxS = jax.tree.map(lambda full, win: jnp.where(sliding, win, full), *mask_BxTxS)
+        q, k = _rope_qk(cfg, q, k, positions_BxT, inv_freq)
         if isinstance(mask_BxTxS, tuple):  # (prefix block, continuation blocks): packed rows, `prefix_group_masks`
             out = _attend_prefix_groups(q, k, v, *mask_BxTxS)
         else:
@@ -291,9 +330,25 @@ class _Kernel(nn.Module):
         return self.param("kernel", init, self.shape, self.param_dtype)
 
 
-@jax.custom_vjp
-def swiglu_mlp(x_NxD, w_gate_DxF, w_up_DxF, w_down_FxD):
-    """down(silu(x @ gate) * (x @ up)) with a hand-written backward.
+_GELU_C = math.sqrt(2.0 / math.pi)
+
+
+def activation(name: str):
+    """The gate's activation: SiLU (SwiGLU) or the tanh-approximated GELU (GeGLU: torch's gelu_pytorch_tanh)."""
+    return jax.nn.silu if name == "silu" else functools.partial(jax.nn.gelu, approximate=True)
+
+
+def _activation_and_derivative(name: str, g):
+    if name == "silu":
+        sig = jax.nn.sigmoid(g)
+        return g * sig, sig * (1 + g * (1 - sig))
+    t = jnp.tanh(_GELU_C * (g + 0.044715 * g * g * g))
+    return 0.5 * g * (1 + t), 0.5 * (1 + t) + 0.5 * g * (1 - t * t) * _GELU_C * (1 + 3 * 0.044715 * g * g)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def gated_mlp(x_NxD, w_gate_DxF, w_up_DxF, w_down_FxD, act: str):
+    """down(act(x @ gate) * (x @ up)) with a hand-written backward; `act` "silu" (SwiGLU) or "gelu_tanh" (GeGLU).
 
     Autodiff's backward of this block made XLA:CPU emit the SwiGLU derivative as
     elementwise fusions writing a transposed [F, N] layout (strided stores: ~3.5 s
@@ -301,31 +356,35 @@ def swiglu_mlp(x_NxD, w_gate_DxF, w_up_DxF, w_down_FxD):
     every activation [N, F] and forms weight gradients as `x^T dY` dots: trunk
     forward + backward 19.8 s -> 13.7 s, gradients equal within 1.4e-6 relative.
     """
-    return (jax.nn.silu(x_NxD @ w_gate_DxF) * (x_NxD @ w_up_DxF)) @ w_down_FxD
+    return (activation(act)(x_NxD @ w_gate_DxF) * (x_NxD @ w_up_DxF)) @ w_down_FxD
 
 
-def _swiglu_fwd(x, wg, wu, wd):
+def _gated_fwd(x, wg, wu, wd, act):
     g, u = x @ wg, x @ wu
-    return (jax.nn.silu(g) * u) @ wd, (x, g, u, wg, wu, wd)
+    return (activation(act)(g) * u) @ wd, (x, g, u, wg, wu, wd)
 
 
-def _swiglu_bwd(res, dy):
+def _gated_bwd(act, res, dy):
     x, g, u, wg, wu, wd = res
-    sig = jax.nn.sigmoid(g)
-    silu = g * sig
+    a, d_act = _activation_and_derivative(act, g)
     da = dy @ wd.T
-    du = da * silu
-    dg = da * u * (sig * (1 + g * (1 - sig)))
+    du = da * a
+    dg = da * u * d_act
     dx = dg @ wg.T + du @ wu.T
-    dwd = jnp.einsum("nf,nd->fd", silu * u, dy)
+    dwd = jnp.einsum("nf,nd->fd", a * u, dy)
     return dx, jnp.einsum("nd,nf->df", x, dg), jnp.einsum("nd,nf->df", x, du), dwd
 
 
-swiglu_mlp.defvjp(_swiglu_fwd, _swiglu_bwd)
+gated_mlp.defvjp(_gated_fwd, _gated_bwd)
 
 
-class SwiGLU(nn.Module):
-    """SwiGLU MLP; params `gate_proj/kernel`, `up_proj/kernel` [D, F], `down_proj/kernel` [F, D]."""
+def swiglu_mlp(x_NxD, w_gate_DxF, w_up_DxF, w_down_FxD):
+    """`gated_mlp` with SiLU."""
+    return gated_mlp(x_NxD, w_gate_DxF, w_up_DxF, w_down_FxD, "silu")
+
+
+class GatedMLP(nn.Module):
+    """SwiGLU / GeGLU MLP; params `gate_proj/kernel`, `up_proj/kernel` [D, F], `down_proj/kernel` [F, D]."""
 
     cfg: ModelConfig
 
@@ -339,21 +398,27 @@ class SwiGLU(nn.Module):
         wu = kernel((d, f), (EMBED, MLP), "up_proj")
         wd = kernel((f, d), (MLP, EMBED), "down_proj")
         lead = x.shape[:-1]
-        return swiglu_mlp(x.astype(cfg.jnp_dtype).reshape(-1, d), wg, wu, wd).reshape(lead + (d,))
+        return gated_mlp(x.astype(cfg.jnp_dtype).reshape(-1, d), wg, wu, wd, cfg.hidden_act).reshape(lead + (d,))
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm block. Returns (hidden, this layer's fresh keys/values). `decode_step` is its one-token twin."""
+    """Pre-norm block (Gemma 3: sublayer outputs normed too). Returns (hidden, this layer's fresh keys/values).
+    `decode_step` is its one-token twin."""
 
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions_BxT, mask_BxTxS):
+    def __call__(self, x, positions_BxT, mask_BxTxS, sliding=None):
+        cfg = self.cfg
         x = constrain_batch(x)  # rows over the mesh's batch axes (else XLA follows the weights' fsdp split of D)
-        attn_out, kv = Attention(self.cfg, name="self_attn")(
-            _norm(self.cfg, "input_layernorm")(x), positions_BxT, mask_BxTxS)
-        h = x + attn_out
-        return h + SwiGLU(self.cfg, name="mlp")(_norm(self.cfg, "post_attention_layernorm")(h)), kv
+        attn_out, kv = Attention(cfg, name="self_attn")(
+            _norm(cfg, "input_layernorm")(x), positions_BxT, mask_BxTxS, sliding)
+        if not cfg.sandwich_norms:
+            h = x + attn_out
+            return h + GatedMLP(cfg, name="mlp")(_norm(cfg, "post_attention_layernorm")(h)), kv
+        h = x + _norm(cfg, "post_attention_layernorm")(attn_out)
+        mlp_out = GatedMLP(cfg, name="mlp")(_norm(cfg, "pre_feedforward_layernorm")(h))
+        return h + _norm(cfg, "post_feedforward_layernorm")(mlp_out), kv
 
 
 def _remat_policy(name: str):
@@ -378,19 +443,26 @@ class Transformer(nn.Module):
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
                          embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), (VOCAB, EMBED)),
                          name="embed_tokens")
-        x = constrain_lookup(embed(tokens_BxT))
-        if shared_prefix is None:
-            slots = jnp.arange(tokens_BxT.shape[1])
-            mask = attention_mask(slots, slots, attn_mask_BxT, cfg.sliding_window)
-        else:
-            mask = prefix_group_masks(attn_mask_BxT, positions_BxT, *shared_prefix, cfg.sliding_window)
+        x = _scale_embeddings(cfg, constrain_lookup(embed(tokens_BxT)))
+        slots = jnp.arange(tokens_BxT.shape[1])
+
+        def masks(window):
+            if shared_prefix is None:
+                return attention_mask(slots, slots, attn_mask_BxT, window)
+            return prefix_group_masks(attn_mask_BxT, positions_BxT, *shared_prefix, window)
+
         block = DecoderLayer
         if cfg.remat != "none":
             block = nn.remat(block, policy=_remat_policy(cfg.remat), prevent_cse=False)
-        layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                         in_axes=(nn.broadcast, nn.broadcast),
+        scanned = (nn.broadcast, nn.broadcast)
+        inputs = (positions_BxT, masks(cfg.layer_window(0)))
+        if cfg.mixed_layers:  # each layer picks its mask and RoPE base by a scanned flag
+            scanned += (0,)
+            inputs = (positions_BxT, _LayerMasks(masks(None), masks(cfg.sliding_window)),
+                      jnp.asarray(cfg.sliding_layers))
+        layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=scanned,
                          length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: LAYERS})
-        x, kv = layers(cfg, name="layers")(x, positions_BxT, mask)
+        x, kv = layers(cfg, name="layers")(x, *inputs)
         hidden = _norm(cfg, "norm")(x)
         if not return_logits and not self.is_initializing():
             return None, hidden, kv
@@ -467,8 +539,9 @@ def unstack_layers(params, cfg: ModelConfig | None = None) -> list:
         o        [H hd, D]
         gate_up  [D, 2 F]           = gate_proj | up_proj
         down     [F, D]
-        ln1, ln2 [D]                  RMSNorm scales
+        ln1, ln2 [D]                  RMSNorm scales of the attention's and the MLP's inputs
         q_norm, k_norm [hd]           per-head q / k RMSNorm scales (qk_norm only)
+        attn_out_norm, mlp_out_norm [D]  RMSNorm scales of the sublayers' outputs (sandwich_norms only)
 
     `cfg` gives the compute dtype the kernels are cast to (default: kept as stored).
     """
@@ -476,8 +549,10 @@ def unstack_layers(params, cfg: ModelConfig | None = None) -> list:
     dtype = cfg.jnp_dtype if cfg is not None else None
     cast = (lambda a: a.astype(dtype)) if dtype is not None else (lambda a: a)  # noqa: E731
     attn, mlp = lp["self_attn"], lp["mlp"]
+    sandwich = "pre_feedforward_layernorm" in lp
     stacked = {
-        "ln1": lp["input_layernorm"]["scale"], "ln2": lp["post_attention_layernorm"]["scale"],
+        "ln1": lp["input_layernorm"]["scale"],
+        "ln2": lp["pre_feedforward_layernorm" if sandwich else "post_attention_layernorm"]["scale"],
         "qkv": cast(jnp.concatenate([attn[n]["kernel"] for n in ("q_proj", "k_proj", "v_proj")], axis=-1)),
         "o": cast(attn["o_proj"]["kernel"]),
         "gate_up": cast(jnp.concatenate([mlp["gate_proj"]["kernel"], mlp["up_proj"]["kernel"]], axis=-1)),
@@ -485,6 +560,9 @@ def unstack_layers(params, cfg: ModelConfig | None = None) -> list:
     }
     if "q_norm" in attn:
         stacked["q_norm"], stacked["k_norm"] = attn["q_norm"]["scale"], attn["k_norm"]["scale"]
+    if sandwich:
+        stacked["attn_out_norm"] = lp["post_attention_layernorm"]["scale"]
+        stacked["mlp_out_norm"] = lp["post_feedforward_layernorm"]["scale"]
     if "bias" in attn["q_proj"]:
         stacked["qkv_bias"] = cast(jnp.concatenate([attn[n]["bias"] for n in ("q_proj", "k_proj", "v_proj")], -1))
     n = stacked["qkv"].shape[0]
@@ -528,11 +606,14 @@ def _split_qkv(p, cfg: ModelConfig, qkv_Nx3, lead: tuple[int, ...]):
 
 
 def _fused_out_mlp(p, cfg: ModelConfig, x_NxD, attn_NxHD):
-    """The rest of the layer after attention: residual + o-projection, then residual + SwiGLU (fused gate|up)."""
-    x = x_NxD + attn_NxHD @ p["o"]
+    """The rest of the layer after attention: residual + o-projection, then residual + gated MLP (fused gate|up);
+    each sublayer's output normed first where the model does (sandwich_norms)."""
+    out = attn_NxHD @ p["o"]
+    x = x_NxD + (_rms(out, p["attn_out_norm"], cfg) if "attn_out_norm" in p else out)
     gate_up = _rms(x, p["ln2"], cfg) @ p["gate_up"]
     f = cfg.intermediate_size
-    return x + (jax.nn.silu(gate_up[:, :f]) * gate_up[:, f:]) @ p["down"]
+    out = (activation(cfg.hidden_act)(gate_up[:, :f]) * gate_up[:, f:]) @ p["down"]
+    return x + (_rms(out, p["mlp_out_norm"], cfg) if "mlp_out_norm" in p else out)
 
 
 def _rows(fn, n_rows, inputs: tuple, width: int, chunk: int, dtype):
@@ -578,17 +659,18 @@ def packed_prefill(params, layer_params: list, cfg: ModelConfig, tokens_BxP, att
     n_real = jnp.sum(valid.astype(jnp.int32))
     positions = positions_from_mask(attn_mask_BxP)
     x = jnp.take(params["embed_tokens"]["embedding"], jnp.take(tokens_BxP.reshape(-1), order), axis=0).astype(dtype)
+    x = _scale_embeddings(cfg, x)
     slots = jnp.arange(p)
-    mask = attention_mask(slots, slots, valid, cfg.sliding_window)
-    inv_freq = rope_inv_freq(cfg)
+    windows = [cfg.layer_window(i) for i in range(cfg.num_layers)]
+    masks = {w: attention_mask(slots, slots, valid, w) for w in dict.fromkeys(windows)}
     pad_s = cache_len - p
     caches = []
-    for lp in layer_params:
+    for lp, window in zip(layer_params, windows):
         project = functools.partial(_fused_qkv, lp, cfg)
         qkv = jnp.take(_rows(project, n_real, (x,), (h + 2 * kvh) * hd, chunk, dtype), inverse, axis=0)
         q, k, v = _split_qkv(lp, cfg, qkv, (b, p))
-        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
-        attn = jnp.take(_attend(q, k, v, mask).reshape(b * p, h * hd), order, axis=0)
+        q, k = _rope_qk(cfg, q, k, positions, rope_inv_freq(cfg, window is not None))
+        attn = jnp.take(_attend(q, k, v, masks[window]).reshape(b * p, h * hd), order, axis=0)
         x = _rows(functools.partial(_fused_out_mlp, lp, cfg), n_real, (x, attn), d, chunk, dtype)
         caches.append(KVCache(jnp.pad(k.transpose(0, 2, 3, 1), ((0, 0), (0, 0), (0, 0), (0, pad_s))),
                               jnp.pad(v.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, pad_s), (0, 0)))))
@@ -597,20 +679,21 @@ def packed_prefill(params, layer_params: list, cfg: ModelConfig, tokens_BxP, att
 
 
 def _rms(x, scale, cfg: ModelConfig):
-    return rms_norm(x, scale, cfg.rms_norm_eps, cfg.jnp_dtype)
+    return rms_norm(x, scale, cfg.rms_norm_eps, cfg.jnp_dtype, cfg.norm_offset)
 
 
-def _decode_layer(p, cfg: ModelConfig, x_BxD, positions_B, mask_BxS, cache: KVCache, cache_index):
-    """One decoder layer for one new token per row against the [B,K,hd,S] / [B,K,S,hd] caches."""
+def _decode_layer(p, cfg: ModelConfig, x_BxD, positions_B, mask_BxS, cache: KVCache, cache_index,
+                  sliding: bool = False):
+    """One decoder layer for one new token per row against the [B,K,hd,S] / [B,K,S,hd] caches (`sliding`: a
+    windowed layer, for its RoPE base)."""
     x_BxD = constrain_batch(x_BxD)
     b = x_BxD.shape[0]
     h, kvh, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     g = h // kvh
     q, k, v = _split_qkv(p, cfg, _fused_qkv(p, cfg, x_BxD), (b, 1))
     v = v.reshape(b, kvh, 1, hd)
-    inv_freq = rope_inv_freq(cfg)
-    q = apply_rope(q, positions_B[:, None], inv_freq).reshape(b, kvh, g, hd)
-    k = apply_rope(k, positions_B[:, None], inv_freq).reshape(b, kvh, hd, 1)
+    q, k = _rope_qk(cfg, q, k, positions_B[:, None], rope_inv_freq(cfg, sliding))
+    q, k = q.reshape(b, kvh, g, hd), k.reshape(b, kvh, hd, 1)
     cache = KVCache(jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), (0, 0, 0, cache_index)),
                     jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), (0, 0, cache_index, 0)))
     attn = decode_attention(q, cache.k.astype(q.dtype), cache.v.astype(q.dtype), mask_BxS).reshape(b, h * hd)
@@ -637,11 +720,14 @@ def decode_step(params, layer_params: list, cfg: ModelConfig, tokens_B, position
     every cache buffer in place.
     """
     x = constrain_lookup(jnp.take(params["embed_tokens"]["embedding"], tokens_B, axis=0).astype(cfg.jnp_dtype))
+    x = _scale_embeddings(cfg, x)
     s = key_valid_BxS.shape[1]
-    mask = attention_mask(jnp.reshape(cache_index, (1,)), jnp.arange(s), key_valid_BxS, cfg.sliding_window)[:, 0]
+    windows = [cfg.layer_window(i) for i in range(cfg.num_layers)]
+    masks = {w: attention_mask(jnp.reshape(cache_index, (1,)), jnp.arange(s), key_valid_BxS, w)[:, 0]
+             for w in dict.fromkeys(windows)}
     new_caches = []
-    for p_i, cache in zip(layer_params, caches):
-        x, cache = _decode_layer(p_i, cfg, x, positions_B, mask, cache, cache_index)
+    for p_i, cache, window in zip(layer_params, caches, windows):
+        x, cache = _decode_layer(p_i, cfg, x, positions_B, masks[window], cache, cache_index, window is not None)
         new_caches.append(cache)
     hidden = _rms(x, params["norm"]["scale"], cfg)
     return lm_logits(params, cfg, hidden), hidden, new_caches
