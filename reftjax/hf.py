@@ -260,6 +260,52 @@ _TOP_KEYS = {
 }
 
 
+# Multimodal checkpoints whose text model is trained alone: model_type -> (renames of the text model's tensors to a
+# causal LM's names (the Hub's layout, then transformers 5's in-memory one), prefixes of the parts left out).
+_TEXT_OF_MULTIMODAL = {
+    "gemma3": ((("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
+                ("model.language_model.", "model.")),
+               ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")),
+}
+
+
+def text_model_config(hf_config):
+    """The config reftjax builds its decoder from: a multimodal checkpoint's text model (Gemma 3 4B and up are
+    `Gemma3ForConditionalGeneration`: its `text_config`, exported as `Gemma3ForCausalLM`), else `hf_config` itself."""
+    import copy
+
+    from reftjax.models.config import CAUSAL_LM_CLASSES
+
+    if getattr(hf_config, "model_type", None) not in _TEXT_OF_MULTIMODAL:
+        return hf_config
+    text = copy.deepcopy(hf_config.get_text_config())
+    text.architectures = [CAUSAL_LM_CLASSES.get(text.model_type, text.model_type)]
+    return text
+
+
+def text_model_tensors(hf_config, tensors: dict, origin: dict, where: str) -> tuple[dict, dict]:
+    """(tensors, origin) of the text model under a causal LM's names, the vision tower and projector left out, for
+    the multimodal checkpoints of `text_model_config`; unchanged otherwise. A tensor under neither prefix keeps its
+    name (and `hf_to_params` refuses it)."""
+    spec = _TEXT_OF_MULTIMODAL.get(getattr(hf_config, "model_type", None))
+    if spec is None:
+        return tensors, origin
+    renames, dropped = spec
+    out, out_origin, left_out = {}, {}, 0
+    for name, array in tensors.items():
+        if name.startswith(dropped):
+            left_out += 1
+            continue
+        new = next((to + name[len(old):] for old, to in renames if name.startswith(old)), name)
+        out[new] = array
+        if name in origin:
+            out_origin[new] = origin[name]
+    log.warning("%s: a multimodal %s checkpoint: its text model is loaded alone (%d vision tensors left out); "
+                "prompts are text only, and an export is that text model (%s)", where, hf_config.model_type,
+                left_out, text_model_config(hf_config).architectures[0])
+    return out, out_origin
+
+
 def hf_to_params(tensors: dict, cfg, where: str = "checkpoint", origin: dict | None = None) -> dict:
     """Map HF tensor names/layouts to the reftjax param tree as NumPy arrays (param dtype). `origin` ({name: file})
     names the files of tensors the model cannot use in the error."""
@@ -447,7 +493,8 @@ def load_model(src: str | os.PathLike = "default", *, dtype: str = "float32", pa
     from reftjax import sharding
 
     directory = local_hf_dir(src)
-    hf_config = load_hf_config(directory)
+    full_config = load_hf_config(directory)
+    hf_config = text_model_config(full_config)
     cfg = from_hf_config(hf_config, param_dtype=param_dtype, dtype=dtype, remat=remat,
                          where=str(directory / "config.json"))
     gen = load_generation_config(directory)
@@ -455,7 +502,7 @@ def load_model(src: str | os.PathLike = "default", *, dtype: str = "float32", pa
         extra = gen.eos_token_id if isinstance(gen.eos_token_id, (list, tuple)) else [gen.eos_token_id]
         eos = tuple(cfg.eos_token_ids) + tuple(int(e) for e in extra if e is not None and e not in cfg.eos_token_ids)
         cfg = dataclasses.replace(cfg, eos_token_ids=eos)
-    tensors, origin = _read_hf_tensors(directory)
+    tensors, origin = text_model_tensors(full_config, *_read_hf_tensors(directory), str(directory))
     cfg, hf_config = _untie_a_distinct_head(cfg, hf_config, tensors, str(directory))
     params_np = hf_to_params(tensors, cfg, where=str(directory), origin=origin)
     params = sharding.place_params(params_np, cfg, mesh, rules)

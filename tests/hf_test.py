@@ -563,7 +563,8 @@ def test_a_gemma3_export_loads_in_transformers_with_same_logits_and_back_bit_for
     assert json.loads((out / "config.json").read_text())["architectures"] == ["Gemma3ForCausalLM"]
     tokens, mask = _batch(cfg.vocab_size)
     ours, _ = forward(params, cfg, tokens, mask)
-    print(f"gemma3 export: max|diff|/scale={_assert_close_on_real(ours, _torch_logits(out, tokens, mask), mask, 1e-5):.1e}")
+    rel = _assert_close_on_real(ours, _torch_logits(out, tokens, mask), mask, 1e-5)
+    print(f"gemma3 export: max|diff|/scale={rel:.1e}")
     back = load_model(out, with_tokenizer=False)
     assert back.config == cfg
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(back.params), jax.device_get(params))
@@ -593,7 +594,7 @@ def test_gemma2_and_the_multimodal_gemma3_are_refused_with_what_to_load_instead(
 
     with pytest.raises(ValueError, match="gemma2.*soft-capping is not implemented"):
         from_hf_config(Gemma2Config(num_hidden_layers=2))
-    with pytest.raises(ValueError, match="model_type gemma3_text, is supported"):
+    with pytest.raises(ValueError, match="pass its text_config, model_type gemma3_text, as load_model does"):
         from_hf_config(Gemma3Config())
 
 
@@ -718,3 +719,39 @@ def test_one_shard_of_a_split_gguf_is_refused_naming_the_split(tmp_path):
         read_gguf(path, with_tokenizer=False)
     _tiny_gguf(tmp_path / "whole.gguf", "llama", split_count=1)  # a one-shard "split" is the whole model
     assert read_gguf(tmp_path / "whole.gguf", with_tokenizer=False)[0].num_hidden_layers == 1
+
+
+def test_a_multimodal_gemma3_loads_its_text_model_alone_and_exports_it_as_a_causal_lm(tmp_path, caplog):
+    """Gemma 3 4B and up are Gemma3ForConditionalGeneration (a vision tower beside the text model): the text model
+    is loaded alone, with the logits transformers' multimodal model gives text-only input, the vision tensors left
+    out with a warning, and exported as a Gemma3ForCausalLM transformers reads back with the same logits."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    torch.manual_seed(0)
+    text = _tiny_gemma3_config(vocab_size=300).to_dict()
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    mm = Gemma3ForConditionalGeneration(Gemma3Config(
+        text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=299, boi_token_index=297,
+        eoi_token_index=298)).eval()
+    with torch.no_grad():
+        for name, p in mm.named_parameters():
+            p.copy_(0.3 * torch.randn_like(p) if "norm" in name else 0.15 * torch.randn_like(p))
+    mm.save_pretrained(tmp_path / "mm")
+    with caplog.at_level("WARNING", logger="reftjax.hf"):
+        loaded = load_model(tmp_path / "mm", with_tokenizer=False)
+    assert "multimodal gemma3 checkpoint: its text model is loaded alone" in caplog.text
+    assert loaded.config.model_type == "gemma3_text" and loaded.config.sliding_layers == (True, True, False)
+    tokens, mask = _batch(loaded.config.vocab_size)
+    ours, _ = forward(loaded.params, loaded.config, tokens, mask)
+    positions = np.maximum(np.cumsum(mask, axis=-1) - 1, 0)
+    with torch.no_grad():
+        ref = mm(input_ids=torch.as_tensor(tokens, dtype=torch.long), attention_mask=torch.as_tensor(mask),
+                 position_ids=torch.as_tensor(positions, dtype=torch.long)).logits.numpy()
+    print(f"multimodal gemma3: max|diff|/scale={_assert_close_on_real(ours, ref, mask, 1e-5):.1e}")
+    out = save_hf(tmp_path / "text", loaded.params, loaded.config, loaded.hf_config)
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["Gemma3ForCausalLM"]
+    _assert_close_on_real(ours, _torch_logits(out, tokens, mask), mask, 1e-5)
+    back = load_model(out, with_tokenizer=False)
+    assert back.config == loaded.config
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(back.params), jax.device_get(loaded.params))

@@ -277,7 +277,7 @@ def from_hf_config(hf, *, param_dtype: str = "float32", dtype: str = "float32", 
     model_type = getattr(hf, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
         hint = {"gemma2": " (Gemma 2's logit soft-capping is not implemented)",
-                "gemma3": " (the multimodal Gemma 3; its text model, model_type gemma3_text, is supported)"}
+                "gemma3": " (the multimodal Gemma 3: pass its text_config, model_type gemma3_text, as load_model does)"}
         raise ValueError(f"{where}: unsupported architecture model_type={model_type!r} "
                          f"(architectures={getattr(hf, 'architectures', None)}); supported: {SUPPORTED_MODEL_TYPES}"
                          + hint.get(model_type, ""))
