@@ -576,6 +576,7 @@ def test_a_gemma3_export_loads_in_transformers_with_same_logits_and_back_bit_for
     (dict(use_bidirectional_attention=True), "use_bidirectional_attention=True"),
     (dict(hidden_activation="silu"), "hidden_activation='silu' is not supported for gemma3_text"),
     (dict(attention_bias=True), "attention_bias=True"),
+    (dict(sliding_window=None), "sliding_window=None but layer_types has sliding_attention layers"),
     (dict(rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
                            "sliding_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}),
      "rope_parameters.sliding_attention.rope_type='linear'"),

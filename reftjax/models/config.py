@@ -222,6 +222,10 @@ def _sliding_window(hf, model_type: str, where: str) -> tuple[int | None, tuple[
     every layer; Qwen2/3 only layers >= max_window_layers, and only with use_sliding_window; Gemma 3 its
     layer_types' sliding_attention layers (five of six)."""
     window = getattr(hf, "sliding_window", None)
+    if model_type == "gemma3_text" and not window and "sliding_attention" in (getattr(hf, "layer_types", None) or ()):
+        # (transformers itself cannot run it: a TypeError in its mask; helper review, session 39)
+        raise ValueError(f"{where}: sliding_window={window!r} but layer_types has sliding_attention layers: a Gemma 3 "
+                         "needs the window of its local layers")
     if model_type in ("llama", "gemma") or not window:
         return None, ()
     n = hf.num_hidden_layers
