@@ -524,10 +524,17 @@ def head_chunks(batch: int, length: int, chunk_rows: int) -> int:
     return n
 
 
-def _logits_chunk(h_BxTxD, w, vocab_major: bool):
-    """One chunk's logits ``h @ head`` in (at least) float32; head [V, D] if `vocab_major`, else [D, V]."""
+def _logits_chunk(h_BxTxD, w, vocab_major: bool, cap: float | None = None):
+    """One chunk's logits ``h @ head`` in (at least) float32, soft-capped to ``cap * tanh(logits / cap)`` with a
+    `cap` (Gemma 2); head [V, D] if `vocab_major`, else [D, V]."""
     acc = jnp.promote_types(h_BxTxD.dtype, jnp.float32)  # accumulated in it: bf16 output rounded logits by ~0.06
-    return jnp.einsum("btd,vd->btv" if vocab_major else "btd,dv->btv", h_BxTxD, w, preferred_element_type=acc)
+    z = jnp.einsum("btd,vd->btv" if vocab_major else "btd,dv->btv", h_BxTxD, w, preferred_element_type=acc)
+    return z if cap is None else cap * jnp.tanh(z / cap)
+
+
+def _uncapped(dz, z, cap: float | None):
+    """The gradient of the logits before the soft-cap from the capped logits `z` and their gradient `dz`."""
+    return dz if cap is None else dz * (1 - jnp.square(z / cap))
 
 
 def _head_grads(dz_BxTxV, h_BxTxD, w, vocab_major: bool):
@@ -553,10 +560,10 @@ def _head_dw(dw_DxV, vocab_major: bool):
     return dw_DxV.T if vocab_major else dw_DxV
 
 
-def _head_chunk(h_BxTxD, w, targets_BxT, mask_BxT, vocab_major: bool, with_grad: bool):
+def _head_chunk(h_BxTxD, w, targets_BxT, mask_BxT, vocab_major: bool, with_grad: bool, cap: float | None):
     """Logits of one chunk, its summed NLL and correct count; with the NLL-sum's gradients if asked."""
     acc = jnp.promote_types(h_BxTxD.dtype, jnp.float32)
-    z = _logits_chunk(h_BxTxD, w, vocab_major)
+    z = _logits_chunk(h_BxTxD, w, vocab_major, cap)
     zmax = jnp.max(z, axis=-1, keepdims=True)
     e = jnp.exp(z - zmax)
     denom = jnp.sum(e, axis=-1, keepdims=True)
@@ -569,7 +576,7 @@ def _head_chunk(h_BxTxD, w, targets_BxT, mask_BxT, vocab_major: bool, with_grad:
     # d nll / d z = softmax(z) - onehot(target) on kept rows; the one-hot is an iota compare in the same pass
     keepf = keep.astype(acc)[..., None]
     onehot = jax.lax.broadcasted_iota(jnp.int32, z.shape, 2) == targets_BxT[..., None].astype(jnp.int32)
-    dz = (e * (keepf / denom) - onehot * keepf).astype(h_BxTxD.dtype)
+    dz = _uncapped(e * (keepf / denom) - onehot * keepf, z, cap).astype(h_BxTxD.dtype)
     dh, dw = _head_grads(dz, h_BxTxD, w, vocab_major)
     return nll, correct, dh, dw
 
@@ -585,10 +592,11 @@ def _merge(x):
     return jnp.moveaxis(x, 0, 1).reshape((b, n * tc) + x.shape[3:])
 
 
-def _scan_chunks(h_BxTxD, w, targets_BxT, mask_BxT, n_chunks: int, vocab_major: bool, with_grad: bool):
+def _scan_chunks(h_BxTxD, w, targets_BxT, mask_BxT, n_chunks: int, vocab_major: bool, with_grad: bool,
+                 cap: float | None):
     """`_head_chunk` over the sequence chunks: summed NLL and correct count (+ dh [B, T, D] and summed dw)."""
     def body(carry, xs):
-        out = _head_chunk(xs[0], w, xs[1], xs[2], vocab_major, with_grad)
+        out = _head_chunk(xs[0], w, xs[1], xs[2], vocab_major, with_grad, cap)
         summed = out[:2] + out[3:]  # nll, correct (, dw); dh is stacked per chunk
         return tuple(c + o for c, o in zip(carry, summed)), (out[2] if with_grad else None)
 
@@ -599,19 +607,19 @@ def _scan_chunks(h_BxTxD, w, targets_BxT, mask_BxT, n_chunks: int, vocab_major: 
     return sums if not with_grad else (sums[0], sums[1], _merge(dh), _head_dw(sums[2], vocab_major))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _fused_head_nll(h_BxTxD, w, targets_BxT, mask_BxT, n_chunks: int, vocab_major: bool):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _fused_head_nll(h_BxTxD, w, targets_BxT, mask_BxT, n_chunks: int, vocab_major: bool, cap: float | None):
     """(summed NLL, correct count) over kept positions; see `fused_sft_loss`."""
-    return _scan_chunks(h_BxTxD, w, targets_BxT, mask_BxT, n_chunks, vocab_major, with_grad=False)
+    return _scan_chunks(h_BxTxD, w, targets_BxT, mask_BxT, n_chunks, vocab_major, False, cap)
 
 
-def _fused_head_nll_fwd(h_BxTxD, w, targets_BxT, mask_BxT, n_chunks, vocab_major):
-    nll, correct, dh, dw = _scan_chunks(h_BxTxD, w, targets_BxT, mask_BxT, n_chunks, vocab_major, with_grad=True)
+def _fused_head_nll_fwd(h_BxTxD, w, targets_BxT, mask_BxT, n_chunks, vocab_major, cap):
+    nll, correct, dh, dw = _scan_chunks(h_BxTxD, w, targets_BxT, mask_BxT, n_chunks, vocab_major, True, cap)
     # a zero-size array carries the head's dtype: dw stays in the accumulation dtype until scaled
     return (nll, correct), (dh, dw, jnp.zeros((0,), w.dtype))
 
 
-def _fused_head_nll_bwd(n_chunks, vocab_major, res, cotangents):
+def _fused_head_nll_bwd(n_chunks, vocab_major, cap, res, cotangents):
     dh, dw, w_like = res
     g = cotangents[0]  # the correct count is not differentiable
     return (g * dh).astype(dh.dtype), (g * dw).astype(w_like.dtype), None, None
@@ -621,7 +629,7 @@ _fused_head_nll.defvjp(_fused_head_nll_fwd, _fused_head_nll_bwd)
 
 
 def fused_sft_loss(hidden_BxTxD, w_head, targets_BxT, loss_mask_BxT, *, vocab_major: bool = True,
-                   chunk_rows: int = 512):
+                   chunk_rows: int = 512, logit_softcap: float | None = None):
     """`sft_loss` of ``hidden @ head``, without the [B, T, V] logits.
 
     The head projection and the cross-entropy run over sequence chunks of about
@@ -641,6 +649,7 @@ def fused_sft_loss(hidden_BxTxD, w_head, targets_BxT, loss_mask_BxT, *, vocab_ma
       targets_BxT: token predicted at each position (callers shift, and pad the last slot with mask 0).
       loss_mask_BxT: 1 where the prediction counts.
       chunk_rows: rows (batch x positions) per chunk; <= 0 means one chunk.
+      logit_softcap: the model's final logit soft-cap (Gemma 2's `final_logit_softcap`), or None.
 
     Returns:
       ``(loss, metrics)`` as `sft_loss`: token mean of the NLL, ``token_accuracy``
@@ -649,7 +658,8 @@ def fused_sft_loss(hidden_BxTxD, w_head, targets_BxT, loss_mask_BxT, *, vocab_ma
     """
     b, t = targets_BxT.shape
     n_chunks = head_chunks(b, t, chunk_rows)
-    nll, correct = _fused_head_nll(hidden_BxTxD, w_head, targets_BxT, loss_mask_BxT, n_chunks, vocab_major)
+    nll, correct = _fused_head_nll(hidden_BxTxD, w_head, targets_BxT, loss_mask_BxT, n_chunks, vocab_major,
+                                   logit_softcap)
     n_tokens = jnp.sum(_keep(loss_mask_BxT)).astype(nll.dtype)
     denom = jnp.maximum(n_tokens, 1.0)  # no answer token: loss and accuracy 0, as `masked_mean` gives
     return nll / denom, {"token_accuracy": correct / denom, "n_tokens": n_tokens}
@@ -659,10 +669,10 @@ def _scaled(x, scale: float):
     return x if scale == 1.0 else x * scale
 
 
-def _scan_logp(h_BxTxD, w, targets_BxT, n_chunks: int, vocab_major: bool, scale: float):
+def _scan_logp(h_BxTxD, w, targets_BxT, n_chunks: int, vocab_major: bool, scale: float, cap: float | None):
     """Per-position (logp of the target, entropy, logsumexp) of ``scale * logits`` over sequence chunks, each [B, T]."""
     def body(_, xs):
-        z = _scaled(_logits_chunk(xs[0], w, vocab_major), scale)
+        z = _scaled(_logits_chunk(xs[0], w, vocab_major, cap), scale)
         lse = jax.nn.logsumexp(z, axis=-1)
         picked = jnp.take_along_axis(z, xs[1][..., None].astype(jnp.int32), axis=-1)[..., 0]
         ent = _entropy(z, lse)
@@ -672,29 +682,30 @@ def _scan_logp(h_BxTxD, w, targets_BxT, n_chunks: int, vocab_major: bool, scale:
     return tuple(_merge(x) for x in out)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _fused_head_logp(h_BxTxD, w, targets_BxT, n_chunks: int, vocab_major: bool, scale: float):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _fused_head_logp(h_BxTxD, w, targets_BxT, n_chunks: int, vocab_major: bool, scale: float, cap: float | None):
     """(logp_BxT, entropy_BxT); see `fused_token_logprobs`."""
-    return _scan_logp(h_BxTxD, w, targets_BxT, n_chunks, vocab_major, scale)[:2]
+    return _scan_logp(h_BxTxD, w, targets_BxT, n_chunks, vocab_major, scale, cap)[:2]
 
 
-def _fused_head_logp_fwd(h_BxTxD, w, targets_BxT, n_chunks, vocab_major, scale):
-    logp, ent, lse = _scan_logp(h_BxTxD, w, targets_BxT, n_chunks, vocab_major, scale)
+def _fused_head_logp_fwd(h_BxTxD, w, targets_BxT, n_chunks, vocab_major, scale, cap):
+    logp, ent, lse = _scan_logp(h_BxTxD, w, targets_BxT, n_chunks, vocab_major, scale, cap)
     return (logp, ent), (h_BxTxD, w, targets_BxT, lse, ent)
 
 
-def _fused_head_logp_bwd(n_chunks, vocab_major, scale, res, cotangents):
+def _fused_head_logp_bwd(n_chunks, vocab_major, scale, cap, res, cotangents):
     h, w, targets, lse, ent = res
     g_logp, g_ent = cotangents
 
     def body(dw, xs):
         h_c, t_c, lse_c, ent_c, gl_c, ge_c = xs
-        z = _scaled(_logits_chunk(h_c, w, vocab_major), scale)
+        capped = _logits_chunk(h_c, w, vocab_major, cap)
+        z = _scaled(capped, scale)
         p = jnp.exp(z - lse_c[..., None])
         onehot = jax.lax.broadcasted_iota(jnp.int32, z.shape, 2) == t_c[..., None].astype(jnp.int32)
         # d logp / dz = onehot - p;  d entropy / dz = -p * (z - lse + H); z = scale * logits
         dz = gl_c[..., None] * (onehot - p) - ge_c[..., None] * p * (z - (lse_c - ent_c)[..., None])
-        dh, dw_c = _head_grads(_scaled(dz, scale).astype(h_c.dtype), h_c, w, vocab_major)
+        dh, dw_c = _head_grads(_uncapped(_scaled(dz, scale), capped, cap).astype(h_c.dtype), h_c, w, vocab_major)
         return dw + dw_c, dh
 
     acc = jnp.promote_types(h.dtype, jnp.float32)
@@ -707,7 +718,7 @@ _fused_head_logp.defvjp(_fused_head_logp_fwd, _fused_head_logp_bwd)
 
 
 def fused_token_logprobs(hidden_BxTxD, w_head, targets_BxT, *, vocab_major: bool = True, chunk_rows: int = 128,
-                         logit_scale: float = 1.0):
+                         logit_scale: float = 1.0, logit_softcap: float | None = None):
     """(`token_logprobs`, `token_entropy`) of ``logit_scale * (hidden @ head)``, without the [B, T, V] logits.
 
     The RL losses' counterpart of `fused_sft_loss`: the head runs over sequence chunks of
@@ -719,10 +730,11 @@ def fused_token_logprobs(hidden_BxTxD, w_head, targets_BxT, *, vocab_major: bool
 
     `logit_scale` (1 / temperature) multiplies the float32 logits: scaling a bf16 `hidden` instead rounds
     it, and the log-probs were then not those of the distribution the rollout sampled (by up to 0.1 at T 0.6).
+    `logit_softcap`: the model's final logit soft-cap (Gemma 2), applied before the scale, as `lm_logits` does.
 
     Returns float32 ``(logp_BxT, entropy_BxT)``; both differentiable with respect to hidden
     and head (the entropy gradient is ``-p (log p + H)`` per logit).
     """
     b, t = targets_BxT.shape
     return _fused_head_logp(hidden_BxTxD, w_head, targets_BxT, head_chunks(b, t, chunk_rows), vocab_major,
-                            float(logit_scale))
+                            float(logit_scale), logit_softcap)

@@ -526,7 +526,8 @@ def sft_step(state: TrainState, batch: dict, *, model_cfg: ModelConfig, tx: opta
             shift = lambda x: jnp.pad(x[:, 1:], ((0, 0), (0, 1)))  # noqa: E731
             w, vocab_major = lm_head_weight(params["policy"], model_cfg)
             mean, m = losses.fused_sft_loss(hidden, w, shift(mb["tokens"]), shift(mb["loss_mask"]),
-                                            vocab_major=vocab_major, chunk_rows=head_chunk_rows)
+                                            vocab_major=vocab_major, chunk_rows=head_chunk_rows,
+                                            logit_softcap=model_cfg.final_logit_softcap)
         else:
             # the head runs on hidden[:, :-1]: slicing [B, T, V] logits instead costs a full-size
             # copy forward and a zero-padded one backward (0.3 s of an 8 x 256 step on 2 cores)
@@ -629,7 +630,8 @@ def policy_outputs(params: dict, model_cfg: ModelConfig, tokens_BxL, attn_mask_B
         w, vocab_major = lm_head_weight(params["policy"], model_cfg)
         logp, entropy = losses.fused_token_logprobs(h.astype(model_cfg.jnp_dtype), w, tokens_BxL[:, p:],
                                                     vocab_major=vocab_major, chunk_rows=head_chunk_rows,
-                                                    logit_scale=1.0 / temperature)
+                                                    logit_scale=1.0 / temperature,
+                                                    logit_softcap=model_cfg.final_logit_softcap)
     else:
         logits = lm_logits(params["policy"], model_cfg, h)  # (at least) float32 already
         logits = logits if temperature == 1.0 else logits / temperature

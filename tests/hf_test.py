@@ -571,8 +571,6 @@ def test_a_gemma3_export_loads_in_transformers_with_same_logits_and_back_bit_for
 
 
 @pytest.mark.parametrize("change,match", [
-    (dict(final_logit_softcapping=30.0), "final_logit_softcapping=30.0 is not supported"),
-    (dict(attn_logit_softcapping=50.0), "attn_logit_softcapping=50.0 is not supported"),
     (dict(use_bidirectional_attention=True), "use_bidirectional_attention=True"),
     (dict(hidden_activation="silu"), "hidden_activation='silu' is not supported for gemma3_text"),
     (dict(attention_bias=True), "attention_bias=True"),
@@ -588,13 +586,14 @@ def test_gemma_parts_not_implemented_are_refused_naming_the_file(change, match):
         from_hf_config(_tiny_gemma3_config(**change), where="cfg.json")
 
 
-def test_gemma2_and_the_multimodal_gemma3_are_refused_with_what_to_load_instead():
+def test_gemma2s_soft_caps_are_read_and_the_multimodal_gemma3_config_is_refused_saying_what_to_pass():
     from transformers import Gemma2Config, Gemma3Config
 
     from reftjax.models import from_hf_config
 
-    with pytest.raises(ValueError, match="gemma2.*soft-capping is not implemented"):
-        from_hf_config(Gemma2Config(num_hidden_layers=2))
+    g2 = from_hf_config(Gemma2Config(num_hidden_layers=2))  # Gemma 2's defaults: caps 50 and 30, windows on layer 0
+    assert (g2.attn_logit_softcap, g2.final_logit_softcap, g2.sliding_layers) == (50.0, 30.0, (True, False))
+    assert from_hf_config(_tiny_gemma3_config(final_logit_softcapping=30.0)).final_logit_softcap == 30.0
     with pytest.raises(ValueError, match="pass its text_config, model_type gemma3_text, as load_model does"):
         from_hf_config(Gemma3Config())
 

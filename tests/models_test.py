@@ -31,7 +31,8 @@ LENGTHS = (13, 7, 10)  # real tokens per row; the batch is left-padded to the lo
 
 
 def _hf_config(kind: str):
-    from transformers import Gemma3TextConfig, GemmaConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    from transformers import (Gemma2Config, Gemma3TextConfig, GemmaConfig, LlamaConfig, MistralConfig, Qwen2Config,
+                              Qwen3Config)
 
     if kind == "llama":
         return LlamaConfig(**TINY)
@@ -47,6 +48,10 @@ def _hf_config(kind: str):
         return Qwen2Config(**TINY, use_sliding_window=True, sliding_window=4, max_window_layers=1)
     if kind == "gemma":
         return GemmaConfig(**TINY, head_dim=16)
+    if kind == "gemma2":  # windowed and global layers alternating; caps low enough to bite on a random model
+        return Gemma2Config(**{**TINY, "num_hidden_layers": 4}, head_dim=16, query_pre_attn_scalar=24,
+                            sliding_window=4, layer_types=["sliding_attention", "full_attention"] * 2,
+                            attn_logit_softcapping=2.0, final_logit_softcapping=3.0)
     if kind == "gemma3":  # local (windowed, base 1e4) and global (base 1e6, linear x2) layers alternating
         return Gemma3TextConfig(**{**TINY, "num_hidden_layers": 4}, head_dim=16, query_pre_attn_scalar=24,
                                 sliding_window=4, layer_types=["sliding_attention", "full_attention"] * 2,
@@ -114,6 +119,9 @@ _EXPECTED = {
     "qwen2_mixed": dict(model_type="qwen2", qkv_bias=True, sliding_window=4, sliding_layers=(False, True)),
     "qwen3": dict(model_type="qwen3", qk_norm=True, head_dim=16),
     "gemma": dict(model_type="gemma", head_dim=16, hidden_act="gelu_tanh", norm_offset=1.0, embed_scale=True),
+    "gemma2": dict(model_type="gemma2", head_dim=16, hidden_act="gelu_tanh", norm_offset=1.0, embed_scale=True,
+                   sandwich_norms=True, sliding_window=4, sliding_layers=(True, False, True, False),
+                   query_pre_attn_scalar=24.0, attn_logit_softcap=2.0, final_logit_softcap=3.0),
     "gemma3": dict(model_type="gemma3_text", head_dim=16, hidden_act="gelu_tanh", norm_offset=1.0, embed_scale=True,
                    qk_norm=True, sandwich_norms=True, sliding_window=4, sliding_layers=(True, False, True, False),
                    rope_theta=1e6, local_rope_theta=1e4, rope_scaling=RopeScaling("linear", 2.0),
@@ -124,6 +132,7 @@ _FEATURES = {
     "mistral": [dict(sliding_window=None)],
     "qwen2_mixed": [dict(sliding_layers=()), dict(sliding_window=None, sliding_layers=())],
     "gemma": [dict(norm_offset=0.0), dict(embed_scale=False), dict(hidden_act="silu")],
+    "gemma2": [dict(attn_logit_softcap=None), dict(final_logit_softcap=None), dict(sliding_layers=())],
     "gemma3": [dict(sliding_layers=()), dict(local_rope_theta=None), dict(rope_scaling=RopeScaling()),
                dict(query_pre_attn_scalar=None)],
 }
@@ -137,7 +146,8 @@ def test_tiny_logits_match_transformers(kind, tmp_path):
     defaults = ModelConfig(**{k: getattr(cfg, k) for k in ("vocab_size", "hidden_size", "intermediate_size",
                                                              "num_layers", "num_heads", "num_kv_heads")})
     for field in ("model_type", "qkv_bias", "qk_norm", "head_dim", "sliding_window", "sliding_layers", "hidden_act",
-                  "norm_offset", "embed_scale", "sandwich_norms", "local_rope_theta", "query_pre_attn_scalar"):
+                  "norm_offset", "embed_scale", "sandwich_norms", "local_rope_theta", "query_pre_attn_scalar",
+                  "attn_logit_softcap", "final_logit_softcap"):
         assert getattr(cfg, field) == _EXPECTED[kind].get(field, getattr(defaults, field)), field
     assert (cfg.rope_scaling.kind == "llama3") == (kind == "llama3_rope")
     assert cfg.num_params == sum(p.numel() for p in ref_model.parameters())
@@ -203,6 +213,12 @@ def _decode_test_config(variant: str, window: int | None) -> ModelConfig:
                            local_rope_theta=1e4, rope_theta=1e6, qk_norm=True, hidden_act="gelu_tanh",
                            norm_offset=1.0, embed_scale=True, query_pre_attn_scalar=24.0, sandwich_norms=True,
                            model_type="gemma3_text", tie_word_embeddings=True)
+    if variant.startswith("gemma2"):  # Gemma 2: no q/k norms or local base, soft-capped scores and logits
+        return ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+                           num_kv_heads=2, head_dim=16, sliding_window=3, sliding_layers=(True, False),
+                           hidden_act="gelu_tanh", norm_offset=1.0, embed_scale=True, query_pre_attn_scalar=24.0,
+                           sandwich_norms=True, attn_logit_softcap=2.0, final_logit_softcap=3.0,
+                           model_type="gemma2", tie_word_embeddings=True)
     return ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
                        num_kv_heads=2, head_dim=16 if qwen3 else 0, sliding_window=window,
                        model_type=variant.split("_")[0], qkv_bias=qwen2, qk_norm=qwen3, tie_word_embeddings=not qwen2)
@@ -229,7 +245,7 @@ def _prefill_then_decode(params, cfg: ModelConfig, prompt_BxP, mask_BxP, cache_l
 
 
 @pytest.mark.parametrize("variant", ["llama", "mistral_window3", "qwen2_bias_untied", "qwen3_qknorm_hd16",
-                                     "gemma3_mixed_layers"])
+                                     "gemma2_softcaps", "gemma3_mixed_layers"])
 def test_prefill_and_decode_match_full_forward(variant, random_params):
     """The decode path (fused per-layer weights, [B,K,hd,S] key cache) equals the scanned full forward."""
     window = 3 if variant == "mistral_window3" else None
@@ -251,7 +267,7 @@ def test_prefill_and_decode_match_full_forward(variant, random_params):
 
 
 @pytest.mark.parametrize("variant", ["llama", "mistral_window3", "qwen2_bias_untied", "qwen3_qknorm_hd16",
-                                     "gemma3_mixed_layers"])
+                                     "gemma2_softcaps", "gemma3_mixed_layers"])
 def test_packed_prefill_equals_prefill(variant, random_params):
     """The padding-free prefill (GEMMs over the real tokens only, `chunk` at a time) gives the padded prefill's
     last logits and hidden states, and the same keys/values in every real slot (4 chunks here, one partly padding)."""
@@ -332,38 +348,43 @@ def _attention_inputs(dt, b=3, kv=2, g=3, t=9, d=8):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_attention_core_custom_vjp_matches_autodiff(dtype):
+@pytest.mark.parametrize("cap", [None, 1.5])
+def test_attention_core_custom_vjp_matches_autodiff(dtype, cap):
     """The flash-style attention backward equals autodiff of plain masked softmax attention (q, k and v
-    cotangents), fully masked padding queries included; the forward is the plain formula's."""
+    cotangents), fully masked padding queries included, with and without Gemma 2's soft-capped scores; the forward
+    is the plain formula's."""
     from reftjax.models.llama import attention_core
 
     q, k, v, mask, r = _attention_inputs(jnp.dtype(dtype))
 
     def plain(q, k, v):
         s = jnp.einsum("bkgtd,bksd->bkgts", q, k).astype(jnp.float32) / np.sqrt(q.shape[-1])
+        s = s if cap is None else cap * jnp.tanh(s / cap)
         s = jnp.where(mask[:, None, None], s, jnp.finfo(jnp.float32).min)
         return jnp.einsum("bkgts,bksd->bkgtd", jax.nn.softmax(s, axis=-1).astype(v.dtype), v)
 
     def loss(f):
         return lambda *a: jnp.sum(f(*a).astype(jnp.float32) * r.astype(jnp.float32))
 
-    ours = jax.grad(loss(lambda q, k, v: attention_core(q, k, v, mask)), argnums=(0, 1, 2))(q, k, v)
+    ours = jax.grad(loss(lambda q, k, v: attention_core(q, k, v, mask, cap)), argnums=(0, 1, 2))(q, k, v)
     ref = jax.grad(loss(plain), argnums=(0, 1, 2))(q, k, v)
     tol = 2e-6 if dtype == "float32" else 3e-2
     _assert_cotangents_close(ours, ref, tol)
-    np.testing.assert_allclose(np.asarray(attention_core(q, k, v, mask), np.float32),
+    np.testing.assert_allclose(np.asarray(attention_core(q, k, v, mask, cap), np.float32),
                                np.asarray(plain(q, k, v), np.float32), atol=tol, rtol=0)
 
 
-def test_attention_core_gradient_is_numerically_right():
-    """Finite differences in float64 (independent of any autodiff) agree with the hand-written backward."""
+@pytest.mark.parametrize("cap", [None, 1.5])
+def test_attention_core_gradient_is_numerically_right(cap):
+    """Finite differences in float64 (independent of any autodiff) agree with the hand-written backward, soft-capped
+    scores included."""
     from jax.test_util import check_grads
 
     from reftjax.models.llama import attention_core
 
     with jax.enable_x64(True):
         q, k, v, mask, _ = _attention_inputs(jnp.float64, b=2, t=5, d=4)
-        check_grads(lambda q, k, v: attention_core(q, k, v, mask), (q, k, v), order=1, modes=["rev"],
+        check_grads(lambda q, k, v: attention_core(q, k, v, mask, cap), (q, k, v), order=1, modes=["rev"],
                     atol=1e-6, rtol=1e-6)
 
 

@@ -479,21 +479,28 @@ def test_smollm_greedy_matches_transformers_generate(smollm_model, smollm_hf_tor
     np.testing.assert_allclose(r.logprobs_BxN[m], logp_ref[m], atol=1e-4, rtol=0)
 
 
-def test_tiny_gemma3_greedy_matches_transformers_generate(tmp_path):
-    """A random Gemma 3 (windowed local layers with their own RoPE base among global ones, sandwich norms, GeGLU,
-    1 + w norms) through the rollout's packed prefill and decode caches: greedy tokens and log-probs equal
-    transformers' generate with its own cache, for completions that run past the window."""
+@pytest.mark.parametrize("kind", ["gemma2", "gemma3"])
+def test_tiny_gemma_greedy_matches_transformers_generate(tmp_path, kind):
+    """A random Gemma 2 (soft-capped scores and logits) / Gemma 3 (its local layers' own RoPE base, q/k norms), both
+    with windowed layers among global ones, sandwich norms, GeGLU and 1 + w norms, through the rollout's packed
+    prefill and decode caches: greedy tokens and log-probs equal transformers' generate with its own cache, for
+    completions that run past the window."""
     torch = pytest.importorskip("torch")
-    from transformers import AutoModelForCausalLM, Gemma3TextConfig
+    from transformers import AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig
 
     from reftjax.hf import load_model
 
-    torch.manual_seed(1)  # (a seed whose greedy completions do not repeat one token: seeds 0 and 2 do)
+    # (seeds whose greedy completions do not repeat one token: Gemma 3's 0 and 2 do, Gemma 2's 1 and 3)
+    torch.manual_seed(2 if kind == "gemma2" else 1)
     vocab = 61
-    hf = Gemma3TextConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
-                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24,
-                          sliding_window=3, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
-                          max_position_embeddings=64, eos_token_id=None, pad_token_id=0, bos_token_id=None)
+    config = dict(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24,
+                  sliding_window=3, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                  max_position_embeddings=64, eos_token_id=None, pad_token_id=0, bos_token_id=None)
+    if kind == "gemma2":
+        hf = Gemma2Config(**config, attn_logit_softcapping=1.0, final_logit_softcapping=5.0)
+    else:
+        hf = Gemma3TextConfig(**config)
     ref = AutoModelForCausalLM.from_config(hf, attn_implementation="eager").eval()
     with torch.no_grad():
         for name, p in ref.named_parameters():
@@ -514,3 +521,7 @@ def test_tiny_gemma3_greedy_matches_transformers_generate(tmp_path):
     chosen = np.take_along_axis(ref_logp, r.tokens_BxN[..., None], axis=-1)[..., 0]
     np.testing.assert_allclose(r.logprobs_BxN, chosen, atol=1e-4, rtol=0)
     assert chosen.min() < -1.0 and max(len(set(t)) for t in r.tokens_BxN) >= 6  # not a peaked, repeating model
+    if kind == "gemma2":  # the caps bite: without them the same tokens get other log-probs
+        uncapped = loaded.config.replace(attn_logit_softcap=None, final_logit_softcap=None)
+        forced = _teacher_forced_logprobs(loaded.params, uncapped, r)
+        assert np.abs(forced - r.logprobs_BxN).max() > 0.05

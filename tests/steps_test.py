@@ -817,19 +817,23 @@ def _grouped_rollout(cfg, group, prompts=4, new_tokens=6, vh=None):
 _GEMMA3 = dict(sliding_layers=(True, False), local_rope_theta=1e4, rope_theta=1e6, qk_norm=True, hidden_act="gelu_tanh",
                norm_offset=1.0, embed_scale=True, query_pre_attn_scalar=12.0, sandwich_norms=True,
                model_type="gemma3_text")
+# Gemma 2's: soft-capped attention scores and logits (caps low enough to bite on this random model)
+_GEMMA2 = dict(sliding_layers=(True, False), hidden_act="gelu_tanh", norm_offset=1.0, embed_scale=True,
+               query_pre_attn_scalar=12.0, sandwich_norms=True, attn_logit_softcap=0.5, final_logit_softcap=1.0,
+               model_type="gemma2")
 
 
-@pytest.mark.parametrize("window", [None, 3, "gemma3"])
+@pytest.mark.parametrize("window", [None, 3, "gemma2", "gemma3"])
 def test_share_prompt_runs_each_prompt_once_with_the_unpacked_outputs_and_gradients(window, monkeypatch):
     """completion_hidden(share_prompt=g) packs g completions behind one copy of their prompt: the trunk sees
     B/g rows of P + g*N tokens instead of B rows of P + N, and log-probs, values, entropies and their
     gradients equal the unpacked forward's (left-padded prompts, EOS-stopped rows, sliding window, Gemma 3's
-    windowed and full layers mixed), with the full-logits head and with the chunked one
+    windowed and full layers mixed, Gemma 2's soft-caps), with the full-logits head and with the chunked one
     (`losses.fused_token_logprobs`)."""
     from reftjax import steps
 
-    if window == "gemma3":
-        cfg = dataclasses.replace(CFG, num_layers=2, sliding_window=3, **_GEMMA3)
+    if window in ("gemma2", "gemma3"):
+        cfg = dataclasses.replace(CFG, num_layers=2, sliding_window=3, **(_GEMMA2 if window == "gemma2" else _GEMMA3))
     else:
         cfg = dataclasses.replace(CFG, num_layers=2, sliding_window=window)
     g, n_new = 3, 6

@@ -3,8 +3,9 @@
 One frozen (hashable) dataclass covers Llama 2/3 (incl. Llama-3 RoPE scaling),
 Mistral (sliding window), Qwen2/2.5 (qkv bias, windows on the upper layers), Qwen3
 (per-head q/k RMSNorm), SmolLM2 (tied embeddings), Gemma (GeGLU, norms scaled by 1 + w,
-scaled embeddings) and Gemma 3 (also: norms around both sublayers, windowed local layers
-with their own RoPE base among global ones).
+scaled embeddings), Gemma 2 (also: norms around both sublayers, windowed layers among global
+ones, tanh soft-capping of attention scores and final logits) and Gemma 3 (Gemma 2's parts without
+the soft-capping, with q/k norms and the windowed layers' own RoPE base).
 Being hashable it can be a static argument of `jax.jit`.
 """
 from __future__ import annotations
@@ -17,7 +18,8 @@ import jax.numpy as jnp
 # each supported Hugging Face model_type and its transformers class, written as config.json's `architectures` on
 # export (serving stacks such as vLLM pick the class from it; transformers' own table imports torch)
 CAUSAL_LM_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                     "qwen3": "Qwen3ForCausalLM", "gemma": "GemmaForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
+                     "qwen3": "Qwen3ForCausalLM", "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
+                     "gemma3_text": "Gemma3ForCausalLM"}
 SUPPORTED_MODEL_TYPES = tuple(CAUSAL_LM_CLASSES)
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -70,6 +72,8 @@ class ModelConfig:
       sandwich_norms: each sublayer's output is normed too before its residual add (Gemma 3's
         post_attention_layernorm and post_feedforward_layernorm; its pre_feedforward_layernorm is the MLP's
         input norm).
+      attn_logit_softcap: attention scores become c * tanh(scores / c) before the mask (Gemma 2's 50), or None.
+      final_logit_softcap: the logits become c * tanh(logits / c) (Gemma 2's 30), or None.
       model_type: Hugging Face model_type written on export.
       param_dtype: storage dtype of the weights ("float32" or "bfloat16").
       dtype: compute dtype of activations and matmuls.
@@ -100,6 +104,8 @@ class ModelConfig:
     embed_scale: bool = False
     query_pre_attn_scalar: float | None = None
     sandwich_norms: bool = False
+    attn_logit_softcap: float | None = None
+    final_logit_softcap: float | None = None
     model_type: str = "llama"
     param_dtype: str = "float32"
     dtype: str = "float32"
@@ -131,6 +137,9 @@ class ModelConfig:
                 raise ValueError(f"sliding_layers has {len(self.sliding_layers)} flags for {self.num_layers} layers")
             if not self.sliding_window:
                 raise ValueError("sliding_layers needs a sliding_window")
+        for name in ("attn_logit_softcap", "final_logit_softcap"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                raise ValueError(f"{name}={getattr(self, name)!r}; expected a positive number or None")
         if self.local_rope_theta is not None and not self.sliding_window:
             raise ValueError("local_rope_theta is the RoPE base of windowed layers: it needs a sliding_window")
 
@@ -220,12 +229,13 @@ def _sliding_window(hf, model_type: str, where: str) -> tuple[int | None, tuple[
     """(window, per-layer flags): (None, ()) without a window, (window, ()) when every layer has it, else the flags.
     transformers' Llama and Gemma have none (a stray `sliding_window` key is ignored there too); Mistral windows
     every layer; Qwen2/3 only layers >= max_window_layers, and only with use_sliding_window; Gemma 3 its
-    layer_types' sliding_attention layers (five of six)."""
+    layer_types' sliding_attention layers (Gemma 2: one of two, Gemma 3: five of six)."""
     window = getattr(hf, "sliding_window", None)
-    if model_type == "gemma3_text" and not window and "sliding_attention" in (getattr(hf, "layer_types", None) or ()):
+    if (model_type in ("gemma2", "gemma3_text") and not window
+            and "sliding_attention" in (getattr(hf, "layer_types", None) or ())):
         # (transformers itself cannot run it: a TypeError in its mask; helper review, session 39)
-        raise ValueError(f"{where}: sliding_window={window!r} but layer_types has sliding_attention layers: a Gemma 3 "
-                         "needs the window of its local layers")
+        raise ValueError(f"{where}: sliding_window={window!r} but layer_types has sliding_attention layers: a "
+                         f"{model_type} needs the window of its local layers")
     if model_type in ("llama", "gemma") or not window:
         return None, ()
     n = hf.num_hidden_layers
@@ -245,13 +255,13 @@ def _sliding_window(hf, model_type: str, where: str) -> tuple[int | None, tuple[
     return int(window), tuple(k == "sliding_attention" for k in kinds)
 
 
-_GEMMA = ("gemma", "gemma3_text")
+_GEMMA = ("gemma", "gemma2", "gemma3_text")
 
 
 def _activation(hf, model_type: str, where: str) -> str:
     """The gate's activation as `ModelConfig.hidden_act` names it; refused when the MLP is neither SwiGLU nor
     (Gemma's) tanh-approximated GeGLU."""
-    act = (getattr(hf, "hidden_activation", None) if model_type == "gemma3_text" else None) or getattr(
+    act = (getattr(hf, "hidden_activation", None) if model_type in ("gemma2", "gemma3_text") else None) or getattr(
         hf, "hidden_act", "silu")
     if model_type in _GEMMA:
         if act != "gelu_pytorch_tanh":
@@ -264,11 +274,7 @@ def _activation(hf, model_type: str, where: str) -> str:
 
 
 def _check_gemma(hf, model_type: str, where: str) -> None:
-    """Refuse what the Gemma decoders here do not compute: logit soft-capping (Gemma 2's), bidirectional attention
-    (EmbeddingGemma's), biases."""
-    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
-        if getattr(hf, key, None) is not None:
-            raise ValueError(f"{where}: {key}={getattr(hf, key)} is not supported (no logit soft-capping here)")
+    """Refuse what the Gemma decoders here do not compute: bidirectional attention (EmbeddingGemma's), biases."""
     if getattr(hf, "use_bidirectional_attention", False):
         raise ValueError(f"{where}: use_bidirectional_attention=True (an encoder) is not supported")
     if getattr(hf, "attention_bias", False):
@@ -280,8 +286,7 @@ def from_hf_config(hf, *, param_dtype: str = "float32", dtype: str = "float32", 
     """Build a ModelConfig from a transformers PretrainedConfig (Llama/Mistral/Qwen2/Qwen3/Gemma/Gemma 3 text)."""
     model_type = getattr(hf, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
-        hint = {"gemma2": " (Gemma 2's logit soft-capping is not implemented)",
-                "gemma3": " (the multimodal Gemma 3: pass its text_config, model_type gemma3_text, as load_model does)"}
+        hint = {"gemma3": " (the multimodal Gemma 3: pass its text_config, model_type gemma3_text, as load_model does)"}
         raise ValueError(f"{where}: unsupported architecture model_type={model_type!r} "
                          f"(architectures={getattr(hf, 'architectures', None)}); supported: {SUPPORTED_MODEL_TYPES}"
                          + hint.get(model_type, ""))
@@ -301,8 +306,10 @@ def from_hf_config(hf, *, param_dtype: str = "float32", dtype: str = "float32", 
     window, sliding_layers = _sliding_window(hf, model_type, where)
     local_theta = _local_rope_theta(hf, where) if window else None
     heads = hf.num_attention_heads
-    gemma3 = model_type == "gemma3_text"
-    qpas = getattr(hf, "query_pre_attn_scalar", None) if gemma3 else None
+    sandwich = model_type in ("gemma2", "gemma3_text")
+    qpas = getattr(hf, "query_pre_attn_scalar", None) if sandwich else None
+    caps = {key: getattr(hf, key, None) if model_type in _GEMMA else None
+            for key in ("attn_logit_softcapping", "final_logit_softcapping")}
     return ModelConfig(
         vocab_size=hf.vocab_size,
         hidden_size=hf.hidden_size,
@@ -325,7 +332,9 @@ def from_hf_config(hf, *, param_dtype: str = "float32", dtype: str = "float32", 
         norm_offset=1.0 if model_type in _GEMMA else 0.0,
         embed_scale=model_type in _GEMMA,
         query_pre_attn_scalar=float(qpas) if qpas is not None else None,
-        sandwich_norms=gemma3,
+        sandwich_norms=sandwich,
+        attn_logit_softcap=float(caps["attn_logit_softcapping"]) if caps["attn_logit_softcapping"] else None,
+        final_logit_softcap=float(caps["final_logit_softcapping"]) if caps["final_logit_softcapping"] else None,
         model_type=model_type,
         param_dtype=param_dtype,
         dtype=dtype,

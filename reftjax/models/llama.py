@@ -194,20 +194,24 @@ def _norm(cfg: ModelConfig, name: str) -> RMSNorm:
     return RMSNorm(cfg.rms_norm_eps, cfg.jnp_dtype, cfg.jnp_param_dtype, cfg.norm_offset, name=name)
 
 
-def _scores(q_BxKxGxTxD, k_BxKxSxD, mask_BxTxS):
-    """Scaled attention scores in (at least) float32, masked entries at the float32 minimum.
+def softcap(x, cap: float | None):
+    """cap * tanh(x / cap) (Gemma 2's soft-capping of attention scores and logits); x itself for None."""
+    return x if cap is None else cap * jnp.tanh(x / cap)
+
+
+def _scores(q_BxKxGxTxD, k_BxKxSxD, mask_BxTxS, cap: float | None = None):
+    """Scaled (and soft-capped) attention scores in (at least) float32, masked entries at the float32 minimum.
 
     The dot returns float32 (`preferred_element_type`), as fused attention kernels accumulate: a bf16 product
     was rounded to bf16 before the cast, up to 0.25 on scores near 100 (the spacing of bf16 there is 0.5)."""
     d = q_BxKxGxTxD.shape[-1]
     acc = jnp.promote_types(q_BxKxGxTxD.dtype, jnp.float32)  # float64 stays float64 (gradient checks)
     scores = jnp.einsum("bkgtd,bksd->bkgts", q_BxKxGxTxD, k_BxKxSxD, preferred_element_type=acc) * (d ** -0.5)
-    return jnp.where(mask_BxTxS[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    return jnp.where(mask_BxTxS[:, None, None, :, :], softcap(scores, cap), jnp.finfo(jnp.float32).min)
 
 
-@jax.custom_vjp
-def attention_core(q_BxKxGxTxD, k_BxKxSxD, v_BxKxSxD, mask_BxTxS):
-    """softmax(q k^T / sqrt(d)) v over head-major operands; softmax in float32.
+def attention_core(q_BxKxGxTxD, k_BxKxSxD, v_BxKxSxD, mask_BxTxS, cap: float | None = None):
+    """softmax(softcap(q k^T / sqrt(d), cap)) v over head-major operands; softmax in float32.
 
     The backward is written out (flash-attention style): the forward keeps the
     row max and 1/row-sum, not the [B, K, G, T, S] probabilities, and the
@@ -217,7 +221,12 @@ def attention_core(q_BxKxGxTxD, k_BxKxSxD, v_BxKxSxD, mask_BxTxS):
     score dot instead. Whole SFT step on SmolLM2, 8 x 256, 2 CPU cores:
     16.1-16.2 -> 13.4-13.7 s (BUILD_NOTES, session 8).
     """
-    return _attention_fwd(q_BxKxGxTxD, k_BxKxSxD, v_BxKxSxD, mask_BxTxS)[0]  # one forward, with or without grad
+    return _attention_core(q_BxKxGxTxD, k_BxKxSxD, v_BxKxSxD, mask_BxTxS, cap)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _attention_core(q, k, v, mask, cap):
+    return _attention_fwd(q, k, v, mask, cap)[0]  # one forward, with or without grad
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["full", "sliding", "flag"], meta_fields=[])
@@ -241,8 +250,8 @@ def _resolve(mask):
     return jnp.where(mask.flag, mask.sliding, mask.full) if isinstance(mask, _PickedMask) else mask
 
 
-def _attention_fwd(q, k, v, mask):
-    s = _scores(q, k, _resolve(mask))
+def _attention_fwd(q, k, v, mask, cap):
+    s = _scores(q, k, _resolve(mask), cap)
     m = jnp.max(s, axis=-1, keepdims=True)
     e = jnp.exp(s - m)
     inv_l = 1.0 / jnp.sum(e, axis=-1, keepdims=True)
@@ -250,25 +259,28 @@ def _attention_fwd(q, k, v, mask):
     return out, (q, k, v, mask, out, m, inv_l)
 
 
-def _attention_bwd(res, d_out):
+def _attention_bwd(cap, res, d_out):
     q, k, v, mask, out, m, inv_l = res
     mask = _resolve(mask)
-    p = jnp.exp(_scores(q, k, mask) - m) * inv_l  # the forward's probabilities, bit for bit
+    s = _scores(q, k, mask, cap)
+    p = jnp.exp(s - m) * inv_l  # the forward's probabilities, bit for bit
     dv = jnp.einsum("bkgts,bkgtd->bksd", p.astype(v.dtype), d_out)
     dp = jnp.einsum("bkgtd,bksd->bkgts", d_out, v, preferred_element_type=p.dtype)
     delta = jnp.sum(d_out.astype(p.dtype) * out.astype(p.dtype), axis=-1, keepdims=True)
     # masked scores are constants: no gradient, also in rows with no visible key (uniform p there)
     ds = jnp.where(mask[:, None, None, :, :], p * (dp - delta), 0.0)
+    if cap is not None:  # d cap tanh(x / cap) / dx = 1 - tanh^2 (masked slots hold the float32 minimum: skipped)
+        ds = jnp.where(mask[:, None, None, :, :], ds * (1 - jnp.square(s / cap)), 0.0)
     ds = (ds * (q.shape[-1] ** -0.5)).astype(q.dtype)
     dq = jnp.einsum("bkgts,bksd->bkgtd", ds, k)
     dk = jnp.einsum("bkgts,bkgtd->bksd", ds, q)
     return dq, dk, dv, None
 
 
-attention_core.defvjp(_attention_fwd, _attention_bwd)
+_attention_core.defvjp(_attention_fwd, _attention_bwd)
 
 
-def _attend(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS):
+def _attend(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS, cap: float | None = None):
     """Grouped-query attention over token-major q/k/v; returns [B, T, H * D].
 
     Heads are moved in front of the sequence axes before the two batched dots
@@ -281,11 +293,11 @@ def _attend(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, mask_BxTxS):
     kv = k_BxSxKxD.shape[2]
     q = q_BxTxHxD.reshape(b, t, kv, h // kv, d).transpose(0, 2, 3, 1, 4)
     k, v = k_BxSxKxD.transpose(0, 2, 1, 3), v_BxSxKxD.transpose(0, 2, 1, 3)
-    out = attention_core(q, k, v, mask_BxTxS)
+    out = attention_core(q, k, v, mask_BxTxS, cap)
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h * d)
 
 
-def _attend_prefix_groups(q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, mask_pp, mask_c):
+def _attend_prefix_groups(q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, mask_pp, mask_c, cap: float | None = None):
     """`_attend` over rows packing a prefix and g continuations (masks from `prefix_group_masks`).
 
     Two attention calls instead of one over all slots: the prefix over itself, and each
@@ -295,13 +307,13 @@ def _attend_prefix_groups(q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, mask_pp, mask_c):
     b, _, h, d = q_BxTxHxD.shape
     kv, p, n = k_BxTxKxD.shape[2], mask_pp.shape[1], mask_c.shape[1]
     g = mask_c.shape[0] // b
-    out_p = _attend(q_BxTxHxD[:, :p], k_BxTxKxD[:, :p], v_BxTxKxD[:, :p], mask_pp)
+    out_p = _attend(q_BxTxHxD[:, :p], k_BxTxKxD[:, :p], v_BxTxKxD[:, :p], mask_pp, cap)
 
     def keys(x):  # [B, T, K, D] -> [B * g, P + N, K, D]
         shared = jnp.broadcast_to(x[:, None, :p], (b, g, p, kv, d))
         return jnp.concatenate([shared, x[:, p:].reshape(b, g, n, kv, d)], axis=2).reshape(b * g, p + n, kv, d)
 
-    out_c = _attend(q_BxTxHxD[:, p:].reshape(b * g, n, h, d), keys(k_BxTxKxD), keys(v_BxTxKxD), mask_c)
+    out_c = _attend(q_BxTxHxD[:, p:].reshape(b * g, n, h, d), keys(k_BxTxKxD), keys(v_BxTxKxD), mask_c, cap)
     return jnp.concatenate([out_p, out_c.reshape(b, g * n, h * d)], axis=1)
 
 
@@ -336,9 +348,9 @@ class Attention(nn.Module):
         if sliding is not None:
             mask_BxTxS = jax.tree.map(lambda full, win: _PickedMask(full, win, sliding), *mask_BxTxS)
         if isinstance(mask_BxTxS, tuple):  # (prefix block, continuation blocks): packed rows, `prefix_group_masks`
-            out = _attend_prefix_groups(q, k, v, *mask_BxTxS)
+            out = _attend_prefix_groups(q, k, v, *mask_BxTxS, cfg.attn_logit_softcap)
         else:
-            out = _attend(q, k, v, mask_BxTxS)
+            out = _attend(q, k, v, mask_BxTxS, cfg.attn_logit_softcap)
         return _dense(cfg, cfg.hidden_size, (Q_HEADS, EMBED), "o_proj")(out), KVCache(k, v)
 
 
@@ -545,10 +557,12 @@ def lm_logits(params, cfg: ModelConfig, hidden_BxTxD):
     The product runs in the compute dtype but accumulates into and returns float32 (`preferred_element_type`):
     bf16 logits were rounded by up to 0.06 before the float32 log-softmax, log-probs of sampled tokens by up to
     0.04, which is larger than the per-token KL to the reference that the RL reward subtracts (helper review,
-    session 21). Free on the matrix units (they accumulate in f32); no change in float32."""
+    session 21). Free on the matrix units (they accumulate in f32); no change in float32. Soft-capped in float32
+    where the model caps its logits (Gemma 2's `final_logit_softcap`)."""
     w, vocab_major = lm_head_weight(params, cfg)
-    return jnp.einsum("...d,vd->...v" if vocab_major else "...d,dv->...v", hidden_BxTxD.astype(cfg.jnp_dtype), w,
-                      preferred_element_type=jnp.promote_types(cfg.jnp_dtype, jnp.float32))
+    logits = jnp.einsum("...d,vd->...v" if vocab_major else "...d,dv->...v", hidden_BxTxD.astype(cfg.jnp_dtype), w,
+                        preferred_element_type=jnp.promote_types(cfg.jnp_dtype, jnp.float32))
+    return softcap(logits, cfg.final_logit_softcap)
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -695,7 +709,7 @@ def packed_prefill(params, layer_params: list, cfg: ModelConfig, tokens_BxP, att
         qkv = jnp.take(_rows(project, n_real, (x,), (h + 2 * kvh) * hd, chunk, dtype), inverse, axis=0)
         q, k, v = _split_qkv(lp, cfg, qkv, (b, p))
         q, k = _rope_qk(cfg, q, k, positions, rope_inv_freq(cfg, window is not None))
-        attn = jnp.take(_attend(q, k, v, masks[window]).reshape(b * p, h * hd), order, axis=0)
+        attn = jnp.take(_attend(q, k, v, masks[window], cfg.attn_logit_softcap).reshape(b * p, h * hd), order, axis=0)
         x = _rows(functools.partial(_fused_out_mlp, lp, cfg), n_real, (x, attn), d, chunk, dtype)
         caches.append(KVCache(jnp.pad(k.transpose(0, 2, 3, 1), ((0, 0), (0, 0), (0, 0), (0, pad_s))),
                               jnp.pad(v.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, pad_s), (0, 0)))))
@@ -721,16 +735,17 @@ def _decode_layer(p, cfg: ModelConfig, x_BxD, positions_B, mask_BxS, cache: KVCa
     q, k = q.reshape(b, kvh, g, hd), k.reshape(b, kvh, hd, 1)
     cache = KVCache(jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), (0, 0, 0, cache_index)),
                     jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), (0, 0, cache_index, 0)))
-    attn = decode_attention(q, cache.k.astype(q.dtype), cache.v.astype(q.dtype), mask_BxS).reshape(b, h * hd)
+    attn = decode_attention(q, cache.k.astype(q.dtype), cache.v.astype(q.dtype), mask_BxS,
+                            cfg.attn_logit_softcap).reshape(b, h * hd)
     return _fused_out_mlp(p, cfg, x_BxD, attn), cache
 
 
-def decode_attention(q_BxKxGxD, k_BxKxDxS, v_BxKxSxD, mask_BxS):
-    """One query per row against the cache: softmax(q k / sqrt(d)) v, scores summed and softmaxed in float32
-    (as `_scores`: a bf16 product rounded scores near 100 by up to 0.25 before the float32 softmax)."""
+def decode_attention(q_BxKxGxD, k_BxKxDxS, v_BxKxSxD, mask_BxS, cap: float | None = None):
+    """One query per row against the cache: softmax(softcap(q k / sqrt(d), cap)) v, scores summed and softmaxed in
+    float32 (as `_scores`: a bf16 product rounded scores near 100 by up to 0.25 before the float32 softmax)."""
     scores = jnp.einsum("bkgd,bkds->bkgs", q_BxKxGxD, k_BxKxDxS,
                         preferred_element_type=jnp.float32) * (q_BxKxGxD.shape[-1] ** -0.5)
-    scores = jnp.where(mask_BxS[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
+    scores = jnp.where(mask_BxS[:, None, None, :], softcap(scores, cap), jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(q_BxKxGxD.dtype)
     return jnp.einsum("bkgs,bksd->bkgd", probs, v_BxKxSxD)
 
