@@ -271,7 +271,9 @@ _TEXT_OF_MULTIMODAL = {
 
 def text_model_config(hf_config):
     """The config reftjax builds its decoder from: a multimodal checkpoint's text model (Gemma 3 4B and up are
-    `Gemma3ForConditionalGeneration`: its `text_config`, exported as `Gemma3ForCausalLM`), else `hf_config` itself."""
+    `Gemma3ForConditionalGeneration`: its `text_config`, exported as `Gemma3ForCausalLM`), else `hf_config` itself.
+    The special token ids and `tie_word_embeddings` stated at the top level win, as transformers reads them there
+    (the Hub's gemma-3-4b-it states `eos_token_id: [1, 106]` there only; helper review, session 39)."""
     import copy
 
     from reftjax.models.config import CAUSAL_LM_CLASSES
@@ -280,6 +282,9 @@ def text_model_config(hf_config):
         return hf_config
     text = copy.deepcopy(hf_config.get_text_config())
     text.architectures = [CAUSAL_LM_CLASSES.get(text.model_type, text.model_type)]
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings"):
+        if getattr(hf_config, key, None) is not None:
+            setattr(text, key, copy.deepcopy(getattr(hf_config, key)))
     return text
 
 
@@ -495,6 +500,7 @@ def load_model(src: str | os.PathLike = "default", *, dtype: str = "float32", pa
     directory = local_hf_dir(src)
     full_config = load_hf_config(directory)
     hf_config = text_model_config(full_config)
+    multimodal = hf_config is not full_config
     cfg = from_hf_config(hf_config, param_dtype=param_dtype, dtype=dtype, remat=remat,
                          where=str(directory / "config.json"))
     gen = load_generation_config(directory)
@@ -504,7 +510,9 @@ def load_model(src: str | os.PathLike = "default", *, dtype: str = "float32", pa
         cfg = dataclasses.replace(cfg, eos_token_ids=eos)
     tensors, origin = text_model_tensors(full_config, *_read_hf_tensors(directory), str(directory))
     cfg, hf_config = _untie_a_distinct_head(cfg, hf_config, tensors, str(directory))
-    params_np = hf_to_params(tensors, cfg, where=str(directory), origin=origin)
+    where = str(directory) + (" (the text model of a multimodal checkpoint: tensor names under language_model.)"
+                              if multimodal else "")
+    params_np = hf_to_params(tensors, cfg, where=where, origin=origin)
     params = sharding.place_params(params_np, cfg, mesh, rules)
     tokenizer = load_tokenizer(Source(directory, None, str(src))) if with_tokenizer else None
     _check_ids_fit(cfg, tokenizer, src)

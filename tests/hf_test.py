@@ -721,6 +721,26 @@ def test_one_shard_of_a_split_gguf_is_refused_naming_the_split(tmp_path):
     assert read_gguf(tmp_path / "whole.gguf", with_tokenizer=False)[0].num_hidden_layers == 1
 
 
+def test_a_multimodal_gemma3s_top_level_special_ids_and_tie_win_as_in_transformers(tmp_path):
+    """The Hub's gemma-3-4b-it states `eos_token_id: [1, 106]` at the top level only, and transformers ties the head
+    by the top-level `tie_word_embeddings`: without a generation_config.json the end-of-turn id was lost, and a
+    text_config saying untied asked for an lm_head the checkpoint does not store (helper review, session 39)."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    text = _tiny_gemma3_config(vocab_size=300, tie_word_embeddings=False).to_dict()
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    mm = Gemma3ForConditionalGeneration(Gemma3Config(
+        text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=299, boi_token_index=297,
+        eoi_token_index=298, eos_token_id=[1, 7], tie_word_embeddings=True))
+    mm.save_pretrained(tmp_path)
+    (tmp_path / "generation_config.json").unlink(missing_ok=True)
+    loaded = load_model(tmp_path, with_tokenizer=False)
+    assert loaded.config.eos_token_ids == (1, 7) and loaded.config.tie_word_embeddings
+    out = save_hf(tmp_path / "text", loaded.params, loaded.config, loaded.hf_config)
+    assert json.loads((out / "config.json").read_text())["eos_token_id"] == [1, 7]
+
+
 def test_a_multimodal_gemma3_loads_its_text_model_alone_and_exports_it_as_a_causal_lm(tmp_path, caplog):
     """Gemma 3 4B and up are Gemma3ForConditionalGeneration (a vision tower beside the text model): the text model
     is loaded alone, with the logits transformers' multimodal model gives text-only input, the vision tensors left
