@@ -587,13 +587,15 @@ def test_gemma_parts_not_implemented_are_refused_naming_the_file(change, match):
 
 
 def test_gemma2s_soft_caps_are_read_and_the_multimodal_gemma3_config_is_refused_saying_what_to_pass():
-    from transformers import Gemma2Config, Gemma3Config
+    from transformers import Gemma2Config, Gemma3Config, GemmaConfig
 
     from reftjax.models import from_hf_config
 
     g2 = from_hf_config(Gemma2Config(num_hidden_layers=2))  # Gemma 2's defaults: caps 50 and 30, windows on layer 0
     assert (g2.attn_logit_softcap, g2.final_logit_softcap, g2.sliding_layers) == (50.0, 30.0, (True, False))
     assert from_hf_config(_tiny_gemma3_config(final_logit_softcapping=30.0)).final_logit_softcap == 30.0
+    with pytest.raises(ValueError, match="final_logit_softcapping=30.0 in a gemma config"):
+        from_hf_config(GemmaConfig(num_hidden_layers=2, final_logit_softcapping=30.0))
     with pytest.raises(ValueError, match="pass its text_config, model_type gemma3_text, as load_model does"):
         from_hf_config(Gemma3Config())
 

@@ -274,7 +274,12 @@ def _activation(hf, model_type: str, where: str) -> str:
 
 
 def _check_gemma(hf, model_type: str, where: str) -> None:
-    """Refuse what the Gemma decoders here do not compute: bidirectional attention (EmbeddingGemma's), biases."""
+    """Refuse what the Gemma decoders here do not compute: bidirectional attention (EmbeddingGemma's), biases, and
+    soft-capping keys in a Gemma 1 config (transformers' Gemma has no soft-capping: it ignores them; helper review)."""
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if model_type == "gemma" and getattr(hf, key, None) is not None:
+            raise ValueError(f"{where}: {key}={getattr(hf, key)} in a gemma config: transformers' Gemma does not "
+                             "soft-cap (Gemma 2's model_type is gemma2)")
     if getattr(hf, "use_bidirectional_attention", False):
         raise ValueError(f"{where}: use_bidirectional_attention=True (an encoder) is not supported")
     if getattr(hf, "attention_bias", False):
@@ -308,7 +313,7 @@ def from_hf_config(hf, *, param_dtype: str = "float32", dtype: str = "float32", 
     heads = hf.num_attention_heads
     sandwich = model_type in ("gemma2", "gemma3_text")
     qpas = getattr(hf, "query_pre_attn_scalar", None) if sandwich else None
-    caps = {key: getattr(hf, key, None) if model_type in _GEMMA else None
+    caps = {key: getattr(hf, key, None) if sandwich else None
             for key in ("attn_logit_softcapping", "final_logit_softcapping")}
     return ModelConfig(
         vocab_size=hf.vocab_size,
