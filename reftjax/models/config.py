@@ -61,15 +61,15 @@ class ModelConfig:
       qkv_bias: q/k/v projections carry a bias (Qwen2).
       qk_norm: queries and keys pass through an RMSNorm over each head (scales [head_dim]) before RoPE (Qwen3).
       sliding_window: attend only to the last `sliding_window` keys (Mistral), or None.
-      sliding_layers: which layers the window applies to, one flag per layer (Gemma 3's local layers, Qwen2's
+      sliding_layers: which layers the window applies to, one flag per layer (Gemma 2/3's local layers, Qwen2's
         upper layers); empty: every layer (when `sliding_window` is set).
       local_rope_theta: RoPE base of the windowed layers (Gemma 3's 10,000, unscaled), or None: `rope_theta`.
       hidden_act: the gate's activation, "silu" (SwiGLU) or "gelu_tanh" (GeGLU, Gemma's gelu_pytorch_tanh).
       norm_offset: every RMSNorm scales by `norm_offset + scale` in float32 (Gemma: 1.0, the weights stored as
         Hugging Face stores them); 0.0 is Llama's norm.
       embed_scale: input embeddings are multiplied by sqrt(hidden_size) (Gemma).
-      query_pre_attn_scalar: attention scores are scaled by its -1/2 power instead of head_dim's (Gemma 3).
-      sandwich_norms: each sublayer's output is normed too before its residual add (Gemma 3's
+      query_pre_attn_scalar: attention scores are scaled by its -1/2 power instead of head_dim's (Gemma 2/3).
+      sandwich_norms: each sublayer's output is normed too before its residual add (Gemma 2/3's
         post_attention_layernorm and post_feedforward_layernorm; its pre_feedforward_layernorm is the MLP's
         input norm).
       attn_logit_softcap: attention scores become c * tanh(scores / c) before the mask (Gemma 2's 50), or None.
@@ -151,7 +151,7 @@ class ModelConfig:
 
     @property
     def mixed_layers(self) -> bool:
-        """Layers differ in window (and RoPE base): windowed and full ones mixed (Gemma 3, Qwen2's upper layers)."""
+        """Layers differ in window (and RoPE base): windowed and full ones mixed (Gemma 2/3, Qwen2's upper layers)."""
         return len(set(self.sliding_layers)) > 1
 
     @property
@@ -228,7 +228,7 @@ def _local_rope_theta(hf, where: str) -> float | None:
 def _sliding_window(hf, model_type: str, where: str) -> tuple[int | None, tuple[bool, ...]]:
     """(window, per-layer flags): (None, ()) without a window, (window, ()) when every layer has it, else the flags.
     transformers' Llama and Gemma have none (a stray `sliding_window` key is ignored there too); Mistral windows
-    every layer; Qwen2/3 only layers >= max_window_layers, and only with use_sliding_window; Gemma 3 its
+    every layer; Qwen2/3 only layers >= max_window_layers, and only with use_sliding_window; Gemma 2/3 their
     layer_types' sliding_attention layers (Gemma 2: one of two, Gemma 3: five of six)."""
     window = getattr(hf, "sliding_window", None)
     if (model_type in ("gemma2", "gemma3_text") and not window
@@ -288,7 +288,7 @@ def _check_gemma(hf, model_type: str, where: str) -> None:
 
 def from_hf_config(hf, *, param_dtype: str = "float32", dtype: str = "float32", remat: str = "none",
                    where: str = "config.json") -> ModelConfig:
-    """Build a ModelConfig from a transformers PretrainedConfig (Llama/Mistral/Qwen2/Qwen3/Gemma/Gemma 3 text)."""
+    """Build a ModelConfig from a transformers PretrainedConfig (Llama/Mistral/Qwen2/Qwen3/Gemma 1-2/Gemma 3 text)."""
     model_type = getattr(hf, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
         hint = {"gemma3": " (the multimodal Gemma 3: pass its text_config, model_type gemma3_text, as load_model does)"}

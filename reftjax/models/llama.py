@@ -1,4 +1,4 @@
-"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM2, Gemma, Gemma 3 text) in Flax linen.
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM2, Gemma, Gemma 2, Gemma 3 text) in Flax linen.
 
 Parameters mirror Hugging Face names, kernels stored [in, out]:
 
@@ -8,8 +8,8 @@ Parameters mirror Hugging Face names, kernels stored [in, out]:
       self_attn/{q,k,v}_proj      [L, D, H*hd] (+ bias [L, H*hd] for Qwen2)
       self_attn/{q,k}_norm/scale  [L, hd] (Qwen3: per-head RMSNorm of q and k before RoPE)
       self_attn/o_proj            [L, H*hd, D]
-      post_attention_layernorm    [L, D] (the MLP's input norm; Gemma 3: the attention output's norm)
-      pre_feedforward_layernorm,  [L, D] (Gemma 3 only: the MLP's input and output norms)
+      post_attention_layernorm    [L, D] (the MLP's input norm; Gemma 2/3: the attention output's norm)
+      pre_feedforward_layernorm,  [L, D] (Gemma 2/3 only: the MLP's input and output norms)
         post_feedforward_layernorm
       mlp/{gate,up}_proj          [L, D, F];  mlp/down_proj [L, F, D]
     norm/scale                    [D]
@@ -100,7 +100,7 @@ def apply_rope(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, inv_freq: np.ndar
 
 
 def _rope_qk(cfg: ModelConfig, q, k, positions_BxT, inv_freq):
-    """RoPE on q and k; q also takes the model's own score scale where it has one (Gemma 3's
+    """RoPE on q and k; q also takes the model's own score scale where it has one (Gemma 2/3's
     query_pre_attn_scalar^-1/2 in place of head_dim^-1/2, which the attention applies)."""
     q, k = apply_rope(q, positions_BxT, inv_freq), apply_rope(k, positions_BxT, inv_freq)
     qpas = cfg.query_pre_attn_scalar
@@ -439,7 +439,7 @@ class GatedMLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm block (Gemma 3: sublayer outputs normed too). Returns (hidden, this layer's fresh keys/values).
+    """Pre-norm block (Gemma 2/3: sublayer outputs normed too). Returns (hidden, this layer's fresh keys/values).
     `decode_step` is its one-token twin."""
 
     cfg: ModelConfig
