@@ -594,3 +594,72 @@ def test_chat_template_variables_reach_every_prompt_the_run_renders(smollm_token
         encode_prompts(smollm_tokenizer, ["q"], chat=False, chat_template_kwargs={"enable_thinking": False})
     with pytest.raises(ValueError, match="chat_template_kwargs: expected a dict"):
         encode_prompts(smollm_tokenizer, ["q"], chat=True, chat_template_kwargs="on")
+
+
+# Gemma 3's chat template as its tokenizer_config.json ships it (text parts): no system role (the system text opens
+# the first user turn), the reply's role is "model", every turn ends with <end_of_turn>, and it writes the BOS itself
+_GEMMA3_TEMPLATE = """{{ bos_token }}
+{%- if messages[0]['role'] == 'system' -%}
+    {%- if messages[0]['content'] is string -%}
+        {%- set first_user_prefix = messages[0]['content'] + '\\n\\n' -%}
+    {%- else -%}
+        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\\n\\n' -%}
+    {%- endif -%}
+    {%- set loop_messages = messages[1:] -%}
+{%- else -%}
+    {%- set first_user_prefix = "" -%}
+    {%- set loop_messages = messages -%}
+{%- endif -%}
+{%- for message in loop_messages -%}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}
+    {%- endif -%}
+    {%- if (message['role'] == 'assistant') -%}
+        {%- set role = "model" -%}
+    {%- else -%}
+        {%- set role = message['role'] -%}
+    {%- endif -%}
+    {{ '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else "") }}
+    {%- if message['content'] is string -%}
+        {{ message['content'] | trim }}
+    {%- else -%}
+        {{ raise_exception("Invalid content type") }}
+    {%- endif -%}
+    {{ '<end_of_turn>\\n' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{'<start_of_turn>model\\n'}}
+{%- endif -%}
+"""
+
+
+def test_a_gemma3_chat_template_folds_the_system_prompt_and_ends_targets_with_end_of_turn(gsm8k_train):
+    """Gemma's tokenizer adds <bos> to every encoding and its template writes one too; it has no system role, and its
+    replies end with <end_of_turn> (not <eos>). Chat-style prompts start with one BOS, carry the system prompt
+    inside the first user turn and end with the model turn's opening; SFT targets end with <end_of_turn>; so do
+    `generate()`'s prompts. (A stand-in tokenizer with Gemma's special tokens: none ships offline.)"""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    from reftjax.data.tokenize import end_of_turn_id
+    from reftjax.rollout import encode_prompts
+
+    special = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
+    words = special + ["user", "model", "Be", "brief.", "Question:", "Answer:"]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    core.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                  unk_token="<unk>", additional_special_tokens=["<start_of_turn>", "<end_of_turn>"])
+    tok.chat_template = _GEMMA3_TEMPLATE
+    assert tok("user")["input_ids"] == [2, 6]  # the tokenizer adds its BOS, as Gemma's does
+    assert end_of_turn_id(tok) == 5
+    cfg = PromptConfig("chat", system_prompt="Be brief.")
+    data = tokenize_examples(gsm8k_train[:3], tok, cfg, TokenizeConfig())
+    for prompt, target in zip(data.prompt, data.target):
+        prompt = list(prompt)
+        assert prompt[:4] == [2, 4, 6, 8] and prompt.count(2) == 1  # <bos> <start_of_turn> user Be ...: one BOS
+        assert prompt[-2:] == [4, 7] and prompt.count(4) == 2  # no system turn: the user's, then the model's
+        assert target[-1] == 5  # <end_of_turn>
+    for ids in encode_prompts(tok, [ex.question for ex in gsm8k_train[:3]], chat=True):  # generate()'s prompts
+        assert ids[:3] == [2, 4, 6] and ids.count(2) == 1 and ids[-2:] == [4, 7]
