@@ -74,3 +74,34 @@ def test_a_bad_tokenizer_is_one_line_too(monkeypatch, capsys, shared_data, tmp_p
         out, err = capsys.readouterr()
         assert code == 2 and out == "" and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
 
+
+
+def test_stats_measure_the_prompts_a_run_renders_with_its_system_prompt_and_template_variables(
+        monkeypatch, capsys, shared_data, smollm_tokenizer):
+    """data.prompt.system_prompt and chat_template_kwargs change a run's prompts, but the stats command could not
+    take them, so it measured other prompts than the run's (left alone in session 38). A template that opens each
+    reply with <think> unless enable_thinking is false (as Qwen3's does) stands in for a real one."""
+    import copy
+
+    tok = copy.deepcopy(smollm_tokenizer)
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+                         "{% if enable_thinking is not defined or enable_thinking %}<think>\n{% endif %}{% endif %}")
+    monkeypatch.setattr(reftjax.hf, "load_tokenizer", lambda src: tok)
+    base = ["stats", "--dataset", "svamp-nl", "--local-dir", str(shared_data / "reft"), "--style", "chat"]
+
+    def p50(*extra):
+        assert main(base + list(extra)) == 0
+        return json.loads(capsys.readouterr().out)["prompt_tokens"]["p50"]
+
+    plain = p50()
+    system = p50("--system-prompt", "Be brief and exact.")
+    no_thinking = p50("--chat-template-kwargs", '{"enable_thinking": false}')
+    marks = len(tok("<|im_start|>system\nBe brief and exact.<|im_end|>\n", add_special_tokens=False)["input_ids"])
+    assert system == plain + marks  # a system turn only where one is given (this template writes none by default)
+    assert no_thinking == plain - len(tok("<think>\n", add_special_tokens=False)["input_ids"])
+    for extra, message in ((["--chat-template-kwargs", "{enable_thinking: false}"], "--chat-template-kwargs: not JSON"),
+                           (["--style", "reft", "--system-prompt", "x"], "apply to the chat styles only")):
+        assert main(base + extra) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and message in err and len(err.strip().splitlines()) == 1, err

@@ -4,6 +4,8 @@ Examples::
 
     python -m reftjax.data stats --dataset gsm8k --split train
     python -m reftjax.data stats --file data.jsonl --format openai --style chat
+    python -m reftjax.data stats --dataset gsm8k --style chat --system-prompt "Be brief." \\
+        --chat-template-kwargs '{"enable_thinking": false}'
 
 Prints example count, prompt/target token-length percentiles for the tokenizer,
 and how many examples exceed ``--max-prompt-len`` / ``--max-target-len``. Bad
@@ -47,6 +49,11 @@ def _parser() -> argparse.ArgumentParser:
     stats.add_argument("--style", choices=STYLES, default=None,
                        help="prompt style (default: reft-python for svamp-python, chat for "
                             "openai files, else reft)")
+    stats.add_argument("--system-prompt", default=None,
+                       help="chat styles: the system turn a run gives (data.prompt.system_prompt)")
+    stats.add_argument("--chat-template-kwargs", default=None, metavar="JSON",
+                       help="chat styles: the template's variables a run passes, a JSON object such as "
+                            "'{\"enable_thinking\": false}' (data.prompt.chat_template_kwargs)")
     stats.add_argument("--keep-annotations", action="store_true",
                        help="keep GSM8K calculator annotations in the CoT")
     stats.add_argument("--max-prompt-len", type=_positive, default=300,
@@ -87,7 +94,18 @@ def stats(args: argparse.Namespace) -> dict:
     tokenizer = load_tokenizer(args.tokenizer)
     # No limits while measuring: every example is kept, then counted against the limits.
     unlimited = TokenizeConfig(max_prompt_len=1 << 20, max_target_len=1 << 20, truncation="drop")
-    prompt_cfg = PromptConfig(style, strip_annotations=not args.keep_annotations)
+    if (args.system_prompt is not None or args.chat_template_kwargs is not None) and not style.startswith("chat"):
+        raise DataError(f"{args.file or args.dataset}:0: --system-prompt and --chat-template-kwargs apply to the chat "
+                        f"styles only (--style chat or chat-python), not {style!r}")
+    template_kwargs = ()
+    if args.chat_template_kwargs is not None:  # (the run's prompts, measured: they reached runs only; session 39)
+        try:
+            template_kwargs = json.loads(args.chat_template_kwargs)
+        except ValueError as e:
+            raise DataError(f"--chat-template-kwargs: not JSON ({e}); write an object such as "
+                            '\'{"enable_thinking": false}\'') from None
+    prompt_cfg = PromptConfig(style, strip_annotations=not args.keep_annotations, system_prompt=args.system_prompt,
+                              chat_template_kwargs=template_kwargs)
     # Test sets and RFT files have no reference CoT: report prompt lengths only.
     with_targets = all(e.cot.strip() for e in examples)
     ds = tokenize_examples(examples, tokenizer, prompt_cfg, unlimited, with_targets=with_targets)
