@@ -31,8 +31,8 @@ LENGTHS = (13, 7, 10)  # real tokens per row; the batch is left-padded to the lo
 
 
 def _hf_config(kind: str):
-    from transformers import (Gemma2Config, Gemma3TextConfig, GemmaConfig, LlamaConfig, MistralConfig, Qwen2Config,
-                              Qwen3Config)
+    from transformers import (Gemma2Config, Gemma3TextConfig, GemmaConfig, LlamaConfig, MistralConfig, Olmo2Config,
+                              Qwen2Config, Qwen3Config)
 
     if kind == "llama":
         return LlamaConfig(**TINY)
@@ -60,6 +60,8 @@ def _hf_config(kind: str):
                                     "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})
     if kind == "qwen3":  # Qwen3-0.6B's shape in small: 4 heads of 16 over a width of 32 (q is 64 wide)
         return Qwen3Config(**TINY, head_dim=16, tie_word_embeddings=False)
+    if kind == "olmo2":  # sublayer outputs normed, inputs not; q/k norms over all heads at once
+        return Olmo2Config(**TINY, eos_token_id=2, pad_token_id=0)
     raise ValueError(kind)
 
 
@@ -122,6 +124,8 @@ _EXPECTED = {
     "gemma2": dict(model_type="gemma2", head_dim=16, hidden_act="gelu_tanh", norm_offset=1.0, embed_scale=True,
                    sandwich_norms=True, sliding_window=4, sliding_layers=(True, False, True, False),
                    query_pre_attn_scalar=24.0, attn_logit_softcap=2.0, final_logit_softcap=3.0),
+    "olmo2": dict(model_type="olmo2", qk_norm=True, qk_norm_per_head=False, sandwich_norms=True, pre_norms=False,
+                  norm_scale_float32=True),
     "gemma3": dict(model_type="gemma3_text", head_dim=16, hidden_act="gelu_tanh", norm_offset=1.0, embed_scale=True,
                    qk_norm=True, sandwich_norms=True, sliding_window=4, sliding_layers=(True, False, True, False),
                    rope_theta=1e6, local_rope_theta=1e4, rope_scaling=RopeScaling("linear", 2.0),
@@ -147,7 +151,8 @@ def test_tiny_logits_match_transformers(kind, tmp_path):
                                                              "num_layers", "num_heads", "num_kv_heads")})
     for field in ("model_type", "qkv_bias", "qk_norm", "head_dim", "sliding_window", "sliding_layers", "hidden_act",
                   "norm_offset", "embed_scale", "sandwich_norms", "local_rope_theta", "query_pre_attn_scalar",
-                  "attn_logit_softcap", "final_logit_softcap"):
+                  "attn_logit_softcap", "final_logit_softcap", "qk_norm_per_head", "pre_norms",
+                  "norm_scale_float32"):
         assert getattr(cfg, field) == _EXPECTED[kind].get(field, getattr(defaults, field)), field
     assert (cfg.rope_scaling.kind == "llama3") == (kind == "llama3_rope")
     assert cfg.num_params == sum(p.numel() for p in ref_model.parameters())
@@ -213,6 +218,10 @@ def _decode_test_config(variant: str, window: int | None) -> ModelConfig:
                            local_rope_theta=1e4, rope_theta=1e6, qk_norm=True, hidden_act="gelu_tanh",
                            norm_offset=1.0, embed_scale=True, query_pre_attn_scalar=24.0, sandwich_norms=True,
                            model_type="gemma3_text", tie_word_embeddings=True)
+    if variant.startswith("olmo2"):  # OLMo 2: no input norms, output norms, q/k norms over all heads at once
+        return ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+                           num_kv_heads=2, qk_norm=True, qk_norm_per_head=False, sandwich_norms=True, pre_norms=False,
+                           norm_scale_float32=True, model_type="olmo2")
     if variant.startswith("gemma2"):  # Gemma 2: no q/k norms or local base, soft-capped scores and logits
         return ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
                            num_kv_heads=2, head_dim=16, sliding_window=3, sliding_layers=(True, False),
@@ -245,7 +254,7 @@ def _prefill_then_decode(params, cfg: ModelConfig, prompt_BxP, mask_BxP, cache_l
 
 
 @pytest.mark.parametrize("variant", ["llama", "mistral_window3", "qwen2_bias_untied", "qwen3_qknorm_hd16",
-                                     "gemma2_softcaps", "gemma3_mixed_layers"])
+                                     "gemma2_softcaps", "gemma3_mixed_layers", "olmo2_post_norms"])
 def test_prefill_and_decode_match_full_forward(variant, random_params):
     """The decode path (fused per-layer weights, [B,K,hd,S] key cache) equals the scanned full forward."""
     window = 3 if variant == "mistral_window3" else None
@@ -267,7 +276,7 @@ def test_prefill_and_decode_match_full_forward(variant, random_params):
 
 
 @pytest.mark.parametrize("variant", ["llama", "mistral_window3", "qwen2_bias_untied", "qwen3_qknorm_hd16",
-                                     "gemma2_softcaps", "gemma3_mixed_layers"])
+                                     "gemma2_softcaps", "gemma3_mixed_layers", "olmo2_post_norms"])
 def test_packed_prefill_equals_prefill(variant, random_params):
     """The padding-free prefill (GEMMs over the real tokens only, `chunk` at a time) gives the padded prefill's
     last logits and hidden states, and the same keys/values in every real slot (4 chunks here, one partly padding)."""

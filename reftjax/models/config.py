@@ -4,8 +4,9 @@ One frozen (hashable) dataclass covers Llama 2/3 (incl. Llama-3 RoPE scaling),
 Mistral (sliding window), Qwen2/2.5 (qkv bias, windows on the upper layers), Qwen3
 (per-head q/k RMSNorm), SmolLM2 (tied embeddings), Gemma (GeGLU, norms scaled by 1 + w,
 scaled embeddings), Gemma 2 (also: norms around both sublayers, windowed layers among global
-ones, tanh soft-capping of attention scores and final logits) and Gemma 3 (Gemma 2's parts without
-the soft-capping, with q/k norms and the windowed layers' own RoPE base).
+ones, tanh soft-capping of attention scores and final logits), Gemma 3 (Gemma 2's parts without
+the soft-capping, with q/k norms and the windowed layers' own RoPE base) and OLMo 2 (sublayer
+outputs normed, inputs not; q/k norms over all heads at once).
 Being hashable it can be a static argument of `jax.jit`.
 """
 from __future__ import annotations
@@ -19,7 +20,7 @@ import jax.numpy as jnp
 # export (serving stacks such as vLLM pick the class from it; transformers' own table imports torch)
 CAUSAL_LM_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                      "qwen3": "Qwen3ForCausalLM", "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
-                     "gemma3_text": "Gemma3ForCausalLM"}
+                     "gemma3_text": "Gemma3ForCausalLM", "olmo2": "Olmo2ForCausalLM"}
 SUPPORTED_MODEL_TYPES = tuple(CAUSAL_LM_CLASSES)
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -60,6 +61,7 @@ class ModelConfig:
       tie_word_embeddings: logits use the input embedding matrix (SmolLM2).
       qkv_bias: q/k/v projections carry a bias (Qwen2).
       qk_norm: queries and keys pass through an RMSNorm over each head (scales [head_dim]) before RoPE (Qwen3).
+      qk_norm_per_head: False: the q/k norms run over all heads at once (scales [H * hd] and [K * hd], OLMo 2).
       sliding_window: attend only to the last `sliding_window` keys (Mistral), or None.
       sliding_layers: which layers the window applies to, one flag per layer (Gemma 2/3's local layers, Qwen2's
         upper layers); empty: every layer (when `sliding_window` is set).
@@ -72,6 +74,10 @@ class ModelConfig:
       sandwich_norms: each sublayer's output is normed too before its residual add (Gemma 2/3's
         post_attention_layernorm and post_feedforward_layernorm; its pre_feedforward_layernorm is the MLP's
         input norm).
+      pre_norms: False: the sublayers' inputs are not normed (OLMo 2: no input_layernorm, no
+        pre_feedforward_layernorm; needs sandwich_norms).
+      norm_scale_float32: every RMSNorm multiplies its scale in float32, then casts (OLMo 2's order; Gemma's
+        with its offset); False: cast, then multiply (Llama's).
       attn_logit_softcap: attention scores become c * tanh(scores / c) before the mask (Gemma 2's 50), or None.
       final_logit_softcap: the logits become c * tanh(logits / c) (Gemma 2's 30), or None.
       model_type: Hugging Face model_type written on export.
@@ -96,6 +102,7 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     qkv_bias: bool = False
     qk_norm: bool = False
+    qk_norm_per_head: bool = True
     sliding_window: int | None = None
     sliding_layers: tuple[bool, ...] = ()
     local_rope_theta: float | None = None
@@ -104,6 +111,8 @@ class ModelConfig:
     embed_scale: bool = False
     query_pre_attn_scalar: float | None = None
     sandwich_norms: bool = False
+    pre_norms: bool = True
+    norm_scale_float32: bool = False
     attn_logit_softcap: float | None = None
     final_logit_softcap: float | None = None
     model_type: str = "llama"
@@ -140,6 +149,8 @@ class ModelConfig:
         for name in ("attn_logit_softcap", "final_logit_softcap"):
             if getattr(self, name) is not None and not getattr(self, name) > 0:
                 raise ValueError(f"{name}={getattr(self, name)!r}; expected a positive number or None")
+        if not self.pre_norms and not self.sandwich_norms:
+            raise ValueError("pre_norms=False (OLMo 2) needs sandwich_norms: a block must norm its inputs or outputs")
         if self.local_rope_theta is not None and not self.sliding_window:
             raise ValueError("local_rope_theta is the RoPE base of windowed layers: it needs a sliding_window")
 
@@ -169,7 +180,9 @@ class ModelConfig:
         attn = d * hd * (2 * self.num_heads + 2 * self.num_kv_heads)
         if self.qkv_bias:
             attn += hd * (self.num_heads + 2 * self.num_kv_heads)
-        per_layer = attn + 3 * d * f + (4 if self.sandwich_norms else 2) * d + (2 * hd if self.qk_norm else 0)
+        norms = (2 if self.pre_norms else 0) + (2 if self.sandwich_norms else 0)
+        qk = (2 * hd if self.qk_norm_per_head else (self.num_heads + self.num_kv_heads) * hd) if self.qk_norm else 0
+        per_layer = attn + 3 * d * f + norms * d + qk
         head = 0 if self.tie_word_embeddings else d * self.vocab_size
         return self.vocab_size * d + self.num_layers * per_layer + d + head
 
@@ -236,7 +249,7 @@ def _sliding_window(hf, model_type: str, where: str) -> tuple[int | None, tuple[
         # (transformers itself cannot run it: a TypeError in its mask; helper review, session 39)
         raise ValueError(f"{where}: sliding_window={window!r} but layer_types has sliding_attention layers: a "
                          f"{model_type} needs the window of its local layers")
-    if model_type in ("llama", "gemma") or not window:
+    if model_type in ("llama", "gemma", "olmo2") or not window:
         return None, ()
     n = hf.num_hidden_layers
     if model_type == "mistral":
@@ -288,7 +301,7 @@ def _check_gemma(hf, model_type: str, where: str) -> None:
 
 def from_hf_config(hf, *, param_dtype: str = "float32", dtype: str = "float32", remat: str = "none",
                    where: str = "config.json") -> ModelConfig:
-    """Build a ModelConfig from a transformers PretrainedConfig (Llama/Mistral/Qwen2/Qwen3/Gemma 1-2/Gemma 3 text)."""
+    """Build a ModelConfig from a transformers PretrainedConfig (Llama/Mistral/Qwen2/Qwen3/Gemma 1-3/OLMo 2)."""
     model_type = getattr(hf, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
         hint = {"gemma3": " (the multimodal Gemma 3: pass its text_config, model_type gemma3_text, as load_model does)"}
@@ -303,7 +316,7 @@ def from_hf_config(hf, *, param_dtype: str = "float32", dtype: str = "float32", 
         raise ValueError(f"{where}: quantized checkpoints (quantization_config) are not supported: load a float one")
     if model_type == "llama" and getattr(hf, "mlp_bias", False):  # (Mistral's and Qwen2's MLPs have no bias in
         raise ValueError(f"{where}: mlp_bias=True is not supported")  # transformers, whatever the key says)
-    if model_type in ("llama", "qwen3") and getattr(hf, "attention_bias", False):
+    if model_type in ("llama", "qwen3", "olmo2") and getattr(hf, "attention_bias", False):
         raise ValueError(f"{where}: attention_bias=True (q/k/v and o_proj biases) is not supported for {model_type}")
     theta, scaling = _rope_from_hf(hf, where)
     eos = hf.eos_token_id
@@ -329,7 +342,8 @@ def from_hf_config(hf, *, param_dtype: str = "float32", dtype: str = "float32", 
         max_position_embeddings=int(hf.max_position_embeddings),
         tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
         qkv_bias=model_type == "qwen2",
-        qk_norm=model_type in ("qwen3", "gemma3_text"),
+        qk_norm=model_type in ("qwen3", "gemma3_text", "olmo2"),
+        qk_norm_per_head=model_type != "olmo2",
         sliding_window=window,
         sliding_layers=sliding_layers,
         local_rope_theta=local_theta,
@@ -337,7 +351,9 @@ def from_hf_config(hf, *, param_dtype: str = "float32", dtype: str = "float32", 
         norm_offset=1.0 if model_type in _GEMMA else 0.0,
         embed_scale=model_type in _GEMMA,
         query_pre_attn_scalar=float(qpas) if qpas is not None else None,
-        sandwich_norms=sandwich,
+        sandwich_norms=sandwich or model_type == "olmo2",
+        pre_norms=model_type != "olmo2",
+        norm_scale_float32=model_type == "olmo2",
         attn_logit_softcap=float(caps["attn_logit_softcapping"]) if caps["attn_logit_softcapping"] else None,
         final_logit_softcap=float(caps["final_logit_softcapping"]) if caps["final_logit_softcapping"] else None,
         model_type=model_type,

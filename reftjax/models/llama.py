@@ -1,15 +1,17 @@
-"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM2, Gemma, Gemma 2, Gemma 3 text) in Flax linen.
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2/3, SmolLM2, Gemma 1-3, OLMo 2) in Flax linen.
 
 Parameters mirror Hugging Face names, kernels stored [in, out]:
 
     embed_tokens/embedding        [V, D]
     layers/...                    stacked over a leading layer axis [L, ...]
-      input_layernorm/scale       [L, D]
+      input_layernorm/scale       [L, D] (absent in OLMo 2)
       self_attn/{q,k,v}_proj      [L, D, H*hd] (+ bias [L, H*hd] for Qwen2)
-      self_attn/{q,k}_norm/scale  [L, hd] (Qwen3: per-head RMSNorm of q and k before RoPE)
+      self_attn/{q,k}_norm/scale  [L, hd] (Qwen3, Gemma 3: per-head RMSNorm of q and k before RoPE;
+                                  OLMo 2: [L, H*hd] and [L, K*hd], over all heads at once)
       self_attn/o_proj            [L, H*hd, D]
       post_attention_layernorm    [L, D] (the MLP's input norm; Gemma 2/3: the attention output's norm)
-      pre_feedforward_layernorm,  [L, D] (Gemma 2/3 only: the MLP's input and output norms)
+      pre_feedforward_layernorm,  [L, D] (Gemma 2/3 only: the MLP's input and output norms; OLMo 2: the
+                                  output norm alone)
         post_feedforward_layernorm
       mlp/{gate,up}_proj          [L, D, F];  mlp/down_proj [L, F, D]
     norm/scale                    [D]
@@ -163,14 +165,14 @@ def _dense(cfg: ModelConfig, features: int, axes: tuple[str, str], name: str, bi
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[-1:]))
 
 
-def rms_norm(x, scale, eps: float, dtype, offset: float = 0.0):
-    """RMSNorm computed in float32, scaled after casting back to `dtype` (transformers' order); with an `offset`
-    (Gemma's 1 + w), scaled by `offset + scale` in float32 and then cast (transformers' Gemma order)."""
+def rms_norm(x, scale, eps: float, dtype, offset: float = 0.0, scale_float32: bool = False):
+    """RMSNorm computed in float32, scaled after casting back to `dtype` (transformers' Llama order); with an `offset`
+    (Gemma's 1 + w) or `scale_float32` (OLMo 2), scaled by `offset + scale` in float32 and then cast."""
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
     # explicit broadcast: the project runs with jax_numpy_rank_promotion='raise'
     shape = (1,) * (x.ndim - 1) + (-1,)
-    if offset:
+    if offset or scale_float32:
         return (y * (offset + scale.astype(jnp.float32)).reshape(shape)).astype(dtype)
     return scale.astype(dtype).reshape(shape) * y.astype(dtype)
 
@@ -182,16 +184,18 @@ class RMSNorm(nn.Module):
     dtype: jnp.dtype
     param_dtype: jnp.dtype
     offset: float = 0.0
+    scale_float32: bool = False
 
     @nn.compact
     def __call__(self, x):
         init = nn.initializers.zeros if self.offset else nn.initializers.ones
         scale = self.param("scale", nn.with_logical_partitioning(init, (NORM,)), (x.shape[-1],), self.param_dtype)
-        return rms_norm(x, scale, self.eps, self.dtype, self.offset)
+        return rms_norm(x, scale, self.eps, self.dtype, self.offset, self.scale_float32)
 
 
 def _norm(cfg: ModelConfig, name: str) -> RMSNorm:
-    return RMSNorm(cfg.rms_norm_eps, cfg.jnp_dtype, cfg.jnp_param_dtype, cfg.norm_offset, name=name)
+    return RMSNorm(cfg.rms_norm_eps, cfg.jnp_dtype, cfg.jnp_param_dtype, cfg.norm_offset, cfg.norm_scale_float32,
+                   name=name)
 
 
 def softcap(x, cap: float | None):
@@ -334,10 +338,13 @@ class Attention(nn.Module):
         cfg = self.cfg
         b, t, _ = x_BxTxD.shape
         h, kvh, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        q = _dense(cfg, h * hd, (EMBED, Q_HEADS), "q_proj", cfg.qkv_bias)(x_BxTxD).reshape(b, t, h, hd)
-        k = _dense(cfg, kvh * hd, (EMBED, KV_HEADS), "k_proj", cfg.qkv_bias)(x_BxTxD).reshape(b, t, kvh, hd)
+        q = _dense(cfg, h * hd, (EMBED, Q_HEADS), "q_proj", cfg.qkv_bias)(x_BxTxD)
+        k = _dense(cfg, kvh * hd, (EMBED, KV_HEADS), "k_proj", cfg.qkv_bias)(x_BxTxD)
         v = _dense(cfg, kvh * hd, (EMBED, KV_HEADS), "v_proj", cfg.qkv_bias)(x_BxTxD).reshape(b, t, kvh, hd)
-        if cfg.qk_norm:
+        if cfg.qk_norm and not cfg.qk_norm_per_head:  # OLMo 2: one norm over all heads, before the split
+            q, k = _norm(cfg, "q_norm")(q), _norm(cfg, "k_norm")(k)
+        q, k = q.reshape(b, t, h, hd), k.reshape(b, t, kvh, hd)
+        if cfg.qk_norm and cfg.qk_norm_per_head:
             q, k = _norm(cfg, "q_norm")(q), _norm(cfg, "k_norm")(k)
         if sliding is None or cfg.local_rope_theta is None:
             q, k = _rope_qk(cfg, q, k, positions_BxT, rope_inv_freq(cfg, cfg.layer_window(0) is not None))
@@ -439,8 +446,8 @@ class GatedMLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm block (Gemma 2/3: sublayer outputs normed too). Returns (hidden, this layer's fresh keys/values).
-    `decode_step` is its one-token twin."""
+    """Pre-norm block (Gemma 2/3: sublayer outputs normed too; OLMo 2: outputs only). Returns (hidden, this layer's
+    fresh keys/values). `decode_step` is its one-token twin."""
 
     cfg: ModelConfig
 
@@ -449,12 +456,12 @@ class DecoderLayer(nn.Module):
         cfg = self.cfg
         x = constrain_batch(x)  # rows over the mesh's batch axes (else XLA follows the weights' fsdp split of D)
         attn_out, kv = Attention(cfg, name="self_attn")(
-            _norm(cfg, "input_layernorm")(x), positions_BxT, mask_BxTxS, sliding)
+            _norm(cfg, "input_layernorm")(x) if cfg.pre_norms else x, positions_BxT, mask_BxTxS, sliding)
         if not cfg.sandwich_norms:
             h = x + attn_out
             return h + GatedMLP(cfg, name="mlp")(_norm(cfg, "post_attention_layernorm")(h)), kv
         h = x + _norm(cfg, "post_attention_layernorm")(attn_out)
-        mlp_out = GatedMLP(cfg, name="mlp")(_norm(cfg, "pre_feedforward_layernorm")(h))
+        mlp_out = GatedMLP(cfg, name="mlp")(_norm(cfg, "pre_feedforward_layernorm")(h) if cfg.pre_norms else h)
         return h + _norm(cfg, "post_feedforward_layernorm")(mlp_out), kv
 
 
@@ -578,7 +585,7 @@ def unstack_layers(params, cfg: ModelConfig | None = None) -> list:
         o        [H hd, D]
         gate_up  [D, 2 F]           = gate_proj | up_proj
         down     [F, D]
-        ln1, ln2 [D]                  RMSNorm scales of the attention's and the MLP's inputs
+        ln1, ln2 [D]                  RMSNorm scales of the attention's and the MLP's inputs (not OLMo 2's)
         q_norm, k_norm [hd]           per-head q / k RMSNorm scales (qk_norm only)
         attn_out_norm, mlp_out_norm [D]  RMSNorm scales of the sublayers' outputs (sandwich_norms only)
 
@@ -588,15 +595,18 @@ def unstack_layers(params, cfg: ModelConfig | None = None) -> list:
     dtype = cfg.jnp_dtype if cfg is not None else None
     cast = (lambda a: a.astype(dtype)) if dtype is not None else (lambda a: a)  # noqa: E731
     attn, mlp = lp["self_attn"], lp["mlp"]
-    sandwich = "pre_feedforward_layernorm" in lp
+    sandwich = "post_feedforward_layernorm" in lp
+    pre_mlp = "pre_feedforward_layernorm" if sandwich else "post_attention_layernorm"
     stacked = {
-        "ln1": lp["input_layernorm"]["scale"],
-        "ln2": lp["pre_feedforward_layernorm" if sandwich else "post_attention_layernorm"]["scale"],
         "qkv": cast(jnp.concatenate([attn[n]["kernel"] for n in ("q_proj", "k_proj", "v_proj")], axis=-1)),
         "o": cast(attn["o_proj"]["kernel"]),
         "gate_up": cast(jnp.concatenate([mlp["gate_proj"]["kernel"], mlp["up_proj"]["kernel"]], axis=-1)),
         "down": cast(mlp["down_proj"]["kernel"]),
     }
+    if "input_layernorm" in lp:  # (OLMo 2 norms the sublayers' outputs only)
+        stacked["ln1"] = lp["input_layernorm"]["scale"]
+    if pre_mlp in lp:
+        stacked["ln2"] = lp[pre_mlp]["scale"]
     if "q_norm" in attn:
         stacked["q_norm"], stacked["k_norm"] = attn["q_norm"]["scale"], attn["k_norm"]["scale"]
     if sandwich:
@@ -628,18 +638,20 @@ def prefill(params, cfg: ModelConfig, tokens_BxP, attn_mask_BxP, cache_len: int)
 
 def _fused_qkv(p, cfg: ModelConfig, x_NxD):
     """[N, (H + 2K) hd] = norm(x) @ (q | k | v) (+ bias), from `unstack_layers`' fused weights."""
-    qkv = _rms(x_NxD, p["ln1"], cfg) @ p["qkv"]
+    qkv = (_rms(x_NxD, p["ln1"], cfg) if "ln1" in p else x_NxD) @ p["qkv"]
     return qkv + p["qkv_bias"][None, :] if "qkv_bias" in p else qkv
 
 
 def _split_qkv(p, cfg: ModelConfig, qkv_Nx3, lead: tuple[int, ...]):
-    """Fused [..., (H + 2K) hd] -> q [*lead, H, hd], k [*lead, K, hd], v [*lead, K, hd], q and k normed per head
-    where the model has q/k norms (before RoPE, as `Attention`)."""
+    """Fused [..., (H + 2K) hd] -> q [*lead, H, hd], k [*lead, K, hd], v [*lead, K, hd], q and k normed (per head,
+    or over all heads for OLMo 2) where the model has q/k norms (before RoPE, as `Attention`)."""
     h, kvh, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    q = qkv_Nx3[..., : h * hd].reshape(*lead, h, hd)
-    k = qkv_Nx3[..., h * hd: (h + kvh) * hd].reshape(*lead, kvh, hd)
+    q, k = qkv_Nx3[..., : h * hd], qkv_Nx3[..., h * hd: (h + kvh) * hd]
+    if "q_norm" in p and not cfg.qk_norm_per_head:  # OLMo 2: over all heads at once
+        q, k = _rms(q, p["q_norm"], cfg), _rms(k, p["k_norm"], cfg)
+    q, k = q.reshape(*lead, h, hd), k.reshape(*lead, kvh, hd)
     v = qkv_Nx3[..., (h + kvh) * hd:].reshape(*lead, kvh, hd)
-    if "q_norm" in p:
+    if "q_norm" in p and cfg.qk_norm_per_head:
         q, k = _rms(q, p["q_norm"], cfg), _rms(k, p["k_norm"], cfg)
     return q, k, v
 
@@ -649,7 +661,7 @@ def _fused_out_mlp(p, cfg: ModelConfig, x_NxD, attn_NxHD):
     each sublayer's output normed first where the model does (sandwich_norms)."""
     out = attn_NxHD @ p["o"]
     x = x_NxD + (_rms(out, p["attn_out_norm"], cfg) if "attn_out_norm" in p else out)
-    gate_up = _rms(x, p["ln2"], cfg) @ p["gate_up"]
+    gate_up = (_rms(x, p["ln2"], cfg) if "ln2" in p else x) @ p["gate_up"]
     f = cfg.intermediate_size
     out = (activation(cfg.hidden_act)(gate_up[:, :f]) * gate_up[:, f:]) @ p["down"]
     return x + (_rms(out, p["mlp_out_norm"], cfg) if "mlp_out_norm" in p else out)
@@ -718,7 +730,7 @@ def packed_prefill(params, layer_params: list, cfg: ModelConfig, tokens_BxP, att
 
 
 def _rms(x, scale, cfg: ModelConfig):
-    return rms_norm(x, scale, cfg.rms_norm_eps, cfg.jnp_dtype, cfg.norm_offset)
+    return rms_norm(x, scale, cfg.rms_norm_eps, cfg.jnp_dtype, cfg.norm_offset, cfg.norm_scale_float32)
 
 
 def _decode_layer(p, cfg: ModelConfig, x_BxD, positions_B, mask_BxS, cache: KVCache, cache_index,
