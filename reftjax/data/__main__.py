@@ -91,9 +91,6 @@ def stats(args: argparse.Namespace) -> dict:
                              answer_field=args.answer_field, numeric=not args.text_answers)
     style = args.style or ("reft-python" if args.dataset == "svamp-python"
                            else "chat" if args.format == "openai" else "reft")
-    tokenizer = load_tokenizer(args.tokenizer)
-    # No limits while measuring: every example is kept, then counted against the limits.
-    unlimited = TokenizeConfig(max_prompt_len=1 << 20, max_target_len=1 << 20, truncation="drop")
     if (args.system_prompt is not None or args.chat_template_kwargs is not None) and not style.startswith("chat"):
         raise DataError(f"{args.file or args.dataset}:0: --system-prompt and --chat-template-kwargs apply to the chat "
                         f"styles only (--style chat or chat-python), not {style!r}")
@@ -106,6 +103,9 @@ def stats(args: argparse.Namespace) -> dict:
                             '\'{"enable_thinking": false}\'') from None
     prompt_cfg = PromptConfig(style, strip_annotations=not args.keep_annotations, system_prompt=args.system_prompt,
                               chat_template_kwargs=template_kwargs)
+    tokenizer = load_tokenizer(args.tokenizer)
+    # No limits while measuring: every example is kept, then counted against the limits.
+    unlimited = TokenizeConfig(max_prompt_len=1 << 20, max_target_len=1 << 20, truncation="drop")
     # Test sets and RFT files have no reference CoT: report prompt lengths only.
     with_targets = all(e.cot.strip() for e in examples)
     ds = tokenize_examples(examples, tokenizer, prompt_cfg, unlimited, with_targets=with_targets)
