@@ -162,7 +162,7 @@ def build_parser(prog: str = "python -m experiments.gsm8k_reft", description: st
 
 
 def resolve_config(args, make_config=preset_config):
-    from reftjax.config import from_dict, to_dict
+    from reftjax.config import DuplicateName, from_dict, to_dict, unique_names
 
     cfg = make_config(args.preset or default_preset(), args.model)
     if args.seed is not None:
@@ -179,7 +179,9 @@ def resolve_config(args, make_config=preset_config):
             value = _PYTHON_LITERALS[raw]
         else:
             try:
-                value = json.loads(raw, parse_constant=_refuse_constant)
+                value = json.loads(raw, parse_constant=_refuse_constant, object_pairs_hook=unique_names)
+            except DuplicateName as exc:
+                raise ValueError(f"--set {item!r}: {exc}") from None
             except ValueError:
                 value = raw  # a bare string; the config's type check refuses it where a string does not belong
         node = d

@@ -372,6 +372,21 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", None) or repr(tp)
 
 
+class DuplicateName(ValueError):
+    """A JSON object of a setting names one field twice."""
+
+
+def unique_names(pairs):
+    """`json.loads`' object_pairs_hook for settings: a name given twice is refused (json keeps the last one
+    silently: `{"a": 1, "a": 2}` set `a` to 2 without a word; helper review, session 39)."""
+    out = {}
+    for name, value in pairs:
+        if name in out:
+            raise DuplicateName(f"the name {name!r} is given twice in one JSON object")
+        out[name] = value
+    return out
+
+
 def _build(tp, value, where: str = "config"):
     """`value` (parsed JSON) as an instance of the type hint `tp`; ValueError naming the field's path otherwise.
 

@@ -101,7 +101,12 @@ def test_stats_measure_the_prompts_a_run_renders_with_its_system_prompt_and_temp
     assert system == plain + marks  # a system turn only where one is given (this template writes none by default)
     assert no_thinking == plain - len(tok("<think>\n", add_special_tokens=False)["input_ids"])
     for extra, message in ((["--chat-template-kwargs", "{enable_thinking: false}"], "--chat-template-kwargs: not JSON"),
-                           (["--style", "reft", "--system-prompt", "x"], "apply to the chat styles only")):
+                           (["--style", "reft", "--system-prompt", "x"], "apply to the chat styles only"),
+                           # (taken as pairs, or named the run's setting, or kept the last of a repeated name; review)
+                           (["--chat-template-kwargs", '[["foo", 1]]'], "expected a JSON object"),
+                           (["--chat-template-kwargs", "null"], "--chat-template-kwargs: expected a JSON object"),
+                           (["--chat-template-kwargs", '{"a": [1]}'], "--chat-template-kwargs: "),
+                           (["--chat-template-kwargs", '{"a": 1, "a": 2}'], "the name 'a' is given twice")):
         assert main(base + extra) == 2
         out, err = capsys.readouterr()
         assert out == "" and message in err and len(err.strip().splitlines()) == 1, err

@@ -637,7 +637,10 @@ def test_set_values_are_type_checked_merged_and_python_spellings_work():
                      ("sft.optim.learning_rate=fast", "config.sft.optim.learning_rate: expected a number"),
                      ("data.tokenize.prompt_buckets=128", "prompt_buckets: expected a list or null, got 128"),
                      ("grader.cot=python", "grader is set as a whole"),
-                     ("model=/m/llama-7b", "use --model /m/llama-7b")):
+                     ("model=/m/llama-7b", "use --model /m/llama-7b"),
+                     # json keeps a repeated name's last value without a word (helper review, session 39)
+                     ('rl.optim={"learning_rate": 1e-6, "learning_rate": 1e-5}',
+                      "the name 'learning_rate' is given twice in one JSON object")):
         with pytest.raises(ValueError, match=re.escape(msg)):
             cfg(bad)
 

@@ -19,6 +19,7 @@ import sys
 
 import numpy as np
 
+from reftjax.config import DuplicateName, unique_names
 from reftjax.data.prompts import STYLES, PromptConfig
 from reftjax.data.records import FORMATS, DataError
 from reftjax.data.sources import DATASETS, load_examples
@@ -94,15 +95,23 @@ def stats(args: argparse.Namespace) -> dict:
     if (args.system_prompt is not None or args.chat_template_kwargs is not None) and not style.startswith("chat"):
         raise DataError(f"{args.file or args.dataset}:0: --system-prompt and --chat-template-kwargs apply to the chat "
                         f"styles only (--style chat or chat-python), not {style!r}")
-    template_kwargs = ()
+    template_kwargs = {}
     if args.chat_template_kwargs is not None:  # (the run's prompts, measured: they reached runs only; session 39)
+        example = '\'{"enable_thinking": false}\''
         try:
-            template_kwargs = json.loads(args.chat_template_kwargs)
+            template_kwargs = json.loads(args.chat_template_kwargs, object_pairs_hook=unique_names)
+        except DuplicateName as e:
+            raise DataError(f"--chat-template-kwargs: {e}") from None
         except ValueError as e:
-            raise DataError(f"--chat-template-kwargs: not JSON ({e}); write an object such as "
-                            '\'{"enable_thinking": false}\'') from None
-    prompt_cfg = PromptConfig(style, strip_annotations=not args.keep_annotations, system_prompt=args.system_prompt,
-                              chat_template_kwargs=template_kwargs)
+            raise DataError(f"--chat-template-kwargs: not JSON ({e}); write an object such as {example}") from None
+        if not isinstance(template_kwargs, dict):
+            raise DataError(f"--chat-template-kwargs: expected a JSON object such as {example}, "
+                            f"got {args.chat_template_kwargs!r}")
+    try:
+        prompt_cfg = PromptConfig(style, strip_annotations=not args.keep_annotations, system_prompt=args.system_prompt,
+                                  chat_template_kwargs=template_kwargs)
+    except ValueError as e:  # (named the run's setting, not the option typed; helper review)
+        raise DataError(str(e).replace("data.prompt.chat_template_kwargs", "--chat-template-kwargs")) from None
     tokenizer = load_tokenizer(args.tokenizer)
     # No limits while measuring: every example is kept, then counted against the limits.
     unlimited = TokenizeConfig(max_prompt_len=1 << 20, max_target_len=1 << 20, truncation="drop")
