@@ -110,3 +110,22 @@ def test_stats_measure_the_prompts_a_run_renders_with_its_system_prompt_and_temp
         assert main(base + extra) == 2
         out, err = capsys.readouterr()
         assert out == "" and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_stats_count_the_bos_a_run_puts_before_plain_prompts(monkeypatch, capsys, shared_data):
+    """data.prompt.bos (the paper preset's false) changes a plain-style run's prompts by one token, but the stats
+    command could not take it (helper review, session 39). A tokenizer that adds <s> to every encoding."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.WordLevel({"<unk>": 0, "<s>": 1, "</s>": 2}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    monkeypatch.setattr(reftjax.hf, "load_tokenizer", lambda src: tok)
+
+    def mean(*extra):
+        assert main(["stats", "--dataset", "svamp-nl", "--local-dir", str(shared_data / "reft"), *extra]) == 0
+        return json.loads(capsys.readouterr().out)["prompt_tokens"]["mean"]
+
+    assert mean() == mean("--bos", "true") == mean("--bos", "false") + 1

@@ -50,6 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     stats.add_argument("--style", choices=STYLES, default=None,
                        help="prompt style (default: reft-python for svamp-python, chat for "
                             "openai files, else reft)")
+    stats.add_argument("--bos", choices=("auto", "true", "false"), default="auto",
+                       help="plain styles: prompts start with the tokenizer's BOS (data.prompt.bos: auto = when its "
+                            "encoding adds one; the paper preset's false)")
     stats.add_argument("--system-prompt", default=None,
                        help="chat styles: the system turn a run gives (data.prompt.system_prompt)")
     stats.add_argument("--chat-template-kwargs", default=None, metavar="JSON",
@@ -109,7 +112,8 @@ def stats(args: argparse.Namespace) -> dict:
                             f"got {args.chat_template_kwargs!r}")
     try:
         prompt_cfg = PromptConfig(style, strip_annotations=not args.keep_annotations, system_prompt=args.system_prompt,
-                                  chat_template_kwargs=template_kwargs)
+                                  chat_template_kwargs=template_kwargs,
+                                  bos={"auto": None, "true": True, "false": False}[args.bos])
     except ValueError as e:  # (named the run's setting, not the option typed; helper review)
         raise DataError(str(e).replace("data.prompt.chat_template_kwargs", "--chat-template-kwargs")) from None
     tokenizer = load_tokenizer(args.tokenizer)
