@@ -586,7 +586,7 @@ def unstack_layers(params, cfg: ModelConfig | None = None) -> list:
         gate_up  [D, 2 F]           = gate_proj | up_proj
         down     [F, D]
         ln1, ln2 [D]                  RMSNorm scales of the attention's and the MLP's inputs (not OLMo 2's)
-        q_norm, k_norm [hd]           per-head q / k RMSNorm scales (qk_norm only)
+        q_norm, k_norm [hd]           per-head q / k RMSNorm scales (qk_norm only; OLMo 2: [H hd], [K hd])
         attn_out_norm, mlp_out_norm [D]  RMSNorm scales of the sublayers' outputs (sandwich_norms only)
 
     `cfg` gives the compute dtype the kernels are cast to (default: kept as stored).
