@@ -212,11 +212,11 @@ def model_fingerprint(params) -> str:
 
 
 # ModelConfig fields added after runs recorded its digest, with their defaults (qk_norm: Qwen3, session 38; the
-# rest: Gemma, OLMo 2 and per-layer windows, session 39)
-_ADDED_FIELDS = {"qk_norm": False, "sliding_layers": (), "local_rope_theta": None, "hidden_act": "silu",
-                 "norm_offset": 0.0, "embed_scale": False, "query_pre_attn_scalar": None, "sandwich_norms": False,
-                 "attn_logit_softcap": None, "final_logit_softcap": None, "qk_norm_per_head": True,
-                 "pre_norms": True, "norm_scale_float32": False}
+# rest: Gemma, OLMo 2 and per-layer windows, session 39; rope_layers: SmolLM3, session 40)
+_ADDED_FIELDS = {"qk_norm": False, "sliding_layers": (), "local_rope_theta": None, "rope_layers": (),
+                 "hidden_act": "silu", "norm_offset": 0.0, "embed_scale": False, "query_pre_attn_scalar": None,
+                 "sandwich_norms": False, "attn_logit_softcap": None, "final_logit_softcap": None,
+                 "qk_norm_per_head": True, "pre_norms": True, "norm_scale_float32": False}
 
 
 def model_config_fingerprint(model_cfg) -> str:

@@ -586,6 +586,68 @@ def test_gemma_parts_not_implemented_are_refused_naming_the_file(change, match):
         from_hf_config(_tiny_gemma3_config(**change), where="cfg.json")
 
 
+def _tiny_smollm3_config(**kw):
+    from transformers import SmolLM3Config
+
+    return SmolLM3Config(**{**dict(vocab_size=89, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   bos_token_id=1, eos_token_id=2, pad_token_id=0), **kw})
+
+
+def test_a_smollm3_export_loads_in_transformers_with_same_logits_and_back_bit_for_bit(tmp_path, random_params):
+    """SmolLM3's NoPE layers (every 4th: no position encoding) go out as its config says them (`no_rope_layers`);
+    transformers' SmolLM3ForCausalLM computes our logits from the export, and it comes back unchanged."""
+    from reftjax.models import from_hf_config
+
+    hf = _tiny_smollm3_config()
+    cfg = from_hf_config(hf)
+    assert cfg.rope_layers == (True, True, True, False) and cfg.tie_word_embeddings
+    params = random_params(cfg)
+    out = save_hf(tmp_path / "s3", params, cfg, hf)
+    written = json.loads((out / "config.json").read_text())
+    assert written["architectures"] == ["SmolLM3ForCausalLM"] and written["no_rope_layers"] == [1, 1, 1, 0]
+    tokens, mask = _batch(cfg.vocab_size)
+    ours, _ = forward(params, cfg, tokens, mask)
+    rel = _assert_close_on_real(ours, _torch_logits(out, tokens, mask), mask, 1e-5)
+    print(f"smollm3 export: max|diff|/scale={rel:.1e}")
+    back = load_model(out, with_tokenizer=False)
+    assert back.config == cfg
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(back.params), jax.device_get(params))
+
+
+def test_smollm3_3bs_own_config_reads_as_transformers_builds_it():
+    """SmolLM3Config's defaults are SmolLM3-3B's (36 layers, a NoPE layer every 4th, GQA 16/4, tied embeddings):
+    the parameter count equals the torch model's (built on the meta device, no memory), the NoPE layers are
+    3, 7, ..., 35, and no window applies."""
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM, SmolLM3Config
+
+    from reftjax.models import from_hf_config
+
+    hf = SmolLM3Config()
+    cfg = from_hf_config(hf)
+    with torch.device("meta"):
+        ref = AutoModelForCausalLM.from_config(hf)
+    assert cfg.num_params == sum(p.numel() for p in ref.parameters()) and cfg.num_params > 3e9
+    assert [i for i in range(cfg.num_layers) if not cfg.layer_rope(i)] == list(range(3, 36, 4))
+    assert cfg.sliding_window is None and cfg.mixed_layers and not cfg.mixed_windows
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(attention_bias=True), "attention_bias=True (q/k/v and o_proj biases) is not supported for smollm3"),
+    (dict(mlp_bias=True), "mlp_bias=True is not supported"),
+    (dict(no_rope_layers=[1, 2, 1, 1]), "no_rope_layers=[1, 2, 1, 1] is not supported (a 1 or 0 per layer, 4 layers)"),
+    (dict(no_rope_layers=[1, 0, 1], layer_types=["full_attention"] * 4), "no_rope_layers=[1, 0, 1] is not supported"),
+    (dict(layer_types=["sliding_attention"] + ["full_attention"] * 3),
+     "sliding_window=None but layer_types has sliding_attention layers"),
+])
+def test_smollm3_parts_not_implemented_are_refused_naming_the_file(change, match):
+    from reftjax.models import from_hf_config
+
+    with pytest.raises(ValueError, match="^cfg.json: " + re.escape(match)):
+        from_hf_config(_tiny_smollm3_config(**change), where="cfg.json")
+
+
 def test_gemma2s_soft_caps_are_read_and_the_multimodal_gemma3_config_is_refused_saying_what_to_pass():
     from transformers import Gemma2Config, Gemma3Config, GemmaConfig
 

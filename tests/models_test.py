@@ -32,7 +32,7 @@ LENGTHS = (13, 7, 10)  # real tokens per row; the batch is left-padded to the lo
 
 def _hf_config(kind: str):
     from transformers import (Gemma2Config, Gemma3TextConfig, GemmaConfig, LlamaConfig, MistralConfig, Olmo2Config,
-                              Qwen2Config, Qwen3Config)
+                              Qwen2Config, Qwen3Config, SmolLM3Config)
 
     if kind == "llama":
         return LlamaConfig(**TINY)
@@ -62,6 +62,13 @@ def _hf_config(kind: str):
         return Qwen3Config(**TINY, head_dim=16, tie_word_embeddings=False)
     if kind == "olmo2":  # sublayer outputs normed, inputs not; q/k norms over all heads at once
         return Olmo2Config(**TINY, eos_token_id=2, pad_token_id=0)
+    ids = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if kind == "smollm3":  # a NoPE layer (no position encoding at all) every second layer (SmolLM3-3B: every 4th)
+        return SmolLM3Config(**TINY, **ids, no_rope_layer_interval=2)
+    if kind == "smollm3_window":  # RoPE and NoPE layers, windowed and full ones, in every combination
+        return SmolLM3Config(**{**TINY, "num_hidden_layers": 4}, **ids, no_rope_layers=[1, 1, 0, 0],
+                             use_sliding_window=True, sliding_window=4,
+                             layer_types=["sliding_attention", "full_attention"] * 2)
     raise ValueError(kind)
 
 
@@ -126,6 +133,9 @@ _EXPECTED = {
                    query_pre_attn_scalar=24.0, attn_logit_softcap=2.0, final_logit_softcap=3.0),
     "olmo2": dict(model_type="olmo2", qk_norm=True, qk_norm_per_head=False, sandwich_norms=True, pre_norms=False,
                   norm_scale_float32=True),
+    "smollm3": dict(model_type="smollm3", rope_theta=2e6, rope_layers=(True, False)),
+    "smollm3_window": dict(model_type="smollm3", rope_theta=2e6, rope_layers=(True, True, False, False),
+                           sliding_window=4, sliding_layers=(True, False, True, False)),
     "gemma3": dict(model_type="gemma3_text", head_dim=16, hidden_act="gelu_tanh", norm_offset=1.0, embed_scale=True,
                    qk_norm=True, sandwich_norms=True, sliding_window=4, sliding_layers=(True, False, True, False),
                    rope_theta=1e6, local_rope_theta=1e4, rope_scaling=RopeScaling("linear", 2.0),
@@ -137,6 +147,8 @@ _FEATURES = {
     "qwen2_mixed": [dict(sliding_layers=()), dict(sliding_window=None, sliding_layers=())],
     "gemma": [dict(norm_offset=0.0), dict(embed_scale=False), dict(hidden_act="silu")],
     "gemma2": [dict(attn_logit_softcap=None), dict(final_logit_softcap=None), dict(sliding_layers=())],
+    "smollm3": [dict(rope_layers=())],
+    "smollm3_window": [dict(rope_layers=()), dict(sliding_layers=())],
     "gemma3": [dict(sliding_layers=()), dict(local_rope_theta=None), dict(rope_scaling=RopeScaling()),
                dict(query_pre_attn_scalar=None)],
 }
@@ -152,7 +164,7 @@ def test_tiny_logits_match_transformers(kind, tmp_path):
     for field in ("model_type", "qkv_bias", "qk_norm", "head_dim", "sliding_window", "sliding_layers", "hidden_act",
                   "norm_offset", "embed_scale", "sandwich_norms", "local_rope_theta", "query_pre_attn_scalar",
                   "attn_logit_softcap", "final_logit_softcap", "qk_norm_per_head", "pre_norms",
-                  "norm_scale_float32"):
+                  "norm_scale_float32", "rope_layers"):
         assert getattr(cfg, field) == _EXPECTED[kind].get(field, getattr(defaults, field)), field
     assert (cfg.rope_scaling.kind == "llama3") == (kind == "llama3_rope")
     assert cfg.num_params == sum(p.numel() for p in ref_model.parameters())
@@ -222,6 +234,10 @@ def _decode_test_config(variant: str, window: int | None) -> ModelConfig:
         return ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
                            num_kv_heads=2, qk_norm=True, qk_norm_per_head=False, sandwich_norms=True, pre_norms=False,
                            norm_scale_float32=True, model_type="olmo2")
+    if variant.startswith("smollm3"):  # SmolLM3's NoPE layers among RoPE ones, windowed and full ones mixed
+        return ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_layers=3, num_heads=4,
+                           num_kv_heads=2, rope_layers=(True, False, False), sliding_window=3,
+                           sliding_layers=(True, True, False), model_type="smollm3", tie_word_embeddings=True)
     if variant.startswith("gemma2"):  # Gemma 2: no q/k norms or local base, soft-capped scores and logits
         return ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
                            num_kv_heads=2, head_dim=16, sliding_window=3, sliding_layers=(True, False),
@@ -254,7 +270,8 @@ def _prefill_then_decode(params, cfg: ModelConfig, prompt_BxP, mask_BxP, cache_l
 
 
 @pytest.mark.parametrize("variant", ["llama", "mistral_window3", "qwen2_bias_untied", "qwen3_qknorm_hd16",
-                                     "gemma2_softcaps", "gemma3_mixed_layers", "olmo2_post_norms"])
+                                     "gemma2_softcaps", "gemma3_mixed_layers", "olmo2_post_norms",
+                                     "smollm3_nope_layers"])
 def test_prefill_and_decode_match_full_forward(variant, random_params):
     """The decode path (fused per-layer weights, [B,K,hd,S] key cache) equals the scanned full forward."""
     window = 3 if variant == "mistral_window3" else None
@@ -276,7 +293,8 @@ def test_prefill_and_decode_match_full_forward(variant, random_params):
 
 
 @pytest.mark.parametrize("variant", ["llama", "mistral_window3", "qwen2_bias_untied", "qwen3_qknorm_hd16",
-                                     "gemma2_softcaps", "gemma3_mixed_layers", "olmo2_post_norms"])
+                                     "gemma2_softcaps", "gemma3_mixed_layers", "olmo2_post_norms",
+                                     "smollm3_nope_layers"])
 def test_packed_prefill_equals_prefill(variant, random_params):
     """The padding-free prefill (GEMMs over the real tokens only, `chunk` at a time) gives the padded prefill's
     last logits and hidden states, and the same keys/values in every real slot (4 chunks here, one partly padding)."""

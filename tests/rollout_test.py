@@ -479,14 +479,14 @@ def test_smollm_greedy_matches_transformers_generate(smollm_model, smollm_hf_tor
     np.testing.assert_allclose(r.logprobs_BxN[m], logp_ref[m], atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("kind", ["gemma2", "gemma3", "olmo2"])
-def test_tiny_gemma_and_olmo2_greedy_match_transformers_generate(tmp_path, kind):
+@pytest.mark.parametrize("kind", ["gemma2", "gemma3", "olmo2", "smollm3"])
+def test_tiny_gemma_olmo2_and_smollm3_greedy_match_transformers_generate(tmp_path, kind):
     """A random Gemma 2 (soft-capped scores and logits) / Gemma 3 (its local layers' own RoPE base, q/k norms), both
-    with windowed layers among global ones, sandwich norms, GeGLU and 1 + w norms, and an OLMo 2 (output norms only,
-    q/k norms over all heads), through the rollout's packed prefill and decode caches: greedy tokens and log-probs
+    with windowed layers among global ones, sandwich norms, GeGLU and 1 + w norms, an OLMo 2 (output norms only,
+    q/k norms over all heads) and a SmolLM3 (NoPE layers, windowed or not, among RoPE ones), through the rollout's packed prefill and decode caches: greedy tokens and log-probs
     equal transformers' generate with its own cache, for completions that run past the window."""
     torch = pytest.importorskip("torch")
-    from transformers import AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, Olmo2Config
+    from transformers import AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, Olmo2Config, SmolLM3Config
 
     from reftjax.hf import load_model
 
@@ -502,6 +502,9 @@ def test_tiny_gemma_and_olmo2_greedy_match_transformers_generate(tmp_path, kind)
     elif kind == "olmo2":
         hf = Olmo2Config(**{k: v for k, v in config.items()
                             if k not in ("head_dim", "query_pre_attn_scalar", "sliding_window", "layer_types")})
+    elif kind == "smollm3":  # NoPE layers (no position encoding) among RoPE ones, windowed and full ones mixed
+        hf = SmolLM3Config(**{k: v for k, v in config.items() if k != "query_pre_attn_scalar"},
+                           no_rope_layers=[1, 0, 0], use_sliding_window=True)
     else:
         hf = Gemma3TextConfig(**config)
     ref = AutoModelForCausalLM.from_config(hf, attn_implementation="eager").eval()

@@ -20,7 +20,8 @@ import jax.numpy as jnp
 # export (serving stacks such as vLLM pick the class from it; transformers' own table imports torch)
 CAUSAL_LM_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                      "qwen3": "Qwen3ForCausalLM", "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
-                     "gemma3_text": "Gemma3ForCausalLM", "olmo2": "Olmo2ForCausalLM"}
+                     "gemma3_text": "Gemma3ForCausalLM", "olmo2": "Olmo2ForCausalLM",
+                     "smollm3": "SmolLM3ForCausalLM"}
 SUPPORTED_MODEL_TYPES = tuple(CAUSAL_LM_CLASSES)
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -66,6 +67,8 @@ class ModelConfig:
       sliding_layers: which layers the window applies to, one flag per layer (Gemma 2/3's local layers, Qwen2's
         upper layers); empty: every layer (when `sliding_window` is set).
       local_rope_theta: RoPE base of the windowed layers (Gemma 3's 10,000, unscaled), or None: `rope_theta`.
+      rope_layers: which layers rotate q and k, one flag per layer (SmolLM3's NoPE layers, every fourth, have no
+        position encoding at all); empty: every layer.
       hidden_act: the gate's activation, "silu" (SwiGLU) or "gelu_tanh" (GeGLU, Gemma's gelu_pytorch_tanh).
       norm_offset: every RMSNorm scales by `norm_offset + scale` in float32 (Gemma: 1.0, the weights stored as
         Hugging Face stores them); 0.0 is Llama's norm.
@@ -106,6 +109,7 @@ class ModelConfig:
     sliding_window: int | None = None
     sliding_layers: tuple[bool, ...] = ()
     local_rope_theta: float | None = None
+    rope_layers: tuple[bool, ...] = ()
     hidden_act: str = "silu"
     norm_offset: float = 0.0
     embed_scale: bool = False
@@ -146,6 +150,9 @@ class ModelConfig:
                 raise ValueError(f"sliding_layers has {len(self.sliding_layers)} flags for {self.num_layers} layers")
             if not self.sliding_window:
                 raise ValueError("sliding_layers needs a sliding_window")
+        object.__setattr__(self, "rope_layers", tuple(bool(f) for f in self.rope_layers))
+        if self.rope_layers and len(self.rope_layers) != self.num_layers:
+            raise ValueError(f"rope_layers has {len(self.rope_layers)} flags for {self.num_layers} layers")
         for name in ("attn_logit_softcap", "final_logit_softcap"):
             if getattr(self, name) is not None and not getattr(self, name) > 0:
                 raise ValueError(f"{name}={getattr(self, name)!r}; expected a positive number or None")
@@ -160,10 +167,25 @@ class ModelConfig:
             return None
         return self.sliding_window
 
+    def layer_rope(self, i: int) -> bool:
+        """Whether layer `i` rotates q and k (False: a NoPE layer)."""
+        return not self.rope_layers or self.rope_layers[i]
+
+    @property
+    def mixed_windows(self) -> bool:
+        """Windowed and full-attention layers mixed (Gemma 2/3, Qwen2's upper layers): masks and RoPE bases differ."""
+        return len(set(self.sliding_layers)) > 1
+
+    @property
+    def mixed_rope(self) -> bool:
+        """Layers with RoPE and NoPE layers mixed (SmolLM3)."""
+        return len(set(self.rope_layers)) > 1
+
     @property
     def mixed_layers(self) -> bool:
-        """Layers differ in window (and RoPE base): windowed and full ones mixed (Gemma 2/3, Qwen2's upper layers)."""
-        return len(set(self.sliding_layers)) > 1
+        """Layers differ in what they compute besides their weights: window and RoPE base (`mixed_windows`), or RoPE
+        against none (SmolLM3's NoPE layers)."""
+        return self.mixed_windows or self.mixed_rope
 
     @property
     def jnp_dtype(self):
@@ -241,12 +263,13 @@ def _local_rope_theta(hf, where: str) -> float | None:
 def _sliding_window(hf, model_type: str, where: str) -> tuple[int | None, tuple[bool, ...]]:
     """(window, per-layer flags): (None, ()) without a window, (window, ()) when every layer has it, else the flags.
     transformers' Llama and Gemma have none (a stray `sliding_window` key is ignored there too); Mistral windows
-    every layer; Qwen2/3 only layers >= max_window_layers, and only with use_sliding_window; Gemma 2/3 their
-    layer_types' sliding_attention layers (Gemma 2: one of two, Gemma 3: five of six)."""
+    every layer; Qwen2/3 only layers >= max_window_layers, and only with use_sliding_window; Gemma 2/3 and SmolLM3
+    their layer_types' sliding_attention layers (Gemma 2: one of two, Gemma 3: five of six; SmolLM3 windows its NoPE
+    layers where use_sliding_window, and its mask follows layer_types whatever that flag says)."""
     window = getattr(hf, "sliding_window", None)
-    if (model_type in ("gemma2", "gemma3_text") and not window
+    if (model_type in ("gemma2", "gemma3_text", "smollm3") and not window
             and "sliding_attention" in (getattr(hf, "layer_types", None) or ())):
-        # (transformers itself cannot run it: a TypeError in its mask; helper review, session 39)
+        # (transformers itself cannot run it: a TypeError in its mask; helper review, session 39; SmolLM3 too)
         raise ValueError(f"{where}: sliding_window={window!r} but layer_types has sliding_attention layers: a "
                          f"{model_type} needs the window of its local layers")
     if model_type in ("llama", "gemma", "olmo2") or not window:
@@ -266,6 +289,24 @@ def _sliding_window(hf, model_type: str, where: str) -> tuple[int | None, tuple[
     if all(k == "sliding_attention" for k in kinds):
         return int(window), ()
     return int(window), tuple(k == "sliding_attention" for k in kinds)
+
+
+def _rope_layers(hf, model_type: str, where: str) -> tuple[bool, ...]:
+    """SmolLM3's per-layer RoPE flags (`no_rope_layers`: 1 rotates, 0 is a NoPE layer; transformers reads the first
+    num_hidden_layers of them, or puts a NoPE layer every `no_rope_layer_interval`), () where every layer rotates;
+    other models have none (transformers ignores the keys there too)."""
+    if model_type != "smollm3":
+        return ()
+    n = hf.num_hidden_layers
+    flags = getattr(hf, "no_rope_layers", None)
+    if flags is None:
+        interval = int(getattr(hf, "no_rope_layer_interval", 4))
+        flags = [int((i + 1) % interval != 0) for i in range(n)]
+    if (not isinstance(flags, (list, tuple)) or len(flags) < n
+            or any(isinstance(f, bool) or f not in (0, 1) for f in flags)):
+        raise ValueError(f"{where}: no_rope_layers={flags!r} is not supported (a 1 or 0 per layer, {n} layers)")
+    flags = tuple(bool(f) for f in flags[:n])
+    return () if all(flags) else flags
 
 
 _GEMMA = ("gemma", "gemma2", "gemma3_text")
@@ -301,7 +342,7 @@ def _check_gemma(hf, model_type: str, where: str) -> None:
 
 def from_hf_config(hf, *, param_dtype: str = "float32", dtype: str = "float32", remat: str = "none",
                    where: str = "config.json") -> ModelConfig:
-    """Build a ModelConfig from a transformers PretrainedConfig (Llama/Mistral/Qwen2/Qwen3/Gemma 1-3/OLMo 2)."""
+    """Build a ModelConfig from a transformers PretrainedConfig (Llama/Mistral/Qwen2/Qwen3/Gemma 1-3/OLMo 2/SmolLM3)."""
     model_type = getattr(hf, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
         hint = {"gemma3": " (the multimodal Gemma 3: pass its text_config, model_type gemma3_text, as load_model does)"}
@@ -314,9 +355,10 @@ def from_hf_config(hf, *, param_dtype: str = "float32", dtype: str = "float32", 
         _check_gemma(hf, model_type, where)
     if getattr(hf, "quantization_config", None):
         raise ValueError(f"{where}: quantized checkpoints (quantization_config) are not supported: load a float one")
-    if model_type == "llama" and getattr(hf, "mlp_bias", False):  # (Mistral's and Qwen2's MLPs have no bias in
-        raise ValueError(f"{where}: mlp_bias=True is not supported")  # transformers, whatever the key says)
-    if model_type in ("llama", "qwen3", "olmo2") and getattr(hf, "attention_bias", False):
+    if model_type in ("llama", "smollm3") and getattr(hf, "mlp_bias", False):
+        # (Mistral's and Qwen2's MLPs have no bias in transformers, whatever the key says)
+        raise ValueError(f"{where}: mlp_bias=True is not supported")
+    if model_type in ("llama", "qwen3", "olmo2", "smollm3") and getattr(hf, "attention_bias", False):
         raise ValueError(f"{where}: attention_bias=True (q/k/v and o_proj biases) is not supported for {model_type}")
     theta, scaling = _rope_from_hf(hf, where)
     eos = hf.eos_token_id
@@ -347,6 +389,7 @@ def from_hf_config(hf, *, param_dtype: str = "float32", dtype: str = "float32", 
         sliding_window=window,
         sliding_layers=sliding_layers,
         local_rope_theta=local_theta,
+        rope_layers=_rope_layers(hf, model_type, where),
         hidden_act=act,
         norm_offset=1.0 if model_type in _GEMMA else 0.0,
         embed_scale=model_type in _GEMMA,

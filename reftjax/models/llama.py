@@ -101,14 +101,34 @@ def apply_rope(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, inv_freq: np.ndar
     return x_BxTxNxH * cos + rotated * sin
 
 
-def _rope_qk(cfg: ModelConfig, q, k, positions_BxT, inv_freq):
-    """RoPE on q and k; q also takes the model's own score scale where it has one (Gemma 2/3's
-    query_pre_attn_scalar^-1/2 in place of head_dim^-1/2, which the attention applies)."""
-    q, k = apply_rope(q, positions_BxT, inv_freq), apply_rope(k, positions_BxT, inv_freq)
+def _static(flag) -> bool:
+    return isinstance(flag, (bool, np.bool_))
+
+
+def _rope_qk(cfg: ModelConfig, q, k, positions_BxT, sliding=False, rope=True):
+    """RoPE on one layer's q and k; q also takes the model's own score scale where it has one (Gemma 2/3's
+    query_pre_attn_scalar^-1/2 in place of head_dim^-1/2, which the attention applies).
+
+    `sliding` (a windowed layer: its own RoPE base where the model has one) and `rope` (False: a NoPE layer, no
+    rotation) are Python bools, or traced ones for models whose layers differ (`mixed_layers`): then every candidate
+    is computed and the layer's picked, so that the cos/sin tables are loop-invariant and saved once for the backward
+    (a table picked per layer was saved per layer: ~2 MiB a layer at 4 x 1024, helper review, session 39)."""
     qpas = cfg.query_pre_attn_scalar
-    if qpas is not None and qpas != cfg.head_dim:
-        q = q * jnp.asarray((cfg.head_dim / qpas) ** 0.5, q.dtype)
-    return q, k
+
+    def scaled(q, k):  # (each candidate scaled before the pick: the order the models before NoPE layers compiled)
+        return (q * jnp.asarray((cfg.head_dim / qpas) ** 0.5, q.dtype) if qpas not in (None, cfg.head_dim) else q), k
+
+    def rotate(local: bool):
+        inv_freq = rope_inv_freq(cfg, local)
+        return scaled(apply_rope(q, positions_BxT, inv_freq), apply_rope(k, positions_BxT, inv_freq))
+
+    if rope is False:
+        return scaled(q, k)
+    if _static(sliding) or cfg.local_rope_theta is None:
+        rotated = rotate(_static(sliding) and bool(sliding))
+    else:
+        rotated = tuple(jnp.where(sliding, a, b) for a, b in zip(rotate(True), rotate(False)))
+    return rotated if _static(rope) else tuple(jnp.where(rope, a, b) for a, b in zip(rotated, scaled(q, k)))
 
 
 def _scale_embeddings(cfg: ModelConfig, x):
@@ -333,8 +353,9 @@ class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, sliding=None):
-        """`sliding` (a traced bool, mixed models only) picks this layer's mask and RoPE base from `_LayerMasks`."""
+    def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, flags=None):
+        """`flags` (mixed models only): this layer's traced (windowed, rotates) pair; the first picks its mask from
+        `_LayerMasks` and its RoPE base, the second RoPE or none."""
         cfg = self.cfg
         b, t, _ = x_BxTxD.shape
         h, kvh, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -346,13 +367,9 @@ class Attention(nn.Module):
         q, k = q.reshape(b, t, h, hd), k.reshape(b, t, kvh, hd)
         if cfg.qk_norm and cfg.qk_norm_per_head:
             q, k = _norm(cfg, "q_norm")(q), _norm(cfg, "k_norm")(k)
-        if sliding is None or cfg.local_rope_theta is None:
-            q, k = _rope_qk(cfg, q, k, positions_BxT, rope_inv_freq(cfg, cfg.layer_window(0) is not None))
-        else:  # both rotations, then the layer's: their cos/sin tables are loop-invariant, saved once (a table
-            # picked per layer was saved per layer for the backward: ~2 MiB a layer at 4 x 1024, helper review)
-            local, glob = (_rope_qk(cfg, q, k, positions_BxT, rope_inv_freq(cfg, w)) for w in (True, False))
-            q, k = (jnp.where(sliding, a, b) for a, b in zip(local, glob))
-        if sliding is not None:
+        sliding = flags[0] if cfg.mixed_windows else cfg.layer_window(0) is not None
+        q, k = _rope_qk(cfg, q, k, positions_BxT, sliding, flags[1] if cfg.mixed_rope else cfg.layer_rope(0))
+        if cfg.mixed_windows:
             mask_BxTxS = jax.tree.map(lambda full, win: _PickedMask(full, win, sliding), *mask_BxTxS)
         if isinstance(mask_BxTxS, tuple):  # (prefix block, continuation blocks): packed rows, `prefix_group_masks`
             out = _attend_prefix_groups(q, k, v, *mask_BxTxS, cfg.attn_logit_softcap)
@@ -452,11 +469,11 @@ class DecoderLayer(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions_BxT, mask_BxTxS, sliding=None):
+    def __call__(self, x, positions_BxT, mask_BxTxS, flags=None):
         cfg = self.cfg
         x = constrain_batch(x)  # rows over the mesh's batch axes (else XLA follows the weights' fsdp split of D)
         attn_out, kv = Attention(cfg, name="self_attn")(
-            _norm(cfg, "input_layernorm")(x) if cfg.pre_norms else x, positions_BxT, mask_BxTxS, sliding)
+            _norm(cfg, "input_layernorm")(x) if cfg.pre_norms else x, positions_BxT, mask_BxTxS, flags)
         if not cfg.sandwich_norms:
             h = x + attn_out
             return h + GatedMLP(cfg, name="mlp")(_norm(cfg, "post_attention_layernorm")(h)), kv
@@ -500,10 +517,11 @@ class Transformer(nn.Module):
             block = nn.remat(block, policy=_remat_policy(cfg.remat), prevent_cse=False)
         scanned = (nn.broadcast, nn.broadcast)
         inputs = (positions_BxT, masks(cfg.layer_window(0)))
-        if cfg.mixed_layers:  # each layer picks its mask and RoPE base by a scanned flag
+        if cfg.mixed_layers:  # each layer picks its mask, its RoPE base and RoPE or none by scanned flags
             scanned += (0,)
-            inputs = (positions_BxT, _LayerMasks(masks(None), masks(cfg.sliding_window)),
-                      jnp.asarray(cfg.sliding_layers))
+            layer_masks = _LayerMasks(masks(None), masks(cfg.sliding_window)) if cfg.mixed_windows else inputs[1]
+            flags = [(cfg.layer_window(i) is not None, cfg.layer_rope(i)) for i in range(cfg.num_layers)]
+            inputs = (positions_BxT, layer_masks, tuple(jnp.asarray(f) for f in zip(*flags)))
         layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=scanned,
                          length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: LAYERS})
         x, kv = layers(cfg, name="layers")(x, *inputs)
@@ -716,11 +734,11 @@ def packed_prefill(params, layer_params: list, cfg: ModelConfig, tokens_BxP, att
     masks = {w: attention_mask(slots, slots, valid, w) for w in dict.fromkeys(windows)}
     pad_s = cache_len - p
     caches = []
-    for lp, window in zip(layer_params, windows):
+    for i, (lp, window) in enumerate(zip(layer_params, windows)):
         project = functools.partial(_fused_qkv, lp, cfg)
         qkv = jnp.take(_rows(project, n_real, (x,), (h + 2 * kvh) * hd, chunk, dtype), inverse, axis=0)
         q, k, v = _split_qkv(lp, cfg, qkv, (b, p))
-        q, k = _rope_qk(cfg, q, k, positions, rope_inv_freq(cfg, window is not None))
+        q, k = _rope_qk(cfg, q, k, positions, window is not None, cfg.layer_rope(i))
         attn = jnp.take(_attend(q, k, v, masks[window], cfg.attn_logit_softcap).reshape(b * p, h * hd), order, axis=0)
         x = _rows(functools.partial(_fused_out_mlp, lp, cfg), n_real, (x, attn), d, chunk, dtype)
         caches.append(KVCache(jnp.pad(k.transpose(0, 2, 3, 1), ((0, 0), (0, 0), (0, 0), (0, pad_s))),
@@ -734,16 +752,16 @@ def _rms(x, scale, cfg: ModelConfig):
 
 
 def _decode_layer(p, cfg: ModelConfig, x_BxD, positions_B, mask_BxS, cache: KVCache, cache_index,
-                  sliding: bool = False):
+                  sliding: bool = False, rope: bool = True):
     """One decoder layer for one new token per row against the [B,K,hd,S] / [B,K,S,hd] caches (`sliding`: a
-    windowed layer, for its RoPE base)."""
+    windowed layer, for its RoPE base; `rope`: False for a NoPE layer)."""
     x_BxD = constrain_batch(x_BxD)
     b = x_BxD.shape[0]
     h, kvh, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     g = h // kvh
     q, k, v = _split_qkv(p, cfg, _fused_qkv(p, cfg, x_BxD), (b, 1))
     v = v.reshape(b, kvh, 1, hd)
-    q, k = _rope_qk(cfg, q, k, positions_B[:, None], rope_inv_freq(cfg, sliding))
+    q, k = _rope_qk(cfg, q, k, positions_B[:, None], sliding, rope)
     q, k = q.reshape(b, kvh, g, hd), k.reshape(b, kvh, hd, 1)
     cache = KVCache(jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), (0, 0, 0, cache_index)),
                     jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), (0, 0, cache_index, 0)))
@@ -778,8 +796,9 @@ def decode_step(params, layer_params: list, cfg: ModelConfig, tokens_B, position
     masks = {w: attention_mask(jnp.reshape(cache_index, (1,)), jnp.arange(s), key_valid_BxS, w)[:, 0]
              for w in dict.fromkeys(windows)}
     new_caches = []
-    for p_i, cache, window in zip(layer_params, caches, windows):
-        x, cache = _decode_layer(p_i, cfg, x, positions_B, masks[window], cache, cache_index, window is not None)
+    for i, (p_i, cache, window) in enumerate(zip(layer_params, caches, windows)):
+        x, cache = _decode_layer(p_i, cfg, x, positions_B, masks[window], cache, cache_index, window is not None,
+                                 cfg.layer_rope(i))
         new_caches.append(cache)
     hidden = _rms(x, params["norm"]["scale"], cfg)
     return lm_logits(params, cfg, hidden), hidden, new_caches
