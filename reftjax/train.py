@@ -217,6 +217,8 @@ _ADDED_FIELDS = {"qk_norm": False, "sliding_layers": (), "local_rope_theta": Non
                  "hidden_act": "silu", "norm_offset": 0.0, "embed_scale": False, "query_pre_attn_scalar": None,
                  "sandwich_norms": False, "attn_logit_softcap": None, "final_logit_softcap": None,
                  "qk_norm_per_head": True, "pre_norms": True, "norm_scale_float32": False}
+# RopeScaling's, likewise (YaRN, session 40)
+_ADDED_ROPE_FIELDS = {"attention_factor": 1.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": True}
 
 
 def model_config_fingerprint(model_cfg) -> str:
@@ -226,6 +228,8 @@ def model_config_fingerprint(model_cfg) -> str:
     away from its default (`_ADDED_FIELDS`): every run begun before it existed would otherwise refuse to resume."""
     fields = {k: v for k, v in dataclasses.asdict(model_cfg).items() if k not in ("dtype", "param_dtype", "remat")
               and not (k in _ADDED_FIELDS and v == _ADDED_FIELDS[k])}
+    fields["rope_scaling"] = {k: v for k, v in fields["rope_scaling"].items()
+                              if not (k in _ADDED_ROPE_FIELDS and v == _ADDED_ROPE_FIELDS[k])}
     return hashlib.blake2b(json.dumps(fields, sort_keys=True, default=str).encode(), digest_size=8).hexdigest()
 
 

@@ -60,6 +60,13 @@ def _hf_config(kind: str):
                                     "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})
     if kind == "qwen3":  # Qwen3-0.6B's shape in small: 4 heads of 16 over a width of 32 (q is 64 wide)
         return Qwen3Config(**TINY, head_dim=16, tie_word_embeddings=False)
+    if kind == "qwen3_yarn":  # Qwen3's long-context YaRN: the ramp spans frequencies 2-6 of 8; cos/sin x1.139
+        return Qwen3Config(**TINY, head_dim=16, rope_parameters={
+            "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 2048})
+    if kind == "llama_yarn_mscale":  # DeepSeek-style: no factor (context ratio 64 / 16), two mscales, no truncation
+        return LlamaConfig(**TINY, rope_parameters={
+            "rope_type": "yarn", "rope_theta": 500.0, "factor": None, "original_max_position_embeddings": 16,
+            "mscale": 1.0, "mscale_all_dim": 0.5, "beta_fast": 8.0, "beta_slow": 2.0, "truncate": False})
     if kind == "olmo2":  # sublayer outputs normed, inputs not; q/k norms over all heads at once
         return Olmo2Config(**TINY, eos_token_id=2, pad_token_id=0)
     ids = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
@@ -127,6 +134,8 @@ _EXPECTED = {
     "qwen2": dict(model_type="qwen2", qkv_bias=True),
     "qwen2_mixed": dict(model_type="qwen2", qkv_bias=True, sliding_window=4, sliding_layers=(False, True)),
     "qwen3": dict(model_type="qwen3", qk_norm=True, head_dim=16),
+    "qwen3_yarn": dict(model_type="qwen3", qk_norm=True, head_dim=16),
+    "llama_yarn_mscale": dict(model_type="llama", rope_theta=500.0),
     "gemma": dict(model_type="gemma", head_dim=16, hidden_act="gelu_tanh", norm_offset=1.0, embed_scale=True),
     "gemma2": dict(model_type="gemma2", head_dim=16, hidden_act="gelu_tanh", norm_offset=1.0, embed_scale=True,
                    sandwich_norms=True, sliding_window=4, sliding_layers=(True, False, True, False),
@@ -143,6 +152,8 @@ _EXPECTED = {
 }
 _FEATURES = {
     "llama3_rope": [dict(rope_scaling=RopeScaling())],
+    "qwen3_yarn": [dict(rope_scaling=RopeScaling()), dict(rope_scaling=RopeScaling("yarn", 4.0, 1.0, 4.0, 2048))],
+    "llama_yarn_mscale": [dict(rope_scaling=RopeScaling())],
     "mistral": [dict(sliding_window=None)],
     "qwen2_mixed": [dict(sliding_layers=()), dict(sliding_window=None, sliding_layers=())],
     "gemma": [dict(norm_offset=0.0), dict(embed_scale=False), dict(hidden_act="silu")],
@@ -166,7 +177,7 @@ def test_tiny_logits_match_transformers(kind, tmp_path):
                   "attn_logit_softcap", "final_logit_softcap", "qk_norm_per_head", "pre_norms",
                   "norm_scale_float32", "rope_layers"):
         assert getattr(cfg, field) == _EXPECTED[kind].get(field, getattr(defaults, field)), field
-    assert (cfg.rope_scaling.kind == "llama3") == (kind == "llama3_rope")
+    assert cfg.rope_scaling.kind == {"llama3_rope": "llama3"}.get(kind, "yarn" if "yarn" in kind else "default")
     assert cfg.num_params == sum(p.numel() for p in ref_model.parameters())
     rng = np.random.default_rng(1)
     tokens, mask = left_padded([list(rng.integers(0, TINY["vocab_size"], n)) for n in LENGTHS], pad_id=0)
@@ -199,9 +210,9 @@ def test_a_top_level_original_max_position_embeddings_wins_as_in_transformers(tm
     tokens, mask = left_padded([list(rng.integers(0, TINY["vocab_size"], n)) for n in LENGTHS], pad_id=0)
     ours, _ = jax.jit(forward, static_argnums=1)(loaded.params, loaded.config, tokens, mask)
     assert_logits_match(ours, torch_logits(ref_model, tokens, mask), mask, rel_tol=1e-5)
-    cfg["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}
+    cfg["rope_parameters"] = {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 4.0}
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match=r"config\.json: rope_parameters\.rope_type='yarn' is not supported"):
+    with pytest.raises(ValueError, match=r"config\.json: rope_parameters\.rope_type='dynamic' is not supported"):
         load_model(tmp_path, with_tokenizer=False)
 
 
@@ -244,9 +255,11 @@ def _decode_test_config(variant: str, window: int | None) -> ModelConfig:
                            hidden_act="gelu_tanh", norm_offset=1.0, embed_scale=True, query_pre_attn_scalar=24.0,
                            sandwich_norms=True, attn_logit_softcap=2.0, final_logit_softcap=3.0,
                            model_type="gemma2", tie_word_embeddings=True)
+    yarn = RopeScaling("yarn", 4.0, original_max_position_embeddings=2048, attention_factor=1.3)  # ramp over 2-6
     return ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
                        num_kv_heads=2, head_dim=16 if qwen3 else 0, sliding_window=window,
-                       model_type=variant.split("_")[0], qkv_bias=qwen2, qk_norm=qwen3, tie_word_embeddings=not qwen2)
+                       model_type=variant.split("_")[0], qkv_bias=qwen2, qk_norm=qwen3, tie_word_embeddings=not qwen2,
+                       rope_scaling=yarn if variant.endswith("yarn") else RopeScaling())
 
 
 @functools.partial(jax.jit, static_argnums=(1, 4))
@@ -271,7 +284,7 @@ def _prefill_then_decode(params, cfg: ModelConfig, prompt_BxP, mask_BxP, cache_l
 
 @pytest.mark.parametrize("variant", ["llama", "mistral_window3", "qwen2_bias_untied", "qwen3_qknorm_hd16",
                                      "gemma2_softcaps", "gemma3_mixed_layers", "olmo2_post_norms",
-                                     "smollm3_nope_layers"])
+                                     "smollm3_nope_layers", "qwen3_yarn"])
 def test_prefill_and_decode_match_full_forward(variant, random_params):
     """The decode path (fused per-layer weights, [B,K,hd,S] key cache) equals the scanned full forward."""
     window = 3 if variant == "mistral_window3" else None
@@ -294,7 +307,7 @@ def test_prefill_and_decode_match_full_forward(variant, random_params):
 
 @pytest.mark.parametrize("variant", ["llama", "mistral_window3", "qwen2_bias_untied", "qwen3_qknorm_hd16",
                                      "gemma2_softcaps", "gemma3_mixed_layers", "olmo2_post_norms",
-                                     "smollm3_nope_layers"])
+                                     "smollm3_nope_layers", "qwen3_yarn"])
 def test_packed_prefill_equals_prefill(variant, random_params):
     """The padding-free prefill (GEMMs over the real tokens only, `chunk` at a time) gives the padded prefill's
     last logits and hidden states, and the same keys/values in every real slot (4 chunks here, one partly padding)."""

@@ -871,19 +871,26 @@ def test_a_rerun_may_change_only_how_the_run_is_saved_and_laid_out(tmp_path):
     assert _has_model_digest(tmp_path / "data.json")
     # the same weights under another config.json (norm eps, RoPE) or other EOS ids compute something else: the
     # configuration's digest tells them apart; the run's layout settings (dtypes, remat) do not count
-    from reftjax.models import ModelConfig
+    from reftjax.models import ModelConfig, RopeScaling
     from reftjax.train import _check_same_data, model_config_fingerprint
 
     base = ModelConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
                        eos_token_ids=(2,))
     digest = model_config_fingerprint(base)
     assert digest == model_config_fingerprint(dataclasses.replace(base, remat="full", dtype="bfloat16"))
-    for change in (dict(rms_norm_eps=0.1), dict(rope_theta=5e5), dict(eos_token_ids=(2, 13)), dict(qk_norm=True)):
+    yarn = RopeScaling("yarn", 4.0, attention_factor=1.2)
+    for change in (dict(rms_norm_eps=0.1), dict(rope_theta=5e5), dict(eos_token_ids=(2, 13)), dict(qk_norm=True),
+                   dict(rope_layers=(False,)), dict(rope_scaling=yarn)):
         assert model_config_fingerprint(dataclasses.replace(base, **change)) != digest, change
-    # digests that runs recorded before ModelConfig gained qk_norm (session 38) still match: they resume
+    assert model_config_fingerprint(dataclasses.replace(base, rope_scaling=dataclasses.replace(
+        yarn, attention_factor=1.0))) != model_config_fingerprint(dataclasses.replace(base, rope_scaling=yarn))
+    # digests that runs recorded before ModelConfig gained qk_norm (session 38) and RopeScaling YaRN's fields
+    # (session 40) still match: they resume
     recorded = ModelConfig(vocab_size=89, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
                            num_kv_heads=2, eos_token_ids=(2,))
     assert model_config_fingerprint(recorded) == "b3cbc34808f02466"
+    llama3 = dataclasses.replace(recorded, rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 8192))
+    assert model_config_fingerprint(llama3) == "0e95ae2cf5bc7c16"
     (tmp_path / "data.json").write_text(json.dumps({"model": {"params": "0123", "config": digest}}))
     _check_same_data(tmp_path / "data.json", {"model": {"params": "0123", "config": digest}})
     with pytest.raises(RunDirError, match=r"the model's configuration \(config.json, generation_config.json's EOS "

@@ -12,6 +12,7 @@ Being hashable it can be a static argument of `jax.jit`.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax.numpy as jnp
@@ -25,22 +26,29 @@ CAUSAL_LM_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM
 SUPPORTED_MODEL_TYPES = tuple(CAUSAL_LM_CLASSES)
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+ROPE_KINDS = ("default", "linear", "llama3", "yarn")
 ACTIVATIONS = ("silu", "gelu_tanh")  # the gate's activation: SwiGLU (Llama, Qwen, Mistral) or GeGLU (Gemma)
 
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
-    """RoPE frequency scaling. `kind` is "default", "linear" or "llama3"."""
+    """RoPE frequency scaling. `kind` is "default", "linear", "llama3" or "yarn" (YaRN: Qwen3's and SmolLM3's
+    long-context setting; `attention_factor` multiplies cos and sin, `beta_fast` / `beta_slow` bound the ramp between
+    extrapolated and interpolated frequencies, `truncate` rounds its ends outwards, as transformers)."""
 
     kind: str = "default"
     factor: float = 1.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    attention_factor: float = 1.0
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    truncate: bool = True
 
     def __post_init__(self):
-        if self.kind not in ("default", "linear", "llama3"):
-            raise ValueError(f"unsupported rope scaling type {self.kind!r} (default, linear, llama3)")
+        if self.kind not in ROPE_KINDS:
+            raise ValueError(f"unsupported rope scaling type {self.kind!r} ({', '.join(ROPE_KINDS)})")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,20 +240,30 @@ def _rope_from_hf(hf, where: str) -> tuple[float, RopeScaling]:
     kind = merged.get("rope_type", merged.get("type", "default")) or "default"
     if kind == "default":
         return theta, RopeScaling()
-    if kind not in ("linear", "llama3"):  # (the message names the file, as every other refusal; review, session 30)
-        raise ValueError(f"{where}: rope_parameters.rope_type={kind!r} is not supported (default, linear, llama3)")
-    original = merged.get("original_max_position_embeddings", 8192)
-    if kind == "llama3" and getattr(hf, "original_max_position_embeddings", None) is not None:
-        # a top-level value wins over rope_parameters' when transformers builds the model (Phi-3-style configs;
-        # `standardize_rope_params`): reftjax read rope_parameters' and computed other logits (review, session 30)
-        original = hf.original_max_position_embeddings
-    return theta, RopeScaling(
-        kind=kind,
-        factor=float(merged.get("factor", 1.0)),
-        low_freq_factor=float(merged.get("low_freq_factor", 1.0)),
-        high_freq_factor=float(merged.get("high_freq_factor", 4.0)),
-        original_max_position_embeddings=int(original),
-    )
+    if kind not in ROPE_KINDS:  # (the message names the file, as every other refusal; review, session 30)
+        raise ValueError(f"{where}: rope_parameters.rope_type={kind!r} is not supported ({', '.join(ROPE_KINDS)})")
+    # transformers' `standardize_rope_params`: a top-level value wins over rope_parameters' (Phi-3-style configs:
+    # reftjax read rope_parameters' and computed other logits; review, session 30), else max_position_embeddings
+    original = int(getattr(hf, "original_max_position_embeddings", None)
+                   or merged.get("original_max_position_embeddings") or hf.max_position_embeddings)
+    factor = merged.get("factor")
+    if kind != "yarn":
+        return theta, RopeScaling(kind=kind, factor=float(1.0 if factor is None else factor),
+                                  low_freq_factor=float(merged.get("low_freq_factor", 1.0)),
+                                  high_freq_factor=float(merged.get("high_freq_factor", 4.0)),
+                                  original_max_position_embeddings=original)
+    # YaRN as transformers' `_compute_yarn_parameters`: no factor -> the ratio of the two context lengths; no
+    # attention_factor -> the paper's mscale 0.1 ln(factor) + 1 (or DeepSeek's ratio of two mscales)
+    factor = float(hf.max_position_embeddings / original if factor is None else factor)
+    attention = merged.get("attention_factor")
+    if attention is None:
+        mscale = lambda m=1.0: 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0  # noqa: E731
+        both = merged.get("mscale") and merged.get("mscale_all_dim")
+        attention = mscale(merged["mscale"]) / mscale(merged["mscale_all_dim"]) if both else mscale()
+    return theta, RopeScaling(kind=kind, factor=factor, original_max_position_embeddings=original,
+                              attention_factor=float(attention), beta_fast=float(merged.get("beta_fast") or 32),
+                              beta_slow=float(merged.get("beta_slow") or 1),
+                              truncate=bool(merged.get("truncate", True)))
 
 
 def _local_rope_theta(hf, where: str) -> float | None:

@@ -68,16 +68,32 @@ class KVCache(NamedTuple):
     v: jax.Array
 
 
+def _layer_rope_scaling(cfg: ModelConfig, sliding: bool) -> RopeScaling:
+    """A layer's RoPE scaling: none on a windowed layer with its own base (Gemma 3's local layers), else the model's."""
+    return RopeScaling() if sliding and cfg.local_rope_theta is not None else cfg.rope_scaling
+
+
 def rope_inv_freq(cfg: ModelConfig, sliding: bool = False) -> np.ndarray:
-    """Inverse RoPE frequencies [head_dim // 2] with linear / Llama-3 scaling (as transformers).
+    """Inverse RoPE frequencies [head_dim // 2] with linear / Llama-3 / YaRN scaling (as transformers).
 
     `sliding`: of a windowed layer, which has its own unscaled base where the model sets `local_rope_theta`
     (Gemma 3's local layers)."""
     hd = cfg.head_dim
     local = sliding and cfg.local_rope_theta is not None
-    inv = 1.0 / ((cfg.local_rope_theta if local else cfg.rope_theta) ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
-    sc = RopeScaling() if local else cfg.rope_scaling
-    if sc.kind == "linear":
+    base = cfg.local_rope_theta if local else cfg.rope_theta
+    inv = 1.0 / (base ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
+    sc = _layer_rope_scaling(cfg, sliding)
+    if sc.kind == "yarn":  # extrapolated (unscaled) fast frequencies, interpolated (/ factor) slow ones, a ramp between
+        def dim(rotations):  # the dimension whose frequency turns `rotations` times over the original context
+            return hd * math.log(sc.original_max_position_embeddings / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+        low, high = dim(sc.beta_fast), dim(sc.beta_slow)
+        if sc.truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, hd - 1)
+        ramp = np.clip((np.arange(hd // 2, dtype=np.float64) - low) / ((high - low) or 0.001), 0.0, 1.0)
+        inv = inv / sc.factor * ramp + inv * (1.0 - ramp)
+    elif sc.kind == "linear":
         inv = inv / sc.factor
     elif sc.kind == "llama3":
         old = sc.original_max_position_embeddings
@@ -91,11 +107,16 @@ def rope_inv_freq(cfg: ModelConfig, sliding: bool = False) -> np.ndarray:
     return inv.astype(np.float32)
 
 
-def apply_rope(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-    """Rotary embedding, "rotate half" layout (the Hugging Face convention)."""
+def apply_rope(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, inv_freq: np.ndarray,
+               attention_factor: float = 1.0) -> jax.Array:
+    """Rotary embedding, "rotate half" layout (the Hugging Face convention); cos and sin times `attention_factor`
+    (YaRN's) in float32 before the cast, as transformers."""
     freqs = positions_BxT.astype(jnp.float32)[:, :, None] * jnp.asarray(inv_freq)[None, None, :]
     emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
-    cos, sin = jnp.cos(emb).astype(x_BxTxNxH.dtype), jnp.sin(emb).astype(x_BxTxNxH.dtype)
+    cos, sin = jnp.cos(emb), jnp.sin(emb)
+    if attention_factor != 1.0:
+        cos, sin = cos * attention_factor, sin * attention_factor
+    cos, sin = cos.astype(x_BxTxNxH.dtype), sin.astype(x_BxTxNxH.dtype)
     x1, x2 = jnp.split(x_BxTxNxH, 2, axis=-1)
     rotated = jnp.concatenate([-x2, x1], axis=-1)
     return x_BxTxNxH * cos + rotated * sin
@@ -119,10 +140,10 @@ def _rope_qk(cfg: ModelConfig, q, k, positions_BxT, sliding=False, rope=True):
         return (q * jnp.asarray((cfg.head_dim / qpas) ** 0.5, q.dtype) if qpas not in (None, cfg.head_dim) else q), k
 
     def rotate(local: bool):
-        inv_freq = rope_inv_freq(cfg, local)
-        return scaled(apply_rope(q, positions_BxT, inv_freq), apply_rope(k, positions_BxT, inv_freq))
+        inv_freq, factor = rope_inv_freq(cfg, local), _layer_rope_scaling(cfg, local).attention_factor
+        return scaled(apply_rope(q, positions_BxT, inv_freq, factor), apply_rope(k, positions_BxT, inv_freq, factor))
 
-    if rope is False:
+    if _static(rope) and not rope:
         return scaled(q, k)
     if _static(sliding) or cfg.local_rope_theta is None:
         rotated = rotate(_static(sliding) and bool(sliding))
