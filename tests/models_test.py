@@ -58,6 +58,14 @@ def _hf_config(kind: str):
                                 rope_parameters={
                                     "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
                                     "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})
+    if kind == "gemma3_yarn":  # YaRN on the global layers; transformers ignores the top-level original context length
+        # and reads `truncate` from the top level of rope_parameters (so not this one) for per-layer-type RoPE
+        return Gemma3TextConfig(**{**TINY, "num_hidden_layers": 4}, head_dim=16, query_pre_attn_scalar=24,
+                                sliding_window=4, layer_types=["sliding_attention", "full_attention"] * 2,
+                                original_max_position_embeddings=64, rope_parameters={
+                                    "full_attention": {"rope_type": "yarn", "factor": 8.0, "rope_theta": 1e6,
+                                                       "original_max_position_embeddings": 1024, "truncate": False},
+                                    "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})
     if kind == "qwen3":  # Qwen3-0.6B's shape in small: 4 heads of 16 over a width of 32 (q is 64 wide)
         return Qwen3Config(**TINY, head_dim=16, tie_word_embeddings=False)
     if kind == "qwen3_yarn":  # Qwen3's long-context YaRN: the ramp spans frequencies 2-6 of 8; cos/sin x1.139
@@ -135,6 +143,10 @@ _EXPECTED = {
     "qwen2_mixed": dict(model_type="qwen2", qkv_bias=True, sliding_window=4, sliding_layers=(False, True)),
     "qwen3": dict(model_type="qwen3", qk_norm=True, head_dim=16),
     "qwen3_yarn": dict(model_type="qwen3", qk_norm=True, head_dim=16),
+    "gemma3_yarn": dict(model_type="gemma3_text", head_dim=16, hidden_act="gelu_tanh", norm_offset=1.0,
+                        embed_scale=True, qk_norm=True, sandwich_norms=True, sliding_window=4,
+                        sliding_layers=(True, False, True, False), rope_theta=1e6, local_rope_theta=1e4,
+                        query_pre_attn_scalar=24.0),
     "llama_yarn_mscale": dict(model_type="llama", rope_theta=500.0),
     "gemma": dict(model_type="gemma", head_dim=16, hidden_act="gelu_tanh", norm_offset=1.0, embed_scale=True),
     "gemma2": dict(model_type="gemma2", head_dim=16, hidden_act="gelu_tanh", norm_offset=1.0, embed_scale=True,
@@ -154,6 +166,7 @@ _FEATURES = {
     "llama3_rope": [dict(rope_scaling=RopeScaling())],
     "qwen3_yarn": [dict(rope_scaling=RopeScaling()), dict(rope_scaling=RopeScaling("yarn", 4.0, 1.0, 4.0, 2048))],
     "llama_yarn_mscale": [dict(rope_scaling=RopeScaling())],
+    "gemma3_yarn": [dict(rope_scaling=RopeScaling())],
     "mistral": [dict(sliding_window=None)],
     "qwen2_mixed": [dict(sliding_layers=()), dict(sliding_window=None, sliding_layers=())],
     "gemma": [dict(norm_offset=0.0), dict(embed_scale=False), dict(hidden_act="silu")],

@@ -891,6 +891,16 @@ def test_a_rerun_may_change_only_how_the_run_is_saved_and_laid_out(tmp_path):
     assert model_config_fingerprint(recorded) == "b3cbc34808f02466"
     llama3 = dataclasses.replace(recorded, rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 8192))
     assert model_config_fingerprint(llama3) == "0e95ae2cf5bc7c16"
+    # a linear-scaled config.json (Gemma 3 4B and up on the Hub) reads as it did: its unused original context length
+    # is in the digest (f1e39f9 read max_position_embeddings there, and every such run refused to resume; review)
+    from transformers import LlamaConfig
+
+    from reftjax.models import from_hf_config
+
+    linear = LlamaConfig(vocab_size=89, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, eos_token_id=2, max_position_embeddings=4096,
+                         rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0})
+    assert model_config_fingerprint(from_hf_config(linear)) == "735e8a1edbf04e29"
     (tmp_path / "data.json").write_text(json.dumps({"model": {"params": "0123", "config": digest}}))
     _check_same_data(tmp_path / "data.json", {"model": {"params": "0123", "config": digest}})
     with pytest.raises(RunDirError, match=r"the model's configuration \(config.json, generation_config.json's EOS "

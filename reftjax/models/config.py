@@ -231,9 +231,9 @@ class ModelConfig:
 
 def _rope_from_hf(hf, where: str) -> tuple[float, RopeScaling]:
     """(theta, scaling) of the global (full-attention) layers."""
-    params = getattr(hf, "rope_parameters", None) or {}
-    if "full_attention" in params:  # one entry per layer type (Gemma 3): the global layers' here
-        params = params["full_attention"] or {}
+    top = getattr(hf, "rope_parameters", None) or {}
+    nested = "full_attention" in top  # one entry per layer type (Gemma 3): the global layers' here
+    params = (top["full_attention"] or {}) if nested else top
     legacy = getattr(hf, "rope_scaling", None) or {}
     merged = {**legacy, **params}
     theta = float(merged.get("rope_theta", getattr(hf, "rope_theta", 10000.0)))
@@ -242,12 +242,15 @@ def _rope_from_hf(hf, where: str) -> tuple[float, RopeScaling]:
         return theta, RopeScaling()
     if kind not in ROPE_KINDS:  # (the message names the file, as every other refusal; review, session 30)
         raise ValueError(f"{where}: rope_parameters.rope_type={kind!r} is not supported ({', '.join(ROPE_KINDS)})")
-    # transformers' `standardize_rope_params`: a top-level value wins over rope_parameters' (Phi-3-style configs:
-    # reftjax read rope_parameters' and computed other logits; review, session 30), else max_position_embeddings
-    original = int(getattr(hf, "original_max_position_embeddings", None)
+    # transformers' `standardize_rope_params`: in a flat dict a top-level value wins over rope_parameters' (Phi-3-style
+    # configs: reftjax read rope_parameters' and computed other logits; review, session 30); in a per-layer-type one
+    # (Gemma 3) the top-level value is ignored; else max_position_embeddings
+    original = int((None if nested else getattr(hf, "original_max_position_embeddings", None))
                    or merged.get("original_max_position_embeddings") or hf.max_position_embeddings)
     factor = merged.get("factor")
     if kind != "yarn":
+        if kind == "linear":  # (the context length is unused: kept as digests recorded it; helper review, session 40)
+            original = int(merged.get("original_max_position_embeddings", 8192))
         return theta, RopeScaling(kind=kind, factor=float(1.0 if factor is None else factor),
                                   low_freq_factor=float(merged.get("low_freq_factor", 1.0)),
                                   high_freq_factor=float(merged.get("high_freq_factor", 4.0)),
@@ -263,7 +266,9 @@ def _rope_from_hf(hf, where: str) -> tuple[float, RopeScaling]:
     return theta, RopeScaling(kind=kind, factor=factor, original_max_position_embeddings=original,
                               attention_factor=float(attention), beta_fast=float(merged.get("beta_fast") or 32),
                               beta_slow=float(merged.get("beta_slow") or 1),
-                              truncate=bool(merged.get("truncate", True)))
+                              # (read where transformers reads it: the top level of rope_parameters, so a Gemma 3's
+                              # per-layer-type value is ignored; helper review, session 40)
+                              truncate=bool({**legacy, **top}.get("truncate", True)))
 
 
 def _local_rope_theta(hf, where: str) -> float | None:
