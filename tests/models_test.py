@@ -190,7 +190,8 @@ def test_tiny_logits_match_transformers(kind, tmp_path):
                   "attn_logit_softcap", "final_logit_softcap", "qk_norm_per_head", "pre_norms",
                   "norm_scale_float32", "rope_layers"):
         assert getattr(cfg, field) == _EXPECTED[kind].get(field, getattr(defaults, field)), field
-    assert cfg.rope_scaling.kind == {"llama3_rope": "llama3"}.get(kind, "yarn" if "yarn" in kind else "default")
+    assert cfg.rope_scaling.kind == {"llama3_rope": "llama3", "gemma3": "linear"}.get(
+        kind, "yarn" if "yarn" in kind else "default")
     assert cfg.num_params == sum(p.numel() for p in ref_model.parameters())
     rng = np.random.default_rng(1)
     tokens, mask = left_padded([list(rng.integers(0, TINY["vocab_size"], n)) for n in LENGTHS], pad_id=0)
