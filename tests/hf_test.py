@@ -56,6 +56,17 @@ def _assert_close_on_real(ours, ref, mask, rel_tol):
     return rel
 
 
+def _assert_round_trip(out, params, cfg):
+    """An export's logits in transformers equal ours (1e-5 of their scale) and it loads back bit for bit; returns
+    (max |diff| / scale, the reloaded config)."""
+    tokens, mask = _batch(cfg.vocab_size)
+    ours, _ = forward(params, cfg, tokens, mask)
+    rel = _assert_close_on_real(ours, _torch_logits(out, tokens, mask), mask, 1e-5)
+    back = load_model(out, with_tokenizer=False)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(back.params), jax.device_get(params))
+    return rel, back.config
+
+
 # ----------------------------------------------------------------------------- export round trip
 
 
@@ -439,13 +450,9 @@ def test_a_qwen3_export_loads_in_transformers_with_same_logits(tmp_path, random_
                             tie_word_embeddings=cfg.tie_word_embeddings)
     out = save_hf(tmp_path / "export", params, cfg, hf_config)
     assert "model.layers.1.self_attn.k_norm.weight" in read_safetensors(out / "model.safetensors")
-    tokens, mask = _batch(cfg.vocab_size)
-    ours, _ = forward(params, cfg, tokens, mask)
-    _assert_close_on_real(ours, _torch_logits(out, tokens, mask), mask, 1e-5)
-    back = load_model(out, with_tokenizer=False)
-    assert back.config == cfg.replace(bos_token_id=back.config.bos_token_id, eos_token_ids=back.config.eos_token_ids,
-                                      pad_token_id=back.config.pad_token_id)
-    jax.tree.map(np.testing.assert_array_equal, jax.device_get(back.params), jax.device_get(params))
+    _, back = _assert_round_trip(out, params, cfg)
+    assert back == cfg.replace(bos_token_id=back.bos_token_id, eos_token_ids=back.eos_token_ids,
+                               pad_token_id=back.pad_token_id)
 
 
 def test_gguf_head_dim_is_read_and_a_mistral_name_invents_no_sliding_window(tmp_path):
@@ -561,13 +568,9 @@ def test_a_gemma3_export_loads_in_transformers_with_same_logits_and_back_bit_for
     params = random_params(cfg)
     out = save_hf(tmp_path / "g3", params, cfg, hf)
     assert json.loads((out / "config.json").read_text())["architectures"] == ["Gemma3ForCausalLM"]
-    tokens, mask = _batch(cfg.vocab_size)
-    ours, _ = forward(params, cfg, tokens, mask)
-    rel = _assert_close_on_real(ours, _torch_logits(out, tokens, mask), mask, 1e-5)
+    rel, back = _assert_round_trip(out, params, cfg)
     print(f"gemma3 export: max|diff|/scale={rel:.1e}")
-    back = load_model(out, with_tokenizer=False)
-    assert back.config == cfg
-    jax.tree.map(np.testing.assert_array_equal, jax.device_get(back.params), jax.device_get(params))
+    assert back == cfg
 
 
 @pytest.mark.parametrize("change,match", [
@@ -606,13 +609,9 @@ def test_a_smollm3_export_loads_in_transformers_with_same_logits_and_back_bit_fo
     out = save_hf(tmp_path / "s3", params, cfg, hf)
     written = json.loads((out / "config.json").read_text())
     assert written["architectures"] == ["SmolLM3ForCausalLM"] and written["no_rope_layers"] == [1, 1, 1, 0]
-    tokens, mask = _batch(cfg.vocab_size)
-    ours, _ = forward(params, cfg, tokens, mask)
-    rel = _assert_close_on_real(ours, _torch_logits(out, tokens, mask), mask, 1e-5)
+    rel, back = _assert_round_trip(out, params, cfg)
     print(f"smollm3 export: max|diff|/scale={rel:.1e}")
-    back = load_model(out, with_tokenizer=False)
-    assert back.config == cfg
-    jax.tree.map(np.testing.assert_array_equal, jax.device_get(back.params), jax.device_get(params))
+    assert back == cfg
 
 
 def test_smollm3_3bs_own_config_reads_as_transformers_builds_it():
