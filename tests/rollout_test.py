@@ -483,8 +483,9 @@ def test_smollm_greedy_matches_transformers_generate(smollm_model, smollm_hf_tor
 def test_tiny_gemma_olmo2_and_smollm3_greedy_match_transformers_generate(tmp_path, kind):
     """A random Gemma 2 (soft-capped scores and logits) / Gemma 3 (its local layers' own RoPE base, q/k norms), both
     with windowed layers among global ones, sandwich norms, GeGLU and 1 + w norms, an OLMo 2 (output norms only,
-    q/k norms over all heads) and a SmolLM3 (NoPE layers, windowed or not, among RoPE ones), through the rollout's packed prefill and decode caches: greedy tokens and log-probs
-    equal transformers' generate with its own cache, for completions that run past the window."""
+    q/k norms over all heads) and a SmolLM3 (NoPE layers, windowed or not, among RoPE ones), through the rollout's
+    packed prefill and decode caches: greedy tokens and log-probs equal transformers' generate with its own cache,
+    for completions that run past the window."""
     torch = pytest.importorskip("torch")
     from transformers import AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, Olmo2Config, SmolLM3Config
 

@@ -828,8 +828,8 @@ def test_share_prompt_runs_each_prompt_once_with_the_unpacked_outputs_and_gradie
     """completion_hidden(share_prompt=g) packs g completions behind one copy of their prompt: the trunk sees
     B/g rows of P + g*N tokens instead of B rows of P + N, and log-probs, values, entropies and their
     gradients equal the unpacked forward's (left-padded prompts, EOS-stopped rows, sliding window, Gemma 3's
-    windowed and full layers mixed, Gemma 2's soft-caps, SmolLM3's NoPE layers), with the full-logits head and with the chunked one
-    (`losses.fused_token_logprobs`)."""
+    windowed and full layers mixed, Gemma 2's soft-caps, SmolLM3's NoPE layers), with the full-logits head and with
+    the chunked one (`losses.fused_token_logprobs`)."""
     from reftjax import steps
 
     if window in ("gemma2", "gemma3"):
