@@ -188,7 +188,7 @@ def resolve_config(args, make_config=preset_config):
         keys = path.split(".")
         for depth, k in enumerate(keys[:-1]):
             if not isinstance(node, dict) or k not in node:
-                raise ValueError(_unknown(item, path, keys[:depth + 1], node))
+                raise ValueError(_unknown(item, path, keys[:depth + 1], node, d))
             node = node[k]
             if isinstance(node, list):  # a list (or the grader, a union of types) is replaced whole
                 example = ("'{\"type\": \"reft\", \"cot\": \"python\"}'" if keys[0] == "grader"
@@ -196,7 +196,7 @@ def resolve_config(args, make_config=preset_config):
                 raise ValueError(f"--set {item!r}: {'.'.join(keys[:depth + 1])} is set as a whole, e.g. "
                                  f"--set {'.'.join(keys[:depth + 1])}={example}")
         if not isinstance(node, dict) or keys[-1] not in node:  # (a path through a number: "not iterable")
-            raise ValueError(_unknown(item, path, keys, node))
+            raise ValueError(_unknown(item, path, keys, node, d))
         given.update(_paths(path, value))
         if isinstance(node[keys[-1]], dict) and isinstance(value, dict):
             value = _merged(node[keys[-1]], value)  # an object updates the sub-config's named fields only
@@ -290,15 +290,24 @@ _ALIASES = {"beta": "kl_coef", "kl_beta": "kl_coef", "init_kl_coef": "kl_coef", 
             "mini_batch_size": "minibatch_size"}
 
 
-def _unknown(item: str, path: str, keys: list[str], node) -> str:
+def _setting_paths(node: dict, prefix: str = "") -> list[str]:
+    """Every setting's dotted path in a config dict."""
+    return [p for k, v in node.items()
+            for p in (_setting_paths(v, f"{prefix}{k}.") if isinstance(v, dict) else [f"{prefix}{k}"])]
+
+
+def _unknown(item: str, path: str, keys: list[str], node, root: dict) -> str:
     """The message for a --set path that is not in the config: the first unknown part, the nearest names at that
     level (TRL/verl spellings too) and the level's fields (a bare "unknown config path" left users guessing at
-    `rl.ppo.beta` or `sft.optim.lr`; review, session 30)."""
+    `rl.ppo.beta` or `sft.optim.lr`; review, session 30). A name looked up inside a value is looked for in the whole
+    config (`model.dtype`, as TRL's model config spells it, is the top-level `dtype`; helper review, session 40)."""
     import difflib
 
     msg = f"--set {item!r}: unknown config path {path!r}"
     if not isinstance(node, dict):
-        return msg + f" ({'.'.join(keys[:-1])} is a value, not a group of settings)"
+        elsewhere = [p for p in _setting_paths(root) if p.rsplit(".", 1)[-1] == keys[-1]]
+        return (msg + f" ({'.'.join(keys[:-1])} is a value, not a group of settings"
+                + (f"; did you mean {' or '.join(elsewhere)}?)" if elsewhere else ")"))
     bad, where = keys[-1], ".".join(keys[:-1])
     near = [f"{where}.{n}" if where else n for n in
             dict.fromkeys(([_ALIASES[bad]] if _ALIASES.get(bad) in node else [])

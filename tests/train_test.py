@@ -601,6 +601,10 @@ def test_an_unknown_set_path_names_its_level_and_the_nearest_settings():
     assert "did you mean rl.iterations?" in error("rl.itertions")
     assert "(its settings: b1, b2, eps, grad_clip, learning_rate," in error("sft.optim.lr")
     assert "(rl.iterations is a value, not a group of settings)" in error("rl.iterations.x")
+    # a name looked up inside a value is found where it is (TRL's `model.dtype`: helper review, session 40)
+    assert "(model is a value, not a group of settings; did you mean dtype?)" in error("model.dtype")
+    assert "; did you mean sft.optim.learning_rate or rl.optim.learning_rate or rerank.optim.learning_rate?)" in error(
+        "model.learning_rate")
     assert "did you mean" not in error("rl.nope")
 
 
