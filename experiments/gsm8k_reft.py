@@ -290,12 +290,6 @@ _ALIASES = {"beta": "kl_coef", "kl_beta": "kl_coef", "init_kl_coef": "kl_coef", 
             "mini_batch_size": "minibatch_size"}
 
 
-def _setting_paths(node: dict, prefix: str = "") -> list[str]:
-    """Every setting's dotted path in a config dict."""
-    return [p for k, v in node.items()
-            for p in (_setting_paths(v, f"{prefix}{k}.") if isinstance(v, dict) else [f"{prefix}{k}"])]
-
-
 def _unknown(item: str, path: str, keys: list[str], node, root: dict) -> str:
     """The message for a --set path that is not in the config: the first unknown part, the nearest names at that
     level (TRL/verl spellings too) and the level's fields (a bare "unknown config path" left users guessing at
@@ -305,7 +299,7 @@ def _unknown(item: str, path: str, keys: list[str], node, root: dict) -> str:
 
     msg = f"--set {item!r}: unknown config path {path!r}"
     if not isinstance(node, dict):
-        elsewhere = [p for p in _setting_paths(root) if p.rsplit(".", 1)[-1] == keys[-1]]
+        elsewhere = [p for k, v in root.items() for p in _paths(k, v) if p.rsplit(".", 1)[-1] == keys[-1]]
         return (msg + f" ({'.'.join(keys[:-1])} is a value, not a group of settings"
                 + (f"; did you mean {' or '.join(elsewhere)}?)" if elsewhere else ")"))
     bad, where = keys[-1], ".".join(keys[:-1])
