@@ -136,27 +136,48 @@ def abstract_like(tree):
     return jax.tree.map(one, tree)
 
 
+# Subtrees that states written by older reftjax versions hold and the current ones do not: a restore reads the
+# rest and drops these (params and optimizer moments alike). ("critic", "lm_head"): a separate critic trunk's copy
+# of the policy's untied vocabulary head, which the critic never read (`steps.CRITIC_DROPS`, session 41).
+OBSOLETE = (("critic", "lm_head"),)
+
+
+def obsolete_leaves(stored_metadata, abstract_storable) -> list[tuple]:
+    """Paths (as Orbax names them) of the stored leaves under an `OBSOLETE` subtree that the abstract state lacks."""
+    wanted = ocp.tree.to_flat_dict(abstract_storable).keys()
+
+    def old(k):
+        names = tuple(str(p) for p in k)
+        return any(names[i:i + len(o)] == o for o in OBSOLETE for i in range(len(names)))
+
+    return _params_first(k for k in ocp.tree.to_flat_dict(stored_metadata) if k not in wanted and old(k))
+
+
+def _params_first(keys) -> list[tuple]:
+    """Orbax paths sorted, params first: they say more than their optimizer moments."""
+    return sorted(keys, key=lambda k: (str(k[0]) != "params", k))
+
+
 def layout_mismatch(stored_metadata, abstract_storable, limit: int = 3) -> str | None:
     """How a stored state tree differs from the abstract one in structure or shapes, or None.
 
-    Dtypes may differ (Orbax casts on restore); paths are compared as Orbax names them.
+    Dtypes may differ (Orbax casts on restore); paths are compared as Orbax names them. Stored leaves that
+    `obsolete_leaves` names are not a difference (a restore drops them).
     """
-    stored = {k: tuple(v.shape) for k, v in ocp.tree.to_flat_dict(stored_metadata).items()}
+    dropped = set(obsolete_leaves(stored_metadata, abstract_storable))
+    stored = {k: tuple(v.shape) for k, v in ocp.tree.to_flat_dict(stored_metadata).items() if k not in dropped}
     wanted = {k: tuple(v.shape) for k, v in ocp.tree.to_flat_dict(abstract_storable).items()}
 
     def name(k):
         return "/".join(str(p) for p in k)
 
-    def order(keys):  # params first: they say more than their optimizer moments
-        return sorted(keys, key=lambda k: (str(k[0]) != "params", k))
-
     parts = []
-    for label, keys in (("not in the checkpoint", order(wanted.keys() - stored.keys())),
-                        ("only in the checkpoint", order(stored.keys() - wanted.keys()))):
+    for label, keys in (("not in the checkpoint", _params_first(wanted.keys() - stored.keys())),
+                        ("only in the checkpoint", _params_first(stored.keys() - wanted.keys()))):
         if keys:
             more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
             parts.append(f"{label}: {', '.join(name(k) for k in keys[:limit])}{more}")
-    shapes = order(k for k in wanted.keys() & stored.keys() if wanted[k] != stored[k])
+    shapes = _params_first(k for k in wanted.keys() & stored.keys() if wanted[k] != stored[k])
     if shapes:
         more = f" and {len(shapes) - limit} more" if len(shapes) > limit else ""
         parts.append("shape differs: " + ", ".join(f"{name(k)} {stored[k]} stored vs {wanted[k]} here"
@@ -164,9 +185,11 @@ def layout_mismatch(stored_metadata, abstract_storable, limit: int = 3) -> str |
     return "; ".join(parts) or None
 
 
-def _restore_args(abstract_storable) -> ocp.args.PyTreeRestore:
+def _restore_args(abstract_storable, partial: bool = False) -> ocp.args.PyTreeRestore:
+    """`partial`: stored leaves the target lacks are not read (Orbax raises on them otherwise)."""
     return ocp.args.PyTreeRestore(abstract_storable,
-                                  restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_storable))
+                                  restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_storable),
+                                  partial_restore=partial)
 
 
 # ----------------------------------------------------------------------------- guards
@@ -344,10 +367,14 @@ class Checkpointer:
                     f"make_optimizer(separate_critic_state=...)) differs from the run that wrote it: resume "
                     f"with the same settings, or use a fresh output directory (restore_params() reads only "
                     f"the policy params).")
+            dropped = obsolete_leaves(stored, storable)
+            if dropped:
+                log.info("checkpoint: step %d in %s holds %d leaves this version no longer keeps (%s, ...); restoring "
+                         "without them", step, self.directory, len(dropped), "/".join(map(str, dropped[0])))
             out = None
             try:
                 out = self._manager.restore(step, args=ocp.args.Composite(
-                    state=_restore_args(storable), extras=ocp.args.JsonRestore()))
+                    state=_restore_args(storable, partial=bool(dropped)), extras=ocp.args.JsonRestore()))
             except Exception as e:  # noqa: BLE001 -- any unreadable step falls back to the previous one
                 log.warning("checkpoint: step %d in %s is unreadable (%s: %s); trying the previous one",
                             step, self.directory, type(e).__name__, e)
@@ -546,8 +573,6 @@ def restore_params(path: str | os.PathLike, abstract_params, key: str = "policy"
         if not steps:
             raise FileNotFoundError(f"{path}: no committed checkpoint step found")
         path = os.path.join(path, str(steps[0]))
-    target = {"params": {key: _abstract_storable(abstract_params)}}
-    args = _restore_args(target)
-    args = ocp.args.PyTreeRestore(args.item, restore_args=args.restore_args, partial_restore=True)
+    args = _restore_args({"params": {key: _abstract_storable(abstract_params)}}, partial=True)
     with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
         return ckptr.restore(os.path.join(path, "state"), args=args)["params"][key]

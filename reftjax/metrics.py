@@ -243,15 +243,16 @@ def measured_peak_flops(n: int | None = None, repeats: int = 5, remeasure: bool 
     return _PEAK_CACHE[key]
 
 
-def model_flops(model_cfg, prompt_lengths, gen_lengths, group: int = 1) -> float:
+def model_flops(model_cfg, prompt_lengths, gen_lengths, group: int = 1, head: bool = True) -> float:
     """Model FLOPs of one forward over prompt + completion rows: the trunk on each distinct prompt's real tokens
     (once per `group` consecutive rows that share it), the trunk and the vocabulary head on every completion token
     (attending to its prompt and itself). The head runs on completion positions only: a rollout takes one prompt
     position's logits (which yield the first new token), the RL forwards and TRL's training take logits there only.
+    `head=False`: no vocabulary head at all (a separate critic's trunk).
     """
     prompts, gens = [int(x) for x in prompt_lengths], [int(x) for x in gen_lengths]
     shared = sum(p * model_cfg.flops_per_token(p // 2, head=False) for p in prompts[::group])
-    completions = sum(c * model_cfg.flops_per_token(p + c // 2) for p, c in zip(prompts, gens))
+    completions = sum(c * model_cfg.flops_per_token(p + c // 2, head=head) for p, c in zip(prompts, gens))
     return float(shared + completions)
 
 
@@ -259,13 +260,13 @@ def rl_iteration_flops(model_cfg, prompt_lengths, gen_lengths, samples: int, gro
                        ppo_epochs: int, reference: bool = True, separate_critic: bool = False) -> float:
     """Model FLOPs of one RL iteration as executed (`model_flops` per pass): the rollout prefills each prompt once
     for its `samples` rows; the experience runs the policy (not when its log-probs come from the rollout), the
-    reference (not when `reference` is False: kl_coef 0 skips it) and a separate critic's trunk; each of
-    `ppo_epochs` update passes is a forward and a backward (3x) of the policy, and of the separate critic. The
-    experience and update passes run each prompt once per `group` rows (`share_prompt`; else 1)."""
+    reference (not when `reference` is False: kl_coef 0 skips it) and a separate critic's trunk (no vocabulary
+    head); each of `ppo_epochs` update passes is a forward and a backward (3x) of the policy, and of the separate
+    critic. The experience and update passes run each prompt once per `group` rows (`share_prompt`; else 1)."""
     train = model_flops(model_cfg, prompt_lengths, gen_lengths, group)
-    trunks = 2 if separate_critic else 1
-    passes = (0 if experience_from_rollout else 1) + int(reference) + int(separate_critic) + 3 * ppo_epochs * trunks
-    return model_flops(model_cfg, prompt_lengths, gen_lengths, samples) + train * passes
+    passes = (0 if experience_from_rollout else 1) + int(reference) + 3 * ppo_epochs
+    critic = model_flops(model_cfg, prompt_lengths, gen_lengths, group, head=False) * (1 + 3 * ppo_epochs)
+    return model_flops(model_cfg, prompt_lengths, gen_lengths, samples) + train * passes + critic * separate_critic
 
 
 def mfu(tokens: float, seconds: float, flops_per_token: float, peak: float) -> float:

@@ -168,8 +168,9 @@ class PPOConfig:
         1.0 in ReFT.
       critic: PPO only. "shared" (ReFT): the value head reads the policy's last hidden state.
         "separate": the critic has its own copy of the backbone (`params["critic"]`, initialised
-        from the policy by `init_rl_params`) that only the value loss trains, as verl and
-        OpenRLHF run PPO; costs one more forward (experience) and forward + backward (update).
+        from the policy by `init_rl_params`, without the policy's untied `lm_head`, which it never
+        reads) that only the value loss trains, as verl and OpenRLHF run PPO; costs one more
+        forward (experience) and forward + backward (update).
     """
 
     algo: str = "ppo"
@@ -648,15 +649,23 @@ def policy_outputs(params: dict, model_cfg: ModelConfig, tokens_BxL, attn_mask_B
     return logp, values, (entropy if with_entropy else None)
 
 
+CRITIC_DROPS = ("lm_head",)  # policy subtrees a separate critic trunk leaves out (`init_rl_params`)
+
+
 def init_rl_params(policy: dict, model_cfg: ModelConfig, cfg: PPOConfig, rng: jax.Array) -> dict:
     """The trainable tree for `cfg`: {"policy"} (+ a fresh "value_head" for PPO, + a "critic" trunk copied
     from the policy when cfg.critic == "separate"). The policy is used as given (copy it yourself if it
-    must survive donation); an abstract one (`jax.ShapeDtypeStruct`s) gives an abstract critic."""
+    must survive donation); an abstract one (`jax.ShapeDtypeStruct`s) gives an abstract critic.
+
+    The critic trunk is the policy without its untied `lm_head` (`CRITIC_DROPS`): the value head reads the last
+    hidden state, so the vocabulary head would be stored, checkpointed and given AdamW moments for nothing
+    (~0.5B parameters at 7-8B). Runs begun with it in the critic resume without it (`checkpoint.restore_latest`)."""
     params = {"policy": policy}
     if cfg.algo == "ppo":
         params["value_head"] = replicated_like(init_value_head(model_cfg, rng), policy)
         if cfg.critic == "separate":
-            params["critic"] = jax.tree.map(lambda x: x if isinstance(x, jax.ShapeDtypeStruct) else jnp.copy(x), policy)
+            trunk = {k: v for k, v in policy.items() if k not in CRITIC_DROPS}
+            params["critic"] = jax.tree.map(lambda x: x if isinstance(x, jax.ShapeDtypeStruct) else jnp.copy(x), trunk)
     return params
 
 

@@ -168,7 +168,11 @@ def test_rl_iteration_flops_counts_rollout_experience_and_update_passes():
     # (helper review: the loop's mfu read 1.21x / 0.56x the executed FLOPs for these)
     assert metrics.rl_iteration_flops(cfg, p, g, 2, 1, False, 1, reference=False) == rollout + per_row * (1 + 3)
     assert metrics.rl_iteration_flops(cfg, p, g, 2, 1, True, 1, reference=False) == rollout + per_row * 3
-    assert metrics.rl_iteration_flops(cfg, p, g, 2, 1, False, 2, separate_critic=True) == rollout + per_row * (3 + 12)
+    # the critic's trunk runs no vocabulary head (its passes counted the policy's head: session 41)
+    trunk = per_row - sum(g) * 2 * cfg.hidden_size * cfg.vocab_size
+    assert metrics.model_flops(cfg, p, g, head=False) == trunk
+    assert metrics.rl_iteration_flops(cfg, p, g, 2, 1, False, 2, separate_critic=True) == \
+        rollout + per_row * (2 + 6) + trunk * (1 + 6)
 
 
 def test_rebuilt_tensorboard_rows_keep_the_time_they_were_logged(tmp_path):

@@ -694,7 +694,8 @@ def test_separate_critic_starts_as_the_shared_one_and_only_the_value_loss_trains
     sep = init_rl_params(policy, CFG, sep_cfg, jax.random.key(2))
     shared = init_rl_params(policy, CFG, shared_cfg, jax.random.key(2))
     assert set(sep) == {"policy", "value_head", "critic"} and set(shared) == {"policy", "value_head"}
-    for a, b in zip(jax.tree.leaves(sep["critic"]), jax.tree.leaves(policy)):
+    trunk = {k: v for k, v in policy.items() if k != "lm_head"}  # (CFG is untied: the critic needs no head)
+    for a, b in zip(jax.tree.leaves(sep["critic"]), jax.tree.leaves(trunk), strict=True):
         np.testing.assert_array_equal(a, b)
         assert a is not b  # a copy: donating the state cannot alias the policy's buffers
     sep["value_head"] = shared["value_head"] = jax.tree.map(lambda x: x * 20.0, shared["value_head"])
@@ -723,6 +724,51 @@ def test_separate_critic_starts_as_the_shared_one_and_only_the_value_loss_trains
     assert biggest(no_vf["policy"]) > 0
     for part in ("critic", "value_head"):
         assert biggest(no_vf[part]) < 1e-4 * biggest(no_adv[part]), part
+
+
+def test_a_separate_critic_drops_the_untied_head_and_runs_begun_with_it_resume_bitwise(tmp_path, caplog):
+    """The critic trunk used to copy the policy's untied lm_head, which it never reads: ~0.5B parameters plus AdamW
+    moments at 7-8B for nothing (helper review, session 40). init_rl_params now leaves it out, and a checkpoint
+    written with it (the old layout) restores without it: training on from there gives, bitwise, what the old
+    layout gives (the dead head's zero gradient adds nothing to the critic's clipping norm)."""
+    from reftjax.steps import make_experience, ppo_step
+
+    cfg_m = CFG  # untied: its lm_head is the one left out
+    policy = jax.tree.map(jnp.asarray, _host_policy(0))
+    cfg = PPOConfig(critic="separate", kl_coef=0.05, minibatch_size=4)
+    tx = make_optimizer(OptimConfig(learning_rate=1e-2, grad_clip=0.05, schedule="constant", warmup_ratio=0.0), 10)
+    new = init_rl_params(jax.tree.map(jnp.copy, policy), cfg_m, cfg, jax.random.key(2))
+    assert "lm_head" in new["policy"] and set(new["critic"]) == set(policy) - {"lm_head"}
+    old = {**new, "critic": {**new["critic"], "lm_head": jax.tree.map(jnp.copy, policy["lm_head"])}}
+    prompts = jnp.asarray(np.random.default_rng(0).integers(2, 32, (8, 4)), jnp.int32)
+    ref = jax.tree.map(jnp.asarray, init_params(cfg_m, jax.random.key(1)))
+
+    def step(state, i):
+        r = rollout(state.params["policy"], prompts, jnp.ones_like(prompts), jax.random.key(i), model_cfg=cfg_m,
+                    cfg=SamplingConfig(max_new_tokens=5, eos_ids=(1,), pad_id=0))
+        exp = make_experience(state.params, ref, r, jnp.arange(8, dtype=jnp.float32) % 3 / 2, model_cfg=cfg_m,
+                              cfg=cfg)
+        return ppo_step(state, exp, model_cfg=cfg_m, tx=tx, cfg=cfg)[0]
+
+    state = step(init_state(old, tx, jax.random.key(3)), 0)
+    with Checkpointer(CheckpointConfig(str(tmp_path))) as ck:
+        ck.save(1, state)
+    abstract = init_state(jax.eval_shape(lambda: new), tx, jax.random.key(3), abstract=True)
+    with Checkpointer(CheckpointConfig(str(tmp_path))) as ck, caplog.at_level("INFO", "reftjax.checkpoint"):
+        resumed, _, at = ck.restore_latest(abstract)
+    assert at == 1 and "holds 3 leaves this version no longer keeps (params/critic/lm_head/kernel, ...)" in caplog.text
+    assert jax.tree.structure(resumed) == jax.tree.structure(abstract)
+    want = jax.device_get(step(state, 1))
+    got = jax.device_get(step(resumed, 1))
+    drop = lambda t: {**t, "critic": {k: v for k, v in t["critic"].items() if k != "lm_head"}}  # noqa: E731
+    for a, b in zip(jax.tree.leaves(got.params), jax.tree.leaves(drop(want.params)), strict=True):
+        np.testing.assert_array_equal(a, b)
+    moments = lambda t: [x for x in jax.tree.leaves(t) if x.ndim]  # noqa: E731
+    want_moments = [x for x in moments(want.opt_state) if x.shape != policy["lm_head"]["kernel"].shape]
+    got_moments = [x for x in moments(got.opt_state) if x.shape != policy["lm_head"]["kernel"].shape]
+    assert len(want_moments) == len(got_moments) > 0
+    for a, b in zip(got_moments, want_moments):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_a_separate_critic_is_clipped_apart_so_the_value_loss_leaves_the_policy_update_alone():
