@@ -260,6 +260,57 @@ _TOP_KEYS = {
 }
 
 
+def _fused_layer_tensors(cfg) -> dict:
+    """Per-layer tensors a model type stores fused: {fused suffix: ((part suffix, rows), ...)} in row order (Phi-3's
+    qkv_proj is q, k, v stacked; its gate_up_proj the gate, then the up projection, as transformers chunks it)."""
+    if cfg.model_type != "phi3":
+        return {}
+    q, kv, f = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
+    return {"self_attn.qkv_proj.weight": (("self_attn.q_proj.weight", q), ("self_attn.k_proj.weight", kv),
+                                          ("self_attn.v_proj.weight", kv)),
+            "mlp.gate_up_proj.weight": (("mlp.gate_proj.weight", f), ("mlp.up_proj.weight", f))}
+
+
+def _unfuse(tensors: dict, cfg, where: str) -> dict:
+    """`tensors` with each layer's fused projections (`_fused_layer_tensors`) split into the parts reftjax keeps
+    (row slices of the [out, in] weights); a part stored unfused is refused (transformers would not read it)."""
+    import numpy as np
+
+    spec = _fused_layer_tensors(cfg)
+    if not spec:
+        return tensors
+    parts = {part for rows in spec.values() for part, _ in rows}
+    out = {}
+    for name, array in tensors.items():
+        suffix = name.split(".", 3)[-1] if name.startswith("model.layers.") else None
+        if suffix in parts:
+            raise CheckpointError(f"{where}: tensor {name!r}: a {cfg.model_type} checkpoint stores it fused "
+                                  f"({', '.join(spec)})")
+        if suffix not in spec:
+            out[name] = array
+            continue
+        a, rows = np.asarray(array), spec[suffix]
+        if a.ndim != 2 or a.shape[0] != sum(n for _, n in rows):
+            raise CheckpointError(f"{where}: tensor {name!r} has shape {a.shape}, config expects "
+                                  f"{' + '.join(str(n) for _, n in rows)} rows")
+        prefix = name[: -len(suffix)]
+        for (part, _), piece in zip(rows, np.split(a, np.cumsum([n for _, n in rows])[:-1], axis=0)):
+            out[prefix + part] = piece
+    return out
+
+
+def _fuse(tensors: dict, cfg) -> dict:
+    """The inverse of `_unfuse`: the export under the model type's own (fused) tensor names."""
+    import numpy as np
+
+    spec = _fused_layer_tensors(cfg)
+    for i in range(cfg.num_layers if spec else 0):
+        for fused, rows in spec.items():
+            pieces = [tensors.pop(f"model.layers.{i}.{part}") for part, _ in rows]
+            tensors[f"model.layers.{i}.{fused}"] = np.ascontiguousarray(np.concatenate(pieces, axis=0))
+    return tensors
+
+
 # Multimodal checkpoints whose text model is trained alone: model_type -> (renames of the text model's tensors to a
 # causal LM's names (the Hub's layout, then transformers 5's in-memory one), prefixes of the parts left out).
 _TEXT_OF_MULTIMODAL = {
@@ -322,6 +373,7 @@ def hf_to_params(tensors: dict, cfg, where: str = "checkpoint", origin: dict | N
 
     abstract = tu.flatten_dict(jax.eval_shape(lambda: init_params(cfg, jax.random.key(0))))
     dtype = _np_dtype(cfg.param_dtype)
+    tensors = _unfuse(tensors, cfg, where)
 
     used = set()
 
@@ -380,7 +432,7 @@ def params_to_hf(params, cfg) -> dict:
         else:
             name, tr = _TOP_KEYS[path]
             out[name] = np.ascontiguousarray(a.T if tr else a)
-    return out
+    return _fuse(out, cfg)
 
 
 # ----------------------------------------------------------------------------- load / export

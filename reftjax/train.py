@@ -212,13 +212,14 @@ def model_fingerprint(params) -> str:
 
 
 # ModelConfig fields added after runs recorded its digest, with their defaults (qk_norm: Qwen3, session 38; the
-# rest: Gemma, OLMo 2 and per-layer windows, session 39; rope_layers: SmolLM3, session 40)
+# rest: Gemma, OLMo 2 and per-layer windows, session 39; rope_layers: SmolLM3, session 40; rotary_dim: Phi-4, 41)
 _ADDED_FIELDS = {"qk_norm": False, "sliding_layers": (), "local_rope_theta": None, "rope_layers": (),
                  "hidden_act": "silu", "norm_offset": 0.0, "embed_scale": False, "query_pre_attn_scalar": None,
                  "sandwich_norms": False, "attn_logit_softcap": None, "final_logit_softcap": None,
-                 "qk_norm_per_head": True, "pre_norms": True, "norm_scale_float32": False}
-# RopeScaling's, likewise (YaRN, session 40)
-_ADDED_ROPE_FIELDS = {"attention_factor": 1.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": True}
+                 "qk_norm_per_head": True, "pre_norms": True, "norm_scale_float32": False, "rotary_dim": 0}
+# RopeScaling's, likewise (YaRN, session 40; LongRoPE, session 41)
+_ADDED_ROPE_FIELDS = {"attention_factor": 1.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": True,
+                      "short_factor": (), "long_factor": ()}
 
 
 def model_config_fingerprint(model_cfg) -> str:

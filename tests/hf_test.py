@@ -647,6 +647,62 @@ def test_smollm3_parts_not_implemented_are_refused_naming_the_file(change, match
         from_hf_config(_tiny_smollm3_config(**change), where="cfg.json")
 
 
+def _tiny_phi4_config(**kw):
+    from transformers import Phi3Config
+
+    return Phi3Config(**{**dict(vocab_size=89, hidden_size=64, intermediate_size=48, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=True,
+                                partial_rotary_factor=0.75, original_max_position_embeddings=16,
+                                rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                                                 "short_factor": [1.0, 1.5, 2.0, 3.0, 5.0, 8.0],
+                                                 "long_factor": [1.0, 2.0, 4.0, 8.0, 16.0, 32.0]}), **kw})
+
+
+def test_a_phi4_export_fuses_its_projections_back_and_loads_in_transformers_bit_for_bit(tmp_path, random_params):
+    """Phi-3/4 store q/k/v and gate/up fused (qkv_proj, gate_up_proj): the export writes them fused again, as its own
+    config (partial rotary, LongRoPE) says; transformers' Phi3ForCausalLM computes our logits, and it loads back
+    unchanged."""
+    from reftjax.models import from_hf_config
+
+    hf = _tiny_phi4_config()
+    cfg = from_hf_config(hf)
+    assert (cfg.model_type, cfg.rotary_dim, cfg.rope_scaling.kind) == ("phi3", 12, "longrope")
+    params = random_params(cfg)
+    out = save_hf(tmp_path / "phi", params, cfg, hf)
+    written = json.loads((out / "config.json").read_text())
+    assert written["architectures"] == ["Phi3ForCausalLM"]
+    names = set(read_safetensors(out / "model.safetensors"))
+    assert {"model.layers.1.self_attn.qkv_proj.weight", "model.layers.1.mlp.gate_up_proj.weight"} <= names
+    assert not any("q_proj" in n or "gate_proj." in n for n in names)
+    rel, back = _assert_round_trip(out, params, cfg)
+    print(f"phi4 export: max|diff|/scale={rel:.1e}")
+    assert back == cfg
+
+
+def test_phi3_parts_not_implemented_are_refused_naming_the_file(tmp_path, random_params):
+    """A Phi-3 checkpoint with unfused projections (transformers would not read them), a misshapen fused tensor, or
+    a partial rotary factor that leaves an odd number of dims is refused, naming what and where."""
+    from reftjax.models import from_hf_config
+
+    hf = _tiny_phi4_config()
+    cfg = from_hf_config(hf)
+    out = save_hf(tmp_path / "phi", random_params(cfg), cfg, hf)
+    tensors = {k: np.array(v) for k, v in read_safetensors(out / "model.safetensors").items()}  # (copies: no mmap)
+    qkv = "model.layers.0.self_attn.qkv_proj.weight"
+    for change, match in ((lambda t: t.update({qkv: t[qkv][:-1]}), r"qkv_proj.weight' has shape \(127, 64\), "
+                           r"config expects 64 \+ 32 \+ 32 rows"),
+                          (lambda t: t.update({"model.layers.0.self_attn.q_proj.weight": t[qkv][:64]}),
+                           "q_proj.weight': a phi3 checkpoint stores it fused")):
+        changed = dict(tensors)
+        change(changed)
+        write_safetensors(out / "model.safetensors", changed)
+        with pytest.raises(CheckpointError, match=match):
+            load_model(out, with_tokenizer=False)
+    with pytest.raises(ValueError, match=r"cfg.json: partial_rotary_factor=0.7 is not supported"):
+        from_hf_config(_tiny_phi4_config(partial_rotary_factor=0.7, rope_parameters=None), where="cfg.json")
+
+
 def test_gemma2s_soft_caps_are_read_and_the_multimodal_gemma3_config_is_refused_saying_what_to_pass():
     from transformers import Gemma2Config, Gemma3Config, GemmaConfig
 

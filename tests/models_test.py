@@ -32,7 +32,7 @@ LENGTHS = (13, 7, 10)  # real tokens per row; the batch is left-padded to the lo
 
 def _hf_config(kind: str):
     from transformers import (Gemma2Config, Gemma3TextConfig, GemmaConfig, LlamaConfig, MistralConfig, Olmo2Config,
-                              Qwen2Config, Qwen3Config, SmolLM3Config)
+                              Phi3Config, Qwen2Config, Qwen3Config, SmolLM3Config)
 
     if kind == "llama":
         return LlamaConfig(**TINY)
@@ -84,6 +84,16 @@ def _hf_config(kind: str):
         return SmolLM3Config(**{**TINY, "num_hidden_layers": 4}, **ids, no_rope_layers=[1, 1, 0, 0],
                              use_sliding_window=True, sliding_window=4,
                              layer_types=["sliding_attention", "full_attention"] * 2)
+    phi = dict(TINY, hidden_size=64, **ids)  # heads of 16
+    if kind == "phi3":  # fused q/k/v and gate/up projections, a window on every layer
+        return Phi3Config(**phi, sliding_window=4)
+    if kind in ("phi4_longrope_short", "phi4_longrope_long"):  # Phi-4-mini's partial rotary (12 of 16 dims) and
+        # LongRoPE: 13 tokens within an original context of 16 (short factors) or past one of 8 (long factors)
+        return Phi3Config(**phi, partial_rotary_factor=0.75, tie_word_embeddings=True,
+                          original_max_position_embeddings=16 if kind.endswith("short") else 8,
+                          rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                                           "short_factor": [1.0, 1.5, 2.0, 3.0, 5.0, 8.0],
+                                           "long_factor": [1.0, 2.0, 4.0, 8.0, 16.0, 32.0]})
     raise ValueError(kind)
 
 
@@ -157,11 +167,16 @@ _EXPECTED = {
     "smollm3": dict(model_type="smollm3", rope_theta=2e6, rope_layers=(True, False)),
     "smollm3_window": dict(model_type="smollm3", rope_theta=2e6, rope_layers=(True, True, False, False),
                            sliding_window=4, sliding_layers=(True, False, True, False)),
+    "phi3": dict(model_type="phi3", sliding_window=4),
+    "phi4_longrope_short": dict(model_type="phi3", rotary_dim=12),
+    "phi4_longrope_long": dict(model_type="phi3", rotary_dim=12),
     "gemma3": dict(model_type="gemma3_text", head_dim=16, hidden_act="gelu_tanh", norm_offset=1.0, embed_scale=True,
                    qk_norm=True, sandwich_norms=True, sliding_window=4, sliding_layers=(True, False, True, False),
                    rope_theta=1e6, local_rope_theta=1e4, rope_scaling=RopeScaling("linear", 2.0),
                    query_pre_attn_scalar=24.0),
 }
+_LONG_AS_SHORT = RopeScaling("longrope", 4.0, original_max_position_embeddings=8, attention_factor=2 ** 0.5,
+                             short_factor=(1.0, 1.5, 2.0, 3.0, 5.0, 8.0), long_factor=(1.0, 1.5, 2.0, 3.0, 5.0, 8.0))
 _FEATURES = {
     "llama3_rope": [dict(rope_scaling=RopeScaling())],
     "qwen3_yarn": [dict(rope_scaling=RopeScaling()), dict(rope_scaling=RopeScaling("yarn", 4.0, 1.0, 4.0, 2048))],
@@ -172,6 +187,9 @@ _FEATURES = {
     "gemma": [dict(norm_offset=0.0), dict(embed_scale=False), dict(hidden_act="silu")],
     "gemma2": [dict(attn_logit_softcap=None), dict(final_logit_softcap=None), dict(sliding_layers=())],
     "smollm3": [dict(rope_layers=())],
+    "phi3": [dict(sliding_window=None)],
+    "phi4_longrope_short": [dict(rotary_dim=0, rope_scaling=RopeScaling()), dict(rope_scaling=RopeScaling())],
+    "phi4_longrope_long": [dict(rope_scaling=RopeScaling()), dict(rope_scaling=_LONG_AS_SHORT)],
     "smollm3_window": [dict(rope_layers=()), dict(sliding_layers=())],
     "gemma3": [dict(sliding_layers=()), dict(local_rope_theta=None), dict(rope_scaling=RopeScaling()),
                dict(query_pre_attn_scalar=None)],
@@ -188,10 +206,10 @@ def test_tiny_logits_match_transformers(kind, tmp_path):
     for field in ("model_type", "qkv_bias", "qk_norm", "head_dim", "sliding_window", "sliding_layers", "hidden_act",
                   "norm_offset", "embed_scale", "sandwich_norms", "local_rope_theta", "query_pre_attn_scalar",
                   "attn_logit_softcap", "final_logit_softcap", "qk_norm_per_head", "pre_norms",
-                  "norm_scale_float32", "rope_layers"):
+                  "norm_scale_float32", "rope_layers", "rotary_dim"):
         assert getattr(cfg, field) == _EXPECTED[kind].get(field, getattr(defaults, field)), field
     assert cfg.rope_scaling.kind == {"llama3_rope": "llama3", "gemma3": "linear"}.get(
-        kind, "yarn" if "yarn" in kind else "default")
+        kind, "yarn" if "yarn" in kind else "longrope" if "longrope" in kind else "default")
     assert cfg.num_params == sum(p.numel() for p in ref_model.parameters())
     rng = np.random.default_rng(1)
     tokens, mask = left_padded([list(rng.integers(0, TINY["vocab_size"], n)) for n in LENGTHS], pad_id=0)
@@ -269,6 +287,12 @@ def _decode_test_config(variant: str, window: int | None) -> ModelConfig:
                            hidden_act="gelu_tanh", norm_offset=1.0, embed_scale=True, query_pre_attn_scalar=24.0,
                            sandwich_norms=True, attn_logit_softcap=2.0, final_logit_softcap=3.0,
                            model_type="gemma2", tie_word_embeddings=True)
+    if variant.startswith("phi3"):  # Phi-4-mini's partial rotary (12 of 16 dims) with LongRoPE's short factors
+        longrope = RopeScaling("longrope", 4.0, original_max_position_embeddings=2048, attention_factor=1.2,
+                               short_factor=(1.0, 1.5, 2.0, 3.0, 5.0, 8.0), long_factor=(1.0,) * 6)
+        return ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+                           num_kv_heads=2, head_dim=16, rotary_dim=12, rope_scaling=longrope, model_type="phi3",
+                           tie_word_embeddings=True)
     yarn = RopeScaling("yarn", 4.0, original_max_position_embeddings=2048, attention_factor=1.3)  # ramp over 2-6
     return ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
                        num_kv_heads=2, head_dim=16 if qwen3 else 0, sliding_window=window,
@@ -298,7 +322,7 @@ def _prefill_then_decode(params, cfg: ModelConfig, prompt_BxP, mask_BxP, cache_l
 
 @pytest.mark.parametrize("variant", ["llama", "mistral_window3", "qwen2_bias_untied", "qwen3_qknorm_hd16",
                                      "gemma2_softcaps", "gemma3_mixed_layers", "olmo2_post_norms",
-                                     "smollm3_nope_layers", "qwen3_yarn"])
+                                     "smollm3_nope_layers", "qwen3_yarn", "phi3_partial_longrope"])
 def test_prefill_and_decode_match_full_forward(variant, random_params):
     """The decode path (fused per-layer weights, [B,K,hd,S] key cache) equals the scanned full forward."""
     window = 3 if variant == "mistral_window3" else None
@@ -319,9 +343,41 @@ def test_prefill_and_decode_match_full_forward(variant, random_params):
     np.testing.assert_allclose(decoded, full[:, p:], atol=1e-5 * scale, rtol=0)
 
 
+def test_longrope_switches_per_call_keeping_the_cached_keys(tmp_path):
+    """LongRoPE takes its long factors in a forward whose longest position passes the original context (8 here).
+    A decode step past it switches while the keys cached before keep their short-factor rotation: the logits equal
+    transformers' model stepped with its cache (and vLLM's scheme), not a forward over the whole sequence, which
+    transformers' Phi-3 `generate` recomputes once at the crossing (its cache dropped there)."""
+    import warnings
+
+    ref_model = _torch_tiny("phi4_longrope_long", tmp_path)
+    loaded = load_model(tmp_path, with_tokenizer=False)
+    rng = np.random.default_rng(2)
+    seq = rng.integers(1, TINY["vocab_size"], (1, 11)).astype(np.int32)  # a 6-token prompt, 5 steps: positions 6-10
+    last, decoded = _prefill_then_decode(loaded.params, loaded.config, seq[:, :6], np.ones((1, 6), np.int32), 12,
+                                         seq[:, 6:])
+    ours = np.concatenate([np.asarray(last)[:, None], np.asarray(decoded)[:, :-1]], axis=1)[0]  # predictions of 6..10
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = ref_model(input_ids=torch.as_tensor(seq[:, :6], dtype=torch.long), use_cache=True)
+        stepped, cache = [out.logits[0, -1]], out.past_key_values
+        for i in range(6, 10):
+            out = ref_model(input_ids=torch.as_tensor(seq[:, i:i + 1], dtype=torch.long), past_key_values=cache,
+                            position_ids=torch.tensor([[i]]), use_cache=True)
+            stepped.append(out.logits[0, -1])
+            cache = out.past_key_values
+        short = ref_model(input_ids=torch.as_tensor(seq[:, :8], dtype=torch.long)).logits[0, 5:8].numpy()
+        long = ref_model(input_ids=torch.as_tensor(seq[:, :10], dtype=torch.long)).logits[0, 8:10].numpy()
+    stepped = torch.stack(stepped).numpy()
+    scale = np.abs(stepped).max()
+    np.testing.assert_allclose(ours, stepped, atol=1e-5 * scale, rtol=0)
+    np.testing.assert_allclose(ours[:3], short, atol=1e-5 * scale, rtol=0)  # positions up to 7: the short factors
+    assert np.abs(ours[3:] - long).max() > 1e-2 * scale  # past it: not the whole sequence's long-factor forward
+
+
 @pytest.mark.parametrize("variant", ["llama", "mistral_window3", "qwen2_bias_untied", "qwen3_qknorm_hd16",
                                      "gemma2_softcaps", "gemma3_mixed_layers", "olmo2_post_norms",
-                                     "smollm3_nope_layers", "qwen3_yarn"])
+                                     "smollm3_nope_layers", "qwen3_yarn", "phi3_partial_longrope"])
 def test_packed_prefill_equals_prefill(variant, random_params):
     """The padding-free prefill (GEMMs over the real tokens only, `chunk` at a time) gives the padded prefill's
     last logits and hidden states, and the same keys/values in every real slot (4 chunks here, one partly padding)."""

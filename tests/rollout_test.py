@@ -479,15 +479,18 @@ def test_smollm_greedy_matches_transformers_generate(smollm_model, smollm_hf_tor
     np.testing.assert_allclose(r.logprobs_BxN[m], logp_ref[m], atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("kind", ["gemma2", "gemma3", "olmo2", "smollm3"])
-def test_tiny_gemma_olmo2_and_smollm3_greedy_match_transformers_generate(tmp_path, kind):
+@pytest.mark.parametrize("kind", ["gemma2", "gemma3", "olmo2", "smollm3", "phi4_short", "phi4_long"])
+def test_tiny_gemma_olmo2_smollm3_and_phi4_greedy_match_transformers_generate(tmp_path, kind):
     """A random Gemma 2 (soft-capped scores and logits) / Gemma 3 (its local layers' own RoPE base, q/k norms), both
     with windowed layers among global ones, sandwich norms, GeGLU and 1 + w norms, an OLMo 2 (output norms only,
     q/k norms over all heads) and a SmolLM3 (NoPE layers, windowed or not, among RoPE ones), through the rollout's
     packed prefill and decode caches: greedy tokens and log-probs equal transformers' generate with its own cache,
-    for completions that run past the window."""
+    for completions that run past the window. A Phi-4-mini (fused projections, 12 of 16 dims rotated, LongRoPE) with
+    its short factors (original context 32) and its long ones (original context 4, which the prompts pass).
+    (A generation that passes it midway is `test_longrope_switches_per_call_keeping_the_cached_keys`.)"""
     torch = pytest.importorskip("torch")
-    from transformers import AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, Olmo2Config, SmolLM3Config
+    from transformers import AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, Olmo2Config, Phi3Config, \
+        SmolLM3Config
 
     from reftjax.hf import load_model
 
@@ -506,12 +509,21 @@ def test_tiny_gemma_olmo2_and_smollm3_greedy_match_transformers_generate(tmp_pat
     elif kind == "smollm3":  # NoPE layers (no position encoding) among RoPE ones, windowed and full ones mixed
         hf = SmolLM3Config(**{k: v for k, v in config.items() if k != "query_pre_attn_scalar"},
                            no_rope_layers=[1, 0, 0], use_sliding_window=True)
+    elif kind.startswith("phi4"):
+        hf = Phi3Config(**{**{k: v for k, v in config.items()
+                              if k not in ("head_dim", "query_pre_attn_scalar", "sliding_window", "layer_types")},
+                           "hidden_size": 64}, partial_rotary_factor=0.75,
+                        original_max_position_embeddings=32 if kind.endswith("short") else 4,
+                        rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                                         "short_factor": [1.0, 1.2, 1.5, 2.0, 3.0, 4.0],
+                                         "long_factor": [1.0, 3.0, 9.0, 27.0, 81.0, 243.0]})
     else:
         hf = Gemma3TextConfig(**config)
     ref = AutoModelForCausalLM.from_config(hf, attn_implementation="eager").eval()
+    std = 0.5 if kind.startswith("phi4") else 0.1  # (Llama-style norms: 0.1 gave a flat, repeating model)
     with torch.no_grad():
         for name, p in ref.named_parameters():
-            p.copy_(0.3 * torch.randn_like(p) if "norm" in name else 0.1 * torch.randn_like(p))
+            p.copy_(0.3 * torch.randn_like(p) if "norm" in name else std * torch.randn_like(p))
     ref.save_pretrained(tmp_path)
     loaded = load_model(tmp_path, with_tokenizer=False)
     rng = np.random.default_rng(4)

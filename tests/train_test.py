@@ -884,7 +884,8 @@ def test_a_rerun_may_change_only_how_the_run_is_saved_and_laid_out(tmp_path):
     assert digest == model_config_fingerprint(dataclasses.replace(base, remat="full", dtype="bfloat16"))
     yarn = RopeScaling("yarn", 4.0, attention_factor=1.2)
     for change in (dict(rms_norm_eps=0.1), dict(rope_theta=5e5), dict(eos_token_ids=(2, 13)), dict(qk_norm=True),
-                   dict(rope_layers=(False,)), dict(rope_scaling=yarn)):
+                   dict(rope_layers=(False,)), dict(rope_scaling=yarn), dict(rotary_dim=6),
+                   dict(rope_scaling=RopeScaling("longrope", short_factor=(1.0,) * 4, long_factor=(2.0,) * 4))):
         assert model_config_fingerprint(dataclasses.replace(base, **change)) != digest, change
     assert model_config_fingerprint(dataclasses.replace(base, rope_scaling=dataclasses.replace(
         yarn, attention_factor=1.0))) != model_config_fingerprint(dataclasses.replace(base, rope_scaling=yarn))

@@ -22,19 +22,21 @@ import jax.numpy as jnp
 CAUSAL_LM_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                      "qwen3": "Qwen3ForCausalLM", "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
                      "gemma3_text": "Gemma3ForCausalLM", "olmo2": "Olmo2ForCausalLM",
-                     "smollm3": "SmolLM3ForCausalLM"}
+                     "smollm3": "SmolLM3ForCausalLM", "phi3": "Phi3ForCausalLM"}
 SUPPORTED_MODEL_TYPES = tuple(CAUSAL_LM_CLASSES)
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-ROPE_KINDS = ("default", "linear", "llama3", "yarn")
+ROPE_KINDS = ("default", "linear", "llama3", "yarn", "longrope")
 ACTIVATIONS = ("silu", "gelu_tanh")  # the gate's activation: SwiGLU (Llama, Qwen, Mistral) or GeGLU (Gemma)
 
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
-    """RoPE frequency scaling. `kind` is "default", "linear", "llama3" or "yarn" (YaRN: Qwen3's and SmolLM3's
+    """RoPE frequency scaling. `kind` is "default", "linear", "llama3", "yarn" (YaRN: Qwen3's and SmolLM3's
     long-context setting; `attention_factor` multiplies cos and sin, `beta_fast` / `beta_slow` bound the ramp between
-    extrapolated and interpolated frequencies, `truncate` rounds its ends outwards, as transformers)."""
+    extrapolated and interpolated frequencies, `truncate` rounds its ends outwards, as transformers) or "longrope"
+    (Phi-3's: each frequency divided by its `short_factor`, or by its `long_factor` in a forward whose longest
+    position passes `original_max_position_embeddings`, as transformers switches; `attention_factor` as YaRN's)."""
 
     kind: str = "default"
     factor: float = 1.0
@@ -45,10 +47,16 @@ class RopeScaling:
     beta_fast: float = 32.0
     beta_slow: float = 1.0
     truncate: bool = True
+    short_factor: tuple[float, ...] = ()
+    long_factor: tuple[float, ...] = ()
 
     def __post_init__(self):
         if self.kind not in ROPE_KINDS:
             raise ValueError(f"unsupported rope scaling type {self.kind!r} ({', '.join(ROPE_KINDS)})")
+        for name in ("short_factor", "long_factor"):
+            object.__setattr__(self, name, tuple(float(f) for f in getattr(self, name)))
+        if (self.kind == "longrope") != bool(self.short_factor and self.long_factor):
+            raise ValueError("short_factor and long_factor are longrope's (both needed there, not taken elsewhere)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +85,8 @@ class ModelConfig:
       local_rope_theta: RoPE base of the windowed layers (Gemma 3's 10,000, unscaled), or None: `rope_theta`.
       rope_layers: which layers rotate q and k, one flag per layer (SmolLM3's NoPE layers, every fourth, have no
         position encoding at all); empty: every layer.
+      rotary_dim: the leading dims of each head that RoPE rotates, the rest passing through (Phi-4-mini's
+        partial_rotary_factor 0.75); 0: all of head_dim (`rope_dim`).
       hidden_act: the gate's activation, "silu" (SwiGLU) or "gelu_tanh" (GeGLU, Gemma's gelu_pytorch_tanh).
       norm_offset: every RMSNorm scales by `norm_offset + scale` in float32 (Gemma: 1.0, the weights stored as
         Hugging Face stores them); 0.0 is Llama's norm.
@@ -118,6 +128,7 @@ class ModelConfig:
     sliding_layers: tuple[bool, ...] = ()
     local_rope_theta: float | None = None
     rope_layers: tuple[bool, ...] = ()
+    rotary_dim: int = 0
     hidden_act: str = "silu"
     norm_offset: float = 0.0
     embed_scale: bool = False
@@ -168,6 +179,18 @@ class ModelConfig:
             raise ValueError("pre_norms=False (OLMo 2) needs sandwich_norms: a block must norm its inputs or outputs")
         if self.local_rope_theta is not None and not self.sliding_window:
             raise ValueError("local_rope_theta is the RoPE base of windowed layers: it needs a sliding_window")
+        if self.rotary_dim and not (0 < self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0):
+            raise ValueError(f"rotary_dim={self.rotary_dim}; expected an even number of dims up to head_dim "
+                             f"{self.head_dim} (0: all)")
+        n, m = len(self.rope_scaling.short_factor), len(self.rope_scaling.long_factor)
+        if (self.rope_scaling.kind == "longrope" and n != self.rope_dim // 2) or n != m:
+            raise ValueError(f"longrope's short_factor and long_factor need {self.rope_dim // 2} values each (one per "
+                             f"rotated pair), got {n} and {m}")
+
+    @property
+    def rope_dim(self) -> int:
+        """The leading dims of each head RoPE rotates (`rotary_dim`, else all of head_dim)."""
+        return self.rotary_dim or self.head_dim
 
     def layer_window(self, i: int) -> int | None:
         """The sliding window of layer `i`, or None (full attention)."""
@@ -248,6 +271,16 @@ def _rope_from_hf(hf, where: str) -> tuple[float, RopeScaling]:
     original = int((None if nested else getattr(hf, "original_max_position_embeddings", None))
                    or merged.get("original_max_position_embeddings") or hf.max_position_embeddings)
     factor = merged.get("factor")
+    if kind == "longrope":  # as transformers' `_compute_longrope_parameters`
+        factor = float(hf.max_position_embeddings / original if factor is None else factor)
+        attention = merged.get("attention_factor")
+        if attention is None:
+            attention = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
+        short, long = merged.get("short_factor"), merged.get("long_factor")
+        if not all(isinstance(f, (list, tuple)) and f for f in (short, long)):
+            raise ValueError(f"{where}: longrope needs short_factor and long_factor lists, got {short!r} and {long!r}")
+        return theta, RopeScaling(kind=kind, factor=factor, original_max_position_embeddings=original,
+                                  attention_factor=float(attention), short_factor=tuple(short), long_factor=tuple(long))
     if kind != "yarn":
         if kind == "linear":  # (the context length is unused: kept as digests recorded it; helper review, session 40)
             original = int(merged.get("original_max_position_embeddings", 8192))
@@ -285,10 +318,10 @@ def _local_rope_theta(hf, where: str) -> float | None:
 
 def _sliding_window(hf, model_type: str, where: str) -> tuple[int | None, tuple[bool, ...]]:
     """(window, per-layer flags): (None, ()) without a window, (window, ()) when every layer has it, else the flags.
-    transformers' Llama and Gemma have none (a stray `sliding_window` key is ignored there too); Mistral windows
-    every layer; Qwen2/3 only layers >= max_window_layers, and only with use_sliding_window; Gemma 2/3 and SmolLM3
-    their layer_types' sliding_attention layers (Gemma 2: one of two, Gemma 3: five of six; SmolLM3 windows its NoPE
-    layers where use_sliding_window, and its mask follows layer_types whatever that flag says)."""
+    transformers' Llama and Gemma have none (a stray `sliding_window` key is ignored there too); Mistral and Phi-3
+    window every layer; Qwen2/3 only layers >= max_window_layers, and only with use_sliding_window; Gemma 2/3 and
+    SmolLM3 their layer_types' sliding_attention layers (Gemma 2: one of two, Gemma 3: five of six; SmolLM3 windows
+    its NoPE layers where use_sliding_window, and its mask follows layer_types whatever that flag says)."""
     window = getattr(hf, "sliding_window", None)
     if (model_type in ("gemma2", "gemma3_text", "smollm3") and not window
             and "sliding_attention" in (getattr(hf, "layer_types", None) or ())):
@@ -298,7 +331,7 @@ def _sliding_window(hf, model_type: str, where: str) -> tuple[int | None, tuple[
     if model_type in ("llama", "gemma", "olmo2") or not window:
         return None, ()
     n = hf.num_hidden_layers
-    if model_type == "mistral":
+    if model_type in ("mistral", "phi3"):
         return int(window), ()
     kinds = list(getattr(hf, "layer_types", None) or [
         "sliding_attention" if getattr(hf, "use_sliding_window", False) and i >= getattr(hf, "max_window_layers", n)
@@ -363,9 +396,25 @@ def _check_gemma(hf, model_type: str, where: str) -> None:
         raise ValueError(f"{where}: attention_bias=True (q/k/v and o_proj biases) is not supported for {model_type}")
 
 
+def _rotary_dim(hf, model_type: str, head_dim: int, where: str) -> int:
+    """`ModelConfig.rotary_dim` (0: all of head_dim): Phi-3's `partial_rotary_factor` (Phi-4-mini's 0.75, which
+    transformers moves into rope_parameters); the other models here rotate the whole head whatever it says
+    (transformers' Llama-style default RoPE ignores it)."""
+    if model_type != "phi3":
+        return 0
+    factor = (getattr(hf, "rope_parameters", None) or {}).get("partial_rotary_factor")
+    factor = float(getattr(hf, "partial_rotary_factor", 1.0) if factor is None else factor)
+    dim = int(head_dim * factor)
+    if not (0 < factor <= 1 and dim % 2 == 0 and dim > 0):
+        raise ValueError(f"{where}: partial_rotary_factor={factor} is not supported (it must rotate an even number "
+                         f"of the {head_dim} head dims, at least 2)")
+    return 0 if dim == head_dim else dim
+
+
 def from_hf_config(hf, *, param_dtype: str = "float32", dtype: str = "float32", remat: str = "none",
                    where: str = "config.json") -> ModelConfig:
-    """Build a ModelConfig from a transformers PretrainedConfig (Llama/Mistral/Qwen2/Qwen3/Gemma 1-3/OLMo 2/SmolLM3)."""
+    """Build a ModelConfig from a transformers PretrainedConfig (Llama/Mistral/Qwen2/Qwen3/Gemma 1-3/OLMo 2/SmolLM3/
+    Phi-3)."""
     model_type = getattr(hf, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
         hint = {"gemma3": " (the multimodal Gemma 3: pass its text_config, model_type gemma3_text, as load_model does)"}
@@ -389,6 +438,7 @@ def from_hf_config(hf, *, param_dtype: str = "float32", dtype: str = "float32", 
     window, sliding_layers = _sliding_window(hf, model_type, where)
     local_theta = _local_rope_theta(hf, where) if window else None
     heads = hf.num_attention_heads
+    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // heads
     sandwich = model_type in ("gemma2", "gemma3_text")
     qpas = getattr(hf, "query_pre_attn_scalar", None) if sandwich else None
     caps = {key: getattr(hf, key, None) if sandwich else None
@@ -400,7 +450,7 @@ def from_hf_config(hf, *, param_dtype: str = "float32", dtype: str = "float32", 
         num_layers=hf.num_hidden_layers,
         num_heads=heads,
         num_kv_heads=getattr(hf, "num_key_value_heads", None) or heads,
-        head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // heads,
+        head_dim=head_dim,
         rms_norm_eps=float(hf.rms_norm_eps),
         rope_theta=theta,
         rope_scaling=scaling,
@@ -413,6 +463,7 @@ def from_hf_config(hf, *, param_dtype: str = "float32", dtype: str = "float32", 
         sliding_layers=sliding_layers,
         local_rope_theta=local_theta,
         rope_layers=_rope_layers(hf, model_type, where),
+        rotary_dim=_rotary_dim(hf, model_type, head_dim, where),
         hidden_act=act,
         norm_offset=1.0 if model_type in _GEMMA else 0.0,
         embed_scale=model_type in _GEMMA,

@@ -73,12 +73,12 @@ def _layer_rope_scaling(cfg: ModelConfig, sliding: bool) -> RopeScaling:
     return RopeScaling() if sliding and cfg.local_rope_theta is not None else cfg.rope_scaling
 
 
-def rope_inv_freq(cfg: ModelConfig, sliding: bool = False) -> np.ndarray:
-    """Inverse RoPE frequencies [head_dim // 2] with linear / Llama-3 / YaRN scaling (as transformers).
+def rope_inv_freq(cfg: ModelConfig, sliding: bool = False, long: bool = False) -> np.ndarray:
+    """Inverse RoPE frequencies [rope_dim // 2] with linear / Llama-3 / YaRN / LongRoPE scaling (as transformers).
 
     `sliding`: of a windowed layer, which has its own unscaled base where the model sets `local_rope_theta`
-    (Gemma 3's local layers)."""
-    hd = cfg.head_dim
+    (Gemma 3's local layers). `long`: LongRoPE's long factors (else its short ones; `_traced_inv_freq` picks)."""
+    hd = cfg.rope_dim  # (the rotated dims: all of head_dim but in Phi-4-mini's partial rotary)
     local = sliding and cfg.local_rope_theta is not None
     base = cfg.local_rope_theta if local else cfg.rope_theta
     inv = 1.0 / (base ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
@@ -95,6 +95,8 @@ def rope_inv_freq(cfg: ModelConfig, sliding: bool = False) -> np.ndarray:
         inv = inv / sc.factor * ramp + inv * (1.0 - ramp)
     elif sc.kind == "linear":
         inv = inv / sc.factor
+    elif sc.kind == "longrope":
+        inv = inv / np.asarray(sc.long_factor if long else sc.short_factor, np.float64)
     elif sc.kind == "llama3":
         old = sc.original_max_position_embeddings
         low_wavelen, high_wavelen = old / sc.low_freq_factor, old / sc.high_freq_factor
@@ -107,10 +109,26 @@ def rope_inv_freq(cfg: ModelConfig, sliding: bool = False) -> np.ndarray:
     return inv.astype(np.float32)
 
 
+def _traced_inv_freq(cfg: ModelConfig, sliding: bool, positions_BxT: jax.Array):
+    """`rope_inv_freq`, except that LongRoPE takes its long factors in a forward whose longest position passes the
+    original context (transformers' `longrope_frequency_update`, per call: a decode step past it switches while the
+    cache keeps the keys rotated before)."""
+    sc = _layer_rope_scaling(cfg, sliding)
+    if sc.kind != "longrope":
+        return rope_inv_freq(cfg, sliding)
+    longer = jnp.max(positions_BxT) + 1 > sc.original_max_position_embeddings
+    return jnp.where(longer, rope_inv_freq(cfg, sliding, long=True), rope_inv_freq(cfg, sliding))
+
+
 def apply_rope(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, inv_freq: np.ndarray,
                attention_factor: float = 1.0) -> jax.Array:
     """Rotary embedding, "rotate half" layout (the Hugging Face convention); cos and sin times `attention_factor`
-    (YaRN's) in float32 before the cast, as transformers."""
+    (YaRN's) in float32 before the cast, as transformers. Fewer frequencies than half the head (partial rotary)
+    rotate the leading dims only; the rest pass through."""
+    rotated = 2 * inv_freq.shape[-1]
+    if rotated < x_BxTxNxH.shape[-1]:
+        part = apply_rope(x_BxTxNxH[..., :rotated], positions_BxT, inv_freq, attention_factor)
+        return jnp.concatenate([part, x_BxTxNxH[..., rotated:]], axis=-1)
     freqs = positions_BxT.astype(jnp.float32)[:, :, None] * jnp.asarray(inv_freq)[None, None, :]
     emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
     cos, sin = jnp.cos(emb), jnp.sin(emb)
@@ -140,7 +158,7 @@ def _rope_qk(cfg: ModelConfig, q, k, positions_BxT, sliding=False, rope=True):
         return (q * jnp.asarray((cfg.head_dim / qpas) ** 0.5, q.dtype) if qpas not in (None, cfg.head_dim) else q), k
 
     def rotate(local: bool):
-        inv_freq, factor = rope_inv_freq(cfg, local), _layer_rope_scaling(cfg, local).attention_factor
+        inv_freq, factor = _traced_inv_freq(cfg, local, positions_BxT), _layer_rope_scaling(cfg, local).attention_factor
         return scaled(apply_rope(q, positions_BxT, inv_freq, factor), apply_rope(k, positions_BxT, inv_freq, factor))
 
     if _static(rope) and not rope:
