@@ -143,12 +143,19 @@ OBSOLETE = (("critic", "lm_head"),)
 
 
 def obsolete_leaves(stored_metadata, abstract_storable) -> list[tuple]:
-    """Paths (as Orbax names them) of the stored leaves under an `OBSOLETE` subtree that the abstract state lacks."""
+    """Paths (as Orbax names them) of the stored leaves under an `OBSOLETE` subtree that the abstract state lacks:
+    the subtree at the params tree's root (`params/critic/lm_head/...`) or mirrored in an optimizer state (after a
+    node that is not a params key, e.g. `opt_state/1/0/mu/critic/lm_head/...`), not one deeper in the params
+    (`params/policy/critic/lm_head` would be a mismatch; helper review)."""
     wanted = ocp.tree.to_flat_dict(abstract_storable).keys()
+    roots = {str(k[1]) for k in wanted if str(k[0]) == "params" and len(k) > 1}  # policy, value_head, critic
+
+    def at_root(names, i):
+        return names[:i] == ("params",) or (names[0] == "opt_state" and names[i - 1] not in roots)
 
     def old(k):
         names = tuple(str(p) for p in k)
-        return any(names[i:i + len(o)] == o for o in OBSOLETE for i in range(len(names)))
+        return any(names[i:i + len(o)] == o and at_root(names, i) for o in OBSOLETE for i in range(1, len(names)))
 
     return _params_first(k for k in ocp.tree.to_flat_dict(stored_metadata) if k not in wanted and old(k))
 
@@ -369,8 +376,9 @@ class Checkpointer:
                     f"the policy params).")
             dropped = obsolete_leaves(stored, storable)
             if dropped:
-                log.info("checkpoint: step %d in %s holds %d leaves this version no longer keeps (%s, ...); restoring "
-                         "without them", step, self.directory, len(dropped), "/".join(map(str, dropped[0])))
+                log.info("checkpoint: step %d in %s holds %d leaves this version no longer keeps (%s%s); restoring "
+                         "without them", step, self.directory, len(dropped), "/".join(map(str, dropped[0])),
+                         ", ..." if len(dropped) > 1 else "")
             out = None
             try:
                 out = self._manager.restore(step, args=ocp.args.Composite(

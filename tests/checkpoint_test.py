@@ -383,6 +383,23 @@ def test_all_corrupt_raises(tmp_path):
         Checkpointer(CheckpointConfig(str(tmp_path))).restore_latest(abstract_like(st))
 
 
+def test_only_a_critic_trunks_head_at_the_params_root_or_in_its_moments_is_obsolete():
+    """`obsolete_leaves` drops the separate critic's old lm_head (params and its AdamW moments), not a subtree of
+    the same names deeper in the params, which stays a layout mismatch (helper review, session 41)."""
+    from reftjax.checkpoint import layout_mismatch, obsolete_leaves
+
+    leaf = jax.ShapeDtypeStruct((2,), jnp.float32)
+    head = {"lm_head": {"kernel": leaf}}
+    wanted = {"params": {"policy": {"x": leaf}, "critic": {"b": leaf}},
+              "opt_state": [{"mu": {"policy": {"x": leaf}, "critic": {"b": leaf}}}]}
+    stored = {"params": {"policy": {"x": leaf, "critic": head}, "critic": {"b": leaf, **head}},
+              "opt_state": [{"mu": {"policy": {"x": leaf, "critic": head}, "critic": {"b": leaf, **head}}}]}
+    assert ["/".join(map(str, k)) for k in obsolete_leaves(stored, wanted)] == [
+        "params/critic/lm_head/kernel", "opt_state/0/mu/critic/lm_head/kernel"]
+    assert layout_mismatch(stored, wanted) == ("only in the checkpoint: params/policy/critic/lm_head/kernel, "
+                                               "opt_state/0/mu/policy/critic/lm_head/kernel")
+
+
 def test_different_layout_is_an_error_not_a_fallback(tmp_path):
     """A checkpoint of another optimizer layout or model shape names the step and the difference,
     instead of being skipped as damaged (every older step of the run would not fit either)."""

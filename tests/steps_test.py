@@ -763,11 +763,13 @@ def test_a_separate_critic_drops_the_untied_head_and_runs_begun_with_it_resume_b
     drop = lambda t: {**t, "critic": {k: v for k, v in t["critic"].items() if k != "lm_head"}}  # noqa: E731
     for a, b in zip(jax.tree.leaves(got.params), jax.tree.leaves(drop(want.params)), strict=True):
         np.testing.assert_array_equal(a, b)
-    moments = lambda t: [x for x in jax.tree.leaves(t) if x.ndim]  # noqa: E731
-    want_moments = [x for x in moments(want.opt_state) if x.shape != policy["lm_head"]["kernel"].shape]
-    got_moments = [x for x in moments(got.opt_state) if x.shape != policy["lm_head"]["kernel"].shape]
-    assert len(want_moments) == len(got_moments) > 0
-    for a, b in zip(got_moments, want_moments):
+    def moments(t):  # every optimizer leaf but the dead head's (by path: CFG's embedding has the head's shape)
+        leaves = jax.tree_util.tree_flatten_with_path(t)[0]
+        return [x for p, x in leaves if "['critic']['lm_head']" not in jax.tree_util.keystr(p)]
+
+    want_moments, got_moments = moments(want.opt_state), moments(got.opt_state)
+    assert len(want_moments) == len(got_moments) == len(jax.tree.leaves(got.opt_state)) > 2 * len(jax.tree.leaves(new))
+    for a, b in zip(got_moments, want_moments, strict=True):
         np.testing.assert_array_equal(a, b)
 
 
