@@ -680,6 +680,34 @@ def test_a_phi4_export_fuses_its_projections_back_and_loads_in_transformers_bit_
     assert back == cfg
 
 
+def test_phi4_minis_own_config_reads_as_transformers_builds_it():
+    """Phi-4-mini-instruct's config.json (its LongRoPE factors replaced by made-up ones of the right length): 3/4 of
+    each 128-dim head rotated (48 factors each), the attention factor transformers derives from the context ratio
+    (131072 / 4096), tied embeddings, its 256k window on every layer, and torch's parameter count (meta device)."""
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM, Phi3Config
+
+    from reftjax.models import from_hf_config
+
+    hf = Phi3Config(**{
+        "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 199999, "embd_pdrop": 0.0,
+        "eos_token_id": 199999, "hidden_act": "silu", "hidden_size": 3072, "intermediate_size": 8192,
+        "max_position_embeddings": 131072, "mlp_bias": False, "num_attention_heads": 24, "num_hidden_layers": 32,
+        "num_key_value_heads": 8, "original_max_position_embeddings": 4096, "pad_token_id": 199999,
+        "partial_rotary_factor": 0.75, "resid_pdrop": 0.0, "rms_norm_eps": 1e-05, "rope_theta": 10000.0,
+        "rope_scaling": {"type": "longrope", "short_factor": list(np.linspace(1.0, 3.0, 48)),
+                         "long_factor": list(np.linspace(1.0, 60.0, 48))},
+        "sliding_window": 262144, "tie_word_embeddings": True, "vocab_size": 200064})
+    cfg = from_hf_config(hf)
+    with torch.device("meta"):
+        ref = AutoModelForCausalLM.from_config(hf)
+    assert cfg.num_params == sum(p.numel() for p in ref.parameters()) and 3.8e9 < cfg.num_params < 3.9e9
+    sc = cfg.rope_scaling
+    assert (cfg.head_dim, cfg.rotary_dim, sc.kind, len(sc.long_factor), sc.original_max_position_embeddings,
+            cfg.sliding_window, cfg.tie_word_embeddings) == (128, 96, "longrope", 48, 4096, 262144, True)
+    assert sc.attention_factor == pytest.approx((1 + np.log(32) / np.log(4096)) ** 0.5) and sc.factor == 32
+
+
 def test_phi3_parts_not_implemented_are_refused_naming_the_file(tmp_path, random_params):
     """A Phi-3 checkpoint with unfused projections (transformers would not read them), a misshapen fused tensor, or
     a partial rotary factor that leaves an odd number of dims is refused, naming what and where."""
