@@ -219,7 +219,7 @@ _ADDED_FIELDS = {"qk_norm": False, "sliding_layers": (), "local_rope_theta": Non
                  "qk_norm_per_head": True, "pre_norms": True, "norm_scale_float32": False, "rotary_dim": 0}
 # RopeScaling's, likewise (YaRN, session 40; LongRoPE, session 41)
 _ADDED_ROPE_FIELDS = {"attention_factor": 1.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": True,
-                      "short_factor": (), "long_factor": ()}
+                      "short_factor": (), "long_factor": (), "factors": "auto"}
 
 
 def model_config_fingerprint(model_cfg) -> str:
@@ -232,6 +232,25 @@ def model_config_fingerprint(model_cfg) -> str:
     fields["rope_scaling"] = {k: v for k, v in fields["rope_scaling"].items()
                               if not (k in _ADDED_ROPE_FIELDS and v == _ADDED_ROPE_FIELDS[k])}
     return hashlib.blake2b(json.dumps(fields, sort_keys=True, default=str).encode(), digest_size=8).hexdigest()
+
+
+def pin_longrope(cfg: ExperimentConfig, model_cfg):
+    """`model_cfg` with LongRoPE's factors pinned for the whole run (Phi-3.5-mini, Phi-4-mini): the long set when
+    the longest sequence the settings allow (`data.tokenize.max_prompt_len` + the longest of `max_target_len` and the
+    RL, evaluation and rerank `max_new_tokens`) passes the original context, else the short set. transformers picks
+    per forward by the batch's longest position: a rollout that passed the original context midway sampled from
+    other log-probs than the update recomputed (the first PPO update's ratio 1.41 at 2-row minibatches), and a row's
+    logits changed with the rows batched beside it (helper review, session 41). Other models: unchanged."""
+    sc = model_cfg.rope_scaling
+    if sc.kind != "longrope" or sc.factors != "auto":
+        return model_cfg
+    t = cfg.data.tokenize
+    longest = t.max_prompt_len + max(t.max_target_len, cfg.rl.sampling.max_new_tokens, cfg.eval.max_new_tokens,
+                                     cfg.rerank.max_new_tokens)
+    factors = "long" if longest > sc.original_max_position_embeddings else "short"
+    log.info("LongRoPE: the %s factors for every forward of this run (sequences up to %d tokens, original context %d)",
+             factors, longest, sc.original_max_position_embeddings)
+    return model_cfg.replace(rope_scaling=dataclasses.replace(sc, factors=factors))
 
 
 def _check_same_data(path: pathlib.Path, new: dict) -> None:
@@ -1177,6 +1196,7 @@ def _run(cfg: ExperimentConfig, out: pathlib.Path, progress: bool, t_start: floa
     splits = read_splits(cfg, progress)
     check_grader_fields(grader, splits)
     model = load_model(cfg.model, dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat, mesh=mesh)
+    model = dataclasses.replace(model, config=pin_longrope(cfg, model.config))
     data = prepare_data(cfg, model.tokenizer, splits)
     del splits
     check_train_size(cfg, data)

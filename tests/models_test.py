@@ -11,6 +11,7 @@ transformers config classes and saved with `save_pretrained`, and
 the real SmolLM2-135M-Instruct read from its GGUF by transformers' own GGUF
 loader. Batches are left-padded with rows of different lengths.
 """
+import dataclasses
 import functools
 
 import jax
@@ -287,9 +288,13 @@ def _decode_test_config(variant: str, window: int | None) -> ModelConfig:
                            hidden_act="gelu_tanh", norm_offset=1.0, embed_scale=True, query_pre_attn_scalar=24.0,
                            sandwich_norms=True, attn_logit_softcap=2.0, final_logit_softcap=3.0,
                            model_type="gemma2", tie_word_embeddings=True)
-    if variant.startswith("phi3"):  # Phi-4-mini's partial rotary (12 of 16 dims) with LongRoPE's short factors
-        longrope = RopeScaling("longrope", 4.0, original_max_position_embeddings=2048, attention_factor=1.2,
-                               short_factor=(1.0, 1.5, 2.0, 3.0, 5.0, 8.0), long_factor=(1.0,) * 6)
+    if variant.startswith("phi3"):  # Phi-4-mini's partial rotary (12 of 16 dims) with LongRoPE: its short factors
+        # within an original context of 2048, or (pinned, as the training loop pins them) its long ones from position 0
+        # of a generation that passes an original context of 8 midway
+        pinned = variant.endswith("pinned")
+        longrope = RopeScaling("longrope", 4.0, original_max_position_embeddings=8 if pinned else 2048,
+                               attention_factor=1.2, short_factor=(1.0, 1.5, 2.0, 3.0, 5.0, 8.0),
+                               long_factor=(1.0, 3.0, 9.0, 27.0, 81.0, 243.0), factors="long" if pinned else "auto")
         return ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
                            num_kv_heads=2, head_dim=16, rotary_dim=12, rope_scaling=longrope, model_type="phi3",
                            tie_word_embeddings=True)
@@ -322,7 +327,8 @@ def _prefill_then_decode(params, cfg: ModelConfig, prompt_BxP, mask_BxP, cache_l
 
 @pytest.mark.parametrize("variant", ["llama", "mistral_window3", "qwen2_bias_untied", "qwen3_qknorm_hd16",
                                      "gemma2_softcaps", "gemma3_mixed_layers", "olmo2_post_norms",
-                                     "smollm3_nope_layers", "qwen3_yarn", "phi3_partial_longrope"])
+                                     "smollm3_nope_layers", "qwen3_yarn", "phi3_partial_longrope",
+                                     "phi3_longrope_pinned"])
 def test_prefill_and_decode_match_full_forward(variant, random_params):
     """The decode path (fused per-layer weights, [B,K,hd,S] key cache) equals the scanned full forward."""
     window = 3 if variant == "mistral_window3" else None
@@ -375,9 +381,28 @@ def test_longrope_switches_per_call_keeping_the_cached_keys(tmp_path):
     assert np.abs(ours[3:] - long).max() > 1e-2 * scale  # past it: not the whole sequence's long-factor forward
 
 
+def test_pinned_longrope_factors_make_a_rows_logits_independent_of_its_batch(random_params):
+    """With `factors="auto"` (transformers' rule) a short row's logits change when a row past the original context
+    shares its batch (helper review, session 41: by up to 6.1 at a logit scale of 4.4); pinned, they do not, and a
+    generation passing the original context midway equals the forward over the whole sequence (the pinned variant
+    of `test_prefill_and_decode_match_full_forward`, which fails with "auto")."""
+    cfg = _decode_test_config("phi3_longrope_pinned", None)
+    params = random_params(cfg, seed=3, std=0.3)
+    rng = np.random.default_rng(0)
+    short, long = list(rng.integers(1, 61, 5)), list(rng.integers(1, 61, 12))  # positions up to 4, up to 11 (> 8)
+    fwd = jax.jit(forward, static_argnums=1)
+    for factors, coupled in (("auto", True), ("long", False), ("short", False)):
+        c = cfg.replace(rope_scaling=dataclasses.replace(cfg.rope_scaling, factors=factors))
+        alone, _ = fwd(params, c, *left_padded([short], 0))
+        both, _ = fwd(params, c, *left_padded([short, long], 0))
+        diff = float(np.abs(np.asarray(alone)[0] - np.asarray(both)[0, -5:]).max())
+        assert (diff > 1e-2 * float(np.abs(alone).max())) if coupled else diff < 1e-5, (factors, diff)
+
+
 @pytest.mark.parametrize("variant", ["llama", "mistral_window3", "qwen2_bias_untied", "qwen3_qknorm_hd16",
                                      "gemma2_softcaps", "gemma3_mixed_layers", "olmo2_post_norms",
-                                     "smollm3_nope_layers", "qwen3_yarn", "phi3_partial_longrope"])
+                                     "smollm3_nope_layers", "qwen3_yarn", "phi3_partial_longrope",
+                                     "phi3_longrope_pinned"])
 def test_packed_prefill_equals_prefill(variant, random_params):
     """The padding-free prefill (GEMMs over the real tokens only, `chunk` at a time) gives the padded prefill's
     last logits and hidden states, and the same keys/values in every real slot (4 chunks here, one partly padding)."""

@@ -2102,3 +2102,33 @@ def test_multi_process_interrupt_poll_reads_the_previous_steps_gather(monkeypatc
     monkeypatch.setattr(T, "jax", types.SimpleNamespace(process_count=lambda: 1))
     stop.requested = True
     assert stop.poll() is True and len(gathered) == 5  # one process: at once, nothing dispatched
+
+
+def test_the_run_pins_longrope_factors_by_the_longest_sequence_its_settings_allow(caplog):
+    """LongRoPE picks its factors per forward in transformers (the batch's longest position), which let a rollout
+    crossing the original context sample from other log-probs than the update recomputed (helper review, session
+    41). The training loop pins one set: the long one when prompt + the longest completion or target may pass the
+    original context, else the short one; the pin is in the config digest (a resume that would flip it refuses)."""
+    from reftjax.config import ExperimentConfig, replace_paths
+    from reftjax.models import ModelConfig, RopeScaling
+    from reftjax.train import model_config_fingerprint, pin_longrope
+
+    longrope = RopeScaling("longrope", 32.0, original_max_position_embeddings=4096, short_factor=(1.0,) * 4,
+                           long_factor=(2.0,) * 4)
+    model = ModelConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2,
+                        num_kv_heads=1, rope_scaling=longrope, model_type="phi3")
+    cfg = ExperimentConfig()  # 300 prompt tokens + at most 400 new ones: within 4096
+    with caplog.at_level("INFO", logger="reftjax"):
+        short = pin_longrope(cfg, model)
+    assert short.rope_scaling.factors == "short" and "the short factors for every forward" in caplog.text
+    for path in ("rl.sampling.max_new_tokens", "eval.max_new_tokens", "data.tokenize.max_target_len"):
+        overrides = {path: 3797}
+        if path == "eval.max_new_tokens":  # (the rerank phase needs its completions at least as long: off here)
+            overrides["rerank.max_new_tokens"] = 3797
+        longer = replace_paths(cfg, overrides)
+        assert pin_longrope(longer, model).rope_scaling.factors == "long", path
+        assert pin_longrope(replace_paths(cfg, {path: 3796}), model).rope_scaling.factors == "short", path
+    assert model_config_fingerprint(short) != model_config_fingerprint(pin_longrope(longer, model))
+    plain = model.replace(rope_scaling=RopeScaling())
+    assert pin_longrope(longer, plain) is plain
+    assert pin_longrope(cfg, short) is short  # pinned already (a library caller's choice): kept

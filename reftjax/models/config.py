@@ -35,8 +35,13 @@ class RopeScaling:
     """RoPE frequency scaling. `kind` is "default", "linear", "llama3", "yarn" (YaRN: Qwen3's and SmolLM3's
     long-context setting; `attention_factor` multiplies cos and sin, `beta_fast` / `beta_slow` bound the ramp between
     extrapolated and interpolated frequencies, `truncate` rounds its ends outwards, as transformers) or "longrope"
-    (Phi-3's: each frequency divided by its `short_factor`, or by its `long_factor` in a forward whose longest
-    position passes `original_max_position_embeddings`, as transformers switches; `attention_factor` as YaRN's)."""
+    (Phi-3's: each frequency divided by its `short_factor` or its `long_factor`; `attention_factor` as YaRN's).
+
+    `factors` picks LongRoPE's set: "auto" as transformers (the long factors in a forward whose longest position,
+    over the whole batch, passes `original_max_position_embeddings`), or "short" / "long" for every forward. "auto"
+    makes a row's logits depend on the other rows of its batch, and a generation that passes the original context
+    midway samples from other log-probs than a forward over the finished sequence computes; the training loop pins
+    one set for the whole run (`train.pin_longrope`)."""
 
     kind: str = "default"
     factor: float = 1.0
@@ -49,10 +54,13 @@ class RopeScaling:
     truncate: bool = True
     short_factor: tuple[float, ...] = ()
     long_factor: tuple[float, ...] = ()
+    factors: str = "auto"
 
     def __post_init__(self):
         if self.kind not in ROPE_KINDS:
             raise ValueError(f"unsupported rope scaling type {self.kind!r} ({', '.join(ROPE_KINDS)})")
+        if self.factors not in ("auto", "short", "long") or (self.factors != "auto" and self.kind != "longrope"):
+            raise ValueError(f"factors={self.factors!r}: LongRoPE's choice, 'auto', 'short' or 'long' (else 'auto')")
         for name in ("short_factor", "long_factor"):
             object.__setattr__(self, name, tuple(float(f) for f in getattr(self, name)))
         if (self.kind == "longrope") != bool(self.short_factor and self.long_factor):

@@ -110,12 +110,12 @@ def rope_inv_freq(cfg: ModelConfig, sliding: bool = False, long: bool = False) -
 
 
 def _traced_inv_freq(cfg: ModelConfig, sliding: bool, positions_BxT: jax.Array):
-    """`rope_inv_freq`, except that LongRoPE takes its long factors in a forward whose longest position passes the
-    original context (transformers' `longrope_frequency_update`, per call: a decode step past it switches while the
-    cache keeps the keys rotated before)."""
+    """`rope_inv_freq`, except that LongRoPE with `factors="auto"` takes its long factors in a forward whose longest
+    position passes the original context (transformers' `longrope_frequency_update`, per call: a decode step past it
+    switches while the cache keeps the keys rotated before)."""
     sc = _layer_rope_scaling(cfg, sliding)
-    if sc.kind != "longrope":
-        return rope_inv_freq(cfg, sliding)
+    if sc.kind != "longrope" or sc.factors != "auto":
+        return rope_inv_freq(cfg, sliding, long=sc.factors == "long")
     longer = jnp.max(positions_BxT) + 1 > sc.original_max_position_embeddings
     return jnp.where(longer, rope_inv_freq(cfg, sliding, long=True), rope_inv_freq(cfg, sliding))
 
