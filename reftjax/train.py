@@ -235,18 +235,18 @@ def model_config_fingerprint(model_cfg) -> str:
 
 
 def pin_longrope(cfg: ExperimentConfig, model_cfg):
-    """`model_cfg` with LongRoPE's factors pinned for the whole run (Phi-3.5-mini, Phi-4-mini): the long set when
-    the longest sequence the settings allow (`data.tokenize.max_prompt_len` + the longest of `max_target_len` and the
-    RL, evaluation and rerank `max_new_tokens`) passes the original context, else the short set. transformers picks
-    per forward by the batch's longest position: a rollout that passed the original context midway sampled from
-    other log-probs than the update recomputed (the first PPO update's ratio 1.41 at 2-row minibatches), and a row's
-    logits changed with the rows batched beside it (helper review, session 41). Other models: unchanged."""
+    """`model_cfg` with LongRoPE's factors pinned for the whole run (Phi-3.5-mini, Phi-4-mini): the long set when the
+    longest sequence the settings allow (`data.tokenize.max_prompt_len` + the longest of `max_target_len` and the RL,
+    evaluation and (when it runs) rerank `max_new_tokens`) passes the original context, else the short set.
+    transformers picks per forward by the batch's longest position: a rollout that passed the original context midway
+    sampled from other log-probs than the update recomputed (the first PPO update's ratio 1.41 at 2-row minibatches),
+    and a row's logits changed with the rows batched beside it (helper review, session 41). Other models: unchanged."""
     sc = model_cfg.rope_scaling
     if sc.kind != "longrope" or sc.factors != "auto":
         return model_cfg
     t = cfg.data.tokenize
-    longest = t.max_prompt_len + max(t.max_target_len, cfg.rl.sampling.max_new_tokens, cfg.eval.max_new_tokens,
-                                     cfg.rerank.max_new_tokens)
+    rerank = cfg.rerank.max_new_tokens if cfg.rerank.epochs else 0  # (off: its settings may change on resume)
+    longest = t.max_prompt_len + max(t.max_target_len, cfg.rl.sampling.max_new_tokens, cfg.eval.max_new_tokens, rerank)
     factors = "long" if longest > sc.original_max_position_embeddings else "short"
     log.info("LongRoPE: the %s factors for every forward of this run (sequences up to %d tokens, original context %d)",
              factors, longest, sc.original_max_position_embeddings)

@@ -2122,13 +2122,16 @@ def test_the_run_pins_longrope_factors_by_the_longest_sequence_its_settings_allo
         short = pin_longrope(cfg, model)
     assert short.rope_scaling.factors == "short" and "the short factors for every forward" in caplog.text
     for path in ("rl.sampling.max_new_tokens", "eval.max_new_tokens", "data.tokenize.max_target_len"):
-        overrides = {path: 3797}
-        if path == "eval.max_new_tokens":  # (the rerank phase needs its completions at least as long: off here)
-            overrides["rerank.max_new_tokens"] = 3797
-        longer = replace_paths(cfg, overrides)
+        longer = replace_paths(cfg, {path: 3797})
         assert pin_longrope(longer, model).rope_scaling.factors == "long", path
         assert pin_longrope(replace_paths(cfg, {path: 3796}), model).rope_scaling.factors == "short", path
     assert model_config_fingerprint(short) != model_config_fingerprint(pin_longrope(longer, model))
+    # the verifier phase's length counts only when it runs (off, its settings may change on resume: a flip would
+    # have refused the resume blaming the model's configuration)
+    off = replace_paths(cfg, {"rerank.epochs": 0, "rerank.max_new_tokens": 3797})
+    assert pin_longrope(off, model).rope_scaling.factors == "short"
+    assert pin_longrope(replace_paths(off, {"rerank.epochs": 1, "eval.voting_k": 2}), model).rope_scaling.factors \
+        == "long"
     plain = model.replace(rope_scaling=RopeScaling())
     assert pin_longrope(longer, plain) is plain
     assert pin_longrope(cfg, short) is short  # pinned already (a library caller's choice): kept
