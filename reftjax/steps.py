@@ -911,8 +911,23 @@ def ppo_step(state: TrainState, exp: Experience, *, model_cfg: ModelConfig, tx: 
     return state, metrics
 
 
+def _warn_unpinned_longrope(model_cfg: ModelConfig) -> None:
+    """RL with LongRoPE on transformers' per-call rule (`RopeScaling.factors="auto"`): said once per process."""
+    if model_cfg.rope_scaling.kind == "longrope" and model_cfg.rope_scaling.factors == "auto" and not _WARNED:
+        _WARNED.append(True)
+        log.warning("LongRoPE with factors='auto' (transformers' rule: the long factors for a forward whose batch "
+                    "passes the original context of %d): a rollout crossing it samples from other log-probs than the "
+                    "update recomputes, and a row's log-probs depend on its batch-mates. Pin one set for RL: "
+                    "model_cfg.replace(rope_scaling=dataclasses.replace(model_cfg.rope_scaling, factors='long' or "
+                    "'short')), as train.pin_longrope does", model_cfg.rope_scaling.original_max_position_embeddings)
+
+
+_WARNED: list = []
+
+
 def make_ppo_step(model_cfg: ModelConfig, tx: optax.GradientTransformation, cfg: PPOConfig):
     """`ppo_step` jitted with the state donated, as `make_sft_step`'s (`sharding.MeshJit`)."""
+    _warn_unpinned_longrope(model_cfg)
     return MeshJit(functools.partial(ppo_step, model_cfg=model_cfg, tx=tx, cfg=cfg), state_step=True)
 
 
@@ -926,6 +941,8 @@ def make_experience_fn(model_cfg: ModelConfig, cfg: PPOConfig, reward_fn: Callab
     `scores_B` yourself via the returned function's `scores_B` argument.
     """
     from reftjax.graders.callback import grade_in_jit
+
+    _warn_unpinned_longrope(model_cfg)
 
     def experience(params, ref_params, rollout, example_idx_B, scores_B=None):
         if scores_B is None:

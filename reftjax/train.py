@@ -236,8 +236,8 @@ def model_config_fingerprint(model_cfg) -> str:
 
 def pin_longrope(cfg: ExperimentConfig, model_cfg):
     """`model_cfg` with LongRoPE's factors pinned for the whole run (Phi-3.5-mini, Phi-4-mini): the long set when the
-    longest sequence the settings allow (`data.tokenize.max_prompt_len` + the longest of `max_target_len` and the RL,
-    evaluation and (when it runs) rerank `max_new_tokens`) passes the original context, else the short set.
+    longest sequence the settings allow (`data.tokenize.max_prompt_len` + the longest of `max_target_len`, the RL,
+    evaluation and rerank `max_new_tokens`, each where its phase runs) passes the original context, else the short set.
     transformers picks per forward by the batch's longest position: a rollout that passed the original context midway
     sampled from other log-probs than the update recomputed (the first PPO update's ratio 1.41 at 2-row minibatches),
     and a row's logits changed with the rows batched beside it (helper review, session 41). Other models: unchanged."""
@@ -245,8 +245,11 @@ def pin_longrope(cfg: ExperimentConfig, model_cfg):
     if sc.kind != "longrope" or sc.factors != "auto":
         return model_cfg
     t = cfg.data.tokenize
-    rerank = cfg.rerank.max_new_tokens if cfg.rerank.epochs else 0  # (off: its settings may change on resume)
-    longest = t.max_prompt_len + max(t.max_target_len, cfg.rl.sampling.max_new_tokens, cfg.eval.max_new_tokens, rerank)
+    # the phases that run: SFT targets, RL and rerank completions (off, rerank's settings may change on resume),
+    # evaluation's always (the base model's test at least)
+    lengths = (t.max_target_len if cfg.sft.epochs else 0, cfg.rl.sampling.max_new_tokens if cfg.rl.iterations else 0,
+               cfg.rerank.max_new_tokens if cfg.rerank.epochs else 0, cfg.eval.max_new_tokens)
+    longest = t.max_prompt_len + max(lengths)
     factors = "long" if longest > sc.original_max_position_embeddings else "short"
     log.info("LongRoPE: the %s factors for every forward of this run (sequences up to %d tokens, original context %d)",
              factors, longest, sc.original_max_position_embeddings)
@@ -264,7 +267,13 @@ def _check_same_data(path: pathlib.Path, new: dict) -> None:
     # (runs started before a digest was recorded: that part not checked)
     differs = [k for k in old.get("model", {}) if old["model"][k] != new.get("model", {}).get(k)]
     if differs:
-        what = {"params": "weights", "config": "configuration (config.json, generation_config.json's EOS ids)"}
+        if differs == ["longrope"]:  # (the length settings cannot change on resume: the rule did)
+            raise RunDirError(f"{path}: this run pinned LongRoPE's {old['model']['longrope']} factors, this reftjax "
+                              f"version picks the {new['model'].get('longrope')} ones for its settings "
+                              f"(train.pin_longrope): resume with the version that began it or use a new output "
+                              f"directory")
+        what = {"params": "weights", "config": "configuration (config.json, generation_config.json's EOS ids)",
+                "longrope": "LongRoPE factor set"}
         digests = ", ".join(f"{old['model'][k]} -> {new.get('model', {}).get(k)}" for k in differs)
         raise RunDirError(f"{path}: the model's {' and '.join(what.get(k, k) for k in differs)} differ from those this "
                           f"run was started on (digest {digests}): a model folder replaced, or a relative --model read "
@@ -1196,12 +1205,14 @@ def _run(cfg: ExperimentConfig, out: pathlib.Path, progress: bool, t_start: floa
     splits = read_splits(cfg, progress)
     check_grader_fields(grader, splits)
     model = load_model(cfg.model, dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat, mesh=mesh)
+    loaded = model.config  # (digested as loaded: the pin is recorded apart, so a refusal names it)
     model = dataclasses.replace(model, config=pin_longrope(cfg, model.config))
     data = prepare_data(cfg, model.tokenizer, splits)
     del splits
     check_train_size(cfg, data)
+    pinned = {"longrope": model.config.rope_scaling.factors} if loaded.rope_scaling.kind == "longrope" else {}
     prints = {**data_fingerprints(data), "model": {"params": model_fingerprint(model.params),
-                                                   "config": model_config_fingerprint(model.config)}}
+                                                   "config": model_config_fingerprint(loaded), **pinned}}
     data_path = out / "data.json"
     if ran and data_path.exists():
         _check_same_data(data_path, prints)

@@ -1315,3 +1315,24 @@ def test_the_abstract_state_a_resume_restores_onto_is_the_fresh_states_layout(me
             for (path, a), (_, w) in zip(got[0], want[0]):
                 assert isinstance(a, jax.ShapeDtypeStruct), path
                 assert (a.shape, a.dtype, a.sharding) == (w.shape, w.dtype, w.sharding), (algo, critic, path)
+
+
+def test_rl_steps_warn_once_about_longrope_on_transformers_per_call_rule(monkeypatch, caplog):
+    """A library RL loop given a LongRoPE config on factors="auto" is told to pin one set (the training loop pins
+    it); pinned, or any other RoPE, nothing is said (helper review, session 41)."""
+    import reftjax.steps as S
+    from reftjax.models import RopeScaling
+
+    monkeypatch.setattr(S, "_WARNED", [])
+    longrope = RopeScaling("longrope", 4.0, original_max_position_embeddings=64, short_factor=(1.0,) * 4,
+                           long_factor=(2.0,) * 4)
+    auto = CFG.replace(rope_scaling=longrope, model_type="phi3")
+    pinned = auto.replace(rope_scaling=dataclasses.replace(longrope, factors="long"))
+    tx = make_optimizer(OptimConfig(), 10)
+    with caplog.at_level("WARNING", logger="reftjax.steps"):
+        make_ppo_step(pinned, tx, PPOConfig())
+        make_experience_fn(CFG, PPOConfig())
+        assert "LongRoPE" not in caplog.text
+        make_ppo_step(auto, tx, PPOConfig())
+        make_experience_fn(auto, PPOConfig())
+    assert caplog.text.count("LongRoPE with factors='auto'") == 1 and "original context of 64" in caplog.text

@@ -2126,6 +2126,12 @@ def test_the_run_pins_longrope_factors_by_the_longest_sequence_its_settings_allo
         assert pin_longrope(longer, model).rope_scaling.factors == "long", path
         assert pin_longrope(replace_paths(cfg, {path: 3796}), model).rope_scaling.factors == "short", path
     assert model_config_fingerprint(short) != model_config_fingerprint(pin_longrope(longer, model))
+    # a phase that does not run does not count (helper review: an RL-only run of sequences within the original
+    # context was pinned long by the SFT target length, an SFT-only one by the RL completions)
+    assert pin_longrope(replace_paths(cfg, {"data.tokenize.max_target_len": 3797, "sft.epochs": 0}),
+                        model).rope_scaling.factors == "short"
+    assert pin_longrope(replace_paths(cfg, {"rl.sampling.max_new_tokens": 3797, "rl.iterations": 0}),
+                        model).rope_scaling.factors == "short"
     # the verifier phase's length counts only when it runs (off, its settings may change on resume: a flip would
     # have refused the resume blaming the model's configuration)
     off = replace_paths(cfg, {"rerank.epochs": 0, "rerank.max_new_tokens": 3797})
@@ -2135,3 +2141,20 @@ def test_the_run_pins_longrope_factors_by_the_longest_sequence_its_settings_allo
     plain = model.replace(rope_scaling=RopeScaling())
     assert pin_longrope(longer, plain) is plain
     assert pin_longrope(cfg, short) is short  # pinned already (a library caller's choice): kept
+
+
+def test_a_changed_longrope_pin_refuses_the_resume_naming_the_pin(tmp_path):
+    """The pin is recorded in data.json beside the model's digests (which digest the config as loaded): a reftjax
+    whose rule picks another set refuses the resume naming LongRoPE, where the pin inside the config digest blamed
+    "a model folder replaced" (helper review, session 41)."""
+    from reftjax.train import RunDirError, _check_same_data
+
+    path = tmp_path / "data.json"
+    model = {"params": "p", "config": "c"}
+    path.write_text(json.dumps({"model": {**model, "longrope": "long"}}))
+    with pytest.raises(RunDirError, match=r"this run pinned LongRoPE's long factors, this reftjax version picks the "
+                                          r"short ones for its settings \(train.pin_longrope\)"):
+        _check_same_data(path, {"model": {**model, "longrope": "short"}})
+    _check_same_data(path, {"model": {**model, "longrope": "long"}})
+    with pytest.raises(RunDirError, match="weights and LongRoPE factor set differ"):
+        _check_same_data(path, {"model": {**model, "params": "q", "longrope": "short"}})
