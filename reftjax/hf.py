@@ -260,6 +260,38 @@ _TOP_KEYS = {
 }
 
 
+# the keys a longrope `rope_scaling` may carry for transformers 4.x's Phi-3 (it refuses any other)
+_PHI3_LEGACY = {"rope_type", "type", "rope_theta", "partial_rotary_factor", "short_factor", "long_factor",
+                "original_max_position_embeddings"}
+
+
+def _write_legacy_rope_keys(path: pathlib.Path) -> None:
+    """Adds transformers 4.x's RoPE keys to an exported config.json whose RoPE transformers 5 wrote only as a flat
+    `rope_parameters`: 4.x (and serving stacks pinned to it) read `rope_theta` and `rope_scaling` and took the
+    defaults, theta 10,000 and no scaling, silently (SmolLM2's 100,000 included; session 41). transformers 5 reads
+    the same values either way. A per-layer-type `rope_parameters` (Gemma 3) is left as it is."""
+    import json
+
+    d = json.loads(path.read_text())
+    rp = d.get("rope_parameters")
+    if not isinstance(rp, dict) or not rp or any(isinstance(v, dict) for v in rp.values()):
+        return
+    if d.get("rope_theta") is None and rp.get("rope_theta") is not None:
+        d["rope_theta"] = rp["rope_theta"]
+    kind = rp.get("rope_type", rp.get("type", "default"))
+    if d.get("rope_scaling") is None and kind != "default":
+        if d.get("model_type") == "phi3":  # 4.x's Phi-3: exactly type, short_factor, long_factor; the rest top level
+            if set(rp) - _PHI3_LEGACY:  # (a setting 4.x's Phi-3 cannot take: not written, rather than dropped)
+                return
+            d["rope_scaling"] = {"type": kind, "short_factor": rp["short_factor"], "long_factor": rp["long_factor"]}
+            for key in ("partial_rotary_factor", "original_max_position_embeddings"):
+                if rp.get(key) is not None:
+                    d.setdefault(key, rp[key])
+        else:
+            d["rope_scaling"] = {k: v for k, v in rp.items() if k != "rope_theta"}
+    path.write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
+
+
 def _fused_layer_tensors(cfg) -> dict:
     """Per-layer tensors a model type stores fused: {fused suffix: ((part suffix, rows), ...)} in row order (Phi-3's
     qkv_proj is q, k, v stacked; its gate_up_proj the gate, then the up projection, as transformers chunks it)."""
@@ -700,6 +732,7 @@ def save_hf(out_dir: str | os.PathLike, params, cfg, hf_config, tokenizer=None, 
         hf.dtype = dtype
         hf.tie_word_embeddings = bool(cfg.tie_word_embeddings)  # says what the tensors written above hold
         hf.save_pretrained(tmp)
+        _write_legacy_rope_keys(tmp / "config.json")
         if generation_config is not None:
             generation_config.save_pretrained(tmp)
         if tokenizer is not None:

@@ -708,6 +708,31 @@ def test_phi4_minis_own_config_reads_as_transformers_builds_it():
     assert sc.attention_factor == pytest.approx((1 + np.log(32) / np.log(4096)) ** 0.5) and sc.factor == 32
 
 
+def test_an_export_also_states_rope_as_transformers_4_reads_it(tmp_path, random_params):
+    """transformers 5 writes RoPE only as `rope_parameters`; transformers 4.x (and stacks pinned to it) then read
+    theta 10,000 and no scaling, silently: 4.56.2's logits of a Llama export with theta 1e5 were 2.5e-3 of scale off,
+    a Qwen3 YaRN one's 0.28 (`/tmp/s41/legacy_tf4.py`, session 41). The export adds `rope_theta` and `rope_scaling`
+    (4.x's Phi-3: three keys, the rest top level), which transformers 5 reads back to the same config; a
+    per-layer-type `rope_parameters` (Gemma 3) stays as it is."""
+    from reftjax.models import from_hf_config
+
+    llama3 = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
+              "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+    cases = {"theta": (_tiny_hf_config(TINY), 1e5, None),
+             "llama3": (_tiny_hf_config(TINY), 5e5, {k: v for k, v in llama3.items() if k != "rope_theta"}),
+             "phi4": (_tiny_phi4_config(), 1e4, {"type": "longrope", "short_factor": [1.0, 1.5, 2.0, 3.0, 5.0, 8.0],
+                                                  "long_factor": [1.0, 2.0, 4.0, 8.0, 16.0, 32.0]})}
+    cases["theta"][0].rope_parameters = {"rope_type": "default", "rope_theta": 1e5}
+    cases["llama3"][0].rope_parameters = dict(llama3)
+    for name, (hf, theta, scaling) in cases.items():
+        cfg = from_hf_config(hf)
+        out = save_hf(tmp_path / name, random_params(cfg), cfg, hf)
+        written = json.loads((out / "config.json").read_text())
+        assert (written["rope_theta"], written.get("rope_scaling")) == (theta, scaling), name
+        assert load_model(out, with_tokenizer=False).config == cfg, name
+    assert (written["partial_rotary_factor"], written["original_max_position_embeddings"]) == (0.75, 16)
+
+
 def test_phi3_parts_not_implemented_are_refused_naming_the_file(tmp_path, random_params):
     """A Phi-3 checkpoint with unfused projections (transformers would not read them), a misshapen fused tensor, or
     a partial rotary factor that leaves an odd number of dims is refused, naming what and where."""
