@@ -911,18 +911,19 @@ def ppo_step(state: TrainState, exp: Experience, *, model_cfg: ModelConfig, tx: 
     return state, metrics
 
 
+_LONGROPE_WARNED: set = set()
+
+
 def _warn_unpinned_longrope(model_cfg: ModelConfig) -> None:
     """RL with LongRoPE on transformers' per-call rule (`RopeScaling.factors="auto"`): said once per process."""
-    if model_cfg.rope_scaling.kind == "longrope" and model_cfg.rope_scaling.factors == "auto" and not _WARNED:
-        _WARNED.append(True)
+    sc = model_cfg.rope_scaling
+    if sc.kind == "longrope" and sc.factors == "auto" and not _LONGROPE_WARNED:  # (as _LOW_PRECISION_WARNED)
+        _LONGROPE_WARNED.add(True)
         log.warning("LongRoPE with factors='auto' (transformers' rule: the long factors for a forward whose batch "
                     "passes the original context of %d): a rollout crossing it samples from other log-probs than the "
                     "update recomputes, and a row's log-probs depend on its batch-mates. Pin one set for RL: "
                     "model_cfg.replace(rope_scaling=dataclasses.replace(model_cfg.rope_scaling, factors='long' or "
-                    "'short')), as train.pin_longrope does", model_cfg.rope_scaling.original_max_position_embeddings)
-
-
-_WARNED: list = []
+                    "'short')), as train.pin_longrope does", sc.original_max_position_embeddings)
 
 
 def make_ppo_step(model_cfg: ModelConfig, tx: optax.GradientTransformation, cfg: PPOConfig):

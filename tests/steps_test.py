@@ -1323,7 +1323,7 @@ def test_rl_steps_warn_once_about_longrope_on_transformers_per_call_rule(monkeyp
     import reftjax.steps as S
     from reftjax.models import RopeScaling
 
-    monkeypatch.setattr(S, "_WARNED", [])
+    monkeypatch.setattr(S, "_LONGROPE_WARNED", set())
     longrope = RopeScaling("longrope", 4.0, original_max_position_embeddings=64, short_factor=(1.0,) * 4,
                            long_factor=(2.0,) * 4)
     auto = CFG.replace(rope_scaling=longrope, model_type="phi3")
