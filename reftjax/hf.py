@@ -368,6 +368,14 @@ def text_model_config(hf_config):
     for key in ("bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings"):
         if getattr(hf_config, key, None) is not None:
             setattr(text, key, copy.deepcopy(getattr(hf_config, key)))
+    if getattr(text, "final_logit_softcapping", None) is not None:
+        # transformers' Gemma3ForConditionalGeneration never caps its logits (its Gemma3ForCausalLM does): the text
+        # model is loaded, and exported, as the multimodal model computes (it was capped, and so was the export:
+        # 1.8e-2 of scale off the original; helper review, session 42)
+        log.warning("%s: text_config.final_logit_softcapping=%s is not applied by transformers' multimodal model: "
+                    "the text model is loaded and exported without it", type(hf_config).__name__,
+                    text.final_logit_softcapping)
+        text.final_logit_softcapping = None
     return text
 
 

@@ -913,14 +913,17 @@ def test_a_multimodal_gemma3s_top_level_special_ids_and_tie_win_as_in_transforme
     assert json.loads((out / "config.json").read_text())["eos_token_id"] == [1, 7]
 
 
-def test_a_multimodal_gemma3_loads_its_text_model_alone_and_exports_it_as_a_causal_lm(tmp_path, caplog):
+@pytest.mark.parametrize("cap", [None, 5.0])
+def test_a_multimodal_gemma3_loads_its_text_model_alone_and_exports_it_as_a_causal_lm(tmp_path, caplog, cap):
     """Gemma 3 4B and up are Gemma3ForConditionalGeneration (a vision tower beside the text model): the text model
     is loaded alone, with the logits transformers' multimodal model gives text-only input, the vision tensors left
-    out with a warning, and exported as a Gemma3ForCausalLM transformers reads back with the same logits."""
+    out with a warning, and exported as a Gemma3ForCausalLM transformers reads back with the same logits. A
+    text_config's final_logit_softcapping, which the multimodal model never applies (its causal LM does), is left
+    out of both (it capped them: 1.8e-2 of scale off; helper review, session 42)."""
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration
 
     torch.manual_seed(0)
-    text = _tiny_gemma3_config(vocab_size=300).to_dict()
+    text = _tiny_gemma3_config(vocab_size=300, final_logit_softcapping=cap).to_dict()
     vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28,
                   patch_size=14)
     mm = Gemma3ForConditionalGeneration(Gemma3Config(
@@ -934,6 +937,8 @@ def test_a_multimodal_gemma3_loads_its_text_model_alone_and_exports_it_as_a_caus
         loaded = load_model(tmp_path / "mm", with_tokenizer=False)
     assert "multimodal gemma3 checkpoint: its text model is loaded alone" in caplog.text
     assert loaded.config.model_type == "gemma3_text" and loaded.config.sliding_layers == (True, True, False)
+    assert loaded.config.final_logit_softcap is None
+    assert ("final_logit_softcapping=5.0 is not applied by transformers' multimodal model" in caplog.text) == bool(cap)
     tokens, mask = _batch(loaded.config.vocab_size)
     ours, _ = forward(loaded.params, loaded.config, tokens, mask)
     positions = np.maximum(np.cumsum(mask, axis=-1) - 1, 0)
@@ -947,3 +952,25 @@ def test_a_multimodal_gemma3_loads_its_text_model_alone_and_exports_it_as_a_caus
     back = load_model(out, with_tokenizer=False)
     assert back.config == loaded.config
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(back.params), jax.device_get(loaded.params))
+
+
+def test_gemma3s_attention_cap_is_ignored_as_transformers_ignores_it(tmp_path, random_params):
+    """transformers' Gemma 3 attention takes no softcap (Gemma 2's does): a Gemma 3 config stating
+    attn_logit_softcapping ran capped here, 3.8e-2 of scale off transformers (helper review, session 42)."""
+    from transformers import Gemma3ForCausalLM
+
+    from reftjax.models import from_hf_config
+
+    hf = _tiny_gemma3_config(vocab_size=300, attn_logit_softcapping=5.0)
+    hf.attn_logit_softcapping = 5.0  # (no default in every transformers version)
+    assert from_hf_config(hf).attn_logit_softcap is None
+    torch.manual_seed(0)
+    model = Gemma3ForCausalLM(hf).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(0.3 * torch.randn_like(p))
+    model.save_pretrained(tmp_path)
+    loaded = load_model(tmp_path, with_tokenizer=False)
+    tokens, mask = _batch(loaded.config.vocab_size)
+    ours, _ = forward(loaded.params, loaded.config, tokens, mask)
+    _assert_close_on_real(ours, _torch_logits(tmp_path, tokens, mask), mask, 1e-5)

@@ -449,7 +449,9 @@ def from_hf_config(hf, *, param_dtype: str = "float32", dtype: str = "float32", 
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // heads
     sandwich = model_type in ("gemma2", "gemma3_text")
     qpas = getattr(hf, "query_pre_attn_scalar", None) if sandwich else None
-    caps = {key: getattr(hf, key, None) if sandwich else None
+    # transformers' Gemma 3 reads attn_logit_softcapping but never applies it (its attention passes no softcap;
+    # Gemma 2's does): a config stating one ran capped here, 3.8e-2 of scale off (helper review, session 42)
+    caps = {key: getattr(hf, key, None) if sandwich and (model_type == "gemma2" or key.startswith("final")) else None
             for key in ("attn_logit_softcapping", "final_logit_softcapping")}
     return ModelConfig(
         vocab_size=hf.vocab_size,
