@@ -351,7 +351,8 @@ def make_optimizer(cfg: OptimConfig, total_steps: int, *, separate_critic_state:
 
 @flax.struct.dataclass
 class TrainState:
-    """Everything a step changes. `params` = {"policy": ..., ["value_head": ...]}.
+    """Everything a step changes. `params` = {"policy": ...} for SFT, {"policy", "value_head"[, "critic"]} for PPO
+    (`init_rl_params`; "critic" with `PPOConfig(critic="separate")`), {"verifier": ...} for the reranking verifier.
 
     Attributes:
       step: number of optimizer updates applied (skipped ones not counted).
