@@ -43,7 +43,7 @@ from reftjax.data import (Loader, LoaderConfig, SplitConfig, load_examples, toke
 from reftjax.data.records import DataError
 from reftjax.data.tokenize import end_of_turn_id
 from reftjax.evaluate import evaluate
-from reftjax.graders import build_grader, check_imports, reach_warnings
+from reftjax.graders import build_grader, check_imports, check_judges, reach_warnings
 from reftjax.graders.reft import default_pool
 from reftjax.graders.base import every_one_faulted, sub_score_means
 from reftjax.graders.callback import make_reward_fn
@@ -1194,6 +1194,7 @@ def _run(cfg: ExperimentConfig, out: pathlib.Path, progress: bool, t_start: floa
     # cheap checks first: a bad grader (its imports tried in its sandbox) or mesh fails before the model loads
     grader = build_grader(cfg.grader_dict, pool=default_pool(cfg.sandbox.sandbox_config()))
     check_imports(grader)
+    check_judges(grader)  # a judge endpoint that cannot be reached fails here, not as a run of zero rewards
     for line in reach_warnings(grader):
         log.warning("%s", line)
     mesh = make_mesh(cfg.mesh)

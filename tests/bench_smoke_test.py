@@ -21,6 +21,7 @@ CASES = {
     "data_pipeline": ["--repeats", "1"],
     "decode_profile": ["--batch", "2", "--new-tokens", "4"],
     "graders": ["--batch", "8", "--repeats", "1"],
+    "judge": ["--items", "2", "--batch-size", "2"],
     "interrupt_poll": ["--size", "64", "--loops", "2", "--repeats", "1"],
     "optimizer_update": ["--repeats", "1"],
     "rollout": ["--batches", "2", "--new-tokens", "4", "--repeats", "1", "--host-devices", "2"],  # and the mesh path

@@ -4,7 +4,8 @@
 Each samples line is `{"item": {...reference fields...}, "sample": {"output_text": "..."}}`.
 `validate` builds the grader (and checks it against the first sample's item when given), and runs a
 `python` grader's imports once in the sandbox (`--preimport` adds modules it may import). A `multi` formula that
-can leave [0, 1] (where scores are clipped) is a warning on stderr, and `validate` lists it under "warnings".
+can leave [0, 1] (where scores are clipped) is a warning on stderr, and `validate` lists it under "warnings". `run`
+asks a model-based grader's endpoint for its models first (`validate` stays offline).
 Errors name the file and line and exit with status 2.
 """
 import argparse
@@ -12,6 +13,7 @@ import json
 import sys
 
 from reftjax.graders.build import ConfigError, check_imports, reach_warnings, validate_grader
+from reftjax.graders.judge import check_judges
 from reftjax.graders.reft import default_pool
 
 
@@ -73,10 +75,14 @@ def main(argv=None) -> int:
         warnings = reach_warnings(grader)
         for line in warnings:
             print(f"warning: {args.grader}: {line}", file=sys.stderr)
-        if args.command == "validate":
+        if args.command == "validate":  # (offline: a judge's endpoint is asked by `run`)
             print(json.dumps({"ok": True, "grader": type(grader).__name__,
                               **({"warnings": warnings} if warnings else {})}))
             return 0
+        try:
+            check_judges(grader)
+        except ConfigError as exc:
+            raise ConfigError(f"{args.grader}: {exc}") from exc
         if not args.samples:
             raise ConfigError("run needs --samples")
         for i, grade in enumerate(grader.grade_batch(items, texts)):

@@ -8,6 +8,7 @@ from typing import Any, Mapping
 
 from reftjax.graders import openai as oa
 from reftjax.graders.base import Item
+from reftjax.graders.judge import build_model_grader
 from reftjax.graders.reft import ReftGrader, default_pool
 from reftjax.graders.sandbox import SandboxJob, SandboxPool
 
@@ -137,8 +138,7 @@ def build_grader(cfg: Mapping, pool: SandboxPool | None = None, where: str = "gr
                 args = {"extract": "gsm8k", "answer_field": "answer", **args}
             return ReftGrader(**args, pool=pool)
         if kind in ("score_model", "label_model"):
-            raise ConfigError(f"{where}: type {kind!r} needs a judge model and is not supported in "
-                              "this version")
+            return build_model_grader(cfg, where)
     except (TypeError, ValueError) as exc:
         if isinstance(exc, ConfigError):
             raise

@@ -25,8 +25,8 @@ Config types (`build_grader(cfg)`):
      is a grader error.
   * `{"type": "reft", "cot": "nl" | "python", "answer_field": "answer_value", ...}` and
     `{"type": "gsm8k", "answer_field": "answer", "fallback": "none" | "last_number"}`.
-  * `score_model` / `label_model` need a judge model: rejected at validation ("not supported in
-    this version").
+  * `score_model` / `label_model`: a judge model over an OpenAI-compatible endpoint scores the sample or labels it
+    (`reftjax.graders.judge`; `python -m reftjax.serve` serves any checkpoint reftjax loads as one).
   * Any type takes OpenAI's `name` (a label). `pass_threshold` and `range` are refused unless they say what this
     version does anyway (1: a score of 1 counts as correct; [0, 1]: every grader scores in it), not ignored.
 Templates: `{{item.a.b}}`, `{{sample.output_text}}`, `{{sample.output_json.x}}` (spaces inside the braces allowed:

@@ -1,0 +1,332 @@
+"""Model-based graders: OpenAI's `score_model` and `label_model`. A judge model reads chat messages rendered from
+the item and the sample, and its reply is a score or a label.
+
+The judge is reached over an OpenAI-compatible chat-completions endpoint (`POST {base_url}/chat/completions`):
+OpenAI's API itself, a vLLM / SGLang / llama.cpp server, or reftjax's own (`python -m reftjax.serve --model SRC`,
+any checkpoint reftjax loads, offline). The trainer process never runs the judge: grading happens in a host
+callback inside the jitted rollout, where another JAX computation may not run.
+
+    {"type": "score_model", "name": "judge", "model": "NAME",
+     "input": [{"role": "system", "content": "Score the answer from 0 to 10. Reply with the number only."},
+               {"role": "user", "content": "Question: {{item.question}}\\nAnswer: {{sample.output_text}}"}],
+     "range": [0, 10], "sampling_params": {"temperature": 0, "max_completion_tokens": 16},
+     "base_url": "http://127.0.0.1:8000/v1"}
+    {"type": "label_model", "model": "NAME", "input": [...], "labels": ["correct", "incorrect"],
+     "passing_labels": ["correct"]}
+
+* `score_model`: the reply is read as a JSON object's `result` (or `score`), else the whole reply as a number, else
+  the last `score: X` / `result: X` / `rating: X` / `grade: X` in it; anything else is a grader error (scored 0,
+  counted in `grader_errors`). The score is mapped from `range` (default [0, 1]) onto [0, 1]: (s - low) / (high -
+  low), clipped (the first clip is logged).
+* `label_model`: the reply (or its last non-empty line), stripped of quotes, `*`, and final punctuation, is matched
+  to `labels` ignoring case (a JSON object's `result` / `label` too); 1 when that label is in `passing_labels`, else
+  0; a reply that is no label is a grader error.
+* `sampling_params` go to the endpoint as they are (`temperature`, `top_p`, `seed`, `max_completion_tokens`,
+  `reasoning_effort`, ...).
+* reftjax's own keys: `base_url` (default: `$REFTJAX_JUDGE_URL`, else `$OPENAI_BASE_URL`, else
+  https://api.openai.com/v1), `api_key_env` (the environment variable holding the key, default `OPENAI_API_KEY`; a
+  key itself is refused in the config, which a run writes to its `config.json`), `timeout` (seconds per request,
+  default 120), `max_concurrency` (requests in flight, default 16), `retries` (after a connection error, a timeout,
+  429 or 5xx; default 3).
+
+Exact resume and the reproducibility of rewards need a deterministic judge: temperature 0 (reftjax's server is
+then greedy; hosted models promise less). A judge scores whatever it reads: a policy can learn to persuade it
+(reward hacking), so read `samples/rl_rollouts.jsonl`.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import json
+import logging
+import math
+import os
+import re
+import time
+import urllib.error
+import urllib.request
+from typing import Any, Mapping, Sequence
+
+from reftjax.graders.base import Grade, Item, _check_lengths, faulted
+from reftjax.graders.openai import ConfigError, SampleFieldMissing, _lookup, _TEMPLATE, check_template, clip01, \
+    render, sample_of
+
+log = logging.getLogger("reftjax.graders")
+ROLES = ("system", "developer", "user", "assistant")
+DEFAULT_URL = "https://api.openai.com/v1"
+_SCORE_LINE = re.compile(r"(?:score|result|rating|grade)\s*[:=]\s*\**\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)",
+                         re.IGNORECASE)
+_NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
+_RETRY_STATUS = (408, 409, 429, 500, 502, 503, 504)
+
+
+def default_base_url() -> str:
+    return os.environ.get("REFTJAX_JUDGE_URL") or os.environ.get("OPENAI_BASE_URL") or DEFAULT_URL
+
+
+class JudgeError(RuntimeError):
+    """The endpoint could not be reached or answered with an error (after the retries). `unreachable`: no answer at
+    all (connection refused, timed out) or still busy (429, 5xx) after the retries, as opposed to one request refused."""
+
+    def __init__(self, message: str, unreachable: bool = False):
+        super().__init__(message)
+        self.unreachable = unreachable
+
+
+def chat_completion(base_url: str, payload: Mapping, *, api_key: str | None = None, timeout: float = 120,
+                    retries: int = 3, backoff: float = 0.5) -> str:
+    """The reply text of one chat completion: `POST {base_url}/chat/completions`. Retries connection errors,
+    timeouts, 408/409/429/5xx (`backoff` seconds, doubling); raises JudgeError with the endpoint's message."""
+    url = base_url.rstrip("/") + "/chat/completions"
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
+    body = json.dumps(payload).encode()
+    for attempt in range(retries + 1):
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, body, headers, method="POST"),
+                                        timeout=timeout) as resp:
+                data = json.loads(resp.read())
+            break
+        except urllib.error.HTTPError as exc:
+            detail = exc.read()[:500].decode(errors="replace")
+            if exc.code not in _RETRY_STATUS or attempt == retries:
+                raise JudgeError(f"{url}: HTTP {exc.code}: {detail}", exc.code in _RETRY_STATUS) from None
+        except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as exc:
+            if attempt == retries:
+                raise JudgeError(f"{url}: {getattr(exc, 'reason', exc)}", True) from None
+        except ValueError as exc:  # a body that is not JSON
+            raise JudgeError(f"{url}: the reply is not JSON: {exc}") from None
+        time.sleep(backoff * 2 ** attempt)
+    try:
+        content = data["choices"][0]["message"]["content"]
+    except (KeyError, IndexError, TypeError):
+        raise JudgeError(f"{url}: no choices[0].message.content in the reply {str(data)[:300]}") from None
+    if not isinstance(content, str):
+        raise JudgeError(f"{url}: the reply's content is {content!r}, not text")
+    return content
+
+
+def _json_field(text: str, names: tuple) -> Any:
+    """`names[k]` of the JSON object the reply is (or holds, between its first `{` and last `}`), else None."""
+    for candidate in (text, text[text.find("{"):text.rfind("}") + 1] if "{" in text else ""):
+        try:
+            obj = json.loads(candidate)
+        except ValueError:
+            continue
+        if isinstance(obj, dict):
+            return next((obj[n] for n in names if n in obj), None)
+    return None
+
+
+def parse_score(text: str) -> float | None:
+    """The score a judge's reply states (see the module doc), or None."""
+    value = _json_field(text, ("result", "score"))
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    bare = text.strip().strip("*`\"' ").rstrip(".")
+    if _NUMBER.fullmatch(bare):
+        return float(bare)
+    found = _SCORE_LINE.findall(text)
+    return float(found[-1]) if found else None
+
+
+def _norm(text: str) -> str:
+    return text.strip().strip("*`\"' ").rstrip(".!").strip().casefold()
+
+
+def parse_label(text: str, labels: Sequence[str]) -> str | None:
+    """The label a judge's reply states (see the module doc), or None."""
+    by_norm = {_norm(label): label for label in labels}
+    value = _json_field(text, ("result", "label"))
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    for candidate in ([value] if isinstance(value, str) else []) + [text] + lines[-1:]:
+        if _norm(candidate) in by_norm:
+            return by_norm[_norm(candidate)]
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelGrader:
+    """A `score_model` or `label_model` grader (built from its config by `build_grader`)."""
+
+    kind: str
+    model: str
+    messages: tuple  # ((role, content template), ...)
+    base_url: str
+    sampling_params: tuple = ()  # sorted (key, value) pairs (hashable)
+    range: tuple = (0.0, 1.0)
+    labels: tuple = ()
+    passing_labels: tuple = ()
+    api_key_env: str = "OPENAI_API_KEY"
+    timeout: float = 120.0
+    max_concurrency: int = 16
+    retries: int = 3
+    votes_on_answer = False  # a score or a label is no answer to vote on (voting@k is not reported on it)
+
+    def validate(self, item: Item) -> None:
+        for _, template in self.messages:
+            check_template(template)
+            for path in _TEMPLATE.findall(template):
+                if path.startswith("item."):
+                    _lookup(item, path[5:], "item")
+
+    def request(self, item: Item, text: str) -> dict:
+        """The chat-completions request body for one sample."""
+        sample = sample_of(text)
+        return {"model": self.model, "messages": [{"role": r, "content": render(c, sample, item)}
+                                                  for r, c in self.messages], **dict(self.sampling_params)}
+
+    def _grade_reply(self, reply: str) -> Grade:
+        if self.kind == "label_model":
+            label = parse_label(reply, self.labels)
+            if label is None:
+                return faulted(f"the judge's reply is none of the labels {list(self.labels)}: {reply[:200]!r}")
+            return Grade(float(label in self.passing_labels), extracted=label)
+        score = parse_score(reply)
+        if score is None or not math.isfinite(score):
+            return faulted(f"no score in the judge's reply: {reply[:200]!r}")
+        low, high = self.range
+        return Grade(clip01((score - low) / (high - low), f"score_model {self.model!r} (range {list(self.range)})",
+                            ("score_model", self.model, self.messages)), extracted=f"{score:g}")
+
+    def _one(self, item: Item, text: str, key: str | None, down: list) -> Grade:
+        try:
+            payload = self.request(item, text)
+        except SampleFieldMissing as exc:  # the completion lacks what a template reads: unanswered
+            return Grade(0.0, error=str(exc.args[0] if exc.args else exc))
+        except (KeyError, TypeError, ValueError) as exc:
+            return faulted(f"input error: {exc}")
+        if down:  # the endpoint failed a request of this batch after its retries: the rest fail at once (a hung
+            return faulted(f"judge: not asked, the endpoint failed this batch: {down[0]}")  # judge held each row)
+        try:
+            reply = chat_completion(self.base_url, payload, api_key=key, timeout=self.timeout, retries=self.retries)
+        except JudgeError as exc:
+            if exc.unreachable:
+                down.append(str(exc))
+            return faulted(f"judge: {exc}")
+        return self._grade_reply(reply)
+
+    def grade_batch(self, items: Sequence[Item], texts: Sequence[str]) -> list[Grade]:
+        _check_lengths(items, texts)
+        key, down = os.environ.get(self.api_key_env) or None, []
+        try:
+            with concurrent.futures.ThreadPoolExecutor(max(1, min(self.max_concurrency, len(texts)))) as pool:
+                return list(pool.map(lambda a: self._one(a[0], a[1], key, down), zip(items, texts)))
+        except Exception as exc:  # noqa: BLE001 - graders never raise into the trainer
+            return [faulted(f"grader error: {type(exc).__name__}: {exc}")] * len(texts)
+
+
+def _number(cfg: Mapping, key: str, where: str, default, low=0.0, integer=False):
+    value = cfg.get(key, default)
+    ok = isinstance(value, int if integer else (int, float)) and not isinstance(value, bool) and \
+        math.isfinite(value) and value >= low
+    if not ok:
+        raise ConfigError(f"{where}.{key}: must be {'an integer' if integer else 'a number'} >= {low:g}, "
+                          f"got {value!r}")
+    return value
+
+
+def build_model_grader(cfg: Mapping, where: str) -> ModelGrader:
+    """A ModelGrader from its config (`type` score_model / label_model), every field checked, naming its path."""
+    kind = cfg["type"]
+    required = ("model", "input") + (("labels", "passing_labels") if kind == "label_model" else ())
+    optional = {"name", "sampling_params", "base_url", "api_key_env", "timeout", "max_concurrency", "retries",
+                "type"} | ({"range", "pass_threshold"} if kind == "score_model" else set())
+    if "api_key" in cfg:
+        raise ConfigError(f"{where}.api_key: a key does not belong in the config (a run writes it to config.json): "
+                          f"put it in an environment variable and name that in api_key_env (default "
+                          f"OPENAI_API_KEY)")
+    if missing := [k for k in required if k not in cfg]:
+        raise ConfigError(f"{where}: missing {missing} for type {kind!r}")
+    if unknown := sorted(set(cfg) - set(required) - optional):
+        raise ConfigError(f"{where}: unknown keys {unknown} for type {kind!r}")
+    for k in ("model", "name", "base_url", "api_key_env"):
+        if k in cfg and not (isinstance(cfg[k], str) and cfg[k]):
+            raise ConfigError(f"{where}.{k}: must be a non-empty string, got {cfg[k]!r}")
+    messages = cfg["input"]
+    if isinstance(messages, str):
+        messages = [{"role": "user", "content": messages}]
+    if not (isinstance(messages, list) and messages):
+        raise ConfigError(f"{where}.input: must be a non-empty list of messages {{\"role\": ..., \"content\": ...}}")
+    pairs = []
+    for i, m in enumerate(messages):
+        at = f"{where}.input[{i}]"
+        if not isinstance(m, Mapping) or not {"role", "content"} <= set(m) or set(m) - {"role", "content", "type"}:
+            raise ConfigError(f"{at}: must be {{\"role\": ..., \"content\": \"template\"}}, got {m!r}")
+        if m["role"] not in ROLES:
+            raise ConfigError(f"{at}.role: must be one of {list(ROLES)}, got {m['role']!r}")
+        if not isinstance(m["content"], str):
+            raise ConfigError(f"{at}.content: must be a template string (text), got {m['content']!r}")
+        try:
+            check_template(m["content"])
+        except KeyError as exc:
+            raise ConfigError(f"{at}.content: {exc.args[0]}") from None
+        pairs.append((m["role"], m["content"]))
+    if not any(path.startswith("sample.") for _, c in pairs for path in _TEMPLATE.findall(c)):
+        raise ConfigError(f"{where}.input: no message shows the judge the sample ({{{{sample.output_text}}}})")
+    params = cfg.get("sampling_params", {})
+    if not isinstance(params, Mapping) or any(k in ("model", "messages", "stream", "n") for k in params):
+        raise ConfigError(f"{where}.sampling_params: must be an object of request fields other than model, "
+                          f"messages, stream and n, got {params!r}")
+    extra: dict = {}
+    if kind == "score_model":
+        r = cfg.get("range", [0, 1])
+        if not (isinstance(r, (list, tuple)) and len(r) == 2 and all(isinstance(v, (int, float)) and
+                                                                      not isinstance(v, bool) and math.isfinite(v)
+                                                                      for v in r) and r[0] < r[1]):
+            raise ConfigError(f"{where}.range: must be [low, high] with low < high, got {r!r}")
+        if "pass_threshold" in cfg and cfg["pass_threshold"] != r[1]:
+            raise ConfigError(f"{where}.pass_threshold: {cfg['pass_threshold']!r} is not supported: this version "
+                              f"counts the top of the range ({r[1]!r}) as correct and rewards the score itself; "
+                              f"remove it")
+        extra["range"] = (float(r[0]), float(r[1]))
+    else:
+        labels, passing = cfg["labels"], cfg["passing_labels"]
+        for k, v in (("labels", labels), ("passing_labels", passing)):
+            if not (isinstance(v, list) and v and all(isinstance(s, str) and s.strip() for s in v)):
+                raise ConfigError(f"{where}.{k}: must be a non-empty list of strings, got {v!r}")
+        if len({_norm(s) for s in labels}) != len(labels):
+            raise ConfigError(f"{where}.labels: two labels are the same ignoring case: {labels!r}")
+        if stray := [s for s in passing if s not in labels]:
+            raise ConfigError(f"{where}.passing_labels: {stray} are not in labels {labels!r}")
+        extra.update(labels=tuple(labels), passing_labels=tuple(passing))
+    return ModelGrader(kind=kind, model=cfg["model"], messages=tuple(pairs),
+                       base_url=cfg.get("base_url") or default_base_url(),
+                       sampling_params=tuple(sorted(params.items(), key=lambda kv: kv[0])),
+                       api_key_env=cfg.get("api_key_env", "OPENAI_API_KEY"),
+                       timeout=float(_number(cfg, "timeout", where, 120.0, low=1e-3)),
+                       max_concurrency=_number(cfg, "max_concurrency", where, 16, low=1, integer=True),
+                       retries=_number(cfg, "retries", where, 3, integer=True), **extra)
+
+
+def judges(grader, where: str = "grader"):
+    """(config path, grader) of every ModelGrader in `grader`, inside `multi` graders too."""
+    subs = getattr(grader, "graders", None)
+    if isinstance(subs, Mapping):
+        for name, sub in subs.items():
+            yield from judges(sub, f"{where}.graders.{name}")
+    elif isinstance(grader, ModelGrader):
+        yield where, grader
+
+
+def check_judges(grader, timeout: float = 30.0) -> None:
+    """Asks every judge endpoint of `grader` for its models (`GET {base_url}/models`) before a run loads anything:
+    an endpoint that cannot be reached or refuses the key raises ConfigError naming the config path (every reward
+    would be 0, as a grader error); a model the endpoint does not list is logged."""
+    for where, g in judges(grader):
+        url = g.base_url.rstrip("/") + "/models"
+        key = os.environ.get(g.api_key_env)
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout) as resp:
+                listed = json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            hint = f" (is ${g.api_key_env} set?)" if exc.code in (401, 403) else ""
+            raise ConfigError(f"{where}: the judge endpoint {url} answered HTTP {exc.code}{hint}") from None
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            raise ConfigError(f"{where}: the judge endpoint {url} cannot be reached: "
+                              f"{getattr(exc, 'reason', exc)} (base_url, or $REFTJAX_JUDGE_URL)") from None
+        ids = [m.get("id") for m in listed.get("data", []) if isinstance(m, Mapping)] \
+            if isinstance(listed, Mapping) else []
+        if ids and g.model not in ids:
+            log.warning("%s: the judge endpoint %s does not list model %r (it lists %s)", where, g.base_url,
+                        g.model, ids[:10])

@@ -1,0 +1,348 @@
+"""Model-based graders (`score_model`, `label_model`) against a scripted OpenAI-compatible endpoint, and reftjax's
+own endpoint (`reftjax.serve`) against `generate`."""
+import concurrent.futures
+import http.server
+import json
+import logging
+import threading
+
+import pytest
+
+from reftjax.graders import ConfigError, build_grader, check_judges
+from reftjax.graders.judge import parse_label, parse_score
+
+
+class _Judge:
+    """A scripted chat-completions endpoint in a thread: `reply(body) -> (status, text)`; records requests."""
+
+    def __init__(self, reply, models=("judge",)):
+        self.requests, self.headers, self.reply = [], [], reply
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _send(self, code, obj):
+                data = json.dumps(obj).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):  # noqa: N802
+                outer.headers.append(dict(self.headers))
+                self._send(200, {"object": "list", "data": [{"id": m} for m in models]})
+
+            def do_POST(self):  # noqa: N802
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                outer.requests.append(body)
+                outer.headers.append(dict(self.headers))
+                status, text = outer.reply(body)
+                if status != 200:
+                    return self._send(status, {"error": {"message": text}})
+                self._send(200, {"choices": [{"message": {"role": "assistant", "content": text}}]})
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def judge():
+    made = []
+
+    def make(reply, **kw):
+        made.append(_Judge(reply, **kw))
+        return made[-1]
+
+    yield make
+    for j in made:
+        j.close()
+
+
+def _user(body):
+    return body["messages"][-1]["content"]
+
+
+def _score_cfg(url, **kw):
+    return {"type": "score_model", "model": "judge", "base_url": url,
+            "input": [{"role": "system", "content": "Score 0-10."},
+                      {"role": "user", "content": "Q: {{item.q}}\nA: {{sample.output_text}}"}], **kw}
+
+
+@pytest.mark.parametrize("reply,score", [
+    ("7", 7.0), (" 0.25.\n", 0.25), ("**8**", 8.0), ('{"result": 3, "steps": []}', 3.0),
+    ('Reasoning...\n{"score": 9.5}', 9.5), ("The answer is 42, right.\nScore: 6", 6.0),
+    ("rating = 2 ... final grade: 4", 4.0), ("8 out of 10", None), ("no idea", None), ('{"result": "high"}', None),
+])
+def test_scores_are_read_from_json_a_bare_number_or_a_named_score(reply, score):
+    assert parse_score(reply) == score
+
+
+@pytest.mark.parametrize("reply,label", [
+    ("correct", "correct"), ("  Incorrect.\n", "incorrect"), ('"CORRECT"', "correct"), ("**correct**", "correct"),
+    ('{"result": "incorrect"}', "incorrect"), ("Let me think.\nThe steps hold.\ncorrect", "correct"),
+    ("it is correct", None), ("maybe", None),
+])
+def test_labels_are_matched_whole_ignoring_case(reply, label):
+    assert parse_label(reply, ("correct", "incorrect")) == label
+
+
+def test_score_model_maps_its_range_and_sends_the_rendered_messages(judge, monkeypatch, caplog):
+    j = judge(lambda body: (200, {"A: 2": "7", "A: 3": "12", "A: x": "?"}[_user(body).split("\n")[1]]))
+    monkeypatch.setenv("JUDGE_KEY", "sk-test")
+    g = build_grader(_score_cfg(j.url, range=[0, 10], api_key_env="JUDGE_KEY",
+                                sampling_params={"temperature": 0, "max_completion_tokens": 8}))
+    with caplog.at_level(logging.WARNING, "reftjax.graders"):
+        grades = g.grade_batch([{"q": "1+1"}] * 3, ["2", "3", "x"])
+    assert [gr.score for gr in grades[:2]] == [0.7, 1.0] and grades[0].extracted == "7" and grades[0].error is None
+    assert "outside [0, 1]" in caplog.text  # 12 of [0, 10]: clipped, said once
+    assert grades[2].score == 0 and grades[2].details.get("grader_fault") and "no score" in grades[2].error
+    body = sorted(j.requests, key=_user)[0]
+    assert body == {"model": "judge", "temperature": 0, "max_completion_tokens": 8,
+                    "messages": [{"role": "system", "content": "Score 0-10."},
+                                 {"role": "user", "content": "Q: 1+1\nA: 2"}]}
+    assert all(h.get("Authorization") == "Bearer sk-test" for h in j.headers)
+    assert g.votes_on_answer is False  # a score is no answer to vote on
+
+
+def test_label_model_passes_on_its_passing_labels(judge):
+    j = judge(lambda body: (200, {"ok": "Correct", "bad": "incorrect", "odd": "unsure"}[_user(body)[-3:].strip()]))
+    g = build_grader({"type": "label_model", "model": "judge", "base_url": j.url,
+                      "input": [{"role": "user", "content": "Grade: {{sample.output_text}}"}],
+                      "labels": ["correct", "incorrect"], "passing_labels": ["correct"]})
+    grades = g.grade_batch([{}] * 3, ["ok", "bad", "odd"])
+    assert [(gr.score, gr.extracted) for gr in grades[:2]] == [(1.0, "correct"), (0.0, "incorrect")]
+    assert grades[2].details.get("grader_fault") and "none of the labels" in grades[2].error
+
+
+def test_busy_endpoints_are_retried_and_errors_are_grader_faults_in_order(judge):
+    calls = {"n": 0}
+
+    def reply(body):
+        calls["n"] += 1
+        text = _user(body).split("A: ")[1]
+        if text == "busy" and calls["n"] <= 2:
+            return 503, "overloaded"
+        return (400, "bad request: no such model") if text == "refused" else (200, "score: 1")
+
+    j = judge(reply)
+    g = build_grader(_score_cfg(j.url, retries=2, max_concurrency=1))
+    grades = g.grade_batch([{"q": "q"}] * 3, ["busy", "refused", "fine"])
+    assert grades[0].score == 1.0 and grades[2].score == 1.0  # the 503s retried
+    assert grades[1].details.get("grader_fault") and "HTTP 400: " in grades[1].error
+    assert "no such model" in grades[1].error
+    assert calls["n"] == 5  # 503, 503, 200 for the first; one 400 (not retried); one 200
+    dead = build_grader(_score_cfg("http://127.0.0.1:9/v1", retries=0, timeout=5, max_concurrency=1))
+    first, *rest = dead.grade_batch([{"q": "q"}] * 3, ["a", "b", "c"])
+    assert first.details.get("grader_fault") and "judge: http://127.0.0.1:9/v1/chat/completions: " in first.error
+    # the rest of the batch is not sent to an endpoint that failed it (a hung judge held every row for its timeout)
+    assert all(gr.details.get("grader_fault") and "not asked, the endpoint failed this batch" in gr.error
+               for gr in rest)
+
+
+def test_a_sample_without_what_a_template_reads_is_unanswered_not_a_fault(judge):
+    j = judge(lambda body: (200, "1"))
+    g = build_grader({"type": "score_model", "model": "judge", "base_url": j.url,
+                      "input": [{"role": "user", "content": "{{sample.output_json.answer}}"}]})
+    bad, good = g.grade_batch([{}, {}], ["not json", '{"answer": 4}'])
+    assert bad.score == 0 and bad.error and not bad.details.get("grader_fault") and good.score == 1.0
+    assert j.requests == [{"model": "judge", "messages": [{"role": "user", "content": "4"}]}]
+
+
+def test_a_judge_inside_a_multi_grader(judge):
+    j = judge(lambda body: (200, "0.5"))
+    g = build_grader({"type": "multi", "calculate_output": "0.5 * judge + 0.5 * exact", "graders": {
+        "judge": _score_cfg(j.url),
+        "exact": {"type": "string_check", "input": "{{sample.output_text}}", "reference": "{{item.a}}",
+                  "operation": "eq"}}})
+    grades = g.grade_batch([{"q": "q", "a": "4"}] * 2, ["4", "5"])
+    assert [gr.score for gr in grades] == [0.75, 0.25] and grades[0].details["scores"] == {"judge": 0.5, "exact": 1.0}
+
+
+def test_check_judges_fails_before_a_run_on_an_unreachable_or_refusing_endpoint(judge, caplog):
+    j = judge(lambda body: (200, "1"), models=("other",))
+    with caplog.at_level(logging.WARNING, "reftjax.graders"):
+        check_judges(build_grader(_score_cfg(j.url)))
+    assert "does not list model 'judge'" in caplog.text
+    multi = {"type": "multi", "calculate_output": "a", "graders": {"a": _score_cfg("http://127.0.0.1:9/v1")}}
+    with pytest.raises(ConfigError, match=r"grader\.graders\.a: the judge endpoint http://127.0.0.1:9/v1/models "
+                                          r"cannot be reached"):
+        check_judges(build_grader(multi))
+
+    class Refuse(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            self.send_response(401)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+        with pytest.raises(ConfigError, match=r"HTTP 401 \(is \$OPENAI_API_KEY set\?\)"):
+            check_judges(build_grader(_score_cfg(url)))
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"api_key": "sk-1"}, r"grader\.api_key: a key does not belong in the config"),
+    ({"input": [{"role": "judge", "content": "{{sample.output_text}}"}]}, r"grader\.input\[0\]\.role"),
+    ({"input": [{"role": "user", "content": "Rate {{item.q}}"}]}, r"no message shows the judge the sample"),
+    ({"input": [{"role": "user", "content": "{{sample.text}}"}]}, r"grader\.input\[0\]\.content: template field"),
+    ({"input": []}, r"grader\.input: must be a non-empty list"),
+    ({"range": [10, 0]}, r"grader\.range: must be \[low, high\]"),
+    ({"pass_threshold": 0.5}, r"grader\.pass_threshold: 0\.5 is not supported"),
+    ({"sampling_params": {"n": 4}}, r"grader\.sampling_params"),
+    ({"timeout": 0}, r"grader\.timeout: must be a number"),
+    ({"max_concurrency": 2.5}, r"grader\.max_concurrency: must be an integer"),
+    ({"labels": ["a"]}, r"unknown keys \['labels'\]"),
+    ({"model": ""}, r"grader\.model: must be a non-empty string"),
+])
+def test_score_model_configs_are_checked_naming_the_field(change, message):
+    with pytest.raises(ConfigError, match=message):
+        build_grader({**_score_cfg("http://127.0.0.1:9/v1"), **change})
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"labels": ["yes", "YES"]}, r"the same ignoring case"),
+    ({"passing_labels": ["maybe"]}, r"passing_labels: \['maybe'\] are not in labels"),
+    ({"labels": []}, r"grader\.labels: must be a non-empty list"),
+    ({"range": [0, 1]}, r"unknown keys \['range'\]"),
+])
+def test_label_model_configs_are_checked_naming_the_field(change, message):
+    cfg = {"type": "label_model", "model": "m", "input": "{{sample.output_text}}", "labels": ["yes", "no"],
+           "passing_labels": ["yes"]}
+    with pytest.raises(ConfigError, match=message):
+        build_grader({**cfg, **change})
+
+
+def test_the_endpoint_defaults_to_the_environment(monkeypatch):
+    cfg = {k: v for k, v in _score_cfg("x").items() if k != "base_url"}
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    monkeypatch.delenv("REFTJAX_JUDGE_URL", raising=False)
+    assert build_grader(cfg).base_url == "https://api.openai.com/v1"
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://a/v1")
+    assert build_grader(cfg).base_url == "http://a/v1"
+    monkeypatch.setenv("REFTJAX_JUDGE_URL", "http://b/v1")
+    assert build_grader(cfg).base_url == "http://b/v1"
+
+
+# -- reftjax's own endpoint ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def served(tiny_hf_dir):
+    from reftjax.hf import load_model
+    from reftjax.serve import ServeConfig, start_server
+
+    model = load_model(tiny_hf_dir)
+    server = start_server(model.params, model.config, model.tokenizer,
+                          ServeConfig(batch_size=4, max_new_tokens=12, prompt_buckets=(64, 128)), name="tiny", port=0)
+    yield model, f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+    server.server_close()
+
+
+def test_the_server_answers_as_generate_does_in_batches(served):
+    from reftjax.graders.judge import chat_completion
+    from reftjax.rollout import SamplingConfig, generate
+
+    model, url = served
+    texts = [f"What is {i} + {i}?" for i in range(6)]
+    want = generate(model.params, model.config, model.tokenizer, texts, batch_size=4,
+                    cfg=SamplingConfig(max_new_tokens=12, greedy=True))
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:  # 6 requests at once: more than one batch of 4
+        got = list(pool.map(lambda t: chat_completion(url, {"model": "tiny", "temperature": 0, "messages": [
+            {"role": "user", "content": t}]}), texts))
+    assert got == want and any(got)
+    short = chat_completion(url, {"model": "tiny", "temperature": 0, "max_tokens": 3,
+                                  "messages": [{"role": "user", "content": texts[0]}]})
+    assert want[0].startswith(short) and len(model.tokenizer(short, add_special_tokens=False)["input_ids"]) <= 3
+
+
+def test_the_server_refuses_what_it_cannot_serve(served):
+    from reftjax.graders.judge import JudgeError, chat_completion
+
+    _, url = served
+    msg = [{"role": "user", "content": "hi"}]
+    for extra, message in [({"stop": ["\n"]}, r"\['stop'\] are not supported"), ({"n": 2}, "only n=1"),
+                           ({"temperature": 3}, "temperature: 3 is out of range"),
+                           ({"max_tokens": 13}, r"out of range \(this server's --max-new-tokens is 12\)"),
+                           ({"frobnicate": 1}, r"unknown fields \['frobnicate'\]")]:
+        with pytest.raises(JudgeError, match=f"HTTP 400: .*{message}"):
+            chat_completion(url, {"model": "tiny", "messages": msg, **extra}, retries=0)
+    with pytest.raises(JudgeError, match="over the longest prompt bucket 128"):
+        chat_completion(url, {"model": "tiny", "messages": [{"role": "user", "content": "hi " * 200}]}, retries=0)
+    check_judges(build_grader(_score_cfg(url) | {"model": "tiny"}))  # it lists its name
+
+
+def test_a_run_trains_and_selects_on_a_judge_s_scores(tiny_hf_dir, tmp_path, shared_data, judge):
+    """The whole command with a score_model grader: the RL rewards, the logged rollouts and the validation figures
+    are the judge's replies (a rule on the completion's length), read through the grader callback in the jitted
+    rollout."""
+    import pathlib
+    import subprocess
+    import sys
+
+    def rule(text):  # scores 0..9 of range [0, 9]
+        return len(text) % 10
+
+    j = judge(lambda body: (200, f"score: {rule(_user(body).split('A: ', 1)[1])}"))
+    root = pathlib.Path(__file__).resolve().parents[1]
+    grader = _score_cfg(j.url, range=[0, 9])
+    grader["input"][1]["content"] = "Q: {{item.question}}\nA: {{sample.output_text}}"
+    sets = {"data.n_train": 8, "data.n_val": 4, "data.n_test": 4, "sft.epochs": 0, "rl.iterations": 1,
+            "rl.prompts_per_iteration": 4, "rl.sampling.max_new_tokens": 12, "eval.max_new_tokens": 12,
+            "eval.batch_size": 4, "rl.eval_every": 1, "export_hf": False, "eval_before_sft": False,
+            "grader": grader}
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "experiments.gsm8k_reft", "--model", str(tiny_hf_dir), "--out", str(out),
+           "--no-progress", *[a for k, v in sets.items() for a in ("--set", f"{k}={json.dumps(v)}")]]
+    env = {k: v for k, v in __import__("os").environ.items() if k != "XLA_FLAGS"}
+    done = subprocess.run(cmd, cwd=root, env={**env, "PYTHONPATH": str(root)}, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    [rl] = [m for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if m["phase"] == "rl"]
+    rows = [json.loads(line) for line in (out / "samples" / "rl_rollouts.jsonl").read_text().splitlines()]
+    assert len(rows) == rl["graded"] > 0 and rl["grader_errors"] == 0
+    assert [r["score"] for r in rows] == [rule(r["completion"]) / 9 for r in rows]
+    assert rl["reward"] == pytest.approx(sum(r["score"] for r in rows) / len(rows))
+    judged = {_user(b).split("A: ", 1)[1] for b in j.requests}
+    assert {r["completion"] for r in rows} <= judged
+    # validation and test went through the judge too; a partial-credit grader selects on the mean score
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(j.requests) >= len(rows) + 4 + 4 and summary["selection_metric"] == "mean_score"
+    val = [m for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if m["phase"] == "val"]
+    assert val and 0 <= val[0]["mean_score"] <= 1 and val[0]["grader_errors"] == 0
+
+
+def test_readme_s_judge_example_is_a_grader_this_version_builds():
+    import pathlib
+    import re
+
+    from reftjax.config import ExperimentConfig
+    from reftjax.serve import build_parser
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    block = readme[readme.index("## Model-based graders"):]
+    serve, run = re.search(r"```bash\n(.*?)```", block, re.S).group(1).strip().splitlines()
+    assert run.startswith("python -m experiments.gsm8k_reft --set grader=\"$(cat experiments/graders/")
+    cfg = json.loads((root / run.split("$(cat ")[1].split(")")[0]).read_text())
+    g = build_grader(cfg)
+    assert g.kind == "label_model" and g.model in serve and g.base_url == "http://127.0.0.1:8000/v1"  # serve's port
+    ExperimentConfig(grader=tuple(cfg.items()))  # what --set grader=... makes of it
+    flags = re.findall(r"(--[a-z-]+)", serve.split("#")[0])
+    args = build_parser().parse_args(serve.split("&")[0].split()[3:])  # the server takes every flag shown
+    assert flags == ["--model", "--name", "--max-new-tokens"] and (args.name, args.max_new_tokens) == ("judge", 8)
