@@ -66,7 +66,7 @@ def default_base_url() -> str:
 
 class JudgeError(RuntimeError):
     """The endpoint could not be reached or answered with an error (after the retries). `unreachable`: no answer at
-    all (connection refused, timed out) or still busy (429, 5xx) after the retries, as opposed to one request refused."""
+    all (connection refused, timed out) or still busy (429, 5xx) after the retries, not one request refused."""
 
     def __init__(self, message: str, unreachable: bool = False):
         super().__init__(message)
