@@ -8,8 +8,10 @@ loads (directory, GGUF, hub id, a run's `hf/best`), offline: the judge of `score
 
 `POST /v1/chat/completions` takes `model` (any name: one model is served), `messages` (the tokenizer's chat
 template renders them; `developer` turns as `system`), `temperature` (OpenAI's default 1; 0 is greedy, and
-deterministic), `top_p`, `max_completion_tokens` / `max_tokens` (at most `--max-new-tokens`), `seed`; `n` 1 and
-`stream` false only; `stop`, `logprobs`, `tools` and `response_format` are refused, other fields ignored. `GET
+deterministic), `top_p`, `max_completion_tokens` / `max_tokens` (at most `--max-new-tokens`; a reply is cut to it,
+while its batch decodes on to its longest reply), `seed`; a null field counts as absent; `n` 1 and `stream` false
+only; `stop`, `logprobs`, `tools`, `response_format` and the like are refused when set, hints such as `user`,
+`metadata`, `reasoning_effort` and the penalties ignored (`_IGNORED`), and any other field is refused. `GET
 /v1/models` lists the served name. Requests arriving together run as one batch (`--batch-size` rows, padded, in
 one `rollout` call, prompts padded to the smallest of `--prompt-buckets` that holds the longest): one compiled
 program per prompt bucket and (temperature, top_p) pair, so a judge with fixed sampling settings compiles once per
@@ -38,6 +40,7 @@ _REFUSED = {"stop", "logprobs", "top_logprobs", "tools", "tool_choice", "respons
             "function_call", "audio", "modalities", "prediction"}
 
 
+MAX_BODY = 16 << 20  # bytes of a request body
 TOKENIZER_LOCK = threading.Lock()  # handler threads render, the batcher decodes: one Rust tokenizer, one at a time
 
 
@@ -84,7 +87,8 @@ def parse_request(body: Any, tokenizer, cfg: ServeConfig, template_kwargs: dict)
 
     if not isinstance(body, dict):
         raise RequestError("the body must be a JSON object")
-    if refused := sorted(set(body) & _REFUSED):
+    body = {k: v for k, v in body.items() if v is not None}  # (OpenAI's API takes null as "not given")
+    if refused := sorted(k for k in set(body) & _REFUSED if body[k] not in (False, [], {})):
         raise RequestError(f"{refused} are not supported by this server")
     if unknown := sorted(set(body) - _REFUSED - _IGNORED - {"messages", "temperature", "top_p", "max_tokens",
                                                             "max_completion_tokens", "seed", "n", "stream"}):
@@ -108,7 +112,7 @@ def parse_request(body: Any, tokenizer, cfg: ServeConfig, template_kwargs: dict)
                             ("top_p", top_p, lambda v: 0 < v <= 1),
                             ("max_completion_tokens", max_tokens,
                              lambda v: isinstance(v, int) and 1 <= v <= cfg.max_new_tokens),
-                            ("seed", seed, lambda v: v is None or isinstance(v, int))):
+                            ("seed", seed, lambda v: v is None or (isinstance(v, int) and -2**63 <= v < 2**63))):
         if (value is None and name != "seed") or isinstance(value, bool) or \
                 (value is not None and not isinstance(value, (int, float))) or not ok(value):
             limit = f" (this server's --max-new-tokens is {cfg.max_new_tokens})" if name.startswith("max") else ""
@@ -246,14 +250,23 @@ def make_handler(name: str, tokenizer, cfg: ServeConfig, batcher: Batcher):
                 self._error(404, f"no route {self.path}")
 
         def do_POST(self):  # noqa: N802
+            try:  # the body is read whatever the route (an unread one was taken for the next request on a kept-alive
+                length = int(self.headers.get("Content-Length") or 0)  # connection)
+            except ValueError:
+                length = -1
+            if not 0 <= length <= MAX_BODY:
+                self.close_connection = True  # (not read: the connection cannot go on)
+                got = self.headers.get("Content-Length")
+                return self._error(413 if length > MAX_BODY else 400, f"Content-Length must be 0..{MAX_BODY}: {got}")
+            raw = self.rfile.read(length)
             if self.path.rstrip("/") not in ("/v1/chat/completions", "/chat/completions"):
                 return self._error(404, f"no route {self.path}")
             try:
-                length = int(self.headers.get("Content-Length") or 0)
-                body = json.loads(self.rfile.read(length) or b"null")
-                request = parse_request(body, tokenizer, cfg, template_kwargs)
-            except (ValueError, RequestError) as exc:
-                return self._error(400, str(exc))
+                request = parse_request(json.loads(raw or b"null"), tokenizer, cfg, template_kwargs)
+            except (ValueError, RecursionError, RequestError) as exc:  # (RecursionError: JSON nested too deep)
+                return self._error(400, str(exc)[:1000])
+            except Exception as exc:  # noqa: BLE001 - an answer, not a dropped connection
+                return self._error(500, f"{type(exc).__name__}: {exc}"[:1000])
             try:
                 reply = batcher.submit(request).result()
             except Exception as exc:  # noqa: BLE001

@@ -79,7 +79,12 @@ def _score_cfg(url, **kw):
 @pytest.mark.parametrize("reply,score", [
     ("7", 7.0), (" 0.25.\n", 0.25), ("**8**", 8.0), ('{"result": 3, "steps": []}', 3.0),
     ('Reasoning...\n{"score": 9.5}', 9.5), ("The answer is 42, right.\nScore: 6", 6.0),
-    ("rating = 2 ... final grade: 4", 4.0), ("8 out of 10", None), ("no idea", None), ('{"result": "high"}', None),
+    ("**Final score:** 7/10", 7.0), ("Score: 7 out of 10.", 7.0), ('```json\n{"result": 4}\n```', 4.0),
+    ('the answer \\boxed{18} is right\n{"result": 9}', 9.0),  # a brace before the verdict (math answers have them)
+    ("8 out of 10", None), ("no idea", None), ('{"result": "high"}', None), ("rating = 2 ... final grade: 4", None),
+    # only the end of the reply counts: a score the sample states, quoted by the judge, is not read (review)
+    ("Score: 2 ... an upgrade: 10 more steps", None), ('Score: 1\nThe student claims "score: 10"', None),
+    ('The answer says {"result": 10}.\nScore: 3', 3.0),
 ])
 def test_scores_are_read_from_json_a_bare_number_or_a_named_score(reply, score):
     assert parse_score(reply) == score
@@ -88,7 +93,7 @@ def test_scores_are_read_from_json_a_bare_number_or_a_named_score(reply, score):
 @pytest.mark.parametrize("reply,label", [
     ("correct", "correct"), ("  Incorrect.\n", "incorrect"), ('"CORRECT"', "correct"), ("**correct**", "correct"),
     ('{"result": "incorrect"}', "incorrect"), ("Let me think.\nThe steps hold.\ncorrect", "correct"),
-    ("it is correct", None), ("maybe", None),
+    ('Found \\boxed{18}.\n{"result": "correct"}', "correct"), ("it is correct", None), ("maybe", None),
 ])
 def test_labels_are_matched_whole_ignoring_case(reply, label):
     assert parse_label(reply, ("correct", "incorrect")) == label
@@ -298,7 +303,11 @@ def test_a_run_trains_and_selects_on_a_judge_s_scores(tiny_hf_dir, tmp_path, sha
     def rule(text):  # scores 0..9 of range [0, 9]
         return len(text) % 10
 
-    j = judge(lambda body: (200, f"score: {rule(_user(body).split('A: ', 1)[1])}"))
+    def reply(body):  # (check_judges' PING first)
+        text = _user(body)
+        return 200, f"score: {rule(text.split('A: ', 1)[1])}" if "A: " in text else "OK"
+
+    j = judge(reply)
     root = pathlib.Path(__file__).resolve().parents[1]
     grader = _score_cfg(j.url, range=[0, 9])
     grader["input"][1]["content"] = "Q: {{item.question}}\nA: {{sample.output_text}}"
@@ -318,7 +327,8 @@ def test_a_run_trains_and_selects_on_a_judge_s_scores(tiny_hf_dir, tmp_path, sha
     assert len(rows) == rl["graded"] > 0 and rl["grader_errors"] == 0
     assert [r["score"] for r in rows] == [rule(r["completion"]) / 9 for r in rows]
     assert rl["reward"] == pytest.approx(sum(r["score"] for r in rows) / len(rows))
-    judged = {_user(b).split("A: ", 1)[1] for b in j.requests}
+    judged = {_user(b).split("A: ", 1)[1] for b in j.requests[1:]}
+    assert "connection check" in _user(j.requests[0])  # check_judges' one request, before the model loaded
     assert {r["completion"] for r in rows} <= judged
     # validation and test went through the judge too; a partial-credit grader selects on the mean score
     summary = json.loads((out / "summary.json").read_text())
@@ -346,3 +356,102 @@ def test_readme_s_judge_example_is_a_grader_this_version_builds():
     flags = re.findall(r"(--[a-z-]+)", serve.split("#")[0])
     args = build_parser().parse_args(serve.split("&")[0].split()[3:])  # the server takes every flag shown
     assert flags == ["--model", "--name", "--max-new-tokens"] and (args.name, args.max_new_tokens) == ("judge", 8)
+
+
+def test_openai_s_max_completions_tokens_is_sent_as_the_api_s_field(judge):
+    j = judge(lambda body: (200, "1"))
+    g = build_grader(_score_cfg(j.url, sampling_params={"max_completions_tokens": 5, "seed": 1}))
+    assert g.grade_batch([{"q": "q"}], ["a"])[0].score == 1.0
+    assert j.requests[0]["max_completion_tokens"] == 5 and "max_completions_tokens" not in j.requests[0]
+    with pytest.raises(ConfigError, match="are the same setting"):
+        build_grader(_score_cfg(j.url, sampling_params={"max_completions_tokens": 5, "max_completion_tokens": 5}))
+
+
+def test_a_reply_cut_mid_body_is_retried_and_faults_its_row_alone(judge):
+    """A connection dropped mid-reply (http.client.IncompleteRead) escaped the retries and replaced every grade of
+    the batch, the answered rows' too (review, session 42)."""
+    cuts = {"n": 0}
+
+    class Cut(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self):  # noqa: N802
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            text = _user(body).split("A: ")[1]
+            data = json.dumps({"choices": [{"message": {"content": "1"}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            if text.startswith("cut") and (text == "cut-always" or cuts["n"] == 0):
+                cuts["n"] += 1
+                self.wfile.write(data[:5])  # then the connection closes
+                self.close_connection = True
+                return
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Cut)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+        g = build_grader(_score_cfg(url, retries=1, max_concurrency=1))
+        assert [gr.score for gr in g.grade_batch([{"q": "q"}] * 3, ["a", "cut-once", "b"])] == [1.0, 1.0, 1.0]
+        a, cut = build_grader(_score_cfg(url, retries=0, max_concurrency=1)).grade_batch([{"q": "q"}] * 2,
+                                                                                         ["a", "cut-always"])
+        assert a.score == 1.0 and a.error is None  # the answered row keeps its grade
+        assert cut.details.get("grader_fault") and "IncompleteRead" in cut.error
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_check_judges_sends_one_request_with_the_grader_s_settings(judge):
+    """GET /models alone passed a grader whose every request the endpoint refuses (a field it does not take):
+    the run trained on zeros (review, session 42)."""
+    def reply(body):
+        return (400, "unknown field top_k") if "top_k" in body else (200, "OK")
+
+    j = judge(reply)
+    check_judges(build_grader(_score_cfg(j.url, sampling_params={"temperature": 0})))
+    assert j.requests[-1]["temperature"] == 0 and j.requests[-1]["model"] == "judge"
+    with pytest.raises(ConfigError, match=r"grader: the judge endpoint refuses the grader's request .*HTTP 400: "
+                                          r".*unknown field top_k"):
+        check_judges(build_grader(_score_cfg(j.url, sampling_params={"top_k": 5})))
+
+
+def test_the_server_keeps_a_connection_in_step_and_takes_null_fields(served):
+    import http.client
+
+    _, url = served
+    host, port = url.split("//")[1].split("/")[0].split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    msg = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "temperature": 0}
+
+    def post(path, body, headers=None):
+        data = json.dumps(body).encode()
+        conn.request("POST", path, data, {"Content-Type": "application/json", **(headers or {})})
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+
+    assert post("/v1/nowhere", msg)[0] == 404
+    status, out = post("/v1/chat/completions", msg)  # the same kept-alive connection: the 404's body was read
+    assert status == 200 and out["choices"][0]["message"]["role"] == "assistant"
+    nulls = dict(msg, max_tokens=None, n=None, stop=None, logprobs=None, seed=None, top_p=None, stream=False)
+    assert post("/v1/chat/completions", nulls)[0] == 200
+    status, out = post("/v1/chat/completions", dict(msg, seed=2**64))
+    assert status == 400 and "seed" in out["error"]["message"]
+    conn.close()
+    for bad in ("-1", "x", str(1 << 40)):  # answered, not dropped or held open
+        conn = http.client.HTTPConnection(host, int(port), timeout=60)
+        conn.putrequest("POST", "/v1/chat/completions")
+        conn.putheader("Content-Length", bad)
+        conn.endheaders()
+        assert conn.getresponse().status in (400, 413)
+        conn.close()
+    deep = "[" * 100000 + "]" * 100000
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    conn.request("POST", "/v1/chat/completions", deep.encode())
+    assert conn.getresponse().status == 400
+    conn.close()

@@ -14,15 +14,17 @@ callback inside the jitted rollout, where another JAX computation may not run.
     {"type": "label_model", "model": "NAME", "input": [...], "labels": ["correct", "incorrect"],
      "passing_labels": ["correct"]}
 
-* `score_model`: the reply is read as a JSON object's `result` (or `score`), else the whole reply as a number, else
-  the last `score: X` / `result: X` / `rating: X` / `grade: X` in it; anything else is a grader error (scored 0,
-  counted in `grader_errors`). The score is mapped from `range` (default [0, 1]) onto [0, 1]: (s - low) / (high -
+* `score_model`: the reply is read as the `result` (or `score`) of a JSON object that ends it, else as a number
+  (the whole reply or its last line), else as its last line `score: X` / `result: X` / `rating: X` / `grade: X`
+  (`**Final score:** 7/10` too: the scale after `/` is `range`'s to say); only the end counts, so a score the sample
+  itself states and the judge quotes earlier is not read. Anything else is a grader error (scored 0, counted in
+  `grader_errors`). The score is mapped from `range` (default [0, 1]) onto [0, 1]: (s - low) / (high -
   low), clipped (the first clip is logged).
 * `label_model`: the reply (or its last non-empty line), stripped of quotes, `*`, and final punctuation, is matched
-  to `labels` ignoring case (a JSON object's `result` / `label` too); 1 when that label is in `passing_labels`, else
-  0; a reply that is no label is a grader error.
-* `sampling_params` go to the endpoint as they are (`temperature`, `top_p`, `seed`, `max_completion_tokens`,
-  `reasoning_effort`, ...).
+  to `labels` ignoring case (the `result` / `label` of a JSON object that ends it too); 1 when that label is in
+  `passing_labels`, else 0; a reply that is no label is a grader error.
+* `sampling_params` go to the endpoint as they are (`temperature`, `top_p`, `seed`, `reasoning_effort`, ...), but
+  OpenAI's grader spelling `max_completions_tokens` is sent as the API's `max_completion_tokens`.
 * reftjax's own keys: `base_url` (default: `$REFTJAX_JUDGE_URL`, else `$OPENAI_BASE_URL`, else
   https://api.openai.com/v1), `api_key_env` (the environment variable holding the key, default `OPENAI_API_KEY`; a
   key itself is refused in the config, which a run writes to its `config.json`), `timeout` (seconds per request,
@@ -37,6 +39,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import http.client
 import json
 import logging
 import math
@@ -54,9 +57,11 @@ from reftjax.graders.openai import ConfigError, SampleFieldMissing, _lookup, _TE
 log = logging.getLogger("reftjax.graders")
 ROLES = ("system", "developer", "user", "assistant")
 DEFAULT_URL = "https://api.openai.com/v1"
-_SCORE_LINE = re.compile(r"(?:score|result|rating|grade)\s*[:=]\s*\**\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)",
-                         re.IGNORECASE)
+PING = "This is a connection check before training. Reply with OK."  # check_judges' one request
 _NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
+# the reply's last line alone: "Score: 7", "**Final score:** 7/10", "rating = 0.5." (the scale after / is range's)
+_SCORE_LINE = re.compile(r"[*#_ ]*(?:final\s+)?(?:score|result|rating|grade)[*_ ]*[:=][*_ ]*(" + _NUMBER.pattern +
+                         r")(?:\s*/\s*\d+(?:\.\d+)?|\s+out\s+of\s+\d+(?:\.\d+)?)?[*_ ]*\.?", re.IGNORECASE)
 _RETRY_STATUS = (408, 409, 429, 500, 502, 503, 504)
 
 
@@ -90,9 +95,10 @@ def chat_completion(base_url: str, payload: Mapping, *, api_key: str | None = No
             detail = exc.read()[:500].decode(errors="replace")
             if exc.code not in _RETRY_STATUS or attempt == retries:
                 raise JudgeError(f"{url}: HTTP {exc.code}: {detail}", exc.code in _RETRY_STATUS) from None
-        except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as exc:
+        except (urllib.error.URLError, TimeoutError, OSError, http.client.HTTPException) as exc:
+            # (a connection dropped mid-reply raises IncompleteRead / RemoteDisconnected: HTTPException)
             if attempt == retries:
-                raise JudgeError(f"{url}: {getattr(exc, 'reason', exc)}", True) from None
+                raise JudgeError(f"{url}: {type(exc).__name__}: {getattr(exc, 'reason', exc)}", True) from None
         except ValueError as exc:  # a body that is not JSON
             raise JudgeError(f"{url}: the reply is not JSON: {exc}") from None
         time.sleep(backoff * 2 ** attempt)
@@ -105,28 +111,38 @@ def chat_completion(base_url: str, payload: Mapping, *, api_key: str | None = No
     return content
 
 
-def _json_field(text: str, names: tuple) -> Any:
-    """`names[k]` of the JSON object the reply is (or holds, between its first `{` and last `}`), else None."""
-    for candidate in (text, text[text.find("{"):text.rfind("}") + 1] if "{" in text else ""):
+def _final_json(text: str, names: tuple) -> Any:
+    """`names[k]` of the JSON object that ends the reply (the whole reply, or its last part, ```-fenced or not), else
+    None. Only at the end: an object quoted earlier (the sample's own `{"result": 10}`) is not the verdict."""
+    body = text.strip()
+    body = body[:-3].rstrip() if body.endswith("```") else body
+    if not body.endswith("}"):
+        return None
+    decoder = json.JSONDecoder()
+    starts = [i for i, c in enumerate(body) if c == "{"][-64:]
+    for i in reversed(starts):  # the shortest object that ends the reply, then longer ones (nested verdicts)
         try:
-            obj = json.loads(candidate)
-        except ValueError:
+            obj, end = decoder.raw_decode(body, i)
+        except (ValueError, RecursionError):
             continue
-        if isinstance(obj, dict):
-            return next((obj[n] for n in names if n in obj), None)
+        if end == len(body) and isinstance(obj, dict) and any(n in obj for n in names):
+            return next(obj[n] for n in names if n in obj)
     return None
 
 
 def parse_score(text: str) -> float | None:
     """The score a judge's reply states (see the module doc), or None."""
-    value = _json_field(text, ("result", "score"))
+    value = _final_json(text, ("result", "score"))
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
-    bare = text.strip().strip("*`\"' ").rstrip(".")
-    if _NUMBER.fullmatch(bare):
-        return float(bare)
-    found = _SCORE_LINE.findall(text)
-    return float(found[-1]) if found else None
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    last = lines[-1] if lines else ""
+    for candidate in (text.strip(), last):
+        bare = candidate.strip().strip("*`\"' ").rstrip(".")
+        if _NUMBER.fullmatch(bare):
+            return float(bare)
+    named = _SCORE_LINE.fullmatch(last.strip())
+    return float(named.group(1)) if named else None
 
 
 def _norm(text: str) -> str:
@@ -136,7 +152,7 @@ def _norm(text: str) -> str:
 def parse_label(text: str, labels: Sequence[str]) -> str | None:
     """The label a judge's reply states (see the module doc), or None."""
     by_norm = {_norm(label): label for label in labels}
-    value = _json_field(text, ("result", "label"))
+    value = _final_json(text, ("result", "label"))
     lines = [ln for ln in text.splitlines() if ln.strip()]
     for candidate in ([value] if isinstance(value, str) else []) + [text] + lines[-1:]:
         if _norm(candidate) in by_norm:
@@ -173,7 +189,16 @@ class ModelGrader:
         """The chat-completions request body for one sample."""
         sample = sample_of(text)
         return {"model": self.model, "messages": [{"role": r, "content": render(c, sample, item)}
-                                                  for r, c in self.messages], **dict(self.sampling_params)}
+                                                  for r, c in self.messages], **self.params()}
+
+    def params(self) -> dict:
+        """`sampling_params` as the chat-completions API spells them: OpenAI's grader field
+        `max_completions_tokens` is the API's `max_completion_tokens` (sent as it was, every request got a 400 from
+        servers that check their fields; review, session 42)."""
+        out = dict(self.sampling_params)
+        if "max_completions_tokens" in out:
+            out["max_completion_tokens"] = out.pop("max_completions_tokens")
+        return out
 
     def _grade_reply(self, reply: str) -> Grade:
         if self.kind == "label_model":
@@ -203,6 +228,8 @@ class ModelGrader:
             if exc.unreachable:
                 down.append(str(exc))
             return faulted(f"judge: {exc}")
+        except Exception as exc:  # noqa: BLE001 - this row's fault, not the batch's (the others were answered)
+            return faulted(f"judge: {type(exc).__name__}: {exc}")
         return self._grade_reply(reply)
 
     def grade_batch(self, items: Sequence[Item], texts: Sequence[str]) -> list[Grade]:
@@ -267,6 +294,9 @@ def build_model_grader(cfg: Mapping, where: str) -> ModelGrader:
     if not isinstance(params, Mapping) or any(k in ("model", "messages", "stream", "n") for k in params):
         raise ConfigError(f"{where}.sampling_params: must be an object of request fields other than model, "
                           f"messages, stream and n, got {params!r}")
+    if "max_completions_tokens" in params and "max_completion_tokens" in params:
+        raise ConfigError(f"{where}.sampling_params: max_completions_tokens (OpenAI's grader spelling) and "
+                          f"max_completion_tokens (the API's) are the same setting: give one")
     extra: dict = {}
     if kind == "score_model":
         r = cfg.get("range", [0, 1])
@@ -309,9 +339,10 @@ def judges(grader, where: str = "grader"):
 
 
 def check_judges(grader, timeout: float = 30.0) -> None:
-    """Asks every judge endpoint of `grader` for its models (`GET {base_url}/models`) before a run loads anything:
-    an endpoint that cannot be reached or refuses the key raises ConfigError naming the config path (every reward
-    would be 0, as a grader error); a model the endpoint does not list is logged."""
+    """Asks every judge endpoint of `grader` for its models (`GET {base_url}/models`), then sends it one request
+    (`PING`) with the grader's model and sampling_params, before a run loads anything: an endpoint that cannot be
+    reached, refuses the key or refuses the request raises ConfigError naming the config path (every reward would be
+    0, as a grader error); a model the endpoint does not list is logged."""
     for where, g in judges(grader):
         url = g.base_url.rstrip("/") + "/models"
         key = os.environ.get(g.api_key_env)
@@ -330,3 +361,11 @@ def check_judges(grader, timeout: float = 30.0) -> None:
         if ids and g.model not in ids:
             log.warning("%s: the judge endpoint %s does not list model %r (it lists %s)", where, g.base_url,
                         g.model, ids[:10])
+        # one request with the model and sampling_params: a setting the endpoint refuses (a field it does not take,
+        # a model it does not serve) failed every row of the run, which went on training on zeros (review)
+        try:
+            chat_completion(g.base_url, {"model": g.model, "messages": [{"role": "user", "content": PING}],
+                                         **g.params()}, api_key=key, timeout=g.timeout, retries=g.retries)
+        except JudgeError as exc:
+            raise ConfigError(f"{where}: the judge endpoint refuses the grader's request (model, sampling_params): "
+                              f"{exc}") from None
