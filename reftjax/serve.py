@@ -234,6 +234,8 @@ def make_handler(name: str, tokenizer, cfg: ServeConfig, batcher: Batcher):
             self.send_response(code)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
+            if self.close_connection:  # (a body left unread: the client must not send on this connection)
+                self.send_header("Connection", "close")
             self.end_headers()
             self.wfile.write(data)
 
@@ -250,6 +252,9 @@ def make_handler(name: str, tokenizer, cfg: ServeConfig, batcher: Batcher):
                 self._error(404, f"no route {self.path}")
 
         def do_POST(self):  # noqa: N802
+            if self.headers.get("Transfer-Encoding"):  # (chunked bodies: unread chunks were taken for the next request)
+                self.close_connection = True
+                return self._error(411, "send the body with a Content-Length (no Transfer-Encoding)")
             try:  # the body is read whatever the route (an unread one was taken for the next request on a kept-alive
                 length = int(self.headers.get("Content-Length") or 0)  # connection)
             except ValueError:

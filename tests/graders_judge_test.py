@@ -81,10 +81,13 @@ def _score_cfg(url, **kw):
     ('Reasoning...\n{"score": 9.5}', 9.5), ("The answer is 42, right.\nScore: 6", 6.0),
     ("**Final score:** 7/10", 7.0), ("Score: 7 out of 10.", 7.0), ('```json\n{"result": 4}\n```', 4.0),
     ('the answer \\boxed{18} is right\n{"result": 9}', 9.0),  # a brace before the verdict (math answers have them)
-    ("8 out of 10", None), ("no idea", None), ('{"result": "high"}', None), ("rating = 2 ... final grade: 4", None),
+    ("8 out of 10", 8.0), ("8/10", 8.0), ("Overall score: 8", 8.0), ("Score (0-10): 8", 8.0), ("no idea", None),
+    ('{"result": "high"}', None), ("rating = 2 ... final grade: 4", None),
     # only the end of the reply counts: a score the sample states, quoted by the judge, is not read (review)
     ("Score: 2 ... an upgrade: 10 more steps", None), ('Score: 1\nThe student claims "score: 10"', None),
     ('The answer says {"result": 10}.\nScore: 3', 3.0),
+    ('{"steps": [' + ",".join(['"\\\\frac{1}{2}"'] * 80) + '], "result": 0.25}', 0.25),  # 160 braces in its steps
+    ('{"result": ' + "9" * 400 + "}", None), ("1" * 100_000, None), ("1" * 100_000 + "\nScore: 2", 2.0),
 ])
 def test_scores_are_read_from_json_a_bare_number_or_a_named_score(reply, score):
     assert parse_score(reply) == score
@@ -454,4 +457,49 @@ def test_the_server_keeps_a_connection_in_step_and_takes_null_fields(served):
     conn = http.client.HTTPConnection(host, int(port), timeout=60)
     conn.request("POST", "/v1/chat/completions", deep.encode())
     assert conn.getresponse().status == 400
+    conn.close()
+
+
+def test_a_row_that_cannot_be_read_faults_alone(judge):
+    """A sample of 1,000 `[` (its JSON parse recursed) or a 400-digit verdict raised out of one row and faulted the
+    whole batch, answered rows too (review E, session 42)."""
+    j = judge(lambda body: (200, '{"result": ' + "9" * 400 + "}" if "big" in _user(body) else "0.5"))
+    g = build_grader(_score_cfg(j.url, max_concurrency=1))
+    grades = g.grade_batch([{"q": "q"}] * 4, ["a", "[" * 5000, "big", "b"])
+    assert [gr.score for gr in grades] == [0.5, 0.5, 0.0, 0.5] and grades[2].details.get("grader_fault")
+
+
+def test_openai_sdk_style_configs_are_taken(judge):
+    """Text content blocks and null optional fields (what an SDK's model_dump() writes) were refused."""
+    j = judge(lambda body: (200, "1"))
+    cfg = _score_cfg(j.url, sampling_params=None, range=None, pass_threshold=None)
+    cfg["input"][1] = {"type": "message", "role": "user",
+                       "content": [{"type": "input_text", "text": "Q: {{item.q}} "},
+                                   {"type": "input_text", "text": "A: {{sample.output_text}}"}]}
+    g = build_grader(cfg)
+    assert g.range == (0.0, 1.0) and g.grade_batch([{"q": "1+1"}], ["2"])[0].score == 1.0
+    assert _user(j.requests[0]) == "Q: 1+1 A: 2"
+    with pytest.raises(ConfigError, match=r"timeout: must be a number in \[0.001, 86400\]"):
+        build_grader(_score_cfg(j.url, timeout=1e12))
+
+
+def test_check_judges_sends_the_grader_s_own_turns(judge):
+    """A single user turn passed an endpoint that refuses the grader's system turn (every row then a 400)."""
+    j = judge(lambda body: (400, "no system role") if body["messages"][0]["role"] == "system" else (200, "1"))
+    with pytest.raises(ConfigError, match="no system role"):
+        check_judges(build_grader(_score_cfg(j.url)))
+    assert "{{" not in json.dumps(j.requests[0])  # template fields filled
+
+
+def test_the_server_refuses_a_chunked_body_and_closes(served):
+    import http.client
+
+    _, url = served
+    host, port = url.split("//")[1].split("/")[0].split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    conn.putrequest("POST", "/v1/chat/completions")
+    conn.putheader("Transfer-Encoding", "chunked")
+    conn.endheaders()  # (the chunks are not sent: the server answers on the headers)
+    resp = conn.getresponse()
+    assert resp.status == 411 and resp.getheader("Connection") == "close"
     conn.close()

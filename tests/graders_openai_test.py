@@ -122,7 +122,7 @@ def test_math_equiv_refuses_a_prediction_that_is_code():
     ({"type": "python", "source": "import math\n\ndef grade(s, i, ref):\n    return 1"}, "line 3: grade\\(\\) must"),
     ({"type": "python", "source": "def grade(s, i, *, k):\n    return 1"}, "must take two arguments"),
     ({"type": "python", "source": "def grade(s, i):\n    return 1\ndef grade(s):\n    return 1"}, "line 3: grade"),
-    ({"type": "score_model", "model": "x", "input": []}, "not supported in this version"),
+    ({"type": "score_model", "model": "x", "input": []}, r"grader\.input: must be a non-empty list of messages"),
     ({"type": "multi", "graders": {"a": {"type": "gsm8k"}}, "calculate_output": "a + b"},
      "unknown names"),
     ({"type": "multi", "graders": {"a": {"type": "gsm8k"}}, "calculate_output": "__import__('os')"},

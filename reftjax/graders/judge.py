@@ -9,17 +9,17 @@ callback inside the jitted rollout, where another JAX computation may not run.
     {"type": "score_model", "name": "judge", "model": "NAME",
      "input": [{"role": "system", "content": "Score the answer from 0 to 10. Reply with the number only."},
                {"role": "user", "content": "Question: {{item.question}}\\nAnswer: {{sample.output_text}}"}],
-     "range": [0, 10], "sampling_params": {"temperature": 0, "max_completion_tokens": 16},
+     "range": [0, 10], "sampling_params": {"temperature": 0, "max_completions_tokens": 16},
      "base_url": "http://127.0.0.1:8000/v1"}
     {"type": "label_model", "model": "NAME", "input": [...], "labels": ["correct", "incorrect"],
      "passing_labels": ["correct"]}
 
-* `score_model`: the reply is read as the `result` (or `score`) of a JSON object that ends it, else as a number
-  (the whole reply or its last line), else as its last line `score: X` / `result: X` / `rating: X` / `grade: X`
-  (`**Final score:** 7/10` too: the scale after `/` is `range`'s to say); only the end counts, so a score the sample
-  itself states and the judge quotes earlier is not read. Anything else is a grader error (scored 0, counted in
-  `grader_errors`). The score is mapped from `range` (default [0, 1]) onto [0, 1]: (s - low) / (high -
-  low), clipped (the first clip is logged).
+* `score_model`: the reply is read as the `result` (or `score`) of a JSON object that ends it, else as its last line
+  if that is a number (`7`, `7/10`, `7 out of 10`: the scale is `range`'s to say) or a score line (`Score: 7`,
+  `**Final score:** 7/10`, `Overall rating (0-10) = 7`: up to three words before score / result / rating / grade);
+  only the end counts, so a score the sample itself states and the judge quotes earlier is not read. Anything else
+  is a grader error (scored 0, counted in `grader_errors`). The score is mapped from `range` (default [0, 1]) onto
+  [0, 1]: (s - low) / (high - low), clipped (the first clip is logged).
 * `label_model`: the reply (or its last non-empty line), stripped of quotes, `*`, and final punctuation, is matched
   to `labels` ignoring case (the `result` / `label` of a JSON object that ends it too); 1 when that label is in
   `passing_labels`, else 0; a reply that is no label is a grader error.
@@ -28,8 +28,9 @@ callback inside the jitted rollout, where another JAX computation may not run.
 * reftjax's own keys: `base_url` (default: `$REFTJAX_JUDGE_URL`, else `$OPENAI_BASE_URL`, else
   https://api.openai.com/v1), `api_key_env` (the environment variable holding the key, default `OPENAI_API_KEY`; a
   key itself is refused in the config, which a run writes to its `config.json`), `timeout` (seconds per request,
-  default 120), `max_concurrency` (requests in flight, default 16), `retries` (after a connection error, a timeout,
-  429 or 5xx; default 3).
+  default 120, at most a day), `max_concurrency` (requests in flight, default 16), `retries` (after a connection
+  error, a timeout, 408, 409, 429 or 5xx: waiting 0.5 s, doubling, at most 30 s, or the endpoint's `Retry-After` up
+  to a minute; default 3). Null fields count as absent; a message's content may be OpenAI's list of text blocks.
 
 Exact resume and the reproducibility of rewards need a deterministic judge: temperature 0 (reftjax's server is
 then greedy; hosted models promise less). A judge scores whatever it reads: a policy can learn to persuade it
@@ -57,11 +58,15 @@ from reftjax.graders.openai import ConfigError, SampleFieldMissing, _lookup, _TE
 log = logging.getLogger("reftjax.graders")
 ROLES = ("system", "developer", "user", "assistant")
 DEFAULT_URL = "https://api.openai.com/v1"
-PING = "This is a connection check before training. Reply with OK."  # check_judges' one request
-_NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
-# the reply's last line alone: "Score: 7", "**Final score:** 7/10", "rating = 0.5." (the scale after / is range's)
-_SCORE_LINE = re.compile(r"[*#_ ]*(?:final\s+)?(?:score|result|rating|grade)[*_ ]*[:=][*_ ]*(" + _NUMBER.pattern +
-                         r")(?:\s*/\s*\d+(?:\.\d+)?|\s+out\s+of\s+\d+(?:\.\d+)?)?[*_ ]*\.?", re.IGNORECASE)
+PING = "(a connection check before training)"  # what check_judges' one request puts in every template field
+# (one way to split a run of digits: `\d+\.?\d*` backtracked quadratically on a long one; review E, session 42)
+_NUMBER = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?")
+_SCALE = r"(?:\s*/\s*\d+(?:\.\d+)?|\s+out\s+of\s+\d+(?:\.\d+)?)?"  # "/10", "out of 10": range's to say
+_BARE = re.compile(r"(" + _NUMBER.pattern + r")" + _SCALE)
+# the reply's last line alone: "Score: 7", "**Final score:** 7/10", "Overall rating (0-10) = 0.5."
+_SCORE_LINE = re.compile(r"[*#_ ]*(?:[a-z]+\s+){0,3}?(?:score|result|rating|grade)(?:\s*\([^()]{0,30}\))?[*_ ]*[:=]"
+                         r"[*_ ]*(" + _NUMBER.pattern + r")" + _SCALE + r"[*_ ]*\.?", re.IGNORECASE)
+_LINE_MAX = 200  # characters: a longer line is no score line (and bounds the matching)
 _RETRY_STATUS = (408, 409, 429, 500, 502, 503, 504)
 
 
@@ -95,13 +100,17 @@ def chat_completion(base_url: str, payload: Mapping, *, api_key: str | None = No
             detail = exc.read()[:500].decode(errors="replace")
             if exc.code not in _RETRY_STATUS or attempt == retries:
                 raise JudgeError(f"{url}: HTTP {exc.code}: {detail}", exc.code in _RETRY_STATUS) from None
+            wait = _retry_after(exc.headers.get("Retry-After"))
+            if wait is not None:  # a rate limit's own word (429, 503), up to a minute
+                time.sleep(wait)
+                continue
         except (urllib.error.URLError, TimeoutError, OSError, http.client.HTTPException) as exc:
             # (a connection dropped mid-reply raises IncompleteRead / RemoteDisconnected: HTTPException)
             if attempt == retries:
                 raise JudgeError(f"{url}: {type(exc).__name__}: {getattr(exc, 'reason', exc)}", True) from None
         except ValueError as exc:  # a body that is not JSON
             raise JudgeError(f"{url}: the reply is not JSON: {exc}") from None
-        time.sleep(backoff * 2 ** attempt)
+        time.sleep(min(backoff * 2 ** attempt, 30.0))
     try:
         content = data["choices"][0]["message"]["content"]
     except (KeyError, IndexError, TypeError):
@@ -111,6 +120,14 @@ def chat_completion(base_url: str, payload: Mapping, *, api_key: str | None = No
     return content
 
 
+def _retry_after(value) -> float | None:
+    """Seconds a Retry-After header asks for (a number of seconds; an HTTP date is ignored), at most 60."""
+    try:
+        return min(max(float(value), 0.0), 60.0) if value is not None else None
+    except ValueError:
+        return None
+
+
 def _final_json(text: str, names: tuple) -> Any:
     """`names[k]` of the JSON object that ends the reply (the whole reply, or its last part, ```-fenced or not), else
     None. Only at the end: an object quoted earlier (the sample's own `{"result": 10}`) is not the verdict."""
@@ -118,15 +135,18 @@ def _final_json(text: str, names: tuple) -> Any:
     body = body[:-3].rstrip() if body.endswith("```") else body
     if not body.endswith("}"):
         return None
-    decoder = json.JSONDecoder()
-    starts = [i for i, c in enumerate(body) if c == "{"][-64:]
-    for i in reversed(starts):  # the shortest object that ends the reply, then longer ones (nested verdicts)
+    decoder, i = json.JSONDecoder(), body.find("{")
+    for _ in range(10_000):  # left to right, skipping over each object decoded: the outermost one that ends the reply
+        if i < 0:  # (the last 64 starts only, from the right, missed a verdict with braces in its steps; review E)
+            break
         try:
             obj, end = decoder.raw_decode(body, i)
         except (ValueError, RecursionError):
+            i = body.find("{", i + 1)
             continue
-        if end == len(body) and isinstance(obj, dict) and any(n in obj for n in names):
-            return next(obj[n] for n in names if n in obj)
+        if end == len(body):
+            return next((obj[n] for n in names if n in obj), None) if isinstance(obj, dict) else None
+        i = body.find("{", end)
     return None
 
 
@@ -134,15 +154,16 @@ def parse_score(text: str) -> float | None:
     """The score a judge's reply states (see the module doc), or None."""
     value = _final_json(text, ("result", "score"))
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # a 400-digit integer
+            return None
     lines = [ln for ln in text.splitlines() if ln.strip()]
-    last = lines[-1] if lines else ""
-    for candidate in (text.strip(), last):
-        bare = candidate.strip().strip("*`\"' ").rstrip(".")
-        if _NUMBER.fullmatch(bare):
-            return float(bare)
-    named = _SCORE_LINE.fullmatch(last.strip())
-    return float(named.group(1)) if named else None
+    last = lines[-1].strip() if lines else ""
+    if len(last) > _LINE_MAX:
+        return None
+    found = _BARE.fullmatch(last.strip("*`\"' ").rstrip(".")) or _SCORE_LINE.fullmatch(last)
+    return float(found.group(1)) if found else None
 
 
 def _norm(text: str) -> str:
@@ -214,12 +235,12 @@ class ModelGrader:
                             ("score_model", self.model, self.messages)), extracted=f"{score:g}")
 
     def _one(self, item: Item, text: str, key: str | None, down: list) -> Grade:
-        try:
+        try:  # (any failure is this row's: one escaping faulted the whole batch, answered rows too; review E)
             payload = self.request(item, text)
         except SampleFieldMissing as exc:  # the completion lacks what a template reads: unanswered
             return Grade(0.0, error=str(exc.args[0] if exc.args else exc))
-        except (KeyError, TypeError, ValueError) as exc:
-            return faulted(f"input error: {exc}")
+        except Exception as exc:  # noqa: BLE001
+            return faulted(f"input error: {type(exc).__name__}: {exc}")
         if down:  # the endpoint failed a request of this batch after its retries: the rest fail at once (a hung
             return faulted(f"judge: not asked, the endpoint failed this batch: {down[0]}")  # judge held each row)
         try:
@@ -230,7 +251,10 @@ class ModelGrader:
             return faulted(f"judge: {exc}")
         except Exception as exc:  # noqa: BLE001 - this row's fault, not the batch's (the others were answered)
             return faulted(f"judge: {type(exc).__name__}: {exc}")
-        return self._grade_reply(reply)
+        try:
+            return self._grade_reply(reply)
+        except Exception as exc:  # noqa: BLE001
+            return faulted(f"the judge's reply could not be read: {type(exc).__name__}: {exc}")
 
     def grade_batch(self, items: Sequence[Item], texts: Sequence[str]) -> list[Grade]:
         _check_lengths(items, texts)
@@ -242,18 +266,19 @@ class ModelGrader:
             return [faulted(f"grader error: {type(exc).__name__}: {exc}")] * len(texts)
 
 
-def _number(cfg: Mapping, key: str, where: str, default, low=0.0, integer=False):
+def _number(cfg: Mapping, key: str, where: str, default, low=0.0, high=1e6, integer=False):
     value = cfg.get(key, default)
     ok = isinstance(value, int if integer else (int, float)) and not isinstance(value, bool) and \
-        math.isfinite(value) and value >= low
+        math.isfinite(value) and low <= value <= high
     if not ok:
-        raise ConfigError(f"{where}.{key}: must be {'an integer' if integer else 'a number'} >= {low:g}, "
+        raise ConfigError(f"{where}.{key}: must be {'an integer' if integer else 'a number'} in [{low:g}, {high:g}], "
                           f"got {value!r}")
     return value
 
 
 def build_model_grader(cfg: Mapping, where: str) -> ModelGrader:
     """A ModelGrader from its config (`type` score_model / label_model), every field checked, naming its path."""
+    cfg = {k: v for k, v in cfg.items() if v is not None}  # (OpenAI's schema: null is "not set"; SDK dumps write it)
     kind = cfg["type"]
     required = ("model", "input") + (("labels", "passing_labels") if kind == "label_model" else ())
     optional = {"name", "sampling_params", "base_url", "api_key_env", "timeout", "max_concurrency", "retries",
@@ -281,13 +306,19 @@ def build_model_grader(cfg: Mapping, where: str) -> ModelGrader:
             raise ConfigError(f"{at}: must be {{\"role\": ..., \"content\": \"template\"}}, got {m!r}")
         if m["role"] not in ROLES:
             raise ConfigError(f"{at}.role: must be one of {list(ROLES)}, got {m['role']!r}")
-        if not isinstance(m["content"], str):
-            raise ConfigError(f"{at}.content: must be a template string (text), got {m['content']!r}")
+        content = m["content"]
+        if isinstance(content, list) and content and all(
+                isinstance(b, Mapping) and b.get("type") in ("input_text", "text") and isinstance(b.get("text"), str)
+                for b in content):  # OpenAI's content blocks of text, joined
+            content = "".join(b["text"] for b in content)
+        if not isinstance(content, str):
+            raise ConfigError(f"{at}.content: must be a template string, or a list of {{\"type\": \"input_text\", "
+                              f"\"text\": ...}} blocks (images are not supported), got {m['content']!r}")
         try:
-            check_template(m["content"])
+            check_template(content)
         except KeyError as exc:
             raise ConfigError(f"{at}.content: {exc.args[0]}") from None
-        pairs.append((m["role"], m["content"]))
+        pairs.append((m["role"], content))
     if not any(path.startswith("sample.") for _, c in pairs for path in _TEMPLATE.findall(c)):
         raise ConfigError(f"{where}.input: no message shows the judge the sample ({{{{sample.output_text}}}})")
     params = cfg.get("sampling_params", {})
@@ -323,7 +354,7 @@ def build_model_grader(cfg: Mapping, where: str) -> ModelGrader:
                        base_url=cfg.get("base_url") or default_base_url(),
                        sampling_params=tuple(sorted(params.items(), key=lambda kv: kv[0])),
                        api_key_env=cfg.get("api_key_env", "OPENAI_API_KEY"),
-                       timeout=float(_number(cfg, "timeout", where, 120.0, low=1e-3)),
+                       timeout=float(_number(cfg, "timeout", where, 120.0, low=1e-3, high=86400)),
                        max_concurrency=_number(cfg, "max_concurrency", where, 16, low=1, integer=True),
                        retries=_number(cfg, "retries", where, 3, integer=True), **extra)
 
@@ -363,9 +394,11 @@ def check_judges(grader, timeout: float = 30.0) -> None:
                         g.model, ids[:10])
         # one request with the model and sampling_params: a setting the endpoint refuses (a field it does not take,
         # a model it does not serve) failed every row of the run, which went on training on zeros (review)
+        # the grader's own turns (a template that refuses a system turn refused every row), fields filled with PING
+        messages = [{"role": r, "content": _TEMPLATE.sub(PING, c)} for r, c in g.messages]
         try:
-            chat_completion(g.base_url, {"model": g.model, "messages": [{"role": "user", "content": PING}],
-                                         **g.params()}, api_key=key, timeout=g.timeout, retries=g.retries)
+            chat_completion(g.base_url, {"model": g.model, "messages": messages, **g.params()}, api_key=key,
+                            timeout=g.timeout, retries=g.retries)
         except JudgeError as exc:
             raise ConfigError(f"{where}: the judge endpoint refuses the grader's request (model, sampling_params): "
                               f"{exc}") from None
