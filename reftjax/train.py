@@ -1027,6 +1027,10 @@ def keep_earlier_settings(cfg: ExperimentConfig, out: str | pathlib.Path, given=
     return from_dict(d)
 
 
+JUDGE_TRANSPORT = ("base_url", "api_key_env", "timeout", "max_concurrency", "retries")  # free on resume
+_JUDGES = ("score_model", "label_model")
+
+
 def _check_same_run(cfg_path: pathlib.Path, new: dict, content_checked: bool = False) -> None:
     """Refuses to resume a run directory under different settings (besides `RESUMABLE_CHANGES`, and `LOCATIONS`
     when `content_checked`: the run's data.json records the digests of what they hold). A setting the stored
@@ -1050,8 +1054,12 @@ def _check_same_run(cfg_path: pathlib.Path, new: dict, content_checked: bool = F
         if k not in a and k in defaults and b[k] in earlier(k):
             return True  # a setting added since the run began, at a value that keeps the earlier behaviour (runs from
             # before data.val_file were refused)
-        if k.startswith("grader.") and k.rsplit(".", 1)[1] in ("pass_threshold", "range") and k not in b:
+        parent, _, leaf = k.rpartition(".")
+        if k.startswith("grader.") and leaf in ("pass_threshold", "range") and k not in b and \
+                a.get(parent + ".type") != "score_model":  # (whose range maps its scores since session 42)
             return True  # accepted and ignored before session 35, refused since: the run did without them (review)
+        if k.startswith("grader.") and leaf in JUDGE_TRANSPORT and a.get(parent + ".type") in _JUDGES:
+            return True  # how a model grader reaches its judge (a server restarted on another port), not what it asks
         if k.startswith("rerank.") and not a.get("rerank.epochs") and not b.get("rerank.epochs"):
             return True  # the verifier phase is off in both: its settings change nothing (a preset's did)
         if k in LOCATIONS:  # a path to another path; null <-> a path changes what is read (a held-out split, GSM8K)

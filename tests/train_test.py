@@ -867,6 +867,23 @@ def test_a_rerun_may_change_only_how_the_run_is_saved_and_laid_out(tmp_path):
     _check_same_run(path, to_dict(graded))
     with pytest.raises(RunDirError, match=r"grader.operation: \"eq\" -> \"ne\""):
         _check_same_run(path, to_dict(replace_path(graded, "grader", dict(g, operation="ne"))))
+    # a model grader's judge may move (a server restarted on another port) or be waited for longer; what it is asked,
+    # and a score_model's range (which maps its scores), may not (session 42)
+    judge = {"type": "score_model", "model": "m", "base_url": "http://a:1/v1", "range": [0, 10],
+             "input": [{"role": "user", "content": "{{sample.output_text}}"}]}
+    multi = {"type": "multi", "calculate_output": "j", "graders": {"j": judge}}
+    for top in (judge, multi):
+        path.write_text(json.dumps(to_dict(replace_path(cfg, "grader", top))))
+        inner = lambda **kw: {**top, "graders": {"j": {**judge, **kw}}} if top is multi else {**judge, **kw}
+        _check_same_run(path, to_dict(replace_path(cfg, "grader", inner(base_url="http://b:2/v1", timeout=600,
+                                                                         max_concurrency=4, retries=9))))
+        for change, shown in ((dict(model="n"), "model"), (dict(range=[0, 5]), "range")):
+            with pytest.raises(RunDirError, match=shown):
+                _check_same_run(path, to_dict(replace_path(cfg, "grader", inner(**change))))
+        without = {k: v for k, v in judge.items() if k != "range"}
+        with pytest.raises(RunDirError, match="range"):
+            _check_same_run(path, to_dict(replace_path(cfg, "grader", {**top, "graders": {"j": without}}
+                                                       if top is multi else without)))
     path.write_text(json.dumps(to_dict(cfg)))
     assert not _has_model_digest(tmp_path / "data.json")
     (tmp_path / "data.json").write_text(json.dumps({"train": {}, "model": {"params": "0123"}}))
