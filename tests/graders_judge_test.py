@@ -1,6 +1,7 @@
 """Model-based graders (`score_model`, `label_model`) against a scripted OpenAI-compatible endpoint, and reftjax's
 own endpoint (`reftjax.serve`) against `generate`."""
 import concurrent.futures
+import contextlib
 import http.server
 import json
 import logging
@@ -51,6 +52,23 @@ class _Judge:
     def close(self):
         self.server.shutdown()
         self.server.server_close()
+
+
+class _Quiet(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@contextlib.contextmanager
+def _serving(handler):
+    """`handler` (a request handler class) served in a thread; yields the base URL."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 @pytest.fixture
@@ -184,24 +202,14 @@ def test_check_judges_fails_before_a_run_on_an_unreachable_or_refusing_endpoint(
                                           r"cannot be reached"):
         check_judges(build_grader(multi))
 
-    class Refuse(http.server.BaseHTTPRequestHandler):
+    class Refuse(_Quiet):
         def do_GET(self):  # noqa: N802
             self.send_response(401)
             self.send_header("Content-Length", "0")
             self.end_headers()
 
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/v1"
-        with pytest.raises(ConfigError, match=r"HTTP 401 \(is \$OPENAI_API_KEY set\?\)"):
-            check_judges(build_grader(_score_cfg(url)))
-    finally:
-        server.shutdown()
-        server.server_close()
+    with _serving(Refuse) as url, pytest.raises(ConfigError, match=r"HTTP 401 \(is \$OPENAI_API_KEY set\?\)"):
+        check_judges(build_grader(_score_cfg(url)))
 
 
 @pytest.mark.parametrize("change,message", [
@@ -375,7 +383,7 @@ def test_a_reply_cut_mid_body_is_retried_and_faults_its_row_alone(judge):
     the batch, the answered rows' too (review, session 42)."""
     cuts = {"n": 0}
 
-    class Cut(http.server.BaseHTTPRequestHandler):
+    class Cut(_Quiet):
         protocol_version = "HTTP/1.1"
 
         def do_POST(self):  # noqa: N802
@@ -392,22 +400,13 @@ def test_a_reply_cut_mid_body_is_retried_and_faults_its_row_alone(judge):
                 return
             self.wfile.write(data)
 
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Cut)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    with _serving(Cut) as url:
         g = build_grader(_score_cfg(url, retries=1, max_concurrency=1))
         assert [gr.score for gr in g.grade_batch([{"q": "q"}] * 3, ["a", "cut-once", "b"])] == [1.0, 1.0, 1.0]
         a, cut = build_grader(_score_cfg(url, retries=0, max_concurrency=1)).grade_batch([{"q": "q"}] * 2,
                                                                                          ["a", "cut-always"])
         assert a.score == 1.0 and a.error is None  # the answered row keeps its grade
         assert cut.details.get("grader_fault") and "IncompleteRead" in cut.error
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_check_judges_sends_one_request_with_the_grader_s_settings(judge):
