@@ -355,7 +355,7 @@ def run_cli(args, make_config=preset_config) -> int:
     from reftjax.data.records import DataError
     from reftjax.graders.openai import ConfigError
     from reftjax.hf import CheckpointError
-    from reftjax.train import RunDirError, SettingsError, run
+    from reftjax.train import GraderFailure, RunDirError, SettingsError, run
 
     out = args.out or os.path.join("runs", cfg.name)
     # (after the settings are read: it came before every one-line error, --print-config's included; session 35's list)
@@ -365,6 +365,9 @@ def run_cli(args, make_config=preset_config) -> int:
     except (CheckpointError, ConfigError, DataError, RunDirError, SettingsError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except GraderFailure as e:  # (a resumable stop: rerun once the grader or its judge is fixed)
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     except (ValueError, OSError) as e:  # a model the decoder cannot run, --out a file, a device count the mesh
         if args.verbose:  # cannot use: one line too (they were tracebacks, exit 1; review, session 30); --verbose
             raise  # keeps the traceback of an unexpected one

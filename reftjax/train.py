@@ -549,7 +549,6 @@ def run_rl(cfg: ExperimentConfig, model, ref_params, data: Data, grader, mesh, o
         bar = _bar(r.iterations, f"RL ({r.ppo.algo})", it, progress)
         stopped_early = lambda: bool(r.early_stop_patience) and since_best >= r.early_stop_patience  # noqa: E731
         stop.check()  # an interrupt between phases (all processes decide together)
-        warned_broken = False
         while it < r.iterations and not stop.agreed and not stopped_early():  # (resumed after an early stop: done)
             batch = next(loader)
             t0, c0 = time.perf_counter(), xla_cache.busy_seconds()
@@ -563,6 +562,16 @@ def run_rl(cfg: ExperimentConfig, model, ref_params, data: Data, grader, mesh, o
             idx = jnp.repeat(batch["example_idx"], samp.n)
             exp, em = exp_fn(state.params, ref_params, ro, idx)
             jax.block_until_ready(em)  # the ordered grader callback: block per step (see graders.callback)
+            broken = reward_fn.last.error or every_one_faulted(reward_fn.last.grades)
+            if from_process_0(np.asarray(broken is not None)):  # (RL rows are graded where the callback runs)
+                # an update on rewards that are all grader errors trains on the KL penalty (and value loss) alone: a
+                # judge that died mid-run went on so to the end, exit 0 (review F, session 42)
+                raise GraderFailure(
+                    f"RL iteration {it + 1}: the grader failed on all {len(reward_fn.last.grades)} rows (the first: "
+                    f"{broken}); stopped before this iteration's update, which would have trained on rewards of 0. "
+                    f"Fix the grader (try it with `python -m reftjax.graders run`) or its judge's endpoint (a "
+                    f"model grader's base_url may change on resume) and rerun the same command: the run resumes from "
+                    f"its last checkpoint")
             t_exp = time.perf_counter() - t0
             state, pm = step_fn(state, exp)
             pm = jax.device_get(pm)
@@ -590,12 +599,6 @@ def run_rl(cfg: ExperimentConfig, model, ref_params, data: Data, grader, mesh, o
             if compiles is not None:
                 metrics["xla_programs"] = compiles.programs()
                 metrics["iteration_programs"] = metrics["xla_programs"] - p0
-            broken = reward_fn.last.error or every_one_faulted(reward_fn.last.grades)
-            if broken is not None and not warned_broken:  # (once a run: it logs grader_errors every iteration)
-                warned_broken = True
-                log.warning("RL iteration %d: the grader failed on all %d rows (the first: %s): every "
-                            "reward is 0 and nothing is learned; try the grader on this data with `python -m "
-                            "reftjax.graders run`", it + 1, len(reward_fn.last.grades), broken)
             it += 1
             logger.log("rl", it, metrics)
             _dump_samples(out, it, reward_fn.last, data.train_items, samp.n, r.samples_per_iteration)
@@ -1025,6 +1028,11 @@ def keep_earlier_settings(cfg: ExperimentConfig, out: str | pathlib.Path, given=
     log.warning("the run in %s began before these settings; kept at what it did (set them to choose): %s", out,
                 ", ".join(f"{k}={json.dumps(v)}" for k, v in kept.items()))
     return from_dict(d)
+
+
+class GraderFailure(RuntimeError):
+    """The grader failed on every row of an RL iteration (its code, its sandbox, its judge's endpoint): the run stops
+    before that update; rerunning resumes from the last checkpoint."""
 
 
 JUDGE_TRANSPORT = ("base_url", "api_key_env", "timeout", "max_concurrency", "retries")  # free on resume

@@ -1324,27 +1324,40 @@ def test_an_interrupted_rl_phase_stops_without_reading_the_best_policy_back(tmp_
         assert h.made[-1].enabled and h.made[-1].max_tokens == expected
 
 
-def test_a_grader_failing_on_every_row_is_said_once(tmp_path, monkeypatch, caplog):
+def test_a_grader_failing_on_every_row_stops_the_run_before_the_update(tmp_path, monkeypatch):
     """A python grader reading an item field the data lacks failed on every row: RL ran to the end on rewards of 0,
-    exit 0, with grader_errors in the metrics alone (bad-input review, session 35). One WARNING a run now."""
+    exit 0, with grader_errors in the metrics alone (bad-input review, session 35); then one warning a run, and a
+    judge that died mid-run went on training on the KL penalty alone to the end (review F, session 42). The run now
+    stops before that iteration's update, saying what failed; rerunning resumes."""
     from reftjax import train as T
     from reftjax.graders.base import Grade, faulted
 
     h = _fake_rl(monkeypatch)
-    h.stop = T._Interrupt()
-    h.last.grades = (faulted("error: KeyError: 'reference_answer'"), faulted("error: KeyError: 'reference_answer'"))
-    with caplog.at_level("WARNING", logger="reftjax"):
+    steps = []
+    monkeypatch.setattr(T, "make_ppo_step", lambda *a, **k: lambda state, exp: (
+        steps.append(1) or state, {"updates": np.int32(1), "skipped": np.int32(0)}))
+    h.last.grades = (faulted("judge: http://j/v1/chat/completions: URLError: refused"),) * 2
+    with pytest.raises(T.GraderFailure, match=r"RL iteration 1: the grader failed on all 2 rows \(the first: judge: "
+                                              r"http://j/v1/chat/completions: URLError: refused\); stopped before "
+                                              r"this iteration's update.*rerun the same command"):
         h.run(h.cfg, tmp_path / "broken")
-    said = [r.getMessage() for r in caplog.records if "the grader failed on all" in r.getMessage()]
-    assert said == ["RL iteration 1: the grader failed on all 2 rows (the first: error: KeyError: 'reference_answer'"
-                    "): every reward is 0 and nothing is learned; try the grader on this data with `python -m "
-                    "reftjax.graders run`"]
-    caplog.clear()
-    h.last.grades = (faulted("error: x"), Grade(0.0, error="no answer"))  # one row the model's doing: no warning
+    assert steps == [] and h.calls[0] == 1
+    h.last.grades = (faulted("error: x"), Grade(0.0, error="no answer"))  # one row the model's doing: trains on
     h.stop, h.calls[0] = T._Interrupt(), 0
-    with caplog.at_level("WARNING", logger="reftjax"):
-        h.run(h.cfg, tmp_path / "partly")
-    assert not [r for r in caplog.records if "the grader failed" in r.getMessage()]
+    h.run(h.cfg, tmp_path / "partly")
+    assert len(steps) == h.cfg.rl.iterations
+
+
+def test_a_grader_failure_is_one_line_and_exit_3(monkeypatch, capsys):
+    from experiments import gsm8k_reft
+    from reftjax import train as T
+
+    def fail(*a, **k):
+        raise T.GraderFailure("RL iteration 2: the grader failed on all 8 rows")
+
+    monkeypatch.setattr(T, "run", fail)
+    assert gsm8k_reft.main(["--out", "/nonexistent/x", "--no-progress"]) == 3
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "error: RL iteration 2: the grader failed on all 8 rows"
 
 
 def test_the_warm_up_competes_for_the_best_checkpoint(tmp_path, monkeypatch):
