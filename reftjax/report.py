@@ -67,7 +67,12 @@ def write_summary(out: pathlib.Path, cfg, evals: dict, wall_seconds: float, writ
     by the length limits are named next to the test size, since accuracy is over the kept ones.
     `best_iteration`: the RL iteration of the policy tested after ReFT (`hf/best`), 0 for the warm-up (no RL
     validation beat it: `rl.best_includes_warmup`), None without one (no RL, or no validation during it)."""
-    total, invocations = wall_times(read_metrics(out), time.time())
+    logged = read_metrics(out)
+    total, invocations = wall_times(logged, time.time())
+    # rows the grader could not grade (scored 0): a judge down for a while, a grader that fails on some items; the
+    # metrics had them, the summaries did not (review F, session 42). An iteration logged again counts once (the last)
+    rl_errors = {row.get("step"): int(row.get("grader_errors") or 0) for row in logged if row.get("phase") == "rl"}
+    eval_errors = {name: int(v["grader_errors"]) for name, v in sorted(evals.items()) if v.get("grader_errors")}
     def acc(name, key="accuracy"):
         return evals.get(name, {}).get(key)
 
@@ -99,6 +104,7 @@ def write_summary(out: pathlib.Path, cfg, evals: dict, wall_seconds: float, writ
         "val_mean_score": {"sft": acc("val_sft", "mean_score"), "rl": dict(sorted(val_score.items()))},
         "selection_metric": metric,
         "best_iteration": best_iteration,
+        "grader_errors": {"rl": sum(rl_errors.values()), "evaluations": eval_errors},
         "data_stats": data_stats,
         "compilation": compilation,
         "config": to_dict(cfg),
@@ -176,6 +182,9 @@ def write_summary(out: pathlib.Path, cfg, evals: dict, wall_seconds: float, writ
         *([f"Validation mean score during RL (selects the best checkpoint): "
            f"{ {k: _round(x) for k, x in summary['val_mean_score']['rl'].items()} }", ""] if by_score else []),
         *([_best_line(best_iteration, metric, summary, start), ""] if cfg.rl.iterations else []),
+        *([f"Grader errors (rows the grader could not grade, scored 0): {summary['grader_errors']['rl']} in the RL "
+           f"rollouts" + (f"; in the evaluations {eval_errors}" if eval_errors else "") + ".", ""]
+          if summary["grader_errors"]["rl"] or eval_errors else []),
         f"Wall time: {summary['wall_seconds']} s in this invocation"
         + (f", {summary['wall_seconds_total']} s over all {summary['invocations']} (a killed one counted to its last "
            f"logged row)" if summary["invocations"] > 1 else "") + f".{_compile_line(compilation)}", "",

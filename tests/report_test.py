@@ -323,3 +323,21 @@ def test_the_summary_names_the_tested_policy_and_the_validation_plot_starts_at_t
     report.plot_run(tmp_path, "mean_score")
     for name in ("val_accuracy.png", "val_mean_score.png"):
         assert drawn[name] == ([(0, 0.5), (3, 0.75), (6, 0.25)], "RL iteration (0: before RL)")
+
+
+def test_the_summaries_count_grader_errors(tmp_path):
+    """A judge down for a while scored rows 0 as grader errors: the metrics had them, the summaries did not, and
+    showed the zeros as measured (review F, session 42). An RL iteration logged again (a resume) counts once."""
+    from reftjax.report import write_summary
+
+    rows = [{"phase": "rl", "step": 1, "grader_errors": 0}, {"phase": "rl", "step": 2, "grader_errors": 4},
+            {"phase": "rl", "step": 2, "grader_errors": 3}, {"phase": "rl", "step": 3, "grader_errors": 8}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    evals = _evals(voting=False, base=True)
+    evals["val_rl_3"]["grader_errors"] = 4
+    summary = write_summary(tmp_path, ExperimentConfig(), evals, 1.0)
+    assert summary["grader_errors"] == {"rl": 11, "evaluations": {"val_rl_3": 4}}
+    assert ("Grader errors (rows the grader could not grade, scored 0): 11 in the RL rollouts; in the evaluations "
+            "{'val_rl_3': 4}.") in (tmp_path / "summary.md").read_text()
+    clean = write_summary(tmp_path / "x", ExperimentConfig(), _evals(voting=False, base=True), 1.0, write=False)
+    assert clean["grader_errors"] == {"rl": 0, "evaluations": {}}
