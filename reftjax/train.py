@@ -566,9 +566,11 @@ def run_rl(cfg: ExperimentConfig, model, ref_params, data: Data, grader, mesh, o
             if from_process_0(np.asarray(broken is not None)):  # (RL rows are graded where the callback runs)
                 # an update on rewards that are all grader errors trains on the KL penalty (and value loss) alone: a
                 # judge that died mid-run went on so to the end, exit 0 (review F, session 42)
+                which = (f"all {len(reward_fn.last.grades)} rows (the first: {broken})" if broken is not None else
+                         "all rows (graded in process 0: its log names the first failure)")  # (other processes)
                 raise GraderFailure(
-                    f"RL iteration {it + 1}: the grader failed on all {len(reward_fn.last.grades)} rows (the first: "
-                    f"{broken}); stopped before this iteration's update, which would have trained on rewards of 0. "
+                    f"RL iteration {it + 1}: the grader failed on {which}; stopped before this iteration's update, "
+                    f"which would have trained on rewards of 0. "
                     f"Fix the grader (try it with `python -m reftjax.graders run`) or its judge's endpoint (a "
                     f"model grader's base_url may change on resume) and rerun the same command: the run resumes from "
                     f"its last checkpoint")

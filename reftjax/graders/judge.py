@@ -52,8 +52,8 @@ import urllib.request
 from typing import Any, Mapping, Sequence
 
 from reftjax.graders.base import Grade, Item, _check_lengths, faulted
-from reftjax.graders.openai import ConfigError, SampleFieldMissing, _lookup, _TEMPLATE, check_template, clip01, \
-    render, sample_of
+from reftjax.graders.openai import ConfigError, SampleFieldMissing, _TEMPLATE, check_item_fields, check_template, \
+    clip01, render, sample_of
 
 log = logging.getLogger("reftjax.graders")
 ROLES = ("system", "developer", "user", "assistant")
@@ -200,11 +200,7 @@ class ModelGrader:
     votes_on_answer = False  # a score or a label is no answer to vote on (voting@k is not reported on it)
 
     def validate(self, item: Item) -> None:
-        for _, template in self.messages:
-            check_template(template)
-            for path in _TEMPLATE.findall(template):
-                if path.startswith("item."):
-                    _lookup(item, path[5:], "item")
+        check_item_fields((c for _, c in self.messages), item)
 
     def request(self, item: Item, text: str) -> dict:
         """The chat-completions request body for one sample."""

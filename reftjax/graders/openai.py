@@ -137,6 +137,16 @@ def check_template(template: str) -> None:
     _check_braces(template)
 
 
+def check_item_fields(templates, item: Item) -> None:
+    """Each template checked (`check_template`) and its `{{item.*}}` fields looked up in `item`: raises KeyError
+    naming the first that is missing."""
+    for template in templates:
+        check_template(template)
+        for path in _TEMPLATE.findall(template):
+            if path.startswith("item."):
+                _lookup(item, path[5:], "item")
+
+
 def _check_braces(template: str) -> None:
     """Raises KeyError for a field reference that is not `{{...}}`: rendered as literal text, it could never match
     (a `string_check` reference `{item.answer}` scored the exact gold 0). Refused: `{{` that opens no field
@@ -165,11 +175,7 @@ class _Templated(PerItemGrader):
     reference: str = ""
 
     def validate(self, item: Item) -> None:
-        for template in (self.input, self.reference):
-            check_template(template)
-            for path in _TEMPLATE.findall(template):
-                if path.startswith("item."):
-                    _lookup(item, path[5:], "item")
+        check_item_fields((self.input, self.reference), item)
 
     def pair(self, item: Item, text: str) -> tuple[str, str]:
         sample = sample_of(text)
