@@ -19,17 +19,21 @@ if os.environ.get("REFTJAX_TEST_XLA_OPT", "0") != "default" and _OPT not in os.e
     os.environ["XLA_FLAGS"] += " " + _OPT + "0"
 # XLA:CPU runs the thunks of every device's programs on one intra-op pool of max(cores, devices) threads ("at least
 # CpuDeviceCount threads to launch one collective", xla/pjrt/cpu/cpu_client.cc), here 8, and a thread that reaches
-# a collective holds its thread until the other devices arrive. Two collectives in flight at once could then hold all
-# 8: the resume test's SFT step aborted in 7 of 52 runs (sessions 35-36, with and without MeshJit's commit of loose
-# arguments) after XLA's 40 s rendezvous timeout, gdb showing the 8 pool threads inside AllReduce (7 at the program's
-# top level, 1 inside a while loop). The pool's size follows NPROC (read by XLA in place of the core count): 32
-# threads, 0 aborts in 20 runs (BUILD_NOTES, session 36). Subprocesses inherit it. XLA reads PJRT_NPROC before
-# NPROC: a smaller one is raised too.
-os.environ.setdefault("NPROC", "32")
+# a collective holds its thread until the other devices arrive. Within one device's part of a program, XLA's thunk
+# executor orders collectives by when they start, not when they finish: a while loop holding collectives (the layer
+# scan's FSDP gathers) and a later collective can each hold a thread, and once every thread waits, none completes.
+# The resume test's SFT step aborted in 7 of 52 runs (sessions 35-36) after XLA's 40 s rendezvous timeout, gdb
+# showing the 8 pool threads inside AllReduce (7 at the program's top level, 1 inside a while loop). The pool's size
+# follows NPROC (read by XLA in place of the core count). 32 threads (4 a device) made it rare, not impossible: CI
+# lost a worker on session 42's code in an 8-device test of tests/steps_test.py, most likely to it (no traceback
+# survived). Now 128, 16 a device (BUILD_NOTES, session 43).
+# Subprocesses inherit it. XLA reads PJRT_NPROC before NPROC: a smaller one is raised too.
+_POOL = 128
+os.environ.setdefault("NPROC", str(_POOL))
 for _name in ("PJRT_NPROC", "NPROC"):
     _value = os.environ.get(_name)
-    if _value is not None and not (_value.isdigit() and int(_value) >= 32):
-        os.environ[_name] = "32"
+    if _value is not None and not (_value.isdigit() and int(_value) >= _POOL):
+        os.environ[_name] = str(_POOL)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
