@@ -94,6 +94,9 @@ def started_as_module(package: str) -> bool:
 
 
 _DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+# XLA:CPU threads a device that `use_core_devices` asks for and `sharding.check_cpu_pool` expects: collectives
+# waiting for the other devices hold their threads, and 4 a device most likely deadlocked once in CI (session 43)
+POOL_THREADS_PER_DEVICE = 16
 
 
 def xla_cpu_threads() -> int:
@@ -127,9 +130,10 @@ def use_core_devices(count: int | None = None) -> int:
     Returns the host device count in force. A count already in XLA_FLAGS stands (the user's choice),
     `REFTJAX_CPU_DEVICES=n` overrides `count` (1: leave XLA's single device), and once JAX's backends
     are up it changes nothing (XLA reads the flag when the CPU backend starts) and returns their count.
-    Splitting the CPU also sets NPROC=4n unless NPROC or PJRT_NPROC is set: XLA's pool would hold max(cores, n)
-    threads, enough for one collective at a time (`sharding.check_cpu_pool`); it costs the 2-device b32 rollout ~13%
-    (BUILD_NOTES, session 36).
+    Splitting the CPU also sets NPROC=16n (`POOL_THREADS_PER_DEVICE`) unless NPROC or PJRT_NPROC is set: XLA's pool
+    would hold max(cores, n) threads, enough for one collective at a time (`sharding.check_cpu_pool`). The bigger
+    pool costs the 2-device rollout speed: 4 a device against max(cores, n), b32 ~13% (BUILD_NOTES, session 36);
+    16 a device against 4, b8 ~5% and b32 ~1% (session 43).
     """
     flags = os.environ.get("XLA_FLAGS", "").split()
     for flag in flags:
@@ -153,8 +157,8 @@ def use_core_devices(count: int | None = None) -> int:
         os.environ["XLA_FLAGS"] = " ".join([*flags, f"{_DEVICE_COUNT_FLAG}={n}"])
         if "PJRT_NPROC" not in os.environ and "NPROC" not in os.environ:
             # XLA's pool would hold max(cores, n) threads, enough for one collective at a time: a data mesh's step
-            # could deadlock (`sharding.check_cpu_pool`). 4 a device costs speed: the b32 rollout 13% (session 36)
-            os.environ["NPROC"] = str(4 * n)
+            # could deadlock (`sharding.check_cpu_pool`). The bigger pool costs some speed (sessions 36 and 43)
+            os.environ["NPROC"] = str(POOL_THREADS_PER_DEVICE * n)
     return n
 
 

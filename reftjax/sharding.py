@@ -162,26 +162,29 @@ _POOL_WARNED: set = set()
 def check_cpu_pool(devices) -> bool:
     """Warns once (and returns False) when several XLA:CPU devices of this process share an intra-op pool too small
     for their collectives. XLA sizes that pool max(cores, devices) threads, enough for one collective at a time
-    (xla/pjrt/cpu/cpu_client.cc), and a thread waiting in a collective's rendezvous holds its thread: with 8 fake
-    devices on 2 cores the pool was 8, all 8 were found blocked in AllReduce, and XLA aborted the process after its
-    40 s rendezvous timeout (`Fatal Python error: Aborted` inside a step; 2 of 6 runs of a resume test; BUILD_NOTES,
-    session 36). XLA reads PJRT_NPROC, else NPROC, in place of the core count (`host.xla_cpu_threads`); 4 threads
-    per device ran clean (12 of 12)."""
+    (xla/pjrt/cpu/cpu_client.cc), and a thread waiting in a collective's rendezvous holds its thread. A device's part
+    of one program can hold several: XLA's thunk executor orders collectives by when they start, not when they
+    finish, so a while loop holding collectives (a layer scan's FSDP gathers, say) and a later collective can each
+    hold one. Once every thread waits, none completes, and XLA aborts the process after its 40 s rendezvous timeout
+    (`Fatal Python error: Aborted` inside a step). With 8 fake devices: a resume test aborted in 2 of 6 runs at 8
+    threads (session 36), 1 of 8 on session 43's host; 4 threads a device made it rare, not impossible (a CI worker
+    lost, most likely to it, in session 43). XLA reads PJRT_NPROC, else NPROC, in place of the core count
+    (`host.xla_cpu_threads`); this asks for `host.POOL_THREADS_PER_DEVICE` (16) threads a device."""
     local = sum(d.platform == "cpu" and d.process_index == jax.process_index() for d in devices)
     if local < 2:
         return True
-    from reftjax.host import xla_cpu_threads
+    from reftjax.host import POOL_THREADS_PER_DEVICE, xla_cpu_threads
 
     pool = max(xla_cpu_threads(), len(jax.local_devices(backend="cpu")))
-    if pool >= 4 * local:
+    want = POOL_THREADS_PER_DEVICE * local
+    if pool >= want:
         return True
     if (local, pool) not in _POOL_WARNED:
         _POOL_WARNED.add((local, pool))
-        log.warning("%d XLA:CPU devices share a pool of %d threads, enough for one collective at a time: a step can "
-                    "deadlock in a collective and XLA then aborts the process after its rendezvous timeout. Set "
-                    "NPROC=%d in the environment before JAX starts (XLA sizes the pool by it, or by PJRT_NPROC when "
-                    "that is set; BUILD_NOTES, session 36).",
-                    local, pool, 4 * local)
+        log.warning("%d XLA:CPU devices share a pool of %d threads: a step can deadlock in its collectives and XLA "
+                    "then aborts the process after its rendezvous timeout. Set NPROC=%d in the environment before "
+                    "JAX starts (XLA sizes the pool by it, or by PJRT_NPROC when that is set; BUILD_NOTES, sessions "
+                    "36 and 43).", local, pool, want)
     return False
 
 

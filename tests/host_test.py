@@ -171,13 +171,13 @@ _POOL = textwrap.dedent("""
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts the pool's threads in /proc")
-def test_use_core_devices_gives_xlas_pool_four_threads_a_device():
+def test_use_core_devices_gives_xlas_pool_sixteen_threads_a_device():
     """XLA:CPU's intra-op pool holds max(cores, devices) threads, enough for one collective at a time (a deadlock and
-    XLA's abort in the suite; session 36): splitting the CPU sets NPROC=4n unless NPROC or PJRT_NPROC is set.
+    XLA's abort in the suite; sessions 36 and 43): splitting the CPU sets NPROC=16n unless NPROC or PJRT_NPROC is set.
     `xla_cpu_threads` reads them as XLA does (PJRT_NPROC first), checked against the pool's real thread count."""
     drop = ("NPROC", "PJRT_NPROC")
     out = _run(["-c", _POOL, "3"], {"XLA_FLAGS": ""}, drop)
-    assert (out["devices"], out["nproc"], out["pool"], out["threads"]) == (3, "12", 12, 12)
+    assert (out["devices"], out["nproc"], out["pool"], out["threads"]) == (3, "48", 48, 48)
     out = _run(["-c", _POOL, "3"], {"XLA_FLAGS": "", "NPROC": "5"}, drop)  # the user's stands
     assert (out["nproc"], out["pool"], out["threads"]) == ("5", 5, 5)
     out = _run(["-c", _POOL, "3"], {"XLA_FLAGS": "", "PJRT_NPROC": "7", "NPROC": "5"}, ("PJRT_NPROC",))

@@ -483,8 +483,8 @@ def test_embedding_lookups_reach_the_batch_split_without_involuntary_remateriali
 
 def test_a_cpu_mesh_whose_pool_holds_one_collective_is_warned_about(monkeypatch, caplog):
     """XLA:CPU's pool of max(cores, devices) threads could be held whole by blocked collectives, and the resume test's
-    SFT step aborted after XLA's rendezvous timeout (session 36; the suite sets NPROC=32): make_mesh says so once,
-    naming NPROC; four threads a device, one device, or another process's devices, say nothing."""
+    SFT step aborted after XLA's rendezvous timeout (sessions 36 and 43; the suite sets NPROC=128): make_mesh says so
+    once, naming NPROC; sixteen threads a device, one device, or another process's devices, say nothing."""
     import logging
 
     import jax
@@ -497,22 +497,26 @@ def test_a_cpu_mesh_whose_pool_holds_one_collective_is_warned_about(monkeypatch,
         monkeypatch.setenv("NPROC", "2")
         assert S.check_cpu_pool(devices) is False
         S.make_mesh(S.MeshConfig(data=1, fsdp=-1), devices)  # (said once)
-        assert S.check_cpu_pool(devices[:2]) is True  # (the pool has the process's 8 devices' threads: 4 each)
+        monkeypatch.setenv("NPROC", "31")
+        assert S.check_cpu_pool(devices[:2]) is False  # (31 threads for 2 devices: 15.5 each)
         monkeypatch.setenv("NPROC", "32")
+        assert S.check_cpu_pool(devices[:2]) is True
+        assert S.check_cpu_pool(devices) is False  # (4 each: the abort CI met in session 43)
+        monkeypatch.setenv("NPROC", "128")
         assert S.check_cpu_pool(devices) is True
         monkeypatch.setenv("PJRT_NPROC", "8")  # (read first, as XLA does)
         assert S.check_cpu_pool(devices) is False
         monkeypatch.delenv("PJRT_NPROC")
         monkeypatch.delenv("NPROC")
-        monkeypatch.setattr("reftjax.host.cores", lambda: 64)
+        monkeypatch.setattr("reftjax.host.cores", lambda: 128)
         assert S.check_cpu_pool(devices) is True and S.check_cpu_pool(devices[:1]) is True
         monkeypatch.setattr("reftjax.host.cores", lambda: 2)
         assert S.check_cpu_pool(devices) is False  # (2 cores, no NPROC: said again only for a new pool size)
     warned = [r.getMessage() for r in caplog.records if "XLA:CPU devices share" in r.getMessage()]
-    assert warned == ["8 XLA:CPU devices share a pool of 8 threads, enough for one collective at a time: a step can "
-                      "deadlock in a collective and XLA then aborts the process after its rendezvous timeout. Set "
-                      "NPROC=32 in the environment before JAX starts (XLA sizes the pool by it, or by PJRT_NPROC when "
-                      "that is set; BUILD_NOTES, session 36)."], warned
+    said = ("{} XLA:CPU devices share a pool of {} threads: a step can deadlock in its collectives and XLA then aborts "
+            "the process after its rendezvous timeout. Set NPROC={} in the environment before JAX starts (XLA sizes "
+            "the pool by it, or by PJRT_NPROC when that is set; BUILD_NOTES, sessions 36 and 43).")
+    assert warned == [said.format(8, 8, 128), said.format(2, 31, 32), said.format(8, 32, 128)], warned
 
 
 # ----------------------------------------------------------------------------- meshes built by users (session 38)
