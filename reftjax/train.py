@@ -610,6 +610,7 @@ def run_rl(cfg: ExperimentConfig, model, ref_params, data: Data, grader, mesh, o
                 res = evaluate(state.params["policy"], model.config, model.tokenizer, data.val_ds, data.val_items,
                                grader, dataclasses.replace(cfg.eval, voting_k=0), mesh=mesh,
                                eos_ids=samp.eos_ids, pad_id=samp.pad_id, stop_sequences=samp.stop_sequences)
+                check_evaluation(f"val_rl_{it}", res)  # (before the iteration's save: a rerun redoes it)
                 _record_eval(out, f"val_rl_{it}", res, logger, "val", it)
                 metric = res[selection_metric(cfg)]
                 if metric > best:
@@ -876,6 +877,7 @@ def _eval_once(name, out, logger, params, model, ds, items, grader, cfg, mesh, s
                    # the voting samples follow --seed (they drew key 1234 whatever the seed); every evaluation of a
                    # run shares one key, so before and after ReFT are compared on the same randomness; seed 0 as before
                    rng=jax.random.key(1234 + cfg.seed))
+    check_evaluation(name, res)
     _record_eval(out, name, res, logger, f"eval/{name}", step)  # one TensorBoard group per evaluation
     return {k: v for k, v in res.items() if k != "samples"}
 
@@ -1033,8 +1035,26 @@ def keep_earlier_settings(cfg: ExperimentConfig, out: str | pathlib.Path, given=
 
 
 class GraderFailure(RuntimeError):
-    """The grader failed on every row of an RL iteration (its code, its sandbox, its judge's endpoint): the run stops
-    before that update; rerunning resumes from the last checkpoint."""
+    """The grader failed on every row of an RL iteration or of an evaluation (its code, its sandbox, its judge's
+    endpoint): the run stops before that update, or before the evaluation is recorded; rerunning resumes from the last
+    checkpoint (and redoes an evaluation not recorded)."""
+
+
+def check_evaluation(name: str, res: dict) -> None:
+    """Raises GraderFailure when the grader failed on every answer of the evaluation `name` (`evaluate`'s result):
+    its figures would be 0 whatever the model wrote. A validation of 0 counted against early stopping (a judge down
+    for a while ended the run) and a test figure of 0 went into the summaries as measured (session 43). Called
+    before the evaluation is recorded: a rerun redoes it. Every process decides alike (`grader_errors` and `n` are
+    process 0's figures)."""
+    n, errors = int(res.get("n") or 0), int(res.get("grader_errors") or 0)
+    if n and errors >= n:
+        first = res.get("grader_failure")
+        raise GraderFailure(
+            f"evaluation {name}: the grader failed on all {n} answers"
+            f"{f' (the first: {first})' if first else ' (graded in process 0: its log names the first failure)'}; "
+            f"stopped before recording it, which would have scored 0 whatever the model wrote. Fix the grader (try "
+            f"it with `python -m reftjax.graders run`) or its judge's endpoint (a model grader's base_url may change "
+            f"on resume) and rerun the same command: the run resumes from its last checkpoint")
 
 
 JUDGE_TRANSPORT = ("base_url", "api_key_env", "timeout", "max_concurrency", "retries")  # free on resume

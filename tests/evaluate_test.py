@@ -102,6 +102,7 @@ def test_voting_is_not_reported_for_a_grader_that_records_only_a_score(tiny_hf_d
                        EvalConfig(batch_size=2, max_new_tokens=4), eos_ids=tuple(model.config.eos_token_ids),
                        pad_id=model.tokenizer.pad_token_id)
     assert res["accuracy"] == 0.0 and res["grader_errors"] == 2
+    assert res["grader_failure"] == "error: KeyError: 'reference'"  # (the training loop stops on it; session 43)
     assert any("the grader failed on all 2 answers (the first: error: KeyError: 'reference')" in r.getMessage()
                for r in caplog.records), [r.getMessage() for r in caplog.records]
     # a multi grader's mean sub-scores, as the RL metrics log them (evaluations had none; session 26's list)

@@ -1348,6 +1348,45 @@ def test_a_grader_failing_on_every_row_stops_the_run_before_the_update(tmp_path,
     assert len(steps) == h.cfg.rl.iterations
 
 
+def test_an_evaluation_the_grader_failed_throughout_stops_the_run_unrecorded(tmp_path, monkeypatch):
+    """In an evaluation, a grader failing on every answer (a judge down) scored 0 with a warning: a validation of 0
+    counted against early stopping, so a judge down for a while could end the run, and a test figure of 0 went into
+    the summaries as measured (session 42's Known limits). The run now stops before recording it (an RL validation:
+    before that iteration's save), naming it; a rerun resumes and redoes it. A partial failure still counts."""
+    import types
+
+    from reftjax import train as T
+    from reftjax.config import ExperimentConfig, replace_path
+    from reftjax.metrics import MetricsLogger
+
+    down = {"accuracy": 0.0, "n": 4, "grader_errors": 4, "samples": [],
+            "grader_failure": "judge: http://j/v1/chat/completions: URLError: refused"}
+    T.check_evaluation("x", {**down, "grader_errors": 3})  # one answer graded: recorded, as before
+    T.check_evaluation("x", {"accuracy": 0.0, "n": 0, "grader_errors": 0})  # (an empty split is refused earlier)
+    with pytest.raises(T.GraderFailure, match=r"evaluation x: the grader failed on all 4 answers \(graded in "
+                                              r"process 0: its log names the first failure\)"):
+        T.check_evaluation("x", {k: v for k, v in down.items() if k != "grader_failure"})  # (another process)
+    # RL validation: stopped after iteration 2's update, before its save; early stopping never saw a 0
+    h = _fake_rl(monkeypatch)
+    figures = iter([{"accuracy": 0.5, "n": 4, "grader_errors": 0}, down])
+    monkeypatch.setattr(T, "evaluate", lambda *a, **k: next(figures))
+    cfg = replace_path(h.cfg, "rl.eval_every", 1)
+    with pytest.raises(T.GraderFailure, match=r"evaluation val_rl_2: the grader failed on all 4 answers \(the first: "
+                                              r"judge: http://j/v1/chat/completions: URLError: refused\); stopped "
+                                              r"before recording it.*rerun the same command"):
+        h.run(cfg, tmp_path / "rl")
+    assert h.saves == [1] and h.calls[0] == 2
+    # the other evaluations (before and after training): not written to evals.json, so the rerun redoes them
+    monkeypatch.setattr(T, "evaluate", lambda *a, **k: dict(down))
+    model = types.SimpleNamespace(config=types.SimpleNamespace(eos_token_ids=(2,)), tokenizer=types.SimpleNamespace(
+        pad_token_id=0))
+    logger = MetricsLogger(tmp_path / "evals", tensorboard=False)
+    with pytest.raises(T.GraderFailure, match=r"evaluation test_sft: the grader failed on all 4 answers"):
+        T._eval_once("test_sft", tmp_path / "evals", logger, None, model, None, [], None, ExperimentConfig(), None, 0)
+    logger.close()
+    assert T._load_evals(tmp_path / "evals") == {}
+
+
 def test_a_grader_failure_is_one_line_and_exit_3(monkeypatch, capsys):
     from experiments import gsm8k_reft
     from reftjax import train as T
