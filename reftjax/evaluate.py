@@ -216,7 +216,8 @@ def evaluate(params, model_cfg, tokenizer, ds: TokenizedDataset, items: Sequence
         log.warning("evaluation: the grader failed on all %d answers (the first: %s): the accuracy is "
                     "0 whatever the model wrote; try the grader on this data with `python -m reftjax.graders run`",
                     len(greedy_grades), broken)
-        res["grader_failure"] = broken  # (the training loop stops on it: `train.check_evaluation`)
+        if res["grader_errors"] >= len(correct):  # (process 0's count, what `train.check_evaluation` decides on)
+            res["grader_failure"] = broken  # (the training loop stops on it: `train.check_evaluation`)
     means = sub_score_means(greedy_grades)  # a multi grader's, as the RL metrics log them
     if means:  # (the same names on every process) process 0's values, like every figure
         res.update(zip(means, from_process_0(np.asarray(list(means.values()), np.float64)).tolist()))

@@ -45,7 +45,7 @@ from reftjax.data.tokenize import end_of_turn_id
 from reftjax.evaluate import evaluate
 from reftjax.graders import build_grader, check_imports, check_judges, reach_warnings
 from reftjax.graders.reft import default_pool
-from reftjax.graders.base import every_one_faulted, sub_score_means
+from reftjax.graders.base import GraderFailure, every_one_faulted, sub_score_means
 from reftjax.graders.callback import make_reward_fn
 from reftjax.hf import load_model, save_hf
 from reftjax.metrics import MetricsLogger, measured_peak_flops, mfu, read_metrics, rl_iteration_flops
@@ -1032,12 +1032,6 @@ def keep_earlier_settings(cfg: ExperimentConfig, out: str | pathlib.Path, given=
     log.warning("the run in %s began before these settings; kept at what it did (set them to choose): %s", out,
                 ", ".join(f"{k}={json.dumps(v)}" for k, v in kept.items()))
     return from_dict(d)
-
-
-class GraderFailure(RuntimeError):
-    """The grader failed on every row of an RL iteration or of an evaluation (its code, its sandbox, its judge's
-    endpoint): the run stops before that update, or before the evaluation is recorded; rerunning resumes from the last
-    checkpoint (and redoes an evaluation not recorded)."""
 
 
 def check_evaluation(name: str, res: dict) -> None:

@@ -290,3 +290,36 @@ def test_numeric_votes_are_by_value_and_within_a_tolerance_when_asked():
     assert majority_correct([g(1.0, "42.005"), g(0.1, "5"), g(1.0, "42"), g(0.1, "5")], tol=1e-2) is True
     assert majority_correct([g(0.1, "nan")] * 3 + [g(1.0, "42")] * 2) is True
     assert majority_correct([g(0.1, "inf")] * 3 + [g(1.0, "42")] * 2) is False
+
+
+def test_verifier_data_the_grader_failed_throughout_stops_before_it_is_saved(tiny_hf_dir, shared_data, monkeypatch):
+    """The verifier's samples were labelled with no fault check: a judge down while they were sampled labelled every
+    one wrong, the data were saved once for good, and the verifier learnt them (review, session 43). A prompt batch
+    the grader failed on throughout now raises GraderFailure (the CLI's exit 3) before anything is returned to be
+    saved; a grader that answers, even "wrong" every time, labels as before."""
+    import dataclasses
+
+    from reftjax.config import ExperimentConfig
+    from reftjax.graders import build_grader
+    from reftjax.graders.base import GraderFailure
+    from reftjax.hf import load_model
+    from reftjax.rerank import sample_verifier_data
+    from reftjax.train import GraderFailure as TrainGraderFailure
+    from reftjax.train import prepare_data
+
+    assert TrainGraderFailure is GraderFailure  # (what the CLIs catch)
+    monkeypatch.setenv("REFTJAX_GSM8K_DIR", str(shared_data / "gsm8k"))
+    cfg = ExperimentConfig()
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, n_train=4, n_val=4, n_test=2))
+    model = load_model(tiny_hf_dir)
+    data = prepare_data(cfg, model.tokenizer)
+    rc = RerankConfig(samples_per_question=2, n_questions=2, max_new_tokens=4, prompts_per_batch=2, dedup=False)
+    args = (model.params, model.config, model.tokenizer, data.train_ds, data.train_items)
+    kw = dict(eos_ids=tuple(model.config.eos_token_ids), pad_id=model.tokenizer.pad_token_id)
+    broken = build_grader({"type": "python", "source": "def grade(sample, item):\n    return item['reference']"})
+    with pytest.raises(GraderFailure, match=r"verifier data, prompt batch 1: the grader failed on all 4 samples \(the "
+                                            r"first: error: KeyError: 'reference'\); stopped before the data is saved"):
+        sample_verifier_data(*args, broken, rc, **kw)
+    wrong = build_grader({"type": "python", "source": "def grade(sample, item):\n    return 0.0"})
+    vd = sample_verifier_data(*args, wrong, rc, **kw)
+    assert len(vd) == 4 and not vd.labels.any()

@@ -56,6 +56,12 @@ def is_fault(grade) -> bool:
     return bool(getattr(grade, "details", {}).get("grader_fault"))
 
 
+class GraderFailure(RuntimeError):
+    """The grader failed on every row of an RL iteration, of an evaluation or of a verifier-data batch (its code, its
+    sandbox, its judge's endpoint): the run stops before that update, or before the evaluation or the verifier data is
+    recorded; rerunning resumes from the last checkpoint and redoes what was not recorded. (`train.GraderFailure`.)"""
+
+
 def every_one_faulted(grades) -> str | None:
     """The first grade's error when the grader failed on every one of `grades` (none empty), else None: a grader
     that cannot grade this data at all (a python grader reading an item field the data lacks), whose zeros would
