@@ -35,7 +35,7 @@ import optax
 
 from reftjax import losses
 from reftjax.checkpoint import abstract_like
-from reftjax.graders.base import GraderFailure, every_one_faulted, has_answer
+from reftjax.graders.base import GraderFailure, every_one_faulted, failure_message, has_answer
 from reftjax.models import ModelConfig, forward
 from reftjax.sharding import MeshJit, replicated_like
 from reftjax.steps import OptimConfig, TrainState, _apply_update
@@ -355,12 +355,10 @@ def sample_verifier_data(policy_params, model_cfg: ModelConfig, tokenizer, ds, i
         if from_process_0(np.asarray(broken is not None)):  # (process 0's labels are the ones used)
             # labels of 0 for every sample of a batch (a judge down): the verifier would learn them, and the data is
             # saved once for good (session 43)
-            raise GraderFailure(
-                f"verifier data, prompt batch {i + 1}: the grader failed on all {len(grades)} samples"
-                f"{f' (the first: {broken})' if broken else ' (graded in process 0: its log names the first failure)'}"
-                f"; stopped before the data is saved, which would have labelled them all wrong. Fix the grader (try it "
-                f"with `python -m reftjax.graders run`) or its judge's endpoint and rerun the same command: the run "
-                f"resumes and samples the verifier data again")
+            raise GraderFailure(failure_message(
+                f"verifier data, prompt batch {i + 1}", f"{len(grades)} samples", broken,
+                "stopped before the data is saved, which would have labelled them all wrong",
+                "the run resumes and samples the verifier data again"))
         rows.append({**{key: v[keep] for key, v in host.items()},
                      # process 0's labels on every process (each feeds its share of every verifier batch)
                      "labels": from_process_0(np.array([g.score >= CORRECT for g in grades], np.float32)),

@@ -45,7 +45,7 @@ from reftjax.data.tokenize import end_of_turn_id
 from reftjax.evaluate import evaluate
 from reftjax.graders import build_grader, check_imports, check_judges, reach_warnings
 from reftjax.graders.reft import default_pool
-from reftjax.graders.base import GraderFailure, every_one_faulted, sub_score_means
+from reftjax.graders.base import GraderFailure, every_one_faulted, failure_message, sub_score_means
 from reftjax.graders.callback import make_reward_fn
 from reftjax.hf import load_model, save_hf
 from reftjax.metrics import MetricsLogger, measured_peak_flops, mfu, read_metrics, rl_iteration_flops
@@ -566,14 +566,9 @@ def run_rl(cfg: ExperimentConfig, model, ref_params, data: Data, grader, mesh, o
             if from_process_0(np.asarray(broken is not None)):  # (RL rows are graded where the callback runs)
                 # an update on rewards that are all grader errors trains on the KL penalty (and value loss) alone: a
                 # judge that died mid-run went on so to the end, exit 0 (review F, session 42)
-                which = (f"all {len(reward_fn.last.grades)} rows (the first: {broken})" if broken is not None else
-                         "all rows (graded in process 0: its log names the first failure)")  # (other processes)
-                raise GraderFailure(
-                    f"RL iteration {it + 1}: the grader failed on {which}; stopped before this iteration's update, "
-                    f"which would have trained on rewards of 0. "
-                    f"Fix the grader (try it with `python -m reftjax.graders run`) or its judge's endpoint (a "
-                    f"model grader's base_url may change on resume) and rerun the same command: the run resumes from "
-                    f"its last checkpoint")
+                raise GraderFailure(failure_message(
+                    f"RL iteration {it + 1}", f"{len(reward_fn.last.grades)} rows" if broken is not None else "rows",
+                    broken, "stopped before this iteration's update, which would have trained on rewards of 0"))
             t_exp = time.perf_counter() - t0
             state, pm = step_fn(state, exp)
             pm = jax.device_get(pm)
@@ -1042,13 +1037,9 @@ def check_evaluation(name: str, res: dict) -> None:
     process 0's figures)."""
     n, errors = int(res.get("n") or 0), int(res.get("grader_errors") or 0)
     if n and errors >= n:
-        first = res.get("grader_failure")
-        raise GraderFailure(
-            f"evaluation {name}: the grader failed on all {n} answers"
-            f"{f' (the first: {first})' if first else ' (graded in process 0: its log names the first failure)'}; "
-            f"stopped before recording it, which would have scored 0 whatever the model wrote. Fix the grader (try "
-            f"it with `python -m reftjax.graders run`) or its judge's endpoint (a model grader's base_url may change "
-            f"on resume) and rerun the same command: the run resumes from its last checkpoint")
+        raise GraderFailure(failure_message(f"evaluation {name}", f"{n} answers", res.get("grader_failure"),
+                                            "stopped before recording it, which would have scored 0 whatever the "
+                                            "model wrote"))
 
 
 JUDGE_TRANSPORT = ("base_url", "api_key_env", "timeout", "max_concurrency", "retries")  # free on resume

@@ -62,6 +62,16 @@ class GraderFailure(RuntimeError):
     recorded; rerunning resumes from the last checkpoint and redoes what was not recorded. (`train.GraderFailure`.)"""
 
 
+def failure_message(where: str, rows: str, first: str | None, stopped: str,
+                    rerun: str = "the run resumes from its last checkpoint") -> str:
+    """A GraderFailure's one line for `where` ("RL iteration 3"): the grader failed on all `rows` ("8 rows"), the
+    first failure `first` (None on a process that did not grade: process 0's log names it), what was `stopped`."""
+    which = f" (the first: {first})" if first else " (graded in process 0: its log names the first failure)"
+    return (f"{where}: the grader failed on all {rows}{which}; {stopped}. Fix the grader (try it with `python -m "
+            f"reftjax.graders run`) or its judge's endpoint (a model grader's base_url may change on resume) and rerun "
+            f"the same command: {rerun}")
+
+
 def every_one_faulted(grades) -> str | None:
     """The first grade's error when the grader failed on every one of `grades` (none empty), else None: a grader
     that cannot grade this data at all (a python grader reading an item field the data lacks), whose zeros would
