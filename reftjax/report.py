@@ -178,9 +178,11 @@ def write_summary(out: pathlib.Path, cfg, evals: dict, wall_seconds: float, writ
         f"{summary['test_n']}{dropped}. "
         f"Model selection on a validation split only (never on test).", "",
         head, rule, *table, "",
-        f"Validation accuracy during RL: {summary['val_accuracy']['rl']}", "",
-        *([f"Validation mean score during RL (selects the best checkpoint): "
-           f"{ {k: _round(x) for k, x in summary['val_mean_score']['rl'].items()} }", ""] if by_score else []),
+        _val_line("Validation greedy accuracy (%)", summary["val_accuracy"], start), "",
+        *([_val_line("Validation mean score (selects the best checkpoint)",
+                     {"sft": _round(summary["val_mean_score"]["sft"]),
+                      "rl": {k: _round(x) for k, x in summary["val_mean_score"]["rl"].items()}}, start), ""]
+          if by_score else []),
         *([_best_line(best_iteration, metric, summary, start), ""] if cfg.rl.iterations else []),
         *([f"Grader errors (rows the grader could not grade, scored 0): {summary['grader_errors']['rl']} in the RL "
            f"rollouts" + (f"; in the evaluations {eval_errors}" if eval_errors else "") + ".", ""]
@@ -196,6 +198,14 @@ def write_summary(out: pathlib.Path, cfg, evals: dict, wall_seconds: float, writ
     # train.run, the plots) already there; it came first (session 29's list)
     _replace(out / "summary.json", json.dumps(summary, indent=2).encode())
     return summary
+
+
+def _val_line(what: str, figures: dict, start: str) -> str:
+    """One validation curve in words: "what: the warm-up 50.0; RL iteration 3: 75.0, 6: 25.0" (it was a Python dict,
+    `{3: 75.0, 6: 25.0}`, without its unit or RL's starting point)."""
+    rl = ", ".join(f"{k}: {_cell(x)}" for k, x in figures["rl"].items())
+    return (f"{what}: " + (f"the {start} {figures['sft']}; " if figures["sft"] is not None else "")
+            + (f"RL iteration {rl}" if rl else "none during RL") + ".")
 
 
 def _best_line(best_iteration: int | None, metric: str, summary: dict, start: str) -> str:
@@ -234,20 +244,25 @@ def plot_run(out: pathlib.Path, metric: str = "accuracy") -> list[pathlib.Path]:
     plots = out / "plots"
     plots.mkdir(exist_ok=True)
     written = []
-    for key, title in (("reward", "mean grader reward per rollout batch"), ("kl", "KL(policy || reference) per sequence"),
-                       ("response_length", "mean response length (tokens)")):
+    # (the range each quantity can take: graders score in [0, 1], lengths are counts; the KL estimate has no bound)
+    for key, title, bounds in (("reward", "mean grader reward per rollout batch", UNIT),
+                               ("kl", "KL(policy || reference) per sequence", None),
+                               ("response_length", "mean response length (tokens)", (0.0, None))):
         pts = [(r["step"], r[key]) for r in rl if r.get(key) is not None]
-        written.append(_plot(plots / f"{key}.png", pts, title, "RL iteration", key))
+        written.append(_plot(plots / f"{key}.png", pts, title, "RL iteration", key, bounds))
     pts = [(r["step"], r["accuracy"]) for r in val if r.get("accuracy") is not None]
-    written.append(_plot(plots / "val_accuracy.png", pts, "validation greedy accuracy", _VAL_X, "accuracy"))
+    written.append(_plot(plots / "val_accuracy.png", pts, "validation greedy accuracy", _VAL_X, "accuracy", UNIT))
     if metric == "mean_score":
         pts = [(r["step"], r["mean_score"]) for r in val if r.get("mean_score") is not None]
         written.append(_plot(plots / "val_mean_score.png", pts, "validation mean grader score (selects the best "
-                             "checkpoint)", _VAL_X, "mean score"))
+                             "checkpoint)", _VAL_X, "mean score", UNIT))
     return written
 
 
-def _plot(path, pts, title, xlabel, ylabel):
+UNIT = (0.0, 1.0)
+
+
+def _plot(path, pts, title, xlabel, ylabel, bounds=None):
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
@@ -256,6 +271,13 @@ def _plot(path, pts, title, xlabel, ylabel):
     if pts:
         xs, ys = zip(*sorted(pts))
         ax.plot(xs, ys, marker="o" if len(xs) < 40 else None, linewidth=1.5)
+        if bounds is not None:
+            # matplotlib's margins put an accuracy of 0 throughout on an axis from -0.05 to 0.05 (and one of 1 up to
+            # 1.05): keep the axis within what the quantity can take, a sliver past it so its markers show whole
+            lo, hi = ax.get_ylim()
+            sliver = 0.02 * (hi - lo)
+            ax.set_ylim(lo if bounds[0] is None else max(lo, bounds[0] - sliver),
+                        hi if bounds[1] is None else min(hi, bounds[1] + sliver))
     else:
         ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
     ax.set_title(title)

@@ -164,7 +164,8 @@ def test_partial_credit_graders_report_and_plot_the_mean_score_that_selects(tmp_
     md = (tmp_path / "summary.md").read_text()
     assert "| stage | greedy top-1 (%) | voting@- (%) | mean score |" in md
     assert "| after SFT warm-up | 0.0 | - | 0.31 |" in md and "| after ReFT (ppo) | 0.0 | - | 0.62 |" in md
-    assert "Validation mean score during RL (selects the best checkpoint): {10: 0.5, 20: 0.61}" in md
+    assert "Validation mean score (selects the best checkpoint): the warm-up 0.3; RL iteration 10: 0.5, 20: 0.61." in md
+    assert "Validation greedy accuracy (%): the warm-up 0.0; RL iteration 10: 0.0, 20: 0.0." in md
     log = MetricsLogger(tmp_path, tensorboard=False)
     for step, score in ((10, 0.5), (20, 0.61)):
         log.log("val", step, {"accuracy": 0.0, "mean_score": score})
@@ -290,6 +291,34 @@ def test_plot_ticks_are_whole_iterations(tmp_path, monkeypatch):
     assert len(ticks) >= 3 and all(float(t).is_integer() for t in ticks) and (tmp_path / "r.png").is_file()
 
 
+def test_plot_axes_stay_within_what_the_quantity_can_take(tmp_path, monkeypatch):
+    """An accuracy of 0 throughout was drawn on an axis from -0.05 to 0.05, one of 1 up to 1.05 (matplotlib's
+    margins): accuracy, scores and rewards stay within [0, 1] and lengths above 0, a sliver past the bound so markers
+    show whole; the KL estimate, which can be negative, keeps matplotlib's axis; data inside keeps it too."""
+    import matplotlib.pyplot as plt
+
+    from reftjax import report
+
+    def limits(pts, bounds):
+        figures = []
+        monkeypatch.setattr(plt, "close", figures.append)
+        report._plot(tmp_path / "p.png", pts, "t", "RL iteration", "y", bounds)
+        monkeypatch.undo()
+        plt.close(figures[0])
+        return figures[0].axes[0].get_ylim()
+
+    lo, hi = limits([(0, 0.0), (3, 0.0), (6, 0.0)], report.UNIT)
+    assert -0.003 < lo < 0 < hi <= 0.06
+    lo, hi = limits([(1, 1.0), (2, 1.0)], report.UNIT)
+    assert 0.9 < lo < 1 < hi < 1.003
+    lo, hi = limits([(1, 0.0), (2, 0.5), (3, 1.0)], report.UNIT)
+    assert -0.03 < lo < 0 and 1 < hi < 1.03
+    assert limits([(1, 0.2), (2, 0.4)], report.UNIT) == limits([(1, 0.2), (2, 0.4)], None)  # inside: matplotlib's
+    assert limits([(1, -0.01), (2, 0.0)], None)[0] < -0.01  # KL: no bound
+    lo, _ = limits([(1, 0.0), (2, 128.0)], (0.0, None))
+    assert -3 < lo < 0
+
+
 def test_the_summary_names_the_tested_policy_and_the_validation_plot_starts_at_the_warm_up(tmp_path, monkeypatch):
     """Which policy the after-ReFT row tests and hf/best holds: an RL iteration, or the warm-up when no RL
     validation beat it (rl.best_includes_warmup), or the final policy without validation; the validation plots had
@@ -312,6 +341,10 @@ def test_the_summary_names_the_tested_policy_and_the_validation_plot_starts_at_t
     report.write_summary(tmp_path, no_warm_up, evals, 1.0, best_iteration=0)  # RL alone: the loaded model competes
     md = (tmp_path / "summary.md").read_text()
     assert "hf/best: the loaded model, RL's starting point" in md and "(ppo): the loaded model, best on" in md
+    assert "Validation greedy accuracy (%): the loaded model 50.0; RL iteration 3: 75.0." in md
+    assert "Validation greedy accuracy (%): the warm-up 50.0; RL iteration 3: 75.0." in by[3]
+    report.write_summary(tmp_path, no_warm_up, {"test_sft": {"accuracy": 0.125, "n": 8}}, 1.0)  # no validation
+    assert "Validation greedy accuracy (%): none during RL." in (tmp_path / "summary.md").read_text()
     log = MetricsLogger(tmp_path, tensorboard=False)
     log.log("eval/val_sft", 0, {"accuracy": 0.5, "mean_score": 0.5})
     log.log("eval/test_sft", 0, {"accuracy": 0.125, "mean_score": 0.1})  # not a validation
@@ -319,7 +352,7 @@ def test_the_summary_names_the_tested_policy_and_the_validation_plot_starts_at_t
         log.log("val", step, {"accuracy": acc, "mean_score": acc})
     log.close()
     drawn = {}
-    monkeypatch.setattr(report, "_plot", lambda path, pts, title, x, y: drawn.setdefault(path.name, (pts, x)))
+    monkeypatch.setattr(report, "_plot", lambda path, pts, title, x, y, bounds: drawn.setdefault(path.name, (pts, x)))
     report.plot_run(tmp_path, "mean_score")
     for name in ("val_accuracy.png", "val_mean_score.png"):
         assert drawn[name] == ([(0, 0.5), (3, 0.75), (6, 0.25)], "RL iteration (0: before RL)")
