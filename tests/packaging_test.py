@@ -48,3 +48,23 @@ def test_every_package_the_runtime_imports_is_a_declared_dependency():
                   if not {_norm(d) for d in owners.get(top) or [aliases.get(top, top)]} & declared}
     assert not undeclared, f"imported but not in pyproject.toml's dependencies: {undeclared}"
     assert "torch" not in found, f"torch is a test-only dependency, imported at {found.get('torch')}"
+
+
+def test_a_torch_free_run_does_not_start_with_transformers_warning_that_models_are_unavailable():
+    """Without torch (the README's main command installs none), importing transformers warned "PyTorch was not
+    found. Models won't be available ...", the first line of every run, reading like a broken install; reftjax
+    needs no torch model. Its other warnings still show. torch is hidden the way transformers probes it
+    (`importlib.util.find_spec`, None for a module set to None)."""
+    import subprocess
+
+    def stderr(first: str) -> str:
+        code = ("import sys; sys.modules['torch'] = None\n" + first +
+                "import transformers\nfrom transformers.utils import logging\n"
+                "assert not transformers.is_torch_available()\nlogging.get_logger('transformers').warning('another')")
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert done.returncode == 0, done.stderr
+        return done.stderr
+
+    assert "PyTorch was not found" in stderr("")  # transformers alone: the warning
+    out = stderr("import reftjax\n")
+    assert "PyTorch was not found" not in out and "another" in out
