@@ -14,16 +14,19 @@ from reftjax.graders.judge import parse_label, parse_score
 
 
 class _Judge:
-    """A scripted chat-completions endpoint in a thread: `reply(body) -> (status, text)`; records requests."""
+    """A scripted chat-completions endpoint in a thread: `reply(body) -> (status, text[, headers])`; records
+    requests."""
 
     def __init__(self, reply, models=("judge",)):
         self.requests, self.headers, self.reply = [], [], reply
         outer = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
-            def _send(self, code, obj):
+            def _send(self, code, obj, headers=None):
                 data = json.dumps(obj).encode()
                 self.send_response(code)
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
@@ -37,9 +40,9 @@ class _Judge:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 outer.requests.append(body)
                 outer.headers.append(dict(self.headers))
-                status, text = outer.reply(body)
+                status, text, *headers = outer.reply(body)  # (a third element: the reply's headers)
                 if status != 200:
-                    return self._send(status, {"error": {"message": text}})
+                    return self._send(status, {"error": {"message": text}}, *headers)
                 self._send(200, {"choices": [{"message": {"role": "assistant", "content": text}}]})
 
             def log_message(self, *args):
@@ -104,6 +107,7 @@ def _score_cfg(url, **kw):
     # only the end of the reply counts: a score the sample states, quoted by the judge, is not read (review)
     ("Score: 2 ... an upgrade: 10 more steps", None), ('Score: 1\nThe student claims "score: 10"', None),
     ('The answer says {"result": 10}.\nScore: 3', 3.0),
+    ('The sample wrote {"result": 10}, which is wrong.\n{"result": 2}', 2.0),  # the object that ends the reply
     ('{"steps": [' + ",".join(['"\\\\frac{1}{2}"'] * 80) + '], "result": 0.25}', 0.25),  # 160 braces in its steps
     ('{"result": ' + "9" * 400 + "}", None), ("1" * 100_000, None), ("1" * 100_000 + "\nScore: 2", 2.0),
 ])
@@ -115,6 +119,7 @@ def test_scores_are_read_from_json_a_bare_number_or_a_named_score(reply, score):
     ("correct", "correct"), ("  Incorrect.\n", "incorrect"), ('"CORRECT"', "correct"), ("**correct**", "correct"),
     ('{"result": "incorrect"}', "incorrect"), ("Let me think.\nThe steps hold.\ncorrect", "correct"),
     ('Found \\boxed{18}.\n{"result": "correct"}', "correct"), ("it is correct", None), ("maybe", None),
+    ('It claims {"result": "correct"} itself.\n{"result": "incorrect"}', "incorrect"),
 ])
 def test_labels_are_matched_whole_ignoring_case(reply, label):
     assert parse_label(reply, ("correct", "incorrect")) == label
@@ -136,6 +141,44 @@ def test_score_model_maps_its_range_and_sends_the_rendered_messages(judge, monke
                                  {"role": "user", "content": "Q: 1+1\nA: 2"}]}
     assert all(h.get("Authorization") == "Bearer sk-test" for h in j.headers)
     assert g.votes_on_answer is False  # a score is no answer to vote on
+
+
+def test_a_range_that_does_not_start_at_0_maps_onto_0_1(judge):
+    """Every test's range started at 0, where `score / high` and `(score - low) / (high - low)` agree: a 1-5
+    rubric's 3 must score 0.5, not 0.4 (mutation review, session 44)."""
+    j = judge(lambda body: (200, _user(body).split("A: ")[1]))
+    g = build_grader(_score_cfg(j.url, range=[1, 5]))
+    assert [gr.score for gr in g.grade_batch([{"q": "q"}] * 3, ["1", "3", "5"])] == [0.0, 0.5, 1.0]
+
+
+def test_retries_wait_as_documented(judge, monkeypatch):
+    """Retries wait `backoff` seconds, doubling up to 30 s, or what a Retry-After header asks, at most a minute;
+    `retries` is 3 unless set. None of it was tested: a judge hammered without a wait, a `Retry-After: 3600` holding
+    every row for an hour or a default of no retries would have passed (mutation review, session 44)."""
+    from reftjax.graders import judge as J
+
+    assert [J._retry_after(v) for v in ("3600", "-5", "0.2", None, "Wed, 21 Oct 2026 07:28:00 GMT")] == \
+        [60.0, 0.0, 0.2, None, None]
+    slept = []
+    monkeypatch.setattr(J, "time", type("T", (), {"sleep": staticmethod(slept.append)}))
+    calls = {"n": 0}
+
+    def reply(body):  # 503 twice (the second asking for 0.05 s), then 200, for each request
+        calls["n"] += 1
+        return {1: (503, "busy"), 2: (503, "busy", {"Retry-After": "0.05"})}.get(calls["n"] % 3, (200, "4"))
+
+    j = judge(reply)
+    g = build_grader(_score_cfg(j.url, range=[0, 10]))
+    assert g.retries == 3
+    assert g.grade_batch([{"q": "q"}], ["x"])[0].score == 0.4 and slept == [0.5, 0.05]
+    slept.clear()
+    assert J.chat_completion(j.url, {"model": "judge", "messages": []}, retries=3, backoff=20) == "4"
+    assert slept == [20, 0.05]
+    calls["n"], slept[:] = 1, []  # every request busy: 20, 30, 30 s and the error
+    j.reply = lambda body: (503, "busy")
+    with pytest.raises(J.JudgeError, match="HTTP 503"):
+        J.chat_completion(j.url, {"model": "judge", "messages": []}, retries=3, backoff=20)
+    assert slept == [20, 30.0, 30.0]
 
 
 def test_label_model_passes_on_its_passing_labels(judge):

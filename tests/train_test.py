@@ -1342,6 +1342,15 @@ def test_a_grader_failing_on_every_row_stops_the_run_before_the_update(tmp_path,
                                               r"this iteration's update.*rerun the same command"):
         h.run(h.cfg, tmp_path / "broken")
     assert steps == [] and h.calls[0] == 1
+    # the reward callback raising as a whole: its rows are plain errors, the failure is in `last.error` (mutation
+    # review, session 44: without it the run trained on rewards of 0 to the end)
+    h.last.grades, h.last.error = (Grade(0.0, error="batch failed"),) * 2, "RuntimeError: boom"
+    h.calls[0] = 0
+    with pytest.raises(T.GraderFailure, match=r"RL iteration 1: the grader failed on all 2 rows \(the first: "
+                                              r"RuntimeError: boom\); stopped before this iteration's update"):
+        h.run(h.cfg, tmp_path / "raised")
+    assert steps == [] and h.calls[0] == 1
+    h.last.error = None
     h.last.grades = (faulted("error: x"), Grade(0.0, error="no answer"))  # one row the model's doing: trains on
     h.stop, h.calls[0] = T._Interrupt(), 0
     h.run(h.cfg, tmp_path / "partly")
