@@ -7,6 +7,7 @@ import json
 import logging
 import threading
 
+import numpy as np
 import pytest
 
 from reftjax.graders import ConfigError, build_grader, check_judges
@@ -328,6 +329,44 @@ def test_the_server_answers_as_generate_does_in_batches(served):
     short = chat_completion(url, {"model": "tiny", "temperature": 0, "max_tokens": 3,
                                   "messages": [{"role": "user", "content": texts[0]}]})
     assert want[0].startswith(short) and len(model.tokenizer(short, add_special_tokens=False)["input_ids"]) <= 3
+
+
+def test_the_server_samples_with_the_request_s_top_p(served):
+    """`top_p` reached neither the sampler nor the batch key in a mutant that passed the suite (mutation review,
+    session 44): a nucleus of one token is greedy decoding, while temperature 1 alone samples other replies."""
+    from reftjax.graders.judge import chat_completion
+    from reftjax.serve import Engine, Request
+
+    model, url = served
+    ask = lambda **kw: chat_completion(url, {"model": "tiny", "messages": [  # noqa: E731
+        {"role": "user", "content": "What is 2 + 2?"}], **kw})
+    greedy = ask(temperature=0)
+    assert [ask(temperature=1.0, top_p=1e-9, seed=s) for s in range(3)] == [greedy] * 3
+    assert any(ask(temperature=1.0, seed=s) != greedy for s in range(3))
+    req = lambda top_p: Request((1, 2), 4, 1.0, top_p, None)  # noqa: E731
+    assert Engine.key(req(0.5)) != Engine.key(req(1.0))
+
+
+def test_a_reply_whose_eos_is_its_last_allowed_token_stopped(served, monkeypatch):
+    """A reply ending on its EOS at exactly `max_tokens` stopped ("stop"); one cut before its EOS is "length"
+    (a mutant reporting the first as "length" passed the suite; mutation review, session 44). The decoder is
+    scripted: every row's EOS at slot 4."""
+    import types
+
+    from reftjax import rollout as R
+    from reftjax.serve import Engine, Request, ServeConfig
+
+    model, _ = served
+    engine = Engine(model.params, model.config, model.tokenizer, ServeConfig(batch_size=3, max_new_tokens=12,
+                                                                             prompt_buckets=(16,)))
+    eos = engine.eos[0]
+    ids = np.array([[5, 6, 7, eos] + [engine.pad] * 8] * 3, np.int32)
+    monkeypatch.setattr(R, "rollout", lambda *a, **k: types.SimpleNamespace(
+        tokens_BxN=ids, lengths_B=np.full(3, 4), finished_B=np.ones(3, bool)))
+    got = engine.run([Request((1, 2), m, 0.0, 1.0, None) for m in (12, 4, 3)])
+    assert [(g["finish_reason"], g["completion_tokens"]) for g in got] == [("stop", 4), ("stop", 4), ("length", 3)]
+    text = model.tokenizer.decode([5, 6, 7], skip_special_tokens=True)
+    assert got[0]["text"] == got[1]["text"] == text
 
 
 def test_the_server_refuses_what_it_cannot_serve(served):

@@ -773,6 +773,46 @@ def test_a_separate_critic_drops_the_untied_head_and_runs_begun_with_it_resume_b
         np.testing.assert_array_equal(a, b)
 
 
+def test_clip_by_part_norm_against_optax_s_global_clip_of_each_part():
+    """The per-part clip in numbers (mutation review, session 44: a critic left unclipped passed the suite, whose
+    test above compares policies and Adam hides a gradient's scale on a first step): with a separate critic, optax's
+    global clip of the policy alone and of the critic's part (its trunk and the value head) alone; without one,
+    optax's global clip of the whole tree, bitwise."""
+    from reftjax.steps import clip_by_part_norm
+
+    g = {"policy": {"w": jnp.array([3.0, 4.0])}, "value_head": {"b": jnp.array([0.0, 12.0])},
+         "critic": {"w": jnp.array([5.0, 0.0])}}
+    out, _ = clip_by_part_norm(1.0).update(g, optax.EmptyState())
+    np.testing.assert_allclose(out["policy"]["w"], [0.6, 0.8], rtol=1e-6)
+    np.testing.assert_allclose(out["value_head"]["b"], [0.0, 12 / 13], rtol=1e-6)
+    np.testing.assert_allclose(out["critic"]["w"], [5 / 13, 0.0], rtol=1e-6)
+    shared = {"policy": g["policy"], "value_head": g["value_head"]}
+    ours = clip_by_part_norm(1.0).update(shared, optax.EmptyState())[0]
+    theirs = optax.clip_by_global_norm(1.0).update(shared, optax.EmptyState())[0]
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_non_finite_critic_gradient_skips_the_update_too():
+    """With a separate critic the finite check reads the policy's and the critic's norms; one that read only the
+    policy's passed the suite (mutation review, session 44) and would apply a NaN critic gradient, after which every
+    step is skipped. Both parts are checked, each alone."""
+    from reftjax.steps import _apply_update
+
+    params = {"policy": {"w": jnp.ones(2)}, "value_head": {"b": jnp.zeros(1)}, "critic": {"w": jnp.ones(2)}}
+    tx = make_optimizer(OptimConfig(learning_rate=0.1, schedule="constant", warmup_ratio=0.0), 4)
+    state = init_state(params, tx, jax.random.key(0))
+    fine = jax.tree.map(jnp.ones_like, params)
+    for part in ("critic", "policy", "value_head"):
+        grads = {**fine, part: jax.tree.map(lambda x: x * jnp.nan, fine[part])}
+        new, m = _apply_update(state, grads, tx, jnp.float32(1.0))
+        assert int(m["skipped"]) == 1 and int(new.step) == 0 and int(new.skipped) == 1, part
+        for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(state.params)):
+            np.testing.assert_array_equal(a, b)
+    new, m = _apply_update(state, fine, tx, jnp.float32(1.0))
+    assert int(m["skipped"]) == 0 and int(new.step) == 1
+
+
 def test_a_separate_critic_is_clipped_apart_so_the_value_loss_leaves_the_policy_update_alone():
     """verl and OpenRLHF clip the actor's and the critic's gradients each by its own norm; one global norm over both
     let the value loss (vf_coef 5) shrink every policy update (review, session 37: ~10x at the default clip). With a
