@@ -658,3 +658,30 @@ def test_mixed_layers_save_their_masks_and_rope_tables_once_for_the_backward():
 
     uniform, mixed = temp_bytes(base), temp_bytes(base.replace(sliding_layers=(True, True, True, False) * 2))
     assert mixed - uniform < 2 * b * t * t, (mixed, uniform)  # a constant, not one [B, T, T] mask per layer
+
+
+@pytest.mark.parametrize("family,kw", [("llama", {}), ("olmo2", {"scale_float32": True}), ("gemma", {"offset": 1.0})])
+def test_rms_norm_in_bf16_is_transformers_bit_for_bit(family, kw):
+    """The three RMSNorm orders in bf16, against transformers' own modules: Llama scales after casting back, OLMo 2
+    scales in float32 then casts, Gemma scales by 1 + w in float32. In float32, where every parity test ran, OLMo 2's
+    order equals Llama's: a mutant giving OLMo 2 Llama's passed the suite, while in bf16 a quarter of its outputs
+    move by one ulp (mutation review, session 44). Each order differs from the others here, so each is pinned."""
+    import importlib
+
+    from reftjax.models.llama import rms_norm
+
+    module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+    norm = getattr(module, {"llama": "LlamaRMSNorm", "olmo2": "Olmo2RMSNorm", "gemma": "GemmaRMSNorm"}[family])
+    rng = np.random.default_rng(0)
+    x = rng.normal(0, 3, (64, 256)).astype(np.float32)
+    w = rng.normal(1, 0.5, 256).astype(np.float32)
+    m = norm(256, eps=1e-6).to(torch.bfloat16)
+    with torch.no_grad():
+        m.weight.copy_(torch.tensor(w).to(torch.bfloat16))
+        want = m(torch.tensor(x).to(torch.bfloat16)).float().numpy()
+    bf = lambda a: jnp.asarray(a).astype(jnp.bfloat16)  # noqa: E731
+    got = np.asarray(rms_norm(bf(x), bf(w), 1e-6, jnp.bfloat16, **kw)).astype(np.float32)
+    np.testing.assert_array_equal(got, want)
+    others = [o for o in ({}, {"scale_float32": True}, {"offset": 1.0}) if o != kw]
+    assert all(np.mean(np.asarray(rms_norm(bf(x), bf(w), 1e-6, jnp.bfloat16, **o)).astype(np.float32) != want) > 0.1
+               for o in others)
