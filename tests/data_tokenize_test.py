@@ -157,6 +157,11 @@ def test_truncation_policies(smollm_tokenizer, gsm8k_train):
     assert cut.stats["target_truncated"] == (t_len > limits["max_target_len"]).sum()
     i = int(np.argmax(p_len))
     assert np.array_equal(cut.prompt[i], full.prompt[i][-limits["max_prompt_len"]:])
+    # a long target keeps its first tokens (its EOS is lost): a mutant keeping its last ones passed (mutation review,
+    # session 44)
+    long = np.flatnonzero(t_len > limits["max_target_len"])
+    assert len(long) and all(np.array_equal(cut.target[j], full.target[j][:limits["max_target_len"]]) for j in long)
+    assert all(full.target[j][-1] == tok.eos_token_id != cut.target[j][-1] for j in long)
     batch = collate_sft(cut, np.arange(50), 50)
     assert batch["tokens"].shape[1] == limits["max_prompt_len"] + limits["max_target_len"]
     with pytest.raises(DataError, match=r"train\.jsonl:\d+ \(gsm8k_train_\d+\): prompt \d+ / target \d+ tokens exceed"):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from reftjax.graders.base import Grade
 from reftjax.graders.callback import decode_rows, grade_in_jit, make_reward_fn
 from reftjax.graders.guards import GuardConfig, apply_guards, check
 from reftjax.graders.reft import ReftGrader, reft_target
@@ -271,6 +272,24 @@ def test_hash_marker_skips_markdown_headings():
     # the gsm8k extraction reads these as answers, so the guard counts them (full reward slipped past no_reasoning)
     for bare in ("####\n42", "#### **42**", "#### `42`", "#### $42", "####  \\(42\\)"):
         assert check(cfg, bare, 3) == ["no_reasoning"], bare
+
+
+def test_repeated_lines_flags_a_looping_completion():
+    """More than `max_repeated_line_fraction` (0.5) of a completion's non-empty lines repeating an earlier one is
+    degenerate repetition; no test read this guard (a mutant that never flagged passed the suite; mutation review,
+    session 44). Exactly half is not more than half; under four lines is too short to judge; None turns it off."""
+    loop = "Tom has 3 + 4 = 7 apples.\n" * 4  # 3 of 4 lines repeat the first
+    assert check(GuardConfig(), loop, 30) == ["repeated_lines"]
+    assert check(GuardConfig(), "3 + 4 = 7\n\n7 * 2 = 14\n3 + 4 = 7\n  \n7 * 2 = 14\n", 30) == []  # 2 of 4: half
+    assert check(GuardConfig(), "3 + 4 = 7\n" * 3, 30) == []  # three lines
+    assert check(GuardConfig(max_repeated_line_fraction=None), loop, 30) == []
+    assert check(GuardConfig(max_repeated_line_fraction=0.25), "a = 1\nb = 2\na = 1\nc = 3\nd = 4", 30) == []
+    assert check(GuardConfig(max_repeated_line_fraction=0.1), "a = 1\nb = 2\na = 1\nc = 3\nd = 4", 30) == \
+        ["repeated_lines"]  # 1 of 5
+    out, counts = apply_guards(GuardConfig(action="discount", discount=0.5), [loop, "fine"], [30, 3],
+                               [Grade(1.0), Grade(1.0)])
+    assert [g.score for g in out] == [0.5, 1.0] and counts["repeated_lines"] == 1
+    assert out[0].details["guards"] == ["repeated_lines"] and out[0].details["score_before_guards"] == 1.0
 
 
 def test_no_reasoning_flags_bare_answers_without_a_marker_and_in_longer_hash_runs():

@@ -56,7 +56,10 @@ def test_text_similarity_against_independent_implementations():
     smooth = nltk_bleu.SmoothingFunction().method2  # add-one for n > 1, as ours
     # punctuation is its own token (whitespace tokens scored "Paris." against "Paris" 0; review, session 27)
     for cand, ref in ((cand, ref), ("The cat, it sat on the mat today!", "the cat sat on the mat today."),
-                      ("Paris, London, Berlin and Rome.", "Paris London Berlin and Rome")):
+                      ("Paris, London, Berlin and Rome.", "Paris London Berlin and Rome"),
+                      # shorter than its reference: the brevity penalty (without it, every n-gram of "the cat sat on"
+                      # matches and it scored 1: a policy could learn to answer with a prefix; mutation review, s44)
+                      ("the cat sat on", "the cat sat on the mat today.")):
         assert bleu(cand, ref) == pytest.approx(nltk_bleu.sentence_bleu(
             [wordpunct_tokenize(ref)], wordpunct_tokenize(cand), smoothing_function=smooth))
         assert bleu(ref, ref) == pytest.approx(1.0)

@@ -207,6 +207,7 @@ def test_kl_shaped_rewards_match_reference():
     B, T = 7, 11
     m = ragged_mask(rng, B, T)
     scores = rng.choice([0.0, 0.1, 1.0], size=B).astype(np.float32)
+    scores[-1] = 1.0  # the empty row's: it drew 0, so "no score" below checked nothing (mutation review, session 44)
     old, ref = rand(rng, B, T), rand(rng, B, T)
     rew, kl = J.kl_shaped_rewards(scores, old, ref, m, 0.05)
     exp_rew, exp_kl = np_kl_rewards(scores, old, ref, m, 0.05)

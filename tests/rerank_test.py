@@ -290,6 +290,10 @@ def test_numeric_votes_are_by_value_and_within_a_tolerance_when_asked():
     assert majority_correct([g(1.0, "42.005"), g(0.1, "5"), g(1.0, "42"), g(0.1, "5")], tol=1e-2) is True
     assert majority_correct([g(0.1, "nan")] * 3 + [g(1.0, "42")] * 2) is True
     assert majority_correct([g(0.1, "inf")] * 3 + [g(1.0, "42")] * 2) is False
+    # inside the winning group, equal votes: the value seen first decides (a mutant taking the last passed; mutation
+    # review, session 44)
+    assert majority_correct([g(1.0, "42.009"), g(0.1, "42.017")], tol=1e-2) is True
+    assert majority_correct([g(0.1, "42.017"), g(1.0, "42.009")], tol=1e-2) is False
 
 
 def test_verifier_data_the_grader_failed_throughout_stops_before_it_is_saved(tiny_hf_dir, shared_data, monkeypatch):

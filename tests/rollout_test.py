@@ -284,6 +284,20 @@ def test_stop_sequence_ends_completion(tiny_params):
         np.testing.assert_array_equal(r.tokens_BxN[i, :n], t[i, :n])
 
 
+def test_a_stop_sequence_is_not_matched_against_slots_not_yet_written(tiny_params):
+    """Before a stop sequence's length of tokens exists, its window reads completion slots still holding `pad_id`: a
+    sequence ending in the pad id (0 by default, a text token in some vocabularies) stopped every row whose first
+    token began it, at step 0. A mutant without the step guard passed the suite (mutation review, session 44)."""
+    tokens, mask = _prompts(lengths=(5, 2, 4, 6), seed=3)
+    base = _run(tiny_params, tokens, mask, SamplingConfig(max_new_tokens=10, greedy=True))
+    pad = next(t for t in range(1, V) if t not in base.tokens_BxN)  # a pad id the completions never hold
+    seq = (int(base.tokens_BxN[0, 0]), pad)
+    r = _run(tiny_params, tokens, mask, SamplingConfig(max_new_tokens=10, greedy=True, stop_sequences=(seq,),
+                                                       pad_id=pad))
+    np.testing.assert_array_equal(r.lengths_B, np.full(4, 10))
+    np.testing.assert_array_equal(r.tokens_BxN, base.tokens_BxN)
+
+
 def test_loop_exits_once_every_row_is_done(tiny_params, monkeypatch):
     """Count decode steps with a host callback: every token is EOS -> one loop iteration only."""
     calls = []

@@ -1050,6 +1050,30 @@ def test_presets_carry_the_authors_settings():
     assert small.param_dtype == "float32" and small.dtype == "bfloat16"
     with pytest.raises(ValueError, match="schedule_epochs"):
         dataclasses.replace(paper.sft, schedule_epochs=1)
+    # the RL settings of the authors' train_rl_reft.py (../shared/REFERENCE.md), the library's defaults, which every
+    # preset keeps: no test read them, and a changed vf_coef or gae_lambda default would pass unnoticed (mutation
+    # review, session 44)
+    from reftjax.rollout import SamplingConfig
+    from reftjax.steps import OptimConfig, PPOConfig
+
+    for name, cfg in (("library", None), ("paper", paper), ("gpu", small), ("cpu", preset_config("cpu"))):
+        ppo = PPOConfig() if cfg is None else cfg.rl.ppo
+        assert (ppo.algo, ppo.kl_coef, ppo.gamma, ppo.gae_lambda, ppo.clip_eps, ppo.clip_eps_high,
+                ppo.clip_range_value, ppo.vf_coef, ppo.ppo_epochs, ppo.whiten_advantages, ppo.critic,
+                ppo.value_grad_to_backbone, ppo.temperature) == \
+            ("ppo", 0.05, 1.0, 0.95, 0.2, None, 0.2, 5.0, 2, True, "shared", True, 1.0), name
+    assert PPOConfig().minibatch_size is paper.rl.ppo.minibatch_size is None  # 4 a GPU of 4 a GPU: the whole batch
+    sampling = paper.rl.sampling
+    assert (sampling.temperature, sampling.top_k, sampling.top_p, sampling.greedy, sampling.n) == (1.0, 0, 1.0, False, 1)
+    assert (SamplingConfig().temperature, SamplingConfig().top_k, SamplingConfig().top_p) == (1.0, 0, 1.0)
+    # prompt <= 300 tokens, prompt + completion <= 700
+    assert (paper.data.tokenize.max_prompt_len, sampling.max_new_tokens) == (300, 400)
+    rl_opt = paper.rl.optim  # constant lr, no weight decay, clip 1.0
+    assert (rl_opt.schedule, rl_opt.warmup_ratio, rl_opt.weight_decay, rl_opt.grad_clip) == ("constant", 0.0, 0.0, 1.0)
+    sft_opt = OptimConfig()  # the warm-up's: linear with 10% warm-up, lr 1e-5, clip 1.0
+    assert (sft_opt.learning_rate, sft_opt.schedule, sft_opt.warmup_ratio, sft_opt.weight_decay, sft_opt.grad_clip) \
+        == (1e-5, "linear", 0.1, 0.0, 1.0)
+    assert (paper.sft.optim.schedule, paper.sft.optim.warmup_ratio) == ("linear", 0.1)
 
 
 def test_sft_step_time_is_one_step_not_two(tmp_path, monkeypatch):
