@@ -451,6 +451,12 @@ def test_config_validation():
         CheckpointConfig("")
     with pytest.raises(ValueError):
         CheckpointConfig("/tmp/x", keep_last=0)
+    # (neither was tested: keep_best=-1 reached Orbax as BestN(-1), save_every=0 a ZeroDivisionError at the first
+    # save; mutation review, session 44)
+    for bad in ({"keep_best": -1}, {"save_every": 0}):
+        with pytest.raises(ValueError):
+            CheckpointConfig("/tmp/x", **bad)
+    CheckpointConfig("/tmp/x", keep_best=0, save_every=1)  # (the bounds themselves are allowed)
 
 
 def _driver(tmp_path, run_dir, out, kill=""):

@@ -241,3 +241,14 @@ def test_a_failed_tensorboard_write_turns_tensorboard_off_and_never_blocks(tmp_p
     walls.clear()
     assert sorted(s for s in _tensorboard_scalars(tmp_path / "tensorboard") if s[0] == "rl/reward") == \
         [("rl/reward", s, pytest.approx(0.5 if s == 1 else 0.1 * s)) for s in range(1, 40)]
+
+
+def test_read_metrics_skips_a_line_cut_by_a_crash_and_reads_on(tmp_path):
+    """A line a crash cut short is skipped, and the rows after it (a later invocation's) are read: stopping there
+    lost them for `wall_times`, the grader-error counts and a notebook reading a killed run (mutation review,
+    session 44)."""
+    from reftjax.metrics import read_metrics
+
+    (tmp_path / "metrics.jsonl").write_text('{"phase": "sft", "step": 1}\n{"phase": "sft", "st\n'
+                                            '{"phase": "sft", "step": 2}\n')
+    assert read_metrics(tmp_path) == [{"phase": "sft", "step": 1}, {"phase": "sft", "step": 2}]

@@ -374,3 +374,12 @@ def test_the_summaries_count_grader_errors(tmp_path):
             "{'val_rl_3': 4}.") in (tmp_path / "summary.md").read_text()
     clean = write_summary(tmp_path / "x", ExperimentConfig(), _evals(voting=False, base=True), 1.0, write=False)
     assert clean["grader_errors"] == {"rl": 0, "evaluations": {}}
+
+
+def test_a_summary_without_timed_rows_counts_this_invocation(tmp_path):
+    """`write_summary` from a library caller (no metrics.jsonl): the total wall time is at least this invocation's,
+    one invocation; it read 0 in a mutant that passed the suite (mutation review, session 44)."""
+    from reftjax.report import write_summary
+
+    summary = write_summary(tmp_path, ExperimentConfig(), _evals(voting=False, base=False), 12.3)
+    assert (summary["wall_seconds"], summary["wall_seconds_total"], summary["invocations"]) == (12.3, 12.3, 1)

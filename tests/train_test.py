@@ -698,6 +698,7 @@ def test_invalid_settings_fail_before_anything_runs_and_do_not_claim_the_run_dir
                              ("data.n_val", 0, "data.n_val must be >= 1 or null"),
                              ("data.val_fraction", 1.5, "data.val_fraction must be in [0, 1)"),
                              ("checkpoint.save_every", 0, "need save_every >= 1"),
+                             ("checkpoint.keep_best", -1, "keep_best >= 0"),  # (untested: mutation review, s44)
                              # each failed late, after a phase ran (config-knob review)
                              ("rl.ppo.critic_only", True, "the training loop runs no critic warm-up"),
                              ("rl.sampling.pad_id", 5, "the run pads with the tokenizer's pad token"),
@@ -1381,6 +1382,27 @@ def test_a_grader_failing_on_every_row_stops_the_run_before_the_update(tmp_path,
     assert len(steps) == h.cfg.rl.iterations
 
 
+def test_the_logged_learning_rate_follows_the_updates_applied_not_those_skipped(tmp_path, monkeypatch):
+    """Each RL row logs the learning rate of its iteration's last applied update: the schedule moves only on applied
+    updates (a skipped, non-finite one leaves the state as it was). Counting the skipped ones shifted every later
+    logged rate by a step and passed the suite (mutation review, session 44). Fake steps: 4 updates, 1 skipped."""
+    from reftjax import train as T
+    from reftjax.config import replace_paths
+    from reftjax.metrics import read_metrics
+    from reftjax.steps import ppo_updates_per_step, schedule_value
+
+    h = _fake_rl(monkeypatch)
+    monkeypatch.setattr(T, "make_ppo_step", lambda *a, **k: lambda state, exp: (
+        state, {"updates": np.int32(4), "skipped": np.int32(1)}))
+    cfg = replace_paths(h.cfg, {"rl.optim.schedule": "linear", "rl.optim.warmup_ratio": 0.0})
+    h.run(cfg, tmp_path / "run")
+    total = cfg.rl.iterations * ppo_updates_per_step(cfg.rl.ppo, cfg.rl.prompts_per_iteration * cfg.rl.sampling.n)
+    got = [r["lr"] for r in read_metrics(tmp_path / "run") if r["phase"] == "rl"]
+    want = [schedule_value(cfg.rl.optim, total, 3 * it - 1) for it in range(1, cfg.rl.iterations + 1)]
+    counted = [schedule_value(cfg.rl.optim, total, 4 * it - 1) for it in range(1, cfg.rl.iterations + 1)]
+    assert got == pytest.approx(want, rel=1e-6) and got[0] != pytest.approx(counted[0])
+
+
 def test_an_evaluation_the_grader_failed_throughout_stops_the_run_unrecorded(tmp_path, monkeypatch):
     """In an evaluation, a grader failing on every answer (a judge down) scored 0 with a warning: a validation of 0
     counted against early stopping, so a judge down for a while could end the run, and a test figure of 0 went into
@@ -1482,6 +1504,17 @@ def test_the_warm_up_competes_for_the_best_checkpoint(tmp_path, monkeypatch):
     assert run(every2, [0.125], "resumed", warmup_val=0.3) == ("best", 4, 2, 1)
     h.restored[1]["best_iteration"], h.restored[1]["best"] = 0, 0.3  # the warm-up still the best at the save
     assert run(every2, [0.125], "resumed0", warmup_val=0.3) == ("warm-up", 4, 0, 0)
+    # resumed, patience 1: 0.4 is below the restored best 0.5 (not the warm-up's 0.3), so the phase stops at 4 as an
+    # uninterrupted run does; a resume that forgot the best trained on (mutation review, session 44)
+    six = replace_paths(patient, {"rl.iterations": 6})
+    h.restored = None
+    assert run(six, [0.5, 0.4], "straight", warmup_val=0.3) == ("best", 4, 2, 1)
+    h.restored = (state, {"loader": {}, "iteration": 2, "best": 0.5, "since_best": 0, "best_iteration": 2}, 2)
+    assert run(six, [0.4], "resumed_patient", warmup_val=0.3) == ("best", 4, 2, 1)
+    # the last iteration is validated when eval_every does not divide the iterations: it may be the best
+    h.restored, h.best_read = None, ("best", 5)  # (the manager's best step: iteration 5's, above the warm-up)
+    assert run(replace_paths(every2, {"rl.iterations": 5}), [0.25, 0.125, 0.5], "odd", warmup_val=0.3) == \
+        ("best", 5, 5, 1) and h.reads == [0.3]
 
 
 def test_a_second_run_on_a_directory_in_use_is_refused_and_a_killed_run_leaves_no_claim(tmp_path):
