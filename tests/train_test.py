@@ -1065,7 +1065,8 @@ def test_presets_carry_the_authors_settings():
             ("ppo", 0.05, 1.0, 0.95, 0.2, None, 0.2, 5.0, 2, True, "shared", True, 1.0), name
     assert PPOConfig().minibatch_size is paper.rl.ppo.minibatch_size is None  # 4 a GPU of 4 a GPU: the whole batch
     sampling = paper.rl.sampling
-    assert (sampling.temperature, sampling.top_k, sampling.top_p, sampling.greedy, sampling.n) == (1.0, 0, 1.0, False, 1)
+    assert (sampling.temperature, sampling.top_k, sampling.top_p, sampling.greedy, sampling.n) == \
+        (1.0, 0, 1.0, False, 1)
     assert (SamplingConfig().temperature, SamplingConfig().top_k, SamplingConfig().top_p) == (1.0, 0, 1.0)
     # prompt <= 300 tokens, prompt + completion <= 700
     assert (paper.data.tokenize.max_prompt_len, sampling.max_new_tokens) == (300, 400)
