@@ -790,13 +790,16 @@ def test_ppo_minibatches_are_a_fresh_permutation_each_epoch():
     params = init_rl_params(jax.tree.map(jnp.copy, policy), CFG, cfg, jax.random.key(2))
     state = init_state(params, tx, jax.random.key(3))
     exp = make_experience(state.params, ref, r, scores, model_cfg=CFG, cfg=cfg)
-    got, _ = ppo_step(state, exp, model_cfg=CFG, tx=tx, cfg=cfg)
+    # jitted: run eagerly, each of the step's primitives compiled a program of its own, and those 17 calls left the
+    # process ~5,600 memory maps more (the kernel's cap is 65,530 a process; see BUILD_NOTES, session 44 row 7)
+    step = jax.jit(functools.partial(ppo_step, model_cfg=CFG, tx=tx), static_argnames="cfg")
+    got, _ = step(state, exp, cfg=cfg)
 
     def by_hand(orders):
         st = state
         one = dataclasses.replace(cfg, ppo_epochs=1, minibatch_size=None)
         for rows in np.concatenate(orders).reshape(-1, 2):
-            st, _ = ppo_step(st, jax.tree.map(lambda x: x[np.asarray(rows)], exp), model_cfg=CFG, tx=tx, cfg=one)
+            st, _ = step(st, jax.tree.map(lambda x: x[np.asarray(rows)], exp), cfg=one)
         return st
 
     keys = jax.random.split(state.rng, 3)[1:]
