@@ -203,3 +203,30 @@ def two_processes(tmp_path):
         return outs
 
     return run
+
+
+# Every compiled XLA:CPU program maps its code into the process, and JAX keeps the programs it compiled (its caches)
+# for the process's life: a pytest-xdist worker running ~400 tests reached 30,000 memory maps in 5 minutes (session
+# 44: sampled from /proc/<pid>/maps), and Linux caps a process at vm.max_map_count (65,530 by default). A failed map
+# inside XLA's compiler is a segmentation fault, not an error: two suite runs of session 44 lost a worker so, in
+# XLA's compiler and its executable serialization. Past this many maps a test's end drops JAX's caches (programs
+# come back from the persistent compilation cache above, or compile again).
+_MAX_MAPS = 30_000
+
+
+def _maps() -> int:
+    try:
+        with open("/proc/self/maps", "rb") as f:
+            return sum(1 for _ in f)
+    except OSError:  # (not Linux)
+        return 0
+
+
+@pytest.fixture(autouse=True)
+def _bounded_memory_maps():
+    yield
+    if _maps() > _MAX_MAPS:
+        import gc
+
+        jax.clear_caches()
+        gc.collect()
