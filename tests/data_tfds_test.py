@@ -112,7 +112,7 @@ def test_reft_datasets_by_name(shared_data):
         load_examples("mnist")
 
 
-def test_download_path_through_tfds_download_manager(shared_data, tmp_path, monkeypatch):
+def test_download_path_through_tfds_download_manager(shared_data, tmp_path, monkeypatch, capsys):
     """No local copy: the builder downloads {train,test}.jsonl with tfds's DownloadManager (here from a
     local HTTP server standing in for GitHub), then builds and reads them like the local path."""
     import functools
@@ -142,7 +142,10 @@ def test_download_path_through_tfds_download_manager(shared_data, tmp_path, monk
         for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
             monkeypatch.delenv(var, raising=False)
         cache = tmp_path / "cache"
+        capsys.readouterr()
         got = {s: load_gsm8k(s, data_dir=cache) for s in head}
+        err = capsys.readouterr().err  # (a download keeps tfds's own line; a local copy's build says so instead)
+        assert "Downloading and preparing dataset" in err and "local copy" not in err, err
     finally:
         server.shutdown()
         server.server_close()
@@ -217,7 +220,11 @@ def test_no_progress_silences_tfds_bars_and_restores_the_switch(shared_data, tmp
         assert (len(splits.train), len(splits.test)) == (8, 4)
         err = capfd.readouterr().err
         assert "Generating" not in err and "Shuffling" not in err and "examples/s" not in err, err
-        assert "Downloading and preparing" in err  # (its one-line messages stay)
+        # (its one-line messages stay, in words true of a build from a local copy: it printed "Downloading and
+        # preparing dataset Unknown size" there, with nothing downloaded; session 44's list)
+        assert "Downloading" not in err and "Unknown size" not in err, err
+        assert f"GSM8K: building the tfds dataset from the local copy {local} (nothing is downloaded)" in err, err
+        assert "GSM8K: built into " in err and "later runs read it from there" in err, err
         assert tqdm_utils._active is True
 
         monkeypatch.setenv("REFTJAX_CACHE", str(tmp_path / "loud"))

@@ -66,6 +66,22 @@ class Gsm8kReft(tfds.core.GeneratorBasedBuilder):
         info.initialize_from_bucket = lambda: None
         return info
 
+    def _log_download_bytes(self) -> None:
+        """tfds prints "Downloading and preparing dataset Unknown size (download: Unknown size, ...)" before a build,
+        also one from the local copy, where nothing is downloaded (session 44's list): that build says what it does.
+        (A private tfds hook: a tfds without it prints its own line, as before.)"""
+        if self._local_dir is None:
+            super()._log_download_bytes()
+        else:
+            print(f"GSM8K: building the tfds dataset from the local copy {self._local_dir} (nothing is downloaded) "
+                  f"into {self.data_dir} ...")
+
+    def _log_download_done(self) -> None:
+        if self._local_dir is None:
+            super()._log_download_done()
+        else:
+            print(f"GSM8K: built into {self.data_dir}; later runs read it from there.")
+
     def _split_generators(self, dl_manager):
         if self._local_dir is not None:
             paths = {split: self._local_dir / f"{split}.jsonl" for split in URLS}
