@@ -155,7 +155,7 @@ def evaluate(params, model_cfg, tokenizer, ds: TokenizedDataset, items: Sequence
         raise ValueError("rerank@k needs voting samples: set EvalConfig.voting_k > 0")
     mathqa = _grades_mathqa(grader)  # rerank@k picks option letters only (the authors')
     correct, scores_g, voted, reranked, weighted, bound, lengths, samples = [], [], [], [], [], [], [], []
-    greedy_grades = []
+    greedy_grades, voting_grades = [], []
     t0 = time.perf_counter()
     for i, batch in enumerate(loader):
         valid, idx = to_host((batch["valid"], batch["example_idx"]))  # whole batch on every process
@@ -188,6 +188,7 @@ def evaluate(params, model_cfg, tokenizer, ds: TokenizedDataset, items: Sequence
             scores = np.concatenate(parts) if parts else None
             for j, sample in zip(rows, batch_samples):
                 g = grader.grade_batch([items[idx[j]]] * k, texts_v[j * k:(j + 1) * k])
+                voting_grades += g
                 voted.append(majority_correct(g, tol=cfg.voting_tol))
                 sample["voting_correct"] = voted[-1]
                 if scores is not None:
@@ -209,8 +210,10 @@ def evaluate(params, model_cfg, tokenizer, ds: TokenizedDataset, items: Sequence
            "mean_score": float(np.mean(scores_g)) if scores_g else 0.0,  # graders with partial credit select on it
            "mean_length": float(np.mean(lengths)) if lengths else 0.0, "samples": samples,
            "seconds": time.perf_counter() - t0}  # (this process's; validation rows carried no duration)
-    # the rows the grader could not grade (its faults, not answers it found wrong or missing), as RL logs them
-    res["grader_errors"] = int(from_process_0(np.asarray([sum(map(is_fault, greedy_grades))], np.int64))[0])
+    # the rows the grader could not grade (its faults, not answers it found wrong or missing), as RL logs them; the
+    # voting samples' apart (they were not counted: a judge down after the greedy answers scored voting@k 0 unsaid)
+    faults = from_process_0(np.asarray([sum(map(is_fault, gs)) for gs in (greedy_grades, voting_grades)], np.int64))
+    res["grader_errors"] = int(faults[0])
     broken = every_one_faulted(greedy_grades)
     if broken is not None:
         log.warning("evaluation: the grader failed on all %d answers (the first: %s): the accuracy is "
@@ -225,6 +228,14 @@ def evaluate(params, model_cfg, tokenizer, ds: TokenizedDataset, items: Sequence
     answers = getattr(grader, "votes_on_answer", True)
     if vote is not None:
         res["voting_accuracy"] = (float(np.mean(voted)) if voted else 0.0) if answers else None
+        res["voting_samples"], res["voting_grader_errors"] = len(voting_grades), int(faults[1])
+        # every voting sample a fault (process 0's count: every process decides alike) where a figure is drawn from
+        # them: voting@k (and rerank@k) would be 0 whatever the model wrote; the training loop stops on it
+        if (answers or verifier is not None) and voting_grades and faults[1] >= len(voting_grades):
+            first = every_one_faulted(voting_grades)  # (None where this process's own grades differ)
+            log.warning("evaluation: the grader failed on all %d voting samples (the first: %s): voting@k is 0 "
+                        "whatever the model wrote", len(voting_grades), first)
+            res["voting_grader_failure"] = first
     if verifier is not None:
         res["rerank_accuracy"] = float(np.mean(reranked)) if reranked else 0.0
         res["weighted_voting_accuracy"] = (float(np.mean(weighted)) if weighted else 0.0) if answers else None

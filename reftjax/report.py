@@ -72,7 +72,9 @@ def write_summary(out: pathlib.Path, cfg, evals: dict, wall_seconds: float, writ
     # rows the grader could not grade (scored 0): a judge down for a while, a grader that fails on some items; the
     # metrics had them, the summaries did not (review F, session 42). An iteration logged again counts once (the last)
     rl_errors = {row.get("step"): int(row.get("grader_errors") or 0) for row in logged if row.get("phase") == "rl"}
-    eval_errors = {name: int(v["grader_errors"]) for name, v in sorted(evals.items()) if v.get("grader_errors")}
+    eval_errors = {key: int(v[field]) for name, v in sorted(evals.items())  # (the voting samples' apart)
+                   for key, field in ((name, "grader_errors"), (f"{name} voting samples", "voting_grader_errors"))
+                   if v.get(field)}
     def acc(name, key="accuracy"):
         return evals.get(name, {}).get(key)
 

@@ -1040,6 +1040,10 @@ def check_evaluation(name: str, res: dict) -> None:
         raise GraderFailure(failure_message(f"evaluation {name}", f"{n} answers", res.get("grader_failure"),
                                             "stopped before recording it, which would have scored 0 whatever the "
                                             "model wrote"))
+    if "voting_grader_failure" in res:  # (set by `evaluate` from process 0's count, on every process)
+        raise GraderFailure(failure_message(f"evaluation {name}", f"{res['voting_samples']} voting samples",
+                                            res["voting_grader_failure"], "stopped before recording it, which would "
+                                            "have scored voting@k 0 whatever the model wrote"))
 
 
 JUDGE_TRANSPORT = ("base_url", "api_key_env", "timeout", "max_concurrency", "retries")  # free on resume

@@ -117,6 +117,69 @@ def test_voting_is_not_reported_for_a_grader_that_records_only_a_score(tiny_hf_d
     assert res["mean_score"] == pytest.approx(0.5 * 0.25 + 0.5 * res["score_b"])
 
 
+def test_voting_samples_the_grader_failed_on_are_counted_and_all_of_them_stop_the_run(tiny_hf_dir, shared_data,
+                                                                                     monkeypatch, caplog):
+    """A grader failing on the voting samples only (a judge that went down after grading the greedy answers) scored
+    voting@k 0 whatever the model wrote, uncounted: only the greedy answers' faults were (session 43's Known limits).
+    They are counted apart (`voting_grader_errors`, in the summaries too); all of them faulted stops the run like
+    all greedy answers faulted, unless no figure is drawn from them (a grader that records only a score)."""
+    from reftjax import train as T
+    from reftjax.evaluate import evaluate
+    from reftjax.graders import build_grader
+    from reftjax.graders.base import faulted
+    from reftjax.hf import load_model
+    from reftjax.train import prepare_data
+
+    monkeypatch.setenv("REFTJAX_GSM8K_DIR", str(shared_data / "gsm8k"))
+    cfg = ExperimentConfig()
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, n_train=4, n_val=4, n_test=2))
+    model = load_model(tiny_hf_dir)
+    data = prepare_data(cfg, model.tokenizer)
+
+    class DownAfter:
+        """Grades its first `ok` calls (the greedy answers, then each prompt's voting samples) with `inner`."""
+
+        def __init__(self, inner, ok):
+            self.inner, self.ok, self.calls = inner, ok, 0
+            self.votes_on_answer = getattr(inner, "votes_on_answer", True)
+
+        def validate(self, item):
+            self.inner.validate(item)
+
+        def grade_batch(self, items, texts):
+            self.calls += 1
+            if self.calls <= self.ok:
+                return self.inner.grade_batch(items, texts)
+            return [faulted("judge: http://j/v1/chat/completions: URLError: refused") for _ in texts]
+
+    def run(grader):
+        return evaluate(model.params, model.config, model.tokenizer, data.test_ds, data.test_items, grader,
+                        EvalConfig(batch_size=2, max_new_tokens=4, voting_k=3), eos_ids=tuple(model.config.eos_token_ids),
+                        pad_id=model.tokenizer.pad_token_id)
+
+    reft = build_grader(cfg.grader_dict)
+    res = run(DownAfter(reft, 99))
+    assert (res["grader_errors"], res["voting_samples"], res["voting_grader_errors"]) == (0, 6, 0)
+    T.check_evaluation("test_sft", res)
+    res = run(DownAfter(reft, 2))  # the second prompt's voting samples faulted: counted, recorded
+    assert (res["grader_errors"], res["voting_grader_errors"]) == (0, 3) and "voting_grader_failure" not in res
+    T.check_evaluation("test_sft", res)
+    with caplog.at_level("WARNING", logger="reftjax"):
+        res = run(DownAfter(reft, 1))  # every voting sample faulted
+    assert (res["grader_errors"], res["voting_grader_errors"], res["voting_accuracy"]) == (0, 6, 0.0)
+    assert any("the grader failed on all 6 voting samples (the first: judge: http://j" in r.getMessage()
+               for r in caplog.records), [r.getMessage() for r in caplog.records]
+    with pytest.raises(T.GraderFailure, match=r"evaluation test_sft: the grader failed on all 6 voting samples \(the "
+                                              r"first: judge: http://j/v1/chat/completions: URLError: refused\); "
+                                              r"stopped before recording it, which would have scored voting@k 0"):
+        T.check_evaluation("test_sft", res)
+    # a grader recording only a score: no voting@k figure, so nothing to stop for (its faults still counted)
+    score_only = build_grader({"type": "python", "source": "def grade(sample, item):\n    return 0.25"})
+    res = run(DownAfter(score_only, 1))
+    assert res["voting_accuracy"] is None and res["voting_grader_errors"] == 6 and "voting_grader_failure" not in res
+    T.check_evaluation("test_sft", res)
+
+
 def test_voting_rollouts_are_split_to_bound_their_rows(tiny_hf_dir, shared_data, monkeypatch):
     """One voting rollout sampled batch_size x voting_k rows (the paper preset: 64 x 100, a ~2 TiB KV cache for a
     7B model). eval.voting_rows caps the rows of each; figures are computed over the same samples per prompt."""

@@ -368,10 +368,11 @@ def test_the_summaries_count_grader_errors(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     evals = _evals(voting=False, base=True)
     evals["val_rl_3"]["grader_errors"] = 4
+    evals["test_sft"].update(voting_samples=40, voting_grader_errors=5, grader_errors=0)  # (counted apart: session 45)
     summary = write_summary(tmp_path, ExperimentConfig(), evals, 1.0)
-    assert summary["grader_errors"] == {"rl": 11, "evaluations": {"val_rl_3": 4}}
+    assert summary["grader_errors"] == {"rl": 11, "evaluations": {"test_sft voting samples": 5, "val_rl_3": 4}}
     assert ("Grader errors (rows the grader could not grade, scored 0): 11 in the RL rollouts; in the evaluations "
-            "{'val_rl_3': 4}.") in (tmp_path / "summary.md").read_text()
+            "{'test_sft voting samples': 5, 'val_rl_3': 4}.") in (tmp_path / "summary.md").read_text()
     clean = write_summary(tmp_path / "x", ExperimentConfig(), _evals(voting=False, base=True), 1.0, write=False)
     assert clean["grader_errors"] == {"rl": 0, "evaluations": {}}
 
