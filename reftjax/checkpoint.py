@@ -37,7 +37,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
-from reftjax.sharding import any_process, from_process_0
+from reftjax.sharding import any_process, object_from_process_0
 
 log = logging.getLogger(__name__)
 
@@ -544,12 +544,8 @@ def _unreadable_anywhere(unreadable_here: bool, step: int, directory: str) -> bo
 
 
 def _process_0s(steps: list[int]) -> list[int]:
-    """Process 0's list of steps, on every process (two broadcasts; the list itself with one process)."""
-    if jax.process_count() == 1:
-        return steps
-    n = int(from_process_0(np.asarray([len(steps)], np.int64))[0])
-    mine = np.asarray((steps + [-1] * n)[:n], np.int64)
-    return [int(s) for s in from_process_0(mine)]
+    """Process 0's list of steps, on every process (the list itself with one process)."""
+    return object_from_process_0(lambda: [int(s) for s in steps])
 
 
 def _meet_restore_barrier() -> None:

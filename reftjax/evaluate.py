@@ -18,7 +18,7 @@ from reftjax.data import Loader, LoaderConfig, TokenizedDataset
 from reftjax.graders.base import every_one_faulted, has_answer, is_fault, sub_score_means
 from reftjax.rerank import any_correct, rerank_correct, verifier_scores
 from reftjax.rollout import SamplingConfig, decode_completions, rollout
-from reftjax.sharding import from_process_0, to_host
+from reftjax.sharding import object_from_process_0, to_host
 
 log = logging.getLogger("reftjax")
 
@@ -162,12 +162,14 @@ def evaluate(params, model_cfg, tokenizer, ds: TokenizedDataset, items: Sequence
         out = rollout(params, batch["prompt_tokens"], batch["prompt_mask"], rng, model_cfg=model_cfg, cfg=greedy)
         texts = decode_completions(tokenizer, out, stop_sequences=stop_sequences)
         rows = [j for j in range(len(valid)) if valid[j]]
-        grades = grader.grade_batch([items[idx[j]] for j in rows], [texts[j] for j in rows])
+        # graded in process 0 alone, its grades on every process (a judge got every process's requests)
+        grades = object_from_process_0(lambda: grader.grade_batch([items[idx[j]] for j in rows],
+                                                                  [texts[j] for j in rows]))
         correct += [g.score >= 1.0 - 1e-6 for g in grades]
         scores_g += [float(g.score) for g in grades]
         greedy_grades += grades
         lengths += to_host(out.lengths_B)[rows].tolist()
-        batch_samples = [{"item_id": items[idx[j]].get("item_id"), "completion": texts[j], "score": g.score,
+        batch_samples = [{"item_id": items[idx[j]].get("item_id"), "completion": texts[j], "score": float(g.score),
                           "extracted": g.extracted, "error": g.error,
                           **({"scores": dict(g.details["scores"])} if "scores" in g.details else {})}
                          for j, g in zip(rows, grades)]
@@ -186,10 +188,13 @@ def evaluate(params, model_cfg, tokenizer, ds: TokenizedDataset, items: Sequence
                                                          out_v.tokens_BxN, out_v.mask_BxN, model_cfg=model_cfg,
                                                          chunk_rows=cfg.rerank_chunk_rows)))
             scores = np.concatenate(parts) if parts else None
-            for j, sample in zip(rows, batch_samples):
-                g = grader.grade_batch([items[idx[j]]] * k, texts_v[j * k:(j + 1) * k])
-                voting_grades += g
-                voted.append(majority_correct(g, tol=cfg.voting_tol))
+            # the batch's voting samples in one call (a judge's concurrency spans them), in process 0 alone
+            batch_v = object_from_process_0(lambda: grader.grade_batch(
+                [items[idx[j]] for j in rows for _ in range(k)], [t for j in rows for t in texts_v[j * k:(j + 1) * k]]))
+            voting_grades += batch_v
+            for r, (j, sample) in enumerate(zip(rows, batch_samples)):
+                g = batch_v[r * k:(r + 1) * k]
+                voted.append(bool(majority_correct(g, tol=cfg.voting_tol)))
                 sample["voting_correct"] = voted[-1]
                 if scores is not None:
                     reranked.append(rerank_correct(scores[j * k:(j + 1) * k], g, letters_only=mathqa))
@@ -197,42 +202,33 @@ def evaluate(params, model_cfg, tokenizer, ds: TokenizedDataset, items: Sequence
                     bound.append(any_correct(g))
         if progress is not None:
             progress.update(len(rows))
-    # process 0's grades on every process (`from_process_0`): every figure, and so every decision on them, agrees
-    # (each process graded the same texts itself, and P-CoT programs need not give the same result twice)
-    correct, scores_g, voted, reranked, weighted, bound = (
-        from_process_0(np.asarray(x, np.float64)).tolist()
-        for x in (correct, scores_g, voted, reranked, weighted, bound))
-    for sample, score in zip(samples, scores_g):
-        sample["score"] = score
-    for sample, v in zip(samples if voted else (), voted):
-        sample["voting_correct"] = bool(v)
+    # every process holds process 0's grades (`object_from_process_0`): every figure, and so every decision on them,
+    # agrees (a grader need not give the same result twice: P-CoT programs calling `random`, or timing out)
     res = {"accuracy": float(np.mean(correct)) if correct else 0.0, "n": len(correct),
            "mean_score": float(np.mean(scores_g)) if scores_g else 0.0,  # graders with partial credit select on it
            "mean_length": float(np.mean(lengths)) if lengths else 0.0, "samples": samples,
            "seconds": time.perf_counter() - t0}  # (this process's; validation rows carried no duration)
     # the rows the grader could not grade (its faults, not answers it found wrong or missing), as RL logs them; the
     # voting samples' apart (they were not counted: a judge down after the greedy answers scored voting@k 0 unsaid)
-    faults = from_process_0(np.asarray([sum(map(is_fault, gs)) for gs in (greedy_grades, voting_grades)], np.int64))
-    res["grader_errors"] = int(faults[0])
+    faults = [sum(map(is_fault, gs)) for gs in (greedy_grades, voting_grades)]
+    res["grader_errors"] = faults[0]
     broken = every_one_faulted(greedy_grades)
     if broken is not None:
         log.warning("evaluation: the grader failed on all %d answers (the first: %s): the accuracy is "
                     "0 whatever the model wrote; try the grader on this data with `python -m reftjax.graders run`",
                     len(greedy_grades), broken)
-        if res["grader_errors"] >= len(correct):  # (process 0's count, what `train.check_evaluation` decides on)
-            res["grader_failure"] = broken  # (the training loop stops on it: `train.check_evaluation`)
+        res["grader_failure"] = broken  # (the training loop stops on it: `train.check_evaluation`)
     means = sub_score_means(greedy_grades)  # a multi grader's, as the RL metrics log them
-    if means:  # (the same names on every process) process 0's values, like every figure
-        res.update(zip(means, from_process_0(np.asarray(list(means.values()), np.float64)).tolist()))
+    res.update(means)
     # a grader that records only a score (a `python` grader) would make voting@k a vote on right/wrong: not reported
     answers = getattr(grader, "votes_on_answer", True)
     if vote is not None:
         res["voting_accuracy"] = (float(np.mean(voted)) if voted else 0.0) if answers else None
-        res["voting_samples"], res["voting_grader_errors"] = len(voting_grades), int(faults[1])
-        # every voting sample a fault (process 0's count: every process decides alike) where a figure is drawn from
-        # them: voting@k (and rerank@k) would be 0 whatever the model wrote; the training loop stops on it
-        if (answers or verifier is not None) and voting_grades and faults[1] >= len(voting_grades):
-            first = every_one_faulted(voting_grades)  # (None where this process's own grades differ)
+        res["voting_samples"], res["voting_grader_errors"] = len(voting_grades), faults[1]
+        # every voting sample a fault, where a figure is drawn from them: voting@k (and rerank@k) would be 0 whatever
+        # the model wrote; the training loop stops on it
+        first = every_one_faulted(voting_grades)
+        if (answers or verifier is not None) and first is not None:
             log.warning("evaluation: the grader failed on all %d voting samples (the first: %s): voting@k is 0 "
                         "whatever the model wrote", len(voting_grades), first)
             res["voting_grader_failure"] = first

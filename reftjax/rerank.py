@@ -325,7 +325,7 @@ def sample_verifier_data(policy_params, model_cfg: ModelConfig, tokenizer, ds, i
     """
     from reftjax.data import Loader, LoaderConfig
     from reftjax.rollout import SamplingConfig, decode_tokens, rollout
-    from reftjax.sharding import from_process_0, to_host
+    from reftjax.sharding import object_from_process_0, to_host
 
     loader = Loader(ds, LoaderConfig(batch_size=cfg.prompts_per_batch, kind="prompt", shuffle=False,
                                      drop_last=False, num_epochs=1), mesh=mesh)
@@ -350,9 +350,12 @@ def sample_verifier_data(policy_params, model_cfg: ModelConfig, tokenizer, ds, i
         n_seen += len({j // k for j in keep})
         if cfg.dedup:
             keep = [keep[t] for t in dedup_rows([texts[j] for j in keep], [j // k for j in keep])]
-        grades = grader.grade_batch([items[idx[j // k]] for j in keep], [texts[j] for j in keep])
+        # graded in process 0 alone, its grades on every process (each feeds its share of every verifier batch;
+        # a judge got every process's requests)
+        grades = object_from_process_0(lambda: grader.grade_batch([items[idx[j // k]] for j in keep],
+                                                                  [texts[j] for j in keep]))
         broken = every_one_faulted(grades)
-        if from_process_0(np.asarray(broken is not None)):  # (process 0's labels are the ones used)
+        if broken is not None:
             # labels of 0 for every sample of a batch (a judge down): the verifier would learn them, and the data is
             # saved once for good (session 43)
             raise GraderFailure(failure_message(
@@ -360,8 +363,7 @@ def sample_verifier_data(policy_params, model_cfg: ModelConfig, tokenizer, ds, i
                 "stopped before the data is saved, which would have labelled them all wrong",
                 "the run resumes and samples the verifier data again"))
         rows.append({**{key: v[keep] for key, v in host.items()},
-                     # process 0's labels on every process (each feeds its share of every verifier batch)
-                     "labels": from_process_0(np.array([g.score >= CORRECT for g in grades], np.float32)),
+                     "labels": np.array([g.score >= CORRECT for g in grades], np.float32),
                      "example_idx": np.array([idx[j // k] for j in keep], np.int32)})
         if progress is not None:
             progress.update(len({j // k for j in keep}))

@@ -354,6 +354,32 @@ def from_process_0(x: np.ndarray) -> np.ndarray:
     return np.asarray(raw).view(a.dtype).reshape(a.shape)
 
 
+def object_from_process_0(make):
+    """`make()` run in process 0 alone and its result, pickled, sent to every process (a collective, as
+    `from_process_0`); `make()` itself on one process. For host work that costs per call, such as grading: an
+    evaluation's rows or a verifier-data batch graded by a model-based grader were sent to its judge by every process
+    of a multi-process run, N times the requests (the RL rows were graded once; session 42's Known limits)."""
+    if jax.process_count() == 1:
+        return make()
+    import pickle
+
+    raw, error = np.zeros(0, np.uint8), None
+    if is_primary():
+        try:
+            raw = np.frombuffer(pickle.dumps((True, make())), np.uint8)
+        except Exception as exc:  # noqa: BLE001 - raised on every process below: the others would wait for ever
+            error = exc
+            raw = np.frombuffer(pickle.dumps((False, f"{type(exc).__name__}: {exc}")), np.uint8)
+    size = int(from_process_0(np.asarray([raw.size], np.int64))[0])
+    raw = from_process_0(raw if is_primary() else np.zeros(size, np.uint8))
+    ok, value = pickle.loads(raw.tobytes())  # (process 0's own bytes: what it computed itself)
+    if ok:
+        return value
+    if error is not None:
+        raise error
+    raise RuntimeError(f"process 0 raised {value}")
+
+
 def is_primary() -> bool:
     """Whether this process writes the run's files (logs, reports, exports): process 0."""
     return jax.process_index() == 0

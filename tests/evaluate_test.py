@@ -137,20 +137,20 @@ def test_voting_samples_the_grader_failed_on_are_counted_and_all_of_them_stop_th
     data = prepare_data(cfg, model.tokenizer)
 
     class DownAfter:
-        """Grades its first `ok` calls (the greedy answers, then each prompt's voting samples) with `inner`."""
+        """A judge that goes down after its first `ok` answers (the 2 greedy ones, then the 2 x 3 voting samples)."""
 
         def __init__(self, inner, ok):
-            self.inner, self.ok, self.calls = inner, ok, 0
+            self.inner, self.ok, self.seen = inner, ok, 0
             self.votes_on_answer = getattr(inner, "votes_on_answer", True)
 
         def validate(self, item):
             self.inner.validate(item)
 
         def grade_batch(self, items, texts):
-            self.calls += 1
-            if self.calls <= self.ok:
-                return self.inner.grade_batch(items, texts)
-            return [faulted("judge: http://j/v1/chat/completions: URLError: refused") for _ in texts]
+            n = max(0, min(len(texts), self.ok - self.seen))
+            self.seen += len(texts)
+            return self.inner.grade_batch(items[:n], texts[:n]) + [
+                faulted("judge: http://j/v1/chat/completions: URLError: refused") for _ in texts[n:]]
 
     def run(grader):
         return evaluate(model.params, model.config, model.tokenizer, data.test_ds, data.test_items, grader,
@@ -161,11 +161,11 @@ def test_voting_samples_the_grader_failed_on_are_counted_and_all_of_them_stop_th
     res = run(DownAfter(reft, 99))
     assert (res["grader_errors"], res["voting_samples"], res["voting_grader_errors"]) == (0, 6, 0)
     T.check_evaluation("test_sft", res)
-    res = run(DownAfter(reft, 2))  # the second prompt's voting samples faulted: counted, recorded
+    res = run(DownAfter(reft, 5))  # the second prompt's voting samples faulted: counted, recorded
     assert (res["grader_errors"], res["voting_grader_errors"]) == (0, 3) and "voting_grader_failure" not in res
     T.check_evaluation("test_sft", res)
     with caplog.at_level("WARNING", logger="reftjax"):
-        res = run(DownAfter(reft, 1))  # every voting sample faulted
+        res = run(DownAfter(reft, 2))  # every voting sample faulted
     assert (res["grader_errors"], res["voting_grader_errors"], res["voting_accuracy"]) == (0, 6, 0.0)
     assert any("the grader failed on all 6 voting samples (the first: judge: http://j" in r.getMessage()
                for r in caplog.records), [r.getMessage() for r in caplog.records]
@@ -175,7 +175,7 @@ def test_voting_samples_the_grader_failed_on_are_counted_and_all_of_them_stop_th
         T.check_evaluation("test_sft", res)
     # a grader recording only a score: no voting@k figure, so nothing to stop for (its faults still counted)
     score_only = build_grader({"type": "python", "source": "def grade(sample, item):\n    return 0.25"})
-    res = run(DownAfter(score_only, 1))
+    res = run(DownAfter(score_only, 2))
     assert res["voting_accuracy"] is None and res["voting_grader_errors"] == 6 and "voting_grader_failure" not in res
     T.check_evaluation("test_sft", res)
 

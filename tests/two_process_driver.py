@@ -17,7 +17,7 @@ from reftjax.data.tokenize import TokenizeConfig, TokenizedDataset  # noqa: E402
 from reftjax.evaluate import EvalConfig, evaluate  # noqa: E402
 from reftjax.graders.base import Grade  # noqa: E402
 from reftjax.models import ModelConfig, init_params  # noqa: E402
-from reftjax.sharding import MeshConfig, make_mesh, place_params  # noqa: E402
+from reftjax.sharding import MeshConfig, make_mesh, object_from_process_0, place_params  # noqa: E402
 
 CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4, num_kv_heads=2,
                   eos_token_ids=(2,))
@@ -42,7 +42,10 @@ class ProcessDependentGrader:
     def validate(self, item):
         pass
 
+    calls = 0
+
     def grade_batch(self, items, texts):
+        ProcessDependentGrader.calls += 1
         rng = np.random.default_rng([PID, len(texts)])
         return [Grade(float(rng.integers(0, 2)), extracted=str(rng.integers(0, 3))) for _ in texts]
 
@@ -58,6 +61,12 @@ ds = TokenizedDataset([rng.integers(3, 64, int(rng.integers(3, 8))).astype(np.in
 items = [{"item_id": f"q{i}"} for i in range(n)]
 res = evaluate(params, CFG, Tok(), ds, items, ProcessDependentGrader(),
                EvalConfig(batch_size=4, max_new_tokens=3, voting_k=2), mesh=mesh, eos_ids=(2,))
+
+try:  # a failure in process 0 alone raises in every process (they would wait for it in the broadcast for ever)
+    object_from_process_0(lambda: 1 / 0)  # (run in process 0 alone)
+    raised = None
+except Exception as e:  # noqa: BLE001
+    raised = f"{type(e).__name__}: {e}"
 
 shapes = []
 real_rollout = R.rollout
@@ -90,5 +99,6 @@ except ValueError as e:
 hosted = params_to_hf(to_host(split), CFG)
 exported["hosted_equal"] = all(np.array_equal(hosted[k], v) for k, v in params_to_hf(to_host(params), CFG).items())
 print(json.dumps({"pid": PID, "accuracy": res["accuracy"], "voting_accuracy": res["voting_accuracy"],
+                  "grader_calls": ProcessDependentGrader.calls, "raised": raised,
                   "scores": [s["score"] for s in res["samples"]], "generate_rows": shapes, "texts": len(texts),
                   "loader_error": loader_error, "exported": exported}))
