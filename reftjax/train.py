@@ -1040,7 +1040,7 @@ def check_evaluation(name: str, res: dict) -> None:
         raise GraderFailure(failure_message(f"evaluation {name}", f"{n} answers", res.get("grader_failure"),
                                             "stopped before recording it, which would have scored 0 whatever the "
                                             "model wrote"))
-    if "voting_grader_failure" in res:  # (set by `evaluate` from process 0's count, on every process)
+    if "voting_grader_failure" in res:  # (set by `evaluate` on every process: they all hold process 0's grades)
         raise GraderFailure(failure_message(f"evaluation {name}", f"{res['voting_samples']} voting samples",
                                             res["voting_grader_failure"], "stopped before recording it, which would "
                                             "have scored voting@k 0 whatever the model wrote"))
