@@ -185,6 +185,39 @@ def test_p_cot_styles_refuse_prose_targets(smollm_tokenizer, gsm8k_train):
     assert len(tokenize_examples(gsm8k_train[:4], smollm_tokenizer, cfg, TokenizeConfig(), with_targets=False)) == 4
 
 
+def test_plain_layouts_strip_question_cot_and_answer_and_need_both_for_a_target():
+    """The authors' layouts, literally, from an example whose fields are not stripped (the readers strip, an
+    `Example` built elsewhere need not): mutants dropping a strip, or giving a target to an example with a CoT but
+    no answer, passed (mutation review, session 45)."""
+    from reftjax.data.prompts import Formatted
+
+    ex = Example(0, "a", "  What is 2+2? \n", cot=" 2+2=<<2+2=4>>4\n", answer=" 4 ")
+    assert format_example(ex, PromptConfig("reft")) == Formatted(
+        "Question:\nWhat is 2+2?\nAnswer reasoning:\n", "", "2+2=4\nTherefore, the answer is: 4")
+    program = Example(0, "a", " What is 2+2?\n", cot="\ndef solution():\n    return 4\n ", answer="4")
+    assert format_example(program, PromptConfig("reft-python")) == Formatted(
+        "Question:\nWhat is 2+2?\nAnswer reasoning:\n", 'def solution():\n    """What is 2+2?"""',
+        "def solution():\n    return 4")
+    for cot, answer in (("2+2=4", " "), (" ", "4"), ("", "")):
+        assert format_example(Example(0, "a", "q", cot=cot, answer=answer), PromptConfig("reft")).target is None
+    assert format_example(Example(0, "a", "q", cot=" \n", answer="4"), PromptConfig("reft-python")).target is None
+
+
+def test_chat_template_variables_are_held_in_one_order_and_named_once():
+    """`chat_template_kwargs` is part of a run's config (compared on resume, hashed): the same variables given in
+    another order are the same config, and a name given twice is refused (mutants dropping either passed: mutation
+    review, session 45)."""
+    a = PromptConfig("chat", chat_template_kwargs={"enable_thinking": False, "date_string": "x"})
+    b = PromptConfig("chat", chat_template_kwargs=[["date_string", "x"], ["enable_thinking", False]])
+    assert a == b and hash(a) == hash(b)
+    assert a.chat_template_kwargs == (("date_string", "x"), ("enable_thinking", False))
+    with pytest.raises(ValueError, match="a name given twice"):
+        PromptConfig("chat", chat_template_kwargs=[["x", 1], ["x", 2]])
+    for bad in ({"tokenize": True}, {"x": float("nan")}, {"x": [1]}):
+        with pytest.raises(ValueError, match="chat_template_kwargs"):
+            PromptConfig("chat", chat_template_kwargs=bad)
+
+
 def test_bucket_config():
     assert power_of_two_buckets(300, 64) == (64, 128, 256, 300)
     assert TokenizeConfig().seq_sizes == (64, 128, 256, 512, 700)
@@ -214,6 +247,10 @@ def test_system_prompt_reaches_openai_format_messages(smollm_tokenizer):
     own = ({"role": "system", "content": "Be brief."},) + user
     assert chat_messages(Example(0, "a", "2+2?", messages=own), cfg) == [dict(m) for m in own]
     assert chat_messages(Example(0, "a", "2+2?", messages=user), PromptConfig("chat")) == [dict(user[0])]
+    # an empty system prompt is a system turn (in place of the template's default one); None keeps the default (a
+    # mutant testing it for truth passed: mutation review, session 45)
+    assert chat_messages(Example(0, "a", "2+2?"), PromptConfig("chat", system_prompt="")) == [
+        {"role": "system", "content": ""}, {"role": "user", "content": "2+2?"}]
     f = format_example(Example(0, "a", "2+2?", messages=user), cfg, smollm_tokenizer)
     assert "Answer with a number." in f.prompt and "SmolLM" not in f.prompt
     # OpenAI's `developer` turn is the system turn: SmolLM2's template rendered its default system turn and then an
@@ -415,6 +452,13 @@ def test_plain_prompts_start_with_the_bos_the_tokenizer_adds_unless_told_not_to(
     fooled._tokenizer.post_processor = None  # adds nothing; its BOS and the unknown "1" share id 0 below
     fooled.bos_token = "<unk>"
     assert fooled("1")["input_ids"] == [0] and prompt_bos(fooled, PromptConfig("reft")) is None
+    # nor by one appended after the text (an EOS): a mutant taking the first id of any encoding longer than the text
+    # passed (mutation review, session 45)
+    from tokenizers import processors
+
+    eos_after = _bos_tokenizer()
+    eos_after._tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 2)])
+    assert eos_after("2")["input_ids"] == [10, 2] and prompt_bos(eos_after, PromptConfig("reft")) is None
     # the chat styles take what their template writes
     chat = _bos_tokenizer("{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}")
     ds = tokenize_examples(ex, chat, PromptConfig("chat"), TokenizeConfig())
@@ -446,6 +490,10 @@ def test_a_chat_template_that_writes_todays_date_renders_one_fixed_date():
     prompt = format_example(ex, PromptConfig("chat"), tok).prompt
     assert f"Date : {CHAT_DATE} " in prompt and datetime.date.today().strftime("%d %b %Y") not in prompt
     assert end_of_turn_id(tok) == tok.eos_token_id  # (the probe renders with the same date)
+    # a date the run asks for (data.prompt.chat_template_kwargs) is the one written (a mutant fixing CHAT_DATE over
+    # it passed: mutation review, session 45)
+    cfg = PromptConfig("chat", chat_template_kwargs={"date_string": "01 Jan 2000"})
+    assert "Date : 01 Jan 2000 " in format_example(ex, cfg, tok).prompt
 
 
 def test_a_chat_template_that_calls_the_clock_itself_renders_one_fixed_date():

@@ -109,6 +109,10 @@ def test_pool_reports_isolation_and_limits_are_validated():
         SandboxConfig(timeout_s=0)
     with pytest.raises(ValueError, match="memory_bytes"):
         SandboxConfig(memory_bytes=1 << 20)
+    for bad, match in ((dict(nproc=-1), "nproc >= 0"), (dict(output_bytes=100), "output_bytes must be"),
+                       (dict(workers=-1), "workers must be"), (dict(timeout_s=601), "timeout_s must be")):
+        with pytest.raises(ValueError, match=match):
+            SandboxConfig(**bad)
     with SandboxPool(SandboxConfig(workers=1)) as pool:
         assert pool.isolation["audit_hook"]
         r = pool.run([SandboxJob("def grade(sample, item):\n    return {'a': [1, 2]}", "grade",
@@ -230,10 +234,20 @@ def test_a_job_writing_result_lines_to_its_servers_output_shifts_no_other_jobs_r
         assert [r.value_float for r in pool.run(honest)] == [1.0, 2.0, 3.0]
         # with its own nonce (in the server's frame, where the job can read it) a line is its own result, checked:
         # a string value_float raised TypeError in the grader, in the trainer (regression review)
-        own = ("(__import__('json').dumps({'status': 'ok', 'value_float': 'x', 'value_real': True, "
-               "'nonce': sys._getframe(2).f_locals['job']['nonce']}) + chr(10)).encode()")
+        # (and an unknown field, which raised TypeError building the result, or a bool where a number goes: mutants
+        # dropping either check passed; mutation review, session 45)
+        for fields in ("'status': 'ok', 'value_float': 'x'", "'status': 'ok', 'value_float': 1, 'x': 1",
+                       "'status': 'ok', 'value_float': True"):
+            own = (f"(__import__('json').dumps({{{fields}, 'value_real': True, "
+                   "'nonce': sys._getframe(2).f_locals['job']['nonce']}) + chr(10)).encode()")
+            first, *rest = pool.run([writing(own, "os._exit(0)"), *honest])
+            assert first.status == "error" and "malformed" in first.error, (fields, first)
+            assert [r.value_float for r in rest] == [1.0, 2.0, 3.0]
+        # a status of its own (the pool's "sandbox_failure" or any other) is the program's error
+        own = ("(__import__('json').dumps({'status': 'sandbox_failure', 'nonce': sys._getframe(2).f_locals['job']"
+               "['nonce']}) + chr(10)).encode()")
         first, *rest = pool.run([writing(own, "os._exit(0)"), *honest])
-        assert first.status == "error" and "malformed" in first.error, first
+        assert first.status == "error" and "status 'sandbox_failure'" in first.error, first
         assert [r.value_float for r in rest] == [1.0, 2.0, 3.0]
 
 
@@ -266,3 +280,64 @@ def test_jobs_in_their_own_pid_namespace_see_only_its_processes():
             pytest.skip("no PID namespace on this host (unshare needs root)")
         [seen] = pool.run([job])
     assert seen.ok and seen.value_float <= 3, seen  # the server and the job (and unshare's init)
+
+
+def test_each_limit_answers_with_its_own_status():
+    """The hostile programs above score 0 whichever layer stops them; here each layer is seen at work (mutants
+    dropping RLIMIT_AS or RLIMIT_FSIZE, calling a timeout an error, letting a job write beside its
+    server's directory (`/dev/shm/reftjax-sandbox-abcX`, outside it) or signal a process passed: mutation review,
+    session 45)."""
+    jobs = {"flood": "    while True:\n        print('x' * 100000)",
+            "loop": "    while True:\n        pass",
+            "beside": "    import os\n    open(os.path.dirname(os.getcwd()) + 'x', 'w').write('x')\n    return 7",
+            "signal": "    import os\n    os.kill(os.getpid(), 0)\n    return 7",
+            # (ctypes is loaded, by sympy: importing ctypes.util raises no import event for ctypes itself)
+            "submodule": "    import ctypes.util\n    return 7",
+            # 1.5 GiB: past the default 1 GiB RLIMIT_AS, well within the wall limit
+            "memory": "    return len(bytearray(3 << 29))"}
+    with SandboxPool(SandboxConfig(workers=2, timeout_s=TIMEOUT_S, output_bytes=1 << 16)) as pool:
+        got = dict(zip(jobs, pool.run([SandboxJob("def solution():\n" + src) for src in jobs.values()])))
+        roots = [s.root for s in pool._servers]
+    beside = [r + "x" for r in roots if os.path.exists(r + "x")]
+    for path in beside:  # (only where the audit hook let it be written)
+        os.remove(path)
+    assert len(roots) == 2 and not beside
+    assert got["flood"].status == "error" and "File too large" in got["flood"].error, got["flood"]
+    assert got["loop"].status == "timeout", got["loop"]
+    assert got["beside"].status == "error" and "outside the sandbox dir" in got["beside"].error, got["beside"]
+    assert got["signal"].status == "error" and "os.kill is not allowed" in got["signal"].error, got["signal"]
+    assert got["memory"].status == "error" and "MemoryError" in got["memory"].error, got["memory"]
+    assert got["submodule"].status == "error" and "import of ctypes.util is not" in got["submodule"].error, got
+
+
+def test_a_server_that_dies_under_a_job_is_replaced_before_the_next_job():
+    """A server gone under its job (here killed by it with pidfd_send_signal, which no audit event sees, where jobs
+    keep the trainer's uid) is that job's sandbox failure, and the next batch runs on a fresh server (a mutant that
+    kept the dead one raised BrokenPipeError into the trainer on the next batch: mutation review, session 45)."""
+    kill = SandboxJob("def solution():\n    import os, signal\n"
+                      "    signal.pidfd_send_signal(os.pidfd_open(os.getppid()), signal.SIGKILL)\n    return 7")
+    with SandboxPool(SandboxConfig(workers=1, timeout_s=TIMEOUT_S, namespaces=False, drop_uid=False)) as pool:
+        [dead] = pool.run([kill])
+        assert dead.status == "sandbox_failure", dead
+        assert [r.value_float for r in pool.run([SandboxJob(f"def solution():\n    return {v}") for v in (8, 9)])] \
+            == [8.0, 9.0]
+
+
+def test_a_preimport_the_server_refuses_fails_every_job_as_the_sandboxs_own_failure():
+    """A server whose preimports failed answers every job with the start-up error: the pool's failure, never the
+    program's error (a mutant reporting it as the program's passed: mutation review, session 45)."""
+    with SandboxPool(SandboxConfig(workers=1, timeout_s=TIMEOUT_S, preimport=("asyncio",))) as pool:
+        results = pool.run([SandboxJob("def solution():\n    return 1")] * 2)
+    assert [r.status for r in results] == ["sandbox_failure"] * 2, results
+    assert all("importing 'asyncio' loads blocked module(s)" in r.error for r in results), results
+
+
+def test_a_result_says_whether_it_is_a_real_number():
+    """`value_real`: a real number (a numpy bool too: `return np.isclose(a, b)`), not text that float() reads; and
+    `value_float` is float() of the value as it is (mutants dropping np.bool_ or going through int() passed: mutation
+    review, session 45)."""
+    values = ("np.bool_(True)", "np.float64(2.5)", "2.5", "'3'", "[1]")
+    with SandboxPool(SandboxConfig(workers=1, timeout_s=TIMEOUT_S)) as pool:
+        got = pool.run([SandboxJob(f"import numpy as np\ndef solution():\n    return {v}") for v in values])
+    assert [(r.status, r.value_float, r.value_real) for r in got] == [
+        ("ok", 1.0, True), ("ok", 2.5, True), ("ok", 2.5, True), ("ok", 3.0, False), ("ok", None, False)], got

@@ -102,6 +102,24 @@ def test_token_level_step_trains_and_reports_the_last_slot_accuracy():
     assert ((scores > 0.5) == (held.labels > 0.5)).mean() > 0.9
 
 
+def test_a_verifier_step_reports_the_token_level_loss_when_asked():
+    """The step's loss is `token_level_loss` over every slot when asked, the last slot's BCE otherwise (mutants
+    dropping `token_level` in the step or in `make_verifier_step` trained the last slot only, and the test above,
+    which only sees the loss fall, passed: mutation review, session 45)."""
+    b = next(_synthetic(n=16).batches(16, seed=0))
+    params = jax.tree.map(jnp.asarray, _host_verifier())
+    z = completion_logits(params, CFG, b["prompt_tokens"], b["prompt_mask"], b["tokens"], b["mask"])
+    want_tl = float(token_level_loss(z, jnp.asarray(b["mask"]), jnp.asarray(b["labels"]), jnp.asarray(b["weights"])))
+    want_last = float(verifier_loss(verifier_logits(params, CFG, b["prompt_tokens"], b["prompt_mask"], b["tokens"],
+                                                    b["mask"]), jnp.asarray(b["labels"]), jnp.asarray(b["weights"]))[0])
+    assert abs(want_tl - want_last) > 1e-3
+    tx = make_optimizer(OptimConfig(learning_rate=1e-3, schedule="constant", warmup_ratio=0.0), 10)
+    for token_level, want in ((True, want_tl), (False, want_last)):
+        state = init_state({"verifier": jax.tree.map(jnp.asarray, _host_verifier())}, tx, jax.random.key(0))
+        _, m = make_verifier_step(CFG, tx, token_level=token_level)(state, b)
+        np.testing.assert_allclose(float(m["loss"]), want, rtol=1e-5)
+
+
 def _synthetic(n=96, seed=0) -> VerifierData:
     rng = np.random.default_rng(seed)
     lengths = rng.integers(2, 6, n)
@@ -252,6 +270,12 @@ def test_config_checks():
         ExperimentConfig(rerank=RerankConfig(epochs=1), eval=EvalConfig(voting_k=0))
     with pytest.raises(ValueError, match="temperature"):
         RerankConfig(temperature=0.0)
+    # (each a mutant that passed: mutation review, session 45)
+    for bad, match in ((dict(samples_per_question=0), "samples_per_question, batch_size"),
+                       (dict(n_questions=0), "n_questions >= 1"), (dict(max_new_tokens=0), "max_new_tokens >= 1"),
+                       (dict(optim=OptimConfig(learning_rate=1e-6, value_head_lr_scale=10.0)), "value_head_lr_scale")):
+        with pytest.raises(ValueError, match=match):
+            RerankConfig(**bad)
     assert ExperimentConfig().rerank.epochs == 0  # off unless asked for
 
 
@@ -327,3 +351,50 @@ def test_verifier_data_the_grader_failed_throughout_stops_before_it_is_saved(tin
     wrong = build_grader({"type": "python", "source": "def grade(sample, item):\n    return 0.0"})
     vd = sample_verifier_data(*args, wrong, rc, **kw)
     assert len(vd) == 4 and not vd.labels.any()
+
+
+def test_verifier_data_keeps_the_asked_questions_dedups_per_question_and_labels_only_correct_answers(
+        tiny_hf_dir, shared_data, monkeypatch):
+    """What `sample_verifier_data` keeps, checked row by row (mutants passed that labelled a partly-rewarded wrong
+    answer, ReFT's 0.1, correct; graded a later batch's samples against the first batch's items; kept the padded
+    rows of a last batch; sampled one question past `n_questions`, or a batch past it; deduplicated over the whole
+    batch rather than per question: mutation review, session 45)."""
+    import dataclasses
+
+    import reftjax.rollout
+    from reftjax.config import ExperimentConfig
+    from reftjax.graders.base import Grade
+    from reftjax.hf import load_model
+    from reftjax.rerank import sample_verifier_data
+    from reftjax.train import prepare_data
+
+    monkeypatch.setenv("REFTJAX_GSM8K_DIR", str(shared_data / "gsm8k"))
+    cfg = ExperimentConfig()
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, n_train=3, n_val=4, n_test=2))
+    model = load_model(tiny_hf_dir)
+    data = prepare_data(cfg, model.tokenizer)
+    items = data.train_items
+    assert len(items) == 3
+
+    class Grader:  # 1.0 on question 2's samples only; ReFT's 0.1 (a wrong number) on the others
+        def __init__(self):
+            self.calls = []
+
+        def grade_batch(self, got, texts):
+            self.calls.append((list(got), list(texts)))
+            return [Grade(1.0 if item is items[2] else 0.1, extracted="1") for item in got]
+
+    decode = reftjax.rollout.decode_tokens  # every sample of a question the same text: one row a question is left
+    monkeypatch.setattr(reftjax.rollout, "decode_tokens", lambda *a, **kw: ["same"] * len(decode(*a, **kw)))
+    args = (model.params, model.config, model.tokenizer, data.train_ds, items)
+    kw = dict(eos_ids=tuple(model.config.eos_token_ids), pad_id=model.tokenizer.pad_token_id)
+    rc = RerankConfig(samples_per_question=2, max_new_tokens=4, prompts_per_batch=2)
+    grader = Grader()
+    vd = sample_verifier_data(*args, grader, rc, **kw)  # batches: questions (0, 1) and (2, a padded row)
+    assert vd.example_idx.tolist() == [0, 1, 2] and vd.labels.tolist() == [0.0, 0.0, 1.0]
+    assert [[items.index(i) for i in got] for got, _ in grader.calls] == [[0, 1], [2]]
+    with_dups = sample_verifier_data(*args, grader, dataclasses.replace(rc, dedup=False), **kw)
+    assert with_dups.example_idx.tolist() == [0, 0, 1, 1, 2, 2]
+    grader = Grader()
+    one = sample_verifier_data(*args, grader, dataclasses.replace(rc, n_questions=1, dedup=False), **kw)
+    assert one.example_idx.tolist() == [0, 0] and len(grader.calls) == 1
