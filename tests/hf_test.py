@@ -234,6 +234,8 @@ def test_missing_files_are_named(tmp_path, tiny_dir):
         load_model(tmp_path / "nothere.gguf")
     with pytest.raises(CheckpointError, match=r"nothere: no such file or directory"):
         load_model(tmp_path / "nothere")
+    with pytest.raises(CheckpointError, match=r"^no/such/dir: no such file or directory"):  # not a hub id (org/name)
+        load_model("no/such/dir")
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(CheckpointError, match=r"empty/config\.json: not found"):
@@ -983,3 +985,104 @@ def test_gemma3s_attention_cap_is_ignored_as_transformers_ignores_it(tmp_path, r
     tokens, mask = _batch(loaded.config.vocab_size)
     ours, _ = forward(loaded.params, loaded.config, tokens, mask)
     _assert_close_on_real(ours, _torch_logits(tmp_path, tokens, mask), mask, 1e-5)
+
+
+def test_load_model_stores_params_in_param_dtype_and_places_them_by_the_rules_it_is_given(tiny_dir):
+    """What the loader is asked for: storage dtype `param_dtype` (compute dtype `dtype`, not swapped), and a mesh
+    placement by the `rules` passed (mutation review, session 45: neither was checked by a test of loading)."""
+    import flax.traverse_util as tu
+    from jax.sharding import PartitionSpec as P
+
+    from reftjax import sharding
+
+    full = jax.device_get(load_model(tiny_dir, with_tokenizer=False).params)
+    half = load_model(tiny_dir, param_dtype="bfloat16", with_tokenizer=False)
+    assert (half.config.param_dtype, half.config.dtype) == ("bfloat16", "float32")
+    assert {str(x.dtype) for x in jax.tree.leaves(half.params)} == {"bfloat16"}
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b).astype(a.dtype)),
+                 jax.device_get(half.params), full)
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=2, tensor=4))
+    rules = tuple((name, None if name == "embed" else axes) for name, axes in sharding.DEFAULT_RULES)
+    placed = tu.flatten_dict(load_model(tiny_dir, mesh=mesh, rules=rules, with_tokenizer=False).params)
+    q = placed[("layers", "self_attn", "q_proj", "kernel")]
+    assert q.sharding.spec == P(None, None, "tensor")  # the default rules: P(None, "fsdp", "tensor")
+    np.testing.assert_array_equal(np.asarray(q), full["layers"]["self_attn"]["q_proj"]["kernel"])
+
+
+def test_safetensors_written_by_the_reference_library_read_back_in_their_dtypes(tmp_path):
+    """`read_safetensors` against the `safetensors` package's own writer (torch tensors, so bf16 too): every dtype a
+    checkpoint stores comes back as stored; a file one byte short of its header's offsets is refused as truncated
+    (mutation review, session 45: F16 read as BF16, and the size check off by 8 bytes, went unnoticed)."""
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(0)
+    want = {"f32": torch.randn(3, 5, generator=gen), "f16": torch.randn(4, 2, generator=gen).half(),
+            "bf16": torch.randn(2, 3, generator=gen).bfloat16(), "i64": torch.arange(7, dtype=torch.int64),
+            "u8": torch.arange(6, dtype=torch.uint8).reshape(2, 3)}
+    path = tmp_path / "m.safetensors"
+    save_file(want, str(path), metadata={"format": "pt"})
+    got = read_safetensors(path)
+    assert got.keys() == want.keys()
+    for name, t in want.items():
+        ref = t.float().numpy() if t.dtype == torch.bfloat16 else t.numpy()
+        assert got[name].dtype.name == {"bf16": "bfloat16"}.get(name, str(ref.dtype)), name
+        np.testing.assert_array_equal(np.asarray(got[name]).astype(ref.dtype), ref, err_msg=name)
+    data = path.read_bytes()
+    path.write_bytes(data[:-1])
+    with pytest.raises(CheckpointError, match=r"m\.safetensors: truncated safetensors file: tensors need"):
+        read_safetensors(path)
+    n = int.from_bytes(data[:8], "little")  # the header itself cut short, by fewer than its 8 length bytes
+    path.write_bytes(data[:n + 4])
+    with pytest.raises(CheckpointError, match=rf"truncated safetensors file \(header of {n} bytes, file has {n + 4}\)"):
+        read_safetensors(path)
+    save_file({"f8": torch.zeros(2, 2, dtype=torch.float8_e4m3fn)}, str(path))  # (fp8: not a dtype reftjax reads)
+    with pytest.raises(CheckpointError, match=r"m\.safetensors: tensor 'f8' has unsupported dtype F8_E4M3"):
+        read_safetensors(path)
+
+
+def test_a_tokenizer_with_its_own_pad_token_keeps_it(tmp_path, random_params):
+    """Only a tokenizer without a pad token borrows EOS for it (`load_tokenizer`); one with its own keeps it, and
+    its export writes it (mutation review, session 45)."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    src = save_hf(tmp_path / "src", random_params(TINY), TINY, _tiny_hf_config(TINY))
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(TINY.vocab_size)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="w2", pad_token="w1", unk_token="w0").save_pretrained(src)
+    model = load_model(src)
+    assert (model.tokenizer.pad_token, model.tokenizer.pad_token_id) == ("w1", 1)
+    out = save_hf(tmp_path / "out", model.params, model.config, model.hf_config, model.tokenizer)
+    assert AutoTokenizer.from_pretrained(out).pad_token == "w1"
+
+
+def test_a_multimodal_gemma3_in_transformers_5s_in_memory_layout_loads_the_same_and_names_the_file_of_a_stray(
+        tmp_path):
+    """Gemma 3's multimodal tensors under transformers 5's in-memory names (`model.language_model.`,
+    `model.vision_tower.`, ...), as a checkpoint saved from that layout holds them, load as the Hub's layout does;
+    a tensor the text model cannot use is named with its file (mutation review, session 45: only the Hub layout was
+    tested)."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    torch.manual_seed(0)
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    Gemma3ForConditionalGeneration(Gemma3Config(
+        text_config=_tiny_gemma3_config(vocab_size=300).to_dict(), vision_config=vision, mm_tokens_per_image=4,
+        image_token_index=299, boi_token_index=297, eoi_token_index=298)).save_pretrained(tmp_path / "hub")
+    hub = {k: np.array(v) for k, v in read_safetensors(tmp_path / "hub" / "model.safetensors").items()}
+    renames = (("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head."),
+               ("vision_tower.", "model.vision_tower."), ("multi_modal_projector.", "model.multi_modal_projector."))
+    memory = {next((new + k[len(old):] for old, new in renames if k.startswith(old)), k): v for k, v in hub.items()}
+    assert any(k.startswith("model.vision_tower.") for k in memory) and memory.keys() != hub.keys()
+    (tmp_path / "memory").mkdir()
+    (tmp_path / "memory" / "config.json").write_bytes((tmp_path / "hub" / "config.json").read_bytes())
+    write_safetensors(tmp_path / "memory" / "model.safetensors", memory)
+    want = load_model(tmp_path / "hub", with_tokenizer=False)
+    got = load_model(tmp_path / "memory", with_tokenizer=False)
+    assert got.config == want.config
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(got.params), jax.device_get(want.params))
+    write_safetensors(tmp_path / "memory" / "model.safetensors",
+                      {**memory, "model.language_model.layers.0.extra.weight": np.ones(4, np.float32)})
+    with pytest.raises(CheckpointError, match=r"cannot use.*extra\.weight.*\(in model\.safetensors\)"):
+        load_model(tmp_path / "memory", with_tokenizer=False)

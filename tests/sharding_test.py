@@ -46,6 +46,12 @@ def test_logical_to_spec_drops_axes_that_do_not_divide():
     assert logical_to_spec(P("embed", "q_heads"), (64, 64), mesh) == P(None, "tensor")
     assert logical_to_spec(P("embed", "q_heads"), (64, 9), mesh) == P()  # 9 heads over 4: replicated
     assert logical_to_spec(P("batch", None), (8, 5), make_mesh(MeshConfig(data=2, fsdp=4))) == P(("data", "fsdp"))
+    # a second axis joins only where the product of the axes divides the dimension (4 rows: over data=2, not also
+    # over fsdp=4, which alone divides 4; mutation review, session 45)
+    assert logical_to_spec(P("batch"), (4, 5), make_mesh(MeshConfig(data=2, fsdp=4))) == P("data")
+    # a mesh axis splits one dimension of an array at most (rules mapping two of its names to fsdp)
+    rules = (("embed", "fsdp"), ("mlp", "fsdp"))
+    assert logical_to_spec(P("embed", "mlp"), (64, 64), make_mesh(MeshConfig(data=2, fsdp=4)), rules) == P("fsdp")
 
 
 # Expected placement of three representative params under each mesh.
@@ -342,6 +348,11 @@ def test_two_processes_agree_on_grades_feed_their_own_rows_and_refuse_a_whole_ba
         assert s["exported"]["replicated"] == 12 and s["exported"]["hosted_equal"], s["exported"]
         assert "split across processes" in s["exported"]["split_error"]
         assert "reftjax.sharding.to_host(params) on every process" in s["exported"]["split_error"]
+    # `shard_batch` counts the rows of every process against the mesh, `to_host` gathers them, `from_process_0` keeps
+    # the array's shape (mutation review, session 45)
+    for s in seen:
+        assert s["rows"] == [[0, 1, 2], [3, 4, 5], [100, 101, 102], [103, 104, 105]]
+        assert s["first"] == [[2, 3], [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]]
 
 
 def test_mesh_jit_keys_its_programs_by_mesh_and_state_layout(random_params):
@@ -402,6 +413,28 @@ def test_mesh_jit_keys_its_programs_by_mesh_and_state_layout(random_params):
     np.testing.assert_array_equal(np.asarray(out.tokens_BxN), np.asarray(ref.tokens_BxN))
 
 
+
+def test_a_state_step_returns_each_state_in_its_own_layout_whichever_was_traced_first(random_params):
+    """`MeshJit` keys its programs by the state's layout too: the test above traces a replicated state after a
+    user's own jit traced the step without pins, so one program for both layouts went unnoticed; here the split
+    state comes first, and a replicated one after it must not come back split; the state given is donated
+    (mutation review, session 45)."""
+    from reftjax.steps import make_sft_step
+
+    params_np = random_params(CFG)
+    tokens = np.random.default_rng(0).integers(2, CFG.vocab_size, (8, 16)).astype(np.int32)
+    mesh = make_mesh(MeshConfig(data=1, fsdp=8))
+    batch = shard_batch({"tokens": tokens, "attn_mask": np.ones_like(tokens), "loss_mask": np.ones_like(tokens)}, mesh)
+    state, tx = _step_state(mesh, params_np)
+    whole = jax.tree.map(lambda x: jax.device_put(x, sharding_mod.replicated(mesh)), _step_state(mesh, params_np)[0])
+    step = make_sft_step(CFG, tx)
+    split_out, _ = step(state, batch)
+    assert all(x.is_deleted() for x in jax.tree.leaves(state.params))  # donated (a whole model's memory)
+    whole_out, _ = step(whole, batch)
+    assert split_out.params["policy"]["embed_tokens"]["embedding"].sharding.spec == P(None, "fsdp")
+    assert whole_out.params["policy"]["embed_tokens"]["embedding"].sharding.is_fully_replicated
+
+
 def test_a_deleted_argument_is_named_by_its_parameter():
     """The donated-array error named a position (`[0][1]['embed']`): now the parameter (library-user review, session
     34); one of `*args` keeps its position (a keyword-only parameter's name was given: second review)."""
@@ -445,6 +478,8 @@ def test_mesh_jit_commits_loose_arguments_beside_placed_ones_and_leaves_free_cal
     for arg in (x, jnp.asarray(x), jax.device_put(x, jax.devices()[1])):  # one program beside a placed argument
         assert f(placed, arg).devices() == {jax.devices()[1]}
     assert f._cache_size() == 3  # free, mesh, device 1
+    split = jax.device_put(jnp.ones(8), sharding_mod.NamedSharding(mesh, P("data")))  # loose ones go replicated,
+    assert f(split, x).shape == (8,)  # not in the layout of a placed one (2 rows over 8; mutation review, session 45)
 
 
 _LOOKUP = """
@@ -643,3 +678,29 @@ def test_whole_prompts_on_a_mesh_that_splits_their_rows_take_the_padded_split_pr
                     cfg=cfg)
     np.testing.assert_array_equal(np.asarray(whole.tokens_BxN), np.asarray(split.tokens_BxN))
     np.testing.assert_array_equal(np.asarray(whole.logprobs_BxN), np.asarray(split.logprobs_BxN))
+
+
+def test_every_param_follows_the_rule_table_on_an_fsdp_x_tensor_mesh_and_place_params_takes_its_rules():
+    """The whole placement on a mesh with every axis: a rule mapped to another axis, or to none (the KV projections
+    left whole on `tensor`), went unnoticed by the tests of three representative params (mutation review, session
+    45). `place_params` places by the rules it is given."""
+    from reftjax.models import init_params
+    from reftjax.sharding import param_shardings
+
+    mesh = make_mesh(MeshConfig(data=1, fsdp=2, tensor=4))
+    split_in, split_out = P(None, "fsdp", "tensor"), P(None, "tensor", "fsdp")
+    want = {("embed_tokens", "embedding"): P("tensor", "fsdp"), ("lm_head", "kernel"): P("fsdp", "tensor"),
+            ("norm", "scale"): P(), ("layers", "input_layernorm", "scale"): P(),
+            ("layers", "post_attention_layernorm", "scale"): P()}
+    want.update({("layers", "self_attn", f"{x}_proj", "kernel"): split_in for x in "qkv"})
+    want.update({("layers", "mlp", f"{x}_proj", "kernel"): split_in for x in ("gate", "up")})
+    want.update({("layers", "self_attn", "o_proj", "kernel"): split_out,
+                 ("layers", "mlp", "down_proj", "kernel"): split_out})
+    got = {path: s.spec for path, s in tu.flatten_dict(param_shardings(CFG, mesh)).items()}
+    assert got == want
+    rules = tuple((name, None if name == "embed" else axes) for name, axes in sharding_mod.DEFAULT_RULES)
+    shapes = jax.eval_shape(lambda: init_params(CFG, jax.random.key(0)))
+    zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+    params = tu.flatten_dict(place_params(zeros, CFG, mesh, rules))
+    assert params[("embed_tokens", "embedding")].sharding.spec == P("tensor")
+    assert params[("layers", "self_attn", "k_proj", "kernel")].sharding.spec == P(None, None, "tensor")

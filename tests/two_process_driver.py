@@ -98,7 +98,14 @@ except ValueError as e:
     exported["split_error"] = str(e)
 hosted = params_to_hf(to_host(split), CFG)
 exported["hosted_equal"] = all(np.array_equal(hosted[k], v) for k, v in params_to_hf(to_host(params), CFG).items())
+# a batch of this process's 2 rows over the 4 devices (2 rows a process divide nothing alone: the global 4 do), and
+# back whole on every process; a 2-D array of process 0's, as every process reads it
+from reftjax.sharding import from_process_0, shard_batch  # noqa: E402
+
+rows = to_host(shard_batch(np.arange(6, dtype=np.int32).reshape(2, 3) + 100 * PID, mesh)).tolist()
+first = from_process_0(np.arange(6, dtype=np.float32).reshape(2, 3) + PID)
 print(json.dumps({"pid": PID, "accuracy": res["accuracy"], "voting_accuracy": res["voting_accuracy"],
                   "grader_calls": ProcessDependentGrader.calls, "raised": raised,
                   "scores": [s["score"] for s in res["samples"]], "generate_rows": shapes, "texts": len(texts),
-                  "loader_error": loader_error, "exported": exported}))
+                  "loader_error": loader_error, "exported": exported, "rows": rows,
+                  "first": [list(first.shape), first.tolist()]}))
