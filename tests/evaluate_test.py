@@ -154,8 +154,8 @@ def test_voting_samples_the_grader_failed_on_are_counted_and_all_of_them_stop_th
 
     def run(grader):
         return evaluate(model.params, model.config, model.tokenizer, data.test_ds, data.test_items, grader,
-                        EvalConfig(batch_size=2, max_new_tokens=4, voting_k=3), eos_ids=tuple(model.config.eos_token_ids),
-                        pad_id=model.tokenizer.pad_token_id)
+                        EvalConfig(batch_size=2, max_new_tokens=4, voting_k=3),
+                        eos_ids=tuple(model.config.eos_token_ids), pad_id=model.tokenizer.pad_token_id)
 
     reft = build_grader(cfg.grader_dict)
     res = run(DownAfter(reft, 99))
