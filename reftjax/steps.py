@@ -934,9 +934,14 @@ def make_ppo_step(model_cfg: ModelConfig, tx: optax.GradientTransformation, cfg:
 
 
 def make_experience_fn(model_cfg: ModelConfig, cfg: PPOConfig, reward_fn: Callable | None = None,
-                       out_sharding=None):
+                       out_sharding=None, samples_per_prompt: int | None = None):
     """Jitted (params, ref_params, rollout, example_idx_B) -> (Experience, metrics); `example_idx_B` holds one item
     index per rollout row (with n samples per prompt, `jnp.repeat(prompt_idx, n)`).
+
+    `samples_per_prompt`: the rollout's n (its rows prompt-major groups of n), for the metrics' per-group figures
+    (`frac_reward_zero_std`); None: GRPO/RLOO's `group_size`, PPO's with `share_prompt`, else 1. PPO sampling several
+    completions per prompt without `share_prompt` logged none (session 37's Known limits): the training loop passes
+    its n.
 
     With `reward_fn` (a `reftjax.graders.callback.HostRewardFn`) the grader runs
     inside the program through the ordered io_callback; without it, pass
@@ -954,7 +959,9 @@ def make_experience_fn(model_cfg: ModelConfig, cfg: PPOConfig, reward_fn: Callab
                                     out_sharding=out_sharding)
         exp = make_experience(params, ref_params, rollout, scores_B, model_cfg=model_cfg, cfg=cfg)
         return exp, experience_metrics(exp, rollout, logp_recomputed=not cfg.experience_from_rollout,
-                                       with_value=cfg.algo == "ppo",  # (PPO's group_size counts with share_prompt)
-                                       group_size=cfg.group_size if cfg.algo != "ppo" else cfg.prompt_group)
+                                       with_value=cfg.algo == "ppo", group_size=group)
+
+    # (PPO's group_size counts with share_prompt alone)
+    group = samples_per_prompt or (cfg.group_size if cfg.algo != "ppo" else cfg.prompt_group)
 
     return MeshJit(experience)

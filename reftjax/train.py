@@ -537,7 +537,7 @@ def run_rl(cfg: ExperimentConfig, model, ref_params, data: Data, grader, mesh, o
             guards = dataclasses.replace(guards, max_tokens=samp.max_new_tokens)  # flagged: no limit; helper review)
         reward_fn = make_reward_fn(grader, data.train_items, model.tokenizer, guards=guards,
                                    stop_sequences=samp.stop_sequences, eos_ids=samp.eos_ids)
-        exp_fn = make_experience_fn(model.config, r.ppo, reward_fn)
+        exp_fn = make_experience_fn(model.config, r.ppo, reward_fn, samples_per_prompt=samp.n)
         step_fn = make_ppo_step(model.config, tx, r.ppo)
         peak = measured_peak_flops(dtype=model.config.dtype)
         if r.ppo.experience_from_rollout and model.config.dtype != "float32":

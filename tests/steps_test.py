@@ -156,6 +156,11 @@ def test_experience_and_losses_match_numpy_kl_rewards_gae_whitening_and_coeffici
     same = np.array([0.1, 0.1, 0.1, 0.1, 1, 0, 1, 1], np.float32)  # the first group's samples scored alike: no signal
     assert float(make_experience_fn(CFG, grpo)(params, ref, r2, jnp.zeros(8, jnp.int32), jnp.asarray(same))[1][
         "frac_reward_zero_std"]) == 0.5
+    # PPO sampling 4 completions per prompt without share_prompt: the same groups, given the rollout's n (the training
+    # loop passes it; PPO logged none: session 37's Known limits); without it, no groups, as above
+    ppo_n = make_experience_fn(CFG, pc, samples_per_prompt=4)(params, ref, r2, jnp.zeros(8, jnp.int32),
+                                                              jnp.asarray(same))[1]
+    assert float(ppo_n["frac_reward_zero_std"]) == 0.5 and "value_explained_variance" in ppo_n
     g = g_scores.reshape(2, 4).astype(np.float64)
     want = ((g - g.mean(1, keepdims=True)) / (g.std(1, ddof=1, keepdims=True) + 1e-4)).ravel()
     m2 = np.asarray(exp2.mask_BxN) > 0

@@ -1404,6 +1404,21 @@ def test_the_logged_learning_rate_follows_the_updates_applied_not_those_skipped(
     assert got == pytest.approx(want, rel=1e-6) and got[0] != pytest.approx(counted[0])
 
 
+def test_the_loop_tells_the_experience_step_its_samples_per_prompt(tmp_path, monkeypatch):
+    """PPO sampling several completions per prompt without share_prompt logged no `frac_reward_zero_std`: the
+    experience step knew no groups (session 37's Known limits). The loop passes the rollout's n (GRPO: group_size)."""
+    from reftjax import train as T
+    from reftjax.config import replace_paths
+
+    h = _fake_rl(monkeypatch)
+    seen = []
+    em = {"reward": np.float32(0.5), "kl": np.float32(0.0), "response_length": np.float32(4.0)}
+    monkeypatch.setattr(T, "make_experience_fn", lambda *a, **k: seen.append(k) or (lambda *a: ({}, em)))
+    h.run(replace_paths(h.cfg, {"rl.iterations": 1, "rl.sampling.n": 3}), tmp_path / "ppo")
+    h.run(replace_paths(h.cfg, {"rl.iterations": 1, "rl.ppo.algo": "grpo", "rl.ppo.group_size": 4}), tmp_path / "g")
+    assert [k.get("samples_per_prompt") for k in seen] == [3, 4]
+
+
 def test_an_evaluation_the_grader_failed_throughout_stops_the_run_unrecorded(tmp_path, monkeypatch):
     """In an evaluation, a grader failing on every answer (a judge down) scored 0 with a warning: a validation of 0
     counted against early stopping, so a judge down for a while could end the run, and a test figure of 0 went into
