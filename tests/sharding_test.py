@@ -340,6 +340,7 @@ def test_two_processes_agree_on_grades_feed_their_own_rows_and_refuse_a_whole_ba
     assert (seen[0]["grader_calls"], seen[1]["grader_calls"]) == (6, 0)
     assert seen[0]["raised"] == "ZeroDivisionError: division by zero"
     assert seen[1]["raised"] == "RuntimeError: process 0 raised ZeroDivisionError: division by zero"
+    assert all(s["sizes_ok"] == [True] * 3 and s["broadcast_programs"] == 0 for s in seen), seen  # (one buffer size)
     # 5 texts, batch_size 4 over the 4 devices: two batches of 4 global rows (was one of 5 x 2 processes = 16)
     assert seen[0]["generate_rows"] == seen[1]["generate_rows"] == [[4, 8], [4, 8]] and seen[0]["texts"] == 5
     assert all("does not split the batch" in s["loader_error"] for s in seen)

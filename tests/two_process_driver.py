@@ -68,6 +68,14 @@ try:  # a failure in process 0 alone raises in every process (they would wait fo
 except Exception as e:  # noqa: BLE001
     raised = f"{type(e).__name__}: {e}"
 
+# payloads of other sizes reuse one broadcast program (a size of its own compiled one each: every evaluation batch)
+from reftjax.xla_cache import CompileStats  # noqa: E402
+
+object_from_process_0(lambda: "x")
+stats = CompileStats()
+sizes_ok = [object_from_process_0(lambda n=n: "y" * n) == "y" * n for n in (10, 100, 500)]
+broadcast_programs = stats.programs()
+
 shapes = []
 real_rollout = R.rollout
 
@@ -105,7 +113,8 @@ from reftjax.sharding import from_process_0, shard_batch  # noqa: E402
 rows = to_host(shard_batch(np.arange(6, dtype=np.int32).reshape(2, 3) + 100 * PID, mesh)).tolist()
 first = from_process_0(np.arange(6, dtype=np.float32).reshape(2, 3) + PID)
 print(json.dumps({"pid": PID, "accuracy": res["accuracy"], "voting_accuracy": res["voting_accuracy"],
-                  "grader_calls": ProcessDependentGrader.calls, "raised": raised,
+                  "grader_calls": ProcessDependentGrader.calls, "raised": raised, "sizes_ok": sizes_ok,
+                  "broadcast_programs": broadcast_programs,
                   "scores": [s["score"] for s in res["samples"]], "generate_rows": shapes, "texts": len(texts),
                   "loader_error": loader_error, "exported": exported, "rows": rows,
                   "first": [list(first.shape), first.tolist()]}))
