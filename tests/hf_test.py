@@ -176,6 +176,10 @@ def test_smollm_export_round_trip_and_tokenizer(tmp_path, smollm_model, smollm_p
         ids = exported_tok(text)["input_ids"]
         assert ids == gguf_tok(text)["input_ids"] == m.tokenizer(text)["input_ids"]
     assert exported_tok.eos_token == "<|im_end|>" and exported_tok.chat_template == m.tokenizer.chat_template
+    # the special tokens and chat template read from the GGUF are transformers' own reading of it (the checks above
+    # compare ours with ours: a reader dropping the template or swapping unk and pad passed; mutation review, s. 45)
+    for attr in ("bos_token", "eos_token", "unk_token", "pad_token", "chat_template"):
+        assert getattr(m.tokenizer, attr) == getattr(gguf_tok, attr) is not None, attr
     rows = [exported_tok(t)["input_ids"] for t in texts]
     t = max(map(len, rows))
     tokens = np.array([[0] * (t - len(r)) + r for r in rows], np.int32)
@@ -287,23 +291,28 @@ def test_missing_and_misshapen_tensors_are_named(tiny_dir, random_params):
         load_model(tiny_dir, with_tokenizer=False)
 
 
-def _tiny_gguf(path, arch, rope_freqs=None, head_dim=None, name=None, special=None, split_count=None):
-    """A 1-layer GGUF written with the `gguf` package; returns the tensors as stored."""
+def _tiny_gguf(path, arch, rope_freqs=None, head_dim=None, name=None, special=None, split_count=None, lengths=None,
+               eps=1e-6, rope_base=1e4, context=64, rope_scaling=None):
+    """A 1-layer GGUF written with the `gguf` package; returns the tensors as stored. `lengths` overrides the stated
+    key / value / rotary lengths (all `head_dim` by default)."""
     import gguf
 
     rng = np.random.default_rng(0)
     h, nh, nkv, hd, f, v = 16, 2, 1, head_dim or 8, 24, 32
     w = gguf.GGUFWriter(str(path), arch)
     if head_dim is not None:
-        w.add_key_length(hd), w.add_value_length(hd), w.add_rope_dimension_count(hd)
+        lens = {"key": hd, "value": hd, "rope": hd, **(lengths or {})}
+        w.add_key_length(lens["key"]), w.add_value_length(lens["value"]), w.add_rope_dimension_count(lens["rope"])
     if name is not None:
         w.add_name(name)
+    if rope_scaling is not None:  # e.g. "linear", as llama.cpp's converter states a scaled model's RoPE
+        w.add_string(f"{arch}.rope.scaling.type", rope_scaling)
     if split_count is not None:  # as `llama-gguf-split` marks each shard of a split model
         w.add_uint16("split.no", 0), w.add_uint16("split.count", split_count)
     for key, value in (special or {}).items():  # e.g. {"eos": 2, "eot": 3}
         w.add_uint32(f"tokenizer.ggml.{key}_token_id", value)
-    w.add_block_count(1), w.add_context_length(64), w.add_embedding_length(h), w.add_feed_forward_length(f)
-    w.add_head_count(nh), w.add_head_count_kv(nkv), w.add_layer_norm_rms_eps(1e-6), w.add_rope_freq_base(1e4)
+    w.add_block_count(1), w.add_context_length(context), w.add_embedding_length(h), w.add_feed_forward_length(f)
+    w.add_head_count(nh), w.add_head_count_kv(nkv), w.add_layer_norm_rms_eps(eps), w.add_rope_freq_base(rope_base)
     w.add_vocab_size(v), w.add_token_list([f"t{i}" for i in range(v)])
     shapes = {"token_embd.weight": (v, h), "output_norm.weight": (h,), "blk.0.attn_norm.weight": (h,),
               "blk.0.ffn_norm.weight": (h,), "blk.0.attn_q.weight": (nh * hd, h), "blk.0.attn_k.weight": (nkv * hd, h),
@@ -494,6 +503,43 @@ def test_gguf_end_of_turn_ids_stop_generation_too(tmp_path):
     assert cfg.eos_token_id == [2, 5, 6] and from_hf_config(cfg).eos_token_ids == (2, 5, 6)
     _tiny_gguf(tmp_path / "s.gguf", "llama", special={"eos": 2, "eot": 2})  # the same id once, as an int
     assert read_gguf(tmp_path / "s.gguf", with_tokenizer=False)[0].eos_token_id == 2
+
+
+def test_gguf_config_fields_are_read_as_transformers_reads_them(tmp_path):
+    """Epsilon, RoPE base, context length and the padding id come from the file, as transformers' GGUF config reads
+    them: every other GGUF test wrote the defaults (eps 1e-6, base 1e4) or no padding id, so reading a default or a
+    misspelt key instead passed (mutation review, session 45)."""
+    from transformers import AutoConfig
+
+    from reftjax.gguf_reader import read_gguf
+    from reftjax.models.config import from_hf_config
+
+    _tiny_gguf(tmp_path / "c.gguf", "llama", special={"bos": 1, "eos": 2, "padding": 3}, eps=1e-5, rope_base=5e5,
+               context=96)
+    ours = read_gguf(tmp_path / "c.gguf", with_tokenizer=False)[0]
+    want = AutoConfig.from_pretrained(tmp_path, gguf_file="c.gguf")
+    for key in ("rms_norm_eps", "max_position_embeddings", "pad_token_id", "bos_token_id", "eos_token_id",
+                "rope_parameters", "num_key_value_heads", "tie_word_embeddings"):
+        assert getattr(ours, key) == getattr(want, key), key
+    cfg = from_hf_config(ours)
+    assert (cfg.rms_norm_eps, cfg.rope_theta, cfg.max_position_embeddings, cfg.pad_token_id) == (
+        pytest.approx(1e-5), 5e5, 96, 3)
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(head_dim=16, lengths={"value": 8}), r"llama\.attention\.value_length = 8 differs from the head size 16"),
+    (dict(head_dim=16, lengths={"rope": 8}), r"llama\.rope\.dimension_count = 8 differs from the head size 16"),
+    (dict(rope_scaling="linear"), r"GGUF rope scaling 'linear' is not supported"),
+], ids=["value_length", "rope_dimension_count", "rope_scaling"])
+def test_gguf_heads_and_rope_the_decoder_cannot_compute_are_refused(tmp_path, kw, message):
+    """Asymmetric heads (values of another size than keys), partial rotary and scaled RoPE stated in a GGUF are
+    refused naming the file: none of the three refusals was tested, and a reader without one loaded the model with
+    the wrong attention (mutation review, session 45)."""
+    from reftjax.gguf_reader import read_gguf
+
+    _tiny_gguf(tmp_path / "x.gguf", "llama", **kw)
+    with pytest.raises(ValueError, match=r"x\.gguf: (GGUF )?" + message):
+        read_gguf(tmp_path / "x.gguf", with_tokenizer=False)
 
 
 @pytest.mark.parametrize("change,message", [

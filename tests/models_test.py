@@ -302,7 +302,10 @@ def _decode_test_config(variant: str, window: int | None) -> ModelConfig:
     return ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
                        num_kv_heads=2, head_dim=16 if qwen3 else 0, sliding_window=window,
                        model_type=variant.split("_")[0], qkv_bias=qwen2, qk_norm=qwen3, tie_word_embeddings=not qwen2,
-                       rope_scaling=yarn if variant.endswith("yarn") else RopeScaling())
+                       rope_scaling=yarn if variant.endswith("yarn") else RopeScaling(),
+                       # an epsilon of its own: every other variant has the default, which a decode path reading a
+                       # constant instead of the config's matched (mutation review, session 45)
+                       rms_norm_eps=0.01 if variant.endswith("eps") else ModelConfig.rms_norm_eps)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 4))
@@ -328,7 +331,7 @@ def _prefill_then_decode(params, cfg: ModelConfig, prompt_BxP, mask_BxP, cache_l
 @pytest.mark.parametrize("variant", ["llama", "mistral_window3", "qwen2_bias_untied", "qwen3_qknorm_hd16",
                                      "gemma2_softcaps", "gemma3_mixed_layers", "olmo2_post_norms",
                                      "smollm3_nope_layers", "qwen3_yarn", "phi3_partial_longrope",
-                                     "phi3_longrope_pinned"])
+                                     "phi3_longrope_pinned", "llama_eps"])
 def test_prefill_and_decode_match_full_forward(variant, random_params):
     """The decode path (fused per-layer weights, [B,K,hd,S] key cache) equals the scanned full forward."""
     window = 3 if variant == "mistral_window3" else None
@@ -402,10 +405,11 @@ def test_pinned_longrope_factors_make_a_rows_logits_independent_of_its_batch(ran
 @pytest.mark.parametrize("variant", ["llama", "mistral_window3", "qwen2_bias_untied", "qwen3_qknorm_hd16",
                                      "gemma2_softcaps", "gemma3_mixed_layers", "olmo2_post_norms",
                                      "smollm3_nope_layers", "qwen3_yarn", "phi3_partial_longrope",
-                                     "phi3_longrope_pinned"])
+                                     "phi3_longrope_pinned", "llama_eps"])
 def test_packed_prefill_equals_prefill(variant, random_params):
     """The padding-free prefill (GEMMs over the real tokens only, `chunk` at a time) gives the padded prefill's
-    last logits and hidden states, and the same keys/values in every real slot (4 chunks here, one partly padding)."""
+    last logits and hidden states, and the same keys/values in every real slot (15 real tokens in chunks of 7: the
+    third holds a single one, which a real-token count one short skipped; mutation review, session 45)."""
     window = 3 if variant == "mistral_window3" else None
     cfg = _decode_test_config(variant, window)
     params = random_params(cfg, seed=4, std=0.3)
@@ -413,7 +417,7 @@ def test_packed_prefill_equals_prefill(variant, random_params):
     prompt, pmask = left_padded([list(rng.integers(1, 61, n)) for n in (6, 3, 5, 1)], pad_id=0)
     prompt, pmask = np.pad(prompt, ((0, 0), (2, 0))), np.pad(pmask, ((0, 0), (2, 0)))  # an all-padding column
     ref_logits, ref_hidden, ref_caches = jax.jit(prefill, static_argnums=(1, 4))(params, cfg, prompt, pmask, 11)
-    packed = jax.jit(lambda p, t, m: packed_prefill(p, unstack_layers(p, cfg), cfg, t, m, 11, chunk=4))
+    packed = jax.jit(lambda p, t, m: packed_prefill(p, unstack_layers(p, cfg), cfg, t, m, 11, chunk=7))
     logits, hidden, caches = packed(params, prompt, pmask)
     scale = float(jnp.abs(ref_logits).max())
     assert scale > 1.0
@@ -685,3 +689,50 @@ def test_rms_norm_in_bf16_is_transformers_bit_for_bit(family, kw):
     others = [o for o in ({}, {"scale_float32": True}, {"offset": 1.0}) if o != kw]
     assert all(np.mean(np.asarray(rms_norm(bf(x), bf(w), 1e-6, jnp.bfloat16, **o)).astype(np.float32) != want) > 0.1
                for o in others)
+
+
+def test_rope_in_bf16_rounds_cos_and_sin_as_transformers():
+    """In bf16, RoPE multiplies by cos and sin rounded to bf16, as transformers' rotary embedding hands them to
+    `apply_rotary_pos_emb`. Rotating with float32 tables and casting the result is closer to exact, yet moves ~40%
+    of the outputs by an ulp against transformers, and every parity test runs in float32, where the two orders are
+    equal: such a mutant passed the suite (mutation review, session 45)."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+    from reftjax.models.llama import apply_rope, rope_inv_freq
+
+    cfg = ModelConfig(vocab_size=64, hidden_size=256, intermediate_size=48, num_layers=1, num_heads=4, num_kv_heads=2)
+    rotary = LlamaRotaryEmbedding(LlamaConfig(hidden_size=256, num_attention_heads=4, num_key_value_heads=2))
+    np.testing.assert_allclose(rotary.inv_freq.numpy(), rope_inv_freq(cfg), rtol=1e-6)  # (the same RoPE)
+    rng = np.random.default_rng(0)
+    x = rng.normal(0, 3, (2, 64, 4, 64)).astype(np.float32)  # [B, T, heads, head_dim]
+    positions = np.tile(np.arange(64) * 37, (2, 1))
+    xt = torch.tensor(x).to(torch.bfloat16).transpose(1, 2)  # transformers' [B, heads, T, head_dim]
+    cos, sin = rotary(xt, torch.tensor(positions))
+    want = apply_rotary_pos_emb(xt, xt, cos, sin)[0].transpose(1, 2).float().numpy()
+    got = apply_rope(jnp.asarray(x).astype(jnp.bfloat16), jnp.asarray(positions), rope_inv_freq(cfg))
+    assert got.dtype == jnp.bfloat16
+    assert np.mean(np.asarray(got.astype(jnp.float32)) == want) > 0.99  # 0.999: a few large angles' float32 cos/sin
+
+
+def test_bf16_attention_rounds_its_probabilities_as_transformers():
+    """The float32 softmax is cast to bf16 before the product with the values (transformers' eager attention:
+    `softmax(..., dtype=float32).to(query.dtype)`), in the training forward and in the decode step. Kept in float32,
+    a third of the outputs move by an ulp, which the float32 parity tests and the loose bf16 score test above cannot
+    see (mutation review, session 45). Reference: NumPy float64 probabilities rounded to bf16."""
+    import ml_dtypes
+
+    from reftjax.models.llama import attention_core, decode_attention
+
+    q, k, v, mask, _ = _attention_inputs(jnp.bfloat16, d=16)
+    f64 = lambda x: np.asarray(x.astype(jnp.float32), np.float64)  # noqa: E731
+    s = np.einsum("bkgtd,bksd->bkgts", f64(q), f64(k)) / 4.0
+    s = np.where(np.asarray(mask)[:, None, None], s, -np.inf)
+    s = np.where(np.isinf(s).all(-1, keepdims=True), 0.0, s)  # rows with no visible key: uniform (as ours)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p = (p / p.sum(-1, keepdims=True)).astype(np.float32).astype(ml_dtypes.bfloat16).astype(np.float64)
+    want = np.einsum("bkgts,bksd->bkgtd", p, f64(v)).astype(np.float32).astype(ml_dtypes.bfloat16).astype(np.float32)
+    got = np.asarray(attention_core(q, k, v, mask).astype(jnp.float32))
+    assert np.mean(got == want) > 0.97  # (1.0 here; ~0.65 with float32 probabilities)
+    got_d = np.asarray(decode_attention(q[:, :, :, -1], k.transpose(0, 1, 3, 2), v, mask[:, -1]).astype(jnp.float32))
+    assert np.mean(got_d == want[:, :, :, -1]) > 0.97
