@@ -129,3 +129,43 @@ def test_stats_count_the_bos_a_run_puts_before_plain_prompts(monkeypatch, capsys
         return json.loads(capsys.readouterr().out)["prompt_tokens"]["mean"]
 
     assert mean() == mean("--bos", "true") == mean("--bos", "false") + 1
+
+
+def test_stats_default_to_a_runs_limits_styles_and_split_and_count_at_the_limits(cli, shared_data, tmp_path):
+    """The stats' defaults are a run's (TokenizeConfig's limits, the P-CoT style for svamp-python, chat for openai
+    files, GSM8K's train split), a limit equal to the longest length drops nothing, over_either counts the examples
+    over either limit, --keep-annotations keeps GSM8K's <<...>> calculator marks, and a limit of 0 is refused. Each
+    could change without a failing test (mutation review, session 45)."""
+    from reftjax.data.tokenize import TokenizeConfig
+
+    code, out, _ = cli("--dataset", "svamp-python", "--local-dir", str(shared_data / "reft"))
+    r = json.loads(out)
+    assert code == 0 and (r["style"], r["max_prompt_len"], r["max_target_len"]) == \
+        ("reft-python", TokenizeConfig().max_prompt_len, TokenizeConfig().max_target_len)
+    gsm8k = tmp_path / "gsm8k"
+    gsm8k.mkdir()
+    long_q = "Tom has 2 apples, 4 pears, 6 plums, 8 figs and 10 kiwis in a big basket. " * 3 + "What is 2 + 0?"
+    long_cot = "First 2 + 3 = <<2+3=5>>5, then 5 + 5 = <<5+5=10>>10. " * 3 + "So 4 + 4 = <<4+4=8>>8."
+    rows = [(long_q, "2 + 0 = <<2+0=2>>2.\n#### 2"), ("What is 4 + 4?", long_cot + "\n#### 8"),  # (one long each)
+            ("What is 1 + 1?", "1 + 1 = <<1+1=2>>2.\n#### 2"), ("What is 3 + 3?", "3 + 3 = <<3+3=6>>6.\n#### 6")]
+    (gsm8k / "train.jsonl").write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in rows))
+    (gsm8k / "test.jsonl").write_text(json.dumps({"question": "What is 1 + 2?", "answer": "#### 3"}) + "\n")
+    code, out, _ = cli("--dataset", "gsm8k", "--local-dir", str(gsm8k))
+    r = json.loads(out)
+    assert code == 0 and (r["source"], r["examples"]) == ("gsm8k:train", 4)
+    (p100, p50), (t100, t50) = ((r[k]["p100"], r[k]["p50"]) for k in ("prompt_tokens", "target_tokens_incl_eos"))
+    code, out, _ = cli("--dataset", "gsm8k", "--local-dir", str(gsm8k), "--max-prompt-len", str(p100),
+                       "--max-target-len", str(t100))
+    assert [json.loads(out)[k] for k in ("over_max_prompt_len", "over_max_target_len", "over_either")] == [0, 0, 0]
+    code, out, _ = cli("--dataset", "gsm8k", "--local-dir", str(gsm8k), "--max-prompt-len", str(p50),
+                       "--max-target-len", str(t50))
+    assert [json.loads(out)[k] for k in ("over_max_prompt_len", "over_max_target_len", "over_either")] == [1, 1, 2]
+    code, out, _ = cli("--dataset", "gsm8k", "--local-dir", str(gsm8k), "--keep-annotations")
+    assert json.loads(out)["target_tokens_incl_eos"]["p100"] > t100
+    openai = tmp_path / "o.jsonl"
+    openai.write_text(json.dumps({"messages": [{"role": "user", "content": "What is 2 + 2?"}], "answer": "4"}) + "\n")
+    code, out, err = cli("--file", str(openai), "--format", "openai")
+    assert code == 0 and json.loads(out)["style"] == "chat", err
+    with pytest.raises(SystemExit) as exc:
+        cli("--dataset", "svamp-nl", "--max-target-len", "0")
+    assert exc.value.code == 2

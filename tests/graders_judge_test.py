@@ -584,3 +584,20 @@ def test_the_server_refuses_a_chunked_body_and_closes(served):
     resp = conn.getresponse()
     assert resp.status == 411 and resp.getheader("Connection") == "close"
     conn.close()
+
+
+def test_the_graders_cli_run_asks_the_judge_first_and_validate_stays_offline(tmp_path, capsys):
+    """`python -m reftjax.graders run` checks a model-based grader's endpoint before grading (its docstring): an
+    unreachable judge is one error line and exit 2, not every sample graded as a grader fault with exit 0; `validate`
+    does not ask it. A run without the check passed every test (mutation review, session 45)."""
+    from reftjax.graders.__main__ import main
+
+    grader = tmp_path / "g.json"
+    grader.write_text(json.dumps(_score_cfg("http://127.0.0.1:9/v1", retries=0)))
+    samples = tmp_path / "s.jsonl"
+    samples.write_text(json.dumps({"item": {"q": "2 + 2?"}, "sample": {"output_text": "4"}}) + "\n")
+    assert main(["validate", "--grader", str(grader), "--samples", str(samples)]) == 0
+    capsys.readouterr()
+    assert main(["run", "--grader", str(grader), "--samples", str(samples)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith(f"error: {grader}: ") and "cannot be reached" in err, err

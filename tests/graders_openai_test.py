@@ -598,3 +598,45 @@ def test_a_math_equiv_answer_too_costly_to_evaluate_is_the_completions_zero_not_
         slow, right = grader.grade_batch([{"x": "3"}] * 2, ["factorial(factorial(factorial(5)))", "3"])
     assert slow.score == 0.0 and not is_fault(slow) and "could not be evaluated: timeout" in slow.error
     assert right.score == 1.0
+
+
+def test_cli_sandbox_options_reach_the_sandbox_and_default_to_a_runs(tmp_path, monkeypatch):
+    """--timeout-s / --memory-mb set the sandbox the CLI's graders run in, by default at a run's (SandboxSettings);
+    an option dropped or a default changed passed every test (mutation review, session 45)."""
+    import reftjax.graders.__main__ as cli
+    from reftjax.config import SandboxSettings
+
+    seen = []
+    real = cli.default_pool
+    monkeypatch.setattr(cli, "default_pool", lambda config: seen.append(config) or real(config))
+    grader = tmp_path / "g.json"
+    grader.write_text(json.dumps({"type": "reft", "cot": "python"}))
+    assert cli.main(["validate", "--grader", str(grader)]) == 0
+    run = SandboxSettings().sandbox_config()
+    assert (seen[-1].timeout_s, seen[-1].memory_bytes) == (run.timeout_s, run.memory_bytes)
+    assert cli.main(["validate", "--grader", str(grader), "--timeout-s", "0.5", "--memory-mb", "512"]) == 0
+    assert (seen[-1].timeout_s, seen[-1].memory_bytes) == (0.5, 512 << 20)
+
+
+def test_cli_run_numbers_its_lines_needs_samples_and_names_a_grader_file_that_is_not_json(tmp_path, capsys):
+    """`run` numbers its output lines from 0 (the samples' order), refuses to run without --samples (it printed
+    nothing and exited 0), and a grader file that is not JSON is one line naming it. Untested before (mutation review,
+    session 45)."""
+    from reftjax.graders.__main__ import main
+
+    grader = tmp_path / "g.json"
+    grader.write_text(json.dumps({"type": "string_check", "input": "{{sample.output_text}}",
+                                  "reference": "{{item.answer}}", "operation": "eq"}))
+    samples = tmp_path / "s.jsonl"
+    samples.write_text("".join(json.dumps({"item": {"answer": "x"}, "sample": {"output_text": t}}) + "\n"
+                               for t in ("x", "y", "x")))
+    assert main(["run", "--grader", str(grader), "--samples", str(samples)]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["index"], r["score"]) for r in rows] == [(0, 1.0), (1, 0.0), (2, 1.0)]
+    assert main(["run", "--grader", str(grader)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == "error: run needs --samples\n"
+    grader.write_text('{"type": "string_check",\n "input": }\n')
+    assert main(["validate", "--grader", str(grader)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith(f"error: {grader}:2: invalid JSON: ") and len(err.splitlines()) == 1

@@ -93,3 +93,33 @@ def test_cli_missing_files_exit_2(model_dir, tmp_path):
 def test_cli_help():
     proc = _run("score", "--help")
     assert proc.returncode == 0 and "--text-file" in proc.stdout and "--dtype" in proc.stdout
+
+
+def test_cli_unreadable_text_files_are_one_line_errors(tmp_path, capsys):
+    """A directory or a file that is not UTF-8 as --text-file: one line naming it, exit 2, before any model loads
+    (the model named here does not exist). Untested before (mutation review, session 45)."""
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"the cat \xff sat")
+    for path, message in ((bad, "not valid UTF-8 (invalid start byte at byte 8)"),
+                          (tmp_path, "is a directory, not a text file")):
+        assert main(["score", "--model", str(tmp_path / "nomodel"), "--text-file", str(path)]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and err == f"error: {path}: {message}\n"
+
+
+def test_dtype_sets_the_weights_dtype_too(model_dir, tmp_path, monkeypatch, capsys):
+    """--dtype is the "compute (and storage) dtype": bfloat16 loads bfloat16 weights (float32 ones passed the
+    log-prob tolerance; mutation review, session 45)."""
+    import jax
+
+    import reftjax.hf
+
+    loaded = []
+    real = reftjax.hf.load_model
+    monkeypatch.setattr(reftjax.hf, "load_model", lambda *a, **k: loaded.append(real(*a, **k)) or loaded[-1])
+    text_file = tmp_path / "t.txt"
+    text_file.write_text(TEXT)
+    for dtype in ("bfloat16", "float32"):
+        assert main(["score", "--model", str(model_dir), "--text-file", str(text_file), "--dtype", dtype]) == 0
+        assert {str(x.dtype) for x in jax.tree.leaves(loaded[-1].params)} == {dtype}
+    capsys.readouterr()

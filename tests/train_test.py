@@ -2309,3 +2309,138 @@ def test_a_changed_longrope_pin_refuses_the_resume_naming_the_pin(tmp_path):
     _check_same_data(path, {"model": {**model, "longrope": "long"}})
     with pytest.raises(RunDirError, match="weights and LongRoPE factor set differ"):
         _check_same_data(path, {"model": {**model, "params": "q", "longrope": "short"}})
+
+
+def test_the_cli_presets_carry_their_documented_settings():
+    """The module docstring's and README's figures that test_presets_carry_the_authors_settings does not read: the
+    cpu preset's 128/16/32 problems, 1 SFT epoch and 6 PPO iterations at the 125M RL lr, voting off; the gpu/tpu
+    presets' voting@16, early stopping and bf16 export; the paper preset's voting@100, no BOS, bf16 export and the
+    authors' SFT length. Each could change without a failing test (mutation review, session 45)."""
+    from experiments.gsm8k_reft import preset_config
+
+    cpu = preset_config("cpu")
+    assert (cpu.name, cpu.model, cpu.data.n_train, cpu.data.n_val, cpu.data.n_test) == \
+        ("gsm8k_reft_cpu", "default", 128, 16, 32)
+    assert (cpu.sft.epochs, cpu.rl.iterations, cpu.rl.prompts_per_iteration, cpu.eval.voting_k) == (1, 6, 8, 0)
+    assert (cpu.sft.optim.learning_rate, cpu.rl.optim.learning_rate, cpu.rl.optim.schedule) == (2e-5, 3e-6, "constant")
+    assert cpu.data.prompt.bos is None and cpu.export_dtype is None
+    for name in ("gpu", "tpu"):
+        for cfg in (preset_config(name), preset_config(name, "/models/llama-7b")):
+            assert (cfg.name, cfg.eval.voting_k, cfg.rl.early_stop_patience, cfg.export_dtype) == \
+                (f"gsm8k_reft_{name}", 16, 5, "bfloat16")
+            assert cfg.data.prompt.bos is None  # a BOS where the model's tokenizer adds one
+    paper = preset_config("paper")
+    assert (paper.model, paper.eval.voting_k, paper.data.prompt.bos, paper.export_dtype, paper.rl.iterations) == \
+        ("codellama/CodeLlama-7b-hf", 100, False, "bfloat16", 3000)
+    # the authors' SFT examples are at most 1024 tokens (../shared/REFERENCE.md): 300 of prompt + 724 of target
+    assert (paper.data.tokenize.max_prompt_len, paper.data.tokenize.max_target_len) == (300, 724)
+
+
+def test_the_default_preset_follows_the_first_device(monkeypatch):
+    """No --preset: cpu without an accelerator, else gpu / tpu (mutation review, session 45: a default_preset that
+    always said cpu passed every test)."""
+    import types
+
+    import jax
+
+    from experiments.gsm8k_reft import default_preset
+
+    for platform, preset in (("cpu", "cpu"), ("gpu", "gpu"), ("tpu", "tpu"), ("METAL", "cpu")):
+        monkeypatch.setattr(jax, "devices", lambda p=platform: [types.SimpleNamespace(platform=p)])
+        assert default_preset() == preset, platform
+
+
+def test_the_cli_hands_the_run_its_folder_progress_and_seed_and_reports_on_stdout(tmp_path, monkeypatch, capsys):
+    """What main() passes to train.run and prints, with the run replaced: the default --out (runs/<name>), --out,
+    --no-progress, --seed, the one summary line and the report's path on stdout, and exit 130 for an interrupted
+    run. A dropped --seed or --no-progress, one default folder for every preset, an interrupted run exiting 0 or a
+    summary line missing a figure passed every test (mutation review, session 45)."""
+    from experiments import gsm8k_reft
+    from reftjax import train as T
+
+    calls, results = [], []
+    figures = {"name": "gsm8k_reft_cpu", "test_n": 32, "test_accuracy": 0.25, "test_voting_accuracy": 0.5,
+               "test_accuracy_all_questions": 0.2, "wall_seconds": 12.5}
+
+    def fake_run(cfg, out, progress=True):
+        calls.append((cfg, str(out), progress))
+        return results.pop(0)
+
+    monkeypatch.setattr(T, "run", fake_run)
+    monkeypatch.chdir(tmp_path)
+    results.append({**figures, "status": "done", "test_sft": {"accuracy": 0.0}})
+    assert gsm8k_reft.main(["--preset", "cpu"]) == 0
+    cfg, out, progress = calls[-1]
+    assert (cfg.name, cfg.seed, out, progress) == ("gsm8k_reft_cpu", 0, os.path.join("runs", "gsm8k_reft_cpu"), True)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and json.loads(lines[0]) == figures
+    assert lines[1] == f"report: {os.path.join('runs', 'gsm8k_reft_cpu', 'summary.md')}"
+    results.append({**figures, "status": "done"})
+    assert gsm8k_reft.main(["--preset", "cpu", "--out", str(tmp_path / "o"), "--no-progress", "--seed", "7"]) == 0
+    cfg, out, progress = calls[-1]
+    assert (cfg.seed, out, progress) == (7, str(tmp_path / "o"), False)
+    assert capsys.readouterr().out.splitlines()[1] == f"report: {tmp_path / 'o' / 'summary.md'}"
+    results.append({"status": "interrupted", "phase": "rl"})
+    assert gsm8k_reft.main(["--preset", "cpu", "--no-progress"]) == 130
+    out, err = capsys.readouterr()
+    assert out == "" and err.splitlines()[-1] == "interrupted during rl; rerun the same command to resume"
+
+
+def test_print_config_prints_the_resolved_config_and_gsm8k_dir_reaches_the_data_reader(tmp_path, monkeypatch, capsys,
+                                                                                         caplog):
+    """--print-config: the config a run would take (preset, --seed, --set, the P-CoT KL rule) as JSON on stdout, exit 0,
+    with reftjax's own INFO lines (its note on the KL) logged; --gsm8k-dir sets REFTJAX_GSM8K_DIR, where the GSM8K
+    reader looks. Printed to stderr, a --gsm8k-dir not passed on, or reftjax's INFO lines silenced passed every test
+    (mutation review, session 45)."""
+    import logging
+
+    from experiments import gsm8k_reft
+    from reftjax.config import from_dict
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("REFTJAX_GSM8K_DIR", str(tmp_path / "elsewhere"))  # (restored afterwards)
+    (tmp_path / "gsm8k").mkdir()
+    (tmp_path / "gsm8k" / "train.jsonl").write_text("")
+    level = logging.getLogger("reftjax").level
+    try:
+        code = gsm8k_reft.main(["--preset", "cpu", "--print-config", "--seed", "5", "--gsm8k-dir",
+                                str(tmp_path / "gsm8k"), "--set", "rl.iterations=2", "--set",
+                                'grader={"type": "reft", "cot": "python"}', "--set", "data.prompt.style=reft-python"])
+    finally:
+        logging.getLogger("reftjax").setLevel(level)
+    out = capsys.readouterr().out
+    assert code == 0
+    cfg = from_dict(json.loads(out))
+    assert (cfg.name, cfg.seed, cfg.rl.iterations, cfg.rl.ppo.kl_coef) == ("gsm8k_reft_cpu", 5, 2, 0.01)
+    assert os.environ["REFTJAX_GSM8K_DIR"] == str(tmp_path / "gsm8k")
+    assert "rl.ppo.kl_coef=0.01, the ReFT authors' value for P-CoT" in caplog.text
+
+
+def test_svamp_presets_take_the_authors_kl_style_and_test_set(tmp_path, monkeypatch, capsys):
+    """experiments.svamp_reft: N-CoT at KL 0.05 and the plain style, P-CoT at the paper's 0.01 with the program
+    style and sandboxed grader, both tested on the SVAMP test file; --cot defaults to nl. None of it was read by a
+    test (mutation review, session 45)."""
+    from experiments import svamp_reft
+    from reftjax.config import from_dict
+
+    for cot, kl, style, dataset in (("nl", 0.05, "reft", "svamp-nl"), ("python", 0.01, "reft-python", "svamp-python")):
+        for preset in ("cpu", "paper"):
+            cfg = svamp_reft.svamp_config(preset, cot, None)
+            assert (cfg.name, cfg.rl.ppo.kl_coef, cfg.data.prompt.style, cfg.data.dataset, cfg.grader_dict) == \
+                (f"svamp_reft_{cot}_{preset}", kl, style, dataset, {"type": "reft", "cot": cot})
+            assert (cfg.data.test_dataset, cfg.data.test_split) == ("svamp-test", "test")
+    monkeypatch.chdir(tmp_path)
+    assert svamp_reft.main(["--preset", "cpu", "--print-config"]) == 0
+    printed = from_dict(json.loads(capsys.readouterr().out))
+    assert (printed.name, printed.grader_dict, printed.rl.ppo.kl_coef) == \
+        ("svamp_reft_nl_cpu", {"type": "reft", "cot": "nl"}, 0.05)
+
+
+def test_a_set_without_a_value_is_refused():
+    """`--set name` (the value forgotten) is refused, not read as the empty string: as "" it named the run "" and
+    its default folder runs/ itself, with exit 0 (mutation review, session 45)."""
+    from experiments.gsm8k_reft import build_parser, resolve_config
+
+    for item in ("name", "rl.iterations", "export_hf"):
+        with pytest.raises(ValueError, match=re.escape(f"--set {item!r}: expected PATH=VALUE")):
+            resolve_config(build_parser().parse_args(["--preset", "cpu", "--set", item]))
