@@ -620,8 +620,8 @@ def test_cli_sandbox_options_reach_the_sandbox_and_default_to_a_runs(tmp_path, m
 
 def test_cli_run_numbers_its_lines_needs_samples_and_names_a_grader_file_that_is_not_json(tmp_path, capsys):
     """`run` numbers its output lines from 0 (the samples' order), refuses to run without --samples (it printed
-    nothing and exited 0), and a grader file that is not JSON is one line naming it. Untested before (mutation review,
-    session 45)."""
+    nothing and exited 0), a grader file that is not JSON and an item the grader refuses with a ValueError are one
+    line naming the file. Untested before (mutation review, session 45)."""
     from reftjax.graders.__main__ import main
 
     grader = tmp_path / "g.json"
@@ -640,3 +640,9 @@ def test_cli_run_numbers_its_lines_needs_samples_and_names_a_grader_file_that_is
     assert main(["validate", "--grader", str(grader)]) == 2
     out, err = capsys.readouterr()
     assert out == "" and err.startswith(f"error: {grader}:2: invalid JSON: ") and len(err.splitlines()) == 1
+    # an item the grader refuses with a ValueError (a gold answer that is not a number): the samples file's line
+    grader.write_text(json.dumps({"type": "reft", "cot": "nl", "answer_field": "answer_value"}))
+    samples.write_text(json.dumps({"item": {"answer_value": "abc"}, "sample": {"output_text": "x"}}) + "\n")
+    assert main(["run", "--grader", str(grader), "--samples", str(samples)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith(f"error: {samples}:1: grader does not fit this item: gold answer 'abc'"), err
