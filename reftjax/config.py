@@ -292,6 +292,12 @@ class ExperimentConfig:
     compilation_cache: str | None = None
 
     def __post_init__(self):
+        # the run's folder under runs/ (the CLI's default --out, the notebook's folder name): `--set name=` named the
+        # run "" and made runs/ itself its folder (mutation review, session 45); ".." or an absolute path left runs/
+        parts = self.name.replace("\\", "/").split("/")
+        if not self.name.strip() or self.name.startswith("/") or any(p in ("", ".", "..") for p in parts):
+            raise ValueError(f"name={self.name!r}: a run's name is its folder under runs/ (the default --out): give a "
+                             f"non-empty name without '.', '..' or empty path parts")
         if self.rerank.epochs and not self.eval.voting_k:
             raise ValueError("rerank.epochs > 0 scores the test set's voting samples: set eval.voting_k > 0")
         if self.rerank.epochs and self.rerank.max_new_tokens < self.eval.max_new_tokens:

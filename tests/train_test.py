@@ -2444,3 +2444,8 @@ def test_a_set_without_a_value_is_refused():
     for item in ("name", "rl.iterations", "export_hf"):
         with pytest.raises(ValueError, match=re.escape(f"--set {item!r}: expected PATH=VALUE")):
             resolve_config(build_parser().parse_args(["--preset", "cpu", "--set", item]))
+    # the value given but empty (or leaving runs/) is refused too: `--set name=` ran in runs/ itself (same review)
+    for name in ("", " ", ".", "..", "../x", "a/../..", "/tmp/x", "a//b"):
+        with pytest.raises(ValueError, match=re.escape(f"name={name!r}: a run's name is its folder under runs/")):
+            resolve_config(build_parser().parse_args(["--preset", "cpu", "--set", f"name={json.dumps(name)}"]))
+    assert resolve_config(build_parser().parse_args(["--preset", "cpu", "--set", 'name="exp/a_1"'])).name == "exp/a_1"
