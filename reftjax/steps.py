@@ -950,6 +950,8 @@ def make_experience_fn(model_cfg: ModelConfig, cfg: PPOConfig, reward_fn: Callab
     from reftjax.graders.callback import grade_in_jit
 
     _warn_unpinned_longrope(model_cfg)
+    # (PPO's group_size counts with share_prompt alone)
+    group = samples_per_prompt or (cfg.group_size if cfg.algo != "ppo" else cfg.prompt_group)
 
     def experience(params, ref_params, rollout, example_idx_B, scores_B=None):
         if scores_B is None:
@@ -960,8 +962,5 @@ def make_experience_fn(model_cfg: ModelConfig, cfg: PPOConfig, reward_fn: Callab
         exp = make_experience(params, ref_params, rollout, scores_B, model_cfg=model_cfg, cfg=cfg)
         return exp, experience_metrics(exp, rollout, logp_recomputed=not cfg.experience_from_rollout,
                                        with_value=cfg.algo == "ppo", group_size=group)
-
-    # (PPO's group_size counts with share_prompt alone)
-    group = samples_per_prompt or (cfg.group_size if cfg.algo != "ppo" else cfg.prompt_group)
 
     return MeshJit(experience)
