@@ -169,3 +169,30 @@ def test_stats_default_to_a_runs_limits_styles_and_split_and_count_at_the_limits
     with pytest.raises(SystemExit) as exc:
         cli("--dataset", "svamp-nl", "--max-target-len", "0")
     assert exc.value.code == 2
+
+
+def test_stats_on_a_file_where_only_some_examples_carry_a_cot(cli, tmp_path, smollm_tokenizer):
+    """Such a file reported prompt lengths alone with exit 0 and no word of the examples without a CoT, where a run
+    with an SFT warm-up refuses it (session 45's list): the targets of those with one, and a note naming the first
+    without."""
+    rows = [{"question": "How many apples?", "answer": "Three and four make 3 + 4 = 7.\n#### 7"},
+            {"question": "How many pears?", "answer": "#### 5"},
+            {"question": "How many plums in all the baskets?", "answer": "Two baskets of six: 2 * 6 = 12.\n#### 12"}]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code, out, err = cli("--file", str(path), "--format", "gsm8k-jsonl", "--max-target-len", "24",
+                         "--max-prompt-len", "1000")
+    assert code == 0, err
+    result = json.loads(out)
+    texts = [f"{r['answer'].split('####')[0].strip()}\nTherefore, the answer is: {r['answer'].split('####')[1].strip()}"
+             for r in (rows[0], rows[2])]
+    lengths = [len(x) + 1 for x in smollm_tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    assert result["examples"] == 3 and result["examples_with_cot"] == 2
+    assert result["target_tokens_incl_eos"]["p100"] == max(lengths)
+    assert result["target_tokens_incl_eos"]["mean"] == round(sum(lengths) / 2, 1)
+    assert result["over_max_target_len"] == result["over_either"] == sum(n > 24 for n in lengths) == 1, lengths
+    assert "mixed.jsonl:2 " in err and "no reference CoT; 1 of 3 examples have none" in err and "sft.epochs=0" in err
+    # A file where every example carries one: counted, and no note.
+    path.write_text("".join(json.dumps(r) + "\n" for r in (rows[0], rows[2])))
+    code, out, err = cli("--file", str(path), "--format", "gsm8k-jsonl")
+    assert code == 0 and json.loads(out)["examples_with_cot"] == 2 and "note" not in err

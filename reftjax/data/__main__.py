@@ -8,8 +8,10 @@ Examples::
         --chat-template-kwargs '{"enable_thinking": false}'
 
 Prints example count, prompt/target token-length percentiles for the tokenizer,
-and how many examples exceed ``--max-prompt-len`` / ``--max-target-len``. Bad
-input exits with status 2 and ``path:LINE: problem`` on stderr.
+and how many examples exceed ``--max-prompt-len`` / ``--max-target-len``. Targets are
+those of the examples with a reference CoT (``examples_with_cot``); a file where only
+some have one also gets a note on stderr naming the first without, as an SFT warm-up
+refuses such a file. Bad input exits with status 2 and ``path:LINE: problem`` on stderr.
 """
 from __future__ import annotations
 
@@ -119,18 +121,30 @@ def stats(args: argparse.Namespace) -> dict:
     tokenizer = load_tokenizer(args.tokenizer)
     # No limits while measuring: every example is kept, then counted against the limits.
     unlimited = TokenizeConfig(max_prompt_len=1 << 20, max_target_len=1 << 20, truncation="drop")
-    # Test sets and RFT files have no reference CoT: report prompt lengths only.
-    with_targets = all(e.cot.strip() for e in examples)
-    ds = tokenize_examples(examples, tokenizer, prompt_cfg, unlimited, with_targets=with_targets)
+    # Test sets and RFT files have no reference CoT: report prompt lengths only. A file where only some examples
+    # carry one: the targets of those, and a note that an SFT warm-up refuses the file (it reported prompt lengths
+    # alone with no word of it; session 45's list).
+    has_cot = np.array([bool(e.cot.strip()) for e in examples])
+    ds = tokenize_examples(examples, tokenizer, prompt_cfg, unlimited, with_targets=bool(has_cot.all()))
     prompt_len = ds.prompt_lengths
+    targets = ds.target
+    if targets is None and has_cot.any():
+        targets = tokenize_examples([e for e, h in zip(examples, has_cot) if h], tokenizer, prompt_cfg, unlimited,
+                                    with_targets=True).target
+        first = examples[int(np.flatnonzero(~has_cot)[0])]
+        print(f"note: {first.at}: no reference CoT; {int((~has_cot).sum())} of {len(examples)} examples have none, "
+              f"so an SFT warm-up refuses this file (RL alone, sft.epochs=0, takes it); target lengths are of the "
+              f"{int(has_cot.sum())} with one", file=sys.stderr)
     source = args.file or (f"gsm8k:{args.split}" if args.dataset == "gsm8k" else args.dataset)
     out = {"source": source, "style": style,
            "examples": len(examples), "prompt_tokens": _percentiles(prompt_len),
            "over_max_prompt_len": int((prompt_len > args.max_prompt_len).sum()),
            "max_prompt_len": args.max_prompt_len}
-    if ds.target is not None:
-        target_len = np.array([len(t) for t in ds.target])
-        out |= {"target_tokens_incl_eos": _percentiles(target_len),
+    if targets is not None:
+        target_len = np.zeros(len(examples), np.int64)  # (0 where an example has no CoT: over no limit)
+        target_len[has_cot] = [len(t) for t in targets]
+        out |= {"examples_with_cot": int(has_cot.sum()),
+                "target_tokens_incl_eos": _percentiles(target_len[has_cot]),
                 "over_max_target_len": int((target_len > args.max_target_len).sum()),
                 "max_target_len": args.max_target_len,
                 "over_either": int(((prompt_len > args.max_prompt_len)
