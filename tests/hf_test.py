@@ -336,7 +336,8 @@ def _tiny_gguf(path, arch, rope_freqs=None, head_dim=None, name=None, special=No
 def test_gguf_tokenizer_adds_bos_as_the_file_says_like_transformers(tmp_path, model):
     """The BOS a GGUF's tokenizer adds follows the file's add_bos_token (a sentencepiece vocabulary without the flag
     adds one), as transformers' own GGUF tokenizer does: ours added none to a sentencepiece (Llama-2 style) file, and
-    under transformers 4.56 one to every SmolLM2 prompt although its file says false (session 31)."""
+    under transformers 4.56 one to every SmolLM2 prompt although its file says false (session 31). An add_eos_token
+    file ends each sequence with EOS, after the text (that order was untested; session 45's list)."""
     import gguf
     from transformers import AutoTokenizer
 
@@ -348,9 +349,11 @@ def test_gguf_tokenizer_adds_bos_as_the_file_says_like_transformers(tmp_path, mo
     # (transformers' own GGUF tokenizer follows the flag from 5.25 on: 4.56 always adds BOS, 5.17 never)
     follows_flag = Version(transformers.__version__) >= Version("5.25")
     toks = ["<unk>", "<s>", "</s>", "a", "b", "ab", "\u0120", "\u0120a", "\u0120ab"]
-    for add_bos, bos_text in ((True, "<s>"), (False, "<s>"), (None, "<s>"), (True, "<s x:y>")):
+    for add_bos, bos_text, add_eos in ((True, "<s>", None), (False, "<s>", None), (None, "<s>", None),
+                                       (True, "<s x:y>", None), (True, "<s>", True), (False, "<s>", True),
+                                       (None, "<s>", False)):
         toks[1] = bos_text  # (a ':' and a space in a token's text: a template cannot spell them; review)
-        path = tmp_path / f"{add_bos}{len(bos_text)}.gguf"
+        path = tmp_path / f"{add_bos}{len(bos_text)}{add_eos}.gguf"
         w = gguf.GGUFWriter(str(path), "llama")
         w.add_tokenizer_model(model), w.add_token_list(toks), w.add_token_types([2, 3, 3] + [1] * (len(toks) - 3))
         if model == "gpt2":
@@ -361,13 +364,19 @@ def test_gguf_tokenizer_adds_bos_as_the_file_says_like_transformers(tmp_path, mo
             w.add_uint32(f"tokenizer.ggml.{name}_token_id", token_id)
         if add_bos is not None:
             w.add_bool("tokenizer.ggml.add_bos_token", add_bos)
+        if add_eos is not None:
+            w.add_bool("tokenizer.ggml.add_eos_token", add_eos)
         w.add_tensor("token_embd.weight", np.zeros((len(toks), 4), np.float32))
         w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
         ours = _tokenizer(_metadata(gguf.GGUFReader(str(path))), "llama")
         bos = [1] if add_bos or (add_bos is None and model == "llama") else []
+        eos = [2] if add_eos else []
         ids = ours("ab a")["input_ids"]
-        # (the pieces of this toy sentencepiece vocabulary differ between transformers' converters: its BOS only)
-        assert (ids == bos + [5, 7] if model == "gpt2" else (ids[0] == 1) == bool(bos)) and ours.bos_token == bos_text
+        # (the pieces of this toy sentencepiece vocabulary differ between transformers' converters: its BOS and EOS)
+        assert (ids == bos + [5, 7] + eos if model == "gpt2"
+                else (ids[0] == 1) == bool(bos) and (ids[-1] == 2) == bool(eos)) and ours.bos_token == bos_text
+        if model == "gpt2":  # a pair: each sequence framed alone
+            assert ours("ab", "a")["input_ids"] == bos + [5] + eos + bos + [3] + eos
         if follows_flag and bos_text == "<s>":  # (transformers' own fails on "<s x:y>")
             ref = AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
             assert ids == ref("ab a")["input_ids"] and ours("ab", "a")["input_ids"] == ref("ab", "a")["input_ids"]
