@@ -2324,14 +2324,20 @@ def test_the_cli_presets_carry_their_documented_settings():
     assert (cpu.sft.epochs, cpu.rl.iterations, cpu.rl.prompts_per_iteration, cpu.eval.voting_k) == (1, 6, 8, 0)
     assert (cpu.sft.optim.learning_rate, cpu.rl.optim.learning_rate, cpu.rl.optim.schedule) == (2e-5, 3e-6, "constant")
     assert cpu.data.prompt.bos is None and cpu.export_dtype is None
+    # checkpoints every 6 steps, at each validation (every 3 iterations), the last 2 and the best kept (it was
+    # documented nowhere; session 45's list)
+    assert (cpu.checkpoint.save_every, cpu.checkpoint.keep_last, cpu.checkpoint.keep_best, cpu.rl.eval_every) == \
+        (6, 2, 1, 3)
     for name in ("gpu", "tpu"):
         for cfg in (preset_config(name), preset_config(name, "/models/llama-7b")):
             assert (cfg.name, cfg.eval.voting_k, cfg.rl.early_stop_patience, cfg.export_dtype) == \
                 (f"gsm8k_reft_{name}", 16, 5, "bfloat16")
+            assert (cfg.checkpoint.save_every, cfg.rl.eval_every) == (100, 100)
             assert cfg.data.prompt.bos is None  # a BOS where the model's tokenizer adds one
     paper = preset_config("paper")
     assert (paper.model, paper.eval.voting_k, paper.data.prompt.bos, paper.export_dtype, paper.rl.iterations) == \
         ("codellama/CodeLlama-7b-hf", 100, False, "bfloat16", 3000)
+    assert (paper.checkpoint.save_every, paper.rl.eval_every) == (100, 100)
     # the authors' SFT examples are at most 1024 tokens (../shared/REFERENCE.md): 300 of prompt + 724 of target
     assert (paper.data.tokenize.max_prompt_len, paper.data.tokenize.max_target_len) == (300, 724)
 
