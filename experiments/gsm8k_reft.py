@@ -160,7 +160,9 @@ def build_parser(prog: str = "python -m experiments.gsm8k_reft", description: st
     p.add_argument("--no-progress", action="store_true", help="disable progress bars")
     p.add_argument("--verbose", action="store_true",
                    help="also show other libraries' INFO logs (Orbax saves, tfds, JAX set-up)")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config as JSON and exit (the grader and data.prompt.chat_template_kwargs "
+                        "as objects, as --set takes them)")
     return p
 
 
@@ -353,7 +355,11 @@ def run_cli(args, make_config=preset_config) -> int:
     if args.print_config:
         from reftjax.config import to_dict
 
-        print(json.dumps(to_dict(cfg), indent=2))
+        shown = to_dict(cfg)  # (the grader and the template variables as the objects --set takes, not the
+        # (name, value) pairs they are held as: the default grader printed as [["type", "reft"], ["cot", "nl"]])
+        shown["grader"] = cfg.grader_dict
+        shown["data"]["prompt"]["chat_template_kwargs"] = cfg.data.prompt.template_kwargs
+        print(json.dumps(shown, indent=2))
         return 0
     from reftjax.data.records import DataError
     from reftjax.graders.openai import ConfigError

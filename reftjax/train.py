@@ -1050,6 +1050,16 @@ JUDGE_TRANSPORT = ("base_url", "api_key_env", "timeout", "max_concurrency", "ret
 _JUDGES = ("score_model", "label_model")
 
 
+def _grader_object(d):
+    """A config dict with its grader as an object: the presets hold it as (name, value) pairs, `--set grader=` as
+    an object, and the same grader in the other form was refused as a changed setting (`grader: [["type", "reft"],
+    ["cot", "nl"]] -> "<unset>", ...`; session 46)."""
+    g = d.get("grader") if isinstance(d, dict) else None
+    if isinstance(g, list) and all(isinstance(p, list) and len(p) == 2 and isinstance(p[0], str) for p in g):
+        return {**d, "grader": dict(g)}
+    return d
+
+
 def _check_same_run(cfg_path: pathlib.Path, new: dict, content_checked: bool = False) -> None:
     """Refuses to resume a run directory under different settings (besides `RESUMABLE_CHANGES`, and `LOCATIONS`
     when `content_checked`: the run's data.json records the digests of what they hold). A setting the stored
@@ -1065,8 +1075,8 @@ def _check_same_run(cfg_path: pathlib.Path, new: dict, content_checked: bool = F
     except (OSError, ValueError) as e:
         raise RunDirError(f"{cfg_path}: unreadable ({type(e).__name__}: {e}); this run directory cannot be "
                           f"resumed: use a new output directory") from e
-    a, b = _flat(old), _flat(new)
-    defaults = _flat(to_dict(ExperimentConfig()))
+    a, b = _flat(_grader_object(old)), _flat(_grader_object(new))
+    defaults = _flat(_grader_object(to_dict(ExperimentConfig())))
     def earlier(k):  # the values of a setting added since the run began that keep what it did: its default, but
         return _EARLIER[k](a) if k in _EARLIER else (defaults.get(k, "<unset>"),)  # for _EARLIER
     def free(k):

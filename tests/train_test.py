@@ -868,6 +868,17 @@ def test_a_rerun_may_change_only_how_the_run_is_saved_and_laid_out(tmp_path):
     _check_same_run(path, to_dict(graded))
     with pytest.raises(RunDirError, match=r"grader.operation: \"eq\" -> \"ne\""):
         _check_same_run(path, to_dict(replace_path(graded, "grader", dict(g, operation="ne"))))
+    # the presets' grader, held as (name, value) pairs, resumes given as the same object (and the other way round):
+    # it was refused as `grader: [["type", "reft"], ["cot", "nl"]] -> "<unset>", ...` (session 46); another is not
+    spelled = replace_path(cfg, "grader", {"type": "reft", "cot": "nl"})
+    for began, rerun in ((cfg, spelled), (spelled, cfg)):
+        path.write_text(json.dumps(to_dict(began)))
+        _check_same_run(path, to_dict(rerun))
+    path.write_text(json.dumps(to_dict(cfg)))
+    with pytest.raises(RunDirError, match=r"other settings \(grader.cot: \"nl\" -> \"python\"\)"):
+        _check_same_run(path, to_dict(replace_paths(cfg, {"grader": {"type": "reft", "cot": "python"},
+                                                          "data.prompt.style": "reft-python"}))
+                        | {"data": to_dict(cfg)["data"]})
     # a model grader's judge may move (a server restarted on another port) or be waited for longer; what it is asked,
     # and a score_model's range (which maps its scores), may not (session 42)
     judge = {"type": "score_model", "model": "m", "base_url": "http://a:1/v1", "range": [0, 10],
@@ -2420,6 +2431,16 @@ def test_print_config_prints_the_resolved_config_and_gsm8k_dir_reaches_the_data_
     assert (cfg.name, cfg.seed, cfg.rl.iterations, cfg.rl.ppo.kl_coef) == ("gsm8k_reft_cpu", 5, 2, 0.01)
     assert os.environ["REFTJAX_GSM8K_DIR"] == str(tmp_path / "gsm8k")
     assert "rl.ppo.kl_coef=0.01, the ReFT authors' value for P-CoT" in caplog.text
+    # the preset's grader and the template variables print as the objects --set takes (the grader printed as
+    # [["type", "reft"], ["cot", "nl"]]; session 45's list), and read back as the same config
+    assert gsm8k_reft.main(["--preset", "cpu", "--print-config", "--set", "data.prompt.style=chat", "--set",
+                            'data.prompt.chat_template_kwargs={"enable_thinking": false}']) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["grader"] == {"type": "reft", "cot": "nl"}
+    assert printed["data"]["prompt"]["chat_template_kwargs"] == {"enable_thinking": False}
+    back = from_dict(printed)
+    assert back.grader_dict == printed["grader"]
+    assert back.data.prompt.chat_template_kwargs == (("enable_thinking", False),)
 
 
 def test_svamp_presets_take_the_authors_kl_style_and_test_set(tmp_path, monkeypatch, capsys):
