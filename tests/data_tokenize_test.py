@@ -603,6 +603,33 @@ def test_a_named_template_that_knows_the_developer_role_keeps_it():
     assert format_example(ex, PromptConfig("chat"), tools_only).prompt.startswith("[system]")
 
 
+def test_named_templates_the_date_and_variables_are_those_of_the_template_that_renders(caplog):
+    """Of a dict of named templates: the date is fixed wherever a template writes it, not only in the first one (a
+    mutant reading the first template alone passed: mutation review, session 45), and a template variable read by
+    the `tool_use` template alone is said to change nothing, as reftjax renders "default" (every named template was
+    read, so it went unsaid; session 46)."""
+    import logging
+
+    from reftjax.data.prompts import CHAT_DATE
+
+    dated = ("{%- if not date_string is defined %}{%- set date_string = strftime_now('%d %b %Y') %}{%- endif %}"
+             "Date : {{ date_string }} {% for m in messages %}{{ m['content'] }} {% endfor %}")
+    plain = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    ex = Example(idx=0, item_id="a", question="Tom has 2 apples .", cot="x", answer="2", answer_value=2.0)
+    tok = _bos_tokenizer({"tool_use": plain, "default": dated})
+    assert format_example(ex, PromptConfig("chat"), tok).prompt == f"Date : {CHAT_DATE} Tom has 2 apples . "
+    thinking = plain + "{% if enable_thinking is defined %}(no think){% endif %}"
+    cfg = PromptConfig("chat", chat_template_kwargs={"enable_thinking": False})
+    for templates, read in (({"tool_use": plain, "default": thinking}, True),
+                            ({"default": plain, "tool_use": thinking}, False)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="reftjax.data.prompts"):
+            prompt = format_example(ex, cfg, _bos_tokenizer(templates)).prompt
+            tokenize_examples([ex], _bos_tokenizer(templates), cfg, TokenizeConfig())
+        assert prompt.endswith("(no think)") == read
+        assert any("never names ['enable_thinking']" in r.getMessage() for r in caplog.records) != read, templates
+
+
 # a chat template reading a variable as Qwen3's reads `enable_thinking` (the real one needs a download)
 THINKING_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
                      "{% if add_generation_prompt %}<|im_start|>assistant\n{% if enable_thinking is defined and "

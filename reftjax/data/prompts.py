@@ -194,7 +194,9 @@ def check_template_kwargs(tokenizer, cfg: PromptConfig) -> None:
     if taken := [n for n in names if n in own]:
         raise ValueError(f"data.prompt.chat_template_kwargs: {taken} are apply_chat_template's own parameters, "
                          "which reftjax sets")
-    text = template_text(tokenizer)
+    # the template reftjax renders (of named ones, "default": no tools are passed): a name only `tool_use` reads
+    # changes none of its prompts (every named template was read; session 46)
+    text = _rendering_template(tokenizer)
     if unread := [n for n in names if n not in text]:
         log.warning("data.prompt.chat_template_kwargs: the model's chat template never names %s: %s changes "
                     "nothing (a misspelling?)", unread, "it" if len(unread) == 1 else "they")
