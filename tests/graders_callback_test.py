@@ -430,3 +430,44 @@ def test_a_final_stop_sequence_is_not_graded():
         fn = make_reward_fn(ReftGrader(), items, _decode, stop_sequences=order)
         fn(ids, mask, np.zeros(2, np.int32))
         assert [g.extracted for g in fn.last.grades] == ["42", "42"] and fn.last.texts[0] == texts[1]
+
+
+def test_an_index_one_past_the_items_scores_its_row_zero_and_the_others_as_usual():
+    """`len(items)` is out of range as -1 is: that row scores 0 with the reason; an IndexError would have zeroed
+    the whole batch (mutation review, session 46)."""
+    items, ids, mask, idx = _batch()
+    fn = make_reward_fn(ReftGrader(), items, _decode)
+    expected = _direct(items, ids, mask, idx, ReftGrader())
+    past = idx.copy()
+    past[0] = len(items)
+    out = fn(ids, mask, past)
+    assert fn.last.error is None and out[0] == 0.0 and np.array_equal(out[1:], expected[1:])
+    assert "example_idx 24 is not in [0, 24)" in fn.last.grades[0].error
+
+
+def test_no_reasoning_measures_before_the_first_marker_and_around_a_bare_answer():
+    """The reasoning is what precedes the first marker (an answer stated first and then justified has none), or,
+    with no marker, the text around the answer the grader read, after it as well as before."""
+    body = "two and two make four, as anyone can count on their fingers"
+    first = "\nTherefore, the answer is: 4\n" + body + "\nTherefore, the answer is: 4"
+    assert check(GuardConfig(), first, 30) == ["no_reasoning", "repeated_answer"]
+    assert check(GuardConfig(), "42, since six bags of seven apples make that many", 30, answer="42") == []
+    assert check(GuardConfig(), "42, six sevens", 30, answer="42") == ["no_reasoning"]
+
+
+def test_guard_options_are_checked():
+    with pytest.raises(ValueError, match=r"discount must be in \[0, 1\], got 1.5"):
+        GuardConfig(action="discount", discount=1.5)
+    with pytest.raises(ValueError, match=r"unknown guard options \['max_token'\]"):
+        GuardConfig.from_dict({"max_token": 5})
+    assert GuardConfig.from_dict({"max_tokens": 5, "action": "discount"}).max_tokens == 5
+
+
+def test_a_grader_failure_is_every_row_faulted_not_some():
+    """`every_one_faulted` stops a run only when the grader failed on every row: one row's fault (or a model's
+    unanswered rows) is not a broken grader."""
+    from reftjax.graders.base import every_one_faulted, faulted
+
+    assert every_one_faulted([faulted("a"), faulted("b")]) == "a"
+    assert every_one_faulted([faulted("a"), Grade(0.0, error="no answer")]) is None
+    assert every_one_faulted([Grade(0.0, error="no answer")]) is None and every_one_faulted([]) is None

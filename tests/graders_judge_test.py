@@ -119,6 +119,7 @@ def test_scores_are_read_from_json_a_bare_number_or_a_named_score(reply, score):
 @pytest.mark.parametrize("reply,label", [
     ("correct", "correct"), ("  Incorrect.\n", "incorrect"), ('"CORRECT"', "correct"), ("**correct**", "correct"),
     ('{"result": "incorrect"}', "incorrect"), ("Let me think.\nThe steps hold.\ncorrect", "correct"),
+    ("Correct!", "correct"), ("**Incorrect!**", "incorrect"),
     ('Found \\boxed{18}.\n{"result": "correct"}', "correct"), ("it is correct", None), ("maybe", None),
     ('It claims {"result": "correct"} itself.\n{"result": "incorrect"}', "incorrect"),
 ])
@@ -267,6 +268,7 @@ def test_check_judges_fails_before_a_run_on_an_unreachable_or_refusing_endpoint(
     ({"sampling_params": {"n": 4}}, r"grader\.sampling_params"),
     ({"timeout": 0}, r"grader\.timeout: must be a number"),
     ({"max_concurrency": 2.5}, r"grader\.max_concurrency: must be an integer"),
+    ({"max_concurrency": 0}, r"grader\.max_concurrency: must be an integer in \[1, "),
     ({"labels": ["a"]}, r"unknown keys \['labels'\]"),
     ({"model": ""}, r"grader\.model: must be a non-empty string"),
 ])
@@ -601,3 +603,46 @@ def test_the_graders_cli_run_asks_the_judge_first_and_validate_stays_offline(tmp
     assert main(["run", "--grader", str(grader), "--samples", str(samples)]) == 2
     out, err = capsys.readouterr()
     assert out == "" and err.startswith(f"error: {grader}: ") and "cannot be reached" in err, err
+
+
+def test_a_rate_limit_is_retried_and_an_infinite_score_is_no_score(judge, monkeypatch):
+    """429 (rate limited) is retried as a busy endpoint is, not failed at once; a reply of `1e999` reads as inf,
+    which is no score (a grader error), not a score clipped to 1 (mutation review, session 46)."""
+    from reftjax.graders import judge as J
+
+    slept = []
+    monkeypatch.setattr(J, "time", type("T", (), {"sleep": staticmethod(slept.append)}))
+    calls = {"n": 0}
+
+    def reply(body):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            return 429, "rate limited"
+        return 200, {"big": "1e999", "neg": "-1e999"}.get(_user(body).split("A: ")[1], "7")
+
+    j = judge(reply)
+    g = build_grader(_score_cfg(j.url, range=[0, 10], max_concurrency=1))
+    ok, big, neg = g.grade_batch([{"q": "q"}] * 3, ["a", "big", "neg"])
+    assert (ok.score, ok.error) == (0.7, None) and slept == [0.5] and calls["n"] == 4
+    for grade in (big, neg):
+        assert grade.score == 0.0 and grade.details.get("grader_fault") and "no score" in grade.error
+
+
+def test_a_pass_threshold_at_the_top_of_the_range_is_accepted():
+    """score_model's pass_threshold is refused unless it says what this version does (the top of the range counts
+    as correct): at the top of a [0, 10] range it is 10, not 1."""
+    g = build_grader(_score_cfg("http://127.0.0.1:9/v1", range=[0, 10], pass_threshold=10))
+    assert g.range == (0.0, 10.0)
+    with pytest.raises(ConfigError, match=r"pass_threshold: 1 is not supported: .*top of the range \(10\)"):
+        build_grader(_score_cfg("http://127.0.0.1:9/v1", range=[0, 10], pass_threshold=1))
+
+
+def test_check_judges_hints_at_the_key_on_a_forbidden_endpoint():
+    class Forbid(_Quiet):
+        def do_GET(self):  # noqa: N802
+            self.send_response(403)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    with _serving(Forbid) as url, pytest.raises(ConfigError, match=r"HTTP 403 \(is \$JUDGE_KEY set\?\)"):
+        check_judges(build_grader(_score_cfg(url, api_key_env="JUDGE_KEY")))

@@ -570,6 +570,7 @@ _SIM = {"type": "text_similarity", "input": "{{sample.output_text}}", "reference
     ({"type": "python", "source": "def grade(s, i):\n    return 1", "range": [1, 0]},
      "grader.range: must be \\[low, high\\] with low < high, got \\[1, 0\\]"),
     ({**_SIM, "range": "0-1"}, "grader.range: must be \\[low, high\\]"),
+    ({**_SIM, "range": [0]}, "grader.range: must be \\[low, high\\] with low < high, got \\[0\\]"),
     ({**_SIM, "range": [0, 10]}, "grader.range: \\[0, 10\\] is not supported: the graders of this version score "
                                  "in \\[0, 1\\]"),
 ])
@@ -646,3 +647,129 @@ def test_cli_run_numbers_its_lines_needs_samples_and_names_a_grader_file_that_is
     assert main(["run", "--grader", str(grader), "--samples", str(samples)]) == 2
     out, err = capsys.readouterr()
     assert out == "" and err.startswith(f"error: {samples}:1: grader does not fit this item: gold answer 'abc'"), err
+
+
+def test_string_check_eq_and_ne_compare_the_texts_exactly():
+    """OpenAI's string_check: `eq` / `ne` compare the rendered input and reference exactly (case and whitespace
+    count; only `ilike` ignores case). No test had a near miss for `eq` but case, or any `ne` mismatch by case
+    alone (mutation review, session 46)."""
+    base = {"type": "string_check", "input": "{{sample.output_text}}", "reference": "{{item.answer}}"}
+    assert [_one({**base, "operation": "eq"}, t).score for t in ("Paris", "Paris ", " Paris", "Paris\n")] == \
+        [1.0, 0.0, 0.0, 0.0]
+    assert [_one({**base, "operation": "ne"}, t).score for t in ("Paris", "paris", "Paris ")] == [0.0, 1.0, 1.0]
+    assert _one({**base, "operation": "like"}, "Paris").score == 1.0  # the reference itself is a substring
+
+
+def test_the_whole_output_json_is_a_template_field():
+    """`{{sample.output_json}}` (the parsed completion, rendered as JSON text) is one of the documented fields."""
+    cfg = {"type": "string_check", "input": "{{sample.output_json}}", "reference": '{"city": "Paris"}',
+           "operation": "eq"}
+    assert _one(cfg, '{"city":"Paris"}').score == 1.0  # re-rendered by json.dumps: spaces normalised
+    assert _one(cfg, '{"city": "Rome"}').score == 0.0
+
+
+def test_text_similarity_of_unrelated_texts_is_zero_and_records_the_input():
+    """No word in common: BLEU and ROUGE are 0 (not a grader error: BLEU's unigram precision of 0 has no log), and
+    the answer recorded (what votes) is the completion, not the reference; rouge_3..rouge_5 are built and count
+    n-grams of that length (as `rouge-score` does: 3 of the 4 trigrams of 6 words match, F1 3/4; 1 of 2 5-grams)
+    (mutation review, session 46)."""
+    assert bleu("dogs bark", "the cat sat") == 0.0
+    item = {"answer": "a b c d e g"}
+    for metric, near in (("bleu", None), ("rouge_1", 5 / 6), ("rouge_3", 0.75), ("rouge_5", 0.5), ("rouge_l", 5 / 6),
+                         ("fuzzy_match", None)):
+        cfg = {"type": "text_similarity", "input": "{{sample.output_text}}", "reference": "{{item.answer}}",
+               "evaluation_metric": metric}
+        grade = _one(cfg, "zzz", item)
+        assert (grade.score, grade.error, grade.extracted) == (0.0, None, "zzz"), metric
+        assert _one(cfg, "a b c d e g", item).score == pytest.approx(1.0), metric
+        grade = _one(cfg, "a b c d e f", item)
+        assert grade.extracted == "a b c d e f" and 0 < grade.score < 1, metric
+        assert near is None or grade.score == pytest.approx(near), metric
+
+
+def test_multi_formulas_negate_and_refuse_booleans():
+    """A unary minus negates (`1 + -a` is 1 - a): read as `+`, it scored a right answer's penalty as a bonus.
+    `True` is no number of OpenAI's formula grammar (mutation review, session 46)."""
+    eq = {"type": "string_check", "input": "{{sample.output_text}}", "reference": "{{item.answer}}", "operation": "eq"}
+    g = build_grader({"type": "multi", "graders": {"a": eq}, "calculate_output": "1 + -a"})
+    assert [x.score for x in g.grade_batch([ITEM] * 2, ["Paris", "Rome"])] == [0.0, 1.0]
+    g = build_grader({"type": "multi", "graders": {"a": eq}, "calculate_output": "0.5 - -a / 2 + +0"})
+    assert [x.score for x in g.grade_batch([ITEM] * 2, ["Paris", "Rome"])] == [1.0, 0.5]
+    with pytest.raises(ConfigError, match="unsupported expression 'True'"):
+        build_grader({"type": "multi", "graders": {"a": eq}, "calculate_output": "a * True"})
+
+
+def test_a_formula_that_overflows_on_a_sample_is_a_grader_error_not_a_crash():
+    """exp(1000) raises OverflowError (an ArithmeticError, not a ZeroDivisionError): that sample scores 0 as the
+    grader's error and the rest of the batch is graded."""
+    eq = {"type": "string_check", "input": "{{sample.output_text}}", "reference": "{{item.answer}}", "operation": "eq"}
+    g = build_grader({"type": "multi", "graders": {"a": eq}, "calculate_output": "exp(1000 * a) / 2"})
+    hit, miss = g.grade_batch([ITEM] * 2, ["Paris", "Rome"])
+    assert hit.score == 0.0 and is_fault(hit) and "calculate_output: OverflowError" in hit.error
+    assert miss.score == 0.5 and miss.error is None
+
+
+def test_a_multi_grade_is_the_grader_s_fault_when_any_failed_part_is():
+    """One part unanswered (the completion is not the JSON it reads) and another failing on the config (an item
+    field the data lacks): the sample is the grader's error, not the model's unanswered sample."""
+    eq = {"type": "string_check", "input": "{{sample.output_json.city}}", "reference": "{{item.answer}}",
+          "operation": "eq"}
+    broken = {**eq, "input": "{{sample.output_text}}", "reference": "{{item.nope}}"}
+    g = build_grader({"type": "multi", "graders": {"a": eq, "b": broken}, "calculate_output": "a * b"})
+    (grade,) = g.grade_batch([ITEM], ["not json"])
+    assert grade.score == 0.0 and is_fault(grade) and grade.error.startswith("a: ") and "; b: " in grade.error
+    only_model = build_grader({"type": "multi", "graders": {"a": eq}, "calculate_output": "a"})
+    assert not is_fault(only_model.grade_batch([ITEM], ["not json"])[0])
+
+
+def test_formula_reach_skips_complex_values_and_draws_corners_for_many_graders():
+    """A formula that is complex at some sub-scores ((a - 0.5) ** 0.5 at a < 0.5) is checked where it is real, not
+    crashed on; with more than 12 graders, corners are drawn at random besides all zeros, all ones and each grader
+    alone: a formula that leaves [0, 1] only where two graders are 1 and two others 0 is caught there."""
+    from reftjax.graders.build import reach_warnings
+
+    eq = {"type": "string_check", "input": "{{sample.output_text}}", "reference": "{{item.answer}}", "operation": "eq"}
+    assert reach_warnings(build_grader({"type": "multi", "graders": {"a": eq},
+                                        "calculate_output": "(a - 0.5) ** 0.5"})) == []
+    names = [f"g{i}" for i in range(13)]
+    formula = "2 * g0 * g1 * (1 - g2) * (1 - g3)"
+    (w,) = reach_warnings(build_grader({"type": "multi", "graders": dict.fromkeys(names, eq),
+                                        "calculate_output": formula}))
+    assert "reaches 2 (at g0=1, g1=1, g2=0, g3=0," in w, w
+
+
+def test_math_equiv_answer_whose_evaluation_crashed_is_the_completions_zero():
+    """A math_equiv job that ran out of memory (status `crashed`) is the completion's expression's doing, as a
+    timeout is; a sandbox failure stays the grader's."""
+    from reftjax.graders.sandbox import SandboxResult
+
+    class Pool:
+        def run(self, jobs):
+            return [SandboxResult("crashed", error="MemoryError"), SandboxResult("timeout", error="1 s"),
+                    SandboxResult("sandbox_failure", error="hung")][:len(jobs)]
+
+    g = build_grader({"type": "math_equiv", "input": "{{sample.output_text}}", "reference": "{{item.x}}"},
+                     pool=Pool())
+    crashed, slow, broken = g.grade_batch([{"x": "3"}] * 3, ["9**9**9", "factorial(10**9)", "3"])
+    assert [(x.score, is_fault(x)) for x in (crashed, slow, broken)] == [(0.0, False), (0.0, False), (0.0, True)]
+    assert "could not be evaluated: crashed: MemoryError" in crashed.error
+
+
+def test_an_empty_answer_does_not_vote():
+    """A string_check on an empty completion records "" as its answer: no answer, so three empty replies do not
+    outvote one right one (`has_answer`)."""
+    from reftjax.evaluate import majority_correct
+
+    eq = {"type": "string_check", "input": "{{sample.output_text}}", "reference": "{{item.answer}}", "operation": "eq"}
+    grades = build_grader(eq).grade_batch([ITEM] * 4, ["", "", "", "Paris"])
+    assert [g.score for g in grades] == [0.0, 0.0, 0.0, 1.0] and majority_correct(grades)
+
+
+def test_gsm8k_defaults_give_way_to_the_config_and_a_sample_item_s_bad_gold_is_a_config_error():
+    """`gsm8k` is `reft` with `extract: gsm8k` and `answer_field: answer` by default: a config's own answer_field
+    wins. A sample item whose gold is not a number (ValueError, not KeyError) is refused as a ConfigError."""
+    g = build_grader({"type": "gsm8k", "answer_field": "answer_value"})
+    assert (g.extract, g.answer_field) == ("gsm8k", "answer_value")
+    assert g.grade_batch([{"answer_value": "7"}], ["so 3 + 4\n#### 7"])[0].score == 1.0
+    with pytest.raises(ConfigError, match="grader does not fit the sample item: gold answer 'three'"):
+        validate_grader({"type": "reft"}, {"answer_value": "three"})

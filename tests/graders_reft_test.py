@@ -203,3 +203,44 @@ def test_a_reft_grader_built_directly_refuses_fields_of_the_wrong_type():
                             ({"partial_reward": "0.1"}, r"partial_reward must be a number in \[0, 1\).*got '0.1'")):
         with pytest.raises(ValueError, match=message):
             ReftGrader(**kwargs)
+
+
+def test_the_tolerance_is_inclusive_and_gold_commas_are_read_when_validating():
+    """The authors' numeric check is `abs(pred - gold) <= 1e-2`: 0.01 against a gold of 0 (exact in floating point)
+    is right; a gold with thousands commas is a number to `validate` as it is to grading (mutation review, s46)."""
+    g = ReftGrader()
+    assert [g.grade({"answer_value": "0"}, f"x\nTherefore, the answer is: {v}").score
+            for v in ("0.01", "-0.01", "0.0101")] == [1.0, 1.0, 0.1]
+    g.validate({"answer_value": "1,000"})
+    assert g.grade({"answer_value": "1,000"}, "x\nTherefore, the answer is: 1000 \n").extracted == "1000"
+
+
+def test_mathqa_options_and_the_last_number_fallback():
+    """MathQA answers are option letters: a longer text is extracted (0.1, as the authors reward it) but is no
+    answer that votes; the last-number fallback is for numeric answers only (it read "5" out of a MathQA reply whose
+    option "c" was right)."""
+    mathqa = ReftGrader(answer_type="mathqa", fallback="last_number")
+    right = mathqa.grade({"answer_value": "C"}, "5 apples\nTherefore, the answer is: c")
+    assert (right.score, right.extracted, right.error) == (1.0, "c", None)
+    wordy = mathqa.grade({"answer_value": "C"}, "5 apples\nTherefore, the answer is: abc")
+    assert wordy.score == 0.1 and wordy.error == "not an option letter: 'abc'"
+    assert mathqa.grade({"answer_value": "C"}, "x\nTherefore, the answer is: d").error is None
+
+
+def test_gsm8k_rule_edge_cases():
+    """Thousands groups of any length, a normalised `-3.0` and `$ 5`, a zero denominator (not a number, the
+    completion's 0, not a grader error), and the number on the last marker's line only (a `#### Conclusion`
+    heading with no number has no answer, though the next line has one)."""
+    from reftjax.graders.base import is_fault
+
+    assert extract_gsm8k("#### 1,234,567") == "1234567" and extract_last_number("so 1,234,567 apples") == "1234567"
+    assert extract_gsm8k("#### -3.0") == "-3" and extract_gsm8k("#### $ 5") == "5"
+    assert extract_gsm8k("#### 3/0") == "3/0"
+    grade = ReftGrader(extract="gsm8k").grade({"answer_value": "3"}, "#### 3/0")
+    assert grade.score == 0.0 and not is_fault(grade) and "not a number" in grade.error
+    assert extract_gsm8k("Tom has 3 apples.\n#### Conclusion\nHe has 7 apples.") is None
+
+
+def test_a_blank_line_of_spaces_ends_the_program_as_the_authors_process_it():
+    code = "def solution():\n    x = 1\n    \n    return 2"
+    assert process_code(code) == "import math\nimport sympy\ndef solution():\n    x = 1"
