@@ -60,6 +60,18 @@ def test_bad_decode_segments_are_rejected(k):
         EvalConfig(max_new_tokens=12, decode_segments=k)
 
 
+def test_voting_settings_take_their_bounds():
+    """voting_rows may be exactly one prompt's k samples (below it is refused); voting_tol is in [0, 1)."""
+    assert EvalConfig(voting_k=4, voting_rows=4).voting_rows == 4
+    assert EvalConfig(voting_k=4, voting_rows=0).voting_rows == 0  # (the whole batch at once)
+    with pytest.raises(ValueError, match="eval.voting_rows=3 is below eval.voting_k=4"):
+        EvalConfig(voting_k=4, voting_rows=3)
+    assert EvalConfig(voting_tol=0.0).voting_tol == 0.0 and EvalConfig(voting_tol=0.99).voting_tol == 0.99
+    for tol in (1.0, -0.01):
+        with pytest.raises(ValueError, match="eval.voting_tol must be in"):
+            EvalConfig(voting_tol=tol)
+
+
 def test_a_grader_that_cannot_read_the_items_fails_before_any_rollout(tiny_hf_dir, monkeypatch):
     # `type: gsm8k` reads `answer` by default; the built-in items carry `answer_value`: it used to grade every row 0
     import reftjax.evaluate as ev
@@ -178,6 +190,18 @@ def test_voting_samples_the_grader_failed_on_are_counted_and_all_of_them_stop_th
     res = run(DownAfter(score_only, 2))
     assert res["voting_accuracy"] is None and res["voting_grader_errors"] == 6 and "voting_grader_failure" not in res
     T.check_evaluation("test_sft", res)
+    # ... unless a verifier draws rerank@k from them (a stand-in's scores: rerank@k is 0 whatever they are)
+    import numpy as np
+
+    import reftjax.evaluate as ev
+
+    monkeypatch.setattr(ev, "verifier_scores", lambda verifier, prompts, mask, tokens, *a, **k: np.zeros(len(tokens)))
+    res = evaluate(model.params, model.config, model.tokenizer, data.test_ds, data.test_items,
+                   DownAfter(score_only, 2), EvalConfig(batch_size=2, max_new_tokens=4, voting_k=3),
+                   eos_ids=tuple(model.config.eos_token_ids), pad_id=model.tokenizer.pad_token_id, verifier="verifier")
+    assert res["voting_accuracy"] is None and res["rerank_accuracy"] == 0.0 and res["voting_grader_errors"] == 6
+    with pytest.raises(T.GraderFailure, match="the grader failed on all 6 voting samples"):
+        T.check_evaluation("test_sft", res)
 
 
 def test_voting_rollouts_are_split_to_bound_their_rows(tiny_hf_dir, shared_data, monkeypatch):
@@ -211,3 +235,40 @@ def test_voting_rollouts_are_split_to_bound_their_rows(tiny_hf_dir, shared_data,
     assert res["n"] == 6 and len(res["samples"]) == 6 and "voting_accuracy" in res
     with pytest.raises(ValueError, match="voting_temperature must be > 0"):
         EvalConfig(voting_k=4, voting_temperature=0.0)
+
+
+def test_rerank_figures_are_drawn_from_each_prompts_own_samples(tiny_hf_dir, shared_data, monkeypatch):
+    """voting@k, rerank@k, verifier-weighted voting and the upper bound (some sample right) over the same voting
+    samples, each prompt's k alone: scripted grades and verifier scores give figures worked out by hand."""
+    import numpy as np
+
+    import reftjax.evaluate as ev
+    from reftjax.graders.base import Grade
+    from reftjax.hf import load_model
+    from reftjax.train import prepare_data
+
+    monkeypatch.setenv("REFTJAX_GSM8K_DIR", str(shared_data / "gsm8k"))
+    cfg = ExperimentConfig()
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, n_train=4, n_val=4, n_test=2))
+    model = load_model(tiny_hf_dir)
+    data = prepare_data(cfg, model.tokenizer)
+
+    class Scripted:
+        """Greedy answers wrong; prompt 0's samples 7, 7 and a right 42, prompt 1's 7, 8, 9 (all wrong)."""
+
+        def validate(self, item):
+            pass
+
+        def grade_batch(self, items, texts):
+            if len(texts) == 2:
+                return [Grade(0.0, extracted="1")] * 2
+            return [Grade(float(a == "42"), extracted=a) for a in ("7", "7", "42", "7", "8", "9")]
+
+    scores = np.array([0.1, 0.1, 0.9, 0.9, 0.1, 0.1])  # the verifier favours 42 for prompt 0, 7 for prompt 1
+    monkeypatch.setattr(ev, "verifier_scores", lambda verifier, prompts, mask, tokens, *a, **k: scores[:len(tokens)])
+    res = ev.evaluate(model.params, model.config, model.tokenizer, data.test_ds, data.test_items, Scripted(),
+                      EvalConfig(batch_size=2, max_new_tokens=4, voting_k=3), pad_id=model.tokenizer.pad_token_id,
+                      verifier="verifier")
+    assert (res["accuracy"], res["voting_accuracy"], res["rerank_accuracy"], res["weighted_voting_accuracy"],
+            res["upper_bound_accuracy"]) == (0.0, 0.0, 0.5, 0.5, 0.5)
+    assert [s["voting_correct"] for s in res["samples"]] == [False, False]

@@ -252,3 +252,25 @@ def test_read_metrics_skips_a_line_cut_by_a_crash_and_reads_on(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"phase": "sft", "step": 1}\n{"phase": "sft", "st\n'
                                             '{"phase": "sft", "step": 2}\n')
     assert read_metrics(tmp_path) == [{"phase": "sft", "step": 1}, {"phase": "sft", "step": 2}]
+
+
+def test_non_finite_figures_are_logged_as_null_and_non_scalars_left_out(tmp_path):
+    """A NaN or infinite figure (a diverged loss) is written as JSON null: `NaN` / `Infinity` are not JSON, and a
+    strict reader of metrics.jsonl (jq, JavaScript) fails on the whole line."""
+    import json
+
+    import numpy as np
+
+    from reftjax.metrics import MetricsLogger
+
+    logger = MetricsLogger(tmp_path, tensorboard=False, enabled=True)
+    row = logger.log("rl", 1, {"kl": float("nan"), "loss": np.float32("inf"), "reward": 0.5, "hist": np.zeros(3)})
+    logger.close()
+    assert row == {"kl": None, "loss": None, "reward": 0.5}
+
+    def strict(token):
+        raise ValueError(token)
+
+    line = json.loads((tmp_path / "metrics.jsonl").read_text(), parse_constant=strict)
+    assert {k: line[k] for k in ("phase", "step", "kl", "loss", "reward")} == \
+        {"phase": "rl", "step": 1, "kl": None, "loss": None, "reward": 0.5} and "hist" not in line

@@ -180,9 +180,10 @@ def test_no_after_reft_row_without_rl_iterations(tmp_path):
     from reftjax.report import write_summary
 
     cfg = dataclasses.replace(ExperimentConfig(), rl=RLConfig(iterations=0), eval=EvalConfig(voting_k=0))
-    write_summary(tmp_path, cfg, {k: v for k, v in _evals(False, True).items() if k != "test_reft"}, 1.0)
+    summary = write_summary(tmp_path, cfg, {k: v for k, v in _evals(False, True).items() if k != "test_reft"}, 1.0)
     md = (tmp_path / "summary.md").read_text()
     assert "| after SFT warm-up | 12.5 | - |" in md and "after ReFT" not in md
+    assert summary["test_n"] == 8 and "n = 8." in md  # (the test size: test_sft's, there without an after-ReFT test)
 
 
 def test_wall_time_adds_up_every_invocation_of_a_resumed_run(tmp_path):

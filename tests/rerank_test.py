@@ -313,6 +313,9 @@ def test_numeric_votes_are_by_value_and_within_a_tolerance_when_asked():
     assert majority_correct([g(1.0, "42.005"), g(0.1, "5"), g(1.0, "42"), g(0.1, "5")]) is False
     assert majority_correct([g(1.0, "42.005"), g(0.1, "5"), g(1.0, "42"), g(0.1, "5")], tol=1e-2) is True
     assert majority_correct([g(0.1, "nan")] * 3 + [g(1.0, "42")] * 2) is True
+    assert majority_correct([g(0.1, "nan"), g(1.0, "42")]) is True  # a NaN seen first does not win the tie
+    # a value exactly `tol` from an earlier one votes with it ("within"): 2 and 2.5 (2 votes) tie 7, seen first
+    assert majority_correct([g(1.0, "2"), g(0.1, "7"), g(0.1, "7"), g(1.0, "2.5")], tol=0.5) is True
     assert majority_correct([g(0.1, "inf")] * 3 + [g(1.0, "42")] * 2) is False
     # inside the winning group, equal votes: the value seen first decides (a mutant taking the last passed; mutation
     # review, session 44)

@@ -511,6 +511,30 @@ def test_a_copied_evaluation_is_recorded_once_with_its_samples_and_rerank_figure
     assert (samples / "val_copy.jsonl").read_text() == "" and evals["val_copy"]["same_as"] == "val_sft"
 
 
+def test_a_recorded_evaluation_without_rerank_figures_is_redone_for_a_verifier(tmp_path, monkeypatch):
+    """`_eval_once` reuses an evaluation evals.json holds, but not for a verifier when the entry lacks rerank@k's
+    figures (its reuse would report no rerank@k): it is evaluated again, with the verifier, and recorded."""
+    import types
+
+    from reftjax import train as T
+    from reftjax.config import ExperimentConfig
+    from reftjax.metrics import MetricsLogger
+
+    T._write_json(tmp_path / "evals.json", {"test_sft": {"accuracy": 0.25, "n": 4}})
+    seen = []
+    monkeypatch.setattr(T, "evaluate", lambda *a, verifier=None, **k: seen.append(verifier) or {
+        "accuracy": 0.25, "n": 4, "rerank_accuracy": 0.5, "samples": []})
+    model = types.SimpleNamespace(config=types.SimpleNamespace(eos_token_ids=(2,)),
+                                  tokenizer=types.SimpleNamespace(pad_token_id=0, eos_token_id=2))
+    logger = MetricsLogger(tmp_path, tensorboard=False, enabled=True)
+    once = lambda verifier: T._eval_once("test_sft", tmp_path, logger, None, model, None, [], None,  # noqa: E731
+                                         ExperimentConfig(), None, 0, voting=True, verifier=verifier)
+    assert once(None) == {"accuracy": 0.25, "n": 4} and seen == []  # recorded: reused
+    assert once("verifier")["rerank_accuracy"] == 0.5 and seen == ["verifier"]
+    assert once("verifier")["rerank_accuracy"] == 0.5 and seen == ["verifier"]  # now with them: reused
+    logger.close()
+
+
 def test_a_run_begun_before_a_new_setting_resumes_under_the_same_command(tmp_path, caplog):
     """rl.best_includes_warmup (default true) changes what a run begun before it did, so train.run refuses it there
     as a changed setting: the same command takes the earlier value (train._EARLIER) for a setting its config.json
@@ -549,6 +573,17 @@ def test_a_run_begun_before_a_new_setting_resumes_under_the_same_command(tmp_pat
         assert resumed.rl.best_includes_warmup is True
         T._check_same_run(out / "config.json", to_dict(resumed))
         began["rl"].update(eval_every=fresh.rl.eval_every, iterations=fresh.rl.iterations)
+    began["checkpoint"]["keep_best"] = 0  # no best kept: no effect either
+    (out / "config.json").write_text(json.dumps(began))
+    warm = to_dict(kept)
+    warm["rl"]["best_includes_warmup"], warm["checkpoint"]["keep_best"] = True, 0
+    T._check_same_run(out / "config.json", warm)
+    del began["checkpoint"]["keep_best"]  # a run from before keep_best, which kept one best: the effect is there
+    (out / "config.json").write_text(json.dumps(began))
+    assert resolve().rl.best_includes_warmup is False
+    warm["checkpoint"]["keep_best"] = 1
+    with pytest.raises(T.RunDirError, match=r"\(rl.best_includes_warmup: <unset, i.e. false> -> true\)"):
+        T._check_same_run(out / "config.json", warm)
     (out / "config.json").write_text("[]")  # not a config: train.run's check reports it
     assert resolve() == fresh
 
@@ -1182,13 +1217,15 @@ def test_sft_step_time_is_one_step_not_two(tmp_path, monkeypatch):
                               checkpoint=dataclasses.replace(cfg.checkpoint, save_every=3))
     logger = MetricsLogger(tmp_path, tensorboard=False, enabled=True)
     model = types.SimpleNamespace(params={"w": np.zeros(3)}, config=types.SimpleNamespace(
-        flops_per_token=lambda *a, **k: 1.0, dtype="float32"))
+        flops_per_token=lambda context, **k: float(context), dtype="float32"))  # (FLOPs per token: its context)
     T.run_sft(cfg, model, types.SimpleNamespace(train_ds=None), None, tmp_path, logger, T._Interrupt(), False)
     logger.close()
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(7))
     np.testing.assert_allclose([4 * 48 / r["tokens_per_s"] for r in rows], 1.0, atol=0.03)  # real tokens
     np.testing.assert_allclose([4 * 64 / r["padded_tokens_per_s"] for r in rows], 1.0, atol=0.03)
+    # MFU: a forward and a backward (3x the forward's FLOPs, at the mean context of 64 positions: 32) per real token
+    np.testing.assert_allclose([r["mfu"] * 1e12 / (3 * 32 * r["tokens_per_s"]) for r in rows], 1.0, rtol=1e-6)
     # the step before a new bucket's compiling call: its time took in that compile, rates ~30x low (review, s29)
     assert [r["compile_seconds"] for r in rows] == [30.0, 0.0, 0.0, 0.0, 30.0, 0.0, 0.0]
     # Ctrl-C with save_every=1 (helper review): the stop check came after `done % save_every == 0 or ...` in an
@@ -1415,6 +1452,39 @@ def test_the_logged_learning_rate_follows_the_updates_applied_not_those_skipped(
     assert got == pytest.approx(want, rel=1e-6) and got[0] != pytest.approx(counted[0])
 
 
+def test_the_rl_rates_count_the_rows_generated_and_leave_the_compilation_out(tmp_path, monkeypatch):
+    """Each RL row's generated_tokens_per_s and mfu are over the iteration's time less its compilation
+    (`compile_seconds`), the tokens over every rollout row (mean length x rows), the FLOPs of
+    `rl_iteration_flops` called with the iteration's samples per prompt, prompts shared per group only with
+    share_prompt, and the reference pass only with a KL term. Fake clocks: every reading 1 s later, the compiler
+    busy 0.25 s per iteration; fake rollouts of 2 rows x 4 slots, 4 tokens each."""
+    import itertools
+    import types
+
+    from reftjax import train as T
+    from reftjax.config import replace_paths
+    from reftjax.metrics import read_metrics
+
+    h = _fake_rl(monkeypatch)
+    clock, busy, calls = itertools.count(0.0, 1.0), itertools.count(0.0, 0.25), []
+    monkeypatch.setattr(T, "time", types.SimpleNamespace(perf_counter=lambda: next(clock), time=lambda: 0.0))
+    monkeypatch.setattr(T, "xla_cache", types.SimpleNamespace(busy_seconds=lambda: next(busy)))
+    monkeypatch.setattr(T, "rl_iteration_flops", lambda *a, **k: calls.append((a[3:], k)) or 6e12)
+    grpo = {"rl.ppo.algo": "grpo", "rl.ppo.group_size": 3, "rl.ppo.minibatch_size": 6, "rl.ppo.share_prompt": True,
+            "rl.ppo.kl_coef": 0.0}
+    for shared, settings in ((True, grpo), (False, {"rl.sampling.n": 3})):
+        cfg = replace_paths(h.cfg, {"rl.iterations": 2, **settings})
+        h.run(cfg, tmp_path / str(shared))
+        rows = [r for r in read_metrics(tmp_path / str(shared)) if r["phase"] == "rl"]
+        assert len(rows) == 2 and all(r["compile_seconds"] == 0.25 and r["seconds"] >= 3.0 for r in rows)
+        run_s = [r["seconds"] - r["compile_seconds"] for r in rows]
+        assert [r["generated_tokens_per_s"] for r in rows] == pytest.approx([4.0 * 2 / s for s in run_s])
+        assert [r["mfu"] for r in rows] == pytest.approx([6e12 / s / 1e12 for s in run_s])  # (the fake peak: 1e12)
+    ppo = h.cfg.rl.ppo
+    assert calls == [((3, 3, False, ppo.ppo_epochs), {"reference": False, "separate_critic": False})] * 2 + \
+        [((3, 1, False, ppo.ppo_epochs), {"reference": True, "separate_critic": False})] * 2
+
+
 def test_the_loop_tells_the_experience_step_its_samples_per_prompt(tmp_path, monkeypatch):
     """PPO sampling several completions per prompt without share_prompt logged no `frac_reward_zero_std`: the
     experience step knew no groups (session 37's Known limits). The loop passes the rollout's n (GRPO: group_size)."""
@@ -1542,6 +1612,23 @@ def test_the_warm_up_competes_for_the_best_checkpoint(tmp_path, monkeypatch):
     h.restored, h.best_read = None, ("best", 5)  # (the manager's best step: iteration 5's, above the warm-up)
     assert run(replace_paths(every2, {"rl.iterations": 5}), [0.25, 0.125, 0.5], "odd", warmup_val=0.3) == \
         ("best", 5, 5, 1) and h.reads == [0.3]
+
+
+def test_rl_selects_its_best_on_the_selection_metric(tmp_path, monkeypatch):
+    """A partial-credit grader's best checkpoint (and early stopping's count) follow the validation mean score
+    (`selection_metric`), not the accuracy (scores of 1), which sits at 0 there: iteration 2's 0.6 beats the warm-up's
+    0.5 and is the best; iteration 4's 0.4 does not."""
+    from reftjax import train as T
+    from reftjax.config import replace_paths
+
+    h = _fake_rl(monkeypatch)
+    sim = (("type", "text_similarity"), ("name", "s"), ("input", "{{sample.output_text}}"),
+           ("reference", "{{item.answer_value}}"), ("evaluation_metric", "fuzzy_match"))
+    cfg = dataclasses.replace(replace_paths(h.cfg, {"rl.eval_every": 2}), grader=sim)
+    scores = iter([0.6, 0.4])
+    monkeypatch.setattr(T, "evaluate", lambda *a, **k: {"accuracy": 0.0, "mean_score": next(scores)})
+    got = h.run(cfg, tmp_path / "run", warmup_val=0.5)
+    assert (got[1], got[2], got[4], h.reads) == ("best", 4, 2, [0.5])
 
 
 def test_a_second_run_on_a_directory_in_use_is_refused_and_a_killed_run_leaves_no_claim(tmp_path):
@@ -2148,6 +2235,58 @@ def test_the_loaded_weights_and_the_reference_are_let_go_before_the_final_test(t
     assert alive["test_reft"] == {"loaded": 0, "reference": 0}
     if sft == "resumed_after_warm_up":  # the loaded weights were gone before RL began
         assert alive["test_sft"]["loaded"] == 0
+
+
+def test_the_best_policy_is_tested_after_reft_and_exported_beside_the_final_one(tiny_hf_dir, tmp_path, shared_data,
+                                                                                monkeypatch):
+    """After RL, test_reft evaluates the best policy (RL's pick on validation), and hf/best and hf/final hold the
+    best and the final policies; RL is handed the warm-up's validation figure that selects as the bar to beat (a
+    partial-credit grader's: the mean score). Phases faked (RL:
+    final = reference + 1, best = reference + 2 at iteration 2); the real pipeline around them."""
+    import jax
+
+    from reftjax import train as T
+    from reftjax.config import from_dict, to_dict
+
+    from experiments.gsm8k_reft import preset_config
+
+    d = to_dict(preset_config("cpu", str(tiny_hf_dir)))
+    for path, value in {**TINY_SETS, "rl.iterations": 2, "export_hf": True, "sft.epochs": 1, "eval.batch_size": 8,
+                        "rl.prompts_per_iteration": 8, "sft.batch_size": 8, "eval_before_sft": True}.items():
+        node = d
+        *head, last = path.split(".")
+        for k in head:
+            node = node[k]
+        node[last] = value
+    d["grader"] = {"type": "text_similarity", "name": "s", "input": "{{sample.output_text}}",
+                   "reference": "{{item.answer_value}}", "evaluation_metric": "fuzzy_match"}  # (selects on mean_score)
+    cfg = from_dict(d)
+    got = {}
+
+    def run_rl(cfg, model, ref_params, *a, warmup_val=None, **k):
+        got["warmup_val"] = warmup_val
+        got["final"], got["best"] = (jax.tree.map(lambda x, i=i: x + i, ref_params) for i in (1, 2))
+        return got["final"], got["best"], 2, True, 2
+
+    def eval_once(name, out, logger, params, model, ds, items, *a, **k):
+        got[name], got[f"{name} items"] = params, items
+        return {"accuracy": 0.25, "mean_score": 0.75, "n": 4}
+
+    def save_hf(path, params, *a, **k):
+        got[f"hf/{path.name}"] = params
+
+    monkeypatch.setattr(T, "run_sft", lambda cfg, model, *a: (model.params, 1))
+    monkeypatch.setattr(T, "run_rl", run_rl)
+    monkeypatch.setattr(T, "_eval_once", eval_once)
+    monkeypatch.setattr(T, "save_hf", save_hf)
+    T.run(cfg, tmp_path / "run", progress=False)
+    assert got["warmup_val"] == 0.75 and got["test_reft"] is got["best"]  # (val_sft's mean score)
+    for name in ("final", "best"):
+        for exported, want in zip(jax.tree.leaves(got[f"hf/{name}"]), jax.tree.leaves(got[name])):
+            np.testing.assert_array_equal(np.asarray(exported), np.asarray(want))
+    # before and after the warm-up on the test split, the warm-up on the validation split
+    assert got["test_base items"] is got["test_sft items"] is got["test_reft items"]
+    assert got["val_sft items"] is not got["test_sft items"] and len(got["val_sft items"]) == cfg.data.n_val
 
 
 def test_a_resume_restores_without_a_second_fresh_state_and_lets_the_loaded_weights_go(tiny_hf_dir, tmp_path,
