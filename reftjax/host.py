@@ -168,17 +168,23 @@ _ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni"
 
 def parse_cpuinfo(text: str) -> dict:
     """The first processor block of a Linux `/proc/cpuinfo`: model name, vendor, family/model and the
-    vector-ISA flags that change XLA:CPU's and torch's kernels (x86 `flags` / Arm `Features`)."""
+    vector-ISA flags that change XLA:CPU's and torch's kernels (x86 `flags` / Arm `Features`); on an Arm board
+    without a model name, the board's `Model`, which a Raspberry Pi writes in a last block of its own (read from the
+    first block alone, a Pi was named by its CPU part, `0xd08`; mutation review, session 46)."""
     fields: dict[str, str] = {}
+    board = None  # (the board's Model, from a later block)
+    first_done = False
     for line in text.splitlines():
         if not line.strip():
-            if fields:
-                break
+            first_done = first_done or bool(fields)
             continue
         key, _, value = line.partition(":")
-        fields.setdefault(key.strip(), value.strip())
+        if not first_done:
+            fields.setdefault(key.strip(), value.strip())
+        elif key.strip() == "Model" and board is None:
+            board = value.strip()
     flags = set((fields.get("flags") or fields.get("Features") or "").split())
-    return {"model_name": fields.get("model name") or fields.get("Model") or fields.get("CPU part") or "",
+    return {"model_name": fields.get("model name") or fields.get("Model") or board or fields.get("CPU part") or "",
             "vendor": fields.get("vendor_id") or fields.get("CPU implementer") or "",
             "family_model": f"{fields.get('cpu family', '?')}/{fields.get('model', '?')}",
             "isa": [f for f in _ISA_FLAGS if f in flags]}

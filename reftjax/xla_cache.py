@@ -20,7 +20,9 @@ cache lives under it), so the same programs under another path are misses.
 
 The cache key covers the program, the devices, the XLA flags and the jax/jaxlib
 versions, so a stale entry is never served to a different setup. `enable` also removes
-entries a killed process left half-written (`drop_unfinished_entries`). With the cap on,
+entries a killed process left half-written (`drop_unfinished_entries`) from a capped cache
+(the default; an uncapped one has no access-time files to tell finished entries by, so
+each start would decompress every entry: it is left as it is). With the cap on,
 JAX's eviction expects every entry to have its access-time file, so do not share the
 directory with JAX processes that run uncapped. JAX only writes
 programs that took at least `jax_persistent_cache_min_compile_time_secs` (1 s by

@@ -186,3 +186,118 @@ def test_use_core_devices_gives_xlas_pool_sixteen_threads_a_device():
     assert (out["nproc"], out["pool"], out["threads"]) == (None, 3, 2)
     out = _run(["-c", _POOL, "1"], {"XLA_FLAGS": ""}, drop)  # one device: nothing set
     assert (out["devices"], out["nproc"]) == (1, None)
+
+
+def _possible(tmp_path, monkeypatch, enabled="always [madvise] never\n", libc=("glibc", "2.35"), system="Linux"):
+    """`_hugepages_possible` on a host described by the arguments (the THP setting is a file under tmp_path)."""
+    for name in ("GLIBC_TUNABLES", "REFTJAX_HOST_ALLOCATOR", "REFTJAX_HOST_REEXEC"):
+        monkeypatch.delenv(name, raising=False)
+    thp = tmp_path / "thp_enabled"
+    if enabled is None:
+        thp.unlink(missing_ok=True)
+    else:
+        thp.write_text(enabled)
+    monkeypatch.setattr(host, "_THP_ENABLED", str(thp))
+    monkeypatch.setattr(host.platform, "libc_ver", lambda: libc)
+    monkeypatch.setattr(host.platform, "system", lambda: system)
+    return host._hugepages_possible()
+
+
+def test_hugepages_need_linux_glibc_2_35_and_transparent_huge_pages(tmp_path, monkeypatch):
+    assert _possible(tmp_path, monkeypatch)  # the oldest glibc with the tunable
+    assert _possible(tmp_path, monkeypatch, libc=("glibc", "3.0"))
+    assert _possible(tmp_path, monkeypatch, enabled="[always] madvise never\n")
+    assert not _possible(tmp_path, monkeypatch, libc=("glibc", "2.34"))
+    assert not _possible(tmp_path, monkeypatch, libc=("glibc", "2.x"))  # a version it cannot read
+    assert not _possible(tmp_path, monkeypatch, libc=("", ""))  # musl, or a static build
+    assert not _possible(tmp_path, monkeypatch, system="Darwin")
+    assert not _possible(tmp_path, monkeypatch, enabled="always madvise [never]\n")
+    assert not _possible(tmp_path, monkeypatch, enabled=None)  # no THP in this kernel
+    assert _possible(tmp_path, monkeypatch)
+    monkeypatch.setenv("REFTJAX_HOST_ALLOCATOR", "system")
+    assert not host._hugepages_possible()
+    monkeypatch.setenv("REFTJAX_HOST_ALLOCATOR", "hugepages")
+    assert host._hugepages_possible()
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=0")  # the user's own setting stands
+    assert not host._hugepages_possible()
+
+
+def test_host_allocator_mode_reads_the_tunable(monkeypatch):
+    for value, mode in [("", "system"), ("glibc.malloc.hugetlb=0", "system"), ("glibc.malloc.hugetlb=1", "hugepages"),
+                        ("glibc.malloc.check=0:glibc.malloc.hugetlb=2", "hugepages")]:  # 2: also MAP_HUGETLB
+        monkeypatch.setenv("GLIBC_TUNABLES", value)
+        assert host.host_allocator_mode() == mode, value
+
+
+def test_use_hugepage_malloc_reexecutes_the_command_line_once(tmp_path, monkeypatch):
+    """In-process, `os.execve` recorded: the same interpreter and arguments, the tunable alone in a fresh
+    GLIBC_TUNABLES, and the marker that stops a second re-execution."""
+    assert _possible(tmp_path, monkeypatch)
+    calls = []
+
+    def execve(path, argv, env):
+        calls.append((path, argv, env))
+        raise SystemExit("re-executed")  # execve does not return
+
+    monkeypatch.setattr(host.os, "execve", execve)
+    monkeypatch.setattr(sys, "argv", ["/src/experiments/gsm8k_reft.py", "--steps", "3"])
+    monkeypatch.setattr(sys, "orig_argv", [sys.executable, "-u", "-m", "experiments.gsm8k_reft", "--steps", "3"])
+    with pytest.raises(SystemExit, match="re-executed"):
+        host.use_hugepage_malloc()
+    [(path, argv, env)] = calls
+    assert path == sys.executable and argv == sys.orig_argv
+    assert env["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1" and env["REFTJAX_HOST_REEXEC"] == "1"
+    monkeypatch.setenv("REFTJAX_HOST_REEXEC", "1")  # the re-executed process, had glibc dropped the tunable
+    assert host.use_hugepage_malloc() == "system" and len(calls) == 1
+
+
+def test_xla_cpu_threads_reads_pjrt_nproc_then_nproc_then_the_affinity(monkeypatch):
+    monkeypatch.setattr(host.os, "sched_getaffinity", lambda pid: {0, 3, 5}, raising=False)
+    monkeypatch.setattr(host.os, "cpu_count", lambda: 64)
+    monkeypatch.delenv("PJRT_NPROC", raising=False)
+    monkeypatch.delenv("NPROC", raising=False)
+    assert host.cores() == host.xla_cpu_threads() == 3  # the cores this process may run on, not the machine's
+    monkeypatch.setenv("NPROC", "many")  # not a whole number: skipped
+    assert host.xla_cpu_threads() == 3
+    monkeypatch.setenv("NPROC", "5")
+    assert host.xla_cpu_threads() == 5
+    monkeypatch.setenv("PJRT_NPROC", "-2")  # negative counts as 0
+    assert host.xla_cpu_threads() == 0
+
+
+def test_use_core_devices_refuses_a_count_below_one(monkeypatch):
+    from jax._src import xla_bridge
+
+    monkeypatch.setattr(xla_bridge, "backends_are_initialized", lambda: False)  # as before JAX starts
+    monkeypatch.setenv("XLA_FLAGS", "")
+    monkeypatch.setenv("REFTJAX_CPU_DEVICES", "0")
+    with pytest.raises(ValueError, match="must be >= 1, got 0"):
+        host.use_core_devices()
+    assert os.environ["XLA_FLAGS"] == ""
+
+
+def test_parse_cpuinfo_prefers_a_model_to_the_cpu_part_and_reads_no_later_block():
+    board = _ARM.replace("CPU part", "Model\t\t: Raspberry Pi 5 Model B Rev 1.0\nCPU part")
+    assert host.parse_cpuinfo(board)["model_name"] == "Raspberry Pi 5 Model B Rev 1.0"
+    later = _ARM + "\nprocessor\t: 1\nmodel name\t: another core\nvendor_id\t: another vendor\n"
+    arm = host.parse_cpuinfo(later)  # fields the first block lacks are not taken from the next one
+    assert (arm["model_name"], arm["vendor"]) == ("0xd4f", "0x41")
+    # ... but a Raspberry Pi names its board in a last block of its own, after every processor's (helper-140)
+    pi = (_ARM + "\nprocessor\t: 1\nCPU part\t: 0xd4f\n\nHardware\t: BCM2835\nRevision\t: c03111\n"
+          "Model\t\t: Raspberry Pi 4 Model B Rev 1.1\n")
+    assert host.parse_cpuinfo(pi) == {**host.parse_cpuinfo(_ARM), "model_name": "Raspberry Pi 4 Model B Rev 1.1"}
+    assert host.parse_cpuinfo(_ZEN3 + "\nModel\t: a board\n")["model_name"] == "AMD EPYC"  # (a model name wins)
+
+
+def test_cpu_description_without_proc_cpuinfo(monkeypatch):
+    import platform
+
+    def no_file(*args, **kwargs):
+        raise FileNotFoundError("/proc/cpuinfo")
+
+    monkeypatch.setattr(host, "open", no_file, raising=False)
+    monkeypatch.setattr(host.os, "sched_getaffinity", lambda pid: {1, 2}, raising=False)
+    monkeypatch.setattr(host.os, "cpu_count", lambda: 64)
+    cpu = host.cpu_description()
+    assert cpu == {"model_name": platform.processor() or platform.machine(), "vendor": "", "family_model": "?/?",
+                   "isa": [], "machine": platform.machine(), "cores": 2}

@@ -3,11 +3,18 @@
 Each check that compiles runs in a fresh interpreter: JAX's cache settings are
 process-global, and the point is a second process loading what the first compiled.
 """
+import errno
 import json
 import os
 import pathlib
 import subprocess
 import sys
+import tempfile
+import time
+import types
+import warnings
+
+import pytest
 
 from reftjax import xla_cache
 
@@ -183,3 +190,145 @@ def test_default_setting_caps_a_cache_jax_already_opened(tmp_path):
     assert "Error writing persistent compilation cache" not in out.stderr
     entries = list(cache.glob("*-cache"))
     assert len(entries) >= 2 and all(e.with_name(e.name[: -len("-cache")] + "-atime").exists() for e in entries)
+
+
+class _FakeJax:
+    """Stands in for `jax` and JAX's `compilation_cache` in `xla_cache.enable`: it records what `enable` sets and
+    leaves this process's own cache settings alone."""
+
+    def __init__(self, cache_dir=None, cap=-1):
+        self.config = types.SimpleNamespace(jax_compilation_cache_dir=cache_dir, jax_compilation_cache_max_size=cap,
+                                            update=lambda name, value: setattr(self.config, name, value))
+        self.resets = 0
+
+    def set_cache_dir(self, path):
+        self.config.jax_compilation_cache_dir = path
+
+    def reset_cache(self):
+        self.resets += 1
+
+
+def _fake_jax(monkeypatch, **kwargs) -> _FakeJax:
+    fake = _FakeJax(**kwargs)
+    monkeypatch.setattr(xla_cache, "jax", fake)
+    monkeypatch.setattr(xla_cache, "compilation_cache", fake)
+    monkeypatch.setattr(xla_cache, "_cap_before_read_only", None)
+    return fake
+
+
+def _read_only(monkeypatch, *dirs):
+    """The write probe fails in `dirs` as on a read-only mount (root writes through permission bits)."""
+    def probe(dir, **kwargs):
+        if dir in dirs:
+            raise OSError(errno.EROFS, "Read-only file system")
+        return tempfile.NamedTemporaryFile(dir=dir, **kwargs)
+
+    monkeypatch.setattr(xla_cache, "tempfile", types.SimpleNamespace(NamedTemporaryFile=probe))
+
+
+def test_cache_dir_makes_every_setting_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "rel/xla")
+    assert xla_cache.cache_dir(None) == os.path.join(os.getcwd(), "rel", "xla")
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "~/j")
+    assert xla_cache.cache_dir(None) == str(tmp_path / "home" / "j")
+    assert xla_cache.cache_dir("c") == os.path.join(os.getcwd(), "c")
+
+
+def test_enable_caps_only_the_default_setting_and_keeps_a_cap_already_set(tmp_path, monkeypatch):
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    monkeypatch.setenv("REFTJAX_CACHE", str(tmp_path / "rc"))
+    fake = _fake_jax(monkeypatch)
+    assert xla_cache.enable(None) == fake.config.jax_compilation_cache_dir == str(tmp_path / "rc" / "xla")
+    assert fake.config.jax_compilation_cache_max_size == 4 << 30 and fake.resets == 1  # 4 GiB, as documented
+    fake = _fake_jax(monkeypatch)
+    assert xla_cache.enable(str(tmp_path / "mine")) == fake.config.jax_compilation_cache_dir == str(tmp_path / "mine")
+    assert fake.config.jax_compilation_cache_max_size == -1  # a directory of one's own runs as JAX is set
+    fake = _fake_jax(monkeypatch, cap=1 << 30)  # JAX_COMPILATION_CACHE_MAX_SIZE
+    xla_cache.enable(None)
+    assert fake.config.jax_compilation_cache_max_size == 1 << 30
+
+
+def test_read_only_directories_set_the_cap_aside_once_and_give_it_back(tmp_path, monkeypatch):
+    fake = _fake_jax(monkeypatch, cap=1 << 30)
+    ro1, ro2, rw = tmp_path / "ro1", tmp_path / "ro2", tmp_path / "rw"
+    ro1.mkdir()
+    ro2.mkdir()
+    _read_only(monkeypatch, str(ro1), str(ro2))
+    with warnings.catch_warnings():  # enable silences JAX's write warnings for a read-only directory
+        for ro in (ro1, ro2):  # a second read-only directory keeps the cap set aside by the first
+            assert xla_cache.enable(str(ro)) == str(ro) and fake.config.jax_compilation_cache_max_size == -1
+    assert xla_cache.enable(str(rw)) == str(rw) and fake.config.jax_compilation_cache_max_size == 1 << 30
+    fake.config.jax_compilation_cache_max_size = 2 << 30  # set by the user later: it stands
+    xla_cache.enable(str(rw))
+    assert fake.config.jax_compilation_cache_max_size == 2 << 30
+
+
+def test_a_directory_that_cannot_be_read_or_a_file_turns_the_cache_off(tmp_path, monkeypatch, caplog):
+    fake = _fake_jax(monkeypatch)
+    locked, file = tmp_path / "locked", tmp_path / "file"
+    locked.mkdir()
+    file.write_text("an executable file, not a directory")
+    file.chmod(0o755)
+    _read_only(monkeypatch, str(locked))
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: path != str(locked) and access(path, mode))
+    assert xla_cache.enable(str(locked)) is None and xla_cache.enable(str(file)) is None
+    assert fake.config.jax_compilation_cache_dir is None
+    assert f"{locked}: the XLA compilation cache is off" in caplog.text
+    assert f"{file}: the XLA compilation cache is off" in caplog.text
+
+
+def test_enable_cleans_a_capped_cache_only(tmp_path, monkeypatch):
+    """An uncapped cache is left as it is: JAX writes no -atime files there, so every entry would be read on each
+    start (and adopted: given an -atime file)."""
+    (tmp_path / "k1-cache").write_bytes(b"x")  # a killed writer's
+    _fake_jax(monkeypatch)
+    xla_cache.enable(str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["k1-cache"]
+    _fake_jax(monkeypatch, cap=1 << 30)
+    xla_cache.enable(str(tmp_path))
+    assert not any(tmp_path.iterdir())
+
+
+def test_cleanup_leaves_other_files_alone_and_writes_jaxs_access_time(tmp_path):
+    from jax._src.compilation_cache import compress_executable
+
+    (tmp_path / "notes.txt").write_bytes(b"not an entry")
+    (tmp_path / "d-cache").mkdir()  # cannot be read (as an entry another process removed meanwhile)
+    (tmp_path / "k3-cache").write_bytes(compress_executable(b"a whole entry"))
+    before = time.time_ns()
+    assert xla_cache.drop_unfinished_entries(str(tmp_path)) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d-cache", "k3-atime", "k3-cache", "notes.txt"]
+    assert before <= int.from_bytes((tmp_path / "k3-atime").read_bytes(), "little") <= time.time_ns()
+    assert xla_cache.drop_unfinished_entries(str(tmp_path / "notes.txt")) == []  # not a directory
+    assert xla_cache.drop_unfinished_entries(str(tmp_path / "missing")) == []
+
+
+def test_cleanup_leaves_the_directory_alone_with_a_jax_that_cannot_read_entries(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "jax._src.compilation_cache", types.ModuleType("jax._src.compilation_cache"))
+    (tmp_path / "k1-cache").write_bytes(b"x")
+    assert xla_cache.drop_unfinished_entries(str(tmp_path)) == [] and (tmp_path / "k1-cache").exists()
+
+
+def test_compile_stats_count_jaxs_events_since_construction():
+    """From JAX's own monitoring events, as JAX records them while it traces, lowers, compiles and loads."""
+    import jax
+
+    record = jax.monitoring.record_event_duration_secs
+    xla_cache.busy_seconds()  # installs the listeners
+    record(xla_cache._COMPILE, 1.0)  # before construction: not counted
+    record(xla_cache._SAVED, 1.0)
+    jax.monitoring.record_event(xla_cache._HIT)
+    busy, stats = xla_cache.busy_seconds(), xla_cache.CompileStats()
+    xla_cache.CompileStats()  # listeners are installed once: events are not counted twice
+    for event, seconds in [(xla_cache._COMPILE, 0.5), (xla_cache._COMPILE, 0.25), (xla_cache._TRACE[0], 0.1),
+                           (xla_cache._TRACE[1], 0.2), (xla_cache._SAVED, 2.0), ("/jax/some/other_event", 9.0)]:
+        record(event, seconds)
+    jax.monitoring.record_event(xla_cache._HIT)
+    assert stats.programs() == 2
+    assert stats.summary() == {"programs": 2, "compile_seconds": 0.75, "trace_lower_seconds": 0.3,
+                               "cache_dir": jax.config.jax_compilation_cache_dir, "cache_hits": 1,
+                               "compile_seconds_saved": 2.0}
+    assert xla_cache.busy_seconds() - busy == pytest.approx(0.75 + 0.3)
