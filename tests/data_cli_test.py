@@ -196,3 +196,16 @@ def test_stats_on_a_file_where_only_some_examples_carry_a_cot(cli, tmp_path, smo
     path.write_text("".join(json.dumps(r) + "\n" for r in (rows[0], rows[2])))
     code, out, err = cli("--file", str(path), "--format", "gsm8k-jsonl")
     assert code == 0 and json.loads(out)["examples_with_cot"] == 2 and "note" not in err
+
+
+def test_the_note_names_the_first_example_without_a_cot(cli, tmp_path):
+    """Of several examples without a reference CoT, the note names the first in the file (a mutant naming the last
+    passed: the test above has one; mutation review, session 46)."""
+    rows = [{"question": "How many apples?", "answer": "3 + 4 = 7.\n#### 7"},
+            {"question": "Pears?", "answer": "#### 5"},
+            {"question": "Plums?", "answer": "2 * 6 = 12.\n#### 12"}, {"question": "Figs?", "answer": "#### 2"}]
+    path = tmp_path / "two.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code, out, err = cli("--file", str(path), "--format", "gsm8k-jsonl")
+    assert code == 0 and json.loads(out)["examples_with_cot"] == 2, err
+    assert "note: " in err and "two.jsonl:2 (" in err and "two.jsonl:4" not in err and "2 of 4 examples" in err

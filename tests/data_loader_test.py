@@ -182,3 +182,71 @@ def test_drop_last_with_group_by_length_drops_a_random_draw_not_the_longest():
         dropped_ranks += rank[np.setdiff1d(np.arange(44), seen)].tolist()
     assert len(dropped_ranks) == 40 * 4
     assert 12 < np.mean(dropped_ranks) < 31  # a random draw averages rank 21.5; the old rule dropped ranks 0-3
+
+
+def test_epoch_order_is_the_documented_permutation_of_seed_and_epoch():
+    """Epoch e visits the examples in `default_rng([seed, e]).permutation(n)` order (the module's promise, which a
+    run's reproducibility from (seed, epoch, step) rests on); the batches hold it in order, the last one padded.
+    Swapping seed and epoch, or offsetting the epoch, passed (mutation review, session 46)."""
+    ds = _dataset()
+    batches = list(Loader(ds, LoaderConfig(batch_size=8, seed=7, drop_last=False, num_epochs=3)))
+    assert len(batches) == 3 * 5
+    for epoch in range(3):
+        seen = np.concatenate([b["example_idx"][b["valid"]] for b in batches[5 * epoch:5 * epoch + 5]])
+        assert seen.tolist() == (100 + np.random.default_rng([7, epoch]).permutation(37)).tolist(), epoch
+
+
+def test_restore_rejects_another_seed_or_batch_size():
+    """A state taken with another seed or batch size describes other batches: restoring it must fail (only the
+    example count was tested; dropping either check passed: mutation review, session 46)."""
+    loader = Loader(_dataset(), LoaderConfig(batch_size=8, seed=3))
+    _take(loader, 2)
+    for key, value in (("seed", 4), ("batch_size", 4)):
+        with pytest.raises(ValueError, match=f"loader state mismatch: {key} {value} != "):
+            loader.restore(dict(loader.state(), **{key: value}))
+
+
+def test_group_by_length_sorts_within_windows_shuffles_batches_and_keeps_the_tail_last():
+    """group_by_length=k: each full batch is a run of consecutive lengths of its window (sorted), the batches' order
+    is shuffled (not longest last), and the incomplete tail is the last examples of the plain permutation, last and
+    ungrouped. Keeping the sorted batch order, or putting the tail first, passed (mutation review, session 46)."""
+    ds = _dataset()  # 4 full batches of 8 (one window of 4) and a tail of 5
+    lengths = ds.seq_lengths
+    monotonic = 0
+    for seed in range(12):
+        cfg = LoaderConfig(batch_size=8, seed=seed, drop_last=False, num_epochs=1, group_by_length=4)
+        batches = list(Loader(ds, cfg))
+        rows = [b["example_idx"][b["valid"]] - 100 for b in batches]
+        assert [len(r) for r in rows] == [8, 8, 8, 8, 5]
+        assert rows[-1].tolist() == np.random.default_rng([seed, 0]).permutation(37)[32:].tolist()
+        spans = sorted((lengths[r].min(), lengths[r].max()) for r in rows[:4])
+        assert all(hi <= lo for (_, hi), (lo, _) in zip(spans, spans[1:])), spans  # disjoint runs of lengths
+        tops = [lengths[r].max() for r in rows[:4]]
+        monotonic += tops == sorted(tops)
+    assert monotonic <= 4  # a random order of 4 batches is sorted 1 time in 24; the sorted order every time
+
+
+def test_drop_last_false_takes_a_dataset_smaller_than_one_batch_and_shuffle_false_keeps_order_when_grouping():
+    """An evaluation loader (drop_last=False) over fewer examples than a batch yields one padded batch, and
+    shuffle=False keeps the dataset's order even with group_by_length set (mutants refusing the first, or grouping
+    the second, passed: mutation review, session 46)."""
+    [batch] = list(Loader(_dataset(n=3), LoaderConfig(batch_size=8, drop_last=False, num_epochs=1, seed=1)))
+    assert batch["valid"].tolist() == [True] * 3 + [False] * 5
+    assert sorted(batch["example_idx"][:3].tolist()) == [100, 101, 102] and (batch["example_idx"][3:] == -1).all()
+    cfg = LoaderConfig(batch_size=8, shuffle=False, drop_last=False, num_epochs=1, group_by_length=2)
+    seen = np.concatenate([b["example_idx"][b["valid"]] for b in Loader(_dataset(), cfg)])
+    assert seen.tolist() == list(range(100, 137))
+
+
+def test_restore_rejects_data_whose_response_prefixes_changed():
+    """The data digest covers the response prefixes (P-CoT program headers, part of every RL/eval prompt) as it does
+    prompts and targets (a mutant leaving them out passed: mutation review, session 46)."""
+    import dataclasses
+
+    ds = _dataset()
+    loader = Loader(ds, LoaderConfig(batch_size=8))
+    state = loader.state()
+    prefix = list(ds.prefix)
+    prefix[3] = np.array([7], np.int32)
+    with pytest.raises(ValueError, match="tokens differ"):
+        Loader(dataclasses.replace(ds, prefix=prefix), LoaderConfig(batch_size=8)).restore(state)

@@ -228,3 +228,66 @@ def test_reft_json_with_a_byte_order_mark_says_so(tmp_path):
     path.write_bytes(b"\xef\xbb\xbf" + json.dumps([{"item_id": "a", "question": "q", "answer_value": "1"}]).encode())
     with pytest.raises(DataError, match=r"bom.json:1: starts with a UTF-8 byte order mark \(BOM\)"):
         read_reft_json(path)
+
+
+@pytest.mark.parametrize("text,message", [("1234,567", r"a number \(commas separate thousands only"),
+                                          ("1,23", r"a number \(commas"), ("12,34,567", r"a number \(commas"),
+                                          ("1e999", "finite"), ("-1e400", "finite")])
+def test_gold_numbers_the_readers_refuse(text, message):
+    """Commas only between groups of three digits after a head of one to three, and finite values (a mutant taking
+    "1234,567" or "1,23", and one taking 1e999 as inf, passed: mutation review, session 46)."""
+    with pytest.raises(DataError, match=rf"f:1: gold answer '{text}' is not {message}"):
+        parse_number(text, "f:1")
+
+
+def test_line_numbers_count_blank_lines_and_every_list_error_names_its_line(tmp_path):
+    """A JSONL file's line numbers are the file's, blank lines included; a ReFT list's errors name the line where they
+    are: two objects without a comma, a file that does not start with a list after blank lines (mutants numbering
+    non-blank lines only, or naming the object's line or line 1, passed: mutation review, session 46)."""
+    with pytest.raises(DataError, match=r"f\.jsonl:4: missing field 'question'"):
+        read_gsm8k_jsonl(_jsonl(tmp_path, [GOOD, "", "  ", {"answer": "#### 1"}]))
+    path = tmp_path / "r.json"
+    path.write_text('[\n{"item_id": "a", "question": "q",\n "answer_value": "1"}\n\n {"item_id": "b"}\n]')
+    with pytest.raises(DataError, match=r"r\.json:5: malformed JSON \(expected ',' or ']'\)"):
+        read_reft_json(path)
+    path.write_text('\n\n{"item_id": "a", "question": "q", "answer_value": "1"}\n')
+    with pytest.raises(DataError, match=r"r\.json:3: expected a JSON list of objects"):
+        read_reft_json(path)
+
+
+def test_gold_answers_lose_their_commas_and_fields_their_spaces_in_every_format(tmp_path):
+    """The gold answer text is the number without thousands commas (as GSM8K's), in ReFT files and OpenAI files'
+    answer_field too, and a ReFT question is stripped (mutants keeping the commas, or the spaces, passed: mutation
+    review, session 46)."""
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps([{"item_id": " a_0 ", "question": "  How many?\n", "answer_value": " 1,080 "}]))
+    [ex] = read_reft_json(path)
+    assert (ex.item_id, ex.question, ex.answer, ex.answer_value) == ("a_0", "How many?", "1080", 1080.0)
+    row = {"messages": [{"role": "user", "content": " 2+2? "}], "ref": "-1,234.5"}
+    [ex] = read_openai_jsonl(_jsonl(tmp_path, [row]), answer_field="ref")
+    assert (ex.question, ex.answer, ex.answer_value, ex.fields["ref"]) == ("2+2?", "-1234.5", -1234.5, "-1,234.5")
+
+
+def test_openai_rows_must_end_with_a_user_turn_whatever_comes_first(tmp_path):
+    """The last message must be the user's: a conversation that starts with the user's turn and ends with the
+    assistant's is refused too (only one starting with a system turn was tested; mutation review, session 46)."""
+    row = {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]}
+    with pytest.raises(DataError, match=r"f\.jsonl:1: the last message must be from the user"):
+        read_openai_jsonl(_jsonl(tmp_path, [row]))
+
+
+def test_split_parts_keep_file_order_are_reindexed_and_a_zero_fraction_holds_out_nothing(tmp_path):
+    """Both parts keep the file's order and are indexed from 0, and val_fraction=0 keeps every example for training
+    (mutants listing the validation part in permutation order, leaving the training part's indices, taking the last
+    n_val of the permutation, whose [-0:] is all of it, or refusing 0, passed: mutation review, session 46)."""
+    import numpy as np
+
+    examples = read_gsm8k_jsonl(_jsonl(tmp_path, [dict(GOOD, question=f"q{i}") for i in range(50)]))
+    train, val = train_val_split(examples, SplitConfig(0.2, seed=5))
+    held = sorted(np.random.default_rng(5).permutation(50)[:10].tolist())  # the documented seeded permutation
+    assert [e.question for e in val] == [f"q{i}" for i in held]
+    assert [e.question for e in train] == [f"q{i}" for i in range(50) if i not in held]
+    assert [e.idx for e in train] == list(range(40)) and [e.idx for e in val] == list(range(10))
+    assert [e.item_id for e in val] == [f"gsm8k_file_{i}" for i in held]  # the original position stays in item_id
+    train, val = train_val_split(examples, SplitConfig(0.0, seed=5))
+    assert val == [] and train == examples

@@ -237,3 +237,48 @@ def test_no_progress_silences_tfds_bars_and_restores_the_switch(shared_data, tmp
         assert "Generating" not in capfd.readouterr().err and tqdm_utils._active is False
     finally:
         tqdm_utils.display_progress_bar(True)
+
+
+def test_the_local_copys_fingerprint_covers_both_files_to_their_last_byte(shared_data, tmp_path):
+    """The build's cache folder is named by the sha256 of the whole local copy (train then test): an edit anywhere,
+    the last line of a 1,319-line file too, gives another folder (a mutant hashing the first 4 KB passed: the
+    rebuild test edits a small copy; mutation review, session 46)."""
+    import hashlib
+
+    from reftjax.data.sources import _local_fingerprint
+
+    local = tmp_path / "gsm8k"
+    local.mkdir()
+    for split in ("train", "test"):
+        (local / f"{split}.jsonl").write_bytes((shared_data / "gsm8k" / f"{split}.jsonl").read_bytes())
+    first = _local_fingerprint(local)
+    both = (local / "train.jsonl").read_bytes() + (local / "test.jsonl").read_bytes()
+    assert first == hashlib.sha256(both).hexdigest()[:16]
+    seen = {first}
+    for split in ("train", "test"):
+        path = local / f"{split}.jsonl"
+        original = path.read_bytes()
+        last = original[-4:-3]  # the last digit of the last line's '#### N"}\n'
+        path.write_bytes(original[:-4] + (b"1" if last == b"0" else b"0") + original[-3:])
+        seen.add(_local_fingerprint(local))
+        path.write_bytes(original)
+    assert len(seen) == 3 and _local_fingerprint(local) == first
+
+
+def test_reft_datasets_by_name_read_text_answers_when_asked(shared_data):
+    """numeric=False (the CLI's --text-answers, a MathQA-like run) reaches the ReFT datasets read by name, as it
+    reaches files (a mutant dropping it for the named datasets passed: mutation review, session 46)."""
+    text = load_examples("svamp-test", local_dir=shared_data / "reft", numeric=False)
+    raw = json.loads((shared_data / "reft" / "svamp_test_set.json").read_text())
+    assert [(e.answer, e.answer_value) for e in text] == [(r["answer_value"].strip(), None) for r in raw]
+
+
+def test_an_explicit_folder_wins_over_the_environment(monkeypatch, tmp_path):
+    """A folder given as an argument (--local-dir, data.local_dir) wins over REFTJAX_GSM8K_DIR / REFTJAX_REFT_DIR, as
+    cache_dir's does over REFTJAX_CACHE (a mutant reading the environment first passed: mutation review, session 46)."""
+    from reftjax.data.sources import reft_dir
+
+    monkeypatch.setenv("REFTJAX_GSM8K_DIR", str(tmp_path / "env-g"))
+    monkeypatch.setenv("REFTJAX_REFT_DIR", str(tmp_path / "env-r"))
+    assert gsm8k_local_dir(tmp_path / "g") == tmp_path / "g" and reft_dir(tmp_path / "r") == tmp_path / "r"
+    assert gsm8k_local_dir() == tmp_path / "env-g" and reft_dir() == tmp_path / "env-r"

@@ -743,3 +743,99 @@ def test_a_gemma3_chat_template_folds_the_system_prompt_and_ends_targets_with_en
         assert target[-1] == 5  # <end_of_turn>
     for ids in encode_prompts(tok, [ex.question for ex in gsm8k_train[:3]], chat=True):  # generate()'s prompts
         assert ids[:3] == [2, 4, 6] and ids.count(2) == 1 and ids[-2:] == [4, 7]
+
+
+def test_bucket_lists_must_be_strictly_increasing():
+    """`bucket_for` takes the first bucket that fits, so an unsorted or repeated list would pick a larger bucket than
+    needed (or duplicate one): refused (a mutant dropping the order check passed: mutation review, session 46)."""
+    from reftjax.data.tokenize import bucket_for
+
+    for bad in ((128, 64, 300), (64, 64, 300)):
+        with pytest.raises(ValueError, match="strictly increasing"):
+            TokenizeConfig(prompt_buckets=bad)
+        with pytest.raises(ValueError, match="strictly increasing"):
+            TokenizeConfig(seq_buckets=bad + (700,))
+    sizes = TokenizeConfig(prompt_buckets=(64, 128, 300)).prompt_sizes
+    assert [bucket_for(n, sizes) for n in (1, 64, 65, 128, 129, 300)] == [64, 64, 128, 128, 300, 300]
+    with pytest.raises(ValueError, match="exceeds the largest bucket 300"):
+        bucket_for(301, sizes)
+
+
+def test_p_cot_prompt_lengths_and_limits_count_the_response_prefix(smollm_tokenizer, shared_data):
+    """An RL/eval prompt is the prompt and the program header (the response prefix): its length, the prompt limit
+    and the prompt batches' buckets count both. Mutants counting the prompt alone (in the limit, or in
+    `prompt_lengths`, which the loader's buckets and the stats command read, or in the error's count) passed
+    (mutation review, session 46)."""
+    from reftjax.data.loader import Loader, LoaderConfig
+
+    tok = smollm_tokenizer
+    examples = read_reft_json(shared_data / "reft" / "svamp_python_sdp.json", require_cot=True)[:20]
+    cfg = PromptConfig("reft-python")
+    full = tokenize_examples(examples, tok, cfg, TokenizeConfig(min_bucket=16))
+    formatted = [format_example(e, cfg) for e in examples]
+    p_len = np.array([len(tok(f.prompt, add_special_tokens=False)["input_ids"]) for f in formatted])
+    q_len = np.array([len(tok(f.response_prefix, add_special_tokens=False)["input_ids"]) for f in formatted])
+    assert full.prompt_lengths.tolist() == (p_len + q_len).tolist()
+    for batch in Loader(full, LoaderConfig(batch_size=4, kind="prompt", shuffle=False, num_epochs=1)):
+        need = max(p_len[i] + q_len[i] for i in batch["example_idx"])
+        assert batch["prompt_tokens"].shape[1] == min(s for s in full.config.prompt_sizes if s >= need)
+    limit = int(np.median(p_len + q_len))
+    over = p_len + q_len > limit
+    assert (over & (p_len <= limit)).any()  # over the limit only with the prefix counted
+    dropped = tokenize_examples(examples, tok, cfg, TokenizeConfig(max_prompt_len=limit))
+    assert dropped.stats["dropped"] == over.sum() and dropped.example_idx.tolist() == np.flatnonzero(~over).tolist()
+    first = int(np.flatnonzero(over)[0])  # truncation="error" names it with its prompt + prefix and target counts
+    t_len = len(tok(examples[first].cot, add_special_tokens=False)["input_ids"]) + 1  # + EOS
+    with pytest.raises(DataError, match=rf"\({examples[first].item_id}\): prompt {p_len[first] + q_len[first]} / "
+                                        rf"target {t_len} tokens exceed the limits {limit} / 400"):
+        tokenize_examples(examples, tok, cfg, TokenizeConfig(max_prompt_len=limit, truncation="error"))
+
+
+def test_padding_is_the_tokenizers_pad_token_else_its_eos():
+    """Prompt batches are padded with the tokenizer's pad token, or its EOS when it has none (SmolLM2's are the same
+    token, so a mutant always padding with the EOS passed: mutation review, session 46)."""
+    ex = [Example(idx=0, item_id="a", question="Tom has 2 apples .", cot="Tom has 2 apples .", answer="2",
+                  answer_value=2.0)]
+    tok = _bos_tokenizer()
+    assert tokenize_examples(ex, tok, PromptConfig(), TokenizeConfig()).pad_id == 2  # no pad token: the EOS </s>
+    tok.pad_token = "<unk>"
+    ds = tokenize_examples(ex, tok, PromptConfig(), TokenizeConfig())
+    assert ds.pad_id == 0
+    batch = collate_prompts(ds, np.arange(1), 1)
+    n = batch["prompt_mask"][0].sum()
+    assert n < batch["prompt_tokens"].shape[1] and (batch["prompt_tokens"][0, :-n] == 0).all()
+
+
+def test_collate_sft_marks_padding_rows_without_loss():
+    """Rows added to fill a batch are invalid, carry example_idx -1 and no loss (a mutant scoring them passed: only
+    the loader's own masking was tested; mutation review, session 46)."""
+    from reftjax.data.tokenize import TokenizedDataset
+
+    prompt = [np.array([5, 6, 7], np.int32), np.array([8], np.int32)]
+    target = [np.array([9, 2], np.int32), np.array([10, 11, 2], np.int32)]
+    ds = TokenizedDataset(prompt, [np.zeros(0, np.int32)] * 2, target, np.array([3, 4], np.int32), 0,
+                          TokenizeConfig(max_prompt_len=4, max_target_len=4, min_bucket=4), {})
+    batch = collate_sft(ds, np.array([1, 0]), 3)  # longest 3 + 2 = 5 tokens: bucket 8 of (4, 8)
+    assert batch["tokens"].tolist() == [[8, 10, 11, 2, 0, 0, 0, 0], [5, 6, 7, 9, 2, 0, 0, 0],
+                                        [8, 10, 11, 2, 0, 0, 0, 0]]
+    assert batch["valid"].tolist() == [True, True, False] and batch["example_idx"].tolist() == [4, 3, -1]
+    f, t = False, True
+    assert batch["loss_mask"].tolist() == [[f, t, t, t, f, f, f, f], [f, f, f, t, t, f, f, f], [f] * 8]
+    assert batch["attn_mask"][:2].tolist() == [[t] * 4 + [f] * 4, [t] * 5 + [f] * 3]
+
+
+def test_the_end_of_turn_token_is_the_first_special_token_after_the_reply(smollm_tokenizer):
+    """A template that writes more than one special token after a reply (end of turn, then end of text) ends SFT
+    targets with the first, the end of turn (a mutant taking the last passed: mutation review, session 46)."""
+    import copy
+
+    from reftjax.data.tokenize import end_of_turn_id
+
+    tok = copy.deepcopy(smollm_tokenizer)
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                         "{% if m['role'] == 'assistant' %}<|endoftext|>{% endif %}{% endfor %}"
+                         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    assert tok.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"]) == [2, 0]
+    assert end_of_turn_id(tok) == 2
+    ex = Example(0, "a", "2+2?", cot="2+2=4", answer="4")
+    assert tokenize_examples([ex], tok, PromptConfig("chat"), TokenizeConfig()).target[0][-1] == 2
