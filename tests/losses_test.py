@@ -728,3 +728,54 @@ def test_empty_rows_and_garbage_padding_give_finite_losses_and_grads():
     close(J.ppo_value_loss(ones * per_row[:, None] ** 0.5, ones * per_row[:, None] ** 0.5,
                            np.zeros((B, T), np.float32), m)[0],
           0.5 * np.mean(np.where(m.any(1), per_row, 0.0)))
+
+
+# ---------------------------------------------------------------- second mutation review (helper a46)
+
+
+def test_whitening_without_spread_gives_zeros_and_eps_sits_under_the_root():
+    """`masked_whiten` adds eps to the variance: advantages without spread (all equal, or one valid token) whiten to
+    0, not NaN (0 * rsqrt(0)), and at a variance of the order of eps the result is (x - mean) / sqrt(var + 1e-8) (a
+    second mutation review dropped eps unnoticed)."""
+    m = np.array([[1, 1, 1, 0], [1, 1, 0, 0]], np.float32)
+    x = np.where(m > 0, 0.7, 9.0).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(J.masked_whiten(x, m)), 0.0)
+    one = np.zeros_like(m)
+    one[0, 1] = 1
+    np.testing.assert_array_equal(np.asarray(J.masked_whiten(x, one)), 0.0)
+    y = 1e-4 * rand(np.random.default_rng(30), 2, 4)
+    vals = y[m > 0].astype(np.float64)
+    close(J.masked_whiten(y, m), np.where(m > 0, (y - vals.mean()) / np.sqrt(vals.var(ddof=1) + 1e-8), 0.0),
+          rtol=1e-3, atol=1e-4)
+
+
+def test_grpo_advantage_eps_is_added_to_the_group_standard_deviation():
+    """TRL's (r - mean) / (std + 1e-4): at a small group spread (std 0.005) eps is 2% of the scale, so eps under the
+    square root (sqrt(var + eps)) or another eps shows; the other tests' groups had std ~0.5, where the two agree."""
+    scores = np.array([0.0, 0.0, 0.0, 0.01, 0.0, 0.01, 0.01, 0.02], np.float32)
+    want = []
+    for g in range(2):
+        r = scores[4 * g:4 * g + 4].astype(np.float64)
+        want.extend((r - r.mean()) / (r.std(ddof=1) + 1e-4))
+    close(J.grpo_advantages(scores, group_size=4), want, rtol=1e-4, atol=1e-4)
+
+
+def test_grpo_clipfrac_and_ratio_mean_match_reference():
+    """`grpo_loss`'s clipfrac counts the valid tokens whose clipped surrogate is the smaller one (ratio above
+    1 + eps_high with A > 0, below 1 - eps with A < 0: TRL's clip region; none where A = 0) and ratio_mean is the
+    masked mean ratio; the other tests only asserted clipfrac > 0.05 (second mutation review)."""
+    rng = np.random.default_rng(31)
+    B, T = 8, 9
+    m = ragged_mask(rng, B, T)
+    old = rand(rng, B, T, scale=0.3) - 1.0
+    logp = old + rand(rng, B, T, scale=0.3)
+    adv = np.array([1.0, -1.0, 0.5, -0.5, 0.0, 2.0, -2.0, 1.0], np.float32)
+    rho = np.exp(logp.astype(np.float64) - old)
+    for eps_high in (None, 0.28):
+        _, met = J.grpo_loss(logp, old, old, adv, m, 0.2, 0.04, clip_eps_high=eps_high)
+        high = 1.0 + (0.2 if eps_high is None else eps_high)
+        clipped = ((adv[:, None] > 0) & (rho > high)) | ((adv[:, None] < 0) & (rho < 0.8))
+        close(met["clipfrac"], np_masked_mean(clipped.astype(np.float64), m))
+        assert 0.05 < float(met["clipfrac"]) < 0.5
+        close(met["ratio_mean"], np_masked_mean(rho, m))
+    assert ((rho > 1.2) & (m > 0))[adv < 0].any() and ((rho > 1.2) & (m > 0))[adv == 0].any()  # (counted by none)

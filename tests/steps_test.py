@@ -111,6 +111,7 @@ def test_experience_and_losses_match_numpy_kl_rewards_gae_whitening_and_coeffici
     r = rollout(params["policy"], prompts, jnp.ones_like(prompts), jax.random.key(4), model_cfg=CFG,
                 cfg=SamplingConfig(max_new_tokens=6, eos_ids=(1,)))
     scores = np.random.RandomState(0).rand(8).astype(np.float32)
+    scores[3] = 1.0  # a correct answer: `accuracy` counts the scores of 1
     exp, em = make_experience_fn(CFG, pc)(params, ref, r, jnp.zeros(8, jnp.int32), jnp.asarray(scores))
     m = np.asarray(exp.mask_BxN) > 0
     assert 8 < m.sum() < m.size  # some rows stopped early: the mask matters
@@ -134,10 +135,44 @@ def test_experience_and_losses_match_numpy_kl_rewards_gae_whitening_and_coeffici
     # TRL's reward_std (Bessel-corrected, over the batch); no groups of samples here, so no frac_reward_zero_std
     np.testing.assert_allclose(float(em["reward_std"]), np.std(scores, ddof=1), rtol=1e-5)
     assert "frac_reward_zero_std" not in em
+    # the rest of the row the loop logs (a second mutation review found each unchecked): accuracy (scores of 1), the
+    # KL(old || ref) summed over each row's valid tokens and averaged over rows, the mean length, the finished share,
+    # and the decode-vs-teacher-forced log-prob gap: the largest over valid tokens, padding left out
+    from reftjax.steps import experience_metrics
+
+    assert float(em["accuracy"]) == pytest.approx(1 / 8)
+    np.testing.assert_allclose(float(em["kl"]), np.mean(np.where(m, old - lref, 0.0).sum(1)), rtol=1e-5)
+    assert float(em["response_length"]) == pytest.approx(m.sum(1).mean())
+    finished = np.array([(np.asarray(r.tokens_BxN)[b][m[b]] == 1).any() for b in range(8)])
+    assert float(em["finished"]) == pytest.approx(finished.mean()) and 0 < finished.mean() < 0.5
+    gap = np.where(m, np.arange(m.size).reshape(m.shape) / 100.0, 1e3).astype(np.float32)
+    noisy = r.replace(logprobs_BxN=exp.logp_old_BxN + gap)
+    np.testing.assert_allclose(float(experience_metrics(exp, noisy)["rollout_logp_maxdiff"]), gap[m].max(), rtol=1e-5)
     for vf_coef in (5.0, 0.5):
         loss, lm = _rl_loss(params, exp, CFG, dataclasses.replace(pc, vf_coef=vf_coef))
         np.testing.assert_allclose(float(loss), float(lm["pg_loss"]) + vf_coef * float(lm["vf_loss"]), rtol=1e-6)
         assert float(lm["vf_loss"]) > 1e-3
+    # the update's metrics (second mutation review): entropy is the masked mean of the per-token entropies and
+    # explained_variance that of the values the update computes (not the experience's old values, made other here,
+    # against returns near them), and a critic-only update's loss is vf_coef x the value loss (a sharper head than
+    # the initial one: entropies that differ by token)
+    sharp = {**params, "policy": {**params["policy"], "lm_head": jax.tree.map(lambda x: 30.0 * x,
+                                                                               params["policy"]["lm_head"])}}
+    _, now, ent = policy_outputs(sharp, CFG, exp.tokens_BxL, exp.attn_mask_BxL, m.shape[1], True, with_entropy=True,
+                                 head_chunk_rows=pc.head_chunk_rows)
+    noise = np.random.RandomState(1).randn(2, *m.shape)
+    probe_ret = np.where(m, np.asarray(now, np.float64) + 0.3 * noise[0], 0.0)
+    off = jnp.asarray(np.where(m, noise[1], 0.0), jnp.float32)
+    probe = dataclasses.replace(exp, returns_BxN=jnp.asarray(probe_ret, jnp.float32),
+                                values_old_BxN=exp.values_old_BxN + off)
+    loss, lm = _rl_loss(sharp, probe, CFG, dataclasses.replace(pc, critic_only=True))
+    np.testing.assert_allclose(float(lm["entropy"]), np.asarray(ent, np.float64)[m].mean(), rtol=1e-5)
+    assert abs(np.asarray(ent)[m].mean() - np.asarray(ent).mean()) > 1e-3
+    r_m, err = probe_ret[m], probe_ret[m] - np.asarray(now, np.float64)[m]
+    want = 1.0 - np.var(err, ddof=1) / (np.var(r_m, ddof=1) + 1e-8)
+    assert -1.0 < want < 0.99, want
+    np.testing.assert_allclose(float(lm["explained_variance"]), want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(float(loss), pc.vf_coef * float(lm["vf_loss"]), rtol=1e-6)
     # clip_eps_high reaches PPO's policy loss too (only the GRPO path was checked; regression review): ratios of
     # exp(0.3) on every token, clipped at 1.2 or 1.28 wherever the (whitened) advantage is positive
     moved_ppo = dataclasses.replace(exp, logp_old_BxN=exp.logp_old_BxN - 0.3 * jnp.asarray(m, jnp.float32))
@@ -171,6 +206,9 @@ def test_experience_and_losses_match_numpy_kl_rewards_gae_whitening_and_coeffici
     assert agg > 1e-4
     loss, lm = _rl_loss({"policy": params["policy"]}, exp2, CFG, grpo)
     np.testing.assert_allclose(float(loss), float(lm["pg_loss"]) + grpo.kl_coef * agg, rtol=1e-5, atol=1e-7)
+    # on-policy (ratio 1) the surrogate is -mean_b(A_b): each row's own advantage, also for the rows that stopped
+    # before the last slot (whose slots past EOS hold 0); group advantages sum to 0 (second mutation review)
+    assert m2.sum(1).min() < m2.shape[1] and float(lm["pg_loss"]) == pytest.approx(-np.mean(want), abs=1e-6)
     # kl_coef=0: the experience puts logp_old in the reference's place, so kl_k3 read KL(new || old) (non-zero after
     # the first update) under the name of the KL to the reference; it reads 0, as the docs say (review, session 30)
     loss0, lm0 = _rl_loss({"policy": params["policy"]}, exp2, CFG, dataclasses.replace(grpo, kl_coef=0.0))
@@ -219,6 +257,9 @@ def test_nonfinite_advantage_skips_every_ppo_update(tmp_path):
     inf["value_head"] = jax.tree.map(lambda x: jnp.full_like(x, jnp.inf), inf["value_head"])
     kept, um = _apply_update(new, inf, tx, jnp.float32(1.0))
     assert int(um["skipped"]) == 1 and int(kept.step) == int(after[2])
+    # a non-finite loss under finite gradients (an overflow where the gradient is 0) is skipped too
+    kept, um = _apply_update(new, jax.tree.map(jnp.zeros_like, new.params), tx, jnp.float32(jnp.nan))
+    assert int(um["skipped"]) == 1 and int(kept.step) == int(after[2])
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(after[0]), jax.tree.leaves(kept.params)))
     ck = Checkpointer(CheckpointConfig(str(tmp_path)))  # the params stayed finite: it may be saved
     assert ck.save(1, new)
@@ -235,6 +276,8 @@ def test_nonfinite_advantage_skips_every_ppo_update(tmp_path):
     assert int(m["skipped"]) == 2 and int(m["updates"]) == 4  # row 0 is in one minibatch per epoch
     for key in ("loss", "pg_loss", "vf_loss", "entropy", "clipfrac", "grad_norm"):
         assert np.isfinite(float(m[key])), key
+    # means over the 2 applied minibatches, not over all 4: the ratio is 1 in the first epoch and near it in the second
+    assert float(m["ratio_mean"]) == pytest.approx(1.0, abs=0.05)
     assert np.isnan(float(make_ppo_step(CFG, tx, pc)(new, exp)[1]["loss"]))  # all skipped: still says so
 
 
@@ -813,6 +856,8 @@ def test_ppo_minibatches_are_a_fresh_permutation_each_epoch():
     gap = lambda a, b: max(float(jnp.max(jnp.abs(x - y)))  # noqa: E731
                            for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)))
     assert int(got.step) == int(want.step) == 8
+    # the state's key moves on (to the split's first key): the next step draws other orders (second mutation review)
+    np.testing.assert_array_equal(jax.random.key_data(got.rng), jax.random.key_data(jax.random.split(state.rng, 3)[0]))
     near, apart = gap(got, want), gap(got, in_order)
     assert near < 1e-6 and apart > max(1e-4, 100 * near), (near, apart)
 
@@ -1240,8 +1285,12 @@ def test_sft_reports_zero_tokens_and_refuses_an_accumulation_that_does_not_divid
     attn = np.ones((8, 12), np.int32)
     attn[:, 9:] = 0  # 3 padded positions per row: not real tokens
     batch = jax.tree.map(jnp.asarray, dict(_sft_batch(), loss_mask=np.zeros((8, 12), np.int32), attn_mask=attn))
-    _, m = make_sft_step(CFG, SFT_TX)(_sft_state(SFT_TX), batch)
+    step = make_sft_step(CFG, SFT_TX)
+    _, m = step(_sft_state(SFT_TX), batch)
     assert float(m["tokens"]) == 0.0 and float(m["loss"]) == 0.0  # the metric read 1 before
+    # the count is of predicted tokens: a loss-mask 1 on position 0 (nothing before it predicts it) counts for none
+    _, m1 = step(_sft_state(SFT_TX), dict(batch, loss_mask=jnp.ones((8, 12), jnp.int32)))
+    assert float(m1["tokens"]) == 8 * 11
     assert float(m["input_tokens"]) == 8 * 9  # what the loop's tokens/s counts
     with pytest.raises(ValueError, match="accum_steps=3 must divide the batch of 8 rows"):
         make_sft_step(CFG, SFT_TX, accum_steps=3)(_sft_state(SFT_TX), jax.tree.map(jnp.asarray, _sft_batch()))

@@ -1107,8 +1107,8 @@ def test_presets_carry_the_authors_settings():
         ppo = PPOConfig() if cfg is None else cfg.rl.ppo
         assert (ppo.algo, ppo.kl_coef, ppo.gamma, ppo.gae_lambda, ppo.clip_eps, ppo.clip_eps_high,
                 ppo.clip_range_value, ppo.vf_coef, ppo.ppo_epochs, ppo.whiten_advantages, ppo.critic,
-                ppo.value_grad_to_backbone, ppo.temperature) == \
-            ("ppo", 0.05, 1.0, 0.95, 0.2, None, 0.2, 5.0, 2, True, "shared", True, 1.0), name
+                ppo.value_grad_to_backbone, ppo.temperature, ppo.loss_agg) == \
+            ("ppo", 0.05, 1.0, 0.95, 0.2, None, 0.2, 5.0, 2, True, "shared", True, 1.0, "seq-mean-token-mean"), name
     assert PPOConfig().minibatch_size is paper.rl.ppo.minibatch_size is None  # 4 a GPU of 4 a GPU: the whole batch
     sampling = paper.rl.sampling
     assert (sampling.temperature, sampling.top_k, sampling.top_p, sampling.greedy, sampling.n) == \
