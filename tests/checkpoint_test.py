@@ -507,3 +507,35 @@ def test_a_restored_state_runs_the_compiled_step_without_a_mesh(tmp_path):
     before = step._cache_size()
     step(restored, batch)
     assert step._cache_size() == before == 1
+
+
+def test_forced_saves_uncommitted_steps_repeated_set_asides_and_keeping_one_step(tmp_path):
+    """A forced save off the `save_every` grid is written; `latest_step`, `all_steps` and `restore_params` of the
+    run directory see only committed steps; a step number set aside twice keeps both copies (`unreadable/2.0`,
+    `2.1`); `keep_only` deletes the later steps too (mutation review, session 46)."""
+    states = {s: _state(seed=s) for s in (1, 2, 3)}
+    ck = Checkpointer(CheckpointConfig(str(tmp_path / "a"), save_every=2, keep_last=5))
+    assert ck.save(2, states[2]) and ck.save(3, states[3], force=True) and not ck.save(5, states[3])
+    ck.wait()
+    assert ck.all_steps() == [2, 3] and ck.latest_step() == 3
+    (tmp_path / "a" / "3" / "commit_success.txt").unlink()
+    assert ck.all_steps() == [2] and ck.latest_step() == 2
+    target = abstract_like(states[1].params["policy"])
+    _assert_equal_trees(restore_params(tmp_path / "a", target), states[2].params["policy"], check_sharding=False)
+    ck.close()
+    ck = Checkpointer(CheckpointConfig(str(tmp_path / "b"), keep_last=5))
+    ck.save(1, states[1], {"s": 1})
+    for _ in range(2):
+        ck.save(2, states[2], {"s": 2})
+        ck.wait()
+        (tmp_path / "b" / "2" / "commit_success.txt").unlink()
+        _, extras, step = ck.restore_latest(abstract_like(states[1]))
+        assert (step, extras) == (1, {"s": 1}) and ck.all_steps() == [1]  # (the restored step stays)
+    assert sorted(os.listdir(tmp_path / "b" / "unreadable")) == ["2.0", "2.1"]
+    ck.close()
+    ck = Checkpointer(CheckpointConfig(str(tmp_path / "c"), keep_last=5))
+    for s in (1, 2, 3):
+        ck.save(s, states[s])
+    ck.keep_only(2)
+    assert ck.all_steps() == [2] and sorted(os.listdir(tmp_path / "c")) == ["2"]
+    ck.close()

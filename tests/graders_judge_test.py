@@ -646,3 +646,87 @@ def test_check_judges_hints_at_the_key_on_a_forbidden_endpoint():
 
     with _serving(Forbid) as url, pytest.raises(ConfigError, match=r"HTTP 403 \(is \$JUDGE_KEY set\?\)"):
         check_judges(build_grader(_score_cfg(url, api_key_env="JUDGE_KEY")))
+
+
+def test_the_server_s_limits_are_inclusive_and_its_fields_read_as_openai_s(smollm_tokenizer):
+    """parse_request's bounds (temperature 2 and max_tokens up to --max-new-tokens taken; 0 tokens, top_p 0 and
+    booleans refused as 400s, not a 500 from the sampler), `max_completion_tokens` over the deprecated `max_tokens`,
+    switched-off fields taken, text parts joined, a developer turn rendered as the system turn (mutation review,
+    session 46)."""
+    from reftjax.serve import RequestError, ServeConfig, parse_request
+
+    msg = [{"role": "user", "content": "What is 2+2?"}]
+    parse = lambda **kw: parse_request({"messages": msg, **kw}, smollm_tokenizer,  # noqa: E731
+                                       ServeConfig(max_new_tokens=12), {})
+    r = parse(temperature=2, top_p=1, max_tokens=12, seed=-1)
+    assert (r.temperature, r.top_p, r.max_tokens, r.seed) == (2.0, 1.0, 12, -1)
+    assert parse().max_tokens == 12 and parse(max_completion_tokens=1).max_tokens == 1
+    assert parse(max_tokens=3, max_completion_tokens=5).max_tokens == 5
+    for bad, name in ((dict(max_tokens=0), "max_completion_tokens"), (dict(max_completion_tokens=13), "max_"),
+                      (dict(top_p=0), "top_p"), (dict(temperature=-0.5), "temperature"),
+                      (dict(temperature=True), "temperature"), (dict(max_tokens=True), "max_"),
+                      (dict(seed=True), "seed"), (dict(top_p="1"), "top_p")):
+        with pytest.raises(RequestError, match=f"{name}.* is out of range"):
+            parse(**bad)
+    assert parse(logprobs=False, tools=[], response_format={}).max_tokens == 12  # set to "off": nothing asked
+    with pytest.raises(RequestError, match=r"\['logprobs'\] are not supported"):
+        parse(logprobs=True)
+    parts = parse(messages=[{"role": "user", "content": [{"type": "text", "text": "What is "},
+                                                          {"type": "text", "text": "2+2?"}]}])
+    assert parts.prompt_ids == r.prompt_ids
+    turns = lambda role: [{"role": role, "content": "Be brief."}, *msg]  # noqa: E731
+    assert parse(messages=turns("developer")).prompt_ids == parse(messages=turns("system")).prompt_ids
+    assert parse(messages=turns("developer")).prompt_ids != r.prompt_ids
+
+
+def test_the_server_s_reply_names_its_model_counts_its_tokens_and_follows_the_seed(served):
+    """The response's model, id, object and usage (prompt tokens as the chat template renders them, not the padded
+    bucket; total = prompt + completion), and a request's seed deciding its sample (mutation review, session 46)."""
+    import urllib.request
+
+    model, url = served
+    msg = [{"role": "user", "content": "What is 3 + 4?"}]
+
+    def post(**kw):
+        req = urllib.request.Request(f"{url}/chat/completions", json.dumps({"model": "x", "messages": msg, **kw})
+                                     .encode(), {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=300) as resp:
+            return json.loads(resp.read())
+
+    out = post(temperature=0, max_tokens=5)
+    prompt = model.tokenizer.apply_chat_template(msg, add_generation_prompt=True, tokenize=True, return_dict=False)
+    usage, [choice] = out["usage"], out["choices"]
+    assert (out["model"], out["object"], out["id"][:9]) == ("tiny", "chat.completion", "chatcmpl-")
+    assert usage["prompt_tokens"] == len(prompt) and 1 <= usage["completion_tokens"] <= 5
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert choice["finish_reason"] in ("stop", "length") and choice["message"]["role"] == "assistant"
+    if choice["finish_reason"] == "length":
+        assert usage["completion_tokens"] == 5
+    text = lambda seed: post(temperature=1.0, seed=seed)["choices"][0]["message"]["content"]  # noqa: E731
+    assert text(5) == text(5)
+    assert len({text(s) for s in range(4)}) > 1
+
+
+def test_the_batcher_groups_only_requests_of_the_same_sampling_settings():
+    """One batch is one `rollout` call with one SamplingConfig: a greedy request batched with sampling ones would be
+    sampled (mutation review, session 46). A scripted engine records the batches."""
+    from reftjax.serve import Batcher, Request, ServeConfig
+
+    class Recorder:
+        cfg = ServeConfig(batch_size=4, batch_wait_ms=300)
+
+        def __init__(self):
+            self.batches = []
+
+        def run(self, batch):
+            self.batches.append([(r.temperature, r.top_p) for r in batch])
+            return [{"text": str(r.seed)} for r in batch]
+
+    engine = Recorder()
+    batcher = Batcher(engine)
+    settings = [(0.0, 1.0), (1.0, 1.0), (0.0, 0.5), (1.0, 0.5), (0.0, 1.0), (1.0, 1.0)]
+    futures = [batcher.submit(Request((1, 2), 4, t, p, i)) for i, (t, p) in enumerate(settings)]
+    assert [f.result(timeout=30)["text"] for f in futures] == [str(i) for i in range(6)]
+    assert sorted(map(len, engine.batches)) == [1, 2, 3]  # greedy (any top_p), T=1, T=1 with top_p 0.5
+    for batch in engine.batches:
+        assert len({(t == 0, t, p if t else 1.0) for t, p in batch}) == 1, engine.batches

@@ -558,3 +558,114 @@ def test_tiny_gemma_olmo2_smollm3_and_phi4_greedy_match_transformers_generate(tm
         uncapped = loaded.config.replace(attn_logit_softcap=None, final_logit_softcap=None)
         forced = _teacher_forced_logprobs(loaded.params, uncapped, r)
         assert np.abs(forced - r.logprobs_BxN).max() > 0.05
+
+
+# ----------------------------------------------------------------------------- mutation review, session 46
+
+
+def test_greedy_ties_go_to_the_first_index_and_ignore_the_temperature():
+    """`_argmax` (max + masked min: argmax does not vectorise on XLA:CPU) breaks ties as np.argmax does, at the first
+    index; greedy log-probs are those of the raw logits whatever the temperature (mutation review, session 46)."""
+    from reftjax.rollout import sample_logits
+
+    logits = np.array([[0, 2, 1, 2], [3, 3, 3, 3], [-1, -5, -1, -7], [0, 0, 0, 9]], np.float32)
+    want = np.argmax(logits, axis=-1)
+    assert want.tolist() == [1, 0, 0, 3]
+    for temperature in (1.0, 0.5):
+        tok, logp = sample_logits(jnp.asarray(logits), jax.random.key(0),
+                                  SamplingConfig(greedy=True, temperature=temperature))
+        np.testing.assert_array_equal(tok, want)
+        np.testing.assert_allclose(logp, np.log(_np_softmax(logits.astype(np.float64)))[np.arange(4), want], atol=1e-6)
+
+
+def test_every_step_draws_afresh(tiny_params):
+    """At a temperature that makes the distribution all but uniform, a row's tokens are independent draws: a loop
+    that carried the same key into every step drew the same noise, and each row repeated one token (mutation review,
+    session 46)."""
+    tokens, mask = _prompts(lengths=(5, 2, 4, 6), seed=3)
+    r = _run(tiny_params, tokens, mask, SamplingConfig(max_new_tokens=12, temperature=1e6, n=8), seed=2)
+    t = r.tokens_BxN  # 32 rows of 12 draws from ~uniform over 16 tokens: ~8.6 distinct a row
+    assert min(len(set(row)) for row in t.tolist()) > 4
+    freq = np.bincount(t.ravel(), minlength=V) / t.size
+    assert np.abs(freq - 1 / V).max() < 0.05  # (4 standard deviations of 384 draws)
+
+
+def _stop_lengths(t, seqs):
+    """NumPy reference: per row, the length up to the first end of any of `seqs` (or the whole row), and whether."""
+    n = t.shape[1]
+    ends = [min([i + 1 for q in seqs for i in range(len(q) - 1, n) if tuple(row[i + 1 - len(q):i + 1]) == q],
+                default=n + 1) for row in t.tolist()]
+    return np.minimum(ends, n), np.array(ends) <= n
+
+
+def test_stop_sequences_end_at_the_first_step_at_full_length_and_wherever_listed(tiny_params):
+    """A stop sequence is matched as soon as its tokens exist (the first two tokens: length 2), also when it is as long
+    as the completion buffer, and whichever of several sequences completes (mutation review, session 46)."""
+    tokens, mask = _prompts(lengths=(5, 2, 4, 6), seed=3)
+    cfg = SamplingConfig(max_new_tokens=4, greedy=True)
+    t = _run(tiny_params, tokens, mask, cfg).tokens_BxN
+    absent = next(x for x in range(1, V) if x not in t)
+    first, whole = tuple(int(x) for x in t[0, :2]), tuple(int(x) for x in t[1])
+    for seqs in (((absent, absent), first), ((absent,) * 3, whole)):  # (ending only in the second listed)
+        r = _run(tiny_params, tokens, mask, dataclasses.replace(cfg, stop_sequences=seqs))
+        lengths, finished = _stop_lengths(t, seqs)
+        assert finished[0 if first in seqs else 1]
+        np.testing.assert_array_equal(r.lengths_B, lengths)
+        np.testing.assert_array_equal(r.finished_B, finished)
+        np.testing.assert_array_equal(r.mask_BxN, np.arange(4)[None] < lengths[:, None])
+    assert _stop_lengths(t, (first,))[0][0] == 2
+
+
+def test_generate_samples_each_batch_with_its_own_key(tiny_params):
+    """Batch c of a `generate` call samples with fold_in(rng, c): with one key for every batch, a batch of the same
+    prompts as an earlier one repeated its samples (mutation review, session 46)."""
+    cfg = SamplingConfig(max_new_tokens=12, temperature=1.0)
+    out = ro.generate(tiny_params, TINY, _FixedTok(), ["q"] * 4, cfg=cfg, chat=False, batch_size=2,
+                      rng=jax.random.key(3))
+    assert out[:2] != out[2:] and out[0] != out[1]
+
+
+def test_bucket_holds_a_length_equal_to_it():
+    """A prompt as long as a bucket fits it (not the next one up: twice the prefill); past the largest it is refused
+    (mutation review, session 46)."""
+    assert [ro.bucket(n, (16, 8)) for n in (1, 8, 9, 16)] == [8, 8, 16, 16]
+    with pytest.raises(ValueError, match="length 17 exceeds the largest bucket 16"):
+        ro.bucket(17, (8, 16))
+
+
+def test_generate_gives_a_config_without_eos_the_tokenizer_s_pad_id(monkeypatch):
+    """A `cfg` without `eos_ids` gets the model's EOS ids and the tokenizer's pad id (the pad id stayed 0, a text
+    token in some vocabularies, in a mutant that passed the suite: mutation review, session 46); one with `eos_ids`
+    keeps its own settings."""
+    class Tok(_FixedTok):
+        eos_token_id, pad_token_id = 3, 9
+
+    class Captured(Exception):
+        pass
+
+    def fake_rollout(*args, cfg, **kw):
+        raise Captured(cfg)
+
+    monkeypatch.setattr(ro, "rollout", fake_rollout)
+    for given, want in ((SamplingConfig(max_new_tokens=4), ((3,), 9)),
+                        (SamplingConfig(max_new_tokens=4, eos_ids=(5,), pad_id=1), ((5,), 1))):
+        with pytest.raises(Captured) as got:
+            ro.generate(None, TINY, Tok(), ["q"], cfg=given, chat=False)
+        assert (got.value.args[0].eos_ids, got.value.args[0].pad_id) == want
+
+
+def test_trim_to_bucket_cuts_to_the_bucket_equal_to_the_longest_completion():
+    """Completions of at most 8 tokens are cut to the bucket 8 (not 12), and a row that ran the whole buffer keeps it
+    (mutation review, session 46)."""
+    def made(lengths, n=12):
+        mask = (np.arange(n)[None] < np.asarray(lengths)[:, None]).astype(np.int32)
+        z = np.zeros((len(lengths), n), np.float32)
+        return ro.Rollout(np.ones((len(lengths), 2), np.int32), np.ones((len(lengths), 2), np.int32), mask * 5, z, mask,
+                          jnp.asarray(mask.sum(1)), np.zeros(len(lengths), bool), np.arange(len(lengths)))
+
+    cut = ro.trim_to_bucket(made([3, 8]), (4, 8, 12))
+    assert cut.tokens_BxN.shape == cut.mask_BxN.shape == cut.logprobs_BxN.shape == (2, 8)
+    np.testing.assert_array_equal(cut.mask_BxN.sum(1), [3, 8])
+    assert ro.trim_to_bucket(made([3, 4]), (4, 8, 12)).tokens_BxN.shape == (2, 4)
+    full = made([12, 1])
+    assert ro.trim_to_bucket(full, (4, 8, 12)) is full
