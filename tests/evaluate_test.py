@@ -7,6 +7,18 @@ from reftjax.config import ExperimentConfig
 from reftjax.evaluate import EvalConfig
 
 
+def _tiny_model_and_data(tiny_hf_dir, shared_data, monkeypatch):
+    """The tiny model and 4 / 4 / 2 GSM8K problems (train / validation / test)."""
+    from reftjax.hf import load_model
+    from reftjax.train import prepare_data
+
+    monkeypatch.setenv("REFTJAX_GSM8K_DIR", str(shared_data / "gsm8k"))
+    cfg = ExperimentConfig()
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, n_train=4, n_val=4, n_test=2))
+    model = load_model(tiny_hf_dir)
+    return model, prepare_data(cfg, model.tokenizer)
+
+
 def test_decode_segments_reach_the_rollouts_and_change_no_figure(tiny_hf_dir, shared_data, monkeypatch):
     import reftjax.evaluate as ev
     from reftjax.graders import build_grader
@@ -89,14 +101,8 @@ def test_voting_is_not_reported_for_a_grader_that_records_only_a_score(tiny_hf_d
     samples outvoted 2 correct ones; helper review), so it is not reported (None: "-" in the summary)."""
     from reftjax.evaluate import evaluate
     from reftjax.graders import build_grader
-    from reftjax.hf import load_model
-    from reftjax.train import prepare_data
 
-    monkeypatch.setenv("REFTJAX_GSM8K_DIR", str(shared_data / "gsm8k"))
-    cfg = ExperimentConfig()
-    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, n_train=4, n_val=4, n_test=2))
-    model = load_model(tiny_hf_dir)
-    data = prepare_data(cfg, model.tokenizer)
+    model, data = _tiny_model_and_data(tiny_hf_dir, shared_data, monkeypatch)
     grader = build_grader({"type": "python", "source": "def grade(sample, item):\n    return 0.25"})
     res = evaluate(model.params, model.config, model.tokenizer, data.test_ds, data.test_items, grader,
                    EvalConfig(batch_size=2, max_new_tokens=4, voting_k=2), eos_ids=tuple(model.config.eos_token_ids),
@@ -139,14 +145,8 @@ def test_voting_samples_the_grader_failed_on_are_counted_and_all_of_them_stop_th
     from reftjax.evaluate import evaluate
     from reftjax.graders import build_grader
     from reftjax.graders.base import faulted
-    from reftjax.hf import load_model
-    from reftjax.train import prepare_data
 
-    monkeypatch.setenv("REFTJAX_GSM8K_DIR", str(shared_data / "gsm8k"))
-    cfg = ExperimentConfig()
-    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, n_train=4, n_val=4, n_test=2))
-    model = load_model(tiny_hf_dir)
-    data = prepare_data(cfg, model.tokenizer)
+    model, data = _tiny_model_and_data(tiny_hf_dir, shared_data, monkeypatch)
 
     class DownAfter:
         """A judge that goes down after its first `ok` answers (the 2 greedy ones, then the 2 x 3 voting samples)."""
@@ -169,7 +169,7 @@ def test_voting_samples_the_grader_failed_on_are_counted_and_all_of_them_stop_th
                         EvalConfig(batch_size=2, max_new_tokens=4, voting_k=3),
                         eos_ids=tuple(model.config.eos_token_ids), pad_id=model.tokenizer.pad_token_id)
 
-    reft = build_grader(cfg.grader_dict)
+    reft = build_grader(ExperimentConfig().grader_dict)
     res = run(DownAfter(reft, 99))
     assert (res["grader_errors"], res["voting_samples"], res["voting_grader_errors"]) == (0, 6, 0)
     T.check_evaluation("test_sft", res)
@@ -244,14 +244,8 @@ def test_rerank_figures_are_drawn_from_each_prompts_own_samples(tiny_hf_dir, sha
 
     import reftjax.evaluate as ev
     from reftjax.graders.base import Grade
-    from reftjax.hf import load_model
-    from reftjax.train import prepare_data
 
-    monkeypatch.setenv("REFTJAX_GSM8K_DIR", str(shared_data / "gsm8k"))
-    cfg = ExperimentConfig()
-    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, n_train=4, n_val=4, n_test=2))
-    model = load_model(tiny_hf_dir)
-    data = prepare_data(cfg, model.tokenizer)
+    model, data = _tiny_model_and_data(tiny_hf_dir, shared_data, monkeypatch)
 
     class Scripted:
         """Greedy answers wrong; prompt 0's samples 7, 7 and a right 42, prompt 1's 7, 8, 9 (all wrong)."""
