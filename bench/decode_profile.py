@@ -46,6 +46,22 @@ def _op_names(hlo_text: str) -> dict[str, str]:
     return out
 
 
+def step_ms_by_group(events: list[dict], names: dict[str, str], n: int) -> dict[str, float]:
+    """Milliseconds per decode step of each op_name group: the complete ("X") trace events of the HLO ops in
+    `names` that ran exactly `n` times (once per decode step: the loop body, n steps incl. the last), their
+    durations (microseconds) summed over threads and divided by `n`; an op without an op_name is its own group."""
+    per_op = collections.defaultdict(lambda: [0, 0.0])
+    for e in events:
+        if e.get("ph") == "X":
+            per_op[e["name"]][0] += 1
+            per_op[e["name"]][1] += e.get("dur", 0.0)
+    groups = collections.defaultdict(float)
+    for op, (count, us) in per_op.items():
+        if count == n and op in names:
+            groups[names[op] or op] += us / 1e3 / n
+    return dict(groups)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=32)
@@ -72,18 +88,9 @@ def main(argv=None) -> int:
             run()
         trace = json.load(gzip.open(glob.glob(f"{d}/**/*.trace.json.gz", recursive=True)[0]))
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
-    per_op = collections.defaultdict(lambda: [0, 0.0])
-    for e in events:
-        if e.get("ph") == "X":
-            per_op[e["name"]][0] += 1
-            per_op[e["name"]][1] += e.get("dur", 0.0)
     hlo = ro._rollout_jit.lower(model.params, tokens, mask, jax.random.key(0), None, model_cfg=model.config,
                                 cfg=cfg, packed_prefill=True).compile().as_text()
-    names = _op_names(hlo)
-    groups = collections.defaultdict(float)
-    for op, (count, us) in per_op.items():
-        if count == n and op in names:  # ran once per decode step: the loop body (n steps incl. the last)
-            groups[names[op] or op] += us / 1e3 / n
+    groups = step_ms_by_group(events, _op_names(hlo), n)
     top = dict(sorted(((k, round(v, 2)) for k, v in groups.items()), key=lambda kv: -kv[1])[: args.top])
     print(json.dumps({"batch": args.batch, "new_tokens": n, "prompt_len": args.prompt_len,
                       "cache_len": args.prompt_len + n, "step_ms_total": round(sum(groups.values()), 1),

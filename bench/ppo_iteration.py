@@ -83,6 +83,33 @@ def _sys_s() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_stime
 
 
+def iteration_record(model_cfg, wall: tuple, kernel: tuple, lengths_B, prompt_mask_BxP, *, samples: int, group: int,
+                     fast: bool, epochs: int, reference: bool, reward: float, loss: float) -> dict:
+    """One reftjax iteration's record from its phase boundaries: `wall`/`kernel` are the (start, after rollout,
+    after experience, after update) clock readings, `lengths_B` each row's generated tokens (incl. EOS, no padding),
+    `prompt_mask_BxP` the left-padded prompts' real tokens."""
+    import numpy as np
+
+    t0, t1, t2, t3 = wall
+    c0, c1, c2, c3 = kernel
+    gen = np.asarray(lengths_B)
+    prompt = np.asarray(prompt_mask_BxP).sum(axis=1)
+    # model FLOPs as executed: the rollout prefills each prompt once for its samples; with share_prompt the
+    # experience and update forwards also run each prompt once per group
+    return {"iter_s": t3 - t0, "rollout_s": t1 - t0, "experience_s": t2 - t1, "update_s": t3 - t2,
+            "rollout_sys_s": c1 - c0, "experience_sys_s": c2 - c1, "update_sys_s": c3 - c2,
+            "gen_tokens": int(gen.sum()),
+            "flops": rl_iteration_flops(model_cfg, prompt, gen, samples, group, fast, epochs, reference=reference),
+            "reward": reward, "loss": loss}
+
+
+def trl_step_counts(model_cfg, prompt_lens, completion_ids) -> dict:
+    """One TRL step's generated tokens (its completion ids: up to and incl. EOS) and model FLOPs (generation 1x,
+    training 3x; the gradient-checkpointing recompute not counted)."""
+    gens = [len(c) for c in completion_ids]
+    return {"gen_tokens": sum(gens), "flops": model_flops(model_cfg, prompt_lens, gens) * (1 + 3)}
+
+
 class ReftjaxRL:
     """One algorithm's state and jitted pieces; `iteration()` runs and times one RL iteration."""
 
@@ -141,16 +168,10 @@ class ReftjaxRL:
         self.state, m = self.ppo_step(self.state, exp)
         jax.block_until_ready(m)
         t3, c3 = time.perf_counter(), _sys_s()
-        gen = np.asarray(ro.lengths_B)
-        prompt = np.asarray(ro.prompt_mask_BxP).sum(axis=1)
-        # model FLOPs as executed: the rollout prefills each prompt once for its samples; with share_prompt the
-        # experience and update forwards also run each prompt once per group
-        rec = {"iter_s": t3 - t0, "rollout_s": t1 - t0, "experience_s": t2 - t1, "update_s": t3 - t2,
-               "rollout_sys_s": c1 - c0, "experience_sys_s": c2 - c1, "update_sys_s": c3 - c2,
-               "gen_tokens": int(gen.sum()),
-               "flops": rl_iteration_flops(self.cfg, prompt, gen, self.samples, self.group, self.fast, self.epochs,
-                                           reference=self.reference),
-               "reward": float(em["reward"]), "loss": float(m["loss"])}
+        rec = iteration_record(self.cfg, (t0, t1, t2, t3), (c0, c1, c2, c3), np.asarray(ro.lengths_B),
+                               np.asarray(ro.prompt_mask_BxP), samples=self.samples, group=self.group,
+                               fast=self.fast, epochs=self.epochs, reference=self.reference,
+                               reward=float(em["reward"]), loss=float(m["loss"]))
         self.records.append(rec)
         print(f"[{self.algo}] {json.dumps({k: round(v, 2) for k, v in rec.items()})}", file=sys.stderr)
         return rec
@@ -174,10 +195,9 @@ class TrlRunner:
         records, step = [], {}
 
         def reward(prompts, completions, completion_ids, answer_value, **_):
-            step["gen_tokens"] = sum(len(c) for c in completion_ids)
             grades = grader.grade_batch([{"answer_value": a} for a in answer_value], completions)
             prompt_lens = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
-            step["flops"] = model_flops(model_cfg, prompt_lens, [len(c) for c in completion_ids]) * (1 + 3)
+            step.update(trl_step_counts(model_cfg, prompt_lens, completion_ids))
             return [g.score for g in grades]
 
         class Timer(TrainerCallback):
@@ -220,6 +240,22 @@ def _summary(prefix: str, records: list[dict], peak: float, extra_keys=()) -> di
     for k in extra_keys:
         out[f"{prefix}_{k}"] = round(med(k), 2)
     return out
+
+
+def _algo_figures(algo: str, records: list[dict], peak: float) -> dict:
+    """A reftjax algorithm's keys: `_summary` with the phase times, `<algo>_compile_s`, `<algo>_reward_mean`."""
+    phases = ("rollout", "experience", "update")
+    out = _summary(algo, records, peak, [f"{p}_s" for p in phases] + [f"{p}_sys_s" for p in phases])
+    # first iteration minus a steady one: compiling the rollout, experience and update programs
+    out[f"{algo}_compile_s"] = round(records[0]["iter_s"] - statistics.median(r["iter_s"] for r in records[1:]), 1)
+    out[f"{algo}_reward_mean"] = round(statistics.mean(r["reward"] for r in records), 3)
+    return out
+
+
+def _trl_ratios(out: dict, algos: list[str]) -> dict:
+    """`ratio_vs_trl` (ppo) and `ratio_<algo>_vs_trl`: each algorithm's tokens/s over TRL's, from the summary keys."""
+    return {("ratio_vs_trl" if a == "ppo" else f"ratio_{a}_vs_trl"):
+            round(out[f"{a}_tokens_per_s"] / out["trl_tokens_per_s"], 2) for a in algos}
 
 
 def main():
@@ -292,20 +328,13 @@ def main():
            "experience_from_rollout": args.experience_from_rollout, "share_prompt": args.share_prompt,
            "grpo_kl": args.grpo_kl}
     for a in algos:
-        rec = a.records
-        phases = ("rollout", "experience", "update")
-        out.update(_summary(a.algo, rec, peak, [f"{p}_s" for p in phases] + [f"{p}_sys_s" for p in phases]))
-        # first iteration minus a steady one: compiling the rollout, experience and update programs
-        out[f"{a.algo}_compile_s"] = round(rec[0]["iter_s"] - statistics.median(r["iter_s"] for r in rec[1:]), 1)
-        out[f"{a.algo}_reward_mean"] = round(statistics.mean(r["reward"] for r in rec), 3)
+        out.update(_algo_figures(a.algo, a.records, peak))
     if trl is not None:
         out.update(_summary("trl", trl.records, peak, ("sys_s",)))
         out["trl_beta"] = args.trl_beta
         # TRL's default: it recomputes the forward in the backward (not counted in its MFU); reftjax runs remat "none"
         out["trl_gradient_checkpointing"] = bool(trl.trainer.args.gradient_checkpointing)
-        for a in algos:
-            key = "ratio_vs_trl" if a.algo == "ppo" else f"ratio_{a.algo}_vs_trl"
-            out[key] = round(out[f"{a.algo}_tokens_per_s"] / out["trl_tokens_per_s"], 2)
+        out.update(_trl_ratios(out, [a.algo for a in algos]))
     out["jax"] = jax.__version__
     out["load_avg_1m"] = round(os.getloadavg()[0], 2)
     print(json.dumps({**out, "cpu": cpu_description()}))

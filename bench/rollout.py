@@ -63,6 +63,24 @@ def gemm_peak_gflops(n: int = 2048, repeats: int = 5) -> dict:
     return out
 
 
+def batch_figures(model_cfg, prompt_ids: list, n_new: int, first_s: float, t_ours: list[float],
+                  t_theirs: list[float], t_one: list[float]) -> tuple[dict, float]:
+    """One batch size's keys from its timed runs (`first_s`: reftjax's first, compiling call, in no median;
+    `t_one`: the same rows on one device, empty when the batch ran on one anyway), and reftjax's model GFLOP/s.
+    Throughput counts rows x `n_new` generated tokens (the length is forced); the FLOPs count the real prompt tokens
+    of `prompt_ids` (padding is not model work: the prefill skips it) and the new ones."""
+    b = len(prompt_ids)
+    med_ours, med_theirs = statistics.median(t_ours), statistics.median(t_theirs)
+    out = {f"reftjax_tok_s_b{b}": round(b * n_new / med_ours, 1), f"hf_tok_s_b{b}": round(b * n_new / med_theirs, 1),
+           f"ratio_b{b}": round(med_theirs / med_ours, 2), f"compile_s_b{b}": round(first_s - med_ours, 1)}
+    if t_one:
+        med_one = statistics.median(t_one)
+        out[f"reftjax_one_device_tok_s_b{b}"] = round(b * n_new / med_one, 1)
+        out[f"ratio_one_device_b{b}"] = round(med_theirs / med_one, 2)
+    # per second; divided by the peak once it is measured again at the end (main)
+    return out, model_flops(model_cfg, [len(r) for r in prompt_ids], [n_new] * b) / med_ours / 1e9
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batches", default="1,8,32")
@@ -132,20 +150,11 @@ def main():
             t_theirs.append(median_seconds(theirs, 1))
             if split:
                 t_one.append(median_seconds(one, 1))
-        med_ours, med_theirs = statistics.median(t_ours), statistics.median(t_theirs)
-        result[f"reftjax_tok_s_b{b}"] = round(b * n_new / med_ours, 1)
-        result[f"hf_tok_s_b{b}"] = round(b * n_new / med_theirs, 1)
-        result[f"ratio_b{b}"] = round(med_theirs / med_ours, 2)
-        result[f"compile_s_b{b}"] = round(first - med_ours, 1)
-        # model FLOPs of the real prompt tokens (padding is not model work: the prefill skips it) and the new ones,
-        # per second; divided by the peak once it is measured again at the end (below)
-        gflops_per_s[b] = model_flops(cfg, [len(r) for r in ids[:b]], [n_new] * b) / med_ours / 1e9
+        figures, gflops_per_s[b] = batch_figures(cfg, ids[:b], n_new, first, t_ours, t_theirs, t_one)
+        result.update(figures)
         result[f"mesh_devices_b{b}"] = mesh.size if split else 1
         result[f"runs_s_b{b}"] = {"reftjax": [round(t, 2) for t in t_ours], "hf": [round(t, 2) for t in t_theirs]}
         if split:
-            med_one = statistics.median(t_one)
-            result[f"reftjax_one_device_tok_s_b{b}"] = round(b * n_new / med_one, 1)
-            result[f"ratio_one_device_b{b}"] = round(med_theirs / med_one, 2)
             result[f"runs_s_b{b}"]["reftjax_one_device"] = [round(t, 2) for t in t_one]
         print(f"batch {b}: {result[f'reftjax_tok_s_b{b}']} vs {result[f'hf_tok_s_b{b}']} tok/s", file=sys.stderr)
     # the peak again after the contenders, keeping the faster reading (measured once, right after loading both

@@ -44,6 +44,40 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # (on a GPU: JAX would hold 75% of it, torch runs too)
 
 
+def run_schedule(fns: dict, timed, repeats: int, schedule: str, block: int) -> dict:
+    """Run the contenders `fns` (name -> step) by `schedule` until each has `repeats` timed steps; `timed(fn)` runs
+    one step and returns its (wall, system) seconds. Per name: `steps` and `sys` of the timed steps, and `switch`,
+    the wall time of each block's first step (blocked schedule), which pays for the other framework's freed memory
+    and is in no median."""
+    runs = {name: {"fn": fn, "steps": [], "sys": [], "switch": []} for name, fn in fns.items()}
+    last = runs[list(fns)[-1]]
+    while len(last["steps"]) < repeats:
+        for r in runs.values():
+            if schedule == "blocked":
+                r["switch"].append(timed(r["fn"])[0])
+            for _ in range(1 if schedule == "alternate" else min(block, repeats - len(r["steps"]))):
+                w, sys_s = timed(r["fn"])
+                r["steps"].append(w)
+                r["sys"].append(sys_s)
+    return runs
+
+
+def step_figures(model_cfg, batch: int, seq: int, *, reftjax_steps: list[float], torch_steps: list[float],
+                 compile_wall_s: float, peak: float) -> dict:
+    """The timing keys from the timed steps (the switch steps and warm-ups are not among them): medians, tokens/s
+    (batch x seq tokens a step, all real), `ratio_vs_torch` (reftjax's speed over torch's), `compile_s` and the
+    MFUs (3 x forward FLOPs: forward + backward 2x, attention at mean context seq/2, over `peak` FLOP/s)."""
+    n_tok = batch * seq
+    flops = 3 * model_cfg.flops_per_token(seq // 2) * n_tok  # forward + backward (2x)
+    j, to = statistics.median(reftjax_steps), statistics.median(torch_steps)
+    return {"reftjax_step_s": round(j, 3), "torch_step_s": round(to, 3),
+            "reftjax_tokens_per_s": round(n_tok / j, 1), "torch_tokens_per_s": round(n_tok / to, 1),
+            # the first call's wall time less a steady step, as rollout.py and ppo_iteration.py report it (it was
+            # the first call's whole wall time: compile plus one step)
+            "ratio_vs_torch": round(to / j, 3), "compile_s": round(compile_wall_s - j, 1),
+            "mfu_reftjax": round(flops / j / peak, 3), "mfu_torch": round(flops / to / peak, 3)}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=8)
@@ -121,35 +155,20 @@ def main():
         fn()
         return time.perf_counter() - s, resource.getrusage(resource.RUSAGE_SELF).ru_stime - r0.ru_stime
 
-    runs = {"reftjax": {"fn": reftjax_step, "steps": [], "sys": [], "switch": []},
-            "torch": {"fn": torch_step, "steps": [], "sys": [], "switch": []}}
-    while len(runs["torch"]["steps"]) < args.repeats:
-        for r in runs.values():
-            if args.schedule == "blocked":
-                r["switch"].append(timed(r["fn"])[0])
-            for _ in range(1 if args.schedule == "alternate" else min(args.block, args.repeats - len(r["steps"]))):
-                w, sys_s = timed(r["fn"])
-                r["steps"].append(w)
-                r["sys"].append(sys_s)
+    runs = run_schedule({"reftjax": reftjax_step, "torch": torch_step}, timed, args.repeats, args.schedule, args.block)
     jt, tt = runs["reftjax"]["steps"], runs["torch"]["steps"]
     peak_first = peak
     # the faster of the measurements before and after the contenders
     peak = measured_peak_flops(remeasure=True, dtype=args.dtype)
-    n_tok = b * t
-    flops = 3 * cfg.flops_per_token(t // 2) * n_tok  # forward + backward (2x)
-    j, to = statistics.median(jt), statistics.median(tt)
+    fig = step_figures(cfg, b, t, reftjax_steps=jt, torch_steps=tt, compile_wall_s=compile_s, peak=peak)
     print(json.dumps({
         "cpu": cpu_description(),
         "bench": "sft_step", "model": "SmolLM2-135M-Instruct", "batch": b, "seq": t, "dtype": args.dtype,
         "device": jax.devices()[0].device_kind, "torch_device": device,
         "torch_allow_tf32": torch.backends.cuda.matmul.allow_tf32 if device == "cuda" else None,
-        "remat": args.remat, "head_chunk_rows": args.head_chunk_rows, "host_allocator": HOST_ALLOCATOR, "reftjax_step_s": round(j, 3), "torch_step_s": round(to, 3),
-        "reftjax_tokens_per_s": round(n_tok / j, 1), "torch_tokens_per_s": round(n_tok / to, 1),
-        # the first call's wall time less a steady step, as rollout.py and ppo_iteration.py report it (it was the
-        # first call's whole wall time: compile plus one step)
-        "ratio_vs_torch": round(to / j, 3), "compile_s": round(compile_s - j, 1),
-        "peak_gflops": round(peak / 1e9, 1), "peak_gflops_first": round(peak_first / 1e9, 1), "mfu_reftjax": round(flops / j / peak, 3),
-        "mfu_torch": round(flops / to / peak, 3), "loss": float(m["loss"]), "repeats": args.repeats,
+        "remat": args.remat, "head_chunk_rows": args.head_chunk_rows, "host_allocator": HOST_ALLOCATOR,
+        **fig, "peak_gflops": round(peak / 1e9, 1), "peak_gflops_first": round(peak_first / 1e9, 1),
+        "loss": float(m["loss"]), "repeats": args.repeats,
         "load_avg_1m_start": round(load_start, 2), "load_avg_1m": round(os.getloadavg()[0], 2),
         "schedule": args.schedule, "block": args.block if args.schedule == "blocked" else 1,
         "reftjax_steps_s": [round(x, 2) for x in jt], "torch_steps_s": [round(x, 2) for x in tt],

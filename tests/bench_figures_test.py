@@ -1,0 +1,207 @@
+"""The arithmetic behind the benchmark figures of BUILD_NOTES, checked against hand computations.
+
+tests/bench_smoke_test.py only runs each script and parses its JSON line, so an inverted ratio, a median taken over
+the warm-up iteration, tokens counted from the wrong record or an MFU over the wrong time would be published
+unnoticed. Here the pure helpers of bench/ppo_iteration.py, bench/sft_step.py, bench/rollout.py and
+bench/decode_profile.py get made-up timings (and a toy FLOP model, `_Cfg`), with no model loaded and no benchmark run.
+"""
+import importlib.util
+import os
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+
+import reftjax.host
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+class _Cfg:
+    """A FLOP model simple enough to compute by hand: 10 + context (+100 for the vocabulary head) a token."""
+
+    def flops_per_token(self, context: int = 0, head: bool = True) -> float:
+        return 10.0 + context + (100.0 if head else 0.0)
+
+
+def _load(name: str):
+    """Import bench/<name>.py without its entry-point side effects: `use_hugepage_malloc` would re-execute the
+    pytest process, and the scripts' environment defaults and sys.path entries are undone after the import."""
+    env, path, real = dict(os.environ), list(sys.path), reftjax.host.use_hugepage_malloc
+    reftjax.host.use_hugepage_malloc = lambda: "system"
+    try:
+        spec = importlib.util.spec_from_file_location(f"_bench_{name}", ROOT / "bench" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        reftjax.host.use_hugepage_malloc = real
+        sys.path[:] = path
+        os.environ.clear()
+        os.environ.update(env)
+    return module
+
+
+@pytest.fixture(scope="module")
+def ppo():
+    return _load("ppo_iteration")
+
+
+@pytest.fixture(scope="module")
+def sft():
+    return _load("sft_step")
+
+
+@pytest.fixture(scope="module")
+def rollout_bench():
+    return _load("rollout")
+
+
+@pytest.fixture(scope="module")
+def decode():
+    return _load("decode_profile")
+
+
+# Four rows (2 prompts x 2 samples, prompt-major) of real prompt lengths 3, 3, 5, 5 and completions 2, 4, 1, 3.
+# With _Cfg, model_flops(group=1) = prompts 2 * (3 * 11 + 5 * 12) = 186 + completions 2 * 114 + 4 * 115 + 1 * 115
+# + 3 * 116 = 1151: 1337; group=2 (each prompt once): 93 + 1151 = 1244.
+PROMPT_MASK = np.array([[0, 0, 0, 1, 1, 1], [0, 0, 0, 1, 1, 1], [0, 1, 1, 1, 1, 1], [0, 1, 1, 1, 1, 1]])
+LENGTHS = np.array([2, 4, 1, 3])
+
+
+def _records():
+    """A warm-up iteration that differs from all others, then three steady ones whose first, median, mean, min
+    and max all differ (iter_s 2, 4, 9; flops/iter_s 30, 25, 10; rollout_s 1, 3, 8; sys_s 0.5, 0.1, 0.2)."""
+    warm = {"iter_s": 50.0, "gen_tokens": 1000, "flops": 5e6, "rollout_s": 40.0, "sys_s": 7.0, "reward": 0.9}
+    steady = [{"iter_s": 2.0, "gen_tokens": 30, "flops": 60.0, "rollout_s": 1.0, "sys_s": 0.5, "reward": 0.1},
+              {"iter_s": 4.0, "gen_tokens": 10, "flops": 100.0, "rollout_s": 3.0, "sys_s": 0.1, "reward": 0.2},
+              {"iter_s": 9.0, "gen_tokens": 50, "flops": 90.0, "rollout_s": 8.0, "sys_s": 0.2, "reward": 0.3}]
+    return [warm, *steady]
+
+
+def test_ppo_summary_is_over_the_steady_iterations(ppo):
+    """`_summary` (every `<algo>_*` and `trl_*` figure): the warm-up record is out of the medians and the tokens/s,
+    iter_s is the median (not the mean or min), tokens/s is all steady tokens over all steady seconds, the MFU the
+    median of flops / iter_s over the peak, `first_iter_s` the warm-up's."""
+    out = ppo._summary("ppo", _records(), peak=100.0, extra_keys=("rollout_s", "sys_s"))
+    assert out == {"ppo_iter_s": 4.0, "ppo_tokens_per_s": 6.0,  # 90 tokens / 15 s
+                   "ppo_gen_tokens_mean": 30.0, "ppo_first_iter_s": 50.0,
+                   "ppo_mfu": 0.25,  # median(25, 30, 10) / 100
+                   "ppo_iters": [2.0, 4.0, 9.0], "ppo_rollout_s": 3.0, "ppo_sys_s": 0.2}
+
+
+def test_ppo_algo_figures_compile_time_and_reward(ppo):
+    """`<algo>_compile_s` is the first iteration less the steady median (not the mean, not the first steady one), with
+    the phase medians of `_summary`; `<algo>_reward_mean` averages every iteration's reward."""
+    records = [{**r, "experience_s": 1.0, "update_s": 2.0, "rollout_sys_s": 0.0, "experience_sys_s": 0.0,
+                "update_sys_s": 0.0} for r in _records()]
+    out = ppo._algo_figures("grpo", records, peak=100.0)
+    assert out["grpo_compile_s"] == 46.0  # 50 - median(4, 2, 9)
+    assert out["grpo_reward_mean"] == 0.375  # (0.9 + 0.1 + 0.2 + 0.3) / 4
+    assert out["grpo_iter_s"] == 4.0 and out["grpo_rollout_s"] == 3.0 and out["grpo_update_s"] == 2.0
+    assert out["grpo_tokens_per_s"] == 6.0
+
+
+def test_ppo_ratios_are_reftjax_over_trl(ppo):
+    """`ratio_vs_trl` is ppo's tokens/s over TRL's (above 1: reftjax faster), `ratio_<algo>_vs_trl` each other
+    algorithm's, each from its own algorithm's key."""
+    out = {"ppo_tokens_per_s": 30.0, "grpo_tokens_per_s": 45.0, "rloo_tokens_per_s": 12.0, "trl_tokens_per_s": 15.0}
+    assert ppo._trl_ratios(out, ["ppo", "grpo", "rloo"]) == {
+        "ratio_vs_trl": 2.0, "ratio_grpo_vs_trl": 3.0, "ratio_rloo_vs_trl": 0.8}
+
+
+def test_ppo_iteration_record_phases_tokens_and_flops(ppo):
+    """`iteration_record`: each phase is the time between its own clock readings, gen_tokens is the sum of the
+    rows' lengths (EOS included, padding not), and the FLOPs count the real prompt tokens with the bench's
+    samples / group / experience-from-rollout / epochs / reference in their places of `rl_iteration_flops`."""
+    rec = ppo.iteration_record(_Cfg(), (10.0, 11.0, 13.5, 17.0), (1.0, 1.25, 2.0, 4.0), LENGTHS, PROMPT_MASK,
+                               samples=2, group=1, fast=False, epochs=2, reference=True, reward=0.5, loss=-1.0)
+    # rollout 1244 (each prompt prefilled once for its 2 samples) + 1337 x (policy 1 + reference 1 + 3 x 2 epochs)
+    assert rec == {"iter_s": 7.0, "rollout_s": 1.0, "experience_s": 2.5, "update_s": 3.5,
+                   "rollout_sys_s": 0.25, "experience_sys_s": 0.75, "update_sys_s": 2.0,
+                   "gen_tokens": 10, "flops": 1244.0 + 1337.0 * 8, "reward": 0.5, "loss": -1.0}
+    shared = ppo.iteration_record(_Cfg(), (0.0, 1.0, 2.0, 3.0), (0.0,) * 4, LENGTHS, PROMPT_MASK,
+                                  samples=2, group=2, fast=True, epochs=1, reference=False, reward=0.0, loss=0.0)
+    assert shared["flops"] == 1244.0 + 1244.0 * 3  # share_prompt, no policy or reference forward, one epoch
+    grpo = ppo.iteration_record(_Cfg(), (0.0, 1.0, 2.0, 3.0), (0.0,) * 4, LENGTHS, PROMPT_MASK,
+                                samples=2, group=1, fast=True, epochs=3, reference=True, reward=0.0, loss=0.0)
+    assert grpo["flops"] == 1244.0 + 1337.0 * (1 + 9)
+
+
+def test_trl_step_counts(ppo):
+    """TRL's step: gen_tokens sums its completions' lengths and the FLOPs are generation 1x + training 3x of
+    `model_flops` over every row's prompt (TRL prefills each row's prompt)."""
+    completions = [[7] * 2, [7] * 4, [7] * 1, [7] * 3]
+    assert ppo.trl_step_counts(_Cfg(), [3, 3, 5, 5], completions) == {"gen_tokens": 10, "flops": 1337.0 * 4}
+
+
+def test_sft_step_figures(sft):
+    """bench/sft_step.py's keys: medians of the timed steps (not mean or min), tokens/s = batch x seq / median,
+    `ratio_vs_torch` = torch's median over reftjax's (above 1: reftjax faster), `compile_s` the first call less the
+    reftjax median, each MFU = 3 x forward FLOPs (context seq / 2) / its own median / peak."""
+    # n_tok = 16; flops = 3 * (10 + 4 + 100) * 16 = 5472
+    out = sft.step_figures(_Cfg(), 2, 8, reftjax_steps=[1.0, 4.0, 2.0], torch_steps=[3.0, 9.0, 6.0],
+                           compile_wall_s=10.0, peak=5472 / 0.2)
+    assert out == {"reftjax_step_s": 2.0, "torch_step_s": 6.0, "reftjax_tokens_per_s": 8.0,
+                   "torch_tokens_per_s": 2.7, "ratio_vs_torch": 3.0, "compile_s": 8.0,
+                   "mfu_reftjax": 0.1, "mfu_torch": 0.033}
+
+
+def _schedule(sft, schedule, repeats, block):
+    """Run `run_schedule` with a clock that returns each call's sequence number, to see which calls land where."""
+    calls = []
+
+    def timed(fn):
+        calls.append(fn())
+        return float(len(calls)), len(calls) / 10
+    return sft.run_schedule({"reftjax": lambda: "r", "torch": lambda: "t"}, timed, repeats, schedule, block), calls
+
+
+def test_sft_schedule_keeps_switch_steps_out_of_the_medians(sft):
+    """Blocked schedule: each block starts with an untimed-for-the-median switch step, blocks alternate, and each
+    contender gets exactly `repeats` timed steps (the last block shortened); alternate: one step each, no switch."""
+    runs, calls = _schedule(sft, "blocked", repeats=5, block=2)
+    assert "".join(calls) == "rrrtttrrrtttrrtt"
+    assert runs["reftjax"]["switch"] == [1.0, 7.0, 13.0] and runs["torch"]["switch"] == [4.0, 10.0, 15.0]
+    assert runs["reftjax"]["steps"] == [2.0, 3.0, 8.0, 9.0, 14.0]
+    assert runs["torch"]["steps"] == [5.0, 6.0, 11.0, 12.0, 16.0]
+    assert runs["torch"]["sys"] == [0.5, 0.6, 1.1, 1.2, 1.6]
+    runs, calls = _schedule(sft, "alternate", repeats=2, block=3)
+    assert "".join(calls) == "rtrt" and runs["reftjax"]["steps"] == [1.0, 3.0] and runs["torch"]["switch"] == []
+
+
+def test_rollout_batch_figures(rollout_bench):
+    """bench/rollout.py's per-batch keys: rows x new tokens over the median run (not the first, compiling one),
+    `ratio_bB` = transformers' median over reftjax's, `compile_s_bB` = first less the median, the one-device keys
+    from their own runs, and the model GFLOP/s over the real (unpadded) prompt lengths."""
+    out, gflops = rollout_bench.batch_figures(_Cfg(), [[1, 2, 3], [4, 5]], 4, first_s=12.0,
+                                              t_ours=[2.0, 1.0, 6.0], t_theirs=[5.0, 8.0, 4.0], t_one=[3.0])
+    assert out == {"reftjax_tok_s_b2": 4.0, "hf_tok_s_b2": 1.6, "ratio_b2": 2.5, "compile_s_b2": 10.0,
+                   "reftjax_one_device_tok_s_b2": 2.7, "ratio_one_device_b2": 1.67}
+    # prompts 3 * 11 + 2 * 11 = 55, completions 4 * (110 + 3 + 2) + 4 * (110 + 2 + 2) = 916, over the median 2 s
+    assert gflops == pytest.approx(971 / 2 / 1e9)
+    out, _ = rollout_bench.batch_figures(_Cfg(), [[1]], 4, 1.0, [1.0], [1.0], [])
+    assert "ratio_one_device_b1" not in out
+
+
+HLO = """HloModule jit__rollout
+  %fusion.3 = f32[2,4]{1,0} fusion(f32[2,4]{1,0} %p.1), kind=kLoop, metadata={op_name="jit(_r)/while/body/mlp/dot"}
+  %fusion.4 = f32[2,4]{1,0} fusion(f32[2,4]{1,0} %p.2), kind=kLoop, metadata={op_name="jit(_r)/while/body/mlp/dot"}
+  %copy.7 = f32[2]{0} copy(f32[2]{0} %p.3), metadata={op_name="jit(_r)/prefill/copy"}
+  ROOT %tuple.1 = (f32[2]{0}) tuple(f32[2]{0} %copy.7)
+"""
+
+
+def test_decode_profile_groups_per_step_ms(decode):
+    """bench/decode_profile.py's `step_ms_by_op`: op names lose the jit and loop-body prefixes, ops of one op_name
+    add up, only ops that ran exactly once per decode step count, and microseconds become ms per step."""
+    names = decode._op_names(HLO)
+    assert names == {"fusion.3": "mlp/dot", "fusion.4": "mlp/dot", "copy.7": "prefill/copy",
+                     "tuple.1": ""}
+    n = 4
+    events = ([{"ph": "X", "name": "fusion.3", "dur": 500.0}] * n + [{"ph": "X", "name": "fusion.4", "dur": 250.0}] * n
+              + [{"ph": "X", "name": "tuple.1", "dur": 100.0}] * n
+              + [{"ph": "X", "name": "copy.7", "dur": 9000.0}]  # the prefill: once, not a decode step's op
+              + [{"ph": "X", "name": "other", "dur": 7.0}] * n  # not an op of the program
+              + [{"ph": "B", "name": "fusion.3", "dur": 1e6}])  # not a complete event
+    assert decode.step_ms_by_group(events, names, n) == {"mlp/dot": 0.75, "tuple.1": 0.1}
