@@ -4,6 +4,7 @@ A tiny random Llama with SmolLM2's tokenizer keeps each run to compile time
 (about a minute on 2 cores); accuracy is not asserted, the pipeline is: files,
 metrics, plots, export, SIGKILL + resume, notebook, CLI errors.
 """
+import base64
 import dataclasses
 import json
 import os
@@ -837,6 +838,26 @@ def test_notebook_executes_on_cpu(tiny_hf_dir, tmp_path, shared_data):
     assert stray() == before  # REFTJAX_NB_OUT given: no stray temporary run directory
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert any(o.get("output_type") == "display_data" and "image/png" in o.get("data", {}) for o in outputs)
+    # what it ran, printed and showed, beyond "a summary and an image" (mutation review of the notebook, helper-147):
+    # the tiny setting on the notebook's mesh, the run cell's figures, then summary.md and the four plots in order
+    out = tmp_path / "nb"
+    ran = json.loads((out / "config.json").read_text())
+    assert (ran["name"], ran["model"], ran["mesh"], ran["eval_before_sft"]) == \
+        ("gsm8k_reft_cpu", str(tiny_hf_dir), {"data": 1, "fsdp": -1, "tensor": 1}, False)
+    assert [ran["data"]["n_train"], ran["data"]["n_val"], ran["data"]["n_test"], ran["sft"]["batch_size"],
+            ran["rl"]["iterations"], ran["rl"]["prompts_per_iteration"], ran["rl"]["eval_every"],
+            ran["rl"]["sampling"]["max_new_tokens"], ran["eval"]["max_new_tokens"], ran["eval"]["batch_size"],
+            ran["checkpoint"]["save_every"]] == [16, 4, 4, 4, 2, 4, 2, 16, 16, 4, 2]
+    [run_cell] = [c for c in nb.cells if c.cell_type == "code" and "summary = run(" in c.source]
+    text = "".join(o.get("text", "") for o in run_cell.outputs if o.get("name") == "stdout")
+    shown = json.loads(text[text.index("{"):text.rindex("}") + 1])
+    saved = json.loads((out / "summary.json").read_text())
+    assert shown == {k: saved[k] for k in ("test_accuracy", "test_voting_accuracy", "best_iteration", "wall_seconds")}
+    assert None not in shown.values()
+    shown = [o["data"] for o in nb.cells[-1].outputs if o.get("output_type") == "display_data"]
+    assert shown[0]["text/markdown"] == (out / "summary.md").read_text()
+    assert [base64.b64decode(d["image/png"]) for d in shown[1:]] == \
+        [(out / "plots" / f"{k}.png").read_bytes() for k in ("reward", "kl", "response_length", "val_accuracy")]
 
 
 def test_notebook_tiny_setting_fits_an_eight_core_mesh(tmp_path):
