@@ -20,6 +20,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
+def layers_seconds(fn, repeats: int, layers: int) -> float:
+    """`layers` x the fastest of `repeats` timed calls of one layer's `fn`, after an untimed first call (compile /
+    warm-up), rounded to ms."""
+    from reftjax.metrics import min_seconds
+
+    fn()
+    return round(layers * min_seconds(fn, repeats), 3)
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=8)
@@ -31,7 +40,6 @@ def main(argv=None) -> dict:
     import torch
 
     from reftjax.host import cpu_description
-    from reftjax.metrics import min_seconds
     from reftjax.models.llama import _attend, attention_mask
 
     b, t, h, kv, d, layers = 8, 256, 9, 3, 64, 30
@@ -41,8 +49,7 @@ def main(argv=None) -> dict:
     mask = attention_mask(slots, slots, jnp.ones((b, t), jnp.int32), None)
 
     def best(fn):
-        fn()  # compile / warm up
-        return round(layers * min_seconds(fn, args.repeats), 3)
+        return layers_seconds(fn, args.repeats, layers)
 
     fwd = jax.jit(lambda q, k, v: _attend(q, k, v, mask))
     grad = jax.jit(jax.grad(lambda q, k, v: jnp.sum(_attend(q, k, v, mask) ** 2), argnums=(0, 1, 2)))

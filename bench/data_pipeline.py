@@ -34,6 +34,27 @@ def _median_time(fn, repeats: int) -> tuple[float, object]:
     return statistics.median(times), result
 
 
+def pipeline_figures(n_examples: int, real_tokens: int, tokenize_s: float, counts: list[tuple[int, int]],
+                     epoch_s: float) -> dict:
+    """The rate keys from the median times: `tokenize_s` (one tokenization of `n_examples` of `real_tokens`) and
+    `epoch_s` (one Loader epoch whose batches had `counts`: (real tokens, slots incl. padding) each); the ratio is
+    the slower stage's real tokens/s over the SFT step's 125."""
+    loader_real = sum(c[0] for c in counts)
+    return {"tokenize_s": round(tokenize_s, 3),
+            "tokenize_examples_per_s": round(n_examples / tokenize_s, 1),
+            "tokenize_tokens_per_s": round(real_tokens / tokenize_s),
+            "loader_batches_per_s": round(len(counts) / epoch_s, 1),
+            "loader_tokens_per_s": round(loader_real / epoch_s),
+            "loader_padding_fraction": round(1 - loader_real / sum(c[1] for c in counts), 3),
+            "ratio_vs_sft_step_125_tok_s": round(
+                min(real_tokens / tokenize_s, loader_real / epoch_s) / SFT_STEP_TOKENS_PER_S)}
+
+
+def mean_length(rows) -> float:
+    """The mean token count of `rows` (the targets), to one decimal."""
+    return round(float(np.mean([len(t) for t in rows])), 1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokenizer", default="default")
@@ -61,23 +82,16 @@ def main() -> None:
         return [(int(b["attn_mask"].sum()), b["tokens"].size) for b in loader]
 
     epoch_s, counts = _median_time(one_epoch, args.repeats)
-    loader_real = sum(c[0] for c in counts)
+    fig = pipeline_figures(len(examples), real_tokens, tok_s, counts, epoch_s)
     print(json.dumps({
         "cpu": cpu_description(),
         "bench": "data_pipeline", "dataset": "gsm8k:train", "examples": len(examples),
         "tfds_load_s": round(load_s, 2),
-        "tokenize_s": round(tok_s, 3),
-        "tokenize_examples_per_s": round(len(examples) / tok_s, 1),
-        "tokenize_tokens_per_s": round(real_tokens / tok_s),
+        **fig,
         "loader_batch_size": args.batch_size, "seq_buckets": list(cfg.seq_sizes),
         "group_by_length": args.group_by_length,
-        "loader_batches_per_s": round(len(counts) / epoch_s, 1),
-        "loader_tokens_per_s": round(loader_real / epoch_s),
-        "loader_padding_fraction": round(1 - loader_real / sum(c[1] for c in counts), 3),
-        "ratio_vs_sft_step_125_tok_s": round(
-            min(real_tokens / tok_s, loader_real / epoch_s) / SFT_STEP_TOKENS_PER_S),
-        "target_tokens_mean_stripped": round(float(np.mean([len(t) for t in ds.target])), 1),
-        "target_tokens_mean_annotated": round(float(np.mean([len(t) for t in raw.target])), 1),
+        "target_tokens_mean_stripped": mean_length(ds.target),
+        "target_tokens_mean_annotated": mean_length(raw.target),
         "dropped_over_limits_stripped": ds.stats["dropped"],
         "dropped_over_limits_annotated": raw.stats["dropped"],
     }), flush=True)

@@ -25,10 +25,33 @@ sys.path.insert(0, ROOT)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
+def median_call_seconds(call, dispatch, repeats: int, clock=time.perf_counter) -> float:
+    """The median of `repeats` timings of `call()`, each made right after `dispatch()` queued a step (None: nothing
+    queued); the step is waited for after the timing, so a call that waits on it pays for it and one that does not,
+    does not."""
+    import numpy as np
+
+    times = []
+    for _ in range(repeats):
+        y = None if dispatch is None else dispatch()
+        t0 = clock()
+        call()
+        times.append(clock() - t0)
+        if y is not None:
+            y.block_until_ready()
+    return float(np.median(times))
+
+
+def timed_calls(stop, dispatch) -> dict:
+    """Each figure's name -> (the call timed, what is dispatched right before it: `dispatch` queues a step, None
+    nothing): `check` after a dispatch, `check` idle, `poll` after a dispatch."""
+    return {"check_after_dispatch": (stop.check, dispatch), "check_idle": (stop.check, None),
+            "poll_after_dispatch": (stop.poll, dispatch)}
+
+
 def child(args) -> dict:
     import jax
     import jax.numpy as jnp
-    import numpy as np
 
     from reftjax.sharding import maybe_initialize_distributed
 
@@ -47,16 +70,8 @@ def child(args) -> dict:
     stop = T._Interrupt()
     stop.check()
     stop.poll()  # compiles the dispatched gather
-    for name in ("check_after_dispatch", "check_idle", "poll_after_dispatch"):
-        times = []
-        for _ in range(args.repeats):
-            y = None if name == "check_idle" else step(x)
-            t0 = time.perf_counter()
-            stop.poll() if name.startswith("poll") else stop.check()
-            times.append(time.perf_counter() - t0)
-            if y is not None:
-                y.block_until_ready()
-        out[name] = float(np.median(times))
+    for name, (call, dispatch) in timed_calls(stop, lambda: step(x)).items():
+        out[name] = median_call_seconds(call, dispatch, args.repeats)
     return {k: round(v, 4) for k, v in out.items()}
 
 

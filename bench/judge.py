@@ -32,6 +32,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def judge_figures(grades: list, again: list, first_s: float, warm_s: float) -> dict:
+    """The keys from the two passes over the 2n requests (the n right answers, then the same n items' wrong ones):
+    replies/s of the warm (second) pass, the share of grades that were not a grader fault, the mean scores of the
+    right and of the wrong halves, the shares of pairs whose right answer scored higher and the same, whether the
+    passes agreed."""
+    n = len(grades) // 2
+    scored = [not is_fault(g) for g in grades]
+    right, wrong = [g.score for g in grades[:n]], [g.score for g in grades[n:]]
+    return {"first_pass_s": round(first_s, 2), "warm_pass_s": round(warm_s, 2),
+            "replies_per_s": round(2 * n / warm_s, 2), "scored_share": sum(scored) / (2 * n),
+            "same_grades_twice": [g.to_json() for g in grades] == [g.to_json() for g in again],
+            "mean_score_right": sum(right) / n, "mean_score_wrong": sum(wrong) / n,
+            "right_above_wrong": sum(a > b for a, b in zip(right, wrong)) / n,
+            "ties": sum(a == b for a, b in zip(right, wrong)) / n,
+            "example_error": next((g.error for g in grades if g.error), None)}
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="default")
@@ -68,18 +85,10 @@ def main():
         server.terminate()
         server.wait(timeout=60)
     n = len(items)
-    scored = [not is_fault(g) for g in grades]
-    right, wrong = [g.score for g in grades[:n]], [g.score for g in grades[n:]]
     print(json.dumps({
         "model": args.model, "items": n, "requests": 2 * n, "batch_size": args.batch_size,
-        "server_load_s": round(load_s, 2),
-        "first_pass_s": round(first_s, 2), "warm_pass_s": round(warm_s, 2),
-        "replies_per_s": round(2 * n / warm_s, 2), "scored_share": sum(scored) / (2 * n),
-        "same_grades_twice": [g.to_json() for g in grades] == [g.to_json() for g in again],
-        "mean_score_right": sum(right) / n, "mean_score_wrong": sum(wrong) / n,
-        "right_above_wrong": sum(a > b for a, b in zip(right, wrong)) / n,
-        "ties": sum(a == b for a, b in zip(right, wrong)) / n,
-        "example_error": next((g.error for g in grades if g.error), None), "cpu": cpu_description()}))
+        "server_load_s": round(load_s, 2), **judge_figures(grades, again, first_s, warm_s),
+        "cpu": cpu_description()}))
 
 
 if __name__ == "__main__":

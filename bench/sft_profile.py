@@ -41,6 +41,24 @@ def _rss_bytes() -> int:
         return 0
 
 
+def op_figures(events: list[dict], names: dict[str, str], top: int) -> dict:
+    """The profile keys from the trace: each HLO op of the program (`names`: op -> op_name) with its complete ("X")
+    events' count and seconds (durations in microseconds, summed over threads), their total, the `top` ops by
+    seconds, and the seconds per op kind (the op's name less its ".N" suffix), the 12 largest."""
+    per_op = collections.defaultdict(lambda: [0, 0.0])
+    for e in events:
+        if e.get("ph") == "X" and e["name"] in names:
+            per_op[e["name"]][0] += 1
+            per_op[e["name"]][1] += e.get("dur", 0.0) / 1e6
+    kinds = collections.defaultdict(float)
+    for op, (_, sec) in per_op.items():
+        kinds[re.sub(r"\.\d+$", "", op)] += sec
+    top_ops = sorted(per_op.items(), key=lambda kv: -kv[1][1])[:top]
+    return {"ops_s_thread_summed": round(sum(v[1] for v in per_op.values()), 2),
+            "top_ops": [{"op": op, "runs": c, "s": round(sec, 3), "name": names[op]} for op, (c, sec) in top_ops],
+            "by_kind_s": {k: round(v, 2) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])[:12]}}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=8)
@@ -85,22 +103,11 @@ def main(argv=None) -> int:
         trace = json.load(gzip.open(glob.glob(f"{d}/**/*.trace.json.gz", recursive=True)[0]))
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
     names = _op_names(step.lower(state, batch).compile().as_text())  # same program; compiled after the timing
-    per_op = collections.defaultdict(lambda: [0, 0.0])
-    for e in events:
-        if e.get("ph") == "X" and e["name"] in names:
-            per_op[e["name"]][0] += 1
-            per_op[e["name"]][1] += e.get("dur", 0.0) / 1e6
-    kinds = collections.defaultdict(float)
-    for op, (_, sec) in per_op.items():
-        kinds[re.sub(r"\.\d+$", "", op)] += sec
-    top = sorted(per_op.items(), key=lambda kv: -kv[1][1])[: args.top]
     print(json.dumps({
         "cpu": cpu_description(),
         "bench": "sft_profile", "batch": b, "seq": t, "host_allocator": HOST_ALLOCATOR,
         "steps": steps, "traced_step_s": round(traced_s, 2),
-        "ops_s_thread_summed": round(sum(v[1] for v in per_op.values()), 2),
-        "top_ops": [{"op": op, "runs": c, "s": round(sec, 3), "name": names[op]} for op, (c, sec) in top],
-        "by_kind_s": {k: round(v, 2) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])[:12]},
+        **op_figures(events, names, args.top),
         "load_avg_1m": round(os.getloadavg()[0], 2)}))
     return 0
 

@@ -2,8 +2,10 @@
 
 tests/bench_smoke_test.py only runs each script and parses its JSON line, so an inverted ratio, a median taken over
 the warm-up iteration, tokens counted from the wrong record or an MFU over the wrong time would be published
-unnoticed. Here the pure helpers of bench/ppo_iteration.py, bench/sft_step.py, bench/rollout.py and
-bench/decode_profile.py get made-up timings (and a toy FLOP model, `_Cfg`), with no model loaded and no benchmark run.
+unnoticed. Here the pure helpers of bench/ppo_iteration.py, bench/sft_step.py, bench/rollout.py,
+bench/decode_profile.py, bench/data_pipeline.py, bench/graders.py, bench/judge.py, bench/optimizer_update.py,
+bench/attention_core.py, bench/interrupt_poll.py and bench/sft_profile.py get made-up timings (a toy FLOP model,
+`_Cfg`, a fake clock, `_Clock`), with no model loaded and no benchmark run.
 """
 import importlib.util
 import os
@@ -205,3 +207,181 @@ def test_decode_profile_groups_per_step_ms(decode):
               + [{"ph": "X", "name": "other", "dur": 7.0}] * n  # not an op of the program
               + [{"ph": "B", "name": "fusion.3", "dur": 1e6}])  # not a complete event
     assert decode.step_ms_by_group(events, names, n) == {"mlp/dot": 0.75, "tuple.1": 0.1}
+
+
+# bench/data_pipeline.py, graders.py, judge.py, optimizer_update.py, attention_core.py, interrupt_poll.py and
+# sft_profile.py (helper-148's review); bench/sft_breakdown.py runs its benchmark at import and has no pure pieces.
+
+
+class _Clock:
+    """A fake `time.perf_counter`: `now` moves only when the code under test advances it."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_data_pipeline_median_time_is_the_median_of_its_calls(monkeypatch):
+    """`_median_time` (`tokenize_s`, and the epoch time behind every `loader_*` rate): the median of the repeats'
+    times (5, 1, 2 s: not the first, the fastest or the mean), with the last call's result."""
+    dp = _load("data_pipeline")
+    clock, durations = _Clock(), iter([5.0, 1.0, 2.0])
+
+    def fn():
+        clock.now += next(durations)
+        return clock.now
+
+    monkeypatch.setattr(dp, "time", type("T", (), {"perf_counter": staticmethod(clock)}))
+    assert dp._median_time(fn, 3) == (2.0, 8.0)
+
+
+def test_data_pipeline_figures():
+    """bench/data_pipeline.py's rates: examples and real tokens over the tokenization time, batches and real (not
+    padded) tokens over the epoch time, padding = 1 - real / slots over all batches, and the ratio the slower
+    stage's real tokens/s over 125 (each stage the slower once)."""
+    dp = _load("data_pipeline")
+    counts = [(30, 40), (20, 40), (50, 80)]  # 100 real tokens in 160 slots
+    assert dp.pipeline_figures(300, 6000, 2.0, counts, 0.5) == {
+        "tokenize_s": 2.0, "tokenize_examples_per_s": 150.0, "tokenize_tokens_per_s": 3000,
+        "loader_batches_per_s": 6.0, "loader_tokens_per_s": 200, "loader_padding_fraction": 0.375,
+        "ratio_vs_sft_step_125_tok_s": 2}  # min(3000, 200) / 125 = 1.6
+    out = dp.pipeline_figures(300, 6000, 4.0, counts, 0.05)  # tokenization 1500 tokens/s, the loader 2000
+    assert out["ratio_vs_sft_step_125_tok_s"] == 12 and out["loader_tokens_per_s"] == 2000
+    assert dp.mean_length([[1], [1, 2], list(range(10))]) == 4.3
+
+
+def test_graders_figures():
+    """bench/graders.py's keys: completions per second = batch / median seconds (not inverted), the batch-64 and
+    direct host-function times in ms, and each callback's overhead = its own time less the direct call's."""
+    gr = _load("graders")
+    out = gr.grader_figures(256, ncot_s=0.5, ncot64_s=0.02, pcot_s=4.0, direct_s=0.01, in_jit_s=0.015,
+                            in_pure_s=0.012)
+    assert out == pytest.approx({"ncot_per_s": 512.0, "ncot_batch64_ms": 20.0, "pcot_per_s": 64.0, "host_fn_ms": 10.0,
+                                 "callback_overhead_ms": 5.0, "pure_callback_overhead_ms": 2.0})
+
+
+def test_graders_share_of_rollout(monkeypatch):
+    """`grade_share_of_rollout`: grading's share of rollout + grading (1 of 3 + 1 s), each timed over `repeats`."""
+    gr = _load("graders")
+    seen = []
+
+    def fake_median(fn, repeats):
+        seen.append(repeats)
+        return float(fn())
+    monkeypatch.setattr(gr, "median_seconds", fake_median)
+    share = gr.grade_share_of_rollout(lambda: 3.0, lambda ids, mask, idx: ids + mask + idx, 0.5, 0.25, 0.25,
+                                      repeats=7)
+    assert share == 0.25 and seen == [7, 7]
+
+
+def test_judge_figures():
+    """bench/judge.py's keys: the first half of the grades are the right answers, the second the same items' wrong
+    ones; means and pair shares over the n pairs, `scored_share` over all 2n replies (a grader fault is not scored),
+    replies/s from the warm pass, the first error in request order, and whether the two passes agree."""
+    from reftjax.graders.base import Grade, faulted
+
+    jd = _load("judge")
+    grades = [Grade(1.0), Grade(0.5), faulted("judge down"),  # right answers: 1, 0.5, 0
+              Grade(0.0, error="no label"), Grade(0.5), Grade(0.25)]  # wrong answers: 0, 0.5, 0.25
+    out = jd.judge_figures(grades, list(grades), first_s=10.0, warm_s=2.0)
+    assert out == {"first_pass_s": 10.0, "warm_pass_s": 2.0, "replies_per_s": 3.0, "scored_share": 5 / 6,
+                   "same_grades_twice": True, "mean_score_right": 0.5, "mean_score_wrong": 0.25,
+                   "right_above_wrong": 1 / 3, "ties": 1 / 3, "example_error": "judge down"}
+    assert not jd.judge_figures(grades, grades[:5] + [Grade(0.0)], 1.0, 1.0)["same_grades_twice"]
+
+
+def test_optimizer_update_best_after_warmup():
+    """bench/optimizer_update.py: each optax figure is the fastest of `repeats` calls after an untimed compiling
+    one (100 s), with the (donated) state threaded through every call; torch's the fastest step after its first."""
+    ou = _load("optimizer_update")
+    clock, durations = _Clock(), [100.0, 5.0, 2.0, 3.0]
+
+    def fn(state):
+        clock.now += durations[state]
+        return state + 1, state
+    assert ou.best_update_seconds(fn, 0, 3, clock=clock) == (4, 2.0)
+    durations[0] = 0.5  # even a first call faster than the rest is not among the timed ones
+    assert ou.best_update_seconds(fn, 0, 3, clock=clock) == (4, 2.0)
+    assert ou.steady_min([0.5, 2.0, 1.0]) == 1.0
+
+
+def test_attention_core_layers_seconds(monkeypatch):
+    """bench/attention_core.py: every figure is `layers` x the fastest of `repeats` calls of one layer, timed only
+    after an untimed first call."""
+    import reftjax.metrics
+
+    ac = _load("attention_core")
+    calls, timed = [], []
+
+    def fake_min(fn, repeats):
+        timed.append((len(calls), repeats))
+        for _ in range(repeats):
+            fn()
+        return 0.0123
+    monkeypatch.setattr(reftjax.metrics, "min_seconds", fake_min)
+    assert ac.layers_seconds(lambda: calls.append(1), 4, 30) == 0.369
+    assert timed == [(1, 4)] and len(calls) == 5
+
+
+def test_interrupt_poll_median_call_seconds():
+    """bench/interrupt_poll.py: each figure is the median (4, 1, 2 s: 2) of the call timed right after its step was
+    dispatched, the step waited for only after the timing; `dispatch=None` (`check_idle`) queues and waits nothing."""
+    ip = _load("interrupt_poll")
+    clock, durations, log = _Clock(), iter([4.0, 1.0, 2.0]), []
+
+    class Step:
+        def block_until_ready(self):
+            log.append("wait")
+
+    def call():
+        log.append("call")
+        clock.now += next(durations)
+
+    def dispatch():
+        log.append("dispatch")
+        return Step()
+    assert ip.median_call_seconds(call, dispatch, 3, clock=clock) == 2.0
+    assert log == ["dispatch", "call", "wait"] * 3
+    log.clear()
+    durations = iter([1.0, 3.0])
+    assert ip.median_call_seconds(call, None, 2, clock=clock) == 2.0 and log == ["call", "call"]
+
+
+def test_interrupt_poll_timed_calls():
+    """bench/interrupt_poll.py's three figures time the right call after the right dispatch: `check` and `poll`
+    after a queued step, `check_idle` with nothing queued."""
+    ip = _load("interrupt_poll")
+
+    class Stop:
+        def check(self):
+            return "check"
+
+        def poll(self):
+            return "poll"
+
+    def dispatch():
+        return "step"
+    cases = ip.timed_calls(Stop(), dispatch)
+    assert {k: (call(), d) for k, (call, d) in cases.items()} == {
+        "check_after_dispatch": ("check", dispatch), "check_idle": ("check", None),
+        "poll_after_dispatch": ("poll", dispatch)}
+
+
+def test_sft_profile_op_figures():
+    """bench/sft_profile.py's profile keys: only complete ("X") events of the program's ops count, microseconds
+    become seconds summed over threads, runs count the events (one without a duration too), the top ops are the
+    largest `top` by seconds, and the kinds drop only a trailing ".N" (fusion.1 and fusion.12 are one kind)."""
+    sp = _load("sft_profile")
+    names = {"fusion.1": "mlp/dot", "fusion.12": "attn/dot", "dot.3": "head", "copy": ""}
+    events = ([{"ph": "X", "name": "fusion.1", "dur": 2e6}] * 2 + [{"ph": "X", "name": "fusion.12", "dur": 1.5e6},
+              {"ph": "X", "name": "dot.3", "dur": 3e6}, {"ph": "X", "name": "dot.3"},
+              {"ph": "X", "name": "copy", "dur": 5e5}]
+              + [{"ph": "X", "name": "other", "dur": 9e6}, {"ph": "B", "name": "fusion.1", "dur": 1e7}])
+    out = sp.op_figures(events, names, top=2)
+    assert out == {"ops_s_thread_summed": 9.0,
+                   "top_ops": [{"op": "fusion.1", "runs": 2, "s": 4.0, "name": "mlp/dot"},
+                               {"op": "dot.3", "runs": 2, "s": 3.0, "name": "head"}],
+                   "by_kind_s": {"fusion": 5.5, "dot": 3.0, "copy": 0.5}}
+    assert list(out["by_kind_s"]) == ["fusion", "dot", "copy"]
