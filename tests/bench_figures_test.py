@@ -7,6 +7,7 @@ bench/decode_profile.py, bench/data_pipeline.py, bench/graders.py, bench/judge.p
 bench/attention_core.py, bench/interrupt_poll.py and bench/sft_profile.py get made-up timings (a toy FLOP model,
 `_Cfg`, a fake clock, `_Clock`), with no model loaded and no benchmark run.
 """
+import functools
 import importlib.util
 import os
 import pathlib
@@ -27,6 +28,7 @@ class _Cfg:
         return 10.0 + context + (100.0 if head else 0.0)
 
 
+@functools.cache  # (each script once per process)
 def _load(name: str):
     """Import bench/<name>.py without its entry-point side effects: `use_hugepage_malloc` would re-execute the
     pytest process, and the scripts' environment defaults and sys.path entries are undone after the import."""
@@ -42,26 +44,6 @@ def _load(name: str):
         os.environ.clear()
         os.environ.update(env)
     return module
-
-
-@pytest.fixture(scope="module")
-def ppo():
-    return _load("ppo_iteration")
-
-
-@pytest.fixture(scope="module")
-def sft():
-    return _load("sft_step")
-
-
-@pytest.fixture(scope="module")
-def rollout_bench():
-    return _load("rollout")
-
-
-@pytest.fixture(scope="module")
-def decode():
-    return _load("decode_profile")
 
 
 # Four rows (2 prompts x 2 samples, prompt-major) of real prompt lengths 3, 3, 5, 5 and completions 2, 4, 1, 3.
@@ -81,10 +63,11 @@ def _records():
     return [warm, *steady]
 
 
-def test_ppo_summary_is_over_the_steady_iterations(ppo):
+def test_ppo_summary_is_over_the_steady_iterations():
     """`_summary` (every `<algo>_*` and `trl_*` figure): the warm-up record is out of the medians and the tokens/s,
     iter_s is the median (not the mean or min), tokens/s is all steady tokens over all steady seconds, the MFU the
     median of flops / iter_s over the peak, `first_iter_s` the warm-up's."""
+    ppo = _load("ppo_iteration")
     out = ppo._summary("ppo", _records(), peak=100.0, extra_keys=("rollout_s", "sys_s"))
     assert out == {"ppo_iter_s": 4.0, "ppo_tokens_per_s": 6.0,  # 90 tokens / 15 s
                    "ppo_gen_tokens_mean": 30.0, "ppo_first_iter_s": 50.0,
@@ -92,9 +75,10 @@ def test_ppo_summary_is_over_the_steady_iterations(ppo):
                    "ppo_iters": [2.0, 4.0, 9.0], "ppo_rollout_s": 3.0, "ppo_sys_s": 0.2}
 
 
-def test_ppo_algo_figures_compile_time_and_reward(ppo):
+def test_ppo_algo_figures_compile_time_and_reward():
     """`<algo>_compile_s` is the first iteration less the steady median (not the mean, not the first steady one), with
     the phase medians of `_summary`; `<algo>_reward_mean` averages every iteration's reward."""
+    ppo = _load("ppo_iteration")
     records = [{**r, "experience_s": 1.0, "update_s": 2.0, "rollout_sys_s": 0.0, "experience_sys_s": 0.0,
                 "update_sys_s": 0.0} for r in _records()]
     out = ppo._algo_figures("grpo", records, peak=100.0)
@@ -104,18 +88,20 @@ def test_ppo_algo_figures_compile_time_and_reward(ppo):
     assert out["grpo_tokens_per_s"] == 6.0
 
 
-def test_ppo_ratios_are_reftjax_over_trl(ppo):
+def test_ppo_ratios_are_reftjax_over_trl():
     """`ratio_vs_trl` is ppo's tokens/s over TRL's (above 1: reftjax faster), `ratio_<algo>_vs_trl` each other
     algorithm's, each from its own algorithm's key."""
+    ppo = _load("ppo_iteration")
     out = {"ppo_tokens_per_s": 30.0, "grpo_tokens_per_s": 45.0, "rloo_tokens_per_s": 12.0, "trl_tokens_per_s": 15.0}
     assert ppo._trl_ratios(out, ["ppo", "grpo", "rloo"]) == {
         "ratio_vs_trl": 2.0, "ratio_grpo_vs_trl": 3.0, "ratio_rloo_vs_trl": 0.8}
 
 
-def test_ppo_iteration_record_phases_tokens_and_flops(ppo):
+def test_ppo_iteration_record_phases_tokens_and_flops():
     """`iteration_record`: each phase is the time between its own clock readings, gen_tokens is the sum of the
     rows' lengths (EOS included, padding not), and the FLOPs count the real prompt tokens with the bench's
     samples / group / experience-from-rollout / epochs / reference in their places of `rl_iteration_flops`."""
+    ppo = _load("ppo_iteration")
     rec = ppo.iteration_record(_Cfg(), (10.0, 11.0, 13.5, 17.0), (1.0, 1.25, 2.0, 4.0), LENGTHS, PROMPT_MASK,
                                samples=2, group=1, fast=False, epochs=2, reference=True, reward=0.5, loss=-1.0)
     # rollout 1244 (each prompt prefilled once for its 2 samples) + 1337 x (policy 1 + reference 1 + 3 x 2 epochs)
@@ -130,17 +116,19 @@ def test_ppo_iteration_record_phases_tokens_and_flops(ppo):
     assert grpo["flops"] == 1244.0 + 1337.0 * (1 + 9)
 
 
-def test_trl_step_counts(ppo):
+def test_trl_step_counts():
     """TRL's step: gen_tokens sums its completions' lengths and the FLOPs are generation 1x + training 3x of
     `model_flops` over every row's prompt (TRL prefills each row's prompt)."""
+    ppo = _load("ppo_iteration")
     completions = [[7] * 2, [7] * 4, [7] * 1, [7] * 3]
     assert ppo.trl_step_counts(_Cfg(), [3, 3, 5, 5], completions) == {"gen_tokens": 10, "flops": 1337.0 * 4}
 
 
-def test_sft_step_figures(sft):
+def test_sft_step_figures():
     """bench/sft_step.py's keys: medians of the timed steps (not mean or min), tokens/s = batch x seq / median,
     `ratio_vs_torch` = torch's median over reftjax's (above 1: reftjax faster), `compile_s` the first call less the
     reftjax median, each MFU = 3 x forward FLOPs (context seq / 2) / its own median / peak."""
+    sft = _load("sft_step")
     # n_tok = 16; flops = 3 * (10 + 4 + 100) * 16 = 5472
     out = sft.step_figures(_Cfg(), 2, 8, reftjax_steps=[1.0, 4.0, 2.0], torch_steps=[3.0, 9.0, 6.0],
                            compile_wall_s=10.0, peak=5472 / 0.2)
@@ -159,9 +147,10 @@ def _schedule(sft, schedule, repeats, block):
     return sft.run_schedule({"reftjax": lambda: "r", "torch": lambda: "t"}, timed, repeats, schedule, block), calls
 
 
-def test_sft_schedule_keeps_switch_steps_out_of_the_medians(sft):
+def test_sft_schedule_keeps_switch_steps_out_of_the_medians():
     """Blocked schedule: each block starts with an untimed-for-the-median switch step, blocks alternate, and each
     contender gets exactly `repeats` timed steps (the last block shortened); alternate: one step each, no switch."""
+    sft = _load("sft_step")
     runs, calls = _schedule(sft, "blocked", repeats=5, block=2)
     assert "".join(calls) == "rrrtttrrrtttrrtt"
     assert runs["reftjax"]["switch"] == [1.0, 7.0, 13.0] and runs["torch"]["switch"] == [4.0, 10.0, 15.0]
@@ -172,10 +161,11 @@ def test_sft_schedule_keeps_switch_steps_out_of_the_medians(sft):
     assert "".join(calls) == "rtrt" and runs["reftjax"]["steps"] == [1.0, 3.0] and runs["torch"]["switch"] == []
 
 
-def test_rollout_batch_figures(rollout_bench):
+def test_rollout_batch_figures():
     """bench/rollout.py's per-batch keys: rows x new tokens over the median run (not the first, compiling one),
     `ratio_bB` = transformers' median over reftjax's, `compile_s_bB` = first less the median, the one-device keys
     from their own runs, and the model GFLOP/s over the real (unpadded) prompt lengths."""
+    rollout_bench = _load("rollout")
     out, gflops = rollout_bench.batch_figures(_Cfg(), [[1, 2, 3], [4, 5]], 4, first_s=12.0,
                                               t_ours=[2.0, 1.0, 6.0], t_theirs=[5.0, 8.0, 4.0], t_one=[3.0])
     assert out == {"reftjax_tok_s_b2": 4.0, "hf_tok_s_b2": 1.6, "ratio_b2": 2.5, "compile_s_b2": 10.0,
@@ -194,9 +184,10 @@ HLO = """HloModule jit__rollout
 """
 
 
-def test_decode_profile_groups_per_step_ms(decode):
-    """bench/decode_profile.py's `step_ms_by_op`: op names lose the jit and loop-body prefixes, ops of one op_name
+def test_decode_profile_groups_per_step_ms():
+    """bench/decode_profile.py's `step_ms_by_group`: op names lose the jit and loop-body prefixes, ops of one op_name
     add up, only ops that ran exactly once per decode step count, and microseconds become ms per step."""
+    decode = _load("decode_profile")
     names = decode._op_names(HLO)
     assert names == {"fusion.3": "mlp/dot", "fusion.4": "mlp/dot", "copy.7": "prefill/copy",
                      "tuple.1": ""}

@@ -1148,7 +1148,7 @@ def test_an_export_that_fails_leaves_no_temporary_folder_and_its_previous_export
     """An export failing (or interrupted) between its two renames: its temporary folder (a whole model) is removed,
     and the previous export, moved aside by `save_hf` itself, carries the mark that lets the next export (or
     `_clear_killed_export`) move it back. Only a hand-made aside was tested: dropping the mark, or the cleanup of the
-    temporary folder, passed (mutation review of the export, session 48)."""
+    temporary folder, passed (mutation review of the export, session 47)."""
     import pathlib
 
     from reftjax.hf import _clear_killed_export
@@ -1183,7 +1183,7 @@ def test_export_details_a_user_or_a_tool_reads(tmp_path, random_params):
     `format: pt` metadata and 8-byte alignment (neither was checked); a Phi-3 `rope_parameters` with a key
     transformers 4.x's Phi-3 refuses gets no `rope_scaling` rather than one silently dropping that key; only the
     export's own leftovers are cleared, its name taken literally (`v1.5`'s pattern matched `v1x5`'s temporary
-    folder). Mutation review of the export, session 48."""
+    folder). Mutation review of the export, session 47."""
     from safetensors import safe_open
     from transformers import AutoConfig
 
