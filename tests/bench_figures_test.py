@@ -201,7 +201,7 @@ def test_decode_profile_groups_per_step_ms():
 
 
 # bench/data_pipeline.py, graders.py, judge.py, optimizer_update.py, attention_core.py, interrupt_poll.py and
-# sft_profile.py (helper-148's review); bench/sft_breakdown.py runs its benchmark at import and has no pure pieces.
+# sft_profile.py (helper-148's review); bench/sft_breakdown.py (session 48: it ran at import before).
 
 
 class _Clock:
@@ -376,3 +376,27 @@ def test_sft_profile_op_figures():
                                {"op": "dot.3", "runs": 2, "s": 3.0, "name": "head"}],
                    "by_kind_s": {"fusion": 5.5, "dot": 3.0, "copy": 0.5}}
     assert list(out["by_kind_s"]) == ["fusion", "dot", "copy"]
+
+
+def test_sft_breakdown_medians_after_warmup_with_the_wait_inside_the_timing():
+    """bench/sft_breakdown.py: each figure is the median of `repeats` calls after an untimed first one (100 s), each
+    timed until `wait` returns (JAX dispatches asynchronously: a call returns before its work is done), rounded to
+    10 ms; a training step's state is threaded from call to call (it is donated)."""
+    sb = _load("sft_breakdown")
+    clock, durations = _Clock(), iter([100.0, 5.0, 1.0, 2.004])
+    waited = []
+
+    def fn():
+        return next(durations)
+
+    def wait(out):  # the work happens here, as in jax.block_until_ready
+        clock.now += out
+        waited.append(out)
+    assert sb.median_after_warmup(fn, 3, wait, clock=clock) == 2.0 and waited == [100.0, 5.0, 1.0, 2.004]
+    states = []
+
+    def step(state, batch):
+        states.append(state)
+        return state + batch, {"loss": state}
+    call = sb.threaded(step, 10, 5)
+    assert [call()["loss"] for _ in range(3)] == [10, 15, 20] and states == [10, 15, 20]
