@@ -38,6 +38,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# torch (the parity tests' reference) on one OpenMP thread: the suite's two workers share 2 cores, and torch's 2
+# threads slow 4-5x while the other worker holds a core (the SmolLM2 greedy parity test: 285 s beside a busy core,
+# 60 s with one thread; BUILD_NOTES session 48). XLA:CPU's thread pool does not read it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import atexit  # noqa: E402
 import pathlib  # noqa: E402

@@ -451,7 +451,6 @@ def smollm_hf_torch(smollm_path):
 
     from reftjax.hf import local_hf_dir
 
-    torch.set_num_threads(2)
     return AutoModelForCausalLM.from_pretrained(local_hf_dir("default"), dtype=torch.float32,
                                                 attn_implementation="eager").eval()
 
