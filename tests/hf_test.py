@@ -836,6 +836,60 @@ def test_gemma2s_soft_caps_are_read_and_the_multimodal_gemma3_config_is_refused_
         from_hf_config(Gemma3Config())
 
 
+def test_values_are_read_from_the_keys_transformers_computes_with():
+    """Values a misreading changed with every test passing (mutation review of models/config.py): Gemma
+    2/3's MLP runs `hidden_activation` (a `hidden_act` beside it, as Hub configs state both, is not read); Phi-3
+    rotates rope_parameters' fraction over a top-level one (transformers' setdefault), reads a legacy `type: su` as
+    the longrope transformers makes of it, and an explicit LongRoPE `factor` sets the attention factor as
+    transformers' own RoPE function computes it (the context ratio 64 / 16 was used)."""
+    from transformers import Gemma2Config
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from reftjax.models import from_hf_config
+
+    assert from_hf_config(Gemma2Config(num_hidden_layers=2, hidden_act="silu")).hidden_act == "gelu_tanh"
+    factors = {"short_factor": [1.0, 1.5, 2.0, 3.0], "long_factor": [1.0, 2.0, 4.0, 8.0]}  # 8 of 16 dims rotated
+    phi = _tiny_phi4_config(partial_rotary_factor=0.75, rope_parameters={
+        "rope_type": "longrope", "rope_theta": 1e4, "partial_rotary_factor": 0.5, **factors})
+    assert from_hf_config(phi).rotary_dim == 8
+    six = {k: v + v[:2] for k, v in factors.items()}  # 12 of 16 dims (the top-level 0.75)
+    phi = _tiny_phi4_config(rope_parameters=None, rope_scaling={"type": "su", **six})
+    assert from_hf_config(phi).rope_scaling.kind == "longrope"
+    phi = _tiny_phi4_config(rope_parameters={"rope_type": "longrope", "rope_theta": 1e4, "factor": 2.0, **six})
+    want = ROPE_INIT_FUNCTIONS["longrope"](phi, "cpu")[1]
+    assert want == pytest.approx((1 + np.log(2) / np.log(16)) ** 0.5)
+    assert from_hf_config(phi).rope_scaling.attention_factor == pytest.approx(want)
+
+
+def test_per_layer_lists_read_as_transformers_builds_its_layers():
+    """SmolLM3 rotates by the first num_hidden_layers entries of a longer no_rope_layers (they were the last, or it
+    was refused); a Gemma 3 of full-attention layers only has neither window nor local RoPE base (refused: a local
+    base without a window), one of windowed layers only has both on every layer (its local base was dropped); layers
+    all alike are stated as none (sliding_layers / rope_layers empty: one mask and one RoPE table for all). Qwen3 and
+    OLMo 2 read `attention_bias` (q/k/v/o biases), refused as for Llama (mutation review of models/config.py)."""
+    from transformers import GemmaConfig, LlamaConfig, Olmo2Config, Qwen2Config, Qwen3Config
+
+    from reftjax.models import from_hf_config
+
+    smol = from_hf_config(_tiny_smollm3_config(no_rope_layers=[1, 0, 1, 1, 0, 0]))  # 4 layers
+    assert smol.rope_layers == (True, False, True, True)
+    assert from_hf_config(_tiny_smollm3_config(no_rope_layers=[1] * 4)).rope_layers == ()
+    full = from_hf_config(_tiny_gemma3_config(layer_types=["full_attention"] * 3))
+    assert (full.sliding_window, full.sliding_layers, full.local_rope_theta) == (None, (), None)
+    local = from_hf_config(_tiny_gemma3_config(layer_types=["sliding_attention"] * 3))
+    assert (local.sliding_window, local.sliding_layers, local.local_rope_theta) == (4, (), 1e4)
+    base = dict(vocab_size=89, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2)
+    qwen2 = from_hf_config(Qwen2Config(**base, use_sliding_window=True, sliding_window=4, max_window_layers=0))
+    assert (qwen2.sliding_window, qwen2.sliding_layers) == (4, ())
+    stray = dict(sliding_window=4, use_sliding_window=True, max_window_layers=0)  # Qwen2's keys, unread there
+    for hf in (LlamaConfig(**base, **stray), GemmaConfig(**base, **stray), Olmo2Config(**base, **stray)):
+        assert from_hf_config(hf).sliding_window is None, hf.model_type
+    for hf in (Qwen3Config(**base, attention_bias=True), Olmo2Config(**base, attention_bias=True)):
+        with pytest.raises(ValueError, match=f"attention_bias=True .* is not supported for {hf.model_type}"):
+            from_hf_config(hf)
+
+
 def test_generation_config_is_read_and_exported_and_the_pad_token_is_not(tmp_path, random_params):
     from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models, pre_tokenizers

@@ -152,6 +152,20 @@ def test_model_flops_counts_each_shared_prompt_once_and_the_head_on_completions_
     assert metrics.model_flops(cfg, [10, 10], [4, 4], group=2) == one + 4 * cfg.flops_per_token(12)
 
 
+def test_flops_per_token_counts_each_matmul_a_token_meets():
+    """Forward FLOPs per token: 2 x the matmul weights a token meets (q and o over H heads, k and v over K, the three
+    MLP matrices, the vocabulary head) + 2 x 2 x H x hd per layer and attended key (QK^T and PV). Only ratios against
+    `model_flops` were tested: K heads counted as H, the attention at half or over K heads passed (mutation review of
+    models/config.py), each a wrong MFU."""
+    from reftjax.models import ModelConfig
+
+    cfg = ModelConfig(vocab_size=100, hidden_size=8, intermediate_size=16, num_layers=2, num_heads=2, num_kv_heads=1,
+                      head_dim=6)
+    block = 8 * (2 * 6) * 2 + 8 * (1 * 6) * 2 + 3 * 8 * 16  # q and o; k and v; gate, up and down
+    assert block == 672 and cfg.flops_per_token() == 2 * (2 * block + 8 * 100)
+    assert cfg.flops_per_token(10, head=False) == 2 * 2 * block + 2 * 2 * (2 * 2 * 6 * 10)
+
+
 def test_rl_iteration_flops_counts_rollout_experience_and_update_passes():
     """The RL metrics line's MFU counted generated tokens only (no prompts, no experience or update passes) over
     the whole iteration's time: 0.17-0.23x the executed FLOPs (helper review)."""

@@ -249,6 +249,35 @@ def test_a_top_level_original_max_position_embeddings_wins_as_in_transformers(tm
         load_model(tmp_path, with_tokenizer=False)
 
 
+def test_rope_tables_read_from_real_sized_configs_are_transformers_own():
+    """The inverse frequencies and cos/sin factor a config reads into are what transformers' own RoPE functions
+    compute from it, at real models' 128-dim heads: Qwen3's YaRN (4 x 32k, default betas 32 and 1: 16 or 2 gave the
+    same table at the parity test's 16-dim heads), Llama 3.1's llama3, and LongRoPE with an explicit `factor`, which
+    sets the attention factor (the context ratio was used). Mutation review of models/config.py."""
+    from transformers import LlamaConfig, Phi3Config, Qwen3Config
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from reftjax.models import from_hf_config
+
+    shape = dict(vocab_size=97, hidden_size=1024, intermediate_size=64, num_hidden_layers=2, num_attention_heads=8,
+                 num_key_value_heads=8, max_position_embeddings=131072)
+    factors = {"short_factor": list(np.linspace(1.0, 2.0, 64)), "long_factor": list(np.linspace(1.0, 40.0, 64))}
+    configs = [Qwen3Config(**shape, head_dim=128, rope_parameters={
+                   "rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0, "original_max_position_embeddings": 32768}),
+               LlamaConfig(**shape, rope_parameters={
+                   "rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
+                   "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+               Phi3Config(**shape, original_max_position_embeddings=4096, rope_parameters={
+                   "rope_type": "longrope", "rope_theta": 1e4, "factor": 2.0, **factors})]
+    for hf in configs:
+        cfg = from_hf_config(hf)
+        kind = hf.rope_parameters["rope_type"]
+        for long in (False, True) if kind == "longrope" else (False,):
+            inv, factor = ROPE_INIT_FUNCTIONS[kind](hf, "cpu", seq_len=4097 if long else None)
+            np.testing.assert_allclose(llama.rope_inv_freq(cfg, long=long), inv.numpy(), rtol=1e-5, err_msg=kind)
+            assert cfg.rope_scaling.attention_factor == pytest.approx(factor), kind
+
+
 @pytest.mark.gguf
 def test_smollm_logits_match_transformers_gguf(smollm_model, smollm_torch):
     texts = ["Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May.",
