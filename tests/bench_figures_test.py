@@ -116,6 +116,45 @@ def test_ppo_iteration_record_phases_tokens_and_flops():
     assert grpo["flops"] == 1244.0 + 1337.0 * (1 + 9)
 
 
+def test_ppo_iteration_passes_its_own_settings_to_the_record(monkeypatch):
+    """`ReftjaxRL.iteration` hands `iteration_record` the trimmed rollout's rows and the algorithm's samples, group,
+    epochs, experience-from-rollout and reference settings each under its own name (samples and group swapped at
+    this call changed only the MFU and survived session 47's review), and threads the state."""
+    import types
+
+    import jax
+
+    import reftjax.rollout
+
+    ppo = _load("ppo_iteration")
+    raw = types.SimpleNamespace(lengths_B=np.array([9, 9, 9, 9]), prompt_mask_BxP=np.ones((4, 6)))
+    trimmed = types.SimpleNamespace(lengths_B=LENGTHS, prompt_mask_BxP=PROMPT_MASK)
+    seen = {}
+
+    def rollout(*args, **kw):
+        seen["rollout"] = kw
+        return raw
+
+    def record(*args, **kw):
+        seen["record"] = args, kw
+        return {"iter_s": 1.0}
+    monkeypatch.setattr(reftjax.rollout, "rollout", rollout)
+    monkeypatch.setattr(reftjax.rollout, "trim_to_bucket", lambda r, buckets: trimmed if r is raw else None)
+    monkeypatch.setattr(ppo, "iteration_record", record)
+    runner = types.SimpleNamespace(
+        rng=jax.random.key(0), state=types.SimpleNamespace(params={"policy": "p", "value_head": "v"}), ref="ref",
+        prompt_tokens="t", prompt_mask="m", cfg=_Cfg(), sampling=types.SimpleNamespace(max_new_tokens=8), idx="i",
+        fast=True, samples=4, group=2, epochs=3, reference=False, records=[], algo="ppo",
+        exp_fn=lambda params, ref, ro, idx: ("exp", {"reward": 0.25}) if ro is trimmed else None,
+        ppo_step=lambda state, exp: ("new state", {"loss": -2.0}))
+    assert ppo.ReftjaxRL.iteration(runner) == {"iter_s": 1.0} and runner.state == "new state"
+    args, kw = seen["record"]
+    assert args[3] is LENGTHS and args[4] is PROMPT_MASK
+    assert kw == {"samples": 4, "group": 2, "fast": True, "epochs": 3, "reference": False, "reward": 0.25,
+                  "loss": -2.0}
+    assert seen["rollout"]["value_head"] == "v"  # experience from the rollout: its values come with it
+
+
 def test_trl_step_counts():
     """TRL's step: gen_tokens sums its completions' lengths and the FLOPs are generation 1x + training 3x of
     `model_flops` over every row's prompt (TRL prefills each row's prompt)."""
