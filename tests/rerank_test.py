@@ -9,9 +9,9 @@ import pytest
 
 from reftjax import sharding
 from reftjax.models import ModelConfig, forward, init_params
-from reftjax.rerank import (RerankConfig, VerifierData, any_correct, collect, completion_logits, dedup_rows, init_verifier,
-                            make_verifier_step, pick, rerank_correct, token_level_loss, verifier_logits, verifier_loss,
-                            verifier_scores)
+from reftjax.rerank import (RerankConfig, VerifierData, abstract_verifier, any_correct, collect, completion_logits,
+                            dedup_rows, init_verifier, make_verifier_step, pick, rerank_correct, token_level_loss,
+                            verifier_logits, verifier_loss, verifier_scores)
 from reftjax.steps import OptimConfig, init_state, make_optimizer
 
 CFG = ModelConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4, num_kv_heads=2,
@@ -42,7 +42,7 @@ def test_logit_reads_the_final_hidden_state_of_the_last_real_token():
                                1 / (1 + np.exp(-got)), rtol=1e-6)
 
 
-@pytest.mark.parametrize("chunk_rows", [4, 6, 12])
+@pytest.mark.parametrize("chunk_rows", [4, 6, 8, 12])  # 8: chunks of gcd(12, 8) = 4
 def test_chunked_scores_equal_the_one_pass_scores(chunk_rows):
     v = jax.tree.map(jnp.asarray, _host_verifier())
     vd = _synthetic(n=12)
@@ -106,7 +106,8 @@ def test_a_verifier_step_reports_the_token_level_loss_when_asked():
     """The step's loss is `token_level_loss` over every slot when asked, the last slot's BCE otherwise (mutants
     dropping `token_level` in the step or in `make_verifier_step` trained the last slot only, and the test above,
     which only sees the loss fall, passed: mutation review, session 45)."""
-    b = next(_synthetic(n=16).batches(16, seed=0))
+    b = next(_synthetic(n=12).batches(16, seed=0))  # 4 padded rows: weight 0 in either loss (second round, session 48)
+    assert b["weights"].sum() == 12
     params = jax.tree.map(jnp.asarray, _host_verifier())
     z = completion_logits(params, CFG, b["prompt_tokens"], b["prompt_mask"], b["tokens"], b["mask"])
     want_tl = float(token_level_loss(z, jnp.asarray(b["mask"]), jnp.asarray(b["labels"]), jnp.asarray(b["weights"])))
@@ -138,11 +139,15 @@ def _train(mesh=None, epochs=6, batch_size=16):
     vd = _synthetic()
     steps = epochs * -(-len(vd) // batch_size)
     tx = make_optimizer(OptimConfig(learning_rate=3e-3, schedule="constant", warmup_ratio=0.0), steps)
-    params = _host_verifier()
+    params, policy = _host_verifier(), None
     if mesh is not None:  # as run_rerank builds it: init_verifier places the fresh head on the policy's mesh
-        params = init_verifier(sharding.place_params(init_params(CFG, jax.random.key(0)), CFG, mesh), CFG,
-                               jax.random.key(1))
+        policy = sharding.place_params(init_params(CFG, jax.random.key(0)), CFG, mesh)
+        params = init_verifier(policy, CFG, jax.random.key(1))
         assert all(isinstance(x.sharding, jax.sharding.NamedSharding) for x in jax.tree.leaves(params["score"]))
+        # a resumed run restores onto abstract_verifier: the same shardings (a head left on one device failed the step)
+        abstract = abstract_verifier(policy, CFG, jax.random.key(1))
+        assert jax.tree.leaves(jax.tree.map(lambda a, x: a.sharding == x.sharding, abstract, params)) == \
+            [True] * len(jax.tree.leaves(params))
     state = init_state({"verifier": jax.tree.map(jnp.asarray, params)}, tx, jax.random.key(0))
     step = make_verifier_step(CFG, tx)
     losses = []
@@ -150,6 +155,8 @@ def _train(mesh=None, epochs=6, batch_size=16):
         for b in vd.batches(batch_size, seed=e):
             state, m = step(state, b if mesh is None else sharding.shard_batch(b, mesh))
             losses.append(float(m["loss"]))
+    # the step donates the verifier: its backbone is a copy, the policy (RL starts from it) is not deleted
+    assert policy is None or not any(x.is_deleted() for x in jax.tree.leaves(policy))
     return vd, state, losses, step
 
 
@@ -181,6 +188,7 @@ def test_pick_skips_unanswered_samples_and_breaks_ties_by_order():
     assert pick([0.2, 0.9, 0.9], [True, True, True]) == 1
     assert pick([0.2, 0.9, 0.5], [True, False, True]) == 2
     assert pick([0.9], [False]) is None
+    assert pick([0.0, 0.0], [True, True]) == 0 and pick([-2.0, -1.0], [True, True]) == 1  # (a float32 sigmoid can be 0)
     assert rerank_correct([0.1, 0.8, 0.3], [g(1.0), g(0.1), g(1.0)]) is False
     assert rerank_correct([0.1, 0.8, 0.3], [g(1.0), g(1.0, None), g(1.0)]) is True  # best one has no answer
     assert rerank_correct([0.9], [g(0.0, "")]) is False
@@ -260,6 +268,10 @@ def test_data_round_trips_and_batches_cover_every_row_once(tmp_path):
     assert [b["tokens"].shape[0] for b in batches] == [16, 16, 16]
     assert sum(b["weights"].sum() for b in batches) == 37
     assert [b["weights"].tolist() for b in batches] == [[1.0] * 16, [1.0] * 16, [1.0] * 5 + [0.0] * 11]
+    # each epoch's order comes from its seed (run_rerank: rc.seed + epoch; a resume replays it)
+    first = lambda seed: next(vd.batches(16, seed=seed))["tokens"]  # noqa: E731
+    np.testing.assert_array_equal(first(3), batches[0]["tokens"])
+    assert not np.array_equal(first(4), first(3))
 
 
 def test_config_checks():
@@ -273,7 +285,12 @@ def test_config_checks():
     # (each a mutant that passed: mutation review, session 45)
     for bad, match in ((dict(samples_per_question=0), "samples_per_question, batch_size"),
                        (dict(n_questions=0), "n_questions >= 1"), (dict(max_new_tokens=0), "max_new_tokens >= 1"),
-                       (dict(optim=OptimConfig(learning_rate=1e-6, value_head_lr_scale=10.0)), "value_head_lr_scale")):
+                       (dict(optim=OptimConfig(learning_rate=1e-6, value_head_lr_scale=10.0)), "value_head_lr_scale"),
+                       # (second round, session 48)
+                       (dict(epochs=-1), "epochs >= 0"), (dict(batch_size=0), "batch_size"),
+                       (dict(prompts_per_batch=0), "prompts_per_batch >= 1"),
+                       (dict(temperature=float("inf")), "finite"),
+                       (dict(seed=-1), "seed >= 0; got None, 256, -1")):
         with pytest.raises(ValueError, match=match):
             RerankConfig(**bad)
     assert ExperimentConfig().rerank.epochs == 0  # off unless asked for
@@ -401,3 +418,19 @@ def test_verifier_data_keeps_the_asked_questions_dedups_per_question_and_labels_
     grader = Grader()
     one = sample_verifier_data(*args, grader, dataclasses.replace(rc, n_questions=1, dedup=False), **kw)
     assert one.example_idx.tolist() == [0, 0] and len(grader.calls) == 1
+    # (second round, session 48) n_questions counts questions, not rows, across batches; the progress bar too;
+    # each prompt batch samples with its own key, from rc.seed; one faulted sample of a batch is no GraderFailure
+    keys, rollout = [], reftjax.rollout.rollout
+    monkeypatch.setattr(reftjax.rollout, "rollout",
+                        lambda *a, **k: keys.append(jax.random.key_data(a[3])) or rollout(*a, **k))
+    done = []
+    faulty = Grader()
+    faulty.grade_batch = lambda got, texts: [Grade(0.0, error="judge down", details={"grader_fault": True})] + [
+        Grade(1.0, extracted="1")] * (len(got) - 1)
+    three = sample_verifier_data(*args, faulty, dataclasses.replace(rc, n_questions=3, dedup=False, seed=1), **kw,
+                                 progress=types.SimpleNamespace(update=done.append))
+    assert three.example_idx.tolist() == [0, 0, 1, 1, 2, 2] and three.labels.tolist() == [0, 1, 1, 1, 0, 1]
+    assert done == [2, 1]
+    assert len(keys) == 2 and not np.array_equal(keys[0], keys[1])
+    sample_verifier_data(*args, Grader(), dataclasses.replace(rc, n_questions=1), **kw)  # seed 0
+    assert len(keys) == 3 and not np.array_equal(keys[2], keys[0])
