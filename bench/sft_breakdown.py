@@ -11,24 +11,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from reftjax.host import cpu_description, use_hugepage_malloc  # noqa: E402
 
 
-def median_after_warmup(fn, repeats: int, wait=lambda out: out, clock=time.perf_counter) -> float:
+def median_after_warmup(fn, repeats: int, wait=lambda out: out) -> float:
     """The median of `repeats` timed calls of `fn()` after an untimed first one (compile / warm-up), each waited for
     with `wait(out)` inside its timing (JAX dispatches asynchronously), rounded to 10 ms."""
+    from reftjax.metrics import median_seconds
+
     wait(fn())
-    times = []
-    for _ in range(repeats):
-        t0 = clock()
-        wait(fn())
-        times.append(clock() - t0)
-    return round(statistics.median(times), 2)
+    return round(median_seconds(lambda: wait(fn()), repeats), 2)
 
 
 def threaded(step, state, *args):

@@ -417,12 +417,15 @@ def test_sft_profile_op_figures():
     assert list(out["by_kind_s"]) == ["fusion", "dot", "copy"]
 
 
-def test_sft_breakdown_medians_after_warmup_with_the_wait_inside_the_timing():
+def test_sft_breakdown_medians_after_warmup_with_the_wait_inside_the_timing(monkeypatch):
     """bench/sft_breakdown.py: each figure is the median of `repeats` calls after an untimed first one (100 s), each
     timed until `wait` returns (JAX dispatches asynchronously: a call returns before its work is done), rounded to
     10 ms; a training step's state is threaded from call to call (it is donated)."""
+    import reftjax.metrics
+
     sb = _load("sft_breakdown")
     clock, durations = _Clock(), iter([100.0, 5.0, 1.0, 2.004])
+    monkeypatch.setattr(reftjax.metrics, "time", type("T", (), {"perf_counter": staticmethod(clock)}))
     waited = []
 
     def fn():
@@ -431,7 +434,7 @@ def test_sft_breakdown_medians_after_warmup_with_the_wait_inside_the_timing():
     def wait(out):  # the work happens here, as in jax.block_until_ready
         clock.now += out
         waited.append(out)
-    assert sb.median_after_warmup(fn, 3, wait, clock=clock) == 2.0 and waited == [100.0, 5.0, 1.0, 2.004]
+    assert sb.median_after_warmup(fn, 3, wait) == 2.0 and waited == [100.0, 5.0, 1.0, 2.004]
     states = []
 
     def step(state, batch):
