@@ -90,11 +90,20 @@ def test_ppo_algo_figures_compile_time_and_reward():
 
 def test_ppo_ratios_are_reftjax_over_trl():
     """`ratio_vs_trl` is ppo's tokens/s over TRL's (above 1: reftjax faster), `ratio_<algo>_vs_trl` each other
-    algorithm's, each from its own algorithm's key."""
+    algorithm's, each from its own algorithm's records over the steady iterations, and from the unrounded tokens/s:
+    TRL's 10.049 tokens/s is 10.0 in the summary, so a ratio of the summary keys would read 1.01 where it is 1.0."""
     ppo = _load("ppo_iteration")
-    out = {"ppo_tokens_per_s": 30.0, "grpo_tokens_per_s": 45.0, "rloo_tokens_per_s": 12.0, "trl_tokens_per_s": 15.0}
-    assert ppo._trl_ratios(out, ["ppo", "grpo", "rloo"]) == {
-        "ratio_vs_trl": 2.0, "ratio_grpo_vs_trl": 3.0, "ratio_rloo_vs_trl": 0.8}
+
+    def records(tokens, seconds):  # a warm-up record that would change every ratio, then the steady ones
+        return [{"gen_tokens": 1, "iter_s": 1000.0, "flops": 1.0}] + [
+            {"gen_tokens": t, "iter_s": s, "flops": 1.0} for t, s in zip(tokens, seconds)]
+
+    trl = records([100, 101], [10.0, 10.0])  # 10.05 tokens/s, 10.1 rounded
+    algos = {"ppo": records([201, 201], [10.0, 10.0]), "grpo": records([300, 303], [10.0, 10.0]),
+             "rloo": records([90, 30], [5.0, 10.0])}
+    assert ppo._trl_ratios(algos, trl) == {"ratio_vs_trl": 2.0, "ratio_grpo_vs_trl": 3.0, "ratio_rloo_vs_trl": 0.8}
+    summary = {**ppo._summary("trl", trl, peak=1.0), **ppo._summary("ppo", algos["ppo"], peak=1.0)}
+    assert (summary["ppo_tokens_per_s"], summary["trl_tokens_per_s"]) == (20.1, 10.1)  # their ratio: 1.99
 
 
 def test_ppo_iteration_record_phases_tokens_and_flops():
