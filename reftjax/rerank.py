@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 import os
 import pathlib
@@ -37,8 +38,10 @@ from reftjax import losses
 from reftjax.checkpoint import abstract_like
 from reftjax.graders.base import GraderFailure, every_one_faulted, failure_message, has_answer
 from reftjax.models import ModelConfig, forward
-from reftjax.sharding import MeshJit, replicated_like
+from reftjax.sharding import MeshJit, batch_devices, replicated_like
 from reftjax.steps import OptimConfig, TrainState, _apply_update
+
+log = logging.getLogger(__name__)
 
 CORRECT = 1.0 - 1e-6  # a grade at or above this counts as a correct answer (graders score in [0, 1])
 
@@ -59,7 +62,8 @@ class RerankConfig:
       temperature: sampling temperature for those solutions (ReFT: 1.0).
       max_new_tokens: completion bucket for them; at least `eval.max_new_tokens` (`ExperimentConfig` checks),
         so the verifier trains on solutions as long as those it scores (the ReFT authors use one length).
-      prompts_per_batch: training questions per sampling call (each yields `samples_per_question` rows).
+      prompts_per_batch: training questions per sampling call (each yields `samples_per_question` rows), rounded
+        up to a multiple of the mesh's batch devices (data x fsdp): 1, the default, samples one question a device.
       batch_size: verifier rows per update (global; ReFT: 3 per device x 8 GPUs).
       optim: AdamW settings (ReFT: lr 1e-6, linear decay, grad clip 1.0).
       n_questions: sample from the first n training questions only (None: all).
@@ -327,7 +331,13 @@ def sample_verifier_data(policy_params, model_cfg: ModelConfig, tokenizer, ds, i
     from reftjax.rollout import SamplingConfig, decode_tokens, rollout
     from reftjax.sharding import object_from_process_0, to_host
 
-    loader = Loader(ds, LoaderConfig(batch_size=cfg.prompts_per_batch, kind="prompt", shuffle=False,
+    # whole rows on each device of the batch axes (a prompts_per_batch they did not divide was refused: on a mesh the
+    # default 1 had to be raised by hand; helper review, session 42)
+    per_call = -(-cfg.prompts_per_batch // batch_devices(mesh)) * batch_devices(mesh)
+    if per_call != cfg.prompts_per_batch:
+        log.info("rerank: %d questions per sampling call (rerank.prompts_per_batch %d rounded up to a multiple of the "
+                 "%d devices of the mesh's batch axes)", per_call, cfg.prompts_per_batch, batch_devices(mesh))
+    loader = Loader(ds, LoaderConfig(batch_size=per_call, kind="prompt", shuffle=False,
                                      drop_last=False, num_epochs=1), mesh=mesh)
     k = cfg.samples_per_question
     samp = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, n=k,

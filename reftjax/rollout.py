@@ -481,9 +481,9 @@ def generate(params, model_cfg: ModelConfig, tokenizer, texts: Sequence[str], *,
     length = bucket(max(len(r) for r in ids), prompt_buckets)
     bsz = batch_size or len(ids)
     if mesh is not None:  # whole rows per device of the batch axes (fewer texts than devices failed to shard)
-        from reftjax.sharding import BATCH_AXES
+        from reftjax.sharding import batch_devices
 
-        shards = int(np.prod([mesh.shape[a] for a in BATCH_AXES if a in mesh.shape]))
+        shards = batch_devices(mesh)
         bsz = -(-bsz // shards) * shards
     if rng is None:
         rng = jax.random.fold_in(jax.random.key(0), next(_GENERATE_CALLS))

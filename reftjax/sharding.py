@@ -298,6 +298,12 @@ def batch_spec(ndim: int) -> P:
     return P(BATCH_AXES, *([None] * (ndim - 1)))
 
 
+def batch_devices(mesh: Mesh | None) -> int:
+    """How many devices the mesh's batch axes (data x fsdp) span: a batch's rows must be a multiple of it (1 with no
+    mesh)."""
+    return 1 if mesh is None else int(np.prod([mesh.shape[a] for a in BATCH_AXES if a in mesh.shape]))
+
+
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     return NamedSharding(mesh, batch_spec(ndim))
 
@@ -308,7 +314,7 @@ def shard_batch(batch, mesh: Mesh):
     The global rows (this host's x the process count) must be a multiple of the data x fsdp devices. The steps and
     `rollout` also take host (NumPy) batches of any size: they split what divides and replicate the rest.
     """
-    split = int(np.prod([mesh.shape[a] for a in BATCH_AXES if a in mesh.shape]))
+    split = batch_devices(mesh)
 
     def place(x):
         x = np.asarray(x)

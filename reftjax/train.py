@@ -52,8 +52,8 @@ from reftjax.metrics import MetricsLogger, measured_peak_flops, mfu, read_metric
 from reftjax.rerank import (VerifierData, abstract_verifier, init_verifier, make_verifier_step,
                             sample_verifier_data)
 from reftjax.rollout import completion_buckets, rollout, trim_to_bucket
-from reftjax.sharding import (BATCH_AXES, from_process_0, is_primary, make_mesh, maybe_initialize_distributed,
-                              shard_batch, to_host)
+from reftjax.sharding import (BATCH_AXES, batch_devices, from_process_0, is_primary, make_mesh,
+                              maybe_initialize_distributed, shard_batch, to_host)
 from reftjax.sharding import any_process as _any_process, any_process_later as _any_process_later
 from reftjax.steps import (init_rl_params, init_state, make_experience_fn, make_optimizer, make_ppo_step, make_sft_step,
                            ppo_updates_per_step, schedule_value)
@@ -943,7 +943,7 @@ def check_batch_sizes(cfg: ExperimentConfig, mesh) -> None:
     """Every batch the run loads is split over the mesh's batch axes (data x fsdp), and their devices over the
     processes: refuse sizes they do not divide before anything loads (they failed in the first step of a phase,
     possibly after hours of warm-up, with a raw IndivisibleError)."""
-    shards = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+    shards = batch_devices(mesh)
     n_proc = jax.process_count()
     if shards % n_proc:
         raise SettingsError(f"mesh: the batch axes {BATCH_AXES} span {shards} devices, not a multiple of the {n_proc} "
@@ -953,9 +953,8 @@ def check_batch_sizes(cfg: ExperimentConfig, mesh) -> None:
         sizes["sft.batch_size"] = cfg.sft.batch_size
     if cfg.rl.iterations:
         sizes["rl.prompts_per_iteration"] = cfg.rl.prompts_per_iteration
-    if cfg.rerank.epochs:
-        sizes.update({"rerank.batch_size": cfg.rerank.batch_size,
-                      "rerank.prompts_per_batch": cfg.rerank.prompts_per_batch})
+    if cfg.rerank.epochs:  # (rerank.prompts_per_batch is rounded up to a multiple: `sample_verifier_data`)
+        sizes["rerank.batch_size"] = cfg.rerank.batch_size
     bad = {k: v for k, v in sizes.items() if v % shards}
     if bad:
         named = ", ".join(f"{k}={v}" for k, v in bad.items())

@@ -434,3 +434,60 @@ def test_verifier_data_keeps_the_asked_questions_dedups_per_question_and_labels_
     assert len(keys) == 2 and not np.array_equal(keys[0], keys[1])
     sample_verifier_data(*args, Grader(), dataclasses.replace(rc, n_questions=1), **kw)  # seed 0
     assert len(keys) == 3 and not np.array_equal(keys[2], keys[0])
+
+
+def test_verifier_data_on_a_mesh_rounds_the_prompts_per_call_up_to_its_batch_devices(tiny_hf_dir, shared_data,
+                                                                                      monkeypatch, caplog):
+    """On a mesh the default `prompts_per_batch=1` was refused (it must split over the batch axes' devices), so
+    every rerank run on more than one device needed it raised by hand (helper review, session 42). Now it is rounded
+    up to a multiple of them, with an INFO line: on 8 devices, 1 samples what 8 samples without a mesh (the same
+    batches, keys and rows), and the run's batch-size check no longer names it."""
+    import dataclasses
+    import logging
+
+    from reftjax.config import ExperimentConfig
+    from reftjax.graders import build_grader
+    from reftjax.hf import load_model
+    from reftjax.rerank import sample_verifier_data
+    from reftjax.sharding import MeshConfig, batch_devices, make_mesh, place_params
+    from reftjax.train import check_batch_sizes, prepare_data
+
+    monkeypatch.setenv("REFTJAX_GSM8K_DIR", str(shared_data / "gsm8k"))
+    cfg = ExperimentConfig()
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, n_train=10, n_val=4, n_test=2))
+    model = load_model(tiny_hf_dir)
+    data = prepare_data(cfg, model.tokenizer)
+    mesh = make_mesh(MeshConfig(data=2, fsdp=4))
+    assert batch_devices(mesh) == 8 and batch_devices(make_mesh(MeshConfig(data=2, tensor=4))) == 2
+    assert batch_devices(None) == 1
+    grader = build_grader({"type": "python",  # (labels of both kinds, read off the sampled text)
+                           "source": "def grade(sample, item):\n    return float(len(sample['output_text']) % 2)"})
+    kw = dict(eos_ids=tuple(model.config.eos_token_ids), pad_id=model.tokenizer.pad_token_id)
+    rc = RerankConfig(samples_per_question=2, max_new_tokens=6, temperature=1.0, dedup=False)
+    with caplog.at_level(logging.INFO, logger="reftjax.rerank"):
+        on_mesh = sample_verifier_data(place_params(model.params, model.config, mesh), model.config, model.tokenizer,
+                                       data.train_ds, data.train_items, grader, rc, mesh=mesh, **kw)
+    assert "8 questions per sampling call (rerank.prompts_per_batch 1 rounded up to a multiple of the 8 devices" \
+        in caplog.text
+    alone = sample_verifier_data(model.params, model.config, model.tokenizer, data.train_ds, data.train_items, grader,
+                                 dataclasses.replace(rc, prompts_per_batch=8), **kw)
+    one_a_call = sample_verifier_data(model.params, model.config, model.tokenizer, data.train_ds, data.train_items,
+                                      grader, rc, **kw)
+    assert on_mesh.example_idx.tolist() == alone.example_idx.tolist() == sorted(list(range(10)) * 2)
+    for field in ("tokens", "mask", "labels", "prompt_tokens", "prompt_mask"):
+        np.testing.assert_array_equal(getattr(on_mesh, field), getattr(alone, field), err_msg=field)
+    assert not np.array_equal(one_a_call.tokens, alone.tokens)  # (other keys: the batching is what matched)
+    assert 0 < alone.labels.mean() < 1
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="reftjax.rerank"):  # 9 -> 16 (not 9 or 8: not max nor min)
+        nine = sample_verifier_data(place_params(model.params, model.config, mesh), model.config, model.tokenizer,
+                                    data.train_ds, data.train_items, grader,
+                                    dataclasses.replace(rc, prompts_per_batch=9, n_questions=1), mesh=mesh, **kw)
+    assert "16 questions per sampling call (rerank.prompts_per_batch 9 rounded up" in caplog.text
+    assert nine.example_idx.tolist() == [0, 0]
+    with_rerank = dataclasses.replace(cfg, rerank=dataclasses.replace(cfg.rerank, epochs=1, batch_size=16),
+                                      eval=dataclasses.replace(cfg.eval, voting_k=4, batch_size=8))
+    check_batch_sizes(with_rerank, mesh)  # prompts_per_batch 1 passes; a batch_size the devices do not divide fails
+    with pytest.raises(Exception, match=r"^rerank.batch_size=12: must be a multiple of the 8 devices"):
+        check_batch_sizes(dataclasses.replace(with_rerank, rerank=dataclasses.replace(with_rerank.rerank,
+                                                                                     batch_size=12)), mesh)
