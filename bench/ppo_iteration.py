@@ -6,8 +6,8 @@ completions of at most `--new-tokens` tokens, temperature 1, graded by the ReFT 
 (`ReftGrader(cot="nl")`; reftjax through the jit io_callback, TRL through a Python reward
 function calling the same grader).
 
-reftjax iteration = `rollout` -> `trim_to_bucket` (as `train.run_rl`) -> `make_experience_fn` (policy + value and frozen reference
-forward, grader callback, rewards/advantages) -> `make_ppo_step`, for (with
+reftjax iteration = `rollout` -> `trim_to_bucket` (as `train.run_rl`) -> `make_experience_fn` (policy + value and
+frozen reference forward, grader callback, rewards/advantages) -> `make_ppo_step`, for (with
 `--experience-from-rollout` the policy forward is skipped: logp_old and the values come from the rollout;
 with `--share-prompt` every experience/update forward runs each prompt once for its samples, `PPOConfig.share_prompt`)
   * ppo:  ReFT (value head, GAE, minibatch 8, 2 epochs);
@@ -33,8 +33,8 @@ Keys: per algo `<algo>_iter_s` (median), `<algo>_rollout_s`/`_experience_s`/`_up
 `trl_tokens_per_s`, `trl_mfu`; `ratio_vs_trl` (ppo tokens/s over TRL's), `ratio_grpo_vs_trl`.
 `<algo>_{rollout,experience,update}_sys_s` and `trl_sys_s`: median system (kernel) CPU seconds per phase
 (page faults, zeroing and compacting memory; the phase after a switch pays for the other framework's freed memory).
-MFU counts model FLOPs (`reftjax.metrics.model_flops`: the trunk on real prompt tokens, once per group of rows that share
-the prompt, and trunk + vocabulary head on completion tokens): rollout 1x (each prompt prefilled once for its
+MFU counts model FLOPs (`reftjax.metrics.model_flops`: the trunk on real prompt tokens, once per group of rows that
+share the prompt, and trunk + vocabulary head on completion tokens): rollout 1x (each prompt prefilled once for its
 samples), experience 2x (policy, reference; 1x with --experience-from-rollout), each update epoch 3x,
 the last two with --share-prompt over each prompt once per group (TRL: generation 1x, every row's prompt,
 training 3x + 1x for the gradient-checkpointing recompute is *not* counted), over the GEMM
@@ -328,7 +328,8 @@ def main():
         trl.run()  # warm-up step, then `repeats` timed steps each followed by one round of reftjax iterations
 
     peak_first, peak = peak, measured_peak_flops(remeasure=True)  # the faster of before and after the contenders
-    out = {"bench": "ppo_iteration", "host_allocator": HOST_ALLOCATOR, "model": "SmolLM2-135M-Instruct", "dtype": "float32", "device": "cpu",
+    out = {"bench": "ppo_iteration", "host_allocator": HOST_ALLOCATOR, "model": "SmolLM2-135M-Instruct",
+           "dtype": "float32", "device": "cpu",
            "prompts": args.prompts, "samples": args.samples, "max_new_tokens": args.new_tokens,
            "prompt_bucket": p_len, "peak_gflops": round(peak / 1e9, 1),
            "peak_gflops_first": round(peak_first / 1e9, 1),

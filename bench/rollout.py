@@ -24,7 +24,8 @@ Keys: `reftjax_tok_s_bB`, `hf_tok_s_bB`, `ratio_bB` (reftjax / transformers), `c
 (first reftjax call minus its median run), `mesh_devices_bB` (devices the batch ran over), `mfu_bB` (model FLOPs
 of the real prompt tokens and the
 generated ones per second over `gemm_peak_gflops`, the best of a 2048^3 fp32 matmul in XLA and in NumPy, measured
-here before and after the contenders; `gemm_peak_gflops_first` is the reading before), and the load average before and after (timings are only meaningful on an idle machine).
+here before and after the contenders; `gemm_peak_gflops_first` is the reading before), and the load average before
+and after (timings are only meaningful on an idle machine).
 """
 import argparse
 import functools
@@ -110,8 +111,9 @@ def main():
     scfg = SamplingConfig(max_new_tokens=n_new, greedy=True, eos_ids=(), pad_id=pad,
                           decode_segments=min(args.decode_segments, n_new))
     peak = gemm_peak_gflops()
-    result = {"model": "SmolLM2-135M-Instruct", "host_allocator": HOST_ALLOCATOR, "dtype": "float32", "new_tokens": n_new, "forced_length": True,
-              "prompt_len": args.prompt_len, "decode_segments": scfg.decode_segments, "repeats": args.repeats, "torch_threads": 2,
+    result = {"model": "SmolLM2-135M-Instruct", "host_allocator": HOST_ALLOCATOR, "dtype": "float32",
+              "new_tokens": n_new, "forced_length": True, "prompt_len": args.prompt_len,
+              "decode_segments": scfg.decode_segments, "repeats": args.repeats, "torch_threads": 2,
               "gemm_gflops_xla": round(peak["xla"], 1), "gemm_gflops_numpy": round(peak["numpy"], 1),
               "gemm_peak_gflops": round(max(peak.values()), 1),
               "host_devices": host_devices}

@@ -232,7 +232,8 @@ class Runner:
             t, m = tok[s:s + batch], mask[s:s + batch]
             n = len(t)
             if n < batch:
-                t, m = np.concatenate([t, np.repeat(t[:1], batch - n, 0)]), np.concatenate([m, np.repeat(m[:1], batch - n, 0)])
+                t = np.concatenate([t, np.repeat(t[:1], batch - n, 0)])
+                m = np.concatenate([m, np.repeat(m[:1], batch - n, 0)])
             r = rollout(policy, t, m, self.jax.random.key(0), model_cfg=self.model_cfg, cfg=self.greedy)
             texts = self.decode(r.tokens_BxN, r.lengths_B)[:n]
             correct += sum(g.score >= 1.0 for g in self.grader.grade_batch(items[s:s + n], texts))
@@ -423,7 +424,8 @@ def summarize(per_seed: list[dict], cfg: ExpConfig) -> str:
     """The results table (mean ± std over seeds, per-seed values) as Markdown."""
     rows = [("warm-up (SFT)", "warmup")] + [(n, k) for n, k in (("+SFT", "sft"), ("+ReFT (PPO)", "reft"),
                                                                  ("+GRPO", "grpo")) if k in cfg.arms]
-    lines = ["| model | val | test | hard (+1 step) | test per seed | samples (warm-up) / chosen at |", "|---|---|---|---|---|---|"]
+    lines = ["| model | val | test | hard (+1 step) | test per seed | samples (warm-up) / chosen at |",
+             "|---|---|---|---|---|---|"]
     fmt = lambda v: f"{100 * np.mean(v):.1f} ± {100 * np.std(v):.1f}"  # noqa: E731
     for name, k in rows:
         vals = {m: [s[k][m] for s in per_seed] for m in ("val", "test", "hard")}

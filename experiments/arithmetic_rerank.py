@@ -31,7 +31,8 @@ QUICK = dict(n_train=64, n_val=16, n_test=16, n_hard=8, warmup_samples=256, warm
 
 
 def sample(runner: ar.Runner, policy, split: str, k: int, seed: int, n: int | None = None, batch: int = 128):
-    """k temperature-1 samples per problem of `split`: (prompt tokens, mask, completions, masks, grades, problem idx)."""
+    """k temperature-1 samples per problem of `split`: (prompt tokens, mask, completions, masks, grades, problem
+    idx)."""
     import jax
 
     from reftjax.rollout import rollout
@@ -45,7 +46,8 @@ def sample(runner: ar.Runner, policy, split: str, k: int, seed: int, n: int | No
         t, m = tok[s:s + batch], mask[s:s + batch]
         rows = len(t)
         if rows < batch:  # one program for every call: pad the last batch with copies, dropped below
-            t, m = np.concatenate([t, np.repeat(t[:1], batch - rows, 0)]), np.concatenate([m, np.repeat(m[:1], batch - rows, 0)])
+            t = np.concatenate([t, np.repeat(t[:1], batch - rows, 0)])
+            m = np.concatenate([m, np.repeat(m[:1], batch - rows, 0)])
         r = rollout(policy, t, m, jax.random.fold_in(jax.random.key(seed), s), model_cfg=runner.model_cfg, cfg=samp)
         keep = rows * k
         texts = runner.decode(r.tokens_BxN, r.lengths_B)[:keep]

@@ -673,8 +673,9 @@ def save_hf(out_dir: str | os.PathLike, params, cfg, hf_config, tokenizer=None, 
     """Export params as a Hugging Face directory that `AutoModelForCausalLM.from_pretrained` loads.
 
     Written to a temporary sibling and renamed into place: a crash never leaves
-    a half-written export, and what a killed export left beside `out_dir` is cleared first. An existing ``out_dir`` is replaced only when it is empty or a
-    model directory (holds ``config.json``); anything else raises `CheckpointError`.
+    a half-written export, and what a killed export left beside `out_dir` is cleared first. An existing ``out_dir``
+    is replaced only when it is empty or a model directory (holds ``config.json``); anything else raises
+    `CheckpointError`.
     Shards above `max_shard_bytes` with an index file.
     `generation_config` (`LoadedModel.generation_config`) is written beside it; the tokenizer is
     written as it was loaded (the pad token `load_tokenizer` borrowed from EOS is not saved).

@@ -162,7 +162,8 @@ def write_summary(out: pathlib.Path, cfg, evals: dict, wall_seconds: float, writ
         rows.append((f"after ReFT ({cfg.rl.ppo.algo})" + (f": the {start}, best on validation" if best_iteration == 0
                                                           else ""), t["reft"], v["reft"], "reft"))
     if r is not None:  # rerank@k, verifier-weighted voting and the upper bound (some sample correct), same samples
-        head, rule = head + f" rerank@{k} (%) | weighted voting@{k} (%) | any of {k} correct (%) |", rule + "---|---|---|"
+        head += f" rerank@{k} (%) | weighted voting@{k} (%) | any of {k} correct (%) |"
+        rule += "---|---|---|"
     if by_score:  # after the rerank columns, as each row's cells (it came before them: every figure shifted, review)
         head, rule = head + " mean score |", rule + "---|"
     table = []

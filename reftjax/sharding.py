@@ -560,7 +560,8 @@ def _raise_deleted(fn, args, kwargs):
              if isinstance(x, jax.Array) and x.is_deleted()]
     name = _fn_name(fn)
     raise ValueError(f"{name.lstrip('_')}: {len(where)} argument array(s) were deleted, e.g. {where[0]}: their "
-                     f"buffers were donated to an earlier step (make_sft_step and make_ppo_step donate the state they are given, "
+                     f"buffers were donated to an earlier step (make_sft_step and make_ppo_step donate the state "
+                     f"they are given, "
                      f"and init_state shares the params it is given); pass a copy, jax.tree.map(jnp.copy, params), "
                      f"of params you use again")
 

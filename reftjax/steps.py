@@ -204,7 +204,8 @@ class PPOConfig:
         if self.ppo_epochs < 1:
             raise ValueError(f"ppo_epochs must be >= 1, got {self.ppo_epochs}")
         if self.minibatch_size is not None and self.minibatch_size < 1:
-            raise ValueError(f"minibatch_size must be >= 1 or None (the whole rollout batch), got {self.minibatch_size}")
+            raise ValueError(f"minibatch_size must be >= 1 or None (the whole rollout batch), "
+                             f"got {self.minibatch_size}")
         if self.share_prompt and (self.group_size < 2 or (self.minibatch_size or 0) % self.group_size):
             raise ValueError(f"share_prompt needs group_size >= 2 dividing minibatch_size; got group_size="
                              f"{self.group_size}, minibatch_size={self.minibatch_size}")
@@ -694,7 +695,8 @@ def check_shared_prompts(prompt_tokens_BxP, prompt_mask_BxP, group: int) -> None
         grouped = x.reshape(b // group, group, -1)
         bad = np.nonzero(np.any(grouped != grouped[:, :1], axis=(1, 2)))[0]
         if bad.size:
-            raise ValueError(f"share_prompt: rows {int(bad[0]) * group}..{int(bad[0]) * group + group - 1} do not share "
+            first = int(bad[0]) * group
+            raise ValueError(f"share_prompt: rows {first}..{first + group - 1} do not share "
                              f"one prompt; rows must be prompt-major groups of {group} (rollout with n={group})")
 
 

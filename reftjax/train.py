@@ -146,7 +146,9 @@ def prepare_data(cfg: ExperimentConfig, tokenizer, splits: Splits | None = None)
     d = cfg.data
     sp = read_splits(cfg) if splits is None else splits
     train, val, test = sp.train, sp.val, sp.test
-    tok = lambda exs, targets: tokenize_examples(exs, tokenizer, d.prompt, d.tokenize, with_targets=targets)  # noqa: E731
+    def tok(exs, targets):
+        return tokenize_examples(exs, tokenizer, d.prompt, d.tokenize, with_targets=targets)
+
     data = Data(tok(train, cfg.sft.epochs > 0), tok(val, False), tok(test, False),  # SFT targets only if SFT runs
                 sp.train_items, sp.val_items, sp.test_items, sp.where)
     for split, ds in (("train", data.train_ds), ("validation", data.val_ds), ("test", data.test_ds)):

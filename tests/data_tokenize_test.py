@@ -314,7 +314,8 @@ def test_text_that_spells_a_special_token_stays_text_and_chat_styles_refuse_it(s
 def test_chat_targets_end_with_the_templates_end_of_turn_token(smollm_tokenizer, gsm8k_train, tmp_path):
     """Chat-style SFT targets ended with the tokenizer's EOS whatever the template puts after a reply: with a
     Llama-3 layout (eos <|end_of_text|>, end of turn <|eot_id|>) the warm-up taught replies ending off-template
-    (helper review). SmolLM2's layout mimicked with its own tokens: EOS <|endoftext|> (0), end of turn <|im_end|> (2)."""
+    (helper review). SmolLM2's layout mimicked with its own tokens: EOS <|endoftext|> (0), end of turn <|im_end|>
+    (2)."""
     import copy
     import types
 

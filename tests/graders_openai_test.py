@@ -431,7 +431,8 @@ def test_cli_run_and_validate(tmp_path):
         samples.write_text(text)
         bad = subprocess.run(cmd + ["run", "--grader", str(grader), "--samples", str(samples)],
                              capture_output=True, text=True)
-        assert bad.returncode == 2 and bad.stderr.startswith(f"error: {samples}:{line}: grader does not fit"), bad.stderr
+        assert bad.returncode == 2, bad.stderr
+        assert bad.stderr.startswith(f"error: {samples}:{line}: grader does not fit"), bad.stderr
 
 
 def test_multi_grader_answers_vote():

@@ -319,7 +319,8 @@ def _tiny_gguf(path, arch, rope_freqs=None, head_dim=None, name=None, special=No
               "blk.0.attn_v.weight": (nkv * hd, h), "blk.0.attn_output.weight": (h, nh * hd),
               "blk.0.ffn_gate.weight": (f, h), "blk.0.ffn_up.weight": (f, h), "blk.0.ffn_down.weight": (h, f)}
     if arch == "qwen2":
-        shapes.update({"blk.0.attn_q.bias": (nh * hd,), "blk.0.attn_k.bias": (nkv * hd,), "blk.0.attn_v.bias": (nkv * hd,)})
+        shapes.update({"blk.0.attn_q.bias": (nh * hd,), "blk.0.attn_k.bias": (nkv * hd,),
+                       "blk.0.attn_v.bias": (nkv * hd,)})
     if arch == "qwen3":  # with a byte-level BPE tokenizer as Qwen's files state it (merges derived from the scores)
         shapes.update({"blk.0.attn_q_norm.weight": (hd,), "blk.0.attn_k_norm.weight": (hd,)})
         w.add_tokenizer_model("gpt2"), w.add_tokenizer_pre("qwen2"), w.add_token_scores([0.0] * v)

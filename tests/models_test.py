@@ -455,9 +455,11 @@ def test_packed_prefill_equals_prefill(variant, random_params):
     real = np.pad(pmask, ((0, 0), (0, 11 - pmask.shape[1]))).astype(bool)  # [B, S]
     for ours, ref in zip(caches, ref_caches):
         assert ours.k.shape == ref.k.shape and ours.v.shape == ref.v.shape
-        np.testing.assert_allclose(np.asarray(ours.k) * real[:, None, None, :], np.asarray(ref.k) * real[:, None, None, :],
+        np.testing.assert_allclose(np.asarray(ours.k) * real[:, None, None, :],
+                                   np.asarray(ref.k) * real[:, None, None, :],
                                    atol=1e-5, rtol=1e-5)
-        np.testing.assert_allclose(np.asarray(ours.v) * real[:, None, :, None], np.asarray(ref.v) * real[:, None, :, None],
+        np.testing.assert_allclose(np.asarray(ours.v) * real[:, None, :, None],
+                                   np.asarray(ref.v) * real[:, None, :, None],
                                    atol=1e-5, rtol=1e-5)
 
 

@@ -22,7 +22,8 @@ def test_ci_runs_exactly_the_readme_test_command():
     ci_lines = [l for l in (ROOT / ".ci" / "run").read_text().splitlines()
                 if l.strip() and not l.startswith("#") and not l.startswith(("set ", "cd "))]
     assert ci_lines == [readme_cmd]
-    assert readme_cmd.startswith("pip install -e '.[test]'") and readme_cmd.endswith("python -m pytest -q -n 2 --dist worksteal")
+    assert readme_cmd.startswith("pip install -e '.[test]'")
+    assert readme_cmd.endswith("python -m pytest -q -n 2 --dist worksteal")
 
 
 def test_readme_main_command_runs_the_default_experiment():

@@ -247,7 +247,8 @@ def test_collect_left_pads_prompts_from_different_buckets_and_dedup_keeps_first(
     a = {"prompt_tokens": np.array([[5, 6]]), "prompt_mask": np.array([[1, 1]]), "tokens": np.array([[7, 1]]),
          "mask": np.array([[1, 1]]), "labels": np.array([1.0]), "example_idx": np.array([0])}
     b = {"prompt_tokens": np.array([[0, 4, 5, 6]]), "prompt_mask": np.array([[0, 1, 1, 1]]),
-         "tokens": np.array([[8, 0]]), "mask": np.array([[1, 0]]), "labels": np.array([0.0]), "example_idx": np.array([1])}
+         "tokens": np.array([[8, 0]]), "mask": np.array([[1, 0]]), "labels": np.array([0.0]),
+         "example_idx": np.array([1])}
     vd = collect([a, b], pad_id=2)
     np.testing.assert_array_equal(vd.prompt_tokens, [[2, 2, 5, 6], [0, 4, 5, 6]])
     np.testing.assert_array_equal(vd.prompt_mask, [[0, 0, 1, 1], [0, 1, 1, 1]])

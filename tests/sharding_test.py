@@ -248,8 +248,9 @@ def _step_state(mesh, params_np, with_value_head=False):
     tx = make_optimizer(OptimConfig(learning_rate=1e-3, schedule="constant", warmup_ratio=0.0), 10)
     params = {"policy": place_params(params_np, CFG, mesh)}
     if with_value_head:
-        params["value_head"] = replicated_like(jax.tree.map(np.asarray, init_value_head(CFG, jax.random.key(2))),
-                                               params["policy"]) if mesh is not None else init_value_head(CFG, jax.random.key(2))
+        head = init_value_head(CFG, jax.random.key(2))
+        params["value_head"] = head if mesh is None else replicated_like(jax.tree.map(np.asarray, head),
+                                                                         params["policy"])
     return init_state(params, tx, jax.random.key(1)), tx
 
 

@@ -105,7 +105,8 @@ def test_experience_and_losses_match_numpy_kl_rewards_gae_whitening_and_coeffici
     from reftjax.steps import _rl_loss
 
     pc = PPOConfig(minibatch_size=4, kl_coef=0.05, gamma=0.9, gae_lambda=0.8)
-    params = {"policy": jax.tree.map(jnp.asarray, _host_policy()), "value_head": init_value_head(CFG, jax.random.key(2))}
+    params = {"policy": jax.tree.map(jnp.asarray, _host_policy()),
+              "value_head": init_value_head(CFG, jax.random.key(2))}
     ref = jax.tree.map(jnp.asarray, _host_policy(1))
     prompts = jnp.full((8, 4), 3, jnp.int32)
     r = rollout(params["policy"], prompts, jnp.ones_like(prompts), jax.random.key(4), model_cfg=CFG,
@@ -200,7 +201,8 @@ def test_experience_and_losses_match_numpy_kl_rewards_gae_whitening_and_coeffici
     want = ((g - g.mean(1, keepdims=True)) / (g.std(1, ddof=1, keepdims=True) + 1e-4)).ravel()
     m2 = np.asarray(exp2.mask_BxN) > 0
     np.testing.assert_allclose(np.asarray(exp2.advantages_BxN)[:, 0], want, rtol=1e-5, atol=1e-5)
-    d = np.asarray(exp2.logp_ref_BxN, np.float64) - np.asarray(exp2.logp_old_BxN, np.float64)  # first update: new == old
+    # first update: new == old
+    d = np.asarray(exp2.logp_ref_BxN, np.float64) - np.asarray(exp2.logp_old_BxN, np.float64)
     k3 = np.where(m2, np.exp(d) - d - 1, 0.0)
     agg = np.mean(k3.sum(1) / np.maximum(m2.sum(1), 1))
     assert agg > 1e-4
@@ -235,7 +237,8 @@ def test_experience_and_losses_match_numpy_kl_rewards_gae_whitening_and_coeffici
 def test_nonfinite_advantage_skips_every_ppo_update(tmp_path):
     pc = PPOConfig(minibatch_size=4, kl_coef=0.0, ppo_epochs=2)
     tx = make_optimizer(OptimConfig(learning_rate=3e-3, schedule="constant", warmup_ratio=0.0), 10)
-    params = {"policy": jax.tree.map(jnp.asarray, _host_policy()), "value_head": init_value_head(CFG, jax.random.key(2))}
+    params = {"policy": jax.tree.map(jnp.asarray, _host_policy()),
+              "value_head": init_value_head(CFG, jax.random.key(2))}
     state = init_state(params, tx, jax.random.key(3))
     prompts = jnp.full((8, 4), 3, jnp.int32)
     r = rollout(state.params["policy"], prompts, jnp.ones_like(prompts), jax.random.key(4), model_cfg=CFG,
@@ -528,7 +531,8 @@ def test_value_head_lr_scale_scales_only_the_critic_update():
     params = {"policy": {"w": jnp.ones((3,))}, "value_head": {"summary": {"kernel": jnp.ones((2, 1))}},
               "critic": {"w": jnp.ones((2,))}}  # a separate critic trunk (PPOConfig.critic="separate")
     grads = {"policy": {"w": jnp.array([0.1, -0.2, 0.3])},
-             "value_head": {"summary": {"kernel": jnp.array([[0.5], [-1e-3]])}}, "critic": {"w": jnp.array([0.2, -0.4])}}
+             "value_head": {"summary": {"kernel": jnp.array([[0.5], [-1e-3]])}},
+             "critic": {"w": jnp.array([0.2, -0.4])}}
     out = {}
     for scale in (1.0, 7.0):
         tx = make_optimizer(OptimConfig(learning_rate=1e-2, schedule="constant", warmup_ratio=0.0,
@@ -1308,7 +1312,10 @@ def test_experience_refuses_a_rollout_drawn_with_other_settings():
     r = rollout(policy, prompts, jnp.ones_like(prompts), jax.random.key(0), model_cfg=CFG, cfg=scfg)
     assert r.sampling == scfg
     ok = PPOConfig(algo="grpo", group_size=2, temperature=0.5, kl_coef=0.0)
-    run = lambda cfg, ro=r: make_experience({"policy": policy}, policy, ro, jnp.zeros(4), model_cfg=CFG, cfg=cfg)  # noqa: E731
+
+    def run(cfg, ro=r):
+        return make_experience({"policy": policy}, policy, ro, jnp.zeros(4), model_cfg=CFG, cfg=cfg)
+
     run(ok)
     jax.jit(lambda ro: make_experience({"policy": policy}, policy, ro, jnp.zeros(4), model_cfg=CFG, cfg=ok))(r)
     for bad, msg in ((dataclasses.replace(ok, group_size=4), "grpo groups PPOConfig.group_size=4 rows, but the "

@@ -263,7 +263,8 @@ def _deterministic_metrics(out):
     """(phase, step, key, value) of every metrics line, timings left out (they differ between runs), and the
     count of compiled programs (it depends on the process/device layout, not on the training)."""
     timing = ("time", "seconds", "per_s", "mfu", "programs")
-    return [(r["phase"], r["step"], k, v) for r in (json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines())
+    rows = (json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines())
+    return [(r["phase"], r["step"], k, v) for r in rows
             for k, v in sorted(r.items()) if k not in ("phase", "step") and not any(t in k for t in timing)]
 
 
@@ -1662,7 +1663,8 @@ def test_a_second_run_on_a_directory_in_use_is_refused_and_a_killed_run_leaves_n
     out = tmp_path / "run"
     out.mkdir()
     holder = subprocess.Popen([sys.executable, "-c", "import pathlib, sys, time; from reftjax import train as T\n"
-                               "with T._claimed(pathlib.Path(sys.argv[1])):\n print('held', flush=True); time.sleep(600)",
+                               "with T._claimed(pathlib.Path(sys.argv[1])):\n"
+                               " print('held', flush=True); time.sleep(600)",
                                str(out)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"

@@ -687,8 +687,9 @@ def prefill(params, cfg: ModelConfig, tokens_BxP, attn_mask_BxP, cache_len: int)
                                            return_logits=False)
     b, p = tokens_BxP.shape
     pad_s = cache_len - p
-    keys = lambda x: jnp.pad(x.transpose(0, 2, 3, 1), ((0, 0), (0, 0), (0, 0), (0, pad_s))) # noqa: E731  [B,P,K,D]->[B,K,D,S]
-    values = lambda x: jnp.pad(x.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, pad_s), (0, 0)))  # noqa: E731  ->[B,K,S,D]
+    # [B,P,K,D] -> keys [B,K,D,S], values [B,K,S,D]
+    keys = lambda x: jnp.pad(x.transpose(0, 2, 3, 1), ((0, 0), (0, 0), (0, 0), (0, pad_s)))  # noqa: E731
+    values = lambda x: jnp.pad(x.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, pad_s), (0, 0)))  # noqa: E731
     caches = [KVCache(keys(kv.k[i]), values(kv.v[i])) for i in range(cfg.num_layers)]
     return lm_logits(params, cfg, hidden[:, -1, :]), hidden, caches
 
