@@ -643,6 +643,26 @@ def load_generation_config(directory: pathlib.Path):
 _ASIDE_MARK = ".reftjax-replaced"  # in a previous export moved aside by `save_hf` (and only there)
 
 
+def _exchange(a: pathlib.Path, b: pathlib.Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux's `renameat2` with `RENAME_EXCHANGE`); False, with
+    nothing moved, where the C library or the file system does not offer it (the caller then renames twice)."""
+    import ctypes
+    import errno
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2  # (glibc 2.28+)
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_cwd, exchange = -100, 2  # AT_FDCWD, RENAME_EXCHANGE
+    if renameat2(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
 def _clear_killed_export(out: pathlib.Path) -> None:
     """What a killed `save_hf` of `out` left beside it: its temporary folders (`<name>.tmpXXXXXXXX`, a whole
     model's size each) are deleted; a previous export it moved aside (`<name>.oldXXXXXXXX`, marked inside) but had
@@ -672,7 +692,8 @@ def save_hf(out_dir: str | os.PathLike, params, cfg, hf_config, tokenizer=None, 
             max_shard_bytes: int = 4 << 30, generation_config=None) -> pathlib.Path:
     """Export params as a Hugging Face directory that `AutoModelForCausalLM.from_pretrained` loads.
 
-    Written to a temporary sibling and renamed into place: a crash never leaves
+    Written to a temporary sibling and renamed into place (on Linux swapped with an existing export in one step, so
+    `out_dir` is never missing; elsewhere that export is moved aside first): a crash never leaves
     a half-written export, and what a killed export left beside `out_dir` is cleared first. An existing ``out_dir``
     is replaced only when it is empty or a model directory (holds ``config.json``); anything else raises
     `CheckpointError`.
@@ -753,7 +774,9 @@ def save_hf(out_dir: str | os.PathLike, params, cfg, hf_config, tokenizer=None, 
             finally:
                 if borrowed:
                     tokenizer.pad_token = tokenizer.eos_token
-        if out.exists():  # moved aside under a fresh name, marked as ours, so a kill here is undone next time
+        if out.exists() and _exchange(tmp, out):  # `out` is never missing: the temp name now holds the previous
+            shutil.rmtree(tmp, ignore_errors=True)  # export, which a kill leaves for the next sweep to delete
+        elif out.exists():  # moved aside under a fresh name, marked as ours, so a kill here is undone next time
             aside = pathlib.Path(tempfile.mkdtemp(prefix=out.name + ".old", dir=out.parent))
             aside.rmdir()
             (out / _ASIDE_MARK).touch()

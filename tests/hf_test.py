@@ -1203,15 +1203,18 @@ def test_an_export_that_fails_leaves_no_temporary_folder_and_its_previous_export
     """An export failing (or interrupted) between its two renames: its temporary folder (a whole model) is removed,
     and the previous export, moved aside by `save_hf` itself, carries the mark that lets the next export (or
     `_clear_killed_export`) move it back. Only a hand-made aside was tested: dropping the mark, or the cleanup of the
-    temporary folder, passed (mutation review of the export, session 47)."""
+    temporary folder, passed (mutation review of the export, session 47). Since session 49 this is the fallback
+    where the system cannot swap the two folders in one step (`_exchange` False)."""
     import pathlib
 
+    import reftjax.hf
     from reftjax.hf import _clear_killed_export
 
     params = random_params(TINY)
     out = save_hf(tmp_path / "final", params, TINY, _tiny_hf_config(TINY))
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     rename = pathlib.Path.rename
+    monkeypatch.setattr(reftjax.hf, "_exchange", lambda a, b: False)
 
     def interrupted(self, target):
         if ".tmp" in self.name:  # the new export's move into place
@@ -1226,6 +1229,71 @@ def test_an_export_that_fails_leaves_no_temporary_folder_and_its_previous_export
     _clear_killed_export(out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_an_export_replaces_the_previous_one_in_one_step_and_a_kill_after_it_is_swept(tmp_path, monkeypatch,
+                                                                                         random_params):
+    """Replacing an export moved the previous one aside and then renamed the new one into place: between the two
+    renames `out` did not exist (a reader failed; a kill there left it missing until the next export). On Linux the
+    two folders are now swapped in one `renameat2(RENAME_EXCHANGE)`: the previous export is never renamed away from
+    `out`, and when its folder (now under the temporary name) is deleted, `out` already holds the new export. A kill
+    during that deletion leaves a temporary folder the next sweep removes, `out` untouched. (session 49)"""
+    import pathlib
+    import platform
+    import shutil
+    import sys
+
+    from reftjax.hf import _clear_killed_export, _exchange
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    (a / "x").write_text("from a")
+    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("renameat2 is Linux's (glibc 2.28+); elsewhere save_hf renames twice: the test above")
+    assert _exchange(a, b)
+    assert (b / "x").read_text() == "from a" and not (a / "x").exists()
+    with pytest.raises(FileNotFoundError):  # a failure other than "not supported" is raised, nothing moved
+        _exchange(a, tmp_path / "missing")
+    (b / "sub").mkdir()  # EINVAL (here: a folder into itself; beside it: a file system without the flag): False
+    assert not _exchange(b, b / "sub") and (b / "x").read_text() == "from a"
+    out = save_hf(tmp_path / "final", random_params(TINY), TINY, _tiny_hf_config(TINY))
+    old = {p.name: p.read_bytes() for p in out.iterdir()}
+    rename, rmtree, seen = pathlib.Path.rename, shutil.rmtree, []
+
+    def no_aside(self, target):
+        assert pathlib.Path(self) != out, "the previous export was renamed away from its place"
+        return rename(self, target)
+
+    def deleted(path, *args, **kw):
+        if ".tmp" in pathlib.Path(path).name:
+            seen.append(({p.name: p.read_bytes() for p in pathlib.Path(path).iterdir()},
+                         (out / "config.json").exists() and (out / "model.safetensors").exists()))
+        return rmtree(path, *args, **kw)
+
+    monkeypatch.setattr(pathlib.Path, "rename", no_aside)
+    monkeypatch.setattr(shutil, "rmtree", deleted)
+    save_hf(out, random_params(TINY, seed=1), TINY, _tiny_hf_config(TINY))
+    assert seen == [(old, True)]  # the previous export deleted from the temporary name, the new one in place
+    new = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert new != old and sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "final"]
+
+    def killed(path, *args, **kw):
+        if ".tmp" in pathlib.Path(path).name:
+            raise KeyboardInterrupt
+        return rmtree(path, *args, **kw)
+
+    monkeypatch.setattr(shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save_hf(out, random_params(TINY, seed=2), TINY, _tiny_hf_config(TINY))
+    monkeypatch.undo()
+    third = {p.name: p.read_bytes() for p in out.iterdir()}
+    left = [p for p in tmp_path.iterdir() if ".tmp" in p.name]
+    assert len(left) == 1 and {p.name: p.read_bytes() for p in left[0].iterdir()} == new  # the second export
+    assert third != new
+    _clear_killed_export(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "final"]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == third
 
 
 def test_export_details_a_user_or_a_tool_reads(tmp_path, random_params):
