@@ -711,6 +711,8 @@ def save_hf(out_dir: str | os.PathLike, params, cfg, hf_config, tokenizer=None, 
     import numpy as np
 
     out = pathlib.Path(out_dir)
+    if out.is_symlink():  # into the link's target, the link kept (it was replaced by a folder and left beside it,
+        out = out.resolve()  # under the temporary name, where no sweep removes a link; session 49)
     _clear_killed_export(out)
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"{out}: exists and is not a directory; refusing to replace it")

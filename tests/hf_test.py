@@ -1237,7 +1237,9 @@ def test_an_export_replaces_the_previous_one_in_one_step_and_a_kill_after_it_is_
     renames `out` did not exist (a reader failed; a kill there left it missing until the next export). On Linux the
     two folders are now swapped in one `renameat2(RENAME_EXCHANGE)`: the previous export is never renamed away from
     `out`, and when its folder (now under the temporary name) is deleted, `out` already holds the new export. A kill
-    during that deletion leaves a temporary folder the next sweep removes, `out` untouched. (session 49)"""
+    during that deletion leaves a temporary folder the next sweep removes, `out` untouched. An export path that is a
+    link to a folder is written into that folder, the link kept (both ways replaced the link by a folder and left it
+    beside it, where no sweep removes a link). (session 49)"""
     import pathlib
     import platform
     import shutil
@@ -1294,6 +1296,12 @@ def test_an_export_replaces_the_previous_one_in_one_step_and_a_kill_after_it_is_
     _clear_killed_export(out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "final"]
     assert {p.name: p.read_bytes() for p in out.iterdir()} == third
+    link = tmp_path / "b" / "best"  # an export path that links to a folder elsewhere: written there, the link kept
+    link.symlink_to(out)
+    assert save_hf(link, random_params(TINY, seed=3), TINY, _tiny_hf_config(TINY)) == out
+    assert link.is_symlink() and link.resolve() == out and sorted(p.name for p in link.parent.iterdir()) == [
+        "best", "sub", "x"] and sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "final"]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} != third
 
 
 def test_export_details_a_user_or_a_tool_reads(tmp_path, random_params):
