@@ -301,3 +301,79 @@ def test_cpu_description_without_proc_cpuinfo(monkeypatch):
     cpu = host.cpu_description()
     assert cpu == {"model_name": platform.processor() or platform.machine(), "vendor": "", "family_model": "?/?",
                    "isa": [], "machine": platform.machine(), "cores": 2}
+
+
+def test_a_users_hugetlb_among_other_tunables_stands_and_an_empty_value_is_not_hugepages(tmp_path, monkeypatch):
+    """(Mutation review, session 49.) glibc separates tunables with ':': the user's hugetlb=0 after another tunable is
+    theirs (not re-executed to 1), and a hugetlb without a value of 1 or 2 is not huge pages."""
+    assert _possible(tmp_path, monkeypatch)
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.check=0:glibc.malloc.hugetlb=0")
+    assert not host._hugepages_possible() and host.host_allocator_mode() == "system"
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=")
+    assert host.host_allocator_mode() == "system"
+
+
+class _Stream:
+    def __init__(self):
+        self.flushed = False
+
+    def flush(self):
+        self.flushed = True
+
+
+def test_use_hugepage_malloc_flushes_before_it_reexecutes_and_needs_an_interpreter(tmp_path, monkeypatch):
+    """Output still buffered at `execve` is lost with the old process image; an embedded interpreter without
+    `sys.executable` is not re-executed (session 49)."""
+    assert _possible(tmp_path, monkeypatch)
+    calls = []
+
+    def execve(path, argv, env):
+        calls.append((sys.stdout.flushed, sys.stderr.flushed))
+        raise SystemExit("re-executed")
+
+    monkeypatch.setattr(host.os, "execve", execve)
+    monkeypatch.setattr(sys, "orig_argv", [sys.executable, "-m", "experiments.gsm8k_reft"])
+    monkeypatch.setattr(sys, "stdout", _Stream())
+    monkeypatch.setattr(sys, "stderr", _Stream())
+    with pytest.raises(SystemExit, match="re-executed"):
+        host.use_hugepage_malloc()
+    assert calls == [(True, True)]
+    monkeypatch.setattr(sys, "executable", "")
+    assert host.use_hugepage_malloc() == "system" and len(calls) == 1
+
+
+def test_cores_without_an_affinity_call_is_the_cpu_count(monkeypatch):
+    """macOS has no `sched_getaffinity` (session 49)."""
+    monkeypatch.delattr(host.os, "sched_getaffinity", raising=False)
+    monkeypatch.setattr(host.os, "cpu_count", lambda: 8)
+    assert host.cores() == 8
+    monkeypatch.setattr(host.os, "cpu_count", lambda: None)  # undeterminable
+    assert host.cores() == 1
+
+
+def test_use_core_devices_changes_nothing_once_jax_is_up_and_reads_an_empty_setting_as_unset(monkeypatch):
+    """No device-count flag in XLA_FLAGS and JAX already started (a notebook): the count in force is returned and
+    neither XLA_FLAGS nor NPROC is touched (session 49). An empty REFTJAX_CPU_DEVICES is no setting."""
+    import jax
+    from jax._src import xla_bridge
+
+    devices = len(jax.devices("cpu"))  # JAX's backends are up in this process
+    for name in ("NPROC", "PJRT_NPROC", "REFTJAX_CPU_DEVICES"):
+        monkeypatch.setenv(name, "0")  # (so that monkeypatch restores them, set or not, after the test)
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("XLA_FLAGS", "")
+    assert host.use_core_devices(devices + 3) == devices
+    assert os.environ["XLA_FLAGS"] == "" and "NPROC" not in os.environ
+    monkeypatch.setattr(xla_bridge, "backends_are_initialized", lambda: False)  # as before JAX starts
+    monkeypatch.setenv("REFTJAX_CPU_DEVICES", "")
+    assert host.use_core_devices(1) == 1 and os.environ["XLA_FLAGS"] == ""
+
+
+def test_parse_cpuinfo_skips_leading_blank_lines_and_matches_whole_flags():
+    """(Session 49.) A leading blank line does not end the first block; a flag counts only whole: a Bulldozer's
+    `fma4` is not `fma`; every ISA flag read is reported, in `_ISA_FLAGS` order."""
+    assert host.parse_cpuinfo("\n\n" + _ZEN3) == host.parse_cpuinfo(_ZEN3)
+    assert host.parse_cpuinfo(_ZEN3.replace("avx fma avx2", "avx fma4 xop", 1))["isa"] == []
+    everything = _ZEN3.replace("sha_ni", "amx_bf16 amx_tile avx_vnni avx512_vnni avx512_bf16 avx512f", 1)
+    assert host.parse_cpuinfo(everything)["isa"] == ["avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni",
+                                                     "avx_vnni", "amx_tile", "amx_bf16"]

@@ -332,3 +332,62 @@ def test_compile_stats_count_jaxs_events_since_construction():
                                "cache_dir": jax.config.jax_compilation_cache_dir, "cache_hits": 1,
                                "compile_seconds_saved": 2.0}
     assert xla_cache.busy_seconds() - busy == pytest.approx(0.75 + 0.3)
+
+
+def test_an_empty_jax_compilation_cache_dir_is_no_setting(tmp_path, monkeypatch):
+    """`JAX_COMPILATION_CACHE_DIR=` (emptied to unset it) falls through to $REFTJAX_CACHE/xla, not the working
+    directory (mutation review, session 49)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "")
+    monkeypatch.setenv("REFTJAX_CACHE", str(tmp_path / "rc"))
+    assert xla_cache.cache_dir(None) == str(tmp_path / "rc" / "xla")
+
+
+def test_default_setting_is_uncapped_without_filelock(tmp_path, monkeypatch):
+    """JAX's capped (LRU) cache locks with `filelock`: without it the default cache runs uncapped (session 49)."""
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    monkeypatch.setenv("REFTJAX_CACHE", str(tmp_path / "rc"))
+    fake = _fake_jax(monkeypatch)
+    find_spec = xla_cache.importlib.util.find_spec
+    monkeypatch.setattr(xla_cache.importlib.util, "find_spec",
+                        lambda name, *args: None if name == "filelock" else find_spec(name, *args))
+    assert xla_cache.enable(None) == str(tmp_path / "rc" / "xla")
+    assert fake.config.jax_compilation_cache_max_size == -1
+
+
+def test_write_warnings_are_silenced_for_a_read_only_path_with_regex_characters(tmp_path, monkeypatch):
+    """The path is matched literally in the warning filter: '+' or '(' in it (session 49)."""
+    _fake_jax(monkeypatch)
+    ro = tmp_path / "c++ (ro)"
+    ro.mkdir()
+    _read_only(monkeypatch, str(ro))
+    with warnings.catch_warnings(record=True) as caught:  # (enable's filter goes with the block)
+        warnings.simplefilter("always")
+        assert xla_cache.enable(str(ro)) == str(ro)
+        warnings.warn(f"Error writing persistent compilation cache entry for x: EROFS: {ro}/x-cache")
+        warnings.warn(f"Error writing persistent compilation cache entry for y: ENOSPC: {tmp_path}/rw/y-cache")
+    assert [str(w.message) for w in caught] == [f"Error writing persistent compilation cache entry for y: ENOSPC: "
+                                                f"{tmp_path}/rw/y-cache"]
+
+
+def test_busy_seconds_counts_without_compile_stats(tmp_path):
+    """`busy_seconds` alone (no `CompileStats` in the process) counts the compile it brackets (session 49)."""
+    code = ("import jax, jax.numpy as jnp; from reftjax import xla_cache; b = xla_cache.busy_seconds(); "
+            "jax.jit(lambda x: jnp.tanh(x) * 2)(jnp.ones(3)).block_until_ready(); print(xla_cache.busy_seconds() - b)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert float(out.stdout.split()[-1]) > 0
+
+
+def test_a_directory_that_can_be_listed_but_not_searched_turns_the_cache_off(tmp_path, monkeypatch):
+    """Mode r-- without x (root searches every directory, so `os.access` is faked): its entries cannot be opened, so
+    it is no read-only cache (session 49)."""
+    fake = _fake_jax(monkeypatch)
+    listed = tmp_path / "listed"
+    listed.mkdir()
+    _read_only(monkeypatch, str(listed))
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: access(path, mode) and (path != str(listed)
+                                                                                  or not mode & os.X_OK))
+    assert xla_cache.enable(str(listed)) is None and fake.config.jax_compilation_cache_dir is None
