@@ -43,6 +43,10 @@ def _hf_config(kind: str):
             "high_freq_factor": 4.0, "original_max_position_embeddings": 8})
     if kind == "mistral":
         return MistralConfig(**TINY, sliding_window=4)
+    if kind == "mistral_yarn":  # RoPE scaling on windowed layers without a base of their own (Phi-3.5-mini: a window
+        # and LongRoPE on every layer): they keep the model's scaling (a mutant dropping it there passed; session 49)
+        return MistralConfig(**TINY, sliding_window=4, rope_parameters={
+            "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 8})
     if kind == "qwen2":
         return Qwen2Config(**TINY, tie_word_embeddings=True)
     if kind == "qwen2_mixed":  # Qwen2's window on the layers >= max_window_layers: here the second of two
@@ -150,6 +154,7 @@ _EXPECTED = {
     "llama": dict(model_type="llama"),
     "llama3_rope": dict(model_type="llama"),
     "mistral": dict(model_type="mistral", sliding_window=4),
+    "mistral_yarn": dict(model_type="mistral", sliding_window=4),
     "qwen2": dict(model_type="qwen2", qkv_bias=True),
     "qwen2_mixed": dict(model_type="qwen2", qkv_bias=True, sliding_window=4, sliding_layers=(False, True)),
     "qwen3": dict(model_type="qwen3", qk_norm=True, head_dim=16),
@@ -184,6 +189,7 @@ _FEATURES = {
     "llama_yarn_mscale": [dict(rope_scaling=RopeScaling())],
     "gemma3_yarn": [dict(rope_scaling=RopeScaling())],
     "mistral": [dict(sliding_window=None)],
+    "mistral_yarn": [dict(rope_scaling=RopeScaling())],
     "qwen2_mixed": [dict(sliding_layers=()), dict(sliding_window=None, sliding_layers=())],
     "gemma": [dict(norm_offset=0.0), dict(embed_scale=False), dict(hidden_act="silu")],
     "gemma2": [dict(attn_logit_softcap=None), dict(final_logit_softcap=None), dict(sliding_layers=())],
@@ -767,3 +773,88 @@ def test_bf16_attention_rounds_its_probabilities_as_transformers():
     assert np.mean(got == want) > 0.97  # (1.0 here; ~0.65 with float32 probabilities)
     got_d = np.asarray(decode_attention(q[:, :, :, -1], k.transpose(0, 1, 3, 2), v, mask[:, -1]).astype(jnp.float32))
     assert np.mean(got_d == want[:, :, :, -1]) > 0.97
+
+
+def test_remat_policies_trade_saved_values_for_recomputation_in_order():
+    """`remat="full"` saves only each layer's input for the backward, "dots" also the weight products, "none"
+    everything: the compiled gradient's temporaries shrink in that order. The three give the same values, so no
+    parity test could tell the policies apart: mutants swapping "full" and "dots", or running "dots" without remat,
+    passed the suite (mutation review, session 49)."""
+    cfg = ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=256, num_layers=4, num_heads=2, num_kv_heads=1,
+                      head_dim=32)
+    tokens = np.ones((2, 128), np.int32)
+
+    def temp_bytes(remat):
+        c = cfg.replace(remat=remat)
+        params = jax.eval_shape(lambda: llama.init_params(c, jax.random.key(0)))
+        loss = lambda p: forward(p, c, tokens, tokens, return_logits=False)[1].astype(jnp.float32).sum()  # noqa: E731
+        return jax.jit(jax.grad(loss)).lower(params).compile().memory_analysis().temp_size_in_bytes
+
+    none, dots, full = (temp_bytes(r) for r in ("none", "dots", "full"))
+    assert full < 0.8 * dots and dots < 0.9 * none, (full, dots, none)  # (3.1, 5.2, 7.1 MB)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma", "olmo2"])
+def test_fresh_norms_are_the_identity_scale(kind):
+    """`init_params` starts every RMSNorm at the identity scale: ones, or zeros where the model scales by 1 + w
+    (Gemma's offset), whose ones doubled every norm's output: a mutant initialising them to ones passed the suite
+    (mutation review, session 49). Checked on what a norm computes: x / rms(x), in the norm's own order."""
+    cfg = {"llama": _decode_test_config("llama", None), "gemma": _decode_test_config("gemma2_softcaps", None),
+           "olmo2": _decode_test_config("olmo2_post_norms", None)}[kind]
+    params = llama.init_params(cfg, jax.random.key(0))
+    rng = np.random.default_rng(0)
+    norms = [(jax.tree_util.keystr(path), leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+             if "norm" in jax.tree_util.keystr(path)]
+    assert len(norms) >= 3
+    for name, scale in norms:
+        x = rng.normal(0, 2, (5, scale.shape[-1])).astype(np.float32)
+        want = x / np.sqrt(np.mean(x * x, -1, keepdims=True) + cfg.rms_norm_eps)
+        for s in np.asarray(scale).reshape(-1, scale.shape[-1]):  # (stacked over the layers, or the final norm)
+            got = llama.rms_norm(jnp.asarray(x), jnp.asarray(s), cfg.rms_norm_eps, jnp.float32, cfg.norm_offset,
+                                 cfg.norm_scale_float32)
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_gemma_embedding_scale_in_bf16_rounds_the_factor_as_transformers():
+    """Gemma scales its input embeddings by sqrt(D) rounded to the activations' dtype first (transformers:
+    `torch.tensor(hidden_size ** 0.5, dtype=hidden_states.dtype)`): at D = 1152 (Gemma 3 1B) bf16's 34.0 for 33.94.
+    Multiplying by the float32 factor and casting moves about a third of the bf16 embeddings by an ulp, which the
+    float32 parity tests cannot see: such a mutant passed the suite (mutation review, session 49)."""
+    cfg = ModelConfig(vocab_size=64, hidden_size=1152, intermediate_size=48, num_layers=1, num_heads=4, num_kv_heads=2,
+                      embed_scale=True, norm_offset=1.0, dtype="bfloat16", model_type="gemma")
+    x = np.random.default_rng(0).normal(0, 0.05, (16, 1152)).astype(np.float32)
+    xt = torch.tensor(x).to(torch.bfloat16)
+    want = (xt * torch.tensor(1152 ** 0.5, dtype=xt.dtype)).float().numpy()
+    got = llama._scale_embeddings(cfg, jnp.asarray(x).astype(jnp.bfloat16))
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)), want)
+    f32 = (xt.float() * 1152 ** 0.5).to(torch.bfloat16).float().numpy()
+    assert np.mean(f32 != want) > 0.1  # (the float32 factor's order differs: the check above can fail)
+
+
+def test_an_untied_bf16_head_multiplies_with_its_kernel_rounded_to_bf16():
+    """With float32 parameters and bf16 compute, an untied `lm_head` is cast to bf16 as every other kernel is (the
+    product still accumulates in float32): a head kept in float32 promoted the model's largest GEMM to float32, which
+    the test above (tied embeddings) and the float32 parity tests could not see (mutation review, session 49)."""
+    from reftjax.models import init_params, lm_logits
+
+    cfg = ModelConfig(vocab_size=512, hidden_size=256, intermediate_size=48, num_layers=1, num_heads=4,
+                      num_kv_heads=2, dtype="bfloat16", tie_word_embeddings=False)
+    params = init_params(cfg, jax.random.key(0))
+    assert params["lm_head"]["kernel"].dtype == jnp.float32
+    h = (4.0 * jax.random.normal(jax.random.key(1), (2, 3, 256))).astype(jnp.bfloat16)
+    got = lm_logits(params, cfg, h)
+    w = np.asarray(params["lm_head"]["kernel"].astype(jnp.bfloat16).astype(jnp.float32), np.float64)
+    want = np.einsum("btd,dv->btv", np.asarray(h.astype(jnp.float32), np.float64), w)
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-4, rtol=0)  # (float32 kernel: off by ~4e-3)
+
+
+def test_padding_slots_get_position_0():
+    """`positions_from_mask` (exported) counts real tokens only and gives left padding position 0, as documented;
+    the model masks padding everywhere, so a -1 there changed no logits and passed the suite (session 49)."""
+    from reftjax.models import positions_from_mask
+
+    mask = np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 1], [0, 0, 0, 0, 0]], np.int32)
+    np.testing.assert_array_equal(positions_from_mask(jnp.asarray(mask)),
+                                  [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4], [0, 0, 0, 0, 0], [0, 0, 0, 0, 0]])
