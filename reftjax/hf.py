@@ -186,19 +186,21 @@ def write_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict | N
 
 
 def _read_hf_tensors(directory: pathlib.Path) -> tuple[dict, dict]:
-    """({tensor name: array}, {tensor name: file it came from}) of a model folder: the files its index names, else
-    `model.safetensors` alone when there is one (as transformers reads it: a PEFT `adapter_model.safetensors` or
-    Mistral's `consolidated.safetensors` beside it is not part of the model), else every `*.safetensors`."""
+    """({tensor name: array}, {tensor name: file it came from}) of a model folder, as transformers reads it:
+    `model.safetensors` alone when there is one (a PEFT `adapter_model.safetensors`, Mistral's
+    `consolidated.safetensors` or a sharded index beside it is not read: reading the index's shards first loaded
+    another model than transformers does; mutation review, session 49), else the files its index names, else every
+    `*.safetensors`."""
     import json
 
     index = directory / "model.safetensors.index.json"
-    if index.is_file():
+    if (directory / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    elif index.is_file():
         try:
             files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         except (ValueError, KeyError) as e:
             raise CheckpointError(f"{index}: malformed index ({e})") from e
-    elif (directory / "model.safetensors").is_file():
-        files = ["model.safetensors"]
     else:
         files = sorted(p.name for p in directory.glob("*.safetensors"))
     if not files:

@@ -223,6 +223,8 @@ def test_gguf_tokenizer_falls_back_to_the_older_transformers_module(monkeypatch,
         "<|im_start|>", "<|im_end|>")
     text = "Question:\nNatalia sold 48 clips in April.\nAnswer reasoning:\n<|im_end|>"
     assert tok(text)["input_ids"] == smollm_tokenizer(text)["input_ids"]
+    for t in (tok, smollm_tokenizer):  # decoded as written: no clean-up of the spaces before punctuation (session 49)
+        assert t.decode(t("30 / .5 , x ?")["input_ids"]) == "30 / .5 , x ?"
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -292,9 +294,11 @@ def test_missing_and_misshapen_tensors_are_named(tiny_dir, random_params):
 
 
 def _tiny_gguf(path, arch, rope_freqs=None, head_dim=None, name=None, special=None, split_count=None, lengths=None,
-               eps=1e-6, rope_base=1e4, context=64, rope_scaling=None):
+               eps=1e-6, rope_base=1e4, context=64, rope_scaling=None, vocab_size=None, kv_heads=1, extra=None):
     """A 1-layer GGUF written with the `gguf` package; returns the tensors as stored. `lengths` overrides the stated
-    key / value / rotary lengths (all `head_dim` by default)."""
+    key / value / rotary lengths (all `head_dim` by default); `vocab_size` the stated one (the token list's length by
+    default); `kv_heads=None` states no KV head count (the tensors keep one KV head); `extra` ({name: shape}) adds
+    tensors."""
     import gguf
 
     rng = np.random.default_rng(0)
@@ -312,8 +316,10 @@ def _tiny_gguf(path, arch, rope_freqs=None, head_dim=None, name=None, special=No
     for key, value in (special or {}).items():  # e.g. {"eos": 2, "eot": 3}
         w.add_uint32(f"tokenizer.ggml.{key}_token_id", value)
     w.add_block_count(1), w.add_context_length(context), w.add_embedding_length(h), w.add_feed_forward_length(f)
-    w.add_head_count(nh), w.add_head_count_kv(nkv), w.add_layer_norm_rms_eps(eps), w.add_rope_freq_base(rope_base)
-    w.add_vocab_size(v), w.add_token_list([f"t{i}" for i in range(v)])
+    w.add_head_count(nh), w.add_layer_norm_rms_eps(eps), w.add_rope_freq_base(rope_base)
+    if kv_heads is not None:
+        w.add_head_count_kv(kv_heads)
+    w.add_vocab_size(vocab_size or v), w.add_token_list([f"t{i}" for i in range(v)])
     shapes = {"token_embd.weight": (v, h), "output_norm.weight": (h,), "blk.0.attn_norm.weight": (h,),
               "blk.0.ffn_norm.weight": (h,), "blk.0.attn_q.weight": (nh * hd, h), "blk.0.attn_k.weight": (nkv * hd, h),
               "blk.0.attn_v.weight": (nkv * hd, h), "blk.0.attn_output.weight": (h, nh * hd),
@@ -324,6 +330,7 @@ def _tiny_gguf(path, arch, rope_freqs=None, head_dim=None, name=None, special=No
     if arch == "qwen3":  # with a byte-level BPE tokenizer as Qwen's files state it (merges derived from the scores)
         shapes.update({"blk.0.attn_q_norm.weight": (hd,), "blk.0.attn_k_norm.weight": (hd,)})
         w.add_tokenizer_model("gpt2"), w.add_tokenizer_pre("qwen2"), w.add_token_scores([0.0] * v)
+    shapes.update(extra or {})
     stored = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
     if rope_freqs is not None:
         stored["rope_freqs.weight"] = np.asarray(rope_freqs, np.float32)
@@ -411,6 +418,10 @@ def test_a_gguf_conversion_by_an_older_reader_is_not_reused(tmp_path, monkeypatc
     major = transformers.__version__.split(".")[0]
     assert first.name == f"{legacy.name}-c{hf.GGUF_CONVERSION}-t{major}" and (first / "tokenizer.json").is_file()
     assert not legacy.exists() and len(reads) == 1
+    from safetensors import safe_open
+
+    with safe_open(first / "model.safetensors", framework="np") as st:  # as save_pretrained writes it (4.x checks it)
+        assert st.metadata() == {"format": "pt"}
     assert hf.gguf_to_hf_dir(gguf_file) == first and len(reads) == 1
 
 
@@ -436,7 +447,7 @@ def test_gguf_qk_rows_are_unpermuted_for_llama_only_and_rope_scaling_is_refused(
         read_gguf(tmp_path / "l3.gguf", with_tokenizer=False)
 
 
-def test_a_qwen3_gguf_loads_with_its_qk_norms_and_matches_transformers(tmp_path):
+def test_a_qwen3_gguf_loads_with_its_qk_norms_and_matches_transformers(tmp_path, monkeypatch):
     """Qwen3 GGUFs (llama.cpp arch `qwen3`: per-head q/k norms `attn_{q,k}_norm`, Hugging Face row order, a head
     size of its own) load as Qwen3: were refused as an unsupported architecture. The reference is transformers'
     Qwen3ForCausalLM holding the file's tensors under their Hugging Face names."""
@@ -444,6 +455,7 @@ def test_a_qwen3_gguf_loads_with_its_qk_norms_and_matches_transformers(tmp_path)
 
     from reftjax.gguf_reader import read_gguf
 
+    monkeypatch.setenv("REFTJAX_CACHE", str(tmp_path / "cache"))  # (its conversion went to ~/.cache, one per run)
     stored = _tiny_gguf(tmp_path / "q3.gguf", "qwen3", head_dim=16)
     hf_config, tensors, _ = read_gguf(tmp_path / "q3.gguf", with_tokenizer=False)
     assert type(hf_config).__name__ == "Qwen3Config" and hf_config.architectures == ["Qwen3ForCausalLM"]
@@ -979,7 +991,7 @@ def test_a_tied_config_with_its_own_lm_head_loads_and_exports_as_transformers_re
     tokens, mask = _batch(cfg.vocab_size)
     ref = _torch_logits(src, tokens, mask)
     model = load_model(src, with_tokenizer=False)
-    assert not model.config.tie_word_embeddings
+    assert not model.config.tie_word_embeddings and not model.hf_config.tie_word_embeddings  # (session 49)
     _assert_close_on_real(forward(model.params, model.config, tokens, mask)[0], ref, mask, 1e-5)
     out = save_hf(tmp_path / "out", model.params, model.config, model.hf_config)
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
@@ -1025,11 +1037,12 @@ def test_a_multimodal_gemma3s_top_level_special_ids_and_tie_win_as_in_transforme
                   patch_size=14)
     mm = Gemma3ForConditionalGeneration(Gemma3Config(
         text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=299, boi_token_index=297,
-        eoi_token_index=298, eos_token_id=[1, 7], tie_word_embeddings=True))
+        eoi_token_index=298, eos_token_id=[1, 7], pad_token_id=5, tie_word_embeddings=True))
     mm.save_pretrained(tmp_path)
     (tmp_path / "generation_config.json").unlink(missing_ok=True)
     loaded = load_model(tmp_path, with_tokenizer=False)
     assert loaded.config.eos_token_ids == (1, 7) and loaded.config.tie_word_embeddings
+    assert loaded.config.pad_token_id == 5  # (the text_config's own is 0; session 49)
     out = save_hf(tmp_path / "text", loaded.params, loaded.config, loaded.hf_config)
     assert json.loads((out / "config.json").read_text())["eos_token_id"] == [1, 7]
 
@@ -1128,7 +1141,9 @@ def test_safetensors_written_by_the_reference_library_read_back_in_their_dtypes(
     gen = torch.Generator().manual_seed(0)
     want = {"f32": torch.randn(3, 5, generator=gen), "f16": torch.randn(4, 2, generator=gen).half(),
             "bf16": torch.randn(2, 3, generator=gen).bfloat16(), "i64": torch.arange(7, dtype=torch.int64),
-            "u8": torch.arange(6, dtype=torch.uint8).reshape(2, 3)}
+            "u8": torch.arange(6, dtype=torch.uint8).reshape(2, 3), "i8": torch.arange(-3, 3, dtype=torch.int8),
+            "i16": torch.arange(-2, 2, dtype=torch.int16), "i32": torch.arange(-2, 2, dtype=torch.int32),
+            "f64": torch.randn(2, generator=gen, dtype=torch.float64), "bool": torch.tensor([True, False])}
     path = tmp_path / "m.safetensors"
     save_file(want, str(path), metadata={"format": "pt"})
     got = read_safetensors(path)
@@ -1350,3 +1365,164 @@ def test_export_details_a_user_or_a_tool_reads(tmp_path, random_params):
     written = json.loads((save_hf(tmp_path / "phi", random_params(cfg), cfg, phi) / "config.json").read_text())
     assert written.get("rope_scaling") is None
     assert AutoConfig.from_pretrained(tmp_path / "phi").rope_parameters["attention_factor"] == 1.2
+
+
+# ----------------------------------------------------------------------------- loading: second mutation review
+
+
+def test_sources_resolve_as_documented_and_a_hub_id_is_fetched_with_its_chat_template(tmp_path, monkeypatch):
+    """`resolve_source`'s branches a user meets: a folder holding one GGUF and no config.json is that GGUF (two are
+    not guessed between), a file that is neither a folder nor a .gguf is named as such, a relative `./x` path is
+    never taken for a hub id, and a hub id is fetched with its `chat_template.jinja` (transformers 5 writes the
+    template there: a tokenizer without it has none) and a failed fetch names the repository. The hub is replaced by
+    a local stand-in: nothing is downloaded (mutation review of loading, session 49: none of these was tested)."""
+    import huggingface_hub
+
+    from reftjax.hf import Source, resolve_source
+
+    one = tmp_path / "one"
+    one.mkdir()
+    (one / "m.gguf").write_bytes(b"GGUF")
+    assert resolve_source(one) == Source(one.resolve(), "m.gguf", str(one))
+    (one / "n.gguf").write_bytes(b"GGUF")
+    with pytest.raises(CheckpointError, match=r"one/config\.json: not found \(not a Hugging Face model directory\)"):
+        resolve_source(one)
+    (tmp_path / "w.bin").write_bytes(b"x")
+    with pytest.raises(CheckpointError, match=r"w\.bin: not a model directory or a \.gguf file"):
+        resolve_source(tmp_path / "w.bin")
+    calls = []
+
+    def fetch(repo_id, allow_patterns=None):
+        calls.append((repo_id, allow_patterns))
+        if repo_id == "org/gone":
+            raise OSError("offline")
+        return str(tmp_path / "snapshot")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fetch)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointError, match=r"^nothere: no such file or directory"):
+        resolve_source("./nothere")
+    assert calls == []
+    assert resolve_source("org/name") == Source(tmp_path / "snapshot", None, "org/name")
+    assert {"*.json", "*.safetensors", "*.jinja", "*.model", "*.txt"} <= set(calls[0][1])
+    with pytest.raises(CheckpointError, match=r"^org/gone: could not fetch from the Hugging Face hub \(offline\)"):
+        resolve_source("org/gone")
+
+
+def test_a_sharded_checkpoint_is_read_as_transformers_reads_it_and_a_broken_index_is_named(tmp_path, random_params):
+    """A folder holding both `model.safetensors` and a sharded index is read as transformers reads it, the single
+    file alone (reftjax read the index's shards: another model than transformers loads); a shard the index lists
+    but the folder lacks, and an index without a `weight_map`, are refused naming the file (a bare
+    FileNotFoundError / KeyError before; mutation review of loading, session 49)."""
+    out = save_hf(tmp_path / "sharded", random_params(TINY), TINY, _tiny_hf_config(TINY), max_shard_bytes=40_000)
+    other = random_params(TINY, seed=1)
+    write_safetensors(out / "model.safetensors", params_to_hf(other, TINY))
+    tokens, mask = _batch(TINY.vocab_size)
+    model = load_model(out, with_tokenizer=False)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(model.params), jax.device_get(other))
+    _assert_close_on_real(forward(model.params, model.config, tokens, mask)[0], _torch_logits(out, tokens, mask),
+                          mask, 1e-5)
+    (out / "model.safetensors").unlink()
+    index = out / "model.safetensors.index.json"
+    shard = sorted(set(json.loads(index.read_text())["weight_map"].values()))[-1]
+    (out / shard).rename(tmp_path / shard)
+    with pytest.raises(CheckpointError, match=rf"sharded/{re.escape(shard)}: weight shard listed in the index is "
+                                              "missing"):
+        load_model(out, with_tokenizer=False)
+    index.write_text(json.dumps({"metadata": {}}))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors\.index\.json: malformed index"):
+        load_model(out, with_tokenizer=False)
+
+
+def test_unreadable_configs_are_refused_naming_the_file(tiny_dir):
+    """A config.json or generation_config.json transformers cannot read is refused naming the file (a bare JSON
+    error passed the tests; mutation review of loading, session 49)."""
+    (tiny_dir / "generation_config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"tiny/generation_config\.json: cannot be read as a transformers "
+                                              "generation config"):
+        load_model(tiny_dir, with_tokenizer=False)
+    (tiny_dir / "generation_config.json").unlink()
+    (tiny_dir / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"tiny/config\.json: cannot be read as a transformers config"):
+        load_model(tiny_dir, with_tokenizer=False)
+
+
+def test_a_tokenizers_special_ids_past_the_table_are_refused_and_a_larger_tokenizer_is_warned_about(caplog):
+    """`_check_ids_fit` checks the tokenizer's pad and BOS ids too, and ids below 0 (only an EOS past the table was
+    tested), and warns of a tokenizer with more tokens than the table has rows, not of one that fits exactly
+    (mutation review of loading, session 49)."""
+    from reftjax.hf import _check_ids_fit
+
+    class Tok:
+        def __init__(self, n, pad, bos):
+            self.n, self.pad_token_id, self.bos_token_id = n, pad, bos
+
+        def __len__(self):
+            return self.n
+
+    cfg = TINY.replace(eos_token_ids=(2,))
+    with caplog.at_level("WARNING", logger="reftjax.hf"):
+        _check_ids_fit(cfg, Tok(89, 88, None), "src")
+        assert caplog.text == ""
+        _check_ids_fit(cfg, Tok(90, 0, 1), "src")
+    assert "src: the tokenizer has 90 tokens but the embedding table 89 rows" in caplog.text
+    for tok, bad in ((Tok(89, 89, 1), r"\{'pad': \[89\]\}"), (Tok(89, 0, -1), r"\{'bos': \[-1\]\}")):
+        with pytest.raises(CheckpointError, match=r"src: token ids " + bad + " are outside the embedding table"):
+            _check_ids_fit(cfg, tok, "src")
+    with pytest.raises(CheckpointError, match=r"\{'eos': \[-1\]\}"):
+        _check_ids_fit(cfg.replace(eos_token_ids=(-1,)), None, "src")
+
+
+def test_a_llama_gguf_is_read_into_the_tensors_and_config_transformers_reads(tmp_path):
+    """Every tensor of a llama GGUF, the Q/K rows un-permuted with their own head counts, is what transformers' own
+    GGUF loader reads (the Q test compared with `_unpermute` itself, and no test had K with fewer heads than Q); a
+    file stating no KV head count is multi-head, and a stated vocab_size beats the token list's length, as
+    transformers' config says (mutation review of loading, session 49)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from reftjax.gguf_reader import read_gguf
+
+    _tiny_gguf(tmp_path / "l.gguf", "llama")
+    _, ours, _ = read_gguf(tmp_path / "l.gguf", with_tokenizer=False)
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="l.gguf", dtype=torch.float32).state_dict()
+    assert set(ours) <= set(ref) and "model.layers.0.self_attn.k_proj.weight" in ours
+    for name, array in ours.items():
+        np.testing.assert_array_equal(array, ref[name].numpy(), err_msg=name)
+    _tiny_gguf(tmp_path / "v.gguf", "llama", vocab_size=40, kv_heads=None)
+    cfg = read_gguf(tmp_path / "v.gguf", with_tokenizer=False)[0]
+    want = AutoConfig.from_pretrained(tmp_path, gguf_file="v.gguf")
+    assert (cfg.vocab_size, cfg.num_key_value_heads) == (want.vocab_size, want.num_key_value_heads) == (40, 2)
+
+
+def test_gguf_files_reftjax_cannot_read_are_refused_naming_the_file(tmp_path):
+    """A file that is not GGUF, and a GGUF tensor the architecture has no place for (an MoE expert here), are
+    refused naming the file (bare exceptions passed the tests; mutation review of loading, session 49)."""
+    from reftjax.gguf_reader import read_gguf
+
+    (tmp_path / "junk.gguf").write_bytes(b"not a GGUF file at all, only text")
+    with pytest.raises(ValueError, match=r"junk\.gguf: not a readable GGUF file"):
+        read_gguf(tmp_path / "junk.gguf", with_tokenizer=False)
+    _tiny_gguf(tmp_path / "moe.gguf", "llama", extra={"blk.0.ffn_gate_exps.weight": (2, 24, 16)})
+    with pytest.raises(ValueError, match=r"moe\.gguf: unexpected tensor 'blk\.0\.ffn_gate_exps\.weight' for "
+                                         "architecture 'llama'"):
+        read_gguf(tmp_path / "moe.gguf", with_tokenizer=False)
+
+
+def test_an_untied_multimodal_gemma3_loads_its_own_head_from_the_hubs_layout(tmp_path):
+    """An untied multimodal Gemma 3 stores its head as `language_model.lm_head.weight` (the Hub's layout): it is
+    read as the text model's head (every multimodal test was tied, storing no head: dropping that rename passed;
+    mutation review of loading, session 49)."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    torch.manual_seed(0)
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    Gemma3ForConditionalGeneration(Gemma3Config(
+        text_config=_tiny_gemma3_config(vocab_size=300).to_dict(), vision_config=vision, mm_tokens_per_image=4,
+        image_token_index=299, boi_token_index=297, eoi_token_index=298,
+        tie_word_embeddings=False)).save_pretrained(tmp_path)
+    stored = read_safetensors(tmp_path / "model.safetensors")
+    loaded = load_model(tmp_path, with_tokenizer=False)
+    assert not loaded.config.tie_word_embeddings
+    np.testing.assert_array_equal(np.asarray(loaded.params["lm_head"]["kernel"]),
+                                  np.asarray(stored["language_model.lm_head.weight"]).T)
