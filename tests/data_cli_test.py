@@ -131,6 +131,27 @@ def test_stats_count_the_bos_a_run_puts_before_plain_prompts(monkeypatch, capsys
     assert mean() == mean("--bos", "true") == mean("--bos", "false") + 1
 
 
+def test_bos_true_puts_a_bos_before_prompts_a_tokenizer_encodes_without_one(monkeypatch, capsys, shared_data):
+    """--bos true with a tokenizer that has a BOS but does not add it (auto = none): every prompt one token longer.
+    The test above uses a tokenizer that adds <s>, where true and auto agree: --bos true read as auto passed
+    (mutation review, session 49)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.WordLevel({"<unk>": 0, "<s>": 1, "</s>": 2}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    monkeypatch.setattr(reftjax.hf, "load_tokenizer", lambda src: tok)
+
+    def stats(*extra):
+        assert main(["stats", "--dataset", "svamp-nl", "--local-dir", str(shared_data / "reft"), *extra]) == 0
+        return json.loads(capsys.readouterr().out)["prompt_tokens"]
+
+    auto, true, false = stats(), stats("--bos", "true"), stats("--bos", "false")
+    assert auto == false
+    assert {k: v - 1 for k, v in true.items()} == false
+
+
 def test_stats_default_to_a_runs_limits_styles_and_split_and_count_at_the_limits(cli, shared_data, tmp_path):
     """The stats' defaults are a run's (TokenizeConfig's limits, the P-CoT style for svamp-python, chat for openai
     files, GSM8K's train split), a limit equal to the longest length drops nothing, over_either counts the examples

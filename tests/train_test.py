@@ -621,6 +621,68 @@ def test_runs_on_other_data_are_named_after_it(tmp_path, monkeypatch):
     assert name("data.train_file=/d/other.json", "data.train_format=reft") == "other_reft_cpu"
 
 
+def test_a_train_file_s_run_name_is_a_clean_slug(tmp_path, monkeypatch):
+    """The run name of a train file's run drops the separators at the file name's ends and falls back to "data" when
+    nothing of it is a lowercase letter or digit (a name left "_x_reft_cpu" or "__reft_cpu" passed; mutation review,
+    session 49)."""
+    from experiments.gsm8k_reft import build_parser, resolve_config
+
+    monkeypatch.chdir(tmp_path)  # (no runs/ here: no earlier run decides the name)
+
+    def name(train_file):
+        args = build_parser().parse_args(["--preset", "cpu", "--set", f"data.train_file={train_file}",
+                                          "--set", "data.train_format=reft"])
+        return resolve_config(args).name
+
+    assert name("/d/-MathQA (v2)-.json") == "mathqa_v2_reft_cpu"
+    assert name("/d/\u6570\u5b66.json") == "data_reft_cpu"
+
+    args = build_parser().parse_args(["--preset", "cpu", "--set", "data.train_file=/d/MathQA-NL.json", "--set",
+                                      "data.train_format=reft", "--set", "name=gsm8k_reft_cpu"])
+    assert resolve_config(args).name == "gsm8k_reft_cpu"  # a name --set gives is kept, a preset's own too
+
+
+def test_set_merges_an_object_into_nested_settings_keeping_the_presets_others():
+    """--set rl='{"optim": {...}}' updates the named fields at every depth: the cpu preset's constant RL schedule
+    stays when only the learning rate is given (one level of merging passed; mutation review, session 49)."""
+    from experiments.gsm8k_reft import build_parser, preset_config, resolve_config
+
+    args = build_parser().parse_args(["--preset", "cpu", "--set", 'rl={"optim": {"learning_rate": 1e-6}}'])
+    cfg, preset = resolve_config(args), preset_config("cpu")
+    assert cfg.rl.optim == dataclasses.replace(preset.rl.optim, learning_rate=1e-6)
+    assert dataclasses.replace(cfg.rl, optim=preset.rl.optim) == preset.rl
+
+
+def test_a_missing_file_during_a_run_is_one_line_even_with_verbose(monkeypatch, capsys):
+    """A FileNotFoundError from the run (a data file gone) is a usage error: one line and exit 2, --verbose or not,
+    without the "--verbose shows the traceback" hint of an unexpected error (mutation review, session 49)."""
+    from experiments import gsm8k_reft
+    from reftjax import train as T
+
+    def fail(*a, **k):
+        raise FileNotFoundError("/d/train.json: no such file")
+
+    monkeypatch.setattr(T, "run", fail)
+    for extra in ([], ["--verbose"]):
+        assert gsm8k_reft.main(["--preset", "cpu", "--out", "/nonexistent/x", "--no-progress", *extra]) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == "error: /d/train.json: no such file"
+
+
+def test_a_gsm8k_dir_without_train_jsonl_is_refused_naming_it(tmp_path, monkeypatch, capsys):
+    """--gsm8k-dir naming a folder without train.jsonl: exit 2, one line naming the folder, before the config is
+    printed and without setting REFTJAX_GSM8K_DIR (the message without the folder passed; mutation review,
+    session 49)."""
+    from experiments import gsm8k_reft
+
+    monkeypatch.delenv("REFTJAX_GSM8K_DIR", raising=False)
+    (tmp_path / "test.jsonl").write_text("")
+    assert gsm8k_reft.main(["--preset", "cpu", "--print-config", "--gsm8k-dir", str(tmp_path)]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.strip().splitlines()[-1] == f"error: --gsm8k-dir {tmp_path}: train.jsonl not found there"
+    assert "REFTJAX_GSM8K_DIR" not in os.environ
+
+
 def test_an_unknown_set_path_names_its_level_and_the_nearest_settings():
     """A mistyped or TRL-spelt --set key got a bare "unknown config path" (review, session 30)."""
     import argparse
