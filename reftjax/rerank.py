@@ -333,10 +333,11 @@ def sample_verifier_data(policy_params, model_cfg: ModelConfig, tokenizer, ds, i
 
     # whole rows on each device of the batch axes (a prompts_per_batch they did not divide was refused: on a mesh the
     # default 1 had to be raised by hand; helper review, session 42)
-    per_call = -(-cfg.prompts_per_batch // batch_devices(mesh)) * batch_devices(mesh)
+    shards = batch_devices(mesh)
+    per_call = -(-cfg.prompts_per_batch // shards) * shards
     if per_call != cfg.prompts_per_batch:
         log.info("rerank: %d questions per sampling call (rerank.prompts_per_batch %d rounded up to a multiple of the "
-                 "%d devices of the mesh's batch axes)", per_call, cfg.prompts_per_batch, batch_devices(mesh))
+                 "%d devices of the mesh's batch axes)", per_call, cfg.prompts_per_batch, shards)
     loader = Loader(ds, LoaderConfig(batch_size=per_call, kind="prompt", shuffle=False,
                                      drop_last=False, num_epochs=1), mesh=mesh)
     k = cfg.samples_per_question
