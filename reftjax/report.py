@@ -193,8 +193,7 @@ def write_summary(out: pathlib.Path, cfg, evals: dict, wall_seconds: float, writ
         f"Wall time: {summary['wall_seconds']} s in this invocation"
         + (f", {summary['wall_seconds_total']} s over all {summary['invocations']} (a killed one counted to its last "
            f"logged row)" if summary["invocations"] > 1 else "") + f".{_compile_line(compilation)}", "",
-        "Plots: plots/reward.png, plots/kl.png, plots/response_length.png, plots/val_accuracy.png"
-        + (", plots/val_mean_score.png" if by_score else ""),
+        "Plots: " + ", ".join(f"plots/{name}.png" for name in plot_names(metric)),
     ]
     _replace(out / "summary.md", ("\n".join(lines) + "\n").encode())
     # last: a script that polls for summary.json ("status": "done") finds summary.md (and, written before this by
@@ -230,6 +229,14 @@ def _round(x):
 
 
 _VAL_X = "RL iteration (0: before RL)"
+
+
+def plot_names(metric: str = "accuracy") -> tuple[str, ...]:
+    """The plots `plot_run` draws in plots/ (each `<name>.png`), in order: what summary.md lists and the notebook
+    shows (its last cell showed the first four alone, never the mean score that selects the best with a grader that
+    gives partial credit)."""
+    return ("reward", "kl", "response_length", "val_accuracy") + (("val_mean_score",) if metric == "mean_score"
+                                                                   else ())
 
 
 def plot_run(out: pathlib.Path, metric: str = "accuracy") -> list[pathlib.Path]:

@@ -146,3 +146,32 @@ def test_notebook_run_cell_resumes_an_older_run_and_reports_an_interrupt(monkeyp
     [(cfg, out, progress)] = calls
     assert (cfg.rl.best_includes_warmup, out, progress) == (False, ns["OUT"], True)
     assert "interrupted during rl: run this cell again (same OUT) to resume" in capsys.readouterr().out
+
+
+def test_notebook_last_cell_shows_the_summary_and_every_plot_the_run_drew(monkeypatch, tmp_path):
+    """The last cell showed four fixed plots: with a grader that gives partial credit the best checkpoint is chosen by
+    the validation mean score, whose plot (val_mean_score.png) it never showed. Now it shows `plot_names` of the
+    run's selection metric, in order, after summary.md; nothing before the run has finished."""
+    import dataclasses
+
+    from reftjax.config import ExperimentConfig
+
+    shown = []
+    fake = types.ModuleType("IPython.display")
+    fake.display = shown.append
+    fake.Markdown = lambda text: ("markdown", text)
+    fake.Image = lambda filename: ("image", pathlib.Path(filename).read_bytes())
+    monkeypatch.setitem(sys.modules, "IPython.display", fake)
+    sim = (("type", "text_similarity"), ("name", "s"), ("input", "{{sample.output_text}}"),
+           ("reference", "{{item.answer_value}}"), ("evaluation_metric", "fuzzy_match"))
+    (tmp_path / "plots").mkdir()
+    names = ("reward", "kl", "response_length", "val_accuracy", "val_mean_score")
+    for name in names:
+        (tmp_path / "plots" / f"{name}.png").write_bytes(name.encode())
+    exec(_cells()[-1], {"OUT": tmp_path, "cfg": ExperimentConfig()})
+    assert shown == []  # no summary.md: the run has not finished
+    (tmp_path / "summary.md").write_text("# the run\n")
+    for cfg, want in ((dataclasses.replace(ExperimentConfig(), grader=sim), names), (ExperimentConfig(), names[:4])):
+        shown.clear()
+        exec(_cells()[-1], {"OUT": tmp_path, "cfg": cfg})
+        assert shown == [("markdown", "# the run\n")] + [("image", name.encode()) for name in want]

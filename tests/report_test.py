@@ -149,7 +149,7 @@ def test_partial_credit_graders_report_and_plot_the_mean_score_that_selects(tmp_
     """With a grader other than ReFT's, the best checkpoint and early stopping go by the mean validation score, but
     the summary and plots showed accuracy alone (0 throughout for partial credit) and never the selecting figure."""
     from reftjax.metrics import MetricsLogger
-    from reftjax.report import plot_run, write_summary
+    from reftjax.report import plot_names, plot_run, write_summary
 
     sim = (("type", "text_similarity"), ("name", "s"), ("input", "{{sample.output_text}}"),
            ("reference", "{{item.answer_value}}"), ("evaluation_metric", "fuzzy_match"))
@@ -170,9 +170,17 @@ def test_partial_credit_graders_report_and_plot_the_mean_score_that_selects(tmp_
     for step, score in ((10, 0.5), (20, 0.61)):
         log.log("val", step, {"accuracy": 0.0, "mean_score": score})
     log.close()
-    names = sorted(p.name for p in plot_run(tmp_path, summary["selection_metric"]))
-    assert "val_mean_score.png" in names and "val_accuracy.png" in names
+    written = plot_run(tmp_path, summary["selection_metric"])
+    assert [p.name for p in written] == ["reward.png", "kl.png", "response_length.png", "val_accuracy.png",
+                                         "val_mean_score.png"] == [f"{n}.png" for n in plot_names("mean_score")]
+    # summary.md lists what plot_run drew, in its order (the notebook's last cell shows them: plot_names)
+    assert md.rstrip().endswith("\n\nPlots: " + ", ".join(f"plots/{p.name}" for p in written))
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in written)
     assert "mean_score" not in write_summary(tmp_path, ExperimentConfig(), evals, 1.0)["selection_metric"]
+    assert [p.name for p in plot_run(tmp_path, "accuracy")] == [f"{n}.png" for n in plot_names("accuracy")] == \
+        ["reward.png", "kl.png", "response_length.png", "val_accuracy.png"]
+    assert (tmp_path / "summary.md").read_text().rstrip().endswith(
+        "\n\nPlots: plots/reward.png, plots/kl.png, plots/response_length.png, plots/val_accuracy.png")
 
 
 def test_no_after_reft_row_without_rl_iterations(tmp_path):
