@@ -779,3 +779,45 @@ def test_grpo_clipfrac_and_ratio_mean_match_reference():
         assert 0.05 < float(met["clipfrac"]) < 0.5
         close(met["ratio_mean"], np_masked_mean(rho, m))
     assert ((rho > 1.2) & (m > 0))[adv < 0].any() and ((rho > 1.2) & (m > 0))[adv == 0].any()  # (counted by none)
+
+
+# ---------------------------------------------------------------- third mutation review (helper x50b)
+
+
+def test_explained_variance_of_returns_without_spread_is_one_not_nan():
+    """`explained_variance` adds 1e-8 to var(R): returns without spread (every score 0 and no KL term: all returns
+    0) and values equal to them or off by a constant give 1 - 0 / 1e-8 = 1, where 0 / 0 read NaN (third mutation
+    review: the eps was unchecked)."""
+    m = ragged_mask(np.random.default_rng(40), 4, 6)
+    for level in (0.0, 1.0):
+        ret = np.full((4, 6), level, np.float32)
+        close(J.explained_variance(ret, ret, m), 1.0)
+        close(J.explained_variance(ret - 0.5, ret, m), 1.0)
+
+
+def test_loss_defaults_are_the_documented_ones():
+    """Called without the optional arguments, each loss uses its documented defaults: PPO's ratio clip 0.2 and value
+    clip 0.2 (ReFT), GRPO's eps 0.2 and beta 0.04 (DeepSeekMath), seq-mean-token-mean everywhere, GAE's gamma 1 and
+    lambda 0.95 (ReFT). The other tests passed them explicitly or read only gradients (third mutation review)."""
+    rng = np.random.default_rng(41)
+    B, T = 6, 8
+    m = ragged_mask(rng, B, T)
+    old = rand(rng, B, T, scale=0.3) - 1.0
+    logp = old + rand(rng, B, T, scale=0.4)  # ratios past 0.9 / 1.1 and past 0.8 / 1.2
+    adv, ref, adv_B = rand(rng, B, T), logp + rand(rng, B, T, scale=0.5), rand(rng, B)
+    v_old, ret = rand(rng, B, T), rand(rng, B, T)
+    v = v_old + rand(rng, B, T, scale=0.5)
+    rew, val = rand(rng, B, T), rand(rng, B, T)
+    agg = "seq-mean-token-mean"
+    close(J.ppo_policy_loss(logp, old, adv, m)[0], np_ppo_policy(logp, old, adv, m, 0.2, agg)[0])
+    close(J.ppo_value_loss(v, v_old, ret, m)[0], np_value_loss(v, v_old, ret, m, 0.2, agg)[0])
+    close(J.grpo_loss(logp, old, ref, adv_B, m)[0], np_grpo(logp, old, ref, adv_B, m, 0.2, 0.04, agg)[0])
+    for got, want in zip(J.gae(rew, val, m), np_gae(rew, val, m, 1.0, 0.95)):
+        close(got, want)
+    # each figure moves with its setting (so a changed default shows)
+    pol = functools.partial(np_ppo_policy, logp, old, adv, m)
+    grpo = functools.partial(np_grpo, logp, old, ref, adv_B, m, 0.2)
+    for a, b in ((pol(0.2, agg)[0], pol(0.2, "token-mean")[0]), (pol(0.2, agg)[0], pol(0.1, agg)[0]),
+                 (np_value_loss(v, v_old, ret, m, 0.2, agg)[0], np_value_loss(v, v_old, ret, m, 0.3, agg)[0]),
+                 (grpo(0.04, agg)[0], grpo(0.05, agg)[0]), (grpo(0.04, agg)[0], grpo(0.04, "token-mean")[0])):
+        assert abs(a - b) > 1e-4, (a, b)  # (the comparisons hold to 1e-5)

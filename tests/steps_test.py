@@ -131,6 +131,11 @@ def test_experience_and_losses_match_numpy_kl_rewards_gae_whitening_and_coeffici
     a = adv[m]
     np.testing.assert_allclose(np.asarray(exp.advantages_BxN)[m], (a - a.mean()) / np.sqrt(a.var(ddof=1) + 1e-8),
                                rtol=1e-4, atol=1e-4)
+    # whiten_advantages=False: the raw GAE advantages (the flag was read by no test: third mutation review)
+    raw = make_experience_fn(CFG, dataclasses.replace(pc, whiten_advantages=False))(
+        params, ref, r, jnp.zeros(8, jnp.int32), jnp.asarray(scores))[0]
+    np.testing.assert_allclose(np.asarray(raw.advantages_BxN)[m], a, rtol=1e-5, atol=1e-5)
+    assert not np.any(np.asarray(raw.advantages_BxN)[~m])
     want = max(-1.0, 1.0 - np.var(ret[m] - v[m], ddof=1) / (np.var(ret[m], ddof=1) + 1e-8))
     np.testing.assert_allclose(float(em["value_explained_variance"]), want, rtol=1e-4, atol=1e-5)
     # TRL's reward_std (Bessel-corrected, over the batch); no groups of samples here, so no frac_reward_zero_std
@@ -159,8 +164,8 @@ def test_experience_and_losses_match_numpy_kl_rewards_gae_whitening_and_coeffici
     # the initial one: entropies that differ by token)
     sharp = {**params, "policy": {**params["policy"], "lm_head": jax.tree.map(lambda x: 30.0 * x,
                                                                                params["policy"]["lm_head"])}}
-    _, now, ent = policy_outputs(sharp, CFG, exp.tokens_BxL, exp.attn_mask_BxL, m.shape[1], True, with_entropy=True,
-                                 head_chunk_rows=pc.head_chunk_rows)
+    logp_now, now, ent = policy_outputs(sharp, CFG, exp.tokens_BxL, exp.attn_mask_BxL, m.shape[1], True,
+                                        with_entropy=True, head_chunk_rows=pc.head_chunk_rows)
     noise = np.random.RandomState(1).randn(2, *m.shape)
     probe_ret = np.where(m, np.asarray(now, np.float64) + 0.3 * noise[0], 0.0)
     off = jnp.asarray(np.where(m, noise[1], 0.0), jnp.float32)
@@ -174,6 +179,29 @@ def test_experience_and_losses_match_numpy_kl_rewards_gae_whitening_and_coeffici
     assert -1.0 < want < 0.99, want
     np.testing.assert_allclose(float(lm["explained_variance"]), want, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(float(loss), pc.vf_coef * float(lm["vf_loss"]), rtol=1e-6)
+    # critic-only: no gradient reaches the policy, though value_grad_to_backbone is True (the value loss would train
+    # the shared trunk, and its gradient would enter the global-norm clip of the head's update: third mutation review)
+    g = jax.jit(jax.grad(lambda p: _rl_loss(p, probe, CFG, dataclasses.replace(pc, critic_only=True))[0]))(sharp)
+    assert pc.value_grad_to_backbone and not any(np.any(np.asarray(x)) for x in jax.tree.leaves(g["policy"]))
+    assert any(np.any(np.asarray(x)) for x in jax.tree.leaves(g["value_head"]))
+    # the config's value clip and loss aggregation reach both losses (clip_range_value and clip_eps were both 0.2 in
+    # every step test, loss_agg always the default: third mutation review); NumPy on the update's own values/logps
+    vn, vo = np.asarray(now, np.float64), np.asarray(probe.values_old_BxN, np.float64)
+    rho = np.exp(np.asarray(logp_now, np.float64) - np.asarray(probe.logp_old_BxN, np.float64))
+    a_t = np.asarray(probe.advantages_BxN, np.float64)
+
+    def agg_np(per, how):
+        if how == "token-mean":
+            return per[m].mean()
+        return np.mean([per[b][m[b]].mean() if m[b].any() else 0.0 for b in range(len(m))])
+
+    for c, how in ((0.2, "seq-mean-token-mean"), (0.5, "token-mean")):
+        _, lc = _rl_loss(sharp, probe, CFG, dataclasses.replace(pc, critic_only=True, clip_range_value=c, loss_agg=how))
+        vc = np.clip(vn, vo - c, vo + c)
+        want_vf = 0.5 * agg_np(np.maximum((vn - probe_ret) ** 2, (vc - probe_ret) ** 2), how)
+        np.testing.assert_allclose(float(lc["vf_loss"]), want_vf, rtol=1e-5)
+        want_pg = agg_np(np.maximum(-a_t * rho, -a_t * np.clip(rho, 0.8, 1.2)), how)
+        np.testing.assert_allclose(float(lc["pg_loss"]), want_pg, rtol=1e-5, atol=1e-6)
     # clip_eps_high reaches PPO's policy loss too (only the GRPO path was checked; regression review): ratios of
     # exp(0.3) on every token, clipped at 1.2 or 1.28 wherever the (whitened) advantage is positive
     moved_ppo = dataclasses.replace(exp, logp_old_BxN=exp.logp_old_BxN - 0.3 * jnp.asarray(m, jnp.float32))
@@ -208,6 +236,12 @@ def test_experience_and_losses_match_numpy_kl_rewards_gae_whitening_and_coeffici
     assert agg > 1e-4
     loss, lm = _rl_loss({"policy": params["policy"]}, exp2, CFG, grpo)
     np.testing.assert_allclose(float(loss), float(lm["pg_loss"]) + grpo.kl_coef * agg, rtol=1e-5, atol=1e-7)
+    # token-mean (TRL "bnpo") reaches the GRPO loss too (every step test ran the default: third mutation review):
+    # on-policy, -sum_b A_b n_b / N + beta * mean over all valid tokens of k3
+    loss_t, _ = _rl_loss({"policy": params["policy"]}, exp2, CFG, dataclasses.replace(grpo, loss_agg="token-mean"))
+    want_t = -np.sum(want * m2.sum(1)) / m2.sum() + grpo.kl_coef * k3[m2].mean()
+    np.testing.assert_allclose(float(loss_t), want_t, rtol=1e-5, atol=1e-6)
+    assert abs(want_t - float(loss)) > 1e-3
     # on-policy (ratio 1) the surrogate is -mean_b(A_b): each row's own advantage, also for the rows that stopped
     # before the last slot (whose slots past EOS hold 0); group advantages sum to 0 (second mutation review)
     assert m2.sum(1).min() < m2.shape[1] and float(lm["pg_loss"]) == pytest.approx(-np.mean(want), abs=1e-6)
@@ -310,10 +344,11 @@ def test_sft_grad_accumulation_matches_full_batch():
     out = []
     for accum in (1, 2):
         st, m = make_sft_step(CFG, tx, accum_steps=accum)(_sft_state(tx), batch)
-        out.append((st.params, float(m["loss"]), float(m["grad_norm"])))
+        out.append((st.params, float(m["loss"]), float(m["grad_norm"]), float(m["token_accuracy"])))
     for a, b in zip(jax.tree.leaves(out[0][0]), jax.tree.leaves(out[1][0])):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
     np.testing.assert_allclose(out[0][1:], out[1][1:], rtol=1e-5)
+    assert out[0][3] > 0  # (the accuracy of 2 micro-batches is their summed correct count over all tokens)
 
 
 def test_sft_loss_decreases_and_compiles_once_with_donation():
@@ -1278,6 +1313,12 @@ def test_weight_decay_spares_norms_and_biases_and_a_zero_clip_means_no_clipping(
         name = jax.tree_util.keystr(path)
         want = 0.0 if name.endswith("['scale']") or name.endswith("['bias']") else -0.1  # HF Trainer's grouping
         np.testing.assert_allclose(np.asarray(u), want * np.asarray(flat[path]), atol=1e-6, err_msg=name)
+    # the tiny policy has no bias: the value head's (and Qwen2's q/k/v) "bias" leaves are spared too (third mutation
+    # review: dropping "bias" from the rule went unseen)
+    vh = {"value_head": {"summary": {"kernel": jnp.ones((2, 1)), "bias": jnp.ones((1,))}}}
+    u, _ = tx.update(jax.tree.map(jnp.zeros_like, vh), tx.init(vh), vh)
+    np.testing.assert_allclose(np.asarray(u["value_head"]["summary"]["kernel"]), -0.1, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(u["value_head"]["summary"]["bias"]), 0.0, atol=1e-6)
     # grad_clip=0 scaled every gradient to 0 and froze training; it now means no clipping (HF's max_grad_norm)
     big = jax.tree.map(lambda x: jnp.full_like(x, 100.0), params)
     tx0 = make_optimizer(OptimConfig(learning_rate=1.0, schedule="constant", warmup_ratio=0.0, grad_clip=0.0), 10)
@@ -1296,6 +1337,14 @@ def test_sft_reports_zero_tokens_and_refuses_an_accumulation_that_does_not_divid
     _, m1 = step(_sft_state(SFT_TX), dict(batch, loss_mask=jnp.ones((8, 12), jnp.int32)))
     assert float(m1["tokens"]) == 8 * 11
     assert float(m["input_tokens"]) == 8 * 9  # what the loop's tokens/s counts
+    # a zero head gives uniform logits: the loss is log V per predicted token, whatever the mask (a token count off
+    # by one, or another normalisation, moved it unseen: the other SFT tests compared the step with itself; third
+    # mutation review)
+    flat = _sft_state(SFT_TX)
+    flat = flat.replace(params={"policy": {**flat.params["policy"],
+                                           "lm_head": jax.tree.map(jnp.zeros_like, flat.params["policy"]["lm_head"])}})
+    _, mz = step(flat, jax.tree.map(jnp.asarray, _sft_batch()))
+    assert float(mz["loss"]) == pytest.approx(np.log(CFG.vocab_size), rel=1e-6)
     with pytest.raises(ValueError, match="accum_steps=3 must divide the batch of 8 rows"):
         make_sft_step(CFG, SFT_TX, accum_steps=3)(_sft_state(SFT_TX), jax.tree.map(jnp.asarray, _sft_batch()))
 
@@ -1406,7 +1455,7 @@ def test_out_of_range_rl_and_optimizer_settings_are_refused():
     """Numbers their type allows but the maths does not (session 25's left-alone list): a negative kl_coef rewards
     drifting from the reference, clip_eps 0 stops every update, b2 = 1 divides Adam's bias correction by 0."""
     for bad in (dict(kl_coef=-0.05), dict(gamma=1.5), dict(gae_lambda=-0.1), dict(clip_eps=0.0),
-                dict(clip_range_value=-0.2), dict(vf_coef=-1.0), dict(head_chunk_rows=-1)):
+                dict(clip_range_value=-0.2), dict(clip_range_value=0.0), dict(vf_coef=-1.0), dict(head_chunk_rows=-1)):
         with pytest.raises(ValueError, match="need kl_coef >= 0, gamma and gae_lambda in"):
             PPOConfig(**bad)
     for bad in (dict(b1=1.0), dict(b2=1.0), dict(b2=-0.1), dict(eps=-1e-8), dict(weight_decay=-0.01)):
@@ -1414,6 +1463,8 @@ def test_out_of_range_rl_and_optimizer_settings_are_refused():
             OptimConfig(**bad)
     PPOConfig(kl_coef=0.0, gamma=1.0, gae_lambda=1.0, vf_coef=0.0)  # the edges that mean something are kept
     OptimConfig(b1=0.0, eps=0.0)
+    with pytest.raises(ValueError, match="need 0 <= warmup_ratio < 1"):  # all warm-up: the main schedule never runs
+        OptimConfig(warmup_ratio=1.0)
 
 
 @pytest.mark.parametrize("mesh", [None, "fsdp"])
@@ -1476,3 +1527,27 @@ def test_rl_steps_warn_once_about_longrope_on_transformers_per_call_rule(monkeyp
         make_ppo_step(auto, tx, PPOConfig())
         make_experience_fn(auto, PPOConfig())
     assert caplog.text.count("LongRoPE with factors='auto'") == 1 and "original context of 64" in caplog.text
+
+
+def test_experience_metrics_of_one_row_near_one_scores_and_barely_split_groups():
+    """`experience_metrics` on hand-built experiences, no model (third mutation review): one row has a reward_std of
+    0, not the NaN of ddof=1 over one score; a score within 1e-6 below 1 (0.99999994, e.g. a float32 mean of
+    correct parts) counts in `accuracy`; a group whose samples differ by 2e-6 did not all score the same (its
+    standard deviation, 8.7e-7, is under the 1e-6 the spread is compared with)."""
+    from types import SimpleNamespace
+
+    from reftjax.steps import Experience, experience_metrics
+
+    def metrics(scores, group_size=1):
+        b = len(scores)
+        z = jnp.zeros((b, 3), jnp.float32)
+        exp = Experience(jnp.zeros((b, 5), jnp.int32), jnp.ones((b, 5), jnp.int32), jnp.ones((b, 3), jnp.int32),
+                         z, z, z, z, z, jnp.asarray(scores, jnp.float32))
+        return experience_metrics(exp, SimpleNamespace(finished_B=jnp.ones((b,), bool)), logp_recomputed=False,
+                                  group_size=group_size)
+
+    one = metrics([1.0])
+    assert float(one["reward_std"]) == 0.0 and float(one["reward"]) == 1.0 and float(one["accuracy"]) == 1.0
+    near = float(np.nextafter(np.float32(1.0), np.float32(0.0)))
+    assert float(metrics([near, 0.999, 0.0, 1.0])["accuracy"]) == 0.5
+    assert float(metrics([0.0, 0.0, 0.0, 2e-6, 0.5, 0.5, 0.5, 0.5], group_size=4)["frac_reward_zero_std"]) == 0.5
