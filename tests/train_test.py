@@ -2700,3 +2700,464 @@ def test_a_set_without_a_value_is_refused():
         with pytest.raises(ValueError, match=re.escape(f"name={name!r}: a run's name is its folder under runs/")):
             resolve_config(build_parser().parse_args(["--preset", "cpu", "--set", f"name={json.dumps(name)}"]))
     assert resolve_config(build_parser().parse_args(["--preset", "cpu", "--set", 'name="exp/a_1"'])).name == "exp/a_1"
+
+
+def _fake_sft(monkeypatch):
+    """run_sft on fake steps, loader and checkpoints: 4 batches an epoch, every step's update applied except those
+    whose call number is in `h.skip`. `h.steps` counts the step calls, `h.saves` / `h.kept` the saved and kept steps,
+    `h.loader` the loader state restored, `h.restored` what restore_latest returns; `h.run(cfg, out, stop)`."""
+    import types
+
+    from reftjax import train as T
+    from reftjax.metrics import MetricsLogger
+
+    h = types.SimpleNamespace(steps=[0], saves=[], kept=[], loader=[], restored=None, skip=set())
+
+    class Loader:
+        batches_per_epoch = 4
+
+        def __init__(self, *a, **k):
+            pass
+
+        def __next__(self):
+            return {"tokens": np.zeros((4, 8), np.int32)}
+
+        def state(self):
+            return {"pos": "now"}
+
+        def restore(self, state):
+            h.loader.append(state)
+
+    class Manager:
+        def __init__(self, *a, **k):
+            pass
+
+        def restore_latest(self, state):
+            return h.restored
+
+        def save(self, step, *a, **k):
+            h.saves.append(step)
+
+        def keep_only(self, step):
+            h.kept.append(step)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            pass
+
+    def step(state, batch):
+        h.steps[0] += 1
+        return state, {"loss": np.float32(1.0), "skipped": np.int32(h.steps[0] in h.skip),
+                       "input_tokens": np.float32(16)}
+
+    monkeypatch.setattr(T, "Loader", Loader)
+    monkeypatch.setattr(T, "ckpt", types.SimpleNamespace(Checkpointer=Manager, CheckpointConfig=lambda *a, **k: None))
+    monkeypatch.setattr(T, "make_sft_step", lambda *a, **k: step)
+    monkeypatch.setattr(T, "measured_peak_flops", lambda **k: 1e12)
+    monkeypatch.setattr(T, "init_state", lambda params, tx, key, abstract=False: types.SimpleNamespace(
+        step=0, skipped=0, params=params))
+    model = types.SimpleNamespace(params={"w": np.zeros(3)}, config=types.SimpleNamespace(
+        flops_per_token=lambda context, **k: 1.0, dtype="float32"))
+
+    def run(cfg, out, stop=None):
+        logger = MetricsLogger(out, tensorboard=False, enabled=True)
+        try:
+            return T.run_sft(cfg, model, types.SimpleNamespace(train_ds=None), None, out, logger,
+                             stop or T._Interrupt(), False)
+        finally:
+            logger.close()
+    h.run = run
+    return h
+
+
+def test_a_warm_up_logs_its_schedule_saves_keeps_its_last_step_and_resumes_where_its_checkpoint_is(tmp_path,
+                                                                                                  monkeypatch):
+    """run_sft's bookkeeping on fake steps (2 epochs of 4 batches, a schedule over 3 epochs, saves every 3 steps):
+    each line's learning rate is the schedule's at the updates applied before it (a skipped, non-finite update does
+    not move it), over `sft.schedule_epochs`; the last step is saved and is the one kept. A resume from the
+    checkpoint of step 4 (3 updates applied, 1 skipped) continues at step 4 with the loader's state, the schedule at
+    3, and the killed attempt's lines after its checkpoint replaced; an interrupt before the phase runs no step."""
+    import types
+
+    from reftjax import train as T
+    from reftjax.config import ExperimentConfig, replace_paths
+    from reftjax.metrics import read_metrics
+    from reftjax.steps import schedule_value
+
+    h = _fake_sft(monkeypatch)
+    cfg = replace_paths(ExperimentConfig(), {"sft.epochs": 2, "sft.schedule_epochs": 3, "sft.batch_size": 4,
+                                             "sft.optim.schedule": "linear", "sft.optim.warmup_ratio": 0.0,
+                                             "checkpoint.save_every": 3})
+    lr = lambda applied: schedule_value(cfg.sft.optim, 12, applied)  # noqa: E731 (3 epochs x 4 batches)
+    h.skip = {2}  # step 1's update skipped: steps 1 and 2 both at 1 update applied
+    _, finished = h.run(cfg, tmp_path / "fresh")
+    rows = [r for r in read_metrics(tmp_path / "fresh") if r["phase"] == "sft"]
+    assert finished == 8 and [r["step"] for r in rows] == list(range(8))
+    assert [r["lr"] for r in rows] == pytest.approx([lr(a) for a in (0, 1, 1, 2, 3, 4, 5, 6)], rel=1e-9)
+    assert h.saves == [3, 6, 8] and h.kept == [8]
+    # resumed from step 4's checkpoint (3 applied + 1 skipped); the killed attempt had logged steps 4 and 5 after it
+    out = tmp_path / "resumed"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("".join(json.dumps({"phase": "sft", "step": s, "lr": -1.0}) + "\n"
+                                               for s in range(6)))
+    h.skip, h.steps[0], h.saves[:], h.kept[:] = set(), 0, [], []
+    h.restored = (types.SimpleNamespace(step=3, skipped=1, params={"policy": "restored"}), {"loader": {"pos": 4}}, 4)
+    policy, finished = h.run(cfg, out)
+    rows = [r for r in read_metrics(out) if r["phase"] == "sft"]
+    assert (policy, finished, h.steps[0], h.loader) == ("restored", 8, 4, [{"pos": 4}])
+    assert [r["step"] for r in rows] == list(range(8)) and [r["lr"] for r in rows[:4]] == [-1.0] * 4
+    assert [r["lr"] for r in rows[4:]] == pytest.approx([lr(a) for a in (3, 4, 5, 6)], rel=1e-9)
+    assert h.saves == [6, 8] and h.kept == [8]
+    # a signal that came before the phase (during the evaluation before it): no step runs, nothing is saved
+    stop = T._Interrupt()
+    stop.requested = True
+    h.restored, h.steps[0], h.saves[:] = None, 0, []
+    assert h.run(cfg, tmp_path / "stopped", stop)[1] is None and h.steps[0] == 0 and h.saves == []
+
+
+def test_rl_bookkeeping_rollout_keys_item_indices_saves_samples_and_resume(tmp_path, monkeypatch):
+    """run_rl on fake steps: each iteration samples with its own key (`fold_in(key(seed + 3), it)`); the experience
+    step grades row r against item example_idx[r // n] (samples of a prompt are adjacent, as `rollout` lays them
+    out); checkpoints every `save_every` iterations and at the end; `rl.samples_per_iteration` rows dumped an
+    iteration. A resume restores the loader, the schedule's position (the state's step) and drops the dumped rows of
+    the iterations it redoes; an interrupt before the phase runs no iteration."""
+    import types
+
+    import jax
+
+    from reftjax import train as T
+    from reftjax.config import replace_paths
+    from reftjax.graders.base import Grade
+    from reftjax.metrics import read_metrics
+    from reftjax.steps import ppo_updates_per_step, schedule_value
+
+    h = _fake_rl(monkeypatch)
+    keys, idxs, restored = [], [], []
+    real_rollout = T.rollout
+    monkeypatch.setattr(T, "rollout", lambda *a, **k: keys.append(np.asarray(jax.random.key_data(a[3]))) or
+                        real_rollout(*a, **k))
+    em = {"reward": np.float32(0.5), "kl": np.float32(0.0), "response_length": np.float32(4.0)}
+    monkeypatch.setattr(T, "make_experience_fn", lambda *a, **k: lambda p, r, ro, idx: (
+        idxs.append(np.asarray(idx).tolist()) or {}, em))
+    monkeypatch.setattr(T.Loader, "restore", lambda self, state: restored.append(state))
+    h.last.grades, h.last.texts = (Grade(0.5),) * 6, tuple(f"t{r}" for r in range(6))
+    h.last.example_idx = (0, 0, 0, 1, 1, 1)
+    cfg = replace_paths(h.cfg, {"rl.sampling.n": 3, "checkpoint.save_every": 3, "rl.samples_per_iteration": 2,
+                                "rl.optim.schedule": "linear", "rl.optim.warmup_ratio": 0.0,
+                                "rl.ppo.minibatch_size": 2})  # (3 minibatches x 2 epochs: 6 updates an iteration)
+    out = tmp_path / "run"
+    got = h.run(cfg, out)
+    assert got[2:4] == (4, True) and h.saves == [3, 4]
+    assert idxs == [[0, 0, 0, 1, 1, 1]] * 4
+    want = [np.asarray(jax.random.key_data(jax.random.fold_in(jax.random.key(cfg.seed + 3), it))) for it in range(4)]
+    assert len(keys) == 4 and all(np.array_equal(k, w) for k, w in zip(keys, want))
+    samples = out / "samples" / "rl_rollouts.jsonl"
+    assert [json.loads(line)["iteration"] for line in samples.read_text().splitlines()] == [1, 1, 2, 2, 3, 3, 4, 4]
+    # resumed from iteration 2's checkpoint (a killed attempt had dumped iteration 3 and 4's rows): 9 updates applied
+    h.saves[:], keys[:] = [], []
+    h.restored = (types.SimpleNamespace(step=9, params={"policy": "final"}),
+                  {"loader": {"pos": 2}, "iteration": 2, "best": -1.0, "since_best": 0}, 2)
+    h.run(cfg, out)
+    assert restored == [{"pos": 2}] and h.saves == [3, 4] and len(keys) == 2
+    assert [json.loads(line)["iteration"] for line in samples.read_text().splitlines()] == [1, 1, 2, 2, 3, 3, 4, 4]
+    total = cfg.rl.iterations * ppo_updates_per_step(cfg.rl.ppo, cfg.rl.prompts_per_iteration * 3)
+    rows = {r["step"]: r for r in read_metrics(out) if r["phase"] == "rl"}
+    assert [rows[it]["lr"] for it in (3, 4)] == pytest.approx([schedule_value(cfg.rl.optim, total, a)
+                                                               for a in (9, 10)], rel=1e-9)
+    # a signal that came before the phase: no iteration, no save
+    h.restored, h.saves[:], keys[:] = None, [], []
+    h.stop = T._Interrupt()
+    h.stop.requested = True
+    got = h.run(cfg, tmp_path / "stopped")
+    assert got[2:4] == (0, False) and keys == [] and h.saves == []
+
+
+def test_the_verifier_phase_resumes_at_its_batch_reuses_its_data_and_keeps_its_last_step(tmp_path, monkeypatch):
+    """run_rerank on fake steps and data (6 rows, batches of 2: 3 a epoch, 2 epochs): each epoch's batches in the
+    order of its own seed (`rerank.seed + epoch`); an interrupt in step 4 saves step 4 and stops there; the resume
+    samples nothing (verifier_data.npz is read back) and runs the two batches left of epoch 2, then keeps its last
+    step and writes verifier_done.json, which a third call restores from."""
+    import types
+
+    from reftjax import train as T
+    from reftjax.config import ExperimentConfig, replace_paths
+    from reftjax.metrics import MetricsLogger
+
+    h = types.SimpleNamespace(steps=[], saves=[], kept=[], restored=None, sampled=[0], loaded=[0], read=[],
+                              epochs=[0])
+    stop = T._Interrupt()
+
+    class Data:
+        labels, example_idx = np.ones(6, np.float32), np.arange(6)
+
+        def __len__(self):
+            return 6
+
+        def batches(self, batch_size, seed):
+            h.epochs[0] += 1
+            assert h.epochs[0] <= 4, "the loop read the data over and over without reaching its steps"
+            for j in range(3):
+                yield {"b": np.array([seed * 10 + j, 0])}
+
+        def save(self, path):
+            pathlib.Path(path).write_bytes(b"npz")
+
+    def load(path):
+        h.loaded[0] += 1
+        return Data()
+
+    class Manager:
+        def __init__(self, *a, **k):
+            pass
+
+        def restore_latest(self, state):
+            return h.restored
+
+        def save(self, step, *a, **k):
+            h.saves.append(step)
+
+        def keep_only(self, step):
+            h.kept.append(step)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            pass
+
+    def step(state, batch):
+        h.steps.append(int(batch["b"][0]))
+        stop.requested = len(h.steps) == 4 and not h.saves  # a signal in the first run's 4th step
+        return state, {"loss": np.float32(0.0)}
+
+    monkeypatch.setattr(T, "abstract_verifier", lambda *a: "abstract")
+    monkeypatch.setattr(T, "init_verifier", lambda *a: "fresh")
+    monkeypatch.setattr(T, "sample_verifier_data", lambda *a, **k: h.sampled.__setitem__(0, h.sampled[0] + 1) or
+                        Data())
+    monkeypatch.setattr(T.VerifierData, "load", staticmethod(load))
+    monkeypatch.setattr(T, "ckpt", types.SimpleNamespace(Checkpointer=Manager, CheckpointConfig=lambda *a, **k: None,
+                                                         restore_params=lambda path, like, key: h.read.append(
+                                                             (pathlib.Path(path).name, like, key)) or "restored"))
+    monkeypatch.setattr(T, "init_state", lambda params, tx, key, abstract=False: types.SimpleNamespace(params=params))
+    monkeypatch.setattr(T, "make_verifier_step", lambda *a: step)
+    monkeypatch.setattr(T, "shard_batch", lambda batch, mesh: batch)
+    cfg = replace_paths(ExperimentConfig(), {"rerank.epochs": 2, "rerank.batch_size": 2, "rerank.seed": 5,
+                                             "eval.voting_k": 2, "checkpoint.save_every": 100})
+    model = types.SimpleNamespace(config=types.SimpleNamespace(eos_token_ids=(2,)),
+                                  tokenizer=types.SimpleNamespace(pad_token_id=0, eos_token_id=2))
+    data = types.SimpleNamespace(train_ds=[0] * 6, train_items=[{}] * 6)
+
+    def run():
+        logger = MetricsLogger(tmp_path, tensorboard=False, enabled=True)
+        try:
+            return T.run_rerank(cfg, model, "sft", data, None, None, tmp_path, logger, stop, False)
+        finally:
+            logger.close()
+
+    assert run() is None  # interrupted
+    assert h.steps == [50, 51, 52, 60] and h.saves == [4] and h.kept == [] and h.sampled == [1]
+    assert (tmp_path / "verifier_data.npz").exists() and not (tmp_path / "verifier_done.json").exists()
+    stop = T._Interrupt()
+    h.restored = (types.SimpleNamespace(params={"verifier": "trained"}), {"step": 4}, 4)
+    assert run() == "trained"
+    assert h.steps[4:] == [61, 62] and h.saves == [4, 6] and h.kept == [6] and h.sampled == [1] and h.loaded == [1]
+    assert json.loads((tmp_path / "verifier_done.json").read_text()) == {"step": 6}
+    assert run() == "restored" and h.read == [("6", "abstract", "verifier")] and h.steps[6:] == []
+
+
+def test_the_warm_up_as_best_is_copied_at_the_rl_step_and_a_signal_after_the_warm_up_stops_before_validation(
+        tiny_hf_dir, tmp_path, shared_data, monkeypatch):
+    """Phases faked, the real pipeline around them. Validation is greedy alone (no voting samples), the test
+    evaluations with voting; when no RL checkpoint beat the warm-up (best iteration 0) test_reft is test_sft's
+    evaluation recorded again, at the RL phase's last iteration (an early stop's), not run again; the invocation's
+    metrics rows are numbered from 1. A signal that
+    arrives as the warm-up ends (its checkpointer's last save being waited on) stops the run before the validation
+    (voting@k can take longer than the warm-up), with the warm-up marked done."""
+    import functools
+
+    from reftjax import train as T
+    from reftjax.config import from_dict, to_dict
+
+    from experiments.gsm8k_reft import preset_config
+
+    d = to_dict(preset_config("cpu", str(tiny_hf_dir)))
+    for path, value in {**TINY_SETS, "rl.iterations": 3, "export_hf": False, "sft.epochs": 1, "eval.batch_size": 8,
+                        "rl.prompts_per_iteration": 8, "sft.batch_size": 8, "eval.voting_k": 2,
+                        "rerank.epochs": 0}.items():
+        *head, last = path.split(".")
+        functools.reduce(dict.__getitem__, head, d)[last] = value
+    cfg = from_dict(d)
+    calls = []
+
+    def eval_once(name, out, logger, params, model, ds, items, grader, cfg, mesh, step, voting=False, verifier=None):
+        calls.append((name, voting, step))
+        T._record_eval(out, name, {"accuracy": 0.25, "n": 4, "samples": [{"q": name}]}, logger, f"eval/{name}", step)
+        return {"accuracy": 0.25, "n": 4}
+
+    monkeypatch.setattr(T, "run_sft", lambda cfg, model, *a: (model.params, 1))
+    monkeypatch.setattr(T, "run_rl", lambda cfg, model, ref_params, *a, **k: (ref_params, ref_params, 2, True, 0))
+    monkeypatch.setattr(T, "_eval_once", eval_once)
+    out = tmp_path / "run"
+    assert T.run(cfg, out, progress=False)["status"] == "done"
+    assert calls == [("val_sft", False, 0), ("test_sft", True, 0)]  # test_reft: copied, not evaluated
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["phase"] == "eval/test_reft"] == [2]
+    # the invocation's rows are numbered from 1 (a rerun's: 2, ...), its start and its end alike
+    assert [(r["phase"], r["step"]) for r in rows if r["phase"] in ("invocation", "end")] == [("invocation", 1),
+                                                                                              ("end", 1)]
+    assert json.loads((out / "evals.json").read_text())["test_reft"]["same_as"] == "test_sft"
+
+    def signalled_sft(cfg, model, data, mesh, out, logger, stop, progress):
+        stop.requested = True  # the handler's effect, after the warm-up's last stop check
+        return model.params, 1
+
+    calls[:] = []
+    monkeypatch.setattr(T, "run_sft", signalled_sft)
+    out = tmp_path / "signalled"
+    assert T.run(cfg, out, progress=False) == {"status": "interrupted", "phase": "eval"}
+    assert calls == [] and json.loads((out / "sft_done.json").read_text()) == {"step": 1}
+
+
+def test_small_settings_checks_and_helpers_of_the_loop(tmp_path, monkeypatch):
+    """The pieces around the phases: a validation evaluates greedy alone while a test evaluation votes; the train
+    split may hold exactly one batch, and an RL batch size is no bound when RL does not run, nor the verifier's batch
+    size on the mesh when the verifier phase does not; a multiple-choice ReFT
+    grader inside a multi grader reads gold answers as text; Ctrl-C sets the flag, a second raises
+    KeyboardInterrupt, and the handlers before the run are back after it; a failed start removes its lock and
+    folders only while the run has not begun (config.json); a gold answer the grader refuses (ValueError) is named."""
+    import signal as _signal
+    import types
+
+    from reftjax import train as T
+    from reftjax.config import ExperimentConfig, replace_paths
+    from reftjax.data.records import DataError
+    from reftjax.graders import build_grader
+    from reftjax.metrics import MetricsLogger
+
+    seen = []
+    monkeypatch.setattr(T, "evaluate", lambda *a, **k: seen.append(a[6].voting_k) or {
+        "accuracy": 0.5, "n": 2, "samples": []})
+    model = types.SimpleNamespace(config=types.SimpleNamespace(eos_token_ids=(2,)),
+                                  tokenizer=types.SimpleNamespace(pad_token_id=0, eos_token_id=2))
+    cfg = replace_paths(ExperimentConfig(), {"eval.voting_k": 4})
+    logger = MetricsLogger(tmp_path, tensorboard=False, enabled=True)
+    T._eval_once("val_sft", tmp_path, logger, None, model, None, [], None, cfg, None, 0)
+    T._eval_once("test_sft", tmp_path, logger, None, model, None, [], None, cfg, None, 0, voting=True)
+    logger.close()
+    assert seen == [0, 4]
+
+    class Split(list):
+        stats = {"examples": 4}
+
+    data = types.SimpleNamespace(train_ds=Split([0] * 4))
+    T.check_train_size(replace_paths(cfg, {"sft.batch_size": 4, "rl.prompts_per_iteration": 4}), data)
+    T.check_train_size(replace_paths(cfg, {"sft.batch_size": 4, "rl.prompts_per_iteration": 8,
+                                           "rl.iterations": 0}), data)
+    with pytest.raises(DataError, match=r"keeps 4 examples \(4 before the length limits\), fewer than one batch of "
+                                        r"rl.prompts_per_iteration=8"):
+        T.check_train_size(replace_paths(cfg, {"sft.batch_size": 4, "rl.prompts_per_iteration": 8}), data)
+
+    # rerank.batch_size counts only when the verifier phase runs (its default 3 is no multiple of 8 devices)
+    from reftjax.sharding import MeshConfig, make_mesh
+
+    mesh = make_mesh(MeshConfig(data=2, fsdp=4))
+    sized = replace_paths(cfg, {"sft.batch_size": 8, "rl.prompts_per_iteration": 8, "eval.batch_size": 8,
+                                "rerank.batch_size": 3})
+    T.check_batch_sizes(sized, mesh)
+    with pytest.raises(T.SettingsError, match=r"^rerank.batch_size=3: must be a multiple of the 8 devices"):
+        T.check_batch_sizes(replace_paths(sized, {"rerank.epochs": 1}), mesh)
+
+    mathqa = {"type": "reft", "answer_type": "mathqa"}
+    assert T._text_answers({"type": "multi", "graders": {"choice": mathqa, "format": {"type": "string_check"}}})
+    assert T._text_answers(mathqa) and not T._text_answers({"type": "reft"}) and not T._text_answers(None)
+
+    before = {s: _signal.getsignal(s) for s in (_signal.SIGINT, _signal.SIGTERM)}
+    stop = T._Interrupt()
+    with stop.installed():
+        os.kill(os.getpid(), _signal.SIGTERM)
+        for _ in range(100):
+            if stop.requested:
+                break
+            time.sleep(0.01)
+        assert stop.requested
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), _signal.SIGINT)
+            for _ in range(100):
+                time.sleep(0.01)
+    assert {s: _signal.getsignal(s) for s in before} == before
+
+    out = tmp_path / "new" / "run"
+    out.mkdir(parents=True)
+    (out / ".lock0").write_text("pid 1\n")
+    (out / "config.json").write_text("{}")
+    T._remove_unclaimed(out, [out, out.parent])  # a run began in it: nothing removed
+    assert sorted(p.name for p in out.iterdir()) == [".lock0", "config.json"]
+    (out / "config.json").unlink()
+    T._remove_unclaimed(out, [out, out.parent])
+    assert not out.parent.exists()
+
+    grader = build_grader(ExperimentConfig().grader_dict)
+    good = [{"item_id": "a", "question": "q", "answer_value": "12"}]
+    bad = types.SimpleNamespace(train_items=good, val_items=good, where={},
+                                test_items=[{"item_id": "t", "question": "q", "answer_value": "twelve"}])
+    with pytest.raises(T.SettingsError, match=r"cannot grade the test split's items \(all: gold answer 'twelve'"):
+        T.check_grader_fields(grader, bad)
+
+
+def test_a_directory_where_no_run_began_takes_other_settings_and_data(tiny_hf_dir, tmp_path, shared_data,
+                                                                      monkeypatch):
+    """A run killed after writing config.json and data.json, before anything else (its metrics), began nothing: its
+    lock files (one per process) aside, the directory holds no phase, so a rerun with other settings, data or model
+    is not refused; it is checked, and they are replaced, from the first file a run writes after them. Once a run
+    began, its model may move to another path (the digests in data.json check the weights)."""
+    import functools
+    import shutil
+
+    from reftjax import train as T
+    from reftjax.config import from_dict, to_dict
+
+    from experiments.gsm8k_reft import preset_config
+
+    monkeypatch.setenv("REFTJAX_GSM8K_DIR", str(shared_data / "gsm8k"))
+    d = to_dict(preset_config("cpu", str(tiny_hf_dir)))
+    for path, value in {**TINY_SETS, "eval.batch_size": 8, "rl.prompts_per_iteration": 8,
+                        "sft.batch_size": 8}.items():
+        *head, last = path.split(".")
+        functools.reduce(dict.__getitem__, head, d)[last] = value
+    cfg = from_dict(d)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({**to_dict(cfg), "seed": 7}))
+    (out / "data.json").write_text(json.dumps({"train": {"examples": 1, "tokens": "0", "items": "0"},
+                                               "model": {"params": "0", "config": "0"}}))
+    for lock in (".lock0", ".lock1"):
+        (out / lock).write_text("pid 1 on elsewhere\n")
+
+    class Began(Exception):
+        pass
+
+    monkeypatch.setattr(T, "MetricsLogger", lambda *a, **k: (_ for _ in ()).throw(Began()))
+    with pytest.raises(Began):  # past both checks, config.json and data.json rewritten
+        T.run(cfg, out, progress=False)
+    assert json.loads((out / "config.json").read_text()) == to_dict(cfg)
+    assert json.loads((out / "data.json").read_text())["model"]["params"] != "0"
+    # once begun (a metrics file), data.json's digests free the model's path: a copy of its folder elsewhere resumes
+    (out / "metrics.jsonl").write_text("")
+    shutil.copytree(tiny_hf_dir, tmp_path / "moved")
+    with pytest.raises(Began):
+        T.run(from_dict({**to_dict(cfg), "model": str(tmp_path / "moved")}), out, progress=False)
+    assert json.loads((out / "config.json").read_text())["model"] == str(tmp_path / "moved")
+
+
+def test_each_split_is_cut_to_its_own_count(shared_data, monkeypatch):
+    """data.n_train, data.n_val and data.n_test each cut their own split (read_splits, before anything tokenizes)."""
+    from reftjax.config import ExperimentConfig, replace_paths
+    from reftjax.train import read_splits
+
+    monkeypatch.setenv("REFTJAX_GSM8K_DIR", str(shared_data / "gsm8k"))
+    sp = read_splits(replace_paths(ExperimentConfig(), {"data.n_train": 5, "data.n_val": 2, "data.n_test": 3}),
+                     progress=False)
+    assert (len(sp.train), len(sp.val), len(sp.test)) == (5, 2, 3)
+    assert len(sp.test_items) == 3 and sp.test_items[0]["item_id"] != sp.val_items[0]["item_id"]
