@@ -1340,6 +1340,32 @@ def test_sft_step_time_is_one_step_not_two(tmp_path, monkeypatch):
     assert closed == [KeyboardInterrupt]
 
 
+def _fake_checkpointer(h):
+    """A `checkpoint.Checkpointer` stand-in: `restore_latest` returns `h.restored`, `save` / `keep_only` record their
+    step in `h.saves` / `h.kept`."""
+
+    class Manager:
+        def __init__(self, *a, **k):
+            pass
+
+        def restore_latest(self, state):
+            return h.restored
+
+        def save(self, step, *a, **k):
+            h.saves.append(step)
+
+        def keep_only(self, step):
+            h.kept.append(step)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            pass
+
+    return Manager
+
+
 def _fake_rl(monkeypatch):
     """run_rl on fake steps, loader and checkpoints: each iteration's rollout reward 0.5. `h.stop` is the interrupt
     (requested in rollout call `h.interrupt_at`), `h.reads` the best-policy reads (their floors), `h.saves` the
@@ -1370,25 +1396,13 @@ def _fake_rl(monkeypatch):
         def restore(self, state):
             pass
 
-    class Manager:
-        def __init__(self, *a, **k):
-            pass
-
-        def restore_latest(self, state):
-            return h.restored
-
-        def save(self, step, *a, **k):
-            h.saves.append(step)
-
+    class Manager(_fake_checkpointer(h)):
         def restore_best_params(self, like, above=None):
             h.reads.append(above)
             return h.best_read
 
         def wait(self):
             pass
-
-        def __enter__(self):
-            return self
 
         def __exit__(self, *exc):
             h.closed.append(exc[0])
@@ -2728,24 +2742,7 @@ def _fake_sft(monkeypatch):
         def restore(self, state):
             h.loader.append(state)
 
-    class Manager:
-        def __init__(self, *a, **k):
-            pass
-
-        def restore_latest(self, state):
-            return h.restored
-
-        def save(self, step, *a, **k):
-            h.saves.append(step)
-
-        def keep_only(self, step):
-            h.kept.append(step)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            pass
+    Manager = _fake_checkpointer(h)
 
     def step(state, batch):
         h.steps[0] += 1
@@ -2908,24 +2905,7 @@ def test_the_verifier_phase_resumes_at_its_batch_reuses_its_data_and_keeps_its_l
         h.loaded[0] += 1
         return Data()
 
-    class Manager:
-        def __init__(self, *a, **k):
-            pass
-
-        def restore_latest(self, state):
-            return h.restored
-
-        def save(self, step, *a, **k):
-            h.saves.append(step)
-
-        def keep_only(self, step):
-            h.kept.append(step)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            pass
+    Manager = _fake_checkpointer(h)
 
     def step(state, batch):
         h.steps.append(int(batch["b"][0]))
