@@ -1290,12 +1290,7 @@ def test_sft_step_time_is_one_step_not_two(tmp_path, monkeypatch):
         def keep_only(self, step):  # (the finished phase's clean-up)
             pass
 
-    monkeypatch.setattr(T, "Loader", Loader)
-    monkeypatch.setattr(T, "ckpt", types.SimpleNamespace(Checkpointer=Manager, CheckpointConfig=lambda *a, **k: None))
-    monkeypatch.setattr(T, "make_sft_step", lambda *a, **k: step)
-    monkeypatch.setattr(T, "measured_peak_flops", lambda **k: 1e12)
-    monkeypatch.setattr(T, "init_state", lambda params, tx, key, abstract=False: types.SimpleNamespace(
-        step=0, skipped=0, params=params))
+    _patch_run_sft(monkeypatch, Loader, Manager, step)
     cfg = ExperimentConfig()
     cfg = dataclasses.replace(cfg, sft=dataclasses.replace(cfg.sft, epochs=1, batch_size=4),
                               checkpoint=dataclasses.replace(cfg.checkpoint, save_every=3))
@@ -1338,6 +1333,21 @@ def test_sft_step_time_is_one_step_not_two(tmp_path, monkeypatch):
         T.run_sft(every, model, types.SimpleNamespace(train_ds=None), None, tmp_path / "ctrl_c", logger,
                   T._Interrupt(), False)
     assert closed == [KeyboardInterrupt]
+
+
+def _patch_run_sft(monkeypatch, loader, checkpointer, step):
+    """`train.run_sft` on a fake loader class, checkpointer class and step, a peak of 1e12 FLOP/s and a bare state."""
+    import types
+
+    from reftjax import train as T
+
+    monkeypatch.setattr(T, "Loader", loader)
+    monkeypatch.setattr(T, "ckpt", types.SimpleNamespace(Checkpointer=checkpointer,
+                                                         CheckpointConfig=lambda *a, **k: None))
+    monkeypatch.setattr(T, "make_sft_step", lambda *a, **k: step)
+    monkeypatch.setattr(T, "measured_peak_flops", lambda **k: 1e12)
+    monkeypatch.setattr(T, "init_state", lambda params, tx, key, abstract=False: types.SimpleNamespace(
+        step=0, skipped=0, params=params))
 
 
 def _fake_checkpointer(h):
@@ -2749,12 +2759,7 @@ def _fake_sft(monkeypatch):
         return state, {"loss": np.float32(1.0), "skipped": np.int32(h.steps[0] in h.skip),
                        "input_tokens": np.float32(16)}
 
-    monkeypatch.setattr(T, "Loader", Loader)
-    monkeypatch.setattr(T, "ckpt", types.SimpleNamespace(Checkpointer=Manager, CheckpointConfig=lambda *a, **k: None))
-    monkeypatch.setattr(T, "make_sft_step", lambda *a, **k: step)
-    monkeypatch.setattr(T, "measured_peak_flops", lambda **k: 1e12)
-    monkeypatch.setattr(T, "init_state", lambda params, tx, key, abstract=False: types.SimpleNamespace(
-        step=0, skipped=0, params=params))
+    _patch_run_sft(monkeypatch, Loader, Manager, step)
     model = types.SimpleNamespace(params={"w": np.zeros(3)}, config=types.SimpleNamespace(
         flops_per_token=lambda context, **k: 1.0, dtype="float32"))
 
