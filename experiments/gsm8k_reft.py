@@ -139,7 +139,8 @@ DESCRIPTION = ("ReFT on GSM8K: SFT warm-up, then PPO against the answer grader, 
                "and a test-set report. Rerunning the same command resumes from the last checkpoint.")
 
 
-def build_parser(prog: str = "python -m experiments.gsm8k_reft", description: str = DESCRIPTION):
+def build_parser(prog: str = "python -m experiments.gsm8k_reft", description: str = DESCRIPTION,
+                 openai_job: bool = True):
     p = argparse.ArgumentParser(prog=prog, description=description)
     p.add_argument("--preset", choices=PRESETS, default=None,
                    help="settings bundle (default: cpu without an accelerator, else gpu/tpu)")
@@ -160,6 +161,11 @@ def build_parser(prog: str = "python -m experiments.gsm8k_reft", description: st
     p.add_argument("--no-progress", action="store_true", help="disable progress bars")
     p.add_argument("--verbose", action="store_true",
                    help="also show other libraries' INFO logs (Orbax saves, tfds, JAX set-up)")
+    if openai_job:
+        p.add_argument("--openai-job", default=None, metavar="JOB.json",
+                       help="an OpenAI reinforcement fine-tuning job (the body of POST /v1/fine_tuning/jobs, with local "
+                            "file paths): its files, grader and hyperparameters as settings; --model, --seed and "
+                            "--set win over it (reftjax/openai_job.py lists the mapping)")
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved config as JSON and exit (the grader and data.prompt.chat_template_kwargs "
                         "as objects, as --set takes them)")
@@ -167,6 +173,22 @@ def build_parser(prog: str = "python -m experiments.gsm8k_reft", description: st
 
 
 def resolve_config(args, make_config=preset_config):
+    job = None
+    if getattr(args, "openai_job", None):
+        from reftjax.openai_job import JobError, read_job
+
+        job = read_job(args.openai_job)
+        with_job = dict(vars(args), set=list(job.sets), model=job.model if args.model is None else args.model,
+                        seed=job.seed if args.seed is None else args.seed, openai_job=None)
+        try:  # the job's settings alone first, so that an error in them names the job file, not --set
+            _resolve(argparse.Namespace(**with_job), make_config)
+        except ValueError as exc:
+            raise JobError(f"{job.path}: {exc}") from None
+        args = argparse.Namespace(**dict(with_job, set=[*job.sets, *args.set]))
+    return _resolve(args, make_config, job)
+
+
+def _resolve(args, make_config, job=None):
     from reftjax.config import DuplicateName, from_dict, to_dict, unique_names
 
     cfg = make_config(args.preset or default_preset(), args.model)
@@ -212,6 +234,12 @@ def resolve_config(args, make_config=preset_config):
         raise ValueError(f"--set: {exc}") from None
     if "name" not in given:
         cfg = dataclasses.replace(cfg, name=_data_name(cfg, getattr(args, "out", None)))
+    if job is not None and (job.n_epochs is not None or job.lr_multiplier is not None):
+        from reftjax.openai_job import apply_epochs_and_lr
+        from reftjax.train import train_val_examples
+
+        n_train = len(train_val_examples(cfg, progress=False)[0]) if job.n_epochs is not None else None
+        cfg = apply_epochs_and_lr(cfg, job, given, n_train)
     return _kept_earlier(_p_cot_kl(cfg, given, getattr(args, "out", None)), given, getattr(args, "out", None))
 
 

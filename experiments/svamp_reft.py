@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     parser = gsm8k_reft.build_parser(
         "python -m experiments.svamp_reft",
         "ReFT on SVAMP (the ReFT authors' N-CoT or P-CoT data): SFT warm-up, then PPO against the answer "
-        "grader (P-CoT programs run in the sandbox). Rerunning the same command resumes.")
+        "grader (P-CoT programs run in the sandbox). Rerunning the same command resumes.", openai_job=False)
     parser.add_argument("--cot", choices=("nl", "python"), default="nl",
                         help="chain-of-thought kind: natural language (N-CoT) or Python program (P-CoT)")
     args = parser.parse_args(argv)

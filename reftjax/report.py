@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import pathlib
 import time
 
@@ -179,7 +180,9 @@ def write_summary(out: pathlib.Path, cfg, evals: dict, wall_seconds: float, writ
         f"# {cfg.name}: {cfg.model}", "",
         f"Test set: {cfg.data.test_file or f'{cfg.data.test_dataset}/{cfg.data.test_split}'}, n = "
         f"{summary['test_n']}{dropped}. "
-        f"Model selection on a validation split only (never on test).", "",
+        + ("It is the validation file (data.val_file), which selects the best checkpoint: its test figures are "
+           "not held out." if _same_file(cfg.data.test_file, cfg.data.val_file)
+           else "Model selection on a validation split only (never on test)."), "",
         head, rule, *table, "",
         _val_line("Validation greedy accuracy (%)", summary["val_accuracy"], start), "",
         *([_val_line("Validation mean score (selects the best checkpoint)",
@@ -229,6 +232,10 @@ def _round(x):
 
 
 _VAL_X = "RL iteration (0: before RL)"
+
+
+def _same_file(a: str | None, b: str | None) -> bool:
+    return bool(a and b) and os.path.realpath(a) == os.path.realpath(b)
 
 
 def plot_names(metric: str = "accuracy") -> tuple[str, ...]:

@@ -117,27 +117,40 @@ def _text_answers(grader_cfg) -> bool:
     return False
 
 
+def _read(cfg: ExperimentConfig, file: str) -> list:
+    d = cfg.data
+    return load_examples(file=file, fmt=d.train_format, answer_field=d.answer_field,
+                         numeric=not _text_answers(cfg.grader_dict))
+
+
+def train_val_examples(cfg: ExperimentConfig, progress: bool = True) -> tuple[list, list]:
+    """The training and validation examples of `read_splits` (before the tokenizer's length limits): an OpenAI job's
+    `n_epochs` counts the training ones (`reftjax.openai_job`)."""
+    d = cfg.data
+    examples = _read(cfg, d.train_file) if d.train_file else load_examples(
+        d.dataset, split="train", numeric=not _text_answers(cfg.grader_dict), progress=progress)
+    if d.val_file:  # a validation file (OpenAI RFT's): the training file is used whole
+        train, val = examples, _read(cfg, d.val_file)
+    else:
+        train, val = train_val_split(examples, SplitConfig(val_fraction=d.val_fraction, seed=d.seed))
+    return (train[: d.n_train] if d.n_train is not None else train,
+            val[: d.n_val] if d.n_val is not None else val)
+
+
 def read_splits(cfg: ExperimentConfig, progress: bool = True) -> Splits:
     """The train, validation and test examples `cfg.data` names, read and checked (a bad line is a DataError at its
     file and line) without a tokenizer: `_run` reads them before the model loads (minutes at 7B; review). `progress`:
     tfds's bars when GSM8K is built."""
     d = cfg.data
-    numeric = not _text_answers(cfg.grader_dict)
-    read = lambda f: load_examples(file=f, fmt=d.train_format, answer_field=d.answer_field,  # noqa: E731
-                                   numeric=numeric)
-    examples = read(d.train_file) if d.train_file else load_examples(d.dataset, split="train", numeric=numeric,
-                                                                     progress=progress)
-    if d.val_file:  # a validation file (OpenAI RFT's): the training file is used whole
-        train, val = examples, read(d.val_file)
-    else:
-        train, val = train_val_split(examples, SplitConfig(val_fraction=d.val_fraction, seed=d.seed))
-    train = train[: d.n_train] if d.n_train is not None else train
-    val = val[: d.n_val] if d.n_val is not None else val
-    test = read(d.test_file) if d.test_file else load_examples(d.test_dataset, split=d.test_split, numeric=numeric,
-                                                               progress=progress)
+    train, val = train_val_examples(cfg, progress)
+    test = _read(cfg, d.test_file) if d.test_file else load_examples(
+        d.test_dataset, split=d.test_split, numeric=not _text_answers(cfg.grader_dict), progress=progress)
     if d.train_file and d.train_format != "gsm8k-jsonl" and not d.test_file:  # said only in summary.md (review)
         log.warning("data.train_file without data.test_file: the test evaluations run on %s/%s with this grader; "
                     "name the task's own test file with data.test_file", d.test_dataset, d.test_split)
+    elif d.test_file and d.val_file and os.path.realpath(d.test_file) == os.path.realpath(d.val_file):
+        log.warning("data.test_file is data.val_file (%s): the test figures are of the validation split that picks "
+                    "the best checkpoint, not held out; name a held-out file with data.test_file", d.test_file)
     return Splits(train, val, test[: d.n_test] if d.n_test is not None else test)
 
 

@@ -878,7 +878,7 @@ def test_help_documents_every_flag():
     out = subprocess.run([sys.executable, "-m", "experiments.gsm8k_reft", "--help"], cwd=ROOT, env=_env(),
                          capture_output=True, text=True, timeout=120).stdout
     for flag in ("--preset", "--model", "--out", "--gsm8k-dir", "--set", "--seed", "--no-progress",
-                 "--print-config"):
+                 "--print-config", "--openai-job"):
         assert flag in out
 
 
@@ -1121,22 +1121,38 @@ def test_a_rerun_may_change_only_how_the_run_is_saved_and_laid_out(tmp_path):
 def test_openai_format_prompts_train_with_rl_alone(tiny_hf_dir, tmp_path, shared_data):
     """An RFT-style file (messages + reference fields, no chain of thought) used to fail in the data step (SFT
     targets required) and its reference field never reached the grader. With sft.epochs=0 the run goes straight to
-    RL from the loaded model, graded on the `answer_field`."""
+    RL from the loaded model, graded on the `answer_field`. The run is an OpenAI job file (`--openai-job`: its
+    files, batch size, evaluation interval and learning-rate multiplier; the command line's --set wins over it, and
+    the preset's grader stays when the job names none)."""
     rows = [json.loads(line) for line in (shared_data / "gsm8k" / "train.jsonl").read_text().splitlines()[:24]]
-    train = tmp_path / "rft.jsonl"
-    train.write_text("".join(json.dumps({"messages": [{"role": "user", "content": r["question"]}],
-                                         "reference_answer": r["answer"].rsplit("####", 1)[1].strip()}) + "\n"
-                             for r in rows))
+    lines = [json.dumps({"messages": [{"role": "user", "content": r["question"]}],
+                         "reference_answer": r["answer"].rsplit("####", 1)[1].strip()}) + "\n" for r in rows]
+    train, val = tmp_path / "rft.jsonl", tmp_path / "rft_val.jsonl"
+    train.write_text("".join(lines[:20]))
+    val.write_text("".join(lines[20:]))
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps({"training_file": train.name, "validation_file": val.name, "method": {
+        "type": "reinforcement", "reinforcement": {"hyperparameters": {
+            "batch_size": 4, "n_epochs": 3, "eval_interval": 1, "learning_rate_multiplier": 2}}}}))
     out = tmp_path / "run"
-    extra = ["--set", f"data.train_file={json.dumps(str(train))}", "--set", 'data.train_format="openai"',
-             "--set", 'data.answer_field="reference_answer"', "--set", "sft.epochs=0", "--set", "rl.iterations=1",
-             "--set", "rl.eval_every=1", "--set", "export_hf=false", "--set", 'data.prompt.style="chat"',
+    extra = ["--openai-job", str(job), "--set", 'data.answer_field="reference_answer"', "--set", "rl.iterations=1",
+             "--set", "export_hf=false",
              # and the reward-hacking guards reach the RL rewards from the config (every completion is >= 1 token)
              "--set", "rl.guards.enabled=true", "--set", "rl.guards.max_tokens=1",
              "--set", "eval_before_sft=true"]  # without a warm-up it must not evaluate the same weights twice
     done = subprocess.run(_cmd(tiny_hf_dir, out, extra), cwd=ROOT, env=_env(), capture_output=True, text=True,
                           timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
+    began = json.loads((out / "config.json").read_text())
+    assert (began["data"]["train_file"], began["data"]["val_file"], began["data"]["test_file"]) == (
+        str(train), str(val), str(val))
+    assert (began["data"]["train_format"], began["data"]["prompt"]["style"], began["sft"]["epochs"]) == (
+        "openai", "chat", 0)
+    # (rl.eval_every and rl.iterations: TINY_SETS' and this test's --set, over the job's eval_interval and n_epochs)
+    assert (began["rl"]["prompts_per_iteration"], began["rl"]["eval_every"], began["rl"]["iterations"]) == (4, 3, 1)
+    assert began["rl"]["optim"]["learning_rate"] == 2 * 3e-6 and began["grader"] == [["type", "reft"], ["cot", "nl"]]
+    assert "data.test_file is data.val_file" in done.stderr
+    assert "It is the validation file (data.val_file)" in (out / "summary.md").read_text()
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     phases = [m["phase"] for m in lines]
     assert "sft" not in phases and "rl" in phases and not (out / "checkpoints" / "sft").exists()

@@ -1,0 +1,199 @@
+"""An OpenAI reinforcement fine-tuning job, as reftjax settings.
+
+OpenAI RFT takes a job (the body of `POST /v1/fine_tuning/jobs`): a training and a validation file of `messages` +
+reference fields, a grader, and hyperparameters. `python -m experiments.gsm8k_reft --openai-job job.json` reads the
+same JSON and runs it here; `--model`, `--seed` and `--set` given on the command line win over the job:
+
+    job field                                  reftjax setting
+    training_file, validation_file             data.train_file, data.val_file (local JSONL paths, relative to the
+                                               job file's folder; OpenAI file ids are refused), and data.test_file =
+                                               the validation file (a job has no test split: the test figures are then
+                                               validation figures; --set data.test_file=... names a held-out file)
+    (implied)                                  data.train_format="openai", data.prompt.style="chat" (the messages
+                                               through the model's chat template), sft.epochs=0 (no warm-up: RL from
+                                               the loaded model, as OpenAI's RFT starts from the base model), and
+                                               data.n_train / n_val / n_test = null: the files whole (the cpu
+                                               preset's caps are for its GSM8K demo)
+    model                                      --model (a Hugging Face id or path; an OpenAI model name is refused)
+    seed                                       seed
+    suffix                                     name (the run's folder: runs/<suffix>)
+    method.reinforcement.grader                grader (string_check, text_similarity, python, score_model,
+                                               label_model, multi; see README)
+    hyperparameters.batch_size                 rl.prompts_per_iteration
+    hyperparameters.n_epochs                   rl.iterations = n_epochs x (training examples // batch size), the
+                                               RL loader's batches per epoch (counted on the examples read, before
+                                               the tokenizer's length limits drop any)
+    hyperparameters.learning_rate_multiplier   rl.optim.learning_rate x the multiplier (the preset's, or --set's)
+    hyperparameters.eval_interval              rl.eval_every
+
+"auto" (or a field left out) keeps the preset's value. `compute_multiplier` other than 1, `eval_samples`,
+`reasoning_effort` other than "default", a `response_format` and `integrations` have no reftjax counterpart that
+means the same: they are refused with the settings to use instead (`rl.sampling.n` / `rl.ppo.group_size`;
+`eval.voting_k`; `data.prompt.chat_template_kwargs`; TensorBoard and metrics.jsonl are always written), so a job
+never runs as something it did not ask for. `metadata` is ignored (labels only), as are `null` fields.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+
+from reftjax.config import DuplicateName, unique_names
+
+_TOP = {"model", "training_file", "validation_file", "seed", "suffix", "method", "metadata", "integrations",
+        "hyperparameters"}
+_REINFORCEMENT = {"grader", "hyperparameters", "response_format"}
+_HYPER = {"batch_size", "n_epochs", "learning_rate_multiplier", "eval_interval", "eval_samples",
+          "compute_multiplier", "reasoning_effort"}
+# OpenAI's hosted model names (and fine-tuned ones, "ft:..."): not checkpoints reftjax can load
+_OPENAI_MODEL = re.compile(r"^(ft:|gpt-|o\d|chatgpt-|davinci|babbage|text-|codex-)", re.IGNORECASE)
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """A job read by `read_job`: `sets` are `--set` items (PATH=JSON) to apply before the command line's own;
+    `model`, `seed`: the job's (None: not given); `n_epochs`, `lr_multiplier`: applied by `apply_epochs_and_lr` to
+    the resolved config (None: "auto" or not given)."""
+
+    path: str
+    sets: tuple[str, ...]
+    model: str | None = None
+    seed: int | None = None
+    n_epochs: int | None = None
+    lr_multiplier: float | None = None
+
+
+class JobError(ValueError):
+    """A job file reftjax cannot run as written; the message names the file and the field."""
+
+
+def read_job(path: str) -> Job:
+    """The job at `path` (a JSON object, as sent to OpenAI's fine-tuning jobs endpoint) as reftjax settings."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise JobError(f"{path}: cannot read the job file (--openai-job): {e.strerror or e}") from None
+    try:
+        job = json.loads(text, object_pairs_hook=unique_names)
+    except json.JSONDecodeError as e:
+        raise JobError(f"{path}:{e.lineno}:{e.colno}: not JSON ({e.msg})") from None
+    except DuplicateName as e:
+        raise JobError(f"{path}: {e}") from None
+    if not isinstance(job, dict):
+        raise JobError(f"{path}: a job is a JSON object (the body of POST /v1/fine_tuning/jobs), got "
+                       f"{type(job).__name__}")
+    return job_settings(job, path)
+
+
+def job_settings(job: dict, path: str) -> Job:
+    """`job` (a parsed job object) as a `Job`; `path` is the file it came from (relative data paths are read from its
+    folder, and every error names it)."""
+    def fail(field: str, msg: str):
+        raise JobError(f"{path}: {field}: {msg}")
+
+    def known(obj, allowed: set, where: str) -> dict:
+        if not isinstance(obj, dict):
+            fail(where, f"expected an object, got {json.dumps(obj)}")
+        for k in obj:
+            if k not in allowed:
+                fail(f"{where}.{k}" if where else k, f"not a field reftjax reads here (it reads {sorted(allowed)})")
+        return {k: v for k, v in obj.items() if v is not None}
+
+    top = known(job, _TOP, "")
+    method = top.get("method")
+    if method is None:
+        fail("method", 'missing: reftjax runs reinforcement jobs ({"type": "reinforcement", "reinforcement": '
+                       '{"grader": ..., "hyperparameters": ...}})')
+    method = known(method, {"type", "reinforcement", "supervised", "dpo"}, "method")
+    if method.get("type") != "reinforcement":
+        fail("method.type", f"{json.dumps(method.get('type'))}: reftjax runs \"reinforcement\" jobs (its SFT "
+                            f"warm-up is the sft.* settings of a ReFT run; DPO is not offered)")
+    rft = known(method.get("reinforcement", {}), _REINFORCEMENT, "method.reinforcement")
+    if "hyperparameters" in top:
+        fail("hyperparameters", "the top-level field is OpenAI's deprecated one; put them in "
+                                "method.reinforcement.hyperparameters")
+    if "integrations" in top and top["integrations"] != []:
+        fail("integrations", "not offered: reftjax writes TensorBoard (OUT/tensorboard) and OUT/metrics.jsonl")
+    if "response_format" in rft:
+        fail("method.reinforcement.response_format", "structured outputs are not offered: ask for the JSON in the "
+                                                     "prompt and read it with {{sample.output_json.x}} in the grader")
+    hyper = known(rft.get("hyperparameters", {}), _HYPER, "method.reinforcement.hyperparameters")
+    hyper = {k: v for k, v in hyper.items() if v != "auto"}
+    where = "method.reinforcement.hyperparameters."
+
+    def count(name: str, low: int = 1) -> int | None:
+        v = hyper.get(name)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < low):
+            fail(where + name, f"expected an integer >= {low} or \"auto\", got {json.dumps(v)}")
+        return v
+
+    sets: list[tuple[str, object]] = [("data.train_format", "openai"), ("data.prompt.style", "chat"),
+                                      ("sft.epochs", 0), ("data.n_train", None), ("data.n_val", None),
+                                      ("data.n_test", None)]
+    base = os.path.dirname(os.path.abspath(path))
+    for field, settings in (("training_file", ("data.train_file",)),
+                            ("validation_file", ("data.val_file", "data.test_file"))):
+        f = top.get(field)
+        if f is None:
+            if field == "training_file":
+                fail(field, "missing: the JSONL of messages + reference fields to train on")
+            continue
+        if not isinstance(f, str) or not f:
+            fail(field, f"expected a file path, got {json.dumps(f)}")
+        local = os.path.normpath(os.path.join(base, os.path.expanduser(f)))
+        if not os.path.isfile(local):
+            hint = (" (an OpenAI file id: download the file with the Files API and give its path)"
+                    if re.fullmatch(r"file-\w+", f) else "")
+            fail(field, f"{f}: no such file{hint}")
+        sets += [(s, local) for s in settings]
+    if "suffix" in top:
+        sets.append(("name", top["suffix"]))
+    if "grader" in rft:
+        sets.append(("grader", rft["grader"]))
+    for name, setting in (("batch_size", "rl.prompts_per_iteration"), ("eval_interval", "rl.eval_every")):
+        if count(name) is not None:
+            sets.append((setting, hyper[name]))
+    n_epochs = count("n_epochs")
+    lr = hyper.get("learning_rate_multiplier")
+    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < float("inf")):
+        fail(where + "learning_rate_multiplier", f"expected a number > 0 or \"auto\", got {json.dumps(lr)}")
+    cm = hyper.get("compute_multiplier")
+    if cm is not None and cm != 1:
+        fail(where + "compute_multiplier", f"{json.dumps(cm)}: no counterpart that means the same; the samples drawn "
+                                           f"per prompt are rl.sampling.n (PPO) or rl.ppo.group_size (GRPO/RLOO)")
+    if "eval_samples" in hyper:
+        fail(where + "eval_samples", f"{json.dumps(hyper['eval_samples'])}: no counterpart that means the same; "
+                                     f"reftjax validates greedy answers (top-1) and majority votes over "
+                                     f"eval.voting_k samples per question")
+    if hyper.get("reasoning_effort", "default") != "default":
+        fail(where + "reasoning_effort", f"{json.dumps(hyper['reasoning_effort'])}: not offered; a chat template's "
+                                         f"own switches (Qwen3's enable_thinking) are data.prompt.chat_template_kwargs")
+    model = top.get("model")
+    if model is not None and (not isinstance(model, str) or _OPENAI_MODEL.match(model)):
+        fail("model", f"{json.dumps(model)} is an OpenAI model; reftjax trains open checkpoints: give a Hugging Face "
+                      f"id or path (here or with --model)")
+    seed = top.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        fail("seed", f"expected an integer >= 0, got {json.dumps(seed)}")
+    return Job(path, tuple(f"{k}={json.dumps(v)}" for k, v in sets), model, seed, n_epochs,
+               None if lr is None else float(lr))
+
+
+def apply_epochs_and_lr(cfg, job: Job, given: set, n_train: int | None):
+    """`cfg` with the job's `n_epochs` (over `n_train` training examples) and `learning_rate_multiplier` applied,
+    unless the command line's --set names rl.iterations / rl.optim.learning_rate (`given`), which win."""
+    from reftjax.config import replace_paths
+
+    paths = {}
+    if job.n_epochs is not None and "rl.iterations" not in given:
+        per_epoch = n_train // cfg.rl.prompts_per_iteration
+        if per_epoch < 1:
+            raise JobError(f"{job.path}: method.reinforcement.hyperparameters.n_epochs: an epoch of {n_train} "
+                           f"training examples holds no batch of {cfg.rl.prompts_per_iteration} prompts "
+                           f"(rl.prompts_per_iteration, the job's batch_size)")
+        paths["rl.iterations"] = job.n_epochs * per_epoch
+    if job.lr_multiplier is not None and "rl.optim.learning_rate" not in given:
+        paths["rl.optim.learning_rate"] = cfg.rl.optim.learning_rate * job.lr_multiplier
+    return replace_paths(cfg, paths) if paths else cfg

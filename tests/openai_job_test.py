@@ -1,0 +1,194 @@
+"""An OpenAI reinforcement fine-tuning job read as reftjax settings (`reftjax.openai_job`, `--openai-job`)."""
+import json
+
+import pytest
+
+GRADER = {"type": "string_check", "name": "exact", "input": "{{sample.output_text}}",
+          "reference": "{{item.reference_answer}}", "operation": "eq"}
+
+
+def _rows(n, start=0):
+    return "".join(json.dumps({"messages": [{"role": "user", "content": f"What is {i} + 1?"}],
+                               "reference_answer": str(i + 1)}) + "\n" for i in range(start, start + n))
+
+
+def _job(tmp_path, **changes):
+    """A job file in tmp_path naming data/train.jsonl (10 rows) and data/val.jsonl (4) by relative paths."""
+    (tmp_path / "data").mkdir(exist_ok=True)
+    (tmp_path / "data" / "train.jsonl").write_text(_rows(10))
+    (tmp_path / "data" / "val.jsonl").write_text(_rows(4, start=10))
+    job = {"model": "my-org/my-model", "training_file": "data/train.jsonl", "validation_file": "data/val.jsonl",
+           "seed": 7, "suffix": "rft_run", "metadata": {"team": "x"},
+           "method": {"type": "reinforcement", "reinforcement": {
+               "grader": GRADER,
+               "hyperparameters": {"batch_size": 3, "n_epochs": 2, "learning_rate_multiplier": 0.5,
+                                   "eval_interval": 2, "compute_multiplier": "auto", "eval_samples": "auto",
+                                   "reasoning_effort": "default"}}}}
+    for path, value in changes.items():  # "method.reinforcement.hyperparameters.batch_size": 0
+        node, keys = job, path.split(".")
+        for k in keys[:-1]:
+            node = node[k]
+        if value is _DROP:
+            del node[keys[-1]]
+        else:
+            node[keys[-1]] = value
+    path = tmp_path / "job.json"
+    path.write_text(json.dumps(job, indent=1))
+    return path
+
+
+_DROP = object()
+
+
+def _resolve(*argv):
+    from experiments.gsm8k_reft import build_parser, resolve_config
+
+    return resolve_config(build_parser().parse_args(list(argv)))
+
+
+def test_a_job_resolves_to_the_settings_its_fields_name_and_equals_the_set_line(tmp_path):
+    from experiments.gsm8k_reft import preset_config
+    from reftjax.config import to_dict
+
+    out = str(tmp_path / "out")
+    cfg = _resolve("--openai-job", str(_job(tmp_path)), "--out", out)
+    d = cfg.data
+    train, val = str(tmp_path / "data" / "train.jsonl"), str(tmp_path / "data" / "val.jsonl")
+    assert (d.train_file, d.val_file, d.test_file, d.train_format) == (train, val, val, "openai")
+    assert (d.n_train, d.n_val, d.n_test, d.prompt.style, cfg.sft.epochs) == (None, None, None, "chat", 0)
+    # 2 epochs of 10 examples in batches of 3: the RL loader's 3 batches an epoch (its last incomplete one dropped)
+    assert (cfg.rl.prompts_per_iteration, cfg.rl.iterations, cfg.rl.eval_every) == (3, 6, 2)
+    assert cfg.rl.optim.learning_rate == preset_config("cpu").rl.optim.learning_rate * 0.5 == 1.5e-6
+    assert (cfg.seed, cfg.name, cfg.model, cfg.grader_dict) == (7, "rft_run", "my-org/my-model", GRADER)
+    # the job is the README's --set line for the same run, nothing more
+    sets = [f"data.train_file={json.dumps(train)}", 'data.train_format="openai"', f"data.val_file={json.dumps(val)}",
+            f"data.test_file={json.dumps(val)}", 'data.prompt.style="chat"', "sft.epochs=0", "data.n_train=null",
+            "data.n_val=null", "data.n_test=null", 'name="rft_run"', f"grader={json.dumps(GRADER)}",
+            "rl.prompts_per_iteration=3", "rl.iterations=6", "rl.eval_every=2", "rl.optim.learning_rate=1.5e-6"]
+    by_hand = _resolve("--model", "my-org/my-model", "--seed", "7", "--out", out, *[a for s in sets for a in ("--set", s)])
+    assert to_dict(cfg) == to_dict(by_hand)
+
+
+def test_the_command_line_wins_and_auto_or_absent_fields_keep_the_preset(tmp_path):
+    from experiments.gsm8k_reft import preset_config
+
+    other = tmp_path / "held_out.jsonl"
+    other.write_text(_rows(2))
+    cfg = _resolve("--openai-job", str(_job(tmp_path)), "--model", "other/model", "--seed", "3",
+                   "--set", "rl.iterations=5", "--set", 'rl.optim={"learning_rate": 1e-5}', "--set", 'name="mine"',
+                   "--set", f"data.test_file={json.dumps(str(other))}", "--set", "data.n_train=4")
+    assert (cfg.model, cfg.seed, cfg.rl.iterations, cfg.rl.optim.learning_rate) == ("other/model", 3, 5, 1e-5)
+    assert (cfg.name, cfg.data.test_file, cfg.data.n_train) == ("mine", str(other), 4)
+    hyper = "method.reinforcement.hyperparameters."
+    auto = {hyper + k: "auto" for k in ("batch_size", "n_epochs", "learning_rate_multiplier", "eval_interval")}
+    cfg = _resolve("--openai-job", str(_job(tmp_path, seed=None, suffix=_DROP, **auto)))
+    preset = preset_config("cpu")
+    assert (cfg.rl.prompts_per_iteration, cfg.rl.iterations, cfg.rl.eval_every, cfg.rl.optim.learning_rate, cfg.seed) \
+        == (preset.rl.prompts_per_iteration, preset.rl.iterations, preset.rl.eval_every,
+            preset.rl.optim.learning_rate, preset.seed)
+    assert cfg.name != "rft_run"
+    # without a validation file the training file is split as any train file is (data.val_fraction 0.05: 2 of 40
+    # held out), the test split is the preset's, and an epoch counts the 38 training examples
+    (tmp_path / "data" / "big.jsonl").write_text(_rows(40))
+    cfg = _resolve("--openai-job", str(_job(tmp_path, validation_file=_DROP, training_file="data/big.jsonl",
+                                            **{hyper + "n_epochs": 1})))
+    assert (cfg.data.val_file, cfg.data.test_file, cfg.rl.iterations) == (None, None, (40 - 2) // 3)
+
+
+_HYPER = "method.reinforcement.hyperparameters."
+
+
+@pytest.mark.parametrize("changes, says", [
+    ({"method": _DROP}, "method: missing: reftjax runs reinforcement jobs"),
+    ({"method.type": "supervised"}, 'method.type: "supervised": reftjax runs "reinforcement" jobs'),
+    ({"hyperparameters": {"n_epochs": 1}}, "hyperparameters: the top-level field is OpenAI's deprecated one"),
+    ({"trainig_file": "x"}, "trainig_file: not a field reftjax reads here"),
+    ({_HYPER + "n_epoch": 2}, _HYPER + "n_epoch: not a field reftjax reads here"),
+    ({_HYPER + "compute_multiplier": 2}, _HYPER + "compute_multiplier: 2: no counterpart"),
+    ({_HYPER + "eval_samples": 4}, _HYPER + "eval_samples: 4: no counterpart"),
+    ({_HYPER + "reasoning_effort": "high"}, _HYPER + 'reasoning_effort: "high": not offered'),
+    ({"method.reinforcement.response_format": {"type": "json_schema"}}, "response_format: structured outputs"),
+    ({"integrations": [{"type": "wandb"}]}, "integrations: not offered"),
+    ({"model": "o4-mini-2025-04-16"}, 'model: "o4-mini-2025-04-16" is an OpenAI model'),
+    ({"model": "ft:gpt-4.1-mini:org::abc"}, "is an OpenAI model"),
+    ({"training_file": "file-abc123"}, "training_file: file-abc123: no such file (an OpenAI file id"),
+    ({"training_file": _DROP}, "training_file: missing"),
+    ({"validation_file": "nope.jsonl"}, "validation_file: nope.jsonl: no such file"),
+    ({_HYPER + "batch_size": 0}, _HYPER + 'batch_size: expected an integer >= 1 or "auto", got 0'),
+    ({_HYPER + "batch_size": True}, _HYPER + "batch_size: expected an integer"),
+    ({_HYPER + "n_epochs": 1.5}, _HYPER + "n_epochs: expected an integer"),
+    ({_HYPER + "learning_rate_multiplier": -1}, "learning_rate_multiplier: expected a number > 0"),
+    ({"seed": -1}, "seed: expected an integer >= 0"),
+    ({"method.reinforcement.grader": {**GRADER, "operation": "nope"}}, "operation"),  # the config's own check
+    ({_HYPER + "batch_size": 11}, "n_epochs: an epoch of 10 training examples holds no batch of 11 prompts"),
+])
+def test_a_job_reftjax_cannot_run_as_written_is_refused_naming_the_file_and_field(tmp_path, changes, says):
+    from reftjax.openai_job import JobError
+
+    job = _job(tmp_path, **changes)
+    with pytest.raises(JobError) as e:
+        _resolve("--openai-job", str(job))
+    assert str(e.value).startswith(f"{job}: ") and says in str(e.value), str(e.value)
+
+
+def test_a_file_that_is_no_job_object_is_refused_with_its_line(tmp_path):
+    from reftjax.openai_job import JobError, read_job
+
+    bad = tmp_path / "job.json"
+    for text, says in (('{\n "model": "x",\n "seed": }', f"{bad}:3:10: not JSON"),
+                       ("[1]", "a job is a JSON object"), ('{"seed": 1, "seed": 2}', "seed")):
+        bad.write_text(text)
+        with pytest.raises(JobError, match=r"^" + str(bad)) as e:
+            read_job(str(bad))
+        assert says in str(e.value)
+    with pytest.raises(JobError, match="cannot read the job file"):
+        read_job(str(tmp_path / "missing.json"))
+
+
+def test_the_cli_prints_a_job_error_on_one_line_and_exits_2(tmp_path, capsys):
+    from experiments.gsm8k_reft import main
+
+    job = _job(tmp_path, **{_HYPER + "eval_samples": 4})
+    assert main(["--openai-job", str(job), "--print-config"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {job}: {_HYPER}eval_samples")
+    assert main(["--openai-job", str(_job(tmp_path)), "--print-config", "--out", str(tmp_path / "o")]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert (shown["grader"], shown["rl"]["iterations"]) == (GRADER, 6)
+
+
+def test_the_svamp_command_takes_no_job():
+    from experiments.svamp_reft import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--openai-job", "job.json"])
+    assert e.value.code == 2
+
+
+def test_a_report_whose_test_file_is_the_validation_file_says_it_is_not_held_out(tmp_path, caplog):
+    import dataclasses
+
+    from reftjax.config import ExperimentConfig
+    from reftjax.report import write_summary
+    from reftjax.train import read_splits
+
+    val = tmp_path / "val.jsonl"
+    val.write_text(_rows(4))
+    (tmp_path / "train.jsonl").write_text(_rows(8))
+    base = ExperimentConfig()
+    cfg = dataclasses.replace(base, grader=tuple(GRADER.items()), data=dataclasses.replace(
+        base.data, train_file=str(tmp_path / "train.jsonl"), train_format="openai", val_file=str(val),
+        test_file=str(tmp_path / "." / "val.jsonl")))
+    evals = {"test_sft": {"accuracy": 0.5, "n": 4}, "test_reft": {"accuracy": 0.5, "n": 4}}
+    with caplog.at_level("WARNING", logger="reftjax.train"):
+        splits = read_splits(cfg)
+    assert len(splits.test) == len(splits.val) == 4
+    assert [r.message for r in caplog.records if "data.test_file is data.val_file" in r.message]
+    write_summary(tmp_path, cfg, evals, 1.0)
+    md = (tmp_path / "summary.md").read_text()
+    assert "It is the validation file (data.val_file), which selects the best checkpoint" in md
+    assert "never on test" not in md
+    write_summary(tmp_path, dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, test_file=str(tmp_path /
+                                                                                                    "train.jsonl"))),
+                  evals, 1.0)
+    assert "never on test" in (tmp_path / "summary.md").read_text()
