@@ -178,7 +178,7 @@ def resolve_config(args, make_config=preset_config):
         from reftjax.openai_job import JobError, read_job
 
         job = read_job(args.openai_job)
-        with_job = dict(vars(args), set=list(job.sets), model=job.model if args.model is None else args.model,
+        with_job = dict(vars(args), set=list(job.sets), model=job.model_for(args.model),
                         seed=job.seed if args.seed is None else args.seed, openai_job=None)
         try:  # the job's settings alone first, so that an error in them names the job file, not --set
             _resolve(argparse.Namespace(**with_job), make_config)

@@ -14,7 +14,8 @@ same JSON and runs it here; `--model`, `--seed` and `--set` given on the command
                                                the loaded model, as OpenAI's RFT starts from the base model), and
                                                data.n_train / n_val / n_test = null: the files whole (the cpu
                                                preset's caps are for its GSM8K demo)
-    model                                      --model (a Hugging Face id or path; an OpenAI model name is refused)
+    model                                      --model (a Hugging Face id or path; an OpenAI model name is refused
+                                               unless --model names the checkpoint)
     seed                                       seed
     suffix                                     name (the run's folder: runs/<suffix>)
     method.reinforcement.grader                grader (string_check, text_similarity, python, score_model,
@@ -62,6 +63,16 @@ class Job:
     seed: int | None = None
     n_epochs: int | None = None
     lr_multiplier: float | None = None
+
+    def model_for(self, given: str | None) -> str | None:
+        """The checkpoint to train: `given` (--model) when set, else the job's `model`, which must then be one
+        reftjax can load (an OpenAI model name is refused; the job keeps it when --model names the checkpoint)."""
+        if given is not None or self.model is None:
+            return given
+        if _OPENAI_MODEL.match(self.model):
+            raise JobError(f"{self.path}: model: {json.dumps(self.model)} is an OpenAI model; reftjax trains open "
+                           f"checkpoints: give a Hugging Face id or path (here or with --model)")
+        return self.model
 
 
 class JobError(ValueError):
@@ -171,9 +182,8 @@ def job_settings(job: dict, path: str) -> Job:
         fail(where + "reasoning_effort", f"{json.dumps(hyper['reasoning_effort'])}: not offered; a chat template's "
                                          f"own switches (Qwen3's enable_thinking) are data.prompt.chat_template_kwargs")
     model = top.get("model")
-    if model is not None and (not isinstance(model, str) or _OPENAI_MODEL.match(model)):
-        fail("model", f"{json.dumps(model)} is an OpenAI model; reftjax trains open checkpoints: give a Hugging Face "
-                      f"id or path (here or with --model)")
+    if model is not None and not isinstance(model, str):
+        fail("model", f"expected a Hugging Face id or path, got {json.dumps(model)}")
     seed = top.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
         fail("seed", f"expected an integer >= 0, got {json.dumps(seed)}")

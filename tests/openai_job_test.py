@@ -88,6 +88,9 @@ def test_the_command_line_wins_and_auto_or_absent_fields_keep_the_preset(tmp_pat
         == (preset.rl.prompts_per_iteration, preset.rl.iterations, preset.rl.eval_every,
             preset.rl.optim.learning_rate, preset.seed)
     assert cfg.name != "rft_run"
+    # the job as sent to OpenAI (an OpenAI model) runs with --model naming the checkpoint
+    cfg = _resolve("--openai-job", str(_job(tmp_path, model="o4-mini-2025-04-16")), "--model", "other/model")
+    assert cfg.model == "other/model"
     # without a validation file the training file is split as any train file is (data.val_fraction 0.05: 2 of 40
     # held out), the test split is the preset's, and an epoch counts the 38 training examples
     (tmp_path / "data" / "big.jsonl").write_text(_rows(40))
@@ -112,6 +115,7 @@ _HYPER = "method.reinforcement.hyperparameters."
     ({"integrations": [{"type": "wandb"}]}, "integrations: not offered"),
     ({"model": "o4-mini-2025-04-16"}, 'model: "o4-mini-2025-04-16" is an OpenAI model'),
     ({"model": "ft:gpt-4.1-mini:org::abc"}, "is an OpenAI model"),
+    ({"model": 3}, "model: expected a Hugging Face id or path, got 3"),
     ({"training_file": "file-abc123"}, "training_file: file-abc123: no such file (an OpenAI file id"),
     ({"training_file": _DROP}, "training_file: missing"),
     ({"validation_file": "nope.jsonl"}, "validation_file: nope.jsonl: no such file"),
