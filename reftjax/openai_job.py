@@ -27,6 +27,15 @@ same JSON and runs it here; `--model`, `--seed` and `--set` given on the command
     hyperparameters.learning_rate_multiplier   rl.optim.learning_rate x the multiplier (the preset's, or --set's)
     hyperparameters.eval_interval              rl.eval_every
 
+For example (train.jsonl and val.jsonl beside the job file; `python -m experiments.gsm8k_reft --openai-job job.json
+--model HuggingFaceTB/SmolLM2-360M-Instruct`):
+
+    {"model": "o4-mini-2025-04-16", "training_file": "train.jsonl", "validation_file": "val.jsonl", "seed": 42,
+     "method": {"type": "reinforcement", "reinforcement": {
+       "grader": {"type": "string_check", "name": "exact", "operation": "eq",
+                  "input": "{{sample.output_text}}", "reference": "{{item.reference_answer}}"},
+       "hyperparameters": {"n_epochs": 2, "batch_size": 16, "eval_interval": 5, "learning_rate_multiplier": 1}}}}
+
 "auto" (or a field left out) keeps the preset's value. `compute_multiplier` other than 1, `eval_samples`,
 `reasoning_effort` other than "default", a `response_format` and `integrations` have no reftjax counterpart that
 means the same: they are refused with the settings to use instead (`rl.sampling.n` / `rl.ppo.group_size`;
