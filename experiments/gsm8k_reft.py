@@ -163,9 +163,9 @@ def build_parser(prog: str = "python -m experiments.gsm8k_reft", description: st
                    help="also show other libraries' INFO logs (Orbax saves, tfds, JAX set-up)")
     if openai_job:
         p.add_argument("--openai-job", default=None, metavar="JOB.json",
-                       help="an OpenAI reinforcement fine-tuning job (the body of POST /v1/fine_tuning/jobs, with local "
-                            "file paths): its files, grader and hyperparameters as settings; --model, --seed and "
-                            "--set win over it (reftjax/openai_job.py lists the mapping)")
+                       help="an OpenAI reinforcement fine-tuning job (the body of POST /v1/fine_tuning/jobs, "
+                            "with local file paths): its files, grader and hyperparameters as settings; --model, "
+                            "--seed and --set win over it (reftjax/openai_job.py lists the mapping)")
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved config as JSON and exit (the grader and data.prompt.chat_template_kwargs "
                         "as objects, as --set takes them)")

@@ -66,7 +66,8 @@ def test_a_job_resolves_to_the_settings_its_fields_name_and_equals_the_set_line(
             f"data.test_file={json.dumps(val)}", 'data.prompt.style="chat"', "sft.epochs=0", "data.n_train=null",
             "data.n_val=null", "data.n_test=null", 'name="rft_run"', f"grader={json.dumps(GRADER)}",
             "rl.prompts_per_iteration=3", "rl.iterations=6", "rl.eval_every=2", "rl.optim.learning_rate=1.5e-6"]
-    by_hand = _resolve("--model", "my-org/my-model", "--seed", "7", "--out", out, *[a for s in sets for a in ("--set", s)])
+    by_hand = _resolve("--model", "my-org/my-model", "--seed", "7", "--out", out,
+                       *[a for s in sets for a in ("--set", s)])
     assert to_dict(cfg) == to_dict(by_hand)
 
 
