@@ -178,14 +178,26 @@ def resolve_config(args, make_config=preset_config):
         from reftjax.openai_job import JobError, read_job
 
         job = read_job(args.openai_job)
-        with_job = dict(vars(args), set=list(job.sets), model=job.model_for(args.model),
-                        seed=job.seed if args.seed is None else args.seed, openai_job=None)
-        try:  # the job's settings alone first, so that an error in them names the job file, not --set
-            _resolve(argparse.Namespace(**with_job), make_config)
+        model, user = job.model_for(args.model), [s.partition("=")[0] for s in args.set]
+        # the job's settings alone first (those the command line does not set again), so that an error in them
+        # names the job file and field, not --set; the command line's own values are checked with all of them
+        own = [s for s in job.sets if not any(_within(s.partition("=")[0], u) for u in user)]
+        try:
+            _resolve(argparse.Namespace(**dict(vars(args), set=own, model=model, seed=job.seed)), make_config)
         except ValueError as exc:
-            raise JobError(f"{job.path}: {exc}") from None
-        args = argparse.Namespace(**dict(with_job, set=[*job.sets, *args.set]))
-    return _resolve(args, make_config, job)
+            raise JobError(job.explain(str(exc))) from None
+        args = argparse.Namespace(**dict(vars(args), set=[*job.sets, *args.set], model=model,
+                                         seed=job.seed if args.seed is None else args.seed))
+    cfg = _resolve(args, make_config, job)
+    if job is not None and not job.has_validation and cfg.data.test_file is None:
+        raise JobError(f"{job.path}: validation_file: missing: the test split would be GSM8K's; add a validation "
+                       f"file (also the test split) or name a test file with --set data.test_file=...")
+    return cfg
+
+
+def _within(a: str, b: str) -> bool:
+    """Whether setting path `a` is `b` or inside it, or holds it."""
+    return a == b or a.startswith(b + ".") or b.startswith(a + ".")
 
 
 def _resolve(args, make_config, job=None):
@@ -225,8 +237,9 @@ def _resolve(args, make_config, job=None):
         if not isinstance(node, dict) or keys[-1] not in node:  # (a path through a number: "not iterable")
             raise ValueError(_unknown(item, path, keys, node, d))
         given.update(_paths(path, value))
-        if isinstance(node[keys[-1]], dict) and isinstance(value, dict):
-            value = _merged(node[keys[-1]], value)  # an object updates the sub-config's named fields only
+        if isinstance(node[keys[-1]], dict) and isinstance(value, dict) and path != "grader":
+            value = _merged(node[keys[-1]], value)  # an object updates the sub-config's named fields only (a
+            # grader, set before by a job or another --set, is replaced whole: its fields depend on its type)
         node[keys[-1]] = value
     try:
         cfg = from_dict(d)
@@ -234,11 +247,12 @@ def _resolve(args, make_config, job=None):
         raise ValueError(f"--set: {exc}") from None
     if "name" not in given:
         cfg = dataclasses.replace(cfg, name=_data_name(cfg, getattr(args, "out", None)))
-    if job is not None and (job.n_epochs is not None or job.lr_multiplier is not None):
+    if job is not None:
         from reftjax.openai_job import apply_epochs_and_lr
         from reftjax.train import train_val_examples
 
-        n_train = len(train_val_examples(cfg, progress=False)[0]) if job.n_epochs is not None else None
+        counted = job.n_epochs is not None or job.batch_size is not None
+        n_train = len(train_val_examples(cfg, progress=False)[0]) if counted else None
         cfg = apply_epochs_and_lr(cfg, job, given, n_train)
     return _kept_earlier(_p_cot_kl(cfg, given, getattr(args, "out", None)), given, getattr(args, "out", None))
 

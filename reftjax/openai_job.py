@@ -8,23 +8,32 @@ same JSON and runs it here; `--model`, `--seed` and `--set` given on the command
     training_file, validation_file             data.train_file, data.val_file (local JSONL paths, relative to the
                                                job file's folder; OpenAI file ids are refused), and data.test_file =
                                                the validation file (a job has no test split: the test figures are then
-                                               validation figures; --set data.test_file=... names a held-out file)
+                                               validation figures; --set data.test_file=... names a held-out file; a
+                                               --set data.val_file leaves the test split on the job's file). A job
+                                               without a validation file is refused unless --set data.test_file names
+                                               one (the test split would be GSM8K's); its validation split is then
+                                               held out of the training file (data.val_fraction)
     (implied)                                  data.train_format="openai", data.prompt.style="chat" (the messages
                                                through the model's chat template), sft.epochs=0 (no warm-up: RL from
-                                               the loaded model, as OpenAI's RFT starts from the base model), and
+                                               the loaded model, as OpenAI's RFT starts from the base model),
                                                data.n_train / n_val / n_test = null: the files whole (the cpu
-                                               preset's caps are for its GSM8K demo)
-    model                                      --model (a Hugging Face id or path; an OpenAI model name is refused
-                                               unless --model names the checkpoint)
+                                               preset's caps are for its GSM8K demo), and rl.early_stop_patience=0
+                                               (every epoch runs; the gpu/tpu presets stop after 5 validations
+                                               without a gain)
+    model                                      --model (a Hugging Face id, or a path: read from the job file's folder
+                                               when it is there; an OpenAI model name is refused unless --model
+                                               names the checkpoint)
     seed                                       seed
     suffix                                     name (the run's folder: runs/<suffix>)
     method.reinforcement.grader                grader (string_check, text_similarity, python, score_model,
                                                label_model, multi; see README)
-    hyperparameters.batch_size                 rl.prompts_per_iteration
+    hyperparameters.batch_size                 rl.prompts_per_iteration (refused when larger than the training
+                                               examples: an epoch would hold no batch)
     hyperparameters.n_epochs                   rl.iterations = n_epochs x (training examples // batch size), the
                                                RL loader's batches per epoch (counted on the examples read, before
                                                the tokenizer's length limits drop any)
-    hyperparameters.learning_rate_multiplier   rl.optim.learning_rate x the multiplier (the preset's, or --set's)
+    hyperparameters.learning_rate_multiplier   rl.optim.learning_rate x the multiplier (the preset's; a --set
+                                               learning rate is used as given)
     hyperparameters.eval_interval              rl.eval_every
 
 For example (train.jsonl and val.jsonl beside the job file; `python -m experiments.gsm8k_reft --openai-job job.json
@@ -54,6 +63,11 @@ from reftjax.config import DuplicateName, unique_names
 _TOP = {"model", "training_file", "validation_file", "seed", "suffix", "method", "metadata", "integrations",
         "hyperparameters"}
 _REINFORCEMENT = {"grader", "hyperparameters", "response_format"}
+# the settings a job's fields set, for errors in them (the implied ones have no field)
+_FIELDS = {"data.train_file": "training_file", "data.val_file": "validation_file", "data.test_file": "validation_file",
+           "grader": "method.reinforcement.grader", "name": "suffix", "seed": "seed",
+           "rl.prompts_per_iteration": "method.reinforcement.hyperparameters.batch_size",
+           "rl.eval_every": "method.reinforcement.hyperparameters.eval_interval"}
 _HYPER = {"batch_size", "n_epochs", "learning_rate_multiplier", "eval_interval", "eval_samples",
           "compute_multiplier", "reasoning_effort"}
 # OpenAI's hosted model names (and fine-tuned ones, "ft:..."): not checkpoints reftjax can load
@@ -72,16 +86,27 @@ class Job:
     seed: int | None = None
     n_epochs: int | None = None
     lr_multiplier: float | None = None
+    batch_size: int | None = None
+    has_validation: bool = True
 
     def model_for(self, given: str | None) -> str | None:
-        """The checkpoint to train: `given` (--model) when set, else the job's `model`, which must then be one
-        reftjax can load (an OpenAI model name is refused; the job keeps it when --model names the checkpoint)."""
+        """The checkpoint to train: `given` (--model) when set, else the job's `model` (a path found from the job
+        file's folder is made absolute by `job_settings`), which must then be one reftjax can load: an OpenAI model
+        name that is no local path is refused (the job keeps it when --model names the checkpoint)."""
         if given is not None or self.model is None:
             return given
-        if _OPENAI_MODEL.match(self.model):
+        if _OPENAI_MODEL.match(self.model) and not os.path.exists(os.path.expanduser(self.model)):
             raise JobError(f"{self.path}: model: {json.dumps(self.model)} is an OpenAI model; reftjax trains open "
                            f"checkpoints: give a Hugging Face id or path (here or with --model)")
         return self.model
+
+    def explain(self, message: str) -> str:
+        """`message` (a config error from the job's settings alone) naming the job file and, where the message
+        names a setting the job set, the job's field for it."""
+        message = message.removeprefix("--set: ")
+        found = [(message.find(s), f) for s, f in _FIELDS.items() if s in message]
+        field = min(found)[1] if found else None
+        return f"{self.path}: {field + ': ' if field else ''}{message}"
 
 
 class JobError(ValueError):
@@ -151,7 +176,7 @@ def job_settings(job: dict, path: str) -> Job:
 
     sets: list[tuple[str, object]] = [("data.train_format", "openai"), ("data.prompt.style", "chat"),
                                       ("sft.epochs", 0), ("data.n_train", None), ("data.n_val", None),
-                                      ("data.n_test", None)]
+                                      ("data.n_test", None), ("rl.early_stop_patience", 0)]
     base = os.path.dirname(os.path.abspath(path))
     for field, settings in (("training_file", ("data.train_file",)),
                             ("validation_file", ("data.val_file", "data.test_file"))):
@@ -193,26 +218,29 @@ def job_settings(job: dict, path: str) -> Job:
     model = top.get("model")
     if model is not None and not isinstance(model, str):
         fail("model", f"expected a Hugging Face id or path, got {json.dumps(model)}")
+    if model and os.path.exists(os.path.join(base, os.path.expanduser(model))):  # a path, as the data files are read
+        model = os.path.normpath(os.path.join(base, os.path.expanduser(model)))
     seed = top.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
         fail("seed", f"expected an integer >= 0, got {json.dumps(seed)}")
     return Job(path, tuple(f"{k}={json.dumps(v)}" for k, v in sets), model, seed, n_epochs,
-               None if lr is None else float(lr))
+               None if lr is None else float(lr), hyper.get("batch_size"), "validation_file" in top)
 
 
 def apply_epochs_and_lr(cfg, job: Job, given: set, n_train: int | None):
-    """`cfg` with the job's `n_epochs` (over `n_train` training examples) and `learning_rate_multiplier` applied,
-    unless the command line's --set names rl.iterations / rl.optim.learning_rate (`given`), which win."""
+    """`cfg` with the job's `n_epochs` (over `n_train` training examples, counted when the job sets `n_epochs` or
+    `batch_size`: a batch larger than them is refused here) and `learning_rate_multiplier` applied, unless the
+    command line's --set names rl.iterations / rl.optim.learning_rate (`given`), which win."""
     from reftjax.config import replace_paths
 
     paths = {}
+    b = cfg.rl.prompts_per_iteration
+    if n_train is not None and n_train < b:  # (found when RL starts, after the model loads, naming the setting)
+        field, whose = ("batch_size", ", the job's batch_size") if b == job.batch_size else ("n_epochs", "")
+        raise JobError(f"{job.path}: method.reinforcement.hyperparameters.{field}: an epoch of {n_train} training "
+                       f"examples holds no batch of {b} prompts (rl.prompts_per_iteration{whose})")
     if job.n_epochs is not None and "rl.iterations" not in given:
-        per_epoch = n_train // cfg.rl.prompts_per_iteration
-        if per_epoch < 1:
-            raise JobError(f"{job.path}: method.reinforcement.hyperparameters.n_epochs: an epoch of {n_train} "
-                           f"training examples holds no batch of {cfg.rl.prompts_per_iteration} prompts "
-                           f"(rl.prompts_per_iteration, the job's batch_size)")
-        paths["rl.iterations"] = job.n_epochs * per_epoch
+        paths["rl.iterations"] = job.n_epochs * (n_train // b)
     if job.lr_multiplier is not None and "rl.optim.learning_rate" not in given:
         paths["rl.optim.learning_rate"] = cfg.rl.optim.learning_rate * job.lr_multiplier
     return replace_paths(cfg, paths) if paths else cfg

@@ -92,12 +92,29 @@ def test_the_command_line_wins_and_auto_or_absent_fields_keep_the_preset(tmp_pat
     # the job as sent to OpenAI (an OpenAI model) runs with --model naming the checkpoint
     cfg = _resolve("--openai-job", str(_job(tmp_path, model="o4-mini-2025-04-16")), "--model", "other/model")
     assert cfg.model == "other/model"
-    # without a validation file the training file is split as any train file is (data.val_fraction 0.05: 2 of 40
-    # held out), the test split is the preset's, and an epoch counts the 38 training examples
+    # without a validation file the test split would be GSM8K's (a grader reading the job's fields fails on it after
+    # the model loads; one that reads none tests the job on GSM8K): refused unless --set names a test file; the
+    # training file is then split as any train file is (data.val_fraction 0.05: 2 of 40 held out), and an epoch
+    # counts the 38 training examples
     (tmp_path / "data" / "big.jsonl").write_text(_rows(40))
-    cfg = _resolve("--openai-job", str(_job(tmp_path, validation_file=_DROP, training_file="data/big.jsonl",
-                                            **{hyper + "n_epochs": 1})))
-    assert (cfg.data.val_file, cfg.data.test_file, cfg.rl.iterations) == (None, None, (40 - 2) // 3)
+    job = _job(tmp_path, validation_file=_DROP, training_file="data/big.jsonl", **{hyper + "n_epochs": 1})
+    with pytest.raises(ValueError, match=f"^{job}: validation_file: missing: the test split would be GSM8K's"):
+        _resolve("--openai-job", str(job))
+    cfg = _resolve("--openai-job", str(job), "--set", f"data.test_file={json.dumps(str(other))}")
+    assert (cfg.data.val_file, cfg.data.test_file, cfg.rl.iterations) == (None, str(other), (40 - 2) // 3)
+    # on the gpu/tpu presets too every epoch runs: they stop early after 5 validations without a gain, OpenAI never
+    assert preset_config("gpu").rl.early_stop_patience > 0
+    assert _resolve("--openai-job", str(_job(tmp_path)), "--preset", "gpu").rl.early_stop_patience == 0
+    # the command line's own settings are checked as its own: a grader the job's refusal would stop is replaced
+    # whole, and a bad --seed is not the job's
+    cfg = _resolve("--openai-job", str(_job(tmp_path, **{"method.reinforcement.grader": {**GRADER, "x": 1}})),
+                   "--set", f"grader={json.dumps({**GRADER, 'name': 'mine'})}")
+    assert cfg.grader_dict["name"] == "mine"
+    twice = _resolve("--set", f"grader={json.dumps(GRADER)}", "--set", 'grader={"type": "reft", "cot": "nl"}')
+    assert twice.grader_dict == {"type": "reft", "cot": "nl"}  # (it was merged into the first: unknown keys)
+    with pytest.raises(ValueError) as e:
+        _resolve("--openai-job", str(_job(tmp_path)), "--seed", "-1")
+    assert "seed must be >= 0, got -1" in str(e.value) and "job.json" not in str(e.value)
 
 
 _HYPER = "method.reinforcement.hyperparameters."
@@ -125,8 +142,14 @@ _HYPER = "method.reinforcement.hyperparameters."
     ({_HYPER + "n_epochs": 1.5}, _HYPER + "n_epochs: expected an integer"),
     ({_HYPER + "learning_rate_multiplier": -1}, "learning_rate_multiplier: expected a number > 0"),
     ({"seed": -1}, "seed: expected an integer >= 0"),
-    ({"method.reinforcement.grader": {**GRADER, "operation": "nope"}}, "operation"),  # the config's own check
-    ({_HYPER + "batch_size": 11}, "n_epochs: an epoch of 10 training examples holds no batch of 11 prompts"),
+    # the config's own checks of what the job set, naming the job's field
+    ({"method.reinforcement.grader": {**GRADER, "operation": "nope"}}, "method.reinforcement.grader: grader: "),
+    ({"method.reinforcement.grader": {**GRADER, "operaton": "eq"}}, "method.reinforcement.grader: grader: unknown"),
+    ({"suffix": 5}, "suffix: config.name: expected a string, got 5"),
+    ({"suffix": ""}, "suffix: name='': a run's name is its folder"),
+    ({_HYPER + "eval_interval": -2}, "eval_interval: expected an integer >= 1"),
+    ({_HYPER + "batch_size": 11}, "batch_size: an epoch of 10 training examples holds no batch of 11 prompts"),
+    ({_HYPER + "batch_size": 11, _HYPER + "n_epochs": "auto"}, "batch_size: an epoch of 10 training examples"),
 ])
 def test_a_job_reftjax_cannot_run_as_written_is_refused_naming_the_file_and_field(tmp_path, changes, says):
     from reftjax.openai_job import JobError
@@ -135,6 +158,17 @@ def test_a_job_reftjax_cannot_run_as_written_is_refused_naming_the_file_and_fiel
     with pytest.raises(JobError) as e:
         _resolve("--openai-job", str(job))
     assert str(e.value).startswith(f"{job}: ") and says in str(e.value), str(e.value)
+
+
+def test_the_model_is_read_from_the_job_files_folder_and_a_local_folder_named_like_an_openai_model_loads(
+        tmp_path, monkeypatch):
+    (tmp_path / "models" / "gpt-oss-20b").mkdir(parents=True)
+    job = _job(tmp_path, model="models/gpt-oss-20b")
+    monkeypatch.chdir(tmp_path / "data")  # not the job's folder: the path is the job's, as the data files are
+    assert _resolve("--openai-job", str(job)).model == str(tmp_path / "models" / "gpt-oss-20b")
+    monkeypatch.chdir(tmp_path / "models")  # a name that is an OpenAI model's, and a local folder here
+    assert _resolve("--openai-job", str(_job(tmp_path, model="gpt-oss-20b"))).model == "gpt-oss-20b"
+    assert _resolve("--openai-job", str(_job(tmp_path, model="org/hub-model"))).model == "org/hub-model"
 
 
 def test_a_file_that_is_no_job_object_is_refused_with_its_line(tmp_path):
