@@ -178,26 +178,29 @@ def resolve_config(args, make_config=preset_config):
         from reftjax.openai_job import JobError, read_job
 
         job = read_job(args.openai_job)
-        model, user = job.model_for(args.model), [s.partition("=")[0] for s in args.set]
-        # the job's settings alone first (those the command line does not set again), so that an error in them
-        # names the job file and field, not --set; the command line's own values are checked with all of them
-        own = [s for s in job.sets if not any(_within(s.partition("=")[0], u) for u in user)]
+        model = job.model_for(args.model)
+        full = argparse.Namespace(**dict(vars(args), set=[*job.sets, *args.set], model=model,
+                                          seed=job.seed if args.seed is None else args.seed))
         try:
-            _resolve(argparse.Namespace(**dict(vars(args), set=own, model=model, seed=job.seed)), make_config)
-        except ValueError as exc:
-            raise JobError(job.explain(str(exc))) from None
-        args = argparse.Namespace(**dict(vars(args), set=[*job.sets, *args.set], model=model,
-                                         seed=job.seed if args.seed is None else args.seed))
-    cfg = _resolve(args, make_config, job)
+            cfg = _resolve(full, make_config, job)
+        except JobError:
+            raise
+        except ValueError as exc:  # the job's fault when its settings alone fail too (its file and field named),
+            try:  # else the command line's (--set, --seed: its own message); settings checked together (a grader
+                # and the prompt style) are fixed by the command line setting the other half
+                _resolve(argparse.Namespace(**dict(vars(args), set=list(job.sets), model=model, seed=job.seed)),
+                         make_config, job)
+            except JobError:
+                raise exc from None
+            except ValueError as own:
+                raise JobError(job.explain(str(own))) from None
+            raise
+    else:
+        cfg = _resolve(args, make_config)
     if job is not None and not job.has_validation and cfg.data.test_file is None:
         raise JobError(f"{job.path}: validation_file: missing: the test split would be GSM8K's; add a validation "
                        f"file (also the test split) or name a test file with --set data.test_file=...")
     return cfg
-
-
-def _within(a: str, b: str) -> bool:
-    """Whether setting path `a` is `b` or inside it, or holds it."""
-    return a == b or a.startswith(b + ".") or b.startswith(a + ".")
 
 
 def _resolve(args, make_config, job=None):
@@ -237,9 +240,11 @@ def _resolve(args, make_config, job=None):
         if not isinstance(node, dict) or keys[-1] not in node:  # (a path through a number: "not iterable")
             raise ValueError(_unknown(item, path, keys, node, d))
         given.update(_paths(path, value))
-        if isinstance(node[keys[-1]], dict) and isinstance(value, dict) and path != "grader":
+        if isinstance(node[keys[-1]], dict) and isinstance(value, dict) and not (
+                path == "grader" and value.get("type", node[keys[-1]].get("type")) != node[keys[-1]].get("type")):
             value = _merged(node[keys[-1]], value)  # an object updates the sub-config's named fields only (a
-            # grader, set before by a job or another --set, is replaced whole: its fields depend on its type)
+            # grader set before, by a job or another --set, of another type is replaced whole: its fields were
+            # merged into the new type's, which refused them)
         node[keys[-1]] = value
     try:
         cfg = from_dict(d)

@@ -21,7 +21,8 @@ same JSON and runs it here; `--model`, `--seed` and `--set` given on the command
                                                (every epoch runs; the gpu/tpu presets stop after 5 validations
                                                without a gain)
     model                                      --model (a Hugging Face id, or a path: read from the job file's folder
-                                               when it is there; an OpenAI model name is refused unless --model
+                                               when it is there, else passed as written, a hub id or a path from the
+                                               working directory; an OpenAI model name is refused unless --model
                                                names the checkpoint)
     seed                                       seed
     suffix                                     name (the run's folder: runs/<suffix>)
@@ -236,9 +237,11 @@ def apply_epochs_and_lr(cfg, job: Job, given: set, n_train: int | None):
     paths = {}
     b = cfg.rl.prompts_per_iteration
     if n_train is not None and n_train < b:  # (found when RL starts, after the model loads, naming the setting)
-        field, whose = ("batch_size", ", the job's batch_size") if b == job.batch_size else ("n_epochs", "")
-        raise JobError(f"{job.path}: method.reinforcement.hyperparameters.{field}: an epoch of {n_train} training "
-                       f"examples holds no batch of {b} prompts (rl.prompts_per_iteration{whose})")
+        if b == job.batch_size:
+            raise JobError(f"{job.path}: method.reinforcement.hyperparameters.batch_size: an epoch of {n_train} "
+                           f"training examples holds no batch of {b} prompts (rl.prompts_per_iteration)")
+        raise ValueError(f"rl.prompts_per_iteration={b} (--set, or the preset's where the job sets no batch_size): "
+                         f"an epoch of the job's {n_train} training examples holds no batch of {b} prompts")
     if job.n_epochs is not None and "rl.iterations" not in given:
         paths["rl.iterations"] = job.n_epochs * (n_train // b)
     if job.lr_multiplier is not None and "rl.optim.learning_rate" not in given:

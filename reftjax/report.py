@@ -181,7 +181,7 @@ def write_summary(out: pathlib.Path, cfg, evals: dict, wall_seconds: float, writ
         f"Test set: {cfg.data.test_file or f'{cfg.data.test_dataset}/{cfg.data.test_split}'}, n = "
         f"{summary['test_n']}{dropped}. "
         + ("It is the validation file (data.val_file), which selects the best checkpoint: its test figures are "
-           "not held out." if _same_file(cfg.data.test_file, cfg.data.val_file)
+           "not held out." if same_file(cfg.data.test_file, cfg.data.val_file)
            else "Model selection on a validation split only (never on test)."), "",
         head, rule, *table, "",
         _val_line("Validation greedy accuracy (%)", summary["val_accuracy"], start), "",
@@ -234,8 +234,15 @@ def _round(x):
 _VAL_X = "RL iteration (0: before RL)"
 
 
-def _same_file(a: str | None, b: str | None) -> bool:
-    return bool(a and b) and os.path.realpath(a) == os.path.realpath(b)
+def same_file(a: str | None, b: str | None) -> bool:
+    """Whether paths `a` and `b` name one file: the same inode where both exist (hard and symbolic links), else the
+    same real path."""
+    if not (a and b):
+        return False
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
 
 
 def plot_names(metric: str = "accuracy") -> tuple[str, ...]:

@@ -141,6 +141,8 @@ def read_splits(cfg: ExperimentConfig, progress: bool = True) -> Splits:
     """The train, validation and test examples `cfg.data` names, read and checked (a bad line is a DataError at its
     file and line) without a tokenizer: `_run` reads them before the model loads (minutes at 7B; review). `progress`:
     tfds's bars when GSM8K is built."""
+    from reftjax.report import same_file
+
     d = cfg.data
     train, val = train_val_examples(cfg, progress)
     test = _read(cfg, d.test_file) if d.test_file else load_examples(
@@ -148,9 +150,12 @@ def read_splits(cfg: ExperimentConfig, progress: bool = True) -> Splits:
     if d.train_file and d.train_format != "gsm8k-jsonl" and not d.test_file:  # said only in summary.md (review)
         log.warning("data.train_file without data.test_file: the test evaluations run on %s/%s with this grader; "
                     "name the task's own test file with data.test_file", d.test_dataset, d.test_split)
-    elif d.test_file and d.val_file and os.path.realpath(d.test_file) == os.path.realpath(d.val_file):
+    elif same_file(d.test_file, d.val_file):
         log.warning("data.test_file is data.val_file (%s): the test figures are of the validation split that picks "
                     "the best checkpoint, not held out; name a held-out file with data.test_file", d.test_file)
+    if same_file(d.val_file, d.train_file):
+        log.warning("data.val_file is data.train_file (%s): validation, which picks the best checkpoint, scores "
+                    "training examples; name a held-out file with data.val_file", d.val_file)
     return Splits(train, val, test[: d.n_test] if d.n_test is not None else test)
 
 

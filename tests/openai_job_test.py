@@ -105,16 +105,32 @@ def test_the_command_line_wins_and_auto_or_absent_fields_keep_the_preset(tmp_pat
     # on the gpu/tpu presets too every epoch runs: they stop early after 5 validations without a gain, OpenAI never
     assert preset_config("gpu").rl.early_stop_patience > 0
     assert _resolve("--openai-job", str(_job(tmp_path)), "--preset", "gpu").rl.early_stop_patience == 0
-    # the command line's own settings are checked as its own: a grader the job's refusal would stop is replaced
-    # whole, and a bad --seed is not the job's
-    cfg = _resolve("--openai-job", str(_job(tmp_path, **{"method.reinforcement.grader": {**GRADER, "x": 1}})),
-                   "--set", f"grader={json.dumps({**GRADER, 'name': 'mine'})}")
-    assert cfg.grader_dict["name"] == "mine"
+    # the command line's own settings are checked with the job's: a grader the config refuses is replaced by one of
+    # another type (one of its type updates its fields, as a second --set grader does), a bad --seed is not the
+    # job's, nor a --set batch too large for it
+    bad = _job(tmp_path, **{"method.reinforcement.grader": {**GRADER, "x": 1}})
+    cfg = _resolve("--openai-job", str(bad), "--set", 'grader={"type": "reft", "cot": "nl"}')
+    assert cfg.grader_dict == {"type": "reft", "cot": "nl"}
+    cfg = _resolve("--openai-job", str(_job(tmp_path)), "--set", 'grader={"type": "string_check", "operation": "ne"}')
+    assert cfg.grader_dict == {**GRADER, "operation": "ne"}
     twice = _resolve("--set", f"grader={json.dumps(GRADER)}", "--set", 'grader={"type": "reft", "cot": "nl"}')
     assert twice.grader_dict == {"type": "reft", "cot": "nl"}  # (it was merged into the first: unknown keys)
-    with pytest.raises(ValueError) as e:
-        _resolve("--openai-job", str(_job(tmp_path)), "--seed", "-1")
-    assert "seed must be >= 0, got -1" in str(e.value) and "job.json" not in str(e.value)
+    merged = _resolve("--set", 'grader={"type": "reft", "answer_type": "mathqa"}', "--set",
+                      'grader={"type": "reft", "cot": "nl"}')  # one type: updated, as before
+    assert merged.grader_dict == {"type": "reft", "answer_type": "mathqa", "cot": "nl"}
+    for argv, says in ((("--seed", "-1"), "seed must be >= 0, got -1"),
+                       (("--set", "rl.prompts_per_iteration=64"), "rl.prompts_per_iteration=64 (--set, or the preset")):
+        with pytest.raises(ValueError) as e:
+            _resolve("--openai-job", str(_job(tmp_path)), *argv)
+        assert says in str(e.value) and "job.json" not in str(e.value), str(e.value)
+    # settings the job sets that the command line changes with their partners: a training file (with its format),
+    # a P-CoT grader with the prompt style it needs
+    big = str(tmp_path / "data" / "big.jsonl")
+    cfg = _resolve("--openai-job", str(_job(tmp_path)), "--set", f"data.train_file={json.dumps(big)}")
+    assert (cfg.data.train_file, cfg.data.train_format, cfg.rl.iterations) == (big, "openai", 2 * (40 // 3))
+    pcot = _job(tmp_path, **{"method.reinforcement.grader": {"type": "reft", "cot": "python"}})
+    cfg = _resolve("--openai-job", str(pcot), "--set", 'data.prompt.style="chat-python"', "--set", "rl.iterations=1")
+    assert (cfg.grader_dict["cot"], cfg.data.prompt.style) == ("python", "chat-python")
 
 
 _HYPER = "method.reinforcement.hyperparameters."
@@ -224,6 +240,13 @@ def test_a_report_whose_test_file_is_the_validation_file_says_it_is_not_held_out
         splits = read_splits(cfg)
     assert len(splits.test) == len(splits.val) == 4
     assert [r.message for r in caplog.records if "data.test_file is data.val_file" in r.message]
+    assert not [r for r in caplog.records if "data.val_file is data.train_file" in r.message]
+    os.link(tmp_path / "train.jsonl", tmp_path / "linked.jsonl")  # one file under another name: validation on it
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="reftjax.train"):
+        read_splits(dataclasses.replace(cfg, data=dataclasses.replace(
+            cfg.data, val_file=str(tmp_path / "linked.jsonl"), test_file=str(val))))
+    assert [r.message for r in caplog.records if "data.val_file is data.train_file" in r.message]
     write_summary(tmp_path, cfg, evals, 1.0)
     md = (tmp_path / "summary.md").read_text()
     assert "It is the validation file (data.val_file), which selects the best checkpoint" in md
