@@ -14,9 +14,29 @@ if _FLAG not in os.environ.get("XLA_FLAGS", ""):
 # (tolerance checks), and the bitwise checks compare two runs of the same build. The end-to-end tests' subprocesses
 # (pipeline, notebook, resume driver, benches) drop XLA_FLAGS and run with the defaults a user gets.
 # REFTJAX_TEST_XLA_OPT=default keeps the default level here too (BUILD_NOTES, session 17: timings of both).
+# With it, XLA:CPU's legacy elemental emitters in place of its MLIR fusion emitters: they compile the tiny test
+# models' programs about twice as fast at -O0 (a 2-layer rollout 0.46 s against 1.07 s; the suite 941 s against
+# 1,221 s on one host the same hour, BUILD_NOTES session 52). They round some reductions otherwise, so two
+# *different* programs that the default emitters happen to round alike can differ in the last bits (the two tests
+# that compared such programs bitwise now use a tolerance). XLA aborts the process on a flag it does not know, so a
+# throwaway process is asked first (~2 s, once: the xdist workers inherit the flags), in case a later XLA drops it.
 _OPT = "--xla_backend_optimization_level="
+_LEGACY_EMITTERS = "--xla_cpu_use_fusion_emitters=false"
+
+
+def _xla_knows(flag: str) -> bool:
+    import subprocess
+    import sys
+
+    env = {**os.environ, "XLA_FLAGS": flag, "JAX_PLATFORMS": "cpu"}
+    return subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], env=env,
+                          capture_output=True).returncode == 0
+
+
 if os.environ.get("REFTJAX_TEST_XLA_OPT", "0") != "default" and _OPT not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " " + _OPT + "0"
+    if _LEGACY_EMITTERS.split("=")[0] not in os.environ["XLA_FLAGS"] and _xla_knows(_LEGACY_EMITTERS):
+        os.environ["XLA_FLAGS"] += " " + _LEGACY_EMITTERS
 # XLA:CPU runs the thunks of every device's programs on one intra-op pool of max(cores, devices) threads ("at least
 # CpuDeviceCount threads to launch one collective", xla/pjrt/cpu/cpu_client.cc), here 8, and a thread that reaches
 # a collective holds its thread until the other devices arrive. Within one device's part of a program, XLA's thunk

@@ -864,7 +864,9 @@ def test_ppo_minibatches_are_a_fresh_permutation_each_epoch():
     """`ppo_step` draws each epoch's row order from the state's key (`jax.random.split(state.rng, epochs + 1)[1:]`,
     one permutation per epoch): the same step run minibatch by minibatch in that order, each minibatch a one-update
     `ppo_step` of its rows, gives the same policy. Every epoch in row order (a mutant) passed the suite, whose PyTorch
-    parity test tries all splits (mutation review, session 44); it lands measurably apart from the reference."""
+    parity test tries all splits (mutation review, session 44); it lands measurably apart from the reference. The
+    step and the one-update steps are other programs, so they agree to rounding: 4e-6 under the suite's XLA:CPU
+    emitters (tests/conftest.py), the in-order mutant 0.4 away."""
     from reftjax.steps import make_experience, ppo_step
 
     policy = jax.tree.map(jnp.asarray, _host_policy(0))
@@ -898,7 +900,7 @@ def test_ppo_minibatches_are_a_fresh_permutation_each_epoch():
     # the state's key moves on (to the split's first key): the next step draws other orders (second mutation review)
     np.testing.assert_array_equal(jax.random.key_data(got.rng), jax.random.key_data(jax.random.split(state.rng, 3)[0]))
     near, apart = gap(got, want), gap(got, in_order)
-    assert near < 1e-6 and apart > max(1e-4, 100 * near), (near, apart)
+    assert near < 2e-5 and apart > max(1e-4, 1000 * near), (near, apart)
 
 
 def test_clip_by_part_norm_against_optax_s_global_clip_of_each_part():
@@ -944,8 +946,10 @@ def test_a_non_finite_critic_gradient_skips_the_update_too():
 def test_a_separate_critic_is_clipped_apart_so_the_value_loss_leaves_the_policy_update_alone():
     """verl and OpenRLHF clip the actor's and the critic's gradients each by its own norm; one global norm over both
     let the value loss (vf_coef 5) shrink every policy update (review, session 37: ~10x at the default clip). With a
-    separate critic the policy after a PPO step is the same bitwise whatever vf_coef, `grad_norm` is the policy's
-    and `critic_grad_norm` the critic's; the shared critic (ReFT) keeps one norm over the whole model."""
+    separate critic the policy after a PPO step is the same whatever vf_coef, `grad_norm` is the policy's and
+    `critic_grad_norm` the critic's; the shared critic (ReFT) keeps one norm over the whole model. The same up to
+    float32 rounding: the two vf_coefs compile two programs, which XLA:CPU's default emitters round alike (bitwise)
+    and the legacy ones the suite compiles with (tests/conftest.py) 2e-8 apart; one norm over both moves it 1e-4."""
     from reftjax.steps import make_experience, ppo_step
 
     policy = jax.tree.map(jnp.asarray, _host_policy(0))
@@ -966,8 +970,9 @@ def test_a_separate_critic_is_clipped_apart_so_the_value_loss_leaves_the_policy_
 
     (p0, m0), (p5, m5) = after("separate", 0.0), after("separate", 5.0)
     for a, b in zip(jax.tree.leaves(p0), jax.tree.leaves(p5)):
-        np.testing.assert_array_equal(a, b)
-    assert float(m0["grad_norm"]) == float(m5["grad_norm"]) > 0.05  # the policy's own norm, over the clip
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+    assert float(m5["grad_norm"]) == pytest.approx(float(m0["grad_norm"]), rel=1e-5)  # the policy's own norm,
+    assert float(m0["grad_norm"]) > 0.05  # over the clip
     assert float(m5["critic_grad_norm"]) > 0.05 and float(m0["critic_grad_norm"]) == 0.0  # (vf_coef 0: no signal)
     (s0, n0), (s5, n5) = after("shared", 0.0), after("shared", 5.0)  # one norm: the value loss moves the policy
     assert "critic_grad_norm" not in n5 and float(n5["grad_norm"]) > float(n0["grad_norm"])
