@@ -246,6 +246,9 @@ def _resolve(args, make_config, job=None):
             # grader set before, by a job or another --set, of another type is replaced whole: its fields were
             # merged into the new type's, which refused them)
         node[keys[-1]] = value
+    if {"rl.iterations", "rl.epochs"} <= given and d["rl"]["epochs"] is not None:
+        raise ValueError("--set rl.iterations and rl.epochs: set one (rl.epochs, when not null, decides the RL "
+                         "phase's length and rl.iterations is not read)")
     try:
         cfg = from_dict(d)
     except ValueError as exc:
@@ -258,7 +261,7 @@ def _resolve(args, make_config, job=None):
 
         counted = job.n_epochs is not None or job.batch_size is not None
         n_train = len(train_val_examples(cfg, progress=False)[0]) if counted else None
-        cfg = apply_epochs_and_lr(cfg, job, given, n_train)
+        cfg = apply_epochs_and_lr(cfg, job, given, n_train, _began(cfg, getattr(args, "out", None)))
     return _kept_earlier(_p_cot_kl(cfg, given, getattr(args, "out", None)), given, getattr(args, "out", None))
 
 

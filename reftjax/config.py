@@ -142,6 +142,12 @@ class RLConfig:
     """
 
     iterations: int = 100
+    # the RL phase's length in epochs of the training prompts, counted once the data is tokenized: when set, the run
+    # takes epochs x (the prompts the length limits keep // prompts_per_iteration) iterations (the RL loader drops
+    # each epoch's incomplete batch) and `iterations` is not read; config.json keeps both as given. An OpenAI job's
+    # n_epochs sets it (counted on the file's examples, an epoch overran into the next one's prompts when the length
+    # limits dropped some). null: `iterations`
+    epochs: int | None = None
     prompts_per_iteration: int = 32
     sampling: SamplingConfig = SamplingConfig(max_new_tokens=400, temperature=1.0)
     ppo: PPOConfig = PPOConfig()
@@ -172,6 +178,8 @@ class RLConfig:
                           ("early_stop_patience", 0), ("samples_per_iteration", -1)):
             if getattr(self, name) < low:
                 raise ValueError(f"rl.{name} must be >= {low}, got {getattr(self, name)}")
+        if self.epochs is not None and self.epochs < 0:
+            raise ValueError(f"rl.epochs must be >= 0 or null, got {self.epochs}")
         if self.ppo.algo != "ppo" and s.n not in (1, self.ppo.group_size):
             raise ValueError(f"rl.sampling.n={s.n}: {self.ppo.algo} draws rl.ppo.group_size={self.ppo.group_size} "
                              "samples per prompt; set group_size (sampling.n is for PPO)")
@@ -209,6 +217,18 @@ class RLConfig:
             raise ValueError(f"rl.ppo.group_size={self.ppo.group_size} does not set PPO's samples per prompt: PPO "
                              f"draws rl.sampling.n={s.n} (verl's rollout.n); set rl.sampling.n={self.ppo.group_size} "
                              f"(and group_size with it, for share_prompt) or leave group_size at 1")
+
+    @property
+    def runs(self) -> bool:
+        """Whether the RL phase runs at all, before the data is in (`rl.epochs` > 0, else `rl.iterations` > 0)."""
+        return (self.iterations if self.epochs is None else self.epochs) > 0
+
+    def with_epochs_counted(self, n_prompts: int) -> "RLConfig":
+        """These settings with `iterations` = `epochs` x (`n_prompts` // `prompts_per_iteration`), the RL loader's
+        full batches over `n_prompts` training prompts; unchanged when `epochs` is null."""
+        if self.epochs is None:
+            return self
+        return dataclasses.replace(self, iterations=self.epochs * (n_prompts // self.prompts_per_iteration))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -30,9 +30,9 @@ same JSON and runs it here; `--model`, `--seed` and `--set` given on the command
                                                label_model, multi; see README)
     hyperparameters.batch_size                 rl.prompts_per_iteration (refused when larger than the training
                                                examples: an epoch would hold no batch)
-    hyperparameters.n_epochs                   rl.iterations = n_epochs x (training examples // batch size), the
-                                               RL loader's batches per epoch (counted on the examples read, before
-                                               the tokenizer's length limits drop any)
+    hyperparameters.n_epochs                   rl.epochs: n_epochs x (training prompts // batch size) RL
+                                               iterations, the RL loader's full batches, counted on the prompts the
+                                               tokenizer's length limits keep
     hyperparameters.learning_rate_multiplier   rl.optim.learning_rate x the multiplier (the preset's; a --set
                                                learning rate is used as given)
     hyperparameters.eval_interval              rl.eval_every
@@ -228,10 +228,14 @@ def job_settings(job: dict, path: str) -> Job:
                None if lr is None else float(lr), hyper.get("batch_size"), "validation_file" in top)
 
 
-def apply_epochs_and_lr(cfg, job: Job, given: set, n_train: int | None):
-    """`cfg` with the job's `n_epochs` (over `n_train` training examples, counted when the job sets `n_epochs` or
-    `batch_size`: a batch larger than them is refused here) and `learning_rate_multiplier` applied, unless the
-    command line's --set names rl.iterations / rl.optim.learning_rate (`given`), which win."""
+def apply_epochs_and_lr(cfg, job: Job, given: set, n_train: int | None, began: dict | None = None):
+    """`cfg` with the job's `n_epochs` (`rl.epochs`) and `learning_rate_multiplier` applied, unless the command
+    line's --set names rl.iterations or rl.epochs / rl.optim.learning_rate (`given`), which win. `n_train`: the
+    training examples, counted when the job sets `n_epochs` or `batch_size`: a batch larger than them is refused here.
+    `began`: the config.json of a run already in the output folder; one begun before `rl.epochs` keeps its
+    `rl.iterations` = n_epochs x (n_train // batch size), so the same command still resumes it."""
+    import logging
+
     from reftjax.config import replace_paths
 
     paths = {}
@@ -242,8 +246,15 @@ def apply_epochs_and_lr(cfg, job: Job, given: set, n_train: int | None):
                            f"training examples holds no batch of {b} prompts (rl.prompts_per_iteration)")
         raise ValueError(f"rl.prompts_per_iteration={b} (--set, or the preset's where the job sets no batch_size): "
                          f"an epoch of the job's {n_train} training examples holds no batch of {b} prompts")
-    if job.n_epochs is not None and "rl.iterations" not in given:
-        paths["rl.iterations"] = job.n_epochs * (n_train // b)
+    if job.n_epochs is not None and not given & {"rl.iterations", "rl.epochs"}:
+        if isinstance(began, dict) and isinstance(began.get("rl"), dict) and "epochs" not in began["rl"]:
+            paths["rl.iterations"] = job.n_epochs * (n_train // b)  # counted on the file's examples, as it began
+            logging.getLogger("reftjax.cli").info(
+                "rl.iterations=%d: n_epochs x (%d training examples // %d), as the run in the output folder began "
+                "(before rl.epochs, which counts the prompts the length limits keep)", paths["rl.iterations"],
+                n_train, b)
+        else:
+            paths["rl.epochs"] = job.n_epochs
     if job.lr_multiplier is not None and "rl.optim.learning_rate" not in given:
         paths["rl.optim.learning_rate"] = cfg.rl.optim.learning_rate * job.lr_multiplier
     return replace_paths(cfg, paths) if paths else cfg

@@ -267,7 +267,7 @@ def pin_longrope(cfg: ExperimentConfig, model_cfg):
     t = cfg.data.tokenize
     # the phases that run: SFT targets, RL and rerank completions (off, rerank's settings may change on resume),
     # evaluation's always (the base model's test at least)
-    lengths = (t.max_target_len if cfg.sft.epochs else 0, cfg.rl.sampling.max_new_tokens if cfg.rl.iterations else 0,
+    lengths = (t.max_target_len if cfg.sft.epochs else 0, cfg.rl.sampling.max_new_tokens if cfg.rl.runs else 0,
                cfg.rerank.max_new_tokens if cfg.rerank.epochs else 0, cfg.eval.max_new_tokens)
     longest = t.max_prompt_len + max(lengths)
     factors = "long" if longest > sc.original_max_position_embeddings else "short"
@@ -919,12 +919,23 @@ class SettingsError(ValueError):
     """Settings this machine's mesh cannot run (found before anything loads)."""
 
 
+def with_rl_epochs_counted(cfg: ExperimentConfig, n_prompts: int) -> ExperimentConfig:
+    """`cfg` with `rl.iterations` counted from `rl.epochs` over the `n_prompts` training prompts the length limits
+    kept (`RLConfig.with_epochs_counted`; unchanged when `rl.epochs` is null), said in the log."""
+    rl = cfg.rl.with_epochs_counted(n_prompts)
+    if rl is cfg.rl:
+        return cfg
+    log.info("rl.epochs=%d: %d RL iterations (%d training prompts // rl.prompts_per_iteration=%d = %d an epoch)",
+             rl.epochs, rl.iterations, n_prompts, rl.prompts_per_iteration, n_prompts // rl.prompts_per_iteration)
+    return dataclasses.replace(cfg, rl=rl)
+
+
 def check_train_size(cfg: ExperimentConfig, data: Data) -> None:
     """The SFT and RL loaders draw full batches of training examples: too few are refused before anything runs (they
     failed after the warm-up and the evaluations, and the corrected rerun was refused by the claimed run directory)."""
     d = cfg.data
     for name, size, runs in (("sft.batch_size", cfg.sft.batch_size, cfg.sft.epochs > 0),
-                             ("rl.prompts_per_iteration", cfg.rl.prompts_per_iteration, cfg.rl.iterations > 0)):
+                             ("rl.prompts_per_iteration", cfg.rl.prompts_per_iteration, cfg.rl.runs)):
         if runs and len(data.train_ds) < size:
             raise DataError(f"{d.train_file or d.dataset}:0: the train split keeps {len(data.train_ds)} examples "
                             f"({data.train_ds.stats.get('examples', len(data.train_ds))} before the length limits), "
@@ -971,7 +982,7 @@ def check_batch_sizes(cfg: ExperimentConfig, mesh) -> None:
     sizes = {"eval.batch_size": cfg.eval.batch_size}
     if cfg.sft.epochs:
         sizes["sft.batch_size"] = cfg.sft.batch_size
-    if cfg.rl.iterations:
+    if cfg.rl.runs:
         sizes["rl.prompts_per_iteration"] = cfg.rl.prompts_per_iteration
     if cfg.rerank.epochs:  # (rerank.prompts_per_batch is rounded up to a multiple: `sample_verifier_data`)
         sizes["rerank.batch_size"] = cfg.rerank.batch_size
@@ -1267,13 +1278,14 @@ def _run(cfg: ExperimentConfig, out: pathlib.Path, progress: bool, t_start: floa
     data = prepare_data(cfg, model.tokenizer, splits)
     del splits
     check_train_size(cfg, data)
+    asked, cfg = cfg, with_rl_epochs_counted(cfg, len(data.train_ds))  # (config.json keeps what was asked)
     pinned = {"longrope": model.config.rope_scaling.factors} if loaded.rope_scaling.kind == "longrope" else {}
     prints = {**data_fingerprints(data), "model": {"params": model_fingerprint(model.params),
                                                    "config": model_config_fingerprint(loaded), **pinned}}
     data_path = out / "data.json"
     if ran and data_path.exists():
         _check_same_data(data_path, prints)
-    _write_json(cfg_path, to_dict(cfg))  # once the model and data are in: a typo in either does not claim `out`
+    _write_json(cfg_path, to_dict(asked))  # once the model and data are in: a typo in either does not claim `out`
     _write_json(data_path, prints)
     logger = MetricsLogger(out)
     # marks where this invocation starts in metrics.jsonl (its start-up before the row too), and `end` where it ends

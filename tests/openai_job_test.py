@@ -57,15 +57,18 @@ def test_a_job_resolves_to_the_settings_its_fields_name_and_equals_the_set_line(
     train, val = str(tmp_path / "data" / "train.jsonl"), str(tmp_path / "data" / "val.jsonl")
     assert (d.train_file, d.val_file, d.test_file, d.train_format) == (train, val, val, "openai")
     assert (d.n_train, d.n_val, d.n_test, d.prompt.style, cfg.sft.epochs) == (None, None, None, "chat", 0)
-    # 2 epochs of 10 examples in batches of 3: the RL loader's 3 batches an epoch (its last incomplete one dropped)
-    assert (cfg.rl.prompts_per_iteration, cfg.rl.iterations, cfg.rl.eval_every) == (3, 6, 2)
+    # 2 epochs (rl.epochs; rl.iterations, the preset's, is not read): of 10 examples in batches of 3, the RL loader's
+    # 3 batches an epoch (its last incomplete one dropped), counted by the run on the prompts the length limits keep
+    assert (cfg.rl.prompts_per_iteration, cfg.rl.epochs, cfg.rl.eval_every) == (3, 2, 2)
+    assert cfg.rl.with_epochs_counted(10).iterations == 6 and cfg.rl.with_epochs_counted(8).iterations == 4
+    assert cfg.rl.iterations == preset_config("cpu").rl.iterations
     assert cfg.rl.optim.learning_rate == preset_config("cpu").rl.optim.learning_rate * 0.5 == 1.5e-6
     assert (cfg.seed, cfg.name, cfg.model, cfg.grader_dict) == (7, "rft_run", "my-org/my-model", GRADER)
     # the job is the README's --set line for the same run, nothing more
     sets = [f"data.train_file={json.dumps(train)}", 'data.train_format="openai"', f"data.val_file={json.dumps(val)}",
             f"data.test_file={json.dumps(val)}", 'data.prompt.style="chat"', "sft.epochs=0", "data.n_train=null",
             "data.n_val=null", "data.n_test=null", 'name="rft_run"', f"grader={json.dumps(GRADER)}",
-            "rl.prompts_per_iteration=3", "rl.iterations=6", "rl.eval_every=2", "rl.optim.learning_rate=1.5e-6"]
+            "rl.prompts_per_iteration=3", "rl.epochs=2", "rl.eval_every=2", "rl.optim.learning_rate=1.5e-6"]
     by_hand = _resolve("--model", "my-org/my-model", "--seed", "7", "--out", out,
                        *[a for s in sets for a in ("--set", s)])
     assert to_dict(cfg) == to_dict(by_hand)
@@ -80,6 +83,8 @@ def test_the_command_line_wins_and_auto_or_absent_fields_keep_the_preset(tmp_pat
                    "--set", "rl.iterations=5", "--set", 'rl.optim={"learning_rate": 1e-5}', "--set", 'name="mine"',
                    "--set", f"data.test_file={json.dumps(str(other))}", "--set", "data.n_train=4")
     assert (cfg.model, cfg.seed, cfg.rl.iterations, cfg.rl.optim.learning_rate) == ("other/model", 3, 5, 1e-5)
+    assert cfg.rl.epochs is None  # (the job's n_epochs would decide the length in place of the --set iterations)
+    assert _resolve("--openai-job", str(_job(tmp_path)), "--set", "rl.epochs=5").rl.epochs == 5
     assert (cfg.name, cfg.data.test_file, cfg.data.n_train) == ("mine", str(other), 4)
     hyper = "method.reinforcement.hyperparameters."
     auto = {hyper + k: "auto" for k in ("batch_size", "n_epochs", "learning_rate_multiplier", "eval_interval")}
@@ -87,7 +92,7 @@ def test_the_command_line_wins_and_auto_or_absent_fields_keep_the_preset(tmp_pat
     preset = preset_config("cpu")
     assert (cfg.rl.prompts_per_iteration, cfg.rl.iterations, cfg.rl.eval_every, cfg.rl.optim.learning_rate, cfg.seed) \
         == (preset.rl.prompts_per_iteration, preset.rl.iterations, preset.rl.eval_every,
-            preset.rl.optim.learning_rate, preset.seed)
+            preset.rl.optim.learning_rate, preset.seed) and cfg.rl.epochs is None
     assert cfg.name != "rft_run"
     # the job as sent to OpenAI (an OpenAI model) runs with --model naming the checkpoint
     cfg = _resolve("--openai-job", str(_job(tmp_path, model="o4-mini-2025-04-16")), "--model", "other/model")
@@ -101,7 +106,7 @@ def test_the_command_line_wins_and_auto_or_absent_fields_keep_the_preset(tmp_pat
     with pytest.raises(ValueError, match=f"^{job}: validation_file: missing: the test split would be GSM8K's"):
         _resolve("--openai-job", str(job))
     cfg = _resolve("--openai-job", str(job), "--set", f"data.test_file={json.dumps(str(other))}")
-    assert (cfg.data.val_file, cfg.data.test_file, cfg.rl.iterations) == (None, str(other), (40 - 2) // 3)
+    assert (cfg.data.val_file, cfg.data.test_file, cfg.rl.epochs) == (None, str(other), 1)
     # on the gpu/tpu presets too every epoch runs: they stop early after 5 validations without a gain, OpenAI never
     assert preset_config("gpu").rl.early_stop_patience > 0
     assert _resolve("--openai-job", str(_job(tmp_path)), "--preset", "gpu").rl.early_stop_patience == 0
@@ -127,7 +132,7 @@ def test_the_command_line_wins_and_auto_or_absent_fields_keep_the_preset(tmp_pat
     # a P-CoT grader with the prompt style it needs
     big = str(tmp_path / "data" / "big.jsonl")
     cfg = _resolve("--openai-job", str(_job(tmp_path)), "--set", f"data.train_file={json.dumps(big)}")
-    assert (cfg.data.train_file, cfg.data.train_format, cfg.rl.iterations) == (big, "openai", 2 * (40 // 3))
+    assert (cfg.data.train_file, cfg.data.train_format, cfg.rl.epochs) == (big, "openai", 2)
     pcot = _job(tmp_path, **{"method.reinforcement.grader": {"type": "reft", "cot": "python"}})
     cfg = _resolve("--openai-job", str(pcot), "--set", 'data.prompt.style="chat-python"', "--set", "rl.iterations=1")
     assert (cfg.grader_dict["cot"], cfg.data.prompt.style) == ("python", "chat-python")
@@ -210,7 +215,7 @@ def test_the_cli_prints_a_job_error_on_one_line_and_exits_2(tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith(f"error: {job}: {_HYPER}eval_samples")
     assert main(["--openai-job", str(_job(tmp_path)), "--print-config", "--out", str(tmp_path / "o")]) == 0
     shown = json.loads(capsys.readouterr().out)
-    assert (shown["grader"], shown["rl"]["iterations"]) == (GRADER, 6)
+    assert (shown["grader"], shown["rl"]["epochs"]) == (GRADER, 2)
 
 
 def test_the_svamp_command_takes_no_job():
@@ -255,3 +260,33 @@ def test_a_report_whose_test_file_is_the_validation_file_says_it_is_not_held_out
                                                                                                     "train.jsonl"))),
                   evals, 1.0)
     assert "never on test" in (tmp_path / "summary.md").read_text()
+
+
+def test_n_epochs_is_rl_epochs_and_a_run_begun_before_rl_epochs_keeps_its_counted_iterations(tmp_path):
+    """A job's n_epochs is rl.epochs, counted by the run on the prompts the length limits keep. A job's run begun
+    before rl.epochs (its config.json has none) keeps rl.iterations = n_epochs x (examples // batch size), so the
+    same command still resumes it; rl.iterations and rl.epochs both on the command line are refused."""
+    from reftjax.config import RLConfig, to_dict
+
+    job, out = str(_job(tmp_path)), tmp_path / "out"
+    cfg = _resolve("--openai-job", job, "--out", str(out))
+    assert (cfg.rl.epochs, cfg.rl.prompts_per_iteration) == (2, 3)
+    began = to_dict(cfg)
+    del began["rl"]["epochs"]
+    began["rl"]["iterations"] = 6
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps(began))
+    old = _resolve("--openai-job", job, "--out", str(out))
+    assert (old.rl.epochs, old.rl.iterations) == (None, 2 * (10 // 3))
+    from reftjax.train import _check_same_run
+
+    _check_same_run(out / "config.json", to_dict(old))  # (the new key at its default: free)
+    with pytest.raises(Exception, match="other settings"):
+        _check_same_run(out / "config.json", to_dict(cfg))
+    with pytest.raises(ValueError, match="--set rl.iterations and rl.epochs: set one"):
+        _resolve("--set", "rl.iterations=4", "--set", "rl.epochs=1")
+    assert _resolve("--set", "rl.iterations=4", "--set", "rl.epochs=null").rl.iterations == 4
+    with pytest.raises(ValueError, match="rl.epochs must be >= 0 or null, got -1"):
+        RLConfig(epochs=-1)
+    assert not RLConfig(iterations=5, epochs=0).runs and RLConfig(iterations=5).runs
+    assert RLConfig(epochs=3, prompts_per_iteration=4).with_epochs_counted(11).iterations == 6

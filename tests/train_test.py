@@ -3162,3 +3162,47 @@ def test_each_split_is_cut_to_its_own_count(shared_data, monkeypatch):
                      progress=False)
     assert (len(sp.train), len(sp.val), len(sp.test)) == (5, 2, 3)
     assert len(sp.test_items) == 3 and sp.test_items[0]["item_id"] != sp.val_items[0]["item_id"]
+
+
+def test_rl_epochs_count_the_prompts_the_length_limits_keep_and_the_same_settings_resume(
+        tiny_hf_dir, tmp_path, shared_data, monkeypatch):
+    """`rl.epochs` (an OpenAI job's n_epochs) runs epochs x (training prompts kept // prompts_per_iteration) RL
+    iterations, counted once the data is tokenized: counted on the examples read (as a job's n_epochs was), the
+    last epoch ran on into the next one's prompts when the length limits dropped some. config.json keeps the
+    settings as given, so the same settings resume. Phases faked, the real pipeline around them."""
+    import functools
+
+    from reftjax import train as T
+    from reftjax.config import from_dict, to_dict
+
+    from experiments.gsm8k_reft import preset_config
+
+    d = to_dict(preset_config("cpu", str(tiny_hf_dir)))
+    MAX_PROMPT = 96  # drops 5 of the 32 prompts: 3 batches of 8 an epoch, not 4
+    for path, value in {**TINY_SETS, "export_hf": False, "sft.epochs": 0, "rl.prompts_per_iteration": 8, "data.n_train": 32, "eval.batch_size": 8,
+                        "rl.epochs": 2, "rl.iterations": 50, "rl.eval_every": 0, "rerank.epochs": 0,
+                        "data.tokenize.max_prompt_len": MAX_PROMPT, "data.tokenize.prompt_buckets": [MAX_PROMPT],
+                        "data.tokenize.seq_buckets": [MAX_PROMPT + 192]}.items():
+        *head, last = path.split(".")
+        functools.reduce(dict.__getitem__, head, d)[last] = value
+    cfg = from_dict(d)
+    seen = []
+
+    def run_rl(cfg, model, ref_params, data, *a, **k):
+        seen.append((cfg.rl.iterations, len(data.train_ds), data.train_ds.stats["examples"]))
+        return ref_params, None, cfg.rl.iterations, True, None
+
+    def eval_once(name, out, logger, params, model, ds, items, grader, cfg, mesh, step, voting=False, verifier=None):
+        T._record_eval(out, name, {"accuracy": 0.0, "n": 4, "samples": [{"q": name}]}, logger, f"eval/{name}", step)
+        return {"accuracy": 0.0, "n": 4}
+
+    monkeypatch.setattr(T, "run_rl", run_rl)
+    monkeypatch.setattr(T, "_eval_once", eval_once)
+    out = tmp_path / "run"
+    assert T.run(cfg, out, progress=False)["status"] == "done"
+    [(its, kept, read)] = seen
+    assert read == 32 > kept >= 8 and read // 8 != kept // 8  # the limits dropped prompts, and an epoch's batches
+    assert its == 2 * (kept // 8)
+    began = json.loads((out / "config.json").read_text())["rl"]
+    assert (began["epochs"], began["iterations"]) == (2, 50)  # as given: a rerun compares the settings, not counts
+    assert T.run(cfg, out, progress=False)["status"] == "done" and seen[-1] == seen[0]
