@@ -1121,6 +1121,8 @@ def _check_same_run(cfg_path: pathlib.Path, new: dict, content_checked: bool = F
             return True  # how a model grader reaches its judge (a server restarted on another port), not what it asks
         if k.startswith("rerank.") and not a.get("rerank.epochs") and not b.get("rerank.epochs"):
             return True  # the verifier phase is off in both: its settings change nothing (a preset's did)
+        if k == "rl.iterations" and a.get("rl.epochs") is not None and b.get("rl.epochs") is not None:
+            return True  # not read where rl.epochs decides the length (a preset's changed)
         if k in LOCATIONS:  # a path to another path; null <-> a path changes what is read (a held-out split, GSM8K)
             return content_checked and a.get(k) is not None and b.get(k) is not None
         return any(k == c or (c.endswith(".") and k.startswith(c)) for c in RESUMABLE_CHANGES)

@@ -266,7 +266,7 @@ def test_n_epochs_is_rl_epochs_and_a_run_begun_before_rl_epochs_keeps_its_counte
     """A job's n_epochs is rl.epochs, counted by the run on the prompts the length limits keep. A job's run begun
     before rl.epochs (its config.json has none) keeps rl.iterations = n_epochs x (examples // batch size), so the
     same command still resumes it; rl.iterations and rl.epochs both on the command line are refused."""
-    from reftjax.config import RLConfig, to_dict
+    from reftjax.config import RLConfig, replace_path, to_dict
 
     job, out = str(_job(tmp_path)), tmp_path / "out"
     cfg = _resolve("--openai-job", job, "--out", str(out))
@@ -283,6 +283,10 @@ def test_n_epochs_is_rl_epochs_and_a_run_begun_before_rl_epochs_keeps_its_counte
     _check_same_run(out / "config.json", to_dict(old))  # (the new key at its default: free)
     with pytest.raises(Exception, match="other settings"):
         _check_same_run(out / "config.json", to_dict(cfg))
+    (out / "config.json").write_text(json.dumps(to_dict(cfg)))  # begun with rl.epochs: rl.iterations is not read
+    _check_same_run(out / "config.json", to_dict(replace_path(cfg, "rl.iterations", 77)))
+    with pytest.raises(Exception, match="rl.epochs: 2 -> 3"):
+        _check_same_run(out / "config.json", to_dict(_resolve("--openai-job", job, "--set", "rl.epochs=3")))
     with pytest.raises(ValueError, match="--set rl.iterations and rl.epochs: set one"):
         _resolve("--set", "rl.iterations=4", "--set", "rl.epochs=1")
     assert _resolve("--set", "rl.iterations=4", "--set", "rl.epochs=null").rl.iterations == 4
