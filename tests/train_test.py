@@ -409,22 +409,39 @@ def test_two_processes_match_one_process(tiny_hf_dir, tmp_path, shared_data):
     assert not list(multi.glob("*.tmp*")) and not list(multi.glob("hf/*.tmp*"))
 
 
-def test_cli_errors_are_one_line(tmp_path):
-    bad_set = subprocess.run([sys.executable, "-m", "experiments.gsm8k_reft", "--set", "rl.nope=1"], cwd=ROOT,
-                             env=_env(), capture_output=True, text=True, timeout=120)
-    assert bad_set.returncode == 2 and "unknown config path 'rl.nope'" in bad_set.stderr
-    missing = subprocess.run([sys.executable, "-m", "experiments.gsm8k_reft", "--gsm8k-dir", str(tmp_path)],
-                             cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
-    assert missing.returncode == 2 and "train.jsonl not found" in missing.stderr
+def test_cli_errors_are_one_line(tmp_path, capsys, monkeypatch):
+    """Bad settings, flags and environments: one line on stderr and exit 2 (a traceback with --verbose where the run
+    raised). Those found before a run starts are asked of `main` in this process (each subprocess paid ~2-3 s of
+    imports); those of a run (it loads a model, enables the compilation cache, sizes the mesh on the devices) and the
+    module entry points run as a user starts them."""
+    from experiments.gsm8k_reft import main
+
+    def one_line(argv, **env):
+        with monkeypatch.context() as m:
+            for k, v in env.items():
+                m.setenv(k, v)
+            try:
+                code = main(argv)
+            except SystemExit as e:  # (argparse's exit)
+                code = e.code
+        return code, capsys.readouterr().err
+
+    code, err = one_line(["--set", "rl.nope=1"])
+    assert code == 2 and "unknown config path 'rl.nope'" in err and len(err.strip().splitlines()) == 1
+    code, err = one_line(["--gsm8k-dir", str(tmp_path)])
+    assert code == 2 and err.strip() == f"error: --gsm8k-dir {tmp_path}: train.jsonl not found there"
+    code, err = one_line(["--bogus"])
+    assert code == 2 and "unrecognized arguments: --bogus" in err
+    # an incomplete multi-process environment: one line, exit 2 (a traceback, exit 1, before session 35)
+    code, err = one_line([], JAX_COORDINATOR_ADDRESS="localhost:1", JAX_NUM_PROCESSES="2")
+    assert code == 2 and err.strip().splitlines() == [
+        "error: set both JAX_NUM_PROCESSES and JAX_PROCESS_ID (or neither, to let JAX detect the cluster)"]
     bad_model = subprocess.run([sys.executable, "-m", "experiments.gsm8k_reft", "--model", str(tmp_path / "x"),
                                 "--out", str(tmp_path / "o")], cwd=ROOT, env=_env(), capture_output=True,
                                text=True, timeout=300)
     assert bad_model.returncode == 2
     last = bad_model.stderr.strip().splitlines()[-1]
     assert last.startswith("error:") and "no such file or directory" in last
-    flag = subprocess.run([sys.executable, "-m", "experiments.gsm8k_reft", "--bogus"], cwd=ROOT, env=_env(),
-                          capture_output=True, text=True, timeout=120)
-    assert flag.returncode == 2 and "unrecognized arguments: --bogus" in flag.stderr
     helped = subprocess.run([sys.executable, "-m", "experiments", "--help"], cwd=ROOT, env=_env(), capture_output=True,
                             text=True, timeout=120)  # (it printed the JSON; review, session 30)
     assert helped.returncode == 0 and helped.stdout.startswith("usage: python -m experiments")
@@ -437,11 +454,6 @@ def test_cli_errors_are_one_line(tmp_path):
     last = out_file.stderr.strip().splitlines()[-1]
     assert out_file.returncode == 2 and last.endswith("a_file: cannot create the output directory (--out): File exists")
     assert "Traceback" not in out_file.stderr
-    # an incomplete multi-process environment: one line, exit 2 (a traceback, exit 1, before session 35)
-    half_set = {**_env(), "JAX_COORDINATOR_ADDRESS": "localhost:1", "JAX_NUM_PROCESSES": "2"}
-    failed = subprocess.run([sys.executable, "-m", "experiments.gsm8k_reft"], cwd=ROOT, env=half_set,
-                            capture_output=True, text=True, timeout=120)
-    assert failed.returncode == 2 and failed.stderr.strip().splitlines()[-1].startswith("error: set both JAX_NUM_")
     # a model the decoder cannot run: a plain ValueError, one line; --verbose keeps its traceback
     (tmp_path / "gpt2").mkdir()
     (tmp_path / "gpt2" / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 1, "vocab_size": 8}))
