@@ -126,8 +126,7 @@ def load_gsm8k(split: str, *, data_dir=None, local_dir=None, progress: bool = Tr
         builder.download_and_prepare()
     source = builder.as_data_source(split=split)
     out = []
-    for i in range(len(source)):
-        rec = source[i]
+    for i, rec in enumerate(source.__getitems__(range(len(source)))):  # (one read: twice as fast as one per record)
         answer = rec["answer"].decode()
         out.append(Example(i, f"gsm8k_{split}_{i}", rec["question"].decode(), rec["cot"].decode(),
                            answer, parse_number(answer, f"gsm8k/{split}:{int(rec['line'])}")))
