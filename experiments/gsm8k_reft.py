@@ -403,13 +403,11 @@ def run_cli(args, make_config=preset_config) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.print_config:
-        from reftjax.config import to_dict
+        from reftjax.config import to_json
 
-        shown = to_dict(cfg)  # (the grader and the template variables as the objects --set takes, not the
-        # (name, value) pairs they are held as: the default grader printed as [["type", "reft"], ["cot", "nl"]])
-        shown["grader"] = cfg.grader_dict
-        shown["data"]["prompt"]["chat_template_kwargs"] = cfg.data.prompt.template_kwargs
-        print(json.dumps(shown, indent=2))
+        # (the grader and the template variables as the objects --set takes, not the (name, value) pairs they are
+        # held as: the default grader printed as [["type", "reft"], ["cot", "nl"]])
+        print(json.dumps(to_json(cfg), indent=2))
         return 0
     from reftjax.data.records import DataError
     from reftjax.graders.openai import ConfigError

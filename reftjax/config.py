@@ -390,6 +390,16 @@ def to_dict(cfg) -> dict:
     return cfg
 
 
+def to_json(cfg: ExperimentConfig) -> dict:
+    """`to_dict(cfg)` with the grader and the chat template's variables as the JSON objects `--set` takes (they are
+    held as (name, value) pairs, which read as `[["type", "reft"], ["cot", "nl"]]`): what `--print-config` prints
+    and a run's config.json and summary.json hold. `from_dict` reads either form back as the same config."""
+    d = to_dict(cfg)
+    d["grader"] = cfg.grader_dict
+    d["data"]["prompt"]["chat_template_kwargs"] = cfg.data.prompt.template_kwargs
+    return d
+
+
 def _type_name(tp) -> str:
     if tp is type(None):
         return "null"

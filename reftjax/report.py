@@ -7,7 +7,7 @@ import os
 import pathlib
 import time
 
-from reftjax.config import selection_metric, to_dict
+from reftjax.config import selection_metric, to_json
 from reftjax.metrics import read_metrics
 
 
@@ -110,7 +110,7 @@ def write_summary(out: pathlib.Path, cfg, evals: dict, wall_seconds: float, writ
         "grader_errors": {"rl": sum(rl_errors.values()), "evaluations": eval_errors},
         "data_stats": data_stats,
         "compilation": compilation,
-        "config": to_dict(cfg),
+        "config": to_json(cfg),
     }
     # greedy accuracy over every test question, the ones the length limit dropped counted wrong: the ReFT authors keep
     # every test question, so this is the figure to set beside the paper's (review, session 27: GSM8K P-CoT drops 5

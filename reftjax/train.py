@@ -38,7 +38,7 @@ import numpy as np
 
 from reftjax import checkpoint as ckpt
 from reftjax import xla_cache
-from reftjax.config import ExperimentConfig, from_dict, selection_metric, to_dict
+from reftjax.config import ExperimentConfig, from_dict, selection_metric, to_dict, to_json
 from reftjax.data import (Loader, LoaderConfig, SplitConfig, load_examples, tokenize_examples, train_val_split)
 from reftjax.data.records import DataError
 from reftjax.data.tokenize import end_of_turn_id
@@ -1080,13 +1080,21 @@ JUDGE_TRANSPORT = ("base_url", "api_key_env", "timeout", "max_concurrency", "ret
 _JUDGES = ("score_model", "label_model")
 
 
-def _grader_object(d):
-    """A config dict with its grader as an object: the presets hold it as (name, value) pairs, `--set grader=` as
-    an object, and the same grader in the other form was refused as a changed setting (`grader: [["type", "reft"],
-    ["cot", "nl"]] -> "<unset>", ...`; session 46)."""
-    g = d.get("grader") if isinstance(d, dict) else None
+def _comparable(d):
+    """A config dict with its grader as an object and the chat template's variables as sorted (name, value) pairs,
+    whichever form it holds them in: the presets hold the grader as pairs, `--set grader=` as an object, and the
+    same grader in the other form was refused as a changed setting (`grader: [["type", "reft"], ["cot", "nl"]] ->
+    "<unset>", ...`; session 46). config.json holds both as objects since session 53 (`config.to_json`), runs begun
+    before as `to_dict` gave them; the variables compare as pairs, by JSON type (`_check_same_run`)."""
+    if not isinstance(d, dict):
+        return d
+    g = d.get("grader")
     if isinstance(g, list) and all(isinstance(p, list) and len(p) == 2 and isinstance(p[0], str) for p in g):
-        return {**d, "grader": dict(g)}
+        d = {**d, "grader": dict(g)}
+    prompt = d.get("data", {}).get("prompt") if isinstance(d.get("data"), dict) else None
+    if isinstance(prompt, dict) and isinstance(prompt.get("chat_template_kwargs"), dict):
+        pairs = [[k, v] for k, v in sorted(prompt["chat_template_kwargs"].items())]
+        d = {**d, "data": {**d["data"], "prompt": {**prompt, "chat_template_kwargs": pairs}}}
     return d
 
 
@@ -1105,8 +1113,8 @@ def _check_same_run(cfg_path: pathlib.Path, new: dict, content_checked: bool = F
     except (OSError, ValueError) as e:
         raise RunDirError(f"{cfg_path}: unreadable ({type(e).__name__}: {e}); this run directory cannot be "
                           f"resumed: use a new output directory") from e
-    a, b = _flat(_grader_object(old)), _flat(_grader_object(new))
-    defaults = _flat(_grader_object(to_dict(ExperimentConfig())))
+    a, b = _flat(_comparable(old)), _flat(_comparable(new))
+    defaults = _flat(_comparable(to_dict(ExperimentConfig())))
     def earlier(k):  # the values of a setting added since the run began that keep what it did: its default, but
         return _EARLIER[k](a) if k in _EARLIER else (defaults.get(k, "<unset>"),)  # for _EARLIER
     def free(k):
@@ -1287,7 +1295,7 @@ def _run(cfg: ExperimentConfig, out: pathlib.Path, progress: bool, t_start: floa
     data_path = out / "data.json"
     if ran and data_path.exists():
         _check_same_data(data_path, prints)
-    _write_json(cfg_path, to_dict(asked))  # once the model and data are in: a typo in either does not claim `out`
+    _write_json(cfg_path, to_json(asked))  # once the model and data are in: a typo in either does not claim `out`
     _write_json(data_path, prints)
     logger = MetricsLogger(out)
     # marks where this invocation starts in metrics.jsonl (its start-up before the row too), and `end` where it ends

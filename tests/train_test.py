@@ -1095,6 +1095,23 @@ def test_a_rerun_may_change_only_how_the_run_is_saved_and_laid_out(tmp_path):
     with pytest.raises(RunDirError, match=r'chat_template_kwargs: \[\["enable_thinking", false\]\] -> '
                                           r'\[\["enable_thinking", 0\]\]'):
         _check_same_run(path, with_kwargs([["enable_thinking", 0]]))
+    # config.json holds the grader and the variables as the objects --set takes since session 53 (`to_json`): a run
+    # begun before (pairs) resumes under the same settings, and false still differs from 0 in the object form
+    from reftjax.config import to_json
+
+    kw = replace_path(replace_path(cfg, "data.prompt.style", "chat"), "data.prompt.chat_template_kwargs",
+                      {"enable_thinking": False, "a": None})
+    assert to_json(kw)["grader"] == {"type": "reft", "cot": "nl"} == json.loads(json.dumps(to_json(kw)))["grader"]
+    assert to_json(kw)["data"]["prompt"]["chat_template_kwargs"] == {"a": None, "enable_thinking": False}
+    unsorted = to_json(kw)
+    unsorted["data"]["prompt"]["chat_template_kwargs"] = {"enable_thinking": False, "a": None}  # (in another order)
+    for began, now in ((to_dict(kw), to_json(kw)), (to_json(kw), to_dict(kw)), (unsorted, to_dict(kw))):
+        path.write_text(json.dumps(began))
+        _check_same_run(path, now)
+    zero = replace_path(kw, "data.prompt.chat_template_kwargs", {"enable_thinking": 0, "a": None})
+    with pytest.raises(RunDirError, match=r'chat_template_kwargs: \[\["a", null\], \["enable_thinking", false\]\] -> '
+                                          r'\[\["a", null\], \["enable_thinking", 0\]\]\)'):
+        _check_same_run(path, to_dict(zero))
     path.write_text(json.dumps(older))
     with pytest.raises(RunDirError, match=r"other settings \(data.val_file: <unset, i.e. null> -> \"/v.jsonl\"\)"):
         _check_same_run(path, {**to_dict(cfg), "data": {**to_dict(cfg)["data"], "val_file": "/v.jsonl"}},
@@ -1162,7 +1179,7 @@ def test_openai_format_prompts_train_with_rl_alone(tiny_hf_dir, tmp_path, shared
         "openai", "chat", 0)
     # (rl.eval_every and rl.iterations: TINY_SETS' and this test's --set, over the job's eval_interval and n_epochs)
     assert (began["rl"]["prompts_per_iteration"], began["rl"]["eval_every"], began["rl"]["iterations"]) == (4, 3, 1)
-    assert began["rl"]["optim"]["learning_rate"] == 2 * 3e-6 and began["grader"] == [["type", "reft"], ["cot", "nl"]]
+    assert began["rl"]["optim"]["learning_rate"] == 2 * 3e-6 and began["grader"] == {"type": "reft", "cot": "nl"}
     assert "data.test_file is data.val_file" in done.stderr
     assert "It is the validation file (data.val_file)" in (out / "summary.md").read_text()
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -3215,6 +3232,8 @@ def test_rl_epochs_count_the_prompts_the_length_limits_keep_and_the_same_setting
     [(its, kept, read)] = seen
     assert read == 32 > kept >= 8 and read // 8 != kept // 8  # the limits dropped prompts, and an epoch's batches
     assert its == 2 * (kept // 8)
-    began = json.loads((out / "config.json").read_text())["rl"]
-    assert (began["epochs"], began["iterations"]) == (2, 50)  # as given: a rerun compares the settings, not counts
+    began = json.loads((out / "config.json").read_text())
+    assert (began["rl"]["epochs"], began["rl"]["iterations"]) == (2, 50)  # as given: a rerun compares the settings
+    assert began["grader"] == {"type": "reft", "cot": "nl"}  # (the objects --set takes, not (name, value) pairs)
+    assert json.loads((out / "summary.json").read_text())["config"]["rl"]["iterations"] == its  # what ran
     assert T.run(cfg, out, progress=False)["status"] == "done" and seen[-1] == seen[0]
