@@ -232,8 +232,8 @@ def apply_epochs_and_lr(cfg, job: Job, given: set, n_train: int | None, began: d
     """`cfg` with the job's `n_epochs` (`rl.epochs`) and `learning_rate_multiplier` applied, unless the command
     line's --set names rl.iterations or rl.epochs / rl.optim.learning_rate (`given`), which win. `n_train`: the
     training examples, counted when the job sets `n_epochs` or `batch_size`: a batch larger than them is refused here.
-    `began`: the config.json of a run already in the output folder; one begun before `rl.epochs` keeps its
-    `rl.iterations` = n_epochs x (n_train // batch size), so the same command still resumes it."""
+    `began`: the config.json of a run already in the output folder; one begun before `rl.epochs` (none there, or
+    null) keeps its `rl.iterations` = n_epochs x (n_train // batch size), so the same command still resumes it."""
     import logging
 
     from reftjax.config import replace_paths
@@ -247,7 +247,8 @@ def apply_epochs_and_lr(cfg, job: Job, given: set, n_train: int | None, began: d
         raise ValueError(f"rl.prompts_per_iteration={b} (--set, or the preset's where the job sets no batch_size): "
                          f"an epoch of the job's {n_train} training examples holds no batch of {b} prompts")
     if job.n_epochs is not None and not given & {"rl.iterations", "rl.epochs"}:
-        if isinstance(began, dict) and isinstance(began.get("rl"), dict) and "epochs" not in began["rl"]:
+        if isinstance(began, dict) and isinstance(began.get("rl"), dict) and began["rl"].get("epochs") is None:
+            # (begun before rl.epochs, config.json then lacked it; once resumed, it holds its default, null)
             paths["rl.iterations"] = job.n_epochs * (n_train // b)  # counted on the file's examples, as it began
             logging.getLogger("reftjax.cli").info(
                 "rl.iterations=%d: n_epochs x (%d training examples // %d), as the run in the output folder began "

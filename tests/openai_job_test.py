@@ -281,6 +281,10 @@ def test_n_epochs_is_rl_epochs_and_a_run_begun_before_rl_epochs_keeps_its_counte
     from reftjax.train import _check_same_run
 
     _check_same_run(out / "config.json", to_dict(old))  # (the new key at its default: free)
+    (out / "config.json").write_text(json.dumps(to_dict(old)))  # as the resumed run rewrites it: rl.epochs null
+    again = _resolve("--openai-job", job, "--out", str(out))  # (it took rl.epochs=2 and was refused; found running it)
+    assert (again.rl.epochs, again.rl.iterations) == (None, 6)
+    _check_same_run(out / "config.json", to_dict(again))
     with pytest.raises(Exception, match="other settings"):
         _check_same_run(out / "config.json", to_dict(cfg))
     (out / "config.json").write_text(json.dumps(to_dict(cfg)))  # begun with rl.epochs: rl.iterations is not read
