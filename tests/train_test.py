@@ -3146,7 +3146,7 @@ def test_a_directory_where_no_run_began_takes_other_settings_and_data(tiny_hf_di
     import shutil
 
     from reftjax import train as T
-    from reftjax.config import from_dict, to_dict
+    from reftjax.config import from_dict, to_dict, to_json
 
     from experiments.gsm8k_reft import preset_config
 
@@ -3171,7 +3171,7 @@ def test_a_directory_where_no_run_began_takes_other_settings_and_data(tiny_hf_di
     monkeypatch.setattr(T, "MetricsLogger", lambda *a, **k: (_ for _ in ()).throw(Began()))
     with pytest.raises(Began):  # past both checks, config.json and data.json rewritten
         T.run(cfg, out, progress=False)
-    assert json.loads((out / "config.json").read_text()) == to_dict(cfg)
+    assert json.loads((out / "config.json").read_text()) == to_json(cfg)  # (as --print-config shows it)
     assert json.loads((out / "data.json").read_text())["model"]["params"] != "0"
     # once begun (a metrics file), data.json's digests free the model's path: a copy of its folder elsewhere resumes
     (out / "metrics.jsonl").write_text("")
