@@ -3208,8 +3208,9 @@ def test_rl_epochs_count_the_prompts_the_length_limits_keep_and_the_same_setting
 
     d = to_dict(preset_config("cpu", str(tiny_hf_dir)))
     MAX_PROMPT = 96  # drops 5 of the 32 prompts: 3 batches of 8 an epoch, not 4
-    for path, value in {**TINY_SETS, "export_hf": False, "sft.epochs": 0, "rl.prompts_per_iteration": 8, "data.n_train": 32, "eval.batch_size": 8,
-                        "rl.epochs": 2, "rl.iterations": 50, "rl.eval_every": 0, "rerank.epochs": 0,
+    for path, value in {**TINY_SETS, "export_hf": False, "sft.epochs": 0, "rl.prompts_per_iteration": 8,
+                        "data.n_train": 32, "eval.batch_size": 8, "rl.epochs": 2, "rl.iterations": 50,
+                        "rl.eval_every": 0, "rerank.epochs": 0,
                         "data.tokenize.max_prompt_len": MAX_PROMPT, "data.tokenize.prompt_buckets": [MAX_PROMPT],
                         "data.tokenize.seq_buckets": [MAX_PROMPT + 192]}.items():
         *head, last = path.split(".")
