@@ -342,7 +342,8 @@ _ALIASES = {"beta": "kl_coef", "kl_beta": "kl_coef", "init_kl_coef": "kl_coef", 
             "cliprange_value": "clip_range_value",
             "lr": "learning_rate", "num_ppo_epochs": "ppo_epochs", "ppo_epochs_per_step": "ppo_epochs",
             "lam": "gae_lambda", "lambda": "gae_lambda", "num_generations": "group_size",
-            "mini_batch_size": "minibatch_size"}
+            "mini_batch_size": "minibatch_size", "num_train_epochs": "epochs", "total_epochs": "epochs",
+            "max_steps": "iterations", "total_training_steps": "iterations"}
 
 
 def _unknown(item: str, path: str, keys: list[str], node, root: dict) -> str:

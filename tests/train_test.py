@@ -710,6 +710,8 @@ def test_an_unknown_set_path_names_its_level_and_the_nearest_settings():
     assert "did you mean sft.optim.learning_rate?" in error("sft.optim.lr")
     assert "rl has no 'ppoo'; did you mean rl.ppo?" in error("rl.ppoo.kl_coef")
     assert "did you mean rl.iterations?" in error("rl.itertions")
+    assert "did you mean rl.epochs?" in error("rl.num_train_epochs") and "sft.epochs?" in error("sft.total_epochs")
+    assert "rl has no 'max_steps'; did you mean rl.iterations?" in error("rl.max_steps")
     assert "(its settings: b1, b2, eps, grad_clip, learning_rate," in error("sft.optim.lr")
     assert "(rl.iterations is a value, not a group of settings)" in error("rl.iterations.x")
     # a name looked up inside a value is found where it is (TRL's `model.dtype`: helper review, session 40)
