@@ -1091,10 +1091,11 @@ def _comparable(d):
     g = d.get("grader")
     if isinstance(g, list) and all(isinstance(p, list) and len(p) == 2 and isinstance(p[0], str) for p in g):
         d = {**d, "grader": dict(g)}
-    prompt = d.get("data", {}).get("prompt") if isinstance(d.get("data"), dict) else None
+    data = d.get("data")
+    prompt = data.get("prompt") if isinstance(data, dict) else None
     if isinstance(prompt, dict) and isinstance(prompt.get("chat_template_kwargs"), dict):
         pairs = [[k, v] for k, v in sorted(prompt["chat_template_kwargs"].items())]
-        d = {**d, "data": {**d["data"], "prompt": {**prompt, "chat_template_kwargs": pairs}}}
+        d = {**d, "data": {**data, "prompt": {**prompt, "chat_template_kwargs": pairs}}}
     return d
 
 

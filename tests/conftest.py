@@ -21,7 +21,7 @@ if _FLAG not in os.environ.get("XLA_FLAGS", ""):
 # that compared such programs bitwise now use a tolerance). XLA aborts the process on a flag it does not know, so a
 # throwaway process is asked first (~2 s, once: the xdist workers inherit the flags), in case a later XLA drops it.
 _OPT = "--xla_backend_optimization_level="
-_LEGACY_EMITTERS = "--xla_cpu_use_fusion_emitters=false"
+_EMITTERS = "--xla_cpu_use_fusion_emitters"
 
 
 def _xla_knows(flag: str) -> bool:
@@ -35,8 +35,8 @@ def _xla_knows(flag: str) -> bool:
 
 if os.environ.get("REFTJAX_TEST_XLA_OPT", "0") != "default" and _OPT not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " " + _OPT + "0"
-    if _LEGACY_EMITTERS.split("=")[0] not in os.environ["XLA_FLAGS"] and _xla_knows(_LEGACY_EMITTERS):
-        os.environ["XLA_FLAGS"] += " " + _LEGACY_EMITTERS
+    if _EMITTERS not in os.environ["XLA_FLAGS"] and _xla_knows(_EMITTERS + "=false"):
+        os.environ["XLA_FLAGS"] += " " + _EMITTERS + "=false"
 # XLA:CPU runs the thunks of every device's programs on one intra-op pool of max(cores, devices) threads ("at least
 # CpuDeviceCount threads to launch one collective", xla/pjrt/cpu/cpu_client.cc), here 8, and a thread that reaches
 # a collective holds its thread until the other devices arrive. Within one device's part of a program, XLA's thunk
