@@ -93,6 +93,28 @@ def started_as_module(package: str) -> bool:
     return target == package or target.startswith(package + ".")
 
 
+TORCH_OPT_IN = "REFTJAX_IMPORT_TORCH"
+
+
+def keep_torch_out() -> bool:
+    """Make torch look uninstalled to this command-line process; returns whether it did.
+
+    reftjax reads and writes checkpoints and runs tokenizers without torch (the README's main command installs
+    none), yet transformers 5 imports torch at start-up wherever it is installed (its config module pulls in its
+    RoPE utilities, its activations the hub kernels' `torch.distributed`): ~2.5 s of a run's start-up on the 2-core
+    host (BUILD_NOTES, session 54), in Colab or any environment that has torch for other work. A command reftjax
+    starts (`python -m experiments.<name>`, `python -m reftjax.<tool>`) runs no torch code, so it sets
+    `sys.modules["torch"] = None`: `importlib.util.find_spec("torch")` then answers None, which is how
+    transformers decides torch is absent, and `import torch` raises ImportError. Not done when torch is already
+    imported, with `REFTJAX_IMPORT_TORCH=1`, nor for an importer (a notebook or program may use torch itself).
+    Child processes (the sandbox's fork-servers, a judge server) start interpreters of their own.
+    """
+    if "torch" in sys.modules or os.environ.get(TORCH_OPT_IN) == "1":
+        return False
+    sys.modules["torch"] = None
+    return True
+
+
 _DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 # XLA:CPU threads a device that `use_core_devices` asks for and `sharding.check_cpu_pool` expects: collectives
 # waiting for the other devices hold their threads, and 4 a device most likely deadlocked once in CI (session 43)

@@ -84,6 +84,27 @@ def test_started_as_module(monkeypatch):
     assert not host.started_as_module("experiments")
 
 
+def test_keep_torch_out_hides_torch_unless_imported_or_asked_for(monkeypatch):
+    """A command reftjax starts tells transformers torch is absent (it imported it, ~2 s, for nothing reftjax
+    runs); torch already imported, or REFTJAX_IMPORT_TORCH=1, leaves it. The CLI's wiring: train_test's OpenAI job
+    run, whose import log holds transformers and no torch."""
+    import importlib.util
+
+    monkeypatch.delenv(host.TORCH_OPT_IN, raising=False)
+    monkeypatch.delitem(sys.modules, "torch", raising=False)
+    assert host.keep_torch_out() and sys.modules["torch"] is None
+    assert importlib.util.find_spec("torch") is None  # what transformers' is_torch_available() asks
+    with pytest.raises(ImportError):
+        import torch  # noqa: F401
+    assert not host.keep_torch_out() and sys.modules["torch"] is None  # already decided: unchanged
+    imported = object()
+    monkeypatch.setitem(sys.modules, "torch", imported)
+    assert not host.keep_torch_out() and sys.modules["torch"] is imported
+    monkeypatch.delitem(sys.modules, "torch")
+    monkeypatch.setenv(host.TORCH_OPT_IN, "1")
+    assert not host.keep_torch_out() and "torch" not in sys.modules
+
+
 # First processor blocks of /proc/cpuinfo as three kinds of host print them (abridged flag lists).
 _ZEN3 = """processor\t: 0
 vendor_id\t: AuthenticAMD

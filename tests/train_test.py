@@ -1171,9 +1171,14 @@ def test_openai_format_prompts_train_with_rl_alone(tiny_hf_dir, tmp_path, shared
              # and the reward-hacking guards reach the RL rewards from the config (every completion is >= 1 token)
              "--set", "rl.guards.enabled=true", "--set", "rl.guards.max_tokens=1",
              "--set", "eval_before_sft=true"]  # without a warm-up it must not evaluate the same weights twice
-    done = subprocess.run(_cmd(tiny_hf_dir, out, extra), cwd=ROOT, env=_env(), capture_output=True, text=True,
+    python, *cmd = _cmd(tiny_hf_dir, out, extra)
+    done = subprocess.run([python, "-X", "importtime", *cmd], cwd=ROOT, env=_env(), capture_output=True, text=True,
                           timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
+    # transformers read the tokenizer without importing torch, installed or not: the command keeps it out (an import
+    # that fails is logged too: tensorboardX tries `import torch`; torch itself would bring torch._C and the rest)
+    imported = {line.rsplit("|", 1)[1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
+    assert "transformers.tokenization_utils_base" in imported and not [m for m in imported if m.startswith("torch.")]
     began = json.loads((out / "config.json").read_text())
     assert (began["data"]["train_file"], began["data"]["val_file"], began["data"]["test_file"]) == (
         str(train), str(val), str(val))
