@@ -151,7 +151,8 @@ def test_notebook_run_cell_resumes_an_older_run_and_reports_an_interrupt(monkeyp
 def test_notebook_last_cell_shows_the_summary_and_every_plot_the_run_drew(monkeypatch, tmp_path):
     """The last cell showed four fixed plots: with a grader that gives partial credit the best checkpoint is chosen by
     the validation mean score, whose plot (val_mean_score.png) it never showed. Now it shows `plot_names` of the
-    run's selection metric, in order, after summary.md; nothing before the run has finished."""
+    run's selection metric, in order, after summary.md; nothing before the run has finished, and after a kernel
+    restart it says to run the cells above (a NameError before)."""
     import dataclasses
 
     from reftjax.config import ExperimentConfig
@@ -170,6 +171,9 @@ def test_notebook_last_cell_shows_the_summary_and_every_plot_the_run_drew(monkey
         (tmp_path / "plots" / f"{name}.png").write_bytes(name.encode())
     exec(_cells()[-1], {"OUT": tmp_path, "cfg": ExperimentConfig()})
     assert shown == []  # no summary.md: the run has not finished
+    # after a kernel restart (no OUT, no cfg): what to do, not a NameError (session 53's list)
+    with pytest.raises(RuntimeError, match=r"^run the cells above first: after a kernel restart .* resumes the run"):
+        exec(_cells()[-1], {})
     (tmp_path / "summary.md").write_text("# the run\n")
     for cfg, want in ((dataclasses.replace(ExperimentConfig(), grader=sim), names), (ExperimentConfig(), names[:4])):
         shown.clear()
