@@ -494,7 +494,8 @@ def parse_args(argv=None) -> tuple[ExpConfig, argparse.Namespace]:
         if f.type in ("int", "float", "bool", "str"):
             kind = {"int": int, "float": float, "bool": _bool, "str": str}[f.type]
             ap.add_argument("--" + f.name.replace("_", "-"), type=kind, metavar=f.type.upper(),
-                            help=f"default {getattr(ExpConfig, f.name)}")
+                            help=f"default {getattr(ExpConfig, f.name)}"
+                            + (f" ({QUICK[f.name]} with --quick)" if f.name in QUICK else ""))
     args = ap.parse_args(argv)
     overrides = dict(QUICK) if args.quick else {}
     overrides.update({f.name: getattr(args, f.name) for f in dataclasses.fields(ExpConfig)

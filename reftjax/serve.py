@@ -304,7 +304,9 @@ def start_server(params, model_cfg, tokenizer, cfg: ServeConfig = ServeConfig(),
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m reftjax.serve", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="default", help="checkpoint: HF directory, .gguf file, hub id or default")
-    parser.add_argument("--name", default=None, help="the model name it answers to (default: the source's name)")
+    parser.add_argument("--name", default=None,
+                        help="the model name it lists and replies with; requests may name any "
+                             "(default: the source's name)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--batch-size", type=int, default=8, help="rows per batch (requests run together)")

@@ -1,6 +1,6 @@
 """The ReFT pipeline as one function: load -> SFT warm-up [-> verifier] -> RL rounds with validation -> test.
 
-`run(cfg, out_dir)` is a short host loop over the jitted steps (no trainer
+`run(cfg, out_dir)` is a host loop over the jitted steps (no trainer
 object). Each phase is resumable: SFT and RL checkpoints (Orbax, async) hold
 the train state, the data-loader position and loop counters; the SFT policy
 that becomes the frozen reference is the final SFT checkpoint (`sft_done.json` names it). Rerunning the
@@ -1218,8 +1218,9 @@ def _claimed(out: pathlib.Path, made: list = ()):
 
 
 def run(cfg: ExperimentConfig, out_dir: str | pathlib.Path, *, progress: bool = True) -> dict:
-    """Run (or resume) the whole ReFT pipeline; returns the summary dict. One run at a time per directory: a second
-    one started while the first runs stops with a RunDirError."""
+    """Run (or resume) the whole ReFT pipeline; returns the summary dict (summary.json's), or, when Ctrl-C or
+    SIGTERM stopped it at a checkpoint, `{"status": "interrupted", "phase": ...}` (rerun to resume). One run at a
+    time per directory: a second one started while the first runs stops with a RunDirError."""
     if "://" in str(out_dir):  # pathlib folds gs://b/run into a local gs:/b/run, found at the first checkpoint
         raise RunDirError(f"{out_dir}: the output directory must be a local (or mounted) path; URLs are not "
                           f"supported (mount the bucket, e.g. with gcsfuse, and pass the mount's path)")

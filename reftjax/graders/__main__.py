@@ -2,7 +2,7 @@
 
 `run` prints one JSON line per sample: {"index", "score", "extracted", "error"[, "details"]}.
 Each samples line is `{"item": {...reference fields...}, "sample": {"output_text": "..."}}`.
-`validate` builds the grader (and checks it against the first sample's item when given), and runs a
+`validate` builds the grader (and checks it against every sample's item when given), and runs a
 `python` grader's imports once in the sandbox (`--preimport` adds modules it may import). A `multi` formula that
 can leave [0, 1] (where scores are clipped) is a warning on stderr, and `validate` lists it under "warnings". `run`
 asks a model-based grader's endpoint for its models first (`validate` stays offline).
@@ -48,10 +48,11 @@ def main(argv=None) -> int:
                         help="run: grade every sample (one JSON line each); validate: build and check the grader")
     parser.add_argument("--grader", required=True, help="grader config JSON file")
     parser.add_argument("--samples", help="JSONL of {item, sample} (required for run)")
-    parser.add_argument("--timeout-s", type=float, default=2.0, help="python graders: wall clock per sample")
-    parser.add_argument("--memory-mb", type=int, default=1024, help="python graders: address space per sample")
+    parser.add_argument("--timeout-s", type=float, default=2.0,
+                        help="sandboxed graders (python, math_equiv, P-CoT programs): wall clock per sample")
+    parser.add_argument("--memory-mb", type=int, default=1024, help="sandboxed graders: address space per sample")
     parser.add_argument("--preimport", default="", metavar="M1,M2",
-                        help="modules python graders may import beyond the standard ones, numpy and rapidfuzz")
+                        help="modules sandboxed programs may import beyond the standard ones, numpy and rapidfuzz")
     args = parser.parse_args(argv)
     try:
         with open(args.grader, encoding="utf-8") as f:
