@@ -85,7 +85,7 @@ def test_started_as_module(monkeypatch):
 
 
 def test_keep_torch_out_hides_torch_unless_imported_or_asked_for(monkeypatch):
-    """A command reftjax starts tells transformers torch is absent (it imported it, ~2 s, for nothing reftjax
+    """A command reftjax starts tells transformers torch is absent (it imported it, ~2.5 s, for nothing reftjax
     runs); torch already imported, or REFTJAX_IMPORT_TORCH=1, leaves it. The CLI's wiring: train_test's OpenAI job
     run, whose import log holds transformers and no torch."""
     import importlib

@@ -1172,7 +1172,8 @@ def test_openai_format_prompts_train_with_rl_alone(tiny_hf_dir, tmp_path, shared
              "--set", "rl.guards.enabled=true", "--set", "rl.guards.max_tokens=1",
              "--set", "eval_before_sft=true"]  # without a warm-up it must not evaluate the same weights twice
     python, *cmd = _cmd(tiny_hf_dir, out, extra)
-    done = subprocess.run([python, "-X", "importtime", *cmd], cwd=ROOT, env=_env(), capture_output=True, text=True,
+    env = {k: v for k, v in _env().items() if k != "REFTJAX_IMPORT_TORCH"}  # (a user's opt-in would keep torch)
+    done = subprocess.run([python, "-X", "importtime", *cmd], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     # transformers read the tokenizer without importing torch, installed or not: the command keeps it out (an import
