@@ -11,6 +11,8 @@ for nothing reftjax runs; `REFTJAX_IMPORT_TORCH=1` keeps it).
 """
 from reftjax.host import host_allocator_mode, keep_torch_out, started_as_module, use_hugepage_malloc
 
-HOST_ALLOCATOR = use_hugepage_malloc() if started_as_module(__name__) else host_allocator_mode()
 if started_as_module(__name__):
+    HOST_ALLOCATOR = use_hugepage_malloc()
     keep_torch_out()
+else:
+    HOST_ALLOCATOR = host_allocator_mode()

@@ -14,3 +14,10 @@ class _TorchFreeFilter(logging.Filter):
 
 
 logging.getLogger("transformers").addFilter(_TorchFreeFilter())
+
+# `python -m reftjax.<tool>` (data, models, graders, serve) runs no torch code: transformers is told torch is not
+# installed, as for `python -m experiments.<name>` (`host.keep_torch_out`); an import of reftjax changes nothing
+from reftjax.host import keep_torch_out, started_as_module  # noqa: E402
+
+if started_as_module(__name__):
+    keep_torch_out()

@@ -95,7 +95,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from reftjax.host import keep_torch_out
-
-    keep_torch_out()  # transformers would import torch, unused here (~2.5 s)
     sys.exit(main())
