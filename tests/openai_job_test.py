@@ -171,6 +171,21 @@ _HYPER = "method.reinforcement.hyperparameters."
     ({_HYPER + "eval_interval": -2}, "eval_interval: expected an integer >= 1"),
     ({_HYPER + "batch_size": 11}, "batch_size: an epoch of 10 training examples holds no batch of 11 prompts"),
     ({_HYPER + "batch_size": 11, _HYPER + "n_epochs": "auto"}, "batch_size: an epoch of 10 training examples"),
+    # a null field is left out: a null validation file is none (the test split would be GSM8K's)
+    ({"validation_file": None}, "validation_file: missing: the test split would be GSM8K's"),
+    ({"model": "GPT-4o"}, 'model: "GPT-4o" is an OpenAI model'),
+    ({"method.type": _DROP}, 'method.type: null: reftjax runs "reinforcement" jobs'),
+    ({"method.type": "supervised", "method.supervised": {"hyperparameters": {"n_epochs": 1}}},
+     'method.type: "supervised": reftjax runs "reinforcement" jobs'),
+    ({"training_file": ""}, 'training_file: expected a file path, got ""'),
+    ({"training_file": "data"}, "training_file: data: no such file"),  # (a folder)
+    ({_HYPER + "learning_rate_multiplier": 0}, 'learning_rate_multiplier: expected a number > 0 or "auto", got 0'),
+    ({_HYPER + "learning_rate_multiplier": float("inf")}, "learning_rate_multiplier: expected a number > 0"),
+    ({_HYPER + "learning_rate_multiplier": True}, "learning_rate_multiplier: expected a number > 0"),
+    ({"seed": True}, "seed: expected an integer >= 0, got true"),
+    # the grader's message says "named": the job's field is that of the setting named first (grader), not suffix
+    ({"method.reinforcement.grader": {"type": "multi", "graders": {}, "calculate_output": "a"}},
+     "job.json: method.reinforcement.grader: grader.graders: must be a non-empty object of named graders"),
 ])
 def test_a_job_reftjax_cannot_run_as_written_is_refused_naming_the_file_and_field(tmp_path, changes, says):
     from reftjax.openai_job import JobError
@@ -179,6 +194,69 @@ def test_a_job_reftjax_cannot_run_as_written_is_refused_naming_the_file_and_fiel
     with pytest.raises(JobError) as e:
         _resolve("--openai-job", str(job))
     assert str(e.value).startswith(f"{job}: ") and says in str(e.value), str(e.value)
+
+
+def test_a_minimal_job_keeps_the_preset_and_null_or_neutral_fields_are_accepted(tmp_path):
+    """A job of files and a grader alone keeps the preset's model, seed and RL settings; null fields are left out, and
+    the refused fields' values that ask for what reftjax does anyway (compute_multiplier 1, reasoning_effort
+    "default", no integrations) run. A batch of all the training examples is one batch an epoch; a seed of 0 (the
+    job's, or --seed's over the job's) is a seed."""
+    from experiments.gsm8k_reft import preset_config
+
+    preset = preset_config("cpu")
+    expected = ("default", 0, 8, None, 3, 3e-6)  # the cpu preset's (written out: not read from the code under test)
+    assert (preset.model, preset.seed, preset.rl.prompts_per_iteration, preset.rl.epochs, preset.rl.eval_every,
+            preset.rl.optim.learning_rate) == expected
+
+    def settings(cfg):
+        return (cfg.model, cfg.seed, cfg.rl.prompts_per_iteration, cfg.rl.epochs, cfg.rl.eval_every,
+                cfg.rl.optim.learning_rate)
+
+    minimal = _job(tmp_path, model=_DROP, seed=_DROP, suffix=_DROP, metadata=_DROP,
+                   **{"method.reinforcement.hyperparameters": _DROP})
+    cfg = _resolve("--openai-job", str(minimal))
+    assert settings(cfg) == expected and cfg.data.train_file == str(tmp_path / "data" / "train.jsonl")
+    nulls = {_HYPER + k: None for k in ("batch_size", "n_epochs", "learning_rate_multiplier", "eval_interval",
+                                        "compute_multiplier", "eval_samples", "reasoning_effort")}
+    cfg = _resolve("--openai-job", str(_job(tmp_path, model=None, seed=None, suffix=None, integrations=None,
+                                            **nulls)))
+    assert settings(cfg) == expected and cfg.name != "None"
+    neutral = _job(tmp_path, seed=0, integrations=[], **{_HYPER + "compute_multiplier": 1, _HYPER + "batch_size": 10})
+    cfg = _resolve("--openai-job", str(neutral))
+    assert (cfg.seed, cfg.rl.prompts_per_iteration, cfg.rl.epochs) == (0, 10, 2)
+    assert cfg.rl.with_epochs_counted(10).iterations == 2
+    assert _resolve("--openai-job", str(_job(tmp_path)), "--seed", "0").seed == 0  # (the job's seed is 7)
+
+
+def test_a_job_named_by_a_relative_path_or_with_home_paths_names_its_files_absolutely(tmp_path, monkeypatch):
+    train, val = str(tmp_path / "data" / "train.jsonl"), str(tmp_path / "data" / "val.jsonl")
+    _job(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    for path in ("job.json", os.path.join("data", "..", "job.json")):
+        d = _resolve("--openai-job", path).data
+        assert (d.train_file, d.val_file, d.test_file) == (train, val, val), path
+    monkeypatch.chdir(tmp_path / "data")
+    assert _resolve("--openai-job", os.path.join("..", "job.json")).data.train_file == train
+    monkeypatch.setenv("HOME", str(tmp_path / "data"))
+    assert _resolve("--openai-job", str(_job(tmp_path, training_file="~/train.jsonl"))).data.train_file == train
+
+
+def test_an_error_is_the_jobs_when_its_settings_alone_fail_else_the_command_lines(tmp_path):
+    """Both at fault: the job's own error, its field named (not the command line's error named as the job's); a job
+    error the command line mends (a training file large enough for the job's batch) leaves the command line's."""
+    from reftjax.openai_job import JobError
+
+    bad = _job(tmp_path, **{"method.reinforcement.grader": {**GRADER, "operation": "nope"}})
+    with pytest.raises(JobError) as e:
+        _resolve("--openai-job", str(bad), "--seed", "-1")
+    assert str(e.value) == f"{bad}: method.reinforcement.grader: grader: operation must be eq, ne, like or ilike"
+    (tmp_path / "data" / "big.jsonl").write_text(_rows(40))
+    big = "data.train_file=" + json.dumps(str(tmp_path / "data" / "big.jsonl"))
+    job = _job(tmp_path, **{_HYPER + "batch_size": 11})
+    assert _resolve("--openai-job", str(job), "--set", big).rl.prompts_per_iteration == 11
+    with pytest.raises(ValueError) as e:
+        _resolve("--openai-job", str(job), "--set", big, "--seed", "-1")
+    assert not isinstance(e.value, JobError) and str(e.value) == "seed must be >= 0, got -1", str(e.value)
 
 
 def test_the_model_is_read_from_the_job_files_folder_and_a_local_folder_named_like_an_openai_model_loads(
@@ -298,3 +376,9 @@ def test_n_epochs_is_rl_epochs_and_a_run_begun_before_rl_epochs_keeps_its_counte
         RLConfig(epochs=-1)
     assert not RLConfig(iterations=5, epochs=0).runs and RLConfig(iterations=5).runs
     assert RLConfig(epochs=3, prompts_per_iteration=4).with_epochs_counted(11).iterations == 6
+    # a run begun before rl.epochs with batches of 4: n_epochs x whole batches, 2 x (10 // 4) = 4 (not 2 x 10 // 4)
+    out4 = tmp_path / "out4"
+    out4.mkdir()
+    (out4 / "config.json").write_text(json.dumps({**began, "rl": {**began["rl"], "prompts_per_iteration": 4}}))
+    job4 = str(_job(tmp_path, **{_HYPER + "batch_size": 4}))
+    assert _resolve("--openai-job", job4, "--out", str(out4)).rl.iterations == 4

@@ -1149,6 +1149,100 @@ def test_a_rerun_may_change_only_how_the_run_is_saved_and_laid_out(tmp_path):
         _check_same_run(path, to_dict(cfg))
 
 
+def test_resume_edges_rl_epochs_locations_judges_earlier_settings_and_long_refusals(tmp_path):
+    """Edges of what a rerun may change that the tests above leave out (mutation review, session 55): rl.epochs 0
+    (no RL) frees rl.iterations and the RL batch checks whatever rl.iterations says, and counts 0 iterations; the
+    test file moves like the other files (path -> path with digests, never to null); a label_model's judge and its
+    API key variable may move; a batch size is no layout setting; data.prompt.bos is kept at false (no BOS), the
+    first of what a run begun before it did; a config.json that is no JSON leaves the settings to `run`'s check; a
+    refusal of many keys names six and counts the rest; config helpers copy lists and refuse a sub-config set both
+    as a whole and by field."""
+    import types
+
+    from experiments.gsm8k_reft import preset_config
+    from reftjax import train as T
+    from reftjax.config import RLConfig, replace_path, replace_paths, to_dict, to_json
+    from reftjax.data.records import DataError
+    from reftjax.sharding import MeshConfig, make_mesh
+
+    cfg = preset_config("cpu")  # sft.batch_size 8, rl.iterations 6, rl.epochs null
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(to_json(cfg)))
+    for key, value in (("rl.samples_per_iteration", 0), ("export_dtype", "bfloat16")):  # saving: free
+        T._check_same_run(path, to_dict(replace_path(cfg, key, value)))
+    with pytest.raises(T.RunDirError, match=r"other settings \(sft.batch_size: 8 -> 4\); rerunning"):
+        T._check_same_run(path, to_dict(replace_path(cfg, "sft.batch_size", 4)))
+    # rl.epochs 0 in both: no RL, rl.iterations not read (free); from rl.iterations to rl.epochs is a change
+    off = replace_paths(cfg, {"rl.epochs": 0, "rl.iterations": 5})
+    path.write_text(json.dumps(to_json(off)))
+    T._check_same_run(path, to_dict(replace_path(off, "rl.iterations", 7)))
+    with pytest.raises(T.RunDirError, match=r"other settings \(rl.epochs: 0 -> 1\)"):
+        T._check_same_run(path, to_dict(replace_path(off, "rl.epochs", 1)))
+    assert RLConfig(epochs=0, iterations=100).with_epochs_counted(64).iterations == 0  # (RL would run 100)
+    assert RLConfig(epochs=3, iterations=100, prompts_per_iteration=8).with_epochs_counted(7).iterations == 0
+    # ... and the RL batch is no bound then, whatever rl.iterations says; rl.epochs 1 with rl.iterations 0 runs RL
+    split = type("Split", (list,), {"stats": {"examples": 4}})
+    data = types.SimpleNamespace(train_ds=split([0] * 4))
+    small = replace_paths(cfg, {"sft.batch_size": 4, "rl.prompts_per_iteration": 8, "rl.epochs": 0})
+    T.check_train_size(small, data)
+    with pytest.raises(DataError, match=r"fewer than one batch of rl.prompts_per_iteration=8"):
+        T.check_train_size(replace_paths(small, {"rl.epochs": 1, "rl.iterations": 0}), data)
+    mesh = make_mesh(MeshConfig(data=2, fsdp=4))
+    odd = replace_paths(cfg, {"eval.batch_size": 8, "rl.prompts_per_iteration": 3, "rl.epochs": 0})
+    T.check_batch_sizes(odd, mesh)
+    with pytest.raises(T.SettingsError, match=r"^rl.prompts_per_iteration=3: must be a multiple of the 8 devices"):
+        T.check_batch_sizes(replace_paths(odd, {"rl.epochs": 1, "rl.iterations": 0}), mesh)
+    # the test file is a location as the others are: another path with the digests, not null, not by path alone
+    files = {"data.train_file": "/a/t.jsonl", "data.train_format": "reft", "data.test_file": "/a/x.jsonl"}
+    on_files = replace_paths(cfg, files)
+    path.write_text(json.dumps(to_json(on_files)))
+    T._check_same_run(path, to_dict(replace_path(on_files, "data.test_file", "/b/x.jsonl")), content_checked=True)
+    with pytest.raises(T.RunDirError, match=r'other settings \(data.test_file: "/a/x.jsonl" -> "/b/x.jsonl"\)'):
+        T._check_same_run(path, to_dict(replace_path(on_files, "data.test_file", "/b/x.jsonl")))
+    with pytest.raises(T.RunDirError, match=r'other settings \(data.test_file: "/a/x.jsonl" -> null\)'):
+        T._check_same_run(path, to_dict(replace_path(on_files, "data.test_file", None)), content_checked=True)
+    with pytest.raises(T.RunDirError, match=r'other settings \(data.train_format: "reft" -> "gsm8k-jsonl"\)'):
+        T._check_same_run(path, to_dict(replace_path(on_files, "data.train_format", "gsm8k-jsonl")),
+                          content_checked=True)
+    # a label_model's judge may move and read its key from another variable; what it asks may not change
+    label = {"type": "label_model", "model": "m", "input": "{{sample.output_text}}", "labels": ["yes", "no"],
+             "passing_labels": ["yes"], "base_url": "http://a:1/v1"}
+    path.write_text(json.dumps(to_json(replace_path(cfg, "grader", label))))
+    T._check_same_run(path, to_dict(replace_path(cfg, "grader", {**label, "base_url": "http://b:2/v1",
+                                                                  "api_key_env": "OTHER_KEY", "retries": 9})))
+    with pytest.raises(T.RunDirError, match=r'other settings \(grader.passing_labels: \["yes"\] -> \["no"\]\)'):
+        T._check_same_run(path, to_dict(replace_path(cfg, "grader", {**label, "passing_labels": ["no"]})))
+    # eight changed keys: the first six (sorted) shown, the other two counted
+    path.write_text(json.dumps(to_json(cfg)))
+    many = replace_paths(cfg, {"seed": 9, "rl.ppo.kl_coef": 0.5, "rl.eval_every": 2, "sft.epochs": 2, "data.n_val": 7,
+                               "data.n_test": 5, "eval.batch_size": 4, "name": "x"})
+    with pytest.raises(T.RunDirError, match=r"other settings \(data.n_test: 32 -> 5, data.n_val: 16 -> 7, "
+                                            r"eval.batch_size: 16 -> 4, name: \"gsm8k_reft_cpu\" -> \"x\", "
+                                            r"rl.eval_every: 3 -> 2, rl.ppo.kl_coef: 0.05 -> 0.5 and 2 more\); "):
+        T._check_same_run(path, to_dict(many))
+    # data.prompt.bos (session 28): a run begun before it added no BOS, so true is kept at false (not null)
+    out = tmp_path / "run"
+    out.mkdir()
+    began = to_dict(cfg)
+    del began["data"]["prompt"]["bos"]
+    (out / "config.json").write_text(json.dumps(began))
+    bos = replace_path(cfg, "data.prompt.bos", True)
+    assert T.keep_earlier_settings(bos, out).data.prompt.bos is False
+    assert T.keep_earlier_settings(bos, out, {"data.prompt.bos"}) == bos
+    assert T.keep_earlier_settings(replace_path(cfg, "data.prompt.bos", None), out).data.prompt.bos is None
+    (out / "config.json").write_text('{"rl": ')  # cut short: run() reports it ("unreadable"), this passes it over
+    assert T.keep_earlier_settings(bos, out) == bos
+    # to_dict copies lists too (a judge's messages); a sub-config set whole and by field at once is refused
+    judge = replace_path(cfg, "grader", {"type": "score_model", "model": "m", "range": [0, 10],
+                                         "input": [{"role": "user", "content": "{{sample.output_text}}"}]})
+    d = to_dict(judge)
+    d["grader"]["input"].append({"role": "user", "content": "more"})
+    d["grader"]["range"][1] = 5
+    assert (len(judge.grader["input"]), judge.grader["range"]) == (1, [0, 10])
+    with pytest.raises(ValueError, match=r"\['rl'\]: set as a whole and by field in one update"):
+        replace_paths(cfg, {"rl": cfg.rl, "rl.iterations": 3})
+
+
 def test_openai_format_prompts_train_with_rl_alone(tiny_hf_dir, tmp_path, shared_data):
     """An RFT-style file (messages + reference fields, no chain of thought) used to fail in the data step (SFT
     targets required) and its reference field never reached the grader. With sft.epochs=0 the run goes straight to
