@@ -156,7 +156,7 @@ def build_parser(prog: str = "python -m experiments.gsm8k_reft", description: st
                    help="override any config field, e.g. --set rl.iterations=20 --set rl.ppo.kl_coef=0.01 "
                         "(VALUE is JSON; repeatable)")
     p.add_argument("--seed", type=int, default=None,
-                   help="run seed (>= 0): data order, RL sampling and the evaluations' voting samples (the "
+                   help="run seed (0 to 2**32 - 1): data order, RL sampling and the evaluations' voting samples (the "
                         "train/validation split is data.seed, the value head's init rl.value_head_seed, the "
                         "verifier's samples rerank.seed)")
     p.add_argument("--no-progress", action="store_true", help="disable progress bars")

@@ -24,6 +24,14 @@ from reftjax.sharding import MeshConfig
 from reftjax.steps import OptimConfig, PPOConfig
 
 
+def check_key_seed(name: str, seed: int) -> None:
+    """Refuse a seed of 2**32 or more: `jax.random.key` keeps its low 32 bits, so such a seed would sample exactly as
+    a smaller one (2**32 + 5 as 5) while NumPy's data order differed, and 2**64 failed only once the run used it."""
+    if seed >= 2**32:
+        raise ValueError(f"{name} must be < 2**32 (a JAX PRNG key keeps its low 32 bits: {seed} would sample as "
+                         f"{seed % 2**32}), got {seed}")
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     """Attributes:
@@ -209,6 +217,7 @@ class RLConfig:
             raise ValueError("rl.sampling.pad_id: the run pads with the tokenizer's pad token; leave it unset")
         if self.value_head_seed < 0:
             raise ValueError(f"rl.value_head_seed must be >= 0, got {self.value_head_seed}")
+        check_key_seed("rl.value_head_seed", self.value_head_seed)
         if self.ppo.share_prompt and self.ppo.algo == "ppo" and s.n != self.ppo.group_size:
             raise ValueError(f"rl.ppo.share_prompt packs rl.ppo.group_size={self.ppo.group_size} samples per prompt "
                              f"but rl.sampling.n={s.n}: set them equal")
@@ -337,6 +346,7 @@ class ExperimentConfig:
             raise ValueError(f"remat must be 'none', 'full' or 'dots', got {self.remat!r}")
         if self.seed < 0:  # (NumPy's generators refuse it: the loaders failed after the pre-SFT evaluation)
             raise ValueError(f"seed must be >= 0, got {self.seed}")
+        check_key_seed("seed", self.seed)
         try:  # the spec's structure, cheaply (no program runs, no item is read): a bad one was taken by
             # --print-config, exit 0, and refused only by run() (review)
             grader = self.grader_dict

@@ -222,8 +222,8 @@ def job_settings(job: dict, path: str) -> Job:
     if model and os.path.exists(os.path.join(base, os.path.expanduser(model))):  # a path, as the data files are read
         model = os.path.normpath(os.path.join(base, os.path.expanduser(model)))
     seed = top.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-        fail("seed", f"expected an integer >= 0, got {json.dumps(seed)}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32):
+        fail("seed", f"expected an integer from 0 to 2**32 - 1, got {json.dumps(seed)}")
     return Job(path, tuple(f"{k}={json.dumps(v)}" for k, v in sets), model, seed, n_epochs,
                None if lr is None else float(lr), hyper.get("batch_size"), "validation_file" in top)
 

@@ -95,6 +95,9 @@ class RerankConfig:
         if (self.n_questions is not None and self.n_questions < 1) or self.max_new_tokens < 1 or self.seed < 0:
             raise ValueError(f"rerank: need n_questions >= 1 or null, max_new_tokens >= 1 and seed >= 0; got "
                              f"{self.n_questions}, {self.max_new_tokens}, {self.seed}")
+        if self.seed >= 2**32:  # (`config.check_key_seed`'s reason: jax.random.key keeps the low 32 bits)
+            raise ValueError(f"rerank.seed must be < 2**32 (a JAX PRNG key keeps its low 32 bits: {self.seed} would "
+                             f"sample as {self.seed % 2**32}), got {self.seed}")
         if self.optim.value_head_lr_scale != 1.0:
             raise ValueError("rerank.optim.value_head_lr_scale: the verifier trains at rerank.optim.learning_rate "
                              "throughout; leave it at 1")

@@ -162,7 +162,8 @@ _HYPER = "method.reinforcement.hyperparameters."
     ({_HYPER + "batch_size": True}, _HYPER + "batch_size: expected an integer"),
     ({_HYPER + "n_epochs": 1.5}, _HYPER + "n_epochs: expected an integer"),
     ({_HYPER + "learning_rate_multiplier": -1}, "learning_rate_multiplier: expected a number > 0"),
-    ({"seed": -1}, "seed: expected an integer >= 0"),
+    ({"seed": -1}, "seed: expected an integer from 0 to 2**32 - 1, got -1"),
+    ({"seed": 2**32}, "seed: expected an integer from 0 to 2**32 - 1, got 4294967296"),
     # the config's own checks of what the job set, naming the job's field
     ({"method.reinforcement.grader": {**GRADER, "operation": "nope"}}, "method.reinforcement.grader: grader: "),
     ({"method.reinforcement.grader": {**GRADER, "operaton": "eq"}}, "method.reinforcement.grader: grader: unknown"),
@@ -182,7 +183,7 @@ _HYPER = "method.reinforcement.hyperparameters."
     ({_HYPER + "learning_rate_multiplier": 0}, 'learning_rate_multiplier: expected a number > 0 or "auto", got 0'),
     ({_HYPER + "learning_rate_multiplier": float("inf")}, "learning_rate_multiplier: expected a number > 0"),
     ({_HYPER + "learning_rate_multiplier": True}, "learning_rate_multiplier: expected a number > 0"),
-    ({"seed": True}, "seed: expected an integer >= 0, got true"),
+    ({"seed": True}, "seed: expected an integer from 0 to 2**32 - 1, got true"),
     # the grader's message says "named": the job's field is that of the setting named first (grader), not suffix
     ({"method.reinforcement.grader": {"type": "multi", "graders": {}, "calculate_output": "a"}},
      "job.json: method.reinforcement.grader: grader.graders: must be a non-empty object of named graders"),

@@ -825,6 +825,11 @@ def test_invalid_settings_fail_before_anything_runs_and_do_not_claim_the_run_dir
                              ("rerank.seed", -1, "seed >= 0; got None, 256, -1"),
                              ("rerank.optim.value_head_lr_scale", 2.0, "the verifier trains at"),
                              ("seed", -1, "seed must be >= 0, got -1"),
+                             # jax.random.key keeps a seed's low 32 bits: 2**32 + 5 sampled as 5 (session 55)
+                             ("seed", 2**32 + 5, "seed must be < 2**32 (a JAX PRNG key keeps its low 32 bits: "
+                                                 "4294967301 would sample as 5), got 4294967301"),
+                             ("rl.value_head_seed", 2**32, "rl.value_head_seed must be < 2**32"),
+                             ("rerank.seed", 2**64, "rerank.seed must be < 2**32"),
                              ("export_dtype", "int8", "export_dtype must be null, 'float32', 'bfloat16' or"),
                              ("sandbox.preimport", ["no_such_module"], "sandbox.preimport: no module named 'no_such"),
                              ("sandbox.timeout_s", 0, "timeout_s must be in (0, 600]"),
@@ -860,6 +865,12 @@ def test_invalid_settings_fail_before_anything_runs_and_do_not_claim_the_run_dir
         node[last] = value
         with pytest.raises(ValueError, match=re.escape(msg)):
             from_dict(bad)
+    top = json.loads(json.dumps(d))
+    top["seed"] = top["rl"]["value_head_seed"] = top["rerank"]["seed"] = 2**32 - 1  # the largest seed: its own key
+    assert from_dict(top).seed == 2**32 - 1
+    import jax  # (the reason, JAX's: a seed past 32 bits repeats one below)
+
+    assert (jax.random.key_data(jax.random.key(2**32 + 5)) == jax.random.key_data(jax.random.key(5))).all()
     d["eval"]["voting_k"], d["eval"]["voting_rows"] = 4, 2
     with pytest.raises(ValueError, match=re.escape("eval.voting_rows=2 is below eval.voting_k=4")):
         from_dict(d)
