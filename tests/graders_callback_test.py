@@ -461,6 +461,24 @@ def test_guard_options_are_checked():
     with pytest.raises(ValueError, match=r"unknown guard options \['max_token'\]"):
         GuardConfig.from_dict({"max_token": 5})
     assert GuardConfig.from_dict({"max_tokens": 5, "action": "discount"}).max_tokens == 5
+    # a negative discount made a negative reward (Grade refused it mid-run), a typo'd action acted as "discount",
+    # an empty marker matched everywhere and a cap of 0 flagged every reply (mutation review, session 55)
+    for bad, message in (({"action": "discount", "discount": -0.5}, r"discount must be in \[0, 1\], got -0.5"),
+                         ({"action": "zeros"}, "action must be 'zero' or 'discount', got 'zeros'"),
+                         ({"markers": ("####", "")}, "markers must be non-empty strings"),
+                         ({"max_tokens": 0}, "max_tokens must be >= 1, got 0")):
+        with pytest.raises(ValueError, match=message):
+            GuardConfig(**bad)
+
+
+def test_guards_strip_the_answer_and_keep_the_grade_s_details():
+    """The answer a grader read is looked for stripped ("42\\n" is the "42" of the text), and a flagged grade keeps
+    its details (a multi grader's sub-scores) beside the guards' (mutation review, session 55)."""
+    assert check(GuardConfig(min_reasoning_chars=5), "abc 42", 3, answer=" 42\n") == ["no_reasoning"]  # "abc": 3
+    assert check(GuardConfig(min_reasoning_chars=5), "abcde 42", 3, answer=" 42\n") == []
+    (out,), _ = apply_guards(GuardConfig(max_tokens=5), ["x"], [9], [Grade(1.0, details={"scores": {"a": 1.0}})])
+    assert out.score == 0.0
+    assert out.details == {"scores": {"a": 1.0}, "guards": ["too_long"], "score_before_guards": 1.0}
 
 
 def test_a_grader_failure_is_every_row_faulted_not_some():

@@ -141,6 +141,15 @@ def test_math_equiv_refuses_a_prediction_that_is_code():
       "calculate_output": "1 / (a - b) + max(a)"}, "max\\(\\) takes 2 or more arguments"),
     ({"type": "multi", "graders": {"a": {"type": "gsm8k"}}, "calculate_output": "a % 2"}, "unsupported expression"),
     ({"type": "multi", "graders": {"a": {"type": "gsm8k"}}, "calculate_output": "sqrt(a, 2)"}, "sqrt\\(\\) takes 1"),
+    # OpenAI's min/max take two or more numbers, and no keywords (a `key=` was accepted and then ignored); `not a` is
+    # Python's, not OpenAI's (mutation review, session 55)
+    ({"type": "multi", "graders": {"a": {"type": "gsm8k"}}, "calculate_output": "min(a)"},
+     "min\\(\\) takes 2 or more"),
+    ({"type": "multi", "graders": {"a": {"type": "gsm8k"}}, "calculate_output": "max(a, a, key=abs)"},
+     "max\\(\\) takes 2 or more arguments, got 'max\\(a, a, key=abs\\)'"),
+    ({"type": "multi", "graders": {"a": {"type": "gsm8k"}}, "calculate_output": "not a"},
+     "unsupported expression 'not a'"),
+    ({"type": "multi", "graders": {}, "calculate_output": "1"}, "grader.graders: must be a non-empty object"),
     ({"type": "reft", "cot": "java"}, "cot must be one of"),
     ({"type": "reft", "answer_feld": "x"}, "unknown keys"),
     # a template that is not a string passed validation and failed at the first grade as a TypeError (helper review)
@@ -171,6 +180,8 @@ def test_python_graders_that_can_take_sample_and_item_are_accepted(signature):
     "def deco(f):\n    def w(s, i):\n        return f(s, i, 1)\n    return w\n@deco\ndef grade(s, i, r):\n    return r",
     "import functools\ndef grade(s, i, scale):\n    return scale\ngrade = functools.partial(grade, scale=1.0)",
     "def grade(s):\n    return 1\nif True:\n    def grade(s, i):\n        return 1",
+    # an import that rebinds the name, as a reassignment does (mutation review, session 55)
+    "def grade(s):\n    return 1\nfrom operator import add as grade",
 ])
 def test_a_grade_name_bound_otherwise_than_by_plain_defs_is_not_judged_by_a_def(source):
     """The arguments check refused a decorated grade, a partial of it and a def under `if` that are called as
@@ -572,6 +583,7 @@ _SIM = {"type": "text_similarity", "input": "{{sample.output_text}}", "reference
      "grader.range: must be \\[low, high\\] with low < high, got \\[1, 0\\]"),
     ({**_SIM, "range": "0-1"}, "grader.range: must be \\[low, high\\]"),
     ({**_SIM, "range": [0]}, "grader.range: must be \\[low, high\\] with low < high, got \\[0\\]"),
+    ({**_SIM, "range": [1, 1]}, "grader.range: must be \\[low, high\\] with low < high, got \\[1, 1\\]"),
     ({**_SIM, "range": [0, 10]}, "grader.range: \\[0, 10\\] is not supported: the graders of this version score "
                                  "in \\[0, 1\\]"),
 ])
@@ -676,8 +688,8 @@ def test_text_similarity_of_unrelated_texts_is_zero_and_records_the_input():
     (mutation review, session 46)."""
     assert bleu("dogs bark", "the cat sat") == 0.0
     item = {"answer": "a b c d e g"}
-    for metric, near in (("bleu", None), ("rouge_1", 5 / 6), ("rouge_3", 0.75), ("rouge_5", 0.5), ("rouge_l", 5 / 6),
-                         ("fuzzy_match", None)):
+    for metric, near in (("bleu", None), ("rouge_1", 5 / 6), ("rouge_2", 0.8), ("rouge_3", 0.75), ("rouge_4", 2 / 3),
+                         ("rouge_5", 0.5), ("rouge_l", 5 / 6), ("fuzzy_match", None)):
         cfg = {"type": "text_similarity", "input": "{{sample.output_text}}", "reference": "{{item.answer}}",
                "evaluation_metric": metric}
         grade = _one(cfg, "zzz", item)
@@ -774,3 +786,61 @@ def test_gsm8k_defaults_give_way_to_the_config_and_a_sample_item_s_bad_gold_is_a
     assert g.grade_batch([{"answer_value": "7"}], ["so 3 + 4\n#### 7"])[0].score == 1.0
     with pytest.raises(ConfigError, match="grader does not fit the sample item: gold answer 'three'"):
         validate_grader({"type": "reft"}, {"answer_value": "three"})
+
+
+def test_fuzzy_match_is_the_character_ratio_not_a_token_or_partial_match():
+    """fuzzy_match is `fuzz.ratio / 100`: 2 * LCS / (len a + len b) over the characters as written. "France Paris" and
+    "Paris France" share at most 6 characters in order ("France"): 12 / 24 (WRatio scored them 0.95, partial_ratio
+    0.67; no test told them apart: mutation review, session 55). Case counts: "paris" keeps 4 of "Paris"' 5."""
+    cfg = {"type": "text_similarity", "input": "{{sample.output_text}}", "reference": "{{item.answer}}",
+           "evaluation_metric": "fuzzy_match"}
+    assert _one(cfg, "France Paris", {"answer": "Paris France"}).score == pytest.approx(0.5)
+    assert _one(cfg, "paris", ITEM).score == pytest.approx(0.8)  # "aris": 8 / 10
+
+
+def test_a_completion_nested_too_deep_for_json_is_graded_as_text():
+    """A reply of 100,000 `[` makes json.loads raise RecursionError, not ValueError: it is text that is not JSON, so
+    output_text graders grade it and output_json fields are missing (the model's doing), not a grader error."""
+    deep = "[" * 100000
+    eq = {"type": "string_check", "input": "{{sample.output_text}}", "reference": "{{item.answer}}", "operation": "eq"}
+    grade = _one(eq, deep, {"answer": deep})
+    assert (grade.score, grade.error) == (1.0, None)
+    grade = _one({**eq, "input": "{{sample.output_json.city}}"}, deep)
+    assert grade.score == 0.0 and not is_fault(grade) and "not found" in grade.error
+
+
+def test_reach_warning_allows_rounding_and_names_the_high_end_first():
+    """Weights adding to 1 reach 1.0000000000000002 at all ones: rounding, not a formula to warn of. A formula that
+    leaves [0, 1] at both ends is named where it passes 1 (mutation review, session 55)."""
+    from reftjax.graders.build import reach_warnings
+
+    eq = {"type": "string_check", "input": "{{sample.output_text}}", "reference": "{{item.answer}}", "operation": "eq"}
+    four = {"type": "multi", "graders": dict.fromkeys("abcd", eq),
+            "calculate_output": "0.2 * a + 0.4 * b + 0.3 * c + 0.1 * d"}
+    assert reach_warnings(build_grader(four)) == []
+    (w,) = reach_warnings(build_grader({"type": "multi", "graders": {"a": eq}, "calculate_output": "2 * a - 0.5"}))
+    assert "reaches 1.5 (at a=1)" in w and "above 1 tie at 1" in w, w
+
+
+def test_a_multi_grader_answer_type_is_its_first_sub_grader_s():
+    """`answer_type` tells evaluation that a multi grader grades MathQA options (evaluate._is_mathqa)."""
+    eq = {"type": "string_check", "input": "{{sample.output_text}}", "reference": "{{item.answer}}", "operation": "eq"}
+    mathqa = {"type": "reft", "answer_type": "mathqa"}
+    assert build_grader({"type": "multi", "graders": {"a": eq, "r": mathqa}, "calculate_output": "a"}).answer_type == \
+        "mathqa"
+    assert build_grader({"type": "multi", "graders": {"a": eq}, "calculate_output": "a"}).answer_type is None
+
+
+def test_the_imports_a_python_grader_always_runs_are_found_without_the_sandbox():
+    """`check_imports` tries the imports a grader runs whenever it is called: those under a plain `with`, not those
+    a bare `except:` or an `except Exception` guards (a fallback). A pure syntax walk (mutation review, session 55)."""
+    import ast
+
+    from reftjax.graders.build import _unconditional_imports
+
+    src = ("import io\nwith open('x') as f:\n    import xml.dom\n"
+           "try:\n    import xml.sax\nexcept:\n    pass\n"
+           "try:\n    import xml.etree\nexcept Exception:\n    pass\n"
+           "def grade(sample, item):\n    with io.StringIO():\n        import json\n    return 1\n")
+    assert [ast.unparse(n) for n in _unconditional_imports(ast.parse(src).body)] == \
+        ["import io", "import xml.dom", "import json"]
