@@ -679,6 +679,20 @@ def test_the_whole_output_json_is_a_template_field():
            "operation": "eq"}
     assert _one(cfg, '{"city":"Paris"}').score == 1.0  # re-rendered by json.dumps: spaces normalised
     assert _one(cfg, '{"city": "Rome"}').score == 0.0
+    # a completion that is not JSON has no output_json: unanswered, not the text "null" (it passed `eq "null"` and
+    # every `ne`; mutation review, session 55); the completion `null` is JSON and renders as null
+    from reftjax.graders.base import is_fault
+
+    null = {**cfg, "reference": "null"}
+    grades = build_grader(null).grade_batch([ITEM] * 3, ["not json", "null", '{"a": 1}'])
+    assert [(g.score, is_fault(g)) for g in grades] == [(0.0, False), (1.0, False), (0.0, False)]
+    assert "output_json" in grades[0].error and "not found" in grades[0].error
+    ne = build_grader({**cfg, "operation": "ne"}).grade_batch([ITEM] * 3, ["not json", '{"city": "Paris"}', "[]"])
+    assert [g.score for g in ne] == [0.0, 0.0, 1.0]
+    # a python grader still gets output_json None for such a completion (its own code decides)
+    src = "def grade(sample, item):\n    return 1.0 if sample['output_json'] is None else 0.5\n"
+    py = build_grader({"type": "python", "source": src})
+    assert [g.score for g in py.grade_batch([ITEM] * 3, ["not json", "null", "[1]"])] == [1.0, 1.0, 0.5]
 
 
 def test_text_similarity_of_unrelated_texts_is_zero_and_records_the_input():

@@ -55,7 +55,6 @@ from reftjax.graders.sandbox import SandboxJob, SandboxPool
 
 _TEMPLATE = re.compile(r"\{\{\s*([A-Za-z_][\w.]*)\s*\}\}")
 _ANY_TEMPLATE = re.compile(r"\{\{.*?\}\}")  # what looks like a field but `_TEMPLATE` would leave as text
-_UNSUPPORTED_METRICS = ("gleu", "meteor", "cosine")
 
 
 log = logging.getLogger("reftjax.graders")
@@ -104,12 +103,14 @@ def _lookup(root: Mapping[str, Any], path: str, prefix: str) -> Any:
 
 
 def sample_of(text: str) -> dict:
-    """The `sample` namespace of templates: output_text and (if it parses) output_json."""
+    """The `sample` namespace of templates: output_text and, when the completion parses as JSON, output_json. A
+    completion that is not JSON has none, so `{{sample.output_json}}` is a missing field (unanswered, score 0) as
+    `{{sample.output_json.x}}` is: it rendered as `null`, so "not json" passed `eq "null"` and every `ne` check
+    (mutation review, session 55). A python grader's `sample` holds output_json None then (`SandboxedGrader._args`)."""
     try:
-        output_json = json.loads(text)
+        return {"output_text": text, "output_json": json.loads(text)}
     except (ValueError, RecursionError):  # (a run of 1,000 `[` raised out of the batch; review E, session 42)
-        output_json = None
-    return {"output_text": text, "output_json": output_json}
+        return {"output_text": text}
 
 
 def render(template: str, sample: Mapping, item: Item) -> str:
@@ -202,7 +203,9 @@ def _bleu_tokens(text: str) -> list[str]:
 
 def bleu(candidate: str, reference: str, max_n: int = 4) -> float:
     """Sentence BLEU (uniform weights, brevity penalty, add-one smoothing for n > 1) on word and punctuation tokens
-    (nltk's `wordpunct_tokenize`: whitespace tokens scored "Paris." against "Paris" 0; review, session 27)."""
+    (nltk's `wordpunct_tokenize`: whitespace tokens scored "Paris." against "Paris" 0; review, session 27). An order n
+    longer than the candidate has no n-grams and counts as 1, so an exact answer of under 4 tokens scores 1 (nltk's
+    `sentence_bleu` with method2 smoothing: 0.595 for "Paris" against "Paris"); from 4 tokens on they agree."""
     cand, ref = _bleu_tokens(candidate), _bleu_tokens(reference)
     if not cand or not ref:
         return 0.0
@@ -285,7 +288,7 @@ class SandboxedGrader:
 
     def _args(self, item: Item, text: str) -> tuple:
         if self.entry == "grade":
-            return (sample_of(text), dict(item))
+            return ({"output_json": None, **sample_of(text)}, dict(item))
         return _Templated(self.input, self.reference).pair(item, text)
 
     def grade_batch(self, items: Sequence[Item], texts: Sequence[str]) -> list[Grade]:
