@@ -5,8 +5,9 @@ import re
 
 import pytest
 
-from reftjax.graders.reft import (ReftGrader, build_program, extract_gsm8k, extract_last_number,
+from reftjax.graders.reft import (ReftGrader, build_program, extract_gsm8k, extract_last_number, gold_answer,
                                   process_code, reft_target)
+from reftjax.graders.sandbox import SandboxConfig, SandboxPool
 
 
 def _gsm8k_items(shared_data, strip_calc):
@@ -244,3 +245,56 @@ def test_gsm8k_rule_edge_cases():
 def test_a_blank_line_of_spaces_ends_the_program_as_the_authors_process_it():
     code = "def solution():\n    x = 1\n    \n    return 2"
     assert process_code(code) == "import math\nimport sympy\ndef solution():\n    x = 1"
+
+
+def test_the_trigger_the_partial_reward_and_the_mathqa_quotes_are_the_authors():
+    """The trigger is `\\nTherefore, the answer is: ` (newline included: without it the whole text is read, a 0),
+    a wrong answer earns `partial_reward` whatever it is set to, both quote kinds leave a MathQA answer, an empty one
+    is extracted (0.1, as the authors score `""`) but no option letter, and with the `#### N` rule nothing extracted
+    is a 0 (mutants dropping the newline, hard-coding 0.1, keeping double quotes, taking an empty text for an option
+    or scoring "nothing" 0.1 passed: mutation review, session 55)."""
+    assert reft_target(" so 2 + 3 \n", " 5 ") == "so 2 + 3\nTherefore, the answer is: 5"
+    item = {"answer_value": "5"}
+    assert ReftGrader().grade(item, "so Therefore, the answer is: 5").score == 0.0
+    assert [ReftGrader(partial_reward=0.3).grade(item, t).score for t in
+            ("x\nTherefore, the answer is: 6", "x\nTherefore, the answer is: 5", "x\nTherefore, the answer is: ?")] \
+        == [0.3, 1.0, 0.0]
+    mathqa = ReftGrader(answer_type="mathqa")
+    assert mathqa.grade({"answer_value": "c"}, 'x\nTherefore, the answer is: "C"').score == 1.0
+    assert ReftGrader(answer_type="mathqa", partial_reward=0.3).grade({"answer_value": "c"},
+                                                                      "x\nTherefore, the answer is: d").score == 0.3
+    empty = mathqa.grade({"answer_value": "c"}, "x\nTherefore, the answer is: ")
+    assert empty.score == 0.1 and empty.error == "not an option letter: ''"
+    native = ReftGrader(extract="gsm8k", answer_type="mathqa")
+    assert native.grade({"answer_value": "c"}, "the answer is c").score == 0.0
+    # the last-number fallback after the `#### N` rule found no marker: neither rule raises on the other's None
+    fallback = ReftGrader(extract="gsm8k", fallback="last_number")
+    assert [fallback.grade(item, t).score for t in ("he has 5 apples", "no number", "#### 4")] == [1.0, 0.0, 0.1]
+    assert gold_answer({"answer": "3 #### 4 = 7\n#### 9 "}, "answer") == "9"  # raw GSM8K gold: the last marker
+
+
+def test_pcot_programs_run_as_the_authors_exec_them_and_a_sandbox_failure_is_the_graders():
+    """The authors `exec(code, globals, locals)` with separate dicts: a top-level helper lands in the locals, which
+    `solution()` cannot see (a NameError, 0); a text opening with spaces before `def solution` goes after the header
+    as it stands (a syntax error, 0); a result that is no number scores 0 with its text recorded, a crash is the
+    program's 0, and a pool that cannot run programs is the grader's fault; `validate` asks for the question of a
+    P-CoT item; one default pool serves each limit (mutants running one dict, reading ` def solution` as a whole
+    program, swapping crash and sandbox failure, dropping the recorded text or the check, or starting a pool per call
+    passed: mutation review, session 55)."""
+    from reftjax.graders.base import is_fault
+    from reftjax.graders.reft import default_pool
+
+    item = {"question": "q", "answer_value": "2"}
+    texts = ["\n    return helper()\ndef helper():\n    return 2", " def solution():\n    return 2",
+             "\n    return 'two'", "\n    import os\n    os._exit(0)"]
+    grades = ReftGrader(cot="python").grade_batch([item] * 4, texts)
+    assert [g.score for g in grades] == [0.0] * 4, grades
+    assert "NameError" in grades[0].error and "SyntaxError" in grades[1].error, grades
+    assert grades[2].extracted == "two" and grades[3].error.startswith("crashed: ")
+    assert not any(is_fault(g) for g in grades)
+    with SandboxPool(SandboxConfig(workers=1, timeout_s=1.0, preimport=("asyncio",))) as broken:
+        [failed] = ReftGrader(cot="python", pool=broken).grade_batch([item], ["\n    return 2"])
+    assert failed.score == 0.0 and is_fault(failed) and failed.error.startswith("sandbox_failure: "), failed
+    with pytest.raises(KeyError, match="question"):
+        ReftGrader(cot="python").validate({"answer_value": "2"})
+    assert default_pool() is default_pool() and default_pool(SandboxConfig(timeout_s=3.0)) is not default_pool()

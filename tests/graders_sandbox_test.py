@@ -273,13 +273,18 @@ def test_a_pool_without_namespaces_or_uid_drop_says_what_programs_can_reach(capl
 
 def test_jobs_in_their_own_pid_namespace_see_only_its_processes():
     """`unshare` without --mount-proc left the host's /proc: a job (uid 65534) listed every process and read the
-    trainer's command line (regression review, session 38)."""
+    trainer's command line (regression review, session 38). /proc/net is the job's network namespace's."""
     job = SandboxJob("def solution():\n    import os\n    return len([p for p in os.listdir('/proc') if p.isdigit()])")
+    # and a network namespace of their own, with a loopback device only (not the host's: a mutant dropping `--net`
+    # passed, the audit hook refusing sockets all the same; mutation review, session 55)
+    net = SandboxJob("def solution():\n    return [line.split(':')[0].strip() for line in "
+                     "open('/proc/net/dev').read().splitlines()[2:]]")
     with SandboxPool(SandboxConfig(workers=1, timeout_s=TIMEOUT_S)) as pool:
         if not pool.isolation["pid_and_net_namespaces"]:
             pytest.skip("no PID namespace on this host (unshare needs root)")
-        [seen] = pool.run([job])
+        seen, devices = pool.run([job, net])
     assert seen.ok and seen.value_float <= 3, seen  # the server and the job (and unshare's init)
+    assert devices.ok and devices.value_json == ["lo"], devices
 
 
 def test_each_limit_answers_with_its_own_status():
@@ -341,3 +346,98 @@ def test_a_result_says_whether_it_is_a_real_number():
         got = pool.run([SandboxJob(f"import numpy as np\ndef solution():\n    return {v}") for v in values])
     assert [(r.status, r.value_float, r.value_real) for r in got] == [
         ("ok", 1.0, True), ("ok", 2.5, True), ("ok", 2.5, True), ("ok", 3.0, False), ("ok", None, False)], got
+
+
+def test_a_crash_the_wall_limit_and_the_result_cap_answer_as_documented():
+    """A job that ends without a result is "crashed", saying how (its exit status, or the signal); the wall limit is
+    the job's own `timeout_s` (a 1.6 s sleep under 1 s is a timeout, a 0.2 s one is not); a result the job writes
+    itself past the 64 KiB cap is no result; and a reply line longer than one read of the server's output (a
+    ~64 KiB result plus its nonce) is put together across reads (mutants calling a crash an error, naming no
+    signal, doubling the wall limit, reading the result uncapped or dropping a partial line passed: mutation
+    review, session 55)."""
+    import json
+
+    def cut(value):  # the result line the worker sends for a returned string `value`
+        return len(json.dumps({"status": "ok", "value_float": None, "value_str": value[:1000], "value_json": value,
+                               "value_real": False}))
+
+    size = 65536 - cut("") - 1000  # a result of exactly the cap: the server's reply line is longer than 1 << 16
+    assert cut("x" * size) == 65536
+    jobs = {"exit": "    import os\n    os._exit(3)",
+            "abort": "    import os\n    os.abort()",
+            "slow": "    import time\n    time.sleep(1.6)\n    return 1",
+            "quick": "    import time\n    time.sleep(0.2)\n    return 1",
+            "oversized": ("    import os, json\n    os.write(3, json.dumps({'status': 'ok', 'value_str': 'x' * 100000})"
+                          ".encode())\n    os._exit(0)"),
+            "long_line": f"    return 'x' * {size}"}
+    with SandboxPool(SandboxConfig(workers=2, timeout_s=TIMEOUT_S)) as pool:
+        got = dict(zip(jobs, pool.run([SandboxJob("def solution():\n" + src) for src in jobs.values()])))
+    assert (got["exit"].status, got["exit"].error) == ("crashed", "program ended without a result (exit status 3)")
+    assert (got["abort"].status, got["abort"].error) == ("crashed", "program ended without a result (signal 6)")
+    assert got["slow"].status == "timeout" and got["quick"].value_float == 1.0, got
+    assert got["oversized"].status == "crashed", got["oversized"]
+    assert got["long_line"].ok and got["long_line"].value_json == "x" * size, got["long_line"].status
+
+
+def test_a_hung_server_is_the_sandboxs_failure_and_is_replaced(tmp_path, monkeypatch):
+    """A server that takes a job and never answers is the sandbox's failure once the job's limit and the grace have
+    passed: it is killed and the next job runs on a fresh one (mutants calling it a timeout, which kept the hung
+    server, or handing select a negative timeout past the deadline passed: mutation review, session 55)."""
+    import sys
+
+    from reftjax.graders import sandbox
+
+    monkeypatch.setattr(sandbox, "_SERVER_GRACE_S", 0.5)
+    # the first server started hangs after reading its job; the ones after it run the real worker
+    hang_once = ("import os, sys, time\nif not os.path.exists(sys.argv[1]):\n    open(sys.argv[1], 'w').close()\n"
+                 "    sys.stdin.readline()\n    time.sleep(60)\n"
+                 f"os.execv(sys.executable, [sys.executable, '-s', {str(sandbox._WORKER)!r}, *sys.argv[2:]])")
+    with SandboxPool(SandboxConfig(workers=1, timeout_s=0.5, namespaces=False)) as pool:
+        pool._command = [sys.executable, "-c", hang_once, str(tmp_path / "hung")]
+        pool._ensure_servers(1)
+        hung_pid = pool._servers[0].proc.pid
+        start = time.monotonic()
+        [hung] = pool.run([SandboxJob("def solution():\n    return 1")])
+        assert (hung.status, hung.error) == ("sandbox_failure", "sandbox server hung; restarted"), hung
+        assert 1.0 <= time.monotonic() - start < 30.0  # (the job's limit and the grace, not the server's 60 s hang)
+        with pytest.raises(ProcessLookupError):
+            os.kill(hung_pid, 0)
+        monkeypatch.setattr(sandbox, "_SERVER_GRACE_S", 5.0)  # (the fresh server's start-up may take more than 0.5 s)
+        assert [r.value_float for r in pool.run([SandboxJob(f"def solution():\n    return {v}") for v in (2, 3)])] \
+            == [2.0, 3.0]
+
+
+def test_a_process_a_root_job_leaves_in_its_namespace_is_killed_with_it():
+    """Where RLIMIT_NPROC does not hold (jobs run as root: `drop_uid=False`), a job can still start a process through
+    the already-loaded `_posixsubprocess` (no audit event) in a session of its own, out of reach of the kill of the
+    job's process group: the server, init of its PID namespace, kills every other process in it after each job (a
+    mutant dropping that passed, the process living on as long as the pool: mutation review, session 55)."""
+    marker = b"31.4159"  # (fork_exec's arguments are Python 3.11's, as in `_hostile`)
+
+    def running():
+        pids = []
+        for entry in os.listdir("/proc"):
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if entry.isdigit() and f.read() == b"sleep\0" + marker + b"\0":
+                        pids.append(int(entry))
+            except OSError:
+                pass
+        return pids
+
+    spawn = SandboxJob("def solution():\n    import sys, os, time\n    r, w = os.pipe()\n"
+                       "    sys.modules['_posixsubprocess'].fork_exec([b'sleep', b'" + marker.decode() + "'], "
+                       "[b'/bin/sleep', b'/usr/bin/sleep'], True, (w,), None, None, -1, -1, -1, -1, -1, -1, r, w, "
+                       "True, True, -1, None, None, None, -1, None, True)\n    time.sleep(0.3)\n    return 7")
+    with SandboxPool(SandboxConfig(workers=1, timeout_s=TIMEOUT_S, drop_uid=False)) as pool:
+        if os.geteuid() != 0 or not pool.isolation["pid_and_net_namespaces"]:
+            pytest.skip("needs root and a PID namespace")
+        [started] = pool.run([spawn])
+        until = time.monotonic() + 10.0  # (SIGKILLed, a process may be seen for a moment on a loaded machine)
+        while running() and time.monotonic() < until:
+            time.sleep(0.05)
+        left = running()
+    for pid in left:
+        os.kill(pid, 9)
+    assert started.value_float == 7.0, started  # (it ran to its end: the process it started was not refused)
+    assert left == []
