@@ -250,3 +250,16 @@ def test_restore_rejects_data_whose_response_prefixes_changed():
     prefix[3] = np.array([7], np.int32)
     with pytest.raises(ValueError, match="tokens differ"):
         Loader(dataclasses.replace(ds, prefix=prefix), LoaderConfig(batch_size=8)).restore(state)
+
+
+def test_one_full_batch_is_enough_and_epochs_and_processes_are_checked(monkeypatch):
+    """A dataset of exactly one batch loads with drop_last; num_epochs=0 is refused, as is a batch the processes
+    cannot share evenly (mutants refusing the first, accepting 0, or dropping the process check, passed: mutation
+    review, session 55)."""
+    [batch] = list(Loader(_dataset(n=8), LoaderConfig(batch_size=8, num_epochs=1)))
+    assert batch["valid"].all() and sorted(batch["example_idx"].tolist()) == list(range(100, 108))
+    with pytest.raises(ValueError, match="num_epochs must be positive"):
+        LoaderConfig(batch_size=8, num_epochs=0)
+    monkeypatch.setattr(jax, "process_count", lambda: 3)
+    with pytest.raises(ValueError, match="batch_size 8 not divisible by 3 processes"):
+        Loader(_dataset(), LoaderConfig(batch_size=8))

@@ -291,3 +291,84 @@ def test_split_parts_keep_file_order_are_reindexed_and_a_zero_fraction_holds_out
     assert [e.item_id for e in val] == [f"gsm8k_file_{i}" for i in held]  # the original position stays in item_id
     train, val = train_val_split(examples, SplitConfig(0.0, seed=5))
     assert val == [] and train == examples
+
+
+def test_gsm8k_ids_and_positions_count_examples_not_lines_and_the_cot_is_stripped(tmp_path):
+    """A GSM8K file's item ids and indices number its examples (blank lines skipped), while `where` names the file's
+    line; the chain of thought is stripped at both ends (mutants numbering ids or indices by line, or keeping the
+    CoT's leading blank line, passed: mutation review, session 55)."""
+    rows = ["", {"question": "Q0", "answer": "\n  3 + 4 = 7\n#### 7"}, "   ", {"question": "Q1", "answer": "x\n#### 1"}]
+    a, b = read_gsm8k_jsonl(_jsonl(tmp_path, rows), "test")
+    assert (a.idx, a.item_id, a.cot, b.idx, b.item_id) == (0, "gsm8k_test_0", "3 + 4 = 7", 1, "gsm8k_test_1")
+    assert (a.where.rsplit(":", 1)[1], b.where.rsplit(":", 1)[1]) == ("2", "4")
+
+
+@pytest.mark.parametrize("record,message", [
+    ({"item_id": "a", "question": " \n ", "answer_value": "1"}, r"r\.json:1: empty field 'question'"),
+    ({"item_id": "  ", "question": "q", "answer_value": "1"}, r"r\.json:1: empty field 'item_id'"),
+    ({"item_id": "a", "question": "q", "answer_value": 5},
+     r"r\.json:1: field 'answer_value' must be a string, got int"),
+    ({"item_id": 3, "question": "q", "answer_value": "5"}, r"r\.json:1: field 'item_id' must be a string, got int"),
+])
+def test_reft_fields_must_be_non_blank_strings(tmp_path, record, message):
+    """A blank question or item id, or a number where the authors' files hold a string, is refused naming the field
+    (mutants testing emptiness without stripping, accepting an empty item id, or dropping the type check, which let
+    `.strip()` fail with an AttributeError, passed: mutation review, session 55)."""
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps([record]))
+    with pytest.raises(DataError, match=message):
+        read_reft_json(path)
+
+
+def test_reft_examples_remember_their_line_and_one_stray_character_after_the_list_is_refused(tmp_path):
+    """A ReFT example's `where` is `path:line` of its object (tokenization errors name it by `Example.at`), and even
+    one character after the list is extra data (mutants dropping `where`, or missing a one-character tail,
+    passed: mutation review, session 55)."""
+    path = tmp_path / "r.json"
+    path.write_text('[\n {"item_id": "a", "question": "q", "answer_value": "1"},\n\n'
+                    ' {"item_id": "b", "question": "q", "answer_value": "2"}\n]\n')
+    a, b = read_reft_json(path)
+    assert (a.where, b.where, b.at) == (f"{path}:2", f"{path}:4", f"{path}:4 (b)")
+    path.write_text('[{"item_id": "a", "question": "q", "answer_value": "1"}]x')
+    with pytest.raises(DataError, match=r"r\.json:1: extra data after the JSON list"):
+        read_reft_json(path)
+
+
+def test_openai_rows_read_developer_turns_numeric_answers_and_refuse_content_parts(tmp_path):
+    """OpenAI's `developer` role is a known role; a JSON number in answer_field (0 included) is read, and one with
+    spaces around it is stripped; a message whose content is a list of parts (multimodal) is refused; `where` names
+    the line and item ids number the rows, not the lines; a field whose name holds a dot is read before a nested one.
+    Mutants refusing `developer`, taking 0 as missing, keeping or refusing the spaces, letting a list of parts
+    through, numbering ids by line or reading a dotted name as nested alone passed (mutation review, session 55)."""
+    dev = {"messages": [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "1-1?"}],
+           "ref": 0}
+    spaced = {"messages": [{"role": "user", "content": "q"}], "ref": " 1,080 "}
+    a, b = read_openai_jsonl(_jsonl(tmp_path, [dev, "", spaced]), answer_field="ref")
+    assert a.messages[0]["role"] == "developer" and (a.answer, a.answer_value) == ("0", 0.0)
+    assert (b.answer, b.answer_value, b.fields["ref"]) == ("1080", 1080.0, " 1,080 ")
+    assert (a.where, b.at) == (f"{tmp_path / 'f.jsonl'}:1", f"{tmp_path / 'f.jsonl'}:3 (item_1)")  # (blank line 2)
+    [flat] = read_openai_jsonl(_jsonl(tmp_path, [dict(spaced, **{"ref.value": "7"})]), answer_field="ref.value")
+    assert flat.answer_value == 7.0
+    parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "q"}]}]}
+    with pytest.raises(DataError, match=r"f\.jsonl:2: each message needs string 'role' and 'content'"):
+        read_openai_jsonl(_jsonl(tmp_path, [spaced, parts]))
+
+
+def test_a_number_error_hints_at_commas_only_when_the_text_has_one():
+    """The thousands-separator hint is for answers holding a comma ("seven" got it from a mutant giving it always;
+    mutation review, session 55)."""
+    with pytest.raises(DataError) as err:
+        parse_number("seven", "f:1")
+    assert str(err.value) == "f:1: gold answer 'seven' is not a number"
+
+
+def test_a_file_without_examples_is_refused_by_every_reader(tmp_path):
+    """A file with no records (an empty list, blank lines only) is a DataError, not an empty dataset (a mutant
+    letting one through passed: mutation review, session 55)."""
+    path = tmp_path / "r.json"
+    path.write_text("[\n]\n")
+    with pytest.raises(DataError, match=r"r\.json:1: no examples in file"):
+        read_reft_json(path)
+    for reader in (read_gsm8k_jsonl, read_openai_jsonl):
+        with pytest.raises(DataError, match=r"f\.jsonl:1: no examples in file"):
+            reader(_jsonl(tmp_path, ["", "  "]))

@@ -183,6 +183,9 @@ def test_p_cot_styles_refuse_prose_targets(smollm_tokenizer, gsm8k_train):
                                         r"trains on P-CoT programs"):
         tokenize_examples(gsm8k_train[:4], smollm_tokenizer, cfg, TokenizeConfig())
     assert len(tokenize_examples(gsm8k_train[:4], smollm_tokenizer, cfg, TokenizeConfig(), with_targets=False)) == 4
+    # chat-python trains on programs too (a mutant checking reft-python alone passed: mutation review, session 55)
+    with pytest.raises(DataError, match=r"\(gsm8k_train_0\): data.prompt.style='chat-python' trains on P-CoT programs"):
+        tokenize_examples(gsm8k_train[:4], smollm_tokenizer, PromptConfig("chat-python"), TokenizeConfig())
 
 
 def test_plain_layouts_strip_question_cot_and_answer_and_need_both_for_a_target():
@@ -840,3 +843,56 @@ def test_the_end_of_turn_token_is_the_first_special_token_after_the_reply(smollm
     assert end_of_turn_id(tok) == 2
     ex = Example(0, "a", "2+2?", cot="2+2=4", answer="4")
     assert tokenize_examples([ex], tok, PromptConfig("chat"), TokenizeConfig()).target[0][-1] == 2
+
+
+def test_prompt_settings_take_null_variables_refuse_odd_names_and_keep_a_text_answer_and_a_later_system_turn():
+    """A template variable may be null (JSON's null: "unset" for a template), a name must be a string, a plain
+    style refuses even an empty system prompt, a text answer keeps its commas in the N-CoT target, and a system turn
+    anywhere in a file's messages stands for the configured one (mutants refusing null, failing on a number with an
+    AttributeError, testing system_prompt for truth, stripping the answer's commas or looking at the first turn
+    alone passed: mutation review, session 55)."""
+    from reftjax.data.prompts import chat_messages
+
+    assert PromptConfig("chat", chat_template_kwargs={"x": None}).template_kwargs == {"x": None}
+    with pytest.raises(ValueError, match="1 is not a template variable name"):
+        PromptConfig("chat", chat_template_kwargs=[[1, True]])
+    with pytest.raises(ValueError, match="system_prompt only applies to the chat styles"):
+        PromptConfig("reft", system_prompt="")
+    ex = Example(0, "a", "Which?", cot="Both.", answer="1, 2")
+    assert format_example(ex, PromptConfig()).target == "Both.\nTherefore, the answer is: 1, 2"
+    later = ({"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+             {"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"})
+    cfg = PromptConfig("chat", system_prompt="Answer with a number.")
+    assert chat_messages(Example(0, "a", "2+2?", messages=later), cfg) == [dict(m) for m in later]
+
+
+def test_automatic_buckets_end_at_the_limit_once_and_lengths_must_be_positive():
+    """A limit that is a power of two is one bucket, not two, and zero lengths are refused (mutants repeating the
+    limit, or accepting 0, passed: every limit tested was 300 or 700; mutation review, session 55)."""
+    assert power_of_two_buckets(256, 64) == (64, 128, 256)
+    assert TokenizeConfig(max_prompt_len=128, max_target_len=128, min_bucket=32).seq_sizes == (32, 64, 128, 256)
+    for bad in ({"max_prompt_len": 0}, {"max_target_len": 0}, {"min_bucket": 0}):
+        with pytest.raises(ValueError, match="lengths and min_bucket must be positive"):
+            TokenizeConfig(**bad)
+
+
+def test_the_data_digest_tells_where_each_examples_tokens_end():
+    """The same token stream split between examples otherwise is other data (a mutant hashing the arrays without a
+    separator gave both one digest: mutation review, session 55)."""
+    from reftjax.data.tokenize import TokenizedDataset
+
+    def data(prompts):
+        return TokenizedDataset([np.array(p, np.int32) for p in prompts], [np.zeros(0, np.int32)] * 2, None,
+                                np.arange(2, dtype=np.int32), 0, TokenizeConfig(), {})
+
+    assert data([[1, 2], [3]]).fingerprint == data([[1, 2], [3]]).fingerprint
+    assert data([[1, 2], [3]]).fingerprint != data([[1], [2, 3]]).fingerprint
+
+
+def test_no_examples_tokenize_to_an_empty_dataset(smollm_tokenizer):
+    """An empty list (a held-out part of size 0) is an empty dataset, with or without targets."""
+    for with_targets in (True, False):
+        ds = tokenize_examples([], smollm_tokenizer, PromptConfig(), TokenizeConfig(), with_targets=with_targets)
+        assert len(ds) == 0 and ds.stats == dict(examples=0, kept=0, dropped=0, prompt_truncated=0,
+                                                 target_truncated=0)
+        assert ds.example_idx.tolist() == [] and (ds.target == [] if with_targets else ds.target is None)
