@@ -39,6 +39,8 @@ def test_summary_table_with_voting_and_base(tmp_path):
     md = (tmp_path / "summary.md").read_text()
     assert "| stage | greedy top-1 (%) | voting@16 (%) |" in md
     assert "| before SFT | 0.0 | - |" in md and "| after ReFT (ppo) | 25.0 | 50.0 |" in md
+    assert "| after ReFT (ppo) | 25.0 | 50.0 |\n" in md and "rerank" not in md  # (no verifier: no rerank columns)
+    assert json.loads((tmp_path / "summary.json").read_text())["test_rerank_accuracy"] is None
 
 
 def test_summary_json_is_written_last(tmp_path, monkeypatch):
@@ -176,6 +178,10 @@ def test_partial_credit_graders_report_and_plot_the_mean_score_that_selects(tmp_
     # summary.md lists what plot_run drew, in its order (the notebook's last cell shows them: plot_names)
     assert md.rstrip().endswith("\n\nPlots: " + ", ".join(f"plots/{p.name}" for p in written))
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in written)
+    for best, said in ((0, "the warm-up, RL's starting point: no readable RL checkpoint beat its validation mean "
+                            "score (0.3), so"), (20, "RL iteration 20, the best validation mean score.")):
+        write_summary(tmp_path, cfg, evals, 1.0, best_iteration=best)
+        assert f"Tested after ReFT and exported as hf/best: {said}" in (tmp_path / "summary.md").read_text()
     assert "mean_score" not in write_summary(tmp_path, ExperimentConfig(), evals, 1.0)["selection_metric"]
     assert [p.name for p in plot_run(tmp_path, "accuracy")] == [f"{n}.png" for n in plot_names("accuracy")] == \
         ["reward.png", "kl.png", "response_length.png", "val_accuracy.png"]
@@ -214,6 +220,8 @@ def test_wall_time_adds_up_every_invocation_of_a_resumed_run(tmp_path):
                                                                                  "time": 5010.0}], now=5120.0) == \
         (990.0 + 120.0, 2)
     assert wall_times([], now=9.0) == (0.0, 0)
+    # an invocation runs to its latest row, wherever that row sits in the file
+    assert wall_times([rows[0], rows[2], rows[1], *rows[3:]], now=1025.0) == (60.0 + 25.0, 2)
     # an invocation's start-up before its row (model load, tokenization) and its tail after its last step (exports,
     # an interrupt's save: the `end` row) count too (both were left out; review, session 30)
     timed = [{"phase": "invocation", "step": 1, "time": 100.0, "startup_seconds": 40.0},
@@ -345,7 +353,7 @@ def test_the_summary_names_the_tested_policy_and_the_validation_plot_starts_at_t
     assert ("hf/best: the warm-up, RL's starting point: no readable RL checkpoint beat its validation accuracy (50.0%)"
             in by[0]
             and "| after ReFT (ppo): the warm-up, best on validation | 25.0 |" in by[0])
-    assert "hf/best: the final policy (no best checkpoint" in by[None]
+    assert "hf/best: the final policy (no best checkpoint" in by[None] and "| after ReFT (ppo) | 25.0 |" in by[None]
     no_warm_up = dataclasses.replace(ExperimentConfig(), sft=dataclasses.replace(ExperimentConfig().sft, epochs=0))
     report.write_summary(tmp_path, no_warm_up, evals, 1.0, best_iteration=0)  # RL alone: the loaded model competes
     md = (tmp_path / "summary.md").read_text()
@@ -382,6 +390,13 @@ def test_the_summaries_count_grader_errors(tmp_path):
     assert summary["grader_errors"] == {"rl": 11, "evaluations": {"test_sft voting samples": 5, "val_rl_3": 4}}
     assert ("Grader errors (rows the grader could not grade, scored 0): 11 in the RL rollouts; in the evaluations "
             "{'test_sft voting samples': 5, 'val_rl_3': 4}.") in (tmp_path / "summary.md").read_text()
+    # a validation row's errors are an evaluation's (counted from evals), not RL's; RL errors alone are said too
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows + [
+        {"phase": "val", "step": 3, "grader_errors": 4}, {"phase": "eval/test_sft", "step": 0, "grader_errors": 2}]))
+    summary = write_summary(tmp_path, ExperimentConfig(), _evals(voting=False, base=True), 1.0)
+    assert summary["grader_errors"] == {"rl": 11, "evaluations": {}}
+    assert "\nGrader errors (rows the grader could not grade, scored 0): 11 in the RL rollouts.\n" in \
+        (tmp_path / "summary.md").read_text()
     clean = write_summary(tmp_path / "x", ExperimentConfig(), _evals(voting=False, base=True), 1.0, write=False)
     assert clean["grader_errors"] == {"rl": 0, "evaluations": {}}
 
@@ -393,3 +408,67 @@ def test_a_summary_without_timed_rows_counts_this_invocation(tmp_path):
 
     summary = write_summary(tmp_path, ExperimentConfig(), _evals(voting=False, base=False), 12.3)
     assert (summary["wall_seconds"], summary["wall_seconds_total"], summary["invocations"]) == (12.3, 12.3, 1)
+    assert "\nWall time: 12.3 s in this invocation.\n" in (tmp_path / "summary.md").read_text()  # (no "over all 1")
+
+
+def test_every_figure_is_read_from_its_own_stage_and_kind(tmp_path):
+    """Each stage (base, sft, reft) and kind (greedy, voting, rerank, weighted voting, any correct, mean score) a
+    figure of its own: one read from the wrong stage or kind shows (the fixtures gave sft and reft one voting figure,
+    and reft no rerank figures; mutation review, session 55)."""
+    from reftjax.report import write_summary
+
+    grader = (("type", "string_check"), ("input", "{{sample.output_text}}"), ("reference", "x"), ("operation", "eq"))
+    cfg = ExperimentConfig(eval=EvalConfig(voting_k=4), grader=grader)
+    cfg = dataclasses.replace(cfg, rerank=dataclasses.replace(cfg.rerank, epochs=1))
+    kinds = ("accuracy", "voting_accuracy", "rerank_accuracy", "weighted_voting_accuracy", "upper_bound_accuracy",
+             "mean_score")
+    evals = {"test_base": {"accuracy": 0.0625, "mean_score": 0.05, "n": 8},
+             "test_sft": {"n": 8, **dict(zip(kinds, (0.125, 0.5, 0.375, 0.4375, 0.625, 0.2)))},
+             "test_reft": {"n": 8, **dict(zip(kinds, (0.25, 0.625, 0.5, 0.5625, 0.75, 0.3)))},
+             "val_sft": {"accuracy": 0.5, "mean_score": 0.45}, "val_rl_3": {"accuracy": 0.75, "mean_score": 0.7}}
+    stats = {"test": {"examples": 10, "kept": 8, "dropped": 2}}  # 80% kept
+    summary = write_summary(tmp_path, cfg, evals, 1.0, data_stats=stats)
+    assert summary["test_voting_accuracy"] == {"sft": 50.0, "reft": 62.5, "k": 4}
+    assert summary["test_rerank_accuracy"] == {"sft": 37.5, "reft": 50.0, "weighted_voting_sft": 43.75,
+                                               "weighted_voting_reft": 56.25, "upper_bound_sft": 62.5,
+                                               "upper_bound_reft": 75.0, "k": 4}
+    assert summary["test_mean_score"] == {"base": 0.05, "sft": 0.2, "reft": 0.3}
+    assert summary["val_mean_score"] == {"sft": 0.45, "rl": {3: 0.7}}
+    assert summary["test_rerank_accuracy_all_questions"] == {
+        "sft": 30.0, "reft": 40.0, "weighted_voting_sft": 35.0, "weighted_voting_reft": 45.0, "upper_bound_sft": 50.0,
+        "upper_bound_reft": 60.0, "k": 4}
+    md = (tmp_path / "summary.md").read_text()
+    assert ("n = 8 (2 of 10 test examples dropped: prompt longer than data.tokenize.max_prompt_len = 300; greedy "
+            "accuracy over all 10, the dropped counted wrong: base 5.0%, sft 10.0%, reft 20.0%; voting@4 sft 40.0%; "
+            "voting@4 reft 50.0%; rerank@4 sft 30.0%; rerank@4 reft 40.0%).") in md
+    assert ("| before SFT | 6.25 | - | - | - | - | 0.05 |\n"
+            "| after SFT warm-up | 12.5 | 50.0 | 37.5 | 43.75 | 62.5 | 0.2 |\n"
+            "| after ReFT (ppo) | 25.0 | 62.5 | 50.0 | 56.25 | 75.0 | 0.3 |\n") in md
+
+
+def test_a_test_file_that_is_the_validation_file_is_said_to_be_so(tmp_path):
+    """The test file named apart from the validation file (another spelling, a link) is still not held out; two
+    files, or a file named once, are (mutation review, session 55)."""
+    import os
+
+    from reftjax.report import same_file, write_summary
+
+    (tmp_path / "val.jsonl").write_text("{}\n")
+    (tmp_path / "other.jsonl").write_text("{}\n")
+    os.symlink(tmp_path / "val.jsonl", tmp_path / "link.jsonl")
+    spelt = os.path.join(str(tmp_path), "..", tmp_path.name, "val.jsonl")
+    assert same_file(spelt, str(tmp_path / "val.jsonl")) and same_file(str(tmp_path / "link.jsonl"), spelt)
+    assert not same_file(str(tmp_path / "other.jsonl"), str(tmp_path / "val.jsonl"))
+    assert not same_file(None, str(tmp_path / "val.jsonl")) and not same_file(None, None)
+    assert same_file(str(tmp_path / "gone" / "a.jsonl"), os.path.join(str(tmp_path), "gone", ".", "a.jsonl"))
+    for test_file, held_out in ((spelt, False), (str(tmp_path / "link.jsonl"), False),
+                                (str(tmp_path / "other.jsonl"), True), (None, True)):
+        cfg = ExperimentConfig()
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(
+            cfg.data, train_file=str(tmp_path / "other.jsonl"), train_format="openai",
+            val_file=str(tmp_path / "val.jsonl"), test_file=test_file))
+        write_summary(tmp_path, cfg, _evals(voting=False, base=True), 1.0)
+        md = (tmp_path / "summary.md").read_text()
+        assert ("Model selection on a validation split only (never on test)." in md) == held_out, test_file
+        assert ("It is the validation file (data.val_file), which selects the best checkpoint: its test figures are "
+                "not held out." in md) != held_out, test_file

@@ -339,6 +339,12 @@ def test_numeric_votes_are_by_value_and_within_a_tolerance_when_asked():
     # review, session 44)
     assert majority_correct([g(1.0, "42.009"), g(0.1, "42.017")], tol=1e-2) is True
     assert majority_correct([g(0.1, "42.017"), g(1.0, "42.009")], tol=1e-2) is False
+    # ... by value too: 42.009 written twice is one value with 2 votes against 1; and a value graded right in one of
+    # its samples is right; no sample with an answer is no vote, wrong whatever the scores (each a mutant that passed
+    # the host tests; mutation review, session 55)
+    assert majority_correct([g(0.1, "42.017"), g(1.0, "42.009"), g(1.0, "42.0090")], tol=1e-2) is True
+    assert majority_correct([g(1.0, "42"), g(0.1, "42.0"), g(0.1, "5")]) is True
+    assert majority_correct([g(1.0, None), g(1.0, ""), g(1.0, "nan")]) is False and majority_correct([]) is False
 
 
 def test_verifier_data_the_grader_failed_throughout_stops_before_it_is_saved(tiny_hf_dir, shared_data, monkeypatch):
