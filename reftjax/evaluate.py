@@ -86,8 +86,9 @@ def majority_correct(grades, weights=None, tol: float = 0.0) -> bool:
     Each sample votes 1, or `weights[i]` (verifier-weighted voting: a verifier's P(correct) summed per
     answer, Li et al. 2023 / Uesato et al. 2022). Samples without an answer (`graders.has_answer`) and NaN answers
     do not vote. Numeric answers vote by value ("42" and "42.0", "inf" and "Infinity" are one answer), as in the ReFT
-    authors' vote; with `tol` > 0 (`EvalConfig.voting_tol`) those within `tol` of an answer seen before vote for it
-    (grading counts a value within 1e-2 of the gold as right, so `3.33` and `3.3333` can be one answer). The
+    authors' vote; with `tol` > 0 (`EvalConfig.voting_tol`) a value within `tol` of a group's first value (the
+    groups in the order seen) votes with that group, else it starts one (grading counts a value within 1e-2 of the
+    gold as right, so `3.33` and `3.3333` can be one answer; at 0.01, 1.000, 1.008 and 1.016 are two groups). The
     winning group's answer is its own most-voted value (ties: first seen), and that value's grade decides: one
     right 42.009 does not make three wrong 42.017s a right vote.
     """
