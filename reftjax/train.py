@@ -44,7 +44,7 @@ from reftjax.data.records import DataError
 from reftjax.data.tokenize import end_of_turn_id
 from reftjax.evaluate import evaluate
 from reftjax.graders import build_grader, check_imports, check_judges, reach_warnings
-from reftjax.graders.reft import default_pool
+from reftjax.graders.reft import ReftGrader, default_pool
 from reftjax.graders.base import GraderFailure, every_one_faulted, failure_message, sub_score_means
 from reftjax.graders.callback import make_reward_fn
 from reftjax.hf import load_model, save_hf
@@ -1080,6 +1080,26 @@ JUDGE_TRANSPORT = ("base_url", "api_key_env", "timeout", "max_concurrency", "ret
 _JUDGES = ("score_model", "label_model")
 
 
+_REFT_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ReftGrader) if f.name != "pool"}
+
+
+def _grader_defaults(g: dict) -> dict:
+    """A grader config with the fields it leaves out at the values its grader takes, inside `multi` graders too: a
+    run begun with `{"type": "reft", "cot": "nl"}` (the presets) and rerun with `{"type": "reft"}` is the same grader,
+    and was refused as `grader.cot: "nl" -> "<unset>"` (session 55's mutation review). Model graders drop OpenAI's
+    nulls ("not set") and take their default range and sampling parameters (`graders.judge.build_model_grader`)."""
+    kind = g.get("type")
+    if kind in ("reft", "gsm8k"):
+        return {**_REFT_DEFAULTS, **({"extract": "gsm8k", "answer_field": "answer"} if kind == "gsm8k" else {}), **g}
+    if kind in _JUDGES:
+        g = {k: v for k, v in g.items() if v is not None}
+        return {"sampling_params": {}, **({"range": [0, 1]} if kind == "score_model" else {}), **g}
+    if kind == "multi" and isinstance(g.get("graders"), dict):
+        return {**g, "graders": {name: _grader_defaults(sub) if isinstance(sub, dict) else sub
+                                 for name, sub in g["graders"].items()}}
+    return g
+
+
 def _comparable(d):
     """A config dict with its grader as an object and the chat template's variables as sorted (name, value) pairs,
     whichever form it holds them in: the presets hold the grader as pairs, `--set grader=` as an object, and the
@@ -1090,7 +1110,9 @@ def _comparable(d):
         return d
     g = d.get("grader")
     if isinstance(g, list) and all(isinstance(p, list) and len(p) == 2 and isinstance(p[0], str) for p in g):
-        d = {**d, "grader": dict(g)}
+        g = dict(g)
+    if isinstance(g, dict):
+        d = {**d, "grader": _grader_defaults(g)}
     data = d.get("data")
     prompt = data.get("prompt") if isinstance(data, dict) else None
     if isinstance(prompt, dict) and isinstance(prompt.get("chat_template_kwargs"), dict):

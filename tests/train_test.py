@@ -1018,6 +1018,25 @@ def test_a_rerun_may_change_only_how_the_run_is_saved_and_laid_out(tmp_path):
     for began, rerun in ((cfg, spelled), (spelled, cfg)):
         path.write_text(json.dumps(to_dict(began)))
         _check_same_run(path, to_dict(rerun))
+    # a field left out is its grader's default, inside a multi grader too: `{"type": "reft"}` rerun as the presets'
+    # `{"type": "reft", "cot": "nl"}` resumed while the reverse was refused as `grader.cot: "nl" -> "<unset>"`
+    # (session 55's mutation review); a score_model without its range is [0, 1], OpenAI's null is "not set"
+    judge0 = {"type": "score_model", "model": "m", "input": [{"role": "user", "content": "{{sample.output_text}}"}]}
+    for began, rerun in (({"type": "reft", "cot": "nl"}, {"type": "reft"}),
+                         ({"type": "gsm8k"}, {"type": "gsm8k", "extract": "gsm8k", "answer_field": "answer"}),
+                         ({"type": "multi", "calculate_output": "a", "graders": {"a": {"type": "reft", "cot": "nl"}}},
+                          {"type": "multi", "calculate_output": "a", "graders": {"a": {"type": "reft"}}}),
+                         (judge0, dict(judge0, range=[0, 1], sampling_params={}, name=None))):
+        for a, b in ((began, rerun), (rerun, began)):
+            path.write_text(json.dumps(to_dict(replace_path(cfg, "grader", a))))
+            _check_same_run(path, to_dict(replace_path(cfg, "grader", b)))
+    for began, rerun, msg in (({"type": "reft"}, {"type": "reft", "fallback": "last_number"},
+                               r'grader.fallback: "none" -> "last_number"'),
+                              ({"type": "gsm8k"}, {"type": "reft"}, r'grader.answer_field: "answer" -> "answer_value"'),
+                              (judge0, dict(judge0, range=[0, 10]), r"grader.range: \[0, 1\] -> \[0, 10\]")):
+        path.write_text(json.dumps(to_dict(replace_path(cfg, "grader", began))))
+        with pytest.raises(RunDirError, match=msg):
+            _check_same_run(path, to_dict(replace_path(cfg, "grader", rerun)))
     path.write_text(json.dumps(to_dict(cfg)))
     with pytest.raises(RunDirError, match=r"other settings \(grader.cot: \"nl\" -> \"python\"\)"):
         _check_same_run(path, to_dict(replace_paths(cfg, {"grader": {"type": "reft", "cot": "python"},
