@@ -225,6 +225,11 @@ def _resolve(args, make_config, job=None):
                 value = json.loads(raw, parse_constant=_refuse_constant, object_pairs_hook=unique_names)
             except DuplicateName as exc:
                 raise ValueError(f"--set {item!r}: {exc}") from None
+            except _Constant as exc:
+                if raw.strip() not in ("NaN", "Infinity", "-Infinity"):  # inside an object or a list: it read as a
+                    # string, refused as "expected an object such as {"type": "reft"}" (session 55's list)
+                    raise ValueError(f"--set {item!r}: {exc.args[0]} (JSON has no NaN or Infinity)") from None
+                value = raw  # refused by the config's type check: "expected a number, got 'NaN'"
             except ValueError:
                 value = raw  # a bare string; the config's type check refuses it where a string does not belong
         node = d
@@ -368,8 +373,12 @@ def _unknown(item: str, path: str, keys: list[str], node, root: dict) -> str:
             + f" (its settings: {fields})")
 
 
+class _Constant(ValueError):
+    """NaN, Infinity or -Infinity in a --set value (Python's json reads them; JSON has none)."""
+
+
 def _refuse_constant(name: str):
-    raise ValueError(f"{name} is not a setting value")  # NaN / Infinity: read as the bare string, then refused
+    raise _Constant(f"{name} is not a setting value")
 
 
 def _merged(base: dict, update: dict) -> dict:

@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 
@@ -112,6 +113,18 @@ class Job:
 
 class JobError(ValueError):
     """A job file reftjax cannot run as written; the message names the file and the field."""
+
+
+def _non_finite(obj, where: str) -> tuple[str, float] | None:
+    """(path, value) of the first NaN or Infinity in `obj` (Python's json reads them; they reached the grader's
+    settings as a string and were refused as "expected an object such as {"type": "reft"}")."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return where, obj
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
+    for k, v in items:
+        if (found := _non_finite(v, f"{where}.{k}" if isinstance(k, str) else f"{where}[{k}]")) is not None:
+            return found
+    return None
 
 
 def read_job(path: str) -> Job:
@@ -197,6 +210,8 @@ def job_settings(job: dict, path: str) -> Job:
     if "suffix" in top:
         sets.append(("name", top["suffix"]))
     if "grader" in rft:
+        if (at := _non_finite(rft["grader"], "method.reinforcement.grader")) is not None:
+            fail(at[0], f"{json.dumps(at[1])} is not a number a job can hold (JSON has no NaN or Infinity)")
         sets.append(("grader", rft["grader"]))
     for name, setting in (("batch_size", "rl.prompts_per_iteration"), ("eval_interval", "rl.eval_every")):
         if count(name) is not None:

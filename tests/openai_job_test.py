@@ -184,6 +184,13 @@ _HYPER = "method.reinforcement.hyperparameters."
     ({_HYPER + "learning_rate_multiplier": float("inf")}, "learning_rate_multiplier: expected a number > 0"),
     ({_HYPER + "learning_rate_multiplier": True}, "learning_rate_multiplier: expected a number > 0"),
     ({"seed": True}, "seed: expected an integer from 0 to 2**32 - 1, got true"),
+    # NaN / Infinity (Python's json reads them; JSON has none) are named with their place in the grader; they were
+    # refused as 'expected an object such as {"type": "reft"}' (session 55's list)
+    ({"method.reinforcement.grader": {"type": "reft", "partial_reward": float("nan")}},
+     "job.json: method.reinforcement.grader.partial_reward: NaN is not a number a job can hold"),
+    ({"method.reinforcement.grader": {"type": "multi", "calculate_output": "a", "graders": {
+        "a": {"type": "score_model", "model": "m", "input": "{{sample.output_text}}", "range": [0, float("inf")]}}}},
+     "job.json: method.reinforcement.grader.graders.a.range[1]: Infinity is not a number"),
     # the grader's message says "named": the job's field is that of the setting named first (grader), not suffix
     ({"method.reinforcement.grader": {"type": "multi", "graders": {}, "calculate_output": "a"}},
      "job.json: method.reinforcement.grader: grader.graders: must be a non-empty object of named graders"),

@@ -2277,6 +2277,10 @@ def test_set_refuses_a_grader_that_is_not_an_object_non_finite_numbers_and_paths
                      ('grader=[["type", "reft"], ["cot"]]', "grader: expected an object"),
                      ("rl.optim.learning_rate=NaN", r"rl.optim.learning_rate: expected a number, got 'NaN'"),
                      ("rl.ppo.clip_eps=Infinity", "expected a number, got 'Infinity'"),
+                     ('grader={"type": "reft", "partial_reward": NaN}',
+                      r"NaN is not a setting value \(JSON has no NaN or Infinity\)"),
+                     ('grader={"type": "multi", "graders": {"a": {"type": "reft", "partial_reward": -Infinity}}, '
+                      '"calculate_output": "a"}', "-Infinity is not a setting value"),
                      ("rl.iterations.x=1", r"unknown config path 'rl.iterations.x'"),
                      ("rl.sampling.eos_ids.0=2", r"rl.sampling.eos_ids is set as a whole, e.g. --set "
                                                  r"rl.sampling.eos_ids='\[\]'")):
