@@ -63,6 +63,17 @@ class ServeConfig:
             raise ValueError(f"batch_size, max_new_tokens and the prompt buckets must be >= 1: {self}")
 
 
+def seed_key(seed: int):
+    """The PRNG key of a request's `seed` (OpenAI's int64 range): `jax.random.key(seed)` from 0 to 2**32 - 1, and
+    outside it the key of the low 32 bits folded with the high 32. `jax.random.key` keeps the low 32 bits alone
+    (without x64), so 5 and 2**32 + 5, or -5 and 2**32 - 5, sampled alike (session 55's list)."""
+    import jax
+
+    low, high = seed % 2**32, (seed >> 32) % 2**32
+    key = jax.random.key(low)
+    return key if high == 0 else jax.random.fold_in(key, high)
+
+
 @dataclasses.dataclass(frozen=True)
 class Request:
     prompt_ids: tuple[int, ...]
@@ -161,7 +172,7 @@ class Engine:
         rows += [rows[0]] * (self.cfg.batch_size - len(rows))
         tokens, mask = left_pad(rows, bucket(max(map(len, rows)), self.cfg.prompt_buckets), self.pad)
         seed = batch[0].seed
-        rng = jax.random.key(seed) if seed is not None else jax.random.fold_in(jax.random.key(0), next(self._calls))
+        rng = seed_key(seed) if seed is not None else jax.random.fold_in(jax.random.key(0), next(self._calls))
         out = rollout(self.params, tokens, mask, rng, model_cfg=self.model_cfg, cfg=sampling)
         ids, lengths, finished = to_host((out.tokens_BxN, out.lengths_B, out.finished_B))
         replies = []

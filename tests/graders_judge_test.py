@@ -705,6 +705,26 @@ def test_the_server_s_reply_names_its_model_counts_its_tokens_and_follows_the_se
     text = lambda seed: post(temperature=1.0, seed=seed)["choices"][0]["message"]["content"]  # noqa: E731
     assert text(5) == text(5)
     assert len({text(s) for s in range(4)}) > 1
+    # a seed past 32 bits is its own: jax.random.key keeps the low 32 bits, so 2**32 + 5 sampled as 5 (session 55)
+    assert text(2**32 + 5) != text(5) and text(-5) != text(2**32 - 5)
+
+
+def test_a_request_seed_keys_its_sample_with_all_its_64_bits():
+    """`seed_key`: `jax.random.key(seed)` from 0 to 2**32 - 1 (the samples of earlier versions), past it the low 32
+    bits' key folded with the high 32 (by hand: 2**32 + 5 is key(5) folded with 1, -5 is key(2**32 - 5) folded with
+    2**32 - 1), so no two seeds of OpenAI's int64 range share a key by truncation."""
+    import jax
+
+    from reftjax.serve import seed_key
+
+    data = lambda k: jax.random.key_data(k).tolist()  # noqa: E731
+    for s in (0, 5, 2**31, 2**32 - 1):
+        assert data(seed_key(s)) == data(jax.random.key(s))
+    assert data(seed_key(2**32 + 5)) == data(jax.random.fold_in(jax.random.key(5), 1))
+    assert data(seed_key(-5)) == data(jax.random.fold_in(jax.random.key(2**32 - 5), 2**32 - 1))
+    assert data(seed_key(2**63 - 1)) == data(jax.random.fold_in(jax.random.key(2**32 - 1), 2**31 - 1))
+    keys = [data(seed_key(s)) for s in (5, 2**32 + 5, 2**33 + 5, -5, 2**32 - 5, -2**63, 0)]
+    assert len({str(k) for k in keys}) == len(keys)
 
 
 def test_the_batcher_groups_only_requests_of_the_same_sampling_settings():
