@@ -484,11 +484,25 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
+def seed_arg(text: str) -> int:
+    """argparse type of the experiments' --seed / --seeds: an integer from 0 to 2**31 - 1. They add offsets to it
+    (`ARM_SEED`, 1000, 100, 200, an epoch) and `jax.random.key` keeps a seed's low 32 bits, so 2**32 + 5 ran as 5
+    (session 55's list); NumPy's generators refuse a negative one after the warm-up."""
+    try:
+        seed = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 0 <= seed < 2**31:
+        raise argparse.ArgumentTypeError(f"expected an integer from 0 to 2**31 - 1 (the experiments add offsets to it "
+                                         f"and a JAX key keeps 32 bits), got {seed}")
+    return seed
+
+
 def parse_args(argv=None) -> tuple[ExpConfig, argparse.Namespace]:
     ap = argparse.ArgumentParser(prog="python -m experiments.arithmetic_reft", description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny CI version (pipeline check, not the result)")
     ap.add_argument("--out", default="runs/arithmetic_reft")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--seeds", type=seed_arg, nargs="+", default=[0, 1, 2])
     ap.add_argument("--arms", nargs="+", choices=ARMS)
     for f in dataclasses.fields(ExpConfig):
         if f.type in ("int", "float", "bool", "str"):

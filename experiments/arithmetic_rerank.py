@@ -105,7 +105,7 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m experiments.arithmetic_rerank", description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny CI version (pipeline check, not the result)")
     ap.add_argument("--out", default="runs/arithmetic_rerank")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=ar.seed_arg, default=0)
     ap.add_argument("--k", type=int, default=8, help="samples per problem (training data and rerank@k)")
     ap.add_argument("--n-train-questions", type=int, default=1000, help="training problems sampled for the verifier")
     ap.add_argument("--epochs", type=int, default=2)

@@ -31,7 +31,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--minibatch", type=int, default=64)
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--warmup-samples", type=int, default=ar.ExpConfig.warmup_samples)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=ar.seed_arg, default=0)
     ap.add_argument("--print-every", type=int, default=4)
     args = ap.parse_args(argv)
 

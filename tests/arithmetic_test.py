@@ -435,3 +435,20 @@ def test_rerank_sample_grades_each_completion_against_its_own_problem(monkeypatc
     assert samples["idx"].tolist() == np.repeat(np.arange(7), 3).tolist() and len(grades) == 21
     assert [g.score for g in grades] == [1.0, 0.0, 1.0] * 7
     assert (samples["prompt_tokens"] == np.repeat(tok[:7], 3, 0)).all()
+
+
+def test_the_experiments_refuse_seeds_a_jax_key_would_wrap_before_anything_runs(capsys):
+    """--seed / --seeds take 0 to 2**31 - 1: `jax.random.key` keeps a seed's low 32 bits and the experiments add
+    offsets (10,000 + 1000 for an arm's critic), so 2**32 + 5 ran as 5 and -1 failed in NumPy after the warm-up
+    (session 55's list). argparse exits 2 naming the flag; the largest seed passes the parser."""
+    from experiments import arithmetic_rerank as rr
+    from experiments import arithmetic_rl_probe as probe
+
+    for main, flag in ((exp.parse_args, "--seeds"), (rr.main, "--seed"), (probe.main, "--seed")):
+        for bad in ("4294967301", "2147483648", "-1", "1.5"):
+            with pytest.raises(SystemExit) as e:
+                main([flag, bad])
+            assert e.value.code == 2
+            err = capsys.readouterr().err
+            assert f"argument {flag}: " in err and ("2**31 - 1" in err or "expected an integer, got '1.5'" in err)
+    assert exp.parse_args(["--seeds", "0", "2147483647"])[1].seeds == [0, 2**31 - 1]
