@@ -4,6 +4,7 @@ import logging
 import os
 import pathlib
 import random
+import re
 import subprocess
 import sys
 
@@ -339,7 +340,7 @@ def test_save_every_and_nonfinite_guard(tmp_path, caplog):
     ck.close()
 
 
-@pytest.mark.parametrize("damage", ["marker", "file", "tmpdir"])
+@pytest.mark.parametrize("damage", ["marker", "file", "tmpdir", "metadata"])
 def test_corrupt_latest_falls_back_to_previous(tmp_path, caplog, damage):
     st1, st2 = _state(seed=0), _state(seed=10)
     ck = Checkpointer(CheckpointConfig(str(tmp_path), keep_last=3))
@@ -352,6 +353,8 @@ def test_corrupt_latest_falls_back_to_previous(tmp_path, caplog, damage):
     elif damage == "file":
         victim = max((p for p in (latest / "state").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
         victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 3])
+    elif damage == "metadata":  # the state's tree metadata cut short (mutation review, session 56)
+        (latest / "state" / "_METADATA").write_text("{")
     else:  # a save killed mid-write leaves only Orbax's temporary directory
         latest.rename(tmp_path / "2.orbax-checkpoint-tmp-123")
     ck = Checkpointer(CheckpointConfig(str(tmp_path), keep_last=3))
@@ -359,6 +362,7 @@ def test_corrupt_latest_falls_back_to_previous(tmp_path, caplog, damage):
         state, extras, step = ck.restore_latest(abstract_like(st1))
     assert (step, extras) == (1, {"pos": 1})
     _assert_equal_trees(state, st1)
+    assert not (tmp_path / "2.orbax-checkpoint-tmp-123").exists()  # (removed: session 56)
     if damage != "tmpdir":
         assert "step 2" in caplog.text
         # set aside (kept for inspection), so the resumed run can save step 2 again and the next resume reads it
@@ -441,7 +445,7 @@ def test_partial_restore_of_policy_params(tmp_path):
                    for x, t in zip(jax.tree.leaves(policy), jax.tree.leaves(target)))
     latest = restore_params(tmp_path, target)  # run directory: its latest step
     _assert_equal_trees(latest, _state(seed=4).params["policy"], check_sharding=False)
-    with pytest.raises(FileNotFoundError, match="no committed checkpoint"):
+    with pytest.raises(FileNotFoundError, match=re.escape(f"{tmp_path / 'nothing'}: no committed checkpoint")):
         restore_params(tmp_path / "nothing", target)
     ck.close()
 
@@ -539,3 +543,97 @@ def test_forced_saves_uncommitted_steps_repeated_set_asides_and_keeping_one_step
     ck.keep_only(2)
     assert ck.all_steps() == [2] and sorted(os.listdir(tmp_path / "c")) == ["2"]
     ck.close()
+
+
+def test_a_step_stores_the_config_and_a_zero_metric_and_no_best_without_keep_best(tmp_path):
+    """The experiment config is written with every step (only its folder was checked); a metric of 0.0 is a metric
+    (the tiny runs' validation accuracy: an `if not metric` made such a step no best candidate, deleted at the next
+    save); with `keep_best=0` there is no best policy to read back either (mutation review, session 56)."""
+    ck = Checkpointer(CheckpointConfig(str(tmp_path / "zero"), keep_last=1, keep_best=1, best_metric="acc"),
+                      config={"lr": 0.01, "model": {"layers": 1}})
+    for s, acc in ((1, 0.0), (2, None), (3, None)):
+        assert ck.save(s, _state(seed=s), metric=acc)
+    ck.wait()
+    assert ck.all_steps() == [1, 3] and ck.best_step() == 1
+    assert json.loads((tmp_path / "zero" / "1" / "metrics" / "metrics").read_text()) == {"acc": 0.0, "step": 1}
+    for s in (1, 3):
+        assert json.loads((tmp_path / "zero" / str(s) / "config" / "metadata").read_text()) == {
+            "lr": 0.01, "model": {"layers": 1}}
+    ck.close()
+    ck = Checkpointer(CheckpointConfig(str(tmp_path / "none"), keep_last=2, keep_best=0, best_metric="acc"))
+    for s, acc in ((1, 0.9), (2, 0.1)):
+        ck.save(s, _state(seed=s), metric=acc)
+    assert ck.restore_best_params(abstract_like(_state().params["policy"])) == (None, None)
+    ck.close()
+
+
+def test_the_best_counts_a_save_in_progress_and_never_an_uncommitted_step(tmp_path):
+    """`best_step` and `restore_best_params` right after an async save see it (they wait for it); a step without its
+    commit marker is no best candidate, whatever its metrics file says, nor the step `keep_only` keeps alone (mutation
+    review, session 56)."""
+    states = {s: _state(seed=s) for s in (1, 2, 3)}
+    ck = Checkpointer(CheckpointConfig(str(tmp_path), keep_last=3, keep_best=1, best_metric="acc"))
+    ck.save(1, states[1], metric=0.5)
+    ck.wait()
+    assert ck.save(2, states[2], metric=0.75)
+    assert ck.best_step() == 2  # (no wait in between: the save was still being written)
+    ck.save(3, states[3], metric=0.9)
+    ck.wait()
+    (tmp_path / "3" / "commit_success.txt").unlink()
+    params, step = ck.restore_best_params(abstract_like(states[1].params["policy"]))
+    assert ck.best_step() == step == 2
+    _assert_equal_trees(params, states[2].params["policy"])
+    ck.keep_only(3)  # (an uncommitted step is not one to keep alone: nothing deleted)
+    assert ck.all_steps() == [1, 2] and {"1", "2", "3"} <= set(os.listdir(tmp_path))
+    ck.close()
+
+
+def test_restore_params_reads_the_named_subtree_of_the_newest_step(tmp_path):
+    """`key` picks the params subtree (the verifier phase's `verifier`); a run directory's newest step is the highest
+    number (9 < 10), not the last name in string order (mutation review, session 56)."""
+    verifier = {"head": {"kernel": jnp.arange(6.0).reshape(2, 3)}}
+    ck = Checkpointer(CheckpointConfig(str(tmp_path), keep_last=3))
+    for s in (10, 9):  # (a step below the newest is saved too: `save` refuses only what its docstring says)
+        params = {"policy": _state(seed=s).params["policy"], "verifier": jax.tree.map(lambda x: x + s, verifier)}
+        assert ck.save(s, init_state(params, TX, jax.random.key(s)))
+    ck.close()
+    got = restore_params(tmp_path, abstract_like(verifier), key="verifier")
+    np.testing.assert_array_equal(got["head"]["kernel"], np.arange(6.0).reshape(2, 3) + 10)
+    _assert_equal_trees(restore_params(tmp_path / "9", abstract_like(_state().params["policy"])),
+                        _state(seed=9).params["policy"], check_sharding=False)
+
+
+def test_layout_mismatch_names_the_stored_and_the_wanted_shapes():
+    """The message says which shape the checkpoint holds and which this run builds, and counts what it leaves out
+    only past `limit` (mutation review, session 56)."""
+    from reftjax.checkpoint import layout_mismatch
+
+    def leaf(*shape):
+        return jax.ShapeDtypeStruct(shape, jnp.float32)
+
+    stored = {"params": {"a": leaf(2), "b": leaf(3), "c": leaf(4)}}
+    wanted = {"params": {"a": leaf(5), "b": leaf(3), "c": leaf(4), "d": leaf(1), "e": leaf(1), "f": leaf(1)}}
+    assert layout_mismatch(stored, wanted) == ("not in the checkpoint: params/d, params/e, params/f; "
+                                               "shape differs: params/a (2,) stored vs (5,) here")
+    wanted["params"]["g"] = leaf(1)
+    assert layout_mismatch(stored, wanted, limit=2).startswith("not in the checkpoint: params/d, params/e and 2 more;")
+
+
+def test_restore_casts_to_the_target_dtypes_and_keeps_the_key_implementation(tmp_path):
+    """A restore lands in the abstract state's dtypes (float32 params read as bfloat16 here), not the stored ones,
+    and a typed key comes back with its own implementation (`rbg` here, not the default) (mutation review, s56)."""
+    st = _state()
+    st = st.replace(rng=jax.random.key(3, impl="rbg"))
+    ck = Checkpointer(CheckpointConfig(str(tmp_path)))
+    ck.save(1, st)
+    ck.wait()
+    target = abstract_like(st)
+    target = target.replace(params=jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16,
+                                                                               sharding=x.sharding), target.params))
+    out, _, _ = ck.restore_latest(target)
+    ck.close()
+    assert {x.dtype for x in jax.tree.leaves(out.params)} == {jnp.dtype(jnp.bfloat16)}
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(x, y.astype(jnp.bfloat16)), out.params, st.params)
+    assert out.step.dtype == st.step.dtype and int(out.step) == int(st.step)
+    assert str(jax.random.key_impl(out.rng)) == str(jax.random.key_impl(st.rng))
+    np.testing.assert_array_equal(jax.random.key_data(out.rng), jax.random.key_data(st.rng))
