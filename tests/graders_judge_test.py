@@ -750,3 +750,229 @@ def test_the_batcher_groups_only_requests_of_the_same_sampling_settings():
     assert sorted(map(len, engine.batches)) == [1, 2, 3]  # greedy (any top_p), T=1, T=1 with top_p 0.5
     for batch in engine.batches:
         assert len({(t == 0, t, p if t else 1.0) for t, p in batch}) == 1, engine.batches
+
+
+def test_the_judge_is_asked_as_configured_and_only_busy_statuses_are_retried(judge, monkeypatch):
+    """What no test looked at (mutation review C, session 56): the request's Content-Type (urllib's default is a form
+    body, which JSON APIs may refuse), the grader's `timeout` and `retries` reaching each request (the defaults, 120 s
+    and 3, served every test alike), which statuses are retried (408, 409, 429, 5xx; not 4xx refusals) and which
+    errors mark the endpoint down for the rest of the batch."""
+    import time
+
+    from reftjax.graders import judge as J
+
+    slept = []
+    monkeypatch.setattr(J, "time", type("T", (), {"sleep": staticmethod(slept.append)}))  # back-off waits recorded
+    j = judge(lambda body: (200, "1"))
+    assert build_grader(_score_cfg(j.url)).grade_batch([{"q": "q"}], ["a"])[0].score == 1.0
+    assert {k.lower(): v for k, v in j.headers[-1].items()}["content-type"] == "application/json"
+    j.reply = lambda body: (503, "busy")
+    retried = build_grader(_score_cfg(j.url, retries=1)).grade_batch([{"q": "q"}], ["a"])[0]
+    assert len(j.requests) == 1 + 2 and retried.details.get("grader_fault") and "HTTP 503" in retried.error
+    slept.clear()
+    with pytest.raises(J.JudgeError):
+        J.chat_completion(j.url, {"model": "judge", "messages": []}, retries=3)
+    assert slept == [0.5, 1.0, 2.0]  # doubling
+    j.requests.clear()
+    j.reply = lambda body: (200, None)  # a null content (a refusal) is no reply text
+    with pytest.raises(J.JudgeError, match="the reply's content is None, not text"):
+        J.chat_completion(j.url, {"model": "judge", "messages": []}, retries=1)
+    assert len(j.requests) == 1
+
+    class NotJson(_Quiet):
+        def do_POST(self):  # noqa: N802
+            self.rfile.read(int(self.headers["Content-Length"]))
+            asked.append(1)
+            self.send_response(200)
+            self.send_header("Content-Length", "5")
+            self.end_headers()
+            self.wfile.write(b"<html")
+
+    asked = []
+    with _serving(NotJson) as url, pytest.raises(J.JudgeError, match="the reply is not JSON"):
+        J.chat_completion(url, {"model": "judge", "messages": []}, retries=2)
+    assert asked == [1]  # an answer, not a busy endpoint: not asked again
+    for status, again in [(408, True), (409, True), (429, True), (500, True), (502, True), (504, True),
+                          (400, False), (401, False), (404, False), (422, False)]:
+        j.requests.clear()
+        j.reply = lambda body, s=status: (s, "no") if len(j.requests) == 1 else (200, "ok")
+        if again:
+            assert J.chat_completion(j.url, {"model": "judge", "messages": []}, retries=1) == "ok", status
+        else:
+            with pytest.raises(J.JudgeError, match=f"HTTP {status}: ") as info:
+                J.chat_completion(j.url, {"model": "judge", "messages": []}, retries=1)
+            assert info.value.unreachable is False
+        assert len(j.requests) == (2 if again else 1), status
+    j.reply = lambda body: (503, "busy")  # still busy after the retries: down, the batch's other rows not sent
+    with pytest.raises(J.JudgeError) as info:
+        J.chat_completion(j.url, {"model": "judge", "messages": []}, retries=0)
+    assert info.value.unreachable is True
+
+    class Slow(_Quiet):
+        def do_POST(self):  # noqa: N802
+            time.sleep(3)
+
+    with _serving(Slow) as url:
+        start = time.monotonic()
+        grade = build_grader(_score_cfg(url, timeout=0.3, retries=0)).grade_batch([{"q": "q"}], ["a"])[0]
+        assert time.monotonic() - start < 2.5 and grade.details.get("grader_fault") and "timed out" in grade.error
+
+
+@pytest.mark.parametrize("reply,score", [
+    ('{"score": 2, "result": 3}', 3.0),  # `result`, else `score`
+    ('{"result": true}', None), ('{"score": false}', None),  # a boolean is no score
+    ("My final overall score: 7", 7.0), ("So my final overall score: 7", None),  # up to three words before it
+])
+def test_score_verdict_edges(reply, score):
+    assert parse_score(reply) == score
+
+
+@pytest.mark.parametrize("reply,label", [
+    ('{"label": "Correct"}', "correct"), ('{"verdict": "correct"}', None),  # `result` or `label`, no other key
+    ("Correct !", "correct"), ("  INCORRECT  ", "incorrect"), ("in correct", None),
+])
+def test_label_verdict_edges(reply, label):
+    assert parse_label(reply, ("correct", "incorrect")) == label
+
+
+def test_a_label_passes_only_as_a_passing_label_and_configs_keep_their_roles(judge):
+    """A third label outside `passing_labels` scores 0 (any case in the reply); `passing_labels` must name labels as
+    written (a case variant passed nothing: the parsed label is the labels' spelling); a `developer` turn and text
+    blocks of type `text` are taken and sent as written; a range of width 0 is refused (mutation review C, session
+    56)."""
+    j = judge(lambda body: (200, _user(body).split(": ")[1]))
+    cfg = {"type": "label_model", "model": "judge", "base_url": j.url,
+           "input": [{"role": "developer", "content": [{"type": "text", "text": "Grade."}]},
+                     {"role": "user", "content": "Grade: {{sample.output_text}}"}],
+           "labels": ["good", "fair", "poor"], "passing_labels": ["good", "fair"]}
+    grades = build_grader(cfg).grade_batch([{}] * 4, ["GOOD", "Fair.", "poor", "Poor!"])
+    assert [(gr.score, gr.extracted) for gr in grades] == [(1.0, "good"), (1.0, "fair"), (0.0, "poor"), (0.0, "poor")]
+    assert all(gr.error is None for gr in grades)
+    assert j.requests[0]["messages"][0] == {"role": "developer", "content": "Grade."}
+    with pytest.raises(ConfigError, match=r"passing_labels: \['Good'\] are not in labels"):
+        build_grader({**cfg, "passing_labels": ["Good"]})
+    with pytest.raises(ConfigError, match=r"grader\.range: must be \[low, high\] with low < high"):
+        build_grader(_score_cfg(j.url, range=[5, 5]))
+
+
+def test_the_server_s_defaults_and_bounds(smollm_tokenizer):
+    """parse_request's OpenAI defaults (temperature 1, top_p 1, no seed), the int64 seed bounds, an assistant turn
+    taken and a tool turn refused naming its index, a prompt exactly at the longest bucket taken, and bodies that are
+    no request (mutation review C, session 56)."""
+    from reftjax.serve import RequestError, ServeConfig, parse_request
+
+    msg = [{"role": "user", "content": "What is 2+2?"}]
+    parse = lambda buckets=(128,), **kw: parse_request({"messages": msg, **kw}, smollm_tokenizer,  # noqa: E731
+                                                       ServeConfig(max_new_tokens=12, prompt_buckets=buckets), {})
+    r = parse()
+    assert (r.temperature, r.top_p, r.seed) == (1.0, 1.0, None)
+    assert parse(seed=2**63 - 1).seed == 2**63 - 1 and parse(seed=-2**63).seed == -2**63
+    for bad in (dict(seed=2**63), dict(seed=-2**63 - 1), dict(seed=1.5)):
+        with pytest.raises(RequestError, match="seed: .* is out of range"):
+            parse(**bad)
+    chat = [*msg, {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3+3?"}]
+    assert len(parse(messages=chat).prompt_ids) > len(r.prompt_ids)
+    with pytest.raises(RequestError, match=r"messages\[1\]: must have a role"):
+        parse(messages=[*msg, {"role": "tool", "content": "4"}])
+    n = len(r.prompt_ids)
+    assert parse(buckets=(n // 2, n)).prompt_ids == r.prompt_ids
+    with pytest.raises(RequestError, match=f"the prompt is {n} tokens, over the longest prompt bucket {n - 1}"):
+        parse(buckets=(n - 1,))
+    for body, message in (([{"messages": msg}], "the body must be a JSON object"), ({"messages": []}, "non-empty"),
+                          ({"messages": msg, "n": 0}, "only n=1"), ({"messages": msg, "stream": True}, "only n=1")):
+        with pytest.raises(RequestError, match=message):
+            parse_request(body, smollm_tokenizer, ServeConfig(), {})
+
+
+def test_the_server_s_error_bodies_are_openai_s(smollm_tokenizer):
+    """A body that is not JSON is a 400 `invalid_request_error` (not a 500), a batch that fails a 500
+    `server_error` naming the exception, and a reply's usage adds up. A scripted batcher stands in for the engine
+    (mutation review C, session 56)."""
+    import urllib.error
+    import urllib.request
+    from concurrent.futures import Future
+
+    from reftjax.serve import ServeConfig, make_handler
+
+    class Scripted:
+        def submit(self, request):
+            fut = Future()
+            if request.temperature == 0:
+                fut.set_result({"text": "4", "finish_reason": "stop", "prompt_tokens": len(request.prompt_ids),
+                                "completion_tokens": 2})
+            else:
+                fut.set_exception(RuntimeError("out of memory"))
+            return fut
+
+    def post(url, data):
+        try:
+            with urllib.request.urlopen(urllib.request.Request(f"{url}/chat/completions", data), timeout=30) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    msg = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    with _serving(make_handler("m", smollm_tokenizer, ServeConfig(), Scripted())) as url:
+        for body in (b'{"messages": [', json.dumps(dict(msg, temperature=3)).encode()):
+            status, out = post(url, body)
+            assert status == 400 and set(out) == {"error"} and out["error"]["type"] == "invalid_request_error"
+        status, out = post(url, json.dumps(msg).encode())
+        assert (status, out) == (500, {"error": {"message": "RuntimeError: out of memory", "type": "server_error"}})
+        status, out = post(url, json.dumps(dict(msg, temperature=0)).encode())
+        prompt = len(smollm_tokenizer.apply_chat_template(msg["messages"], add_generation_prompt=True, tokenize=True,
+                                                          return_dict=False))
+        assert status == 200 and out["choices"][0]["message"] == {"role": "assistant", "content": "4"}
+        assert out["usage"] == {"prompt_tokens": prompt, "completion_tokens": 2, "total_tokens": prompt + 2}
+
+
+def test_the_server_samples_with_the_request_s_seed_else_a_fresh_key(served, monkeypatch):
+    """A seeded batch samples with `jax.random.key(seed)`; unseeded batches each with a key of their own (a key 0
+    for all of them, or a seed ignored, passed every test). The decoder is scripted to record its key (mutation
+    review C, session 56)."""
+    import types
+
+    import jax
+
+    from reftjax import rollout as R
+    from reftjax.serve import Engine, Request, ServeConfig
+
+    model, _ = served
+    engine = Engine(model.params, model.config, model.tokenizer, ServeConfig(batch_size=1, max_new_tokens=4,
+                                                                             prompt_buckets=(16,)))
+    keys = []
+
+    def fake(params, tokens, mask, rng, **kw):
+        keys.append(tuple(np.asarray(jax.random.key_data(rng)).tolist()))
+        return types.SimpleNamespace(tokens_BxN=np.full((1, 4), engine.eos[0], np.int32), lengths_B=np.ones(1, int),
+                                     finished_B=np.ones(1, bool))
+
+    monkeypatch.setattr(R, "rollout", fake)
+    for seed in (5, 5, None, None, 7):
+        engine.run([Request((1, 2), 4, 1.0, 1.0, seed)])
+    five, seven = (tuple(np.asarray(jax.random.key_data(jax.random.key(s))).tolist()) for s in (5, 7))
+    assert keys[0] == keys[1] == five and keys[4] == seven
+    assert len({keys[2], keys[3], five, seven}) == 4
+
+
+def test_seeds_that_differ_above_32_bits_sample_differently(served, monkeypatch):
+    """The engine keys a batch with all 64 bits of its seed (`serve.seed_key`): `jax.random.key` keeps the low 32, so
+    5 and 2**32 + 5, -1 and 2**32 - 1 sampled alike (review C, session 56; written as a strict xfail before the
+    fix)."""
+    import types
+
+    import jax
+
+    from reftjax import rollout as R
+    from reftjax.serve import Engine, Request, ServeConfig
+
+    model, _ = served
+    engine = Engine(model.params, model.config, model.tokenizer, ServeConfig(batch_size=1, max_new_tokens=4,
+                                                                             prompt_buckets=(16,)))
+    keys = []
+    monkeypatch.setattr(R, "rollout", lambda params, tokens, mask, rng, **kw: (
+        keys.append(tuple(np.asarray(jax.random.key_data(rng)).tolist())),
+        types.SimpleNamespace(tokens_BxN=np.full((1, 4), engine.eos[0], np.int32), lengths_B=np.ones(1, int),
+                              finished_B=np.ones(1, bool)))[1])
+    for seed in (5, 2**32 + 5, -1, 2**32 - 1):
+        engine.run([Request((1, 2), 4, 1.0, 1.0, seed)])
+    assert len(set(keys)) == 4, keys
