@@ -668,3 +668,106 @@ def test_trim_to_bucket_cuts_to_the_bucket_equal_to_the_longest_completion():
     assert ro.trim_to_bucket(made([3, 4]), (4, 8, 12)).tokens_BxN.shape == (2, 4)
     full = made([12, 1])
     assert ro.trim_to_bucket(full, (4, 8, 12)) is full
+
+
+# ----------------------------------------------------------------------------- mutation review, session 56
+
+
+def test_log_probs_of_logits_past_exp_s_range_stay_finite():
+    """`_token_logprob` subtracts the row maximum before exp: logits of order 1000 gave inf - inf = NaN log-probs in a
+    mutant without the shift that passed the suite (mutation review, session 56). By hand: the top token of
+    (1000, 999, 0) and of (-5, 200, 199) has log-prob -log(1 + e^-1) (e^-1000, e^-205: 0 in float64)."""
+    from reftjax.rollout import sample_logits
+
+    logits = jnp.asarray([[1000.0, 999.0, 0.0], [-5.0, 200.0, 199.0]])
+    for cfg in (SamplingConfig(greedy=True), SamplingConfig(top_k=1)):
+        tok, logp = sample_logits(logits, jax.random.key(0), cfg)
+        np.testing.assert_array_equal(tok, [0, 1])
+        np.testing.assert_allclose(logp, [-np.log1p(np.exp(-1.0))] * 2, atol=1e-6)
+
+
+def test_top_p_reads_the_distribution_left_by_top_k_and_top_k_keeps_ties():
+    """Top-k, then top-p over the renormalised survivors (transformers' warper order, vLLM's too): probabilities
+    0.4 0.3 0.2 0.1, top_k=2 leaves 4/7 and 3/7, and top_p=0.5 keeps the first alone (over the untruncated
+    distribution, a mutant that passed the suite, the first two: 0 < 0.4 < 0.5). Top-k keeps every token tied with
+    the k-th (as transformers' `scores < topk[..., -1]`): logits 2 1 1 0 at k=2 keep three (mutation review,
+    session 56)."""
+    from reftjax.rollout import sample_logits
+
+    logits = jnp.log(jnp.asarray([[0.4, 0.3, 0.2, 0.1]] * 2048))
+    key = jax.random.key(0)
+    assert set(np.asarray(sample_logits(logits, key, SamplingConfig(top_k=2))[0]).tolist()) == {0, 1}
+    assert set(np.asarray(sample_logits(logits, key, SamplingConfig(top_p=0.5))[0]).tolist()) == {0, 1}
+    tok, logp = sample_logits(logits, key, SamplingConfig(top_k=2, top_p=0.5))
+    assert set(np.asarray(tok).tolist()) == {0}
+    np.testing.assert_allclose(logp, np.log(0.4), atol=1e-6)  # (the untruncated distribution's, as documented)
+    tied = jnp.asarray([[2.0, 1.0, 1.0, 0.0]] * 2048)
+    assert set(np.asarray(sample_logits(tied, key, SamplingConfig(top_k=2))[0]).tolist()) == {0, 1, 2}
+    # off (top_p 1, top_k 0) means no sort of the vocabulary at every step (at 1.0 it kept the tokens whose preceding
+    # mass rounded below 1, nearly all, for a [B, V] sort a step)
+    jaxpr = str(jax.make_jaxpr(lambda x: sample_logits(x, key, SamplingConfig()))(logits))
+    assert " sort[" not in jaxpr and " top_k[" not in jaxpr
+    assert " sort[" in str(jax.make_jaxpr(lambda x: sample_logits(x, key, SamplingConfig(top_p=0.99)))(logits))
+
+
+def test_rows_stopped_before_the_loop_ends_hold_pad_zero_log_probs_and_zero_values(tiny_params):
+    """Every row stops early (the loop exits before N): slots no step wrote hold `pad_id` (a mutant that filled the
+    buffer with 0 passed the suite), and after a row's stop its log-probs and critic values are 0 while the loop runs
+    on for other rows (`Rollout.values_BxN`: "0 after the stop"; kept values passed the suite too). A row whose EOS is
+    its N-th token is finished (not judged by its length). Reference: the greedy completions without EOS (mutation
+    review, session 56)."""
+    tokens, mask = _prompts(lengths=(5, 2, 4, 6), seed=3)
+    n, pad = 8, 15
+    vh = init_value_head(TINY, jax.random.key(7))
+    base = _run(tiny_params, tokens, mask, SamplingConfig(max_new_tokens=n, greedy=True))
+    t = base.tokens_BxN
+    eos = tuple(sorted({int(x) for x in t[:, 3]} - {pad}))  # every row ends by its 4th token
+
+    def first_hit(ids):
+        hits = np.isin(t, ids)
+        return np.where(hits.any(1), hits.argmax(1) + 1, n)
+
+    want = first_hit(eos)
+    assert want.max() <= 4 and want.min() < want.max() and pad not in t[:, :4]
+    cfg = SamplingConfig(max_new_tokens=n, greedy=True, eos_ids=eos, pad_id=pad)
+    r = jax.device_get(rollout(tiny_params, tokens, mask, jax.random.key(0), model_cfg=TINY, cfg=cfg, value_head=vh))
+    np.testing.assert_array_equal(r.lengths_B, want)
+    live = np.arange(n)[None] < want[:, None]
+    np.testing.assert_array_equal(r.mask_BxN, live)
+    np.testing.assert_array_equal(np.where(live, r.tokens_BxN, pad), np.where(live, t, pad))
+    np.testing.assert_array_equal(r.tokens_BxN[~live], pad)
+    assert np.all(r.logprobs_BxN[~live] == 0) and np.all(r.values_BxN[~live] == 0)
+    assert np.all(r.logprobs_BxN[live] < 0) and np.abs(r.values_BxN[live]).min() > 0
+    # an EOS as the last token: length N and finished
+    row = next(i for i in range(len(t)) if t[i, -1] not in t[i, :-1])
+    last = int(t[row, -1])
+    r = _run(tiny_params, tokens, mask, dataclasses.replace(cfg, eos_ids=(last,)))
+    np.testing.assert_array_equal(r.lengths_B, first_hit((last,)))
+    assert r.lengths_B[row] == n and r.finished_B[row]
+    np.testing.assert_array_equal(r.finished_B, np.isin(t, (last,)).any(1))
+
+
+def test_trim_to_bucket_cuts_the_values_and_never_passes_the_buffer():
+    """The critic's values are cut with the tokens (a mutant that kept them [B, N] beside [B, bucket] tokens passed
+    the suite); buckets need not hold N (a completion longer than every bucket keeps the buffer) and one past it
+    is never chosen (mutation review, session 56)."""
+    def made(lengths, n=12):
+        mask = (np.arange(n)[None] < np.asarray(lengths)[:, None]).astype(np.int32)
+        z = np.zeros((len(lengths), n), np.float32)
+        return ro.Rollout(np.ones((len(lengths), 2), np.int32), np.ones((len(lengths), 2), np.int32), mask * 5, z, mask,
+                          jnp.asarray(mask.sum(1)), np.zeros(len(lengths), bool), np.arange(len(lengths)),
+                          values_BxN=mask * 0.5)
+
+    cut = ro.trim_to_bucket(made([3, 7]), (4, 8, 12))
+    assert cut.values_BxN.shape == cut.tokens_BxN.shape == (2, 8)
+    np.testing.assert_array_equal(cut.values_BxN, made([3, 7]).values_BxN[:, :8])
+    long = made([10, 2])
+    assert ro.trim_to_bucket(long, (4, 8)) is long  # longer than every bucket: the whole buffer
+    short = made([5, 2])
+    assert ro.trim_to_bucket(short, (4, 16)) is short  # 16 > N: N itself
+
+
+def test_decode_segments_may_be_as_many_as_the_steps():
+    """One stretch per step is allowed (the bound is inclusive; mutation review, session 56)."""
+    assert SamplingConfig(max_new_tokens=4, decode_segments=4).segment_ends() == (1, 2, 3, 4)
+    assert SamplingConfig(max_new_tokens=7, decode_segments=2).segment_ends() == (4, 7)
