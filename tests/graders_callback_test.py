@@ -489,3 +489,102 @@ def test_a_grader_failure_is_every_row_faulted_not_some():
     assert every_one_faulted([faulted("a"), faulted("b")]) == "a"
     assert every_one_faulted([faulted("a"), Grade(0.0, error="no answer")]) is None
     assert every_one_faulted([Grade(0.0, error="no answer")]) is None and every_one_faulted([]) is None
+
+
+def test_the_last_record_is_each_call_s_own_and_the_totals_add_up():
+    """`last` describes the latest call only (a failed batch keeps no texts of the batch before it, which the RL
+    samples dump would print beside its rows), its `seconds` count the decoding as well as the grading, and
+    `totals` add every call's counters (mutation review, session 56)."""
+    import time
+
+    items = [{"answer_value": "4"}]
+    texts = [reft_target("2+2=4", "4"), "I do not know"]
+    ids, mask = _encode(texts, 40)
+    state = {"fail": False}
+
+    def decode(rows):
+        time.sleep(0.05)
+        if state["fail"]:
+            raise ZeroDivisionError("decoder broke")
+        return _decode(rows)
+
+    fn = make_reward_fn(ReftGrader(), items, decode)
+    assert fn(ids, mask, np.array([0, 0], np.int32)).tolist() == [1.0, 0.0]
+    assert fn.last.texts == tuple(texts) and fn.last.error is None and fn.last.seconds >= 0.05
+    state["fail"] = True
+    assert fn(ids, mask, np.array([0, -1], np.int32)).tolist() == [0.0, 0.0]
+    assert fn.last.error == "ZeroDivisionError: decoder broke" and fn.last.texts == ()
+    assert [g.error for g in fn.last.grades] == ["batch failed"] * 2 and fn.last.example_idx == (0, -1)
+    assert fn.last.counters == {"graded": 2, "unanswered": 0, "errors": 2} and fn.last.seconds >= 0.05
+    state["fail"] = False
+    fn(ids, mask, np.array([0, 0], np.int32))
+    assert dict(fn.last.counters) == {"graded": 2, "unanswered": 1, "errors": 0} and fn.last.error is None
+    assert dict(fn.totals) == {"graded": 6, "unanswered": 2, "errors": 2}
+
+
+def test_a_direct_call_with_one_index_per_prompt_scores_the_batch_zero_with_the_reason():
+    """Called outside `grade_in_jit` (which refuses it when tracing), indices that are not one per row fail the
+    batch with the shapes named: grading the first rows and returning fewer rewards than rows is not an option."""
+    items, ids, mask, idx = _batch()
+    fn = make_reward_fn(ReftGrader(), items, _decode)
+    out = fn(ids, mask, idx[::2])
+    assert out.tolist() == [0.0] * B
+    assert fn.last.error == f"ValueError: bad shapes ids ({B}, {T}) mask ({B}, {T}) idx ({B // 2},)"
+
+
+def test_the_guards_read_the_grader_s_answer_out_of_the_text():
+    """The ReFT N-CoT grader reads its answer out of the text (`answer_in_text`), so a bare "42" with no marker is
+    flagged `no_reasoning` through the reward function too, not only through `apply_guards` called directly."""
+    items = [{"answer_value": "42"}]
+    texts = ["42", "Tom has 6 bags of 7 apples, so 6 * 7 = 42 apples in all.\nTherefore, the answer is: 42"]
+    ids, mask = _encode(texts, 100)
+    plain = make_reward_fn(ReftGrader(), items, _decode)
+    assert plain(ids, mask, np.zeros(2, np.int32)).tolist() == [1.0, 1.0]
+    fn = make_reward_fn(ReftGrader(), items, _decode, guards=GuardConfig())
+    assert fn(ids, mask, np.zeros(2, np.int32)).tolist() == [0.0, 1.0]
+    assert fn.last.counters["no_reasoning"] == 1 and fn.last.grades[0].details["guards"] == ["no_reasoning"]
+
+
+def test_an_infinite_custom_reward_is_refused_as_a_nan_is():
+    items, ids, mask, idx = _batch()
+
+    def inf_at_1(a, m, i):
+        return [float("inf") if r == 1 else 0.0 for r in range(len(i))]
+
+    with pytest.raises(Exception, match=r"reward function .*inf_at_1 returned non-finite rewards at rows \[1\] "
+                                        r"\(\[inf\]\)"):
+        jax.block_until_ready(jax.jit(lambda a, m, i: grade_in_jit(inf_at_1, a, m, i))(ids, mask, idx))
+
+
+def test_make_reward_fn_checks_the_grader_against_the_first_item_unless_told_not_to():
+    items = [{"answer_value": "forty-two"}, {"answer_value": "4"}]
+    with pytest.raises(ValueError, match=r"gold answer 'forty-two' in field 'answer_value' is not a number"):
+        make_reward_fn(ReftGrader(), items, _decode)
+    fn = make_reward_fn(ReftGrader(), items, _decode, validate=False)
+    ids, mask = _encode([reft_target("2+2=4", "4")], 40)
+    assert fn(ids, mask, np.array([1], np.int32)).tolist() == [1.0]
+
+
+def test_failure_messages_sub_score_means_and_the_score_range():
+    """`failure_message`'s line as the CLIs print it, with and without the first failure; `every_one_faulted`
+    names a fault without a message; `sub_score_means` averages over the rows that carry sub-scores (a row without
+    an item, scored 0 by the callback, has none); a score above 1 is refused as one below 0 is (mutation review,
+    session 56)."""
+    from reftjax.graders.base import every_one_faulted, failure_message, faulted, sub_score_means
+
+    assert failure_message("RL iteration 3", "8 rows", "judge: timeout", "stopped before the update") == (
+        "RL iteration 3: the grader failed on all 8 rows (the first: judge: timeout); stopped before the update. "
+        "Fix the grader (try it with `python -m reftjax.graders run`) or its judge's endpoint (a model grader's "
+        "base_url may change on resume) and rerun the same command: the run resumes from its last checkpoint")
+    assert failure_message("evaluation x", "4 answers", None, "nothing recorded", rerun="it redoes x") == (
+        "evaluation x: the grader failed on all 4 answers (graded in process 0: its log names the first failure); "
+        "nothing recorded. Fix the grader (try it with `python -m reftjax.graders run`) or its judge's endpoint (a "
+        "model grader's base_url may change on resume) and rerun the same command: it redoes x")
+    assert every_one_faulted([faulted(""), faulted("b")]) == "no message"
+    grades = [Grade(1.0, details={"scores": {"a": 1.0, "b": 0.25}}), Grade(0.0, error="example_idx -1 is not in"),
+              Grade(0.5, details={"scores": {"a": 0.0, "b": 0.75}, "guards": ["too_long"]})]
+    assert sub_score_means(grades) == {"score_a": 0.5, "score_b": 0.5}
+    assert sub_score_means([Grade(1.0), Grade(0.0, error="x")]) == {} and sub_score_means([]) == {}
+    for bad in (1.5, -0.25):
+        with pytest.raises(ValueError, match=rf"score must be in \[0, 1\], got {bad}"):
+            Grade(bad)

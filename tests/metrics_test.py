@@ -288,3 +288,49 @@ def test_non_finite_figures_are_logged_as_null_and_non_scalars_left_out(tmp_path
     line = json.loads((tmp_path / "metrics.jsonl").read_text(), parse_constant=strict)
     assert {k: line[k] for k in ("phase", "step", "kl", "loss", "reward")} == \
         {"phase": "rl", "step": 1, "kl": None, "loss": None, "reward": 0.5} and "hist" not in line
+
+
+def test_model_flops_runs_each_group_s_own_prompt_and_a_separate_critic_shares_prompts_too():
+    """`group` rows share the prompt at their group's start: with prompts of different lengths the trunk runs on
+    10 and 6 tokens, not twice on the first prompt's 10; a separate critic's passes share prompts as the policy's do
+    (`share_prompt`), trunk only (mutation review, session 56)."""
+    from reftjax.models import ModelConfig
+
+    cfg = ModelConfig(vocab_size=100, hidden_size=8, intermediate_size=16, num_layers=2, num_heads=2, num_kv_heads=1)
+    head = 2.0 * 8 * 100
+    p, g = [10, 10, 6, 6], [4, 6, 2, 8]  # two prompts x two samples, prompt-major
+    fpt = cfg.flops_per_token
+    prompts = 10 * (fpt(5) - head) + 6 * (fpt(3) - head)
+    completions = 4 * fpt(12) + 6 * fpt(13) + 2 * fpt(7) + 8 * fpt(10)
+    assert metrics.model_flops(cfg, p, g, group=2) == prompts + completions
+    shared_trunk = prompts + completions - sum(g) * head
+    assert metrics.model_flops(cfg, p, g, group=2, head=False) == shared_trunk
+    assert metrics.rl_iteration_flops(cfg, p, g, 2, 2, False, 1, separate_critic=True) == \
+        (prompts + completions) * (1 + 1 + 1 + 3) + shared_trunk * (1 + 3)
+    assert metrics.mfu(tokens=100, seconds=0.25, flops_per_token=1e6, peak=1e9) == pytest.approx(0.4)
+
+
+def test_the_logger_writes_in_process_0_by_default_and_only_returns_rows_elsewhere(tmp_path):
+    """`enabled` defaults to this being JAX process 0 (the suite's one process writes); a disabled logger (another
+    process) writes nothing and returns the same rows; tensorboard=False leaves no event files; a NumPy step is
+    written as a JSON number; empty and multi-element arrays are left out (mutation review, session 56)."""
+    import json
+
+    import numpy as np
+
+    from reftjax.metrics import MetricsLogger, read_metrics
+
+    assert read_metrics(tmp_path / "none") == []
+    log = MetricsLogger(tmp_path / "on", tensorboard=False)
+    row = log.log("rl", np.int64(3), {"reward": np.float32(0.5), "n": 2, "empty": np.zeros(0), "hist": np.ones(2)})
+    log.close()
+    assert row == {"reward": 0.5, "n": 2}
+    lines = (tmp_path / "on" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 1 and {k: v for k, v in json.loads(lines[0]).items() if k != "time"} == \
+        {"phase": "rl", "step": 3, "reward": 0.5, "n": 2}
+    assert sorted(p.name for p in (tmp_path / "on").iterdir()) == ["metrics.jsonl"]  # no tensorboard folder
+    off = MetricsLogger(tmp_path / "off", enabled=False)
+    assert off.log("rl", 3, {"reward": 0.5, "kl": float("nan")}) == {"reward": 0.5, "kl": None}
+    assert off.rewind({"rl": 0}) == 0
+    off.close()
+    assert not (tmp_path / "off").exists()
