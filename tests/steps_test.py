@@ -1472,6 +1472,14 @@ def test_out_of_range_rl_and_optimizer_settings_are_refused():
         OptimConfig(warmup_ratio=1.0)
 
 
+def test_ppo_config_edges_gamma_0_and_minibatch_0():
+    """gamma and gae_lambda take 0 as they take 1 (only 1 was tried); minibatch_size 0 is refused here, not as a
+    division by zero in RLConfig's check (mutants moving each bound passed: mutation review, session 56)."""
+    assert PPOConfig(gamma=0.0, gae_lambda=0.0).gamma == 0.0
+    with pytest.raises(ValueError, match=r"^minibatch_size must be >= 1 or None \(the whole rollout batch\), got 0$"):
+        PPOConfig(minibatch_size=0)
+
+
 @pytest.mark.parametrize("mesh", [None, "fsdp"])
 def test_the_abstract_state_a_resume_restores_onto_is_the_fresh_states_layout(mesh):
     """init_state(abstract=True), run_rl's restore target (built from an abstract policy, so nothing is copied):

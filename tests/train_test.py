@@ -791,6 +791,129 @@ def test_replace_paths_changes_fields_checked_against_each_other_together():
     assert "partial_reward" not in graded.grader["graders"]["a"] and to_dict(graded) != d
 
 
+def test_data_sft_rl_and_checkpoint_settings_take_their_bounds_and_name_them():
+    """Each bound at its edge, with the value past it refused naming its setting: n_train / n_test 0 (only n_val's
+    was read), val_fraction 1, data.seed -1, sft.schedule_epochs 0, a negative sft.head_chunk_rows, the rl bounds
+    but early_stop_patience's, completion_buckets 0, a negative value_head_seed and keep_last 0 each passed a mutant
+    that dropped or moved it (mutation review, session 56)."""
+    from reftjax.config import CheckpointSettings, DataConfig, RLConfig, SFTConfig
+
+    for name in ("n_train", "n_val", "n_test"):
+        assert getattr(DataConfig(**{name: 1}), name) == 1
+        with pytest.raises(ValueError, match=rf"^data\.{name} must be >= 1 or null \(all\), got 0$"):
+            DataConfig(**{name: 0})
+    assert DataConfig(val_fraction=0.0).val_fraction == 0.0 and DataConfig(val_fraction=0.99).val_fraction == 0.99
+    with pytest.raises(ValueError, match=re.escape("data.val_fraction must be in [0, 1), got 1.0")):
+        DataConfig(val_fraction=1.0)
+    assert DataConfig(seed=0).seed == 0
+    with pytest.raises(ValueError, match="^data.seed must be >= 0, got -1$"):
+        DataConfig(seed=-1)
+    assert SFTConfig(epochs=0, schedule_epochs=1).schedule_epochs == 1  # (RL alone: a schedule of one epoch)
+    with pytest.raises(ValueError, match="schedule_epochs >= epochs; got epochs=0, schedule_epochs=0"):
+        SFTConfig(epochs=0, schedule_epochs=0)
+    assert SFTConfig(head_chunk_rows=0).head_chunk_rows == 0  # (full logits)
+    with pytest.raises(ValueError, match="head_chunk_rows >= 0; got 48, 16, -1"):
+        SFTConfig(head_chunk_rows=-1)
+    for name, low in (("iterations", 0), ("prompts_per_iteration", 1), ("eval_every", 0), ("early_stop_patience", 0),
+                      ("samples_per_iteration", -1), ("completion_buckets", 1), ("value_head_seed", 0)):
+        assert getattr(RLConfig(**{name: low}), name) == low
+        with pytest.raises(ValueError, match=rf"^rl\.{name} must be >= {low}, got {low - 1}$"):
+            RLConfig(**{name: low - 1})
+    assert CheckpointSettings(keep_last=1, keep_best=0).keep_best == 0
+    with pytest.raises(ValueError, match="need save_every >= 1, keep_last >= 1, keep_best >= 0"):
+        CheckpointSettings(keep_last=0)
+
+
+def test_a_train_file_s_format_val_and_test_files_and_answer_field_are_checked_together():
+    """A train file's format must be one of the readers' (a mutant taking any set format passed: only a missing one
+    was tried); a test file without a train file is refused as a validation file is; answer_field needs an openai
+    train file, not merely a train file (mutation review, session 56)."""
+    from reftjax.config import DataConfig
+
+    with pytest.raises(ValueError, match=re.escape("data.train_file needs data.train_format, one of ('gsm8k-jsonl', "
+                                                   "'reft', 'openai'); got 'csv'")):
+        DataConfig(train_file="/x.csv", train_format="csv")
+    for name in ("val_file", "test_file"):
+        with pytest.raises(ValueError, match=rf"^data\.{name} is read in data\.train_format"):
+            DataConfig(**{name: "/t.jsonl"})
+        assert getattr(DataConfig(train_file="/x.jsonl", train_format="reft", **{name: "/t.jsonl"}), name)
+    with pytest.raises(ValueError, match=re.escape("data.answer_field is read from openai-format train files only "
+                                                   "(data.train_format='reft')")):
+        DataConfig(train_file="/x.json", train_format="reft", answer_field="a")
+    assert DataConfig(train_file="/x.jsonl", train_format="openai", answer_field="a").answer_field == "a"
+
+
+def test_rl_samples_per_prompt_rows_and_minibatches_follow_the_algorithm():
+    """Samples per prompt are group_size under GRPO/RLOO (sampling.n may stay 1) and sampling.n under PPO, where a
+    group_size must equal it: the rollout batch a minibatch must divide is prompts x that many rows. Mutants counting
+    the rows from the other field, or the prompts alone, refusing GRPO's default n=1, accepting PPO's n above
+    group_size or top_k 1 with experience_from_rollout, each passed (mutation review, session 56)."""
+    from reftjax.config import RLConfig
+    from reftjax.rollout import SamplingConfig
+    from reftjax.steps import PPOConfig
+
+    n = lambda k: SamplingConfig(max_new_tokens=400, temperature=1.0, n=k)  # noqa: E731
+    grpo = PPOConfig(algo="grpo", group_size=4, minibatch_size=16)
+    assert RLConfig(prompts_per_iteration=8, ppo=grpo).sampling.n == 1  # 8 x 4 = 32 rows: 2 minibatches of 16
+    assert RLConfig(prompts_per_iteration=8, ppo=dataclasses.replace(grpo, share_prompt=True)).ppo.share_prompt
+    with pytest.raises(ValueError, match=re.escape("rl.ppo.minibatch_size=12 must divide the rollout batch of "
+                                                   "rl.prompts_per_iteration x samples per prompt = 32 rows")):
+        RLConfig(prompts_per_iteration=8, ppo=dataclasses.replace(grpo, minibatch_size=12))
+    ppo = PPOConfig(group_size=4, minibatch_size=16)
+    assert RLConfig(prompts_per_iteration=8, sampling=n(4), ppo=ppo).sampling.n == 4  # 32 rows under PPO too
+    with pytest.raises(ValueError, match=r"rl.ppo.group_size=4 does not set PPO's samples per prompt: PPO draws "
+                                         r"rl.sampling.n=8"):
+        RLConfig(prompts_per_iteration=8, sampling=n(8), ppo=ppo)
+    with pytest.raises(ValueError, match=r"^rl.ppo.share_prompt packs rl.ppo.group_size=4 samples per prompt but "
+                                         r"rl.sampling.n=1: set them equal$"):
+        RLConfig(prompts_per_iteration=8, ppo=dataclasses.replace(ppo, minibatch_size=8, share_prompt=True))
+    with pytest.raises(ValueError, match="experience_from_rollout needs the rollout to sample from the policy"):
+        RLConfig(ppo=PPOConfig(experience_from_rollout=True),
+                 sampling=SamplingConfig(max_new_tokens=8, temperature=1.0, top_k=1))
+
+
+def test_experiment_settings_accept_what_their_checks_name():
+    """The other side of ExperimentConfig's refusals: float16 exports, 'dots' remat, the chat-python style with a
+    P-CoT grader, a verifier at eval's own length (the ReFT authors use one length); rerank without voting samples,
+    chat-python with an N-CoT grader refused; a multi grader selects on its mean score (mutation review,
+    session 56)."""
+    from reftjax.config import ExperimentConfig, replace_paths, selection_metric
+
+    cfg = ExperimentConfig()
+    assert replace_paths(cfg, {"export_dtype": "float16", "remat": "dots"}).remat == "dots"
+    python = (("type", "reft"), ("cot", "python"))
+    assert replace_paths(cfg, {"data.prompt.style": "chat-python", "grader": python}).data.prompt.style == "chat-python"
+    with pytest.raises(ValueError, match="data.prompt.style='chat-python' does not match the ReFT grader's cot='nl'"):
+        replace_paths(cfg, {"data.prompt.style": "chat-python"})
+    assert replace_paths(cfg, {"rerank.epochs": 1, "rerank.max_new_tokens": 256, "eval.max_new_tokens": 256,
+                               "eval.voting_k": 4}).rerank.epochs == 1
+    with pytest.raises(ValueError, match=r"^rerank.epochs > 0 scores the test set's voting samples: set eval.voting_k "
+                                         r"> 0$"):
+        replace_paths(cfg, {"rerank.epochs": 1, "eval.voting_k": 0})
+    multi = {"type": "multi", "calculate_output": "a", "graders": {"a": {"type": "reft"}}}
+    assert selection_metric(replace_paths(cfg, {"grader": multi})) == "mean_score"
+
+
+def test_from_dict_refuses_non_finite_numbers_booleans_for_numbers_and_names_list_items():
+    """config.json or a Python dict reaches `from_dict` without --set's JSON parsing: NaN passed every `x <= 0` check
+    (a run would train on NaN), true was an integer or a number (Python's bool is an int), a list item of the wrong
+    type failed in the sandbox settings with an AttributeError, and an unknown field was a TypeError's words
+    (mutation review, session 56)."""
+    from reftjax.config import from_dict
+
+    for d, msg in (({"rl": {"ppo": {"kl_coef": float("nan")}}}, "config.rl.ppo.kl_coef: expected a finite number, "
+                                                                "got nan"),
+                   ({"sft": {"optim": {"learning_rate": float("inf")}}}, "config.sft.optim.learning_rate: expected a "
+                                                                         "finite number, got inf"),
+                   ({"rl": {"iterations": True}}, "config.rl.iterations: expected an integer, got True"),
+                   ({"rl": {"ppo": {"vf_coef": True}}}, "config.rl.ppo.vf_coef: expected a number, got True"),
+                   ({"sandbox": {"preimport": ["yaml", 3]}}, "config.sandbox.preimport[1]: expected a string, got 3"),
+                   ({"rl": {"nope": 1}}, "config.rl (RLConfig): unknown field(s) ['nope']")):
+        with pytest.raises(ValueError, match="^" + re.escape(msg) + "$"):
+            from_dict(d)
+    assert from_dict({"rl": {"ppo": {"vf_coef": 5}}}).rl.ppo.vf_coef == 5.0  # an integer is a number
+
+
 def test_invalid_settings_fail_before_anything_runs_and_do_not_claim_the_run_dir(tiny_hf_dir, tmp_path, shared_data):
     """Settings that used to be accepted and fail only after the SFT warm-up (minibatch_size not dividing the rollout
     batch, ppo_epochs 0), silently skip RL (early_stop_patience -1) or mean "all" (n_val 0), an empty validation
@@ -2780,6 +2903,26 @@ def test_the_cli_presets_carry_their_documented_settings():
     assert (paper.checkpoint.save_every, paper.rl.eval_every) == (100, 100)
     # the authors' SFT examples are at most 1024 tokens (../shared/REFERENCE.md): 300 of prompt + 724 of target
     assert (paper.data.tokenize.max_prompt_len, paper.data.tokenize.max_target_len) == (300, 724)
+
+
+def test_the_presets_voting_rollouts_sft_batch_update_and_mesh_follow_their_docs():
+    """Preset figures no test read (mutation review, session 56): the paper preset votes@100 in rollouts of 4 prompts
+    x 100 samples (64 x 100 rows of 7B KV cache were ~2.1 TiB) and gpu/tpu@16 in rollouts of 32 prompts x 16; the
+    authors' SFT batch 48 and whole-batch PPO update (minibatch None); FSDP over all devices; `--model default`
+    (SmolLM2-135M) takes the 125M settings as no --model does."""
+    from experiments.gsm8k_reft import preset_config
+    from reftjax.evaluate import voting_prompts
+    from reftjax.sharding import MeshConfig
+
+    paper = preset_config("paper")
+    assert voting_prompts(paper.eval.batch_size, paper.eval.voting_k, paper.eval.voting_rows) == 4
+    for cfg in (paper, *(preset_config(name, model) for name in ("gpu", "tpu") for model in (None, "/m/llama-7b"))):
+        if cfg is not paper:
+            assert voting_prompts(cfg.eval.batch_size, cfg.eval.voting_k, cfg.eval.voting_rows) == 32, cfg.name
+        assert (cfg.sft.batch_size, cfg.rl.ppo.minibatch_size, cfg.mesh) == (48, None, MeshConfig(data=1, fsdp=-1)), \
+            cfg.name
+    for name in ("gpu", "tpu"):
+        assert preset_config(name, "default") == preset_config(name)
 
 
 def test_the_default_preset_follows_the_first_device(monkeypatch):
