@@ -193,12 +193,6 @@ class RLConfig:
                              "samples per prompt; set group_size (sampling.n is for PPO)")
         if self.early_stop_patience and not self.eval_every:
             raise ValueError("rl.early_stop_patience needs validation: set rl.eval_every > 0")
-        n = self.ppo.group_size if self.ppo.algo != "ppo" else s.n  # samples per prompt, as run_rl draws them
-        rows = self.prompts_per_iteration * n
-        if self.ppo.minibatch_size is not None and rows % self.ppo.minibatch_size:
-            # found here, not after the warm-up (the first ppo_step), when the corrected rerun is refused
-            raise ValueError(f"rl.ppo.minibatch_size={self.ppo.minibatch_size} must divide the rollout batch of "
-                             f"rl.prompts_per_iteration x samples per prompt = {rows} rows")
         if self.completion_buckets < 1:
             raise ValueError(f"rl.completion_buckets must be >= 1, got {self.completion_buckets}")
         if s.greedy:
@@ -226,6 +220,14 @@ class RLConfig:
             raise ValueError(f"rl.ppo.group_size={self.ppo.group_size} does not set PPO's samples per prompt: PPO "
                              f"draws rl.sampling.n={s.n} (verl's rollout.n); set rl.sampling.n={self.ppo.group_size} "
                              f"(and group_size with it, for share_prompt) or leave group_size at 1")
+        n = self.ppo.group_size if self.ppo.algo != "ppo" else s.n  # samples per prompt, as run_rl draws them
+        # (after the checks of samples per prompt: a PPO group_size without sampling.n was named as a minibatch
+        # that does not divide the rows; helper-174, session 56)
+        rows = self.prompts_per_iteration * n
+        if self.ppo.minibatch_size is not None and rows % self.ppo.minibatch_size:
+            # found here, not after the warm-up (the first ppo_step), when the corrected rerun is refused
+            raise ValueError(f"rl.ppo.minibatch_size={self.ppo.minibatch_size} must divide the rollout batch of "
+                             f"rl.prompts_per_iteration x samples per prompt = {rows} rows")
 
     @property
     def runs(self) -> bool:

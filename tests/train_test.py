@@ -867,6 +867,11 @@ def test_rl_samples_per_prompt_rows_and_minibatches_follow_the_algorithm():
     with pytest.raises(ValueError, match=r"^rl.ppo.share_prompt packs rl.ppo.group_size=4 samples per prompt but "
                                          r"rl.sampling.n=1: set them equal$"):
         RLConfig(prompts_per_iteration=8, ppo=dataclasses.replace(ppo, minibatch_size=8, share_prompt=True))
+    # PPO's group_size without sampling.n is named as such, not as a minibatch of 16 that does not divide the 8 rows
+    # sampling.n=1 draws (helper-174's observation, session 56)
+    for share in (True, False):
+        with pytest.raises(ValueError, match=r"rl.sampling.n=1"):
+            RLConfig(prompts_per_iteration=8, ppo=dataclasses.replace(ppo, share_prompt=share))
     with pytest.raises(ValueError, match="experience_from_rollout needs the rollout to sample from the policy"):
         RLConfig(ppo=PPOConfig(experience_from_rollout=True),
                  sampling=SamplingConfig(max_new_tokens=8, temperature=1.0, top_k=1))
