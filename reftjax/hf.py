@@ -287,8 +287,9 @@ def _write_legacy_rope_keys(path: pathlib.Path) -> None:
                 return
             d["rope_scaling"] = {"type": kind, "short_factor": rp["short_factor"], "long_factor": rp["long_factor"]}
             for key in ("partial_rotary_factor", "original_max_position_embeddings"):
-                if rp.get(key) is not None:
-                    d.setdefault(key, rp[key])
+                if rp.get(key) is not None:  # the values transformers 5 computes with (a top-level 0.75 beside
+                    # rope_parameters' 0.5 was kept: transformers 5 rebuilt RoPE from it and refused the export)
+                    d[key] = rp[key]
         else:
             d["rope_scaling"] = {k: v for k, v in rp.items() if k != "rope_theta"}
     path.write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")

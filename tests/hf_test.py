@@ -1393,6 +1393,28 @@ def test_an_export_is_sharded_by_size_and_named_as_transformers_names_shards(tmp
     assert sorted(index["weight_map"].values()) == files and index["metadata"]["total_size"] == total
 
 
+def test_a_phi3_exports_legacy_keys_rotate_the_fraction_transformers_5_computes_with(tmp_path, random_params):
+    """A Phi-3 config whose `rope_parameters` rotate another fraction than its top-level `partial_rotary_factor`
+    (transformers 5 and reftjax read rope_parameters' 0.5: 8 of 16 dims): the transformers 4.x keys kept the
+    top-level 0.75 (`setdefault`) beside the `rope_scaling` they add, from which transformers 5 then rebuilt its RoPE
+    settings and refused the export (longrope factors of length 6 expected, 4 given), and 4.x rotated 12 dims.
+    (DEFECT found by the mutation review of the export, session 56)"""
+    from reftjax.models import from_hf_config
+
+    factors = {"short_factor": [1.0, 1.5, 2.0, 3.0], "long_factor": [1.0, 2.0, 4.0, 8.0]}
+    hf = _tiny_phi4_config(partial_rotary_factor=0.75, rope_parameters={
+        "rope_type": "longrope", "rope_theta": 1e4, "partial_rotary_factor": 0.5, **factors})
+    cfg = from_hf_config(hf)
+    assert cfg.rotary_dim == 8
+    out = save_hf(tmp_path / "phi", random_params(cfg), cfg, hf)
+    assert json.loads((out / "config.json").read_text())["partial_rotary_factor"] == 0.5  # what 4.x's Phi-3 reads
+    assert load_model(out, with_tokenizer=False).config == cfg
+    import transformers
+
+    read = transformers.AutoConfig.from_pretrained(out)  # (refused: short_factor of length 6 expected, 4 given)
+    assert read.rope_parameters["partial_rotary_factor"] == 0.5
+
+
 # ----------------------------------------------------------------------------- loading: second mutation review
 
 
