@@ -46,6 +46,7 @@ from reftjax.evaluate import evaluate
 from reftjax.graders import build_grader, check_imports, check_judges, reach_warnings
 from reftjax.graders.reft import ReftGrader, default_pool
 from reftjax.graders.base import GraderFailure, every_one_faulted, failure_message, sub_score_means
+from reftjax.graders.build import GSM8K_FIELDS
 from reftjax.graders.callback import make_reward_fn
 from reftjax.hf import load_model, save_hf
 from reftjax.metrics import MetricsLogger, measured_peak_flops, mfu, read_metrics, rl_iteration_flops
@@ -1090,7 +1091,7 @@ def _grader_defaults(g: dict) -> dict:
     nulls ("not set") and take their default range and sampling parameters (`graders.judge.build_model_grader`)."""
     kind = g.get("type")
     if kind in ("reft", "gsm8k"):
-        return {**_REFT_DEFAULTS, **({"extract": "gsm8k", "answer_field": "answer"} if kind == "gsm8k" else {}), **g}
+        return {**_REFT_DEFAULTS, **(GSM8K_FIELDS if kind == "gsm8k" else {}), **g}
     if kind in _JUDGES:
         g = {k: v for k, v in g.items() if v is not None}
         return {"sampling_params": {}, **({"range": [0, 1]} if kind == "score_model" else {}), **g}

@@ -21,6 +21,11 @@ _TEXT = {"name", "operation", "evaluation_metric", "image_tag", "cot", "answer_f
          "fallback", "question_field"}
 
 
+# what type "gsm8k" sets beside a ReFT grader's defaults (raw GSM8K: "#### N" in the `answer` field); the resume
+# check compares graders with these filled in (`train._grader_defaults`)
+GSM8K_FIELDS = {"extract": "gsm8k", "answer_field": "answer"}
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -135,7 +140,7 @@ def build_grader(cfg: Mapping, pool: SandboxPool | None = None, where: str = "gr
             fields = {f.name for f in dataclasses.fields(ReftGrader)} - {"pool"}
             args = _take(cfg, where, (), tuple(fields))
             if kind == "gsm8k":
-                args = {"extract": "gsm8k", "answer_field": "answer", **args}
+                args = {**GSM8K_FIELDS, **args}
             return ReftGrader(**args, pool=pool)
         if kind in ("score_model", "label_model"):
             return build_model_grader(cfg, where)
