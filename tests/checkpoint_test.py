@@ -470,6 +470,7 @@ def _driver(tmp_path, run_dir, out, kill=""):
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.heavy
 def test_exact_resume_after_sigkill(tmp_path):
     """Acceptance: SIGKILL mid-SFT and during a PPO save, rerun: final state bitwise equal to a straight run."""
     straight = _driver(tmp_path, tmp_path / "a", tmp_path / "a.npz")

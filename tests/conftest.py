@@ -99,6 +99,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords and not run_slow:
             item.add_marker(skip_slow)
+    # The heavy tests (30 s or more on 2 cores: pipelines, process pairs, the real SmolLM2) run first, in file order.
+    # pytest-xdist's worksteal hands each worker a contiguous half of this order and lets an idle worker take the
+    # *end* of the other's queue, so with the heavy tests in front both workers end on short tests. In file order
+    # they ended the run: on session 57's baseline one worker was busy 945 s and the other 863 s of a 977 s run.
+    # They land on one worker, which also loads the real SmolLM2 (~30 s, session fixtures) once instead of twice.
+    items.sort(key=lambda item: item.get_closest_marker("heavy") is None)  # (stable: otherwise file order)
 
 
 @pytest.fixture(scope="session")

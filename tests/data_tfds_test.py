@@ -134,7 +134,7 @@ def test_download_path_through_tfds_download_manager(shared_data, tmp_path, monk
             pass
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(served)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=functools.partial(server.serve_forever, poll_interval=0.01), daemon=True).start()
     try:
         base = f"http://127.0.0.1:{server.server_address[1]}"
         monkeypatch.setattr(gsm8k_builder, "URLS", {s: f"{base}/{s}.jsonl" for s in head})

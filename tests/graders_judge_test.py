@@ -2,6 +2,7 @@
 own endpoint (`reftjax.serve`) against `generate`."""
 import concurrent.futures
 import contextlib
+import functools
 import http.server
 import json
 import logging
@@ -50,7 +51,8 @@ class _Judge:
                 pass
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        # (shutdown() waits for serve_forever's next poll: 0.5 s by default, in each of ~20 tests' teardowns)
+        threading.Thread(target=functools.partial(self.server.serve_forever, poll_interval=0.01), daemon=True).start()
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
 
     def close(self):
@@ -67,7 +69,7 @@ class _Quiet(http.server.BaseHTTPRequestHandler):
 def _serving(handler):
     """`handler` (a request handler class) served in a thread; yields the base URL."""
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=functools.partial(server.serve_forever, poll_interval=0.01), daemon=True).start()
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}/v1"
     finally:
@@ -387,6 +389,7 @@ def test_the_server_refuses_what_it_cannot_serve(served):
     check_judges(build_grader(_score_cfg(url) | {"model": "tiny"}))  # it lists its name
 
 
+@pytest.mark.heavy
 def test_a_run_trains_and_selects_on_a_judge_s_scores(tiny_hf_dir, tmp_path, shared_data, judge):
     """The whole command with a score_model grader: the RL rewards, the logged rollouts and the validation figures
     are the judge's replies (a rule on the completion's length), read through the grader callback in the jitted

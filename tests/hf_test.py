@@ -162,6 +162,7 @@ def test_export_replaces_only_a_model_directory(tmp_path, random_params):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "f", "home", "m"]
 
 
+@pytest.mark.heavy
 @pytest.mark.gguf
 def test_smollm_export_round_trip_and_tokenizer(tmp_path, smollm_model, smollm_path):
     from transformers import AutoTokenizer

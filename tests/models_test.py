@@ -284,6 +284,7 @@ def test_rope_tables_read_from_real_sized_configs_are_transformers_own():
             assert cfg.rope_scaling.attention_factor == pytest.approx(factor), kind
 
 
+@pytest.mark.heavy
 @pytest.mark.gguf
 def test_smollm_logits_match_transformers_gguf(smollm_model, smollm_torch):
     texts = ["Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May.",

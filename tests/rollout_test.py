@@ -455,6 +455,7 @@ def smollm_hf_torch(smollm_path):
                                                 attn_implementation="eager").eval()
 
 
+@pytest.mark.heavy
 def test_smollm_greedy_matches_transformers_generate(smollm_model, smollm_hf_torch, shared_data):
     """8 GSM8K questions, chat template, 64 new tokens: identical tokens (ties excepted) and log-probs."""
     import torch

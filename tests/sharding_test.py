@@ -324,6 +324,7 @@ def test_a_voting_rollout_of_sliced_prompts_splits_its_samples_over_the_mesh(ran
     assert out.tokens_BxN.sharding.spec == P(("data", "fsdp"))
 
 
+@pytest.mark.heavy
 def test_two_processes_agree_on_grades_feed_their_own_rows_and_refuse_a_whole_batch_spec(two_processes):
     """2 JAX processes x 2 CPU devices (tests/two_process_driver.py), helper review (session 23):
     - every process graded evaluations itself, so a grader whose result differs between processes (P-CoT programs

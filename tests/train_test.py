@@ -95,6 +95,7 @@ def _check_logged_lr(out):
         assert r["lr"] == pytest.approx(rl_opt.learning_rate * (1 - (4 * it - 1) / 12), rel=1e-9)
 
 
+@pytest.mark.heavy
 def test_pipeline_sigkill_then_resume_completes(tiny_hf_dir, tmp_path, shared_data):
     out, extra = tmp_path / "run", SEPARATE_CRITIC + RERANK + LINEAR_RL + EARLY_STOP + SFT_SCHEDULE
     env = dict(_env(), JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla"))  # this test's own compilation cache
@@ -352,6 +353,7 @@ def test_two_processes_stop_together_when_one_is_interrupted(tiny_hf_dir, tmp_pa
     assert [line["step"] for line in _rl_lines(out)] == list(range(1, 13))
 
 
+@pytest.mark.heavy
 def test_two_processes_match_one_process(tiny_hf_dir, tmp_path, shared_data):
     """The pipeline as 2 JAX processes x 2 CPU devices (jax.distributed over local processes, one shared
     output directory) logs the metrics and exports the policy of 1 process x 4 devices; process 0 alone
@@ -1035,6 +1037,7 @@ def test_help_documents_every_flag():
         assert flag in out
 
 
+@pytest.mark.heavy
 def test_notebook_executes_on_cpu(tiny_hf_dir, tmp_path, shared_data):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
@@ -1401,6 +1404,7 @@ def test_resume_edges_rl_epochs_locations_judges_earlier_settings_and_long_refus
         replace_paths(cfg, {"rl": cfg.rl, "rl.iterations": 3})
 
 
+@pytest.mark.heavy
 def test_openai_format_prompts_train_with_rl_alone(tiny_hf_dir, tmp_path, shared_data):
     """An RFT-style file (messages + reference fields, no chain of thought) used to fail in the data step (SFT
     targets required) and its reference field never reached the grader. With sft.epochs=0 the run goes straight to
@@ -2707,6 +2711,7 @@ def test_the_best_policy_is_tested_after_reft_and_exported_beside_the_final_one(
     assert got["val_sft items"] is not got["test_sft items"] and len(got["val_sft items"]) == cfg.data.n_val
 
 
+@pytest.mark.heavy
 def test_a_resume_restores_without_a_second_fresh_state_and_lets_the_loaded_weights_go(tiny_hf_dir, tmp_path,
                                                                                         shared_data, monkeypatch):
     """A resumed phase built the whole fresh state and restored beside it: in RL a policy copy and both Adam moments

@@ -18,8 +18,12 @@ import pytest
 from reftjax import losses
 
 torch = pytest.importorskip("torch")
-# (the test extra installs TRL; one that is installed but fails to import is an error, not a skip)
-grpo_trainer = pytest.importorskip("trl.trainer.grpo_trainer", exc_type=ModuleNotFoundError)
+
+
+def _grpo_trainer():
+    """TRL's grpo_trainer module, imported by the tests that use it (~4 s: not in every xdist worker's collection).
+    The test extra installs TRL; one that is installed but fails to import is an error, not a skip."""
+    return pytest.importorskip("trl.trainer.grpo_trainer", exc_type=ModuleNotFoundError)
 
 
 def _batch(seed=0, group=4, length=7):
@@ -65,7 +69,7 @@ def _trl_loss(new, old, ref, adv, mask, *, loss_type, beta, eps=0.2, eps_high=No
               "completion_ids": torch.zeros(mask.shape, dtype=torch.long), "completion_mask": torch.tensor(mask),
               "advantages": torch.tensor(adv), "old_per_token_logps": torch.tensor(old),
               "ref_per_token_logps": torch.tensor(ref), "num_items_in_batch": torch.tensor(mask.sum())}
-    loss = grpo_trainer.GRPOTrainer._compute_loss(trainer, None, inputs)
+    loss = _grpo_trainer().GRPOTrainer._compute_loss(trainer, None, inputs)
     loss.backward()
     return loss.item(), leaf.grad.numpy(), {k: v[-1] for k, v in trainer._metrics["train"].items()}
 
@@ -75,9 +79,9 @@ def _trl_advantages(rewards, group, scale):
     r = torch.tensor(rewards).view(-1, group)
     adv = (r - r.mean(1, keepdim=True)).view(-1)
     if scale == "group":
-        adv = adv / (grpo_trainer.nanstd(r, dim=1).repeat_interleave(group) + 1e-4)
+        adv = adv / (_grpo_trainer().nanstd(r, dim=1).repeat_interleave(group) + 1e-4)
     elif scale == "batch":
-        adv = adv / (grpo_trainer.nanstd(r.view(-1)).expand_as(adv) + 1e-4)
+        adv = adv / (_grpo_trainer().nanstd(r.view(-1)).expand_as(adv) + 1e-4)
     return adv.numpy()
 
 
