@@ -86,6 +86,11 @@ import pytest  # noqa: E402
 
 os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(_XLA_CACHE, "subprocesses")
 os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(4 << 30)
+# This process's own cache: `train.run` in a test points the process's cache at the run's (`xla_cache.enable`: here
+# the subprocesses' directory, capped), and it stayed there for every later test of the worker: session 57 found
+# one worker's in-process programs in the capped directory (637 entries, each write scanning them all for eviction)
+# and 60 in its own. `_worker_compilation_cache` below sets it back after each test.
+_PROCESS_CACHE = (jax.config.jax_compilation_cache_dir, jax.config.jax_compilation_cache_max_size)
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
@@ -250,6 +255,17 @@ def _maps() -> int:
             return sum(1 for _ in f)
     except OSError:  # (not Linux)
         return 0
+
+
+@pytest.fixture(autouse=True)
+def _worker_compilation_cache():
+    yield
+    if (jax.config.jax_compilation_cache_dir, jax.config.jax_compilation_cache_max_size) != _PROCESS_CACHE:
+        from jax.experimental.compilation_cache import compilation_cache
+
+        compilation_cache.set_cache_dir(_PROCESS_CACHE[0])
+        jax.config.update("jax_compilation_cache_max_size", _PROCESS_CACHE[1])
+        compilation_cache.reset_cache()  # (JAX settles its cache at the first compile after a reset)
 
 
 @pytest.fixture(autouse=True)
