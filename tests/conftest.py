@@ -87,9 +87,9 @@ import pytest  # noqa: E402
 os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(_XLA_CACHE, "subprocesses")
 os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(4 << 30)
 # This process's own cache: `train.run` in a test points the process's cache at the run's (`xla_cache.enable`: here
-# the subprocesses' directory, capped), and it stayed there for every later test of the worker: session 57 found
-# one worker's in-process programs in the capped directory (637 entries, each write scanning them all for eviction)
-# and 60 in its own. `_worker_compilation_cache` below sets it back after each test.
+# the subprocesses' directory, capped), and it stayed there for every later test of the worker: in session 57 one
+# worker's own directory held 60 programs at the end and the capped one 637 (each write there scans every entry
+# for eviction); with `_worker_compilation_cache` below, which sets it back after each test, 3,479 and 85.
 _PROCESS_CACHE = (jax.config.jax_compilation_cache_dir, jax.config.jax_compilation_cache_max_size)
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
@@ -107,8 +107,10 @@ def pytest_collection_modifyitems(config, items):
     # The heavy tests (30 s or more on 2 cores: pipelines, process pairs, the real SmolLM2) run first, in file order.
     # pytest-xdist's worksteal hands each worker a contiguous half of this order and lets an idle worker take the
     # *end* of the other's queue, so with the heavy tests in front both workers end on short tests. In file order
-    # they ended the run: on session 57's baseline one worker was busy 945 s and the other 863 s of a 977 s run.
-    # They land on one worker, which also loads the real SmolLM2 (~30 s, session fixtures) once instead of twice.
+    # they ended the run: on session 57's baseline one worker was busy 945 s and the other 863 s of a 977 s run;
+    # heavy first, 915 / 918 and 943 / 944 s (the wall time stayed within the host's spread, 942-1,006 s: the
+    # suite is compile-bound at ~185% CPU either way). They land on one worker, which also loads the real SmolLM2
+    # (~30 s, session fixtures) once instead of twice: the suite's peak RSS fell from 7.1 to 5.1-5.5 GB.
     items.sort(key=lambda item: item.get_closest_marker("heavy") is None)  # (stable: otherwise file order)
 
 
