@@ -416,6 +416,9 @@ def test_a_rollout_without_eos_ids_warns(tiny_params, monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="reftjax.rollout"):
         _run(tiny_params, tokens, mask, SamplingConfig(max_new_tokens=3, eos_ids=(3,)), model_cfg=model_cfg)
         _run(tiny_params, tokens, mask, SamplingConfig(max_new_tokens=3, greedy=True), model_cfg=TINY)  # no EOS ids
+        # a stop sequence alone ends completions too (session 56's gap c1)
+        _run(tiny_params, tokens, mask, SamplingConfig(max_new_tokens=3, greedy=True, stop_sequences=((5,),)),
+             model_cfg=model_cfg)
         assert "no eos_ids" not in caplog.text
         for _ in range(2):
             _run(tiny_params, tokens, mask, SamplingConfig(max_new_tokens=3, greedy=True), model_cfg=model_cfg)
@@ -437,6 +440,10 @@ def test_sampling_config_rejects_bad_values():
     for bad in (dict(stop_sequences=((),)), dict(stop_sequences=(5, 6)), dict(eos_ids=("2",))):
         with pytest.raises(ValueError, match="stop_sequences must be non-empty|eos_ids must be token ids"):
             SamplingConfig(**bad)
+    # ids given as text (a tokenizer's tokens instead of its ids) never match a generated id (session 56's gap c5)
+    for bad in ((("198",),), ((198, "198"),)):
+        with pytest.raises(ValueError, match="stop_sequences must be non-empty sequences of token ids"):
+            SamplingConfig(stop_sequences=bad)
     cfg = SamplingConfig(eos_ids=[2, 3], stop_sequences=[[198, 198]])
     assert (cfg.eos_ids, cfg.stop_sequences) == ((2, 3), ((198, 198),)) and hash(cfg)
 
