@@ -651,14 +651,15 @@ def test_float16_is_refused_and_bf16_logits_come_back_in_float32():
                     dtype="float16")
     cfg = ModelConfig(vocab_size=4096, hidden_size=256, intermediate_size=48, num_layers=1, num_heads=4,
                       num_kv_heads=2, dtype="bfloat16", tie_word_embeddings=True)
-    params = init_params(cfg, jax.random.key(0))
+    params = jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(0))  # (jit: eagerly, ~130 small programs)
     h = (4.0 * jax.random.normal(jax.random.key(1), (2, 3, 256))).astype(jnp.bfloat16)
-    got = lm_logits(params, cfg, h)
+    got = jax.jit(lm_logits, static_argnums=1)(params, cfg, h)
     w = params["embed_tokens"]["embedding"].astype(jnp.bfloat16).astype(jnp.float32)
     want = jnp.einsum("btd,vd->btv", h.astype(jnp.float32), w, precision="highest")
     assert got.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4)  # bf16 output: off by ~4e-3 here
-    logits = forward(params, cfg, jnp.ones((2, 3), jnp.int32), jnp.ones((2, 3), jnp.int32))[0]
+    ones = jnp.ones((2, 3), jnp.int32)
+    logits = jax.jit(forward, static_argnums=1)(params, cfg, ones, ones)[0]
     assert logits.dtype == jnp.float32
 
 

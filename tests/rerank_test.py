@@ -30,11 +30,12 @@ def test_logit_reads_the_final_hidden_state_of_the_last_real_token():
     p_len, n_len = 5, 6
     pt = np.array([[0] * (p_len - len(p)) + p for p, _ in rows], np.int32)
     ct = np.array([c + [0] * (n_len - len(c)) for _, c in rows], np.int32)
-    got = np.asarray(verifier_logits(v, CFG, pt, pt != 0, ct, ct != 0))
+    # (both jit-compiled: called eagerly they dispatched ~190 small programs, ~16 s of the suite's compiles)
+    got = np.asarray(jax.jit(verifier_logits, static_argnums=1)(v, CFG, pt, pt != 0, ct, ct != 0))
     want = []
     for p, c in rows:  # each row alone, unpadded: the logit comes from the last token's final hidden state
         seq = jnp.asarray([p + c], jnp.int32)
-        _, hidden = forward(v["backbone"], CFG, seq, jnp.ones_like(seq, bool))
+        _, hidden = jax.jit(forward, static_argnums=1)(v["backbone"], CFG, seq, jnp.ones_like(seq, bool))
         want.append(float(hidden[0, -1] @ v["score"]["kernel"] + v["score"]["bias"]))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     assert abs(want[0] - want[1]) > 1e-4
