@@ -110,7 +110,7 @@ def pytest_collection_modifyitems(config, items):
     # they ended the run: on session 57's baseline one worker was busy 945 s and the other 863 s of a 977 s run;
     # heavy first, 915 / 918 and 943 / 944 s (the wall time stayed within the host's spread, 942-1,006 s: the
     # suite is compile-bound at ~185% CPU either way). They land on one worker, which also loads the real SmolLM2
-    # (~30 s, session fixtures) once instead of twice: the suite's peak RSS fell from 7.1 to 5.1-5.5 GB.
+    # (~30 s, session fixtures) once instead of twice: the suite's peak RSS fell from 7.1 to 5.0-5.5 GB.
     items.sort(key=lambda item: item.get_closest_marker("heavy") is None)  # (stable: otherwise file order)
 
 
