@@ -732,8 +732,10 @@ def save_hf(out_dir: str | os.PathLike, params, cfg, hf_config, tokenizer=None, 
         # no copy where the dtype is already the export's (a whole model's host copy; memory review, session 29)
         cast = {k: v.astype(_np_dtype(dtype), copy=False) for k, v in tensors.items()}
     if dtype == "float16":  # (bf16 has float32's range) a weight beyond 65504 became inf, with one generic warning
-        over = {k: float(np.abs(v).max()) for k, v in tensors.items()
-                if not np.isfinite(cast[k]).all() and np.isfinite(v).all()}
+        # element by element: a tensor that also held a NaN or inf passed a whole-tensor check (mutation review,
+        # session 56, M20); only weights the cast made infinite count, and the largest finite one is named
+        over = {k: float(np.abs(v[finite]).max()) for k, v in tensors.items()
+                if (finite := np.isfinite(v)).any() and not np.isfinite(cast[k][finite]).all()}
         if over:
             raise CheckpointError(f"{out}: {len(over)} tensors exceed float16's range (65504) and would be written "
                                   f"as inf: {dict(list(over.items())[:4])} (largest |weight|); export in bfloat16")

@@ -138,6 +138,15 @@ def test_a_float16_export_refuses_weights_beyond_its_range(tmp_path, random_para
     with pytest.raises(CheckpointError, match=r"1 tensors exceed float16's range \(65504\).*down_proj.*100000"):
         save_hf(tmp_path / "over", params, TINY, _tiny_hf_config(TINY), dtype="float16")
     assert not (tmp_path / "over").exists()
+    # a NaN beside it in the same tensor (checked per tensor, the whole tensor counted as non-finite already)
+    params["layers"]["mlp"]["down_proj"]["kernel"][0, 0, 1] = np.nan
+    with pytest.raises(CheckpointError, match=r"1 tensors exceed float16's range \(65504\).*down_proj.*100000"):
+        save_hf(tmp_path / "over", params, TINY, _tiny_hf_config(TINY), dtype="float16")
+    assert not (tmp_path / "over").exists()
+    params["layers"]["mlp"]["down_proj"]["kernel"][0, 0, 0] = 1.0  # a NaN alone is not a range error: written as is
+    out = save_hf(tmp_path / "nan", params, TINY, _tiny_hf_config(TINY), dtype="float16")
+    written = read_safetensors(out / "model.safetensors")["model.layers.0.mlp.down_proj.weight"]
+    assert np.isnan(np.asarray(written)).sum() == 1
 
 
 def test_export_replaces_only_a_model_directory(tmp_path, random_params):
