@@ -791,14 +791,18 @@ def test_separate_critic_starts_as_the_shared_one_and_only_the_value_loss_trains
                 cfg=SamplingConfig(max_new_tokens=5, eos_ids=(1,), pad_id=0))
     scores = jnp.arange(8, dtype=jnp.float32) % 2
     ref = jax.tree.map(jnp.asarray, _host_policy(1))
-    exp = make_experience(sep, ref, r, scores, model_cfg=CFG, cfg=sep_cfg)
-    want = make_experience(shared, ref, r, scores, model_cfg=CFG, cfg=shared_cfg)
+    # jitted, as the loop runs it (eagerly, this test's scans compiled one by one; session 57 row 5)
+    experience = jax.jit(functools.partial(make_experience, model_cfg=CFG), static_argnames="cfg")
+    exp = experience(sep, ref, r, scores, cfg=sep_cfg)
+    want = experience(shared, ref, r, scores, cfg=shared_cfg)
     for name in ("logp_old_BxN", "values_old_BxN", "advantages_BxN", "returns_BxN"):
         np.testing.assert_allclose(getattr(exp, name), getattr(want, name), rtol=1e-6, atol=1e-6, err_msg=name)
     assert float(jnp.max(jnp.abs(exp.values_old_BxN))) > 0.1
 
+    grad = jax.jit(jax.grad(lambda p, mb: _rl_loss(p, mb, CFG, sep_cfg)[0]))
+
     def grads(mb):
-        return jax.grad(lambda p: _rl_loss(p, mb, CFG, sep_cfg)[0])(sep)
+        return grad(sep, mb)
 
     def biggest(tree):
         return max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(tree))
