@@ -735,7 +735,7 @@ def save_hf(out_dir: str | os.PathLike, params, cfg, hf_config, tokenizer=None, 
         # element by element: a tensor that also held a NaN or inf passed a whole-tensor check (mutation review,
         # session 56, M20); only weights the cast made infinite count, and the largest finite one is named
         over = {k: float(np.abs(v[finite]).max()) for k, v in tensors.items()
-                if (finite := np.isfinite(v)).any() and not np.isfinite(cast[k][finite]).all()}
+                if np.any((finite := np.isfinite(v)) & np.isinf(cast[k]))}
         if over:
             raise CheckpointError(f"{out}: {len(over)} tensors exceed float16's range (65504) and would be written "
                                   f"as inf: {dict(list(over.items())[:4])} (largest |weight|); export in bfloat16")

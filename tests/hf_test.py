@@ -138,7 +138,7 @@ def test_a_float16_export_refuses_weights_beyond_its_range(tmp_path, random_para
     with pytest.raises(CheckpointError, match=r"1 tensors exceed float16's range \(65504\).*down_proj.*100000"):
         save_hf(tmp_path / "over", params, TINY, _tiny_hf_config(TINY), dtype="float16")
     assert not (tmp_path / "over").exists()
-    # a NaN beside it in the same tensor (checked per tensor, the whole tensor counted as non-finite already)
+    # a NaN beside it in the same tensor (a whole-tensor check passed it: the tensor was not all finite before)
     params["layers"]["mlp"]["down_proj"]["kernel"][0, 0, 1] = np.nan
     with pytest.raises(CheckpointError, match=r"1 tensors exceed float16's range \(65504\).*down_proj.*100000"):
         save_hf(tmp_path / "over", params, TINY, _tiny_hf_config(TINY), dtype="float16")
