@@ -12,7 +12,8 @@ if _FLAG not in os.environ.get("XLA_FLAGS", ""):
 # the pytest process spent 811 s tracing and compiling ~2,500 programs), and -O0 cuts a compile by a third or more.
 # What the tests assert does not depend on it: results differ from the default level only in the last bits
 # (tolerance checks), and the bitwise checks compare two runs of the same build. The end-to-end tests' subprocesses
-# (pipeline, notebook, resume driver, benches) drop XLA_FLAGS and run with the defaults a user gets.
+# that a user would start as they are (the notebook, the exact-resume driver, the benches) drop XLA_FLAGS and
+# run with the defaults a user gets; the pipeline runs and process pairs take the same speed flags (below).
 # REFTJAX_TEST_XLA_OPT=default keeps the default level here too (BUILD_NOTES, session 17: timings of both).
 # With it, XLA:CPU's legacy elemental emitters in place of its MLIR fusion emitters: they compile the tiny test
 # models' programs about twice as fast at -O0 (a 2-layer rollout 0.46 s against 1.07 s; the suite 941 s against
@@ -37,6 +38,13 @@ if os.environ.get("REFTJAX_TEST_XLA_OPT", "0") != "default" and _OPT not in os.e
     os.environ["XLA_FLAGS"] += " " + _OPT + "0"
     if _EMITTERS not in os.environ["XLA_FLAGS"] and _xla_knows(_EMITTERS + "=false"):
         os.environ["XLA_FLAGS"] += " " + _EMITTERS + "=false"
+# The same compile-speed flags for the subprocesses that run pipelines and scripts (each sets its own XLA_FLAGS):
+# the process pairs below, tests/train_test.py's `_env` and the judge run. A pipeline run's compile time is about a
+# third of it (cProfile: 19.4 of 49.4 s); tests/train_test.py's six heaviest tests (five pipelines with the flags, the
+# notebook without) took 391 CPU s against 499 s (BUILD_NOTES, session 59). The notebook, the exact-resume driver
+# (tests/checkpoint_test.py: acceptance, bitwise) and the bench scripts keep XLA's defaults, as a user runs them.
+_SPEED = " ".join(f for f in os.environ["XLA_FLAGS"].split() if f.startswith((_OPT, _EMITTERS)))
+os.environ["REFTJAX_TEST_SPEED_XLA_FLAGS"] = _SPEED
 # XLA:CPU runs the thunks of every device's programs on one intra-op pool of max(cores, devices) threads ("at least
 # CpuDeviceCount threads to launch one collective", xla/pjrt/cpu/cpu_client.cc), here 8, and a thread that reaches
 # a collective holds its thread until the other devices arrive. Within one device's part of a program, XLA's thunk
@@ -224,7 +232,7 @@ def two_processes(tmp_path):
         errs = [open(tmp_path / f"p{i}.err", "w") for i in range(2)]  # the children hold their own copies
         procs = [subprocess.Popen(
             [sys.executable, *map(str, argv)], cwd=root, stdout=subprocess.PIPE, stderr=errs[i], text=True,
-            env=dict(env, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+            env=dict(env, XLA_FLAGS=f"{_SPEED} --xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
                      JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i),
                      PYTHONPATH=str(root))) for i in range(2)]
         try:

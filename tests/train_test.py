@@ -36,9 +36,13 @@ def _cmd(model, out, extra=()):
             "--no-progress", *sets, *extra]
 
 
-def _env():
+def _env(devices=None, speed=True):
+    """The subprocess's environment: no device-count flag (the run picks its own, as a user's does) unless `devices`
+    forces one, and with `speed` the in-process tests' compile-speed XLA flags (tests/conftest.py)."""
     env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)  # the subprocess runs on one CPU device like a user would
+    flags = [os.environ.get("REFTJAX_TEST_SPEED_XLA_FLAGS", "") if speed else "",
+             f"--xla_force_host_platform_device_count={devices}" if devices else ""]
+    env["XLA_FLAGS"] = " ".join(f for f in flags if f)
     env["PYTHONPATH"] = str(ROOT)
     return env
 
@@ -274,7 +278,7 @@ def _launch_two(model, out, logs, extra=()):
     port, procs = _free_port(), []
     logs.mkdir(exist_ok=True)
     for i in range(2):
-        env = dict(_env(), XLA_FLAGS="--xla_force_host_platform_device_count=2",
+        env = dict(_env(devices=2),
                    JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))
         with open(logs / f"p{i}.err", "a") as err:  # files, not pipes: a full pipe would stall a process
             procs.append(subprocess.Popen(_cmd(model, out, extra), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
@@ -367,7 +371,7 @@ def test_two_processes_match_one_process(tiny_hf_dir, tmp_path, shared_data):
     # the reference run beside the pair, which idles in its cross-process collectives and single-threaded compiles
     with open(logs / "one.err", "w") as err:  # a file, not a pipe (see _launch_two)
         one = subprocess.Popen(_cmd(tiny_hf_dir, single, FAST), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err,
-                               env=dict(_env(), XLA_FLAGS="--xla_force_host_platform_device_count=4"))
+                               env=_env(devices=4))
     try:
         _wait_two(_launch_two(tiny_hf_dir, multi, logs, FAST), logs)
         assert one.wait(timeout=900) == 0, (logs / "one.err").read_text()[-3000:]
@@ -1052,7 +1056,7 @@ def test_notebook_executes_on_cpu(tiny_hf_dir, tmp_path, shared_data):
                                      resources={"metadata": {"path": str(ROOT)}})
     stray = lambda: set(pathlib.Path(tempfile.gettempdir()).glob("reftjax_nb_*"))  # noqa: E731
     before = stray()
-    client.execute(env=_env())
+    client.execute(env=_env(speed=False))  # the notebook as a user runs it: XLA's default flags
     assert (tmp_path / "nb" / "summary.md").exists()
     assert stray() == before  # REFTJAX_NB_OUT given: no stray temporary run directory
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
@@ -1089,7 +1093,7 @@ def test_notebook_tiny_setting_fits_an_eight_core_mesh(tmp_path):
                         "first = OUT", cells[2],  # cell 3 run again, as Colab users do (or Run all)
                         "print(first == OUT, OUT)",
                         "print(cfg.sft.batch_size, cfg.rl.prompts_per_iteration, cfg.eval.batch_size, cfg.name)"])
-    env = dict(_env(), XLA_FLAGS="--xla_force_host_platform_device_count=8", REFTJAX_NB_TINY="1",
+    env = dict(_env(devices=8), REFTJAX_NB_TINY="1",
                REFTJAX_NB_MODEL="/models/none", HOME=str(tmp_path))
     env.pop("REFTJAX_NB_OUT", None)
     done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
