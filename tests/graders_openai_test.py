@@ -410,40 +410,46 @@ def test_python_graders_import_numpy_and_rapidfuzz_and_others_are_checked_before
     assert program.score == 0.0 and not is_fault(program), program
 
 
-def test_cli_run_and_validate(tmp_path):
+def test_cli_run_and_validate(tmp_path, capsys):
+    """The module's entry point runs once as a user starts it; the other calls ask `main` in this process (each
+    subprocess paid ~3 s of imports)."""
+    from reftjax.graders.__main__ import main
+
+    def cli(*argv):
+        code = main(list(argv))
+        out, err = capsys.readouterr()
+        return code, out, err
+
     grader = tmp_path / "g.json"
     grader.write_text(json.dumps({"type": "reft", "cot": "nl", "answer_field": "answer_value"}))
     samples = tmp_path / "s.jsonl"
     rows = [{"item": {"answer_value": "3"}, "sample": {"output_text": "1+2\nTherefore, the answer is: 3"}},
             {"item": {"answer_value": "4"}, "sample": {"output_text": "no idea"}}]
     samples.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    cmd = [sys.executable, "-m", "reftjax.graders"]
-    out = subprocess.run(cmd + ["run", "--grader", str(grader), "--samples", str(samples)],
-                         capture_output=True, text=True, check=True).stdout.splitlines()
+    out = subprocess.run([sys.executable, "-m", "reftjax.graders", "run", "--grader", str(grader), "--samples",
+                          str(samples)], capture_output=True, text=True, check=True).stdout.splitlines()
     assert [json.loads(line)["score"] for line in out] == [1.0, 0.0]
-    ok = subprocess.run(cmd + ["validate", "--grader", str(grader)], capture_output=True, text=True)
-    assert ok.returncode == 0 and json.loads(ok.stdout)["ok"] and "warnings" not in json.loads(ok.stdout)
+    code, out, err = cli("validate", "--grader", str(grader))
+    assert code == 0 and json.loads(out)["ok"] and "warnings" not in json.loads(out), err
     # a weighted sum that can pass 1 is valid, with a warning on stderr and under "warnings" (a TRL user's weights)
     eq = {"type": "string_check", "input": "{{sample.output_text}}", "reference": "{{item.answer_value}}",
           "operation": "eq"}
     weighted = tmp_path / "w.json"
     weighted.write_text(json.dumps({"type": "multi", "graders": {"fmt": eq, "cor": eq},
                                     "calculate_output": "0.5 * fmt + 1.0 * cor"}))
-    ok = subprocess.run(cmd + ["validate", "--grader", str(weighted)], capture_output=True, text=True)
-    assert ok.returncode == 0 and len(json.loads(ok.stdout)["warnings"]) == 1, ok
-    assert ok.stderr.startswith(f"warning: {weighted}: grader: calculate_output '0.5 * fmt + 1.0 * cor' reaches 1.5")
+    code, out, err = cli("validate", "--grader", str(weighted))
+    assert code == 0 and len(json.loads(out)["warnings"]) == 1, (out, err)
+    assert err.startswith(f"warning: {weighted}: grader: calculate_output '0.5 * fmt + 1.0 * cor' reaches 1.5")
     samples.write_text(json.dumps(rows[0]) + "\n" + '{"item": {}}\n')
-    bad = subprocess.run(cmd + ["run", "--grader", str(grader), "--samples", str(samples)],
-                         capture_output=True, text=True)
-    assert bad.returncode == 2 and f"{samples}:2:" in bad.stderr
+    code, out, err = cli("run", "--grader", str(grader), "--samples", str(samples))
+    assert code == 2 and f"{samples}:2:" in err and out == ""
     # an item the grader cannot read is blamed on the samples file's own line (blank lines counted), the first too
     for text, line in (("\n\n" + json.dumps(rows[0]) + "\n\n" + json.dumps({**rows[1], "item": {}}) + "\n", 5),
                        (json.dumps({**rows[1], "item": {}}) + "\n", 1)):
         samples.write_text(text)
-        bad = subprocess.run(cmd + ["run", "--grader", str(grader), "--samples", str(samples)],
-                             capture_output=True, text=True)
-        assert bad.returncode == 2, bad.stderr
-        assert bad.stderr.startswith(f"error: {samples}:{line}: grader does not fit"), bad.stderr
+        code, out, err = cli("run", "--grader", str(grader), "--samples", str(samples))
+        assert code == 2, err
+        assert err.startswith(f"error: {samples}:{line}: grader does not fit"), err
 
 
 def test_multi_grader_answers_vote():
