@@ -417,7 +417,7 @@ def test_a_run_trains_and_selects_on_a_judge_s_scores(tiny_hf_dir, tmp_path, sha
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "experiments.gsm8k_reft", "--model", str(tiny_hf_dir), "--out", str(out),
            "--no-progress", *[a for k, v in sets.items() for a in ("--set", f"{k}={json.dumps(v)}")]]
-    env = {**os.environ, "XLA_FLAGS": os.environ["REFTJAX_TEST_SPEED_XLA_FLAGS"]}  # one device; tests/conftest.py
+    env = {**os.environ, "XLA_FLAGS": os.environ["REFTJAX_TEST_SPEED_XLA_FLAGS"]}  # no device count: as a user runs
     done = subprocess.run(cmd, cwd=root, env={**env, "PYTHONPATH": str(root)}, capture_output=True, text=True,
                           timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
