@@ -41,7 +41,7 @@ if os.environ.get("REFTJAX_TEST_XLA_OPT", "0") != "default" and _OPT not in os.e
 # The same compile-speed flags for the subprocesses that run pipelines and scripts (each sets its own XLA_FLAGS):
 # the process pairs below, tests/train_test.py's `_env` and the judge run. A pipeline run's compile time is about a
 # third of it (cProfile: 19.4 of 49.4 s); tests/train_test.py's six heaviest tests (five pipelines with the flags, the
-# notebook without) took 391 CPU s against 499 s (BUILD_NOTES, session 59). The notebook, the exact-resume driver
+# notebook without) took 391 CPU s against 498 s (BUILD_NOTES, session 59). The notebook, the exact-resume driver
 # (tests/checkpoint_test.py: acceptance, bitwise) and the bench scripts keep XLA's defaults, as a user runs them.
 _SPEED = " ".join(f for f in os.environ["XLA_FLAGS"].split() if f.startswith((_OPT, _EMITTERS)))
 os.environ["REFTJAX_TEST_SPEED_XLA_FLAGS"] = _SPEED
