@@ -1,6 +1,7 @@
 """Config-driven graders, their validation and the CLI."""
 import json
 import math
+import random
 import re
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import pytest
 
 from reftjax.graders.base import is_fault
 from reftjax.graders.build import ConfigError, build_grader, validate_grader
-from reftjax.graders.openai import bleu, render, rouge
+from reftjax.graders.openai import bleu, gleu, render, rouge
 
 ITEM = {"answer": "Paris", "meta": {"unit": "km"}}
 
@@ -64,6 +65,29 @@ def test_text_similarity_against_independent_implementations():
             [wordpunct_tokenize(ref)], wordpunct_tokenize(cand), smoothing_function=smooth))
         assert bleu(ref, ref) == pytest.approx(1.0)
     assert bleu("Paris.", "Paris") > 0.5
+
+
+def test_gleu_matches_nltk_sentence_gleu():
+    """`gleu` is nltk's `sentence_gleu` (1- to 4-grams, min of precision and recall) on `wordpunct_tokenize` tokens,
+    case kept: random texts from a small vocabulary (repeated words, punctuation, empty sides) and a few by hand."""
+    gleu_score = pytest.importorskip("nltk.translate.gleu_score")
+    from nltk.tokenize import wordpunct_tokenize
+
+    rng = random.Random(0)
+    vocab = ["the", "The", "cat", "sat", "on", "mat", ".", ",", "!", "42", "x-ray", "it's", "Paris"]
+    pairs = [(" ".join(rng.choices(vocab, k=rng.randint(0, 12))), " ".join(rng.choices(vocab, k=rng.randint(0, 12))))
+             for _ in range(300)]
+    pairs += [("Paris", "Paris"), ("Paris.", "Paris"), ("", ""), ("the cat sat", "the cat sat on the mat"),
+              ("the the the the", "the cat"), ("The cat, it sat!", "the cat sat.")]
+    for cand, ref in pairs:
+        expected = gleu_score.sentence_gleu([wordpunct_tokenize(ref)], wordpunct_tokenize(cand))
+        assert gleu(cand, ref) == pytest.approx(expected, abs=1e-12), (cand, ref)
+    assert sum(0 < gleu(c, r) < 1 for c, r in pairs) > 200  # the random pairs are mostly partial matches
+    cfg = {"type": "text_similarity", "input": "{{sample.output_text}}", "reference": "{{item.answer}}",
+           "evaluation_metric": "gleu"}
+    validate_grader(cfg, ITEM)  # accepted (it was refused as unsupported before session 60)
+    # "Paris , France": 6 n-grams, one shared with "Paris"
+    assert _one(cfg, "Paris").score == 1.0 and _one(cfg, "Paris, France").score == pytest.approx(1 / 6)
 
 
 def test_python_math_equiv_and_multi():
@@ -702,14 +726,14 @@ def test_the_whole_output_json_is_a_template_field():
 
 
 def test_text_similarity_of_unrelated_texts_is_zero_and_records_the_input():
-    """No word in common: BLEU and ROUGE are 0 (not a grader error: BLEU's unigram precision of 0 has no log), and
-    the answer recorded (what votes) is the completion, not the reference; rouge_3..rouge_5 are built and count
+    """No word in common: BLEU, GLEU and ROUGE are 0 (not a grader error: BLEU's unigram precision of 0 has no log),
+    and the answer recorded (what votes) is the completion, not the reference; rouge_3..rouge_5 are built and count
     n-grams of that length (as `rouge-score` does: 3 of the 4 trigrams of 6 words match, F1 3/4; 1 of 2 5-grams)
     (mutation review, session 46)."""
     assert bleu("dogs bark", "the cat sat") == 0.0
     item = {"answer": "a b c d e g"}
-    for metric, near in (("bleu", None), ("rouge_1", 5 / 6), ("rouge_2", 0.8), ("rouge_3", 0.75), ("rouge_4", 2 / 3),
-                         ("rouge_5", 0.5), ("rouge_l", 5 / 6), ("fuzzy_match", None)):
+    for metric, near in (("bleu", None), ("gleu", 14 / 18), ("rouge_1", 5 / 6), ("rouge_2", 0.8), ("rouge_3", 0.75),
+                         ("rouge_4", 2 / 3), ("rouge_5", 0.5), ("rouge_l", 5 / 6), ("fuzzy_match", None)):
         cfg = {"type": "text_similarity", "input": "{{sample.output_text}}", "reference": "{{item.answer}}",
                "evaluation_metric": metric}
         grade = _one(cfg, "zzz", item)

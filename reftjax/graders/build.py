@@ -13,7 +13,7 @@ from reftjax.graders.reft import ReftGrader, default_pool
 from reftjax.graders.sandbox import SandboxJob, SandboxPool
 
 ConfigError = oa.ConfigError
-_METRICS = ("fuzzy_match", "bleu", "rouge_1", "rouge_2", "rouge_3", "rouge_4", "rouge_5", "rouge_l")
+_METRICS = ("fuzzy_match", "bleu", "gleu", "rouge_1", "rouge_2", "rouge_3", "rouge_4", "rouge_5", "rouge_l")
 _OPTIONAL = {"name", "pass_threshold", "range"}
 # the fields whose value is text (a non-string failed later, e.g. `answer_field: 3` as an AttributeError traceback
 # once the model and data had loaded; review); templates, `source` and `calculate_output` are checked where used

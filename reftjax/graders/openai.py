@@ -5,11 +5,13 @@ Config types (`build_grader(cfg)`):
      "operation": "eq" | "ne" | "like" | "ilike"}`: 1 or 0; `like` = reference is a substring of
      input, `ilike` = the same ignoring case.
   * `{"type": "text_similarity", "input": ..., "reference": ..., "evaluation_metric":
-     "fuzzy_match" | "bleu" | "rouge_1".."rouge_5" | "rouge_l"}`: fuzzy_match is
+     "fuzzy_match" | "bleu" | "gleu" | "rouge_1".."rouge_5" | "rouge_l"}`: fuzzy_match is
      `rapidfuzz.fuzz.ratio / 100`; bleu is sentence BLEU-4 (uniform weights, brevity penalty,
-     +1 smoothing of n>1 precisions; words and punctuation marks are tokens, case kept); rouge_n /
-     rouge_l are F1 on the tokens of the `rouge-score` package's default tokenizer (lower case, runs
-     of [a-z0-9]; no stemming). `gleu`, `meteor`, `cosine` are rejected at validation.
+     +1 smoothing of n>1 precisions; words and punctuation marks are tokens, case kept); gleu is
+     sentence GLEU (Wu et al. 2016, nltk's `sentence_gleu`: matched 1- to 4-grams over the larger of the
+     two n-gram counts) on the same tokens; rouge_n / rouge_l are F1 on the tokens of the `rouge-score`
+     package's default tokenizer (lower case, runs of [a-z0-9]; no stemming). `meteor` and `cosine` are
+     rejected at validation.
   * `{"type": "python", "source": "def grade(sample, item): ..."}`: run in the sandbox; the
      returned real number is clipped to [0, 1] (the first clip logged once); anything else (text, inf, NaN) is a
      grader error.
@@ -221,6 +223,17 @@ def bleu(candidate: str, reference: str, max_n: int = 4) -> float:
     return math.exp(log_p + brevity)
 
 
+def gleu(candidate: str, reference: str, max_n: int = 4) -> float:
+    """Sentence GLEU (Wu et al. 2016; nltk's `sentence_gleu`) on BLEU's word and punctuation tokens: the 1- to
+    `max_n`-grams the two share (clipped counts) over the larger of their n-gram totals, i.e. min(precision,
+    recall). No smoothing and no brevity penalty: a prefix of the reference loses recall, padding loses precision."""
+    cand, ref = _bleu_tokens(candidate), _bleu_tokens(reference)
+    c = sum((_ngrams(cand, n) for n in range(1, max_n + 1)), collections.Counter())
+    r = sum((_ngrams(ref, n) for n in range(1, max_n + 1)), collections.Counter())
+    total = max(sum(c.values()), sum(r.values()))
+    return sum((c & r).values()) / total if total else 0.0
+
+
 def _rouge_tokens(text: str) -> list[str]:
     return re.sub(r"[^a-z0-9]+", " ", text.lower()).split()
 
@@ -260,6 +273,8 @@ class TextSimilarityGrader(_Templated):
             score = fuzz.ratio(a, b) / 100.0
         elif m == "bleu":
             score = bleu(a, b)
+        elif m == "gleu":
+            score = gleu(a, b)
         else:
             score = rouge(a, b, m.split("_")[1])
         return Grade(min(1.0, max(0.0, score)), extracted=a[:200])
