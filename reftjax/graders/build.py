@@ -8,7 +8,7 @@ from typing import Any, Mapping
 
 from reftjax.graders import openai as oa
 from reftjax.graders.base import Item
-from reftjax.graders.judge import build_model_grader
+from reftjax.graders.judge import ENDPOINT_KEYS, build_cosine_grader, build_model_grader
 from reftjax.graders.reft import ReftGrader, default_pool
 from reftjax.graders.sandbox import SandboxJob, SandboxPool
 
@@ -120,11 +120,15 @@ def build_grader(cfg: Mapping, pool: SandboxPool | None = None, where: str = "gr
             if args["operation"] not in ("eq", "ne", "like", "ilike"):
                 raise ConfigError(f"{where}: operation must be eq, ne, like or ilike")
             return oa.StringCheckGrader(**args)
-        if kind == "text_similarity":
-            args = _take(cfg, where, ("input", "reference", "evaluation_metric"))
+        if kind == "text_similarity":  # (cosine asks an embeddings endpoint: reftjax's endpoint keys are its own)
+            cosine = cfg.get("evaluation_metric") == "cosine"
+            args = _take(cfg, where, ("input", "reference", "evaluation_metric"),
+                         ("model", *ENDPOINT_KEYS, "api_key") if cosine else ())
+            if cosine:
+                return build_cosine_grader(args, where)
             if args["evaluation_metric"] not in _METRICS:
                 raise ConfigError(f"{where}: evaluation_metric {args['evaluation_metric']!r} is not "
-                                  f"supported in this version (supported: {', '.join(_METRICS)})")
+                                  f"supported in this version (supported: {', '.join(_METRICS)}, cosine)")
             return oa.TextSimilarityGrader(**args)
         if kind == "python":
             args = _take(cfg, where, ("source",), ("image_tag",))

@@ -32,6 +32,9 @@ callback inside the jitted rollout, where another JAX computation may not run.
   error, a timeout, 408, 409, 429 or 5xx: waiting 0.5 s, doubling, at most 30 s, or the endpoint's `Retry-After` up
   to a minute; default 3). Null fields count as absent; a message's content may be OpenAI's list of text blocks.
 
+`text_similarity` with `evaluation_metric: "cosine"` (`CosineGrader`) asks an OpenAI-compatible embeddings endpoint
+(`POST {base_url}/embeddings`) in the same way, with the same endpoint keys plus `model` (the embedding model).
+
 Exact resume and the reproducibility of rewards need a deterministic judge: temperature 0 (reftjax's server is
 then greedy; hosted models promise less). A judge scores whatever it reads: a policy can learn to persuade it
 (reward hacking), so read `samples/rl_rollouts.jsonl`.
@@ -58,6 +61,9 @@ from reftjax.graders.openai import ConfigError, SampleFieldMissing, _TEMPLATE, c
 log = logging.getLogger("reftjax.graders")
 ROLES = ("system", "developer", "user", "assistant")
 DEFAULT_URL = "https://api.openai.com/v1"
+# a cosine grader's embedding model when its config names none (OpenAI's grader spec has no such field and does
+# not say which model its cosine uses)
+DEFAULT_EMBEDDING_MODEL = "text-embedding-3-large"
 PING = "(a connection check before training)"  # what check_judges' one request puts in every template field
 # (one way to split a run of digits: `\d+\.?\d*` backtracked quadratically on a long one; review E, session 42)
 _NUMBER = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?")
@@ -68,6 +74,7 @@ _SCORE_LINE = re.compile(r"[*#_ ]*(?:[a-z]+\s+){0,3}?(?:score|result|rating|grad
                          r"[*_ ]*(" + _NUMBER.pattern + r")" + _SCALE + r"[*_ ]*\.?", re.IGNORECASE)
 _LINE_MAX = 200  # characters: a longer line is no score line (and bounds the matching)
 _RETRY_STATUS = (408, 409, 429, 500, 502, 503, 504)
+ENDPOINT_KEYS = ("base_url", "api_key_env", "timeout", "max_concurrency", "retries")  # reftjax's own, per grader
 
 
 def default_base_url() -> str:
@@ -83,19 +90,17 @@ class JudgeError(RuntimeError):
         self.unreachable = unreachable
 
 
-def chat_completion(base_url: str, payload: Mapping, *, api_key: str | None = None, timeout: float = 120,
-                    retries: int = 3, backoff: float = 0.5) -> str:
-    """The reply text of one chat completion: `POST {base_url}/chat/completions`. Retries connection errors,
-    timeouts, 408/409/429/5xx (`backoff` seconds, doubling); raises JudgeError with the endpoint's message."""
-    url = base_url.rstrip("/") + "/chat/completions"
+def _post_json(url: str, payload: Mapping, *, api_key: str | None, timeout: float, retries: int,
+               backoff: float) -> Any:
+    """`POST url` with a JSON body; the reply's JSON. Retries connection errors, timeouts, 408/409/429/5xx
+    (`backoff` seconds, doubling, or the endpoint's `Retry-After`); raises JudgeError with the endpoint's message."""
     headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
     body = json.dumps(payload).encode()
     for attempt in range(retries + 1):
         try:
             with urllib.request.urlopen(urllib.request.Request(url, body, headers, method="POST"),
                                         timeout=timeout) as resp:
-                data = json.loads(resp.read())
-            break
+                return json.loads(resp.read())
         except urllib.error.HTTPError as exc:
             detail = exc.read()[:500].decode(errors="replace")
             if exc.code not in _RETRY_STATUS or attempt == retries:
@@ -111,6 +116,15 @@ def chat_completion(base_url: str, payload: Mapping, *, api_key: str | None = No
         except ValueError as exc:  # a body that is not JSON
             raise JudgeError(f"{url}: the reply is not JSON: {exc}") from None
         time.sleep(min(backoff * 2 ** attempt, 30.0))
+    raise AssertionError("unreachable")  # (every path of the last attempt returns or raises)
+
+
+def chat_completion(base_url: str, payload: Mapping, *, api_key: str | None = None, timeout: float = 120,
+                    retries: int = 3, backoff: float = 0.5) -> str:
+    """The reply text of one chat completion: `POST {base_url}/chat/completions`. Retries connection errors,
+    timeouts, 408/409/429/5xx (`backoff` seconds, doubling); raises JudgeError with the endpoint's message."""
+    url = base_url.rstrip("/") + "/chat/completions"
+    data = _post_json(url, payload, api_key=api_key, timeout=timeout, retries=retries, backoff=backoff)
     try:
         content = data["choices"][0]["message"]["content"]
     except (KeyError, IndexError, TypeError):
@@ -118,6 +132,28 @@ def chat_completion(base_url: str, payload: Mapping, *, api_key: str | None = No
     if not isinstance(content, str):
         raise JudgeError(f"{url}: the reply's content is {content!r}, not text")
     return content
+
+
+def embeddings(base_url: str, model: str, texts: Sequence[str], *, api_key: str | None = None,
+               timeout: float = 120, retries: int = 3, backoff: float = 0.5) -> list[list[float]]:
+    """One embedding per text, in order: `POST {base_url}/embeddings` with `{"model", "input": texts}` (OpenAI's
+    embeddings API; vLLM's and text-embeddings-inference's OpenAI routes answer the same). Retries as
+    `chat_completion`; a reply without one finite vector of one size per text raises JudgeError."""
+    url = base_url.rstrip("/") + "/embeddings"
+    data = _post_json(url, {"model": model, "input": list(texts)}, api_key=api_key, timeout=timeout,
+                      retries=retries, backoff=backoff)
+    try:
+        rows = sorted(data["data"], key=lambda row: row["index"])
+        vectors = [[float(x) for x in row["embedding"]] for row in rows]
+    except (KeyError, TypeError, ValueError, OverflowError):
+        raise JudgeError(f"{url}: no data[i].index / .embedding (a list of numbers) in the reply "
+                         f"{str(data)[:300]}") from None
+    sizes = {len(v) for v in vectors}
+    if [row["index"] for row in rows] != list(range(len(texts))) or len(sizes) != 1 or 0 in sizes or \
+            not all(map(math.isfinite, (x for v in vectors for x in v))):
+        raise JudgeError(f"{url}: the reply is not one finite vector of one size per text ({len(texts)} asked; "
+                         f"indices {[row['index'] for row in rows][:10]}, sizes {sorted(sizes)[:5]})")
+    return vectors
 
 
 def _retry_after(value) -> float | None:
@@ -198,6 +234,7 @@ class ModelGrader:
     max_concurrency: int = 16
     retries: int = 3
     votes_on_answer = False  # a score or a label is no answer to vote on (voting@k is not reported on it)
+    endpoint = "judge"  # (check_judges' word for it)
 
     def validate(self, item: Item) -> None:
         check_item_fields((c for _, c in self.messages), item)
@@ -207,6 +244,14 @@ class ModelGrader:
         sample = sample_of(text)
         return {"model": self.model, "messages": [{"role": r, "content": render(c, sample, item)}
                                                   for r, c in self.messages], **self.params()}
+
+    def ping(self, key: str | None) -> None:
+        """One request with the model and sampling_params: a setting the endpoint refuses (a field it does not take,
+        a model it does not serve) failed every row of the run, which went on training on zeros (review); the
+        grader's own turns (a template that refuses a system turn refused every row), fields filled with PING."""
+        messages = [{"role": r, "content": _TEMPLATE.sub(PING, c)} for r, c in self.messages]
+        chat_completion(self.base_url, {"model": self.model, "messages": messages, **self.params()}, api_key=key,
+                        timeout=self.timeout, retries=self.retries)
 
     def params(self) -> dict:
         """`sampling_params` as the chat-completions API spells them: OpenAI's grader field
@@ -262,6 +307,99 @@ class ModelGrader:
             return [faulted(f"grader error: {type(exc).__name__}: {exc}")] * len(texts)
 
 
+_EMBED_CHUNK = 64  # texts per embeddings request
+
+
+@dataclasses.dataclass(frozen=True)
+class CosineGrader:
+    """OpenAI's `text_similarity` grader with `evaluation_metric: "cosine"`: the cosine similarity of the rendered
+    `input`'s and `reference`'s embeddings, from an embeddings endpoint (`embeddings`), clipped to [0, 1] (the
+    first negative one is logged). Equal texts score 1 and an empty one against another 0 without a request (the API
+    refuses empty input). A batch asks for each distinct text once, `_EMBED_CHUNK` texts a request, up to
+    `max_concurrency` requests at a time (`_fetch`); a text the endpoint refuses faults its rows, an endpoint that
+    cannot be reached every row it had not answered (the rest of the batch is not asked), as a judge's does."""
+
+    input: str
+    reference: str
+    base_url: str
+    model: str = DEFAULT_EMBEDDING_MODEL
+    api_key_env: str = "OPENAI_API_KEY"
+    timeout: float = 120.0
+    max_concurrency: int = 16
+    retries: int = 3
+    evaluation_metric = "cosine"
+    endpoint = "embedding"  # (check_judges' word for it)
+
+    def validate(self, item: Item) -> None:
+        check_item_fields((self.input, self.reference), item)
+
+    def ping(self, key: str | None) -> None:
+        embeddings(self.base_url, self.model, [PING], api_key=key, timeout=self.timeout, retries=self.retries)
+
+    def _fetch(self, chunk: list, key: str | None, down: list) -> list:
+        """Per text of `chunk`: its vector, or the JudgeError that kept it from one. A chunk the endpoint refuses
+        (HTTP 400 for one text past the model's input limit, say) is asked again a text at a time, so that the
+        others' rows are scored; an endpoint that cannot be reached fails the chunk and the batch's later ones."""
+        if down:
+            return [JudgeError(f"not asked, the endpoint failed this batch: {down[0]}")] * len(chunk)
+        try:
+            return embeddings(self.base_url, self.model, chunk, api_key=key, timeout=self.timeout,
+                              retries=self.retries)
+        except JudgeError as exc:
+            if exc.unreachable:
+                down.append(str(exc))
+            if exc.unreachable or len(chunk) == 1:
+                return [exc] * len(chunk)
+        except Exception as exc:  # noqa: BLE001 - this request's rows' fault, not the batch's
+            return [JudgeError(f"{type(exc).__name__}: {exc}")] * len(chunk)
+        return [r for text in chunk for r in self._fetch([text], key, down)]
+
+    def _score(self, u: list, v: list, text: str) -> Grade:
+        if len(u) != len(v):  # (two requests' replies: an endpoint behind a balancer serving two models)
+            return faulted(f"embedding: vectors of {len(u)} and {len(v)} numbers (no cosine)")
+        dot, nu, nv = (math.fsum(a * b for a, b in zip(x, y)) for x, y in ((u, v), (u, u), (v, v)))
+        if nu == 0 or nv == 0:
+            return faulted("embedding: the endpoint returned a zero vector (no cosine)")
+        cos = min(dot / math.sqrt(nu * nv), 1.0)  # (rounding past 1 is no clip to report)
+        return Grade(clip01(cos, f"cosine similarity ({self.model!r})", ("cosine", self.model)), extracted=text[:200])
+
+    def grade_batch(self, items: Sequence[Item], texts: Sequence[str]) -> list[Grade]:
+        _check_lengths(items, texts)
+        try:
+            return self._grade_batch(items, texts)
+        except Exception as exc:  # noqa: BLE001 - graders never raise into the trainer
+            return [faulted(f"grader error: {type(exc).__name__}: {exc}")] * len(texts)
+
+    def _grade_batch(self, items: Sequence[Item], texts: Sequence[str]) -> list[Grade]:
+        out: list = [None] * len(texts)
+        pairs = []
+        for i, (item, text) in enumerate(zip(items, texts)):
+            try:
+                sample = sample_of(text)
+                a, b = render(self.input, sample, item), render(self.reference, sample, item)
+            except SampleFieldMissing as exc:  # the completion lacks what a template reads: unanswered
+                out[i] = Grade(0.0, error=str(exc.args[0] if exc.args else exc))
+                continue
+            except Exception as exc:  # noqa: BLE001
+                out[i] = faulted(f"input error: {type(exc).__name__}: {exc}")
+                continue
+            if a == b or not a or not b:
+                out[i] = Grade(float(a == b), extracted=a[:200])
+            else:
+                pairs.append((i, a, b))
+        unique = list(dict.fromkeys(t for _, a, b in pairs for t in (a, b)))
+        chunks = [unique[k:k + _EMBED_CHUNK] for k in range(0, len(unique), _EMBED_CHUNK)]
+        if chunks:
+            key, down = os.environ.get(self.api_key_env) or None, []
+            with concurrent.futures.ThreadPoolExecutor(max(1, min(self.max_concurrency, len(chunks)))) as pool:
+                replies = list(pool.map(lambda c: self._fetch(c, key, down), chunks))
+            got = {t: r for c, reply in zip(chunks, replies) for t, r in zip(c, reply)}
+            for i, a, b in pairs:
+                failed = next((got[t] for t in (a, b) if isinstance(got[t], Exception)), None)
+                out[i] = faulted(f"embedding: {failed}") if failed else self._score(got[a], got[b], a)
+        return out
+
+
 def _number(cfg: Mapping, key: str, where: str, default, low=0.0, high=1e6, integer=False):
     value = cfg.get(key, default)
     ok = isinstance(value, int if integer else (int, float)) and not isinstance(value, bool) and \
@@ -277,19 +415,14 @@ def build_model_grader(cfg: Mapping, where: str) -> ModelGrader:
     cfg = {k: v for k, v in cfg.items() if v is not None}  # (OpenAI's schema: null is "not set"; SDK dumps write it)
     kind = cfg["type"]
     required = ("model", "input") + (("labels", "passing_labels") if kind == "label_model" else ())
-    optional = {"name", "sampling_params", "base_url", "api_key_env", "timeout", "max_concurrency", "retries",
-                "type"} | ({"range", "pass_threshold"} if kind == "score_model" else set())
-    if "api_key" in cfg:
-        raise ConfigError(f"{where}.api_key: a key does not belong in the config (a run writes it to config.json): "
-                          f"put it in an environment variable and name that in api_key_env (default "
-                          f"OPENAI_API_KEY)")
+    optional = {"name", "sampling_params", "type", *ENDPOINT_KEYS} | \
+        ({"range", "pass_threshold"} if kind == "score_model" else set())
+    _refuse_key(cfg, where)
     if missing := [k for k in required if k not in cfg]:
         raise ConfigError(f"{where}: missing {missing} for type {kind!r}")
     if unknown := sorted(set(cfg) - set(required) - optional):
         raise ConfigError(f"{where}: unknown keys {unknown} for type {kind!r}")
-    for k in ("model", "name", "base_url", "api_key_env"):
-        if k in cfg and not (isinstance(cfg[k], str) and cfg[k]):
-            raise ConfigError(f"{where}.{k}: must be a non-empty string, got {cfg[k]!r}")
+    _check_names(cfg, where)
     messages = cfg["input"]
     if isinstance(messages, str):
         messages = [{"role": "user", "content": messages}]
@@ -347,29 +480,59 @@ def build_model_grader(cfg: Mapping, where: str) -> ModelGrader:
             raise ConfigError(f"{where}.passing_labels: {stray} are not in labels {labels!r}")
         extra.update(labels=tuple(labels), passing_labels=tuple(passing))
     return ModelGrader(kind=kind, model=cfg["model"], messages=tuple(pairs),
-                       base_url=cfg.get("base_url") or default_base_url(),
                        sampling_params=tuple(sorted(params.items(), key=lambda kv: kv[0])),
-                       api_key_env=cfg.get("api_key_env", "OPENAI_API_KEY"),
-                       timeout=float(_number(cfg, "timeout", where, 120.0, low=1e-3, high=86400)),
-                       max_concurrency=_number(cfg, "max_concurrency", where, 16, low=1, integer=True),
-                       retries=_number(cfg, "retries", where, 3, integer=True), **extra)
+                       **_endpoint_settings(cfg, where), **extra)
+
+
+def _refuse_key(cfg: Mapping, where: str) -> None:
+    if "api_key" in cfg:
+        raise ConfigError(f"{where}.api_key: a key does not belong in the config (a run writes it to config.json): "
+                          f"put it in an environment variable and name that in api_key_env (default "
+                          f"OPENAI_API_KEY)")
+
+
+def _check_names(cfg: Mapping, where: str) -> None:
+    for k in ("model", "name", "base_url", "api_key_env"):
+        if k in cfg and not (isinstance(cfg[k], str) and cfg[k]):
+            raise ConfigError(f"{where}.{k}: must be a non-empty string, got {cfg[k]!r}")
+
+
+def _endpoint_settings(cfg: Mapping, where: str) -> dict:
+    """The endpoint keys (`ENDPOINT_KEYS`) of a model-based grader's config, checked, defaults filled in."""
+    return dict(base_url=cfg.get("base_url") or default_base_url(),
+                api_key_env=cfg.get("api_key_env", "OPENAI_API_KEY"),
+                timeout=float(_number(cfg, "timeout", where, 120.0, low=1e-3, high=86400)),
+                max_concurrency=_number(cfg, "max_concurrency", where, 16, low=1, integer=True),
+                retries=_number(cfg, "retries", where, 3, integer=True))
+
+
+def build_cosine_grader(cfg: Mapping, where: str) -> CosineGrader:
+    """A CosineGrader from a `text_similarity` config whose metric is `cosine` (its `input` / `reference` templates
+    checked by the caller): reftjax's own keys are `model` (the embedding model, default `DEFAULT_EMBEDDING_MODEL`)
+    and the endpoint keys of a judge (`ENDPOINT_KEYS`: `base_url` ... `retries`)."""
+    cfg = {k: v for k, v in cfg.items() if v is not None}
+    _refuse_key(cfg, where)
+    _check_names(cfg, where)
+    return CosineGrader(input=cfg["input"], reference=cfg["reference"],
+                        model=cfg.get("model", DEFAULT_EMBEDDING_MODEL), **_endpoint_settings(cfg, where))
 
 
 def judges(grader, where: str = "grader"):
-    """(config path, grader) of every ModelGrader in `grader`, inside `multi` graders too."""
+    """(config path, grader) of every grader in `grader` that asks an endpoint (a ModelGrader's judge, a
+    CosineGrader's embeddings), inside `multi` graders too."""
     subs = getattr(grader, "graders", None)
     if isinstance(subs, Mapping):
         for name, sub in subs.items():
             yield from judges(sub, f"{where}.graders.{name}")
-    elif isinstance(grader, ModelGrader):
+    elif isinstance(grader, (ModelGrader, CosineGrader)):
         yield where, grader
 
 
 def check_judges(grader, timeout: float = 30.0) -> None:
-    """Asks every judge endpoint of `grader` for its models (`GET {base_url}/models`), then sends it one request
-    (`PING`) with the grader's model and sampling_params, before a run loads anything: an endpoint that cannot be
-    reached, refuses the key or refuses the request raises ConfigError naming the config path (every reward would be
-    0, as a grader error); a model the endpoint does not list is logged."""
+    """Asks every judge or embedding endpoint of `grader` for its models (`GET {base_url}/models`), then sends it one
+    request (`PING`; a judge's with the grader's model, turns and sampling_params), before a run loads anything: an
+    endpoint that cannot be reached, refuses the key or refuses the request raises ConfigError naming the config path
+    (every reward would be 0, as a grader error); a model the endpoint does not list is logged."""
     for where, g in judges(grader):
         url = g.base_url.rstrip("/") + "/models"
         key = os.environ.get(g.api_key_env)
@@ -379,22 +542,18 @@ def check_judges(grader, timeout: float = 30.0) -> None:
                 listed = json.loads(resp.read())
         except urllib.error.HTTPError as exc:
             hint = f" (is ${g.api_key_env} set?)" if exc.code in (401, 403) else ""
-            raise ConfigError(f"{where}: the judge endpoint {url} answered HTTP {exc.code}{hint}") from None
+            raise ConfigError(f"{where}: the {g.endpoint} endpoint {url} answered HTTP {exc.code}{hint}") from None
         except (urllib.error.URLError, OSError, ValueError) as exc:
-            raise ConfigError(f"{where}: the judge endpoint {url} cannot be reached: "
+            raise ConfigError(f"{where}: the {g.endpoint} endpoint {url} cannot be reached: "
                               f"{getattr(exc, 'reason', exc)} (base_url, or $REFTJAX_JUDGE_URL)") from None
         ids = [m.get("id") for m in listed.get("data", []) if isinstance(m, Mapping)] \
             if isinstance(listed, Mapping) else []
         if ids and g.model not in ids:
-            log.warning("%s: the judge endpoint %s does not list model %r (it lists %s)", where, g.base_url,
+            log.warning("%s: the %s endpoint %s does not list model %r (it lists %s)", where, g.endpoint, g.base_url,
                         g.model, ids[:10])
-        # one request with the model and sampling_params: a setting the endpoint refuses (a field it does not take,
-        # a model it does not serve) failed every row of the run, which went on training on zeros (review)
-        # the grader's own turns (a template that refuses a system turn refused every row), fields filled with PING
-        messages = [{"role": r, "content": _TEMPLATE.sub(PING, c)} for r, c in g.messages]
         try:
-            chat_completion(g.base_url, {"model": g.model, "messages": messages, **g.params()}, api_key=key,
-                            timeout=g.timeout, retries=g.retries)
+            g.ping(key)
         except JudgeError as exc:
-            raise ConfigError(f"{where}: the judge endpoint refuses the grader's request (model, sampling_params): "
+            what = "(model, sampling_params)" if isinstance(g, ModelGrader) else "(model)"
+            raise ConfigError(f"{where}: the {g.endpoint} endpoint refuses the grader's request {what}: "
                               f"{exc}") from None

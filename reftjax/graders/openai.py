@@ -10,8 +10,9 @@ Config types (`build_grader(cfg)`):
      +1 smoothing of n>1 precisions; words and punctuation marks are tokens, case kept); gleu is
      sentence GLEU (Wu et al. 2016, nltk's `sentence_gleu`: matched 1- to 4-grams over the larger of the
      two n-gram counts) on the same tokens; rouge_n / rouge_l are F1 on the tokens of the `rouge-score`
-     package's default tokenizer (lower case, runs of [a-z0-9]; no stemming). `meteor` and `cosine` are
-     rejected at validation.
+     package's default tokenizer (lower case, runs of [a-z0-9]; no stemming). `cosine` asks an embeddings
+     endpoint (`reftjax.graders.judge.CosineGrader`); `meteor` is rejected at validation (nltk's needs WordNet's
+     data).
   * `{"type": "python", "source": "def grade(sample, item): ..."}`: run in the sandbox; the
      returned real number is clipped to [0, 1] (the first clip logged once); anything else (text, inf, NaN) is a
      grader error.
