@@ -208,3 +208,25 @@ def test_cosine_configs_take_the_endpoint_keys_and_other_metrics_do_not(monkeypa
     assert [gr.score for gr in grades] == pytest.approx([1.0, 0.5 * _numpy_cosine("a cat", "cat")])
     with pytest.raises(KeyError, match="item.answer"):
         build_grader(_cfg(e.url)).validate({"question": "q"})
+
+
+def test_the_grader_s_endpoint_settings_reach_every_request(monkeypatch):
+    """`timeout`, `retries`, the key and `max_concurrency` are the config's in the batch's requests and in the
+    connection check's (a request at the defaults would wait 120 s on a judge configured for 5)."""
+    import concurrent.futures
+
+    from reftjax.graders import judge
+
+    calls, workers = [], []
+    monkeypatch.setattr(judge, "embeddings", lambda url, model, texts, **kw: calls.append((url, model, kw)) or
+                        [_vector(t) for t in texts])
+    real = concurrent.futures.ThreadPoolExecutor
+    monkeypatch.setattr(concurrent.futures, "ThreadPoolExecutor", lambda n: workers.append(n) or real(n))
+    monkeypatch.setattr(judge, "_EMBED_CHUNK", 2)
+    monkeypatch.setenv("K", "sk-k")
+    g = build_grader(_cfg("http://e/v1", timeout=5, retries=1, max_concurrency=3, api_key_env="K"))
+    g.grade_batch([{"answer": f"r{i}"} for i in range(4)], [f"t{i}" for i in range(4)])  # 8 texts, 4 requests
+    g.ping("sk-p")
+    assert calls == [("http://e/v1", "emb", {"api_key": "sk-k", "timeout": 5.0, "retries": 1})] * 4 + \
+        [("http://e/v1", "emb", {"api_key": "sk-p", "timeout": 5.0, "retries": 1})]
+    assert workers == [3]
