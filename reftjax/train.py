@@ -47,6 +47,7 @@ from reftjax.graders import build_grader, check_imports, check_judges, reach_war
 from reftjax.graders.reft import ReftGrader, default_pool
 from reftjax.graders.base import GraderFailure, every_one_faulted, failure_message, sub_score_means
 from reftjax.graders.build import GSM8K_FIELDS
+from reftjax.graders.judge import DEFAULT_EMBEDDING_MODEL, ENDPOINT_KEYS
 from reftjax.graders.callback import make_reward_fn
 from reftjax.hf import load_model, save_hf
 from reftjax.metrics import MetricsLogger, measured_peak_flops, mfu, read_metrics, rl_iteration_flops
@@ -1077,8 +1078,13 @@ def check_evaluation(name: str, res: dict) -> None:
                                             "have scored voting@k 0 whatever the model wrote"))
 
 
-JUDGE_TRANSPORT = ("base_url", "api_key_env", "timeout", "max_concurrency", "retries")  # free on resume
+JUDGE_TRANSPORT = ENDPOINT_KEYS  # free on resume: how a grader reaches its judge or embeddings, not what it asks
 _JUDGES = ("score_model", "label_model")
+
+
+def _asks_endpoint(g: dict) -> bool:
+    """Whether a grader config asks an endpoint: a judge, or text_similarity's cosine (embeddings)."""
+    return g.get("type") in _JUDGES or (g.get("type") == "text_similarity" and g.get("evaluation_metric") == "cosine")
 
 
 _REFT_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ReftGrader) if f.name != "pool"}
@@ -1088,13 +1094,16 @@ def _grader_defaults(g: dict) -> dict:
     """A grader config with the fields it leaves out at the values its grader takes, inside `multi` graders too: a
     run begun with `{"type": "reft", "cot": "nl"}` (the presets) and rerun with `{"type": "reft"}` is the same grader,
     and was refused as `grader.cot: "nl" -> "<unset>"` (session 55's mutation review). Model graders drop OpenAI's
-    nulls ("not set") and take their default range and sampling parameters (`graders.judge.build_model_grader`)."""
+    nulls ("not set") and take their default range and sampling parameters (`graders.judge.build_model_grader`), a
+    cosine grader its default embedding model (`graders.judge.build_cosine_grader`)."""
     kind = g.get("type")
     if kind in ("reft", "gsm8k"):
         return {**_REFT_DEFAULTS, **(GSM8K_FIELDS if kind == "gsm8k" else {}), **g}
     if kind in _JUDGES:
         g = {k: v for k, v in g.items() if v is not None}
         return {"sampling_params": {}, **({"range": [0, 1]} if kind == "score_model" else {}), **g}
+    if _asks_endpoint(g):
+        return {"model": DEFAULT_EMBEDDING_MODEL, **{k: v for k, v in g.items() if v is not None}}
     if kind == "multi" and isinstance(g.get("graders"), dict):
         return {**g, "graders": {name: _grader_defaults(sub) if isinstance(sub, dict) else sub
                                  for name, sub in g["graders"].items()}}
@@ -1149,7 +1158,8 @@ def _check_same_run(cfg_path: pathlib.Path, new: dict, content_checked: bool = F
         if k.startswith("grader.") and leaf in ("pass_threshold", "range") and k not in b and \
                 a.get(parent + ".type") != "score_model":  # (whose range maps its scores since session 42)
             return True  # accepted and ignored before session 35, refused since: the run did without them (review)
-        if k.startswith("grader.") and leaf in JUDGE_TRANSPORT and a.get(parent + ".type") in _JUDGES:
+        if k.startswith("grader.") and leaf in JUDGE_TRANSPORT and \
+                _asks_endpoint({f: a.get(f"{parent}.{f}") for f in ("type", "evaluation_metric")}):
             return True  # how a model grader reaches its judge (a server restarted on another port), not what it asks
         if k.startswith("rerank.") and not a.get("rerank.epochs") and not b.get("rerank.epochs"):
             return True  # the verifier phase is off in both: its settings change nothing (a preset's did)

@@ -1377,6 +1377,26 @@ def test_resume_edges_rl_epochs_locations_judges_earlier_settings_and_long_refus
                                                                   "api_key_env": "OTHER_KEY", "retries": 9})))
     with pytest.raises(T.RunDirError, match=r'other settings \(grader.passing_labels: \["yes"\] -> \["no"\]\)'):
         T._check_same_run(path, to_dict(replace_path(cfg, "grader", {**label, "passing_labels": ["no"]})))
+    # so may a cosine grader's embeddings endpoint (session 60), inside a multi grader too; its model is its default
+    # when unset (or null), and another model is another grader
+    cosine = {"type": "text_similarity", "input": "{{sample.output_text}}", "reference": "{{item.answer_value}}",
+              "evaluation_metric": "cosine"}
+    multi = {"type": "multi", "calculate_output": "s", "graders": {"s": cosine}}
+    path.write_text(json.dumps(to_json(replace_path(cfg, "grader", multi))))
+    moved = {**cosine, "base_url": "http://b:2/v1", "api_key_env": "K", "timeout": 5, "max_concurrency": 2,
+             "retries": 0, "model": "text-embedding-3-large"}
+    T._check_same_run(path, to_dict(replace_path(cfg, "grader", {**multi, "graders": {"s": moved}})))
+    nulled = {**multi, "graders": {"s": {**cosine, "model": None}}}
+    T._check_same_run(path, to_dict(replace_path(cfg, "grader", nulled)))
+    with pytest.raises(T.RunDirError, match=r'other settings \(grader.graders.s.model: "text-embedding-3-large" -> '
+                                            r'"text-embedding-3-small"\)'):
+        T._check_same_run(path, to_dict(replace_path(cfg, "grader", {**multi, "graders": {"s": {
+            **moved, "model": "text-embedding-3-small"}}})))
+    bleu = {**cosine, "evaluation_metric": "bleu"}  # (no endpoint: nothing of the kind is free)
+    path.write_text(json.dumps(to_json(replace_path(cfg, "grader", bleu))))
+    with pytest.raises(T.RunDirError, match=r"other settings \(grader.evaluation_metric: \"bleu\" -> \"cosine\", "
+                                            r"grader.model: <unset.*> -> \"m\"\)"):
+        T._check_same_run(path, to_dict(replace_path(cfg, "grader", {**cosine, "model": "m"})))
     # eight changed keys: the first six (sorted) shown, the other two counted
     path.write_text(json.dumps(to_json(cfg)))
     many = replace_paths(cfg, {"seed": 9, "rl.ppo.kl_coef": 0.5, "rl.eval_every": 2, "sft.epochs": 2, "data.n_val": 7,
