@@ -1,6 +1,6 @@
-"""`python -m reftjax.serve --model SRC`: an OpenAI-compatible chat-completions endpoint over any checkpoint reftjax
-loads (directory, GGUF, hub id, a run's `hf/best`), offline: the judge of `score_model` / `label_model` graders
-(`reftjax.graders.judge`), or a quick way to talk to a trained policy.
+"""`python -m reftjax.serve --model SRC`: an OpenAI-compatible chat-completions (and embeddings) endpoint over any
+checkpoint reftjax loads (directory, GGUF, hub id, a run's `hf/best`), offline: the judge of `score_model` /
+`label_model` graders (`reftjax.graders.judge`), or a quick way to talk to a trained policy.
 
     python -m reftjax.serve --model runs/gsm8k_reft_cpu/hf/best --port 8000 &
     curl -s localhost:8000/v1/chat/completions -d '{"model": "best", "messages": [{"role": "user", "content": "Hi"}],
@@ -12,7 +12,17 @@ deterministic), `top_p`, `max_completion_tokens` / `max_tokens` (at most `--max-
 while its batch decodes on to its longest reply), `seed`; a null field counts as absent; `n` 1 and `stream` false
 only; `stop`, `logprobs`, `tools`, `response_format` and the like are refused when set, hints such as `user`,
 `metadata`, `reasoning_effort` and the penalties ignored (`_IGNORED`), and any other field is refused. `GET
-/v1/models` lists the served name. Requests arriving together run as one batch (`--batch-size` rows, padded, in
+/v1/models` lists the served name.
+
+`POST /v1/embeddings` takes `input` (a text or a list of texts, each tokenized as the tokenizer does by default)
+and answers one vector per text (OpenAI's embeddings API): the mean of the model's last hidden state (after its
+final norm) over the text's tokens, scaled to unit length (mean pooling); `encoding_format` "float" only, no
+`dimensions`, at most `--prompt-buckets`' longest tokens a text. It lets a `text_similarity` grader's `cosine` run
+offline; a language model's mean-pooled states are weak embeddings, so for real grading serve an embedding model
+(vLLM, text-embeddings-inference). A request's texts run in batches of `--batch-size` rows, one compiled program per
+prompt bucket.
+
+Chat requests arriving together run as one batch (`--batch-size` rows, padded, in
 one `rollout` call, prompts padded to the smallest of `--prompt-buckets` that holds the longest): one compiled
 program per prompt bucket and (temperature, top_p) pair, so a judge with fixed sampling settings compiles once per
 bucket. A batch samples with one key (its first request's `seed`, else a counter): only greedy replies are
@@ -140,8 +150,45 @@ def parse_request(body: Any, tokenizer, cfg: ServeConfig, template_kwargs: dict)
     return Request(tuple(int(i) for i in ids), int(max_tokens), float(temperature), float(top_p), seed)
 
 
+def parse_embeddings(body: Any, tokenizer, cfg: ServeConfig) -> list[tuple[int, ...]]:
+    """Checks an OpenAI embeddings body; each text's token ids. Raises RequestError naming the field."""
+    if not isinstance(body, dict):
+        raise RequestError("the body must be a JSON object")
+    body = {k: v for k, v in body.items() if v is not None}
+    if unknown := sorted(set(body) - {"input", "model", "encoding_format", "user", "dimensions"}):
+        raise RequestError(f"unknown fields {unknown}")
+    if body.get("encoding_format", "float") != "float":
+        raise RequestError(f"encoding_format: {body['encoding_format']!r} is not supported (float only)")
+    if "dimensions" in body:
+        raise RequestError("dimensions: not supported (the model's hidden size is the vector's)")
+    texts = body.get("input")
+    texts = [texts] if isinstance(texts, str) else texts
+    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t for t in texts):
+        raise RequestError("input: must be a non-empty text or a non-empty list of non-empty texts (token ids are "
+                           "not supported)")
+    with TOKENIZER_LOCK:
+        rows = [tuple(int(i) for i in tokenizer(t)["input_ids"]) for t in texts]
+    for i, ids in enumerate(rows):
+        if not ids or len(ids) > max(cfg.prompt_buckets):
+            raise RequestError(f"input[{i}]: {len(ids)} tokens, not 1..{max(cfg.prompt_buckets)} "
+                               f"(--prompt-buckets)")
+    return rows
+
+
+def mean_pooled(params, tokens_BxT, mask_BxT, *, model_cfg):
+    """Unit-length means of the last hidden state (after the final norm) over each row's tokens (float32)."""
+    import jax.numpy as jnp
+
+    from reftjax.models import forward
+
+    _, hidden = forward(params, model_cfg, tokens_BxT, mask_BxT, return_logits=False)
+    m = mask_BxT.astype(jnp.float32)[..., None]
+    mean = (hidden.astype(jnp.float32) * m).sum(1) / m.sum(1)
+    return mean / jnp.linalg.norm(mean, axis=-1, keepdims=True)
+
+
 class Engine:
-    """Runs batches of requests through `rollout` (same sampling settings per batch)."""
+    """Runs batches of requests through `rollout` (same sampling settings per batch), and embeddings."""
 
     def __init__(self, params, model_cfg, tokenizer, cfg: ServeConfig):
         self.params, self.model_cfg, self.tokenizer, self.cfg = params, model_cfg, tokenizer, cfg
@@ -153,6 +200,30 @@ class Engine:
                              "--max-new-tokens")
         self.eos = eos
         self._calls = itertools.count()
+        self._embed_lock = threading.Lock()
+        self._pool = None
+
+    def embed(self, rows: Sequence[tuple[int, ...]]) -> list[list[float]]:
+        """`mean_pooled` vectors of tokenized texts, `cfg.batch_size` rows a call (the last padded with copies of
+        its first), each padded on the left to the smallest prompt bucket that holds its longest row."""
+        import functools
+
+        import jax
+
+        from reftjax.rollout import bucket, left_pad
+        from reftjax.sharding import to_host
+
+        with self._embed_lock:  # (requests from concurrent handler threads: one program at a time, compiled once)
+            if self._pool is None:
+                self._pool = jax.jit(functools.partial(mean_pooled, model_cfg=self.model_cfg))
+            out = []
+            for k in range(0, len(rows), self.cfg.batch_size):
+                chunk = [list(r) for r in rows[k:k + self.cfg.batch_size]]
+                chunk += [chunk[0]] * (self.cfg.batch_size - len(chunk))
+                tokens, mask = left_pad(chunk, bucket(max(map(len, chunk)), self.cfg.prompt_buckets), self.pad)
+                vectors = to_host(self._pool(self.params, tokens, mask))
+                out += [v.tolist() for v in vectors[:len(rows) - k]]
+            return out
 
     @staticmethod
     def key(r: Request) -> tuple:
@@ -275,6 +346,8 @@ def make_handler(name: str, tokenizer, cfg: ServeConfig, batcher: Batcher):
                 got = self.headers.get("Content-Length")
                 return self._error(413 if length > MAX_BODY else 400, f"Content-Length must be 0..{MAX_BODY}: {got}")
             raw = self.rfile.read(length)
+            if self.path.rstrip("/") in ("/v1/embeddings", "/embeddings"):
+                return self._embeddings(raw)
             if self.path.rstrip("/") not in ("/v1/chat/completions", "/chat/completions"):
                 return self._error(404, f"no route {self.path}")
             try:
@@ -294,6 +367,24 @@ def make_handler(name: str, tokenizer, cfg: ServeConfig, batcher: Batcher):
                              "usage": {"prompt_tokens": reply["prompt_tokens"],
                                        "completion_tokens": reply["completion_tokens"],
                                        "total_tokens": reply["prompt_tokens"] + reply["completion_tokens"]}})
+
+        def _embeddings(self, raw: bytes):
+            try:
+                rows = parse_embeddings(json.loads(raw or b"null"), tokenizer, cfg)
+            except (ValueError, RecursionError, RequestError) as exc:
+                return self._error(400, str(exc)[:1000])
+            except Exception as exc:  # noqa: BLE001
+                return self._error(500, f"{type(exc).__name__}: {exc}"[:1000])
+            try:
+                vectors = batcher.engine.embed(rows)
+            except Exception as exc:  # noqa: BLE001
+                log.exception("embeddings of %d texts failed", len(rows))
+                return self._error(500, f"{type(exc).__name__}: {exc}")
+            n = sum(map(len, rows))
+            self._send(200, {"object": "list", "model": name,
+                             "data": [{"object": "embedding", "index": i, "embedding": v}
+                                      for i, v in enumerate(vectors)],
+                             "usage": {"prompt_tokens": n, "total_tokens": n}})
 
         def log_message(self, fmt, *args):  # through logging, not stderr lines per request
             log.debug("%s " + fmt, self.address_string(), *args)

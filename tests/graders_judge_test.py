@@ -374,6 +374,54 @@ def test_a_reply_whose_eos_is_its_last_allowed_token_stopped(served, monkeypatch
     assert got[0]["text"] == got[1]["text"] == text
 
 
+def test_the_server_embeds_as_transformers_mean_pools_its_last_hidden_state(served, tiny_hf_dir):
+    """`POST /v1/embeddings` (session 60): each text's vector is the unit-length mean of transformers' (torch's)
+    `last_hidden_state` over its tokens, whatever its batch-mates (7 texts: calls of 4 rows and 3, buckets 128 and
+    64); the reply is OpenAI's (indices, usage); a cosine grader asks it after the connection check."""
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModel
+
+    from reftjax.graders.judge import _post_json, embeddings
+
+    model, url = served
+    texts = ["What is 2 + 2?", "a", "The cat sat on the mat. " * 12, "x y z", "Paris", "4", "Hello there"]
+    got = np.array(embeddings(url, "tiny", texts))
+    ref = AutoModel.from_pretrained(tiny_hf_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    with torch.no_grad():
+        states = [ref(input_ids=torch.tensor([model.tokenizer(t)["input_ids"]])).last_hidden_state[0].mean(0)
+                  for t in texts]
+    want = np.array([(h / h.norm()).numpy() for h in states])
+    assert got.shape == (7, 32) and np.abs(got - want).max() < 1e-5
+    alone = _post_json(url + "/embeddings", {"input": texts[4]}, api_key=None, timeout=60, retries=0, backoff=0)
+    np.testing.assert_allclose(alone["data"][0]["embedding"], got[4], atol=1e-6)  # one text, as a string
+    reply = _post_json(url + "/embeddings", {"model": "x", "input": texts[:2], "encoding_format": "float", "user": "u"},
+                       api_key=None, timeout=60, retries=0, backoff=0)
+    n = sum(len(model.tokenizer(t)["input_ids"]) for t in texts[:2])
+    assert (reply["object"], reply["model"]) == ("list", "tiny")
+    assert reply["usage"] == {"prompt_tokens": n, "total_tokens": n}
+    assert [(r["object"], r["index"]) for r in reply["data"]] == [("embedding", 0), ("embedding", 1)]
+    cosine = build_grader({"type": "text_similarity", "input": "{{sample.output_text}}", "reference": "{{item.a}}",
+                           "evaluation_metric": "cosine", "model": "tiny", "base_url": url})
+    check_judges(cosine)
+    grades = cosine.grade_batch([{"a": texts[0]}] * 2, [texts[1], texts[0]])
+    assert [g.score for g in grades] == pytest.approx([max(0.0, float(got[1] @ got[0])), 1.0], abs=1e-6)
+
+
+def test_the_server_refuses_embeddings_it_cannot_make(served):
+    from reftjax.graders.judge import JudgeError, _post_json
+
+    _, url = served
+    for body, message in [({"input": ""}, "input: must be a non-empty text"), ({"input": [[1, 2]]}, "token ids"),
+                          ({"input": []}, "input: must be"), ({"input": ["a", ""]}, "input: must be"),
+                          ({"input": "a", "encoding_format": "base64"}, "encoding_format: 'base64' is not supported"),
+                          ({"input": "a", "dimensions": 8}, "dimensions: not supported"),
+                          ({"input": "a", "stream": True}, r"unknown fields \['stream'\]"),
+                          ({"input": ["a", "hi " * 200]}, r"input\[1\]: 2\d\d tokens, not 1..128"),
+                          (["a"], "the body must be a JSON object")]:
+        with pytest.raises(JudgeError, match=f"HTTP 400: .*{message}"):
+            _post_json(url + "/embeddings", body, api_key=None, timeout=60, retries=0, backoff=0)
+
+
 def test_the_server_refuses_what_it_cannot_serve(served):
     from reftjax.graders.judge import JudgeError, chat_completion
 
