@@ -17,10 +17,10 @@ only; `stop`, `logprobs`, `tools`, `response_format` and the like are refused wh
 `POST /v1/embeddings` takes `input` (a text or a list of texts, each tokenized as the tokenizer does by default)
 and answers one vector per text (OpenAI's embeddings API): the mean of the model's last hidden state (after its
 final norm) over the text's tokens, scaled to unit length (mean pooling); `encoding_format` "float" only, no
-`dimensions`, at most `--prompt-buckets`' longest tokens a text. It lets a `text_similarity` grader's `cosine` run
-offline; a language model's mean-pooled states are weak embeddings, so for real grading serve an embedding model
-(vLLM, text-embeddings-inference). A request's texts run in batches of `--batch-size` rows, one compiled program per
-prompt bucket.
+`dimensions`, at most 2,048 texts a request and `--prompt-buckets`' longest tokens a text. It lets a
+`text_similarity` grader's `cosine` run offline; a language model's mean-pooled states are weak embeddings, so for
+real grading serve an embedding model (vLLM, text-embeddings-inference). A request's texts run in batches of
+`--batch-size` rows, one compiled program per prompt bucket.
 
 Chat requests arriving together run as one batch (`--batch-size` rows, padded, in
 one `rollout` call, prompts padded to the smallest of `--prompt-buckets` that holds the longest): one compiled
@@ -51,6 +51,7 @@ _REFUSED = {"stop", "logprobs", "top_logprobs", "tools", "tool_choice", "respons
 
 
 MAX_BODY = 16 << 20  # bytes of a request body
+MAX_EMBED_INPUTS = 2048  # texts in one embeddings request
 TOKENIZER_LOCK = threading.Lock()  # handler threads render, the batcher decodes: one Rust tokenizer, one at a time
 
 
@@ -166,6 +167,8 @@ def parse_embeddings(body: Any, tokenizer, cfg: ServeConfig) -> list[tuple[int, 
     if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t for t in texts):
         raise RequestError("input: must be a non-empty text or a non-empty list of non-empty texts (token ids are "
                            "not supported)")
+    if len(texts) > MAX_EMBED_INPUTS:
+        raise RequestError(f"input: {len(texts)} texts, over {MAX_EMBED_INPUTS} (OpenAI's limit too)")
     with TOKENIZER_LOCK:
         rows = [tuple(int(i) for i in tokenizer(t)["input_ids"]) for t in texts]
     for i, ids in enumerate(rows):

@@ -417,6 +417,7 @@ def test_the_server_refuses_embeddings_it_cannot_make(served):
                           ({"input": "a", "dimensions": 8}, "dimensions: not supported"),
                           ({"input": "a", "stream": True}, r"unknown fields \['stream'\]"),
                           ({"input": ["a", "hi " * 200]}, r"input\[1\]: 2\d\d tokens, not 1..128"),
+                          ({"input": ["a"] * 2049}, "input: 2049 texts, over 2048"),
                           (["a"], "the body must be a JSON object")]:
         with pytest.raises(JudgeError, match=f"HTTP 400: .*{message}"):
             _post_json(url + "/embeddings", body, api_key=None, timeout=60, retries=0, backoff=0)
