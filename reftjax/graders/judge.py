@@ -55,8 +55,8 @@ import urllib.request
 from typing import Any, Mapping, Sequence
 
 from reftjax.graders.base import Grade, Item, _check_lengths, faulted
-from reftjax.graders.openai import ConfigError, SampleFieldMissing, _TEMPLATE, check_item_fields, check_template, \
-    clip01, render, sample_of
+from reftjax.graders.openai import ConfigError, SampleFieldMissing, _TEMPLATE, _Templated, check_item_fields, \
+    check_template, clip01, render, sample_of
 
 log = logging.getLogger("reftjax.graders")
 ROLES = ("system", "developer", "user", "assistant")
@@ -331,7 +331,7 @@ class CosineGrader:
     endpoint = "embedding"  # (check_judges' word for it)
 
     def validate(self, item: Item) -> None:
-        check_item_fields((self.input, self.reference), item)
+        _Templated(self.input, self.reference).validate(item)
 
     def ping(self, key: str | None) -> None:
         embeddings(self.base_url, self.model, [PING], api_key=key, timeout=self.timeout, retries=self.retries)
@@ -375,8 +375,7 @@ class CosineGrader:
         pairs = []
         for i, (item, text) in enumerate(zip(items, texts)):
             try:
-                sample = sample_of(text)
-                a, b = render(self.input, sample, item), render(self.reference, sample, item)
+                a, b = _Templated(self.input, self.reference).pair(item, text)
             except SampleFieldMissing as exc:  # the completion lacks what a template reads: unanswered
                 out[i] = Grade(0.0, error=str(exc.args[0] if exc.args else exc))
                 continue
