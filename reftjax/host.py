@@ -25,6 +25,7 @@ resident for the same SFT step: BUILD_NOTES, session 7.)
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import sys
@@ -113,6 +114,22 @@ def keep_torch_out() -> bool:
         return False
     sys.modules["torch"] = None
     return True
+
+
+@contextlib.contextmanager
+def torch_unblocked():
+    """Lifts `keep_torch_out`'s block for an import that reads `sys.modules["torch"]` as "imported or not" without
+    importing torch: scipy's array-API helpers take the None there for a module and raise AttributeError, so
+    `import scipy.stats` (which `import nltk` runs: the METEOR grader) failed in reftjax's commands. The block is
+    put back after, unless torch was imported meanwhile; a no-op where nothing is blocked."""
+    blocked = "torch" in sys.modules and sys.modules["torch"] is None
+    if blocked:
+        del sys.modules["torch"]
+    try:
+        yield
+    finally:
+        if blocked and "torch" not in sys.modules:
+            sys.modules["torch"] = None
 
 
 _DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"

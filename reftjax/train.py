@@ -43,7 +43,7 @@ from reftjax.data import (Loader, LoaderConfig, SplitConfig, load_examples, toke
 from reftjax.data.records import DataError
 from reftjax.data.tokenize import end_of_turn_id
 from reftjax.evaluate import evaluate
-from reftjax.graders import build_grader, check_imports, check_judges, reach_warnings
+from reftjax.graders import build_grader, check_imports, check_judges, check_wordnet, reach_warnings
 from reftjax.graders.reft import ReftGrader, default_pool
 from reftjax.graders.base import GraderFailure, every_one_faulted, failure_message, sub_score_means
 from reftjax.graders.build import GSM8K_FIELDS
@@ -1306,6 +1306,7 @@ def _run(cfg: ExperimentConfig, out: pathlib.Path, progress: bool, t_start: floa
     # cheap checks first: a bad grader (its imports tried in its sandbox) or mesh fails before the model loads
     grader = build_grader(cfg.grader_dict, pool=default_pool(cfg.sandbox.sandbox_config()))
     check_imports(grader)
+    check_wordnet(grader)  # METEOR's WordNet, loaded once here
     check_judges(grader)  # a judge endpoint that cannot be reached fails here, not as a run of zero rewards
     for line in reach_warnings(grader):
         log.warning("%s", line)

@@ -197,8 +197,8 @@ def test_cosine_configs_take_the_endpoint_keys_and_other_metrics_do_not(monkeypa
                             ({"evaluation_metric": "bleu"}, r"unknown keys \['base_url', 'model'\]")):
         with pytest.raises(ConfigError, match=message):
             build_grader({**_cfg("http://x/v1"), **change})
-    with pytest.raises(ConfigError, match=r"'meteor' is not supported .*rouge_l, cosine\)"):
-        build_grader({"type": "text_similarity", "input": "a", "reference": "b", "evaluation_metric": "meteor"})
+    with pytest.raises(ConfigError, match=r"'ter' is not supported .*gleu, meteor, rouge_1.*rouge_l, cosine\)"):
+        build_grader({"type": "text_similarity", "input": "a", "reference": "b", "evaluation_metric": "ter"})
     e = embedder()
     multi = build_grader({"type": "multi", "calculate_output": "0.5 * sim + 0.5 * exact", "graders": {
         "sim": _cfg(e.url),

@@ -140,7 +140,7 @@ def test_math_equiv_refuses_a_prediction_that_is_code():
 @pytest.mark.parametrize("cfg, message", [
     ({"type": "string_check", "input": "a", "reference": "b"}, "missing \\['operation'\\]"),
     ({"type": "string_check", "input": "a", "reference": "b", "operation": "regex"}, "operation"),
-    ({"type": "text_similarity", "input": "a", "reference": "b", "evaluation_metric": "meteor"},
+    ({"type": "text_similarity", "input": "a", "reference": "b", "evaluation_metric": "ter"},
      "not supported"),
     ({"type": "python", "source": "def grade(:"}, "does not parse"),
     ({"type": "python", "source": "def score(sample, item):\n    return 1"}, "must define grade"),

@@ -925,7 +925,8 @@ def test_from_dict_refuses_non_finite_numbers_booleans_for_numbers_and_names_lis
     assert from_dict({"rl": {"ppo": {"vf_coef": 5}}}).rl.ppo.vf_coef == 5.0  # an integer is a number
 
 
-def test_invalid_settings_fail_before_anything_runs_and_do_not_claim_the_run_dir(tiny_hf_dir, tmp_path, shared_data):
+def test_invalid_settings_fail_before_anything_runs_and_do_not_claim_the_run_dir(tiny_hf_dir, tmp_path, shared_data,
+                                                                                 monkeypatch):
     """Settings that used to be accepted and fail only after the SFT warm-up (minibatch_size not dividing the rollout
     batch, ppo_epochs 0), silently skip RL (early_stop_patience -1) or mean "all" (n_val 0), an empty validation
     split (crashed the first evaluation after the warm-up), and a mistyped model path (its config.json then refused
@@ -1015,6 +1016,16 @@ def test_invalid_settings_fail_before_anything_runs_and_do_not_claim_the_run_dir
     imports = {"type": "python", "source": "import xml.dom.minidom\ndef grade(sample, item):\n    return 1.0\n"}
     with pytest.raises(ValueError, match=r"grader.source: its imports \(import xml.dom.minidom\) fail in the sandbox"):
         run(dataclasses.replace(base, grader=tuple(imports.items()), model=str(tmp_path / "not-loaded")), out,
+            progress=False)
+    assert not (out / "config.json").exists()
+    # so is METEOR's WordNet (every reward would have been a grader error)
+    import nltk.data
+
+    monkeypatch.setattr(nltk.data, "path", [str(tmp_path / "no-nltk-data")])
+    meteor = {"type": "text_similarity", "input": "{{sample.output_text}}", "reference": "{{item.answer_value}}",
+              "evaluation_metric": "meteor"}
+    with pytest.raises(ValueError, match=r"grader: evaluation_metric 'meteor' needs WordNet's data for nltk"):
+        run(dataclasses.replace(base, grader=tuple(meteor.items()), model=str(tmp_path / "not-loaded")), out,
             progress=False)
     assert not (out / "config.json").exists()
     data = dataclasses.replace(base.data, train_file=str(tmp_path / "missing.jsonl"), train_format="gsm8k-jsonl")

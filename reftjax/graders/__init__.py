@@ -6,12 +6,13 @@ an OpenAI-compatible endpoint: judges, and the embeddings of `text_similarity`'s
 (reward-hacking checks), `callback` (grading from inside `jax.jit`), `__main__` (CLI).
 """
 from reftjax.graders.base import Grade, Grader, has_answer, parallel_grade
-from reftjax.graders.build import ConfigError, build_grader, check_imports, reach_warnings, validate_grader
+from reftjax.graders.build import (ConfigError, build_grader, check_imports, check_wordnet, reach_warnings,
+                                   validate_grader)
 from reftjax.graders.guards import GuardConfig
 from reftjax.graders.judge import CosineGrader, ModelGrader, check_judges
 from reftjax.graders.reft import ReftGrader, reft_target
 from reftjax.graders.sandbox import SandboxConfig, SandboxPool
 
 __all__ = ["ConfigError", "CosineGrader", "Grade", "Grader", "GuardConfig", "has_answer", "ModelGrader", "ReftGrader",
-           "SandboxConfig", "SandboxPool", "build_grader", "check_imports", "check_judges", "parallel_grade",
-           "reach_warnings", "reft_target", "validate_grader"]
+           "SandboxConfig", "SandboxPool", "build_grader", "check_imports", "check_judges", "check_wordnet",
+           "parallel_grade", "reach_warnings", "reft_target", "validate_grader"]

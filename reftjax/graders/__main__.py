@@ -12,7 +12,7 @@ import argparse
 import json
 import sys
 
-from reftjax.graders.build import ConfigError, check_imports, reach_warnings, validate_grader
+from reftjax.graders.build import ConfigError, check_imports, check_wordnet, reach_warnings, validate_grader
 from reftjax.graders.judge import check_judges
 from reftjax.graders.reft import default_pool
 
@@ -66,6 +66,7 @@ def main(argv=None) -> int:
                                       tuple(m.strip() for m in args.preimport.split(",") if m.strip()))
             grader = validate_grader(cfg, pool=default_pool(sandbox.sandbox_config()))
             check_imports(grader)
+            check_wordnet(grader)
         except (ConfigError, ValueError) as exc:
             raise ConfigError(f"{args.grader}: {exc}") from exc
         for item, lineno in zip(items, lines):  # a misfit is the samples file's, named by its own line number

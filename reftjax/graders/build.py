@@ -13,7 +13,8 @@ from reftjax.graders.reft import ReftGrader, default_pool
 from reftjax.graders.sandbox import SandboxJob, SandboxPool
 
 ConfigError = oa.ConfigError
-_METRICS = ("fuzzy_match", "bleu", "gleu", "rouge_1", "rouge_2", "rouge_3", "rouge_4", "rouge_5", "rouge_l")
+_METRICS = ("fuzzy_match", "bleu", "gleu", "meteor", "rouge_1", "rouge_2", "rouge_3", "rouge_4", "rouge_5",
+            "rouge_l")
 _OPTIONAL = {"name", "pass_threshold", "range"}
 # the fields whose value is text (a non-string failed later, e.g. `answer_field: 3` as an AttributeError traceback
 # once the model and data had loaded; review); templates, `source` and `calculate_output` are checked where used
@@ -245,6 +246,22 @@ def check_imports(grader) -> None:
                               f"the sandbox ({result.status}: {result.error}); "
                               f"add the module to the sandbox's preimport list (the training config's "
                               f"sandbox.preimport, the grader CLI's --preimport)")
+
+
+def _meteors(grader, where: str = "grader"):
+    """(config path, grader) of every `text_similarity` grader scoring METEOR, inside `multi` graders too."""
+    if isinstance(grader, oa.MultiGrader):
+        for name, sub in grader.graders.items():
+            yield from _meteors(sub, f"{where}.graders.{name}")
+    elif isinstance(grader, oa.TextSimilarityGrader) and grader.evaluation_metric == "meteor":
+        yield where, grader
+
+
+def check_wordnet(grader) -> None:
+    """Loads WordNet for every METEOR grader before a run loads anything: without nltk or WordNet's data every
+    reward would be a grader error. Raises ConfigError naming the config path and how to install it."""
+    for where, _ in _meteors(grader):
+        oa.wordnet(where)
 
 
 def validate_grader(cfg: Mapping, item: Item | None = None, pool: SandboxPool | None = None) -> Any:

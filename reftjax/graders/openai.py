@@ -10,9 +10,9 @@ Config types (`build_grader(cfg)`):
      +1 smoothing of n>1 precisions; words and punctuation marks are tokens, case kept); gleu is
      sentence GLEU (Wu et al. 2016, nltk's `sentence_gleu`: matched 1- to 4-grams over the larger of the
      two n-gram counts) on the same tokens; rouge_n / rouge_l are F1 on the tokens of the `rouge-score`
-     package's default tokenizer (lower case, runs of [a-z0-9]; no stemming). `cosine` asks an embeddings
-     endpoint (`reftjax.graders.judge.CosineGrader`); `meteor` is rejected at validation (nltk's needs WordNet's
-     data).
+     package's default tokenizer (lower case, runs of [a-z0-9]; no stemming); meteor is nltk's
+     `single_meteor_score` on BLEU's tokens (needs nltk and WordNet's data: `meteor`). `cosine` asks an embeddings
+     endpoint (`reftjax.graders.judge.CosineGrader`).
   * `{"type": "python", "source": "def grade(sample, item): ..."}`: run in the sandbox; the
      returned real number is clipped to [0, 1] (the first clip logged once); anything else (text, inf, NaN) is a
      grader error.
@@ -48,6 +48,7 @@ import operator
 import random
 import re
 import threading
+import warnings
 from typing import Any, Mapping, Sequence
 
 from rapidfuzz import fuzz
@@ -55,6 +56,7 @@ from rapidfuzz import fuzz
 from reftjax.graders.base import Grade, Item, PerItemGrader, _check_lengths, faulted, has_answer, is_fault
 from reftjax.graders.reft import default_pool
 from reftjax.graders.sandbox import SandboxJob, SandboxPool
+from reftjax.host import torch_unblocked
 
 _TEMPLATE = re.compile(r"\{\{\s*([A-Za-z_][\w.]*)\s*\}\}")
 _ANY_TEMPLATE = re.compile(r"\{\{.*?\}\}")  # what looks like a field but `_TEMPLATE` would leave as text
@@ -263,6 +265,57 @@ def rouge(candidate: str, reference: str, kind: str) -> float:
     return 2 * p * q / (p + q)
 
 
+METEOR_SETUP = "pip install nltk, then python -m nltk.downloader wordnet (or put it under $NLTK_DATA)"
+_WORDNET: dict = {}  # nltk.data.path (as a tuple) -> WordNet's reader, loaded once
+_WORDNET_LOCK = threading.Lock()
+
+
+def wordnet(where: str = "grader"):
+    """nltk's WordNet reader for METEOR's synonym stage, found where nltk looks for it (`nltk.data.path`, which
+    $NLTK_DATA extends: `corpora/wordnet.zip` as nltk's downloader leaves it, or `corpora/wordnet`) and loaded once
+    per search path (a few seconds: its lemma index). Raises ConfigError naming `where` and how to install what is
+    missing: a METEOR without WordNet would score differently under the same name."""
+    try:
+        with torch_unblocked():  # (nltk imports scipy.stats, which reads sys.modules["torch"])
+            import nltk.data
+            from nltk.corpus.reader.wordnet import WordNetCorpusReader
+    except ImportError:
+        raise ConfigError(f"{where}: evaluation_metric 'meteor' needs nltk and WordNet's data ({METEOR_SETUP})") \
+            from None
+    key = tuple(nltk.data.path)
+    with _WORDNET_LOCK:
+        if key not in _WORDNET:
+            for name in ("corpora/wordnet.zip/wordnet/", "corpora/wordnet"):  # (nltk's own LazyCorpusLoader order)
+                try:
+                    root = nltk.data.find(name)
+                    break
+                except LookupError:
+                    continue
+            else:
+                raise ConfigError(f"{where}: evaluation_metric 'meteor' needs WordNet's data for nltk, found in none "
+                                  f"of {list(key)} ({METEOR_SETUP})")
+            try:
+                with warnings.catch_warnings():  # "multilingual functions are not available": not used here
+                    warnings.simplefilter("ignore", UserWarning)
+                    _WORDNET[key] = WordNetCorpusReader(root, None)
+            except Exception as exc:  # a partial or damaged copy: nltk raises OSError, ValueError, AssertionError
+                raise ConfigError(f"{where}: WordNet's data at {root} cannot be read ({type(exc).__name__}: {exc}; "
+                                  f"{METEOR_SETUP})") from None
+        return _WORDNET[key]
+
+
+def meteor(candidate: str, reference: str) -> float:
+    """METEOR (Banerjee and Lavie 2005) as nltk's `single_meteor_score` computes it, with its defaults (alpha 0.9,
+    beta 3, gamma 0.5; lower case; exact, then Porter-stem, then WordNet-synonym matches), on BLEU's word and
+    punctuation tokens. nltk's synonym stage looks up the Porter stems its stem stage leaves: "auto" meets "car" and
+    "fast" meets "quick", but "automobile" ("automobil") and "large" ("larg") meet no synonym."""
+    with torch_unblocked():
+        from nltk.translate.meteor_score import single_meteor_score
+    cand, ref = _bleu_tokens(candidate), _bleu_tokens(reference)
+    if not cand or not ref:
+        return 0.0
+    return single_meteor_score(ref, cand, wordnet=wordnet())
+
 @dataclasses.dataclass(frozen=True)
 class TextSimilarityGrader(_Templated):
     evaluation_metric: str = "fuzzy_match"
@@ -276,6 +329,8 @@ class TextSimilarityGrader(_Templated):
             score = bleu(a, b)
         elif m == "gleu":
             score = gleu(a, b)
+        elif m == "meteor":
+            score = meteor(a, b)
         else:
             score = rouge(a, b, m.split("_")[1])
         return Grade(min(1.0, max(0.0, score)), extracted=a[:200])
