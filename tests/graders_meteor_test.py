@@ -7,9 +7,11 @@ import json
 import math
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import warnings
+import zipfile
 
 import pytest
 
@@ -129,6 +131,17 @@ def test_meteor_through_the_graders_cli_and_a_new_search_path(tmp_path, monkeypa
     assert wordnet() is wordnet() and meteor("auto", "car") == 0.0
     monkeypatch.setattr(nltk.data, "path", [str(tmp_path)])
     assert math.isclose(meteor("auto", "car"), 0.5)
+    # as nltk's downloader leaves it: corpora/wordnet.zip holding wordnet/...
+    zipped = tmp_path / "zipped"
+    write_wordnet(zipped, {"a": [(0, ["fast", "quick"])]})
+    corpora = zipped / "corpora"
+    with zipfile.ZipFile(corpora / "wordnet.zip", "w") as z:
+        z.writestr("wordnet/", "")
+        for f in sorted((corpora / "wordnet").iterdir()):
+            z.write(f, f"wordnet/{f.name}")
+    shutil.rmtree(corpora / "wordnet")
+    monkeypatch.setattr(nltk.data, "path", [str(zipped)])
+    assert isinstance(wordnet().root, nltk.data.ZipFilePathPointer) and meteor("quick", "fast") == 0.5
 
 
 def test_meteor_in_a_command_that_keeps_torch_out(tmp_path):

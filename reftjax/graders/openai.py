@@ -5,13 +5,13 @@ Config types (`build_grader(cfg)`):
      "operation": "eq" | "ne" | "like" | "ilike"}`: 1 or 0; `like` = reference is a substring of
      input, `ilike` = the same ignoring case.
   * `{"type": "text_similarity", "input": ..., "reference": ..., "evaluation_metric":
-     "fuzzy_match" | "bleu" | "gleu" | "rouge_1".."rouge_5" | "rouge_l"}`: fuzzy_match is
+     "fuzzy_match" | "bleu" | "gleu" | "meteor" | "rouge_1".."rouge_5" | "rouge_l" | "cosine"}`: fuzzy_match is
      `rapidfuzz.fuzz.ratio / 100`; bleu is sentence BLEU-4 (uniform weights, brevity penalty,
      +1 smoothing of n>1 precisions; words and punctuation marks are tokens, case kept); gleu is
      sentence GLEU (Wu et al. 2016, nltk's `sentence_gleu`: matched 1- to 4-grams over the larger of the
-     two n-gram counts) on the same tokens; rouge_n / rouge_l are F1 on the tokens of the `rouge-score`
-     package's default tokenizer (lower case, runs of [a-z0-9]; no stemming); meteor is nltk's
-     `single_meteor_score` on BLEU's tokens (needs nltk and WordNet's data: `meteor`). `cosine` asks an embeddings
+     two n-gram counts) on the same tokens; meteor is nltk's `single_meteor_score` on the same tokens, with
+     WordNet's data where nltk finds it (`wordnet()`); rouge_n / rouge_l are F1 on the tokens of the `rouge-score`
+     package's default tokenizer (lower case, runs of [a-z0-9]; no stemming). `cosine` asks an embeddings
      endpoint (`reftjax.graders.judge.CosineGrader`).
   * `{"type": "python", "source": "def grade(sample, item): ..."}`: run in the sandbox; the
      returned real number is clipped to [0, 1] (the first clip logged once); anything else (text, inf, NaN) is a
@@ -315,6 +315,7 @@ def meteor(candidate: str, reference: str) -> float:
     if not cand or not ref:
         return 0.0
     return single_meteor_score(ref, cand, wordnet=wordnet())
+
 
 @dataclasses.dataclass(frozen=True)
 class TextSimilarityGrader(_Templated):
