@@ -110,8 +110,8 @@ def test_meteor_without_wordnet_or_nltk_is_refused_before_a_run_naming_the_grade
     assert graders_cli.main(["validate", "--grader", str(tmp_path / "g.json")]) == 2
     assert f"error: {tmp_path / 'g.json'}: grader: WordNet's data" in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "nltk.data", None)  # nltk not installed
-    with pytest.raises(ConfigError, match=r"grader: evaluation_metric 'meteor' needs nltk and WordNet's data "
-                                          r"\(pip install nltk"):
+    with pytest.raises(ConfigError, match=r"grader: evaluation_metric 'meteor' needs nltk \(pip install nltk; .*\) "
+                                          r"and WordNet's data \(python -m nltk\.downloader wordnet"):
         wordnet()
 
 

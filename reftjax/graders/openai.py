@@ -265,7 +265,7 @@ def rouge(candidate: str, reference: str, kind: str) -> float:
     return 2 * p * q / (p + q)
 
 
-METEOR_SETUP = "pip install nltk, then python -m nltk.downloader wordnet (or put it under $NLTK_DATA)"
+METEOR_SETUP = "python -m nltk.downloader wordnet, or a copy under $NLTK_DATA"
 _WORDNET: dict = {}  # nltk.data.path (as a tuple) -> WordNet's reader, loaded once
 _WORDNET_LOCK = threading.Lock()
 
@@ -280,8 +280,8 @@ def wordnet(where: str = "grader"):
             import nltk.data
             from nltk.corpus.reader.wordnet import WordNetCorpusReader
     except ImportError:
-        raise ConfigError(f"{where}: evaluation_metric 'meteor' needs nltk and WordNet's data ({METEOR_SETUP})") \
-            from None
+        raise ConfigError(f"{where}: evaluation_metric 'meteor' needs nltk (pip install nltk; a dependency of "
+                          f"reftjax's) and WordNet's data ({METEOR_SETUP})") from None
     key = tuple(nltk.data.path)
     with _WORDNET_LOCK:
         if key not in _WORDNET:
