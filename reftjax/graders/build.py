@@ -173,14 +173,18 @@ def _build_multi(args: dict, pool: SandboxPool | None, where: str) -> oa.MultiGr
                           f"(graders: {sorted(built)}): {exc}") from exc
 
 
-def _sandboxed(grader, where: str = "grader"):
-    """(config path, grader) of every grader that runs programs in the sandbox (python, math_equiv, P-CoT ReFT),
-    inside `multi` graders too."""
+def _leaves(grader, where: str = "grader"):
+    """(config path, grader) of every grader that is not a `multi`, inside `multi` graders too."""
     if isinstance(grader, oa.MultiGrader):
         for name, sub in grader.graders.items():
-            yield from _sandboxed(sub, f"{where}.graders.{name}")
-    elif getattr(grader, "uses_sandbox", False):
+            yield from _leaves(sub, f"{where}.graders.{name}")
+    else:
         yield where, grader
+
+
+def _sandboxed(grader):
+    """(config path, grader) of every grader that runs programs in the sandbox (python, math_equiv, P-CoT ReFT)."""
+    return [(where, g) for where, g in _leaves(grader) if getattr(g, "uses_sandbox", False)]
 
 
 def reach_warnings(grader, where: str = "grader") -> list[str]:
@@ -248,20 +252,13 @@ def check_imports(grader) -> None:
                               f"sandbox.preimport, the grader CLI's --preimport)")
 
 
-def _meteors(grader, where: str = "grader"):
-    """(config path, grader) of every `text_similarity` grader scoring METEOR, inside `multi` graders too."""
-    if isinstance(grader, oa.MultiGrader):
-        for name, sub in grader.graders.items():
-            yield from _meteors(sub, f"{where}.graders.{name}")
-    elif isinstance(grader, oa.TextSimilarityGrader) and grader.evaluation_metric == "meteor":
-        yield where, grader
-
-
 def check_wordnet(grader) -> None:
-    """Loads WordNet for every METEOR grader before a run loads anything: without nltk or WordNet's data every
-    reward would be a grader error. Raises ConfigError naming the config path and how to install it."""
-    for where, _ in _meteors(grader):
-        oa.wordnet(where)
+    """Loads WordNet for every METEOR grader (inside `multi` graders too) before a run loads anything: without nltk
+    or WordNet's data every reward would be a grader error. Raises ConfigError naming the config path and how to
+    install it."""
+    for where, g in _leaves(grader):
+        if isinstance(g, oa.TextSimilarityGrader) and g.evaluation_metric == "meteor":
+            oa.wordnet(where)
 
 
 def validate_grader(cfg: Mapping, item: Item | None = None, pool: SandboxPool | None = None) -> Any:

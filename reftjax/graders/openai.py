@@ -47,6 +47,7 @@ import math
 import operator
 import random
 import re
+import sys
 import threading
 import warnings
 from typing import Any, Mapping, Sequence
@@ -270,24 +271,35 @@ _WORDNET: dict = {}  # nltk.data.path (as a tuple) -> WordNet's reader, loaded o
 _WORDNET_LOCK = threading.Lock()
 
 
+def _nltk():
+    """(nltk.data, WordNetCorpusReader, single_meteor_score). nltk's first import runs under `torch_unblocked`
+    (nltk imports scipy.stats, which reads sys.modules["torch"]); later calls only look the modules up, so the block
+    is lifted once, not per graded pair."""
+    if "nltk.translate.meteor_score" not in sys.modules:
+        with torch_unblocked():
+            import nltk.translate.meteor_score  # noqa: F401
+    import nltk.data
+    from nltk.corpus.reader.wordnet import WordNetCorpusReader
+    from nltk.translate.meteor_score import single_meteor_score
+    return nltk.data, WordNetCorpusReader, single_meteor_score
+
+
 def wordnet(where: str = "grader"):
     """nltk's WordNet reader for METEOR's synonym stage, found where nltk looks for it (`nltk.data.path`, which
     $NLTK_DATA extends: `corpora/wordnet.zip` as nltk's downloader leaves it, or `corpora/wordnet`) and loaded once
     per search path (a few seconds: its lemma index). Raises ConfigError naming `where` and how to install what is
     missing: a METEOR without WordNet would score differently under the same name."""
     try:
-        with torch_unblocked():  # (nltk imports scipy.stats, which reads sys.modules["torch"])
-            import nltk.data
-            from nltk.corpus.reader.wordnet import WordNetCorpusReader
+        nltk_data, WordNetCorpusReader, _ = _nltk()
     except ImportError:
         raise ConfigError(f"{where}: evaluation_metric 'meteor' needs nltk (pip install nltk; a dependency of "
                           f"reftjax's) and WordNet's data ({METEOR_SETUP})") from None
-    key = tuple(nltk.data.path)
+    key = tuple(nltk_data.path)
     with _WORDNET_LOCK:
         if key not in _WORDNET:
             for name in ("corpora/wordnet.zip/wordnet/", "corpora/wordnet"):  # (nltk's own LazyCorpusLoader order)
                 try:
-                    root = nltk.data.find(name)
+                    root = nltk_data.find(name)
                     break
                 except LookupError:
                     continue
@@ -309,12 +321,10 @@ def meteor(candidate: str, reference: str) -> float:
     beta 3, gamma 0.5; lower case; exact, then Porter-stem, then WordNet-synonym matches), on BLEU's word and
     punctuation tokens. nltk's synonym stage looks up the Porter stems its stem stage leaves: "auto" meets "car" and
     "fast" meets "quick", but "automobile" ("automobil") and "large" ("larg") meet no synonym."""
-    with torch_unblocked():
-        from nltk.translate.meteor_score import single_meteor_score
     cand, ref = _bleu_tokens(candidate), _bleu_tokens(reference)
     if not cand or not ref:
         return 0.0
-    return single_meteor_score(ref, cand, wordnet=wordnet())
+    return _nltk()[2](ref, cand, wordnet=wordnet())
 
 
 @dataclasses.dataclass(frozen=True)
