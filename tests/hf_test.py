@@ -1144,6 +1144,41 @@ def test_load_model_stores_params_in_param_dtype_and_places_them_by_the_rules_it
     np.testing.assert_array_equal(np.asarray(q), full["layers"]["self_attn"]["q_proj"]["kernel"])
 
 
+def test_half_precision_compute_on_cpu_is_warned_once_a_process(tiny_dir, caplog, monkeypatch):
+    """XLA:CPU computes bfloat16 matrix products in float32 (session 62: slower than float32 there, not faster):
+    `load_model` says so once a process for a compute dtype below float32 on CPU, never for float32 or another
+    platform, whether the params are placed on the default device or on a mesh."""
+    import logging
+    import types
+
+    from reftjax import hf
+
+    monkeypatch.setattr(hf, "_HALF_ON_CPU_WARNED", set())
+
+    def said():
+        return [r.getMessage() for r in caplog.records if "on CPU" in r.getMessage()]
+
+    with caplog.at_level(logging.WARNING, logger="reftjax.hf"):
+        load_model(tiny_dir, param_dtype="bfloat16", with_tokenizer=False)  # bf16 storage, float32 compute: silent
+        assert said() == []
+        assert load_model(tiny_dir, dtype="bfloat16", with_tokenizer=False).config.dtype == "bfloat16"
+        load_model(tiny_dir, dtype="bfloat16", with_tokenizer=False)
+        assert len(said()) == 1
+        assert "compute dtype bfloat16 on CPU" in said()[0] and "dtype='float32' is the faster" in said()[0]
+        assert jax.__version__ in said()[0]
+        monkeypatch.setattr(hf, "_HALF_ON_CPU_WARNED", set())
+        on = lambda platform: types.SimpleNamespace(devices=np.array([types.SimpleNamespace(platform=platform)]))  # noqa: E731
+        hf.warn_half_precision_on_cpu("bfloat16", on("tpu"))
+        hf.warn_half_precision_on_cpu("float32", on("cpu"))
+        assert len(said()) == 1
+        hf.warn_half_precision_on_cpu("bfloat16", on("cpu"))  # a mesh's devices decide, not the default backend
+        assert len(said()) == 2
+        monkeypatch.setattr(hf, "_HALF_ON_CPU_WARNED", set())
+        monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+        hf.warn_half_precision_on_cpu("bfloat16")
+        assert len(said()) == 2
+
+
 def test_safetensors_written_by_the_reference_library_read_back_in_their_dtypes(tmp_path):
     """`read_safetensors` against the `safetensors` package's own writer (torch tensors, so bf16 too): every dtype a
     checkpoint stores comes back as stored; a file one byte short of its header's offsets is refused as truncated
