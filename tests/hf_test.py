@@ -1167,7 +1167,9 @@ def test_half_precision_compute_on_cpu_is_warned_once_a_process(tiny_dir, caplog
         assert "compute dtype bfloat16 on CPU" in said()[0] and "dtype='float32' is the faster" in said()[0]
         assert jax.__version__ in said()[0]
         monkeypatch.setattr(hf, "_HALF_ON_CPU_WARNED", set())
-        on = lambda platform: types.SimpleNamespace(devices=np.array([types.SimpleNamespace(platform=platform)]))  # noqa: E731
+        def on(platform):  # a mesh whose devices are on `platform`
+            return types.SimpleNamespace(devices=np.array([types.SimpleNamespace(platform=platform)]))
+
         hf.warn_half_precision_on_cpu("bfloat16", on("tpu"))
         hf.warn_half_precision_on_cpu("float32", on("cpu"))
         assert len(said()) == 1
