@@ -31,6 +31,10 @@ Keys: per algo `<algo>_iter_s` (median), `<algo>_rollout_s`/`_experience_s`/`_up
 `<algo>_tokens_per_s` (generated tokens, up to and incl. EOS, per second of iteration),
 `<algo>_compile_s` (first iteration minus the steady median), `<algo>_mfu`; `trl_iter_s`,
 `trl_tokens_per_s`, `trl_mfu`; `ratio_vs_trl` (ppo tokens/s over TRL's), `ratio_grpo_vs_trl`.
+Whether 3x TRL is within reach at all (#6 point 5): `<algo>_update_floor_s`, the update's model FLOPs (median
+iteration) at the measured GEMM peak, i.e. the update at MFU 1; `<algo>_iter_s_at_3x_trl`, the seconds an iteration
+of the algorithm's (mean) generated tokens may take for 3x TRL's tokens/s. A floor above the budget rules 3x out
+before the rollout and the experience are counted.
 `<algo>_{rollout,experience,update}_sys_s` and `trl_sys_s`: median system (kernel) CPU seconds per phase
 (page faults, zeroing and compacting memory; the phase after a switch pays for the other framework's freed memory).
 MFU counts model FLOPs (`reftjax.metrics.model_flops`: the trunk on real prompt tokens, once per group of rows that
@@ -100,6 +104,7 @@ def iteration_record(model_cfg, wall: tuple, kernel: tuple, lengths_B, prompt_ma
             "rollout_sys_s": c1 - c0, "experience_sys_s": c2 - c1, "update_sys_s": c3 - c2,
             "gen_tokens": int(gen.sum()),
             "flops": rl_iteration_flops(model_cfg, prompt, gen, samples, group, fast, epochs, reference=reference),
+            "update_flops": model_flops(model_cfg, prompt, gen, group) * 3 * epochs,  # forward + backward an epoch
             "reward": reward, "loss": loss}
 
 
@@ -254,6 +259,8 @@ def _algo_figures(algo: str, records: list[dict], peak: float) -> dict:
     # first iteration minus a steady one: compiling the rollout, experience and update programs
     out[f"{algo}_compile_s"] = round(records[0]["iter_s"] - statistics.median(r["iter_s"] for r in records[1:]), 1)
     out[f"{algo}_reward_mean"] = round(statistics.mean(r["reward"] for r in records), 3)
+    # the update at MFU 1: no faster update is possible at this peak (the FLOP count of `model_flops`)
+    out[f"{algo}_update_floor_s"] = round(statistics.median(r["update_flops"] for r in records[1:]) / peak, 2)
     return out
 
 
@@ -262,6 +269,14 @@ def _trl_ratios(records: dict[str, list[dict]], trl_records: list[dict]) -> dict
     the summary's tokens/s, which are rounded to 0.1: at 10 tokens/s that alone moves a ratio by up to 1%)."""
     trl = _tokens_per_s(trl_records)
     return {("ratio_vs_trl" if a == "ppo" else f"ratio_{a}_vs_trl"): round(_tokens_per_s(r) / trl, 2)
+            for a, r in records.items()}
+
+
+def _budgets_at_3x_trl(records: dict[str, list[dict]], trl_records: list[dict]) -> dict:
+    """`<algo>_iter_s_at_3x_trl`: the seconds one iteration of the algorithm's mean steady generated tokens may
+    take to run at 3x TRL's tokens/s (#6 point 5's target); compare with `<algo>_update_floor_s`."""
+    trl = _tokens_per_s(trl_records)
+    return {f"{a}_iter_s_at_3x_trl": round(statistics.mean(x["gen_tokens"] for x in r[1:]) / (3 * trl), 2)
             for a, r in records.items()}
 
 
@@ -343,6 +358,7 @@ def main():
         # TRL's default: it recomputes the forward in the backward (not counted in its MFU); reftjax runs remat "none"
         out["trl_gradient_checkpointing"] = bool(trl.trainer.args.gradient_checkpointing)
         out.update(_trl_ratios({a.algo: a.records for a in algos}, trl.records))
+        out.update(_budgets_at_3x_trl({a.algo: a.records for a in algos}, trl.records))
     out["jax"] = jax.__version__
     out["load_avg_1m"] = round(os.getloadavg()[0], 2)
     print(json.dumps({**out, "cpu": cpu_description()}))

@@ -80,9 +80,10 @@ def test_ppo_algo_figures_compile_time_and_reward():
     the phase medians of `_summary`; `<algo>_reward_mean` averages every iteration's reward."""
     ppo = _load("ppo_iteration")
     records = [{**r, "experience_s": 1.0, "update_s": 2.0, "rollout_sys_s": 0.0, "experience_sys_s": 0.0,
-                "update_sys_s": 0.0} for r in _records()]
+                "update_sys_s": 0.0, "update_flops": f} for r, f in zip(_records(), (9e9, 300.0, 100.0, 200.0))]
     out = ppo._algo_figures("grpo", records, peak=100.0)
     assert out["grpo_compile_s"] == 46.0  # 50 - median(4, 2, 9)
+    assert out["grpo_update_floor_s"] == 2.0  # median(300, 100, 200) / 100: the warm-up's 9e9 is out
     assert out["grpo_reward_mean"] == 0.375  # (0.9 + 0.1 + 0.2 + 0.3) / 4
     assert out["grpo_iter_s"] == 4.0 and out["grpo_rollout_s"] == 3.0 and out["grpo_update_s"] == 2.0
     assert out["grpo_tokens_per_s"] == 6.0
@@ -104,6 +105,9 @@ def test_ppo_ratios_are_reftjax_over_trl():
     assert ppo._trl_ratios(algos, trl) == {"ratio_vs_trl": 2.0, "ratio_grpo_vs_trl": 3.0, "ratio_rloo_vs_trl": 0.8}
     summary = {**ppo._summary("trl", trl, peak=1.0), **ppo._summary("ppo", algos["ppo"], peak=1.0)}
     assert (summary["ppo_tokens_per_s"], summary["trl_tokens_per_s"]) == (20.1, 10.1)  # their ratio: 1.99
+    # 3x TRL's 10.05 tokens/s is 30.15: ppo's 201 tokens an iteration may take 6.67 s, rloo's mean 60 tokens 1.99 s
+    assert ppo._budgets_at_3x_trl(algos, trl) == {"ppo_iter_s_at_3x_trl": 6.67, "grpo_iter_s_at_3x_trl": 10.0,
+                                                  "rloo_iter_s_at_3x_trl": 1.99}
 
 
 def test_ppo_iteration_record_phases_tokens_and_flops():
@@ -116,13 +120,16 @@ def test_ppo_iteration_record_phases_tokens_and_flops():
     # rollout 1244 (each prompt prefilled once for its 2 samples) + 1337 x (policy 1 + reference 1 + 3 x 2 epochs)
     assert rec == {"iter_s": 7.0, "rollout_s": 1.0, "experience_s": 2.5, "update_s": 3.5,
                    "rollout_sys_s": 0.25, "experience_sys_s": 0.75, "update_sys_s": 2.0,
-                   "gen_tokens": 10, "flops": 1244.0 + 1337.0 * 8, "reward": 0.5, "loss": -1.0}
+                   "gen_tokens": 10, "flops": 1244.0 + 1337.0 * 8, "update_flops": 1337.0 * 6, "reward": 0.5,
+                   "loss": -1.0}
     shared = ppo.iteration_record(_Cfg(), (0.0, 1.0, 2.0, 3.0), (0.0,) * 4, LENGTHS, PROMPT_MASK,
                                   samples=2, group=2, fast=True, epochs=1, reference=False, reward=0.0, loss=0.0)
     assert shared["flops"] == 1244.0 + 1244.0 * 3  # share_prompt, no policy or reference forward, one epoch
+    assert shared["update_flops"] == 1244.0 * 3
     grpo = ppo.iteration_record(_Cfg(), (0.0, 1.0, 2.0, 3.0), (0.0,) * 4, LENGTHS, PROMPT_MASK,
                                 samples=2, group=1, fast=True, epochs=3, reference=True, reward=0.0, loss=0.0)
     assert grpo["flops"] == 1244.0 + 1337.0 * (1 + 9)
+    assert grpo["update_flops"] == 1337.0 * 9
 
 
 def test_ppo_iteration_passes_its_own_settings_to_the_record(monkeypatch):
