@@ -622,7 +622,7 @@ def warn_half_precision_on_cpu(dtype: str, mesh=None) -> None:
     """A compute dtype below float32 on CPU is warned about, once a process and dtype: XLA:CPU (jax 0.10.2) converts
     bfloat16 and float16 matrix products to float32 (the compiled HLO converts the operands, even with its oneDNN
     options and on a CPU with AMX), so half precision saves activation memory but costs time there. On session 62's
-    Intel Xeon (AMX) the SFT step took 11.1 s in bfloat16 against 9.2 s in float32 and a batch-32 rollout 26.2 s
+    Intel Xeon (AMX) the SFT step took 11.1 s in bfloat16 against 9.2 s in float32 and a batch-32 rollout 26.4 s
     against 22.3 s, while torch's bfloat16 step took 4.5 s (BUILD_NOTES, session 62)."""
     import jax
 
