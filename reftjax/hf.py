@@ -621,8 +621,8 @@ _HALF_ON_CPU_WARNED: set = set()
 def warn_half_precision_on_cpu(dtype: str, mesh=None) -> None:
     """A compute dtype below float32 on CPU is warned about, once a process and dtype: XLA:CPU (jax 0.10.2) converts
     bfloat16 and float16 matrix products to float32 (the compiled HLO converts the operands, even with its oneDNN
-    options and on a CPU with AMX), so half precision saves activation memory but costs time there. On session 62's
-    Intel Xeon (AMX) the SFT step took 11.1 s in bfloat16 against 9.2 s in float32 and a batch-32 rollout 26.4 s
+    options and on a CPU with AMX), so half precision buys no speed there and pays for the converts. On session 62's
+    Intel Xeon (AMX) the SFT step took 11.14 s in bfloat16 against 9.25 s in float32 and a batch-32 rollout 26.4 s
     against 22.3 s, while torch's bfloat16 step took 4.5 s (BUILD_NOTES, session 62)."""
     import jax
 
@@ -631,8 +631,8 @@ def warn_half_precision_on_cpu(dtype: str, mesh=None) -> None:
         return
     _HALF_ON_CPU_WARNED.add(dtype)
     log.warning("compute dtype %s on CPU: XLA:CPU (jax %s) computes %s matrix products in float32, converting their "
-                "operands, so it saves activation memory but no time (an SFT step and a rollout ran ~20%% slower than "
-                "in float32 on an AMX Xeon; BUILD_NOTES, session 62): on CPU, dtype='float32' is the faster setting",
+                "operands, so it is slower there, not faster (an SFT step and a rollout ran ~20%% slower than in "
+                "float32 on an AMX Xeon; BUILD_NOTES, session 62): on CPU, dtype='float32' is the faster setting",
                 dtype, jax.__version__, dtype)
 
 
